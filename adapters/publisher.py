@@ -1,0 +1,98 @@
+"""The one publisher every frame source uses to speak protocol v1 to the daemon's input.
+
+It never blocks the caller: a full send queue (the daemon gone, or far behind) drops the frame and
+counts it, because the acquisition is sacred. It uses an XPUB socket so that `wait_for_subscriber`
+can see the daemon's subscription arrive: plain PUB silently discards frames sent before that.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import zmq
+
+from umvd_live.protocol import encode_frame
+
+DEFAULT_INPUT = "tcp://127.0.0.1:5555"
+
+
+class FramePublisher:
+    """Publishes the frames of one stream, numbering them with consecutive ``seq`` from 0."""
+
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_INPUT,
+        stream: str = "cam0",
+        *,
+        bind: bool = False,
+        sndhwm: int = 2000,
+        context: zmq.Context | None = None,
+    ):
+        self.stream = stream
+        self.endpoint = endpoint
+        self.seq = 0
+        self.sent = 0
+        self.dropped = 0
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.XPUB)
+        self._sock.setsockopt(zmq.SNDHWM, sndhwm)
+        self._sock.setsockopt(zmq.LINGER, 2000)
+        self._subscribed = False
+        if bind:
+            self._sock.bind(endpoint)
+        else:
+            self._sock.connect(endpoint)
+
+    def wait_for_subscriber(self, timeout_s: float = 5.0) -> bool:
+        """Block until a subscriber (the daemon) has subscribed, or the timeout passes."""
+        if self._subscribed:
+            return True
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            if self._sock.poll(int(left * 1000), zmq.POLLIN):
+                msg = self._sock.recv()
+                if msg[:1] == b"\x01":
+                    self._subscribed = True
+                    return True
+        return False
+
+    def publish(
+        self,
+        image: np.ndarray,
+        t: float | None = None,
+        meta: dict[str, Any] | None = None,
+        *,
+        seq: int | None = None,
+    ) -> bool:
+        """Send one frame without blocking. Returns False (and counts a drop) if it could not go.
+
+        ``seq`` lets a source send the frame's own acquisition number, so that frames lost before
+        the publisher (e.g. in a source's hand-off queue) show up as gaps at the daemon; numbering
+        then continues from ``seq + 1``. By default frames are numbered consecutively.
+        """
+        if seq is not None:
+            self.seq = seq
+        parts = encode_frame(self.stream, image, self.seq, t=t, meta=meta)
+        self.seq += 1
+        try:
+            self._sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.dropped += 1
+            return False
+        self.sent += 1
+        return True
+
+    def restart_sequence(self) -> None:
+        """Start numbering at 0 again, as a restarted producer does."""
+        self.seq = 0
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> "FramePublisher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

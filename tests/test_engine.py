@@ -1,0 +1,200 @@
+"""StreamDenoiser: ordering, states, weights files, divergence guard, input hygiene."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from umvd_live.checkpoint import CheckpointError, load_checkpoint
+from umvd_live.engine import EngineConfig, StreamDenoiser
+from umvd_live.trainer import TrainerConfig
+
+FAST = EngineConfig(
+    preset="lite", warmup_frames=12, warmup_steps=6, min_train_frames=8, steps_per_frame=0.5,
+    trainer=TrainerConfig(batch=2, patch=16), sync_every=2,
+)
+
+
+def noisy_movie(t=30, h=24, w=20, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    clean = np.stack([3 + 2 * np.sin(xx / 4 + i / 5) * np.cos(yy / 5) for i in range(t)])
+    return (rng.poisson(clean) * 50 + 400).astype(np.uint16)
+
+
+def run_stream(config, movie):
+    den = StreamDenoiser(config)
+    outs = []
+    for frame in movie:
+        outs += den.push(frame)
+    outs += den.flush()
+    return den, outs
+
+
+@pytest.mark.parametrize("frames", [1, 2, 3, 7, 30])
+def test_one_output_per_input_in_order(frames):
+    den, outs = run_stream(FAST, noisy_movie(frames))
+    assert [o.index for o in outs] == list(range(frames))
+    assert all(o.image.shape == (24, 20) and o.image.dtype == np.float32 for o in outs)
+    assert den.frames_in == den.frames_out == frames
+
+
+def test_outputs_are_centred_and_marked_until_warm():
+    den = StreamDenoiser(FAST)
+    movie = noisy_movie(30)
+    ready_at = {}
+    for i, frame in enumerate(movie):
+        for out in den.push(frame):
+            ready_at[out.index] = (i, out.state)
+    # The output for frame t is ready when frame t + N//2 has arrived.
+    assert all(arrived == t + 3 for t, (arrived, _) in ready_at.items())
+    states = [s for _, s in ready_at.values()]
+    assert states[0] == "warmup" and states[-1] == "live"
+    assert states == sorted(states, key=["warmup", "live"].index), "warm-up comes first, then live"
+    assert den.frames_out == 27
+
+
+def test_warmup_output_is_the_temporal_mean_in_input_units():
+    movie = noisy_movie(12)
+    _, outs = run_stream(EngineConfig(preset="lite", warmup_frames=1000), movie)
+    assert all(o.state == "warmup" for o in outs)
+    np.testing.assert_allclose(outs[5].image, movie[2:9].mean(0), rtol=1e-4)
+    # At the first frame the missing neighbours are mirrored: frames 3, 2, 1, 0, 1, 2, 3.
+    np.testing.assert_allclose(outs[0].image, movie[[3, 2, 1, 0, 1, 2, 3]].mean(0), rtol=1e-4)
+
+
+def test_infer_false_skips_only_the_image():
+    den = StreamDenoiser(FAST)
+    outs = []
+    for i, frame in enumerate(noisy_movie(12)):
+        outs += den.push(frame, infer=i % 2 == 0)
+    assert [o.index for o in outs] == list(range(9))
+    assert [o.image is None for o in outs] == [i % 2 == 1 for i in range(3, 12)]
+
+
+def test_shape_change_is_refused():
+    den = StreamDenoiser(FAST)
+    den.push(noisy_movie(1)[0])
+    with pytest.raises(ValueError, match="new StreamDenoiser"):
+        den.push(np.zeros((10, 10), np.uint16))
+
+
+def test_nan_frames_are_denoised_but_never_trained_on():
+    movie = noisy_movie(20).astype(np.float32)
+    movie[5, 3:6, 3:6] = np.nan
+    movie[6, 0, 0] = np.inf
+    den, outs = run_stream(FAST, movie)
+    assert len(outs) == 20 and all(np.isfinite(o.image).all() for o in outs)
+    assert all(torch.isfinite(p).all() for p in den.trainer.model.parameters())
+    assert 5 not in den._replay._frames and 6 not in den._replay._frames
+
+
+def test_checkpoint_round_trip(tmp_path):
+    den, _ = run_stream(FAST, noisy_movie(20))
+    path = tmp_path / "w.pt"
+    den.save_weights(path)
+    assert not list(tmp_path.glob(".*")), "no temporary file left behind"
+    again = StreamDenoiser(EngineConfig(preset="lite", init=str(path)))
+    outs = again.push(noisy_movie(1)[0])
+    assert again.state == "live", "loaded weights skip the warm start"
+    assert again.weights_hash() == den.weights_hash()
+    assert again.model_step == den.model_step and outs == []
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("arbitrary code ran",))
+
+
+def test_checkpoints_never_unpickle_objects(tmp_path):
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as fh:
+        pickle.dump(Payload(), fh)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(evil)
+    torch.save({"format": "umvd-live-weights/1", "info": {}, "state_dict": {"x": Payload()}}, tmp_path / "e2.pt")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "e2.pt")
+
+
+def test_corrupt_or_foreign_checkpoints_are_refused(tmp_path):
+    den, _ = run_stream(FAST, noisy_movie(20))
+    good = tmp_path / "w.pt"
+    den.save_weights(good)
+    data = good.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_checkpoint(tmp_path / "cut.pt")
+    torch.save({"some": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a umvd-live model"):
+        load_checkpoint(tmp_path / "other.pt")
+    paper = StreamDenoiser(EngineConfig(preset="paper", init=str(good)))
+    with pytest.raises(CheckpointError, match="preset"):
+        paper.push(noisy_movie(1)[0])
+
+
+def _trained(steps=30):
+    den = StreamDenoiser(FAST)
+    for frame in noisy_movie(16):
+        den.push(frame)
+    den.train_for(steps)
+    return den
+
+
+def test_divergence_guard_rolls_back_non_finite_weights():
+    den = _trained()
+    trainer = den.trainer
+    lr, rollbacks = trainer.lr, trainer.rollbacks
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("nan"))
+    assert trainer.step(den._replay) is None
+    assert trainer.rollbacks == rollbacks + 1
+    assert trainer.lr == pytest.approx(lr / 2)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert trainer.step(den._replay) is not None, "training goes on after the rollback"
+
+
+def test_divergence_guard_catches_a_collapsed_output():
+    den = _trained(60)
+    trainer = den.trainer
+    with torch.no_grad():
+        head = trainer.model.D.head[-1]
+        head.weight.zero_()
+        head.bias.fill_(0.3)  # a constant image
+    rollbacks = trainer.rollbacks
+    assert trainer.step(den._replay) is None
+    assert trainer.rollbacks == rollbacks + 1
+    assert float(trainer.model.D.head[-1].weight.abs().sum()) > 0
+
+
+def test_divergence_guard_catches_an_exploding_loss():
+    den = _trained(60)
+    trainer = den.trainer
+    with torch.no_grad():
+        trainer.model.D.head[-1].weight.mul_(1e4)
+    rollbacks = trainer.rollbacks
+    assert trainer.step(den._replay) is None
+    assert trainer.rollbacks == rollbacks + 1
+
+
+def test_background_training_runs_beside_push():
+    config = EngineConfig(
+        preset="lite", warmup_frames=10, warmup_steps=4, min_train_frames=8, train_mode="background",
+        trainer=TrainerConfig(batch=2, patch=16), sync_every=2,
+    )
+    import time
+
+    with StreamDenoiser(config) as den:
+        movie = noisy_movie(12)
+        for frame in movie:
+            den.push(frame)
+        deadline = time.monotonic() + 30
+        while den.model_step < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        den.pause_training()
+        outs = den.push(movie[0])
+        assert den.model_step >= 6 and outs[0].state == "live"
+        steps = den.model_step
+        time.sleep(0.3)
+        assert den.model_step <= steps + 1, "paused training stays paused"

@@ -1,0 +1,57 @@
+"""The network itself: gamma, size, and blindness to the centre frame."""
+
+import numpy as np
+import pytest
+import torch
+
+from umvd_live.model import build_model, count_parameters, gamma_weights, lite_spec, paper_spec, UMVDNet
+from umvd_live.window import window_indices
+
+
+def test_gamma_values():
+    # l = 1: a linear ramp d / k; the centre's weight is exactly 0.
+    g = gamma_weights(7, power=1.0)
+    np.testing.assert_allclose(g.numpy(), [1, 2 / 3, 1 / 3, 0, 1 / 3, 2 / 3, 1], rtol=1e-6)
+    # l = 64 (the training script): every frame but the centre weighs ~1.
+    g = gamma_weights(5, power=64.0)
+    assert g[2].item() == 0.0
+    np.testing.assert_allclose(g.numpy()[[0, 1, 3, 4]], [1, 1 - 0.5**64, 1 - 0.5**64, 1], rtol=1e-6)
+    # m > 0 lifts the floor, and then the centre weighs m.
+    g = gamma_weights(7, power=2.0, floor=0.25)
+    assert g[3].item() == pytest.approx(0.25)
+    assert g[0].item() == pytest.approx(1.0)
+
+
+def test_paper_preset_has_the_published_size():
+    assert count_parameters(build_model("paper", 7)) == 1_786_191
+
+
+def test_windows_batch():
+    net = build_model("lite", 5)
+    out = net(torch.rand(3, 5, 1, 20, 28))  # sides not divisible by 4 are padded and cropped
+    assert out.shape == (3, 1, 20, 28)
+
+
+@pytest.mark.parametrize("spec", [lite_spec(7), paper_spec(5)], ids=["lite", "paper"])
+def test_output_is_blind_to_the_centre_frame_also_at_the_stream_edges(spec):
+    torch.manual_seed(0)
+    net = UMVDNet(spec)
+    movie = torch.rand(9, 1, 16, 16, requires_grad=True)
+    k = spec.window // 2
+    for t in (0, 1, 4, 7, 8):  # first frames, middle, last frames
+        idx = window_indices(t, 0, len(movie) - 1, k)
+        assert idx[k] == t and idx.count(t) == 1, idx
+        out = net(movie[idx][None])
+        (grad,) = torch.autograd.grad(out.sum(), movie)
+        assert torch.count_nonzero(grad[t]) == 0, f"frame {t} leaks into its own output"
+        others = [i for i in set(idx) if i != t]
+        assert all(torch.count_nonzero(grad[i]) > 0 for i in others)
+
+
+def test_edge_rule_never_puts_the_target_in_its_own_window():
+    for last in range(1, 12):
+        for t in range(last + 1):
+            idx = window_indices(t, 0, last, 3)
+            assert idx[3] == t
+            assert t not in idx[:3] + idx[4:]
+            assert all(0 <= i <= last for i in idx)

@@ -1,0 +1,73 @@
+"""Model files: weights only, written atomically, validated before use.
+
+A checkpoint is a `torch.save` of plain tensors, numbers and strings, read back with
+`weights_only=True`: loading never unpickles arbitrary objects, so a model file from the network
+cannot execute code. It is written to a temporary file and renamed, so a crash mid-write never
+leaves a half checkpoint under the real name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "umvd-live-weights/1"
+
+
+class CheckpointError(ValueError):
+    """A model file that is missing, corrupt, or for another network."""
+
+
+def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names and bytes: identifies the weights a recording started with."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "info": info,
+        "state_dict": {k: v.detach().to("cpu").clone() for k, v in state_dict.items()},
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such model file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable umvd-live model file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a umvd-live model file (format {FORMAT} expected)")
+    state, info = payload.get("state_dict"), payload.get("info")
+    if not isinstance(state, dict) or not isinstance(info, dict):
+        raise CheckpointError(f"{path}: corrupt model file (missing weights or info)")
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor) or not torch.isfinite(t).all():
+            raise CheckpointError(f"{path}: corrupt model file (tensor {name!r} is not finite)")
+    return state, info

@@ -1,0 +1,445 @@
+"""`StreamDenoiser`: frames in, denoised centre frames out, learning online from the stream.
+
+Data flow: a pushed frame is sanitised and normalised, its G features are computed once and
+cached in the sliding window, and it joins the trainer's replay buffer. The output for frame t is
+ready when frame t + N//2 has arrived; `flush` ends the stream and emits the rest. Until the warm
+start is done, outputs are a temporal mean, marked `warmup`.
+
+Training runs either inline (a fixed number of steps per pushed frame: reproducible, for files)
+or in a background thread (for live streams: `push` then only does inference, so the output keeps
+the acquisition's pace). The inference network is a separate copy of the weights; the trainer
+publishes new weights every few steps and the pushing thread adopts them between frames, so
+inference never sees a half-updated model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+
+from umvd_live.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_hash
+from umvd_live.model import PRESETS, ModelSpec, UMVDNet, resolve_preset
+from umvd_live.normalization import Normalizer, sanitize
+from umvd_live.trainer import OnlineTrainer, ReplayBuffer, TrainerConfig
+from umvd_live.window import SlidingWindow, window_indices
+
+log = logging.getLogger(__name__)
+
+State = Literal["warmup", "live"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    preset: str = "auto"  # auto | lite | paper
+    device: str = "auto"  # auto | cpu | cuda
+    window: int = 7
+    warmup_frames: int = 300  # the initial burst the warm start trains on
+    warmup_steps: int = 400  # training steps before the output goes live
+    train_mode: Literal["inline", "background"] = "inline"
+    steps_per_frame: float = 1.0  # inline mode: training steps after each pushed frame
+    min_train_frames: int = 32  # training starts once this many frames are buffered
+    sync_every: int = 8  # trainer steps between publications of new inference weights
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    init: str | None = None  # weights from an earlier session: skips the warm start
+    cpu_threads: int | None = None  # torch threads on CPU; None: all cores, half in background mode
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DenoisedFrame:
+    index: int  # 0-based push order of the input frame this output belongs to
+    image: np.ndarray | None  # float32 (H, W) in the input's units; None if inference was skipped
+    state: State
+    model_step: int  # training steps the weights that produced it had seen
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+class StreamDenoiser:
+    """Denoises one stream of equally shaped frames. Not thread-safe: push from one thread."""
+
+    def __init__(self, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        if self.config.window < 3 or self.config.window % 2 == 0:
+            raise ValueError(f"window must be odd and >= 3, got {self.config.window}")
+        self.device = pick_device(self.config.device)
+        self._set_threads()
+        self.k = self.config.window // 2
+        self.frames_in = 0
+        self.frames_out = 0
+        self.shape: tuple[int, int] | None = None
+        self.dtype: np.dtype | None = None
+        self.normalizer: Normalizer | None = None
+        self.preset: str | None = None
+        self.spec: ModelSpec | None = None
+        self._window = SlidingWindow(self.config.window)
+        self._replay: ReplayBuffer | None = None
+        self._net: UMVDNet | None = None  # inference copy
+        self.trainer: OnlineTrainer | None = None
+        self._live = False
+        self._net_step = 0
+        self._paused = False
+        self._ended = False
+        self._step_credit = 0.0
+        self._published: tuple[int, dict] | None = None
+        self._publish_lock = threading.Lock()
+        self._train_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._train_started: float | None = None
+        self.start_hash: str | None = None
+
+    # -- public state -------------------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        return "live" if self._live else "warmup"
+
+    @property
+    def model_step(self) -> int:
+        return self.trainer.steps if self.trainer else 0
+
+    @property
+    def last_loss(self) -> float | None:
+        return self.trainer.last_loss if self.trainer else None
+
+    @property
+    def warmup_progress(self) -> float:
+        if self._live:
+            return 1.0
+        c = self.config
+        frames = min(self.frames_in / max(c.warmup_frames, 1), 1.0)
+        steps = min(self.model_step / max(c.warmup_steps, 1), 1.0)
+        return 0.5 * (frames + steps)
+
+    @property
+    def training_paused(self) -> bool:
+        return self._paused
+
+    def pause_training(self) -> None:
+        self._paused = True
+
+    def resume_training(self) -> None:
+        self._paused = False
+
+    def stats(self) -> dict:
+        t = self.trainer
+        elapsed = time.monotonic() - self._train_started if self._train_started else 0.0
+        return {
+            "state": self.state,
+            "preset": self.preset,
+            "device": str(self.device),
+            "window": self.config.window,
+            "frames_in": self.frames_in,
+            "frames_out": self.frames_out,
+            "train_steps": t.steps if t else 0,
+            "train_steps_per_s": (t.steps / elapsed) if t and elapsed > 0 else 0.0,
+            "loss": t.last_loss if t else None,
+            "lr": t.lr if t else self.config.trainer.lr,
+            "rollbacks": t.rollbacks if t else 0,
+            "training_paused": self._paused,
+            "warmup_progress": self.warmup_progress,
+        }
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _set_threads(self) -> None:
+        if self.device.type != "cpu":
+            return
+        threads = self.config.cpu_threads
+        if threads is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            # Two threads of work (inference and training) each get half of the cores.
+            threads = max(1, cores // 2) if self.config.train_mode == "background" else cores
+        torch.set_num_threads(threads)
+
+    def _start(self, frame: np.ndarray) -> None:
+        """Build the network on the first frame: the preset may depend on the frame size."""
+        self.shape = frame.shape
+        self.dtype = frame.dtype
+        state_dict, info = (None, None)
+        if self.config.init:
+            state_dict, info = load_checkpoint(self.config.init)
+        preset = resolve_preset(self.config.preset, self.device, *frame.shape)
+        if info is not None:
+            spec = ModelSpec.from_dict(info["spec"])
+            if self.config.preset != "auto" and info.get("preset") != self.config.preset:
+                raise CheckpointError(
+                    f"{self.config.init}: weights are for preset {info.get('preset')!r}, not {self.config.preset!r}"
+                )
+            preset = info.get("preset", "custom")
+            if spec.window != self.config.window:
+                raise CheckpointError(f"{self.config.init}: weights are for N={spec.window}, not {self.config.window}")
+        else:
+            spec = PRESETS[preset](self.config.window)
+        self.preset, self.spec = preset, spec
+        torch.manual_seed(self.config.seed)
+        train_net = UMVDNet(spec).to(self.device)
+        if state_dict is not None:
+            train_net.load_state_dict(state_dict)
+        if self.device.type == "cuda" or self.device.type == "cpu":
+            train_net = train_net.to(memory_format=torch.channels_last)
+        self._net = UMVDNet(spec).to(self.device).to(memory_format=torch.channels_last).eval()
+        self._net.load_state_dict(train_net.state_dict())
+        self._net.requires_grad_(False)
+        tc = self.config.trainer
+        frame_bytes = frame.size * 4
+        capacity = min(tc.replay_frames, max(tc.replay_bytes // frame_bytes, self.config.window))
+        self._replay = ReplayBuffer(self.config.window, capacity)
+        self.trainer = OnlineTrainer(train_net, tc, self.device, seed=self.config.seed)
+        if info is not None:
+            self.trainer.steps = int(info.get("step", 0))
+            self._net_step = self.trainer.steps
+            self._live = True
+            log.info("loaded %s (step %d): warm start skipped", self.config.init, self.trainer.steps)
+        self.start_hash = weights_hash(train_net.state_dict())
+        self.normalizer = Normalizer.fit(frame)
+        if self.config.train_mode == "background":
+            self._thread = threading.Thread(target=self._train_loop, name="umvd-trainer", daemon=True)
+            self._thread.start()
+
+    # -- streaming ----------------------------------------------------------------------------
+    def push(self, frame: np.ndarray, infer: bool = True) -> list[DenoisedFrame]:
+        """Add the next frame; return the outputs that became ready (at most one, in order).
+
+        With `infer=False` the frame still joins the window and the replay buffer, but the output
+        that becomes ready is returned without an image: a live preview that fell behind skips
+        to the newest window this way.
+        """
+        if self._ended:
+            raise RuntimeError("this stream was flushed; start a new StreamDenoiser")
+        frame = np.asarray(frame)
+        if frame.ndim != 2:
+            raise ValueError(f"a frame must be 2-D (H, W), got shape {frame.shape}")
+        if frame.dtype.kind not in "uif":
+            raise ValueError(f"unsupported frame dtype {frame.dtype}")
+        if self._net is None:
+            self._start(frame)
+        elif frame.shape != self.shape or frame.dtype != self.dtype:
+            raise ValueError(
+                f"frame {frame.shape} {frame.dtype} differs from the stream's {self.shape} {self.dtype}: "
+                "a new shape or dtype needs a new StreamDenoiser"
+            )
+        self._adopt_published_weights()
+        self._update_state()
+        index = self.frames_in
+        clean, trainable = sanitize(frame)
+        x = torch.from_numpy(self.normalizer.forward(clean)).to(self.device)[None]  # (1, H, W)
+        with torch.inference_mode():
+            feats = self._features(x[None])[0]
+        self._window.append(index, x, feats)
+        if trainable:
+            self._replay.add(index, x if self.device.type == "cpu" else x.to("cpu"))
+        self.frames_in += 1
+        outputs = []
+        t = index - self.k
+        if t >= 0:
+            outputs.append(self._produce(t, infer))
+        if self.config.train_mode == "inline":
+            self._train_inline()
+        self._update_state()
+        return outputs
+
+    def flush(self) -> list[DenoisedFrame]:
+        """End the stream: the outputs of the last N//2 frames, from mirrored windows."""
+        if self._ended or self._net is None:
+            self._ended = True
+            return []
+        self._adopt_published_weights()
+        outputs = [self._produce(t, True) for t in range(max(self.frames_in - self.k, 0), self.frames_in)]
+        self._ended = True
+        return outputs
+
+    def _features(self, frames: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            f = self._net.features(frames.contiguous(memory_format=torch.channels_last))
+        return f.float() if f.dtype != torch.float32 else f
+
+    def _produce(self, t: int, infer: bool) -> DenoisedFrame:
+        state: State = self.state
+        image = None
+        if infer:
+            if len(self._window) < 2:
+                # A single frame cannot be denoised blind: pass it through, marked as warm-up.
+                state = "warmup"
+                image = self.normalizer.inverse(self._window.frames(t)[0, 0].float().cpu().numpy())
+            elif self._live:
+                with torch.inference_mode(), torch.autocast(
+                    self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
+                ):
+                    y = self._net.denoise_features(self._window.features(t))
+                image = self.normalizer.inverse(y[0, 0].float().cpu().numpy())
+            else:
+                image = self.normalizer.inverse(self._window.frames(t).mean(0)[0].float().cpu().numpy())
+        self.frames_out += 1
+        return DenoisedFrame(index=t, image=image, state=state, model_step=self._net_step)
+
+    def _update_state(self) -> None:
+        if self._live or self.trainer is None:
+            return
+        c = self.config
+        if self.frames_in >= c.warmup_frames and self._net_step >= c.warmup_steps:
+            self._live = True
+            log.info("warm start done after %d frames and %d steps: live", self.frames_in, self._net_step)
+
+    # -- training -----------------------------------------------------------------------------
+    def _can_train(self) -> bool:
+        return not self._paused and self.frames_in >= min(self.config.min_train_frames, self.config.warmup_frames)
+
+    def _train_steps(self, n: int) -> int:
+        done = 0
+        with self._train_lock:
+            if self._train_started is None:
+                self._train_started = time.monotonic()
+            for _ in range(n):
+                if self.trainer.step(self._replay) is not None:
+                    done += 1
+                if self.trainer.steps % self.config.sync_every == 0:
+                    self._publish_weights()
+        return done
+
+    def _train_inline(self) -> None:
+        if not self._can_train():
+            return
+        c = self.config
+        if not self._live and self.frames_in >= c.warmup_frames and self.model_step < c.warmup_steps:
+            # The initial burst is in: finish the warm start before going on.
+            self._train_steps(c.warmup_steps - self.model_step)
+            self._publish_weights()
+            self._adopt_published_weights()
+            return
+        self._step_credit += c.steps_per_frame
+        n = int(self._step_credit)
+        self._step_credit -= n
+        if n:
+            self._train_steps(n)
+
+    def _train_loop(self) -> None:
+        while not self._stop.is_set():
+            if not self._can_train() or self._replay is None:
+                self._stop.wait(0.01)
+                continue
+            if self._train_steps(1) == 0:
+                self._stop.wait(0.005)
+
+    def train_for(self, steps: int) -> int:
+        """Run `steps` training steps now (offline pre-training, tests) and publish the weights."""
+        done = self._train_steps(steps)
+        self._publish_weights()
+        self._adopt_published_weights()
+        self._update_state()
+        return done
+
+    def _publish_weights(self) -> None:
+        state = {k: v.detach().clone() for k, v in self.trainer.model.state_dict().items()}
+        with self._publish_lock:
+            self._published = (self.trainer.steps, state)
+
+    def _adopt_published_weights(self) -> None:
+        with self._publish_lock:
+            published, self._published = self._published, None
+        if published is None:
+            return
+        step, state = published
+        self._net.load_state_dict(state)
+        self._net_step = step
+        with torch.inference_mode():
+            self._window.refresh(self._features)
+
+    # -- offline use of the same engine --------------------------------------------------------
+    def pretrain(self, movie: np.ndarray, steps: int, progress: Callable[[int, float | None], None] | None = None) -> None:
+        """The paper's recipe: train on a whole recorded movie before denoising it.
+
+        Frames are not pushed: the movie fills the replay buffer at once, so training sees every
+        window of it. The stream then starts live. `progress(steps_done, loss)` is called as it goes.
+        """
+        if self._net is not None:
+            raise RuntimeError("pretrain must be called before the first push")
+        movie = np.asarray(movie)
+        self._start(movie[0])
+        self._replay.capacity = len(movie)
+        for i, frame in enumerate(movie):
+            clean, trainable = sanitize(frame)
+            if trainable:
+                self._replay.add(i, torch.from_numpy(self.normalizer.forward(clean))[None])
+        for done in range(0, steps, 50):
+            self._train_steps(min(50, steps - done))
+            if progress:
+                progress(self.model_step, self.last_loss)
+        self._replay.clear()
+        self._publish_weights()
+        self._adopt_published_weights()
+        self._live = True
+
+    def denoise_frames(self, movie: np.ndarray, indices: list[int]) -> list[DenoisedFrame]:
+        """Denoise frames of an in-memory movie with the current weights (same edge rule)."""
+        if self._net is None:
+            raise RuntimeError("no model yet: push frames or pretrain first")
+        self._adopt_published_weights()
+        last = len(movie) - 1
+        out = []
+        for t in indices:
+            idx = window_indices(t, 0, last, self.k)
+            frames = np.stack([sanitize(movie[i])[0] for i in idx])
+            x = torch.from_numpy(self.normalizer.forward(frames)).to(self.device)[:, None]
+            with torch.inference_mode():
+                feats = self._features(x)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                    y = self._net.denoise_features(feats[None])
+            image = self.normalizer.inverse(y[0, 0].float().cpu().numpy())
+            out.append(DenoisedFrame(index=t, image=image, state="live", model_step=self._net_step))
+        return out
+
+    # -- weights ------------------------------------------------------------------------------
+    def weights_hash(self) -> str | None:
+        return weights_hash(self.trainer.model.state_dict()) if self.trainer else None
+
+    def save_weights(self, path: str | os.PathLike) -> None:
+        if self.trainer is None:
+            raise RuntimeError("no model yet: nothing to save before the first frame")
+        with self._train_lock:
+            state = self.trainer.model.state_dict()
+            info = {"preset": self.preset, "spec": self.spec.to_dict(), "step": self.trainer.steps}
+            save_checkpoint(path, state, info)
+
+    def load_weights(self, path: str | os.PathLike) -> None:
+        """Adopt saved weights mid-stream; they must be for the same network."""
+        state, info = load_checkpoint(path)
+        if self.trainer is None:
+            self.config = replace(self.config, init=str(path))
+            return
+        if ModelSpec.from_dict(info["spec"]) != self.spec:
+            raise CheckpointError(f"{path}: weights are for another network ({info.get('preset')})")
+        with self._train_lock:
+            self.trainer.model.load_state_dict(state)
+            self.trainer.steps = int(info.get("step", self.trainer.steps))
+            self._publish_weights()
+        self._adopt_published_weights()
+        self._live = True
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def __enter__(self) -> "StreamDenoiser":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def describe(self) -> dict:
+        """Provenance for recordings: what produced these frames."""
+        return {"preset": self.preset, "window": self.config.window, "spec": asdict(self.spec) if self.spec else None}

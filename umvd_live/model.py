@@ -1,0 +1,200 @@
+"""The UMVD network (Aiyetigbo et al., CVPRW 2024) and its presets.
+
+A window of N frames goes in; the denoised centre frame comes out. A per-frame feature generator
+G (shared weights) maps each frame to features; a fixed temporal filter gamma weights them, with
+the centre frame's weight exactly 0, so the output never sees the frame it must predict. That
+blindness is what lets the network train on noisy frames alone: the loss compares the output
+with the noisy centre frame, whose noise is independent of the inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SkipSource = Literal["features", "enc1"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Widths and depths of one UMVD network; `paper` and `lite` are two instances of it."""
+
+    window: int = 7
+    gamma_power: float = 64.0  # l in gamma(d); the reference training script's value
+    gamma_floor: float = 0.0  # m in gamma(d); 0 keeps the centre weight exactly 0
+    g_channels: int = 21
+    g_layers: int = 3
+    enc1: tuple[int, int] = (5, 48)  # (convs, channels) at full resolution, then 2x max-pool
+    enc2: tuple[int, int] = (5, 48)  # at 1/2, then 2x max-pool
+    mid: tuple[int, int] = (5, 96)  # bottleneck at 1/4: in -> mid x (convs-2) -> enc2 width
+    dec2: tuple[int, int] = (6, 96)  # at 1/2, after concatenating enc1's pooled output
+    dec1: tuple[int, int] = (6, 96)  # at full resolution, after concatenating `dec1_skip`
+    dec1_skip: SkipSource = "features"  # the paper concatenates the weighted G features
+    head: tuple[int, ...] = (384, 96)  # hidden widths of the 1x1 head
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.window < 3 or self.window % 2 == 0:
+            raise ValueError(f"window must be odd and >= 3, got {self.window}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**fields)
+
+
+def paper_spec(window: int = 7) -> ModelSpec:
+    """The published architecture: 1,786,191 parameters at N = 7."""
+    return ModelSpec(window=window)
+
+
+def lite_spec(window: int = 7) -> ModelSpec:
+    """Same structure, sized for a live 30 Hz stream on a 2-core CPU at 256x256 while training.
+
+    Capacity sits where it is cheap: G is thin because its output is computed once per frame and
+    reused by the N windows it belongs to, but the window stacks N of them at full resolution; the
+    full-resolution stages are one or two thin convolutions, and width grows at 1/2 and 1/4.
+    """
+    return ModelSpec(
+        window=window,
+        g_channels=8,
+        g_layers=2,
+        enc1=(1, 16),
+        enc2=(2, 32),
+        mid=(3, 48),
+        dec2=(2, 32),
+        dec1=(2, 16),
+        dec1_skip="enc1",
+        head=(32,),
+        bias=True,
+    )
+
+
+PRESETS = {"paper": paper_spec, "lite": lite_spec}
+
+
+def resolve_preset(preset: str, device: torch.device, height: int, width: int) -> str:
+    """`auto`: the paper network on a GPU, the lite one on a CPU (paper costs ~1 s per 256² frame
+    on 2 CPU cores), and lite on a GPU too for frames too large to keep up with (>= 2048²)."""
+    if preset != "auto":
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose auto, lite or paper")
+        return preset
+    if device.type == "cuda" and height * width < 2048 * 2048:
+        return "paper"
+    return "lite"
+
+
+def gamma_weights(window: int, power: float = 64.0, floor: float = 0.0) -> torch.Tensor:
+    """gamma(d) = m + (1 - m)(1 - (1 - d/k)^l), d = |t - centre|, k = N // 2; gamma(0) = m."""
+    k = window // 2
+    d = torch.arange(window, dtype=torch.float64).sub(k).abs()
+    gamma = floor + (1.0 - floor) * (1.0 - (1.0 - d / k) ** power)
+    return gamma.float()
+
+
+def _conv(cin: int, cout: int, bias: bool) -> nn.Sequential:
+    # Replication padding, as in the reference: zero padding would darken the borders.
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, padding_mode="replicate", bias=bias), nn.ReLU(inplace=True)
+    )
+
+
+def _stack(cin: int, convs: int, cout: int, bias: bool) -> nn.Sequential:
+    return nn.Sequential(*[_conv(cin if i == 0 else cout, cout, bias) for i in range(convs)])
+
+
+class FeatureGenerator(nn.Module):
+    """G: the per-frame feature extractor, shared by every frame of the window."""
+
+    def __init__(self, spec: ModelSpec, in_channels: int = 1):
+        super().__init__()
+        self.body = _stack(in_channels, spec.g_layers, spec.g_channels, spec.bias)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.body(frames)
+
+
+class Denoiser(nn.Module):
+    """D: a two-level U-Net from the gamma-weighted, concatenated features to the centre frame."""
+
+    def __init__(self, spec: ModelSpec, out_channels: int = 1):
+        super().__init__()
+        cin = spec.window * spec.g_channels
+        b = spec.bias
+        (n1, c1), (n2, c2), (nm, cm), (nd2, cd2), (nd1, cd1) = (
+            spec.enc1, spec.enc2, spec.mid, spec.dec2, spec.dec1,
+        )
+        self.skip = spec.dec1_skip
+        self.enc1 = _stack(cin, n1, c1, b)
+        self.enc2 = _stack(c1, n2, c2, b)
+        if nm < 2:
+            raise ValueError("the bottleneck needs at least 2 convolutions")
+        self.mid = nn.Sequential(_conv(c2, cm, b), *[_conv(cm, cm, b) for _ in range(nm - 2)], _conv(cm, c2, b))
+        self.dec2 = _stack(c2 + c1, nd2, cd2, b)
+        skip_channels = cin if spec.dec1_skip == "features" else c1
+        self.dec1 = _stack(cd2 + skip_channels, nd1, cd1, b)
+        widths = (cd1, *spec.head)
+        head: list[nn.Module] = []
+        for a, c in zip(widths[:-1], widths[1:]):
+            head += [nn.Conv2d(a, c, 1, bias=b), nn.ReLU(inplace=True)]
+        head.append(nn.Conv2d(widths[-1], out_channels, 1, bias=b))
+        self.head = nn.Sequential(*head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1_full = self.enc1(x)
+        e1 = F.max_pool2d(e1_full, 2)
+        e2 = F.max_pool2d(self.enc2(e1), 2)
+        m = self.mid(e2)
+        d2 = self.dec2(torch.cat([F.interpolate(m, scale_factor=2.0, mode="nearest"), e1], 1))
+        skip = x if self.skip == "features" else e1_full
+        d1 = self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0, mode="nearest"), skip], 1))
+        return self.head(d1)
+
+
+class UMVDNet(nn.Module):
+    """(B, N, C, H, W) windows -> (B, C, H, W) centre frames, blind to the centre frame."""
+
+    def __init__(self, spec: ModelSpec, channels: int = 1):
+        super().__init__()
+        self.spec = spec
+        self.channels = channels
+        self.G = FeatureGenerator(spec, channels)
+        self.D = Denoiser(spec, channels)
+        self.register_buffer("gamma", gamma_weights(spec.window, spec.gamma_power, spec.gamma_floor))
+
+    def features(self, frames: torch.Tensor) -> torch.Tensor:
+        """G for a batch of single frames (B, C, H, W) -> (B, F, H, W); cacheable per frame."""
+        return self.G(frames)
+
+    def denoise_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, N, F, H, W) per-frame features of each window -> (B, C, H, W)."""
+        b, n, f, h, w = feats.shape
+        weighted = (feats * self.gamma.view(1, n, 1, 1, 1).to(feats.dtype)).reshape(b, n * f, h, w)
+        # Two 2x poolings need sides divisible by 4: pad by replication, then crop.
+        ph, pw = (-h) % 4, (-w) % 4
+        if ph or pw:
+            weighted = F.pad(weighted, (0, pw, 0, ph), mode="replicate")
+        return self.D(weighted)[..., :h, :w]
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        b, n, c, h, w = windows.shape
+        if n != self.spec.window:
+            raise ValueError(f"expected windows of {self.spec.window} frames, got {n}")
+        feats = self.features(windows.reshape(b * n, c, h, w))
+        return self.denoise_features(feats.reshape(b, n, -1, h, w))
+
+
+def build_model(preset: str, window: int = 7) -> UMVDNet:
+    return UMVDNet(PRESETS[preset](window))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

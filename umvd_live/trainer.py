@@ -1,0 +1,177 @@
+"""Online, unsupervised training of the UMVD network on the stream itself.
+
+Training windows are drawn from a replay buffer of recent frames: random windows, random patches,
+random flips. The target is the noisy centre frame, which the blind network never sees. A
+divergence guard keeps the last good weights and rolls back to them, at a lower learning rate,
+when the loss turns NaN or explodes or the output collapses to a constant (the reference's
+all-ReLU network sometimes falls into an all-black state).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from umvd_live.model import UMVDNet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    lr: float = 5e-4
+    batch: int = 8
+    patch: int = 64
+    replay_frames: int = 600
+    replay_bytes: int = 512 * 2**20
+    flips: bool = True
+    explode_factor: float = 20.0  # a loss this many times its running mean is an explosion
+    collapse_std: float = 1e-4  # output std (normalised units) under which it has collapsed
+    snapshot_every: int = 50
+    min_lr: float = 1e-6
+
+
+class ReplayBuffer:
+    """The most recent trainable frames, by index; bounded in count and bytes."""
+
+    def __init__(self, window: int, capacity: int):
+        self.k = window // 2
+        self.capacity = max(capacity, window)
+        self._frames: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def add(self, index: int, frame: torch.Tensor) -> None:
+        with self._lock:
+            self._frames[index] = frame
+            while len(self._frames) > self.capacity:
+                self._frames.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._frames.clear()
+
+    def centres(self) -> list[int]:
+        """Indices whose whole window (t-k .. t+k) is in the buffer."""
+        with self._lock:
+            have = self._frames.keys()
+            return [t for t in have if all((t + d) in have for d in range(-self.k, self.k + 1) if d)]
+
+    def sample(self, rng: np.random.Generator, batch: int, patch: int) -> torch.Tensor | None:
+        """(B, N, C, P, P) random windows and patches, or None if no full window exists yet."""
+        centres = self.centres()
+        if not centres:
+            return None
+        with self._lock:
+            windows = []
+            for t in rng.choice(centres, size=batch):
+                windows.append(torch.stack([self._frames[int(t) + d] for d in range(-self.k, self.k + 1)]))
+        _, c, h, w = windows[0].shape
+        ph, pw = min(patch, h), min(patch, w)
+        out = []
+        for win in windows:
+            y = int(rng.integers(0, h - ph + 1))
+            x = int(rng.integers(0, w - pw + 1))
+            out.append(win[..., y : y + ph, x : x + pw])
+        return torch.stack(out)
+
+
+class OnlineTrainer:
+    """Adam on random replay windows, with a rollback guard against divergence."""
+
+    def __init__(self, model: UMVDNet, config: TrainerConfig, device: torch.device, seed: int = 0):
+        self.model = model
+        self.config = config
+        self.device = device
+        self.rng = np.random.default_rng(seed)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        self.steps = 0
+        self.rollbacks = 0
+        self.last_loss: float | None = None
+        self._loss_ema: float | None = None
+        self._out_std_ema: float | None = None
+        self._good: tuple[dict, dict] | None = None
+        self._snapshot()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _snapshot(self) -> None:
+        self._good = (
+            {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            copy.deepcopy(self.optimizer.state_dict()),
+        )
+
+    def _rollback(self, why: str) -> None:
+        assert self._good is not None
+        weights, opt_state = self._good
+        self.model.load_state_dict(weights)
+        self.optimizer.load_state_dict(opt_state)
+        lr = max(self.lr * 0.5, self.config.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.rollbacks += 1
+        self._loss_ema = None
+        self._out_std_ema = None
+        log.warning("training diverged (%s): rolled back to the last good weights, lr now %.2g", why, lr)
+
+    def _augment(self, batch: torch.Tensor) -> torch.Tensor:
+        if not self.config.flips:
+            return batch
+        if self.rng.random() < 0.5:
+            batch = batch.flip(-1)
+        if self.rng.random() < 0.5:
+            batch = batch.flip(-2)
+        return batch
+
+    def step(self, replay: ReplayBuffer) -> float | None:
+        """One optimisation step; returns the loss, or None if there is nothing to train on."""
+        batch = replay.sample(self.rng, self.config.batch, self.config.patch)
+        if batch is None:
+            return None
+        batch = self._augment(batch).to(self.device, non_blocking=True)
+        k = batch.shape[1] // 2
+        target = batch[:, k]
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.model(batch)
+        loss = F.mse_loss(out.float(), target)
+        loss_value = float(loss.detach())
+        problem = self._diagnose(loss_value, out, target)
+        if problem:
+            self._rollback(problem)
+            return None
+        if self.steps % self.config.snapshot_every == 0:
+            self._snapshot()  # these weights just produced a healthy output
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.steps += 1
+        self.last_loss = loss_value
+        self._loss_ema = loss_value if self._loss_ema is None else 0.95 * self._loss_ema + 0.05 * loss_value
+        return loss_value
+
+    def _diagnose(self, loss: float, out: torch.Tensor, target: torch.Tensor) -> str | None:
+        if not math.isfinite(loss):
+            return "non-finite loss"
+        if self._loss_ema is not None and self.steps > 20 and loss > self.config.explode_factor * self._loss_ema:
+            return f"loss {loss:.3g} exploded from {self._loss_ema:.3g}"
+        std = float(out.detach().float().std())
+        # A fresh network's output is nearly constant too: only an output that had structure
+        # and lost it has collapsed.
+        if self._out_std_ema is not None and self._out_std_ema > 10 * self.config.collapse_std:
+            if std < self.config.collapse_std:
+                return "output collapsed to a constant"
+        self._out_std_ema = std if self._out_std_ema is None else 0.9 * self._out_std_ema + 0.1 * std
+        return None
