@@ -3,10 +3,14 @@
 It never blocks the caller: a full send queue (the daemon gone, or far behind) drops the frame and
 counts it, because the acquisition is sacred. It uses an XPUB socket so that `wait_for_subscriber`
 can see the daemon's subscription arrive: plain PUB silently discards frames sent before that.
+For a daemon that requires CURVE (a remote GPU workstation, docs/security.md), give the client's
+key pair and the daemon's public key: a refused key never sees the subscription, so
+`wait_for_subscriber` returns False.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -29,7 +33,11 @@ class FramePublisher:
         bind: bool = False,
         sndhwm: int = 2000,
         context: zmq.Context | None = None,
+        client_key: str | os.PathLike | None = None,
+        server_key: str | os.PathLike | None = None,
     ):
+        """``client_key``: this producer's ``NAME.key_secret``; ``server_key``: the daemon's
+        public ``NAME.key``. Both or neither (then no CURVE, as on loopback)."""
         self.stream = stream
         self.endpoint = endpoint
         self.seq = 0
@@ -40,6 +48,17 @@ class FramePublisher:
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)
         self._sock.setsockopt(zmq.LINGER, 2000)
         self._subscribed = False
+        if (client_key is None) != (server_key is None):
+            self._sock.close(linger=0)
+            raise ValueError("CURVE needs both client_key (NAME.key_secret) and server_key (the daemon's .key)")
+        if client_key is not None:
+            from umvd_live.security import apply_client
+
+            try:
+                apply_client(self._sock, client_key, server_key)
+            except Exception:
+                self._sock.close(linger=0)
+                raise
         if bind:
             self._sock.bind(endpoint)
         else:

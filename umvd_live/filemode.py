@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -21,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from umvd_live.checkpoint import CheckpointError
 from umvd_live.engine import DenoisedFrame, EngineConfig, StreamDenoiser
 from umvd_live.movie import MovieError, read_movie
+from umvd_live.recordfile import FrameInfo, Provenance, write_movie
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +115,20 @@ def run(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError, RuntimeError) as exc:
         err.print(f"[red]umvd-live denoise: error:[/] {exc}")
         return 2
-    from umvd_live.recorder import write_movie
-
-    write_movie(args.output, result.frames, result.outputs, result.engine, source=str(args.input))
+    engine = result.engine
+    provenance = Provenance(
+        stream=Path(args.input).stem, preset=engine.preset, window=engine.config.window,
+        weights_sha256=engine.start_hash, device=str(engine.device), source=str(args.input),
+        extra={"mode": "offline" if args.offline else "streamed", "final_model_step": engine.model_step},
+    )
+    infos = (FrameInfo(seq=o.index, state=o.state, model_step=o.model_step) for o in result.outputs)
+    try:
+        write_movie(args.output, result.frames, infos, provenance)
+    except (OSError, ValueError) as exc:
+        err.print(f"[red]umvd-live denoise: error:[/] cannot write {args.output}: {exc}")
+        return 2
     if args.save_model:
-        result.engine.save_weights(args.save_model)
+        engine.save_weights(args.save_model)
     result.engine.close()
     err.print(
         f"denoised {len(movie)} frames of {movie.shape[1]}×{movie.shape[2]} in {result.seconds:.1f} s "

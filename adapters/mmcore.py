@@ -1,0 +1,270 @@
+"""pymmcore-plus frame source: publish what an in-process Micro-Manager core acquires.
+
+Two taps, both usable from a user's own acquisition script:
+
+* `MMCoreSource` connects to ``core.mda.events.frameReady`` (psygnal) and publishes every frame of
+  every MDA the core runs. The signal fires on the MDA thread, so the handler only offers the frame
+  to a bounded `FrameHandoff`: a slow network never slows the acquisition, it costs counted drops.
+* `LiveTap` follows live mode (``startContinuousSequenceAcquisition``), which has no per-frame
+  signal: it polls ``getLastImageAndMD`` — a peek that leaves the core's buffer to its owner (a GUI
+  popping frames, or nobody) — and publishes each new ``ImageNumber`` once.
+
+``seq`` is the acquisition's own frame number (MDA: frames since `attach`; live: ``ImageNumber``),
+so frames lost anywhere on the way appear as gaps at the daemon. ``t`` is in seconds since the
+acquisition started (MDA ``runner_time_ms``; live ``ElapsedTime-ms``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from umvd_live.adapters.handoff import FrameHandoff, HandoffStats
+from umvd_live.adapters.publisher import FramePublisher
+
+if TYPE_CHECKING:
+    from pymmcore_plus import CMMCorePlus
+    from useq import MDAEvent
+
+log = logging.getLogger(__name__)
+
+
+def _plain_index(index: Any) -> dict[str, int]:
+    # useq axis keys are str-enums; msgpack wants plain str keys.
+    return {str(getattr(k, "value", k)): int(v) for k, v in dict(index).items()}
+
+
+class MMCoreSource:
+    """Publishes every MDA frame of ``core`` (call `attach`; `detach` flushes and returns counts)."""
+
+    def __init__(self, core: "CMMCorePlus", publisher: FramePublisher, *, queue_size: int = 256):
+        self.core = core
+        self.publisher = publisher
+        self.handoff = FrameHandoff(publisher, maxsize=queue_size)
+        self.frames_seen = 0
+        self._attached = False
+
+    def attach(self) -> "MMCoreSource":
+        if not self._attached:
+            self.handoff.start()
+            self.core.mda.events.frameReady.connect(self._on_frame_ready)
+            self._attached = True
+        return self
+
+    def _on_frame_ready(self, image: np.ndarray, event: "MDAEvent", meta: dict[str, Any]) -> None:
+        # Runs on the MDA thread: no I/O here, only a non-blocking queue put.
+        seq = self.frames_seen
+        self.frames_seen += 1
+        runner_ms = meta.get("runner_time_ms") if isinstance(meta, dict) else None
+        info = {"source": "pymmcore-plus", "index": _plain_index(event.index)}
+        if isinstance(meta, dict) and meta.get("camera_device"):
+            info["camera"] = str(meta["camera_device"])
+        self.handoff.offer(
+            image,
+            t=float(runner_ms) / 1000 if runner_ms is not None else None,
+            meta=info,
+            seq=seq,
+        )
+
+    def detach(self, timeout_s: float = 10.0) -> HandoffStats:
+        """Disconnect from the core, send what is still queued, return the counts."""
+        if self._attached:
+            self.core.mda.events.frameReady.disconnect(self._on_frame_ready)
+            self._attached = False
+        return self.handoff.close(timeout_s)
+
+    def __enter__(self) -> "MMCoreSource":
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+
+class ImageNumberTracker:
+    """Turns the core's ``ImageNumber`` tags, seen by polling, into new-image decisions and ``seq``.
+
+    The same number seen again is not new; a jump counts the images that went by between polls;
+    a smaller number means the sequence was restarted, and ``seq`` starts again from 0.
+    """
+
+    def __init__(self) -> None:
+        self.last: int | None = None
+        self.base = 0
+        self.skipped = 0
+
+    def seq_for(self, number: int) -> int | None:
+        """``seq`` for a newly seen image, or None when ``number`` was seen last time."""
+        if number == self.last:
+            return None
+        if self.last is None or number < self.last:
+            self.base = number
+        elif number > self.last + 1:
+            self.skipped += number - self.last - 1
+        self.last = number
+        return number - self.base
+
+
+def elapsed_seconds(tags: dict[str, Any]) -> float | None:
+    """Micro-Manager's ``ElapsedTime-ms`` tag (a string or number) in seconds, if present."""
+    value = tags.get("ElapsedTime-ms")
+    try:
+        return float(value) / 1000 if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class LiveTapStats:
+    published: int  # new images handed to the publisher
+    skipped: int  # ImageNumbers that went by between two polls (never seen here)
+    publisher_dropped: int
+
+
+class LiveTap:
+    """Follows live mode by polling the newest image; never pops the core's circular buffer."""
+
+    def __init__(self, core: "CMMCorePlus", publisher: FramePublisher, *, poll_interval_s: float = 0.001):
+        self.core = core
+        self.publisher = publisher
+        self.poll_interval_s = poll_interval_s
+        self.published = 0
+        self.numbers = ImageNumberTracker()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poll_once(self) -> bool:
+        """Publish the newest image if it is one not seen yet. True if one was published."""
+        if not self.core.isSequenceRunning():
+            return False
+        try:
+            image, md = self.core.getLastImageAndMD()
+        except (IndexError, RuntimeError):  # buffer empty: live mode just started
+            return False
+        tags = dict(md)
+        try:
+            number = int(tags["ImageNumber"])
+        except (KeyError, ValueError):
+            return False
+        seq = self.numbers.seq_for(number)
+        if seq is None:
+            return False
+        meta = {"source": "pymmcore-plus-live", "image_number": number}
+        if tags.get("Camera"):
+            meta["camera"] = str(tags["Camera"])
+        self.publisher.publish(image, t=elapsed_seconds(tags), meta=meta, seq=seq)
+        self.published += 1
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.poll_once():
+                self._stop.wait(self.poll_interval_s)
+
+    def start(self) -> "LiveTap":
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="umvd-live-tap", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> LiveTapStats:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+            self._thread = None
+        return self.stats()
+
+    def stats(self) -> LiveTapStats:
+        return LiveTapStats(self.published, self.numbers.skipped, self.publisher.dropped)
+
+
+# --------------------------------------------------------------------------- running a core
+
+
+def _config_has_cpp_devices(config: Path) -> bool:
+    for line in config.read_text(errors="replace").splitlines():
+        if line.strip().startswith("Device,"):
+            return True
+    return False
+
+
+def load_core(config: str | Path, mm_path: str | None = None) -> "CMMCorePlus":
+    """A `UniMMCore` (C++ and ``#py`` pure-Python devices) loaded from a Micro-Manager config file."""
+    from pymmcore_plus.experimental.unicore import UniMMCore
+
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"Micro-Manager configuration file not found: {path}")
+    quiet = mm_path is None and not _config_has_cpp_devices(path)
+    with _quiet_adapter_search(quiet):
+        core = UniMMCore(mm_path=mm_path) if mm_path else UniMMCore()
+    core.loadSystemConfiguration(str(path))
+    if not core.getCameraDevice():
+        raise ValueError(f"{path}: the configuration sets no camera (Property,Core,Camera,<label>)")
+    return core
+
+
+@contextmanager
+def _quiet_adapter_search(quiet: bool) -> Iterator[None]:
+    # A config of pure-Python devices needs no Micro-Manager install; pymmcore-plus still looks for
+    # one and logs an ERROR when there is none, which would only alarm the user.
+    logger = logging.getLogger("pymmcore-plus")
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextmanager
+def shutter_workaround(core: "CMMCorePlus", interval_ms: float) -> Iterator[None]:
+    """Work around pymmcore-plus 0.18.1: a timed MDA without a shutter fails in ``setShutterOpen``.
+
+    Auto-shutter is switched off for the run (only when no shutter is loaded and the MDA is not
+    sequenced) and restored afterwards.
+    """
+    needed = interval_ms > 0 and not core.getShutterDevice() and core.getAutoShutter()
+    if needed:
+        core.setAutoShutter(False)
+    try:
+        yield
+    finally:
+        if needed:
+            core.setAutoShutter(True)
+
+
+def run_time_lapse(core: "CMMCorePlus", frames: int, interval_ms: float = 0.0) -> None:
+    """Run a ``frames``-point time-lapse MDA and wait for it (Ctrl-C cancels it cleanly)."""
+    from useq import MDASequence
+
+    sequence = MDASequence(time_plan={"interval": interval_ms / 1000, "loops": frames})
+    with shutter_workaround(core, interval_ms):
+        thread = core.run_mda(sequence)
+        try:
+            while thread.is_alive():
+                thread.join(0.2)
+        except KeyboardInterrupt:
+            core.mda.cancel()
+            thread.join(10)
+            raise
+
+
+def run_live(core: "CMMCorePlus", tap: LiveTap, frames: int | None, interval_ms: float = 0.0) -> None:
+    """Start live mode, tap it until ``frames`` images were published (or Ctrl-C), stop it."""
+    tap.start()
+    core.startContinuousSequenceAcquisition(interval_ms)
+    try:
+        while frames is None or tap.published < frames:
+            time.sleep(0.01)
+    finally:
+        core.stopSequenceAcquisition()
+        tap.stop()

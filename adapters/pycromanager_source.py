@@ -1,0 +1,367 @@
+"""pycromanager frame source, for labs that run the Micro-Manager GUI (Java) or pycromanager scripts.
+
+* Owner mode — `PycroManagerOwner.process` is the ``image_process_fn`` of an ``Acquisition`` that
+  pycromanager runs: it offers each image to a bounded `FrameHandoff` and returns ``(image,
+  metadata)`` unchanged, so Micro-Manager goes on to save the raw data exactly as it would without
+  us. It never raises: an exception there would abort the user's acquisition.
+* Tap mode — `TaggedImageTap` follows the GUI's own live mode or MDA by polling
+  ``Core().get_last_tagged_image()``, a peek: ``pop_next_tagged_image`` would steal the frames the
+  GUI displays and saves.
+
+`connect_core` reaches the Micro-Manager ZMQ server (port 4827) with retries and back-off, and fails
+with `MicroManagerNotRunning` — a message saying what to do, not a traceback.
+
+`start_python_backend` runs pycromanager's own (Python) acquisition engine on a pymmcore-plus
+``UniMMCore``, so that the owner path also runs with pure-Python devices, without Java.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from umvd_live.adapters.handoff import FrameHandoff, HandoffStats
+from umvd_live.adapters.mmcore import ImageNumberTracker, elapsed_seconds
+from umvd_live.adapters.publisher import FramePublisher
+
+log = logging.getLogger(__name__)
+
+MM_DEFAULT_PORT = 4827
+
+
+class MicroManagerNotRunning(RuntimeError):
+    """Nothing answered on the Micro-Manager ZMQ port after every retry."""
+
+    def __init__(self, port: int, attempts: int, cause: str = ""):
+        self.port = port
+        self.attempts = attempts
+        where = "" if port == MM_DEFAULT_PORT else f" (this command asked for port {port}: --mm-port)"
+        super().__init__(
+            f"Micro-Manager did not answer on port {port} ({attempts} attempt"
+            f"{'s' if attempts != 1 else ''}). Start Micro-Manager and tick Tools > Options > "
+            f"'Run pycro-manager server on port {MM_DEFAULT_PORT}'{where}."
+            + (f" Last error: {cause}" if cause else "")
+        )
+
+
+def port_answers(port: int, host: str = "127.0.0.1", timeout_s: float = 0.5) -> bool:
+    """True when something accepts TCP connections on ``host:port`` (Micro-Manager's server, maybe)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _quiet_bridge_threads() -> Iterator[None]:
+    # pyjavaz's socket thread dies with an uncaught exception (printed as a traceback) when the
+    # server does not reply; the caller reports the failure in words instead.
+    previous = threading.excepthook
+
+    def hook(info: threading.ExceptHookArgs) -> None:
+        if info.thread is not None and info.thread.name.startswith("BridgeSocketThread"):
+            log.debug("pycromanager bridge thread: %s", info.exc_value)
+            return
+        previous(info)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
+def connect_core(
+    port: int = MM_DEFAULT_PORT,
+    *,
+    attempts: int = 5,
+    first_delay_s: float = 1.0,
+    max_delay_s: float = 30.0,
+    timeout_ms: int = 1000,
+    report: Callable[[str], None] = print,
+) -> Any:
+    """pycromanager's ``Core()``, retried with exponential back-off while Micro-Manager is absent.
+
+    With a Python backend started in this process, that in-process core is returned at once.
+    """
+    from mmpycorex import launcher
+    from pycromanager import Core
+
+    if launcher.is_pymmcore_active():
+        return Core()
+    delay = first_delay_s
+    cause = ""
+    for attempt in range(1, attempts + 1):
+        if not port_answers(port):
+            cause = f"nothing listens on 127.0.0.1:{port}"
+        else:
+            try:
+                with _quiet_bridge_threads():
+                    return Core(port=port, timeout=timeout_ms)
+            except Exception as exc:  # pycromanager raises a bare Exception when nobody answers
+                cause = str(exc)
+        if attempt < attempts:
+            report(
+                f"Micro-Manager is not answering on port {port} (attempt {attempt}/{attempts}); "
+                f"retrying in {delay:.1f} s"
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, max_delay_s)
+    raise MicroManagerNotRunning(port, attempts, cause)
+
+
+def _plain_axes(axes: Any) -> dict[str, int]:
+    if not isinstance(axes, dict):
+        return {}
+    out = {}
+    for k, v in axes.items():
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            out[str(k)] = int(v)
+    return out
+
+
+class PycroManagerOwner:
+    """``image_process_fn`` that publishes each image and hands it back untouched."""
+
+    def __init__(self, publisher: FramePublisher, *, queue_size: int = 256):
+        self.handoff = FrameHandoff(publisher, maxsize=queue_size)
+        self.frames_seen = 0
+        self.errors = 0
+        self._t0: float | None = None
+
+    def start(self) -> "PycroManagerOwner":
+        self.handoff.start()
+        return self
+
+    def process(self, image: np.ndarray, metadata: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        try:
+            now = time.monotonic()
+            if self._t0 is None:
+                self._t0 = now
+            seq = self.frames_seen
+            self.frames_seen += 1
+            meta = {"source": "pycromanager", "index": _plain_axes(metadata.get("Axes"))}
+            # pycromanager's Python backend stamps sequenced frames ElapsedTime-ms 0: keep our clock.
+            self.handoff.offer(image, t=now - self._t0, meta=meta, seq=seq)
+        except Exception:  # never let our side abort the user's acquisition
+            self.errors += 1
+            if self.errors == 1:
+                log.exception("could not publish an image; the acquisition goes on")
+        return image, metadata
+
+    def close(self, timeout_s: float = 10.0) -> HandoffStats:
+        return self.handoff.close(timeout_s)
+
+
+def run_owner_acquisition(
+    owner: PycroManagerOwner,
+    frames: int,
+    interval_ms: float = 0.0,
+    *,
+    directory: str | Path | None = None,
+    name: str = "umvd_live",
+    port: int = MM_DEFAULT_PORT,
+) -> Any:
+    """Run a ``frames``-point time-lapse through pycromanager with ``owner`` as image processor.
+
+    With ``directory`` the raw data is saved there (NDTiff) by pycromanager itself. Returns the
+    dataset pycromanager wrote or holds.
+    """
+    from pycromanager import Acquisition, multi_d_acquisition_events
+
+    events = multi_d_acquisition_events(num_time_points=frames, time_interval_s=interval_ms / 1000)
+    owner.start()
+    acq = Acquisition(
+        directory=str(directory) if directory is not None else None,
+        name=name,
+        image_process_fn=owner.process,
+        port=port,
+        show_display=False,
+    )
+    with acq:
+        acq.acquire(events)
+    return acq.get_dataset()
+
+
+@dataclass(frozen=True)
+class TapStats:
+    published: int
+    skipped: int  # images that went by between two polls
+    errors: int  # failed polls (Micro-Manager busy or gone)
+    publisher_dropped: int
+
+
+class TaggedImageTap:
+    """Publishes each new image of the GUI's live mode or MDA, seen by polling the last image."""
+
+    def __init__(self, core: Any, publisher: FramePublisher, *, poll_interval_s: float = 0.01):
+        self.core = core
+        self.publisher = publisher
+        self.poll_interval_s = poll_interval_s
+        self.numbers = ImageNumberTracker()
+        self.published = 0
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poll_once(self) -> bool:
+        try:
+            if not self.core.is_sequence_running():
+                return False
+            tagged = self.core.get_last_tagged_image()
+        except Exception:  # empty buffer, or Micro-Manager busy: try again next poll
+            self.errors += 1
+            return False
+        tags = dict(tagged.tags or {})
+        try:
+            number = int(tags["ImageNumber"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        seq = self.numbers.seq_for(number)
+        if seq is None:
+            return False
+        image = to_image(tagged.pix, tags)
+        meta = {"source": "pycromanager-tap", "image_number": number}
+        self.publisher.publish(image, t=elapsed_seconds(tags), meta=meta, seq=seq)
+        self.published += 1
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.poll_once():
+                self._stop.wait(self.poll_interval_s)
+
+    def start(self) -> "TaggedImageTap":
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="umvd-mm-tap", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> TapStats:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+            self._thread = None
+        return TapStats(self.published, self.numbers.skipped, self.errors, self.publisher.dropped)
+
+
+def to_image(pix: Any, tags: dict[str, Any]) -> np.ndarray:
+    """A 2-D array from a tagged image: over Java ``pix`` is flat, shaped by the Height/Width tags."""
+    image = np.asarray(pix)
+    if image.ndim == 1:
+        try:
+            h, w = int(tags["Height"]), int(tags["Width"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("a flat tagged image needs Height and Width tags") from None
+        if h * w != image.size:
+            raise ValueError(f"{image.size} pixels do not make a {h}x{w} image")
+        image = image.reshape(h, w)
+    return image
+
+
+# --------------------------------------------------------------------------- Python backend
+
+
+def _snake(name: str) -> str:
+    # The same conversion pycromanager applies to MMCoreJ / pymmcore method names.
+    s1 = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z0-9])([A-Z])", r"\1_\2", s1).lower()
+
+
+def _snake_case_class(base: type) -> type:
+    """A subclass of ``base`` with a snake_case alias for every camelCase method.
+
+    pycromanager's Python engine calls the core in snake_case (as over Java). The aliases call the
+    camelCase method by name, so UniMMCore's Python overrides (Python cameras) are the ones used.
+    """
+    from mmpycorex.launcher import TaggedImage
+
+    def alias(name: str) -> Callable[..., Any]:
+        return lambda self, *args, **kwargs: getattr(self, name)(*args, **kwargs)
+
+    namespace: dict[str, Any] = {}
+    for name in dir(base):
+        if name.startswith("_") or not name[:1].islower() or name == name.lower():
+            continue
+        snake = _snake(name)
+        if snake in namespace or hasattr(base, snake) or not callable(getattr(base, name, None)):
+            continue
+        namespace[snake] = alias(name)
+
+    def get_tagged_image(self, cam_index, camera, height, width, binning=None, pixel_type=None,
+                         roi_x_start=None, roi_y_start=None):  # noqa: ANN001 - pycromanager's signature
+        tags = {"Camera": camera, "Height": height, "Width": width, "CameraChannelIndex": cam_index,
+                "PixelType": pixel_type}
+        return TaggedImage(tags, self.getImage())
+
+    def pop_next_tagged_image(self):  # noqa: ANN001
+        image, md = self.popNextImageAndMD()
+        return TaggedImage(dict(md), image)
+
+    def get_last_tagged_image(self):  # noqa: ANN001
+        image, md = self.getLastImageAndMD()
+        return TaggedImage(dict(md), image)
+
+    namespace.update(
+        TaggedImage=TaggedImage,
+        get_tagged_image=get_tagged_image,
+        pop_next_tagged_image=pop_next_tagged_image,
+        get_last_tagged_image=get_last_tagged_image,
+    )
+    # SWIG classes refuse new attributes after creation: build the class in one go.
+    return type(base.__name__ + "SnakeCase", (base,), namespace)
+
+
+def start_python_backend(config: str | Path | None = None, mm_path: str | None = None) -> Any:
+    """Start pycromanager's Python engine on a new pymmcore-plus ``UniMMCore`` and return the core.
+
+    pycromanager's own ``start_headless(..., python_backend=True)`` builds a plain pymmcore core,
+    which cannot load ``#py`` pure-Python devices; this is its equivalent for a UniMMCore. The core
+    answers in both camelCase and snake_case. Call `stop_python_backend` when done.
+    """
+    import warnings
+
+    from mmpycorex import launcher
+    from pycromanager.acquisition.acq_eng_py.internal.engine import Engine
+    from pymmcore_plus.experimental.unicore import UniMMCore
+
+    from umvd_live.adapters.mmcore import _quiet_adapter_search
+
+    if launcher.is_pymmcore_active() or Engine.get_instance() is not None:
+        raise RuntimeError("a pycromanager Python backend is already running in this process")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # deprecated methods get aliases too
+        cls = _snake_case_class(UniMMCore)
+    with _quiet_adapter_search(mm_path is None):
+        core = cls(mm_path=mm_path) if mm_path else cls()
+    if config is not None:
+        core.loadSystemConfiguration(str(config))
+    # mmpycorex has no public call to register an existing core; `Core()` returns _PYMMCORES[0]
+    # and `Acquisition` picks the Python backend when that list is not empty.
+    launcher._PYMMCORES.append(core)
+    Engine(core)
+    return core
+
+
+def stop_python_backend() -> None:
+    """Shut down the engine and forget the core started by `start_python_backend`."""
+    from mmpycorex import launcher
+    from pycromanager.acquisition.acq_eng_py.internal.engine import Engine
+
+    engine = Engine.get_instance()
+    if engine is not None:
+        engine.shutdown()
+        del Engine.singleton
+    launcher._PYMMCORES.clear()

@@ -1,0 +1,125 @@
+"""`umvd-live bench`: every figure of the JSON is there, with a sane type; no timing is asserted.
+
+The runs are real (the daemon, its engine with background training, loopback sockets), on tiny
+64x64 streams so the file takes well under a minute on two shared cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from umvd_live import cli
+from umvd_live.bench import PsnrAccumulator
+from umvd_live.checkpoint import load_checkpoint
+from umvd_live.engine import EngineConfig, StreamDenoiser
+from umvd_live.metrics import psnr
+
+torch.set_num_threads(1)
+
+pytestmark = pytest.mark.timeout(120)
+
+NUMBER_KEYS = ("fps_in", "peak_rss_mb", "train_steps_per_s", "duration_s")
+INT_KEYS = ("frames", "skipped", "train_steps", "cpu_count", "torch_threads", "frames_handed",
+            "frames_published", "frames_received_by_viewer", "frames_evaluated", "producer_late")
+#: Figures that exist only once the stream is past its warm start.
+LIVE_KEYS = ("fps_out", "latency_ms_p50", "latency_ms_p99", "psnr_raw_db", "psnr_denoised_db", "warmup_s",
+             "skipped_after_warmup")
+REQUIRED = set(NUMBER_KEYS + INT_KEYS + LIVE_KEYS) | {
+    "device", "preset", "size", "rate_hz", "torch_version", "load_average", "engine", "mode", "init",
+    "inference_only", "latency_ms_all", "rss_mb", "ring",
+}
+
+TINY = ["--size", "64", "64", "--preset", "lite", "--device", "cpu", "--ring-mb", "64"]
+
+
+def bench(tmp_path, *extra: str) -> dict:
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", *TINY, *extra, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_common(result: dict, frames: int) -> None:
+    assert REQUIRED <= result.keys(), REQUIRED - result.keys()
+    for key in NUMBER_KEYS:
+        assert is_number(result[key]) and result[key] >= 0, (key, result[key])
+    for key in INT_KEYS:
+        assert isinstance(result[key], int) and result[key] >= 0, (key, result[key])
+    assert result["size"] == [64, 64] and result["frames"] == frames
+    assert result["device"] == "cpu" and result["preset"] == "lite"
+    assert isinstance(result["torch_version"], str) and result["torch_version"]
+    assert set(result["load_average"]) == {"start", "end"} and all(map(is_number, result["load_average"].values()))
+    assert result["engine"]["train_mode"] == "background" and result["engine"]["window"] == 7
+    assert result["peak_rss_mb"] > 10  # MB, not kB or bytes
+    # Every frame was handed over and got exactly one output: published (and seen) or skipped.
+    assert result["frames_handed"] == frames
+    assert result["frames_published"] + result["skipped"] == frames
+    assert result["frames_received_by_viewer"] == result["frames_published"]
+    assert result["viewer_errors"] == 0 and result["inbox_refused"] == 0
+
+
+def test_psnr_accumulator_is_metrics_psnr_of_the_stacked_frames():
+    rng = np.random.default_rng(1)
+    truth = rng.uniform(1000, 5000, (5, 16, 12)).astype(np.float32)
+    estimate = truth + rng.normal(0, 200, truth.shape).astype(np.float32)
+    acc = PsnrAccumulator()
+    assert acc.psnr() is None
+    for e, t in zip(estimate, truth):
+        acc.add(e, t)
+    assert acc.psnr() == pytest.approx(psnr(estimate, truth), abs=1e-9)
+
+
+def test_paced_run_with_training_writes_every_figure(tmp_path):
+    model = tmp_path / "model.pt"
+    result = bench(tmp_path, "--frames", "60", "--rate", "60", "--warmup-frames", "10",
+                   "--warmup-steps", "8", "--save-model", str(model))
+    check_common(result, 60)
+    assert result["mode"] == "paced" and result["rate_hz"] == 60.0 and result["inference_only"] is False
+    assert result["latency_target_ms"] == pytest.approx(3 / 60 * 1000 + 100)
+    assert is_number(result["fps_in"]) and result["fps_in"] > 0
+    # On a loaded machine the warm start may not finish within 60 frames: then the live-only
+    # figures are null, never made up; once it did, they are all numbers.
+    live = result["warmup_s"] is not None
+    for key in LIVE_KEYS:
+        if key != "fps_out":  # fps_out falls back to every output when none was live
+            assert is_number(result[key]) if live else result[key] is None, (key, result[key])
+    assert is_number(result["fps_out"])
+    assert result["frames_evaluated"] > 0 if live else result["frames_evaluated"] == 0
+    load_checkpoint(model)  # --save-model wrote a checkpoint the engine can start from
+    assert result["saved_model"]["path"] == str(model)
+
+
+def test_max_rate_inference_only_from_saved_weights(tmp_path):
+    init = tmp_path / "init.pt"
+    with StreamDenoiser(EngineConfig(preset="lite", device="cpu", train_mode="inline")) as den:
+        den.push(np.zeros((64, 64), np.uint16), infer=False)
+        den.save_weights(init)
+    result = bench(tmp_path, "--frames", "40", "--max", "--inference-only", "--init", str(init))
+    check_common(result, 40)
+    assert result["mode"] == "max" and result["rate_hz"] is None and result["latency_target_ms"] is None
+    assert result["inference_only"] is True and result["init"] == str(init)
+    assert result["train_steps"] == 0
+    # Loaded weights skip the warm start: every output is live, none is skipped.
+    assert result["skipped"] == 0 and result["frames_evaluated"] == 40
+    for key in LIVE_KEYS:
+        assert is_number(result[key]), (key, result[key])
+    assert result["psnr_raw_db"] > 0  # the raw frames against their truth, in dB
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--frames", "0"], "--frames"),
+    (["--init", "/nonexistent/weights.pt"], "weights.pt"),
+    (["--size", "4", "4"], "8x8"),
+])
+def test_bad_arguments_are_refused_with_a_clear_error(tmp_path, capsys, args, message):
+    assert cli.main(["bench", *TINY, *args, "--json", str(tmp_path / "b.json")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()

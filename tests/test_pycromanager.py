@@ -1,0 +1,246 @@
+"""pycromanager source: owner mode through pycromanager's real (Python-backend) acquisition engine on
+a UniMMCore with a pure-Python camera, tap mode on the same core through `Core()`, the missing
+Micro-Manager path in a real subprocess, and the Java GUI path when something answers on 4827."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PYTEST_RUNNING", "1")  # pymmcore-plus: no log file (read at import)
+
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zmq
+
+from umvd_live.adapters import pycromanager_source as pm
+from umvd_live.adapters.publisher import FramePublisher
+from umvd_live.adapters.pycamera import render
+from umvd_live.protocol import decode_frame
+
+pytestmark = pytest.mark.timeout(120)
+
+SHAPE = (32, 40)
+SEED = 11
+ENV = os.environ | {"PYTEST_RUNNING": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def write_config(path: Path) -> Path:
+    path.write_text(
+        "#py pyDevice,Cam,umvd_live.adapters.pycamera,NoisyPatternCamera\n"
+        "#py Property,Core,Initialize,1\n"
+        f"#py Property,Cam,SensorHeight,{SHAPE[0]}\n"
+        f"#py Property,Cam,SensorWidth,{SHAPE[1]}\n"
+        f"#py Property,Cam,Seed,{SEED}\n"
+        "#py Property,Core,Camera,Cam\n"
+    )
+    return path
+
+
+class Receiver(threading.Thread):
+    """A plain SUB socket on an ephemeral port, decoding with `decode_frame`, always polling."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.sock = zmq.Context.instance().socket(zmq.SUB)
+        self.sock.setsockopt(zmq.RCVHWM, 100000)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sock.bind("tcp://127.0.0.1:*")
+        self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.frames: list = []
+        self._halt = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            if self.sock.poll(20):
+                self.frames.append(decode_frame(self.sock.recv_multipart()))
+        self.sock.close(linger=0)
+
+    def wait_for(self, count: int, timeout_s: float = 20.0) -> list:
+        deadline = time.monotonic() + timeout_s
+        while len(self.frames) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)
+        return list(self.frames)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+
+
+@pytest.fixture
+def receiver():
+    rx = Receiver()
+    yield rx
+    rx.stop()
+
+
+@pytest.fixture
+def backend(tmp_path):
+    core = pm.start_python_backend(write_config(tmp_path / "MMConfig.cfg"))
+    core.setExposure(1.0)
+    try:
+        yield core
+    finally:
+        pm.stop_python_backend()
+
+
+def publisher_for(rx: Receiver) -> FramePublisher:
+    pub = FramePublisher(rx.endpoint, "cam0")
+    assert pub.wait_for_subscriber(10)
+    return pub
+
+
+def test_python_backend_core_answers_in_both_conventions(backend):
+    from pycromanager import Core
+
+    assert Core() is backend  # what pycromanager's own code gets
+    assert backend.get_camera_device() == backend.getCameraDevice() == "Cam"
+    assert (backend.get_image_height(), backend.get_image_width()) == SHAPE
+
+
+def test_owner_mode_publishes_every_image_and_leaves_the_raw_data_to_micromanager(backend, receiver, tmp_path):
+    pub = publisher_for(receiver)
+    owner = pm.PycroManagerOwner(pub)
+    pm.run_owner_acquisition(owner, 30, 0, directory=tmp_path / "raw", name="session")
+    stats = owner.close()
+    frames = receiver.wait_for(30)
+    pub.close()
+
+    assert (owner.frames_seen, stats.sent, stats.handoff_dropped, stats.rejected) == (30, 30, 0, 0)
+    assert [f.header.seq for f in frames] == list(range(30))
+    assert [f.header.meta["index"] for f in frames] == [{"time": i} for i in range(30)]
+    for f in frames:
+        assert np.array_equal(f.pixels, render(f.header.seq, SHAPE, SEED))
+    # pycromanager saved the raw frames itself, untouched by us.
+    (stack,) = (tmp_path / "raw").glob("session*/*.tif")
+    saved = tifffile.imread(stack)
+    assert saved.shape == (30, *SHAPE) and saved.dtype == np.uint16
+    assert all(np.array_equal(saved[i], frames[i].pixels) for i in range(30))
+
+
+def test_owner_process_never_raises_and_returns_the_image_untouched(receiver):
+    pub = publisher_for(receiver)
+    owner = pm.PycroManagerOwner(pub).start()
+    odd = np.arange(12, dtype=np.uint32).reshape(3, 4)  # protocol v1 carries no uint32
+    metadata = {"Axes": {"time": 0}}
+    image_out, metadata_out = owner.process(odd, metadata)
+    good = np.ones((3, 4), np.uint16)
+    owner.process(good, {"Axes": {"time": 1}})
+    stats = owner.close()
+    frames = receiver.wait_for(1)
+    pub.close()
+    assert image_out is odd and metadata_out is metadata
+    assert stats.rejected == 1 and stats.sent == 1
+    assert [f.header.seq for f in frames] == [1]
+
+
+def test_tap_follows_live_mode_without_stealing_frames(backend, receiver):
+    pub = publisher_for(receiver)
+    core = pm.connect_core(attempts=1)  # with the Python backend: the in-process core
+    assert core is backend
+    backend.setExposure(3.0)
+    tap = pm.TaggedImageTap(core, pub, poll_interval_s=0.0005).start()
+    backend.startContinuousSequenceAcquisition(0)
+    deadline = time.monotonic() + 20
+    while tap.published < 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    in_buffer = backend.getRemainingImageCount()
+    backend.stopSequenceAcquisition()
+    stats = tap.stop()
+    frames = receiver.wait_for(stats.published)
+    pub.close()
+    assert stats.published >= 20 and in_buffer >= stats.published
+    seqs = [f.header.seq for f in frames]
+    assert len(seqs) == stats.published and seqs == sorted(set(seqs))
+    assert all(np.array_equal(f.pixels, render(f.header.seq, SHAPE, SEED)) for f in frames)
+
+
+def test_flat_java_pixels_are_shaped_by_their_tags():
+    flat = np.arange(12, dtype=np.uint16)
+    assert pm.to_image(flat, {"Height": "3", "Width": "4"}).shape == (3, 4)
+    with pytest.raises(ValueError, match="do not make"):
+        pm.to_image(flat, {"Height": 5, "Width": 4})
+    with pytest.raises(ValueError, match="Height and Width"):
+        pm.to_image(flat, {})
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "umvd_live.cli", "acquire", "pycromanager", *args],
+                          capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_missing_micromanager_gives_a_message_and_retries_with_backoff():
+    out = run_cli("--mode", "tap", "--mm-port", str(free_port()), "--connect-attempts", "3", "--retry-s", "0.05")
+    assert out.returncode == 4
+    assert "Traceback" not in out.stderr
+    retries = re.findall(r"attempt (\d)/3\); retrying in ([\d.]+) s", out.stderr)
+    assert retries == [("1", "0.1"), ("2", "0.1")]  # 0.05 s then 0.1 s, printed to one decimal
+    assert "Micro-Manager did not answer" in out.stderr and "Run pycro-manager server on port 4827" in out.stderr
+
+
+def test_a_silent_server_on_the_port_is_reported_without_traceback():
+    # Something listens but never replies: pycromanager's own connection attempt times out.
+    ctx = zmq.Context.instance()
+    silent = ctx.socket(zmq.ROUTER)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        out = run_cli("--mm-port", str(port), "--connect-attempts", "2", "--retry-s", "0.05")
+    finally:
+        silent.close(linger=0)
+    assert out.returncode == 4
+    assert "Traceback" not in out.stderr
+    assert "Couldn't create Core" in out.stderr
+
+
+def test_cli_owner_mode_on_the_python_backend(tmp_path, receiver):
+    cfg = write_config(tmp_path / "MMConfig.cfg")
+    out = run_cli("--mode", "owner", "--config", str(cfg), "--frames", "20", "--save-dir", str(tmp_path / "raw"),
+                  "--to", receiver.endpoint)
+    assert out.returncode == 0, out.stderr
+    assert "20 frames acquired, 20 sent, 0 dropped in the hand-off" in out.stdout
+    frames = receiver.wait_for(20)
+    assert [f.header.seq for f in frames] == list(range(20))
+    (stack,) = (tmp_path / "raw").glob("cam0*/*.tif")
+    assert tifffile.imread(stack).shape == (20, *SHAPE)
+
+
+def test_cli_owner_mode_needs_frames():
+    out = run_cli("--mode", "owner", "--mm-port", str(free_port()), "--connect-attempts", "1")
+    assert out.returncode == 2 and "--frames" in out.stderr
+
+
+# ------------------------------------------------------------------------------ the Java GUI
+
+
+@pytest.mark.skipif(not pm.port_answers(pm.MM_DEFAULT_PORT),
+                    reason="no Micro-Manager answers on port 4827 (start the GUI with its pycro-manager "
+                           "server enabled to run this test)")
+def test_owner_mode_through_the_micromanager_gui(receiver, tmp_path):
+    pm.connect_core(attempts=2, first_delay_s=0.5)
+    pub = publisher_for(receiver)
+    owner = pm.PycroManagerOwner(pub)
+    pm.run_owner_acquisition(owner, 10, 0, directory=tmp_path, name="umvd_gui_test")
+    stats = owner.close()
+    frames = receiver.wait_for(10)
+    pub.close()
+    assert stats.sent == 10 and [f.header.seq for f in frames] == list(range(10))

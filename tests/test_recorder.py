@@ -1,0 +1,451 @@
+"""The on-the-fly recorder: real files written, killed, filled up and read back with tifffile."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from umvd_live import __version__
+from umvd_live.protocol import FrameHeader
+from umvd_live.recorder import (
+    PathNotAllowed,
+    RecordingError,
+    RecordingRequest,
+    RecordingSession,
+    confine_path,
+    stream_path,
+)
+from umvd_live.recordfile import (
+    FRAME_TAG,
+    FrameInfo,
+    Provenance,
+    RecordingFile,
+    read_recording,
+    write_movie,
+)
+from umvd_live.spillqueue import SpillQueue
+
+SHAPE = (64, 80)
+
+
+def pattern(seq: int, shape=SHAPE, dtype=np.float32) -> np.ndarray:
+    """A frame whose every pixel depends on its seq, so a misplaced frame cannot pass."""
+    y, x = np.indices(shape)
+    return ((y * 7 + x * 3 + seq * 11) % 251).astype(dtype) + (0.25 if dtype == np.float32 else 0)
+
+
+def header(seq: int, t: float | None = None, **meta) -> FrameHeader:
+    return FrameHeader(seq=seq, shape=SHAPE, dtype="<f4", t=t, meta=meta)
+
+
+def validate_ome(path: Path) -> None:
+    """The OME-XML parses and validates against the OME 2016-06 schema (what Bio-Formats reads)."""
+    ome_types = pytest.importorskip("ome_types")
+    with tifffile.TiffFile(path) as tif:
+        ome_types.from_xml(tif.pages.first.description, validate=True)
+
+
+# -- a clean recording ------------------------------------------------------------------------
+def test_record_two_streams_with_raw_copy_read_back(tmp_path):
+    errors: list[str] = []
+    prov_calls: list[str] = []
+
+    def provenance(stream: str) -> Provenance:
+        prov_calls.append(stream)
+        return Provenance(stream=stream, preset="lite", window=7, weights_sha256="ab" * 32,
+                          device="cpu", source="tcp://127.0.0.1:5555")
+
+    session = RecordingSession(RecordingRequest(path=tmp_path / "rec.ome.tif", raw=True),
+                               provenance=provenance, on_error=errors.append)
+    seqs = [0, 1, 2, 3, 4, 8, 9, 10, 15, 16]  # upstream lost 5-7 and 11-14
+    for i, seq in enumerate(seqs):
+        for stream, offset in (("cam0", 0), ("cam1", 1000)):
+            h = header(seq + offset, t=100.0 + 0.05 * seq, pixel_size_um=0.65, z=i)
+            raw = pattern(seq + offset, dtype=np.uint16)
+            assert session.submit_raw(stream, h, raw, t_received=5000.0 + i)
+            state = "warmup" if i < 4 else "live"
+            assert session.submit_denoised(stream, h, pattern(seq + offset), state=state,
+                                           model_step=10 * i, t_received=5000.0 + i)
+    assert session.stop(wait=True, timeout=30)
+    st = session.status()
+    assert st.error is None and errors == []
+    assert st.frames_submitted == st.frames_written == 4 * len(seqs) and st.frames_lost == 0
+    assert sorted(prov_calls) == ["cam0", "cam1"]  # once per stream
+    assert st.files["cam0"] == [str(tmp_path / "rec_cam0.ome.tif")]
+    assert st.files["cam1.raw"] == [str(tmp_path / "rec_cam1.raw.ome.tif")]
+    assert not list(tmp_path.glob("*.spill"))  # spill file removed
+
+    for stream, offset in (("cam0", 0), ("cam1", 1000)):
+        path = tmp_path / f"rec_{stream}.ome.tif"
+        frames, infos, prov = read_recording(path)
+        assert frames.dtype == np.float32 and frames.shape == (len(seqs), *SHAPE)
+        for i, seq in enumerate(seqs):
+            np.testing.assert_array_equal(frames[i], pattern(seq + offset))
+        assert [f.seq for f in infos] == [s + offset for s in seqs]
+        assert [f.state for f in infos] == ["warmup"] * 4 + ["live"] * 6
+        assert [f.model_step for f in infos] == [10 * i for i in range(len(seqs))]
+        assert infos[3].t == pytest.approx(100.15) and infos[3].t_received == 5003.0
+        assert infos[2].meta == {"pixel_size_um": 0.65, "z": 2}
+        assert prov["seq_gaps"] == [(5 + offset, 7 + offset), (11 + offset, 14 + offset)]
+        assert prov["first_live_frame"] == 4 and prov["warmup_frames"] == [0, 1, 2, 3]
+        assert prov["complete"] is True and prov["frames_declared_in_ome"] == len(seqs)
+        assert prov["software_version"] == __version__ and prov["preset"] == "lite"
+        assert prov["window"] == 7 and prov["weights_sha256_at_start"] == "ab" * 32
+        assert prov["stream"] == stream and prov["kind"] == "denoised"
+        assert prov["pixel_size_um"] == 0.65
+        # what any OME reader sees
+        with tifffile.TiffFile(path) as tif:
+            assert tif.is_ome and tif.is_bigtiff
+            assert tif.series[0].shape == (len(seqs), *SHAPE) and tif.series[0].axes == "TYX"
+            ome = tif.ome_metadata
+        assert 'PhysicalSizeX="0.65"' in ome and 'DeltaT="0.4"' in ome  # seq 8: 100.4 - 100.0
+        assert f'<M K="seq_gaps">{5 + offset}-{7 + offset},{11 + offset}-{14 + offset}</M>' in ome
+        validate_ome(path)
+
+        raw, raw_infos, raw_prov = read_recording(tmp_path / f"rec_{stream}.raw.ome.tif")
+        assert raw.dtype == np.uint16 and raw_prov["kind"] == "raw"
+        for i, seq in enumerate(seqs):
+            np.testing.assert_array_equal(raw[i], pattern(seq + offset, dtype=np.uint16))
+        assert [f.state for f in raw_infos] == [None] * len(seqs)
+
+
+def test_only_selected_streams_are_recorded(tmp_path):
+    session = RecordingSession(RecordingRequest(path=tmp_path / "sel.ome.tif",
+                                                streams=frozenset({"cam1"})))
+    assert session.records("cam1") and not session.records("cam0")
+    assert not session.submit_denoised("cam0", header(0), pattern(0), state="live", model_step=0)
+    assert not session.submit_raw("cam1", header(0), pattern(0))  # raw not requested
+    assert session.submit_denoised("cam1", header(0), pattern(0), state="live", model_step=0)
+    session.stop()
+    assert [p.name for p in tmp_path.iterdir()] == ["sel_cam1.ome.tif"]
+    assert not session.records("cam1")  # stopped
+
+
+def test_existing_file_is_never_overwritten_and_shape_change_starts_a_part(tmp_path):
+    (tmp_path / "x_cam0.ome.tif").write_bytes(b"precious")
+    session = RecordingSession(RecordingRequest(path=tmp_path / "x.ome.tif"))
+    session.submit_denoised("cam0", header(0), pattern(0), state="live", model_step=1)
+    small = pattern(1, shape=(16, 16))
+    session.submit_denoised("cam0", FrameHeader(1, (16, 16), "<f4"), small, state="live", model_step=2)
+    session.stop()
+    assert (tmp_path / "x_cam0.ome.tif").read_bytes() == b"precious"
+    files = session.status().files["cam0"]
+    assert [Path(f).name for f in files] == ["x_cam0-part2.ome.tif", "x_cam0-part3.ome.tif"]
+    a, _, _ = read_recording(files[0])
+    b, infos, _ = read_recording(files[1])
+    np.testing.assert_array_equal(a[0], pattern(0))
+    np.testing.assert_array_equal(b[0], small)
+    assert infos[0].seq == 1
+
+
+# -- backlog and spilling -----------------------------------------------------------------------
+def test_spill_queue_keeps_order_and_memory_budget(tmp_path):
+    frame_bytes = np.zeros((32, 32), np.float32).nbytes
+    q = SpillQueue(tmp_path, memory_budget_bytes=5 * frame_bytes, hard_limit_bytes=10**9)
+    n = 60
+    for i in range(n):  # the consumer takes nothing yet: a backlog of 60 frames
+        q.put({"i": i}, np.full((32, 32), i, np.float32))
+    deadline = time.monotonic() + 20
+    while q.stats().memory_bytes > 5 * frame_bytes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    st = q.stats()
+    assert st.queued == n and st.memory_bytes <= 5 * frame_bytes
+    assert st.spilled == n - 5 and q.spill_path is not None and q.spill_path.exists()
+    assert os.path.getsize(q.spill_path) == (n - 5) * frame_bytes
+    out = [q.get(timeout=5) for _ in range(n)]
+    assert [h["i"] for h, _ in out] == list(range(n))
+    assert all((a == h["i"]).all() for h, a in out)
+    assert q.get(timeout=0.05) is None
+    spill = q.spill_path
+    q.close()
+    assert not spill.exists()
+
+
+def test_backlog_beyond_memory_budget_spills_and_recording_is_complete(tmp_path):
+    shape = (256, 256)
+    n = 300
+    session = RecordingSession(RecordingRequest(path=tmp_path / "burst.ome.tif",
+                                                memory_budget_bytes=64 * 1024,  # < one frame
+                                                hard_limit_bytes=4 * 10**9))
+    peak_queue = 0
+    for seq in range(n):  # a burst far faster than the file writer
+        img = pattern(seq, shape=shape)
+        assert session.submit_denoised("cam0", FrameHeader(seq, shape, "<f4"), img,
+                                       state="live", model_step=seq)
+        peak_queue = max(peak_queue, session.status().queued_frames)
+    assert session.stop(wait=True, timeout=60)
+    st = session.status()
+    assert st.error is None and st.frames_written == n and st.frames_lost == 0
+    assert st.spilled_total > 0, "a 300-frame burst against a 64 KiB budget should spill"
+    print(f"peak queue {peak_queue} frames, spilled {st.spilled_total}")
+    frames, infos, _ = read_recording(tmp_path / "burst_cam0.ome.tif")
+    assert [f.seq for f in infos] == list(range(n))
+    for seq in (0, 1, 137, n - 1):
+        np.testing.assert_array_equal(frames[seq], pattern(seq, shape=shape))
+    assert not list(tmp_path.glob("*.spill"))
+
+
+# -- path confinement -----------------------------------------------------------------------------
+def test_confine_path(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (out / "escape").symlink_to(outside, target_is_directory=True)
+    (out / "inside").symlink_to(out / ".", target_is_directory=True)
+
+    assert confine_path("a.ome.tif", out) == out.resolve() / "a.ome.tif"
+    assert confine_path("mouse1/day2/a.ome.tif", out) == out.resolve() / "mouse1/day2/a.ome.tif"
+    assert confine_path(str(out / "b.ome.tif"), out) == out.resolve() / "b.ome.tif"
+    assert confine_path("inside/c.ome.tif", out) == out.resolve() / "c.ome.tif"
+    for bad in ("../a.ome.tif", "x/../../a.ome.tif", "x/../a.ome.tif", str(outside / "a.ome.tif"),
+                "/etc/passwd", "escape/a.ome.tif", "escape", "", "   ", "a\x00b", ".", str(out)):
+        with pytest.raises(PathNotAllowed):
+            confine_path(bad, out)
+    with pytest.raises(PathNotAllowed):
+        confine_path(123, out)  # type: ignore[arg-type]
+
+    # a confined path records where it says, creating the missing sub-directories
+    target = confine_path("mouse1/rec.ome.tif", out)
+    session = RecordingSession(RecordingRequest(path=target))
+    session.submit_denoised("cam0", header(0), pattern(0), state="live", model_step=0)
+    session.stop()
+    assert (out / "mouse1" / "rec_cam0.ome.tif").exists()
+
+
+def test_stream_path_and_bad_requests(tmp_path):
+    assert stream_path("/d/rec.ome.tif", "cam0").name == "rec_cam0.ome.tif"
+    assert stream_path("/d/rec.OME.TIFF", "cam0", raw=True).name == "rec_cam0.raw.ome.tif"
+    assert stream_path("/d/rec", "c.1").name == "rec_c.1.ome.tif"
+    with pytest.raises(RecordingError):
+        stream_path("/d/rec.ome.tif", "../x")
+    with pytest.raises(RecordingError):
+        RecordingSession(RecordingRequest(path=tmp_path / "r.ome.tif", streams=frozenset({"a/b"})))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RecordingError):
+        RecordingSession(RecordingRequest(path=tmp_path / "file" / "r.ome.tif"))
+
+
+# -- kill -9 ----------------------------------------------------------------------------------
+_SESSION_CHILD = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import numpy as np
+    sys.path.insert(0, sys.argv[2])
+    from test_recorder import pattern, header, SHAPE
+    from umvd_live.recorder import RecordingRequest, RecordingSession
+    s = RecordingSession(RecordingRequest(path=Path(sys.argv[1]), raw=True,
+                                          checkpoint_interval_s=0.2))
+    seq = 0
+    while True:
+        h = header(seq, t=seq * 0.01)
+        s.submit_raw("cam0", h, pattern(seq, dtype=np.uint16))
+        s.submit_denoised("cam0", h, pattern(seq), state="warmup" if seq < 20 else "live",
+                          model_step=seq)
+        seq += 1
+        if seq % 5 == 0:
+            print(s.status().frames_written, flush=True)
+        time.sleep(0.002)
+""")
+
+
+def _run_until(cmd: list[str], written_at_least: int) -> int:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        written = 0
+        for line in proc.stdout:
+            written = int(line)
+            if written >= written_at_least:
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert proc.returncode == -signal.SIGKILL
+        return written
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_session_killed_with_sigkill_leaves_readable_files(tmp_path):
+    base = tmp_path / "killed.ome.tif"
+    written = _run_until([sys.executable, "-c", _SESSION_CHILD, str(base), str(Path(__file__).parent)],
+                         written_at_least=60)
+    for name, dtype in (("killed_cam0.ome.tif", np.float32), ("killed_cam0.raw.ome.tif", np.uint16)):
+        path = tmp_path / name
+        frames, infos, prov = read_recording(path)
+        n = len(infos)
+        assert n >= written // 2 - 1  # the writer had written `written` frames over both files
+        assert [f.seq for f in infos] == list(range(n))
+        for i in range(n):
+            np.testing.assert_array_equal(frames[i], pattern(i, dtype=dtype))
+        assert prov["complete"] is False and prov["seq_gaps"] == []
+        assert 1 <= prov["frames_declared_in_ome"] <= n
+        if dtype == np.float32:
+            assert prov["first_live_frame"] == 20 and prov["warmup_frames"] == list(range(20))
+        with tifffile.TiffFile(path) as tif:  # a generic OME reader sees the checkpointed frames
+            assert tif.is_ome
+            series = tif.series[0].asarray().reshape(-1, *SHAPE)  # one plane: no T axis
+        assert series.shape[0] == prov["frames_declared_in_ome"]
+        np.testing.assert_array_equal(series, frames[: series.shape[0]])
+        validate_ome(path)
+
+
+_FILE_CHILD = textwrap.dedent("""
+    import sys, numpy as np
+    sys.path.insert(0, sys.argv[2])
+    from test_recorder import pattern
+    from umvd_live.recordfile import FrameInfo, Provenance, RecordingFile
+    shape = (300, 301)
+    rec = RecordingFile.create(sys.argv[1], pattern(0, shape), FrameInfo(seq=0), Provenance("k"))
+    seq = 1
+    print(0, flush=True)
+    while True:
+        rec.append(pattern(seq, shape), FrameInfo(seq=seq, state="live", model_step=seq))
+        if seq % 7 == 0:
+            rec.checkpoint()
+        if seq % 25 == 0:
+            print(seq, flush=True)
+        seq += 1
+""")
+
+
+@pytest.mark.parametrize("frames_before_kill", [0, 30, 75, 140])
+def test_file_killed_mid_write_reads_up_to_last_complete_frame(tmp_path, frames_before_kill):
+    """SIGKILL a writer that appends as fast as it can: whatever instant it dies at, every linked
+    page is complete and correct."""
+    path = tmp_path / "fast.ome.tif"
+    written = _run_until([sys.executable, "-c", _FILE_CHILD, str(path), str(Path(__file__).parent)],
+                         written_at_least=frames_before_kill)
+    frames, infos, prov = read_recording(path)
+    assert len(infos) >= written + 1
+    assert [f.seq for f in infos] == list(range(len(infos)))
+    for i in range(len(infos)):
+        np.testing.assert_array_equal(frames[i], pattern(i, (300, 301)))
+    with tifffile.TiffFile(path) as tif:
+        assert len(tif.pages) == len(infos)
+        assert all(FRAME_TAG in p.tags for p in tif.pages)
+        declared = tif.series[0].asarray().reshape(-1, 300, 301)
+        assert declared.shape[0] == prov["frames_declared_in_ome"] <= len(infos)
+        np.testing.assert_array_equal(declared, frames[: declared.shape[0]])
+
+
+# -- disk full ---------------------------------------------------------------------------------
+_DISK_FULL_CHILD = textwrap.dedent("""
+    import json, resource, sys, time
+    from pathlib import Path
+    import numpy as np
+    sys.path.insert(0, sys.argv[2])
+    from test_recorder import pattern, header
+    from umvd_live.recorder import RecordingRequest, RecordingSession
+    limit = 2 * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # writes past 2 MiB: EFBIG
+    errors = []
+    s = RecordingSession(RecordingRequest(path=Path(sys.argv[1])), on_error=errors.append)
+    accepted = refused = 0
+    for seq in range(200):  # 200 frames x 20 KiB = 4 MiB > limit
+        ok = s.submit_denoised("cam0", header(seq), pattern(seq), state="live", model_step=seq)
+        accepted += ok
+        refused += not ok
+        time.sleep(0.002)
+    s.stop(wait=True, timeout=30)
+    st = s.status()
+    print(json.dumps({"errors": errors, "error": st.error, "written": st.frames_written,
+                      "accepted": accepted, "refused": refused, "finished": st.finished,
+                      "still_serving": True}))
+""")
+
+
+def test_disk_full_stops_recording_with_a_clear_error(tmp_path):
+    out = subprocess.run([sys.executable, "-c", _DISK_FULL_CHILD, str(tmp_path / "full.ome.tif"),
+                          str(Path(__file__).parent)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["still_serving"] and result["finished"]
+    assert result["errors"] == [result["error"]]  # the callback fired once
+    assert "EFBIG" in result["error"] and "File too large" in result["error"]
+    assert result["refused"] > 0 and 0 < result["written"] < 200
+    frames, infos, prov = read_recording(tmp_path / "full_cam0.ome.tif")
+    assert len(infos) == result["written"] or len(infos) == result["written"] - 1
+    assert [f.seq for f in infos] == list(range(len(infos)))
+    for i in range(len(infos)):
+        np.testing.assert_array_equal(frames[i], pattern(i))
+    assert prov["complete"] is False
+    assert not list(tmp_path.glob("*.spill"))
+
+
+# -- offline parity --------------------------------------------------------------------------------
+def test_write_movie_whole_file_api(tmp_path):
+    movie = np.stack([pattern(i) for i in range(12)])
+    infos = [FrameInfo(seq=i, t=0.1 * i, state="warmup" if i < 3 else "live", model_step=i)
+             for i in range(12)]
+    prov = Provenance(stream="movie.tif", preset="paper", window=7, weights_sha256="f" * 64,
+                      source="movie.tif", pixel_size_um=1.2, extra={"mode": "offline"})
+    path = write_movie(tmp_path / "den.ome.tif", (f for f in movie), infos, prov)
+    frames, back, meta = read_recording(path)
+    np.testing.assert_array_equal(frames, movie)
+    assert back == infos
+    assert meta["extra.mode"] == "offline" and meta["pixel_size_um"] == 1.2
+    assert meta["complete"] and meta["first_live_frame"] == 3
+    np.testing.assert_array_equal(tifffile.imread(path), movie)
+    validate_ome(path)
+    with pytest.raises(FileExistsError):
+        write_movie(path, movie, infos, prov)
+    with pytest.raises(ValueError):
+        write_movie(tmp_path / "short.ome.tif", movie, infos[:5], prov)
+
+
+def test_napari_builtin_reader_opens_a_recording(tmp_path):
+    io = pytest.importorskip("napari_builtins.io")
+    movie = np.stack([pattern(i) for i in range(5)])
+    path = write_movie(tmp_path / "n.ome.tif", movie, [FrameInfo(seq=i) for i in range(5)],
+                       Provenance(stream="cam0"))
+    reader = io.napari_get_reader(str(path))
+    assert reader is not None
+    layers = reader(str(path))
+    np.testing.assert_array_equal(np.asarray(layers[0][0]), movie)
+
+
+def test_many_gaps_grow_the_ome_xml_beyond_its_slot(tmp_path):
+    """Checkpointed XML that outgrows its reserved slot moves to a larger one; nothing breaks."""
+    seqs = list(range(0, 6000, 2)) + [5, 7]  # 2999 gaps, then a producer restart
+    path = tmp_path / "gaps.ome.tif"
+    rec = RecordingFile.create(path, pattern(seqs[0], (8, 8)), FrameInfo(seq=seqs[0]), Provenance("g"))
+    for i, seq in enumerate(seqs[1:], start=1):
+        rec.append(pattern(seq, (8, 8)), FrameInfo(seq=seq, state="live"))
+        if i % 500 == 0:
+            rec.checkpoint()
+            _, infos, prov = read_recording(path)
+            assert prov["frames_declared_in_ome"] == len(infos) == i + 1
+    with tifffile.TiffFile(path) as tif:
+        assert len(tif.pages.first.description) > 8192  # larger than the first slot
+    rec.close()
+    frames, infos, prov = read_recording(path)
+    assert [f.seq for f in infos] == seqs
+    assert prov["seq_gaps"][:2] == [(1, 1), (3, 3)] and len(prov["seq_gaps"]) == 3000
+    assert prov["seq_gaps"][-1] == (6, 6)  # after the restart (5 -> 7)
+    assert prov["seq_restarts"] == [3000] and prov["seq_restarts_at_frame"] == "3000"
+    assert prov["complete"] and prov["frames_declared_in_ome"] == len(seqs)
+    validate_ome(path)
+
+
+def test_a_failing_provenance_callback_does_not_stop_the_recording(tmp_path):
+    def provenance(stream: str) -> Provenance:
+        raise RuntimeError("no denoiser yet")
+
+    session = RecordingSession(RecordingRequest(path=tmp_path / "p.ome.tif"), provenance=provenance)
+    assert session.submit_denoised("cam0", header(0), pattern(0), state="warmup", model_step=0)
+    session.stop()
+    assert session.status().error is None
+    _, infos, prov = read_recording(tmp_path / "p_cam0.ome.tif")
+    assert len(infos) == 1 and prov["extra.provenance_error"] == "RuntimeError: no denoiser yet"

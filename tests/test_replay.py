@@ -1,0 +1,288 @@
+"""File replay: real files written here with tifffile (plain TIFF, OME-TIFF with DeltaT, a multi-channel
+OME-TIFF, ScanImage-style per-frame descriptions) and with ndstorage's NDTiff writer (what
+pycromanager saves), read back through `TiffMovie`, scheduled, and streamed into a SUB receiver."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import numpy as np
+import pytest
+import tifffile
+import zmq
+
+from umvd_live.adapters.publisher import FramePublisher
+from umvd_live.adapters.replay import (
+    ReplayConfig,
+    ReplayError,
+    TiffMovie,
+    replay,
+    replay_schedule,
+)
+from umvd_live.protocol import decode_frame
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def movie(n: int = 6, shape: tuple[int, int] = (12, 16), dtype: str = "u2") -> np.ndarray:
+    rng = np.random.default_rng(n)
+    data = rng.integers(0, 1000, size=(n, *shape)).astype(dtype)
+    data[:, 0, 0] = np.arange(n)  # frame number in a corner, to check order at a glance
+    return data
+
+
+class Receiver(threading.Thread):
+    """A plain SUB socket on an ephemeral port, decoding with `decode_frame`, always polling."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.sock = zmq.Context.instance().socket(zmq.SUB)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sock.bind("tcp://127.0.0.1:*")
+        self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.frames: list = []
+        self._halt = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            if self.sock.poll(20):
+                self.frames.append(decode_frame(self.sock.recv_multipart()))
+        self.sock.close(linger=0)
+
+    def wait_for(self, count: int, timeout_s: float = 10.0) -> list:
+        deadline = time.monotonic() + timeout_s
+        while len(self.frames) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)
+        return list(self.frames)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+
+
+@pytest.fixture
+def receiver():
+    rx = Receiver()
+    yield rx
+    rx.stop()
+
+
+# ------------------------------------------------------------------------------ reading files
+
+
+def test_plain_tiff_frames_in_order_without_timestamps(tmp_path):
+    data = movie()
+    tifffile.imwrite(tmp_path / "plain.tif", data, photometric="minisblack")
+    with TiffMovie(tmp_path / "plain.tif") as m:
+        assert (m.kind, m.n_frames, m.shape, m.dtype) == ("tiff", 6, (12, 16), np.dtype("<u2"))
+        assert all(np.array_equal(m.frame(i), data[i]) for i in range(6))
+        assert np.array_equal(np.stack(list(m)), data)
+        assert m.timestamps() is None
+
+
+def test_ome_tiff_deltat_becomes_frame_times(tmp_path):
+    data = movie(4)
+    delta_t = [10.0, 10.5, 11.5, 11.75]  # seconds, not starting at 0
+    tifffile.imwrite(tmp_path / "m.ome.tif", data, ome=True,
+                     metadata={"axes": "TYX", "Plane": {"DeltaT": delta_t, "DeltaTUnit": ["s"] * 4}})
+    with TiffMovie(tmp_path / "m.ome.tif") as m:
+        assert m.kind == "ome"
+        np.testing.assert_allclose(m.timestamps(), [0.0, 0.5, 1.5, 1.75])
+        assert np.array_equal(m.frame(3), data[3])
+
+
+def test_ome_deltat_units_are_converted(tmp_path):
+    tifffile.imwrite(tmp_path / "ms.ome.tif", movie(3), ome=True,
+                     metadata={"axes": "TYX", "Plane": {"DeltaT": [0, 40, 80], "DeltaTUnit": ["ms"] * 3}})
+    with TiffMovie(tmp_path / "ms.ome.tif") as m:
+        np.testing.assert_allclose(m.timestamps(), [0.0, 0.04, 0.08])
+
+
+def test_ome_deltat_that_does_not_increase_is_no_timing(tmp_path):
+    # A sequenced pycromanager acquisition stamps every frame 0: that is no schedule.
+    tifffile.imwrite(tmp_path / "zero.ome.tif", movie(3), ome=True,
+                     metadata={"axes": "TYX", "Plane": {"DeltaT": [0, 0, 0], "DeltaTUnit": ["s"] * 3}})
+    with TiffMovie(tmp_path / "zero.ome.tif") as m:
+        assert m.timestamps() is None
+
+
+def test_multichannel_ome_streams_one_channel(tmp_path):
+    data = np.arange(3 * 2 * 4 * 5, dtype=np.uint16).reshape(3, 2, 4, 5)  # T C Y X
+    delta_t = [0.0, 0.0, 0.2, 0.2, 0.4, 0.4]  # one Plane per (T, C), C fastest
+    tifffile.imwrite(tmp_path / "tc.ome.tif", data, ome=True, photometric="minisblack",
+                     metadata={"axes": "TCYX", "Plane": {"DeltaT": delta_t}})
+    with TiffMovie(tmp_path / "tc.ome.tif", channel=1) as m:
+        assert m.n_frames == 3
+        assert all(np.array_equal(m.frame(t), data[t, 1]) for t in range(3))
+        np.testing.assert_allclose(m.timestamps(), [0.0, 0.2, 0.4])
+    with pytest.raises(ReplayError, match="channel 2 does not exist"):
+        TiffMovie(tmp_path / "tc.ome.tif", channel=2)
+
+
+def test_ndtiff_from_pycromanagers_writer_has_elapsed_time(tmp_path):
+    from ndstorage.ndtiff_dataset import NDTiffDataset
+
+    data = movie(5, (16, 24))
+    dataset = NDTiffDataset(str(tmp_path), name="run", writable=True)
+    dataset.initialize({"Width": 24, "Height": 16})
+    for t in range(5):
+        dataset.put_image({"time": t}, data[t], {"ElapsedTime-ms": 1000.0 + 33.0 * t, "Width": 24,
+                                                  "Height": 16, "PixelType": "GRAY16", "BitDepth": 16})
+    dataset.finish()
+    (stack,) = tmp_path.glob("run*/*.tif")
+    with TiffMovie(stack) as m:
+        assert m.kind == "ndtiff" and m.n_frames == 5
+        assert all(np.array_equal(m.frame(i), data[i]) for i in range(5))
+        np.testing.assert_allclose(m.timestamps(), 0.033 * np.arange(5))
+
+
+def test_scanimage_frame_timestamps(tmp_path):
+    data = movie(4).astype(np.int16)
+    stamps = [5.0, 5.033, 5.070, 5.1]
+    with tifffile.TiffWriter(tmp_path / "si.tif") as w:
+        for i, ts in enumerate(stamps):
+            w.write(data[i], software="SI.test", metadata=None, contiguous=False,
+                    description=f"frameNumbers = {i + 1}\nframeTimestamps_sec = {ts:.6f}\n"
+                                "acqTriggerTimestamps_sec = \n")
+    with TiffMovie(tmp_path / "si.tif") as m:
+        assert m.kind == "scanimage" and m.n_frames == 4 and m.dtype == np.dtype("<i2")
+        np.testing.assert_allclose(m.timestamps(), np.array(stamps) - 5.0, atol=1e-9)
+        assert np.array_equal(m.frame(2), data[2])
+
+
+def test_pixel_types(tmp_path):
+    tifffile.imwrite(tmp_path / "f64.tif", np.linspace(0, 1, 2 * 6 * 7).reshape(2, 6, 7))
+    with TiffMovie(tmp_path / "f64.tif") as m:  # float64 goes out as float32
+        assert m.dtype == np.float32 and m.frame(1).dtype == np.float32
+    tifffile.imwrite(tmp_path / "be.tif", movie(2).astype(">u2"), byteorder=">")
+    with TiffMovie(tmp_path / "be.tif") as m:
+        assert m.dtype == np.dtype("<u2") and np.array_equal(m.frame(1), movie(2)[1])
+    tifffile.imwrite(tmp_path / "u32.tif", movie(2).astype(np.uint32))
+    with pytest.raises(ReplayError, match="uint32 is not one the stream protocol carries"):
+        TiffMovie(tmp_path / "u32.tif")
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((2, 8, 8, 3), np.uint8), photometric="rgb")
+    with pytest.raises(ReplayError, match="RGB"):
+        TiffMovie(tmp_path / "rgb.tif")
+    tifffile.imwrite(tmp_path / "planar.tif", np.zeros((3, 8, 8), np.uint8), photometric="rgb", planarconfig="separate")
+    with pytest.raises(ReplayError, match="RGB"):
+        TiffMovie(tmp_path / "planar.tif")
+
+
+def test_unreadable_files_get_a_clear_error(tmp_path):
+    with pytest.raises(ReplayError, match="no such file"):
+        TiffMovie(tmp_path / "nope.tif")
+    (tmp_path / "junk.tif").write_bytes(b"not a tiff at all")
+    with pytest.raises(ReplayError, match="not a readable TIFF"):
+        TiffMovie(tmp_path / "junk.tif")
+
+
+# ------------------------------------------------------------------------------ schedule
+
+
+def test_rate_schedule_and_loops():
+    items = list(replay_schedule(3, rate_hz=10, loop=True, max_frames=7))
+    assert [(s.index, s.loop) for s in items] == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1), (0, 2)]
+    np.testing.assert_allclose([s.due_s for s in items], 0.1 * np.arange(7))
+    assert len(list(replay_schedule(3, rate_hz=10))) == 3  # no loop: the file once
+    assert len(list(replay_schedule(3, rate_hz=10, max_frames=2))) == 2
+
+
+def test_file_timestamp_schedule_loops_one_median_interval_later():
+    times = np.array([0.0, 0.5, 1.5, 1.75])  # median interval 0.5 s: loop length 2.25 s
+    items = list(replay_schedule(4, timestamps=times, loop=True, max_frames=9))
+    np.testing.assert_allclose([s.due_s for s in items], [0, 0.5, 1.5, 1.75, 2.25, 2.75, 3.75, 4.0, 4.5])
+    assert [s.loop for s in items] == [0] * 4 + [1] * 4 + [2]
+
+
+def test_schedule_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        list(replay_schedule(3, rate_hz=0))
+    with pytest.raises(ValueError):
+        list(replay_schedule(3, timestamps=np.zeros(2)))
+    with pytest.raises(ValueError):
+        list(replay_schedule(0))
+
+
+# ------------------------------------------------------------------------------ streaming
+
+
+def test_replay_streams_every_frame_in_order_with_seq_and_loops(tmp_path, receiver):
+    data = movie(5)
+    tifffile.imwrite(tmp_path / "plain.tif", data, photometric="minisblack")
+    pub = FramePublisher(receiver.endpoint, "rehearsal")
+    assert pub.wait_for_subscriber(10)
+    seen = []
+    stats = replay(pub, ReplayConfig(tmp_path / "plain.tif", rate_hz=500, loop=True, max_frames=12),
+                   on_frame=seen.append)
+    frames = receiver.wait_for(12)
+    pub.close()
+    assert (stats.published, stats.dropped, stats.loops) == (12, 0, 3)
+    assert [f.header.seq for f in frames] == list(range(12))
+    assert [f.header.meta["file_frame"] for f in frames] == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]
+    assert [f.header.meta["loop"] for f in frames] == [0] * 5 + [1] * 5 + [2] * 2
+    assert all(f.stream == "rehearsal" for f in frames)
+    for f in frames:
+        assert np.array_equal(f.pixels, data[f.header.meta["file_frame"]])
+    np.testing.assert_allclose([f.header.t for f in frames], [s.due_s for s in seen])
+    np.testing.assert_allclose([f.header.t for f in frames], np.arange(12) / 500)
+
+
+def test_replay_at_file_timing_stamps_frames_with_the_files_times(tmp_path, receiver):
+    delta_t = [0.0, 0.01, 0.03, 0.035]
+    tifffile.imwrite(tmp_path / "m.ome.tif", movie(4), ome=True,
+                     metadata={"axes": "TYX", "Plane": {"DeltaT": delta_t}})
+    pub = FramePublisher(receiver.endpoint, "cam0")
+    assert pub.wait_for_subscriber(10)
+    stats = replay(pub, ReplayConfig(tmp_path / "m.ome.tif", file_timing=True, loop=True, max_frames=6))
+    frames = receiver.wait_for(6)
+    pub.close()
+    assert stats.published == 6
+    np.testing.assert_allclose([f.header.t for f in frames], [0, 0.01, 0.03, 0.035, 0.045, 0.055])
+
+
+def test_file_timing_on_a_file_without_times_is_refused(tmp_path, receiver):
+    tifffile.imwrite(tmp_path / "plain.tif", movie(3), photometric="minisblack")
+    pub = FramePublisher(receiver.endpoint, "cam0")
+    with pytest.raises(ReplayError, match="no increasing per-frame timestamps"):
+        replay(pub, ReplayConfig(tmp_path / "plain.tif", file_timing=True))
+    pub.close()
+    assert pub.sent == 0
+
+
+def test_stop_event_ends_an_endless_loop(tmp_path, receiver):
+    tifffile.imwrite(tmp_path / "plain.tif", movie(3), photometric="minisblack")
+    pub = FramePublisher(receiver.endpoint, "cam0")
+    assert pub.wait_for_subscriber(10)
+    stop = threading.Event()
+    stats = replay(pub, ReplayConfig(tmp_path / "plain.tif", rate_hz=200, loop=True), stop=stop,
+                   on_frame=lambda item: item.loop == 2 and stop.set())
+    pub.close()
+    assert stats.loops == 3 and stats.published == 7
+
+
+def test_cli_replay(tmp_path, receiver):
+    data = movie(4)
+    tifffile.imwrite(tmp_path / "m.ome.tif", data, ome=True,
+                     metadata={"axes": "TYX", "Plane": {"DeltaT": [0, 0.01, 0.02, 0.03]}})
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "umvd_live.cli", "acquire", "replay"]
+    out = subprocess.run([*cmd, "--file", str(tmp_path / "m.ome.tif"), "--file-timing", "--loop", "--frames", "8",
+                          "--to", receiver.endpoint], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "replay: 8 frames sent, 0 dropped, 2 pass(es)" in out.stdout
+    frames = receiver.wait_for(8)
+    assert [f.header.seq for f in frames] == list(range(8))
+    assert all(np.array_equal(f.pixels, data[i % 4]) for i, f in enumerate(frames))
+
+    out = subprocess.run([*cmd, "--file", str(tmp_path / "missing.tif"), "--wait-s", "0.2"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 2 and "no such file" in out.stderr and "Traceback" not in out.stderr
+    tifffile.imwrite(tmp_path / "plain.tif", data, photometric="minisblack")
+    out = subprocess.run([*cmd, "--file", str(tmp_path / "plain.tif"), "--file-timing", "--wait-s", "0.2"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 2 and "no per-frame timestamps" in out.stderr

@@ -1,0 +1,378 @@
+"""Lossless on-the-fly recording of denoised (and optionally raw) frames, one OME-TIFF per stream.
+
+The daemon's processing thread hands every frame of a recorded stream to a `RecordingSession`
+(`submit_denoised`, `submit_raw`); those calls copy at most one frame, do no I/O and never raise,
+so a slow or full disk can never stall or kill processing. A writer thread drains the session's
+`SpillQueue` (memory budget, overflow spilled to disk, nothing dropped) into crash-safe
+`RecordingFile`s, checkpointing each file every ``checkpoint_interval_s``. A recording that falls
+behind finishes after the acquisition ends: `stop(wait=False)` returns at once, `status()` says
+how far behind the writer is. An I/O error (disk full) ends the session with `error` set and
+``on_error`` called; the caller keeps serving.
+
+Paths that arrive over the control socket go through `confine_path` first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import Any, Callable
+
+import numpy as np
+
+from umvd_live.protocol import STREAM_NAME, FrameHeader
+from umvd_live.recordfile import FrameInfo, Provenance, RecordingFile
+from umvd_live.spillqueue import QueueClosed, QueueOverflow, SpillQueue
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_BUDGET = 512 * 1024 * 1024
+CHECKPOINT_INTERVAL_S = 1.0  # the issue asks for <= 2 s between flushes
+
+
+class RecordingError(ValueError):
+    """A recording request that cannot be honoured (bad path, missing directory, ...)."""
+
+
+class PathNotAllowed(RecordingError):
+    """A control-socket path outside the configured output directory."""
+
+
+def confine_path(requested: str, output_dir: str | os.PathLike) -> Path:
+    """Resolve a client-supplied recording path inside ``output_dir``, or raise PathNotAllowed.
+
+    Refused: empty names, NUL bytes, any ``..`` component, absolute paths outside the directory,
+    and paths whose existing components are symlinks leading outside it. Missing intermediate
+    directories inside it are allowed (the session creates them). The files themselves are later
+    opened with O_EXCL|O_NOFOLLOW, so a symlink planted at a file name is never followed.
+    """
+    if not isinstance(requested, str) or not requested.strip():
+        raise PathNotAllowed("path must be a non-empty string")
+    if "\x00" in requested:
+        raise PathNotAllowed("path contains a NUL byte")
+    root = Path(output_dir).resolve()
+    pure = PurePath(requested)
+    if ".." in pure.parts:
+        raise PathNotAllowed(f"{requested!r}: '..' is not allowed")
+    candidate = Path(pure) if pure.is_absolute() else root / pure
+    resolved = candidate.resolve(strict=False)  # follows every symlink that exists
+    if resolved == root or not resolved.is_relative_to(root):
+        raise PathNotAllowed(f"{requested!r} is outside the output directory {str(root)!r}")
+    return resolved
+
+
+def stream_path(base: str | os.PathLike, stream: str, *, raw: bool = False, part: int = 1) -> Path:
+    """``rec.ome.tif`` + ``cam0`` -> ``rec_cam0.ome.tif`` (raw copy: ``rec_cam0.raw.ome.tif``;
+    a later part after a frame-shape change: ``rec_cam0-part2.ome.tif``)."""
+    if not STREAM_NAME.match(stream):
+        raise RecordingError(f"stream name {stream!r} must match {STREAM_NAME.pattern}")
+    base = Path(base)
+    name = base.name
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    name += f"_{stream}" + (f"-part{part}" if part > 1 else "") + (".raw" if raw else "") + ".ome.tif"
+    return base.with_name(name)
+
+
+@dataclass(frozen=True)
+class RecordingRequest:
+    """What to record: from ``serve --record`` or a ``record_start`` control command."""
+
+    path: Path  # base path; each stream's file name is derived from it (`stream_path`)
+    streams: frozenset[str] | None = None  # None: every stream
+    raw: bool = False  # also keep a copy of the input frames as received
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET  # queued pixels held in memory before spilling
+    hard_limit_bytes: int | None = None  # memory ceiling if even spilling lags (default 2x budget)
+    checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S
+
+
+@dataclass(frozen=True)
+class RecorderStatus:
+    """How the recording is doing; ``behind_s`` is the span of acquisition time still queued."""
+
+    recording: bool  # still accepting frames
+    finished: bool  # every accepted frame written and the files closed (or failed)
+    files: dict[str, list[str]]  # "cam0" / "cam0.raw" -> paths (several after a shape change)
+    frames_submitted: int
+    frames_written: int
+    queued_frames: int
+    queued_bytes_in_memory: int
+    spilled_frames: int  # frames whose pixels wait in the spill file now
+    spilled_total: int
+    behind_s: float
+    frames_lost: int  # accepted but never written (only after an error)
+    error: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+ProvenanceFactory = Callable[[str], Provenance]
+
+
+class RecordingSession:
+    """One recording (``serve --record`` or ``record_start`` ... ``record_stop``), every stream.
+
+    Thread contract: `submit_denoised`/`submit_raw` from one thread (the daemon's processing
+    thread); `status`, `stop`, `records` from any thread.
+    """
+
+    def __init__(self, request: RecordingRequest, *, provenance: ProvenanceFactory | None = None,
+                 on_error: Callable[[str], None] | None = None):
+        base = Path(request.path)
+        if not base.name or base.name in (".", ".."):
+            raise RecordingError(f"{str(base)!r} names no file")
+        for s in request.streams or ():
+            stream_path(base, s)  # validates the names
+        try:
+            base.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RecordingError(f"cannot create {str(base.parent)!r}: {exc.strerror}") from None
+        if not os.access(base.parent, os.W_OK):
+            raise RecordingError(f"{str(base.parent)!r} is not writable")
+        if not 0 < request.checkpoint_interval_s <= 2.0:
+            raise RecordingError("checkpoint_interval_s must be in (0, 2]")
+        self.request = dataclasses.replace(request, path=base)
+        self._provenance_for = provenance or (lambda stream: Provenance(stream=stream))
+        self._on_error = on_error
+        self._queue = SpillQueue(base.parent, request.memory_budget_bytes, request.hard_limit_bytes,
+                                 name=f"{base.name}.recorder")
+        self._lock = threading.Lock()
+        self._accepting = True
+        self._stop_requested = threading.Event()
+        self._finished = threading.Event()
+        self.error: str | None = None
+        self._provenances: dict[str, Provenance] = {}
+        self._files: dict[str, list[str]] = {}
+        self._submitted = 0
+        self._written = 0
+        self._lost = 0
+        self._first_submit_mono: float | None = None
+        self._last_submit_mono: float | None = None
+        self._last_written_mono: float | None = None
+        self._warned_no_image = False
+        self._writer = threading.Thread(target=self._write_loop, name="umvd-recorder", daemon=True)
+        self._writer.start()
+
+    # -- producer side (the daemon's processing thread) -----------------------------------------
+    def records(self, stream: str) -> bool:
+        """Whether frames of ``stream`` are recorded: the daemon must then infer every frame."""
+        return self._accepting and (self.request.streams is None or stream in self.request.streams)
+
+    def submit_denoised(self, stream: str, header: FrameHeader, image: np.ndarray | None, *,
+                        state: str, model_step: int, t_received: float | None = None) -> bool:
+        """Queue one denoised frame (``header`` is the input frame's). Never blocks or raises;
+        returns False when the frame is not recorded (stream not selected, stopped, error)."""
+        if image is None:
+            # a skipped inference cannot be recorded; its seq shows up as a gap
+            if not self._warned_no_image:
+                self._warned_no_image = True
+                log.warning("recording %s: frame seq %d had no denoised image (infer=False)",
+                            stream, header.seq)
+            return False
+        return self._submit(stream, "denoised", header, image, state, model_step, t_received)
+
+    def submit_raw(self, stream: str, header: FrameHeader, pixels: np.ndarray, *,
+                   t_received: float | None = None) -> bool:
+        """Queue one input frame as received (only if the request asked for ``raw``)."""
+        if not self.request.raw:
+            return False
+        return self._submit(stream, "raw", header, pixels, None, None, t_received)
+
+    def _submit(self, stream: str, kind: str, header: FrameHeader, image: np.ndarray,
+                state: str | None, model_step: int | None, t_received: float | None) -> bool:
+        if not self.records(stream):
+            return False
+        try:
+            if stream not in self._provenances:
+                self._provenances[stream] = self._provenance(stream)
+            # always a copy: the caller's buffer (a ZeroMQ message, an engine output) may be
+            # reused after this call returns; ~50 µs per MiB
+            image = np.array(image, dtype=np.float32 if kind == "denoised" else None, order="C")
+            now_mono = time.monotonic()
+            item = {
+                "key": stream if kind == "denoised" else f"{stream}.raw",
+                "stream": stream,
+                "kind": kind,
+                "seq": header.seq,
+                "t": header.t,
+                "t_received": t_received if t_received is not None else time.time(),
+                "state": state,
+                "model_step": model_step,
+                "meta": header.meta,
+                "mono": now_mono,
+            }
+            self._queue.put(item, image)
+        except QueueClosed:
+            return False  # stop() raced with this call: the frame was not taken
+        except QueueOverflow as exc:
+            self._fail(f"recording stopped: the disk cannot keep up ({exc})")
+            return False
+        except Exception as exc:  # never let the recorder kill the caller
+            self._fail(f"recording stopped: {type(exc).__name__}: {exc}")
+            return False
+        with self._lock:
+            self._submitted += 1
+            if self._first_submit_mono is None:
+                self._first_submit_mono = now_mono
+            self._last_submit_mono = now_mono
+        return True
+
+    def _provenance(self, stream: str) -> Provenance:
+        # called once per stream and session, on the producer thread: the daemon can hash the
+        # weights *now*, at the start of this stream's recording
+        try:
+            return self._provenance_for(stream)
+        except Exception as exc:  # record anyway, and say why the provenance is thin
+            log.exception("recording %s: the provenance callback failed", stream)
+            return Provenance(stream=stream, extra={"provenance_error": f"{type(exc).__name__}: {exc}"})
+
+    # -- control side ---------------------------------------------------------------------------
+    def stop(self, *, wait: bool = True, timeout: float | None = None) -> bool:
+        """Stop accepting frames; the writer drains what is queued, then writes the final
+        metadata. Returns whether it has finished (always, with ``wait`` and no timeout)."""
+        self._accepting = False
+        self._stop_requested.set()
+        if wait:
+            self._finished.wait(timeout)
+        return self._finished.is_set()
+
+    @property
+    def finished(self) -> bool:
+        return self._finished.is_set()
+
+    def status(self) -> RecorderStatus:
+        q = self._queue.stats()
+        with self._lock:
+            behind = 0.0
+            if q.queued and self._last_submit_mono is not None:
+                # the newest queued frame was submitted this long after the last one written
+                ref = self._last_written_mono or self._first_submit_mono or self._last_submit_mono
+                behind = self._last_submit_mono - ref
+            return RecorderStatus(
+                recording=self._accepting,
+                finished=self._finished.is_set(),
+                files={k: list(v) for k, v in self._files.items()},
+                frames_submitted=self._submitted,
+                frames_written=self._written,
+                queued_frames=q.queued,
+                queued_bytes_in_memory=q.memory_bytes,
+                spilled_frames=q.spilled,
+                spilled_total=q.spilled_total,
+                behind_s=max(0.0, behind),
+                frames_lost=self._lost,
+                error=self.error,
+            )
+
+    def _fail(self, message: str) -> None:
+        with self._lock:
+            if self.error is not None:
+                return
+            self.error = message
+            self._accepting = False
+        log.error("%s", message)
+        self._stop_requested.set()
+        if self._on_error is not None:
+            try:
+                self._on_error(message)
+            except Exception:  # a broken callback must not take the writer down
+                log.exception("recording on_error callback failed")
+
+    # -- writer thread --------------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        files: dict[str, RecordingFile] = {}
+        parts: dict[str, int] = {}
+        next_checkpoint = time.monotonic() + self.request.checkpoint_interval_s
+        try:
+            while self.error is None:
+                if self._queue.error is not None:
+                    raise self._queue.error
+                item = self._queue.get(timeout=min(0.2, self.request.checkpoint_interval_s / 2))
+                if item is not None:
+                    self._write_one(files, parts, *item)
+                elif self._stop_requested.is_set():
+                    self._queue.seal()  # a submit racing with stop() is refused, not lost
+                    while self.error is None and (item := self._queue.get(timeout=0)) is not None:
+                        self._write_one(files, parts, *item)
+                    break
+                if time.monotonic() >= next_checkpoint:
+                    for rec in files.values():
+                        rec.checkpoint()
+                    next_checkpoint = time.monotonic() + self.request.checkpoint_interval_s
+            for rec in list(files.values()):
+                if self.error is None:
+                    rec.close()
+        except OSError as exc:
+            path = getattr(exc, "filename", None) or getattr(exc, "recording_path", None)
+            name = errno.errorcode.get(exc.errno or 0, "error")
+            written = ", ".join(f"{k}: {r.frames_written} frames" for k, r in files.items())
+            self._fail(f"recording stopped: writing {path or 'the recording'} failed: "
+                       f"{exc.strerror or exc} [{name}]; files keep what was written ({written})")
+        except Exception as exc:  # pragma: no cover - a bug; still never kill the caller
+            log.exception("recorder writer failed")
+            self._fail(f"recording stopped: {type(exc).__name__}: {exc}")
+        finally:
+            if self.error is not None:
+                for rec in files.values():
+                    rec.abandon()  # what is linked stays readable; no more writes to a failing disk
+            lost = len(self._queue)
+            self._queue.close()
+            with self._lock:
+                self._lost += lost
+            self._finished.set()
+
+    def _write_one(self, files: dict[str, RecordingFile], parts: dict[str, int],
+                   item: dict[str, Any], image: np.ndarray) -> None:
+        key = item["key"]
+        info = FrameInfo(seq=item["seq"], t=item["t"], t_received=item["t_received"],
+                         state=item["state"], model_step=item["model_step"], meta=item["meta"])
+        rec = files.get(key)
+        if rec is not None and (rec.shape != image.shape or rec.dtype != image.dtype.newbyteorder("<")):
+            # a new frame shape or dtype (a camera ROI change): close this file, start a new part
+            log.warning("recording %s: frames changed from %s %s to %s %s; starting a new file",
+                        key, rec.shape, rec.dtype, image.shape, image.dtype)
+            rec.close()
+            rec = None
+        if rec is None:
+            rec = self._open(item, image, info, parts)
+            files[key] = rec
+        else:
+            try:
+                rec.append(image, info)
+            except OSError as exc:
+                exc.recording_path = str(rec.path)  # type: ignore[attr-defined]
+                raise
+        with self._lock:
+            self._written += 1
+            self._last_written_mono = item["mono"]
+
+    def _open(self, item: dict[str, Any], image: np.ndarray, info: FrameInfo,
+              parts: dict[str, int]) -> RecordingFile:
+        key, stream, raw = item["key"], item["stream"], item["kind"] == "raw"
+        prov = self._provenances[stream]
+        if raw:
+            prov = dataclasses.replace(prov, kind="raw")
+        part = parts.get(key, 0) + 1
+        while True:
+            path = stream_path(self.request.path, stream, raw=raw, part=part)
+            try:
+                rec = RecordingFile.create(path, image, info, prov)
+            except FileExistsError:
+                part += 1  # never overwrite: an earlier recording keeps its file
+                continue
+            except OSError as exc:
+                exc.recording_path = str(path)  # type: ignore[attr-defined]
+                raise
+            break
+        parts[key] = part
+        with self._lock:
+            self._files.setdefault(key, []).append(str(path))
+        return rec
