@@ -135,6 +135,7 @@ class LiveTap:
         self.publisher = publisher
         self.poll_interval_s = poll_interval_s
         self.published = 0
+        self.errors = 0
         self.numbers = ImageNumberTracker()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -164,7 +165,13 @@ class LiveTap:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            if not self.poll_once():
+            try:
+                published = self.poll_once()
+            except Exception:  # a tap must never die silently while the microscope runs on
+                log.exception("live tap: polling the core failed; polling on")
+                self.errors += 1
+                published = False
+            if not published:
                 self._stop.wait(self.poll_interval_s)
 
     def start(self) -> "LiveTap":

@@ -63,37 +63,92 @@ def _serve(sub: argparse._SubParsersAction) -> None:
                         "dropped and counted (default 1024)")
     p.add_argument("--status-interval", type=float, default=5.0, metavar="S",
                    help="seconds between status log lines when stdout is not a terminal (default 5)")
+    p.add_argument("--checkpoint-interval", type=float, default=60.0, metavar="S",
+                   help="with --state-dir: seconds between checkpoints of every live stream "
+                        "(also saved at shutdown; default 60)")
+    p.add_argument("--idle-s", type=float, default=10.0, metavar="S",
+                   help="a stream without frames this long is idle: its training pauses and its "
+                        "latency figures are dropped until frames come again (default 10)")
+    sec = p.add_argument_group("remote access (docs/security.md)")
+    sec.add_argument("--allow-remote", action="store_true",
+                     help="allow binding beyond loopback; needs --curve-server-key and --curve-clients")
+    sec.add_argument("--curve-server-key", metavar="FILE",
+                     help="the daemon's CURVE key pair (NAME.key_secret from `umvd-live keys`): "
+                          "every socket then requires an allowed client key")
+    sec.add_argument("--curve-clients", metavar="DIR",
+                     help="directory of the client public keys (*.key) allowed to connect")
     p.set_defaults(module="umvd_live.daemon")
 
 
+def _keys(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keys", help="create a CURVE key pair for remote, authenticated connections",
+                       description="Create NAME.key (public) and NAME.key_secret (private) in DIR "
+                                   "(docs/security.md).")
+    p.add_argument("directory", help="where to write the two files (created if missing)")
+    p.add_argument("name", help="key name, e.g. daemon, or the client's host name")
+    p.set_defaults(module="umvd_live.security")
+
+
 def _acquire(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("acquire", help="stream frames from a source into the daemon")
+    p = sub.add_parser("acquire", help="stream frames from a source into the daemon",
+                       description="Stream frames from a source into the daemon (docs/adapters.md).")
     p.set_defaults(module="umvd_live.adapters.cli")
     p.add_argument("source", choices=("sim", "replay", "pymmcore-plus", "pycromanager"))
     p.add_argument("--to", default="tcp://127.0.0.1:5555", help="daemon input endpoint")
     p.add_argument("--stream", default="cam0", help="stream name (topic)")
     p.add_argument("--frames", type=int, help="number of frames (default: source's own)")
+    p.add_argument("--wait-s", type=float, default=10.0, metavar="S",
+                   help="wait this long for the daemon's subscription before giving up (default 10)")
+    p.add_argument("--sndhwm", type=int, default=2000, help=argparse.SUPPRESS)
+    p.add_argument("--queue", type=int, default=256, metavar="N",
+                   help="pymmcore-plus, pycromanager owner: hand-off queue length (default 256)")
     p.add_argument("--rate", type=float, default=30.0, help="frames per second (sim, replay)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(256, 256))
     p.add_argument("--photons", type=float, default=2.0, help="sim: photons/pixel/frame")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--file", help="replay: the movie to replay")
+    p.add_argument("--file", help="replay: the movie to replay (TIFF, OME-TIFF, ScanImage, NDTiff, MMStack)")
     p.add_argument("--loop", action="store_true", help="replay: loop the file")
     p.add_argument("--file-timing", action="store_true", help="replay: pace at the file's timestamps")
-    p.add_argument("--config", help="pymmcore-plus: Micro-Manager configuration file")
-    p.add_argument("--interval-ms", type=float, default=0.0, help="pymmcore-plus: MDA interval")
+    p.add_argument("--series", type=int, default=0, help="replay: series of the file (default 0)")
+    p.add_argument("--channel", type=int, default=0, help="replay: channel to stream (default 0)")
+    p.add_argument("--config", help="pymmcore-plus, pycromanager owner: Micro-Manager configuration file")
+    p.add_argument("--mm-path", help="Micro-Manager folder with the C++ device adapters the config uses")
+    p.add_argument("--exposure-ms", type=float, help="pymmcore-plus, pycromanager --config: exposure")
+    p.add_argument("--interval-ms", type=float, default=0.0,
+                   help="pymmcore-plus, pycromanager owner: time-lapse interval (default 0)")
     p.add_argument("--live", action="store_true", help="pymmcore-plus: tap live mode instead of an MDA")
-    p.add_argument("--mode", choices=("owner", "tap"), default="tap", help="pycromanager: mode")
+    p.add_argument("--mode", choices=("owner", "tap"), default="tap",
+                   help="pycromanager: run our own acquisition (owner) or follow the GUI's (tap)")
+    p.add_argument("--mm-port", type=int, default=4827, help="pycromanager: Micro-Manager's ZMQ port")
+    p.add_argument("--connect-attempts", type=int, default=5,
+                   help="pycromanager: tries to reach Micro-Manager, with back-off (default 5)")
+    p.add_argument("--retry-s", type=float, default=1.0,
+                   help="pycromanager: first back-off delay, doubled per try (default 1)")
+    p.add_argument("--poll-ms", type=float, default=10.0, help="pycromanager tap: polling period")
+    p.add_argument("--save-dir", help="pycromanager owner: where pycromanager saves the raw data")
 
 
 def _demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="a simulated two-photon session through the daemon, with a summary")
-    p.add_argument("--duration", type=float, default=60.0, help="seconds (default 60; Ctrl-C ends early)")
+    p = sub.add_parser("demo", help="a simulated two-photon session through the daemon, with a summary",
+                       description="Stream a simulated two-photon session (ground truth known) through "
+                                   "`umvd-live serve` on free loopback ports, show its live status and end "
+                                   "with a summary: frames, fps, latency, PSNR of raw and denoised against "
+                                   "the truth (docs/demo.md).")
+    p.add_argument("--duration", type=float, default=60.0,
+                   help="seconds of streaming (default 60; Ctrl-C ends early, with the summary)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(256, 256))
-    p.add_argument("--rate", type=float, default=30.0)
-    p.add_argument("--photons", type=float, default=2.0)
-    p.add_argument("--preset", choices=PRESETS, default="auto")
+    p.add_argument("--rate", type=float, default=30.0, help="frames per second (default 30)")
+    p.add_argument("--photons", type=float, default=2.0,
+                   help="mean detected photons per pixel per frame (default 2)")
+    p.add_argument("--preset", choices=PRESETS, default="auto",
+                   help="network size (default auto: lite on a CPU, paper on a GPU)")
     p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--window", type=int, default=7, metavar="N", help="frames per window, odd (default 7)")
+    p.add_argument("--warmup-frames", type=int, default=150, metavar="F",
+                   help="frames of the warm start (default 150, shorter than serve's 300 for a short demo)")
+    p.add_argument("--warmup-steps", type=int, default=100, metavar="S",
+                   help="training steps of the warm start (default 100; serve's default is 400)")
+    p.add_argument("--json", metavar="PATH", help="also write the summary's figures as JSON")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(module="umvd_live.demo")
 
@@ -103,22 +158,39 @@ def _view(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--connect", default="tcp://127.0.0.1:5556", help="daemon output endpoint")
     p.add_argument("--control", default="tcp://127.0.0.1:5557", help="daemon control endpoint")
     p.add_argument("--stream", help="stream to show first (default: the first seen)")
+    p.add_argument("--region", type=int, nargs=4, metavar=("ROW0", "ROW1", "COL0", "COL1"),
+                   help="draw this region (pixels, end excluded) at the first frame")
+    p.add_argument("--quit-after", type=float, metavar="S",
+                   help="close the window after S seconds (with --screenshot: for docs and smoke tests)")
+    p.add_argument("--screenshot", metavar="PNG", help="with --quit-after: save the whole window first")
     p.set_defaults(module="umvd_live.viewer.app")
 
 
 def _bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="measure real-time speed and quality on a simulated stream")
+    p = sub.add_parser("bench", help="measure real-time speed and quality on a simulated stream",
+                       description="Run a simulated stream through the daemon in real time and measure "
+                                   "fps, latency, skipped frames, training speed, memory and PSNR "
+                                   "against the simulation's ground truth.")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(256, 256))
-    p.add_argument("--rate", type=float, default=30.0)
-    p.add_argument("--frames", type=int, default=900)
-    p.add_argument("--photons", type=float, default=2.0)
-    p.add_argument("--preset", choices=PRESETS, default="auto")
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--init", metavar="PATH", help="start from saved weights")
-    p.add_argument("--max", action="store_true", help="no pacing: frames as fast as they are taken")
-    p.add_argument("--inference-only", action="store_true", help="no online training")
+    p.add_argument("--rate", type=float, default=30.0, metavar="HZ", help="frames per second (default 30)")
+    p.add_argument("--frames", type=int, default=900, metavar="N", help="frames to stream (default 900)")
+    p.add_argument("--photons", type=float, default=2.0, help="photons/pixel/frame (default 2)")
+    _engine_args(p)
+    p.add_argument("--warmup-steps", type=int, default=None, metavar="S",
+                   help="training steps of the warm start before the output goes live "
+                        "(default: the engine's)")
+    p.add_argument("--catchup-ms", type=float, default=100.0, metavar="MS",
+                   help="the daemon's preview catch-up budget (default 100, as `serve`)")
+    p.add_argument("--max", action="store_true",
+                   help="no pacing: each frame as soon as the daemon took the previous one (throughput)")
+    p.add_argument("--inference-only", action="store_true",
+                   help="no online training: --init weights, or an untrained network (speed only)")
+    p.add_argument("--save-model", metavar="PATH", help="save the weights at the end (for a later --init)")
+    p.add_argument("--ring-mb", type=float, default=512.0, metavar="MB",
+                   help="memory for the pre-generated frames; longer runs replay them (default 512)")
+    p.add_argument("--rss-every", type=float, default=10.0, metavar="S",
+                   help="seconds between the resident-memory samples in the JSON (default 10)")
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
-    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(module="umvd_live.bench")
 
 
@@ -126,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="umvd-live", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_demo, _denoise, _serve, _acquire, _view, _bench):
+    for add in (_demo, _denoise, _serve, _acquire, _view, _bench, _keys):
         add(sub)
     return parser
 

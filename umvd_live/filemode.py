@@ -95,13 +95,17 @@ def denoise_movie(
     return DenoiseResult(frames=frames, outputs=final, seconds=time.monotonic() - start, engine=engine)
 
 
+def _fail(message: str) -> int:
+    print(f"umvd-live denoise: error: {message}", file=sys.stderr)  # one line, never wrapped
+    return 2
+
+
 def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     try:
         movie = read_movie(args.input)
     except MovieError as exc:
-        err.print(f"[red]umvd-live denoise: error:[/] {exc}")
-        return 2
+        return _fail(str(exc))
     config = EngineConfig(
         preset=args.preset,
         device=args.device,
@@ -113,8 +117,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = denoise_movie(movie, config, offline=args.offline, console=err)
     except (CheckpointError, ValueError, RuntimeError) as exc:
-        err.print(f"[red]umvd-live denoise: error:[/] {exc}")
-        return 2
+        return _fail(str(exc))
     engine = result.engine
     provenance = Provenance(
         stream=Path(args.input).stem, preset=engine.preset, window=engine.config.window,
@@ -125,8 +128,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         write_movie(args.output, result.frames, infos, provenance)
     except (OSError, ValueError) as exc:
-        err.print(f"[red]umvd-live denoise: error:[/] cannot write {args.output}: {exc}")
-        return 2
+        return _fail(f"cannot write {args.output}: {exc}")
     if args.save_model:
         engine.save_weights(args.save_model)
     result.engine.close()

@@ -64,15 +64,15 @@ def lite_spec(window: int = 7) -> ModelSpec:
     """
     return ModelSpec(
         window=window,
-        g_channels=8,
+        g_channels=4,
         g_layers=2,
-        enc1=(1, 16),
-        enc2=(2, 32),
-        mid=(3, 48),
-        dec2=(2, 32),
-        dec1=(2, 16),
+        enc1=(1, 12),
+        enc2=(2, 24),
+        mid=(3, 32),
+        dec2=(2, 24),
+        dec1=(1, 12),
         dec1_skip="enc1",
-        head=(32,),
+        head=(24,),
         bias=True,
     )
 

@@ -1,0 +1,473 @@
+"""`umvd-live serve` end to end: a daemon subprocess, producer processes and a subscriber over
+real loopback sockets on ephemeral ports, the real engine (lite preset, small frames, short warm
+start so each test takes seconds)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from umvd_live.adapters.publisher import FramePublisher
+from umvd_live.control import ControlError, confine_path
+from umvd_live.daemon import Daemon, DaemonConfig, check_loopback, engine_factory
+from umvd_live.protocol import decode_output
+from umvd_live.status import render_lines, render_table
+from umvd_live.streams import RateMeter
+
+ENGINE_ARGS = ["--preset", "lite", "--device", "cpu", "--window", "7", "--warmup-frames", "40",
+               "--warmup-steps", "10", "--status-interval", "1"]
+HALF = 3  # N // 2 for N = 7
+READY = re.compile(r"ready: input=(\S+) output=(\S+) control=(\S+)")
+
+#: A producer process: publishes the planned frames (and malformed messages) with the project's
+#: FramePublisher, one per stream, paced at `rate` frames/s (0: as fast as possible).
+PRODUCER = r"""
+import json, sys, time
+import msgpack, numpy as np, zmq
+from umvd_live.adapters.publisher import FramePublisher
+
+cfg = json.loads(sys.argv[1])
+ctx = zmq.Context.instance()
+pubs = {}
+def publisher(stream):
+    if stream not in pubs:
+        pubs[stream] = FramePublisher(cfg["endpoint"], stream, sndhwm=100000)
+        assert pubs[stream].wait_for_subscriber(20), "daemon never subscribed"
+    return pubs[stream]
+
+good = {"v": 1, "seq": 0, "shape": [8, 8], "dtype": "<u2"}
+px = bytes(8 * 8 * 2)
+BAD = {
+    "part_count": [b"cam0", msgpack.packb(good)],
+    "bad_msgpack": [b"cam0", b"\xc1\xc1", px],
+    "header_not_map": [b"cam0", msgpack.packb([1, 2]), px],
+    "missing_key": [b"cam0", msgpack.packb({"v": 1, "shape": [8, 8], "dtype": "<u2"}), px],
+    "bad_dtype": [b"cam0", msgpack.packb(good | {"dtype": ">f8"}), px],
+    "bad_shape": [b"cam0", msgpack.packb(good | {"shape": [100000, 100000]}), px],
+    "size_mismatch": [b"cam0", msgpack.packb(good), px[:-2]],
+    "bad_topic": [b"\xff\xfe", msgpack.packb(good), px],
+}
+bad_sock = None
+if cfg["malformed"]:
+    bad_sock = ctx.socket(zmq.XPUB)
+    bad_sock.connect(cfg["endpoint"])
+    assert bad_sock.poll(20000), "daemon never subscribed"
+    bad_sock.recv()
+
+malformed = {int(k): v for k, v in cfg["malformed"].items()}
+rng = np.random.default_rng(0)
+t0 = time.perf_counter()
+for i, (stream, h, w, dtype) in enumerate(cfg["frames"]):
+    yy, xx = np.mgrid[:h, :w]
+    clean = 20 * (1 + 0.5 * np.sin(xx / 5 + i / 10) * np.cos(yy / 7))
+    image = rng.poisson(clean).astype(dtype)
+    assert publisher(stream).publish(image, t=i / 30, meta={"i": i})
+    for kind in malformed.get(i, []):
+        bad_sock.send_multipart(BAD[kind])
+    if cfg["rate"]:
+        time.sleep(max(0.0, t0 + (i + 1) / cfg["rate"] - time.perf_counter()))
+for p in pubs.values():
+    p.close()
+if bad_sock is not None:
+    bad_sock.close(linger=2000)
+print(json.dumps({name: p.sent for name, p in pubs.items()}))
+"""
+
+
+class DaemonProcess:
+    """`python -m umvd_live.cli serve` on ephemeral loopback ports, its logs in files."""
+
+    def __init__(self, tmp_path: Path, *extra: str):
+        self.model_dir = tmp_path / "models"
+        self.out_path = tmp_path / "daemon.out"
+        self.err_path = tmp_path / "daemon.err"
+        cmd = [sys.executable, "-m", "umvd_live.cli", "serve",
+               "--input", "tcp://127.0.0.1:*", "--output", "tcp://127.0.0.1:*",
+               "--control", "tcp://127.0.0.1:*", "--output-dir", str(self.model_dir),
+               *ENGINE_ARGS, *extra]
+        env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        deadline = time.monotonic() + 60
+        while True:
+            match = READY.search(self.err_path.read_text())
+            if match:
+                self.input, self.output, self.control = match.groups()
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"daemon did not start:\n{self.err_path.read_text()}")
+            time.sleep(0.05)
+
+    def request(self, msg: dict | bytes, timeout_s: float = 30) -> dict:
+        ctx = zmq.Context.instance()
+        req = ctx.socket(zmq.REQ)
+        req.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
+        req.setsockopt(zmq.LINGER, 0)
+        req.connect(self.control)
+        try:
+            req.send(msg if isinstance(msg, bytes) else msgpack.packb(msg))
+            return msgpack.unpackb(req.recv())
+        finally:
+            req.close()
+
+    def wait(self, timeout_s: float = 60) -> int:
+        return self.proc.wait(timeout=timeout_s)
+
+    def log(self) -> str:
+        return self.err_path.read_text()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Subscriber(threading.Thread):
+    """Collects the daemon's output messages, by stream and kind, in arrival order."""
+
+    def __init__(self, endpoint: str):
+        super().__init__(daemon=True)
+        self.sock = zmq.Context.instance().socket(zmq.SUB)
+        self.sock.setsockopt(zmq.RCVHWM, 100000)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.sock.connect(endpoint)
+        # The subscription goes out right after the handshake: wait for it, so nothing the
+        # daemon publishes from the first frame on is lost to the slow-joiner effect.
+        assert monitor.poll(20000), "no connection to the daemon's output"
+        recv_monitor_message(monitor)
+        self.sock.disable_monitor()
+        monitor.close()
+        time.sleep(0.2)
+        self.got: dict[tuple[str, str], list] = defaultdict(list)
+        self._halt = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            if self.sock.poll(50):
+                msg = decode_output(self.sock.recv_multipart())
+                self.got[(msg.stream, msg.kind)].append(msg)
+        self.sock.close(linger=0)
+
+    def denoised(self, stream: str) -> list:
+        return self.got[(stream, "denoised")]
+
+    def wait_for(self, stream: str, kind: str, count: int, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.got[(stream, kind)]) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+
+
+def run_producer(endpoint: str, frames: list, rate: float = 30.0, malformed: dict | None = None) -> dict:
+    cfg = {"endpoint": endpoint, "frames": frames, "rate": rate, "malformed": malformed or {}}
+    out = subprocess.run([sys.executable, "-c", PRODUCER, json.dumps(cfg)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    started: list[DaemonProcess] = []
+
+    def start(*extra: str) -> DaemonProcess:
+        started.append(DaemonProcess(tmp_path, *extra))
+        return started[-1]
+
+    yield start
+    for d in started:
+        d.kill()
+
+
+def test_stream_in_order_with_malformed_messages_then_shutdown(daemon):
+    d = daemon("--catchup-ms", "60000")  # never skip: exactly one output per input
+    sub = Subscriber(d.output)
+    kinds = ["part_count", "bad_msgpack", "header_not_map", "missing_key", "bad_dtype",
+             "bad_shape", "size_mismatch", "bad_topic"]
+    malformed = {str(5 + 10 * i): [kind] for i, kind in enumerate(kinds)}
+    malformed["70"] = kinds  # a burst of every kind at once
+    n = 90
+    sent = run_producer(d.input, [["cam0", 64, 64, "<u2"]] * n, rate=30, malformed=malformed)
+    assert sent == {"cam0": n}
+
+    sub.wait_for("cam0", "denoised", n - HALF)
+    status = d.request({"cmd": "status"})
+    assert status["ok"]
+    s = status["streams"]["cam0"]
+    assert s["frames_in"] == n and s["frames_out"] == n - HALF and s["pending"] == HALF
+    assert s["skipped"] == 0 and s["drops"] == 0
+    assert s["rejected"] == {k: 2 for k in kinds if k != "bad_topic"}
+    assert status["rejected_unattributed"] == {"bad_topic": 2}
+    assert s["latency_ms"]["p50"] > 0 and s["state"] in ("warmup", "live")
+    assert s["shape"] == [64, 64] and s["dtype"] == "<u2"
+    assert any(line.startswith("stream cam0: in 90") for line in render_lines(status))
+    console_text = io.StringIO()
+    from rich.console import Console
+    Console(file=console_text, width=200).print(render_table(status))
+    assert "cam0" in console_text.getvalue()
+
+    reply = d.request({"cmd": "shutdown"})
+    assert reply == {"ok": True, "flushed": HALF}
+    assert d.wait() == 0
+    sub.wait_for("cam0", "denoised", n, timeout_s=5)
+    sub.stop()
+
+    out = sub.denoised("cam0")
+    assert [m.header["seq"] for m in out] == list(range(n))
+    for m in out:
+        assert m.image.dtype == np.float32 and m.image.shape == (64, 64)
+        assert np.isfinite(m.image).all()
+        assert m.header["meta"] == {"i": m.header["seq"]} and m.header["t"] == m.header["seq"] / 30
+        assert m.header["state"] in ("warmup", "live") and m.header["latency_ms"] >= 0
+        assert isinstance(m.header["model_step"], int)
+    assert [m.header["seq"] for m in sub.got[("cam0", "raw")]] == list(range(n))
+    raw = sub.got[("cam0", "raw")][10]
+    assert raw.image.dtype == np.uint16 and raw.header["meta"] == {"i": 10}
+    # Denoising changes the noisy input: the output is not the raw frame passed through.
+    assert not np.allclose(out[40].image, sub.got[("cam0", "raw")][40].image)
+    assert "exited cleanly" in d.log()
+
+
+def test_control_commands_and_sigterm(daemon, tmp_path):
+    d = daemon()
+    sub = Subscriber(d.output)
+    run_producer(d.input, [["cam0", 32, 32, "<u2"]] * 30, rate=0)
+    sub.wait_for("cam0", "denoised", 30 - HALF)
+    status = d.request({"cmd": "status"})
+    assert status["streams"]["cam0"]["frames_in"] == 30
+
+    unknown = d.request({"cmd": "make_coffee"})
+    assert unknown["ok"] is False and "unknown command" in unknown["error"]
+    assert d.request(b"\xc1 not msgpack")["ok"] is False
+    assert d.request({"no": "cmd"})["ok"] is False
+
+    paused = d.request({"cmd": "pause_training"})
+    assert paused == {"ok": True, "streams": ["cam0"], "training_paused": True}
+    status = d.request({"cmd": "status"})
+    assert status["training_paused"] and status["streams"]["cam0"]["training_paused"]
+    assert d.request({"cmd": "pause_training", "stream": "nope"})["ok"] is False
+
+    saved = d.request({"cmd": "save_model", "stream": "cam0", "path": "sub/cam0.pt"})
+    assert saved["ok"], saved
+    assert Path(saved["path"]) == (d.model_dir / "sub" / "cam0.pt").resolve()
+    assert Path(saved["path"]).is_file() and isinstance(saved["weights_hash"], str)
+    loaded = d.request({"cmd": "load_model", "path": "sub/cam0.pt"})  # the only stream
+    assert loaded["ok"] and loaded["applied"] == "now"
+    assert loaded["weights_hash"] == saved["weights_hash"]
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (d.model_dir / "link").symlink_to(outside)
+    for escape in ("../evil.pt", str(tmp_path / "evil.pt"), "link/evil.pt", "sub/../../evil.pt"):
+        reply = d.request({"cmd": "save_model", "stream": "cam0", "path": escape})
+        assert reply["ok"] is False, escape
+    assert not list(tmp_path.glob("evil.pt")) and not list(outside.iterdir())
+    (d.model_dir / "corrupt.pt").write_bytes(b"not a checkpoint")
+    corrupt = d.request({"cmd": "load_model", "stream": "cam0", "path": "corrupt.pt"})
+    assert corrupt["ok"] is False
+    later = d.request({"cmd": "load_model", "stream": "cam1", "path": "sub/cam0.pt"})
+    assert later["ok"] and later["applied"] == "at_first_frame"
+
+    assert d.request({"cmd": "resume_training"})["training_paused"] is False
+    reset = d.request({"cmd": "reset", "stream": "cam0"})
+    assert reset == {"ok": True, "streams": ["cam0"]}
+    sub.wait_for("cam0", "denoised", 30, timeout_s=10)  # a reset flushes what the old model owed
+    s = d.request({"cmd": "status"})["streams"]["cam0"]
+    assert s["resets"] == 1 and s["state"] == "warmup" and s["model_step"] == 0 and s["pending"] == 0
+
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.wait() == 0
+    sub.stop()
+    assert [m.header["seq"] for m in sub.denoised("cam0")] == list(range(30))
+    assert "stopping (SIGTERM)" in d.log() and "exited cleanly" in d.log()
+
+
+def test_shape_change_and_two_streams(daemon):
+    d = daemon("--catchup-ms", "60000")
+    sub = Subscriber(d.output)
+    frames = []
+    for i in range(40):
+        frames.append(["cam0", 48, 48, "<u2"] if i < 20 else ["cam0", 40, 24, "<u2"])
+        frames.append(["green", 32, 32, "|u1"])
+    sent = run_producer(d.input, frames, rate=60)
+    assert sent == {"cam0": 40, "green": 40}
+    sub.wait_for("cam0", "denoised", 40 - HALF)
+    sub.wait_for("green", "denoised", 40 - HALF)
+    status = d.request({"cmd": "status"})
+    assert status["streams"]["cam0"]["restarts"] == 1 and status["streams"]["green"]["restarts"] == 0
+    assert status["streams"]["cam0"]["shape"] == [40, 24]
+    assert status["streams"]["green"]["dtype"] == "|u1"
+    assert d.request({"cmd": "shutdown"})["ok"]
+    assert d.wait() == 0
+    sub.wait_for("green", "denoised", 40, timeout_s=5)
+    sub.stop()
+
+    cam0 = sub.denoised("cam0")
+    assert [m.header["seq"] for m in cam0] == list(range(40))
+    assert all(m.image.shape == ((48, 48) if m.header["seq"] < 20 else (40, 24)) for m in cam0)
+    green = sub.denoised("green")
+    assert [m.header["seq"] for m in green] == list(range(40))
+    assert all(m.image.shape == (32, 32) and m.image.dtype == np.float32 for m in green)
+    assert "restarting its window and warm start" in d.log()
+
+
+class CollectingSink:
+    """A real FrameSink that keeps what it is given in memory and owes the streams named."""
+
+    def __init__(self, owed: set[str]):
+        self.owed = owed
+        self.started: list = []
+        self.raw: list = []
+        self.denoised: list = []
+        self.closed = False
+
+    def owes(self, stream: str) -> bool:
+        return stream in self.owed
+
+    def on_stream_started(self, event, weights_hash):
+        self.started.append((event, weights_hash))
+
+    def on_raw(self, frame, received):
+        self.raw.append((frame.stream, frame.header.seq))
+
+    def on_denoised(self, output):
+        self.denoised.append(output)
+
+    def close(self):
+        self.closed = True
+
+
+def test_preview_skips_when_behind_but_a_recorded_stream_gets_every_frame(tmp_path):
+    config = DaemonConfig(input_bind="tcp://127.0.0.1:*", output="tcp://127.0.0.1:*",
+                          control="tcp://127.0.0.1:*", preset="lite", device="cpu",
+                          warmup_frames=40, warmup_steps=10, output_dir=tmp_path,
+                          catchup_s=0.001)  # any backlog skips: deterministic on a fast machine
+    sink = CollectingSink(owed={"rec"})
+    d = Daemon(config, engine_factory(config), [sink])
+    d.start()
+    loop = threading.Thread(target=d.serve)
+    loop.start()
+    try:
+        n = 120
+        pubs = [FramePublisher(d.endpoints["input"], name, sndhwm=10000) for name in ("preview", "rec")]
+        for p in pubs:
+            assert p.wait_for_subscriber(10)
+        rng = np.random.default_rng(0)
+        for _ in range(n):  # a burst: far faster than the engine infers
+            for p in pubs:
+                assert p.publish(rng.poisson(20.0, (64, 64)).astype(np.uint16))
+        req = zmq.Context.instance().socket(zmq.REQ)
+        req.setsockopt(zmq.RCVTIMEO, 60000)
+        req.connect(d.endpoints["control"])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            req.send(msgpack.packb({"cmd": "status"}))
+            status = msgpack.unpackb(req.recv())
+            if all(status["streams"].get(s, {}).get("frames_in") == n for s in ("preview", "rec")):
+                break
+            time.sleep(0.1)
+        req.send(msgpack.packb({"cmd": "shutdown"}))
+        assert msgpack.unpackb(req.recv())["ok"]
+        req.close(linger=0)
+        for p in pubs:
+            p.close()
+    finally:
+        d.request_stop("test over")
+        loop.join(60)
+        d.close()
+
+    preview, rec = status["streams"]["preview"], status["streams"]["rec"]
+    assert preview["frames_in"] == rec["frames_in"] == n
+    assert preview["skipped"] > 0, "the burst should have put the preview behind"
+    assert preview["frames_out"] + preview["skipped"] + preview["pending"] == n
+    assert rec["skipped"] == 0 and rec["frames_out"] + rec["pending"] == n
+    recorded = [o for o in sink.denoised if o.stream == "rec"]
+    assert [o.header.seq for o in recorded] == list(range(n))
+    assert all(o.image is not None and o.image.shape == (64, 64) for o in recorded)
+    previewed = [o for o in sink.denoised if o.stream == "preview"]
+    assert [o.header.seq for o in previewed] == list(range(n))  # skipped ones come without image
+    assert sum(o.image is None for o in previewed) == preview["skipped"]
+    assert previewed[-1].image is not None  # the newest window is always shown
+    assert len(sink.raw) == 2 * n and sink.closed
+    assert {e.stream for e, _ in sink.started} == {"preview", "rec"}
+    assert all(isinstance(h, str) and len(h) == 64 for _, h in sink.started)
+
+
+# ---- small units --------------------------------------------------------------------------------
+def test_confine_path(tmp_path):
+    assert confine_path(tmp_path, "a/b.pt") == (tmp_path / "a" / "b.pt").resolve()
+    for bad in ("", "../x", "a/../../x", "/etc/passwd", "~/x", "a/..", 3, None, "a\x00b"):
+        with pytest.raises(ControlError):
+            confine_path(tmp_path, bad)
+
+
+def test_check_loopback():
+    for ok in ("tcp://127.0.0.1:5555", "tcp://localhost:*", "tcp://[::1]:5555", "ipc:///tmp/x"):
+        check_loopback(ok)
+    for bad in ("tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://192.168.1.4:5555", "tcp://eth0:5555"):
+        with pytest.raises(ValueError):
+            check_loopback(bad)
+
+
+def test_rate_meter_decays_after_the_stream_stops():
+    meter = RateMeter(window_s=5.0)
+    for i in range(300):
+        meter.tick(i / 30)
+    assert abs(meter.rate(10.0) - 30.0) < 1.0
+    assert meter.rate(20.0) == 0.0
+
+
+def test_record_start_and_stop_write_every_frame(daemon, tmp_path):
+    import tifffile
+
+    d = daemon()
+    refused = d.request({"cmd": "record_start", "path": "../escape.ome.tif"})
+    assert refused["ok"] is False and not list(tmp_path.glob("escape*"))
+    started = d.request({"cmd": "record_start", "path": "rec/session.ome.tif", "raw": True})
+    assert started["ok"], started
+    assert d.request({"cmd": "record_start", "path": "again.ome.tif"})["ok"] is False
+    run_producer(d.input, [["cam0", 32, 32, "<u2"]] * 40, rate=0)  # a burst: nothing skipped
+    deadline = time.monotonic() + 60
+    while d.request({"cmd": "status"})["streams"].get("cam0", {}).get("frames_in") != 40:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    status = d.request({"cmd": "status"})
+    assert status["recording"]["recording"] and status["streams"]["cam0"]["skipped"] == 0
+    assert d.request({"cmd": "shutdown"})["ok"] and d.wait() == 0  # flushes into the recording
+    denoised = tifffile.imread(d.model_dir / "rec" / "session_cam0.ome.tif")
+    raw = tifffile.imread(d.model_dir / "rec" / "session_cam0.raw.ome.tif")
+    assert raw.shape == (40, 32, 32) and raw.dtype == np.uint16
+    assert denoised.shape == (40, 32, 32) and denoised.dtype == np.float32
+    assert np.isfinite(denoised).all()
+
+
+def test_record_stop(daemon):
+    d = daemon()
+    assert d.request({"cmd": "record_stop"})["ok"] is False  # nothing to stop
+    assert d.request({"cmd": "record_start", "path": "a.ome.tif", "streams": ["cam0"]})["ok"]
+    stopped = d.request({"cmd": "record_stop"})
+    assert stopped["ok"] and stopped["recording"]["recording"] is False
+    assert d.request({"cmd": "status"})["recording"] is None
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.wait() == 0

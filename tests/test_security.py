@@ -1,0 +1,242 @@
+"""Security: loopback-only binds unless --allow-remote with CURVE; CURVE refuses unknown clients
+on every socket (tested on loopback, where CURVE can be enabled too); control paths stay inside
+the output and state directories; nothing named in a message is executed or unpickled."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from test_daemon import HALF, DaemonProcess
+from umvd_live.adapters.publisher import FramePublisher
+from umvd_live.checkpoint import FORMAT
+from umvd_live.protocol import decode_output
+from umvd_live.security import SecurityError, apply_client, check_bind, create_keypair
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "umvd_live.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_keys_subcommand_writes_a_private_pair_and_never_overwrites(tmp_path):
+    out = cli("keys", str(tmp_path / "keys"), "daemon")
+    assert out.returncode == 0, out.stderr
+    public, secret = tmp_path / "keys" / "daemon.key", tmp_path / "keys" / "daemon.key_secret"
+    assert public.is_file() and secret.is_file()
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert "secret-key" in secret.read_text() and "secret-key" not in public.read_text()
+    before = secret.read_bytes()
+    again = cli("keys", str(tmp_path / "keys"), "daemon")
+    assert again.returncode == 2 and "not overwriting" in again.stderr
+    assert secret.read_bytes() == before
+
+
+def test_binding_beyond_loopback_needs_allow_remote_and_curve(tmp_path):
+    for endpoint in ("tcp://127.0.0.1:5555", "tcp://localhost:*", "tcp://[::1]:*", "ipc:///tmp/x"):
+        check_bind(endpoint, allow_remote=False, curve=False)
+    for endpoint in ("tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://192.168.1.4:5555", "tcp://eth0:5555"):
+        with pytest.raises(SecurityError, match="loopback"):
+            check_bind(endpoint, allow_remote=False, curve=False)
+        with pytest.raises(SecurityError, match="CURVE"):
+            check_bind(endpoint, allow_remote=True, curve=False)
+        check_bind(endpoint, allow_remote=True, curve=True)
+
+    # The daemon refuses before it binds anything (so these ports are never opened).
+    from umvd_live.cli import build_parser
+    from umvd_live.daemon import Daemon, DaemonConfig
+
+    create_keypair(tmp_path, "server")
+    (tmp_path / "empty").mkdir()
+    local = ["--output", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*"]
+    curve = ["--curve-server-key", str(tmp_path / "server.key_secret"), "--curve-clients"]
+    cases = {
+        "loopback addresses only": ["--input", "tcp://0.0.0.0:*", *local],
+        "needs CURVE": ["--allow-remote", "--input", "tcp://0.0.0.0:*", *local],
+        "no client public key": ["--input", "tcp://127.0.0.1:*", *local, *curve, str(tmp_path / "empty")],
+        "no such directory": ["--input", "tcp://127.0.0.1:*", *local, *curve, str(tmp_path / "nope")],
+        "only loopback producers": ["--input-connect", "tcp://10.1.2.3:5555", *local],
+    }
+    for message, argv in cases.items():
+        config = DaemonConfig.from_args(build_parser().parse_args(["serve", *argv]))
+        daemon = Daemon(config, make_denoiser=None)
+        with pytest.raises(SecurityError, match=message):
+            daemon.start()
+        assert daemon.output is None  # nothing was bound
+        daemon.close()
+    with pytest.raises(SecurityError, match="--curve-clients"):
+        DaemonConfig.from_args(build_parser().parse_args(["serve", "--curve-server-key", "x.key_secret"]))
+    # And through the command line: a clear message, exit status 2.
+    refused = cli("serve", "--input", "tcp://0.0.0.0:*", *local, "--preset", "lite", "--device", "cpu")
+    assert refused.returncode == 2 and "loopback" in refused.stderr
+
+
+@pytest.fixture
+def curve_keys(tmp_path):
+    keys = tmp_path / "keys"
+    create_keypair(keys / "server", "daemon")
+    create_keypair(keys / "mine", "acq-pc")  # allowed: its public key is copied to clients/
+    create_keypair(keys / "mine", "viewer")
+    create_keypair(keys / "stranger", "intruder")  # a valid pair the daemon does not know
+    (keys / "clients").mkdir()
+    for name in ("acq-pc", "viewer"):
+        (keys / "clients" / f"{name}.key").write_bytes((keys / "mine" / f"{name}.key").read_bytes())
+    return keys
+
+
+def test_curve_lets_allowed_clients_in_and_refuses_the_others(tmp_path, curve_keys):
+    k = curve_keys
+    d = DaemonProcess(tmp_path, "--allow-remote", "--curve-server-key", str(k / "server" / "daemon.key_secret"),
+                      "--curve-clients", str(k / "clients"), "--catchup-ms", "60000")
+    ctx = zmq.Context.instance()
+    socks: list[zmq.Socket] = []
+
+    def request(msg: dict, client: str | None, timeout_ms: int = 20000) -> dict | None:
+        req = ctx.socket(zmq.REQ)
+        req.setsockopt(zmq.RCVTIMEO, timeout_ms)
+        req.setsockopt(zmq.LINGER, 0)
+        if client is not None:
+            apply_client(req, client, k / "server" / "daemon.key")
+        req.connect(d.control)
+        try:
+            req.send(msgpack.packb(msg))
+            return msgpack.unpackb(req.recv())
+        except zmq.Again:
+            return None
+        finally:
+            req.close()
+
+    try:
+        viewer = k / "mine" / "viewer.key_secret"
+        assert request({"cmd": "status"}, None, 1500) is None  # no key: no reply
+        assert request({"cmd": "status"}, str(k / "stranger" / "intruder.key_secret"), 1500) is None
+        assert request({"cmd": "status"}, str(viewer))["curve"] is True
+
+        # Producers: without CURVE, with an unknown key, with the allowed key.
+        plain = FramePublisher(d.input, "plain")
+        stranger = FramePublisher(d.input, "stranger", client_key=k / "stranger" / "intruder.key_secret",
+                                  server_key=k / "server" / "daemon.key")
+        allowed = FramePublisher(d.input, "cam0", client_key=k / "mine" / "acq-pc.key_secret",
+                                 server_key=k / "server" / "daemon.key")
+        socks += [plain, stranger, allowed]
+        assert allowed.wait_for_subscriber(20)
+        assert not plain.wait_for_subscriber(1.5) and not stranger.wait_for_subscriber(1.5)
+
+        # Viewers: only the one with an allowed key receives anything.
+        sub_ok = ctx.socket(zmq.SUB)
+        apply_client(sub_ok, viewer, k / "server" / "daemon.key")
+        sub_no = ctx.socket(zmq.SUB)
+        for s in (sub_ok, sub_no):
+            s.setsockopt(zmq.SUBSCRIBE, b"")
+            s.setsockopt(zmq.RCVHWM, 10000)
+            s.connect(d.output)
+            socks.append(s)
+        time.sleep(1.0)  # the subscription follows the handshake
+
+        rng = np.random.default_rng(0)
+        n = 20
+        for _ in range(n):
+            for pub in (plain, stranger, allowed):
+                pub.publish(rng.poisson(20, (32, 32)).astype(np.uint16))
+            time.sleep(0.02)
+        deadline = time.monotonic() + 60
+        while (request({"cmd": "status"}, str(viewer))["streams"].get("cam0", {}).get("frames_in") or 0) < n:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        status = request({"cmd": "status"}, str(viewer))
+        assert set(status["streams"]) == {"cam0"}  # the refused producers' frames never arrived
+        assert status["rejected_unattributed"] == {}
+
+        got = []
+        deadline = time.monotonic() + 30
+        while len([m for m in got if m.kind == "denoised"]) < n - HALF and time.monotonic() < deadline:
+            if sub_ok.poll(100):
+                got.append(decode_output(sub_ok.recv_multipart()))
+        assert [m.header["seq"] for m in got if m.kind == "denoised"] == list(range(n - HALF))
+        assert not sub_no.poll(500)  # the viewer without a key got nothing
+        assert request({"cmd": "shutdown"}, str(viewer))["ok"]
+        assert d.wait() == 0
+        assert "CURVE on: 2 allowed client key(s)" in d.log()
+    finally:
+        for s in socks:
+            s.close()
+        d.kill()
+
+
+def test_publisher_needs_both_curve_keys(curve_keys):
+    with pytest.raises(ValueError, match="both"):
+        FramePublisher("tcp://127.0.0.1:1", "cam0", client_key=curve_keys / "mine" / "acq-pc.key_secret")
+    with pytest.raises(SecurityError, match="no secret key"):  # a public key is not a key pair
+        FramePublisher("tcp://127.0.0.1:1", "cam0", client_key=curve_keys / "mine" / "acq-pc.key",
+                       server_key=curve_keys / "server" / "daemon.key")
+
+
+class RunsCode:
+    """A pickle that would create a file if it were ever unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_control_paths_stay_inside_the_directories_and_nothing_runs(tmp_path):
+    state = tmp_path / "state"
+    d = DaemonProcess(tmp_path, "--state-dir", str(state))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    try:
+        from test_daemon import run_producer
+
+        run_producer(d.input, [["cam0", 32, 32, "<u2"]] * 12, rate=0)
+        deadline = time.monotonic() + 30
+        while d.request({"cmd": "status"})["streams"].get("cam0", {}).get("frames_in") != 12:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        saved = d.request({"cmd": "save_model", "path": "good.pt"})
+        assert saved["ok"] and Path(saved["path"]) == (state / "good.pt").resolve()
+
+        (state / "dirlink").symlink_to(outside)
+        (state / "filelink.pt").symlink_to(outside / "target.pt")
+        d.model_dir.mkdir(exist_ok=True)  # --output-dir: recordings
+        (d.model_dir / "reclink").symlink_to(outside)
+        escapes = ["../evil.pt", "../../evil.pt", str(outside / "evil.pt"), "/etc/passwd",
+                   "dirlink/evil.pt", "filelink.pt", "sub/../../evil.pt", "~/evil.pt", "a\x00b.pt", ""]
+        for path in escapes:
+            for cmd in ("save_model", "load_model"):
+                reply = d.request({"cmd": cmd, "stream": "cam0", "path": path})
+                assert reply["ok"] is False, (cmd, path, reply)
+        for path in ["../rec.ome.tif", str(outside / "rec.ome.tif"), "reclink/rec.ome.tif", "/tmp/rec.ome.tif"]:
+            reply = d.request({"cmd": "record_start", "path": path})
+            assert reply["ok"] is False, (path, reply)
+        assert list(outside.iterdir()) == [] and not (tmp_path / "evil.pt").exists()
+
+        # A model file that would run code when unpickled is refused as weights-only loading
+        # finds an object; the code never runs.
+        marker = tmp_path / "pwned"
+        torch.save({"format": FORMAT, "info": {}, "state_dict": {"w": RunsCode(marker)}}, state / "evil.pt")
+        reply = d.request({"cmd": "load_model", "stream": "cam0", "path": "evil.pt"})
+        assert reply["ok"] is False and "not a readable" in reply["error"]
+        # Commands are looked up by name in a fixed table: nothing named in a message runs.
+        for cmd in ("__init__", "_save_model", "os.system", "__class__", "eval", ["status"]):
+            reply = d.request({"cmd": cmd, "path": f"touch {marker}"})
+            assert reply["ok"] is False and "unknown command" in reply["error"]
+        assert not marker.exists()
+        assert d.request({"cmd": "shutdown"})["ok"] and d.wait() == 0
+    finally:
+        d.kill()
+    refused = cli("serve", "--init", str(state / "evil.pt"), "--input", "tcp://127.0.0.1:*")
+    assert refused.returncode == 2 and "--init" in refused.stderr and not marker.exists()

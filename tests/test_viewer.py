@@ -1,0 +1,498 @@
+"""The live viewer: the Qt-free noise estimator and control client, then the napari widget end to
+end against a real daemon subprocess fed by the simulator, under Xvfb with Mesa's OpenGL.
+
+The GUI test (`-m gui`) starts its own Xvfb when no DISPLAY is set (``Xvfb -displayfd``: the X
+server picks a free display number itself, so parallel test runs never collide) and is skipped,
+with the reason, when napari or Xvfb is missing. Set UMVD_VIEWER_SCREENSHOT=PATH to keep a copy
+of its screenshot (docs/img/viewer.png is made that way).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
+from umvd_live.viewer.control_client import ControlClient, DaemonUnavailable
+from umvd_live.viewer.noise import (
+    FrameHistory,
+    clip_region,
+    fit_poisson_gaussian,
+    region_mean,
+    region_snr,
+)
+from umvd_live.protocol import encode_frame
+from umvd_live.viewer.session import FramePair, LatestOnly, LiveSession, LiveStats, ViewerConfig
+
+# ------------------------------------------------------------------------------ Qt-free parts
+
+
+def _sim_movie(frames: int = 30, **overrides) -> tuple[SimConfig, np.ndarray]:
+    cfg = SimConfig(**({"height": 96, "width": 96, "seed": 3} | overrides))
+    noisy, _ = TwoPhotonSimulator(cfg).movie(frames)
+    return cfg, noisy
+
+
+@pytest.mark.parametrize("photons", [0.5, 2.0, 6.0])
+def test_fit_recovers_the_simulators_gain_offset_and_photons(photons):
+    # No read noise: the line's zero-variance point is the offset itself.
+    cfg, movie = _sim_movie(photons=photons, read_noise_adu=0.0)
+    fit = fit_poisson_gaussian(movie)
+    apparent_gain = cfg.gain_adu * cfg.excess_noise  # what any variance-vs-mean fit sees
+    assert fit.valid and fit.r2 > 0.95 and fit.frames == 30
+    assert fit.gain == pytest.approx(apparent_gain, rel=0.06)
+    assert fit.offset == pytest.approx(cfg.offset_adu, abs=0.04 * photons * cfg.gain_adu + 60)
+    assert fit.photons == pytest.approx(photons / cfg.excess_noise, rel=0.08)
+
+
+def test_fit_with_a_known_offset_gives_the_read_noise():
+    # A strong read noise and an offset high enough that nothing clips at 0.
+    cfg, movie = _sim_movie(40, height=128, width=128, read_noise_adu=1500.0, offset_adu=6000.0)
+    fit = fit_poisson_gaussian(movie, offset=cfg.offset_adu)
+    assert fit.offset_given and fit.offset == cfg.offset_adu
+    assert fit.gain == pytest.approx(cfg.gain_adu * cfg.excess_noise, rel=0.06)
+    assert fit.read_noise == pytest.approx(1500.0, rel=0.1)
+    assert fit.photons == pytest.approx(2.0 / cfg.excess_noise, rel=0.08)
+    # Without the offset, the read noise is folded into it: the zero-variance point lies
+    # read_var / gain below the true offset.
+    blind = fit_poisson_gaussian(movie)
+    expected = cfg.offset_adu - 1500.0**2 / (cfg.gain_adu * cfg.excess_noise)
+    assert blind.offset == pytest.approx(expected, abs=250) and blind.read_noise == pytest.approx(0.0, abs=1e-3)
+
+
+def test_fit_follows_the_light_level_and_ignores_global_flicker():
+    fits = {}
+    for photons in (1.0, 4.0):
+        _, movie = _sim_movie(photons=photons, read_noise_adu=0.0)
+        fits[photons] = fit_poisson_gaussian(movie)
+    assert fits[4.0].photons / fits[1.0].photons == pytest.approx(4.0, rel=0.12)
+    # A laser that flickers frame to frame by +-5% of the signal is not pixel noise.
+    cfg, movie = _sim_movie(read_noise_adu=0.0)
+    flicker = np.random.default_rng(1).normal(0, 0.05, (30, 1, 1)) * (movie.mean() - cfg.offset_adu)
+    flickering = np.clip(movie + flicker, 0, 65535).astype(np.uint16)
+    assert fit_poisson_gaussian(flickering).gain == pytest.approx(cfg.gain_adu * cfg.excess_noise, rel=0.08)
+
+
+def test_saturated_pixels_are_left_out_of_the_fit():
+    cfg, movie = _sim_movie(photons=2.0, read_noise_adu=0.0)
+    saturating = movie.copy()
+    saturating[:, :30, :] = np.minimum(saturating[:, :30, :].astype(np.int64) * 3, 65535).astype(np.uint16)
+    saturating[:, :30, :][saturating[:, :30, :] > 12000] = 65535  # a third of the frame clips
+    fit = fit_poisson_gaussian(saturating[:, 30:, :])
+    clipped_in = fit_poisson_gaussian(np.where(saturating == 65535, 65535, movie).astype(np.uint16))
+    assert clipped_in.gain == pytest.approx(fit.gain, rel=0.06)
+
+
+def test_fit_refuses_too_little_data_and_flags_flat_frames():
+    with pytest.raises(ValueError, match="T >= 6"):
+        fit_poisson_gaussian(np.zeros((4, 32, 32)))
+    with pytest.raises(ValueError, match="pixels"):
+        fit_poisson_gaussian(np.zeros((10, 4, 4)))
+    assert not fit_poisson_gaussian(np.full((10, 32, 32), 100, np.uint16)).valid
+
+
+def test_frame_history_keeps_the_newest_in_order_and_restarts_on_a_new_shape():
+    h = FrameHistory(4)
+    for i in range(6):
+        h.push(np.full((3, 5), i, np.uint16))
+    assert len(h) == 4 and [f[0, 0] for f in h.frames()] == [2, 3, 4, 5]
+    assert h.clip_range == (0.0, 65535.0)
+    h.push(np.zeros((4, 4), np.float32))
+    assert len(h) == 1 and h.frames().shape == (1, 4, 4) and h.clip_range is None
+    with pytest.raises(ValueError):
+        h.push(np.zeros(5))
+
+
+def test_region_snr_rises_with_light_and_regions_clip_to_the_frame():
+    cfg, dim = _sim_movie(photons=0.5, read_noise_adu=0.0)
+    _, bright = _sim_movie(photons=8.0, read_noise_adu=0.0)
+    snr_dim, snr_bright = region_snr(dim, cfg.offset_adu), region_snr(bright, cfg.offset_adu)
+    # Photon-limited: SNR ~ sqrt(photons / F), up 4x for 16x the light.
+    assert snr_bright / snr_dim == pytest.approx(4.0, rel=0.2)
+    assert snr_dim == pytest.approx(math.sqrt(0.5 / cfg.excess_noise), rel=0.3)
+    assert clip_region((-5, 10, 90, 200), (96, 96)) == (0, 10, 90, 96)
+    assert clip_region((50, 40, 0, 10), (96, 96)) == (0, 96, 0, 96)  # empty: whole frame
+    frame = np.arange(16.0).reshape(4, 4)
+    assert region_mean(frame, (0, 2, 0, 2)) == pytest.approx(2.5) and region_mean(frame) == 7.5
+    assert math.isnan(region_snr(dim[:2], cfg.offset_adu))
+
+
+def test_latest_only_keeps_the_newest_and_notifies_once():
+    box: LatestOnly[int] = LatestOnly()
+    assert box.put(1) is True  # empty: notify the reader
+    assert box.put(2) is False and box.put(3) is False  # unread: replace, no new notification
+    assert box.take() == 3 and box.take() is None and box.replaced == 2
+
+
+def test_control_client_times_out_recreates_its_socket_and_recovers():
+    ctx = zmq.Context.instance()
+    rep = ctx.socket(zmq.REP)
+    rep.setsockopt(zmq.LINGER, 0)
+    port = rep.bind_to_random_port("tcp://127.0.0.1")
+    client = ControlClient(f"tcp://127.0.0.1:{port}", timeout_s=0.3, context=ctx)
+    try:
+        with pytest.raises(DaemonUnavailable, match="status"):
+            client.request("status")  # the "daemon" reads but never answers
+        assert client.timeouts == 1 and not client.busy
+        rep.recv()  # the lost request; a new REP socket stands for the restarted daemon
+        rep.close(linger=0)
+        rep = ctx.socket(zmq.REP)
+        rep.setsockopt(zmq.LINGER, 0)
+        deadline = time.monotonic() + 5
+        while True:  # the old socket's port is released asynchronously by ZeroMQ's I/O thread
+            try:
+                rep.bind(f"tcp://127.0.0.1:{port}")
+                break
+            except zmq.ZMQError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+        def answer() -> None:
+            req = msgpack.unpackb(rep.recv())
+            rep.send(msgpack.packb({"ok": True, "echo": req["cmd"], "stream": req.get("stream")}))
+
+        t = threading.Thread(target=answer)
+        t.start()
+        reply = client.request("reset", stream="cam0")
+        t.join(5)
+        assert reply == {"ok": True, "echo": "reset", "stream": "cam0"}
+        assert client.last_reply_at is not None
+    finally:
+        client.close()
+        rep.close(linger=0)
+
+
+def test_session_shows_the_newest_frame_and_follows_a_laser_power_change():
+    """LiveSession (Qt-free) on a real SUB socket: a publisher speaking the daemon's output topics."""
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.XPUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    session = LiveSession(ViewerConfig(output=f"tcp://127.0.0.1:{port}", control="tcp://127.0.0.1:1",
+                                       stats_period_s=0.0, request_timeout_s=0.2), ctx)
+    seq = 0
+
+    def publish(frames: np.ndarray) -> None:
+        nonlocal seq
+        for frame in frames:
+            parts = encode_frame("cam0", frame, seq, t=seq / 30)
+            pub.send_multipart([b"cam0/raw", *parts[1:]])
+            seq += 1
+
+    def photons_after(frames: np.ndarray) -> float:
+        publish(frames)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            stats = [e for e in session.step(20) if isinstance(e, LiveStats)]
+            if stats and stats[-1].noise is not None and session._raw_history._count >= seq:
+                return stats[-1].noise.photons
+        raise AssertionError("no noise figure")
+
+    try:
+        assert pub.poll(5000) and pub.recv()[:1] == b"\x01"  # the session's subscription
+        bright_cfg, bright = _sim_movie(40, photons=4.0, seed=1)
+        dim_cfg, dim = _sim_movie(30, photons=1.0, seed=1)  # the laser turned down to a quarter
+        assert photons_after(bright) == pytest.approx(4.0 / bright_cfg.excess_noise, rel=0.1)
+        # One history (30 frames: 1 s at 30 Hz) later the figure is the new light level's.
+        assert photons_after(dim) == pytest.approx(1.0 / dim_cfg.excess_noise, rel=0.1)
+        # Ten frames at once: one pair, the newest, with the nine it replaced counted.
+        session.step(0)
+        publish(dim[:10])
+        pairs: list[FramePair] = []
+        deadline = time.monotonic() + 5
+        while session._raw_history._count < seq and time.monotonic() < deadline:
+            time.sleep(0.05)  # let all ten arrive before the session reads them
+            pairs += [e for e in session.step(20) if isinstance(e, FramePair)]
+        pairs += [e for e in session.step(50) if isinstance(e, FramePair)]
+        assert pairs[-1].raw_header["seq"] == seq - 1 and pairs[-1].stream == "cam0"
+        assert sum(p.superseded for p in pairs) + len(pairs) >= 10
+        assert session.streams == ["cam0"]
+    finally:
+        session.close()
+        pub.close(linger=0)
+
+
+def test_the_viewer_package_imports_no_qt():
+    code = ("import sys, umvd_live.viewer, umvd_live.viewer.noise, umvd_live.viewer.session, "
+            "umvd_live.viewer.control_client, umvd_live.cli; "
+            "bad = [m for m in ('qtpy', 'PyQt5', 'napari', 'vispy') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_napari_manifest_is_valid():
+    npe2 = pytest.importorskip("npe2", reason="npe2 (the viewer extra) is not installed")
+    manifest = npe2.PluginManifest.from_file(Path(__file__).parents[1] / "umvd_live/viewer/napari.yaml")
+    (widget,) = manifest.contributions.widgets
+    (command,) = manifest.contributions.commands
+    assert widget.command == command.id
+    assert command.python_name == "umvd_live.viewer.widget:LiveViewerWidget"
+
+
+# ------------------------------------------------------------------------------ the GUI, end to end
+
+READY = re.compile(r"ready: input=(\S+) output=(\S+) control=(\S+)")
+ENGINE_ARGS = ["--preset", "lite", "--device", "cpu", "--window", "7", "--warmup-frames", "40",
+               "--warmup-steps", "10", "--status-interval", "1"]
+SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def x_display():
+    """A DISPLAY for napari's OpenGL canvas: the one given, or a private Xvfb started here."""
+    if os.environ.get("DISPLAY"):
+        yield os.environ["DISPLAY"]
+        return
+    xvfb = shutil.which("Xvfb")
+    if xvfb is None:
+        pytest.skip("Xvfb is not installed (apt-get install xvfb) and no DISPLAY is set")
+    read_fd, write_fd = os.pipe()
+    # The X server must outlive Qt's own clean-up at interpreter exit (a QApplication cannot be
+    # destroyed earlier): it is told to die with this process (Linux PR_SET_PDEATHSIG) instead
+    # of being stopped at the end of the session.
+    proc = subprocess.Popen([xvfb, "-displayfd", str(write_fd), "-screen", "0", "1600x1000x24",
+                             "-nolisten", "tcp"], pass_fds=(write_fd,), preexec_fn=_die_with_parent,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(write_fd)
+    number = b""
+    with os.fdopen(read_fd, "rb") as pipe:  # Xvfb writes the display number once it is ready
+        while not number.endswith(b"\n"):
+            chunk = pipe.read(1)
+            if not chunk:
+                break
+            number += chunk
+    if not number.strip().isdigit():
+        proc.kill()
+        pytest.skip(f"Xvfb did not start (exit status {proc.poll()})")
+    os.environ["DISPLAY"] = f":{number.strip().decode()}"
+    yield os.environ["DISPLAY"]
+    if "PyQt5.QtWidgets" not in sys.modules or sys.modules["PyQt5.QtWidgets"].QApplication.instance() is None:
+        proc.terminate()
+        proc.wait(10)
+        del os.environ["DISPLAY"]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent (this pytest process) exits."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Daemon:
+    """`umvd-live serve` in a subprocess; ``endpoints`` pins them (for a restart), else ephemeral."""
+
+    def __init__(self, tmp_path: Path, endpoints: tuple[str, str, str] | None = None):
+        self.output_dir = tmp_path / "out"
+        self.err_path = tmp_path / f"daemon-{time.monotonic_ns()}.err"
+        inp, out, ctl = endpoints or ("tcp://127.0.0.1:*",) * 3
+        cmd = [sys.executable, "-m", "umvd_live.cli", "serve", "--input", inp, "--output", out,
+               "--control", ctl, "--output-dir", str(self.output_dir), *ENGINE_ARGS]
+        env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        with open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        deadline = time.monotonic() + 60
+        while not (match := READY.search(self.err_path.read_text())):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"daemon did not start:\n{self.err_path.read_text()}")
+            time.sleep(0.05)
+        self.input, self.output, self.control = match.groups()
+
+    def status(self) -> dict:
+        client = ControlClient(self.control, timeout_s=10)
+        try:
+            return client.request("status")
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _start_simulator(endpoint: str, stream: str = "cam0", rate: float = 20) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "umvd_live.cli", "acquire", "sim", "--to", endpoint, "--stream", stream,
+           "--rate", str(rate),
+           "--size", str(SIZE), str(SIZE), "--photons", "2", "--frames", "100000", "--wait-s", "30"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
+@pytest.mark.gui
+@pytest.mark.timeout(150)
+def test_viewer_shows_the_live_stream_and_controls_the_daemon(tmp_path, x_display):
+    pytest.importorskip("napari", reason="napari is not installed (pip install 'umvd-live[viewer]')")
+    from qtpy.QtWidgets import QApplication
+
+    from umvd_live.viewer.app import open_viewer
+    from umvd_live.viewer.session import ViewerConfig
+
+    daemon = Daemon(tmp_path)
+    sim = _start_simulator(daemon.input)
+    viewer = widget = None
+
+    def wait_until(cond, what: str, timeout_s: float = 30.0):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            QApplication.processEvents()
+            value = cond()
+            if value:
+                return value
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {what}; daemon log:\n{daemon.err_path.read_text()[-3000:]}")
+
+    def stream_status(d: Daemon = daemon) -> dict:
+        return d.status()["streams"].get("cam0") or {}
+
+    try:
+        viewer, widget = open_viewer(ViewerConfig(output=daemon.output, control=daemon.control))
+
+        # Raw and denoised, side by side, labelled, updating.
+        wait_until(lambda: widget.last_pair is not None and widget.last_pair.denoised is not None,
+                   "the first raw and denoised frames", 40)
+        names = [layer.name for layer in viewer.layers]
+        assert names == ["raw · cam0", "region", "denoised · cam0", "region (on denoised)"]
+        grid = widget.grid
+        assert grid.enabled and grid.position(0, viewer.layers) == (0, 0) and grid.position(2, viewer.layers) == (0, 1)
+        assert widget.raw_layer.data.shape == widget.denoised_layer.data.shape == (SIZE, SIZE)
+        assert widget.raw_layer.name_overlay.visible and widget.denoised_layer.name_overlay.visible
+        seq0 = widget.last_pair.raw_header["seq"]
+        wait_until(lambda: widget.last_pair.raw_header["seq"] >= seq0 + 10, "newer frames on screen")
+        assert widget.frames_shown > 1
+        # Contrast: linked, stable, and re-autoscaled only on request.
+        wait_until(lambda: widget.contrast_settled, "the first automatic contrast")
+        limits = widget.raw_layer.contrast_limits
+        assert tuple(widget.denoised_layer.contrast_limits) == tuple(limits)
+        widget.raw_layer.contrast_limits = (limits[0], limits[1] * 2)
+        assert tuple(widget.denoised_layer.contrast_limits) == tuple(widget.raw_layer.contrast_limits)
+        wait_until(lambda: widget.frames_shown > 20, "more frames")
+        assert tuple(widget.raw_layer.contrast_limits) == (limits[0], limits[1] * 2)  # no autoscale flicker
+        widget.autoscale_button.click()
+        assert widget.raw_layer.contrast_limits[1] < limits[1] * 2
+
+        # The noise estimate recovers the simulator's detector (apparent gain = gain x F).
+        sim_cfg = SimConfig()
+        fit = wait_until(lambda: widget.last_stats and widget.last_stats.noise and
+                         widget.last_stats.noise.frames == 30 and widget.last_stats.noise, "a noise fit on 30 frames")
+        assert fit.gain == pytest.approx(sim_cfg.gain_adu * sim_cfg.excess_noise, rel=0.15)
+        assert fit.photons == pytest.approx(2.0 / sim_cfg.excess_noise, rel=0.2)
+        assert widget.photons_label.text() not in ("", "–")
+        assert "connected" in widget.connection_label.text()
+
+        # A region: mirrored onto the denoised image, its SNR and mean trace.
+        region = (10, 40, 12, 52)
+        widget.set_region(region)
+        wait_until(lambda: len(widget.mirror_layer.data) == 1, "the region mirrored on the denoised image")
+        assert widget.current_region() == region
+        stats = wait_until(lambda: widget.last_stats if widget.last_stats.region == region
+                           and len(widget.last_stats.trace_raw) > 10
+                           and len(widget.last_stats.trace_denoised) > 10 else None, "the region's figures")
+        # (Not snr_denoised > snr_raw: a model after a 10-step warm start is far from trained.)
+        assert stats.snr_raw > 0 and math.isfinite(stats.snr_denoised)
+        assert "region 30×40" in widget.snr_label.text() and widget.trace_plot.point_count() > 20
+        # A rectangle drawn on the denoised image replaces the region on both.
+        widget.mirror_layer.add_rectangles(np.array([[5.0, 6.0], [25.0, 30.0]]))
+        wait_until(lambda: widget.current_region() == (5, 25, 6, 30) and len(widget.mirror_layer.data) == 1
+                   and widget.last_stats.region == (5, 25, 6, 30), "the region redrawn on the denoised image")
+
+        # Pause and resume training.
+        widget.pause_button.click()
+        wait_until(lambda: stream_status().get("training_paused") is True, "the daemon to pause training")
+        wait_until(lambda: "Resume" in widget.pause_button.text() and "paused" in widget.state_label.text(),
+                   "the widget to show the pause")
+        widget.pause_button.click()
+        wait_until(lambda: stream_status().get("training_paused") is False, "the daemon to resume")
+
+        # Record: a file appears in the daemon's output directory; then stop.
+        widget.record_edit.setText("viewer-test.ome.tif")
+        widget.record_button.click()
+        target = daemon.output_dir / "viewer-test_cam0.ome.tif"
+        wait_until(lambda: target.exists() and widget.record_button.text() == "Stop recording",
+                   "the recording file")
+        assert "● recording" in widget.record_label.text()
+        widget.record_button.click()
+        wait_until(lambda: daemon.status()["recording"] is None, "the recording to stop")
+        wait_until(lambda: widget.record_button.text() == "Start recording", "the widget to show the stop")
+
+        # Status moves: the model goes live and trains.
+        wait_until(lambda: (widget.last_stats.stream_status or {}).get("state") == "live",
+                   "the model to go live", 40)
+        step0 = widget.last_stats.stream_status["model_step"]
+        wait_until(lambda: widget.last_stats.stream_status["model_step"] > step0 and widget.warmup_bar.value() == 100
+                   and widget.state_label.text() == "live", "training steps to grow")
+        assert re.search(r"in \d+\.\d", widget.fps_label.text()) and re.search(r"\d+ ms now", widget.latency_label.text())
+
+        # Save the model.
+        widget.save_button.click()
+        saved = wait_until(lambda: [r for r in widget.command_log
+                                    if getattr(r, "request", {}).get("cmd") == "save_model"], "save_model")
+        assert saved[0].ok and Path(saved[0].reply["path"]).is_file()
+        assert "saved" in widget.message_label.text()
+
+        # The screenshot, with everything on it.
+        shot = tmp_path / "viewer.png"
+        image = viewer.screenshot(str(shot), canvas_only=False)
+        assert shot.stat().st_size > 10_000 and image.std() > 10
+        if os.environ.get("UMVD_VIEWER_SCREENSHOT"):
+            shutil.copyfile(shot, os.environ["UMVD_VIEWER_SCREENSHOT"])
+
+        # Reset: the model step drops, the warm start begins again.
+        before = stream_status()["model_step"]
+        widget.reset_button.click()
+        after = wait_until(lambda: (s := stream_status()).get("resets") == 1 and s, "the reset")
+        assert after["model_step"] < before
+        wait_until(lambda: "resets 1" in widget.steps_label.text(), "the widget to show the reset")
+
+        # A second stream (a red PMT channel): listed, selectable, shown under its own name.
+        red = _start_simulator(daemon.input, "red", rate=5)
+        try:
+            wait_until(lambda: widget.stream_combo.findText("red") >= 0, "the second stream in the list")
+            widget.stream_combo.setCurrentText("red")
+            wait_until(lambda: widget.last_pair.stream == "red" and widget.last_stats.stream == "red",
+                       "the red stream on screen")
+            assert widget.raw_layer.name == "raw · red" and widget.denoised_layer.name == "denoised · red"
+            widget.stream_combo.setCurrentText("cam0")
+            wait_until(lambda: widget.last_pair.stream == "cam0", "cam0 again")
+        finally:
+            red.kill()
+            red.wait()
+
+        # The daemon goes away: the widget says so; it comes back: the widget reconnects by itself.
+        endpoints = (daemon.input, daemon.output, daemon.control)
+        daemon.kill()
+        wait_until(lambda: not widget.last_stats.connected and "not reachable" in widget.connection_label.text(),
+                   "the widget to notice the daemon is gone", 15)
+        daemon = Daemon(tmp_path, endpoints)
+        shown = widget.frames_shown
+        wait_until(lambda: widget.last_stats.connected and widget.frames_shown > shown + 5,
+                   "the widget to reconnect", 40)
+        assert "connected" in widget.connection_label.text()
+    finally:
+        if widget is not None:
+            widget.close_session()
+        if viewer is not None:
+            viewer.close()
+        sim.send_signal(signal.SIGINT)
+        try:
+            sim.wait(10)
+        except subprocess.TimeoutExpired:
+            sim.kill()
+            sim.wait()
+        daemon.kill()

@@ -1,0 +1,167 @@
+"""The control socket's commands: msgpack map requests with a ``cmd`` key, map replies with ``ok``.
+
+The handler turns one request into one reply and never raises: a REP socket must answer every
+request, and a bad request must not take the daemon down. The daemon-side actions are behind the
+small `ControlTarget` interface; other modules (the recorder) can `register` more commands.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path, PurePath
+from typing import Any, Callable, Protocol
+
+from umvd_live.protocol import ProtocolError, pack, unpack_map
+
+log = logging.getLogger("umvd_live.daemon")
+
+#: Largest control request accepted.
+MAX_REQUEST_BYTES = 64 * 1024
+
+Reply = dict[str, Any]
+Command = Callable[[dict[str, Any]], Reply]
+
+
+class ControlError(Exception):
+    """A request that cannot be carried out; its message goes back as ``error``."""
+
+
+class ControlTarget(Protocol):
+    """What the control commands act on (the daemon)."""
+
+    def status(self) -> Reply: ...
+    def stream_names(self) -> list[str]: ...
+    def set_training_paused(self, stream: str | None, paused: bool) -> list[str]: ...
+    def reset_streams(self, stream: str | None) -> list[str]: ...
+    def save_model(self, stream: str, path: Path) -> Reply: ...
+    def load_model(self, stream: str, path: Path) -> Reply: ...
+    def start_recording(self, path: str, streams: list[str] | None, raw: bool) -> Reply: ...
+    def stop_recording(self) -> Reply: ...
+    def shutdown(self) -> Reply: ...
+
+
+def confine_path(base: Path, name: Any) -> Path:
+    """``name`` resolved inside ``base``; refuses absolute paths, ``..`` and symlink escapes."""
+    if not isinstance(name, str) or not name.strip():
+        raise ControlError("path must be a non-empty string relative to the model directory")
+    if "\x00" in name:
+        raise ControlError("path contains a NUL byte")
+    pure = PurePath(name)
+    if pure.is_absolute() or pure.drive or name.startswith(("/", "\\", "~")):
+        raise ControlError(f"path {name!r} must be relative to the model directory")
+    if ".." in pure.parts or ".." in name.replace("\\", "/").split("/"):
+        raise ControlError(f"path {name!r} must not contain '..'")
+    root = base.resolve()
+    target = (root / pure).resolve()
+    if not target.is_relative_to(root):
+        raise ControlError(f"path {name!r} leaves the model directory")
+    return target
+
+
+class ControlHandler:
+    """Dispatches control requests to the daemon; ``model_dir`` confines save/load paths."""
+
+    def __init__(self, target: ControlTarget, model_dir: Path):
+        self.target = target
+        self.model_dir = model_dir
+        self._commands: dict[str, Command] = {
+            "status": lambda req: target.status(),
+            "pause_training": lambda req: self._training(req, paused=True),
+            "resume_training": lambda req: self._training(req, paused=False),
+            "reset": self._reset,
+            "save_model": self._save_model,
+            "load_model": self._load_model,
+            "record_start": self._record_start,
+            "record_stop": lambda req: target.stop_recording(),
+            "shutdown": lambda req: target.shutdown(),
+        }
+
+    @property
+    def commands(self) -> list[str]:
+        return sorted(self._commands)
+
+    def register(self, name: str, command: Command) -> None:
+        """Add a command (e.g. the recorder's ``record_start``); names are unique."""
+        if name in self._commands:
+            raise ValueError(f"control command {name!r} exists already")
+        self._commands[name] = command
+
+    def handle_bytes(self, data: bytes) -> bytes:
+        """One raw request → one packed reply. Never raises."""
+        try:
+            request = unpack_map(data, max_bytes=MAX_REQUEST_BYTES)
+        except ProtocolError as exc:
+            return pack({"ok": False, "error": f"bad request: {exc}"})
+        reply = self.handle(request)
+        try:
+            return pack(reply)
+        except Exception as exc:  # a reply with a value msgpack cannot pack: a bug, but answer
+            log.exception("control: reply to %r does not pack", request.get("cmd"))
+            return pack({"ok": False, "error": f"reply could not be encoded: {exc}"})
+
+    def handle(self, request: dict[str, Any]) -> Reply:
+        cmd = request.get("cmd")
+        command = self._commands.get(cmd) if isinstance(cmd, str) else None
+        if command is None:
+            return {"ok": False, "error": f"unknown command {cmd!r}; known: {', '.join(self.commands)}"}
+        stream = request.get("stream")
+        if stream is not None and not isinstance(stream, str):
+            return {"ok": False, "error": "stream must be a string"}
+        try:
+            reply = command(request)
+        except ControlError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:
+            log.exception("control command %s failed", cmd)
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        return {"ok": True} | reply
+
+    # ---- commands -----------------------------------------------------------------------------
+    def _training(self, req: dict[str, Any], paused: bool) -> Reply:
+        stream = self._known_stream(req.get("stream"), required=False)
+        return {"streams": self.target.set_training_paused(stream, paused), "training_paused": paused}
+
+    def _reset(self, req: dict[str, Any]) -> Reply:
+        stream = self._known_stream(req.get("stream"), required=False)
+        return {"streams": self.target.reset_streams(stream)}
+
+    def _save_model(self, req: dict[str, Any]) -> Reply:
+        stream = self._known_stream(req.get("stream"), required=True)
+        path = confine_path(self.model_dir, req.get("path", f"{stream}.pt"))
+        return self.target.save_model(stream, path)
+
+    def _load_model(self, req: dict[str, Any]) -> Reply:
+        stream = req.get("stream")
+        if stream is None:
+            stream = self._known_stream(None, required=True)
+        path = confine_path(self.model_dir, req.get("path", f"{stream}.pt"))
+        if not path.is_file():
+            raise ControlError(f"no model file {path.name!r} in the model directory")
+        return self.target.load_model(stream, path)
+
+    def _record_start(self, req: dict[str, Any]) -> Reply:
+        """``{path, streams?, raw?}``: path relative to the output directory (the recorder
+        confines it); streams: names to record (default every stream)."""
+        path = req.get("path")
+        if not isinstance(path, str):
+            raise ControlError("record_start needs a path (relative to the output directory)")
+        streams = req.get("streams")
+        if streams is not None and (not isinstance(streams, list) or not all(isinstance(s, str) for s in streams)):
+            raise ControlError("streams must be a list of stream names")
+        raw = req.get("raw", False)
+        if not isinstance(raw, bool):
+            raise ControlError("raw must be true or false")
+        return self.target.start_recording(path, streams, raw)
+
+    def _known_stream(self, stream: str | None, *, required: bool) -> str | None:
+        """A named stream must exist; an unnamed one means all streams, or the only one."""
+        names = self.target.stream_names()
+        if stream is not None:
+            if stream not in names:
+                raise ControlError(f"unknown stream {stream!r}; streams: {names}")
+            return stream
+        if not required:
+            return None
+        if len(names) == 1:
+            return names[0]
+        raise ControlError(f"name a stream: {names}" if names else "no stream has been seen yet")

@@ -1,0 +1,693 @@
+"""`umvd-live serve`: receive frames over ZeroMQ, denoise each stream online, publish the results.
+
+Three units, each on its own socket:
+- `InputReceiver` (a thread) owns the SUB socket. It takes every message off the socket the moment
+  it arrives, stamps its receipt time and appends it to a byte-bounded `Inbox`, so the producer's
+  PUB never meets a full queue because the daemon was busy computing.
+- `Daemon` (the main thread) drains the inbox, validates each message, routes it to the stream's
+  `LiveStream` (`streams.py`) and publishes raw and denoised frames on the PUB socket. When a
+  stream's backlog would take longer than the catch-up budget to infer, its older frames are
+  pushed with ``infer=False`` (the window and the trainer's replay buffer still see them) and only
+  the newest windows are inferred: the preview skips to the present instead of drifting behind.
+  Streams that a sink owes (a recording, `sinks.py`) are never skipped. Training runs in each
+  engine's own background thread and never holds this path up.
+- The REP control socket is answered between batches by `ControlHandler` (`control.py`).
+- Between batches, housekeeping: streams without frames for ``--idle-s`` go idle (training
+  paused), and with ``--state-dir`` every live stream is checkpointed every
+  ``--checkpoint-interval`` s and at shutdown (`statestore.py`), so a restarted daemon resumes.
+Sockets bind loopback only unless ``--allow-remote`` with CURVE keys (`security.py`).
+The terminal status is `status.py`. Wire format: `protocol.py` and docs/protocol.md;
+failure behaviour: docs/reliability.md; remote set-up: docs/security.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import zmq
+
+from umvd_live import __version__
+from umvd_live.checkpoint import CheckpointError, load_checkpoint
+from umvd_live.control import ControlError, ControlHandler
+from umvd_live.protocol import (
+    MAX_PIXELS,
+    RAW_SUFFIX,
+    STREAM_NAME,
+    Frame,
+    ProtocolError,
+    decode_frame,
+    decode_stream_name,
+    encode_denoised,
+)
+from umvd_live.security import CurveServer, CurveServerConfig, SecurityError, check_bind, is_loopback
+from umvd_live.sinks import FrameSink, RecordingSink
+from umvd_live.statestore import CHECKPOINT_INTERVAL_S, StateStore
+from umvd_live.status import StatusDisplay
+from umvd_live.streams import (
+    IDLE_AFTER_S,
+    DenoisedOutput,
+    DenoiserFactory,
+    LiveStream,
+    StreamStarted,
+    monotonic,
+)
+
+log = logging.getLogger("umvd_live.daemon")
+
+#: ZeroMQ queue lengths (messages). The receiver thread keeps the input side short; the output
+#: side drops for a viewer that stopped reading rather than growing without bound.
+INPUT_RCVHWM = 1000
+OUTPUT_SNDHWM = 1000
+#: Longest a closing output socket keeps trying to deliver what it still holds.
+OUTPUT_LINGER_MS = 2000
+#: Largest message part accepted off the wire; ZeroMQ drops a peer that sends more.
+MAX_PART_BYTES = MAX_PIXELS * 4 + 64 * 1024
+#: How long the main loop waits for frames before it looks at the control socket again.
+IDLE_WAIT_S = 0.02
+#: Rejections logged in full per reason before only every Nth is.
+REJECTION_LOG_FIRST = 5
+REJECTION_LOG_EVERY = 1000
+#: Seconds between housekeeping passes (idle streams, periodic checkpoints).
+HOUSEKEEPING_S = 0.5
+
+
+# ---- configuration ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DaemonConfig:
+    input_bind: str | None = "tcp://127.0.0.1:5555"
+    input_connect: tuple[str, ...] = ()
+    output: str = "tcp://127.0.0.1:5556"
+    control: str = "tcp://127.0.0.1:5557"
+    preset: str = "auto"
+    device: str = "auto"
+    window: int = 7
+    warmup_frames: int = 300
+    init: str | None = None
+    seed: int = 0
+    record: str | None = None
+    output_dir: Path = Path(".")
+    state_dir: Path | None = None
+    max_streams: int = 16
+    inbox_bytes: int = 1 << 30
+    status_interval_s: float = 5.0
+    catchup_s: float = 0.1  # backlog (in estimated inference time) worked through before skipping
+    warmup_steps: int | None = None  # engine default when None
+    checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S  # with state_dir
+    idle_after_s: float = IDLE_AFTER_S  # no frame for this long: the stream is idle
+    allow_remote: bool = False  # bind beyond loopback (needs curve)
+    curve: CurveServerConfig | None = None
+
+    @property
+    def model_dir(self) -> Path:
+        """Where `save_model`/`load_model` paths live: the state directory, else the output one."""
+        return self.state_dir if self.state_dir is not None else self.output_dir
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "DaemonConfig":
+        connect = tuple(args.input_connect or ())
+        input_bind = args.input if args.input is not None else (None if connect else cls.input_bind)
+        return cls(
+            input_bind=input_bind, input_connect=connect, output=args.output, control=args.control,
+            preset=args.preset, device=args.device, window=args.window,
+            warmup_frames=args.warmup_frames, init=args.init, seed=args.seed, record=args.record,
+            output_dir=Path(args.output_dir), state_dir=Path(args.state_dir) if args.state_dir else None,
+            max_streams=args.max_streams, inbox_bytes=int(args.inbox_mb * 2**20),
+            status_interval_s=args.status_interval, catchup_s=args.catchup_ms / 1000.0,
+            warmup_steps=args.warmup_steps,
+            checkpoint_interval_s=args.checkpoint_interval, idle_after_s=args.idle_s,
+            allow_remote=args.allow_remote, curve=_curve_config(args),
+        )
+
+
+def _curve_config(args: argparse.Namespace) -> CurveServerConfig | None:
+    key, clients = args.curve_server_key, args.curve_clients
+    if key is None and clients is None:
+        return None
+    if key is None or clients is None:
+        raise SecurityError("CURVE needs both --curve-server-key and --curve-clients")
+    return CurveServerConfig(Path(key), Path(clients))
+
+
+def check_loopback(endpoint: str) -> None:
+    """Refuse to bind a TCP endpoint beyond this machine (no --allow-remote, no CURVE)."""
+    check_bind(endpoint, allow_remote=False, curve=False)
+
+
+def engine_factory(config: DaemonConfig) -> DenoiserFactory:
+    """A factory of the engine's StreamDenoiser, training in the background (inference first)."""
+    from umvd_live.engine import EngineConfig, StreamDenoiser
+
+    extra = {} if config.warmup_steps is None else {"warmup_steps": config.warmup_steps}
+
+    def make(init: str | None) -> StreamDenoiser:
+        return StreamDenoiser(EngineConfig(
+            preset=config.preset, device=config.device, window=config.window,
+            warmup_frames=config.warmup_frames, train_mode="background", seed=config.seed, init=init,
+            **extra,
+        ))
+
+    return make
+
+
+# ---- input --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Received:
+    parts: list[bytes]
+    received: float  # monotonic() when taken from the socket
+    nbytes: int
+
+
+class Inbox:
+    """A FIFO between the receiver thread and the main loop, bounded in bytes, never blocking."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.overflow = 0  # messages refused because the budget was spent
+        self._items: deque[Received] = deque()
+        self._cond = threading.Condition()
+
+    def put(self, item: Received) -> bool:
+        with self._cond:
+            if self.nbytes + item.nbytes > self.max_bytes:
+                self.overflow += 1
+                return False
+            self._items.append(item)
+            self.nbytes += item.nbytes
+            self._cond.notify()
+            return True
+
+    def drain(self, timeout: float) -> list[Received]:
+        """Everything waiting, after waiting up to ``timeout`` s for something to arrive."""
+        with self._cond:
+            if not self._items:
+                self._cond.wait(timeout)
+            items = list(self._items)
+            self._items.clear()
+            self.nbytes = 0
+            return items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class InputReceiver(threading.Thread):
+    """Owns the SUB socket: drains it into the inbox as fast as messages come."""
+
+    def __init__(self, ctx: zmq.Context, config: DaemonConfig, inbox: Inbox,
+                 secure: Callable[[zmq.Socket], None] = lambda sock: None):
+        super().__init__(name="umvd-input", daemon=True)
+        self.inbox = inbox
+        self._stop_event = threading.Event()
+        self.socket = ctx.socket(zmq.SUB)
+        self.socket.setsockopt(zmq.RCVHWM, INPUT_RCVHWM)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_PART_BYTES)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self.endpoints: list[str] = []
+        if config.input_bind is not None:
+            secure(self.socket)  # a CURVE server for the producers that connect
+            self.socket.bind(config.input_bind)
+            self.endpoints.append(self.socket.getsockopt_string(zmq.LAST_ENDPOINT))
+        for endpoint in config.input_connect:
+            self.socket.connect(endpoint)
+            self.endpoints.append(f"{endpoint} (connected)")
+
+    def run(self) -> None:
+        sock = self.socket
+        try:
+            while not self._stop_event.is_set():
+                if not sock.poll(50, zmq.POLLIN):
+                    continue
+                while True:  # drain everything that is there before polling again
+                    try:
+                        parts = sock.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.inbox.put(Received(parts, monotonic(), sum(len(p) for p in parts)))
+        finally:
+            sock.close()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+
+
+class RejectionLog:
+    """Logs why messages were rejected without letting a flood of bad input flood the log."""
+
+    def __init__(self) -> None:
+        self.seen: Counter[str] = Counter()
+
+    def __call__(self, stream: str | None, error: ProtocolError) -> None:
+        self.seen[error.reason] += 1
+        n = self.seen[error.reason]
+        if n <= REJECTION_LOG_FIRST or n % REJECTION_LOG_EVERY == 0:
+            log.warning("rejected a message%s: %s (%s) [%d so far]",
+                        f" on stream {stream}" if stream else "", error.reason, error.detail, n)
+
+
+# ---- the daemon ---------------------------------------------------------------------------------
+@dataclass
+class _Stop:
+    requested: bool = False
+    reason: str = ""
+
+
+class Daemon:
+    """Routes frames from the input to per-stream denoisers and their outputs to the viewers."""
+
+    def __init__(self, config: DaemonConfig, make_denoiser: DenoiserFactory, sinks: Sequence[FrameSink] = ()):
+        self.config = config
+        self.make_denoiser = make_denoiser
+        self.sinks: list[FrameSink] = list(sinks)
+        self.streams: dict[str, LiveStream] = {}
+        self.store = StateStore(config.state_dir, config.checkpoint_interval_s) if config.state_dir else None
+        self.curve: CurveServer | None = None
+        self._next_housekeeping = 0.0
+        self._next_checkpoint = time.monotonic() + config.checkpoint_interval_s
+        self.rejected_unattributed: Counter[str] = Counter()
+        self.training_paused = False
+        self.control = ControlHandler(self, config.model_dir)
+        self._log_rejection = RejectionLog()
+        self._stop = _Stop()
+        self._finished = False
+        self._started = time.monotonic()
+        self._ctx = zmq.Context()
+        self.inbox = Inbox(config.inbox_bytes)
+        self.receiver: InputReceiver | None = None
+        self.output: zmq.Socket | None = None
+        self.control_socket: zmq.Socket | None = None
+        self.endpoints: dict[str, str] = {}
+        self.recording: RecordingSink | None = None
+        self._stopped_recordings: list[RecordingSink] = []  # still writing their backlog
+
+    # ---- life cycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind the sockets and start receiving. Raises on a bad or busy endpoint."""
+        cfg = self.config
+        for endpoint in filter(None, (cfg.input_bind, cfg.output, cfg.control)):
+            check_bind(endpoint, allow_remote=cfg.allow_remote, curve=cfg.curve is not None)
+        for endpoint in cfg.input_connect:  # a remote producer connects to us, under CURVE
+            if not is_loopback(endpoint):
+                raise SecurityError(f"--input-connect {endpoint}: only loopback producers can be "
+                                    "connected to; a remote producer connects to --input (docs/security.md)")
+        if cfg.curve is not None:
+            self.curve = CurveServer(cfg.curve)  # SecurityError: bad keys, before anything binds
+            self.curve.start(self._ctx)
+        self.output = self._ctx.socket(zmq.PUB)
+        self.output.setsockopt(zmq.SNDHWM, OUTPUT_SNDHWM)
+        self.output.setsockopt(zmq.LINGER, OUTPUT_LINGER_MS)
+        self._secure(self.output)
+        self.output.bind(cfg.output)
+        self.control_socket = self._ctx.socket(zmq.REP)
+        self.control_socket.setsockopt(zmq.LINGER, 500)
+        self._secure(self.control_socket)
+        self.control_socket.bind(cfg.control)
+        self.receiver = InputReceiver(self._ctx, cfg, self.inbox, self._secure)
+        self.endpoints = {
+            "input": ", ".join(self.receiver.endpoints),
+            "output": self.output.getsockopt_string(zmq.LAST_ENDPOINT),
+            "control": self.control_socket.getsockopt_string(zmq.LAST_ENDPOINT),
+        }
+        self.receiver.start()
+        if self.store is not None:
+            log.info("state directory %s: checkpoints every %.0f s and at shutdown",
+                     self.store.directory, self.store.interval_s)
+        log.info("ready: input=%s output=%s control=%s", *self.endpoints.values())
+
+    def _secure(self, sock: zmq.Socket) -> None:
+        if self.curve is not None:
+            self.curve.apply(sock)
+
+    def request_stop(self, reason: str) -> None:
+        """Safe from a signal handler: the loop notices within IDLE_WAIT_S."""
+        self._stop.requested, self._stop.reason = True, reason
+
+    def serve(self, display: StatusDisplay | None = None) -> None:
+        """The main loop, until `shutdown` or a signal; then everything owed is flushed."""
+        while not self._stop.requested:
+            items = self.inbox.drain(IDLE_WAIT_S)
+            if items:
+                self.process(items)
+            self._answer_control()
+            self._housekeeping()
+            if display is not None and display.due():
+                display.show(self.status())
+        log.info("stopping (%s)", self._stop.reason)
+        self.finish()
+        if display is not None:
+            display.show(self.status())
+
+    def finish(self) -> int:
+        """Stop receiving, process what was received, flush every stream. Idempotent."""
+        if self._finished:
+            return 0
+        self._finished = True
+        if self.receiver is not None:
+            self.receiver.stop()
+        leftover = self.inbox.drain(0)
+        if leftover:
+            self.process(leftover, allow_skip=False)
+        flushed = 0
+        for live in self.streams.values():
+            outputs = live.close()
+            flushed += len(outputs)
+            self._publish(outputs)
+        for sink in self.sinks + self._stopped_recordings:
+            try:
+                sink.close()
+            except Exception:
+                log.exception("closing sink %r failed", sink)
+        return flushed
+
+    def close(self) -> None:
+        self.finish()
+        for sock in (self.output, self.control_socket):
+            if sock is not None:
+                sock.close()
+        if self.curve is not None:
+            self.curve.stop()
+        self._ctx.term()
+
+    def _housekeeping(self) -> None:
+        """Idle streams stop training; live streams are checkpointed every interval."""
+        now = time.monotonic()
+        if now < self._next_housekeeping:
+            return
+        self._next_housekeeping = now + HOUSEKEEPING_S
+        clock = monotonic()
+        for live in self.streams.values():
+            live.check_idle(clock)
+        if self.store is not None and now >= self._next_checkpoint:
+            self._next_checkpoint = now + self.store.interval_s
+            for live in self.streams.values():
+                live.checkpoint()
+
+    # ---- frames -------------------------------------------------------------------------------
+    def process(self, items: Sequence[Received], allow_skip: bool = True) -> None:
+        """Validate, route and denoise one batch taken from the inbox, in arrival order."""
+        frames: list[tuple[Frame, Received]] = []
+        for item in items:
+            frame = self._decode(item)
+            if frame is not None:
+                frames.append((frame, item))
+        behind = Counter(frame.stream for frame, _ in frames)  # frames of each stream still to go
+        for frame, item in frames:
+            behind[frame.stream] -= 1
+            live = self.streams.get(frame.stream)
+            if live is None:
+                live = self._new_stream(frame.stream, self.config.init)
+                if live is None:
+                    continue
+            self._publish_raw(item)
+            infer = not allow_skip or self._keeps_pace(live, behind[frame.stream]) or self._owed(frame.stream)
+            try:
+                outputs, started = live.accept(frame, item.received, infer)
+            except Exception as exc:  # an engine failure on one frame must not end the session
+                live.note_rejected("engine_error")
+                self._log_rejection(frame.stream, ProtocolError("engine_error", repr(exc)))
+                continue
+            if started is not None:
+                self._notify_started(live, started)
+            self._publish(outputs)
+            for sink in self.sinks:  # after the push, so a new stream's model exists for provenance
+                sink.on_raw(frame, item.received)
+
+    def _decode(self, item: Received) -> Frame | None:
+        try:
+            frame = decode_frame(item.parts)
+        except ProtocolError as error:
+            self._reject(item.parts, error)
+            return None
+        return frame
+
+    def _reject(self, parts: Sequence[bytes], error: ProtocolError) -> None:
+        """Count a rejection on its stream when the topic names one we know, else globally."""
+        stream = None
+        if error.reason != "bad_topic" and parts:
+            try:
+                stream = decode_stream_name(parts[0])
+            except ProtocolError:
+                stream = None
+        # Only a stream that exists gets the count: junk under made-up names must not use up
+        # --max-streams and lock real streams out.
+        live = self.streams.get(stream) if stream else None
+        if live is not None:
+            live.note_rejected(error.reason)
+        else:
+            self.rejected_unattributed[error.reason] += 1
+        self._log_rejection(stream, error)
+
+    def _new_stream(self, name: str, init: str | None) -> LiveStream | None:
+        if len(self.streams) >= self.config.max_streams:
+            self.rejected_unattributed["too_many_streams"] += 1
+            self._log_rejection(name, ProtocolError(
+                "too_many_streams", f"{name!r}: already {len(self.streams)} streams (--max-streams)"))
+            return None
+        live = LiveStream(name, self.make_denoiser, init=init, store=self.store,
+                          idle_after_s=self.config.idle_after_s)
+        live.training_paused = self.training_paused
+        self.streams[name] = live
+        log.info("stream %s: first message", name)
+        return live
+
+    def _keeps_pace(self, live: LiveStream, newer: int) -> bool:
+        """Infer this frame unless inferring the ``newer`` frames already waiting behind it would
+        put the preview more than the catch-up budget behind: then skip to the newest window."""
+        if newer == 0 or live.infer_cost_s is None:
+            return True
+        return newer * live.infer_cost_s <= self.config.catchup_s
+
+    def _owed(self, stream: str) -> bool:
+        return any(sink.owes(stream) for sink in self.sinks)
+
+    def _notify_started(self, live: LiveStream, started: StreamStarted) -> None:
+        if not self.sinks or live.denoiser is None:
+            return
+        weights = live.denoiser.weights_hash()
+        for sink in self.sinks:
+            sink.on_stream_started(started, weights)
+
+    def _publish_raw(self, item: Received) -> None:
+        """The input as received, under ``<stream>/raw``, for side-by-side views."""
+        assert self.output is not None
+        topic = bytes(item.parts[0]) + RAW_SUFFIX.encode()
+        self.output.send_multipart([topic, item.parts[1], item.parts[2]], flags=zmq.NOBLOCK, copy=False)
+
+    def _publish(self, outputs: Iterable[DenoisedOutput]) -> None:
+        assert self.output is not None
+        for out in outputs:
+            live = self.streams[out.stream]
+            for sink in self.sinks:
+                sink.on_denoised(out)
+            if out.image is None:
+                live.note_skipped()
+                continue
+            now = monotonic()
+            latency_ms = (now - out.received) * 1000.0
+            parts = encode_denoised(out.stream, out.header, out.image, state=out.state,
+                                    latency_ms=latency_ms, model_step=out.model_step)
+            self.output.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+            live.note_published(latency_ms, now, out.received)
+
+    # ---- control ------------------------------------------------------------------------------
+    def _answer_control(self) -> None:
+        sock = self.control_socket
+        assert sock is not None
+        while not self._stop.requested and sock.poll(0, zmq.POLLIN):
+            request = sock.recv()
+            sock.send(self.control.handle_bytes(request))
+
+    def status(self) -> dict[str, Any]:
+        now = monotonic()
+        cfg = self.config
+        return {
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - self._started, 3),
+            "endpoints": self.endpoints,
+            "engine": {"preset": cfg.preset, "device": cfg.device, "window": cfg.window,
+                       "warmup_frames": cfg.warmup_frames, "warmup_steps": cfg.warmup_steps,
+                       "init": cfg.init},
+            "catchup_ms": 1000 * cfg.catchup_s,
+            "model_dir": str(cfg.model_dir.resolve()),
+            "training_paused": self.training_paused,
+            "state_dir": self.store.summary() if self.store is not None else None,
+            "curve": self.curve is not None,
+            "streams": {name: live.snapshot(now) for name, live in self.streams.items()},
+            "rejected_unattributed": dict(self.rejected_unattributed),
+            "inbox": {"depth": len(self.inbox), "bytes": self.inbox.nbytes, "overflow": self.inbox.overflow},
+            "recording": self.recording.session.status().to_dict() if self.recording else None,
+            "commands": self.control.commands,
+        }
+
+    def stream_names(self) -> list[str]:
+        return list(self.streams)
+
+    def set_training_paused(self, stream: str | None, paused: bool) -> list[str]:
+        if stream is None:
+            self.training_paused = paused
+        names = [stream] if stream is not None else list(self.streams)
+        for name in names:
+            self.streams[name].set_training_paused(paused)
+        log.info("training %s: %s", "paused" if paused else "resumed", ", ".join(names) or "(no stream yet)")
+        return names
+
+    def reset_streams(self, stream: str | None) -> list[str]:
+        names = [stream] if stream is not None else list(self.streams)
+        for name in names:
+            live = self.streams[name]
+            outputs, started = live.reset(self.config.init)
+            self._publish(outputs)
+            if started is not None:
+                self._notify_started(live, started)
+            log.info("stream %s: model reset", name)
+        return names
+
+    def save_model(self, stream: str, path: Path) -> dict[str, Any]:
+        den = self.streams[stream].denoiser
+        if den is None:
+            raise ControlError(f"stream {stream!r} has no model yet (no valid frame so far)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        den.save_weights(str(path))
+        log.info("stream %s: weights saved to %s", stream, path)
+        return {"stream": stream, "path": str(path), "weights_hash": den.weights_hash(),
+                "model_step": int(den.model_step)}
+
+    def load_model(self, stream: str, path: Path) -> dict[str, Any]:
+        try:
+            load_checkpoint(path)  # refuse a corrupt or foreign file now, not at the first frame
+        except CheckpointError as exc:
+            raise ControlError(str(exc)) from None
+        live = self.streams.get(stream)
+        if live is None:
+            if not STREAM_NAME.match(stream):
+                raise ControlError(f"stream name {stream!r} must match {STREAM_NAME.pattern}")
+            live = self._new_stream(stream, str(path))
+            if live is None:
+                raise ControlError(f"already {len(self.streams)} streams (--max-streams)")
+            live.init_explicit = True
+            log.info("stream %s: will start from %s", stream, path)
+            return {"stream": stream, "path": str(path), "applied": "at_first_frame"}
+        live.init = str(path)  # a later shape change starts from these weights as well
+        live.init_explicit = True
+        if live.denoiser is None:
+            return {"stream": stream, "path": str(path), "applied": "at_first_frame"}
+        live.denoiser.load_weights(str(path))
+        log.info("stream %s: weights loaded from %s", stream, path)
+        return {"stream": stream, "path": str(path), "applied": "now",
+                "weights_hash": live.denoiser.weights_hash()}
+
+    # ---- recording (umvd_live.recorder) -------------------------------------------------------
+    def start_recording(self, path: str | Path, streams: list[str] | None, raw: bool,
+                        confine: bool = True) -> dict[str, Any]:
+        """Record every denoised frame (and the raw input with ``raw``) of the streams named, or
+        of every stream. Control-socket paths are confined to the output directory."""
+        from umvd_live.recorder import RecordingError, RecordingRequest, RecordingSession, confine_path
+
+        if self.recording is not None:
+            raise ControlError("a recording is running; record_stop first")
+        try:
+            target = confine_path(str(path), self.config.output_dir) if confine else Path(path)
+            request = RecordingRequest(path=target, streams=frozenset(streams) if streams else None, raw=raw)
+            session = RecordingSession(request, provenance=self._provenance, on_error=self._recording_failed)
+        except RecordingError as exc:
+            raise ControlError(str(exc)) from None
+        self.recording = RecordingSink(session)
+        self.sinks.append(self.recording)
+        log.info("recording to %s (%s%s)", target, ", ".join(streams) if streams else "every stream",
+                 ", with raw" if raw else "")
+        return {"path": str(target), "streams": streams, "raw": raw}
+
+    def stop_recording(self) -> dict[str, Any]:
+        """Stop taking frames; the recorder finishes writing its backlog in the background."""
+        if self.recording is None:
+            raise ControlError("no recording is running")
+        sink, self.recording = self.recording, None
+        self.sinks.remove(sink)
+        sink.session.stop(wait=False)
+        self._stopped_recordings.append(sink)
+        log.info("recording stopped")
+        return {"recording": sink.session.status().to_dict()}
+
+    def _provenance(self, stream: str) -> Any:
+        from umvd_live.recordfile import Provenance
+
+        den = self.streams[stream].denoiser if stream in self.streams else None
+        return Provenance(
+            stream=stream, preset=getattr(den, "preset", None) or self.config.preset,
+            window=self.config.window, weights_sha256=den.weights_hash() if den is not None else None,
+            device=str(getattr(den, "device", self.config.device)), source=self.endpoints.get("input"),
+        )
+
+    def _recording_failed(self, message: str) -> None:
+        log.error("recording failed, live output goes on: %s", message)
+
+    def shutdown(self) -> dict[str, Any]:
+        """Flush everything owed before replying, so the reply means: all outputs are published."""
+        flushed = self.finish()
+        self.request_stop("shutdown command")
+        return {"flushed": flushed}
+
+
+# ---- command line -------------------------------------------------------------------------------
+def _setup_logging(display: StatusDisplay) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    if display.interactive:
+        from rich.logging import RichHandler
+
+        root.addHandler(RichHandler(console=display.console, show_path=False))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = DaemonConfig.from_args(args)
+    except SecurityError as exc:
+        print(f"umvd-live serve: {exc}", file=sys.stderr)
+        return 2
+    if config.init is not None:
+        try:
+            load_checkpoint(config.init)
+        except CheckpointError as exc:
+            print(f"umvd-live serve: --init: {exc}", file=sys.stderr)
+            return 2
+    display = StatusDisplay(interval_s=config.status_interval_s)
+    _setup_logging(display)
+    try:
+        daemon = Daemon(config, engine_factory(config))
+    except (OSError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    try:
+        daemon.start()
+        if config.record is not None:  # the operator's own path: not confined
+            daemon.start_recording(config.record, None, raw=False, confine=False)
+    except (zmq.ZMQError, ValueError, ControlError, OSError) as exc:  # SecurityError is a ValueError
+        log.error("cannot start: %s", exc)
+        daemon.close()
+        return 2
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: daemon.request_stop(signal.Signals(signum).name))
+    try:
+        with display:
+            daemon.serve(display)
+    finally:
+        daemon.close()
+    log.info("exited cleanly")
+    return 0

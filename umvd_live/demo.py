@@ -1,0 +1,684 @@
+"""`umvd-live demo`: the whole product on any machine, no microscope: a simulated two-photon session
+streamed through the real daemon, a live status display, and a quality summary against the truth.
+
+The parts are the real ones, really started: `umvd-live serve` in a subprocess (its own GIL and
+session, on ephemeral loopback ports, so it never clashes with a running daemon and a terminal
+Ctrl-C reaches only the demo, which then shuts the daemon down in order), the simulator publishing
+through `FramePublisher` at ``--rate``, and a subscriber on the daemon's output that scores every
+denoised frame against the simulation's ground truth, matched by ``seq``.
+
+Units: `ServeProcess` (the daemon and its control socket), `QualityTracker` (PSNR by seq),
+`OutputCollector` (the output subscriber), `DemoDisplay` (the live view), `DemoSummary` (figures,
+table, JSON), `run` (the session's order: start, stream, stop, flush, summarise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from umvd_live.adapters.publisher import FramePublisher
+from umvd_live.adapters.simulation import SimConfig, StreamResult, stream_simulation
+from umvd_live.metrics import psnr
+from umvd_live.protocol import DENOISED_SUFFIX, ProtocolError, decode_output
+from umvd_live.status import render_lines, render_table
+
+STREAM = "sim0"
+#: `umvd-live serve`'s own warm-start defaults, named in the summary when the demo uses others.
+SERVE_WARMUP_FRAMES = 300
+SERVE_WARMUP_STEPS = 400
+#: The demo's warm start: shorter than serve's so that a 60 s demo on a 2-core CPU goes live well
+#: before its end (docs/demo.md has the measurements). `cli.py`'s demo defaults repeat these.
+DEMO_WARMUP_FRAMES = 150
+DEMO_WARMUP_STEPS = 100
+TMEAN_FRAMES = 5
+READY = re.compile(r"ready: input=(\S+) output=(\S+) control=(\S+)")
+DAEMON_START_S = 90.0  # importing torch on a loaded machine is slow
+CONTROL_TIMEOUT_S = 10.0
+QUIET_S = 0.3  # after the daemon's exit: the output is done when it has been silent this long
+
+
+class DemoError(Exception):
+    """The demo could not run (the daemon did not start, or died); the message says why."""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    duration_s: float = 60.0
+    height: int = 256
+    width: int = 256
+    rate_hz: float = 30.0
+    photons: float = 2.0
+    preset: str = "auto"
+    device: str = "auto"
+    window: int = 7
+    warmup_frames: int = DEMO_WARMUP_FRAMES
+    warmup_steps: int = DEMO_WARMUP_STEPS
+    seed: int = 0
+    json_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.duration_s > 0:
+            raise ValueError(f"--duration must be > 0, got {self.duration_s}")
+        if self.warmup_frames < 1 or self.warmup_steps < 0:
+            raise ValueError("--warmup-frames must be >= 1 and --warmup-steps >= 0")
+        if self.window < 3 or self.window % 2 == 0:
+            raise ValueError(f"--window must be odd and >= 3, got {self.window}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "DemoConfig":
+        return cls(duration_s=args.duration, height=args.size[0], width=args.size[1], rate_hz=args.rate,
+                   photons=args.photons, preset=args.preset, device=args.device, window=args.window,
+                   warmup_frames=args.warmup_frames, warmup_steps=args.warmup_steps, seed=args.seed,
+                   json_path=args.json)
+
+    def sim_config(self) -> SimConfig:
+        return SimConfig(height=self.height, width=self.width, rate_hz=self.rate_hz,
+                         photons=self.photons, seed=self.seed)
+
+
+# ---- the daemon ---------------------------------------------------------------------------------
+def _end_with_parent() -> None:
+    """In the daemon's child process (Linux): SIGTERM when the demo dies, even by SIGKILL, so that
+    no daemon outlives its demo (SIGTERM makes `serve` flush and exit)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class ServeProcess:
+    """`umvd-live serve` as a subprocess on ephemeral loopback ports, its log in ``log_dir``.
+
+    It runs in its own session so that the terminal's Ctrl-C reaches only the demo, which ends the
+    daemon with the `shutdown` command (everything received is denoised and published first)."""
+
+    def __init__(self, config: DemoConfig, log_dir: Path):
+        self.log_path = log_dir / "daemon.log"
+        cmd = [sys.executable, "-m", "umvd_live.cli", "serve",
+               "--input", "tcp://127.0.0.1:*", "--output", "tcp://127.0.0.1:*",
+               "--control", "tcp://127.0.0.1:*", "--output-dir", str(log_dir),
+               "--preset", config.preset, "--device", config.device, "--window", str(config.window),
+               "--warmup-frames", str(config.warmup_frames), "--warmup-steps", str(config.warmup_steps),
+               "--seed", str(config.seed), "--status-interval", "3600"]
+        env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         env=env, start_new_session=True, preexec_fn=_end_with_parent)
+        self.input = self.output = self.control = ""
+        self._ctx = zmq.Context()
+        self._req: zmq.Socket | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout_s: float = DAEMON_START_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            match = READY.search(self.log())
+            if match:
+                self.input, self.output, self.control = match.groups()
+                return
+            if self.proc.poll() is not None:
+                raise DemoError(f"the daemon exited with status {self.proc.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise DemoError(f"the daemon did not start within {timeout_s:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def request(self, cmd: str, timeout_s: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
+        """One control request; a fresh REQ socket after a timeout (REQ cannot resend)."""
+        if self._req is None:
+            self._req = self._ctx.socket(zmq.REQ)
+            self._req.setsockopt(zmq.LINGER, 0)
+            self._req.connect(self.control)
+        self._req.send(msgpack.packb({"cmd": cmd}))
+        if not self._req.poll(int(timeout_s * 1000)):
+            self._req.close()
+            self._req = None
+            raise DemoError(f"the daemon did not answer {cmd!r} within {timeout_s:.0f} s")
+        reply = msgpack.unpackb(self._req.recv())
+        if not reply.get("ok"):
+            raise DemoError(f"the daemon refused {cmd!r}: {reply.get('error')}")
+        return reply
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Wait for the exit that `shutdown` started; kill it if it does not come."""
+        if self._req is not None:
+            self._req.close()
+            self._req = None
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._ctx.term()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# ---- quality ------------------------------------------------------------------------------------
+class QualityTracker:
+    """PSNR against the ground truth, matched by seq: raw, the 5-frame temporal mean and denoised.
+
+    The simulator hands each frame over with `add_truth` (from its own thread: a queue, nothing
+    computed there, so the acquisition keeps its pace); `ingest` computes the raw and temporal-mean
+    figures in the consumer's thread. A clean frame is kept only until its denoised output has
+    come (outputs come in seq order), so memory stays at a few frames whatever the duration.
+    """
+
+    def __init__(self, tmean_frames: int = TMEAN_FRAMES):
+        self._incoming: queue.SimpleQueue[tuple[int, np.ndarray, np.ndarray]] = queue.SimpleQueue()
+        self._recent: deque[tuple[int, np.ndarray, np.ndarray]] = deque(maxlen=tmean_frames)
+        self._half = tmean_frames // 2
+        self.truth: dict[int, np.ndarray] = {}
+        self.raw: dict[int, float] = {}
+        self.tmean: dict[int, float] = {}
+        self.denoised: dict[int, float] = {}  # live outputs only
+        self.warmup_outputs = 0
+        self.unscored = 0  # outputs whose truth was not there (should stay 0)
+
+    def add_truth(self, seq: int, noisy: np.ndarray, clean: np.ndarray) -> None:
+        self._incoming.put((seq, noisy, clean))
+
+    def ingest(self) -> None:
+        while True:
+            try:
+                seq, noisy, clean = self._incoming.get_nowait()
+            except queue.Empty:
+                return
+            self.truth[seq] = clean
+            self.raw[seq] = psnr(noisy, clean)
+            self._recent.append((seq, noisy, clean))
+            if len(self._recent) == self._recent.maxlen:
+                self._score_tmean(self._half)
+
+    def finish(self) -> None:
+        """The last frames' temporal means, over the frames that exist (no later ones came)."""
+        self.ingest()
+        for centre in range(max(len(self._recent) - self._half, 0), len(self._recent)):
+            if self._recent[centre][0] not in self.tmean:
+                self._score_tmean(centre)
+
+    def _score_tmean(self, centre: int) -> None:
+        frames = list(self._recent)
+        lo, hi = max(centre - self._half, 0), min(centre + self._half + 1, len(frames))
+        seq, _, clean = frames[centre]
+        mean = np.mean([f[1] for f in frames[lo:hi]], axis=0, dtype=np.float32)
+        self.tmean[seq] = psnr(mean, clean)
+
+    def add_output(self, seq: int, image: np.ndarray, state: str) -> None:
+        self.ingest()
+        clean = self.truth.get(seq)
+        for old in [s for s in self.truth if s <= seq]:
+            del self.truth[old]
+        if state != "live":
+            self.warmup_outputs += 1
+            return
+        if clean is None:
+            self.unscored += 1
+            return
+        self.denoised[seq] = psnr(image, clean)
+
+    def live_means(self) -> dict[str, float | int | None]:
+        """Mean per-frame PSNR (dB) over the frames output live, all three on the same frames."""
+        seqs = list(self.denoised)
+
+        def mean(values: dict[int, float]) -> float | None:
+            found = [values[s] for s in seqs if s in values]
+            return round(float(np.mean(found)), 2) if found else None
+
+        return {"frames": len(seqs), "raw_db": mean(self.raw), "tmean_db": mean(self.tmean),
+                "denoised_db": mean(self.denoised)}
+
+
+# ---- the daemon's output ------------------------------------------------------------------------
+@dataclass
+class OutputFigures:
+    received: int = 0
+    received_streaming: int = 0  # before the stream ended: the latency figures are over these
+    latencies_ms: list[float] = field(default_factory=list)
+    first_live_at: float | None = None  # monotonic() of the first live output's arrival
+    first_live_seq: int | None = None
+    last_model_step: int = 0
+    bad_messages: int = 0
+
+
+class OutputCollector:
+    """A SUB socket on the daemon's output, taking the demo stream's denoised frames."""
+
+    def __init__(self, endpoint: str, tracker: QualityTracker, stream: str = STREAM):
+        self.tracker = tracker
+        self.figures = OutputFigures()
+        self.streaming = True
+        self._ctx = zmq.Context()
+        self.socket = self._ctx.socket(zmq.SUB)
+        self.socket.setsockopt(zmq.RCVHWM, 4000)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SUBSCRIBE, (stream + DENOISED_SUFFIX).encode())
+        self.socket.connect(endpoint)
+
+    def pump(self, timeout_s: float) -> int:
+        """Take every waiting message, after waiting up to ``timeout_s`` for the first."""
+        n = 0
+        if not self.socket.poll(int(timeout_s * 1000), zmq.POLLIN):
+            return 0
+        while True:
+            try:
+                parts = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return n
+            self._take(parts, time.monotonic())
+            n += 1
+
+    def _take(self, parts: list[bytes], now: float) -> None:
+        f = self.figures
+        try:
+            msg = decode_output(parts)
+        except ProtocolError:
+            f.bad_messages += 1
+            return
+        head = msg.header
+        state = str(head.get("state", ""))
+        f.received += 1
+        f.last_model_step = int(head.get("model_step", 0))
+        if self.streaming:
+            f.received_streaming += 1
+            f.latencies_ms.append(float(head.get("latency_ms", math.nan)))
+        if state == "live" and f.first_live_at is None:
+            f.first_live_at, f.first_live_seq = now, int(head["seq"])
+        self.tracker.add_output(int(head["seq"]), msg.image, state)
+
+    def drain_until_exit(self, proc: subprocess.Popen, limit_s: float) -> None:
+        """Take the rest of the output: the daemon publishes everything before its `shutdown`
+        reply and its output socket lingers until delivered, so once it has exited, what is left
+        is already here or on the wire (one last quiet interval takes that)."""
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            if self.pump(0.1) == 0 and proc.poll() is not None:
+                while self.pump(QUIET_S):
+                    pass
+                return
+
+    def close(self) -> None:
+        self.socket.close()
+        self._ctx.term()
+
+
+# ---- the simulated acquisition ------------------------------------------------------------------
+class SimulatedAcquisition(threading.Thread):
+    """`stream_simulation` in its own thread, handing each frame's truth to the tracker."""
+
+    def __init__(self, endpoint: str, config: DemoConfig, tracker: QualityTracker):
+        super().__init__(name="umvd-demo-sim", daemon=True)
+        self.publisher = FramePublisher(endpoint, STREAM)
+        self.config = config
+        self.tracker = tracker
+        self.stop_event = threading.Event()
+        self.started_at: float | None = None  # monotonic() of the first frame
+        self.result: StreamResult | None = None
+        self.error: BaseException | None = None
+
+    def _on_frame(self, seq: int, noisy: np.ndarray, clean: np.ndarray) -> None:
+        if self.started_at is None:
+            self.started_at = time.monotonic()
+        self.tracker.add_truth(seq, noisy, clean)
+
+    def run(self) -> None:
+        try:
+            self.result = stream_simulation(self.publisher, self.config.sim_config(), stop=self.stop_event,
+                                            on_frame=self._on_frame, wait_subscriber_s=20.0)
+        except BaseException as exc:  # reported by the main thread
+            self.error = exc
+        finally:
+            self.publisher.close()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=30)
+
+    @property
+    def sent(self) -> int:
+        return self.publisher.sent
+
+
+# ---- the live display ---------------------------------------------------------------------------
+class DemoDisplay:
+    """The daemon's status table (`status.py`) under a line of the demo's own figures; plain lines
+    every ``interval_s`` when stdout is not a terminal."""
+
+    def __init__(self, console: Console, interval_s: float = 5.0):
+        self.console = console
+        self.interactive = console.is_terminal
+        self.interval_s = 0.5 if self.interactive else interval_s
+        self._live: Live | None = None
+        self._next = 0.0
+
+    def __enter__(self) -> "DemoDisplay":
+        if self.interactive:
+            self._live = Live(console=self.console, auto_refresh=False, transient=False)
+            self._live.start()
+        return self
+
+    def due(self) -> bool:
+        return time.monotonic() >= self._next
+
+    def show(self, headline: str, status: dict[str, Any] | None) -> None:
+        self._next = time.monotonic() + self.interval_s
+        if self._live is not None:
+            parts: list[Any] = [Text(headline, style="bold")]
+            if status is not None:
+                parts.append(render_table(status))
+            self._live.update(Group(*parts), refresh=True)
+        else:
+            self.console.print(headline, highlight=False, soft_wrap=True)
+            for line in render_lines(status) if status is not None else []:
+                self.console.print("  " + line, highlight=False, soft_wrap=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+
+def headline(config: DemoConfig, elapsed_s: float, sent: int, figures: OutputFigures, tracker: QualityTracker) -> str:
+    q = tracker.live_means()
+    quality = (f"PSNR over {q['frames']} live frames: raw {q['raw_db']:.1f} dB, denoised {q['denoised_db']:.1f} dB"
+               if q["frames"] else "PSNR: waiting for the first live frame")
+    return (f"umvd-live demo · {config.height}x{config.width} at {config.rate_hz:g} Hz, "
+            f"{config.photons:g} photons/px · {elapsed_s:.0f}/{config.duration_s:g} s · sent {sent} · "
+            f"received {figures.received} · {quality}")
+
+
+# ---- summary ------------------------------------------------------------------------------------
+@dataclass
+class DemoSummary:
+    """The figures the demo ends with (printed as a table; `--json` writes them as they are)."""
+
+    ended_by: str
+    duration_s: float
+    size: tuple[int, int]
+    rate_hz: float
+    photons: float
+    preset: str | None
+    device: str | None
+    frames_sent: int
+    frames_dropped_by_publisher: int
+    frames_late: int
+    frames_received: int
+    frames_skipped_by_daemon: int | None
+    daemon_infer_ms: float | None  # the daemon's estimate of one frame's inference
+    fps_in: float
+    fps_out: float
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+    warmup_frames: int
+    warmup_steps: int
+    warmup_is_serve_default: bool
+    live_after_s: float | None
+    first_live_seq: int | None
+    training_steps: int
+    training_steps_per_s: float | None
+    live_frames_scored: int
+    psnr_raw_db: float | None
+    psnr_tmean_db: float | None
+    psnr_denoised_db: float | None
+    load_average: tuple[float, float, float]
+    cpu_count: int
+    daemon_pid: int
+
+    @property
+    def frames_unaccounted(self) -> int:
+        """Sent but neither received nor skipped by the daemon: lost on the way (should be 0)."""
+        return self.frames_sent - self.frames_received - (self.frames_skipped_by_daemon or 0)
+
+    @property
+    def psnr_gain_db(self) -> float | None:
+        if self.psnr_denoised_db is None or self.psnr_raw_db is None:
+            return None
+        return round(self.psnr_denoised_db - self.psnr_raw_db, 2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"psnr_gain_db": self.psnr_gain_db, "frames_unaccounted": self.frames_unaccounted}
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return round(float(np.percentile(finite, q)), 1) if finite else None
+
+
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{unit}"
+
+
+def render_summary(s: DemoSummary) -> Table:
+    table = Table(title=f"umvd-live demo: summary ({s.ended_by})", title_justify="left")
+    table.add_column("figure", style="bold")
+    table.add_column("value", justify="right")
+    table.add_column("note")
+    table.add_row("session", f"{s.duration_s:.1f} s",
+                  f"{s.size[0]}x{s.size[1]} at {s.rate_hz:g} Hz, {s.photons:g} photons/px; "
+                  f"preset {s.preset or '-'} on {s.device or '-'}")
+    table.add_row("frames sent", str(s.frames_sent),
+                  f"dropped at the publisher {s.frames_dropped_by_publisher}, late {s.frames_late}")
+    pct = 100.0 * s.frames_received / s.frames_sent if s.frames_sent else 0.0
+    table.add_row("frames received", f"{s.frames_received} ({pct:.1f}%)",
+                  f"denoised frames on the output socket; sent but neither received nor skipped: "
+                  f"{s.frames_unaccounted}")
+    if s.frames_skipped_by_daemon:
+        table.add_row("skipped by the daemon", str(s.frames_skipped_by_daemon),
+                      f"inference took {_fmt(s.daemon_infer_ms, '.0f', ' ms')} per frame, "
+                      f"{1000 / s.rate_hz:.0f} ms come between frames: the preview skipped to the newest "
+                      "frame (skipped frames still train the model; a faster machine, a smaller --size "
+                      "or a lower --rate avoid it)")
+    table.add_row("fps in / out", f"{s.fps_in:.1f} / {s.fps_out:.1f}", "")
+    table.add_row("latency p50 / p99",
+                  f"{_fmt(s.latency_p50_ms, '.0f')} / {_fmt(s.latency_p99_ms, '.0f', ' ms')}",
+                  "input taken off the socket -> denoised frame published")
+    setting = ("serve's defaults" if s.warmup_is_serve_default else
+               f"the demo's settings; serve's defaults are {SERVE_WARMUP_FRAMES} frames, {SERVE_WARMUP_STEPS} steps")
+    if s.live_after_s is None:
+        table.add_row("warm-up", "never live", f"{s.warmup_frames} frames, {s.warmup_steps} steps ({setting}): "
+                                               "run longer (--duration) or shorten the warm start")
+    else:
+        table.add_row("warm-up", f"{s.live_after_s:.1f} s",
+                      f"to live (first live output: frame {s.first_live_seq}); {s.warmup_frames} frames, "
+                      f"{s.warmup_steps} steps ({setting})")
+    table.add_row("training steps", str(s.training_steps), _fmt(s.training_steps_per_s, ".1f", " steps/s"))
+    if s.live_frames_scored:
+        over = f"mean per-frame PSNR against the truth, over the {s.live_frames_scored} frames output live"
+        table.add_row("PSNR raw", _fmt(s.psnr_raw_db, ".2f", " dB"), over)
+        table.add_row("PSNR 5-frame mean", _fmt(s.psnr_tmean_db, ".2f", " dB"), "temporal mean, for context")
+        table.add_row("PSNR denoised", _fmt(s.psnr_denoised_db, ".2f", " dB"),
+                      f"{_fmt(s.psnr_gain_db, '+.2f', ' dB')} over raw")
+    else:
+        table.add_row("PSNR", "-", "no frame was output live")
+    table.add_row("machine load", f"{s.load_average[0]:.2f}",
+                  f"load average (1 min; 5 and 15 min: {s.load_average[1]:.2f}, {s.load_average[2]:.2f}) "
+                  f"on {s.cpu_count} cores")
+    return table
+
+
+# ---- the session --------------------------------------------------------------------------------
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = DemoConfig.from_args(args)
+        config.sim_config()  # refuse a bad size, rate or photon count before starting anything
+    except ValueError as exc:
+        print(f"umvd-live demo: {exc}", file=sys.stderr)
+        return 2
+    console = Console()
+    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)  # end cleanly on SIGTERM as on Ctrl-C
+    log_dir = Path(tempfile.mkdtemp(prefix="umvd-demo-"))
+    try:
+        return _session(config, console, log_dir)
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+
+
+def _session(config: DemoConfig, console: Console, log_dir: Path) -> int:
+    daemon = ServeProcess(config, log_dir)
+    tracker = QualityTracker()
+    collector: OutputCollector | None = None
+    sim: SimulatedAcquisition | None = None
+    keep_log = False
+    try:
+        console.print(f"umvd-live demo: starting the daemon (umvd-live serve, pid {daemon.pid}) ...",
+                      highlight=False, soft_wrap=True)
+        daemon.wait_ready()
+        collector = OutputCollector(daemon.output, tracker)
+        console.print(f"Watch it live in another terminal: umvd-live view --connect {daemon.output} "
+                      f"--control {daemon.control}", highlight=False, soft_wrap=True)
+        sim = SimulatedAcquisition(daemon.input, config, tracker)
+        sim.start()
+        ended_by, streamed_s = _stream(config, console, daemon, collector, tracker, sim)
+        final_status = _finish(daemon, collector, tracker, sim)
+        summary = _summarise(config, ended_by, streamed_s, daemon, collector, tracker, sim, final_status)
+        console.print(render_summary(summary))
+        if config.json_path:
+            Path(config.json_path).write_text(json.dumps(summary.to_dict(), indent=2))
+        return 0 if summary.frames_received else 1
+    except DemoError as exc:
+        keep_log = True
+        console.print(f"umvd-live demo: {exc}\n(daemon log: {daemon.log_path})", highlight=False)
+        return 2
+    except KeyboardInterrupt:  # before streaming, or a second Ctrl-C while finishing
+        console.print("umvd-live demo: interrupted", highlight=False)
+        return 130
+    finally:
+        if sim is not None and sim.is_alive():
+            sim.stop()
+        if collector is not None:
+            collector.close()
+        daemon.kill()
+        if not keep_log:
+            daemon.log_path.unlink(missing_ok=True)
+            try:
+                log_dir.rmdir()
+            except OSError:
+                pass
+
+
+def _stream(config: DemoConfig, console: Console, daemon: ServeProcess, collector: OutputCollector,
+            tracker: QualityTracker, sim: SimulatedAcquisition) -> tuple[str, float]:
+    """Receive and show until the duration has passed since the first frame, or Ctrl-C."""
+    ended_by = f"--duration {config.duration_s:g} s"
+    status: dict[str, Any] | None = None
+    with DemoDisplay(console) as display:
+        try:
+            while True:
+                collector.pump(0.05)
+                tracker.ingest()
+                if sim.error is not None:
+                    raise DemoError(f"the simulated acquisition failed: {sim.error!r}")
+                if daemon.proc.poll() is not None:
+                    raise DemoError(f"the daemon exited with status {daemon.proc.returncode}:\n{daemon.log_tail()}")
+                started = sim.started_at
+                elapsed = time.monotonic() - started if started is not None else 0.0
+                if display.due():
+                    status = daemon.request("status")
+                    display.show(headline(config, elapsed, sim.sent, collector.figures, tracker), status)
+                if started is not None and elapsed >= config.duration_s:
+                    break
+                if not sim.is_alive():
+                    raise DemoError("the simulated acquisition stopped on its own")
+        except KeyboardInterrupt:
+            ended_by = "Ctrl-C"
+    sim.stop()
+    started = sim.started_at
+    streamed = (sim.result.elapsed_s if sim.result is not None else
+                (time.monotonic() - started if started is not None else 0.0))
+    return ended_by, streamed
+
+
+def _finish(daemon: ServeProcess, collector: OutputCollector, tracker: QualityTracker,
+            sim: SimulatedAcquisition) -> dict[str, Any]:
+    """Let the daemon take in every frame sent, read its final figures, then shut it down (it
+    flushes the last window's outputs before replying) and collect the rest of the output."""
+    deadline = time.monotonic() + 10.0
+    status = daemon.request("status")
+    while time.monotonic() < deadline:
+        stream = status["streams"].get(STREAM, {})
+        if stream.get("frames_in", 0) + stream.get("rejected_total", 0) >= sim.sent:
+            break
+        collector.pump(0.1)
+        status = daemon.request("status")
+    collector.pump(0.05)
+    collector.streaming = False
+    daemon.request("shutdown", timeout_s=60.0)
+    collector.drain_until_exit(daemon.proc, limit_s=30.0)
+    tracker.finish()
+    daemon.stop()
+    return status
+
+
+def _summarise(config: DemoConfig, ended_by: str, streamed_s: float, daemon: ServeProcess,
+               collector: OutputCollector, tracker: QualityTracker, sim: SimulatedAcquisition,
+               status: dict[str, Any]) -> DemoSummary:
+    f = collector.figures
+    stream = status["streams"].get(STREAM, {})
+    engine = stream.get("engine", {})
+    result = sim.result or StreamResult()
+    quality = tracker.live_means()
+    live_after = (f.first_live_at - sim.started_at if f.first_live_at is not None and sim.started_at is not None
+                  else None)
+    steps_per_s = engine.get("train_steps_per_s")
+    return DemoSummary(
+        ended_by=ended_by, duration_s=round(streamed_s, 2), size=(config.height, config.width),
+        rate_hz=config.rate_hz, photons=config.photons, preset=engine.get("preset"), device=engine.get("device"),
+        frames_sent=sim.sent, frames_dropped_by_publisher=result.dropped, frames_late=result.late,
+        frames_received=f.received, frames_skipped_by_daemon=stream.get("skipped"),
+        daemon_infer_ms=stream.get("infer_ms"),
+        fps_in=round(sim.sent / streamed_s, 2) if streamed_s > 0 else 0.0,
+        fps_out=round(f.received_streaming / streamed_s, 2) if streamed_s > 0 else 0.0,
+        latency_p50_ms=_percentile(f.latencies_ms, 50), latency_p99_ms=_percentile(f.latencies_ms, 99),
+        warmup_frames=config.warmup_frames, warmup_steps=config.warmup_steps,
+        warmup_is_serve_default=(config.warmup_frames, config.warmup_steps) == (SERVE_WARMUP_FRAMES, SERVE_WARMUP_STEPS),
+        live_after_s=None if live_after is None else round(live_after, 2), first_live_seq=f.first_live_seq,
+        training_steps=max(int(stream.get("model_step", 0)), f.last_model_step),
+        training_steps_per_s=None if steps_per_s is None else round(float(steps_per_s), 2),
+        live_frames_scored=int(quality["frames"]), psnr_raw_db=quality["raw_db"],
+        psnr_tmean_db=quality["tmean_db"], psnr_denoised_db=quality["denoised_db"],
+        load_average=tuple(round(x, 2) for x in os.getloadavg()),  # type: ignore[arg-type]
+        cpu_count=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
+        daemon_pid=daemon.pid,
+    )

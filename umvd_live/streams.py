@@ -1,0 +1,440 @@
+"""One live stream inside the daemon: its denoiser, its bookkeeping of frames in flight, its counters.
+
+The daemon routes each decoded frame to the `LiveStream` of its topic. A `LiveStream` knows nothing
+about sockets: it turns frames into `DenoisedOutput`s (the engine's outputs matched back to the
+header and receipt time of the input frame they belong to) and keeps the numbers `status` reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from umvd_live.protocol import Frame, FrameHeader
+from umvd_live.statestore import StateStore
+
+log = logging.getLogger("umvd_live.daemon")
+
+#: Latencies kept for the percentiles: recent enough to react, long enough for a stable p99.
+LATENCY_WINDOW = 1000
+#: Seconds of events a rate meter averages over.
+RATE_WINDOW_S = 5.0
+#: Default seconds without a frame after which a stream is idle (acquisition stopped).
+IDLE_AFTER_S = 10.0
+#: A forward jump of ``seq`` larger than this is a renumbering, not frames lost upstream.
+MAX_SEQ_GAP = 1_000_000
+#: Frames with NaN/Inf pixels logged in full before only every Nth is.
+NONFINITE_LOG_FIRST = 3
+NONFINITE_LOG_EVERY = 1000
+
+
+class Denoiser(Protocol):
+    """The part of `umvd_live.engine.StreamDenoiser` the daemon uses."""
+
+    state: str
+    model_step: int
+    last_loss: float | None
+    warmup_progress: float
+    training_paused: bool
+
+    frames_in: int
+
+    def push(self, frame: np.ndarray, infer: bool = True) -> list[Any]: ...
+    def flush(self) -> list[Any]: ...
+    def pause_training(self) -> None: ...
+    def resume_training(self) -> None: ...
+    def save_weights(self, path: str) -> None: ...
+    def load_weights(self, path: str) -> None: ...
+    def weights_hash(self) -> str | None: ...
+    def stats(self) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+
+
+#: Builds a fresh denoiser; ``init`` is a weights file to start from, or None.
+DenoiserFactory = Callable[[str | None], Denoiser]
+
+
+@dataclass(frozen=True)
+class DenoisedOutput:
+    """One engine output, matched to the input frame it denoises.
+
+    ``image`` is None when the preview skipped this frame's inference (compute fell behind)."""
+
+    stream: str
+    header: FrameHeader
+    image: np.ndarray | None
+    state: str
+    model_step: int
+    received: float  # monotonic() when the input frame was taken from the socket
+
+
+@dataclass(frozen=True)
+class StreamStarted:
+    """A stream got a new denoiser: its first frame, a shape/dtype change, a reset."""
+
+    stream: str
+    shape: tuple[int, int]
+    dtype: str
+    reason: str  # "first_frame" | "shape_change" | "reset" | "init_refused"
+    init: str | None  # the weights file it started from, if any
+
+
+class LatencyStats:
+    """Percentiles of the recent receipt -> publication latencies, in milliseconds."""
+
+    def __init__(self, size: int = LATENCY_WINDOW):
+        self._values: deque[float] = deque(maxlen=size)
+
+    def add(self, ms: float) -> None:
+        self._values.append(ms)
+
+    def clear(self) -> None:
+        self._values.clear()
+
+    def summary(self) -> dict[str, float | None]:
+        if not self._values:
+            return {"p50": None, "p90": None, "p99": None, "max": None, "count": 0}
+        arr = np.fromiter(self._values, dtype=np.float64)
+        p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+        return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(arr.max()),
+                "count": len(arr)}
+
+
+class RateMeter:
+    """Events per second over the last few seconds; decays to 0 once events stop."""
+
+    def __init__(self, window_s: float = RATE_WINDOW_S):
+        self.window_s = window_s
+        self._times: deque[float] = deque()
+        self._first: float | None = None
+
+    def tick(self, now: float) -> None:
+        if self._first is None:
+            self._first = now
+        self._times.append(now)
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._times and now - self._times[0] > self.window_s:
+            self._times.popleft()
+
+    def rate(self, now: float) -> float:
+        self._trim(now)
+        if self._first is None or len(self._times) < 2:
+            return 0.0
+        # Over the whole window once it is full; over the time since the first event before.
+        return len(self._times) / min(self.window_s, max(now - self._first, 1e-3))
+
+
+@dataclass
+class StreamCounters:
+    frames_in: int = 0  # valid frames received
+    frames_out: int = 0  # denoised frames published
+    skipped: int = 0  # preview outputs skipped because compute fell behind
+    drops: int = 0  # frames lost upstream, from gaps in seq
+    seq_restarts: int = 0  # seq went backwards (producer restart)
+    seq_jumps: int = 0  # seq jumped forward by more than MAX_SEQ_GAP (renumbered, not drops)
+    nonfinite_frames: int = 0  # float frames with NaN/Inf pixels (denoised, never trained on)
+    nonfinite_pixels: int = 0  # their NaN/Inf pixels
+    pauses: int = 0  # times the stream came back after being idle
+    resumed: int = 0  # denoisers started from a --state-dir checkpoint
+    restarts: int = 0  # new denoiser after a shape/dtype change
+    resets: int = 0  # new denoiser on request (`reset`)
+    rejected: Counter[str] = field(default_factory=Counter)
+
+
+class LiveStream:
+    """A stream's denoiser plus the headers of the frames it still owes an output for."""
+
+    def __init__(self, name: str, make_denoiser: DenoiserFactory, init: str | None = None,
+                 store: StateStore | None = None, idle_after_s: float = IDLE_AFTER_S):
+        self.name = name
+        self._make_denoiser = make_denoiser
+        self.init = init  # weights every new denoiser of this stream starts from
+        self.init_explicit = False  # `load_model` named them: they win over a state checkpoint
+        self.store = store
+        self.idle_after_s = idle_after_s
+        self.started_from: str | None = None  # the weights the current denoiser started from
+        self.last_received: float | None = None
+        self.idle = False  # no frame for idle_after_s: training paused, latency figures dropped
+        self._latency_since = float("-inf")  # outputs of frames received before a pause are not counted
+        self.counters = StreamCounters()
+        self.latency = LatencyStats()
+        self.fps_in = RateMeter()
+        self.fps_out = RateMeter()
+        self.denoiser: Denoiser | None = None
+        self.shape: tuple[int, int] | None = None
+        self.dtype: str | None = None
+        self.training_paused = False
+        self.last_seq: int | None = None
+        self._pending: dict[int, tuple[FrameHeader, float]] = {}  # engine index -> input
+        #: Running estimate of one inferring push, for deciding how much backlog to work through.
+        self.infer_cost_s: float | None = None
+
+    # ---- frames -------------------------------------------------------------------------------
+    def accept(self, frame: Frame, received: float, infer: bool) -> tuple[list[DenoisedOutput], StreamStarted | None]:
+        """Push one valid frame. Returns the outputs that became ready (a shape change first
+        flushes the old denoiser's outputs) and, when a new denoiser was started, its description."""
+        self._track_seq(frame.header.seq)
+        self._track_activity(received)
+        self._track_nonfinite(frame)
+        self.counters.frames_in += 1
+        self.fps_in.tick(received)
+        outputs: list[DenoisedOutput] = []
+        started: StreamStarted | None = None
+        if self.denoiser is None or (frame.header.shape, frame.header.dtype) != (self.shape, self.dtype):
+            reason = "first_frame"
+            if self.denoiser is not None:
+                reason = "shape_change"
+                log.info(
+                    "stream %s: %sx%s %s -> %sx%s %s; restarting its window and warm start",
+                    self.name, *self.shape, self.dtype, *frame.header.shape, frame.header.dtype,
+                )
+                outputs.extend(self._close_denoiser())
+                self.counters.restarts += 1
+            started = self._start_denoiser(frame.header.shape, frame.header.dtype, reason)
+        outputs.extend(self._push(frame, received, infer))
+        return outputs, started
+
+    def reset(self, init: str | None) -> tuple[list[DenoisedOutput], StreamStarted | None]:
+        """Forget the model (new field of view): flush what is owed, start a fresh denoiser."""
+        self.init = init
+        self.init_explicit = False
+        if self.denoiser is None:
+            return [], None
+        outputs = self._close_denoiser(checkpoint=False)
+        if self.store is not None:
+            self.store.forget(self.name, self.shape, self.dtype)
+        self.counters.resets += 1
+        assert self.shape is not None and self.dtype is not None
+        return outputs, self._start_denoiser(self.shape, self.dtype, "reset")
+
+    def close(self) -> list[DenoisedOutput]:
+        """Flush and stop the denoiser (its trainer thread)."""
+        return self._close_denoiser() if self.denoiser is not None else []
+
+    def note_published(self, latency_ms: float, now: float, received: float) -> None:
+        self.counters.frames_out += 1
+        if received >= self._latency_since:  # not an output that waited out a pause
+            self.latency.add(latency_ms)
+        self.fps_out.tick(now)
+
+    def check_idle(self, now: float) -> bool:
+        """Called periodically: a stream without frames for ``idle_after_s`` stops training (a
+        stopped acquisition must not keep a core busy, nor over-fit the last frames) and drops
+        its latency figures. Returns True when it just became idle."""
+        if self.idle or self.last_received is None or now - self.last_received < self.idle_after_s:
+            return False
+        self.idle = True
+        self._apply_training()
+        log.info("stream %s: no frame for %.0f s: idle, training paused until frames come again",
+                 self.name, now - self.last_received)
+        return True
+
+    def checkpoint(self) -> None:
+        """Save this stream's weights to the state directory (if any, and if it is live)."""
+        if self.store is not None:
+            self.store.save(self.name, self.denoiser, self.shape, self.dtype)
+
+    def note_skipped(self) -> None:
+        self.counters.skipped += 1
+
+    def note_rejected(self, reason: str) -> None:
+        self.counters.rejected[reason] += 1
+
+    # ---- training -----------------------------------------------------------------------------
+    def set_training_paused(self, paused: bool) -> None:
+        self.training_paused = paused
+        self._apply_training()
+
+    def _apply_training(self) -> None:
+        """Train unless the operator paused training or the stream is idle."""
+        if self.denoiser is not None:
+            halt = self.training_paused or self.idle
+            (self.denoiser.pause_training if halt else self.denoiser.resume_training)()
+
+    # ---- status -------------------------------------------------------------------------------
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """Plain values only (msgpack-able): what `status` replies and the status table shows."""
+        c = self.counters
+        den = self.denoiser
+        snap: dict[str, Any] = {
+            "frames_in": c.frames_in,
+            "frames_out": c.frames_out,
+            "skipped": c.skipped,
+            "drops": c.drops,
+            "rejected": dict(c.rejected),
+            "rejected_total": sum(c.rejected.values()),
+            "seq_restarts": c.seq_restarts,
+            "seq_jumps": c.seq_jumps,
+            "nonfinite_frames": c.nonfinite_frames,
+            "nonfinite_pixels": c.nonfinite_pixels,
+            "pauses": c.pauses,
+            "resumed": c.resumed,
+            "started_from": self.started_from,
+            "idle": self.idle,
+            "idle_s": None if self.last_received is None else round(now - self.last_received, 3),
+            "restarts": c.restarts,
+            "resets": c.resets,
+            "last_seq": self.last_seq,
+            "fps_in": round(self.fps_in.rate(now), 2),
+            "fps_out": round(self.fps_out.rate(now), 2),
+            # an idle stream has no current latency: old figures would read as today's
+            "latency_ms": LatencyStats(0).summary() if self.idle else self.latency.summary(),
+            "shape": list(self.shape) if self.shape else None,
+            "dtype": self.dtype,
+            "pending": len(self._pending),
+            "infer_ms": None if self.infer_cost_s is None else round(1000 * self.infer_cost_s, 2),
+            "training_paused": self.training_paused,
+            "state": den.state if den is not None else "idle",
+            "model_step": int(den.model_step) if den is not None else 0,
+            "loss": _plain(den.last_loss) if den is not None else None,
+            "warmup_progress": _plain(den.warmup_progress) if den is not None else 0.0,
+        }
+        if den is not None:
+            try:
+                snap["engine"] = _plain(den.stats())
+            except Exception as exc:  # a status request must never take the daemon down
+                snap["engine"] = {"error": repr(exc)}
+        return snap
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _push(self, frame: Frame, received: float, infer: bool) -> list[DenoisedOutput]:
+        den = self.denoiser
+        assert den is not None
+        index = den.frames_in  # the engine's index of this frame
+        self._pending[index] = (frame.header, received)
+        try:
+            started = monotonic()
+            outputs = self._match(den.push(frame.pixels, infer=infer))
+            if infer and outputs and index > 0:  # the first push also builds the network
+                cost = monotonic() - started
+                self.infer_cost_s = cost if self.infer_cost_s is None else 0.9 * self.infer_cost_s + 0.1 * cost
+            return outputs
+        except Exception:
+            if den.frames_in == index:  # the engine did not take the frame
+                self._pending.pop(index, None)
+            if index == 0 and self.started_from is not None:
+                # The first push builds the network from the weights file: weights that do not
+                # fit this stream must not wedge it. Start from scratch instead, and say so.
+                log.exception("stream %s: cannot start from weights %s; starting from scratch",
+                              self.name, self.started_from)
+                if self.started_from == self.init:
+                    self.init = None
+                den.close()
+                self._start_denoiser(frame.header.shape, frame.header.dtype, "init_refused", use_state=False)
+                return self._push(frame, received, infer)
+            raise
+
+    def _track_activity(self, received: float) -> None:
+        """A frame after an idle spell: training resumes, latency figures start afresh."""
+        last, self.last_received = self.last_received, received
+        if last is None or not (self.idle or received - last >= self.idle_after_s):
+            return
+        self.counters.pauses += 1
+        self.idle = False
+        self.latency.clear()
+        self._latency_since = received
+        self._apply_training()
+        log.info("stream %s: frames again after %.1f s without; training resumed", self.name, received - last)
+
+    def _track_nonfinite(self, frame: Frame) -> None:
+        """Count NaN/Inf pixels; the engine replaces them and never trains on such a frame."""
+        px = frame.pixels
+        if px.dtype.kind != "f" or np.isfinite(px).all():
+            return
+        bad = int(px.size - np.count_nonzero(np.isfinite(px)))
+        c = self.counters
+        c.nonfinite_frames += 1
+        c.nonfinite_pixels += bad
+        if c.nonfinite_frames <= NONFINITE_LOG_FIRST or c.nonfinite_frames % NONFINITE_LOG_EVERY == 0:
+            log.warning("stream %s: frame seq %d has %d NaN/Inf pixels: denoised with them replaced, "
+                        "not trained on [%d such frames so far]", self.name, frame.header.seq, bad,
+                        c.nonfinite_frames)
+
+    def _track_seq(self, seq: int) -> None:
+        last = self.last_seq
+        if last is not None:
+            if seq > last + MAX_SEQ_GAP:
+                self.counters.seq_jumps += 1
+                log.warning("stream %s: seq jumped from %d to %d; not counted as drops", self.name, last, seq)
+            elif seq > last + 1:
+                self.counters.drops += seq - last - 1
+            elif seq <= last:
+                self.counters.seq_restarts += 1
+                log.warning("stream %s: seq went back from %d to %d (producer restart?); going on",
+                            self.name, last, seq)
+        self.last_seq = seq
+
+    def _start_denoiser(self, shape: tuple[int, int], dtype: str, reason: str,
+                        use_state: bool = True) -> StreamStarted:
+        """A new denoiser: from this stream's --state-dir checkpoint for this frame format if
+        there is a valid one (unless `load_model` named weights), else from ``init``."""
+        start = self.init
+        if use_state and self.store is not None and reason in ("first_frame", "shape_change") \
+                and not self.init_explicit:
+            resumed = self.store.find(self.name, shape, dtype)
+            if resumed is not None:
+                start = resumed
+                self.counters.resumed += 1
+        self.denoiser = self._make_denoiser(start)
+        self.started_from = start
+        self.shape, self.dtype = shape, dtype
+        self._pending.clear()
+        self._apply_training()
+        log.info("stream %s: new denoiser for %dx%d %s (%s%s)", self.name, *shape, dtype, reason,
+                 f", from {start}" if start else "")
+        return StreamStarted(self.name, shape, dtype, reason, start)
+
+    def _close_denoiser(self, checkpoint: bool = True) -> list[DenoisedOutput]:
+        den = self.denoiser
+        assert den is not None
+        try:
+            outputs = self._match(den.flush())
+            if checkpoint:  # shutdown, shape change: keep what this model learned
+                self.checkpoint()
+        finally:
+            den.close()
+            self.denoiser = None
+        if self._pending:  # the engine owes one output per input: say so if it did not
+            log.error("stream %s: %d frames got no output before the denoiser closed",
+                      self.name, len(self._pending))
+            self._pending.clear()
+        return outputs
+
+    def _match(self, frames: Sequence[Any]) -> list[DenoisedOutput]:
+        outputs = []
+        for out in frames:
+            entry = self._pending.pop(out.index, None)
+            if entry is None:
+                log.error("stream %s: engine output for unknown frame index %s", self.name, out.index)
+                continue
+            header, received = entry
+            outputs.append(DenoisedOutput(self.name, header, out.image, out.state, int(out.model_step), received))
+        return outputs
+
+
+def _plain(value: Any) -> Any:
+    """numpy/torch scalars and containers → plain Python, so a reply always packs."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item"):
+        try:
+            return value.item()
+        except Exception:
+            pass
+    return repr(value)
+
+
+def monotonic() -> float:
+    """The one clock of receipt and publication times."""
+    return time.perf_counter()
