@@ -58,7 +58,7 @@ def main() -> int:
         if not args.skip_offline:
             runs.append(("umvd-live denoise --offline", ["--offline"]))
         for name, extra in runs:
-            out = Path(tmp) / "out.ome.tif"
+            out = Path(tmp) / f"out{len(rows)}.ome.tif"
             seconds = run_cli(["denoise", str(src), str(out), *extra, *args.extra])
             result = tifffile.imread(out)
             assert result.shape == noisy.shape and result.dtype == np.float32, (result.shape, result.dtype)

@@ -31,6 +31,8 @@ def _denoise(sub: argparse._SubParsersAction) -> None:
     _engine_args(p)
     p.add_argument("--offline", action="store_true",
                    help="train on the whole movie first (the paper's recipe), then denoise")
+    p.add_argument("--steps-per-frame", type=float, default=4.0, metavar="S",
+                   help="training steps after each frame in streamed mode (default 4: a file need not keep pace)")
     p.add_argument("--save-model", metavar="PATH", help="save the final weights here")
     p.set_defaults(module="umvd_live.filemode")
 

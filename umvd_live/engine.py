@@ -46,6 +46,7 @@ class EngineConfig:
     steps_per_frame: float = 1.0  # inline mode: training steps after each pushed frame
     min_train_frames: int = 32  # training starts once this many frames are buffered
     sync_every: int = 8  # trainer steps between publications of new inference weights
+    live_train_duty: float = 0.3  # background mode, once live: the trainer's share of its core
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     init: str | None = None  # weights from an earlier session: skips the warm start
     cpu_threads: int | None = None  # torch threads on CPU; None: all cores, half in background mode
@@ -160,7 +161,8 @@ class StreamDenoiser:
         threads = self.config.cpu_threads
         if threads is None:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            # Two threads of work (inference and training) each get half of the cores.
+            # Two threads of work (inference and training) each get half of the cores: measured
+            # on 2 cores, that beats pausing the trainer during each push (docs/benchmarks.md).
             threads = max(1, cores // 2) if self.config.train_mode == "background" else cores
         torch.set_num_threads(threads)
 
@@ -330,8 +332,14 @@ class StreamDenoiser:
             if not self._can_train() or self._replay is None:
                 self._stop.wait(0.01)
                 continue
+            started = time.monotonic()
             if self._train_steps(1) == 0:
                 self._stop.wait(0.005)
+            elif self._live and self.config.live_train_duty < 1.0:
+                # The training budget: once live, leave the rest of the time to inference and
+                # to the acquisition's other work on the machine; the warm start runs flat out.
+                busy = time.monotonic() - started
+                self._stop.wait(busy * (1.0 / max(self.config.live_train_duty, 0.01) - 1.0))
 
     def train_for(self, steps: int) -> int:
         """Run `steps` training steps now (offline pre-training, tests) and publish the weights."""

@@ -102,6 +102,8 @@ def _fail(message: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
+    if Path(args.output).exists():
+        return _fail(f"{args.output} exists: recordings are never overwritten; remove it or pick another name")
     try:
         movie = read_movie(args.input)
     except MovieError as exc:
@@ -113,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         warmup_frames=args.warmup_frames,
         init=args.init,
         seed=args.seed,
+        steps_per_frame=args.steps_per_frame,
     )
     try:
         result = denoise_movie(movie, config, offline=args.offline, console=err)

@@ -36,6 +36,7 @@ class ModelSpec:
     dec1_skip: SkipSource = "features"  # the paper concatenates the weighted G features
     head: tuple[int, ...] = (384, 96)  # hidden widths of the 1x1 head
     bias: bool = False
+    padding: str = "replicate"  # the reference's; "zeros" is fused into the convolution (faster)
 
     def __post_init__(self) -> None:
         if self.window < 3 or self.window % 2 == 0:
@@ -66,14 +67,15 @@ def lite_spec(window: int = 7) -> ModelSpec:
         window=window,
         g_channels=4,
         g_layers=2,
-        enc1=(1, 12),
+        enc1=(1, 8),
         enc2=(2, 24),
         mid=(3, 32),
         dec2=(2, 24),
-        dec1=(1, 12),
+        dec1=(1, 8),
         dec1_skip="enc1",
-        head=(24,),
+        head=(16,),
         bias=True,
+        padding="zeros",
     )
 
 
@@ -100,15 +102,14 @@ def gamma_weights(window: int, power: float = 64.0, floor: float = 0.0) -> torch
     return gamma.float()
 
 
-def _conv(cin: int, cout: int, bias: bool) -> nn.Sequential:
-    # Replication padding, as in the reference: zero padding would darken the borders.
+def _conv(cin: int, cout: int, spec: ModelSpec) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, padding_mode="replicate", bias=bias), nn.ReLU(inplace=True)
+        nn.Conv2d(cin, cout, 3, padding=1, padding_mode=spec.padding, bias=spec.bias), nn.ReLU(inplace=True)
     )
 
 
-def _stack(cin: int, convs: int, cout: int, bias: bool) -> nn.Sequential:
-    return nn.Sequential(*[_conv(cin if i == 0 else cout, cout, bias) for i in range(convs)])
+def _stack(cin: int, convs: int, cout: int, spec: ModelSpec) -> nn.Sequential:
+    return nn.Sequential(*[_conv(cin if i == 0 else cout, cout, spec) for i in range(convs)])
 
 
 class FeatureGenerator(nn.Module):
@@ -116,7 +117,7 @@ class FeatureGenerator(nn.Module):
 
     def __init__(self, spec: ModelSpec, in_channels: int = 1):
         super().__init__()
-        self.body = _stack(in_channels, spec.g_layers, spec.g_channels, spec.bias)
+        self.body = _stack(in_channels, spec.g_layers, spec.g_channels, spec)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return self.body(frames)
@@ -128,24 +129,23 @@ class Denoiser(nn.Module):
     def __init__(self, spec: ModelSpec, out_channels: int = 1):
         super().__init__()
         cin = spec.window * spec.g_channels
-        b = spec.bias
         (n1, c1), (n2, c2), (nm, cm), (nd2, cd2), (nd1, cd1) = (
             spec.enc1, spec.enc2, spec.mid, spec.dec2, spec.dec1,
         )
         self.skip = spec.dec1_skip
-        self.enc1 = _stack(cin, n1, c1, b)
-        self.enc2 = _stack(c1, n2, c2, b)
+        self.enc1 = _stack(cin, n1, c1, spec)
+        self.enc2 = _stack(c1, n2, c2, spec)
         if nm < 2:
             raise ValueError("the bottleneck needs at least 2 convolutions")
-        self.mid = nn.Sequential(_conv(c2, cm, b), *[_conv(cm, cm, b) for _ in range(nm - 2)], _conv(cm, c2, b))
-        self.dec2 = _stack(c2 + c1, nd2, cd2, b)
+        self.mid = nn.Sequential(_conv(c2, cm, spec), *[_conv(cm, cm, spec) for _ in range(nm - 2)], _conv(cm, c2, spec))
+        self.dec2 = _stack(c2 + c1, nd2, cd2, spec)
         skip_channels = cin if spec.dec1_skip == "features" else c1
-        self.dec1 = _stack(cd2 + skip_channels, nd1, cd1, b)
+        self.dec1 = _stack(cd2 + skip_channels, nd1, cd1, spec)
         widths = (cd1, *spec.head)
         head: list[nn.Module] = []
         for a, c in zip(widths[:-1], widths[1:]):
-            head += [nn.Conv2d(a, c, 1, bias=b), nn.ReLU(inplace=True)]
-        head.append(nn.Conv2d(widths[-1], out_channels, 1, bias=b))
+            head += [nn.Conv2d(a, c, 1, bias=spec.bias), nn.ReLU(inplace=True)]
+        head.append(nn.Conv2d(widths[-1], out_channels, 1, bias=spec.bias))
         self.head = nn.Sequential(*head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
