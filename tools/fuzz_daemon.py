@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -206,13 +207,38 @@ def build_plan(n_malformed: int, *, seed: int = 0, size: int = 64, valid_every: 
 
 
 # ---- the daemon side ----------------------------------------------------------------------------
+def private_input_endpoint() -> str:
+    """A free loopback port below the kernel's ephemeral range, for the daemon's input.
+
+    The fuzz figures count every rejection exactly. A socket another program (or an earlier test)
+    left connecting to a port in the ephemeral range, which `tcp://127.0.0.1:*` binds draw from,
+    would deliver its queued messages to a new daemon that happens to get that port; a port below
+    the range is never handed out that way.
+    """
+    low = 20000
+    try:
+        low_eph = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low_eph = 32768
+    rng = np.random.default_rng()
+    for _ in range(100):
+        port = int(rng.integers(low, max(low + 1, low_eph)))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return f"tcp://127.0.0.1:{port}"
+    return "tcp://127.0.0.1:*"
+
+
 class Daemon:
-    """`python -m umvd_live.cli serve` on ephemeral loopback ports, logs to files."""
+    """`python -m umvd_live.cli serve` on loopback ports, logs to files."""
 
     def __init__(self, workdir: Path, extra: list[str] = ()):
         self.err_path = workdir / "daemon.err"
         self.model_dir = workdir / "models"
-        cmd = [sys.executable, "-m", "umvd_live.cli", "serve", "--input", "tcp://127.0.0.1:*",
+        cmd = [sys.executable, "-m", "umvd_live.cli", "serve", "--input", private_input_endpoint(),
                "--output", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*",
                "--output-dir", str(self.model_dir), *ENGINE_ARGS, *extra]
         env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

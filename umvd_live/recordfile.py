@@ -455,8 +455,23 @@ class RecordingFile:
             os.close(self._fd)
 
     def abandon(self) -> None:
-        """Close the descriptor without more writes (after an I/O error): what is linked stays."""
-        if not self._closed:
+        """Close after an I/O error: what is linked stays readable.
+
+        The OME-XML is brought up to date if it fits its reserved slot: overwriting space the file
+        already has needs no new blocks, so this works on a full disk too, and tifffile and Fiji
+        then see every frame that was linked, not just those of the last checkpoint.
+        """
+        if self._closed:
+            return
+        try:
+            n = len(self.infos)
+            xml = self._xml(frames=n, final=False)
+            if n != self._committed_xml_frames and len(xml.encode("ascii")) + 1 <= self._slot_size:
+                self._publish_xml(xml)
+                self._committed_xml_frames = n
+        except OSError:
+            pass  # the frames stay readable page by page (read_recording)
+        finally:
             self._closed = True
             try:
                 os.close(self._fd)
