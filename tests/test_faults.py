@@ -170,7 +170,7 @@ def test_disk_full_during_recording_stops_it_but_not_the_live_output(tmp_path, m
         assert d.request({"cmd": "record_start", "path": "rec.ome.tif", "raw": True})["ok"]
         n = 150  # 150 x (16 KiB denoised + 8 KiB raw) = 3.6 MB, far over the 600 kB limit
         run_producer(d.input, [["cam0", 64, 64, "<u2"]] * n, rate=100)
-        s = wait_status(d, lambda s: s["frames_in"] == n and s["frames_out"] == n - HALF)
+        wait_status(d, lambda s: s["frames_in"] == n and s["frames_out"] == n - HALF)
         rec = d.request({"cmd": "status"})["recording"]
         assert rec["error"] and "File too large" in rec["error"] and "EFBIG" in rec["error"]
         assert rec["recording"] is False and rec["frames_written"] < n

@@ -19,7 +19,6 @@ from umvd_live.protocol import (
     decode_output,
     encode_denoised,
     encode_frame,
-    pack,
 )
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"

@@ -11,7 +11,6 @@ os.environ.setdefault("PYTEST_RUNNING", "1")  # pymmcore-plus: no log file (read
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,7 +22,6 @@ import zmq
 from umvd_live.adapters import pycromanager_source as pm
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.adapters.pycamera import render
-from umvd_live.protocol import decode_frame
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,45 +42,6 @@ def write_config(path: Path) -> Path:
     return path
 
 
-class Receiver(threading.Thread):
-    """A plain SUB socket on an ephemeral port, decoding with `decode_frame`, always polling."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.sock = zmq.Context.instance().socket(zmq.SUB)
-        self.sock.setsockopt(zmq.RCVHWM, 100000)
-        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sock.bind("tcp://127.0.0.1:*")
-        self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self.frames: list = []
-        self._halt = threading.Event()
-        self.start()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            if self.sock.poll(20):
-                self.frames.append(decode_frame(self.sock.recv_multipart()))
-        self.sock.close(linger=0)
-
-    def wait_for(self, count: int, timeout_s: float = 20.0) -> list:
-        deadline = time.monotonic() + timeout_s
-        while len(self.frames) < count and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.1)
-        return list(self.frames)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(5)
-
-
-@pytest.fixture
-def receiver():
-    rx = Receiver()
-    yield rx
-    rx.stop()
-
-
 @pytest.fixture
 def backend(tmp_path):
     core = pm.start_python_backend(write_config(tmp_path / "MMConfig.cfg"))
@@ -93,7 +52,7 @@ def backend(tmp_path):
         pm.stop_python_backend()
 
 
-def publisher_for(rx: Receiver) -> FramePublisher:
+def publisher_for(rx) -> FramePublisher:  # rx: the `receiver` fixture
     pub = FramePublisher(rx.endpoint, "cam0")
     assert pub.wait_for_subscriber(10)
     return pub

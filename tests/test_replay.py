@@ -8,11 +8,9 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import numpy as np
 import pytest
 import tifffile
-import zmq
 
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.adapters.replay import (
@@ -22,7 +20,6 @@ from umvd_live.adapters.replay import (
     replay,
     replay_schedule,
 )
-from umvd_live.protocol import decode_frame
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,44 +29,6 @@ def movie(n: int = 6, shape: tuple[int, int] = (12, 16), dtype: str = "u2") -> n
     data = rng.integers(0, 1000, size=(n, *shape)).astype(dtype)
     data[:, 0, 0] = np.arange(n)  # frame number in a corner, to check order at a glance
     return data
-
-
-class Receiver(threading.Thread):
-    """A plain SUB socket on an ephemeral port, decoding with `decode_frame`, always polling."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.sock = zmq.Context.instance().socket(zmq.SUB)
-        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sock.bind("tcp://127.0.0.1:*")
-        self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self.frames: list = []
-        self._halt = threading.Event()
-        self.start()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            if self.sock.poll(20):
-                self.frames.append(decode_frame(self.sock.recv_multipart()))
-        self.sock.close(linger=0)
-
-    def wait_for(self, count: int, timeout_s: float = 10.0) -> list:
-        deadline = time.monotonic() + timeout_s
-        while len(self.frames) < count and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.1)
-        return list(self.frames)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(5)
-
-
-@pytest.fixture
-def receiver():
-    rx = Receiver()
-    yield rx
-    rx.stop()
 
 
 # ------------------------------------------------------------------------------ reading files
