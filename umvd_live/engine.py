@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Literal
 
 import numpy as np
@@ -447,7 +447,3 @@ class StreamDenoiser:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def describe(self) -> dict:
-        """Provenance for recordings: what produced these frames."""
-        return {"preset": self.preset, "window": self.config.window, "spec": asdict(self.spec) if self.spec else None}
