@@ -26,7 +26,7 @@ import pytest
 import zmq
 
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
-from umvd_live.viewer.control_client import ControlClient, DaemonUnavailable
+from umvd_live.control_client import ControlClient, DaemonUnavailable
 from umvd_live.viewer.noise import (
     FrameHistory,
     clip_region,
@@ -228,7 +228,7 @@ def test_session_shows_the_newest_frame_and_follows_a_laser_power_change():
 
 def test_the_viewer_package_imports_no_qt():
     code = ("import sys, umvd_live.viewer, umvd_live.viewer.noise, umvd_live.viewer.session, "
-            "umvd_live.viewer.control_client, umvd_live.cli; "
+            "umvd_live.control_client, umvd_live.cli; "
             "bad = [m for m in ('qtpy', 'PyQt5', 'napari', 'vispy') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

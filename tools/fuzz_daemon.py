@@ -43,6 +43,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from umvd_live.checkpoint import load_checkpoint
+from umvd_live.control_client import ControlClient, DaemonUnavailable
 from umvd_live.protocol import ProtocolError, decode_frame, decode_output, encode_frame
 
 READY = re.compile(r"ready: input=(\S+) output=(\S+) control=(\S+)")
@@ -254,15 +255,12 @@ class Daemon:
         self.ps = psutil.Process(self.proc.pid)
 
     def request(self, msg: dict, timeout_s: float = 60) -> dict:
-        req = zmq.Context.instance().socket(zmq.REQ)
-        req.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
-        req.setsockopt(zmq.LINGER, 0)
-        req.connect(self.control)
+        # A client per call: the sampler thread and the main thread ask concurrently.
+        client = ControlClient(self.control, timeout_s)
         try:
-            req.send(msgpack.packb(msg))
-            return msgpack.unpackb(req.recv())
+            return client.request(**msg)
         finally:
-            req.close()
+            client.close()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -342,7 +340,7 @@ class Sampler(threading.Thread):
                 try:
                     self.d.request({"cmd": "status"}, timeout_s=30)
                     self.status_rtt_s.append(time.perf_counter() - t0)
-                except zmq.ZMQError:
+                except DaemonUnavailable:
                     self.status_failures += 1
                 next_status = time.monotonic() + self.status_every_s
             self._halt.wait(self.every_s)

@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 import psutil
-import zmq
+
+from umvd_live.control_client import ControlClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fuzz_daemon import Collector  # noqa: E402  (the same output subscriber)
-
 
 
 def start_daemon(workdir: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, dict[str, str]]:
@@ -75,17 +75,11 @@ def stop_producer(proc: subprocess.Popen, crash: bool) -> None:
 
 
 def request(endpoint: str, msg: dict, timeout_s: float = 30) -> dict:
-    import msgpack
-
-    req = zmq.Context.instance().socket(zmq.REQ)
-    req.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
-    req.setsockopt(zmq.LINGER, 0)
-    req.connect(endpoint)
+    client = ControlClient(endpoint, timeout_s)
     try:
-        req.send(msgpack.packb(msg))
-        return msgpack.unpackb(req.recv())
+        return client.request(**msg)
     finally:
-        req.close()
+        client.close()
 
 
 def soak(args: argparse.Namespace) -> dict[str, Any]:

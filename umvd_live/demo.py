@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import numpy as np
 import zmq
 from rich.console import Console, Group
@@ -40,6 +39,7 @@ from rich.table import Table
 from rich.text import Text
 
 from umvd_live.adapters.publisher import FramePublisher
+from umvd_live.control_client import ControlClient, DaemonUnavailable
 from umvd_live.adapters.simulation import SimConfig, StreamResult, stream_simulation
 from umvd_live.metrics import psnr
 from umvd_live.protocol import DENOISED_SUFFIX, ProtocolError, decode_output
@@ -130,7 +130,7 @@ class ServeProcess:
                                          env=env, start_new_session=True, preexec_fn=_end_with_parent)
         self.input = self.output = self.control = ""
         self._ctx = zmq.Context()
-        self._req: zmq.Socket | None = None
+        self._control: ControlClient | None = None
 
     @property
     def pid(self) -> int:
@@ -150,17 +150,13 @@ class ServeProcess:
             time.sleep(0.05)
 
     def request(self, cmd: str, timeout_s: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
-        """One control request; a fresh REQ socket after a timeout (REQ cannot resend)."""
-        if self._req is None:
-            self._req = self._ctx.socket(zmq.REQ)
-            self._req.setsockopt(zmq.LINGER, 0)
-            self._req.connect(self.control)
-        self._req.send(msgpack.packb({"cmd": cmd}))
-        if not self._req.poll(int(timeout_s * 1000)):
-            self._req.close()
-            self._req = None
-            raise DemoError(f"the daemon did not answer {cmd!r} within {timeout_s:.0f} s")
-        reply = msgpack.unpackb(self._req.recv())
+        """One control request (the shared client re-creates its socket after a timeout)."""
+        if self._control is None:
+            self._control = ControlClient(self.control, CONTROL_TIMEOUT_S, self._ctx)
+        try:
+            reply = self._control.request(cmd, timeout_s)
+        except DaemonUnavailable:
+            raise DemoError(f"the daemon did not answer {cmd!r} within {timeout_s:.0f} s") from None
         if not reply.get("ok"):
             raise DemoError(f"the daemon refused {cmd!r}: {reply.get('error')}")
         return reply
@@ -176,9 +172,9 @@ class ServeProcess:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Wait for the exit that `shutdown` started; kill it if it does not come."""
-        if self._req is not None:
-            self._req.close()
-            self._req = None
+        if self._control is not None:
+            self._control.close()
+            self._control = None
         try:
             self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:

@@ -23,7 +23,7 @@ import numpy as np
 import zmq
 
 from umvd_live.protocol import OutputMessage, ProtocolError, decode_output
-from umvd_live.viewer.control_client import ControlClient, ControlReply, DaemonUnavailable
+from umvd_live.control_client import ControlClient, ControlReply, DaemonUnavailable
 from umvd_live.viewer.noise import (
     DEFAULT_HISTORY,
     MIN_FRAMES,

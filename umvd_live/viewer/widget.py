@@ -35,7 +35,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from umvd_live.viewer.control_client import ControlReply
+from umvd_live.control_client import ControlReply
 from umvd_live.viewer.noise import Region
 from umvd_live.viewer.plot import DENOISED_COLOR, RAW_COLOR, TracePlot
 from umvd_live.viewer.session import CommandFailed, FramePair, LiveStats, ViewerConfig

@@ -4,7 +4,7 @@ Why: a REQ socket whose request got no reply is stuck (it may not send again), a
 restarts never answers the lost request. So every request has a deadline; past it the socket is
 closed without lingering and a fresh one connects, ready for the next request. The client is
 non-blocking (`send` now, `poll` later) so that the viewer's worker keeps reading frames while a
-request is out; `request` is the blocking form for scripts and tests.
+request is out; `request` is the blocking form for the demo, scripts and tests.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class ControlClient:
         self._sock: zmq.Socket | None = None
         self._pending: dict[str, Any] | None = None
         self._deadline = 0.0
+        self._timeout_s = timeout_s
         self.timeouts = 0  # requests that got no reply in time
         self.last_reply_at: float | None = None  # monotonic time of the last reply
 
@@ -68,8 +69,10 @@ class ControlClient:
     def busy(self) -> bool:
         return self._pending is not None
 
-    def send(self, request: dict[str, Any]) -> None:
-        """Send ``request`` (a map with ``cmd``) without waiting; `poll` collects the reply."""
+    def send(self, request: dict[str, Any], timeout_s: float | None = None) -> None:
+        """Send ``request`` (a map with ``cmd``) without waiting; `poll` collects the reply.
+
+        ``timeout_s`` overrides the client's deadline for this request (e.g. a long `shutdown`)."""
         if self._pending is not None:
             raise RuntimeError(f"request {self._pending.get('cmd')!r} is still waiting for its reply")
         try:
@@ -78,7 +81,8 @@ class ControlClient:
             self._reset()
             raise DaemonUnavailable(f"cannot send {request.get('cmd')!r} to {self.endpoint}: {exc}") from None
         self._pending = request
-        self._deadline = time.monotonic() + self.timeout_s
+        self._timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        self._deadline = time.monotonic() + self._timeout_s
 
     def poll(self, timeout_ms: int = 0) -> ControlReply | None:
         """The reply if it came, None if still waiting; DaemonUnavailable once the deadline passed."""
@@ -100,12 +104,12 @@ class ControlClient:
             cmd = self._pending.get("cmd")
             self.timeouts += 1
             self._reset()
-            raise DaemonUnavailable(f"no reply to {cmd!r} from {self.endpoint} within {self.timeout_s:g} s")
+            raise DaemonUnavailable(f"no reply to {cmd!r} from {self.endpoint} within {self._timeout_s:g} s")
         return None
 
-    def request(self, cmd: str, **fields: Any) -> dict[str, Any]:
+    def request(self, cmd: str, timeout_s: float | None = None, **fields: Any) -> dict[str, Any]:
         """Blocking request: the reply map, or DaemonUnavailable after the timeout."""
-        self.send({"cmd": cmd, **fields})
+        self.send({"cmd": cmd, **fields}, timeout_s)
         while True:
             reply = self.poll(50)
             if reply is not None:
