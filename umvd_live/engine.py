@@ -190,8 +190,7 @@ class StreamDenoiser:
         train_net = UMVDNet(spec).to(self.device)
         if state_dict is not None:
             train_net.load_state_dict(state_dict)
-        if self.device.type == "cuda" or self.device.type == "cpu":
-            train_net = train_net.to(memory_format=torch.channels_last)
+        train_net = train_net.to(memory_format=torch.channels_last)
         self._net = UMVDNet(spec).to(self.device).to(memory_format=torch.channels_last).eval()
         self._net.load_state_dict(train_net.state_dict())
         self._net.requires_grad_(False)
@@ -396,17 +395,23 @@ class StreamDenoiser:
             raise RuntimeError("no model yet: push frames or pretrain first")
         self._adopt_published_weights()
         last = len(movie) - 1
+        windows = {t: window_indices(t, 0, last, self.k) for t in indices}
+        feats: dict[int, torch.Tensor] = {}  # G once per frame, shared by the windows it is in
         out = []
-        for t in indices:
-            idx = window_indices(t, 0, last, self.k)
-            frames = np.stack([sanitize(movie[i])[0] for i in idx])
-            x = torch.from_numpy(self.normalizer.forward(frames)).to(self.device)[:, None]
-            with torch.inference_mode():
-                feats = self._features(x)
+        with torch.inference_mode():
+            for t, idx in windows.items():
+                for i in idx:
+                    if i not in feats:
+                        x = torch.from_numpy(self.normalizer.forward(sanitize(movie[i])[0])).to(self.device)
+                        feats[i] = self._features(x[None, None])[0]
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                    y = self._net.denoise_features(feats[None])
-            image = self.normalizer.inverse(y[0, 0].float().cpu().numpy())
-            out.append(DenoisedFrame(index=t, image=image, state="live", model_step=self._net_step))
+                    y = self._net.denoise_features(torch.stack([feats[i] for i in idx])[None])
+                image = self.normalizer.inverse(y[0, 0].float().cpu().numpy())
+                out.append(DenoisedFrame(index=t, image=image, state="live", model_step=self._net_step))
+                # Frames no later window needs can go (indices usually come in order; an evicted
+                # frame that is needed again is simply recomputed).
+                for i in [i for i in feats if i < t - self.k]:
+                    del feats[i]
         return out
 
     # -- weights ------------------------------------------------------------------------------
