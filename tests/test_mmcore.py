@@ -152,9 +152,9 @@ def test_live_tap_publishes_each_image_once_without_popping(core, receiver):
     deadline = time.monotonic() + 20
     while tap.published < 25 and time.monotonic() < deadline:
         time.sleep(0.01)
-    in_buffer = core.getRemainingImageCount()  # nobody popped: the owner's frames are all there
     core.stopSequenceAcquisition()
     stats = tap.stop()
+    in_buffer = core.getRemainingImageCount()  # nobody popped: the owner's frames are all there
     frames = receiver.wait_for(stats.published)
     pub.close()
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from umvd_live.model import build_model, count_parameters, gamma_weights, lite_spec, paper_spec, UMVDNet
-from umvd_live.window import window_indices
+from umvd_live.window import FrameHistory, context_blocks, window_indices
 
 
 def test_gamma_values():
@@ -55,3 +55,54 @@ def test_edge_rule_never_puts_the_target_in_its_own_window():
             assert idx[3] == t
             assert t not in idx[:3] + idx[4:]
             assert all(0 <= i <= last for i in idx)
+
+
+def _with_context(spec, context):
+    from dataclasses import replace
+
+    return replace(spec, context=context)
+
+
+@pytest.mark.parametrize("live", [True, False], ids=["live stream", "recorded movie"])
+def test_context_blocks_keep_the_output_blind_and_are_used(live):
+    torch.manual_seed(0)
+    spec = _with_context(lite_spec(5), (2, 3))
+    net = UMVDNet(spec)
+    k, frames = 2, 16
+    movie = torch.rand(frames, 1, 16, 16, requires_grad=True)
+    for t in (0, 1, 2, 7, 8, 14, 15):
+        last = min(t + k, frames - 1) if live else frames - 1  # a live stream has nothing after t + k
+        idx = window_indices(t, 0, last, k)
+        blocks = context_blocks(t, k, spec.context, lambda j: 0 <= j <= last)
+        assert all(b and t not in b and all(0 <= j <= last for j in b) for b in blocks), (t, blocks)
+        context = torch.stack([movie[b].mean(0) for b in blocks])[None]
+        out = net(movie[idx][None], context)
+        (grad,) = torch.autograd.grad(out.sum(), movie)
+        assert torch.count_nonzero(grad[t]) == 0, f"frame {t} leaks into its own output"
+        assert all(torch.count_nonzero(grad[j]) > 0 for b in blocks for j in b)
+
+
+def test_context_blocks_cover_the_frames_before_the_window():
+    have = lambda j: j >= 0  # noqa: E731
+    assert context_blocks(40, 3, (8, 24), have) == [list(range(29, 37)), list(range(5, 29))]
+    # Partly before the stream: what exists; nothing: mirrored after the window, else neighbours.
+    assert context_blocks(10, 3, (8, 24), have) == [list(range(0, 7)), list(range(22, 46))]
+    assert context_blocks(10, 3, (8, 24), lambda j: 0 <= j <= 13) == [list(range(0, 7)), [7, 8, 9, 11, 12, 13]]
+    assert context_blocks(0, 3, (4,), lambda j: j == 0) == [[0]]  # a one-frame stream
+
+
+def test_history_block_sums_stay_exact_over_a_long_stream_with_a_jump():
+    torch.manual_seed(1)
+    k, spans = 3, (8, 24, 64)
+    history = FrameHistory(k, spans)
+    frames = [torch.rand(1, 8, 8) for _ in range(700)]
+    worst = 0.0
+    for i, f in enumerate(frames):
+        history.append(i, f)
+        t = i - k
+        if t < 0 or t == 400:  # t = 400 is skipped, as a preview that fell behind does
+            continue
+        blocks = context_blocks(t, k, spans, lambda j: 0 <= j <= i)
+        exact = torch.stack([torch.stack([frames[j] for j in b]).mean(0) for b in blocks])[None]
+        worst = max(worst, float((history.block_means(t) - exact).abs().max()))
+    assert worst < 1e-5

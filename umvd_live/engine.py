@@ -28,7 +28,7 @@ from umvd_live.checkpoint import CheckpointError, load_checkpoint, save_checkpoi
 from umvd_live.model import PRESETS, ModelSpec, UMVDNet, resolve_preset
 from umvd_live.normalization import Normalizer, sanitize
 from umvd_live.trainer import OnlineTrainer, ReplayBuffer, TrainerConfig
-from umvd_live.window import SlidingWindow, window_indices
+from umvd_live.window import FrameHistory, SlidingWindow, context_blocks, window_indices
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class StreamDenoiser:
         self.preset: str | None = None
         self.spec: ModelSpec | None = None
         self._window = SlidingWindow(self.config.window)
+        self._history: FrameHistory | None = None  # made with the network: its context decides its size
         self._replay: ReplayBuffer | None = None
         self._net: UMVDNet | None = None  # inference copy
         self.trainer: OnlineTrainer | None = None
@@ -197,7 +198,8 @@ class StreamDenoiser:
         tc = self.config.trainer
         frame_bytes = frame.size * 4
         capacity = min(tc.replay_frames, max(tc.replay_bytes // frame_bytes, self.config.window))
-        self._replay = ReplayBuffer(self.config.window, capacity)
+        self._replay = ReplayBuffer(self.config.window, capacity, spec.context)
+        self._history = FrameHistory(spec.window // 2, spec.context)
         self.trainer = OnlineTrainer(train_net, tc, self.device, seed=self.config.seed)
         if info is not None:
             self.trainer.steps = int(info.get("step", 0))
@@ -240,6 +242,7 @@ class StreamDenoiser:
         with torch.inference_mode():
             feats = self._features(x[None])[0]
         self._window.append(index, x, feats)
+        self._history.append(index, x)
         if trainable:
             self._replay.add(index, x if self.device.type == "cpu" else x.to("cpu"))
         self.frames_in += 1
@@ -279,12 +282,16 @@ class StreamDenoiser:
                 with torch.inference_mode(), torch.autocast(
                     self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
                 ):
-                    y = self._net.denoise_features(self._window.features(t))
+                    y = self._net.denoise_features(self._window.features(t), self._context(t))
                 image = self.normalizer.inverse(y[0, 0].float().cpu().numpy())
             else:
                 image = self.normalizer.inverse(self._window.frames(t).mean(0)[0].float().cpu().numpy())
         self.frames_out += 1
         return DenoisedFrame(index=t, image=image, state=state, model_step=self._net_step)
+
+    def _context(self, t: int) -> torch.Tensor | None:
+        """The means of the context blocks of the window centred on t, if the network takes them."""
+        return self._history.block_means(t) if self.spec.context else None
 
     def _update_state(self) -> None:
         if self._live or self.trainer is None:
@@ -395,23 +402,36 @@ class StreamDenoiser:
             raise RuntimeError("no model yet: push frames or pretrain first")
         self._adopt_published_weights()
         last = len(movie) - 1
-        windows = {t: window_indices(t, 0, last, self.k) for t in indices}
+        spans = self.spec.context
+        reach = self.k + sum(spans)
+        frames: dict[int, torch.Tensor] = {}  # normalised frames near the current t
         feats: dict[int, torch.Tensor] = {}  # G once per frame, shared by the windows it is in
+
+        def frame(i: int) -> torch.Tensor:
+            if i not in frames:
+                frames[i] = torch.from_numpy(self.normalizer.forward(sanitize(movie[i])[0])).to(self.device)[None]
+            return frames[i]
+
         out = []
         with torch.inference_mode():
-            for t, idx in windows.items():
+            for t in indices:
+                idx = window_indices(t, 0, last, self.k)
                 for i in idx:
                     if i not in feats:
-                        x = torch.from_numpy(self.normalizer.forward(sanitize(movie[i])[0])).to(self.device)
-                        feats[i] = self._features(x[None, None])[0]
+                        feats[i] = self._features(frame(i)[None])[0]
+                context = None
+                if spans:
+                    blocks = context_blocks(t, self.k, spans, lambda j: 0 <= j <= last)
+                    context = torch.stack([torch.stack([frame(j) for j in b]).mean(0) for b in blocks])[None]
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                    y = self._net.denoise_features(torch.stack([feats[i] for i in idx])[None])
+                    y = self._net.denoise_features(torch.stack([feats[i] for i in idx])[None], context)
                 image = self.normalizer.inverse(y[0, 0].float().cpu().numpy())
                 out.append(DenoisedFrame(index=t, image=image, state="live", model_step=self._net_step))
-                # Frames no later window needs can go (indices usually come in order; an evicted
+                # What no later window needs can go (indices usually come in order; an evicted
                 # frame that is needed again is simply recomputed).
-                for i in [i for i in feats if i < t - self.k]:
-                    del feats[i]
+                for cache, keep in ((feats, self.k), (frames, reach)):
+                    for i in [i for i in cache if i < t - keep]:
+                        del cache[i]
         return out
 
     # -- weights ------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ def temporal_mean(movie: np.ndarray, frames: int = 5) -> np.ndarray:
 def best_gaussian(
     movie: np.ndarray,
     truth: np.ndarray,
-    sigmas_t: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0),
+    sigmas_t: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0),
     sigmas_xy: tuple[float, ...] = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5),
 ) -> tuple[np.ndarray, tuple[float, float], float]:
     """The 3-D Gaussian filter that the ground truth says is best: an oracle, stronger than any

@@ -5,6 +5,12 @@ G (shared weights) maps each frame to features; a fixed temporal filter gamma we
 the centre frame's weight exactly 0, so the output never sees the frame it must predict. That
 blindness is what lets the network train on noisy frames alone: the loss compares the output
 with the noisy centre frame, whose noise is independent of the inputs.
+
+An extension beyond the paper (`ModelSpec.context`, used by `lite`, off in `paper`): D may also
+take the means of a few blocks of earlier frames, beyond the window's reach. A nearly static
+scene is then averaged over tens of frames at the cost of one input channel per block, where a
+wider window would cost G features and D input for every added frame. The blocks never contain
+the centre frame (`window.context_blocks`), so blindness holds.
 """
 
 from __future__ import annotations
@@ -37,10 +43,13 @@ class ModelSpec:
     head: tuple[int, ...] = (384, 96)  # hidden widths of the 1x1 head
     bias: bool = False
     padding: str = "replicate"  # the reference's; "zeros" is fused into the convolution (faster)
+    context: tuple[int, ...] = ()  # lengths of the blocks of earlier frames whose means D also sees
 
     def __post_init__(self) -> None:
         if self.window < 3 or self.window % 2 == 0:
             raise ValueError(f"window must be odd and >= 3, got {self.window}")
+        if any(n < 1 for n in self.context):
+            raise ValueError(f"context blocks need at least 1 frame each, got {self.context}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,6 +63,11 @@ class ModelSpec:
 def paper_spec(window: int = 7) -> ModelSpec:
     """The published architecture: 1,786,191 parameters at N = 7."""
     return ModelSpec(window=window)
+
+
+#: lite's context blocks: the means of the 8 frames before the window, the 24 before those and the
+#: 64 before those: 3.2 s of history at 30 Hz (docs/benchmarks.md has the sizing runs).
+LITE_CONTEXT = (8, 24, 64)
 
 
 def lite_spec(window: int = 7) -> ModelSpec:
@@ -76,6 +90,7 @@ def lite_spec(window: int = 7) -> ModelSpec:
         head=(16,),
         bias=True,
         padding="zeros",
+        context=LITE_CONTEXT,
     )
 
 
@@ -128,7 +143,7 @@ class Denoiser(nn.Module):
 
     def __init__(self, spec: ModelSpec, out_channels: int = 1):
         super().__init__()
-        cin = spec.window * spec.g_channels
+        cin = spec.window * spec.g_channels + len(spec.context) * out_channels
         (n1, c1), (n2, c2), (nm, cm), (nd2, cd2), (nd1, cd1) = (
             spec.enc1, spec.enc2, spec.mid, spec.dec2, spec.dec1,
         )
@@ -174,22 +189,34 @@ class UMVDNet(nn.Module):
         """G for a batch of single frames (B, C, H, W) -> (B, F, H, W); cacheable per frame."""
         return self.G(frames)
 
-    def denoise_features(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, N, F, H, W) per-frame features of each window -> (B, C, H, W)."""
+    def denoise_features(self, feats: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, F, H, W) per-frame features of each window [+ (B, M, C, H, W) context] -> (B, C, H, W)."""
         b, n, f, h, w = feats.shape
         weighted = (feats * self.gamma.view(1, n, 1, 1, 1).to(feats.dtype)).reshape(b, n * f, h, w)
+        if self.spec.context:
+            m = len(self.spec.context)
+            if context is None or context.shape[1] != m:
+                raise ValueError(f"this network takes {m} context block means, got {None if context is None else context.shape[1]}")
+            weighted = torch.cat([weighted, context.reshape(b, -1, h, w).to(weighted.dtype)], 1)
         # Two 2x poolings need sides divisible by 4: pad by replication, then crop.
         ph, pw = (-h) % 4, (-w) % 4
         if ph or pw:
             weighted = F.pad(weighted, (0, pw, 0, ph), mode="replicate")
         return self.D(weighted)[..., :h, :w]
 
-    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+    def forward(self, windows: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """`context`: the (B, M, C, H, W) block means, for a spec with context blocks; without
+        it (a bare window, no history), every block stands in as the mean of the centre's
+        neighbours, as at the very start of a stream."""
         b, n, c, h, w = windows.shape
         if n != self.spec.window:
             raise ValueError(f"expected windows of {self.spec.window} frames, got {n}")
+        if self.spec.context and context is None:
+            k = n // 2
+            neighbours = torch.cat([windows[:, :k], windows[:, k + 1 :]], 1).mean(1, keepdim=True)
+            context = neighbours.expand(b, len(self.spec.context), c, h, w)
         feats = self.features(windows.reshape(b * n, c, h, w))
-        return self.denoise_features(feats.reshape(b, n, -1, h, w))
+        return self.denoise_features(feats.reshape(b, n, -1, h, w), context)
 
 
 def build_model(preset: str, window: int = 7) -> UMVDNet:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from umvd_live.model import UMVDNet
+from umvd_live.window import context_blocks
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,11 @@ class TrainerConfig:
 class ReplayBuffer:
     """The most recent trainable frames, by index; bounded in count and bytes."""
 
-    def __init__(self, window: int, capacity: int):
+    def __init__(self, window: int, capacity: int, context: tuple[int, ...] = ()):
         self.k = window // 2
-        self.capacity = max(capacity, window)
+        self.context = context
+        self.reach = self.k + sum(context)  # the farthest frame before a centre its sample uses
+        self.capacity = max(capacity, window + sum(context))
         self._frames: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -68,21 +71,24 @@ class ReplayBuffer:
             return [t for t in have if all((t + d) in have for d in range(-self.k, self.k + 1) if d)]
 
     def sample(self, rng: np.random.Generator, batch: int, patch: int) -> torch.Tensor | None:
-        """(B, N, C, P, P) random windows and patches, or None if no full window exists yet."""
+        """(B, N + M, C, P, P) random windows and patches: the window's N frames, then the means
+        of its M context blocks (`window.context_blocks`); None if no full window exists yet."""
         centres = self.centres()
         if not centres:
             return None
-        with self._lock:
-            windows = []
-            for t in rng.choice(centres, size=batch):
-                windows.append(torch.stack([self._frames[int(t) + d] for d in range(-self.k, self.k + 1)]))
-        _, c, h, w = windows[0].shape
-        ph, pw = min(patch, h), min(patch, w)
         out = []
-        for win in windows:
-            y = int(rng.integers(0, h - ph + 1))
-            x = int(rng.integers(0, w - pw + 1))
-            out.append(win[..., y : y + ph, x : x + pw])
+        with self._lock:
+            _, h, w = next(iter(self._frames.values())).shape
+            ph, pw = min(patch, h), min(patch, w)
+            for t in (int(t) for t in rng.choice(centres, size=batch)):
+                y = int(rng.integers(0, h - ph + 1))
+                x = int(rng.integers(0, w - pw + 1))
+                near = (j for j in range(t - self.reach, t + self.reach + 1) if j in self._frames)
+                patches = {j: self._frames[j][..., y : y + ph, x : x + pw] for j in near}
+                frames = [patches[t + d] for d in range(-self.k, self.k + 1)]
+                for block in context_blocks(t, self.k, self.context, patches.__contains__):
+                    frames.append(torch.stack([patches[j] for j in block]).mean(0))
+                out.append(torch.stack(frames))
         return torch.stack(out)
 
 
@@ -141,11 +147,12 @@ class OnlineTrainer:
         if batch is None:
             return None
         batch = self._augment(batch).to(self.device, non_blocking=True)
-        k = batch.shape[1] // 2
-        target = batch[:, k]
+        n = self.model.spec.window
+        windows, context = batch[:, :n], (batch[:, n:] if self.model.spec.context else None)
+        target = windows[:, n // 2]
         self.model.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            out = self.model(batch)
+            out = self.model(windows, context)
         loss = F.mse_loss(out.float(), target)
         loss_value = float(loss.detach())
         problem = self._diagnose(loss_value, out, target)

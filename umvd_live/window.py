@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -32,6 +32,82 @@ def window_indices(t: int, first: int, last: int, k: int) -> list[int]:
                 i = min(others, key=lambda j: (abs(j - (t + d)), j)) if others else t
         out.append(i)
     return out
+
+
+def context_blocks(t: int, k: int, spans: Sequence[int], have: Callable[[int], bool]) -> list[list[int]]:
+    """Frame indices of each long-range context block of the window centred on t.
+
+    Block i holds the `spans[i]` frames before block i-1 (block 0 ends just before the window:
+    t-k-1). Frames that `have` denies are left out. A block with none left is mirrored to the
+    frames after the window (a recorded movie's first frames; a live stream has no such frames
+    yet), and failing that stands in as the centre's window neighbours. The centre frame t is never
+    in a block, unless it is the stream's only frame (then the window holds nothing else either).
+    """
+    neighbours = [t + d for d in range(-k, k + 1) if d and have(t + d)] or [t]
+    blocks, reach = [], k
+    for span in spans:
+        past = [j for j in range(t - reach - span, t - reach) if have(j)]
+        future = [] if past else [j for j in range(t + reach + 1, t + reach + span + 1) if have(j)]
+        blocks.append(past or future or neighbours)
+        reach += span
+    return blocks
+
+
+class FrameHistory:
+    """The recent normalised frames of a stream, by index: the source of the context blocks.
+
+    A live stream asks for the blocks of t, t+1, t+2, ... in turn, and each block then gains one
+    frame and loses one: the block sums are kept and updated by those two frames instead of being
+    summed afresh (up to 96 frames with `lite`). They are summed afresh at the stream's start,
+    after a jump, and every `RESUM_EVERY` frames so float32 rounding cannot accumulate.
+    """
+
+    RESUM_EVERY = 256
+
+    def __init__(self, k: int, spans: Sequence[int]):
+        self.k = k
+        self.spans = tuple(spans)
+        # The window, the blocks, and the frame that just left the oldest block.
+        self._frames: deque[tuple[int, torch.Tensor]] = deque(maxlen=2 * k + 1 + sum(self.spans) + 1)
+        self._first_seen: int | None = None
+        self._sums: list[torch.Tensor] = []
+        self._sums_for: int | None = None  # the t whose full blocks `_sums` holds
+
+    def append(self, index: int, frame: torch.Tensor) -> None:
+        if self._frames and index != self._frames[-1][0] + 1:
+            raise ValueError(f"frame {index} does not follow {self._frames[-1][0]}")
+        if self._first_seen is None:
+            self._first_seen = index
+        self._frames.append((index, frame))
+
+    def has(self, index: int) -> bool:
+        return bool(self._frames) and self._frames[0][0] <= index <= self._frames[-1][0]
+
+    def _frame(self, index: int) -> torch.Tensor:
+        return self._frames[index - self._frames[0][0]][1]
+
+    def block_means(self, t: int) -> torch.Tensor:
+        """(1, M, C, H, W) means of the context blocks of the window centred on t."""
+        starts, reach = [], self.k
+        for span in self.spans:
+            starts.append(t - reach - span)
+            reach += span
+        if t - reach < self._first_seen:  # blocks not yet full: the stream has just begun
+            self._sums_for = None
+            blocks = context_blocks(t, self.k, self.spans, self.has)
+            return torch.stack([torch.stack([self._frame(j) for j in b]).mean(0) for b in blocks])[None]
+        if self._sums_for == t - 1 and t % self.RESUM_EVERY:
+            for total, lo, span in zip(self._sums, starts, self.spans):
+                total.add_(self._frame(lo + span - 1)).sub_(self._frame(lo - 1))
+        else:
+            self._sums = [torch.stack([self._frame(j) for j in range(lo, lo + span)]).sum(0) for lo, span in zip(starts, self.spans)]
+        self._sums_for = t
+        return torch.stack([total / span for total, span in zip(self._sums, self.spans)])[None]
+
+    def clear(self) -> None:
+        self._frames.clear()
+        self._first_seen = None
+        self._sums_for = None
 
 
 @dataclass
