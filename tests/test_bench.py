@@ -31,7 +31,7 @@ LIVE_KEYS = ("fps_out", "latency_ms_p50", "latency_ms_p99", "psnr_raw_db", "psnr
              "skipped_after_warmup")
 REQUIRED = set(NUMBER_KEYS + INT_KEYS + LIVE_KEYS) | {
     "device", "preset", "size", "rate_hz", "torch_version", "load_average", "engine", "mode", "init",
-    "inference_only", "latency_ms_all", "rss_mb", "ring",
+    "inference_only", "latency_ms_all", "latency_ms_worst", "first_live_seq", "gc", "rss_mb", "ring",
 }
 
 TINY = ["--size", "64", "64", "--preset", "lite", "--device", "cpu", "--ring-mb", "64"]

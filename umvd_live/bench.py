@@ -25,7 +25,8 @@ The main figures (all in the JSON; `run` also prints a table):
   steady state, i.e. the outputs after the warm start less the last N//2 that only the final flush
   produces (over every output when the stream never went live).
 - ``latency_ms_p50/p99/max``: the daemon's receipt-to-publication latency over that steady state;
-  ``latency_ms_all`` over every published output, warm start included.
+  ``latency_ms_all`` over every published output, warm start included; ``latency_ms_worst``: the
+  [seq, ms] of the ten slowest steady-state outputs (with ``first_live_seq``: where the tail is).
 - ``skipped``: preview outputs the daemon skipped (compute behind); ``skipped_after_warmup``.
 - ``warmup_s``: from the first frame's receipt to the engine's ``state`` turning ``live``.
 - ``psnr_raw_db``/``psnr_denoised_db``: over the live outputs, PSNR of the stacked frames
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -134,6 +136,38 @@ class PsnrAccumulator:
             return None
         peak = self.truth_max - self.truth_min
         return 10.0 * math.log10(peak * peak / (self.sse / self.count))
+
+
+# ---- garbage-collector pauses ----------------------------------------------------------------------
+class GcPauses:
+    """The garbage collector's pauses while the bench runs: every thread of the daemon stops for
+    them, so a long one shows up as a latency spike (`runtime.freeze_startup_objects`)."""
+
+    def __init__(self) -> None:
+        self.pauses_ms: list[tuple[int, float]] = []  # (generation, ms)
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses_ms.append((int(info["generation"]), 1000.0 * (time.perf_counter() - self._started)))
+
+    def start(self) -> None:
+        gc.callbacks.append(self._callback)
+
+    def stop(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict[str, Any]:
+        full = [ms for generation, ms in self.pauses_ms if generation == 2]
+        return {
+            "collections": len(self.pauses_ms),
+            "full_collections": len(full),
+            "pause_ms_max": round(max((ms for _, ms in self.pauses_ms), default=0.0), 1),
+            "frozen_objects": gc.get_freeze_count(),
+        }
 
 
 # ---- the producer --------------------------------------------------------------------------------
@@ -335,7 +369,9 @@ def _measure(cfg: BenchConfig, daemon_cfg: DaemonConfig, ring: FrameRing, init_l
     daemon = Daemon(daemon_cfg, factory)
     monitor: OutputMonitor | None = None
     producer: FrameProducer | None = None
+    gc_pauses = GcPauses()
     try:
+        gc_pauses.start()
         daemon.start()
         if cfg.inference_only:
             daemon.set_training_paused(None, True)  # the control socket's pause: new streams start paused
@@ -379,12 +415,14 @@ def _measure(cfg: BenchConfig, daemon_cfg: DaemonConfig, ring: FrameRing, init_l
         if monitor is not None:
             monitor.stop()
         daemon.close()
+        gc_pauses.stop()
     assert producer is not None and monitor is not None
     return _figures(cfg, daemon_cfg, ring, init_label, producer, monitor, snapshot, counters, status, engine_config,
                     live_at=live_at, ended=ended, steps_at_live=steps_at_live, skipped_at_live=skipped_at_live,
                     rss=(rss_start, rss_live, rss_end),
                     load=(load_start, os.getloadavg()[0]), published=published, saved=saved,
-                    torch_threads=torch.get_num_threads(), torch_version=torch.__version__)
+                    torch_threads=torch.get_num_threads(), torch_version=torch.__version__,
+                    gc_pauses=gc_pauses.summary())
 
 
 def _await_subscription(daemon: Daemon, monitor: OutputMonitor) -> None:
@@ -412,12 +450,20 @@ def _rate(times: np.ndarray) -> float | None:
     return float((times.size - 1) / (times[-1] - times[0]))
 
 
+def _worst(latency_ms: np.ndarray, steady: np.ndarray, count: int = 10) -> list[list[float]]:
+    """[seq, ms] of the slowest steady-state outputs, slowest first: where the tail comes from."""
+    seqs = np.flatnonzero(steady & np.isfinite(latency_ms))
+    order = seqs[np.argsort(latency_ms[seqs])[::-1][:count]]
+    return [[int(i), round(float(latency_ms[i]), 1)] for i in order]
+
+
 def _figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, ring: FrameRing, init_label: str | None,
              producer: FrameProducer, monitor: OutputMonitor, snapshot: dict[str, Any],
              counters: dict[str, Any], status: dict[str, Any],
              engine_config: dict[str, Any] | None, *, live_at: float | None, ended: float, steps_at_live: int,
              skipped_at_live: int, rss: tuple[float, float | None, float], load: tuple[float, float],
-             published: int, saved: dict[str, Any] | None, torch_threads: int, torch_version: str) -> dict[str, Any]:
+             published: int, saved: dict[str, Any] | None, torch_threads: int, torch_version: str,
+             gc_pauses: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     k = daemon_cfg.window // 2
@@ -457,6 +503,9 @@ def _figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, ring: FrameRing, init_l
         "latency_ms_p99": latency_live["p99"],
         "latency_ms_max": latency_live["max"],
         "latency_ms_all": _percentiles(monitor.latency_ms),
+        "latency_ms_worst": _worst(monitor.latency_ms, steady),
+        "gc": gc_pauses,
+        "first_live_seq": int(np.argmax(monitor.live)) if monitor.live.any() else None,
         "latency_target_ms": None if cfg.rate_hz is None else 1000.0 * k / cfg.rate_hz + LATENCY_SLACK_MS,
         "skipped": int(counters.get("skipped", 0)),
         "skipped_after_warmup": int(counters.get("skipped", 0)) - skipped_at_live if live_at else None,
@@ -531,6 +580,8 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
         ("PSNR raw → denoised (gain)",
          f"{_fmt(r['psnr_raw_db'], 2)} → {_fmt(r['psnr_denoised_db'], 2)} dB ({_fmt(r['psnr_gain_db'], 2, ' dB')}) "
          f"over {r['frames_evaluated']} frames"),
+        ("garbage-collector pauses (full; longest)",
+         f"{r['gc']['collections']} ({r['gc']['full_collections']}; {r['gc']['pause_ms_max']:.0f} ms)"),
         ("peak RSS (of which pre-generated frames)", f"{r['peak_rss_mb']:.0f} MB ({r['ring']['mb']:.0f} MB)"),
         ("frames handed / published / seen", f"{r['frames_handed']} / {r['frames_published']} / "
                                              f"{r['frames_received_by_viewer']}"),

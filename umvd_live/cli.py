@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from umvd_live.runtime import freeze_startup_objects, retain_freed_memory, tuning_enabled
+
 PRESETS = ("auto", "lite", "paper")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -213,7 +215,12 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune = tuning_enabled()
+    if tune:
+        retain_freed_memory()
     module = importlib.import_module(args.module)
+    if tune:
+        freeze_startup_objects()
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:

@@ -77,7 +77,7 @@ class StreamDenoiser:
         if self.config.window < 3 or self.config.window % 2 == 0:
             raise ValueError(f"window must be odd and >= 3, got {self.config.window}")
         self.device = pick_device(self.config.device)
-        self._set_threads()
+        self._set_threads("push")
         self.k = self.config.window // 2
         self.frames_in = 0
         self.frames_out = 0
@@ -156,16 +156,26 @@ class StreamDenoiser:
         }
 
     # -- set-up -------------------------------------------------------------------------------
-    def _set_threads(self) -> None:
-        if self.device.type != "cpu":
-            return
-        threads = self.config.cpu_threads
-        if threads is None:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            # Two threads of work (inference and training) each get half of the cores: measured
-            # on 2 cores, that beats pausing the trainer during each push (docs/benchmarks.md).
-            threads = max(1, cores // 2) if self.config.train_mode == "background" else cores
-        torch.set_num_threads(threads)
+    def _cores(self) -> int:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+    def _threads(self, role: Literal["push", "train"]) -> int:
+        """Torch threads for the calling thread's role. In background mode on a CPU, once live,
+        inference and training each get half of the cores: measured on 2 cores, that beats
+        pausing the trainer during each push (docs/benchmarks.md). During the warm start the
+        pushing thread only averages frames, so the trainer gets them all."""
+        if self.config.cpu_threads is not None:
+            return self.config.cpu_threads
+        cores = self._cores()
+        if self.config.train_mode != "background" or (role == "train" and not self._live):
+            return cores
+        return max(1, cores // 2)
+
+    def _set_threads(self, role: Literal["push", "train"]) -> None:
+        # torch's thread count is per OS thread once that thread has run an operation, so each
+        # of the two threads sets its own.
+        if self.device.type == "cpu":
+            torch.set_num_threads(self._threads(role))
 
     def _start(self, frame: np.ndarray) -> None:
         """Build the network on the first frame: the preset may depend on the frame size."""
@@ -208,6 +218,7 @@ class StreamDenoiser:
             log.info("loaded %s (step %d): warm start skipped", self.config.init, self.trainer.steps)
         self.start_hash = weights_hash(train_net.state_dict())
         self.normalizer = Normalizer.fit(frame)
+        self._prepare_kernels()
         if self.config.train_mode == "background":
             self._thread = threading.Thread(target=self._train_loop, name="umvd-trainer", daemon=True)
             self._thread.start()
@@ -270,6 +281,21 @@ class StreamDenoiser:
             f = self._net.features(frames.contiguous(memory_format=torch.channels_last))
         return f.float() if f.dtype != torch.float32 else f
 
+    def _denoise(self, feats: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return self._net.denoise_features(feats, context)
+
+    def _prepare_kernels(self) -> None:
+        """Run the inference network once on a blank window of the stream's size: the first call of
+        each convolution shape prepares its kernels (tens of ms on a CPU), and that belongs to
+        the start of the stream, not to its first live output."""
+        h, w = self.shape
+        with torch.inference_mode():
+            feats = self._features(torch.zeros(1, 1, h, w, device=self.device))
+            n = len(self.spec.context)
+            context = torch.zeros(1, n, 1, h, w, device=self.device) if n else None
+            self._denoise(feats[:, None].expand(1, self.spec.window, -1, h, w), context)
+
     def _produce(self, t: int, infer: bool) -> DenoisedFrame:
         state: State = self.state
         image = None
@@ -279,10 +305,8 @@ class StreamDenoiser:
                 state = "warmup"
                 image = self.normalizer.inverse(self._window.frames(t)[0, 0].float().cpu().numpy())
             elif self._live:
-                with torch.inference_mode(), torch.autocast(
-                    self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
-                ):
-                    y = self._net.denoise_features(self._window.features(t), self._context(t))
+                with torch.inference_mode():
+                    y = self._denoise(self._window.features(t), self._context(t))
                 image = self.normalizer.inverse(y[0, 0].float().cpu().numpy())
             else:
                 image = self.normalizer.inverse(self._window.frames(t).mean(0)[0].float().cpu().numpy())
@@ -334,7 +358,11 @@ class StreamDenoiser:
             self._train_steps(n)
 
     def _train_loop(self) -> None:
+        threads_for_live = None
         while not self._stop.is_set():
+            if threads_for_live != self._live:
+                threads_for_live = self._live
+                self._set_threads("train")
             if not self._can_train() or self._replay is None:
                 self._stop.wait(0.01)
                 continue
@@ -423,8 +451,7 @@ class StreamDenoiser:
                 if spans:
                     blocks = context_blocks(t, self.k, spans, lambda j: 0 <= j <= last)
                     context = torch.stack([torch.stack([frame(j) for j in b]).mean(0) for b in blocks])[None]
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                    y = self._net.denoise_features(torch.stack([feats[i] for i in idx])[None], context)
+                y = self._denoise(torch.stack([feats[i] for i in idx])[None], context)
                 image = self.normalizer.inverse(y[0, 0].float().cpu().numpy())
                 out.append(DenoisedFrame(index=t, image=image, state="live", model_step=self._net_step))
                 # What no later window needs can go (indices usually come in order; an evicted

@@ -192,17 +192,20 @@ class UMVDNet(nn.Module):
     def denoise_features(self, feats: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N, F, H, W) per-frame features of each window [+ (B, M, C, H, W) context] -> (B, C, H, W)."""
         b, n, f, h, w = feats.shape
-        weighted = (feats * self.gamma.view(1, n, 1, 1, 1).to(feats.dtype)).reshape(b, n * f, h, w)
+        parts = [feats[:, i].permute(0, 2, 3, 1) * self.gamma[i].to(feats.dtype) for i in range(n)]
         if self.spec.context:
             m = len(self.spec.context)
             if context is None or context.shape[1] != m:
                 raise ValueError(f"this network takes {m} context block means, got {None if context is None else context.shape[1]}")
-            weighted = torch.cat([weighted, context.reshape(b, -1, h, w).to(weighted.dtype)], 1)
+            parts += [context[:, j].permute(0, 2, 3, 1).to(feats.dtype) for j in range(m)]
+        # Built channels-last (B, H, W, channels) in one copy: D's convolutions run on that layout,
+        # and the frame stacking and the conversion would otherwise be two more passes.
+        x = torch.cat(parts, 3).permute(0, 3, 1, 2)
         # Two 2x poolings need sides divisible by 4: pad by replication, then crop.
         ph, pw = (-h) % 4, (-w) % 4
         if ph or pw:
-            weighted = F.pad(weighted, (0, pw, 0, ph), mode="replicate")
-        return self.D(weighted)[..., :h, :w]
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate").contiguous(memory_format=torch.channels_last)
+        return self.D(x)[..., :h, :w]
 
     def forward(self, windows: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """`context`: the (B, M, C, H, W) block means, for a spec with context blocks; without
