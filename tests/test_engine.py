@@ -198,3 +198,32 @@ def test_background_training_runs_beside_push():
         steps = den.model_step
         time.sleep(0.3)
         assert den.model_step <= steps + 1, "paused training stays paused"
+
+
+def test_context_blocks_are_configurable_and_checked_against_weights(tmp_path):
+    from dataclasses import replace
+
+    assert StreamDenoiser(FAST).config.context is None  # the preset's: lite has blocks
+    den, outs = run_stream(replace(FAST, context=(2, 5)), noisy_movie(40))
+    assert den.spec.context == (2, 5) and [o.index for o in outs] == list(range(40))
+    assert outs[-1].state == "live" and np.isfinite(outs[-1].image).all()
+    bare, _ = run_stream(replace(FAST, context=()), noisy_movie(20))
+    assert bare.spec.context == () and bare.trainer.model.D.enc1[0][0].in_channels == 7 * bare.spec.g_channels
+    path = tmp_path / "w.pt"
+    den.save_weights(path)
+    assert StreamDenoiser(EngineConfig(init=str(path))).push(noisy_movie(1)[0]) == []  # the file's blocks
+    with pytest.raises(CheckpointError, match="context blocks"):
+        StreamDenoiser(EngineConfig(init=str(path), context=(8,))).push(noisy_movie(1)[0])
+
+
+def test_context_option_parses_block_lengths_or_none():
+    import argparse
+
+    from umvd_live.cli import build_parser, context_blocks
+
+    assert context_blocks("8,24,64") == (8, 24, 64) and context_blocks("none") == ()
+    for bad in ("8,x", "0,4"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            context_blocks(bad)
+    args = build_parser().parse_args(["denoise", "in.tif", "out.tif", "--context", "4,8"])
+    assert args.context == (4, 8)

@@ -37,6 +37,7 @@ def test_denoise_writes_one_float32_frame_per_input_with_provenance(tmp_path, si
     # Warm-up frames were denoised again by the warm model: nothing is left as a warm-up mean.
     assert all(i.state == "live" for i in infos)
     assert provenance["preset"] == "lite" and str(provenance["window"]) == "7"
+    assert provenance["extra.context_blocks"] == "8,24,64"
     assert (tmp_path / "m.pt").is_file()
     assert abs(float(frames.mean()) - float(noisy[:40].mean())) < 0.05 * float(noisy[:40].mean()), "input units"
 

@@ -310,7 +310,8 @@ class BenchConfig:
             raise ValueError(f"--ring-mb must be > 0, got {args.ring_mb}")
         daemon = DaemonConfig(
             input_bind=None, input_connect=(), output="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
-            preset=args.preset, device=args.device, window=args.window, warmup_frames=args.warmup_frames,
+            preset=args.preset, device=args.device, window=args.window, context=args.context,
+            warmup_frames=args.warmup_frames,
             init=args.init, seed=args.seed, catchup_s=args.catchup_ms / 1000.0, warmup_steps=args.warmup_steps,
         )
         return cls(height=height, width=width, frames=args.frames, rate_hz=None if args.max else float(args.rate),

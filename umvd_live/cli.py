@@ -10,16 +10,32 @@ import argparse
 import importlib
 import sys
 
-from umvd_live.runtime import freeze_startup_objects, retain_freed_memory, tuning_enabled
+from umvd_live.runtime import tune_process
 
 PRESETS = ("auto", "lite", "paper")
 DEVICES = ("auto", "cpu", "cuda")
+
+
+def context_blocks(text: str) -> tuple[int, ...]:
+    """`--context`: comma-separated block lengths in frames, or `none`."""
+    if text.strip().lower() in ("none", ""):
+        return ()
+    try:
+        blocks = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of frame counts like 8,24,64 (or none)") from None
+    if any(b < 1 for b in blocks):
+        raise argparse.ArgumentTypeError(f"context blocks need at least 1 frame each, got {text!r}")
+    return blocks
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=PRESETS, default="auto", help="network size (default: auto)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="compute device (default: auto)")
     p.add_argument("--window", type=int, default=7, metavar="N", help="frames per window, odd (default 7)")
+    p.add_argument("--context", type=context_blocks, metavar="A,B,..",
+                   help="lengths of the blocks of earlier frames the network also sees, or 'none' "
+                        "(default: the preset's; lite 8,24,64, paper none)")
     p.add_argument("--warmup-frames", type=int, default=300, metavar="F",
                    help="frames of the initial burst the warm start trains on (default 300)")
     p.add_argument("--init", metavar="PATH", help="start from weights saved by an earlier session")
@@ -215,12 +231,7 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    tune = tuning_enabled()
-    if tune:
-        retain_freed_memory()
-    module = importlib.import_module(args.module)
-    if tune:
-        freeze_startup_objects()
+    module = tune_process(lambda: importlib.import_module(args.module))
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:

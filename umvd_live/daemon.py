@@ -90,6 +90,7 @@ class DaemonConfig:
     preset: str = "auto"
     device: str = "auto"
     window: int = 7
+    context: tuple[int, ...] | None = None  # the preset's when None
     warmup_frames: int = 300
     init: str | None = None
     seed: int = 0
@@ -117,7 +118,7 @@ class DaemonConfig:
         input_bind = args.input if args.input is not None else (None if connect else cls.input_bind)
         return cls(
             input_bind=input_bind, input_connect=connect, output=args.output, control=args.control,
-            preset=args.preset, device=args.device, window=args.window,
+            preset=args.preset, device=args.device, window=args.window, context=args.context,
             warmup_frames=args.warmup_frames, init=args.init, seed=args.seed, record=args.record,
             output_dir=Path(args.output_dir), state_dir=Path(args.state_dir) if args.state_dir else None,
             max_streams=args.max_streams, inbox_bytes=int(args.inbox_mb * 2**20),
@@ -150,7 +151,7 @@ def engine_factory(config: DaemonConfig) -> DenoiserFactory:
 
     def make(init: str | None) -> StreamDenoiser:
         return StreamDenoiser(EngineConfig(
-            preset=config.preset, device=config.device, window=config.window,
+            preset=config.preset, device=config.device, window=config.window, context=config.context,
             warmup_frames=config.warmup_frames, train_mode="background", seed=config.seed, init=init,
             **extra,
         ))
@@ -516,7 +517,7 @@ class Daemon:
             "uptime_s": round(time.monotonic() - self._started, 3),
             "endpoints": self.endpoints,
             "engine": {"preset": cfg.preset, "device": cfg.device, "window": cfg.window,
-                       "warmup_frames": cfg.warmup_frames, "warmup_steps": cfg.warmup_steps,
+                       "context": cfg.context, "warmup_frames": cfg.warmup_frames, "warmup_steps": cfg.warmup_steps,
                        "init": cfg.init},
             "catchup_ms": 1000 * cfg.catchup_s,
             "model_dir": str(cfg.model_dir.resolve()),
@@ -623,10 +624,12 @@ class Daemon:
         from umvd_live.recordfile import Provenance
 
         den = self.streams[stream].denoiser if stream in self.streams else None
+        spec = getattr(den, "spec", None)
         return Provenance(
             stream=stream, preset=getattr(den, "preset", None) or self.config.preset,
             window=self.config.window, weights_sha256=den.weights_hash() if den is not None else None,
             device=str(getattr(den, "device", self.config.device)), source=self.endpoints.get("input"),
+            extra={"context_blocks": ",".join(map(str, spec.context)) or "none"} if spec is not None else {},
         )
 
     def _recording_failed(self, message: str) -> None:

@@ -1,7 +1,8 @@
 """`StreamDenoiser`: frames in, denoised centre frames out, learning online from the stream.
 
 Data flow: a pushed frame is sanitised and normalised, its G features are computed once and
-cached in the sliding window, and it joins the trainer's replay buffer. The output for frame t is
+cached in the sliding window, it joins the frame history whose block means are the network's
+long-range context (`window.FrameHistory`), and it joins the trainer's replay buffer. The output for frame t is
 ready when frame t + N//2 has arrived; `flush` ends the stream and emits the rest. Until the warm
 start is done, outputs are a temporal mean, marked `warmup`.
 
@@ -40,6 +41,7 @@ class EngineConfig:
     preset: str = "auto"  # auto | lite | paper
     device: str = "auto"  # auto | cpu | cuda
     window: int = 7
+    context: tuple[int, ...] | None = None  # context blocks (model.ModelSpec.context); None: the preset's
     warmup_frames: int = 300  # the initial burst the warm start trains on
     warmup_steps: int = 400  # training steps before the output goes live
     train_mode: Literal["inline", "background"] = "inline"
@@ -194,8 +196,14 @@ class StreamDenoiser:
             preset = info.get("preset", "custom")
             if spec.window != self.config.window:
                 raise CheckpointError(f"{self.config.init}: weights are for N={spec.window}, not {self.config.window}")
+            if self.config.context is not None and spec.context != tuple(self.config.context):
+                raise CheckpointError(
+                    f"{self.config.init}: weights are for context blocks {spec.context}, not {tuple(self.config.context)}"
+                )
         else:
             spec = PRESETS[preset](self.config.window)
+            if self.config.context is not None:
+                spec = replace(spec, context=tuple(self.config.context))
         self.preset, self.spec = preset, spec
         torch.manual_seed(self.config.seed)
         train_net = UMVDNet(spec).to(self.device)

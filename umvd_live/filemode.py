@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         preset=args.preset,
         device=args.device,
         window=args.window,
+        context=args.context,
         warmup_frames=args.warmup_frames,
         init=args.init,
         seed=args.seed,
@@ -125,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     provenance = Provenance(
         stream=Path(args.input).stem, preset=engine.preset, window=engine.config.window,
         weights_sha256=engine.start_hash, device=str(engine.device), source=str(args.input),
-        extra={"mode": "offline" if args.offline else "streamed", "final_model_step": engine.model_step},
+        extra={"mode": "offline" if args.offline else "streamed", "final_model_step": engine.model_step,
+               "context_blocks": ",".join(map(str, engine.spec.context)) or "none"},
     )
     infos = (FrameInfo(seq=o.index, state=o.state, model_step=o.model_step) for o in result.outputs)
     try:
