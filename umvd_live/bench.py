@@ -31,6 +31,8 @@ The main figures (all in the JSON; `run` also prints a table):
 - ``warmup_s``: from the first frame's receipt to the engine's ``state`` turning ``live``.
 - ``psnr_raw_db``/``psnr_denoised_db``: over the live outputs, PSNR of the stacked frames
   against the ground truth (as `metrics.psnr`).
+- ``gc``: the garbage collector's collections during the run, the full ones, and the longest
+  pause (every thread stops for it: `runtime.freeze_startup_objects`).
 - ``peak_rss_mb``: the process's peak resident memory, the pre-generated frames (``ring.mb``)
   included.
 
