@@ -219,11 +219,11 @@ def test_context_blocks_are_configurable_and_checked_against_weights(tmp_path):
 def test_context_option_parses_block_lengths_or_none():
     import argparse
 
-    from umvd_live.cli import build_parser, context_blocks
+    from umvd_live.cli import build_parser, parse_context
 
-    assert context_blocks("8,24,64") == (8, 24, 64) and context_blocks("none") == ()
+    assert parse_context("8,24,64") == (8, 24, 64) and parse_context("none") == ()
     for bad in ("8,x", "0,4"):
         with pytest.raises(argparse.ArgumentTypeError):
-            context_blocks(bad)
+            parse_context(bad)
     args = build_parser().parse_args(["denoise", "in.tif", "out.tif", "--context", "4,8"])
     assert args.context == (4, 8)

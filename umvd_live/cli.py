@@ -16,7 +16,7 @@ PRESETS = ("auto", "lite", "paper")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def context_blocks(text: str) -> tuple[int, ...]:
+def parse_context(text: str) -> tuple[int, ...]:
     """`--context`: comma-separated block lengths in frames, or `none`."""
     if text.strip().lower() in ("none", ""):
         return ()
@@ -33,7 +33,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=PRESETS, default="auto", help="network size (default: auto)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="compute device (default: auto)")
     p.add_argument("--window", type=int, default=7, metavar="N", help="frames per window, odd (default 7)")
-    p.add_argument("--context", type=context_blocks, metavar="A,B,..",
+    p.add_argument("--context", type=parse_context, metavar="A,B,..",
                    help="lengths of the blocks of earlier frames the network also sees, or 'none' "
                         "(default: the preset's; lite 8,24,64, paper none)")
     p.add_argument("--warmup-frames", type=int, default=300, metavar="F",
