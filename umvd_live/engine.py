@@ -29,7 +29,7 @@ from umvd_live.checkpoint import CheckpointError, load_checkpoint, save_checkpoi
 from umvd_live.model import PRESETS, ModelSpec, UMVDNet, resolve_preset
 from umvd_live.normalization import Normalizer, sanitize
 from umvd_live.trainer import OnlineTrainer, ReplayBuffer, TrainerConfig
-from umvd_live.window import FrameHistory, SlidingWindow, context_blocks, window_indices
+from umvd_live.window import FrameHistory, SlidingWindow, block_means, context_blocks, window_indices
 
 log = logging.getLogger(__name__)
 
@@ -457,8 +457,7 @@ class StreamDenoiser:
                         feats[i] = self._features(frame(i)[None])[0]
                 context = None
                 if spans:
-                    blocks = context_blocks(t, self.k, spans, lambda j: 0 <= j <= last)
-                    context = torch.stack([torch.stack([frame(j) for j in b]).mean(0) for b in blocks])[None]
+                    context = block_means(context_blocks(t, self.k, spans, lambda j: 0 <= j <= last), frame)[None]
                 y = self._denoise(torch.stack([feats[i] for i in idx])[None], context)
                 image = self.normalizer.inverse(y[0, 0].float().cpu().numpy())
                 out.append(DenoisedFrame(index=t, image=image, state="live", model_step=self._net_step))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from umvd_live.model import UMVDNet
-from umvd_live.window import context_blocks
+from umvd_live.window import block_means, context_blocks
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,11 @@ class ReplayBuffer:
                 x = int(rng.integers(0, w - pw + 1))
                 near = (j for j in range(t - self.reach, t + self.reach + 1) if j in self._frames)
                 patches = {j: self._frames[j][..., y : y + ph, x : x + pw] for j in near}
-                frames = [patches[t + d] for d in range(-self.k, self.k + 1)]
-                for block in context_blocks(t, self.k, self.context, patches.__contains__):
-                    frames.append(torch.stack([patches[j] for j in block]).mean(0))
-                out.append(torch.stack(frames))
+                window = torch.stack([patches[t + d] for d in range(-self.k, self.k + 1)])
+                if self.context:
+                    blocks = context_blocks(t, self.k, self.context, patches.__contains__)
+                    window = torch.cat([window, block_means(blocks, patches.__getitem__)])
+                out.append(window)
         return torch.stack(out)
 
 

@@ -53,6 +53,11 @@ def context_blocks(t: int, k: int, spans: Sequence[int], have: Callable[[int], b
     return blocks
 
 
+def block_means(blocks: list[list[int]], frame: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """(M, C, H, W): the mean of each block's frames, `frame(j)` giving frame j."""
+    return torch.stack([torch.stack([frame(j) for j in block]).mean(0) for block in blocks])
+
+
 class FrameHistory:
     """The recent normalised frames of a stream, by index: the source of the context blocks.
 
@@ -94,8 +99,7 @@ class FrameHistory:
             reach += span
         if t - reach < self._first_seen:  # blocks not yet full: the stream has just begun
             self._sums_for = None
-            blocks = context_blocks(t, self.k, self.spans, self.has)
-            return torch.stack([torch.stack([self._frame(j) for j in b]).mean(0) for b in blocks])[None]
+            return block_means(context_blocks(t, self.k, self.spans, self.has), self._frame)[None]
         if self._sums_for == t - 1 and t % self.RESUM_EVERY:
             for total, lo, span in zip(self._sums, starts, self.spans):
                 total.add_(self._frame(lo + span - 1)).sub_(self._frame(lo - 1))
