@@ -79,7 +79,7 @@ class StreamDenoiser:
         if self.config.window < 3 or self.config.window % 2 == 0:
             raise ValueError(f"window must be odd and >= 3, got {self.config.window}")
         self.device = pick_device(self.config.device)
-        self._set_threads("push")
+        self._set_threads()
         self.k = self.config.window // 2
         self.frames_in = 0
         self.frames_out = 0
@@ -158,26 +158,20 @@ class StreamDenoiser:
         }
 
     # -- set-up -------------------------------------------------------------------------------
-    def _cores(self) -> int:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-    def _threads(self, role: Literal["push", "train"]) -> int:
-        """Torch threads for the calling thread's role. In background mode on a CPU, once live,
-        inference and training each get half of the cores: measured on 2 cores, that beats
-        pausing the trainer during each push (docs/benchmarks.md). During the warm start the
-        pushing thread only averages frames, so the trainer gets them all."""
-        if self.config.cpu_threads is not None:
-            return self.config.cpu_threads
-        cores = self._cores()
-        if self.config.train_mode != "background" or (role == "train" and not self._live):
-            return cores
-        return max(1, cores // 2)
-
-    def _set_threads(self, role: Literal["push", "train"]) -> None:
-        # torch's thread count is per OS thread once that thread has run an operation, so each
-        # of the two threads sets its own.
-        if self.device.type == "cpu":
-            torch.set_num_threads(self._threads(role))
+    def _set_threads(self) -> None:
+        """Torch threads for the calling thread. In background mode on a CPU, inference and
+        training each get half of the cores: measured on 2 cores, that beats pausing the trainer
+        during each push (docs/benchmarks.md), and it leaves the acquisition its share during
+        the warm start too (a trainer on every core then was faster alone and far slower beside
+        other work: OpenMP threads that wait on each other). torch's count is per OS thread once
+        that thread has run an operation, so each of the two threads sets its own."""
+        if self.device.type != "cpu":
+            return
+        threads = self.config.cpu_threads
+        if threads is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            threads = max(1, cores // 2) if self.config.train_mode == "background" else cores
+        torch.set_num_threads(threads)
 
     def _start(self, frame: np.ndarray) -> None:
         """Build the network on the first frame: the preset may depend on the frame size."""
@@ -366,11 +360,8 @@ class StreamDenoiser:
             self._train_steps(n)
 
     def _train_loop(self) -> None:
-        threads_for_live = None
+        self._set_threads()
         while not self._stop.is_set():
-            if threads_for_live != self._live:
-                threads_for_live = self._live
-                self._set_threads("train")
             if not self._can_train() or self._replay is None:
                 self._stop.wait(0.01)
                 continue
