@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = cli.build_parser().parse_args(
         ["bench", "--size", *map(str, opts.size), "--rate", str(opts.rate), "--frames", str(frames),
          "--rss-every", str(opts.sample_s), *rest])
-    tune_process(lambda: bench)  # as `umvd-live bench` does
+    tune_process(bench.__name__)  # as `umvd-live bench` does
     try:
         result = bench.measure(args)
     except ValueError as exc:

@@ -7,7 +7,6 @@ core commands never import Qt or the Micro-Manager libraries.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from umvd_live.runtime import tune_process
@@ -231,7 +230,7 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    module = tune_process(lambda: importlib.import_module(args.module))
+    module = tune_process(args.module)
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:

@@ -24,9 +24,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import importlib
 import os
 import sys
-from typing import Callable
+from types import ModuleType
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -69,11 +70,11 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def tune_process(import_command: Callable[[], object]) -> object:
-    """Apply both settings around the import of a command's module; returns the module."""
+def tune_process(command_module: str) -> ModuleType:
+    """Import a command's module with both settings applied around the import; returns it."""
     if enabled("KEEP_MEMORY"):
         retain_freed_memory()
-    module = import_command()
+    module = importlib.import_module(command_module)
     if enabled("GC_FREEZE"):
         freeze_startup_objects()
     return module
