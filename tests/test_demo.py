@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from umvd_live.cli import build_parser
-from umvd_live.demo import QualityTracker, run
+from umvd_live.demo import QualityTracker, StopSignals, run
 from umvd_live.metrics import psnr, temporal_mean
 
 #: A small, quick session: 64x64 frames and a short warm start, one torch thread per process.
@@ -118,3 +118,30 @@ def test_ctrl_c_ends_the_demo_cleanly_with_its_summary(tmp_path: Path) -> None:
     assert s["frames_sent"] > 0 and s["frames_received"] > 0 and s["frames_unaccounted"] == 0
     assert "summary (Ctrl-C)" in rest
     assert not psutil.pid_exists(s["daemon_pid"])
+
+
+class _SignalsInDel:
+    """Sends the process SIGINT from inside its finaliser, as a terminal's Ctrl-C can land while
+    the main thread runs one."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100_000):  # the Python-level handler runs here, inside __del__
+            pass
+
+
+def test_ctrl_c_landing_in_a_finaliser_still_ends_the_stream(monkeypatch) -> None:
+    """The handler that raised KeyboardInterrupt lost it there (Python prints and drops exceptions
+    from __del__), and the demo streamed on; StopSignals notes the signal instead."""
+    with StopSignals() as stop:
+        _SignalsInDel()  # dropped at once: its finaliser runs now
+        assert stop.received == signal.SIGINT
+    # The old way, for contrast: the interrupt goes to sys.unraisablehook, which prints and drops it.
+    dropped: list = []
+    monkeypatch.setattr(sys, "unraisablehook", dropped.append)
+    _SignalsInDel()
+    assert [type(d.exc_value) for d in dropped] == [KeyboardInterrupt]
+    # Outside the block Ctrl-C interrupts again.
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)

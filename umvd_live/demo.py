@@ -535,6 +535,31 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+class StopSignals:
+    """While the stream runs, Ctrl-C (SIGINT) and SIGTERM only note that they came; the streaming
+    loop ends at its next turn. A KeyboardInterrupt raised there could be lost: a signal handler
+    that raises while the main thread is in a ``__del__`` or a garbage-collector callback has its
+    exception printed and dropped, and the demo streamed on after a Ctrl-C. Outside this block
+    both signals interrupt as usual (a second Ctrl-C while finishing still ends the demo)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def __enter__(self) -> "StopSignals":
+        self._previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = DemoConfig.from_args(args)
@@ -599,26 +624,25 @@ def _stream(config: DemoConfig, console: Console, daemon: ServeProcess, collecto
     """Receive and show until the duration has passed since the first frame, or Ctrl-C."""
     ended_by = f"--duration {config.duration_s:g} s"
     status: dict[str, Any] | None = None
-    with DemoDisplay(console) as display:
-        try:
-            while True:
-                collector.pump(0.05)
-                tracker.ingest()
-                if sim.error is not None:
-                    raise DemoError(f"the simulated acquisition failed: {sim.error!r}")
-                if daemon.proc.poll() is not None:
-                    raise DemoError(f"the daemon exited with status {daemon.proc.returncode}:\n{daemon.log_tail()}")
-                started = sim.started_at
-                elapsed = time.monotonic() - started if started is not None else 0.0
-                if display.due():
-                    status = daemon.request("status")
-                    display.show(headline(config, elapsed, sim.sent, collector.figures, tracker), status)
-                if started is not None and elapsed >= config.duration_s:
-                    break
-                if not sim.is_alive():
-                    raise DemoError("the simulated acquisition stopped on its own")
-        except KeyboardInterrupt:
-            ended_by = "Ctrl-C"
+    with DemoDisplay(console) as display, StopSignals() as stop:
+        while stop.received is None:
+            collector.pump(0.05)
+            tracker.ingest()
+            if sim.error is not None:
+                raise DemoError(f"the simulated acquisition failed: {sim.error!r}")
+            if daemon.proc.poll() is not None:
+                raise DemoError(f"the daemon exited with status {daemon.proc.returncode}:\n{daemon.log_tail()}")
+            started = sim.started_at
+            elapsed = time.monotonic() - started if started is not None else 0.0
+            if display.due():
+                status = daemon.request("status")
+                display.show(headline(config, elapsed, sim.sent, collector.figures, tracker), status)
+            if started is not None and elapsed >= config.duration_s:
+                break
+            if not sim.is_alive():
+                raise DemoError("the simulated acquisition stopped on its own")
+        if stop.received is not None:
+            ended_by = "Ctrl-C" if stop.received == signal.SIGINT else "SIGTERM"
     sim.stop()
     started = sim.started_at
     streamed = (sim.result.elapsed_s if sim.result is not None else
