@@ -31,7 +31,7 @@ LIVE_KEYS = ("fps_out", "latency_ms_p50", "latency_ms_p99", "psnr_raw_db", "psnr
              "skipped_after_warmup")
 REQUIRED = set(NUMBER_KEYS + INT_KEYS + LIVE_KEYS) | {
     "device", "preset", "size", "rate_hz", "torch_version", "load_average", "engine", "mode", "init",
-    "inference_only", "latency_ms_all", "latency_ms_worst", "first_live_seq", "gc", "rss_mb", "ring",
+    "inference_only", "latency_ms_all", "latency_ms_worst", "first_live_seq", "gc", "rss_mb", "ring", "batch",
 }
 
 TINY = ["--size", "64", "64", "--preset", "lite", "--device", "cpu", "--ring-mb", "64"]
@@ -83,6 +83,7 @@ def test_paced_run_with_training_writes_every_figure(tmp_path):
                    "--warmup-steps", "8", "--save-model", str(model))
     check_common(result, 60)
     assert result["mode"] == "paced" and result["rate_hz"] == 60.0 and result["inference_only"] is False
+    assert result["batch"] == 1, "one window at a time on a CPU"
     assert result["latency_target_ms"] == pytest.approx(3 / 60 * 1000 + 100)
     assert is_number(result["fps_in"]) and result["fps_in"] > 0
     # On a loaded machine the warm start may not finish within 60 frames: then the live-only
@@ -102,8 +103,9 @@ def test_max_rate_inference_only_from_saved_weights(tmp_path):
     with StreamDenoiser(EngineConfig(preset="lite", device="cpu", train_mode="inline")) as den:
         den.push(np.zeros((64, 64), np.uint16), infer=False)
         den.save_weights(init)
-    result = bench(tmp_path, "--frames", "40", "--max", "--inference-only", "--init", str(init))
+    result = bench(tmp_path, "--frames", "40", "--max", "--inference-only", "--init", str(init), "--batch", "4")
     check_common(result, 40)
+    assert result["batch"] == 4 and result["engine"]["max_batch"] == 4
     assert result["mode"] == "max" and result["rate_hz"] is None and result["latency_target_ms"] is None
     assert result["inference_only"] is True and result["init"] == str(init)
     assert result["train_steps"] == 0

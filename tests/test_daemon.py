@@ -19,15 +19,18 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
+import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.control import ControlError, confine_path
-from umvd_live.daemon import Daemon, DaemonConfig, check_loopback, engine_factory
-from umvd_live.protocol import decode_output
+from umvd_live.daemon import Daemon, DaemonConfig, Received, check_loopback, engine_factory
+from umvd_live.engine import EngineConfig, StreamDenoiser
+from umvd_live.model import Denoiser
+from umvd_live.protocol import decode_output, encode_frame
 from umvd_live.status import render_lines, render_table
-from umvd_live.streams import RateMeter
+from umvd_live.streams import RateMeter, monotonic
 
 ENGINE_ARGS = ["--preset", "lite", "--device", "cpu", "--window", "7", "--warmup-frames", "40",
                "--warmup-steps", "10", "--status-interval", "1"]
@@ -412,6 +415,54 @@ def test_preview_skips_when_behind_but_a_recorded_stream_gets_every_frame(tmp_pa
     assert len(sink.raw) == 2 * n and sink.closed
     assert {e.stream for e, _ in sink.started} == {"preview", "rec"}
     assert all(isinstance(h, str) and len(h) == 64 for _, h in sink.started)
+
+
+def test_waiting_frames_of_a_stream_are_denoised_in_batches(tmp_path):
+    """With --batch 4, a backlog of one stream goes through the engine four frames at a time (one
+    forward pass of D per run of ready windows), runs break where the stream changes, and the
+    outputs are those of a daemon that denoises one window at a time."""
+    with StreamDenoiser(EngineConfig(preset="lite", device="cpu", train_mode="inline")) as den:
+        den.push(np.zeros((32, 32), np.uint16), infer=False)
+        den.save_weights(tmp_path / "w.pt")
+    rng = np.random.default_rng(3)
+    order = ["a"] * 10 + ["b"] * 3 + ["a"] * 2
+    images = [rng.poisson(20.0, (32, 32)).astype(np.uint16) for _ in order]
+    seqs = {"a": 0, "b": 0}
+    items = []
+    for stream, image in zip(order, images):
+        parts = [bytes(p) for p in encode_frame(stream, image, seqs[stream])]
+        seqs[stream] += 1
+        items.append(Received(parts, monotonic(), sum(map(len, parts))))
+
+    def serve(batch: int) -> tuple[list, list[int]]:
+        config = DaemonConfig(input_bind="tcp://127.0.0.1:*", output="tcp://127.0.0.1:*",
+                              control="tcp://127.0.0.1:*", preset="lite", device="cpu",
+                              init=str(tmp_path / "w.pt"), output_dir=tmp_path, batch=batch)
+        sink = CollectingSink(owed=set())
+        d = Daemon(config, engine_factory(config), [sink])
+        d.set_training_paused(None, True)
+        passes: list[int] = []  # D's batch size at each forward pass
+        hook = torch.nn.modules.module.register_module_forward_hook(
+            lambda module, args, out: passes.append(args[0].shape[0]) if isinstance(module, Denoiser) else None)
+        d.start()
+        try:
+            d.process(items, allow_skip=False)
+            d.finish()
+        finally:
+            hook.remove()
+            d.close()
+        return sink.denoised, passes
+
+    batched, passes = serve(4)
+    single, single_passes = serve(1)
+    # a: kernel preparation (a blank window) at its start, then runs of 4, 4, 2 frames -> 1, 4, 2
+    # ready windows; b: preparation, 3 frames -> none ready yet; a: 2 -> 2; the flushes: 3 each.
+    assert passes == [1, 1, 4, 2, 1, 2, 3, 3]
+    assert single_passes == [1] * len(single_passes)
+    assert [(o.stream, o.header.seq) for o in batched] == [(o.stream, o.header.seq) for o in single]
+    assert len(batched) == len(order) and all(o.state == "live" for o in batched)
+    for got, want in zip(batched, single):
+        np.testing.assert_allclose(got.image, want.image, rtol=1e-4, atol=1e-2)
 
 
 # ---- small units --------------------------------------------------------------------------------

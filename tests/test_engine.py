@@ -1,6 +1,7 @@
 """StreamDenoiser: ordering, states, weights files, divergence guard, input hygiene."""
 
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -71,6 +72,71 @@ def test_infer_false_skips_only_the_image():
         outs += den.push(frame, infer=i % 2 == 0)
     assert [o.index for o in outs] == list(range(9))
     assert [o.image is None for o in outs] == [i % 2 == 1 for i in range(3, 12)]
+
+
+def test_push_many_equals_pushing_one_frame_at_a_time(tmp_path):
+    """Batched inference (push_many, in chunks of max_batch) gives the outputs of single pushes:
+    same frames, same order, same images, also across the context blocks' running sums."""
+    den, _ = run_stream(FAST, noisy_movie(20))
+    den.save_weights(tmp_path / "w.pt")
+    frozen = EngineConfig(preset="lite", init=str(tmp_path / "w.pt"), steps_per_frame=0, max_batch=3)
+    movie = noisy_movie(130, seed=4)
+    infer = [i % 11 != 5 for i in range(len(movie))]
+    single, singles = StreamDenoiser(frozen), []
+    for frame, wanted in zip(movie, infer):
+        singles += single.push(frame, infer=wanted)
+    singles += single.flush()
+    batched, outs, start = StreamDenoiser(frozen), [], 0
+    for size in [1, 4, 7, 2, 13, 1, 30, 8, 64]:  # 130 frames in uneven runs
+        outs += batched.push_many(movie[start:start + size], infer[start:start + size])
+        start += size
+    outs += batched.flush()
+    assert [(o.index, o.state) for o in outs] == [(o.index, o.state) for o in singles]
+    assert all(o.state == "live" for o in outs)
+    for got, want in zip(outs, singles):
+        if want.image is None:
+            assert got.image is None
+        else:
+            np.testing.assert_allclose(got.image, want.image, rtol=1e-4, atol=1e-2)
+    assert batched.frames_in == batched.frames_out == 130
+
+
+def test_push_many_checks_every_frame_before_taking_any():
+    den = StreamDenoiser(FAST)
+    movie = noisy_movie(4)
+    den.push_many(movie[:2])
+    with pytest.raises(ValueError, match="new StreamDenoiser"):
+        den.push_many([movie[2], np.zeros((10, 10), np.uint16)])
+    assert den.frames_in == 2
+    with pytest.raises(ValueError, match="infer flags"):
+        den.push_many(movie[2:4], [True])
+
+
+def test_the_bf16_path_a_gpu_takes_trains_and_denoises_like_fp32(tmp_path):
+    """The GPU's default arithmetic (bf16 autocast around float32 weights), run on the CPU here:
+    training steps stay finite and the outputs match float32 inference with the same weights to
+    within bf16's precision."""
+    assert EngineConfig().precision == "auto"
+    assert StreamDenoiser(EngineConfig(device="cpu")).bf16 is False, "fp32 on a CPU by default"
+    with pytest.raises(ValueError, match="precision"):
+        StreamDenoiser(EngineConfig(precision="fp16"))
+    bf16 = replace(FAST, precision="bf16")
+    den, _ = run_stream(bf16, noisy_movie(30))
+    assert den.bf16 and den.trainer.bf16 and den.stats()["precision"] == "bf16"
+    assert den.model_step > 0 and np.isfinite(den.last_loss)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in den.trainer.model.parameters())
+    den.save_weights(tmp_path / "w.pt")
+    movie = noisy_movie(40, seed=2)
+    outputs = {}
+    for precision in ("bf16", "fp32"):
+        _, outs = run_stream(EngineConfig(preset="lite", init=str(tmp_path / "w.pt"), steps_per_frame=0,
+                                          precision=precision), movie)
+        outputs[precision] = np.stack([o.image for o in outs])
+    assert outputs["bf16"].dtype == np.float32
+    error = np.abs(outputs["bf16"] - outputs["fp32"]).mean()
+    # bf16 keeps 8 significant bits: the outputs differ (so bf16 did run), by under 1% of the
+    # data's own spread.
+    assert 0 < error < 0.01 * movie.std(), (error, movie.std())
 
 
 def test_shape_change_is_refused():
@@ -201,7 +267,6 @@ def test_background_training_runs_beside_push():
 
 
 def test_context_blocks_are_configurable_and_checked_against_weights(tmp_path):
-    from dataclasses import replace
 
     assert StreamDenoiser(FAST).config.context is None  # the preset's: lite has blocks
     den, outs = run_stream(replace(FAST, context=(2, 5)), noisy_movie(40))

@@ -74,8 +74,6 @@ PROBE_TOPIC = b"umvd bench probe"
 #: Longest wait for the monitor's subscription, and for the last outputs after the end.
 SUBSCRIBE_TIMEOUT_S = 10.0
 DRAIN_TIMEOUT_S = 10.0
-#: Frames the --max producer lets wait in the inbox: one, so the daemon never has a backlog to skip.
-MAX_MODE_BACKLOG = 1
 #: Denoised frames the viewer side may hold unread (the daemon's PUB holds as many again).
 MONITOR_RCVHWM = 1000
 #: Extra latency on top of the N//2 frames the output must wait for, in the latency target.
@@ -177,9 +175,12 @@ class FrameProducer(threading.Thread):
     """Hands the ring's frames to the daemon's inbox, as its input thread would, at the set pace."""
 
     def __init__(self, ring: FrameRing, inbox: Inbox, frames: int, rate_hz: float | None,
-                 rss_every_s: float):
+                 rss_every_s: float, backlog: int = 1):
         super().__init__(name="umvd-bench-producer", daemon=True)
         self.ring, self.inbox, self.frames, self.rate_hz = ring, inbox, frames, rate_hz
+        #: --max: frames let wait in the inbox, the daemon's batch: a full batch each time, and
+        #: never a backlog larger than one batch to skip.
+        self.backlog = backlog
         self.handed = np.full(frames, np.nan)  # receipt time of each seq
         self.refused = 0  # the inbox was full (its byte budget)
         self.late = 0  # frames handed over more than one period after their due time
@@ -211,7 +212,7 @@ class FrameProducer(threading.Thread):
                 elif wait < -period:
                     self.late += 1
             else:
-                while len(self.inbox) >= MAX_MODE_BACKLOG and not self.stop_requested.is_set():
+                while len(self.inbox) >= self.backlog and not self.stop_requested.is_set():
                     self.taken.wait(0.01)
                     self.taken.clear()
             parts = encode_frame(STREAM, self.ring.noisy_of(seq), seq, t=seq * period if period else None,
@@ -315,6 +316,7 @@ class BenchConfig:
             preset=args.preset, device=args.device, window=args.window, context=args.context,
             warmup_frames=args.warmup_frames,
             init=args.init, seed=args.seed, catchup_s=args.catchup_ms / 1000.0, warmup_steps=args.warmup_steps,
+            batch=args.batch, precision=args.precision,
         )
         return cls(height=height, width=width, frames=args.frames, rate_hz=None if args.max else float(args.rate),
                    photons=args.photons, inference_only=args.inference_only,
@@ -341,7 +343,7 @@ def untrained_weights(config: DaemonConfig, frame: np.ndarray, path: str) -> Non
     from umvd_live.engine import EngineConfig, StreamDenoiser
 
     with StreamDenoiser(EngineConfig(preset=config.preset, device=config.device, window=config.window,
-                                     train_mode="inline", seed=config.seed)) as den:
+                                     context=config.context, train_mode="inline", seed=config.seed)) as den:
         den.push(frame, infer=False)
         den.save_weights(path)
 
@@ -381,7 +383,7 @@ def _measure(cfg: BenchConfig, daemon_cfg: DaemonConfig, ring: FrameRing, init_l
         monitor = OutputMonitor(daemon.endpoints["output"], ring, cfg.frames)
         monitor.start()
         _await_subscription(daemon, monitor)
-        producer = FrameProducer(ring, daemon.inbox, cfg.frames, cfg.rate_hz, cfg.rss_every_s)
+        producer = FrameProducer(ring, daemon.inbox, cfg.frames, cfg.rate_hz, cfg.rss_every_s, daemon.batch)
         producer.start()
         live_at, steps_at_live, skipped_at_live, rss_live = None, 0, 0, None
         stream: LiveStream | None = None
@@ -425,7 +427,7 @@ def _measure(cfg: BenchConfig, daemon_cfg: DaemonConfig, ring: FrameRing, init_l
                     rss=(rss_start, rss_live, rss_end),
                     load=(load_start, os.getloadavg()[0]), published=published, saved=saved,
                     torch_threads=torch.get_num_threads(), torch_version=torch.__version__,
-                    gc_pauses=gc_pauses.summary())
+                    gc_pauses=gc_pauses.summary(), batch=daemon.batch)
 
 
 def _await_subscription(daemon: Daemon, monitor: OutputMonitor) -> None:
@@ -466,7 +468,7 @@ def _figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, ring: FrameRing, init_l
              engine_config: dict[str, Any] | None, *, live_at: float | None, ended: float, steps_at_live: int,
              skipped_at_live: int, rss: tuple[float, float | None, float], load: tuple[float, float],
              published: int, saved: dict[str, Any] | None, torch_threads: int, torch_version: str,
-             gc_pauses: dict[str, Any]) -> dict[str, Any]:
+             gc_pauses: dict[str, Any], batch: int) -> dict[str, Any]:
     import torch
 
     k = daemon_cfg.window // 2
@@ -516,7 +518,8 @@ def _figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, ring: FrameRing, init_l
         "train_steps": steps,
         "train_steps_per_s": engine.get("train_steps_per_s"),
         "train_steps_per_s_after_warmup": (steps - steps_at_live) / live_span if live_span > 0 else None,
-        "infer_ms": snapshot.get("infer_ms"),  # the daemon's running estimate of one inferring push
+        "infer_ms": snapshot.get("infer_ms"),  # the daemon's running estimate of one inferred output
+        "batch": batch,
         "loss": engine.get("loss"),
         "rollbacks": engine.get("rollbacks"),
         "psnr_raw_db": psnr_raw,
@@ -588,7 +591,7 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
         ("peak RSS (of which pre-generated frames)", f"{r['peak_rss_mb']:.0f} MB ({r['ring']['mb']:.0f} MB)"),
         ("frames handed / published / seen", f"{r['frames_handed']} / {r['frames_published']} / "
                                              f"{r['frames_received_by_viewer']}"),
-        ("inference per frame (daemon's estimate)", _fmt(r["infer_ms"], 1, " ms")),
+        ("inference per frame (daemon's estimate; batch)", f"{_fmt(r['infer_ms'], 1, ' ms')} ({r['batch']})"),
         ("producer late frames", str(r["producer_late"])),
         ("cores / torch threads", f"{r['cpu_count']} / {r['torch_threads']}"),
         ("load average (1 min) start → end",

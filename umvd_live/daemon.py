@@ -56,6 +56,7 @@ from umvd_live.streams import (
     IDLE_AFTER_S,
     DenoisedOutput,
     DenoiserFactory,
+    Arrival,
     LiveStream,
     StreamStarted,
     monotonic,
@@ -101,6 +102,8 @@ class DaemonConfig:
     inbox_bytes: int = 1 << 30
     status_interval_s: float = 5.0
     catchup_s: float = 0.1  # backlog (in estimated inference time) worked through before skipping
+    batch: int | None = None  # frames of a stream per forward pass; None: the device's default
+    precision: str = "auto"  # engine.EngineConfig.precision
     warmup_steps: int | None = None  # engine default when None
     checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S  # with state_dir
     idle_after_s: float = IDLE_AFTER_S  # no frame for this long: the stream is idle
@@ -123,7 +126,7 @@ class DaemonConfig:
             output_dir=Path(args.output_dir), state_dir=Path(args.state_dir) if args.state_dir else None,
             max_streams=args.max_streams, inbox_bytes=int(args.inbox_mb * 2**20),
             status_interval_s=args.status_interval, catchup_s=args.catchup_ms / 1000.0,
-            warmup_steps=args.warmup_steps,
+            warmup_steps=args.warmup_steps, batch=args.batch, precision=args.precision,
             checkpoint_interval_s=args.checkpoint_interval, idle_after_s=args.idle_s,
             allow_remote=args.allow_remote, curve=_curve_config(args),
         )
@@ -136,6 +139,24 @@ def _curve_config(args: argparse.Namespace) -> CurveServerConfig | None:
     if key is None or clients is None:
         raise SecurityError("CURVE needs both --curve-server-key and --curve-clients")
     return CurveServerConfig(Path(key), Path(clients))
+
+
+def _same_run(first: Frame, frame: Frame) -> bool:
+    """Whether `frame` can join the run `first` began: the same stream, shape and dtype."""
+    h, f = first.header, frame.header
+    return (first.stream, h.shape, h.dtype) == (frame.stream, f.shape, f.dtype)
+
+
+def batch_size(config: DaemonConfig) -> int:
+    """Frames of one stream handed to its engine at once: ``--batch``, else the engine's default
+    for the device (`engine.default_batch`: several on a GPU, one on a CPU)."""
+    if config.batch is not None:
+        if config.batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {config.batch}")
+        return config.batch
+    from umvd_live.engine import default_batch, pick_device
+
+    return default_batch(pick_device(config.device))
 
 
 def check_loopback(endpoint: str) -> None:
@@ -153,6 +174,7 @@ def engine_factory(config: DaemonConfig) -> DenoiserFactory:
         return StreamDenoiser(EngineConfig(
             preset=config.preset, device=config.device, window=config.window, context=config.context,
             warmup_frames=config.warmup_frames, train_mode="background", seed=config.seed, init=init,
+            max_batch=config.batch, precision=config.precision,
             **extra,
         ))
 
@@ -270,6 +292,7 @@ class Daemon:
     def __init__(self, config: DaemonConfig, make_denoiser: DenoiserFactory, sinks: Sequence[FrameSink] = ()):
         self.config = config
         self.make_denoiser = make_denoiser
+        self.batch = batch_size(config)
         self.sinks: list[FrameSink] = list(sinks)
         self.streams: dict[str, LiveStream] = {}
         self.store = StateStore(config.state_dir, config.checkpoint_interval_s) if config.state_dir else None
@@ -396,13 +419,17 @@ class Daemon:
 
     # ---- frames -------------------------------------------------------------------------------
     def process(self, items: Sequence[Received], allow_skip: bool = True) -> None:
-        """Validate, route and denoise one batch taken from the inbox, in arrival order."""
+        """Validate, route and denoise one batch taken from the inbox, in arrival order.
+
+        Consecutive frames of one stream (and one shape) go to its engine together, up to
+        `batch` at a time, so their windows are denoised in one forward pass."""
         frames: list[tuple[Frame, Received]] = []
         for item in items:
             frame = self._decode(item)
             if frame is not None:
                 frames.append((frame, item))
         behind = Counter(frame.stream for frame, _ in frames)  # frames of each stream still to go
+        run: list[Arrival] = []
         for frame, item in frames:
             behind[frame.stream] -= 1
             live = self.streams.get(frame.stream)
@@ -412,17 +439,31 @@ class Daemon:
                     continue
             self._publish_raw(item)
             infer = not allow_skip or self._keeps_pace(live, behind[frame.stream]) or self._owed(frame.stream)
-            try:
-                outputs, started = live.accept(frame, item.received, infer)
-            except Exception as exc:  # an engine failure on one frame must not end the session
-                live.note_rejected("engine_error")
-                self._log_rejection(frame.stream, ProtocolError("engine_error", repr(exc)))
-                continue
-            if started is not None:
-                self._notify_started(live, started)
-            self._publish(outputs)
-            for sink in self.sinks:  # after the push, so a new stream's model exists for provenance
-                sink.on_raw(frame, item.received)
+            if run and not _same_run(run[0].frame, frame):
+                self._accept(run)
+                run = []
+            run.append(Arrival(frame, item.received, infer))
+            if len(run) >= self.batch:
+                self._accept(run)
+                run = []
+        if run:
+            self._accept(run)
+
+    def _accept(self, run: list[Arrival]) -> None:
+        """Hand a run of one stream's frames to its `LiveStream`; publish what became ready."""
+        live = self.streams[run[0].frame.stream]
+        try:
+            outputs, started = live.accept(run)
+        except Exception as exc:  # an engine failure must not end the session
+            live.note_rejected("engine_error", len(run))
+            self._log_rejection(live.name, ProtocolError("engine_error", repr(exc)))
+            return
+        if started is not None:
+            self._notify_started(live, started)
+        self._publish(outputs)
+        for arrival in run:  # after the push, so a new stream's model exists for provenance
+            for sink in self.sinks:
+                sink.on_raw(arrival.frame, arrival.received)
 
     def _decode(self, item: Received) -> Frame | None:
         try:

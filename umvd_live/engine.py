@@ -4,7 +4,8 @@ Data flow: a pushed frame is sanitised and normalised, its G features are comput
 cached in the sliding window, it joins the frame history whose block means are the network's
 long-range context (`window.FrameHistory`), and it joins the trainer's replay buffer. The output for frame t is
 ready when frame t + N//2 has arrived; `flush` ends the stream and emits the rest. Until the warm
-start is done, outputs are a temporal mean, marked `warmup`.
+start is done, outputs are a temporal mean, marked `warmup`. `push_many` takes several waiting
+frames at once and denoises their windows in batched forward passes (`max_batch`), for a GPU.
 
 Training runs either inline (a fixed number of steps per pushed frame: reproducible, for files)
 or in a background thread (for live streams: `push` then only does inference, so the output keeps
@@ -20,7 +21,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -51,7 +52,9 @@ class EngineConfig:
     live_train_duty: float = 0.3  # background mode, once live: the trainer's share of its core
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     init: str | None = None  # weights from an earlier session: skips the warm start
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
     cpu_threads: int | None = None  # torch threads on CPU; None: all cores, half in background mode
+    max_batch: int | None = None  # windows (and frames through G) per forward pass; None: `default_batch`
     seed: int = 0
 
 
@@ -63,12 +66,45 @@ class DenoisedFrame:
     model_step: int  # training steps the weights that produced it had seen
 
 
+#: Windows per forward pass on a GPU, by default. On a CPU one window at a time is fastest: a
+#: batch only costs more per window there (docs/benchmarks.md, "Batched inference").
+GPU_BATCH = 16
+
+
+def default_batch(device: torch.device) -> int:
+    return GPU_BATCH if device.type == "cuda" else 1
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether the networks run under bfloat16 autocast: on request, or by default on a GPU with
+    bf16 arithmetic (Ampere and later); float32 on a CPU, where bf16 convolutions are no faster
+    on most processors, and on older GPUs."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"unknown precision {precision!r}; choose auto, bf16 or fp32")
+    if precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
     return torch.device(name)
+
+
+@dataclass
+class _OutputBatch:
+    """The outputs of one `push_many` or `flush` in order; live ones wait as stacked windows."""
+
+    outputs: list[DenoisedFrame | None] = field(default_factory=list)
+    windows: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)  # slot, t, features, context
+
+
+def _batched(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along the batch; a batch of one is used as it is (no copy)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 class StreamDenoiser:
@@ -79,6 +115,11 @@ class StreamDenoiser:
         if self.config.window < 3 or self.config.window % 2 == 0:
             raise ValueError(f"window must be odd and >= 3, got {self.config.window}")
         self.device = pick_device(self.config.device)
+        self.bf16 = uses_bf16(self.config.precision, self.device)
+        batch = self.config.max_batch
+        self.max_batch = default_batch(self.device) if batch is None else batch
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {batch}")
         self._set_threads()
         self.k = self.config.window // 2
         self.frames_in = 0
@@ -145,6 +186,7 @@ class StreamDenoiser:
             "state": self.state,
             "preset": self.preset,
             "device": str(self.device),
+            "precision": "bf16" if self.bf16 else "fp32",
             "window": self.config.window,
             "frames_in": self.frames_in,
             "frames_out": self.frames_out,
@@ -199,6 +241,8 @@ class StreamDenoiser:
             if self.config.context is not None:
                 spec = replace(spec, context=tuple(self.config.context))
         self.preset, self.spec = preset, spec
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # a stream's shapes are fixed: pick the fastest kernels once
         torch.manual_seed(self.config.seed)
         train_net = UMVDNet(spec).to(self.device)
         if state_dict is not None:
@@ -212,7 +256,7 @@ class StreamDenoiser:
         capacity = min(tc.replay_frames, max(tc.replay_bytes // frame_bytes, self.config.window))
         self._replay = ReplayBuffer(self.config.window, capacity, spec.context)
         self._history = FrameHistory(spec.window // 2, spec.context)
-        self.trainer = OnlineTrainer(train_net, tc, self.device, seed=self.config.seed)
+        self.trainer = OnlineTrainer(train_net, tc, self.device, seed=self.config.seed, bf16=self.bf16)
         if info is not None:
             self.trainer.steps = int(info.get("step", 0))
             self._net_step = self.trainer.steps
@@ -233,8 +277,50 @@ class StreamDenoiser:
         that becomes ready is returned without an image: a live preview that fell behind skips
         to the newest window this way.
         """
+        return self.push_many([frame], [infer])
+
+    def push_many(self, frames: Sequence[np.ndarray], infer: Sequence[bool] | None = None) -> list[DenoisedFrame]:
+        """Add several frames in order, as `push` each would; return the outputs that became ready.
+
+        The frames' G features are computed as one batch, and the live windows that become ready
+        are denoised as batches of up to `max_batch`, all with the weights in use when the call
+        began: a GPU that would idle on one window at a time then works on many. `infer[i]` is
+        `push`'s `infer` for frame i (default: all True).
+        """
         if self._ended:
             raise RuntimeError("this stream was flushed; start a new StreamDenoiser")
+        flags = [True] * len(frames) if infer is None else list(infer)
+        if len(flags) != len(frames):
+            raise ValueError(f"{len(frames)} frames but {len(flags)} infer flags")
+        frames = [self._check(frame) for frame in frames]
+        if not frames:
+            return []
+        self._adopt_published_weights()
+        self._update_state()
+        cleaned = [sanitize(frame) for frame in frames]
+        host = torch.stack([torch.from_numpy(self.normalizer.forward(clean)) for clean, _ in cleaned])[:, None]
+        xs = host.to(self.device)  # (B, 1, H, W); the replay buffer keeps the host copy
+        with torch.inference_mode():
+            feats = torch.cat([self._features(chunk) for chunk in xs.split(self.max_batch)])
+        batch = _OutputBatch()
+        for x, x_host, f, (_, trainable), wanted in zip(xs, host, feats, cleaned, flags):
+            index = self.frames_in
+            self._window.append(index, x, f)
+            self._history.append(index, x)
+            if trainable:
+                self._replay.add(index, x_host)
+            self.frames_in += 1
+            if index >= self.k:
+                self._produce(index - self.k, wanted, batch)
+        outputs = self._finish(batch)
+        if self.config.train_mode == "inline":
+            for _ in frames:
+                self._train_inline()
+        self._update_state()
+        return outputs
+
+    def _check(self, frame: np.ndarray) -> np.ndarray:
+        """Validate one frame against the stream; the first one builds the network."""
         frame = np.asarray(frame)
         if frame.ndim != 2:
             raise ValueError(f"a frame must be 2-D (H, W), got shape {frame.shape}")
@@ -247,26 +333,7 @@ class StreamDenoiser:
                 f"frame {frame.shape} {frame.dtype} differs from the stream's {self.shape} {self.dtype}: "
                 "a new shape or dtype needs a new StreamDenoiser"
             )
-        self._adopt_published_weights()
-        self._update_state()
-        index = self.frames_in
-        clean, trainable = sanitize(frame)
-        x = torch.from_numpy(self.normalizer.forward(clean)).to(self.device)[None]  # (1, H, W)
-        with torch.inference_mode():
-            feats = self._features(x[None])[0]
-        self._window.append(index, x, feats)
-        self._history.append(index, x)
-        if trainable:
-            self._replay.add(index, x if self.device.type == "cpu" else x.to("cpu"))
-        self.frames_in += 1
-        outputs = []
-        t = index - self.k
-        if t >= 0:
-            outputs.append(self._produce(t, infer))
-        if self.config.train_mode == "inline":
-            self._train_inline()
-        self._update_state()
-        return outputs
+        return frame
 
     def flush(self) -> list[DenoisedFrame]:
         """End the stream: the outputs of the last N//2 frames, from mirrored windows."""
@@ -274,17 +341,19 @@ class StreamDenoiser:
             self._ended = True
             return []
         self._adopt_published_weights()
-        outputs = [self._produce(t, True) for t in range(max(self.frames_in - self.k, 0), self.frames_in)]
+        batch = _OutputBatch()
+        for t in range(max(self.frames_in - self.k, 0), self.frames_in):
+            self._produce(t, True, batch)
         self._ended = True
-        return outputs
+        return self._finish(batch)
 
     def _features(self, frames: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             f = self._net.features(frames.contiguous(memory_format=torch.channels_last))
         return f.float() if f.dtype != torch.float32 else f
 
     def _denoise(self, feats: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self._net.denoise_features(feats, context)
 
     def _prepare_kernels(self) -> None:
@@ -298,7 +367,10 @@ class StreamDenoiser:
             context = torch.zeros(1, n, 1, h, w, device=self.device) if n else None
             self._denoise(feats[:, None].expand(1, self.spec.window, -1, h, w), context)
 
-    def _produce(self, t: int, infer: bool) -> DenoisedFrame:
+    def _produce(self, t: int, infer: bool, batch: _OutputBatch) -> None:
+        """Add frame t's output to `batch`: a live window is stacked now, while the window still
+        holds t's neighbours, and denoised with the others of the batch by `_finish`."""
+        self.frames_out += 1
         state: State = self.state
         image = None
         if infer:
@@ -307,13 +379,26 @@ class StreamDenoiser:
                 state = "warmup"
                 image = self.normalizer.inverse(self._window.frames(t)[0, 0].float().cpu().numpy())
             elif self._live:
-                with torch.inference_mode():
-                    y = self._denoise(self._window.features(t), self._context(t))
-                image = self.normalizer.inverse(y[0, 0].float().cpu().numpy())
+                batch.windows.append((len(batch.outputs), t, self._window.features(t), self._context(t)))
+                batch.outputs.append(None)
+                return
             else:
                 image = self.normalizer.inverse(self._window.frames(t).mean(0)[0].float().cpu().numpy())
-        self.frames_out += 1
-        return DenoisedFrame(index=t, image=image, state=state, model_step=self._net_step)
+        batch.outputs.append(DenoisedFrame(index=t, image=image, state=state, model_step=self._net_step))
+
+    def _finish(self, batch: _OutputBatch) -> list[DenoisedFrame]:
+        """Denoise the batch's stacked windows, `max_batch` per forward pass; return its outputs."""
+        outputs = batch.outputs
+        step = self.max_batch
+        for start in range(0, len(batch.windows), step):
+            chunk = batch.windows[start:start + step]
+            context = _batched([c for *_, c in chunk]) if self.spec.context else None
+            with torch.inference_mode():
+                y = self._denoise(_batched([w for _, _, w, _ in chunk]), context)
+            images = self.normalizer.inverse(y[:, 0].float().cpu().numpy())
+            for (slot, t, _, _), image in zip(chunk, images):
+                outputs[slot] = DenoisedFrame(index=t, image=image, state="live", model_step=self._net_step)
+        return outputs  # type: ignore[return-value]  # every slot is filled now
 
     def _context(self, t: int) -> torch.Tensor | None:
         """The means of the context blocks of the window centred on t, if the network takes them."""
@@ -439,24 +524,27 @@ class StreamDenoiser:
                 frames[i] = torch.from_numpy(self.normalizer.forward(sanitize(movie[i])[0])).to(self.device)[None]
             return frames[i]
 
-        out = []
-        with torch.inference_mode():
-            for t in indices:
-                idx = window_indices(t, 0, last, self.k)
-                for i in idx:
-                    if i not in feats:
-                        feats[i] = self._features(frame(i)[None])[0]
-                context = None
-                if spans:
-                    context = block_means(context_blocks(t, self.k, spans, lambda j: 0 <= j <= last), frame)[None]
-                y = self._denoise(torch.stack([feats[i] for i in idx])[None], context)
-                image = self.normalizer.inverse(y[0, 0].float().cpu().numpy())
-                out.append(DenoisedFrame(index=t, image=image, state="live", model_step=self._net_step))
-                # What no later window needs can go (indices usually come in order; an evicted
-                # frame that is needed again is simply recomputed).
-                for cache, keep in ((feats, self.k), (frames, reach)):
-                    for i in [i for i in cache if i < t - keep]:
-                        del cache[i]
+        out: list[DenoisedFrame] = []
+        for start in range(0, len(indices), self.max_batch):
+            batch = _OutputBatch()
+            chunk = indices[start:start + self.max_batch]
+            with torch.inference_mode():
+                for t in chunk:
+                    idx = window_indices(t, 0, last, self.k)
+                    for i in idx:
+                        if i not in feats:
+                            feats[i] = self._features(frame(i)[None])[0]
+                    context = None
+                    if spans:
+                        context = block_means(context_blocks(t, self.k, spans, lambda j: 0 <= j <= last), frame)[None]
+                    batch.windows.append((len(batch.outputs), t, torch.stack([feats[i] for i in idx])[None], context))
+                    batch.outputs.append(None)
+            out += self._finish(batch)
+            # What no later window needs can go (indices usually come in order; an evicted
+            # frame that is needed again is simply recomputed).
+            for cache, keep in ((feats, self.k), (frames, reach)):
+                for i in [i for i in cache if i < chunk[-1] - keep]:
+                    del cache[i]
         return out
 
     # -- weights ------------------------------------------------------------------------------

@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         warmup_frames=args.warmup_frames,
         init=args.init,
         seed=args.seed,
+        max_batch=args.batch,
+        precision=args.precision,
         steps_per_frame=args.steps_per_frame,
     )
     try:

@@ -44,7 +44,7 @@ class Denoiser(Protocol):
 
     frames_in: int
 
-    def push(self, frame: np.ndarray, infer: bool = True) -> list[Any]: ...
+    def push_many(self, frames: Sequence[np.ndarray], infer: Sequence[bool] | None = None) -> list[Any]: ...
     def flush(self) -> list[Any]: ...
     def pause_training(self) -> None: ...
     def resume_training(self) -> None: ...
@@ -71,6 +71,15 @@ class DenoisedOutput:
     state: str
     model_step: int
     received: float  # monotonic() when the input frame was taken from the socket
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A valid frame as the daemon hands it to its stream."""
+
+    frame: Frame
+    received: float  # monotonic() when it was taken from the socket
+    infer: bool  # False: the preview skips this frame's output (compute fell behind)
 
 
 @dataclass(frozen=True)
@@ -173,32 +182,36 @@ class LiveStream:
         self.training_paused = False
         self.last_seq: int | None = None
         self._pending: dict[int, tuple[FrameHeader, float]] = {}  # engine index -> input
-        #: Running estimate of one inferring push, for deciding how much backlog to work through.
+        #: Running estimate of the time one inferred output costs (its push, in a batch its share),
+        #: for deciding how much backlog to work through.
         self.infer_cost_s: float | None = None
 
     # ---- frames -------------------------------------------------------------------------------
-    def accept(self, frame: Frame, received: float, infer: bool) -> tuple[list[DenoisedOutput], StreamStarted | None]:
-        """Push one valid frame. Returns the outputs that became ready (a shape change first
-        flushes the old denoiser's outputs) and, when a new denoiser was started, its description."""
-        self._track_seq(frame.header.seq)
-        self._track_activity(received)
-        self._track_nonfinite(frame)
-        self.counters.frames_in += 1
-        self.fps_in.tick(received)
+    def accept(self, run: Sequence[Arrival]) -> tuple[list[DenoisedOutput], StreamStarted | None]:
+        """Push a run of valid frames, all of one shape and dtype, in arrival order. Returns the
+        outputs that became ready (a shape change first flushes the old denoiser's outputs) and,
+        when a new denoiser was started, its description."""
+        for arrival in run:
+            self._track_seq(arrival.frame.header.seq)
+            self._track_activity(arrival.received)
+            self._track_nonfinite(arrival.frame)
+            self.counters.frames_in += 1
+            self.fps_in.tick(arrival.received)
+        header = run[0].frame.header
         outputs: list[DenoisedOutput] = []
         started: StreamStarted | None = None
-        if self.denoiser is None or (frame.header.shape, frame.header.dtype) != (self.shape, self.dtype):
+        if self.denoiser is None or (header.shape, header.dtype) != (self.shape, self.dtype):
             reason = "first_frame"
             if self.denoiser is not None:
                 reason = "shape_change"
                 log.info(
                     "stream %s: %sx%s %s -> %sx%s %s; restarting its window and warm start",
-                    self.name, *self.shape, self.dtype, *frame.header.shape, frame.header.dtype,
+                    self.name, *self.shape, self.dtype, *header.shape, header.dtype,
                 )
                 outputs.extend(self._close_denoiser())
                 self.counters.restarts += 1
-            started = self._start_denoiser(frame.header.shape, frame.header.dtype, reason)
-        outputs.extend(self._push(frame, received, infer))
+            started = self._start_denoiser(header.shape, header.dtype, reason)
+        outputs.extend(self._push(run))
         return outputs, started
 
     def reset(self, init: str | None) -> tuple[list[DenoisedOutput], StreamStarted | None]:
@@ -244,8 +257,8 @@ class LiveStream:
     def note_skipped(self) -> None:
         self.counters.skipped += 1
 
-    def note_rejected(self, reason: str) -> None:
-        self.counters.rejected[reason] += 1
+    def note_rejected(self, reason: str, count: int = 1) -> None:
+        self.counters.rejected[reason] += count
 
     # ---- training -----------------------------------------------------------------------------
     def set_training_paused(self, paused: bool) -> None:
@@ -304,22 +317,25 @@ class LiveStream:
         return snap
 
     # ---- internals ----------------------------------------------------------------------------
-    def _push(self, frame: Frame, received: float, infer: bool) -> list[DenoisedOutput]:
+    def _push(self, run: Sequence[Arrival]) -> list[DenoisedOutput]:
         den = self.denoiser
         assert den is not None
-        index = den.frames_in  # the engine's index of this frame
-        self._pending[index] = (frame.header, received)
+        first = den.frames_in  # the engine's index of the run's first frame
+        for i, arrival in enumerate(run):
+            self._pending[first + i] = (arrival.frame.header, arrival.received)
         try:
             started = monotonic()
-            outputs = self._match(den.push(frame.pixels, infer=infer))
-            if infer and outputs and index > 0:  # the first push also builds the network
-                cost = monotonic() - started
+            outputs = self._match(den.push_many([a.frame.pixels for a in run], [a.infer for a in run]))
+            inferred = sum(out.image is not None for out in outputs)
+            if inferred and first > 0:  # the first push also builds the network
+                cost = (monotonic() - started) / inferred
                 self.infer_cost_s = cost if self.infer_cost_s is None else 0.9 * self.infer_cost_s + 0.1 * cost
             return outputs
         except Exception:
-            if den.frames_in == index:  # the engine did not take the frame
-                self._pending.pop(index, None)
-            if index == 0 and self.started_from is not None:
+            if den.frames_in == first:  # the engine did not take the frames
+                for i in range(len(run)):
+                    self._pending.pop(first + i, None)
+            if first == 0 and self.started_from is not None:
                 # The first push builds the network from the weights file: weights that do not
                 # fit this stream must not wedge it. Start from scratch instead, and say so.
                 log.exception("stream %s: cannot start from weights %s; starting from scratch",
@@ -327,8 +343,9 @@ class LiveStream:
                 if self.started_from == self.init:
                     self.init = None
                 den.close()
-                self._start_denoiser(frame.header.shape, frame.header.dtype, "init_refused", use_state=False)
-                return self._push(frame, received, infer)
+                header = run[0].frame.header
+                self._start_denoiser(header.shape, header.dtype, "init_refused", use_state=False)
+                return self._push(run)
             raise
 
     def _track_activity(self, received: float) -> None:

@@ -96,10 +96,12 @@ class ReplayBuffer:
 class OnlineTrainer:
     """Adam on random replay windows, with a rollback guard against divergence."""
 
-    def __init__(self, model: UMVDNet, config: TrainerConfig, device: torch.device, seed: int = 0):
+    def __init__(self, model: UMVDNet, config: TrainerConfig, device: torch.device, seed: int = 0,
+                 bf16: bool = False):
         self.model = model
         self.config = config
         self.device = device
+        self.bf16 = bf16  # forward under bfloat16 autocast (weights, gradients and Adam stay float32)
         self.rng = np.random.default_rng(seed)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
         self.steps = 0
@@ -152,7 +154,7 @@ class OnlineTrainer:
         windows, context = batch[:, :n], (batch[:, n:] if self.model.spec.context else None)
         target = windows[:, n // 2]
         self.model.train()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.model(windows, context)
         loss = F.mse_loss(out.float(), target)
         loss_value = float(loss.detach())
