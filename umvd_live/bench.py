@@ -12,8 +12,10 @@ are the daemon's, not a re-implementation's. The parts around it:
   so frames repeat every ``ring.frames`` (in the JSON). Runs that fit in the ring (900 frames at
   256² do, with the default 512 MB) measure quality on a never-repeating stream.
 - `FrameProducer`: a thread that hands frames to the daemon's inbox paced at ``--rate`` (frame i
-  due at start + i/rate, so lateness never accumulates), or with ``--max`` as soon as the daemon
-  has taken the previous one. The receipt time is stamped at the hand-over, as the daemon's
+  due at start + i/rate, so lateness never accumulates), or with ``--max`` as fast as the daemon
+  takes them, with at most one batch (``--batch``) waiting: the daemon then has a full batch at
+  each turn, and skips only if a batch takes longer than its catch-up budget. The receipt time
+  is stamped at the hand-over, as the daemon's
   `InputReceiver` stamps it when it takes a message off its socket.
 - `OutputMonitor`: a viewer on the daemon's output socket. Latency is the daemon's own figure
   (receipt to publication, carried in each denoised message); quality is PSNR against the
