@@ -101,6 +101,11 @@ class _OutputBatch:
     outputs: list[DenoisedFrame | None] = field(default_factory=list)
     windows: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)  # slot, t, features, context
 
+    def wait(self, t: int, features: torch.Tensor, context: torch.Tensor | None) -> None:
+        """Frame t's output, to be denoised from its stacked window by `StreamDenoiser._finish`."""
+        self.windows.append((len(self.outputs), t, features, context))
+        self.outputs.append(None)
+
 
 def _batched(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate along the batch; a batch of one is used as it is (no copy)."""
@@ -379,8 +384,7 @@ class StreamDenoiser:
                 state = "warmup"
                 image = self.normalizer.inverse(self._window.frames(t)[0, 0].float().cpu().numpy())
             elif self._live:
-                batch.windows.append((len(batch.outputs), t, self._window.features(t), self._context(t)))
-                batch.outputs.append(None)
+                batch.wait(t, self._window.features(t), self._context(t))
                 return
             else:
                 image = self.normalizer.inverse(self._window.frames(t).mean(0)[0].float().cpu().numpy())
@@ -537,8 +541,7 @@ class StreamDenoiser:
                     context = None
                     if spans:
                         context = block_means(context_blocks(t, self.k, spans, lambda j: 0 <= j <= last), frame)[None]
-                    batch.windows.append((len(batch.outputs), t, torch.stack([feats[i] for i in idx])[None], context))
-                    batch.outputs.append(None)
+                    batch.wait(t, torch.stack([feats[i] for i in idx])[None], context)
             out += self._finish(batch)
             # What no later window needs can go (indices usually come in order; an evicted
             # frame that is needed again is simply recomputed).
