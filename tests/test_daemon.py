@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import msgpack
@@ -25,8 +26,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.control import ControlError, confine_path
-from umvd_live.daemon import Daemon, DaemonConfig, Received, check_loopback, engine_factory
-from umvd_live.engine import EngineConfig, StreamDenoiser
+from umvd_live.daemon import Daemon, DaemonConfig, Received, check_loopback, engine_factory, inference_layout
+from umvd_live.engine import EngineConfig, StreamDenoiser, cpu_cores
 from umvd_live.model import Denoiser
 from umvd_live.protocol import decode_output, encode_frame
 from umvd_live.status import render_lines, render_table
@@ -377,17 +378,34 @@ def test_preview_skips_when_behind_but_a_recorded_stream_gets_every_frame(tmp_pa
         for p in pubs:
             assert p.wait_for_subscriber(10)
         rng = np.random.default_rng(0)
-        for _ in range(n):  # a burst: far faster than the engine infers
-            for p in pubs:
-                assert p.publish(rng.poisson(20.0, (64, 64)).astype(np.uint16))
         req = zmq.Context.instance().socket(zmq.REQ)
         req.setsockopt(zmq.RCVTIMEO, 60000)
         req.connect(d.endpoints["control"])
+
+        def status() -> dict:
+            req.send(msgpack.packb({"cmd": "status"}))
+            return msgpack.unpackb(req.recv())
+
+        def publish(frames: int) -> None:
+            for _ in range(frames):
+                for p in pubs:
+                    assert p.publish(rng.poisson(20.0, (64, 64)).astype(np.uint16))
+
+        # The warm start's frames, then its training (the preview skips only the network's
+        # outputs, whose cost it measures once live), then a burst far faster than the engine
+        # infers: the first frame of the burst makes the streams live.
+        publish(40)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            req.send(msgpack.packb({"cmd": "status"}))
-            status = msgpack.unpackb(req.recv())
-            if all(status["streams"].get(s, {}).get("frames_in") == n for s in ("preview", "rec")):
+            streams = status()["streams"]
+            if all(streams.get(s, {}).get("engine", {}).get("train_steps", 0) >= 16 for s in ("preview", "rec")):
+                break
+            time.sleep(0.1)
+        publish(n - 40)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            final = status()
+            if all(final["streams"].get(s, {}).get("frames_in") == n for s in ("preview", "rec")):
                 break
             time.sleep(0.1)
         req.send(msgpack.packb({"cmd": "shutdown"}))
@@ -400,7 +418,7 @@ def test_preview_skips_when_behind_but_a_recorded_stream_gets_every_frame(tmp_pa
         loop.join(60)
         d.close()
 
-    preview, rec = status["streams"]["preview"], status["streams"]["rec"]
+    preview, rec = final["streams"]["preview"], final["streams"]["rec"]
     assert preview["frames_in"] == rec["frames_in"] == n
     assert preview["skipped"] > 0, "the burst should have put the preview behind"
     assert preview["frames_out"] + preview["skipped"] + preview["pending"] == n
@@ -418,9 +436,10 @@ def test_preview_skips_when_behind_but_a_recorded_stream_gets_every_frame(tmp_pa
 
 
 def test_waiting_frames_of_a_stream_are_denoised_in_batches(tmp_path):
-    """With --batch 4, a backlog of one stream goes through the engine four frames at a time (one
-    forward pass of D per run of ready windows), runs break where the stream changes, and the
-    outputs are those of a daemon that denoises one window at a time."""
+    """With --batch 4 and one worker, a backlog of one stream goes through the engine four frames
+    at a time (one forward pass of D per run of ready windows), runs break where the stream
+    changes, and the outputs are those of a daemon that denoises one window at a time. With
+    --workers 2 the runs are twice as long and their passes run on two threads."""
     with StreamDenoiser(EngineConfig(preset="lite", device="cpu", train_mode="inline")) as den:
         den.push(np.zeros((32, 32), np.uint16), infer=False)
         den.save_weights(tmp_path / "w.pt")
@@ -434,35 +453,55 @@ def test_waiting_frames_of_a_stream_are_denoised_in_batches(tmp_path):
         seqs[stream] += 1
         items.append(Received(parts, monotonic(), sum(map(len, parts))))
 
-    def serve(batch: int) -> tuple[list, list[int]]:
+    def serve(batch: int, workers: int) -> tuple[list, list[int], set[int]]:
         config = DaemonConfig(input_bind="tcp://127.0.0.1:*", output="tcp://127.0.0.1:*",
                               control="tcp://127.0.0.1:*", preset="lite", device="cpu",
-                              init=str(tmp_path / "w.pt"), output_dir=tmp_path, batch=batch)
+                              init=str(tmp_path / "w.pt"), output_dir=tmp_path, batch=batch, workers=workers)
         sink = CollectingSink(owed=set())
         d = Daemon(config, engine_factory(config), [sink])
+        assert d.run_length == batch * workers
         d.set_training_paused(None, True)
         passes: list[int] = []  # D's batch size at each forward pass
-        hook = torch.nn.modules.module.register_module_forward_hook(
-            lambda module, args, out: passes.append(args[0].shape[0]) if isinstance(module, Denoiser) else None)
+        threads: set[int] = set()
+
+        def hook(module, args, out):
+            if isinstance(module, Denoiser):
+                passes.append(args[0].shape[0])
+                threads.add(threading.get_ident())
+
+        handle = torch.nn.modules.module.register_module_forward_hook(hook)
         d.start()
         try:
             d.process(items, allow_skip=False)
             d.finish()
         finally:
-            hook.remove()
+            handle.remove()
             d.close()
-        return sink.denoised, passes
+        return sink.denoised, passes, threads
 
-    batched, passes = serve(4)
-    single, single_passes = serve(1)
+    batched, passes, _ = serve(4, 1)
+    single, single_passes, _ = serve(1, 1)
+    side_by_side, pair_passes, threads = serve(1, 2)
     # a: kernel preparation (a blank window) at its start, then runs of 4, 4, 2 frames -> 1, 4, 2
     # ready windows; b: preparation, 3 frames -> none ready yet; a: 2 -> 2; the flushes: 3 each.
     assert passes == [1, 1, 4, 2, 1, 2, 3, 3]
-    assert single_passes == [1] * len(single_passes)
+    assert single_passes == [1] * len(single_passes) and set(pair_passes) == {1}
+    assert len(threads - {threading.get_ident()}) == 4, "each stream's engine ran passes on both its workers"
     assert [(o.stream, o.header.seq) for o in batched] == [(o.stream, o.header.seq) for o in single]
+    assert [(o.stream, o.header.seq) for o in side_by_side] == [(o.stream, o.header.seq) for o in single]
     assert len(batched) == len(order) and all(o.state == "live" for o in batched)
-    for got, want in zip(batched, single):
+    for got, want, pair in zip(batched, single, side_by_side):
         np.testing.assert_allclose(got.image, want.image, rtol=1e-4, atol=1e-2)
+        np.testing.assert_allclose(pair.image, want.image, rtol=1e-4, atol=1e-2)
+
+
+def test_inference_layout_defaults_and_checks():
+    config = DaemonConfig(device="cpu")
+    assert inference_layout(config) == (1, 2 if cpu_cores() >= 2 else 1)
+    assert inference_layout(replace(config, batch=3, workers=1)) == (3, 1)
+    for bad, message in (({"batch": 0}, "--batch must be >= 1"), ({"workers": 0}, "--workers must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            inference_layout(replace(config, **bad))
 
 
 # ---- small units --------------------------------------------------------------------------------

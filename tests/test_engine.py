@@ -1,6 +1,7 @@
 """StreamDenoiser: ordering, states, weights files, divergence guard, input hygiene."""
 
 import pickle
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from umvd_live.checkpoint import CheckpointError, load_checkpoint
-from umvd_live.engine import EngineConfig, StreamDenoiser
+from umvd_live.engine import EngineConfig, StreamDenoiser, cpu_cores, default_workers
 from umvd_live.trainer import TrainerConfig
 
 FAST = EngineConfig(
@@ -101,6 +102,50 @@ def test_push_many_equals_pushing_one_frame_at_a_time(tmp_path):
     assert batched.frames_in == batched.frames_out == 130
 
 
+def test_workers_run_forward_passes_side_by_side(tmp_path):
+    """With workers=2 the ready windows' passes of D run two at a time on two threads (a barrier
+    inside D that both must reach, or it breaks after 10 s), and give the images of one worker."""
+    den, _ = run_stream(FAST, noisy_movie(20))
+    den.save_weights(tmp_path / "w.pt")
+    frozen = EngineConfig(preset="lite", init=str(tmp_path / "w.pt"), steps_per_frame=0, max_batch=1, cpu_threads=1)
+    movie = noisy_movie(41, seed=2)
+
+    def outputs(workers: int, meet: threading.Barrier | None) -> tuple[list, set[int]]:
+        den = StreamDenoiser(replace(frozen, workers=workers))
+        outs = den.push_many(movie[:1])  # builds the network (and prepares its kernels: one pass)
+        threads: set[int] = set()
+
+        def pre_hook(module, args):
+            threads.add(threading.get_ident())
+            if meet is not None:
+                meet.wait()
+
+        hook = den._net.D.register_forward_pre_hook(pre_hook)
+        try:
+            for start in range(1, len(movie), 8):  # 8 frames a call: 6, then 8 windows; pairs of passes
+                outs += den.push_many(movie[start:start + 8])
+        finally:
+            hook.remove()
+            den.close()
+        return outs, threads
+
+    side_by_side, threads = outputs(2, threading.Barrier(2, timeout=10))
+    one_by_one, one_thread = outputs(1, None)
+    assert len(threads) == 2 and len(one_thread) == 1
+    assert [o.index for o in side_by_side] == [o.index for o in one_by_one] == list(range(38))
+    for got, want in zip(side_by_side, one_by_one):
+        np.testing.assert_allclose(got.image, want.image, rtol=1e-5, atol=1e-3)
+
+
+def test_default_workers():
+    cpu = torch.device("cpu")
+    assert default_workers(cpu, "inline") == 1
+    assert default_workers(cpu, "background") == (2 if cpu_cores() >= 2 else 1)
+    assert default_workers(torch.device("cuda"), "background") == 1  # a GPU batches instead
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        StreamDenoiser(replace(FAST, workers=0))
+
+
 def test_push_many_checks_every_frame_before_taking_any():
     den = StreamDenoiser(FAST)
     movie = noisy_movie(4)
@@ -126,7 +171,7 @@ def test_the_bf16_path_a_gpu_takes_trains_and_denoises_like_fp32(tmp_path):
     assert den.model_step > 0 and np.isfinite(den.last_loss)
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in den.trainer.model.parameters())
     den.save_weights(tmp_path / "w.pt")
-    movie = noisy_movie(40, seed=2)
+    movie = noisy_movie(41, seed=2)
     outputs = {}
     for precision in ("bf16", "fp32"):
         _, outs = run_stream(EngineConfig(preset="lite", init=str(tmp_path / "w.pt"), steps_per_frame=0,

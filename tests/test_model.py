@@ -91,18 +91,24 @@ def test_context_blocks_cover_the_frames_before_the_window():
     assert context_blocks(0, 3, (4,), lambda j: j == 0) == [[0]]  # a one-frame stream
 
 
-def test_history_block_sums_stay_exact_over_a_long_stream_with_a_jump():
+def test_history_block_sums_stay_exact_over_a_long_stream_with_skips_and_a_jump():
+    """A preview that falls behind asks for every few centres: the sums step over the skipped
+    ones (no re-summing of all 96 frames), and a longer jump sums afresh; all stay exact."""
     torch.manual_seed(1)
     k, spans = 3, (8, 24, 64)
     history = FrameHistory(k, spans)
     frames = [torch.rand(1, 8, 8) for _ in range(700)]
+    skipped = {*range(200, 203), *range(300, 307), *range(400, 420), 555}  # 3, 7, 20 and 1 centres
     worst = 0.0
     for i, f in enumerate(frames):
         history.append(i, f)
         t = i - k
-        if t < 0 or t == 400:  # t = 400 is skipped, as a preview that fell behind does
+        if t < 0 or t in skipped:
             continue
         blocks = context_blocks(t, k, spans, lambda j: 0 <= j <= i)
         exact = torch.stack([torch.stack([frames[j] for j in b]).mean(0) for b in blocks])[None]
         worst = max(worst, float((history.block_means(t) - exact).abs().max()))
     assert worst < 1e-5
+    # Summed afresh once the blocks were first full (t = 99), after the 20-centre jump, and at
+    # t = 256 and 512 (RESUM_EVERY); the skips of 1, 3 and 7 centres were stepped over.
+    assert history.resums == 4

@@ -13,8 +13,8 @@ are the daemon's, not a re-implementation's. The parts around it:
   256² do, with the default 512 MB) measure quality on a never-repeating stream.
 - `FrameProducer`: a thread that hands frames to the daemon's inbox paced at ``--rate`` (frame i
   due at start + i/rate, so lateness never accumulates), or with ``--max`` as fast as the daemon
-  takes them, with at most one batch (``--batch``) waiting: the daemon then has a full batch at
-  each turn, and skips only if a batch takes longer than its catch-up budget. The receipt time
+  takes them, with at most one run (``--batch`` × ``--workers`` frames) waiting: the daemon then
+  has a full run at each turn, and skips only if a run takes longer than its catch-up budget. The receipt time
   is stamped at the hand-over, as the daemon's
   `InputReceiver` stamps it when it takes a message off its socket.
 - `OutputMonitor`: a viewer on the daemon's output socket. Latency is the daemon's own figure
@@ -180,8 +180,8 @@ class FrameProducer(threading.Thread):
                  rss_every_s: float, backlog: int = 1):
         super().__init__(name="umvd-bench-producer", daemon=True)
         self.ring, self.inbox, self.frames, self.rate_hz = ring, inbox, frames, rate_hz
-        #: --max: frames let wait in the inbox, the daemon's batch: a full batch each time, and
-        #: never a backlog larger than one batch to skip.
+        #: --max: frames let wait in the inbox, the daemon's run length (batch × workers): a full
+        #: run each time, and never a backlog larger than one run to skip.
         self.backlog = backlog
         self.handed = np.full(frames, np.nan)  # receipt time of each seq
         self.refused = 0  # the inbox was full (its byte budget)
@@ -318,7 +318,7 @@ class BenchConfig:
             preset=args.preset, device=args.device, window=args.window, context=args.context,
             warmup_frames=args.warmup_frames,
             init=args.init, seed=args.seed, catchup_s=args.catchup_ms / 1000.0, warmup_steps=args.warmup_steps,
-            batch=args.batch, precision=args.precision,
+            batch=args.batch, workers=args.workers, precision=args.precision,
         )
         return cls(height=height, width=width, frames=args.frames, rate_hz=None if args.max else float(args.rate),
                    photons=args.photons, inference_only=args.inference_only,
@@ -385,7 +385,7 @@ def _measure(cfg: BenchConfig, daemon_cfg: DaemonConfig, ring: FrameRing, init_l
         monitor = OutputMonitor(daemon.endpoints["output"], ring, cfg.frames)
         monitor.start()
         _await_subscription(daemon, monitor)
-        producer = FrameProducer(ring, daemon.inbox, cfg.frames, cfg.rate_hz, cfg.rss_every_s, daemon.batch)
+        producer = FrameProducer(ring, daemon.inbox, cfg.frames, cfg.rate_hz, cfg.rss_every_s, daemon.run_length)
         producer.start()
         live_at, steps_at_live, skipped_at_live, rss_live = None, 0, 0, None
         stream: LiveStream | None = None
@@ -429,7 +429,7 @@ def _measure(cfg: BenchConfig, daemon_cfg: DaemonConfig, ring: FrameRing, init_l
                     rss=(rss_start, rss_live, rss_end),
                     load=(load_start, os.getloadavg()[0]), published=published, saved=saved,
                     torch_threads=torch.get_num_threads(), torch_version=torch.__version__,
-                    gc_pauses=gc_pauses.summary(), batch=daemon.batch)
+                    gc_pauses=gc_pauses.summary(), batch=daemon.batch, workers=daemon.workers)
 
 
 def _await_subscription(daemon: Daemon, monitor: OutputMonitor) -> None:
@@ -470,7 +470,7 @@ def _figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, ring: FrameRing, init_l
              engine_config: dict[str, Any] | None, *, live_at: float | None, ended: float, steps_at_live: int,
              skipped_at_live: int, rss: tuple[float, float | None, float], load: tuple[float, float],
              published: int, saved: dict[str, Any] | None, torch_threads: int, torch_version: str,
-             gc_pauses: dict[str, Any], batch: int) -> dict[str, Any]:
+             gc_pauses: dict[str, Any], batch: int, workers: int) -> dict[str, Any]:
     import torch
 
     k = daemon_cfg.window // 2
@@ -522,6 +522,7 @@ def _figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, ring: FrameRing, init_l
         "train_steps_per_s_after_warmup": (steps - steps_at_live) / live_span if live_span > 0 else None,
         "infer_ms": snapshot.get("infer_ms"),  # the daemon's running estimate of one inferred output
         "batch": batch,
+        "workers": workers,
         "loss": engine.get("loss"),
         "rollbacks": engine.get("rollbacks"),
         "psnr_raw_db": psnr_raw,
@@ -593,7 +594,8 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
         ("peak RSS (of which pre-generated frames)", f"{r['peak_rss_mb']:.0f} MB ({r['ring']['mb']:.0f} MB)"),
         ("frames handed / published / seen", f"{r['frames_handed']} / {r['frames_published']} / "
                                              f"{r['frames_received_by_viewer']}"),
-        ("inference per frame (daemon's estimate; batch)", f"{_fmt(r['infer_ms'], 1, ' ms')} ({r['batch']})"),
+        ("inference per frame (daemon's estimate; batch × workers)",
+         f"{_fmt(r['infer_ms'], 1, ' ms')} ({r['batch']} × {r['workers']})"),
         ("producer late frames", str(r["producer_late"])),
         ("cores / torch threads", f"{r['cpu_count']} / {r['torch_threads']}"),
         ("load average (1 min) start → end",

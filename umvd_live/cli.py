@@ -43,6 +43,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, metavar="B",
                    help="windows denoised per forward pass when frames wait (default: 16 on a GPU, "
                         "1 on a CPU, where batches are slower)")
+    p.add_argument("--workers", type=int, metavar="W",
+                   help="forward passes run side by side when windows wait (default: 2 on a CPU when "
+                        "training runs in the background, the second using the trainer's core while "
+                        "it rests; 1 otherwise)")
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -79,6 +79,9 @@ REJECTION_LOG_FIRST = 5
 REJECTION_LOG_EVERY = 1000
 #: Seconds between housekeeping passes (idle streams, periodic checkpoints).
 HOUSEKEEPING_S = 0.5
+#: A run of one stream's frames holds at most this many times `run_length` frames: skipped ones
+#: ride along with the windows to denoise, but a long backlog is not taken through G at once.
+RUN_CAP = 4
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -102,7 +105,8 @@ class DaemonConfig:
     inbox_bytes: int = 1 << 30
     status_interval_s: float = 5.0
     catchup_s: float = 0.1  # backlog (in estimated inference time) worked through before skipping
-    batch: int | None = None  # frames of a stream per forward pass; None: the device's default
+    batch: int | None = None  # windows per forward pass; None: the engine's default for the device
+    workers: int | None = None  # forward passes at once; None: the engine's default (background training)
     precision: str = "auto"  # engine.EngineConfig.precision
     warmup_steps: int | None = None  # engine default when None
     checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S  # with state_dir
@@ -126,8 +130,8 @@ class DaemonConfig:
             output_dir=Path(args.output_dir), state_dir=Path(args.state_dir) if args.state_dir else None,
             max_streams=args.max_streams, inbox_bytes=int(args.inbox_mb * 2**20),
             status_interval_s=args.status_interval, catchup_s=args.catchup_ms / 1000.0,
-            warmup_steps=args.warmup_steps, batch=args.batch, precision=args.precision,
-            checkpoint_interval_s=args.checkpoint_interval, idle_after_s=args.idle_s,
+            warmup_steps=args.warmup_steps, batch=args.batch, workers=args.workers,
+            precision=args.precision, checkpoint_interval_s=args.checkpoint_interval, idle_after_s=args.idle_s,
             allow_remote=args.allow_remote, curve=_curve_config(args),
         )
 
@@ -147,16 +151,21 @@ def _same_run(first: Frame, frame: Frame) -> bool:
     return (first.stream, h.shape, h.dtype) == (frame.stream, f.shape, f.dtype)
 
 
-def batch_size(config: DaemonConfig) -> int:
-    """Frames of one stream handed to its engine at once: ``--batch``, else the engine's default
-    for the device (`engine.default_batch`: several on a GPU, one on a CPU)."""
-    if config.batch is not None:
-        if config.batch < 1:
-            raise ValueError(f"--batch must be >= 1, got {config.batch}")
-        return config.batch
-    from umvd_live.engine import default_batch, pick_device
+def inference_layout(config: DaemonConfig) -> tuple[int, int]:
+    """(windows per forward pass, passes at once) of the daemon's engines: ``--batch`` and
+    ``--workers``, else the engine's defaults for the device when training runs in the background
+    (`engine.default_batch`: several on a GPU, one on a CPU; `engine.default_workers`: two on a
+    CPU, one on a GPU). Checked here, so a bad value stops start-up, not the first frame."""
+    from umvd_live.engine import default_batch, default_workers, pick_device
 
-    return default_batch(pick_device(config.device))
+    device = pick_device(config.device)
+    batch = default_batch(device) if config.batch is None else config.batch
+    workers = default_workers(device, "background") if config.workers is None else config.workers
+    if batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}")
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    return batch, workers
 
 
 def check_loopback(endpoint: str) -> None:
@@ -174,7 +183,7 @@ def engine_factory(config: DaemonConfig) -> DenoiserFactory:
         return StreamDenoiser(EngineConfig(
             preset=config.preset, device=config.device, window=config.window, context=config.context,
             warmup_frames=config.warmup_frames, train_mode="background", seed=config.seed, init=init,
-            max_batch=config.batch, precision=config.precision,
+            max_batch=config.batch, workers=config.workers, precision=config.precision,
             **extra,
         ))
 
@@ -292,7 +301,9 @@ class Daemon:
     def __init__(self, config: DaemonConfig, make_denoiser: DenoiserFactory, sinks: Sequence[FrameSink] = ()):
         self.config = config
         self.make_denoiser = make_denoiser
-        self.batch = batch_size(config)
+        self.batch, self.workers = inference_layout(config)
+        #: Frames of one stream handed to its engine at once: enough for every worker's pass.
+        self.run_length = self.batch * self.workers
         self.sinks: list[FrameSink] = list(sinks)
         self.streams: dict[str, LiveStream] = {}
         self.store = StateStore(config.state_dir, config.checkpoint_interval_s) if config.state_dir else None
@@ -421,8 +432,8 @@ class Daemon:
     def process(self, items: Sequence[Received], allow_skip: bool = True) -> None:
         """Validate, route and denoise one batch taken from the inbox, in arrival order.
 
-        Consecutive frames of one stream (and one shape) go to its engine together, up to
-        `batch` at a time, so their windows are denoised in one forward pass."""
+        Consecutive frames of one stream (and one shape) go to its engine together, with up to
+        `run_length` windows to denoise, so they are denoised in batched passes side by side."""
         frames: list[tuple[Frame, Received]] = []
         for item in items:
             frame = self._decode(item)
@@ -443,7 +454,9 @@ class Daemon:
                 self._accept(run)
                 run = []
             run.append(Arrival(frame, item.received, infer))
-            if len(run) >= self.batch:
+            # Skipped frames ride along (G only): a run ends when it holds a round of windows to
+            # denoise, or when it grows long.
+            if sum(a.infer for a in run) >= self.run_length or len(run) >= RUN_CAP * self.run_length:
                 self._accept(run)
                 run = []
         if run:
@@ -497,18 +510,20 @@ class Daemon:
                 "too_many_streams", f"{name!r}: already {len(self.streams)} streams (--max-streams)"))
             return None
         live = LiveStream(name, self.make_denoiser, init=init, store=self.store,
-                          idle_after_s=self.config.idle_after_s)
+                          idle_after_s=self.config.idle_after_s, run_length=self.run_length)
         live.training_paused = self.training_paused
         self.streams[name] = live
         log.info("stream %s: first message", name)
         return live
 
     def _keeps_pace(self, live: LiveStream, newer: int) -> bool:
-        """Infer this frame unless inferring the ``newer`` frames already waiting behind it would
-        put the preview more than the catch-up budget behind: then skip to the newest window."""
-        if newer == 0 or live.infer_cost_s is None:
+        """Infer this frame unless the rounds of inference that the ``newer`` frames already
+        waiting behind it need would put the preview more than the catch-up budget behind: then
+        skip towards the newest window. A round denoises `run_length` windows side by side, so
+        the newest `run_length` frames are always inferred (one at a time: just the newest)."""
+        if newer < self.run_length or live.round_cost_s is None:
             return True
-        return newer * live.infer_cost_s <= self.config.catchup_s
+        return (newer // self.run_length) * live.round_cost_s <= self.config.catchup_s
 
     def _owed(self, stream: str) -> bool:
         return any(sink.owes(stream) for sink in self.sinks)

@@ -5,7 +5,9 @@ cached in the sliding window, it joins the frame history whose block means are t
 long-range context (`window.FrameHistory`), and it joins the trainer's replay buffer. The output for frame t is
 ready when frame t + N//2 has arrived; `flush` ends the stream and emits the rest. Until the warm
 start is done, outputs are a temporal mean, marked `warmup`. `push_many` takes several waiting
-frames at once and denoises their windows in batched forward passes (`max_batch`), for a GPU.
+frames at once and denoises their windows in batched forward passes (`max_batch`), for a GPU,
+and runs passes side by side on worker threads (`workers`), for a CPU whose trainer rests
+between its steps.
 
 Training runs either inline (a fixed number of steps per pushed frame: reproducible, for files)
 or in a background thread (for live streams: `push` then only does inference, so the output keeps
@@ -20,6 +22,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable, Literal, Sequence
 
@@ -55,6 +58,7 @@ class EngineConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
     cpu_threads: int | None = None  # torch threads on CPU; None: all cores, half in background mode
     max_batch: int | None = None  # windows (and frames through G) per forward pass; None: `default_batch`
+    workers: int | None = None  # D's forward passes run at once; None: `default_workers`
     seed: int = 0
 
 
@@ -73,6 +77,20 @@ GPU_BATCH = 16
 
 def default_batch(device: torch.device) -> int:
     return GPU_BATCH if device.type == "cuda" else 1
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_workers(device: torch.device, train_mode: str) -> int:
+    """D's forward passes run at once when several windows are ready: 2 on a CPU of 2 or more
+    cores that trains in the background, else 1. Once live, the trainer rests most of the time
+    (`live_train_duty`), and a second pass on its own thread uses the trainer's cores meanwhile:
+    at 512² on 2 cores, 11 -> 18 windows/s beside the trainer, where giving one pass both cores
+    gained nothing (OpenMP threads waiting on the trainer's; docs/benchmarks.md). A GPU batches
+    instead (`default_batch`)."""
+    return 2 if device.type == "cpu" and train_mode == "background" and cpu_cores() >= 2 else 1
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
@@ -94,15 +112,20 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+#: A live output waiting for its pass: its slot in the batch, t, the window's N feature maps
+#: (1, F, H, W) and its context block means (1, M, C, H, W) or None.
+_Window = tuple[int, int, list[torch.Tensor], torch.Tensor | None]
+
+
 @dataclass
 class _OutputBatch:
-    """The outputs of one `push_many` or `flush` in order; live ones wait as stacked windows."""
+    """The outputs of one `push_many` or `flush` in order; live ones wait with their windows."""
 
     outputs: list[DenoisedFrame | None] = field(default_factory=list)
-    windows: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)  # slot, t, features, context
+    windows: list[_Window] = field(default_factory=list)
 
-    def wait(self, t: int, features: torch.Tensor, context: torch.Tensor | None) -> None:
-        """Frame t's output, to be denoised from its stacked window by `StreamDenoiser._finish`."""
+    def wait(self, t: int, features: list[torch.Tensor], context: torch.Tensor | None) -> None:
+        """Frame t's output, to be denoised from its window by `StreamDenoiser._finish`."""
         self.windows.append((len(self.outputs), t, features, context))
         self.outputs.append(None)
 
@@ -125,7 +148,12 @@ class StreamDenoiser:
         self.max_batch = default_batch(self.device) if batch is None else batch
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {batch}")
+        workers = self.config.workers
+        self.workers = default_workers(self.device, self.config.train_mode) if workers is None else workers
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self._set_threads()
+        self._pool: ThreadPoolExecutor | None = None  # made with the network, if workers > 1
         self.k = self.config.window // 2
         self.frames_in = 0
         self.frames_out = 0
@@ -193,6 +221,8 @@ class StreamDenoiser:
             "device": str(self.device),
             "precision": "bf16" if self.bf16 else "fp32",
             "window": self.config.window,
+            "batch": self.max_batch,
+            "workers": self.workers,
             "frames_in": self.frames_in,
             "frames_out": self.frames_out,
             "train_steps": t.steps if t else 0,
@@ -205,20 +235,21 @@ class StreamDenoiser:
         }
 
     # -- set-up -------------------------------------------------------------------------------
-    def _set_threads(self) -> None:
+    def _set_threads(self) -> int:
         """Torch threads for the calling thread. In background mode on a CPU, inference and
         training each get half of the cores: measured on 2 cores, that beats pausing the trainer
         during each push (docs/benchmarks.md), and it leaves the acquisition its share during
         the warm start too (a trainer on every core then was faster alone and far slower beside
         other work: OpenMP threads that wait on each other). torch's count is per OS thread once
-        that thread has run an operation, so each of the two threads sets its own."""
-        if self.device.type != "cpu":
-            return
+        that thread has run an operation, so each thread sets its own (the trainer, and each
+        worker of `workers` the inference count). Returns the count."""
         threads = self.config.cpu_threads
         if threads is None:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            cores = cpu_cores()
             threads = max(1, cores // 2) if self.config.train_mode == "background" else cores
-        torch.set_num_threads(threads)
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        return threads
 
     def _start(self, frame: np.ndarray) -> None:
         """Build the network on the first frame: the preset may depend on the frame size."""
@@ -269,6 +300,8 @@ class StreamDenoiser:
             log.info("loaded %s (step %d): warm start skipped", self.config.init, self.trainer.steps)
         self.start_hash = weights_hash(train_net.state_dict())
         self.normalizer = Normalizer.fit(frame)
+        if self.workers > 1:
+            self._pool = ThreadPoolExecutor(self.workers, "umvd-infer", initializer=self._set_threads)
         self._prepare_kernels()
         if self.config.train_mode == "background":
             self._thread = threading.Thread(target=self._train_loop, name="umvd-trainer", daemon=True)
@@ -306,7 +339,7 @@ class StreamDenoiser:
         host = torch.stack([torch.from_numpy(self.normalizer.forward(clean)) for clean, _ in cleaned])[:, None]
         xs = host.to(self.device)  # (B, 1, H, W); the replay buffer keeps the host copy
         with torch.inference_mode():
-            feats = torch.cat([self._features(chunk) for chunk in xs.split(self.max_batch)])
+            feats = _batched([self._features(chunk) for chunk in xs.split(self.max_batch)])
         batch = _OutputBatch()
         for x, x_host, f, (_, trainable), wanted in zip(xs, host, feats, cleaned, flags):
             index = self.frames_in
@@ -357,24 +390,35 @@ class StreamDenoiser:
             f = self._net.features(frames.contiguous(memory_format=torch.channels_last))
         return f.float() if f.dtype != torch.float32 else f
 
-    def _denoise(self, feats: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def _denoise(self, feats: Sequence[torch.Tensor], context: torch.Tensor | None) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self._net.denoise_features(feats, context)
 
     def _prepare_kernels(self) -> None:
-        """Run the inference network once on a blank window of the stream's size: the first call of
-        each convolution shape prepares its kernels (tens of ms on a CPU), and that belongs to
-        the start of the stream, not to its first live output."""
+        """Run the inference network on a blank window of the stream's size, on this thread and on
+        every worker at once: the first call of each convolution shape prepares its kernels (tens
+        of ms on a CPU), and a worker thread's first pass also starts its OpenMP team and fills
+        its allocator's pool (the first pair of 512² passes took 0.7 s). That belongs to the start
+        of the stream, not to its first live outputs."""
         h, w = self.shape
         with torch.inference_mode():
             feats = self._features(torch.zeros(1, 1, h, w, device=self.device))
-            n = len(self.spec.context)
-            context = torch.zeros(1, n, 1, h, w, device=self.device) if n else None
-            self._denoise(feats[:, None].expand(1, self.spec.window, -1, h, w), context)
+        n = len(self.spec.context)
+        context = torch.zeros(1, n, 1, h, w, device=self.device) if n else None
+        blank: _Window = (0, 0, [feats] * self.spec.window, context)
+        self._denoise_chunk([blank])
+        if self._pool is not None:
+            everyone = threading.Barrier(self.workers, timeout=60)  # no worker takes two of them
+
+            def first_pass(chunk: list[_Window]) -> np.ndarray:
+                everyone.wait()
+                return self._denoise_chunk(chunk)
+
+            list(self._pool.map(first_pass, [[blank]] * self.workers))
 
     def _produce(self, t: int, infer: bool, batch: _OutputBatch) -> None:
-        """Add frame t's output to `batch`: a live window is stacked now, while the window still
-        holds t's neighbours, and denoised with the others of the batch by `_finish`."""
+        """Add frame t's output to `batch`: a live window's feature maps are taken now, while the
+        window still holds t's neighbours, and denoised with the others of the batch by `_finish`."""
         self.frames_out += 1
         state: State = self.state
         image = None
@@ -391,18 +435,28 @@ class StreamDenoiser:
         batch.outputs.append(DenoisedFrame(index=t, image=image, state=state, model_step=self._net_step))
 
     def _finish(self, batch: _OutputBatch) -> list[DenoisedFrame]:
-        """Denoise the batch's stacked windows, `max_batch` per forward pass; return its outputs."""
+        """Denoise the batch's windows, `max_batch` per forward pass and `workers` passes
+        at once; return its outputs."""
         outputs = batch.outputs
         step = self.max_batch
-        for start in range(0, len(batch.windows), step):
-            chunk = batch.windows[start:start + step]
-            context = _batched([c for *_, c in chunk]) if self.spec.context else None
-            with torch.inference_mode():
-                y = self._denoise(_batched([w for _, _, w, _ in chunk]), context)
-            images = self.normalizer.inverse(y[:, 0].float().cpu().numpy())
+        chunks = [batch.windows[start:start + step] for start in range(0, len(batch.windows), step)]
+        if self._pool is not None and len(chunks) > 1:
+            results = list(self._pool.map(self._denoise_chunk, chunks))
+        else:
+            results = [self._denoise_chunk(chunk) for chunk in chunks]
+        for chunk, images in zip(chunks, results):
             for (slot, t, _, _), image in zip(chunk, images):
                 outputs[slot] = DenoisedFrame(index=t, image=image, state="live", model_step=self._net_step)
         return outputs  # type: ignore[return-value]  # every slot is filled now
+
+    def _denoise_chunk(self, chunk: list[_Window]) -> np.ndarray:
+        """One forward pass of D over windows -> (B, H, W) images in the input's units.
+        Runs on a worker thread too: inference mode and autocast are per thread, so both are set here."""
+        context = _batched([c for *_, c in chunk]) if self.spec.context else None
+        feats = [_batched([w[i] for _, _, w, _ in chunk]) for i in range(self.spec.window)]
+        with torch.inference_mode():
+            y = self._denoise(feats, context)
+        return self.normalizer.inverse(y[:, 0].float().cpu().numpy())
 
     def _context(self, t: int) -> torch.Tensor | None:
         """The means of the context blocks of the window centred on t, if the network takes them."""
@@ -541,7 +595,7 @@ class StreamDenoiser:
                     context = None
                     if spans:
                         context = block_means(context_blocks(t, self.k, spans, lambda j: 0 <= j <= last), frame)[None]
-                    batch.wait(t, torch.stack([feats[i] for i in idx])[None], context)
+                    batch.wait(t, [feats[i][None] for i in idx], context)
             out += self._finish(batch)
             # What no later window needs can go (indices usually come in order; an evicted
             # frame that is needed again is simply recomputed).
@@ -582,6 +636,9 @@ class StreamDenoiser:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def __enter__(self) -> "StreamDenoiser":
         return self

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         warmup_frames=args.warmup_frames,
         init=args.init,
         seed=args.seed,
-        max_batch=args.batch,
+        max_batch=args.batch, workers=args.workers,
         precision=args.precision,
         steps_per_frame=args.steps_per_frame,
     )

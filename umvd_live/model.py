@@ -16,7 +16,7 @@ the centre frame (`window.context_blocks`), so blindness holds.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 import torch.nn as nn
@@ -184,22 +184,28 @@ class UMVDNet(nn.Module):
         self.G = FeatureGenerator(spec, channels)
         self.D = Denoiser(spec, channels)
         self.register_buffer("gamma", gamma_weights(spec.window, spec.gamma_power, spec.gamma_floor))
+        self._gammas = self.gamma.tolist()  # the same weights as numbers (fixed), read on the host
 
     def features(self, frames: torch.Tensor) -> torch.Tensor:
         """G for a batch of single frames (B, C, H, W) -> (B, F, H, W); cacheable per frame."""
         return self.G(frames)
 
-    def denoise_features(self, feats: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, N, F, H, W) per-frame features of each window [+ (B, M, C, H, W) context] -> (B, C, H, W)."""
-        b, n, f, h, w = feats.shape
-        parts = [feats[:, i].permute(0, 2, 3, 1) * self.gamma[i].to(feats.dtype) for i in range(n)]
+    def denoise_features(self, feats: Sequence[torch.Tensor], context: torch.Tensor | None = None) -> torch.Tensor:
+        """The N per-frame features of each window, N tensors (B, F, H, W) [+ (B, M, C, H, W)
+        context] -> (B, C, H, W). Taken frame by frame, as G made them (channels-last): a
+        stacked window would cost one more pass over all of them."""
+        if len(feats) != self.spec.window:
+            raise ValueError(f"expected the features of {self.spec.window} frames, got {len(feats)}")
+        b, f, h, w = feats[0].shape
+        # Multiplying by a weight of exactly 1 (every gamma but the centre's, in float32) would
+        # be a pass over the features for nothing.
+        parts = [x.permute(0, 2, 3, 1) if g == 1.0 else x.permute(0, 2, 3, 1) * g for x, g in zip(feats, self._gammas)]
         if self.spec.context:
             m = len(self.spec.context)
             if context is None or context.shape[1] != m:
                 raise ValueError(f"this network takes {m} context block means, got {None if context is None else context.shape[1]}")
-            parts += [context[:, j].permute(0, 2, 3, 1).to(feats.dtype) for j in range(m)]
-        # Built channels-last (B, H, W, channels) in one copy: D's convolutions run on that layout,
-        # and the frame stacking and the conversion would otherwise be two more passes.
+            parts += [context[:, j].permute(0, 2, 3, 1).to(parts[0].dtype) for j in range(m)]
+        # Built channels-last (B, H, W, channels) in one copy: D's convolutions run on that layout.
         x = torch.cat(parts, 3).permute(0, 3, 1, 2)
         # Two 2x poolings need sides divisible by 4: pad by replication, then crop.
         ph, pw = (-h) % 4, (-w) % 4
@@ -218,8 +224,8 @@ class UMVDNet(nn.Module):
             k = n // 2
             neighbours = torch.cat([windows[:, :k], windows[:, k + 1 :]], 1).mean(1, keepdim=True)
             context = neighbours.expand(b, len(self.spec.context), c, h, w)
-        feats = self.features(windows.reshape(b * n, c, h, w))
-        return self.denoise_features(feats.reshape(b, n, -1, h, w), context)
+        feats = self.features(windows.reshape(b * n, c, h, w)).reshape(b, n, -1, h, w)
+        return self.denoise_features([feats[:, i] for i in range(n)], context)
 
 
 def build_model(preset: str, window: int = 7) -> UMVDNet:

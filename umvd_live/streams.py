@@ -157,12 +157,17 @@ class StreamCounters:
     rejected: Counter[str] = field(default_factory=Counter)
 
 
+def _smoothed(estimate: float | None, sample: float) -> float:
+    return sample if estimate is None else 0.9 * estimate + 0.1 * sample
+
+
 class LiveStream:
     """A stream's denoiser plus the headers of the frames it still owes an output for."""
 
     def __init__(self, name: str, make_denoiser: DenoiserFactory, init: str | None = None,
-                 store: StateStore | None = None, idle_after_s: float = IDLE_AFTER_S):
+                 store: StateStore | None = None, idle_after_s: float = IDLE_AFTER_S, run_length: int = 1):
         self.name = name
+        self.run_length = run_length  # windows the engine denoises in one round (batch × workers)
         self._make_denoiser = make_denoiser
         self.init = init  # weights every new denoiser of this stream starts from
         self.init_explicit = False  # `load_model` named them: they win over a state checkpoint
@@ -182,9 +187,11 @@ class LiveStream:
         self.training_paused = False
         self.last_seq: int | None = None
         self._pending: dict[int, tuple[FrameHeader, float]] = {}  # engine index -> input
-        #: Running estimate of the time one inferred output costs (its push, in a batch its share),
-        #: for deciding how much backlog to work through.
+        #: Running estimate of the time one inferred output costs (its push, in a batch its share).
         self.infer_cost_s: float | None = None
+        #: Running estimate of one round: a push's time per `run_length` inferred windows (their
+        #: passes run side by side), for deciding how much backlog to work through.
+        self.round_cost_s: float | None = None
 
     # ---- frames -------------------------------------------------------------------------------
     def accept(self, run: Sequence[Arrival]) -> tuple[list[DenoisedOutput], StreamStarted | None]:
@@ -326,10 +333,13 @@ class LiveStream:
         try:
             started = monotonic()
             outputs = self._match(den.push_many([a.frame.pixels for a in run], [a.infer for a in run]))
-            inferred = sum(out.image is not None for out in outputs)
+            # Only the network's outputs measure its cost: the warm start's temporal means are
+            # nearly free, and an estimate made of them let a backlog build up when it went live.
+            inferred = sum(out.image is not None and out.state == "live" for out in outputs)
             if inferred and first > 0:  # the first push also builds the network
-                cost = (monotonic() - started) / inferred
-                self.infer_cost_s = cost if self.infer_cost_s is None else 0.9 * self.infer_cost_s + 0.1 * cost
+                took = monotonic() - started
+                self.infer_cost_s = _smoothed(self.infer_cost_s, took / inferred)
+                self.round_cost_s = _smoothed(self.round_cost_s, took / -(-inferred // self.run_length))
             return outputs
         except Exception:
             if den.frames_in == first:  # the engine did not take the frames
@@ -403,6 +413,7 @@ class LiveStream:
         self.started_from = start
         self.shape, self.dtype = shape, dtype
         self._pending.clear()
+        self.infer_cost_s = self.round_cost_s = None  # another network or frame size: measured anew
         self._apply_training()
         log.info("stream %s: new denoiser for %dx%d %s (%s%s)", self.name, *shape, dtype, reason,
                  f", from {start}" if start else "")

@@ -63,20 +63,24 @@ class FrameHistory:
 
     A live stream asks for the blocks of t, t+1, t+2, ... in turn, and each block then gains one
     frame and loses one: the block sums are kept and updated by those two frames instead of being
-    summed afresh (up to 96 frames with `lite`). They are summed afresh at the stream's start,
-    after a jump, and every `RESUM_EVERY` frames so float32 rounding cannot accumulate.
+    summed afresh (up to 96 frames with `lite`). A preview that skips a few outputs asks for t,
+    t+3, ...: the sums step over the skipped centres the same way (up to `CATCH_UP` of them).
+    They are summed afresh at the stream's start, after a longer jump, and every `RESUM_EVERY`
+    frames so float32 rounding cannot accumulate.
     """
 
     RESUM_EVERY = 256
+    CATCH_UP = 8
 
     def __init__(self, k: int, spans: Sequence[int]):
         self.k = k
         self.spans = tuple(spans)
-        # The window, the blocks, and the frame that just left the oldest block.
-        self._frames: deque[tuple[int, torch.Tensor]] = deque(maxlen=2 * k + 1 + sum(self.spans) + 1)
+        # The window, the blocks, and the frames that left the oldest block since the last sums.
+        self._frames: deque[tuple[int, torch.Tensor]] = deque(maxlen=2 * k + 1 + sum(self.spans) + self.CATCH_UP)
         self._first_seen: int | None = None
         self._sums: list[torch.Tensor] = []
         self._sums_for: int | None = None  # the t whose full blocks `_sums` holds
+        self.resums = 0  # times the sums were made afresh (each reads every frame of the blocks)
 
     def append(self, index: int, frame: torch.Tensor) -> None:
         if self._frames and index != self._frames[-1][0] + 1:
@@ -100,11 +104,14 @@ class FrameHistory:
         if t - reach < self._first_seen:  # blocks not yet full: the stream has just begun
             self._sums_for = None
             return block_means(context_blocks(t, self.k, self.spans, self.has), self._frame)[None]
-        if self._sums_for == t - 1 and t % self.RESUM_EVERY:
-            for total, lo, span in zip(self._sums, starts, self.spans):
-                total.add_(self._frame(lo + span - 1)).sub_(self._frame(lo - 1))
+        last = self._sums_for
+        if last is not None and 0 < t - last <= self.CATCH_UP and last // self.RESUM_EVERY == t // self.RESUM_EVERY:
+            for back in range(t - last - 1, -1, -1):  # the centres after `last`, in order, up to t
+                for total, lo, span in zip(self._sums, starts, self.spans):
+                    total.add_(self._frame(lo - back + span - 1)).sub_(self._frame(lo - back - 1))
         else:
             self._sums = [torch.stack([self._frame(j) for j in range(lo, lo + span)]).sum(0) for lo, span in zip(starts, self.spans)]
+            self.resums += 1
         self._sums_for = t
         return torch.stack([total / span for total, span in zip(self._sums, self.spans)])[None]
 
@@ -151,9 +158,9 @@ class SlidingWindow:
     def indices(self, t: int) -> list[int]:
         return window_indices(t, self.first, self.last, self.k)
 
-    def features(self, t: int) -> torch.Tensor:
-        """(1, N, F, H, W) features of the window centred on t."""
-        return torch.stack([self._entry(i).features for i in self.indices(t)])[None]
+    def features(self, t: int) -> list[torch.Tensor]:
+        """The N feature maps (1, F, H, W) of the window centred on t, in order; not copied."""
+        return [self._entry(i).features[None] for i in self.indices(t)]
 
     def frames(self, t: int) -> torch.Tensor:
         """(N, C, H, W) frames of the window centred on t."""
