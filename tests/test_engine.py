@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from umvd_live.checkpoint import CheckpointError, load_checkpoint
-from umvd_live.engine import EngineConfig, StreamDenoiser, cpu_cores, default_workers
+from umvd_live.engine import (EngineConfig, StreamDenoiser, cpu_cores, cpu_has_native_bf16, default_workers,
+                              lists_native_bf16)
 from umvd_live.trainer import TrainerConfig
 
 FAST = EngineConfig(
@@ -157,14 +158,21 @@ def test_push_many_checks_every_frame_before_taking_any():
         den.push_many(movie[2:4], [True])
 
 
-def test_the_bf16_path_a_gpu_takes_trains_and_denoises_like_fp32(tmp_path):
-    """The GPU's default arithmetic (bf16 autocast around float32 weights), run on the CPU here:
-    training steps stay finite and the outputs match float32 inference with the same weights to
-    within bf16's precision."""
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it():
     assert EngineConfig().precision == "auto"
-    assert StreamDenoiser(EngineConfig(device="cpu")).bf16 is False, "fp32 on a CPU by default"
+    assert StreamDenoiser(EngineConfig(device="cpu")).bf16 is cpu_has_native_bf16()
+    assert lists_native_bf16("flags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512_bf16 avx512_vnni")
+    assert lists_native_bf16("flags\t\t: fpu avx512f amx_bf16 amx_tile")
+    assert not lists_native_bf16("flags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512_vnni")
+    assert StreamDenoiser(EngineConfig(device="cpu", precision="fp32")).bf16 is False
     with pytest.raises(ValueError, match="precision"):
         StreamDenoiser(EngineConfig(precision="fp16"))
+
+
+def test_the_bf16_path_trains_and_denoises_like_fp32(tmp_path):
+    """bf16 autocast around float32 weights (the default on a GPU, and on a CPU with bf16
+    arithmetic): training steps stay finite and the outputs match float32 inference with the
+    same weights to within bf16's precision."""
     bf16 = replace(FAST, precision="bf16")
     den, _ = run_stream(bf16, noisy_movie(30))
     assert den.bf16 and den.trainer.bf16 and den.stats()["precision"] == "bf16"

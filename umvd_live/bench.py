@@ -499,6 +499,7 @@ def _figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, ring: FrameRing, init_l
         "preset": engine.get("preset") or daemon_cfg.preset,
         "preset_requested": daemon_cfg.preset,
         "device": str(device),
+        "precision": engine.get("precision"),
         "inference_only": cfg.inference_only,
         "init": init_label,
         "fps_in": _rate(handed),
@@ -571,7 +572,7 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
     r = result
     title = (f"umvd-live bench: {r['size'][0]}×{r['size'][1]}, {r['frames']} frames, "
              f"{'max rate' if r['mode'] == 'max' else _fmt(r['rate_hz'], 1, ' Hz')}, "
-             f"{r['preset']} on {r['device']}{', inference only' if r['inference_only'] else ''}")
+             f"{r['preset']} on {r['device']} ({r['precision']}){', inference only' if r['inference_only'] else ''}")
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("figure")
     table.add_column("value", justify="right")

@@ -39,7 +39,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="frames of the initial burst the warm start trains on (default 300)")
     p.add_argument("--init", metavar="PATH", help="start from weights saved by an earlier session")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="arithmetic of the networks (default auto: bf16 on a GPU that has it, else fp32)")
+                   help="arithmetic of the networks (default auto: bf16 where the hardware has it, an "
+                        "Ampere or later GPU or a CPU with AVX512-BF16 or AMX; else fp32)")
     p.add_argument("--batch", type=int, metavar="B",
                    help="windows denoised per forward pass when frames wait (default: 16 on a GPU, "
                         "1 on a CPU, where batches are slower)")

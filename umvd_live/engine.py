@@ -18,8 +18,10 @@ inference never sees a half-updated model.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -55,7 +57,7 @@ class EngineConfig:
     live_train_duty: float = 0.3  # background mode, once live: the trainer's share of its core
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     init: str | None = None  # weights from an earlier session: skips the warm start
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the hardware has it (`uses_bf16`)
     cpu_threads: int | None = None  # torch threads on CPU; None: all cores, half in background mode
     max_batch: int | None = None  # windows (and frames through G) per forward pass; None: `default_batch`
     workers: int | None = None  # D's forward passes run at once; None: `default_workers`
@@ -93,14 +95,36 @@ def default_workers(device: torch.device, train_mode: str) -> int:
     return 2 if device.type == "cpu" and train_mode == "background" and cpu_cores() >= 2 else 1
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU does bfloat16 arithmetic in hardware (AVX512-BF16 or AMX on x86-64), where
+    oneDNN's bf16 convolutions beat float32: lite's D at 512² took 46 instead of 65 ms on the
+    development machine's AMD EPYC, at the same PSNR (docs/benchmarks.md). Elsewhere bf16 is
+    emulated and buys nothing."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:  # Linux; other systems: no
+            return lists_native_bf16(f.read())
+    except OSError:
+        return False
+
+
+def lists_native_bf16(cpuinfo: str) -> bool:
+    """Whether /proc/cpuinfo's flags name bf16 arithmetic (AVX512-BF16 or AMX-BF16)."""
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
+
+
 def uses_bf16(precision: str, device: torch.device) -> bool:
-    """Whether the networks run under bfloat16 autocast: on request, or by default on a GPU with
-    bf16 arithmetic (Ampere and later); float32 on a CPU, where bf16 convolutions are no faster
-    on most processors, and on older GPUs."""
+    """Whether the networks run under bfloat16 autocast: on request, or by default where the
+    hardware has bf16 arithmetic: a GPU from Ampere on, or a CPU with AVX512-BF16 or AMX
+    (`cpu_has_native_bf16`). Float32 elsewhere, where bf16 is no faster."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"unknown precision {precision!r}; choose auto, bf16 or fp32")
     if precision == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+        if device.type == "cuda":
+            return torch.cuda.is_bf16_supported()
+        return device.type == "cpu" and cpu_has_native_bf16()
     return precision == "bf16"
 
 
