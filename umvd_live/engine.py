@@ -259,21 +259,21 @@ class StreamDenoiser:
         }
 
     # -- set-up -------------------------------------------------------------------------------
-    def _set_threads(self) -> int:
+    def _set_threads(self) -> None:
         """Torch threads for the calling thread. In background mode on a CPU, inference and
         training each get half of the cores: measured on 2 cores, that beats pausing the trainer
         during each push (docs/benchmarks.md), and it leaves the acquisition its share during
         the warm start too (a trainer on every core then was faster alone and far slower beside
         other work: OpenMP threads that wait on each other). torch's count is per OS thread once
-        that thread has run an operation, so each thread sets its own (the trainer, and each
-        worker of `workers` the inference count). Returns the count."""
+        that thread has run an operation, so each thread sets its own: the pushing thread, the
+        trainer, and each inference worker (`workers`)."""
+        if self.device.type != "cpu":
+            return
         threads = self.config.cpu_threads
         if threads is None:
             cores = cpu_cores()
             threads = max(1, cores // 2) if self.config.train_mode == "background" else cores
-        if self.device.type == "cpu":
-            torch.set_num_threads(threads)
-        return threads
+        torch.set_num_threads(threads)
 
     def _start(self, frame: np.ndarray) -> None:
         """Build the network on the first frame: the preset may depend on the frame size."""
@@ -363,7 +363,7 @@ class StreamDenoiser:
         host = torch.stack([torch.from_numpy(self.normalizer.forward(clean)) for clean, _ in cleaned])[:, None]
         xs = host.to(self.device)  # (B, 1, H, W); the replay buffer keeps the host copy
         with torch.inference_mode():
-            feats = _batched([self._features(chunk) for chunk in xs.split(self.max_batch)])
+            feats = [f for chunk in xs.split(self.max_batch) for f in self._features(chunk)]
         batch = _OutputBatch()
         for x, x_host, f, (_, trainable), wanted in zip(xs, host, feats, cleaned, flags):
             index = self.frames_in
@@ -410,9 +410,11 @@ class StreamDenoiser:
         return self._finish(batch)
 
     def _features(self, frames: torch.Tensor) -> torch.Tensor:
+        """G's features of (B, C, H, W) frames, channels-last. Under bf16 they stay bf16: D's
+        autocast would round them to bf16 again anyway, and the window holds and moves half the
+        bytes."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            f = self._net.features(frames.contiguous(memory_format=torch.channels_last))
-        return f.float() if f.dtype != torch.float32 else f
+            return self._net.features(frames.contiguous(memory_format=torch.channels_last))
 
     def _denoise(self, feats: Sequence[torch.Tensor], context: torch.Tensor | None) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):

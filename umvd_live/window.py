@@ -113,7 +113,8 @@ class FrameHistory:
             self._sums = [torch.stack([self._frame(j) for j in range(lo, lo + span)]).sum(0) for lo, span in zip(starts, self.spans)]
             self.resums += 1
         self._sums_for = t
-        return torch.stack([total / span for total, span in zip(self._sums, self.spans)])[None]
+        means = torch.stack(self._sums)  # one copy, then divided in place
+        return means.div_(torch.tensor(self.spans, dtype=means.dtype, device=means.device).view(-1, 1, 1, 1))[None]
 
     def clear(self) -> None:
         self._frames.clear()
