@@ -72,8 +72,8 @@ class DenoisedFrame:
     model_step: int  # training steps the weights that produced it had seen
 
 
-#: Windows per forward pass on a GPU, by default. On a CPU one window at a time is fastest: a
-#: batch only costs more per window there (docs/benchmarks.md, "Batched inference").
+#: Windows per forward pass on a GPU, by default. On a CPU one window at a time: from 256² on, a
+#: batch costs as much or more per window there (docs/benchmarks.md, "Batch size and workers").
 GPU_BATCH = 16
 
 
