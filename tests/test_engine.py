@@ -138,6 +138,16 @@ def test_workers_run_forward_passes_side_by_side(tmp_path):
         np.testing.assert_allclose(got.image, want.image, rtol=1e-5, atol=1e-3)
 
 
+def test_auto_preset_of_a_live_512_stream_on_a_cpu_is_fast_and_of_a_file_lite():
+    frame = np.zeros((512, 512), np.uint16)
+    with StreamDenoiser(EngineConfig(device="cpu", train_mode="background")) as live:
+        live.push(frame)
+        assert live.preset == "fast" and live.stats()["preset"] == "fast"
+    with StreamDenoiser(EngineConfig(device="cpu", train_mode="inline", steps_per_frame=0)) as file:
+        file.push(frame)
+        assert file.preset == "lite"
+
+
 def test_default_workers():
     cpu = torch.device("cpu")
     assert default_workers(cpu, "inline") == 1

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from umvd_live.model import build_model, count_parameters, gamma_weights, lite_spec, paper_spec, UMVDNet
+from umvd_live.model import (UMVDNet, build_model, count_parameters, fast_spec, gamma_weights, lite_spec, paper_spec,
+                             resolve_preset)
 from umvd_live.window import FrameHistory, context_blocks, window_indices
 
 
@@ -26,13 +27,28 @@ def test_paper_preset_has_the_published_size():
     assert count_parameters(build_model("paper", 7)) == 1_786_191
 
 
+def test_auto_preset_by_device_frame_size_and_mode():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_preset("auto", cuda, 512, 512, live=True) == "paper"
+    assert resolve_preset("auto", cuda, 2048, 2048) == "lite"
+    assert resolve_preset("auto", cpu, 256, 256, live=True) == "lite"
+    assert resolve_preset("auto", cpu, 512, 512, live=True) == "fast"  # lite cannot keep up there
+    assert resolve_preset("auto", cpu, 512, 512, live=False) == "lite"  # a file need not keep pace
+    assert resolve_preset("lite", cpu, 1024, 1024, live=True) == "lite"
+    with pytest.raises(ValueError, match="choose auto, paper, lite, fast"):
+        resolve_preset("tiny", cpu, 64, 64)
+    lite, fast = build_model("lite"), build_model("fast")
+    assert count_parameters(fast) < count_parameters(lite) // 2
+    assert fast.spec.enc1 == lite.spec.enc1 and fast.spec.dec1 == lite.spec.dec1  # full resolution as lite
+
+
 def test_windows_batch():
     net = build_model("lite", 5)
     out = net(torch.rand(3, 5, 1, 20, 28))  # sides not divisible by 4 are padded and cropped
     assert out.shape == (3, 1, 20, 28)
 
 
-@pytest.mark.parametrize("spec", [lite_spec(7), paper_spec(5)], ids=["lite", "paper"])
+@pytest.mark.parametrize("spec", [lite_spec(7), fast_spec(7), paper_spec(5)], ids=["lite", "fast", "paper"])
 def test_output_is_blind_to_the_centre_frame_also_at_the_stream_edges(spec):
     torch.manual_seed(0)
     net = UMVDNet(spec)

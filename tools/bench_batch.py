@@ -42,7 +42,7 @@ def seconds_per_frame(config: EngineConfig, frames: np.ndarray, batch: int, seco
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="lite", choices=("lite", "paper"))
+    p.add_argument("--preset", default="lite", choices=("lite", "fast", "paper"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--size", type=int, nargs=2, action="append", metavar=("H", "W"))

@@ -11,7 +11,7 @@ import sys
 
 from umvd_live.runtime import tune_process
 
-PRESETS = ("auto", "lite", "paper")
+PRESETS = ("auto", "lite", "fast", "paper")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -29,7 +29,9 @@ def parse_context(text: str) -> tuple[int, ...]:
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=PRESETS, default="auto", help="network size (default: auto)")
+    p.add_argument("--preset", choices=PRESETS, default="auto",
+                   help="network size (default auto: paper on a GPU; on a CPU lite, and fast for live "
+                        "streams of 512² and more)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="compute device (default: auto)")
     p.add_argument("--window", type=int, default=7, metavar="N", help="frames per window, odd (default 7)")
     p.add_argument("--context", type=parse_context, metavar="A,B,..",
@@ -170,7 +172,7 @@ def _demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--photons", type=float, default=2.0,
                    help="mean detected photons per pixel per frame (default 2)")
     p.add_argument("--preset", choices=PRESETS, default="auto",
-                   help="network size (default auto: lite on a CPU, paper on a GPU)")
+                   help="network size (default auto: paper on a GPU; on a CPU lite, fast from 512²)")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--window", type=int, default=7, metavar="N", help="frames per window, odd (default 7)")
     p.add_argument("--warmup-frames", type=int, default=150, metavar="F",

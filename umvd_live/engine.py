@@ -44,7 +44,7 @@ State = Literal["warmup", "live"]
 
 @dataclass(frozen=True)
 class EngineConfig:
-    preset: str = "auto"  # auto | lite | paper
+    preset: str = "auto"  # auto | lite | fast | paper (`model.resolve_preset`)
     device: str = "auto"  # auto | cpu | cuda
     window: int = 7
     context: tuple[int, ...] | None = None  # context blocks (model.ModelSpec.context); None: the preset's
@@ -282,7 +282,8 @@ class StreamDenoiser:
         state_dict, info = (None, None)
         if self.config.init:
             state_dict, info = load_checkpoint(self.config.init)
-        preset = resolve_preset(self.config.preset, self.device, *frame.shape)
+        preset = resolve_preset(self.config.preset, self.device, *frame.shape,
+                                live=self.config.train_mode == "background")
         if info is not None:
             spec = ModelSpec.from_dict(info["spec"])
             if self.config.preset != "auto" and info.get("preset") != self.config.preset:
