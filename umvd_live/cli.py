@@ -36,7 +36,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=7, metavar="N", help="frames per window, odd (default 7)")
     p.add_argument("--context", type=parse_context, metavar="A,B,..",
                    help="lengths of the blocks of earlier frames the network also sees, or 'none' "
-                        "(default: the preset's; lite 8,24,64, paper none)")
+                        "(default: the preset's; lite and fast 8,24,64, paper none)")
     p.add_argument("--warmup-frames", type=int, default=300, metavar="F",
                    help="frames of the initial burst the warm start trains on (default 300)")
     p.add_argument("--init", metavar="PATH", help="start from weights saved by an earlier session")
