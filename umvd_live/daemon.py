@@ -152,20 +152,15 @@ def _same_run(first: Frame, frame: Frame) -> bool:
 
 
 def inference_layout(config: DaemonConfig) -> tuple[int, int]:
-    """(windows per forward pass, passes at once) of the daemon's engines: ``--batch`` and
-    ``--workers``, else the engine's defaults for the device when training runs in the background
-    (`engine.default_batch`: several on a GPU, one on a CPU; `engine.default_workers`: two on a
-    CPU, one on a GPU). Checked here, so a bad value stops start-up, not the first frame."""
-    from umvd_live.engine import default_batch, default_workers, pick_device
+    """(windows per forward pass, passes at once) of the daemon's engines, which train in the
+    background: ``--batch`` and ``--workers``, else the engine's defaults for the device
+    (`engine.inference_layout`). Checked here, so a bad flag stops start-up, not the first frame."""
+    from umvd_live.engine import inference_layout as engine_layout, pick_device
 
-    device = pick_device(config.device)
-    batch = default_batch(device) if config.batch is None else config.batch
-    workers = default_workers(device, "background") if config.workers is None else config.workers
-    if batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {batch}")
-    if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
-    return batch, workers
+    for flag, value in (("--batch", config.batch), ("--workers", config.workers)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    return engine_layout(pick_device(config.device), "background", config.batch, config.workers)
 
 
 def check_loopback(endpoint: str) -> None:
@@ -437,17 +432,15 @@ class Daemon:
         frames: list[tuple[Frame, Received]] = []
         for item in items:
             frame = self._decode(item)
-            if frame is not None:
+            # A stream exists from its first valid frame on, so a malformed message after that
+            # frame counts on the stream, as it would in a batch of its own.
+            if frame is not None and (frame.stream in self.streams or self._new_stream(frame.stream, self.config.init)):
                 frames.append((frame, item))
         behind = Counter(frame.stream for frame, _ in frames)  # frames of each stream still to go
         run: list[Arrival] = []
         for frame, item in frames:
             behind[frame.stream] -= 1
-            live = self.streams.get(frame.stream)
-            if live is None:
-                live = self._new_stream(frame.stream, self.config.init)
-                if live is None:
-                    continue
+            live = self.streams[frame.stream]
             self._publish_raw(item)
             infer = not allow_skip or self._keeps_pace(live, behind[frame.stream]) or self._owed(frame.stream)
             if run and not _same_run(run[0].frame, frame):

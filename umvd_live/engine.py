@@ -95,6 +95,19 @@ def default_workers(device: torch.device, train_mode: str) -> int:
     return 2 if device.type == "cpu" and train_mode == "background" and cpu_cores() >= 2 else 1
 
 
+def inference_layout(device: torch.device, train_mode: str, max_batch: int | None = None,
+                     workers: int | None = None) -> tuple[int, int]:
+    """(windows per forward pass, passes at once): the values given, else the defaults for the
+    device and training mode (`default_batch`, `default_workers`). Refuses values below 1."""
+    batch = default_batch(device) if max_batch is None else max_batch
+    passes = default_workers(device, train_mode) if workers is None else workers
+    if batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {batch}")
+    if passes < 1:
+        raise ValueError(f"workers must be >= 1, got {passes}")
+    return batch, passes
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU does bfloat16 arithmetic in hardware (AVX512-BF16 or AMX on x86-64), where
@@ -168,14 +181,8 @@ class StreamDenoiser:
             raise ValueError(f"window must be odd and >= 3, got {self.config.window}")
         self.device = pick_device(self.config.device)
         self.bf16 = uses_bf16(self.config.precision, self.device)
-        batch = self.config.max_batch
-        self.max_batch = default_batch(self.device) if batch is None else batch
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {batch}")
-        workers = self.config.workers
-        self.workers = default_workers(self.device, self.config.train_mode) if workers is None else workers
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.max_batch, self.workers = inference_layout(self.device, self.config.train_mode,
+                                                        self.config.max_batch, self.config.workers)
         self._set_threads()
         self._pool: ThreadPoolExecutor | None = None  # made with the network, if workers > 1
         self.k = self.config.window // 2

@@ -212,7 +212,7 @@ class UMVDNet(nn.Module):
         stacked window would cost one more pass over all of them."""
         if len(feats) != self.spec.window:
             raise ValueError(f"expected the features of {self.spec.window} frames, got {len(feats)}")
-        b, f, h, w = feats[0].shape
+        h, w = feats[0].shape[-2:]
         # Multiplying by a weight of exactly 1 (every gamma but the centre's, in float32) would
         # be a pass over the features for nothing.
         parts = [x.permute(0, 2, 3, 1) if g == 1.0 else x.permute(0, 2, 3, 1) * g for x, g in zip(feats, self._gammas)]
