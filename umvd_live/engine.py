@@ -89,8 +89,8 @@ def default_workers(device: torch.device, train_mode: str) -> int:
     """D's forward passes run at once when several windows are ready: 2 on a CPU of 2 or more
     cores that trains in the background, else 1. Once live, the trainer rests most of the time
     (`live_train_duty`), and a second pass on its own thread uses the trainer's cores meanwhile:
-    at 512² on 2 cores, 11 -> 18 windows/s beside the trainer, where giving one pass both cores
-    gained nothing (OpenMP threads waiting on the trainer's; docs/benchmarks.md). A GPU batches
+    at 512² on 2 cores beside the trainer, 23-26 passes/s against 15-16 for one pass on both
+    cores (tools/bench_stages.py; docs/benchmarks.md). A GPU batches
     instead (`default_batch`)."""
     return 2 if device.type == "cpu" and train_mode == "background" and cpu_cores() >= 2 else 1
 
@@ -111,8 +111,9 @@ def inference_layout(device: torch.device, train_mode: str, max_batch: int | Non
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU does bfloat16 arithmetic in hardware (AVX512-BF16 or AMX on x86-64), where
-    oneDNN's bf16 convolutions beat float32: lite's D at 512² took 46 instead of 65 ms on the
-    development machine's AMD EPYC, at the same PSNR (docs/benchmarks.md). Elsewhere bf16 is
+    oneDNN's bf16 convolutions beat float32: a pass of lite's D at 512² took 56-68 instead of
+    80-84 ms on the development machine's AMD EPYC, at the same PSNR (tools/bench_stages.py;
+    docs/benchmarks.md). Elsewhere bf16 is
     emulated and buys nothing."""
     if not torch.backends.mkldnn.is_available():
         return False

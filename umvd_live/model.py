@@ -96,7 +96,8 @@ def lite_spec(window: int = 7) -> ModelSpec:
 
 def fast_spec(window: int = 7) -> ModelSpec:
     """lite with its ½- and ¼-resolution stages thinned (one convolution each side, 16 and 24
-    channels): D costs 30 instead of 43 ms per 512² frame on one CPU thread (bf16). For live
+    channels): a pass of D costs 30 instead of 56-68 ms per 512² frame on one CPU thread (bf16;
+    tools/bench_stages.py). For live
     streams too large for lite to keep up with on a small CPU: at 512² and 30 Hz on 2 cores it
     gives 27.5 fps out at +14.3 dB, where lite gives 21.4 fps at +15.9 dB (docs/benchmarks.md). The
     full-resolution stages stay as in lite: thinning those made training collapse."""
