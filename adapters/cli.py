@@ -130,14 +130,26 @@ def _run_replay(args: argparse.Namespace) -> int:
 
 
 def _run_pymmcore(args: argparse.Namespace) -> int:
-    from umvd_live.adapters.mmcore import LiveTap, MMCoreSource, load_core, run_live, run_time_lapse
+    from umvd_live.adapters.mmcore import (
+        LiveTap, MMCoreSource, load_core, load_sequence, run_live, run_mda, time_lapse,
+    )
 
     if not args.config:
         _say("pymmcore-plus needs --config MMConfig.cfg")
         return EXIT_BAD_INPUT
-    if not args.live and not args.frames:
-        _say("an MDA needs --frames N (or use --live)")
+    if args.live and args.mda:
+        _say("--live taps live mode; --mda runs an MDA: choose one")
         return EXIT_BAD_INPUT
+    if not args.live and not args.frames and not args.mda:
+        _say("an MDA needs --frames N or --mda SEQUENCE.yaml (or use --live)")
+        return EXIT_BAD_INPUT
+    sequence = None
+    if not args.live:
+        try:
+            sequence = load_sequence(args.mda) if args.mda else time_lapse(args.frames, args.interval_ms)
+        except (OSError, ValueError) as exc:
+            _say(str(exc))
+            return EXIT_BAD_INPUT
     try:
         core = load_core(args.config, mm_path=args.mm_path)
         if args.exposure_ms is not None:
@@ -162,12 +174,13 @@ def _run_pymmcore(args: argparse.Namespace) -> int:
         else:
             source = MMCoreSource(core, publisher, queue_size=args.queue).attach()
             try:
-                run_time_lapse(core, args.frames, args.interval_ms)
+                run_mda(core, sequence)
             except KeyboardInterrupt:
                 status = EXIT_INTERRUPTED
             finally:
                 stats = source.detach()
-            print(f"pymmcore-plus: {source.frames_seen} frames acquired, {stats.sent} sent, "
+            print(f"pymmcore-plus: {source.frames_seen} frames acquired in {len(source.streams_seen)} "
+                  f"stream(s), {stats.sent} sent, "
                   f"{stats.handoff_dropped} dropped in the hand-off, {stats.publisher_dropped} dropped by "
                   f"the publisher, {stats.rejected} rejected")
     finally:

@@ -43,6 +43,12 @@ class _Item:
     t: float | None
     meta: dict[str, Any] | None
     seq: int | None
+    stream: str | None  # None: the publisher's own stream
+
+
+@dataclass(frozen=True)
+class _End:
+    stream: str | None
 
 
 class FrameHandoff:
@@ -52,8 +58,12 @@ class FrameHandoff:
         if maxsize < 1:
             raise ValueError("maxsize must be >= 1")
         self.publisher = publisher
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=maxsize)
+        self.maxsize = maxsize
+        # Unbounded underneath: the bound counts frames only, so that a stream's end (`end`) is
+        # never refused and always follows that stream's last frame.
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._queued_frames = 0
         self._offered = 0
         self._dropped = 0
         self._rejected = 0
@@ -72,29 +82,40 @@ class FrameHandoff:
         t: float | None = None,
         meta: dict[str, Any] | None = None,
         seq: int | None = None,
+        stream: str | None = None,
     ) -> bool:
-        """Queue one frame for sending; never blocks. False means it was dropped (queue full).
+        """Queue one frame of ``stream`` (default: the publisher's) for sending; never blocks.
+        False means it was dropped (``maxsize`` frames already waiting).
 
         The image is kept by reference, not copied: callers pass arrays nobody writes to afterwards
         (pymmcore-plus and pycromanager hand each callback a fresh array).
         """
         with self._lock:
             self._offered += 1
-        try:
-            self._queue.put_nowait(_Item(image, t, meta, seq))
-        except queue.Full:
-            with self._lock:
+            if self._queued_frames >= self.maxsize:
                 self._dropped += 1
-            return False
+                return False
+            self._queued_frames += 1
+        self._queue.put(_Item(image, t, meta, seq, stream))
         return True
+
+    def end(self, stream: str | None = None) -> None:
+        """Queue the end of ``stream`` after its frames already queued (`FramePublisher.end`);
+        never blocks, never refused."""
+        self._queue.put(_End(stream))
 
     def _send_loop(self) -> None:
         while True:
             item = self._queue.get()
             if item is _STOP:
                 return
+            if isinstance(item, _End):
+                self.publisher.end(item.stream)
+                continue
+            with self._lock:
+                self._queued_frames -= 1
             try:
-                self.publisher.publish(item.image, t=item.t, meta=item.meta, seq=item.seq)
+                self.publisher.publish(item.image, t=item.t, meta=item.meta, seq=item.seq, stream=item.stream)
             except (ValueError, TypeError) as exc:
                 # A frame the protocol cannot carry must not kill the sender (nor, through it, the
                 # acquisition): count it and say why, once.
@@ -108,10 +129,7 @@ class FrameHandoff:
     def close(self, timeout_s: float = 10.0) -> HandoffStats:
         """Send what is queued (up to ``timeout_s``), stop the thread and return the final counts."""
         if self._thread is not None:
-            try:
-                self._queue.put(_STOP, timeout=timeout_s)
-            except queue.Full:
-                pass
+            self._queue.put(_STOP)
             self._thread.join(timeout_s)
             self._thread = None
         return self.stats()
@@ -125,7 +143,7 @@ class FrameHandoff:
             sent=self.publisher.sent,
             publisher_dropped=self.publisher.dropped,
             rejected=rejected,
-            pending=self._queue.qsize(),
+            pending=self._queued_frames,
         )
 
     def __enter__(self) -> "FrameHandoff":

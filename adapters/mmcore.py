@@ -26,12 +26,13 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from umvd_live.adapters.axes import StreamAxes, StreamNumbering, split_index
 from umvd_live.adapters.handoff import FrameHandoff, HandoffStats
 from umvd_live.adapters.publisher import FramePublisher
 
 if TYPE_CHECKING:
     from pymmcore_plus import CMMCorePlus
-    from useq import MDAEvent
+    from useq import MDAEvent, MDASequence
 
 log = logging.getLogger(__name__)
 
@@ -41,43 +42,92 @@ def _plain_index(index: Any) -> dict[str, int]:
     return {str(getattr(k, "value", k)): int(v) for k, v in dict(index).items()}
 
 
-class MMCoreSource:
-    """Publishes every MDA frame of ``core`` (call `attach`; `detach` flushes and returns counts)."""
+def event_axes(group: str, event: "MDAEvent") -> StreamAxes:
+    """The stream of an MDA event (`umvd_live.adapters.axes`): its non-time indices, its channel
+    preset's name and its position's name."""
+    _, index = split_index(_plain_index(event.index))
+    channel = event.channel.config if event.channel is not None else None
+    return StreamAxes(group, index, channel=channel, position=event.pos_name or None)
 
-    def __init__(self, core: "CMMCorePlus", publisher: FramePublisher, *, queue_size: int = 256):
+
+class MMCoreSource:
+    """Publishes every MDA frame of ``core``, one stream per (position, grid, channel, z) of the
+    MDA (`umvd_live.adapters.axes`), each stream numbered from 0. When an MDA finishes (or is
+    cancelled) each of its streams is ended, so the daemon hands out their last outputs at once.
+    Call `attach`; `detach` flushes and returns counts. ``group``: the streams' base name
+    (default: the publisher's stream)."""
+
+    def __init__(self, core: "CMMCorePlus", publisher: FramePublisher, *, queue_size: int = 256,
+                 group: str | None = None):
         self.core = core
         self.publisher = publisher
+        self.group = group or publisher.stream
         self.handoff = FrameHandoff(publisher, maxsize=queue_size)
+        self.numbering = StreamNumbering()
         self.frames_seen = 0
+        self._streams_seen: dict[str, None] = {}  # an ordered set
+        self._axes: dict[tuple, StreamAxes] = {}
         self._attached = False
 
     def attach(self) -> "MMCoreSource":
         if not self._attached:
             self.handoff.start()
             self.core.mda.events.frameReady.connect(self._on_frame_ready)
+            self.core.mda.events.sequenceFinished.connect(self._on_sequence_finished)
             self._attached = True
         return self
 
+    def _stream_axes(self, event: "MDAEvent") -> StreamAxes:
+        key = (tuple((k, v) for k, v in event.index.items() if k != "t"), event.channel, event.pos_name)
+        axes = self._axes.get(key)
+        if axes is None:  # once per (p, g, c, z): the MDA thread has no time to waste
+            axes = self._axes[key] = event_axes(self.group, event)
+            self._streams_seen[axes.name] = None
+            if len(self._axes) > 4096:
+                self._axes.clear()
+        return axes
+
+    @property
+    def streams_seen(self) -> list[str]:
+        """Every stream this source has published to, in the order of their first frame."""
+        return list(self._streams_seen)
+
     def _on_frame_ready(self, image: np.ndarray, event: "MDAEvent", meta: dict[str, Any]) -> None:
         # Runs on the MDA thread: no I/O here, only a non-blocking queue put.
-        seq = self.frames_seen
         self.frames_seen += 1
+        axes = self._stream_axes(event)
+        stream = axes.name
         runner_ms = meta.get("runner_time_ms") if isinstance(meta, dict) else None
-        info = {"source": "pymmcore-plus", "index": _plain_index(event.index)}
+        t_index = event.index.get("t")
+        info = {"source": "pymmcore-plus", **axes.meta(t_index)}
         if isinstance(meta, dict) and meta.get("camera_device"):
             info["camera"] = str(meta["camera_device"])
         self.handoff.offer(
             image,
             t=float(runner_ms) / 1000 if runner_ms is not None else None,
             meta=info,
-            seq=seq,
+            seq=self.numbering.next(stream),
+            stream=stream,
         )
 
+    def _on_sequence_finished(self, *_: Any) -> None:
+        self._end_streams()
+
+    def _end_streams(self) -> None:
+        streams = self.numbering.streams
+        for stream in streams:
+            self.handoff.end(stream)
+        self.numbering.forget(streams)
+        self._axes.clear()
+
     def detach(self, timeout_s: float = 10.0) -> HandoffStats:
-        """Disconnect from the core, send what is still queued, return the counts."""
+        """Disconnect from the core, end the streams still open, send what is still queued, and
+        return the counts."""
         if self._attached:
             self.core.mda.events.frameReady.disconnect(self._on_frame_ready)
+            self.core.mda.events.sequenceFinished.disconnect(self._on_sequence_finished)
             self._attached = False
+            self._end_streams()
         return self.handoff.close(timeout_s)
 
     def __enter__(self) -> "MMCoreSource":
@@ -233,13 +283,13 @@ def _quiet_adapter_search(quiet: bool) -> Iterator[None]:
 
 
 @contextmanager
-def shutter_workaround(core: "CMMCorePlus", interval_ms: float) -> Iterator[None]:
-    """Work around pymmcore-plus 0.18.1: a timed MDA without a shutter fails in ``setShutterOpen``.
+def shutter_workaround(core: "CMMCorePlus") -> Iterator[None]:
+    """Work around pymmcore-plus 0.18.1: an MDA that is not one hardware sequence (a timed one, or
+    one that changes channel or plane) fails in ``setShutterOpen`` when no shutter is loaded.
 
-    Auto-shutter is switched off for the run (only when no shutter is loaded and the MDA is not
-    sequenced) and restored afterwards.
+    Auto-shutter is switched off for the run when no shutter is loaded, and restored afterwards.
     """
-    needed = interval_ms > 0 and not core.getShutterDevice() and core.getAutoShutter()
+    needed = not core.getShutterDevice() and core.getAutoShutter()
     if needed:
         core.setAutoShutter(False)
     try:
@@ -249,12 +299,29 @@ def shutter_workaround(core: "CMMCorePlus", interval_ms: float) -> Iterator[None
             core.setAutoShutter(True)
 
 
-def run_time_lapse(core: "CMMCorePlus", frames: int, interval_ms: float = 0.0) -> None:
-    """Run a ``frames``-point time-lapse MDA and wait for it (Ctrl-C cancels it cleanly)."""
+def time_lapse(frames: int, interval_ms: float = 0.0) -> "MDASequence":
+    """A ``frames``-point time-lapse of the current channel and position."""
     from useq import MDASequence
 
-    sequence = MDASequence(time_plan={"interval": interval_ms / 1000, "loops": frames})
-    with shutter_workaround(core, interval_ms):
+    return MDASequence(time_plan={"interval": interval_ms / 1000, "loops": frames})
+
+
+def load_sequence(path: str | Path) -> "MDASequence":
+    """A useq-schema MDA sequence from a YAML or JSON file (pymmcore-plus's own format)."""
+    from useq import MDASequence
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"MDA sequence file not found: {path}")
+    try:
+        return MDASequence.from_file(path)
+    except Exception as exc:  # pydantic's ValidationError, YAML errors: say which file and why
+        raise ValueError(f"{path}: not a valid useq-schema MDA sequence ({exc})") from None
+
+
+def run_mda(core: "CMMCorePlus", sequence: "MDASequence") -> None:
+    """Run an MDA on ``core`` and wait for it (Ctrl-C cancels it cleanly)."""
+    with shutter_workaround(core):
         thread = core.run_mda(sequence)
         try:
             while thread.is_alive():

@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 import zmq
 
-from umvd_live.protocol import encode_frame
+from umvd_live.protocol import encode_end, encode_frame
 
 DEFAULT_INPUT = "tcp://127.0.0.1:5555"
 
 
 class FramePublisher:
-    """Publishes the frames of one stream, numbering them with consecutive ``seq`` from 0."""
+    """Publishes frames of one stream (``stream``) or of several (`publish`'s ``stream``), numbering
+    each stream's frames with consecutive ``seq`` from 0."""
 
     def __init__(
         self,
@@ -40,7 +41,7 @@ class FramePublisher:
         public ``NAME.key``. Both or neither (then no CURVE, as on loopback)."""
         self.stream = stream
         self.endpoint = endpoint
-        self.seq = 0
+        self._next_seq: dict[str, int] = {}
         self.sent = 0
         self.dropped = 0
         self._ctx = context or zmq.Context.instance()
@@ -77,6 +78,11 @@ class FramePublisher:
                     return True
         return False
 
+    @property
+    def seq(self) -> int:
+        """The ``seq`` the default stream's next frame gets."""
+        return self._next_seq.get(self.stream, 0)
+
     def publish(
         self,
         image: np.ndarray,
@@ -84,28 +90,41 @@ class FramePublisher:
         meta: dict[str, Any] | None = None,
         *,
         seq: int | None = None,
+        stream: str | None = None,
     ) -> bool:
-        """Send one frame without blocking. Returns False (and counts a drop) if it could not go.
+        """Send one frame of ``stream`` (default: this publisher's) without blocking. Returns
+        False (and counts a drop) if it could not go.
 
         ``seq`` lets a source send the frame's own acquisition number, so that frames lost before
         the publisher (e.g. in a source's hand-off queue) show up as gaps at the daemon; numbering
-        then continues from ``seq + 1``. By default frames are numbered consecutively.
+        then continues from ``seq + 1``. By default each stream's frames are numbered consecutively.
         """
-        if seq is not None:
-            self.seq = seq
-        parts = encode_frame(self.stream, image, self.seq, t=t, meta=meta)
-        self.seq += 1
+        name = self.stream if stream is None else stream
+        number = self._next_seq.get(name, 0) if seq is None else seq
+        parts = encode_frame(name, image, number, t=t, meta=meta)
+        self._next_seq[name] = number + 1
+        return self._send(parts)
+
+    def end(self, stream: str | None = None) -> bool:
+        """Tell the daemon that ``stream`` (default: this publisher's) is over, so that it hands
+        out the stream's last outputs now (protocol `StreamEnd`); its numbering starts from 0 again."""
+        name = self.stream if stream is None else stream
+        return self._send(encode_end(name, self._next_seq.pop(name, 0)), count=False)
+
+    def _send(self, parts: list, count: bool = True) -> bool:
         try:
             self._sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            self.dropped += 1
+            if count:
+                self.dropped += 1
             return False
-        self.sent += 1
+        if count:
+            self.sent += 1
         return True
 
     def restart_sequence(self) -> None:
-        """Start numbering at 0 again, as a restarted producer does."""
-        self.seq = 0
+        """Start numbering every stream at 0 again, as a restarted producer does."""
+        self._next_seq.clear()
 
     def close(self) -> None:
         self._sock.close()

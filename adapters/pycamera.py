@@ -8,8 +8,19 @@ Micro-Manager configuration file::
     #py Property,Core,Initialize,1
     #py Property,Core,Camera,Cam
 
-Frame ``n`` since the device was loaded is a pure function of (``Seed``, ``n``) — `render` — so a
-receiver can check that what arrived is exactly what the camera produced.
+Frame ``n`` since the device was loaded is a pure function of (``Seed``, ``n``, ``Photons``, focus
+position) — `render` — so a receiver can check that what arrived is exactly what the camera
+produced. ``Photons`` is a property a channel preset can set (a dim and a bright channel), and
+`FocusStage` is a pure-Python focus drive: with the camera's ``FocusStage`` property naming it, each
+focus position images its own plane of cells, so the planes of a z-stack differ as real ones do
+(pure-Python devices cannot ask the core for the focus position, so the camera finds the drive by
+its label, among the drives loaded in this process)::
+
+    #py pyDevice,Z,umvd_live.adapters.pycamera,FocusStage
+    #py Property,Core,Focus,Z
+    #py Property,Cam,FocusStage,Z
+    #py ConfigGroup,Channel,Dim,Cam,Photons,5
+    #py ConfigGroup,Channel,Bright,Cam,Photons,400
 """
 
 from __future__ import annotations
@@ -18,15 +29,17 @@ import time
 from collections.abc import Mapping
 
 import numpy as np
-from pymmcore_plus.experimental.unicore import SimpleCameraDevice, pymm_property
+from pymmcore_plus.experimental.unicore import SimpleCameraDevice, StageDevice, pymm_property
 
 _N_CELLS = 12
 
 
-def render(n: int, shape: tuple[int, int], seed: int = 0, photons: float = 20.0) -> np.ndarray:
-    """Frame ``n`` of the movie: Poisson counts (uint16) of blinking Gaussian cells on a background."""
+def render(n: int, shape: tuple[int, int], seed: int = 0, photons: float = 20.0, z_um: float = 0.0) -> np.ndarray:
+    """Frame ``n`` of the movie: Poisson counts (uint16) of blinking Gaussian cells on a background;
+    the plane at focus position ``z_um`` (to 0.1 µm) has cells of its own."""
     h, w = shape
-    layout = np.random.default_rng([seed, 0xCE11])
+    plane = int(round(z_um * 10))
+    layout = np.random.default_rng([seed, 0xCE11] + ([plane & 0xFFFFFFFF] if plane else []))
     cy, cx = layout.uniform(0, h, _N_CELLS), layout.uniform(0, w, _N_CELLS)
     radius = layout.uniform(1.5, 4.0, _N_CELLS) * max(1.0, min(h, w) / 64)
     period = layout.uniform(20.0, 80.0, _N_CELLS)
@@ -49,6 +62,7 @@ class NoisyPatternCamera(SimpleCameraDevice):
         self._shape = (64, 64)
         self._seed = 0
         self._photons = 20.0
+        self._focus_label = ""
         self.frames_snapped = 0
 
     def get_exposure(self) -> float:
@@ -89,6 +103,19 @@ class NoisyPatternCamera(SimpleCameraDevice):
     def photons(self, value: float) -> None:
         self._photons = float(value)
 
+    @pymm_property(name="FocusStage")
+    def focus_stage(self) -> str:
+        return self._focus_label
+
+    @focus_stage.setter
+    def focus_stage(self, value: str) -> None:
+        self._focus_label = str(value)
+
+    def _focus_um(self) -> float:
+        """The position of the focus drive named by ``FocusStage``, or 0 without one."""
+        stage = _FOCUS_STAGES.get(self._focus_label) if self._focus_label else None
+        return stage.get_position_um() if stage is not None else 0.0
+
     def sensor_shape(self) -> tuple[int, int]:
         return self._shape
 
@@ -98,9 +125,44 @@ class NoisyPatternCamera(SimpleCameraDevice):
     def snap(self, buffer: np.ndarray) -> Mapping:
         start = time.perf_counter()
         n = self.frames_snapped
-        buffer[:] = render(n, self._shape, self._seed, self._photons)
+        buffer[:] = render(n, self._shape, self._seed, self._photons, self._focus_um())
         self.frames_snapped += 1
         left = self._exposure_ms / 1000 - (time.perf_counter() - start)
         if left > 0:
             time.sleep(left)
         return {"PatternFrame": str(n)}
+
+
+#: Focus drives by label, as loaded in this process (the newest of a label wins).
+_FOCUS_STAGES: dict[str, "FocusStage"] = {}
+
+
+class FocusStage(StageDevice):
+    """A focus drive that moves at once: its position selects the plane `NoisyPatternCamera` images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._position_um = 0.0
+
+    def shutdown(self) -> None:
+        if _FOCUS_STAGES.get(self.get_label()) is self:
+            del _FOCUS_STAGES[self.get_label()]
+        super().shutdown()
+
+    def set_position_um(self, val: float) -> None:
+        # Registered on its first move (a config may load it after initialising the others):
+        # until then it is at 0, which is what the camera assumes without a drive.
+        _FOCUS_STAGES[self.get_label()] = self
+        self._position_um = float(val)
+
+    def get_position_um(self) -> float:
+        return self._position_um
+
+    def set_origin(self) -> None:
+        self._position_um = 0.0
+
+    def home(self) -> None:
+        self._position_um = 0.0
+
+    def stop(self) -> None:
+        pass

@@ -6,11 +6,12 @@ import time
 import pytest
 import zmq
 
-from umvd_live.protocol import decode_frame
+from umvd_live.protocol import StreamEnd, decode_message
 
 
 class Receiver(threading.Thread):
-    """A plain SUB socket (bound on an ephemeral port) decoding with `decode_frame`.
+    """A plain SUB socket (bound on an ephemeral port) decoding with `decode_message`: frames in
+    ``frames``, stream ends in ``ends``.
 
     It polls all the time: a bound SUB only sends its subscription to a new publisher when its
     owner thread services the socket.
@@ -24,13 +25,15 @@ class Receiver(threading.Thread):
         self.sock.bind("tcp://127.0.0.1:*")
         self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.frames: list = []
+        self.ends: list[StreamEnd] = []
         self._halt = threading.Event()
         self.start()
 
     def run(self) -> None:
         while not self._halt.is_set():
             if self.sock.poll(20):
-                self.frames.append(decode_frame(self.sock.recv_multipart()))
+                message = decode_message(self.sock.recv_multipart())
+                (self.ends if isinstance(message, StreamEnd) else self.frames).append(message)
         self.sock.close(linger=0)
 
     def wait_for(self, count: int, timeout_s: float = 20.0) -> list:

@@ -18,13 +18,15 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+from useq import MDASequence
 
 from umvd_live.adapters.handoff import FrameHandoff
 from umvd_live.adapters.mmcore import (
     LiveTap,
     MMCoreSource,
     load_core,
-    run_time_lapse,
+    run_mda,
+    time_lapse,
 )
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.adapters.pycamera import render
@@ -69,6 +71,10 @@ def test_config_file_loads_the_python_camera(core):
     assert np.array_equal(core.getImage(), render(0, SHAPE, SEED))
 
 
+def run_time_lapse(core, frames: int, interval_ms: float = 0.0) -> None:
+    run_mda(core, time_lapse(frames, interval_ms))
+
+
 def test_every_mda_frame_arrives_with_its_seq_and_pixels(core, receiver):
     pub = connected_publisher(receiver.endpoint)
     source = MMCoreSource(core, pub).attach()
@@ -82,6 +88,7 @@ def test_every_mda_frame_arrives_with_its_seq_and_pixels(core, receiver):
     for f in frames:  # exactly what the camera produced, frame by frame
         assert np.array_equal(f.pixels, render(f.header.seq, SHAPE, SEED))
         assert f.header.meta["index"] == {"t": f.header.seq}
+        assert f.header.meta["group"] == "cam0" and f.stream == "cam0"  # one channel: one stream
         assert f.header.meta["camera"] == "Cam"
     times = [f.header.t for f in frames]
     assert all(b >= a for a, b in zip(times, times[1:])) and times[-1] > 0
@@ -101,16 +108,21 @@ def test_timed_mda_without_a_shutter_runs_and_restores_autoshutter(core, receive
     assert core.getAutoShutter()
 
 
-def test_seq_keeps_counting_over_consecutive_mdas(core, receiver):
+def test_each_mda_ends_its_streams_and_the_next_numbers_from_0(core, receiver):
     pub = connected_publisher(receiver.endpoint)
     with MMCoreSource(core, pub) as source:
         run_time_lapse(core, 4)
         run_time_lapse(core, 3)
     frames = receiver.wait_for(7)
+    deadline = time.monotonic() + 10
+    while len(receiver.ends) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
     pub.close()
     assert source.frames_seen == 7
-    assert [f.header.seq for f in frames] == list(range(7))
+    assert [f.header.seq for f in frames] == [0, 1, 2, 3, 0, 1, 2]
     assert [f.header.meta["index"]["t"] for f in frames] == [0, 1, 2, 3, 0, 1, 2]
+    # each MDA's end follows its last frame; its seq is the next frame's number (no drops)
+    assert [(e.stream, e.seq) for e in receiver.ends] == [("cam0", 4), ("cam0", 3)]
 
 
 def test_full_handoff_drops_and_counts_instead_of_blocking(receiver):
@@ -247,8 +259,8 @@ def test_300_frames_through_acquire_into_serve_with_none_missing(tmp_path):
         cfg = write_config(tmp_path / "MMConfig.cfg", shape=(64, 64))
         acq = run_cli("pymmcore-plus", "--config", str(cfg), "--frames", "300", "--to", input_ep)
         assert acq.returncode == 0, acq.stderr
-        assert "300 frames acquired, 300 sent, 0 dropped in the hand-off, 0 dropped by the publisher" \
-            in acq.stdout
+        assert "300 frames acquired in 1 stream(s), 300 sent, 0 dropped in the hand-off, 0 dropped by " \
+            "the publisher" in acq.stdout
 
         req = zmq.Context.instance().socket(zmq.REQ)
         req.setsockopt(zmq.RCVTIMEO, 30000)
@@ -259,7 +271,7 @@ def test_300_frames_through_acquire_into_serve_with_none_missing(tmp_path):
             while True:
                 req.send(msgpack.packb({"cmd": "status"}))
                 cam = msgpack.unpackb(req.recv()).get("streams", {}).get("cam0", {})
-                if cam.get("frames_in", 0) >= 300 or time.monotonic() > deadline:
+                if cam.get("frames_out", 0) >= 300 or time.monotonic() > deadline:
                     break
                 time.sleep(0.1)
             req.send(msgpack.packb({"cmd": "shutdown"}))
@@ -267,6 +279,7 @@ def test_300_frames_through_acquire_into_serve_with_none_missing(tmp_path):
         finally:
             req.close()
         assert cam["frames_in"] == 300
+        assert cam["frames_out"] == 300 and cam["ends"] == 1  # the MDA's end flushed the last outputs
         assert cam["drops"] == 0 and cam["rejected_total"] == 0 and cam["seq_restarts"] == 0
         assert cam["last_seq"] == 299 and cam["shape"] == [64, 64] and cam["dtype"] == "<u2"
         assert serve.wait(30) == 0
@@ -274,3 +287,131 @@ def test_300_frames_through_acquire_into_serve_with_none_missing(tmp_path):
         if serve.poll() is None:
             serve.kill()
             serve.wait()
+
+
+# ------------------------------------------------------------------ multi-dimensional acquisitions
+
+CHANNEL_PHOTONS = {"Dim": 5, "Bright": 400}
+
+
+def write_multichannel_config(path: Path, shape: tuple[int, int] = SHAPE) -> Path:
+    """A camera whose channel presets set its brightness, and a pure-Python focus drive whose
+    position selects the plane the camera images."""
+    path = write_config(path, shape)
+    with open(path, "a") as f:
+        f.write("#py pyDevice,Z,umvd_live.adapters.pycamera,FocusStage\n"
+                "#py Property,Core,Focus,Z\n"
+                "#py Property,Cam,FocusStage,Z\n")
+        for preset, photons in CHANNEL_PHOTONS.items():
+            f.write(f"#py ConfigGroup,Channel,{preset},Cam,Photons,{photons}\n")
+    return path
+
+
+def test_mda_channels_and_planes_become_streams_of_their_own(tmp_path, receiver):
+    core = load_core(write_multichannel_config(tmp_path / "MMConfig.cfg"))
+    sequence = MDASequence(channels=["Dim", "Bright"], z_plan={"range": 2, "step": 1},
+                           time_plan={"interval": 0, "loops": 4})
+    pub = connected_publisher(receiver.endpoint)
+    with MMCoreSource(core, pub) as source:
+        run_mda(core, sequence)
+    frames = receiver.wait_for(24)
+    pub.close()
+    names = [f"cam0.{c}.z{z}" for c in CHANNEL_PHOTONS for z in range(3)]
+    assert source.streams_seen == names
+    by_stream = {name: [f for f in frames if f.stream == name] for name in names}
+    for c, channel in enumerate(CHANNEL_PHOTONS):
+        for z in range(3):
+            got = by_stream[f"cam0.{channel}.z{z}"]
+            assert [f.header.seq for f in got] == [0, 1, 2, 3]  # numbered per stream
+            assert [f.header.meta["index"] for f in got] == [{"t": t, "c": c, "z": z} for t in range(4)]
+            assert {f.header.meta["channel"] for f in got} == {channel}
+            assert {f.header.meta["group"] for f in got} == {"cam0"}
+            times = [f.header.t for f in got]
+            assert times == sorted(times)
+            # frame n of the camera was snapped in MDA order t, c, z at this channel and plane
+            for f, t in zip(got, range(4)):
+                n = t * 6 + c * 3 + z
+                assert np.array_equal(f.pixels, render(n, SHAPE, SEED, CHANNEL_PHOTONS[channel], z - 1.0))
+    assert sorted((e.stream, e.seq) for e in receiver.ends) == sorted((name, 4) for name in names)
+
+
+def test_cli_runs_a_useq_file_through_serve_one_stream_per_channel_and_plane(tmp_path):
+    """Issue 16's acceptance with a real core: 2 channels x 3 planes x T time points from a
+    useq-schema file, through `acquire pymmcore-plus --mda` into `serve`, recorded raw and
+    denoised: every stream holds exactly one (c, z), and every frame arrives denoised and recorded."""
+    T = 12
+    (tmp_path / "mda.yaml").write_text(
+        "axis_order: tpgcz\n"
+        "channels:\n  - config: Dim\n  - config: Bright\n"
+        "z_plan: {range: 2, step: 1}\n"
+        f"time_plan: {{interval: 0, loops: {T}}}\n")
+    cfg = write_multichannel_config(tmp_path / "MMConfig.cfg", shape=(48, 48))
+    names = [f"cam0.{c}.z{z}" for c in CHANNEL_PHOTONS for z in range(3)]
+    err_path = tmp_path / "serve.err"
+    out_dir = tmp_path / "out"
+    with open(tmp_path / "serve.out", "w") as out, open(err_path, "w") as err:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "umvd_live.cli", "serve", "--input", "tcp://127.0.0.1:*",
+             "--output", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*",
+             "--output-dir", str(out_dir), "--preset", "lite", "--device", "cpu",
+             "--warmup-frames", "1000", "--status-interval", "1"],
+            stdout=out, stderr=err, env=ENV)
+    req = zmq.Context.instance().socket(zmq.REQ)
+    req.setsockopt(zmq.RCVTIMEO, 30000)
+    req.setsockopt(zmq.LINGER, 0)
+
+    def ask(**request):
+        req.send(msgpack.packb(request))
+        return msgpack.unpackb(req.recv())
+
+    try:
+        deadline = time.monotonic() + 60
+        while not (match := READY.search(err_path.read_text())):
+            assert serve.poll() is None and time.monotonic() < deadline, err_path.read_text()
+            time.sleep(0.05)
+        input_ep, _, control_ep = match.groups()
+        req.connect(control_ep)
+        assert ask(cmd="record_start", path="rec.ome.tif", raw=True)["ok"]
+
+        acq = run_cli("pymmcore-plus", "--config", str(cfg), "--mda", str(tmp_path / "mda.yaml"),
+                      "--to", input_ep, timeout=120)
+        assert acq.returncode == 0, acq.stderr
+        assert f"{6 * T} frames acquired in 6 stream(s), {6 * T} sent, 0 dropped" in acq.stdout
+
+        deadline = time.monotonic() + 60
+        while True:  # the MDA's end flushes each stream's last outputs: no shutdown needed
+            streams = ask(cmd="status")["streams"]
+            if all(streams.get(n, {}).get("frames_out", 0) >= T for n in names) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert sorted(streams) == sorted(names)
+        for c, channel in enumerate(CHANNEL_PHOTONS):
+            for z in range(3):
+                s = streams[f"cam0.{channel}.z{z}"]
+                assert (s["frames_in"], s["frames_out"], s["drops"], s["ends"]) == (T, T, 0, 1)
+                assert s["axes"] == {"group": "cam0", "channel": channel, "index": {"c": c, "z": z}}
+        assert ask(cmd="record_stop")["ok"]
+        assert ask(cmd="shutdown")["ok"]
+        assert serve.wait(60) == 0
+    finally:
+        req.close()
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+
+    from umvd_live.recordfile import read_recording
+
+    planes = {}
+    for name in names:
+        raw, raw_infos, _ = read_recording(out_dir / f"rec_{name}.raw.ome.tif")
+        den, infos, _ = read_recording(out_dir / f"rec_{name}.ome.tif")
+        assert len(raw) == len(den) == T
+        assert [i.seq for i in infos] == [i.seq for i in raw_infos] == list(range(T))
+        # never mixed: the denoised frames keep their own channel's level...
+        assert abs(den.mean() / raw.mean() - 1) < 0.1, name
+        planes[name] = (raw.mean(0), den.mean(0))
+    for channel in CHANNEL_PHOTONS:  # ... and their own plane's cells
+        for z in range(3):
+            _, den = planes[f"cam0.{channel}.z{z}"]
+            corr = [np.corrcoef(den.ravel(), planes[f"cam0.{channel}.z{k}"][0].ravel())[0, 1] for k in range(3)]
+            assert int(np.argmax(corr)) == z, (channel, z, corr)

@@ -141,16 +141,52 @@ def decode_stream_name(topic: bytes | memoryview) -> str:
     return name
 
 
-def decode_frame(parts: Sequence[bytes | memoryview]) -> Frame:
-    """Validate and decode one input message. Raises ProtocolError with a counter reason."""
+@dataclass(frozen=True)
+class StreamEnd:
+    """The producer's word that a stream is over (its acquisition finished or was cancelled).
+
+    Without it the last N//2 frames of a stream wait for their right-hand neighbours until the
+    daemon shuts down; with it the daemon flushes them at once. A stream of one time point (one
+    plane of a z-stack) gets its frame back at once too. ``seq`` is the number the next frame would
+    have had, so frames lost just before the end still count as drops."""
+
+    stream: str
+    seq: int
+
+
+def decode_message(parts: Sequence[bytes | memoryview]) -> Frame | StreamEnd:
+    """Validate and decode one input message: a frame, or a stream's end (``"end": true``, an
+    empty third part). Raises ProtocolError with a counter reason."""
     if len(parts) != 3:
         raise ProtocolError("part_count", f"{len(parts)} parts, expected 3")
     stream = decode_stream_name(parts[0])
-    header = parse_header(unpack_map(parts[1]))
+    obj = unpack_map(parts[1])
+    if obj.get("end") is True:
+        if obj.get("v") != PROTOCOL_VERSION:
+            raise ProtocolError("bad_version", f"v={obj.get('v')!r}")
+        seq = _as_int(obj.get("seq"))
+        if seq is None or seq < 0:
+            raise ProtocolError("bad_seq", repr(obj.get("seq"))[:40])
+        if len(parts[2]) != 0:
+            raise ProtocolError("size_mismatch", f"{len(parts[2])} bytes in an end message")
+        return StreamEnd(stream, seq)
+    return _frame(stream, obj, parts[2])
+
+
+def decode_frame(parts: Sequence[bytes | memoryview]) -> Frame:
+    """Validate and decode one input frame. Raises ProtocolError with a counter reason (an end
+    message is not a frame: `decode_message` takes both)."""
+    message = decode_message(parts)
+    if isinstance(message, StreamEnd):
+        raise ProtocolError("not_a_frame", f"end of stream {message.stream}")
+    return message
+
+
+def _frame(stream: str, obj: dict[str, Any], payload: bytes | memoryview) -> Frame:
+    header = parse_header(obj)
     dtype = SUPPORTED_DTYPES[header.dtype]
     h, w = header.shape
     expected = h * w * dtype.itemsize
-    payload = parts[2]
     if len(payload) != expected:
         raise ProtocolError("size_mismatch", f"{len(payload)} bytes for {h}x{w} {header.dtype}")
     pixels = np.frombuffer(payload, dtype=dtype).reshape(h, w)
@@ -175,6 +211,13 @@ def encode_frame(
         raise ValueError(f"dtype {image.dtype} is not one of {sorted(SUPPORTED_DTYPES)}")
     header = FrameHeader(seq=seq, shape=image.shape, dtype=image.dtype.str, t=t, meta=meta or {})
     return [stream.encode(), pack(header.to_map()), memoryview(image).cast("B")]
+
+
+def encode_end(stream: str, seq: int) -> list[bytes]:
+    """The message that ends ``stream`` (`StreamEnd`); ``seq``: the next frame's number."""
+    if not STREAM_NAME.match(stream):
+        raise ValueError(f"stream name {stream!r} must match {STREAM_NAME.pattern}")
+    return [stream.encode(), pack({"v": PROTOCOL_VERSION, "seq": int(seq), "end": True}), b""]
 
 
 def encode_denoised(
