@@ -98,12 +98,13 @@ def _run_replay(args: argparse.Namespace) -> int:
     config = ReplayConfig(path=Path(args.file), rate_hz=args.rate, file_timing=args.file_timing,
                           loop=args.loop, max_frames=args.frames, series=args.series, channel=args.channel)
     try:  # check the file before waiting for the daemon: a typo should not cost --wait-s
-        with TiffMovie(config.path, series=config.series, channel=config.channel) as movie:
+        with TiffMovie(config.path, series=config.series, channel=config.channel, group=args.stream) as movie:
             if config.file_timing and movie.timestamps() is None:
                 raise ReplayError(f"{config.path}: this {movie.kind} file carries no per-frame timestamps; "
                                   "drop --file-timing to replay it at --rate")
+            streams = ", ".join(movie.streams[:6]) + (", ..." if len(movie.streams) > 6 else "")
             _say(f"replaying {movie.kind} file {config.path}: {movie.n_frames} frames "
-                 f"{movie.shape[0]}x{movie.shape[1]} {movie.dtype}")
+                 f"{movie.shape[0]}x{movie.shape[1]} {movie.dtype} in {len(movie.streams)} stream(s): {streams}")
     except ReplayError as exc:
         _say(str(exc))
         return EXIT_BAD_INPUT
@@ -243,7 +244,8 @@ def _pycromanager_owner(args: argparse.Namespace, pm, publisher: FramePublisher)
         status = EXIT_INTERRUPTED
     finally:
         stats = owner.close()
-    print(f"pycromanager owner: {owner.frames_seen} frames acquired, {stats.sent} sent, "
+    print(f"pycromanager owner: {owner.frames_seen} frames acquired in {len(owner.streams_seen)} stream(s), "
+          f"{stats.sent} sent, "
           f"{stats.handoff_dropped} dropped in the hand-off, {stats.publisher_dropped} dropped by the "
           f"publisher, {stats.rejected} rejected"
           + (f"; raw data saved under {args.save_dir}" if args.save_dir else ""))

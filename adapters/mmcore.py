@@ -185,6 +185,7 @@ class LiveTap:
         self.publisher = publisher
         self.poll_interval_s = poll_interval_s
         self.published = 0
+        self._ended_after = 0  # images published when the stream was last ended
         self.errors = 0
         self.numbers = ImageNumberTracker()
         self._stop = threading.Event()
@@ -236,6 +237,9 @@ class LiveTap:
         if self._thread is not None:
             self._thread.join(5.0)
             self._thread = None
+        if self.published > self._ended_after:  # we stop following: the daemon hands out the last outputs now
+            self.publisher.end()
+            self._ended_after = self.published
         return self.stats()
 
     def stats(self) -> LiveTapStats:

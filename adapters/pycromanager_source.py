@@ -17,6 +17,7 @@ with `MicroManagerNotRunning` — a message saying what to do, not a traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import socket
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from umvd_live.adapters.axes import StreamAxes, StreamNumbering, name_part
 from umvd_live.adapters.handoff import FrameHandoff, HandoffStats
 from umvd_live.adapters.mmcore import ImageNumberTracker, elapsed_seconds
 from umvd_live.adapters.publisher import FramePublisher
@@ -121,21 +123,75 @@ def connect_core(
     raise MicroManagerNotRunning(port, attempts, cause)
 
 
-def _plain_axes(axes: Any) -> dict[str, int]:
-    if not isinstance(axes, dict):
-        return {}
-    out = {}
-    for k, v in axes.items():
-        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-            out[str(k)] = int(v)
-    return out
+#: pycromanager's axis names -> useq's keys (`umvd_live.adapters.axes`); other names stay as they are.
+_AXIS_KEYS = {"time": "t", "position": "p", "channel": "c", "z": "z"}
+
+
+class AxesReader:
+    """pycromanager's ``Axes`` (``{"time": 3, "channel": "DAPI", "z": 2}``) -> the frame's stream.
+
+    pycromanager names a channel (and may name a position) instead of numbering it: a name gets the
+    next index the first time it is seen, so ``c`` counts channels in acquisition order."""
+
+    def __init__(self, group: str):
+        self.group = group
+        self._numbers: dict[str, dict[str, int]] = {}
+
+    def read(self, axes: Any) -> tuple[StreamAxes, int | None]:
+        """(the frame's stream, its time index or None)."""
+        index: dict[str, int] = {}
+        names: dict[str, str] = {}
+        t = None
+        for key, value in (axes.items() if isinstance(axes, dict) else ()):
+            axis = _AXIS_KEYS.get(str(key)) or name_part(str(key), 8)
+            if not axis:
+                continue
+            if isinstance(value, str):
+                numbers = self._numbers.setdefault(axis, {})
+                names[axis] = value
+                value = numbers.setdefault(value, len(numbers))
+            elif not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                continue
+            if axis == "t":
+                t = int(value)
+            else:
+                index[axis] = int(value)
+        return StreamAxes(self.group, index, channel=names.get("c"), position=names.get("p")), t
+
+
+def axes_of_tags(tags: dict[str, Any]) -> dict[str, Any] | None:
+    """The acquisition axes a tagged image carries: pycromanager's ``Axes`` (a map, or JSON text
+    over Java), else Micro-Manager's ``ChannelIndex``/``SliceIndex``/``PositionIndex`` tags with the
+    ``Channel`` name. None for an image without any (live mode)."""
+    axes = tags.get("Axes")
+    if isinstance(axes, str):
+        try:
+            axes = json.loads(axes)
+        except ValueError:
+            axes = None
+    if isinstance(axes, dict):
+        return axes
+    out: dict[str, Any] = {}
+    for tag, key in (("PositionIndex", "position"), ("SliceIndex", "z"), ("FrameIndex", "time")):
+        try:
+            out[key] = int(tags[tag])
+        except (KeyError, TypeError, ValueError):
+            pass
+    if tags.get("Channel"):
+        out["channel"] = str(tags["Channel"])
+    return out if set(out) - {"time"} else None
 
 
 class PycroManagerOwner:
-    """``image_process_fn`` that publishes each image and hands it back untouched."""
+    """``image_process_fn`` that publishes each image and hands it back untouched, one stream per
+    (position, channel, z) of the acquisition's ``Axes`` (`umvd_live.adapters.axes`). `close` ends
+    the streams, so the daemon hands out their last outputs at once. ``group``: the streams' base
+    name (default: the publisher's stream)."""
 
-    def __init__(self, publisher: FramePublisher, *, queue_size: int = 256):
+    def __init__(self, publisher: FramePublisher, *, queue_size: int = 256, group: str | None = None):
         self.handoff = FrameHandoff(publisher, maxsize=queue_size)
+        self.axes = AxesReader(group or publisher.stream)
+        self.numbering = StreamNumbering()
         self.frames_seen = 0
         self.errors = 0
         self._t0: float | None = None
@@ -149,38 +205,51 @@ class PycroManagerOwner:
             now = time.monotonic()
             if self._t0 is None:
                 self._t0 = now
-            seq = self.frames_seen
             self.frames_seen += 1
-            meta = {"source": "pycromanager", "index": _plain_axes(metadata.get("Axes"))}
+            axes, t_index = self.axes.read(metadata.get("Axes"))
+            stream = axes.name
+            meta = {"source": "pycromanager", **axes.meta(t_index)}
             # pycromanager's Python backend stamps sequenced frames ElapsedTime-ms 0: keep our clock.
-            self.handoff.offer(image, t=now - self._t0, meta=meta, seq=seq)
+            self.handoff.offer(image, t=now - self._t0, meta=meta, seq=self.numbering.next(stream), stream=stream)
         except Exception:  # never let our side abort the user's acquisition
             self.errors += 1
             if self.errors == 1:
                 log.exception("could not publish an image; the acquisition goes on")
         return image, metadata
 
+    @property
+    def streams_seen(self) -> list[str]:
+        return self.numbering.streams
+
     def close(self, timeout_s: float = 10.0) -> HandoffStats:
+        """End every stream, send what is still queued, and return the counts."""
+        for stream in self.numbering.streams:
+            self.handoff.end(stream)
         return self.handoff.close(timeout_s)
 
 
 def run_owner_acquisition(
     owner: PycroManagerOwner,
-    frames: int,
+    frames: int | list[dict[str, Any]],
     interval_ms: float = 0.0,
     *,
     directory: str | Path | None = None,
     name: str = "umvd_live",
     port: int = MM_DEFAULT_PORT,
 ) -> Any:
-    """Run a ``frames``-point time-lapse through pycromanager with ``owner`` as image processor.
+    """Run an acquisition through pycromanager with ``owner`` as image processor: a ``frames``-point
+    time-lapse, or pycromanager's own event list (``multi_d_acquisition_events(...)``: channels,
+    z, positions).
 
     With ``directory`` the raw data is saved there (NDTiff) by pycromanager itself. Returns the
     dataset pycromanager wrote or holds.
     """
     from pycromanager import Acquisition, multi_d_acquisition_events
 
-    events = multi_d_acquisition_events(num_time_points=frames, time_interval_s=interval_ms / 1000)
+    if isinstance(frames, int):
+        events = multi_d_acquisition_events(num_time_points=frames, time_interval_s=interval_ms / 1000)
+    else:
+        events = frames
     owner.start()
     acq = Acquisition(
         directory=str(directory) if directory is not None else None,
@@ -203,13 +272,20 @@ class TapStats:
 
 
 class TaggedImageTap:
-    """Publishes each new image of the GUI's live mode or MDA, seen by polling the last image."""
+    """Publishes each new image of the GUI's live mode or MDA, seen by polling the last image.
 
-    def __init__(self, core: Any, publisher: FramePublisher, *, poll_interval_s: float = 0.01):
+    Images whose tags carry acquisition axes (`axes_of_tags`: the GUI's MDA) go to a stream per
+    (position, channel, z); live mode's images, without such tags, to the publisher's stream."""
+
+    def __init__(self, core: Any, publisher: FramePublisher, *, poll_interval_s: float = 0.01,
+                 group: str | None = None):
         self.core = core
         self.publisher = publisher
         self.poll_interval_s = poll_interval_s
         self.numbers = ImageNumberTracker()
+        self.axes = AxesReader(group or publisher.stream)
+        self.numbering = StreamNumbering()  # streams split by the images' axes tags
+        self._live_images = 0  # published to the publisher's own stream since it was last ended
         self.published = 0
         self.errors = 0
         self._stop = threading.Event()
@@ -232,8 +308,17 @@ class TaggedImageTap:
         if seq is None:
             return False
         image = to_image(tagged.pix, tags)
-        meta = {"source": "pycromanager-tap", "image_number": number}
-        self.publisher.publish(image, t=elapsed_seconds(tags), meta=meta, seq=seq)
+        meta: dict[str, Any] = {"source": "pycromanager-tap", "image_number": number}
+        stream = None
+        acquisition_axes = axes_of_tags(tags)
+        if acquisition_axes is not None:  # the GUI's MDA: a stream per (position, channel, z)
+            axes, t_index = self.axes.read(acquisition_axes)
+            stream = axes.name
+            meta |= axes.meta(t_index)
+            seq = self.numbering.next(stream)  # images that went by between polls are in `skipped`
+        else:
+            self._live_images += 1
+        self.publisher.publish(image, t=elapsed_seconds(tags), meta=meta, seq=seq, stream=stream)
         self.published += 1
         return True
 
@@ -254,6 +339,12 @@ class TaggedImageTap:
         if self._thread is not None:
             self._thread.join(5.0)
             self._thread = None
+        # We stop following: the daemon hands out the last outputs of what we published now.
+        streams = self.numbering.streams
+        for stream in streams + ([self.publisher.stream] if self._live_images else []):
+            self.publisher.end(stream)
+        self.numbering.forget(streams)
+        self._live_images = 0
         return TapStats(self.published, self.numbers.skipped, self.errors, self.publisher.dropped)
 
 

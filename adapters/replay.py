@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from umvd_live.adapters.axes import StreamAxes, StreamNumbering
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.protocol import SUPPORTED_DTYPES
 
@@ -54,14 +55,96 @@ def _file_kind(tif: tifffile.TiffFile) -> str:
     return "tiff"
 
 
-class TiffMovie:
-    """The 2-D frames of one series of a TIFF-family file, read one at a time.
+#: tifffile's axis letters -> useq's keys. ``R`` (region) is Micro-Manager's stage position in
+#: MMStack and NDTiff files; the series of a multi-series file (OME: its Images) are positions too.
+_SPLIT_AXES = {"C": "c", "Z": "z", "R": "p", "M": "g"}
+#: Axes a stream runs along when the file has no ``T``: a plain multi-page TIFF's pages ("I", "Q").
+_SEQUENCE_AXES = ("T", "I", "Q")
 
-    Leading axes other than the channel are flattened in file order; with a ``C`` axis only
-    ``channel`` is kept (one stream carries one channel).
+
+@dataclass(frozen=True)
+class Plane:
+    """One 2-D plane of the file and where it sits in the acquisition."""
+
+    series: int  # the file's series (position) it belongs to
+    plane: int  # flat index among the series' leading axes, in file order
+    time: int  # its time point (0 in a file without a time axis)
+    axes: StreamAxes  # its stream
+
+
+class _Series:
+    """The planes of one tifffile series, read one at a time (memory use: one frame)."""
+
+    def __init__(self, path: Path, tif: tifffile.TiffFile, index: int):
+        self.path = path
+        self.index = index
+        self.series = tif.series[index]
+        axes, shape = self.series.axes, tuple(self.series.shape)
+        if "S" in axes:
+            raise ReplayError(f"{path}: {shape[axes.index('S')]}-sample (RGB) images; a stream carries grey frames")
+        if len(shape) < 2 or axes[-2:] != "YX":
+            raise ReplayError(f"{path}: the last axes are {axes[-2:]!r}, not image rows and columns")
+        self.shape: tuple[int, int] = (int(shape[-2]), int(shape[-1]))
+        self.lead_axes, self.lead_shape = axes[:-2], tuple(int(n) for n in shape[:-2])
+        self.n_planes = int(np.prod(self.lead_shape, dtype=np.int64))
+        dtype = np.dtype(self.series.dtype)
+        native = dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
+        if native.str not in SUPPORTED_DTYPES and native != np.float64:
+            raise ReplayError(
+                f"{path}: pixel type {dtype} is not one the stream protocol carries "
+                f"({', '.join(sorted(SUPPORTED_DTYPES))}); convert the file first"
+            )
+        # float64 goes out as float32: the denoiser works in float32 anyway.
+        self.dtype = np.dtype(np.float32) if native == np.float64 else native
+        pages = self.series.pages
+        self.page_per_plane = len(pages) == self.n_planes and all(
+            p is None or tuple(p.shape[-2:]) == self.shape for p in (pages[0], pages[-1])
+        )
+        self.memmap: np.ndarray | None = None
+        if not self.page_per_plane:
+            # A series stored as one large block (ImageJ > 4 GiB, some shaped files): map it.
+            try:
+                self.memmap = tifffile.memmap(path, series=index, mode="r").reshape(-1, *self.shape)
+            except Exception as exc:
+                raise ReplayError(
+                    f"{path}: frames are not stored one per page and cannot be memory-mapped ({exc})"
+                ) from None
+
+    def plane_axes(self, plane: int) -> dict[str, int]:
+        """The leading-axis indices of a plane, by tifffile's axis letter."""
+        if not self.lead_shape:
+            return {}
+        return {axis: int(i) for axis, i in zip(self.lead_axes, np.unravel_index(plane, self.lead_shape))}
+
+    def time_axis(self) -> str | None:
+        return next((a for a in _SEQUENCE_AXES if a in self.lead_axes), None)
+
+    def frame(self, plane: int) -> np.ndarray:
+        if self.memmap is not None:
+            image = np.asarray(self.memmap[plane])
+        else:
+            page = self.series.pages[plane]
+            if page is None:
+                raise ReplayError(f"{self.path}: plane {plane} of series {self.index} is missing from the file")
+            image = page.asarray()
+        image = image.reshape(self.shape)
+        return image if image.dtype == self.dtype else image.astype(self.dtype)
+
+
+class TiffMovie:
+    """Every 2-D plane of a TIFF-family file, with the stream each belongs to, read one at a time.
+
+    A file with channels, planes (Z) or positions (several series, or an ``R`` axis) becomes one
+    stream per (position, channel, plane) by the rule of `umvd_live.adapters.axes`: ``group``
+    plus the file's channel names (OME ``Channel Name``, Micro-Manager ``ChNames``) or ``c{i}``.
+    Planes come in acquisition order: time point by time point, each in file order (by the file's
+    own timestamps when replayed at file timing, `acquisition_order`). ``series`` and ``channel``
+    keep only that series or channel. A file without a time axis is one time point: each plane is
+    a stream of one frame (a z-stack is not a video; docs/adapters.md).
     """
 
-    def __init__(self, path: str | Path, *, series: int = 0, channel: int = 0):
+    def __init__(self, path: str | Path, *, series: int | None = None, channel: int | None = None,
+                 group: str = "cam0"):
         self.path = Path(path)
         if not self.path.is_file():
             raise ReplayError(f"no such file: {self.path}")
@@ -70,84 +153,95 @@ class TiffMovie:
         except Exception as exc:
             raise ReplayError(f"{self.path}: not a readable TIFF file ({exc})") from None
         try:
-            self._setup(series, channel)
+            self._setup(series, channel, group)
         except Exception:
             self._tif.close()
             raise
 
-    def _setup(self, series: int, channel: int) -> None:
+    def _setup(self, series: int | None, channel: int | None, group: str) -> None:
         tif = self._tif
         self.kind = _file_kind(tif)
-        if not 0 <= series < len(tif.series):
-            raise ReplayError(f"{self.path}: series {series} does not exist ({len(tif.series)} series)")
-        self._series = tif.series[series]
-        self.series_index = series
-        axes, shape = self._series.axes, tuple(self._series.shape)
-        if "S" in axes:
-            raise ReplayError(f"{self.path}: {shape[axes.index('S')]}-sample (RGB) images; "
-                              "a stream carries grey frames")
-        if len(shape) < 2 or axes[-2:] not in ("YX",):
-            raise ReplayError(f"{self.path}: the last axes are {axes[-2:]!r}, not image rows and columns")
-        self.axes = axes
-        self.shape: tuple[int, int] = (int(shape[-2]), int(shape[-1]))
-        lead_axes, lead_shape = axes[:-2], shape[:-2]
-        self._lead_shape = lead_shape
-        planes = np.arange(int(np.prod(lead_shape, dtype=np.int64)))  # () -> one plane
-        if "C" in lead_axes and lead_shape[lead_axes.index("C")] > 1:
-            c_axis = lead_axes.index("C")
-            n_channels = lead_shape[c_axis]
-            if not 0 <= channel < n_channels:
+        n_series = len(tif.series)
+        if series is not None and not 0 <= series < n_series:
+            raise ReplayError(f"{self.path}: series {series} does not exist ({n_series} series)")
+        chosen = [series] if series is not None else list(range(n_series))
+        readers = []
+        for i in chosen:
+            try:
+                readers.append(_Series(self.path, tif, i))
+            except ReplayError:
+                if series is not None or n_series == 1:
+                    raise
+                # another kind of series (a thumbnail, an RGB overview) beside the movie: skip it
+        if not readers:
+            raise ReplayError(f"{self.path}: no series with grey 2-D frames")
+        self._series = {r.index: r for r in readers}
+        positions = len(readers) > 1
+        planes: list[Plane] = []
+        for r in readers:
+            names = self._channel_names(r.index)
+            n_channels = r.lead_shape[r.lead_axes.index("C")] if "C" in r.lead_axes else 1
+            if channel is not None and not 0 <= channel < n_channels:
                 raise ReplayError(f"{self.path}: channel {channel} does not exist ({n_channels} channels)")
-            index = np.unravel_index(planes, lead_shape) if lead_shape else ()
-            planes = planes[index[c_axis] == channel]
-        self.channel = channel
-        self._planes = planes
-        self._lead_axes = lead_axes
-        self.n_frames = len(planes)
+            time_axis = r.time_axis()
+            for plane in range(r.n_planes):
+                ax = r.plane_axes(plane)
+                if channel is not None and ax.get("C", 0) != channel:
+                    continue
+                index: dict[str, int] = {"p": r.index} if positions else {}
+                for letter, i in ax.items():
+                    if letter == time_axis:
+                        continue
+                    key = _SPLIT_AXES.get(letter, letter.lower())
+                    index["g" if key == "p" and positions else key] = i
+                c = index.get("c")
+                name = names[c] if c is not None and names and c < len(names) else None
+                axes = StreamAxes(group, index, channel=name, position=self._position_name(r.index) if positions else None)
+                planes.append(Plane(r.index, plane, ax.get(time_axis, 0) if time_axis else 0, axes))
+        # acquisition order: time point by time point; within one, position by position, file order
+        self.planes = sorted(planes, key=lambda p: (p.time, p.series))
+        self.n_frames = len(self.planes)
         if self.n_frames == 0:
             raise ReplayError(f"{self.path}: no frames")
-        dtype = np.dtype(self._series.dtype)
-        native = dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
-        if native.str not in SUPPORTED_DTYPES and native != np.float64:
-            raise ReplayError(
-                f"{self.path}: pixel type {dtype} is not one the stream protocol carries "
-                f"({', '.join(sorted(SUPPORTED_DTYPES))}); convert the file first"
-            )
-        # float64 goes out as float32: the denoiser works in float32 anyway.
-        self.dtype = np.dtype(np.float32) if native == np.float64 else native
-        pages = self._series.pages
-        n_planes = int(np.prod(lead_shape, dtype=np.int64))
-        self._page_per_plane = len(pages) == n_planes and all(
-            p is None or tuple(p.shape[-2:]) == self.shape for p in (pages[0], pages[-1])
-        )
-        self._memmap: np.ndarray | None = None
-        if not self._page_per_plane:
-            # A series stored as one large block (ImageJ > 4 GiB, some shaped files): map it.
+        self.streams = list(dict.fromkeys(p.axes.name for p in self.planes))
+        first = readers[0]
+        self.shape, self.dtype = first.shape, first.dtype  # of the first stream; others may differ
+        self.series_index = first.index
+
+    def _channel_names(self, series: int) -> list[str] | None:
+        """The file's channel names for a series: OME ``Channel Name``, Micro-Manager ``ChNames``."""
+        tif = self._tif
+        if tif.is_ome and tif.ome_metadata:
+            image = self._ome_image(series)
+            if image is not None:
+                names = [el.attrib.get("Name") for el in image.iter() if _tag(el) == "Channel"]
+                if names and all(names):
+                    return names
+        summary = (tif.micromanager_metadata or {}).get("Summary") if hasattr(tif, "micromanager_metadata") else None
+        names = summary.get("ChNames") if isinstance(summary, dict) else None
+        return [str(n) for n in names] if isinstance(names, list) and names else None
+
+    def _position_name(self, series: int) -> str | None:
+        image = self._ome_image(series) if self._tif.is_ome else None
+        return image.attrib.get("Name") if image is not None else None
+
+    def _ome_image(self, series: int) -> ET.Element | None:
+        root = self.__dict__.get("_ome_root")
+        if root is None:
             try:
-                self._memmap = tifffile.memmap(self.path, series=series, mode="r")
-            except Exception as exc:
-                raise ReplayError(
-                    f"{self.path}: frames are not stored one per page and cannot be memory-mapped ({exc})"
-                ) from None
-            self._memmap = self._memmap.reshape(-1, *self.shape)
+                root = self._ome_root = ET.fromstring(self._tif.ome_metadata or "")
+            except ET.ParseError:
+                return None
+        images = [el for el in root.iter() if _tag(el) == "Image"]
+        return images[series] if series < len(images) else None
 
     def __len__(self) -> int:
         return self.n_frames
 
     def frame(self, i: int) -> np.ndarray:
-        """Frame ``i`` (0-based) as a 2-D array in the stream's dtype; reads only that plane."""
-        plane = int(self._planes[i])
-        if self._memmap is not None:
-            image = np.asarray(self._memmap[plane])
-        else:
-            page = self._series.pages[plane]
-            if page is None:
-                raise ReplayError(f"{self.path}: frame {i} is missing from the file")
-            image = page.asarray()
-        image = image.reshape(self.shape)
-        if image.dtype != self.dtype:
-            image = image.astype(self.dtype)
-        return image
+        """Plane ``i`` (0-based, acquisition order) as a 2-D array; reads only that plane."""
+        plane = self.planes[i]
+        return self._series[plane.series].frame(plane.plane)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for i in range(self.n_frames):
@@ -156,11 +250,10 @@ class TiffMovie:
     # ------------------------------------------------------------------------ timestamps
 
     def timestamps(self) -> np.ndarray | None:
-        """Each frame's acquisition time in seconds from the first frame, if the file has them.
+        """Each plane's acquisition time in seconds from the first, if the file has them.
 
-        None when the file carries no per-frame times, or when they do not increase (e.g. a
-        sequenced pycromanager acquisition stamps every frame 0).
-        """
+        None when the file carries no per-plane times, or when they do not increase (e.g. a
+        sequenced pycromanager acquisition stamps every frame 0)."""
         reader = {
             "ome": self._ome_times,
             "ndtiff": self._mm_times,
@@ -170,51 +263,48 @@ class TiffMovie:
         times = reader() if reader is not None else None
         if times is None or len(times) != self.n_frames or not np.all(np.isfinite(times)):
             return None
-        times = np.asarray(times, dtype=np.float64) - times[0]
-        if self.n_frames > 1 and (np.any(np.diff(times) < 0) or times[-1] <= 0):
+        times = np.asarray(times, dtype=np.float64)
+        times -= times.min()
+        if self.n_frames > 1 and times.max() <= 0:
             return None
+        if any(np.any(np.diff(times[self._stream_rows(name)]) <= 0) for name in self.streams):
+            return None  # a stream's own frames must come in time order
         return times
 
-    def _plane_axes(self, plane: int) -> dict[str, int]:
-        if not self._lead_shape:
-            return {}
-        index = np.unravel_index(plane, self._lead_shape)
-        return {axis: int(i) for axis, i in zip(self._lead_axes, index)}
+    def _stream_rows(self, name: str) -> np.ndarray:
+        return np.array([i for i, p in enumerate(self.planes) if p.axes.name == name], dtype=np.int64)
+
+    def acquisition_order(self, times: np.ndarray) -> None:
+        """Put the planes in the order of ``times`` (the file's own timestamps, `timestamps`)."""
+        order = np.argsort(times, kind="stable")
+        self.planes = [self.planes[i] for i in order]
 
     def _ome_times(self) -> list[float] | None:
-        xml = self._tif.ome_metadata
-        if not xml:
-            return None
-        try:
-            root = ET.fromstring(xml)
-        except ET.ParseError:
-            return None
-        images = [el for el in root.iter() if el.tag.endswith("}Image") or el.tag == "Image"]
-        if self.series_index >= len(images):
-            return None
-        by_tzc: dict[tuple[int, int, int], float] = {}
-        for plane in images[self.series_index].iter():
-            if not (plane.tag.endswith("}Plane") or plane.tag == "Plane") or "DeltaT" not in plane.attrib:
-                continue
-            unit = _OME_TIME_UNITS.get(plane.attrib.get("DeltaTUnit", "s"))
-            if unit is None:
+        by_plane: dict[tuple[int, int, int, int], float] = {}
+        for series in self._series:
+            image = self._ome_image(series)
+            if image is None:
                 return None
-            key = tuple(int(plane.attrib.get(k, 0)) for k in ("TheT", "TheZ", "TheC"))
-            by_tzc[key] = float(plane.attrib["DeltaT"]) * unit
-        if not by_tzc:
-            return None
+            for plane in image.iter():
+                if _tag(plane) != "Plane" or "DeltaT" not in plane.attrib:
+                    continue
+                unit = _OME_TIME_UNITS.get(plane.attrib.get("DeltaTUnit", "s"))
+                if unit is None:
+                    return None
+                key = (series, *(int(plane.attrib.get(k, 0)) for k in ("TheT", "TheZ", "TheC")))
+                by_plane[key] = float(plane.attrib["DeltaT"]) * unit
         times = []
-        for plane in self._planes:
-            ax = self._plane_axes(int(plane))
-            key = (ax.get("T", 0), ax.get("Z", 0), ax.get("C", 0))
-            if key not in by_tzc:
+        for p in self.planes:
+            ax = self._series[p.series].plane_axes(p.plane)
+            key = (p.series, ax.get("T", 0), ax.get("Z", 0), ax.get("C", 0))
+            if key not in by_plane:
                 return None
-            times.append(by_tzc[key])
+            times.append(by_plane[key])
         return times
 
-    def _full_page(self, plane: int) -> Any:
-        """The TiffPage (with its tags) behind a series plane; None if the file lacks it."""
-        page = self._series.pages[plane]
+    def _full_page(self, p: Plane) -> Any:
+        """The TiffPage (with its tags) behind a plane; None if the file lacks it."""
+        page = self._series[p.series].series.pages[p.plane]
         if page is None or not isinstance(page, tifffile.TiffFrame):
             return page
         try:
@@ -236,38 +326,41 @@ class TiffMovie:
                 pages.useframes = useframes
         return cache[key]
 
-    def _mm_times(self) -> list[float] | None:
-        if self._memmap is not None:
+    def _page_values(self, read: Callable[[Any], float | None]) -> list[float] | None:
+        if any(r.memmap is not None for r in self._series.values()):
             return None
-        times = []
-        for plane in self._planes:
-            page = self._full_page(int(plane))
-            tag = page.tags.get(_MM_METADATA_TAG) if page is not None else None
+        values = []
+        for p in self.planes:
+            page = self._full_page(p)
+            value = read(page) if page is not None else None
+            if value is None:
+                return None
+            values.append(value)
+        return values
+
+    def _mm_times(self) -> list[float] | None:
+        def elapsed(page: Any) -> float | None:
+            tag = page.tags.get(_MM_METADATA_TAG)
             value = tag.value if tag is not None else None
             if not isinstance(value, dict) or "ElapsedTime-ms" not in value:
                 return None
             try:
-                times.append(float(value["ElapsedTime-ms"]) / 1000)
+                return float(value["ElapsedTime-ms"]) / 1000
             except (TypeError, ValueError):
                 return None
-        return times
+
+        return self._page_values(elapsed)
 
     def _scanimage_times(self) -> list[float] | None:
-        if self._memmap is not None:
-            return None
-        times = []
-        for plane in self._planes:
-            page = self._full_page(int(plane))
-            if page is None:
-                return None
+        def stamp(page: Any) -> float | None:
             match = _SI_TIMESTAMP.search(page.description or "")
-            if match is None:
-                return None
-            times.append(float(match.group(1)))
-        return times
+            return float(match.group(1)) if match else None
+
+        return self._page_values(stamp)
 
     def close(self) -> None:
-        self._memmap = None
+        for r in self._series.values():
+            r.memmap = None
         self._tif.close()
 
     def __enter__(self) -> "TiffMovie":
@@ -275,6 +368,11 @@ class TiffMovie:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _tag(element: ET.Element) -> str:
+    """An XML element's name without its namespace."""
+    return element.tag.rpartition("}")[2]
 
 
 # ---------------------------------------------------------------------------- schedule
@@ -292,15 +390,17 @@ def replay_schedule(
     *,
     rate_hz: float = 30.0,
     timestamps: np.ndarray | None = None,
+    time_points: np.ndarray | None = None,
     loop: bool = False,
     max_frames: int | None = None,
 ) -> Iterator[ScheduledFrame]:
     """The replay's frames in order, each with its due time.
 
-    At ``rate_hz`` frame k of the replay is due at k / rate. With ``timestamps`` (seconds from the
-    first frame) a frame is due at its own time; each further loop starts one typical frame
-    interval (the median) after the previous loop's last frame. Endless when looping without
-    ``max_frames``.
+    At ``rate_hz`` time point k of the replay is due at k / rate: frame i's time point is
+    ``time_points[i]`` (default i; the planes of one time point, its channels and z, go out
+    together). With ``timestamps`` (seconds from the first frame) a frame is due at its own time;
+    each further loop starts one typical frame interval (the median step) after the previous loop's
+    last frame. Endless when looping without ``max_frames``.
     """
     if n_frames < 1:
         raise ValueError("nothing to replay")
@@ -309,15 +409,19 @@ def replay_schedule(
     if timestamps is None:
         if not rate_hz > 0 or not math.isfinite(rate_hz):
             raise ValueError(f"rate must be a positive number, got {rate_hz}")
-        period = 1.0 / rate_hz
-        times = np.arange(n_frames) * period
-        loop_length = n_frames * period
+        points = np.arange(n_frames) if time_points is None else np.asarray(time_points)
+        if points.shape != (n_frames,):
+            raise ValueError(f"{len(points)} time points for {n_frames} frames")
+        times = (points - points.min()) / rate_hz
+        loop_length = (float(points.max() - points.min()) + 1) / rate_hz
     else:
         times = np.asarray(timestamps, dtype=np.float64)
         if times.shape != (n_frames,):
             raise ValueError(f"{len(times)} timestamps for {n_frames} frames")
         times = times - times[0]
-        step = float(np.median(np.diff(times))) if n_frames > 1 else 1.0 / rate_hz
+        steps = np.diff(times)
+        steps = steps[steps > 0]
+        step = float(np.median(steps)) if len(steps) else 1.0 / rate_hz
         loop_length = float(times[-1]) + step
     k = 0
     pass_ = 0
@@ -342,8 +446,8 @@ class ReplayConfig:
     file_timing: bool = False  # pace at the file's own timestamps instead of rate_hz
     loop: bool = False
     max_frames: int | None = None  # stop after this many (default: the file once, or forever if looping)
-    series: int = 0
-    channel: int = 0
+    series: int | None = None  # only this series (position); default every one
+    channel: int | None = None  # only this channel; default every one, a stream each
 
 
 @dataclass(frozen=True)
@@ -362,8 +466,10 @@ def replay(
     stop: threading.Event | None = None,
     on_frame: Callable[[ScheduledFrame], None] | None = None,
 ) -> ReplayStats:
-    """Publish the file's frames on their schedule until it ends, ``max_frames`` or ``stop``."""
-    with TiffMovie(config.path, series=config.series, channel=config.channel) as movie:
+    """Publish the file's frames on their schedule until it ends, ``max_frames`` or ``stop``: one
+    stream per (position, channel, plane) of the file (`TiffMovie`), named from the publisher's
+    stream, each numbered from 0; at the end each stream is ended (protocol `StreamEnd`)."""
+    with TiffMovie(config.path, series=config.series, channel=config.channel, group=publisher.stream) as movie:
         timestamps = None
         if config.file_timing:
             timestamps = movie.timestamps()
@@ -373,31 +479,42 @@ def replay(
                     "timestamps (OME DeltaT, Micro-Manager ElapsedTime-ms, ScanImage "
                     "frameTimestamps_sec); replay it at a fixed rate instead"
                 )
+            movie.acquisition_order(timestamps)
+            timestamps = np.sort(timestamps, kind="stable")
         schedule = replay_schedule(
             movie.n_frames, rate_hz=config.rate_hz, timestamps=timestamps,
-            loop=config.loop, max_frames=config.max_frames,
+            time_points=np.array([p.time for p in movie.planes]), loop=config.loop,
+            max_frames=config.max_frames,
         )
+        numbering = StreamNumbering()
         published = dropped = loops = 0
         late_max = 0.0
         start = time.monotonic()
-        for item in schedule:
-            image = movie.frame(item.index)  # read before waiting: the wait absorbs the read
-            wait = start + item.due_s - time.monotonic()
-            if wait > 0:
-                if stop is not None:
-                    if stop.wait(wait):
-                        break
+        try:
+            for item in schedule:
+                image = movie.frame(item.index)  # read before waiting: the wait absorbs the read
+                wait = start + item.due_s - time.monotonic()
+                if wait > 0:
+                    if stop is not None:
+                        if stop.wait(wait):
+                            break
+                    else:
+                        time.sleep(wait)
+                elif stop is not None and stop.is_set():
+                    break
+                late_max = max(late_max, -wait)
+                plane = movie.planes[item.index]
+                meta = {"source": "replay", "file_frame": item.index, "loop": item.loop,
+                        **plane.axes.meta(plane.time)}
+                stream = plane.axes.name
+                if publisher.publish(image, t=item.due_s, meta=meta, seq=numbering.next(stream), stream=stream):
+                    published += 1
                 else:
-                    time.sleep(wait)
-            elif stop is not None and stop.is_set():
-                break
-            late_max = max(late_max, -wait)
-            meta = {"source": "replay", "file_frame": item.index, "loop": item.loop}
-            if publisher.publish(image, t=item.due_s, meta=meta):
-                published += 1
-            else:
-                dropped += 1
-            loops = max(loops, item.loop + 1)
-            if on_frame is not None:
-                on_frame(item)
+                    dropped += 1
+                loops = max(loops, item.loop + 1)
+                if on_frame is not None:
+                    on_frame(item)
+        finally:
+            for stream in numbering.streams:
+                publisher.end(stream)
         return ReplayStats(published, dropped, loops, late_max, time.monotonic() - start)

@@ -76,7 +76,9 @@ def test_owner_mode_publishes_every_image_and_leaves_the_raw_data_to_micromanage
 
     assert (owner.frames_seen, stats.sent, stats.handoff_dropped, stats.rejected) == (30, 30, 0, 0)
     assert [f.header.seq for f in frames] == list(range(30))
-    assert [f.header.meta["index"] for f in frames] == [{"time": i} for i in range(30)]
+    assert [f.header.meta["index"] for f in frames] == [{"t": i} for i in range(30)]
+    assert {f.stream for f in frames} == {"cam0"}
+    assert [(e.stream, e.seq) for e in receiver.ends] == [("cam0", 30)]
     for f in frames:
         assert np.array_equal(f.pixels, render(f.header.seq, SHAPE, SEED))
     # pycromanager saved the raw frames itself, untouched by us.
@@ -121,6 +123,55 @@ def test_tap_follows_live_mode_without_stealing_frames(backend, receiver):
     seqs = [f.header.seq for f in frames]
     assert len(seqs) == stats.published and seqs == sorted(set(seqs))
     assert all(np.array_equal(f.pixels, render(f.header.seq, SHAPE, SEED)) for f in frames)
+
+
+def test_owner_mode_splits_channels_and_planes_into_streams(tmp_path, receiver):
+    """pycromanager's own event list with 2 channels x 3 planes: a stream per (channel, z), named
+    by the channel presets, each holding its own consecutive time points."""
+    from pycromanager import multi_d_acquisition_events
+
+    cfg = write_config(tmp_path / "MMConfig.cfg")
+    with open(cfg, "a") as f:
+        f.write("#py pyDevice,Z,umvd_live.adapters.pycamera,FocusStage\n#py Property,Core,Focus,Z\n"
+                "#py Property,Cam,FocusStage,Z\n"
+                "#py ConfigGroup,Channel,Dim,Cam,Photons,5\n#py ConfigGroup,Channel,Bright,Cam,Photons,400\n")
+    pm.start_python_backend(cfg).setExposure(1.0)
+    try:
+        pub = publisher_for(receiver)
+        owner = pm.PycroManagerOwner(pub)
+        events = multi_d_acquisition_events(num_time_points=3, channel_group="Channel",
+                                            channels=["Dim", "Bright"], z_start=-1, z_end=1, z_step=1)
+        pm.run_owner_acquisition(owner, events)
+        owner.close()
+    finally:
+        pm.stop_python_backend()
+    frames = receiver.wait_for(18)
+    pub.close()
+    names = [f"cam0.{c}.z{z}" for c in ("Dim", "Bright") for z in range(3)]
+    assert owner.streams_seen == names
+    for c, channel in enumerate(("Dim", "Bright")):
+        for z in range(3):
+            got = [f for f in frames if f.stream == f"cam0.{channel}.z{z}"]
+            assert [f.header.seq for f in got] == [0, 1, 2]
+            assert [f.header.meta["index"] for f in got] == [{"t": t, "c": c, "z": z} for t in range(3)]
+            assert {f.header.meta["channel"] for f in got} == {channel}
+            level = np.mean([f.pixels.mean() for f in got])
+            assert (level < 20) if channel == "Dim" else (level > 100)
+    assert sorted(e.stream for e in receiver.ends) == sorted(names)
+
+
+def test_tap_reads_the_acquisition_axes_of_tagged_images():
+    assert pm.axes_of_tags({"ImageNumber": "3"}) is None  # live mode: one stream
+    assert pm.axes_of_tags({"Axes": '{"time": 2, "channel": "GFP"}'}) == {"time": 2, "channel": "GFP"}
+    tags = {"ChannelIndex": "1", "Channel": "RFP", "SliceIndex": "4", "FrameIndex": "7", "PositionIndex": 0}
+    assert pm.axes_of_tags(tags) == {"position": 0, "z": 4, "time": 7, "channel": "RFP"}
+    reader = pm.AxesReader("cam0")
+    axes, t = reader.read({"time": 7, "channel": "RFP", "z": 4, "position": "A1"})
+    assert (axes.name, t) == ("cam0.p0.RFP.z4", 7)
+    assert axes.meta(t) == {"group": "cam0", "index": {"t": 7, "p": 0, "c": 0, "z": 4},
+                            "channel": "RFP", "position": "A1"}
+    assert reader.read({"time": 8, "channel": "GFP"})[0].name == "cam0.GFP"
+    assert reader.read({"channel": "GFP"})[0].index == {"c": 1}  # numbered in order of appearance
 
 
 def test_flat_java_pixels_are_shaped_by_their_tags():
@@ -176,7 +227,7 @@ def test_cli_owner_mode_on_the_python_backend(tmp_path, receiver):
     out = run_cli("--mode", "owner", "--config", str(cfg), "--frames", "20", "--save-dir", str(tmp_path / "raw"),
                   "--to", receiver.endpoint)
     assert out.returncode == 0, out.stderr
-    assert "20 frames acquired, 20 sent, 0 dropped in the hand-off" in out.stdout
+    assert "20 frames acquired in 1 stream(s), 20 sent, 0 dropped in the hand-off" in out.stdout
     frames = receiver.wait_for(20)
     assert [f.header.seq for f in frames] == list(range(20))
     (stack,) = (tmp_path / "raw").glob("cam0*/*.tif")

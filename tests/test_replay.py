@@ -245,3 +245,84 @@ def test_cli_replay(tmp_path, receiver):
     out = subprocess.run([*cmd, "--file", str(tmp_path / "plain.tif"), "--file-timing", "--wait-s", "0.2"],
                          capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 2 and "no per-frame timestamps" in out.stderr
+
+
+# ------------------------------------------------------------------ multi-dimensional files
+
+
+def test_multichannel_ome_replays_as_a_stream_per_channel_named_by_the_file(tmp_path, receiver):
+    data = np.arange(3 * 2 * 4 * 5, dtype=np.uint16).reshape(3, 2, 4, 5)  # T C Y X
+    tifffile.imwrite(tmp_path / "tc.ome.tif", data, ome=True, photometric="minisblack",
+                     metadata={"axes": "TCYX", "Channel": {"Name": ["GCaMP", "tdTomato"]}})
+    with TiffMovie(tmp_path / "tc.ome.tif") as m:
+        assert m.streams == ["cam0.GCaMP", "cam0.tdTomato"]
+        assert m.n_frames == 6
+    pub = FramePublisher(receiver.endpoint, "cam0")
+    assert pub.wait_for_subscriber(10)
+    stats = replay(pub, ReplayConfig(tmp_path / "tc.ome.tif", rate_hz=200))
+    frames = receiver.wait_for(6)
+    pub.close()
+    assert stats.published == 6
+    # acquisition order: each time point's channels together, then the next time point
+    assert [f.stream for f in frames] == ["cam0.GCaMP", "cam0.tdTomato"] * 3
+    for c, name in enumerate(("GCaMP", "tdTomato")):
+        got = [f for f in frames if f.stream == f"cam0.{name}"]
+        assert [f.header.seq for f in got] == [0, 1, 2]
+        assert [f.header.meta["index"] for f in got] == [{"t": t, "c": c} for t in range(3)]
+        assert all(f.header.meta["channel"] == name for f in got)
+        assert all(np.array_equal(f.pixels, data[t, c]) for t, f in enumerate(got))
+        np.testing.assert_allclose([f.header.t for f in got], np.arange(3) / 200)  # per time point
+    assert sorted((e.stream, e.seq) for e in receiver.ends) == [("cam0.GCaMP", 3), ("cam0.tdTomato", 3)]
+
+
+def test_imagej_hyperstack_splits_channels_and_planes(tmp_path):
+    data = np.arange(4 * 3 * 2 * 6 * 7, dtype=np.uint16).reshape(4, 3, 2, 6, 7)  # T Z C Y X
+    tifffile.imwrite(tmp_path / "hyper.tif", data, imagej=True, metadata={"axes": "TZCYX"})
+    with TiffMovie(tmp_path / "hyper.tif", group="stack") as m:
+        assert m.kind == "imagej"
+        assert sorted(m.streams) == sorted(f"stack.c{c}.z{z}" for c in range(2) for z in range(3))
+        for i, plane in enumerate(m.planes):
+            t, z, c = plane.time, plane.axes.index["z"], plane.axes.index["c"]
+            assert np.array_equal(m.frame(i), data[t, z, c])
+        assert [p.time for p in m.planes] == sorted(p.time for p in m.planes)
+
+
+def test_multi_position_ome_replays_positions_as_streams(tmp_path):
+    with tifffile.TiffWriter(tmp_path / "pos.ome.tif", ome=True) as w:
+        for p in range(2):
+            w.write(np.full((3, 4, 5), p, np.uint16), photometric="minisblack",
+                    metadata={"axes": "TYX", "Name": f"well{p}"})
+    with TiffMovie(tmp_path / "pos.ome.tif") as m:
+        assert m.streams == ["cam0.p0", "cam0.p1"]
+        assert [(p.time, p.axes.index["p"]) for p in m.planes] == [(t, p) for t in range(3) for p in range(2)]
+        assert {p.axes.position for p in m.planes} == {"well0", "well1"}
+        assert all(int(m.frame(i)[0, 0]) == p.axes.index["p"] for i, p in enumerate(m.planes))
+    with TiffMovie(tmp_path / "pos.ome.tif", series=1) as m:
+        assert m.streams == ["cam0"] and m.n_frames == 3
+
+
+def test_a_z_stack_without_time_is_a_stream_of_one_frame_per_plane(tmp_path):
+    tifffile.imwrite(tmp_path / "z.ome.tif", movie(4), ome=True, metadata={"axes": "ZYX"})
+    with TiffMovie(tmp_path / "z.ome.tif") as m:
+        assert m.streams == [f"cam0.z{z}" for z in range(4)]
+        assert [p.time for p in m.planes] == [0, 0, 0, 0]
+
+
+def test_ndtiff_channels_from_pycromanagers_writer_replay_as_streams(tmp_path):
+    from ndstorage.ndtiff_dataset import NDTiffDataset
+
+    data = movie(6, (16, 24))
+    dataset = NDTiffDataset(str(tmp_path), name="run", writable=True)
+    dataset.initialize({"Width": 24, "Height": 16, "ChNames": ["GFP", "RFP"]})
+    for t in range(3):
+        for c, name in enumerate(("GFP", "RFP")):
+            dataset.put_image({"time": t, "channel": name}, data[2 * t + c],
+                              {"ElapsedTime-ms": 1000.0 + 100.0 * t + 10 * c, "Width": 24, "Height": 16,
+                               "PixelType": "GRAY16", "BitDepth": 16})
+    dataset.finish()
+    (stack,) = tmp_path.glob("run*/*.tif")
+    with TiffMovie(stack) as m:
+        assert m.kind == "ndtiff" and m.n_frames == 6 and len(m.streams) == 2
+        times = m.timestamps()
+        m.acquisition_order(times)
+        assert [int(m.frame(i)[0, 0]) for i in range(6)] == list(range(6))  # the acquisition's order
