@@ -1,16 +1,50 @@
 """A simulated two-photon calcium-imaging session with ground truth, fast enough to stream live.
 
 Why: the engine's quality tests, the benchmark and the demo need movies whose clean signal is
-known, that look and behave like real two-photon data (cells, neuropil, vessels, GCaMP transients,
-photon-limited PMT noise), and that can be produced frame by frame at 30 Hz beside the daemon on a
-small CPU. Everything static (cell footprints, neuropil, vessels) is built once; a frame is then one
-sparse matrix-vector product (cell activity x footprints), a small dense one (neuropil modes), an
-optional bilinear shift (drift) and the detector noise.
+known, that look and behave like real two-photon data, and that can be produced frame by frame at
+30 Hz beside the daemon on a small CPU. Everything static (footprints, neuropil maps, vessels) is
+built once; a frame is then one sparse matrix-vector product (source activity x footprints), two
+small dense products (the neuropil's activity on a coarse grid), a cubic sub-pixel shift (motion)
+and the detector noise.
 
-The parts: `StaticScene` (what the tissue looks like), `CalciumActivity` (what it does over time),
+What is modelled, and where each part comes from (docs/simulator.md has the numbers):
+
+* somata, ring-shaped because GCaMP is cytosolic, and small bright puncta (bouton and spine
+  cross-sections), sized and placed like the real OptiNiSt movie's mean and max projections;
+* thin processes (dendrite segments and axons with boutons) with their own transients: Chen et al.
+  2013 (Nature 499:295) image independently active dendritic segments 5-40 um long with GCaMP6;
+* neuropil with its own slow activity on a coarse grid of smooth spatial basis functions, as
+  Suite2p models it (Pachitariu et al. 2017, bioRxiv 061507: neuropil basis size 6 x the cell
+  radius, ``ratio_neuropil``), plus a term that follows the population; a cell's pixels carry the
+  neuropil under them, which is why Suite2p subtracts 0.7 x the surrounding neuropil
+  (``neucoeff``); cell signals overlap a fluctuating neuropil that analysis must separate
+  (Mukamel et al. 2009, Neuron 63:747); NAOMi (Song et al. 2021, J Neurosci Methods 358:109173)
+  simulates the neuropil's processes with their own activity;
+* GCaMP kinetics: a difference of exponentials, 10-90 % rise ~50 ms (tau_rise 20-45 ms) and decay
+  tau 0.4-1.2 s per source (Suite2p's recommended tau: 0.7 s GCaMP6f, 1.0 s GCaMP6m; Chen et al.
+  2013: spikes in a burst give step-wise rises resolvable at 50-75 ms for GCaMP6f), bursts whose
+  spikes are spread over successive frames (intra-burst interval ~20 ms), a mild saturation of
+  large responses (the indicators' non-linear AP-to-dF/F curve, Chen et al. 2013; Dana et al. 2019,
+  Nat Methods 16:649, jGCaMP7), and population coupling that varies from cell to cell (Okun et al.
+  2015, Nature 521:511);
+* rigid motion: slow drift plus fast jitter (heartbeat- and breathing-like oscillations and a
+  random part); in-plane brain motion in head-fixed, running mice is ~2-5 um (Dombeck et al. 2007,
+  Neuron 56:43); the ground truth moves with the tissue;
+* bleaching: the fluorescence decays exponentially in time (Patterson & Piston 2000, Biophys J
+  78:2159, on two-photon photobleaching);
+* the detector: Poisson photon counts, a PMT whose gain per photoelectron is gamma distributed (the
+  excess noise factor F; the gamma law approximates a PMT's single-photoelectron pulse-height
+  distribution, cf. Kissick et al. 2010, Anal Chem 82:10129), Gaussian read noise, offset,
+  rounding and clipping; noise correlated along the fast scan axis x only, as measured on raw
+  two-photon data (the SIMA example movie, docs/simulator.md: 0.18 in x, 0.01 in y), from the
+  detector electronics' bandwidth, which spans neighbouring pixels of a line.
+
+The ground truth of a frame is the expected value of its noisy frame, in ADU. The parts:
+`StaticScene` (what the tissue looks like), `CalciumActivity` (what it does over time),
 `DriftPath` (how it moves), `sample_detector` (how the PMT and digitiser turn an expected photon
-count into ADU), `TwoPhotonSimulator` (frame t, in order) and `stream_simulation` (paced publishing).
-`docs/simulator.md` describes the model and compares its noise statistics with a real movie.
+count into ADU), `TwoPhotonSimulator` (frame t, in order; its `footprints()` for trace metrics) and
+`stream_simulation` (paced publishing). `SimConfig.minimal()` turns the realistic extras off, for
+tests that isolate one effect.
 """
 
 from __future__ import annotations
@@ -29,7 +63,13 @@ from umvd_live.adapters.publisher import FramePublisher
 #: Somata per pixel of area, times radius squared: 0.055 / r**2 gives the ~35-45 somata (plus a third
 #: as many small puncta) seen in the real 128x128 OptiNiSt movie at r = 5 px.
 CELL_DENSITY = 0.055
+#: Thin processes (dendrite segments, axons) per soma, when ``n_processes`` is not given.
+PROCESSES_PER_SOMA = 0.5
+#: Neuropil basis spacing in cell radii (Suite2p's ``ratio_neuropil`` default).
+NEUROPIL_BASIS_RADII = 6.0
 UINT16_MAX = 65535
+
+SOMA, PUNCTUM, PROCESS = "soma", "punctum", "process"
 
 
 @dataclass(frozen=True)
@@ -41,22 +81,29 @@ class SimConfig:
     the PMT's excess noise factor F the noise variance grows as ``F * gain_adu`` per photon, which is
     what a Poisson-Gaussian fit (tools/noise_stats.py) reports as the "apparent" gain, and it then
     reports ``photons / F`` apparent photons.
+
+    The defaults include what raw two-photon movies have: slight motion (``drift_px``,
+    ``jitter_px``), slow bleaching, neuropil with its own activity, thin processes and noise
+    correlated along the fast scan axis x. ``SimConfig.minimal()`` turns these off.
     """
 
     height: int = 128
     width: int = 128
     rate_hz: float = 30.0
     photons: float = 2.0
-    n_cells: int | None = None  # None: from the area (CELL_DENSITY)
+    n_cells: int | None = None  # somata; None: from the area (CELL_DENSITY)
     cell_radius_px: float = 5.0
-    drift_px: float = 0.0  # amplitude of the slow sub-pixel/pixel motion of the tissue
-    bleach_per_min: float = 0.0  # fraction of the fluorescence lost per minute
+    drift_px: float = 1.0  # amplitude of the slow motion of the tissue (pixels)
+    bleach_per_min: float = 0.005  # fraction of the fluorescence lost per minute
     gain_adu: float = 2170.0  # x F=1.3 = 2820 ADU/photon apparent, as measured on the real movie
     offset_adu: float = 1230.0
     read_noise_adu: float = 300.0
     excess_noise: float = 1.3  # PMT excess noise factor F = 1 + 1/a (gamma gain of shape a)
-    noise_corr_x: float = 0.0  # neighbour correlation of the noise along x (real movie: ~0.22)
-    noise_corr_y: float = 0.0  # and along y (real movie: ~0.19)
+    noise_corr_x: float = 0.18  # neighbour correlation of the noise along the fast axis x (raw SIMA data: 0.18)
+    noise_corr_y: float = 0.0  # and along y (raw data: ~0.01; the motion-corrected OptiNiSt movie: 0.19)
+    jitter_px: float = 0.2  # RMS of the fast motion (heartbeat, breathing, random), pixels
+    neuropil_activity: float = 1.0  # scale of the neuropil's own activity (0: only the population term)
+    n_processes: int | None = None  # thin processes; None: PROCESSES_PER_SOMA per soma
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -70,6 +117,10 @@ class SimConfig:
             raise ValueError(f"excess_noise is a factor >= 1, got {self.excess_noise}")
         if self.gain_adu <= 0 or self.read_noise_adu < 0 or self.drift_px < 0 or self.cell_radius_px < 1:
             raise ValueError("gain_adu must be > 0, read_noise_adu and drift_px >= 0, cell_radius_px >= 1")
+        if self.jitter_px < 0 or self.neuropil_activity < 0:
+            raise ValueError("jitter_px and neuropil_activity must be >= 0")
+        if (self.n_processes is not None and self.n_processes < 0) or (self.n_cells is not None and self.n_cells < 0):
+            raise ValueError("n_cells and n_processes must be >= 0")
         if not 0.0 <= self.bleach_per_min < 1.0:
             raise ValueError(f"bleach_per_min is a fraction in [0, 1), got {self.bleach_per_min}")
         for name in ("noise_corr_x", "noise_corr_y"):
@@ -78,9 +129,30 @@ class SimConfig:
 
     @classmethod
     def like_real_movie(cls, **overrides: Any) -> "SimConfig":
-        """The OptiNiSt movie's measured statistics: 3.3 apparent photons, noise correlated ~0.2."""
-        base = dict(photons=4.3, noise_corr_x=0.22, noise_corr_y=0.19)
+        """The OptiNiSt movie's measured statistics: 3.3 apparent photons, noise correlated ~0.2 in x
+        and y (it was interpolated by motion correction, so its field does not move either)."""
+        base = dict(photons=4.3, noise_corr_x=0.22, noise_corr_y=0.19, drift_px=0.0, jitter_px=0.0)
         return cls(**(base | overrides))
+
+    @classmethod
+    def minimal(cls, **overrides: Any) -> "SimConfig":
+        """The plain model: a still field, no bleaching, white noise, static neuropil texture (with
+        only the population term), no thin processes. For tests that isolate one effect."""
+        base = dict(drift_px=0.0, jitter_px=0.0, bleach_per_min=0.0, noise_corr_x=0.0, noise_corr_y=0.0,
+                    neuropil_activity=0.0, n_processes=0)
+        return cls(**(base | overrides))
+
+
+def motion_margin(config: SimConfig) -> int:
+    """Pixels of tissue drawn beyond each frame edge, so that a moving field never runs off it.
+
+    The motion is clipped to ``margin - 2`` pixels (the cubic shift reads two more rows/columns).
+    """
+    if config.drift_px <= 0 and config.jitter_px <= 0:
+        return 0
+    # drift <= drift_px; the two oscillations <= (sqrt(0.5) + 1) jitter_px; 3 sd of the random part.
+    reach = config.drift_px + (math.sqrt(0.5) + 1.0 + 3.0 * math.sqrt(0.25)) * config.jitter_px
+    return int(math.ceil(reach)) + 2
 
 
 # --------------------------------------------------------------------------------------- scene
@@ -146,38 +218,82 @@ def _soma_patch(
     return ndimage.gaussian_filter(shape, blur)
 
 
-class StaticScene:
-    """The tissue: cell footprints (sparse, pixels x cells), neuropil maps and vessels, all static.
+def _splat(image: np.ndarray, ys: np.ndarray, xs: np.ndarray, weights: np.ndarray) -> None:
+    """Add ``weights`` at fractional positions, spread bilinearly over the four nearest pixels."""
+    iy, ix = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    fy, fx = ys - iy, xs - ix
+    for dy, dx, w in ((0, 0, (1 - fy) * (1 - fx)), (1, 0, fy * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 1, fy * fx)):
+        np.add.at(image, (iy + dy, ix + dx), weights * w)
 
-    It is drawn on a canvas larger than the frame by the drift margin, so that a moving field of
-    view never runs off the tissue. Units are relative brightness; the simulator scales them to
-    photons.
+
+def _process_patch(rng: np.random.Generator, frac_y: float, frac_x: float) -> tuple[np.ndarray, int, int]:
+    """A thin process on its own patch: (patch, row and column of the patch's centre pixel).
+
+    A smooth random curve 8-40 px long with a Gaussian cross-section (sigma 0.45-0.9 px). Half are
+    dendrite segments (slightly thicker, brightness varying slowly along them), half are axons
+    with boutons: varicosities every 3-8 px, 1.5-2.5 times as bright as the shaft. The centre line
+    of the shaft is ~1 in brightness.
+    """
+    axon = rng.random() < 0.5
+    length = rng.uniform(8.0, 40.0)
+    width = rng.uniform(0.45, 0.7) if axon else rng.uniform(0.6, 0.9)
+    step = 0.5
+    n = max(2, int(length / step))
+    angle = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.normal(0.0, 0.05, n))
+    ys = np.concatenate(([0.0], np.cumsum(np.sin(angle[:-1]) * step)))
+    xs = np.concatenate(([0.0], np.cumsum(np.cos(angle[:-1]) * step)))
+    ys += frac_y - ys.mean()
+    xs += frac_x - xs.mean()
+    pad = int(math.ceil(3 * 1.2)) + 2
+    hy, hx = int(math.ceil(np.abs(ys).max())) + pad, int(math.ceil(np.abs(xs).max())) + pad
+    line = np.zeros((2 * hy + 2, 2 * hx + 2))
+    if axon:
+        brightness = np.ones(n)
+    else:  # dendrite: brightness varies slowly along it (sd ~25 %, over ~4 px)
+        wobble = ndimage.gaussian_filter1d(rng.standard_normal(n + 32), 8.0)[16:-16]
+        brightness = np.exp(0.25 * wobble / (wobble.std() + 1e-12))
+    _splat(line, ys + hy, xs + hx, brightness * step)
+    line = ndimage.gaussian_filter(line, width)
+    along = line[np.rint(ys + hy).astype(int), np.rint(xs + hx).astype(int)]
+    line /= max(float(np.median(along)), 1e-12)
+    if axon:
+        at = np.cumsum(rng.uniform(3.0, 8.0, int(length / 3) + 1) / step).astype(int)
+        at = at[at < n]
+        if len(at):
+            boutons = np.zeros_like(line)
+            _splat(boutons, ys[at] + hy, xs[at] + hx, rng.uniform(0.5, 1.5, len(at)))
+            sigma = rng.uniform(0.7, 1.1)
+            boutons = ndimage.gaussian_filter(boutons, sigma) * (2 * np.pi * sigma * sigma)
+            line = line + boutons
+    return line, hy, hx
+
+
+class StaticScene:
+    """The tissue: source footprints (sparse, pixels x sources), neuropil maps and vessels, all static.
+
+    Sources are somata, then puncta, then thin processes (``kinds``). It is drawn on a canvas
+    larger than the frame by the motion margin, so that a moving field of view never runs off the
+    tissue. Units are relative brightness (the neuropil's mean is ~1); the simulator scales them
+    to photons.
     """
 
-    NEUROPIL_MODES = 3
-
     def __init__(self, config: SimConfig, rng: np.random.Generator):
-        self.margin = int(math.ceil(config.drift_px)) + 1 if config.drift_px > 0 else 0
+        self.margin = motion_margin(config)
         m = self.margin
         self.frame_shape = (config.height, config.width)
         self.canvas_shape = (config.height + 2 * m, config.width + 2 * m)
         ch, cw = self.canvas_shape
         self.transmission = _vessel_transmission(rng, self.canvas_shape)
 
-        # Neuropil: a textured background (fine dendrites/axons, coarser patches) whose brightness
-        # fluctuates slowly in a few large spatial modes.
+        # Neuropil: a textured background (fine dendrites/axons, coarser patches), whose activity
+        # (CalciumActivity) lives on a coarse grid of smooth basis functions (below).
         texture = np.exp(
             0.25 * _smooth_field(rng, self.canvas_shape, 1.0)
             + 0.20 * _smooth_field(rng, self.canvas_shape, 4.0)
             + 0.20 * _smooth_field(rng, self.canvas_shape, max(ch, cw) / 6)
         )
         texture /= texture.mean()
-        # The modes have zero spatial mean, so they move brightness around without changing the
-        # frame's mean photon count.
-        modes = [np.ones(self.canvas_shape)]
-        for _ in range(self.NEUROPIL_MODES):
-            modes.append(0.5 * _smooth_field(rng, self.canvas_shape, max(ch, cw) / 4))
-        self.neuropil = np.stack([(texture * mode * self.transmission).ravel() for mode in modes]).astype(np.float32)
+        self.neuropil = (texture * self.transmission).astype(np.float32)
 
         # Cells: somata with a nucleus (radius ~ cell_radius_px) and a third as many small bright
         # puncta (dendrite or bouton cross-sections), all away from vessels, overlapping little.
@@ -187,28 +303,82 @@ class StaticScene:
         n_puncta = len(centres) // 3
         puncta = self._place(rng, n_puncta, 1.5, avoid=centres, avoid_dist=1.2 * r)
         cols, rows, vals = [], [], []
-        for i, ((cy, cx), is_soma) in enumerate([(c, True) for c in centres] + [(p, False) for p in puncta]):
+
+        def add(patch: np.ndarray, y0: int, x0: int, f0: float) -> None:
+            ys, xs = np.nonzero(patch > 1e-3 * patch.max())
+            ys, xs = ys + y0, xs + x0
+            ok = (ys >= 0) & (ys < ch) & (xs >= 0) & (xs < cw)
+            vals_i = patch[ys[ok] - y0, xs[ok] - x0] * self.transmission[ys[ok], xs[ok]]
+            rows.append(ys[ok] * cw + xs[ok])
+            cols.append(np.full(ok.sum(), len(cols)))
+            vals.append(f0 * vals_i)
+
+        for (cy, cx), is_soma in [(c, True) for c in centres] + [(p, False) for p in puncta]:
             iy, ix = int(round(cy)), int(round(cx))
             radius = r * rng.uniform(0.8, 1.2) if is_soma else rng.uniform(0.8, 1.5)
             patch = _soma_patch(rng, radius, cy - iy, cx - ix, nucleus=is_soma)
             half = patch.shape[0] // 2
-            y0, x0 = iy - half, ix - half
-            ys, xs = np.nonzero(patch > 1e-3)
-            ys, xs = ys + y0, xs + x0
-            ok = (ys >= 0) & (ys < ch) & (xs >= 0) & (xs < cw)
-            vals_i = patch[ys[ok] - y0, xs[ok] - x0] * self.transmission[ys[ok], xs[ok]]
             # Somata ~1.5-6x as bright as the neuropil at rest (the real movie's mean image: ~3.5).
             f0 = rng.lognormal(np.log(3.0), 0.4) if is_soma else rng.lognormal(np.log(4.0), 0.3)
-            rows.append(ys[ok] * cw + xs[ok])
-            cols.append(np.full(ok.sum(), i))
-            vals.append(f0 * vals_i)
-        self.n_cells = len(centres) + len(puncta)
-        self.centres = np.array(list(centres) + list(puncta), dtype=np.float64).reshape(-1, 2)
-        self.is_soma = np.array([True] * len(centres) + [False] * len(puncta))
+            add(patch, iy - half, ix - half, f0)
+
+        # Thin processes: dendrite segments and axons with boutons, anywhere on tissue (they may
+        # cross somata), each its own source; their shafts ~1.5x the neuropil, boutons brighter.
+        n_proc = config.n_processes if config.n_processes is not None else round(PROCESSES_PER_SOMA * len(centres))
+        processes = self._place(rng, n_proc, 3.0)
+        for cy, cx in processes:
+            iy, ix = int(round(cy)), int(round(cx))
+            patch, hy, hx = _process_patch(rng, cy - iy, cx - ix)
+            add(patch, iy - hy, ix - hx, rng.lognormal(np.log(1.5), 0.3))
+
+        self.n_cells = len(centres) + len(puncta) + len(processes)
+        self.centres = np.array(list(centres) + list(puncta) + list(processes), dtype=np.float64).reshape(-1, 2)
+        self.kinds = np.array([SOMA] * len(centres) + [PUNCTUM] * len(puncta) + [PROCESS] * len(processes))
+        self.is_soma = self.kinds == SOMA
         self.footprints = sparse.csr_matrix(
-            (np.concatenate(vals).astype(np.float32), (np.concatenate(rows), np.concatenate(cols))),
+            (np.concatenate(vals).astype(np.float32) if vals else np.zeros(0, np.float32),
+             (np.concatenate(rows) if rows else np.zeros(0, int), np.concatenate(cols) if cols else np.zeros(0, int))),
             shape=(ch * cw, self.n_cells),
         )
+
+        # Neuropil activity basis (Suite2p's neuropil model): Gaussian bumps on a grid whose spacing
+        # is NEUROPIL_BASIS_RADII cell radii, normalised to sum to 1 at every pixel, so a grid of
+        # coefficients C gives the field basis_y C basis_x^T (two small dense products).
+        # Along x the field is evaluated every COARSE_STEP columns and linearly interpolated between
+        # (the basis is ~15 px wide: the interpolation's error is ~1 % of the field).
+        spacing = NEUROPIL_BASIS_RADII * r
+        self.basis_y = self._basis(ch, spacing, np.arange(ch))
+        self.basis_x = self._basis(cw, spacing, np.arange(cw))
+        self.basis_x_coarse = self._basis(cw, spacing, np.arange(0, cw + self.COARSE_STEP, self.COARSE_STEP))
+        self.neuropil_grid = (self.basis_y.shape[1], self.basis_x.shape[1])
+
+    COARSE_STEP = 4
+
+    @staticmethod
+    def _basis(n: int, spacing: float, at: np.ndarray) -> np.ndarray:
+        """Gaussian bumps every ~``spacing`` px over ``n`` px, evaluated at ``at``, summing to 1 there."""
+        k = max(1, int(round(n / spacing)))
+        nodes = (np.arange(k) + 0.5) * n / k
+        b = np.exp(-0.5 * ((np.asarray(at, np.float64)[:, None] - nodes[None, :]) / (0.5 * n / k)) ** 2)
+        return (b / b.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def neuropil_field(self, coeffs: np.ndarray) -> np.ndarray:
+        """The neuropil's dF/F over the canvas for grid coefficients: basis_y C basis_x^T.
+
+        einsum, not @: a BLAS call here wakes OpenBLAS's threads, whose spinning then slows the
+        single-threaded noise draws that follow (3-4x on a busy 2-core machine).
+        """
+        coeffs = np.asarray(coeffs, np.float32).reshape(self.neuropil_grid)
+        rows = np.einsum("ik,kl->il", self.basis_y, coeffs)
+        coarse = np.einsum("il,jl->ij", rows, self.basis_x_coarse)
+        step = self.COARSE_STEP
+        cw = self.canvas_shape[1]
+        out = np.empty(self.canvas_shape, np.float32)
+        for phase in range(step):
+            n = len(range(phase, cw, step))
+            f = np.float32(phase / step)
+            out[:, phase::step] = coarse[:, :n] * (1 - f) + coarse[:, 1 : n + 1] * f
+        return out
 
     def _place(
         self,
@@ -237,76 +407,216 @@ class StaticScene:
             pts = np.asarray(placed)
         return placed
 
-    def render(self, dff: np.ndarray, neuropil_coeffs: np.ndarray) -> np.ndarray:
-        """Relative brightness of the whole canvas for these cell dF/F and neuropil coefficients."""
+    def render(self, dff: np.ndarray, neuropil_coeffs: np.ndarray, neuropil_level: float) -> np.ndarray:
+        """Relative brightness of the whole canvas.
+
+        ``dff``: each source's dF/F; ``neuropil_coeffs``: the neuropil's dF/F at the grid nodes
+        (``neuropil_grid``, flattened or not); ``neuropil_level``: a dF/F common to all the
+        neuropil (the population term).
+        """
         cells = self.footprints @ (1.0 + dff).astype(np.float32)
-        return (cells + neuropil_coeffs.astype(np.float32) @ self.neuropil).reshape(self.canvas_shape)
+        activity = self.neuropil_field(neuropil_coeffs)
+        activity += np.float32(1.0 + neuropil_level)
+        activity *= self.neuropil
+        activity += cells.reshape(self.canvas_shape)
+        return activity
 
 
 # ------------------------------------------------------------------------------------ activity
 
 
 class CalciumActivity:
-    """Poisson spiking (in bursts) through a GCaMP kernel, per cell, plus slow neuropil fluctuations.
+    """Spiking in bursts through a GCaMP kernel, per source, and the neuropil's own slow activity.
 
-    The kernel is a difference of exponentials (rise 50-100 ms, decay 0.4-1.2 s per cell), normalised
-    to a peak of 1, run as two first-order recursions, so a step costs O(cells) and needs no history.
+    Per source: bursts arrive as a Poisson process (rate log-normal, median 0.25/s) modulated by a
+    slow population drive z(t) (AR(1), tau 2 s) to which each source couples with its own
+    strength b (rate x exp(b z - b^2/2), so the mean rate is unchanged; b uniform in 0-0.5); a burst
+    has a geometric number of spikes (mean per source 1 + log-normal, median 2.5), delivered over
+    successive frames (each pending spike fires within a frame with probability 1 - exp(-dt / 20
+    ms)). Spikes drive a difference of exponentials (rise tau 20-45 ms, decay tau 0.4-1.2 s per
+    source) normalised to a peak of 1, run as two first-order recursions (a step costs O(sources)
+    and needs no history). The linear sum c gives dF/F = A c (1 + 1/s) / (1 + c / s): A
+    (log-normal, median 0.25, at most 0.8) is the dF/F of one spike at its peak, and s
+    (log-normal, median 6 spikes) saturates large bursts at (s + 1) A.
+
+    Neuropil, per node of the scene's coarse grid: its own transients (events at 0.3/s, peak dF/F
+    log-normal with median 0.12 x ``neuropil_activity``, rise tau 150 ms, decay tau 1.5 s: the
+    summed, smeared activity of many unresolved processes) plus a slow AR(1) wobble (tau 3 s, sd
+    0.03 x ``neuropil_activity``); and a level common to all the neuropil, 0.3 x the sources'
+    mean dF/F (the population).
     """
 
-    def __init__(self, n_cells: int, rate_hz: float, rng: np.random.Generator):
+    BURST_INTERVAL_S = 0.02  # spike spacing inside a burst
+    POPULATION_TAU_S = 2.0
+    NEUROPIL_EVENT_RATE = 0.3  # per node per second
+    NEUROPIL_TAU_RISE_S, NEUROPIL_TAU_DECAY_S = 0.15, 1.5
+    NEUROPIL_WOBBLE_TAU_S, NEUROPIL_WOBBLE_SD = 3.0, 0.03
+    POPULATION_TO_NEUROPIL = 0.3
+
+    def __init__(
+        self, n_cells: int, rate_hz: float, rng: np.random.Generator, *,
+        n_neuropil: int = 0, neuropil_activity: float = 1.0,
+    ):
         self.rng = rng
-        dt = 1.0 / rate_hz
-        self.event_rate = rng.lognormal(np.log(0.25), 0.8, n_cells)  # bursts per second
-        self.burst_extra = 1.0  # spikes per burst: 1 + Poisson(1.0)
-        self.amplitude = rng.lognormal(np.log(0.3), 0.35, n_cells)  # dF/F of one spike at peak
-        tau_rise = rng.uniform(0.05, 0.10, n_cells)
-        tau_decay = rng.uniform(0.4, 1.2, n_cells)
-        self.q_rise = np.exp(-dt / tau_rise)
-        self.q_decay = np.exp(-dt / tau_decay)
-        t_peak = tau_rise * tau_decay / (tau_decay - tau_rise) * np.log(tau_decay / tau_rise)
-        self.norm = 1.0 / (np.exp(-t_peak / tau_decay) - np.exp(-t_peak / tau_rise))
-        self.c_rise = np.zeros(n_cells)
-        self.c_decay = np.zeros(n_cells)
-        self.p_event = -np.expm1(-self.event_rate * dt)
-        # Neuropil: mode 0 follows the population activity, modes 1.. are independent slow noise.
-        self.q_neuropil = math.exp(-dt / 2.0)
-        self.neuropil_state = np.zeros(StaticScene.NEUROPIL_MODES)
-        self.neuropil_sd = 0.08
-        for _ in range(int(5 * 1.2 * rate_hz)):  # burn in to the stationary state
+        self.dt = dt = 1.0 / rate_hz
+        n = n_cells
+        self.event_rate = rng.lognormal(np.log(0.25), 0.8, n)  # bursts per second
+        self.burst_spikes = 1.0 + rng.lognormal(np.log(1.5), 0.6, n)  # mean spikes per burst (geometric)
+        self.amplitude = np.minimum(rng.lognormal(np.log(0.25), 0.45, n), 0.8)  # dF/F of one spike at peak
+        self.saturation = rng.lognormal(np.log(6.0), 0.3, n)  # in single-spike peaks
+        self.coupling = rng.uniform(0.0, 0.5, n)
+        self.tau_rise = rng.uniform(0.02, 0.045, n)
+        self.tau_decay = rng.uniform(0.4, 1.2, n)
+        self.q_rise, self.q_decay, self.norm = self._kernel(self.tau_rise, self.tau_decay, dt)
+        self.c_rise = np.zeros(n)
+        self.c_decay = np.zeros(n)
+        self.pending = np.zeros(n, np.int64)
+        self.p_deliver = -math.expm1(-dt / self.BURST_INTERVAL_S)
+        self.q_population = math.exp(-dt / self.POPULATION_TAU_S)
+        self.population = 0.0
+        self.spikes = np.zeros(n)
+        self.dff = np.zeros(n)
+        # Neuropil nodes.
+        m = n_neuropil
+        self.np_amplitude = neuropil_activity * rng.lognormal(np.log(0.12), 0.5, m)
+        self.np_p_event = -math.expm1(-self.NEUROPIL_EVENT_RATE * dt)
+        q_r, q_d, norm = self._kernel(np.array([self.NEUROPIL_TAU_RISE_S]), np.array([self.NEUROPIL_TAU_DECAY_S]), dt)
+        self.np_q_rise, self.np_q_decay, self.np_norm = float(q_r[0]), float(q_d[0]), float(norm[0])
+        self.np_rise = np.zeros(m)
+        self.np_decay = np.zeros(m)
+        self.np_q_wobble = math.exp(-dt / self.NEUROPIL_WOBBLE_TAU_S)
+        self.np_wobble_sd = self.NEUROPIL_WOBBLE_SD * neuropil_activity
+        self.np_wobble = np.zeros(m)
+        # Saturation lowers the mean dF/F below the linear formula: measured once, on its own stream.
+        self.saturation_ratio = self._calibrate_saturation(np.random.default_rng(rng.integers(2**63)))
+        # Burn in to the stationary state: several decay times and population times.
+        for _ in range(int(10.0 * rate_hz)):
             self.step()
 
-    def mean_dff(self) -> np.ndarray:
-        """Stationary mean dF/F of each cell: rate x spikes/burst x amplitude x kernel area."""
-        kernel_sum = self.norm * (1.0 / (1.0 - self.q_decay) - 1.0 / (1.0 - self.q_rise))
-        return self.p_event * (1.0 + self.burst_extra) * self.amplitude * kernel_sum
+    @staticmethod
+    def _kernel(tau_rise: np.ndarray, tau_decay: np.ndarray, dt: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-frame factors of the two recursions, and the factor that makes the peak 1."""
+        t_peak = tau_rise * tau_decay / (tau_decay - tau_rise) * np.log(tau_decay / tau_rise)
+        norm = 1.0 / (np.exp(-t_peak / tau_decay) - np.exp(-t_peak / tau_rise))
+        return np.exp(-dt / tau_rise), np.exp(-dt / tau_decay), norm
 
-    def step(self) -> tuple[np.ndarray, np.ndarray]:
-        """Advance one frame: (dF/F per cell, neuropil coefficients [1 + population term, modes])."""
+    def mean_dff(self) -> np.ndarray:
+        """Stationary mean dF/F of each source.
+
+        Bursts per frame x spikes per burst x amplitude x the kernel's area in frames (the
+        population drive leaves each source's mean rate unchanged), times the saturation's
+        measured reduction (``saturation_ratio``).
+        """
+        kernel_sum = self.norm * (1.0 / (1.0 - self.q_decay) - 1.0 / (1.0 - self.q_rise))
+        p_event = -np.expm1(-self.event_rate * self.dt)
+        linear = p_event * self.burst_spikes * self.amplitude * (1.0 + 1.0 / self.saturation) * kernel_sum
+        return linear * self.saturation_ratio
+
+    def mean_neuropil(self) -> tuple[np.ndarray, float]:
+        """Stationary mean of (the node coefficients, the common level)."""
+        kernel_sum = self.np_norm * (1.0 / (1.0 - self.np_q_decay) - 1.0 / (1.0 - self.np_q_rise))
+        nodes = self.np_p_event * self.np_amplitude * kernel_sum
+        level = self.POPULATION_TO_NEUROPIL * float(self.mean_dff().mean()) if len(self.amplitude) else 0.0
+        return nodes, level
+
+    def _cells_step(self) -> np.ndarray:
+        """Advance the sources' spiking and kernels one frame; return the linear sum c per source."""
+        rng = self.rng
         n = len(self.c_rise)
-        fired = self.rng.random(n) < self.p_event
-        spikes = np.where(fired, 1.0 + self.rng.poisson(self.burst_extra, n), 0.0)
-        self.c_rise = self.q_rise * self.c_rise + spikes
-        self.c_decay = self.q_decay * self.c_decay + spikes
-        dff = self.amplitude * self.norm * (self.c_decay - self.c_rise)
-        innov = self.rng.standard_normal(len(self.neuropil_state))
-        self.neuropil_state = self.q_neuropil * self.neuropil_state + math.sqrt(1 - self.q_neuropil**2) * innov
-        population = 0.3 * float(dff.mean())
-        coeffs = np.concatenate(([1.0 + population], self.neuropil_sd * self.neuropil_state))
-        return dff, coeffs
+        b = self.coupling
+        rate = self.event_rate * np.exp(b * self.population - 0.5 * b * b)
+        fired = rng.random(n) < -np.expm1(-rate * self.dt)
+        self.pending += np.where(fired, rng.geometric(1.0 / self.burst_spikes), 0)
+        spikes = rng.binomial(self.pending, self.p_deliver)
+        self.pending -= spikes
+        self.spikes = spikes.astype(np.float64)
+        self.c_rise = self.q_rise * self.c_rise + self.spikes
+        self.c_decay = self.q_decay * self.c_decay + self.spikes
+        q = self.q_population
+        self.population = q * self.population + math.sqrt(1.0 - q * q) * float(rng.standard_normal())
+        return self.norm * (self.c_decay - self.c_rise)
+
+    def _saturate(self, c: np.ndarray) -> np.ndarray:
+        """dF/F from the linear sum: A c (1 + 1/s) / (1 + c/s), exactly A for one spike at its peak."""
+        return self.amplitude * c * (1.0 + 1.0 / self.saturation) / (1.0 + c / self.saturation)
+
+    def _calibrate_saturation(self, rng: np.random.Generator, seconds: float = 120.0) -> np.ndarray:
+        """E[saturated c] / E[c A (1 + 1/s)] per source, from a separate run of the spiking (own rng):
+        ``seconds`` of it, in 600 to 4000 frames (~0.1 s of CPU at 30 Hz)."""
+        n = len(self.c_rise)
+        saved = (self.c_rise, self.c_decay, self.pending, self.population, self.spikes, self.rng)
+        self.c_rise, self.c_decay, self.pending = np.zeros(n), np.zeros(n), np.zeros(n, np.int64)
+        self.population, self.rng = 0.0, rng
+        burn, steps = int(10.0 / self.dt), min(4000, max(600, int(seconds / self.dt)))
+        linear, saturated = np.zeros(n), np.zeros(n)
+        for i in range(burn + steps):
+            c = self._cells_step()
+            if i >= burn:
+                linear += c
+                saturated += self._saturate(c)
+        self.c_rise, self.c_decay, self.pending, self.population, self.spikes, self.rng = saved
+        linear *= self.amplitude * (1.0 + 1.0 / self.saturation)
+        return np.where(linear > 0, saturated / np.maximum(linear, 1e-300), 1.0)
+
+    def step(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """Advance one frame: (dF/F per source, neuropil dF/F per grid node, common neuropil dF/F)."""
+        rng = self.rng
+        n = len(self.c_rise)
+        self.dff = self._saturate(self._cells_step())
+        m = len(self.np_rise)
+        kicks = np.where(rng.random(m) < self.np_p_event, self.np_amplitude, 0.0)
+        self.np_rise = self.np_q_rise * self.np_rise + kicks
+        self.np_decay = self.np_q_decay * self.np_decay + kicks
+        qw = self.np_q_wobble
+        self.np_wobble = qw * self.np_wobble + math.sqrt(1.0 - qw * qw) * self.np_wobble_sd * rng.standard_normal(m)
+        nodes = self.np_norm * (self.np_decay - self.np_rise) + self.np_wobble
+        level = self.POPULATION_TO_NEUROPIL * float(self.dff.mean()) if n else 0.0
+        return self.dff, nodes, level
 
 
 class DriftPath:
-    """Slow, smooth motion of the tissue: two sinusoids per axis (periods 7-80 s), bounded by drift_px."""
+    """Rigid motion of the tissue, in pixels: a slow drift plus fast jitter.
 
-    def __init__(self, drift_px: float, rng: np.random.Generator):
+    Drift: two sinusoids per axis (periods 40-80 s and 7-15 s, weights 0.7 and 0.3), bounded by
+    ``drift_px``. Jitter, of RMS magnitude ``jitter_px``: a heartbeat-like oscillation (8-12 Hz,
+    a mouse's 500-700 beats/min; a quarter of the variance) and a breathing-like one (2-4 Hz; half)
+    along random directions, and a random AR(1) part (tau 50 ms; a quarter). ``offset(t)`` is the
+    deterministic part; ``step(t)`` adds the random part and must be called once per frame, in
+    order.
+    """
+
+    def __init__(self, drift_px: float, rng: np.random.Generator, jitter_px: float = 0.0, rate_hz: float = 30.0):
         self.drift_px = drift_px
         self.periods = rng.uniform((40.0, 7.0), (80.0, 15.0), size=(2, 2))  # (axis, component)
         self.phases = rng.uniform(0, 2 * np.pi, size=(2, 2))
+        self.jitter_px = jitter_px
+        self.freqs = rng.uniform((8.0, 2.0), (12.0, 4.0))  # heartbeat, breathing (Hz)
+        self.jitter_phases = rng.uniform(0, 2 * np.pi, 2)
+        angles = rng.uniform(0, np.pi, 2)
+        self.directions = np.stack([np.sin(angles), np.cos(angles)], axis=1)  # (component, (dy, dx))
+        self.amplitudes = jitter_px * np.sqrt(2.0 * np.array([0.25, 0.5]))  # sinusoid variance = a^2/2
+        self.random_sd = jitter_px * math.sqrt(0.25 / 2.0)  # per axis
+        self.q = math.exp(-1.0 / (rate_hz * 0.05))
+        self.state = np.zeros(2)
+        self.rng = rng
 
     def offset(self, t: float) -> tuple[float, float]:
-        """(dy, dx) in pixels at time t (seconds)."""
-        s = np.sin(2 * np.pi * t / self.periods + self.phases) @ np.array([0.7, 0.3])
-        return float(self.drift_px * s[0]), float(self.drift_px * s[1])
+        """(dy, dx) in pixels at time t (seconds): the drift and the oscillations."""
+        s = np.sin(2 * np.pi * t / self.periods + self.phases)
+        d = self.drift_px * (0.7 * s[:, 0] + 0.3 * s[:, 1])
+        if self.jitter_px > 0:
+            osc = self.amplitudes * np.sin(2 * np.pi * self.freqs * t + self.jitter_phases)
+            d = d + osc[0] * self.directions[0] + osc[1] * self.directions[1]
+        return float(d[0]), float(d[1])
+
+    def step(self, t: float) -> tuple[float, float]:
+        """The offset of the next frame, at time t, including the random part of the jitter."""
+        dy, dx = self.offset(t)
+        if self.jitter_px > 0:
+            q = self.q
+            self.state = q * self.state + math.sqrt(1.0 - q * q) * self.random_sd * self.rng.standard_normal(2)
+            dy, dx = dy + float(self.state[0]), dx + float(self.state[1])
+        return dy, dx
 
 
 def _shifted_crop(canvas: np.ndarray, top: float, left: float, shape: tuple[int, int]) -> np.ndarray:
@@ -317,6 +627,29 @@ def _shifted_crop(canvas: np.ndarray, top: float, left: float, shape: tuple[int,
     a = canvas[iy : iy + h + 1, ix : ix + w + 1]
     rows = (1 - fy) * a[:-1] + fy * a[1:]
     return (1 - fx) * rows[:, :-1] + fx * rows[:, 1:]
+
+
+def _cubic_weights(f: float) -> tuple[float, float, float, float]:
+    """Keys' cubic convolution (a = -0.5, Catmull-Rom) weights of samples -1, 0, 1, 2 at offset f."""
+    f2, f3 = f * f, f * f * f
+    return (-0.5 * f3 + f2 - 0.5 * f, 1.5 * f3 - 2.5 * f2 + 1.0, -1.5 * f3 + 2.0 * f2 + 0.5 * f, 0.5 * f3 - 0.5 * f2)
+
+
+def _shifted_crop_cubic(canvas: np.ndarray, top: float, left: float, shape: tuple[int, int]) -> np.ndarray:
+    """``shape`` window of ``canvas`` at a fractional position, by cubic convolution (Keys 1981).
+
+    Unlike bilinear interpolation, whose blur grows with the fractional part (a [0.5, 0.5] kernel
+    at half a pixel), it keeps fine structure nearly as sharp at every sub-pixel position, so a
+    jittering field does not flicker in sharpness from frame to frame. Reads one row and column
+    before and two after the window.
+    """
+    h, w = shape
+    iy, ix = int(math.floor(top)), int(math.floor(left))
+    wy = [np.float32(v) for v in _cubic_weights(top - iy)]
+    wx = [np.float32(v) for v in _cubic_weights(left - ix)]
+    a = canvas[iy - 1 : iy + h + 2, ix - 1 : ix + w + 2]
+    rows = wy[0] * a[0:h] + wy[1] * a[1 : h + 1] + wy[2] * a[2 : h + 2] + wy[3] * a[3 : h + 3]
+    return wx[0] * rows[:, 0:w] + wx[1] * rows[:, 1 : w + 1] + wx[2] * rows[:, 2 : w + 2] + wx[3] * rows[:, 3 : w + 3]
 
 
 # --------------------------------------------------------------------------------------- noise
@@ -401,36 +734,67 @@ class TwoPhotonSimulator:
 
     Deterministic for a seed: the scene, the activity, the motion and the noise draw from
     independent streams of one SeedSequence, so e.g. the scene does not change with the frame count.
+    After each frame, ``dff`` holds every source's true dF/F (the truth traces, in the order of
+    ``scene.kinds``), ``spikes`` the spikes it received in that frame and ``offset`` the tissue's
+    (dy, dx) displacement in pixels.
     """
 
     def __init__(self, config: SimConfig):
         self.config = config
         scene_ss, activity_ss, motion_ss, noise_ss = np.random.SeedSequence(config.seed).spawn(4)
         self.scene = StaticScene(config, np.random.default_rng(scene_ss))
-        self.activity = CalciumActivity(self.scene.n_cells, config.rate_hz, np.random.default_rng(activity_ss))
-        self.drift = DriftPath(config.drift_px, np.random.default_rng(motion_ss))
+        grid = self.scene.neuropil_grid
+        self.activity = CalciumActivity(
+            self.scene.n_cells, config.rate_hz, np.random.default_rng(activity_ss),
+            n_neuropil=grid[0] * grid[1], neuropil_activity=config.neuropil_activity,
+        )
+        self.drift = DriftPath(config.drift_px, np.random.default_rng(motion_ss), config.jitter_px, config.rate_hz)
         self.noise_rng = np.random.default_rng(noise_ss)
         self.index = 0
+        self.offset = (0.0, 0.0)
         # Scale relative brightness to photons: the time-averaged mean over the (unshifted) frame.
-        mean_np = np.zeros(StaticScene.NEUROPIL_MODES + 1, np.float32)
-        mean_np[0] = 1.0 + 0.3 * float(self.activity.mean_dff().mean())
-        expected = self._crop(self.scene.render(self.activity.mean_dff(), mean_np), 0.0, 0.0)
+        nodes, level = self.activity.mean_neuropil()
+        expected = self._crop(self.scene.render(self.activity.mean_dff(), nodes, level), 0.0, 0.0)
         self.photon_scale = config.photons / float(expected.mean())
+
+    @property
+    def dff(self) -> np.ndarray:
+        """Each source's true dF/F in the last frame (somata, puncta, processes: ``scene.kinds``)."""
+        return self.activity.dff
+
+    @property
+    def spikes(self) -> np.ndarray:
+        """The spikes each source received in the last frame."""
+        return self.activity.spikes
+
+    def footprints(self) -> np.ndarray:
+        """(sources, H, W) float32: each source's expected photons per frame at rest, in the frame at
+        zero motion and before bleaching (its spatial footprint: for footprint-weighted traces)."""
+        m = self.scene.margin
+        h, w = self.scene.frame_shape
+        ch, cw = self.scene.canvas_shape
+        rows = ((np.arange(h)[:, None] + m) * cw + (np.arange(w)[None, :] + m)).ravel()
+        dense = self.scene.footprints[rows].T.toarray().reshape(self.scene.n_cells, h, w)
+        return (dense * self.photon_scale).astype(np.float32)
 
     def _crop(self, canvas: np.ndarray, dy: float, dx: float) -> np.ndarray:
         m = self.scene.margin
         if m == 0:
             return canvas
-        return _shifted_crop(canvas, m + dy, m + dx, self.scene.frame_shape)
+        return _shifted_crop_cubic(canvas, m + dy, m + dx, self.scene.frame_shape)
 
     def clean_photons(self) -> np.ndarray:
         """Advance one frame and return its expected photon count per pixel (float32, H x W)."""
-        t = self.index / self.config.rate_hz
-        dff, coeffs = self.activity.step()
-        canvas = self.scene.render(dff, coeffs)
-        dy, dx = self.drift.offset(t) if self.config.drift_px > 0 else (0.0, 0.0)
-        rate = self._crop(canvas, dy, dx)
-        scale = self.photon_scale * (1.0 - self.config.bleach_per_min) ** (t / 60.0)
+        c = self.config
+        t = self.index / c.rate_hz
+        dff, nodes, level = self.activity.step()
+        canvas = self.scene.render(dff, nodes, level)
+        if self.scene.margin:
+            reach = self.scene.margin - 2
+            dy, dx = self.drift.step(t)
+            self.offset = (min(max(dy, -reach), reach), min(max(dx, -reach), reach))
+        rate = self._crop(canvas, *self.offset)
+        scale = self.photon_scale * (1.0 - c.bleach_per_min) ** (t / 60.0)
         self.index += 1
         rate = rate * np.float32(scale)  # a new array: the canvas may be a view of the scene's
         return np.maximum(rate, 0.0, out=rate)

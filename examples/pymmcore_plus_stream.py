@@ -44,7 +44,7 @@ def main() -> None:
     else:
         source = MMCoreSource(core, publisher).attach()  # connects to core.mda.events.frameReady
         sequence = MDASequence(time_plan={"interval": args.interval_ms / 1000, "loops": args.frames})
-        with shutter_workaround(core, args.interval_ms):  # pymmcore-plus 0.18.1, no shutter loaded
+        with shutter_workaround(core):  # pymmcore-plus 0.18.1, no shutter loaded
             core.mda.run(sequence)  # blocking; core.run_mda(sequence) runs it in a thread
         print(source.detach())  # sends what is still queued, then the counts
     publisher.close()

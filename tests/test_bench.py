@@ -125,3 +125,34 @@ def test_bad_arguments_are_refused_with_a_clear_error(tmp_path, capsys, args, me
     assert cli.main(["bench", *TINY, *args, "--json", str(tmp_path / "b.json")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_several_streams_interleaved_have_a_row_each_and_totals(tmp_path):
+    result = bench(tmp_path, "--frames", "40", "--rate", "60", "--warmup-frames", "10", "--warmup-steps", "8",
+                   "--streams", "3")
+    names = ["sim.c0", "sim.c1", "sim.c2"]
+    assert REQUIRED <= result.keys() and result["stream_names"] == names and result["stream_count"] == 3
+    rows = result["streams"]
+    assert list(rows) == names
+    # Each its own field of view and brightness.
+    assert [rows[n]["photons"] for n in names] == [2.0, 1.0, 4.0] and [rows[n]["seed"] for n in names] == [0, 1, 2]
+    for name in names:
+        row = rows[name]
+        assert row["frames_handed"] == 40 and row["frames_published"] + row["skipped"] == 40
+        assert row["frames_received_by_viewer"] == row["frames_published"]
+        assert is_number(row["fps_in"]) and row["fps_in"] > 0
+    # The top level is the total.
+    assert result["frames"] == 40 and result["frames_handed"] == 120
+    for key in ("frames_published", "frames_received_by_viewer", "skipped", "train_steps", "frames_evaluated"):
+        assert result[key] == sum(rows[n][key] for n in names), key
+    assert result["fps_in"] == pytest.approx(sum(rows[n]["fps_in"] for n in names))
+    assert result["viewer_errors"] == 0 and result["inbox_refused"] == 0
+    # The daemon's own verdict, with the budget its three engines shared.
+    capacity = result["capacity"]
+    assert set(capacity["skipped"]) == set(names) and isinstance(capacity["over"], bool)
+    assert capacity["budget"]["engines"] == 3 and capacity["budget"]["cores"] == result["cpu_count"]
+
+
+def test_streams_must_be_at_least_one(tmp_path, capsys):
+    assert cli.main(["bench", *TINY, "--streams", "0", "--json", str(tmp_path / "b.json")]) == 2
+    assert "--streams" in capsys.readouterr().err

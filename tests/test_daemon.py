@@ -29,7 +29,7 @@ from umvd_live.control import ControlError, confine_path
 from umvd_live.daemon import Daemon, DaemonConfig, Received, check_loopback, engine_factory, inference_layout
 from umvd_live.engine import EngineConfig, StreamDenoiser, cpu_cores
 from umvd_live.model import Denoiser
-from umvd_live.protocol import decode_output, encode_frame
+from umvd_live.protocol import decode_output, encode_end, encode_frame
 from umvd_live.status import render_lines, render_table
 from umvd_live.streams import RateMeter, monotonic
 
@@ -437,9 +437,10 @@ def test_preview_skips_when_behind_but_a_recorded_stream_gets_every_frame(tmp_pa
 
 def test_waiting_frames_of_a_stream_are_denoised_in_batches(tmp_path):
     """With --batch 4 and one worker, a backlog of one stream goes through the engine four frames
-    at a time (one forward pass of D per run of ready windows), runs break where the stream
-    changes, and the outputs are those of a daemon that denoises one window at a time. With
-    --workers 2 the runs are twice as long and their passes run on two threads."""
+    at a time (one forward pass of D per run of ready windows), each stream's frames of a batch
+    are taken together (runs break where the stream changes), and the outputs are those of a
+    daemon that denoises one window at a time. With --workers 2 the runs are twice as long and
+    their passes run on two threads."""
     with StreamDenoiser(EngineConfig(preset="lite", device="cpu", train_mode="inline")) as den:
         den.push(np.zeros((32, 32), np.uint16), infer=False)
         den.save_weights(tmp_path / "w.pt")
@@ -482,9 +483,10 @@ def test_waiting_frames_of_a_stream_are_denoised_in_batches(tmp_path):
     batched, passes, _ = serve(4, 1)
     single, single_passes, _ = serve(1, 1)
     side_by_side, pair_passes, threads = serve(1, 2)
-    # a: kernel preparation (a blank window) at its start, then runs of 4, 4, 2 frames -> 1, 4, 2
-    # ready windows; b: preparation, 3 frames -> none ready yet; a: 2 -> 2; the flushes: 3 each.
-    assert passes == [1, 1, 4, 2, 1, 2, 3, 3]
+    # a's 12 frames first (its 10, then the 2 that came after b's): kernel preparation (a blank
+    # window) at its start, then runs of 4, 4, 4 frames -> 1, 4, 4 ready windows; b: preparation,
+    # 3 frames -> none ready yet; the flushes: 3 each.
+    assert passes == [1, 1, 4, 4, 1, 3, 3]
     assert single_passes == [1] * len(single_passes) and set(pair_passes) == {1}
     assert len(threads - {threading.get_ident()}) == 4, "each stream's engine ran passes on both its workers"
     assert [(o.stream, o.header.seq) for o in batched] == [(o.stream, o.header.seq) for o in single]
@@ -561,3 +563,46 @@ def test_record_stop(daemon):
     assert d.request({"cmd": "status"})["recording"] is None
     d.proc.send_signal(signal.SIGTERM)
     assert d.wait() == 0
+
+
+def test_a_streams_end_hands_out_its_last_outputs_and_a_single_plane_comes_back_as_is(tmp_path):
+    """The producer's end message (protocol `StreamEnd`) flushes that stream at once, without a
+    shutdown: a time series gets its last N//2 outputs, and a stream of one time point (a plane of
+    a z-stack, which is not a video) gets its frame back unchanged, marked warm-up. A stream that
+    starts again after its end starts a new window: no frame of before the end enters it."""
+    rng = np.random.default_rng(1)
+    movie = [rng.poisson(30.0, (24, 24)).astype(np.uint16) for _ in range(10)]
+    plane = rng.poisson(500.0, (24, 24)).astype(np.uint16)
+
+    def message(parts):
+        parts = [bytes(p) for p in parts]
+        return Received(parts, monotonic(), sum(map(len, parts)))
+
+    items = [message(encode_frame("ts", image, seq)) for seq, image in enumerate(movie)]
+    items += [message(encode_frame("stack.z0", plane, 0)), message(encode_end("stack.z0", 1)),
+              message(encode_end("ts", 10)), message(encode_end("never-seen", 0))]
+    config = DaemonConfig(input_bind="tcp://127.0.0.1:*", output="tcp://127.0.0.1:*",
+                          control="tcp://127.0.0.1:*", preset="lite", device="cpu",
+                          warmup_frames=1000, output_dir=tmp_path)
+    sink = CollectingSink(owed=set())
+    d = Daemon(config, engine_factory(config), [sink])
+    d.start()
+    try:
+        d.process(items, allow_skip=False)
+        out = {name: [o for o in sink.denoised if o.stream == name] for name in ("ts", "stack.z0")}
+        assert [o.header.seq for o in out["ts"]] == list(range(10))  # all of them before any shutdown
+        (single,) = out["stack.z0"]
+        assert single.state == "warmup" and np.array_equal(single.image, plane.astype(np.float32))
+        status = d.status()["streams"]
+        assert status["ts"]["ends"] == 1 and status["ts"]["drops"] == 0
+        assert "never-seen" not in status and d.status()["rejected_unattributed"] == {}
+        # the stream starts again from seq 0: a new window, numbered anew, no restart counted
+        d.process([message(encode_frame("ts", movie[0] * 0 + 7, 0)), message(encode_end("ts", 1))],
+                  allow_skip=False)
+        again = [o for o in sink.denoised if o.stream == "ts"][10:]
+        assert len(again) == 1 and np.allclose(again[0].image, 7.0)  # only its own frame
+        status = d.status()["streams"]["ts"]
+        assert (status["ends"], status["seq_restarts"], status["restarts"]) == (2, 0, 0)
+    finally:
+        d.finish()
+        d.close()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import uniform_filter1d
 
-from umvd_live.metrics import activity_fidelity, psnr
+from umvd_live.metrics import activity_fidelity, psnr, temporal_mean
 
 
 def transient_movie(frames=200, size=16):
@@ -28,3 +28,137 @@ def test_activity_fidelity_is_perfect_for_the_truth_and_flags_smoothing():
 def test_activity_fidelity_needs_activity():
     with pytest.raises(ValueError, match="no activity"):
         activity_fidelity(np.ones((5, 4, 4)), np.ones((5, 4, 4)))
+
+
+# ---- issue 14: the activity metrics, one function each, and the per-metric oracle --------------
+
+from scipy import sparse  # noqa: E402
+
+from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator  # noqa: E402
+from umvd_live.metrics import (  # noqa: E402
+    MovieScorer,
+    active_psnr,
+    active_set,
+    best_gaussian,
+    cell_traces,
+    oracle_gaussians,
+    score_movie,
+    trace_correlation,
+    trace_scores,
+    trace_slope,
+)
+
+OFFSET = 50.0
+
+
+def cells_movie(frames=240, size=24):
+    """Two square cells over a dim background (dark level OFFSET): cell 0 fires three transients
+    (instant rise, 1 s decay at 30 Hz), cell 1 never fires."""
+    truth = np.full((frames, size, size), OFFSET + 100.0)
+    footprints = np.zeros((2, size, size))
+    footprints[0, 4:10, 4:10] = 1.0
+    footprints[1, 14:20, 14:20] = 1.0
+    kernel = np.exp(-np.arange(frames) / 30.0)
+    activity = np.zeros(frames)
+    for start, amplitude in ((40, 1.0), (110, 2.0), (170, 0.6)):
+        activity[start:] += amplitude * kernel[: frames - start]
+    truth[:, 4:10, 4:10] += 100.0 * (1.0 + activity)[:, None, None]
+    truth[:, 14:20, 14:20] += 80.0
+    return truth, footprints
+
+
+def test_the_truth_scores_perfectly():
+    truth, footprints = cells_movie()
+    scores = score_movie(truth, truth, footprints, offset=OFFSET)
+    assert scores["psnr"] == np.inf and scores["active_psnr"] == np.inf
+    assert scores["cells"] == 1  # the silent cell is not scored
+    assert scores["trace_corr"] == pytest.approx(1.0)
+    assert scores["trace_slope"] == pytest.approx(1.0)
+    assert scores["peak_ratio"] == pytest.approx(1.0)
+    assert scores["lag_frames"] == pytest.approx(0.0, abs=1e-9)
+    assert 0 < scores["active_fraction"] < 0.1
+    # The one-metric functions agree with the scorer.
+    noisy = truth + np.random.default_rng(0).normal(0, 5, truth.shape)
+    both = score_movie(noisy, truth, footprints, offset=OFFSET)
+    assert psnr(noisy, truth) == pytest.approx(both["psnr"], abs=1e-9)
+    assert active_psnr(noisy, truth) == pytest.approx(both["active_psnr"], abs=1e-9)
+    assert trace_correlation(noisy, truth, footprints, OFFSET) == pytest.approx(both["trace_corr"], abs=1e-12)
+    assert trace_slope(noisy, truth, footprints, OFFSET) == pytest.approx(both["trace_slope"], abs=1e-12)
+
+
+def test_a_known_attenuation_gives_the_known_slope():
+    truth, footprints = cells_movie()
+    median = np.median(truth, axis=0)
+    attenuated = median + 0.6 * (truth - median)  # every transient cut to 60 %
+    scores = score_movie(attenuated, truth, footprints, offset=OFFSET)
+    assert scores["trace_slope"] == pytest.approx(0.6)
+    assert scores["peak_ratio"] == pytest.approx(0.6)
+    assert scores["trace_corr"] == pytest.approx(1.0)  # correlation alone would miss it
+    assert scores["psnr"] < 80 and scores["active_psnr"] < scores["psnr"]
+    # A 31-frame running mean flattens the transients and is late on none (it is centred) ...
+    smoothed = score_movie(temporal_mean(truth, 31), truth, footprints, offset=OFFSET)
+    assert smoothed["peak_ratio"] < 0.8 and smoothed["trace_slope"] < 0.9
+    assert abs(smoothed["lag_frames"]) < 0.5
+
+
+def test_a_late_estimate_has_a_positive_lag():
+    truth, footprints = cells_movie()
+    late = np.roll(truth, 2, axis=0)  # every change two frames late
+    scores = trace_scores(late, truth, footprints, offset=OFFSET)
+    assert scores.lag_frames == pytest.approx([2.0], abs=0.3)
+    assert scores.correlation[0] < 0.99
+    early = trace_scores(np.roll(truth, -1, axis=0), truth, footprints, offset=OFFSET)
+    assert early.lag_frames == pytest.approx([-1.0], abs=0.3)
+
+
+def test_cell_traces_are_footprint_weighted_means_and_take_sparse_footprints():
+    truth, footprints = cells_movie(frames=20)
+    weights = footprints.copy()
+    weights[0, 4, 4] = 3.0
+    traces = cell_traces(truth, weights)
+    expected = (truth * weights[0]).sum(axis=(1, 2)) / weights[0].sum()
+    np.testing.assert_allclose(traces[:, 0], expected)
+    np.testing.assert_allclose(cell_traces(truth, sparse.csr_matrix(weights.reshape(2, -1))), traces)
+    with pytest.raises(ValueError, match="pixels"):
+        cell_traces(truth, np.ones((2, 5, 5)))
+
+
+def test_active_set_is_ten_percent_of_the_range_above_the_pixel_median():
+    truth = transient_movie()
+    active = active_set(truth)
+    assert active.sum() == 2 * 10 * 16  # both 10-frame transients of the 4x4 square
+    assert not active_set(truth, threshold=1.1).any()
+
+
+@pytest.fixture(scope="module")
+def simulated():
+    sim = TwoPhotonSimulator(SimConfig(height=48, width=48, photons=2.0, seed=0))
+    noisy, clean = sim.movie(300)
+    return noisy, clean, sim.footprints(), sim.config
+
+
+def test_oracle_picks_a_longer_sigma_t_for_whole_movie_psnr_than_for_the_transients(simulated):
+    noisy, clean, footprints, config = simulated
+    search = oracle_gaussians(noisy, clean, footprints, offset=config.offset_adu)
+    best = search.best
+    assert set(best) == {"psnr", "active_psnr", "trace_corr"}
+    assert len(search.grid) == 13 * 8 and max(st for st, _, _ in search.grid) == 32
+    # Each oracle is the best of the grid for its own metric, and beats the raw movie on it.
+    raw = MovieScorer(clean, footprints, offset=config.offset_adu).score(noisy)
+    for metric, oracle in best.items():
+        assert oracle.scores[metric] == max(scores[metric] for _, _, scores in search.grid)
+        assert oracle.scores[metric] > raw[metric]
+    # Whole-movie PSNR wants long temporal averaging, which the transients cannot afford.
+    assert best["psnr"].sigma_t > best["active_psnr"].sigma_t
+    assert best["psnr"].scores["active_psnr"] < best["active_psnr"].scores["active_psnr"]
+    assert best["psnr"].scores["trace_slope"] < best["active_psnr"].scores["trace_slope"]
+
+
+def test_best_gaussian_is_the_psnr_oracle(simulated):
+    noisy, clean, _, _ = simulated
+    filtered, (st, sxy), score = best_gaussian(noisy, clean, sigmas_t=(1.0, 4.0, 16.0), sigmas_xy=(0.0, 1.0))
+    assert score == pytest.approx(psnr(filtered, clean))
+    search = oracle_gaussians(noisy, clean, sigmas_t=(1.0, 4.0, 16.0), sigmas_xy=(0.0, 1.0))
+    assert (search.best["psnr"].sigma_t, search.best["psnr"].sigma_xy) == (st, sxy)
+    assert search.best["psnr"].scores["psnr"] == pytest.approx(score, abs=1e-6)
+    assert "trace_corr" not in search.best  # no footprints, no trace metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import tifffile
 
 from umvd_live import __version__
+from umvd_live.acquisition import read_acquisition
 from umvd_live.protocol import FrameHeader
 from umvd_live.recorder import (
     PathNotAllowed,
@@ -27,12 +29,14 @@ from umvd_live.recorder import (
 )
 from umvd_live.recordfile import (
     FRAME_TAG,
+    PROVENANCE_NS,
     FrameInfo,
     Provenance,
     RecordingFile,
     read_recording,
     write_movie,
 )
+from umvd_live.channel_colors import ome_color
 from umvd_live.spillqueue import SpillQueue
 
 SHAPE = (64, 80)
@@ -103,6 +107,7 @@ def test_record_two_streams_with_raw_copy_read_back(tmp_path):
         assert prov["window"] == 7 and prov["weights_sha256_at_start"] == "ab" * 32
         assert prov["stream"] == stream and prov["kind"] == "denoised"
         assert prov["pixel_size_um"] == 0.65
+        assert "group" not in prov and "axis.z" not in prov  # no acquisition meta: as before
         # what any OME reader sees
         with tifffile.TiffFile(path) as tif:
             assert tif.is_ome and tif.is_bigtiff
@@ -449,3 +454,246 @@ def test_a_failing_provenance_callback_does_not_stop_the_recording(tmp_path):
     assert session.status().error is None
     _, infos, prov = read_recording(tmp_path / "p_cam0.ome.tif")
     assert len(infos) == 1 and prov["extra.provenance_error"] == "RuntimeError: no denoiser yet"
+
+
+# -- multi-dimensional acquisitions (issue 16): one file per position, channel and plane -----------
+CHANNELS = ("GCaMP", "mCherry λ561")  # display names; the second is not ASCII
+PLANES = 3
+POSITIONS = ("A1", "B µ2")
+
+
+def acq_stream(p: int, c: int, z: int) -> str:
+    """The stream name the sources give one (p, c, z): GROUP.pP.CHANNEL.zZ (docs/adapters.md)."""
+    return f"cam0.p{p}.{re.sub(r'[^A-Za-z0-9_-]+', '_', CHANNELS[c])}.z{z}"
+
+
+def acq_header(t: int, p: int, c: int, z: int) -> FrameHeader:
+    meta = {"group": "cam0", "index": {"t": t, "p": p, "c": c, "z": z}, "channel": CHANNELS[c],
+            "position": POSITIONS[p], "pixel_size_um": 0.5}
+    return FrameHeader(seq=t, shape=SHAPE, dtype="<f4", t=10.0 + t + 0.01 * (c * PLANES + z), meta=meta)
+
+
+def acq_id(t: int, p: int, c: int, z: int) -> int:
+    """Distinct for every frame of the acquisition (< 251), so a misplaced frame cannot pass."""
+    return ((t * len(POSITIONS) + p) * len(CHANNELS) + c) * PLANES + z
+
+
+def ome_of(path: Path):
+    """The file's OME-XML, validated against the schema, as ome-types objects."""
+    ome_types = pytest.importorskip("ome_types")
+    with tifffile.TiffFile(path) as tif:
+        return ome_types.from_xml(tif.pages.first.description, validate=True)
+
+
+def provenance_map_of(ome) -> dict[str, str]:
+    (ann,) = [a for a in ome.structured_annotations.map_annotations if a.namespace == PROVENANCE_NS]
+    return {m.k: m.value for m in ann.value.ms}
+
+
+def test_acquisition_records_one_file_per_stream_with_its_axes_in_ome(tmp_path):
+    """2 positions x 2 channels x 3 planes x 5 time points, denoised and raw; one stream loses a
+    frame upstream. Every file names its channel and its place in the acquisition, and
+    read_acquisition puts every frame back where it was taken."""
+    frames_t = 5
+    lost = (2, 1, 0, 2)  # (t, p, c, z): never arrives
+    session = RecordingSession(RecordingRequest(path=tmp_path / "rec.ome.tif", raw=True))
+    for t in range(frames_t):  # acquisition order: t, p, c, z
+        for p in range(len(POSITIONS)):
+            for c in range(len(CHANNELS)):
+                for z in range(PLANES):
+                    if (t, p, c, z) == lost:
+                        continue
+                    h, k = acq_header(t, p, c, z), acq_id(t, p, c, z)
+                    assert session.submit_raw(acq_stream(p, c, z), h, pattern(k, dtype=np.uint16))
+                    assert session.submit_denoised(acq_stream(p, c, z), h, pattern(k),
+                                                   state="live", model_step=t)
+    assert session.stop(wait=True, timeout=60)
+    st = session.status()
+    assert st.error is None and st.frames_written == 2 * (frames_t * 12 - 1)
+    assert len(st.files) == 24
+    assert Path(st.files["cam0.p1.mCherry_561.z2.raw"][0]).name == "rec_cam0.p1.mCherry_561.z2.raw.ome.tif"
+
+    for p, c, z in np.ndindex(len(POSITIONS), len(CHANNELS), PLANES):
+        stream = acq_stream(p, c, z)
+        times = [t for t in range(frames_t) if (t, p, c, z) != lost]
+        for kind, suffix, dtype in (("denoised", "", np.float32), ("raw", ".raw", np.uint16)):
+            path = tmp_path / f"rec_{stream}{suffix}.ome.tif"
+            with tifffile.TiffFile(path) as tif:  # what any OME reader sees: one T series
+                assert tif.series[0].axes == "TYX" and tif.series[0].shape == (len(times), *SHAPE)
+            ome = ome_of(path)
+            (image,) = ome.images
+            assert image.name == f"{stream} {kind}"
+            (channel,) = image.pixels.channels
+            assert channel.name == CHANNELS[c]
+            assert channel.color.as_rgb_tuple() == ((0, 255, 0) if c == 0 else (255, 0, 255))
+            assert image.pixels.size_t == len(times) and image.pixels.size_c == image.pixels.size_z == 1
+            assert [(pl.the_t, pl.the_c, pl.the_z) for pl in image.pixels.planes] == \
+                [(i, 0, 0) for i in range(len(times))]
+            m = provenance_map_of(ome)
+            assert {k: m[k] for k in ("group", "acquisition_axes", "axis.p", "axis.c", "axis.z",
+                                      "channel", "position", "recording_id", "kind")} == {
+                "group": "cam0", "acquisition_axes": "t,p,c,z", "axis.p": str(p), "axis.c": str(c),
+                "axis.z": str(z), "channel": CHANNELS[c], "position": POSITIONS[p],
+                "recording_id": session.recording_id, "kind": kind}
+            assert "axis.g" not in m  # the acquisition has no grid axis
+
+            frames, infos, prov = read_recording(path)
+            assert frames.dtype == dtype and prov["axis.z"] == z and prov["channel"] == CHANNELS[c]
+            assert [i.t_index for i in infos] == times and [i.seq for i in infos] == times
+            for i, t in enumerate(times):
+                np.testing.assert_array_equal(frames[i], pattern(acq_id(t, p, c, z), dtype=dtype))
+
+    for kind, dtype in (("denoised", np.float32), ("raw", np.uint16)):
+        stacks = read_acquisition(tmp_path / "rec.ome.tif", kind=kind)
+        assert list(stacks) == ["cam0.p0", "cam0.p1"]
+        for p, (key, s) in enumerate(stacks.items()):
+            assert s.position == POSITIONS[p] and s.axes == "TCZYX"
+            assert s.data.shape == (frames_t, len(CHANNELS), PLANES, *SHAPE) and s.data.dtype == dtype
+            assert s.channels == CHANNELS and s.c_indices == (0, 1) and s.z_indices == (0, 1, 2)
+            assert s.t_indices == tuple(range(frames_t)) and s.pixel_size_um == 0.5
+            assert s.streams[(1, 2)] == acq_stream(p, 1, 2)
+            for t, c, z in np.ndindex(frames_t, len(CHANNELS), PLANES):
+                if (t, p, c, z) == lost:
+                    assert not s.present[t, c, z] and not s.data[t, c, z].any()
+                    assert np.isnan(s.times[t, c, z])
+                    continue
+                assert s.present[t, c, z] and s.times[t, c, z] == pytest.approx(acq_header(t, p, c, z).t)
+                np.testing.assert_array_equal(s.data[t, c, z], pattern(acq_id(t, p, c, z), dtype=dtype))
+
+
+def test_channel_colours_are_defaults_from_the_name():
+    rgba = {name: ome_color(name) for name in ("DAPI", "EGFP", "mCherry", "Cy5", "BF", "Alexa 647",
+                                                   "far red", "iRFP", "Pos1", "bfp", "Indicator", "561 nm")}
+    assert rgba["EGFP"] == 0x00FF00FF and rgba["DAPI"] == rgba["bfp"] == 0x0000FFFF
+    assert rgba["mCherry"] == rgba["561 nm"] == 0xFF00FFFF - (1 << 32)  # OME's signed 32-bit RGBA
+    assert rgba["Cy5"] == rgba["Alexa 647"] == rgba["far red"] == rgba["iRFP"] == 0xFF0000FF - (1 << 32)
+    assert rgba["BF"] == -1  # white: a grey scale
+    assert rgba["Pos1"] is None and rgba["Indicator"] is None  # "dic" only as a word
+
+
+def test_read_acquisition_keeps_recordings_that_share_a_base_path_apart(tmp_path):
+    """A second recording into the same base path gets part numbers; the reader never mixes the
+    two. An older producer's stream (no acquisition meta) reads as one channel and plane."""
+    base = tmp_path / "same.ome.tif"
+    first = RecordingSession(RecordingRequest(path=base))
+    for t in range(3):
+        first.submit_denoised(acq_stream(0, 1, 0), acq_header(t, 0, 1, 0), pattern(t),
+                              state="live", model_step=t)
+    first.stop()
+    second = RecordingSession(RecordingRequest(path=base))
+    for seq in range(4):
+        second.submit_denoised("cam0", header(seq), pattern(100 + seq), state="live", model_step=seq)
+    second.stop()
+    with pytest.raises(ValueError, match="2 recordings") as err:
+        read_acquisition(base)
+    assert first.recording_id in str(err.value) and second.recording_id in str(err.value)
+
+    (only,) = read_acquisition(base, recording_id=first.recording_id).values()
+    assert only.key == "cam0.p0" and only.data.shape == (3, 1, 1, *SHAPE)
+    assert only.channels == (CHANNELS[1],) and only.c_indices == (1,) and only.z_indices == (0,)
+    np.testing.assert_array_equal(only.data[:, 0, 0], np.stack([pattern(t) for t in range(3)]))
+
+    stacks = read_acquisition(base, recording_id=second.recording_id)
+    assert list(stacks) == ["cam0"]
+    old = stacks["cam0"]
+    assert old.data.shape == (4, 1, 1, *SHAPE) and old.channels == ("",) and old.position is None
+    assert old.files == {"cam0": (tmp_path / "same_cam0.ome.tif",)}
+    np.testing.assert_array_equal(old.data[:, 0, 0], np.stack([pattern(100 + s) for s in range(4)]))
+    with pytest.raises(FileNotFoundError):
+        read_acquisition(base, kind="raw")
+
+
+def test_further_axes_make_positions_and_unnamed_channels_their_index(tmp_path):
+    """An acquisition axis besides t, p, g, c, z (useq allows any key) keys positions of its own;
+    a channel the producer does not name is called by its index, as in its stream name."""
+    session = RecordingSession(RecordingRequest(path=tmp_path / "x.ome.tif"))
+    for t, a, z in np.ndindex(2, 2, 2):
+        h = FrameHeader(seq=t, shape=SHAPE, dtype="<f4",
+                        meta={"group": "cam0", "index": {"t": t, "p": 3, "c": 1, "z": z, "a": a}})
+        session.submit_denoised(f"cam0.p3.c1.z{z}.a{a}", h, pattern(t * 4 + a * 2 + z),
+                                state="live", model_step=t)
+    session.stop()
+    _, _, prov = read_recording(tmp_path / "x_cam0.p3.c1.z1.a1.ome.tif")
+    assert (prov["axis.a"], prov["axis.p"], prov["acquisition_axes"]) == (1, 3, "t,p,c,z,a")
+    stacks = read_acquisition(tmp_path / "x.ome.tif")
+    assert list(stacks) == ["cam0.p3.a0", "cam0.p3.a1"]
+    for a, s in enumerate(stacks.values()):
+        assert s.channels == ("c1",) and s.data.shape == (2, 1, 2, *SHAPE) and s.present.all()
+        for t, z in np.ndindex(2, 2):
+            np.testing.assert_array_equal(s.data[t, 0, z], pattern(t * 4 + a * 2 + z))
+
+
+def test_napari_shows_an_acquisition_as_named_channels(tmp_path):
+    """The napari recipe of docs/recording.md: one layer per channel, named after it."""
+    components = pytest.importorskip("napari.components")
+    session = RecordingSession(RecordingRequest(path=tmp_path / "n.ome.tif"))
+    for t, c, z in np.ndindex(2, len(CHANNELS), PLANES):
+        session.submit_denoised(acq_stream(0, c, z), acq_header(t, 0, c, z), pattern(acq_id(t, 0, c, z)),
+                                state="live", model_step=t)
+    session.stop()
+    s = read_acquisition(tmp_path / "n.ome.tif")["cam0.p0"]
+    viewer = components.ViewerModel()
+    layers = viewer.add_image(s.data, channel_axis=1, name=list(s.channels))
+    assert [layer.name for layer in layers] == list(CHANNELS)
+    assert layers[1].data.shape == (2, PLANES, *SHAPE)  # T, Z, Y, X: sliders for time and plane
+
+
+_ACQUISITION_CHILD = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import numpy as np
+    sys.path.insert(0, sys.argv[2])
+    from test_recorder import pattern, acq_header, acq_id, acq_stream, CHANNELS, PLANES
+    from umvd_live.recorder import RecordingRequest, RecordingSession
+    s = RecordingSession(RecordingRequest(path=Path(sys.argv[1]), raw=True,
+                                          checkpoint_interval_s=0.2))
+    t = 0
+    while True:
+        for c in range(len(CHANNELS)):
+            for z in range(PLANES):
+                h, k = acq_header(t, 0, c, z), acq_id(t, 0, c, z)
+                s.submit_raw(acq_stream(0, c, z), h, pattern(k, dtype=np.uint16))
+                s.submit_denoised(acq_stream(0, c, z), h, pattern(k), state="live", model_step=t)
+        print(s.status().frames_written, flush=True)
+        t += 1
+        time.sleep(0.01)
+""")
+
+
+def test_acquisition_killed_with_sigkill_leaves_files_with_their_axes(tmp_path):
+    """Six streams (2 channels x 3 planes), denoised and raw, killed mid-recording: every file
+    reads back to its last linked frame, and its OME-XML (the last checkpoint's) names its
+    channel and axes, so the killed recording still assembles."""
+    base = tmp_path / "k.ome.tif"
+    written = _run_until([sys.executable, "-c", _ACQUISITION_CHILD, str(base), str(Path(__file__).parent)],
+                         written_at_least=12 * 8)
+    counts = {}
+    for c, z in np.ndindex(len(CHANNELS), PLANES):
+        stream = acq_stream(0, c, z)
+        for kind, suffix, dtype in (("denoised", "", np.float32), ("raw", ".raw", np.uint16)):
+            path = tmp_path / f"k_{stream}{suffix}.ome.tif"
+            frames, infos, prov = read_recording(path)
+            n = counts[(c, z, kind)] = len(infos)
+            assert n >= 1 and prov["complete"] is False
+            assert [i.t_index for i in infos] == list(range(n))
+            for t in range(n):
+                np.testing.assert_array_equal(frames[t], pattern(acq_id(t, 0, c, z), dtype=dtype))
+            ome = ome_of(path)
+            assert ome.images[0].pixels.channels[0].name == CHANNELS[c]
+            m = provenance_map_of(ome)
+            assert (m["complete"], m["group"], m["axis.c"], m["axis.z"], m["channel"]) == (
+                "false", "cam0", str(c), str(z), CHANNELS[c])
+            with tifffile.TiffFile(path) as tif:  # tifffile, napari, Fiji: the checkpointed frames
+                declared = tif.series[0].asarray().reshape(-1, *SHAPE)
+            assert 1 <= declared.shape[0] == prov["frames_declared_in_ome"] <= n
+            np.testing.assert_array_equal(declared, frames[: declared.shape[0]])
+    assert sum(counts.values()) >= written  # every frame the writer had finished is there
+
+    for kind in ("denoised", "raw"):
+        s = read_acquisition(base, kind=kind)["cam0.p0"]
+        assert s.channels == CHANNELS and s.z_indices == (0, 1, 2)
+        assert s.data.shape[:3] == (max(n for (_, _, k), n in counts.items() if k == kind),
+                                    len(CHANNELS), PLANES)
+        for c, z in np.ndindex(len(CHANNELS), PLANES):
+            n = counts[(c, z, kind)]
+            assert s.present[:n, c, z].all() and not s.present[n:, c, z].any()

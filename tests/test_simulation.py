@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import sys
 import threading
@@ -11,13 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+from skimage.registration import phase_cross_correlation
 
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.adapters.simulation import (
+    PROCESS,
+    PUNCTUM,
+    SOMA,
+    CalciumActivity,
     SimConfig,
     TwoPhotonSimulator,
     _shifted_crop,
+    _shifted_crop_cubic,
     expected_variance,
+    motion_margin,
     noisy_from_clean,
     stream_simulation,
 )
@@ -64,24 +72,33 @@ def test_deterministic_for_a_seed():
     np.testing.assert_array_equal(np.concatenate([first, rest]), a[0])
 
 
-@pytest.mark.parametrize("photons", [0.5, 2.0, 6.0])
+@pytest.mark.parametrize("photons", [0.5, 2.0, 4.0])
 def test_mean_photon_level_is_the_requested_one(photons):
-    config = SimConfig(height=96, width=96, photons=photons, seed=1)
-    noisy, clean = TwoPhotonSimulator(config).movie(200)
+    # Bursty activity makes a short movie's mean wander by a few percent: 20 s of it.
+    config = SimConfig(height=64, width=64, photons=photons, seed=1)
+    noisy, clean = TwoPhotonSimulator(config).movie(600)
     measured = (clean.astype(np.float64) - config.offset_adu).mean() / config.gain_adu
-    assert measured == pytest.approx(photons, rel=0.10)
+    assert measured == pytest.approx(photons, rel=0.08)
     from_noisy = (noisy.astype(np.float64) - config.offset_adu).mean() / config.gain_adu
     assert from_noisy == pytest.approx(measured, rel=0.02)
 
 
-def test_noise_is_temporally_white_and_spatially_independent_by_default(small_movie):
+def test_noise_is_temporally_white_and_correlated_along_the_fast_axis_only_by_default(small_movie):
     noisy, clean = small_movie
     noise = noisy.astype(np.float64) - clean
     lag1 = (noise[1:] * noise[:-1]).sum() / np.sqrt((noise[1:] ** 2).sum() * (noise[:-1] ** 2).sum())
     assert abs(lag1) < 0.01  # 1.5M samples: standard error ~0.001
     x = (noise[:, :, 1:] * noise[:, :, :-1]).sum() / (noise**2).sum()
-    assert abs(x) < 0.01
+    y = (noise[:, 1:, :] * noise[:, :-1, :]).sum() / (noise**2).sum()
+    assert x == pytest.approx(SMALL.noise_corr_x, abs=0.02) and SMALL.noise_corr_x > 0.1
+    assert abs(y) < 0.01
+    # The minimal model's noise is white in space too.
+    config = SimConfig.minimal(height=64, width=80, seed=3)
+    noisy, clean = TwoPhotonSimulator(config).movie(60)
+    noise = noisy.astype(np.float64) - clean
+    assert abs((noise[:, :, 1:] * noise[:, :, :-1]).sum() / (noise**2).sum()) < 0.015
     # The clean movie is not white: calcium transients and neuropil are slow.
+    noisy, clean = small_movie
     dc = clean - clean.mean(axis=0)
     assert (dc[1:] * dc[:-1]).sum() / (dc**2).sum() > 0.5
 
@@ -99,7 +116,37 @@ def test_spatially_correlated_noise_option():
     assert abs(lag1) < 0.01
 
 
-@pytest.mark.parametrize("config", [SMALL, replace(SMALL, noise_corr_x=0.2, noise_corr_y=0.2)], ids=["plain", "correlated"])
+def test_truth_is_the_mean_of_the_noisy_frames_the_simulator_draws():
+    """Many copies of one simulator state, each drawing its own noise: their mean -> the truth.
+
+    This goes through next_frame itself (motion, bleaching, correlated noise and all): only the
+    noise stream differs between the copies, and the truth does not depend on it.
+    """
+    config = SimConfig(height=24, width=32, photons=1.0, seed=6)
+    sim = TwoPhotonSimulator(config)
+    sim.movie(40)  # somewhere into the movie, moving and active
+    draws = 2000
+    total = np.zeros((24, 32))
+    truth = None
+    for i in range(draws):
+        twin = copy.deepcopy(sim)
+        twin.noise_rng = np.random.default_rng([99, i])
+        noisy, clean = twin.next_frame()
+        if truth is None:
+            truth = clean
+        np.testing.assert_array_equal(clean, truth)
+        total += noisy
+    z = (total / draws - truth) / np.sqrt(expected_variance(truth, config) / draws)
+    assert abs(z.mean()) < 0.1  # 768 pixels: standard error ~0.036
+    assert np.mean(z**2) == pytest.approx(1.0, abs=0.15)
+    assert np.abs(z).max() < 5.0
+
+
+@pytest.mark.parametrize(
+    "config",
+    [SimConfig.minimal(height=64, width=80, seed=3), SMALL, replace(SMALL, noise_corr_x=0.2, noise_corr_y=0.2)],
+    ids=["minimal", "defaults", "correlated"],
+)
 def test_clean_is_the_expected_value_and_variance_follows_the_model(config):
     """Many independent noise draws of one clean frame: mean -> clean, variance -> PMT model."""
     config = replace(config, photons=1.0)  # keep far from clipping at 65535
@@ -128,7 +175,7 @@ def test_clean_is_the_expected_value_and_variance_follows_the_model(config):
 
 def test_noise_stats_tool_recovers_the_simulated_detector():
     noise_stats = _load_noise_stats()
-    config = SimConfig(height=96, width=96, photons=3.0, noise_corr_x=0.2, seed=2)
+    config = SimConfig(height=96, width=96, photons=3.0, noise_corr_x=0.2, seed=2)  # moving, bleaching
     noisy, clean = TwoPhotonSimulator(config).movie(300)
     stats = noise_stats.noise_statistics(noisy, offset=config.offset_adu)
     f = config.excess_noise
@@ -141,20 +188,156 @@ def test_noise_stats_tool_recovers_the_simulated_detector():
     assert abs(stats.spatial_corr_y) < 0.03
 
 
-def test_bleaching_and_drift():
-    config = SimConfig(height=64, width=64, rate_hz=1.0, bleach_per_min=0.5, photons=3.0, seed=5)
+def test_bleaching():
+    config = SimConfig.minimal(height=64, width=64, rate_hz=1.0, bleach_per_min=0.5, photons=3.0, seed=5)
     sim = TwoPhotonSimulator(config)
     rates = [sim.clean_photons().mean() for _ in range(121)]
     # After 60 s half the fluorescence is gone, after 120 s three quarters (activity adds noise).
     assert np.mean(rates[55:66]) / np.mean(rates[:6]) == pytest.approx(0.5, rel=0.1)
     assert np.mean(rates[115:]) / np.mean(rates[:6]) == pytest.approx(0.25, rel=0.15)
+    assert SimConfig().bleach_per_min > 0  # on by default, slowly
 
-    moving = TwoPhotonSimulator(replace(SMALL, drift_px=2.5, photons=2.0))
-    offsets = np.array([moving.drift.offset(t) for t in np.linspace(0, 300, 3001)])
+
+def test_motion_moves_the_truth_by_the_reported_offset():
+    config = SimConfig(height=96, width=96, drift_px=2.0, jitter_px=0.3, seed=4)
+    sim = TwoPhotonSimulator(config)
+    assert sim.scene.margin == motion_margin(config) >= 3
+    frames, offsets = [], []
+    for _ in range(300):
+        _, clean = sim.next_frame()
+        frames.append(clean)
+        offsets.append(sim.offset)
+    offsets = np.array(offsets)
+    assert np.abs(offsets).max() <= sim.scene.margin - 1
+    assert np.ptp(offsets[:, 0]) > 1.0 or np.ptp(offsets[:, 1]) > 1.0  # the slow drift
+    assert 0.05 < np.abs(np.diff(offsets, axis=0)).mean() < 0.5  # and fast jitter, frame to frame
+    # The truth itself moves: each frame registered on the mean frame is shifted by its offset
+    # (up to the mean offset; activity adds a little scatter).
+    frames = np.stack(frames)
+    assert np.isfinite(frames).all()
+    window = np.outer(np.hanning(96), np.hanning(96))  # so that the frame's edges do not pull to 0
+
+    def tapered(image: np.ndarray) -> np.ndarray:
+        return (image - image.mean()) * window
+
+    template = tapered(frames.mean(axis=0))
+    found = np.array([phase_cross_correlation(template, tapered(f), upsample_factor=20, normalization=None)[0]
+                      for f in frames])
+    for axis in (0, 1):
+        slope, _ = np.polyfit(offsets[:, axis], found[:, axis], 1)
+        assert slope == pytest.approx(1.0, abs=0.1)
+        assert np.corrcoef(offsets[:, axis], found[:, axis])[0, 1] > 0.95
+    # A still field stays still.
+    still = TwoPhotonSimulator(SimConfig.minimal(height=32, width=32, seed=4))
+    still.movie(5)
+    assert still.offset == (0.0, 0.0) and still.scene.margin == 0
+
+
+def test_drift_path_is_bounded_and_jitter_is_fast():
+    sim = TwoPhotonSimulator(replace(SMALL, drift_px=2.5, jitter_px=0.0))
+    offsets = np.array([sim.drift.offset(t) for t in np.linspace(0, 300, 3001)])
     assert np.abs(offsets).max() <= 2.5 and np.abs(offsets).max() > 1.0
-    frames = np.stack([moving.clean_photons() for _ in range(60)])
-    assert frames.shape == (60, 64, 80) and np.isfinite(frames).all() and frames.min() >= 0
-    assert frames.mean() == pytest.approx(2.0, rel=0.15)
+    jittery = TwoPhotonSimulator(replace(SMALL, drift_px=0.0, jitter_px=0.5)).drift
+    steps = np.array([jittery.step(i / 30.0) for i in range(3000)])
+    rms = np.sqrt((steps**2).sum(axis=1).mean())
+    assert rms == pytest.approx(0.5, rel=0.15)
+
+
+def test_kinetics_of_the_truth_traces():
+    """Isolated single spikes in the true dF/F: 10-90 % rise ~50 ms, decay 0.4-1.2 s, peak = A."""
+    rate = 100.0
+    activity = CalciumActivity(200, rate, np.random.default_rng(0))
+    frames = int(60 * rate)
+    dff = np.empty((frames, 200))
+    spikes = np.empty((frames, 200))
+    for i in range(frames):
+        dff[i] = activity.step()[0]
+        spikes[i] = activity.spikes
+    window = int(2 * rate)
+    rises, decays, peaks = [], [], []
+
+    def crossing(y: np.ndarray, level: float) -> float:
+        k = int(np.argmax(y >= level))
+        return k - 1 + (level - y[k - 1]) / (y[k] - y[k - 1])
+
+    for j in range(200):
+        for t0 in np.nonzero(spikes[:, j] == 1)[0]:
+            if t0 < window or t0 + window >= frames or spikes[t0 - window : t0 + window, j].sum() != 1:
+                continue  # not an isolated single spike
+            trace = dff[t0 - 1 : t0 + window, j] - dff[t0 - 1, j]
+            top = int(trace.argmax())
+            peak = trace[top]
+            rises.append((crossing(trace[: top + 1], 0.9 * peak) - crossing(trace[: top + 1], 0.1 * peak)) / rate)
+            decays.append(int(np.argmax(trace[top:] <= peak / np.e)) / rate)
+            peaks.append(peak / activity.amplitude[j])
+    assert len(rises) > 100
+    assert 0.04 <= np.median(rises) <= 0.06 and 0.025 <= min(rises) and max(rises) <= 0.09
+    assert 0.6 <= np.median(decays) <= 0.95 and 0.3 <= min(decays) and max(decays) <= 1.5
+    assert np.median(peaks) == pytest.approx(1.0, abs=0.02)  # one spike's peak dF/F is A
+    # Bursts: some frames carry several spikes, and big bursts saturate below linear.
+    assert spikes.max() >= 3
+    c = np.linspace(0, 60, 7)
+    assert np.all(np.diff(activity._saturate(np.outer(c, np.ones(200))), axis=0) > 0)
+    assert np.all(activity._saturate(np.full(200, 40.0)) < 40 * activity.amplitude)
+
+
+def test_footprints_processes_and_truth_traces():
+    sim = TwoPhotonSimulator(SMALL)
+    kinds = sim.scene.kinds
+    assert {SOMA, PUNCTUM, PROCESS} <= set(kinds)
+    fp = sim.footprints()
+    assert fp.shape == (sim.scene.n_cells, SMALL.height, SMALL.width) and fp.dtype == np.float32
+    assert fp.min() >= 0 and (fp.reshape(len(fp), -1).max(axis=1) > 0).sum() >= 0.9 * len(fp)
+    # Processes are thin and long: few pixels for their length.
+    for k in np.nonzero(kinds == PROCESS)[0]:
+        ys, xs = np.nonzero(fp[k] > 0.2 * fp[k].max())
+        if len(ys) > 5:
+            extent = max(np.ptp(ys), np.ptp(xs)) + 1
+            assert len(ys) < 3.0 * extent + 12
+    # In a still field, the footprint-weighted truth of a clearly active soma follows its dF/F
+    # (the neuropil under it and its neighbours add the rest).
+    still = replace(SMALL, drift_px=0.0, jitter_px=0.0)
+    sim = TwoPhotonSimulator(still)
+    fp = sim.footprints()
+    clean, dff = [], []
+    for _ in range(300):
+        clean.append(sim.next_frame()[1])
+        dff.append(sim.dff.copy())
+    clean, dff = np.array(clean), np.array(dff)
+    traces = np.einsum("thw,khw->tk", clean - still.offset_adu, fp) / np.einsum("khw->k", fp)
+    active = [k for k in np.nonzero(sim.scene.kinds == SOMA)[0] if dff[:, k].max() > 0.5 and fp[k].sum() > 0]
+    assert len(active) >= 3
+    corr = [np.corrcoef(traces[:, k], dff[:, k])[0, 1] for k in active]
+    assert np.median(corr) > 0.9 and min(corr) > 0.6  # the least: a soma that a process crosses
+
+
+def test_neuropil_has_its_own_activity():
+    """Away from every source the neuropil fluctuates with the population everywhere at once and,
+    unless ``neuropil_activity`` is 0, with its own local activity, different from place to place."""
+
+    def fluctuations(neuropil_activity: float) -> tuple[float, float]:
+        config = SimConfig.minimal(height=64, width=64, seed=8, neuropil_activity=neuropil_activity, n_processes=0)
+        sim = TwoPhotonSimulator(config)
+        _, clean = sim.movie(600)
+        empty = sim.footprints().sum(axis=0) == 0
+        x = clean[:, empty] - config.offset_adu
+        dff = x / x.mean(axis=0) - 1.0
+        common = dff.mean(axis=1, keepdims=True)
+        return float(common.std()), float(np.median((dff - common).std(axis=0)))
+
+    (common_busy, local_busy), (common_quiet, local_quiet) = fluctuations(1.0), fluctuations(0.0)
+    assert common_quiet > 0.01 and common_busy > 0.01  # the population term
+    assert local_quiet < 0.002  # a static texture
+    assert local_busy > 0.02
+
+
+def test_same_seed_same_scene_and_activity():
+    a, b = TwoPhotonSimulator(SMALL), TwoPhotonSimulator(SMALL)
+    np.testing.assert_array_equal(a.footprints(), b.footprints())
+    a.movie(30)
+    b.movie(30)
+    np.testing.assert_array_equal(a.dff, b.dff)
+    assert a.offset == b.offset
 
 
 def test_subpixel_shift_is_bilinear():
@@ -166,9 +349,27 @@ def test_subpixel_shift_is_bilinear():
     np.testing.assert_allclose(quarter, 0.75 * canvas[2:6, 3:8] + 0.25 * canvas[2:6, 4:9])
 
 
+def test_subpixel_shift_is_cubic_and_exact_on_smooth_data():
+    canvas = np.arange(144.0).reshape(12, 12) ** 1.0
+    np.testing.assert_array_equal(_shifted_crop_cubic(canvas, 3.0, 4.0, (4, 5)), canvas[3:7, 4:9])
+    # Cubic convolution reproduces polynomials up to degree 2 exactly (Keys 1981): a ramp and a parabola.
+    yy, xx = np.mgrid[0:12, 0:12].astype(np.float64)
+    for image, truth in ((2 * yy + 3 * xx, lambda y, x: 2 * y + 3 * x), (xx**2, lambda y, x: x**2)):
+        out = _shifted_crop_cubic(image, 3.25, 4.6, (4, 5))
+        np.testing.assert_allclose(out, truth(yy[3:7, 4:9] + 0.25, xx[3:7, 4:9] + 0.6), atol=1e-9)
+    # Half a pixel of shift keeps fine detail: a 4-pixel period keeps ~88 % of its amplitude at the
+    # new sample points (bilinear: 71 %), and a constant stays constant.
+    wave = np.cos(np.pi * yy / 2)
+    true_amplitude = abs(np.cos(np.pi / 4))  # the wave's value half a pixel off its crests
+    assert np.ptp(_shifted_crop_cubic(wave, 4.5, 4.0, (4, 5))) / 2 > 0.85 * true_amplitude
+    assert np.ptp(_shifted_crop(wave, 4.5, 4.0, (4, 5))) / 2 < 0.75 * true_amplitude
+    np.testing.assert_allclose(_shifted_crop_cubic(np.full((12, 12), 7.0), 3.5, 4.5, (4, 5)), 7.0)
+
+
 def test_bad_config_is_refused():
     for bad in (dict(photons=0), dict(height=4), dict(rate_hz=0), dict(excess_noise=0.9),
-                dict(noise_corr_x=0.8), dict(bleach_per_min=1.0), dict(read_noise_adu=-1)):
+                dict(noise_corr_x=0.8), dict(bleach_per_min=1.0), dict(read_noise_adu=-1),
+                dict(jitter_px=-0.1), dict(neuropil_activity=-1), dict(n_processes=-1)):
         with pytest.raises(ValueError):
             SimConfig(**bad)
 

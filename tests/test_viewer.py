@@ -35,27 +35,37 @@ from umvd_live.viewer.noise import (
     region_snr,
 )
 from umvd_live.protocol import encode_frame
-from umvd_live.viewer.session import FramePair, LatestOnly, LiveSession, LiveStats, ViewerConfig
+from umvd_live.channel_colors import channel_colormaps, preferred_colors
+from umvd_live.viewer.session import LatestOnly, LiveSession, LiveStats, Selection, SiteFrames, ViewerConfig
+from umvd_live.viewer.sites import Site, SiteCatalog, StreamPlace
 
 # ------------------------------------------------------------------------------ Qt-free parts
 
 
 def _sim_movie(frames: int = 30, **overrides) -> tuple[SimConfig, np.ndarray]:
-    cfg = SimConfig(**({"height": 96, "width": 96, "seed": 3} | overrides))
-    noisy, _ = TwoPhotonSimulator(cfg).movie(frames)
+    cfg, noisy, _ = _sim_movie_and_photons(frames, **overrides)
     return cfg, noisy
+
+
+def _sim_movie_and_photons(frames: int = 30, **overrides) -> tuple[SimConfig, np.ndarray, float]:
+    """A simulated movie and the apparent photons per pixel per frame its truth holds: over a
+    second of bursty activity the truth's mean strays from the requested level by several %."""
+    cfg = SimConfig(**({"height": 96, "width": 96, "seed": 3} | overrides))
+    noisy, clean = TwoPhotonSimulator(cfg).movie(frames)
+    photons = float(((clean - cfg.offset_adu) / cfg.gain_adu).mean()) / cfg.excess_noise
+    return cfg, noisy, photons
 
 
 @pytest.mark.parametrize("photons", [0.5, 2.0, 6.0])
 def test_fit_recovers_the_simulators_gain_offset_and_photons(photons):
     # No read noise: the line's zero-variance point is the offset itself.
-    cfg, movie = _sim_movie(photons=photons, read_noise_adu=0.0)
+    cfg, movie, true_photons = _sim_movie_and_photons(photons=photons, read_noise_adu=0.0)
     fit = fit_poisson_gaussian(movie)
     apparent_gain = cfg.gain_adu * cfg.excess_noise  # what any variance-vs-mean fit sees
     assert fit.valid and fit.r2 > 0.95 and fit.frames == 30
     assert fit.gain == pytest.approx(apparent_gain, rel=0.06)
     assert fit.offset == pytest.approx(cfg.offset_adu, abs=0.04 * photons * cfg.gain_adu + 60)
-    assert fit.photons == pytest.approx(photons / cfg.excess_noise, rel=0.08)
+    assert fit.photons == pytest.approx(true_photons, rel=0.08)
 
 
 def test_fit_with_a_known_offset_gives_the_read_noise():
@@ -198,26 +208,26 @@ def test_session_shows_the_newest_frame_and_follows_a_laser_power_change():
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             stats = [e for e in session.step(20) if isinstance(e, LiveStats)]
-            if stats and stats[-1].noise is not None and session._raw_history._count >= seq:
+            if stats and stats[-1].noise is not None and session.feed("cam0").raw_history.pushed >= seq:
                 return stats[-1].noise.photons
         raise AssertionError("no noise figure")
 
     try:
         assert pub.poll(5000) and pub.recv()[:1] == b"\x01"  # the session's subscription
-        bright_cfg, bright = _sim_movie(40, photons=4.0, seed=1)
-        dim_cfg, dim = _sim_movie(30, photons=1.0, seed=1)  # the laser turned down to a quarter
-        assert photons_after(bright) == pytest.approx(4.0 / bright_cfg.excess_noise, rel=0.1)
+        _, bright, bright_photons = _sim_movie_and_photons(40, photons=4.0, seed=1)
+        _, dim, dim_photons = _sim_movie_and_photons(30, photons=1.0, seed=1)  # the laser turned down to a quarter
+        assert photons_after(bright) == pytest.approx(bright_photons, rel=0.1)
         # One history (30 frames: 1 s at 30 Hz) later the figure is the new light level's.
-        assert photons_after(dim) == pytest.approx(1.0 / dim_cfg.excess_noise, rel=0.1)
+        assert photons_after(dim) == pytest.approx(dim_photons, rel=0.1)
         # Ten frames at once: one pair, the newest, with the nine it replaced counted.
         session.step(0)
         publish(dim[:10])
-        pairs: list[FramePair] = []
+        pairs = []
         deadline = time.monotonic() + 5
-        while session._raw_history._count < seq and time.monotonic() < deadline:
+        while session.feed("cam0").raw_history.pushed < seq and time.monotonic() < deadline:
             time.sleep(0.05)  # let all ten arrive before the session reads them
-            pairs += [e for e in session.step(20) if isinstance(e, FramePair)]
-        pairs += [e for e in session.step(50) if isinstance(e, FramePair)]
+            pairs += [p for e in session.step(20) if isinstance(e, SiteFrames) for p in e.pairs]
+        pairs += [p for e in session.step(50) if isinstance(e, SiteFrames) for p in e.pairs]
         assert pairs[-1].raw_header["seq"] == seq - 1 and pairs[-1].stream == "cam0"
         assert sum(p.superseded for p in pairs) + len(pairs) >= 10
         assert session.streams == ["cam0"]
@@ -226,8 +236,178 @@ def test_session_shows_the_newest_frame_and_follows_a_laser_power_change():
         pub.close(linger=0)
 
 
+def _site_meta(group: str, index: dict[str, int], channel: str | None = None, position: str | None = None) -> dict:
+    """A frame's meta as a multi-dimensional source sends it (docs/protocol.md)."""
+    return {"group": group, "index": index} | ({"channel": channel} if channel else {}) | (
+        {"position": position} if position else {})
+
+
+def test_stream_places_come_from_meta_or_status_and_tolerate_old_producers():
+    place = StreamPlace.from_meta("cam0.p1.GCaMP.z2", {
+        "group": "cam0", "index": {"t": 7, "p": 1, "c": 0, "z": 2}, "channel": "GCaMP", "position": "Pos001"})
+    assert place.site == Site("cam0", (("p", 1), ("z", 2))) and place.channel == "GCaMP"
+    assert place.channel_index == 0 and place.position_name == "Pos001" and place.label == "GCaMP"
+    assert place.site.describe("Pos001") == "cam0 · position 1 (Pos001) · plane (z) 2"
+    # No channel name: c{index}, as in the stream name.
+    assert StreamPlace.from_meta("cam0.c1", {"group": "cam0", "index": {"c": 1}}).label == "c1"
+    # Old producers, odd meta: a site of its own, labelled with the stream's name.
+    for meta in (None, {}, {"pixel_size_um": 0.8}, {"group": 3, "index": {}}, "text", {"group": "g", "index": "x"},
+                 {"group": "g"}):
+        alone = StreamPlace.from_meta("pmt.red", meta)
+        assert alone == StreamPlace.alone("pmt.red") and alone.label == "pmt.red" and alone.site == Site("pmt.red")
+    # A group whose index has no site axes (a time-lapse of one channel): its site is the group.
+    assert StreamPlace.from_meta("cam0", {"group": "cam0", "index": {"t": 4}}).site == Site("cam0")
+    # Indices that are not ints are left out; the status form has no time axis.
+    odd = StreamPlace.from_meta("s", {"group": "cam0", "index": {"z": True, "p": "1", "g": 2.0}})
+    assert odd.site == Site("cam0", (("g", 2),))
+    status = StreamPlace.from_status("cam0.tdTomato.z1", {"group": "cam0", "channel": "tdTomato",
+                                                          "index": {"c": 1, "z": 1}})
+    assert status.site == Site.of("cam0", {"z": 1}) and status.channel == "tdTomato" and status.channel_index == 1
+    assert StreamPlace.from_status("cam0", None) == StreamPlace.alone("cam0")
+
+
+def test_the_catalog_orders_sites_and_channels_and_finds_the_nearest_site():
+    places = [StreamPlace.from_meta(name, meta) for name, meta in [
+        ("cam0.p1.tdTomato.z0", _site_meta("cam0", {"t": 0, "p": 1, "c": 1, "z": 0}, "tdTomato")),
+        ("cam0.p1.GCaMP.z0", _site_meta("cam0", {"t": 0, "p": 1, "c": 0, "z": 0}, "GCaMP", position="B2")),
+        ("cam0.p0.GCaMP.z0", _site_meta("cam0", {"t": 0, "p": 0, "c": 0, "z": 0}, "GCaMP")),
+        ("cam0.p0.GCaMP.z1", _site_meta("cam0", {"t": 0, "p": 0, "c": 0, "z": 1}, "GCaMP")),
+        ("cam0.p0.GCaMP.z2", _site_meta("cam0", {"t": 0, "p": 0, "c": 0, "z": 2}, "GCaMP")),
+        ("red", None),
+    ]]
+    catalog = SiteCatalog(places)
+    assert catalog.groups() == ["cam0", "red"]
+    assert [s.coords for s in catalog.sites("cam0")] == [
+        (("p", 0), ("z", 0)), (("p", 0), ("z", 1)), (("p", 0), ("z", 2)), (("p", 1), ("z", 0))]
+    p1z0 = Site.of("cam0", {"p": 1, "z": 0})
+    assert [c.stream for c in catalog.channels(p1z0)] == ["cam0.p1.GCaMP.z0", "cam0.p1.tdTomato.z0"]
+    assert catalog.group_channels("cam0") == ["GCaMP", "tdTomato"] and catalog.group_channels("red") == ["red"]
+    assert catalog.axis_values("cam0", "z") == [0, 1, 2] and catalog.group_axes("cam0") == ["p", "z"]
+    assert catalog.position_name("cam0", 1) == "B2" and catalog.position_name("cam0", 0) is None
+    # Position 1 has no plane 2: choosing position 1 at z 2 keeps the position, nearest plane.
+    assert catalog.nearest_site("cam0", {"p": 1, "z": 2}, keep="p") == p1z0
+    # Choosing plane 2 at position 1 keeps the plane instead.
+    assert catalog.nearest_site("cam0", {"p": 1, "z": 2}, keep="z") == Site.of("cam0", {"p": 0, "z": 2})
+    assert catalog.nearest_site("red", {}) == Site("red") and catalog.nearest_site("none", {}) is None
+
+
+def test_channel_colormaps_follow_the_names_and_never_collide():
+    assert channel_colormaps(["GCaMP", "tdTomato"]) == {"GCaMP": "green", "tdTomato": "magenta"}
+    assert channel_colormaps(["DAPI", "FITC", "TRITC", "Cy5"]) == {
+        "DAPI": "blue", "FITC": "green", "TRITC": "magenta", "Cy5": "red"}
+    assert channel_colormaps(["488nm", "561 nm", "640"]) == {"488nm": "green", "561 nm": "magenta", "640": "red"}
+    # Names that say nothing take the cycle; a taken colour passes on.
+    assert list(channel_colormaps(["A", "B", "C", "D"]).values()) == ["green", "magenta", "cyan", "yellow"]
+    assert channel_colormaps(["GFP", "EGFP"]) == {"GFP": "green", "EGFP": "magenta"}
+    assert channel_colormaps(["mCherry", "Cy5", "x"]) == {"mCherry": "magenta", "Cy5": "red", "x": "green"}
+    assert channel_colormaps(["DIC", "GFP"])["DIC"] == "gray"
+    assert preferred_colors("jGCaMP8 indicator") == ("green",)  # "dic" only as a word
+    assert preferred_colors("Hoechst") == ("blue", "cyan") and preferred_colors("iRFP720")[0] == "red"
+    assert channel_colormaps(["GCaMP"]) == {"GCaMP": "gray"} and channel_colormaps([]) == {}
+
+
+def test_session_shows_one_site_with_all_its_channels_and_switches_without_new_frames():
+    """LiveSession on a real SUB socket: 2 channels x 2 planes of one acquisition and an old stream
+    without meta; a stand-in daemon's REP socket reports one more plane by its status axes only."""
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.XPUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    rep = ctx.socket(zmq.REP)
+    rep.setsockopt(zmq.LINGER, 0)
+    rep_port = rep.bind_to_random_port("tcp://127.0.0.1")
+    halt = threading.Event()
+    status_axes = {"group": "cam0", "channel": "GCaMP", "index": {"c": 0, "z": 5}}
+
+    def answer_status() -> None:
+        while not halt.is_set():
+            if rep.poll(20):
+                rep.recv()
+                rep.send(msgpack.packb({"ok": True, "streams": {"cam0.GCaMP.z5": {"axes": status_axes},
+                                                                "legacy": {"axes": None}}}))
+
+    responder = threading.Thread(target=answer_status, daemon=True)
+    responder.start()
+    session = LiveSession(ViewerConfig(output=f"tcp://127.0.0.1:{port}", control=f"tcp://127.0.0.1:{rep_port}",
+                                       stats_period_s=0.0, max_fps=1000.0), ctx)
+    channels = [(1, "tdTomato"), (0, "GCaMP")]  # sent in this order; shown in channel-index order
+    seq = 0
+
+    def value(c: int, z: int) -> int:
+        return 1000 + 100 * z + 10 * c
+
+    def publish_round() -> None:
+        nonlocal seq
+        for z in (0, 1):
+            for c, name in channels:
+                stream = f"cam0.{name}.z{z}"
+                parts = encode_frame(stream, np.full((16, 16), value(c, z), np.uint16), seq, t=seq / 10,
+                                     meta=_site_meta("cam0", {"t": seq, "c": c, "z": z}, name))
+                pub.send_multipart([f"{stream}/raw".encode(), *parts[1:]])
+        parts = encode_frame("legacy", np.full((16, 16), 7, np.uint16), seq, t=seq / 10)
+        pub.send_multipart([b"legacy/raw", *parts[1:]])
+        seq += 1
+
+    def frames_until(cond, what: str) -> SiteFrames:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            for event in session.step(20):
+                if isinstance(event, SiteFrames) and cond(event):
+                    return event
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def values(frames: SiteFrames) -> list[int]:
+        return [int(p.raw[0, 0]) for p in frames.pairs if p.raw is not None]
+
+    try:
+        assert pub.poll(5000) and pub.recv()[:1] == b"\x01"
+        for _ in range(3):
+            publish_round()
+        # The first stream seen was tdTomato at z 0: its site is shown, channels in index order.
+        first = frames_until(lambda f: len(f.pairs) == 2 and all(p.raw is not None for p in f.pairs), "a site")
+        assert first.site == Site.of("cam0", {"z": 0})
+        assert [p.label for p in first.pairs] == ["GCaMP", "tdTomato"] and values(first) == [value(0, 0), value(1, 0)]
+        assert first.analysed == "cam0.GCaMP.z0"  # the first channel, by default
+        assert session.undecoded > 0  # the other plane and the old stream: kept, not decoded
+        # Another plane, analysing tdTomato: shown at once from the newest frames kept.
+        session.select(Selection(site=Site.of("cam0", {"z": 1}), channel="tdTomato"))
+        plane1 = frames_until(lambda f: f.site.get("z") == 1, "plane 1 without new frames")
+        assert values(plane1) == [value(0, 1), value(1, 1)] and plane1.analysed == "cam0.tdTomato.z1"
+        assert plane1.analysed_pair.label == "tdTomato"
+        # New frames keep coming for the plane shown; the stats describe every channel.
+        publish_round()
+        frames_until(lambda f: f.site.get("z") == 1 and f.pairs[0].raw_header["seq"] == seq - 1, "new frames")
+        deadline = time.monotonic() + 10
+        while True:
+            stats = [e for e in session.step(20) if isinstance(e, LiveStats)]
+            if stats and stats[-1].daemon is not None and "cam0.GCaMP.z5" in session.catalog:
+                break
+            assert time.monotonic() < deadline, "no status"
+        stats = stats[-1]
+        assert stats.site == Site.of("cam0", {"z": 1}) and stats.channel == "tdTomato"
+        assert stats.stream == "cam0.tdTomato.z1" and [c.label for c in stats.channels] == ["GCaMP", "tdTomato"]
+        assert len(stats.channels[0].trace_raw) >= 1
+        # The plane the status alone reports is a site before any frame of it arrives.
+        assert Site.of("cam0", {"z": 5}) in session.catalog.sites("cam0")
+        assert {p.stream for p in stats.places} >= {"cam0.GCaMP.z0", "cam0.tdTomato.z1", "legacy", "cam0.GCaMP.z5"}
+        # The old stream, by name: a site of its own, one channel labelled with the stream.
+        session.select_stream("legacy")
+        old = frames_until(lambda f: f.site == Site("legacy"), "the old stream")
+        assert [p.label for p in old.pairs] == ["legacy"] and values(old) == [7] and old.analysed == "legacy"
+        # A group's name picks its first site.
+        session.select_stream("cam0")
+        assert frames_until(lambda f: f.site.group == "cam0", "the group").site == Site.of("cam0", {"z": 0})
+    finally:
+        halt.set()
+        responder.join(5)
+        session.close()
+        pub.close(linger=0)
+        rep.close(linger=0)
+
+
 def test_the_viewer_package_imports_no_qt():
     code = ("import sys, umvd_live.viewer, umvd_live.viewer.noise, umvd_live.viewer.session, "
+            "umvd_live.viewer.sites, umvd_live.channel_colors, "
             "umvd_live.control_client, umvd_live.cli; "
             "bad = [m for m in ('qtpy', 'PyQt5', 'napari', 'vispy') if m in sys.modules]; "
             "assert not bad, bad")
@@ -495,4 +675,193 @@ def test_viewer_shows_the_live_stream_and_controls_the_daemon(tmp_path, x_displa
         except subprocess.TimeoutExpired:
             sim.kill()
             sim.wait()
+        daemon.kill()
+
+
+# ------------------------------------------------------------------------------ channels and planes, end to end
+
+CHANNELS = (("GCaMP", 4.0), ("tdTomato", 1.0))  # (name, photons per pixel per frame): 4x apart
+PLANES = (0, 1)
+GAIN, OFFSET, READ_NOISE = 1500.0, 1000.0, 150.0  # ADU per photon (no excess noise), ADU, ADU
+
+
+def _scene_frames(photons: float, seed: int):
+    """Endless frames of a static scene (bright blobs on a background) with Poisson-Gaussian noise
+    of a known detector: the truth the per-channel noise fit must find, whatever the simulator's
+    realism (motion, correlated noise) adds to its own movies."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    pattern = np.full((SIZE, SIZE), 0.3)
+    for _ in range(12):
+        cy, cx, r, a = rng.uniform(0, SIZE), rng.uniform(0, SIZE), rng.uniform(3, 7), rng.uniform(1, 4)
+        pattern += a * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+    expected = photons * pattern / pattern.mean()
+    while True:
+        frame = OFFSET + GAIN * rng.poisson(expected) + rng.normal(0, READ_NOISE, expected.shape)
+        yield np.clip(np.rint(frame), 0, 65535).astype(np.uint16)
+
+
+def _stamp(c: int, z: int) -> np.ndarray:
+    """Four pixels (row 0, columns 0-3) that say which channel and plane a frame is of."""
+    return np.array([61000, 60000 + 1000 * c, 60000 + 100 * z, 60000 + 10 * c + z], np.uint16)
+
+
+class SitePublisher(threading.Thread):
+    """A two-channel, two-plane acquisition: one real `FramePublisher` per stream, frames of a
+    known detector (a different photon level per channel), each stamped with its channel and plane."""
+
+    def __init__(self, endpoint: str, rate_hz: float = 10.0):
+        super().__init__(daemon=True)
+        from umvd_live.adapters.publisher import FramePublisher
+
+        self.rate_hz = rate_hz
+        self.halt = threading.Event()
+        self.error: BaseException | None = None
+        self.streams = []
+        for z in PLANES:
+            for c, (name, photons) in enumerate(CHANNELS):
+                frames = _scene_frames(photons, seed=10 * z + c)
+                self.streams.append((FramePublisher(endpoint, stream=f"cam0.{name}.z{z}"), frames, name, c, z))
+
+    def run(self) -> None:
+        try:
+            for publisher, *_ in self.streams:
+                if not publisher.wait_for_subscriber(30):
+                    raise RuntimeError("the daemon did not subscribe")
+            t0 = time.monotonic()
+            seq = 0
+            while not self.halt.is_set():
+                for publisher, frames, name, c, z in self.streams:
+                    frame = next(frames)
+                    frame[0, :4] = _stamp(c, z)
+                    publisher.publish(frame, t=seq / self.rate_hz, seq=seq,
+                                      meta=_site_meta("cam0", {"t": seq, "c": c, "z": z}, name))
+                seq += 1
+                self.halt.wait(max(0.0, t0 + seq / self.rate_hz - time.monotonic()))
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+        finally:
+            for publisher, *_ in self.streams:
+                publisher.close()
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(10)
+
+
+@pytest.mark.gui
+@pytest.mark.timeout(150)
+def test_viewer_shows_each_channel_as_a_layer_and_switches_planes(tmp_path, x_display):
+    pytest.importorskip("napari", reason="napari is not installed (pip install 'umvd-live[viewer]')")
+    from qtpy.QtWidgets import QApplication
+
+    from umvd_live.viewer.app import open_viewer
+
+    daemon = Daemon(tmp_path)
+    # Inference only: four models training on a shared 2-core machine would starve the GUI, and
+    # what is checked here (layers, planes, per-channel figures) does not need trained models.
+    assert daemon.status()["ok"]
+    client = ControlClient(daemon.control, timeout_s=10)
+    try:
+        assert client.request("pause_training")["training_paused"] is True
+    finally:
+        client.close()
+    source = SitePublisher(daemon.input)
+    source.start()
+    viewer = widget = None
+
+    def wait_until(cond, what: str, timeout_s: float = 40.0):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            QApplication.processEvents()
+            assert source.error is None, source.error
+            value = cond()
+            if value:
+                return value
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {what}; daemon log:\n{daemon.err_path.read_text()[-3000:]}")
+
+    def plane_on_screen(z: int) -> bool:
+        frames = widget.last_frames
+        if frames is None or frames.site.get("z") != z or len(widget.channel_layers) != 2:
+            return False
+        layers = list(widget.channel_layers.values())
+        return all(np.array_equal(ch.raw.data[0, :4], _stamp(c, z)) for c, ch in enumerate(layers)) and all(
+            p.denoised_header is not None and p.denoised_header["meta"]["index"]["z"] == z for p in frames.pairs)
+
+    def fit_of(channel: str):
+        widget.channel_combo.setCurrentText(channel)
+        stats = wait_until(lambda: (s := widget.last_stats) and s.channel == channel and s.noise is not None
+                           and s.noise.frames == 30 and s, f"a noise fit of {channel}")
+        assert f"Raw noise · {channel}" in widget.noise_box.title()
+        return stats
+
+    try:
+        viewer, widget = open_viewer(ViewerConfig(output=daemon.output, control=daemon.control))
+
+        # One layer per channel, named after it, coloured after it, blended additively.
+        wait_until(lambda: len(widget.channel_layers) == 2 and widget.last_frames is not None
+                   and all(p.raw is not None and p.denoised is not None for p in widget.last_frames.pairs),
+                   "both channels' raw and denoised frames")
+        assert [layer.name for layer in viewer.layers] == [
+            "raw · GCaMP", "raw · tdTomato", "region", "denoised · GCaMP", "denoised · tdTomato",
+            "region (on denoised)"]
+        gcamp, tdtomato = widget.channel_layers["GCaMP"], widget.channel_layers["tdTomato"]
+        for ch, colormap in ((gcamp, "green"), (tdtomato, "magenta")):
+            assert ch.raw.colormap.name == ch.denoised.colormap.name == colormap
+        assert tdtomato.raw.blending == tdtomato.denoised.blending == "additive"
+        grid = widget.grid
+        assert grid.enabled and grid.stride == 3
+        assert grid.position(0, viewer.layers) == grid.position(1, viewer.layers) == (0, 0)
+        assert grid.position(3, viewer.layers) == grid.position(4, viewer.layers) == (0, 1)
+        # The acquisition's planes are offered; its channels are analysable one by one.
+        wait_until(lambda: widget.plane_combo.count() == 2 and widget.channel_combo.count() == 2, "the combos")
+        assert widget.plane_combo.isVisibleTo(widget) and not widget.position_combo.isVisibleTo(widget)
+        assert [widget.plane_combo.itemData(i) for i in range(2)] == [0, 1]
+        assert [widget.channel_combo.itemText(i) for i in range(2)] == ["GCaMP", "tdTomato"]
+        assert [widget.stream_combo.itemText(i) for i in range(widget.stream_combo.count())] == ["cam0"]
+
+        # Choosing a plane shows that plane's frames, in every channel, raw and denoised.
+        for z in (1, 0, 1):
+            widget.plane_combo.setCurrentIndex(widget.plane_combo.findData(z))
+            wait_until(lambda: plane_on_screen(z), f"plane {z} on screen")
+            wait_until(lambda: widget.last_stats.site == Site.of("cam0", {"z": z}), f"the stats of plane {z}")
+        assert widget.last_stats.stream == "cam0.GCaMP.z1" and "cam0.GCaMP.z1" in widget.analysed_label.text()
+
+        # Per channel: the noise fit sees one detector (same gain) at two light levels, 4x apart.
+        g = fit_of("GCaMP")
+        t = fit_of("tdTomato")
+        assert t.stream == "cam0.tdTomato.z1"  # the plane stays, the channel changes
+        assert g.noise.photons == pytest.approx(CHANNELS[0][1], rel=0.2)
+        assert t.noise.photons == pytest.approx(CHANNELS[1][1], rel=0.2)
+        assert g.noise.gain == pytest.approx(GAIN, rel=0.1) and t.noise.gain == pytest.approx(GAIN, rel=0.1)
+        assert g.snr_raw / t.snr_raw == pytest.approx(2.0, rel=0.25)  # shot noise: sqrt(4)
+        # The analysed channel stays analysed on another plane.
+        widget.plane_combo.setCurrentIndex(widget.plane_combo.findData(0))
+        wait_until(lambda: widget.last_stats.stream == "cam0.tdTomato.z0" and plane_on_screen(0),
+                   "tdTomato analysed on plane 0")
+        # Each channel its own contrast and its own trace lane, in its colour.
+        wait_until(lambda: widget.contrast_settled, "every channel's automatic contrast")
+        assert gcamp.raw.contrast_limits[1] > tdtomato.raw.contrast_limits[1]
+        assert tuple(gcamp.raw.contrast_limits) == tuple(gcamp.denoised.contrast_limits)
+        widget.set_region((8, 56, 8, 56))
+        stats = wait_until(lambda: (s := widget.last_stats).region == (8, 56, 8, 56)
+                           and all(len(c.trace_raw) > 10 and len(c.trace_denoised) > 5 for c in s.channels)
+                           and s, "both channels' region traces")
+        means = {c.label: float(np.mean(c.trace_raw[:, 1])) for c in stats.channels}
+        assert means["GCaMP"] - OFFSET > 2 * (means["tdTomato"] - OFFSET)  # 4x the light, other blobs
+        assert [lane.label for lane in widget.trace_plot.lanes] == ["GCaMP", "tdTomato"]
+        assert widget.trace_plot.lanes[0].color != widget.trace_plot.lanes[1].color
+
+        shot = tmp_path / "channels.png"
+        image = viewer.screenshot(str(shot), canvas_only=False)
+        assert shot.stat().st_size > 10_000 and image.std() > 10
+        if os.environ.get("UMVD_VIEWER_SCREENSHOT_CHANNELS"):
+            shutil.copyfile(shot, os.environ["UMVD_VIEWER_SCREENSHOT_CHANNELS"])
+    finally:
+        if widget is not None:
+            widget.close_session()
+        if viewer is not None:
+            viewer.close()
+        source.stop()
         daemon.kill()

@@ -22,16 +22,16 @@ from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
 
 
 def build_config(args: argparse.Namespace) -> SimConfig:
-    fields = dict(
-        height=args.size[0], width=args.size[1], rate_hz=args.rate,
-        drift_px=args.drift, bleach_per_min=args.bleach, seed=args.seed,
-    )
-    for name in ("photons", "gain_adu", "offset_adu", "read_noise_adu", "excess_noise", "n_cells"):
+    fields = dict(height=args.size[0], width=args.size[1], rate_hz=args.rate, seed=args.seed)
+    for name in ("photons", "gain_adu", "offset_adu", "read_noise_adu", "excess_noise", "n_cells",
+                 "drift_px", "jitter_px", "bleach_per_min", "neuropil_activity", "n_processes"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if args.noise_corr is not None:
         fields["noise_corr_y"], fields["noise_corr_x"] = args.noise_corr
-    return SimConfig.like_real_movie(**fields) if args.like_real else SimConfig(**fields)
+    if args.like_real:
+        return SimConfig.like_real_movie(**fields)
+    return SimConfig.minimal(**fields) if args.minimal else SimConfig(**fields)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,12 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(128, 128))
     p.add_argument("--rate", type=float, default=30.0, help="frame rate in Hz (sets the kinetics per frame)")
     p.add_argument("--photons", type=float, default=None, help="mean detected photons/pixel/frame (default 2)")
-    p.add_argument("--drift", type=float, default=0.0, help="slow motion amplitude in pixels")
-    p.add_argument("--bleach", type=float, default=0.0, help="fraction of fluorescence lost per minute")
+    p.add_argument("--drift", dest="drift_px", type=float, help="slow motion amplitude in pixels (default 1)")
+    p.add_argument("--jitter", dest="jitter_px", type=float, help="RMS of the fast motion in pixels (default 0.2)")
+    p.add_argument("--bleach", dest="bleach_per_min", type=float,
+                   help="fraction of fluorescence lost per minute (default 0.005)")
+    p.add_argument("--neuropil-activity", dest="neuropil_activity", type=float,
+                   help="scale of the neuropil's own activity (default 1, 0: none)")
+    p.add_argument("--n-processes", dest="n_processes", type=int, help="thin processes (default: half the somata)")
     p.add_argument("--noise-corr", type=float, nargs=2, metavar=("Y", "X"),
-                   help="neighbour correlation of the noise along y and x (real movie: 0.19 0.22)")
+                   help="neighbour correlation of the noise along y and x (default 0 0.18; real movie: 0.19 0.22)")
     p.add_argument("--like-real", action="store_true",
-                   help="the real OptiNiSt movie's statistics (4.3 photons, noise correlation 0.19/0.22)")
+                   help="the real OptiNiSt movie's statistics (4.3 photons, noise correlation 0.19/0.22, no motion)")
+    p.add_argument("--minimal", action="store_true",
+                   help="the plain model: no motion, no bleaching, white noise, static neuropil, no processes")
     p.add_argument("--gain-adu", dest="gain_adu", type=float)
     p.add_argument("--offset-adu", dest="offset_adu", type=float)
     p.add_argument("--read-noise-adu", dest="read_noise_adu", type=float)

@@ -38,6 +38,16 @@ The main figures (all in the JSON; `run` also prints a table):
 - ``peak_rss_mb``: the process's peak resident memory, the pre-generated frames (``ring.mb``)
   included.
 
+With ``--streams N`` (N > 1) it streams N simulated channels at once, as the channels of a
+Micro-Manager acquisition arrive: streams ``sim.c0`` … ``sim.c{N-1}``, each its own field of view
+(simulator seed ``--seed + i``) and brightness (``--photons`` × `BRIGHTNESS`), one frame of each per
+time point in that order, ``--rate`` time points per second. The daemon then serves N streams with
+one CPU budget (`budget.CpuBudget`, ``--cpu-budget``). Every figure above is then given per stream
+(``streams`` in the JSON, a row each in the table) and in total (the top level: rates and counts
+summed, latency percentiles and PSNR over all streams' outputs together, the warm start of the
+last stream to go live); ``capacity`` is the daemon's own verdict (`capacity.CapacityMonitor`)
+at the end, with ``timeline``: [seconds since the producer started, over, load] at each change.
+
 `measure(args)` returns the figures as a dict; `run(args)` prints them and writes ``--json``.
 """
 
@@ -67,9 +77,11 @@ from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
 from umvd_live.checkpoint import load_checkpoint
 from umvd_live.daemon import IDLE_WAIT_S, Daemon, DaemonConfig, Inbox, Received, engine_factory
 from umvd_live.protocol import DENOISED_SUFFIX, ProtocolError, decode_output, encode_frame
-from umvd_live.streams import Denoiser, LiveStream, monotonic
+from umvd_live.streams import Denoiser, monotonic
 
 STREAM = "bench"
+#: Brightness of the simulated channels of ``--streams N``, relative to ``--photons``, in turn.
+BRIGHTNESS = (1.0, 0.5, 2.0, 0.75)
 #: Topic of the messages that prove the monitor's subscription has arrived (a PUB drops what it
 #: sends before that). Not a stream topic: the protocol's stream names cannot contain a space.
 PROBE_TOPIC = b"umvd bench probe"
@@ -115,6 +127,13 @@ class FrameRing:
         return self.clean[seq % len(self.clean)]
 
 
+def stream_names(count: int) -> list[str]:
+    """``bench`` for one stream (as before), ``sim.c0`` … for several."""
+    if count < 1:
+        raise ValueError(f"--streams must be >= 1, got {count}")
+    return [STREAM] if count == 1 else [f"sim.c{i}" for i in range(count)]
+
+
 # ---- quality -------------------------------------------------------------------------------------
 class PsnrAccumulator:
     """PSNR of many frames taken together, without keeping them: `metrics.psnr` of the stacked
@@ -132,6 +151,17 @@ class PsnrAccumulator:
         self.count += diff.size
         self.truth_min = min(self.truth_min, float(truth.min()))
         self.truth_max = max(self.truth_max, float(truth.max()))
+
+    @classmethod
+    def merged(cls, parts: list["PsnrAccumulator"]) -> "PsnrAccumulator":
+        """The accumulator of all their frames together."""
+        acc = cls()
+        for part in parts:
+            acc.sse += part.sse
+            acc.count += part.count
+            acc.truth_min = min(acc.truth_min, part.truth_min)
+            acc.truth_max = max(acc.truth_max, part.truth_max)
+        return acc
 
     def psnr(self) -> float | None:
         if self.count == 0 or self.sse == 0.0:
@@ -174,16 +204,17 @@ class GcPauses:
 
 # ---- the producer --------------------------------------------------------------------------------
 class FrameProducer(threading.Thread):
-    """Hands the ring's frames to the daemon's inbox, as its input thread would, at the set pace."""
+    """Hands the rings' frames to the daemon's inbox, as its input thread would, at the set pace:
+    at each time point one frame of every stream, in order (as an MDA sends its channels)."""
 
-    def __init__(self, ring: FrameRing, inbox: Inbox, frames: int, rate_hz: float | None,
+    def __init__(self, sources: list[tuple[str, FrameRing]], inbox: Inbox, frames: int, rate_hz: float | None,
                  rss_every_s: float, backlog: int = 1):
         super().__init__(name="umvd-bench-producer", daemon=True)
-        self.ring, self.inbox, self.frames, self.rate_hz = ring, inbox, frames, rate_hz
-        #: --max: frames let wait in the inbox, the daemon's run length (batch × workers): a full
-        #: run each time, and never a backlog larger than one run to skip.
+        self.sources, self.inbox, self.frames, self.rate_hz = sources, inbox, frames, rate_hz
+        #: --max: frames let wait in the inbox, the daemon's run length (batch × workers) for each
+        #: stream: a full run each time, and never a backlog larger than one run to skip.
         self.backlog = backlog
-        self.handed = np.full(frames, np.nan)  # receipt time of each seq
+        self.handed = np.full((len(sources), frames), np.nan)  # receipt time of each stream's seq
         self.refused = 0  # the inbox was full (its byte budget)
         self.late = 0  # frames handed over more than one period after their due time
         self.done = threading.Event()
@@ -217,13 +248,14 @@ class FrameProducer(threading.Thread):
                 while len(self.inbox) >= self.backlog and not self.stop_requested.is_set():
                     self.taken.wait(0.01)
                     self.taken.clear()
-            parts = encode_frame(STREAM, self.ring.noisy_of(seq), seq, t=seq * period if period else None,
-                                 meta={"source": "bench"})
-            parts = [bytes(p) for p in parts]  # fresh bytes, as a socket delivers them
-            received = monotonic()
-            self.handed[seq] = received
-            if not self.inbox.put(Received(parts, received, sum(len(p) for p in parts))):
-                self.refused += 1
+            for index, (name, ring) in enumerate(self.sources):
+                parts = encode_frame(name, ring.noisy_of(seq), seq, t=seq * period if period else None,
+                                     meta={"source": "bench"})
+                parts = [bytes(p) for p in parts]  # fresh bytes, as a socket delivers them
+                received = monotonic()
+                self.handed[index, seq] = received
+                if not self.inbox.put(Received(parts, received, sum(len(p) for p in parts))):
+                    self.refused += 1
             if received >= next_rss:
                 self.rss_timeline.append((received - start, self._process.memory_info().rss / 2**20))
                 next_rss = received + self.rss_every_s
@@ -231,17 +263,19 @@ class FrameProducer(threading.Thread):
 
 # ---- the viewer side -----------------------------------------------------------------------------
 class OutputMonitor(threading.Thread):
-    """Subscribes to the daemon's denoised output: latency, publication times and quality per seq."""
+    """Subscribes to the daemon's denoised output of every stream: latency, publication times and
+    quality per stream and seq."""
 
-    def __init__(self, endpoint: str, ring: FrameRing, frames: int):
+    def __init__(self, endpoint: str, sources: list[tuple[str, FrameRing]], frames: int):
         super().__init__(name="umvd-bench-monitor", daemon=True)
-        self.ring = ring
-        self.latency_ms = np.full(frames, np.nan)
-        self.live = np.zeros(frames, bool)
-        self.received = 0
+        self.rings = [ring for _, ring in sources]
+        self._index = {name: i for i, (name, _) in enumerate(sources)}
+        self.latency_ms = np.full((len(sources), frames), np.nan)
+        self.live = np.zeros((len(sources), frames), bool)
+        self.received_by = np.zeros(len(sources), int)
         self.errors = 0
-        self.raw = PsnrAccumulator()
-        self.denoised = PsnrAccumulator()
+        self.raw = [PsnrAccumulator() for _ in sources]
+        self.denoised = [PsnrAccumulator() for _ in sources]
         self.subscribed = threading.Event()
         self._stop_event = threading.Event()
         self._ctx = zmq.Context()
@@ -250,7 +284,8 @@ class OutputMonitor(threading.Thread):
         # frames_received_by_viewer < frames_published.
         self._sock.setsockopt(zmq.RCVHWM, MONITOR_RCVHWM)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SUBSCRIBE, (STREAM + DENOISED_SUFFIX).encode())
+        for name, _ in sources:
+            self._sock.setsockopt(zmq.SUBSCRIBE, (name + DENOISED_SUFFIX).encode())
         self._sock.setsockopt(zmq.SUBSCRIBE, PROBE_TOPIC)
         self._sock.connect(endpoint)
 
@@ -271,19 +306,25 @@ class OutputMonitor(threading.Thread):
             msg = decode_output(parts)
             seq = int(msg.header["seq"])
             latency_ms = float(msg.header["latency_ms"])
+            s = self._index[msg.stream]
         except (ProtocolError, KeyError, TypeError, ValueError):
             self.errors += 1
             return
-        if not 0 <= seq < len(self.latency_ms):
+        if not 0 <= seq < self.latency_ms.shape[1]:
             self.errors += 1
             return
-        self.latency_ms[seq] = latency_ms
-        self.received += 1
+        self.latency_ms[s, seq] = latency_ms
+        self.received_by[s] += 1
         if msg.header.get("state") == "live":
-            self.live[seq] = True
-            truth = self.ring.clean_of(seq)
-            self.denoised.add(msg.image, truth)
-            self.raw.add(self.ring.noisy_of(seq), truth)
+            self.live[s, seq] = True
+            ring = self.rings[s]
+            truth = ring.clean_of(seq)
+            self.denoised[s].add(msg.image, truth)
+            self.raw[s].add(ring.noisy_of(seq), truth)
+
+    @property
+    def received(self) -> int:
+        return int(self.received_by.sum())
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -303,6 +344,7 @@ class BenchConfig:
     rss_every_s: float
     save_model: str | None
     daemon: DaemonConfig
+    streams: int = 1
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "BenchConfig":
@@ -313,17 +355,18 @@ class BenchConfig:
             raise ValueError(f"--rate must be > 0, got {args.rate}")
         if args.ring_mb <= 0:
             raise ValueError(f"--ring-mb must be > 0, got {args.ring_mb}")
+        stream_names(args.streams)  # refuses a count below 1
         daemon = DaemonConfig(
             input_bind=None, input_connect=(), output="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
             preset=args.preset, device=args.device, window=args.window, context=args.context,
             warmup_frames=args.warmup_frames,
             init=args.init, seed=args.seed, catchup_s=args.catchup_ms / 1000.0, warmup_steps=args.warmup_steps,
-            batch=args.batch, workers=args.workers, precision=args.precision,
+            batch=args.batch, workers=args.workers, precision=args.precision, cpu_budget=args.cpu_budget,
         )
         return cls(height=height, width=width, frames=args.frames, rate_hz=None if args.max else float(args.rate),
                    photons=args.photons, inference_only=args.inference_only,
                    ring_bytes=int(args.ring_mb * 2**20), rss_every_s=args.rss_every,
-                   save_model=args.save_model, daemon=daemon)
+                   save_model=args.save_model, daemon=daemon, streams=args.streams)
 
 
 class _RecordingFactory:
@@ -331,6 +374,7 @@ class _RecordingFactory:
 
     def __init__(self, config: DaemonConfig):
         self._make = engine_factory(config)
+        self.budget = self._make.budget  # the daemon reports it
         self.made: list[Denoiser] = []
 
     def __call__(self, init: str | None) -> Denoiser:
@@ -353,21 +397,33 @@ def untrained_weights(config: DaemonConfig, frame: np.ndarray, path: str) -> Non
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark described by the `bench` arguments; return its figures."""
     cfg = BenchConfig.from_args(args)
-    sim = SimConfig(height=cfg.height, width=cfg.width, rate_hz=cfg.rate_hz or 30.0, photons=cfg.photons,
-                    seed=cfg.daemon.seed)
-    ring = FrameRing.generate(sim, cfg.frames, cfg.ring_bytes)
+    sources = []
+    for i, name in enumerate(stream_names(cfg.streams)):
+        sim = SimConfig(height=cfg.height, width=cfg.width, rate_hz=cfg.rate_hz or 30.0,
+                        photons=cfg.photons * BRIGHTNESS[i % len(BRIGHTNESS)], seed=cfg.daemon.seed + i)
+        sources.append((name, FrameRing.generate(sim, cfg.frames, cfg.ring_bytes // cfg.streams)))
     with tempfile.TemporaryDirectory(prefix="umvd-bench-") as tmp:
         daemon_cfg = cfg.daemon
         init_label = daemon_cfg.init
         if cfg.inference_only and daemon_cfg.init is None:
             path = os.path.join(tmp, "untrained.pt")
-            untrained_weights(daemon_cfg, ring.noisy[0], path)
+            untrained_weights(daemon_cfg, sources[0][1].noisy[0], path)
             daemon_cfg = dataclasses.replace(daemon_cfg, init=path)
             init_label = "untrained"
-        return _measure(cfg, daemon_cfg, ring, init_label)
+        return _measure(cfg, daemon_cfg, sources, init_label)
 
 
-def _measure(cfg: BenchConfig, daemon_cfg: DaemonConfig, ring: FrameRing, init_label: str | None) -> dict[str, Any]:
+@dataclass
+class _Progress:
+    """When a stream went live, and its training steps and skips by then."""
+
+    live_at: float | None = None
+    steps_at_live: int = 0
+    skipped_at_live: int = 0
+
+
+def _measure(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str, FrameRing]],
+             init_label: str | None) -> dict[str, Any]:
     import torch
 
     load_start = os.getloadavg()[0]
@@ -382,36 +438,47 @@ def _measure(cfg: BenchConfig, daemon_cfg: DaemonConfig, ring: FrameRing, init_l
         daemon.start()
         if cfg.inference_only:
             daemon.set_training_paused(None, True)  # the control socket's pause: new streams start paused
-        monitor = OutputMonitor(daemon.endpoints["output"], ring, cfg.frames)
+        monitor = OutputMonitor(daemon.endpoints["output"], sources, cfg.frames)
         monitor.start()
         _await_subscription(daemon, monitor)
-        producer = FrameProducer(ring, daemon.inbox, cfg.frames, cfg.rate_hz, cfg.rss_every_s, daemon.run_length)
+        producer = FrameProducer(sources, daemon.inbox, cfg.frames, cfg.rate_hz, cfg.rss_every_s,
+                                 daemon.run_length * len(sources))
         producer.start()
-        live_at, steps_at_live, skipped_at_live, rss_live = None, 0, 0, None
-        stream: LiveStream | None = None
+        started = monotonic()
+        names = [name for name, _ in sources]
+        progress = {name: _Progress() for name in names}
+        rss_live = None
+        over_timeline: list[list[Any]] = []  # [s since start, over, load] at each change
+        over = False
         while True:  # the daemon's `serve` loop, minus the control socket nobody uses here
             items = daemon.inbox.drain(IDLE_WAIT_S)
             producer.taken.set()
             if items:
                 daemon.process(items)
-            stream = stream or daemon.streams.get(STREAM)
-            if live_at is None and stream is not None and stream.denoiser is not None \
-                    and stream.denoiser.state == "live":
-                live_at = monotonic()
-                steps_at_live = int(stream.denoiser.model_step)
-                skipped_at_live = stream.counters.skipped
-                rss_live = psutil.Process().memory_info().rss / 2**20
+            for name, p in progress.items():
+                stream = daemon.streams.get(name)
+                if p.live_at is None and stream is not None and stream.denoiser is not None \
+                        and stream.denoiser.state == "live":
+                    p.live_at = monotonic()
+                    p.steps_at_live = int(stream.denoiser.model_step)
+                    p.skipped_at_live = stream.counters.skipped
+                    if all(q.live_at is not None for q in progress.values()):
+                        rss_live = psutil.Process().memory_info().rss / 2**20
+            if daemon.capacity.over != over:
+                over = daemon.capacity.over
+                over_timeline.append([round(monotonic() - started, 2), over, round(daemon.capacity.load(), 3)])
             if producer.done.is_set() and len(daemon.inbox) == 0:
                 break
         ended = monotonic()
         rss_end = psutil.Process().memory_info().rss / 2**20  # still streaming: before the flush
         status = daemon.status()
-        snapshot = status["streams"].get(STREAM, {})
         engine_config = dataclasses.asdict(factory.made[-1].config) if factory.made else None
-        saved = daemon.save_model(STREAM, Path(cfg.save_model)) if cfg.save_model and STREAM in daemon.streams else None
-        daemon.finish()  # flush the last N//2 outputs and stop the trainer
-        counters = dataclasses.asdict(stream.counters) if stream is not None else {}
-        published = int(counters.get("frames_out", 0))
+        saved = daemon.save_model(names[0], Path(cfg.save_model)) \
+            if cfg.save_model and names[0] in daemon.streams else None
+        daemon.finish()  # flush the last N//2 outputs and stop the trainers
+        counters = {name: dataclasses.asdict(daemon.streams[name].counters) if name in daemon.streams else {}
+                    for name in names}
+        published = sum(int(c.get("frames_out", 0)) for c in counters.values())
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         while monitor.received < published and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -424,9 +491,14 @@ def _measure(cfg: BenchConfig, daemon_cfg: DaemonConfig, ring: FrameRing, init_l
         daemon.close()
         gc_pauses.stop()
     assert producer is not None and monitor is not None
-    return _figures(cfg, daemon_cfg, ring, init_label, producer, monitor, snapshot, counters, status, engine_config,
-                    live_at=live_at, ended=ended, steps_at_live=steps_at_live, skipped_at_live=skipped_at_live,
-                    rss=(rss_start, rss_live, rss_end),
+    per_stream = {
+        name: _stream_figures(cfg, daemon_cfg, s, ring, producer, monitor, status["streams"].get(name, {}),
+                              counters[name], progress[name], ended)
+        for s, (name, ring) in enumerate(sources)
+    }
+    status["capacity"]["timeline"] = over_timeline
+    return _figures(cfg, daemon_cfg, sources, init_label, producer, monitor, per_stream, status, engine_config,
+                    ended=ended, rss=(rss_start, rss_live, rss_end),
                     load=(load_start, os.getloadavg()[0]), published=published, saved=saved,
                     torch_threads=torch.get_num_threads(), torch_version=torch.__version__,
                     gc_pauses=gc_pauses.summary(), batch=daemon.batch, workers=daemon.workers)
@@ -464,72 +536,154 @@ def _worst(latency_ms: np.ndarray, steady: np.ndarray, count: int = 10) -> list[
     return [[int(i), round(float(latency_ms[i]), 1)] for i in order]
 
 
-def _figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, ring: FrameRing, init_label: str | None,
-             producer: FrameProducer, monitor: OutputMonitor, snapshot: dict[str, Any],
-             counters: dict[str, Any], status: dict[str, Any],
-             engine_config: dict[str, Any] | None, *, live_at: float | None, ended: float, steps_at_live: int,
-             skipped_at_live: int, rss: tuple[float, float | None, float], load: tuple[float, float],
+def _stream_figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, s: int, ring: FrameRing, producer: FrameProducer,
+                    monitor: OutputMonitor, snapshot: dict[str, Any], counters: dict[str, Any],
+                    progress: _Progress, ended: float) -> dict[str, Any]:
+    """The figures of stream ``s`` (the module's docstring says what each one is)."""
+    k = daemon_cfg.window // 2
+    handed = producer.handed[s]
+    latency_ms = monitor.latency_ms[s]
+    # Steady state: outputs after the warm start, without the last N//2 that only the final flush
+    # produces (they wait for no later frame, so they would flatter both latency and rate).
+    streamed = np.arange(cfg.frames) < cfg.frames - k
+    steady = monitor.live[s] & streamed
+    published_at = handed + latency_ms / 1000.0
+    latency_live = _percentiles(latency_ms[steady])
+    engine = snapshot.get("engine", {}) if isinstance(snapshot.get("engine"), dict) else {}
+    steps = int(engine.get("train_steps", snapshot.get("model_step", 0)) or 0)
+    live_at = progress.live_at
+    live_span = ended - live_at if live_at is not None else 0.0
+    first = handed[0] if np.isfinite(handed[0]) else None
+    skipped = int(counters.get("skipped", 0))
+    psnr_raw, psnr_den = monitor.raw[s].psnr(), monitor.denoised[s].psnr()
+    return {
+        "photons": ring_photons(cfg, s),
+        "seed": daemon_cfg.seed + s,
+        "fps_in": _rate(handed),
+        "fps_out": _rate(published_at[steady]) if steady.sum() >= 2 else _rate(published_at[streamed]),
+        "frames_handed": int(np.isfinite(handed).sum()),
+        "frames_published": int(counters.get("frames_out", 0)),
+        "frames_received_by_viewer": int(monitor.received_by[s]),
+        "latency_ms_p50": latency_live["p50"],
+        "latency_ms_p99": latency_live["p99"],
+        "latency_ms_max": latency_live["max"],
+        "latency_ms_all": _percentiles(latency_ms),
+        "latency_ms_worst": _worst(latency_ms, steady),
+        "first_live_seq": int(np.argmax(monitor.live[s])) if monitor.live[s].any() else None,
+        "skipped": skipped,
+        "skipped_after_warmup": skipped - progress.skipped_at_live if live_at else None,
+        "warmup_s": None if live_at is None or first is None else live_at - first,
+        "train_steps": steps,
+        "train_steps_per_s": engine.get("train_steps_per_s"),
+        "train_steps_per_s_after_warmup": (steps - progress.steps_at_live) / live_span if live_span > 0 else None,
+        "infer_ms": snapshot.get("infer_ms"),  # the daemon's running estimate of one inferred output
+        "loss": engine.get("loss"),
+        "rollbacks": engine.get("rollbacks"),
+        "psnr_raw_db": psnr_raw,
+        "psnr_denoised_db": psnr_den,
+        "psnr_gain_db": psnr_den - psnr_raw if psnr_raw is not None and psnr_den is not None else None,
+        "frames_evaluated": int(monitor.live[s].sum()),
+        "counters": counters,
+        "engine_stats": engine,
+        "ring": {"frames": len(ring), "mb": ring.nbytes / 2**20, "generate_s": ring.generate_s,
+                 "repeats": cfg.frames > len(ring)},
+    }
+
+
+def ring_photons(cfg: BenchConfig, s: int) -> float:
+    """Mean photons per pixel per frame of stream ``s`` (`BRIGHTNESS`)."""
+    return cfg.photons * BRIGHTNESS[s % len(BRIGHTNESS)]
+
+
+def _sum(values: list[Any]) -> Any:
+    """The sum, or None when a value is missing."""
+    return None if any(v is None for v in values) else sum(values)
+
+
+def _totals(cfg: BenchConfig, daemon_cfg: DaemonConfig, producer: FrameProducer, monitor: OutputMonitor,
+            per_stream: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The figures of all streams together: rates and counts summed, latency and PSNR over every
+    stream's outputs, the warm start of the last stream to go live."""
+    k = daemon_cfg.window // 2
+    rows = list(per_stream.values())
+    names = list(per_stream)
+    streamed = np.arange(cfg.frames) < cfg.frames - k
+    steady = monitor.live & streamed[None, :]
+    latency = _percentiles(monitor.latency_ms[steady])
+    worst = [[names[s], seq, ms] for s in range(len(names))
+             for seq, ms in _worst(monitor.latency_ms[s], steady[s])]
+    raw = PsnrAccumulator.merged(monitor.raw)
+    den = PsnrAccumulator.merged(monitor.denoised)
+    psnr_raw, psnr_den = raw.psnr(), den.psnr()
+    infer = [r["infer_ms"] for r in rows if r["infer_ms"] is not None]
+    lives = [r["first_live_seq"] for r in rows]
+    return {
+        "fps_in": _sum([r["fps_in"] for r in rows]),
+        "fps_out": _sum([r["fps_out"] for r in rows]),
+        "frames_handed": sum(r["frames_handed"] for r in rows),
+        "frames_published": sum(r["frames_published"] for r in rows),
+        "frames_received_by_viewer": monitor.received,
+        "latency_ms_p50": latency["p50"],
+        "latency_ms_p99": latency["p99"],
+        "latency_ms_max": latency["max"],
+        "latency_ms_all": _percentiles(monitor.latency_ms),
+        "latency_ms_worst": sorted(worst, key=lambda w: -w[2])[:10],
+        "first_live_seq": None if any(v is None for v in lives) else max(lives),
+        "skipped": sum(r["skipped"] for r in rows),
+        "skipped_after_warmup": _sum([r["skipped_after_warmup"] for r in rows]),
+        "warmup_s": None if any(r["warmup_s"] is None for r in rows) else max(r["warmup_s"] for r in rows),
+        "train_steps": sum(r["train_steps"] for r in rows),
+        "train_steps_per_s": _sum([r["train_steps_per_s"] for r in rows]),
+        "train_steps_per_s_after_warmup": _sum([r["train_steps_per_s_after_warmup"] for r in rows]),
+        "infer_ms": sum(infer) / len(infer) if infer else None,
+        "loss": None,
+        "rollbacks": _sum([r["rollbacks"] for r in rows]),
+        "psnr_raw_db": psnr_raw,
+        "psnr_denoised_db": psnr_den,
+        "psnr_gain_db": psnr_den - psnr_raw if psnr_raw is not None and psnr_den is not None else None,
+        "frames_evaluated": sum(r["frames_evaluated"] for r in rows),
+    }
+
+
+def _figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str, FrameRing]],
+             init_label: str | None, producer: FrameProducer, monitor: OutputMonitor,
+             per_stream: dict[str, dict[str, Any]], status: dict[str, Any], engine_config: dict[str, Any] | None,
+             *, ended: float, rss: tuple[float, float | None, float], load: tuple[float, float],
              published: int, saved: dict[str, Any] | None, torch_threads: int, torch_version: str,
              gc_pauses: dict[str, Any], batch: int, workers: int) -> dict[str, Any]:
     import torch
 
     k = daemon_cfg.window // 2
-    handed = producer.handed
-    first = handed[0] if np.isfinite(handed[0]) else None
-    # Steady state: outputs after the warm start, without the last N//2 that only the final flush
-    # produces (they wait for no later frame, so they would flatter both latency and rate).
-    streamed = np.arange(cfg.frames) < cfg.frames - k
-    steady = monitor.live & streamed
-    published_at = handed + monitor.latency_ms / 1000.0
-    latency_live = _percentiles(monitor.latency_ms[steady])
-    engine = snapshot.get("engine", {}) if isinstance(snapshot.get("engine"), dict) else {}
-    steps = int(engine.get("train_steps", snapshot.get("model_step", 0)) or 0)
-    live_span = ended - live_at if live_at is not None else 0.0
+    names = list(per_stream)
+    single = len(names) == 1
+    main = per_stream[names[0]] if single else _totals(cfg, daemon_cfg, producer, monitor, per_stream)
+    engine = per_stream[names[0]]["engine_stats"]
     device = engine.get("device") or daemon_cfg.device
     gpu = None
     if str(device).startswith("cuda") and torch.cuda.is_available():
         gpu = {"name": torch.cuda.get_device_name(), "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20}
-    psnr_raw, psnr_den = monitor.raw.psnr(), monitor.denoised.psnr()
-    return {
+    handed = producer.handed
+    first = float(np.nanmin(handed)) if np.isfinite(handed).any() else None
+    rings = [ring for _, ring in sources]
+    figures = {
         "mode": "max" if cfg.rate_hz is None else "paced",
         "size": [cfg.height, cfg.width],
         "frames": cfg.frames,
         "rate_hz": cfg.rate_hz,
         "photons": cfg.photons,
+        "stream_count": len(names),
+        "stream_names": names,
         "preset": engine.get("preset") or daemon_cfg.preset,
         "preset_requested": daemon_cfg.preset,
         "device": str(device),
         "precision": engine.get("precision"),
         "inference_only": cfg.inference_only,
         "init": init_label,
-        "fps_in": _rate(handed),
-        "fps_out": _rate(published_at[steady]) if steady.sum() >= 2 else _rate(published_at[streamed]),
-        "frames_handed": int(np.isfinite(handed).sum()),
-        "frames_published": published,
-        "frames_received_by_viewer": monitor.received,
-        "latency_ms_p50": latency_live["p50"],
-        "latency_ms_p99": latency_live["p99"],
-        "latency_ms_max": latency_live["max"],
-        "latency_ms_all": _percentiles(monitor.latency_ms),
-        "latency_ms_worst": _worst(monitor.latency_ms, steady),
+        **{key: value for key, value in main.items() if key not in ("counters", "engine_stats", "ring")},
         "gc": gc_pauses,
-        "first_live_seq": int(np.argmax(monitor.live)) if monitor.live.any() else None,
         "latency_target_ms": None if cfg.rate_hz is None else 1000.0 * k / cfg.rate_hz + LATENCY_SLACK_MS,
-        "skipped": int(counters.get("skipped", 0)),
-        "skipped_after_warmup": int(counters.get("skipped", 0)) - skipped_at_live if live_at else None,
-        "warmup_s": None if live_at is None or first is None else live_at - first,
-        "train_steps": steps,
-        "train_steps_per_s": engine.get("train_steps_per_s"),
-        "train_steps_per_s_after_warmup": (steps - steps_at_live) / live_span if live_span > 0 else None,
-        "infer_ms": snapshot.get("infer_ms"),  # the daemon's running estimate of one inferred output
         "batch": batch,
         "workers": workers,
-        "loss": engine.get("loss"),
-        "rollbacks": engine.get("rollbacks"),
-        "psnr_raw_db": psnr_raw,
-        "psnr_denoised_db": psnr_den,
-        "psnr_gain_db": psnr_den - psnr_raw if psnr_raw is not None and psnr_den is not None else None,
-        "frames_evaluated": int(monitor.live.sum()),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "rss_mb": {"start": rss[0], "live": rss[1], "end": rss[2]},
         "rss_mb_timeline": [[round(t, 2), round(m, 1)] for t, m in producer.rss_timeline],
@@ -538,13 +692,19 @@ def _figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, ring: FrameRing, init_l
         "producer_late": producer.late,
         "inbox_refused": producer.refused,
         "viewer_errors": monitor.errors,
-        "daemon": {"catchup_ms": 1000.0 * daemon_cfg.catchup_s, "counters": counters,
-                   "inbox_overflow": status.get("inbox", {}).get("overflow")},
-        "ring": {"frames": len(ring), "mb": ring.nbytes / 2**20, "generate_s": ring.generate_s,
-                 "repeats": cfg.frames > len(ring)},
+        "daemon": {"catchup_ms": 1000.0 * daemon_cfg.catchup_s,
+                   "counters": per_stream[names[0]]["counters"] if single else
+                   {name: row["counters"] for name, row in per_stream.items()},
+                   "inbox_overflow": status.get("inbox", {}).get("overflow"),
+                   "cpu_budget": daemon_cfg.cpu_budget},
+        "capacity": status.get("capacity"),
+        "ring": {"frames": min(len(r) for r in rings), "mb": sum(r.nbytes for r in rings) / 2**20,
+                 "generate_s": sum(r.generate_s for r in rings), "repeats": any(cfg.frames > len(r) for r in rings)},
         "saved_model": saved,
         "engine": engine_config,
         "engine_stats": engine,
+        "streams": {name: {key: value for key, value in row.items() if key != "engine_stats"}
+                    for name, row in per_stream.items()},
         "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch_threads,
         "torch_version": torch_version,
@@ -553,6 +713,7 @@ def _figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, ring: FrameRing, init_l
         "load_average": {"start": load[0], "end": load[1]},
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    return figures
 
 
 # ---- presentation --------------------------------------------------------------------------------
@@ -570,7 +731,9 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
 
     console = console or Console()
     r = result
-    title = (f"umvd-live bench: {r['size'][0]}×{r['size'][1]}, {r['frames']} frames, "
+    several = r.get("stream_count", 1) > 1
+    title = (f"umvd-live bench: {str(r['stream_count']) + ' streams × ' if several else ''}"
+             f"{r['size'][0]}×{r['size'][1]}, {r['frames']} frames, "
              f"{'max rate' if r['mode'] == 'max' else _fmt(r['rate_hz'], 1, ' Hz')}, "
              f"{r['preset']} on {r['device']} ({r['precision']}){', inference only' if r['inference_only'] else ''}")
     table = Table(title=title, show_header=True, header_style="bold")
@@ -602,17 +765,53 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
         ("load average (1 min) start → end",
          f"{r['load_average']['start']:.2f} → {r['load_average']['end']:.2f}"),
     ]
+    capacity = r.get("capacity")
+    if capacity:
+        budget = capacity.get("budget") or {}
+        rows.append(("capacity: over now (episodes, s over); load, lag at the end",
+                     f"{'yes' if capacity['over'] else 'no'} ({capacity['episodes']}, "
+                     f"{capacity['over_s_total']:.1f} s); {capacity['load']:.2f}, {capacity['lag_ms']:.0f} ms"))
+        if budget:
+            rows.append(("CPU budget: cores; train slots × threads (slot waits)",
+                         f"{budget['cores']}; {budget['train_slots']} × {budget['train_threads']} "
+                         f"({budget['slot_waits']})"))
     if r["gpu"]:
         rows.append(("GPU (peak memory)", f"{r['gpu']['name']} ({r['gpu']['peak_mem_mb']:.0f} MB)"))
     for name, value in rows:
-        table.add_row(name, value)
+        table.add_row(name + (", all streams" if several and name.startswith(
+            ("fps", "latency p", "preview", "warm", "training", "PSNR", "frames", "inference")) else ""), value)
     console.print(table)
+    if several:
+        console.print(stream_table(r))
     if r["warmup_s"] is None:
-        console.print("[yellow]the stream never left the warm start: no quality or steady-state figures; "
-                      "give it more --frames or a smaller --warmup-frames/--warmup-steps[/yellow]")
+        console.print(f"[yellow]{'a' if several else 'the'} stream never left the warm start: no quality or "
+                      "steady-state figures; give it more --frames or a smaller "
+                      "--warmup-frames/--warmup-steps[/yellow]")
     if r["ring"]["repeats"]:
         console.print(f"[yellow]the run is longer than the pre-generated ring ({r['ring']['frames']} frames, "
                       "--ring-mb): frames repeat, noise included[/yellow]")
+
+
+def stream_table(result: dict[str, Any]) -> Any:
+    """A row per stream, then the totals: what a capacity table needs."""
+    from rich.table import Table
+
+    table = Table(title="per stream (after the warm start)", show_header=True, header_style="bold")
+    for col in ("stream", "photons", "fps in", "fps out", "skipped", "p50 ms", "p99 ms", "warm start s",
+                "PSNR raw → denoised dB", "gain dB", "train steps"):
+        table.add_column(col, justify="left" if col == "stream" else "right")
+
+    def row(name: str, f: dict[str, Any], photons: str) -> list[str]:
+        return [name, photons, _fmt(f["fps_in"]), _fmt(f["fps_out"]),
+                f"{f['skipped']} ({_fmt(f['skipped_after_warmup'])})",
+                _fmt(f["latency_ms_p50"]), _fmt(f["latency_ms_p99"]), _fmt(f["warmup_s"]),
+                f"{_fmt(f['psnr_raw_db'], 2)} → {_fmt(f['psnr_denoised_db'], 2)}", _fmt(f["psnr_gain_db"], 2),
+                str(f["train_steps"])]
+
+    for name, f in result["streams"].items():
+        table.add_row(*row(name, f, _fmt(f["photons"], 2)))
+    table.add_row(*row("total", result, ""), style="bold")
+    return table
 
 
 def run(args: argparse.Namespace) -> int:

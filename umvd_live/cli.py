@@ -53,6 +53,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _budget_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpu-budget", type=int, metavar="CORES",
+                   help="CPU cores the streams' engines share: inference (one stream at a time) "
+                        "threads and workers are sized by it, and the trainers of all streams take "
+                        "turns on half of it (default: the cores this process may use; docs/engine.md)")
+
+
 def _denoise(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("denoise", help="denoise a TIFF/OME-TIFF movie through the streaming engine")
     p.add_argument("input", help="T×H×W TIFF or OME-TIFF movie")
@@ -89,6 +96,7 @@ def _serve(sub: argparse._SubParsersAction) -> None:
                    help="backlog, in estimated inference time, the preview works through before "
                         "it skips to the newest window (default 100)")
     p.add_argument("--max-streams", type=int, default=16, help="streams served at once (default 16)")
+    _budget_arg(p)
     p.add_argument("--inbox-mb", type=float, default=1024.0,
                    help="memory for received frames not processed yet; past it frames are "
                         "dropped and counted (default 1024)")
@@ -126,7 +134,9 @@ def _acquire(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(module="umvd_live.adapters.cli")
     p.add_argument("source", choices=("sim", "replay", "pymmcore-plus", "pycromanager"))
     p.add_argument("--to", default="tcp://127.0.0.1:5555", help="daemon input endpoint")
-    p.add_argument("--stream", default="cam0", help="stream name (topic)")
+    p.add_argument("--stream", default="cam0",
+                   help="stream name (topic); with channels, planes or positions the base name of one "
+                        "stream per (position, channel, plane), e.g. cam0.GCaMP.z2 (docs/adapters.md)")
     p.add_argument("--frames", type=int, help="number of frames (default: source's own)")
     p.add_argument("--wait-s", type=float, default=10.0, metavar="S",
                    help="wait this long for the daemon's subscription before giving up (default 10)")
@@ -140,14 +150,17 @@ def _acquire(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--file", help="replay: the movie to replay (TIFF, OME-TIFF, ScanImage, NDTiff, MMStack)")
     p.add_argument("--loop", action="store_true", help="replay: loop the file")
     p.add_argument("--file-timing", action="store_true", help="replay: pace at the file's timestamps")
-    p.add_argument("--series", type=int, default=0, help="replay: series of the file (default 0)")
-    p.add_argument("--channel", type=int, default=0, help="replay: channel to stream (default 0)")
+    p.add_argument("--series", type=int, help="replay: only this series (position) of the file (default: all)")
+    p.add_argument("--channel", type=int, help="replay: only this channel (default: all, a stream each)")
     p.add_argument("--config", help="pymmcore-plus, pycromanager owner: Micro-Manager configuration file")
     p.add_argument("--mm-path", help="Micro-Manager folder with the C++ device adapters the config uses")
     p.add_argument("--exposure-ms", type=float, help="pymmcore-plus, pycromanager --config: exposure")
     p.add_argument("--interval-ms", type=float, default=0.0,
                    help="pymmcore-plus, pycromanager owner: time-lapse interval (default 0)")
     p.add_argument("--live", action="store_true", help="pymmcore-plus: tap live mode instead of an MDA")
+    p.add_argument("--mda", metavar="SEQUENCE.yaml",
+                   help="pymmcore-plus: run this useq-schema MDA (channels, z, positions, time) instead "
+                        "of a --frames time-lapse; a stream per (position, channel, plane)")
     p.add_argument("--mode", choices=("owner", "tap"), default="tap",
                    help="pycromanager: run our own acquisition (owner) or follow the GUI's (tap)")
     p.add_argument("--mm-port", type=int, default=4827, help="pycromanager: Micro-Manager's ZMQ port")
@@ -188,7 +201,7 @@ def _view(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("view", help="napari viewer: raw beside denoised, live status and controls")
     p.add_argument("--connect", default="tcp://127.0.0.1:5556", help="daemon output endpoint")
     p.add_argument("--control", default="tcp://127.0.0.1:5557", help="daemon control endpoint")
-    p.add_argument("--stream", help="stream to show first (default: the first seen)")
+    p.add_argument("--stream", help="stream, or acquisition (group such as cam0), to show first (default: the first seen)")
     p.add_argument("--region", type=int, nargs=4, metavar=("ROW0", "ROW1", "COL0", "COL1"),
                    help="draw this region (pixels, end excluded) at the first frame")
     p.add_argument("--quit-after", type=float, metavar="S",
@@ -212,6 +225,11 @@ def _bench(sub: argparse._SubParsersAction) -> None:
                         "(default: the engine's)")
     p.add_argument("--catchup-ms", type=float, default=100.0, metavar="MS",
                    help="the daemon's preview catch-up budget (default 100, as `serve`)")
+    p.add_argument("--streams", type=int, default=1, metavar="N",
+                   help="simulated streams at once, as the channels of an MDA: sim.c0, sim.c1, … with "
+                        "their own fields and brightness, one frame of each per time point, --rate "
+                        "time points per second (default 1: one stream, named bench)")
+    _budget_arg(p)
     p.add_argument("--max", action="store_true",
                    help="no pacing: each frame as soon as the daemon took the previous one (throughput)")
     p.add_argument("--inference-only", action="store_true",

@@ -5,12 +5,14 @@ Three units, each on its own socket:
   it arrives, stamps its receipt time and appends it to a byte-bounded `Inbox`, so the producer's
   PUB never meets a full queue because the daemon was busy computing.
 - `Daemon` (the main thread) drains the inbox, validates each message, routes it to the stream's
-  `LiveStream` (`streams.py`) and publishes raw and denoised frames on the PUB socket. When a
-  stream's backlog would take longer than the catch-up budget to infer, its older frames are
-  pushed with ``infer=False`` (the window and the trainer's replay buffer still see them) and only
-  the newest windows are inferred: the preview skips to the present instead of drifting behind.
-  Streams that a sink owes (a recording, `sinks.py`) are never skipped. Training runs in each
-  engine's own background thread and never holds this path up.
+  `LiveStream` (`streams.py`) and publishes raw and denoised frames on the PUB socket. When the
+  streams' backlog would take longer than the catch-up budget to infer, older frames are pushed
+  with ``infer=False`` (the window and the trainer's replay buffer still see them) and only the
+  newest windows are inferred: the preview skips to the present instead of drifting behind, evenly
+  across the streams (`capacity.plan_inference`). Streams that a sink owes (a recording,
+  `sinks.py`) are never skipped. Training runs in each engine's own background thread and never
+  holds this path up; the engines share one CPU budget (`budget.CpuBudget`, ``--cpu-budget``).
+  Past capacity the status says so (``capacity``) and the log once (`capacity.CapacityMonitor`).
 - The REP control socket is answered between batches by `ControlHandler` (`control.py`).
 - Between batches, housekeeping: streams without frames for ``--idle-s`` go idle (training
   paused), and with ``--state-dir`` every live stream is checkpointed every
@@ -36,6 +38,8 @@ from typing import Any, Callable, Iterable, Sequence
 import zmq
 
 from umvd_live import __version__
+from umvd_live.budget import CpuBudget
+from umvd_live.capacity import CapacityMonitor, Plan, plan_inference
 from umvd_live.checkpoint import CheckpointError, load_checkpoint
 from umvd_live.control import ControlError, ControlHandler
 from umvd_live.protocol import (
@@ -44,10 +48,12 @@ from umvd_live.protocol import (
     STREAM_NAME,
     Frame,
     ProtocolError,
-    decode_frame,
+    StreamEnd,
+    decode_message,
     decode_stream_name,
     encode_denoised,
 )
+from umvd_live.runtime import enabled as runtime_enabled
 from umvd_live.security import CurveServer, CurveServerConfig, SecurityError, check_bind, is_loopback
 from umvd_live.sinks import FrameSink, RecordingSink
 from umvd_live.statestore import CHECKPOINT_INTERVAL_S, StateStore
@@ -55,6 +61,7 @@ from umvd_live.status import StatusDisplay
 from umvd_live.streams import (
     IDLE_AFTER_S,
     DenoisedOutput,
+    Denoiser,
     DenoiserFactory,
     Arrival,
     LiveStream,
@@ -79,6 +86,8 @@ REJECTION_LOG_FIRST = 5
 REJECTION_LOG_EVERY = 1000
 #: Seconds between housekeeping passes (idle streams, periodic checkpoints).
 HOUSEKEEPING_S = 0.5
+#: Seconds between evaluations of the load while frames come (`capacity.CapacityMonitor`).
+CAPACITY_CHECK_S = 0.25
 #: A run of one stream's frames holds at most this many times `run_length` frames: skipped ones
 #: ride along with the windows to denoise, but a long backlog is not taken through G at once.
 RUN_CAP = 4
@@ -108,6 +117,7 @@ class DaemonConfig:
     batch: int | None = None  # windows per forward pass; None: the engine's default for the device
     workers: int | None = None  # forward passes at once; None: the engine's default (background training)
     precision: str = "auto"  # engine.EngineConfig.precision
+    cpu_budget: int | None = None  # cores the engines share (`budget.CpuBudget`); None: the cores it may use
     warmup_steps: int | None = None  # engine default when None
     checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S  # with state_dir
     idle_after_s: float = IDLE_AFTER_S  # no frame for this long: the stream is idle
@@ -131,7 +141,8 @@ class DaemonConfig:
             max_streams=args.max_streams, inbox_bytes=int(args.inbox_mb * 2**20),
             status_interval_s=args.status_interval, catchup_s=args.catchup_ms / 1000.0,
             warmup_steps=args.warmup_steps, batch=args.batch, workers=args.workers,
-            precision=args.precision, checkpoint_interval_s=args.checkpoint_interval, idle_after_s=args.idle_s,
+            precision=args.precision, cpu_budget=args.cpu_budget,
+            checkpoint_interval_s=args.checkpoint_interval, idle_after_s=args.idle_s,
             allow_remote=args.allow_remote, curve=_curve_config(args),
         )
 
@@ -157,10 +168,10 @@ def inference_layout(config: DaemonConfig) -> tuple[int, int]:
     (`engine.inference_layout`). Checked here, so a bad flag stops start-up, not the first frame."""
     from umvd_live.engine import inference_layout as engine_layout, pick_device
 
-    for flag, value in (("--batch", config.batch), ("--workers", config.workers)):
+    for flag, value in (("--batch", config.batch), ("--workers", config.workers), ("--cpu-budget", config.cpu_budget)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    return engine_layout(pick_device(config.device), "background", config.batch, config.workers)
+    return engine_layout(pick_device(config.device), "background", config.batch, config.workers, config.cpu_budget)
 
 
 def check_loopback(endpoint: str) -> None:
@@ -168,21 +179,35 @@ def check_loopback(endpoint: str) -> None:
     check_bind(endpoint, allow_remote=False, curve=False)
 
 
-def engine_factory(config: DaemonConfig) -> DenoiserFactory:
-    """A factory of the engine's StreamDenoiser, training in the background (inference first)."""
-    from umvd_live.engine import EngineConfig, StreamDenoiser
+class EngineFactory:
+    """Makes the daemon's engines (`engine.StreamDenoiser`, training in the background): one per
+    stream, all sharing one CPU budget (`budget.CpuBudget`, ``--cpu-budget``), which re-divides
+    its cores as engines are made and closed. ``budget``: the daemon's status reports it."""
 
-    extra = {} if config.warmup_steps is None else {"warmup_steps": config.warmup_steps}
+    def __init__(self, config: DaemonConfig, budget: CpuBudget | None = None):
+        self.config = config
+        self.budget = budget if budget is not None else CpuBudget(config.cpu_budget)
+        #: `UMVD_LIVE_SHARED_BUDGET=off`: every engine sizes its threads as if it were alone, as
+        #: before the budget (to measure what sharing does: docs/benchmarks.md).
+        self.shared = runtime_enabled("SHARED_BUDGET")
 
-    def make(init: str | None) -> StreamDenoiser:
+    def __call__(self, init: str | None) -> Denoiser:
+        from umvd_live.engine import EngineConfig, StreamDenoiser
+
+        config = self.config
+        extra = {} if config.warmup_steps is None else {"warmup_steps": config.warmup_steps}
         return StreamDenoiser(EngineConfig(
             preset=config.preset, device=config.device, window=config.window, context=config.context,
             warmup_frames=config.warmup_frames, train_mode="background", seed=config.seed, init=init,
             max_batch=config.batch, workers=config.workers, precision=config.precision,
             **extra,
-        ))
+        ), budget=self.budget if self.shared else CpuBudget(config.cpu_budget))
 
-    return make
+
+def engine_factory(config: DaemonConfig) -> EngineFactory:
+    """The daemon's engine factory: StreamDenoisers training in the background (inference first),
+    sharing one CPU budget."""
+    return EngineFactory(config)
 
 
 # ---- input --------------------------------------------------------------------------------------
@@ -301,6 +326,12 @@ class Daemon:
         self.run_length = self.batch * self.workers
         self.sinks: list[FrameSink] = list(sinks)
         self.streams: dict[str, LiveStream] = {}
+        #: The cores the engines share (the factory's, when it has one: `EngineFactory`).
+        self.budget: CpuBudget | None = getattr(make_denoiser, "budget", None)
+        self.capacity = CapacityMonitor(clock=monotonic)
+        self._stream_starts = 0  # denoisers started (building a network is not load)
+        self._turn = 0  # which stream the preview's ties go to first (`plan_inference`)
+        self._next_capacity_check = 0.0
         self.store = StateStore(config.state_dir, config.checkpoint_interval_s) if config.state_dir else None
         self.curve: CurveServer | None = None
         self._next_housekeeping = 0.0
@@ -418,6 +449,7 @@ class Daemon:
         clock = monotonic()
         for live in self.streams.values():
             live.check_idle(clock)
+        self._check_capacity(clock)
         if self.store is not None and now >= self._next_checkpoint:
             self._next_checkpoint = now + self.store.interval_s
             for live in self.streams.values():
@@ -428,21 +460,42 @@ class Daemon:
         """Validate, route and denoise one batch taken from the inbox, in arrival order.
 
         Consecutive frames of one stream (and one shape) go to its engine together, with up to
-        `run_length` windows to denoise, so they are denoised in batched passes side by side."""
-        frames: list[tuple[Frame, Received]] = []
+        `run_length` windows to denoise, so they are denoised in batched passes side by side;
+        frames of several streams (channels, planes) arrive interleaved, so each stream's frames
+        of the batch are taken together, in their order. Which frames the preview infers when it
+        is behind: `_plan`. The raw input is published first, as it came."""
+        began, starts = monotonic(), self._stream_starts
+        frames: list[tuple[Frame | StreamEnd, Received]] = []
         for item in items:
-            frame = self._decode(item)
+            message = self._decode(item)
+            if isinstance(message, StreamEnd):
+                if message.stream in self.streams:  # the end of a stream never seen ends nothing
+                    frames.append((message, item))
             # A stream exists from its first valid frame on, so a malformed message after that
             # frame counts on the stream, as it would in a batch of its own.
-            if frame is not None and (frame.stream in self.streams or self._new_stream(frame.stream, self.config.init)):
-                frames.append((frame, item))
-        behind = Counter(frame.stream for frame, _ in frames)  # frames of each stream still to go
+            elif message is not None and (message.stream in self.streams
+                                          or self._new_stream(message.stream, self.config.init)):
+                frames.append((message, item))
+        plan = self._plan([m.stream for m, _ in frames if isinstance(m, Frame)], allow_skip)
+        flags = iter(plan.infer)
+        tagged = [(m, item, next(flags) if isinstance(m, Frame) else True) for m, item in frames]
+        for message, item, _ in tagged:
+            if isinstance(message, Frame):
+                self._publish_raw(item)
+        # One stream after the other (a stable sort: each stream's own order is kept), so a
+        # stream that is behind gives its engine runs of several windows to denoise side by side
+        # (`--workers`) instead of one window per run between the other streams' frames.
+        first_seen: dict[str, int] = {}
+        tagged.sort(key=lambda t: first_seen.setdefault(t[0].stream, len(first_seen)))
         run: list[Arrival] = []
-        for frame, item in frames:
-            behind[frame.stream] -= 1
+        for frame, item, infer in tagged:
             live = self.streams[frame.stream]
-            self._publish_raw(item)
-            infer = not allow_skip or self._keeps_pace(live, behind[frame.stream]) or self._owed(frame.stream)
+            if isinstance(frame, StreamEnd):
+                if run and run[0].frame.stream == frame.stream:
+                    self._accept(run)
+                    run = []
+                self._publish(live.finish(frame.seq))
+                continue
             if run and not _same_run(run[0].frame, frame):
                 self._accept(run)
                 run = []
@@ -454,6 +507,11 @@ class Daemon:
                 run = []
         if run:
             self._accept(run)
+        if items:
+            # Building a stream's network is a one-off, not load.
+            self.capacity.note_batch(began, monotonic(), plan.skipped_cost_s, began - items[0].received,
+                                     plan.skipped, count_busy=self._stream_starts == starts)
+            self._check_capacity(monotonic(), every_s=CAPACITY_CHECK_S)
 
     def _accept(self, run: list[Arrival]) -> None:
         """Hand a run of one stream's frames to its `LiveStream`; publish what became ready."""
@@ -471,13 +529,12 @@ class Daemon:
             for sink in self.sinks:
                 sink.on_raw(arrival.frame, arrival.received)
 
-    def _decode(self, item: Received) -> Frame | None:
+    def _decode(self, item: Received) -> Frame | StreamEnd | None:
         try:
-            frame = decode_frame(item.parts)
+            return decode_message(item.parts)
         except ProtocolError as error:
             self._reject(item.parts, error)
             return None
-        return frame
 
     def _reject(self, parts: Sequence[bytes], error: ProtocolError) -> None:
         """Count a rejection on its stream when the topic names one we know, else globally."""
@@ -509,19 +566,46 @@ class Daemon:
         log.info("stream %s: first message", name)
         return live
 
-    def _keeps_pace(self, live: LiveStream, newer: int) -> bool:
-        """Infer this frame unless the rounds of inference that the ``newer`` frames already
-        waiting behind it need would put the preview more than the catch-up budget behind: then
-        skip towards the newest window. A round denoises `run_length` windows side by side, so
-        the newest `run_length` frames are always inferred (one at a time: just the newest)."""
-        if newer < self.run_length or live.round_cost_s is None:
-            return True
-        return (newer // self.run_length) * live.round_cost_s <= self.config.catchup_s
+    def _plan(self, streams: list[str], allow_skip: bool) -> Plan:
+        """Which frames of a batch (``streams``: each frame's stream, in arrival order) the
+        preview infers (`capacity.plan_inference`): every frame of a recorded stream; every
+        stream's newest round (`run_length` windows, denoised side by side); older rounds in
+        turn across the streams, in proportion to their frames, while their estimated time
+        stays within the catch-up budget. The rest is skipped towards the present."""
+        if not allow_skip:
+            return Plan([True] * len(streams), 0.0, {})
+        costs = {name: self.streams[name].round_cost_s for name in set(streams)}
+        self._turn += 1
+        return plan_inference(streams, costs, self._owed, self.run_length, self.config.catchup_s, rotate=self._turn)
+
+    def _check_capacity(self, now: float, every_s: float = 0.0) -> None:
+        """Over capacity, or back within it: say so once in the log (`capacity.CapacityMonitor`)."""
+        if now < self._next_capacity_check:
+            return
+        self._next_capacity_check = now + every_s
+        if len(self.inbox) == 0:
+            self.capacity.note_idle()
+        change = self.capacity.update(now)
+        if change is None:
+            return
+        if change.over:
+            owed = [name for name in self.streams if self._owed(name)]
+            log.warning(
+                "over capacity: load %.2f, lag %.2f s, %d streams on %s; the preview skips outputs "
+                "evenly across the streams%s (status: capacity)", change.load, change.lag_s, len(self.streams),
+                f"a {self.budget.cores}-core budget" if self.budget is not None else "this machine",
+                f"; recorded streams ({', '.join(owed)}) still get every frame, and frames wait in the "
+                f"inbox ({self.inbox.nbytes / 2**20:.0f} of {self.inbox.max_bytes / 2**20:.0f} MB)" if owed else "")
+        else:
+            skipped = ", ".join(f"{name} {n}" for name, n in sorted(change.skipped.items())) or "none"
+            log.warning("back within capacity after %.1f s (load %.2f, lag %.2f s); preview outputs skipped "
+                        "meanwhile: %s", change.duration_s, change.load, change.lag_s, skipped)
 
     def _owed(self, stream: str) -> bool:
         return any(sink.owes(stream) for sink in self.sinks)
 
     def _notify_started(self, live: LiveStream, started: StreamStarted) -> None:
+        self._stream_starts += 1
         if not self.sinks or live.denoiser is None:
             return
         weights = live.denoiser.weights_hash()
@@ -574,6 +658,10 @@ class Daemon:
             "state_dir": self.store.summary() if self.store is not None else None,
             "curve": self.curve is not None,
             "streams": {name: live.snapshot(now) for name, live in self.streams.items()},
+            "capacity": self.capacity.snapshot(now) | {
+                "skipped": {name: live.counters.skipped for name, live in self.streams.items()},
+                "budget": self.budget.summary() if self.budget is not None else None,
+            },
             "rejected_unattributed": dict(self.rejected_unattributed),
             "inbox": {"depth": len(self.inbox), "bytes": self.inbox.nbytes, "overflow": self.inbox.overflow},
             "recording": self.recording.session.status().to_dict() if self.recording else None,

@@ -31,6 +31,7 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 import torch
 
+from umvd_live.budget import CpuBudget, CpuShare, cpu_cores
 from umvd_live.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_hash
 from umvd_live.model import PRESETS, ModelSpec, UMVDNet, resolve_preset
 from umvd_live.normalization import Normalizer, sanitize
@@ -58,7 +59,7 @@ class EngineConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     init: str | None = None  # weights from an earlier session: skips the warm start
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the hardware has it (`uses_bf16`)
-    cpu_threads: int | None = None  # torch threads on CPU; None: all cores, half in background mode
+    cpu_threads: int | None = None  # torch threads on CPU; None: the CPU budget's share (`budget.divide`)
     max_batch: int | None = None  # windows (and frames through G) per forward pass; None: `default_batch`
     workers: int | None = None  # D's forward passes run at once; None: `default_workers`
     seed: int = 0
@@ -81,26 +82,24 @@ def default_batch(device: torch.device) -> int:
     return GPU_BATCH if device.type == "cuda" else 1
 
 
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def default_workers(device: torch.device, train_mode: str) -> int:
+def default_workers(device: torch.device, train_mode: str, cores: int | None = None) -> int:
     """D's forward passes run at once when several windows are ready: 2 on a CPU of 2 or more
-    cores that trains in the background, else 1. Once live, the trainer rests most of the time
+    cores (``cores``: the CPU budget, default `cpu_cores`) that trains in the background, else 1.
+    Once live, the trainer rests most of the time
     (`live_train_duty`), and a second pass on its own thread uses the trainer's cores meanwhile:
     at 512² on 2 cores beside the trainer, 23-26 passes/s against 15-16 for one pass on both
     cores (tools/bench_stages.py; docs/benchmarks.md). A GPU batches
     instead (`default_batch`)."""
-    return 2 if device.type == "cpu" and train_mode == "background" and cpu_cores() >= 2 else 1
+    cores = cpu_cores() if cores is None else cores
+    return 2 if device.type == "cpu" and train_mode == "background" and cores >= 2 else 1
 
 
 def inference_layout(device: torch.device, train_mode: str, max_batch: int | None = None,
-                     workers: int | None = None) -> tuple[int, int]:
+                     workers: int | None = None, cores: int | None = None) -> tuple[int, int]:
     """(windows per forward pass, passes at once): the values given, else the defaults for the
     device and training mode (`default_batch`, `default_workers`). Refuses values below 1."""
     batch = default_batch(device) if max_batch is None else max_batch
-    passes = default_workers(device, train_mode) if workers is None else workers
+    passes = default_workers(device, train_mode, cores) if workers is None else workers
     if batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {batch}")
     if passes < 1:
@@ -174,16 +173,22 @@ def _batched(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 class StreamDenoiser:
-    """Denoises one stream of equally shaped frames. Not thread-safe: push from one thread."""
+    """Denoises one stream of equally shaped frames. Not thread-safe: push from one thread.
 
-    def __init__(self, config: EngineConfig | None = None):
+    ``budget``: the CPU budget this engine shares with others (a daemon's streams,
+    `umvd_live.budget`); its threads and its trainer's steps follow the budget's share. Without
+    one, the engine has a budget of the machine's cores to itself."""
+
+    def __init__(self, config: EngineConfig | None = None, budget: CpuBudget | None = None):
         self.config = config or EngineConfig()
         if self.config.window < 3 or self.config.window % 2 == 0:
             raise ValueError(f"window must be odd and >= 3, got {self.config.window}")
         self.device = pick_device(self.config.device)
         self.bf16 = uses_bf16(self.config.precision, self.device)
-        self.max_batch, self.workers = inference_layout(self.device, self.config.train_mode,
-                                                        self.config.max_batch, self.config.workers)
+        self.budget = budget if budget is not None else CpuBudget()
+        self.max_batch, self.workers = inference_layout(self.device, self.config.train_mode, self.config.max_batch,
+                                                        self.config.workers, self.budget.cores)
+        self._member: int | None = self.budget.join(f"{self.config.preset} {self.config.train_mode}")
         self._set_threads()
         self._pool: ThreadPoolExecutor | None = None  # made with the network, if workers > 1
         self.k = self.config.window // 2
@@ -264,24 +269,32 @@ class StreamDenoiser:
             "rollbacks": t.rollbacks if t else 0,
             "training_paused": self._paused,
             "warmup_progress": self.warmup_progress,
+            "cpu_share": self._share().to_dict() if self.device.type == "cpu" else None,
         }
 
     # -- set-up -------------------------------------------------------------------------------
-    def _set_threads(self) -> None:
-        """Torch threads for the calling thread. In background mode on a CPU, inference and
-        training each get half of the cores: measured on 2 cores, that beats pausing the trainer
-        during each push (docs/benchmarks.md), and it leaves the acquisition its share during
-        the warm start too (a trainer on every core then was faster alone and far slower beside
-        other work: OpenMP threads that wait on each other). torch's count is per OS thread once
-        that thread has run an operation, so each thread sets its own: the pushing thread, the
-        trainer, and each inference worker (`workers`)."""
+    def _share(self) -> CpuShare:
+        """This engine's share of its CPU budget now (`budget.divide`)."""
+        return self.budget.share(self.config.train_mode == "background", self.config.live_train_duty, self._member)
+
+    def _set_threads(self, role: Literal["infer", "train"] = "infer") -> None:
+        """Torch threads for the calling thread, from the CPU budget's share (`budget.divide`). In
+        background mode on a CPU, inference and training each get half of the budget's cores:
+        measured on 2 cores, that beats pausing the trainer during each push
+        (docs/benchmarks.md), and it leaves the acquisition its share during the warm start too
+        (a trainer on every core then was faster alone and far slower beside other work: OpenMP
+        threads that wait on each other). Trainers of several engines share the training half
+        (`budget.CpuBudget`). torch's count is per OS thread once that thread has run an
+        operation, so each thread sets its own: the pushing thread, the trainer (again at each
+        step: the share changes as streams come and go), and each inference worker."""
         if self.device.type != "cpu":
             return
         threads = self.config.cpu_threads
         if threads is None:
-            cores = cpu_cores()
-            threads = max(1, cores // 2) if self.config.train_mode == "background" else cores
-        torch.set_num_threads(threads)
+            share = self._share()
+            threads = share.train_threads if role == "train" else share.infer_threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
     def _start(self, frame: np.ndarray) -> None:
         """Build the network on the first frame: the preset may depend on the frame size."""
@@ -538,19 +551,29 @@ class StreamDenoiser:
             self._train_steps(n)
 
     def _train_loop(self) -> None:
-        self._set_threads()
+        shared = self.device.type == "cpu"  # on a CPU trainers take turns in the budget's slots
         while not self._stop.is_set():
+            self._set_threads("train")
             if not self._can_train() or self._replay is None:
                 self._stop.wait(0.01)
                 continue
-            started = time.monotonic()
-            if self._train_steps(1) == 0:
+            if shared and not self.budget.acquire(self._member, self._stop):
+                break
+            try:
+                started = time.monotonic()
+                done = self._train_steps(1)
+                busy = time.monotonic() - started
+            finally:
+                if shared:
+                    self.budget.release(self._member)
+            duty = self._share().train_duty if shared else self.config.live_train_duty
+            if done == 0:
                 self._stop.wait(0.005)
-            elif self._live and self.config.live_train_duty < 1.0:
+            elif self._live and duty < 1.0:
                 # The training budget: once live, leave the rest of the time to inference and
                 # to the acquisition's other work on the machine; the warm start runs flat out.
-                busy = time.monotonic() - started
-                self._stop.wait(busy * (1.0 / max(self.config.live_train_duty, 0.01) - 1.0))
+                # With more active trainers than slots, each one's duty is their share of it.
+                self._stop.wait(busy * (1.0 / max(duty, 0.01) - 1.0))
 
     def train_for(self, steps: int) -> int:
         """Run `steps` training steps now (offline pre-training, tests) and publish the weights."""
@@ -674,6 +697,9 @@ class StreamDenoiser:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._member is not None:  # the others' shares grow back
+            self.budget.leave(self._member)
+            self._member = None
 
     def __enter__(self) -> "StreamDenoiser":
         return self

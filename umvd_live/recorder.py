@@ -9,6 +9,12 @@ behind finishes after the acquisition ends: `stop(wait=False)` returns at once, 
 how far behind the writer is. An I/O error (disk full) ends the session with `error` set and
 ``on_error`` called; the caller keeps serving.
 
+Each stream gets a file of its own, also each position, channel and z plane of a
+multi-dimensional acquisition (``cam0.p0.GCaMP.z2``): one writer appends to each file, so every
+file stays append-only and crash-safe, and a stream's frames are written at their own pace. The
+files name their place in the acquisition and the session's ``recording_id`` in their OME-XML;
+`umvd_live.acquisition.read_acquisition` assembles them.
+
 Paths that arrive over the control socket go through `confine_path` first.
 """
 
@@ -20,6 +26,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, Callable
@@ -67,19 +74,23 @@ def confine_path(requested: str, output_dir: str | os.PathLike) -> Path:
     return resolved
 
 
+def recording_stem(base: str | os.PathLike) -> str:
+    """``dir/rec.ome.tif`` -> ``rec``: the start of every file name of a recording."""
+    name = Path(base).name
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def stream_path(base: str | os.PathLike, stream: str, *, raw: bool = False, part: int = 1) -> Path:
     """``rec.ome.tif`` + ``cam0`` -> ``rec_cam0.ome.tif`` (raw copy: ``rec_cam0.raw.ome.tif``;
     a later part after a frame-shape change: ``rec_cam0-part2.ome.tif``)."""
     if not STREAM_NAME.match(stream):
         raise RecordingError(f"stream name {stream!r} must match {STREAM_NAME.pattern}")
-    base = Path(base)
-    name = base.name
-    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    name += f"_{stream}" + (f"-part{part}" if part > 1 else "") + (".raw" if raw else "") + ".ome.tif"
-    return base.with_name(name)
+    name = (recording_stem(base) + f"_{stream}" + (f"-part{part}" if part > 1 else "")
+            + (".raw" if raw else "") + ".ome.tif")
+    return Path(base).with_name(name)
 
 
 @dataclass(frozen=True)
@@ -141,6 +152,8 @@ class RecordingSession:
         if not 0 < request.checkpoint_interval_s <= 2.0:
             raise RecordingError("checkpoint_interval_s must be in (0, 2]")
         self.request = dataclasses.replace(request, path=base)
+        #: written into every file of this session: what `read_acquisition` groups files by
+        self.recording_id = uuid.uuid4().hex
         self._provenance_for = provenance or (lambda stream: Provenance(stream=stream))
         self._on_error = on_error
         self._queue = SpillQueue(base.parent, request.memory_budget_bytes, request.hard_limit_bytes,
@@ -357,9 +370,8 @@ class RecordingSession:
     def _open(self, item: dict[str, Any], image: np.ndarray, info: FrameInfo,
               parts: dict[str, int]) -> RecordingFile:
         key, stream, raw = item["key"], item["stream"], item["kind"] == "raw"
-        prov = self._provenances[stream]
-        if raw:
-            prov = dataclasses.replace(prov, kind="raw")
+        prov = dataclasses.replace(self._provenances[stream], recording_id=self.recording_id,
+                                   **({"kind": "raw"} if raw else {}))
         part = parts.get(key, 0) + 1
         while True:
             path = stream_path(self.request.path, stream, raw=raw, part=part)

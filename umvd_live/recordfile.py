@@ -16,6 +16,10 @@ On-disk layout (little-endian BigTIFF, one uncompressed strip per page, one page
 * Every page carries its own per-frame metadata (seq, times, engine state, model step, the
   producer's meta) as JSON in the private ASCII tag `FRAME_TAG`: metadata is committed with the
   frame it describes, so a killed file loses none of it.
+* A stream of a multi-dimensional acquisition (one position, channel and z plane of it) names
+  them in its OME-XML from the first frame on: `AcquisitionCoordinates` in the provenance map,
+  the channel's name (and a default colour) on the OME Channel. `umvd_live.acquisition` puts the
+  files of one recording back together as TCZYX arrays.
 * The OME-XML is the first page's ImageDescription. It is double-buffered: two fixed-size slots,
   each NUL-terminated and padded with spaces (valid trailing XML whitespace). A checkpoint
   (`RecordingFile.checkpoint`, the recorder calls it every second) fsyncs the pages, writes a new
@@ -29,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import time
 import uuid
@@ -40,6 +45,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import tifffile
+
+from umvd_live.channel_colors import ome_color
 
 #: Private TIFF tag (ASCII, JSON) holding one frame's metadata on every page.
 FRAME_TAG = 65111
@@ -60,6 +67,81 @@ class RecordingFormatError(ValueError):
     """The file is not a umvd-live recording, or is damaged before its first page."""
 
 
+#: useq's axes besides time that every stream holds fixed: position, grid position, channel, z
+#: plane. A stream is one combination of them (and of any other axis the acquisition has); its
+#: frames are time points. Channel and z become a position's C and Z (`umvd_live.acquisition`).
+STREAM_AXES = ("p", "g", "c", "z")
+_AXIS_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,15}$")
+
+def _index_value(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+@dataclass(frozen=True)
+class AcquisitionCoordinates:
+    """Where a stream sits in a multi-dimensional acquisition: its (p, g, c, z) and their names.
+
+    Taken from the stream's first frame's ``meta`` (``group``, ``index``, ``channel``,
+    ``position``: docs/recording.md) and written into the file's provenance map from its first
+    page on, so that the per-stream files of one acquisition can be put back together, after a
+    crash too. ``None`` for frames without a ``group`` (older producers): their files are as before.
+    """
+
+    group: str  # the acquisition's base stream name, e.g. "cam0"
+    index: dict[str, int] = field(default_factory=dict)  # the non-time axes: {"p": 0, "c": 1, "z": 2}
+    axes: str = ""  # every axis of meta.index, time too, in its order, comma-separated: "t,p,c,z"
+    channel: str | None = None  # the channel's display name
+    position: str | None = None  # the position's name
+
+    @classmethod
+    def from_meta(cls, meta: Any) -> "AcquisitionCoordinates | None":
+        if not isinstance(meta, dict) or not isinstance(meta.get("group"), str):
+            return None
+        raw_index = meta.get("index")
+        raw_index = raw_index if isinstance(raw_index, dict) else {}
+        index = {k: v for k, v in ((k, _index_value(v)) for k, v in raw_index.items())
+                 if k != "t" and isinstance(k, str) and _AXIS_KEY.match(k) and v is not None}
+        text = {k: meta[k] if isinstance(meta.get(k), str) else None for k in ("channel", "position")}
+        return cls(group=meta["group"], index=index, axes=",".join(map(str, raw_index)), **text)
+
+    @classmethod
+    def from_provenance(cls, prov: dict[str, Any]) -> "AcquisitionCoordinates | None":
+        """The inverse of `to_map`, from `read_provenance`'s typed dict."""
+        if not isinstance(prov.get("group"), str):
+            return None
+        index = {k[5:]: v for k, v in prov.items() if k.startswith("axis.") and isinstance(v, int)}
+        return cls(group=prov["group"], index=index, axes=str(prov.get("acquisition_axes", "")),
+                   channel=prov.get("channel"), position=prov.get("position"))
+
+    def to_map(self) -> dict[str, str]:
+        """The provenance map's keys: ``group``, ``acquisition_axes``, ``axis.<key>`` for each
+        non-time axis the acquisition has (``axis.p``, ``axis.g``, ``axis.c``, ``axis.z``, any
+        other), ``channel`` and ``position`` (when named)."""
+        out = {"group": self.group, "acquisition_axes": self.axes}
+        out.update({f"axis.{k}": str(v) for k, v in self.index.items()})
+        if self.channel is not None:
+            out["channel"] = self.channel
+        if self.position is not None:
+            out["position"] = self.position
+        return out
+
+    @property
+    def c(self) -> int | None:
+        return self.index.get("c")
+
+    @property
+    def z(self) -> int | None:
+        return self.index.get("z")
+
+    @property
+    def position_key(self) -> str:
+        """``GROUP[.pP][.gG][.<key><i>…]``: what every channel and plane of one position share,
+        the stream name without its channel and plane (further axes in key order)."""
+        rest = sorted((k, v) for k, v in self.index.items() if k not in STREAM_AXES)
+        return self.group + "".join(f".{k}{self.index[k]}" for k in ("p", "g") if k in self.index) \
+            + "".join(f".{k}{v}" for k, v in rest)
+
+
 @dataclass(frozen=True)
 class Provenance:
     """Where a recording's frames came from: fixed for the whole file, written at its start."""
@@ -73,6 +155,7 @@ class Provenance:
     device: str | None = None
     source: str | None = None  # input endpoint or input file
     pixel_size_um: float | None = None  # None: taken from the first frame's meta["pixel_size_um"]
+    recording_id: str | None = None  # the RecordingSession's id: which files belong together
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -97,6 +180,12 @@ class FrameInfo:
     def time(self) -> float | None:
         """Acquisition time if the producer sent one, else the receive time."""
         return self.t if self.t is not None else self.t_received
+
+    @property
+    def t_index(self) -> int | None:
+        """The acquisition's time point of this frame (``meta["index"]["t"]``), if it sent one."""
+        index = self.meta.get("index") if isinstance(self.meta, dict) else None
+        return _index_value(index.get("t")) if isinstance(index, dict) else None
 
 
 def seq_gaps(seqs: Iterable[int]) -> list[tuple[int, int]]:
@@ -221,6 +310,7 @@ class RecordingFile:
             float(pixel) if isinstance(pixel, (int, float)) and not isinstance(pixel, bool)
             and math.isfinite(pixel) and pixel > 0 else None
         )
+        self.coordinates = AcquisitionCoordinates.from_meta(first_info.meta)
         self.started_utc = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         self._uuid = f"urn:uuid:{uuid.uuid4()}"
         self.infos: list[FrameInfo] = []
@@ -262,7 +352,7 @@ class RecordingFile:
         # first-IFD = 0 until page 0 is complete
         _pwrite_all(self._fd, b"II" + struct.pack("<HHHQ", 43, 8, 0, 0), 0)
         xml = self._xml(frames=1, final=False)
-        self._slot_size = self._slot_size_for(len(xml))
+        self._slot_size = self._slot_size_for(len(xml.encode("utf-8")))
         self._slots = [self._eof, self._eof + self._slot_size]
         self._eof += 2 * self._slot_size
         self._write_slot(0, xml)
@@ -272,7 +362,7 @@ class RecordingFile:
         return -(-(2 * n + 1024) // _PAGE) * _PAGE
 
     def _write_slot(self, index: int, xml: str) -> None:
-        data = xml.encode("ascii")
+        data = xml.encode("utf-8")  # OME-TIFF's encoding: Bio-Formats, tifffile, ome-types read it
         body = data + b" " * (self._slot_size - 1 - len(data)) + b"\x00"
         _pwrite_all(self._fd, body, self._slots[index])
 
@@ -378,6 +468,10 @@ class RecordingFile:
             and self.first_live_frame < frames else "none",
             "per_frame_metadata": f"TIFF tag {FRAME_TAG} (JSON) on every page",
         }
+        if p.recording_id is not None:
+            out["recording_id"] = p.recording_id
+        if self.coordinates is not None:
+            out.update(self.coordinates.to_map())
         if final:
             out["finished_utc"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         for k, v in p.extra.items():
@@ -393,6 +487,12 @@ class RecordingFile:
         }
         if self.pixel_size_um:
             meta["PhysicalSizeX"] = meta["PhysicalSizeY"] = self.pixel_size_um
+        if self.coordinates is not None and self.coordinates.channel is not None:
+            channel: dict[str, Any] = {"Name": self.coordinates.channel}
+            color = ome_color(self.coordinates.channel)
+            if color is not None:
+                channel["Color"] = color
+            meta["Channel"] = channel
         if final and frames:
             times = [i.time for i in self.infos[:frames]]
             t0 = next((t for t in times if t is not None), None)
@@ -405,14 +505,15 @@ class RecordingFile:
         return ox.tostring(declaration=True)
 
     def frame_table_tsv(self, frames: int) -> str:
-        rows = ["frame\tseq\tt\tt_received\tstate\tmodel_step"]
+        """The per-frame table; ``t_index`` is the acquisition's time point (``meta.index.t``)."""
+        rows = ["frame\tseq\tt\tt_received\tstate\tmodel_step\tt_index"]
         for i, f in enumerate(self.infos[:frames]):
-            rows.append(f"{i}\t{f.seq}\t{f.t}\t{f.t_received}\t{f.state}\t{f.model_step}")
+            rows.append(f"{i}\t{f.seq}\t{f.t}\t{f.t_received}\t{f.state}\t{f.model_step}\t{f.t_index}")
         return "\n".join(rows)
 
     def _publish_xml(self, xml: str) -> None:
         """Write ``xml`` where no reader looks yet, make it durable, then switch to it."""
-        data_len = len(xml.encode("ascii")) + 1
+        data_len = len(xml.encode("utf-8")) + 1
         idle = 1 - self._active_slot
         if data_len <= self._slot_size:
             self._write_slot(idle, xml)
@@ -466,7 +567,7 @@ class RecordingFile:
         try:
             n = len(self.infos)
             xml = self._xml(frames=n, final=False)
-            if n != self._committed_xml_frames and len(xml.encode("ascii")) + 1 <= self._slot_size:
+            if n != self._committed_xml_frames and len(xml.encode("utf-8")) + 1 <= self._slot_size:
                 self._publish_xml(xml)
                 self._committed_xml_frames = n
         except OSError:
@@ -548,7 +649,8 @@ def _typed(prov: dict[str, Any]) -> dict[str, Any]:
             return None
 
     out = dict(prov)
-    for key in ("window", "frames", "first_seq", "last_seq", "first_live_frame"):
+    for key in ("window", "frames", "first_seq", "last_seq", "first_live_frame",
+                *(k for k in out if k.startswith("axis."))):
         if key in out:
             out[key] = num(out[key], int)
     if "pixel_size_um" in out:
@@ -558,6 +660,31 @@ def _typed(prov: dict[str, Any]) -> dict[str, Any]:
             out[key] = None
     out["complete"] = out.get("complete") == "true"
     return out
+
+
+def _has_frames(path: Path) -> bool:
+    """False for a recording killed before its first frame was complete; raises for a file that
+    is no little-endian BigTIFF."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if len(head) < 16 or head[:2] != b"II" or struct.unpack("<H", head[2:4])[0] != 43:
+        raise RecordingFormatError(f"{path} is not a little-endian BigTIFF")
+    return struct.unpack("<Q", head[8:16])[0] != 0
+
+
+def read_provenance(path: str | os.PathLike) -> dict[str, Any]:
+    """The provenance map of a recording (typed, as in `read_recording`) without its pixels: what
+    a reader needs to sort files (``stream``, ``kind``, ``recording_id``, the acquisition's
+    ``group``, ``axis.*``, ``channel``, ``position``). ``frames`` is what the OME-XML declares
+    (the last checkpoint's count after a kill); a file killed before its first frame gives
+    ``{"frames": 0}``."""
+    path = Path(path)
+    if not _has_frames(path):
+        return {"frames": 0, "complete": False}
+    with tifffile.TiffFile(path) as tif:
+        prov = _typed(_parse_provenance(tif.pages.first.description))
+    prov.pop("ome_size_t", None)
+    return prov
 
 
 def read_recording(path: str | os.PathLike) -> tuple[np.ndarray, list[FrameInfo], dict[str, Any]]:
@@ -571,11 +698,7 @@ def read_recording(path: str | os.PathLike) -> tuple[np.ndarray, list[FrameInfo]
     metadata) and ``frames_declared_in_ome`` (how many the OME-XML declares; fewer after a kill).
     """
     path = Path(path)
-    with open(path, "rb") as fh:
-        head = fh.read(16)
-    if len(head) < 16 or head[:2] != b"II" or struct.unpack("<H", head[2:4])[0] != 43:
-        raise RecordingFormatError(f"{path} is not a little-endian BigTIFF")
-    if struct.unpack("<Q", head[8:16])[0] == 0:
+    if not _has_frames(path):
         # killed before its first frame was complete: an empty recording
         return np.zeros((0, 0, 0), np.float32), [], {"frames": 0, "complete": False, "seq_gaps": [],
                                                       "seq_restarts": [], "first_live_frame": None,

@@ -30,6 +30,16 @@ def _state(snap: dict[str, Any]) -> str:
     return state + (" (paused)" if snap.get("training_paused") else "") + (" (idle)" if snap.get("idle") else "")
 
 
+def capacity_line(status: dict[str, Any]) -> str | None:
+    """One line while the daemon is over capacity (`capacity.CapacityMonitor`), else None."""
+    cap = status.get("capacity") or {}
+    if not cap.get("over"):
+        return None
+    return (f"OVER CAPACITY for {cap['over_s']:.0f} s: load {cap['load']:.2f}, lag {cap['lag_ms']:.0f} ms; "
+            f"the preview skips evenly across streams (skipped: "
+            + ", ".join(f"{name} {n}" for name, n in cap.get("skipped", {}).items()) + ")")
+
+
 def render_table(status: dict[str, Any]) -> Table:
     table = Table(title=f"umvd-live serve  ·  input {status['endpoints']['input']}  ·  "
                         f"output {status['endpoints']['output']}  ·  up {status['uptime_s']:.0f} s",
@@ -51,6 +61,9 @@ def render_table(status: dict[str, Any]) -> Table:
                          f"inbox overflow: {status['inbox']['overflow']}")
     elif not status["streams"]:
         table.caption = "waiting for frames"
+    over = capacity_line(status)
+    if over is not None:
+        table.caption = over + (f"  ·  {table.caption}" if table.caption else "")
     return table
 
 
@@ -67,6 +80,9 @@ def render_lines(status: dict[str, Any]) -> list[str]:
             + (f" nan/inf frames {s['nonfinite_frames']}" if s.get("nonfinite_frames") else "")
             + (f" seq restarts {s['seq_restarts']}" if s.get("seq_restarts") else "")
         )
+    over = capacity_line(status)
+    if over is not None:
+        lines.append(f"daemon: {over}")
     glob = status["rejected_unattributed"]
     if glob or status["inbox"]["overflow"] or not lines:
         lines.append(f"daemon: streams {len(status['streams'])} rejected without a stream "

@@ -153,6 +153,7 @@ class StreamCounters:
     pauses: int = 0  # times the stream came back after being idle
     resumed: int = 0  # denoisers started from a --state-dir checkpoint
     restarts: int = 0  # new denoiser after a shape/dtype change
+    ends: int = 0  # the producer ended the stream (its acquisition finished)
     resets: int = 0  # new denoiser on request (`reset`)
     rejected: Counter[str] = field(default_factory=Counter)
 
@@ -186,6 +187,8 @@ class LiveStream:
         self.dtype: str | None = None
         self.training_paused = False
         self.last_seq: int | None = None
+        self._numbering_ended = False  # the producer ended the stream: its next seq starts anew
+        self.axes: dict[str, Any] | None = None  # group, channel, non-time index (`_track_axes`)
         self._pending: dict[int, tuple[FrameHeader, float]] = {}  # engine index -> input
         #: Running estimate of the time one inferred output costs (its push, in a batch its share).
         self.infer_cost_s: float | None = None
@@ -198,6 +201,7 @@ class LiveStream:
         """Push a run of valid frames, all of one shape and dtype, in arrival order. Returns the
         outputs that became ready (a shape change first flushes the old denoiser's outputs) and,
         when a new denoiser was started, its description."""
+        self._track_axes(run[-1].frame.header.meta)
         for arrival in run:
             self._track_seq(arrival.frame.header.seq)
             self._track_activity(arrival.received)
@@ -233,6 +237,17 @@ class LiveStream:
         self.counters.resets += 1
         assert self.shape is not None and self.dtype is not None
         return outputs, self._start_denoiser(self.shape, self.dtype, "reset")
+
+    def finish(self, seq: int) -> list[DenoisedOutput]:
+        """The producer ended the stream (`protocol.StreamEnd`; ``seq``: its next frame's number):
+        hand out the outputs still owed, keep what the model learned (``--state-dir``), and let
+        the next frame start a new window and warm start with ``seq`` from 0."""
+        if self.last_seq is not None and seq > self.last_seq + 1:
+            self.counters.drops += min(seq - self.last_seq - 1, MAX_SEQ_GAP)
+        self._numbering_ended = True
+        self.counters.ends += 1
+        log.info("stream %s: ended by its producer after seq %s", self.name, seq - 1)
+        return self._close_denoiser() if self.denoiser is not None else []
 
     def close(self) -> list[DenoisedOutput]:
         """Flush and stop the denoiser (its trainer thread)."""
@@ -301,6 +316,8 @@ class LiveStream:
             "idle_s": None if self.last_received is None else round(now - self.last_received, 3),
             "restarts": c.restarts,
             "resets": c.resets,
+            "ends": c.ends,
+            "axes": self.axes,
             "last_seq": self.last_seq,
             "fps_in": round(self.fps_in.rate(now), 2),
             "fps_out": round(self.fps_out.rate(now), 2),
@@ -358,6 +375,17 @@ class LiveStream:
                 return self._push(run)
             raise
 
+    def _track_axes(self, meta: dict[str, Any]) -> None:
+        """Where the stream sits in its acquisition, from its frames' ``meta`` (docs/protocol.md),
+        for the status and the viewer; None for producers that do not say."""
+        group, index = meta.get("group"), meta.get("index")
+        if not isinstance(group, str) or not isinstance(index, dict):
+            self.axes = None
+            return
+        channel = meta.get("channel")
+        self.axes = {"group": group, "channel": channel if isinstance(channel, str) else None,
+                     "index": {str(k): v for k, v in index.items() if k != "t" and isinstance(v, int)}}
+
     def _track_activity(self, received: float) -> None:
         """A frame after an idle spell: training resumes, latency figures start afresh."""
         last, self.last_received = self.last_received, received
@@ -385,7 +413,8 @@ class LiveStream:
                         c.nonfinite_frames)
 
     def _track_seq(self, seq: int) -> None:
-        last = self.last_seq
+        last = None if self._numbering_ended else self.last_seq
+        self._numbering_ended = False
         if last is not None:
             if seq > last + MAX_SEQ_GAP:
                 self.counters.seq_jumps += 1

@@ -1,6 +1,7 @@
 """The live viewer: a napari dock widget and `umvd-live view`, subscribed to the daemon's output.
 
 Nothing here imports Qt or napari at import time: the core package works without the optional
-``viewer`` extra, and the Qt-free parts (`noise`, `session`; the control client is `umvd_live.control_client`) are usable and
-testable on their own. napari finds the widget through the npe2 manifest ``napari.yaml``.
+``viewer`` extra, and the Qt-free parts (`noise`, `session`, `sites`; the control
+client is `umvd_live.control_client`) are usable and testable on their own. napari finds the
+widget through the npe2 manifest ``napari.yaml``.
 """

@@ -88,6 +88,17 @@ class FrameHistory:
     def __len__(self) -> int:
         return min(self._count, self.capacity)
 
+    @property
+    def pushed(self) -> int:
+        """Frames pushed since the last clear (or change of shape)."""
+        return self._count
+
+    def mean(self) -> np.ndarray | None:
+        """The temporal mean of the stored frames (order does not matter: no reordering copy)."""
+        if self._buf is None or not len(self):
+            return None
+        return self._buf[: len(self)].mean(axis=0)
+
     def frames(self) -> np.ndarray:
         """The stored frames in time order, as a new (T, H, W) float32 array."""
         if self._buf is None:

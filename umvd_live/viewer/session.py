@@ -2,11 +2,18 @@
 
 Why: the GUI thread must never wait on a socket. `LiveSession` owns both sockets (the output SUB
 and the control REQ; ZeroMQ sockets belong to one thread) and turns what arrives into plain
-events: the newest raw/denoised pair of the selected stream at most `max_fps` times a second,
-and every `stats_period_s` the daemon's status, the noise fit, the region's SNR and mean traces.
-Every raw frame of the selected stream feeds the noise history, whether or not it is shown. The
-GUI talks back only through thread-safe setters (`select_stream`, `set_region`, `set_offset`,
-`submit`). `LatestOnly` is the hand-off that keeps just the newest frames when the GUI is slower.
+events: the newest raw/denoised frames of every channel of the shown site (`SiteFrames`, a site
+being one group, position, grid tile and plane: `sites.py`) at most `max_fps` times a second,
+and every `stats_period_s` the daemon's status, each shown channel's region trace, and the noise
+fit and region SNR of the one channel the panel analyses. Every raw frame of a shown channel feeds
+its noise history, whether or not it is drawn, so choosing another channel to analyse gives its
+figures at once.
+
+Frames of the streams not shown cost a receive and a dictionary slot: their newest raw and
+denoised messages are kept undecoded, so a newly chosen site shows its last frames at once. The
+GUI talks back only through thread-safe setters (`select`, `select_stream`, `set_region`,
+`set_offset`, `submit`). `LatestOnly` is the hand-off that keeps just the newest frames when the
+GUI is slower.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -34,6 +41,7 @@ from umvd_live.viewer.noise import (
     region_mean,
     region_snr,
 )
+from umvd_live.viewer.sites import Site, SiteCatalog, StreamPlace
 
 T = TypeVar("T")
 
@@ -42,7 +50,7 @@ T = TypeVar("T")
 class ViewerConfig:
     output: str = "tcp://127.0.0.1:5556"  # the daemon's output (PUB) endpoint
     control: str = "tcp://127.0.0.1:5557"  # the daemon's control (REP) endpoint
-    stream: str | None = None  # stream to show first (None: the first one seen)
+    stream: str | None = None  # stream (or group) to show first (None: the first one seen)
     max_fps: float = 30.0  # frames handed to the GUI per second, at most
     stats_period_s: float = 0.5  # status poll, noise fit and SNR every this often
     history_frames: int = DEFAULT_HISTORY  # frames the noise fit and SNR use
@@ -54,20 +62,64 @@ class ViewerConfig:
 
 
 @dataclass(frozen=True)
+class Selection:
+    """What the GUI asks to see: a site, or the site of ``stream`` (a stream or a group's name,
+    which wins over ``site``); and the channel the panel analyses (a channel label; None: the
+    stream named, else the site's first channel)."""
+
+    site: Site | None = None
+    stream: str | None = None
+    channel: str | None = None
+
+
+@dataclass(frozen=True)
 class FramePair:
-    """The newest raw and denoised frames of the selected stream (either may be None)."""
+    """The newest raw and denoised frames of one stream (either may be None)."""
 
     stream: str
     raw: np.ndarray | None
     raw_header: dict[str, Any] | None
     denoised: np.ndarray | None
     denoised_header: dict[str, Any] | None
-    superseded: int  # frames received since the previous pair and never handed over
+    superseded: int  # raw frames received since the previous hand-over and never handed over
+    channel: str | None = None  # the channel's name; None: the stream has no channel axis
+    label: str = ""  # the name of the channel's layers: unique in the site ("": the stream's)
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", self.channel or self.stream)
+
+
+@dataclass(frozen=True)
+class SiteFrames:
+    """The newest frames of every channel of the shown site, in channel order."""
+
+    site: Site
+    pairs: tuple[FramePair, ...]
+    analysed: str | None  # the stream the panel analyses
+
+    @property
+    def analysed_pair(self) -> FramePair | None:
+        return next((p for p in self.pairs if p.stream == self.analysed), self.pairs[0] if self.pairs else None)
+
+
+@dataclass(frozen=True)
+class ChannelFigures:
+    """What is cheap enough to keep for every channel of the shown site: its region trace and
+    the temporal mean of its recent raw frames (for contrast limits)."""
+
+    stream: str
+    label: str
+    trace_raw: np.ndarray  # (N, 2): time (s, relative to the newest frame of the site), region mean
+    trace_denoised: np.ndarray
+    raw_mean: np.ndarray | None
+    received_fps: float
 
 
 @dataclass(frozen=True)
 class LiveStats:
-    """What the status panel shows, refreshed every `ViewerConfig.stats_period_s`."""
+    """What the status panel shows, refreshed every `ViewerConfig.stats_period_s`. The figures
+    without a channel in their name are the analysed channel's (``stream``)."""
 
     stream: str | None
     streams: tuple[str, ...]
@@ -83,6 +135,10 @@ class LiveStats:
     received_fps: float  # raw frames of the stream reaching the viewer per second
     superseded_total: int  # frames the viewer received but never showed (it shows the newest)
     raw_mean: np.ndarray | None = None  # temporal mean of the recent raw frames (for contrast)
+    site: Site | None = None  # the site shown
+    channel: str | None = None  # the analysed channel's label
+    channels: tuple[ChannelFigures, ...] = ()  # every channel of the site, in channel order
+    places: tuple[StreamPlace, ...] = ()  # where every stream seen belongs
 
     @property
     def stream_status(self) -> dict[str, Any] | None:
@@ -143,6 +199,29 @@ class _Trace:
         return a
 
 
+@dataclass
+class ChannelFeed:
+    """What the session keeps of one channel of the shown site."""
+
+    place: StreamPlace
+    label: str  # the channel's name, unique among the site's channels
+    raw_history: FrameHistory
+    den_history: FrameHistory
+    trace_raw: _Trace
+    trace_den: _Trace
+    latest_raw: OutputMessage | None = None
+    latest_den: OutputMessage | None = None
+    raw_arrivals: deque = field(default_factory=deque)  # monotonic arrival times, last 2 s
+    raw_pending: bool = False  # a raw frame arrived that was not handed over yet
+    unshown: int = 0  # raw frames replaced before being handed over, since the last hand-over
+
+    def received_fps(self, now: float) -> float:
+        while self.raw_arrivals and self.raw_arrivals[0] < now - 2.0:
+            self.raw_arrivals.popleft()
+        span = now - self.raw_arrivals[0] if len(self.raw_arrivals) > 1 else 0.0
+        return (len(self.raw_arrivals) - 1) / span if span > 0 else 0.0
+
+
 class LiveSession:
     """Reads the daemon's output and control sockets; run `step` in a loop on one thread."""
 
@@ -157,35 +236,44 @@ class LiveSession:
         self.control = ControlClient(config.control, config.request_timeout_s, self._ctx)
         self._commands: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         # Set from the GUI thread, read here: single assignments of immutable values.
-        self._wanted_stream: str | None = config.stream
+        self._wanted = Selection(stream=config.stream)
         self._wanted_region: Region | None = None
         self._wanted_offset: float | None = None
 
-        self.stream: str | None = None
+        self.catalog = SiteCatalog()
+        self._placed_by_frames: set[str] = set()  # streams whose place came from a frame's meta
+        self._newest: dict[tuple[str, str], list[bytes]] = {}  # (stream, kind): undecoded parts
+        self.site: Site | None = None
+        self.stream: str | None = None  # the analysed channel's stream
         self.streams: list[str] = []
+        self.feeds: dict[str, ChannelFeed] = {}  # the shown site's channels, in channel order
         self.region: Region | None = None
-        self._raw_history = FrameHistory(config.history_frames)
-        self._den_history = FrameHistory(config.history_frames)
-        self._trace_raw = _Trace(config.trace_seconds)
-        self._trace_den = _Trace(config.trace_seconds)
-        self._latest_raw: OutputMessage | None = None
-        self._latest_den: OutputMessage | None = None
-        self._unshown = 0
         self.superseded_total = 0
+        self.undecoded = 0  # messages of streams not shown, kept without decoding
         self._new_since_emit = False
         self._last_emit = 0.0
         self._last_stats = 0.0
         self._last_status_sent = 0.0
         self._last_frame_at: float | None = None
-        self._raw_arrivals: deque[float] = deque()
         self._status: dict[str, Any] | None = None
         self._error: str | None = None
         self._in_flight: dict[str, Any] = {}
         self.bad_messages = 0
 
     # ---- called from the GUI thread ------------------------------------------------------------
+    def select(self, selection: Selection) -> None:
+        self._wanted = selection
+
     def select_stream(self, name: str | None) -> None:
-        self._wanted_stream = name
+        """Show the site of stream ``name`` (or the first site of group ``name``) and analyse it."""
+        self._wanted = Selection(stream=name)
+
+    def select_site(self, site: Site, channel: str | None = None) -> None:
+        self._wanted = Selection(site=site, channel=channel)
+
+    def select_channel(self, channel: str | None) -> None:
+        """Analyse this channel (a label) of the site shown."""
+        self._wanted = replace(self._wanted, channel=channel)
 
     def set_region(self, region: Region | None) -> None:
         self._wanted_region = region
@@ -199,9 +287,9 @@ class LiveSession:
         self._commands.put({"cmd": cmd, **fields})
 
     # ---- the worker's loop ---------------------------------------------------------------------
-    def step(self, timeout_ms: int = 20) -> list[FramePair | LiveStats | ControlReply | CommandFailed]:
+    def step(self, timeout_ms: int = 20) -> list[SiteFrames | LiveStats | ControlReply | CommandFailed]:
         """Wait up to ``timeout_ms`` for traffic, take everything that arrived, return the events."""
-        events: list[FramePair | LiveStats | ControlReply | CommandFailed] = []
+        events: list[SiteFrames | LiveStats | ControlReply | CommandFailed] = []
         poller = zmq.Poller()
         poller.register(self._sub, zmq.POLLIN)
         ctl = self.control.socket()
@@ -213,7 +301,7 @@ class LiveSession:
         self._drain_output(now)
         self._service_control(now, events)
         if self._new_since_emit and now - self._last_emit >= 1.0 / self.config.max_fps:
-            events.append(self._frame_pair())
+            events.append(self._site_frames())
             self._last_emit = now
         if now - self._last_stats >= self.config.stats_period_s:
             events.append(self._stats(now))
@@ -224,32 +312,94 @@ class LiveSession:
         self._sub.close(linger=0)
         self.control.close()
 
+    def feed(self, stream: str) -> ChannelFeed | None:
+        """The shown site's channel of ``stream`` (None when it is not shown)."""
+        return self.feeds.get(stream)
+
     # ---- internals -----------------------------------------------------------------------------
+    def _resolve_site(self, wanted: Selection) -> Site | None:
+        if wanted.stream is not None:
+            place = self.catalog.get(wanted.stream)
+            if place is not None:
+                return place.site
+            sites = self.catalog.sites(wanted.stream)  # a group's name
+            return sites[0] if sites else None
+        if wanted.site is not None:
+            return wanted.site
+        places = self.catalog.places()
+        return places[0].site if places else None
+
+    def _resolve_analysed(self, wanted: Selection) -> str | None:
+        if wanted.channel is not None:
+            for stream, feed in self.feeds.items():
+                if feed.label == wanted.channel:
+                    return stream
+        if wanted.stream in self.feeds:
+            return wanted.stream
+        return next(iter(self.feeds), None)
+
     def _apply_settings(self) -> None:
-        wanted = self._wanted_stream
-        if wanted is None and self.streams:
-            wanted = self.streams[0]
-        if wanted != self.stream:
-            self.stream = wanted
-            self._restart_stream()
+        wanted = self._wanted
+        site = self._resolve_site(wanted)
+        if site != self.site:
+            self.site = site
+            self.feeds = {}
+            self._new_since_emit = False
+        self._sync_feeds()
+        self.stream = self._resolve_analysed(wanted)
         if self._wanted_region != self.region:
             self.region = self._wanted_region
-            self._trace_raw.points.clear()
-            self._trace_den.points.clear()
+            for feed in self.feeds.values():
+                feed.trace_raw.points.clear()
+                feed.trace_den.points.clear()
 
-    def _restart_stream(self) -> None:
-        for h in (self._raw_history, self._den_history):
-            h.clear()
-        self._trace_raw.points.clear()
-        self._trace_den.points.clear()
-        self._latest_raw = self._latest_den = None
-        self._raw_arrivals.clear()
-        self._unshown = 0
-        self._new_since_emit = False
+    def _sync_feeds(self) -> None:
+        """One feed per stream of the shown site, in channel order; a new one starts from the
+        stream's newest frames."""
+        places = self.catalog.channels(self.site) if self.site is not None else []
+        if [p.stream for p in places] == list(self.feeds) and all(
+                self.feeds[p.stream].place == p for p in places):
+            return
+        feeds = {}
+        labels = [p.label for p in places]
+        for place in places:
+            feed = self.feeds.get(place.stream)
+            if feed is None:
+                feed = self._new_feed(place)
+            feed.place = place
+            # Two channels of one name (a name and another's c{index}): the stream tells them apart.
+            feed.label = place.label if labels.count(place.label) == 1 else place.stream
+            feeds[place.stream] = feed
+        self.feeds = feeds
+
+    def _new_feed(self, place: StreamPlace) -> ChannelFeed:
+        c = self.config
+        feed = ChannelFeed(place, place.label, FrameHistory(c.history_frames), FrameHistory(c.history_frames),
+                           _Trace(c.trace_seconds), _Trace(c.trace_seconds))
+        for kind in ("raw", "denoised"):
+            parts = self._newest.get((place.stream, kind))
+            if parts is None:
+                continue
+            try:
+                msg = decode_output(parts)
+            except ProtocolError:
+                continue
+            if kind == "raw":
+                feed.raw_history.push(msg.image)
+                feed.latest_raw = msg
+                feed.raw_pending = True
+            else:
+                feed.latest_den = msg
+            self._new_since_emit = True
+        return feed
 
     def _note_stream(self, name: str) -> None:
         if name not in self.streams:
             self.streams.append(name)
+
+    def _place(self, place: StreamPlace) -> None:
+        if self.catalog.note(place):
+            self._apply_settings()
 
     def _drain_output(self, now: float, max_messages: int = 1000) -> None:
         for _ in range(max_messages):
@@ -257,31 +407,41 @@ class LiveSession:
                 parts = self._sub.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 return
+            self._last_frame_at = now
+            stream, _, kind = bytes(parts[0]).decode("utf-8", errors="replace").rpartition("/")
+            if len(parts) == 3 and stream in self._placed_by_frames and stream not in self.feeds:
+                self._newest[(stream, kind)] = parts  # not shown: no decoding, no copy
+                self.undecoded += 1
+                continue
             try:
                 msg = decode_output(parts)
             except ProtocolError:
                 self.bad_messages += 1
                 continue
             self._note_stream(msg.stream)
-            if self.stream is None and self._wanted_stream is None:
-                self.stream = msg.stream
-            if msg.stream != self.stream:
-                continue
-            self._last_frame_at = now
-            t = msg.header.get("t")
-            t = float(t) if isinstance(t, (int, float)) and math.isfinite(t) else now
-            if msg.kind == "raw":
-                self._raw_history.push(msg.image)
-                self._trace_raw.add(t, region_mean(msg.image, self.region))
-                self._raw_arrivals.append(now)
-                if self._latest_raw is not None:
-                    self._unshown += 1
-                self._latest_raw = msg
-            else:
-                self._den_history.push(msg.image)
-                self._trace_den.add(t, region_mean(msg.image, self.region))
-                self._latest_den = msg
-            self._new_since_emit = True
+            self._placed_by_frames.add(msg.stream)
+            self._place(StreamPlace.from_meta(msg.stream, msg.header.get("meta")))
+            feed = self.feeds.get(msg.stream)
+            if feed is not None:
+                self._take(feed, msg, now)
+            self._newest[(msg.stream, msg.kind)] = parts
+
+    def _take(self, feed: ChannelFeed, msg: OutputMessage, now: float) -> None:
+        t = msg.header.get("t")
+        t = float(t) if isinstance(t, (int, float)) and math.isfinite(t) else now
+        if msg.kind == "raw":
+            feed.raw_history.push(msg.image)
+            feed.trace_raw.add(t, region_mean(msg.image, self.region))
+            feed.raw_arrivals.append(now)
+            if feed.raw_pending:
+                feed.unshown += 1
+            feed.raw_pending = True
+            feed.latest_raw = msg
+        else:
+            feed.den_history.push(msg.image)
+            feed.trace_den.add(t, region_mean(msg.image, self.region))
+            feed.latest_den = msg
+        self._new_since_emit = True
 
     def _service_control(self, now: float, events: list) -> None:
         if self.control.busy:
@@ -297,8 +457,7 @@ class LiveSession:
                 if reply.request.get("cmd") == "status":
                     if reply.ok:
                         self._status = reply.reply
-                        for name in reply.reply.get("streams") or {}:
-                            self._note_stream(name)
+                        self._note_status_streams(reply.reply.get("streams") or {})
                 else:
                     events.append(reply)
         if self.control.busy:
@@ -318,44 +477,69 @@ class LiveSession:
             if request.get("cmd") != "status":
                 events.append(CommandFailed(request, str(exc)))
 
-    def _frame_pair(self) -> FramePair:
-        raw, den = self._latest_raw, self._latest_den
-        superseded, self._unshown = self._unshown, 0
-        self.superseded_total += superseded
+    def _note_status_streams(self, streams: dict[str, Any]) -> None:
+        """Streams the daemon serves: listed, and placed by their status ``axes`` until a frame
+        of theirs says where they belong."""
+        for name, entry in streams.items():
+            self._note_stream(name)
+            if name not in self._placed_by_frames:
+                axes = entry.get("axes") if isinstance(entry, dict) else None
+                self._place(StreamPlace.from_status(name, axes))
+
+    def _site_frames(self) -> SiteFrames:
+        pairs = []
+        for stream, feed in self.feeds.items():
+            raw, den = feed.latest_raw, feed.latest_den
+            superseded, feed.unshown, feed.raw_pending = feed.unshown, 0, False
+            self.superseded_total += superseded
+            pairs.append(FramePair(
+                stream=stream,
+                raw=None if raw is None else raw.image,
+                raw_header=None if raw is None else raw.header,
+                denoised=None if den is None else den.image,
+                denoised_header=None if den is None else den.header,
+                superseded=superseded,
+                channel=feed.place.channel,
+                label=feed.label,
+            ))
         self._new_since_emit = False
-        return FramePair(
-            stream=self.stream or "",
-            raw=None if raw is None else raw.image,
-            raw_header=None if raw is None else raw.header,
-            denoised=None if den is None else den.image,
-            denoised_header=None if den is None else den.header,
-            superseded=superseded,
-        )
+        return SiteFrames(site=self.site, pairs=tuple(pairs), analysed=self.stream)
 
     def _connected(self, now: float) -> bool:
         recent = [t for t in (self.control.last_reply_at, self._last_frame_at) if t is not None]
         return bool(recent) and now - max(recent) < self.config.offline_after_s and self._error is None
 
     def _stats(self, now: float) -> LiveStats:
-        noise = raw_mean = None
+        noise = None
         snr_raw = snr_den = float("nan")
         offset = self._wanted_offset
-        if len(self._raw_history) >= MIN_FRAMES:
-            frames = self._raw_history.frames()
-            raw_mean = frames.mean(axis=0)
+        analysed = self.feeds.get(self.stream) if self.stream is not None else None
+        if analysed is not None and len(analysed.raw_history) >= MIN_FRAMES:
+            frames = analysed.raw_history.frames()
             try:
-                noise = fit_poisson_gaussian(frames, offset=offset, clip_range=self._raw_history.clip_range)
+                noise = fit_poisson_gaussian(frames, offset=offset, clip_range=analysed.raw_history.clip_range)
             except ValueError:
                 noise = None
             ref = offset if offset is not None else (noise.offset if noise is not None else float("nan"))
             snr_raw = region_snr(frames, ref, self.region)
-            if len(self._den_history) >= 3:
-                snr_den = region_snr(self._den_history.frames(), ref, self.region)
-        while self._raw_arrivals and self._raw_arrivals[0] < now - 2.0:
-            self._raw_arrivals.popleft()
-        span = now - self._raw_arrivals[0] if len(self._raw_arrivals) > 1 else 0.0
-        fps = (len(self._raw_arrivals) - 1) / span if span > 0 else 0.0
-        newest = max((tr.points[-1][0] for tr in (self._trace_raw, self._trace_den) if tr.points), default=0.0)
+            if len(analysed.den_history) >= 3:
+                snr_den = region_snr(analysed.den_history.frames(), ref, self.region)
+        # One time axis for every channel of the site: their traces line up.
+        newest = max((tr.points[-1][0] for f in self.feeds.values() for tr in (f.trace_raw, f.trace_den)
+                      if tr.points), default=0.0)
+        channels = tuple(
+            ChannelFigures(
+                stream=stream,
+                label=feed.label,
+                trace_raw=feed.trace_raw.array(newest),
+                trace_denoised=feed.trace_den.array(newest),
+                raw_mean=feed.raw_history.mean() if len(feed.raw_history) >= MIN_FRAMES else None,
+                received_fps=feed.received_fps(now),
+            )
+            for stream, feed in self.feeds.items()
+        )
+        mine = next((c for c in channels if c.stream == self.stream), None)
+        empty = np.empty((0, 2), np.float64)
         return LiveStats(
             stream=self.stream,
             streams=tuple(self.streams),
@@ -366,9 +550,13 @@ class LiveSession:
             snr_raw=snr_raw,
             snr_denoised=snr_den,
             region=self.region,
-            trace_raw=self._trace_raw.array(newest),
-            trace_denoised=self._trace_den.array(newest),
-            received_fps=fps,
+            trace_raw=mine.trace_raw if mine else empty,
+            trace_denoised=mine.trace_denoised if mine else empty,
+            received_fps=mine.received_fps if mine else 0.0,
             superseded_total=self.superseded_total,
-            raw_mean=raw_mean,
+            raw_mean=mine.raw_mean if mine else None,
+            site=self.site,
+            channel=analysed.label if analysed is not None else None,
+            channels=channels,
+            places=self.catalog.places(),
         )

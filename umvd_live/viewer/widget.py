@@ -1,11 +1,20 @@
 """The napari dock widget: raw beside denoised, the daemon's status, noise figures and controls.
 
 Everything here runs on the GUI thread and only touches napari layers and Qt widgets; the sockets
-live in the `SessionWorker` thread. Layers, bottom to top: raw, its region (Shapes), denoised,
-the region's mirror. Grid mode with stride 2 puts each image with its region in one cell, raw on
-the left; the layer-name overlay labels each cell. The two images share contrast limits, set once
-from the data (at the first frame of a stream, or with "Autoscale") and then left alone, so the
-display does not flicker; changing one image's limits in napari changes the other's.
+live in the `SessionWorker` thread. The viewer shows one site (group, position, grid tile, plane)
+at a time with all its channels, each channel a layer of its own with its own colormap
+(`umvd_live/channel_colors.py`), several channels blended additively. Layers, bottom to top: each channel's raw
+image, the region (Shapes), each channel's denoised image, the region's mirror. Grid mode with
+stride channels + 1 puts the raw channels with the region in one cell, on the left, and the
+denoised ones with the mirror in the other; the layer-name overlays label each cell. A channel's
+raw and denoised images share contrast limits, set once from the data (at the first frames of a
+group, or with "Autoscale") and then left alone, so the display does not flicker and planes of
+one acquisition compare; changing one image's limits in napari changes its partner's.
+
+Position, tile and plane are chosen in combo boxes rather than with napari's dims sliders: the
+viewer holds the newest frame of one site, not a stack, and sliders would need every plane of
+every channel decoded and kept in (P, Z, H, W) layers, which costs with every frame of every
+plane and cannot hold positions of different sizes.
 """
 
 from __future__ import annotations
@@ -14,10 +23,12 @@ import dataclasses
 import math
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from qtpy.QtCore import Qt, QTimer
+from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QApplication,
     QCheckBox,
@@ -36,9 +47,11 @@ from qtpy.QtWidgets import (
 )
 
 from umvd_live.control_client import ControlReply
+from umvd_live.channel_colors import DISPLAY_RGB, channel_colormaps
 from umvd_live.viewer.noise import Region
-from umvd_live.viewer.plot import DENOISED_COLOR, RAW_COLOR, TracePlot
-from umvd_live.viewer.session import CommandFailed, FramePair, LiveStats, ViewerConfig
+from umvd_live.viewer.plot import RAW_COLOR, TraceLane, TracePlot, TraceSeries
+from umvd_live.viewer.session import CommandFailed, FramePair, LiveStats, Selection, SiteFrames, ViewerConfig
+from umvd_live.viewer.sites import AXIS_NAMES, SITE_AXIS_ORDER, Site, SiteCatalog
 from umvd_live.viewer.worker import SessionWorker
 
 LAYOUTS = ("side by side", "raw only", "denoised only")
@@ -59,6 +72,25 @@ def rectangle_region(vertices: np.ndarray) -> Region:
     return (int(r0), int(r1), int(c0), int(c1))
 
 
+def display_color(colormap: str) -> QColor:
+    """The colour that stands for a channel's colormap in labels and traces."""
+    return QColor(*DISPLAY_RGB.get(colormap, DISPLAY_RGB["gray"]))
+
+
+@dataclass
+class ChannelLayers:
+    """One channel's raw and denoised image layers and what the widget knows about them."""
+
+    label: str  # the channel's name (the stream's for a stream without channel)
+    stream: str
+    colormap: str
+    raw: Any  # napari Image layers
+    denoised: Any
+    needs_autoscale: bool = True
+    drawn_raw: np.ndarray | None = None  # the arrays last handed to the layers
+    drawn_denoised: np.ndarray | None = None
+
+
 def robust_limits(image: np.ndarray) -> tuple[float, float]:
     """Contrast limits that ignore the few darkest and brightest pixels (noise, hot pixels)."""
     lo, hi = np.percentile(np.asarray(image, np.float32), [0.5, 99.8])
@@ -68,25 +100,32 @@ def robust_limits(image: np.ndarray) -> tuple[float, float]:
 
 
 class LiveViewerWidget(QWidget):
-    """Subscribes to `umvd-live serve` and shows one stream live; see docs/viewer.md."""
+    """Subscribes to `umvd-live serve` and shows one site (all its channels) live; see docs/viewer.md."""
 
     def __init__(self, napari_viewer, config: ViewerConfig | None = None, parent: QWidget | None = None):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.config = config or ViewerConfig()
         self.worker: SessionWorker | None = None
-        self.raw_layer = self.denoised_layer = None
+        self.channel_layers: dict[str, ChannelLayers] = {}  # by label, in channel order
         self.region_layer = self.mirror_layer = None
-        self.layer_stream: str | None = None
-        self.last_pair: FramePair | None = None
+        self.layer_site: Site | None = None
+        self.last_frames: SiteFrames | None = None
         self.last_stats: LiveStats | None = None
+        self.catalog = SiteCatalog()
         self.frames_shown = 0
         self.command_log: list[ControlReply | CommandFailed] = []
         self._shown_at: deque[float] = deque()
-        self._needs_autoscale = True
         self._syncing = False
-        self._chosen_stream: str | None = self.config.stream
+        self._chosen_site: Site | None = None  # the user's choice wins over a stale report
+        self._chosen_channel: str | None = None
+        self._site_text = ""
+        self._fitted_camera: tuple | None = None  # the camera as fit_view left it
         self._build_ui()
+        canvas = getattr(self.viewer, "canvas", None)  # napari >= 0.9: canvas.size is evented
+        size_event = getattr(getattr(getattr(canvas, "events", None), "size", None), "connect", None)
+        if size_event is not None:
+            size_event(self._canvas_resized)
         self.connect_daemon(self.config)
         app = QApplication.instance()
         if app is not None:
@@ -122,15 +161,47 @@ class LiveViewerWidget(QWidget):
         row.addWidget(self.connect_button)
         form.addRow("control", row)
         self.stream_combo = QComboBox()
+        self.stream_combo.setToolTip("the acquisition (its base stream name); a stream without "
+                                     "positions, planes or channels is one of its own")
         self.stream_combo.currentTextChanged.connect(self._stream_chosen)
         form.addRow("stream", self.stream_combo)
+        self.site_row = QWidget()
+        row = QHBoxLayout(self.site_row)
+        row.setContentsMargins(0, 0, 0, 0)
+        self.axis_combos: dict[str, QComboBox] = {}
+        self._axis_labels: dict[str, QLabel] = {}
+        for axis in SITE_AXIS_ORDER:
+            label = QLabel({"p": "position", "g": "tile", "z": "z"}[axis])
+            combo = QComboBox()
+            combo.setToolTip(f"the {AXIS_NAMES[axis]} shown, with all its channels")
+            combo.currentIndexChanged.connect(lambda _i, a=axis: self._axis_chosen(a))
+            row.addWidget(label)
+            row.addWidget(combo, 1)
+            label.hide()
+            combo.hide()
+            self.axis_combos[axis], self._axis_labels[axis] = combo, label
+        self.position_combo, self.grid_combo, self.plane_combo = (self.axis_combos[a] for a in SITE_AXIS_ORDER)
+        form.addRow("site", self.site_row)
+        self._site_row_label = form.labelForField(self.site_row)
+        self.site_row.hide()
+        self._site_row_label.hide()
+        row = QHBoxLayout()
+        self.channel_combo = QComboBox()
+        self.channel_combo.setToolTip("the channel whose model, stream figures, noise fit and region SNR "
+                                      "this panel shows; the region trace shows every channel")
+        self.channel_combo.currentTextChanged.connect(self._channel_chosen)
+        self.analysed_label = QLabel("")
+        self.analysed_label.setStyleSheet("color: #999;")
+        row.addWidget(self.channel_combo, 1)
+        row.addWidget(self.analysed_label, 1)
+        form.addRow("channel", row)
         row = QHBoxLayout()
         self.layout_combo = QComboBox()
         self.layout_combo.addItems(LAYOUTS)
         self.layout_combo.currentTextChanged.connect(self.set_layout)
         self.autoscale_button = QPushButton("Autoscale")
-        self.autoscale_button.setToolTip("set both images' contrast limits from the recent frames")
-        self.autoscale_button.clicked.connect(self.autoscale)
+        self.autoscale_button.setToolTip("set each channel's contrast limits (raw and denoised) from its recent frames")
+        self.autoscale_button.clicked.connect(lambda: self.autoscale())
         row.addWidget(self.layout_combo)
         row.addWidget(self.autoscale_button)
         form.addRow("view", row)
@@ -172,10 +243,11 @@ class LiveViewerWidget(QWidget):
                                       "includes N//2 frame intervals by nature (the window's later frames)")
         self.skipped_label.setToolTip("skipped: frames the daemon's preview did not denoise (it was behind); "
                                       "dropped: frames lost before the daemon (gaps in seq); not shown: "
-                                      "frames this viewer replaced by newer ones before drawing them")
+                                      "frames (of every channel shown) this viewer replaced by newer ones "
+                                      "before drawing them")
         root.addWidget(box)
 
-        box = QGroupBox("Raw noise (Poisson-Gaussian fit)")
+        self.noise_box = box = QGroupBox("Raw noise (Poisson-Gaussian fit)")
         form = QFormLayout(box)
         self.photons_label = QLabel("–")
         self.photons_label.setStyleSheet("font-size: 15pt; font-weight: bold;")
@@ -198,7 +270,8 @@ class LiveViewerWidget(QWidget):
 
         box = QGroupBox("Region")
         form = QFormLayout(box)
-        hint = QLabel("draw a rectangle on the 'region' layer (none: the whole frame)")
+        hint = QLabel("draw a rectangle on the 'region' layer (none: the whole frame); the trace "
+                      "shows each channel in a lane of its own")
         hint.setStyleSheet("color: #999;")
         form.addRow(hint)
         self.snr_label = QLabel("–")
@@ -262,77 +335,221 @@ class LiveViewerWidget(QWidget):
 
     @property
     def selected_stream(self) -> str | None:
-        return self.stream_combo.currentText() or None
+        """The analysed channel's stream: the one the controls act on."""
+        if self.last_stats is not None and self.last_stats.stream is not None:
+            return self.last_stats.stream
+        return self.last_frames.analysed if self.last_frames is not None else self.config.stream
+
+    @property
+    def shown_site(self) -> Site | None:
+        return self._chosen_site or (self.last_stats.site if self.last_stats is not None else None)
+
+    def choose_site(self, group: str | None = None, keep: str | None = None, **coords: int) -> Site | None:
+        """Show ``group`` (default: the one shown) at ``coords`` (``p=``, ``g=``, ``z=``; the
+        other axes stay), or the nearest site the acquisition has; ``keep``: the axis that must
+        match. The worker switches; this returns at once."""
+        current = self.shown_site
+        group = group or (current.group if current is not None else None)
+        if group is None:
+            return None
+        wanted = dict(current.coords) if current is not None and current.group == group else {}
+        wanted.update(coords)
+        site = self.catalog.nearest_site(group, wanted, keep) or Site(group)
+        self._chosen_site = site
+        if self.worker is not None:
+            self.worker.session.select(Selection(site=site, channel=self._chosen_channel))
+        self._show_selection()
+        return site
+
+    def choose_channel(self, label: str) -> None:
+        """Analyse this channel (its name) in the panel, here and at every site that has it."""
+        self._chosen_channel = label or None
+        if self.worker is not None:
+            self.worker.session.select(Selection(site=self.shown_site, channel=self._chosen_channel))
 
     def _stream_chosen(self, name: str) -> None:
-        if self.worker is not None and name:
-            self._chosen_stream = name
-            self.worker.session.select_stream(name)
+        if name:
+            self.choose_site(group=name)
+
+    def _axis_chosen(self, axis: str) -> None:
+        combo = self.axis_combos[axis]
+        value = combo.currentData()
+        if value is not None:
+            self.choose_site(keep=axis, **{axis: int(value)})
+
+    def _channel_chosen(self, label: str) -> None:
+        if label:
+            self.choose_channel(label)
 
     # ---- images --------------------------------------------------------------------------------
-    def _layer_names(self, stream: str) -> tuple[str, str]:
-        return f"raw · {stream}", f"denoised · {stream}"
+    @property
+    def last_pair(self) -> FramePair | None:
+        """The analysed channel's newest frames on screen."""
+        return self.last_frames.analysed_pair if self.last_frames is not None else None
 
-    def _ensure_layers(self, stream: str, shape: tuple[int, int], dtype: np.dtype) -> None:
-        raw_name, den_name = self._layer_names(stream)
-        mine = (self.raw_layer, self.region_layer, self.denoised_layer, self.mirror_layer)
-        if any(layer is None or layer not in self.viewer.layers for layer in mine):
-            # First frame, or the user deleted one of the four: start the set afresh, in order.
+    def _analysed_layers(self) -> ChannelLayers | None:
+        stream = self.last_frames.analysed if self.last_frames is not None else None
+        mine = [ch for ch in self.channel_layers.values() if ch.stream == stream]
+        return mine[0] if mine else next(iter(self.channel_layers.values()), None)
+
+    @property
+    def raw_layer(self):
+        """The analysed channel's raw image layer (None before the first frame)."""
+        ch = self._analysed_layers()
+        return ch.raw if ch is not None else None
+
+    @property
+    def denoised_layer(self):
+        ch = self._analysed_layers()
+        return ch.denoised if ch is not None else None
+
+    @staticmethod
+    def _layer_names(label: str) -> tuple[str, str]:
+        return f"raw · {label}", f"denoised · {label}"
+
+    def _colormaps(self, group: str, labels: list[str]) -> dict[str, str]:
+        """Each channel's colormap, assigned over the whole group (a channel keeps its colour at
+        every site); a group of one channel is grey."""
+        names = self.catalog.group_channels(group) if group in self.catalog.groups() else []
+        return channel_colormaps(list(dict.fromkeys(names + labels)))
+
+    def _my_layers(self) -> list:
+        images = [layer for ch in self.channel_layers.values() for layer in (ch.raw, ch.denoised)]
+        return images + [self.region_layer, self.mirror_layer]
+
+    def _ensure_layers(self, frames: SiteFrames, shape: tuple[int, int], dtype: np.dtype) -> None:
+        labels = [p.label for p in frames.pairs]
+        colormaps = self._colormaps(frames.site.group, labels)
+        mine = self._my_layers()
+        intact = bool(self.channel_layers) and all(
+            layer is not None and layer in self.viewer.layers for layer in mine)
+        current = list(self.channel_layers)
+        reordered = current != labels and bool(set(current) & set(labels))  # renaming would clash
+        if not intact or len(labels) != len(current) or reordered:
+            # First frames, another number of channels, or the user deleted one of the layers:
+            # build the set afresh, in order, keeping the region.
+            kept = self.region_layer is not None and self.region_layer in self.viewer.layers
+            region = self.current_region() if kept else None
             for layer in mine:
                 if layer is not None and layer in self.viewer.layers:
                     self.viewer.layers.remove(layer)
-            self._needs_autoscale = True
-            zeros = np.zeros(shape, dtype)
-            self.raw_layer = self.viewer.add_image(zeros, name=raw_name, colormap="gray")
-            self.region_layer = self.viewer.add_shapes(
-                name="region", ndim=2, edge_color=REGION_COLOR, face_color="transparent", edge_width=1)
-            self.denoised_layer = self.viewer.add_image(zeros.astype(np.float32), name=den_name, colormap="gray")
-            self.mirror_layer = self.viewer.add_shapes(
-                name="region (on denoised)", ndim=2, edge_color=REGION_COLOR, face_color="transparent",
-                edge_width=1)
-            for layer in (self.raw_layer, self.denoised_layer):
+            self._build_layers(frames, colormaps, shape, dtype)
+            if region is None:
+                region = self.config.region
+            if region is not None:
+                self.set_region(region)
+        else:
+            new_group = self.layer_site is None or self.layer_site.group != frames.site.group
+            slots = list(self.channel_layers.values())
+            self.channel_layers = {}
+            for ch, pair in zip(slots, frames.pairs):
+                if ch.label != pair.label or new_group:
+                    ch.needs_autoscale = True
+                ch.label, ch.stream = pair.label, pair.stream
+                ch.raw.name, ch.denoised.name = self._layer_names(pair.label)
+                self.channel_layers[pair.label] = ch
+            self._apply_colormaps(colormaps)
+        self.layer_site = frames.site
+        self._show_site_text(frames.site)
+
+    def _build_layers(self, frames: SiteFrames, colormaps: dict[str, str], shape, dtype) -> None:
+        zeros = np.zeros(shape, dtype)
+        several = len(frames.pairs) > 1
+        # Additive blending over the first channel (napari's way with channel stacks): overlaid
+        # channels add up, and the first hides whatever the user has beneath.
+        blending = ["translucent"] + ["additive"] * (len(frames.pairs) - 1)
+        raws = [self.viewer.add_image(zeros, name=self._layer_names(p.label)[0], colormap=colormaps[p.label],
+                                      blending=b) for p, b in zip(frames.pairs, blending)]
+        self.region_layer = self.viewer.add_shapes(
+            name="region", ndim=2, edge_color=REGION_COLOR, face_color="transparent", edge_width=1)
+        dens = [self.viewer.add_image(zeros.astype(np.float32), name=self._layer_names(p.label)[1],
+                                      colormap=colormaps[p.label], blending=b)
+                for p, b in zip(frames.pairs, blending)]
+        self.mirror_layer = self.viewer.add_shapes(
+            name="region (on denoised)", ndim=2, edge_color=REGION_COLOR, face_color="transparent", edge_width=1)
+        self.channel_layers = {
+            p.label: ChannelLayers(p.label, p.stream, colormaps[p.label], raw, den)
+            for p, raw, den in zip(frames.pairs, raws, dens)}
+        for ch in self.channel_layers.values():
+            for layer in (ch.raw, ch.denoised):
                 overlay = getattr(layer, "name_overlay", None)  # napari >= 0.6: a label per grid cell
                 if overlay is not None:
                     overlay.visible = True
                     overlay.font_size = 12
                 layer.events.contrast_limits.connect(self._link_contrast)
-            for layer in (self.region_layer, self.mirror_layer):
-                layer.events.data.connect(self._region_edited)
-            self.grid.stride = 2
-            self.set_layout(self.layout_combo.currentText())
-            self.viewer.reset_view()
-            self.viewer.layers.selection.active = self.region_layer
-            self.region_layer.mode = "add_rectangle"
-            if self.config.region is not None:
-                self.set_region(self.config.region)
-            self.layer_stream = stream
-        if stream != self.layer_stream:
-            self.raw_layer.name, self.denoised_layer.name = raw_name, den_name
-            self.layer_stream = stream
-            self._needs_autoscale = True
+            self._color_name_overlays(ch, several)
+        for layer in (self.region_layer, self.mirror_layer):
+            layer.events.data.connect(self._region_edited)
+        self.grid.stride = len(self.channel_layers) + 1
+        self.set_layout(self.layout_combo.currentText())
+        self.viewer.layers.selection.active = self.region_layer
+        self.region_layer.mode = "add_rectangle"
+
+    def _apply_colormaps(self, colormaps: dict[str, str]) -> None:
+        """Give the layers their channels' colormaps where they changed (a channel appeared in
+        the group, or the layers now show other channels)."""
+        several = len(self.channel_layers) > 1
+        for ch in self.channel_layers.values():
+            cmap = colormaps.get(ch.label, ch.colormap)
+            if cmap == ch.colormap and ch.raw.colormap.name == cmap:
+                continue
+            ch.raw.colormap = ch.denoised.colormap = ch.colormap = cmap
+            self._color_name_overlays(ch, several)
+
+    @staticmethod
+    def _color_name_overlays(ch: ChannelLayers, several: bool) -> None:
+        """Several channels: each layer's name in its channel's colour (one alone: napari's)."""
+        color = tuple(c / 255 for c in DISPLAY_RGB.get(ch.colormap, (255, 255, 255))) + (1.0,) if several else None
+        for layer in (ch.raw, ch.denoised):
+            overlay = getattr(layer, "name_overlay", None)
+            if overlay is not None:
+                overlay.color = color
+
+    def _show_site_text(self, site: Site) -> None:
+        """The site in words on the canvas (when the acquisition has positions or planes)."""
+        text = site.describe(self.catalog.position_name(site.group, site.get("p"))) if site.coords else ""
+        overlays = getattr(getattr(self.viewer, "canvas", None), "overlays", None)
+        overlay = getattr(overlays, "text", None) if overlays is not None else None
+        if overlay is None:
+            overlay = getattr(self.viewer, "text_overlay", None)  # napari < 0.9
+        if overlay is None or (overlay.text and overlay.text != self._site_text) or text == self._site_text:
+            return  # the user's own text stays
+        overlay.text, overlay.visible, overlay.font_size = text, bool(text), 12
+        overlay.position = "bottom_left"  # clear of the cells' layer names (top left of each)
+        self._site_text = text
 
     def _on_frames(self) -> None:
-        pair = self.worker.frames.take() if self.worker is not None else None
-        if pair is None or (pair.raw is None and pair.denoised is None):
+        frames = self.worker.frames.take() if self.worker is not None else None
+        images = [im for p in (frames.pairs if frames is not None else ()) for im in (p.raw, p.denoised)
+                  if im is not None]
+        if not images:
             return
-        first = pair.raw if pair.raw is not None else pair.denoised
-        self._ensure_layers(pair.stream, first.shape, first.dtype)
+        first = next((p.raw for p in frames.pairs if p.raw is not None), images[0])
+        self._ensure_layers(frames, first.shape, first.dtype)
         reset_view = False
-        if pair.raw is not None:
-            reset_view = self.raw_layer.data.shape != pair.raw.shape
-            self._needs_autoscale |= reset_view
-            self.raw_layer.data = pair.raw
-        if pair.denoised is not None:
-            self.denoised_layer.data = pair.denoised
-        elif reset_view:  # a new frame size: the old denoised frame no longer matches
-            self.denoised_layer.data = np.zeros(pair.raw.shape, np.float32)
+        for pair, ch in zip(frames.pairs, self.channel_layers.values()):
+            resized = False
+            if pair.raw is not None and pair.raw is not ch.drawn_raw:
+                resized = ch.raw.data.shape != pair.raw.shape
+                ch.raw.data = ch.drawn_raw = pair.raw
+            if pair.denoised is not None and pair.denoised is not ch.drawn_denoised:
+                ch.denoised.data = ch.drawn_denoised = pair.denoised
+            elif resized:  # a new frame size: the old denoised frame no longer matches
+                ch.denoised.data = np.zeros(pair.raw.shape, np.float32)
+            ch.needs_autoscale |= resized
+            reset_view |= resized
         if reset_view:
-            self.viewer.reset_view()
-        if self._needs_autoscale:
-            self.autoscale()  # at once from the raw frame, again once the raw mean is there
-            have_mean = self.last_stats is not None and self.last_stats.raw_mean is not None
-            self._needs_autoscale = not (have_mean and self.last_stats.stream == pair.stream)
-        self.last_pair = pair
+            self.fit_view()
+        self.last_frames = frames
+        waiting = [ch for ch in self.channel_layers.values() if ch.needs_autoscale]
+        if waiting:
+            self.autoscale(waiting)  # at once from the raw frame, again once the raw mean is there
+            stats = self.last_stats
+            means = {c.stream for c in stats.channels if c.raw_mean is not None} \
+                if stats is not None and stats.site == frames.site else set()
+            have = {p.stream for p in frames.pairs if p.raw is not None}
+            for ch in waiting:
+                ch.needs_autoscale = not (ch.stream in means and ch.stream in have)
         self.frames_shown += 1
         now = time.monotonic()
         self._shown_at.append(now)
@@ -348,38 +565,43 @@ class LiveViewerWidget(QWidget):
     @property
     def contrast_settled(self) -> bool:
         """True once the first frames' automatic contrast is set; only Autoscale changes it then."""
-        return self.raw_layer is not None and not self._needs_autoscale
+        return bool(self.channel_layers) and not any(ch.needs_autoscale for ch in self.channel_layers.values())
 
-    def autoscale(self) -> None:
-        """Set both images' contrast limits from the recent raw frames' temporal mean.
+    def autoscale(self, channels: list[ChannelLayers] | None = None) -> None:
+        """Set each channel's contrast limits (raw and denoised alike) from its recent raw frames'
+        temporal mean.
 
         The mean of the last frames is a noise-reduced picture that does not depend on how far
         the model has come, so the limits suit the denoised image and clip the raw noise a little.
         Before there is one, the newest raw frame is used.
         """
-        if self.raw_layer is None:
-            return
         stats = self.last_stats
-        ref = stats.raw_mean if stats is not None and stats.stream == self.layer_stream else None
-        if ref is None or ref.shape != self.raw_layer.data.shape:
-            ref = self.raw_layer.data
-        lo, hi = robust_limits(ref)
-        span_lo = min(lo, float(np.min(self.raw_layer.data)), float(np.min(self.denoised_layer.data)))
-        span_hi = max(hi, float(np.max(self.raw_layer.data)), float(np.max(self.denoised_layer.data)))
-        self._syncing = True
-        try:
-            for layer in (self.raw_layer, self.denoised_layer):
-                layer.contrast_limits_range = (span_lo, max(span_hi, span_lo + 1.0))
-                layer.contrast_limits = (lo, hi)
-        finally:
-            self._syncing = False
-        self._needs_autoscale = False
+        means = {c.stream: c.raw_mean for c in stats.channels} if stats is not None else {}
+        for ch in (self.channel_layers.values() if channels is None else channels):
+            ref = means.get(ch.stream)
+            if ref is None or ref.shape != ch.raw.data.shape:
+                ref = ch.raw.data
+            lo, hi = robust_limits(ref)
+            span_lo = min(lo, float(np.min(ch.raw.data)), float(np.min(ch.denoised.data)))
+            span_hi = max(hi, float(np.max(ch.raw.data)), float(np.max(ch.denoised.data)))
+            self._syncing = True
+            try:
+                for layer in (ch.raw, ch.denoised):
+                    layer.contrast_limits_range = (span_lo, max(span_hi, span_lo + 1.0))
+                    layer.contrast_limits = (lo, hi)
+            finally:
+                self._syncing = False
+            if channels is None:
+                ch.needs_autoscale = False
 
     def _link_contrast(self, event) -> None:
-        if self._syncing or self.raw_layer is None:
+        if self._syncing:
             return
         source = event.source
-        other = self.denoised_layer if source is self.raw_layer else self.raw_layer
+        other = next((ch.denoised if source is ch.raw else ch.raw for ch in self.channel_layers.values()
+                      if source is ch.raw or source is ch.denoised), None)
+        if other is None:
+            return
         lo, hi = source.contrast_limits
         self._syncing = True
         try:
@@ -394,13 +616,27 @@ class LiveViewerWidget(QWidget):
         if self.layout_combo.currentText() != layout:
             self.layout_combo.setCurrentText(layout)
             return
-        if self.raw_layer is None:
+        if not self.channel_layers:
             return
         side_by_side = layout == LAYOUTS[0]
-        self.raw_layer.visible = self.region_layer.visible = layout != LAYOUTS[2]
-        self.denoised_layer.visible = self.mirror_layer.visible = layout != LAYOUTS[1]
+        for ch in self.channel_layers.values():
+            ch.raw.visible = layout != LAYOUTS[2]
+            ch.denoised.visible = layout != LAYOUTS[1]
+        self.region_layer.visible = layout != LAYOUTS[2]
+        self.mirror_layer.visible = layout != LAYOUTS[1]
         self.grid.enabled = side_by_side
+        self.fit_view()
+
+    def fit_view(self) -> None:
+        """Fit the images to the canvas, and keep them fitted while the canvas changes size (the
+        window still settling its layout at start-up, or resized) until the user zooms or pans."""
         self.viewer.reset_view()
+        self._fitted_camera = (self.viewer.camera.zoom, tuple(self.viewer.camera.center))
+
+    def _canvas_resized(self, event=None) -> None:
+        camera = self.viewer.camera
+        if self.channel_layers and self._fitted_camera == (camera.zoom, tuple(camera.center)):
+            self.fit_view()
 
     # ---- region --------------------------------------------------------------------------------
     def _region_edited(self, event) -> None:
@@ -471,17 +707,60 @@ class LiveViewerWidget(QWidget):
         self._update_recording(stats)
 
     def _update_streams(self, stats: LiveStats) -> None:
-        items = [self.stream_combo.itemText(i) for i in range(self.stream_combo.count())]
-        target = self._chosen_stream or stats.stream  # the user's choice wins over a stale report
-        self.stream_combo.blockSignals(True)
+        """The group, site and channel combos, from every stream's place; the layers' colours."""
+        self.catalog = SiteCatalog(stats.places)
+        self._show_selection(stats)
+        if self.channel_layers and self.layer_site is not None:
+            self._apply_colormaps(self._colormaps(self.layer_site.group, list(self.channel_layers)))
+
+    def _show_selection(self, stats: LiveStats | None = None) -> None:
+        stats = stats or self.last_stats
+        site = self.shown_site
+        groups = self.catalog.groups()
+        combos = [self.stream_combo, self.channel_combo, *self.axis_combos.values()]
+        for combo in combos:
+            combo.blockSignals(True)
         try:
-            if list(stats.streams) != items:
+            if [self.stream_combo.itemText(i) for i in range(self.stream_combo.count())] != groups:
                 self.stream_combo.clear()
-                self.stream_combo.addItems(list(stats.streams))
-            if target and self.stream_combo.currentText() != target:
-                self.stream_combo.setCurrentText(target)
+                self.stream_combo.addItems(groups)
+            if site is not None and self.stream_combo.currentText() != site.group:
+                self.stream_combo.setCurrentText(site.group)
+            any_axis = False
+            for axis, combo in self.axis_combos.items():
+                values = self.catalog.axis_values(site.group, axis) if site is not None else []
+                shown = bool(values) and axis in self.catalog.group_axes(site.group)
+                any_axis |= shown
+                combo.setVisible(shown)
+                self._axis_labels[axis].setVisible(shown)
+                items = [(self._axis_text(site.group, axis, v), v) for v in values]
+                if [(combo.itemText(i), combo.itemData(i)) for i in range(combo.count())] != items:
+                    combo.clear()
+                    for text, value in items:
+                        combo.addItem(text, value)
+                current = site.get(axis) if site is not None else None
+                index = combo.findData(current) if current is not None else -1
+                if index >= 0 and combo.currentIndex() != index:
+                    combo.setCurrentIndex(index)
+            self.site_row.setVisible(any_axis)
+            self._site_row_label.setVisible(any_axis)
+            labels = [c.label for c in stats.channels] if stats is not None and stats.site == site else []
+            if labels and [self.channel_combo.itemText(i) for i in range(self.channel_combo.count())] != labels:
+                self.channel_combo.clear()
+                self.channel_combo.addItems(labels)
+            items = [self.channel_combo.itemText(i) for i in range(self.channel_combo.count())]
+            target = self._chosen_channel if self._chosen_channel in items else (
+                stats.channel if stats is not None else None)
+            if target and self.channel_combo.currentText() != target:
+                self.channel_combo.setCurrentText(target)
+            self.analysed_label.setText(f"stream {stats.stream}" if stats is not None and stats.stream else "")
         finally:
-            self.stream_combo.blockSignals(False)
+            for combo in combos:
+                combo.blockSignals(False)
+
+    def _axis_text(self, group: str, axis: str, value: int) -> str:
+        name = self.catalog.position_name(group, value) if axis == "p" else None
+        return f"{value} · {name}" if name else str(value)
 
     def _update_model(self, stats: LiveStats) -> None:
         s = stats.stream_status
@@ -519,6 +798,8 @@ class LiveViewerWidget(QWidget):
             f"not shown {stats.superseded_total}")
 
     def _update_noise(self, stats: LiveStats) -> None:
+        which = f" · {stats.channel}" if len(stats.channels) > 1 and stats.channel else ""
+        self.noise_box.setTitle(f"Raw noise{which} (Poisson-Gaussian fit)")
         fit = stats.noise
         if fit is None or not fit.valid:
             self.photons_label.setText("–")
@@ -534,8 +815,14 @@ class LiveViewerWidget(QWidget):
         self.snr_label.setText(
             f"raw <b>{_fmt(stats.snr_raw, '.2f')}</b> · denoised <b>{_fmt(stats.snr_denoised, '.2f')}</b> "
             f"per pixel ({where})")
-        self.trace_plot.set_series("raw", stats.trace_raw, RAW_COLOR)
-        self.trace_plot.set_series("denoised", stats.trace_denoised, DENOISED_COLOR)
+        several = len(stats.channels) > 1
+        lanes = []
+        for c in stats.channels:
+            ch = self.channel_layers.get(c.label)
+            color = display_color(ch.colormap if ch is not None and several else "gray")
+            lanes.append(TraceLane(c.label if several else "", color, (
+                TraceSeries("raw", c.trace_raw, RAW_COLOR), TraceSeries("denoised", c.trace_denoised, color))))
+        self.trace_plot.set_lanes(lanes)
 
     def _update_recording(self, stats: LiveStats) -> None:
         rec = (stats.daemon or {}).get("recording")

@@ -12,7 +12,7 @@ import threading
 
 from qtpy.QtCore import QThread, Signal
 
-from umvd_live.viewer.session import FramePair, LatestOnly, LiveSession, LiveStats, ViewerConfig
+from umvd_live.viewer.session import LatestOnly, LiveSession, LiveStats, SiteFrames, ViewerConfig
 
 log = logging.getLogger("umvd_live.viewer")
 
@@ -26,7 +26,7 @@ class SessionWorker(QThread):
         super().__init__(parent)
         self.config = config
         self.session = LiveSession(config)
-        self.frames: LatestOnly[FramePair] = LatestOnly()
+        self.frames: LatestOnly[SiteFrames] = LatestOnly()
         self.stats: LatestOnly[LiveStats] = LatestOnly()
         self._halt = threading.Event()
 
@@ -40,7 +40,7 @@ class SessionWorker(QThread):
                     self._halt.wait(1.0)
                     continue
                 for event in events:
-                    if isinstance(event, FramePair):
+                    if isinstance(event, SiteFrames):
                         if self.frames.put(event):
                             self.frames_ready.emit()
                     elif isinstance(event, LiveStats):
