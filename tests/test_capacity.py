@@ -238,6 +238,9 @@ def test_capacity_monitor_goes_over_once_and_recovers_once():
     for _ in range(20):  # 50 % busy: within capacity
         batch(0.05, 0.05)
     assert not mon.over and transitions == [] and mon.load() == pytest.approx(0.5, abs=0.05)
+    for _ in range(100):  # busy all the time, but nothing skipped and no lag: at capacity, not past it
+        batch(0.1, 0.0)
+    assert not mon.over and transitions == [] and mon.load() == pytest.approx(1.0, abs=0.03)
     for _ in range(100):  # fully busy and skipping as much again: load about 2
         batch(0.1, 0.0, skipped_cost=0.1)
     assert mon.over and len(transitions) == 1 and transitions[0].over

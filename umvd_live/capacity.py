@@ -22,8 +22,10 @@ older rounds while their cost stays within the budget.
 estimated time of the skipped outputs) / elapsed time, over the last few seconds. Above 1 the
 streams ask for more than the machine does; the lag (how long the oldest waiting frame had
 waited when it was taken) catches the case where nothing may be skipped (recorded streams) and
-the inbox grows instead. Over capacity is entered at load >= 1 or lag >= 1 s and left at
-load < 0.9 and lag < 0.5 s (hysteresis: one warning when it goes over, one when it recovers).
+the inbox grows instead. Over capacity is entered at load >= 1 with outputs skipped in the
+window (busy all the time without skipping is at capacity, not past it: everything still comes
+out), or at lag >= 1 s, and left at load < 0.9 and lag < 0.5 s (hysteresis: one warning when it
+goes over, one when it recovers).
 """
 
 from __future__ import annotations
@@ -152,6 +154,12 @@ class CapacityMonitor:
     def _span(self, now: float) -> float:
         return 0.0 if self._first is None else min(self.window_s, now - self._first)
 
+    def skipping(self, now: float | None = None) -> bool:
+        """Whether outputs were skipped within the window."""
+        now = self._clock() if now is None else now
+        self._trim(now)
+        return any(skipped > 0 for *_, skipped in self._batches)
+
     def load(self, now: float | None = None) -> float:
         now = self._clock() if now is None else now
         self._trim(now)
@@ -170,7 +178,7 @@ class CapacityMonitor:
         now = self._clock() if now is None else now
         load, lag = self.load(now), self.lag(now)
         if not self.over:
-            if self._span(now) >= MIN_SPAN_S and (load >= OVER_LOAD or lag >= OVER_LAG_S):
+            if self._span(now) >= MIN_SPAN_S and ((load >= OVER_LOAD and self.skipping(now)) or lag >= OVER_LAG_S):
                 self.over = True
                 self.since, self.since_wall = now, time.time()
                 self.episodes += 1

@@ -591,8 +591,9 @@ class Daemon:
         if change.over:
             owed = [name for name in self.streams if self._owed(name)]
             log.warning(
-                "over capacity: load %.2f, lag %.2f s, %d streams on %s; the preview skips outputs "
+                "over capacity: load %.2f, lag %.2f s, %d stream%s on %s; the preview skips outputs "
                 "evenly across the streams%s (status: capacity)", change.load, change.lag_s, len(self.streams),
+                "" if len(self.streams) == 1 else "s",
                 f"a {self.budget.cores}-core budget" if self.budget is not None else "this machine",
                 f"; recorded streams ({', '.join(owed)}) still get every frame, and frames wait in the "
                 f"inbox ({self.inbox.nbytes / 2**20:.0f} of {self.inbox.max_bytes / 2**20:.0f} MB)" if owed else "")
