@@ -148,13 +148,20 @@ class ImageNumberTracker:
         self.last: int | None = None
         self.base = 0
         self.skipped = 0
+        self._primed = False
+
+    def prime(self, number: int | None) -> None:
+        """The image already in the buffer when the tap starts (an earlier sequence's last one):
+        not new, and the next image starts ``seq`` from 0."""
+        if number is not None:
+            self.last, self._primed = number, True
 
     def seq_for(self, number: int) -> int | None:
         """``seq`` for a newly seen image, or None when ``number`` was seen last time."""
         if number == self.last:
             return None
-        if self.last is None or number < self.last:
-            self.base = number
+        if self.last is None or number < self.last or self._primed:
+            self.base, self._primed = number, False
         elif number > self.last + 1:
             self.skipped += number - self.last - 1
         self.last = number
@@ -191,19 +198,28 @@ class LiveTap:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def poll_once(self) -> bool:
-        """Publish the newest image if it is one not seen yet. True if one was published."""
-        if not self.core.isSequenceRunning():
-            return False
+    def _newest(self) -> tuple[np.ndarray, dict[str, Any], int] | None:
+        """The buffer's newest image, its tags and its ``ImageNumber``; None when there is none."""
         try:
             image, md = self.core.getLastImageAndMD()
         except (IndexError, RuntimeError):  # buffer empty: live mode just started
-            return False
+            return None
         tags = dict(md)
         try:
-            number = int(tags["ImageNumber"])
+            return image, tags, int(tags["ImageNumber"])
         except (KeyError, ValueError):
+            return None
+
+    def poll_once(self) -> bool:
+        """Publish the newest image if it is one not seen yet. True if one was published.
+
+        Not gated on ``isSequenceRunning``: a UniMMCore (pymmcore-plus 0.18.1) can report False
+        for a whole live run under CPU load. An image left from an earlier sequence is never new
+        (`ImageNumberTracker.prime` at `start`, and the same number is not published twice)."""
+        newest = self._newest()
+        if newest is None:
             return False
+        image, tags, number = newest
         seq = self.numbers.seq_for(number)
         if seq is None:
             return False
@@ -227,6 +243,8 @@ class LiveTap:
 
     def start(self) -> "LiveTap":
         if self._thread is None:
+            newest = self._newest()
+            self.numbers.prime(newest[2] if newest is not None else None)
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="umvd-live-tap", daemon=True)
             self._thread.start()

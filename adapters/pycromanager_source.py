@@ -291,19 +291,26 @@ class TaggedImageTap:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def poll_once(self) -> bool:
+    def _newest(self) -> tuple[Any, dict[str, Any], int] | None:
+        """The buffer's newest tagged image, its tags and its ``ImageNumber``; None when none."""
         try:
-            if not self.core.is_sequence_running():
-                return False
             tagged = self.core.get_last_tagged_image()
         except Exception:  # empty buffer, or Micro-Manager busy: try again next poll
             self.errors += 1
-            return False
+            return None
         tags = dict(tagged.tags or {})
         try:
-            number = int(tags["ImageNumber"])
+            return tagged, tags, int(tags["ImageNumber"])
         except (KeyError, TypeError, ValueError):
+            return None
+
+    def poll_once(self) -> bool:
+        """Publish the newest image if it is one not seen yet; not gated on the core's
+        ``is_sequence_running``, for the reason `mmcore.LiveTap.poll_once` gives."""
+        newest = self._newest()
+        if newest is None:
             return False
+        tagged, tags, number = newest
         seq = self.numbers.seq_for(number)
         if seq is None:
             return False
@@ -329,6 +336,9 @@ class TaggedImageTap:
 
     def start(self) -> "TaggedImageTap":
         if self._thread is None:
+            newest = self._newest()
+            self.numbers.prime(newest[2] if newest is not None else None)
+            self.errors = 0  # an empty buffer at the start is no failed poll
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="umvd-mm-tap", daemon=True)
             self._thread.start()

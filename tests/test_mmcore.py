@@ -22,6 +22,7 @@ from useq import MDASequence
 
 from umvd_live.adapters.handoff import FrameHandoff
 from umvd_live.adapters.mmcore import (
+    ImageNumberTracker,
     LiveTap,
     MMCoreSource,
     load_core,
@@ -238,24 +239,33 @@ class socket_port:
 READY = re.compile(r"ready: input=(\S+) output=(\S+) control=(\S+)")
 
 
-def test_300_frames_through_acquire_into_serve_with_none_missing(tmp_path):
-    """The issue's acceptance: a user's config with a pure-Python camera streams 300 frames through
-    `umvd-live acquire pymmcore-plus` into `umvd-live serve`, with no frame missing."""
+def start_serve(tmp_path: Path, *engine_args: str) -> tuple[subprocess.Popen, str, str]:
+    """`umvd-live serve` on ephemeral loopback ports, output dir ``tmp_path/out``: (process, input
+    endpoint, control endpoint) once it says it is ready."""
     err_path = tmp_path / "serve.err"
     with open(tmp_path / "serve.out", "w") as out, open(err_path, "w") as err:
         serve = subprocess.Popen(
             [sys.executable, "-m", "umvd_live.cli", "serve", "--input", "tcp://127.0.0.1:*",
              "--output", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*",
              "--output-dir", str(tmp_path / "out"), "--preset", "lite", "--device", "cpu",
-             "--warmup-frames", "40", "--warmup-steps", "10", "--status-interval", "1"],
+             "--status-interval", "1", *engine_args],
             stdout=out, stderr=err, env=ENV)
-    try:
-        deadline = time.monotonic() + 60
-        while not (match := READY.search(err_path.read_text())):
-            assert serve.poll() is None and time.monotonic() < deadline, err_path.read_text()
-            time.sleep(0.05)
-        input_ep, _, control_ep = match.groups()
+    deadline = time.monotonic() + 60
+    while not (match := READY.search(err_path.read_text())):
+        if serve.poll() is not None or time.monotonic() > deadline:
+            serve.kill()
+            serve.wait()
+            raise AssertionError(err_path.read_text())
+        time.sleep(0.05)
+    input_ep, _, control_ep = match.groups()
+    return serve, input_ep, control_ep
 
+
+def test_300_frames_through_acquire_into_serve_with_none_missing(tmp_path):
+    """The issue's acceptance: a user's config with a pure-Python camera streams 300 frames through
+    `umvd-live acquire pymmcore-plus` into `umvd-live serve`, with no frame missing."""
+    serve, input_ep, control_ep = start_serve(tmp_path, "--warmup-frames", "40", "--warmup-steps", "10")
+    try:
         cfg = write_config(tmp_path / "MMConfig.cfg", shape=(64, 64))
         acq = run_cli("pymmcore-plus", "--config", str(cfg), "--frames", "300", "--to", input_ep)
         assert acq.returncode == 0, acq.stderr
@@ -347,15 +357,8 @@ def test_cli_runs_a_useq_file_through_serve_one_stream_per_channel_and_plane(tmp
         f"time_plan: {{interval: 0, loops: {T}}}\n")
     cfg = write_multichannel_config(tmp_path / "MMConfig.cfg", shape=(48, 48))
     names = [f"cam0.{c}.z{z}" for c in CHANNEL_PHOTONS for z in range(3)]
-    err_path = tmp_path / "serve.err"
     out_dir = tmp_path / "out"
-    with open(tmp_path / "serve.out", "w") as out, open(err_path, "w") as err:
-        serve = subprocess.Popen(
-            [sys.executable, "-m", "umvd_live.cli", "serve", "--input", "tcp://127.0.0.1:*",
-             "--output", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*",
-             "--output-dir", str(out_dir), "--preset", "lite", "--device", "cpu",
-             "--warmup-frames", "1000", "--status-interval", "1"],
-            stdout=out, stderr=err, env=ENV)
+    serve, input_ep, control_ep = start_serve(tmp_path, "--warmup-frames", "1000")
     req = zmq.Context.instance().socket(zmq.REQ)
     req.setsockopt(zmq.RCVTIMEO, 30000)
     req.setsockopt(zmq.LINGER, 0)
@@ -365,11 +368,6 @@ def test_cli_runs_a_useq_file_through_serve_one_stream_per_channel_and_plane(tmp
         return msgpack.unpackb(req.recv())
 
     try:
-        deadline = time.monotonic() + 60
-        while not (match := READY.search(err_path.read_text())):
-            assert serve.poll() is None and time.monotonic() < deadline, err_path.read_text()
-            time.sleep(0.05)
-        input_ep, _, control_ep = match.groups()
         req.connect(control_ep)
         assert ask(cmd="record_start", path="rec.ome.tif", raw=True)["ok"]
 
@@ -415,3 +413,12 @@ def test_cli_runs_a_useq_file_through_serve_one_stream_per_channel_and_plane(tmp
             _, den = planes[f"cam0.{channel}.z{z}"]
             corr = [np.corrcoef(den.ravel(), planes[f"cam0.{channel}.z{k}"][0].ravel())[0, 1] for k in range(3)]
             assert int(np.argmax(corr)) == z, (channel, z, corr)
+
+
+def test_image_number_tracker_skips_the_image_left_in_the_buffer():
+    numbers = ImageNumberTracker()
+    numbers.prime(451)  # an earlier sequence's last image, still in the buffer at the tap's start
+    assert numbers.seq_for(451) is None
+    assert [numbers.seq_for(n) for n in (452, 452, 453, 456)] == [0, None, 1, 4]
+    assert numbers.skipped == 2
+    assert numbers.seq_for(0) == 0  # a new sequence restarts the numbering
