@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import logging
 import sys
 import threading
 from pathlib import Path
@@ -38,12 +37,7 @@ def _connect(args: argparse.Namespace) -> FramePublisher | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Warnings and errors only: the handler's level also filters records that libraries with
-    # their own DEBUG-level loggers (pymmcore-plus, mmpycorex) propagate to the root.
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(logging.WARNING)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    # logging: `umvd_live.logs`, set up by the command line (--log-level)
     runners = {"sim": _run_sim, "replay": _run_replay, "pymmcore-plus": _run_pymmcore,
                "pycromanager": _run_pycromanager}
     try:
@@ -90,15 +84,15 @@ def _run_sim(args: argparse.Namespace) -> int:
 
 
 def _run_replay(args: argparse.Namespace) -> int:
-    from umvd_live.adapters.replay import ReplayConfig, ReplayError, TiffMovie, replay
+    from umvd_live.adapters.replay import ReplayConfig, ReplayError, open_movie, replay
 
     if not args.file:
-        _say("replay needs --file MOVIE.tif")
+        _say("replay needs --file MOVIE.tif (or MOVIE.ome.zarr)")
         return EXIT_BAD_INPUT
     config = ReplayConfig(path=Path(args.file), rate_hz=args.rate, file_timing=args.file_timing,
                           loop=args.loop, max_frames=args.frames, series=args.series, channel=args.channel)
     try:  # check the file before waiting for the daemon: a typo should not cost --wait-s
-        with TiffMovie(config.path, series=config.series, channel=config.channel, group=args.stream) as movie:
+        with open_movie(config.path, series=config.series, channel=config.channel, group=args.stream) as movie:
             if config.file_timing and movie.timestamps() is None:
                 raise ReplayError(f"{config.path}: this {movie.kind} file carries no per-frame timestamps; "
                                   "drop --file-timing to replay it at --rate")

@@ -11,7 +11,10 @@ Two taps, both usable from a user's own acquisition script:
 
 ``seq`` is the acquisition's own frame number (MDA: frames since `attach`; live: ``ImageNumber``),
 so frames lost anywhere on the way appear as gaps at the daemon. ``t`` is in seconds since the
-acquisition started (MDA ``runner_time_ms``; live ``ElapsedTime-ms``).
+acquisition started (MDA ``runner_time_ms``; live ``ElapsedTime-ms``). ``meta`` carries the
+acquisition's metadata under pymmcore-plus's names (docs/protocol.md): ``pixel_size_um``,
+``exposure_ms``, ``camera_device`` from `FrameMetaV1`, ``acquisition_datetime`` (SummaryMetaV1
+``datetime``) and ``interval_ms`` (the sequence's time plan) from ``sequenceStarted``.
 """
 
 from __future__ import annotations
@@ -21,11 +24,22 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from umvd_live.acqmeta import (
+    ACQUISITION_DATETIME,
+    CAMERA_DEVICE,
+    EXPOSURE_MS,
+    INTERVAL_MS,
+    PIXEL_SIZE_UM,
+    AcquisitionMeta,
+    iso_datetime,
+    positive,
+)
 from umvd_live.adapters.axes import StreamAxes, StreamNumbering, split_index
 from umvd_live.adapters.handoff import FrameHandoff, HandoffStats
 from umvd_live.adapters.publisher import FramePublisher
@@ -67,15 +81,28 @@ class MMCoreSource:
         self.frames_seen = 0
         self._streams_seen: dict[str, None] = {}  # an ordered set
         self._axes: dict[tuple, StreamAxes] = {}
+        self._sequence_meta: dict[str, Any] = {}  # of the MDA running now (`_on_sequence_started`)
         self._attached = False
 
     def attach(self) -> "MMCoreSource":
         if not self._attached:
             self.handoff.start()
+            self.core.mda.events.sequenceStarted.connect(self._on_sequence_started)
             self.core.mda.events.frameReady.connect(self._on_frame_ready)
             self.core.mda.events.sequenceFinished.connect(self._on_sequence_finished)
             self._attached = True
         return self
+
+    def _on_sequence_started(self, sequence: "MDASequence", summary: Any) -> None:
+        """The acquisition's start (SummaryMetaV1 ``datetime``) and its nominal interval."""
+        meta: dict[str, Any] = {}
+        start = iso_datetime(summary.get("datetime")) if isinstance(summary, dict) else None
+        if start is not None:
+            meta[ACQUISITION_DATETIME] = start
+        interval = getattr(getattr(sequence, "time_plan", None), "interval", None)
+        if interval is not None and interval.total_seconds() > 0:
+            meta[INTERVAL_MS] = interval.total_seconds() * 1e3
+        self._sequence_meta = meta
 
     def _stream_axes(self, event: "MDAEvent") -> StreamAxes:
         key = (tuple((k, v) for k, v in event.index.items() if k != "t"), event.channel, event.pos_name)
@@ -99,9 +126,9 @@ class MMCoreSource:
         stream = axes.name
         runner_ms = meta.get("runner_time_ms") if isinstance(meta, dict) else None
         t_index = event.index.get("t")
-        info = {"source": "pymmcore-plus", **axes.meta(t_index)}
-        if isinstance(meta, dict) and meta.get("camera_device"):
-            info["camera"] = str(meta["camera_device"])
+        info = {"source": "pymmcore-plus", **self._sequence_meta, **axes.meta(t_index)}
+        if isinstance(meta, dict):
+            info |= frame_meta(meta)
         self.handoff.offer(
             image,
             t=float(runner_ms) / 1000 if runner_ms is not None else None,
@@ -112,6 +139,7 @@ class MMCoreSource:
 
     def _on_sequence_finished(self, *_: Any) -> None:
         self._end_streams()
+        self._sequence_meta = {}
 
     def _end_streams(self) -> None:
         streams = self.numbering.streams
@@ -124,6 +152,7 @@ class MMCoreSource:
         """Disconnect from the core, end the streams still open, send what is still queued, and
         return the counts."""
         if self._attached:
+            self.core.mda.events.sequenceStarted.disconnect(self._on_sequence_started)
             self.core.mda.events.frameReady.disconnect(self._on_frame_ready)
             self.core.mda.events.sequenceFinished.disconnect(self._on_sequence_finished)
             self._attached = False
@@ -168,6 +197,33 @@ class ImageNumberTracker:
         return number - self.base
 
 
+def frame_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """The protocol ``meta`` keys of a pymmcore-plus `FrameMetaV1`, under its own names; a pixel
+    size of 0 (no pixel-size configuration) is left out."""
+    out: dict[str, Any] = {}
+    for key in (PIXEL_SIZE_UM, EXPOSURE_MS):
+        value = positive(meta.get(key))
+        if value is not None:
+            out[key] = value
+    if meta.get(CAMERA_DEVICE):
+        out[CAMERA_DEVICE] = str(meta[CAMERA_DEVICE])
+    return out
+
+
+def tags_meta(tags: dict[str, Any]) -> dict[str, Any]:
+    """The protocol ``meta`` keys of a Micro-Manager image's tags (the Java GUI's and pycromanager's
+    spellings: `AcquisitionMeta.from_micromanager`), ``Exposure`` and ``Camera`` too."""
+    if not isinstance(tags, dict):
+        return {}
+    out = AcquisitionMeta.from_micromanager(tags).to_meta()
+    exposure = positive(tags.get("Exposure"))
+    if exposure is not None:
+        out[EXPOSURE_MS] = exposure
+    if tags.get("Camera"):
+        out[CAMERA_DEVICE] = str(tags["Camera"])
+    return out
+
+
 def elapsed_seconds(tags: dict[str, Any]) -> float | None:
     """Micro-Manager's ``ElapsedTime-ms`` tag (a string or number) in seconds, if present."""
     value = tags.get("ElapsedTime-ms")
@@ -195,8 +251,16 @@ class LiveTap:
         self._ended_after = 0  # images published when the stream was last ended
         self.errors = 0
         self.numbers = ImageNumberTracker()
+        self._live_meta: dict[str, Any] = {}  # read from the core at `start`
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _read_live_meta(self) -> dict[str, Any]:
+        """Live mode's tags carry no pixel size or exposure: read them from the core once, with
+        the time the tap started following as the acquisition's start."""
+        meta = frame_meta({PIXEL_SIZE_UM: self.core.getPixelSizeUm(), EXPOSURE_MS: self.core.getExposure()})
+        meta[ACQUISITION_DATETIME] = datetime.now().astimezone().isoformat(timespec="milliseconds")
+        return meta
 
     def _newest(self) -> tuple[np.ndarray, dict[str, Any], int] | None:
         """The buffer's newest image, its tags and its ``ImageNumber``; None when there is none."""
@@ -223,9 +287,9 @@ class LiveTap:
         seq = self.numbers.seq_for(number)
         if seq is None:
             return False
-        meta = {"source": "pymmcore-plus-live", "image_number": number}
+        meta = {"source": "pymmcore-plus-live", "image_number": number, **self._live_meta}
         if tags.get("Camera"):
-            meta["camera"] = str(tags["Camera"])
+            meta[CAMERA_DEVICE] = str(tags["Camera"])
         self.publisher.publish(image, t=elapsed_seconds(tags), meta=meta, seq=seq)
         self.published += 1
         return True
@@ -245,6 +309,7 @@ class LiveTap:
         if self._thread is None:
             newest = self._newest()
             self.numbers.prime(newest[2] if newest is not None else None)
+            self._live_meta = self._read_live_meta()
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="umvd-live-tap", daemon=True)
             self._thread.start()

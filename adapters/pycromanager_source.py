@@ -1,9 +1,11 @@
 """pycromanager frame source, for labs that run the Micro-Manager GUI (Java) or pycromanager scripts.
 
-* Owner mode — `PycroManagerOwner.process` is the ``image_process_fn`` of an ``Acquisition`` that
-  pycromanager runs: it offers each image to a bounded `FrameHandoff` and returns ``(image,
-  metadata)`` unchanged, so Micro-Manager goes on to save the raw data exactly as it would without
-  us. It never raises: an exception there would abort the user's acquisition.
+* Owner mode — `PycroManagerOwner.saved` is the ``image_saved_fn`` of an ``Acquisition`` that
+  pycromanager runs: once Micro-Manager has stored an image (to disk, or to its RAM dataset), it
+  reads it back from the dataset and offers it to a bounded `FrameHandoff`. The pixels never go
+  back: an ``image_process_fn`` would carry every raw frame Java -> Python -> Java and sit on the
+  saving path (docs/adapters.md measures both). It never raises: an exception there would abort
+  the user's acquisition.
 * Tap mode — `TaggedImageTap` follows the GUI's own live mode or MDA by polling
   ``Core().get_last_tagged_image()``, a peek: ``pop_next_tagged_image`` would steal the frames the
   GUI displays and saves.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import socket
 import threading
@@ -26,14 +29,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from umvd_live.acqmeta import ACQUISITION_DATETIME
 from umvd_live.adapters.axes import StreamAxes, StreamNumbering, name_part
 from umvd_live.adapters.handoff import FrameHandoff, HandoffStats
-from umvd_live.adapters.mmcore import ImageNumberTracker, elapsed_seconds
+from umvd_live.adapters.mmcore import ImageNumberTracker, elapsed_seconds, tags_meta
 from umvd_live.adapters.publisher import FramePublisher
 
 log = logging.getLogger(__name__)
@@ -183,10 +188,15 @@ def axes_of_tags(tags: dict[str, Any]) -> dict[str, Any] | None:
 
 
 class PycroManagerOwner:
-    """``image_process_fn`` that publishes each image and hands it back untouched, one stream per
-    (position, channel, z) of the acquisition's ``Axes`` (`umvd_live.adapters.axes`). `close` ends
-    the streams, so the daemon hands out their last outputs at once. ``group``: the streams' base
-    name (default: the publisher's stream)."""
+    """Owner mode: publishes each image of an acquisition that pycromanager runs, one stream per
+    (position, channel, z) of its ``Axes`` (`umvd_live.adapters.axes`), off the raw-data path.
+
+    `saved` is the acquisition's ``image_saved_fn``: pycromanager calls it once Micro-Manager has
+    stored the image (NDTiff on disk with a directory, its RAM dataset without), and it reads the
+    pixels back from that dataset. Nothing is handed back: the raw data goes from the camera to
+    storage as it would without us, and a slow or failing publisher cannot delay or alter it.
+    `close` ends the streams, so the daemon hands out their last outputs at once. ``group``: the
+    streams' base name (default: the publisher's stream)."""
 
     def __init__(self, publisher: FramePublisher, *, queue_size: int = 256, group: str | None = None):
         self.handoff = FrameHandoff(publisher, maxsize=queue_size)
@@ -195,12 +205,24 @@ class PycroManagerOwner:
         self.frames_seen = 0
         self.errors = 0
         self._t0: float | None = None
+        self._started: dict[str, str] = {}
 
     def start(self) -> "PycroManagerOwner":
         self.handoff.start()
         return self
 
-    def process(self, image: np.ndarray, metadata: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    def saved(self, axes: dict[str, Any], dataset: Any) -> None:
+        """``image_saved_fn(axes, dataset)``: read the stored image and its tags, publish them."""
+        try:
+            image, metadata = read_saved_image(dataset, axes)
+        except Exception:  # never let our side abort the user's acquisition
+            self._failed()
+            return
+        metadata.setdefault("Axes", axes)
+        self.publish(image, metadata)
+
+    def publish(self, image: np.ndarray, metadata: dict[str, Any]) -> None:
+        """Offer one image (with its pycromanager tags) to the hand-off; never raises."""
         try:
             now = time.monotonic()
             if self._t0 is None:
@@ -208,14 +230,18 @@ class PycroManagerOwner:
             self.frames_seen += 1
             axes, t_index = self.axes.read(metadata.get("Axes"))
             stream = axes.name
-            meta = {"source": "pycromanager", **axes.meta(t_index)}
+            if not self._started:  # the acquisition's start, unless its tags say (docs/protocol.md)
+                self._started[ACQUISITION_DATETIME] = datetime.now().astimezone().isoformat(timespec="milliseconds")
+            meta = {"source": "pycromanager", **self._started, **tags_meta(metadata), **axes.meta(t_index)}
             # pycromanager's Python backend stamps sequenced frames ElapsedTime-ms 0: keep our clock.
             self.handoff.offer(image, t=now - self._t0, meta=meta, seq=self.numbering.next(stream), stream=stream)
         except Exception:  # never let our side abort the user's acquisition
-            self.errors += 1
-            if self.errors == 1:
-                log.exception("could not publish an image; the acquisition goes on")
-        return image, metadata
+            self._failed()
+
+    def _failed(self) -> None:
+        self.errors += 1
+        if self.errors == 1:
+            log.exception("could not publish an image; the acquisition goes on")
 
     @property
     def streams_seen(self) -> list[str]:
@@ -228,6 +254,31 @@ class PycroManagerOwner:
         return self.handoff.close(timeout_s)
 
 
+#: NDTiff pixel types (ndstorage's ``NDTiffIndexEntry.pixel_type``) -> dtype
+_NDTIFF_DTYPES = {0: np.uint8, 1: np.uint16, 3: np.uint16, 4: np.uint16, 5: np.uint16, 6: np.uint16}
+
+
+def read_saved_image(dataset: Any, axes: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """The pixels and tags of the image stored at ``axes``.
+
+    An NDTiff dataset on disk is read through a new unbuffered handle at the offsets of its index
+    entry (the NDTiff format's own fields): ndstorage's readers keep a read-ahead buffer, and the
+    next image, written while we read this one, would be served from it stale (seen here as
+    undecodable metadata with pycromanager's Python backend). A RAM dataset is read as is."""
+    entry = getattr(dataset, "index", {}).get(frozenset(axes.items())) if isinstance(
+        getattr(dataset, "index", None), dict) else None
+    if entry is None or entry.pixel_type not in _NDTIFF_DTYPES:
+        return np.asarray(dataset.read_image(**axes)), dict(dataset.read_metadata(**axes) or {})
+    dtype = np.dtype(_NDTIFF_DTYPES[entry.pixel_type])
+    shape = (entry.image_height, entry.image_width)
+    with open(os.path.join(dataset.path, entry.filename), "rb", buffering=0) as fh:
+        fh.seek(entry.pix_offset)
+        pixels = fh.read(shape[0] * shape[1] * dtype.itemsize)
+        fh.seek(entry.metadata_offset)
+        tags = fh.read(entry.metadata_length)
+    return np.frombuffer(pixels, dtype=dtype).reshape(shape), json.loads(tags)
+
+
 def run_owner_acquisition(
     owner: PycroManagerOwner,
     frames: int | list[dict[str, Any]],
@@ -237,7 +288,7 @@ def run_owner_acquisition(
     name: str = "umvd_live",
     port: int = MM_DEFAULT_PORT,
 ) -> Any:
-    """Run an acquisition through pycromanager with ``owner`` as image processor: a ``frames``-point
+    """Run an acquisition through pycromanager with ``owner`` told of each saved image: a ``frames``-point
     time-lapse, or pycromanager's own event list (``multi_d_acquisition_events(...)``: channels,
     z, positions).
 
@@ -254,7 +305,7 @@ def run_owner_acquisition(
     acq = Acquisition(
         directory=str(directory) if directory is not None else None,
         name=name,
-        image_process_fn=owner.process,
+        image_saved_fn=owner.saved,
         port=port,
         show_display=False,
     )
@@ -315,7 +366,7 @@ class TaggedImageTap:
         if seq is None:
             return False
         image = to_image(tagged.pix, tags)
-        meta: dict[str, Any] = {"source": "pycromanager-tap", "image_number": number}
+        meta: dict[str, Any] = {"source": "pycromanager-tap", "image_number": number, **tags_meta(tags)}
         stream = None
         acquisition_axes = axes_of_tags(tags)
         if acquisition_axes is not None:  # the GUI's MDA: a stream per (position, channel, z)

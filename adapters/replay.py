@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from umvd_live.acqmeta import AcquisitionMeta
 from umvd_live.adapters.axes import StreamAxes, StreamNumbering
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.protocol import SUPPORTED_DTYPES
@@ -206,6 +207,8 @@ class TiffMovie:
         self.streams = list(dict.fromkeys(p.axes.name for p in self.planes))
         first = readers[0]
         self.shape, self.dtype = first.shape, first.dtype  # of the first stream; others may differ
+        # pixel size, interval, (single) channel name, start: sent with every frame (docs/protocol.md)
+        self._acquisition_meta = {r.index: AcquisitionMeta.from_tiff(tif, r.index).to_meta() for r in readers}
         self.series_index = first.index
 
     def _channel_names(self, series: int) -> list[str] | None:
@@ -234,6 +237,12 @@ class TiffMovie:
                 return None
         images = [el for el in root.iter() if _tag(el) == "Image"]
         return images[series] if series < len(images) else None
+
+    def acquisition_meta(self, i: int) -> dict[str, Any]:
+        """Plane ``i``'s protocol ``meta``: the file's acquisition metadata (`umvd_live.acqmeta`)
+        and the plane's place in the acquisition (`StreamAxes.meta`)."""
+        plane = self.planes[i]
+        return {**self._acquisition_meta[plane.series], **plane.axes.meta(plane.time)}
 
     def __len__(self) -> int:
         return self.n_frames
@@ -370,6 +379,125 @@ class TiffMovie:
         self.close()
 
 
+class ZarrMovie:
+    """Every 2-D plane of an OME-Zarr store (0.4 or 0.5), with the stream each belongs to: the
+    interface of `TiffMovie`, so that channels (``c``), planes (``z``), positions (the series of
+    a bioformats2raw store, as pymmcore-plus writes them) and any other axis split into streams
+    by the same rule. Reads one plane at a time; timestamps are a umvd-live recording's own."""
+
+    kind = "ome-zarr"
+
+    def __init__(self, path: str | Path, *, series: int | None = None, channel: int | None = None,
+                 group: str = "cam0"):
+        from umvd_live.zarrfile import RecordingFormatError, open_ome_zarr
+
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ReplayError(f"no such OME-Zarr store: {self.path}")
+        try:
+            images = open_ome_zarr(self.path)
+        except (RecordingFormatError, RuntimeError) as exc:
+            raise ReplayError(str(exc)) from None
+        if series is not None and not 0 <= series < len(images):
+            raise ReplayError(f"{self.path}: series {series} does not exist ({len(images)} series)")
+        chosen = [series] if series is not None else list(range(len(images)))
+        self._series = {i: images[i] for i in chosen}
+        positions = len(images) > 1
+        planes: list[Plane] = []
+        for i in chosen:
+            image = images[i]
+            dtype = np.dtype(image.dtype)
+            if dtype.str not in SUPPORTED_DTYPES and dtype != np.float64:
+                raise ReplayError(f"{self.path}: pixel type {dtype} is not one the stream protocol carries "
+                                  f"({', '.join(sorted(SUPPORTED_DTYPES))}); convert the store first")
+            lead_axes, lead_shape = image.axes[:-2], image.shape[:-2]
+            n_channels = lead_shape[lead_axes.index("C")] if "C" in lead_axes else 1
+            if channel is not None and not 0 <= channel < n_channels:
+                raise ReplayError(f"{self.path}: channel {channel} does not exist ({n_channels} channels)")
+            for flat in range(int(np.prod(lead_shape, dtype=np.int64))):
+                ax = {a: int(k) for a, k in zip(lead_axes, np.unravel_index(flat, lead_shape))}
+                if channel is not None and ax.get("C", 0) != channel:
+                    continue
+                index: dict[str, int] = {"p": i} if positions else {}
+                index.update({a.lower(): k for a, k in ax.items() if a != "T"})
+                c = index.get("c")
+                names = image.channel_names
+                name = names[c] if c is not None and names and c < len(names) else None
+                if c is not None and lead_shape[lead_axes.index("C")] == 1:
+                    index.pop("c")  # one channel (as umvd-live records a stream): no channel axis
+                axes = StreamAxes(group, index, channel=name, position=image.name if positions else None)
+                planes.append(Plane(i, flat, ax.get("T", 0), axes))
+        self.planes = sorted(planes, key=lambda p: (p.time, p.series))
+        self.n_frames = len(self.planes)
+        if self.n_frames == 0:
+            raise ReplayError(f"{self.path}: no frames")
+        self.streams = list(dict.fromkeys(p.axes.name for p in self.planes))
+        first = self._series[chosen[0]]
+        self.shape = first.shape[-2:]
+        self.dtype = np.dtype(np.float32) if first.dtype == np.float64 else np.dtype(first.dtype)
+        self.series_index = chosen[0]
+
+    def _index(self, plane: Plane) -> tuple[int, ...]:
+        image = self._series[plane.series]
+        return tuple(int(k) for k in np.unravel_index(plane.plane, image.shape[:-2]))
+
+    def acquisition_meta(self, i: int) -> dict[str, Any]:
+        """Plane ``i``'s protocol ``meta``: the store's pixel size, interval, channel name, start
+        and the plane's place in the acquisition."""
+        plane = self.planes[i]
+        image = self._series[plane.series]
+        c = dict(zip(image.axes, self._index(plane))).get("C")
+        return {**image.acquisition_meta(c), **plane.axes.meta(plane.time)}
+
+    def __len__(self) -> int:
+        return self.n_frames
+
+    def frame(self, i: int) -> np.ndarray:
+        """Plane ``i`` (0-based, acquisition order) as a 2-D array; reads only that plane."""
+        plane = self.planes[i]
+        image = self._series[plane.series].read(self._index(plane))
+        return image if image.dtype == self.dtype else image.astype(self.dtype)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(self.n_frames):
+            yield self.frame(i)
+
+    def timestamps(self) -> np.ndarray | None:
+        """Each plane's time in seconds from the first: a umvd-live recording's per-frame times
+        (one stream, so one plane per time point); None for other stores."""
+        if len(self._series) != 1:
+            return None
+        times = next(iter(self._series.values())).times()
+        if times is None or len(times) < self.n_frames or any(t is None for t in times[:self.n_frames]):
+            return None
+        out = np.asarray(times[: self.n_frames], dtype=np.float64)
+        out -= out.min()
+        return out if self.n_frames < 2 or np.all(np.diff(out) > 0) else None
+
+    def acquisition_order(self, times: np.ndarray) -> None:
+        """Put the planes in the order of ``times`` (`timestamps`)."""
+        order = np.argsort(times, kind="stable")
+        self.planes = [self.planes[i] for i in order]
+
+    def close(self) -> None:
+        self._series = {}
+
+    def __enter__(self) -> ZarrMovie:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_movie(path: str | Path, *, series: int | None = None, channel: int | None = None,
+               group: str = "cam0") -> TiffMovie | ZarrMovie:
+    """The reader for ``path``: `ZarrMovie` for an OME-Zarr store (``.zarr``), else `TiffMovie`."""
+    from umvd_live.zarrfile import is_zarr_path
+
+    cls = ZarrMovie if is_zarr_path(path) else TiffMovie
+    return cls(path, series=series, channel=channel, group=group)
+
+
 def _tag(element: ET.Element) -> str:
     """An XML element's name without its namespace."""
     return element.tag.rpartition("}")[2]
@@ -467,9 +595,9 @@ def replay(
     on_frame: Callable[[ScheduledFrame], None] | None = None,
 ) -> ReplayStats:
     """Publish the file's frames on their schedule until it ends, ``max_frames`` or ``stop``: one
-    stream per (position, channel, plane) of the file (`TiffMovie`), named from the publisher's
+    stream per (position, channel, plane) of the file (`TiffMovie`, `ZarrMovie`), named from the publisher's
     stream, each numbered from 0; at the end each stream is ended (protocol `StreamEnd`)."""
-    with TiffMovie(config.path, series=config.series, channel=config.channel, group=publisher.stream) as movie:
+    with open_movie(config.path, series=config.series, channel=config.channel, group=publisher.stream) as movie:
         timestamps = None
         if config.file_timing:
             timestamps = movie.timestamps()
@@ -505,7 +633,7 @@ def replay(
                 late_max = max(late_max, -wait)
                 plane = movie.planes[item.index]
                 meta = {"source": "replay", "file_frame": item.index, "loop": item.loop,
-                        **plane.axes.meta(plane.time)}
+                        **movie.acquisition_meta(item.index)}
                 stream = plane.axes.name
                 if publisher.publish(image, t=item.due_s, meta=meta, seq=numbering.next(stream), stream=stream):
                     published += 1

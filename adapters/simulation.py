@@ -45,6 +45,10 @@ The ground truth of a frame is the expected value of its noisy frame, in ADU. Th
 count into ADU), `TwoPhotonSimulator` (frame t, in order; its `footprints()` for trace metrics) and
 `stream_simulation` (paced publishing). `SimConfig.minimal()` turns the realistic extras off, for
 tests that isolate one effect.
+
+A session may also script what a user does while tuning the acquisition (`SimEvent`, issue 15): a
+step in laser power (the detected photons and the truth scale) and a rigid stage move (the field
+of view jumps by whole pixels over the tissue, the truth too). Without events nothing changes.
 """
 
 from __future__ import annotations
@@ -52,8 +56,10 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from fractions import Fraction
+from typing import Any, Literal
 
 import numpy as np
 from scipy import ndimage, sparse
@@ -70,6 +76,102 @@ NEUROPIL_BASIS_RADII = 6.0
 UINT16_MAX = 65535
 
 SOMA, PUNCTUM, PROCESS = "soma", "punctum", "process"
+LASER, MOVE = "laser", "move"
+
+
+@dataclass(frozen=True)
+class SimEvent:
+    """A change made during the session, in effect from the first frame at or after ``at_s``.
+
+    ``laser``: the laser power steps so that the detected photons, and with them the truth, are
+    ``scale`` times what they were (the change a user makes to see a sample better; PMT excess
+    noise and the read noise stay as they are). ``move``: the stage moves, so that the field of
+    view jumps by ``shift_px`` = (dy, dx) whole pixels over the tissue: what was at (y + dy, x + dx)
+    is now at (y, x), in the noisy frames and the truth alike.
+    """
+
+    at_s: float
+    kind: Literal["laser", "move"]
+    scale: float = 1.0
+    shift_px: tuple[int, int] = (0, 0)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.at_s) and self.at_s >= 0):
+            raise ValueError(f"an event's time must be >= 0 s, got {self.at_s}")
+        if self.kind == LASER:
+            if not (math.isfinite(self.scale) and self.scale > 0):
+                raise ValueError(f"a laser step scales the photons by a factor > 0, got {self.scale}")
+        elif self.kind == MOVE:
+            if len(self.shift_px) != 2 or any(int(v) != v for v in self.shift_px):
+                raise ValueError(f"a stage move is whole pixels (dy, dx), got {self.shift_px}")
+        else:
+            raise ValueError(f"unknown event kind {self.kind!r}: {LASER} or {MOVE}")
+
+    @classmethod
+    def laser(cls, at_s: float, scale: float) -> SimEvent:
+        return cls(at_s, LASER, scale=float(scale))
+
+    @classmethod
+    def move(cls, at_s: float, dy: int, dx: int) -> SimEvent:
+        return cls(at_s, MOVE, shift_px=(int(dy), int(dx)))
+
+    def first_frame(self, rate_hz: float) -> int:
+        """The first frame (frame i is taken at i / rate_hz s) that the change is in."""
+        return max(0, math.ceil(self.at_s * rate_hz - 1e-9))
+
+    def label(self) -> str:
+        if self.kind == LASER:
+            return f"laser ×{_ratio(self.scale)}"
+        dy, dx = self.shift_px
+        return f"stage move {dx} px" if dy == 0 else f"stage move ({dy}, {dx}) px"
+
+
+def _ratio(value: float) -> str:
+    """3 -> '3', 0.3333 -> '1/3': how a factor is spoken of."""
+    frac = Fraction(value).limit_denominator(16)
+    if abs(float(frac) - value) > 1e-3 * value:
+        return f"{value:g}"
+    return str(frac.numerator) if frac.denominator == 1 else f"{frac.numerator}/{frac.denominator}"
+
+
+def parse_events(text: str, duration_s: float) -> tuple[SimEvent, ...]:
+    """Events from a comma-separated list of ``laser=SCALE@WHEN`` and ``move=DX@WHEN`` or
+    ``move=DY:DX@WHEN``. WHEN is seconds (``30s``) or a fraction of ``duration_s`` (``1/2``,
+    ``0.5``); SCALE a number or a ratio (``1/3``). Example, issue 15's session over 60 s:
+    ``laser=3@30s,move=40@40s,laser=1/3@50s`` = ``laser=3@1/2,move=40@2/3,laser=1/3@5/6``."""
+    events = []
+    for item in (part.strip() for part in text.split(",")):
+        try:
+            what, when = item.split("@")
+            kind, value = what.split("=")
+            kind = kind.strip().lower()
+            when = when.strip()
+            at_s = float(when[:-1]) if when.endswith("s") else float(Fraction(when)) * duration_s
+            if kind == LASER:
+                event = SimEvent.laser(at_s, float(Fraction(value.strip())))
+            elif kind == MOVE:
+                parts = [int(v) for v in value.split(":")]
+                if len(parts) not in (1, 2):
+                    raise ValueError(value)
+                dy, dx = (0, parts[0]) if len(parts) == 1 else parts
+                event = SimEvent.move(at_s, dy, dx)
+            else:
+                raise ValueError(kind)
+        except (ValueError, ZeroDivisionError) as exc:
+            raise ValueError(f"bad event {item!r} ({exc}): expected laser=SCALE@WHEN or move=DX@WHEN "
+                             "or move=DY:DX@WHEN, WHEN in seconds (30s) or a fraction of the session (1/2)") from None
+        events.append(event)
+    return tuple(sorted(events, key=lambda e: e.at_s))
+
+
+def stage_reach(events: tuple[SimEvent, ...]) -> int:
+    """The farthest the stage moves from where it started, in pixels along either axis."""
+    y = x = reach = 0
+    for event in sorted(events, key=lambda e: e.at_s):
+        if event.kind == MOVE:
+            y, x = y + event.shift_px[0], x + event.shift_px[1]
+            reach = max(reach, abs(y), abs(x))
+    return reach
 
 
 @dataclass(frozen=True)
@@ -105,6 +207,7 @@ class SimConfig:
     neuropil_activity: float = 1.0  # scale of the neuropil's own activity (0: only the population term)
     n_processes: int | None = None  # thin processes; None: PROCESSES_PER_SOMA per soma
     seed: int = 0
+    events: tuple[SimEvent, ...] = ()  # laser steps and stage moves during the session (issue 15)
 
     def __post_init__(self) -> None:
         if self.height < 8 or self.width < 8:
@@ -126,6 +229,8 @@ class SimConfig:
         for name in ("noise_corr_x", "noise_corr_y"):
             if not 0.0 <= getattr(self, name) < 0.7:
                 raise ValueError(f"{name} must be in [0, 0.7) (a 3-tap kernel cannot do more)")
+        if not all(isinstance(event, SimEvent) for event in self.events):
+            raise ValueError("events must be SimEvent objects (SimEvent.laser, SimEvent.move, parse_events)")
 
     @classmethod
     def like_real_movie(cls, **overrides: Any) -> "SimConfig":
@@ -153,6 +258,16 @@ def motion_margin(config: SimConfig) -> int:
     # drift <= drift_px; the two oscillations <= (sqrt(0.5) + 1) jitter_px; 3 sd of the random part.
     reach = config.drift_px + (math.sqrt(0.5) + 1.0 + 3.0 * math.sqrt(0.25)) * config.jitter_px
     return int(math.ceil(reach)) + 2
+
+
+def scene_margin(config: SimConfig) -> int:
+    """Pixels of tissue drawn beyond each frame edge: the motion's margin, plus the farthest stage
+    move (``stage_reach``), so that the field of view stays on tissue after every move. Without
+    stage moves it is ``motion_margin``: the same scene as ever for a seed."""
+    reach = stage_reach(config.events)
+    if reach == 0:
+        return motion_margin(config)
+    return max(motion_margin(config), 2) + reach
 
 
 # --------------------------------------------------------------------------------------- scene
@@ -278,7 +393,7 @@ class StaticScene:
     """
 
     def __init__(self, config: SimConfig, rng: np.random.Generator):
-        self.margin = motion_margin(config)
+        self.margin = scene_margin(config)
         m = self.margin
         self.frame_shape = (config.height, config.width)
         self.canvas_shape = (config.height + 2 * m, config.width + 2 * m)
@@ -736,7 +851,8 @@ class TwoPhotonSimulator:
     independent streams of one SeedSequence, so e.g. the scene does not change with the frame count.
     After each frame, ``dff`` holds every source's true dF/F (the truth traces, in the order of
     ``scene.kinds``), ``spikes`` the spikes it received in that frame and ``offset`` the tissue's
-    (dy, dx) displacement in pixels.
+    (dy, dx) displacement in pixels; with scripted events (``SimConfig.events``), ``stage`` the
+    field of view's (dy, dx) from where it started and ``intensity`` the laser's photon factor.
     """
 
     def __init__(self, config: SimConfig):
@@ -752,6 +868,10 @@ class TwoPhotonSimulator:
         self.noise_rng = np.random.default_rng(noise_ss)
         self.index = 0
         self.offset = (0.0, 0.0)
+        self.stage = (0, 0)
+        self.intensity = 1.0
+        self._events = sorted(config.events, key=lambda e: e.at_s)
+        self._motion_reach = max(motion_margin(config) - 2, 0)
         # Scale relative brightness to photons: the time-averaged mean over the (unshifted) frame.
         nodes, level = self.activity.mean_neuropil()
         expected = self._crop(self.scene.render(self.activity.mean_dff(), nodes, level), 0.0, 0.0)
@@ -767,13 +887,17 @@ class TwoPhotonSimulator:
         """The spikes each source received in the last frame."""
         return self.activity.spikes
 
-    def footprints(self) -> np.ndarray:
+    def footprints(self, stage: tuple[int, int] = (0, 0)) -> np.ndarray:
         """(sources, H, W) float32: each source's expected photons per frame at rest, in the frame at
-        zero motion and before bleaching (its spatial footprint: for footprint-weighted traces)."""
+        zero motion and before bleaching and laser steps (its spatial footprint: for
+        footprint-weighted traces), with the stage at ``stage`` (see ``SimEvent``)."""
         m = self.scene.margin
         h, w = self.scene.frame_shape
         ch, cw = self.scene.canvas_shape
-        rows = ((np.arange(h)[:, None] + m) * cw + (np.arange(w)[None, :] + m)).ravel()
+        dy, dx = int(stage[0]), int(stage[1])
+        if max(abs(dy), abs(dx)) > max(m - 2, 0) and (dy, dx) != (0, 0):
+            raise ValueError(f"stage {stage} is off the simulated tissue (margin {m} px)")
+        rows = ((np.arange(h)[:, None] + m + dy) * cw + (np.arange(w)[None, :] + m + dx)).ravel()
         dense = self.scene.footprints[rows].T.toarray().reshape(self.scene.n_cells, h, w)
         return (dense * self.photon_scale).astype(np.float32)
 
@@ -783,18 +907,28 @@ class TwoPhotonSimulator:
             return canvas
         return _shifted_crop_cubic(canvas, m + dy, m + dx, self.scene.frame_shape)
 
+    def _apply_events(self) -> None:
+        """The scripted changes that take effect at this frame."""
+        while self._events and self._events[0].first_frame(self.config.rate_hz) <= self.index:
+            event = self._events.pop(0)
+            if event.kind == LASER:
+                self.intensity *= event.scale
+            else:
+                self.stage = (self.stage[0] + event.shift_px[0], self.stage[1] + event.shift_px[1])
+
     def clean_photons(self) -> np.ndarray:
         """Advance one frame and return its expected photon count per pixel (float32, H x W)."""
         c = self.config
         t = self.index / c.rate_hz
+        self._apply_events()
         dff, nodes, level = self.activity.step()
         canvas = self.scene.render(dff, nodes, level)
         if self.scene.margin:
-            reach = self.scene.margin - 2
+            reach = self._motion_reach
             dy, dx = self.drift.step(t)
             self.offset = (min(max(dy, -reach), reach), min(max(dx, -reach), reach))
-        rate = self._crop(canvas, *self.offset)
-        scale = self.photon_scale * (1.0 - c.bleach_per_min) ** (t / 60.0)
+        rate = self._crop(canvas, self.offset[0] + self.stage[0], self.offset[1] + self.stage[1])
+        scale = self.photon_scale * self.intensity * (1.0 - c.bleach_per_min) ** (t / 60.0)
         self.index += 1
         rate = rate * np.float32(scale)  # a new array: the canvas may be a view of the scene's
         return np.maximum(rate, 0.0, out=rate)

@@ -1,7 +1,7 @@
 """Stream a pycromanager acquisition, or the Micro-Manager GUI's own, into `umvd-live serve`.
 
-owner: your pycromanager ``Acquisition`` gets ``image_process_fn=owner.process``; each image is
-published and handed back unchanged, so Micro-Manager saves the raw data as usual.
+owner: your pycromanager ``Acquisition`` gets ``image_saved_fn=owner.saved``; each image is
+read back once Micro-Manager has saved it and published; the raw data path is left alone.
 tap: follows whatever the GUI acquires (live mode, MDA) by peeking at the newest image.
 
     python examples/pycromanager_stream.py owner --frames 50 --save-dir /data/raw
@@ -40,7 +40,7 @@ def main() -> None:
     try:
         if args.mode == "owner":
             owner = pm.PycroManagerOwner(publisher).start()
-            with Acquisition(directory=args.save_dir, name="umvd", image_process_fn=owner.process,
+            with Acquisition(directory=args.save_dir, name="umvd", image_saved_fn=owner.saved,
                              show_display=False) as acq:
                 acq.acquire(multi_d_acquisition_events(num_time_points=args.frames))
             print(owner.close())

@@ -80,7 +80,7 @@ def test_psnr_accumulator_is_metrics_psnr_of_the_stacked_frames():
 def test_paced_run_with_training_writes_every_figure(tmp_path):
     model = tmp_path / "model.pt"
     result = bench(tmp_path, "--frames", "60", "--rate", "60", "--warmup-frames", "10",
-                   "--warmup-steps", "8", "--save-model", str(model))
+                   "--warmup-steps", "8", "--save-model", str(model), "--oracle", "none")
     check_common(result, 60)
     assert result["mode"] == "paced" and result["rate_hz"] == 60.0 and result["inference_only"] is False
     assert result["batch"] == 1, "one window at a time on a CPU"
@@ -96,6 +96,18 @@ def test_paced_run_with_training_writes_every_figure(tmp_path):
     assert result["frames_evaluated"] > 0 if live else result["frames_evaluated"] == 0
     load_checkpoint(model)  # --save-model wrote a checkpoint the engine can start from
     assert result["saved_model"]["path"] == str(model)
+    # The activity report (issue 14) over the live outputs, or why there is none; no scripted events.
+    assert result["events"] is None and result["oracle"] == "none"
+    [segment] = result["activity"]
+    assert segment["segment"] == "live outputs"
+    if "skipped" not in segment:
+        assert segment["span"][0] == result["first_live_seq"] and segment["frames"] >= 30
+        assert set(segment["rows"]) == {"raw", "temporal mean, 5 frames", "denoised"}
+        assert all(is_number(segment["rows"]["denoised"][m]) for m in ("psnr", "active_psnr"))
+    else:
+        assert not live or result["frames_evaluated"] < 30
+    assert sum(result["states"].values()) == result["frames_published"]  # every output, whatever its state
+    assert set(result["first_output_s"]) == set(result["states"])
 
 
 def test_max_rate_inference_only_from_saved_weights(tmp_path):
@@ -118,6 +130,10 @@ def test_max_rate_inference_only_from_saved_weights(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--frames", "0"], "--frames"),
+    (["--frames", "10", "--duration", "1"], "not both"),
+    (["--events", "laser=3"], "bad event"),
+    (["--events", "default", "--max"], "one paced stream"),
+    (["--events", "default", "--streams", "2"], "one paced stream"),
     (["--init", "/nonexistent/weights.pt"], "weights.pt"),
     (["--size", "4", "4"], "8x8"),
 ])
@@ -156,3 +172,31 @@ def test_several_streams_interleaved_have_a_row_each_and_totals(tmp_path):
 def test_streams_must_be_at_least_one(tmp_path, capsys):
     assert cli.main(["bench", *TINY, "--streams", "0", "--json", str(tmp_path / "b.json")]) == 2
     assert "--streams" in capsys.readouterr().err
+
+
+def test_scripted_session_bins_psnr_after_each_change(tmp_path):
+    """--events: the issue-15 session scaled to 4 s at 60 Hz. What is asserted is the harness, not the
+    engine: every bin and state is accounted for, and the raw frames' PSNR follows the laser."""
+    result = bench(tmp_path, "--events", "default", "--duration", "4", "--rate", "60", "--warmup-frames", "20",
+                   "--warmup-steps", "8", "--oracle", "none")
+    assert result["frames"] == 240 and result["frames_handed"] == 240
+    events = result["events"]
+    assert [row["change"] for row in events["rows"]] == ["stream start", "laser ×3", "stage move 40 px", "laser ×1/3"]
+    assert [row["first_seq"] for row in events["rows"]] == [0, 120, 160, 200]
+    assert events["bins_s"] == [[0, 0.25], [0.25, 0.5], [0.5, 1], [1, 2], [2, 4], [4, 8]]
+    outputs = 0
+    for row, end in zip(events["rows"], [120, 160, 200, 240]):
+        frames = [b["frames"] for b in row["bins"]]
+        assert sum(frames) == end - row["first_seq"] and frames[0] == 15, row  # every frame to the next change
+        for b in row["bins"]:
+            assert b["outputs"] == sum(b["states"].values()) <= b["frames"]
+            outputs += b["outputs"]
+    assert outputs == result["frames_published"]
+    # The laser x3 brightens the raw frames (their PSNR against the truth's range rises; less than
+    # 4.8 dB, since the read noise stays), x1/3 dims them again.
+    first = [row["bins"][0]["psnr_raw_db"] for row in events["rows"]]
+    assert first[1] > first[0] + 2.0 and first[3] < first[1] - 2.0, first
+    # An activity segment per change, each with its own footprints; scored or not, said why.
+    assert [a["segment"] for a in result["activity"]] == [row["change"] for row in events["rows"]]
+    assert result["first_output_s"] and result["first_live_output_s"] == result["first_output_s"].get("live")
+    assert "changes" in result  # the daemon's count where it reports one, else None

@@ -58,6 +58,14 @@ def test_quality_tracker_scores_live_outputs_against_the_truth_of_their_seq() ->
     assert means["denoised_db"] > means["raw_db"]
     # A truth is kept only until its output has come: memory stays bounded on long sessions.
     assert sorted(tracker.truth) == list(range(15, 20))
+    # The activity metrics' frames: every input and output, by seq, whatever the output's state.
+    assert sorted(tracker.frames.inputs) == list(range(20)) and sorted(tracker.frames.outputs) == list(range(3, 15))
+    assert tracker.frames.first_seq("live") == 7
+    bounded = QualityTracker(keep_frames=6)
+    for seq in range(len(noisy)):
+        bounded.add_truth(seq, noisy[seq], clean[seq])
+    bounded.ingest()
+    assert sorted(bounded.frames.inputs) == list(range(14, 20))
 
 
 def test_bad_arguments_are_refused_before_anything_starts(capsys: pytest.CaptureFixture[str]) -> None:
@@ -85,6 +93,14 @@ def test_demo_summary_shows_denoising_beats_raw(tmp_path: Path) -> None:
     assert "umvd-live view --connect tcp://127.0.0.1:" in proc.stdout
     assert re.search(rf"PSNR raw\s+│\s+{s['psnr_raw_db']:.2f} dB", proc.stdout), proc.stdout
     assert re.search(rf"PSNR denoised\s+│\s+{s['psnr_denoised_db']:.2f} dB", proc.stdout), proc.stdout
+    # The activity (issue 14), scored after the stream beside the oracle Gaussians, as bench does.
+    a = s["activity"]
+    assert a is not None and s["activity_skipped"] is None, figures
+    assert a["span"][0] == s["first_live_seq"] and a["frames"] >= 30, figures
+    assert set(a["rows"]) == {"raw", "temporal mean, 5 frames", "denoised"}
+    assert set(a["oracle"]["best"]) <= {"psnr", "active_psnr", "trace_corr"} and a["oracle"]["grid"] == "reduced"
+    assert a["rows"]["denoised"]["psnr"] > a["rows"]["raw"]["psnr"], figures
+    assert "activity against the truth" in proc.stdout and "amplitude slope" in proc.stdout
     assert not psutil.pid_exists(s["daemon_pid"])
 
 

@@ -13,9 +13,10 @@ from umvd_live.engine import (EngineConfig, StreamDenoiser, cpu_cores, cpu_has_n
                               lists_native_bf16)
 from umvd_live.trainer import TrainerConfig
 
+# From scratch (no prior): these tests follow a warm start (tests/test_prior.py has the prior's).
 FAST = EngineConfig(
     preset="lite", warmup_frames=12, warmup_steps=6, min_train_frames=8, steps_per_frame=0.5,
-    trainer=TrainerConfig(batch=2, patch=16), sync_every=2,
+    trainer=TrainerConfig(batch=2, patch=16), sync_every=2, prior="none",
 )
 
 
@@ -60,7 +61,7 @@ def test_outputs_are_centred_and_marked_until_warm():
 
 def test_warmup_output_is_the_temporal_mean_in_input_units():
     movie = noisy_movie(12)
-    _, outs = run_stream(EngineConfig(preset="lite", warmup_frames=1000), movie)
+    _, outs = run_stream(EngineConfig(preset="lite", warmup_frames=1000, prior="none"), movie)
     assert all(o.state == "warmup" for o in outs)
     np.testing.assert_allclose(outs[5].image, movie[2:9].mean(0), rtol=1e-4)
     # At the first frame the missing neighbours are mirrored: frames 3, 2, 1, 0, 1, 2, 3.

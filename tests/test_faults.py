@@ -62,9 +62,10 @@ def test_producer_crash_and_restart_with_seq_from_zero(daemons):
 def test_kill_and_restart_resumes_from_the_state_dir(daemons, tmp_path):
     state = tmp_path / "state"
     ckpt = state / "cam0.32x32.u2.pt"
-    # --idle-s: a slow machine must not idle the stream before its warm start is trained
+    # --idle-s: a slow machine must not idle the stream before its warm start is trained;
+    # --prior none: a warm start from scratch tells a resumed model from a fresh one by its state
     args = ("--state-dir", str(state), "--checkpoint-interval", "0.5", "--catchup-ms", "60000",
-            "--idle-s", "600")
+            "--idle-s", "600", "--prior", "none")
     first = daemons(*args)
     run_producer(first.input, [["cam0", 32, 32, "<u2"]] * 60, rate=0)
     wait_status(first, lambda s: s["frames_in"] == 60 and s["model_step"] >= 10)

@@ -35,7 +35,7 @@ def test_activity_fidelity_needs_activity():
 from scipy import sparse  # noqa: E402
 
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator  # noqa: E402
-from umvd_live.metrics import (  # noqa: E402
+from umvd_live.metrics import (
     MovieScorer,
     active_psnr,
     active_set,
@@ -162,3 +162,88 @@ def test_best_gaussian_is_the_psnr_oracle(simulated):
     assert (search.best["psnr"].sigma_t, search.best["psnr"].sigma_xy) == (st, sxy)
     assert search.best["psnr"].scores["psnr"] == pytest.approx(score, abs=1e-6)
     assert "trace_corr" not in search.best  # no footprints, no trace metrics
+
+
+# ---- the one quality report of bench, demo and tools/bench_denoise.py ---------------------------
+
+from umvd_live.metrics import (
+    DENOISED,
+    RAW,
+    TMEAN,
+    SessionFrames,
+    activity_report,
+    gaussian_3d,
+    report_rows,
+)
+
+
+def test_activity_report_scores_every_row_on_the_same_frames_and_finds_the_oracles(simulated):
+    noisy, clean, footprints, config = simulated
+    estimate = gaussian_3d(noisy, 4.0, 0.5)
+    report = activity_report(noisy, clean, estimate, footprints, offset=config.offset_adu,
+                             oracle="reduced")
+    scorer = MovieScorer(clean, footprints, offset=config.offset_adu)
+    assert report["rows"][RAW] == scorer.score(noisy)
+    assert report["rows"][TMEAN] == scorer.score(temporal_mean(noisy, 5))
+    assert report["rows"][DENOISED] == scorer.score(estimate)
+    assert report["frames"] == len(clean) and report["cells"] == scorer.traces.cells.size
+    # The reduced grid's oracles are those of oracle_gaussians on the same grid.
+    search = oracle_gaussians(noisy, clean, footprints, offset=config.offset_adu,
+                              sigmas_t=report["oracle"]["sigmas_t"], sigmas_xy=report["oracle"]["sigmas_xy"])
+    for metric, found in report["oracle"]["best"].items():
+        assert (found["sigma_t"], found["sigma_xy"]) == (search.best[metric].sigma_t, search.best[metric].sigma_xy)
+        assert found[metric] == search.best[metric].scores[metric]
+    labels = [label for label, _ in report_rows(report)]
+    assert labels[:2] == [RAW, TMEAN] and labels[-1] == DENOISED and len(labels) == 6
+    assert activity_report(noisy, clean, estimate, footprints, offset=config.offset_adu, oracle="none")["oracle"] is None
+
+
+def test_activity_report_scores_only_the_frames_that_have_an_estimate(simulated):
+    noisy, clean, footprints, config = simulated
+    scored = np.ones(len(clean), bool)
+    scored[100:110] = False  # skipped by a live stream: no estimate there
+    estimate = gaussian_3d(noisy, 2.0, 0.5)
+    broken = estimate.copy()
+    broken[~scored] = 0.0
+    report = activity_report(noisy, clean, broken, footprints, offset=config.offset_adu, scored=scored,
+                             oracle="none")
+    scorer = MovieScorer(clean[scored], footprints, offset=config.offset_adu)
+    assert report["frames"] == scored.sum()
+    assert report["rows"][DENOISED] == scorer.score(estimate[scored])
+    # The baselines filter the whole span (as an offline filter would) and are scored on the same frames.
+    assert report["rows"][TMEAN] == scorer.score(temporal_mean(noisy, 5)[scored])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"oracle": "huge"}, "oracle grid"),
+    ({"scored": np.zeros(300, bool)}, "30"),
+    ({"scored": np.ones(7, bool)}, "one flag per frame"),
+])
+def test_activity_report_refuses_bad_input(simulated, kwargs, message):
+    noisy, clean, footprints, _ = simulated
+    with pytest.raises(ValueError, match=message):
+        activity_report(noisy, clean, clean, footprints, **kwargs)
+
+
+def test_session_frames_score_from_the_first_live_output_and_stay_bounded(simulated):
+    noisy, clean, footprints, config = simulated
+    frames = SessionFrames()
+    estimate = gaussian_3d(noisy, 3.0, 0.5)
+    for seq in range(len(clean)):
+        frames.add_input(seq, noisy[seq], clean[seq])
+        if seq != 150:  # one output skipped
+            frames.add_output(seq, estimate[seq], "warmup" if seq < 40 else "live")
+    report = frames.report(footprints, offset=config.offset_adu, oracle="none")
+    assert report["span"] == [40, len(clean) - 1] and report["frames"] == len(clean) - 40 - 1
+    direct = activity_report(noisy[40:], clean[40:], estimate[40:], footprints, offset=config.offset_adu,
+                             scored=np.arange(40, len(clean)) != 150, oracle="none")
+    assert report["rows"] == direct["rows"]
+    # Bounded: only the latest frames are kept, and the span starts where they do.
+    bounded = SessionFrames(max_frames=100)
+    for seq in range(len(clean)):
+        bounded.add_input(seq, noisy[seq], clean[seq])
+        bounded.add_output(seq, estimate[seq], "live")
+    assert len(bounded.inputs) == len(bounded.outputs) == 100
+    assert bounded.report(footprints, offset=config.offset_adu, oracle="none")["span"] == [200, 299]
+    with pytest.raises(ValueError, match="no live output"):
+        SessionFrames().report(footprints)

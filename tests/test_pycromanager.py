@@ -81,27 +81,34 @@ def test_owner_mode_publishes_every_image_and_leaves_the_raw_data_to_micromanage
     assert [(e.stream, e.seq) for e in receiver.ends] == [("cam0", 30)]
     for f in frames:
         assert np.array_equal(f.pixels, render(f.header.seq, SHAPE, SEED))
-    # pycromanager saved the raw frames itself, untouched by us.
+    # pycromanager saved the raw frames itself (we read them back from its files, after saving).
     (stack,) = (tmp_path / "raw").glob("session*/*.tif")
     saved = tifffile.imread(stack)
     assert saved.shape == (30, *SHAPE) and saved.dtype == np.uint16
     assert all(np.array_equal(saved[i], frames[i].pixels) for i in range(30))
 
 
-def test_owner_process_never_raises_and_returns_the_image_untouched(receiver):
+def test_owner_reads_saved_images_from_the_dataset_and_never_raises(receiver):
+    """The ``image_saved_fn`` on pycromanager's own RAM dataset: an image it cannot read or
+    publish is counted, never raised into the acquisition."""
+    from ndstorage.ndram_dataset import NDRAMDataset
+
+    dataset = NDRAMDataset()
+    dataset.initialize({})
+    dataset.put_image({"time": 0}, np.arange(12, dtype=np.uint32).reshape(3, 4), {"Height": 3, "Width": 4})
+    dataset.put_image({"time": 1}, np.ones((3, 4), np.uint16), {"Height": 3, "Width": 4})
     pub = publisher_for(receiver)
     owner = pm.PycroManagerOwner(pub).start()
-    odd = np.arange(12, dtype=np.uint32).reshape(3, 4)  # protocol v1 carries no uint32
-    metadata = {"Axes": {"time": 0}}
-    image_out, metadata_out = owner.process(odd, metadata)
-    good = np.ones((3, 4), np.uint16)
-    owner.process(good, {"Axes": {"time": 1}})
+    owner.saved({"time": 7}, dataset)  # not in the dataset: counted, not raised
+    owner.saved({"time": 0}, dataset)  # protocol v1 carries no uint32: rejected by the hand-off
+    owner.saved({"time": 1}, dataset)
     stats = owner.close()
     frames = receiver.wait_for(1)
     pub.close()
-    assert image_out is odd and metadata_out is metadata
+    assert owner.errors == 1 and owner.frames_seen == 2
     assert stats.rejected == 1 and stats.sent == 1
-    assert [f.header.seq for f in frames] == [1]
+    assert [f.header.seq for f in frames] == [1] and frames[0].header.meta["index"] == {"t": 1}
+    np.testing.assert_array_equal(frames[0].pixels, np.ones((3, 4), np.uint16))
 
 
 def test_tap_follows_live_mode_without_stealing_frames(backend, receiver):

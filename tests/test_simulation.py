@@ -21,12 +21,14 @@ from umvd_live.adapters.simulation import (
     SOMA,
     CalciumActivity,
     SimConfig,
+    SimEvent,
     TwoPhotonSimulator,
     _shifted_crop,
     _shifted_crop_cubic,
     expected_variance,
     motion_margin,
     noisy_from_clean,
+    parse_events,
     stream_simulation,
 )
 from umvd_live.protocol import decode_frame
@@ -437,3 +439,57 @@ def test_stream_stops_on_event():
     sub.close()
     assert result_box[0].frames == 10
     assert received == list(range(10))
+
+
+# ---- scripted sessions (issue 15): laser steps and stage moves ---------------------------------
+
+
+def test_events_parse_in_seconds_or_fractions_of_the_session():
+    issue = parse_events("laser=3@30s,move=40@40s,laser=1/3@50s", 60.0)
+    assert issue == parse_events("laser=3@1/2, move=40@2/3, laser=1/3@5/6", 60.0)
+    assert issue == (SimEvent.laser(30.0, 3.0), SimEvent.move(40.0, 0, 40), SimEvent.laser(50.0, 1 / 3))
+    assert [e.label() for e in issue] == ["laser ×3", "stage move 40 px", "laser ×1/3"]
+    assert [e.first_frame(30.0) for e in issue] == [900, 1200, 1500]
+    assert parse_events("move=-3:5@0.5,laser=2@1s", 4.0) == (SimEvent.laser(1.0, 2.0), SimEvent.move(2.0, -3, 5))
+    for bad in ("laser=3", "laser=0@1s", "zoom=2@1s", "move=1.5@1s", "move=1:2:3@1s", "laser=3@-1s", "laser=3@1/0"):
+        with pytest.raises(ValueError, match="bad event"):
+            parse_events(bad, 10.0)
+    with pytest.raises(ValueError, match="SimEvent"):
+        SimConfig(events=("laser=3@1s",))
+
+
+def test_a_laser_step_scales_the_photons_and_the_truth_from_its_frame_on():
+    base = SimConfig(height=32, width=40, seed=4)
+    stepped = replace(base, events=(SimEvent.laser(1.0, 3.0),))  # frame 30 at 30 Hz
+    plain_noisy, plain = TwoPhotonSimulator(base).movie(60)
+    sim = TwoPhotonSimulator(stepped)
+    noisy, clean = sim.movie(60)
+    # The same scene, activity and motion; only the photons (and so the truth above the offset) scale.
+    np.testing.assert_array_equal(clean[:30], plain[:30])
+    np.testing.assert_allclose(clean[30:] - base.offset_adu, 3.0 * (plain[30:] - base.offset_adu), rtol=1e-5)
+    assert sim.intensity == 3.0 and sim.stage == (0, 0)
+    ratio = (noisy[30:].mean() - base.offset_adu) / (plain_noisy[30:].mean() - base.offset_adu)
+    assert ratio == pytest.approx(3.0, rel=0.02)
+
+
+def test_a_stage_move_shifts_the_field_and_its_footprints():
+    config = SimConfig.minimal(height=32, width=48, seed=5, events=(SimEvent.move(0.5, 0, 12),))
+    sim = TwoPhotonSimulator(config)
+    _, clean = sim.movie(30)  # the move is in frame 15 on
+    assert sim.stage == (0, 12) and sim.scene.margin >= 12 + 2
+    before, after = clean[14], clean[15]
+    moved = np.corrcoef(before[:, 12:].ravel(), after[:, :-12].ravel())[0, 1]
+    still = np.corrcoef(before.ravel(), after.ravel())[0, 1]
+    assert moved > 0.999 and still < 0.5, (moved, still)
+    # The footprints of the new position are those of the old one, 12 px along.
+    at_start, at_move = sim.footprints(), sim.footprints(stage=(0, 12))
+    np.testing.assert_array_equal(at_move[:, :, :-12], at_start[:, :, 12:])
+    with pytest.raises(ValueError, match="off the simulated tissue"):
+        sim.footprints(stage=(0, 40))
+
+
+def test_without_events_the_scene_is_unchanged():
+    config = SimConfig(height=32, width=32, seed=6)
+    with_event = replace(config, events=(SimEvent.laser(100.0, 2.0),))  # never reached
+    np.testing.assert_array_equal(TwoPhotonSimulator(config).movie(20)[0], TwoPhotonSimulator(with_event).movie(20)[0])
+    assert TwoPhotonSimulator(config).scene.margin == motion_margin(config)

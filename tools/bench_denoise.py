@@ -32,15 +32,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import tifffile
 
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
-from umvd_live.metrics import MovieScorer, oracle_gaussians, temporal_mean
+from umvd_live.metrics import ORACLE_LABELS, ORACLE_METRICS, MovieScorer, oracle_gaussians, temporal_mean
+from umvd_live.metrics import REPORT_HEADERS as HEADER
+from umvd_live.metrics import REPORT_METRICS as METRICS
+from umvd_live.metrics import format_score as fmt
 
-METRICS = ("psnr", "active_psnr", "trace_corr", "trace_slope", "peak_ratio", "lag_frames")
-HEADER = ("PSNR (dB)", "active-set PSNR (dB)", "trace corr", "amplitude slope", "peak ratio", "lag (frames)")
-ORACLE_LABELS = {"psnr": "whole-movie PSNR", "active_psnr": "active-set PSNR", "trace_corr": "trace correlation"}
-BEST_COLUMNS = ("psnr", "active_psnr", "trace_corr")
+BEST_COLUMNS = ORACLE_METRICS
 
 
 def run_cli(args: list[str]) -> float:
@@ -104,18 +105,6 @@ def bench_one(args: argparse.Namespace, photons: float, seed: int, tmp: Path) ->
             "rows": rows}
 
 
-def fmt(metric: str, value: float) -> str:
-    if value is None or not np.isfinite(value):
-        return "—"
-    if metric in ("psnr", "active_psnr"):
-        return f"{value:.2f}"
-    if metric == "trace_corr":
-        return f"{value:.3f}"
-    if metric == "lag_frames":
-        return f"{value:+.2f}"
-    return f"{value:.2f}"
-
-
 def sigmas(runs: list[dict], key: str) -> str:
     st = [run["rows"][key]["sigma_t"] for run in runs]
     sxy = [run["rows"][key]["sigma_xy"] for run in runs]
@@ -170,12 +159,12 @@ def main() -> int:
     args = p.parse_args()
 
     command = "python tools/bench_denoise.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    load_start = os.getloadavg()[0]
+    load_start = psutil.getloadavg()[0]
     results: dict[float, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for photons in args.photons:
             results[photons] = [bench_one(args, photons, seed, Path(tmp)) for seed in args.seeds]
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, load {load_start:.1f} → {os.getloadavg()[0]:.1f}")
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, load {load_start:.1f} → {psutil.getloadavg()[0]:.1f}")
     print(f"\n{command}\n{datetime.date.today().isoformat()}; {args.frames}×{args.size[0]}×{args.size[1]} simulated "
           f"movies (simulator defaults); {machine}\n")
     for photons, runs in results.items():

@@ -60,13 +60,13 @@ class RecordingRun:
 
 
 def record(directory: Path, shape: tuple[int, int], frames: int, streams: int, rate: float,
-           raw: bool, memory_budget_bytes: int) -> RecordingRun:
+           raw: bool, memory_budget_bytes: int, suffix: str = ".ome.tif") -> RecordingRun:
     """Submit ``frames`` frames round-robin over ``streams`` streams (acquisition meta as the
     multi-dimensional sources send it) and wait until they are on disk."""
     rng = np.random.default_rng(0)
     denoised = [rng.random(shape, dtype=np.float32) for _ in range(8)]
     camera = [rng.integers(0, 4096, shape, dtype=np.uint16) for _ in range(8)]
-    session = RecordingSession(RecordingRequest(path=directory / "bench.ome.tif", raw=raw,
+    session = RecordingSession(RecordingRequest(path=directory / f"bench{suffix}", raw=raw,
                                                 memory_budget_bytes=memory_budget_bytes))
     names = [f"cam0.GCaMP.z{z}" if streams > 1 else "cam0" for z in range(streams)]
     interval = streams / rate if rate else 0.0  # one round (one frame per stream)
@@ -91,7 +91,8 @@ def record(directory: Path, shape: tuple[int, int], frames: int, streams: int, r
     st = session.status()
     if st.error:
         raise RuntimeError(st.error)
-    mib = sum(os.path.getsize(p) for paths in st.files.values() for p in paths) / 2**20
+    mib = sum(f.stat().st_size for paths in st.files.values() for p in paths
+              for f in ([Path(p)] if Path(p).is_file() else Path(p).rglob("*")) if f.is_file()) / 2**20
     return RecordingRun(streams=streams, rate=rate, files=sum(len(v) for v in st.files.values()),
                         frames_written=st.frames_written, mib_written=mib, seconds=done - started,
                         max_behind_s=max_behind, finished_after_last_submit_s=done - last_submit,
@@ -111,6 +112,7 @@ def main() -> None:
                     help="the recorder's memory budget: above the run's bytes, nothing spills and "
                          "the figure is the file writer's alone (the daemon's default is 512)")
     ap.add_argument("--dir", type=Path, default=Path("."), help="where the files are written (then deleted)")
+    ap.add_argument("--zarr", action="store_true", help="record OME-Zarr stores instead of OME-TIFF files")
     args = ap.parse_args()
     shape = tuple(args.size)
 
@@ -122,7 +124,7 @@ def main() -> None:
                 directory = Path(tempfile.mkdtemp(prefix="bench-recording-", dir=args.dir))
                 try:
                     run = record(directory, shape, args.frames, streams, rate, args.raw,
-                                 args.memory_mib * 2**20)
+                                 args.memory_mib * 2**20, ".ome.zarr" if args.zarr else ".ome.tif")
                 finally:
                     shutil.rmtree(directory, ignore_errors=True)
                 runs.setdefault((rate, streams), []).append(run)

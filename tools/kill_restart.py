@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import tempfile
 import time
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.1)
         saved_step = request(ep["control"], {"cmd": "status"})["streams"]["cam0"]["model_step"]
         time.sleep(1.0)
-        daemon.send_signal(signal.SIGKILL)
+        daemon.kill()  # SIGKILL (TerminateProcess on Windows)
         daemon.wait()
         stop_producer(producer, crash=True)
         out["killed_at_model_step"] = saved_step

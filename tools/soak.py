@@ -66,7 +66,10 @@ def start_producer(endpoint: str, args: argparse.Namespace, seed: int, log: Path
 
 
 def stop_producer(proc: subprocess.Popen, crash: bool) -> None:
-    proc.send_signal(signal.SIGKILL if crash else signal.SIGINT)
+    if crash:
+        proc.kill()  # SIGKILL (TerminateProcess on Windows)
+    else:
+        proc.send_signal(signal.SIGINT)  # a clean stop: POSIX (Windows: CTRL_C_EVENT to a process group)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:

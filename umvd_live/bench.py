@@ -36,7 +36,29 @@ The main figures (all in the JSON; `run` also prints a table):
 - ``gc``: the garbage collector's collections during the run, the full ones, and the longest
   pause (every thread stops for it: `runtime.freeze_startup_objects`).
 - ``peak_rss_mb``: the process's peak resident memory, the pre-generated frames (``ring.mb``)
-  included.
+  and the denoised outputs kept for the activity metrics (``kept_outputs_mb``, as much again as
+  the ring's truth at most) included.
+- ``activity``: what users look at (issue 14), by `metrics.activity_report`, the one report that
+  `umvd-live demo` and tools/bench_denoise.py give too: whole-movie and active-set PSNR, per-cell
+  trace correlation, amplitude slope, peak ratio and lag of the denoised stream beside the raw
+  frames, a 5-frame mean and the Gaussian whose sigma the truth picks for each metric
+  (``--oracle``: searched after the stream, on the scored frames; ``reduced``, the default, on a
+  coarser grid). Scored: every output, whatever its state, from the first live one to the end of
+  the ring's first pass (a replayed ring is not one movie). A list of segments: one, or with
+  ``--events`` one from the first live output and one from each change to the next (the cells'
+  footprints follow the stage).
+- ``first_output_s``: seconds from the first frame's hand-over to the publication of the first
+  output in each state (``first_live_output_s``: of the first ``live`` one); ``states``: outputs
+  per state; ``changes``: the changes the daemon detected (``status.streams[...].changes``, where
+  the daemon reports it).
+
+``--events`` scripts a session (issue 15): the simulator steps the laser power and moves the stage
+at set times (`SimEvent`). ``events`` in the JSON has, from the stream's start and from each change,
+bins of 0-0.25, 0.25-0.5, 0.5-1, 1-2, 2-4 and 4-8 s (cut at the next change): the PSNR of the raw
+frames of each bin and of the denoised frames output in it (stacked, as above, whatever their
+state; a skipped preview has none) and the outputs per state. The ring then holds the whole session, and the PMT gain is set for its brightest part
+(lowered in proportion above 2 photons/pixel/frame, as tools/bench_denoise.py does) so that
+nothing clips.
 
 With ``--streams N`` (N > 1) it streams N simulated channels at once, as the channels of a
 Micro-Manager acquisition arrive: streams ``sim.c0`` … ``sim.c{N-1}``, each its own field of view
@@ -60,7 +82,6 @@ import json
 import math
 import os
 import platform
-import resource
 import sys
 import tempfile
 import threading
@@ -73,10 +94,12 @@ import numpy as np
 import psutil
 import zmq
 
-from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
+from umvd_live.adapters.simulation import LASER, MOVE, SimConfig, SimEvent, TwoPhotonSimulator, parse_events
 from umvd_live.checkpoint import load_checkpoint
 from umvd_live.daemon import IDLE_WAIT_S, Daemon, DaemonConfig, Inbox, Received, engine_factory
+from umvd_live.metrics import REPORT_HEADERS, REPORT_METRICS, activity_report, format_score, report_rows
 from umvd_live.protocol import DENOISED_SUFFIX, ProtocolError, decode_output, encode_frame
+from umvd_live.runtime import peak_rss_mb
 from umvd_live.streams import Denoiser, monotonic
 
 STREAM = "bench"
@@ -92,6 +115,15 @@ DRAIN_TIMEOUT_S = 10.0
 MONITOR_RCVHWM = 1000
 #: Extra latency on top of the N//2 frames the output must wait for, in the latency target.
 LATENCY_SLACK_MS = 100.0
+DEFAULT_FRAMES = 900
+#: Named scripted sessions for ``--events``; "default" is issue 15's (60 s: laser x3 at 30 s, stage
+#: move 40 px at 40 s, laser x1/3 at 50 s), its times fractions so that it scales with the duration.
+SESSIONS = {"default": "laser=3@1/2,move=40@2/3,laser=1/3@5/6"}
+SESSION_S = 60.0  # an --events session's default length
+#: The bins after the stream's start and after each change, in seconds (issue 15's table).
+EVENT_BINS_S = ((0.0, 0.25), (0.25, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, 4.0), (4.0, 8.0))
+#: Above this many photons/pixel/frame at the brightest, an --events session lowers the PMT gain.
+GAIN_PHOTONS = 2.0
 
 
 # ---- the simulated frames ---------------------------------------------------------------------------
@@ -102,16 +134,19 @@ class FrameRing:
     noisy: np.ndarray  # (R, H, W) uint16
     clean: np.ndarray  # (R, H, W) float32, the expected value of each noisy frame in ADU
     generate_s: float
+    sim: TwoPhotonSimulator  # what made them: footprints for the trace metrics
 
     @classmethod
-    def generate(cls, config: SimConfig, frames: int, budget_bytes: int) -> "FrameRing":
+    def generate(cls, config: SimConfig, frames: int, budget_bytes: int | None) -> FrameRing:
+        """``frames`` frames, or as many as ``budget_bytes`` hold (None: all of them)."""
         per_frame = config.height * config.width * (2 + 4)
-        length = max(1, min(frames, budget_bytes // per_frame))
+        length = frames if budget_bytes is None else max(1, min(frames, budget_bytes // per_frame))
         started = time.perf_counter()
-        noisy, clean = TwoPhotonSimulator(config).movie(length)
+        sim = TwoPhotonSimulator(config)
+        noisy, clean = sim.movie(length)
         noisy.flags.writeable = False
         clean.flags.writeable = False
-        return cls(noisy, clean, time.perf_counter() - started)
+        return cls(noisy, clean, time.perf_counter() - started, sim)
 
     def __len__(self) -> int:
         return len(self.noisy)
@@ -147,10 +182,17 @@ class PsnrAccumulator:
 
     def add(self, estimate: np.ndarray, truth: np.ndarray) -> None:
         diff = (np.asarray(estimate, np.float64) - truth).ravel()
-        self.sse += float(diff @ diff)
-        self.count += diff.size
-        self.truth_min = min(self.truth_min, float(truth.min()))
-        self.truth_max = max(self.truth_max, float(truth.max()))
+        self.add_sse(float(diff @ diff), diff.size, truth)
+
+    def add_sse(self, sse: float, count: int, truth: np.ndarray) -> None:
+        """A frame whose squared error is already known."""
+        self.add_sums(sse, count, float(truth.min()), float(truth.max()))
+
+    def add_sums(self, sse: float, count: int, truth_min: float, truth_max: float) -> None:
+        self.sse += sse
+        self.count += count
+        self.truth_min = min(self.truth_min, truth_min)
+        self.truth_max = max(self.truth_max, truth_max)
 
     @classmethod
     def merged(cls, parts: list["PsnrAccumulator"]) -> "PsnrAccumulator":
@@ -276,6 +318,12 @@ class OutputMonitor(threading.Thread):
         self.errors = 0
         self.raw = [PsnrAccumulator() for _ in sources]
         self.denoised = [PsnrAccumulator() for _ in sources]
+        # Every output, whatever its state: its squared error, its state, and (within the ring's
+        # first pass) its image, for the activity metrics and the bins after changes.
+        self.sse = np.full((len(sources), frames), np.nan)
+        self.state = np.full((len(sources), frames), -1, np.int16)  # index in self.state_names
+        self.state_names: list[str] = []
+        self.images: list[dict[int, np.ndarray]] = [{} for _ in sources]
         self.subscribed = threading.Event()
         self._stop_event = threading.Event()
         self._ctx = zmq.Context()
@@ -315,11 +363,20 @@ class OutputMonitor(threading.Thread):
             return
         self.latency_ms[s, seq] = latency_ms
         self.received_by[s] += 1
-        if msg.header.get("state") == "live":
+        state = str(msg.header.get("state", ""))
+        if state not in self.state_names:
+            self.state_names.append(state)
+        self.state[s, seq] = self.state_names.index(state)
+        ring = self.rings[s]
+        truth = ring.clean_of(seq)
+        diff = (np.asarray(msg.image, np.float64) - truth).ravel()
+        sse = float(diff @ diff)
+        self.sse[s, seq] = sse
+        if seq < len(ring):
+            self.images[s][seq] = msg.image
+        if state == "live":
             self.live[s, seq] = True
-            ring = self.rings[s]
-            truth = ring.clean_of(seq)
-            self.denoised[s].add(msg.image, truth)
+            self.denoised[s].add_sse(sse, diff.size, truth)
             self.raw[s].add(ring.noisy_of(seq), truth)
 
     @property
@@ -345,28 +402,69 @@ class BenchConfig:
     save_model: str | None
     daemon: DaemonConfig
     streams: int = 1
+    events: tuple[SimEvent, ...] = ()  # --events: the scripted session's changes
+    events_spec: str | None = None
+    oracle: str = "reduced"  # --oracle: the activity report's oracle grid
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "BenchConfig":
         height, width = args.size
-        if args.frames < 1:
-            raise ValueError(f"--frames must be >= 1, got {args.frames}")
         if not args.max and not args.rate > 0:
             raise ValueError(f"--rate must be > 0, got {args.rate}")
+        frames, duration = getattr(args, "frames", None), getattr(args, "duration", None)
+        spec = getattr(args, "events", None)
+        if frames is not None and duration is not None:
+            raise ValueError("give --frames or --duration, not both")
+        if duration is not None:
+            if args.max or not duration > 0:
+                raise ValueError(f"--duration needs a paced stream (--rate) and > 0 s, got {duration}")
+            frames = max(1, round(duration * args.rate))
+        if frames is None:
+            frames = round(SESSION_S * args.rate) if spec and not args.max else DEFAULT_FRAMES
+        if frames < 1:
+            raise ValueError(f"--frames must be >= 1, got {frames}")
         if args.ring_mb <= 0:
             raise ValueError(f"--ring-mb must be > 0, got {args.ring_mb}")
         stream_names(args.streams)  # refuses a count below 1
+        events: tuple[SimEvent, ...] = ()
+        if spec:
+            if args.max or args.streams != 1:
+                raise ValueError("--events scripts one paced stream: no --max, no --streams")
+            events = parse_events(SESSIONS.get(spec, spec), frames / args.rate)
         daemon = DaemonConfig(
             input_bind=None, input_connect=(), output="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
             preset=args.preset, device=args.device, window=args.window, context=args.context,
             warmup_frames=args.warmup_frames,
-            init=args.init, seed=args.seed, catchup_s=args.catchup_ms / 1000.0, warmup_steps=args.warmup_steps,
+            init=args.init, prior=args.prior, seed=args.seed, catchup_s=args.catchup_ms / 1000.0,
+            warmup_steps=args.warmup_steps,
             batch=args.batch, workers=args.workers, precision=args.precision, cpu_budget=args.cpu_budget,
         )
-        return cls(height=height, width=width, frames=args.frames, rate_hz=None if args.max else float(args.rate),
+        return cls(height=height, width=width, frames=frames, rate_hz=None if args.max else float(args.rate),
                    photons=args.photons, inference_only=args.inference_only,
                    ring_bytes=int(args.ring_mb * 2**20), rss_every_s=args.rss_every,
-                   save_model=args.save_model, daemon=daemon, streams=args.streams)
+                   save_model=args.save_model, daemon=daemon, streams=args.streams,
+                   events=events, events_spec=spec, oracle=getattr(args, "oracle", "reduced"))
+
+    def sim_config(self, index: int) -> SimConfig:
+        """The simulator of stream ``index``: its own field (seed) and brightness (`BRIGHTNESS`);
+        with events, the PMT gain set for the session's brightest part (`GAIN_PHOTONS`)."""
+        photons = self.photons * BRIGHTNESS[index % len(BRIGHTNESS)]
+        config = SimConfig(height=self.height, width=self.width, rate_hz=self.rate_hz or 30.0, photons=photons,
+                           seed=self.daemon.seed + index, events=self.events)
+        brightest = photons * max_intensity(self.events)
+        if self.events and brightest > GAIN_PHOTONS:
+            config = dataclasses.replace(config, gain_adu=config.gain_adu * GAIN_PHOTONS / brightest)
+        return config
+
+
+def max_intensity(events: tuple[SimEvent, ...]) -> float:
+    """The largest laser factor the session reaches (1 before any step)."""
+    level = peak = 1.0
+    for event in sorted(events, key=lambda e: e.at_s):
+        if event.kind == LASER:
+            level *= event.scale
+            peak = max(peak, level)
+    return peak
 
 
 class _RecordingFactory:
@@ -399,9 +497,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     cfg = BenchConfig.from_args(args)
     sources = []
     for i, name in enumerate(stream_names(cfg.streams)):
-        sim = SimConfig(height=cfg.height, width=cfg.width, rate_hz=cfg.rate_hz or 30.0,
-                        photons=cfg.photons * BRIGHTNESS[i % len(BRIGHTNESS)], seed=cfg.daemon.seed + i)
-        sources.append((name, FrameRing.generate(sim, cfg.frames, cfg.ring_bytes // cfg.streams)))
+        # A scripted session is one movie from start to end: its ring holds all of it.
+        budget = None if cfg.events else cfg.ring_bytes // cfg.streams
+        sources.append((name, FrameRing.generate(cfg.sim_config(i), cfg.frames, budget)))
     with tempfile.TemporaryDirectory(prefix="umvd-bench-") as tmp:
         daemon_cfg = cfg.daemon
         init_label = daemon_cfg.init
@@ -426,7 +524,7 @@ def _measure(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str
              init_label: str | None) -> dict[str, Any]:
     import torch
 
-    load_start = os.getloadavg()[0]
+    load_start = psutil.getloadavg()[0]
     rss_start = psutil.Process().memory_info().rss / 2**20
     factory = _RecordingFactory(daemon_cfg)
     daemon = Daemon(daemon_cfg, factory)
@@ -499,7 +597,7 @@ def _measure(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str
     status["capacity"]["timeline"] = over_timeline
     return _figures(cfg, daemon_cfg, sources, init_label, producer, monitor, per_stream, status, engine_config,
                     ended=ended, rss=(rss_start, rss_live, rss_end),
-                    load=(load_start, os.getloadavg()[0]), published=published, saved=saved,
+                    load=(load_start, psutil.getloadavg()[0]), published=published, saved=saved,
                     torch_threads=torch.get_num_threads(), torch_version=torch.__version__,
                     gc_pauses=gc_pauses.summary(), batch=daemon.batch, workers=daemon.workers)
 
@@ -555,6 +653,7 @@ def _stream_figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, s: int, ring: Fr
     live_span = ended - live_at if live_at is not None else 0.0
     first = handed[0] if np.isfinite(handed[0]) else None
     skipped = int(counters.get("skipped", 0))
+    first_outputs = _first_outputs(handed, published_at, monitor, s)
     psnr_raw, psnr_den = monitor.raw[s].psnr(), monitor.denoised[s].psnr()
     return {
         "photons": ring_photons(cfg, s),
@@ -583,11 +682,117 @@ def _stream_figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, s: int, ring: Fr
         "psnr_denoised_db": psnr_den,
         "psnr_gain_db": psnr_den - psnr_raw if psnr_raw is not None and psnr_den is not None else None,
         "frames_evaluated": int(monitor.live[s].sum()),
+        "first_output_s": first_outputs,
+        "first_live_output_s": first_outputs.get("live"),
+        "states": {name: int((monitor.state[s] == code).sum()) for code, name in enumerate(monitor.state_names)
+                   if (monitor.state[s] == code).any()},
+        "changes": snapshot.get("changes"),  # the daemon's detected changes, where it reports them
+        "activity": _activity(cfg, s, ring, monitor),
         "counters": counters,
         "engine_stats": engine,
         "ring": {"frames": len(ring), "mb": ring.nbytes / 2**20, "generate_s": ring.generate_s,
                  "repeats": cfg.frames > len(ring)},
     }
+
+
+def _first_outputs(handed: np.ndarray, published_at: np.ndarray, monitor: OutputMonitor, s: int) -> dict[str, float]:
+    """Seconds from the first frame's hand-over to the first publication in each output state."""
+    if not np.isfinite(handed[0]):
+        return {}
+    out = {}
+    for code, name in enumerate(monitor.state_names):
+        times = published_at[(monitor.state[s] == code) & np.isfinite(published_at)]
+        if times.size:
+            out[name] = round(float(times.min() - handed[0]), 3)
+    return out
+
+
+def _segments(cfg: BenchConfig, first_live: int | None, end: int) -> list[tuple[str, float | None, int, int, tuple[int, int]]]:
+    """(label, change time, first seq, end seq, stage) of each span the activity is scored on:
+    from the first live output, and with events from each change (or the first live output, if
+    later) to the next; a stage move moves the footprints."""
+    if not cfg.events:
+        return [("live outputs", None, first_live if first_live is not None else end, end, (0, 0))]
+    rate = cfg.rate_hz or 30.0
+    starts: list[tuple[str, float | None, int, tuple[int, int]]] = [("stream start", 0.0, 0, (0, 0))]
+    stage = (0, 0)
+    for event in cfg.events:
+        if event.kind == MOVE:
+            stage = (stage[0] + event.shift_px[0], stage[1] + event.shift_px[1])
+        starts.append((event.label(), event.at_s, event.first_frame(rate), stage))
+    out = []
+    for i, (label, at_s, first, stage) in enumerate(starts):
+        stop = min(starts[i + 1][2] if i + 1 < len(starts) else end, end)
+        begin = first if first_live is None else max(first, first_live)
+        out.append((label, at_s, stop if first_live is None else min(begin, stop), stop, stage))
+    return out
+
+
+def _activity(cfg: BenchConfig, s: int, ring: FrameRing, monitor: OutputMonitor) -> list[dict[str, Any]]:
+    """`metrics.activity_report` of each segment (`_segments`) of stream ``s``."""
+    live = np.flatnonzero(monitor.live[s])
+    end = min(cfg.frames, len(ring))
+    out = []
+    for label, at_s, start, stop, stage in _segments(cfg, int(live[0]) if live.size else None, end):
+        row: dict[str, Any] = {"segment": label, "at_s": at_s}
+        if stop <= start:
+            out.append(row | {"skipped": "no live output in it"})
+            continue
+        row["span"] = [start, stop - 1]
+        images = monitor.images[s]
+        estimate = np.zeros((stop - start, cfg.height, cfg.width), np.float32)
+        scored = np.zeros(stop - start, bool)
+        for i, seq in enumerate(range(start, stop)):
+            if seq in images:
+                estimate[i] = images[seq]
+                scored[i] = True
+        try:
+            report = activity_report(ring.noisy[start:stop], ring.clean[start:stop], estimate,
+                                     ring.sim.footprints(stage), offset=ring.sim.config.offset_adu,
+                                     scored=scored, oracle=cfg.oracle)
+        except ValueError as exc:
+            out.append(row | {"skipped": str(exc)})
+            continue
+        out.append(row | report)
+    return out
+
+
+def _event_bins(cfg: BenchConfig, ring: FrameRing, monitor: OutputMonitor, s: int = 0) -> dict[str, Any]:
+    """PSNR and output states in `EVENT_BINS_S` after the stream's start and after each change
+    (each cut at the next change): raw over every frame of the bin (the input, whatever the daemon
+    did), denoised over the frames that got an output."""
+    rate = cfg.rate_hz or 30.0
+    have = np.isfinite(monitor.sse[s])
+    pixels = cfg.height * cfg.width
+    raw_sse = np.empty(cfg.frames)
+    for seq in range(cfg.frames):
+        diff = (ring.noisy_of(seq).astype(np.float64) - ring.clean_of(seq)).ravel()
+        raw_sse[seq] = float(diff @ diff)
+    lo_truth = ring.clean.min(axis=(1, 2)).astype(np.float64)
+    hi_truth = ring.clean.max(axis=(1, 2)).astype(np.float64)
+    starts = [("stream start", 0.0, 0)] + [(e.label(), e.at_s, e.first_frame(rate)) for e in cfg.events]
+    rows = []
+    for i, (label, at_s, first) in enumerate(starts):
+        end = min(starts[i + 1][2] if i + 1 < len(starts) else cfg.frames, cfg.frames)
+        bins = []
+        for lo_s, hi_s in EVENT_BINS_S:
+            a = first + math.ceil(lo_s * rate - 1e-9)
+            b = min(first + math.ceil(hi_s * rate - 1e-9), end)
+            seqs = np.arange(a, max(a, b))
+            got = seqs[have[seqs]]
+            raw, den = PsnrAccumulator(), PsnrAccumulator()
+            states: dict[str, int] = {}
+            for seq in seqs:
+                raw.add_sums(raw_sse[seq], pixels, lo_truth[seq % len(ring)], hi_truth[seq % len(ring)])
+            for seq in got:
+                den.add_sums(monitor.sse[s, seq], pixels, lo_truth[seq % len(ring)], hi_truth[seq % len(ring)])
+                name = monitor.state_names[monitor.state[s, seq]]
+                states[name] = states.get(name, 0) + 1
+            bins.append({"from_s": lo_s, "to_s": hi_s, "frames": int(seqs.size), "outputs": int(got.size),
+                         "psnr_raw_db": raw.psnr(), "psnr_denoised_db": den.psnr(), "states": states})
+        rows.append({"change": label, "at_s": at_s, "first_seq": first, "bins": bins})
+    return {"spec": cfg.events_spec, "events": [dataclasses.asdict(e) for e in cfg.events],
+            "bins_s": [list(b) for b in EVENT_BINS_S], "rows": rows}
 
 
 def ring_photons(cfg: BenchConfig, s: int) -> float:
@@ -642,6 +847,10 @@ def _totals(cfg: BenchConfig, daemon_cfg: DaemonConfig, producer: FrameProducer,
         "psnr_denoised_db": psnr_den,
         "psnr_gain_db": psnr_den - psnr_raw if psnr_raw is not None and psnr_den is not None else None,
         "frames_evaluated": sum(r["frames_evaluated"] for r in rows),
+        "first_live_output_s": None if any(r["first_live_output_s"] is None for r in rows)
+        else max(r["first_live_output_s"] for r in rows),
+        "changes": _sum([r["changes"] for r in rows]),
+        "activity": None,  # per stream, in "streams"
     }
 
 
@@ -684,7 +893,7 @@ def _figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str
         "latency_target_ms": None if cfg.rate_hz is None else 1000.0 * k / cfg.rate_hz + LATENCY_SLACK_MS,
         "batch": batch,
         "workers": workers,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "peak_rss_mb": peak_rss_mb(),
         "rss_mb": {"start": rss[0], "live": rss[1], "end": rss[2]},
         "rss_mb_timeline": [[round(t, 2), round(m, 1)] for t, m in producer.rss_timeline],
         "gpu": gpu,
@@ -698,6 +907,9 @@ def _figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str
                    "inbox_overflow": status.get("inbox", {}).get("overflow"),
                    "cpu_budget": daemon_cfg.cpu_budget},
         "capacity": status.get("capacity"),
+        "oracle": cfg.oracle,
+        "kept_outputs_mb": sum(image.nbytes for images in monitor.images for image in images.values()) / 2**20,
+        "events": _event_bins(cfg, rings[0], monitor) if cfg.events else None,
         "ring": {"frames": min(len(r) for r in rings), "mb": sum(r.nbytes for r in rings) / 2**20,
                  "generate_s": sum(r.generate_s for r in rings), "repeats": any(cfg.frames > len(r) for r in rings)},
         "saved_model": saved,
@@ -753,6 +965,9 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
         ("PSNR raw → denoised (gain)",
          f"{_fmt(r['psnr_raw_db'], 2)} → {_fmt(r['psnr_denoised_db'], 2)} dB ({_fmt(r['psnr_gain_db'], 2, ' dB')}) "
          f"over {r['frames_evaluated']} frames"),
+        ("first live output (outputs per state)",
+         f"{_fmt(r.get('first_live_output_s'), 2, ' s')} ({_states(r.get('states'))})"),
+        ("changes detected by the daemon", _fmt(r.get("changes"))),
         ("garbage-collector pauses (full; longest)",
          f"{r['gc']['collections']} ({r['gc']['full_collections']}; {r['gc']['pause_ms_max']:.0f} ms)"),
         ("peak RSS (of which pre-generated frames)", f"{r['peak_rss_mb']:.0f} MB ({r['ring']['mb']:.0f} MB)"),
@@ -783,6 +998,11 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
     console.print(table)
     if several:
         console.print(stream_table(r))
+    else:
+        for segment in r.get("activity") or []:
+            console.print(activity_table(segment, r.get("oracle")))
+    if r.get("events"):
+        console.print(events_table(r["events"]))
     if r["warmup_s"] is None:
         console.print(f"[yellow]{'a' if several else 'the'} stream never left the warm start: no quality or "
                       "steady-state figures; give it more --frames or a smaller "
@@ -790,6 +1010,49 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
     if r["ring"]["repeats"]:
         console.print(f"[yellow]the run is longer than the pre-generated ring ({r['ring']['frames']} frames, "
                       "--ring-mb): frames repeat, noise included[/yellow]")
+
+
+def _states(counts: dict[str, int] | None) -> str:
+    return ", ".join(f"{state} {n}" for state, n in (counts or {}).items()) or "—"
+
+
+def activity_table(segment: dict[str, Any], oracle: str | None) -> Any:
+    """One segment's `metrics.activity_report` (issue 14's metrics), or why it has none."""
+    from rich.table import Table
+
+    at = f" at {segment['at_s']:g} s" if segment.get("at_s") else ""
+    title = f"activity, {segment['segment']}{at}"
+    if "skipped" in segment:
+        return f"{title}: not scored ({segment['skipped']})"
+    title += (f": frames {segment['span'][0]}–{segment['span'][1]}, {segment['frames']} scored, "
+              f"{segment['cells']} cells; oracle grid {oracle} (searched after the stream), {segment['seconds']:.0f} s")
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("method")
+    for header in REPORT_HEADERS:
+        table.add_column(header, justify="right")
+    for label, scores in report_rows(segment):
+        table.add_row(label, *(format_score(m, scores.get(m)) for m in REPORT_METRICS))
+    return table
+
+
+def events_table(events: dict[str, Any]) -> Any:
+    """Issue 15's tables: PSNR raw/denoised in bins after the start and each change, then the
+    outputs' states in the same bins."""
+    from rich.console import Group
+    from rich.table import Table
+
+    tables = []
+    for title, cell in (("PSNR raw/denoised (dB) in bins after the stream's start and each change",
+                         lambda b: f"{_fmt(b['psnr_raw_db'])}/{_fmt(b['psnr_denoised_db'])}"),
+                        ("outputs per state, same bins", lambda b: _states(b["states"]))):
+        table = Table(title=title, show_header=True, header_style="bold")
+        table.add_column("change (at)")
+        for lo, hi in events["bins_s"]:
+            table.add_column(f"{lo:g}–{hi:g} s", justify="right")
+        for row in events["rows"]:
+            table.add_row(f"{row['change']} ({row['at_s']:g} s)", *(cell(b) if b["frames"] else "" for b in row["bins"]))
+        tables.append(table)
+    return Group(*tables)
 
 
 def stream_table(result: dict[str, Any]) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from umvd_live import logs
 from umvd_live.runtime import tune_process
 
 PRESETS = ("auto", "lite", "fast", "paper")
@@ -28,7 +29,8 @@ def parse_context(text: str) -> tuple[int, ...]:
     return blocks
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
+def _engine_args(p: argparse.ArgumentParser, *, inference_workers: bool = True) -> None:
+    """The engine's options; ``inference_workers=False`` leaves out ``--workers`` (batch's Dask workers)."""
     p.add_argument("--preset", choices=PRESETS, default="auto",
                    help="network size (default auto: paper on a GPU; on a CPU lite, and fast for live "
                         "streams of 512² and more)")
@@ -40,17 +42,21 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-frames", type=int, default=300, metavar="F",
                    help="frames of the initial burst the warm start trains on (default 300)")
     p.add_argument("--init", metavar="PATH", help="start from weights saved by an earlier session")
+    p.add_argument("--prior", default="auto", metavar="auto|none|PATH",
+                   help="weights a new stream starts on, shown while they beat a temporal mean (default "
+                        "auto: the prior shipped for the network; none: from scratch; --init wins)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="arithmetic of the networks (default auto: bf16 where the hardware has it, an "
                         "Ampere or later GPU or a CPU with AVX512-BF16 or AMX; else fp32)")
     p.add_argument("--batch", type=int, metavar="B",
                    help="windows denoised per forward pass when frames wait (default: 16 on a GPU, "
                         "1 on a CPU, where batches are slower)")
-    p.add_argument("--workers", type=int, metavar="W",
-                   help="forward passes run side by side when windows wait (default: 2 on a CPU when "
-                        "training runs in the background, the second using the trainer's core while "
-                        "it rests; 1 otherwise)")
-    p.add_argument("--seed", type=int, default=0)
+    if inference_workers:
+        p.add_argument("--workers", type=int, metavar="W",
+                       help="forward passes run side by side when windows wait (default: 2 on a CPU when "
+                            "training runs in the background, the second using the trainer's core while "
+                            "it rests; 1 otherwise)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the network's start and training (default 0)")
 
 
 def _budget_arg(p: argparse.ArgumentParser) -> None:
@@ -60,21 +66,63 @@ def _budget_arg(p: argparse.ArgumentParser) -> None:
                         "turns on half of it (default: the cores this process may use; docs/engine.md)")
 
 
-def _denoise(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("denoise", help="denoise a TIFF/OME-TIFF movie through the streaming engine")
-    p.add_argument("input", help="T×H×W TIFF or OME-TIFF movie")
-    p.add_argument("output", help="denoised OME-TIFF (float32, same frame count, input units)")
-    _engine_args(p)
+def _file_args(p: argparse.ArgumentParser) -> None:
+    """Options of a recorded movie's denoising, shared by `denoise` and `batch`."""
     p.add_argument("--offline", action="store_true",
                    help="train on the whole movie first (the paper's recipe), then denoise")
     p.add_argument("--steps-per-frame", type=float, default=4.0, metavar="S",
                    help="training steps after each frame in streamed mode (default 4: a file need not keep pace)")
+    p.add_argument("--warmup-steps", type=int, default=None, metavar="S",
+                   help="training steps of the warm start before the output goes live (default: the engine's)")
+    p.add_argument("--threads", type=int, metavar="T",
+                   help="torch threads on a CPU (default: every core this process may use; batch: "
+                        "the cores divided among the tasks that run at once)")
+
+
+def _denoise(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("denoise", help="denoise a TIFF/OME-TIFF movie through the streaming engine",
+                       description="Denoise a recorded movie with the live engine and write an OME-TIFF "
+                                   "with the input's pixel size, interval, channel and date (docs/engine.md).")
+    p.add_argument("input", help="T×H×W TIFF or OME-TIFF movie")
+    p.add_argument("output", help="denoised OME-TIFF (float32, same frame count, input units)")
+    _engine_args(p)
+    _file_args(p)
     p.add_argument("--save-model", metavar="PATH", help="save the final weights here")
     p.set_defaults(module="umvd_live.filemode")
 
 
+def _batch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("batch", help="denoise many movies on a Dask cluster: this machine's or an existing one",
+                       description="Denoise movies (files and glob patterns) with `denoise`'s engine on "
+                                   "dask.distributed: a local cluster (--workers) or an existing scheduler "
+                                   "(--scheduler); long movies are split in time chunks (docs/batch.md).")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="movies or quoted glob patterns ('raw/**/*.ome.tif'), in any format denoise reads")
+    p.add_argument("--output-dir", required=True, metavar="DIR",
+                   help="where each INPUT's output goes, under its name (workers must see it)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, metavar="N",
+                       help="a local cluster of N worker processes, the cores divided among them (default 1)")
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="an existing Dask scheduler: tcp://HOST:PORT, or its scheduler file")
+    _engine_args(p, inference_workers=False)
+    _file_args(p)
+    p.add_argument("--chunk-frames", type=int, default=2000, metavar="F",
+                   help="movies longer than this are split in time chunks of at most F frames that share "
+                        "one trained model (default 2000)")
+    p.add_argument("--format", choices=("ome-tiff", "ome-zarr"), default="ome-tiff", help="output format")
+    p.add_argument("--resume", action="store_true", help="skip the inputs whose output already exists")
+    p.add_argument("--manifest", metavar="PATH", help="the batch's record (default DIR/batch-manifest.json)")
+    p.add_argument("--retries", type=int, default=1, metavar="R",
+                   help="reruns of a task that raised (a lost worker's tasks are rerun anyway; default 1)")
+    p.add_argument("--save-models", action="store_true", help="save each movie's weights beside its output (NAME.pt)")
+    p.set_defaults(module="umvd_live.batch")
+
+
 def _serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the live denoising daemon")
+    p = sub.add_parser("serve", help="run the live denoising daemon",
+                       description="Run the live denoising daemon: frames in over ZeroMQ, denoised frames "
+                                   "out, a control socket, recording on request (docs/protocol.md).")
     p.add_argument("--input", default=None,
                    help="SUB endpoint the daemon binds for producers (default tcp://127.0.0.1:5555, "
                         "or none when --input-connect is given)")
@@ -132,7 +180,9 @@ def _acquire(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("acquire", help="stream frames from a source into the daemon",
                        description="Stream frames from a source into the daemon (docs/adapters.md).")
     p.set_defaults(module="umvd_live.adapters.cli")
-    p.add_argument("source", choices=("sim", "replay", "pymmcore-plus", "pycromanager"))
+    p.add_argument("source", choices=("sim", "replay", "pymmcore-plus", "pycromanager"),
+                   help="where frames come from: the simulator, a file, an in-process Micro-Manager core, "
+                        "or Micro-Manager through pycromanager")
     p.add_argument("--to", default="tcp://127.0.0.1:5555", help="daemon input endpoint")
     p.add_argument("--stream", default="cam0",
                    help="stream name (topic); with channels, planes or positions the base name of one "
@@ -144,9 +194,10 @@ def _acquire(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--queue", type=int, default=256, metavar="N",
                    help="pymmcore-plus, pycromanager owner: hand-off queue length (default 256)")
     p.add_argument("--rate", type=float, default=30.0, help="frames per second (sim, replay)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(256, 256))
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(256, 256),
+                   help="sim: frame height and width in pixels (default 256 256)")
     p.add_argument("--photons", type=float, default=2.0, help="sim: photons/pixel/frame")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sim: random seed of the simulated session (default 0)")
     p.add_argument("--file", help="replay: the movie to replay (TIFF, OME-TIFF, ScanImage, NDTiff, MMStack)")
     p.add_argument("--loop", action="store_true", help="replay: loop the file")
     p.add_argument("--file-timing", action="store_true", help="replay: pace at the file's timestamps")
@@ -180,25 +231,31 @@ def _demo(sub: argparse._SubParsersAction) -> None:
                                    "the truth (docs/demo.md).")
     p.add_argument("--duration", type=float, default=60.0,
                    help="seconds of streaming (default 60; Ctrl-C ends early, with the summary)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(256, 256))
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(256, 256),
+                   help="frame height and width in pixels (default 256 256)")
     p.add_argument("--rate", type=float, default=30.0, help="frames per second (default 30)")
     p.add_argument("--photons", type=float, default=2.0,
                    help="mean detected photons per pixel per frame (default 2)")
     p.add_argument("--preset", choices=PRESETS, default="auto",
                    help="network size (default auto: paper on a GPU; on a CPU lite, fast from 512²)")
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="compute device (default: auto)")
     p.add_argument("--window", type=int, default=7, metavar="N", help="frames per window, odd (default 7)")
     p.add_argument("--warmup-frames", type=int, default=150, metavar="F",
                    help="frames of the warm start (default 150, shorter than serve's 300 for a short demo)")
     p.add_argument("--warmup-steps", type=int, default=100, metavar="S",
                    help="training steps of the warm start (default 100; serve's default is 400)")
     p.add_argument("--json", metavar="PATH", help="also write the summary's figures as JSON")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the simulation and the network (default 0)")
+    p.add_argument("--oracle", choices=("reduced", "full", "none"), default="reduced",
+                   help="the Gaussian filters the truth picks per metric, beside which the summary scores the "
+                        "activity, searched after the stream (default reduced: a coarser sigma grid)")
     p.set_defaults(module="umvd_live.demo")
 
 
 def _view(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("view", help="napari viewer: raw beside denoised, live status and controls")
+    p = sub.add_parser("view", help="napari viewer: raw beside denoised, live status and controls",
+                       description="Open napari with the live dock widget, subscribed to a running daemon: "
+                                   "raw beside denoised, status, noise estimate, controls (docs/viewer.md).")
     p.add_argument("--connect", default="tcp://127.0.0.1:5556", help="daemon output endpoint")
     p.add_argument("--control", default="tcp://127.0.0.1:5557", help="daemon control endpoint")
     p.add_argument("--stream", help="stream, or acquisition (group such as cam0), to show first (default: the first seen)")
@@ -215,10 +272,21 @@ def _bench(sub: argparse._SubParsersAction) -> None:
                        description="Run a simulated stream through the daemon in real time and measure "
                                    "fps, latency, skipped frames, training speed, memory and PSNR "
                                    "against the simulation's ground truth.")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(256, 256))
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(256, 256),
+                   help="frame height and width in pixels (default 256 256)")
     p.add_argument("--rate", type=float, default=30.0, metavar="HZ", help="frames per second (default 30)")
-    p.add_argument("--frames", type=int, default=900, metavar="N", help="frames to stream (default 900)")
+    p.add_argument("--frames", type=int, default=None, metavar="N",
+                   help="frames to stream (default 900; with --events, 60 s worth)")
+    p.add_argument("--duration", type=float, default=None, metavar="S",
+                   help="seconds to stream at --rate, instead of --frames")
     p.add_argument("--photons", type=float, default=2.0, help="photons/pixel/frame (default 2)")
+    p.add_argument("--events", metavar="SPEC",
+                   help="a scripted session, binned after each change: 'default' (issue 15: laser x3 at 1/2, "
+                        "stage move 40 px at 2/3, laser x1/3 at 5/6 of the session) or a list such as "
+                        "laser=3@30s,move=40@40s,laser=1/3@50s (times in s or as fractions)")
+    p.add_argument("--oracle", choices=("reduced", "full", "none"), default="reduced",
+                   help="the Gaussian filters the truth picks per metric, beside which the activity is "
+                        "scored, searched after the stream (default reduced: a coarser sigma grid)")
     _engine_args(p)
     p.add_argument("--warmup-steps", type=int, default=None, metavar="S",
                    help="training steps of the warm start before the output goes live "
@@ -247,8 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="umvd-live", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_demo, _denoise, _serve, _acquire, _view, _bench, _keys):
+    for add in (_demo, _denoise, _batch, _serve, _acquire, _view, _bench, _keys):
         add(sub)
+    for command in sub.choices.values():  # every command logs alike (umvd_live.logs)
+        logs.add_argument(command)
     return parser
 
 
@@ -260,6 +330,7 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logs.configure(args.log_level)
     module = tune_process(args.module)
     try:
         return int(module.run(args) or 0)

@@ -42,6 +42,7 @@ from umvd_live.budget import CpuBudget
 from umvd_live.capacity import CapacityMonitor, Plan, plan_inference
 from umvd_live.checkpoint import CheckpointError, load_checkpoint
 from umvd_live.control import ControlError, ControlHandler
+from umvd_live.logs import configure as configure_logs
 from umvd_live.protocol import (
     MAX_PIXELS,
     RAW_SUFFIX,
@@ -106,6 +107,7 @@ class DaemonConfig:
     context: tuple[int, ...] | None = None  # the preset's when None
     warmup_frames: int = 300
     init: str | None = None
+    prior: str = "auto"  # engine.EngineConfig.prior
     seed: int = 0
     record: str | None = None
     output_dir: Path = Path(".")
@@ -136,7 +138,7 @@ class DaemonConfig:
         return cls(
             input_bind=input_bind, input_connect=connect, output=args.output, control=args.control,
             preset=args.preset, device=args.device, window=args.window, context=args.context,
-            warmup_frames=args.warmup_frames, init=args.init, seed=args.seed, record=args.record,
+            warmup_frames=args.warmup_frames, init=args.init, prior=args.prior, seed=args.seed, record=args.record,
             output_dir=Path(args.output_dir), state_dir=Path(args.state_dir) if args.state_dir else None,
             max_streams=args.max_streams, inbox_bytes=int(args.inbox_mb * 2**20),
             status_interval_s=args.status_interval, catchup_s=args.catchup_ms / 1000.0,
@@ -199,7 +201,7 @@ class EngineFactory:
         return StreamDenoiser(EngineConfig(
             preset=config.preset, device=config.device, window=config.window, context=config.context,
             warmup_frames=config.warmup_frames, train_mode="background", seed=config.seed, init=init,
-            max_batch=config.batch, workers=config.workers, precision=config.precision,
+            prior=config.prior, max_batch=config.batch, workers=config.workers, precision=config.precision,
             **extra,
         ), budget=self.budget if self.shared else CpuBudget(config.cpu_budget))
 
@@ -652,7 +654,7 @@ class Daemon:
             "endpoints": self.endpoints,
             "engine": {"preset": cfg.preset, "device": cfg.device, "window": cfg.window,
                        "context": cfg.context, "warmup_frames": cfg.warmup_frames, "warmup_steps": cfg.warmup_steps,
-                       "init": cfg.init},
+                       "init": cfg.init, "prior": cfg.prior},
             "catchup_ms": 1000 * cfg.catchup_s,
             "model_dir": str(cfg.model_dir.resolve()),
             "training_paused": self.training_paused,
@@ -767,7 +769,7 @@ class Daemon:
             stream=stream, preset=getattr(den, "preset", None) or self.config.preset,
             window=self.config.window, weights_sha256=den.weights_hash() if den is not None else None,
             device=str(getattr(den, "device", self.config.device)), source=self.endpoints.get("input"),
-            extra={"context_blocks": ",".join(map(str, spec.context)) or "none"} if spec is not None else {},
+            extra=_engine_provenance(den) if den is not None and spec is not None else {},
         )
 
     def _recording_failed(self, message: str) -> None:
@@ -781,19 +783,20 @@ class Daemon:
 
 
 # ---- command line -------------------------------------------------------------------------------
-def _setup_logging(display: StatusDisplay) -> None:
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+def _setup_logging(display: StatusDisplay, level: str) -> None:
+    """The shared format and levels (`logs.configure`); on a terminal the lines go through the live
+    status display's console instead, so they do not tear its table."""
+    configure_logs(level)
     if display.interactive:
         from rich.logging import RichHandler
 
-        root.addHandler(RichHandler(console=display.console, show_path=False))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
+        root = logging.getLogger()
+        for plain in list(root.handlers):
+            rich = RichHandler(console=display.console, show_path=False)
+            for kept in plain.filters:
+                rich.addFilter(kept)
+            root.removeHandler(plain)
+            root.addHandler(rich)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -809,7 +812,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"umvd-live serve: --init: {exc}", file=sys.stderr)
             return 2
     display = StatusDisplay(interval_s=config.status_interval_s)
-    _setup_logging(display)
+    _setup_logging(display, getattr(args, "log_level", "info"))
     try:
         daemon = Daemon(config, engine_factory(config))
     except (OSError, ValueError) as exc:
@@ -832,3 +835,13 @@ def run(args: argparse.Namespace) -> int:
         daemon.close()
     log.info("exited cleanly")
     return 0
+
+
+def _engine_provenance(den: Any) -> dict[str, str]:
+    """What a recording says of the network that made it: its context blocks and the prior it
+    started on (name and weights sha256)."""
+    extra = {"context_blocks": ",".join(map(str, den.spec.context)) or "none"}
+    prior = getattr(den, "prior", None)
+    if prior is not None:
+        extra.update(prior=prior.name, prior_sha256=prior.sha256)
+    return extra

@@ -7,9 +7,15 @@ Ctrl-C reaches only the demo, which then shuts the daemon down in order), the si
 through `FramePublisher` at ``--rate``, and a subscriber on the daemon's output that scores every
 denoised frame against the simulation's ground truth, matched by ``seq``.
 
-Units: `ServeProcess` (the daemon and its control socket), `QualityTracker` (PSNR by seq),
-`OutputCollector` (the output subscriber), `DemoDisplay` (the live view), `DemoSummary` (figures,
-table, JSON), `run` (the session's order: start, stream, stop, flush, summarise).
+Units: `ServeProcess` (the daemon and its control socket), `QualityTracker` (PSNR by seq, and the
+frames of the session's last `SCORED_MB` for the activity metrics), `OutputCollector` (the output
+subscriber), `DemoDisplay` (the live view), `DemoSummary` (figures, table, JSON), `run` (the
+session's order: start, stream, stop, flush, summarise).
+
+The summary scores the activity as `umvd-live bench` and tools/bench_denoise.py do, with the same
+function (`metrics.activity_report`: whole-movie and active-set PSNR, per-cell trace correlation and
+amplitude slope, beside the raw frames, a 5-frame mean and the Gaussian whose sigma the truth picks
+for each metric), after the stream, over its last live frames.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import zmq
 from rich.console import Console, Group
 from rich.live import Live
@@ -40,8 +47,8 @@ from rich.text import Text
 
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.control_client import ControlClient, DaemonUnavailable
-from umvd_live.adapters.simulation import SimConfig, StreamResult, stream_simulation
-from umvd_live.metrics import psnr
+from umvd_live.adapters.simulation import SimConfig, StreamResult, TwoPhotonSimulator, stream_simulation
+from umvd_live.metrics import REPORT_HEADERS, REPORT_METRICS, SessionFrames, format_score, psnr, report_rows
 from umvd_live.protocol import DENOISED_SUFFIX, ProtocolError, decode_output
 from umvd_live.status import render_lines, render_table
 
@@ -58,6 +65,9 @@ READY = re.compile(r"ready: input=(\S+) output=(\S+) control=(\S+)")
 DAEMON_START_S = 90.0  # importing torch on a loaded machine is slow
 CONTROL_TIMEOUT_S = 10.0
 QUIET_S = 0.3  # after the daemon's exit: the output is done when it has been silent this long
+#: Memory for the frames the activity metrics score (noisy, truth and denoised of the latest
+#: frames): 600 frames (20 s at 30 Hz) of 256², all of a 64² demo.
+SCORED_MB = 384
 
 
 class DemoError(Exception):
@@ -78,6 +88,7 @@ class DemoConfig:
     warmup_steps: int = DEMO_WARMUP_STEPS
     seed: int = 0
     json_path: str | None = None
+    oracle: str = "reduced"  # the activity report's oracle grid (`metrics.ORACLE_GRIDS`, or none)
 
     def __post_init__(self) -> None:
         if not self.duration_s > 0:
@@ -92,7 +103,11 @@ class DemoConfig:
         return cls(duration_s=args.duration, height=args.size[0], width=args.size[1], rate_hz=args.rate,
                    photons=args.photons, preset=args.preset, device=args.device, window=args.window,
                    warmup_frames=args.warmup_frames, warmup_steps=args.warmup_steps, seed=args.seed,
-                   json_path=args.json)
+                   json_path=args.json, oracle=getattr(args, "oracle", "reduced"))
+
+    def scored_frames(self) -> int:
+        """How many of the latest frames the activity metrics keep (`SCORED_MB`)."""
+        return max(1, SCORED_MB * 2**20 // (self.height * self.width * (2 + 4 + 4)))
 
     def sim_config(self) -> SimConfig:
         return SimConfig(height=self.height, width=self.width, rate_hz=self.rate_hz,
@@ -125,9 +140,13 @@ class ServeProcess:
                "--warmup-frames", str(config.warmup_frames), "--warmup-steps", str(config.warmup_steps),
                "--seed", str(config.seed), "--status-interval", "3600"]
         env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        # Its own session or process group, so a Ctrl-C meant for the demo reaches the daemon only
+        # through the demo's orderly stop; preexec_fn exists on POSIX only.
+        own_group = ({"start_new_session": True, "preexec_fn": _end_with_parent} if os.name == "posix"
+                     else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP})
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, start_new_session=True, preexec_fn=_end_with_parent)
+                                         env=env, **own_group)
         self.input = self.output = self.control = ""
         self._ctx = zmq.Context()
         self._control: ControlClient | None = None
@@ -198,8 +217,9 @@ class QualityTracker:
     come (outputs come in seq order), so memory stays at a few frames whatever the duration.
     """
 
-    def __init__(self, tmean_frames: int = TMEAN_FRAMES):
+    def __init__(self, tmean_frames: int = TMEAN_FRAMES, keep_frames: int | None = None):
         self._incoming: queue.SimpleQueue[tuple[int, np.ndarray, np.ndarray]] = queue.SimpleQueue()
+        self.frames = SessionFrames(keep_frames)  # what the activity metrics score, at the end
         self._recent: deque[tuple[int, np.ndarray, np.ndarray]] = deque(maxlen=tmean_frames)
         self._half = tmean_frames // 2
         self.truth: dict[int, np.ndarray] = {}
@@ -219,6 +239,7 @@ class QualityTracker:
             except queue.Empty:
                 return
             self.truth[seq] = clean
+            self.frames.add_input(seq, noisy, clean)
             self.raw[seq] = psnr(noisy, clean)
             self._recent.append((seq, noisy, clean))
             if len(self._recent) == self._recent.maxlen:
@@ -243,6 +264,7 @@ class QualityTracker:
         clean = self.truth.get(seq)
         for old in [s for s in self.truth if s <= seq]:
             del self.truth[old]
+        self.frames.add_output(seq, image, state)
         if state != "live":
             self.warmup_outputs += 1
             return
@@ -457,6 +479,8 @@ class DemoSummary:
     load_average: tuple[float, float, float]
     cpu_count: int
     daemon_pid: int
+    activity: dict[str, Any] | None = None  # `metrics.activity_report` of the last live frames
+    activity_skipped: str | None = None  # why there is none
 
     @property
     def frames_unaccounted(self) -> int:
@@ -527,7 +551,33 @@ def render_summary(s: DemoSummary) -> Table:
     table.add_row("machine load", f"{s.load_average[0]:.2f}",
                   f"load average (1 min; 5 and 15 min: {s.load_average[1]:.2f}, {s.load_average[2]:.2f}) "
                   f"on {s.cpu_count} cores")
+    if s.activity_skipped:
+        table.add_row("activity", "-", f"not scored: {s.activity_skipped}")
     return table
+
+
+def render_activity(activity: dict[str, Any], oracle: str) -> Table:
+    """What users look at (issue 14), as `umvd-live bench` prints it: the calcium transients."""
+    first, last = activity["span"]
+    table = Table(title=f"activity against the truth: frames {first}-{last} ({activity['frames']} scored, "
+                        f"{activity['cells']} cells); oracle Gaussians on the {oracle} grid, searched "
+                        "after the stream", title_justify="left")
+    table.add_column("method", style="bold")
+    for header in REPORT_HEADERS:
+        table.add_column(header, justify="right")
+    for label, scores in report_rows(activity):
+        table.add_row(label, *(format_score(m, scores.get(m)) for m in REPORT_METRICS))
+    return table
+
+
+def score_activity(config: DemoConfig, tracker: QualityTracker) -> tuple[dict[str, Any] | None, str | None]:
+    """(the activity report of the kept frames from the first live one, or None and why)."""
+    sim_config = config.sim_config()
+    footprints = TwoPhotonSimulator(sim_config).footprints()  # the same scene: the same seed
+    try:
+        return tracker.frames.report(footprints, offset=sim_config.offset_adu, oracle=config.oracle), None
+    except ValueError as exc:
+        return None, str(exc)
 
 
 # ---- the session --------------------------------------------------------------------------------
@@ -578,7 +628,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _session(config: DemoConfig, console: Console, log_dir: Path) -> int:
     daemon = ServeProcess(config, log_dir)
-    tracker = QualityTracker()
+    tracker = QualityTracker(keep_frames=config.scored_frames())
     collector: OutputCollector | None = None
     sim: SimulatedAcquisition | None = None
     keep_log = False
@@ -593,8 +643,13 @@ def _session(config: DemoConfig, console: Console, log_dir: Path) -> int:
         sim.start()
         ended_by, streamed_s = _stream(config, console, daemon, collector, tracker, sim)
         final_status = _finish(daemon, collector, tracker, sim)
+        console.print("umvd-live demo: scoring the activity against the truth ...", highlight=False)
+        activity, skipped = score_activity(config, tracker)
         summary = _summarise(config, ended_by, streamed_s, daemon, collector, tracker, sim, final_status)
+        summary.activity, summary.activity_skipped = activity, skipped
         console.print(render_summary(summary))
+        if activity is not None:
+            console.print(render_activity(activity, config.oracle))
         if config.json_path:
             Path(config.json_path).write_text(json.dumps(summary.to_dict(), indent=2))
         return 0 if summary.frames_received else 1
@@ -698,7 +753,7 @@ def _summarise(config: DemoConfig, ended_by: str, streamed_s: float, daemon: Ser
         training_steps_per_s=None if steps_per_s is None else round(float(steps_per_s), 2),
         live_frames_scored=int(quality["frames"]), psnr_raw_db=quality["raw_db"],
         psnr_tmean_db=quality["tmean_db"], psnr_denoised_db=quality["denoised_db"],
-        load_average=tuple(round(x, 2) for x in os.getloadavg()),  # type: ignore[arg-type]
+        load_average=tuple(round(x, 2) for x in psutil.getloadavg()),  # type: ignore[arg-type]  # portable
         cpu_count=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
         daemon_pid=daemon.pid,
     )

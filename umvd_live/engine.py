@@ -3,8 +3,11 @@
 Data flow: a pushed frame is sanitised and normalised, its G features are computed once and
 cached in the sliding window, it joins the frame history whose block means are the network's
 long-range context (`window.FrameHistory`), and it joins the trainer's replay buffer. The output for frame t is
-ready when frame t + N//2 has arrived; `flush` ends the stream and emits the rest. Until the warm
-start is done, outputs are a temporal mean, marked `warmup`. `push_many` takes several waiting
+ready when frame t + N//2 has arrived; `flush` ends the stream and emits the rest. A stream
+starts on a shipped prior (`priors`); until the warm start is done, `BlindReferee` shows the
+network's output only while it beats the window's temporal mean (else that mean, marked `warmup`).
+Each frame is first tested for an abrupt change of the acquisition (`changes`): a frame that
+starts a new segment is treated like a stream's first frame (`_begin_segment`). `push_many` takes several waiting
 frames at once and denoises their windows in batched forward passes (`max_batch`), for a GPU,
 and runs passes side by side on worker threads (`workers`), for a CPU whose trainer rests
 between its steps.
@@ -32,15 +35,19 @@ import numpy as np
 import torch
 
 from umvd_live.budget import CpuBudget, CpuShare, cpu_cores
+from umvd_live.changes import Change, ChangeConfig, ChangeDetector
 from umvd_live.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_hash
 from umvd_live.model import PRESETS, ModelSpec, UMVDNet, resolve_preset
 from umvd_live.normalization import Normalizer, sanitize
+from umvd_live.priors import Prior, find_prior
 from umvd_live.trainer import OnlineTrainer, ReplayBuffer, TrainerConfig
 from umvd_live.window import FrameHistory, SlidingWindow, block_means, context_blocks, window_indices
 
 log = logging.getLogger(__name__)
 
-State = Literal["warmup", "live"]
+#: warmup: a temporal mean until the warm start is done; live: the network's; adapting: the
+#: network's, within `adapt_frames` of an abrupt change (`changes`) while it catches up.
+State = Literal["warmup", "live", "adapting"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,12 @@ class EngineConfig:
     sync_every: int = 8  # trainer steps between publications of new inference weights
     live_train_duty: float = 0.3  # background mode, once live: the trainer's share of its core
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    changes: ChangeConfig = field(default_factory=ChangeConfig)  # abrupt changes of the acquisition
+    adapt_frames: int = 90  # after a change: frames marked `adapting`, trained on harder (3 s at 30 Hz)
+    adapt_train_duty: float = 0.6  # background mode: the trainer's share of its core while adapting
     init: str | None = None  # weights from an earlier session: skips the warm start
+    prior: str = "auto"  # auto: the shipped prior for the network (`priors`), none, or a model file; init wins
+    probe_from_steps: int = 50  # from scratch: the network's output is judged against the mean from this step on
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the hardware has it (`uses_bf16`)
     cpu_threads: int | None = None  # torch threads on CPU; None: the CPU budget's share (`budget.divide`)
     max_batch: int | None = None  # windows (and frames through G) per forward pass; None: `default_batch`
@@ -71,6 +83,7 @@ class DenoisedFrame:
     image: np.ndarray | None  # float32 (H, W) in the input's units; None if inference was skipped
     state: State
     model_step: int  # training steps the weights that produced it had seen
+    segment: int = 0  # abrupt changes (`changes`) before this frame in the stream
 
 
 #: Windows per forward pass on a GPU, by default. On a CPU one window at a time: from 256² on, a
@@ -160,11 +173,69 @@ class _OutputBatch:
 
     outputs: list[DenoisedFrame | None] = field(default_factory=list)
     windows: list[_Window] = field(default_factory=list)
+    probes: dict[int, "Probe"] = field(default_factory=dict)  # by slot: outputs the referee judges
 
-    def wait(self, t: int, features: list[torch.Tensor], context: torch.Tensor | None) -> None:
+    def wait(self, t: int, features: list[torch.Tensor], context: torch.Tensor | None,
+             probe: "Probe | None" = None) -> None:
         """Frame t's output, to be denoised from its window by `StreamDenoiser._finish`."""
+        if probe is not None:
+            self.probes[len(self.outputs)] = probe
         self.windows.append((len(self.outputs), t, features, context))
         self.outputs.append(None)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the referee needs of frame t's window (normalised, (C, H, W)): the noisy centre, the
+    mean of its neighbours (a blind estimate, as the network's is) and the mean of the whole window
+    (the fallback output)."""
+
+    centre: torch.Tensor
+    neighbours: torch.Tensor
+    window: torch.Tensor
+
+    @classmethod
+    def of(cls, frames: torch.Tensor, k: int) -> "Probe":
+        """From (N, C, H, W) window frames whose centre is at position k."""
+        total = frames.float().sum(0)
+        centre = frames[k].float()
+        n = len(frames)
+        return cls(centre, (total - centre) / (n - 1), total / n)
+
+
+class BlindReferee:
+    """Whether the network's output beats the temporal mean on this stream, told without truth.
+
+    Both are blind to frame t: its noise is independent of them, so the mean squared distance of
+    either to the noisy frame t is its distance to the truth plus the same noise variance, and the
+    smaller one is the better estimate (docs/engine.md). The referee keeps a short running mean of
+    both and trusts the network while its is smaller: a prior or a young model is used from the
+    first frame it beats the mean, and one that is worse than the mean, on data unlike its
+    training or after a change, is not shown."""
+
+    def __init__(self, memory: float = 0.7):
+        self.memory = memory
+        self.network: float | None = None
+        self.mean: float | None = None
+        self.judged = 0
+
+    @property
+    def trusted(self) -> bool:
+        return self.network is not None and self.network < self.mean
+
+    def judge(self, network: float, mean: float) -> bool:
+        """Score one frame's pair of squared distances; returns whether the network is trusted now."""
+        m = self.memory
+        self.network = network if self.network is None else m * self.network + (1 - m) * network
+        self.mean = mean if self.mean is None else m * self.mean + (1 - m) * mean
+        self.judged += 1
+        return self.trusted
+
+    def reset(self) -> None:
+        self.network = self.mean = None
+
+    def to_dict(self) -> dict:
+        return {"trusted": self.trusted, "judged": self.judged, "network_mse": self.network, "mean_mse": self.mean}
 
 
 def _batched(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -216,11 +287,29 @@ class StreamDenoiser:
         self._thread: threading.Thread | None = None
         self._train_started: float | None = None
         self.start_hash: str | None = None
+        self.prior: Prior | None = None  # the shipped or given weights the stream started on
+        self.referee = BlindReferee()  # network or temporal mean, while the network is unproven
+        self._detector = ChangeDetector(self.config.changes)
+        self.changes: list[Change] = []  # the abrupt changes seen, each starting a segment
+        self.segment = 0  # the current segment: len(changes)
+        self._segment_start = 0  # index of its first frame
 
     # -- public state -------------------------------------------------------------------------
     @property
     def state(self) -> State:
-        return "live" if self._live else "warmup"
+        if not self._shows_network():
+            return "adapting" if self.adapting else "warmup"
+        return "adapting" if self.adapting else "live"
+
+    def _probing(self) -> bool:
+        """Whether the referee judges the network now: before the warm start is done (if there is a
+        prior, or enough steps to hope) and while adapting to a change."""
+        if self._net is None or (self._live and not self.adapting):
+            return False
+        return self._live or self.prior is not None or self._net_step >= self.config.probe_from_steps
+
+    def _shows_network(self) -> bool:
+        return self.referee.trusted if self._probing() else self._live
 
     @property
     def model_step(self) -> int:
@@ -238,6 +327,11 @@ class StreamDenoiser:
         frames = min(self.frames_in / max(c.warmup_frames, 1), 1.0)
         steps = min(self.model_step / max(c.warmup_steps, 1), 1.0)
         return 0.5 * (frames + steps)
+
+    @property
+    def adapting(self) -> bool:
+        """Within `adapt_frames` of the last change: the model is catching up, trained harder."""
+        return self.segment > 0 and self.frames_in < self._segment_start + self.config.adapt_frames
 
     @property
     def training_paused(self) -> bool:
@@ -269,6 +363,11 @@ class StreamDenoiser:
             "rollbacks": t.rollbacks if t else 0,
             "training_paused": self._paused,
             "warmup_progress": self.warmup_progress,
+            "prior": self.prior.to_dict() if self.prior else None,
+            "referee": self.referee.to_dict(),
+            "segment": self.segment,
+            "adapting": self.adapting,
+            "changes": [change.to_dict() for change in self.changes[-8:]],
             "cpu_share": self._share().to_dict() if self.device.type == "cpu" else None,
         }
 
@@ -322,6 +421,10 @@ class StreamDenoiser:
             spec = PRESETS[preset](self.config.window)
             if self.config.context is not None:
                 spec = replace(spec, context=tuple(self.config.context))
+            self.prior = find_prior(self.config.prior, preset, spec)
+            if self.prior is not None:
+                state_dict = self.prior.state_dict
+                log.info("starting on the prior %s (%s)", self.prior.name, self.prior.sha256[:12])
         self.preset, self.spec = preset, spec
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # a stream's shapes are fixed: pick the fastest kernels once
@@ -346,6 +449,7 @@ class StreamDenoiser:
             log.info("loaded %s (step %d): warm start skipped", self.config.init, self.trainer.steps)
         self.start_hash = weights_hash(train_net.state_dict())
         self.normalizer = Normalizer.fit(frame)
+        self._normalizers = [self.normalizer]  # each segment's, by segment
         if self.workers > 1:
             self._pool = ThreadPoolExecutor(self.workers, "umvd-infer", initializer=self._set_threads)
         self._prepare_kernels()
@@ -382,25 +486,64 @@ class StreamDenoiser:
         self._adopt_published_weights()
         self._update_state()
         cleaned = [sanitize(frame) for frame in frames]
+        # Tested before normalising; a frame that had NaN/Inf pixels is no evidence of a change
+        # (a frame of none, sanitised to a constant, would look like the laser turned off).
+        starts = [self._detector.observe(clean) if clean_ok else None for clean, clean_ok in cleaned]
+        bounds = [i for i, change in enumerate(starts) if change is not None and i > 0] + [len(frames)]
+        outputs: list[DenoisedFrame] = []
+        batch = _OutputBatch()
+        begin = 0
+        for end in bounds:
+            if starts[begin] is not None:
+                outputs += self._finish(batch)  # the old segment's, under its own normaliser
+                batch = _OutputBatch()
+                outputs += self._begin_segment(starts[begin], cleaned[begin][0])
+            self._append(cleaned[begin:end], flags[begin:end], batch)
+            begin = end
+        outputs += self._finish(batch)
+        if self.config.train_mode == "inline":
+            for _ in frames:
+                self._train_inline()
+        self._update_state()
+        return outputs
+
+    def _append(self, cleaned: list[tuple[np.ndarray, bool]], flags: list[bool], batch: _OutputBatch) -> None:
+        """Add frames of one segment: their G features as one batch, then each to the window, the
+        history and the replay buffer, producing the outputs that become ready into ``batch``."""
         host = torch.stack([torch.from_numpy(self.normalizer.forward(clean)) for clean, _ in cleaned])[:, None]
         xs = host.to(self.device)  # (B, 1, H, W); the replay buffer keeps the host copy
         with torch.inference_mode():
             feats = [f for chunk in xs.split(self.max_batch) for f in self._features(chunk)]
-        batch = _OutputBatch()
         for x, x_host, f, (_, trainable), wanted in zip(xs, host, feats, cleaned, flags):
             index = self.frames_in
             self._window.append(index, x, f)
             self._history.append(index, x)
             if trainable:
-                self._replay.add(index, x_host)
+                self._replay.add(index, x_host, self.segment)
             self.frames_in += 1
-            if index >= self.k:
+            if index >= self._segment_start + self.k:
                 self._produce(index - self.k, wanted, batch)
+
+    def _begin_segment(self, change: Change, frame: np.ndarray) -> list[DenoisedFrame]:
+        """Frame `frames_in` starts a new segment (`changes`): the old segment's last outputs are
+        made from its own frames, mirrored at its end as at a stream's end; then the window and
+        the context history start again, as at a stream's start, and the normaliser is fitted
+        again to the new frame, so the network sees the new scene in the range it knows."""
+        change = replace(change, index=self.frames_in)
+        batch = _OutputBatch()
+        for t in range(self.frames_out, self.frames_in):
+            self._produce(t, True, batch)
         outputs = self._finish(batch)
-        if self.config.train_mode == "inline":
-            for _ in frames:
-                self._train_inline()
-        self._update_state()
+        self._window.clear()
+        self._history.clear()
+        self.referee.reset()
+        self.normalizer = Normalizer.fit(frame)
+        self._normalizers.append(self.normalizer)
+        self.changes.append(change)
+        self.segment += 1
+        self._segment_start = change.index
+        log.info("frame %d: %s change (level x%.2f, correlation %.2f): a new segment", change.index,
+                 change.reason, change.level_ratio, change.correlation)
         return outputs
 
     def _check(self, frame: np.ndarray) -> np.ndarray:
@@ -426,7 +569,7 @@ class StreamDenoiser:
             return []
         self._adopt_published_weights()
         batch = _OutputBatch()
-        for t in range(max(self.frames_in - self.k, 0), self.frames_in):
+        for t in range(self.frames_out, self.frames_in):
             self._produce(t, True, batch)
         self._ended = True
         return self._finish(batch)
@@ -468,24 +611,34 @@ class StreamDenoiser:
         """Add frame t's output to `batch`: a live window's feature maps are taken now, while the
         window still holds t's neighbours, and denoised with the others of the batch by `_finish`."""
         self.frames_out += 1
-        state: State = self.state
+        state: State = "live" if self._shows_network() else "warmup"
         image = None
         if infer:
             if len(self._window) < 2:
                 # A single frame cannot be denoised blind: pass it through, marked as warm-up.
                 state = "warmup"
                 image = self.normalizer.inverse(self._window.frames(t)[0, 0].float().cpu().numpy())
+            elif self._probing():
+                batch.wait(t, self._window.features(t), self._context(t), Probe.of(self._window.frames(t), self.k))
+                return
             elif self._live:
                 batch.wait(t, self._window.features(t), self._context(t))
                 return
             else:
                 image = self.normalizer.inverse(self._window.frames(t).mean(0)[0].float().cpu().numpy())
-        batch.outputs.append(DenoisedFrame(index=t, image=image, state=state, model_step=self._net_step))
+        if self._adapting_at(t):
+            state = "adapting"
+        batch.outputs.append(DenoisedFrame(index=t, image=image, state=state, model_step=self._net_step,
+                                           segment=self.segment))
 
-    def _finish(self, batch: _OutputBatch) -> list[DenoisedFrame]:
+    def _adapting_at(self, t: int) -> bool:
+        return self.segment > 0 and t < self._segment_start + self.config.adapt_frames
+
+    def _finish(self, batch: _OutputBatch, normalizer: Normalizer | None = None) -> list[DenoisedFrame]:
         """Denoise the batch's windows, `max_batch` per forward pass and `workers` passes
-        at once; return its outputs."""
+        at once, into the units of ``normalizer`` (default: the current segment's); return its outputs."""
         outputs = batch.outputs
+        normalizer = normalizer or self.normalizer
         step = self.max_batch
         chunks = [batch.windows[start:start + step] for start in range(0, len(batch.windows), step)]
         if self._pool is not None and len(chunks) > 1:
@@ -494,17 +647,31 @@ class StreamDenoiser:
             results = [self._denoise_chunk(chunk) for chunk in chunks]
         for chunk, images in zip(chunks, results):
             for (slot, t, _, _), image in zip(chunk, images):
-                outputs[slot] = DenoisedFrame(index=t, image=image, state="live", model_step=self._net_step)
+                state: State = "live"
+                probe = batch.probes.get(slot)
+                if probe is not None and not self._judge(image, probe):
+                    image, state = probe.window[0].cpu().numpy(), "warmup"  # the mean: the network lost
+                state = "adapting" if self._adapting_at(t) else state
+                outputs[slot] = DenoisedFrame(index=t, image=normalizer.inverse(image), state=state,
+                                              model_step=self._net_step, segment=self.segment)
         return outputs  # type: ignore[return-value]  # every slot is filled now
 
+    def _judge(self, image: np.ndarray, probe: Probe) -> bool:
+        """Whether frame t gets the network's output (normalised ``image``): the referee scores it
+        and the neighbours' mean against the noisy centre (`BlindReferee`)."""
+        centre = probe.centre[0].cpu().numpy()
+        network = float(np.mean(np.square(image - centre)))
+        mean = float(np.mean(np.square(probe.neighbours[0].cpu().numpy() - centre)))
+        return self.referee.judge(network, mean)
+
     def _denoise_chunk(self, chunk: list[_Window]) -> np.ndarray:
-        """One forward pass of D over windows -> (B, H, W) images in the input's units.
+        """One forward pass of D over windows -> (B, H, W) normalised images.
         Runs on a worker thread too: inference mode and autocast are per thread, so both are set here."""
         context = _batched([c for *_, c in chunk]) if self.spec.context else None
         feats = [_batched([w[i] for _, _, w, _ in chunk]) for i in range(self.spec.window)]
         with torch.inference_mode():
             y = self._denoise(feats, context)
-        return self.normalizer.inverse(y[:, 0].float().cpu().numpy())
+        return y[:, 0].float().cpu().numpy()
 
     def _context(self, t: int) -> torch.Tensor | None:
         """The means of the context blocks of the window centred on t, if the network takes them."""
@@ -528,7 +695,7 @@ class StreamDenoiser:
             if self._train_started is None:
                 self._train_started = time.monotonic()
             for _ in range(n):
-                if self.trainer.step(self._replay) is not None:
+                if self.trainer.step(self._replay, self.segment if self.adapting else None) is not None:
                     done += 1
                 if self.trainer.steps % self.config.sync_every == 0:
                     self._publish_weights()
@@ -544,7 +711,7 @@ class StreamDenoiser:
             self._publish_weights()
             self._adopt_published_weights()
             return
-        self._step_credit += c.steps_per_frame
+        self._step_credit += c.steps_per_frame * (2.0 if self.adapting else 1.0)
         n = int(self._step_credit)
         self._step_credit -= n
         if n:
@@ -567,6 +734,8 @@ class StreamDenoiser:
                 if shared:
                     self.budget.release(self._member)
             duty = self._share().train_duty if shared else self.config.live_train_duty
+            if self.adapting:  # catch up with a change: a larger share for a few seconds
+                duty = max(duty, min(1.0, duty * self.config.adapt_train_duty / self.config.live_train_duty))
             if done == 0:
                 self._stop.wait(0.005)
             elif self._live and duty < 1.0:
@@ -625,11 +794,25 @@ class StreamDenoiser:
         self._live = True
 
     def denoise_frames(self, movie: np.ndarray, indices: list[int]) -> list[DenoisedFrame]:
-        """Denoise frames of an in-memory movie with the current weights (same edge rule)."""
+        """Denoise frames of an in-memory movie with the current weights (same edge rule). A
+        movie pushed through this engine keeps its segments (`changes`): each frame's window and
+        context stay within its segment, in that segment's units."""
         if self._net is None:
             raise RuntimeError("no model yet: push frames or pretrain first")
         self._adopt_published_weights()
-        last = len(movie) - 1
+        starts = [0] + [change.index for change in self.changes]
+        ends = starts[1:] + [len(movie)]
+        out: list[DenoisedFrame] = []
+        for segment, (first, end) in enumerate(zip(starts, ends)):
+            chunk = [t for t in indices if first <= t < end]
+            if chunk:
+                out += self._denoise_segment(movie, chunk, first, end - 1, segment)
+        order = {t: i for i, t in enumerate(indices)}
+        return sorted(out, key=lambda o: order[o.index])
+
+    def _denoise_segment(self, movie: np.ndarray, indices: list[int], first: int, last: int,
+                         segment: int) -> list[DenoisedFrame]:
+        normalizer = self._normalizers[segment]
         spans = self.spec.context
         reach = self.k + sum(spans)
         frames: dict[int, torch.Tensor] = {}  # normalised frames near the current t
@@ -637,7 +820,7 @@ class StreamDenoiser:
 
         def frame(i: int) -> torch.Tensor:
             if i not in frames:
-                frames[i] = torch.from_numpy(self.normalizer.forward(sanitize(movie[i])[0])).to(self.device)[None]
+                frames[i] = torch.from_numpy(normalizer.forward(sanitize(movie[i])[0])).to(self.device)[None]
             return frames[i]
 
         out: list[DenoisedFrame] = []
@@ -646,15 +829,15 @@ class StreamDenoiser:
             chunk = indices[start:start + self.max_batch]
             with torch.inference_mode():
                 for t in chunk:
-                    idx = window_indices(t, 0, last, self.k)
+                    idx = window_indices(t, first, last, self.k)
                     for i in idx:
                         if i not in feats:
                             feats[i] = self._features(frame(i)[None])[0]
                     context = None
                     if spans:
-                        context = block_means(context_blocks(t, self.k, spans, lambda j: 0 <= j <= last), frame)[None]
+                        context = block_means(context_blocks(t, self.k, spans, lambda j: first <= j <= last), frame)[None]
                     batch.wait(t, [feats[i][None] for i in idx], context)
-            out += self._finish(batch)
+            out += [replace(o, segment=segment, state="live") for o in self._finish(batch, normalizer)]
             # What no later window needs can go (indices usually come in order; an evicted
             # frame that is needed again is simply recomputed).
             for cache, keep in ((feats, self.k), (frames, reach)):

@@ -21,8 +21,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from umvd_live.checkpoint import CheckpointError
 from umvd_live.engine import DenoisedFrame, EngineConfig, StreamDenoiser
-from umvd_live.movie import MovieError, read_movie
+from umvd_live.movie import MovieError, read_movie, read_movie_metadata
 from umvd_live.recordfile import FrameInfo, Provenance, write_movie
+from umvd_live.zarrfile import is_zarr_path, write_zarr_movie
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,11 @@ log = logging.getLogger(__name__)
 #: every window's worth of 64x64 patches of a 128x128 movie.
 OFFLINE_STEPS_PER_FRAME = 5
 OFFLINE_STEPS_MIN, OFFLINE_STEPS_MAX = 1000, 6000
+
+
+def default_offline_steps(t_frames: int) -> int:
+    """`--offline`'s pre-training steps for a movie of ``t_frames`` frames."""
+    return int(np.clip(OFFLINE_STEPS_PER_FRAME * t_frames, OFFLINE_STEPS_MIN, OFFLINE_STEPS_MAX))
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,7 @@ def denoise_movie(
     start = time.monotonic()
     with _progress(console) as progress:
         if offline:
-            steps = offline_steps or int(np.clip(OFFLINE_STEPS_PER_FRAME * t_frames, OFFLINE_STEPS_MIN, OFFLINE_STEPS_MAX))
+            steps = offline_steps or default_offline_steps(t_frames)
             task = progress.add_task("training", total=steps, info="")
             engine.pretrain(
                 movie, steps, lambda done, loss: progress.update(task, completed=done, info=f"loss {loss or 0:.4f}")
@@ -95,6 +101,52 @@ def denoise_movie(
     return DenoiseResult(frames=frames, outputs=final, seconds=time.monotonic() - start, engine=engine)
 
 
+def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig:
+    """`denoise`'s engine options as a config; `umvd-live batch` takes the same options."""
+    config = EngineConfig(
+        preset=args.preset,
+        device=args.device,
+        window=args.window,
+        context=args.context,
+        warmup_frames=args.warmup_frames,
+        init=args.init,
+        prior=args.prior,
+        seed=args.seed,
+        max_batch=args.batch, workers=args.workers,
+        precision=args.precision,
+        steps_per_frame=args.steps_per_frame,
+        cpu_threads=args.threads,
+    )
+    if args.warmup_steps is not None:
+        config = replace(config, warmup_steps=args.warmup_steps)
+    return replace(config, **overrides)
+
+
+def denoise_provenance(engine: StreamDenoiser, source: str | Path, *, offline: bool,
+                       **extra: object) -> Provenance:
+    """What an output of `denoise` (or of `batch`, with its ``extra``) says about how it was made."""
+    return Provenance(
+        stream=Path(source).stem, preset=engine.preset, window=engine.config.window,
+        weights_sha256=engine.start_hash, device=str(engine.device), source=str(source),
+        extra={"mode": "offline" if offline else "streamed", "final_model_step": engine.model_step,
+               "context_blocks": ",".join(map(str, engine.spec.context)) or "none",
+               "changes": ",".join(f"{c.index}:{c.reason}" for c in engine.changes) or "none",
+               **({"prior": engine.prior.name, "prior_sha256": engine.prior.sha256} if engine.prior else {}),
+               **extra},
+    )
+
+
+def write_denoised(output: str | Path, source: str | Path, frames: np.ndarray, outputs: list[DenoisedFrame],
+                   provenance: Provenance) -> None:
+    """Write a denoised movie with one frame record per output; raises OSError, ValueError or
+    RuntimeError (the zarr extra is missing)."""
+    # the input's pixel size, interval, channel and start, as a replay of it would send them
+    meta = read_movie_metadata(source)
+    infos = (FrameInfo(seq=o.index, state=o.state, model_step=o.model_step, meta=meta) for o in outputs)
+    # the output's extension picks the format: an OME-Zarr store or (default) an OME-TIFF
+    (write_zarr_movie if is_zarr_path(output) else write_movie)(output, frames, infos, provenance)
+
+
 def _fail(message: str) -> int:
     print(f"umvd-live denoise: error: {message}", file=sys.stderr)  # one line, never wrapped
     return 2
@@ -108,33 +160,16 @@ def run(args: argparse.Namespace) -> int:
         movie = read_movie(args.input)
     except MovieError as exc:
         return _fail(str(exc))
-    config = EngineConfig(
-        preset=args.preset,
-        device=args.device,
-        window=args.window,
-        context=args.context,
-        warmup_frames=args.warmup_frames,
-        init=args.init,
-        seed=args.seed,
-        max_batch=args.batch, workers=args.workers,
-        precision=args.precision,
-        steps_per_frame=args.steps_per_frame,
-    )
+    config = engine_config(args)
     try:
         result = denoise_movie(movie, config, offline=args.offline, console=err)
     except (CheckpointError, ValueError, RuntimeError) as exc:
         return _fail(str(exc))
     engine = result.engine
-    provenance = Provenance(
-        stream=Path(args.input).stem, preset=engine.preset, window=engine.config.window,
-        weights_sha256=engine.start_hash, device=str(engine.device), source=str(args.input),
-        extra={"mode": "offline" if args.offline else "streamed", "final_model_step": engine.model_step,
-               "context_blocks": ",".join(map(str, engine.spec.context)) or "none"},
-    )
-    infos = (FrameInfo(seq=o.index, state=o.state, model_step=o.model_step) for o in result.outputs)
     try:
-        write_movie(args.output, result.frames, infos, provenance)
-    except (OSError, ValueError) as exc:
+        write_denoised(args.output, args.input, result.frames, result.outputs,
+                       denoise_provenance(engine, args.input, offline=args.offline))
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: the zarr extra is missing
         return _fail(f"cannot write {args.output}: {exc}")
     if args.save_model:
         engine.save_weights(args.save_model)
@@ -147,7 +182,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
     from umvd_live.cli import main
 
     sys.exit(main(["denoise", *sys.argv[1:]]))

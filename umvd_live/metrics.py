@@ -17,7 +17,10 @@ there. The figures here therefore also score the activity (issue 14):
   their cross-correlation);
 * ``score_movie``/``MovieScorer``: all of them for one movie;
 * ``oracle_gaussians``: the 3-D Gaussian filters whose sigma the ground truth picks, *separately
-  for each metric* (sigma_t up to 32 frames): an oracle no user could tune without clean data.
+  for each metric* (sigma_t up to 32 frames): an oracle no user could tune without clean data;
+* ``activity_report``: all of it for one estimate beside the raw frames, a 5-frame mean and the
+  oracles: the one quality report of `umvd-live bench`, `umvd-live demo` and
+  tools/bench_denoise.py; ``SessionFrames`` keeps what it needs of a live session, by seq.
 
 Cells are scored if their truth trace rises at least ``min_dff`` (10 %) above its median, in dF/F
 over the dark level ``offset`` (pass the camera offset: with 0 the dF/F is underestimated and
@@ -38,6 +41,13 @@ from skimage.metrics import peak_signal_noise_ratio
 #: The oracle's grid: sigma_t in frames (up to 32, issue 14), sigma_xy in pixels.
 SIGMAS_T: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
 SIGMAS_XY: tuple[float, ...] = (0.0, 0.5, 0.75, 1.0, 1.2, 1.5, 2.0, 2.5)
+#: A coarser grid for live sessions, whose oracle runs after the stream on its scored frames: 40
+#: filters instead of 104, without the sigmas the full grid never picked on the simulator (sigma_t
+#: 0.5, 1.5, 12; sigma_xy above 1: docs/benchmarks.md has the comparison).
+SIGMAS_T_REDUCED: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 24.0, 32.0)
+SIGMAS_XY_REDUCED: tuple[float, ...] = (0.0, 0.5, 0.75, 1.0)
+ORACLE_GRIDS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "full": (SIGMAS_T, SIGMAS_XY), "reduced": (SIGMAS_T_REDUCED, SIGMAS_XY_REDUCED)}
 #: The metrics the oracle maximises, each with its own sigma.
 ORACLE_METRICS: tuple[str, ...] = ("psnr", "active_psnr", "trace_corr")
 ACTIVE_THRESHOLD = 0.1
@@ -378,3 +388,167 @@ def best_gaussian(
         if score > best[2]:
             best = (filtered, (st, sxy), score)
     return best
+
+
+# ------------------------------------------------------------------------------------ reports
+
+#: The rows of an activity report, in order (`activity_report`).
+RAW, TMEAN, DENOISED = "raw", "temporal mean, 5 frames", "denoised"
+#: Fewest scored frames an activity report is made of: below it, medians and traces mean little.
+MIN_REPORT_FRAMES = 30
+
+
+def activity_report(
+    noisy: np.ndarray,
+    truth: np.ndarray,
+    estimate: np.ndarray,
+    footprints: Any,
+    *,
+    offset: float = 0.0,
+    scored: np.ndarray | None = None,
+    oracle: str = "reduced",
+) -> dict[str, Any]:
+    """Every activity metric of ``estimate`` beside the raw frames, a 5-frame temporal mean and
+    the oracle Gaussians (one per metric, on ``ORACLE_GRIDS[oracle]``; ``"none"``: no oracle).
+
+    ``noisy``, ``truth`` and ``estimate`` are (T, H, W) over a contiguous span of frames;
+    ``scored`` (T,) selects the frames that have an estimate (a live stream skips some): the
+    baselines filter the whole span, as an offline filter would, and every row is scored on the
+    same selected frames. Returns ``{"frames", "cells", "active_fraction", "rows": {RAW, TMEAN,
+    DENOISED: scores}, "oracle": {"grid", "sigmas_t", "sigmas_xy", "best": {metric: {"sigma_t",
+    "sigma_xy", **scores}}} or None, "seconds"}``; raises ValueError when the scored truth has no
+    activity or too few frames.
+    """
+    import time
+
+    started = time.perf_counter()
+    if oracle != "none" and oracle not in ORACLE_GRIDS:
+        raise ValueError(f"oracle grid must be none or one of {sorted(ORACLE_GRIDS)}, got {oracle!r}")
+    noisy = np.asarray(noisy)
+    truth = np.asarray(truth)
+    if not noisy.shape == truth.shape == np.shape(estimate):
+        raise ValueError(f"noisy {noisy.shape}, truth {truth.shape} and estimate {np.shape(estimate)} differ")
+    scored = np.ones(len(truth), bool) if scored is None else np.asarray(scored, bool)
+    if scored.shape != (len(truth),):
+        raise ValueError(f"scored must be one flag per frame ({len(truth)}), got shape {scored.shape}")
+    if scored.sum() < MIN_REPORT_FRAMES:
+        raise ValueError(f"{int(scored.sum())} scored frames: an activity report needs {MIN_REPORT_FRAMES}")
+    every = bool(scored.all())
+
+    def pick(movie: np.ndarray) -> np.ndarray:
+        return movie if every else movie[scored]
+
+    scorer = MovieScorer(pick(truth), footprints, offset=offset)
+    rows = {RAW: scorer.score(pick(noisy)), TMEAN: scorer.score(pick(temporal_mean(noisy, 5))),
+            DENOISED: scorer.score(pick(np.asarray(estimate)))}
+    found = None
+    if oracle != "none":
+        sigmas_t, sigmas_xy = ORACLE_GRIDS[oracle]
+        best = _oracle_on(noisy, scored, scorer, sigmas_t, sigmas_xy)
+        found = {"grid": oracle, "sigmas_t": list(sigmas_t), "sigmas_xy": list(sigmas_xy),
+                 "best": {m: {"sigma_t": o.sigma_t, "sigma_xy": o.sigma_xy, **o.scores} for m, o in best.items()}}
+    first = rows[RAW]
+    return {"frames": int(scored.sum()), "cells": first.get("cells"), "active_fraction": first["active_fraction"],
+            "rows": rows, "oracle": found, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _oracle_on(noisy: np.ndarray, scored: np.ndarray, scorer: MovieScorer, sigmas_t: tuple[float, ...],
+               sigmas_xy: tuple[float, ...]) -> dict[str, Oracle]:
+    """``oracle_gaussians`` filtering the whole span and scoring the selected frames."""
+    if scored.all():
+        return oracle_gaussians(noisy, scorer.truth, scorer=scorer, sigmas_t=sigmas_t, sigmas_xy=sigmas_xy).best
+    metrics = [m for m in ORACLE_METRICS if m != "trace_corr" or scorer.traces is not None]
+    best: dict[str, Oracle] = {}
+    for st in sigmas_t:
+        temporal = gaussian_3d(noisy, st, 0.0)[scored]
+        for sxy in sigmas_xy:
+            scores = scorer.score(gaussian_3d(temporal, 0.0, sxy))
+            for m in metrics:
+                if np.isfinite(scores[m]) and (m not in best or scores[m] > best[m].scores[m]):
+                    best[m] = Oracle(m, st, sxy, scores)
+    return best
+
+
+class SessionFrames:
+    """What a live session's activity report needs, by seq: each input's noisy frame and truth,
+    each output's image and state. Arrays are kept by reference (no copy). With ``max_frames``
+    only the latest inputs and outputs are kept, so memory stays bounded on a long session."""
+
+    def __init__(self, max_frames: int | None = None):
+        if max_frames is not None and max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        self.max_frames = max_frames
+        self.inputs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.outputs: dict[int, tuple[np.ndarray, str]] = {}
+
+    def add_input(self, seq: int, noisy: np.ndarray, truth: np.ndarray) -> None:
+        self.inputs[seq] = (noisy, truth)
+        self._bound(self.inputs)
+
+    def add_output(self, seq: int, image: np.ndarray, state: str) -> None:
+        self.outputs[seq] = (image, state)
+        self._bound(self.outputs)
+
+    def _bound(self, frames: dict) -> None:
+        if self.max_frames is not None:
+            while len(frames) > self.max_frames:
+                del frames[next(iter(frames))]  # dicts keep insertion order: the oldest first
+
+    def first_seq(self, state: str) -> int | None:
+        """The first kept output in ``state``."""
+        return min((seq for seq, (_, st) in self.outputs.items() if st == state), default=None)
+
+    def report(self, footprints: Any, *, offset: float = 0.0, oracle: str = "reduced",
+               start: int | None = None, stop: int | None = None) -> dict[str, Any]:
+        """`activity_report` over the kept inputs in [``start``, ``stop``) (default: from the first
+        live output to the last input), each output in it scored whatever its state (the frames a
+        user saw). The span must be contiguous in the inputs; adds ``"span": [first, last]`` seqs."""
+        if start is None:
+            start = self.first_seq("live")
+            if start is None:
+                raise ValueError("no live output to score")
+        seqs = sorted(seq for seq in self.inputs if seq >= start and (stop is None or seq < stop))
+        if not seqs:
+            raise ValueError("no frames to score")
+        if seqs[-1] - seqs[0] + 1 != len(seqs):
+            raise ValueError(f"the frames {seqs[0]}..{seqs[-1]} to score have gaps")
+        noisy = np.stack([self.inputs[seq][0] for seq in seqs])
+        truth = np.stack([self.inputs[seq][1] for seq in seqs])
+        estimate = np.zeros(truth.shape, np.float32)
+        scored = np.zeros(len(seqs), bool)
+        for i, seq in enumerate(seqs):
+            if seq in self.outputs:
+                estimate[i] = self.outputs[seq][0]
+                scored[i] = True
+        report = activity_report(noisy, truth, estimate, footprints, offset=offset, scored=scored, oracle=oracle)
+        return {"span": [seqs[0], seqs[-1]], **report}
+
+
+#: Column order and headers of an activity report's table (bench, demo, tools/bench_denoise.py).
+REPORT_METRICS: tuple[str, ...] = ("psnr", "active_psnr", "trace_corr", "trace_slope", "peak_ratio", "lag_frames")
+REPORT_HEADERS: tuple[str, ...] = ("PSNR (dB)", "active-set PSNR (dB)", "trace corr", "amplitude slope",
+                                   "peak ratio", "lag (frames)")
+ORACLE_LABELS = {"psnr": "whole-movie PSNR", "active_psnr": "active-set PSNR", "trace_corr": "trace correlation"}
+
+
+def report_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    """(label, scores) of an `activity_report`, in table order: raw, 5-frame mean, the oracle of
+    each metric with its sigma, denoised."""
+    rows = [(RAW, report["rows"][RAW]), (TMEAN, report["rows"][TMEAN])]
+    oracle = report.get("oracle")
+    for metric, found in (oracle["best"] if oracle else {}).items():
+        label = f"Gaussian oracle for {ORACLE_LABELS[metric]} (σt {found['sigma_t']:g}, σxy {found['sigma_xy']:g})"
+        rows.append((label, found))
+    rows.append((DENOISED, report["rows"][DENOISED]))
+    return rows
+
+
+def format_score(metric: str, value: float | None) -> str:
+    """A metric's value as the reports print it."""
+    if value is None or not np.isfinite(value):
+        return "—"
+    if metric == "trace_corr":
+        return f"{value:.3f}"
+    if metric == "lag_frames":
+        return f"{value:+.2f}"
+    return f"{value:.2f}"

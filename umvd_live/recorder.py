@@ -15,6 +15,8 @@ file stays append-only and crash-safe, and a stream's frames are written at thei
 files name their place in the acquisition and the session's ``recording_id`` in their OME-XML;
 `umvd_live.acquisition.read_acquisition` assembles them.
 
+A base path ending in ``.ome.zarr`` records OME-Zarr stores instead (`umvd_live.zarrfile`).
+
 Paths that arrive over the control socket go through `confine_path` first.
 """
 
@@ -36,6 +38,7 @@ import numpy as np
 from umvd_live.protocol import STREAM_NAME, FrameHeader
 from umvd_live.recordfile import FrameInfo, Provenance, RecordingFile
 from umvd_live.spillqueue import QueueClosed, QueueOverflow, SpillQueue
+from umvd_live.zarrfile import ZARR_SUFFIXES, ZarrRecording, is_zarr_path
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ def confine_path(requested: str, output_dir: str | os.PathLike) -> Path:
 def recording_stem(base: str | os.PathLike) -> str:
     """``dir/rec.ome.tif`` -> ``rec``: the start of every file name of a recording."""
     name = Path(base).name
-    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif", *ZARR_SUFFIXES):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -89,7 +92,7 @@ def stream_path(base: str | os.PathLike, stream: str, *, raw: bool = False, part
     if not STREAM_NAME.match(stream):
         raise RecordingError(f"stream name {stream!r} must match {STREAM_NAME.pattern}")
     name = (recording_stem(base) + f"_{stream}" + (f"-part{part}" if part > 1 else "")
-            + (".raw" if raw else "") + ".ome.tif")
+            + (".raw" if raw else "") + (".ome.zarr" if is_zarr_path(base) else ".ome.tif"))
     return Path(base).with_name(name)
 
 
@@ -376,7 +379,8 @@ class RecordingSession:
         while True:
             path = stream_path(self.request.path, stream, raw=raw, part=part)
             try:
-                rec = RecordingFile.create(path, image, info, prov)
+                # the base path's extension picks the format: OME-Zarr stores or OME-TIFF files
+                rec = (ZarrRecording if is_zarr_path(path) else RecordingFile).create(path, image, info, prov)
             except FileExistsError:
                 part += 1  # never overwrite: an earlier recording keeps its file
                 continue

@@ -31,22 +31,23 @@ On-disk layout (little-endian BigTIFF, one uncompressed strip per page, one page
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import struct
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import tifffile
 
+from umvd_live.acqmeta import AcquisitionMeta, positive
 from umvd_live.channel_colors import ome_color
+from umvd_live.fileio import O_BINARY, pwrite_all
 
 #: Private TIFF tag (ASCII, JSON) holding one frame's metadata on every page.
 FRAME_TAG = 65111
@@ -278,16 +279,6 @@ def _place(pos: int, fields: Sequence[tuple[int, int]]) -> int:
     return p
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while view.nbytes:
-        n = os.pwrite(fd, view, offset)
-        if n <= 0:  # pragma: no cover - a regular file either writes or raises
-            raise OSError("short write")
-        view = view[n:]
-        offset += n
-
-
 class RecordingFile:
     """One recording on disk, appended frame by frame (single-threaded use).
 
@@ -302,14 +293,16 @@ class RecordingFile:
         self.shape = shape
         self.dtype = dtype
         self.provenance = provenance
-        pixel = provenance.pixel_size_um
-        if pixel is None and isinstance(first_info.meta, dict):
-            # our producers' key, then Micro-Manager's own metadata key
-            pixel = first_info.meta.get("pixel_size_um", first_info.meta.get("PixelSizeUm"))
-        self.pixel_size_um: float | None = (
-            float(pixel) if isinstance(pixel, (int, float)) and not isinstance(pixel, bool)
-            and math.isfinite(pixel) and pixel > 0 else None
-        )
+        # pixel size, interval, channel, start: the first frame's meta (docs/protocol.md)
+        acquisition = AcquisitionMeta.from_meta(first_info.meta)
+        if positive(provenance.pixel_size_um):
+            acquisition = replace(acquisition, pixel_size_um=positive(provenance.pixel_size_um))
+        if acquisition.acquisition_datetime is None and first_info.t_received is not None:
+            # a producer that does not say when it started: when the first frame arrived
+            acquisition = replace(acquisition, acquisition_datetime=datetime.fromtimestamp(
+                first_info.t_received, UTC).isoformat(timespec="milliseconds"))
+        self.acquisition = acquisition
+        self.pixel_size_um: float | None = acquisition.pixel_size_um
         self.coordinates = AcquisitionCoordinates.from_meta(first_info.meta)
         self.started_utc = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         self._uuid = f"urn:uuid:{uuid.uuid4()}"
@@ -336,7 +329,8 @@ class RecordingFile:
         image = np.asarray(image)
         if image.ndim != 2 or image.dtype.name not in RECORDABLE_DTYPES:
             raise ValueError(f"a recorded frame is 2-D {RECORDABLE_DTYPES}, got {image.shape} {image.dtype}")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_BINARY
+                 | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))  # POSIX only: see docs/recording.md
         fd = os.open(path, flags, 0o644)
         try:
             rec = cls(path, fd, image.shape, image.dtype.newbyteorder("<"), provenance, info)
@@ -350,7 +344,7 @@ class RecordingFile:
 
     def _write_header_and_slots(self) -> None:
         # first-IFD = 0 until page 0 is complete
-        _pwrite_all(self._fd, b"II" + struct.pack("<HHHQ", 43, 8, 0, 0), 0)
+        pwrite_all(self._fd, b"II" + struct.pack("<HHHQ", 43, 8, 0, 0), 0)
         xml = self._xml(frames=1, final=False)
         self._slot_size = self._slot_size_for(len(xml.encode("utf-8")))
         self._slots = [self._eof, self._eof + self._slot_size]
@@ -364,7 +358,7 @@ class RecordingFile:
     def _write_slot(self, index: int, xml: str) -> None:
         data = xml.encode("utf-8")  # OME-TIFF's encoding: Bio-Formats, tifffile, ome-types read it
         body = data + b" " * (self._slot_size - 1 - len(data)) + b"\x00"
-        _pwrite_all(self._fd, body, self._slots[index])
+        pwrite_all(self._fd, body, self._slots[index])
 
     # -- frames -------------------------------------------------------------------------------
     def append(self, image: np.ndarray, info: FrameInfo) -> None:
@@ -389,10 +383,10 @@ class RecordingFile:
         ifd_bytes = ifd.pack(ifd_pos, external=external)
         pad = b"\x00" * (ifd_pos - data_pos - image.nbytes)
         # the page, complete, beyond everything a reader can reach
-        _pwrite_all(self._fd, memoryview(image).cast("B"), data_pos)
-        _pwrite_all(self._fd, pad + ifd_bytes, data_pos + image.nbytes)
+        pwrite_all(self._fd, memoryview(image).cast("B"), data_pos)
+        pwrite_all(self._fd, pad + ifd_bytes, data_pos + image.nbytes)
         # commit: link the complete page into the chain
-        _pwrite_all(self._fd, struct.pack("<Q", ifd_pos), self._link_pos)
+        pwrite_all(self._fd, struct.pack("<Q", ifd_pos), self._link_pos)
         self._link_pos = ifd_pos + ifd.next_field
         if index == 0:
             self._desc_count_pos = ifd_pos + ifd.field_offsets(270)
@@ -485,11 +479,13 @@ class RecordingFile:
             "MapAnnotation": {"Namespace": PROVENANCE_NS,
                               "Value": self.provenance_map(frames=frames, final=final)},
         }
-        if self.pixel_size_um:
-            meta["PhysicalSizeX"] = meta["PhysicalSizeY"] = self.pixel_size_um
-        if self.coordinates is not None and self.coordinates.channel is not None:
-            channel: dict[str, Any] = {"Name": self.coordinates.channel}
-            color = ome_color(self.coordinates.channel)
+        # at every checkpoint, not only at close: a killed recording keeps them
+        meta.update(self.acquisition.ome(time_increment_s=self._measured_increment(frames)))
+        name = self.coordinates.channel if self.coordinates is not None else None
+        name = name or self.acquisition.channel
+        if name is not None:
+            channel: dict[str, Any] = {"Name": name}
+            color = ome_color(name)
             if color is not None:
                 channel["Color"] = color
             meta["Channel"] = channel
@@ -503,6 +499,17 @@ class RecordingFile:
         ox = tifffile.OmeXml(UUID=self._uuid, Creator=f"umvd-live {self.provenance.software_version}")
         ox.addimage(self.dtype, (frames, h, w), (frames, 1, 1, h, w, 1), axes="TYX", **meta)
         return ox.tostring(declaration=True)
+
+    def _measured_increment(self, frames: int) -> float | None:
+        """TimeIncrement when the producer sent no ``interval_ms``: the median step between the
+        frames' times (acquisition time, else receive time), over the first 1001 frames at most
+        (stable, and cheap at every checkpoint)."""
+        times = [i.time for i in self.infos[:min(frames, 1001)]]
+        if len(times) < 2 or any(t is None for t in times):
+            return None
+        steps = np.diff(np.asarray(times, dtype=np.float64))
+        steps = steps[steps > 0]
+        return float(np.median(steps)) if len(steps) else None
 
     def frame_table_tsv(self, frames: int) -> str:
         """The per-frame table; ``t_index`` is the acquisition's time point (``meta.index.t``)."""
@@ -518,7 +525,7 @@ class RecordingFile:
         if data_len <= self._slot_size:
             self._write_slot(idle, xml)
             os.fsync(self._fd)
-            _pwrite_all(self._fd, struct.pack("<Q", self._slots[idle]), self._desc_count_pos + 8)
+            pwrite_all(self._fd, struct.pack("<Q", self._slots[idle]), self._desc_count_pos + 8)
             self._active_slot = idle
             return
         # outgrown: a new, larger pair of slots at the end of the file (geometric growth)
@@ -528,7 +535,7 @@ class RecordingFile:
         self._eof = base + 2 * self._slot_size
         self._write_slot(0, xml)
         os.fsync(self._fd)
-        _pwrite_all(self._fd, struct.pack("<QQ", self._slot_size, self._slots[0]), self._desc_count_pos)
+        pwrite_all(self._fd, struct.pack("<QQ", self._slot_size, self._slots[0]), self._desc_count_pos)
         self._active_slot = 0
 
     def checkpoint(self) -> None:
@@ -597,18 +604,20 @@ def _rational(x: float) -> tuple[int, int]:
 
 # -- whole-movie API (offline parity: `umvd-live denoise` writes the same format) ---------------
 def write_movie(path: str | os.PathLike, frames: Iterable[np.ndarray], infos: Iterable[FrameInfo],
-                provenance: Provenance) -> Path:
+                provenance: Provenance, create: Callable[..., Any] | None = None) -> Path:
     """Write a whole movie (T×H×W array or an iterable of 2-D frames) with one FrameInfo each.
 
     The same format, crash-safety and metadata as a live recording; frames may be a generator, so
-    a long movie never has to fit in memory.
+    a long movie never has to fit in memory. ``create``: the recording's constructor, default
+    `RecordingFile.create` (`zarrfile.ZarrRecording.create` writes OME-Zarr the same way).
     """
-    rec: RecordingFile | None = None
+    create = create or RecordingFile.create
+    rec: Any = None
     checkpoint_at = time.monotonic() + 1.0
     try:
         for image, info in zip(frames, infos, strict=True):
             if rec is None:
-                rec = RecordingFile.create(path, image, info, provenance)
+                rec = create(path, image, info, provenance)
             else:
                 rec.append(image, info)
             if time.monotonic() >= checkpoint_at:

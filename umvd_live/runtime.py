@@ -17,6 +17,8 @@ Both change the whole process, so only the command line applies them (`cli.main`
 library: an application that embeds `StreamDenoiser` keeps its own settings. Each can be turned
 off from the environment, to measure what it does: `UMVD_LIVE_GC_FREEZE=off`,
 `UMVD_LIVE_KEEP_MEMORY=off`. docs/benchmarks.md has the figures with and without.
+
+`peak_rss_mb` is the process's peak resident memory on every platform (the bench reports it).
 """
 
 from __future__ import annotations
@@ -78,3 +80,17 @@ def tune_process(command_module: str) -> ModuleType:
     if enabled("GC_FREEZE"):
         freeze_startup_objects()
     return module
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory in MiB: ``getrusage`` where there is one (POSIX), else
+    psutil's peak working set (Windows, where the ``resource`` module does not exist)."""
+    try:
+        import resource
+    except ImportError:
+        import psutil
+
+        info = psutil.Process().memory_info()
+        return getattr(info, "peak_wset", info.rss) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0  # bytes on macOS, else KiB

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from umvd_live.fileio import pread_exact, pwrite_all
+
 
 class QueueOverflow(RuntimeError):
     """The queue is over its hard memory limit: the spill file cannot keep up."""
@@ -209,21 +211,10 @@ class SpillQueue:
         if self._fd is None:
             fd, name = tempfile.mkstemp(prefix=f".{self._name}-", suffix=".spill", dir=self.spill_dir)
             self._fd, self.spill_path = fd, Path(name)
-        view = memoryview(np.ascontiguousarray(array)).cast("B")
-        while view.nbytes:
-            n = os.pwrite(self._fd, view, offset)
-            view, offset = view[n:], offset + n
+        pwrite_all(self._fd, memoryview(np.ascontiguousarray(array)).cast("B"), offset)
 
 
 def _pread_all(fd: int | None, n: int, offset: int) -> bytes:
     if fd is None:
         raise OSError(9, "spill file not open")
-    parts = []
-    while n > 0:
-        chunk = os.pread(fd, n, offset)
-        if not chunk:
-            raise OSError(5, "spill file shorter than its index")
-        parts.append(chunk)
-        n -= len(chunk)
-        offset += len(chunk)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    return pread_exact(fd, n, offset)

@@ -41,6 +41,7 @@ class Denoiser(Protocol):
     last_loss: float | None
     warmup_progress: float
     training_paused: bool
+    changes: list[Any]  # `changes.Change`s seen, each starting a segment
 
     frames_in: int
 
@@ -332,6 +333,9 @@ class LiveStream:
             "model_step": int(den.model_step) if den is not None else 0,
             "loss": _plain(den.last_loss) if den is not None else None,
             "warmup_progress": _plain(den.warmup_progress) if den is not None else 0.0,
+            # abrupt changes of the acquisition this stream's engine saw (`changes`), the last one
+            "changes": len(den.changes) if den is not None else 0,
+            "last_change": den.changes[-1].to_dict() if den is not None and den.changes else None,
         }
         if den is not None:
             try:
@@ -352,7 +356,7 @@ class LiveStream:
             outputs = self._match(den.push_many([a.frame.pixels for a in run], [a.infer for a in run]))
             # Only the network's outputs measure its cost: the warm start's temporal means are
             # nearly free, and an estimate made of them let a backlog build up when it went live.
-            inferred = sum(out.image is not None and out.state == "live" for out in outputs)
+            inferred = sum(out.image is not None and out.state != "warmup" for out in outputs)
             if inferred and first > 0:  # the first push also builds the network
                 took = monotonic() - started
                 self.infer_cost_s = _smoothed(self.infer_cost_s, took / inferred)

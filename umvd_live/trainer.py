@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from umvd_live.model import UMVDNet
-from umvd_live.window import block_means, context_blocks
+from umvd_live.window import block_means, context_blocks, window_indices
 
 log = logging.getLogger(__name__)
 
@@ -38,25 +38,33 @@ class TrainerConfig:
     collapse_std: float = 1e-4  # output std (normalised units) under which it has collapsed
     snapshot_every: int = 50
     min_lr: float = 1e-6
+    # Share of training windows cut as if their segment began just before them (mirrored window
+    # edge, short or no context): what the network sees at a stream's start and after a change
+    # (`changes`), so it is trained for those moments too, not only for full windows.
+    fresh_start: float = 0.1
+    favour_recent: float = 0.5  # share of each batch from the newest segment while it is adapting
 
 
 class ReplayBuffer:
-    """The most recent trainable frames, by index; bounded in count and bytes."""
+    """The most recent trainable frames, by index, each with its segment; bounded in count and bytes.
+
+    A segment is a run of frames between abrupt changes of the acquisition (`changes`): a training
+    window and its context never take frames from two segments, as inference never does."""
 
     def __init__(self, window: int, capacity: int, context: tuple[int, ...] = ()):
         self.k = window // 2
         self.context = context
         self.reach = self.k + sum(context)  # the farthest frame before a centre its sample uses
         self.capacity = max(capacity, window + sum(context))
-        self._frames: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._frames: OrderedDict[int, tuple[torch.Tensor, int]] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._frames)
 
-    def add(self, index: int, frame: torch.Tensor) -> None:
+    def add(self, index: int, frame: torch.Tensor, segment: int = 0) -> None:
         with self._lock:
-            self._frames[index] = frame
+            self._frames[index] = (frame, segment)
             while len(self._frames) > self.capacity:
                 self._frames.popitem(last=False)
 
@@ -64,30 +72,52 @@ class ReplayBuffer:
         with self._lock:
             self._frames.clear()
 
-    def centres(self) -> list[int]:
-        """Indices whose whole window (t-k .. t+k) is in the buffer."""
-        with self._lock:
-            have = self._frames.keys()
-            return [t for t in have if all((t + d) in have for d in range(-self.k, self.k + 1) if d)]
+    def _centres(self, segment: int | None = None) -> list[int]:
+        have = self._frames
+        return [t for t, (_, seg) in have.items() if (segment is None or seg == segment) and all(
+            (t + d) in have and have[t + d][1] == seg for d in range(-self.k, self.k + 1) if d)]
 
-    def sample(self, rng: np.random.Generator, batch: int, patch: int) -> torch.Tensor | None:
-        """(B, N + M, C, P, P) random windows and patches: the window's N frames, then the means
-        of its M context blocks (`window.context_blocks`); None if no full window exists yet."""
-        centres = self.centres()
-        if not centres:
-            return None
-        out = []
+    def centres(self, segment: int | None = None) -> list[int]:
+        """Indices whose whole window (t-k .. t+k) is in the buffer and in one segment (that
+        `segment`, if given)."""
         with self._lock:
-            _, h, w = next(iter(self._frames.values())).shape
+            return self._centres(segment)
+
+    def sample(self, rng: np.random.Generator, batch: int, patch: int, fresh_start: float = 0.0,
+               favour: int | None = None, favour_share: float = 0.0) -> torch.Tensor | None:
+        """(B, N + M, C, P, P) random windows and patches: the window's N frames, then the means
+        of its M context blocks (`window.context_blocks`); None if no full window exists yet.
+
+        ``fresh_start``: the share of samples whose segment is cut at a random frame before the
+        centre, with the live edge rule (`window.window_indices`, mirrored context). ``favour``: a
+        segment from which ``favour_share`` of the batch is drawn (the newest, after a change)."""
+        with self._lock:
+            centres = self._centres()
+            if not centres:
+                return None
+            favoured = self._centres(favour) if favour is not None and favour_share > 0 else []
+            _, h, w = next(iter(self._frames.values()))[0].shape
             ph, pw = min(patch, h), min(patch, w)
-            for t in (int(t) for t in rng.choice(centres, size=batch)):
+            out = []
+            for _ in range(batch):
+                pool = favoured if favoured and rng.random() < favour_share else centres
+                t = int(pool[int(rng.integers(len(pool)))])
+                seg = self._frames[t][1]
+                first = t - self.reach
+                if fresh_start > 0 and rng.random() < fresh_start:
+                    first = t - int(rng.integers(0, self.reach + 1))
                 y = int(rng.integers(0, h - ph + 1))
                 x = int(rng.integers(0, w - pw + 1))
-                near = (j for j in range(t - self.reach, t + self.reach + 1) if j in self._frames)
-                patches = {j: self._frames[j][..., y : y + ph, x : x + pw] for j in near}
-                window = torch.stack([patches[t + d] for d in range(-self.k, self.k + 1)])
+                near = (j for j in range(first, t + self.reach + 1)
+                        if j in self._frames and self._frames[j][1] == seg)
+                patches = {j: self._frames[j][0][..., y : y + ph, x : x + pw] for j in near}
+                indices = window_indices(t, max(first, min(patches)), t + self.k, self.k)
+                window = torch.stack([patches[i] for i in indices])
                 if self.context:
-                    blocks = context_blocks(t, self.k, self.context, patches.__contains__)
+                    # A cut segment has no frames after the window yet, as live: the context's
+                    # empty blocks fall back to the neighbours, never to later frames.
+                    present = {j for j in patches if j <= t + self.k} if first > t - self.reach else patches
+                    blocks = context_blocks(t, self.k, self.context, present.__contains__)
                     window = torch.cat([window, block_means(blocks, patches.__getitem__)])
                 out.append(window)
         return torch.stack(out)
@@ -144,9 +174,11 @@ class OnlineTrainer:
             batch = batch.flip(-2)
         return batch
 
-    def step(self, replay: ReplayBuffer) -> float | None:
-        """One optimisation step; returns the loss, or None if there is nothing to train on."""
-        batch = replay.sample(self.rng, self.config.batch, self.config.patch)
+    def step(self, replay: ReplayBuffer, favour: int | None = None) -> float | None:
+        """One optimisation step; returns the loss, or None if there is nothing to train on.
+        ``favour``: a segment to draw `favour_recent` of the batch from (one that is adapting)."""
+        c = self.config
+        batch = replay.sample(self.rng, c.batch, c.patch, c.fresh_start, favour, c.favour_recent)
         if batch is None:
             return None
         batch = self._augment(batch).to(self.device, non_blocking=True)

@@ -39,7 +39,6 @@ def run(args: argparse.Namespace) -> int:
         from qtpy.QtCore import QTimer
     except ImportError as exc:
         raise SystemExit(f"umvd-live view needs the viewer extra: pip install 'umvd-live[viewer]' ({exc})")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     viewer, widget = open_viewer(config_from_args(args))
     if args.quit_after is not None:
         def finish() -> None:

@@ -770,10 +770,12 @@ class LiveViewerWidget(QWidget):
         state, progress = s.get("state", "?"), float(s.get("warmup_progress") or 0.0)
         paused = bool(s.get("training_paused"))
         text = {"warmup": "warming up (denoised = temporal mean until live)", "live": "live",
+                "adapting": f"adapting to a change ({s.get('changes', 0)} so far)",
                 "idle": "idle"}.get(state, state)
         self.state_label.setText(text + (" · training paused" if paused else ""))
-        self.warmup_bar.setValue(round(100 * (1.0 if state == "live" else progress)))
-        self.warmup_bar.setFormat("live" if state == "live" else "warm start %p%")
+        learned = state in ("live", "adapting")
+        self.warmup_bar.setValue(round(100 * (1.0 if learned else progress)))
+        self.warmup_bar.setFormat(state if learned else "warm start %p%")
         steps_per_s = (s.get("engine") or {}).get("train_steps_per_s")
         self.steps_label.setText(
             f"step {s.get('model_step', 0)} · loss {_fmt(s.get('loss'), '.4g')}"

@@ -1,0 +1,153 @@
+"""`umvd-live batch` on real Dask clusters: a LocalCluster of 2 worker processes, and an external
+scheduler with two worker processes on loopback, one of them killed mid-run.
+
+Outputs are compared with single-file `umvd-live denoise` run with the same options and seed:
+a movie of one piece bit for bit; a chunked movie (its chunks share the warm model, frozen)
+against `denoise --init` of that warm model with training off, within 1e-4 of the output's range
+(fp32: a chunk's context sums start afresh at its first frame, so their float rounding differs).
+"""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
+
+from umvd_live.batch import Chunk, plan_chunks
+from umvd_live.recordfile import read_recording
+
+pytest.importorskip("distributed")  # the cluster extra
+
+#: Tiny and fast: few training steps, fp32 (exact comparisons), one torch thread per task.
+ENGINE = ["--preset", "lite", "--warmup-frames", "20", "--warmup-steps", "20", "--steps-per-frame", "1",
+          "--context", "4,8", "--precision", "fp32", "--threads", "1", "--seed", "7"]
+LENGTHS = {"a": 40, "b": 40, "c": 90}  # c is split: --chunk-frames 40
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "umvd_live.cli", *map(str, args)], check=False, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def movies(tmp_path_factory):
+    root = tmp_path_factory.mktemp("movies")
+    for seed, (name, frames) in enumerate(LENGTHS.items()):
+        noisy, _ = TwoPhotonSimulator(SimConfig(height=32, width=32, photons=2.0, seed=seed)).movie(frames)
+        tifffile.imwrite(root / f"{name}.ome.tif", noisy, ome=True, metadata={"axes": "TYX"})
+    ref = root / "ref_a.ome.tif"
+    done = cli("denoise", root / "a.ome.tif", ref, *ENGINE)
+    assert done.returncode == 0, done.stderr
+    return root
+
+
+def check_outputs(movies: Path, out: Path) -> None:
+    """Every output whole; a equals `denoise`; c equals `denoise` of its frozen warm model."""
+    for name, frames in LENGTHS.items():
+        images, infos, prov = read_recording(out / f"{name}.ome.tif")
+        assert images.shape == (frames, 32, 32) and prov["complete"] and [i.seq for i in infos] == list(range(frames))
+    ours, ours_infos, _ = read_recording(out / "a.ome.tif")
+    ref, ref_infos, _ = read_recording(movies / "ref_a.ome.tif")
+    np.testing.assert_array_equal(ours, ref)
+    assert [(i.state, i.model_step) for i in ours_infos] == [(i.state, i.model_step) for i in ref_infos]
+    frozen = out / "ref_c.ome.tif"
+    done = cli("denoise", movies / "c.ome.tif", frozen, *ENGINE, "--init", out / "c.pt", "--steps-per-frame", "0")
+    assert done.returncode == 0, done.stderr
+    chunked, _, prov = read_recording(out / "c.ome.tif")
+    whole, _, _ = read_recording(frozen)
+    assert int(prov["extra.chunks"]) >= 3  # more if the change detector starts segments
+    assert np.abs(chunked - whole).max() <= 1e-4 * float(whole.max() - whole.min())
+    assert not list(out.glob(".partial-*")), "temporaries are renamed or removed"
+
+
+def test_plan_chunks_cover_every_frame_once_within_segments():
+    chunks = plan_chunks(100, 30, 3, (4, 8), changes=(50,))
+    assert [(c.start, c.stop) for c in chunks] == [(0, 25), (25, 50), (50, 75), (75, 100)]
+    assert chunks[1] == Chunk(1, 25, 50, 10, 50, 0, 0, 50)  # 3 + 12 frames before, 3 after, not past 50
+    assert chunks[2] == Chunk(2, 50, 75, 50, 78, 1, 50, 100)  # a segment starts afresh
+    assert plan_chunks(40, 2000, 3, (8, 24, 64)) == [Chunk(0, 0, 40, 0, 40, 0, 0, 40)]
+    with pytest.raises(ValueError, match="chunk_frames"):
+        plan_chunks(40, 0, 3, ())
+
+
+def test_local_cluster_three_movies_one_missing_then_resume(movies, tmp_path):
+    out = tmp_path / "out"
+    done = cli("batch", movies / "[abc].ome.tif", movies / "missing.tif", "--output-dir", out, "--workers", "2",
+               "--chunk-frames", "40", "--save-models", *ENGINE)
+    assert done.returncode == 1, done.stderr  # one input failed, the others were denoised
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert errors == [f"umvd-live batch: error: {(movies / 'missing.tif').resolve()}: no such file"], done.stderr
+    assert "Traceback" not in done.stderr
+    check_outputs(movies, out)
+    manifest = json.loads((out / "batch-manifest.json").read_text())
+    entries = {Path(e["input"]).name: e for e in manifest["inputs"]}
+    assert {n: e["status"] for n, e in entries.items()} == {"a.ome.tif": "done", "b.ome.tif": "done",
+                                                            "c.ome.tif": "done", "missing.tif": "failed"}
+    assert entries["c.ome.tif"]["chunks"] >= 3 and entries["a.ome.tif"]["chunks"] == 1
+    assert entries["a.ome.tif"]["provenance"]["extra"]["mode"] == "streamed"
+    assert entries["c.ome.tif"]["seconds"]["train"] > 0 and entries["a.ome.tif"]["seconds"]["denoise"] > 0
+    assert manifest["summary"]["frames"] == sum(LENGTHS.values()) and manifest["cluster"]["workers"] == 2
+
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.ome.tif")}
+    again = cli("batch", movies / "[abc].ome.tif", "--output-dir", out, "--resume", *ENGINE)
+    assert again.returncode == 0, again.stderr
+    resumed = json.loads((out / "batch-manifest.json").read_text())
+    assert {e["status"] for e in resumed["inputs"]} == {"skipped"}
+    assert resumed["inputs"][0]["frames"] == 40, "a skipped input keeps what the earlier run recorded"
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.ome.tif")} == before
+    refused = cli("batch", movies / "a.ome.tif", "--output-dir", out, *ENGINE)
+    assert refused.returncode == 1 and "output exists" in refused.stderr
+
+
+def _start(*args: str, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dask", *args], stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def test_external_scheduler_survives_a_killed_worker(movies, tmp_path):
+    from distributed import Client
+
+    file = tmp_path / "scheduler.json"
+    procs = [_start("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", str(file),
+                    log=tmp_path / "scheduler.log")]
+    try:
+        deadline = time.monotonic() + 60
+        while not file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = {}
+        for name in ("w0", "w1"):
+            workers[name] = _start("worker", "--scheduler-file", str(file), "--host", "127.0.0.1", "--no-nanny",
+                                   "--nthreads", "1", "--name", name, log=tmp_path / f"{name}.log")
+            procs.append(workers[name])
+        address = json.loads(file.read_text())["address"]
+        with Client(address, timeout="60s") as watcher:
+            watcher.wait_for_workers(2, timeout=60)
+            out = tmp_path / "out"
+            batch = subprocess.Popen(
+                [sys.executable, "-m", "umvd_live.cli", "batch", str(movies / "[abc].ome.tif"), "--output-dir", str(out),
+                 "--scheduler", address, "--chunk-frames", "40", "--save-models", *ENGINE],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            procs.append(batch)
+            killed = None
+            while killed is None and batch.poll() is None:  # the first worker seen with a task dies
+                names = {a: w["name"] for a, w in watcher.scheduler_info()["workers"].items()}
+                busy = [names[a] for a, keys in watcher.processing().items() if keys and a in names]
+                if busy:
+                    killed = busy[0]
+                    workers[killed].kill()
+                time.sleep(0.05)
+            assert killed is not None, "a worker was killed while the batch ran"
+            _, stderr = batch.communicate(timeout=300)
+        assert batch.returncode == 0, stderr
+        check_outputs(movies, out)
+        manifest = json.loads((out / "batch-manifest.json").read_text())
+        assert {e["status"] for e in manifest["inputs"]} == {"done"} and not manifest["cluster"]["local"]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)

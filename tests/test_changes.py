@@ -1,0 +1,137 @@
+"""Abrupt changes (`umvd_live.changes`) and what the engine does at one: a new segment whose
+windows and context never hold a frame from before it, a normaliser fitted again, outputs marked
+`adapting`; and the referee that shows the network only while it beats the temporal mean."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from umvd_live.adapters.simulation import SimConfig, SimEvent, TwoPhotonSimulator
+from umvd_live.changes import ChangeConfig, ChangeDetector
+from umvd_live.engine import BlindReferee, EngineConfig, StreamDenoiser
+from umvd_live.trainer import ReplayBuffer
+
+RATE = 30.0
+
+
+def _movie(frames: int, *events: SimEvent, size: int = 96, photons: float = 2.0, seed: int = 0) -> np.ndarray:
+    config = SimConfig(height=size, width=size, photons=photons, seed=seed, events=tuple(events))
+    return TwoPhotonSimulator(config).movie(frames)[0]
+
+
+def _changes(movie: np.ndarray) -> list:
+    detector = ChangeDetector()
+    for frame in movie:
+        detector.observe(frame)
+    return detector.changes
+
+
+@pytest.mark.parametrize("scale", [3.0, 1 / 3])
+def test_a_laser_step_is_a_change_within_two_frames(scale: float) -> None:
+    at = 60
+    changes = _changes(_movie(90, SimEvent.laser(at / RATE, scale)))
+    assert len(changes) == 1, changes
+    assert at <= changes[0].index <= at + 1 and changes[0].reason == "intensity"
+    assert (changes[0].level_ratio > 1) == (scale > 1)
+
+
+def test_a_stage_move_is_a_change_within_two_frames() -> None:
+    at = 60
+    changes = _changes(_movie(90, SimEvent.move(at / RATE, 0, 40)))
+    assert len(changes) == 1, changes
+    assert at <= changes[0].index <= at + 1 and changes[0].reason == "content"
+
+
+@pytest.mark.parametrize("photons, seed", [(0.5, 1), (2.0, 2), (8.0, 3)])
+def test_a_steady_stream_raises_no_change(photons: float, seed: int) -> None:
+    """Activity, bursts, motion and bleaching (the simulator's defaults), 20 s of them (the
+    10-minute soak, tools/soak.py, runs longer)."""
+    movie = _movie(600, size=128, photons=photons, seed=seed)
+    assert _changes(movie) == []
+
+
+def test_slow_drifts_are_followed_without_a_change() -> None:
+    """Bleaching to half in 40 s and a slow ramp of offset: the reference moves along."""
+    movie = _movie(1200, size=96).astype(np.float32)
+    fade = np.linspace(1.0, 0.5, len(movie), dtype=np.float32)[:, None, None]
+    assert _changes(movie * fade + np.linspace(0, 300, len(movie), dtype=np.float32)[:, None, None]) == []
+
+
+def test_detection_can_be_turned_off() -> None:
+    detector = ChangeDetector(ChangeConfig(enabled=False))
+    for frame in _movie(90, SimEvent.laser(2.0, 3.0)):
+        assert detector.observe(frame) is None
+
+
+def _engine(**overrides) -> StreamDenoiser:
+    settings = dict(preset="lite", device="cpu", train_mode="inline", warmup_frames=16, warmup_steps=4,
+                    steps_per_frame=0.0, prior="none", precision="fp32")
+    config = EngineConfig(**{**settings, **overrides})
+    return StreamDenoiser(config)
+
+
+def _denoised(movie: np.ndarray) -> tuple[dict, list]:
+    """Every output of an untrained (fixed) network, live from frame 16: only the frames decide."""
+    with _engine(warmup_steps=0) as den:
+        outputs = {o.index: o for o in den.push_many(list(movie))}
+        outputs.update({o.index: o for o in den.flush()})
+        return outputs, den.changes
+
+
+def test_no_frame_from_before_a_change_reaches_a_later_output() -> None:
+    """Blindness across a change, as for the centre frame: redraw the noise of every frame before
+    a laser step and no output after it moves; redraw every frame after it and no output before
+    it moves. Windows and context blocks stop at the change, both ways."""
+    at = 30
+    config = SimConfig(height=32, width=32, photons=2.0, seed=4, events=(SimEvent.laser(at / RATE, 3.0),))
+    noisy, clean = TwoPhotonSimulator(config).movie(60)
+    redrawn = TwoPhotonSimulator(config.__class__(**{**config.__dict__, "seed": 9})).movie(60)[0]
+    before = np.concatenate([redrawn[:at], noisy[at:]])
+    after = np.concatenate([noisy[:at], redrawn[at:]])
+    base, changes = _denoised(noisy)
+    assert [c.index for c in changes] == [at]
+    assert {o.state for i, o in base.items() if i >= at} == {"adapting"}
+    assert {o.segment for i, o in base.items()} == {0, 1}
+    moved_before, _ = _denoised(before)
+    moved_after, _ = _denoised(after)
+    for t in range(60):
+        same = np.array_equal(base[t].image, moved_before[t].image)
+        assert same == (t >= at), t
+        same = np.array_equal(base[t].image, moved_after[t].image)
+        assert same == (t < at), t
+
+
+def test_the_normaliser_is_fitted_again_at_a_laser_step() -> None:
+    movie = _movie(40, SimEvent.laser(20 / RATE, 3.0), size=32)
+    with _engine() as den:
+        den.push_many(list(movie))
+        before, after = den._normalizers
+        assert after.scale > 2 * before.scale
+        assert den.stats()["changes"][0]["reason"] == "intensity"
+
+
+def test_replay_windows_never_straddle_a_segment() -> None:
+    replay = ReplayBuffer(window=3, capacity=100)
+    for i in range(20):
+        replay.add(i, torch.full((1, 4, 4), float(i // 10)), segment=i // 10)
+    assert replay.centres() == [*range(1, 9), *range(11, 19)]
+    rng = np.random.default_rng(0)
+    for favour in (None, 1):
+        batch = replay.sample(rng, 64, 4, fresh_start=0.5, favour=favour, favour_share=1.0)
+        values = batch.flatten(2).amin(2), batch.flatten(2).amax(2)
+        assert torch.equal(values[0], values[1].amin(1, keepdim=True).expand_as(values[0]))  # one segment each
+        if favour == 1:
+            assert bool((values[0] == 1).all())
+
+
+def test_the_referee_trusts_the_smaller_blind_distance() -> None:
+    referee = BlindReferee()
+    assert not referee.trusted
+    assert referee.judge(network=1.0, mean=2.0)
+    for _ in range(5):
+        referee.judge(network=3.0, mean=2.0)
+    assert not referee.trusted
+    referee.reset()
+    assert referee.network is None and not referee.trusted

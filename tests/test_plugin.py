@@ -1,0 +1,57 @@
+"""The napari plugin as napari finds it (issue 18, item 4): npe2 discovers the installed
+distribution's ``napari.manifest`` entry point, napari opens the widget from it under Xvfb.
+
+The display comes from test_viewer's ``x_display`` fixture (a private Xvfb, or the DISPLAY given).
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import distribution
+
+import pytest
+from test_viewer import x_display  # noqa: F401  (the fixture, shared)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_the_distribution_is_listed_as_a_napari_plugin():
+    meta = distribution("umvd-live").metadata
+    assert "Framework :: napari" in meta.get_all("Classifier")
+    assert any(ep.group == "napari.manifest" for ep in distribution("umvd-live").entry_points)
+    # the viewer extra names napari, never a Qt binding (napari's plugin guide)
+    viewer = [r for r in distribution("umvd-live").requires or [] if 'extra == "viewer"' in r]
+    assert any(r.startswith("napari") for r in viewer)
+    assert not any(q in r.lower() for r in viewer for q in ("pyqt", "pyside", "[all]", "[qt]"))
+
+
+def test_npe2_discovers_the_widget_in_the_installed_distribution():
+    npe2 = pytest.importorskip("npe2", reason="npe2 (the viewer extra) is not installed")
+    pm = npe2.PluginManager()  # a fresh one: only what entry points say
+    pm.discover(include_npe1=False)
+    manifest = pm.get_manifest("umvd-live")
+    assert manifest.package_metadata is not None and manifest.package_metadata.name == "umvd-live"
+    (widget,) = [w for w in pm.iter_widgets() if w.command.startswith("umvd-live.")]
+    assert widget.display_name == "Live denoiser"
+    assert pm.get_command(widget.command).python_name == "umvd_live.viewer.widget:LiveViewerWidget"
+
+
+@pytest.mark.gui
+def test_napari_opens_the_plugin_widget_from_its_menu_entry(x_display):  # noqa: F811
+    pytest.importorskip("napari", reason="napari is not installed (pip install 'umvd-live[viewer]' napari[all])")
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from umvd_live.viewer.widget import LiveViewerWidget
+
+    viewer = napari.Viewer(show=False)
+    try:
+        # what Plugins > umvd-live > Live denoiser does: npe2's global plugin manager, by name
+        dock, widget = viewer.window.add_plugin_dock_widget("umvd-live", "Live denoiser")
+        QApplication.processEvents()
+        assert isinstance(widget, LiveViewerWidget)
+        # napari hands plugins a public-only proxy of the viewer
+        assert getattr(widget.viewer, "__wrapped__", widget.viewer) is viewer
+        assert dock.widget() is not None and "Live denoiser" in dock.name
+        widget.close_session()
+    finally:
+        viewer.close()

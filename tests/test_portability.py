@@ -1,0 +1,234 @@
+"""Windows portability (issue 18, item 1): umvd-live without the POSIX-only APIs.
+
+Windows' Python has no ``os.pwrite``/``os.pread``, no ``resource`` module, no ``fork``, no
+``sched_getaffinity``, no ``O_NOFOLLOW``, no SIGKILL. `posix_absent` takes them away, as on
+Windows: inside a test (the spill queue, the recorder, the peak-memory figure) and, for the
+commands, from the start of a real subprocess (``denoise`` of a small movie, ``serve --record``
+fed by ``acquire replay``). A scan of the sources keeps new POSIX-only calls out.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import posix_absent
+import pytest
+import tifffile
+
+from umvd_live.control_client import ControlClient
+from umvd_live.protocol import FrameHeader
+from umvd_live.recorder import RecordingRequest, RecordingSession
+from umvd_live.recordfile import read_recording
+from umvd_live.runtime import peak_rss_mb
+from umvd_live.spillqueue import SpillQueue
+
+ROOT = Path(__file__).resolve().parents[1]
+HELPER = Path(__file__).with_name("posix_absent.py")
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+FAST_ENGINE = ["--preset", "lite", "--device", "cpu", "--window", "3", "--context", "none",
+               "--warmup-frames", "6", "--warmup-steps", "5"]
+#: umvd_live.logs.FORMAT, as every command writes it
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) umvd_live[\w.]*: ",
+                      re.MULTILINE)
+
+
+@pytest.fixture
+def windows_like(monkeypatch):
+    """This process without the POSIX-only APIs, for the length of the test."""
+    posix_absent.remove(monkeypatch)
+    assert not hasattr(os, "pwrite") and not hasattr(os, "pread") and not hasattr(os, "sched_getaffinity")
+    with pytest.raises(ImportError):
+        import resource  # noqa: F401
+
+
+def movie_with_metadata(path: Path, frames: int = 12, shape=(32, 32)) -> np.ndarray:
+    """A small OME-TIFF movie that says its pixel size, interval, channel and start."""
+    movie = np.random.default_rng(0).poisson(30, (frames, *shape)).astype(np.uint16)
+    tifffile.imwrite(path, movie, ome=True, metadata={
+        "axes": "TYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5, "TimeIncrement": 0.1,
+        "TimeIncrementUnit": "s", "Channel": {"Name": "GCaMP"}, "AcquisitionDate": "2024-05-06T07:08:09"})
+    return movie
+
+
+def ome_image(path: Path):
+    """The file's OME Image as ome-types reads it (validated against the schema)."""
+    ome_types = pytest.importorskip("ome_types")
+    with tifffile.TiffFile(path) as tif:
+        return ome_types.from_xml(tif.pages.first.description, validate=True).images[0]
+
+
+def assert_input_metadata(path: Path) -> None:
+    image = ome_image(path)
+    pixels = image.pixels
+    assert (pixels.physical_size_x, pixels.physical_size_y) == (0.5, 0.5)
+    assert pixels.time_increment == pytest.approx(0.1)
+    assert [c.name for c in pixels.channels] == ["GCaMP"]
+    assert image.acquisition_date is not None and image.acquisition_date.isoformat().startswith("2024-05-06T07:08:09")
+
+
+# -- in this process ------------------------------------------------------------------------------
+def test_spill_queue_spills_and_reads_back_without_pwrite(windows_like, tmp_path):
+    """Spilling and reading back run side by side on one descriptor: seek + write/read under a lock."""
+    q = SpillQueue(tmp_path, memory_budget_bytes=4 * 32 * 32 * 4, hard_limit_bytes=10**9)
+    n = 200
+    got: list[tuple[dict, np.ndarray]] = []
+
+    def consume() -> None:
+        while len(got) < n:
+            item = q.get(timeout=10)
+            assert item is not None
+            got.append(item)
+            if len(got) % 20 == 0:
+                time.sleep(0.01)  # let a backlog build up again
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    for i in range(n):
+        q.put({"i": i}, np.full((32, 32), i, np.float32))
+        if i % 50 == 0:
+            time.sleep(0.05)
+    consumer.join(60)
+    spilled = q.stats().spilled_total
+    q.close()
+    assert [h["i"] for h, _ in got] == list(range(n))
+    assert all((a == h["i"]).all() for h, a in got)
+    assert spilled > 0, "the budget of 4 frames should have made the queue spill"
+
+
+def test_recorder_writes_and_spills_without_pwrite(windows_like, tmp_path):
+    shape = (128, 128)  # 64 KiB a frame, over the budget: frames wait in the spill file
+    session = RecordingSession(RecordingRequest(path=tmp_path / "w.ome.tif", memory_budget_bytes=16 * 1024,
+                                                hard_limit_bytes=10**9))
+    for seq in range(100):
+        image = np.full(shape, seq, np.float32) + np.arange(shape[1], dtype=np.float32)
+        assert session.submit_denoised("cam0", FrameHeader(seq, shape, "<f4", t=seq / 10,
+                                                           meta={"pixel_size_um": 0.5}),
+                                       image, state="live", model_step=seq)
+    assert session.stop(wait=True, timeout=60)
+    status = session.status()
+    assert status.error is None and status.frames_written == 100 and status.spilled_total > 0
+    frames, infos, provenance = read_recording(tmp_path / "w_cam0.ome.tif")
+    assert [i.seq for i in infos] == list(range(100)) and provenance["complete"]
+    np.testing.assert_array_equal(frames[:, 0, 0], np.arange(100, dtype=np.float32))
+    assert tifffile.imread(tmp_path / "w_cam0.ome.tif").shape == (100, *shape)
+    assert ome_image(tmp_path / "w_cam0.ome.tif").pixels.time_increment == pytest.approx(0.1)
+
+
+def test_peak_memory_without_resource(windows_like):
+    peak = peak_rss_mb()  # psutil's figure, as on Windows
+    assert 10 < peak < 1e6
+
+
+# -- the sources ----------------------------------------------------------------------------------
+def _guarded(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
+    """Inside a ``try`` that catches ImportError, or in a branch that tested the platform."""
+    while node in parents:
+        node = parents[node]
+        if isinstance(node, ast.Try) and any(
+                isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+                for h in node.handlers):
+            return True
+        if isinstance(node, (ast.If, ast.IfExp)) and re.search(
+                r"sys\.platform|os\.name|hasattr\(os|hasattr\(signal", ast.unparse(node.test)):
+            return True
+    return False
+
+
+#: Known, in files this change does not own (issue 18 report): (path, API). Each is a Windows failure.
+KNOWN_ELSEWHERE: set[tuple[str, str]] = set()  # (file, API) allowed unguarded: none now
+
+
+def test_no_unguarded_posix_only_api_in_the_package_and_tools():
+    """umvd_live/, adapters/ and tools/ use a POSIX-only module, os function or signal only behind a
+    platform test or an ImportError fallback (getattr with a default is fine too)."""
+    os_names, signals, modules = set(posix_absent.OS_NAMES), set(posix_absent.SIGNAL_NAMES), set(posix_absent.MODULES)
+    found = []
+    for folder in ("umvd_live", "adapters", "tools"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text(), str(path))
+            parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+            for node in ast.walk(tree):
+                bad = None
+                if isinstance(node, ast.Import):
+                    bad = next((a.name for a in node.names if a.name.split(".")[0] in modules), None)
+                elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in modules:
+                    bad = node.module
+                elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and (
+                        node.value.id == "os" and node.attr in os_names
+                        or node.value.id == "signal" and node.attr in signals):
+                    bad = f"{node.value.id}.{node.attr}"
+                where = path.relative_to(ROOT).as_posix()
+                if bad and not _guarded(node, parents) and (where, bad) not in KNOWN_ELSEWHERE:
+                    found.append(f"{where}:{node.lineno}: {bad}")
+    assert not found, "POSIX-only, with no portable path:\n" + "\n".join(found)
+
+
+# -- the commands, in processes without them from the start ---------------------------------------
+@pytest.mark.timeout(420)
+def test_denoise_without_posix_apis_keeps_the_input_metadata(tmp_path):
+    src, out = tmp_path / "in.ome.tif", tmp_path / "out.ome.tif"
+    movie = movie_with_metadata(src)
+    done = subprocess.run([sys.executable, str(HELPER), "denoise", str(src), str(out), *FAST_ENGINE,
+                           "--steps-per-frame", "0.5"], capture_output=True, text=True, env=ENV, timeout=400,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    frames, infos, _ = read_recording(out)
+    assert frames.shape == movie.shape and [i.seq for i in infos] == list(range(len(movie)))
+    assert_input_metadata(out)
+
+
+READY = re.compile(r"ready: input=(\S+) output=(\S+) control=(\S+)")
+
+
+@pytest.mark.timeout(420)
+def test_serve_record_without_posix_apis_killed_keeps_frames_and_metadata(tmp_path):
+    """`serve --record` where the POSIX-only APIs never existed, fed by `acquire replay` of a file
+    with metadata, then killed (TerminateProcess on Windows): every frame and the metadata, from
+    a checkpoint, are in the file."""
+    src = tmp_path / "in.ome.tif"
+    movie = movie_with_metadata(src, frames=20)
+    err_path = tmp_path / "serve.err"
+    cmd = [sys.executable, str(HELPER), "serve", "--input", "tcp://127.0.0.1:*", "--output", "tcp://127.0.0.1:*",
+           "--control", "tcp://127.0.0.1:*", "--output-dir", str(tmp_path), "--record", str(tmp_path / "rec.ome.tif"),
+           *FAST_ENGINE, "--status-interval", "3600"]
+    with open(err_path, "w") as err:
+        daemon = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=ENV)
+    try:
+        deadline = time.monotonic() + 180
+        while not (match := READY.search(err_path.read_text())):
+            assert daemon.poll() is None and time.monotonic() < deadline, err_path.read_text()
+            time.sleep(0.1)
+        endpoint, _, control = match.groups()
+        replay = subprocess.run([sys.executable, "-m", "umvd_live.cli", "acquire", "replay", "--file", str(src),
+                                 "--to", endpoint, "--rate", "20", "--wait-s", "60"],
+                                capture_output=True, text=True, env=ENV, timeout=200, check=False)
+        assert replay.returncode == 0, replay.stderr
+        client = ControlClient(control, timeout_s=30)
+        try:
+            while (client.request("status")["recording"] or {}).get("frames_written", 0) < len(movie):
+                assert time.monotonic() < deadline + 120, client.request("status")["recording"]
+                time.sleep(0.2)
+        finally:
+            client.close()
+        time.sleep(2.5)  # at least one checkpoint (every second) after the last frame
+        daemon.kill()
+        daemon.wait(30)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(30)
+    log = err_path.read_text()
+    assert LOG_LINE.search(log), log  # the one log format (umvd_live.logs)
+    rec = tmp_path / "rec_cam0.ome.tif"
+    frames, _, provenance = read_recording(rec)
+    assert len(frames) == len(movie) and not provenance["complete"]  # killed: no clean close
+    assert provenance["frames_declared_in_ome"] == len(movie)
+    assert_input_metadata(rec)

@@ -1,0 +1,304 @@
+"""OME-Zarr (issue 18): recordings, `denoise` output and input, replay input. Real stores written
+by the recorder and by ome-writers (what pymmcore-plus writes), read back by zarr-python,
+ome-zarr-py, napari's OME-Zarr reader and yaozarrs' validator; a recorder killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorstore")
+zarr = pytest.importorskip("zarr")
+yaozarrs = pytest.importorskip("yaozarrs")
+
+from umvd_live.adapters.publisher import FramePublisher
+from umvd_live.adapters.replay import ReplayConfig, ZarrMovie, open_movie, replay
+
+from umvd_live.protocol import FrameHeader
+from umvd_live.recorder import RecordingRequest, RecordingSession, stream_path
+from umvd_live.recordfile import FrameInfo, Provenance
+from umvd_live.zarrfile import FRAMES_FILE, ZarrRecording, read_zarr_recording
+
+pytestmark = pytest.mark.timeout(120)
+SHAPE = (24, 32)
+
+
+def pattern(seq: int, shape=SHAPE, dtype=np.float32) -> np.ndarray:
+    """A frame whose every pixel depends on its seq, so a misplaced frame cannot pass."""
+    y, x = np.indices(shape)
+    return ((y * 7 + x * 3 + seq * 11) % 251).astype(dtype) + (0.25 if dtype == np.float32 else 0)
+
+
+def ome_zarr_nodes(path: Path) -> list:
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    return list(Reader(parse_url(str(path)))())
+
+
+META = {"group": "cam0", "channel": "GCaMP", "pixel_size_um": 0.65, "interval_ms": 50.0,
+        "acquisition_datetime": "2026-01-02T03:04:05"}
+
+
+def test_session_records_a_store_per_stream_raw_beside_denoised(tmp_path):
+    session = RecordingSession(RecordingRequest(path=tmp_path / "rec.ome.zarr", raw=True),
+                               provenance=lambda s: Provenance(stream=s, preset="lite", window=7))
+    seqs = [0, 1, 2, 3, 7, 8, 9]  # upstream lost 4-6
+    for i, seq in enumerate(seqs):
+        for z in (0, 1):
+            stream = f"cam0.GCaMP.z{z}"
+            h = FrameHeader(seq=seq, shape=SHAPE, dtype="<u2", t=0.05 * seq,
+                            meta={**META, "index": {"t": seq, "c": 0, "z": z}})
+            assert session.submit_raw(stream, h, pattern(seq + 100 * z, dtype=np.uint16))
+            assert session.submit_denoised(stream, h, pattern(seq + 100 * z), state="warmup" if i < 3 else "live",
+                                           model_step=i)
+    assert session.stop(wait=True, timeout=30)
+    st = session.status()
+    assert st.error is None and st.frames_written == 4 * len(seqs)
+    assert st.files["cam0.GCaMP.z1.raw"] == [str(tmp_path / "rec_cam0.GCaMP.z1.raw.ome.zarr")]
+    assert stream_path(tmp_path / "rec.ome.zarr", "cam0") == tmp_path / "rec_cam0.ome.zarr"
+
+    for z in (0, 1):
+        path = tmp_path / f"rec_cam0.GCaMP.z{z}.ome.zarr"
+        frames, infos, prov = read_zarr_recording(path)
+        assert frames.dtype == np.float32 and frames.shape == (len(seqs), *SHAPE)
+        assert all(np.array_equal(frames[i], pattern(s + 100 * z)) for i, s in enumerate(seqs))
+        assert [f.seq for f in infos] == seqs and infos[4].meta["index"] == {"t": 7, "c": 0, "z": z}
+        assert prov["seq_gaps"] == [(4, 6)] and prov["first_live_frame"] == 3
+        assert prov["complete"] is True and prov["frames_declared"] == len(seqs)
+        assert prov["kind"] == "denoised" and prov["preset"] == "lite" and prov["axis.z"] == z
+        assert prov["acquisition_datetime"] == "2026-01-02T03:04:05"
+        # the raw copy keeps the input's dtype and values: never replaced by denoised data
+        raw, raw_infos, raw_prov = read_zarr_recording(tmp_path / f"rec_cam0.GCaMP.z{z}.raw.ome.zarr")
+        assert raw.dtype == np.uint16 and raw_prov["kind"] == "raw"
+        assert all(np.array_equal(raw[i], pattern(s + 100 * z, dtype=np.uint16)) for i, s in enumerate(seqs))
+        assert [f.state for f in raw_infos] == [None] * len(seqs)
+        # what other readers see: valid OME-Zarr 0.5, T x C x Y x X, the calibration on the axes
+        yaozarrs.validate_zarr_store(str(path))
+        (node,) = ome_zarr_nodes(path)
+        assert node.data[0].shape == (len(seqs), 1, *SHAPE)
+        assert node.metadata["channel_names"] == ["GCaMP"] and node.metadata["name"] == f"cam0.GCaMP.z{z} denoised"
+        assert node.metadata["coordinateTransformations"][0][0]["scale"] == [0.05, 1.0, 0.65, 0.65]
+        np.testing.assert_array_equal(np.asarray(zarr.open_group(str(path), mode="r")["0"])[:, 0], frames)
+
+
+def test_napari_opens_a_recording_with_its_scale(tmp_path):
+    pytest.importorskip("napari")
+    pytest.importorskip("napari_ome_zarr")
+    from napari.components import ViewerModel
+
+    path = tmp_path / "n.ome.zarr"
+    rec = ZarrRecording.create(path, pattern(0), FrameInfo(seq=0, meta=META), Provenance("cam0"))
+    for i in range(1, 5):
+        rec.append(pattern(i), FrameInfo(seq=i, meta=META))
+    rec.close()
+    import npe2
+
+    npe2.PluginManager.instance().discover()  # napari leaves plugin discovery to its app, not to tests
+    viewer = ViewerModel()
+    layers = viewer.open(str(path), plugin="napari-ome-zarr")
+    assert [(layer.name, layer.data.shape) for layer in layers] == [("cam0 denoised: GCaMP", (5, *SHAPE))]
+    np.testing.assert_allclose(layers[0].scale[-2:], [0.65, 0.65])
+    np.testing.assert_array_equal(np.asarray(layers[0].data[3]), pattern(3))
+
+
+def test_a_store_is_never_overwritten_and_a_shape_change_starts_a_part(tmp_path):
+    (tmp_path / "x_cam0.ome.zarr").mkdir()
+    (tmp_path / "x_cam0.ome.zarr" / "precious").write_bytes(b"keep")
+    with pytest.raises(FileExistsError):
+        ZarrRecording.create(tmp_path / "x_cam0.ome.zarr", pattern(0), FrameInfo(seq=0), Provenance("cam0"))
+    session = RecordingSession(RecordingRequest(path=tmp_path / "x.ome.zarr"))
+    session.submit_denoised("cam0", FrameHeader(0, SHAPE, "<f4"), pattern(0), state="live", model_step=0)
+    session.submit_denoised("cam0", FrameHeader(1, (8, 8), "<f4"), pattern(1, (8, 8)), state="live", model_step=1)
+    session.stop(wait=True)
+    assert session.status().files["cam0"] == [str(tmp_path / "x_cam0-part2.ome.zarr"),
+                                              str(tmp_path / "x_cam0-part3.ome.zarr")]
+    assert (tmp_path / "x_cam0.ome.zarr" / "precious").read_bytes() == b"keep"
+
+
+_KILL_CHILD = textwrap.dedent("""
+    import sys, time, numpy as np
+    sys.path.insert(0, sys.argv[2])
+    from test_zarr import pattern, META
+    from umvd_live.protocol import FrameHeader
+    from umvd_live.recorder import RecordingRequest, RecordingSession
+    s = RecordingSession(RecordingRequest(path=sys.argv[1], raw=True, checkpoint_interval_s=0.2))
+    seq = 0
+    while True:
+        h = FrameHeader(seq=seq, shape=(24, 32), dtype="<u2", t=seq * 0.01, meta=META)
+        s.submit_raw("cam0", h, pattern(seq, dtype=np.uint16))
+        s.submit_denoised("cam0", h, pattern(seq), state="warmup" if seq < 20 else "live", model_step=seq)
+        seq += 1
+        if seq % 5 == 0:
+            print(s.status().frames_written, flush=True)
+        time.sleep(0.002)
+""")
+
+
+def test_a_session_killed_with_sigkill_is_readable_up_to_the_last_flushed_chunk(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, str(tmp_path / "k.ome.zarr"),
+                             str(Path(__file__).parent)], stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if int(line) >= 150:
+                time.sleep(0.13)  # between two checkpoints
+                break
+        proc.kill()  # SIGKILL
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for name, dtype in (("k_cam0.ome.zarr", np.float32), ("k_cam0.raw.ome.zarr", np.uint16)):
+        path = tmp_path / name
+        frames, infos, prov = read_zarr_recording(path)
+        n = len(infos)
+        assert n >= 60 and [f.seq for f in infos] == list(range(n))
+        assert all(np.array_equal(frames[i], pattern(i, dtype=dtype)) for i in range(n))
+        assert prov["complete"] is False and 1 <= prov["frames_declared"] <= n
+        # OME readers see the frames declared at the last checkpoint, each of them written
+        yaozarrs.validate_zarr_store(str(path))
+        declared = np.asarray(ome_zarr_nodes(path)[0].data[0])[:, 0]
+        assert declared.shape[0] == prov["frames_declared"]
+        np.testing.assert_array_equal(declared, frames[: declared.shape[0]])
+
+
+_BARE_CHILD = textwrap.dedent("""
+    import sys, numpy as np
+    sys.path.insert(0, sys.argv[2])
+    from test_zarr import pattern
+    from umvd_live.recordfile import FrameInfo, Provenance
+    from umvd_live.zarrfile import ZarrRecording
+    shape = (200, 201)
+    rec = ZarrRecording.create(sys.argv[1], pattern(0, shape), FrameInfo(seq=0), Provenance("k"))
+    print(0, flush=True)
+    seq = 1
+    while True:
+        rec.append(pattern(seq, shape), FrameInfo(seq=seq, state="live", model_step=seq))
+        if seq % 7 == 0:
+            rec.checkpoint()
+        if seq % 25 == 0:
+            print(seq, flush=True)
+        seq += 1
+""")
+
+
+@pytest.mark.parametrize("frames_before_kill", [0, 75])
+def test_a_writer_killed_at_full_speed_leaves_only_whole_frames(tmp_path, frames_before_kill):
+    path = tmp_path / "w.ome.zarr"
+    proc = subprocess.Popen([sys.executable, "-c", _BARE_CHILD, str(path), str(Path(__file__).parent)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if int(line) >= frames_before_kill:
+                break
+        proc.kill()
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    frames, infos, prov = read_zarr_recording(path)
+    n = len(infos)
+    assert n >= max(1, frames_before_kill - 16)  # at most IN_FLIGHT writes were running
+    assert prov["complete"] is False and prov["frames_declared"] <= n
+    assert [f.seq for f in infos] == list(range(n))
+    assert all(np.array_equal(frames[i], pattern(i, (200, 201))) for i in range(n))
+    lines = (path / FRAMES_FILE).read_bytes().split(b"\n")
+    assert len(lines) - 1 == n and json.loads(lines[n - 1])["seq"] == n - 1
+    yaozarrs.validate_zarr_store(str(path))
+
+
+# -- OME-Zarr as input --------------------------------------------------------------------------
+def write_ome_writers_store(path: Path, sizes: dict[str, int], dtype: str = "uint16") -> np.ndarray:
+    """A store as pymmcore-plus writes it (ome-writers); frame i is filled with i."""
+    from ome_writers import (
+        AcquisitionSettings,
+        OmeZarrFormat,
+        create_stream,
+        dims_from_standard_axes,
+    )
+
+    settings = AcquisitionSettings(root_path=str(path), dimensions=dims_from_standard_axes(sizes), dtype=dtype,
+                                   format=OmeZarrFormat(backend="tensorstore"))
+    n = int(np.prod([v for k, v in sizes.items() if k not in "yx"]))
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 1000, (n, sizes["y"], sizes["x"])).astype(dtype)
+    data[:, 0, 0] = np.arange(n)
+    with create_stream(settings) as stream:
+        for frame in data:
+            stream.append(frame)
+    return data
+
+
+def test_replay_splits_a_multi_position_store_into_streams(tmp_path, receiver):
+    path = tmp_path / "mda.ome.zarr"
+    data = write_ome_writers_store(path, {"t": 3, "p": 2, "c": 2, "z": 2, "y": 12, "x": 16})
+    with open_movie(path) as movie:
+        assert isinstance(movie, ZarrMovie)
+        assert movie.streams == [f"cam0.p{p}.c{c}.z{z}" for p in (0, 1) for c in (0, 1) for z in (0, 1)]
+        assert movie.n_frames == 24
+        # acquisition order: time point by time point, each in file order (t, p, c, z)
+        assert [int(movie.frame(i)[0, 0]) for i in range(24)] == list(range(24))
+    pub = FramePublisher(receiver.endpoint, "cam0")
+    assert pub.wait_for_subscriber(10)
+    stats = replay(pub, ReplayConfig(path=path, rate_hz=500, series=1, channel=1))
+    frames = receiver.wait_for(6)
+    pub.close()
+    assert stats.published == 6
+    assert {f.stream for f in frames} == {"cam0.p1.c1.z0", "cam0.p1.c1.z1"}
+    got = {(f.stream, f.header.seq): f.pixels for f in frames}
+    # series 1 (p1), channel 1, z: frame index t*8 + 1*4 + 1*2 + z
+    for t in range(3):
+        for z in (0, 1):
+            np.testing.assert_array_equal(got[(f"cam0.p1.c1.z{z}", t)], data[t * 8 + 6 + z])
+
+
+def test_a_recording_replays_at_its_own_times_as_one_stream(tmp_path):
+    path = tmp_path / "r.ome.zarr"
+    rec = ZarrRecording.create(path, pattern(0, dtype=np.uint16), FrameInfo(seq=0, t=10.0, meta=META),
+                               Provenance("cam0.GCaMP"))
+    for i in range(1, 6):
+        rec.append(pattern(i, dtype=np.uint16), FrameInfo(seq=i, t=10.0 + 0.1 * i, meta=META))
+    rec.close()
+    with ZarrMovie(path) as movie:
+        assert movie.streams == ["cam0"] and movie.n_frames == 6
+        np.testing.assert_allclose(movie.timestamps(), [0.1 * i for i in range(6)])
+        meta = movie.acquisition_meta(2)
+        assert meta["channel"] == "GCaMP" and meta["pixel_size_um"] == 0.65 and meta["interval_ms"] == 50.0
+        np.testing.assert_array_equal(movie.frame(4), pattern(4, dtype=np.uint16))
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "umvd_live.cli", "denoise", *map(str, args)],
+                          capture_output=True, text=True, timeout=550, check=False)
+
+
+@pytest.mark.timeout(600)  # the denoising itself: seconds on an idle machine
+def test_denoise_reads_and_writes_ome_zarr(tmp_path):
+    from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
+
+    noisy, _ = TwoPhotonSimulator(SimConfig(height=32, width=32, photons=2.0, seed=3)).movie(20)
+    src, out = tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr"
+    rec = ZarrRecording.create(src, noisy[0].astype(np.float32), FrameInfo(seq=0, meta=META), Provenance("in", kind="raw"))
+    for i in range(1, 20):
+        rec.append(noisy[i].astype(np.float32), FrameInfo(seq=i, meta=META))
+    rec.close()
+    done = cli(src, out, "--preset", "lite", "--warmup-frames", "10")
+    assert done.returncode == 0, done.stderr
+    frames, infos, prov = read_zarr_recording(out)
+    assert frames.shape == (20, 32, 32) and frames.dtype == np.float32
+    assert [i.seq for i in infos] == list(range(20)) and prov["complete"] is True
+    assert prov["source"] == str(src) and prov["pixel_size_um"] == 0.65
+    yaozarrs.validate_zarr_store(str(out))
+    assert abs(float(frames.mean()) - float(noisy.mean())) < 0.05 * float(noisy.mean()), "input units"
+    again = cli(src, out)
+    assert again.returncode == 2 and "exists" in again.stderr
+    (tmp_path / "empty.ome.zarr").mkdir()
+    bad = cli(tmp_path / "empty.ome.zarr", tmp_path / "o2.ome.zarr")
+    assert bad.returncode == 2 and "not a readable Zarr group" in bad.stderr and "Traceback" not in bad.stderr

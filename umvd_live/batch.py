@@ -1,0 +1,655 @@
+"""`umvd-live batch`: many recorded movies through `denoise`'s engine, on a Dask cluster.
+
+A lab's nightly archive outgrows one machine; people run such work on the cluster they have
+(a Dask cluster, or SLURM through dask-jobqueue), so this is plain dask.distributed: a
+`LocalCluster` of worker processes on this machine (``--workers``), or any running scheduler
+(``--scheduler``). Workers must see the inputs and ``--output-dir`` (a shared file system).
+
+Work split. A movie of up to ``chunk_frames`` frames is one task that runs `filemode`'s own
+code path (`filemode.denoise_movie`, `filemode.write_denoised`): its output is `denoise`'s for
+the same options and seed. A longer movie is trained once by one task (`train_movie`: `--offline`,
+the paper's recipe on the whole movie; streamed, the warm start on its first burst) and its
+frames are then denoised in time chunks by several tasks that share those weights
+(`denoise_chunk`), each chunk reading N//2 plus the context frames before its first output
+frame and N//2 after its last, so every output sees the window and context blocks it would see
+in one piece; one more task joins the chunks and writes the file (`write_chunks`).
+docs/batch.md has what chunking does to quality.
+
+Failure. A lost worker's tasks are rerun by the scheduler, and a task that raised is retried
+(``retries``). An output is written under a temporary name and renamed, so the final name only
+ever holds a whole file. A failed input gets one line and the others go on; the exit status is 1
+when any failed. A manifest (JSON) lists inputs → outputs with provenance and timings, written
+after every input; ``--resume`` skips the inputs whose output exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import itertools
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from umvd_live import filemode
+from umvd_live.budget import cpu_cores
+from umvd_live.changes import ChangeDetector
+from umvd_live.checkpoint import CheckpointError
+from umvd_live.engine import DenoisedFrame, EngineConfig, StreamDenoiser
+from umvd_live.movie import MovieError, read_movie
+from umvd_live.normalization import sanitize
+from umvd_live.recordfile import Provenance
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "umvd-live-batch/1"
+#: Movies up to this many frames are one task; longer ones are split (`plan_chunks`).
+DEFAULT_CHUNK_FRAMES = 2000
+#: Input name endings replaced by the output's (``movie.ome.tif`` -> ``DIR/movie.ome.tif``).
+_MOVIE_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".ome.zarr", ".zarr")
+_OUTPUT_SUFFIX = {"ome-tiff": ".ome.tif", "ome-zarr": ".ome.zarr"}
+#: Input errors are returned as `Failed`, not raised: rerunning them (Dask's retries) cannot help.
+_INPUT_ERRORS = (MovieError, CheckpointError, ValueError, RuntimeError)
+
+
+# -- plan ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BatchOptions:
+    engine: EngineConfig
+    offline: bool = False
+    chunk_frames: int = DEFAULT_CHUNK_FRAMES
+    save_models: bool = False  # each movie's final weights beside its output (NAME.pt)
+    retries: int = 1  # reruns of a task that raised (a lost worker's tasks are rerun anyway)
+    offline_steps: int | None = None  # None: `denoise --offline`'s (`filemode.default_offline_steps`)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Output frames [start, stop) of a movie, denoised from the frames [read_start, read_stop),
+    all in the segment [segment_start, segment_end) (`umvd_live.changes`)."""
+
+    index: int
+    start: int
+    stop: int
+    read_start: int
+    read_stop: int
+    segment: int = 0
+    segment_start: int = 0
+    segment_end: int | None = None
+
+
+def plan_chunks(frames: int, chunk_frames: int, k: int, context: tuple[int, ...],
+                changes: tuple[int, ...] = ()) -> list[Chunk]:
+    """Equal time chunks of at most ``chunk_frames`` output frames, within the segments that the
+    ``changes`` (first frames of new segments) start. Each reads k + sum(context) frames before
+    its first output (the window's half and the context blocks) and k after its last (the
+    window's other half), never beyond its segment: the engine starts each segment afresh, as a
+    stream, so a chunk's output frames then see exactly the frames they would see in one piece."""
+    if chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+    lead = k + sum(context)
+    starts = sorted({0, *(c for c in changes if 0 < c < frames)})
+    chunks: list[Chunk] = []
+    for segment, (first, end) in enumerate(itertools.pairwise([*starts, frames])):
+        n = max(1, -(-(end - first) // chunk_frames))
+        bounds = [first + round(i * (end - first) / n) for i in range(n + 1)]
+        chunks += [Chunk(len(chunks) + i, a, b, max(first, a - lead), min(end, b + k), segment, first, end)
+                   for i, (a, b) in enumerate(itertools.pairwise(bounds))]
+    return chunks
+
+
+def output_name(source: Path, fmt: str = "ome-tiff") -> str:
+    name = source.name
+    for suffix in _MOVIE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name + _OUTPUT_SUFFIX[fmt]
+
+
+def expand_inputs(patterns: list[str]) -> tuple[list[Path], list[str]]:
+    """(inputs in order without repeats, patterns that matched nothing). A path without glob
+    characters is kept as it is, so a missing file fails with `read_movie`'s own message."""
+    found: list[Path] = []
+    empty: list[str] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern, recursive=True))
+            if not matches:
+                empty.append(pattern)
+            found += [Path(m) for m in matches]
+        else:
+            found.append(Path(pattern))
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    return unique, empty
+
+
+# -- tasks (run on the workers) ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Failed:
+    """An input that cannot be denoised, in one line."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Written:
+    """An output written whole under its final name."""
+
+    output: str
+    frames: int
+    shape: tuple[int, int]
+    model_step: int
+    provenance: dict[str, Any]
+    seconds: dict[str, float]
+    workers: list[str]
+
+
+@dataclass(frozen=True)
+class WarmModel:
+    """A long movie's trained weights (a checkpoint's bytes), shared by its chunks."""
+
+    weights: bytes
+    frames: int
+    shape: tuple[int, int]
+    k: int
+    context: tuple[int, ...]
+    changes: tuple[int, ...]  # first frames of the movie's segments after the first
+    provenance: Provenance
+    seconds: float
+    worker: str
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    chunk: Chunk
+    frames: np.ndarray  # (stop - start, H, W) float32
+    outputs: list[DenoisedFrame]  # without images: the frame records
+    seconds: float
+    worker: str
+
+
+def _worker() -> tuple[str, int]:
+    """(address, tasks it runs at once) of the Dask worker running this task, or ("local", 1)."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        return worker.address, worker.state.nthreads
+    except (ImportError, ValueError):
+        return "local", 1
+
+
+def _task_config(config: EngineConfig) -> EngineConfig:
+    """The engine's torch threads: as given, else this machine's cores divided among the tasks
+    its worker runs at once, so tasks side by side never oversubscribe the cores (several workers
+    on one host: give ``--threads``)."""
+    if config.cpu_threads is not None:
+        return config
+    return replace(config, cpu_threads=max(1, cpu_cores() // _worker()[1]))
+
+
+def _partial_name(output: Path) -> Path:
+    """A temporary name beside ``output`` with the same ending (it picks the format)."""
+    return output.with_name(f".partial-{uuid.uuid4().hex[:12]}.{output.name}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_atomic(output: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then rename to ``output`` (os.replace: atomic on POSIX and Windows), so no
+    reader ever sees a partial file under the final name; the temporary is removed on failure."""
+    tmp = _partial_name(output)
+    try:
+        write(tmp)
+        os.replace(tmp, output)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _model_path(output: Path) -> Path:
+    """Where ``--save-models`` puts a movie's weights: NAME.pt beside NAME.ome.tif."""
+    return output.with_name(output_name(output).removesuffix(_OUTPUT_SUFFIX["ome-tiff"]) + ".pt")
+
+
+def start_movie(source: str, output: str, options: BatchOptions) -> Written | WarmModel | Failed:
+    """A movie's first task: the whole of it if short (`denoise`'s code path), else its training."""
+    started = time.monotonic()
+    try:
+        movie = read_movie(source)
+        config = _task_config(options.engine)
+        if len(movie) > options.chunk_frames:
+            return train_movie(movie, source, config, options)
+        read_s = time.monotonic() - started
+        result = filemode.denoise_movie(movie, config, offline=options.offline, offline_steps=options.offline_steps)
+        try:
+            provenance = filemode.denoise_provenance(result.engine, source, offline=options.offline)
+            written = time.monotonic()
+            write_atomic(Path(output), lambda tmp: filemode.write_denoised(tmp, source, result.frames,
+                                                                           result.outputs, provenance))
+            if options.save_models:
+                write_atomic(_model_path(Path(output)), result.engine.save_weights)
+        finally:
+            result.engine.close()
+    except _INPUT_ERRORS as exc:
+        return Failed(str(exc))
+    return Written(output, len(movie), movie.shape[1:], result.engine.model_step, _provenance_dict(provenance),
+                   {"read": read_s, "denoise": result.seconds, "write": time.monotonic() - written,
+                    "task": time.monotonic() - started}, [_worker()[0]])
+
+
+def train_movie(movie: np.ndarray, source: str, config: EngineConfig, options: BatchOptions) -> WarmModel:
+    """The weights a long movie's chunks share: `--offline`, trained on the whole movie (as
+    `denoise --offline`); streamed, the warm start on the first burst of frames, as a stream
+    goes through it, then frozen (chunks cannot follow one stream's online training)."""
+    started = time.monotonic()
+    engine = StreamDenoiser(replace(config, train_mode="inline", warmup_frames=min(config.warmup_frames, len(movie))))
+    try:
+        if options.offline:
+            engine.pretrain(movie, options.offline_steps or filemode.default_offline_steps(len(movie)))
+        else:
+            for frame in movie[:engine.config.warmup_frames]:
+                engine.push(frame, infer=False)
+        changes = find_changes(movie, config)
+        chunks = len(plan_chunks(len(movie), options.chunk_frames, engine.k, engine.spec.context, changes))
+        provenance = filemode.denoise_provenance(
+            engine, source, offline=options.offline, chunks=chunks,
+            chunk_weights="trained on the whole movie" if options.offline else "the warm start, frozen")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "weights.pt"
+            engine.save_weights(path)
+            weights = path.read_bytes()
+        return WarmModel(weights, len(movie), movie.shape[1:], engine.k, engine.spec.context, changes,
+                         provenance, time.monotonic() - started, _worker()[0])
+    finally:
+        engine.close()
+
+
+def find_changes(movie: np.ndarray, config: EngineConfig) -> tuple[int, ...]:
+    """The frames where the engine would start new segments when the whole movie is pushed: its
+    change detector sees every frame in order, and only the frames (`umvd_live.changes`)."""
+    detector = ChangeDetector(config.changes)
+    return tuple(i for i, frame in enumerate(movie) if detector.observe(sanitize(frame)[0]) is not None)
+
+
+def denoise_chunk(source: str, model: WarmModel, chunk: Chunk, options: BatchOptions) -> ChunkResult:
+    """One chunk of a long movie, with the movie's shared weights and training off.
+
+    The frames are pushed as `denoise` pushes them, from ``read_start`` on; outputs before
+    ``start`` are not inferred. The engine is built on its segment's first frame (`pretrain` with
+    no steps): the intensity normalisation the engine fits there in one piece. Its change
+    detector is off: a chunk's segment is known (`find_changes`), and a detector that began
+    mid-segment would not see what one piece's saw."""
+    started = time.monotonic()
+    movie = read_movie(source)
+    if len(movie) != model.frames or movie.shape[1:] != model.shape:
+        raise MovieError(f"{source}: changed while it was being denoised")
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "weights.pt"
+        weights.write_bytes(model.weights)
+        config = replace(_task_config(options.engine), init=str(weights), train_mode="inline", steps_per_frame=0.0,
+                         changes=replace(options.engine.changes, enabled=False))
+        engine = StreamDenoiser(config)
+        engine.pretrain(movie[chunk.segment_start:chunk.segment_start + 1], 0)  # loads the weights: the file may go
+    try:
+        engine.pause_training()
+        images: list[np.ndarray | None] = [None] * (chunk.stop - chunk.start)
+        outputs: list[DenoisedFrame | None] = [None] * (chunk.stop - chunk.start)
+
+        def keep(ready: list[DenoisedFrame]) -> None:
+            for out in ready:
+                t = out.index + chunk.read_start
+                if chunk.start <= t < chunk.stop:
+                    images[t - chunk.start] = out.image
+                    outputs[t - chunk.start] = replace(out, index=t, image=None, segment=chunk.segment)
+
+        for t in range(chunk.read_start, chunk.read_stop):
+            keep(engine.push(movie[t], infer=t - engine.k >= chunk.start))
+        if chunk.read_stop == chunk.segment_end:
+            keep(engine.flush())
+    finally:
+        engine.close()
+    if any(o is None for o in outputs):
+        raise RuntimeError(f"{source}: chunk {chunk.index} left frames without an output")
+    return ChunkResult(chunk, np.stack(images).astype(np.float32, copy=False), outputs,  # type: ignore[arg-type]
+                       time.monotonic() - started, _worker()[0])
+
+
+def write_chunks(source: str, output: str, model: WarmModel, options: BatchOptions, *parts: ChunkResult) -> Written:
+    """Join a long movie's chunks in order and write them (`filemode.write_denoised`)."""
+    started = time.monotonic()
+    parts = tuple(sorted(parts, key=lambda p: p.chunk.index))
+    frames = np.concatenate([p.frames for p in parts])
+    outputs = [o for p in parts for o in p.outputs]
+    write_atomic(Path(output), lambda tmp: filemode.write_denoised(tmp, source, frames, outputs, model.provenance))
+    if options.save_models:
+        write_atomic(_model_path(Path(output)), lambda tmp: tmp.write_bytes(model.weights))
+    return Written(output, len(frames), model.shape, outputs[-1].model_step, _provenance_dict(model.provenance),
+                   {"train": model.seconds, "denoise": sum(p.seconds for p in parts),
+                    "write": time.monotonic() - started},
+                   list(dict.fromkeys([model.worker, *(p.worker for p in parts), _worker()[0]])))
+
+
+def _provenance_dict(provenance: Provenance) -> dict[str, Any]:
+    return {k: v for k, v in asdict(provenance).items() if v not in (None, {}, "")}
+
+
+# -- the client: submit, follow, record ----------------------------------------------------------
+@dataclass
+class Item:
+    """One input and what became of it (a manifest entry)."""
+
+    input: Path
+    output: Path
+    status: str = "pending"  # pending | done | skipped | failed
+    error: str | None = None
+    frames: int | None = None
+    shape: tuple[int, int] | None = None
+    chunks: int = 1
+    model_step: int | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    workers: list[str] = field(default_factory=list)
+    submitted: float = 0.0
+
+    def entry(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"input": str(self.input), "output": str(self.output), "status": self.status}
+        if self.error:
+            out["error"] = self.error
+        if self.input.exists() and not self.input.is_dir():
+            stat = self.input.stat()
+            out["input_bytes"], out["input_mtime_ns"] = stat.st_size, stat.st_mtime_ns
+        if self.frames is not None:
+            out.update(frames=self.frames, height=self.shape[0], width=self.shape[1], chunks=self.chunks,
+                       final_model_step=self.model_step, provenance=self.provenance,
+                       seconds={k: round(v, 3) for k, v in self.seconds.items()}, workers=self.workers)
+        return out
+
+
+@dataclass
+class BatchReport:
+    items: list[Item]
+    seconds: float
+    frames: int
+    manifest: Path
+
+    @property
+    def failed(self) -> list[Item]:
+        return [i for i in self.items if i.status == "failed"]
+
+    def count(self, status: str) -> int:
+        return sum(i.status == status for i in self.items)
+
+
+def _about(item: Item, error: str) -> str:
+    """An input's error, naming the input once (`read_movie`'s messages begin with it)."""
+    return error if error.startswith(str(item.input)) else f"{item.input}: {error}"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+class _Manifest:
+    """The batch's record, rewritten atomically after every input (a killed batch leaves one)."""
+
+    def __init__(self, path: Path, header: dict[str, Any], earlier: dict[str, dict[str, Any]]):
+        self.path = path
+        self.header = header
+        self.earlier = earlier  # a resumed batch keeps what the earlier run said about skipped inputs
+
+    @staticmethod
+    def load_entries(path: Path) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads(path.read_text())
+            return {e["output"]: e for e in data.get("inputs", []) if e.get("status") == "done"}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+
+    def write(self, items: list[Item], summary: dict[str, Any]) -> None:
+        entries = []
+        for item in items:
+            entry = item.entry()
+            if item.status == "skipped" and str(item.output) in self.earlier:
+                entry = {**self.earlier[str(item.output)], "status": "skipped"}
+            entries.append(entry)
+        data = {**self.header, "summary": summary, "inputs": entries}
+        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.path)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("movies"),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=False,
+    )
+
+
+def run_batch(client: Any, items: list[Item], options: BatchOptions, manifest: _Manifest,
+              console: Console | None = None) -> BatchReport:
+    """Denoise every pending item on ``client``'s cluster; record each as it ends. A progress bar
+    follows the futures as they complete (`distributed.as_completed`)."""
+    from distributed import as_completed
+
+    console = console or Console(stderr=True, quiet=True)
+    started = time.monotonic()
+    frames_done = 0
+    run_id = uuid.uuid4().hex[:8]
+    role: dict[str, tuple[Item, str, Any]] = {}  # future key -> (item, role, detail)
+    futures_of: dict[int, list[Any]] = {}
+    pending = [i for i in items if i.status == "pending"]
+    ac = as_completed()
+
+    def submit(item: Item, what: str, detail: Any, fn: Callable, *args: Any) -> Any:
+        key = f"umvd-{what}-{item.input.stem}-{run_id}-{len(role)}"
+        future = client.submit(fn, *args, key=key, pure=False, retries=options.retries)
+        role[future.key] = (item, what, detail)
+        futures_of.setdefault(id(item), []).append(future)
+        ac.add(future)
+        return future
+
+    def summary() -> dict[str, Any]:
+        elapsed = time.monotonic() - started
+        return {"done": sum(i.status == "done" for i in items), "skipped": sum(i.status == "skipped" for i in items),
+                "failed": sum(i.status == "failed" for i in items), "frames": frames_done,
+                "seconds": round(elapsed, 3), "frames_per_s": round(frames_done / elapsed, 2) if elapsed > 0 else 0.0}
+
+    with _progress(console) as progress:
+        bar = progress.add_task("denoising", total=len(items), info="",
+                                completed=sum(i.status != "pending" for i in items))
+
+        def finish(item: Item, written: Written | None = None, error: str | None = None) -> None:
+            if error is not None:
+                item.status, item.error = "failed", error
+                progress.console.print(f"umvd-live batch: error: {_about(item, error)}", soft_wrap=True,
+                                       markup=False, highlight=False)
+                for f in futures_of.get(id(item), []):
+                    f.cancel()
+            else:
+                item.status = "done"
+                item.frames, item.shape, item.model_step = written.frames, tuple(written.shape), written.model_step
+                item.provenance, item.workers = written.provenance, written.workers
+                item.seconds = {**written.seconds, "wall": time.monotonic() - item.submitted}
+            futures_of.pop(id(item), None)
+            progress.advance(bar)
+            manifest.write(items, summary())
+
+        for item in pending:
+            item.submitted = time.monotonic()
+            submit(item, "start", None, start_movie, str(item.input), str(item.output), options)
+        manifest.write(items, summary())
+        for future in ac:
+            item, what, detail = role.pop(future.key)
+            if item.status != "pending":  # failed already; its other futures were cancelled
+                continue
+            if future.status != "finished":
+                finish(item, error=_one_line(future.exception()) if future.status == "error" else "cancelled")
+                continue
+            if what == "chunk":  # its frames stay on the worker for `write_chunks`
+                frames_done += detail.stop - detail.start
+            else:
+                result = future.result()
+                if isinstance(result, Failed):
+                    finish(item, error=result.message)
+                elif isinstance(result, Written):
+                    if what == "start":
+                        frames_done += result.frames
+                    finish(item, written=result)
+                else:  # a WarmModel: its chunks share the weights, which stay on the cluster
+                    chunks = plan_chunks(result.frames, options.chunk_frames, result.k, result.context,
+                                         result.changes)
+                    item.chunks = len(chunks)
+                    parts = [submit(item, "chunk", c, denoise_chunk, str(item.input), future, c, options)
+                             for c in chunks]
+                    submit(item, "write", None, write_chunks, str(item.input), str(item.output), future, options,
+                           *parts)
+            elapsed = time.monotonic() - started
+            progress.update(bar, info=f"{frames_done} frames, {frames_done / max(elapsed, 1e-9):.1f} frames/s")
+    report = BatchReport(items, time.monotonic() - started, frames_done, manifest.path)
+    manifest.write(items, summary())
+    for item in items:  # temporaries of tasks whose worker died mid-write
+        for stale in item.output.parent.glob(f".partial-*.{item.output.name}"):
+            _remove(stale)
+    return report
+
+
+# -- command line --------------------------------------------------------------------------------
+def _fail(message: str) -> int:
+    print(f"umvd-live batch: error: {message}", file=sys.stderr)  # one line, never wrapped
+    return 2
+
+
+def dashboard_link(client: Any) -> str | None:
+    """The Dask dashboard's address, when the scheduler runs one (it needs bokeh)."""
+    try:
+        services = client.scheduler_info().get("services", {})
+    except (OSError, AttributeError):  # an old or unreachable scheduler: no link
+        return None
+    return client.dashboard_link if "dashboard" in services else None
+
+
+def open_client(workers: int | None, scheduler: str | None) -> tuple[Any, Any]:
+    """(client, local cluster or None): an existing scheduler, or ``workers`` local worker
+    processes of one task each."""
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        if Path(scheduler).is_file():  # a scheduler file (dask scheduler --scheduler-file)
+            return Client(scheduler_file=scheduler, timeout="30s"), None
+        return Client(scheduler, timeout="30s"), None
+    dashboard = ":0" if importlib.util.find_spec("bokeh") else None
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=dashboard,
+                           silence_logs=logging.ERROR)
+    return Client(cluster), cluster
+
+
+def run(args: argparse.Namespace) -> int:
+    err = Console(stderr=True)
+    if importlib.util.find_spec("distributed") is None:
+        return _fail("batch needs dask.distributed: pip install 'umvd-live[cluster]'")
+    if args.workers is not None and args.workers < 1:
+        return _fail(f"--workers must be >= 1, got {args.workers}")
+    if args.chunk_frames < 1:
+        return _fail(f"--chunk-frames must be >= 1, got {args.chunk_frames}")
+    workers = args.workers or 1
+    threads = args.threads
+    if threads is None and not args.scheduler:
+        threads = max(1, cpu_cores() // workers)  # the local cores, divided among the workers
+    options = BatchOptions(
+        engine=filemode.engine_config(args, workers=None, cpu_threads=threads),
+        offline=args.offline, chunk_frames=args.chunk_frames, save_models=args.save_models, retries=args.retries,
+    )
+    out_dir = Path(args.output_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return _fail(f"cannot create {out_dir}: {exc}")
+    inputs, empty = expand_inputs(args.inputs)
+    items = [Item(p, (out_dir / output_name(p, args.format)).resolve()) for p in inputs]
+    for pattern in empty:
+        items.append(Item(Path(pattern), out_dir, status="failed", error="matches no file"))
+    by_output: dict[Path, Item] = {}
+    for item in items:
+        if item.status == "pending" and item.output in by_output:
+            return _fail(f"{by_output[item.output].input} and {item.input} would both write {item.output}")
+        by_output[item.output] = item
+    manifest_path = Path(args.manifest) if args.manifest else out_dir / "batch-manifest.json"
+    for item in items:
+        if item.status == "pending" and item.output.exists():
+            if args.resume:
+                item.status = "skipped"
+            else:
+                item.status, item.error = "failed", "output exists: outputs are never overwritten (--resume skips it)"
+    for item in items:
+        if item.status == "failed":
+            print(f"umvd-live batch: error: {_about(item, item.error)}", file=sys.stderr)
+    if not any(item.status == "pending" for item in items):  # nothing to do: no cluster either
+        _Manifest(manifest_path, {"format": MANIFEST_FORMAT, "command": ["umvd-live", *sys.argv[1:]]},
+                  _Manifest.load_entries(manifest_path)).write(items, {})
+        err.print(f"nothing to denoise ({sum(i.status == 'skipped' for i in items)} skipped) → {manifest_path}",
+                  soft_wrap=True, highlight=False)
+        return 1 if any(item.status == "failed" for item in items) else 0
+    try:
+        client, cluster = open_client(workers, args.scheduler)
+    except (OSError, TimeoutError, ValueError) as exc:
+        return _fail(f"cannot reach the Dask scheduler {args.scheduler}: {_one_line(exc)}")
+    try:
+        link = dashboard_link(client)
+        info = client.scheduler_info()
+        n_workers = len(info.get("workers", {}))
+        err.print(f"Dask scheduler {client.scheduler.address}, {n_workers} workers"
+                  + (f", dashboard {link}" if link else ""), soft_wrap=True, highlight=False)
+        header = {
+            "format": MANIFEST_FORMAT, "software_version": _version(), "command": ["umvd-live", *sys.argv[1:]],
+            "started": datetime.now(UTC).isoformat(timespec="seconds"), "output_dir": str(out_dir.resolve()),
+            "cluster": {"scheduler": client.scheduler.address, "workers": n_workers, "local": cluster is not None,
+                        "dashboard": link},
+            "options": {"offline": options.offline, "chunk_frames": options.chunk_frames,
+                        "retries": options.retries, "engine": asdict(options.engine)},
+        }
+        earlier = _Manifest.load_entries(manifest_path) if args.resume else {}
+        report = run_batch(client, items, options, _Manifest(manifest_path, header, earlier), err)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    fps = report.frames / report.seconds if report.seconds > 0 else 0.0
+    err.print(f"{report.count('done')} done, {report.count('skipped')} skipped, {len(report.failed)} failed: "
+              f"{report.frames} frames in {report.seconds:.1f} s ({fps:.1f} frames/s) → {report.manifest}",
+              soft_wrap=True, highlight=False)
+    return 1 if report.failed else 0
+
+
+def _version() -> str:
+    from umvd_live import __version__
+
+    return __version__
