@@ -113,7 +113,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
                         "threads": ps.num_threads(), "fds": ps.num_fds(),
                         "cpu_pct": ps.cpu_percent(None),
                         **{k: s.get(k) for k in ("frames_in", "frames_out", "skipped", "drops",
-                                                 "seq_restarts", "model_step", "state", "fps_in")},
+                                                 "seq_restarts", "model_step", "state", "fps_in", "changes")},
                         "p50_ms": (s.get("latency_ms") or {}).get("p50"),
                         "p99_ms": (s.get("latency_ms") or {}).get("p99"),
                     }
@@ -141,6 +141,8 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
             "frames_out": s["frames_out"], "skipped": s["skipped"], "drops": s["drops"],
             "denoised_received": len(collector.denoised.get("cam0", [])),
             "model_step": s["model_step"], "state": s["state"],
+            # abrupt changes the engine saw: a restart with another seed is a new field (a true one)
+            "changes": s.get("changes"), "last_change": s.get("last_change"),
             "rss_mb_first": samples[0]["rss_mb"], "rss_mb_second_half_start": float(rss[0]),
             "rss_mb_end": float(rss[-1]), "rss_mb_max": max(x["rss_mb"] for x in samples),
             "rss_slope_mb_per_h_second_half": round(slope, 2),

@@ -1,4 +1,4 @@
-"""Train the priors shipped in the package (`umvd_live/priors/<preset>-w<N>.pt`).
+"""Train the priors shipped in the package (`umvd_live/prior_weights/<preset>-w<N>.pt`).
 
 The same training as a live stream's (`trainer.OnlineTrainer`: blind, self-supervised, noisy
 frames only, random windows, patches and flips, cut segments), on many short movies of the

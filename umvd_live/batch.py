@@ -296,7 +296,12 @@ def find_changes(movie: np.ndarray, config: EngineConfig) -> tuple[int, ...]:
     """The frames where the engine would start new segments when the whole movie is pushed: its
     change detector sees every frame in order, and only the frames (`umvd_live.changes`)."""
     detector = ChangeDetector(config.changes)
-    return tuple(i for i, frame in enumerate(movie) if detector.observe(sanitize(frame)[0]) is not None)
+    found = []
+    for i, frame in enumerate(movie):
+        clean, clean_ok = sanitize(frame)
+        if clean_ok and detector.observe(clean) is not None:  # as the engine: NaN/Inf frames are not tested
+            found.append(i)
+    return tuple(found)
 
 
 def denoise_chunk(source: str, model: WarmModel, chunk: Chunk, options: BatchOptions) -> ChunkResult:

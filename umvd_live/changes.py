@@ -104,12 +104,15 @@ class ChangeDetector:
     def observe(self, frame: np.ndarray) -> Change | None:
         """Test the next frame; returns the change it starts, if it starts one."""
         c = self.config
+        if not c.enabled:
+            self.index += 1
+            return None
         grid = coarse(frame, c.block)
         low, level, high = np.percentile(grid, [10, 50, 90])
         level, spread = float(level), float(high - low)
         index, self.index = self.index, self.index + 1
         change = None
-        if c.enabled and len(self._grids) >= c.min_frames:
+        if len(self._grids) >= c.min_frames:
             corr = correlation(grid, self._sum / len(self._grids))
             change = self._test(index, level, spread, corr)
         else:
@@ -127,7 +130,10 @@ class ChangeDetector:
         jump_level = abs(np.log(max(level, 1e-12)) - ref_level)
         jump_spread = abs(np.log(max(spread, 1e-12)) - ref_spread)
         ratio = float(np.exp(np.log(max(level, 1e-12)) - ref_level))
-        if jump_level > max(c.level_jump, c.spread_factor * _robust_sd(levels)) or \
+        # The level's log is a ratio only for data well above zero (raw counts with their offset);
+        # about zero (background-subtracted, dF/F, int16 around 0) only the spread speaks of scale.
+        positive = float(np.median(self._levels)) > float(np.median(self._spreads)) > 0
+        if (positive and jump_level > max(c.level_jump, c.spread_factor * _robust_sd(levels))) or \
                 jump_spread > max(c.spread_jump, c.spread_factor * _robust_sd(spreads)):
             return Change(index, "intensity", ratio, corr)
         if len(self._corrs) >= 2:

@@ -83,8 +83,8 @@ def _denoise(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("denoise", help="denoise a TIFF/OME-TIFF movie through the streaming engine",
                        description="Denoise a recorded movie with the live engine and write an OME-TIFF "
                                    "with the input's pixel size, interval, channel and date (docs/engine.md).")
-    p.add_argument("input", help="T×H×W TIFF or OME-TIFF movie")
-    p.add_argument("output", help="denoised OME-TIFF (float32, same frame count, input units)")
+    p.add_argument("input", help="T×H×W movie: TIFF, OME-TIFF, ImageJ, NDTiff/MMStack or OME-Zarr (.ome.zarr)")
+    p.add_argument("output", help="denoised movie, OME-TIFF or OME-Zarr by its extension (float32, same frame count, input units)")
     _engine_args(p)
     _file_args(p)
     p.add_argument("--save-model", metavar="PATH", help="save the final weights here")

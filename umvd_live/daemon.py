@@ -805,11 +805,14 @@ def run(args: argparse.Namespace) -> int:
     except SecurityError as exc:
         print(f"umvd-live serve: {exc}", file=sys.stderr)
         return 2
-    if config.init is not None:
+    # A bad model file is refused now, not at each stream's first frame.
+    for flag, path in (("--init", config.init), ("--prior", None if config.prior in ("auto", "none") else config.prior)):
+        if path is None:
+            continue
         try:
-            load_checkpoint(config.init)
+            load_checkpoint(path)
         except CheckpointError as exc:
-            print(f"umvd-live serve: --init: {exc}", file=sys.stderr)
+            print(f"umvd-live serve: {flag}: {exc}", file=sys.stderr)
             return 2
     display = StatusDisplay(interval_s=config.status_interval_s)
     _setup_logging(display, getattr(args, "log_level", "info"))

@@ -45,8 +45,8 @@ from umvd_live.window import FrameHistory, SlidingWindow, block_means, context_b
 
 log = logging.getLogger(__name__)
 
-#: warmup: a temporal mean until the warm start is done; live: the network's; adapting: the
-#: network's, within `adapt_frames` of an abrupt change (`changes`) while it catches up.
+#: warmup: a temporal mean (the network is not yet better than it); live: the network's;
+#: adapting: the network's, within `adapt_frames` of an abrupt change (`changes`).
 State = Literal["warmup", "live", "adapting"]
 
 
@@ -297,8 +297,11 @@ class StreamDenoiser:
     # -- public state -------------------------------------------------------------------------
     @property
     def state(self) -> State:
+        """What the outputs are now: ``warmup`` (the temporal mean), ``live`` or ``adapting`` (the
+        network's; adapting within `adapt_frames` of a change). `warm` tells whether the warm
+        start is done."""
         if not self._shows_network():
-            return "adapting" if self.adapting else "warmup"
+            return "warmup"
         return "adapting" if self.adapting else "live"
 
     def _probing(self) -> bool:
@@ -327,6 +330,11 @@ class StreamDenoiser:
         frames = min(self.frames_in / max(c.warmup_frames, 1), 1.0)
         steps = min(self.model_step / max(c.warmup_steps, 1), 1.0)
         return 0.5 * (frames + steps)
+
+    @property
+    def warm(self) -> bool:
+        """The warm start is done (or weights were loaded): the state worth checkpointing."""
+        return self._live
 
     @property
     def adapting(self) -> bool:
@@ -626,7 +634,7 @@ class StreamDenoiser:
                 return
             else:
                 image = self.normalizer.inverse(self._window.frames(t).mean(0)[0].float().cpu().numpy())
-        if self._adapting_at(t):
+        if state == "live" and self._adapting_at(t):
             state = "adapting"
         batch.outputs.append(DenoisedFrame(index=t, image=image, state=state, model_step=self._net_step,
                                            segment=self.segment))
@@ -647,11 +655,10 @@ class StreamDenoiser:
             results = [self._denoise_chunk(chunk) for chunk in chunks]
         for chunk, images in zip(chunks, results):
             for (slot, t, _, _), image in zip(chunk, images):
-                state: State = "live"
+                state: State = "adapting" if self._adapting_at(t) else "live"
                 probe = batch.probes.get(slot)
                 if probe is not None and not self._judge(image, probe):
                     image, state = probe.window[0].cpu().numpy(), "warmup"  # the mean: the network lost
-                state = "adapting" if self._adapting_at(t) else state
                 outputs[slot] = DenoisedFrame(index=t, image=normalizer.inverse(image), state=state,
                                               model_step=self._net_step, segment=self.segment)
         return outputs  # type: ignore[return-value]  # every slot is filled now
@@ -735,7 +742,7 @@ class StreamDenoiser:
                     self.budget.release(self._member)
             duty = self._share().train_duty if shared else self.config.live_train_duty
             if self.adapting:  # catch up with a change: a larger share for a few seconds
-                duty = max(duty, min(1.0, duty * self.config.adapt_train_duty / self.config.live_train_duty))
+                duty = max(duty, min(1.0, duty * self.config.adapt_train_duty / max(self.config.live_train_duty, 0.01)))
             if done == 0:
                 self._stop.wait(0.005)
             elif self._live and duty < 1.0:

@@ -91,7 +91,7 @@ def denoise_movie(
         for out in engine.flush():
             final[out.index] = out
         warm = [i for i, o in enumerate(final) if o is not None and o.state == "warmup"]
-        if warm and engine.state == "live":
+        if warm and engine.warm:
             task = progress.add_task("warm-up frames", total=len(warm), info="")
             for out in engine.denoise_frames(movie, warm):
                 final[out.index] = out

@@ -8,7 +8,7 @@ its first full window and the warm start adapts it to the sample in front of the
 engine's referee (`engine.BlindReferee`) shows its output only while it beats the temporal mean
 on the stream's own frames, so a prior that does not fit is dropped at once.
 
-Files are `checkpoint` files named ``<preset>-w<N>.pt``; a prior serves a stream only if it was
+Files are `checkpoint` files named ``prior_weights/<preset>-w<N>.pt``; a prior serves a stream only if it was
 made for exactly that network (`ModelSpec`: the preset's, with the stream's window and context).
 """
 
@@ -22,7 +22,7 @@ import torch
 from umvd_live.checkpoint import CheckpointError, load_checkpoint, weights_hash
 from umvd_live.model import ModelSpec
 
-PRIOR_DIR = Path(__file__).parent / "priors"
+PRIOR_DIR = Path(__file__).parent / "prior_weights"
 
 
 @dataclass(frozen=True)

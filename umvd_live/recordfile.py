@@ -173,7 +173,7 @@ class FrameInfo:
     seq: int  # the producer's sequence number
     t: float | None = None  # the producer's acquisition time in seconds, if it sent one
     t_received: float | None = None  # wall-clock time (Unix seconds) the daemon received it
-    state: str | None = None  # "warmup" or "live" for denoised frames; None for raw copies
+    state: str | None = None  # "warmup", "live" or "adapting" (engine.State) for denoised frames; None for raw copies
     model_step: int | None = None  # training steps of the model that produced this frame
     meta: dict[str, Any] = field(default_factory=dict)  # the producer's per-frame meta
 

@@ -67,8 +67,9 @@ class StateStore:
         return str(path)
 
     def save(self, stream: str, denoiser: Any, shape: tuple[int, int] | None, dtype: str | None) -> Path | None:
-        """Checkpoint a live stream's weights, unless nothing changed since the last save."""
-        if denoiser is None or shape is None or dtype is None or denoiser.state != "live":
+        """Checkpoint the weights of a stream whose warm start is done (not those of a prior shown
+        before it is), unless nothing changed since the last save."""
+        if denoiser is None or shape is None or dtype is None or not denoiser.warm:
             return None
         path = self.path_for(stream, shape, dtype)
         step = int(denoiser.model_step)

@@ -42,6 +42,7 @@ class Denoiser(Protocol):
     warmup_progress: float
     training_paused: bool
     changes: list[Any]  # `changes.Change`s seen, each starting a segment
+    warm: bool  # the warm start is done (or weights were loaded)
 
     frames_in: int
 

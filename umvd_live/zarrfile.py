@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from umvd_live.fileio import O_BINARY
 from umvd_live.recordfile import (
     RECORDABLE_DTYPES,
     FrameInfo,
@@ -116,10 +117,6 @@ class ZarrRecording:
         self._declared: Any = None
         self._frames_fh: Any = None
         self._declared_frames = 0
-        from umvd_live.acqmeta import AcquisitionMeta
-
-        #: the first frame's pixel size, interval, channel and start (docs/protocol.md)
-        self.acquisition = AcquisitionMeta.from_meta(first_info.meta)
         self._submitted = 0
         self._pending: deque[tuple[Any, str, FrameInfo, np.ndarray]] = deque()
 
@@ -169,7 +166,7 @@ class ZarrRecording:
         # chunks go through a handle that assumes a huge T: no metadata write per frame
         self._writer = ts.open(_array_spec(array_dir, {**metadata, "shape": [_UNBOUNDED_T, 1, h, w]}),
                                open=True, assume_metadata=True).result()
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_BINARY", 0)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | O_BINARY
         self._frames_fh = os.fdopen(os.open(self.path / FRAMES_FILE, flags, 0o644), "ab", buffering=0)
 
     def _name(self) -> str:
