@@ -84,3 +84,15 @@ def test_init_wins_over_the_prior(tmp_path) -> None:
     with StreamDenoiser(EngineConfig(preset="lite", device="cpu", train_mode="inline", init=str(saved))) as den:
         den.push(noisy[0])
         assert den.prior is None and den.state == "live"
+
+
+def test_a_live_stream_given_a_prior_for_another_network_starts_from_scratch(tmp_path) -> None:
+    """`serve --prior PATH` with `--preset auto`: a stream whose size picks another network must
+    not stall on every frame; it says so and starts from scratch (a file run refuses, above)."""
+    spec = PRESETS["fast"](7)
+    other = save_checkpoint(tmp_path / "fast.pt", UMVDNet(spec).state_dict(), {"preset": "fast", "spec": spec.to_dict()})
+    noisy, _ = _stream(frames=8)
+    config = EngineConfig(preset="lite", device="cpu", train_mode="background", prior=str(other))
+    with StreamDenoiser(config) as den:
+        den.push_many(list(noisy))
+        assert den.prior is None and den.frames_in == 8

@@ -429,7 +429,13 @@ class StreamDenoiser:
             spec = PRESETS[preset](self.config.window)
             if self.config.context is not None:
                 spec = replace(spec, context=tuple(self.config.context))
-            self.prior = find_prior(self.config.prior, preset, spec)
+            try:
+                self.prior = find_prior(self.config.prior, preset, spec)
+            except CheckpointError as exc:
+                if self.config.train_mode != "background":
+                    raise  # a file: the user hears it and the run stops
+                # a live stream must not stall on it: say so, and start from scratch
+                log.error("%s; this stream starts from scratch", exc)
             if self.prior is not None:
                 state_dict = self.prior.state_dict
                 log.info("starting on the prior %s (%s)", self.prior.name, self.prior.sha256[:12])
@@ -780,17 +786,21 @@ class StreamDenoiser:
         """The paper's recipe: train on a whole recorded movie before denoising it.
 
         Frames are not pushed: the movie fills the replay buffer at once, so training sees every
-        window of it. The stream then starts live. `progress(steps_done, loss)` is called as it goes.
+        window of it, cut into the segments that pushing it will find (`changes`), each in its own
+        units. The stream then starts live. `progress(steps_done, loss)` is called as it goes.
         """
         if self._net is not None:
             raise RuntimeError("pretrain must be called before the first push")
         movie = np.asarray(movie)
         self._start(movie[0])
         self._replay.capacity = len(movie)
+        detector, segment, normalizer = ChangeDetector(self.config.changes), 0, self.normalizer
         for i, frame in enumerate(movie):
             clean, trainable = sanitize(frame)
+            if trainable and detector.observe(clean) is not None:  # as `push_many` will see it
+                segment, normalizer = segment + 1, Normalizer.fit(clean)
             if trainable:
-                self._replay.add(i, torch.from_numpy(self.normalizer.forward(clean))[None])
+                self._replay.add(i, torch.from_numpy(normalizer.forward(clean))[None], segment)
         for done in range(0, steps, 50):
             self._train_steps(min(50, steps - done))
             if progress:
