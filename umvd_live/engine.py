@@ -339,7 +339,7 @@ class StreamDenoiser:
     @property
     def adapting(self) -> bool:
         """Within `adapt_frames` of the last change: the model is catching up, trained harder."""
-        return self.segment > 0 and self.frames_in < self._segment_start + self.config.adapt_frames
+        return self._adapting_at(self.frames_in)
 
     @property
     def training_paused(self) -> bool:
@@ -646,6 +646,7 @@ class StreamDenoiser:
                                            segment=self.segment))
 
     def _adapting_at(self, t: int) -> bool:
+        """Whether frame t (of the current segment) is within `adapt_frames` of its change."""
         return self.segment > 0 and t < self._segment_start + self.config.adapt_frames
 
     def _finish(self, batch: _OutputBatch, normalizer: Normalizer | None = None) -> list[DenoisedFrame]:

@@ -365,11 +365,7 @@ class RecordingFile:
         """Write one frame as a new page and link it: once this returns, SIGKILL cannot lose it."""
         if self._closed:
             raise ValueError("recording is closed")
-        image = np.ascontiguousarray(image)
-        if image.shape != self.shape or image.dtype.newbyteorder("<") != self.dtype:
-            raise ValueError(f"frame {image.shape} {image.dtype} does not match the recording's "
-                             f"{self.shape} {self.dtype}")
-        image = image.astype(self.dtype, copy=False)
+        image = conform_frame(image, self.shape, self.dtype)
         index = len(self.infos)
         row = {"index": index, **asdict(info)}
         info_json = json.dumps(row, default=_json_default, ensure_ascii=True, separators=(",", ":"))
@@ -600,6 +596,15 @@ def _rational(x: float) -> tuple[int, int]:
     while x * den > 2**31 and den > 1:
         den //= 10
     return max(1, round(x * den)), den
+
+
+def conform_frame(image: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A frame as a recording of ``shape`` and little-endian ``dtype`` stores it (contiguous, in
+    that byte order); another shape or pixel type is refused."""
+    image = np.ascontiguousarray(image)
+    if image.shape != shape or image.dtype.newbyteorder("<") != dtype:
+        raise ValueError(f"frame {image.shape} {image.dtype} does not match the recording's {shape} {dtype}")
+    return image.astype(dtype, copy=False)
 
 
 # -- whole-movie API (offline parity: `umvd-live denoise` writes the same format) ---------------

@@ -49,6 +49,7 @@ from umvd_live.recordfile import (
     RecordingFormatError,
     _json_default,
     _typed,
+    conform_frame,
     seq_gaps,
     seq_restarts,
     write_movie,
@@ -196,11 +197,7 @@ class ZarrRecording:
         cost ~9 ms a frame here), so a kill loses at most those frames."""
         if self._writer is None:
             raise ValueError("recording is closed")
-        image = np.ascontiguousarray(image)
-        if image.shape != self.shape or image.dtype.newbyteorder("<") != self.dtype:
-            raise ValueError(f"frame {image.shape} {image.dtype} does not match the recording's "
-                             f"{self.shape} {self.dtype}")
-        image = image.astype(self.dtype, copy=False)
+        image = conform_frame(image, self.shape, self.dtype)
         index = self._submitted
         row = {"index": index, **asdict(info)}
         line = json.dumps(row, default=_json_default, ensure_ascii=True, separators=(",", ":"))
