@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from umvd_live.acqmeta import AcquisitionMeta
+from umvd_live.acqmeta import AcquisitionMeta, local_name
 from umvd_live.adapters.axes import StreamAxes, StreamNumbering
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.protocol import SUPPORTED_DTYPES
@@ -217,7 +217,7 @@ class TiffMovie:
         if tif.is_ome and tif.ome_metadata:
             image = self._ome_image(series)
             if image is not None:
-                names = [el.attrib.get("Name") for el in image.iter() if _tag(el) == "Channel"]
+                names = [el.attrib.get("Name") for el in image.iter() if local_name(el) == "Channel"]
                 if names and all(names):
                     return names
         summary = (tif.micromanager_metadata or {}).get("Summary") if hasattr(tif, "micromanager_metadata") else None
@@ -235,7 +235,7 @@ class TiffMovie:
                 root = self._ome_root = ET.fromstring(self._tif.ome_metadata or "")
             except ET.ParseError:
                 return None
-        images = [el for el in root.iter() if _tag(el) == "Image"]
+        images = [el for el in root.iter() if local_name(el) == "Image"]
         return images[series] if series < len(images) else None
 
     def acquisition_meta(self, i: int) -> dict[str, Any]:
@@ -295,7 +295,7 @@ class TiffMovie:
             if image is None:
                 return None
             for plane in image.iter():
-                if _tag(plane) != "Plane" or "DeltaT" not in plane.attrib:
+                if local_name(plane) != "Plane" or "DeltaT" not in plane.attrib:
                     continue
                 unit = _OME_TIME_UNITS.get(plane.attrib.get("DeltaTUnit", "s"))
                 if unit is None:
@@ -496,11 +496,6 @@ def open_movie(path: str | Path, *, series: int | None = None, channel: int | No
 
     cls = ZarrMovie if is_zarr_path(path) else TiffMovie
     return cls(path, series=series, channel=channel, group=group)
-
-
-def _tag(element: ET.Element) -> str:
-    """An XML element's name without its namespace."""
-    return element.tag.rpartition("}")[2]
 
 
 # ---------------------------------------------------------------------------- schedule

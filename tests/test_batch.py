@@ -2,12 +2,14 @@
 scheduler with two worker processes on loopback, one of them killed mid-run.
 
 Outputs are compared with single-file `umvd-live denoise` run with the same options and seed:
-a movie of one piece bit for bit; a chunked movie (its chunks share the warm model, frozen)
-against `denoise --init` of that warm model with training off, within 1e-4 of the output's range
-(fp32: a chunk's context sums start afresh at its first frame, so their float rounding differs).
+a movie of one piece bit for bit; a chunked movie (trained once as `denoise` trains it, its
+chunks sharing the weights for the final pass) within 1e-4 of the output's range (fp32: the
+chunks' forward passes batch other windows together, so their float rounding differs).
 """
 
+import importlib.util
 import json
+import re
 import subprocess
 import sys
 import time
@@ -18,8 +20,17 @@ import pytest
 import tifffile
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
 
-from umvd_live.batch import Chunk, plan_chunks
-from umvd_live.recordfile import read_recording
+from umvd_live.batch import (
+    BatchOptions,
+    Chunk,
+    default_workers,
+    denoise_chunk,
+    plan_chunks,
+    train_movie,
+)
+from umvd_live.engine import EngineConfig
+from umvd_live.movie import MovieError, MovieFrames, read_movie
+from umvd_live.recordfile import FrameInfo, Provenance, read_recording
 
 pytest.importorskip("distributed")  # the cluster extra
 
@@ -47,7 +58,7 @@ def movies(tmp_path_factory):
 
 
 def check_outputs(movies: Path, out: Path) -> None:
-    """Every output whole; a equals `denoise`; c equals `denoise` of its frozen warm model."""
+    """Every output whole; a equals `denoise`; c, denoised in chunks, equals `denoise` too."""
     for name, frames in LENGTHS.items():
         images, infos, prov = read_recording(out / f"{name}.ome.tif")
         assert images.shape == (frames, 32, 32) and prov["complete"] and [i.seq for i in infos] == list(range(frames))
@@ -55,11 +66,11 @@ def check_outputs(movies: Path, out: Path) -> None:
     ref, ref_infos, _ = read_recording(movies / "ref_a.ome.tif")
     np.testing.assert_array_equal(ours, ref)
     assert [(i.state, i.model_step) for i in ours_infos] == [(i.state, i.model_step) for i in ref_infos]
-    frozen = out / "ref_c.ome.tif"
-    done = cli("denoise", movies / "c.ome.tif", frozen, *ENGINE, "--init", out / "c.pt", "--steps-per-frame", "0")
+    one_piece = out / "ref_c.ome.tif"
+    done = cli("denoise", movies / "c.ome.tif", one_piece, *ENGINE)
     assert done.returncode == 0, done.stderr
     chunked, _, prov = read_recording(out / "c.ome.tif")
-    whole, _, _ = read_recording(frozen)
+    whole, _, _ = read_recording(one_piece)
     assert int(prov["extra.chunks"]) >= 3  # more if the change detector starts segments
     assert np.abs(chunked - whole).max() <= 1e-4 * float(whole.max() - whole.min())
     assert not list(out.glob(".partial-*")), "temporaries are renamed or removed"
@@ -68,11 +79,87 @@ def check_outputs(movies: Path, out: Path) -> None:
 def test_plan_chunks_cover_every_frame_once_within_segments():
     chunks = plan_chunks(100, 30, 3, (4, 8), changes=(50,))
     assert [(c.start, c.stop) for c in chunks] == [(0, 25), (25, 50), (50, 75), (75, 100)]
-    assert chunks[1] == Chunk(1, 25, 50, 10, 50, 0, 0, 50)  # 3 + 12 frames before, 3 after, not past 50
-    assert chunks[2] == Chunk(2, 50, 75, 50, 78, 1, 50, 100)  # a segment starts afresh
+    assert chunks[1] == Chunk(1, 25, 50, 10, 50, 0, 0, 50)  # 3 + 12 frames before and after, not past 50
+    assert chunks[2] == Chunk(2, 50, 75, 50, 90, 1, 50, 100)  # a segment starts afresh
     assert plan_chunks(40, 2000, 3, (8, 24, 64)) == [Chunk(0, 0, 40, 0, 40, 0, 0, 40)]
     with pytest.raises(ValueError, match="chunk_frames"):
         plan_chunks(40, 0, 3, ())
+
+
+def test_default_workers_one_per_core_then_dasks_split():
+    assert [default_workers(n) for n in (1, 2, 3, 4, 8, 16, 64)] == [1, 2, 3, 4, 4, 4, 8]
+
+
+def _damage_tiff_pages(path: Path, frames: range) -> None:
+    """Garbage in the zlib data of these frames' pages: reading them raises."""
+    with tifffile.TiffFile(path) as tif:
+        spans = [(tif.pages[t].dataoffsets[0], tif.pages[t].databytecounts[0]) for t in frames]
+    with path.open("r+b") as f:
+        for offset, size in spans:
+            f.seek(offset)
+            f.write(b"\xff" * size)
+
+
+def test_movie_frames_reads_only_its_span(tmp_path):
+    movie = np.random.default_rng(0).integers(0, 4000, (12, 16, 16)).astype(np.uint16)
+    tif = tmp_path / "m.ome.tif"
+    tifffile.imwrite(tif, movie[:, None, None], ome=True, metadata={"axes": "TZCYX"}, compression="zlib")
+    wide = tmp_path / "int32.tif"
+    tifffile.imwrite(wide, movie.astype(np.int32))
+    with MovieFrames(wide) as reader:  # read_movie's dtype rule: int32 -> float32
+        np.testing.assert_array_equal(reader.read(2, 5), read_movie(wide)[2:5])
+        assert reader.read(2, 5).dtype == np.float32 and reader.read(11, 20).shape == (1, 16, 16)
+    _damage_tiff_pages(tif, [*range(4), *range(8, 12)])
+    with pytest.raises(MovieError, match="not a readable TIFF"):
+        read_movie(tif)
+    with MovieFrames(tif) as reader:
+        assert reader.shape == (12, 16, 16)
+        np.testing.assert_array_equal(reader.read(4, 8), movie[4:8])
+        with pytest.raises(MovieError, match="frames 3-5 not readable"):
+            reader.read(3, 5)
+    for name, bad in (("one.tif", movie[:1]), ("tiny.tif", movie[:, :3, :3]), ("rgb.tif", movie[:, :, :, None][..., [0, 0]])):
+        tifffile.imwrite(tmp_path / name, bad)
+        with pytest.raises(MovieError) as expected:
+            read_movie(tmp_path / name)
+        with pytest.raises(MovieError, match=f"^{re.escape(str(expected.value))}$"):
+            MovieFrames(tmp_path / name)
+
+    pytest.importorskip("zarr")
+    from umvd_live.zarrfile import write_zarr_movie
+
+    store = tmp_path / "m.ome.zarr"
+    write_zarr_movie(store, movie, (FrameInfo(seq=t) for t in range(len(movie))), Provenance("m"))
+    for t in [*range(4), *range(8, 12)]:
+        for chunk in (store / "0" / "c" / str(t)).rglob("*"):
+            if chunk.is_file():
+                chunk.write_bytes(b"garbage")
+    with pytest.raises(ValueError):
+        read_movie(store)
+    with MovieFrames(store) as reader:
+        assert reader.shape == (12, 16, 16)
+        np.testing.assert_array_equal(reader.read(4, 8), movie[4:8])
+
+
+def test_chunk_task_reads_only_its_chunk(tmp_path):
+    """A chunk's task needs its frames (N//2 + context before and after) and its segment's first:
+    the same output from a copy of the movie whose other frames cannot be read."""
+    noisy, _ = TwoPhotonSimulator(SimConfig(height=32, width=32, photons=2.0, seed=3)).movie(90)
+    whole, damaged = tmp_path / "whole.ome.tif", tmp_path / "damaged.ome.tif"
+    for path in (whole, damaged):
+        tifffile.imwrite(path, noisy, ome=True, metadata={"axes": "TYX"}, compression="zlib")
+    config = EngineConfig(preset="lite", warmup_frames=20, warmup_steps=20, steps_per_frame=1.0, context=(4, 8),
+                          precision="fp32", cpu_threads=1, seed=7)
+    options = BatchOptions(engine=config, chunk_frames=30)
+    with MovieFrames(whole) as reader:
+        model = train_movie(reader, str(whole), config, options)
+    chunk = plan_chunks(90, 30, model.k, model.context, model.changes)[1]
+    assert (chunk.start, chunk.read_start, chunk.read_stop, chunk.segment_start) == (30, 15, 75, 0)
+    _damage_tiff_pages(damaged, [*range(1, chunk.read_start), *range(chunk.read_stop, 90)])
+    with pytest.raises(MovieError):
+        read_movie(damaged)
+    ours = denoise_chunk(str(damaged), model, chunk, options)
+    np.testing.assert_array_equal(ours.frames, denoise_chunk(str(whole), model, chunk, options).frames)
+    assert ours.frames.shape == (30, 32, 32) and [o.index for o in ours.outputs] == list(range(30, 60))
 
 
 def test_local_cluster_three_movies_one_missing_then_resume(movies, tmp_path):
@@ -83,6 +170,10 @@ def test_local_cluster_three_movies_one_missing_then_resume(movies, tmp_path):
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
     assert errors == [f"umvd-live batch: error: {(movies / 'missing.tif').resolve()}: no such file"], done.stderr
     assert "Traceback" not in done.stderr
+    # the progress bar, fed by the futures, ends with every movie and the frames per second;
+    # the dashboard's link only where the scheduler serves one (bokeh)
+    assert re.search(r"denoising .*4/4 movies 170 frames, [0-9.]+ frames/s", done.stderr), done.stderr
+    assert ("dashboard http" in done.stderr) == (importlib.util.find_spec("bokeh") is not None), done.stderr
     check_outputs(movies, out)
     manifest = json.loads((out / "batch-manifest.json").read_text())
     entries = {Path(e["input"]).name: e for e in manifest["inputs"]}
@@ -90,6 +181,7 @@ def test_local_cluster_three_movies_one_missing_then_resume(movies, tmp_path):
                                                             "c.ome.tif": "done", "missing.tif": "failed"}
     assert entries["c.ome.tif"]["chunks"] >= 3 and entries["a.ome.tif"]["chunks"] == 1
     assert entries["a.ome.tif"]["provenance"]["extra"]["mode"] == "streamed"
+    assert entries["c.ome.tif"]["provenance"]["extra"]["context_sides"] == "both"
     assert entries["c.ome.tif"]["seconds"]["train"] > 0 and entries["a.ome.tif"]["seconds"]["denoise"] > 0
     assert manifest["summary"]["frames"] == sum(LENGTHS.values()) and manifest["cluster"]["workers"] == 2
 
@@ -102,6 +194,22 @@ def test_local_cluster_three_movies_one_missing_then_resume(movies, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.ome.tif")} == before
     refused = cli("batch", movies / "a.ome.tif", "--output-dir", out, *ENGINE)
     assert refused.returncode == 1 and "output exists" in refused.stderr
+
+
+def test_ome_zarr_in_and_out(movies, tmp_path):
+    """An OME-Zarr input (a's frames) gives a's output, written as OME-Zarr (--format ome-zarr)."""
+    pytest.importorskip("zarr")
+    from umvd_live.zarrfile import read_zarr_recording, write_zarr_movie
+
+    source = tmp_path / "a.ome.zarr"
+    frames = read_movie(movies / "a.ome.tif")
+    write_zarr_movie(source, frames, (FrameInfo(seq=t) for t in range(len(frames))), Provenance("a"))
+    out = tmp_path / "out"
+    done = cli("batch", tmp_path / "*.ome.zarr", "--output-dir", out, "--workers", "1", "--format", "ome-zarr", *ENGINE)
+    assert done.returncode == 0, done.stderr
+    ours, infos, _ = read_zarr_recording(out / "a.ome.zarr")
+    np.testing.assert_array_equal(ours, read_recording(movies / "ref_a.ome.tif")[0])
+    assert [i.seq for i in infos] == list(range(len(frames)))
 
 
 def _start(*args: str, log: Path) -> subprocess.Popen:

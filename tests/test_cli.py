@@ -37,6 +37,8 @@ def test_every_command_and_option_has_help_and_a_log_level():
             if not (action.help or "").strip():
                 missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}: no help")
         assert "--log-level" in command._option_string_actions, f"{name} has no --log-level"
+        # what `umvd-live NAME --help` prints: argparse formats the texts only then (a stray % fails)
+        assert "--log-level" in command.format_help() and name in parser.format_help()
     assert not missing, "\n".join(missing)
     assert {"serve", "view", "acquire", "denoise"} <= set(sub.choices)
 

@@ -172,6 +172,11 @@ def test_push_many_checks_every_frame_before_taking_any():
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it():
     assert EngineConfig().precision == "auto"
     assert StreamDenoiser(EngineConfig(device="cpu")).bf16 is cpu_has_native_bf16()
+    try:  # torch's probes (every system) agree with the flags /proc/cpuinfo lists (Linux)
+        with open("/proc/cpuinfo") as f:
+            assert cpu_has_native_bf16() is lists_native_bf16(f.read()) or not torch.backends.mkldnn.is_available()
+    except FileNotFoundError:
+        pass
     assert lists_native_bf16("flags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512_bf16 avx512_vnni")
     assert lists_native_bf16("flags\t\t: fpu avx512f amx_bf16 amx_tile")
     assert not lists_native_bf16("flags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512_vnni")

@@ -14,6 +14,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 os.environ.setdefault("PYTEST_RUNNING", "1")  # pymmcore-plus: no log file (read at import)
+# pymmcore-plus emits through Qt once a QApplication exists (the napari tests leave one), and no
+# Qt event loop runs here: its frames would never reach the source. psygnal calls back on the
+# emitting thread, as in `umvd-live acquire` (no Qt there).
+os.environ.setdefault("PYMM_SIGNALS_BACKEND", "psygnal")
 
 import numpy as np
 import pytest

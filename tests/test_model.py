@@ -79,8 +79,9 @@ def _with_context(spec, context):
     return replace(spec, context=context)
 
 
-@pytest.mark.parametrize("live", [True, False], ids=["live stream", "recorded movie"])
-def test_context_blocks_keep_the_output_blind_and_are_used(live):
+@pytest.mark.parametrize("live,both_sides", [(True, False), (False, False), (False, True)],
+                         ids=["live stream", "recorded movie, past blocks", "recorded movie, both sides"])
+def test_context_blocks_keep_the_output_blind_and_are_used(live, both_sides):
     torch.manual_seed(0)
     spec = _with_context(lite_spec(5), (2, 3))
     net = UMVDNet(spec)
@@ -89,7 +90,7 @@ def test_context_blocks_keep_the_output_blind_and_are_used(live):
     for t in (0, 1, 2, 7, 8, 14, 15):
         last = min(t + k, frames - 1) if live else frames - 1  # a live stream has nothing after t + k
         idx = window_indices(t, 0, last, k)
-        blocks = context_blocks(t, k, spec.context, lambda j: 0 <= j <= last)
+        blocks = context_blocks(t, k, spec.context, lambda j: 0 <= j <= last, both_sides)
         assert all(b and t not in b and all(0 <= j <= last for j in b) for b in blocks), (t, blocks)
         context = torch.stack([movie[b].mean(0) for b in blocks])[None]
         out = net(movie[idx][None], context)
@@ -105,6 +106,17 @@ def test_context_blocks_cover_the_frames_before_the_window():
     assert context_blocks(10, 3, (8, 24), have) == [list(range(0, 7)), list(range(22, 46))]
     assert context_blocks(10, 3, (8, 24), lambda j: 0 <= j <= 13) == [list(range(0, 7)), [7, 8, 9, 11, 12, 13]]
     assert context_blocks(0, 3, (4,), lambda j: j == 0) == [[0]]  # a one-frame stream
+
+
+def test_context_blocks_from_both_sides_are_centred_on_the_window():
+    """A recorded movie's blocks take half their frames before the window and half after, at the
+    same distance (their mean centred on t); at a movie's ends, the side that exists."""
+    have = lambda j: 0 <= j < 200  # noqa: E731
+    assert context_blocks(100, 3, (8, 24), have, both_sides=True) == [
+        [*range(93, 97), *range(104, 108)], [*range(81, 93), *range(108, 120)]]
+    assert context_blocks(2, 3, (8,), have, both_sides=True) == [[*range(6, 10)]]  # nothing before the window
+    assert context_blocks(198, 3, (8,), have, both_sides=True) == [[*range(191, 195)]]  # nothing after it
+    assert context_blocks(0, 3, (4,), lambda j: j == 0, both_sides=True) == [[0]]  # a one-frame movie
 
 
 def test_history_block_sums_stay_exact_over_a_long_stream_with_skips_and_a_jump():

@@ -24,6 +24,33 @@ def test_the_distribution_is_listed_as_a_napari_plugin():
     assert not any(q in r.lower() for r in viewer for q in ("pyqt", "pyside", "[all]", "[qt]"))
 
 
+def test_the_project_metadata_states_its_licence_and_bounds_the_private_apis_it_uses():
+    """pyproject.toml (what every build of the distribution says): an SPDX licence with its file,
+    the napari classifier, and an upper bound on each package whose experimental or private API
+    we call, satisfied by the versions installed here (the ones the tests ran against)."""
+    import tomllib
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+    assert (root / "LICENSE").read_text().startswith("MIT License")
+    assert not any(c.startswith("License ::") for c in project["classifiers"])  # the SPDX expression says it
+    assert "Framework :: napari" in project["classifiers"] and project["urls"]
+    micromanager = {r.name: r for r in map(Requirement, project["optional-dependencies"]["micromanager"])}
+    for name in ("pymmcore-plus", "pycromanager", "mmpycorex", "ndstorage"):
+        spec = micromanager[name].specifier
+        assert any(s.operator == "<" for s in spec), f"{name}: no upper bound"
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            continue  # the micromanager extra is not installed here
+        assert spec.contains(installed), f"{name} {installed} is outside {spec}"
+
+
 def test_npe2_discovers_the_widget_in_the_installed_distribution():
     npe2 = pytest.importorskip("npe2", reason="npe2 (the viewer extra) is not installed")
     pm = npe2.PluginManager()  # a fresh one: only what entry points say

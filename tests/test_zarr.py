@@ -302,3 +302,125 @@ def test_denoise_reads_and_writes_ome_zarr(tmp_path):
     (tmp_path / "empty.ome.zarr").mkdir()
     bad = cli(tmp_path / "empty.ome.zarr", tmp_path / "o2.ome.zarr")
     assert bad.returncode == 2 and "not a readable Zarr group" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# -- an acquisition's stores read back together; errors; Windows' refused replace ----------------
+def test_read_acquisition_assembles_the_stores_of_a_multi_channel_recording(tmp_path):
+    """`serve --record rec.ome.zarr` of 2 channels x 2 planes writes a store per stream; one frame
+    lost upstream. read_acquisition puts every frame back in (T, C, Z, Y, X), as for OME-TIFF,
+    and a TIFF recording beside it with the same name is not mixed in."""
+    channels, lost = ("GCaMP", "mCherry"), (2, 1, 0)  # (t, c, z) never arrives
+    session = RecordingSession(RecordingRequest(path=tmp_path / "rec.ome.zarr", raw=True))
+    tiff = RecordingSession(RecordingRequest(path=tmp_path / "rec.ome.tif"))
+
+    def key(t, c, z):
+        return 100 * t + 10 * c + z
+
+    for t in range(4):
+        for c, z in np.ndindex(2, 2):
+            if (t, c, z) == lost:
+                continue
+            stream = f"cam0.{channels[c]}.z{z}"
+            h = FrameHeader(seq=t, shape=SHAPE, dtype="<u2", t=0.05 * t + 0.001 * (2 * c + z),
+                            meta={**META, "channel": channels[c], "index": {"t": t, "c": c, "z": z}})
+            assert session.submit_raw(stream, h, pattern(key(t, c, z), dtype=np.uint16))
+            assert session.submit_denoised(stream, h, pattern(key(t, c, z)), state="live", model_step=t)
+            assert tiff.submit_denoised(stream, h, pattern(key(t, c, z)), state="live", model_step=t)
+    assert session.stop(wait=True, timeout=30) and tiff.stop(wait=True, timeout=30)
+    assert session.status().error is None and len(session.status().files) == 8
+
+    from umvd_live.acquisition import read_acquisition, recording_files
+
+    assert recording_files(tmp_path / "rec.ome.zarr") == sorted(
+        tmp_path / f"rec_cam0.{ch}.z{z}.ome.zarr" for ch in channels for z in (0, 1))
+    for kind, dtype in (("denoised", np.float32), ("raw", np.uint16)):
+        (s,) = read_acquisition(tmp_path / "rec.ome.zarr", kind=kind).values()
+        assert s.key == "cam0" and s.data.shape == (4, 2, 2, *SHAPE) and s.data.dtype == dtype
+        assert s.channels == channels and s.z_indices == (0, 1) and s.pixel_size_um == 0.65
+        assert s.files[f"cam0.{channels[1]}.z1"] == (tmp_path / f"rec_cam0.{channels[1]}.z1{'.raw' if kind == 'raw' else ''}.ome.zarr",)
+        for t, c, z in np.ndindex(4, 2, 2):
+            if (t, c, z) == lost:
+                assert not s.present[t, c, z] and not s.data[t, c, z].any()
+                continue
+            assert s.present[t, c, z] and s.times[t, c, z] == pytest.approx(0.05 * t + 0.001 * (2 * c + z))
+            np.testing.assert_array_equal(s.data[t, c, z], pattern(key(t, c, z), dtype=dtype))
+    # the OME-TIFF recording of the same name: its own files, the same acquisition
+    (from_tif,) = read_acquisition(tmp_path / "rec.ome.tif").values()
+    (from_zarr,) = read_acquisition(tmp_path / "rec.ome.zarr").values()
+    assert all(p.suffix == ".tif" for files in from_tif.files.values() for p in files)
+    np.testing.assert_array_equal(from_tif.data, from_zarr.data)
+    np.testing.assert_array_equal(from_tif.present, from_zarr.present)
+
+
+def test_a_failed_chunk_write_ends_the_recording_with_a_clear_error(tmp_path):
+    """tensorstore reports a failed write as ValueError; the recorder gets an OSError with the
+    store and the errno, stops with a message (no traceback), and the store keeps every frame
+    written before, declared to OME readers."""
+    errors: list[str] = []
+    session = RecordingSession(RecordingRequest(path=tmp_path / "e.ome.zarr"), on_error=errors.append)
+    for seq in range(5):
+        session.submit_denoised("cam0", FrameHeader(seq, SHAPE, "<f4", t=0.1 * seq), pattern(seq),
+                                state="live", model_step=seq)
+    deadline = time.monotonic() + 30
+    while session.status().frames_written < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    store = tmp_path / "e_cam0.ome.zarr"
+    (store / "0" / "c").mkdir(exist_ok=True)
+    (store / "0" / "c" / "5").write_bytes(b"")  # a file where frame 5's chunk directory goes
+    for seq in range(5, 40):
+        session.submit_denoised("cam0", FrameHeader(seq, SHAPE, "<f4", t=0.1 * seq), pattern(seq),
+                                state="live", model_step=seq)
+    assert session.stop(wait=True, timeout=30)
+    status = session.status()
+    assert errors == [status.error]
+    assert "recording stopped: writing" in status.error and str(store) in status.error
+    assert "[ENOTDIR]" in status.error and "ValueError" not in status.error
+    frames, infos, prov = read_zarr_recording(store)
+    assert [i.seq for i in infos] == list(range(5)) and prov["complete"] is False
+    assert prov["frames_declared"] == 5  # abandon declared what was on disk
+    np.testing.assert_array_equal(frames, np.stack([pattern(s) for s in range(5)]))
+    yaozarrs.validate_zarr_store(str(store))
+
+
+def test_a_refused_replace_is_retried_then_reported(tmp_path, monkeypatch):
+    """On Windows a reader holding zarr.json open makes os.replace fail (PermissionError) until it
+    lets go: the checkpoint retries, briefly; a replace refused for good is an OSError."""
+    import os
+
+    from umvd_live import zarrfile
+
+    rec = ZarrRecording.create(tmp_path / "r.ome.zarr", pattern(0), FrameInfo(seq=0, t=0.0), Provenance("cam0"))
+    real, calls = os.replace, []
+
+    def refused_once(src, dst):
+        calls.append(dst)
+        if len(calls) == 1:
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process", str(dst))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", refused_once)
+    for i in range(1, 4):
+        rec.append(pattern(i), FrameInfo(seq=i, t=0.1 * i))
+    rec.checkpoint()
+    assert len(calls) == 2
+    group = json.loads((tmp_path / "r.ome.zarr" / "zarr.json").read_text())
+    assert group["attributes"]["umvd-live"]["frames"] == "4"
+    # no interval from the producer: the frames' own step on T from this checkpoint on, not only at close
+    assert group["attributes"]["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"][0] == pytest.approx(0.1)
+
+    def refused(src, dst):
+        raise PermissionError(13, "in use", str(dst))
+
+    monkeypatch.setattr(os, "replace", refused)
+    monkeypatch.setattr(zarrfile, "REPLACE_RETRY_S", 0.2)
+    rec.append(pattern(4), FrameInfo(seq=4, t=0.4))
+    started = time.monotonic()
+    with pytest.raises(PermissionError):
+        rec.checkpoint()
+    assert 0.15 < time.monotonic() - started < 2
+    monkeypatch.setattr(os, "replace", real)
+    rec.close()
+    frames, infos, prov = read_zarr_recording(tmp_path / "r.ome.zarr")
+    assert len(infos) == 5 and prov["complete"] is True and prov["frames_declared"] == 5
+    np.testing.assert_array_equal(frames, np.stack([pattern(i) for i in range(5)]))

@@ -4,9 +4,14 @@
 Modes: ``none`` (the acquisition alone), ``process`` (the former owner mode: publish inside
 ``image_process_fn`` and hand the image back into the saving path), ``saved`` (the owner mode
 now: `PycroManagerOwner.saved` reads each image back once it is saved). Figures: wall time of
-the acquisition per frame, and the time spent in our callback per frame (median, p99).
+the acquisition per frame, and the time spent in our callback per frame (median, p99). The modes
+run interleaved (none, process, saved, none, ...), so a change of load hits all of them.
 
-    python tools/bench_pycromanager_owner.py --frames 300 --size 512 512 --repeats 3
+The camera hands out frames rendered before the runs (`ReplayCamera`): rendering a 512x512 frame
+of `pycamera.NoisyPatternCamera` takes ~75 ms of CPU here, which would bury the fraction of a
+millisecond under test. Under a minute on 2 cores with the defaults:
+
+    flock /tmp/umvd-cpu.lock python tools/bench_pycromanager_owner.py --frames 500 --size 512 512 --repeats 5
 
 On the Python engine nothing is serialised; with the Java GUI an ``image_process_fn`` also
 carries every frame Java -> Python -> Java over ZeroMQ, which this cannot measure without
@@ -22,13 +27,32 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 os.environ.setdefault("PYTEST_RUNNING", "1")  # pymmcore-plus: no log file
 
 import numpy as np
+import psutil
 import zmq
 from umvd_live.adapters import pycromanager_source as pm
 from umvd_live.adapters.publisher import FramePublisher
+from umvd_live.adapters.pycamera import NoisyPatternCamera, render
+
+
+class ReplayCamera(NoisyPatternCamera):
+    """`NoisyPatternCamera`'s frames, rendered once: a snap is a copy (and the exposure's wait)."""
+
+    frames: ClassVar[list[np.ndarray]] = []
+
+    def snap(self, buffer: np.ndarray):
+        start = time.perf_counter()
+        n = self.frames_snapped
+        buffer[:] = self.frames[n % len(self.frames)]
+        self.frames_snapped += 1
+        left = self._exposure_ms / 1000 - (time.perf_counter() - start)
+        if left > 0:
+            time.sleep(left)
+        return {"PatternFrame": str(n)}
 
 
 def sink() -> tuple[str, threading.Event]:
@@ -79,17 +103,20 @@ def run(mode: str, frames: int, directory: Path, endpoint: str) -> tuple[float, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--frames", type=int, default=300)
+    ap.add_argument("--frames", type=int, default=500)
     ap.add_argument("--size", type=int, nargs=2, default=(512, 512))
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     h, w = args.size
+    load = psutil.getloadavg()[0]  # portable (emulated on Windows)
+    ReplayCamera.frames = [render(n, (h, w)) for n in range(16)]
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = Path(tmp) / "MMConfig.cfg"
-        cfg.write_text("#py pyDevice,Cam,umvd_live.adapters.pycamera,NoisyPatternCamera\n"
-                       f"#py Property,Core,Initialize,1\n#py Property,Cam,SensorHeight,{h}\n"
-                       f"#py Property,Cam,SensorWidth,{w}\n#py Property,Core,Camera,Cam\n")
-        core = pm.start_python_backend(cfg)
+        core = pm.start_python_backend()
+        camera = ReplayCamera()
+        camera.sensor_height, camera.sensor_width = h, w
+        core.loadPyDevice("Cam", camera)
+        core.initializeDevice("Cam")
+        core.setCameraDevice("Cam")
         core.setExposure(0.1)
         endpoint, halt = sink()
         walls: dict[str, list[float]] = {}
@@ -103,7 +130,8 @@ def main() -> None:
         finally:
             halt.set()
             pm.stop_python_backend()
-    print(f"{args.frames} frames of {h}x{w} uint16 per run, saved as NDTiff; {args.repeats} runs each\n")
+    print(f"{args.frames} frames of {h}x{w} uint16 per run, saved as NDTiff; {args.repeats} runs each; "
+          f"load average at start {load:.2f}\n")
     print("| owner mode | acquisition, ms/frame (median; runs) | our callback, ms/frame: median | p99 |")
     print("|---|---|---|---|")
     for mode in ("none", "process", "saved"):

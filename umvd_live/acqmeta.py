@@ -145,7 +145,8 @@ class AcquisitionMeta:
         return out
 
 
-def _tag(element: ET.Element) -> str:
+def local_name(element: ET.Element) -> str:
+    """An XML element's name without its namespace (``{http://...OME/2016-06}Image`` -> ``Image``)."""
     return element.tag.rpartition("}")[2]
 
 
@@ -154,12 +155,12 @@ def _from_ome(xml: str, series: int) -> AcquisitionMeta:
         root = ET.fromstring(xml)
     except ET.ParseError:
         return AcquisitionMeta()
-    images = [el for el in root if _tag(el) == "Image"]
+    images = [el for el in root if local_name(el) == "Image"]
     if series >= len(images):
         return AcquisitionMeta()
     image = images[series]
-    pixels = next((el for el in image if _tag(el) == "Pixels"), None)
-    date = next((el.text for el in image if _tag(el) == "AcquisitionDate"), None)
+    pixels = next((el for el in image if local_name(el) == "Pixels"), None)
+    date = next((el.text for el in image if local_name(el) == "AcquisitionDate"), None)
     if pixels is None:
         return AcquisitionMeta(acquisition_datetime=iso_datetime(date))
     a = pixels.attrib
@@ -167,7 +168,7 @@ def _from_ome(xml: str, series: int) -> AcquisitionMeta:
     unit = _UM.get(a.get("PhysicalSizeXUnit", "µm"))
     increment = positive(a.get("TimeIncrement"))
     t_unit = _S.get(a.get("TimeIncrementUnit", "s"))
-    channels = [el.attrib.get("Name") for el in pixels if _tag(el) == "Channel"]
+    channels = [el.attrib.get("Name") for el in pixels if local_name(el) == "Channel"]
     return AcquisitionMeta(
         pixel_size_um=size * unit if size and unit else None,
         interval_ms=increment * t_unit * 1e3 if increment and t_unit else None,

@@ -14,14 +14,19 @@ recording opens as a hyperstack in one call::
     s.data.shape, s.channels                        # (T, C, Z, Y, X), ("GCaMP", "mCherry")
     napari.Viewer().add_image(s.data, channel_axis=1, name=list(s.channels))
 
+A recording of OME-Zarr stores (``serve --record rec.ome.zarr``: one store per stream, the same
+provenance) is read the same way, ``read_acquisition("rec.ome.zarr")``.
+
 Everything is read into memory: a position takes its frames' bytes (denoised: float32).
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,6 +43,7 @@ from umvd_live.recordfile import (
     read_provenance,
     read_recording,
 )
+from umvd_live.zarrfile import is_zarr_path, read_zarr_provenance, read_zarr_recording
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +84,19 @@ class _StreamFrames:
         return self.coordinates.position_key if self.coordinates else self.name
 
 
+def _format(base: Path) -> tuple[str, Callable[..., dict[str, Any]], Callable[..., tuple]]:
+    """The file name pattern, provenance reader and reader of the format ``base`` names (the
+    recorder's switch: ``.ome.zarr`` stores, else OME-TIFF files)."""
+    stem = glob.escape(recording_stem(base))
+    if is_zarr_path(base):
+        return stem + "_*.ome.zarr", read_zarr_provenance, read_zarr_recording
+    return stem + "_*.ome.tif", read_provenance, read_recording
+
+
 def recording_files(base: str | os.PathLike, *, kind: str = "denoised",
                     recording_id: str | None = None) -> list[Path]:
-    """The files of one recording made with base path ``base`` (``rec.ome.tif``), of ``kind``
+    """The files of one recording made with base path ``base`` (``rec.ome.tif``, or
+    ``rec.ome.zarr`` for its OME-Zarr stores), of ``kind``
     ``"denoised"`` or ``"raw"``, in name order.
 
     The files are recognised by their OME provenance, not by their names, and grouped by the
@@ -90,12 +106,12 @@ def recording_files(base: str | os.PathLike, *, kind: str = "denoised",
     Files a kill left before their first frame hold nothing and are left out.
     """
     base = Path(base)
-    pattern = glob.escape(recording_stem(base)) + "_*.ome.tif"
+    pattern, provenance_of, _ = _format(base)
     by_recording: dict[str | None, list[Path]] = {}
     started: dict[str | None, str] = {}
     for path in sorted(base.parent.glob(pattern)):
         try:
-            prov = read_provenance(path)
+            prov = provenance_of(path)
         except (OSError, RecordingFormatError, ValueError) as exc:
             log.debug("%s: not a readable recording (%s)", path, exc)
             continue
@@ -123,7 +139,7 @@ def read_acquisition(base: str | os.PathLike, *, kind: str = "denoised",
     """Every position of a recording as a `PositionStack`, keyed ``GROUP[.pP][.gG]`` (a further
     axis of the acquisition, besides t, p, g, c and z, makes positions of its own the same way).
 
-    ``base`` is the path the recording was started with (``rec.ome.tif``); ``kind`` picks the
+    ``base`` is the path the recording was started with (``rec.ome.tif``, ``rec.ome.zarr``); ``kind`` picks the
     denoised files or the raw copies; ``recording_id`` picks one recording where several share
     the base path (`recording_files`).
 
@@ -139,8 +155,9 @@ def read_acquisition(base: str | os.PathLike, *, kind: str = "denoised",
     keyed by their stream name.
     """
     streams: dict[str, list[tuple[Path, np.ndarray, list[FrameInfo], dict[str, Any]]]] = {}
+    _, _, read = _format(Path(base))
     for path in recording_files(base, kind=kind, recording_id=recording_id):
-        frames, infos, prov = read_recording(path)
+        frames, infos, prov = read(path)
         if infos:
             streams.setdefault(prov["stream"], []).append((path, frames, infos, prov))
     positions: dict[str, list[_StreamFrames]] = {}
@@ -199,7 +216,7 @@ def _assemble(key: str, streams: list[_StreamFrames]) -> PositionStack:
         slot_of[slot] = s
 
     t_of = {s.name: [i.t_index for i in s.infos] for s in streams}
-    if not all(all(t is not None for t in ts) and all(a < b for a, b in zip(ts, ts[1:]))
+    if not all(all(t is not None for t in ts) and all(a < b for a, b in itertools.pairwise(ts))
                for ts in t_of.values()):
         t_of = {s.name: list(range(len(s.infos))) for s in streams}  # frame order
     first = min(ts[0] for ts in t_of.values())

@@ -12,7 +12,8 @@ the paper's recipe on the whole movie; streamed, the warm start on its first bur
 frames are then denoised in time chunks by several tasks that share those weights
 (`denoise_chunk`), each chunk reading N//2 plus the context frames before its first output
 frame and N//2 after its last, so every output sees the window and context blocks it would see
-in one piece; one more task joins the chunks and writes the file (`write_chunks`).
+in one piece; one more task joins the chunks and writes the file (`write_chunks`). A chunk's task
+reads only its frames (`movie.MovieFrames`): a worker's memory is a chunk's, not the movie's.
 docs/batch.md has what chunking does to quality.
 
 Failure. A lost worker's tasks are rerun by the scheduler, and a task that raised is retried
@@ -57,7 +58,7 @@ from umvd_live.budget import cpu_cores
 from umvd_live.changes import ChangeDetector
 from umvd_live.checkpoint import CheckpointError
 from umvd_live.engine import DenoisedFrame, EngineConfig, StreamDenoiser
-from umvd_live.movie import MovieError, read_movie
+from umvd_live.movie import MovieError, MovieFrames
 from umvd_live.normalization import sanitize
 from umvd_live.recordfile import Provenance
 
@@ -103,9 +104,10 @@ def plan_chunks(frames: int, chunk_frames: int, k: int, context: tuple[int, ...]
                 changes: tuple[int, ...] = ()) -> list[Chunk]:
     """Equal time chunks of at most ``chunk_frames`` output frames, within the segments that the
     ``changes`` (first frames of new segments) start. Each reads k + sum(context) frames before
-    its first output (the window's half and the context blocks) and k after its last (the
-    window's other half), never beyond its segment: the engine starts each segment afresh, as a
-    stream, so a chunk's output frames then see exactly the frames they would see in one piece."""
+    its first output and as many after its last (the window's halves and the context blocks,
+    which a recorded movie takes from both sides: `filemode.file_config`), never beyond its
+    segment: the engine treats each segment apart, so a chunk's output frames then see exactly
+    the frames they would see in one piece."""
     if chunk_frames < 1:
         raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
     lead = k + sum(context)
@@ -114,7 +116,7 @@ def plan_chunks(frames: int, chunk_frames: int, k: int, context: tuple[int, ...]
     for segment, (first, end) in enumerate(itertools.pairwise([*starts, frames])):
         n = max(1, -(-(end - first) // chunk_frames))
         bounds = [first + round(i * (end - first) / n) for i in range(n + 1)]
-        chunks += [Chunk(len(chunks) + i, a, b, max(first, a - lead), min(end, b + k), segment, first, end)
+        chunks += [Chunk(len(chunks) + i, a, b, max(first, a - lead), min(end, b + lead), segment, first, end)
                    for i, (a, b) in enumerate(itertools.pairwise(bounds))]
     return chunks
 
@@ -243,10 +245,11 @@ def start_movie(source: str, output: str, options: BatchOptions) -> Written | Wa
     """A movie's first task: the whole of it if short (`denoise`'s code path), else its training."""
     started = time.monotonic()
     try:
-        movie = read_movie(source)
         config = _task_config(options.engine)
-        if len(movie) > options.chunk_frames:
-            return train_movie(movie, source, config, options)
+        with MovieFrames(source) as reader:
+            if len(reader) > options.chunk_frames:
+                return train_movie(reader, source, config, options)
+            movie = reader.read(0, len(reader))
         read_s = time.monotonic() - started
         result = filemode.denoise_movie(movie, config, offline=options.offline, offline_steps=options.offline_steps)
         try:
@@ -265,85 +268,80 @@ def start_movie(source: str, output: str, options: BatchOptions) -> Written | Wa
                     "task": time.monotonic() - started}, [_worker()[0]])
 
 
-def train_movie(movie: np.ndarray, source: str, config: EngineConfig, options: BatchOptions) -> WarmModel:
-    """The weights a long movie's chunks share: `--offline`, trained on the whole movie (as
-    `denoise --offline`); streamed, the warm start on the first burst of frames, as a stream
-    goes through it, then frozen (chunks cannot follow one stream's online training)."""
+def train_movie(reader: MovieFrames, source: str, config: EngineConfig, options: BatchOptions) -> WarmModel:
+    """The weights a long movie's chunks share, trained as `denoise` trains them: `--offline`, on
+    the whole movie at once (held in memory, as `denoise --offline` holds it); streamed, every
+    frame pushed in order with inline training, read a chunk's length at a time (the replay
+    buffer holds what its byte bound allows)."""
     started = time.monotonic()
-    engine = StreamDenoiser(replace(config, train_mode="inline", warmup_frames=min(config.warmup_frames, len(movie))))
+    frames = len(reader)
+    engine = StreamDenoiser(filemode.file_config(config, frames))
     try:
         if options.offline:
-            engine.pretrain(movie, options.offline_steps or filemode.default_offline_steps(len(movie)))
+            engine.pretrain(reader.read(0, frames), options.offline_steps or filemode.default_offline_steps(frames))
         else:
-            for frame in movie[:engine.config.warmup_frames]:
-                engine.push(frame, infer=False)
-        changes = find_changes(movie, config)
-        chunks = len(plan_chunks(len(movie), options.chunk_frames, engine.k, engine.spec.context, changes))
-        provenance = filemode.denoise_provenance(
-            engine, source, offline=options.offline, chunks=chunks,
-            chunk_weights="trained on the whole movie" if options.offline else "the warm start, frozen")
+            for first in range(0, frames, options.chunk_frames):
+                for frame in reader.read(first, min(frames, first + options.chunk_frames)):
+                    engine.push(frame, infer=False)
+        changes = find_changes(reader, config, options.chunk_frames)
+        chunks = len(plan_chunks(frames, options.chunk_frames, engine.k, engine.spec.context, changes))
+        provenance = filemode.denoise_provenance(engine, source, offline=options.offline, chunks=chunks)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "weights.pt"
             engine.save_weights(path)
             weights = path.read_bytes()
-        return WarmModel(weights, len(movie), movie.shape[1:], engine.k, engine.spec.context, changes,
+        return WarmModel(weights, frames, reader.shape[1:], engine.k, engine.spec.context, changes,
                          provenance, time.monotonic() - started, _worker()[0])
     finally:
         engine.close()
 
 
-def find_changes(movie: np.ndarray, config: EngineConfig) -> tuple[int, ...]:
+def find_changes(reader: MovieFrames, config: EngineConfig, block: int) -> tuple[int, ...]:
     """The frames where the engine would start new segments when the whole movie is pushed: its
-    change detector sees every frame in order, and only the frames (`umvd_live.changes`)."""
+    change detector sees every frame in order, and only the frames (`umvd_live.changes`), read
+    ``block`` frames at a time."""
     detector = ChangeDetector(config.changes)
     found = []
-    for i, frame in enumerate(movie):
-        clean, clean_ok = sanitize(frame)
-        if clean_ok and detector.observe(clean) is not None:  # as the engine: NaN/Inf frames are not tested
-            found.append(i)
+    for first in range(0, len(reader), block):
+        for i, frame in enumerate(reader.read(first, first + block), first):
+            clean, clean_ok = sanitize(frame)
+            if clean_ok and detector.observe(clean) is not None:  # as the engine: NaN/Inf frames are not tested
+                found.append(i)
     return tuple(found)
 
 
 def denoise_chunk(source: str, model: WarmModel, chunk: Chunk, options: BatchOptions) -> ChunkResult:
-    """One chunk of a long movie, with the movie's shared weights and training off.
+    """One chunk of a long movie: `denoise`'s final pass (`StreamDenoiser.denoise_frames`) over
+    the chunk's output frames, with the movie's trained weights.
 
-    The frames are pushed as `denoise` pushes them, from ``read_start`` on; outputs before
-    ``start`` are not inferred. The engine is built on its segment's first frame (`pretrain` with
-    no steps): the intensity normalisation the engine fits there in one piece. Its change
-    detector is off: a chunk's segment is known (`find_changes`), and a detector that began
-    mid-segment would not see what one piece's saw."""
+    The engine is built on its segment's first frame (`pretrain` with no steps): the intensity
+    normalisation the engine fits there in one piece. The chunk's frames are denoised as one
+    segment, which the read span lies in (`find_changes`, `plan_chunks`).
+
+    Only the chunk's frames are read (and its segment's first), so a worker's memory is a
+    chunk's, whatever the movie's length."""
     started = time.monotonic()
-    movie = read_movie(source)
-    if len(movie) != model.frames or movie.shape[1:] != model.shape:
-        raise MovieError(f"{source}: changed while it was being denoised")
+    with MovieFrames(source) as reader:
+        if reader.shape != (model.frames, *model.shape):
+            raise MovieError(f"{source}: changed while it was being denoised")
+        first = reader.read(chunk.segment_start, chunk.segment_start + 1)
+        span = reader.read(chunk.read_start, chunk.read_stop)
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights.pt"
         weights.write_bytes(model.weights)
-        config = replace(_task_config(options.engine), init=str(weights), train_mode="inline", steps_per_frame=0.0,
-                         changes=replace(options.engine.changes, enabled=False))
+        config = replace(filemode.file_config(_task_config(options.engine), model.frames), init=str(weights),
+                         steps_per_frame=0.0, changes=replace(options.engine.changes, enabled=False))
         engine = StreamDenoiser(config)
-        engine.pretrain(movie[chunk.segment_start:chunk.segment_start + 1], 0)  # loads the weights: the file may go
+        engine.pretrain(first, 0)  # loads the weights: the file may go
     try:
-        engine.pause_training()
-        images: list[np.ndarray | None] = [None] * (chunk.stop - chunk.start)
-        outputs: list[DenoisedFrame | None] = [None] * (chunk.stop - chunk.start)
-
-        def keep(ready: list[DenoisedFrame]) -> None:
-            for out in ready:
-                t = out.index + chunk.read_start
-                if chunk.start <= t < chunk.stop:
-                    images[t - chunk.start] = out.image
-                    outputs[t - chunk.start] = replace(out, index=t, image=None, segment=chunk.segment)
-
-        for t in range(chunk.read_start, chunk.read_stop):
-            keep(engine.push(movie[t], infer=t - engine.k >= chunk.start))
-        if chunk.read_stop == chunk.segment_end:
-            keep(engine.flush())
+        done = engine.denoise_frames(span, [t - chunk.read_start for t in range(chunk.start, chunk.stop)])
     finally:
         engine.close()
-    if any(o is None for o in outputs):
+    images = [out.image for out in done]
+    outputs = [replace(out, index=out.index + chunk.read_start, image=None, segment=chunk.segment) for out in done]
+    if len(outputs) != chunk.stop - chunk.start:
         raise RuntimeError(f"{source}: chunk {chunk.index} left frames without an output")
-    return ChunkResult(chunk, np.stack(images).astype(np.float32, copy=False), outputs,  # type: ignore[arg-type]
+    return ChunkResult(chunk, np.stack(images).astype(np.float32, copy=False), outputs,
                        time.monotonic() - started, _worker()[0])
 
 
@@ -351,12 +349,12 @@ def write_chunks(source: str, output: str, model: WarmModel, options: BatchOptio
     """Join a long movie's chunks in order and write them (`filemode.write_denoised`)."""
     started = time.monotonic()
     parts = tuple(sorted(parts, key=lambda p: p.chunk.index))
-    frames = np.concatenate([p.frames for p in parts])
+    frames = (image for p in parts for image in p.frames)  # written as they come: no joined copy
     outputs = [o for p in parts for o in p.outputs]
     write_atomic(Path(output), lambda tmp: filemode.write_denoised(tmp, source, frames, outputs, model.provenance))
     if options.save_models:
         write_atomic(_model_path(Path(output)), lambda tmp: tmp.write_bytes(model.weights))
-    return Written(output, len(frames), model.shape, outputs[-1].model_step, _provenance_dict(model.provenance),
+    return Written(output, len(outputs), model.shape, outputs[-1].model_step, _provenance_dict(model.provenance),
                    {"train": model.seconds, "denoise": sum(p.seconds for p in parts),
                     "write": time.monotonic() - started},
                    list(dict.fromkeys([model.worker, *(p.worker for p in parts), _worker()[0]])))
@@ -554,12 +552,29 @@ def _fail(message: str) -> int:
 
 
 def dashboard_link(client: Any) -> str | None:
-    """The Dask dashboard's address, when the scheduler runs one (it needs bokeh)."""
+    """The Dask dashboard's address, when the scheduler serves one. Its HTTP server runs without
+    bokeh too, with no dashboard (a page asking for bokeh, or a 404), so the scheduler is asked
+    whether it has bokeh (a lambda: pickled by value, it needs nothing of ours over there)."""
     try:
-        services = client.scheduler_info().get("services", {})
-    except (OSError, AttributeError):  # an old or unreachable scheduler: no link
+        if "dashboard" not in client.scheduler_info().get("services", {}):
+            return None
+        has_bokeh = client.run_on_scheduler(lambda: importlib.util.find_spec("bokeh") is not None)
+    except Exception:  # noqa: BLE001 - a link is a courtesy: a scheduler that will not say gets none
         return None
-    return client.dashboard_link if "dashboard" in services else None
+    return client.dashboard_link if has_bokeh else None
+
+
+def default_workers(cores: int | None = None) -> int:
+    """``--workers``' default: Dask's own split of a LocalCluster (`nprocesses_nthreads`): one
+    worker per core up to 4 cores, then about √cores workers of √cores torch threads each.
+
+    One task per core is what measured fastest here (2 cores: two single-thread workers make 1.57×
+    the frames/s of one worker of two threads: a small movie's training uses threads poorly), and
+    Dask's rule keeps that on small machines; on large ones it bounds the workers, since each holds
+    a movie (or a chunk) and its output in memory, within RAM / workers (Dask's memory limit)."""
+    from distributed.deploy.utils import nprocesses_nthreads
+
+    return nprocesses_nthreads(cores or cpu_cores())[0]
 
 
 def open_client(workers: int | None, scheduler: str | None) -> tuple[Any, Any]:
@@ -571,8 +586,8 @@ def open_client(workers: int | None, scheduler: str | None) -> tuple[Any, Any]:
         if Path(scheduler).is_file():  # a scheduler file (dask scheduler --scheduler-file)
             return Client(scheduler_file=scheduler, timeout="30s"), None
         return Client(scheduler, timeout="30s"), None
-    dashboard = ":0" if importlib.util.find_spec("bokeh") else None
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=dashboard,
+    # any free port: None would mean Dask's fixed 8787, taken by a second batch or another cluster
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                            silence_logs=logging.ERROR)
     return Client(cluster), cluster
 
@@ -585,7 +600,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"--workers must be >= 1, got {args.workers}")
     if args.chunk_frames < 1:
         return _fail(f"--chunk-frames must be >= 1, got {args.chunk_frames}")
-    workers = args.workers or 1
+    workers = args.workers or default_workers()
     threads = args.threads
     if threads is None and not args.scheduler:
         threads = max(1, cpu_cores() // workers)  # the local cores, divided among the workers

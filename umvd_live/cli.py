@@ -102,7 +102,8 @@ def _batch(sub: argparse._SubParsersAction) -> None:
                    help="where each INPUT's output goes, under its name (workers must see it)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, metavar="N",
-                       help="a local cluster of N worker processes, the cores divided among them (default 1)")
+                       help="a local cluster of N worker processes, the cores divided among them (default: "
+                            "one per core up to 4 cores, then about √cores, as Dask's LocalCluster)")
     where.add_argument("--scheduler", metavar="ADDRESS",
                        help="an existing Dask scheduler: tcp://HOST:PORT, or its scheduler file")
     _engine_args(p, inference_workers=False)

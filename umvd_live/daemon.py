@@ -785,14 +785,15 @@ class Daemon:
 # ---- command line -------------------------------------------------------------------------------
 def _setup_logging(display: StatusDisplay, level: str) -> None:
     """The shared format and levels (`logs.configure`); on a terminal the lines go through the live
-    status display's console instead, so they do not tear its table."""
+    status display's console instead, so they do not tear its table, in the same format."""
     configure_logs(level)
     if display.interactive:
         from rich.logging import RichHandler
 
         root = logging.getLogger()
         for plain in list(root.handlers):
-            rich = RichHandler(console=display.console, show_path=False)
+            rich = RichHandler(console=display.console, show_path=False, show_time=False, show_level=False)
+            rich.setFormatter(plain.formatter)
             for kept in plain.filters:
                 rich.addFilter(kept)
             root.removeHandler(plain)

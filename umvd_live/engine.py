@@ -56,6 +56,9 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     window: int = 7
     context: tuple[int, ...] | None = None  # context blocks (model.ModelSpec.context); None: the preset's
+    # Where the context blocks lie: "past" (a live stream has nothing later) or "both" (recorded
+    # movies: training windows and `denoise_frames` take half of each block from after the window).
+    context_sides: Literal["past", "both"] = "past"
     warmup_frames: int = 300  # the initial burst the warm start trains on
     warmup_steps: int = 400  # training steps before the output goes live
     train_mode: Literal["inline", "background"] = "inline"
@@ -126,9 +129,13 @@ def cpu_has_native_bf16() -> bool:
     oneDNN's bf16 convolutions beat float32: a pass of lite's D at 512² took 56-68 instead of
     80-84 ms on the development machine's AMD EPYC, at the same PSNR (tools/bench_stages.py;
     docs/benchmarks.md). Elsewhere bf16 is
-    emulated and buys nothing."""
+    emulated and buys nothing. torch's own CPU probes answer on every system (Windows included);
+    /proc/cpuinfo is the fallback for a torch without them."""
     if not torch.backends.mkldnn.is_available():
         return False
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(callable(probe) for probe in probes):
+        return any(probe() for probe in probes)
     try:
         with open("/proc/cpuinfo") as f:  # Linux; other systems: no
             return lists_native_bf16(f.read())
@@ -453,7 +460,7 @@ class StreamDenoiser:
         tc = self.config.trainer
         frame_bytes = frame.size * 4
         capacity = min(tc.replay_frames, max(tc.replay_bytes // frame_bytes, self.config.window))
-        self._replay = ReplayBuffer(self.config.window, capacity, spec.context)
+        self._replay = ReplayBuffer(self.config.window, capacity, spec.context, self.config.context_sides == "both")
         self._history = FrameHistory(spec.window // 2, spec.context)
         self.trainer = OnlineTrainer(train_net, tc, self.device, seed=self.config.seed, bf16=self.bf16)
         if info is not None:
@@ -649,9 +656,11 @@ class StreamDenoiser:
         """Whether frame t (of the current segment) is within `adapt_frames` of its change."""
         return self.segment > 0 and t < self._segment_start + self.config.adapt_frames
 
-    def _finish(self, batch: _OutputBatch, normalizer: Normalizer | None = None) -> list[DenoisedFrame]:
+    def _finish(self, batch: _OutputBatch, normalizer: Normalizer | None = None,
+                referee: BlindReferee | None = None) -> list[DenoisedFrame]:
         """Denoise the batch's windows, `max_batch` per forward pass and `workers` passes
-        at once, into the units of ``normalizer`` (default: the current segment's); return its outputs."""
+        at once, into the units of ``normalizer`` (default: the current segment's); return its
+        outputs. Probed windows are judged by ``referee`` (default: the stream's)."""
         outputs = batch.outputs
         normalizer = normalizer or self.normalizer
         step = self.max_batch
@@ -664,19 +673,20 @@ class StreamDenoiser:
             for (slot, t, _, _), image in zip(chunk, images):
                 state: State = "adapting" if self._adapting_at(t) else "live"
                 probe = batch.probes.get(slot)
-                if probe is not None and not self._judge(image, probe):
+                if probe is not None and not self._judge(image, probe, referee or self.referee):
                     image, state = probe.window[0].cpu().numpy(), "warmup"  # the mean: the network lost
                 outputs[slot] = DenoisedFrame(index=t, image=normalizer.inverse(image), state=state,
                                               model_step=self._net_step, segment=self.segment)
         return outputs  # type: ignore[return-value]  # every slot is filled now
 
-    def _judge(self, image: np.ndarray, probe: Probe) -> bool:
+    @staticmethod
+    def _judge(image: np.ndarray, probe: Probe, referee: BlindReferee) -> bool:
         """Whether frame t gets the network's output (normalised ``image``): the referee scores it
         and the neighbours' mean against the noisy centre (`BlindReferee`)."""
         centre = probe.centre[0].cpu().numpy()
         network = float(np.mean(np.square(image - centre)))
         mean = float(np.mean(np.square(probe.neighbours[0].cpu().numpy() - centre)))
-        return self.referee.judge(network, mean)
+        return referee.judge(network, mean)
 
     def _denoise_chunk(self, chunk: list[_Window]) -> np.ndarray:
         """One forward pass of D over windows -> (B, H, W) normalised images.
@@ -811,12 +821,16 @@ class StreamDenoiser:
         self._adopt_published_weights()
         self._live = True
 
-    def denoise_frames(self, movie: np.ndarray, indices: list[int]) -> list[DenoisedFrame]:
-        """Denoise frames of an in-memory movie with the current weights (same edge rule). A
-        movie pushed through this engine keeps its segments (`changes`): each frame's window and
-        context stay within its segment, in that segment's units."""
+    def denoise_frames(self, movie: np.ndarray, indices: list[int],
+                       progress: Callable[[], None] | None = None) -> list[DenoisedFrame]:
+        """Denoise frames of an in-memory movie with the newest weights, the trainer's (what
+        `save_weights` saves), with the same edge rule. A movie pushed through this engine keeps
+        its segments (`changes`): each frame's window and context stay within its segment, in
+        that segment's units. `progress()` is called after each output."""
         if self._net is None:
             raise RuntimeError("no model yet: push frames or pretrain first")
+        with self._train_lock:
+            self._publish_weights()
         self._adopt_published_weights()
         starts = [0] + [change.index for change in self.changes]
         ends = starts[1:] + [len(movie)]
@@ -824,14 +838,15 @@ class StreamDenoiser:
         for segment, (first, end) in enumerate(zip(starts, ends)):
             chunk = [t for t in indices if first <= t < end]
             if chunk:
-                out += self._denoise_segment(movie, chunk, first, end - 1, segment)
+                out += self._denoise_segment(movie, chunk, first, end - 1, segment, progress)
         order = {t: i for i, t in enumerate(indices)}
         return sorted(out, key=lambda o: order[o.index])
 
     def _denoise_segment(self, movie: np.ndarray, indices: list[int], first: int, last: int,
-                         segment: int) -> list[DenoisedFrame]:
+                         segment: int, progress: Callable[[], None] | None) -> list[DenoisedFrame]:
         normalizer = self._normalizers[segment]
         spans = self.spec.context
+        both_sides = self.config.context_sides == "both"
         reach = self.k + sum(spans)
         frames: dict[int, torch.Tensor] = {}  # normalised frames near the current t
         feats: dict[int, torch.Tensor] = {}  # G once per frame, shared by the windows it is in
@@ -841,6 +856,11 @@ class StreamDenoiser:
                 frames[i] = torch.from_numpy(normalizer.forward(sanitize(movie[i])[0])).to(self.device)[None]
             return frames[i]
 
+        # Each frame is judged alone, blind, as the referee judges a live stream's: where the
+        # network's output is farther from the noisy frame than its neighbours' mean is (a frame
+        # unlike what the network learned, e.g. a sudden jolt of the sample), the window's mean
+        # is output instead (state `warmup`), so no frame comes out worse than that blind mean.
+        referee = BlindReferee(memory=0.0)
         out: list[DenoisedFrame] = []
         for start in range(0, len(indices), self.max_batch):
             batch = _OutputBatch()
@@ -853,9 +873,14 @@ class StreamDenoiser:
                             feats[i] = self._features(frame(i)[None])[0]
                     context = None
                     if spans:
-                        context = block_means(context_blocks(t, self.k, spans, lambda j: first <= j <= last), frame)[None]
-                    batch.wait(t, [feats[i][None] for i in idx], context)
-            out += [replace(o, segment=segment, state="live") for o in self._finish(batch, normalizer)]
+                        blocks = context_blocks(t, self.k, spans, lambda j: first <= j <= last, both_sides)
+                        context = block_means(blocks, frame)[None]
+                    probe = Probe.of(torch.stack([frame(i) for i in idx]), self.k) if len(set(idx)) > 1 else None
+                    batch.wait(t, [feats[i][None] for i in idx], context, probe)
+            out += [replace(o, segment=segment, state="warmup" if o.state == "warmup" else "live")
+                    for o in self._finish(batch, normalizer, referee)]
+            for _ in range(len(chunk) if progress else 0):
+                progress()
             # What no later window needs can go (indices usually come in order; an evicted
             # frame that is needed again is simply recomputed).
             for cache, keep in ((feats, self.k), (frames, reach)):

@@ -1,9 +1,10 @@
 """`umvd-live denoise`: a recorded movie through the same engine as a live session.
 
-Streamed (default): frames are pushed in order with inline training, exactly as a live stream
-would see them, and the frames that passed during the warm start are denoised again once the
-model is warm, so nothing is left un-denoised. `--offline`: the paper's recipe, training on the
-whole movie first, then denoising it; slower, and the quality reference for recorded data.
+Streamed (default): frames are pushed in order with inline training, as a live stream would see
+them; `--offline`: the paper's recipe, training on the whole movie first. Either way every frame
+is then denoised by a final pass with the final weights, and with context blocks from both sides
+of the window (`EngineConfig.context_sides`): a file need not be causal, and a context of the
+past alone made transients trail the truth (docs/engine.md, "Context from both sides").
 """
 
 from __future__ import annotations
@@ -59,6 +60,16 @@ def _progress(console: Console) -> Progress:
     )
 
 
+def file_config(config: EngineConfig, t_frames: int) -> EngineConfig:
+    """The engine's settings for a recorded movie of ``t_frames`` frames (`denoise`, `batch`):
+    inline training; a movie shorter than the burst warm-starts on all of it; its later frames
+    exist, so the context comes from both sides of the window; and training draws from every
+    frame pushed so far (within the replay's byte bound), since the final weights denoise all."""
+    return replace(config, train_mode="inline", warmup_frames=min(config.warmup_frames, t_frames),
+                   context_sides="both",
+                   trainer=replace(config.trainer, replay_frames=max(config.trainer.replay_frames, t_frames)))
+
+
 def denoise_movie(
     movie: np.ndarray,
     config: EngineConfig,
@@ -70,10 +81,7 @@ def denoise_movie(
     """Denoise a whole T×H×W movie; every frame gets exactly one output, in the input's units."""
     console = console or Console(stderr=True, quiet=True)
     t_frames = len(movie)
-    # A movie shorter than the burst warm-starts on all of it.
-    config = replace(config, train_mode="inline", warmup_frames=min(config.warmup_frames, t_frames))
-    engine = StreamDenoiser(config)
-    final: list[DenoisedFrame | None] = [None] * t_frames
+    engine = StreamDenoiser(file_config(config, t_frames))
     start = time.monotonic()
     with _progress(console) as progress:
         if offline:
@@ -83,19 +91,15 @@ def denoise_movie(
                 movie, steps, lambda done, loss: progress.update(task, completed=done, info=f"loss {loss or 0:.4f}")
             )
             engine.pause_training()
-        task = progress.add_task("denoising", total=t_frames, info="")
+        # The pass in order: training (streamed), and the changes that cut the movie into segments.
+        task = progress.add_task("training" if not offline else "segments", total=t_frames, info="")
         for frame in movie:
-            for out in engine.push(frame):
-                final[out.index] = out
-            progress.update(task, completed=engine.frames_in, info=f"{engine.state}, step {engine.model_step}")
-        for out in engine.flush():
+            engine.push(frame, infer=False)
+            progress.update(task, completed=engine.frames_in, info=f"step {engine.model_step}")
+        task = progress.add_task("denoising", total=t_frames, info="")
+        final: list[DenoisedFrame | None] = [None] * t_frames
+        for out in engine.denoise_frames(movie, list(range(t_frames)), progress=lambda: progress.advance(task)):
             final[out.index] = out
-        warm = [i for i, o in enumerate(final) if o is not None and o.state == "warmup"]
-        if warm and engine.warm:
-            task = progress.add_task("warm-up frames", total=len(warm), info="")
-            for out in engine.denoise_frames(movie, warm):
-                final[out.index] = out
-                progress.advance(task)
     assert all(o is not None for o in final), "every input frame gets exactly one output"
     frames = np.stack([o.image for o in final]).astype(np.float32, copy=False)
     return DenoiseResult(frames=frames, outputs=final, seconds=time.monotonic() - start, engine=engine)
@@ -130,6 +134,7 @@ def denoise_provenance(engine: StreamDenoiser, source: str | Path, *, offline: b
         weights_sha256=engine.start_hash, device=str(engine.device), source=str(source),
         extra={"mode": "offline" if offline else "streamed", "final_model_step": engine.model_step,
                "context_blocks": ",".join(map(str, engine.spec.context)) or "none",
+               "context_sides": engine.config.context_sides,
                "changes": ",".join(f"{c.index}:{c.reason}" for c in engine.changes) or "none",
                **({"prior": engine.prior.name, "prior_sha256": engine.prior.sha256} if engine.prior else {}),
                **extra},
@@ -174,9 +179,12 @@ def run(args: argparse.Namespace) -> int:
     if args.save_model:
         engine.save_weights(args.save_model)
     result.engine.close()
+    fallbacks = sum(o.state == "warmup" for o in result.outputs)
     err.print(
         f"denoised {len(movie)} frames of {movie.shape[1]}×{movie.shape[2]} in {result.seconds:.1f} s "
         f"({result.engine.preset} on {result.engine.device}, {result.engine.model_step} training steps) → {args.output}"
+        + (f"; {fallbacks} frames where the network lost to the neighbours' mean got the window's mean"
+           if fallbacks else "")
     )
     return 0
 

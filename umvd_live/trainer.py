@@ -51,9 +51,10 @@ class ReplayBuffer:
     A segment is a run of frames between abrupt changes of the acquisition (`changes`): a training
     window and its context never take frames from two segments, as inference never does."""
 
-    def __init__(self, window: int, capacity: int, context: tuple[int, ...] = ()):
+    def __init__(self, window: int, capacity: int, context: tuple[int, ...] = (), both_sides: bool = False):
         self.k = window // 2
         self.context = context
+        self.both_sides = both_sides  # context blocks from both sides of the window (recorded movies)
         self.reach = self.k + sum(context)  # the farthest frame before a centre its sample uses
         self.capacity = max(capacity, window + sum(context))
         self._frames: OrderedDict[int, tuple[torch.Tensor, int]] = OrderedDict()
@@ -115,9 +116,11 @@ class ReplayBuffer:
                 window = torch.stack([patches[i] for i in indices])
                 if self.context:
                     # A cut segment has no frames after the window yet, as live: the context's
-                    # empty blocks fall back to the neighbours, never to later frames.
-                    present = {j for j in patches if j <= t + self.k} if first > t - self.reach else patches
-                    blocks = context_blocks(t, self.k, self.context, present.__contains__)
+                    # empty blocks fall back to the neighbours, never to later frames. A recorded
+                    # movie's segment start (both sides) has its later frames.
+                    cut = first > t - self.reach and not self.both_sides
+                    present = {j for j in patches if j <= t + self.k} if cut else patches
+                    blocks = context_blocks(t, self.k, self.context, present.__contains__, self.both_sides)
                     window = torch.cat([window, block_means(blocks, patches.__getitem__)])
                 out.append(window)
         return torch.stack(out)

@@ -34,7 +34,8 @@ def window_indices(t: int, first: int, last: int, k: int) -> list[int]:
     return out
 
 
-def context_blocks(t: int, k: int, spans: Sequence[int], have: Callable[[int], bool]) -> list[list[int]]:
+def context_blocks(t: int, k: int, spans: Sequence[int], have: Callable[[int], bool],
+                   both_sides: bool = False) -> list[list[int]]:
     """Frame indices of each long-range context block of the window centred on t.
 
     Block i holds the `spans[i]` frames before block i-1 (block 0 ends just before the window:
@@ -42,10 +43,24 @@ def context_blocks(t: int, k: int, spans: Sequence[int], have: Callable[[int], b
     frames after the window (a recorded movie's first frames; a live stream has no such frames
     yet), and failing that stands in as the centre's window neighbours. The centre frame t is never
     in a block, unless it is the stream's only frame (then the window holds nothing else either).
+
+    ``both_sides`` (recorded movies, whose later frames exist): block i takes half its frames from
+    before the window and half from after it, at the same distance, so its mean is centred on t.
+    A mean of the past alone trails the activity: the network learned to keep a transient up
+    while the past block still held it, and outputs lagged the truth by 1.5 frames
+    (docs/engine.md, "Context from both sides"). Where one side is missing (a movie's ends) the
+    block is the other side's frames.
     """
     neighbours = [t + d for d in range(-k, k + 1) if d and have(t + d)] or [t]
     blocks, reach = [], k
     for span in spans:
+        if both_sides:
+            before, after = span // 2, span - span // 2
+            past = [j for j in range(t - reach - before, t - reach) if have(j)]
+            later = [j for j in range(t + reach + 1, t + reach + after + 1) if have(j)]
+            blocks.append(past + later or neighbours)
+            reach += after
+            continue
         past = [j for j in range(t - reach - span, t - reach) if have(j)]
         future = [] if past else [j for j in range(t + reach + 1, t + reach + span + 1) if have(j)]
         blocks.append(past or future or neighbours)

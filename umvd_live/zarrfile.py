@@ -24,14 +24,19 @@ the array metadata at every frame. Here:
   replaced atomically (``os.replace``). The metadata therefore never declares a frame whose chunk
   is missing; after a kill, OME readers see the frames up to the last checkpoint and
   `read_zarr_recording` every frame whose line reached the JSON-lines file.
+* tensorstore reports a failed write as ValueError; it is raised here as `ZarrWriteError`, an
+  OSError with the store's path and the errno, so that the recorder ends the recording with a
+  clear message as for a TIFF file (disk full and the like).
 """
 
 from __future__ import annotations
 
-import itertools
+import errno
 import json
 import os
-import statistics
+import re
+import shutil
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -63,6 +68,33 @@ ZARR_SUFFIXES = (".ome.zarr", ".zarr")
 IN_FLIGHT = 16
 #: a shape no recording reaches: what the write handle assumes, so writes never resize
 _UNBOUNDED_T = 2**40
+#: how long a metadata replace is retried while Windows refuses it (a reader holds the file open)
+REPLACE_RETRY_S = 1.0
+
+
+class ZarrWriteError(OSError):
+    """A store's write failed (tensorstore's error, as an OSError: errno, the store's path)."""
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
+
+
+def _os_error(exc: ValueError, path: Path) -> ZarrWriteError:
+    """tensorstore's ValueError (``FAILED_PRECONDITION: Error writing local file ...
+    [os_error_code='28']``) as a `ZarrWriteError`; the errno is the code on POSIX (on Windows the
+    code is a Windows error number: EIO, the text says which)."""
+    text = str(exc).split(" [tensorstore_spec=", 1)[0]
+    code = _OS_ERROR_CODE.search(text)
+    number = int(code.group(1)) if code and os.name == "posix" else errno.EIO
+    return ZarrWriteError(number, text, str(path))
+
+
+def _done(future: Any, path: Path) -> Any:
+    """A tensorstore future's result; its error as `ZarrWriteError`."""
+    try:
+        return future.result()
+    except ValueError as exc:
+        raise _os_error(exc, path) from exc
 
 
 def is_zarr_path(path: str | os.PathLike) -> bool:
@@ -96,18 +128,38 @@ def _replace_json(path: Path, doc: dict[str, Any]) -> None:
         json.dump(doc, fh, default=_json_default, ensure_ascii=False)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    _replace(tmp, path)
+
+
+def _replace(src: Path, dst: Path) -> None:
+    """``os.replace``, retried for up to `REPLACE_RETRY_S` while it is refused: on Windows a file
+    another process holds open without delete sharing (a viewer reading ``zarr.json``, a virus
+    scanner) cannot be replaced until it lets go (PermissionError). POSIX replaces open files; a
+    PermissionError there is for good and is raised after the same short wait."""
+    deadline = time.monotonic() + REPLACE_RETRY_S
+    delay = 0.005
+    while True:
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError:
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
 
 class ZarrRecording:
     """One stream's OME-Zarr store, appended frame by frame (single-threaded use), with the API of
     `RecordingFile`: a kill loses at most the `IN_FLIGHT` frames whose writes are running;
-    `checkpoint` declares every frame to OME readers; `close` writes the final metadata (``complete``, the frame interval on T)."""
+    `checkpoint` declares every frame to OME readers (and, without an ``interval_ms``, the frames'
+    own step on T); `close` writes the final metadata (``complete`` true)."""
 
-    # the bookkeeping and the provenance map are the TIFF recorder's own, so the two formats say
-    # the same thing under the same keys
+    # the bookkeeping, the provenance map and the measured frame interval are the TIFF
+    # recorder's own, so the two formats say the same thing under the same keys
     _track = RecordingFile._track
     provenance_map = RecordingFile.provenance_map
+    _measured_increment = RecordingFile._measured_increment
 
     def __init__(self, path: Path, shape: tuple[int, int], dtype: np.dtype, provenance: Provenance,
                  first_info: FrameInfo):
@@ -139,8 +191,6 @@ class ZarrRecording:
             rec.checkpoint()
         except BaseException:
             rec._release()
-            import shutil
-
             shutil.rmtree(path, ignore_errors=True)  # ours (mkdir) and holding no declared frame
             raise
         return rec
@@ -163,10 +213,10 @@ class ZarrRecording:
                     "chunk_key_encoding": {"name": "default"}, "fill_value": 0,
                     "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]}
         array_dir = self.path / "0"
-        self._declared = ts.open(_array_spec(array_dir, metadata), create=True).result()
+        self._declared = _done(ts.open(_array_spec(array_dir, metadata), create=True), self.path)
         # chunks go through a handle that assumes a huge T: no metadata write per frame
-        self._writer = ts.open(_array_spec(array_dir, {**metadata, "shape": [_UNBOUNDED_T, 1, h, w]}),
-                               open=True, assume_metadata=True).result()
+        self._writer = _done(ts.open(_array_spec(array_dir, {**metadata, "shape": [_UNBOUNDED_T, 1, h, w]}),
+                                     open=True, assume_metadata=True), self.path)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | O_BINARY
         self._frames_fh = os.fdopen(os.open(self.path / FRAMES_FILE, flags, 0o644), "ab", buffering=0)
 
@@ -210,7 +260,7 @@ class ZarrRecording:
         done chunk gets its metadata line: a line is never written before its chunk."""
         while len(self._pending) > keep or (self._pending and self._pending[0][0].done()):
             future, line, info, _ = self._pending.popleft()
-            future.result()  # an I/O error surfaces here, as OSError-like RuntimeError
+            _done(future, self.path)  # a failed chunk write surfaces here
             self._frames_fh.write(line.encode("ascii") + b"\n")
             self._track(info)
 
@@ -220,21 +270,28 @@ class ZarrRecording:
         if self._writer is None:
             return
         self._retire(0)
+        self._declare(final=final)
+
+    def _declare(self, *, final: bool) -> None:
+        """Declare the frames whose lines are written: the frames file made durable, the array's
+        shape grown to them, the group's metadata rewritten."""
         n = len(self.infos)
         os.fsync(self._frames_fh.fileno())
         if n != self._declared_frames:
             h, w = self.shape
-            self._declared.resize(exclusive_max=[n, 1, h, w], expand_only=True,
-                                  resize_metadata_only=True).result()
+            _done(self._declared.resize(exclusive_max=[n, 1, h, w], expand_only=True,
+                                        resize_metadata_only=True), self.path)
             self._declared_frames = n
         attrs = self._group["attributes"]
         attrs[ATTRIBUTE] = self._provenance(n, final=final)
-        if final and not self.acquisition.interval_ms:
-            step = self._frame_interval(n)
-            if step is not None:  # the typical time per frame on T (OME-Zarr has no per-plane times)
+        if not self.acquisition.interval_ms:
+            # the frames' own median step on T, from the first checkpoint on (as the TIFF's
+            # TimeIncrement; OME-Zarr has no per-plane times)
+            step = self._measured_increment(n)
+            if step is not None:
                 for ms in attrs["ome"]["multiscales"]:
                     for ds in ms["datasets"]:
-                        ds["coordinateTransformations"][0]["scale"][0] = step
+                        ds["coordinateTransformations"][0]["scale"][0] = round(step, 9)
         _replace_json(self.path / "zarr.json", self._group)
 
     def _provenance(self, n: int, *, final: bool) -> dict[str, str]:
@@ -244,13 +301,6 @@ class ZarrRecording:
         if self.acquisition.acquisition_datetime:
             out["acquisition_datetime"] = self.acquisition.acquisition_datetime
         return out
-
-    def _frame_interval(self, n: int) -> float | None:
-        times = [i.time for i in self.infos[:n]]
-        if n < 2 or any(t is None for t in times):
-            return None
-        steps = [b - a for a, b in itertools.pairwise(times) if b - a > 0]
-        return round(statistics.median(steps), 6) if steps else None
 
     def close(self) -> None:
         """Declare everything and write the final provenance (``complete`` true)."""
@@ -262,8 +312,21 @@ class ZarrRecording:
             self._release()
 
     def abandon(self) -> None:
-        """Close after an I/O error without writing: what was declared stays readable."""
-        self._release()
+        """Close after an I/O error: the frames whose chunks are on disk get their lines and are
+        declared, where the disk still takes those small writes (as `RecordingFile.abandon`
+        updates its OME-XML); what was declared before stays readable either way."""
+        if self._writer is None:
+            return
+        try:
+            self._retire(len(self._pending))  # the finished writes, up to the first that is not
+        except OSError:
+            pass  # that one failed: the frames before it are in
+        try:
+            self._declare(final=False)
+        except OSError:
+            pass  # a full disk: the last checkpoint's declaration stands
+        finally:
+            self._release()
 
     def _release(self) -> None:
         if self._frames_fh is not None:
@@ -305,6 +368,22 @@ def _frame_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def read_zarr_provenance(path: str | os.PathLike) -> dict[str, Any]:
+    """`recordfile.read_provenance` for a `ZarrRecording` store: its provenance map (typed), read
+    from ``zarr.json`` alone (no pixels, no tensorstore); ``frames`` is what the last checkpoint
+    declared. RecordingFormatError for a store that is no umvd-live recording (or one killed
+    before its first checkpoint)."""
+    path = Path(path)
+    try:
+        group = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RecordingFormatError(f"{path}: not an OME-Zarr recording ({exc})") from None
+    prov = group.get("attributes", {}).get(ATTRIBUTE) if isinstance(group, dict) else None
+    if not isinstance(prov, dict) or prov.get("format") is None:
+        raise RecordingFormatError(f"{path}: no {ATTRIBUTE} provenance: not a umvd-live recording")
+    return _typed(dict(prov))
+
+
 def read_zarr_recording(path: str | os.PathLike) -> tuple[np.ndarray, list[FrameInfo], dict[str, Any]]:
     """`recordfile.read_recording` for a `ZarrRecording` store, complete or killed: (frames T×H×W,
     a FrameInfo each, provenance). Every frame whose metadata line is complete is read (its chunk
@@ -312,14 +391,11 @@ def read_zarr_recording(path: str | os.PathLike) -> tuple[np.ndarray, list[Frame
     ``frames_declared`` is what the metadata declares to other readers."""
     ts, _, _ = _deps()
     path = Path(path)
+    prov = read_zarr_provenance(path)
     try:
-        group = json.loads((path / "zarr.json").read_text())
-        meta = json.loads((path / "0" / "zarr.json").read_text())
+        meta = json.loads((path / "0" / "zarr.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise RecordingFormatError(f"{path}: not an OME-Zarr recording ({exc})") from None
-    prov = _typed(dict(group.get("attributes", {}).get(ATTRIBUTE, {})))
-    if prov.get("format") is None:
-        raise RecordingFormatError(f"{path}: no {ATTRIBUTE} provenance: not a umvd-live recording")
     rows = _frame_rows(path)
     declared = int(meta["shape"][0])
     n = max(len(rows), declared)
