@@ -69,9 +69,10 @@ def _budget_arg(p: argparse.ArgumentParser) -> None:
 def _file_args(p: argparse.ArgumentParser) -> None:
     """Options of a recorded movie's denoising, shared by `denoise` and `batch`."""
     p.add_argument("--offline", action="store_true",
-                   help="train on the whole movie first (the paper's recipe), then denoise")
+                   help="train on the whole movie at once (the paper's recipe) instead of along it")
     p.add_argument("--steps-per-frame", type=float, default=4.0, metavar="S",
-                   help="training steps after each frame in streamed mode (default 4: a file need not keep pace)")
+                   help="training steps after each frame as the movie is trained along (default 4: a file "
+                        "need not keep pace)")
     p.add_argument("--warmup-steps", type=int, default=None, metavar="S",
                    help="training steps of the warm start before the output goes live (default: the engine's)")
     p.add_argument("--threads", type=int, metavar="T",
@@ -81,7 +82,9 @@ def _file_args(p: argparse.ArgumentParser) -> None:
 
 def _denoise(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("denoise", help="denoise a TIFF/OME-TIFF movie through the streaming engine",
-                       description="Denoise a recorded movie with the live engine and write an OME-TIFF "
+                       description="Denoise a recorded movie with the live engine: train along the movie "
+                                   "(or on all of it: --offline), then denoise every frame with the final "
+                                   "weights and context from both sides of the window; write an OME-TIFF "
                                    "with the input's pixel size, interval, channel and date (docs/engine.md).")
     p.add_argument("input", help="T×H×W movie: TIFF, OME-TIFF, ImageJ, NDTiff/MMStack or OME-Zarr (.ome.zarr)")
     p.add_argument("output", help="denoised movie, OME-TIFF or OME-Zarr by its extension (float32, same frame count, input units)")
