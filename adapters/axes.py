@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from umvd_live.protocol import STREAM_NAME
+from umvd_live.wire.protocol import STREAM_NAME
 
 #: The time axis: what a stream's window runs along. Every other axis splits streams.
 TIME = "t"

@@ -37,7 +37,7 @@ def _connect(args: argparse.Namespace) -> FramePublisher | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # logging: `umvd_live.logs`, set up by the command line (--log-level)
+    # logging: `umvd_live.apps.logs`, set up by the command line (--log-level)
     runners = {"sim": _run_sim, "replay": _run_replay, "pymmcore-plus": _run_pymmcore,
                "pycromanager": _run_pycromanager}
     try:

@@ -30,7 +30,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from umvd_live.acqmeta import (
+from umvd_live.adapters.axes import StreamAxes, StreamNumbering, split_index
+from umvd_live.adapters.handoff import FrameHandoff, HandoffStats
+from umvd_live.adapters.publisher import FramePublisher
+from umvd_live.wire.acqmeta import (
     ACQUISITION_DATETIME,
     CAMERA_DEVICE,
     EXPOSURE_MS,
@@ -40,9 +43,6 @@ from umvd_live.acqmeta import (
     iso_datetime,
     positive,
 )
-from umvd_live.adapters.axes import StreamAxes, StreamNumbering, split_index
-from umvd_live.adapters.handoff import FrameHandoff, HandoffStats
-from umvd_live.adapters.publisher import FramePublisher
 
 if TYPE_CHECKING:
     from pymmcore_plus import CMMCorePlus

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from umvd_live.protocol import encode_end, encode_frame
+from umvd_live.wire.protocol import encode_end, encode_frame
 
 DEFAULT_INPUT = "tcp://127.0.0.1:5555"
 
@@ -53,7 +53,7 @@ class FramePublisher:
             self._sock.close(linger=0)
             raise ValueError("CURVE needs both client_key (NAME.key_secret) and server_key (the daemon's .key)")
         if client_key is not None:
-            from umvd_live.security import apply_client
+            from umvd_live.wire.security import apply_client
 
             try:
                 apply_client(self._sock, client_key, server_key)

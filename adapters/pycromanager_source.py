@@ -35,11 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from umvd_live.acqmeta import ACQUISITION_DATETIME
 from umvd_live.adapters.axes import StreamAxes, StreamNumbering, name_part
 from umvd_live.adapters.handoff import FrameHandoff, HandoffStats
 from umvd_live.adapters.mmcore import ImageNumberTracker, elapsed_seconds, tags_meta
 from umvd_live.adapters.publisher import FramePublisher
+from umvd_live.wire.acqmeta import ACQUISITION_DATETIME
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from umvd_live.acqmeta import AcquisitionMeta, local_name
 from umvd_live.adapters.axes import StreamAxes, StreamNumbering
 from umvd_live.adapters.publisher import FramePublisher
-from umvd_live.protocol import SUPPORTED_DTYPES
+from umvd_live.wire.acqmeta import AcquisitionMeta, local_name
+from umvd_live.wire.protocol import SUPPORTED_DTYPES
 
 #: OME time units -> seconds.
 _OME_TIME_UNITS = {"s": 1.0, "ms": 1e-3, "µs": 1e-6, "us": 1e-6, "ns": 1e-9, "min": 60.0, "h": 3600.0}
@@ -239,7 +239,7 @@ class TiffMovie:
         return images[series] if series < len(images) else None
 
     def acquisition_meta(self, i: int) -> dict[str, Any]:
-        """Plane ``i``'s protocol ``meta``: the file's acquisition metadata (`umvd_live.acqmeta`)
+        """Plane ``i``'s protocol ``meta``: the file's acquisition metadata (`umvd_live.wire.acqmeta`)
         and the plane's place in the acquisition (`StreamAxes.meta`)."""
         plane = self.planes[i]
         return {**self._acquisition_meta[plane.series], **plane.axes.meta(plane.time)}
@@ -389,7 +389,7 @@ class ZarrMovie:
 
     def __init__(self, path: str | Path, *, series: int | None = None, channel: int | None = None,
                  group: str = "cam0"):
-        from umvd_live.zarrfile import RecordingFormatError, open_ome_zarr
+        from umvd_live.recording.omezarr import RecordingFormatError, open_ome_zarr
 
         self.path = Path(path)
         if not self.path.is_dir():
@@ -492,7 +492,7 @@ class ZarrMovie:
 def open_movie(path: str | Path, *, series: int | None = None, channel: int | None = None,
                group: str = "cam0") -> TiffMovie | ZarrMovie:
     """The reader for ``path``: `ZarrMovie` for an OME-Zarr store (``.zarr``), else `TiffMovie`."""
-    from umvd_live.zarrfile import is_zarr_path
+    from umvd_live.recording.omezarr import is_zarr_path
 
     cls = ZarrMovie if is_zarr_path(path) else TiffMovie
     return cls(path, series=series, channel=channel, group=group)

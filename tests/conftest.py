@@ -6,7 +6,7 @@ import time
 import pytest
 import zmq
 
-from umvd_live.protocol import StreamEnd, decode_message
+from umvd_live.wire.protocol import StreamEnd, decode_message
 
 
 class Receiver(threading.Thread):

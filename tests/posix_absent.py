@@ -54,6 +54,6 @@ def remove_for_good() -> None:
 
 if __name__ == "__main__":
     remove_for_good()
-    from umvd_live.cli import main
+    from umvd_live.apps.cli import main
 
     sys.exit(main(sys.argv[1:]))

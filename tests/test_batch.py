@@ -20,7 +20,7 @@ import pytest
 import tifffile
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
 
-from umvd_live.batch import (
+from umvd_live.apps.batch import (
     BatchOptions,
     Chunk,
     default_workers,
@@ -28,9 +28,9 @@ from umvd_live.batch import (
     plan_chunks,
     train_movie,
 )
-from umvd_live.engine import EngineConfig
-from umvd_live.movie import MovieError, MovieFrames, read_movie
-from umvd_live.recordfile import FrameInfo, Provenance, read_recording
+from umvd_live.engine.stream import EngineConfig
+from umvd_live.recording.movie import MovieError, MovieFrames, read_movie
+from umvd_live.recording.ometiff import FrameInfo, Provenance, read_recording
 
 pytest.importorskip("distributed")  # the cluster extra
 
@@ -41,7 +41,7 @@ LENGTHS = {"a": 40, "b": 40, "c": 90}  # c is split: --chunk-frames 40
 
 
 def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "umvd_live.cli", *map(str, args)], check=False, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", *map(str, args)], check=False, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -125,7 +125,7 @@ def test_movie_frames_reads_only_its_span(tmp_path):
             MovieFrames(tmp_path / name)
 
     pytest.importorskip("zarr")
-    from umvd_live.zarrfile import write_zarr_movie
+    from umvd_live.recording.omezarr import write_zarr_movie
 
     store = tmp_path / "m.ome.zarr"
     write_zarr_movie(store, movie, (FrameInfo(seq=t) for t in range(len(movie))), Provenance("m"))
@@ -199,7 +199,7 @@ def test_local_cluster_three_movies_one_missing_then_resume(movies, tmp_path):
 def test_ome_zarr_in_and_out(movies, tmp_path):
     """An OME-Zarr input (a's frames) gives a's output, written as OME-Zarr (--format ome-zarr)."""
     pytest.importorskip("zarr")
-    from umvd_live.zarrfile import read_zarr_recording, write_zarr_movie
+    from umvd_live.recording.omezarr import read_zarr_recording, write_zarr_movie
 
     source = tmp_path / "a.ome.zarr"
     frames = read_movie(movies / "a.ome.tif")
@@ -236,7 +236,7 @@ def test_external_scheduler_survives_a_killed_worker(movies, tmp_path):
             watcher.wait_for_workers(2, timeout=60)
             out = tmp_path / "out"
             batch = subprocess.Popen(
-                [sys.executable, "-m", "umvd_live.cli", "batch", str(movies / "[abc].ome.tif"), "--output-dir", str(out),
+                [sys.executable, "-m", "umvd_live.apps.cli", "batch", str(movies / "[abc].ome.tif"), "--output-dir", str(out),
                  "--scheduler", address, "--chunk-frames", "40", "--save-models", *ENGINE],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             procs.append(batch)

@@ -16,11 +16,11 @@ import torch
 import zmq
 
 from umvd_live.adapters.publisher import FramePublisher
-from umvd_live.budget import CpuBudget, divide
-from umvd_live.capacity import CapacityMonitor, plan_inference
-from umvd_live.daemon import Daemon, DaemonConfig, engine_factory
-from umvd_live.engine import EngineConfig, StreamDenoiser
-from umvd_live.status import render_lines
+from umvd_live.daemon.capacity import CapacityMonitor, plan_inference
+from umvd_live.daemon.service import Daemon, DaemonConfig, engine_factory
+from umvd_live.daemon.status import render_lines
+from umvd_live.engine.budget import CpuBudget, divide
+from umvd_live.engine.stream import EngineConfig, StreamDenoiser
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -1,4 +1,4 @@
-"""Abrupt changes (`umvd_live.changes`) and what the engine does at one: a new segment whose
+"""Abrupt changes (`umvd_live.engine.changes`) and what the engine does at one: a new segment whose
 windows and context never hold a frame from before it, a normaliser fitted again, outputs marked
 `adapting`; and the referee that shows the network only while it beats the temporal mean."""
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from umvd_live.adapters.simulation import SimConfig, SimEvent, TwoPhotonSimulator
-from umvd_live.changes import ChangeConfig, ChangeDetector
-from umvd_live.engine import BlindReferee, EngineConfig, StreamDenoiser
-from umvd_live.trainer import ReplayBuffer
+from umvd_live.engine.changes import ChangeConfig, ChangeDetector
+from umvd_live.engine.stream import BlindReferee, EngineConfig, StreamDenoiser
+from umvd_live.engine.trainer import ReplayBuffer
 
 RATE = 30.0
 

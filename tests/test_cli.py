@@ -1,5 +1,5 @@
 """Every command speaks the same way (issue 18, item 7): help on every command and option, one
-``--log-level`` everywhere, one log format (`umvd_live.logs`)."""
+``--log-level`` everywhere, one log format (`umvd_live.apps.logs`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from umvd_live import logs
-from umvd_live.cli import build_parser
+from umvd_live.apps import logs
+from umvd_live.apps.cli import build_parser
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|DEBUG) ([\w.-]+): (.*)$")
 
@@ -90,6 +90,6 @@ def test_one_format_our_level_and_libraries_warnings_only(restore_logging, capsy
 
     logs.configure("debug")
     library.debug("everything at debug")
-    logging.getLogger("umvd_live.recorder").debug("ours too")
+    logging.getLogger("umvd_live.recording.session").debug("ours too")
     assert [LINE.match(x).group(3) for x in capsys.readouterr().err.splitlines()] == [
         "everything at debug", "ours too"]

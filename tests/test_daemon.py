@@ -25,13 +25,13 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from umvd_live.adapters.publisher import FramePublisher
-from umvd_live.control import ControlError, confine_path
-from umvd_live.daemon import Daemon, DaemonConfig, Received, check_loopback, engine_factory, inference_layout
-from umvd_live.engine import EngineConfig, StreamDenoiser, cpu_cores
-from umvd_live.model import Denoiser
-from umvd_live.protocol import decode_output, encode_end, encode_frame
-from umvd_live.status import render_lines, render_table
-from umvd_live.streams import RateMeter, monotonic
+from umvd_live.daemon.service import Daemon, DaemonConfig, Received, check_loopback, engine_factory, inference_layout
+from umvd_live.daemon.status import render_lines, render_table
+from umvd_live.daemon.streams import RateMeter, monotonic
+from umvd_live.engine.model import DenoiserUNet
+from umvd_live.engine.stream import EngineConfig, StreamDenoiser, cpu_cores
+from umvd_live.wire.protocol import decode_output, encode_end, encode_frame
+from umvd_live.wire.security import PathNotAllowed, confine_path
 
 ENGINE_ARGS = ["--preset", "lite", "--device", "cpu", "--window", "7", "--warmup-frames", "40",
                "--warmup-steps", "10", "--status-interval", "1"]
@@ -94,13 +94,13 @@ print(json.dumps({name: p.sent for name, p in pubs.items()}))
 
 
 class DaemonProcess:
-    """`python -m umvd_live.cli serve` on ephemeral loopback ports, its logs in files."""
+    """`python -m umvd_live.apps.cli serve` on ephemeral loopback ports, its logs in files."""
 
     def __init__(self, tmp_path: Path, *extra: str):
         self.model_dir = tmp_path / "models"
         self.out_path = tmp_path / "daemon.out"
         self.err_path = tmp_path / "daemon.err"
-        cmd = [sys.executable, "-m", "umvd_live.cli", "serve",
+        cmd = [sys.executable, "-m", "umvd_live.apps.cli", "serve",
                "--input", "tcp://127.0.0.1:*", "--output", "tcp://127.0.0.1:*",
                "--control", "tcp://127.0.0.1:*", "--output-dir", str(self.model_dir),
                *ENGINE_ARGS, *extra]
@@ -466,7 +466,7 @@ def test_waiting_frames_of_a_stream_are_denoised_in_batches(tmp_path):
         threads: set[int] = set()
 
         def hook(module, args, out):
-            if isinstance(module, Denoiser):
+            if isinstance(module, DenoiserUNet):
                 passes.append(args[0].shape[0])
                 threads.add(threading.get_ident())
 
@@ -508,10 +508,10 @@ def test_inference_layout_defaults_and_checks():
 
 # ---- small units --------------------------------------------------------------------------------
 def test_confine_path(tmp_path):
-    assert confine_path(tmp_path, "a/b.pt") == (tmp_path / "a" / "b.pt").resolve()
+    assert confine_path("a/b.pt", tmp_path) == (tmp_path / "a" / "b.pt").resolve()
     for bad in ("", "../x", "a/../../x", "/etc/passwd", "~/x", "a/..", 3, None, "a\x00b"):
-        with pytest.raises(ControlError):
-            confine_path(tmp_path, bad)
+        with pytest.raises(PathNotAllowed):
+            confine_path(bad, tmp_path)
 
 
 def test_check_loopback():

@@ -16,8 +16,8 @@ import numpy as np
 import psutil
 import pytest
 
-from umvd_live.cli import build_parser
-from umvd_live.demo import QualityTracker, StopSignals, run
+from umvd_live.apps.cli import build_parser
+from umvd_live.apps.demo import QualityTracker, StopSignals, run
 from umvd_live.metrics import psnr, temporal_mean
 
 #: A small, quick session: 64x64 frames and a short warm start, one torch thread per process.
@@ -78,7 +78,7 @@ def test_bad_arguments_are_refused_before_anything_starts(capsys: pytest.Capture
 
 def test_demo_summary_shows_denoising_beats_raw(tmp_path: Path) -> None:
     out = tmp_path / "summary.json"
-    proc = subprocess.run([sys.executable, "-m", "umvd_live.cli", "demo", "--duration", str(DURATION_S), *SMALL,
+    proc = subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", "demo", "--duration", str(DURATION_S), *SMALL,
                            "--json", str(out)], capture_output=True, text=True, timeout=120, env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = json.loads(out.read_text())
@@ -108,7 +108,7 @@ def test_ctrl_c_ends_the_demo_cleanly_with_its_summary(tmp_path: Path) -> None:
     """A terminal's Ctrl-C signals the whole foreground process group: the demo shuts the daemon
     down in order and still prints its summary."""
     out = tmp_path / "summary.json"
-    proc = subprocess.Popen([sys.executable, "-m", "umvd_live.cli", "demo", "--duration", "120", *SMALL,
+    proc = subprocess.Popen([sys.executable, "-m", "umvd_live.apps.cli", "demo", "--duration", "120", *SMALL,
                              "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=ENV, start_new_session=True)
     try:

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from umvd_live.checkpoint import CheckpointError, load_checkpoint
-from umvd_live.engine import (EngineConfig, StreamDenoiser, cpu_cores, cpu_has_native_bf16, default_workers,
+from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint
+from umvd_live.engine.stream import (EngineConfig, StreamDenoiser, cpu_cores, cpu_has_native_bf16, default_workers,
                               lists_native_bf16)
-from umvd_live.trainer import TrainerConfig
+from umvd_live.engine.trainer import TrainerConfig
 
 # From scratch (no prior): these tests follow a warm start (tests/test_prior.py has the prior's).
 FAST = EngineConfig(
@@ -353,7 +353,7 @@ def test_context_blocks_are_configurable_and_checked_against_weights(tmp_path):
 def test_context_option_parses_block_lengths_or_none():
     import argparse
 
-    from umvd_live.cli import build_parser, parse_context
+    from umvd_live.apps.cli import build_parser, parse_context
 
     assert parse_context("8,24,64") == (8, 24, 64) and parse_context("none") == ()
     for bad in ("8,x", "0,4"):

@@ -8,14 +8,14 @@ import pytest
 import tifffile
 
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
-from umvd_live.engine import EngineConfig
-from umvd_live.filemode import denoise_movie
+from umvd_live.apps.denoise import denoise_movie
+from umvd_live.engine.stream import EngineConfig
 from umvd_live.metrics import psnr, temporal_mean
-from umvd_live.recordfile import read_recording
+from umvd_live.recording.ometiff import read_recording
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "umvd_live.cli", "denoise", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", "denoise", *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")

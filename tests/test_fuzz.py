@@ -23,7 +23,7 @@ def test_the_plan_labels_every_malformed_message_as_the_protocol_says():
     plan = fuzz_daemon.build_plan(600, seed=1)
     assert plan.malformed == 600 and set(plan.sent_by_category) == set(fuzz_daemon.CATEGORIES)
     # The hand-written labels agree with the protocol's decoder (docs/protocol.md's table).
-    from umvd_live.protocol import ProtocolError, decode_frame
+    from umvd_live.wire.protocol import ProtocolError, decode_frame
 
     for category, items in fuzz_daemon.FIXED.items():
         for parts, reason in items:

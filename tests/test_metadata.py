@@ -33,8 +33,8 @@ from umvd_live.adapters.mmcore import (
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.adapters.replay import TiffMovie
 
-from umvd_live.acqmeta import AcquisitionMeta, iso_datetime
-from umvd_live.recordfile import FrameInfo, Provenance, RecordingFile, read_recording
+from umvd_live.recording.ometiff import FrameInfo, Provenance, RecordingFile, read_recording
+from umvd_live.wire.acqmeta import AcquisitionMeta, iso_datetime
 
 pytestmark = pytest.mark.timeout(120)
 

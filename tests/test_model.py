@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from umvd_live.model import (UMVDNet, build_model, count_parameters, fast_spec, gamma_weights, lite_spec, paper_spec,
+from umvd_live.engine.model import (UMVDNet, build_model, count_parameters, fast_spec, gamma_weights, lite_spec, paper_spec,
                              resolve_preset)
-from umvd_live.window import FrameHistory, context_blocks, window_indices
+from umvd_live.engine.window import ContextHistory, context_blocks, window_indices
 
 
 def test_gamma_values():
@@ -124,7 +124,7 @@ def test_history_block_sums_stay_exact_over_a_long_stream_with_skips_and_a_jump(
     ones (no re-summing of all 96 frames), and a longer jump sums afresh; all stay exact."""
     torch.manual_seed(1)
     k, spans = 3, (8, 24, 64)
-    history = FrameHistory(k, spans)
+    history = ContextHistory(k, spans)
     frames = [torch.rand(1, 8, 8) for _ in range(700)]
     skipped = {*range(200, 203), *range(300, 307), *range(400, 420), 555}  # 3, 7, 20 and 1 centres
     worst = 0.0

@@ -59,7 +59,7 @@ def test_npe2_discovers_the_widget_in_the_installed_distribution():
     assert manifest.package_metadata is not None and manifest.package_metadata.name == "umvd-live"
     (widget,) = [w for w in pm.iter_widgets() if w.command.startswith("umvd-live.")]
     assert widget.display_name == "Live denoiser"
-    assert pm.get_command(widget.command).python_name == "umvd_live.viewer.widget:LiveViewerWidget"
+    assert pm.get_command(widget.command).python_name == "umvd_live.viewer.qt.widget:LiveViewerWidget"
 
 
 @pytest.mark.gui
@@ -68,7 +68,7 @@ def test_napari_opens_the_plugin_widget_from_its_menu_entry(x_display):  # noqa:
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from umvd_live.viewer.widget import LiveViewerWidget
+    from umvd_live.viewer.qt.widget import LiveViewerWidget
 
     viewer = napari.Viewer(show=False)
     try:

@@ -23,19 +23,19 @@ import posix_absent
 import pytest
 import tifffile
 
-from umvd_live.control_client import ControlClient
-from umvd_live.protocol import FrameHeader
-from umvd_live.recorder import RecordingRequest, RecordingSession
-from umvd_live.recordfile import read_recording
-from umvd_live.runtime import peak_rss_mb
-from umvd_live.spillqueue import SpillQueue
+from umvd_live.daemon.runtime import peak_rss_mb
+from umvd_live.recording.ometiff import read_recording
+from umvd_live.recording.session import RecordingRequest, RecordingSession
+from umvd_live.recording.spillqueue import SpillQueue
+from umvd_live.wire.control_client import ControlClient
+from umvd_live.wire.protocol import FrameHeader
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = Path(__file__).with_name("posix_absent.py")
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 FAST_ENGINE = ["--preset", "lite", "--device", "cpu", "--window", "3", "--context", "none",
                "--warmup-frames", "6", "--warmup-steps", "5"]
-#: umvd_live.logs.FORMAT, as every command writes it
+#: umvd_live.apps.logs.FORMAT, as every command writes it
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) umvd_live[\w.]*: ",
                       re.MULTILINE)
 
@@ -207,7 +207,7 @@ def test_serve_record_without_posix_apis_killed_keeps_frames_and_metadata(tmp_pa
             assert daemon.poll() is None and time.monotonic() < deadline, err_path.read_text()
             time.sleep(0.1)
         endpoint, _, control = match.groups()
-        replay = subprocess.run([sys.executable, "-m", "umvd_live.cli", "acquire", "replay", "--file", str(src),
+        replay = subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", "acquire", "replay", "--file", str(src),
                                  "--to", endpoint, "--rate", "20", "--wait-s", "60"],
                                 capture_output=True, text=True, env=ENV, timeout=200, check=False)
         assert replay.returncode == 0, replay.stderr
@@ -226,7 +226,7 @@ def test_serve_record_without_posix_apis_killed_keeps_frames_and_metadata(tmp_pa
             daemon.kill()
             daemon.wait(30)
     log = err_path.read_text()
-    assert LOG_LINE.search(log), log  # the one log format (umvd_live.logs)
+    assert LOG_LINE.search(log), log  # the one log format (umvd_live.apps.logs)
     rec = tmp_path / "rec_cam0.ome.tif"
     frames, _, provenance = read_recording(rec)
     assert len(frames) == len(movie) and not provenance["complete"]  # killed: no clean close

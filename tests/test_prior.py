@@ -1,4 +1,4 @@
-"""The priors shipped in the package (`umvd_live.priors`) and the referee that shows them only
+"""The priors shipped in the package (`umvd_live.engine.priors`) and the referee that shows them only
 while they beat the temporal mean on the stream's own frames."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
-from umvd_live.checkpoint import CheckpointError, save_checkpoint
-from umvd_live.engine import EngineConfig, StreamDenoiser
-from umvd_live.model import PRESETS, UMVDNet
-from umvd_live.priors import find_prior, shipped_path
+from umvd_live.engine.checkpoint import CheckpointError, save_checkpoint
+from umvd_live.engine.model import PRESETS, UMVDNet
+from umvd_live.engine.priors import find_prior, shipped_path
+from umvd_live.engine.stream import EngineConfig, StreamDenoiser
 
 
 def _stream(frames: int = 40, size: int = 64, seed: int = 11) -> tuple[np.ndarray, np.ndarray]:

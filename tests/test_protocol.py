@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zmq
 
-from umvd_live.protocol import (
+from umvd_live.wire.protocol import (
     MAX_HEADER_BYTES,
     ProtocolError,
     decode_frame,

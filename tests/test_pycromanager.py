@@ -194,7 +194,7 @@ def test_flat_java_pixels_are_shaped_by_their_tags():
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "umvd_live.cli", "acquire", "pycromanager", *args],
+    return subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", "acquire", "pycromanager", *args],
                           capture_output=True, text=True, timeout=timeout, env=ENV)
 
 

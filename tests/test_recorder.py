@@ -17,17 +17,8 @@ import pytest
 import tifffile
 
 from umvd_live import __version__
-from umvd_live.acquisition import read_acquisition
-from umvd_live.protocol import FrameHeader
-from umvd_live.recorder import (
-    PathNotAllowed,
-    RecordingError,
-    RecordingRequest,
-    RecordingSession,
-    confine_path,
-    stream_path,
-)
-from umvd_live.recordfile import (
+from umvd_live.recording.acquisition import read_acquisition
+from umvd_live.recording.ometiff import (
     FRAME_TAG,
     PROVENANCE_NS,
     FrameInfo,
@@ -36,8 +27,16 @@ from umvd_live.recordfile import (
     read_recording,
     write_movie,
 )
-from umvd_live.channel_colors import ome_color
-from umvd_live.spillqueue import SpillQueue
+from umvd_live.recording.session import (
+    RecordingError,
+    RecordingRequest,
+    RecordingSession,
+    stream_path,
+)
+from umvd_live.recording.spillqueue import SpillQueue
+from umvd_live.wire.channel_colors import ome_color
+from umvd_live.wire.protocol import FrameHeader
+from umvd_live.wire.security import PathNotAllowed, confine_path
 
 SHAPE = (64, 80)
 
@@ -248,7 +247,7 @@ _SESSION_CHILD = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, sys.argv[2])
     from test_recorder import pattern, header, SHAPE
-    from umvd_live.recorder import RecordingRequest, RecordingSession
+    from umvd_live.recording.session import RecordingRequest, RecordingSession
     s = RecordingSession(RecordingRequest(path=Path(sys.argv[1]), raw=True,
                                           checkpoint_interval_s=0.2))
     seq = 0
@@ -310,7 +309,7 @@ _FILE_CHILD = textwrap.dedent("""
     import sys, numpy as np
     sys.path.insert(0, sys.argv[2])
     from test_recorder import pattern
-    from umvd_live.recordfile import FrameInfo, Provenance, RecordingFile
+    from umvd_live.recording.ometiff import FrameInfo, Provenance, RecordingFile
     shape = (300, 301)
     rec = RecordingFile.create(sys.argv[1], pattern(0, shape), FrameInfo(seq=0), Provenance("k"))
     seq = 1
@@ -352,7 +351,7 @@ _DISK_FULL_CHILD = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, sys.argv[2])
     from test_recorder import pattern, header
-    from umvd_live.recorder import RecordingRequest, RecordingSession
+    from umvd_live.recording.session import RecordingRequest, RecordingSession
     limit = 2 * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # writes past 2 MiB: EFBIG
     errors = []
@@ -644,7 +643,7 @@ _ACQUISITION_CHILD = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, sys.argv[2])
     from test_recorder import pattern, acq_header, acq_id, acq_stream, CHANNELS, PLANES
-    from umvd_live.recorder import RecordingRequest, RecordingSession
+    from umvd_live.recording.session import RecordingRequest, RecordingSession
     s = RecordingSession(RecordingRequest(path=Path(sys.argv[1]), raw=True,
                                           checkpoint_interval_s=0.2))
     t = 0

@@ -7,7 +7,7 @@ import sys
 CHECK = """
 import gc, sys
 import torch
-from umvd_live.runtime import freeze_startup_objects
+from umvd_live.daemon.runtime import freeze_startup_objects
 freeze_startup_objects()
 frozen, modules = gc.get_freeze_count(), len(sys.modules)
 torch.optim.Adam([torch.nn.Parameter(torch.zeros(3))])  # what the first stream does
@@ -23,7 +23,7 @@ def test_freeze_covers_what_torch_imports_when_the_first_stream_starts():
 
 
 def test_the_command_line_freezes_unless_told_not_to(tmp_path):
-    code = f"import gc; from umvd_live import cli; cli.main(['keys', {str(tmp_path)!r}, 'k']); print(gc.get_freeze_count() > 0)"
+    code = f"import gc; from umvd_live.apps import cli; cli.main(['keys', {str(tmp_path)!r}, 'k']); print(gc.get_freeze_count() > 0)"
     for env, frozen in (({}, "True"), ({"UMVD_LIVE_GC_FREEZE": "off"}, "False")):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                              env=os.environ | env, check=True)
@@ -35,7 +35,7 @@ def test_the_command_line_freezes_unless_told_not_to(tmp_path):
 def test_malloc_thresholds_are_raised_on_glibc_unless_the_user_set_them():
     import platform
 
-    code = "from umvd_live.runtime import retain_freed_memory; print(retain_freed_memory())"
+    code = "from umvd_live.daemon.runtime import retain_freed_memory; print(retain_freed_memory())"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)

@@ -19,15 +19,15 @@ import zmq
 
 from test_daemon import HALF, DaemonProcess
 from umvd_live.adapters.publisher import FramePublisher
-from umvd_live.checkpoint import FORMAT
-from umvd_live.protocol import decode_output
-from umvd_live.security import SecurityError, apply_client, check_bind, create_keypair
+from umvd_live.engine.checkpoint import FORMAT
+from umvd_live.wire.protocol import decode_output
+from umvd_live.wire.security import SecurityError, apply_client, check_bind, create_keypair
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "umvd_live.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", *args], capture_output=True,
                           text=True, timeout=60)
 
 
@@ -55,8 +55,8 @@ def test_binding_beyond_loopback_needs_allow_remote_and_curve(tmp_path):
         check_bind(endpoint, allow_remote=True, curve=True)
 
     # The daemon refuses before it binds anything (so these ports are never opened).
-    from umvd_live.cli import build_parser
-    from umvd_live.daemon import Daemon, DaemonConfig
+    from umvd_live.apps.cli import build_parser
+    from umvd_live.daemon.service import Daemon, DaemonConfig
 
     create_keypair(tmp_path, "server")
     (tmp_path / "empty").mkdir()

@@ -31,7 +31,7 @@ from umvd_live.adapters.simulation import (
     parse_events,
     stream_simulation,
 )
-from umvd_live.protocol import decode_frame
+from umvd_live.wire.protocol import decode_frame
 
 SMALL = SimConfig(height=64, width=80, seed=3)
 

@@ -26,18 +26,18 @@ import pytest
 import zmq
 
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
-from umvd_live.control_client import ControlClient, DaemonUnavailable
 from umvd_live.viewer.noise import (
-    FrameHistory,
+    RecentFrames,
     clip_region,
     fit_poisson_gaussian,
     region_mean,
     region_snr,
 )
-from umvd_live.protocol import encode_frame
-from umvd_live.channel_colors import channel_colormaps, preferred_colors
 from umvd_live.viewer.session import LatestOnly, LiveSession, LiveStats, Selection, SiteFrames, ViewerConfig
 from umvd_live.viewer.sites import Site, SiteCatalog, StreamPlace
+from umvd_live.wire.channel_colors import channel_colormaps, preferred_colors
+from umvd_live.wire.control_client import ControlClient, DaemonUnavailable
+from umvd_live.wire.protocol import encode_frame
 
 # ------------------------------------------------------------------------------ Qt-free parts
 
@@ -115,7 +115,7 @@ def test_fit_refuses_too_little_data_and_flags_flat_frames():
 
 
 def test_frame_history_keeps_the_newest_in_order_and_restarts_on_a_new_shape():
-    h = FrameHistory(4)
+    h = RecentFrames(4)
     for i in range(6):
         h.push(np.full((3, 5), i, np.uint16))
     assert len(h) == 4 and [f[0, 0] for f in h.frames()] == [2, 3, 4, 5]
@@ -407,8 +407,8 @@ def test_session_shows_one_site_with_all_its_channels_and_switches_without_new_f
 
 def test_the_viewer_package_imports_no_qt():
     code = ("import sys, umvd_live.viewer, umvd_live.viewer.noise, umvd_live.viewer.session, "
-            "umvd_live.viewer.sites, umvd_live.channel_colors, "
-            "umvd_live.control_client, umvd_live.cli; "
+            "umvd_live.viewer.sites, umvd_live.wire.channel_colors, "
+            "umvd_live.wire.control_client, umvd_live.apps.cli; "
             "bad = [m for m in ('qtpy', 'PyQt5', 'napari', 'vispy') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
@@ -420,7 +420,7 @@ def test_the_napari_manifest_is_valid():
     (widget,) = manifest.contributions.widgets
     (command,) = manifest.contributions.commands
     assert widget.command == command.id
-    assert command.python_name == "umvd_live.viewer.widget:LiveViewerWidget"
+    assert command.python_name == "umvd_live.viewer.qt.widget:LiveViewerWidget"
 
 
 # ------------------------------------------------------------------------------ the GUI, end to end
@@ -481,7 +481,7 @@ class Daemon:
         self.output_dir = tmp_path / "out"
         self.err_path = tmp_path / f"daemon-{time.monotonic_ns()}.err"
         inp, out, ctl = endpoints or ("tcp://127.0.0.1:*",) * 3
-        cmd = [sys.executable, "-m", "umvd_live.cli", "serve", "--input", inp, "--output", out,
+        cmd = [sys.executable, "-m", "umvd_live.apps.cli", "serve", "--input", inp, "--output", out,
                "--control", ctl, "--output-dir", str(self.output_dir), *ENGINE_ARGS]
         env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         with open(self.err_path, "w") as err:
@@ -508,7 +508,7 @@ class Daemon:
 
 
 def _start_simulator(endpoint: str, stream: str = "cam0", rate: float = 20) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "umvd_live.cli", "acquire", "sim", "--to", endpoint, "--stream", stream,
+    cmd = [sys.executable, "-m", "umvd_live.apps.cli", "acquire", "sim", "--to", endpoint, "--stream", stream,
            "--rate", str(rate),
            "--size", str(SIZE), str(SIZE), "--photons", "2", "--frames", "100000", "--wait-s", "30"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
@@ -521,7 +521,7 @@ def test_viewer_shows_the_live_stream_and_controls_the_daemon(tmp_path, x_displa
     pytest.importorskip("napari", reason="napari is not installed (pip install 'umvd-live[viewer]')")
     from qtpy.QtWidgets import QApplication
 
-    from umvd_live.viewer.app import open_viewer
+    from umvd_live.viewer.qt.app import open_viewer
     from umvd_live.viewer.session import ViewerConfig
 
     daemon = Daemon(tmp_path)
@@ -755,7 +755,7 @@ def test_viewer_shows_each_channel_as_a_layer_and_switches_planes(tmp_path, x_di
     pytest.importorskip("napari", reason="napari is not installed (pip install 'umvd-live[viewer]')")
     from qtpy.QtWidgets import QApplication
 
-    from umvd_live.viewer.app import open_viewer
+    from umvd_live.viewer.qt.app import open_viewer
 
     daemon = Daemon(tmp_path)
     # Inference only: four models training on a shared 2-core machine would starve the GUI, and

@@ -21,10 +21,10 @@ yaozarrs = pytest.importorskip("yaozarrs")
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.adapters.replay import ReplayConfig, ZarrMovie, open_movie, replay
 
-from umvd_live.protocol import FrameHeader
-from umvd_live.recorder import RecordingRequest, RecordingSession, stream_path
-from umvd_live.recordfile import FrameInfo, Provenance
-from umvd_live.zarrfile import FRAMES_FILE, ZarrRecording, read_zarr_recording
+from umvd_live.recording.ometiff import FrameInfo, Provenance
+from umvd_live.recording.omezarr import FRAMES_FILE, ZarrRecording, read_zarr_recording
+from umvd_live.recording.session import RecordingRequest, RecordingSession, stream_path
+from umvd_live.wire.protocol import FrameHeader
 
 pytestmark = pytest.mark.timeout(120)
 SHAPE = (24, 32)
@@ -127,8 +127,8 @@ _KILL_CHILD = textwrap.dedent("""
     import sys, time, numpy as np
     sys.path.insert(0, sys.argv[2])
     from test_zarr import pattern, META
-    from umvd_live.protocol import FrameHeader
-    from umvd_live.recorder import RecordingRequest, RecordingSession
+    from umvd_live.wire.protocol import FrameHeader
+    from umvd_live.recording.session import RecordingRequest, RecordingSession
     s = RecordingSession(RecordingRequest(path=sys.argv[1], raw=True, checkpoint_interval_s=0.2))
     seq = 0
     while True:
@@ -173,8 +173,8 @@ _BARE_CHILD = textwrap.dedent("""
     import sys, numpy as np
     sys.path.insert(0, sys.argv[2])
     from test_zarr import pattern
-    from umvd_live.recordfile import FrameInfo, Provenance
-    from umvd_live.zarrfile import ZarrRecording
+    from umvd_live.recording.ometiff import FrameInfo, Provenance
+    from umvd_live.recording.omezarr import ZarrRecording
     shape = (200, 201)
     rec = ZarrRecording.create(sys.argv[1], pattern(0, shape), FrameInfo(seq=0), Provenance("k"))
     print(0, flush=True)
@@ -275,7 +275,7 @@ def test_a_recording_replays_at_its_own_times_as_one_stream(tmp_path):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "umvd_live.cli", "denoise", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", "denoise", *map(str, args)],
                           capture_output=True, text=True, timeout=550, check=False)
 
 
@@ -329,7 +329,7 @@ def test_read_acquisition_assembles_the_stores_of_a_multi_channel_recording(tmp_
     assert session.stop(wait=True, timeout=30) and tiff.stop(wait=True, timeout=30)
     assert session.status().error is None and len(session.status().files) == 8
 
-    from umvd_live.acquisition import read_acquisition, recording_files
+    from umvd_live.recording.acquisition import read_acquisition, recording_files
 
     assert recording_files(tmp_path / "rec.ome.zarr") == sorted(
         tmp_path / f"rec_cam0.{ch}.z{z}.ome.zarr" for ch in channels for z in (0, 1))
@@ -388,7 +388,7 @@ def test_a_refused_replace_is_retried_then_reported(tmp_path, monkeypatch):
     lets go: the checkpoint retries, briefly; a replace refused for good is an OSError."""
     import os
 
-    from umvd_live import zarrfile
+    from umvd_live.recording import omezarr
 
     rec = ZarrRecording.create(tmp_path / "r.ome.zarr", pattern(0), FrameInfo(seq=0, t=0.0), Provenance("cam0"))
     real, calls = os.replace, []
@@ -413,7 +413,7 @@ def test_a_refused_replace_is_retried_then_reported(tmp_path, monkeypatch):
         raise PermissionError(13, "in use", str(dst))
 
     monkeypatch.setattr(os, "replace", refused)
-    monkeypatch.setattr(zarrfile, "REPLACE_RETRY_S", 0.2)
+    monkeypatch.setattr(omezarr, "REPLACE_RETRY_S", 0.2)
     rec.append(pattern(4), FrameInfo(seq=4, t=0.4))
     started = time.monotonic()
     with pytest.raises(PermissionError):

@@ -1,4 +1,4 @@
-"""How the change detector (`umvd_live.changes`) does: events it must see, streams it must not.
+"""How the change detector (`umvd_live.engine.changes`) does: events it must see, streams it must not.
 
 For each photon level: a steady simulated stream (activity with bursts, motion, bleaching: the
 simulator's defaults) and the largest value each test statistic reached on it, as a share of its
@@ -23,8 +23,8 @@ import numpy as np
 import tifffile
 
 from umvd_live.adapters.simulation import SimConfig, SimEvent, TwoPhotonSimulator
-from umvd_live.changes import ChangeConfig, ChangeDetector, _robust_sd
-from umvd_live.engine import EngineConfig, StreamDenoiser
+from umvd_live.engine.changes import ChangeConfig, ChangeDetector, _robust_sd
+from umvd_live.engine.stream import EngineConfig, StreamDenoiser
 
 EVENTS = {"laser ×3": SimEvent.laser(2.0, 3.0), "laser ×1.5": SimEvent.laser(2.0, 1.5),
           "laser ×1/3": SimEvent.laser(2.0, 1 / 3), "move 40 px": SimEvent.move(2.0, 0, 40),

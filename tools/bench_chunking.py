@@ -6,7 +6,7 @@ to an OME-TIFF and denoises it, with `denoise`'s defaults and the same seed, thr
 batch's own task functions run in this process (the code a cluster runs, without the cluster):
 
 - one piece: `start_movie`'s path for a movie of at most ``--chunk-frames`` frames
-  (`filemode.denoise_movie`, i.e. `umvd-live denoise`);
+  (`denoise.denoise_movie`, i.e. `umvd-live denoise`);
 - chunks: `train_movie` once, then `denoise_chunk` for every chunk of `plan_chunks`, joined;
 - chunks without overlaps: the same chunks, each read as a movie of its own (its window mirrored
   at both ends, its context cut), to show what the overlaps buy.
@@ -34,12 +34,12 @@ import numpy as np
 import tifffile
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
 
-from umvd_live import filemode
-from umvd_live.batch import BatchOptions, denoise_chunk, plan_chunks, train_movie
-from umvd_live.budget import cpu_cores
-from umvd_live.cli import build_parser
+from umvd_live.apps import denoise
+from umvd_live.apps.batch import BatchOptions, denoise_chunk, plan_chunks, train_movie
+from umvd_live.apps.cli import build_parser
+from umvd_live.engine.budget import cpu_cores
 from umvd_live.metrics import MovieScorer
-from umvd_live.movie import MovieFrames
+from umvd_live.recording.movie import MovieFrames
 
 COLUMNS = ("PSNR", "PSNR ±N//2 of a seam", "PSNR context after a seam", "active PSNR", "trace corr",
            "trace slope", "max |Δ one piece|")
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> None:
     parsed = build_parser().parse_args(["batch", "in.tif", "--output-dir", "out", "--seed", str(args.seed),
                                         "--chunk-frames", str(args.chunk_frames), *args.engine])
     threads = parsed.threads or cpu_cores()
-    config = filemode.engine_config(parsed, workers=None, cpu_threads=threads)
+    config = denoise.engine_config(parsed, workers=None, cpu_threads=threads)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} torch threads; "
           f"{args.frames} frames of {args.size}², {args.photons} photons/pixel/frame, seed {args.seed}; "
           f"chunks of at most {args.chunk_frames} frames; engine options: {' '.join(args.engine) or 'defaults'}",
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> None:
             mode = "--offline" if offline else "streamed"
             options = BatchOptions(engine=config, offline=offline, chunk_frames=args.chunk_frames)
             started = time.monotonic()
-            piece = filemode.denoise_movie(noisy, config, offline=offline)
+            piece = denoise.denoise_movie(noisy, config, offline=offline)
             piece.engine.close()
             piece_s = time.monotonic() - started
             started = time.monotonic()

@@ -46,7 +46,7 @@ BEST_COLUMNS = ORACLE_METRICS
 
 def run_cli(args: list[str]) -> float:
     start = time.monotonic()
-    subprocess.run([sys.executable, "-m", "umvd_live.cli", *args], check=True)
+    subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", *args], check=True)
     return time.monotonic() - start
 
 

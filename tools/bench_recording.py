@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from umvd_live.protocol import FrameHeader
-from umvd_live.recorder import RecordingRequest, RecordingSession
+from umvd_live.recording.session import RecordingRequest, RecordingSession
+from umvd_live.wire.protocol import FrameHeader
 
 
 @dataclass(frozen=True)

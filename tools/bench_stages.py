@@ -23,9 +23,9 @@ from typing import Callable
 
 import torch
 
-from umvd_live.model import PRESETS, UMVDNet
-from umvd_live.runtime import retain_freed_memory
-from umvd_live.trainer import OnlineTrainer, ReplayBuffer, TrainerConfig
+from umvd_live.daemon.runtime import retain_freed_memory
+from umvd_live.engine.model import PRESETS, UMVDNet
+from umvd_live.engine.trainer import OnlineTrainer, ReplayBuffer, TrainerConfig
 
 
 def ms_per_call(fn: Callable[[], object], repeats: int) -> float:

@@ -31,7 +31,7 @@ import numpy as np
 import tifffile
 from figure_real import neighbour_mean, run_denoise
 
-from umvd_live.recordfile import read_recording
+from umvd_live.recording.ometiff import read_recording
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BRIGHT_PERCENTILE = 99.5

@@ -76,7 +76,7 @@ def neighbour_mean(movie: np.ndarray, window: int = 7) -> np.ndarray:
 def run_denoise(source: Path, output: Path) -> float:
     """`umvd-live denoise SOURCE OUTPUT` at its defaults; returns the wall time in seconds."""
     start = time.monotonic()
-    subprocess.run([sys.executable, "-m", "umvd_live.cli", "denoise", str(source), str(output)], check=True)
+    subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", "denoise", str(source), str(output)], check=True)
     return time.monotonic() - start
 
 

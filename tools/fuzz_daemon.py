@@ -42,9 +42,9 @@ import psutil
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from umvd_live.checkpoint import load_checkpoint
-from umvd_live.control_client import ControlClient, DaemonUnavailable
-from umvd_live.protocol import ProtocolError, decode_frame, decode_output, encode_frame
+from umvd_live.engine.checkpoint import load_checkpoint
+from umvd_live.wire.control_client import ControlClient, DaemonUnavailable
+from umvd_live.wire.protocol import ProtocolError, decode_frame, decode_output, encode_frame
 
 READY = re.compile(r"ready: input=(\S+) output=(\S+) control=(\S+)")
 ENGINE_ARGS = ["--preset", "lite", "--device", "cpu", "--window", "7", "--warmup-frames", "40",
@@ -234,12 +234,12 @@ def private_input_endpoint() -> str:
 
 
 class Daemon:
-    """`python -m umvd_live.cli serve` on loopback ports, logs to files."""
+    """`python -m umvd_live.apps.cli serve` on loopback ports, logs to files."""
 
     def __init__(self, workdir: Path, extra: list[str] = ()):
         self.err_path = workdir / "daemon.err"
         self.model_dir = workdir / "models"
-        cmd = [sys.executable, "-m", "umvd_live.cli", "serve", "--input", private_input_endpoint(),
+        cmd = [sys.executable, "-m", "umvd_live.apps.cli", "serve", "--input", private_input_endpoint(),
                "--output", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*",
                "--output-dir", str(self.model_dir), *ENGINE_ARGS, *extra]
         env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from umvd_live import bench, cli
-from umvd_live.runtime import tune_process
+from umvd_live.apps import bench, cli
+from umvd_live.daemon.runtime import tune_process
 
 #: RSS samples whose median stands for "after the warm start" and for "the end".
 SAMPLES_COMPARED = 3

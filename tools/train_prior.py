@@ -1,4 +1,4 @@
-"""Train the priors shipped in the package (`umvd_live/prior_weights/<preset>-w<N>.pt`).
+"""Train the priors shipped in the package (`umvd_live/engine/prior_weights/<preset>-w<N>.pt`).
 
 The same training as a live stream's (`trainer.OnlineTrainer`: blind, self-supervised, noisy
 frames only, random windows, patches and flips, cut segments), on many short movies of the
@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
-from umvd_live.checkpoint import save_checkpoint, weights_hash
-from umvd_live.model import PRESETS, UMVDNet
-from umvd_live.normalization import Normalizer
-from umvd_live.priors import shipped_path
-from umvd_live.trainer import OnlineTrainer, ReplayBuffer, TrainerConfig
+from umvd_live.engine.checkpoint import save_checkpoint, weights_hash
+from umvd_live.engine.model import PRESETS, UMVDNet
+from umvd_live.engine.normalization import Normalizer
+from umvd_live.engine.priors import shipped_path
+from umvd_live.engine.trainer import OnlineTrainer, ReplayBuffer, TrainerConfig
 
 #: What varies between the training movies: photons per pixel and frame, then structure, motion and
 #: noise. Each movie takes one value of each from these lists, cycling with different strides.

@@ -1,7 +1,7 @@
 """Which OME-Zarr writer to record with: throughput of appends and what a SIGKILL leaves.
 
 Candidates (issue 18): ome-writers (its tensorstore backend; it has no other here), acquire-zarr,
-tensorstore driven directly (the way `umvd_live.zarrfile` does: chunks written past the declared
+tensorstore driven directly (the way `umvd_live.recording.omezarr` does: chunks written past the declared
 shape, the shape grown at each checkpoint), and the crash-safe OME-TIFF writer for reference.
 Every writer appends frames of an unknown count along T, one chunk per frame, uncompressed.
 
@@ -44,7 +44,7 @@ class Writer:
 
     # -- the candidates -----------------------------------------------------------------------
     def _open_tiff(self) -> None:
-        from umvd_live.recordfile import FrameInfo, Provenance, RecordingFile
+        from umvd_live.recording.ometiff import FrameInfo, Provenance, RecordingFile
 
         self._info, self._prov, self._cls = FrameInfo, Provenance("bench"), RecordingFile
         self._rec = None
@@ -64,8 +64,8 @@ class Writer:
                         Dimension(name="y", count=h, type="space"), Dimension(name="x", count=w, type="space")]))
 
     def _open_tensorstore(self) -> None:
-        from umvd_live.recordfile import FrameInfo, Provenance
-        from umvd_live.zarrfile import ZarrRecording
+        from umvd_live.recording.ometiff import FrameInfo, Provenance
+        from umvd_live.recording.omezarr import ZarrRecording
 
         self._info, self._prov, self._cls = FrameInfo, Provenance("bench"), ZarrRecording
         self._rec = None

@@ -11,7 +11,7 @@ __all__ = ["StreamDenoiser", "EngineConfig", "DenoisedFrame", "__version__"]
 
 
 def __getattr__(name: str):
-    # Lazy, so that producers importing `umvd_live.protocol` do not pay for importing torch.
+    # Lazy, so that producers importing `umvd_live.wire.protocol` do not pay for importing torch.
     if name in ("StreamDenoiser", "EngineConfig", "DenoisedFrame"):
         from umvd_live import engine
 

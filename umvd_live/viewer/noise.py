@@ -55,7 +55,7 @@ class NoiseFit:
         return self.gain > 0 and math.isfinite(self.photons)
 
 
-class FrameHistory:
+class RecentFrames:
     """The last ``capacity`` frames of one stream, oldest first; a new frame shape starts afresh."""
 
     def __init__(self, capacity: int = DEFAULT_HISTORY):

@@ -29,12 +29,10 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import zmq
 
-from umvd_live.protocol import OutputMessage, ProtocolError, decode_output
-from umvd_live.control_client import ControlClient, ControlReply, DaemonUnavailable
 from umvd_live.viewer.noise import (
     DEFAULT_HISTORY,
     MIN_FRAMES,
-    FrameHistory,
+    RecentFrames,
     NoiseFit,
     Region,
     fit_poisson_gaussian,
@@ -42,6 +40,8 @@ from umvd_live.viewer.noise import (
     region_snr,
 )
 from umvd_live.viewer.sites import Site, SiteCatalog, StreamPlace
+from umvd_live.wire.control_client import ControlClient, ControlReply, DaemonUnavailable
+from umvd_live.wire.protocol import OutputMessage, ProtocolError, decode_output
 
 T = TypeVar("T")
 
@@ -205,8 +205,8 @@ class ChannelFeed:
 
     place: StreamPlace
     label: str  # the channel's name, unique among the site's channels
-    raw_history: FrameHistory
-    den_history: FrameHistory
+    raw_history: RecentFrames
+    den_history: RecentFrames
     trace_raw: _Trace
     trace_den: _Trace
     latest_raw: OutputMessage | None = None
@@ -374,7 +374,7 @@ class LiveSession:
 
     def _new_feed(self, place: StreamPlace) -> ChannelFeed:
         c = self.config
-        feed = ChannelFeed(place, place.label, FrameHistory(c.history_frames), FrameHistory(c.history_frames),
+        feed = ChannelFeed(place, place.label, RecentFrames(c.history_frames), RecentFrames(c.history_frames),
                            _Trace(c.trace_seconds), _Trace(c.trace_seconds))
         for kind in ("raw", "denoised"):
             parts = self._newest.get((place.stream, kind))

@@ -8,7 +8,7 @@ each one whole with `read_recording` (every linked page: a killed recording read
 frame) and puts every frame where the acquisition took it, so that a multi-channel, multi-plane
 recording opens as a hyperstack in one call::
 
-    from umvd_live.acquisition import read_acquisition
+    from umvd_live.recording.acquisition import read_acquisition
     stacks = read_acquisition("rec.ome.tif")        # {"cam0.p0": PositionStack, ...}
     s = stacks["cam0.p0"]
     s.data.shape, s.channels                        # (T, C, Z, Y, X), ("GCaMP", "mCherry")
@@ -33,8 +33,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from umvd_live.recorder import recording_stem
-from umvd_live.recordfile import (
+from umvd_live.recording.ometiff import (
     FORMAT,
     STREAM_AXES,
     AcquisitionCoordinates,
@@ -43,7 +42,8 @@ from umvd_live.recordfile import (
     read_provenance,
     read_recording,
 )
-from umvd_live.zarrfile import is_zarr_path, read_zarr_provenance, read_zarr_recording
+from umvd_live.recording.omezarr import is_zarr_path, read_zarr_provenance, read_zarr_recording
+from umvd_live.recording.session import recording_stem
 
 log = logging.getLogger(__name__)
 

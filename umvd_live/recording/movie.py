@@ -10,13 +10,13 @@ from typing import Any, Self
 import numpy as np
 import tifffile
 
-from umvd_live.acqmeta import AcquisitionMeta
-from umvd_live.zarrfile import (
+from umvd_live.recording.omezarr import (
     OmeZarrSeries,
     RecordingFormatError,
     is_zarr_path,
     open_ome_zarr,
 )
+from umvd_live.wire.acqmeta import AcquisitionMeta
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def read_movie(path: str | Path) -> np.ndarray:
 
 
 def read_movie_metadata(path: str | Path) -> dict[str, Any]:
-    """The movie's acquisition metadata as protocol ``meta`` keys (`umvd_live.acqmeta`): what a
+    """The movie's acquisition metadata as protocol ``meta`` keys (`umvd_live.wire.acqmeta`): what a
     replay of the file would send with each frame, and what `umvd-live denoise` writes into its
     output's OME. Empty when the file says nothing (or is not a readable TIFF: `read_movie` says
     why)."""

@@ -13,11 +13,11 @@ Each stream gets a file of its own, also each position, channel and z plane of a
 multi-dimensional acquisition (``cam0.p0.GCaMP.z2``): one writer appends to each file, so every
 file stays append-only and crash-safe, and a stream's frames are written at their own pace. The
 files name their place in the acquisition and the session's ``recording_id`` in their OME-XML;
-`umvd_live.acquisition.read_acquisition` assembles them.
+`umvd_live.recording.acquisition.read_acquisition` assembles them.
 
-A base path ending in ``.ome.zarr`` records OME-Zarr stores instead (`umvd_live.zarrfile`).
+A base path ending in ``.ome.zarr`` records OME-Zarr stores instead (`umvd_live.recording.omezarr`).
 
-Paths that arrive over the control socket go through `confine_path` first.
+Paths that arrive over the control socket go through `wire.security.confine_path` first.
 """
 
 from __future__ import annotations
@@ -30,51 +30,24 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from umvd_live.protocol import STREAM_NAME, FrameHeader
-from umvd_live.recordfile import FrameInfo, Provenance, RecordingFile
-from umvd_live.spillqueue import QueueClosed, QueueOverflow, SpillQueue
-from umvd_live.zarrfile import ZARR_SUFFIXES, ZarrRecording, is_zarr_path
+from umvd_live.recording.ometiff import FrameInfo, Provenance, RecordingFile
+from umvd_live.recording.omezarr import ZARR_SUFFIXES, ZarrRecording, is_zarr_path
+from umvd_live.recording.spillqueue import QueueClosed, QueueOverflow, SpillQueue
+from umvd_live.wire.protocol import STREAM_NAME, FrameHeader
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BUDGET = 512 * 1024 * 1024
-CHECKPOINT_INTERVAL_S = 1.0  # the issue asks for <= 2 s between flushes
+FLUSH_INTERVAL_S = 1.0  # the issue asks for <= 2 s between flushes
 
 
 class RecordingError(ValueError):
     """A recording request that cannot be honoured (bad path, missing directory, ...)."""
-
-
-class PathNotAllowed(RecordingError):
-    """A control-socket path outside the configured output directory."""
-
-
-def confine_path(requested: str, output_dir: str | os.PathLike) -> Path:
-    """Resolve a client-supplied recording path inside ``output_dir``, or raise PathNotAllowed.
-
-    Refused: empty names, NUL bytes, any ``..`` component, absolute paths outside the directory,
-    and paths whose existing components are symlinks leading outside it. Missing intermediate
-    directories inside it are allowed (the session creates them). The files themselves are later
-    opened with O_EXCL|O_NOFOLLOW, so a symlink planted at a file name is never followed.
-    """
-    if not isinstance(requested, str) or not requested.strip():
-        raise PathNotAllowed("path must be a non-empty string")
-    if "\x00" in requested:
-        raise PathNotAllowed("path contains a NUL byte")
-    root = Path(output_dir).resolve()
-    pure = PurePath(requested)
-    if ".." in pure.parts:
-        raise PathNotAllowed(f"{requested!r}: '..' is not allowed")
-    candidate = Path(pure) if pure.is_absolute() else root / pure
-    resolved = candidate.resolve(strict=False)  # follows every symlink that exists
-    if resolved == root or not resolved.is_relative_to(root):
-        raise PathNotAllowed(f"{requested!r} is outside the output directory {str(root)!r}")
-    return resolved
 
 
 def recording_stem(base: str | os.PathLike) -> str:
@@ -105,7 +78,7 @@ class RecordingRequest:
     raw: bool = False  # also keep a copy of the input frames as received
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET  # queued pixels held in memory before spilling
     hard_limit_bytes: int | None = None  # memory ceiling if even spilling lags (default 2x budget)
-    checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S
+    checkpoint_interval_s: float = FLUSH_INTERVAL_S
 
 
 @dataclass(frozen=True)

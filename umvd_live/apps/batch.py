@@ -5,8 +5,8 @@ A lab's nightly archive outgrows one machine; people run such work on the cluste
 `LocalCluster` of worker processes on this machine (``--workers``), or any running scheduler
 (``--scheduler``). Workers must see the inputs and ``--output-dir`` (a shared file system).
 
-Work split. A movie of up to ``chunk_frames`` frames is one task that runs `filemode`'s own
-code path (`filemode.denoise_movie`, `filemode.write_denoised`): its output is `denoise`'s for
+Work split. A movie of up to ``chunk_frames`` frames is one task that runs `denoise`'s own
+code path (`denoise.denoise_movie`, `denoise.write_denoised`): its output is `denoise`'s for
 the same options and seed. A longer movie is trained once by one task (`train_movie`: `--offline`,
 the paper's recipe on the whole movie; streamed, the warm start on its first burst) and its
 frames are then denoised in time chunks by several tasks that share those weights
@@ -53,14 +53,14 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from umvd_live import filemode
-from umvd_live.budget import cpu_cores
-from umvd_live.changes import ChangeDetector
-from umvd_live.checkpoint import CheckpointError
-from umvd_live.engine import DenoisedFrame, EngineConfig, StreamDenoiser
-from umvd_live.movie import MovieError, MovieFrames
-from umvd_live.normalization import sanitize
-from umvd_live.recordfile import Provenance
+from umvd_live.apps import denoise
+from umvd_live.engine.budget import cpu_cores
+from umvd_live.engine.changes import ChangeDetector
+from umvd_live.engine.checkpoint import CheckpointError
+from umvd_live.engine.normalization import sanitize
+from umvd_live.engine.stream import DenoisedFrame, EngineConfig, StreamDenoiser
+from umvd_live.recording.movie import MovieError, MovieFrames
+from umvd_live.recording.ometiff import Provenance
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +82,13 @@ class BatchOptions:
     chunk_frames: int = DEFAULT_CHUNK_FRAMES
     save_models: bool = False  # each movie's final weights beside its output (NAME.pt)
     retries: int = 1  # reruns of a task that raised (a lost worker's tasks are rerun anyway)
-    offline_steps: int | None = None  # None: `denoise --offline`'s (`filemode.default_offline_steps`)
+    offline_steps: int | None = None  # None: `denoise --offline`'s (`denoise.default_offline_steps`)
 
 
 @dataclass(frozen=True)
 class Chunk:
     """Output frames [start, stop) of a movie, denoised from the frames [read_start, read_stop),
-    all in the segment [segment_start, segment_end) (`umvd_live.changes`)."""
+    all in the segment [segment_start, segment_end) (`umvd_live.engine.changes`)."""
 
     index: int
     start: int
@@ -105,7 +105,7 @@ def plan_chunks(frames: int, chunk_frames: int, k: int, context: tuple[int, ...]
     """Equal time chunks of at most ``chunk_frames`` output frames, within the segments that the
     ``changes`` (first frames of new segments) start. Each reads k + sum(context) frames before
     its first output and as many after its last (the window's halves and the context blocks,
-    which a recorded movie takes from both sides: `filemode.file_config`), never beyond its
+    which a recorded movie takes from both sides: `denoise.file_config`), never beyond its
     segment: the engine treats each segment apart, so a chunk's output frames then see exactly
     the frames they would see in one piece."""
     if chunk_frames < 1:
@@ -251,11 +251,11 @@ def start_movie(source: str, output: str, options: BatchOptions) -> Written | Wa
                 return train_movie(reader, source, config, options)
             movie = reader.read(0, len(reader))
         read_s = time.monotonic() - started
-        result = filemode.denoise_movie(movie, config, offline=options.offline, offline_steps=options.offline_steps)
+        result = denoise.denoise_movie(movie, config, offline=options.offline, offline_steps=options.offline_steps)
         try:
-            provenance = filemode.denoise_provenance(result.engine, source, offline=options.offline)
+            provenance = denoise.denoise_provenance(result.engine, source, offline=options.offline)
             written = time.monotonic()
-            write_atomic(Path(output), lambda tmp: filemode.write_denoised(tmp, source, result.frames,
+            write_atomic(Path(output), lambda tmp: denoise.write_denoised(tmp, source, result.frames,
                                                                            result.outputs, provenance))
             if options.save_models:
                 write_atomic(_model_path(Path(output)), result.engine.save_weights)
@@ -275,17 +275,17 @@ def train_movie(reader: MovieFrames, source: str, config: EngineConfig, options:
     buffer holds what its byte bound allows)."""
     started = time.monotonic()
     frames = len(reader)
-    engine = StreamDenoiser(filemode.file_config(config, frames))
+    engine = StreamDenoiser(denoise.file_config(config, frames))
     try:
         if options.offline:
-            engine.pretrain(reader.read(0, frames), options.offline_steps or filemode.default_offline_steps(frames))
+            engine.pretrain(reader.read(0, frames), options.offline_steps or denoise.default_offline_steps(frames))
         else:
             for first in range(0, frames, options.chunk_frames):
                 for frame in reader.read(first, min(frames, first + options.chunk_frames)):
                     engine.push(frame, infer=False)
         changes = find_changes(reader, config, options.chunk_frames)
         chunks = len(plan_chunks(frames, options.chunk_frames, engine.k, engine.spec.context, changes))
-        provenance = filemode.denoise_provenance(engine, source, offline=options.offline, chunks=chunks)
+        provenance = denoise.denoise_provenance(engine, source, offline=options.offline, chunks=chunks)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "weights.pt"
             engine.save_weights(path)
@@ -298,7 +298,7 @@ def train_movie(reader: MovieFrames, source: str, config: EngineConfig, options:
 
 def find_changes(reader: MovieFrames, config: EngineConfig, block: int) -> tuple[int, ...]:
     """The frames where the engine would start new segments when the whole movie is pushed: its
-    change detector sees every frame in order, and only the frames (`umvd_live.changes`), read
+    change detector sees every frame in order, and only the frames (`umvd_live.engine.changes`), read
     ``block`` frames at a time."""
     detector = ChangeDetector(config.changes)
     found = []
@@ -329,7 +329,7 @@ def denoise_chunk(source: str, model: WarmModel, chunk: Chunk, options: BatchOpt
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights.pt"
         weights.write_bytes(model.weights)
-        config = replace(filemode.file_config(_task_config(options.engine), model.frames), init=str(weights),
+        config = replace(denoise.file_config(_task_config(options.engine), model.frames), init=str(weights),
                          steps_per_frame=0.0, changes=replace(options.engine.changes, enabled=False))
         engine = StreamDenoiser(config)
         engine.pretrain(first, 0)  # loads the weights: the file may go
@@ -346,12 +346,12 @@ def denoise_chunk(source: str, model: WarmModel, chunk: Chunk, options: BatchOpt
 
 
 def write_chunks(source: str, output: str, model: WarmModel, options: BatchOptions, *parts: ChunkResult) -> Written:
-    """Join a long movie's chunks in order and write them (`filemode.write_denoised`)."""
+    """Join a long movie's chunks in order and write them (`denoise.write_denoised`)."""
     started = time.monotonic()
     parts = tuple(sorted(parts, key=lambda p: p.chunk.index))
     frames = (image for p in parts for image in p.frames)  # written as they come: no joined copy
     outputs = [o for p in parts for o in p.outputs]
-    write_atomic(Path(output), lambda tmp: filemode.write_denoised(tmp, source, frames, outputs, model.provenance))
+    write_atomic(Path(output), lambda tmp: denoise.write_denoised(tmp, source, frames, outputs, model.provenance))
     if options.save_models:
         write_atomic(_model_path(Path(output)), lambda tmp: tmp.write_bytes(model.weights))
     return Written(output, len(outputs), model.shape, outputs[-1].model_step, _provenance_dict(model.provenance),
@@ -605,7 +605,7 @@ def run(args: argparse.Namespace) -> int:
     if threads is None and not args.scheduler:
         threads = max(1, cpu_cores() // workers)  # the local cores, divided among the workers
     options = BatchOptions(
-        engine=filemode.engine_config(args, workers=None, cpu_threads=threads),
+        engine=denoise.engine_config(args, workers=None, cpu_threads=threads),
         offline=args.offline, chunk_frames=args.chunk_frames, save_models=args.save_models, retries=args.retries,
     )
     out_dir = Path(args.output_dir)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol, runtime_checkable
 
-from umvd_live.protocol import Frame
-from umvd_live.streams import DenoisedOutput, StreamStarted, monotonic
+from umvd_live.daemon.streams import DenoisedOutput, StreamStarted, monotonic
+from umvd_live.wire.protocol import Frame
 
 
 @runtime_checkable
@@ -41,7 +41,7 @@ class FrameSink(Protocol):
 
 
 class RecordingSink:
-    """Plugs a `umvd_live.recorder.RecordingSession` into the daemon as a FrameSink.
+    """Plugs a `umvd_live.recording.session.RecordingSession` into the daemon as a FrameSink.
 
     The session does its own queuing, spilling and writing; this adapter only translates calls.
     Receipt times are monotonic in the daemon and wall-clock (Unix seconds) in the recording.

@@ -46,11 +46,12 @@ from rich.table import Table
 from rich.text import Text
 
 from umvd_live.adapters.publisher import FramePublisher
-from umvd_live.control_client import ControlClient, DaemonUnavailable
 from umvd_live.adapters.simulation import SimConfig, StreamResult, TwoPhotonSimulator, stream_simulation
+from umvd_live.apps.figures import format_figure
+from umvd_live.daemon.status import render_lines, render_table
 from umvd_live.metrics import REPORT_HEADERS, REPORT_METRICS, SessionFrames, format_score, psnr, report_rows
-from umvd_live.protocol import DENOISED_SUFFIX, ProtocolError, decode_output
-from umvd_live.status import render_lines, render_table
+from umvd_live.wire.control_client import ControlClient, DaemonUnavailable
+from umvd_live.wire.protocol import DENOISED_SUFFIX, ProtocolError, decode_output
 
 STREAM = "sim0"
 #: `umvd-live serve`'s own warm-start defaults, named in the summary when the demo uses others.
@@ -133,7 +134,7 @@ class ServeProcess:
 
     def __init__(self, config: DemoConfig, log_dir: Path):
         self.log_path = log_dir / "daemon.log"
-        cmd = [sys.executable, "-m", "umvd_live.cli", "serve",
+        cmd = [sys.executable, "-m", "umvd_live.apps.cli", "serve",
                "--input", "tcp://127.0.0.1:*", "--output", "tcp://127.0.0.1:*",
                "--control", "tcp://127.0.0.1:*", "--output-dir", str(log_dir),
                "--preset", config.preset, "--device", config.device, "--window", str(config.window),
@@ -397,7 +398,7 @@ class SimulatedAcquisition(threading.Thread):
 
 # ---- the live display ---------------------------------------------------------------------------
 class DemoDisplay:
-    """The daemon's status table (`status.py`) under a line of the demo's own figures; plain lines
+    """The daemon's status table (`daemon/status.py`) under a line of the demo's own figures; plain lines
     every ``interval_s`` when stdout is not a terminal."""
 
     def __init__(self, console: Console, interval_s: float = 5.0):
@@ -502,10 +503,6 @@ def _percentile(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(finite, q)), 1) if finite else None
 
 
-def _fmt(value: float | None, spec: str, unit: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{unit}"
-
-
 def render_summary(s: DemoSummary) -> Table:
     table = Table(title=f"umvd-live demo: summary ({s.ended_by})", title_justify="left")
     table.add_column("figure", style="bold")
@@ -522,13 +519,13 @@ def render_summary(s: DemoSummary) -> Table:
                   f"{s.frames_unaccounted}")
     if s.frames_skipped_by_daemon:
         table.add_row("skipped by the daemon", str(s.frames_skipped_by_daemon),
-                      f"inference took {_fmt(s.daemon_infer_ms, '.0f', ' ms')} per frame, "
+                      f"inference took {format_figure(s.daemon_infer_ms, '.0f', ' ms')} per frame, "
                       f"{1000 / s.rate_hz:.0f} ms come between frames: the preview skipped to the newest "
                       "frame (skipped frames still train the model; a faster machine, a smaller --size "
                       "or a lower --rate avoid it)")
     table.add_row("fps in / out", f"{s.fps_in:.1f} / {s.fps_out:.1f}", "")
     table.add_row("latency p50 / p99",
-                  f"{_fmt(s.latency_p50_ms, '.0f')} / {_fmt(s.latency_p99_ms, '.0f', ' ms')}",
+                  f"{format_figure(s.latency_p50_ms, '.0f')} / {format_figure(s.latency_p99_ms, '.0f', ' ms')}",
                   "input taken off the socket -> denoised frame published")
     setting = ("serve's defaults" if s.warmup_is_serve_default else
                f"the demo's settings; serve's defaults are {SERVE_WARMUP_FRAMES} frames, {SERVE_WARMUP_STEPS} steps")
@@ -539,13 +536,13 @@ def render_summary(s: DemoSummary) -> Table:
         table.add_row("warm-up", f"{s.live_after_s:.1f} s",
                       f"to live (first live output: frame {s.first_live_seq}); {s.warmup_frames} frames, "
                       f"{s.warmup_steps} steps ({setting})")
-    table.add_row("training steps", str(s.training_steps), _fmt(s.training_steps_per_s, ".1f", " steps/s"))
+    table.add_row("training steps", str(s.training_steps), format_figure(s.training_steps_per_s, ".1f", " steps/s"))
     if s.live_frames_scored:
         over = f"mean per-frame PSNR against the truth, over the {s.live_frames_scored} frames output live"
-        table.add_row("PSNR raw", _fmt(s.psnr_raw_db, ".2f", " dB"), over)
-        table.add_row("PSNR 5-frame mean", _fmt(s.psnr_tmean_db, ".2f", " dB"), "temporal mean, for context")
-        table.add_row("PSNR denoised", _fmt(s.psnr_denoised_db, ".2f", " dB"),
-                      f"{_fmt(s.psnr_gain_db, '+.2f', ' dB')} over raw")
+        table.add_row("PSNR raw", format_figure(s.psnr_raw_db, ".2f", " dB"), over)
+        table.add_row("PSNR 5-frame mean", format_figure(s.psnr_tmean_db, ".2f", " dB"), "temporal mean, for context")
+        table.add_row("PSNR denoised", format_figure(s.psnr_denoised_db, ".2f", " dB"),
+                      f"{format_figure(s.psnr_gain_db, '+.2f', ' dB')} over raw")
     else:
         table.add_row("PSNR", "-", "no frame was output live")
     table.add_row("machine load", f"{s.load_average[0]:.2f}",

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from umvd_live import logs
-from umvd_live.runtime import tune_process
+from umvd_live.apps import logs
+from umvd_live.daemon.runtime import tune_process
 
 PRESETS = ("auto", "lite", "fast", "paper")
 DEVICES = ("auto", "cpu", "cuda")
@@ -91,7 +91,7 @@ def _denoise(sub: argparse._SubParsersAction) -> None:
     _engine_args(p)
     _file_args(p)
     p.add_argument("--save-model", metavar="PATH", help="save the final weights here")
-    p.set_defaults(module="umvd_live.filemode")
+    p.set_defaults(module="umvd_live.apps.denoise")
 
 
 def _batch(sub: argparse._SubParsersAction) -> None:
@@ -120,7 +120,7 @@ def _batch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retries", type=int, default=1, metavar="R",
                    help="reruns of a task that raised (a lost worker's tasks are rerun anyway; default 1)")
     p.add_argument("--save-models", action="store_true", help="save each movie's weights beside its output (NAME.pt)")
-    p.set_defaults(module="umvd_live.batch")
+    p.set_defaults(module="umvd_live.apps.batch")
 
 
 def _serve(sub: argparse._SubParsersAction) -> None:
@@ -168,7 +168,7 @@ def _serve(sub: argparse._SubParsersAction) -> None:
                           "every socket then requires an allowed client key")
     sec.add_argument("--curve-clients", metavar="DIR",
                      help="directory of the client public keys (*.key) allowed to connect")
-    p.set_defaults(module="umvd_live.daemon")
+    p.set_defaults(module="umvd_live.daemon.service")
 
 
 def _keys(sub: argparse._SubParsersAction) -> None:
@@ -177,7 +177,7 @@ def _keys(sub: argparse._SubParsersAction) -> None:
                                    "(docs/security.md).")
     p.add_argument("directory", help="where to write the two files (created if missing)")
     p.add_argument("name", help="key name, e.g. daemon, or the client's host name")
-    p.set_defaults(module="umvd_live.security")
+    p.set_defaults(module="umvd_live.wire.security")
 
 
 def _acquire(sub: argparse._SubParsersAction) -> None:
@@ -253,7 +253,7 @@ def _demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--oracle", choices=("reduced", "full", "none"), default="reduced",
                    help="the Gaussian filters the truth picks per metric, beside which the summary scores the "
                         "activity, searched after the stream (default reduced: a coarser sigma grid)")
-    p.set_defaults(module="umvd_live.demo")
+    p.set_defaults(module="umvd_live.apps.demo")
 
 
 def _view(sub: argparse._SubParsersAction) -> None:
@@ -268,7 +268,7 @@ def _view(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quit-after", type=float, metavar="S",
                    help="close the window after S seconds (with --screenshot: for docs and smoke tests)")
     p.add_argument("--screenshot", metavar="PNG", help="with --quit-after: save the whole window first")
-    p.set_defaults(module="umvd_live.viewer.app")
+    p.set_defaults(module="umvd_live.viewer.qt.app")
 
 
 def _bench(sub: argparse._SubParsersAction) -> None:
@@ -312,7 +312,7 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rss-every", type=float, default=10.0, metavar="S",
                    help="seconds between the resident-memory samples in the JSON (default 10)")
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
-    p.set_defaults(module="umvd_live.bench")
+    p.set_defaults(module="umvd_live.apps.bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_demo, _denoise, _batch, _serve, _acquire, _view, _bench, _keys):
         add(sub)
-    for command in sub.choices.values():  # every command logs alike (umvd_live.logs)
+    for command in sub.choices.values():  # every command logs alike (umvd_live.apps.logs)
         logs.add_argument(command)
     return parser
 

@@ -9,7 +9,7 @@ client's frames never reach the daemon, and it never receives a frame or a contr
 
 Keys are ZeroMQ certificate files as `zmq.auth.create_certificates` writes them: ``NAME.key``
 (public: copy it to the other side) and ``NAME.key_secret`` (public + secret: keep it private).
-``umvd-live keys DIR NAME`` (or ``python -m umvd_live.security DIR NAME``) creates a pair.
+``umvd-live keys DIR NAME`` (or ``python -m umvd_live.wire.security DIR NAME``) creates a pair.
 docs/security.md walks through the set-up.
 """
 
@@ -21,7 +21,8 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import Any
 
 import zmq
 import zmq.auth
@@ -58,6 +59,37 @@ def check_bind(endpoint: str, *, allow_remote: bool, curve: bool) -> None:
     if not curve:
         raise SecurityError(f"{endpoint}: --allow-remote needs CURVE authentication: give "
                             "--curve-server-key and --curve-clients (docs/security.md)")
+
+
+class PathNotAllowed(ValueError):
+    """A path from a client (the control socket) that would leave its directory."""
+
+
+def confine_path(requested: Any, base: str | os.PathLike) -> Path:
+    """``requested`` resolved inside ``base``, or PathNotAllowed: a client names files only there.
+
+    Refused: anything but a non-blank string; NUL bytes; any ``..`` component (``/`` or ``\\``);
+    a leading ``~`` (never expanded: it would name the client's home); a drive- or root-relative
+    path (Windows' ``C:x``, ``\\x``); an absolute path outside ``base``; ``base`` itself; and a
+    path whose existing components are symlinks leading out. One rule for models and recordings:
+    a client must not read or write outside the directory the operator chose. Missing
+    directories inside are allowed (the caller creates them); files are later opened with
+    O_EXCL|O_NOFOLLOW (recordings), so a symlink planted at the file name is not followed.
+    """
+    if not isinstance(requested, str) or not requested.strip():
+        raise PathNotAllowed("path must be a non-empty string")
+    if "\x00" in requested:
+        raise PathNotAllowed("path contains a NUL byte")
+    pure = PurePath(requested)
+    if ".." in pure.parts or ".." in requested.replace("\\", "/").split("/"):
+        raise PathNotAllowed(f"{requested!r}: '..' is not allowed")
+    if not pure.is_absolute() and (pure.drive or pure.root or requested.startswith(("/", "\\", "~"))):
+        raise PathNotAllowed(f"{requested!r} must be relative to the directory, or absolute inside it")
+    root = Path(base).resolve()
+    resolved = (root / pure).resolve(strict=False)  # follows every symlink that exists
+    if resolved == root or not resolved.is_relative_to(root):
+        raise PathNotAllowed(f"{requested!r} is outside the directory {str(root)!r}")
+    return resolved
 
 
 def read_keypair(path: str | os.PathLike) -> tuple[bytes, bytes]:
@@ -169,6 +201,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from umvd_live.cli import main
+    from umvd_live.apps.cli import main
 
     sys.exit(main(["keys", *sys.argv[1:]]))

@@ -16,18 +16,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from umvd_live.checkpoint import CheckpointError, load_checkpoint
+from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint
 
 log = logging.getLogger("umvd_live.daemon")
 
 #: Default seconds between periodic checkpoints of every live stream.
-CHECKPOINT_INTERVAL_S = 60.0
+WEIGHTS_CHECKPOINT_INTERVAL_S = 60.0
 
 
 class StateStore:
     """Finds, saves and forgets the checkpoints of the daemon's streams in one directory."""
 
-    def __init__(self, directory: Path, interval_s: float = CHECKPOINT_INTERVAL_S):
+    def __init__(self, directory: Path, interval_s: float = WEIGHTS_CHECKPOINT_INTERVAL_S):
         if interval_s <= 0:
             raise ValueError("the checkpoint interval must be > 0 s")
         self.directory = Path(directory)

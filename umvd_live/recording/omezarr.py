@@ -1,6 +1,6 @@
 """OME-Zarr recordings (``*.ome.zarr``): appendable along T, readable after ``kill -9``.
 
-The alternative to the default crash-safe OME-TIFF (`umvd_live.recordfile`), for labs that work
+The alternative to the default crash-safe OME-TIFF (`umvd_live.recording.ometiff`), for labs that work
 in OME-Zarr. One store per stream, as one file per stream for TIFF; the same provenance, the same
 per-frame metadata, the same API (`ZarrRecording` mirrors `RecordingFile`).
 
@@ -45,8 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from umvd_live.fileio import O_BINARY
-from umvd_live.recordfile import (
+from umvd_live.recording.fileio import O_BINARY
+from umvd_live.recording.ometiff import (
     RECORDABLE_DTYPES,
     FrameInfo,
     Provenance,
@@ -228,7 +228,7 @@ class ZarrRecording:
         channel = channel or self.acquisition.channel
         if channel is None:
             return None
-        from umvd_live.channel_colors import ome_color
+        from umvd_live.wire.channel_colors import ome_color
 
         rgba = ome_color(channel)
         color = f"{(rgba >> 24) & 0xFF:02X}{(rgba >> 16) & 0xFF:02X}{(rgba >> 8) & 0xFF:02X}" if rgba is not None else "FFFFFF"
@@ -348,7 +348,7 @@ class ZarrRecording:
 
 def write_zarr_movie(path: str | os.PathLike, frames: Iterable[np.ndarray], infos: Iterable[FrameInfo],
                      provenance: Provenance) -> Path:
-    """`recordfile.write_movie` for an OME-Zarr store (`umvd-live denoise IN OUT.ome.zarr`)."""
+    """`ometiff.write_movie` for an OME-Zarr store (`umvd-live denoise IN OUT.ome.zarr`)."""
     return write_movie(path, frames, infos, provenance, create=ZarrRecording.create)
 
 
@@ -369,7 +369,7 @@ def _frame_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def read_zarr_provenance(path: str | os.PathLike) -> dict[str, Any]:
-    """`recordfile.read_provenance` for a `ZarrRecording` store: its provenance map (typed), read
+    """`ometiff.read_provenance` for a `ZarrRecording` store: its provenance map (typed), read
     from ``zarr.json`` alone (no pixels, no tensorstore); ``frames`` is what the last checkpoint
     declared. RecordingFormatError for a store that is no umvd-live recording (or one killed
     before its first checkpoint)."""
@@ -385,7 +385,7 @@ def read_zarr_provenance(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_zarr_recording(path: str | os.PathLike) -> tuple[np.ndarray, list[FrameInfo], dict[str, Any]]:
-    """`recordfile.read_recording` for a `ZarrRecording` store, complete or killed: (frames T×H×W,
+    """`ometiff.read_recording` for a `ZarrRecording` store, complete or killed: (frames T×H×W,
     a FrameInfo each, provenance). Every frame whose metadata line is complete is read (its chunk
     was on disk before the line was written), beyond the declared shape after a kill too;
     ``frames_declared`` is what the metadata declares to other readers."""
@@ -457,9 +457,9 @@ class OmeZarrSeries:
         return np.asarray(self.array[index])
 
     def acquisition_meta(self, channel: int | None) -> dict[str, Any]:
-        """The protocol ``meta`` keys this image tells (`umvd_live.acqmeta`): pixel size, frame
+        """The protocol ``meta`` keys this image tells (`umvd_live.wire.acqmeta`): pixel size, frame
         interval, the channel's name, the acquisition's start (a umvd-live recording's)."""
-        from umvd_live.acqmeta import AcquisitionMeta, iso_datetime
+        from umvd_live.wire.acqmeta import AcquisitionMeta, iso_datetime
 
         names = self.channel_names or []
         name = names[channel] if channel is not None and channel < len(names) else (

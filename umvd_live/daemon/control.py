@@ -8,10 +8,11 @@ small `ControlTarget` interface; other modules (the recorder) can `register` mor
 from __future__ import annotations
 
 import logging
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from umvd_live.protocol import ProtocolError, pack, unpack_map
+from umvd_live.wire.protocol import ProtocolError, pack, unpack_map
+from umvd_live.wire.security import PathNotAllowed, confine_path
 
 log = logging.getLogger("umvd_live.daemon")
 
@@ -38,24 +39,6 @@ class ControlTarget(Protocol):
     def start_recording(self, path: str, streams: list[str] | None, raw: bool) -> Reply: ...
     def stop_recording(self) -> Reply: ...
     def shutdown(self) -> Reply: ...
-
-
-def confine_path(base: Path, name: Any) -> Path:
-    """``name`` resolved inside ``base``; refuses absolute paths, ``..`` and symlink escapes."""
-    if not isinstance(name, str) or not name.strip():
-        raise ControlError("path must be a non-empty string relative to the model directory")
-    if "\x00" in name:
-        raise ControlError("path contains a NUL byte")
-    pure = PurePath(name)
-    if pure.is_absolute() or pure.drive or name.startswith(("/", "\\", "~")):
-        raise ControlError(f"path {name!r} must be relative to the model directory")
-    if ".." in pure.parts or ".." in name.replace("\\", "/").split("/"):
-        raise ControlError(f"path {name!r} must not contain '..'")
-    root = base.resolve()
-    target = (root / pure).resolve()
-    if not target.is_relative_to(root):
-        raise ControlError(f"path {name!r} leaves the model directory")
-    return target
 
 
 class ControlHandler:
@@ -127,17 +110,24 @@ class ControlHandler:
 
     def _save_model(self, req: dict[str, Any]) -> Reply:
         stream = self._known_stream(req.get("stream"), required=True)
-        path = confine_path(self.model_dir, req.get("path", f"{stream}.pt"))
+        path = self._model_path(req.get("path", f"{stream}.pt"))
         return self.target.save_model(stream, path)
 
     def _load_model(self, req: dict[str, Any]) -> Reply:
         stream = req.get("stream")
         if stream is None:
             stream = self._known_stream(None, required=True)
-        path = confine_path(self.model_dir, req.get("path", f"{stream}.pt"))
+        path = self._model_path(req.get("path", f"{stream}.pt"))
         if not path.is_file():
             raise ControlError(f"no model file {path.name!r} in the model directory")
         return self.target.load_model(stream, path)
+
+    def _model_path(self, requested: Any) -> Path:
+        """A save/load path from the client, confined to the model directory."""
+        try:
+            return confine_path(requested, self.model_dir)
+        except PathNotAllowed as exc:
+            raise ControlError(f"model path: {exc}") from None
 
     def _record_start(self, req: dict[str, Any]) -> Reply:
         """``{path, streams?, raw?}``: path relative to the output directory (the recorder

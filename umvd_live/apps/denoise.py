@@ -20,11 +20,11 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from umvd_live.checkpoint import CheckpointError
-from umvd_live.engine import DenoisedFrame, EngineConfig, StreamDenoiser
-from umvd_live.movie import MovieError, read_movie, read_movie_metadata
-from umvd_live.recordfile import FrameInfo, Provenance, write_movie
-from umvd_live.zarrfile import is_zarr_path, write_zarr_movie
+from umvd_live.engine.checkpoint import CheckpointError
+from umvd_live.engine.stream import DenoisedFrame, EngineConfig, StreamDenoiser
+from umvd_live.recording.movie import MovieError, read_movie, read_movie_metadata
+from umvd_live.recording.ometiff import FrameInfo, Provenance, write_movie
+from umvd_live.recording.omezarr import is_zarr_path, write_zarr_movie
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from umvd_live.cli import main
+    from umvd_live.apps.cli import main
 
     sys.exit(main(["denoise", *sys.argv[1:]]))

@@ -18,7 +18,7 @@ On-disk layout (little-endian BigTIFF, one uncompressed strip per page, one page
   frame it describes, so a killed file loses none of it.
 * A stream of a multi-dimensional acquisition (one position, channel and z plane of it) names
   them in its OME-XML from the first frame on: `AcquisitionCoordinates` in the provenance map,
-  the channel's name (and a default colour) on the OME Channel. `umvd_live.acquisition` puts the
+  the channel's name (and a default colour) on the OME Channel. `umvd_live.recording.acquisition` puts the
   files of one recording back together as TCZYX arrays.
 * The OME-XML is the first page's ImageDescription. It is double-buffered: two fixed-size slots,
   each NUL-terminated and padded with spaces (valid trailing XML whitespace). A checkpoint
@@ -45,9 +45,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import tifffile
 
-from umvd_live.acqmeta import AcquisitionMeta, positive
-from umvd_live.channel_colors import ome_color
-from umvd_live.fileio import O_BINARY, pwrite_all
+from umvd_live.recording.fileio import O_BINARY, pwrite_all
+from umvd_live.wire.acqmeta import AcquisitionMeta, positive
+from umvd_live.wire.channel_colors import ome_color
 
 #: Private TIFF tag (ASCII, JSON) holding one frame's metadata on every page.
 FRAME_TAG = 65111
@@ -70,7 +70,7 @@ class RecordingFormatError(ValueError):
 
 #: useq's axes besides time that every stream holds fixed: position, grid position, channel, z
 #: plane. A stream is one combination of them (and of any other axis the acquisition has); its
-#: frames are time points. Channel and z become a position's C and Z (`umvd_live.acquisition`).
+#: frames are time points. Channel and z become a position's C and Z (`umvd_live.recording.acquisition`).
 STREAM_AXES = ("p", "g", "c", "z")
 _AXIS_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,15}$")
 
@@ -173,7 +173,7 @@ class FrameInfo:
     seq: int  # the producer's sequence number
     t: float | None = None  # the producer's acquisition time in seconds, if it sent one
     t_received: float | None = None  # wall-clock time (Unix seconds) the daemon received it
-    state: str | None = None  # "warmup", "live" or "adapting" (engine.State) for denoised frames; None for raw copies
+    state: str | None = None  # "warmup", "live" or "adapting" (engine.stream.State) for denoised frames; None for raw copies
     model_step: int | None = None  # training steps of the model that produced this frame
     meta: dict[str, Any] = field(default_factory=dict)  # the producer's per-frame meta
 
@@ -614,7 +614,7 @@ def write_movie(path: str | os.PathLike, frames: Iterable[np.ndarray], infos: It
 
     The same format, crash-safety and metadata as a live recording; frames may be a generator, so
     a long movie never has to fit in memory. ``create``: the recording's constructor, default
-    `RecordingFile.create` (`zarrfile.ZarrRecording.create` writes OME-Zarr the same way).
+    `RecordingFile.create` (`omezarr.ZarrRecording.create` writes OME-Zarr the same way).
     """
     create = create or RecordingFile.create
     rec: Any = None

@@ -2,7 +2,7 @@
 
 Data flow: a pushed frame is sanitised and normalised, its G features are computed once and
 cached in the sliding window, it joins the frame history whose block means are the network's
-long-range context (`window.FrameHistory`), and it joins the trainer's replay buffer. The output for frame t is
+long-range context (`window.ContextHistory`), and it joins the trainer's replay buffer. The output for frame t is
 ready when frame t + N//2 has arrived; `flush` ends the stream and emits the rest. A stream
 starts on a shipped prior (`priors`); until the warm start is done, `BlindReferee` shows the
 network's output only while it beats the window's temporal mean (else that mean, marked `warmup`).
@@ -34,14 +34,14 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 import torch
 
-from umvd_live.budget import CpuBudget, CpuShare, cpu_cores
-from umvd_live.changes import Change, ChangeConfig, ChangeDetector
-from umvd_live.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_hash
-from umvd_live.model import PRESETS, ModelSpec, UMVDNet, resolve_preset
-from umvd_live.normalization import Normalizer, sanitize
-from umvd_live.priors import Prior, find_prior
-from umvd_live.trainer import OnlineTrainer, ReplayBuffer, TrainerConfig
-from umvd_live.window import FrameHistory, SlidingWindow, block_means, context_blocks, window_indices
+from umvd_live.engine.budget import CpuBudget, CpuShare, cpu_cores
+from umvd_live.engine.changes import Change, ChangeConfig, ChangeDetector
+from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_hash
+from umvd_live.engine.model import PRESETS, ModelSpec, UMVDNet, resolve_preset
+from umvd_live.engine.normalization import Normalizer, sanitize
+from umvd_live.engine.priors import Prior, find_prior
+from umvd_live.engine.trainer import OnlineTrainer, ReplayBuffer, TrainerConfig
+from umvd_live.engine.window import ContextHistory, SlidingWindow, block_means, context_blocks, window_indices
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ class StreamDenoiser:
     """Denoises one stream of equally shaped frames. Not thread-safe: push from one thread.
 
     ``budget``: the CPU budget this engine shares with others (a daemon's streams,
-    `umvd_live.budget`); its threads and its trainer's steps follow the budget's share. Without
+    `umvd_live.engine.budget`); its threads and its trainer's steps follow the budget's share. Without
     one, the engine has a budget of the machine's cores to itself."""
 
     def __init__(self, config: EngineConfig | None = None, budget: CpuBudget | None = None):
@@ -278,7 +278,7 @@ class StreamDenoiser:
         self.preset: str | None = None
         self.spec: ModelSpec | None = None
         self._window = SlidingWindow(self.config.window)
-        self._history: FrameHistory | None = None  # made with the network: its context decides its size
+        self._history: ContextHistory | None = None  # made with the network: its context decides its size
         self._replay: ReplayBuffer | None = None
         self._net: UMVDNet | None = None  # inference copy
         self.trainer: OnlineTrainer | None = None
@@ -461,7 +461,7 @@ class StreamDenoiser:
         frame_bytes = frame.size * 4
         capacity = min(tc.replay_frames, max(tc.replay_bytes // frame_bytes, self.config.window))
         self._replay = ReplayBuffer(self.config.window, capacity, spec.context, self.config.context_sides == "both")
-        self._history = FrameHistory(spec.window // 2, spec.context)
+        self._history = ContextHistory(spec.window // 2, spec.context)
         self.trainer = OnlineTrainer(train_net, tc, self.device, seed=self.config.seed, bf16=self.bf16)
         if info is not None:
             self.trainer.steps = int(info.get("step", 0))

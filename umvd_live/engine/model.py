@@ -155,7 +155,7 @@ class FeatureGenerator(nn.Module):
         return self.body(frames)
 
 
-class Denoiser(nn.Module):
+class DenoiserUNet(nn.Module):
     """D: a two-level U-Net from the gamma-weighted, concatenated features to the centre frame."""
 
     def __init__(self, spec: ModelSpec, out_channels: int = 1):
@@ -199,7 +199,7 @@ class UMVDNet(nn.Module):
         self.spec = spec
         self.channels = channels
         self.G = FeatureGenerator(spec, channels)
-        self.D = Denoiser(spec, channels)
+        self.D = DenoiserUNet(spec, channels)
         self.register_buffer("gamma", gamma_weights(spec.window, spec.gamma_power, spec.gamma_floor))
         self._gammas = self.gamma.tolist()  # the same weights as numbers (fixed), read on the host
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from umvd_live.model import UMVDNet
-from umvd_live.window import block_means, context_blocks, window_indices
+from umvd_live.engine.model import UMVDNet
+from umvd_live.engine.window import block_means, context_blocks, window_indices
 
 log = logging.getLogger(__name__)
 

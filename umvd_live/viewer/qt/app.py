@@ -23,7 +23,7 @@ def open_viewer(config: ViewerConfig, show: bool = True):
     """A napari viewer with the dock widget docked on the right: (viewer, widget)."""
     import napari
 
-    from umvd_live.viewer.widget import LiveViewerWidget
+    from umvd_live.viewer.qt.widget import LiveViewerWidget
 
     viewer = napari.Viewer(title="umvd-live", show=show)
     widget = LiveViewerWidget(viewer, config)

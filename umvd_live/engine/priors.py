@@ -5,7 +5,7 @@ seconds on a small CPU). A prior is a network already trained, the way the engin
 self-supervised, on noisy frames only), on the project's simulator across photon levels,
 structures and noise models (tools/train_prior.py makes them again). A stream starts on it from
 its first full window and the warm start adapts it to the sample in front of the microscope. The
-engine's referee (`engine.BlindReferee`) shows its output only while it beats the temporal mean
+engine's referee (`engine.stream.BlindReferee`) shows its output only while it beats the temporal mean
 on the stream's own frames, so a prior that does not fit is dropped at once.
 
 Files are `checkpoint` files named ``prior_weights/<preset>-w<N>.pt``; a prior serves a stream only if it was
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from umvd_live.checkpoint import CheckpointError, load_checkpoint, weights_hash
-from umvd_live.model import ModelSpec
+from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint, weights_hash
+from umvd_live.engine.model import ModelSpec
 
 PRIOR_DIR = Path(__file__).parent / "prior_weights"
 

@@ -15,8 +15,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from umvd_live.protocol import Frame, FrameHeader
-from umvd_live.statestore import StateStore
+from umvd_live.daemon.statestore import StateStore
+from umvd_live.wire.protocol import Frame, FrameHeader
 
 log = logging.getLogger("umvd_live.daemon")
 
@@ -33,8 +33,8 @@ NONFINITE_LOG_FIRST = 3
 NONFINITE_LOG_EVERY = 1000
 
 
-class Denoiser(Protocol):
-    """The part of `umvd_live.engine.StreamDenoiser` the daemon uses."""
+class StreamEngine(Protocol):
+    """The part of `umvd_live.engine.stream.StreamDenoiser` the daemon uses."""
 
     state: str
     model_step: int
@@ -58,7 +58,7 @@ class Denoiser(Protocol):
 
 
 #: Builds a fresh denoiser; ``init`` is a weights file to start from, or None.
-DenoiserFactory = Callable[[str | None], Denoiser]
+StreamEngineFactory = Callable[[str | None], StreamEngine]
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def _smoothed(estimate: float | None, sample: float) -> float:
 class LiveStream:
     """A stream's denoiser plus the headers of the frames it still owes an output for."""
 
-    def __init__(self, name: str, make_denoiser: DenoiserFactory, init: str | None = None,
+    def __init__(self, name: str, make_denoiser: StreamEngineFactory, init: str | None = None,
                  store: StateStore | None = None, idle_after_s: float = IDLE_AFTER_S, run_length: int = 1):
         self.name = name
         self.run_length = run_length  # windows the engine denoises in one round (batch × workers)
@@ -184,7 +184,7 @@ class LiveStream:
         self.latency = LatencyStats()
         self.fps_in = RateMeter()
         self.fps_out = RateMeter()
-        self.denoiser: Denoiser | None = None
+        self.denoiser: StreamEngine | None = None
         self.shape: tuple[int, int] | None = None
         self.dtype: str | None = None
         self.training_paused = False

@@ -1,6 +1,6 @@
 """Positioned writes and reads on a file descriptor, on every platform.
 
-The recorder (`umvd_live.recordfile`) and the spill queue (`umvd_live.spillqueue`) write at
+The recorder (`umvd_live.recording.ometiff`) and the spill queue (`umvd_live.recording.spillqueue`) write at
 explicit offsets: a page past the end of the file, then an 8-byte link back into it. POSIX has
 ``os.pwrite``/``os.pread`` for that, which leave the descriptor's file position alone and so need
 no lock. Windows has neither (Python offers them only on POSIX). There each call is

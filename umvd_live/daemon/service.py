@@ -17,8 +17,8 @@ Three units, each on its own socket:
 - Between batches, housekeeping: streams without frames for ``--idle-s`` go idle (training
   paused), and with ``--state-dir`` every live stream is checkpointed every
   ``--checkpoint-interval`` s and at shutdown (`statestore.py`), so a restarted daemon resumes.
-Sockets bind loopback only unless ``--allow-remote`` with CURVE keys (`security.py`).
-The terminal status is `status.py`. Wire format: `protocol.py` and docs/protocol.md;
+Sockets bind loopback only unless ``--allow-remote`` with CURVE keys (`wire/security.py`).
+The terminal status is `status.py`. Wire format: `wire/protocol.py` and docs/protocol.md;
 failure behaviour: docs/reliability.md; remote set-up: docs/security.md.
 """
 
@@ -38,12 +38,26 @@ from typing import Any, Callable, Iterable, Sequence
 import zmq
 
 from umvd_live import __version__
-from umvd_live.budget import CpuBudget
-from umvd_live.capacity import CapacityMonitor, Plan, plan_inference
-from umvd_live.checkpoint import CheckpointError, load_checkpoint
-from umvd_live.control import ControlError, ControlHandler
-from umvd_live.logs import configure as configure_logs
-from umvd_live.protocol import (
+from umvd_live.apps.logs import configure as configure_logs
+from umvd_live.daemon.capacity import CapacityMonitor, Plan, plan_inference
+from umvd_live.daemon.control import ControlError, ControlHandler
+from umvd_live.daemon.runtime import enabled as runtime_enabled
+from umvd_live.daemon.sinks import FrameSink, RecordingSink
+from umvd_live.daemon.statestore import WEIGHTS_CHECKPOINT_INTERVAL_S, StateStore
+from umvd_live.daemon.status import StatusDisplay
+from umvd_live.daemon.streams import (
+    IDLE_AFTER_S,
+    DenoisedOutput,
+    StreamEngine,
+    StreamEngineFactory,
+    Arrival,
+    LiveStream,
+    StreamStarted,
+    monotonic,
+)
+from umvd_live.engine.budget import CpuBudget
+from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint
+from umvd_live.wire.protocol import (
     MAX_PIXELS,
     RAW_SUFFIX,
     STREAM_NAME,
@@ -54,20 +68,14 @@ from umvd_live.protocol import (
     decode_stream_name,
     encode_denoised,
 )
-from umvd_live.runtime import enabled as runtime_enabled
-from umvd_live.security import CurveServer, CurveServerConfig, SecurityError, check_bind, is_loopback
-from umvd_live.sinks import FrameSink, RecordingSink
-from umvd_live.statestore import CHECKPOINT_INTERVAL_S, StateStore
-from umvd_live.status import StatusDisplay
-from umvd_live.streams import (
-    IDLE_AFTER_S,
-    DenoisedOutput,
-    Denoiser,
-    DenoiserFactory,
-    Arrival,
-    LiveStream,
-    StreamStarted,
-    monotonic,
+from umvd_live.wire.security import (
+    CurveServer,
+    CurveServerConfig,
+    PathNotAllowed,
+    SecurityError,
+    check_bind,
+    confine_path,
+    is_loopback,
 )
 
 log = logging.getLogger("umvd_live.daemon")
@@ -121,7 +129,7 @@ class DaemonConfig:
     precision: str = "auto"  # engine.EngineConfig.precision
     cpu_budget: int | None = None  # cores the engines share (`budget.CpuBudget`); None: the cores it may use
     warmup_steps: int | None = None  # engine default when None
-    checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S  # with state_dir
+    checkpoint_interval_s: float = WEIGHTS_CHECKPOINT_INTERVAL_S  # with state_dir
     idle_after_s: float = IDLE_AFTER_S  # no frame for this long: the stream is idle
     allow_remote: bool = False  # bind beyond loopback (needs curve)
     curve: CurveServerConfig | None = None
@@ -168,7 +176,7 @@ def inference_layout(config: DaemonConfig) -> tuple[int, int]:
     """(windows per forward pass, passes at once) of the daemon's engines, which train in the
     background: ``--batch`` and ``--workers``, else the engine's defaults for the device
     (`engine.inference_layout`). Checked here, so a bad flag stops start-up, not the first frame."""
-    from umvd_live.engine import inference_layout as engine_layout, pick_device
+    from umvd_live.engine.stream import inference_layout as engine_layout, pick_device
 
     for flag, value in (("--batch", config.batch), ("--workers", config.workers), ("--cpu-budget", config.cpu_budget)):
         if value is not None and value < 1:
@@ -193,8 +201,8 @@ class EngineFactory:
         #: before the budget (to measure what sharing does: docs/benchmarks.md).
         self.shared = runtime_enabled("SHARED_BUDGET")
 
-    def __call__(self, init: str | None) -> Denoiser:
-        from umvd_live.engine import EngineConfig, StreamDenoiser
+    def __call__(self, init: str | None) -> StreamEngine:
+        from umvd_live.engine.stream import EngineConfig, StreamDenoiser
 
         config = self.config
         extra = {} if config.warmup_steps is None else {"warmup_steps": config.warmup_steps}
@@ -320,7 +328,7 @@ class _Stop:
 class Daemon:
     """Routes frames from the input to per-stream denoisers and their outputs to the viewers."""
 
-    def __init__(self, config: DaemonConfig, make_denoiser: DenoiserFactory, sinks: Sequence[FrameSink] = ()):
+    def __init__(self, config: DaemonConfig, make_denoiser: StreamEngineFactory, sinks: Sequence[FrameSink] = ()):
         self.config = config
         self.make_denoiser = make_denoiser
         self.batch, self.workers = inference_layout(config)
@@ -728,12 +736,12 @@ class Daemon:
         return {"stream": stream, "path": str(path), "applied": "now",
                 "weights_hash": live.denoiser.weights_hash()}
 
-    # ---- recording (umvd_live.recorder) -------------------------------------------------------
+    # ---- recording (umvd_live.recording.session) -------------------------------------------------------
     def start_recording(self, path: str | Path, streams: list[str] | None, raw: bool,
                         confine: bool = True) -> dict[str, Any]:
         """Record every denoised frame (and the raw input with ``raw``) of the streams named, or
         of every stream. Control-socket paths are confined to the output directory."""
-        from umvd_live.recorder import RecordingError, RecordingRequest, RecordingSession, confine_path
+        from umvd_live.recording.session import RecordingError, RecordingRequest, RecordingSession
 
         if self.recording is not None:
             raise ControlError("a recording is running; record_stop first")
@@ -741,7 +749,7 @@ class Daemon:
             target = confine_path(str(path), self.config.output_dir) if confine else Path(path)
             request = RecordingRequest(path=target, streams=frozenset(streams) if streams else None, raw=raw)
             session = RecordingSession(request, provenance=self._provenance, on_error=self._recording_failed)
-        except RecordingError as exc:
+        except (PathNotAllowed, RecordingError) as exc:
             raise ControlError(str(exc)) from None
         self.recording = RecordingSink(session)
         self.sinks.append(self.recording)
@@ -761,7 +769,7 @@ class Daemon:
         return {"recording": sink.session.status().to_dict()}
 
     def _provenance(self, stream: str) -> Any:
-        from umvd_live.recordfile import Provenance
+        from umvd_live.recording.ometiff import Provenance
 
         den = self.streams[stream].denoiser if stream in self.streams else None
         spec = getattr(den, "spec", None)

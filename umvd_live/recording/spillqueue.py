@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from umvd_live.fileio import pread_exact, pwrite_all
+from umvd_live.recording.fileio import pread_exact, pwrite_all
 
 
 class QueueOverflow(RuntimeError):

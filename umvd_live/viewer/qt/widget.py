@@ -3,7 +3,7 @@
 Everything here runs on the GUI thread and only touches napari layers and Qt widgets; the sockets
 live in the `SessionWorker` thread. The viewer shows one site (group, position, grid tile, plane)
 at a time with all its channels, each channel a layer of its own with its own colormap
-(`umvd_live/channel_colors.py`), several channels blended additively. Layers, bottom to top: each channel's raw
+(`umvd_live/wire/channel_colors.py`), several channels blended additively. Layers, bottom to top: each channel's raw
 image, the region (Shapes), each channel's denoised image, the region's mirror. Grid mode with
 stride channels + 1 puts the raw channels with the region in one cell, on the left, and the
 denoised ones with the mirror in the other; the layer-name overlays label each cell. A channel's
@@ -46,13 +46,13 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from umvd_live.control_client import ControlReply
-from umvd_live.channel_colors import DISPLAY_RGB, channel_colormaps
 from umvd_live.viewer.noise import Region
-from umvd_live.viewer.plot import RAW_COLOR, TraceLane, TracePlot, TraceSeries
+from umvd_live.viewer.qt.plot import RAW_COLOR, TraceLane, TracePlot, TraceSeries
+from umvd_live.viewer.qt.worker import SessionWorker
 from umvd_live.viewer.session import CommandFailed, FramePair, LiveStats, Selection, SiteFrames, ViewerConfig
 from umvd_live.viewer.sites import AXIS_NAMES, SITE_AXIS_ORDER, Site, SiteCatalog
-from umvd_live.viewer.worker import SessionWorker
+from umvd_live.wire.channel_colors import DISPLAY_RGB, channel_colormaps
+from umvd_live.wire.control_client import ControlReply
 
 LAYOUTS = ("side by side", "raw only", "denoised only")
 REGION_COLOR = "yellow"

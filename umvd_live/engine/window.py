@@ -73,7 +73,7 @@ def block_means(blocks: list[list[int]], frame: Callable[[int], torch.Tensor]) -
     return torch.stack([torch.stack([frame(j) for j in block]).mean(0) for block in blocks])
 
 
-class FrameHistory:
+class ContextHistory:
     """The recent normalised frames of a stream, by index: the source of the context blocks.
 
     A live stream asks for the blocks of t, t+1, t+2, ... in turn, and each block then gains one

@@ -1,6 +1,6 @@
 """`umvd-live bench`: real-time speed and quality of the daemon's engine on a simulated stream.
 
-What runs is the daemon itself (`daemon.Daemon`, with its `streams.LiveStream`): frames go through
+What runs is the daemon itself (`daemon.service.Daemon`, with its `streams.LiveStream`): frames go through
 its inbox, its `process` (validation, the stale-preview skip, the engine's `push` with online
 training in the engine's background thread) and its output PUB socket on loopback, so the figures
 are the daemon's, not a re-implementation's. The parts around it:
@@ -95,12 +95,13 @@ import psutil
 import zmq
 
 from umvd_live.adapters.simulation import LASER, MOVE, SimConfig, SimEvent, TwoPhotonSimulator, parse_events
-from umvd_live.checkpoint import load_checkpoint
-from umvd_live.daemon import IDLE_WAIT_S, Daemon, DaemonConfig, Inbox, Received, engine_factory
+from umvd_live.apps.figures import format_figure
+from umvd_live.daemon.runtime import peak_rss_mb
+from umvd_live.daemon.service import IDLE_WAIT_S, Daemon, DaemonConfig, Inbox, Received, engine_factory
+from umvd_live.daemon.streams import StreamEngine, monotonic
+from umvd_live.engine.checkpoint import load_checkpoint
 from umvd_live.metrics import REPORT_HEADERS, REPORT_METRICS, activity_report, format_score, report_rows
-from umvd_live.protocol import DENOISED_SUFFIX, ProtocolError, decode_output, encode_frame
-from umvd_live.runtime import peak_rss_mb
-from umvd_live.streams import Denoiser, monotonic
+from umvd_live.wire.protocol import DENOISED_SUFFIX, ProtocolError, decode_output, encode_frame
 
 STREAM = "bench"
 #: Brightness of the simulated channels of ``--streams N``, relative to ``--photons``, in turn.
@@ -473,9 +474,9 @@ class _RecordingFactory:
     def __init__(self, config: DaemonConfig):
         self._make = engine_factory(config)
         self.budget = self._make.budget  # the daemon reports it
-        self.made: list[Denoiser] = []
+        self.made: list[StreamEngine] = []
 
-    def __call__(self, init: str | None) -> Denoiser:
+    def __call__(self, init: str | None) -> StreamEngine:
         den = self._make(init)
         self.made.append(den)
         return den
@@ -484,7 +485,7 @@ class _RecordingFactory:
 def untrained_weights(config: DaemonConfig, frame: np.ndarray, path: str) -> None:
     """Weights of a fresh network for `frame`'s size: what --inference-only runs without --init, so
     the inference path (not the warm-up's temporal mean) is what gets timed."""
-    from umvd_live.engine import EngineConfig, StreamDenoiser
+    from umvd_live.engine.stream import EngineConfig, StreamDenoiser
 
     with StreamDenoiser(EngineConfig(preset=config.preset, device=config.device, window=config.window,
                                      context=config.context, train_mode="inline", seed=config.seed)) as den:
@@ -929,14 +930,6 @@ def _figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str
 
 
 # ---- presentation --------------------------------------------------------------------------------
-def _fmt(value: Any, digits: int = 1, unit: str = "") -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}{unit}"
-    return f"{value}{unit}"
-
-
 def print_table(result: dict[str, Any], console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -946,35 +939,35 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
     several = r.get("stream_count", 1) > 1
     title = (f"umvd-live bench: {str(r['stream_count']) + ' streams × ' if several else ''}"
              f"{r['size'][0]}×{r['size'][1]}, {r['frames']} frames, "
-             f"{'max rate' if r['mode'] == 'max' else _fmt(r['rate_hz'], 1, ' Hz')}, "
+             f"{'max rate' if r['mode'] == 'max' else format_figure(r['rate_hz'], '.1f', ' Hz')}, "
              f"{r['preset']} on {r['device']} ({r['precision']}){', inference only' if r['inference_only'] else ''}")
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("figure")
     table.add_column("value", justify="right")
     rows = [
-        ("fps in / out (sustained)", f"{_fmt(r['fps_in'])} / {_fmt(r['fps_out'])}"),
+        ("fps in / out (sustained)", f"{format_figure(r['fps_in'])} / {format_figure(r['fps_out'])}"),
         ("latency p50 / p99 / max (after warm start)",
-         f"{_fmt(r['latency_ms_p50'])} / {_fmt(r['latency_ms_p99'])} / {_fmt(r['latency_ms_max'])} ms"),
+         f"{format_figure(r['latency_ms_p50'])} / {format_figure(r['latency_ms_p99'])} / {format_figure(r['latency_ms_max'])} ms"),
         ("latency p50 / p99 / max (every output)",
-         " / ".join(_fmt(r["latency_ms_all"][q]) for q in ("p50", "p99", "max")) + " ms"),
-        ("latency target (N//2 frames + 100 ms)", _fmt(r["latency_target_ms"], 1, " ms")),
-        ("preview frames skipped (after warm start)", f"{r['skipped']} ({_fmt(r['skipped_after_warmup'])})"),
-        ("warm start", _fmt(r["warmup_s"], 2, " s")),
+         " / ".join(format_figure(r["latency_ms_all"][q]) for q in ("p50", "p99", "max")) + " ms"),
+        ("latency target (N//2 frames + 100 ms)", format_figure(r["latency_target_ms"], '.1f', " ms")),
+        ("preview frames skipped (after warm start)", f"{r['skipped']} ({format_figure(r['skipped_after_warmup'])})"),
+        ("warm start", format_figure(r["warmup_s"], '.2f', " s")),
         ("training steps (per s, after warm start)",
-         f"{r['train_steps']} ({_fmt(r['train_steps_per_s'])}, {_fmt(r['train_steps_per_s_after_warmup'])})"),
+         f"{r['train_steps']} ({format_figure(r['train_steps_per_s'])}, {format_figure(r['train_steps_per_s_after_warmup'])})"),
         ("PSNR raw → denoised (gain)",
-         f"{_fmt(r['psnr_raw_db'], 2)} → {_fmt(r['psnr_denoised_db'], 2)} dB ({_fmt(r['psnr_gain_db'], 2, ' dB')}) "
+         f"{format_figure(r['psnr_raw_db'], '.2f')} → {format_figure(r['psnr_denoised_db'], '.2f')} dB ({format_figure(r['psnr_gain_db'], '.2f', ' dB')}) "
          f"over {r['frames_evaluated']} frames"),
         ("first live output (outputs per state)",
-         f"{_fmt(r.get('first_live_output_s'), 2, ' s')} ({_states(r.get('states'))})"),
-        ("changes detected by the daemon", _fmt(r.get("changes"))),
+         f"{format_figure(r.get('first_live_output_s'), '.2f', ' s')} ({_states(r.get('states'))})"),
+        ("changes detected by the daemon", format_figure(r.get("changes"))),
         ("garbage-collector pauses (full; longest)",
          f"{r['gc']['collections']} ({r['gc']['full_collections']}; {r['gc']['pause_ms_max']:.0f} ms)"),
         ("peak RSS (of which pre-generated frames)", f"{r['peak_rss_mb']:.0f} MB ({r['ring']['mb']:.0f} MB)"),
         ("frames handed / published / seen", f"{r['frames_handed']} / {r['frames_published']} / "
                                              f"{r['frames_received_by_viewer']}"),
         ("inference per frame (daemon's estimate; batch × workers)",
-         f"{_fmt(r['infer_ms'], 1, ' ms')} ({r['batch']} × {r['workers']})"),
+         f"{format_figure(r['infer_ms'], '.1f', ' ms')} ({r['batch']} × {r['workers']})"),
         ("producer late frames", str(r["producer_late"])),
         ("cores / torch threads", f"{r['cpu_count']} / {r['torch_threads']}"),
         ("load average (1 min) start → end",
@@ -1043,7 +1036,7 @@ def events_table(events: dict[str, Any]) -> Any:
 
     tables = []
     for title, cell in (("PSNR raw/denoised (dB) in bins after the stream's start and each change",
-                         lambda b: f"{_fmt(b['psnr_raw_db'])}/{_fmt(b['psnr_denoised_db'])}"),
+                         lambda b: f"{format_figure(b['psnr_raw_db'])}/{format_figure(b['psnr_denoised_db'])}"),
                         ("outputs per state, same bins", lambda b: _states(b["states"]))):
         table = Table(title=title, show_header=True, header_style="bold")
         table.add_column("change (at)")
@@ -1065,14 +1058,14 @@ def stream_table(result: dict[str, Any]) -> Any:
         table.add_column(col, justify="left" if col == "stream" else "right")
 
     def row(name: str, f: dict[str, Any], photons: str) -> list[str]:
-        return [name, photons, _fmt(f["fps_in"]), _fmt(f["fps_out"]),
-                f"{f['skipped']} ({_fmt(f['skipped_after_warmup'])})",
-                _fmt(f["latency_ms_p50"]), _fmt(f["latency_ms_p99"]), _fmt(f["warmup_s"]),
-                f"{_fmt(f['psnr_raw_db'], 2)} → {_fmt(f['psnr_denoised_db'], 2)}", _fmt(f["psnr_gain_db"], 2),
+        return [name, photons, format_figure(f["fps_in"]), format_figure(f["fps_out"]),
+                f"{f['skipped']} ({format_figure(f['skipped_after_warmup'])})",
+                format_figure(f["latency_ms_p50"]), format_figure(f["latency_ms_p99"]), format_figure(f["warmup_s"]),
+                f"{format_figure(f['psnr_raw_db'], '.2f')} → {format_figure(f['psnr_denoised_db'], '.2f')}", format_figure(f["psnr_gain_db"], '.2f'),
                 str(f["train_steps"])]
 
     for name, f in result["streams"].items():
-        table.add_row(*row(name, f, _fmt(f["photons"], 2)))
+        table.add_row(*row(name, f, format_figure(f["photons"], '.2f')))
     table.add_row(*row("total", result, ""), style="bold")
     return table
 
