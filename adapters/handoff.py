@@ -70,7 +70,7 @@ class FrameHandoff:
         self.last_error: str | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "FrameHandoff":
+    def start(self) -> FrameHandoff:
         if self._thread is None:
             self._thread = threading.Thread(target=self._send_loop, name="umvd-handoff", daemon=True)
             self._thread.start()
@@ -146,7 +146,7 @@ class FrameHandoff:
             pending=self._queued_frames,
         )
 
-    def __enter__(self) -> "FrameHandoff":
+    def __enter__(self) -> FrameHandoff:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

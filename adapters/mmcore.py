@@ -22,15 +22,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from umvd_live.adapters.axes import StreamAxes, StreamNumbering, split_index
 from umvd_live.adapters.handoff import FrameHandoff, HandoffStats
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.wire.acqmeta import (
@@ -43,6 +43,7 @@ from umvd_live.wire.acqmeta import (
     iso_datetime,
     positive,
 )
+from umvd_live.wire.axes import StreamAxes, StreamNumbering, split_index
 
 if TYPE_CHECKING:
     from pymmcore_plus import CMMCorePlus
@@ -56,8 +57,8 @@ def _plain_index(index: Any) -> dict[str, int]:
     return {str(getattr(k, "value", k)): int(v) for k, v in dict(index).items()}
 
 
-def event_axes(group: str, event: "MDAEvent") -> StreamAxes:
-    """The stream of an MDA event (`umvd_live.adapters.axes`): its non-time indices, its channel
+def event_axes(group: str, event: MDAEvent) -> StreamAxes:
+    """The stream of an MDA event (`umvd_live.wire.axes`): its non-time indices, its channel
     preset's name and its position's name."""
     _, index = split_index(_plain_index(event.index))
     channel = event.channel.config if event.channel is not None else None
@@ -66,12 +67,12 @@ def event_axes(group: str, event: "MDAEvent") -> StreamAxes:
 
 class MMCoreSource:
     """Publishes every MDA frame of ``core``, one stream per (position, grid, channel, z) of the
-    MDA (`umvd_live.adapters.axes`), each stream numbered from 0. When an MDA finishes (or is
+    MDA (`umvd_live.wire.axes`), each stream numbered from 0. When an MDA finishes (or is
     cancelled) each of its streams is ended, so the daemon hands out their last outputs at once.
     Call `attach`; `detach` flushes and returns counts. ``group``: the streams' base name
     (default: the publisher's stream)."""
 
-    def __init__(self, core: "CMMCorePlus", publisher: FramePublisher, *, queue_size: int = 256,
+    def __init__(self, core: CMMCorePlus, publisher: FramePublisher, *, queue_size: int = 256,
                  group: str | None = None):
         self.core = core
         self.publisher = publisher
@@ -84,7 +85,7 @@ class MMCoreSource:
         self._sequence_meta: dict[str, Any] = {}  # of the MDA running now (`_on_sequence_started`)
         self._attached = False
 
-    def attach(self) -> "MMCoreSource":
+    def attach(self) -> MMCoreSource:
         if not self._attached:
             self.handoff.start()
             self.core.mda.events.sequenceStarted.connect(self._on_sequence_started)
@@ -93,7 +94,7 @@ class MMCoreSource:
             self._attached = True
         return self
 
-    def _on_sequence_started(self, sequence: "MDASequence", summary: Any) -> None:
+    def _on_sequence_started(self, sequence: MDASequence, summary: Any) -> None:
         """The acquisition's start (SummaryMetaV1 ``datetime``) and its nominal interval."""
         meta: dict[str, Any] = {}
         start = iso_datetime(summary.get("datetime")) if isinstance(summary, dict) else None
@@ -104,7 +105,7 @@ class MMCoreSource:
             meta[INTERVAL_MS] = interval.total_seconds() * 1e3
         self._sequence_meta = meta
 
-    def _stream_axes(self, event: "MDAEvent") -> StreamAxes:
+    def _stream_axes(self, event: MDAEvent) -> StreamAxes:
         key = (tuple((k, v) for k, v in event.index.items() if k != "t"), event.channel, event.pos_name)
         axes = self._axes.get(key)
         if axes is None:  # once per (p, g, c, z): the MDA thread has no time to waste
@@ -119,7 +120,7 @@ class MMCoreSource:
         """Every stream this source has published to, in the order of their first frame."""
         return list(self._streams_seen)
 
-    def _on_frame_ready(self, image: np.ndarray, event: "MDAEvent", meta: dict[str, Any]) -> None:
+    def _on_frame_ready(self, image: np.ndarray, event: MDAEvent, meta: dict[str, Any]) -> None:
         # Runs on the MDA thread: no I/O here, only a non-blocking queue put.
         self.frames_seen += 1
         axes = self._stream_axes(event)
@@ -159,7 +160,7 @@ class MMCoreSource:
             self._end_streams()
         return self.handoff.close(timeout_s)
 
-    def __enter__(self) -> "MMCoreSource":
+    def __enter__(self) -> MMCoreSource:
         return self.attach()
 
     def __exit__(self, *exc: object) -> None:
@@ -243,7 +244,7 @@ class LiveTapStats:
 class LiveTap:
     """Follows live mode by polling the newest image; never pops the core's circular buffer."""
 
-    def __init__(self, core: "CMMCorePlus", publisher: FramePublisher, *, poll_interval_s: float = 0.001):
+    def __init__(self, core: CMMCorePlus, publisher: FramePublisher, *, poll_interval_s: float = 0.001):
         self.core = core
         self.publisher = publisher
         self.poll_interval_s = poll_interval_s
@@ -305,7 +306,7 @@ class LiveTap:
             if not published:
                 self._stop.wait(self.poll_interval_s)
 
-    def start(self) -> "LiveTap":
+    def start(self) -> LiveTap:
         if self._thread is None:
             newest = self._newest()
             self.numbers.prime(newest[2] if newest is not None else None)
@@ -339,7 +340,7 @@ def _config_has_cpp_devices(config: Path) -> bool:
     return False
 
 
-def load_core(config: str | Path, mm_path: str | None = None) -> "CMMCorePlus":
+def load_core(config: str | Path, mm_path: str | None = None) -> CMMCorePlus:
     """A `UniMMCore` (C++ and ``#py`` pure-Python devices) loaded from a Micro-Manager config file."""
     from pymmcore_plus.experimental.unicore import UniMMCore
 
@@ -370,7 +371,7 @@ def _quiet_adapter_search(quiet: bool) -> Iterator[None]:
 
 
 @contextmanager
-def shutter_workaround(core: "CMMCorePlus") -> Iterator[None]:
+def shutter_workaround(core: CMMCorePlus) -> Iterator[None]:
     """Work around pymmcore-plus 0.18.1: an MDA that is not one hardware sequence (a timed one, or
     one that changes channel or plane) fails in ``setShutterOpen`` when no shutter is loaded.
 
@@ -386,14 +387,14 @@ def shutter_workaround(core: "CMMCorePlus") -> Iterator[None]:
             core.setAutoShutter(True)
 
 
-def time_lapse(frames: int, interval_ms: float = 0.0) -> "MDASequence":
+def time_lapse(frames: int, interval_ms: float = 0.0) -> MDASequence:
     """A ``frames``-point time-lapse of the current channel and position."""
-    from useq import MDASequence
+    from useq import MDASequence, TIntervalLoops
 
-    return MDASequence(time_plan={"interval": interval_ms / 1000, "loops": frames})
+    return MDASequence(time_plan=TIntervalLoops(interval=timedelta(milliseconds=interval_ms), loops=frames))
 
 
-def load_sequence(path: str | Path) -> "MDASequence":
+def load_sequence(path: str | Path) -> MDASequence:
     """A useq-schema MDA sequence from a YAML or JSON file (pymmcore-plus's own format)."""
     from useq import MDASequence
 
@@ -406,7 +407,7 @@ def load_sequence(path: str | Path) -> "MDASequence":
         raise ValueError(f"{path}: not a valid useq-schema MDA sequence ({exc})") from None
 
 
-def run_mda(core: "CMMCorePlus", sequence: "MDASequence") -> None:
+def run_mda(core: CMMCorePlus, sequence: MDASequence) -> None:
     """Run an MDA on ``core`` and wait for it (Ctrl-C cancels it cleanly)."""
     with shutter_workaround(core):
         thread = core.run_mda(sequence)
@@ -419,7 +420,7 @@ def run_mda(core: "CMMCorePlus", sequence: "MDASequence") -> None:
             raise
 
 
-def run_live(core: "CMMCorePlus", tap: LiveTap, frames: int | None, interval_ms: float = 0.0) -> None:
+def run_live(core: CMMCorePlus, tap: LiveTap, frames: int | None, interval_ms: float = 0.0) -> None:
     """Start live mode, tap it until ``frames`` images were published (or Ctrl-C), stop it."""
     tap.start()
     core.startContinuousSequenceAcquisition(interval_ms)

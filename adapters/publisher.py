@@ -52,7 +52,7 @@ class FramePublisher:
         if (client_key is None) != (server_key is None):
             self._sock.close(linger=0)
             raise ValueError("CURVE needs both client_key (NAME.key_secret) and server_key (the daemon's .key)")
-        if client_key is not None:
+        if client_key is not None and server_key is not None:  # both or neither, checked above
             from umvd_live.wire.security import apply_client
 
             try:
@@ -129,7 +129,7 @@ class FramePublisher:
     def close(self) -> None:
         self._sock.close()
 
-    def __enter__(self) -> "FramePublisher":
+    def __enter__(self) -> FramePublisher:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -71,11 +71,13 @@ class NoisyPatternCamera(SimpleCameraDevice):
     def set_exposure(self, exposure: float) -> None:
         self._exposure_ms = float(exposure)
 
+    # Each setter redefines its property's name, as with `property`; mypy knows that idiom for
+    # `property` only, hence the ignores below.
     @pymm_property(limits=(8, 4096), name="SensorWidth")
     def sensor_width(self) -> int:
         return self._shape[1]
 
-    @sensor_width.setter
+    @sensor_width.setter  # type: ignore[no-redef]  # a pymm_property setter
     def sensor_width(self, value: int) -> None:
         self._shape = (self._shape[0], int(value))
 
@@ -83,7 +85,7 @@ class NoisyPatternCamera(SimpleCameraDevice):
     def sensor_height(self) -> int:
         return self._shape[0]
 
-    @sensor_height.setter
+    @sensor_height.setter  # type: ignore[no-redef]  # a pymm_property setter
     def sensor_height(self, value: int) -> None:
         self._shape = (int(value), self._shape[1])
 
@@ -91,7 +93,7 @@ class NoisyPatternCamera(SimpleCameraDevice):
     def seed(self) -> int:
         return self._seed
 
-    @seed.setter
+    @seed.setter  # type: ignore[no-redef]  # a pymm_property setter
     def seed(self, value: int) -> None:
         self._seed = int(value)
 
@@ -99,7 +101,7 @@ class NoisyPatternCamera(SimpleCameraDevice):
     def photons(self) -> float:
         return self._photons
 
-    @photons.setter
+    @photons.setter  # type: ignore[no-redef]  # a pymm_property setter
     def photons(self, value: float) -> None:
         self._photons = float(value)
 
@@ -107,7 +109,7 @@ class NoisyPatternCamera(SimpleCameraDevice):
     def focus_stage(self) -> str:
         return self._focus_label
 
-    @focus_stage.setter
+    @focus_stage.setter  # type: ignore[no-redef]  # a pymm_property setter
     def focus_stage(self, value: str) -> None:
         self._focus_label = str(value)
 
@@ -134,7 +136,7 @@ class NoisyPatternCamera(SimpleCameraDevice):
 
 
 #: Focus drives by label, as loaded in this process (the newest of a label wins).
-_FOCUS_STAGES: dict[str, "FocusStage"] = {}
+_FOCUS_STAGES: dict[str, FocusStage] = {}
 
 
 class FocusStage(StageDevice):

@@ -35,11 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from umvd_live.adapters.axes import StreamAxes, StreamNumbering, name_part
 from umvd_live.adapters.handoff import FrameHandoff, HandoffStats
 from umvd_live.adapters.mmcore import ImageNumberTracker, elapsed_seconds, tags_meta
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.wire.acqmeta import ACQUISITION_DATETIME
+from umvd_live.wire.axes import StreamAxes, StreamNumbering, name_part
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def connect_core(
     raise MicroManagerNotRunning(port, attempts, cause)
 
 
-#: pycromanager's axis names -> useq's keys (`umvd_live.adapters.axes`); other names stay as they are.
+#: pycromanager's axis names -> useq's keys (`umvd_live.wire.axes`); other names stay as they are.
 _AXIS_KEYS = {"time": "t", "position": "p", "channel": "c", "z": "z"}
 
 
@@ -189,7 +189,7 @@ def axes_of_tags(tags: dict[str, Any]) -> dict[str, Any] | None:
 
 class PycroManagerOwner:
     """Owner mode: publishes each image of an acquisition that pycromanager runs, one stream per
-    (position, channel, z) of its ``Axes`` (`umvd_live.adapters.axes`), off the raw-data path.
+    (position, channel, z) of its ``Axes`` (`umvd_live.wire.axes`), off the raw-data path.
 
     `saved` is the acquisition's ``image_saved_fn``: pycromanager calls it once Micro-Manager has
     stored the image (NDTiff on disk with a directory, its RAM dataset without), and it reads the
@@ -207,7 +207,7 @@ class PycroManagerOwner:
         self._t0: float | None = None
         self._started: dict[str, str] = {}
 
-    def start(self) -> "PycroManagerOwner":
+    def start(self) -> PycroManagerOwner:
         self.handoff.start()
         return self
 
@@ -385,7 +385,7 @@ class TaggedImageTap:
             if not self.poll_once():
                 self._stop.wait(self.poll_interval_s)
 
-    def start(self) -> "TaggedImageTap":
+    def start(self) -> TaggedImageTap:
         if self._thread is None:
             newest = self._newest()
             self.numbers.prime(newest[2] if newest is not None else None)

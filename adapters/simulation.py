@@ -59,7 +59,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 from scipy import ndimage, sparse
@@ -76,7 +76,8 @@ NEUROPIL_BASIS_RADII = 6.0
 UINT16_MAX = 65535
 
 SOMA, PUNCTUM, PROCESS = "soma", "punctum", "process"
-LASER, MOVE = "laser", "move"
+LASER: Final = "laser"
+MOVE: Final = "move"
 
 
 @dataclass(frozen=True)
@@ -233,14 +234,14 @@ class SimConfig:
             raise ValueError("events must be SimEvent objects (SimEvent.laser, SimEvent.move, parse_events)")
 
     @classmethod
-    def like_real_movie(cls, **overrides: Any) -> "SimConfig":
+    def like_real_movie(cls, **overrides: Any) -> SimConfig:
         """The OptiNiSt movie's measured statistics: 3.3 apparent photons, noise correlated ~0.2 in x
         and y (it was interpolated by motion correction, so its field does not move either)."""
         base = dict(photons=4.3, noise_corr_x=0.22, noise_corr_y=0.19, drift_px=0.0, jitter_px=0.0)
         return cls(**(base | overrides))
 
     @classmethod
-    def minimal(cls, **overrides: Any) -> "SimConfig":
+    def minimal(cls, **overrides: Any) -> SimConfig:
         """The plain model: a still field, no bleaching, white noise, static neuropil texture (with
         only the population term), no thin processes. For tests that isolate one effect."""
         base = dict(drift_px=0.0, jitter_px=0.0, bleach_per_min=0.0, noise_corr_x=0.0, noise_corr_y=0.0,
@@ -417,7 +418,9 @@ class StaticScene:
         centres = self._place(rng, n_soma, 1.6 * r)
         n_puncta = len(centres) // 3
         puncta = self._place(rng, n_puncta, 1.5, avoid=centres, avoid_dist=1.2 * r)
-        cols, rows, vals = [], [], []
+        cols: list[np.ndarray] = []
+        rows: list[np.ndarray] = []
+        vals: list[np.ndarray] = []
 
         def add(patch: np.ndarray, y0: int, x0: int, f0: float) -> None:
             ys, xs = np.nonzero(patch > 1e-3 * patch.max())
@@ -993,7 +996,8 @@ def stream_simulation(
     if frames is not None and frames < 0:
         raise ValueError(f"frames must be >= 0, got {frames}")
     sim = TwoPhotonSimulator(config)
-    result = StreamResult(subscribed=publisher.wait_for_subscriber(wait_subscriber_s) if wait_subscriber_s > 0 else False)
+    subscribed = publisher.wait_for_subscriber(wait_subscriber_s) if wait_subscriber_s > 0 else False
+    result = StreamResult(subscribed=subscribed)
     meta = {"source": "sim", "photons": config.photons, "gain_adu": config.gain_adu,
             "offset_adu": config.offset_adu, "seed": config.seed}
     period = 1.0 / rate

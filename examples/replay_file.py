@@ -10,7 +10,8 @@ import argparse
 from pathlib import Path
 
 from umvd_live.adapters.publisher import FramePublisher
-from umvd_live.adapters.replay import ReplayConfig, TiffMovie, replay
+from umvd_live.adapters.replay import ReplayConfig, replay
+from umvd_live.recording.movie import TiffMovie
 
 
 def main() -> None:

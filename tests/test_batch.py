@@ -18,17 +18,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
 
+from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
 from umvd_live.apps.batch import (
     BatchOptions,
     Chunk,
+    WarmModel,
     default_workers,
     denoise_chunk,
     plan_chunks,
+    start_movie,
+    stream_items,
     train_movie,
+    write_chunks,
 )
-from umvd_live.engine.stream import EngineConfig
+from umvd_live.engine import EngineConfig
 from umvd_live.recording.movie import MovieError, MovieFrames, read_movie
 from umvd_live.recording.ometiff import FrameInfo, Provenance, read_recording
 
@@ -41,8 +45,8 @@ LENGTHS = {"a": 40, "b": 40, "c": 90}  # c is split: --chunk-frames 40
 
 
 def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", *map(str, args)], check=False, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", *map(str, args)], check=False,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +121,9 @@ def test_movie_frames_reads_only_its_span(tmp_path):
         np.testing.assert_array_equal(reader.read(4, 8), movie[4:8])
         with pytest.raises(MovieError, match="frames 3-5 not readable"):
             reader.read(3, 5)
-    for name, bad in (("one.tif", movie[:1]), ("tiny.tif", movie[:, :3, :3]), ("rgb.tif", movie[:, :, :, None][..., [0, 0]])):
+    bad_movies = (("one.tif", movie[:1]), ("tiny.tif", movie[:, :3, :3]),
+                  ("rgb.tif", movie[:, :, :, None][..., [0, 0]]))
+    for name, bad in bad_movies:
         tifffile.imwrite(tmp_path / name, bad)
         with pytest.raises(MovieError) as expected:
             read_movie(tmp_path / name)
@@ -151,7 +157,7 @@ def test_chunk_task_reads_only_its_chunk(tmp_path):
                           precision="fp32", cpu_threads=1, seed=7)
     options = BatchOptions(engine=config, chunk_frames=30)
     with MovieFrames(whole) as reader:
-        model = train_movie(reader, str(whole), config, options)
+        model = train_movie(reader, config, options)
     chunk = plan_chunks(90, 30, model.k, model.context, model.changes)[1]
     assert (chunk.start, chunk.read_start, chunk.read_stop, chunk.segment_start) == (30, 15, 75, 0)
     _damage_tiff_pages(damaged, [*range(1, chunk.read_start), *range(chunk.read_stop, 90)])
@@ -160,6 +166,32 @@ def test_chunk_task_reads_only_its_chunk(tmp_path):
     ours = denoise_chunk(str(damaged), model, chunk, options)
     np.testing.assert_array_equal(ours.frames, denoise_chunk(str(whole), model, chunk, options).frames)
     assert ours.frames.shape == (30, 32, 32) and [o.index for o in ours.outputs] == list(range(30, 60))
+
+
+def test_a_file_of_several_streams_is_an_input_per_stream(tmp_path):
+    """Each channel is its own input: its own engine, chunks and output, named as `denoise` names it."""
+    bright, _ = TwoPhotonSimulator(SimConfig(height=32, width=32, photons=2.0, seed=3)).movie(50)
+    dark = np.random.default_rng(1).poisson(0.3, bright.shape).astype(bright.dtype)
+    src = tmp_path / "m.ome.tif"
+    tifffile.imwrite(src, np.stack([bright, dark], axis=1), ome=True, photometric="minisblack",
+                     metadata={"axes": "TCYX", "Channel": {"Name": ["GCaMP", "dark"]}})
+    items = stream_items(src, tmp_path / "out" / "m.ome.tif", [])
+    assert [(i.stream, i.output.name) for i in items] == [("GCaMP", "m_GCaMP.ome.tif"), ("dark", "m_dark.ome.tif")]
+    (refused,) = stream_items(src, tmp_path / "out" / "m.ome.tif", ["GFP"])
+    assert refused.status == "failed" and refused.error.endswith("no stream 'GFP'; its streams: GCaMP, dark")
+    (tmp_path / "out").mkdir()
+    config = EngineConfig(preset="lite", warmup_frames=20, warmup_steps=20, steps_per_frame=1.0, context=(4, 8),
+                          precision="fp32", cpu_threads=1, seed=7)
+    options = BatchOptions(engine=config, chunk_frames=30)
+    for item, movie in zip(items, (bright, dark), strict=True):
+        model = start_movie(str(src), item.stream, str(item.output), options)
+        assert isinstance(model, WarmModel) and model.stream == item.stream  # 50 frames > 30: chunks
+        parts = [denoise_chunk(str(src), model, c, options)
+                 for c in plan_chunks(model.frames, 30, model.k, model.context, model.changes)]
+        write_chunks(str(src), str(item.output), model, options, *parts)
+        frames, infos, prov = read_recording(item.output)
+        assert frames.shape == (50, 32, 32) and prov["channel"] == item.stream == prov["stream"].split(".")[-1]
+        assert abs(float(frames.mean()) - float(movie.mean())) < 0.05 * float(movie.mean()) + 0.1, "levels kept"
 
 
 def test_local_cluster_three_movies_one_missing_then_resume(movies, tmp_path):
@@ -236,8 +268,8 @@ def test_external_scheduler_survives_a_killed_worker(movies, tmp_path):
             watcher.wait_for_workers(2, timeout=60)
             out = tmp_path / "out"
             batch = subprocess.Popen(
-                [sys.executable, "-m", "umvd_live.apps.cli", "batch", str(movies / "[abc].ome.tif"), "--output-dir", str(out),
-                 "--scheduler", address, "--chunk-frames", "40", "--save-models", *ENGINE],
+                [sys.executable, "-m", "umvd_live.apps.cli", "batch", str(movies / "[abc].ome.tif"),
+                 "--output-dir", str(out), "--scheduler", address, "--chunk-frames", "40", "--save-models", *ENGINE],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             procs.append(batch)
             killed = None

@@ -15,8 +15,8 @@ import torch
 
 from umvd_live.apps import cli
 from umvd_live.apps.bench import PsnrAccumulator
+from umvd_live.engine import EngineConfig, StreamDenoiser
 from umvd_live.engine.checkpoint import load_checkpoint
-from umvd_live.engine.stream import EngineConfig, StreamDenoiser
 from umvd_live.metrics import psnr
 
 torch.set_num_threads(1)

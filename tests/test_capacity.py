@@ -17,10 +17,12 @@ import zmq
 
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.daemon.capacity import CapacityMonitor, plan_inference
-from umvd_live.daemon.service import Daemon, DaemonConfig, engine_factory
+from umvd_live.daemon.config import DaemonConfig
+from umvd_live.daemon.engines import engine_factory
+from umvd_live.daemon.service import Daemon
 from umvd_live.daemon.status import render_lines
+from umvd_live.engine import EngineConfig, StreamDenoiser
 from umvd_live.engine.budget import CpuBudget, divide
-from umvd_live.engine.stream import EngineConfig, StreamDenoiser
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -260,6 +262,21 @@ def test_capacity_monitor_goes_over_once_and_recovers_once():
     assert mon.over and mon.snapshot()["episodes"] == 2
 
 
+def test_a_load_read_mid_batch_counts_the_batch_so_far_as_busy():
+    """`status` is answered between pieces of a batch: the batch under way is work, not idle time."""
+    clock = Clock()
+    mon = CapacityMonitor(clock=clock)
+    for _ in range(30):  # busy all the time, in batches of 0.1 s
+        mon.note_batch(clock.now, clock.now + 0.1, 0.0, 0.0)
+        clock.now += 0.1
+    mon.begin_batch(clock.now)
+    clock.now += 0.8  # a long batch, read before it ends
+    assert mon.load() == pytest.approx(1.0, abs=0.01)
+    mon.note_batch(clock.now - 0.8, clock.now, 0.0, 0.0)
+    clock.now += 0.8  # idle since: that is idle time
+    assert mon.load() == pytest.approx(3.8 / 4.6, abs=0.01)  # 3.8 s busy of 4.6
+
+
 def test_a_short_stall_at_start_up_is_not_over_capacity():
     clock = Clock()
     mon = CapacityMonitor(clock=clock)
@@ -278,11 +295,11 @@ class CollectingSink:
     def owes(self, stream: str) -> bool:
         return stream in self.owed
 
-    def on_stream_started(self, event, weights_hash):
+    def on_stream_started(self, event):
         pass
 
-    def on_raw(self, frame, received):
-        self.raw.append((frame.stream, frame.header.seq))
+    def on_raw(self, arrival):
+        self.raw.append((arrival.frame.stream, arrival.frame.header.seq))
 
     def on_denoised(self, output):
         self.denoised.append(output)
@@ -299,9 +316,10 @@ def test_three_streams_over_capacity_degrade_fairly_and_keep_the_recording(tmp_p
     with StreamDenoiser(EngineConfig(preset="paper", device="cpu", train_mode="inline")) as den:
         den.push(np.zeros((64, 64), np.uint16), infer=False)
         den.save_weights(tmp_path / "paper.pt")
-    config = DaemonConfig(input_bind="tcp://127.0.0.1:*", output="tcp://127.0.0.1:*",
-                          control="tcp://127.0.0.1:*", preset="paper", device="cpu",
-                          init=str(tmp_path / "paper.pt"), output_dir=tmp_path,
+    config = DaemonConfig(engine=EngineConfig(preset="paper", device="cpu", train_mode="background",
+                                              init=str(tmp_path / "paper.pt")),
+                          input_bind="tcp://127.0.0.1:*", output="tcp://127.0.0.1:*",
+                          control="tcp://127.0.0.1:*", output_dir=tmp_path,
                           catchup_s=0.001)  # any backlog beyond the newest window is skipped
     sink = CollectingSink(owed={"rec"})
     names = ("a", "b", "rec")

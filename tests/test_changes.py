@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from umvd_live.adapters.simulation import SimConfig, SimEvent, TwoPhotonSimulator
+from umvd_live.engine import BlindReferee, EngineConfig, StreamDenoiser
 from umvd_live.engine.changes import ChangeConfig, ChangeDetector
-from umvd_live.engine.stream import BlindReferee, EngineConfig, StreamDenoiser
 from umvd_live.engine.trainer import ReplayBuffer
 
 RATE = 30.0

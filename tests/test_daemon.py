@@ -25,18 +25,26 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from umvd_live.adapters.publisher import FramePublisher
-from umvd_live.daemon.service import Daemon, DaemonConfig, Received, check_loopback, engine_factory, inference_layout
+from umvd_live.daemon.config import DaemonConfig
+from umvd_live.daemon.engines import engine_factory, inference_layout
+from umvd_live.daemon.service import Daemon
 from umvd_live.daemon.status import render_lines, render_table
 from umvd_live.daemon.streams import RateMeter, monotonic
+from umvd_live.daemon.transport import Received
+from umvd_live.engine import EngineConfig, StreamDenoiser, cpu_cores
 from umvd_live.engine.model import DenoiserUNet
-from umvd_live.engine.stream import EngineConfig, StreamDenoiser, cpu_cores
 from umvd_live.wire.protocol import decode_output, encode_end, encode_frame
-from umvd_live.wire.security import PathNotAllowed, confine_path
+from umvd_live.wire.security import PathNotAllowed, check_bind, confine_path
 
 ENGINE_ARGS = ["--preset", "lite", "--device", "cpu", "--window", "7", "--warmup-frames", "40",
                "--warmup-steps", "10", "--status-interval", "1"]
 HALF = 3  # N // 2 for N = 7
 READY = re.compile(r"ready: input=(\S+) output=(\S+) control=(\S+)")
+
+
+def engine(**fields) -> EngineConfig:
+    """The daemon's engine for these tests: lite on the CPU, training in the background."""
+    return EngineConfig(**({"preset": "lite", "device": "cpu", "train_mode": "background"} | fields))
 
 #: A producer process: publishes the planned frames (and malformed messages) with the project's
 #: FramePublisher, one per stream, paced at `rate` frames/s (0: as fast as possible).
@@ -100,18 +108,21 @@ class DaemonProcess:
         self.model_dir = tmp_path / "models"
         self.out_path = tmp_path / "daemon.out"
         self.err_path = tmp_path / "daemon.err"
+        self.ready_path = tmp_path / "ready.json"
+        self.ready_path.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "umvd_live.apps.cli", "serve",
                "--input", "tcp://127.0.0.1:*", "--output", "tcp://127.0.0.1:*",
                "--control", "tcp://127.0.0.1:*", "--output-dir", str(self.model_dir),
-               *ENGINE_ARGS, *extra]
+               "--ready-file", str(self.ready_path), *ENGINE_ARGS, *extra]
         env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
         deadline = time.monotonic() + 60
         while True:
-            match = READY.search(self.err_path.read_text())
-            if match:
-                self.input, self.output, self.control = match.groups()
+            if self.ready_path.is_file():  # written whole once every socket is bound
+                self.ready = json.loads(self.ready_path.read_text())
+                endpoints = self.ready["endpoints"]
+                self.input, self.output, self.control = (endpoints[k] for k in ("input", "output", "control"))
                 break
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
@@ -206,6 +217,8 @@ def daemon(tmp_path):
 
 def test_stream_in_order_with_malformed_messages_then_shutdown(daemon):
     d = daemon("--catchup-ms", "60000")  # never skip: exactly one output per input
+    assert d.ready["version"] == 1 and d.ready["pid"] == d.proc.pid and d.ready["umvd_live"]
+    assert READY.search(d.log()).groups() == (d.input, d.output, d.control)  # the line for humans
     sub = Subscriber(d.output)
     kinds = ["part_count", "bad_msgpack", "header_not_map", "missing_key", "bad_dtype",
              "bad_shape", "size_mismatch", "bad_topic"]
@@ -349,11 +362,11 @@ class CollectingSink:
     def owes(self, stream: str) -> bool:
         return stream in self.owed
 
-    def on_stream_started(self, event, weights_hash):
-        self.started.append((event, weights_hash))
+    def on_stream_started(self, event):
+        self.started.append(event)
 
-    def on_raw(self, frame, received):
-        self.raw.append((frame.stream, frame.header.seq))
+    def on_raw(self, arrival):
+        self.raw.append((arrival.frame.stream, arrival.frame.header.seq))
 
     def on_denoised(self, output):
         self.denoised.append(output)
@@ -363,9 +376,8 @@ class CollectingSink:
 
 
 def test_preview_skips_when_behind_but_a_recorded_stream_gets_every_frame(tmp_path):
-    config = DaemonConfig(input_bind="tcp://127.0.0.1:*", output="tcp://127.0.0.1:*",
-                          control="tcp://127.0.0.1:*", preset="lite", device="cpu",
-                          warmup_frames=40, warmup_steps=10, output_dir=tmp_path,
+    config = DaemonConfig(engine=engine(warmup_frames=40, warmup_steps=10), input_bind="tcp://127.0.0.1:*",
+                          output="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*", output_dir=tmp_path,
                           catchup_s=0.001)  # any backlog skips: deterministic on a fast machine
     sink = CollectingSink(owed={"rec"})
     d = Daemon(config, engine_factory(config), [sink])
@@ -431,8 +443,7 @@ def test_preview_skips_when_behind_but_a_recorded_stream_gets_every_frame(tmp_pa
     assert sum(o.image is None for o in previewed) == preview["skipped"]
     assert previewed[-1].image is not None  # the newest window is always shown
     assert len(sink.raw) == 2 * n and sink.closed
-    assert {e.stream for e, _ in sink.started} == {"preview", "rec"}
-    assert all(isinstance(h, str) and len(h) == 64 for _, h in sink.started)
+    assert {e.stream for e in sink.started} == {"preview", "rec"}
 
 
 def test_waiting_frames_of_a_stream_are_denoised_in_batches(tmp_path):
@@ -455,9 +466,9 @@ def test_waiting_frames_of_a_stream_are_denoised_in_batches(tmp_path):
         items.append(Received(parts, monotonic(), sum(map(len, parts))))
 
     def serve(batch: int, workers: int) -> tuple[list, list[int], set[int]]:
-        config = DaemonConfig(input_bind="tcp://127.0.0.1:*", output="tcp://127.0.0.1:*",
-                              control="tcp://127.0.0.1:*", preset="lite", device="cpu",
-                              init=str(tmp_path / "w.pt"), output_dir=tmp_path, batch=batch, workers=workers)
+        config = DaemonConfig(engine=engine(init=str(tmp_path / "w.pt"), max_batch=batch, workers=workers),
+                              input_bind="tcp://127.0.0.1:*", output="tcp://127.0.0.1:*",
+                              control="tcp://127.0.0.1:*", output_dir=tmp_path)
         sink = CollectingSink(owed=set())
         d = Daemon(config, engine_factory(config), [sink])
         assert d.run_length == batch * workers
@@ -473,7 +484,7 @@ def test_waiting_frames_of_a_stream_are_denoised_in_batches(tmp_path):
         handle = torch.nn.modules.module.register_module_forward_hook(hook)
         d.start()
         try:
-            d.process(items, allow_skip=False)
+            d.router.process(items, allow_skip=False)
             d.finish()
         finally:
             handle.remove()
@@ -497,13 +508,19 @@ def test_waiting_frames_of_a_stream_are_denoised_in_batches(tmp_path):
         np.testing.assert_allclose(pair.image, want.image, rtol=1e-4, atol=1e-2)
 
 
-def test_inference_layout_defaults_and_checks():
-    config = DaemonConfig(device="cpu")
+def test_inference_layout_defaults_and_config_checks():
+    config = DaemonConfig(engine=engine())
     assert inference_layout(config) == (1, 2 if cpu_cores() >= 2 else 1)
-    assert inference_layout(replace(config, batch=3, workers=1)) == (3, 1)
-    for bad, message in (({"batch": 0}, "--batch must be >= 1"), ({"workers": 0}, "--workers must be >= 1")):
+    assert inference_layout(replace(config, engine=engine(max_batch=3, workers=1))) == (3, 1)
+    for bad, message in (({"max_batch": 0}, "max_batch must be >= 1"), ({"workers": 0}, "workers must be >= 1")):
         with pytest.raises(ValueError, match=message):
-            inference_layout(replace(config, **bad))
+            engine(**bad)
+    with pytest.raises(ValueError, match="background"):
+        DaemonConfig(engine=EngineConfig(device="cpu"))  # inline training would hold the frame loop up
+    for bad, message in (({"cpu_budget": 0}, "cpu-budget must be >= 1"), ({"max_streams": 0}, "max_streams"),
+                         ({"idle_after_s": 0}, "idle_after_s"), ({"catchup_s": -1}, "catchup_s")):
+        with pytest.raises(ValueError, match=message):
+            DaemonConfig(engine=engine(), **bad)
 
 
 # ---- small units --------------------------------------------------------------------------------
@@ -516,10 +533,10 @@ def test_confine_path(tmp_path):
 
 def test_check_loopback():
     for ok in ("tcp://127.0.0.1:5555", "tcp://localhost:*", "tcp://[::1]:5555", "ipc:///tmp/x"):
-        check_loopback(ok)
+        check_bind(ok, allow_remote=False, curve=False)
     for bad in ("tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://192.168.1.4:5555", "tcp://eth0:5555"):
         with pytest.raises(ValueError):
-            check_loopback(bad)
+            check_bind(bad, allow_remote=False, curve=False)
 
 
 def test_rate_meter_decays_after_the_stream_stops():
@@ -581,14 +598,13 @@ def test_a_streams_end_hands_out_its_last_outputs_and_a_single_plane_comes_back_
     items = [message(encode_frame("ts", image, seq)) for seq, image in enumerate(movie)]
     items += [message(encode_frame("stack.z0", plane, 0)), message(encode_end("stack.z0", 1)),
               message(encode_end("ts", 10)), message(encode_end("never-seen", 0))]
-    config = DaemonConfig(input_bind="tcp://127.0.0.1:*", output="tcp://127.0.0.1:*",
-                          control="tcp://127.0.0.1:*", preset="lite", device="cpu",
-                          warmup_frames=1000, output_dir=tmp_path)
+    config = DaemonConfig(engine=engine(warmup_frames=1000), input_bind="tcp://127.0.0.1:*",
+                          output="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*", output_dir=tmp_path)
     sink = CollectingSink(owed=set())
     d = Daemon(config, engine_factory(config), [sink])
     d.start()
     try:
-        d.process(items, allow_skip=False)
+        d.router.process(items, allow_skip=False)
         out = {name: [o for o in sink.denoised if o.stream == name] for name in ("ts", "stack.z0")}
         assert [o.header.seq for o in out["ts"]] == list(range(10))  # all of them before any shutdown
         (single,) = out["stack.z0"]
@@ -597,8 +613,8 @@ def test_a_streams_end_hands_out_its_last_outputs_and_a_single_plane_comes_back_
         assert status["ts"]["ends"] == 1 and status["ts"]["drops"] == 0
         assert "never-seen" not in status and d.status()["rejected_unattributed"] == {}
         # the stream starts again from seq 0: a new window, numbered anew, no restart counted
-        d.process([message(encode_frame("ts", movie[0] * 0 + 7, 0)), message(encode_end("ts", 1))],
-                  allow_skip=False)
+        d.router.process([message(encode_frame("ts", movie[0] * 0 + 7, 0)), message(encode_end("ts", 1))],
+                         allow_skip=False)
         again = [o for o in sink.denoised if o.stream == "ts"][10:]
         assert len(again) == 1 and np.allclose(again[0].image, 7.0)  # only its own frame
         status = d.status()["streams"]["ts"]

@@ -16,8 +16,8 @@ import numpy as np
 import psutil
 import pytest
 
-from umvd_live.apps.cli import build_parser
-from umvd_live.apps.demo import QualityTracker, StopSignals, run
+from umvd_live.apps.cli import main
+from umvd_live.apps.demo import QualityTracker, StopSignals
 from umvd_live.metrics import psnr, temporal_mean
 
 #: A small, quick session: 64x64 frames and a short warm start, one torch thread per process.
@@ -72,7 +72,7 @@ def test_bad_arguments_are_refused_before_anything_starts(capsys: pytest.Capture
     for argv, message in ((["demo", "--size", "4", "4"], "at least 8x8"),
                           (["demo", "--rate", "0"], "rate_hz must be > 0"),
                           (["demo", "--duration", "0"], "--duration must be > 0")):
-        assert run(build_parser().parse_args(argv)) == 2
+        assert main(argv) == 2
         assert message in capsys.readouterr().err
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from umvd_live.engine import EngineConfig, StreamDenoiser, cpu_cores
 from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint
-from umvd_live.engine.stream import (EngineConfig, StreamDenoiser, cpu_cores, cpu_has_native_bf16, default_workers,
-                              lists_native_bf16)
+from umvd_live.engine.device import cpu_has_native_bf16, default_workers, lists_native_bf16
 from umvd_live.engine.trainer import TrainerConfig
 
 # From scratch (no prior): these tests follow a warm start (tests/test_prior.py has the prior's).
@@ -75,6 +75,32 @@ def test_infer_false_skips_only_the_image():
         outs += den.push(frame, infer=i % 2 == 0)
     assert [o.index for o in outs] == list(range(9))
     assert [o.image is None for o in outs] == [i % 2 == 1 for i in range(3, 12)]
+
+
+def test_each_output_carries_its_input_frames_tag():
+    """The tag given with frame t comes back on frame t's output, the same object: through warm-up,
+    probed and live windows, skipped images, batched pushes, a change of segment and the flush."""
+    from umvd_live.adapters.simulation import SimConfig, SimEvent, TwoPhotonSimulator
+
+    config = SimConfig(height=32, width=32, photons=2.0, seed=4, events=(SimEvent.laser(1.0, 3.0),))
+    movie = TwoPhotonSimulator(config).movie(60)[0]
+    tags = [None if i % 9 == 4 else {"frame": i} for i in range(len(movie))]
+    den = StreamDenoiser(FAST)
+    outs = []
+    for i in range(20):
+        outs += den.push(movie[i], infer=i % 5 != 2, tag=tags[i])
+    start = 20
+    for size in [3, 11, 1, 25]:
+        outs += den.push_many(list(movie[start:start + size]), [True] * size, tags[start:start + size])
+        start += size
+    outs += den.flush()
+    assert [o.index for o in outs] == list(range(len(movie)))
+    assert all(o.tag is tags[o.index] for o in outs)
+    # after the change the referee judges every window (probed), before it some are plain live
+    assert {o.state for o in outs} == {"warmup", "live"} and den.segment == 1
+    assert any(o.image is None for o in outs)
+    with pytest.raises(ValueError, match="tags"):
+        StreamDenoiser(FAST).push_many(list(movie[:2]), tags=[1])
 
 
 def test_push_many_equals_pushing_one_frame_at_a_time(tmp_path):
@@ -154,8 +180,28 @@ def test_default_workers():
     assert default_workers(cpu, "inline") == 1
     assert default_workers(cpu, "background") == (2 if cpu_cores() >= 2 else 1)
     assert default_workers(torch.device("cuda"), "background") == 1  # a GPU batches instead
-    with pytest.raises(ValueError, match="workers must be >= 1"):
-        StreamDenoiser(replace(FAST, workers=0))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"window": 6}, "window must be odd"), ({"window": 1}, "window must be odd"),
+    ({"preset": "tiny"}, "unknown preset"), ({"device": "gpu"}, "unknown device"),
+    ({"precision": "fp16"}, "unknown precision"), ({"context_sides": "future"}, "unknown context_sides"),
+    ({"train_mode": "online"}, "unknown train_mode"), ({"context": (8, 0)}, "context blocks"),
+    ({"max_batch": 0}, "max_batch must be >= 1"), ({"workers": 0}, "workers must be >= 1"),
+    ({"cpu_threads": 0}, "cpu_threads must be >= 1"), ({"sync_every": 0}, "sync_every must be >= 1"),
+    ({"warmup_frames": -1}, "warmup_frames must be >= 0"), ({"steps_per_frame": -0.5}, "steps_per_frame"),
+    ({"live_train_duty": 0.0}, "live_train_duty"), ({"adapt_train_duty": 1.5}, "adapt_train_duty"),
+])
+def test_engine_config_refuses_bad_values_when_made(bad, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**bad)
+    with pytest.raises(ValueError, match=message):
+        replace(FAST, **bad)
+
+
+def test_engine_config_takes_block_lengths_as_any_sequence():
+    assert EngineConfig(context=[8, 24]).context == (8, 24)
+    assert EngineConfig(device="cuda:1").device == "cuda:1" and EngineConfig().window == 7
 
 
 def test_push_many_checks_every_frame_before_taking_any():
@@ -222,7 +268,7 @@ def test_nan_frames_are_denoised_but_never_trained_on():
     den, outs = run_stream(FAST, movie)
     assert len(outs) == 20 and all(np.isfinite(o.image).all() for o in outs)
     assert all(torch.isfinite(p).all() for p in den.trainer.model.parameters())
-    assert 5 not in den._replay._frames and 6 not in den._replay._frames
+    assert 5 not in den.training.replay._frames and 6 not in den.training.replay._frames
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -283,11 +329,11 @@ def test_divergence_guard_rolls_back_non_finite_weights():
     lr, rollbacks = trainer.lr, trainer.rollbacks
     with torch.no_grad():
         next(trainer.model.parameters()).fill_(float("nan"))
-    assert trainer.step(den._replay) is None
+    assert trainer.step(den.training.replay) is None
     assert trainer.rollbacks == rollbacks + 1
     assert trainer.lr == pytest.approx(lr / 2)
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
-    assert trainer.step(den._replay) is not None, "training goes on after the rollback"
+    assert trainer.step(den.training.replay) is not None, "training goes on after the rollback"
 
 
 def test_divergence_guard_catches_a_collapsed_output():
@@ -298,7 +344,7 @@ def test_divergence_guard_catches_a_collapsed_output():
         head.weight.zero_()
         head.bias.fill_(0.3)  # a constant image
     rollbacks = trainer.rollbacks
-    assert trainer.step(den._replay) is None
+    assert trainer.step(den.training.replay) is None
     assert trainer.rollbacks == rollbacks + 1
     assert float(trainer.model.D.head[-1].weight.abs().sum()) > 0
 
@@ -309,7 +355,7 @@ def test_divergence_guard_catches_an_exploding_loss():
     with torch.no_grad():
         trainer.model.D.head[-1].weight.mul_(1e4)
     rollbacks = trainer.rollbacks
-    assert trainer.step(den._replay) is None
+    assert trainer.step(den.training.replay) is None
     assert trainer.rollbacks == rollbacks + 1
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from test_daemon import HALF, DaemonProcess, Subscriber, run_producer
+
 from umvd_live.adapters.publisher import FramePublisher
 
 pytestmark = pytest.mark.timeout(240)

@@ -1,5 +1,8 @@
-"""`umvd-live denoise`: the command line end to end, its errors, and a quality floor."""
+"""`umvd-live denoise`: the command line end to end, its errors, a quality floor, and files of
+several streams (channels, planes, positions: every format `acquire replay` reads), each stream
+denoised on its own engine into its own output."""
 
+import logging
 import subprocess
 import sys
 
@@ -8,14 +11,17 @@ import pytest
 import tifffile
 
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
-from umvd_live.apps.denoise import denoise_movie
-from umvd_live.engine.stream import EngineConfig
+from umvd_live.apps.denoise import DenoiseConfig, denoise_movie, run
+from umvd_live.engine import EngineConfig
 from umvd_live.metrics import psnr, temporal_mean
+from umvd_live.recording.acquisition import read_acquisition
+from umvd_live.recording.movie import MovieError, MovieFrames, movie_streams
 from umvd_live.recording.ometiff import read_recording
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", "denoise", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", "denoise", *map(str, args)],
+                          capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +97,119 @@ def test_no_frame_is_worse_than_its_neighbours_mean(sim_movie):
     for t in range(3, len(noisy) - 3):
         neighbours = np.concatenate([noisy[t - 3:t], noisy[t + 1:t + 4]]).astype(np.float32).mean(0)
         assert psnr(result.frames[t], clean[t]) >= psnr(neighbours, clean[t]) - 0.1, t
+
+
+# -- files of several streams -----------------------------------------------------------------------
+#: Tiny and fast: few training steps, one torch thread; 40 frames of 32x32 per stream.
+FAST = EngineConfig(preset="lite", warmup_frames=20, warmup_steps=20, steps_per_frame=1.0, context=(4, 8),
+                    precision="fp32", cpu_threads=1, seed=7)
+
+
+@pytest.fixture(scope="module")
+def bright_and_dark():
+    """Two channels of 40 frames: a bright simulated movie, and a dark one (a few photons)."""
+    bright, _ = TwoPhotonSimulator(SimConfig(height=32, width=32, photons=2.0, seed=3)).movie(40)
+    dark = np.random.default_rng(1).poisson(0.3, bright.shape).astype(bright.dtype)
+    return bright, dark
+
+
+def denoise_file(src, out, **options):
+    return run(DenoiseConfig(src, out, FAST, **options))
+
+
+def check_levels(outputs, inputs):
+    """Each output keeps its own stream's level: channels never shared a window or an engine."""
+    for frames, movie in zip(outputs, inputs, strict=True):
+        assert frames.shape == movie.shape and frames.dtype == np.float32
+        level = float(movie.mean())
+        assert abs(float(frames.mean()) - level) < 0.05 * level + 0.1, (frames.mean(), level)
+
+
+def test_multichannel_ome_denoises_each_channel_on_its_own_engine(tmp_path, bright_and_dark):
+    src, out = tmp_path / "mouse.ome.tif", tmp_path / "den.ome.tif"
+    tifffile.imwrite(src, np.stack(bright_and_dark, axis=1), ome=True, photometric="minisblack",
+                     metadata={"axes": "TCYX", "Channel": {"Name": ["GCaMP", "tdTomato"]},
+                               "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    assert movie_streams(src) == ["GCaMP", "tdTomato"]
+    assert denoise_file(src, out) == 0
+    assert not out.exists(), "a file of several streams writes one output per stream, beside the name given"
+    outputs = [tmp_path / "den_GCaMP.ome.tif", tmp_path / "den_tdTomato.ome.tif"]
+    check_levels([tifffile.imread(o) for o in outputs], bright_and_dark)
+    for c, (path, name) in enumerate(zip(outputs, ["GCaMP", "tdTomato"])):
+        with tifffile.TiffFile(path) as tif:
+            assert f'Name="{name}"' in tif.ome_metadata  # the OME Channel
+        _, infos, prov = read_recording(path)
+        assert (prov["stream"], prov["source"], prov["channel"], prov["axis.c"]) == (f"mouse.{name}", str(src), name, c)
+        assert prov["pixel_size_um"] == 0.5 and [i.t_index for i in infos] == list(range(40))
+    (position,) = read_acquisition(out).values()  # the outputs put back together: T, C, Z, Y, X
+    assert position.data.shape == (40, 2, 1, 32, 32) and position.channels == ("GCaMP", "tdTomato")
+    assert denoise_file(src, out) == 2, "outputs are never overwritten"
+
+
+def test_imagej_hyperstack_streams_are_picked_by_name(tmp_path, bright_and_dark, capsys):
+    src, out = tmp_path / "hyper.tif", tmp_path / "den.ome.tif"
+    tifffile.imwrite(src, np.stack(bright_and_dark, axis=1), imagej=True, metadata={"axes": "TCYX"})
+    assert movie_streams(src) == ["c0", "c1"]
+    assert denoise_file(src, out, streams=("c1",)) == 0
+    assert [p.name for p in sorted(tmp_path.glob("den*"))] == ["den_c1.ome.tif"]
+    check_levels([tifffile.imread(tmp_path / "den_c1.ome.tif")], bright_and_dark[1:])
+    capsys.readouterr()
+    assert denoise_file(src, tmp_path / "other.ome.tif", streams=("GCaMP",)) == 2
+    assert "no stream 'GCaMP'; its streams: c0, c1" in capsys.readouterr().err
+    assert not list(tmp_path.glob("other*"))
+
+
+def test_every_position_of_a_multi_position_ome_is_denoised(tmp_path, bright_and_dark):
+    src, out = tmp_path / "plate.ome.tif", tmp_path / "den.ome.tif"
+    with tifffile.TiffWriter(src, ome=True) as tif:
+        for p, frames in enumerate(bright_and_dark):
+            tif.write(frames, photometric="minisblack", metadata={"axes": "TYX", "Name": f"well{p}"})
+    assert denoise_file(src, out) == 0
+    outputs = [tmp_path / "den_p0.ome.tif", tmp_path / "den_p1.ome.tif"]
+    check_levels([tifffile.imread(o) for o in outputs], bright_and_dark)
+    assert [read_recording(o)[2]["position"] for o in outputs] == ["well0", "well1"]
+
+
+def test_ndtiff_channels_from_pycromanagers_writer(tmp_path, bright_and_dark):
+    from ndstorage.ndtiff_dataset import NDTiffDataset
+
+    dataset = NDTiffDataset(str(tmp_path), name="run", writable=True)
+    dataset.initialize({"Width": 32, "Height": 32, "ChNames": ["GFP", "RFP"]})
+    for t in range(40):
+        for name, frames in zip(("GFP", "RFP"), bright_and_dark):
+            dataset.put_image({"time": t, "channel": name}, frames[t],
+                              {"ElapsedTime-ms": 100.0 * t, "Width": 32, "Height": 32, "PixelType": "GRAY16",
+                               "BitDepth": 16})
+    dataset.finish()
+    (src,) = tmp_path.glob("run*/*.tif")
+    assert denoise_file(src, tmp_path / "den.ome.tif") == 0
+    check_levels([tifffile.imread(tmp_path / f"den_{c}.ome.tif") for c in ("GFP", "RFP")], bright_and_dark)
+
+
+def test_multichannel_ome_zarr_to_ome_tiff(tmp_path, bright_and_dark):
+    ome_writers = pytest.importorskip("ome_writers")
+    src = tmp_path / "mda.ome.zarr"
+    settings = ome_writers.AcquisitionSettings(
+        root_path=str(src), dimensions=ome_writers.dims_from_standard_axes({"t": 40, "c": 2, "y": 32, "x": 32}),
+        dtype="uint16", format=ome_writers.OmeZarrFormat(backend="tensorstore"))
+    with ome_writers.create_stream(settings) as stream:
+        for t in range(40):
+            for frames in bright_and_dark:
+                stream.append(frames[t])
+    assert denoise_file(src, tmp_path / "den.ome.tif") == 0
+    check_levels([tifffile.imread(tmp_path / f"den_c{c}.ome.tif") for c in (0, 1)], bright_and_dark)
+
+
+def test_a_stack_without_a_time_axis_is_one_movie_but_a_snap_is_refused(tmp_path, caplog):
+    """A 3-D stack labelled Z or C (Fiji saves a time-lapse as slices; tifffile calls an unlabelled
+    OME stack's planes channels) reads as one movie, as it always did, with a warning; a file whose
+    planes differ along two axes and none is time holds no movie."""
+    frames = np.random.default_rng(0).integers(0, 1000, (12, 16, 16)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "slices.tif", frames, imagej=True, metadata={"axes": "ZYX"})
+    with caplog.at_level(logging.WARNING), MovieFrames(tmp_path / "slices.tif") as movie:
+        assert movie.streams == [""] and movie.shape == (12, 16, 16)
+        np.testing.assert_array_equal(movie.read(3, 7), frames[3:7])
+    assert "no time axis; its 12 planes along Z are read as the movie's frames" in caplog.text
+    tifffile.imwrite(tmp_path / "snap.ome.tif", frames.reshape(3, 4, 16, 16), ome=True, metadata={"axes": "CZYX"})
+    with pytest.raises(MovieError, match="expected a T×H×W movie, got 12 streams of one frame each"):
+        MovieFrames(tmp_path / "snap.ome.tif")

@@ -22,6 +22,7 @@ os.environ.setdefault("PYMM_SIGNALS_BACKEND", "psygnal")
 import numpy as np
 import pytest
 import tifffile
+
 from umvd_live.adapters.mmcore import (
     MMCoreSource,
     frame_meta,
@@ -31,8 +32,7 @@ from umvd_live.adapters.mmcore import (
     time_lapse,
 )
 from umvd_live.adapters.publisher import FramePublisher
-from umvd_live.adapters.replay import TiffMovie
-
+from umvd_live.recording.movie import TiffMovie
 from umvd_live.recording.ometiff import FrameInfo, Provenance, RecordingFile, read_recording
 from umvd_live.wire.acqmeta import AcquisitionMeta, iso_datetime
 
@@ -60,8 +60,9 @@ def test_bad_values_are_dropped_never_written():
     assert AcquisitionMeta.from_meta(META).to_meta() == {**META, "acquisition_datetime": START}
     assert frame_meta({"pixel_size_um": 0.0, "exposure_ms": 10.0, "camera_device": "Cam",
                        "runner_time_ms": 5.0}) == {"exposure_ms": 10.0, "camera_device": "Cam"}
-    assert tags_meta({"PixelSize_um": "0.3", "Exposure": "20", "Camera": "Cam", "DateAndTime": "2024/05/06 07:08:09"}) == {
-        "pixel_size_um": 0.3, "exposure_ms": 20.0, "camera_device": "Cam", "acquisition_datetime": "2024-05-06T07:08:09"}
+    tags = {"PixelSize_um": "0.3", "Exposure": "20", "Camera": "Cam", "DateAndTime": "2024/05/06 07:08:09"}
+    assert tags_meta(tags) == {"pixel_size_um": 0.3, "exposure_ms": 20.0, "camera_device": "Cam",
+                               "acquisition_datetime": "2024-05-06T07:08:09"}
 
 
 def _ome(path: Path):
@@ -192,7 +193,8 @@ def test_imagej_and_plain_tiff_calibrations_are_read(tmp_path):
         found = AcquisitionMeta.from_tiff(tif)
     assert found.pixel_size_um == pytest.approx(0.3) and found.interval_ms == pytest.approx(200.0)
     plain = tmp_path / "plain.tif"
-    tifffile.imwrite(plain, np.zeros((4, 8, 8), np.uint16), resolution=(1e4 / 0.8, 1e4 / 0.8), resolutionunit="CENTIMETER")
+    tifffile.imwrite(plain, np.zeros((4, 8, 8), np.uint16), resolution=(1e4 / 0.8, 1e4 / 0.8),
+                     resolutionunit="CENTIMETER")
     with tifffile.TiffFile(plain) as tif:
         assert AcquisitionMeta.from_tiff(tif).pixel_size_um == pytest.approx(0.8)
     dpi = tmp_path / "dpi.tif"

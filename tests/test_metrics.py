@@ -35,7 +35,7 @@ def test_activity_fidelity_needs_activity():
 from scipy import sparse  # noqa: E402
 
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator  # noqa: E402
-from umvd_live.metrics import (
+from umvd_live.metrics import (  # noqa: E402
     MovieScorer,
     active_psnr,
     active_set,
@@ -166,7 +166,7 @@ def test_best_gaussian_is_the_psnr_oracle(simulated):
 
 # ---- the one quality report of bench, demo and tools/bench_denoise.py ---------------------------
 
-from umvd_live.metrics import (
+from umvd_live.metrics import (  # noqa: E402
     DENOISED,
     RAW,
     TMEAN,
@@ -195,7 +195,8 @@ def test_activity_report_scores_every_row_on_the_same_frames_and_finds_the_oracl
         assert found[metric] == search.best[metric].scores[metric]
     labels = [label for label, _ in report_rows(report)]
     assert labels[:2] == [RAW, TMEAN] and labels[-1] == DENOISED and len(labels) == 6
-    assert activity_report(noisy, clean, estimate, footprints, offset=config.offset_adu, oracle="none")["oracle"] is None
+    report = activity_report(noisy, clean, estimate, footprints, offset=config.offset_adu, oracle="none")
+    assert report["oracle"] is None
 
 
 def test_activity_report_scores_only_the_frames_that_have_an_estimate(simulated):

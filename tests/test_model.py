@@ -4,8 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from umvd_live.engine.model import (UMVDNet, build_model, count_parameters, fast_spec, gamma_weights, lite_spec, paper_spec,
-                             resolve_preset)
+from umvd_live.engine.model import (
+    UMVDNet,
+    build_model,
+    count_parameters,
+    fast_spec,
+    gamma_weights,
+    lite_spec,
+    paper_spec,
+    resolve_preset,
+)
 from umvd_live.engine.window import ContextHistory, context_blocks, window_indices
 
 

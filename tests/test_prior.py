@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
+from umvd_live.engine import EngineConfig, StreamDenoiser
 from umvd_live.engine.checkpoint import CheckpointError, save_checkpoint
 from umvd_live.engine.model import PRESETS, UMVDNet
 from umvd_live.engine.priors import find_prior, shipped_path
-from umvd_live.engine.stream import EngineConfig, StreamDenoiser
 
 
 def _stream(frames: int = 40, size: int = 64, seed: int = 11) -> tuple[np.ndarray, np.ndarray]:
@@ -70,7 +70,8 @@ def test_a_prior_that_hurts_is_not_shown(tmp_path) -> None:
 
 def test_a_prior_for_another_network_is_refused(tmp_path) -> None:
     spec = PRESETS["fast"](7)
-    other = save_checkpoint(tmp_path / "fast.pt", UMVDNet(spec).state_dict(), {"preset": "fast", "spec": spec.to_dict()})
+    other = save_checkpoint(tmp_path / "fast.pt", UMVDNet(spec).state_dict(),
+                            {"preset": "fast", "spec": spec.to_dict()})
     with pytest.raises(CheckpointError, match="another network"):
         find_prior(str(other), "lite", PRESETS["lite"](7))
 
@@ -90,7 +91,8 @@ def test_a_live_stream_given_a_prior_for_another_network_starts_from_scratch(tmp
     """`serve --prior PATH` with `--preset auto`: a stream whose size picks another network must
     not stall on every frame; it says so and starts from scratch (a file run refuses, above)."""
     spec = PRESETS["fast"](7)
-    other = save_checkpoint(tmp_path / "fast.pt", UMVDNet(spec).state_dict(), {"preset": "fast", "spec": spec.to_dict()})
+    other = save_checkpoint(tmp_path / "fast.pt", UMVDNet(spec).state_dict(),
+                            {"preset": "fast", "spec": spec.to_dict()})
     noisy, _ = _stream(frames=8)
     config = EngineConfig(preset="lite", device="cpu", train_mode="background", prior=str(other))
     with StreamDenoiser(config) as den:

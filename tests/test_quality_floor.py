@@ -22,7 +22,7 @@ import torch
 
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
 from umvd_live.apps.denoise import denoise_movie
-from umvd_live.engine.stream import EngineConfig
+from umvd_live.engine import EngineConfig
 from umvd_live.metrics import MovieScorer, gaussian_3d, temporal_mean
 
 SEED = 0

@@ -545,7 +545,7 @@ def test_acquisition_records_one_file_per_stream_with_its_axes_in_ome(tmp_path):
     for kind, dtype in (("denoised", np.float32), ("raw", np.uint16)):
         stacks = read_acquisition(tmp_path / "rec.ome.tif", kind=kind)
         assert list(stacks) == ["cam0.p0", "cam0.p1"]
-        for p, (key, s) in enumerate(stacks.items()):
+        for p, s in enumerate(stacks.values()):
             assert s.position == POSITIONS[p] and s.axes == "TCZYX"
             assert s.data.shape == (frames_t, len(CHANNELS), PLANES, *SHAPE) and s.data.dtype == dtype
             assert s.channels == CHANNELS and s.c_indices == (0, 1) and s.z_indices == (0, 1, 2)

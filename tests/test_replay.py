@@ -1,6 +1,7 @@
 """File replay: real files written here with tifffile (plain TIFF, OME-TIFF with DeltaT, a multi-channel
 OME-TIFF, ScanImage-style per-frame descriptions) and with ndstorage's NDTiff writer (what
-pycromanager saves), read back through `TiffMovie`, scheduled, and streamed into a SUB receiver."""
+pycromanager saves), read back through `TiffMovie` (the one movie reader, `umvd_live.recording.movie`),
+scheduled, and streamed into a SUB receiver."""
 
 from __future__ import annotations
 
@@ -8,18 +9,14 @@ import os
 import subprocess
 import sys
 import threading
+
 import numpy as np
 import pytest
 import tifffile
 
 from umvd_live.adapters.publisher import FramePublisher
-from umvd_live.adapters.replay import (
-    ReplayConfig,
-    ReplayError,
-    TiffMovie,
-    replay,
-    replay_schedule,
-)
+from umvd_live.adapters.replay import ReplayConfig, ReplayError, open_replay, replay, replay_schedule
+from umvd_live.recording.movie import MovieError, TiffMovie
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -79,7 +76,7 @@ def test_multichannel_ome_streams_one_channel(tmp_path):
         assert m.n_frames == 3
         assert all(np.array_equal(m.frame(t), data[t, 1]) for t in range(3))
         np.testing.assert_allclose(m.timestamps(), [0.0, 0.2, 0.4])
-    with pytest.raises(ReplayError, match="channel 2 does not exist"):
+    with pytest.raises(MovieError, match="channel 2 does not exist"):
         TiffMovie(tmp_path / "tc.ome.tif", channel=2)
 
 
@@ -122,21 +119,23 @@ def test_pixel_types(tmp_path):
     with TiffMovie(tmp_path / "be.tif") as m:
         assert m.dtype == np.dtype("<u2") and np.array_equal(m.frame(1), movie(2)[1])
     tifffile.imwrite(tmp_path / "u32.tif", movie(2).astype(np.uint32))
+    with TiffMovie(tmp_path / "u32.tif") as m:  # the reader takes it (denoise does); the protocol does not
+        assert m.dtype == np.uint32
     with pytest.raises(ReplayError, match="uint32 is not one the stream protocol carries"):
-        TiffMovie(tmp_path / "u32.tif")
+        open_replay(ReplayConfig(tmp_path / "u32.tif"))
     tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((2, 8, 8, 3), np.uint8), photometric="rgb")
-    with pytest.raises(ReplayError, match="RGB"):
+    with pytest.raises(MovieError, match="RGB"):
         TiffMovie(tmp_path / "rgb.tif")
     tifffile.imwrite(tmp_path / "planar.tif", np.zeros((3, 8, 8), np.uint8), photometric="rgb", planarconfig="separate")
-    with pytest.raises(ReplayError, match="RGB"):
+    with pytest.raises(MovieError, match="RGB"):
         TiffMovie(tmp_path / "planar.tif")
 
 
 def test_unreadable_files_get_a_clear_error(tmp_path):
-    with pytest.raises(ReplayError, match="no such file"):
+    with pytest.raises(MovieError, match="no such file"):
         TiffMovie(tmp_path / "nope.tif")
     (tmp_path / "junk.tif").write_bytes(b"not a tiff at all")
-    with pytest.raises(ReplayError, match="not a readable TIFF"):
+    with pytest.raises(MovieError, match="not a readable TIFF"):
         TiffMovie(tmp_path / "junk.tif")
 
 
@@ -244,7 +243,7 @@ def test_cli_replay(tmp_path, receiver):
     tifffile.imwrite(tmp_path / "plain.tif", data, photometric="minisblack")
     out = subprocess.run([*cmd, "--file", str(tmp_path / "plain.tif"), "--file-timing", "--wait-s", "0.2"],
                          capture_output=True, text=True, timeout=60, env=env)
-    assert out.returncode == 2 and "no per-frame timestamps" in out.stderr
+    assert out.returncode == 2 and "no increasing per-frame timestamps" in out.stderr
 
 
 # ------------------------------------------------------------------ multi-dimensional files

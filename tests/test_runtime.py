@@ -23,7 +23,8 @@ def test_freeze_covers_what_torch_imports_when_the_first_stream_starts():
 
 
 def test_the_command_line_freezes_unless_told_not_to(tmp_path):
-    code = f"import gc; from umvd_live.apps import cli; cli.main(['keys', {str(tmp_path)!r}, 'k']); print(gc.get_freeze_count() > 0)"
+    code = (f"import gc; from umvd_live.apps import cli; cli.main(['keys', {str(tmp_path)!r}, 'k']); "
+            "print(gc.get_freeze_count() > 0)")
     for env, frozen in (({}, "True"), ({"UMVD_LIVE_GC_FREEZE": "off"}, "False")):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                              env=os.environ | env, check=True)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 import zmq
-
 from test_daemon import HALF, DaemonProcess
+
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.engine.checkpoint import FORMAT
 from umvd_live.wire.protocol import decode_output
@@ -55,8 +55,8 @@ def test_binding_beyond_loopback_needs_allow_remote_and_curve(tmp_path):
         check_bind(endpoint, allow_remote=True, curve=True)
 
     # The daemon refuses before it binds anything (so these ports are never opened).
-    from umvd_live.apps.cli import build_parser
-    from umvd_live.daemon.service import Daemon, DaemonConfig
+    from umvd_live.apps.cli import build_parser, daemon_config_from_args
+    from umvd_live.daemon.service import Daemon
 
     create_keypair(tmp_path, "server")
     (tmp_path / "empty").mkdir()
@@ -70,14 +70,14 @@ def test_binding_beyond_loopback_needs_allow_remote_and_curve(tmp_path):
         "only loopback producers": ["--input-connect", "tcp://10.1.2.3:5555", *local],
     }
     for message, argv in cases.items():
-        config = DaemonConfig.from_args(build_parser().parse_args(["serve", *argv]))
+        config = daemon_config_from_args(build_parser().parse_args(["serve", *argv]))
         daemon = Daemon(config, make_denoiser=None)
         with pytest.raises(SecurityError, match=message):
             daemon.start()
-        assert daemon.output is None  # nothing was bound
+        assert daemon.transport.output is None  # nothing was bound
         daemon.close()
     with pytest.raises(SecurityError, match="--curve-clients"):
-        DaemonConfig.from_args(build_parser().parse_args(["serve", "--curve-server-key", "x.key_secret"]))
+        daemon_config_from_args(build_parser().parse_args(["serve", "--curve-server-key", "x.key_secret"]))
     # And through the command line: a clear message, exit status 2.
     refused = cli("serve", "--input", "tcp://0.0.0.0:*", *local, "--preset", "lite", "--device", "cpu")
     assert refused.returncode == 2 and "loopback" in refused.stderr

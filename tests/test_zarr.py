@@ -19,8 +19,8 @@ zarr = pytest.importorskip("zarr")
 yaozarrs = pytest.importorskip("yaozarrs")
 
 from umvd_live.adapters.publisher import FramePublisher
-from umvd_live.adapters.replay import ReplayConfig, ZarrMovie, open_movie, replay
-
+from umvd_live.adapters.replay import ReplayConfig, replay
+from umvd_live.recording.movie import ZarrMovie, open_movie
 from umvd_live.recording.ometiff import FrameInfo, Provenance
 from umvd_live.recording.omezarr import FRAMES_FILE, ZarrRecording, read_zarr_recording
 from umvd_live.recording.session import RecordingRequest, RecordingSession, stream_path
@@ -285,7 +285,8 @@ def test_denoise_reads_and_writes_ome_zarr(tmp_path):
 
     noisy, _ = TwoPhotonSimulator(SimConfig(height=32, width=32, photons=2.0, seed=3)).movie(20)
     src, out = tmp_path / "in.ome.zarr", tmp_path / "out.ome.zarr"
-    rec = ZarrRecording.create(src, noisy[0].astype(np.float32), FrameInfo(seq=0, meta=META), Provenance("in", kind="raw"))
+    rec = ZarrRecording.create(src, noisy[0].astype(np.float32), FrameInfo(seq=0, meta=META),
+                               Provenance("in", kind="raw"))
     for i in range(1, 20):
         rec.append(noisy[i].astype(np.float32), FrameInfo(seq=i, meta=META))
     rec.close()
@@ -337,7 +338,8 @@ def test_read_acquisition_assembles_the_stores_of_a_multi_channel_recording(tmp_
         (s,) = read_acquisition(tmp_path / "rec.ome.zarr", kind=kind).values()
         assert s.key == "cam0" and s.data.shape == (4, 2, 2, *SHAPE) and s.data.dtype == dtype
         assert s.channels == channels and s.z_indices == (0, 1) and s.pixel_size_um == 0.65
-        assert s.files[f"cam0.{channels[1]}.z1"] == (tmp_path / f"rec_cam0.{channels[1]}.z1{'.raw' if kind == 'raw' else ''}.ome.zarr",)
+        suffix = ".raw" if kind == "raw" else ""
+        assert s.files[f"cam0.{channels[1]}.z1"] == (tmp_path / f"rec_cam0.{channels[1]}.z1{suffix}.ome.zarr",)
         for t, c, z in np.ndindex(4, 2, 2):
             if (t, c, z) == lost:
                 assert not s.present[t, c, z] and not s.data[t, c, z].any()
@@ -396,7 +398,8 @@ def test_a_refused_replace_is_retried_then_reported(tmp_path, monkeypatch):
     def refused_once(src, dst):
         calls.append(dst)
         if len(calls) == 1:
-            raise PermissionError(13, "The process cannot access the file because it is being used by another process", str(dst))
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process",
+                                  str(dst))
         real(src, dst)
 
     monkeypatch.setattr(os, "replace", refused_once)
@@ -407,7 +410,8 @@ def test_a_refused_replace_is_retried_then_reported(tmp_path, monkeypatch):
     group = json.loads((tmp_path / "r.ome.zarr" / "zarr.json").read_text())
     assert group["attributes"]["umvd-live"]["frames"] == "4"
     # no interval from the producer: the frames' own step on T from this checkpoint on, not only at close
-    assert group["attributes"]["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"][0] == pytest.approx(0.1)
+    dataset = group["attributes"]["ome"]["multiscales"][0]["datasets"][0]
+    assert dataset["coordinateTransformations"][0]["scale"][0] == pytest.approx(0.1)
 
     def refused(src, dst):
         raise PermissionError(13, "in use", str(dst))

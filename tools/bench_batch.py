@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from umvd_live.engine.stream import EngineConfig, StreamDenoiser, cpu_cores
+from umvd_live.engine import EngineConfig, StreamDenoiser, cpu_cores
 
 
 def seconds_per_frame(config: EngineConfig, frames: np.ndarray, batch: int, seconds: float) -> float:

@@ -23,8 +23,8 @@ import numpy as np
 import tifffile
 
 from umvd_live.adapters.simulation import SimConfig, SimEvent, TwoPhotonSimulator
+from umvd_live.engine import EngineConfig, StreamDenoiser
 from umvd_live.engine.changes import ChangeConfig, ChangeDetector, _robust_sd
-from umvd_live.engine.stream import EngineConfig, StreamDenoiser
 
 EVENTS = {"laser ×3": SimEvent.laser(2.0, 3.0), "laser ×1.5": SimEvent.laser(2.0, 1.5),
           "laser ×1/3": SimEvent.laser(2.0, 1 / 3), "move 40 px": SimEvent.move(2.0, 0, 40),
@@ -41,7 +41,8 @@ class Margins(ChangeDetector):
     def _test(self, index, level, spread, corr):  # noqa: ANN001, ANN202
         c = self.config
         levels, spreads = np.log(np.asarray(self._levels)), np.log(np.asarray(self._spreads))
-        for name, value, ref, floor in (("level", level, levels, c.level_jump), ("spread", spread, spreads, c.spread_jump)):
+        measures = (("level", level, levels, c.level_jump), ("spread", spread, spreads, c.spread_jump))
+        for name, value, ref, floor in measures:
             threshold = max(floor, c.spread_factor * _robust_sd(ref))
             self.worst[name] = max(self.worst[name], abs(np.log(value) - np.median(ref)) / threshold)
         if len(self._corrs) >= 2:
@@ -122,7 +123,8 @@ def main() -> None:
         det = ChangeDetector()
         for frame in movie:
             det.observe(frame)
-        found = ", ".join(f"{c.index} {c.reason} (level ×{c.level_ratio:.2f}, r {c.correlation:.2f})" for c in det.changes)
+        found = ", ".join(f"{c.index} {c.reason} (level ×{c.level_ratio:.2f}, r {c.correlation:.2f})"
+                          for c in det.changes)
         print(f"{path.rsplit('/', 1)[-1]}: {len(movie)} frames, changes: {found or 'none'}")
     if args.session:
         for detect, prior in ((True, "auto"), (False, "auto"), (True, "none")):

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
 
+from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
 from umvd_live.apps import denoise
 from umvd_live.apps.batch import BatchOptions, denoise_chunk, plan_chunks, train_movie
-from umvd_live.apps.cli import build_parser
+from umvd_live.apps.cli import build_parser, engine_config_from_args
 from umvd_live.engine.budget import cpu_cores
 from umvd_live.metrics import MovieScorer
 from umvd_live.recording.movie import MovieFrames
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> None:
     parsed = build_parser().parse_args(["batch", "in.tif", "--output-dir", "out", "--seed", str(args.seed),
                                         "--chunk-frames", str(args.chunk_frames), *args.engine])
     threads = parsed.threads or cpu_cores()
-    config = denoise.engine_config(parsed, workers=None, cpu_threads=threads)
+    config = engine_config_from_args(parsed, workers=None, cpu_threads=threads)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} torch threads; "
           f"{args.frames} frames of {args.size}², {args.photons} photons/pixel/frame, seed {args.seed}; "
           f"chunks of at most {args.chunk_frames} frames; engine options: {' '.join(args.engine) or 'defaults'}",
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> None:
             piece_s = time.monotonic() - started
             started = time.monotonic()
             with MovieFrames(src) as reader:
-                model = train_movie(reader, str(src), config, options)
+                model = train_movie(reader, config, options)
             chunks = plan_chunks(args.frames, args.chunk_frames, model.k, model.context, model.changes)
             chunked = np.concatenate([denoise_chunk(str(src), model, c, options).frames for c in chunks])
             chunked_s = time.monotonic() - started

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
 
 

@@ -34,6 +34,7 @@ os.environ.setdefault("PYTEST_RUNNING", "1")  # pymmcore-plus: no log file
 import numpy as np
 import psutil
 import zmq
+
 from umvd_live.adapters import pycromanager_source as pm
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.adapters.pycamera import NoisyPatternCamera, render

@@ -68,7 +68,8 @@ def check_movie(path: Path, index: int, photons: list[float], seed: int, work: P
         den, infos, prov = read_recording(result)
         den = den.astype(np.float32)
         steps = [i.model_step for i in infos]
-        scores = {"raw": frame_psnr(noisy, clean, peak), "neighbour mean": frame_psnr(neighbour_mean(noisy), clean, peak),
+        scores = {"raw": frame_psnr(noisy, clean, peak),
+                  "neighbour mean": frame_psnr(neighbour_mean(noisy), clean, peak),
                   "denoised": frame_psnr(den, clean, peak)}
         margin = scores["denoised"] - scores["neighbour mean"]
         worse = np.flatnonzero(margin < 0)
@@ -116,7 +117,8 @@ def tables(results: list[dict]) -> str:
             m, steps = n["mean_psnr"], n["model_step"]
             den = np.asarray(n["per_frame"]["denoised"])
             final = np.asarray([s == n["final_step"] for s in steps])
-            split = " / ".join(f"{den[sel].mean():.2f} ({sel.sum()})" if sel.any() else "- (0)" for sel in (final, ~final))
+            split = " / ".join(f"{den[sel].mean():.2f} ({sel.sum()})" if sel.any() else "- (0)"
+                               for sel in (final, ~final))
             worse = ", ".join(f"{f} ({d:+.2f}, {steps[f]})" for f, d in zip(n["frames_worse"], n["margins_worse"]))
             lines.append(f"| {r['movie']} | {n['photons']:g} | {m['raw']:.2f} | {m['neighbour mean']:.2f} | "
                          f"{m['denoised']:.2f} | {split} | {n['worst_margin']:+.2f} dB (frame {n['worst_frame']}) | "
@@ -143,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write every figure, per frame, here")
     args = p.parse_args(argv)
     # the seed of a movie's noise depends on its place among all the movies, not on --movies
-    paths = [(i, q) for i, q in enumerate(sorted(args.data.glob("ctc_*.tif"))) if not args.movies or q.name in args.movies]
+    paths = [(i, q) for i, q in enumerate(sorted(args.data.glob("ctc_*.tif")))
+             if not args.movies or q.name in args.movies]
     if not paths:
         print(f"check_ctc: no ctc_*.tif movie in {args.data}", file=sys.stderr)
         return 2

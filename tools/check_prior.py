@@ -1,7 +1,7 @@
 """Does the shipped prior help on data unlike its training? Judged blind, as the engine does.
 
 For each movie, the prior alone (no training) denoises every frame, and the engine's referee
-(`engine.stream.BlindReferee`) compares, frame by frame, the network's output and the temporal mean of
+(`engine.outputs.BlindReferee`) compares, frame by frame, the network's output and the temporal mean of
 the window's other frames with the noisy frame itself: both are blind to it, so the smaller mean
 squared distance is the better estimate without any ground truth. The table gives both distances
 (in the normalised units of the stream) and the share of frames the referee showed the network;
@@ -17,7 +17,8 @@ import argparse
 import numpy as np
 import tifffile
 
-from umvd_live.engine.stream import EngineConfig, Probe, StreamDenoiser
+from umvd_live.engine import EngineConfig, StreamDenoiser
+from umvd_live.engine.outputs import Probe
 
 
 def judge(movie: np.ndarray, prior: str) -> dict:

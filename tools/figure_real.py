@@ -38,8 +38,8 @@ import tifffile
 from PIL import Image, ImageDraw, ImageFont
 from scipy.ndimage import gaussian_filter
 from skimage.feature import peak_local_max
-from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
 
+from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
 from umvd_live.metrics import MovieScorer, trace_scores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -296,8 +296,8 @@ def render(movies: dict[str, np.ndarray], *, title: str, subtitle: str, offset: 
         y += row_h + 28
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out, optimize=True)
-    return {"cells": centres.tolist(), "quiet": quiet, "active": active, "apart": apart, "grey": (lo, hi), "zooms": zooms,
-            "footprints": footprints}
+    return {"cells": centres.tolist(), "quiet": quiet, "active": active, "apart": apart, "grey": (lo, hi),
+            "zooms": zooms, "footprints": footprints}
 
 
 def half_rise(trace: np.ndarray, start: int, stop: int, base: float, top: float) -> float:
@@ -430,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"made by: python tools/figure_real.py {' '.join(content_args(argv))}")
         info = render(movies, title=title, subtitle=subtitle, offset=offset, cells=args.cells, out=out)
     print(f"wrote {out}: cells (y, x) {info['cells']}, quiet frame {info['quiet']}, active frame "
-          f"{info['active']}, most unlike the neighbour mean {info['apart']}, zooms {info['zooms']}, grey {info['grey'][0]:.0f}-{info['grey'][1]:.0f}")
+          f"{info['active']}, most unlike the neighbour mean {info['apart']}, zooms {info['zooms']}, "
+          f"grey {info['grey'][0]:.0f}-{info['grey'][1]:.0f}")
     report(movies, info["footprints"], offset)
     rise_report(movies, info["footprints"], info["zooms"])
     if args.movie == "sim":  # the whole movie, every cell of the simulator, as tools/bench_denoise.py scores it

@@ -125,7 +125,8 @@ def format_stats(name: str, s: NoiseStats) -> str:
         [
             f"{name}: {s.frames} x {s.height} x {s.width}, mean {s.mean_adu:.1f} ADU",
             f"  apparent gain      {s.gain_adu:10.2f} ADU/photon   (fit R^2 {s.fit_r2:.3f})",
-            f"  offset             {s.offset_adu:10.1f} ADU          ({'given' if s.offset_given else 'zero-variance point of the line'})",
+            f"  offset             {s.offset_adu:10.1f} ADU          "
+            f"({'given' if s.offset_given else 'zero-variance point of the line'})",
             f"  variance line      var = {s.gain_adu:.1f} * mean {s.intercept_adu2:+.4g} ADU^2",
             f"  read noise         {s.read_noise_adu:10.1f} ADU",
             f"  photons            {s.photons:10.3f} per pixel per frame (apparent)",

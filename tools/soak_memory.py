@@ -7,8 +7,9 @@ frames, a growing list of figures) only shows over thousands of frames. This run
 resident memory at the start of the stream, half-way and at the end, plus the growth over the
 second half and its trend in MB per minute (least squares over those samples). The warm start
 and the minutes after it legitimately fill the replay buffer and the allocator's pools, so
-growth is judged over the second half of the run (or after the warm start, if that is later). The pre-generated frames (`--ring-mb`) are allocated before the stream
-starts and are in every sample.
+growth is judged over the second half of the run (or after the warm start, if that is later).
+The pre-generated frames (`--ring-mb`) are allocated before the stream starts and are in every
+sample.
 
 Exit status: 0 when the growth over the second half is within --max-growth-mb, 1 when it is not,
 2 on bad arguments.
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
          "--rss-every", str(opts.sample_s), *rest])
     tune_process(bench.__name__)  # as `umvd-live bench` does
     try:
-        result = bench.measure(args)
+        result = bench.measure(cli.bench_config(args))
     except ValueError as exc:
         print(f"soak_memory: {exc}", file=sys.stderr)
         return 2

@@ -60,7 +60,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=96, help="frame side in pixels (default 96)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: beside other work, OpenMP threads that wait on each other cost more than they give)")
+                   help="torch threads (default 1: beside other work, OpenMP threads that wait on each other "
+                        "cost more than they give)")
     p.add_argument("--output", help="model file (default: the package's shipped prior for the preset)")
     args = p.parse_args()
 
@@ -77,7 +78,8 @@ def main() -> None:
         for frame in noisy:
             replay.add(index, torch.from_numpy(normalizer.forward(frame))[None], segment)
             index += 1
-    print(f"{args.movies} movies of {args.frames} frames at {args.size}² simulated in {time.monotonic() - started:.0f} s")
+    print(f"{args.movies} movies of {args.frames} frames at {args.size}² simulated in "
+          f"{time.monotonic() - started:.0f} s")
 
     net = UMVDNet(spec).to(memory_format=torch.channels_last)
     trainer = OnlineTrainer(net, TrainerConfig(), torch.device("cpu"), seed=args.seed)

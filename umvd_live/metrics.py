@@ -59,9 +59,8 @@ PEAK_WINDOW = 2  # frames either side of the truth's largest peak that the peak 
 def psnr(estimate: np.ndarray, truth: np.ndarray) -> float:
     """Whole-movie (or frame) PSNR in dB, with the truth's range as the peak."""
     truth = np.asarray(truth, dtype=np.float64)
-    return float(
-        peak_signal_noise_ratio(truth, np.asarray(estimate, dtype=np.float64), data_range=float(truth.max() - truth.min()))
-    )
+    estimate = np.asarray(estimate, dtype=np.float64)
+    return float(peak_signal_noise_ratio(truth, estimate, data_range=float(truth.max() - truth.min())))
 
 
 def active_set(truth: np.ndarray, threshold: float = ACTIVE_THRESHOLD) -> np.ndarray:
@@ -381,13 +380,16 @@ def best_gaussian(
     stronger than any filter a user could tune without clean data. Returns (filtered,
     (sigma_t, sigma_xy), psnr). ``oracle_gaussians`` picks one per metric."""
     movie = np.asarray(movie, dtype=np.float32)
-    best = (None, (0.0, 0.0), -np.inf)
+    best: tuple[np.ndarray | None, tuple[float, float], float] = (None, (0.0, 0.0), -np.inf)
     for st, sxy in itertools.product(sigmas_t, sigmas_xy):
         filtered = gaussian_3d(movie, st, sxy)
         score = psnr(filtered, truth)
         if score > best[2]:
             best = (filtered, (st, sxy), score)
-    return best
+    best_filtered, best_sigmas, best_score = best
+    if best_filtered is None:
+        raise ValueError(f"no filter scored: sigmas_t {sigmas_t}, sigmas_xy {sigmas_xy}")
+    return best_filtered, best_sigmas, best_score
 
 
 # ------------------------------------------------------------------------------------ reports

@@ -14,7 +14,9 @@ frames are then denoised in time chunks by several tasks that share those weight
 frame and N//2 after its last, so every output sees the window and context blocks it would see
 in one piece; one more task joins the chunks and writes the file (`write_chunks`). A chunk's task
 reads only its frames (`movie.MovieFrames`): a worker's memory is a chunk's, not the movie's.
-docs/batch.md has what chunking does to quality.
+docs/batch.md has what chunking does to quality. A file of several streams (channels, planes,
+positions) is an input per stream, each on its own engine, written where `denoise` writes it
+(`denoise.stream_outputs`).
 
 Failure. A lost worker's tasks are rerun by the scheduler, and a task that raised is retried
 (``retries``). An output is written under a temporary name and renamed, so the final name only
@@ -54,11 +56,12 @@ from rich.progress import (
 )
 
 from umvd_live.apps import denoise
+from umvd_live.apps.cli import engine_config_from_args
+from umvd_live.engine import DenoisedFrame, EngineConfig, StreamDenoiser
 from umvd_live.engine.budget import cpu_cores
 from umvd_live.engine.changes import ChangeDetector
 from umvd_live.engine.checkpoint import CheckpointError
 from umvd_live.engine.normalization import sanitize
-from umvd_live.engine.stream import DenoisedFrame, EngineConfig, StreamDenoiser
 from umvd_live.recording.movie import MovieError, MovieFrames
 from umvd_live.recording.ometiff import Provenance
 
@@ -181,6 +184,7 @@ class WarmModel:
     provenance: Provenance
     seconds: float
     worker: str
+    stream: str  # the movie's stream (`MovieFrames`' short name)
 
 
 @dataclass(frozen=True)
@@ -224,7 +228,7 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def write_atomic(output: Path, write: Callable[[Path], None]) -> None:
+def write_atomic(output: Path, write: Callable[[Path], object]) -> None:
     """``write(tmp)`` then rename to ``output`` (os.replace: atomic on POSIX and Windows), so no
     reader ever sees a partial file under the final name; the temporary is removed on failure."""
     tmp = _partial_name(output)
@@ -241,26 +245,27 @@ def _model_path(output: Path) -> Path:
     return output.with_name(output_name(output).removesuffix(_OUTPUT_SUFFIX["ome-tiff"]) + ".pt")
 
 
-def start_movie(source: str, output: str, options: BatchOptions) -> Written | WarmModel | Failed:
-    """A movie's first task: the whole of it if short (`denoise`'s code path), else its training."""
+def start_movie(source: str, stream: str | None, output: str, options: BatchOptions) -> Written | WarmModel | Failed:
+    """A movie's (one stream's) first task: the whole of it if short (`denoise`'s code path), else
+    its training."""
     started = time.monotonic()
     try:
         config = _task_config(options.engine)
-        with MovieFrames(source) as reader:
+        with MovieFrames(source, stream) as reader:
             if len(reader) > options.chunk_frames:
-                return train_movie(reader, source, config, options)
+                return train_movie(reader, config, options)
             movie = reader.read(0, len(reader))
-        read_s = time.monotonic() - started
-        result = denoise.denoise_movie(movie, config, offline=options.offline, offline_steps=options.offline_steps)
-        try:
-            provenance = denoise.denoise_provenance(result.engine, source, offline=options.offline)
-            written = time.monotonic()
-            write_atomic(Path(output), lambda tmp: denoise.write_denoised(tmp, source, result.frames,
-                                                                           result.outputs, provenance))
-            if options.save_models:
-                write_atomic(_model_path(Path(output)), result.engine.save_weights)
-        finally:
-            result.engine.close()
+            read_s = time.monotonic() - started
+            result = denoise.denoise_movie(movie, config, offline=options.offline, offline_steps=options.offline_steps)
+            try:
+                provenance = denoise.denoise_provenance(result.engine, reader, offline=options.offline)
+                written = time.monotonic()
+                write_atomic(Path(output), lambda tmp: denoise.write_denoised(tmp, reader, result.frames,
+                                                                               result.outputs, provenance))
+                if options.save_models:
+                    write_atomic(_model_path(Path(output)), result.engine.save_weights)
+            finally:
+                result.engine.close()
     except _INPUT_ERRORS as exc:
         return Failed(str(exc))
     return Written(output, len(movie), movie.shape[1:], result.engine.model_step, _provenance_dict(provenance),
@@ -268,7 +273,7 @@ def start_movie(source: str, output: str, options: BatchOptions) -> Written | Wa
                     "task": time.monotonic() - started}, [_worker()[0]])
 
 
-def train_movie(reader: MovieFrames, source: str, config: EngineConfig, options: BatchOptions) -> WarmModel:
+def train_movie(reader: MovieFrames, config: EngineConfig, options: BatchOptions) -> WarmModel:
     """The weights a long movie's chunks share, trained as `denoise` trains them: `--offline`, on
     the whole movie at once (held in memory, as `denoise --offline` holds it); streamed, every
     frame pushed in order with inline training, read a chunk's length at a time (the replay
@@ -285,13 +290,13 @@ def train_movie(reader: MovieFrames, source: str, config: EngineConfig, options:
                     engine.push(frame, infer=False)
         changes = find_changes(reader, config, options.chunk_frames)
         chunks = len(plan_chunks(frames, options.chunk_frames, engine.k, engine.spec.context, changes))
-        provenance = denoise.denoise_provenance(engine, source, offline=options.offline, chunks=chunks)
+        provenance = denoise.denoise_provenance(engine, reader, offline=options.offline, chunks=chunks)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "weights.pt"
             engine.save_weights(path)
             weights = path.read_bytes()
         return WarmModel(weights, frames, reader.shape[1:], engine.k, engine.spec.context, changes,
-                         provenance, time.monotonic() - started, _worker()[0])
+                         provenance, time.monotonic() - started, _worker()[0], reader.stream)
     finally:
         engine.close()
 
@@ -321,7 +326,7 @@ def denoise_chunk(source: str, model: WarmModel, chunk: Chunk, options: BatchOpt
     Only the chunk's frames are read (and its segment's first), so a worker's memory is a
     chunk's, whatever the movie's length."""
     started = time.monotonic()
-    with MovieFrames(source) as reader:
+    with MovieFrames(source, model.stream) as reader:
         if reader.shape != (model.frames, *model.shape):
             raise MovieError(f"{source}: changed while it was being denoised")
         first = reader.read(chunk.segment_start, chunk.segment_start + 1)
@@ -337,12 +342,11 @@ def denoise_chunk(source: str, model: WarmModel, chunk: Chunk, options: BatchOpt
         done = engine.denoise_frames(span, [t - chunk.read_start for t in range(chunk.start, chunk.stop)])
     finally:
         engine.close()
-    images = [out.image for out in done]
+    images = denoise.stack_images(done)
     outputs = [replace(out, index=out.index + chunk.read_start, image=None, segment=chunk.segment) for out in done]
     if len(outputs) != chunk.stop - chunk.start:
         raise RuntimeError(f"{source}: chunk {chunk.index} left frames without an output")
-    return ChunkResult(chunk, np.stack(images).astype(np.float32, copy=False), outputs,
-                       time.monotonic() - started, _worker()[0])
+    return ChunkResult(chunk, images, outputs, time.monotonic() - started, _worker()[0])
 
 
 def write_chunks(source: str, output: str, model: WarmModel, options: BatchOptions, *parts: ChunkResult) -> Written:
@@ -351,7 +355,8 @@ def write_chunks(source: str, output: str, model: WarmModel, options: BatchOptio
     parts = tuple(sorted(parts, key=lambda p: p.chunk.index))
     frames = (image for p in parts for image in p.frames)  # written as they come: no joined copy
     outputs = [o for p in parts for o in p.outputs]
-    write_atomic(Path(output), lambda tmp: denoise.write_denoised(tmp, source, frames, outputs, model.provenance))
+    with MovieFrames(source, model.stream) as reader:  # the stream's metadata, for every frame
+        write_atomic(Path(output), lambda tmp: denoise.write_denoised(tmp, reader, frames, outputs, model.provenance))
     if options.save_models:
         write_atomic(_model_path(Path(output)), lambda tmp: tmp.write_bytes(model.weights))
     return Written(output, len(outputs), model.shape, outputs[-1].model_step, _provenance_dict(model.provenance),
@@ -371,6 +376,7 @@ class Item:
 
     input: Path
     output: Path
+    stream: str | None = None  # the input's stream (`MovieFrames`); None: not known (the input failed)
     status: str = "pending"  # pending | done | skipped | failed
     error: str | None = None
     frames: int | None = None
@@ -384,12 +390,14 @@ class Item:
 
     def entry(self) -> dict[str, Any]:
         out: dict[str, Any] = {"input": str(self.input), "output": str(self.output), "status": self.status}
+        if self.stream:
+            out["stream"] = self.stream
         if self.error:
             out["error"] = self.error
         if self.input.exists() and not self.input.is_dir():
             stat = self.input.stat()
             out["input_bytes"], out["input_mtime_ns"] = stat.st_size, stat.st_mtime_ns
-        if self.frames is not None:
+        if self.frames is not None and self.shape is not None:  # set together, once written
             out.update(frames=self.frames, height=self.shape[0], width=self.shape[1], chunks=self.chunks,
                        final_model_step=self.model_step, provenance=self.provenance,
                        seconds={k: round(v, 3) for k, v in self.seconds.items()}, workers=self.workers)
@@ -497,9 +505,12 @@ def run_batch(client: Any, items: list[Item], options: BatchOptions, manifest: _
                                        markup=False, highlight=False)
                 for f in futures_of.get(id(item), []):
                     f.cancel()
+            elif written is None:
+                raise TypeError("finish() takes what was written, or the error")
             else:
                 item.status = "done"
-                item.frames, item.shape, item.model_step = written.frames, tuple(written.shape), written.model_step
+                height, width = written.shape
+                item.frames, item.shape, item.model_step = written.frames, (height, width), written.model_step
                 item.provenance, item.workers = written.provenance, written.workers
                 item.seconds = {**written.seconds, "wall": time.monotonic() - item.submitted}
             futures_of.pop(id(item), None)
@@ -508,7 +519,7 @@ def run_batch(client: Any, items: list[Item], options: BatchOptions, manifest: _
 
         for item in pending:
             item.submitted = time.monotonic()
-            submit(item, "start", None, start_movie, str(item.input), str(item.output), options)
+            submit(item, "start", None, start_movie, str(item.input), item.stream, str(item.output), options)
         manifest.write(items, summary())
         for future in ac:
             item, what, detail = role.pop(future.key)
@@ -546,6 +557,15 @@ def run_batch(client: Any, items: list[Item], options: BatchOptions, manifest: _
 
 
 # -- command line --------------------------------------------------------------------------------
+def stream_items(source: Path, output: Path, wanted: list[str]) -> list[Item]:
+    """An input's items: one per stream to denoise (`denoise.stream_outputs`), or one failed item
+    when the file cannot be read or lacks a ``--stream``."""
+    try:
+        return [Item(source, out, stream) for stream, out in denoise.stream_outputs(source, output, wanted)]
+    except MovieError as exc:
+        return [Item(source, output, status="failed", error=str(exc))]
+
+
 def _fail(message: str) -> int:
     print(f"umvd-live batch: error: {message}", file=sys.stderr)  # one line, never wrapped
     return 2
@@ -605,7 +625,7 @@ def run(args: argparse.Namespace) -> int:
     if threads is None and not args.scheduler:
         threads = max(1, cpu_cores() // workers)  # the local cores, divided among the workers
     options = BatchOptions(
-        engine=denoise.engine_config(args, workers=None, cpu_threads=threads),
+        engine=engine_config_from_args(args, workers=None, cpu_threads=threads),
         offline=args.offline, chunk_frames=args.chunk_frames, save_models=args.save_models, retries=args.retries,
     )
     out_dir = Path(args.output_dir)
@@ -614,7 +634,8 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _fail(f"cannot create {out_dir}: {exc}")
     inputs, empty = expand_inputs(args.inputs)
-    items = [Item(p, (out_dir / output_name(p, args.format)).resolve()) for p in inputs]
+    items = [item for p in inputs for item in stream_items(p, (out_dir / output_name(p, args.format)).resolve(),
+                                                           args.streams)]
     for pattern in empty:
         items.append(Item(Path(pattern), out_dir, status="failed", error="matches no file"))
     by_output: dict[Path, Item] = {}
@@ -630,7 +651,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 item.status, item.error = "failed", "output exists: outputs are never overwritten (--resume skips it)"
     for item in items:
-        if item.status == "failed":
+        if item.status == "failed" and item.error is not None:  # failed items always say why
             print(f"umvd-live batch: error: {_about(item, item.error)}", file=sys.stderr)
     if not any(item.status == "pending" for item in items):  # nothing to do: no cluster either
         _Manifest(manifest_path, {"format": MANIFEST_FORMAT, "command": ["umvd-live", *sys.argv[1:]]},

@@ -56,9 +56,9 @@ The main figures (all in the JSON; `run` also prints a table):
 at set times (`SimEvent`). ``events`` in the JSON has, from the stream's start and from each change,
 bins of 0-0.25, 0.25-0.5, 0.5-1, 1-2, 2-4 and 4-8 s (cut at the next change): the PSNR of the raw
 frames of each bin and of the denoised frames output in it (stacked, as above, whatever their
-state; a skipped preview has none) and the outputs per state. The ring then holds the whole session, and the PMT gain is set for its brightest part
-(lowered in proportion above 2 photons/pixel/frame, as tools/bench_denoise.py does) so that
-nothing clips.
+state; a skipped preview has none) and the outputs per state. The ring then holds the whole
+session, and the PMT gain is set for its brightest part (lowered in proportion above 2
+photons/pixel/frame, as tools/bench_denoise.py does) so that nothing clips.
 
 With ``--streams N`` (N > 1) it streams N simulated channels at once, as the channels of a
 Micro-Manager acquisition arrive: streams ``sim.c0`` … ``sim.c{N-1}``, each its own field of view
@@ -70,12 +70,13 @@ summed, latency percentiles and PSNR over all streams' outputs together, the war
 last stream to go live); ``capacity`` is the daemon's own verdict (`capacity.CapacityMonitor`)
 at the end, with ``timeline``: [seconds since the producer started, over, load] at each change.
 
-`measure(args)` returns the figures as a dict; `run(args)` prints them and writes ``--json``.
+`measure(config)` returns the figures as a dict; `run(config)` prints them and writes ``--json``.
+What `umvd-live demo` does alike (the simulator's set-up and scripted sessions, the output
+subscriber, the printed figures) is `apps.harness`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import json
@@ -94,18 +95,23 @@ import numpy as np
 import psutil
 import zmq
 
-from umvd_live.adapters.simulation import LASER, MOVE, SimConfig, SimEvent, TwoPhotonSimulator, parse_events
-from umvd_live.apps.figures import format_figure
+from umvd_live.adapters.simulation import MOVE, SimConfig, SimEvent, TwoPhotonSimulator
+from umvd_live.apps.harness import OutputSubscriber, format_figure, sim_config
+from umvd_live.apps.harness import activity_table as report_table
+from umvd_live.daemon.config import DaemonConfig
+from umvd_live.daemon.engines import engine_factory
 from umvd_live.daemon.runtime import peak_rss_mb
-from umvd_live.daemon.service import IDLE_WAIT_S, Daemon, DaemonConfig, Inbox, Received, engine_factory
-from umvd_live.daemon.streams import StreamEngine, monotonic
+from umvd_live.daemon.service import Daemon
+from umvd_live.daemon.streams import monotonic
+from umvd_live.daemon.transport import Inbox, Received
+from umvd_live.engine import EngineConfig
+from umvd_live.engine.budget import cpu_cores
 from umvd_live.engine.checkpoint import load_checkpoint
-from umvd_live.metrics import REPORT_HEADERS, REPORT_METRICS, activity_report, format_score, report_rows
-from umvd_live.wire.protocol import DENOISED_SUFFIX, ProtocolError, decode_output, encode_frame
+from umvd_live.metrics import activity_report
+from umvd_live.wire.protocol import encode_frame
+from umvd_live.wire.schema import DaemonStatus, StreamStatus, latency_summary
 
 STREAM = "bench"
-#: Brightness of the simulated channels of ``--streams N``, relative to ``--photons``, in turn.
-BRIGHTNESS = (1.0, 0.5, 2.0, 0.75)
 #: Topic of the messages that prove the monitor's subscription has arrived (a PUB drops what it
 #: sends before that). Not a stream topic: the protocol's stream names cannot contain a space.
 PROBE_TOPIC = b"umvd bench probe"
@@ -117,14 +123,8 @@ MONITOR_RCVHWM = 1000
 #: Extra latency on top of the N//2 frames the output must wait for, in the latency target.
 LATENCY_SLACK_MS = 100.0
 DEFAULT_FRAMES = 900
-#: Named scripted sessions for ``--events``; "default" is issue 15's (60 s: laser x3 at 30 s, stage
-#: move 40 px at 40 s, laser x1/3 at 50 s), its times fractions so that it scales with the duration.
-SESSIONS = {"default": "laser=3@1/2,move=40@2/3,laser=1/3@5/6"}
-SESSION_S = 60.0  # an --events session's default length
 #: The bins after the stream's start and after each change, in seconds (issue 15's table).
 EVENT_BINS_S = ((0.0, 0.25), (0.25, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, 4.0), (4.0, 8.0))
-#: Above this many photons/pixel/frame at the brightest, an --events session lowers the PMT gain.
-GAIN_PHOTONS = 2.0
 
 
 # ---- the simulated frames ---------------------------------------------------------------------------
@@ -196,7 +196,7 @@ class PsnrAccumulator:
         self.truth_max = max(self.truth_max, truth_max)
 
     @classmethod
-    def merged(cls, parts: list["PsnrAccumulator"]) -> "PsnrAccumulator":
+    def merged(cls, parts: list[PsnrAccumulator]) -> PsnrAccumulator:
         """The accumulator of all their frames together."""
         acc = cls()
         for part in parts:
@@ -292,9 +292,9 @@ class FrameProducer(threading.Thread):
                     self.taken.wait(0.01)
                     self.taken.clear()
             for index, (name, ring) in enumerate(self.sources):
-                parts = encode_frame(name, ring.noisy_of(seq), seq, t=seq * period if period else None,
-                                     meta={"source": "bench"})
-                parts = [bytes(p) for p in parts]  # fresh bytes, as a socket delivers them
+                encoded = encode_frame(name, ring.noisy_of(seq), seq, t=seq * period if period else None,
+                                       meta={"source": "bench"})
+                parts = [bytes(p) for p in encoded]  # fresh bytes, as a socket delivers them
                 received = monotonic()
                 self.handed[index, seq] = received
                 if not self.inbox.put(Received(parts, received, sum(len(p) for p in parts))):
@@ -327,36 +327,31 @@ class OutputMonitor(threading.Thread):
         self.images: list[dict[int, np.ndarray]] = [{} for _ in sources]
         self.subscribed = threading.Event()
         self._stop_event = threading.Event()
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.SUB)
         # Bounded, so the viewer side cannot hide a leak; a lagging viewer shows up as
         # frames_received_by_viewer < frames_published.
-        self._sock.setsockopt(zmq.RCVHWM, MONITOR_RCVHWM)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        for name, _ in sources:
-            self._sock.setsockopt(zmq.SUBSCRIBE, (name + DENOISED_SUFFIX).encode())
-        self._sock.setsockopt(zmq.SUBSCRIBE, PROBE_TOPIC)
-        self._sock.connect(endpoint)
+        self._subscriber = OutputSubscriber(endpoint, [name for name, _ in sources], MONITOR_RCVHWM, (PROBE_TOPIC,))
 
     def run(self) -> None:
         try:
             while not self._stop_event.is_set():
-                if self._sock.poll(50, zmq.POLLIN):
-                    self._take(self._sock.recv_multipart())
+                for parts in self._subscriber.receive(0.05):
+                    self._take(parts)
         finally:
-            self._sock.close()
-            self._ctx.term()
+            self._subscriber.close()
 
     def _take(self, parts: list[bytes]) -> None:
         if parts[0] == PROBE_TOPIC:
             self.subscribed.set()
             return
+        msg = self._subscriber.decode(parts)
+        if msg is None:
+            self.errors += 1
+            return
         try:
-            msg = decode_output(parts)
             seq = int(msg.header["seq"])
             latency_ms = float(msg.header["latency_ms"])
             s = self._index[msg.stream]
-        except (ProtocolError, KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError):
             self.errors += 1
             return
         if not 0 <= seq < self.latency_ms.shape[1]:
@@ -406,86 +401,25 @@ class BenchConfig:
     events: tuple[SimEvent, ...] = ()  # --events: the scripted session's changes
     events_spec: str | None = None
     oracle: str = "reduced"  # --oracle: the activity report's oracle grid
+    json_path: Path | None = None  # --json: where the figures go
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "BenchConfig":
-        height, width = args.size
-        if not args.max and not args.rate > 0:
-            raise ValueError(f"--rate must be > 0, got {args.rate}")
-        frames, duration = getattr(args, "frames", None), getattr(args, "duration", None)
-        spec = getattr(args, "events", None)
-        if frames is not None and duration is not None:
-            raise ValueError("give --frames or --duration, not both")
-        if duration is not None:
-            if args.max or not duration > 0:
-                raise ValueError(f"--duration needs a paced stream (--rate) and > 0 s, got {duration}")
-            frames = max(1, round(duration * args.rate))
-        if frames is None:
-            frames = round(SESSION_S * args.rate) if spec and not args.max else DEFAULT_FRAMES
-        if frames < 1:
-            raise ValueError(f"--frames must be >= 1, got {frames}")
-        if args.ring_mb <= 0:
-            raise ValueError(f"--ring-mb must be > 0, got {args.ring_mb}")
-        stream_names(args.streams)  # refuses a count below 1
-        events: tuple[SimEvent, ...] = ()
-        if spec:
-            if args.max or args.streams != 1:
-                raise ValueError("--events scripts one paced stream: no --max, no --streams")
-            events = parse_events(SESSIONS.get(spec, spec), frames / args.rate)
-        daemon = DaemonConfig(
-            input_bind=None, input_connect=(), output="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
-            preset=args.preset, device=args.device, window=args.window, context=args.context,
-            warmup_frames=args.warmup_frames,
-            init=args.init, prior=args.prior, seed=args.seed, catchup_s=args.catchup_ms / 1000.0,
-            warmup_steps=args.warmup_steps,
-            batch=args.batch, workers=args.workers, precision=args.precision, cpu_budget=args.cpu_budget,
-        )
-        return cls(height=height, width=width, frames=frames, rate_hz=None if args.max else float(args.rate),
-                   photons=args.photons, inference_only=args.inference_only,
-                   ring_bytes=int(args.ring_mb * 2**20), rss_every_s=args.rss_every,
-                   save_model=args.save_model, daemon=daemon, streams=args.streams,
-                   events=events, events_spec=spec, oracle=getattr(args, "oracle", "reduced"))
+    def __post_init__(self) -> None:
+        if self.frames < 1:
+            raise ValueError(f"--frames must be >= 1, got {self.frames}")
+        if self.ring_bytes <= 0:
+            raise ValueError(f"--ring-mb must be > 0, got {self.ring_bytes / 2**20:g}")
+        stream_names(self.streams)  # refuses a count below 1
 
     def sim_config(self, index: int) -> SimConfig:
-        """The simulator of stream ``index``: its own field (seed) and brightness (`BRIGHTNESS`);
-        with events, the PMT gain set for the session's brightest part (`GAIN_PHOTONS`)."""
-        photons = self.photons * BRIGHTNESS[index % len(BRIGHTNESS)]
-        config = SimConfig(height=self.height, width=self.width, rate_hz=self.rate_hz or 30.0, photons=photons,
-                           seed=self.daemon.seed + index, events=self.events)
-        brightest = photons * max_intensity(self.events)
-        if self.events and brightest > GAIN_PHOTONS:
-            config = dataclasses.replace(config, gain_adu=config.gain_adu * GAIN_PHOTONS / brightest)
-        return config
+        """The simulator of stream ``index``: its own field (seed) and brightness (`harness.sim_config`)."""
+        return sim_config(self.height, self.width, self.rate_hz or 30.0, self.photons, self.daemon.engine.seed + index,
+                          stream=index, events=self.events)
 
 
-def max_intensity(events: tuple[SimEvent, ...]) -> float:
-    """The largest laser factor the session reaches (1 before any step)."""
-    level = peak = 1.0
-    for event in sorted(events, key=lambda e: e.at_s):
-        if event.kind == LASER:
-            level *= event.scale
-            peak = max(peak, level)
-    return peak
-
-
-class _RecordingFactory:
-    """The daemon's engine factory, keeping the engines it made so their config can be reported."""
-
-    def __init__(self, config: DaemonConfig):
-        self._make = engine_factory(config)
-        self.budget = self._make.budget  # the daemon reports it
-        self.made: list[StreamEngine] = []
-
-    def __call__(self, init: str | None) -> StreamEngine:
-        den = self._make(init)
-        self.made.append(den)
-        return den
-
-
-def untrained_weights(config: DaemonConfig, frame: np.ndarray, path: str) -> None:
+def untrained_weights(config: EngineConfig, frame: np.ndarray, path: str) -> None:
     """Weights of a fresh network for `frame`'s size: what --inference-only runs without --init, so
     the inference path (not the warm-up's temporal mean) is what gets timed."""
-    from umvd_live.engine.stream import EngineConfig, StreamDenoiser
+    from umvd_live.engine import StreamDenoiser
 
     with StreamDenoiser(EngineConfig(preset=config.preset, device=config.device, window=config.window,
                                      context=config.context, train_mode="inline", seed=config.seed)) as den:
@@ -493,9 +427,8 @@ def untrained_weights(config: DaemonConfig, frame: np.ndarray, path: str) -> Non
         den.save_weights(path)
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the benchmark described by the `bench` arguments; return its figures."""
-    cfg = BenchConfig.from_args(args)
+def measure(cfg: BenchConfig) -> dict[str, Any]:
+    """Run the benchmark ``cfg`` describes; return its figures."""
     sources = []
     for i, name in enumerate(stream_names(cfg.streams)):
         # A scripted session is one movie from start to end: its ring holds all of it.
@@ -503,11 +436,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         sources.append((name, FrameRing.generate(cfg.sim_config(i), cfg.frames, budget)))
     with tempfile.TemporaryDirectory(prefix="umvd-bench-") as tmp:
         daemon_cfg = cfg.daemon
-        init_label = daemon_cfg.init
-        if cfg.inference_only and daemon_cfg.init is None:
+        init_label = daemon_cfg.engine.init
+        if cfg.inference_only and daemon_cfg.engine.init is None:
             path = os.path.join(tmp, "untrained.pt")
-            untrained_weights(daemon_cfg, sources[0][1].noisy[0], path)
-            daemon_cfg = dataclasses.replace(daemon_cfg, init=path)
+            untrained_weights(daemon_cfg.engine, sources[0][1].noisy[0], path)
+            daemon_cfg = dataclasses.replace(daemon_cfg, engine=dataclasses.replace(daemon_cfg.engine, init=path))
             init_label = "untrained"
         return _measure(cfg, daemon_cfg, sources, init_label)
 
@@ -527,8 +460,8 @@ def _measure(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str
 
     load_start = psutil.getloadavg()[0]
     rss_start = psutil.Process().memory_info().rss / 2**20
-    factory = _RecordingFactory(daemon_cfg)
-    daemon = Daemon(daemon_cfg, factory)
+    daemon = Daemon(daemon_cfg, engine_factory(daemon_cfg))
+    inbox, router = daemon.transport.inbox, daemon.router
     monitor: OutputMonitor | None = None
     producer: FrameProducer | None = None
     gc_pauses = GcPauses()
@@ -540,7 +473,7 @@ def _measure(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str
         monitor = OutputMonitor(daemon.endpoints["output"], sources, cfg.frames)
         monitor.start()
         _await_subscription(daemon, monitor)
-        producer = FrameProducer(sources, daemon.inbox, cfg.frames, cfg.rate_hz, cfg.rss_every_s,
+        producer = FrameProducer(sources, inbox, cfg.frames, cfg.rate_hz, cfg.rss_every_s,
                                  daemon.run_length * len(sources))
         producer.start()
         started = monotonic()
@@ -549,13 +482,11 @@ def _measure(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str
         rss_live = None
         over_timeline: list[list[Any]] = []  # [s since start, over, load] at each change
         over = False
-        while True:  # the daemon's `serve` loop, minus the control socket nobody uses here
-            items = daemon.inbox.drain(IDLE_WAIT_S)
+        while True:  # the daemon's own frame loop (`Daemon.serve`), one pass at a time
+            daemon.run_once()
             producer.taken.set()
-            if items:
-                daemon.process(items)
             for name, p in progress.items():
-                stream = daemon.streams.get(name)
+                stream = router.streams.get(name)
                 if p.live_at is None and stream is not None and stream.denoiser is not None \
                         and stream.denoiser.state == "live":
                     p.live_at = monotonic()
@@ -563,19 +494,19 @@ def _measure(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str
                     p.skipped_at_live = stream.counters.skipped
                     if all(q.live_at is not None for q in progress.values()):
                         rss_live = psutil.Process().memory_info().rss / 2**20
-            if daemon.capacity.over != over:
-                over = daemon.capacity.over
-                over_timeline.append([round(monotonic() - started, 2), over, round(daemon.capacity.load(), 3)])
-            if producer.done.is_set() and len(daemon.inbox) == 0:
+            if router.capacity.over != over:
+                over = router.capacity.over
+                over_timeline.append([round(monotonic() - started, 2), over, round(router.capacity.load(), 3)])
+            if producer.done.is_set() and len(inbox) == 0:
                 break
         ended = monotonic()
         rss_end = psutil.Process().memory_info().rss / 2**20  # still streaming: before the flush
         status = daemon.status()
-        engine_config = dataclasses.asdict(factory.made[-1].config) if factory.made else None
-        saved = daemon.save_model(names[0], Path(cfg.save_model)) \
-            if cfg.save_model and names[0] in daemon.streams else None
+        engine_config = dict(status["engine"])  # what the engines were built from
+        saved = daemon.save_model(names[0], Path(cfg.save_model)).result() \
+            if cfg.save_model and names[0] in router.streams else None
         daemon.finish()  # flush the last N//2 outputs and stop the trainers
-        counters = {name: dataclasses.asdict(daemon.streams[name].counters) if name in daemon.streams else {}
+        counters = {name: dataclasses.asdict(router.streams[name].counters) if name in router.streams else {}
                     for name in names}
         published = sum(int(c.get("frames_out", 0)) for c in counters.values())
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
@@ -595,9 +526,8 @@ def _measure(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str
                               counters[name], progress[name], ended)
         for s, (name, ring) in enumerate(sources)
     }
-    status["capacity"]["timeline"] = over_timeline
     return _figures(cfg, daemon_cfg, sources, init_label, producer, monitor, per_stream, status, engine_config,
-                    ended=ended, rss=(rss_start, rss_live, rss_end),
+                    capacity_timeline=over_timeline, ended=ended, rss=(rss_start, rss_live, rss_end),
                     load=(load_start, psutil.getloadavg()[0]), published=published, saved=saved,
                     torch_threads=torch.get_num_threads(), torch_version=torch.__version__,
                     gc_pauses=gc_pauses.summary(), batch=daemon.batch, workers=daemon.workers)
@@ -605,20 +535,13 @@ def _measure(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str
 
 def _await_subscription(daemon: Daemon, monitor: OutputMonitor) -> None:
     """Send probes on the output until the monitor gets one: only then is nothing published lost."""
-    assert daemon.output is not None
+    output = daemon.transport.output
+    assert output is not None
     deadline = time.monotonic() + SUBSCRIBE_TIMEOUT_S
     while not monitor.subscribed.wait(0.02):
         if time.monotonic() > deadline:
             raise RuntimeError("the bench's output monitor could not subscribe to the daemon's output")
-        daemon.output.send_multipart([PROBE_TOPIC, b"", b""], flags=zmq.NOBLOCK)
-
-
-def _percentiles(values: np.ndarray) -> dict[str, float | None]:
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return {"p50": None, "p99": None, "max": None}
-    p50, p99 = np.percentile(values, [50, 99])
-    return {"p50": float(p50), "p99": float(p99), "max": float(values.max())}
+        output.send_multipart([PROBE_TOPIC, b"", b""], flags=zmq.NOBLOCK)
 
 
 def _rate(times: np.ndarray) -> float | None:
@@ -628,18 +551,18 @@ def _rate(times: np.ndarray) -> float | None:
     return float((times.size - 1) / (times[-1] - times[0]))
 
 
-def _worst(latency_ms: np.ndarray, steady: np.ndarray, count: int = 10) -> list[list[float]]:
+def _worst(latency_ms: np.ndarray, steady: np.ndarray, count: int = 10) -> list[tuple[int, float]]:
     """[seq, ms] of the slowest steady-state outputs, slowest first: where the tail comes from."""
     seqs = np.flatnonzero(steady & np.isfinite(latency_ms))
     order = seqs[np.argsort(latency_ms[seqs])[::-1][:count]]
-    return [[int(i), round(float(latency_ms[i]), 1)] for i in order]
+    return [(int(i), round(float(latency_ms[i]), 1)) for i in order]
 
 
 def _stream_figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, s: int, ring: FrameRing, producer: FrameProducer,
-                    monitor: OutputMonitor, snapshot: dict[str, Any], counters: dict[str, Any],
+                    monitor: OutputMonitor, snapshot: StreamStatus | dict[str, Any], counters: dict[str, Any],
                     progress: _Progress, ended: float) -> dict[str, Any]:
     """The figures of stream ``s`` (the module's docstring says what each one is)."""
-    k = daemon_cfg.window // 2
+    k = daemon_cfg.engine.window // 2
     handed = producer.handed[s]
     latency_ms = monitor.latency_ms[s]
     # Steady state: outputs after the warm start, without the last N//2 that only the final flush
@@ -647,7 +570,7 @@ def _stream_figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, s: int, ring: Fr
     streamed = np.arange(cfg.frames) < cfg.frames - k
     steady = monitor.live[s] & streamed
     published_at = handed + latency_ms / 1000.0
-    latency_live = _percentiles(latency_ms[steady])
+    latency_live = latency_summary(latency_ms[steady])
     engine = snapshot.get("engine", {}) if isinstance(snapshot.get("engine"), dict) else {}
     steps = int(engine.get("train_steps", snapshot.get("model_step", 0)) or 0)
     live_at = progress.live_at
@@ -658,7 +581,7 @@ def _stream_figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, s: int, ring: Fr
     psnr_raw, psnr_den = monitor.raw[s].psnr(), monitor.denoised[s].psnr()
     return {
         "photons": ring_photons(cfg, s),
-        "seed": daemon_cfg.seed + s,
+        "seed": daemon_cfg.engine.seed + s,
         "fps_in": _rate(handed),
         "fps_out": _rate(published_at[steady]) if steady.sum() >= 2 else _rate(published_at[streamed]),
         "frames_handed": int(np.isfinite(handed).sum()),
@@ -667,7 +590,7 @@ def _stream_figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, s: int, ring: Fr
         "latency_ms_p50": latency_live["p50"],
         "latency_ms_p99": latency_live["p99"],
         "latency_ms_max": latency_live["max"],
-        "latency_ms_all": _percentiles(latency_ms),
+        "latency_ms_all": latency_summary(latency_ms),
         "latency_ms_worst": _worst(latency_ms, steady),
         "first_live_seq": int(np.argmax(monitor.live[s])) if monitor.live[s].any() else None,
         "skipped": skipped,
@@ -708,7 +631,11 @@ def _first_outputs(handed: np.ndarray, published_at: np.ndarray, monitor: Output
     return out
 
 
-def _segments(cfg: BenchConfig, first_live: int | None, end: int) -> list[tuple[str, float | None, int, int, tuple[int, int]]]:
+#: (label, change time, first seq, end seq, stage): a span the activity is scored on (`_segments`)
+ScoredSpan = tuple[str, float | None, int, int, tuple[int, int]]
+
+
+def _segments(cfg: BenchConfig, first_live: int | None, end: int) -> list[ScoredSpan]:
     """(label, change time, first seq, end seq, stage) of each span the activity is scored on:
     from the first live output, and with events from each change (or the first live output, if
     later) to the next; a stage move moves the footprints."""
@@ -766,9 +693,9 @@ def _event_bins(cfg: BenchConfig, ring: FrameRing, monitor: OutputMonitor, s: in
     have = np.isfinite(monitor.sse[s])
     pixels = cfg.height * cfg.width
     raw_sse = np.empty(cfg.frames)
-    for seq in range(cfg.frames):
-        diff = (ring.noisy_of(seq).astype(np.float64) - ring.clean_of(seq)).ravel()
-        raw_sse[seq] = float(diff @ diff)
+    for i in range(cfg.frames):
+        diff = (ring.noisy_of(i).astype(np.float64) - ring.clean_of(i)).ravel()
+        raw_sse[i] = float(diff @ diff)
     lo_truth = ring.clean.min(axis=(1, 2)).astype(np.float64)
     hi_truth = ring.clean.max(axis=(1, 2)).astype(np.float64)
     starts = [("stream start", 0.0, 0)] + [(e.label(), e.at_s, e.first_frame(rate)) for e in cfg.events]
@@ -797,8 +724,8 @@ def _event_bins(cfg: BenchConfig, ring: FrameRing, monitor: OutputMonitor, s: in
 
 
 def ring_photons(cfg: BenchConfig, s: int) -> float:
-    """Mean photons per pixel per frame of stream ``s`` (`BRIGHTNESS`)."""
-    return cfg.photons * BRIGHTNESS[s % len(BRIGHTNESS)]
+    """Mean photons per pixel per frame of stream ``s`` (`harness.BRIGHTNESS`)."""
+    return cfg.sim_config(s).photons
 
 
 def _sum(values: list[Any]) -> Any:
@@ -810,13 +737,13 @@ def _totals(cfg: BenchConfig, daemon_cfg: DaemonConfig, producer: FrameProducer,
             per_stream: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The figures of all streams together: rates and counts summed, latency and PSNR over every
     stream's outputs, the warm start of the last stream to go live."""
-    k = daemon_cfg.window // 2
+    k = daemon_cfg.engine.window // 2
     rows = list(per_stream.values())
     names = list(per_stream)
     streamed = np.arange(cfg.frames) < cfg.frames - k
     steady = monitor.live & streamed[None, :]
-    latency = _percentiles(monitor.latency_ms[steady])
-    worst = [[names[s], seq, ms] for s in range(len(names))
+    latency = latency_summary(monitor.latency_ms[steady])
+    worst = [(names[s], seq, ms) for s in range(len(names))
              for seq, ms in _worst(monitor.latency_ms[s], steady[s])]
     raw = PsnrAccumulator.merged(monitor.raw)
     den = PsnrAccumulator.merged(monitor.denoised)
@@ -832,7 +759,7 @@ def _totals(cfg: BenchConfig, daemon_cfg: DaemonConfig, producer: FrameProducer,
         "latency_ms_p50": latency["p50"],
         "latency_ms_p99": latency["p99"],
         "latency_ms_max": latency["max"],
-        "latency_ms_all": _percentiles(monitor.latency_ms),
+        "latency_ms_all": latency_summary(monitor.latency_ms.ravel()),
         "latency_ms_worst": sorted(worst, key=lambda w: -w[2])[:10],
         "first_live_seq": None if any(v is None for v in lives) else max(lives),
         "skipped": sum(r["skipped"] for r in rows),
@@ -857,18 +784,19 @@ def _totals(cfg: BenchConfig, daemon_cfg: DaemonConfig, producer: FrameProducer,
 
 def _figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str, FrameRing]],
              init_label: str | None, producer: FrameProducer, monitor: OutputMonitor,
-             per_stream: dict[str, dict[str, Any]], status: dict[str, Any], engine_config: dict[str, Any] | None,
-             *, ended: float, rss: tuple[float, float | None, float], load: tuple[float, float],
+             per_stream: dict[str, dict[str, Any]], status: DaemonStatus, engine_config: dict[str, Any] | None,
+             *, capacity_timeline: list[list[Any]], ended: float, rss: tuple[float, float | None, float],
+             load: tuple[float, float],
              published: int, saved: dict[str, Any] | None, torch_threads: int, torch_version: str,
              gc_pauses: dict[str, Any], batch: int, workers: int) -> dict[str, Any]:
     import torch
 
-    k = daemon_cfg.window // 2
+    k = daemon_cfg.engine.window // 2
     names = list(per_stream)
     single = len(names) == 1
     main = per_stream[names[0]] if single else _totals(cfg, daemon_cfg, producer, monitor, per_stream)
     engine = per_stream[names[0]]["engine_stats"]
-    device = engine.get("device") or daemon_cfg.device
+    device = engine.get("device") or daemon_cfg.engine.device
     gpu = None
     if str(device).startswith("cuda") and torch.cuda.is_available():
         gpu = {"name": torch.cuda.get_device_name(), "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20}
@@ -883,8 +811,8 @@ def _figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str
         "photons": cfg.photons,
         "stream_count": len(names),
         "stream_names": names,
-        "preset": engine.get("preset") or daemon_cfg.preset,
-        "preset_requested": daemon_cfg.preset,
+        "preset": engine.get("preset") or daemon_cfg.engine.preset,
+        "preset_requested": daemon_cfg.engine.preset,
         "device": str(device),
         "precision": engine.get("precision"),
         "inference_only": cfg.inference_only,
@@ -907,7 +835,7 @@ def _figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str
                    {name: row["counters"] for name, row in per_stream.items()},
                    "inbox_overflow": status.get("inbox", {}).get("overflow"),
                    "cpu_budget": daemon_cfg.cpu_budget},
-        "capacity": status.get("capacity"),
+        "capacity": {**status["capacity"], "timeline": capacity_timeline},  # the timeline: the bench's own
         "oracle": cfg.oracle,
         "kept_outputs_mb": sum(image.nbytes for images in monitor.images for image in images.values()) / 2**20,
         "events": _event_bins(cfg, rings[0], monitor) if cfg.events else None,
@@ -918,7 +846,7 @@ def _figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str
         "engine_stats": engine,
         "streams": {name: {key: value for key, value in row.items() if key != "engine_stats"}
                     for name, row in per_stream.items()},
-        "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_count": cpu_cores(),
         "torch_threads": torch_threads,
         "torch_version": torch_version,
         "numpy_version": np.__version__,
@@ -947,17 +875,18 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
     rows = [
         ("fps in / out (sustained)", f"{format_figure(r['fps_in'])} / {format_figure(r['fps_out'])}"),
         ("latency p50 / p99 / max (after warm start)",
-         f"{format_figure(r['latency_ms_p50'])} / {format_figure(r['latency_ms_p99'])} / {format_figure(r['latency_ms_max'])} ms"),
+         " / ".join(format_figure(r[f"latency_ms_{q}"]) for q in ("p50", "p99", "max")) + " ms"),
         ("latency p50 / p99 / max (every output)",
          " / ".join(format_figure(r["latency_ms_all"][q]) for q in ("p50", "p99", "max")) + " ms"),
         ("latency target (N//2 frames + 100 ms)", format_figure(r["latency_target_ms"], '.1f', " ms")),
         ("preview frames skipped (after warm start)", f"{r['skipped']} ({format_figure(r['skipped_after_warmup'])})"),
         ("warm start", format_figure(r["warmup_s"], '.2f', " s")),
         ("training steps (per s, after warm start)",
-         f"{r['train_steps']} ({format_figure(r['train_steps_per_s'])}, {format_figure(r['train_steps_per_s_after_warmup'])})"),
+         f"{r['train_steps']} ({format_figure(r['train_steps_per_s'])}, "
+         f"{format_figure(r['train_steps_per_s_after_warmup'])})"),
         ("PSNR raw → denoised (gain)",
-         f"{format_figure(r['psnr_raw_db'], '.2f')} → {format_figure(r['psnr_denoised_db'], '.2f')} dB ({format_figure(r['psnr_gain_db'], '.2f', ' dB')}) "
-         f"over {r['frames_evaluated']} frames"),
+         f"{format_figure(r['psnr_raw_db'], '.2f')} → {format_figure(r['psnr_denoised_db'], '.2f')} dB "
+         f"({format_figure(r['psnr_gain_db'], '.2f', ' dB')}) over {r['frames_evaluated']} frames"),
         ("first live output (outputs per state)",
          f"{format_figure(r.get('first_live_output_s'), '.2f', ' s')} ({_states(r.get('states'))})"),
         ("changes detected by the daemon", format_figure(r.get("changes"))),
@@ -1011,21 +940,13 @@ def _states(counts: dict[str, int] | None) -> str:
 
 def activity_table(segment: dict[str, Any], oracle: str | None) -> Any:
     """One segment's `metrics.activity_report` (issue 14's metrics), or why it has none."""
-    from rich.table import Table
-
     at = f" at {segment['at_s']:g} s" if segment.get("at_s") else ""
     title = f"activity, {segment['segment']}{at}"
     if "skipped" in segment:
         return f"{title}: not scored ({segment['skipped']})"
-    title += (f": frames {segment['span'][0]}–{segment['span'][1]}, {segment['frames']} scored, "
-              f"{segment['cells']} cells; oracle grid {oracle} (searched after the stream), {segment['seconds']:.0f} s")
-    table = Table(title=title, show_header=True, header_style="bold")
-    table.add_column("method")
-    for header in REPORT_HEADERS:
-        table.add_column(header, justify="right")
-    for label, scores in report_rows(segment):
-        table.add_row(label, *(format_score(m, scores.get(m)) for m in REPORT_METRICS))
-    return table
+    return report_table(segment, title + f": frames {segment['span'][0]}–{segment['span'][1]}, {segment['frames']} "
+                                         f"scored, {segment['cells']} cells; oracle grid {oracle} (searched after "
+                                         f"the stream), {segment['seconds']:.0f} s")
 
 
 def events_table(events: dict[str, Any]) -> Any:
@@ -1043,7 +964,8 @@ def events_table(events: dict[str, Any]) -> Any:
         for lo, hi in events["bins_s"]:
             table.add_column(f"{lo:g}–{hi:g} s", justify="right")
         for row in events["rows"]:
-            table.add_row(f"{row['change']} ({row['at_s']:g} s)", *(cell(b) if b["frames"] else "" for b in row["bins"]))
+            cells = (cell(b) if b["frames"] else "" for b in row["bins"])
+            table.add_row(f"{row['change']} ({row['at_s']:g} s)", *cells)
         tables.append(table)
     return Group(*tables)
 
@@ -1061,7 +983,8 @@ def stream_table(result: dict[str, Any]) -> Any:
         return [name, photons, format_figure(f["fps_in"]), format_figure(f["fps_out"]),
                 f"{f['skipped']} ({format_figure(f['skipped_after_warmup'])})",
                 format_figure(f["latency_ms_p50"]), format_figure(f["latency_ms_p99"]), format_figure(f["warmup_s"]),
-                f"{format_figure(f['psnr_raw_db'], '.2f')} → {format_figure(f['psnr_denoised_db'], '.2f')}", format_figure(f["psnr_gain_db"], '.2f'),
+                f"{format_figure(f['psnr_raw_db'], '.2f')} → {format_figure(f['psnr_denoised_db'], '.2f')}",
+                format_figure(f["psnr_gain_db"], '.2f'),
                 str(f["train_steps"])]
 
     for name, f in result["streams"].items():
@@ -1070,17 +993,17 @@ def stream_table(result: dict[str, Any]) -> Any:
     return table
 
 
-def run(args: argparse.Namespace) -> int:
+def run(config: BenchConfig) -> int:
     try:
-        if args.init is not None:
-            load_checkpoint(args.init)  # a bad file is refused now, not silently at the first frame
-        result = measure(args)
+        if config.daemon.engine.init is not None:
+            load_checkpoint(config.daemon.engine.init)  # a bad file is refused now, not silently at the first frame
+        result = measure(config)
     except ValueError as exc:  # CheckpointError included
         print(f"umvd-live bench: {exc}", file=sys.stderr)
         return 2
     print_table(result)
-    if args.json:
-        path = Path(args.json)
+    if config.json_path is not None:
+        path = config.json_path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, indent=2, default=str) + "\n")

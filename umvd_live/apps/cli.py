@@ -1,16 +1,35 @@
 """`umvd-live` command line: one sub-command per capability, each delegating to its module.
 
-The modules are imported only when their command runs, so `umvd-live --help` stays fast and the
-core commands never import Qt or the Micro-Manager libraries.
+This is the one place that turns flags into configurations (`engine_config_from_args`,
+`denoise_config`, `demo_config`, `bench_config`, `acquire_config`, `viewer_config`): every module past it takes a
+config dataclass, never an `argparse.Namespace`. Flags a user leaves out that the engine has a
+default for stay None here and the `EngineConfig` field default applies, so the defaults are
+written once, in `EngineConfig`.
+
+The modules are imported only when their command runs, so `umvd-live --help` stays fast (no torch)
+and the core commands never import Qt or the Micro-Manager libraries.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from umvd_live.apps import logs
 from umvd_live.daemon.runtime import tune_process
+
+if TYPE_CHECKING:
+    from umvd_live.adapters.simulation import SimEvent
+    from umvd_live.apps.acquire import AcquireConfig
+    from umvd_live.apps.bench import BenchConfig
+    from umvd_live.apps.demo import DemoConfig
+    from umvd_live.apps.denoise import DenoiseConfig
+    from umvd_live.daemon.config import DaemonConfig
+    from umvd_live.engine import EngineConfig
+    from umvd_live.viewer.session import ViewerConfig
 
 PRESETS = ("auto", "lite", "fast", "paper")
 DEVICES = ("auto", "cpu", "cuda")
@@ -35,12 +54,12 @@ def _engine_args(p: argparse.ArgumentParser, *, inference_workers: bool = True) 
                    help="network size (default auto: paper on a GPU; on a CPU lite, and fast for live "
                         "streams of 512² and more)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="compute device (default: auto)")
-    p.add_argument("--window", type=int, default=7, metavar="N", help="frames per window, odd (default 7)")
+    p.add_argument("--window", type=int, metavar="N", help="frames per window, odd (default: the engine's)")
     p.add_argument("--context", type=parse_context, metavar="A,B,..",
                    help="lengths of the blocks of earlier frames the network also sees, or 'none' "
                         "(default: the preset's; lite and fast 8,24,64, paper none)")
-    p.add_argument("--warmup-frames", type=int, default=300, metavar="F",
-                   help="frames of the initial burst the warm start trains on (default 300)")
+    p.add_argument("--warmup-frames", type=int, metavar="F",
+                   help="frames of the initial burst the warm start trains on (default: the engine's)")
     p.add_argument("--init", metavar="PATH", help="start from weights saved by an earlier session")
     p.add_argument("--prior", default="auto", metavar="auto|none|PATH",
                    help="weights a new stream starts on, shown while they beat a temporal mean (default "
@@ -48,6 +67,9 @@ def _engine_args(p: argparse.ArgumentParser, *, inference_workers: bool = True) 
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="arithmetic of the networks (default auto: bf16 where the hardware has it, an "
                         "Ampere or later GPU or a CPU with AVX512-BF16 or AMX; else fp32)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="live streams: run the inference pass through torch.compile, built beside the "
+                        "stream (the eager pass serves until it is ready, and wherever it cannot be built)")
     p.add_argument("--batch", type=int, metavar="B",
                    help="windows denoised per forward pass when frames wait (default: 16 on a GPU, "
                         "1 on a CPU, where batches are slower)")
@@ -78,20 +100,27 @@ def _file_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, metavar="T",
                    help="torch threads on a CPU (default: every core this process may use; batch: "
                         "the cores divided among the tasks that run at once)")
+    p.add_argument("--stream", action="append", default=[], metavar="NAME", dest="streams",
+                   help="only this stream of a file of several (a channel, plane or position: GCaMP, "
+                        "p1.c0, ...; repeatable; default: every stream, each on its own engine, an output each)")
 
 
 def _denoise(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("denoise", help="denoise a TIFF/OME-TIFF movie through the streaming engine",
+    p = sub.add_parser("denoise", help="denoise a movie file through the streaming engine",
                        description="Denoise a recorded movie with the live engine: train along the movie "
                                    "(or on all of it: --offline), then denoise every frame with the final "
                                    "weights and context from both sides of the window; write an OME-TIFF "
-                                   "with the input's pixel size, interval, channel and date (docs/engine.md).")
-    p.add_argument("input", help="T×H×W movie: TIFF, OME-TIFF, ImageJ, NDTiff/MMStack or OME-Zarr (.ome.zarr)")
-    p.add_argument("output", help="denoised movie, OME-TIFF or OME-Zarr by its extension (float32, same frame count, input units)")
+                                   "with the input's pixel size, interval, channel and date (docs/engine.md). "
+                                   "A file of several channels, planes or positions is denoised stream by "
+                                   "stream, each on its own engine: OUTPUT_<stream>.ome.tif each.")
+    p.add_argument("input", help="movie: TIFF, OME-TIFF, ImageJ, ScanImage, NDTiff/MMStack or OME-Zarr (.ome.zarr); "
+                                 "what `acquire replay` reads")
+    p.add_argument("output", help="denoised movie, OME-TIFF or OME-Zarr by its extension (float32, same frame count, "
+                                  "input units); a file of several streams: one per stream, OUTPUT's name + _STREAM")
     _engine_args(p)
     _file_args(p)
     p.add_argument("--save-model", metavar="PATH", help="save the final weights here")
-    p.set_defaults(module="umvd_live.apps.denoise")
+    p.set_defaults(module="umvd_live.apps.denoise", run=_run_denoise)
 
 
 def _batch(sub: argparse._SubParsersAction) -> None:
@@ -120,7 +149,7 @@ def _batch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retries", type=int, default=1, metavar="R",
                    help="reruns of a task that raised (a lost worker's tasks are rerun anyway; default 1)")
     p.add_argument("--save-models", action="store_true", help="save each movie's weights beside its output (NAME.pt)")
-    p.set_defaults(module="umvd_live.apps.batch")
+    p.set_defaults(module="umvd_live.apps.batch", run=_run_module)
 
 
 def _serve(sub: argparse._SubParsersAction) -> None:
@@ -148,6 +177,9 @@ def _serve(sub: argparse._SubParsersAction) -> None:
                    help="backlog, in estimated inference time, the preview works through before "
                         "it skips to the newest window (default 100)")
     p.add_argument("--max-streams", type=int, default=16, help="streams served at once (default 16)")
+    p.add_argument("--ready-file", metavar="PATH",
+                   help="once every socket is bound, write the endpoints here as JSON (for scripts and the "
+                        "demo; docs/protocol.md)")
     _budget_arg(p)
     p.add_argument("--inbox-mb", type=float, default=1024.0,
                    help="memory for received frames not processed yet; past it frames are "
@@ -168,7 +200,7 @@ def _serve(sub: argparse._SubParsersAction) -> None:
                           "every socket then requires an allowed client key")
     sec.add_argument("--curve-clients", metavar="DIR",
                      help="directory of the client public keys (*.key) allowed to connect")
-    p.set_defaults(module="umvd_live.daemon.service")
+    p.set_defaults(module="umvd_live.daemon.service", run=_run_serve)
 
 
 def _keys(sub: argparse._SubParsersAction) -> None:
@@ -177,31 +209,35 @@ def _keys(sub: argparse._SubParsersAction) -> None:
                                    "(docs/security.md).")
     p.add_argument("directory", help="where to write the two files (created if missing)")
     p.add_argument("name", help="key name, e.g. daemon, or the client's host name")
-    p.set_defaults(module="umvd_live.wire.security")
+    p.set_defaults(module="umvd_live.wire.security", run=_run_keys)
 
 
 def _acquire(sub: argparse._SubParsersAction) -> None:
+    from umvd_live.apps.acquire import AcquireConfig as acq  # their defaults
+    from umvd_live.apps.acquire import PublishConfig as pub
+
     p = sub.add_parser("acquire", help="stream frames from a source into the daemon",
                        description="Stream frames from a source into the daemon (docs/adapters.md).")
-    p.set_defaults(module="umvd_live.adapters.cli")
+    p.set_defaults(module="umvd_live.apps.acquire", run=_run_acquire)
     p.add_argument("source", choices=("sim", "replay", "pymmcore-plus", "pycromanager"),
                    help="where frames come from: the simulator, a file, an in-process Micro-Manager core, "
                         "or Micro-Manager through pycromanager")
-    p.add_argument("--to", default="tcp://127.0.0.1:5555", help="daemon input endpoint")
-    p.add_argument("--stream", default="cam0",
+    p.add_argument("--to", default=pub.to, help="daemon input endpoint")
+    p.add_argument("--stream", default=pub.stream,
                    help="stream name (topic); with channels, planes or positions the base name of one "
                         "stream per (position, channel, plane), e.g. cam0.GCaMP.z2 (docs/adapters.md)")
     p.add_argument("--frames", type=int, help="number of frames (default: source's own)")
-    p.add_argument("--wait-s", type=float, default=10.0, metavar="S",
-                   help="wait this long for the daemon's subscription before giving up (default 10)")
-    p.add_argument("--sndhwm", type=int, default=2000, help=argparse.SUPPRESS)
-    p.add_argument("--queue", type=int, default=256, metavar="N",
-                   help="pymmcore-plus, pycromanager owner: hand-off queue length (default 256)")
-    p.add_argument("--rate", type=float, default=30.0, help="frames per second (sim, replay)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(256, 256),
-                   help="sim: frame height and width in pixels (default 256 256)")
-    p.add_argument("--photons", type=float, default=2.0, help="sim: photons/pixel/frame")
-    p.add_argument("--seed", type=int, default=0, help="sim: random seed of the simulated session (default 0)")
+    p.add_argument("--wait-s", type=float, default=pub.wait_s, metavar="S",
+                   help="wait this long for the daemon's subscription before giving up (default %(default)g)")
+    p.add_argument("--sndhwm", type=int, default=pub.sndhwm, help=argparse.SUPPRESS)
+    p.add_argument("--queue", type=int, default=acq.queue, metavar="N",
+                   help="pymmcore-plus, pycromanager owner: hand-off queue length (default %(default)d)")
+    p.add_argument("--rate", type=float, default=acq.rate_hz, help="frames per second (sim, replay)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=acq.size,
+                   help="sim: frame height and width in pixels (default %(default)s)")
+    p.add_argument("--photons", type=float, default=acq.photons, help="sim: photons/pixel/frame")
+    p.add_argument("--seed", type=int, default=acq.seed,
+                   help="sim: random seed of the simulated session (default %(default)d)")
     p.add_argument("--file", help="replay: the movie to replay (TIFF, OME-TIFF, ScanImage, NDTiff, MMStack)")
     p.add_argument("--loop", action="store_true", help="replay: loop the file")
     p.add_argument("--file-timing", action="store_true", help="replay: pace at the file's timestamps")
@@ -210,20 +246,20 @@ def _acquire(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="pymmcore-plus, pycromanager owner: Micro-Manager configuration file")
     p.add_argument("--mm-path", help="Micro-Manager folder with the C++ device adapters the config uses")
     p.add_argument("--exposure-ms", type=float, help="pymmcore-plus, pycromanager --config: exposure")
-    p.add_argument("--interval-ms", type=float, default=0.0,
-                   help="pymmcore-plus, pycromanager owner: time-lapse interval (default 0)")
+    p.add_argument("--interval-ms", type=float, default=acq.interval_ms,
+                   help="pymmcore-plus, pycromanager owner: time-lapse interval (default %(default)g)")
     p.add_argument("--live", action="store_true", help="pymmcore-plus: tap live mode instead of an MDA")
     p.add_argument("--mda", metavar="SEQUENCE.yaml",
                    help="pymmcore-plus: run this useq-schema MDA (channels, z, positions, time) instead "
                         "of a --frames time-lapse; a stream per (position, channel, plane)")
-    p.add_argument("--mode", choices=("owner", "tap"), default="tap",
+    p.add_argument("--mode", choices=("owner", "tap"), default=acq.mode,
                    help="pycromanager: run our own acquisition (owner) or follow the GUI's (tap)")
-    p.add_argument("--mm-port", type=int, default=4827, help="pycromanager: Micro-Manager's ZMQ port")
-    p.add_argument("--connect-attempts", type=int, default=5,
-                   help="pycromanager: tries to reach Micro-Manager, with back-off (default 5)")
-    p.add_argument("--retry-s", type=float, default=1.0,
-                   help="pycromanager: first back-off delay, doubled per try (default 1)")
-    p.add_argument("--poll-ms", type=float, default=10.0, help="pycromanager tap: polling period")
+    p.add_argument("--mm-port", type=int, default=acq.mm_port, help="pycromanager: Micro-Manager's ZMQ port")
+    p.add_argument("--connect-attempts", type=int, default=acq.connect_attempts,
+                   help="pycromanager: tries to reach Micro-Manager, with back-off (default %(default)d)")
+    p.add_argument("--retry-s", type=float, default=acq.retry_s,
+                   help="pycromanager: first back-off delay, doubled per try (default %(default)g)")
+    p.add_argument("--poll-ms", type=float, default=acq.poll_ms, help="pycromanager tap: polling period")
     p.add_argument("--save-dir", help="pycromanager owner: where pycromanager saves the raw data")
 
 
@@ -243,17 +279,17 @@ def _demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=PRESETS, default="auto",
                    help="network size (default auto: paper on a GPU; on a CPU lite, fast from 512²)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="compute device (default: auto)")
-    p.add_argument("--window", type=int, default=7, metavar="N", help="frames per window, odd (default 7)")
-    p.add_argument("--warmup-frames", type=int, default=150, metavar="F",
-                   help="frames of the warm start (default 150, shorter than serve's 300 for a short demo)")
-    p.add_argument("--warmup-steps", type=int, default=100, metavar="S",
-                   help="training steps of the warm start (default 100; serve's default is 400)")
+    p.add_argument("--window", type=int, metavar="N", help="frames per window, odd (default: the engine's)")
+    p.add_argument("--warmup-frames", type=int, metavar="F",
+                   help="frames of the warm start (default: the demo's, shorter than serve's for a short demo)")
+    p.add_argument("--warmup-steps", type=int, metavar="S",
+                   help="training steps of the warm start (default: the demo's, fewer than serve's)")
     p.add_argument("--json", metavar="PATH", help="also write the summary's figures as JSON")
     p.add_argument("--seed", type=int, default=0, help="random seed of the simulation and the network (default 0)")
     p.add_argument("--oracle", choices=("reduced", "full", "none"), default="reduced",
                    help="the Gaussian filters the truth picks per metric, beside which the summary scores the "
                         "activity, searched after the stream (default reduced: a coarser sigma grid)")
-    p.set_defaults(module="umvd_live.apps.demo")
+    p.set_defaults(module="umvd_live.apps.demo", run=_run_demo)
 
 
 def _view(sub: argparse._SubParsersAction) -> None:
@@ -262,13 +298,14 @@ def _view(sub: argparse._SubParsersAction) -> None:
                                    "raw beside denoised, status, noise estimate, controls (docs/viewer.md).")
     p.add_argument("--connect", default="tcp://127.0.0.1:5556", help="daemon output endpoint")
     p.add_argument("--control", default="tcp://127.0.0.1:5557", help="daemon control endpoint")
-    p.add_argument("--stream", help="stream, or acquisition (group such as cam0), to show first (default: the first seen)")
+    p.add_argument("--stream",
+                   help="stream, or acquisition (group such as cam0), to show first (default: the first seen)")
     p.add_argument("--region", type=int, nargs=4, metavar=("ROW0", "ROW1", "COL0", "COL1"),
                    help="draw this region (pixels, end excluded) at the first frame")
     p.add_argument("--quit-after", type=float, metavar="S",
                    help="close the window after S seconds (with --screenshot: for docs and smoke tests)")
     p.add_argument("--screenshot", metavar="PNG", help="with --quit-after: save the whole window first")
-    p.set_defaults(module="umvd_live.viewer.qt.app")
+    p.set_defaults(module="umvd_live.viewer.qt.app", run=_run_view)
 
 
 def _bench(sub: argparse._SubParsersAction) -> None:
@@ -312,7 +349,7 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rss-every", type=float, default=10.0, metavar="S",
                    help="seconds between the resident-memory samples in the JSON (default 10)")
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
-    p.set_defaults(module="umvd_live.apps.bench")
+    p.set_defaults(module="umvd_live.apps.bench", run=_run_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,12 +369,217 @@ def _version() -> str:
     return __version__
 
 
+# ---- flags -> configurations ----------------------------------------------------------------------
+def _given(args: argparse.Namespace, names: dict[str, str]) -> dict[str, Any]:
+    """``{field: args.flag}`` for the flags given (not None): the others keep their field default."""
+    return {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag, None) is not None}
+
+
+#: Engine flags (argparse dest) -> `EngineConfig` fields.
+ENGINE_FLAGS = {"preset": "preset", "device": "device", "window": "window", "context": "context",
+                "warmup_frames": "warmup_frames", "warmup_steps": "warmup_steps", "init": "init",
+                "prior": "prior", "seed": "seed", "batch": "max_batch", "workers": "workers",
+                "precision": "precision", "compile": "compile", "steps_per_frame": "steps_per_frame",
+                "threads": "cpu_threads"}
+
+
+def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> EngineConfig:
+    """The engine flags of `denoise`, `batch`, `serve` and `bench` as an `EngineConfig`; flags not
+    given keep the config's defaults."""
+    from dataclasses import replace
+
+    from umvd_live.engine import EngineConfig
+
+    return replace(EngineConfig(**_given(args, ENGINE_FLAGS)), **overrides)
+
+
+def denoise_config(args: argparse.Namespace) -> DenoiseConfig:
+    from umvd_live.apps.denoise import DenoiseConfig
+
+    return DenoiseConfig(input=Path(args.input), output=Path(args.output), engine=engine_config_from_args(args),
+                         offline=args.offline, save_model=Path(args.save_model) if args.save_model else None,
+                         streams=tuple(args.streams))
+
+
+def demo_config(args: argparse.Namespace) -> DemoConfig:
+    from umvd_live.apps.demo import DemoConfig
+
+    return DemoConfig(duration_s=args.duration, height=args.size[0], width=args.size[1], rate_hz=args.rate,
+                      photons=args.photons, preset=args.preset, device=args.device, seed=args.seed,
+                      json_path=Path(args.json) if args.json else None, oracle=args.oracle,
+                      **_given(args, {"window": "window", "warmup_frames": "warmup_frames",
+                                      "warmup_steps": "warmup_steps"}))
+
+
+def daemon_config_from_args(args: argparse.Namespace) -> DaemonConfig:
+    """`serve`'s flags as a `DaemonConfig` (its engine: `engine_config_from_args`, training in the
+    background; ``--record``: a recording of every stream from the start, the operator's path)."""
+    from umvd_live.daemon.config import DaemonConfig
+    from umvd_live.wire.security import CurveServerConfig, SecurityError
+
+    connect = tuple(args.input_connect or ())
+    if args.input is not None:
+        input_bind = args.input
+    else:
+        input_bind = None if connect else DaemonConfig.input_bind
+    key, clients = args.curve_server_key, args.curve_clients
+    if (key is None) != (clients is None):
+        raise SecurityError("CURVE needs both --curve-server-key and --curve-clients")
+    recording = None
+    if args.record is not None:
+        from umvd_live.recording.session import RecordingRequest
+
+        recording = RecordingRequest(path=Path(args.record))
+    return DaemonConfig(
+        engine=engine_config_from_args(args, train_mode="background"),
+        input_bind=input_bind, input_connect=connect, output=args.output, control=args.control,
+        recording=recording, output_dir=Path(args.output_dir),
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+        ready_file=Path(args.ready_file) if args.ready_file else None,
+        max_streams=args.max_streams, inbox_bytes=int(args.inbox_mb * 2**20),
+        status_interval_s=args.status_interval, catchup_s=args.catchup_ms / 1000.0, cpu_budget=args.cpu_budget,
+        checkpoint_interval_s=args.checkpoint_interval, idle_after_s=args.idle_s, allow_remote=args.allow_remote,
+        curve=CurveServerConfig(Path(key), Path(clients)) if key is not None and clients is not None else None,
+    )
+
+
+def bench_config(args: argparse.Namespace) -> BenchConfig:
+    from umvd_live.apps.bench import DEFAULT_FRAMES, BenchConfig
+    from umvd_live.apps.harness import SESSION_S, session_events
+    from umvd_live.daemon.config import DaemonConfig
+
+    height, width = args.size
+    if not args.max and not args.rate > 0:
+        raise ValueError(f"--rate must be > 0, got {args.rate}")
+    frames, duration, spec = args.frames, args.duration, args.events
+    if frames is not None and duration is not None:
+        raise ValueError("give --frames or --duration, not both")
+    if duration is not None:
+        if args.max or not duration > 0:
+            raise ValueError(f"--duration needs a paced stream (--rate) and > 0 s, got {duration}")
+        frames = max(1, round(duration * args.rate))
+    if frames is None:
+        frames = round(SESSION_S * args.rate) if spec and not args.max else DEFAULT_FRAMES
+    events: tuple[SimEvent, ...] = ()
+    if spec:
+        if args.max or args.streams != 1:
+            raise ValueError("--events scripts one paced stream: no --max, no --streams")
+        events = session_events(spec, frames / args.rate)
+    daemon = DaemonConfig(
+        engine=engine_config_from_args(args, train_mode="background"), input_bind=None, input_connect=(),
+        output="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*", catchup_s=args.catchup_ms / 1000.0,
+        cpu_budget=args.cpu_budget,
+    )
+    return BenchConfig(height=height, width=width, frames=frames, rate_hz=None if args.max else float(args.rate),
+                       photons=args.photons, inference_only=args.inference_only,
+                       ring_bytes=int(args.ring_mb * 2**20), rss_every_s=args.rss_every,
+                       save_model=args.save_model, daemon=daemon, streams=args.streams,
+                       events=events, events_spec=spec, oracle=args.oracle,
+                       json_path=Path(args.json) if args.json else None)
+
+
+def acquire_config(args: argparse.Namespace) -> AcquireConfig:
+    from umvd_live.apps.acquire import AcquireConfig, PublishConfig
+
+    publish = PublishConfig(to=args.to, stream=args.stream, wait_s=args.wait_s, sndhwm=args.sndhwm)
+    return AcquireConfig(
+        source=args.source, publish=publish, frames=args.frames, queue=args.queue, rate_hz=args.rate,
+        size=tuple(args.size), photons=args.photons, seed=args.seed,
+        file=Path(args.file) if args.file else None, loop=args.loop, file_timing=args.file_timing,
+        series=args.series, channel=args.channel, mm_config=args.config, mm_path=args.mm_path,
+        exposure_ms=args.exposure_ms, interval_ms=args.interval_ms, live=args.live, mda=args.mda,
+        mode=args.mode, mm_port=args.mm_port, connect_attempts=args.connect_attempts, retry_s=args.retry_s,
+        poll_ms=args.poll_ms, save_dir=args.save_dir,
+    )
+
+
+def viewer_config(args: argparse.Namespace) -> ViewerConfig:
+    from umvd_live.viewer.session import ViewerConfig
+
+    region = tuple(args.region) if args.region else None
+    return ViewerConfig(output=args.connect, control=args.control, stream=args.stream, region=region)
+
+
+# ---- the commands ---------------------------------------------------------------------------------
+Config = TypeVar("Config")
+
+
+def _configured(args: argparse.Namespace, make: Callable[[argparse.Namespace], Config]) -> Config | None:
+    """The command's configuration, or None after saying on stderr why the flags make none."""
+    try:
+        return make(args)
+    except ValueError as exc:
+        print(f"umvd-live {args.command}: {exc}", file=sys.stderr)
+        return None
+
+
+def _run_module(args: argparse.Namespace) -> int:
+    """`batch` reads its flags in its own ``run``."""
+    return int(sys.modules[args.module].run(args) or 0)
+
+
+def _run_denoise(args: argparse.Namespace) -> int:
+    from umvd_live.apps import denoise
+
+    config = _configured(args, denoise_config)
+    return 2 if config is None else denoise.run(config)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from umvd_live.daemon import service
+
+    config = _configured(args, daemon_config_from_args)  # SecurityError is a ValueError
+    return 2 if config is None else service.run(config)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from umvd_live.apps import demo
+
+    config = _configured(args, demo_config)
+    return 2 if config is None else demo.run(config)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from umvd_live.apps import bench
+
+    config = _configured(args, bench_config)
+    return 2 if config is None else bench.run(config)
+
+
+def _run_acquire(args: argparse.Namespace) -> int:
+    from umvd_live.apps import acquire
+
+    config = _configured(args, acquire_config)
+    return 2 if config is None else acquire.run(config)
+
+
+def _run_view(args: argparse.Namespace) -> int:
+    from umvd_live.viewer.qt import app
+
+    return app.run(viewer_config(args), quit_after_s=args.quit_after,
+                   screenshot=Path(args.screenshot) if args.screenshot else None)
+
+
+def _run_keys(args: argparse.Namespace) -> int:
+    """``umvd-live keys DIR NAME``."""
+    from umvd_live.wire.security import SecurityError, create_keypair
+
+    try:
+        public, secret = create_keypair(args.directory, args.name)
+    except (SecurityError, OSError) as exc:
+        print(f"umvd-live keys: {exc}", file=sys.stderr)
+        return 2
+    print(f"public key (copy to the other side): {public}")
+    print(f"secret key (keep private):           {secret}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level)
-    module = tune_process(args.module)
+    tune_process(args.module)  # the command's module, imported with the process settings applied
     try:
-        return int(module.run(args) or 0)
+        return int(args.run(args) or 0)
     except KeyboardInterrupt:
         return 130
 

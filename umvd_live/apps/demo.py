@@ -7,10 +7,12 @@ Ctrl-C reaches only the demo, which then shuts the daemon down in order), the si
 through `FramePublisher` at ``--rate``, and a subscriber on the daemon's output that scores every
 denoised frame against the simulation's ground truth, matched by ``seq``.
 
-Units: `ServeProcess` (the daemon and its control socket), `QualityTracker` (PSNR by seq, and the
-frames of the session's last `SCORED_MB` for the activity metrics), `OutputCollector` (the output
-subscriber), `DemoDisplay` (the live view), `DemoSummary` (figures, table, JSON), `run` (the
-session's order: start, stream, stop, flush, summarise).
+Units: `harness.ServeProcess` (the daemon, started with ``--ready-file``, and its control socket),
+`QualityTracker` (PSNR by seq, and the frames of the session's last `SCORED_MB` for the activity
+metrics), `OutputCollector` (the output subscriber), `DemoDisplay` (the live view), `DemoSummary`
+(figures, table, JSON), `run` (the session's order: start, stream, stop, flush, summarise). What
+`umvd-live bench` does alike (the simulator's set-up, the output subscriber, the scoring, the
+printed figures) is `apps.harness`.
 
 The summary scores the activity as `umvd-live bench` and tools/bench_denoise.py do, with the same
 function (`metrics.activity_report`: whole-movie and active-set PSNR, per-cell trace correlation and
@@ -20,26 +22,21 @@ for each metric), after the stream, over its last live frames.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import queue
-import re
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import psutil
-import zmq
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -47,24 +44,25 @@ from rich.text import Text
 
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.adapters.simulation import SimConfig, StreamResult, TwoPhotonSimulator, stream_simulation
-from umvd_live.apps.figures import format_figure
+from umvd_live.apps.harness import (
+    DaemonError,
+    OutputSubscriber,
+    ServeProcess,
+    activity_table,
+    format_figure,
+    sim_config,
+)
 from umvd_live.daemon.status import render_lines, render_table
-from umvd_live.metrics import REPORT_HEADERS, REPORT_METRICS, SessionFrames, format_score, psnr, report_rows
-from umvd_live.wire.control_client import ControlClient, DaemonUnavailable
-from umvd_live.wire.protocol import DENOISED_SUFFIX, ProtocolError, decode_output
+from umvd_live.engine.budget import cpu_cores
+from umvd_live.metrics import SessionFrames, psnr
+from umvd_live.wire.schema import StatusReply, StreamStatus, latency_summary
 
 STREAM = "sim0"
-#: `umvd-live serve`'s own warm-start defaults, named in the summary when the demo uses others.
-SERVE_WARMUP_FRAMES = 300
-SERVE_WARMUP_STEPS = 400
-#: The demo's warm start: shorter than serve's so that a 60 s demo on a 2-core CPU goes live well
-#: before its end (docs/demo.md has the measurements). `cli.py`'s demo defaults repeat these.
+#: The demo's warm start: shorter than serve's (`EngineConfig`'s defaults) so that a 60 s demo on a
+#: 2-core CPU goes live well before its end (docs/demo.md has the measurements).
 DEMO_WARMUP_FRAMES = 150
 DEMO_WARMUP_STEPS = 100
 TMEAN_FRAMES = 5
-READY = re.compile(r"ready: input=(\S+) output=(\S+) control=(\S+)")
-DAEMON_START_S = 90.0  # importing torch on a loaded machine is slow
-CONTROL_TIMEOUT_S = 10.0
 QUIET_S = 0.3  # after the daemon's exit: the output is done when it has been silent this long
 #: Memory for the frames the activity metrics score (noisy, truth and denoised of the latest
 #: frames): 600 frames (20 s at 30 Hz) of 256², all of a 64² demo.
@@ -73,6 +71,14 @@ SCORED_MB = 384
 
 class DemoError(Exception):
     """The demo could not run (the daemon did not start, or died); the message says why."""
+
+
+def _engine_default(name: str) -> Any:
+    """`EngineConfig`'s default for ``name`` (serve's, unless the demo is told otherwise). For the
+    summary only: the engine (torch) is imported once the stream is over, not while it runs."""
+    from umvd_live.engine import EngineConfig
+
+    return next(f.default for f in fields(EngineConfig) if f.name == name)
 
 
 @dataclass(frozen=True)
@@ -84,11 +90,11 @@ class DemoConfig:
     photons: float = 2.0
     preset: str = "auto"
     device: str = "auto"
-    window: int = 7
+    window: int | None = None  # None: the engine's
     warmup_frames: int = DEMO_WARMUP_FRAMES
     warmup_steps: int = DEMO_WARMUP_STEPS
     seed: int = 0
-    json_path: str | None = None
+    json_path: Path | None = None
     oracle: str = "reduced"  # the activity report's oracle grid (`metrics.ORACLE_GRIDS`, or none)
 
     def __post_init__(self) -> None:
@@ -96,119 +102,35 @@ class DemoConfig:
             raise ValueError(f"--duration must be > 0, got {self.duration_s}")
         if self.warmup_frames < 1 or self.warmup_steps < 0:
             raise ValueError("--warmup-frames must be >= 1 and --warmup-steps >= 0")
-        if self.window < 3 or self.window % 2 == 0:
+        if self.window is not None and (self.window < 3 or self.window % 2 == 0):
             raise ValueError(f"--window must be odd and >= 3, got {self.window}")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "DemoConfig":
-        return cls(duration_s=args.duration, height=args.size[0], width=args.size[1], rate_hz=args.rate,
-                   photons=args.photons, preset=args.preset, device=args.device, window=args.window,
-                   warmup_frames=args.warmup_frames, warmup_steps=args.warmup_steps, seed=args.seed,
-                   json_path=args.json, oracle=getattr(args, "oracle", "reduced"))
+        self.sim_config()  # refuses a bad size, rate or photon count before anything starts
 
     def scored_frames(self) -> int:
         """How many of the latest frames the activity metrics keep (`SCORED_MB`)."""
         return max(1, SCORED_MB * 2**20 // (self.height * self.width * (2 + 4 + 4)))
 
     def sim_config(self) -> SimConfig:
-        return SimConfig(height=self.height, width=self.width, rate_hz=self.rate_hz,
-                         photons=self.photons, seed=self.seed)
+        return sim_config(self.height, self.width, self.rate_hz, self.photons, self.seed)
 
-
-# ---- the daemon ---------------------------------------------------------------------------------
-def _end_with_parent() -> None:
-    """In the daemon's child process (Linux): SIGTERM when the demo dies, even by SIGKILL, so that
-    no daemon outlives its demo (SIGTERM makes `serve` flush and exit)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-class ServeProcess:
-    """`umvd-live serve` as a subprocess on ephemeral loopback ports, its log in ``log_dir``.
-
-    It runs in its own session so that the terminal's Ctrl-C reaches only the demo, which ends the
-    daemon with the `shutdown` command (everything received is denoised and published first)."""
-
-    def __init__(self, config: DemoConfig, log_dir: Path):
-        self.log_path = log_dir / "daemon.log"
-        cmd = [sys.executable, "-m", "umvd_live.apps.cli", "serve",
-               "--input", "tcp://127.0.0.1:*", "--output", "tcp://127.0.0.1:*",
-               "--control", "tcp://127.0.0.1:*", "--output-dir", str(log_dir),
-               "--preset", config.preset, "--device", config.device, "--window", str(config.window),
-               "--warmup-frames", str(config.warmup_frames), "--warmup-steps", str(config.warmup_steps),
-               "--seed", str(config.seed), "--status-interval", "3600"]
-        env = os.environ | {"PYTHONUNBUFFERED": "1"}
-        # Its own session or process group, so a Ctrl-C meant for the demo reaches the daemon only
-        # through the demo's orderly stop; preexec_fn exists on POSIX only.
-        own_group = ({"start_new_session": True, "preexec_fn": _end_with_parent} if os.name == "posix"
-                     else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP})
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, **own_group)
-        self.input = self.output = self.control = ""
-        self._ctx = zmq.Context()
-        self._control: ControlClient | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def wait_ready(self, timeout_s: float = DAEMON_START_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            match = READY.search(self.log())
-            if match:
-                self.input, self.output, self.control = match.groups()
-                return
-            if self.proc.poll() is not None:
-                raise DemoError(f"the daemon exited with status {self.proc.returncode}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise DemoError(f"the daemon did not start within {timeout_s:.0f} s:\n{self.log_tail()}")
-            time.sleep(0.05)
-
-    def request(self, cmd: str, timeout_s: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
-        """One control request (the shared client re-creates its socket after a timeout)."""
-        if self._control is None:
-            self._control = ControlClient(self.control, CONTROL_TIMEOUT_S, self._ctx)
-        try:
-            reply = self._control.request(cmd, timeout_s)
-        except DaemonUnavailable:
-            raise DemoError(f"the daemon did not answer {cmd!r} within {timeout_s:.0f} s") from None
-        if not reply.get("ok"):
-            raise DemoError(f"the daemon refused {cmd!r}: {reply.get('error')}")
-        return reply
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 20) -> str:
-        return "\n".join(self.log().splitlines()[-lines:])
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Wait for the exit that `shutdown` started; kill it if it does not come."""
-        if self._control is not None:
-            self._control.close()
-            self._control = None
-        try:
-            self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._ctx.term()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+    def serve_args(self) -> list[str]:
+        """`umvd-live serve`'s engine flags for this demo."""
+        window = [] if self.window is None else ["--window", str(self.window)]
+        return ["--preset", self.preset, "--device", self.device, *window,
+                "--warmup-frames", str(self.warmup_frames), "--warmup-steps", str(self.warmup_steps),
+                "--seed", str(self.seed)]
 
 
 # ---- quality ------------------------------------------------------------------------------------
+class LiveQuality(TypedDict):
+    """Mean per-frame PSNR (dB) of the frames output live, and how many (`QualityTracker.live_means`)."""
+
+    frames: int
+    raw_db: float | None
+    tmean_db: float | None
+    denoised_db: float | None
+
+
 class QualityTracker:
     """PSNR against the ground truth, matched by seq: raw, the 5-frame temporal mean and denoised.
 
@@ -257,7 +179,7 @@ class QualityTracker:
         frames = list(self._recent)
         lo, hi = max(centre - self._half, 0), min(centre + self._half + 1, len(frames))
         seq, _, clean = frames[centre]
-        mean = np.mean([f[1] for f in frames[lo:hi]], axis=0, dtype=np.float32)
+        mean = np.stack([f[1] for f in frames[lo:hi]]).mean(axis=0, dtype=np.float32)
         self.tmean[seq] = psnr(mean, clean)
 
     def add_output(self, seq: int, image: np.ndarray, state: str) -> None:
@@ -274,7 +196,7 @@ class QualityTracker:
             return
         self.denoised[seq] = psnr(image, clean)
 
-    def live_means(self) -> dict[str, float | int | None]:
+    def live_means(self) -> LiveQuality:
         """Mean per-frame PSNR (dB) over the frames output live, all three on the same frames."""
         seqs = list(self.denoised)
 
@@ -282,8 +204,8 @@ class QualityTracker:
             found = [values[s] for s in seqs if s in values]
             return round(float(np.mean(found)), 2) if found else None
 
-        return {"frames": len(seqs), "raw_db": mean(self.raw), "tmean_db": mean(self.tmean),
-                "denoised_db": mean(self.denoised)}
+        return LiveQuality(frames=len(seqs), raw_db=mean(self.raw), tmean_db=mean(self.tmean),
+                           denoised_db=mean(self.denoised))
 
 
 # ---- the daemon's output ------------------------------------------------------------------------
@@ -299,37 +221,27 @@ class OutputFigures:
 
 
 class OutputCollector:
-    """A SUB socket on the daemon's output, taking the demo stream's denoised frames."""
+    """The demo stream's denoised frames off the daemon's output (`harness.OutputSubscriber`),
+    taken in the demo's main thread."""
 
     def __init__(self, endpoint: str, tracker: QualityTracker, stream: str = STREAM):
         self.tracker = tracker
         self.figures = OutputFigures()
         self.streaming = True
-        self._ctx = zmq.Context()
-        self.socket = self._ctx.socket(zmq.SUB)
-        self.socket.setsockopt(zmq.RCVHWM, 4000)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.SUBSCRIBE, (stream + DENOISED_SUFFIX).encode())
-        self.socket.connect(endpoint)
+        self.subscriber = OutputSubscriber(endpoint, [stream], rcvhwm=4000)
 
     def pump(self, timeout_s: float) -> int:
         """Take every waiting message, after waiting up to ``timeout_s`` for the first."""
         n = 0
-        if not self.socket.poll(int(timeout_s * 1000), zmq.POLLIN):
-            return 0
-        while True:
-            try:
-                parts = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                return n
+        for parts in self.subscriber.receive(timeout_s):
             self._take(parts, time.monotonic())
             n += 1
+        return n
 
     def _take(self, parts: list[bytes], now: float) -> None:
         f = self.figures
-        try:
-            msg = decode_output(parts)
-        except ProtocolError:
+        msg = self.subscriber.decode(parts)
+        if msg is None:
             f.bad_messages += 1
             return
         head = msg.header
@@ -355,8 +267,7 @@ class OutputCollector:
                 return
 
     def close(self) -> None:
-        self.socket.close()
-        self._ctx.term()
+        self.subscriber.close()
 
 
 # ---- the simulated acquisition ------------------------------------------------------------------
@@ -408,7 +319,7 @@ class DemoDisplay:
         self._live: Live | None = None
         self._next = 0.0
 
-    def __enter__(self) -> "DemoDisplay":
+    def __enter__(self) -> DemoDisplay:
         if self.interactive:
             self._live = Live(console=self.console, auto_refresh=False, transient=False)
             self._live.start()
@@ -417,7 +328,7 @@ class DemoDisplay:
     def due(self) -> bool:
         return time.monotonic() >= self._next
 
-    def show(self, headline: str, status: dict[str, Any] | None) -> None:
+    def show(self, headline: str, status: StatusReply | None) -> None:
         self._next = time.monotonic() + self.interval_s
         if self._live is not None:
             parts: list[Any] = [Text(headline, style="bold")]
@@ -498,9 +409,8 @@ class DemoSummary:
         return asdict(self) | {"psnr_gain_db": self.psnr_gain_db, "frames_unaccounted": self.frames_unaccounted}
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    finite = [v for v in values if math.isfinite(v)]
-    return round(float(np.percentile(finite, q)), 1) if finite else None
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 def render_summary(s: DemoSummary) -> Table:
@@ -528,7 +438,8 @@ def render_summary(s: DemoSummary) -> Table:
                   f"{format_figure(s.latency_p50_ms, '.0f')} / {format_figure(s.latency_p99_ms, '.0f', ' ms')}",
                   "input taken off the socket -> denoised frame published")
     setting = ("serve's defaults" if s.warmup_is_serve_default else
-               f"the demo's settings; serve's defaults are {SERVE_WARMUP_FRAMES} frames, {SERVE_WARMUP_STEPS} steps")
+               f"the demo's settings; serve's defaults are {_engine_default('warmup_frames')} frames, "
+               f"{_engine_default('warmup_steps')} steps")
     if s.live_after_s is None:
         table.add_row("warm-up", "never live", f"{s.warmup_frames} frames, {s.warmup_steps} steps ({setting}): "
                                                "run longer (--duration) or shorten the warm start")
@@ -556,23 +467,17 @@ def render_summary(s: DemoSummary) -> Table:
 def render_activity(activity: dict[str, Any], oracle: str) -> Table:
     """What users look at (issue 14), as `umvd-live bench` prints it: the calcium transients."""
     first, last = activity["span"]
-    table = Table(title=f"activity against the truth: frames {first}-{last} ({activity['frames']} scored, "
-                        f"{activity['cells']} cells); oracle Gaussians on the {oracle} grid, searched "
-                        "after the stream", title_justify="left")
-    table.add_column("method", style="bold")
-    for header in REPORT_HEADERS:
-        table.add_column(header, justify="right")
-    for label, scores in report_rows(activity):
-        table.add_row(label, *(format_score(m, scores.get(m)) for m in REPORT_METRICS))
-    return table
+    return activity_table(activity, f"activity against the truth: frames {first}-{last} ({activity['frames']} "
+                                    f"scored, {activity['cells']} cells); oracle Gaussians on the {oracle} grid, "
+                                    "searched after the stream")
 
 
 def score_activity(config: DemoConfig, tracker: QualityTracker) -> tuple[dict[str, Any] | None, str | None]:
     """(the activity report of the kept frames from the first live one, or None and why)."""
-    sim_config = config.sim_config()
-    footprints = TwoPhotonSimulator(sim_config).footprints()  # the same scene: the same seed
+    sim = config.sim_config()
+    footprints = TwoPhotonSimulator(sim).footprints()  # the same scene: the same seed
     try:
-        return tracker.frames.report(footprints, offset=sim_config.offset_adu, oracle=config.oracle), None
+        return tracker.frames.report(footprints, offset=sim.offset_adu, oracle=config.oracle), None
     except ValueError as exc:
         return None, str(exc)
 
@@ -598,7 +503,7 @@ class StopSignals:
     def _note(self, signum: int, frame: Any) -> None:
         self.received = signum
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         self._previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
         return self
 
@@ -607,13 +512,7 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        config = DemoConfig.from_args(args)
-        config.sim_config()  # refuse a bad size, rate or photon count before starting anything
-    except ValueError as exc:
-        print(f"umvd-live demo: {exc}", file=sys.stderr)
-        return 2
+def run(config: DemoConfig) -> int:
     console = Console()
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)  # end cleanly on SIGTERM as on Ctrl-C
     log_dir = Path(tempfile.mkdtemp(prefix="umvd-demo-"))
@@ -624,7 +523,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _session(config: DemoConfig, console: Console, log_dir: Path) -> int:
-    daemon = ServeProcess(config, log_dir)
+    daemon = ServeProcess(log_dir, config.serve_args())
     tracker = QualityTracker(keep_frames=config.scored_frames())
     collector: OutputCollector | None = None
     sim: SimulatedAcquisition | None = None
@@ -632,11 +531,11 @@ def _session(config: DemoConfig, console: Console, log_dir: Path) -> int:
     try:
         console.print(f"umvd-live demo: starting the daemon (umvd-live serve, pid {daemon.pid}) ...",
                       highlight=False, soft_wrap=True)
-        daemon.wait_ready()
-        collector = OutputCollector(daemon.output, tracker)
-        console.print(f"Watch it live in another terminal: umvd-live view --connect {daemon.output} "
-                      f"--control {daemon.control}", highlight=False, soft_wrap=True)
-        sim = SimulatedAcquisition(daemon.input, config, tracker)
+        ready = daemon.wait_ready()
+        collector = OutputCollector(ready.output, tracker)
+        console.print(f"Watch it live in another terminal: umvd-live view --connect {ready.output} "
+                      f"--control {ready.control}", highlight=False, soft_wrap=True)
+        sim = SimulatedAcquisition(ready.input, config, tracker)
         sim.start()
         ended_by, streamed_s = _stream(config, console, daemon, collector, tracker, sim)
         final_status = _finish(daemon, collector, tracker, sim)
@@ -648,9 +547,9 @@ def _session(config: DemoConfig, console: Console, log_dir: Path) -> int:
         if activity is not None:
             console.print(render_activity(activity, config.oracle))
         if config.json_path:
-            Path(config.json_path).write_text(json.dumps(summary.to_dict(), indent=2))
+            config.json_path.write_text(json.dumps(summary.to_dict(), indent=2))
         return 0 if summary.frames_received else 1
-    except DemoError as exc:
+    except (DemoError, DaemonError) as exc:
         keep_log = True
         console.print(f"umvd-live demo: {exc}\n(daemon log: {daemon.log_path})", highlight=False)
         return 2
@@ -664,7 +563,7 @@ def _session(config: DemoConfig, console: Console, log_dir: Path) -> int:
             collector.close()
         daemon.kill()
         if not keep_log:
-            daemon.log_path.unlink(missing_ok=True)
+            daemon.remove_files()
             try:
                 log_dir.rmdir()
             except OSError:
@@ -675,7 +574,7 @@ def _stream(config: DemoConfig, console: Console, daemon: ServeProcess, collecto
             tracker: QualityTracker, sim: SimulatedAcquisition) -> tuple[str, float]:
     """Receive and show until the duration has passed since the first frame, or Ctrl-C."""
     ended_by = f"--duration {config.duration_s:g} s"
-    status: dict[str, Any] | None = None
+    status: StatusReply | None = None
     with DemoDisplay(console) as display, StopSignals() as stop:
         while stop.received is None:
             collector.pump(0.05)
@@ -687,7 +586,7 @@ def _stream(config: DemoConfig, console: Console, daemon: ServeProcess, collecto
             started = sim.started_at
             elapsed = time.monotonic() - started if started is not None else 0.0
             if display.due():
-                status = daemon.request("status")
+                status = daemon.status()
                 display.show(headline(config, elapsed, sim.sent, collector.figures, tracker), status)
             if started is not None and elapsed >= config.duration_s:
                 break
@@ -703,17 +602,17 @@ def _stream(config: DemoConfig, console: Console, daemon: ServeProcess, collecto
 
 
 def _finish(daemon: ServeProcess, collector: OutputCollector, tracker: QualityTracker,
-            sim: SimulatedAcquisition) -> dict[str, Any]:
+            sim: SimulatedAcquisition) -> StatusReply:
     """Let the daemon take in every frame sent, read its final figures, then shut it down (it
     flushes the last window's outputs before replying) and collect the rest of the output."""
     deadline = time.monotonic() + 10.0
-    status = daemon.request("status")
+    status = daemon.status()
     while time.monotonic() < deadline:
-        stream = status["streams"].get(STREAM, {})
-        if stream.get("frames_in", 0) + stream.get("rejected_total", 0) >= sim.sent:
+        stream = status["streams"].get(STREAM)
+        if stream is not None and stream["frames_in"] + stream["rejected_total"] >= sim.sent:
             break
         collector.pump(0.1)
-        status = daemon.request("status")
+        status = daemon.status()
     collector.pump(0.05)
     collector.streaming = False
     daemon.request("shutdown", timeout_s=60.0)
@@ -725,15 +624,16 @@ def _finish(daemon: ServeProcess, collector: OutputCollector, tracker: QualityTr
 
 def _summarise(config: DemoConfig, ended_by: str, streamed_s: float, daemon: ServeProcess,
                collector: OutputCollector, tracker: QualityTracker, sim: SimulatedAcquisition,
-               status: dict[str, Any]) -> DemoSummary:
+               status: StatusReply) -> DemoSummary:
     f = collector.figures
-    stream = status["streams"].get(STREAM, {})
-    engine = stream.get("engine", {})
+    stream: StreamStatus | dict[str, Any] = status["streams"].get(STREAM) or {}
+    engine = stream.get("engine") or {}
     result = sim.result or StreamResult()
     quality = tracker.live_means()
     live_after = (f.first_live_at - sim.started_at if f.first_live_at is not None and sim.started_at is not None
                   else None)
     steps_per_s = engine.get("train_steps_per_s")
+    latency = latency_summary(f.latencies_ms)
     return DemoSummary(
         ended_by=ended_by, duration_s=round(streamed_s, 2), size=(config.height, config.width),
         rate_hz=config.rate_hz, photons=config.photons, preset=engine.get("preset"), device=engine.get("device"),
@@ -742,15 +642,16 @@ def _summarise(config: DemoConfig, ended_by: str, streamed_s: float, daemon: Ser
         daemon_infer_ms=stream.get("infer_ms"),
         fps_in=round(sim.sent / streamed_s, 2) if streamed_s > 0 else 0.0,
         fps_out=round(f.received_streaming / streamed_s, 2) if streamed_s > 0 else 0.0,
-        latency_p50_ms=_percentile(f.latencies_ms, 50), latency_p99_ms=_percentile(f.latencies_ms, 99),
+        latency_p50_ms=_rounded(latency["p50"]), latency_p99_ms=_rounded(latency["p99"]),
         warmup_frames=config.warmup_frames, warmup_steps=config.warmup_steps,
-        warmup_is_serve_default=(config.warmup_frames, config.warmup_steps) == (SERVE_WARMUP_FRAMES, SERVE_WARMUP_STEPS),
+        warmup_is_serve_default=(config.warmup_frames, config.warmup_steps)
+        == (_engine_default("warmup_frames"), _engine_default("warmup_steps")),
         live_after_s=None if live_after is None else round(live_after, 2), first_live_seq=f.first_live_seq,
         training_steps=max(int(stream.get("model_step", 0)), f.last_model_step),
         training_steps_per_s=None if steps_per_s is None else round(float(steps_per_s), 2),
         live_frames_scored=int(quality["frames"]), psnr_raw_db=quality["raw_db"],
         psnr_tmean_db=quality["tmean_db"], psnr_denoised_db=quality["denoised_db"],
-        load_average=tuple(round(x, 2) for x in psutil.getloadavg()),  # type: ignore[arg-type]  # portable
-        cpu_count=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
+        load_average=tuple(round(x, 2) for x in psutil.getloadavg()),  # portable
+        cpu_count=cpu_cores(),
         daemon_pid=daemon.pid,
     )

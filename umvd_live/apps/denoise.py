@@ -5,26 +5,32 @@ them; `--offline`: the paper's recipe, training on the whole movie first. Either
 is then denoised by a final pass with the final weights, and with context blocks from both sides
 of the window (`EngineConfig.context_sides`): a file need not be causal, and a context of the
 past alone made transients trail the truth (docs/engine.md, "Context from both sides").
+
+A file of several streams (channels, planes, positions: `umvd_live.recording.movie`) is denoised
+stream by stream, each on its own engine, so a window never mixes channels; each stream's output is
+named as the recorder names a stream's file (`stream_outputs`).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from dataclasses import dataclass, replace
 
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from umvd_live.engine import DenoisedFrame, EngineConfig, StreamDenoiser
 from umvd_live.engine.checkpoint import CheckpointError
-from umvd_live.engine.stream import DenoisedFrame, EngineConfig, StreamDenoiser
-from umvd_live.recording.movie import MovieError, read_movie, read_movie_metadata
+from umvd_live.engine.provenance import network_provenance
+from umvd_live.recording.movie import MovieError, MovieFrames, describe_streams, movie_streams
 from umvd_live.recording.ometiff import FrameInfo, Provenance, write_movie
 from umvd_live.recording.omezarr import is_zarr_path, write_zarr_movie
+from umvd_live.recording.session import stream_path
 
 log = logging.getLogger(__name__)
 
@@ -100,54 +106,77 @@ def denoise_movie(
         final: list[DenoisedFrame | None] = [None] * t_frames
         for out in engine.denoise_frames(movie, list(range(t_frames)), progress=lambda: progress.advance(task)):
             final[out.index] = out
-    assert all(o is not None for o in final), "every input frame gets exactly one output"
-    frames = np.stack([o.image for o in final]).astype(np.float32, copy=False)
-    return DenoiseResult(frames=frames, outputs=final, seconds=time.monotonic() - start, engine=engine)
+    outputs = [o for o in final if o is not None]
+    assert len(outputs) == t_frames, "every input frame gets exactly one output"
+    return DenoiseResult(frames=stack_images(outputs), outputs=outputs, seconds=time.monotonic() - start,
+                         engine=engine)
 
 
-def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig:
-    """`denoise`'s engine options as a config; `umvd-live batch` takes the same options."""
-    config = EngineConfig(
-        preset=args.preset,
-        device=args.device,
-        window=args.window,
-        context=args.context,
-        warmup_frames=args.warmup_frames,
-        init=args.init,
-        prior=args.prior,
-        seed=args.seed,
-        max_batch=args.batch, workers=args.workers,
-        precision=args.precision,
-        steps_per_frame=args.steps_per_frame,
-        cpu_threads=args.threads,
-    )
-    if args.warmup_steps is not None:
-        config = replace(config, warmup_steps=args.warmup_steps)
-    return replace(config, **overrides)
+def stack_images(outputs: Sequence[DenoisedFrame]) -> np.ndarray:
+    """The outputs' images as one float32 (T, H, W) movie; an output without one is an error."""
+    images = [o.image for o in outputs if o.image is not None]
+    if len(images) != len(outputs):
+        raise RuntimeError(f"{len(outputs) - len(images)} of {len(outputs)} outputs have no image")
+    return np.stack(images).astype(np.float32, copy=False)
 
 
-def denoise_provenance(engine: StreamDenoiser, source: str | Path, *, offline: bool,
+@dataclass(frozen=True)
+class DenoiseConfig:
+    """One `umvd-live denoise` run: a movie in, its denoised copy out (the command line's flags,
+    turned into it by `apps.cli`)."""
+
+    input: Path
+    output: Path  # OME-TIFF, or OME-Zarr by its extension; never overwritten (several streams: `stream_outputs`)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    offline: bool = False  # train on the whole movie at once (the paper's recipe) instead of along it
+    save_model: Path | None = None  # where the final weights go (several streams: one file each, named the same way)
+    streams: tuple[str, ...] = ()  # only these streams of the file (short names); empty: every one
+
+
+def stream_outputs(source: str | Path, output: str | Path, wanted: Sequence[str] = ()) -> list[tuple[str, Path]]:
+    """The streams of ``source`` to denoise (short names, `movie_streams`), each with its output.
+
+    A file of one stream writes ``output`` itself. A file of several writes an output per stream
+    beside it, named as the recorder names a stream's file (`recording.session.stream_path`:
+    ``out.ome.tif`` + ``GCaMP`` -> ``out_GCaMP.ome.tif``). ``wanted`` keeps only those streams; a
+    name the file does not hold raises MovieError with the names it does."""
+    names = movie_streams(source)
+    unknown = [name for name in wanted if name not in names]
+    if unknown:
+        raise MovieError(f"{source}: no stream {', '.join(map(repr, unknown))}; its streams: {describe_streams(names)}")
+    if len(names) == 1:
+        return [(names[0], Path(output))]
+    return [(name, stream_path(output, name)) for name in names if not wanted or name in wanted]
+
+
+def _beside(path: Path, stream: str) -> Path:
+    """``model.pt`` + ``GCaMP`` -> ``model_GCaMP.pt``: a per-stream file for a path the user gave."""
+    return path.with_name(f"{path.stem}_{stream}{path.suffix}")
+
+
+def denoise_provenance(engine: StreamDenoiser, movie: MovieFrames, *, offline: bool,
                        **extra: object) -> Provenance:
-    """What an output of `denoise` (or of `batch`, with its ``extra``) says about how it was made."""
+    """What an output of `denoise` (or of `batch`, with its ``extra``) says about how it was made:
+    its source file and stream (a file of one stream: the file's name, as always)."""
     return Provenance(
-        stream=Path(source).stem, preset=engine.preset, window=engine.config.window,
-        weights_sha256=engine.start_hash, device=str(engine.device), source=str(source),
+        stream=movie.axes.name if movie.several else movie.path.stem, preset=engine.preset,
+        window=engine.config.window, weights_sha256=engine.start_hash, device=str(engine.device),
+        source=str(movie.path),
         extra={"mode": "offline" if offline else "streamed", "final_model_step": engine.model_step,
-               "context_blocks": ",".join(map(str, engine.spec.context)) or "none",
+               **network_provenance(engine),
                "context_sides": engine.config.context_sides,
                "changes": ",".join(f"{c.index}:{c.reason}" for c in engine.changes) or "none",
-               **({"prior": engine.prior.name, "prior_sha256": engine.prior.sha256} if engine.prior else {}),
                **extra},
     )
 
 
-def write_denoised(output: str | Path, source: str | Path, frames: np.ndarray, outputs: list[DenoisedFrame],
-                   provenance: Provenance) -> None:
-    """Write a denoised movie with one frame record per output; raises OSError, ValueError or
+def write_denoised(output: str | Path, movie: MovieFrames, frames: Iterable[np.ndarray],
+                   outputs: list[DenoisedFrame], provenance: Provenance) -> None:
+    """Write a denoised stream with one frame record per output; raises OSError, ValueError or
     RuntimeError (the zarr extra is missing)."""
-    # the input's pixel size, interval, channel and start, as a replay of it would send them
-    meta = read_movie_metadata(source)
-    infos = (FrameInfo(seq=o.index, state=o.state, model_step=o.model_step, meta=meta) for o in outputs)
+    # the stream's pixel size, interval, channel, start (and place), as a replay of it would send them
+    infos = (FrameInfo(seq=o.index, state=o.state, model_step=o.model_step, meta=movie.frame_meta(o.index))
+             for o in outputs)
     # the output's extension picks the format: an OME-Zarr store or (default) an OME-TIFF
     (write_zarr_movie if is_zarr_path(output) else write_movie)(output, frames, infos, provenance)
 
@@ -157,32 +186,49 @@ def _fail(message: str) -> int:
     return 2
 
 
-def run(args: argparse.Namespace) -> int:
+def run(config: DenoiseConfig) -> int:
     err = Console(stderr=True)
-    if Path(args.output).exists():
-        return _fail(f"{args.output} exists: recordings are never overwritten; remove it or pick another name")
     try:
-        movie = read_movie(args.input)
+        jobs = stream_outputs(config.input, config.output, config.streams)
     except MovieError as exc:
         return _fail(str(exc))
-    config = engine_config(args)
+    for _, output in jobs:
+        if output.exists():
+            return _fail(f"{output} exists: recordings are never overwritten; remove it or pick another name")
+    for stream, output in jobs:
+        status = _denoise_stream(config, stream, output, err)
+        if status:
+            return status
+    return 0
+
+
+def _denoise_stream(config: DenoiseConfig, stream: str, output: Path, err: Console) -> int:
+    """One stream of the input through its own engine, into ``output``."""
     try:
-        result = denoise_movie(movie, config, offline=args.offline, console=err)
-    except (CheckpointError, ValueError, RuntimeError) as exc:
+        with MovieFrames(config.input, stream) as movie:
+            frames = movie.read(0, len(movie))
+            try:
+                result = denoise_movie(frames, config.engine, offline=config.offline, console=err)
+            except (CheckpointError, ValueError, RuntimeError) as exc:
+                return _fail(str(exc))
+            engine = result.engine
+            try:
+                write_denoised(output, movie, result.frames, result.outputs,
+                               denoise_provenance(engine, movie, offline=config.offline))
+            except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: the zarr extra is missing
+                return _fail(f"cannot write {output}: {exc}")
+            several = movie.several
+    except MovieError as exc:
         return _fail(str(exc))
-    engine = result.engine
-    try:
-        write_denoised(args.output, args.input, result.frames, result.outputs,
-                       denoise_provenance(engine, args.input, offline=args.offline))
-    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: the zarr extra is missing
-        return _fail(f"cannot write {args.output}: {exc}")
-    if args.save_model:
-        engine.save_weights(args.save_model)
-    result.engine.close()
+    if config.save_model is not None:
+        engine.save_weights(str(_beside(config.save_model, stream) if several else config.save_model))
+    engine.close()
     fallbacks = sum(o.state == "warmup" for o in result.outputs)
     err.print(
-        f"denoised {len(movie)} frames of {movie.shape[1]}×{movie.shape[2]} in {result.seconds:.1f} s "
-        f"({result.engine.preset} on {result.engine.device}, {result.engine.model_step} training steps) → {args.output}"
+        f"denoised {len(frames)} frames of {frames.shape[1]}×{frames.shape[2]}"
+        + (f" (stream {stream})" if several else "")
+        + f" in {result.seconds:.1f} s ({engine.preset} on {engine.device}, {engine.model_step} training steps)"
+        + f" → {output}"
         + (f"; {fallbacks} frames where the network lost to the neighbours' mean got the window's mean"
            if fallbacks else "")
     )

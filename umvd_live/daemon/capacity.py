@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 #: Seconds of batches the load is measured over.
 CAPACITY_WINDOW_S = 5.0
@@ -120,6 +120,7 @@ class CapacityMonitor:
         self._clock = clock
         self._batches: deque[tuple[float, float, float]] = deque()  # (end, busy s, skipped cost s)
         self._first: float | None = None
+        self._open: float | None = None  # when the batch being processed began (`begin_batch`)
         self.lag_s = 0.0  # the oldest frame's wait when the last batch was taken from the inbox
         self._lag_at = 0.0
         self.over = False
@@ -129,11 +130,17 @@ class CapacityMonitor:
         self.over_s_total = 0.0  # seconds over capacity, finished episodes
         self._skipped_episode: dict[str, int] = {}
 
+    def begin_batch(self, started: float) -> None:
+        """A batch is being processed from ``started`` on: a load read before it ends (a status
+        answered mid-batch) counts its time so far as busy, not as idle."""
+        self._open = started
+
     def note_batch(self, started: float, ended: float, skipped_cost_s: float, lag_s: float,
                    skipped: Mapping[str, int] | None = None, count_busy: bool = True) -> None:
         """One processed batch: it took ``ended - started`` (not counted when ``count_busy`` is
         False: a stream's network was being built), skipped outputs whose inference would have
         taken ``skipped_cost_s``, and its oldest frame had waited ``lag_s`` in the inbox."""
+        self._open = None
         if self._first is None:
             self._first = started
         self._batches.append((ended, (ended - started) if count_busy else 0.0, skipped_cost_s))
@@ -152,7 +159,8 @@ class CapacityMonitor:
             self._batches.popleft()
 
     def _span(self, now: float) -> float:
-        return 0.0 if self._first is None else min(self.window_s, now - self._first)
+        first = self._first if self._first is not None else self._open
+        return 0.0 if first is None else min(self.window_s, now - first)
 
     def skipping(self, now: float | None = None) -> bool:
         """Whether outputs were skipped within the window."""
@@ -166,7 +174,10 @@ class CapacityMonitor:
         span = self._span(now)
         if span <= 0:
             return 0.0
-        return sum(busy + skipped for _, busy, skipped in self._batches) / span
+        busy = sum(busy + skipped for _, busy, skipped in self._batches)
+        if self._open is not None:
+            busy += min(now - self._open, self.window_s)
+        return busy / span
 
     def lag(self, now: float | None = None) -> float:
         """The last batch's lag; once nothing has come for a while, nothing waits: 0."""

@@ -1,26 +1,46 @@
 """The control socket's commands: msgpack map requests with a ``cmd`` key, map replies with ``ok``.
 
-The handler turns one request into one reply and never raises: a REP socket must answer every
-request, and a bad request must not take the daemon down. The daemon-side actions are behind the
-small `ControlTarget` interface; other modules (the recorder) can `register` more commands.
+The handler turns one request into one reply and never raises: every request must be answered,
+and a bad request must not take the daemon down. `decode` runs on the control thread (a request
+that is not even a map is answered there); `handle` runs on the frame loop, which owns everything
+the commands act on: ``status`` (the one `READ_ONLY` command) at the loop's next safe point, the
+others between batches. A command whose slow part runs on the state worker (``save_model``)
+returns a `Future` of its reply. The daemon-side actions are behind the small `ControlTarget`
+interface.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from umvd_live.wire.protocol import ProtocolError, pack, unpack_map
 from umvd_live.wire.security import PathNotAllowed, confine_path
+
+if TYPE_CHECKING:
+    from umvd_live.wire.schema import DaemonStatus
 
 log = logging.getLogger("umvd_live.daemon")
 
 #: Largest control request accepted.
 MAX_REQUEST_BYTES = 64 * 1024
+#: Commands that only read: the frame loop answers them between bounded pieces of work, and a
+#: reply the loop is late with is replaced by the last snapshot (`service`).
+READ_ONLY = frozenset({"status"})
+
+
+
+def read_only(request: dict[str, Any]) -> bool:
+    """Whether the request is for a `READ_ONLY` command (whatever its ``cmd`` holds)."""
+    cmd = request.get("cmd")
+    return isinstance(cmd, str) and cmd in READ_ONLY
+
 
 Reply = dict[str, Any]
-Command = Callable[[dict[str, Any]], Reply]
+Command = Callable[[dict[str, Any]], "Reply | Future[Reply]"]
 
 
 class ControlError(Exception):
@@ -30,12 +50,12 @@ class ControlError(Exception):
 class ControlTarget(Protocol):
     """What the control commands act on (the daemon)."""
 
-    def status(self) -> Reply: ...
+    def status(self) -> DaemonStatus: ...
     def stream_names(self) -> list[str]: ...
     def set_training_paused(self, stream: str | None, paused: bool) -> list[str]: ...
     def reset_streams(self, stream: str | None) -> list[str]: ...
-    def save_model(self, stream: str, path: Path) -> Reply: ...
-    def load_model(self, stream: str, path: Path) -> Reply: ...
+    def save_model(self, stream: str, path: Path) -> Future[Reply]: ...
+    def load_model(self, stream: str, path: Path) -> Reply | Future[Reply]: ...
     def start_recording(self, path: str, streams: list[str] | None, raw: bool) -> Reply: ...
     def stop_recording(self) -> Reply: ...
     def shutdown(self) -> Reply: ...
@@ -48,7 +68,7 @@ class ControlHandler:
         self.target = target
         self.model_dir = model_dir
         self._commands: dict[str, Command] = {
-            "status": lambda req: target.status(),
+            "status": lambda req: dict(target.status()),
             "pause_training": lambda req: self._training(req, paused=True),
             "resume_training": lambda req: self._training(req, paused=False),
             "reset": self._reset,
@@ -63,41 +83,51 @@ class ControlHandler:
     def commands(self) -> list[str]:
         return sorted(self._commands)
 
-    def register(self, name: str, command: Command) -> None:
-        """Add a command (e.g. the recorder's ``record_start``); names are unique."""
-        if name in self._commands:
-            raise ValueError(f"control command {name!r} exists already")
-        self._commands[name] = command
-
-    def handle_bytes(self, data: bytes) -> bytes:
-        """One raw request → one packed reply. Never raises."""
+    @staticmethod
+    def decode(data: bytes) -> dict[str, Any]:
+        """One raw request as a map; `ControlError` (its reply: `encode_error`) when it is none."""
         try:
-            request = unpack_map(data, max_bytes=MAX_REQUEST_BYTES)
+            return unpack_map(data, max_bytes=MAX_REQUEST_BYTES)
         except ProtocolError as exc:
-            return pack({"ok": False, "error": f"bad request: {exc}"})
-        reply = self.handle(request)
+            raise ControlError(f"bad request: {exc}") from None
+
+    @staticmethod
+    def encode(request: dict[str, Any], reply: Reply) -> bytes:
+        """A reply, packed. Never raises."""
         try:
             return pack(reply)
         except Exception as exc:  # a reply with a value msgpack cannot pack: a bug, but answer
             log.exception("control: reply to %r does not pack", request.get("cmd"))
             return pack({"ok": False, "error": f"reply could not be encoded: {exc}"})
 
-    def handle(self, request: dict[str, Any]) -> Reply:
+    @staticmethod
+    def encode_error(message: str) -> bytes:
+        return pack({"ok": False, "error": message})
+
+    def handle(self, request: dict[str, Any]) -> Future[Reply]:
+        """One request's reply, done now, or later for a command whose slow part runs elsewhere.
+        The future never holds an exception: a failure is a reply with ``ok`` false."""
         cmd = request.get("cmd")
         command = self._commands.get(cmd) if isinstance(cmd, str) else None
         if command is None:
-            return {"ok": False, "error": f"unknown command {cmd!r}; known: {', '.join(self.commands)}"}
+            return _done({"ok": False, "error": f"unknown command {cmd!r}; known: {', '.join(self.commands)}"})
         stream = request.get("stream")
         if stream is not None and not isinstance(stream, str):
-            return {"ok": False, "error": "stream must be a string"}
+            return _done({"ok": False, "error": "stream must be a string"})
         try:
             reply = command(request)
-        except ControlError as exc:
-            return {"ok": False, "error": str(exc)}
         except Exception as exc:
-            log.exception("control command %s failed", cmd)
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        return {"ok": True} | reply
+            return _done(_failed(cmd, exc))
+        if not isinstance(reply, Future):
+            return _done({"ok": True} | reply)
+        settled: Future[Reply] = Future()
+
+        def settle(done: Future[Reply]) -> None:
+            exc = done.exception()
+            settled.set_result(_failed(cmd, exc) if exc is not None else {"ok": True} | done.result())
+
+        reply.add_done_callback(settle)
+        return settled
 
     # ---- commands -----------------------------------------------------------------------------
     def _training(self, req: dict[str, Any], paused: bool) -> Reply:
@@ -108,15 +138,17 @@ class ControlHandler:
         stream = self._known_stream(req.get("stream"), required=False)
         return {"streams": self.target.reset_streams(stream)}
 
-    def _save_model(self, req: dict[str, Any]) -> Reply:
+    def _save_model(self, req: dict[str, Any]) -> Future[Reply]:
         stream = self._known_stream(req.get("stream"), required=True)
+        assert stream is not None  # required
         path = self._model_path(req.get("path", f"{stream}.pt"))
         return self.target.save_model(stream, path)
 
-    def _load_model(self, req: dict[str, Any]) -> Reply:
+    def _load_model(self, req: dict[str, Any]) -> Reply | Future[Reply]:
         stream = req.get("stream")
         if stream is None:
             stream = self._known_stream(None, required=True)
+        assert isinstance(stream, str)  # required; `handle` refused a stream that is not a string
         path = self._model_path(req.get("path", f"{stream}.pt"))
         if not path.is_file():
             raise ControlError(f"no model file {path.name!r} in the model directory")
@@ -155,3 +187,16 @@ class ControlHandler:
         if len(names) == 1:
             return names[0]
         raise ControlError(f"name a stream: {names}" if names else "no stream has been seen yet")
+
+
+def _done(reply: Reply) -> Future[Reply]:
+    future: Future[Reply] = Future()
+    future.set_result(reply)
+    return future
+
+
+def _failed(cmd: object, exc: BaseException) -> Reply:
+    if isinstance(exc, ControlError):
+        return {"ok": False, "error": str(exc)}
+    log.error("control command %s failed", cmd, exc_info=exc)
+    return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}

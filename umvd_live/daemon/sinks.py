@@ -1,18 +1,29 @@
-"""Where the daemon's frames can go besides the viewer socket: the interface a recorder implements.
+"""Where the daemon's frames go: every output is a `FrameSink`, the viewers' socket included.
 
-A sink sees every valid input frame and every engine output, in order, on the daemon's processing
-thread. A sink that *owes* a stream (a recording of it) makes the daemon infer every frame of that
-stream, even late, instead of letting the preview skip to the latest window. Calls must return
+The router hands every sink the same events, in order, in one loop (`router.Router._fan_out`):
+a stream's new denoiser, every valid input frame, every engine output. A sink that *owes* a
+stream (a recording of it) makes the daemon infer every frame of that stream, even late, instead
+of letting the preview skip to the latest window. Calls run on the frame loop and must return
 quickly: a sink that writes to disk queues internally, so the live output never waits for a disk.
+
+- `PublisherSink`: the output PUB socket (`transport.py` binds it): the raw input as it came
+  under ``<stream>/raw``, each denoised frame with its latency (docs/protocol.md). It owes no
+  stream: a viewer wants the present, not every frame.
+- `RecordingSink`: a `recording.session.RecordingSession` (``record_start``, ``serve --record``).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from umvd_live.daemon.streams import DenoisedOutput, StreamStarted, monotonic
-from umvd_live.wire.protocol import Frame
+import zmq
+
+from umvd_live.daemon.streams import Arrival, DenoisedOutput, StreamStarted, monotonic
+from umvd_live.wire.protocol import RAW_SUFFIX, encode_denoised
+
+if TYPE_CHECKING:  # recording.session imports the file writers: only when a recording starts
+    from umvd_live.recording.session import RecordingSession
 
 
 @runtime_checkable
@@ -21,13 +32,13 @@ class FrameSink(Protocol):
         """True when this sink needs every denoised frame of ``stream`` (no preview skipping)."""
         ...
 
-    def on_stream_started(self, event: StreamStarted, weights_hash: str) -> None:
+    def on_stream_started(self, event: StreamStarted) -> None:
         """A stream got a new denoiser (first frame, shape/dtype change, reset)."""
         ...
 
-    def on_raw(self, frame: Frame, received: float) -> None:
-        """Every valid input frame, as received. ``frame.pixels`` is a read-only view: copy it
-        if it must outlive the call."""
+    def on_raw(self, arrival: Arrival) -> None:
+        """Every valid input frame, as received, before its denoising. ``arrival.frame.pixels``
+        is a read-only view: copy it if it must outlive the call."""
         ...
 
     def on_denoised(self, output: DenoisedOutput) -> None:
@@ -40,24 +51,54 @@ class FrameSink(Protocol):
         ...
 
 
+class PublisherSink:
+    """The viewers' output socket as a sink. The frame loop is the socket's only user."""
+
+    def __init__(self, socket: zmq.Socket):
+        self.socket = socket
+
+    def owes(self, stream: str) -> bool:
+        return False
+
+    def on_stream_started(self, event: StreamStarted) -> None:
+        pass
+
+    def on_raw(self, arrival: Arrival) -> None:
+        """The message as received, re-topiced ``<stream>/raw``: no re-encoding, no copy."""
+        topic, header, pixels = arrival.message
+        self.socket.send_multipart([bytes(topic) + RAW_SUFFIX.encode(), header, pixels],
+                                   flags=zmq.NOBLOCK, copy=False)
+
+    def on_denoised(self, output: DenoisedOutput) -> None:
+        if output.image is None:
+            return  # skipped by the preview: nothing to show
+        parts = encode_denoised(output.stream, output.header, output.image, state=output.state,
+                                latency_ms=output.latency_ms, model_step=output.model_step)
+        self.socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+
+    def close(self) -> None:
+        pass  # the transport closes the socket, after its linger
+
+
 class RecordingSink:
-    """Plugs a `umvd_live.recording.session.RecordingSession` into the daemon as a FrameSink.
+    """Plugs a `recording.session.RecordingSession` into the daemon as a FrameSink.
 
     The session does its own queuing, spilling and writing; this adapter only translates calls.
     Receipt times are monotonic in the daemon and wall-clock (Unix seconds) in the recording.
     """
 
-    def __init__(self, session: Any):  # a RecordingSession; Any keeps tifffile out of imports
+    def __init__(self, session: RecordingSession):
         self.session = session
 
     def owes(self, stream: str) -> bool:
         return self.session.records(stream)
 
-    def on_stream_started(self, event: StreamStarted, weights_hash: str) -> None:
+    def on_stream_started(self, event: StreamStarted) -> None:
         pass  # the session starts a new file part itself when a stream's shape changes
 
-    def on_raw(self, frame: Frame, received: float) -> None:
-        self.session.submit_raw(frame.stream, frame.header, frame.pixels, t_received=_wall(received))
+    def on_raw(self, arrival: Arrival) -> None:
+        frame = arrival.frame
+        self.session.submit_raw(frame.stream, frame.header, frame.pixels, t_received=_wall(arrival.received))
 
     def on_denoised(self, output: DenoisedOutput) -> None:
         if output.image is None and not self.owes(output.stream):

@@ -8,29 +8,31 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, TextIO
+from typing import TextIO
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+
+from umvd_live.wire.schema import DaemonStatus, StreamStatus
 
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
-def _loss(value: Any) -> str:
+def _loss(value: object) -> str:
     return "-" if not isinstance(value, (int, float)) else f"{value:.4g}"
 
 
-def _state(snap: dict[str, Any]) -> str:
+def _state(snap: StreamStatus) -> str:
     state = snap["state"]
     if state == "warmup":
         state = f"warmup {100 * float(snap.get('warmup_progress') or 0):.0f}%"
     return state + (" (paused)" if snap.get("training_paused") else "") + (" (idle)" if snap.get("idle") else "")
 
 
-def capacity_line(status: dict[str, Any]) -> str | None:
+def capacity_line(status: DaemonStatus) -> str | None:
     """One line while the daemon is over capacity (`capacity.CapacityMonitor`), else None."""
     cap = status.get("capacity") or {}
     if not cap.get("over"):
@@ -40,7 +42,7 @@ def capacity_line(status: dict[str, Any]) -> str | None:
             + ", ".join(f"{name} {n}" for name, n in cap.get("skipped", {}).items()) + ")")
 
 
-def render_table(status: dict[str, Any]) -> Table:
+def render_table(status: DaemonStatus) -> Table:
     table = Table(title=f"umvd-live serve  ·  input {status['endpoints']['input']}  ·  "
                         f"output {status['endpoints']['output']}  ·  up {status['uptime_s']:.0f} s",
                   title_justify="left", expand=False)
@@ -67,7 +69,7 @@ def render_table(status: dict[str, Any]) -> Table:
     return table
 
 
-def render_lines(status: dict[str, Any]) -> list[str]:
+def render_lines(status: DaemonStatus) -> list[str]:
     lines = []
     for name, s in status["streams"].items():
         lat = s["latency_ms"]
@@ -101,7 +103,7 @@ class StatusDisplay:
         self._live: Live | None = None
         self._next = 0.0
 
-    def __enter__(self) -> "StatusDisplay":
+    def __enter__(self) -> StatusDisplay:
         if self.interactive:
             self._live = Live(console=self.console, auto_refresh=False, transient=False)
             self._live.start()
@@ -110,7 +112,7 @@ class StatusDisplay:
     def due(self, now: float | None = None) -> bool:
         return (time.monotonic() if now is None else now) >= self._next
 
-    def show(self, status: dict[str, Any]) -> None:
+    def show(self, status: DaemonStatus) -> None:
         self._next = time.monotonic() + self.interval_s
         if self._live is not None:
             self._live.update(render_table(status), refresh=True)

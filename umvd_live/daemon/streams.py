@@ -1,8 +1,9 @@
-"""One live stream inside the daemon: its denoiser, its bookkeeping of frames in flight, its counters.
+"""One live stream inside the daemon: its denoiser, its counters, the numbers `status` reports.
 
-The daemon routes each decoded frame to the `LiveStream` of its topic. A `LiveStream` knows nothing
-about sockets: it turns frames into `DenoisedOutput`s (the engine's outputs matched back to the
-header and receipt time of the input frame they belong to) and keeps the numbers `status` reports.
+The router (`router.py`) hands each run of a stream's decoded frames to the `LiveStream` of its
+topic. A `LiveStream` knows nothing about sockets: it pushes the frames to its engine, each with
+its header and receipt time as the engine's opaque per-frame tag, so every engine output comes
+back as a `DenoisedOutput` that already knows the input frame it denoises.
 """
 
 from __future__ import annotations
@@ -10,13 +11,18 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 
-from umvd_live.daemon.statestore import StateStore
 from umvd_live.wire.protocol import Frame, FrameHeader
+from umvd_live.wire.schema import ChangeStatus, EngineStats, LatencyStatus, StreamAxes, StreamStatus, latency_summary
+
+if TYPE_CHECKING:
+    from umvd_live.daemon.statestore import StateStore
+    from umvd_live.engine import Change, DenoisedFrame
 
 log = logging.getLogger("umvd_live.daemon")
 
@@ -24,8 +30,6 @@ log = logging.getLogger("umvd_live.daemon")
 LATENCY_WINDOW = 1000
 #: Seconds of events a rate meter averages over.
 RATE_WINDOW_S = 5.0
-#: Default seconds without a frame after which a stream is idle (acquisition stopped).
-IDLE_AFTER_S = 10.0
 #: A forward jump of ``seq`` larger than this is a renumbering, not frames lost upstream.
 MAX_SEQ_GAP = 1_000_000
 #: Frames with NaN/Inf pixels logged in full before only every Nth is.
@@ -36,24 +40,32 @@ NONFINITE_LOG_EVERY = 1000
 class StreamEngine(Protocol):
     """The part of `umvd_live.engine.stream.StreamDenoiser` the daemon uses."""
 
-    state: str
-    model_step: int
-    last_loss: float | None
-    warmup_progress: float
-    training_paused: bool
-    changes: list[Any]  # `changes.Change`s seen, each starting a segment
-    warm: bool  # the warm start is done (or weights were loaded)
+    @property
+    def state(self) -> str: ...
+    @property
+    def model_step(self) -> int: ...
+    @property
+    def last_loss(self) -> float | None: ...
+    @property
+    def warmup_progress(self) -> float: ...
+    @property
+    def training_paused(self) -> bool: ...
+    @property
+    def changes(self) -> list[Change]: ...  # seen, each starting a segment
+    @property
+    def warm(self) -> bool: ...  # the warm start is done (or weights were loaded)
+    @property
+    def frames_in(self) -> int: ...
 
-    frames_in: int
-
-    def push_many(self, frames: Sequence[np.ndarray], infer: Sequence[bool] | None = None) -> list[Any]: ...
-    def flush(self) -> list[Any]: ...
+    def push_many(self, frames: Sequence[np.ndarray], infer: Sequence[bool] | None = None,
+                  tags: Sequence[object] | None = None) -> list[DenoisedFrame]: ...
+    def flush(self) -> list[DenoisedFrame]: ...
     def pause_training(self) -> None: ...
     def resume_training(self) -> None: ...
     def save_weights(self, path: str) -> None: ...
     def load_weights(self, path: str) -> None: ...
     def weights_hash(self) -> str | None: ...
-    def stats(self) -> dict[str, Any]: ...
+    def stats(self) -> dict[str, Any]: ...  # `wire.schema.EngineStats`, with numpy/torch scalars
     def close(self) -> None: ...
 
 
@@ -63,7 +75,7 @@ StreamEngineFactory = Callable[[str | None], StreamEngine]
 
 @dataclass(frozen=True)
 class DenoisedOutput:
-    """One engine output, matched to the input frame it denoises.
+    """One engine output, with the input frame it denoises.
 
     ``image`` is None when the preview skipped this frame's inference (compute fell behind)."""
 
@@ -73,15 +85,21 @@ class DenoisedOutput:
     state: str
     model_step: int
     received: float  # monotonic() when the input frame was taken from the socket
+    latency_ms: float = 0.0  # receipt -> hand-over to the sinks (set by the router as it hands over)
 
 
 @dataclass(frozen=True)
 class Arrival:
-    """A valid frame as the daemon hands it to its stream."""
+    """A valid frame as the daemon hands it to its stream and its sinks."""
 
     frame: Frame
     received: float  # monotonic() when it was taken from the socket
     infer: bool  # False: the preview skips this frame's output (compute fell behind)
+    message: Sequence[bytes] = ()  # the message as it came (topic, header, pixels), for republishing
+
+
+#: What a stream gives its engine with each frame, and gets back on that frame's output.
+_Tag = tuple[FrameHeader, float]  # (header, received)
 
 
 @dataclass(frozen=True)
@@ -107,13 +125,8 @@ class LatencyStats:
     def clear(self) -> None:
         self._values.clear()
 
-    def summary(self) -> dict[str, float | None]:
-        if not self._values:
-            return {"p50": None, "p90": None, "p99": None, "max": None, "count": 0}
-        arr = np.fromiter(self._values, dtype=np.float64)
-        p50, p90, p99 = np.percentile(arr, [50, 90, 99])
-        return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(arr.max()),
-                "count": len(arr)}
+    def summary(self) -> LatencyStatus:
+        return latency_summary(self._values)
 
 
 class RateMeter:
@@ -167,8 +180,8 @@ def _smoothed(estimate: float | None, sample: float) -> float:
 class LiveStream:
     """A stream's denoiser plus the headers of the frames it still owes an output for."""
 
-    def __init__(self, name: str, make_denoiser: StreamEngineFactory, init: str | None = None,
-                 store: StateStore | None = None, idle_after_s: float = IDLE_AFTER_S, run_length: int = 1):
+    def __init__(self, name: str, make_denoiser: StreamEngineFactory, *, idle_after_s: float,
+                 init: str | None = None, store: StateStore | None = None, run_length: int = 1):
         self.name = name
         self.run_length = run_length  # windows the engine denoises in one round (batch × workers)
         self._make_denoiser = make_denoiser
@@ -190,8 +203,8 @@ class LiveStream:
         self.training_paused = False
         self.last_seq: int | None = None
         self._numbering_ended = False  # the producer ended the stream: its next seq starts anew
-        self.axes: dict[str, Any] | None = None  # group, channel, non-time index (`_track_axes`)
-        self._pending: dict[int, tuple[FrameHeader, float]] = {}  # engine index -> input
+        self.axes: StreamAxes | None = None  # group, channel, non-time index (`_track_axes`)
+        self.pending = 0  # frames pushed to the current engine whose output has not come yet
         #: Running estimate of the time one inferred output costs (its push, in a batch its share).
         self.infer_cost_s: float | None = None
         #: Running estimate of one round: a push's time per `run_length` inferred windows (their
@@ -199,10 +212,11 @@ class LiveStream:
         self.round_cost_s: float | None = None
 
     # ---- frames -------------------------------------------------------------------------------
-    def accept(self, run: Sequence[Arrival]) -> tuple[list[DenoisedOutput], StreamStarted | None]:
-        """Push a run of valid frames, all of one shape and dtype, in arrival order. Returns the
-        outputs that became ready (a shape change first flushes the old denoiser's outputs) and,
-        when a new denoiser was started, its description."""
+    def admit(self, run: Sequence[Arrival]) -> tuple[list[DenoisedOutput], StreamStarted | None]:
+        """Count a run of valid frames, all of one shape and dtype, in arrival order, and make
+        sure a denoiser for their format is there. Returns the outputs a shape change flushed
+        from the old denoiser and, when a new denoiser was started, its description. `push`
+        then hands the run to the denoiser."""
         self._track_axes(run[-1].frame.header.meta)
         for arrival in run:
             self._track_seq(arrival.frame.header.seq)
@@ -216,6 +230,7 @@ class LiveStream:
         if self.denoiser is None or (header.shape, header.dtype) != (self.shape, self.dtype):
             reason = "first_frame"
             if self.denoiser is not None:
+                assert self.shape is not None  # set with the denoiser
                 reason = "shape_change"
                 log.info(
                     "stream %s: %sx%s %s -> %sx%s %s; restarting its window and warm start",
@@ -224,7 +239,6 @@ class LiveStream:
                 outputs.extend(self._close_denoiser())
                 self.counters.restarts += 1
             started = self._start_denoiser(header.shape, header.dtype, reason)
-        outputs.extend(self._push(run))
         return outputs, started
 
     def reset(self, init: str | None) -> tuple[list[DenoisedOutput], StreamStarted | None]:
@@ -235,7 +249,7 @@ class LiveStream:
             return [], None
         outputs = self._close_denoiser(checkpoint=False)
         if self.store is not None:
-            self.store.forget(self.name, self.shape, self.dtype)
+            self.store.forget_later(self.name, self.shape, self.dtype)
         self.counters.resets += 1
         assert self.shape is not None and self.dtype is not None
         return outputs, self._start_denoiser(self.shape, self.dtype, "reset")
@@ -274,9 +288,9 @@ class LiveStream:
         return True
 
     def checkpoint(self) -> None:
-        """Save this stream's weights to the state directory (if any, and if it is live)."""
+        """Queue a save of this stream's weights to the state directory (if any, and if it is live)."""
         if self.store is not None:
-            self.store.save(self.name, self.denoiser, self.shape, self.dtype)
+            self.store.save_later(self.name, self.denoiser, self.shape, self.dtype)
 
     def note_skipped(self) -> None:
         self.counters.skipped += 1
@@ -296,11 +310,11 @@ class LiveStream:
             (self.denoiser.pause_training if halt else self.denoiser.resume_training)()
 
     # ---- status -------------------------------------------------------------------------------
-    def snapshot(self, now: float) -> dict[str, Any]:
+    def snapshot(self, now: float) -> StreamStatus:
         """Plain values only (msgpack-able): what `status` replies and the status table shows."""
         c = self.counters
         den = self.denoiser
-        snap: dict[str, Any] = {
+        snap: StreamStatus = {
             "frames_in": c.frames_in,
             "frames_out": c.frames_out,
             "skipped": c.skipped,
@@ -327,7 +341,7 @@ class LiveStream:
             "latency_ms": LatencyStats(0).summary() if self.idle else self.latency.summary(),
             "shape": list(self.shape) if self.shape else None,
             "dtype": self.dtype,
-            "pending": len(self._pending),
+            "pending": self.pending,
             "infer_ms": None if self.infer_cost_s is None else round(1000 * self.infer_cost_s, 2),
             "training_paused": self.training_paused,
             "state": den.state if den is not None else "idle",
@@ -336,25 +350,25 @@ class LiveStream:
             "warmup_progress": _plain(den.warmup_progress) if den is not None else 0.0,
             # abrupt changes of the acquisition this stream's engine saw (`changes`), the last one
             "changes": len(den.changes) if den is not None else 0,
-            "last_change": den.changes[-1].to_dict() if den is not None and den.changes else None,
+            "last_change": cast("ChangeStatus", den.changes[-1].to_dict()) if den is not None and den.changes else None,
         }
         if den is not None:
             try:
                 snap["engine"] = _plain(den.stats())
             except Exception as exc:  # a status request must never take the daemon down
-                snap["engine"] = {"error": repr(exc)}
+                snap["engine"] = EngineStats(error=repr(exc))
         return snap
 
-    # ---- internals ----------------------------------------------------------------------------
-    def _push(self, run: Sequence[Arrival]) -> list[DenoisedOutput]:
+    def push(self, run: Sequence[Arrival]) -> list[DenoisedOutput]:
+        """Hand a run `admit` took to the denoiser; returns the outputs that became ready."""
         den = self.denoiser
         assert den is not None
         first = den.frames_in  # the engine's index of the run's first frame
-        for i, arrival in enumerate(run):
-            self._pending[first + i] = (arrival.frame.header, arrival.received)
         try:
             started = monotonic()
-            outputs = self._match(den.push_many([a.frame.pixels for a in run], [a.infer for a in run]))
+            tags: list[_Tag] = [(a.frame.header, a.received) for a in run]
+            self.pending += len(run)
+            outputs = self._outputs(den.push_many([a.frame.pixels for a in run], [a.infer for a in run], tags))
             # Only the network's outputs measure its cost: the warm start's temporal means are
             # nearly free, and an estimate made of them let a backlog build up when it went live.
             inferred = sum(out.image is not None and out.state != "warmup" for out in outputs)
@@ -365,8 +379,7 @@ class LiveStream:
             return outputs
         except Exception:
             if den.frames_in == first:  # the engine did not take the frames
-                for i in range(len(run)):
-                    self._pending.pop(first + i, None)
+                self.pending -= len(run)
             if first == 0 and self.started_from is not None:
                 # The first push builds the network from the weights file: weights that do not
                 # fit this stream must not wedge it. Start from scratch instead, and say so.
@@ -377,9 +390,10 @@ class LiveStream:
                 den.close()
                 header = run[0].frame.header
                 self._start_denoiser(header.shape, header.dtype, "init_refused", use_state=False)
-                return self._push(run)
+                return self.push(run)
             raise
 
+    # ---- internals ----------------------------------------------------------------------------
     def _track_axes(self, meta: dict[str, Any]) -> None:
         """Where the stream sits in its acquisition, from its frames' ``meta`` (docs/protocol.md),
         for the status and the viewer; None for producers that do not say."""
@@ -446,7 +460,7 @@ class LiveStream:
         self.denoiser = self._make_denoiser(start)
         self.started_from = start
         self.shape, self.dtype = shape, dtype
-        self._pending.clear()
+        self.pending = 0
         self.infer_cost_s = self.round_cost_s = None  # another network or frame size: measured anew
         self._apply_training()
         log.info("stream %s: new denoiser for %dx%d %s (%s%s)", self.name, *shape, dtype, reason,
@@ -457,26 +471,23 @@ class LiveStream:
         den = self.denoiser
         assert den is not None
         try:
-            outputs = self._match(den.flush())
-            if checkpoint:  # shutdown, shape change: keep what this model learned
+            outputs = self._outputs(den.flush())
+            if checkpoint:  # shutdown, shape change: keep what this model learned (on the worker)
                 self.checkpoint()
         finally:
             den.close()
             self.denoiser = None
-        if self._pending:  # the engine owes one output per input: say so if it did not
-            log.error("stream %s: %d frames got no output before the denoiser closed",
-                      self.name, len(self._pending))
-            self._pending.clear()
+        if self.pending:  # the engine owes one output per input: say so if it did not
+            log.error("stream %s: %d frames got no output before the denoiser closed", self.name, self.pending)
+            self.pending = 0
         return outputs
 
-    def _match(self, frames: Sequence[Any]) -> list[DenoisedOutput]:
+    def _outputs(self, frames: Sequence[DenoisedFrame]) -> list[DenoisedOutput]:
+        """The engine's outputs, each with the header and receipt time it was tagged with."""
+        self.pending -= len(frames)
         outputs = []
         for out in frames:
-            entry = self._pending.pop(out.index, None)
-            if entry is None:
-                log.error("stream %s: engine output for unknown frame index %s", self.name, out.index)
-                continue
-            header, received = entry
+            header, received = cast(_Tag, out.tag)
             outputs.append(DenoisedOutput(self.name, header, out.image, out.state, int(out.model_step), received))
         return outputs
 

@@ -112,7 +112,7 @@ class ChangeDetector:
         level, spread = float(level), float(high - low)
         index, self.index = self.index, self.index + 1
         change = None
-        if len(self._grids) >= c.min_frames:
+        if self._sum is not None and len(self._grids) >= c.min_frames:
             corr = correlation(grid, self._sum / len(self._grids))
             change = self._test(index, level, spread, corr)
         else:

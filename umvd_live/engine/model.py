@@ -15,14 +15,16 @@ the centre frame (`window.context_blocks`), so blindness holds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 SkipSource = Literal["features", "enc1"]
+Padding = Literal["zeros", "reflect", "replicate", "circular"]  # torch's Conv2d padding_mode
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class ModelSpec:
     dec1_skip: SkipSource = "features"  # the paper concatenates the weighted G features
     head: tuple[int, ...] = (384, 96)  # hidden widths of the 1x1 head
     bias: bool = False
-    padding: str = "replicate"  # the reference's; "zeros" is fused into the convolution (faster)
+    padding: Padding = "replicate"  # the reference's; "zeros" is fused into the convolution (faster)
     context: tuple[int, ...] = ()  # lengths of the blocks of earlier frames whose means D also sees
 
     def __post_init__(self) -> None:
@@ -55,8 +57,8 @@ class ModelSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    def from_dict(cls, d: dict) -> ModelSpec:
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**fields)
 
 
@@ -169,7 +171,8 @@ class DenoiserUNet(nn.Module):
         self.enc2 = _stack(c1, n2, c2, spec)
         if nm < 2:
             raise ValueError("the bottleneck needs at least 2 convolutions")
-        self.mid = nn.Sequential(_conv(c2, cm, spec), *[_conv(cm, cm, spec) for _ in range(nm - 2)], _conv(cm, c2, spec))
+        self.mid = nn.Sequential(_conv(c2, cm, spec), *[_conv(cm, cm, spec) for _ in range(nm - 2)],
+                                 _conv(cm, c2, spec))
         self.dec2 = _stack(c2 + c1, nd2, cd2, spec)
         skip_channels = cin if spec.dec1_skip == "features" else c1
         self.dec1 = _stack(cd2 + skip_channels, nd1, cd1, spec)
@@ -200,8 +203,9 @@ class UMVDNet(nn.Module):
         self.channels = channels
         self.G = FeatureGenerator(spec, channels)
         self.D = DenoiserUNet(spec, channels)
-        self.register_buffer("gamma", gamma_weights(spec.window, spec.gamma_power, spec.gamma_floor))
-        self._gammas = self.gamma.tolist()  # the same weights as numbers (fixed), read on the host
+        gamma = gamma_weights(spec.window, spec.gamma_power, spec.gamma_floor)
+        self.register_buffer("gamma", gamma)
+        self._gammas = gamma.tolist()  # the same weights as numbers (fixed), read on the host
 
     def features(self, frames: torch.Tensor) -> torch.Tensor:
         """G for a batch of single frames (B, C, H, W) -> (B, F, H, W); cacheable per frame."""
@@ -220,7 +224,8 @@ class UMVDNet(nn.Module):
         if self.spec.context:
             m = len(self.spec.context)
             if context is None or context.shape[1] != m:
-                raise ValueError(f"this network takes {m} context block means, got {None if context is None else context.shape[1]}")
+                got = None if context is None else context.shape[1]
+                raise ValueError(f"this network takes {m} context block means, got {got}")
             parts += [context[:, j].permute(0, 2, 3, 1).to(parts[0].dtype) for j in range(m)]
         # Built channels-last (B, H, W, channels) in one copy: D's convolutions run on that layout.
         x = torch.cat(parts, 3).permute(0, 3, 1, 2)

@@ -18,7 +18,7 @@ class Normalizer:
     scale: float
 
     @classmethod
-    def fit(cls, frame: np.ndarray, low: float = 0.5, high: float = 99.5) -> "Normalizer":
+    def fit(cls, frame: np.ndarray, low: float = 0.5, high: float = 99.5) -> Normalizer:
         finite = frame[np.isfinite(frame)] if frame.dtype.kind == "f" else frame
         if finite.size == 0:
             return cls(0.0, 1.0)

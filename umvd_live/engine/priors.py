@@ -5,7 +5,7 @@ seconds on a small CPU). A prior is a network already trained, the way the engin
 self-supervised, on noisy frames only), on the project's simulator across photon levels,
 structures and noise models (tools/train_prior.py makes them again). A stream starts on it from
 its first full window and the warm start adapts it to the sample in front of the microscope. The
-engine's referee (`engine.stream.BlindReferee`) shows its output only while it beats the temporal mean
+engine's referee (`engine.outputs.BlindReferee`) shows its output only while it beats the temporal mean
 on the stream's own frames, so a prior that does not fit is dropped at once.
 
 Files are `checkpoint` files named ``prior_weights/<preset>-w<N>.pt``; a prior serves a stream only if it was

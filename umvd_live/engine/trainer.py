@@ -92,14 +92,14 @@ class ReplayBuffer:
         ``fresh_start``: the share of samples whose segment is cut at a random frame before the
         centre, with the live edge rule (`window.window_indices`, mirrored context). ``favour``: a
         segment from which ``favour_share`` of the batch is drawn (the newest, after a change)."""
-        with self._lock:
+        with self._lock:  # only references are taken here: `add` on the pushing thread must not wait
             centres = self._centres()
             if not centres:
                 return None
             favoured = self._centres(favour) if favour is not None and favour_share > 0 else []
             _, h, w = next(iter(self._frames.values()))[0].shape
             ph, pw = min(patch, h), min(patch, w)
-            out = []
+            picks = []
             for _ in range(batch):
                 pool = favoured if favoured and rng.random() < favour_share else centres
                 t = int(pool[int(rng.integers(len(pool)))])
@@ -109,20 +109,26 @@ class ReplayBuffer:
                     first = t - int(rng.integers(0, self.reach + 1))
                 y = int(rng.integers(0, h - ph + 1))
                 x = int(rng.integers(0, w - pw + 1))
-                near = (j for j in range(first, t + self.reach + 1)
-                        if j in self._frames and self._frames[j][1] == seg)
-                patches = {j: self._frames[j][0][..., y : y + ph, x : x + pw] for j in near}
-                indices = window_indices(t, max(first, min(patches)), t + self.k, self.k)
-                window = torch.stack([patches[i] for i in indices])
-                if self.context:
-                    # A cut segment has no frames after the window yet, as live: the context's
-                    # empty blocks fall back to the neighbours, never to later frames. A recorded
-                    # movie's segment start (both sides) has its later frames.
-                    cut = first > t - self.reach and not self.both_sides
-                    present = {j for j in patches if j <= t + self.k} if cut else patches
-                    blocks = context_blocks(t, self.k, self.context, present.__contains__, self.both_sides)
-                    window = torch.cat([window, block_means(blocks, patches.__getitem__)])
-                out.append(window)
+                near = {j: self._frames[j][0] for j in range(first, t + self.reach + 1)
+                        if j in self._frames and self._frames[j][1] == seg}
+                picks.append((t, first, y, x, near))
+        out = []
+        for t, first, y, x, near in picks:
+
+            def crop(j: int, near: dict = near, y: int = y, x: int = x) -> torch.Tensor:
+                return near[j][..., y : y + ph, x : x + pw]
+
+            indices = window_indices(t, max(first, min(near)), t + self.k, self.k)
+            window = torch.stack([crop(i) for i in indices])
+            if self.context:
+                # A cut segment has no frames after the window yet, as live: the context's
+                # empty blocks fall back to the neighbours, never to later frames. A recorded
+                # movie's segment start (both sides) has its later frames.
+                cut = first > t - self.reach and not self.both_sides
+                present = {j for j in near if j <= t + self.k} if cut else near
+                blocks = context_blocks(t, self.k, self.context, present.__contains__, self.both_sides)
+                window = torch.cat([window, block_means(blocks, crop)])
+            out.append(window)
         return torch.stack(out)
 
 
@@ -136,7 +142,8 @@ class OnlineTrainer:
         self.device = device
         self.bf16 = bf16  # forward under bfloat16 autocast (weights, gradients and Adam stay float32)
         self.rng = np.random.default_rng(seed)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        # fused: one kernel, not a Python loop over the parameters: the trainer shares the GIL with the frame loop
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
         self.steps = 0
         self.rollbacks = 0
         self.last_loss: float | None = None

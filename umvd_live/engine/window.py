@@ -9,8 +9,8 @@ window, which the reference implementation does by clamping.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -116,6 +116,8 @@ class ContextHistory:
         for span in self.spans:
             starts.append(t - reach - span)
             reach += span
+        if self._first_seen is None:
+            raise ValueError("no frame appended yet")
         if t - reach < self._first_seen:  # blocks not yet full: the stream has just begun
             self._sums_for = None
             return block_means(context_blocks(t, self.k, self.spans, self.has), self._frame)[None]
@@ -125,7 +127,8 @@ class ContextHistory:
                 for total, lo, span in zip(self._sums, starts, self.spans):
                     total.add_(self._frame(lo - back + span - 1)).sub_(self._frame(lo - back - 1))
         else:
-            self._sums = [torch.stack([self._frame(j) for j in range(lo, lo + span)]).sum(0) for lo, span in zip(starts, self.spans)]
+            self._sums = [torch.stack([self._frame(j) for j in range(lo, lo + span)]).sum(0)
+                          for lo, span in zip(starts, self.spans)]
             self.resums += 1
         self._sums_for = t
         means = torch.stack(self._sums)  # one copy, then divided in place

@@ -1,7 +1,16 @@
-"""Recording and reading: denoised (and raw) frames -> OME-TIFF or OME-Zarr files, and movies back in."""
+"""Recording and reading: denoised (and raw) frames -> OME-TIFF or OME-Zarr files, and movie files in
+(one reader for `acquire replay`, `denoise` and `batch`)."""
 
 from umvd_live.recording.acquisition import read_acquisition
-from umvd_live.recording.movie import MovieError, MovieFrames, read_movie, read_movie_metadata
+from umvd_live.recording.movie import (
+    MovieError,
+    MovieFrames,
+    TiffMovie,
+    ZarrMovie,
+    movie_streams,
+    open_movie,
+    read_movie,
+)
 from umvd_live.recording.ometiff import (
     FrameInfo,
     Provenance,
@@ -28,11 +37,14 @@ __all__ = [
     "RecordingRequest",
     "RecordingSession",
     "SpillQueue",
+    "TiffMovie",
+    "ZarrMovie",
     "ZarrRecording",
     "is_zarr_path",
+    "movie_streams",
+    "open_movie",
     "read_acquisition",
     "read_movie",
-    "read_movie_metadata",
     "read_provenance",
     "read_recording",
     "read_zarr_recording",

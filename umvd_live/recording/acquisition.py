@@ -215,10 +215,14 @@ def _assemble(key: str, streams: list[_StreamFrames]) -> PositionStack:
                              f"same channel and plane")
         slot_of[slot] = s
 
-    t_of = {s.name: [i.t_index for i in s.infos] for s in streams}
-    if not all(all(t is not None for t in ts) and all(a < b for a, b in itertools.pairwise(ts))
-               for ts in t_of.values()):
-        t_of = {s.name: list(range(len(s.infos))) for s in streams}  # frame order
+    # the acquisition's time points where every frame has one, increasing; else frame order
+    t_of: dict[str, list[int]] = {}
+    for s in streams:
+        ts = [i.t_index for i in s.infos if i.t_index is not None]
+        if len(ts) < len(s.infos) or not all(a < b for a, b in itertools.pairwise(ts)):
+            t_of = {s.name: list(range(len(s.infos))) for s in streams}
+            break
+        t_of[s.name] = ts
     first = min(ts[0] for ts in t_of.values())
     size_t = max(ts[-1] for ts in t_of.values()) - first + 1
 

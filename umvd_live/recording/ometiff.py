@@ -37,10 +37,11 @@ import struct
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -95,7 +96,7 @@ class AcquisitionCoordinates:
     position: str | None = None  # the position's name
 
     @classmethod
-    def from_meta(cls, meta: Any) -> "AcquisitionCoordinates | None":
+    def from_meta(cls, meta: Any) -> AcquisitionCoordinates | None:
         if not isinstance(meta, dict) or not isinstance(meta.get("group"), str):
             return None
         raw_index = meta.get("index")
@@ -106,7 +107,7 @@ class AcquisitionCoordinates:
         return cls(group=meta["group"], index=index, axes=",".join(map(str, raw_index)), **text)
 
     @classmethod
-    def from_provenance(cls, prov: dict[str, Any]) -> "AcquisitionCoordinates | None":
+    def from_provenance(cls, prov: dict[str, Any]) -> AcquisitionCoordinates | None:
         """The inverse of `to_map`, from `read_provenance`'s typed dict."""
         if not isinstance(prov.get("group"), str):
             return None
@@ -173,7 +174,8 @@ class FrameInfo:
     seq: int  # the producer's sequence number
     t: float | None = None  # the producer's acquisition time in seconds, if it sent one
     t_received: float | None = None  # wall-clock time (Unix seconds) the daemon received it
-    state: str | None = None  # "warmup", "live" or "adapting" (engine.stream.State) for denoised frames; None for raw copies
+    # "warmup", "live" or "adapting" (engine.outputs.State) for denoised frames; None for raw copies
+    state: str | None = None
     model_step: int | None = None  # training steps of the model that produced this frame
     meta: dict[str, Any] = field(default_factory=dict)  # the producer's per-frame meta
 
@@ -279,17 +281,14 @@ def _place(pos: int, fields: Sequence[tuple[int, int]]) -> int:
     return p
 
 
-class RecordingFile:
-    """One recording on disk, appended frame by frame (single-threaded use).
+class RecordingLedger:
+    """What one stream's recording has taken in (its frames' infos, sequence gaps and restarts)
+    and the provenance map built from it: shared by the TIFF and the OME-Zarr recorder, so the
+    two formats say the same thing under the same keys."""
 
-    Every `append` that returns is readable after SIGKILL; `checkpoint` makes it durable across
-    power loss and updates the OME-XML; `close` writes the final OME-XML.
-    """
-
-    def __init__(self, path: Path, fd: int, shape: tuple[int, int], dtype: np.dtype,
-                 provenance: Provenance, first_info: FrameInfo):
+    def __init__(self, path: Path, shape: tuple[int, int], dtype: np.dtype, provenance: Provenance,
+                 first_info: FrameInfo):
         self.path = path
-        self._fd = fd
         self.shape = shape
         self.dtype = dtype
         self.provenance = provenance
@@ -304,12 +303,85 @@ class RecordingFile:
         self.acquisition = acquisition
         self.pixel_size_um: float | None = acquisition.pixel_size_um
         self.coordinates = AcquisitionCoordinates.from_meta(first_info.meta)
-        self.started_utc = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-        self._uuid = f"urn:uuid:{uuid.uuid4()}"
+        self.started_utc = datetime.now(UTC).isoformat(timespec="milliseconds")
         self.infos: list[FrameInfo] = []
         self.gaps: list[tuple[int, int]] = []
         self.restarts: list[int] = []
         self.first_live_frame: int | None = None
+
+    def _track(self, info: FrameInfo) -> None:
+        if self.infos:
+            prev = self.infos[-1].seq
+            if info.seq > prev + 1:
+                self.gaps.append((prev + 1, info.seq - 1))
+            elif info.seq <= prev:
+                self.restarts.append(len(self.infos))
+        if self.first_live_frame is None and info.state == "live":
+            self.first_live_frame = len(self.infos)
+        self.infos.append(info)
+
+    def provenance_map(self, *, frames: int, final: bool) -> dict[str, str]:
+        """The flat key/value provenance stored as an OME MapAnnotation (readable in Fiji)."""
+        p = self.provenance
+        infos = self.infos[:frames]
+        gaps = self.gaps if frames == len(self.infos) else seq_gaps(i.seq for i in infos)
+        out = {
+            "format": FORMAT,
+            "software": "umvd-live",
+            "software_version": p.software_version,
+            "stream": p.stream,
+            "kind": p.kind,
+            "preset": str(p.preset),
+            "window": str(p.window),
+            "weights_sha256_at_start": str(p.weights_sha256),
+            "device": str(p.device),
+            "source": str(p.source),
+            "pixel_size_um": str(self.pixel_size_um),
+            "started_utc": self.started_utc,
+            "complete": "true" if final else "false",
+            "frames": str(frames),
+            "first_seq": str(infos[0].seq) if infos else "none",
+            "last_seq": str(infos[-1].seq) if infos else "none",
+            "seq_gaps": _format_gaps(gaps),
+            "seq_restarts_at_frame": ",".join(map(str, [r for r in self.restarts if r < frames])) or "none",
+            "first_live_frame": str(self.first_live_frame) if self.first_live_frame is not None
+            and self.first_live_frame < frames else "none",
+            "per_frame_metadata": f"TIFF tag {FRAME_TAG} (JSON) on every page",
+        }
+        if p.recording_id is not None:
+            out["recording_id"] = p.recording_id
+        if self.coordinates is not None:
+            out.update(self.coordinates.to_map())
+        if final:
+            out["finished_utc"] = datetime.now(UTC).isoformat(timespec="milliseconds")
+        for k, v in p.extra.items():
+            out[f"extra.{k}"] = str(v)
+        return out
+
+    def _measured_increment(self, frames: int) -> float | None:
+        """TimeIncrement when the producer sent no ``interval_ms``: the median step between the
+        frames' times (acquisition time, else receive time), over the first 1001 frames at most
+        (stable, and cheap at every checkpoint)."""
+        times = [i.time for i in self.infos[:min(frames, 1001)]]
+        if len(times) < 2 or any(t is None for t in times):
+            return None
+        steps = np.diff(np.asarray(times, dtype=np.float64))
+        steps = steps[steps > 0]
+        return float(np.median(steps)) if len(steps) else None
+
+
+class RecordingFile(RecordingLedger):
+    """One recording on disk, appended frame by frame (single-threaded use).
+
+    Every `append` that returns is readable after SIGKILL; `checkpoint` makes it durable across
+    power loss and updates the OME-XML; `close` writes the final OME-XML.
+    """
+
+    def __init__(self, path: Path, fd: int, shape: tuple[int, int], dtype: np.dtype,
+                 provenance: Provenance, first_info: FrameInfo):
+        super().__init__(path, shape, dtype, provenance, first_info)
+        self._fd = fd
+        self._uuid = f"urn:uuid:{uuid.uuid4()}"
         self._eof = 16
         self._link_pos = 8  # the header's first-IFD field
         self._committed_xml_frames = 0
@@ -322,7 +394,7 @@ class RecordingFile:
     # -- creation -----------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike, image: np.ndarray, info: FrameInfo,
-               provenance: Provenance) -> "RecordingFile":
+               provenance: Provenance) -> RecordingFile:
         """Create ``path`` (never overwriting: O_EXCL, and no symlink followed) with its first
         frame. The shape and dtype of that frame are the file's."""
         path = Path(path)
@@ -379,7 +451,7 @@ class RecordingFile:
         ifd_bytes = ifd.pack(ifd_pos, external=external)
         pad = b"\x00" * (ifd_pos - data_pos - image.nbytes)
         # the page, complete, beyond everything a reader can reach
-        pwrite_all(self._fd, memoryview(image).cast("B"), data_pos)
+        pwrite_all(self._fd, image.data.cast("B"), data_pos)
         pwrite_all(self._fd, pad + ifd_bytes, data_pos + image.nbytes)
         # commit: link the complete page into the chain
         pwrite_all(self._fd, struct.pack("<Q", ifd_pos), self._link_pos)
@@ -389,17 +461,6 @@ class RecordingFile:
         self._eof = ifd_pos + len(ifd_bytes)
 
         self._track(info)
-
-    def _track(self, info: FrameInfo) -> None:
-        if self.infos:
-            prev = self.infos[-1].seq
-            if info.seq > prev + 1:
-                self.gaps.append((prev + 1, info.seq - 1))
-            elif info.seq <= prev:
-                self.restarts.append(len(self.infos))
-        if self.first_live_frame is None and info.state == "live":
-            self.first_live_frame = len(self.infos)
-        self.infos.append(info)
 
     def _page_entries(self, image: np.ndarray, info_json: str, data_pos: int, *, first: bool) -> list:
         h, w = self.shape
@@ -430,44 +491,6 @@ class RecordingFile:
         return e
 
     # -- OME-XML --------------------------------------------------------------------------------
-    def provenance_map(self, *, frames: int, final: bool) -> dict[str, str]:
-        """The flat key/value provenance stored as an OME MapAnnotation (readable in Fiji)."""
-        p = self.provenance
-        infos = self.infos[:frames]
-        gaps = self.gaps if frames == len(self.infos) else seq_gaps(i.seq for i in infos)
-        out = {
-            "format": FORMAT,
-            "software": "umvd-live",
-            "software_version": p.software_version,
-            "stream": p.stream,
-            "kind": p.kind,
-            "preset": str(p.preset),
-            "window": str(p.window),
-            "weights_sha256_at_start": str(p.weights_sha256),
-            "device": str(p.device),
-            "source": str(p.source),
-            "pixel_size_um": str(self.pixel_size_um),
-            "started_utc": self.started_utc,
-            "complete": "true" if final else "false",
-            "frames": str(frames),
-            "first_seq": str(infos[0].seq) if infos else "none",
-            "last_seq": str(infos[-1].seq) if infos else "none",
-            "seq_gaps": _format_gaps(gaps),
-            "seq_restarts_at_frame": ",".join(map(str, [r for r in self.restarts if r < frames])) or "none",
-            "first_live_frame": str(self.first_live_frame) if self.first_live_frame is not None
-            and self.first_live_frame < frames else "none",
-            "per_frame_metadata": f"TIFF tag {FRAME_TAG} (JSON) on every page",
-        }
-        if p.recording_id is not None:
-            out["recording_id"] = p.recording_id
-        if self.coordinates is not None:
-            out.update(self.coordinates.to_map())
-        if final:
-            out["finished_utc"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-        for k, v in p.extra.items():
-            out[f"extra.{k}"] = str(v)
-        return out
-
     def _xml(self, *, frames: int, final: bool) -> str:
         h, w = self.shape
         meta: dict[str, Any] = {
@@ -486,26 +509,14 @@ class RecordingFile:
                 channel["Color"] = color
             meta["Channel"] = channel
         if final and frames:
-            times = [i.time for i in self.infos[:frames]]
-            t0 = next((t for t in times if t is not None), None)
-            if t0 is not None and all(t is not None for t in times):
-                meta["Plane"] = {"DeltaT": [round(t - t0, 6) for t in times],
+            times = [i.time for i in self.infos[:frames] if i.time is not None]
+            if len(times) == frames:  # every frame has a time
+                meta["Plane"] = {"DeltaT": [round(t - times[0], 6) for t in times],
                                  "DeltaTUnit": ["s"] * frames}
             meta["CommentAnnotation"] = {"Namespace": FRAMES_NS, "Value": self.frame_table_tsv(frames)}
         ox = tifffile.OmeXml(UUID=self._uuid, Creator=f"umvd-live {self.provenance.software_version}")
         ox.addimage(self.dtype, (frames, h, w), (frames, 1, 1, h, w, 1), axes="TYX", **meta)
         return ox.tostring(declaration=True)
-
-    def _measured_increment(self, frames: int) -> float | None:
-        """TimeIncrement when the producer sent no ``interval_ms``: the median step between the
-        frames' times (acquisition time, else receive time), over the first 1001 frames at most
-        (stable, and cheap at every checkpoint)."""
-        times = [i.time for i in self.infos[:min(frames, 1001)]]
-        if len(times) < 2 or any(t is None for t in times):
-            return None
-        steps = np.diff(np.asarray(times, dtype=np.float64))
-        steps = steps[steps > 0]
-        return float(np.median(steps)) if len(steps) else None
 
     def frame_table_tsv(self, frames: int) -> str:
         """The per-frame table; ``t_index`` is the acquisition's time point (``meta.index.t``)."""
@@ -648,7 +659,9 @@ def _parse_provenance(description: str) -> dict[str, Any]:
     for ann in root.iter(f"{_OME_NS}MapAnnotation"):
         if ann.get("Namespace") == PROVENANCE_NS:
             for m in ann.iter(f"{_OME_NS}M"):
-                out[m.get("K")] = m.text or ""
+                key = m.get("K")
+                if key is not None:
+                    out[key] = m.text or ""
     pixels = root.find(f"{_OME_NS}Image/{_OME_NS}Pixels")
     if pixels is not None:
         out["ome_size_t"] = int(pixels.get("SizeT", "0"))
@@ -718,12 +731,12 @@ def read_recording(path: str | os.PathLike) -> tuple[np.ndarray, list[FrameInfo]
                                                       "seq_restarts": [], "first_live_frame": None,
                                                       "warmup_frames": [], "frames_declared_in_ome": 0}
     with tifffile.TiffFile(path) as tif:
-        pages = list(tif.pages)
-        first = pages[0]
-        prov = _typed(_parse_provenance(first.description))
+        prov = _typed(_parse_provenance(tif.pages.first.description))
         images = []
         infos: list[FrameInfo] = []
-        for page in pages:
+        for page in tif.pages:
+            if not isinstance(page, tifffile.TiffPage):  # frames come only with useframes, never set here
+                raise RecordingFormatError(f"{path}: page {page.index} read as a TiffFrame")
             tag = page.tags.get(FRAME_TAG)
             if tag is None:
                 raise RecordingFormatError(f"{path}: page {page.index} has no frame metadata tag")

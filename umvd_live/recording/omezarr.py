@@ -50,8 +50,8 @@ from umvd_live.recording.ometiff import (
     RECORDABLE_DTYPES,
     FrameInfo,
     Provenance,
-    RecordingFile,
     RecordingFormatError,
+    RecordingLedger,
     _json_default,
     _typed,
     conform_frame,
@@ -149,22 +149,16 @@ def _replace(src: Path, dst: Path) -> None:
             delay = min(delay * 2, 0.1)
 
 
-class ZarrRecording:
+class ZarrRecording(RecordingLedger):
     """One stream's OME-Zarr store, appended frame by frame (single-threaded use), with the API of
     `RecordingFile`: a kill loses at most the `IN_FLIGHT` frames whose writes are running;
     `checkpoint` declares every frame to OME readers (and, without an ``interval_ms``, the frames'
-    own step on T); `close` writes the final metadata (``complete`` true)."""
-
-    # the bookkeeping, the provenance map and the measured frame interval are the TIFF
-    # recorder's own, so the two formats say the same thing under the same keys
-    _track = RecordingFile._track
-    provenance_map = RecordingFile.provenance_map
-    _measured_increment = RecordingFile._measured_increment
+    own step on T); `close` writes the final metadata (``complete`` true). The bookkeeping, the
+    provenance map and the measured frame interval are the TIFF recorder's (`RecordingLedger`)."""
 
     def __init__(self, path: Path, shape: tuple[int, int], dtype: np.dtype, provenance: Provenance,
                  first_info: FrameInfo):
-        # the pixel size, acquisition coordinates and start time, taken as the TIFF recorder does
-        RecordingFile.__init__(self, path, -1, shape, dtype, provenance, first_info)  # type: ignore[arg-type]
+        super().__init__(path, shape, dtype, provenance, first_info)
         self._ts, _, _ = _deps()
         self._writer: Any = None
         self._declared: Any = None
@@ -203,8 +197,9 @@ class ZarrRecording:
         dims = [DimSpec(name="t", size=0, type="time", unit="second", **interval),
                 DimSpec(name="c", size=1, type="channel"),
                 DimSpec(name="y", size=h, type="space", **unit), DimSpec(name="x", size=w, type="space", **unit)]
-        image = v05.Image(multiscales=[v05.Multiscale.from_dims(dims, name=self._name())], omero=self._omero(v05, first))
-        self._group = {"zarr_format": 3, "node_type": "group",
+        image = v05.Image(multiscales=[v05.Multiscale.from_dims(dims, name=self._name())],
+                          omero=self._omero(v05, first))
+        self._group: dict[str, Any] = {"zarr_format": 3, "node_type": "group",
                        "attributes": {"ome": image.model_dump(mode="json", exclude_none=True),
                                       ATTRIBUTE: self._provenance(0, final=False)}}
         _replace_json(self.path / "zarr.json", self._group)
@@ -231,7 +226,8 @@ class ZarrRecording:
         from umvd_live.wire.channel_colors import ome_color
 
         rgba = ome_color(channel)
-        color = f"{(rgba >> 24) & 0xFF:02X}{(rgba >> 16) & 0xFF:02X}{(rgba >> 8) & 0xFF:02X}" if rgba is not None else "FFFFFF"
+        color = ("FFFFFF" if rgba is None
+                 else f"{(rgba >> 24) & 0xFF:02X}{(rgba >> 16) & 0xFF:02X}{(rgba >> 8) & 0xFF:02X}")
         # display range: the first frame's (what a viewer's contrast starts at); the type's range
         start, end = (float(v) for v in np.percentile(first, (0.1, 99.9)))
         lo, hi = ((float(np.iinfo(self.dtype).min), float(np.iinfo(self.dtype).max)) if self.dtype.kind in "ui"
@@ -257,10 +253,15 @@ class ZarrRecording:
 
     def _retire(self, keep: int) -> None:
         """Wait for the oldest writes until at most ``keep`` are in flight; in frame order, each
-        done chunk gets its metadata line: a line is never written before its chunk."""
+        done chunk gets its metadata line: a line is never written before its chunk.
+
+        A failed write raises here and stays at the head of the queue, so every later call raises
+        it again: no frame after a failed one gets a line or is declared (`abandon` included),
+        even where its own chunk reached the disk."""
         while len(self._pending) > keep or (self._pending and self._pending[0][0].done()):
-            future, line, info, _ = self._pending.popleft()
+            future, line, info, _ = self._pending[0]
             _done(future, self.path)  # a failed chunk write surfaces here
+            self._pending.popleft()
             self._frames_fh.write(line.encode("ascii") + b"\n")
             self._track(info)
 
@@ -320,7 +321,7 @@ class ZarrRecording:
         try:
             self._retire(len(self._pending))  # the finished writes, up to the first that is not
         except OSError:
-            pass  # that one failed: the frames before it are in
+            pass  # that one failed: the frames before it are in, none after it
         try:
             self._declare(final=False)
         except OSError:
@@ -416,16 +417,22 @@ def read_zarr_recording(path: str | os.PathLike) -> tuple[np.ndarray, list[Frame
 
 
 # -- reading any OME-Zarr image (input of `denoise` and `acquire replay`) ----------------------
+def _ome_keys(group: Any) -> dict[str, Any]:
+    """A Zarr group's OME metadata (JSON): 0.5 nests its keys under "ome"; 0.4 has them at the top."""
+    attrs = dict(group.attrs)
+    return attrs.get("ome", attrs)
+
+
 class OmeZarrSeries:
     """One image (multiscales) of an OME-Zarr store: its full-resolution array, read lazily."""
 
     def __init__(self, path: Path, name: str, group: Any):
         attrs = dict(group.attrs)
-        ome = attrs.get("ome", attrs)  # 0.5 nests its keys under "ome"; 0.4 has them at the top
+        ome = _ome_keys(group)
         multiscale = ome["multiscales"][0]
         self.path, self.name = path, name
         self.axes = "".join(str(a["name"] if isinstance(a, dict) else a)[0].upper() for a in multiscale["axes"])
-        units = [a.get("unit") if isinstance(a, dict) else None for a in multiscale["axes"]]
+        units = [(a.get("unit") if isinstance(a, dict) else None) or "" for a in multiscale["axes"]]
         dataset = multiscale["datasets"][0]
         self.array = group[dataset["path"]]
         if self.array.ndim != len(self.axes) or self.axes[-2:] != "YX":
@@ -489,8 +496,7 @@ def open_ome_zarr(path: str | os.PathLike) -> list[OmeZarrSeries]:
         root = zarr.open_group(str(path), mode="r")
     except Exception as exc:  # noqa: BLE001 - zarr raises many kinds; the user gets one line
         raise RecordingFormatError(f"{path}: not a readable Zarr group ({type(exc).__name__}: {exc})") from None
-    attrs = dict(root.attrs)
-    ome = attrs.get("ome", attrs)
+    ome = _ome_keys(root)
     if "multiscales" in ome:
         return [OmeZarrSeries(path, "0", root)]
     if "plate" in ome:
@@ -498,7 +504,7 @@ def open_ome_zarr(path: str | os.PathLike) -> list[OmeZarrSeries]:
     if "bioformats2raw.layout" in ome:
         keys = sorted(root.group_keys(), key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
         series = [OmeZarrSeries(path / k, k, root[k]) for k in keys
-                  if "multiscales" in dict(root[k].attrs).get("ome", dict(root[k].attrs))]
+                  if "multiscales" in _ome_keys(root[k])]
         if series:
             return series
     raise RecordingFormatError(f"{path}: no OME-Zarr image (no multiscales metadata)")

@@ -29,9 +29,10 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,9 @@ from umvd_live.recording.spillqueue import QueueClosed, QueueOverflow, SpillQueu
 from umvd_live.wire.protocol import STREAM_NAME, FrameHeader
 
 log = logging.getLogger(__name__)
+
+#: One stream's file or store: the base path's extension picks the format.
+Recording = RecordingFile | ZarrRecording
 
 DEFAULT_MEMORY_BUDGET = 512 * 1024 * 1024
 FLUSH_INTERVAL_S = 1.0  # the issue asks for <= 2 s between flushes
@@ -277,7 +281,7 @@ class RecordingSession:
 
     # -- writer thread --------------------------------------------------------------------------
     def _write_loop(self) -> None:
-        files: dict[str, RecordingFile] = {}
+        files: dict[str, Recording] = {}
         parts: dict[str, int] = {}
         next_checkpoint = time.monotonic() + self.request.checkpoint_interval_s
         try:
@@ -318,7 +322,7 @@ class RecordingSession:
                 self._lost += lost
             self._finished.set()
 
-    def _write_one(self, files: dict[str, RecordingFile], parts: dict[str, int],
+    def _write_one(self, files: dict[str, Recording], parts: dict[str, int],
                    item: dict[str, Any], image: np.ndarray) -> None:
         key = item["key"]
         info = FrameInfo(seq=item["seq"], t=item["t"], t_received=item["t_received"],
@@ -337,17 +341,17 @@ class RecordingSession:
             try:
                 rec.append(image, info)
             except OSError as exc:
-                exc.recording_path = str(rec.path)  # type: ignore[attr-defined]
+                exc.recording_path = str(rec.path)  # type: ignore[attr-defined]  # read back by getattr
                 raise
         with self._lock:
             self._written += 1
             self._last_written_mono = item["mono"]
 
     def _open(self, item: dict[str, Any], image: np.ndarray, info: FrameInfo,
-              parts: dict[str, int]) -> RecordingFile:
+              parts: dict[str, int]) -> Recording:
         key, stream, raw = item["key"], item["stream"], item["kind"] == "raw"
-        prov = dataclasses.replace(self._provenances[stream], recording_id=self.recording_id,
-                                   **({"kind": "raw"} if raw else {}))
+        base = self._provenances[stream]
+        prov = dataclasses.replace(base, recording_id=self.recording_id, kind="raw" if raw else base.kind)
         part = parts.get(key, 0) + 1
         while True:
             path = stream_path(self.request.path, stream, raw=raw, part=part)
@@ -358,7 +362,7 @@ class RecordingSession:
                 part += 1  # never overwrite: an earlier recording keeps its file
                 continue
             except OSError as exc:
-                exc.recording_path = str(path)  # type: ignore[attr-defined]
+                exc.recording_path = str(path)  # type: ignore[attr-defined]  # read back by getattr
                 raise
             break
         parts[key] = part

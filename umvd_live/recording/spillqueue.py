@@ -211,7 +211,7 @@ class SpillQueue:
         if self._fd is None:
             fd, name = tempfile.mkstemp(prefix=f".{self._name}-", suffix=".spill", dir=self.spill_dir)
             self._fd, self.spill_path = fd, Path(name)
-        pwrite_all(self._fd, memoryview(np.ascontiguousarray(array)).cast("B"), offset)
+        pwrite_all(self._fd, np.ascontiguousarray(array).data.cast("B"), offset)
 
 
 def _pread_all(fd: int | None, n: int, offset: int) -> bytes:

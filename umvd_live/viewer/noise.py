@@ -179,7 +179,7 @@ def fit_poisson_gaussian(
     r2 = 1.0 - float((resid**2).sum()) / spread if spread > 0 else float("nan")
     given = offset is not None
     if slope <= 0:
-        return NoiseFit(float(slope), float(offset) if given else float("nan"), given, float("nan"),
+        return NoiseFit(float(slope), float(offset) if offset is not None else float("nan"), given, float("nan"),
                         float("nan"), overall, r2, x.shape[0])
     if offset is None:
         offset = -intercept / slope

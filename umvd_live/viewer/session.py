@@ -24,7 +24,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import numpy as np
 import zmq
@@ -32,8 +32,8 @@ import zmq
 from umvd_live.viewer.noise import (
     DEFAULT_HISTORY,
     MIN_FRAMES,
-    RecentFrames,
     NoiseFit,
+    RecentFrames,
     Region,
     fit_poisson_gaussian,
     region_mean,
@@ -42,6 +42,7 @@ from umvd_live.viewer.noise import (
 from umvd_live.viewer.sites import Site, SiteCatalog, StreamPlace
 from umvd_live.wire.control_client import ControlClient, ControlReply, DaemonUnavailable
 from umvd_live.wire.protocol import OutputMessage, ProtocolError, decode_output
+from umvd_live.wire.schema import StatusReply, StreamStatus
 
 T = TypeVar("T")
 
@@ -125,7 +126,7 @@ class LiveStats:
     streams: tuple[str, ...]
     connected: bool
     error: str | None  # why the daemon is not reachable
-    daemon: dict[str, Any] | None  # the last `status` reply
+    daemon: StatusReply | None  # the last `status` reply
     noise: NoiseFit | None
     snr_raw: float
     snr_denoised: float
@@ -141,7 +142,7 @@ class LiveStats:
     places: tuple[StreamPlace, ...] = ()  # where every stream seen belongs
 
     @property
-    def stream_status(self) -> dict[str, Any] | None:
+    def stream_status(self) -> StreamStatus | None:
         if self.daemon is None or self.stream is None:
             return None
         return (self.daemon.get("streams") or {}).get(self.stream)
@@ -255,7 +256,7 @@ class LiveSession:
         self._last_stats = 0.0
         self._last_status_sent = 0.0
         self._last_frame_at: float | None = None
-        self._status: dict[str, Any] | None = None
+        self._status: StatusReply | None = None
         self._error: str | None = None
         self._in_flight: dict[str, Any] = {}
         self.bad_messages = 0
@@ -300,8 +301,8 @@ class LiveSession:
         self._apply_settings()
         self._drain_output(now)
         self._service_control(now, events)
-        if self._new_since_emit and now - self._last_emit >= 1.0 / self.config.max_fps:
-            events.append(self._site_frames())
+        if self.site is not None and self._new_since_emit and now - self._last_emit >= 1.0 / self.config.max_fps:
+            events.append(self._site_frames(self.site))
             self._last_emit = now
         if now - self._last_stats >= self.config.stats_period_s:
             events.append(self._stats(now))
@@ -456,8 +457,8 @@ class LiveSession:
                 self._error = None
                 if reply.request.get("cmd") == "status":
                     if reply.ok:
-                        self._status = reply.reply
-                        self._note_status_streams(reply.reply.get("streams") or {})
+                        self._status = cast(StatusReply, reply.reply)
+                        self._note_status_streams(self._status.get("streams") or {})
                 else:
                     events.append(reply)
         if self.control.busy:
@@ -477,7 +478,7 @@ class LiveSession:
             if request.get("cmd") != "status":
                 events.append(CommandFailed(request, str(exc)))
 
-    def _note_status_streams(self, streams: dict[str, Any]) -> None:
+    def _note_status_streams(self, streams: dict[str, StreamStatus]) -> None:
         """Streams the daemon serves: listed, and placed by their status ``axes`` until a frame
         of theirs says where they belong."""
         for name, entry in streams.items():
@@ -486,7 +487,7 @@ class LiveSession:
                 axes = entry.get("axes") if isinstance(entry, dict) else None
                 self._place(StreamPlace.from_status(name, axes))
 
-    def _site_frames(self) -> SiteFrames:
+    def _site_frames(self, site: Site) -> SiteFrames:
         pairs = []
         for stream, feed in self.feeds.items():
             raw, den = feed.latest_raw, feed.latest_den
@@ -503,7 +504,7 @@ class LiveSession:
                 label=feed.label,
             ))
         self._new_since_emit = False
-        return SiteFrames(site=self.site, pairs=tuple(pairs), analysed=self.stream)
+        return SiteFrames(site=site, pairs=tuple(pairs), analysed=self.stream)
 
     def _connected(self, now: float) -> bool:
         recent = [t for t in (self.control.last_reply_at, self._last_frame_at) if t is not None]

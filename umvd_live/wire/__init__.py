@@ -1,6 +1,7 @@
 """The wire: what crosses a socket between a source, the daemon and a viewer (no torch here)."""
 
 from umvd_live.wire.acqmeta import AcquisitionMeta
+from umvd_live.wire.axes import StreamAxes, StreamNumbering, stream_name
 from umvd_live.wire.channel_colors import channel_colormaps, ome_color
 from umvd_live.wire.control_client import ControlClient, ControlReply, DaemonUnavailable
 from umvd_live.wire.protocol import (
@@ -20,6 +21,7 @@ from umvd_live.wire.protocol import (
     encode_end,
     encode_frame,
 )
+from umvd_live.wire.schema import DaemonStatus, StatusReply, StreamStatus
 from umvd_live.wire.security import (
     CurveServer,
     CurveServerConfig,
@@ -41,6 +43,7 @@ __all__ = [
     "AcquisitionMeta",
     "ControlClient",
     "ControlReply",
+    "DaemonStatus",
     "CurveServer",
     "CurveServerConfig",
     "DaemonUnavailable",
@@ -50,7 +53,11 @@ __all__ = [
     "PathNotAllowed",
     "ProtocolError",
     "SecurityError",
+    "StatusReply",
+    "StreamAxes",
     "StreamEnd",
+    "StreamNumbering",
+    "StreamStatus",
     "apply_client",
     "channel_colormaps",
     "check_bind",
@@ -63,4 +70,5 @@ __all__ = [
     "encode_frame",
     "is_loopback",
     "ome_color",
+    "stream_name",
 ]

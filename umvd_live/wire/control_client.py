@@ -23,7 +23,8 @@ class DaemonUnavailable(Exception):
 
 @dataclass(frozen=True)
 class ControlReply:
-    """The daemon's reply to one request, with the request it answers."""
+    """The daemon's reply to one request, with the request it answers (the reply to ``status``:
+    `wire.schema.StatusReply`)."""
 
     request: dict[str, Any]
     reply: dict[str, Any]

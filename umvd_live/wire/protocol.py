@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -210,7 +211,7 @@ def encode_frame(
     if image.dtype.str not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype {image.dtype} is not one of {sorted(SUPPORTED_DTYPES)}")
     header = FrameHeader(seq=seq, shape=image.shape, dtype=image.dtype.str, t=t, meta=meta or {})
-    return [stream.encode(), pack(header.to_map()), memoryview(image).cast("B")]
+    return [stream.encode(), pack(header.to_map()), image.data.cast("B")]
 
 
 def encode_end(stream: str, seq: int) -> list[bytes]:
@@ -233,7 +234,7 @@ def encode_denoised(
     image = np.ascontiguousarray(image, dtype="<f4")
     out = FrameHeader(seq=header.seq, shape=image.shape, dtype="<f4", t=header.t, meta=header.meta)
     head = out.to_map() | {"state": state, "latency_ms": float(latency_ms), "model_step": int(model_step)}
-    return [(stream + DENOISED_SUFFIX).encode(), pack(head), memoryview(image).cast("B")]
+    return [(stream + DENOISED_SUFFIX).encode(), pack(head), image.data.cast("B")]
 
 
 @dataclass(frozen=True)

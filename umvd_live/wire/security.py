@@ -9,17 +9,15 @@ client's frames never reach the daemon, and it never receives a frame or a contr
 
 Keys are ZeroMQ certificate files as `zmq.auth.create_certificates` writes them: ``NAME.key``
 (public: copy it to the other side) and ``NAME.key_secret`` (public + secret: keep it private).
-``umvd-live keys DIR NAME`` (or ``python -m umvd_live.wire.security DIR NAME``) creates a pair.
+``umvd-live keys DIR NAME`` creates a pair (`create_keypair`).
 docs/security.md walks through the set-up.
 """
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
@@ -186,21 +184,3 @@ def create_keypair(directory: str | os.PathLike, name: str) -> tuple[Path, Path]
         os.umask(old)
     os.chmod(made_public, 0o644)
     return Path(made_public), Path(made_secret)
-
-
-def run(args: argparse.Namespace) -> int:
-    """``umvd-live keys DIR NAME``."""
-    try:
-        public, secret = create_keypair(args.directory, args.name)
-    except (SecurityError, OSError) as exc:
-        print(f"umvd-live keys: {exc}", file=sys.stderr)
-        return 2
-    print(f"public key (copy to the other side): {public}")
-    print(f"secret key (keep private):           {secret}")
-    return 0
-
-
-if __name__ == "__main__":
-    from umvd_live.apps.cli import main
-
-    sys.exit(main(["keys", *sys.argv[1:]]))

@@ -9,11 +9,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from umvd_live.viewer.qt.app import open_viewer
-    from umvd_live.viewer.qt.plot import TraceLane, TracePlot, TraceSeries
-    from umvd_live.viewer.qt.widget import LiveViewerWidget
-    from umvd_live.viewer.qt.worker import SessionWorker
+if TYPE_CHECKING:  # the redundant aliases mark them re-exported (PEP 484), as __all__ is computed
+    from umvd_live.viewer.qt.app import open_viewer as open_viewer
+    from umvd_live.viewer.qt.plot import TraceLane as TraceLane
+    from umvd_live.viewer.qt.plot import TracePlot as TracePlot
+    from umvd_live.viewer.qt.plot import TraceSeries as TraceSeries
+    from umvd_live.viewer.qt.widget import LiveViewerWidget as LiveViewerWidget
+    from umvd_live.viewer.qt.worker import SessionWorker as SessionWorker
 
 _MODULES = {
     "open_viewer": "app",

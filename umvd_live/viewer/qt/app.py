@@ -1,22 +1,18 @@
 """`umvd-live view`: a napari window with the live dock widget, subscribed to a running daemon.
 
-``--screenshot PATH --quit-after S`` take a screenshot of the whole window after S seconds and
-quit: for documentation and smoke tests without a person at the screen.
+``quit_after_s`` with ``screenshot`` take a screenshot of the whole window after that many seconds
+and quit: for documentation and smoke tests without a person at the screen. The command line turns
+its flags into the `ViewerConfig` (`apps.cli`).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
+from pathlib import Path
 
 from umvd_live.viewer.session import ViewerConfig
 
 log = logging.getLogger("umvd_live.viewer")
-
-
-def config_from_args(args: argparse.Namespace) -> ViewerConfig:
-    region = tuple(args.region) if getattr(args, "region", None) else None
-    return ViewerConfig(output=args.connect, control=args.control, stream=args.stream, region=region)
 
 
 def open_viewer(config: ViewerConfig, show: bool = True):
@@ -33,21 +29,22 @@ def open_viewer(config: ViewerConfig, show: bool = True):
     return viewer, widget
 
 
-def run(args: argparse.Namespace) -> int:
+def run(config: ViewerConfig, *, quit_after_s: float | None = None, screenshot: Path | None = None) -> int:
+    """Open the window and run napari's event loop until it closes (or ``quit_after_s`` passed)."""
     try:
         import napari
         from qtpy.QtCore import QTimer
     except ImportError as exc:
-        raise SystemExit(f"umvd-live view needs the viewer extra: pip install 'umvd-live[viewer]' ({exc})")
-    viewer, widget = open_viewer(config_from_args(args))
-    if args.quit_after is not None:
+        raise SystemExit(f"umvd-live view needs the viewer extra: pip install 'umvd-live[viewer]' ({exc})") from exc
+    viewer, widget = open_viewer(config)
+    if quit_after_s is not None:
         def finish() -> None:
-            if args.screenshot:
-                viewer.screenshot(args.screenshot, canvas_only=False)
-                log.info("screenshot saved to %s", args.screenshot)
+            if screenshot is not None:
+                viewer.screenshot(str(screenshot), canvas_only=False)
+                log.info("screenshot saved to %s", screenshot)
             viewer.close()
 
-        QTimer.singleShot(int(args.quit_after * 1000), finish)
+        QTimer.singleShot(int(quit_after_s * 1000), finish)
     try:
         napari.run()
     finally:

@@ -90,7 +90,7 @@ class TracePlot(QWidget):
             painter.setPen(QPen(QColor(90, 90, 90)))
             painter.drawRect(area)
             painter.setPen(QColor(150, 150, 150))
-            painter.drawText(area, Qt.AlignCenter, "no frames yet")
+            painter.drawText(area, Qt.AlignmentFlag.AlignCenter, "no frames yet")
             painter.end()
             return
         gap = 6.0

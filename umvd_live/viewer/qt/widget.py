@@ -23,8 +23,9 @@ import dataclasses
 import math
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from qtpy.QtCore import Qt, QTimer
@@ -53,6 +54,9 @@ from umvd_live.viewer.session import CommandFailed, FramePair, LiveStats, Select
 from umvd_live.viewer.sites import AXIS_NAMES, SITE_AXIS_ORDER, Site, SiteCatalog
 from umvd_live.wire.channel_colors import DISPLAY_RGB, channel_colormaps
 from umvd_live.wire.control_client import ControlReply
+
+if TYPE_CHECKING:
+    from napari.layers import Shapes
 
 LAYOUTS = ("side by side", "raw only", "denoised only")
 REGION_COLOR = "yellow"
@@ -108,7 +112,8 @@ class LiveViewerWidget(QWidget):
         self.config = config or ViewerConfig()
         self.worker: SessionWorker | None = None
         self.channel_layers: dict[str, ChannelLayers] = {}  # by label, in channel order
-        self.region_layer = self.mirror_layer = None
+        self.region_layer: Shapes | None = None  # with the first frame, as the image layers
+        self.mirror_layer: Shapes | None = None
         self.layer_site: Site | None = None
         self.last_frames: SiteFrames | None = None
         self.last_stats: LiveStats | None = None
@@ -137,7 +142,7 @@ class LiveViewerWidget(QWidget):
         outer.setContentsMargins(0, 0, 0, 0)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
-        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         outer.addWidget(scroll)
         panel = QWidget()
         scroll.setWidget(panel)
@@ -181,8 +186,8 @@ class LiveViewerWidget(QWidget):
             combo.hide()
             self.axis_combos[axis], self._axis_labels[axis] = combo, label
         self.position_combo, self.grid_combo, self.plane_combo = (self.axis_combos[a] for a in SITE_AXIS_ORDER)
-        form.addRow("site", self.site_row)
-        self._site_row_label = form.labelForField(self.site_row)
+        self._site_row_label = QLabel("site")
+        form.addRow(self._site_row_label, self.site_row)
         self.site_row.hide()
         self._site_row_label.hide()
         row = QHBoxLayout()
@@ -344,8 +349,9 @@ class LiveViewerWidget(QWidget):
     def shown_site(self) -> Site | None:
         return self._chosen_site or (self.last_stats.site if self.last_stats is not None else None)
 
-    def choose_site(self, group: str | None = None, keep: str | None = None, **coords: int) -> Site | None:
-        """Show ``group`` (default: the one shown) at ``coords`` (``p=``, ``g=``, ``z=``; the
+    def choose_site(self, group: str | None = None, coords: Mapping[str, int] | None = None,
+                    keep: str | None = None) -> Site | None:
+        """Show ``group`` (default: the one shown) at ``coords`` (``{"p": 1, "z": 0}``; the
         other axes stay), or the nearest site the acquisition has; ``keep``: the axis that must
         match. The worker switches; this returns at once."""
         current = self.shown_site
@@ -353,7 +359,7 @@ class LiveViewerWidget(QWidget):
         if group is None:
             return None
         wanted = dict(current.coords) if current is not None and current.group == group else {}
-        wanted.update(coords)
+        wanted.update(coords or {})
         site = self.catalog.nearest_site(group, wanted, keep) or Site(group)
         self._chosen_site = site
         if self.worker is not None:
@@ -375,7 +381,7 @@ class LiveViewerWidget(QWidget):
         combo = self.axis_combos[axis]
         value = combo.currentData()
         if value is not None:
-            self.choose_site(keep=axis, **{axis: int(value)})
+            self.choose_site(coords={axis: int(value)}, keep=axis)
 
     def _channel_chosen(self, label: str) -> None:
         if label:
@@ -460,12 +466,12 @@ class LiveViewerWidget(QWidget):
         blending = ["translucent"] + ["additive"] * (len(frames.pairs) - 1)
         raws = [self.viewer.add_image(zeros, name=self._layer_names(p.label)[0], colormap=colormaps[p.label],
                                       blending=b) for p, b in zip(frames.pairs, blending)]
-        self.region_layer = self.viewer.add_shapes(
+        self.region_layer = region = self.viewer.add_shapes(
             name="region", ndim=2, edge_color=REGION_COLOR, face_color="transparent", edge_width=1)
         dens = [self.viewer.add_image(zeros.astype(np.float32), name=self._layer_names(p.label)[1],
                                       colormap=colormaps[p.label], blending=b)
                 for p, b in zip(frames.pairs, blending)]
-        self.mirror_layer = self.viewer.add_shapes(
+        self.mirror_layer = mirror = self.viewer.add_shapes(
             name="region (on denoised)", ndim=2, edge_color=REGION_COLOR, face_color="transparent", edge_width=1)
         self.channel_layers = {
             p.label: ChannelLayers(p.label, p.stream, colormaps[p.label], raw, den)
@@ -478,12 +484,12 @@ class LiveViewerWidget(QWidget):
                     overlay.font_size = 12
                 layer.events.contrast_limits.connect(self._link_contrast)
             self._color_name_overlays(ch, several)
-        for layer in (self.region_layer, self.mirror_layer):
+        for layer in (region, mirror):
             layer.events.data.connect(self._region_edited)
         self.grid.stride = len(self.channel_layers) + 1
         self.set_layout(self.layout_combo.currentText())
-        self.viewer.layers.selection.active = self.region_layer
-        self.region_layer.mode = "add_rectangle"
+        self.viewer.layers.selection.active = region
+        region.mode = "add_rectangle"
 
     def _apply_colormaps(self, colormaps: dict[str, str]) -> None:
         """Give the layers their channels' colormaps where they changed (a channel appeared in
@@ -520,22 +526,23 @@ class LiveViewerWidget(QWidget):
 
     def _on_frames(self) -> None:
         frames = self.worker.frames.take() if self.worker is not None else None
-        images = [im for p in (frames.pairs if frames is not None else ()) for im in (p.raw, p.denoised)
-                  if im is not None]
+        if frames is None:
+            return
+        images = [im for p in frames.pairs for im in (p.raw, p.denoised) if im is not None]
         if not images:
             return
         first = next((p.raw for p in frames.pairs if p.raw is not None), images[0])
         self._ensure_layers(frames, first.shape, first.dtype)
         reset_view = False
         for pair, ch in zip(frames.pairs, self.channel_layers.values()):
-            resized = False
-            if pair.raw is not None and pair.raw is not ch.drawn_raw:
-                resized = ch.raw.data.shape != pair.raw.shape
-                ch.raw.data = ch.drawn_raw = pair.raw
+            raw, resized = pair.raw, False
+            if raw is not None and raw is not ch.drawn_raw:
+                resized = ch.raw.data.shape != raw.shape
+                ch.raw.data = ch.drawn_raw = raw
             if pair.denoised is not None and pair.denoised is not ch.drawn_denoised:
                 ch.denoised.data = ch.drawn_denoised = pair.denoised
-            elif resized:  # a new frame size: the old denoised frame no longer matches
-                ch.denoised.data = np.zeros(pair.raw.shape, np.float32)
+            elif raw is not None and resized:  # a new frame size: the old denoised frame no longer matches
+                ch.denoised.data = np.zeros(raw.shape, np.float32)
             ch.needs_autoscale |= resized
             reset_view |= resized
         if reset_view:
@@ -622,8 +629,9 @@ class LiveViewerWidget(QWidget):
         for ch in self.channel_layers.values():
             ch.raw.visible = layout != LAYOUTS[2]
             ch.denoised.visible = layout != LAYOUTS[1]
-        self.region_layer.visible = layout != LAYOUTS[2]
-        self.mirror_layer.visible = layout != LAYOUTS[1]
+        region, mirror = self._region_layers()
+        region.visible = layout != LAYOUTS[2]
+        mirror.visible = layout != LAYOUTS[1]
         self.grid.enabled = side_by_side
         self.fit_view()
 
@@ -649,7 +657,8 @@ class LiveViewerWidget(QWidget):
 
     def _sync_region(self, source) -> None:
         """One region: keep the newest rectangle only, and show it on both images."""
-        other = self.mirror_layer if source is self.region_layer else self.region_layer
+        region, mirror = self._region_layers()
+        other = mirror if source is region else region
         data = [np.asarray(d) for d in source.data]
         self._syncing = True
         try:
@@ -657,12 +666,18 @@ class LiveViewerWidget(QWidget):
                 source.data = data[-1:]
                 source.shape_type = ["rectangle"]
             other.data = [d.copy() for d in data[-1:]]
-            for layer in (self.region_layer, self.mirror_layer):
+            for layer in (region, mirror):
                 if len(layer.data):
                     layer.shape_type = ["rectangle"]
         finally:
             self._syncing = False
         self._push_region()
+
+    def _region_layers(self) -> tuple[Shapes, Shapes]:
+        """The region's layer on the raw image and its mirror on the denoised one."""
+        if self.region_layer is None or self.mirror_layer is None:
+            raise RuntimeError("no frames yet: the region layers appear with the first frame")
+        return self.region_layer, self.mirror_layer
 
     def current_region(self) -> Region | None:
         if self.region_layer is None or not len(self.region_layer.data):
@@ -729,11 +744,11 @@ class LiveViewerWidget(QWidget):
             any_axis = False
             for axis, combo in self.axis_combos.items():
                 values = self.catalog.axis_values(site.group, axis) if site is not None else []
-                shown = bool(values) and axis in self.catalog.group_axes(site.group)
+                shown = site is not None and bool(values) and axis in self.catalog.group_axes(site.group)
                 any_axis |= shown
                 combo.setVisible(shown)
                 self._axis_labels[axis].setVisible(shown)
-                items = [(self._axis_text(site.group, axis, v), v) for v in values]
+                items = [(self._axis_text(site.group, axis, v), v) for v in values] if site is not None else []
                 if [(combo.itemText(i), combo.itemData(i)) for i in range(combo.count())] != items:
                     combo.clear()
                     for text, value in items:
@@ -748,8 +763,8 @@ class LiveViewerWidget(QWidget):
             if labels and [self.channel_combo.itemText(i) for i in range(self.channel_combo.count())] != labels:
                 self.channel_combo.clear()
                 self.channel_combo.addItems(labels)
-            items = [self.channel_combo.itemText(i) for i in range(self.channel_combo.count())]
-            target = self._chosen_channel if self._chosen_channel in items else (
+            listed = [self.channel_combo.itemText(i) for i in range(self.channel_combo.count())]
+            target = self._chosen_channel if self._chosen_channel in listed else (
                 stats.channel if stats is not None else None)
             if target and self.channel_combo.currentText() != target:
                 self.channel_combo.setCurrentText(target)
@@ -784,7 +799,8 @@ class LiveViewerWidget(QWidget):
         self.pause_button.setText("Resume training" if paused else "Pause training")
 
     def _update_flow(self, stats: LiveStats) -> None:
-        s = stats.stream_status or {}
+        # read with .get, each figure on its own: a daemon of another version may lack some
+        s: Mapping[str, Any] = stats.stream_status or {}
         now = time.monotonic()
         shown = (len(self._shown_at) - 1) / (now - self._shown_at[0]) if len(self._shown_at) > 1 else 0.0
         self.fps_label.setText(
@@ -827,7 +843,7 @@ class LiveViewerWidget(QWidget):
         self.trace_plot.set_lanes(lanes)
 
     def _update_recording(self, stats: LiveStats) -> None:
-        rec = (stats.daemon or {}).get("recording")
+        rec = stats.daemon.get("recording") if stats.daemon else None
         if rec:
             files = [p for paths in (rec.get("files") or {}).values() for p in paths]
             self.record_label.setText(
@@ -859,7 +875,8 @@ class LiveViewerWidget(QWidget):
         self._command("save_model", path=f"{stream}-{time.strftime('%Y%m%d-%H%M%S')}.pt")
 
     def _record_clicked(self) -> None:
-        recording = bool(self.last_stats and (self.last_stats.daemon or {}).get("recording"))
+        daemon = self.last_stats.daemon if self.last_stats is not None else None
+        recording = bool(daemon and daemon.get("recording"))
         if recording:
             self._command("record_stop")
             return
@@ -868,10 +885,12 @@ class LiveViewerWidget(QWidget):
 
     def _on_command_done(self, result: ControlReply | CommandFailed) -> None:
         self.command_log.append(result)
+        cmd = str(result.request.get("cmd"))
+        detail: str | None
         if isinstance(result, CommandFailed):
-            cmd, ok, detail = result.request.get("cmd"), False, result.error
+            ok, detail = False, result.error
         else:
-            cmd, ok, detail = result.request.get("cmd"), result.ok, result.error
+            ok, detail = result.ok, result.error
             if ok:
                 r = result.reply
                 detail = {
@@ -884,4 +903,4 @@ class LiveViewerWidget(QWidget):
                 }.get(cmd, "done")
         color = "#5d5" if ok else "#f55"
         self.message_label.setText(f"<span style='color:{color}'>{cmd}: {detail}</span>")
-        self.message_label.setTextFormat(Qt.RichText)
+        self.message_label.setTextFormat(Qt.TextFormat.RichText)

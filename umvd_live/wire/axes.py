@@ -56,6 +56,12 @@ class StreamAxes:
     def name(self) -> str:
         return stream_name(self.group, self.index, self.channel)
 
+    @property
+    def short_name(self) -> str:
+        """The name without its group (``GCaMP.z2``; "" for a group's only stream): what tells
+        the streams of one file apart (`umvd-live denoise --stream`, its outputs' names)."""
+        return self.name[len(self.group) + 1:]
+
     def meta(self, t_index: int | None = None) -> dict[str, Any]:
         """The frame ``meta`` keys every multi-dimensional source sends (docs/protocol.md)."""
         index = {k: int(v) for k, v in sorted(self.index.items(), key=lambda kv: _axis_sort_key(kv[0]))}

@@ -1,0 +1,1 @@
+from adapters.handoff import *

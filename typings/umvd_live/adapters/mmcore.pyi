@@ -1,0 +1,2 @@
+from adapters.mmcore import *
+from adapters.mmcore import _quiet_adapter_search as _quiet_adapter_search

@@ -1,0 +1,1 @@
+from adapters.pycromanager_source import *

@@ -1,0 +1,296 @@
+"""Simulate -> daemon -> score: the harness that `umvd-live demo` and `umvd-live bench` share.
+
+Why one: both commands stream the simulator (`adapters.simulation`) through the real daemon and
+score its output against the simulation's truth with the same report (`metrics.activity_report`),
+so the set-up of the simulation (a scripted session included), the subscriber on the daemon's
+output, the scoring and the printed figures must not drift apart between them. What differs stays
+in each command: the demo runs `umvd-live serve` as a subprocess (`ServeProcess`, started with
+``--ready-file``) and streams live, the bench drives the daemon in-process on pre-generated frames.
+
+- simulation: `sim_config` (a session's simulator, the PMT gain lowered for a bright scripted
+  session), `session_events` (``--events``: a named session or a list), `BRIGHTNESS` of the
+  channels of several streams;
+- the daemon: `ServeProcess` and its `ReadySignal` (the JSON ``serve --ready-file`` writes);
+- the output: `OutputSubscriber`, a SUB socket on the daemon's denoised frames;
+- report formatting: `format_figure` (one figure, or a dash) and `activity_table` (the rows of
+  `metrics.activity_report`, the score both print).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import zmq
+
+from umvd_live.adapters.simulation import LASER, SimConfig, SimEvent, parse_events
+from umvd_live.metrics import REPORT_HEADERS, REPORT_METRICS, format_score, report_rows
+from umvd_live.wire.control_client import ControlClient, DaemonUnavailable
+from umvd_live.wire.protocol import DENOISED_SUFFIX, OutputMessage, ProtocolError, decode_output
+from umvd_live.wire.schema import StatusReply
+
+# ---- the simulation -----------------------------------------------------------------------------
+#: Brightness of the simulated channels of several streams, relative to ``photons``, in turn.
+BRIGHTNESS = (1.0, 0.5, 2.0, 0.75)
+#: Named scripted sessions for ``--events``; "default" is issue 15's (60 s: laser x3 at 30 s, stage
+#: move 40 px at 40 s, laser x1/3 at 50 s), its times fractions so that it scales with the duration.
+SESSIONS = {"default": "laser=3@1/2,move=40@2/3,laser=1/3@5/6"}
+SESSION_S = 60.0  # a scripted session's default length
+#: Above this many photons/pixel/frame at the brightest, a scripted session lowers the PMT gain.
+GAIN_PHOTONS = 2.0
+
+
+def session_events(spec: str, duration_s: float) -> tuple[SimEvent, ...]:
+    """The events of ``--events SPEC``: a name in `SESSIONS` or a list (`simulation.parse_events`)."""
+    return parse_events(SESSIONS.get(spec, spec), duration_s)
+
+
+def max_intensity(events: tuple[SimEvent, ...]) -> float:
+    """The largest laser factor the session reaches (1 before any step)."""
+    level = peak = 1.0
+    for event in sorted(events, key=lambda e: e.at_s):
+        if event.kind == LASER:
+            level *= event.scale
+            peak = max(peak, level)
+    return peak
+
+
+def sim_config(height: int, width: int, rate_hz: float, photons: float, seed: int, *, stream: int = 0,
+               events: tuple[SimEvent, ...] = ()) -> SimConfig:
+    """The simulator of one stream (``stream``: its index among several, with its own brightness,
+    `BRIGHTNESS`; the caller gives it its own seed); with ``events``, the PMT gain set for the
+    session's brightest part (`GAIN_PHOTONS`) so that nothing clips, as tools/bench_denoise.py does."""
+    photons = photons * BRIGHTNESS[stream % len(BRIGHTNESS)]
+    config = SimConfig(height=height, width=width, rate_hz=rate_hz, photons=photons, seed=seed, events=events)
+    brightest = photons * max_intensity(events)
+    if events and brightest > GAIN_PHOTONS:
+        config = dataclasses.replace(config, gain_adu=config.gain_adu * GAIN_PHOTONS / brightest)
+    return config
+
+
+# ---- the daemon as a subprocess -----------------------------------------------------------------
+#: Importing torch on a loaded machine is slow.
+DAEMON_START_S = 90.0
+CONTROL_TIMEOUT_S = 10.0
+#: The version of the ready file's JSON this harness reads.
+READY_VERSION = 1
+
+
+class DaemonError(Exception):
+    """The daemon could not be used (it did not start, died or refused); the message says why."""
+
+
+@dataclass(frozen=True)
+class ReadySignal:
+    """What ``serve --ready-file`` writes once every socket is bound (docs/protocol.md)."""
+
+    pid: int
+    version: str  # the daemon's umvd_live version
+    input: str
+    output: str
+    control: str
+
+    @classmethod
+    def read(cls, path: Path) -> ReadySignal | None:
+        """The signal, or None while the file is not there (it is written whole, by a rename)."""
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        if data.get("version") != READY_VERSION:
+            raise DaemonError(f"{path}: ready file version {data.get('version')!r}, expected {READY_VERSION}")
+        endpoints = data["endpoints"]
+        return cls(pid=int(data["pid"]), version=str(data["umvd_live"]), input=endpoints["input"],
+                   output=endpoints["output"], control=endpoints["control"])
+
+
+def _end_with_parent() -> None:
+    """In the daemon's child process (Linux): SIGTERM when its parent dies, even by SIGKILL, so that
+    no daemon outlives it (SIGTERM makes `serve` flush and exit)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class ServeProcess:
+    """`umvd-live serve` as a subprocess on ephemeral loopback ports, its log and ready file in
+    ``log_dir``; ``serve_args``: its engine options.
+
+    It runs in its own session so that the terminal's Ctrl-C reaches only the parent, which ends
+    the daemon with the `shutdown` command (everything received is denoised and published first)."""
+
+    def __init__(self, log_dir: Path, serve_args: list[str]):
+        self.log_path = log_dir / "daemon.log"
+        self.ready_path = log_dir / "ready.json"
+        cmd = [sys.executable, "-m", "umvd_live.apps.cli", "serve",
+               "--input", "tcp://127.0.0.1:*", "--output", "tcp://127.0.0.1:*",
+               "--control", "tcp://127.0.0.1:*", "--output-dir", str(log_dir),
+               "--ready-file", str(self.ready_path), "--status-interval", "3600", *serve_args]
+        env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        # Its own session or process group, so a Ctrl-C meant for the parent reaches the daemon
+        # only through the parent's orderly stop; preexec_fn exists on POSIX only.
+        own_group: dict[str, Any]
+        if sys.platform == "win32":
+            own_group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        else:
+            own_group = {"start_new_session": True, "preexec_fn": _end_with_parent}
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         env=env, **own_group)
+        self.ready: ReadySignal | None = None
+        self._ctx = zmq.Context()
+        self._control: ControlClient | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def endpoints(self) -> ReadySignal:
+        if self.ready is None:
+            raise DaemonError("the daemon is not ready yet (wait_ready first)")
+        return self.ready
+
+    def wait_ready(self, timeout_s: float = DAEMON_START_S) -> ReadySignal:
+        """Wait for the ready file: every socket is bound, the endpoints are in it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ready = ReadySignal.read(self.ready_path)
+            if ready is not None:
+                self.ready = ready
+                return ready
+            if self.proc.poll() is not None:
+                raise DaemonError(f"the daemon exited with status {self.proc.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise DaemonError(f"the daemon did not start within {timeout_s:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def request(self, cmd: str, timeout_s: float = CONTROL_TIMEOUT_S) -> dict[str, Any]:
+        """One control request (the shared client re-creates its socket after a timeout)."""
+        try:
+            reply = self._client().request(cmd, timeout_s)
+        except DaemonUnavailable:
+            raise DaemonError(f"the daemon did not answer {cmd!r} within {timeout_s:.0f} s") from None
+        if not reply.get("ok"):
+            raise DaemonError(f"the daemon refused {cmd!r}: {reply.get('error')}")
+        return reply
+
+    def status(self, timeout_s: float = CONTROL_TIMEOUT_S) -> StatusReply:
+        """The daemon's status (`wire.schema`)."""
+        return cast(StatusReply, self.request("status", timeout_s))
+
+    def _client(self) -> ControlClient:
+        """The shared control client (it re-creates its socket after a timeout)."""
+        if self._control is None:
+            self._control = ControlClient(self.endpoints.control, CONTROL_TIMEOUT_S, self._ctx)
+        return self._control
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Wait for the exit that `shutdown` started; kill it if it does not come."""
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._ctx.term()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def remove_files(self) -> None:
+        """The log and the ready file (kept when something went wrong: the log says what)."""
+        self.log_path.unlink(missing_ok=True)
+        self.ready_path.unlink(missing_ok=True)
+
+
+# ---- the daemon's output ------------------------------------------------------------------------
+class OutputSubscriber:
+    """A SUB socket on the daemon's output, subscribed to the denoised frames of ``streams``
+    (and to ``extra_topics``), at most ``rcvhwm`` messages held unread: a viewer that lags shows up
+    as frames missing, not as memory growing."""
+
+    def __init__(self, endpoint: str, streams: list[str], rcvhwm: int, extra_topics: tuple[bytes, ...] = ()):
+        self.bad_messages = 0
+        self._ctx = zmq.Context()
+        self.socket = self._ctx.socket(zmq.SUB)
+        self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        for name in streams:
+            self.socket.setsockopt(zmq.SUBSCRIBE, (name + DENOISED_SUFFIX).encode())
+        for topic in extra_topics:
+            self.socket.setsockopt(zmq.SUBSCRIBE, topic)
+        self.socket.connect(endpoint)
+
+    def receive(self, timeout_s: float) -> Iterator[list[bytes]]:
+        """Every message waiting, after waiting up to ``timeout_s`` for the first."""
+        if not self.socket.poll(int(timeout_s * 1000), zmq.POLLIN):
+            return
+        while True:
+            try:
+                yield self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+
+    def decode(self, parts: list[bytes]) -> OutputMessage | None:
+        """A denoised frame, or None (counted in ``bad_messages``) when it is not one."""
+        try:
+            return decode_output(parts)
+        except ProtocolError:
+            self.bad_messages += 1
+            return None
+
+    def close(self) -> None:
+        self.socket.close()
+        self._ctx.term()
+
+
+# ---- report formatting --------------------------------------------------------------------------
+#: Printed for a figure that was not measured (no frames, no samples).
+MISSING = "—"
+
+
+def format_figure(value: Any, spec: str = ".1f", unit: str = "") -> str:
+    """A float in ``spec`` with ``unit``; a count as it is; None as `MISSING`."""
+    if value is None:
+        return MISSING
+    if isinstance(value, float):
+        return f"{value:{spec}}{unit}"
+    return f"{value}{unit}"
+
+
+def activity_table(report: dict[str, Any], title: str) -> Any:
+    """An activity report (`metrics.activity_report`): a row per method, a column per metric."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_header=True, header_style="bold")
+    table.add_column("method", style="bold")
+    for header in REPORT_HEADERS:
+        table.add_column(header, justify="right")
+    for label, scores in report_rows(report):
+        table.add_row(label, *(format_score(m, scores.get(m)) for m in REPORT_METRICS))
+    return table

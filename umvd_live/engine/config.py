@@ -1,0 +1,88 @@
+"""`EngineConfig`: how one engine denoises and learns, as a frozen dataclass that checks itself.
+
+The defaults are written here once: the daemon's configuration holds an `EngineConfig`
+(`daemon.config.DaemonConfig.engine`), and the command line leaves a field at its default when
+its flag is not given (`apps.cli.engine_config_from_args`). A bad value stops at construction,
+with the field's name, rather than at the stream's first frame.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from umvd_live.engine.changes import ChangeConfig
+from umvd_live.engine.model import PRESETS
+from umvd_live.engine.trainer import TrainerConfig
+
+#: `EngineConfig.device`: a torch device name (`device.pick_device`); auto: a GPU if torch sees one.
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    preset: str = "auto"  # auto | lite | fast | paper (`model.resolve_preset`)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    window: int = 7  # frames per window N, odd
+    context: tuple[int, ...] | None = None  # context blocks (model.ModelSpec.context); None: the preset's
+    # Where the context blocks lie: "past" (a live stream has nothing later) or "both" (recorded
+    # movies: training windows and `denoise_frames` take half of each block from after the window).
+    context_sides: Literal["past", "both"] = "past"
+    warmup_frames: int = 300  # the initial burst the warm start trains on
+    warmup_steps: int = 400  # training steps before the output goes live
+    train_mode: Literal["inline", "background"] = "inline"
+    steps_per_frame: float = 1.0  # inline mode: training steps after each pushed frame
+    min_train_frames: int = 32  # training starts once this many frames are buffered
+    sync_every: int = 8  # trainer steps between publications of new inference weights
+    live_train_duty: float = 0.3  # background mode, once live: the trainer's share of its core
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    changes: ChangeConfig = field(default_factory=ChangeConfig)  # abrupt changes of the acquisition
+    adapt_frames: int = 90  # after a change: frames marked `adapting`, trained on harder (3 s at 30 Hz)
+    adapt_train_duty: float = 0.6  # background mode: the trainer's share of its core while adapting
+    init: str | None = None  # weights from an earlier session: skips the warm start
+    prior: str = "auto"  # auto: the shipped prior for the network (`priors`), none, or a model file; init wins
+    probe_from_steps: int = 50  # from scratch: the network's output is judged against the mean from this step on
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the hardware has it (`device.uses_bf16`)
+    compile: bool = False  # live streams: D's pass through torch.compile, built beside the stream (`compiled`)
+    cpu_threads: int | None = None  # torch threads on CPU; None: the CPU budget's share (`budget.divide`)
+    max_batch: int | None = None  # windows (and frames through G) per forward pass; None: `device.default_batch`
+    workers: int | None = None  # D's forward passes run at once; None: `device.default_workers`
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choose("preset", self.preset, ("auto", *PRESETS))
+        if not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
+        if self.window < 3 or self.window % 2 == 0:
+            raise ValueError(f"window must be odd and >= 3, got {self.window}")
+        if self.context is not None:
+            object.__setattr__(self, "context", tuple(self.context))  # a list from a caller: hashable, comparable
+            if any(n < 1 for n in self.context):
+                raise ValueError(f"context blocks need at least 1 frame each, got {self.context}")
+        _choose("context_sides", self.context_sides, ("past", "both"))
+        _choose("train_mode", self.train_mode, ("inline", "background"))
+        _choose("precision", self.precision, ("auto", "bf16", "fp32"))
+        for name in ("warmup_frames", "warmup_steps", "min_train_frames", "adapt_frames", "probe_from_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.steps_per_frame >= 0:
+            raise ValueError(f"steps_per_frame must be >= 0, got {self.steps_per_frame}")
+        for name in ("sync_every", "cpu_threads", "max_batch", "workers"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("live_train_duty", "adapt_train_duty"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a share of the time in (0, 1], got {getattr(self, name)}")
+        if not isinstance(self.trainer, TrainerConfig) or not isinstance(self.changes, ChangeConfig):
+            raise TypeError("trainer and changes must be a TrainerConfig and a ChangeConfig")
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"compile is True or False, got {self.compile!r}")
+        if not self.prior:
+            raise ValueError("prior must be auto, none or a model file")
+
+
+def _choose(name: str, value: str, names: tuple[str, ...]) -> None:
+    if value not in names:
+        raise ValueError(f"unknown {name} {value!r}; choose {', '.join(names)}")

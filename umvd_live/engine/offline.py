@@ -1,0 +1,127 @@
+"""Offline use of a stream's engine: a whole recorded movie at once (`denoise`, `batch`).
+
+A file need not arrive frame by frame. `pretrain` trains on every window of the movie before any
+frame is pushed (the paper's recipe), and `denoise_frames` denoises any frames of it with the
+newest weights, with context from both sides where the config asks for it (the final pass of
+`denoise`). Both use the stream's own network, windows, segments and referee
+(`stream.StreamDenoiser`, whose `pretrain` and `denoise_frames` call these), so a file gets the
+engine a live stream gets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from umvd_live.engine.changes import ChangeDetector
+from umvd_live.engine.normalization import Normalizer, sanitize
+from umvd_live.engine.outputs import BlindReferee, DenoisedFrame, OutputBatch, Probe
+from umvd_live.engine.window import block_means, context_blocks, window_indices
+
+if TYPE_CHECKING:
+    from umvd_live.engine.stream import StreamDenoiser
+
+#: Training steps between two calls of `pretrain`'s progress callback.
+PROGRESS_EVERY = 50
+
+
+def pretrain(den: StreamDenoiser, movie: np.ndarray, steps: int,
+             progress: Callable[[int, float | None], None] | None = None) -> None:
+    """Train ``den`` on the whole ``movie`` before its first push (`StreamDenoiser.pretrain`)."""
+    if den.trainer is not None:
+        raise RuntimeError("pretrain must be called before the first push")
+    movie = np.asarray(movie)
+    den._start(movie[0])
+    training = den.training
+    replay = training.replay
+    if replay is None:
+        raise RuntimeError("the first frame began no training")
+    replay.capacity = len(movie)
+    detector, segment, normalizer = ChangeDetector(den.config.changes), 0, den.normalizer
+    for i, frame in enumerate(movie):
+        clean, trainable = sanitize(frame)
+        if trainable and detector.observe(clean) is not None:  # as `push_many` will see it
+            segment, normalizer = segment + 1, Normalizer.fit(clean)
+        if trainable:
+            replay.add(i, torch.from_numpy(normalizer.forward(clean))[None], segment)
+    for done in range(0, steps, PROGRESS_EVERY):
+        training.run(min(PROGRESS_EVERY, steps - done))
+        if progress:
+            progress(den.model_step, den.last_loss)
+    replay.clear()
+    training.publish()
+    den._adopt_published_weights()
+    den._live = True
+
+
+def denoise_frames(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
+                   progress: Callable[[], None] | None = None) -> list[DenoisedFrame]:
+    """Frames ``indices`` of ``movie`` denoised by ``den``'s newest weights, each within its
+    segment (`StreamDenoiser.denoise_frames`)."""
+    if den.trainer is None:
+        raise RuntimeError("no model yet: push frames or pretrain first")
+    with den.training.lock:
+        den.training.publish()
+    den._adopt_published_weights()
+    starts = [0] + [change.index for change in den.changes]
+    ends = starts[1:] + [len(movie)]
+    out: list[DenoisedFrame] = []
+    for segment, (first, end) in enumerate(zip(starts, ends)):
+        chunk = [t for t in indices if first <= t < end]
+        if chunk:
+            out += _denoise_segment(den, movie, chunk, first, end - 1, segment, progress)
+    order = {t: i for i, t in enumerate(indices)}
+    return sorted(out, key=lambda o: order[o.index])
+
+
+def _denoise_segment(den: StreamDenoiser, movie: np.ndarray, indices: list[int], first: int, last: int,
+                     segment: int, progress: Callable[[], None] | None) -> list[DenoisedFrame]:
+    normalizer = den._normalizers[segment]
+    spans = den.spec.context
+    both_sides = den.config.context_sides == "both"
+    k = den.k
+    reach = k + sum(spans)
+    frames: dict[int, torch.Tensor] = {}  # normalised frames near the current t
+    feats: dict[int, torch.Tensor] = {}  # G once per frame, shared by the windows it is in
+
+    def frame(i: int) -> torch.Tensor:
+        if i not in frames:
+            frames[i] = torch.from_numpy(normalizer.forward(sanitize(movie[i])[0])).to(den.device)[None]
+        return frames[i]
+
+    # Each frame is judged alone, blind, as the referee judges a live stream's: where the
+    # network's output is farther from the noisy frame than its neighbours' mean is (a frame
+    # unlike what the network learned, e.g. a sudden jolt of the sample), the window's mean
+    # is output instead (state `warmup`), so no frame comes out worse than that blind mean.
+    referee = BlindReferee(memory=0.0)
+    out: list[DenoisedFrame] = []
+    for start in range(0, len(indices), den.max_batch):
+        batch = OutputBatch()
+        chunk = indices[start:start + den.max_batch]
+        with torch.inference_mode():
+            for t in chunk:
+                idx = window_indices(t, first, last, k)
+                for i in idx:
+                    if i not in feats:
+                        feats[i] = den._features(frame(i)[None])[0]
+                context = None
+                if spans:
+                    blocks = context_blocks(t, k, spans, lambda j: first <= j <= last, both_sides)
+                    context = block_means(blocks, frame)[None]
+                probe = Probe.of(torch.stack([frame(i) for i in idx]), k) if len(set(idx)) > 1 else None
+                batch.wait(t, [feats[i][None] for i in idx], context, probe)
+        out += [replace(o, segment=segment, state="warmup" if o.state == "warmup" else "live")
+                for o in den._finish(batch, normalizer, referee)]
+        if progress is not None:
+            for _ in chunk:
+                progress()
+        # What no later window needs can go (indices usually come in order; an evicted
+        # frame that is needed again is simply recomputed).
+        for cache, keep in ((feats, k), (frames, reach)):
+            for i in [i for i in cache if i < chunk[-1] - keep]:
+                del cache[i]
+    return out
