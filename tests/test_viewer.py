@@ -544,9 +544,11 @@ def test_viewer_shows_the_live_stream_and_controls_the_daemon(tmp_path, x_displa
     try:
         viewer, widget = open_viewer(ViewerConfig(output=daemon.output, control=daemon.control))
 
-        # Raw and denoised, side by side, labelled, updating.
-        wait_until(lambda: widget.last_pair is not None and widget.last_pair.denoised is not None,
-                   "the first raw and denoised frames", 40)
+        # Raw and denoised, side by side, labelled, updating. The daemon publishes each raw frame
+        # and each denoised one as messages of their own, so a viewer joining a running stream
+        # may be handed a denoised frame before any raw one: wait for both.
+        wait_until(lambda: (pair := widget.last_pair) is not None and pair.raw is not None
+                   and pair.denoised is not None, "the first raw and denoised frames", 40)
         names = [layer.name for layer in viewer.layers]
         assert names == ["raw · cam0", "region", "denoised · cam0", "region (on denoised)"]
         grid = widget.grid
