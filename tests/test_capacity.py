@@ -22,7 +22,7 @@ from umvd_live.daemon.engines import engine_factory
 from umvd_live.daemon.service import Daemon
 from umvd_live.daemon.status import render_lines
 from umvd_live.engine import EngineConfig, StreamDenoiser
-from umvd_live.engine.budget import CpuBudget, divide
+from umvd_live.engine.budget import LOAD_EASY, LOAD_FULL, LOADED_TRAIN_DUTY, CpuBudget, PushLoad, divide, train_duty_cap
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -149,6 +149,41 @@ def test_an_engine_without_a_budget_sizes_its_threads_as_before():
         assert den.stats()["cpu_share"]["train_threads"] == half
     with StreamDenoiser(EngineConfig(preset="lite", device="cpu", cpu_threads=1)) as den:
         assert torch.get_num_threads() == 1  # an explicit count wins
+
+
+# ---- training that yields to the frame loop -------------------------------------------------------
+def test_push_load_is_the_busy_share_of_the_last_second():
+    load = PushLoad(span_s=1.0)
+    assert load.utilisation(now=10.0) == 0.0
+    load.record(9.0, 9.3)
+    load.record(9.5, 9.6)
+    assert load.utilisation(now=9.6) == pytest.approx(0.4)
+    assert load.utilisation(now=10.2) == pytest.approx(0.1 + 0.1)  # only what lies in the last second
+    assert load.utilisation(now=11.0) == 0.0
+    load.record(10.9, 10.95, behind=True)  # a push that brought a backlog: the loop is behind
+    assert load.utilisation(now=10.95) == 1.0
+
+
+def test_the_trainer_duty_falls_as_the_frame_loop_fills():
+    assert train_duty_cap(0.0) == train_duty_cap(LOAD_EASY) == 1.0
+    assert train_duty_cap(LOAD_FULL) == train_duty_cap(1.0) == LOADED_TRAIN_DUTY
+    caps = [train_duty_cap(u) for u in np.linspace(LOAD_EASY, LOAD_FULL, 7)]
+    assert all(a > b for a, b in zip(caps, caps[1:]))
+
+
+def test_a_trainer_rests_while_the_frame_loop_is_busy():
+    """The warm start trains flat out and a live trainer at its duty, unless the pushing thread of
+    the budget is near its limit: then the trainer rests for the loop (`TrainingLoop.rest_after`)."""
+    config = EngineConfig(preset="lite", device="cpu", train_mode="background", warmup_frames=1000)
+    budget = CpuBudget(2)
+    with StreamDenoiser(config, budget=budget) as den:
+        rest = den.training.rest_after
+        assert not den.warm and rest(0.05) == 0.0  # warm start, idle loop: flat out
+        now = time.monotonic()
+        budget.push_load.record(now - 0.95, now)  # a loop busy for 95 % of the last second
+        assert rest(0.05) == pytest.approx(0.05 * (1 / LOADED_TRAIN_DUTY - 1), rel=0.05)
+        assert den.stats()["push_load"] >= 0.9
+        assert budget.summary()["push_load"] >= 0.9
 
 
 # ---- the fair preview -----------------------------------------------------------------------------

@@ -25,7 +25,9 @@ What runs at once, and so what the budget divides:
 
 `divide` is the rule, as a pure function (unit-tested); `CpuBudget` applies it to the engines that
 joined it and re-divides when they come and go (threads are applied by each thread itself at its
-next step, since torch's thread count is per OS thread). The budget counts threads, it does not
+next step, since torch's thread count is per OS thread). Every live trainer also yields
+to the pushing thread: past a load of `LOAD_EASY` its duty falls (`PushLoad`, `train_duty_cap`),
+so that training never makes the previews fall behind. The budget counts threads, it does not
 pin them: ``--cpu-budget 1`` on a 2-core machine leaves the other core to the acquisition.
 """
 
@@ -37,6 +39,55 @@ import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
+
+#: The pushing thread's load (`PushLoad`) up to which a background trainer keeps its whole duty,
+#: and from which it keeps only `LOADED_TRAIN_DUTY`: between the two its duty falls linearly.
+#: Measured at 256², 30 Hz on 2 cores (docs/benchmarks.md, "Training that yields to the frame
+#: loop"): lite's pushes fill 0.45-0.6 of the frame interval once the trainer rests.
+LOAD_EASY = 0.6
+LOAD_FULL = 0.9
+LOADED_TRAIN_DUTY = 0.1
+
+
+class PushLoad:
+    """The share of the last `span_s` seconds that the pushing thread spent in pushes: how near the
+    frame loop is to falling behind. One per budget, since a daemon pushes every stream from one
+    thread; every engine of the budget records its pushes here. A trainer that runs beside
+    inference on a small CPU slows every push; past `LOAD_EASY` the trainers give the frame loop
+    the time it needs (`train_duty_cap`): a preview that falls behind is worse than a model that
+    adapts a little later. A push that brings a backlog (several frames, or previews to skip)
+    counts as a full load. Thread-safe. The daemon's `CapacityMonitor` reports a load too, over
+    5 s and with the skipped outputs' cost, for its status; this one is the engine's own (an
+    engine also runs without a daemon) and short, so that a trainer yields within a second."""
+
+    def __init__(self, span_s: float = 1.0):
+        self.span_s = span_s
+        self._busy: deque[tuple[float, float]] = deque()  # (start, end) of recent pushes
+        self._lock = threading.Lock()
+
+    def record(self, start: float, end: float, behind: bool = False) -> None:
+        """A push ran from ``start`` to ``end`` (monotonic s); ``behind``: it brought a backlog."""
+        with self._lock:
+            self._busy.append((start - self.span_s if behind else start, end))
+            while self._busy and self._busy[0][1] < end - self.span_s:
+                self._busy.popleft()
+
+    def utilisation(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        since = now - self.span_s
+        with self._lock:
+            busy = sum(max(0.0, end - max(start, since)) for start, end in self._busy if end > since)
+        return min(1.0, busy / self.span_s)
+
+
+def train_duty_cap(load: float) -> float:
+    """A background trainer's largest duty when the pushing thread is ``load`` busy (`PushLoad`)."""
+    if load <= LOAD_EASY:
+        return 1.0
+    if load >= LOAD_FULL:
+        return LOADED_TRAIN_DUTY
+    return 1.0 - (1.0 - LOADED_TRAIN_DUTY) * (load - LOAD_EASY) / (LOAD_FULL - LOAD_EASY)
+
 
 #: A trainer that used a slot within this many seconds counts as active for the shared duty.
 ACTIVE_TRAINER_S = 2.0
@@ -102,6 +153,7 @@ class CpuBudget:
         self._last_slot: dict[int, float] = {}  # member id -> when it last held a slot
         self._waiting: deque[int] = deque()  # member ids in the order they asked for a slot
         self._holders: set[int] = set()
+        self.push_load = PushLoad()  # the pushing thread's (every engine's pushes)
         self.slot_waits = 0  # times a trainer found every slot taken
         self.slot_wait_s = 0.0  # and waited this long in all
 
@@ -191,6 +243,7 @@ class CpuBudget:
                 "train_slots_busy": len(self._holders),
                 "trainers_waiting": len(self._waiting),
                 "train_duty": round(share.train_duty, 4),
+                "push_load": round(self.push_load.utilisation(), 3),
                 "slot_waits": self.slot_waits,
                 "slot_wait_s": round(self.slot_wait_s, 3),
             }

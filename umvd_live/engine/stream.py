@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -193,6 +194,7 @@ class StreamDenoiser:
             "frames_out": self.frames_out,
             "train_steps": t.steps if t else 0,
             "train_steps_per_s": self.training.steps_per_s,
+            "push_load": round(self.budget.push_load.utilisation(), 3),
             "loss": t.last_loss if t else None,
             "lr": t.lr if t else self.config.trainer.lr,
             "rollbacks": t.rollbacks if t else 0,
@@ -310,6 +312,13 @@ class StreamDenoiser:
         frames = [self._check(frame) for frame in frames]
         if not frames:
             return []
+        started = time.monotonic()
+        try:
+            return self._push_checked(frames, flags, labels)
+        finally:
+            self.budget.push_load.record(started, time.monotonic(), behind=len(frames) > 1 or not all(flags))
+
+    def _push_checked(self, frames: list[np.ndarray], flags: list[bool], labels: list[object]) -> list[DenoisedFrame]:
         self._adopt_published_weights()
         self._update_state()
         cleaned = [sanitize(frame) for frame in frames]

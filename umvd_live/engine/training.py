@@ -4,7 +4,8 @@ Two schedules, one loop. Inline (files): `steps_per_frame` steps after each push
 pushing thread, so a run is reproducible. Background (live streams): a trainer thread steps
 flat out through the warm start, then rests between steps so that it works `live_train_duty` of
 the time (more while adapting to a change), in turns with the other engines' trainers on a CPU
-(`budget.CpuBudget`): `push` then only does inference and keeps the acquisition's pace.
+(`budget.CpuBudget`), and less whenever the pushing thread is near its limit (`budget.PushLoad`):
+`push` then only does inference and keeps the acquisition's pace.
 
 Inference runs on its own copy of the network (`stream.StreamDenoiser`). Every `sync_every`
 steps the loop *publishes* a copy of the trainer's weights into a one-slot double buffer, and the
@@ -20,6 +21,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Protocol
 
+from umvd_live.engine.budget import train_duty_cap
 from umvd_live.engine.checkpoint import save_checkpoint
 
 if TYPE_CHECKING:
@@ -29,7 +31,6 @@ if TYPE_CHECKING:
 
 #: Weights as published: (the trainer's step count, a copy of its state dict).
 Published = tuple[int, dict]
-
 
 class TrainedStream(Protocol):
     """What the loop reads of the stream it trains for (`stream.StreamDenoiser`)."""
@@ -123,7 +124,6 @@ class TrainingLoop:
 
     def _run_background(self) -> None:
         shared = self.seat.device.type == "cpu"  # on a CPU trainers take turns in the budget's slots
-        c = self.config
         while not self._stop.is_set():
             self.seat.set_threads("train")
             if not self.can_train():
@@ -138,16 +138,27 @@ class TrainingLoop:
             finally:
                 if shared:
                     self.seat.release()
-            duty = self.seat.share().train_duty if shared else c.live_train_duty
-            if self.stream.adapting:  # catch up with a change: a larger share for a few seconds
-                duty = max(duty, min(1.0, duty * c.adapt_train_duty / max(c.live_train_duty, 0.01)))
             if done == 0:
                 self._stop.wait(0.005)
-            elif self.stream.warm and duty < 1.0:
-                # The training budget: once live, leave the rest of the time to inference and
-                # to the acquisition's other work on the machine; the warm start runs flat out.
-                # With more active trainers than slots, each one's duty is their share of it.
-                self._stop.wait(busy * (1.0 / max(duty, 0.01) - 1.0))
+            else:
+                self._stop.wait(self.rest_after(busy))
+
+    def rest_after(self, busy: float) -> float:
+        """Seconds a background trainer rests after a step that took ``busy`` seconds.
+
+        The training budget: once live, leave the rest of the time to inference and to the
+        acquisition's other work on the machine (`live_train_duty`, with more active trainers
+        than slots each one's share of it; more while adapting to a change); the warm start runs
+        flat out. Either way the trainer yields to a frame loop near its limit (`budget.PushLoad`)."""
+        c = self.config
+        shared = self.seat.device.type == "cpu"
+        duty = self.seat.share().train_duty if shared else c.live_train_duty
+        if self.stream.adapting:  # catch up with a change: a larger share for a few seconds
+            duty = max(duty, min(1.0, duty * c.adapt_train_duty / max(c.live_train_duty, 0.01)))
+        if not self.stream.warm:
+            duty = 1.0
+        duty = min(duty, train_duty_cap(self.seat.budget.push_load.utilisation()))
+        return busy * (1.0 / max(duty, 0.01) - 1.0)
 
     # -- the weight double-buffer ---------------------------------------------------------------
     def publish(self) -> None:

@@ -124,6 +124,7 @@ class EngineStats(TypedDict, total=False):
     frames_out: int
     train_steps: int
     train_steps_per_s: float
+    push_load: float  # the CPU budget's `PushLoad`: the trainer yields past 0.6
     loss: float | None
     lr: float
     rollbacks: int
@@ -253,6 +254,7 @@ class BudgetStatus(TypedDict):
     train_slots_busy: int
     trainers_waiting: int
     train_duty: float
+    push_load: float  # the share of the last second the pushing thread spent pushing
     slot_waits: int
     slot_wait_s: float
 
