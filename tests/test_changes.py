@@ -116,15 +116,46 @@ def test_the_normaliser_is_fitted_again_at_a_laser_step() -> None:
 def test_replay_windows_never_straddle_a_segment() -> None:
     replay = ReplayBuffer(window=3, capacity=100)
     for i in range(20):
-        replay.add(i, torch.full((1, 4, 4), float(i // 10)), segment=i // 10)
+        # 1000 x the segment, plus a flicker that the active sampling sees as activity
+        replay.add(i, torch.full((1, 16, 16), 1000.0 * (i // 10) + (i % 3)), segment=i // 10)
     assert replay.centres() == [*range(1, 9), *range(11, 19)]
     rng = np.random.default_rng(0)
     for favour in (None, 1):
-        batch = replay.sample(rng, 64, 4, fresh_start=0.5, favour=favour, favour_share=1.0)
-        values = batch.flatten(2).amin(2), batch.flatten(2).amax(2)
-        assert torch.equal(values[0], values[1].amin(1, keepdim=True).expand_as(values[0]))  # one segment each
-        if favour == 1:
-            assert bool((values[0] == 1).all())
+        for active_share in (0.0, 1.0):  # patches drawn uniformly, or where the activity is
+            batch = replay.sample(rng, 64, 8, fresh_start=0.5, favour=favour, favour_share=1.0,
+                                  active_share=active_share)
+            segment = torch.div(batch.flatten(2), 1000, rounding_mode="floor")
+            assert torch.equal(segment.amin((1, 2)), segment.amax((1, 2)))  # one segment each
+            if favour == 1:
+                assert bool((segment == 1).all())
+    rows = replay._activity_rows(rng, replay.centres())
+    assert replay._active_picks(rng, replay._block_means, *rows, 8, (16, 16), (8, 8))  # the active path ran
+
+
+def test_active_sampling_finds_the_transients_by_the_neighbours_alone() -> None:
+    """`TrainerConfig.active_share` draws patches where the window's neighbours rise above the
+    median, never where only the centre frame does: selecting on the centre (the target) would
+    teach the network to overshoot."""
+    rng = np.random.default_rng(0)
+    replay = ReplayBuffer(window=7, capacity=400)
+    for i in range(200):
+        frame = torch.from_numpy(rng.poisson(2.0, (1, 64, 64)).astype(np.float32))
+        if 100 <= i < 112:
+            frame[0, 8:16, 40:48] += 8.0  # a transient of 12 frames
+        if i == 150:
+            frame[0, 8:16, 8:16] += 30.0  # one bright frame: seen only as a centre's neighbour
+        replay.add(i, frame)
+    centres = replay.centres()
+    picks = [p for _ in range(200)
+             for p in replay._active_picks(rng, replay._block_means, *replay._activity_rows(rng, centres), 8, (64, 64),
+                                           (16, 16))]
+    t, y, x = (np.array(v) for v in zip(*picks))
+    on_transient = (t >= 97) & (t <= 114) & (y <= 8) & (y + 16 >= 16) & (x <= 40) & (x + 16 >= 48)
+    assert on_transient.mean() > 0.4  # uniform patches: 18 of 194 centres x 9 of 2,401 corners = 0.03 %
+    assert (t == 150).mean() < 0.01  # the bright frame itself is never why a centre is drawn
+    assert ((abs(t - 150) <= 3) & (t != 150)).mean() > 0.1  # but its neighbours' windows are (uniform: 3 %)
+    batch = replay.sample(rng, 16, 16, active_share=1.0)
+    assert batch is not None and batch.shape == (16, 7, 1, 16, 16)
 
 
 def test_the_referee_trusts_the_smaller_blind_distance() -> None:

@@ -43,6 +43,19 @@ class TrainerConfig:
     # (`changes`), so it is trained for those moments too, not only for full windows.
     fresh_start: float = 0.1
     favour_recent: float = 0.5  # share of each batch from the newest segment while it is adapting
+    # Share of each batch drawn where the window's neighbours rise above their segment's median
+    # (`ReplayBuffer.sample`): activity is a fraction of a percent of a calcium movie's pixels and
+    # frames, so uniform patches teach the network little about transients. Each patch still
+    # holds 64 blocks of its frame, and quiet blocks are drawn in proportion to their noise, so 1.0
+    # leaves no part of a movie untrained (docs/benchmarks.md, "Training where the activity is").
+    active_share: float = 1.0
+
+
+#: Side of the blocks over which `ReplayBuffer` keeps each frame's mean, to find activity cheaply.
+ACTIVITY_BLOCK = 8
+#: Centres looked at per batch to find activity, and frames of a segment its median is taken over.
+ACTIVITY_CANDIDATES = 64
+ACTIVITY_MEDIAN_FRAMES = 16
 
 
 class ReplayBuffer:
@@ -58,20 +71,41 @@ class ReplayBuffer:
         self.reach = self.k + sum(context)  # the farthest frame before a centre its sample uses
         self.capacity = max(capacity, window + sum(context))
         self._frames: OrderedDict[int, tuple[torch.Tensor, int]] = OrderedDict()
+        # Each frame's means over ACTIVITY_BLOCK² blocks, in rows of one tensor (a row per frame
+        # held), so that a batch's search for activity indexes it instead of stacking frames.
+        self._block_means: torch.Tensor | None = None
+        self._row: dict[int, int] = {}  # frame index -> its row
+        self._free_rows: list[int] = []
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._frames)
 
     def add(self, index: int, frame: torch.Tensor, segment: int = 0) -> None:
+        blocks = F.avg_pool2d(frame[None].float(), ACTIVITY_BLOCK, ceil_mode=True)[0, 0]
         with self._lock:
+            if index in self._frames:
+                self._forget(index)
             self._frames[index] = (frame, segment)
             while len(self._frames) > self.capacity:
-                self._frames.popitem(last=False)
+                self._forget(next(iter(self._frames)))
+            if self._block_means is None or self._block_means.shape[1:] != blocks.shape:
+                self._block_means = torch.empty((self.capacity, *blocks.shape))
+                self._row, self._free_rows = {}, list(range(self.capacity - 1, -1, -1))
+            row = self._free_rows.pop()
+            self._block_means[row] = blocks
+            self._row[index] = row
+
+    def _forget(self, index: int) -> None:
+        del self._frames[index]
+        row = self._row.pop(index, None)
+        if row is not None:
+            self._free_rows.append(row)
 
     def clear(self) -> None:
         with self._lock:
             self._frames.clear()
+            self._block_means, self._row, self._free_rows = None, {}, []
 
     def _centres(self, segment: int | None = None) -> list[int]:
         have = self._frames
@@ -84,14 +118,67 @@ class ReplayBuffer:
         with self._lock:
             return self._centres(segment)
 
+    def _activity_rows(self, rng: np.random.Generator, centres: list[int]) -> tuple[list[int], list[list[int]],
+                                                                                     list[list[int]]]:
+        """For `ACTIVITY_CANDIDATES` random centres (so a step costs the same whatever the buffer
+        holds): the centres, the rows of their window's neighbours and the rows of about
+        `ACTIVITY_MEDIAN_FRAMES` frames spread over their segment, in `_block_means`. Taken with
+        the lock held; references only."""
+        chosen = rng.choice(len(centres), min(len(centres), ACTIVITY_CANDIDATES), replace=False)
+        candidates = [centres[i] for i in chosen]
+        row = self._row
+        offsets = [d for d in range(-self.k, self.k + 1) if d]
+        segment_rows: dict[int, list[int]] = {}
+        for j, (_, seg) in self._frames.items():
+            segment_rows.setdefault(seg, []).append(row[j])
+        for seg, rows in segment_rows.items():
+            segment_rows[seg] = rows[:: max(1, len(rows) // ACTIVITY_MEDIAN_FRAMES)]
+        return (candidates, [[row[t + d] for d in offsets] for t in candidates],
+                [segment_rows[self._frames[t][1]] for t in candidates])
+
+    @staticmethod
+    def _active_picks(rng: np.random.Generator, means: torch.Tensor, candidates: list[int], near_rows: list[list[int]],
+                      segment_rows: list[list[int]], n: int, size: tuple[int, int],
+                      patch: tuple[int, int]) -> list[tuple[int, int, int]]:
+        """``n`` (centre, y, x) patch corners drawn where the window's neighbours are above their
+        segment's median, in proportion to the square of that excess, block by block
+        (`_activity_rows` gives the rows of ``means``). A few tensor calls, not one per frame:
+        the trainer's Python holds up the frame loop (the GIL).
+
+        Only the neighbours are looked at, never the centre: weighting by a function of the
+        network's inputs leaves the best answer for each input as it was (the mean of the centre
+        given the inputs, so no bias towards bright outputs) and only spends more of the training
+        where the answer is hard."""
+        near = means[torch.tensor(near_rows)].mean(1)  # (candidates, by, bx)
+        medians: dict[tuple[int, ...], torch.Tensor] = {}
+        for rows in map(tuple, segment_rows):
+            if rows not in medians:
+                medians[rows] = means[list(rows)].median(0).values
+        base = torch.stack([medians[tuple(rows)] for rows in segment_rows])
+        excess = (near - base).clamp_min(0.0).square().flatten(1).double().numpy()  # (candidates, blocks)
+        totals = excess.sum(1)
+        if not totals.sum() > 0:
+            return []
+        (h, w), (ph, pw), nbx, b = size, patch, near.shape[2], ACTIVITY_BLOCK
+        picks = []
+        for c in rng.choice(len(candidates), size=n, p=totals / totals.sum()):  # a centre, then a block in it
+            by, bx = divmod(int(rng.choice(excess.shape[1], p=excess[c] / totals[c])), nbx)
+            # a patch corner that puts the block inside the patch, as far as the frame allows
+            ylo, yhi = max(0, min(by * b + b, h) - ph), max(0, min(h - ph, by * b))
+            xlo, xhi = max(0, min(bx * b + b, w) - pw), max(0, min(w - pw, bx * b))
+            picks.append((candidates[c], int(rng.integers(ylo, yhi + 1)), int(rng.integers(xlo, xhi + 1))))
+        return picks
+
     def sample(self, rng: np.random.Generator, batch: int, patch: int, fresh_start: float = 0.0,
-               favour: int | None = None, favour_share: float = 0.0) -> torch.Tensor | None:
+               favour: int | None = None, favour_share: float = 0.0,
+               active_share: float = 0.0) -> torch.Tensor | None:
         """(B, N + M, C, P, P) random windows and patches: the window's N frames, then the means
         of its M context blocks (`window.context_blocks`); None if no full window exists yet.
 
         ``fresh_start``: the share of samples whose segment is cut at a random frame before the
         centre, with the live edge rule (`window.window_indices`, mirrored context). ``favour``: a
-        segment from which ``favour_share`` of the batch is drawn (the newest, after a change)."""
+        segment from which ``favour_share`` of the batch is drawn (the newest, after a change).
+        ``active_share``: the share of samples drawn where activity is (`_active_picks`)."""
         with self._lock:  # only references are taken here: `add` on the pushing thread must not wait
             centres = self._centres()
             if not centres:
@@ -99,16 +186,29 @@ class ReplayBuffer:
             favoured = self._centres(favour) if favour is not None and favour_share > 0 else []
             _, h, w = next(iter(self._frames.values()))[0].shape
             ph, pw = min(patch, h), min(patch, w)
+            active = int(rng.binomial(batch, active_share)) if active_share > 0 else 0
+            searches = []  # the favoured segment keeps its share of the active samples too
+            if active and self._block_means is not None:
+                in_favoured = int(rng.binomial(active, favour_share)) if favoured else 0
+                searches = [(self._activity_rows(rng, pool), n)
+                            for pool, n in ((favoured, in_favoured), (centres, active - in_favoured)) if n]
+            means = self._block_means
+        hot = [pick for rows, n in searches if means is not None
+               for pick in self._active_picks(rng, means, *rows, n, (h, w), (ph, pw))]
+        with self._lock:
             picks = []
-            for _ in range(batch):
-                pool = favoured if favoured and rng.random() < favour_share else centres
-                t = int(pool[int(rng.integers(len(pool)))])
+            for i in range(batch):
+                if i < len(hot) and hot[i][0] in self._frames:  # (not dropped from the buffer meanwhile)
+                    t, y, x = hot[i]
+                else:
+                    pool = favoured if favoured and rng.random() < favour_share else centres
+                    t = int(pool[int(rng.integers(len(pool)))])
+                    y = int(rng.integers(0, h - ph + 1))
+                    x = int(rng.integers(0, w - pw + 1))
                 seg = self._frames[t][1]
                 first = t - self.reach
                 if fresh_start > 0 and rng.random() < fresh_start:
                     first = t - int(rng.integers(0, self.reach + 1))
-                y = int(rng.integers(0, h - ph + 1))
-                x = int(rng.integers(0, w - pw + 1))
                 near = {j: self._frames[j][0] for j in range(first, t + self.reach + 1)
                         if j in self._frames and self._frames[j][1] == seg}
                 picks.append((t, first, y, x, near))
@@ -188,7 +288,7 @@ class OnlineTrainer:
         """One optimisation step; returns the loss, or None if there is nothing to train on.
         ``favour``: a segment to draw `favour_recent` of the batch from (one that is adapting)."""
         c = self.config
-        batch = replay.sample(self.rng, c.batch, c.patch, c.fresh_start, favour, c.favour_recent)
+        batch = replay.sample(self.rng, c.batch, c.patch, c.fresh_start, favour, c.favour_recent, c.active_share)
         if batch is None:
             return None
         batch = self._augment(batch).to(self.device, non_blocking=True)
