@@ -62,6 +62,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: beside other work, OpenMP threads that wait on each other "
                         "cost more than they give)")
+    p.add_argument("--active-share", type=float, default=0.0,
+                   help="share of the patches drawn where the activity is (`TrainerConfig.active_share`; "
+                        "default 0: the shipped priors were trained with uniform patches, before the engine's "
+                        "default became 1.0, and this command reproduces them)")
     p.add_argument("--output", help="model file (default: the package's shipped prior for the preset)")
     args = p.parse_args()
 
@@ -82,7 +86,7 @@ def main() -> None:
           f"{time.monotonic() - started:.0f} s")
 
     net = UMVDNet(spec).to(memory_format=torch.channels_last)
-    trainer = OnlineTrainer(net, TrainerConfig(), torch.device("cpu"), seed=args.seed)
+    trainer = OnlineTrainer(net, TrainerConfig(active_share=args.active_share), torch.device("cpu"), seed=args.seed)
     # A slow decay at the end: the prior is a starting point, its last steps need not be large.
     lr = trainer.lr
     started = time.monotonic()
@@ -99,7 +103,8 @@ def main() -> None:
     info = {
         "preset": args.preset, "spec": spec.to_dict(), "step": 0,
         "trained": (f"tools/train_prior.py --preset {args.preset} --window {args.window} --steps {args.steps} "
-                    f"--movies {args.movies} --frames {args.frames} --size {args.size} --seed {args.seed}"),
+                    f"--movies {args.movies} --frames {args.frames} --size {args.size} --seed {args.seed}"
+                    + (f" --active-share {args.active_share:g}" if args.active_share else "")),
         "final_loss": float(np.mean(losses[-200:])),
     }
     path = save_checkpoint(args.output or shipped_path(args.preset, args.window), state, info)
