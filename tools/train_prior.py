@@ -64,8 +64,8 @@ def main() -> None:
                         "cost more than they give)")
     p.add_argument("--active-share", type=float, default=0.0,
                    help="share of the patches drawn where the activity is (`TrainerConfig.active_share`; "
-                        "default 0: the shipped priors were trained with uniform patches, before the engine's "
-                        "default became 1.0, and this command reproduces them)")
+                        "default 0: the shipped priors' recipe, uniform patches, from before the engine's "
+                        "default became 1.0)")
     p.add_argument("--output", help="model file (default: the package's shipped prior for the preset)")
     args = p.parse_args()
 

@@ -84,17 +84,16 @@ class ReplayBuffer:
     def add(self, index: int, frame: torch.Tensor, segment: int = 0) -> None:
         blocks = F.avg_pool2d(frame[None].float(), ACTIVITY_BLOCK, ceil_mode=True)[0, 0]
         with self._lock:
-            if index in self._frames:
-                self._forget(index)
             self._frames[index] = (frame, segment)
             while len(self._frames) > self.capacity:
                 self._forget(next(iter(self._frames)))
-            if self._block_means is None or self._block_means.shape[1:] != blocks.shape:
+            if self._block_means is None:  # a stream's frames keep one shape (`StreamDenoiser` checks)
                 self._block_means = torch.empty((self.capacity, *blocks.shape))
-                self._row, self._free_rows = {}, list(range(self.capacity - 1, -1, -1))
-            row = self._free_rows.pop()
+                self._free_rows = list(range(self.capacity - 1, -1, -1))
+            row = self._row.get(index)  # a frame added again keeps its row
+            if row is None:
+                row = self._row[index] = self._free_rows.pop()
             self._block_means[row] = blocks
-            self._row[index] = row
 
     def _forget(self, index: int) -> None:
         del self._frames[index]
@@ -123,7 +122,8 @@ class ReplayBuffer:
         """For `ACTIVITY_CANDIDATES` random centres (so a step costs the same whatever the buffer
         holds): the centres, the rows of their window's neighbours and the rows of about
         `ACTIVITY_MEDIAN_FRAMES` frames spread over their segment, in `_block_means`. Taken with
-        the lock held; references only."""
+        the lock held; the rows are read after it is let go, when `add` may have given a few of
+        them to newer frames: that only shifts a draw's weights, never what a sample holds."""
         chosen = rng.choice(len(centres), min(len(centres), ACTIVITY_CANDIDATES), replace=False)
         candidates = [centres[i] for i in chosen]
         row = self._row

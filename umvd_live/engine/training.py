@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 #: Weights as published: (the trainer's step count, a copy of its state dict).
 Published = tuple[int, dict]
 
+
 class TrainedStream(Protocol):
     """What the loop reads of the stream it trains for (`stream.StreamDenoiser`)."""
 
@@ -151,12 +152,12 @@ class TrainingLoop:
         than slots each one's share of it; more while adapting to a change); the warm start runs
         flat out. Either way the trainer yields to a frame loop near its limit (`budget.PushLoad`)."""
         c = self.config
-        shared = self.seat.device.type == "cpu"
-        duty = self.seat.share().train_duty if shared else c.live_train_duty
-        if self.stream.adapting:  # catch up with a change: a larger share for a few seconds
-            duty = max(duty, min(1.0, duty * c.adapt_train_duty / max(c.live_train_duty, 0.01)))
         if not self.stream.warm:
             duty = 1.0
+        else:
+            duty = self.seat.share().train_duty if self.seat.device.type == "cpu" else c.live_train_duty
+            if self.stream.adapting:  # catch up with a change: a larger share for a few seconds
+                duty = max(duty, min(1.0, duty * c.adapt_train_duty / max(c.live_train_duty, 0.01)))
         duty = min(duty, train_duty_cap(self.seat.budget.push_load.utilisation()))
         return busy * (1.0 / max(duty, 0.01) - 1.0)
 
