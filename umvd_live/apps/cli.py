@@ -78,6 +78,11 @@ def _engine_args(p: argparse.ArgumentParser, *, inference_workers: bool = True) 
                        help="forward passes run side by side when windows wait (default: 2 on a CPU when "
                             "training runs in the background, the second using the trainer's core while "
                             "it rests; 1 otherwise)")
+    p.add_argument("--keep-amplitude", type=float, metavar="K",
+                   help="share of the activity's amplitude restored where the network's outputs measurably "
+                        "shrink it, measured on the movie or stream itself: 1 (default) undoes the measured "
+                        "shrinkage, 0 leaves the outputs as the network makes them (the least squared error, "
+                        "smaller transients; docs/engine.md, \"Amplitudes restored\")")
     p.add_argument("--seed", type=int, default=0, help="random seed of the network's start and training (default 0)")
 
 
@@ -380,7 +385,7 @@ ENGINE_FLAGS = {"preset": "preset", "device": "device", "window": "window", "con
                 "warmup_frames": "warmup_frames", "warmup_steps": "warmup_steps", "init": "init",
                 "prior": "prior", "seed": "seed", "batch": "max_batch", "workers": "workers",
                 "precision": "precision", "compile": "compile", "steps_per_frame": "steps_per_frame",
-                "threads": "cpu_threads"}
+                "threads": "cpu_threads", "keep_amplitude": "keep_amplitude"}
 
 
 def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> EngineConfig:

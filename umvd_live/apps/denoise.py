@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from umvd_live.engine import DenoisedFrame, EngineConfig, StreamDenoiser
+from umvd_live.engine.amplitude import AmplitudeGain
 from umvd_live.engine.checkpoint import CheckpointError
 from umvd_live.engine.provenance import network_provenance
 from umvd_live.recording.movie import MovieError, MovieFrames, describe_streams, movie_streams
@@ -166,8 +167,20 @@ def denoise_provenance(engine: StreamDenoiser, movie: MovieFrames, *, offline: b
                **network_provenance(engine),
                "context_sides": engine.config.context_sides,
                "changes": ",".join(f"{c.index}:{c.reason}" for c in engine.changes) or "none",
+               "amplitude_gain": describe_gains(engine.amplitude_gains),
                **extra},
     )
+
+
+def describe_gains(gains: Sequence[AmplitudeGain]) -> str:
+    """The amplitude restoration of each segment (`engine.amplitude`), for the provenance and the
+    summary line: ``first-frame:gain`` (``(slope measured)``, or why none was applied)."""
+    def one(g: AmplitudeGain) -> str:
+        why = f"slope {g.slope:.3f}" if g.slope is not None else g.reason
+        if g.reason and g.slope is not None:
+            why += f", {g.reason}"
+        return f"{g.first}:{g.gain:.3f} ({why})"
+    return ", ".join(one(g) for g in gains) or "none"
 
 
 def write_denoised(output: str | Path, movie: MovieFrames, frames: Iterable[np.ndarray],
@@ -229,6 +242,7 @@ def _denoise_stream(config: DenoiseConfig, stream: str, output: Path, err: Conso
         + (f" (stream {stream})" if several else "")
         + f" in {result.seconds:.1f} s ({engine.preset} on {engine.device}, {engine.model_step} training steps)"
         + f" → {output}"
+        + f"; amplitude gain {describe_gains(engine.amplitude_gains)}"
         + (f"; {fallbacks} frames where the network lost to the neighbours' mean got the window's mean"
            if fallbacks else "")
     )

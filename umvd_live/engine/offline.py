@@ -3,9 +3,9 @@
 A file need not arrive frame by frame. `pretrain` trains on every window of the movie before any
 frame is pushed (the paper's recipe), and `denoise_frames` denoises any frames of it with the
 newest weights, with context from both sides where the config asks for it (the final pass of
-`denoise`). Both use the stream's own network, windows, segments and referee
-(`stream.StreamDenoiser`, whose `pretrain` and `denoise_frames` call these), so a file gets the
-engine a live stream gets.
+`denoise`), and undoes the network's measured shrinkage of the activity there (`amplitude`).
+Both use the stream's own network, windows, segments and referee (`stream.StreamDenoiser`, whose
+`pretrain` and `denoise_frames` call these), so a file gets the engine a live stream gets.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from umvd_live.engine.amplitude import AmplitudeGain, restore_amplitude
 from umvd_live.engine.changes import ChangeDetector
 from umvd_live.engine.normalization import Normalizer, sanitize
 from umvd_live.engine.outputs import BlindReferee, DenoisedFrame, OutputBatch, Probe
-from umvd_live.engine.window import block_means, context_blocks, window_indices
+from umvd_live.engine.window import block_means, context_blocks, context_reach, window_indices
 
 if TYPE_CHECKING:
     from umvd_live.engine.stream import StreamDenoiser
@@ -70,10 +71,13 @@ def denoise_frames(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
     starts = [0] + [change.index for change in den.changes]
     ends = starts[1:] + [len(movie)]
     out: list[DenoisedFrame] = []
+    den.amplitude_gains = []
     for segment, (first, end) in enumerate(zip(starts, ends)):
         chunk = [t for t in indices if first <= t < end]
         if chunk:
-            out += _denoise_segment(den, movie, chunk, first, end - 1, segment, progress)
+            done = _denoise_segment(den, movie, chunk, first, end - 1, segment, progress)
+            den.amplitude_gains.append(_restore_amplitude(den, movie, done))
+            out += done
     order = {t: i for i, t in enumerate(indices)}
     return sorted(out, key=lambda o: order[o.index])
 
@@ -115,7 +119,7 @@ def _denoise_segment(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
                 probe = Probe.of(torch.stack([frame(i) for i in idx]), k) if len(set(idx)) > 1 else None
                 batch.wait(t, [feats[i][None] for i in idx], context, probe)
         out += [replace(o, segment=segment, state="warmup" if o.state == "warmup" else "live")
-                for o in den._finish(batch, normalizer, referee)]
+                for o in den._finish(batch, normalizer, referee, live=False)]
         if progress is not None:
             for _ in chunk:
                 progress()
@@ -125,3 +129,17 @@ def _denoise_segment(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
             for i in [i for i in cache if i < chunk[-1] - keep]:
                 del cache[i]
     return out
+
+
+def _restore_amplitude(den: StreamDenoiser, movie: np.ndarray, outputs: list[DenoisedFrame]) -> AmplitudeGain:
+    """Undo the shrinkage of one segment's outputs in place (`amplitude`): over a run of
+    consecutive frames, the network's outputs only (not the referee's neighbour means)."""
+    ordered = sorted(outputs, key=lambda o: o.index)
+    first, frames = ordered[0].index, len(ordered)
+    if ordered[-1].index - first + 1 != frames or any(o.image is None for o in ordered):
+        return AmplitudeGain(first, frames, None, 1.0, "frames not consecutive")
+    reach = context_reach(den.k, den.spec.context, den.config.context_sides == "both")
+    return restore_amplitude([sanitize(movie[o.index])[0] for o in ordered],
+                             [o.image for o in ordered],  # type: ignore[misc]  # checked above
+                             reach=reach, keep=den.config.keep_amplitude,
+                             scored=np.array([o.state == "live" for o in ordered]), first=first)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from umvd_live.engine import offline
+from umvd_live.engine.amplitude import AmplitudeGain, LiveAmplitude
 from umvd_live.engine.budget import CpuBudget
 from umvd_live.engine.changes import Change, ChangeDetector
 from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint, weights_hash
@@ -103,6 +104,10 @@ class StreamDenoiser:
         self.referee = BlindReferee()  # network or temporal mean, while the network is unproven
         self._detector = ChangeDetector(self.config.changes)
         self.changes: list[Change] = []  # the abrupt changes seen, each starting a segment
+        self.amplitude_gains: list[AmplitudeGain] = []  # per segment, by the last `denoise_frames`
+        # live outputs: the activity's amplitude restored as in a file's final pass, running (`amplitude`)
+        self._amplitude = LiveAmplitude(self.config.keep_amplitude, self.config.window // 2) \
+            if self.config.keep_amplitude > 0 else None
         self.segment = 0  # the current segment: len(changes)
         self._segment_start = 0  # index of its first frame
         self._tags: dict[int, object] = {}  # by frame index: the tags of frames whose output is not out yet
@@ -205,6 +210,7 @@ class StreamDenoiser:
             "segment": self.segment,
             "adapting": self.adapting,
             "changes": [change.to_dict() for change in self.changes[-8:]],
+            "amplitude": self._amplitude.to_dict() if self._amplitude is not None else None,
             "cpu_share": self.seat.share().to_dict() if self.device.type == "cpu" else None,
         }
 
@@ -353,8 +359,10 @@ class StreamDenoiser:
         xs = host.to(self.device)  # (B, 1, H, W); the replay buffer keeps the host copy
         with torch.inference_mode():
             feats = [f for chunk in xs.split(self.max_batch) for f in self._features(chunk)]
-        for x, x_host, f, (_, trainable), wanted, tag in zip(xs, host, feats, cleaned, flags, tags):
+        for x, x_host, f, (clean, trainable), wanted, tag in zip(xs, host, feats, cleaned, flags, tags):
             index = self.frames_in
+            if self._amplitude is not None:
+                self._amplitude.observe(index, clean)
             if tag is not None:
                 self._tags[index] = tag
             self._window.append(index, x, f)
@@ -375,6 +383,8 @@ class StreamDenoiser:
         for t in range(self.frames_out, self.frames_in):
             self._produce(t, True, batch)
         outputs = self._finish(batch)
+        if self._amplitude is not None:
+            self._amplitude.reset()
         self._window.clear()
         _built(self._history).clear()
         self.referee.reset()
@@ -486,10 +496,12 @@ class StreamDenoiser:
         return self.segment > 0 and t < self._segment_start + self.config.adapt_frames
 
     def _finish(self, batch: OutputBatch, normalizer: Normalizer | None = None,
-                referee: BlindReferee | None = None) -> list[DenoisedFrame]:
+                referee: BlindReferee | None = None, live: bool = True) -> list[DenoisedFrame]:
         """Denoise the batch's windows, `max_batch` per forward pass and `workers` passes
         at once, into the units of ``normalizer`` (default: the current segment's); return its
-        outputs. Probed windows are judged by ``referee`` (default: the stream's)."""
+        outputs. Probed windows are judged by ``referee`` (default: the stream's). ``live``: the
+        stream's own outputs, whose amplitude is restored as they come (a file's final pass
+        restores its own, `offline`)."""
         outputs = batch.outputs
         normalizer = normalizer or self.normalizer
         step = self.max_batch
@@ -498,18 +510,25 @@ class StreamDenoiser:
             results = list(self._pool.map(self._denoise_chunk, chunks))
         else:
             results = [self._denoise_chunk(chunk) for chunk in chunks]
+        networks = []  # the slots of the network's own outputs
         for chunk, images in zip(chunks, results):
             for (slot, t, _, _), image in zip(chunk, images):
                 state: State = "adapting" if self._adapting_at(t) else "live"
                 probe = batch.probes.get(slot)
                 if probe is not None and not self._judge(image, probe, referee or self.referee):
                     image, state = probe.window[0].cpu().numpy(), "warmup"  # the mean: the network lost
+                else:
+                    networks.append(slot)
                 outputs[slot] = DenoisedFrame(index=t, image=normalizer.inverse(image), state=state,
                                               model_step=self._net_step, segment=self.segment,
                                               tag=batch.tags.get(slot))
         done = [o for o in outputs if o is not None]
         if len(done) != len(outputs):
             raise RuntimeError(f"{len(outputs) - len(done)} outputs of the batch were never made")
+        if live and self._amplitude is not None:
+            made = set(networks)
+            for slot, o in enumerate(done):
+                self._amplitude.restore(o.index, o.image, network=slot in made)
         return done
 
     @staticmethod

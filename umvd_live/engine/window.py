@@ -68,6 +68,12 @@ def context_blocks(t: int, k: int, spans: Sequence[int], have: Callable[[int], b
     return blocks
 
 
+def context_reach(k: int, spans: Sequence[int], both_sides: bool = False) -> int:
+    """How many frames on either side of t the window and context blocks of `context_blocks` span:
+    the frames a final output at t may depend on."""
+    return k + sum(span - span // 2 if both_sides else span for span in spans)
+
+
 def block_means(blocks: list[list[int]], frame: Callable[[int], torch.Tensor]) -> torch.Tensor:
     """(M, C, H, W): the mean of each block's frames, `frame(j)` giving frame j."""
     return torch.stack([torch.stack([frame(j) for j in block]).mean(0) for block in blocks])

@@ -20,6 +20,7 @@ from typing import NotRequired, TypedDict
 import numpy as np
 
 __all__ = [
+    "AmplitudeStatus",
     "BudgetStatus",
     "CapacityStatus",
     "ChangeStatus",
@@ -97,6 +98,13 @@ class RefereeStatus(TypedDict):
     mean_mse: float | None
 
 
+class AmplitudeStatus(TypedDict):
+    """A live stream's amplitude restoration (`engine.amplitude.LiveAmplitude.to_dict`)."""
+
+    gain: float  # 1 until the shrinkage is measured, and after each change
+    slope: float | None  # the outputs' measured slope on the truth
+
+
 class CpuShareStatus(TypedDict):
     """One engine's share of its CPU budget (`engine.budget.CpuShare`)."""
 
@@ -135,6 +143,7 @@ class EngineStats(TypedDict, total=False):
     segment: int
     adapting: bool
     changes: list[ChangeStatus]  # the last few
+    amplitude: AmplitudeStatus | None  # None with keep_amplitude 0
     cpu_share: CpuShareStatus | None  # None off the CPU
     error: str  # instead of everything above when stats() failed
 
@@ -208,6 +217,7 @@ class EngineSettings(TypedDict, total=False):
     changes: dict[str, object]  # `engine.changes.ChangeConfig`
     adapt_frames: int
     adapt_train_duty: float
+    keep_amplitude: float
     init: str | None
     prior: str
     probe_from_steps: int

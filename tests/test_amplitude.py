@@ -1,0 +1,185 @@
+"""Amplitude restoration (`engine.amplitude`): the shrinkage is measured without the truth, undone
+as asked, and the restored output stays blind to its own frame's noise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from umvd_live.engine.amplitude import LiveAmplitude, blind_baselines, measure_slope, restore_amplitude
+
+FRAMES, SIZE, REACH = 400, 24, 20
+
+
+def _truth(rng: np.random.Generator) -> np.ndarray:
+    """Blobs with calcium-like transients (instant rise, 20-frame decay) on a still background."""
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    movie = np.full((FRAMES, SIZE, SIZE), 100.0)
+    for _ in range(6):
+        cy, cx = rng.uniform(3, SIZE - 3, 2)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 2.5**2))
+        spikes = (rng.random(FRAMES) < 0.02) * rng.uniform(50, 150, FRAMES)
+        trace = np.zeros(FRAMES)
+        for t in range(FRAMES):
+            trace[t] = (trace[t - 1] if t else 0.0) * np.exp(-1 / 20) + spikes[t]
+        movie += trace[:, None, None] * blob
+    return movie
+
+
+def _shrunk(truth: np.ndarray, slope: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy movie of ``truth`` (white in time, correlated along x) and an estimate that keeps
+    ``slope`` of every deviation from the mean, with errors of its own (not the frame's noise)."""
+    white = rng.normal(0, 20, truth.shape)
+    noisy = truth + white + np.roll(white, 1, axis=2)
+    mean = truth.mean(axis=0)
+    estimate = mean + slope * (truth - mean) + rng.normal(0, 3, truth.shape)
+    return noisy.astype(np.float32), estimate.astype(np.float32)
+
+
+def _slope_on(truth: np.ndarray, estimate: np.ndarray) -> float:
+    g = truth - truth.mean(axis=0)
+    return float((g * (estimate - estimate.mean(axis=0))).sum() / (g * g).sum())
+
+
+@pytest.mark.parametrize("slope", [0.6, 0.8, 1.0])
+def test_the_slope_is_measured_without_the_truth(slope):
+    rng = np.random.default_rng(1)
+    truth = _truth(rng)
+    noisy, estimate = _shrunk(truth, slope, rng)
+    measured = measure_slope(noisy, estimate)
+    assert measured == pytest.approx(slope, abs=0.04)
+
+
+def test_nothing_is_measured_where_only_noise_varies():
+    rng = np.random.default_rng(2)
+    noisy = rng.normal(100, 10, (FRAMES, SIZE, SIZE)).astype(np.float32)
+    still = np.full_like(noisy, 100.0)
+    assert measure_slope(noisy, still + rng.normal(0, 1, noisy.shape).astype(np.float32)) is None
+    gain = restore_amplitude(noisy, still.copy(), reach=REACH, keep=1.0)
+    assert gain.gain == 1.0 and gain.slope is None
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.9])
+def test_restoring_keeps_the_asked_share_of_the_amplitude(keep):
+    rng = np.random.default_rng(3)
+    truth = _truth(rng)
+    noisy, estimate = _shrunk(truth, 0.7, rng)
+    assert _slope_on(truth, estimate) == pytest.approx(0.7, abs=0.01)
+    restored = estimate.copy()
+    gain = restore_amplitude(noisy, restored, reach=REACH, keep=keep)
+    assert gain.gain == pytest.approx(keep / gain.slope)
+    assert _slope_on(truth, restored) == pytest.approx(keep, abs=0.05)
+    # closer to the truth where it is active, as unbiased as asked
+    active = truth - np.median(truth, axis=0) > 30
+    assert np.abs((restored - truth)[active].mean()) < np.abs((estimate - truth)[active].mean())
+
+
+def test_off_or_unshrunk_outputs_are_left_as_they_are():
+    rng = np.random.default_rng(4)
+    truth = _truth(rng)
+    noisy, estimate = _shrunk(truth, 0.8, rng)
+    for keep, slope in ((0.0, 0.8), (0.5, 0.8)):
+        _, estimate = _shrunk(truth, slope, rng)
+        restored = estimate.copy()
+        gain = restore_amplitude(noisy, restored, reach=REACH, keep=keep)
+        assert gain.gain == 1.0
+        np.testing.assert_array_equal(restored, estimate)
+
+
+def test_frames_the_network_did_not_make_are_left_alone():
+    rng = np.random.default_rng(5)
+    truth = _truth(rng)
+    noisy, estimate = _shrunk(truth, 0.7, rng)
+    scored = np.ones(FRAMES, bool)
+    scored[::7] = False  # e.g. the referee's neighbour means
+    restored = estimate.copy()
+    gain = restore_amplitude(noisy, restored, reach=REACH, keep=1.0, scored=scored)
+    assert gain.gain > 1.2
+    np.testing.assert_array_equal(restored[~scored], estimate[~scored])
+    assert not np.array_equal(restored[scored], estimate[scored])
+
+
+def test_a_segment_too_short_for_a_blind_baseline_is_left_alone():
+    rng = np.random.default_rng(6)
+    truth = _truth(rng)
+    noisy, estimate = _shrunk(truth, 0.7, rng)
+    restored = estimate.copy()
+    gain = restore_amplitude(noisy, restored, reach=FRAMES - 40, keep=1.0)  # no frame that far from the first block
+    assert gain.gain == 1.0 and gain.slope is not None and "too short" in gain.reason
+    np.testing.assert_array_equal(restored, estimate)
+    gain = restore_amplitude(noisy[:60], restored[:60], reach=10, keep=1.0)
+    assert gain.gain == 1.0 and gain.slope is None and "too few frames" in gain.reason
+
+
+def test_the_baseline_of_a_frame_never_uses_outputs_within_reach():
+    rng = np.random.default_rng(7)
+    outputs = rng.normal(0, 1, (FRAMES, 8, 8)).astype(np.float32)
+    before = blind_baselines(outputs, REACH)
+    for start, stop, base in before:
+        changed = outputs.copy()
+        changed[max(0, start - REACH):stop + REACH] += 1000.0  # everything a block's outputs may depend on
+        after = {s: b for s, _, b in blind_baselines(changed, REACH)}
+        np.testing.assert_array_equal(after[start], base)
+
+
+def test_a_restored_output_is_blind_to_its_own_frame():
+    """The network's output of frame t never sees frame t's noise, nor does its baseline; only
+    the segment's one gain does, through sums over every frame and pixel."""
+    rng = np.random.default_rng(8)
+    truth = _truth(rng)
+    noisy, estimate = _shrunk(truth, 0.7, rng)
+    t = FRAMES // 2
+    first = estimate.copy()
+    restore_amplitude(noisy, first, reach=REACH, keep=1.0)
+    jolted = noisy.copy()
+    jolted[t] += rng.normal(0, 200, jolted[t].shape).astype(np.float32)  # frame t's noise, 10x larger
+    second = estimate.copy()
+    restore_amplitude(jolted, second, reach=REACH, keep=1.0)
+    change = np.abs(second[t] - first[t]).max()
+    assert change < 1e-3 * np.abs(jolted[t] - noisy[t]).max()
+
+
+def _live(noisy: np.ndarray, estimate: np.ndarray, keep: float = 1.0, k: int = 3,
+          reset_at: int | None = None) -> tuple[np.ndarray, LiveAmplitude]:
+    """``estimate`` restored as a live stream gives it: each output k frames after its input."""
+    live = LiveAmplitude(keep, k)
+    out = estimate.copy()
+    for t in range(len(noisy) + k):
+        if t == reset_at:
+            live.reset()
+        if t < len(noisy):
+            live.observe(t, noisy[t])
+        if t >= k:
+            live.restore(t - k, out[t - k], network=True)
+    return out, live
+
+
+def test_a_live_stream_measures_and_restores_as_it_goes():
+    rng = np.random.default_rng(9)
+    truth = np.concatenate([_truth(rng), _truth(rng)])  # 800 frames
+    noisy, estimate = _shrunk(truth, 0.7, rng)
+    restored, live = _live(noisy, estimate)
+    assert live.slope == pytest.approx(0.7, abs=0.05)
+    assert live.gain == pytest.approx(1 / live.slope)
+    assert live.to_dict() == {"gain": round(live.gain, 3), "slope": round(live.slope, 3)}
+    np.testing.assert_array_equal(restored[:3 * 32], estimate[:3 * 32])  # nothing measured yet: as made
+    later = slice(400, None)
+    assert _slope_on(truth[later], restored[later]) == pytest.approx(1.0, abs=0.08)
+
+
+def test_a_live_stream_starts_again_at_a_change():
+    rng = np.random.default_rng(10)
+    truth = np.concatenate([_truth(rng), _truth(rng)])
+    noisy, estimate = _shrunk(truth, 0.7, rng)
+    restored, live = _live(noisy, estimate, reset_at=700)
+    assert live.gain == 1.0 and live.slope is None  # 100 frames: not measured again yet
+    np.testing.assert_array_equal(restored[700:], estimate[700:])
+
+
+def test_a_live_stream_of_noise_is_left_alone():
+    rng = np.random.default_rng(11)
+    noisy = rng.normal(100, 10, (FRAMES, SIZE, SIZE)).astype(np.float32)
+    estimate = (100 + rng.normal(0, 1, noisy.shape)).astype(np.float32)
+    restored, live = _live(noisy, estimate)
+    assert live.gain == 1.0 and live.slope is None
+    np.testing.assert_array_equal(restored, estimate)

@@ -1,0 +1,301 @@
+"""Amplitude restoration for recorded movies: undo the network's measured shrinkage of the activity.
+
+Why: trained on noisy frames alone, the network outputs the expected clean frame given its inputs
+(the MMSE estimate). Where the inputs leave a transient uncertain (a faint cell, its first frames)
+that estimate hedges towards the still field, so calcium transients come out smaller than they
+are (0.75-0.8 of their amplitude at 2 photons/pixel, docs/benchmarks.md): a biased dF/F.
+
+The shrinkage can be measured on the movie itself, without a truth:
+
+* the network never sees the noise of the frame it outputs (blindness), so the covariance of its
+  output with the noisy frames equals the covariance of its output with the truth;
+* noise that is independent from frame to frame (shot, PMT and read noise, whatever their
+  distribution or spatial correlation) adds to the noisy frames' variance but not to their
+  covariance at lags 1 and 2, and a slowly varying truth's variance is that autocovariance
+  extrapolated to lag 0, 2 C(1) - C(2).
+
+Their ratio, pooled over pixels, is the slope of the output on the truth (1 keeps amplitudes).
+Each output D is then moved away from a slow baseline B by ``gain = keep / slope`` (never below 1),
+at the scale of cells and processes: ``D + (gain - 1) * smooth(D - B)`` (`SMOOTH_PX`). `keep` is
+`EngineConfig.keep_amplitude`: 1 restores the amplitude in full, 0 leaves the network's output as
+it is. Undoing a shrinkage costs whole-movie PSNR (an unbiased
+estimate has more variance than the MMSE one); docs/engine.md has the measured trade.
+
+Blindness is kept: the baseline of a frame is the per-pixel median of the segment's outputs that
+lie beyond the network's reach of that frame (window and context blocks), so neither D nor B of a
+frame depends on its noisy pixels. Only the segment's one gain does, through sums over all its
+frames and pixels (a weight of about 1 / (frames x pixels) each).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+#: Frames per block that shares one baseline; longer segments get longer blocks (`MAX_BLOCKS`).
+BLOCK_FRAMES = 50
+MAX_BLOCKS = 32
+#: Frames a baseline's median is taken over, at most (evenly spaced over those beyond the reach).
+MEDIAN_FRAMES = 200
+#: The largest gain applied: a slope measured below 1 / MAX_GAIN means outputs too uncertain to
+#: stretch further without stretching mostly their errors.
+MAX_GAIN = 2.0
+#: The correction is smoothed over this many pixels (Gaussian sigma): it restores the amplitude of
+#: what a cell's or a process's trace averages, not the residual noise of single pixels, which
+#: the gain would amplify as well (whole-movie PSNR +0.1 to +1.1 dB for a slope 0.01-0.06 lower
+#: than unsmoothed, on the simulated movies of docs/benchmarks.md).
+SMOOTH_PX = 1.0
+#: Frames per chunk of the sums; the chunks' spread gives the measurement's standard error.
+CHUNK = 32
+#: Standard errors above 0 that the truth's variance and the outputs' covariance with it must
+#: lie for a slope to be measured (noise alone passes one such test about once in 650 movies of
+#: 10 chunks, Student's t, and once in 31,000 of many chunks; a slope needs both).
+SIGNIFICANCE = 4.0
+
+
+@dataclass(frozen=True)
+class AmplitudeGain:
+    """What the restoration did to one segment of a movie."""
+
+    first: int  # the segment's first frame
+    frames: int
+    slope: float | None  # the measured slope of the outputs on the truth; None: not measurable
+    gain: float  # the factor applied to deviations from the baseline (1: none)
+    reason: str = ""  # why no gain was applied, where none was
+
+
+def measure_slope(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray],
+                  scored: np.ndarray | None = None) -> float | None:
+    """The slope of ``denoised`` on the (unknown) truth of ``noisy``, pooled over pixels (module
+    docstring); both are sequences of (H, W) frames in the same units. ``scored``: the frames
+    whose outputs count (default: all).
+
+    None unless both the truth's variance and the outputs' covariance with it stand out from
+    their chance values: each is summed per chunk of frames, and their mean must be `SIGNIFICANCE`
+    standard errors above 0 (the chunks' spread). A field whose only variance is noise has
+    nothing to restore, and noise alone would give any slope."""
+    n = len(noisy)
+    mask = np.ones(n, bool) if scored is None else np.asarray(scored, bool)
+    if n < 3 * CHUNK or mask.sum() < 2 * CHUNK:
+        return None
+    mean_y, mean_ys, mean_d = _mean(noisy), _mean(noisy, mask), _mean(denoised, mask)
+    pixels = np.asarray(noisy[0]).size
+    covs, signals = [], []  # per chunk, per pixel and frame
+    for start in range(0, n - CHUNK // 2, CHUNK):  # a last short piece joins the chunk before it
+        stop = n if n - (start + CHUNK) < CHUNK // 2 else start + CHUNK
+        y = _stack(noisy, max(0, start - 2), stop) - mean_y  # with the two frames before: the lags' partners
+        head = start - max(0, start - 2)
+        lag1 = np.einsum("tij,tij->", y[max(head, 1):], y[max(head, 1) - 1:-1]) / (len(y) - max(head, 1))
+        lag2 = np.einsum("tij,tij->", y[max(head, 2):], y[max(head, 2) - 2:-2]) / (len(y) - max(head, 2))
+        signals.append((2 * lag1 - lag2) / pixels)
+        keep = mask[start:stop]
+        if keep.any():
+            d = _stack(denoised, start, stop)[keep] - mean_d
+            ys = y[head:][keep] + (mean_y - mean_ys)
+            covs.append(np.einsum("tij,tij->", d, ys) / (keep.sum() * pixels))
+    if not (_significant(signals) and _significant(covs)):
+        return None
+    return float(np.mean(covs) / np.mean(signals))
+
+
+def _significant(values: list[float]) -> bool:
+    """Whether the mean of ``values`` is `SIGNIFICANCE` standard errors above 0."""
+    v = np.asarray(values, np.float64)
+    if len(v) < 3:
+        return False
+    error = v.std(ddof=1) / np.sqrt(len(v))
+    return bool(v.mean() > SIGNIFICANCE * error)
+
+
+def blind_baselines(denoised: Sequence[np.ndarray], reach: int) -> list[tuple[int, int, np.ndarray | None]]:
+    """(start, stop, baseline) per block of frames: the per-pixel median of the outputs beyond
+    ``reach`` frames of every frame of the block (None where no frame is that far)."""
+    n = len(denoised)
+    block = max(BLOCK_FRAMES, -(-n // MAX_BLOCKS))
+    out = []
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        far = np.r_[0:max(0, start - reach), min(n, stop + reach):n]
+        if len(far) > MEDIAN_FRAMES:
+            far = far[np.linspace(0, len(far) - 1, MEDIAN_FRAMES).round().astype(int)]
+        base = np.median(np.stack([denoised[i] for i in far]), axis=0).astype(np.float32) if len(far) else None
+        out.append((start, stop, base))
+    return out
+
+
+def restore_amplitude(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray], *, reach: int, keep: float,
+                      scored: np.ndarray | None = None, first: int = 0) -> AmplitudeGain:
+    """Undo the shrinkage of one segment's outputs (module docstring), in place, and say what was done.
+
+    ``noisy`` and ``denoised`` are the segment's (H, W) frames in order, in the same units, the
+    outputs float arrays that are changed in place; ``reach`` the frames on either side of a frame
+    that its output depends on; ``scored`` the frames whose outputs are the network's (the others,
+    e.g. the referee's neighbour means, are neither measured nor changed); ``first`` the
+    segment's first frame in the movie, for the record."""
+    n = len(denoised)
+    if keep <= 0:
+        return AmplitudeGain(first, n, None, 1.0, "off")
+    if n < 3 * CHUNK:
+        return AmplitudeGain(first, n, None, 1.0, f"too few frames to measure ({n} < {3 * CHUNK})")
+    slope = measure_slope(noisy, denoised, scored)
+    if slope is None:
+        return AmplitudeGain(first, n, None, 1.0, "no activity measured")
+    gain = float(min(MAX_GAIN, max(1.0, keep / slope)))
+    if gain == 1.0:
+        return AmplitudeGain(first, n, slope, 1.0)
+    baselines = blind_baselines(denoised, reach)  # all of them before any output changes
+    if any(base is None for _, _, base in baselines):
+        return AmplitudeGain(first, n, slope, 1.0, f"too short for a blind baseline ({n} frames, reach {reach})")
+    mask = np.ones(n, bool) if scored is None else np.asarray(scored, bool)
+    for start, stop, base in baselines:
+        for t in range(start, stop):
+            if mask[t]:
+                frame = denoised[t]
+                frame += (gain - 1.0) * ndimage.gaussian_filter(frame - base, SMOOTH_PX, mode="nearest")
+    return AmplitudeGain(first, n, slope, gain)
+
+
+def _stack(frames: Sequence[np.ndarray], start: int, stop: int) -> np.ndarray:
+    return np.stack([np.asarray(frames[i], np.float64) for i in range(start, stop)])
+
+
+def _mean(frames: Sequence[np.ndarray], mask: np.ndarray | None = None) -> np.ndarray:
+    """The per-pixel mean of the frames (of those ``mask`` selects), in float64."""
+    picked = range(len(frames)) if mask is None else np.flatnonzero(mask).tolist()
+    total = np.zeros(np.asarray(frames[0]).shape, np.float64)
+    for i in picked:
+        total += frames[i]
+    return total / len(picked)
+
+
+#: Live streams: the chunks of the running sums kept (about 68 s at 30 Hz); older ones are forgotten.
+LIVE_CHUNKS = 64
+#: Live streams: frames over which the running means (of the noisy frames, of the outputs, and of
+#: the outputs' deviations from the baseline) average.
+LIVE_MEAN_FRAMES = 300
+#: Live baseline: a running median, each output moving it by this share of the pixel's mean absolute
+#: deviation towards itself (a transient of 30 frames lifts it by at most 0.6 of a deviation), after
+#: a plain mean of the first outputs.
+MEDIAN_STEP = 0.02
+MEDIAN_START = 32
+
+
+class LiveAmplitude:
+    """The same restoration for a live stream, causal and running (one per stream; `reset` at
+    each segment).
+
+    Nothing later than an output's frame exists live, so the sums run along the stream: the lag
+    products of the noisy frames as they arrive, and each output's product with its own noisy
+    frame. Each factor is taken about a running mean that holds neither its own frame nor the
+    other factor's, nor any frame the other mean holds (means of the even and of the odd frames,
+    each frame joining its mean two frames after it came): a mean's own noise then adds nothing
+    to the products. They are summed per chunk of `CHUNK` frames and the last `LIVE_CHUNKS` chunks
+    give the slope, with the same significance rule as a file's; until then, and after each
+    change of the acquisition, the gain is 1. The baseline is a running median of the outputs at
+    least N//2 + 1 frames before (whose windows end before the output's frame): blind, as a
+    file's, and robust, so a burst moves it little (a running mean followed the bursts and took
+    them out of the traces: trace correlation 0.820 against 0.847 unrestored, docs/benchmarks.md).
+    """
+
+    def __init__(self, keep: float, k: int):
+        self.keep, self.k = keep, k
+        self.reset()
+
+    def reset(self) -> None:
+        """A new segment: the old one's sums say nothing about it."""
+        self.gain: float = 1.0
+        self.slope: float | None = None
+        self._means: list[np.ndarray | None] = [None, None]  # of the even and the odd frames, two behind
+        self._counts = [0, 0]
+        self._recent: deque[tuple[int, np.ndarray]] = deque(maxlen=3)  # the newest noisy frames, oldest first
+        self._centred: dict[int, np.ndarray] = {}  # by index: a noisy frame about a mean, until its output
+        self._lags = [0.0, 0.0, 0]  # this chunk's lag-1 and lag-2 sums, frames
+        self._cov = [0.0, 0]  # this chunk's covariance sum, outputs
+        self._signals: deque[float] = deque(maxlen=LIVE_CHUNKS)
+        self._covs: deque[float] = deque(maxlen=LIVE_CHUNKS)
+        self._waiting: deque[np.ndarray] = deque()  # outputs not yet old enough for the baseline
+        self._base: np.ndarray | None = None
+        self._spread: np.ndarray | None = None  # a running mean absolute deviation from the baseline
+        self._mean_d: np.ndarray | None = None  # a running mean of the same outputs, for the covariance
+        self._seen_base = 0
+
+    def observe(self, index: int, frame: np.ndarray) -> None:
+        """A noisy frame as it arrives, in the units of its outputs."""
+        y = np.asarray(frame, np.float32)
+        own, other = self._means[index % 2], self._means[1 - index % 2]
+        if own is not None and other is not None:
+            centred = y - other
+            self._centred[index] = centred
+            partners = {j: f for j, f in self._recent}
+            if index - 1 in partners and index - 2 in partners:
+                pixels = y.size
+                self._lags[0] += float(np.vdot(centred, partners[index - 1] - own)) / pixels
+                self._lags[1] += float(np.vdot(centred, partners[index - 2] - own)) / pixels
+                self._lags[2] += 1
+                if self._lags[2] == CHUNK:
+                    lag1, lag2, n = self._lags
+                    self._signals.append((2 * lag1 - lag2) / n)
+                    self._lags = [0.0, 0.0, 0]
+                    self._update_gain()
+        for old in [i for i in self._centred if i < index - 4 * CHUNK]:  # outputs that never came
+            del self._centred[old]
+        self._recent.append((index, y))
+        first, oldest = self._recent[0]
+        if first == index - 2:  # the frame two before joins its parity's mean
+            side = first % 2
+            self._counts[side] = min(self._counts[side] + 1, LIVE_MEAN_FRAMES // 2)
+            mean = self._means[side]
+            if mean is None:
+                self._means[side] = oldest.copy()
+            else:
+                mean += (oldest - mean) / self._counts[side]
+
+    def restore(self, index: int, image: np.ndarray | None, network: bool) -> None:
+        """Output ``index`` (``image``, changed in place): measured and restored where
+        ``network`` says it is the network's own (not the referee's neighbour mean)."""
+        centred = self._centred.pop(index, None)
+        if image is None or not network:
+            return
+        if self._base is not None and self._mean_d is not None:
+            if centred is not None:  # about the outputs' running mean, as the noisy frame is about its own
+                self._cov[0] += float(np.vdot(image - self._mean_d, centred)) / image.size
+                self._cov[1] += 1
+                if self._cov[1] == CHUNK:
+                    self._covs.append(self._cov[0] / CHUNK)
+                    self._cov = [0.0, 0]
+                    self._update_gain()
+            if self.gain > 1.0:
+                before = image.copy()
+                image += (self.gain - 1.0) * ndimage.gaussian_filter(before - self._base, SMOOTH_PX, mode="nearest")
+                self._wait(before)
+                return
+        self._wait(image.copy())
+
+    def to_dict(self) -> dict:
+        return {"gain": round(self.gain, 3), "slope": None if self.slope is None else round(self.slope, 3)}
+
+    def _wait(self, output: np.ndarray) -> None:
+        """An output (as the network made it) joins the baseline once N//2 + 1 frames are newer."""
+        self._waiting.append(output)
+        while len(self._waiting) > self.k + 1:
+            old = self._waiting.popleft()
+            self._seen_base += 1
+            if self._base is None or self._mean_d is None or self._spread is None:
+                self._base, self._mean_d, self._spread = old.copy(), old.copy(), np.zeros_like(old)
+                continue
+            self._mean_d += (old - self._mean_d) / min(self._seen_base, LIVE_MEAN_FRAMES)
+            if self._seen_base <= MEDIAN_START:  # a mean first, then the running median from there
+                self._spread += (np.abs(old - self._base) - self._spread) / self._seen_base
+                self._base += (old - self._base) / self._seen_base
+            else:
+                self._spread += (np.abs(old - self._base) - self._spread) / LIVE_MEAN_FRAMES
+                self._base += MEDIAN_STEP * self._spread * np.sign(old - self._base)
+
+    def _update_gain(self) -> None:
+        if len(self._covs) >= 3 and _significant(list(self._signals)) and _significant(list(self._covs)):
+            self.slope = float(np.mean(self._covs) / np.mean(self._signals))
+            self.gain = float(min(MAX_GAIN, max(1.0, self.keep / self.slope)))
