@@ -140,26 +140,37 @@ def test_ctrl_c_ends_the_demo_cleanly_with_its_summary(tmp_path: Path) -> None:
 
 class _SignalsInDel:
     """Sends the process SIGINT from inside its finaliser, as a terminal's Ctrl-C can land while
-    the main thread runs one."""
+    the main thread runs one, and stays in the finaliser until the signal's Python-level handler
+    has run there (``landed``; a handler that raises ends the wait too), however late the signal
+    is delivered on a loaded machine."""
+
+    def __init__(self, landed=lambda: False):
+        self.landed = landed
 
     def __del__(self) -> None:
         os.kill(os.getpid(), signal.SIGINT)
-        for _ in range(100_000):  # the Python-level handler runs here, inside __del__
-            pass
+        deadline = time.monotonic() + 10
+        while not self.landed() and time.monotonic() < deadline:  # the handler runs here, inside __del__
+            time.sleep(0.001)
 
 
 def test_ctrl_c_landing_in_a_finaliser_still_ends_the_stream(monkeypatch) -> None:
     """The handler that raised KeyboardInterrupt lost it there (Python prints and drops exceptions
     from __del__), and the demo streamed on; StopSignals notes the signal instead."""
-    with StopSignals() as stop:
-        _SignalsInDel()  # dropped at once: its finaliser runs now
-        assert stop.received == signal.SIGINT
-    # The old way, for contrast: the interrupt goes to sys.unraisablehook, which prints and drops it.
-    dropped: list = []
-    monkeypatch.setattr(sys, "unraisablehook", dropped.append)
-    _SignalsInDel()
-    assert [type(d.exc_value) for d in dropped] == [KeyboardInterrupt]
-    # Outside the block Ctrl-C interrupts again.
-    with pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(1)
+    # Python's own handler to start from, whatever an earlier test of this process left installed.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with StopSignals() as stop:
+            _SignalsInDel(lambda: stop.received is not None)  # dropped at once: its finaliser runs now
+            assert stop.received == signal.SIGINT
+        # The old way, for contrast: the interrupt goes to sys.unraisablehook, which prints and drops it.
+        dropped: list = []
+        monkeypatch.setattr(sys, "unraisablehook", dropped.append)
+        _SignalsInDel()
+        assert [type(d.exc_value) for d in dropped] == [KeyboardInterrupt]
+        # Outside the block Ctrl-C interrupts again.
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGINT, previous)
