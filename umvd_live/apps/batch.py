@@ -58,6 +58,7 @@ from rich.progress import (
 from umvd_live.apps import denoise
 from umvd_live.apps.cli import engine_config_from_args
 from umvd_live.engine import DenoisedFrame, EngineConfig, StreamDenoiser
+from umvd_live.engine.amplitude import AmplitudeGain
 from umvd_live.engine.budget import cpu_cores
 from umvd_live.engine.changes import ChangeDetector
 from umvd_live.engine.checkpoint import CheckpointError
@@ -194,6 +195,7 @@ class ChunkResult:
     outputs: list[DenoisedFrame]  # without images: the frame records
     seconds: float
     worker: str
+    gains: tuple[AmplitudeGain, ...] = ()  # the chunk's amplitude restoration (`engine.amplitude`), movie frames
 
 
 def _worker() -> tuple[str, int]:
@@ -346,7 +348,8 @@ def denoise_chunk(source: str, model: WarmModel, chunk: Chunk, options: BatchOpt
     outputs = [replace(out, index=out.index + chunk.read_start, image=None, segment=chunk.segment) for out in done]
     if len(outputs) != chunk.stop - chunk.start:
         raise RuntimeError(f"{source}: chunk {chunk.index} left frames without an output")
-    return ChunkResult(chunk, images, outputs, time.monotonic() - started, _worker()[0])
+    gains = tuple(replace(gain, first=gain.first + chunk.read_start) for gain in engine.amplitude_gains)
+    return ChunkResult(chunk, images, outputs, time.monotonic() - started, _worker()[0], gains)
 
 
 def write_chunks(source: str, output: str, model: WarmModel, options: BatchOptions, *parts: ChunkResult) -> Written:
@@ -355,11 +358,13 @@ def write_chunks(source: str, output: str, model: WarmModel, options: BatchOptio
     parts = tuple(sorted(parts, key=lambda p: p.chunk.index))
     frames = (image for p in parts for image in p.frames)  # written as they come: no joined copy
     outputs = [o for p in parts for o in p.outputs]
+    gains = denoise.describe_gains([gain for p in parts for gain in p.gains])  # each chunk measured its own
+    provenance = replace(model.provenance, extra={**model.provenance.extra, "amplitude_gain": gains})
     with MovieFrames(source, model.stream) as reader:  # the stream's metadata, for every frame
-        write_atomic(Path(output), lambda tmp: denoise.write_denoised(tmp, reader, frames, outputs, model.provenance))
+        write_atomic(Path(output), lambda tmp: denoise.write_denoised(tmp, reader, frames, outputs, provenance))
     if options.save_models:
         write_atomic(_model_path(Path(output)), lambda tmp: tmp.write_bytes(model.weights))
-    return Written(output, len(outputs), model.shape, outputs[-1].model_step, _provenance_dict(model.provenance),
+    return Written(output, len(outputs), model.shape, outputs[-1].model_step, _provenance_dict(provenance),
                    {"train": model.seconds, "denoise": sum(p.seconds for p in parts),
                     "write": time.monotonic() - started},
                    list(dict.fromkeys([model.worker, *(p.worker for p in parts), _worker()[0]])))

@@ -79,10 +79,11 @@ def _engine_args(p: argparse.ArgumentParser, *, inference_workers: bool = True) 
                             "training runs in the background, the second using the trainer's core while "
                             "it rests; 1 otherwise)")
     p.add_argument("--keep-amplitude", type=float, metavar="K",
-                   help="share of the activity's amplitude restored where the network's outputs measurably "
-                        "shrink it, measured on the movie or stream itself: 1 (default) undoes the measured "
-                        "shrinkage, 0 leaves the outputs as the network makes them (the least squared error, "
-                        "smaller transients; docs/engine.md, \"Amplitudes restored\")")
+                   help="the amplitude slope to restore where the network's outputs measurably shrink the "
+                        "activity, measured on the movie or stream itself (gain K / measured slope, never below "
+                        "1): 1 (default) undoes the measured shrinkage, 0 leaves the outputs as the network "
+                        "makes them (the least squared error, smaller transients; docs/engine.md, "
+                        "\"Amplitudes restored\")")
     p.add_argument("--seed", type=int, default=0, help="random seed of the network's start and training (default 0)")
 
 

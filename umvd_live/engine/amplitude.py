@@ -39,8 +39,10 @@ from scipy import ndimage
 #: Frames per block that shares one baseline; longer segments get longer blocks (`MAX_BLOCKS`).
 BLOCK_FRAMES = 50
 MAX_BLOCKS = 32
-#: Frames a baseline's median is taken over, at most (evenly spaced over those beyond the reach).
+#: Frames a baseline's median is taken over, at most (evenly spaced over those beyond the reach),
+#: and the bytes they may take (fewer frames for large ones: 64 of 1024², 16 of 2048²).
 MEDIAN_FRAMES = 200
+MEDIAN_BYTES = 256 * 2**20
 #: The largest gain applied: a slope measured below 1 / MAX_GAIN means outputs too uncertain to
 #: stretch further without stretching mostly their errors.
 MAX_GAIN = 2.0
@@ -86,7 +88,7 @@ def measure_slope(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray],
     pixels = np.asarray(noisy[0]).size
     covs, signals = [], []  # per chunk, per pixel and frame
     for start in range(0, n - CHUNK // 2, CHUNK):  # a last short piece joins the chunk before it
-        stop = n if n - (start + CHUNK) < CHUNK // 2 else start + CHUNK
+        stop = n if n - (start + CHUNK) <= CHUNK // 2 else start + CHUNK
         y = _stack(noisy, max(0, start - 2), stop) - mean_y  # with the two frames before: the lags' partners
         head = start - max(0, start - 2)
         lag1 = np.einsum("tij,tij->", y[max(head, 1):], y[max(head, 1) - 1:-1]) / (len(y) - max(head, 1))
@@ -120,8 +122,9 @@ def blind_baselines(denoised: Sequence[np.ndarray], reach: int) -> list[tuple[in
     for start in range(0, n, block):
         stop = min(n, start + block)
         far = np.r_[0:max(0, start - reach), min(n, stop + reach):n]
-        if len(far) > MEDIAN_FRAMES:
-            far = far[np.linspace(0, len(far) - 1, MEDIAN_FRAMES).round().astype(int)]
+        most = max(1, min(MEDIAN_FRAMES, MEDIAN_BYTES // (4 * np.asarray(denoised[0]).size)))
+        if len(far) > most:
+            far = far[np.linspace(0, len(far) - 1, most).round().astype(int)]
         base = np.median(np.stack([denoised[i] for i in far]), axis=0).astype(np.float32) if len(far) else None
         out.append((start, stop, base))
     return out
@@ -134,7 +137,8 @@ def restore_amplitude(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray
     ``noisy`` and ``denoised`` are the segment's (H, W) frames in order, in the same units, the
     outputs float arrays that are changed in place; ``reach`` the frames on either side of a frame
     that its output depends on; ``scored`` the frames whose outputs are the network's (the others,
-    e.g. the referee's neighbour means, are neither measured nor changed); ``first`` the
+    e.g. the referee's window means, are neither measured nor changed, though they enter the
+    baselines' medians); ``first`` the
     segment's first frame in the movie, for the record."""
     n = len(denoised)
     if keep <= 0:
@@ -193,10 +197,14 @@ class LiveAmplitude:
     frame. Each factor is taken about a running mean that holds neither its own frame nor the
     other factor's, nor any frame the other mean holds (means of the even and of the odd frames,
     each frame joining its mean two frames after it came): a mean's own noise then adds nothing
-    to the products. They are summed per chunk of `CHUNK` frames and the last `LIVE_CHUNKS` chunks
+    to the lag products. It does add a little to the outputs' product: an output depends on the
+    recent frames that the means also hold, which biases the covariance up by about the noise
+    variance / `LIVE_MEAN_FRAMES` (a slope a few percent high at 2 photons, so the live gain errs
+    low; a file's sums, about whole-segment means, are biased by noise variance / frames).
+    They are summed per chunk of `CHUNK` frames and the last `LIVE_CHUNKS` chunks
     give the slope, with the same significance rule as a file's; until then, and after each
     change of the acquisition, the gain is 1. The baseline is a running median of the outputs at
-    least N//2 + 1 frames before (whose windows end before the output's frame): blind, as a
+    least N//2 + 2 frames before (whose windows end before the output's frame): blind, as a
     file's, and robust, so a burst moves it little (a running mean followed the bursts and took
     them out of the traces: trace correlation 0.820 against 0.847 unrestored, docs/benchmarks.md).
     """
@@ -224,8 +232,8 @@ class LiveAmplitude:
         self._seen_base = 0
 
     def observe(self, index: int, frame: np.ndarray) -> None:
-        """A noisy frame as it arrives, in the units of its outputs."""
-        y = np.asarray(frame, np.float32)
+        """A noisy frame as it arrives, in the units of its outputs (copied: the caller may reuse it)."""
+        y = np.array(frame, np.float32)
         own, other = self._means[index % 2], self._means[1 - index % 2]
         if own is not None and other is not None:
             centred = y - other
@@ -256,7 +264,7 @@ class LiveAmplitude:
 
     def restore(self, index: int, image: np.ndarray | None, network: bool) -> None:
         """Output ``index`` (``image``, changed in place): measured and restored where
-        ``network`` says it is the network's own (not the referee's neighbour mean)."""
+        ``network`` says it is the network's own (not the referee's window mean)."""
         centred = self._centred.pop(index, None)
         if image is None or not network:
             return
@@ -279,7 +287,7 @@ class LiveAmplitude:
         return {"gain": round(self.gain, 3), "slope": None if self.slope is None else round(self.slope, 3)}
 
     def _wait(self, output: np.ndarray) -> None:
-        """An output (as the network made it) joins the baseline once N//2 + 1 frames are newer."""
+        """An output (as the network made it) joins the baseline once N//2 + 1 newer ones came."""
         self._waiting.append(output)
         while len(self._waiting) > self.k + 1:
             old = self._waiting.popleft()

@@ -40,8 +40,8 @@ class EngineConfig:
     changes: ChangeConfig = field(default_factory=ChangeConfig)  # abrupt changes of the acquisition
     adapt_frames: int = 90  # after a change: frames marked `adapting`, trained on harder (3 s at 30 Hz)
     adapt_train_duty: float = 0.6  # background mode: the trainer's share of its core while adapting
-    # The share of the activity's amplitude restored where the network's outputs measurably shrink it
-    # (`amplitude`): by a file's final pass, and running along a live stream; 0 leaves them as they are.
+    # The amplitude slope restored where the network's outputs measurably shrink the activity (`amplitude`:
+    # gain keep / measured slope, never below 1), by a file's final pass and along a live stream; 0: off.
     keep_amplitude: float = 1.0
     init: str | None = None  # weights from an earlier session: skips the warm start
     prior: str = "auto"  # auto: the shipped prior for the network (`priors`), none, or a model file; init wins
@@ -76,7 +76,7 @@ class EngineConfig:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 <= self.keep_amplitude <= 1.0:
-            raise ValueError(f"keep_amplitude is a share of the amplitude in [0, 1], got {self.keep_amplitude}")
+            raise ValueError(f"keep_amplitude is an amplitude slope in [0, 1], got {self.keep_amplitude}")
         for name in ("live_train_duty", "adapt_train_duty"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a share of the time in (0, 1], got {getattr(self, name)}")
