@@ -183,3 +183,30 @@ def test_a_live_stream_of_noise_is_left_alone():
     restored, live = _live(noisy, estimate)
     assert live.gain == 1.0 and live.slope is None
     np.testing.assert_array_equal(restored, estimate)
+
+
+def test_a_stream_restores_its_live_outputs_and_starts_again_at_a_change():
+    """Through the engine: the live outputs are the network's until the slope is measured, then
+    stretched about their baseline; a laser step (a change) sets the gain back to 1; a file's
+    final pass is not touched by the live restorer."""
+    from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
+    from umvd_live.engine import EngineConfig, StreamDenoiser
+
+    noisy, _ = TwoPhotonSimulator(SimConfig(height=48, width=48, photons=2.0, seed=1)).movie(420)
+    noisy[360:] = np.clip(noisy[360:].astype(np.float32) * 3, 0, 65535).astype(noisy.dtype)  # laser x3
+    base = dict(device="cpu", preset="lite", steps_per_frame=0.0, warmup_frames=8, warmup_steps=0, seed=0)
+    outputs = {}
+    for keep in (0.0, 1.0):
+        with StreamDenoiser(EngineConfig(keep_amplitude=keep, **base)) as den:
+            got = [o for f in noisy for o in den.push(f)] + den.flush()
+            outputs[keep] = {o.index: (o.image, o.state) for o in got}
+            if keep:
+                at_end = den.stats()["amplitude"]
+                assert [c.index for c in den.changes] == [360]
+            else:
+                assert den.stats()["amplitude"] is None
+    same = [t for t in outputs[0.0] if np.array_equal(outputs[0.0][t][0], outputs[1.0][t][0])]
+    assert set(range(3 * 32)) <= set(same)  # nothing measured yet: the network's own outputs
+    assert len(same) < 360  # then restored (the prior's outputs shrink this movie's activity)
+    assert at_end == {"gain": 1.0, "slope": None}  # 60 frames after the change: not measured again yet
+    assert all(t in same for t in range(363, 420))
