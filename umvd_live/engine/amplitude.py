@@ -84,7 +84,8 @@ def measure_slope(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray],
     mask = np.ones(n, bool) if scored is None else np.asarray(scored, bool)
     if n < 3 * CHUNK or mask.sum() < 2 * CHUNK:
         return None
-    mean_y, mean_ys, mean_d = _mean(noisy), _mean(noisy, mask), _mean(denoised, mask)
+    mean_y, mean_d = _mean(noisy), _mean(denoised, mask)
+    mean_ys = mean_y if mask.all() else _mean(noisy, mask)  # of the scored frames' noisy ones
     pixels = np.asarray(noisy[0]).size
     covs, signals = [], []  # per chunk, per pixel and frame
     for start in range(0, n - CHUNK // 2, CHUNK):  # a last short piece joins the chunk before it
@@ -304,6 +305,6 @@ class LiveAmplitude:
                 self._base += MEDIAN_STEP * self._spread * np.sign(old - self._base)
 
     def _update_gain(self) -> None:
-        if len(self._covs) >= 3 and _significant(list(self._signals)) and _significant(list(self._covs)):
+        if _significant(list(self._signals)) and _significant(list(self._covs)):
             self.slope = float(np.mean(self._covs) / np.mean(self._signals))
             self.gain = float(min(MAX_GAIN, max(1.0, self.keep / self.slope)))

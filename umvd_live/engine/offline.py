@@ -88,7 +88,7 @@ def _denoise_segment(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
     spans = den.spec.context
     both_sides = den.config.context_sides == "both"
     k = den.k
-    reach = k + sum(spans)
+    reach = context_reach(k, spans, both_sides)
     frames: dict[int, torch.Tensor] = {}  # normalised frames near the current t
     feats: dict[int, torch.Tensor] = {}  # G once per frame, shared by the windows it is in
 

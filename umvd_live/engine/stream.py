@@ -106,7 +106,7 @@ class StreamDenoiser:
         self.changes: list[Change] = []  # the abrupt changes seen, each starting a segment
         self.amplitude_gains: list[AmplitudeGain] = []  # per segment, by the last `denoise_frames`
         # live outputs: the activity's amplitude restored as in a file's final pass, running (`amplitude`)
-        self._amplitude = LiveAmplitude(self.config.keep_amplitude, self.config.window // 2) \
+        self._amplitude = LiveAmplitude(self.config.keep_amplitude, self.k) \
             if self.config.keep_amplitude > 0 else None
         self.segment = 0  # the current segment: len(changes)
         self._segment_start = 0  # index of its first frame
@@ -510,7 +510,7 @@ class StreamDenoiser:
             results = list(self._pool.map(self._denoise_chunk, chunks))
         else:
             results = [self._denoise_chunk(chunk) for chunk in chunks]
-        networks = []  # the slots of the network's own outputs
+        networks: set[int] = set()  # the slots of the network's own outputs
         for chunk, images in zip(chunks, results):
             for (slot, t, _, _), image in zip(chunk, images):
                 state: State = "adapting" if self._adapting_at(t) else "live"
@@ -518,7 +518,7 @@ class StreamDenoiser:
                 if probe is not None and not self._judge(image, probe, referee or self.referee):
                     image, state = probe.window[0].cpu().numpy(), "warmup"  # the mean: the network lost
                 else:
-                    networks.append(slot)
+                    networks.add(slot)
                 outputs[slot] = DenoisedFrame(index=t, image=normalizer.inverse(image), state=state,
                                               model_step=self._net_step, segment=self.segment,
                                               tag=batch.tags.get(slot))
@@ -526,9 +526,8 @@ class StreamDenoiser:
         if len(done) != len(outputs):
             raise RuntimeError(f"{len(outputs) - len(done)} outputs of the batch were never made")
         if live and self._amplitude is not None:
-            made = set(networks)
             for slot, o in enumerate(done):
-                self._amplitude.restore(o.index, o.image, network=slot in made)
+                self._amplitude.restore(o.index, o.image, network=slot in networks)
         return done
 
     @staticmethod
