@@ -199,7 +199,7 @@ def test_a_stream_restores_its_live_outputs_and_starts_again_at_a_change():
     for keep in (0.0, 1.0):
         with StreamDenoiser(EngineConfig(keep_amplitude=keep, **base)) as den:
             got = [o for f in noisy for o in den.push(f)] + den.flush()
-            outputs[keep] = {o.index: (o.image, o.state) for o in got}
+            outputs[keep] = {o.index: (o.image, o.state, o.amplitude_gain) for o in got}
             if keep:
                 at_end = den.stats()["amplitude"]
                 assert [c.index for c in den.changes] == [360]
@@ -210,3 +210,90 @@ def test_a_stream_restores_its_live_outputs_and_starts_again_at_a_change():
     assert len(same) < 360  # then restored (the prior's outputs shrink this movie's activity)
     assert at_end == {"gain": 1.0, "slope": None}  # 60 frames after the change: not measured again yet
     assert all(t in same for t in range(363, 420))
+    # each output says whether it was restored: a gain above 1 exactly where its image changed
+    assert all(gain == 1.0 for _, _, gain in outputs[0.0].values())
+    assert {t for t, (_, _, gain) in outputs[1.0].items() if gain != 1.0} == set(outputs[1.0]) - set(same)
+    assert all(gain > 1.0 for _, _, gain in outputs[1.0].values() if gain != 1.0)
+
+
+def _stream_movie() -> np.ndarray:
+    """The movie of the engine's tests: 420 frames, the laser tripled at frame 360 (a change)."""
+    from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
+
+    noisy, _ = TwoPhotonSimulator(SimConfig(height=48, width=48, photons=2.0, seed=1)).movie(420)
+    noisy[360:] = np.clip(noisy[360:].astype(np.float32) * 3, 0, 65535).astype(noisy.dtype)  # laser x3
+    return noisy
+
+
+def test_each_live_output_carries_the_gain_it_was_restored_with():
+    """Through the engine, push by push: an output's `amplitude_gain` is 1.0 until the stream's
+    gain is measured, then the gain the stream's status gives (above 1) on every network output;
+    the referee's means and the outputs after a change (gain not measured again) keep 1.0."""
+    from umvd_live.engine import EngineConfig, StreamDenoiser
+
+    noisy = _stream_movie()
+    config = EngineConfig(device="cpu", preset="lite", steps_per_frame=0.0, warmup_frames=8, warmup_steps=0,
+                          seed=0, keep_amplitude=1.0)
+    pushes = []  # (the push's outputs, the status gain after it)
+    with StreamDenoiser(config) as den:
+        for frame in noisy:
+            got = den.push(frame)
+            pushes.append((got, den.stats()["amplitude"]["gain"]))
+        pushes.append((den.flush(), den.stats()["amplitude"]["gain"]))
+        assert [c.index for c in den.changes] == [360]
+    measured = next(i for i, (_, gain) in enumerate(pushes) if gain > 1.0)
+    before = [o for got, _ in pushes[:measured] for o in got]
+    assert len(before) >= 3 * 32 and all(o.amplitude_gain == 1.0 for o in before)
+    checked = 0
+    for got, gain in pushes[measured:]:
+        if gain > 1.0:
+            assert len(got) <= 1  # one output per push: the status gain is the one it got
+            for o in got:
+                assert o.amplitude_gain == (1.0 if o.state == "warmup" else pytest.approx(gain, abs=1e-3))
+                checked += o.state != "warmup"
+    assert checked >= 100
+    outputs = [o for got, _ in pushes for o in got]
+    assert [o.index for o in outputs] == list(range(len(noisy)))
+    assert all(o.amplitude_gain == 1.0 for o in outputs if o.state == "warmup" or o.index >= 360)
+
+
+def test_a_files_frames_carry_their_segments_gain_and_the_referees_means_none(tmp_path):
+    """A file's final pass (`denoise_frames`): the network's outputs carry the segment's gain,
+    the frames the referee gave the window's mean (here: frames made noiseless, which the
+    neighbours' mean matches better than the network's shrunk output) keep 1.0 and their image;
+    the file `denoise` writes records each frame's gain."""
+    from dataclasses import replace
+
+    import tifffile
+
+    from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
+    from umvd_live.apps.denoise import denoise_movie, write_denoised
+    from umvd_live.engine import EngineConfig
+    from umvd_live.recording.movie import MovieFrames
+    from umvd_live.recording.ometiff import Provenance, read_recording
+
+    noisy, clean = TwoPhotonSimulator(SimConfig(height=48, width=48, photons=2.0, seed=1)).movie(240)
+    noisy[150:160] = np.round(clean[150:160]).astype(noisy.dtype)
+    config = EngineConfig(device="cpu", preset="lite", steps_per_frame=0.0, warmup_frames=8, warmup_steps=0, seed=0)
+    config = replace(config, changes=replace(config.changes, enabled=False))  # one segment
+    results = {keep: denoise_movie(noisy, replace(config, keep_amplitude=keep)) for keep in (0.0, 1.0)}
+    assert all(o.amplitude_gain == 1.0 for o in results[0.0].outputs)
+    result = results[1.0]
+    (segment,) = result.engine.amplitude_gains
+    assert segment.gain > 1.0
+    referee = [o.index for o in result.outputs if o.state == "warmup"]
+    assert referee and set(referee) <= set(range(150, 160))
+    for o, plain in zip(result.outputs, results[0.0].outputs):
+        assert o.index == plain.index and o.state == plain.state
+        if o.state == "warmup":
+            assert o.amplitude_gain == 1.0
+            np.testing.assert_array_equal(o.image, plain.image)
+        else:
+            assert o.amplitude_gain == segment.gain
+            assert not np.array_equal(o.image, plain.image)
+    src, out = tmp_path / "in.ome.tif", tmp_path / "out.ome.tif"
+    tifffile.imwrite(src, noisy, ome=True, metadata={"axes": "TYX"})
+    with MovieFrames(src) as movie:
+        write_denoised(out, movie, result.frames, result.outputs, Provenance("in"))
+    _, infos, _ = read_recording(out)
+    assert [i.amplitude_gain for i in infos] == [o.amplitude_gain for o in result.outputs]

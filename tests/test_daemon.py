@@ -258,6 +258,7 @@ def test_stream_in_order_with_malformed_messages_then_shutdown(daemon):
         assert m.header["meta"] == {"i": m.header["seq"]} and m.header["t"] == m.header["seq"] / 30
         assert m.header["state"] in ("warmup", "live") and m.header["latency_ms"] >= 0
         assert isinstance(m.header["model_step"], int)
+        assert isinstance(m.header["amplitude_gain"], float) and m.header["amplitude_gain"] >= 1.0
     assert [m.header["seq"] for m in sub.got[("cam0", "raw")]] == list(range(n))
     raw = sub.got[("cam0", "raw")][10]
     assert raw.image.dtype == np.uint16 and raw.header["meta"] == {"i": 10}

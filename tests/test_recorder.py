@@ -71,6 +71,7 @@ def test_record_two_streams_with_raw_copy_read_back(tmp_path):
     session = RecordingSession(RecordingRequest(path=tmp_path / "rec.ome.tif", raw=True),
                                provenance=provenance, on_error=errors.append)
     seqs = [0, 1, 2, 3, 4, 8, 9, 10, 15, 16]  # upstream lost 5-7 and 11-14
+    gains = [1.0] * 4 + [1.0 + 0.125 * i for i in range(4, len(seqs))]  # the engine's amplitude gain per frame
     for i, seq in enumerate(seqs):
         for stream, offset in (("cam0", 0), ("cam1", 1000)):
             h = header(seq + offset, t=100.0 + 0.05 * seq, pixel_size_um=0.65, z=i)
@@ -78,7 +79,7 @@ def test_record_two_streams_with_raw_copy_read_back(tmp_path):
             assert session.submit_raw(stream, h, raw, t_received=5000.0 + i)
             state = "warmup" if i < 4 else "live"
             assert session.submit_denoised(stream, h, pattern(seq + offset), state=state,
-                                           model_step=10 * i, t_received=5000.0 + i)
+                                           model_step=10 * i, t_received=5000.0 + i, amplitude_gain=gains[i])
     assert session.stop(wait=True, timeout=30)
     st = session.status()
     assert st.error is None and errors == []
@@ -97,6 +98,7 @@ def test_record_two_streams_with_raw_copy_read_back(tmp_path):
         assert [f.seq for f in infos] == [s + offset for s in seqs]
         assert [f.state for f in infos] == ["warmup"] * 4 + ["live"] * 6
         assert [f.model_step for f in infos] == [10 * i for i in range(len(seqs))]
+        assert [f.amplitude_gain for f in infos] == gains
         assert infos[3].t == pytest.approx(100.15) and infos[3].t_received == 5003.0
         assert infos[2].meta == {"pixel_size_um": 0.65, "z": 2}
         assert prov["seq_gaps"] == [(5 + offset, 7 + offset), (11 + offset, 14 + offset)]
@@ -114,6 +116,7 @@ def test_record_two_streams_with_raw_copy_read_back(tmp_path):
             ome = tif.ome_metadata
         assert 'PhysicalSizeX="0.65"' in ome and 'DeltaT="0.4"' in ome  # seq 8: 100.4 - 100.0
         assert f'<M K="seq_gaps">{5 + offset}-{7 + offset},{11 + offset}-{14 + offset}</M>' in ome
+        assert "state\tmodel_step\tamplitude_gain\tt_index" in ome and "\tlive\t90\t2.125\t" in ome  # the frame table
         validate_ome(path)
 
         raw, raw_infos, raw_prov = read_recording(tmp_path / f"rec_{stream}.raw.ome.tif")
@@ -121,6 +124,7 @@ def test_record_two_streams_with_raw_copy_read_back(tmp_path):
         for i, seq in enumerate(seqs):
             np.testing.assert_array_equal(raw[i], pattern(seq + offset, dtype=np.uint16))
         assert [f.state for f in raw_infos] == [None] * len(seqs)
+        assert [f.amplitude_gain for f in raw_infos] == [None] * len(seqs)  # a raw copy was restored by nothing
 
 
 def test_only_selected_streams_are_recorded(tmp_path):

@@ -73,7 +73,8 @@ class PublisherSink:
         if output.image is None:
             return  # skipped by the preview: nothing to show
         parts = encode_denoised(output.stream, output.header, output.image, state=output.state,
-                                latency_ms=output.latency_ms, model_step=output.model_step)
+                                latency_ms=output.latency_ms, model_step=output.model_step,
+                                amplitude_gain=output.amplitude_gain)
         self.socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
 
     def close(self) -> None:
@@ -104,7 +105,8 @@ class RecordingSink:
         if output.image is None and not self.owes(output.stream):
             return  # a preview skip on a stream this recording does not take
         self.session.submit_denoised(output.stream, output.header, output.image, state=output.state,
-                                     model_step=output.model_step, t_received=_wall(output.received))
+                                     model_step=output.model_step, t_received=_wall(output.received),
+                                     amplitude_gain=output.amplitude_gain)
 
     def close(self) -> None:
         """Stop accepting frames and wait until everything queued is on disk."""

@@ -86,6 +86,7 @@ class DenoisedOutput:
     model_step: int
     received: float  # monotonic() when the input frame was taken from the socket
     latency_ms: float = 0.0  # receipt -> hand-over to the sinks (set by the router as it hands over)
+    amplitude_gain: float = 1.0  # the factor its amplitude was restored by (`engine.outputs.DenoisedFrame`)
 
 
 @dataclass(frozen=True)
@@ -488,7 +489,8 @@ class LiveStream:
         outputs = []
         for out in frames:
             header, received = cast(_Tag, out.tag)
-            outputs.append(DenoisedOutput(self.name, header, out.image, out.state, int(out.model_step), received))
+            outputs.append(DenoisedOutput(self.name, header, out.image, out.state, int(out.model_step), received,
+                                          amplitude_gain=float(out.amplitude_gain)))
         return outputs
 
 

@@ -263,12 +263,13 @@ class LiveAmplitude:
             else:
                 mean += (oldest - mean) / self._counts[side]
 
-    def restore(self, index: int, image: np.ndarray | None, network: bool) -> None:
+    def restore(self, index: int, image: np.ndarray | None, network: bool) -> float:
         """Output ``index`` (``image``, changed in place): measured and restored where
-        ``network`` says it is the network's own (not the referee's window mean)."""
+        ``network`` says it is the network's own (not the referee's window mean). Returns the
+        gain its deviation from the baseline was multiplied by (1.0 where none was applied)."""
         centred = self._centred.pop(index, None)
         if image is None or not network:
-            return
+            return 1.0
         if self._base is not None and self._mean_d is not None:
             if centred is not None:  # about the outputs' running mean, as the noisy frame is about its own
                 self._cov[0] += float(np.vdot(image - self._mean_d, centred)) / image.size
@@ -281,8 +282,9 @@ class LiveAmplitude:
                 before = image.copy()
                 image += (self.gain - 1.0) * ndimage.gaussian_filter(before - self._base, SMOOTH_PX, mode="nearest")
                 self._wait(before)
-                return
+                return self.gain
         self._wait(image.copy())
+        return 1.0
 
     def to_dict(self) -> dict:
         return {"gain": round(self.gain, 3), "slope": None if self.slope is None else round(self.slope, 3)}

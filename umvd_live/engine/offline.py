@@ -76,7 +76,10 @@ def denoise_frames(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
         chunk = [t for t in indices if first <= t < end]
         if chunk:
             done = _denoise_segment(den, movie, chunk, first, end - 1, segment, progress)
-            den.amplitude_gains.append(_restore_amplitude(den, movie, done))
+            restored = _restore_amplitude(den, movie, done)
+            den.amplitude_gains.append(restored)
+            if restored.gain != 1.0:  # the network's outputs were restored; the referee's means were not
+                done = [replace(o, amplitude_gain=restored.gain) if o.state == "live" else o for o in done]
             out += done
     order = {t: i for i, t in enumerate(indices)}
     return sorted(out, key=lambda o: order[o.index])

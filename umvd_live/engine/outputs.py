@@ -27,6 +27,7 @@ class DenoisedFrame:
     model_step: int  # training steps the weights that produced it had seen
     segment: int = 0  # abrupt changes (`changes`) before this frame in the stream
     tag: object = None  # what the caller gave with input frame `index` (`push`), returned untouched
+    amplitude_gain: float = 1.0  # its deviation from the blind baseline was multiplied by it (`amplitude`); 1: as made
 
 
 #: A live output waiting for its pass: its slot in the batch, t, the window's N feature maps

@@ -527,7 +527,9 @@ class StreamDenoiser:
             raise RuntimeError(f"{len(outputs) - len(done)} outputs of the batch were never made")
         if live and self._amplitude is not None:
             for slot, o in enumerate(done):
-                self._amplitude.restore(o.index, o.image, network=slot in networks)
+                gain = self._amplitude.restore(o.index, o.image, network=slot in networks)
+                if gain != 1.0:
+                    done[slot] = replace(o, amplitude_gain=gain)
         return done
 
     @staticmethod

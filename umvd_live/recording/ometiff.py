@@ -13,9 +13,9 @@ On-disk layout (little-endian BigTIFF, one uncompressed strip per page, one page
   end of the file, then the previous IFD's next-IFD field (or the header's first-IFD field) is
   pointed at it with one 8-byte write that does not cross a 4 KiB page boundary, which SIGKILL cannot
   tear. A reader therefore sees only complete pages.
-* Every page carries its own per-frame metadata (seq, times, engine state, model step, the
-  producer's meta) as JSON in the private ASCII tag `FRAME_TAG`: metadata is committed with the
-  frame it describes, so a killed file loses none of it.
+* Every page carries its own per-frame metadata (seq, times, engine state, model step, amplitude
+  gain, the producer's meta) as JSON in the private ASCII tag `FRAME_TAG`: metadata is committed
+  with the frame it describes, so a killed file loses none of it.
 * A stream of a multi-dimensional acquisition (one position, channel and z plane of it) names
   them in its OME-XML from the first frame on: `AcquisitionCoordinates` in the provenance map,
   the channel's name (and a default colour) on the OME Channel. `umvd_live.recording.acquisition` puts the
@@ -177,6 +177,9 @@ class FrameInfo:
     # "warmup", "live" or "adapting" (engine.outputs.State) for denoised frames; None for raw copies
     state: str | None = None
     model_step: int | None = None  # training steps of the model that produced this frame
+    # what its deviation from the blind baseline was multiplied by (engine.amplitude; 1.0: as the
+    # network/mean made it); None for raw copies and recordings made before it was recorded
+    amplitude_gain: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # the producer's per-frame meta
 
     @property
@@ -520,9 +523,10 @@ class RecordingFile(RecordingLedger):
 
     def frame_table_tsv(self, frames: int) -> str:
         """The per-frame table; ``t_index`` is the acquisition's time point (``meta.index.t``)."""
-        rows = ["frame\tseq\tt\tt_received\tstate\tmodel_step\tt_index"]
+        rows = ["frame\tseq\tt\tt_received\tstate\tmodel_step\tamplitude_gain\tt_index"]
         for i, f in enumerate(self.infos[:frames]):
-            rows.append(f"{i}\t{f.seq}\t{f.t}\t{f.t_received}\t{f.state}\t{f.model_step}\t{f.t_index}")
+            rows.append(f"{i}\t{f.seq}\t{f.t}\t{f.t_received}\t{f.state}\t{f.model_step}\t{f.amplitude_gain}"
+                        f"\t{f.t_index}")
         return "\n".join(rows)
 
     def _publish_xml(self, xml: str) -> None:

@@ -161,9 +161,11 @@ class RecordingSession:
         return self._accepting and (self.request.streams is None or stream in self.request.streams)
 
     def submit_denoised(self, stream: str, header: FrameHeader, image: np.ndarray | None, *,
-                        state: str, model_step: int, t_received: float | None = None) -> bool:
-        """Queue one denoised frame (``header`` is the input frame's). Never blocks or raises;
-        returns False when the frame is not recorded (stream not selected, stopped, error)."""
+                        state: str, model_step: int, t_received: float | None = None,
+                        amplitude_gain: float = 1.0) -> bool:
+        """Queue one denoised frame (``header`` is the input frame's; ``amplitude_gain`` the
+        factor the engine restored its amplitude by, `engine.outputs.DenoisedFrame`). Never blocks
+        or raises; returns False when the frame is not recorded (stream not selected, stopped, error)."""
         if image is None:
             # a skipped inference cannot be recorded; its seq shows up as a gap
             if not self._warned_no_image:
@@ -171,17 +173,18 @@ class RecordingSession:
                 log.warning("recording %s: frame seq %d had no denoised image (infer=False)",
                             stream, header.seq)
             return False
-        return self._submit(stream, "denoised", header, image, state, model_step, t_received)
+        return self._submit(stream, "denoised", header, image, state, model_step, t_received, amplitude_gain)
 
     def submit_raw(self, stream: str, header: FrameHeader, pixels: np.ndarray, *,
                    t_received: float | None = None) -> bool:
         """Queue one input frame as received (only if the request asked for ``raw``)."""
         if not self.request.raw:
             return False
-        return self._submit(stream, "raw", header, pixels, None, None, t_received)
+        return self._submit(stream, "raw", header, pixels, None, None, t_received, None)
 
     def _submit(self, stream: str, kind: str, header: FrameHeader, image: np.ndarray,
-                state: str | None, model_step: int | None, t_received: float | None) -> bool:
+                state: str | None, model_step: int | None, t_received: float | None,
+                amplitude_gain: float | None) -> bool:
         if not self.records(stream):
             return False
         try:
@@ -200,6 +203,7 @@ class RecordingSession:
                 "t_received": t_received if t_received is not None else time.time(),
                 "state": state,
                 "model_step": model_step,
+                "amplitude_gain": None if amplitude_gain is None else float(amplitude_gain),
                 "meta": header.meta,
                 "mono": now_mono,
             }
@@ -326,7 +330,8 @@ class RecordingSession:
                    item: dict[str, Any], image: np.ndarray) -> None:
         key = item["key"]
         info = FrameInfo(seq=item["seq"], t=item["t"], t_received=item["t_received"],
-                         state=item["state"], model_step=item["model_step"], meta=item["meta"])
+                         state=item["state"], model_step=item["model_step"],
+                         amplitude_gain=item["amplitude_gain"], meta=item["meta"])
         rec = files.get(key)
         if rec is not None and (rec.shape != image.shape or rec.dtype != image.dtype.newbyteorder("<")):
             # a new frame shape or dtype (a camera ROI change): close this file, start a new part

@@ -229,11 +229,14 @@ def encode_denoised(
     state: str,
     latency_ms: float,
     model_step: int,
+    amplitude_gain: float = 1.0,
 ) -> list[bytes | memoryview]:
-    """The ``<stream>/denoised`` message: float32 pixels, the input's seq/t/meta plus engine state."""
+    """The ``<stream>/denoised`` message: float32 pixels, the input's seq/t/meta plus engine state
+    (``amplitude_gain``: the factor the engine restored the frame's amplitude by, 1.0 for none)."""
     image = np.ascontiguousarray(image, dtype="<f4")
     out = FrameHeader(seq=header.seq, shape=image.shape, dtype="<f4", t=header.t, meta=header.meta)
-    head = out.to_map() | {"state": state, "latency_ms": float(latency_ms), "model_step": int(model_step)}
+    head = out.to_map() | {"state": state, "latency_ms": float(latency_ms), "model_step": int(model_step),
+                           "amplitude_gain": float(amplitude_gain)}
     return [(stream + DENOISED_SUFFIX).encode(), pack(head), image.data.cast("B")]
 
 
