@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from umvd_live.engine.amplitude import LiveAmplitude, blind_baselines, measure_slope, restore_amplitude
+from umvd_live.engine.amplitude import LiveAmplitude, blind_baselines, measure_shrinkage, restore_amplitude
 
 FRAMES, SIZE, REACH = 400, 24, 20
 
@@ -46,15 +46,15 @@ def test_the_slope_is_measured_without_the_truth(slope):
     rng = np.random.default_rng(1)
     truth = _truth(rng)
     noisy, estimate = _shrunk(truth, slope, rng)
-    measured = measure_slope(noisy, estimate)
-    assert measured == pytest.approx(slope, abs=0.04)
+    measured = measure_shrinkage(noisy, estimate)
+    assert measured is not None and measured.slope == pytest.approx(slope, abs=0.04)
 
 
 def test_nothing_is_measured_where_only_noise_varies():
     rng = np.random.default_rng(2)
     noisy = rng.normal(100, 10, (FRAMES, SIZE, SIZE)).astype(np.float32)
     still = np.full_like(noisy, 100.0)
-    assert measure_slope(noisy, still + rng.normal(0, 1, noisy.shape).astype(np.float32)) is None
+    assert measure_shrinkage(noisy, still + rng.normal(0, 1, noisy.shape).astype(np.float32)) is None
     gain = restore_amplitude(noisy, still.copy(), reach=REACH, keep=1.0)
     assert gain.gain == 1.0 and gain.slope is None
 
@@ -67,11 +67,55 @@ def test_restoring_keeps_the_asked_share_of_the_amplitude(keep):
     assert _slope_on(truth, estimate) == pytest.approx(0.7, abs=0.01)
     restored = estimate.copy()
     gain = restore_amplitude(noisy, restored, reach=REACH, keep=keep)
-    assert gain.gain == pytest.approx(keep / gain.slope)
+    assert gain.gain == pytest.approx(keep / gain.slope, abs=0.05)  # the map's mean: one shrinkage everywhere
     assert _slope_on(truth, restored) == pytest.approx(keep, abs=0.05)
     # closer to the truth where it is active, as unbiased as asked
     active = truth - np.median(truth, axis=0) > 30
     assert np.abs((restored - truth)[active].mean()) < np.abs((estimate - truth)[active].mean())
+
+
+def test_each_region_gets_the_gain_of_its_own_shrinkage():
+    """Cells the network shrinks more (the faint ones) get a larger gain than those it shrinks
+    less: one gain for the field would leave the first short and stretch the second."""
+    rng = np.random.default_rng(12)
+    truth = np.concatenate([_truth(rng), _truth(rng)], axis=2)  # two fields side by side, 24 x 48
+    white = rng.normal(0, 20, truth.shape)
+    noisy = (truth + white + np.roll(white, 1, axis=2)).astype(np.float32)
+    mean = truth.mean(axis=0)
+    slope = np.where(np.arange(2 * SIZE) < SIZE, 0.6, 0.9)  # the left field shrunk more
+    estimate = (mean + slope * (truth - mean) + rng.normal(0, 3, truth.shape)).astype(np.float32)
+    shrinkage = measure_shrinkage(noisy, estimate)
+    assert shrinkage is not None
+    gains = shrinkage.gains(1.0)
+    left, right = np.s_[:, :, :SIZE // 2], np.s_[:, :, -SIZE // 2:]  # away from the seam, where the maps blend
+    assert gains[left[1:]].mean() > gains[right[1:]].mean() + 0.1
+    restored = estimate.copy()
+    restore_amplitude(noisy, restored, reach=REACH, keep=1.0)
+    one = estimate.copy()
+    one_gain = 1.0 / shrinkage.slope  # what a single gain for the field would do
+    one += (one_gain - 1.0) * (one - np.median(one, axis=0))
+    for side in (left, right):
+        local, single = _slope_on(truth[side], restored[side]), _slope_on(truth[side], one[side])
+        assert abs(local - 1.0) < abs(single - 1.0)
+
+
+def test_a_restored_output_worse_than_its_window_mean_is_left_as_made():
+    """The referee's rule holds after the restoration too: an output whose restored copy is
+    farther from its noisy frame than the window's blind mean keeps the network's output."""
+    rng = np.random.default_rng(13)
+    truth = _truth(rng)
+    noisy, estimate = _shrunk(truth, 0.7, rng)
+    t0 = FRAMES // 3
+
+    def neighbours(t: int) -> np.ndarray:  # the mean of the window's noisy frames; for t0 a perfect one
+        return truth[t0] if t == t0 else noisy[[i for i in (t - 2, t - 1, t + 1, t + 2) if 0 <= i < FRAMES]].mean(0)
+
+    restored = estimate.copy()
+    gain = restore_amplitude(noisy, restored, reach=REACH, keep=1.0, neighbours=neighbours)
+    assert gain.gain > 1.2 and gain.unrestored == (t0,)
+    np.testing.assert_array_equal(restored[t0], estimate[t0])
+    changed = [t for t in range(FRAMES) if not np.array_equal(restored[t], estimate[t])]
+    assert len(changed) == FRAMES - 1
 
 
 def test_off_or_unshrunk_outputs_are_left_as_they_are():
@@ -124,7 +168,7 @@ def test_the_baseline_of_a_frame_never_uses_outputs_within_reach():
 
 def test_a_restored_output_is_blind_to_its_own_frame():
     """The network's output of frame t never sees frame t's noise, nor does its baseline; only
-    the segment's one gain does, through sums over every frame and pixel."""
+    the gain map does, through sums over every frame and a few hundred pixels."""
     rng = np.random.default_rng(8)
     truth = _truth(rng)
     noisy, estimate = _shrunk(truth, 0.7, rng)
@@ -136,7 +180,7 @@ def test_a_restored_output_is_blind_to_its_own_frame():
     second = estimate.copy()
     restore_amplitude(jolted, second, reach=REACH, keep=1.0)
     change = np.abs(second[t] - first[t]).max()
-    assert change < 1e-3 * np.abs(jolted[t] - noisy[t]).max()
+    assert change < 2e-3 * np.abs(jolted[t] - noisy[t]).max()  # 1.3e-3 (one gain for the field: 0.7e-3)
 
 
 def _live(noisy: np.ndarray, estimate: np.ndarray, keep: float = 1.0, k: int = 3,
@@ -285,7 +329,7 @@ def test_a_files_frames_carry_their_segments_gain_and_the_referees_means_none(tm
     assert referee and set(referee) <= set(range(150, 160))
     for o, plain in zip(result.outputs, results[0.0].outputs):
         assert o.index == plain.index and o.state == plain.state
-        if o.state == "warmup":
+        if o.state == "warmup" or o.index in segment.unrestored:
             assert o.amplitude_gain == 1.0
             np.testing.assert_array_equal(o.image, plain.image)
         else:

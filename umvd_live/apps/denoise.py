@@ -174,11 +174,16 @@ def denoise_provenance(engine: StreamDenoiser, movie: MovieFrames, *, offline: b
 
 def describe_gains(gains: Sequence[AmplitudeGain]) -> str:
     """The amplitude restoration of each segment (`engine.amplitude`), for the provenance and the
-    summary line: ``first-frame:gain`` (``(slope measured)``, or why none was applied)."""
+    summary line: ``first-frame:mean gain`` (``(slope measured, the gain map's range, frames the
+    referee left unrestored)``, or why none was applied)."""
     def one(g: AmplitudeGain) -> str:
         why = f"slope {g.slope:.3f}" if g.slope is not None else g.reason
         if g.reason and g.slope is not None:
             why += f", {g.reason}"
+        if g.gain != 1.0:
+            why += f", {g.gain_range[0]:.2f}-{g.gain_range[1]:.2f} across the field"
+        if g.unrestored:
+            why += f", {len(g.unrestored)} frames left unrestored by the referee"
         return f"{g.first}:{g.gain:.3f} ({why})"
     return ", ".join(one(g) for g in gains) or "none"
 

@@ -15,22 +15,25 @@ The shrinkage can be measured on the movie itself, without a truth:
   extrapolated to lag 0, 2 C(1) - C(2).
 
 Their ratio, pooled over pixels, is the slope of the output on the truth (1 keeps amplitudes).
-Each output D is then moved away from a slow baseline B by ``gain = keep / slope`` (never below 1),
-at the scale of cells and processes: ``D + (gain - 1) * smooth(D - B)`` (`SMOOTH_PX`). `keep` is
+In a file each output D is then moved away from a slow baseline B by a gain map, ``keep`` over
+the local slope (the same ratio of sums smoothed over about a soma's radius and pulled towards the
+pooled slope where a region has little activity of its own; never below 1), at the scale of
+cells and processes: ``D + (gain - 1) * smooth(D - B)`` (`SMOOTH_PX`). A live stream keeps one
+running gain for the field (`LiveAmplitude`). `keep` is
 `EngineConfig.keep_amplitude`: 1 restores the amplitude in full, 0 leaves the network's output as
-it is. Undoing a shrinkage costs whole-movie PSNR (an unbiased
-estimate has more variance than the MMSE one); docs/engine.md has the measured trade.
+it is. Undoing a shrinkage costs whole-movie PSNR (an unbiased estimate has more variance than
+the MMSE one); docs/engine.md has the measured trade.
 
 Blindness is kept: the baseline of a frame is the per-pixel median of the segment's outputs that
 lie beyond the network's reach of that frame (window and context blocks), so neither D nor B of a
-frame depends on its noisy pixels. Only the segment's one gain does, through sums over all its
-frames and pixels (a weight of about 1 / (frames x pixels) each).
+frame depends on its noisy pixels. Only the gains do, through sums over all the segment's frames
+and a few hundred pixels (a weight of about 1 / (frames x pixels) each).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +54,12 @@ MAX_GAIN = 2.0
 #: the gain would amplify as well (whole-movie PSNR +0.1 to +1.1 dB for a slope 0.01-0.06 lower
 #: than unsmoothed, on the simulated movies of docs/benchmarks.md).
 SMOOTH_PX = 1.0
+#: The local gain: both maps of `Shrinkage` are smoothed over this many pixels (Gaussian sigma,
+#: about a soma's radius), each pulled towards the pooled slope by `LOCAL_PRIOR` times the field's
+#: mean signal. One gain for the field fits its average cell, stretching the bright cells that the
+#: network shrinks little and leaving the faint ones short (docs/benchmarks.md, "One gain per region").
+LOCAL_PX = 4.0
+LOCAL_PRIOR = 2.0
 #: Frames per chunk of the sums; the chunks' spread gives the measurement's standard error.
 CHUNK = 32
 #: Standard errors above 0 that the truth's variance and the outputs' covariance with it must
@@ -66,43 +75,72 @@ class AmplitudeGain:
     first: int  # the segment's first frame
     frames: int
     slope: float | None  # the measured slope of the outputs on the truth; None: not measurable
-    gain: float  # the factor applied to deviations from the baseline (1: none)
+    gain: float  # the mean over the field of the gains applied to deviations from the baseline (1: none)
     reason: str = ""  # why no gain was applied, where none was
+    gain_range: tuple[float, float] = (1.0, 1.0)  # the smallest and largest gain of the field's map
+    # frames (of the movie) whose restored output the blind referee found worse than their window's
+    # mean: they keep the network's output
+    unrestored: tuple[int, ...] = ()
 
 
-def measure_slope(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray],
-                  scored: np.ndarray | None = None) -> float | None:
-    """The slope of ``denoised`` on the (unknown) truth of ``noisy``, pooled over pixels (module
-    docstring); both are sequences of (H, W) frames in the same units. ``scored``: the frames
-    whose outputs count (default: all).
+@dataclass(frozen=True)
+class Shrinkage:
+    """A segment's measured shrinkage: per pixel, the outputs' covariance with the noisy frames
+    (= with the truth) and the truth's variance, each a mean over the chunks of its frames."""
 
-    None unless both the truth's variance and the outputs' covariance with it stand out from
-    their chance values: each is summed per chunk of frames, and their mean must be `SIGNIFICANCE`
-    standard errors above 0 (the chunks' spread). A field whose only variance is noise has
-    nothing to restore, and noise alone would give any slope."""
+    slope: float  # pooled over pixels: covariance.mean() / signal.mean()
+    covariance: np.ndarray  # (H, W) float64
+    signal: np.ndarray  # (H, W) float64
+
+    def gains(self, keep: float) -> np.ndarray:
+        """The (H, W) gain map that restores slope ``keep``: ``keep`` over the local slope, in
+        [1, `MAX_GAIN`]. The local slope is the ratio of both maps smoothed over `LOCAL_PX`,
+        each pulled towards the pooled slope by `LOCAL_PRIOR` times the mean signal, so a region
+        with little activity of its own gets the field's gain rather than its own noise's."""
+        prior = LOCAL_PRIOR * float(self.signal.mean())
+        cov = np.maximum(ndimage.gaussian_filter(self.covariance, LOCAL_PX, mode="nearest"), 0.0)
+        signal = np.maximum(ndimage.gaussian_filter(self.signal, LOCAL_PX, mode="nearest"), 0.0)
+        local = (cov + prior * self.slope) / (signal + prior)
+        return np.clip(keep / np.maximum(local, 1e-6), 1.0, MAX_GAIN).astype(np.float32)
+
+
+def measure_shrinkage(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray],
+                      scored: np.ndarray | None = None) -> Shrinkage | None:
+    """The shrinkage of ``denoised`` on the (unknown) truth of ``noisy`` (module docstring); both
+    are sequences of (H, W) frames in the same units. ``scored``: the frames whose outputs count
+    (default: all).
+
+    None unless both the truth's variance and the outputs' covariance with it, pooled over
+    pixels, stand out from their chance values: each is summed per chunk of frames, and their
+    mean must be `SIGNIFICANCE` standard errors above 0 (the chunks' spread). A field whose only
+    variance is noise has nothing to restore, and noise alone would give any slope."""
     n = len(noisy)
     mask = np.ones(n, bool) if scored is None else np.asarray(scored, bool)
     if n < 3 * CHUNK or mask.sum() < 2 * CHUNK:
         return None
     mean_y, mean_d = _mean(noisy), _mean(denoised, mask)
     mean_ys = mean_y if mask.all() else _mean(noisy, mask)  # of the scored frames' noisy ones
-    pixels = np.asarray(noisy[0]).size
-    covs, signals = [], []  # per chunk, per pixel and frame
+    covs, signals = [], []  # per chunk, means per pixel and frame (pooled)
+    cov_map, signal_map = np.zeros(mean_y.shape), np.zeros(mean_y.shape)  # sums over the chunks' (H, W) means
     for start in range(0, n - CHUNK // 2, CHUNK):  # a last short piece joins the chunk before it
         stop = n if n - (start + CHUNK) <= CHUNK // 2 else start + CHUNK
         y = _stack(noisy, max(0, start - 2), stop) - mean_y  # with the two frames before: the lags' partners
         head = start - max(0, start - 2)
-        lag1 = np.einsum("tij,tij->", y[max(head, 1):], y[max(head, 1) - 1:-1]) / (len(y) - max(head, 1))
-        lag2 = np.einsum("tij,tij->", y[max(head, 2):], y[max(head, 2) - 2:-2]) / (len(y) - max(head, 2))
-        signals.append((2 * lag1 - lag2) / pixels)
+        lag1 = np.einsum("tij,tij->ij", y[max(head, 1):], y[max(head, 1) - 1:-1]) / (len(y) - max(head, 1))
+        lag2 = np.einsum("tij,tij->ij", y[max(head, 2):], y[max(head, 2) - 2:-2]) / (len(y) - max(head, 2))
+        signal = 2 * lag1 - lag2
+        signals.append(float(signal.mean()))
+        signal_map += signal
         keep = mask[start:stop]
         if keep.any():
             d = _stack(denoised, start, stop)[keep] - mean_d
             ys = y[head:][keep] + (mean_y - mean_ys)
-            covs.append(np.einsum("tij,tij->", d, ys) / (keep.sum() * pixels))
+            cov = np.einsum("tij,tij->ij", d, ys) / keep.sum()
+            covs.append(float(cov.mean()))
+            cov_map += cov
     if not (_significant(signals) and _significant(covs)):
         return None
-    return float(np.mean(covs) / np.mean(signals))
+    return Shrinkage(float(np.mean(covs) / np.mean(signals)), cov_map / len(covs), signal_map / len(signals))
 
 
 def _significant(values: list[float]) -> bool:
@@ -132,36 +170,52 @@ def blind_baselines(denoised: Sequence[np.ndarray], reach: int) -> list[tuple[in
 
 
 def restore_amplitude(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray], *, reach: int, keep: float,
-                      scored: np.ndarray | None = None, first: int = 0) -> AmplitudeGain:
+                      scored: np.ndarray | None = None, first: int = 0,
+                      neighbours: Callable[[int], np.ndarray] | None = None) -> AmplitudeGain:
     """Undo the shrinkage of one segment's outputs (module docstring), in place, and say what was done.
 
     ``noisy`` and ``denoised`` are the segment's (H, W) frames in order, in the same units, the
     outputs float arrays that are changed in place; ``reach`` the frames on either side of a frame
     that its output depends on; ``scored`` the frames whose outputs are the network's (the others,
     e.g. the referee's window means, are neither measured nor changed, though they enter the
-    baselines' medians); ``first`` the
-    segment's first frame in the movie, for the record."""
+    baselines' medians); ``first`` the segment's first frame in the movie, for the record.
+    ``neighbours(t)``: the blind mean of frame t's window without t (the referee's, `outputs`);
+    where given, a restored output farther from its noisy frame than that mean is (as the referee
+    judges the network's) is left as the network made it."""
     n = len(denoised)
     if keep <= 0:
         return AmplitudeGain(first, n, None, 1.0, "off")
     if n < 3 * CHUNK:
         return AmplitudeGain(first, n, None, 1.0, f"too few frames to measure ({n} < {3 * CHUNK})")
-    slope = measure_slope(noisy, denoised, scored)
-    if slope is None:
+    shrinkage = measure_shrinkage(noisy, denoised, scored)
+    if shrinkage is None:
         return AmplitudeGain(first, n, None, 1.0, "no activity measured")
-    gain = float(min(MAX_GAIN, max(1.0, keep / slope)))
-    if gain == 1.0:
-        return AmplitudeGain(first, n, slope, 1.0)
+    gains = shrinkage.gains(keep)
+    if float(gains.max()) == 1.0:
+        return AmplitudeGain(first, n, shrinkage.slope, 1.0)
     baselines = blind_baselines(denoised, reach)  # all of them before any output changes
     if any(base is None for _, _, base in baselines):
-        return AmplitudeGain(first, n, slope, 1.0, f"too short for a blind baseline ({n} frames, reach {reach})")
+        return AmplitudeGain(first, n, shrinkage.slope, 1.0,
+                             f"too short for a blind baseline ({n} frames, reach {reach})")
     mask = np.ones(n, bool) if scored is None else np.asarray(scored, bool)
+    unrestored = []
     for start, stop, base in baselines:
         for t in range(start, stop):
             if mask[t]:
                 frame = denoised[t]
-                frame += (gain - 1.0) * ndimage.gaussian_filter(frame - base, SMOOTH_PX, mode="nearest")
-    return AmplitudeGain(first, n, slope, gain)
+                restored = frame + (gains - 1.0) * ndimage.gaussian_filter(frame - base, SMOOTH_PX, mode="nearest")
+                if neighbours is not None and not _beats(restored, neighbours(t), noisy[t]):
+                    unrestored.append(first + t)
+                    continue
+                frame[...] = restored
+    return AmplitudeGain(first, n, shrinkage.slope, float(gains.mean()), "",
+                         (float(gains.min()), float(gains.max())), tuple(unrestored))
+
+
+def _beats(estimate: np.ndarray, mean: np.ndarray, noisy: np.ndarray) -> bool:
+    """The referee's rule (`outputs.BlindReferee`), for one frame: both are blind to ``noisy``, so
+    the one nearer to it is nearer to the truth."""
+    return float(np.mean(np.square(estimate - noisy))) < float(np.mean(np.square(mean - noisy)))
 
 
 def _stack(frames: Sequence[np.ndarray], start: int, stop: int) -> np.ndarray:

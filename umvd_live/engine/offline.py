@@ -76,10 +76,12 @@ def denoise_frames(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
         chunk = [t for t in indices if first <= t < end]
         if chunk:
             done = _denoise_segment(den, movie, chunk, first, end - 1, segment, progress)
-            restored = _restore_amplitude(den, movie, done)
+            restored = _restore_amplitude(den, movie, done, first, end - 1)
             den.amplitude_gains.append(restored)
             if restored.gain != 1.0:  # the network's outputs were restored; the referee's means were not
-                done = [replace(o, amplitude_gain=restored.gain) if o.state == "live" else o for o in done]
+                left = set(restored.unrestored)
+                done = [replace(o, amplitude_gain=restored.gain) if o.state == "live" and o.index not in left else o
+                        for o in done]
             out += done
     order = {t: i for i, t in enumerate(indices)}
     return sorted(out, key=lambda o: order[o.index])
@@ -134,15 +136,23 @@ def _denoise_segment(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
     return out
 
 
-def _restore_amplitude(den: StreamDenoiser, movie: np.ndarray, outputs: list[DenoisedFrame]) -> AmplitudeGain:
-    """Undo the shrinkage of one segment's outputs in place (`amplitude`): over a run of
-    consecutive frames, the network's outputs only (not the referee's neighbour means)."""
+def _restore_amplitude(den: StreamDenoiser, movie: np.ndarray, outputs: list[DenoisedFrame],
+                       first: int, last: int) -> AmplitudeGain:
+    """Undo the shrinkage of one segment (frames ``first`` to ``last``) in its outputs, in place
+    (`amplitude`): over a run of consecutive frames, the network's outputs only (not the
+    referee's neighbour means), each judged again once restored, as the referee judged it."""
     ordered = sorted(outputs, key=lambda o: o.index)
-    first, frames = ordered[0].index, len(ordered)
-    if ordered[-1].index - first + 1 != frames or any(o.image is None for o in ordered):
-        return AmplitudeGain(first, frames, None, 1.0, "frames not consecutive")
+    start, frames = ordered[0].index, len(ordered)
+    if ordered[-1].index - start + 1 != frames or any(o.image is None for o in ordered):
+        return AmplitudeGain(start, frames, None, 1.0, "frames not consecutive")
     reach = context_reach(den.k, den.spec.context, den.config.context_sides == "both")
-    return restore_amplitude([sanitize(movie[o.index])[0] for o in ordered],
-                             [o.image for o in ordered],  # type: ignore[misc]  # checked above
+    noisy = [sanitize(movie[o.index])[0] for o in ordered]
+
+    def neighbours(t: int) -> np.ndarray:  # the referee's blind mean of output t's window (`Probe`)
+        around = [i for i in window_indices(start + t, first, last, den.k) if i != start + t]
+        return np.mean([sanitize(movie[i])[0] for i in around], axis=0)
+
+    return restore_amplitude(noisy, [o.image for o in ordered],  # type: ignore[misc]  # checked above
                              reach=reach, keep=den.config.keep_amplitude,
-                             scored=np.array([o.state == "live" for o in ordered]), first=first)
+                             scored=np.array([o.state == "live" for o in ordered]), first=start,
+                             neighbours=neighbours)
