@@ -150,7 +150,8 @@ def _restore_amplitude(den: StreamDenoiser, movie: np.ndarray, outputs: list[Den
 
     def neighbours(t: int) -> np.ndarray:  # the referee's blind mean of output t's window (`Probe`)
         around = [i for i in window_indices(start + t, first, last, den.k) if i != start + t]
-        return np.mean([sanitize(movie[i])[0] for i in around], axis=0)
+        return np.mean([noisy[i - start] if 0 <= i - start < frames else sanitize(movie[i])[0] for i in around],
+                       axis=0)
 
     return restore_amplitude(noisy, [o.image for o in ordered],  # type: ignore[misc]  # checked above
                              reach=reach, keep=den.config.keep_amplitude,
