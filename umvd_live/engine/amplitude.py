@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from umvd_live.engine.outputs import blind_distance
+
 #: Frames per block that shares one baseline; longer segments get longer blocks (`MAX_BLOCKS`).
 BLOCK_FRAMES = 50
 MAX_BLOCKS = 32
@@ -204,18 +206,14 @@ def restore_amplitude(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray
             if mask[t]:
                 frame = denoised[t]
                 restored = frame + (gains - 1.0) * ndimage.gaussian_filter(frame - base, SMOOTH_PX, mode="nearest")
-                if neighbours is not None and not _beats(restored, neighbours(t), noisy[t]):
+                # the referee's rule: left as made where the window's blind mean is nearer the noisy frame
+                mean = neighbours(t) if neighbours is not None else None
+                if mean is not None and blind_distance(restored, noisy[t]) >= blind_distance(mean, noisy[t]):
                     unrestored.append(first + t)
                     continue
                 frame[...] = restored
     return AmplitudeGain(first, n, shrinkage.slope, float(gains.mean()), "",
                          (float(gains.min()), float(gains.max())), tuple(unrestored))
-
-
-def _beats(estimate: np.ndarray, mean: np.ndarray, noisy: np.ndarray) -> bool:
-    """The referee's rule (`outputs.BlindReferee`), for one frame: both are blind to ``noisy``, so
-    the one nearer to it is nearer to the truth."""
-    return float(np.mean(np.square(estimate - noisy))) < float(np.mean(np.square(mean - noisy)))
 
 
 def _stack(frames: Sequence[np.ndarray], start: int, stop: int) -> np.ndarray:

@@ -74,6 +74,13 @@ class Probe:
         return cls(centre, (total - centre) / (n - 1), total / n)
 
 
+def blind_distance(estimate: np.ndarray, noisy: np.ndarray) -> float:
+    """Mean squared distance of an estimate of frame t that is blind to it to the noisy frame t: its
+    distance to the truth plus the noise variance, the same for every blind estimate, so the
+    smaller of two such distances marks the better estimate (`BlindReferee`)."""
+    return float(np.mean(np.square(estimate - noisy)))
+
+
 class BlindReferee:
     """Whether the network's output beats the temporal mean on this stream, told without truth.
 

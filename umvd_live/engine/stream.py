@@ -43,7 +43,7 @@ from umvd_live.engine.config import EngineConfig
 from umvd_live.engine.device import CpuSeat, inference_layout, pick_device, uses_bf16
 from umvd_live.engine.model import PRESETS, ModelSpec, UMVDNet, resolve_preset
 from umvd_live.engine.normalization import Normalizer, sanitize
-from umvd_live.engine.outputs import BlindReferee, DenoisedFrame, OutputBatch, Probe, State, Window
+from umvd_live.engine.outputs import BlindReferee, DenoisedFrame, OutputBatch, Probe, State, Window, blind_distance
 from umvd_live.engine.priors import Prior, find_prior
 from umvd_live.engine.trainer import OnlineTrainer, ReplayBuffer
 from umvd_live.engine.training import TrainingLoop
@@ -537,9 +537,7 @@ class StreamDenoiser:
         """Whether frame t gets the network's output (normalised ``image``): the referee scores it
         and the neighbours' mean against the noisy centre (`BlindReferee`)."""
         centre = probe.centre[0].cpu().numpy()
-        network = float(np.mean(np.square(image - centre)))
-        mean = float(np.mean(np.square(probe.neighbours[0].cpu().numpy() - centre)))
-        return referee.judge(network, mean)
+        return referee.judge(blind_distance(image, centre), blind_distance(probe.neighbours[0].cpu().numpy(), centre))
 
     def _denoise_chunk(self, chunk: list[Window]) -> np.ndarray:
         """One forward pass of D over windows -> (B, H, W) normalised images.
