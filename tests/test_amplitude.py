@@ -11,16 +11,16 @@ from umvd_live.engine.amplitude import LiveAmplitude, blind_baselines, measure_s
 FRAMES, SIZE, REACH = 400, 24, 20
 
 
-def _truth(rng: np.random.Generator) -> np.ndarray:
+def _truth(rng: np.random.Generator, frames: int = FRAMES) -> np.ndarray:
     """Blobs with calcium-like transients (instant rise, 20-frame decay) on a still background."""
     yy, xx = np.mgrid[:SIZE, :SIZE]
-    movie = np.full((FRAMES, SIZE, SIZE), 100.0)
+    movie = np.full((frames, SIZE, SIZE), 100.0)
     for _ in range(6):
         cy, cx = rng.uniform(3, SIZE - 3, 2)
         blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 2.5**2))
-        spikes = (rng.random(FRAMES) < 0.02) * rng.uniform(50, 150, FRAMES)
-        trace = np.zeros(FRAMES)
-        for t in range(FRAMES):
+        spikes = (rng.random(frames) < 0.02) * rng.uniform(50, 150, frames)
+        trace = np.zeros(frames)
+        for t in range(frames):
             trace[t] = (trace[t - 1] if t else 0.0) * np.exp(-1 / 20) + spikes[t]
         movie += trace[:, None, None] * blob
     return movie
@@ -164,6 +164,29 @@ def test_the_baseline_of_a_frame_never_uses_outputs_within_reach():
         changed[max(0, start - REACH):stop + REACH] += 1000.0  # everything a block's outputs may depend on
         after = {s: b for s, _, b in blind_baselines(changed, REACH)}
         np.testing.assert_array_equal(after[start], base)
+
+
+def test_a_slow_drift_the_network_kept_is_not_stretched():
+    """Bleaching that the outputs already follow stays as it is: the baseline follows it, and
+    only the transients above it are stretched (with a median over the whole segment the
+    restored field faded 1.2x as fast as the outputs did)."""
+    rng = np.random.default_rng(9)
+    frames = 1200
+    t = np.arange(frames)
+    background = 100.0 * np.exp(-t / 1200.0)[:, None, None]
+    truth = _truth(rng, frames) - 100.0 + background
+    white = rng.normal(0, 20, truth.shape)
+    noisy = (truth + white + np.roll(white, 1, axis=2)).astype(np.float32)
+    estimate = (background + 0.7 * (truth - background) + rng.normal(0, 3, truth.shape)).astype(np.float32)
+    restored = estimate.copy()
+    gain = restore_amplitude(noisy, restored, reach=REACH, keep=1.0)
+
+    def fading(movie: np.ndarray) -> float:
+        return float(np.polyfit(t, movie.reshape(frames, -1).mean(axis=1), 1)[0])
+
+    assert gain.gain > 1.1
+    assert fading(restored) / fading(estimate) == pytest.approx(1.0, abs=0.1)  # 1.03 (segment-wide median: 1.21)
+    assert _slope_on(truth - background, restored - background) > 0.8  # the transients: 0.7 -> 0.85
 
 
 def test_a_restored_output_is_blind_to_its_own_frame():

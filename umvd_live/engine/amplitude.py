@@ -25,9 +25,11 @@ it is. Undoing a shrinkage costs whole-movie PSNR (an unbiased estimate has more
 the MMSE one); docs/engine.md has the measured trade.
 
 Blindness is kept: the baseline of a frame is the per-pixel median of the segment's outputs that
-lie beyond the network's reach of that frame (window and context blocks), so neither D nor B of a
-frame depends on its noisy pixels. Only the gains do, through sums over all the segment's frames
-and a few hundred pixels (a weight of about 1 / (frames x pixels) each).
+lie beyond the network's reach of that frame (window and context blocks) and not far beyond it
+(`BASELINE_SPAN`), so neither D nor B of a frame depends on its noisy pixels, and B follows drifts
+slower than the activity (bleaching), which the network keeps and the gain must not stretch.
+Only the gains depend on a frame's noise, through sums over all the segment's frames and a few
+hundred pixels (a weight of about 1 / (frames x pixels) each).
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ from umvd_live.engine.outputs import blind_distance
 #: Frames per block that shares one baseline; longer segments get longer blocks (`MAX_BLOCKS`).
 BLOCK_FRAMES = 50
 MAX_BLOCKS = 32
+#: A block's baseline comes from the outputs within this many frames beyond the reach on either
+#: side, so that it follows what is slower than the activity (bleaching, a slow drift of the
+#: focus or the light) instead of leaving it to the gain: with a median over the whole segment the
+#: restored movies bleached 1.3-1.7x as fast as their truth (docs/benchmarks.md, "Slow drifts").
+BASELINE_SPAN = 200
 #: Frames a baseline's median is taken over, at most (evenly spaced over those beyond the reach),
 #: and the bytes they may take (fewer frames for large ones: 64 of 1024², 16 of 2048²).
 MEDIAN_FRAMES = 200
@@ -154,15 +161,18 @@ def _significant(values: list[float]) -> bool:
     return bool(v.mean() > SIGNIFICANCE * error)
 
 
-def blind_baselines(denoised: Sequence[np.ndarray], reach: int) -> list[tuple[int, int, np.ndarray | None]]:
+def blind_baselines(denoised: Sequence[np.ndarray], reach: int,
+                    span: int = BASELINE_SPAN) -> list[tuple[int, int, np.ndarray | None]]:
     """(start, stop, baseline) per block of frames: the per-pixel median of the outputs beyond
-    ``reach`` frames of every frame of the block (None where no frame is that far)."""
+    ``reach`` frames of every frame of the block and within ``reach + span`` of it (None where no
+    frame is that far)."""
     n = len(denoised)
     block = max(BLOCK_FRAMES, -(-n // MAX_BLOCKS))
     out = []
     for start in range(0, n, block):
         stop = min(n, start + block)
-        far = np.r_[0:max(0, start - reach), min(n, stop + reach):n]
+        before, after = max(0, start - reach), min(n, stop + reach)
+        far = np.r_[max(0, before - span):before, after:min(n, after + span)]
         most = max(1, min(MEDIAN_FRAMES, MEDIAN_BYTES // (4 * np.asarray(denoised[0]).size)))
         if len(far) > most:
             far = far[np.linspace(0, len(far) - 1, most).round().astype(int)]
