@@ -51,7 +51,7 @@ MAX_BLOCKS = 32
 #: focus or the light) instead of leaving it to the gain: with a median over the whole segment the
 #: restored movies bleached 1.3-1.7x as fast as their truth (docs/benchmarks.md, "Slow drifts").
 BASELINE_SPAN = 200
-#: Frames a baseline's median is taken over, at most (evenly spaced over those beyond the reach),
+#: Frames a baseline's median is taken over, at most (evenly spaced over its far frames),
 #: and the bytes they may take (fewer frames for large ones: 64 of 1024², 16 of 2048²).
 MEDIAN_FRAMES = 200
 MEDIAN_BYTES = 256 * 2**20
@@ -161,18 +161,17 @@ def _significant(values: list[float]) -> bool:
     return bool(v.mean() > SIGNIFICANCE * error)
 
 
-def blind_baselines(denoised: Sequence[np.ndarray], reach: int,
-                    span: int = BASELINE_SPAN) -> list[tuple[int, int, np.ndarray | None]]:
+def blind_baselines(denoised: Sequence[np.ndarray], reach: int) -> list[tuple[int, int, np.ndarray | None]]:
     """(start, stop, baseline) per block of frames: the per-pixel median of the outputs beyond
-    ``reach`` frames of every frame of the block and within ``reach + span`` of it (None where no
-    frame is that far)."""
+    ``reach`` frames of every frame of the block and within ``reach + BASELINE_SPAN`` of it (None
+    where no frame is that far)."""
     n = len(denoised)
     block = max(BLOCK_FRAMES, -(-n // MAX_BLOCKS))
     out = []
     for start in range(0, n, block):
         stop = min(n, start + block)
         before, after = max(0, start - reach), min(n, stop + reach)
-        far = np.r_[max(0, before - span):before, after:min(n, after + span)]
+        far = np.r_[max(0, before - BASELINE_SPAN):before, after:min(n, after + BASELINE_SPAN)]
         most = max(1, min(MEDIAN_FRAMES, MEDIAN_BYTES // (4 * np.asarray(denoised[0]).size)))
         if len(far) > most:
             far = far[np.linspace(0, len(far) - 1, most).round().astype(int)]
