@@ -447,12 +447,12 @@ def test_preview_skips_when_behind_but_a_recorded_stream_gets_every_frame(tmp_pa
     assert {e.stream for e in sink.started} == {"preview", "rec"}
 
 
-def test_waiting_frames_of_a_stream_are_denoised_in_batches(tmp_path):
+def test_waiting_frames_of_a_stream_are_denoised_in_batches(tmp_path, monkeypatch):
     """With --batch 4 and one worker, a backlog of one stream goes through the engine four frames
     at a time (one forward pass of D per run of ready windows), each stream's frames of a batch
     are taken together (runs break where the stream changes), and the outputs are those of a
     daemon that denoises one window at a time. With --workers 2 the runs are twice as long and
-    their passes run on two threads."""
+    their passes run on two threads, left running while the stream's next run follows."""
     with StreamDenoiser(EngineConfig(preset="lite", device="cpu", train_mode="inline")) as den:
         den.push(np.zeros((32, 32), np.uint16), infer=False)
         den.save_weights(tmp_path / "w.pt")
@@ -476,6 +476,7 @@ def test_waiting_frames_of_a_stream_are_denoised_in_batches(tmp_path):
         d.set_training_paused(None, True)
         passes: list[int] = []  # D's batch size at each forward pass
         threads: set[int] = set()
+        waits.clear()
 
         def hook(module, args, out):
             if isinstance(module, DenoiserUNet):
@@ -492,9 +493,19 @@ def test_waiting_frames_of_a_stream_are_denoised_in_batches(tmp_path):
             d.close()
         return sink.denoised, passes, threads
 
+    waits: list[tuple[int, bool]] = []  # frames and `wait` of each push_many
+    push_many = StreamDenoiser.push_many
+
+    def recording(self, frames, infer=None, tags=None, wait=True):
+        waits.append((len(frames), wait))
+        return push_many(self, frames, infer, tags, wait)
+
+    monkeypatch.setattr(StreamDenoiser, "push_many", recording)
     batched, passes, _ = serve(4, 1)
     single, single_passes, _ = serve(1, 1)
     side_by_side, pair_passes, threads = serve(1, 2)
+    # runs of 2 ready windows; each run but a stream's last in the batch leaves its passes running
+    assert waits == [(2, False)] * 5 + [(2, True), (2, False), (1, True)]
     # a's 12 frames first (its 10, then the 2 that came after b's): kernel preparation (a blank
     # window) at its start, then runs of 4, 4, 4 frames -> 1, 4, 4 ready windows; b: preparation,
     # 3 frames -> none ready yet; the flushes: 3 each.

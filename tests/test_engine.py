@@ -165,6 +165,47 @@ def test_workers_run_forward_passes_side_by_side(tmp_path):
         np.testing.assert_allclose(got.image, want.image, rtol=1e-5, atol=1e-3)
 
 
+def test_passes_left_running_give_the_outputs_of_waiting_pushes(tmp_path):
+    """push_many(wait=False) leaves a round's passes running on the workers and hands its outputs
+    back with the next call: the same outputs as pushes that wait (order, states, segments, tags,
+    weights' step, images), through a laser step, skipped previews and inline training whose
+    new weights arrive while a round runs."""
+    from umvd_live.adapters.simulation import SimConfig, SimEvent, TwoPhotonSimulator
+
+    den, _ = run_stream(FAST, noisy_movie(20))
+    den.save_weights(tmp_path / "w.pt")
+    config = EngineConfig(preset="lite", init=str(tmp_path / "w.pt"), steps_per_frame=0.5, sync_every=2,
+                          trainer=TrainerConfig(batch=2, patch=16), workers=2, max_batch=1, cpu_threads=1)
+    sim = SimConfig(height=32, width=32, photons=2.0, seed=4, events=(SimEvent.laser(70 / 30.0, 3.0),))
+    movie = list(TwoPhotonSimulator(sim).movie(130)[0])
+    infer = [i % 9 != 4 for i in range(len(movie))]
+    sizes = [1, 2, 2, 5, 2, 2, 30, 2, 2, 2, 40, 2, 2, 2, 34]  # 130 frames in uneven runs
+
+    def stream(wait: bool) -> tuple[list, list[int]]:
+        outs, returned, start = [], [], 0
+        with StreamDenoiser(config) as den:
+            for size in sizes:
+                got = den.push_many(movie[start:start + size], infer[start:start + size],
+                                    list(range(start, start + size)), wait=wait)
+                returned.append(len(got))
+                outs += got
+                start += size
+            outs += den.flush()
+            assert [c.index for c in den.changes] == [70]
+        return outs, returned
+
+    waited, returned_waiting = stream(True)
+    running, returned_running = stream(False)
+    assert returned_running != returned_waiting  # outputs did come a call later
+    assert [o.index for o in running] == list(range(130))
+    key = lambda o: (o.index, o.state, o.segment, o.tag, o.model_step, o.image is None)  # noqa: E731
+    assert [key(o) for o in running] == [key(o) for o in waited]
+    assert len({o.model_step for o in running}) > 3 and {o.segment for o in running} == {0, 1}
+    for got, want in zip(running, waited):
+        if want.image is not None:
+            np.testing.assert_array_equal(got.image, want.image)
+
+
 def test_auto_preset_of_a_live_512_stream_on_a_cpu_is_fast_and_of_a_file_lite():
     frame = np.zeros((512, 512), np.uint16)
     with StreamDenoiser(EngineConfig(device="cpu", train_mode="background")) as live:

@@ -248,3 +248,26 @@ def test_session_frames_score_from_the_first_live_output_and_stay_bounded(simula
     assert bounded.report(footprints, offset=config.offset_adu, oracle="none")["span"] == [200, 299]
     with pytest.raises(ValueError, match="no live output"):
         SessionFrames().report(footprints)
+
+
+def test_bench_denoise_sets_the_simulator_physics_it_is_asked_for():
+    """tools/bench_denoise.py --sim: the movies unlike those the engine was tuned on (docs/benchmarks.md)."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "bench_denoise.py"
+    spec = importlib.util.spec_from_file_location("bench_denoise", path)
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = argparse.Namespace(size=(64, 96), sim=["rate_hz=10", "n_cells=40", "drift_px=3"])
+    config = tool.sim_config(args, 8.0, 5)
+    assert (config.rate_hz, config.n_cells, config.drift_px) == (10.0, 40, 3.0)
+    assert isinstance(config.n_cells, int)
+    # the options the tool sets itself stay its own: size, photons (and the gain that follows), seed
+    assert (config.height, config.width, config.photons, config.seed) == (64, 96, 8.0, 5)
+    assert config.gain_adu == pytest.approx(tool.SimConfig().gain_adu / 4)
+    for bad in (["seed=3"], ["rate_hz"], ["rate_hz=fast"], ["colour=1"]):
+        with pytest.raises(SystemExit, match="--sim"):
+            tool.sim_overrides(bad)

@@ -12,6 +12,9 @@ level, means over the seeds, for docs/benchmarks.md.
 
     python tools/bench_denoise.py --frames 600 --size 128 128 --photons 0.5 2 8 --seeds 0 1 2 --json out.json
 
+``--sim FIELD=VALUE`` changes the simulator's physics (any `SimConfig` field, e.g. ``rate_hz=10``,
+``drift_px=3``), to check that the engine holds on movies unlike those it was tuned on.
+
 Above 2 photons/pixel/frame the PMT gain (ADU per photon) is lowered in proportion, as an
 experimenter would, so that the brightest transients stay below 65535 (else 1-2 % of the pixels
 clip at 8 photons and the truth is no longer the noisy frames' expected value).
@@ -29,7 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -50,10 +55,30 @@ def run_cli(args: list[str]) -> float:
     return time.monotonic() - start
 
 
+#: The `SimConfig` fields `--sim` may set (the movie's size, brightness and seed have their own options).
+SIM_FIELDS = {f.name for f in fields(SimConfig)} - {"height", "width", "photons", "seed", "events"}
+
+
+def sim_overrides(items: list[str]) -> dict[str, Any]:
+    """``["rate_hz=10", "n_cells=40"]`` -> ``{"rate_hz": 10.0, "n_cells": 40}``: numbers only,
+    whole ones as int (counts), others as float."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in SIM_FIELDS:
+            raise SystemExit(f"--sim {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(SIM_FIELDS))}")
+        try:
+            value = float(text)
+        except ValueError:
+            raise SystemExit(f"--sim {item!r}: {text!r} is not a number") from None
+        out[name] = int(value) if name in ("n_cells", "n_processes") else value
+    return out
+
+
 def sim_config(args: argparse.Namespace, photons: float, seed: int) -> SimConfig:
-    base = SimConfig()
-    gain = base.gain_adu * min(1.0, 2.0 / photons)
-    return SimConfig(height=args.size[0], width=args.size[1], photons=photons, seed=seed, gain_adu=gain)
+    gain = SimConfig().gain_adu * min(1.0, 2.0 / photons)
+    config = SimConfig(height=args.size[0], width=args.size[1], photons=photons, seed=seed, gain_adu=gain)
+    return replace(config, **sim_overrides(args.sim))
 
 
 def bench_one(args: argparse.Namespace, photons: float, seed: int, tmp: Path) -> dict:
@@ -153,10 +178,14 @@ def main() -> int:
                    help="mean detected photons/pixel/frame, one table each (default 0.5 2 8)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--offline", action="store_true", help="also run `denoise --offline`")
+    p.add_argument("--sim", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a simulator setting other than its default (a SimConfig field), repeatable: "
+                        "rate_hz=10, drift_px=3, n_cells=60, ...")
     p.add_argument("--skip-denoise", action="store_true", help="only the baselines and oracles")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `denoise` options (last)")
     p.add_argument("--json", help="write every figure here")
     args = p.parse_args()
+    sim_overrides(args.sim)  # a bad --sim stops here, before any movie is simulated
 
     command = "python tools/bench_denoise.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load_start = psutil.getloadavg()[0]
@@ -166,7 +195,7 @@ def main() -> int:
             results[photons] = [bench_one(args, photons, seed, Path(tmp)) for seed in args.seeds]
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, load {load_start:.1f} → {psutil.getloadavg()[0]:.1f}")
     print(f"\n{command}\n{datetime.date.today().isoformat()}; {args.frames}×{args.size[0]}×{args.size[1]} simulated "
-          f"movies (simulator defaults); {machine}\n")
+          f"movies (simulator {' '.join(args.sim) or 'defaults'}); {machine}\n")
     for photons, runs in results.items():
         print(table(photons, runs) + "\n")
     if args.json:

@@ -135,7 +135,7 @@ class Router:
         first_seen: dict[str, int] = {}
         tagged.sort(key=lambda t: first_seen.setdefault(t[0].stream, len(first_seen)))
         run: list[Arrival] = []
-        for message, item, infer in tagged:
+        for i, (message, item, infer) in enumerate(tagged):
             if isinstance(message, StreamEnd):
                 if run and run[0].frame.stream == message.stream:
                     self._accept(run)
@@ -149,7 +149,9 @@ class Router:
             # Skipped frames ride along (G only): a run ends when it holds a round of windows to
             # denoise, or when it grows long.
             if sum(a.infer for a in run) >= self.run_length or len(run) >= RUN_CAP * self.run_length:
-                self._accept(run)
+                # More of this run's frames waiting: its passes run on while the next run's G does.
+                following = tagged[i + 1][0] if i + 1 < len(tagged) else None
+                self._accept(run, wait=not (isinstance(following, Frame) and _same_run(run[0].frame, following)))
                 run = []
         if run:
             self._accept(run)
@@ -159,9 +161,11 @@ class Router:
                                      plan.skipped, count_busy=self._stream_starts == starts)
             self.check_capacity(monotonic(), every_s=CAPACITY_CHECK_S)
 
-    def _accept(self, run: list[Arrival]) -> None:
+    def _accept(self, run: list[Arrival], wait: bool = True) -> None:
         """Hand a run of one stream's frames to its `LiveStream`, and every sink what comes of it:
-        the outputs a shape change flushed, the new denoiser, the input frames, their outputs."""
+        the outputs a shape change flushed, the new denoiser, the input frames, their outputs.
+        ``wait=False``: the next run of the same stream follows at once, so the run's passes may
+        be left running (`StreamDenoiser.push_many`); its outputs then come with the next run's."""
         live = self.streams[run[0].frame.stream]
         try:
             flushed, started = live.admit(run)
@@ -173,7 +177,7 @@ class Router:
         self._fan_out(outputs=flushed, started=started)
         self._fan_out(raw=run)  # after the denoiser exists, so a recording's provenance names it
         try:
-            outputs = live.push(run)
+            outputs = live.push(run, wait)
         except Exception as exc:
             self._engine_failed(live, run, exc)
             return

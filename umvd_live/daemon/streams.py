@@ -58,7 +58,7 @@ class StreamEngine(Protocol):
     def frames_in(self) -> int: ...
 
     def push_many(self, frames: Sequence[np.ndarray], infer: Sequence[bool] | None = None,
-                  tags: Sequence[object] | None = None) -> list[DenoisedFrame]: ...
+                  tags: Sequence[object] | None = None, wait: bool = True) -> list[DenoisedFrame]: ...
     def flush(self) -> list[DenoisedFrame]: ...
     def pause_training(self) -> None: ...
     def resume_training(self) -> None: ...
@@ -360,8 +360,9 @@ class LiveStream:
                 snap["engine"] = EngineStats(error=repr(exc))
         return snap
 
-    def push(self, run: Sequence[Arrival]) -> list[DenoisedOutput]:
-        """Hand a run `admit` took to the denoiser; returns the outputs that became ready."""
+    def push(self, run: Sequence[Arrival], wait: bool = True) -> list[DenoisedOutput]:
+        """Hand a run `admit` took to the denoiser; returns the outputs that became ready
+        (``wait=False``: the run's own may come with the next run's, `StreamDenoiser.push_many`)."""
         den = self.denoiser
         assert den is not None
         first = den.frames_in  # the engine's index of the run's first frame
@@ -369,7 +370,7 @@ class LiveStream:
             started = monotonic()
             tags: list[_Tag] = [(a.frame.header, a.received) for a in run]
             self.pending += len(run)
-            outputs = self._outputs(den.push_many([a.frame.pixels for a in run], [a.infer for a in run], tags))
+            outputs = self._outputs(den.push_many([a.frame.pixels for a in run], [a.infer for a in run], tags, wait))
             # Only the network's outputs measure its cost: the warm start's temporal means are
             # nearly free, and an estimate made of them let a backlog build up when it went live.
             inferred = sum(out.image is not None and out.state != "warmup" for out in outputs)
@@ -391,7 +392,7 @@ class LiveStream:
                 den.close()
                 header = run[0].frame.header
                 self._start_denoiser(header.shape, header.dtype, "init_refused", use_state=False)
-                return self.push(run)
+                return self.push(run, wait)
             raise
 
     # ---- internals ----------------------------------------------------------------------------

@@ -26,8 +26,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import numpy as np
@@ -64,6 +65,24 @@ def _built(part: T | None) -> T:
 def _batched(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate along the batch; a batch of one is used as it is (no copy)."""
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _done(images: np.ndarray) -> Future[np.ndarray]:
+    future: Future[np.ndarray] = Future()
+    future.set_result(images)
+    return future
+
+
+@dataclass
+class _Round:
+    """A batch whose forward passes were started (`StreamDenoiser._submit`): what its outputs
+    are completed with, as it was when the passes began."""
+
+    batch: OutputBatch
+    chunks: list[list[Window]]  # `max_batch` windows per pass
+    passes: list[Future[np.ndarray]]  # each chunk's (B, H, W) normalised images
+    normalizer: Normalizer
+    model_step: int
 
 
 class StreamDenoiser:
@@ -111,6 +130,7 @@ class StreamDenoiser:
         self.segment = 0  # the current segment: len(changes)
         self._segment_start = 0  # index of its first frame
         self._tags: dict[int, object] = {}  # by frame index: the tags of frames whose output is not out yet
+        self._running: _Round | None = None  # a round left running by `push_many(wait=False)`
 
     # -- public state -------------------------------------------------------------------------
     @property
@@ -299,13 +319,19 @@ class StreamDenoiser:
         return self.push_many([frame], [infer], [tag])
 
     def push_many(self, frames: Sequence[np.ndarray], infer: Sequence[bool] | None = None,
-                  tags: Sequence[object] | None = None) -> list[DenoisedFrame]:
+                  tags: Sequence[object] | None = None, wait: bool = True) -> list[DenoisedFrame]:
         """Add several frames in order, as `push` each would; return the outputs that became ready.
 
         The frames' G features are computed as one batch, and the live windows that become ready
         are denoised as batches of up to `max_batch`, all with the weights in use when the call
         began: a GPU that would idle on one window at a time then works on many. `infer[i]` and
         `tags[i]` are `push`'s `infer` and `tag` for frame i (default: all True, all None).
+
+        ``wait=False`` (with `workers` > 1): the windows' passes are left running on the workers
+        and their outputs come, in order, from the next call (or `flush`), so that the caller's
+        thread takes the next frames while the workers denoise these: a stream that fell behind
+        catches up faster on a small CPU (docs/engine.md, "Passes left running"). The daemon asks
+        for it only when more frames are already waiting; at most one round is left running.
         """
         if self._ended:
             raise RuntimeError("this stream was flushed; start a new StreamDenoiser")
@@ -317,14 +343,15 @@ class StreamDenoiser:
             raise ValueError(f"{len(frames)} frames but {len(labels)} tags")
         frames = [self._check(frame) for frame in frames]
         if not frames:
-            return []
+            return self._complete_running() if wait else []
         started = time.monotonic()
         try:
-            return self._push_checked(frames, flags, labels)
+            return self._push_checked(frames, flags, labels, wait)
         finally:
             self.budget.push_load.record(started, time.monotonic(), behind=len(frames) > 1 or not all(flags))
 
-    def _push_checked(self, frames: list[np.ndarray], flags: list[bool], labels: list[object]) -> list[DenoisedFrame]:
+    def _push_checked(self, frames: list[np.ndarray], flags: list[bool], labels: list[object],
+                      wait: bool) -> list[DenoisedFrame]:
         self._adopt_published_weights()
         self._update_state()
         cleaned = [sanitize(frame) for frame in frames]
@@ -333,6 +360,8 @@ class StreamDenoiser:
         starts = [self._detector.observe(clean) if clean_ok else None for clean, clean_ok in cleaned]
         bounds = [i for i, change in enumerate(starts) if change is not None and i > 0] + [len(frames)]
         outputs: list[DenoisedFrame] = []
+        if any(change is not None for change in starts):
+            outputs += self._complete_running()  # completed in its own segment's state
         batch = OutputBatch()
         begin = 0
         for end in bounds:
@@ -343,7 +372,12 @@ class StreamDenoiser:
                 outputs += self._begin_segment(change, cleaned[begin][0])
             self._append(cleaned[begin:end], flags[begin:end], labels[begin:end], batch)
             begin = end
-        outputs += self._finish(batch)
+        if wait or self._pool is None or not batch.windows:  # (outputs that need no pass wait for none)
+            outputs += self._complete_running() + self._finish(batch)
+        else:
+            running = self._submit(batch, on_workers=True)
+            outputs += self._complete_running()  # the round before, done while G ran on these frames
+            self._running = running
         if self.config.train_mode == "inline":
             for _ in frames:
                 if self.training.after_push():
@@ -418,12 +452,13 @@ class StreamDenoiser:
         if self._ended or self._net is None:
             self._ended = True
             return []
+        outputs = self._complete_running()
         self._adopt_published_weights()
         batch = OutputBatch()
         for t in range(self.frames_out, self.frames_in):
             self._produce(t, True, batch)
         self._ended = True
-        return self._finish(batch)
+        return outputs + self._finish(batch)
 
     def _features(self, frames: torch.Tensor) -> torch.Tensor:
         """G's features of (B, C, H, W) frames, channels-last. Under bf16 they stay bf16: D's
@@ -502,16 +537,31 @@ class StreamDenoiser:
         outputs. Probed windows are judged by ``referee`` (default: the stream's). ``live``: the
         stream's own outputs, whose amplitude is restored as they come (a file's final pass
         restores its own, `offline`)."""
-        outputs = batch.outputs
-        normalizer = normalizer or self.normalizer
+        return self._complete(self._submit(batch, normalizer), referee, live)
+
+    def _submit(self, batch: OutputBatch, normalizer: Normalizer | None = None,
+                on_workers: bool = False) -> _Round:
+        """Start the batch's passes, `max_batch` windows each: on the workers where there are
+        several passes (side by side) or ``on_workers`` (beside the caller), else here, now."""
         step = self.max_batch
         chunks = [batch.windows[start:start + step] for start in range(0, len(batch.windows), step)]
-        if self._pool is not None and len(chunks) > 1:
-            results = list(self._pool.map(self._denoise_chunk, chunks))
+        if self._pool is not None and (on_workers or len(chunks) > 1):
+            passes = [self._pool.submit(self._denoise_chunk, chunk) for chunk in chunks]
         else:
-            results = [self._denoise_chunk(chunk) for chunk in chunks]
+            passes = [_done(self._denoise_chunk(chunk)) for chunk in chunks]
+        return _Round(batch, chunks, passes, normalizer or self.normalizer, self._net_step)
+
+    def _complete_running(self) -> list[DenoisedFrame]:
+        """The outputs of the round `push_many(wait=False)` left running, once its passes end."""
+        running, self._running = self._running, None
+        return self._complete(running) if running is not None else []
+
+    def _complete(self, run: _Round, referee: BlindReferee | None = None, live: bool = True) -> list[DenoisedFrame]:
+        """The round's outputs in order, once its passes end (`_finish` has the arguments)."""
+        batch, normalizer = run.batch, run.normalizer
+        outputs = batch.outputs
         networks: set[int] = set()  # the slots of the network's own outputs
-        for chunk, images in zip(chunks, results):
+        for chunk, images in zip(run.chunks, (p.result() for p in run.passes)):
             for (slot, t, _, _), image in zip(chunk, images):
                 state: State = "adapting" if self._adapting_at(t) else "live"
                 probe = batch.probes.get(slot)
@@ -520,7 +570,7 @@ class StreamDenoiser:
                 else:
                     networks.add(slot)
                 outputs[slot] = DenoisedFrame(index=t, image=normalizer.inverse(image), state=state,
-                                              model_step=self._net_step, segment=self.segment,
+                                              model_step=run.model_step, segment=self.segment,
                                               tag=batch.tags.get(slot))
         done = [o for o in outputs if o is not None]
         if len(done) != len(outputs):
@@ -580,6 +630,8 @@ class StreamDenoiser:
         published = self.training.take_published()
         if published is None:
             return
+        if self._running is not None:
+            wait_for(self._running.passes)  # a pass still running must not see its weights change
         step, state = published
         _built(self._net).load_state_dict(state)
         self._net_step = step
