@@ -441,3 +441,40 @@ def test_three_streams_over_capacity_degrade_fairly_and_keep_the_recording(tmp_p
     pa, pb = len(published["a"]), len(published["b"])
     assert min(pa, pb) * 3 >= max(pa, pb), (pa, pb)
     assert len(sink.raw) == 3 * points
+
+
+def test_a_chain_of_runs_left_running_is_measured_whole(monkeypatch):
+    """The daemon's cost of a round, from pushes that leave their passes running
+    (`push_many(wait=False)`): the first push of a chain returns no output, and its time is billed
+    to the next push that returns some, so the estimate is the chain's time per round."""
+    from umvd_live.daemon import streams
+    from umvd_live.engine.outputs import DenoisedFrame
+    from umvd_live.wire.protocol import decode_message, encode_frame
+
+    clock = [100.0]
+    monkeypatch.setattr(streams, "monotonic", lambda: clock[0])
+
+    class Engine:  # each push takes 1 s; a round left running comes out with the next push
+        frames_in = 0
+
+        def __init__(self):
+            self.running: list = []
+
+        def push_many(self, frames, infer=None, tags=None, wait=True):
+            clock[0] += 1.0
+            done = [DenoisedFrame(self.frames_in + i, np.zeros((4, 4), np.float32), "live", 1, tag=tag)
+                    for i, tag in enumerate(tags)]
+            self.frames_in += len(frames)
+            out, self.running = self.running, ([] if wait else done)
+            return out + (done if wait else [])
+
+    live = streams.LiveStream("s", lambda init: Engine(), idle_after_s=5.0, run_length=2)
+    live.denoiser = Engine()
+    live.denoiser.frames_in = 10  # not the stream's first push, which also builds the network
+    frames = [decode_message(encode_frame("s", np.zeros((4, 4), np.uint16), seq)) for seq in range(4)]
+    run = lambda first: [streams.Arrival(f, clock[0], True) for f in frames[first:first + 2]]  # noqa: E731
+    assert live.push(run(0), wait=False) == [] and live.round_cost_s is None
+    assert len(live.push(run(2), wait=True)) == 4
+    assert live.round_cost_s == pytest.approx(1.0)  # 2 s for 2 rounds (the first push's second included)
+    assert live.infer_cost_s == pytest.approx(0.5)
+    assert live.pending == 0

@@ -520,6 +520,50 @@ def test_waiting_frames_of_a_stream_are_denoised_in_batches(tmp_path, monkeypatc
         np.testing.assert_allclose(pair.image, want.image, rtol=1e-4, atol=1e-2)
 
 
+def test_an_engine_failure_in_a_run_left_running_loses_only_its_round(tmp_path):
+    """A pass that fails while its round runs beside the batch's last run: that run is counted as
+    `engine_error`, the round it started comes out before the batch ends (not with the stream's
+    next frame), and every other frame gets its output, in order."""
+    with StreamDenoiser(EngineConfig(preset="lite", device="cpu", train_mode="inline")) as den:
+        den.push(np.zeros((32, 32), np.uint16), infer=False)
+        den.save_weights(tmp_path / "w.pt")
+    rng = np.random.default_rng(4)
+    items = []
+    for seq in range(16):
+        parts = [bytes(p) for p in encode_frame("a", rng.poisson(20.0, (32, 32)).astype(np.uint16), seq)]
+        items.append(Received(parts, monotonic(), sum(map(len, parts))))
+    config = DaemonConfig(engine=engine(init=str(tmp_path / "w.pt"), max_batch=1, workers=2),
+                          input_bind="tcp://127.0.0.1:*", output="tcp://127.0.0.1:*",
+                          control="tcp://127.0.0.1:*", output_dir=tmp_path)
+    sink = CollectingSink(owed={"a"})
+    d = Daemon(config, engine_factory(config), [sink])
+    d.set_training_paused(None, True)
+    passes = [0]
+
+    def fail_once(module, args):
+        if isinstance(module, DenoiserUNet):
+            passes[0] += 1
+            if passes[0] == 14:  # the blank passes that prepare the kernels (3), then t = 0 ... 10
+                raise RuntimeError("a pass failed")
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(fail_once)
+    d.start()
+    try:
+        d.router.process(items, allow_skip=False)
+        live = d.router.streams["a"]
+        assert live.denoiser._running is None  # nothing left running past the batch
+        before_end = [o.header.seq for o in sink.denoised]
+        d.finish()
+    finally:
+        handle.remove()
+        d.close()
+    # runs of 2 frames: t = 0 (frames 0-3), 1-2 (frames 4-5), ..., 9-10 (frames 12-13), 11-12
+    # (frames 14-15, the last run); the pass of t = 10 fails, so its round (t = 9, 10) is lost
+    assert live.counters.rejected["engine_error"] == 2
+    assert before_end == list(range(9)) + [11, 12]
+    assert [o.header.seq for o in sink.denoised] == list(range(9)) + list(range(11, 16))
+
+
 def test_inference_layout_defaults_and_config_checks():
     config = DaemonConfig(engine=engine())
     assert inference_layout(config) == (1, 2 if cpu_cores() >= 2 else 1)

@@ -180,6 +180,7 @@ class Router:
             outputs = live.push(run, wait)
         except Exception as exc:
             self._engine_failed(live, run, exc)
+            self._fan_out(outputs=live.settle())
             return
         self._fan_out(outputs=outputs)
         self.between()

@@ -211,6 +211,9 @@ class LiveStream:
         #: Running estimate of one round: a push's time per `run_length` inferred windows (their
         #: passes run side by side), for deciding how much backlog to work through.
         self.round_cost_s: float | None = None
+        #: Time of pushes that left their round running and got no output back: billed to the next
+        #: measured push, so that a chain of such pushes is measured whole.
+        self._unbilled_s = 0.0
 
     # ---- frames -------------------------------------------------------------------------------
     def admit(self, run: Sequence[Arrival]) -> tuple[list[DenoisedOutput], StreamStarted | None]:
@@ -374,8 +377,11 @@ class LiveStream:
             # Only the network's outputs measure its cost: the warm start's temporal means are
             # nearly free, and an estimate made of them let a backlog build up when it went live.
             inferred = sum(out.image is not None and out.state != "warmup" for out in outputs)
-            if inferred and first > 0:  # the first push also builds the network
-                took = monotonic() - started
+            took = monotonic() - started
+            if not inferred and not wait and first > 0:
+                self._unbilled_s += took  # its outputs, and its cost, come with the next push
+            elif inferred and first > 0:  # the first push also builds the network
+                took, self._unbilled_s = took + self._unbilled_s, 0.0
                 self.infer_cost_s = _smoothed(self.infer_cost_s, took / inferred)
                 self.round_cost_s = _smoothed(self.round_cost_s, took / -(-inferred // self.run_length))
             return outputs
@@ -394,6 +400,18 @@ class LiveStream:
                 self._start_denoiser(header.shape, header.dtype, "init_refused", use_state=False)
                 return self.push(run, wait)
             raise
+
+    def settle(self) -> list[DenoisedOutput]:
+        """After a failed push: the outputs of a round the engine still has running, now rather
+        than with the stream's next frame (a recording stopped meanwhile would miss them)."""
+        den = self.denoiser
+        if den is None:
+            return []
+        try:
+            return self._outputs(den.push_many([]))
+        except Exception:
+            log.exception("stream %s: the round left running failed as well", self.name)
+            return []
 
     # ---- internals ----------------------------------------------------------------------------
     def _track_axes(self, meta: dict[str, Any]) -> None:
@@ -464,6 +482,7 @@ class LiveStream:
         self.shape, self.dtype = shape, dtype
         self.pending = 0
         self.infer_cost_s = self.round_cost_s = None  # another network or frame size: measured anew
+        self._unbilled_s = 0.0
         self._apply_training()
         log.info("stream %s: new denoiser for %dx%d %s (%s%s)", self.name, *shape, dtype, reason,
                  f", from {start}" if start else "")

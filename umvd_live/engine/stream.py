@@ -131,6 +131,7 @@ class StreamDenoiser:
         self._segment_start = 0  # index of its first frame
         self._tags: dict[int, object] = {}  # by frame index: the tags of frames whose output is not out yet
         self._running: _Round | None = None  # a round left running by `push_many(wait=False)`
+        self._unobserved: list[tuple[int, np.ndarray]] = []  # frames pushed while it ran, for `_amplitude`
 
     # -- public state -------------------------------------------------------------------------
     @property
@@ -372,12 +373,16 @@ class StreamDenoiser:
                 outputs += self._begin_segment(change, cleaned[begin][0])
             self._append(cleaned[begin:end], flags[begin:end], labels[begin:end], batch)
             begin = end
-        if wait or self._pool is None or not batch.windows:  # (outputs that need no pass wait for none)
-            outputs += self._complete_running() + self._finish(batch)
-        else:
-            running = self._submit(batch, on_workers=True)
-            outputs += self._complete_running()  # the round before, done while G ran on these frames
-            self._running = running
+        # Left running if asked and there is a pass to run (outputs that need none wait for none).
+        defer = not wait and self._pool is not None and bool(batch.windows)
+        # This round is kept before the round before is completed: a failure of that one must
+        # not lose this one's outputs, nor leave its passes running untracked.
+        before, self._running = self._running, self._submit(batch, on_workers=defer)
+        if before is not None:
+            outputs += self._complete(before)  # done while G ran on these frames
+        self._observe_deferred()
+        if not defer:
+            outputs += self._complete_running()
         if self.config.train_mode == "inline":
             for _ in frames:
                 if self.training.after_push():
@@ -396,7 +401,10 @@ class StreamDenoiser:
         for x, x_host, f, (clean, trainable), wanted, tag in zip(xs, host, feats, cleaned, flags, tags):
             index = self.frames_in
             if self._amplitude is not None:
-                self._amplitude.observe(index, clean)
+                if self._running is None:
+                    self._amplitude.observe(index, clean)
+                else:  # observed once the running round is restored: the order of waiting pushes
+                    self._unobserved.append((index, clean.copy()))  # (the caller may reuse its frame)
             if tag is not None:
                 self._tags[index] = tag
             self._window.append(index, x, f)
@@ -554,7 +562,17 @@ class StreamDenoiser:
     def _complete_running(self) -> list[DenoisedFrame]:
         """The outputs of the round `push_many(wait=False)` left running, once its passes end."""
         running, self._running = self._running, None
-        return self._complete(running) if running is not None else []
+        outputs = self._complete(running) if running is not None else []
+        self._observe_deferred()
+        return outputs
+
+    def _observe_deferred(self) -> None:
+        """The live gain sees the frames pushed while a round ran only after that round's outputs
+        were restored, as it would have had the push waited: the same gains, the same outputs."""
+        if self._amplitude is not None:
+            for index, clean in self._unobserved:
+                self._amplitude.observe(index, clean)
+        self._unobserved.clear()
 
     def _complete(self, run: _Round, referee: BlindReferee | None = None, live: bool = True) -> list[DenoisedFrame]:
         """The round's outputs in order, once its passes end (`_finish` has the arguments)."""
