@@ -68,6 +68,7 @@ def _batched(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _done(images: np.ndarray) -> Future[np.ndarray]:
+    """A pass run on the caller's thread, as a finished future like the workers' passes."""
     future: Future[np.ndarray] = Future()
     future.set_result(images)
     return future
