@@ -181,7 +181,8 @@ def _serve(sub: argparse._SubParsersAction) -> None:
                         "(default: the engine's)")
     p.add_argument("--catchup-ms", type=float, default=100.0, metavar="MS",
                    help="backlog, in estimated inference time, the preview works through before "
-                        "it skips to the newest window (default 100)")
+                        "it skips to the newest window (default 100); more shows more frames of a "
+                        "stream that falls behind, later (docs/engine.md)")
     p.add_argument("--max-streams", type=int, default=16, help="streams served at once (default 16)")
     p.add_argument("--ready-file", metavar="PATH",
                    help="once every socket is bound, write the endpoints here as JSON (for scripts and the "
