@@ -61,7 +61,7 @@ SIM_FIELDS = {f.name for f in fields(SimConfig)} - {"height", "width", "photons"
 
 def sim_overrides(items: list[str]) -> dict[str, Any]:
     """``["rate_hz=10", "n_cells=40"]`` -> ``{"rate_hz": 10.0, "n_cells": 40}``: numbers only,
-    whole ones as int (counts), others as float."""
+    the counts (n_cells, n_processes) as int, the rest as float."""
     out: dict[str, Any] = {}
     for item in items:
         name, sep, text = item.partition("=")
