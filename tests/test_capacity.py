@@ -446,7 +446,9 @@ def test_three_streams_over_capacity_degrade_fairly_and_keep_the_recording(tmp_p
 def test_a_chain_of_runs_left_running_is_measured_whole(monkeypatch):
     """The daemon's cost of a round, from pushes that leave their passes running
     (`push_many(wait=False)`): the first push of a chain returns no output, and its time is billed
-    to the next push that returns some, so the estimate is the chain's time per round."""
+    to the next push, so the estimate is the chain's time per round. Pushes whose outputs are a
+    warm start's temporal means measure nothing and bill nothing forward (else the first live
+    push would carry the whole warm start, and the preview would skip what it need not)."""
     from umvd_live.daemon import streams
     from umvd_live.engine.outputs import DenoisedFrame
     from umvd_live.wire.protocol import decode_message, encode_frame
@@ -459,10 +461,11 @@ def test_a_chain_of_runs_left_running_is_measured_whole(monkeypatch):
 
         def __init__(self):
             self.running: list = []
+            self.state = "live"
 
         def push_many(self, frames, infer=None, tags=None, wait=True):
             clock[0] += 1.0
-            done = [DenoisedFrame(self.frames_in + i, np.zeros((4, 4), np.float32), "live", 1, tag=tag)
+            done = [DenoisedFrame(self.frames_in + i, np.zeros((4, 4), np.float32), self.state, 1, tag=tag)
                     for i, tag in enumerate(tags)]
             self.frames_in += len(frames)
             out, self.running = self.running, ([] if wait else done)
@@ -471,10 +474,19 @@ def test_a_chain_of_runs_left_running_is_measured_whole(monkeypatch):
     live = streams.LiveStream("s", lambda init: Engine(), idle_after_s=5.0, run_length=2)
     live.denoiser = Engine()
     live.denoiser.frames_in = 10  # not the stream's first push, which also builds the network
-    frames = [decode_message(encode_frame("s", np.zeros((4, 4), np.uint16), seq)) for seq in range(4)]
+    frames = [decode_message(encode_frame("s", np.zeros((4, 4), np.uint16), seq)) for seq in range(40)]
     run = lambda first: [streams.Arrival(f, clock[0], True) for f in frames[first:first + 2]]  # noqa: E731
-    assert live.push(run(0), wait=False) == [] and live.round_cost_s is None
-    assert len(live.push(run(2), wait=True)) == 4
+    # the warm start: three chains of pushes left running, their outputs all temporal means
+    live.denoiser.state = "warmup"
+    for first in range(0, 24, 8):
+        assert live.push(run(first), wait=False) == []
+        for i in (2, 4):
+            assert len(live.push(run(first + i), wait=False)) == 2
+        assert len(live.push(run(first + 6), wait=True)) == 4
+    assert live.round_cost_s is None and live.pending == 0
+    live.denoiser.state = "live"
+    assert live.push(run(24), wait=False) == [] and live.round_cost_s is None
+    assert len(live.push(run(26), wait=True)) == 4
     assert live.round_cost_s == pytest.approx(1.0)  # 2 s for 2 rounds (the first push's second included)
     assert live.infer_cost_s == pytest.approx(0.5)
     assert live.pending == 0

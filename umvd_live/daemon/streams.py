@@ -211,8 +211,8 @@ class LiveStream:
         #: Running estimate of one round: a push's time per `run_length` inferred windows (their
         #: passes run side by side), for deciding how much backlog to work through.
         self.round_cost_s: float | None = None
-        #: Time of pushes that left their round running and got no output back: billed to the next
-        #: measured push, so that a chain of such pushes is measured whole.
+        #: Time of the push that left its round running and got no output back: billed to the next
+        #: push if that one's outputs are measured, so that a chain of such pushes is measured whole.
         self._unbilled_s = 0.0
 
     # ---- frames -------------------------------------------------------------------------------
@@ -378,10 +378,11 @@ class LiveStream:
             # nearly free, and an estimate made of them let a backlog build up when it went live.
             inferred = sum(out.image is not None and out.state != "warmup" for out in outputs)
             took = monotonic() - started
-            if not inferred and not wait and first > 0:
-                self._unbilled_s += took  # its outputs, and its cost, come with the next push
+            carried, self._unbilled_s = self._unbilled_s, 0.0
+            if not outputs and not wait and first > 0:
+                self._unbilled_s = took  # its outputs, and its cost, come with the next push
             elif inferred and first > 0:  # the first push also builds the network
-                took, self._unbilled_s = took + self._unbilled_s, 0.0
+                took += carried  # (a warm start's means carry nothing: dropped with them)
                 self.infer_cost_s = _smoothed(self.infer_cost_s, took / inferred)
                 self.round_cost_s = _smoothed(self.round_cost_s, took / -(-inferred // self.run_length))
             return outputs
