@@ -268,7 +268,7 @@ def test_stream_in_order_with_malformed_messages_then_shutdown(daemon):
 
 
 def test_control_commands_and_sigterm(daemon, tmp_path):
-    d = daemon()
+    d = daemon("--catchup-ms", "60000")  # never skip: every frame's output is checked below
     sub = Subscriber(d.output)
     run_producer(d.input, [["cam0", 32, 32, "<u2"]] * 30, rate=0)
     sub.wait_for("cam0", "denoised", 30 - HALF)
