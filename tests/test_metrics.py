@@ -111,6 +111,26 @@ def test_a_late_estimate_has_a_positive_lag():
     assert early.lag_frames == pytest.approx([-1.0], abs=0.3)
 
 
+def test_scores_per_kind_of_source_split_the_means():
+    """Two firing cells of different kinds, each attenuated differently: the per-kind summary
+    gives each its own slope, where the mean over cells gives their average."""
+    truth, footprints = cells_movie()
+    truth[:, 14:20, 14:20] = truth[:, 4:10, 4:10] - 20.0  # cell 1 now fires as cell 0 does
+    median = np.median(truth, axis=0)
+    estimate = np.repeat(median[None], len(truth), axis=0)
+    estimate[:, 4:10, 4:10] += 0.9 * (truth - median)[:, 4:10, 4:10]
+    estimate[:, 14:20, 14:20] += 0.5 * (truth - median)[:, 14:20, 14:20]
+    scores = trace_scores(estimate, truth, footprints, offset=OFFSET)
+    assert scores.summary()["trace_slope"] == pytest.approx(0.7)
+    kinds = scores.by_kind(np.array(["soma", "punctum"]))
+    assert list(kinds) == ["soma", "punctum"]
+    assert kinds["soma"]["trace_slope"] == pytest.approx(0.9) and kinds["soma"]["cells"] == 1
+    assert kinds["punctum"]["trace_slope"] == pytest.approx(0.5)
+    assert trace_scores(estimate, truth, footprints, offset=OFFSET).by_kind(["soma", "soma"])["soma"]["cells"] == 2
+    with pytest.raises(ValueError, match="one label per footprint"):
+        scores.by_kind(np.array(["soma"]))
+
+
 def test_cell_traces_are_footprint_weighted_means_and_take_sparse_footprints():
     truth, footprints = cells_movie(frames=20)
     weights = footprints.copy()
@@ -271,3 +291,12 @@ def test_bench_denoise_sets_the_simulator_physics_it_is_asked_for():
     for bad in (["seed=3"], ["rate_hz"], ["rate_hz=fast"], ["colour=1"]):
         with pytest.raises(SystemExit, match="--sim"):
             tool.sim_overrides(bad)
+    # its table per kind of source: means over the seeds, a kind missing from a seed left out of its mean
+    def run(seed, slopes):
+        kinds = {k: {"trace_slope": v, "trace_corr": 0.5, "cells": 2} for k, v in slopes.items()}
+        rows = {"noisy input": {"by_kind": kinds}, "oracle:psnr": {"by_kind": kinds, "sigma_t": 8.0, "sigma_xy": 0.5}}
+        return {"config": {"seed": seed}, "rows": rows}
+    text = tool.kind_table(2.0, [run(0, {"soma": 0.8, "punctum": 0.6}), run(1, {"soma": 0.9})])
+    assert "| soma (2/2 cells) | punctum (2/0 cells) |" in text
+    assert "| noisy input | 0.85 / 0.500 | 0.60 / 0.500 |" in text
+    assert "Gaussian oracle for whole-movie PSNR (σt 8, σxy 0.5)" in text

@@ -8,7 +8,8 @@ x), writes it to TIFF, runs the real command line (`umvd-live denoise` at its de
 sigma_t up to 32 frames) with `umvd_live.metrics`: whole-movie PSNR, PSNR over the active set
 (where the truth is >= 10 % of its range above the pixel's median), and per-cell footprint-weighted
 trace correlation, amplitude slope, peak ratio and lag. Prints one markdown table per photon
-level, means over the seeds, for docs/benchmarks.md.
+level, means over the seeds, for docs/benchmarks.md, and below it the slope and correlation per
+kind of source (somata, puncta, thin processes), which those means hide.
 
     python tools/bench_denoise.py --frames 600 --size 128 128 --photons 0.5 2 8 --seeds 0 1 2 --json out.json
 
@@ -41,7 +42,7 @@ import psutil
 import tifffile
 
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
-from umvd_live.metrics import ORACLE_LABELS, ORACLE_METRICS, MovieScorer, oracle_gaussians, temporal_mean
+from umvd_live.metrics import ORACLE_LABELS, ORACLE_METRICS, MovieScorer, gaussian_3d, oracle_gaussians, temporal_mean
 from umvd_live.metrics import REPORT_HEADERS as HEADER
 from umvd_live.metrics import REPORT_METRICS as METRICS
 from umvd_live.metrics import format_score as fmt
@@ -89,8 +90,12 @@ def bench_one(args: argparse.Namespace, photons: float, seed: int, tmp: Path) ->
     scorer = MovieScorer(clean, sim.footprints(), offset=config.offset_adu)
     rows: dict[str, dict] = {}
 
+    def by_kind(estimate: np.ndarray) -> dict[str, dict[str, float]]:
+        assert scorer.traces is not None
+        return scorer.traces.score(estimate).by_kind(sim.scene.kinds)
+
     def add(name: str, estimate: np.ndarray, seconds: float | None = None, **extra) -> None:
-        rows[name] = {**scorer.score(estimate), "seconds": seconds, **extra}
+        rows[name] = {**scorer.score(estimate), "seconds": seconds, "by_kind": by_kind(estimate), **extra}
         r = rows[name]
         print(f"  {name}: PSNR {r['psnr']:.2f}, active {r['active_psnr']:.2f}, corr {r['trace_corr']:.3f}, "
               f"slope {r['trace_slope']:.2f}, peak {r['peak_ratio']:.2f}, lag {r['lag_frames']:+.2f}", flush=True)
@@ -104,7 +109,8 @@ def bench_one(args: argparse.Namespace, photons: float, seed: int, tmp: Path) ->
     oracle_seconds = time.monotonic() - start
     for metric, oracle in search.best.items():
         rows[f"oracle:{metric}"] = {**oracle.scores, "seconds": oracle_seconds,
-                                    "sigma_t": oracle.sigma_t, "sigma_xy": oracle.sigma_xy}
+                                    "sigma_t": oracle.sigma_t, "sigma_xy": oracle.sigma_xy,
+                                    "by_kind": by_kind(gaussian_3d(noisy, oracle.sigma_t, oracle.sigma_xy))}
         r = rows[f"oracle:{metric}"]
         print(f"  Gaussian oracle for {metric} (σt {oracle.sigma_t:g}, σxy {oracle.sigma_xy:g}): "
               f"PSNR {r['psnr']:.2f}, active {r['active_psnr']:.2f}, corr {r['trace_corr']:.3f}, "
@@ -170,6 +176,30 @@ def table(photons: float, runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def kind_table(photons: float, runs: list[dict]) -> str:
+    """Amplitude slope and trace correlation per kind of source (soma, punctum, process): the
+    means of the table above hide which sources fall short."""
+    kinds = list(dict.fromkeys(k for run in runs for k in run["rows"]["noisy input"]["by_kind"]))
+
+    def mean(key: str, kind: str, metric: str) -> float:
+        values = [run["rows"][key]["by_kind"][kind][metric] for run in runs if kind in run["rows"][key]["by_kind"]]
+        return float(np.mean(values)) if values else float("nan")
+
+    counts = {k: "/".join(str(run["rows"]["noisy input"]["by_kind"].get(k, {}).get("cells", 0)) for run in runs)
+              for k in kinds}
+    lines = [f"**{photons:g} photons/pixel/frame, per kind of source**: amplitude slope / trace corr "
+             "(means over the seeds)", "",
+             "| method | " + " | ".join(f"{k} ({counts[k]} cells)" for k in kinds) + " |",
+             "|---" * (len(kinds) + 1) + "|"]
+    for key in runs[0]["rows"]:
+        label = (f"Gaussian oracle for {ORACLE_LABELS[key.split(':', 1)[1]]} ({sigmas(runs, key)})"
+                 if key.startswith("oracle:") else key)
+        lines.append(f"| {label} | " + " | ".join(
+            f"{fmt('trace_slope', mean(key, k, 'trace_slope'))} / {fmt('trace_corr', mean(key, k, 'trace_corr'))}"
+            for k in kinds) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", type=int, default=600)
@@ -198,6 +228,7 @@ def main() -> int:
           f"movies (simulator {' '.join(args.sim) or 'defaults'}); {machine}\n")
     for photons, runs in results.items():
         print(table(photons, runs) + "\n")
+        print(kind_table(photons, runs) + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps({"command": command, "date": datetime.date.today().isoformat(),
                                                "machine": machine,

@@ -14,7 +14,8 @@ there. The figures here therefore also score the activity (issue 14):
   amplitudes, 0.66 cuts them to two thirds), the peak ratio (the estimate's trace over the truth's,
   summed over the 5 frames around the truth's largest transient: unbiased by noise, unlike a
   maximum), and the lag (frames by which the estimate's trace trails the truth's, from the peak of
-  their cross-correlation);
+  their cross-correlation); ``TraceScores.by_kind`` gives the same means per kind of source
+  (somata, puncta, processes), which the means over every source hide;
 * ``score_movie``/``MovieScorer``: all of them for one movie;
 * ``oracle_gaussians``: the 3-D Gaussian filters whose sigma the ground truth picks, *separately
   for each metric* (sigma_t up to 32 frames): an oracle no user could tune without clean data;
@@ -158,6 +159,22 @@ class TraceScores:
         return {"trace_corr": float(np.mean(self.correlation)), "trace_slope": float(np.mean(self.slope)),
                 "peak_ratio": float(np.mean(self.peak_ratio)), "lag_frames": float(np.mean(self.lag_frames)),
                 "cells": int(len(self.cells))}
+
+    def by_kind(self, kinds: Any) -> dict[str, dict[str, float]]:
+        """`summary` per kind of source (``kinds``: one label per footprint, e.g. the simulator's
+        ``scene.kinds``: soma, punctum, process), in order of first appearance. Why: the means
+        over every source hide which ones fall short; a soma is what most users trace, and a
+        punctum a few pixels across is shrunk most (docs/benchmarks.md, "Which sources fall short")."""
+        kinds = np.asarray(kinds)
+        if kinds.ndim != 1 or (len(self.cells) and len(kinds) <= int(self.cells.max())):
+            raise ValueError(f"kinds must hold one label per footprint, got shape {kinds.shape}")
+        labels = kinds[self.cells]
+        out: dict[str, dict[str, float]] = {}
+        for kind in dict.fromkeys(labels.tolist()):
+            pick = labels == kind
+            out[str(kind)] = TraceScores(self.cells[pick], self.correlation[pick], self.slope[pick],
+                                         self.peak_ratio[pick], self.lag_frames[pick]).summary()
+        return out
 
 
 class _TruthTraces:
