@@ -103,6 +103,8 @@ def test_demo_summary_shows_denoising_beats_raw(tmp_path: Path) -> None:
     assert set(a["oracle"]["best"]) <= {"psnr", "active_psnr", "trace_corr"} and a["oracle"]["grid"] == "reduced"
     assert a["rows"]["denoised"]["psnr"] > a["rows"]["raw"]["psnr"], figures
     assert "activity against the truth" in proc.stdout and "amplitude slope" in proc.stdout
+    assert set(a["rows"]["denoised"]["by_kind"]) <= {"soma", "punctum", "process"}
+    assert "per kind of source" in proc.stdout
     assert not psutil.pid_exists(s["daemon_pid"])
 
 

@@ -219,6 +219,35 @@ def test_activity_report_scores_every_row_on_the_same_frames_and_finds_the_oracl
     assert report["oracle"] is None
 
 
+def test_activity_report_scores_each_kind_of_source_when_told_the_kinds(simulated):
+    """bench and demo pass the simulator's kinds: every row, the oracles' included, then holds
+    the trace means per kind, equal to `TraceScores.by_kind`; the report's table shows them."""
+    from rich.console import Console
+
+    from umvd_live.apps.harness import activity_table
+
+    noisy, clean, footprints, config = simulated
+    kinds = TwoPhotonSimulator(SimConfig(height=48, width=48, photons=2.0, seed=0)).scene.kinds
+    estimate = gaussian_3d(noisy, 4.0, 0.5)
+    report = activity_report(noisy, clean, estimate, footprints, offset=config.offset_adu, oracle="reduced",
+                             kinds=kinds)
+    expected = trace_scores(estimate, clean, footprints, offset=config.offset_adu).by_kind(kinds)
+    assert report["rows"][DENOISED]["by_kind"] == expected
+    assert set(expected) == set(kinds[trace_scores(estimate, clean, footprints, offset=config.offset_adu).cells])
+    assert sum(v["cells"] for v in expected.values()) == report["cells"]
+    for _, scores in report_rows(report):
+        assert set(scores["by_kind"]) == set(expected)
+    console = Console(width=200, record=True)
+    console.print(activity_table(report, "activity"))
+    text = console.export_text()
+    assert "per kind of source" in text and f"soma ({expected['soma']['cells']})" in text
+    assert f"{expected['soma']['trace_slope']:.2f} / {expected['soma']['trace_corr']:.3f}" in text
+    # without the kinds, no such table; and kinds that do not match the footprints are refused
+    assert "by_kind" not in activity_report(noisy, clean, estimate, footprints, oracle="none")["rows"][DENOISED]
+    with pytest.raises(ValueError, match="one label per footprint"):
+        MovieScorer(clean, footprints, kinds=kinds[:-1])
+
+
 def test_activity_report_scores_only_the_frames_that_have_an_estimate(simulated):
     noisy, clean, footprints, config = simulated
     scored = np.ones(len(clean), bool)

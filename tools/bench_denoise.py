@@ -42,7 +42,7 @@ import psutil
 import tifffile
 
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
-from umvd_live.metrics import ORACLE_LABELS, ORACLE_METRICS, MovieScorer, gaussian_3d, oracle_gaussians, temporal_mean
+from umvd_live.metrics import ORACLE_LABELS, ORACLE_METRICS, MovieScorer, oracle_gaussians, temporal_mean
 from umvd_live.metrics import REPORT_HEADERS as HEADER
 from umvd_live.metrics import REPORT_METRICS as METRICS
 from umvd_live.metrics import format_score as fmt
@@ -87,15 +87,11 @@ def bench_one(args: argparse.Namespace, photons: float, seed: int, tmp: Path) ->
     config = sim_config(args, photons, seed)
     sim = TwoPhotonSimulator(config)
     noisy, clean = sim.movie(args.frames)
-    scorer = MovieScorer(clean, sim.footprints(), offset=config.offset_adu)
+    scorer = MovieScorer(clean, sim.footprints(), offset=config.offset_adu, kinds=sim.scene.kinds)
     rows: dict[str, dict] = {}
 
-    def by_kind(estimate: np.ndarray) -> dict[str, dict[str, float]]:
-        assert scorer.traces is not None
-        return scorer.traces.score(estimate).by_kind(sim.scene.kinds)
-
     def add(name: str, estimate: np.ndarray, seconds: float | None = None, **extra) -> None:
-        rows[name] = {**scorer.score(estimate), "seconds": seconds, "by_kind": by_kind(estimate), **extra}
+        rows[name] = {**scorer.score(estimate), "seconds": seconds, **extra}
         r = rows[name]
         print(f"  {name}: PSNR {r['psnr']:.2f}, active {r['active_psnr']:.2f}, corr {r['trace_corr']:.3f}, "
               f"slope {r['trace_slope']:.2f}, peak {r['peak_ratio']:.2f}, lag {r['lag_frames']:+.2f}", flush=True)
@@ -109,8 +105,7 @@ def bench_one(args: argparse.Namespace, photons: float, seed: int, tmp: Path) ->
     oracle_seconds = time.monotonic() - start
     for metric, oracle in search.best.items():
         rows[f"oracle:{metric}"] = {**oracle.scores, "seconds": oracle_seconds,
-                                    "sigma_t": oracle.sigma_t, "sigma_xy": oracle.sigma_xy,
-                                    "by_kind": by_kind(gaussian_3d(noisy, oracle.sigma_t, oracle.sigma_xy))}
+                                    "sigma_t": oracle.sigma_t, "sigma_xy": oracle.sigma_xy}
         r = rows[f"oracle:{metric}"]
         print(f"  Gaussian oracle for {metric} (σt {oracle.sigma_t:g}, σxy {oracle.sigma_xy:g}): "
               f"PSNR {r['psnr']:.2f}, active {r['active_psnr']:.2f}, corr {r['trace_corr']:.3f}, "

@@ -262,13 +262,15 @@ class MovieScorer:
     """Scores estimates of one truth with every metric; the truth's part is computed once.
 
     ``score(estimate)`` returns ``{"psnr", "active_psnr", "active_fraction"}`` and, with
-    footprints, ``{"trace_corr", "trace_slope", "peak_ratio", "lag_frames", "cells"}``.
+    footprints, ``{"trace_corr", "trace_slope", "peak_ratio", "lag_frames", "cells"}``; with
+    ``kinds`` as well (one label per footprint), ``"by_kind"``: those trace means per kind of
+    source (`TraceScores.by_kind`).
     """
 
     CHUNK = 64  # frames per chunk of the float64 error sums
 
     def __init__(self, truth: np.ndarray, footprints: Any = None, *, offset: float = 0.0,
-                 threshold: float = ACTIVE_THRESHOLD, min_dff: float = MIN_CELL_DFF):
+                 threshold: float = ACTIVE_THRESHOLD, min_dff: float = MIN_CELL_DFF, kinds: Any = None):
         self.truth = np.asarray(truth)
         if not np.issubdtype(self.truth.dtype, np.floating):
             self.truth = self.truth.astype(np.float32)
@@ -282,14 +284,20 @@ class MovieScorer:
         self.active_truth = self.truth.reshape(-1)[self.active_index].astype(np.float64)
         self.active_fraction = float(len(self.active_index) / active.size)
         self.traces = None
+        self.kinds: np.ndarray | None = None
         if footprints is not None:
             weights = _footprint_weights(footprints, self.truth.shape[1:])
             self.traces = _TruthTraces(self.truth, weights, offset, min_dff)
+            if kinds is not None:
+                self.kinds = np.asarray(kinds)
+                if self.kinds.shape != (weights.shape[0],):
+                    raise ValueError(f"kinds must hold one label per footprint ({weights.shape[0]}), "
+                                     f"got shape {self.kinds.shape}")
 
     def _db(self, mse: float) -> float:
         return float("inf") if mse == 0 else 10.0 * float(np.log10(self.peak * self.peak / mse))
 
-    def score(self, estimate: np.ndarray) -> dict[str, float]:
+    def score(self, estimate: np.ndarray) -> dict[str, Any]:
         estimate = np.asarray(estimate)
         if estimate.shape != self.truth.shape:
             raise ValueError(f"estimate {estimate.shape} and truth {self.truth.shape} differ in shape")
@@ -300,13 +308,16 @@ class MovieScorer:
             d = d.ravel()
             total += float(np.einsum("i,i->", d, d))
         err = estimate.reshape(-1)[self.active_index].astype(np.float64) - self.active_truth
-        out: dict[str, float] = {
+        out: dict[str, Any] = {
             "psnr": self._db(total / estimate.size),
             "active_psnr": self._db(float(np.mean(err * err))),
             "active_fraction": self.active_fraction,
         }
         if self.traces is not None:
-            out.update(self.traces.score(estimate).summary())
+            traces = self.traces.score(estimate)
+            out.update(traces.summary())
+            if self.kinds is not None:
+                out["by_kind"] = traces.by_kind(self.kinds)
         return out
 
 
@@ -341,7 +352,7 @@ class Oracle:
     metric: str
     sigma_t: float
     sigma_xy: float
-    scores: dict[str, float]
+    scores: dict[str, Any]
 
 
 @dataclass
@@ -349,7 +360,7 @@ class OracleSearch:
     """``best[metric]``: the oracle for each maximised metric; ``grid``: every (sigma_t, sigma_xy, scores)."""
 
     best: dict[str, Oracle]
-    grid: list[tuple[float, float, dict[str, float]]] = field(default_factory=list)
+    grid: list[tuple[float, float, dict[str, Any]]] = field(default_factory=list)
 
 
 def oracle_gaussians(
@@ -426,6 +437,7 @@ def activity_report(
     offset: float = 0.0,
     scored: np.ndarray | None = None,
     oracle: str = "reduced",
+    kinds: Any = None,
 ) -> dict[str, Any]:
     """Every activity metric of ``estimate`` beside the raw frames, a 5-frame temporal mean and
     the oracle Gaussians (one per metric, on ``ORACLE_GRIDS[oracle]``; ``"none"``: no oracle).
@@ -433,7 +445,9 @@ def activity_report(
     ``noisy``, ``truth`` and ``estimate`` are (T, H, W) over a contiguous span of frames;
     ``scored`` (T,) selects the frames that have an estimate (a live stream skips some): the
     baselines filter the whole span, as an offline filter would, and every row is scored on the
-    same selected frames. Returns ``{"frames", "cells", "active_fraction", "rows": {RAW, TMEAN,
+    same selected frames. ``kinds``: one label per footprint (the simulator's ``scene.kinds``),
+    to score each row per kind of source as well (``"by_kind"``). Returns ``{"frames", "cells",
+    "active_fraction", "rows": {RAW, TMEAN,
     DENOISED: scores}, "oracle": {"grid", "sigmas_t", "sigmas_xy", "best": {metric: {"sigma_t",
     "sigma_xy", **scores}}} or None, "seconds"}``; raises ValueError when the scored truth has no
     activity or too few frames.
@@ -457,7 +471,7 @@ def activity_report(
     def pick(movie: np.ndarray) -> np.ndarray:
         return movie if every else movie[scored]
 
-    scorer = MovieScorer(pick(truth), footprints, offset=offset)
+    scorer = MovieScorer(pick(truth), footprints, offset=offset, kinds=kinds)
     rows = {RAW: scorer.score(pick(noisy)), TMEAN: scorer.score(pick(temporal_mean(noisy, 5))),
             DENOISED: scorer.score(pick(np.asarray(estimate)))}
     found = None
@@ -518,7 +532,7 @@ class SessionFrames:
         return min((seq for seq, (_, st) in self.outputs.items() if st == state), default=None)
 
     def report(self, footprints: Any, *, offset: float = 0.0, oracle: str = "reduced",
-               start: int | None = None, stop: int | None = None) -> dict[str, Any]:
+               start: int | None = None, stop: int | None = None, kinds: Any = None) -> dict[str, Any]:
         """`activity_report` over the kept inputs in [``start``, ``stop``) (default: from the first
         live output to the last input), each output in it scored whatever its state (the frames a
         user saw). The span must be contiguous in the inputs; adds ``"span": [first, last]`` seqs."""
@@ -539,7 +553,8 @@ class SessionFrames:
             if seq in self.outputs:
                 estimate[i] = self.outputs[seq][0]
                 scored[i] = True
-        report = activity_report(noisy, truth, estimate, footprints, offset=offset, scored=scored, oracle=oracle)
+        report = activity_report(noisy, truth, estimate, footprints, offset=offset, scored=scored, oracle=oracle,
+                                 kinds=kinds)
         return {"span": [seqs[0], seqs[-1]], **report}
 
 
@@ -550,7 +565,7 @@ REPORT_HEADERS: tuple[str, ...] = ("PSNR (dB)", "active-set PSNR (dB)", "trace c
 ORACLE_LABELS = {"psnr": "whole-movie PSNR", "active_psnr": "active-set PSNR", "trace_corr": "trace correlation"}
 
 
-def report_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+def report_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(label, scores) of an `activity_report`, in table order: raw, 5-frame mean, the oracle of
     each metric with its sigma, denoised."""
     rows = [(RAW, report["rows"][RAW]), (TMEAN, report["rows"][TMEAN])]

@@ -677,7 +677,7 @@ def _activity(cfg: BenchConfig, s: int, ring: FrameRing, monitor: OutputMonitor)
         try:
             report = activity_report(ring.noisy[start:stop], ring.clean[start:stop], estimate,
                                      ring.sim.footprints(stage), offset=ring.sim.config.offset_adu,
-                                     scored=scored, oracle=cfg.oracle)
+                                     scored=scored, oracle=cfg.oracle, kinds=ring.sim.scene.kinds)
         except ValueError as exc:
             out.append(row | {"skipped": str(exc)})
             continue

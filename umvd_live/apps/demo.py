@@ -475,9 +475,10 @@ def render_activity(activity: dict[str, Any], oracle: str) -> Table:
 def score_activity(config: DemoConfig, tracker: QualityTracker) -> tuple[dict[str, Any] | None, str | None]:
     """(the activity report of the kept frames from the first live one, or None and why)."""
     sim = config.sim_config()
-    footprints = TwoPhotonSimulator(sim).footprints()  # the same scene: the same seed
+    scene = TwoPhotonSimulator(sim)  # the same scene: the same seed
     try:
-        return tracker.frames.report(footprints, offset=sim.offset_adu, oracle=config.oracle), None
+        return tracker.frames.report(scene.footprints(), offset=sim.offset_adu, oracle=config.oracle,
+                                     kinds=scene.scene.kinds), None
     except ValueError as exc:
         return None, str(exc)
 

@@ -284,13 +284,33 @@ def format_figure(value: Any, spec: str = ".1f", unit: str = "") -> str:
 
 
 def activity_table(report: dict[str, Any], title: str) -> Any:
-    """An activity report (`metrics.activity_report`): a row per method, a column per metric."""
+    """An activity report (`metrics.activity_report`): a row per method, a column per metric;
+    below it, where the report was scored per kind of source, the amplitude slope and trace
+    correlation of each kind (the means over every source hide which ones fall short)."""
+    from rich.console import Group
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", show_header=True, header_style="bold")
     table.add_column("method", style="bold")
     for header in REPORT_HEADERS:
         table.add_column(header, justify="right")
-    for label, scores in report_rows(report):
+    rows = report_rows(report)
+    for label, scores in rows:
         table.add_row(label, *(format_score(m, scores.get(m)) for m in REPORT_METRICS))
-    return table
+    kinds = list(dict.fromkeys(k for _, scores in rows for k in scores.get("by_kind", {})))
+    if not kinds:
+        return table
+    counts = rows[0][1].get("by_kind", {})
+    per_kind = Table(title="amplitude slope / trace corr per kind of source", title_justify="left",
+                     show_header=True, header_style="bold")
+    per_kind.add_column("method", style="bold")
+    for kind in kinds:
+        per_kind.add_column(f"{kind} ({counts.get(kind, {}).get('cells', 0)})", justify="right")
+    for label, scores in rows:
+        cells = []
+        for kind in kinds:
+            one = scores.get("by_kind", {}).get(kind, {})
+            cells.append(f"{format_score('trace_slope', one.get('trace_slope'))} / "
+                         f"{format_score('trace_corr', one.get('trace_corr'))}")
+        per_kind.add_row(label, *cells)
+    return Group(table, per_kind)
