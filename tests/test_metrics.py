@@ -112,23 +112,27 @@ def test_a_late_estimate_has_a_positive_lag():
 
 
 def test_scores_per_kind_of_source_split_the_means():
-    """Two firing cells of different kinds, each attenuated differently: the per-kind summary
-    gives each its own slope, where the mean over cells gives their average."""
-    truth, footprints = cells_movie()
-    truth[:, 14:20, 14:20] = truth[:, 4:10, 4:10] - 20.0  # cell 1 now fires as cell 0 does
+    """Three sources of three kinds, the middle one silent (not scored), the others attenuated
+    differently: each kind gets its own cells' slope, where the mean over cells gives their
+    average, and the silent one's kind none (labels follow the scored cells' indices)."""
+    truth, footprints = cells_movie()  # cell 0 fires, cell 1 never does
+    footprints = np.concatenate([footprints, np.zeros_like(footprints[:1])])
+    footprints[2, 14:20, 4:10] = 1.0
+    truth[:, 14:20, 4:10] = truth[:, 4:10, 4:10] - 20.0  # a third cell, firing as cell 0 does
     median = np.median(truth, axis=0)
     estimate = np.repeat(median[None], len(truth), axis=0)
     estimate[:, 4:10, 4:10] += 0.9 * (truth - median)[:, 4:10, 4:10]
-    estimate[:, 14:20, 14:20] += 0.5 * (truth - median)[:, 14:20, 14:20]
+    estimate[:, 14:20, 4:10] += 0.5 * (truth - median)[:, 14:20, 4:10]
     scores = trace_scores(estimate, truth, footprints, offset=OFFSET)
+    assert scores.cells.tolist() == [0, 2]
     assert scores.summary()["trace_slope"] == pytest.approx(0.7)
-    kinds = scores.by_kind(np.array(["soma", "punctum"]))
-    assert list(kinds) == ["soma", "punctum"]
+    kinds = scores.by_kind(np.array(["soma", "punctum", "process"]))
+    assert list(kinds) == ["soma", "process"]
     assert kinds["soma"]["trace_slope"] == pytest.approx(0.9) and kinds["soma"]["cells"] == 1
-    assert kinds["punctum"]["trace_slope"] == pytest.approx(0.5)
-    assert trace_scores(estimate, truth, footprints, offset=OFFSET).by_kind(["soma", "soma"])["soma"]["cells"] == 2
+    assert kinds["process"]["trace_slope"] == pytest.approx(0.5)
+    assert scores.by_kind(["soma", "soma", "soma"])["soma"]["cells"] == 2
     with pytest.raises(ValueError, match="one label per footprint"):
-        scores.by_kind(np.array(["soma"]))
+        scores.by_kind(np.array(["soma", "punctum"]))
 
 
 def test_cell_traces_are_footprint_weighted_means_and_take_sparse_footprints():
@@ -227,14 +231,16 @@ def test_activity_report_scores_each_kind_of_source_when_told_the_kinds(simulate
     from umvd_live.apps.harness import activity_table
 
     noisy, clean, footprints, config = simulated
-    kinds = TwoPhotonSimulator(SimConfig(height=48, width=48, photons=2.0, seed=0)).scene.kinds
+    kinds = TwoPhotonSimulator(config).scene.kinds
     estimate = gaussian_3d(noisy, 4.0, 0.5)
     report = activity_report(noisy, clean, estimate, footprints, offset=config.offset_adu, oracle="reduced",
                              kinds=kinds)
-    expected = trace_scores(estimate, clean, footprints, offset=config.offset_adu).by_kind(kinds)
+    traces = trace_scores(estimate, clean, footprints, offset=config.offset_adu)
+    expected = traces.by_kind(kinds)
     assert report["rows"][DENOISED]["by_kind"] == expected
-    assert set(expected) == set(kinds[trace_scores(estimate, clean, footprints, offset=config.offset_adu).cells])
-    assert sum(v["cells"] for v in expected.values()) == report["cells"]
+    for kind, scores in expected.items():  # each kind's cells, as the scene labels the scored sources
+        assert scores["cells"] == int((kinds[traces.cells] == kind).sum())
+        assert scores["trace_slope"] == pytest.approx(float(traces.slope[kinds[traces.cells] == kind].mean()))
     for _, scores in report_rows(report):
         assert set(scores["by_kind"]) == set(expected)
     console = Console(width=200, record=True)
@@ -246,6 +252,8 @@ def test_activity_report_scores_each_kind_of_source_when_told_the_kinds(simulate
     assert "by_kind" not in activity_report(noisy, clean, estimate, footprints, oracle="none")["rows"][DENOISED]
     with pytest.raises(ValueError, match="one label per footprint"):
         MovieScorer(clean, footprints, kinds=kinds[:-1])
+    with pytest.raises(ValueError, match="footprints"):
+        MovieScorer(clean, kinds=kinds)
 
 
 def test_activity_report_scores_only_the_frames_that_have_an_estimate(simulated):
@@ -302,14 +310,8 @@ def test_session_frames_score_from_the_first_live_output_and_stay_bounded(simula
 def test_bench_denoise_sets_the_simulator_physics_it_is_asked_for():
     """tools/bench_denoise.py --sim: the movies unlike those the engine was tuned on (docs/benchmarks.md)."""
     import argparse
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "tools" / "bench_denoise.py"
-    spec = importlib.util.spec_from_file_location("bench_denoise", path)
-    assert spec is not None and spec.loader is not None
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _bench_denoise_tool()
     args = argparse.Namespace(size=(64, 96), sim=["rate_hz=10", "n_cells=40", "drift_px=3"])
     config = tool.sim_config(args, 8.0, 5)
     assert (config.rate_hz, config.n_cells, config.drift_px) == (10.0, 40, 3.0)
@@ -320,12 +322,33 @@ def test_bench_denoise_sets_the_simulator_physics_it_is_asked_for():
     for bad in (["seed=3"], ["rate_hz"], ["rate_hz=fast"], ["colour=1"]):
         with pytest.raises(SystemExit, match="--sim"):
             tool.sim_overrides(bad)
-    # its table per kind of source: means over the seeds, a kind missing from a seed left out of its mean
-    def run(seed, slopes):
+
+
+def _bench_denoise_tool():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "bench_denoise.py"
+    spec = importlib.util.spec_from_file_location("bench_denoise", path)
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_bench_denoise_tables_each_kind_of_source_over_the_seeds():
+    """Means over the seeds per kind; a kind one seed lacks is left out of that mean, and a row
+    one seed lacks (an oracle with no cell to score) is left out of the table."""
+    tool = _bench_denoise_tool()
+
+    def run(seed, slopes, oracle_corr=True):
         kinds = {k: {"trace_slope": v, "trace_corr": 0.5, "cells": 2} for k, v in slopes.items()}
         rows = {"noisy input": {"by_kind": kinds}, "oracle:psnr": {"by_kind": kinds, "sigma_t": 8.0, "sigma_xy": 0.5}}
+        if oracle_corr:
+            rows["oracle:trace_corr"] = {"by_kind": kinds, "sigma_t": 6.0, "sigma_xy": 0.0}
         return {"config": {"seed": seed}, "rows": rows}
-    text = tool.kind_table(2.0, [run(0, {"soma": 0.8, "punctum": 0.6}), run(1, {"soma": 0.9})])
+    text = tool.kind_table(2.0, [run(0, {"soma": 0.8, "punctum": 0.6}), run(1, {"soma": 0.9}, oracle_corr=False)])
     assert "| soma (2/2 cells) | punctum (2/0 cells) |" in text
     assert "| noisy input | 0.85 / 0.500 | 0.60 / 0.500 |" in text
-    assert "Gaussian oracle for whole-movie PSNR (σt 8, σxy 0.5)" in text
+    assert "| Gaussian oracle for whole-movie PSNR (σt 8, σxy 0.5) | 0.85 / 0.500 | 0.60 / 0.500 |" in text
+    assert "trace correlation" not in text

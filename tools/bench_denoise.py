@@ -42,7 +42,7 @@ import psutil
 import tifffile
 
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
-from umvd_live.metrics import ORACLE_LABELS, ORACLE_METRICS, MovieScorer, oracle_gaussians, temporal_mean
+from umvd_live.metrics import ORACLE_LABELS, ORACLE_METRICS, MovieScorer, format_kind, oracle_gaussians, temporal_mean
 from umvd_live.metrics import REPORT_HEADERS as HEADER
 from umvd_live.metrics import REPORT_METRICS as METRICS
 from umvd_live.metrics import format_score as fmt
@@ -156,7 +156,7 @@ def table(photons: float, runs: list[dict]) -> str:
     for metric in BEST_COLUMNS:
         key = f"oracle:{metric}"
         if all(key in run["rows"] for run in runs):
-            row(f"Gaussian oracle for {ORACLE_LABELS[metric]} ({sigmas(runs, key)})", key)
+            row(label(runs, key), key)
     cells = []
     for metric in METRICS:
         key = f"oracle:{metric}"
@@ -173,12 +173,14 @@ def table(photons: float, runs: list[dict]) -> str:
 
 def kind_table(photons: float, runs: list[dict]) -> str:
     """Amplitude slope and trace correlation per kind of source (soma, punctum, process): the
-    means of the table above hide which sources fall short."""
+    means of the table above hide which sources fall short. Rows that some seed lacks (an oracle
+    with no cell to score) are left out, as in `table`."""
     kinds = list(dict.fromkeys(k for run in runs for k in run["rows"]["noisy input"]["by_kind"]))
 
-    def mean(key: str, kind: str, metric: str) -> float:
-        values = [run["rows"][key]["by_kind"][kind][metric] for run in runs if kind in run["rows"][key]["by_kind"]]
-        return float(np.mean(values)) if values else float("nan")
+    def mean(key: str, kind: str) -> dict[str, float]:
+        found = [run["rows"][key]["by_kind"][kind] for run in runs if kind in run["rows"][key]["by_kind"]]
+        return {m: float(np.mean([f[m] for f in found])) if found else float("nan")
+                for m in ("trace_slope", "trace_corr")}
 
     counts = {k: "/".join(str(run["rows"]["noisy input"]["by_kind"].get(k, {}).get("cells", 0)) for run in runs)
               for k in kinds}
@@ -187,12 +189,16 @@ def kind_table(photons: float, runs: list[dict]) -> str:
              "| method | " + " | ".join(f"{k} ({counts[k]} cells)" for k in kinds) + " |",
              "|---" * (len(kinds) + 1) + "|"]
     for key in runs[0]["rows"]:
-        label = (f"Gaussian oracle for {ORACLE_LABELS[key.split(':', 1)[1]]} ({sigmas(runs, key)})"
-                 if key.startswith("oracle:") else key)
-        lines.append(f"| {label} | " + " | ".join(
-            f"{fmt('trace_slope', mean(key, k, 'trace_slope'))} / {fmt('trace_corr', mean(key, k, 'trace_corr'))}"
-            for k in kinds) + " |")
+        if all(key in run["rows"] for run in runs):
+            lines.append(f"| {label(runs, key)} | " + " | ".join(format_kind(mean(key, k)) for k in kinds) + " |")
     return "\n".join(lines)
+
+
+def label(runs: list[dict], key: str) -> str:
+    """A row's label: the method, or the metric an oracle maximises with its sigmas."""
+    if key.startswith("oracle:"):
+        return f"Gaussian oracle for {ORACLE_LABELS[key.split(':', 1)[1]]} ({sigmas(runs, key)})"
+    return key
 
 
 def main() -> int:
@@ -221,13 +227,13 @@ def main() -> int:
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, load {load_start:.1f} → {psutil.getloadavg()[0]:.1f}")
     print(f"\n{command}\n{datetime.date.today().isoformat()}; {args.frames}×{args.size[0]}×{args.size[1]} simulated "
           f"movies (simulator {' '.join(args.sim) or 'defaults'}); {machine}\n")
-    for photons, runs in results.items():
-        print(table(photons, runs) + "\n")
-        print(kind_table(photons, runs) + "\n")
-    if args.json:
+    if args.json:  # first: the figures of a long run outlive a failure to tabulate them
         Path(args.json).write_text(json.dumps({"command": command, "date": datetime.date.today().isoformat(),
                                                "machine": machine,
                                                "results": {str(k): v for k, v in results.items()}}, indent=1))
+    for photons, runs in results.items():
+        print(table(photons, runs) + "\n")
+        print(kind_table(photons, runs) + "\n")
     return 0
 
 

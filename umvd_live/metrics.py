@@ -285,6 +285,8 @@ class MovieScorer:
         self.active_fraction = float(len(self.active_index) / active.size)
         self.traces = None
         self.kinds: np.ndarray | None = None
+        if kinds is not None and footprints is None:
+            raise ValueError("kinds label footprints: pass the footprints too")
         if footprints is not None:
             weights = _footprint_weights(footprints, self.truth.shape[1:])
             self.traces = _TruthTraces(self.truth, weights, offset, min_dff)
@@ -575,6 +577,14 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         rows.append((label, found))
     rows.append((DENOISED, report["rows"][DENOISED]))
     return rows
+
+
+def format_kind(scores: dict[str, Any] | None) -> str:
+    """One kind of source's trace means (`TraceScores.by_kind`) as the reports print them:
+    amplitude slope / trace correlation."""
+    scores = scores or {}
+    slope, corr = scores.get("trace_slope"), scores.get("trace_corr")
+    return f"{format_score('trace_slope', slope)} / {format_score('trace_corr', corr)}"
 
 
 def format_score(metric: str, value: float | None) -> str:

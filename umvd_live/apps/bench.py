@@ -46,7 +46,8 @@ The main figures (all in the JSON; `run` also prints a table):
   coarser grid). Scored: every output, whatever its state, from the first live one to the end of
   the ring's first pass (a replayed ring is not one movie). A list of segments: one, or with
   ``--events`` one from the first live output and one from each change to the next (the cells'
-  footprints follow the stage).
+  footprints follow the stage). Each row also holds those trace means per kind of source, the
+  simulator's somata, puncta and thin processes (``by_kind``).
 - ``first_output_s``: seconds from the first frame's hand-over to the publication of the first
   output in each state (``first_live_output_s``: of the first ``live`` one); ``states``: outputs
   per state; ``changes``: the changes the daemon detected (``status.streams[...].changes``, where

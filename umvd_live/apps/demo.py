@@ -464,7 +464,7 @@ def render_summary(s: DemoSummary) -> Table:
     return table
 
 
-def render_activity(activity: dict[str, Any], oracle: str) -> Table:
+def render_activity(activity: dict[str, Any], oracle: str) -> Table | Group:
     """What users look at (issue 14), as `umvd-live bench` prints it: the calcium transients."""
     first, last = activity["span"]
     return activity_table(activity, f"activity against the truth: frames {first}-{last} ({activity['frames']} "
@@ -475,10 +475,10 @@ def render_activity(activity: dict[str, Any], oracle: str) -> Table:
 def score_activity(config: DemoConfig, tracker: QualityTracker) -> tuple[dict[str, Any] | None, str | None]:
     """(the activity report of the kept frames from the first live one, or None and why)."""
     sim = config.sim_config()
-    scene = TwoPhotonSimulator(sim)  # the same scene: the same seed
+    simulator = TwoPhotonSimulator(sim)  # the same scene: the same seed
     try:
-        return tracker.frames.report(scene.footprints(), offset=sim.offset_adu, oracle=config.oracle,
-                                     kinds=scene.scene.kinds), None
+        return tracker.frames.report(simulator.footprints(), offset=sim.offset_adu, oracle=config.oracle,
+                                     kinds=simulator.scene.kinds), None
     except ValueError as exc:
         return None, str(exc)
 

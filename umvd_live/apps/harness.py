@@ -33,7 +33,7 @@ from typing import Any, cast
 import zmq
 
 from umvd_live.adapters.simulation import LASER, SimConfig, SimEvent, parse_events
-from umvd_live.metrics import REPORT_HEADERS, REPORT_METRICS, format_score, report_rows
+from umvd_live.metrics import REPORT_HEADERS, REPORT_METRICS, format_kind, format_score, report_rows
 from umvd_live.wire.control_client import ControlClient, DaemonUnavailable
 from umvd_live.wire.protocol import DENOISED_SUFFIX, OutputMessage, ProtocolError, decode_output
 from umvd_live.wire.schema import StatusReply
@@ -283,7 +283,7 @@ def format_figure(value: Any, spec: str = ".1f", unit: str = "") -> str:
     return f"{value}{unit}"
 
 
-def activity_table(report: dict[str, Any], title: str) -> Any:
+def activity_table(report: dict[str, Any], title: str) -> Any:  # a rich Table, or a Group with the kinds
     """An activity report (`metrics.activity_report`): a row per method, a column per metric;
     below it, where the report was scored per kind of source, the amplitude slope and trace
     correlation of each kind (the means over every source hide which ones fall short)."""
@@ -307,10 +307,5 @@ def activity_table(report: dict[str, Any], title: str) -> Any:
     for kind in kinds:
         per_kind.add_column(f"{kind} ({counts.get(kind, {}).get('cells', 0)})", justify="right")
     for label, scores in rows:
-        cells = []
-        for kind in kinds:
-            one = scores.get("by_kind", {}).get(kind, {})
-            cells.append(f"{format_score('trace_slope', one.get('trace_slope'))} / "
-                         f"{format_score('trace_corr', one.get('trace_corr'))}")
-        per_kind.add_row(label, *cells)
+        per_kind.add_row(label, *(format_kind(scores.get("by_kind", {}).get(kind)) for kind in kinds))
     return Group(table, per_kind)
