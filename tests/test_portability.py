@@ -103,8 +103,18 @@ def test_spill_queue_spills_and_reads_back_without_pwrite(windows_like, tmp_path
     assert spilled > 0, "the budget of 4 frames should have made the queue spill"
 
 
-def test_recorder_writes_and_spills_without_pwrite(windows_like, tmp_path):
+def test_recorder_writes_and_spills_without_pwrite(windows_like, tmp_path, monkeypatch):
     shape = (128, 128)  # 64 KiB a frame, over the budget: frames wait in the spill file
+    # The writer is held at its first frame until every frame is submitted, so the backlog must
+    # spill: left to race, a busy machine's writer could take each frame before the spill thread.
+    submitted = threading.Event()
+    write_one = RecordingSession._write_one
+
+    def held(self, *args):
+        assert submitted.wait(30)
+        write_one(self, *args)
+
+    monkeypatch.setattr(RecordingSession, "_write_one", held)
     session = RecordingSession(RecordingRequest(path=tmp_path / "w.ome.tif", memory_budget_bytes=16 * 1024,
                                                 hard_limit_bytes=10**9))
     for seq in range(100):
@@ -112,6 +122,7 @@ def test_recorder_writes_and_spills_without_pwrite(windows_like, tmp_path):
         assert session.submit_denoised("cam0", FrameHeader(seq, shape, "<f4", t=seq / 10,
                                                            meta={"pixel_size_um": 0.5}),
                                        image, state="live", model_step=seq)
+    submitted.set()
     assert session.stop(wait=True, timeout=60)
     status = session.status()
     assert status.error is None and status.frames_written == 100 and status.spilled_total > 0
