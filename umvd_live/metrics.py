@@ -449,10 +449,9 @@ def activity_report(
     baselines filter the whole span, as an offline filter would, and every row is scored on the
     same selected frames. ``kinds``: one label per footprint (the simulator's ``scene.kinds``),
     to score each row per kind of source as well (``"by_kind"``). Returns ``{"frames", "cells",
-    "active_fraction", "rows": {RAW, TMEAN,
-    DENOISED: scores}, "oracle": {"grid", "sigmas_t", "sigmas_xy", "best": {metric: {"sigma_t",
-    "sigma_xy", **scores}}} or None, "seconds"}``; raises ValueError when the scored truth has no
-    activity or too few frames.
+    "active_fraction", "rows": {RAW, TMEAN, DENOISED: scores}, "oracle": {"grid", "sigmas_t",
+    "sigmas_xy", "best": {metric: {"sigma_t", "sigma_xy", **scores}}} or None, "seconds"}``;
+    raises ValueError when the scored truth has no activity or too few frames.
     """
     import time
 
