@@ -60,6 +60,7 @@ from umvd_live.apps.cli import engine_config_from_args
 from umvd_live.engine import DenoisedFrame, EngineConfig, StreamDenoiser
 from umvd_live.engine.amplitude import AmplitudeGain
 from umvd_live.engine.budget import cpu_cores
+from umvd_live.engine.cellblend import CellBlend
 from umvd_live.engine.changes import ChangeDetector
 from umvd_live.engine.checkpoint import CheckpointError
 from umvd_live.engine.normalization import sanitize
@@ -196,6 +197,7 @@ class ChunkResult:
     seconds: float
     worker: str
     gains: tuple[AmplitudeGain, ...] = ()  # the chunk's amplitude restoration (`engine.amplitude`), movie frames
+    blends: tuple[CellBlend, ...] = ()  # the chunk's cell-scale blend (`engine.cellblend`), movie frames
 
 
 def _worker() -> tuple[str, int]:
@@ -349,7 +351,8 @@ def denoise_chunk(source: str, model: WarmModel, chunk: Chunk, options: BatchOpt
     if len(outputs) != chunk.stop - chunk.start:
         raise RuntimeError(f"{source}: chunk {chunk.index} left frames without an output")
     gains = tuple(replace(gain, first=gain.first + chunk.read_start) for gain in engine.amplitude_gains)
-    return ChunkResult(chunk, images, outputs, time.monotonic() - started, _worker()[0], gains)
+    blends = tuple(replace(blend, first=blend.first + chunk.read_start) for blend in engine.cell_blends)
+    return ChunkResult(chunk, images, outputs, time.monotonic() - started, _worker()[0], gains, blends)
 
 
 def write_chunks(source: str, output: str, model: WarmModel, options: BatchOptions, *parts: ChunkResult) -> Written:
@@ -358,8 +361,11 @@ def write_chunks(source: str, output: str, model: WarmModel, options: BatchOptio
     parts = tuple(sorted(parts, key=lambda p: p.chunk.index))
     frames = (image for p in parts for image in p.frames)  # written as they come: no joined copy
     outputs = [o for p in parts for o in p.outputs]
-    gains = denoise.describe_gains([gain for p in parts for gain in p.gains])  # each chunk measured its own
-    provenance = replace(model.provenance, extra={**model.provenance.extra, "amplitude_gain": gains})
+    # each chunk measured its own
+    blends = denoise.describe_blends([blend for p in parts for blend in p.blends])
+    gains = denoise.describe_gains([gain for p in parts for gain in p.gains])
+    provenance = replace(model.provenance,
+                         extra={**model.provenance.extra, "cell_blend": blends, "amplitude_gain": gains})
     with MovieFrames(source, model.stream) as reader:  # the stream's metadata, for every frame
         write_atomic(Path(output), lambda tmp: denoise.write_denoised(tmp, reader, frames, outputs, provenance))
     if options.save_models:

@@ -103,6 +103,11 @@ def _file_args(p: argparse.ArgumentParser) -> None:
                         "need not keep pace)")
     p.add_argument("--warmup-steps", type=int, default=None, metavar="S",
                    help="training steps of the warm start before the output goes live (default: the engine's)")
+    p.add_argument("--blend-px", type=float, metavar="PX",
+                   help="the scale (Gaussian sigma, pixels; about a soma's radius) at and above which the "
+                        "outputs are blended with a blind temporal mean of the noisy frames, as far as that "
+                        "measurably brings them closer to the truth (default 3; 0: off; docs/engine.md, "
+                        "\"Cell-scale blend\")")
     p.add_argument("--threads", type=int, metavar="T",
                    help="torch threads on a CPU (default: every core this process may use; batch: "
                         "the cores divided among the tasks that run at once)")
@@ -387,7 +392,8 @@ ENGINE_FLAGS = {"preset": "preset", "device": "device", "window": "window", "con
                 "warmup_frames": "warmup_frames", "warmup_steps": "warmup_steps", "init": "init",
                 "prior": "prior", "seed": "seed", "batch": "max_batch", "workers": "workers",
                 "precision": "precision", "compile": "compile", "steps_per_frame": "steps_per_frame",
-                "threads": "cpu_threads", "keep_amplitude": "keep_amplitude"}
+                "threads": "cpu_threads", "keep_amplitude": "keep_amplitude",
+                "blend_px": "blend_px"}
 
 
 def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> EngineConfig:

@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from umvd_live.engine import DenoisedFrame, EngineConfig, StreamDenoiser
 from umvd_live.engine.amplitude import AmplitudeGain
+from umvd_live.engine.cellblend import CellBlend
 from umvd_live.engine.checkpoint import CheckpointError
 from umvd_live.engine.provenance import network_provenance
 from umvd_live.recording.movie import MovieError, MovieFrames, describe_streams, movie_streams
@@ -167,9 +168,19 @@ def denoise_provenance(engine: StreamDenoiser, movie: MovieFrames, *, offline: b
                **network_provenance(engine),
                "context_sides": engine.config.context_sides,
                "changes": ",".join(f"{c.index}:{c.reason}" for c in engine.changes) or "none",
+               "cell_blend": describe_blends(engine.cell_blends),
                "amplitude_gain": describe_gains(engine.amplitude_gains),
                **extra},
     )
+
+
+def describe_blends(blends: Sequence[CellBlend]) -> str:
+    """The cell-scale blend of each segment (`engine.cellblend`), for the provenance and the summary
+    line: ``first-frame:weight`` (``(the blind mean's temporal sigma)``, or why none was applied)."""
+    def one(b: CellBlend) -> str:
+        why = f"sigma {b.sigma_t:g} frames" if b.sigma_t is not None else b.reason
+        return f"{b.first}:{b.weight:.3f} ({why})"
+    return ", ".join(one(b) for b in blends) or "none"
 
 
 def describe_gains(gains: Sequence[AmplitudeGain]) -> str:
@@ -248,6 +259,7 @@ def _denoise_stream(config: DenoiseConfig, stream: str, output: Path, err: Conso
         + (f" (stream {stream})" if several else "")
         + f" in {result.seconds:.1f} s ({engine.preset} on {engine.device}, {engine.model_step} training steps)"
         + f" → {output}"
+        + f"; cell-scale blend {describe_blends(engine.cell_blends)}"
         + f"; amplitude gain {describe_gains(engine.amplitude_gains)}"
         + (f"; {fallbacks} frames where the network lost to the neighbours' mean got the window's mean"
            if fallbacks else "")

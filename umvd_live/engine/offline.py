@@ -3,7 +3,8 @@
 A file need not arrive frame by frame. `pretrain` trains on every window of the movie before any
 frame is pushed (the paper's recipe), and `denoise_frames` denoises any frames of it with the
 newest weights, with context from both sides where the config asks for it (the final pass of
-`denoise`), and undoes the network's measured shrinkage of the activity there (`amplitude`).
+`denoise`), blends their coarse part with a blind temporal mean (`cellblend`) and undoes the
+network's measured shrinkage of the activity there (`amplitude`).
 Both use the stream's own network, windows, segments and referee (`stream.StreamDenoiser`, whose
 `pretrain` and `denoise_frames` call these), so a file gets the engine a live stream gets.
 """
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from umvd_live.engine.amplitude import AmplitudeGain, restore_amplitude
+from umvd_live.engine.cellblend import CellBlend, blend_blind_mean
 from umvd_live.engine.changes import ChangeDetector
 from umvd_live.engine.normalization import Normalizer, sanitize
 from umvd_live.engine.outputs import BlindReferee, DenoisedFrame, OutputBatch, Probe
@@ -71,12 +73,13 @@ def denoise_frames(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
     starts = [0] + [change.index for change in den.changes]
     ends = starts[1:] + [len(movie)]
     out: list[DenoisedFrame] = []
-    den.amplitude_gains = []
+    den.amplitude_gains, den.cell_blends = [], []
     for segment, (first, end) in enumerate(zip(starts, ends)):
         chunk = [t for t in indices if first <= t < end]
         if chunk:
             done = _denoise_segment(den, movie, chunk, first, end - 1, segment, progress)
-            restored = _restore_amplitude(den, movie, done, first, end - 1)
+            blend, restored = _blend_and_restore(den, movie, done, first, end - 1)
+            den.cell_blends.append(blend)
             den.amplitude_gains.append(restored)
             if restored.gain != 1.0:  # the network's outputs were restored; the referee's means were not
                 left = set(restored.unrestored)
@@ -136,24 +139,30 @@ def _denoise_segment(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
     return out
 
 
-def _restore_amplitude(den: StreamDenoiser, movie: np.ndarray, outputs: list[DenoisedFrame],
-                       first: int, last: int) -> AmplitudeGain:
-    """Undo the shrinkage of one segment (frames ``first`` to ``last``) in its outputs, in place
-    (`amplitude`): over a run of consecutive frames, the network's outputs only (not the
-    referee's neighbour means), each judged again once restored, as the referee judged it."""
+def _blend_and_restore(den: StreamDenoiser, movie: np.ndarray, outputs: list[DenoisedFrame],
+                       first: int, last: int) -> tuple[CellBlend, AmplitudeGain]:
+    """Blend one segment's outputs (frames ``first`` to ``last``) at the scale of cells with the
+    blind mean of its noisy frames (`cellblend`), then undo their shrinkage (`amplitude`), in
+    place: over a run of consecutive frames, the network's outputs only (not the referee's
+    neighbour means), each judged again once restored, as the referee judged it."""
     ordered = sorted(outputs, key=lambda o: o.index)
     start, frames = ordered[0].index, len(ordered)
     if ordered[-1].index - start + 1 != frames or any(o.image is None for o in ordered):
-        return AmplitudeGain(start, frames, None, 1.0, "frames not consecutive")
-    reach = context_reach(den.k, den.spec.context, den.config.context_sides == "both")
+        why = "frames not consecutive"
+        return CellBlend(start, frames, None, reason=why), AmplitudeGain(start, frames, None, 1.0, why)
     noisy = [sanitize(movie[o.index])[0] for o in ordered]
+    images = [o.image for o in ordered]
+    scored = np.array([o.state == "live" for o in ordered])
+    blend = blend_blind_mean(noisy, images, scale_px=den.config.blend_px,  # type: ignore[arg-type]  # checked above
+                             scored=scored, first=start)
+    # a blended output depends on the frames within the blind mean's reach as well
+    reach = max(context_reach(den.k, den.spec.context, den.config.context_sides == "both"), blend.reach)
 
     def neighbours(t: int) -> np.ndarray:  # the referee's blind mean of output t's window (`Probe`)
         around = [i for i in window_indices(start + t, first, last, den.k) if i != start + t]
         return np.mean([noisy[i - start] if 0 <= i - start < frames else sanitize(movie[i])[0] for i in around],
                        axis=0)
 
-    return restore_amplitude(noisy, [o.image for o in ordered],  # type: ignore[misc]  # checked above
-                             reach=reach, keep=den.config.keep_amplitude,
-                             scored=np.array([o.state == "live" for o in ordered]), first=start,
-                             neighbours=neighbours)
+    restored = restore_amplitude(noisy, images, reach=reach, keep=den.config.keep_amplitude,  # type: ignore[arg-type]
+                                 scored=scored, first=start, neighbours=neighbours)
+    return blend, restored

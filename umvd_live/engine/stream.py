@@ -37,6 +37,7 @@ import torch
 from umvd_live.engine import offline
 from umvd_live.engine.amplitude import AmplitudeGain, LiveAmplitude
 from umvd_live.engine.budget import CpuBudget
+from umvd_live.engine.cellblend import CellBlend
 from umvd_live.engine.changes import Change, ChangeDetector
 from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint, weights_hash
 from umvd_live.engine.compiled import CompiledPass
@@ -125,6 +126,7 @@ class StreamDenoiser:
         self._detector = ChangeDetector(self.config.changes)
         self.changes: list[Change] = []  # the abrupt changes seen, each starting a segment
         self.amplitude_gains: list[AmplitudeGain] = []  # per segment, by the last `denoise_frames`
+        self.cell_blends: list[CellBlend] = []  # likewise
         # live outputs: the activity's amplitude restored as in a file's final pass, running (`amplitude`)
         self._amplitude = LiveAmplitude(self.config.keep_amplitude, self.k) \
             if self.config.keep_amplitude > 0 else None

@@ -1,0 +1,159 @@
+"""Cell-scale blend (`engine.cellblend`): the blind temporal mean never holds its own frame, the blend
+is measured without the truth, takes what brings the outputs closer to it and nothing that does
+not, and the blended output stays blind to its own frame's noise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from umvd_live.engine.cellblend import CellBlend, blend_blind_mean, blind_temporal_mean
+
+FRAMES, SIZE = 300, 32
+
+
+def _truth(rng: np.random.Generator) -> np.ndarray:
+    """Cells (Gaussian blobs, radius ~3 px) with calcium-like transients (instant rise, 10-frame
+    decay) on a still background."""
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    movie = np.full((FRAMES, SIZE, SIZE), 100.0)
+    for _ in range(8):
+        cy, cx = rng.uniform(4, SIZE - 4, 2)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 3.0**2))
+        spikes = (rng.random(FRAMES) < 0.04) * rng.uniform(60, 160, FRAMES)
+        trace = np.zeros(FRAMES)
+        for t in range(FRAMES):
+            trace[t] = (trace[t - 1] if t else 0.0) * np.exp(-1 / 10) + spikes[t]
+        movie += trace[:, None, None] * blob
+    return movie
+
+
+def _noisy(truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """White in time, correlated along x (the fast scan axis), as a two-photon movie's."""
+    white = rng.normal(0, 25, truth.shape)
+    return (truth + white + np.roll(white, 1, axis=2)).astype(np.float32)
+
+
+def _blind_estimate(truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A network-like estimate: its fast part shrunk (a 6-frame temporal smoothing of the truth),
+    with a spatially smooth error of its own that is not any frame's noise."""
+    slow = ndimage.gaussian_filter1d(truth, 6, axis=0, mode="nearest")
+    error = ndimage.gaussian_filter(rng.normal(0, 30, truth.shape), (0, 3, 3))
+    return (slow + error).astype(np.float32)
+
+
+def _coarse_error(estimate: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean(ndimage.gaussian_filter(estimate - truth, (0, 3, 3)) ** 2))
+
+
+def test_the_blind_temporal_mean_never_holds_its_own_frame():
+    movie = np.zeros((40, 4, 4), np.float32)
+    movie[20] = 1.0
+    mean = blind_temporal_mean(movie, 3.0)
+    assert mean[20].max() == 0.0 and mean[19].min() > 0 and mean[21].min() > 0
+    # renormalised at the ends: a still movie stays as it is, to the first and last frame
+    np.testing.assert_allclose(blind_temporal_mean(np.full((40, 4, 4), 7.0, np.float32), 4.0), 7.0, rtol=1e-6)
+
+
+def test_the_blend_brings_shrunk_outputs_closer_to_the_truth_at_the_scale_of_cells():
+    rng = np.random.default_rng(1)
+    truth = _truth(rng)
+    noisy, estimate = _noisy(truth, rng), _blind_estimate(truth, rng)
+    blended = estimate.copy()
+    blend = blend_blind_mean(noisy, blended, scale_px=3.0, first=5)
+    assert blend.first == 5 and blend.frames == FRAMES and blend.reason == ""
+    assert 0.1 < blend.weight <= 1.0 and blend.sigma_t is not None
+    assert blend.reach == int(4 * blend.sigma_t + 0.5)
+    assert _coarse_error(blended, truth) < 0.8 * _coarse_error(estimate, truth)
+    assert np.mean((blended - truth) ** 2) < np.mean((estimate - truth) ** 2)
+    # the detail finer than the scale stays the estimate's
+    fine = blended - ndimage.gaussian_filter(blended, (0, 3, 3), mode="nearest")
+    fine_before = estimate - ndimage.gaussian_filter(estimate, (0, 3, 3), mode="nearest")
+    assert np.abs(fine - fine_before).max() < 0.35 * np.abs(blended - estimate).max()
+
+
+def test_outputs_the_blind_mean_cannot_improve_are_left_nearly_as_they_are():
+    """An estimate that is the truth itself: any blend would move it away, and the measured
+    weight says so."""
+    rng = np.random.default_rng(2)
+    truth = _truth(rng).astype(np.float32)
+    noisy = _noisy(truth, rng)
+    blended = truth.copy()
+    blend = blend_blind_mean(noisy, blended, scale_px=3.0)
+    assert blend.weight < 0.05
+    assert np.mean((blended - truth) ** 2) < 0.01 * np.mean((noisy - truth) ** 2)
+
+
+def test_off_too_short_or_not_the_networks_frames_are_left_alone():
+    rng = np.random.default_rng(3)
+    truth = _truth(rng)
+    noisy, estimate = _noisy(truth, rng), _blind_estimate(truth, rng)
+    kept = estimate.copy()
+    assert blend_blind_mean(noisy, kept, scale_px=0.0) == CellBlend(0, FRAMES, None, reason="off")
+    short = blend_blind_mean(noisy[:40], kept[:40], scale_px=3.0)
+    assert short.sigma_t is None and short.reach == 0 and "too few frames" in short.reason
+    np.testing.assert_array_equal(kept, estimate)
+    scored = np.ones(FRAMES, bool)
+    scored[100:120] = False  # e.g. the referee's window means
+    blended = estimate.copy()
+    assert blend_blind_mean(noisy, blended, scale_px=3.0, scored=scored).weight > 0
+    np.testing.assert_array_equal(blended[100:120], estimate[100:120])
+    assert not np.array_equal(blended[:100], estimate[:100])
+
+
+def test_a_blended_output_is_blind_to_its_own_frame():
+    """A 10x jolt of frame t's noise moves the blended output of frame t by a negligible share of
+    it (through the two sums over every frame), while a filter that saw the frame would move by
+    its own weight of it."""
+    rng = np.random.default_rng(4)
+    truth = _truth(rng)
+    noisy, estimate = _noisy(truth, rng), _blind_estimate(truth, rng)
+    t = FRAMES // 2
+    jolted = noisy.copy()
+    jolted[t] += rng.normal(0, 250, noisy[t].shape).astype(np.float32)
+    a, b = estimate.copy(), estimate.copy()
+    blend_a = blend_blind_mean(noisy, a, scale_px=3.0)
+    blend_b = blend_blind_mean(jolted, b, scale_px=3.0)
+    assert blend_a.sigma_t == blend_b.sigma_t and blend_a.weight > 0.1
+    moved = np.abs(b[t] - a[t]).max() / np.abs(jolted[t] - noisy[t]).max()
+    assert moved < 2e-3
+    # its neighbours do see frame t (through the blind mean), as their own reach says
+    assert np.abs(b[t + 1] - a[t + 1]).max() > 10 * np.abs(b[t] - a[t]).max()
+
+
+@pytest.mark.parametrize("blend_px", [0.0, 3.0])
+def test_a_files_final_pass_blends_each_segment_and_says_so(blend_px, tmp_path):
+    """Through `denoise`: each segment's blend is recorded (engine, summary, provenance); 0 is off
+    and leaves the outputs as the network and the restoration made them."""
+    from dataclasses import replace
+
+    import tifffile
+
+    from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
+    from umvd_live.apps.denoise import denoise_movie, denoise_provenance, describe_blends
+    from umvd_live.engine import EngineConfig
+    from umvd_live.recording.movie import MovieFrames
+
+    noisy, _ = TwoPhotonSimulator(SimConfig(height=48, width=48, photons=2.0, seed=1)).movie(240)
+    noisy[160:] = np.clip(noisy[160:].astype(np.float32) * 3, 0, 65535).astype(noisy.dtype)  # laser x3
+    config = EngineConfig(device="cpu", preset="lite", steps_per_frame=0.0, warmup_frames=8, warmup_steps=0,
+                          seed=0, blend_px=blend_px)
+    result = denoise_movie(noisy, config)
+    blends = result.engine.cell_blends
+    assert [b.first for b in blends] == [0, 160] == [g.first for g in result.engine.amplitude_gains]
+    if blend_px == 0:
+        assert all(b.reason == "off" and b.weight == 0 for b in blends)
+    else:
+        assert blends[0].weight > 0 and blends[0].sigma_t is not None
+    described = describe_blends(blends)
+    assert described.startswith("0:") and ", 160:" in described
+    off = denoise_movie(noisy, replace(config, blend_px=0.0)) if blend_px else result
+    same = all(np.array_equal(o.image, p.image) for o, p in zip(result.outputs, off.outputs))
+    assert same == (blend_px == 0)
+    with pytest.raises(ValueError, match="blend_px"):
+        EngineConfig(blend_px=-1.0)
+    src = tmp_path / "in.ome.tif"
+    tifffile.imwrite(src, noisy, ome=True, metadata={"axes": "TYX"})
+    with MovieFrames(src) as movie:
+        assert denoise_provenance(result.engine, movie, offline=False).extra["cell_blend"] == described
