@@ -54,6 +54,7 @@ def test_the_blind_temporal_mean_never_holds_its_own_frame():
     assert mean[20].max() == 0.0 and mean[19].min() > 0 and mean[21].min() > 0
     # renormalised at the ends: a still movie stays as it is, to the first and last frame
     np.testing.assert_allclose(blind_temporal_mean(np.full((40, 4, 4), 7.0, np.float32), 4.0), 7.0, rtol=1e-6)
+    np.testing.assert_allclose(blind_temporal_mean(np.full((5, 4, 4), 7.0, np.float32), 16.0), 7.0, rtol=1e-6)
 
 
 def test_the_blend_brings_shrunk_outputs_closer_to_the_truth_at_the_scale_of_cells():
@@ -103,9 +104,9 @@ def test_off_too_short_or_not_the_networks_frames_are_left_alone():
 
 
 def test_a_blended_output_is_blind_to_its_own_frame():
-    """A 10x jolt of frame t's noise moves the blended output of frame t by a negligible share of
-    it (through the two sums over every frame), while a filter that saw the frame would move by
-    its own weight of it."""
+    """A jolt of frame t's noise (7x its standard deviation) moves the blended output of frame t by
+    a negligible share of it (through the two sums over every frame), while a filter that saw the
+    frame would move by its own weight of it."""
     rng = np.random.default_rng(4)
     truth = _truth(rng)
     noisy, estimate = _noisy(truth, rng), _blind_estimate(truth, rng)
@@ -122,38 +123,92 @@ def test_a_blended_output_is_blind_to_its_own_frame():
     assert np.abs(b[t + 1] - a[t + 1]).max() > 10 * np.abs(b[t] - a[t]).max()
 
 
-@pytest.mark.parametrize("blend_px", [0.0, 3.0])
-def test_a_files_final_pass_blends_each_segment_and_says_so(blend_px, tmp_path):
+def test_outputs_of_a_longer_segment_blend_with_its_frames_around_them_block_by_block(monkeypatch):
+    """A chunk of a segment (``offset``): the blind mean reads the frames beyond the chunk too, and
+    the blend applied in several blocks equals the one computed at once."""
+    from umvd_live.engine import cellblend
+
+    rng = np.random.default_rng(5)
+    truth = _truth(rng)
+    noisy, estimate = _noisy(truth, rng), _blind_estimate(truth, rng)
+    chunk = estimate[50:250].copy()
+    monkeypatch.setattr(cellblend, "BLOCK_BYTES", 4 * SIZE * SIZE * 100)  # blocks of 100 - 2 x reach, at least 16
+    blend = blend_blind_mean(noisy, chunk, scale_px=3.0, offset=50, first=50)
+    assert blend.first == 50 and blend.frames == 200 and blend.weight > 0 and blend.sigma_t is not None
+    smooth = ndimage.gaussian_filter(noisy, (0, 3, 3), mode="nearest")
+    own = ndimage.gaussian_filter(estimate[50:250], (0, 3, 3), mode="nearest")
+    expected = estimate[50:250] + blend.weight * (blind_temporal_mean(smooth, blend.sigma_t)[50:250] - own)
+    np.testing.assert_allclose(chunk, expected, atol=1e-3 * float(np.ptp(estimate)))
+    with pytest.raises(ValueError, match="outside"):
+        blend_blind_mean(noisy[:100], chunk, scale_px=3.0, offset=50)
+
+
+def test_a_blended_output_farther_from_its_frame_than_the_windows_mean_is_left_as_it_was():
+    """The referee's rule, as for a restored output: given a window mean that is the truth itself
+    on some frames, those frames keep the output they had and are recorded."""
+    rng = np.random.default_rng(6)
+    truth = _truth(rng)
+    noisy, estimate = _noisy(truth, rng), _blind_estimate(truth, rng)
+    blended = estimate.copy()
+    perfect = set(range(100, 110))
+
+    def neighbours(j: int) -> np.ndarray:
+        return truth[j].astype(np.float32) if j in perfect else noisy[j] + 1e4
+
+    blend = blend_blind_mean(noisy, blended, scale_px=3.0, first=7, neighbours=neighbours)
+    assert blend.unblended == tuple(7 + j for j in sorted(perfect))
+    np.testing.assert_array_equal(blended[100:110], estimate[100:110])
+    assert not np.array_equal(blended[90:100], estimate[90:100])
+
+
+def test_an_output_that_is_not_a_number_changes_nothing():
+    rng = np.random.default_rng(7)
+    truth = _truth(rng)
+    noisy, estimate = _noisy(truth, rng), _blind_estimate(truth, rng)
+    estimate[10, 5, 5] = np.nan
+    blended = estimate.copy()
+    blend = blend_blind_mean(noisy, blended, scale_px=3.0)
+    assert blend.sigma_t is None and blend.weight == 0 and "no closer" in blend.reason
+    np.testing.assert_array_equal(blended, estimate)
+
+
+def test_a_files_final_pass_blends_each_segment_and_says_so(tmp_path):
     """Through `denoise`: each segment's blend is recorded (engine, summary, provenance); 0 is off
-    and leaves the outputs as the network and the restoration made them."""
+    and leaves the outputs as the network and the restoration made them; `--blend-px` sets it."""
     from dataclasses import replace
 
     import tifffile
 
     from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
+    from umvd_live.apps.cli import build_parser, engine_config_from_args
     from umvd_live.apps.denoise import denoise_movie, denoise_provenance, describe_blends
     from umvd_live.engine import EngineConfig
     from umvd_live.recording.movie import MovieFrames
 
     noisy, _ = TwoPhotonSimulator(SimConfig(height=48, width=48, photons=2.0, seed=1)).movie(240)
     noisy[160:] = np.clip(noisy[160:].astype(np.float32) * 3, 0, 65535).astype(noisy.dtype)  # laser x3
-    config = EngineConfig(device="cpu", preset="lite", steps_per_frame=0.0, warmup_frames=8, warmup_steps=0,
-                          seed=0, blend_px=blend_px)
-    result = denoise_movie(noisy, config)
-    blends = result.engine.cell_blends
-    assert [b.first for b in blends] == [0, 160] == [g.first for g in result.engine.amplitude_gains]
-    if blend_px == 0:
-        assert all(b.reason == "off" and b.weight == 0 for b in blends)
-    else:
-        assert blends[0].weight > 0 and blends[0].sigma_t is not None
+    config = EngineConfig(device="cpu", preset="lite", steps_per_frame=0.0, warmup_frames=8, warmup_steps=0, seed=0)
+    assert config.blend_px == 3.0
+    results = {px: denoise_movie(noisy, replace(config, blend_px=px)) for px in (3.0, 0.0)}
+    for px, result in results.items():
+        blends = result.engine.cell_blends
+        assert [b.first for b in blends] == [0, 160] == [g.first for g in result.engine.amplitude_gains]
+        if px == 0:
+            assert all(b.reason == "off" and b.weight == 0 for b in blends)
+    blends = results[3.0].engine.cell_blends
+    assert blends[0].weight > 0 and blends[0].sigma_t is not None
+    assert "too few frames" in blends[1].reason  # 80 frames
+    changed = [not np.array_equal(o.image, p.image) for o, p in zip(results[3.0].outputs, results[0.0].outputs)]
+    assert sum(changed[:160]) > 100 and not any(changed[160:])
     described = describe_blends(blends)
-    assert described.startswith("0:") and ", 160:" in described
-    off = denoise_movie(noisy, replace(config, blend_px=0.0)) if blend_px else result
-    same = all(np.array_equal(o.image, p.image) for o, p in zip(result.outputs, off.outputs))
-    assert same == (blend_px == 0)
-    with pytest.raises(ValueError, match="blend_px"):
-        EngineConfig(blend_px=-1.0)
+    assert described.startswith("0:") and ", 160:0.000 (too few frames" in described
     src = tmp_path / "in.ome.tif"
     tifffile.imwrite(src, noisy, ome=True, metadata={"axes": "TYX"})
     with MovieFrames(src) as movie:
-        assert denoise_provenance(result.engine, movie, offline=False).extra["cell_blend"] == described
+        assert denoise_provenance(results[3.0].engine, movie, offline=False).extra["cell_blend"] == described
+    with pytest.raises(ValueError, match="blend_px"):
+        EngineConfig(blend_px=-1.0)
+    args = build_parser().parse_args(["denoise", "in.tif", "out.ome.tif", "--blend-px", "0"])
+    assert engine_config_from_args(args).blend_px == 0.0
+    args = build_parser().parse_args(["denoise", "in.tif", "out.ome.tif"])
+    assert engine_config_from_args(args).blend_px == 3.0

@@ -176,9 +176,12 @@ def denoise_provenance(engine: StreamDenoiser, movie: MovieFrames, *, offline: b
 
 def describe_blends(blends: Sequence[CellBlend]) -> str:
     """The cell-scale blend of each segment (`engine.cellblend`), for the provenance and the summary
-    line: ``first-frame:weight`` (``(the blind mean's temporal sigma)``, or why none was applied)."""
+    line: ``first-frame:weight`` (``(the blind mean's temporal sigma, frames the referee left
+    unblended)``, or why none was applied)."""
     def one(b: CellBlend) -> str:
         why = f"sigma {b.sigma_t:g} frames" if b.sigma_t is not None else b.reason
+        if b.unblended:
+            why += f", {len(b.unblended)} frames left unblended by the referee"
         return f"{b.first}:{b.weight:.3f} ({why})"
     return ", ".join(one(b) for b in blends) or "none"
 

@@ -1,7 +1,7 @@
 """Cell-scale blend for recorded movies: the outputs' coarse part stacked with a blind temporal mean.
 
-Why: at the scale of a cell the network's residual is spatially correlated (it averages away over
-a footprint no better than over one pixel), and it keeps less of the activity's fast part (rises,
+Why: at the scale of a cell the network's residual is spatially correlated (a footprint hardly
+averages it away), and it keeps less of the activity's fast part (rises,
 single transients) than a plain temporal Gaussian of the noisy frames does, whose noise a
 footprint averages away. So the least squared error at that scale lies between the two: each
 output D_t becomes ``D_t + weight * S(G_t - D_t)``, with S a spatial Gaussian of `blend_px`
@@ -18,34 +18,49 @@ minimum, clipped to [0, 1], and the sigma the one of `SIGMAS` whose minimum is l
 low photon counts, shorter at high ones or slow frame rates where a long mean would blur the
 activity. Blindness is kept as in `amplitude`: the blend of frame t reads frame t only through
 the two sums over every frame and pixel of the segment (a weight of about 1 / (frames x pixels)).
+Each blended output then faces the referee's rule, as a restored one does: where it lies farther
+from its noisy frame than the window's blind mean, the output is left as it was.
+
+Memory: the fit runs on a grid of the coarse maps (`FIT_BYTES` at most) and the blend is applied
+in blocks of frames (`BLOCK_BYTES`), so a long movie needs no more than its outputs and frames.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
+from umvd_live.engine.outputs import blind_distance
+
 #: Temporal sigmas tried (frames).
 SIGMAS = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 #: A kernel reaches this many sigmas on either side of its frame.
 TRUNCATE = 4.0
-#: The fewest of a segment's scored frames the weights are measured on (the restoration's too:
-#: `amplitude.CHUNK` x 3).
+#: The fewest of a segment's scored frames the weights are measured on (as many as the
+#: restoration needs in all, `amplitude`'s 3 x `CHUNK`).
 MIN_FRAMES = 96
+#: The bytes the fit's coarse maps may take (the grid coarsens for long or large movies), and
+#: those of one block of frames the blend is applied to.
+FIT_BYTES = 512 * 2**20
+BLOCK_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
 class CellBlend:
     """What the blend did to one segment of a movie."""
 
-    first: int  # the segment's first frame
+    first: int  # the segment's first output frame (of the movie)
     frames: int
     sigma_t: float | None  # the blind mean's temporal sigma (frames); None: no blend
     weight: float = 0.0  # the share of the coarse part taken from the blind mean (0: as made)
     reason: str = ""  # why none was applied, where none was
+    # frames (of the movie) whose blended output the blind referee found worse than their window's
+    # mean: they keep the output as it was
+    unblended: tuple[int, ...] = ()
 
     @property
     def reach(self) -> int:
@@ -65,52 +80,90 @@ def blind_temporal_mean(frames: np.ndarray, sigma: float) -> np.ndarray:
     kernel[radius] = 0.0
     total = ndimage.convolve1d(frames, kernel, axis=0, mode="constant")
     weights = ndimage.convolve1d(np.ones(len(frames), np.float32), kernel, mode="constant")
-    return total / weights[:, None, None]
+    total /= np.maximum(weights, np.finfo(np.float32).tiny)[:, None, None]
+    return total
 
 
 def blend_blind_mean(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray], *, scale_px: float,
-                     scored: np.ndarray | None = None, first: int = 0) -> CellBlend:
+                     scored: np.ndarray | None = None, first: int = 0, offset: int = 0,
+                     neighbours: Callable[[int], np.ndarray] | None = None) -> CellBlend:
     """Blend one segment's outputs with the blind temporal mean of its noisy frames at scale
     ``scale_px`` (module docstring), in place, and say what was done.
 
-    ``noisy`` and ``denoised`` are the segment's (H, W) frames in order, in the same units, the
-    outputs float arrays that are changed in place; ``scored`` the frames whose outputs are the
-    network's (the others, e.g. the referee's window means, are neither measured nor changed);
-    ``first`` the segment's first frame in the movie, for the record."""
+    ``noisy`` holds the segment's (H, W) frames in order and ``denoised`` the outputs of
+    ``noisy[offset:offset + len(denoised)]`` (a chunk of a longer segment reads the frames around
+    it too), float arrays in the same units that are changed in place; ``scored`` the outputs that
+    are the network's (the others, e.g. the referee's window means, are neither measured nor
+    changed); ``first`` the first output's frame in the movie, for the record. ``neighbours(j)``:
+    the blind mean of output j's window without its frame (the referee's, `outputs`); where given,
+    a blended output farther from its noisy frame than that mean is left as it was."""
     n = len(denoised)
     if scale_px <= 0:
         return CellBlend(first, n, None, reason="off")
+    if offset < 0 or offset + n > len(noisy):
+        raise ValueError(f"outputs {offset}..{offset + n} lie outside the {len(noisy)} noisy frames")
     mask = np.ones(n, bool) if scored is None else np.asarray(scored, bool)
+    if mask.shape != (n,):
+        raise ValueError(f"scored must hold one flag per output, got shape {mask.shape} for {n}")
     if mask.sum() < MIN_FRAMES:
         return CellBlend(first, n, None, reason=f"too few frames to measure ({int(mask.sum())} < {MIN_FRAMES})")
-    smooth_noisy = _smoothed(noisy, scale_px)
-    smooth_out = _smoothed(denoised, scale_px)
-    # The fit on every other pixel of the coarse maps: they hold nothing finer than the scale.
-    step = max(1, int(scale_px // 1.5))
-    fit_noisy, fit_out = smooth_noisy[:, ::step, ::step], smooth_out[:, ::step, ::step]
-    target = (fit_noisy - fit_out)[mask].astype(np.float64)
+    best = _fit(noisy, denoised, scale_px, mask, offset)
+    if best is None:
+        return CellBlend(first, n, None, reason="the blind mean brought the outputs no closer")
+    sigma, weight = best
+    unblended = _apply(noisy, denoised, scale_px, mask, offset, sigma, weight, neighbours)
+    return CellBlend(first, n, sigma, weight, "", tuple(first + j for j in unblended))
+
+
+def _fit(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray], scale_px: float, mask: np.ndarray,
+         offset: int) -> tuple[float, float] | None:
+    """(sigma, weight) whose blend lies nearest the smoothed noisy frames, or None if none nears them."""
+    height, width = np.shape(noisy[0])
+    # a grid of the coarse maps, which hold nothing finer than the scale; coarser for long or large movies
+    step = max(1, int(scale_px // 1.5), math.ceil(math.sqrt(8 * len(noisy) * height * width / FIT_BYTES)))
+    fit_noisy = np.stack([_smooth(f, scale_px)[::step, ::step] for f in noisy])
+    fit_out = np.stack([_smooth(denoised[j], scale_px)[::step, ::step] for j in np.flatnonzero(mask).tolist()])
+    target = (fit_noisy[offset:offset + len(denoised)][mask] - fit_out).astype(np.float64)
     best: tuple[float, float, float] | None = None  # (the fit's remaining squared distance, sigma, weight)
     for sigma in SIGMAS:
-        towards = (blind_temporal_mean(fit_noisy, sigma) - fit_out)[mask].astype(np.float64)
-        size = float(np.vdot(towards, towards))
-        if size <= 0:
+        towards = (blind_temporal_mean(fit_noisy, sigma)[offset:offset + len(denoised)][mask] - fit_out)
+        towards = towards.astype(np.float64)
+        size, along = float(np.vdot(towards, towards)), float(np.vdot(towards, target))
+        if not (math.isfinite(size) and math.isfinite(along)) or size <= 0 or along <= 0:
             continue
-        along = float(np.vdot(towards, target))
         weight = min(along / size, 1.0)
-        if weight <= 0:
-            continue
         remaining = -2 * weight * along + weight**2 * size  # plus the constant |target|²
         if best is None or remaining < best[0]:
             best = (remaining, sigma, weight)
-    if best is None:
-        return CellBlend(first, n, None, reason="the blind mean brought the outputs no closer")
-    _, sigma, weight = best
-    towards = blind_temporal_mean(smooth_noisy, sigma) - smooth_out
-    for t in np.flatnonzero(mask).tolist():
-        frame = denoised[t]
-        frame += weight * towards[t]  # float arrays, changed in place
-    return CellBlend(first, n, sigma, weight)
+    return None if best is None else (best[1], best[2])
 
 
-def _smoothed(frames: Sequence[np.ndarray], scale_px: float) -> np.ndarray:
-    return np.stack([ndimage.gaussian_filter(np.asarray(f, np.float32), scale_px, mode="nearest") for f in frames])
+def _apply(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray], scale_px: float, mask: np.ndarray,
+           offset: int, sigma: float, weight: float, neighbours: Callable[[int], np.ndarray] | None) -> list[int]:
+    """Blend the scored outputs block by block (each block's noisy frames read with the kernel's
+    reach on either side); returns the outputs the referee left as they were."""
+    radius = kernel_radius(sigma)
+    frame_bytes = 4 * int(np.asarray(noisy[0]).size)
+    block = max(16, BLOCK_BYTES // frame_bytes - 2 * radius)
+    left = []
+    for start in range(0, len(denoised), block):
+        stop = min(len(denoised), start + block)
+        lo, hi = max(0, offset + start - radius), min(len(noisy), offset + stop + radius)
+        means = blind_temporal_mean(np.stack([_smooth(noisy[i], scale_px) for i in range(lo, hi)]), sigma)
+        for j in range(start, stop):
+            if not mask[j]:
+                continue
+            frame = denoised[j]
+            blended = frame + weight * (means[offset + j - lo] - _smooth(frame, scale_px))
+            # the referee's rule: left as it was where the window's blind mean is nearer the noisy frame
+            mean = neighbours(j) if neighbours is not None else None
+            own = noisy[offset + j]
+            if mean is not None and blind_distance(blended, own) >= blind_distance(mean, own):
+                left.append(j)
+                continue
+            frame[...] = blended
+    return left
+
+
+def _smooth(frame: np.ndarray, scale_px: float) -> np.ndarray:
+    return ndimage.gaussian_filter(np.asarray(frame, np.float32), scale_px, mode="nearest")

@@ -144,25 +144,26 @@ def _blend_and_restore(den: StreamDenoiser, movie: np.ndarray, outputs: list[Den
     """Blend one segment's outputs (frames ``first`` to ``last``) at the scale of cells with the
     blind mean of its noisy frames (`cellblend`), then undo their shrinkage (`amplitude`), in
     place: over a run of consecutive frames, the network's outputs only (not the referee's
-    neighbour means), each judged again once restored, as the referee judged it."""
+    neighbour means), each judged again by the referee's rule after each step."""
     ordered = sorted(outputs, key=lambda o: o.index)
     start, frames = ordered[0].index, len(ordered)
-    if ordered[-1].index - start + 1 != frames or any(o.image is None for o in ordered):
+    images = [o.image for o in ordered]
+    if ordered[-1].index - start + 1 != frames or any(image is None for image in images):
         why = "frames not consecutive"
         return CellBlend(start, frames, None, reason=why), AmplitudeGain(start, frames, None, 1.0, why)
-    noisy = [sanitize(movie[o.index])[0] for o in ordered]
-    images = [o.image for o in ordered]
+    outs = [image for image in images if image is not None]  # all of them (checked above)
+    noisy = [sanitize(movie[i])[0] for i in range(first, last + 1)]  # the segment's, around the outputs too
+    ours = noisy[start - first:start - first + frames]
     scored = np.array([o.state == "live" for o in ordered])
-    blend = blend_blind_mean(noisy, images, scale_px=den.config.blend_px,  # type: ignore[arg-type]  # checked above
-                             scored=scored, first=start)
-    # a blended output depends on the frames within the blind mean's reach as well
-    reach = max(context_reach(den.k, den.spec.context, den.config.context_sides == "both"), blend.reach)
 
     def neighbours(t: int) -> np.ndarray:  # the referee's blind mean of output t's window (`Probe`)
-        around = [i for i in window_indices(start + t, first, last, den.k) if i != start + t]
-        return np.mean([noisy[i - start] if 0 <= i - start < frames else sanitize(movie[i])[0] for i in around],
+        return np.mean([noisy[i - first] for i in window_indices(start + t, first, last, den.k) if i != start + t],
                        axis=0)
 
-    restored = restore_amplitude(noisy, images, reach=reach, keep=den.config.keep_amplitude,  # type: ignore[arg-type]
-                                 scored=scored, first=start, neighbours=neighbours)
+    blend = blend_blind_mean(noisy, outs, scale_px=den.config.blend_px, scored=scored, first=start,
+                             offset=start - first, neighbours=neighbours)
+    # a blended output depends on the frames within the blind mean's reach as well
+    reach = max(context_reach(den.k, den.spec.context, den.config.context_sides == "both"), blend.reach)
+    restored = restore_amplitude(ours, outs, reach=reach, keep=den.config.keep_amplitude, scored=scored,
+                                 first=start, neighbours=neighbours)
     return blend, restored
