@@ -1,14 +1,14 @@
 """Cell-scale blend for recorded movies: the outputs' coarse part stacked with a blind temporal mean.
 
 Why: at the scale of a cell the network's residual is spatially correlated (a footprint hardly
-averages it away), and it keeps less of the activity's fast part (rises,
-single transients) than a plain temporal Gaussian of the noisy frames does, whose noise a
-footprint averages away. So the least squared error at that scale lies between the two: each
-output D_t becomes ``D_t + weight * S(G_t - D_t)``, with S a spatial Gaussian of `blend_px`
-(about a soma's radius: the pixels' own detail stays the network's) and G_t the Gaussian-weighted
-mean of the segment's *other* noisy frames (temporal sigma in frames). On simulated two-photon
-movies this raised the trace correlation by 0.001-0.015 and the amplitude slope by 0.003-0.046 at
-the same whole-movie PSNR (docs/benchmarks.md, "Cell-scale blend").
+averages it away), and it keeps less of the activity's fast part (rises, single transients) than
+a plain temporal Gaussian of the noisy frames does, whose noise a footprint averages away. So the
+least squared error at that scale lies between the two: each output D_t becomes
+``D_t + weight * S(G_t - D_t)``, with S a spatial Gaussian of `blend_px` (about a soma's radius:
+the pixels' own detail stays the network's) and G_t the Gaussian-weighted mean of the segment's
+*other* noisy frames (temporal sigma in frames). On simulated two-photon movies this raised the
+trace correlation by 0.001-0.015 and the amplitude slope by 0.003-0.046 at the same whole-movie
+PSNR (docs/benchmarks.md, "Cell-scale blend").
 
 Both the weight and the temporal sigma are measured on the movie, blindly: G_t never contains frame
 t and the network's output never sees it, so their difference is independent of frame t's noise,
@@ -22,7 +22,7 @@ Each blended output then faces the referee's rule, as a restored one does: where
 from its noisy frame than the window's blind mean, the output is left as it was.
 
 Memory: the fit runs on a grid of the coarse maps (`FIT_BYTES` at most) and the blend is applied
-in blocks of frames (`BLOCK_BYTES`), so a long movie needs no more than its outputs and frames.
+in blocks of frames (`BLOCK_BYTES`), so a long movie needs little more than its outputs and frames.
 """
 
 from __future__ import annotations
