@@ -350,8 +350,11 @@ def denoise_chunk(source: str, model: WarmModel, chunk: Chunk, options: BatchOpt
     outputs = [replace(out, index=out.index + chunk.read_start, image=None, segment=chunk.segment) for out in done]
     if len(outputs) != chunk.stop - chunk.start:
         raise RuntimeError(f"{source}: chunk {chunk.index} left frames without an output")
-    gains = tuple(replace(gain, first=gain.first + chunk.read_start) for gain in engine.amplitude_gains)
-    blends = tuple(replace(blend, first=blend.first + chunk.read_start) for blend in engine.cell_blends)
+    shift = chunk.read_start  # the chunk's frames -> the movie's
+    gains = tuple(replace(gain, first=gain.first + shift, unrestored=tuple(t + shift for t in gain.unrestored))
+                  for gain in engine.amplitude_gains)
+    blends = tuple(replace(blend, first=blend.first + shift, unblended=tuple(t + shift for t in blend.unblended))
+                   for blend in engine.cell_blends)
     return ChunkResult(chunk, images, outputs, time.monotonic() - started, _worker()[0], gains, blends)
 
 

@@ -22,7 +22,8 @@ Each blended output then faces the referee's rule, as a restored one does: where
 from its noisy frame than the window's blind mean, the output is left as it was.
 
 Memory: the fit runs on a grid of the coarse maps (`FIT_BYTES` at most) and the blend is applied
-in blocks of frames (`BLOCK_BYTES`), so a long movie needs little more than its outputs and frames.
+output by output from the smoothed frames within the kernel's reach, so a long movie needs little
+more than its outputs and frames.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ TRUNCATE = 4.0
 #: The fewest of a segment's scored frames the weights are measured on (as many as the
 #: restoration needs in all, `amplitude`'s 3 x `CHUNK`).
 MIN_FRAMES = 96
-#: The bytes the fit's coarse maps may take (the grid coarsens for long or large movies), and
-#: those of one block of frames the blend is applied to.
+#: The bytes the fit may take (the grid of its coarse maps coarsens for long or large movies).
 FIT_BYTES = 512 * 2**20
-BLOCK_BYTES = 256 * 2**20
+#: Bytes per point of that grid the fit holds at once: the noisy and output maps (float32), a
+#: blind mean with its convolution's temporaries, and the two float64 differences.
+FIT_BYTES_PER_POINT = 36
 
 
 @dataclass(frozen=True)
@@ -72,12 +74,18 @@ def kernel_radius(sigma: float) -> int:
     return int(TRUNCATE * sigma + 0.5)
 
 
-def blind_temporal_mean(frames: np.ndarray, sigma: float) -> np.ndarray:
-    """(T, H, W) -> each frame's Gaussian-weighted mean of the other frames (never itself),
-    renormalised where the kernel passes the ends of ``frames``."""
+def blind_kernel(sigma: float) -> np.ndarray:
+    """The temporal Gaussian over frames -radius..radius, its centre (the frame itself) 0."""
     radius = kernel_radius(sigma)
     kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2).astype(np.float32)
     kernel[radius] = 0.0
+    return kernel
+
+
+def blind_temporal_mean(frames: np.ndarray, sigma: float) -> np.ndarray:
+    """(T, H, W) -> each frame's Gaussian-weighted mean of the other frames (never itself),
+    renormalised where the kernel passes the ends of ``frames``."""
+    kernel = blind_kernel(sigma)
     total = ndimage.convolve1d(frames, kernel, axis=0, mode="constant")
     weights = ndimage.convolve1d(np.ones(len(frames), np.float32), kernel, mode="constant")
     total /= np.maximum(weights, np.finfo(np.float32).tiny)[:, None, None]
@@ -120,7 +128,8 @@ def _fit(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray], scale_px: 
     """(sigma, weight) whose blend lies nearest the smoothed noisy frames, or None if none nears them."""
     height, width = np.shape(noisy[0])
     # a grid of the coarse maps, which hold nothing finer than the scale; coarser for long or large movies
-    step = max(1, int(scale_px // 1.5), math.ceil(math.sqrt(8 * len(noisy) * height * width / FIT_BYTES)))
+    points = len(noisy) * height * width
+    step = max(1, int(scale_px // 1.5), math.ceil(math.sqrt(FIT_BYTES_PER_POINT * points / FIT_BYTES)))
     fit_noisy = np.stack([_smooth(f, scale_px)[::step, ::step] for f in noisy])
     fit_out = np.stack([_smooth(denoised[j], scale_px)[::step, ::step] for j in np.flatnonzero(mask).tolist()])
     target = (fit_noisy[offset:offset + len(denoised)][mask] - fit_out).astype(np.float64)
@@ -140,28 +149,40 @@ def _fit(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray], scale_px: 
 
 def _apply(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray], scale_px: float, mask: np.ndarray,
            offset: int, sigma: float, weight: float, neighbours: Callable[[int], np.ndarray] | None) -> list[int]:
-    """Blend the scored outputs block by block (each block's noisy frames read with the kernel's
-    reach on either side); returns the outputs the referee left as they were."""
-    radius = kernel_radius(sigma)
-    frame_bytes = 4 * int(np.asarray(noisy[0]).size)
-    block = max(16, BLOCK_BYTES // frame_bytes - 2 * radius)
+    """Blend the scored outputs in order, each from the smoothed noisy frames within the kernel's
+    reach (each frame smoothed once, kept while in reach); returns the outputs the referee left as
+    they were."""
+    kernel, radius = blind_kernel(sigma), kernel_radius(sigma)
+    smoothed: dict[int, np.ndarray] = {}
     left = []
-    for start in range(0, len(denoised), block):
-        stop = min(len(denoised), start + block)
-        lo, hi = max(0, offset + start - radius), min(len(noisy), offset + stop + radius)
-        means = blind_temporal_mean(np.stack([_smooth(noisy[i], scale_px) for i in range(lo, hi)]), sigma)
-        for j in range(start, stop):
-            if not mask[j]:
+    for j in np.flatnonzero(mask).tolist():
+        centre = offset + j
+        lo, hi = max(0, centre - radius), min(len(noisy), centre + radius + 1)
+        for i in [i for i in smoothed if i < lo]:
+            del smoothed[i]
+        total, norm = None, 0.0
+        for i in range(lo, hi):
+            share = float(kernel[i - centre + radius])
+            if share == 0.0:
                 continue
-            frame = denoised[j]
-            blended = frame + weight * (means[offset + j - lo] - _smooth(frame, scale_px))
-            # the referee's rule: left as it was where the window's blind mean is nearer the noisy frame
-            mean = neighbours(j) if neighbours is not None else None
-            own = noisy[offset + j]
-            if mean is not None and blind_distance(blended, own) >= blind_distance(mean, own):
-                left.append(j)
-                continue
-            frame[...] = blended
+            if i not in smoothed:
+                smoothed[i] = _smooth(noisy[i], scale_px)
+            if total is None:
+                total = share * smoothed[i]
+            else:
+                total += share * smoothed[i]
+            norm += share
+        if total is None:  # a segment of one frame
+            continue
+        frame = denoised[j]
+        blended = frame + weight * (total / norm - _smooth(frame, scale_px))
+        # the referee's rule: left as it was where the window's blind mean is nearer the noisy frame
+        mean = neighbours(j) if neighbours is not None else None
+        own = noisy[centre]
+        if mean is not None and blind_distance(blended, own) >= blind_distance(mean, own):
+            left.append(j)
+            continue
+        frame[...] = blended
     return left
 
 
