@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from umvd_live.engine.outputs import blind_distance
+from umvd_live.engine.outputs import mean_is_nearer
 
 #: Frames per block that shares one baseline; longer segments get longer blocks (`MAX_BLOCKS`).
 BLOCK_FRAMES = 50
@@ -216,8 +216,7 @@ def restore_amplitude(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray
                 frame = denoised[t]
                 restored = frame + (gains - 1.0) * ndimage.gaussian_filter(frame - base, SMOOTH_PX, mode="nearest")
                 # the referee's rule: left as made where the window's blind mean is nearer the noisy frame
-                mean = neighbours(t) if neighbours is not None else None
-                if mean is not None and blind_distance(restored, noisy[t]) >= blind_distance(mean, noisy[t]):
+                if mean_is_nearer(restored, neighbours(t) if neighbours is not None else None, noisy[t]):
                     unrestored.append(first + t)
                     continue
                 frame[...] = restored

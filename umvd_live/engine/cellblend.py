@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from umvd_live.engine.outputs import blind_distance
+from umvd_live.engine.outputs import mean_is_nearer
 
 #: Temporal sigmas tried (frames).
 SIGMAS = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
@@ -177,9 +177,7 @@ def _apply(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray], scale_px
         frame = denoised[j]
         blended = frame + weight * (total / norm - _smooth(frame, scale_px))
         # the referee's rule: left as it was where the window's blind mean is nearer the noisy frame
-        mean = neighbours(j) if neighbours is not None else None
-        own = noisy[centre]
-        if mean is not None and blind_distance(blended, own) >= blind_distance(mean, own):
+        if mean_is_nearer(blended, neighbours(j) if neighbours is not None else None, noisy[centre]):
             left.append(j)
             continue
         frame[...] = blended

@@ -81,6 +81,13 @@ def blind_distance(estimate: np.ndarray, noisy: np.ndarray) -> float:
     return float(np.mean(np.square(estimate - noisy)))
 
 
+def mean_is_nearer(estimate: np.ndarray, mean: np.ndarray | None, noisy: np.ndarray) -> bool:
+    """The referee's rule for a file's final pass, where each changed output is judged once more:
+    whether the window's blind mean (None: none to judge by) lies at least as near the noisy frame
+    as the estimate does, so the estimate is not taken (`amplitude`, `cellblend`)."""
+    return mean is not None and blind_distance(mean, noisy) <= blind_distance(estimate, noisy)
+
+
 class BlindReferee:
     """Whether the network's output beats the temporal mean on this stream, told without truth.
 
