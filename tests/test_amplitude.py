@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from calcium import calcium_movie
 
 from umvd_live.engine.amplitude import LiveAmplitude, blind_baselines, measure_shrinkage, restore_amplitude
 
@@ -13,17 +14,8 @@ FRAMES, SIZE, REACH = 400, 24, 20
 
 def _truth(rng: np.random.Generator, frames: int = FRAMES) -> np.ndarray:
     """Blobs with calcium-like transients (instant rise, 20-frame decay) on a still background."""
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    movie = np.full((frames, SIZE, SIZE), 100.0)
-    for _ in range(6):
-        cy, cx = rng.uniform(3, SIZE - 3, 2)
-        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 2.5**2))
-        spikes = (rng.random(frames) < 0.02) * rng.uniform(50, 150, frames)
-        trace = np.zeros(frames)
-        for t in range(frames):
-            trace[t] = (trace[t - 1] if t else 0.0) * np.exp(-1 / 20) + spikes[t]
-        movie += trace[:, None, None] * blob
-    return movie
+    return calcium_movie(rng, frames, SIZE, cells=6, radius=2.5, margin=3, spike_rate=0.02, spike_range=(50, 150),
+                         decay=20)
 
 
 def _shrunk(truth: np.ndarray, slope: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from calcium import calcium_movie
 from scipy import ndimage
 
 from umvd_live.engine.cellblend import CellBlend, blend_blind_mean, blind_temporal_mean
@@ -18,17 +19,8 @@ FRAMES, SIZE = 300, 32
 def _truth(rng: np.random.Generator) -> np.ndarray:
     """Cells (Gaussian blobs, radius ~3 px) with calcium-like transients (instant rise, 10-frame
     decay) on a still background."""
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    movie = np.full((FRAMES, SIZE, SIZE), 100.0)
-    for _ in range(8):
-        cy, cx = rng.uniform(4, SIZE - 4, 2)
-        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 3.0**2))
-        spikes = (rng.random(FRAMES) < 0.04) * rng.uniform(60, 160, FRAMES)
-        trace = np.zeros(FRAMES)
-        for t in range(FRAMES):
-            trace[t] = (trace[t - 1] if t else 0.0) * np.exp(-1 / 10) + spikes[t]
-        movie += trace[:, None, None] * blob
-    return movie
+    return calcium_movie(rng, FRAMES, SIZE, cells=8, radius=3.0, margin=4, spike_rate=0.04, spike_range=(60, 160),
+                         decay=10)
 
 
 def _noisy(truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
