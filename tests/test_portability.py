@@ -111,7 +111,7 @@ def test_recorder_writes_and_spills_without_pwrite(windows_like, tmp_path, monke
     write_one = RecordingSession._write_one
 
     def held(self, *args):
-        assert submitted.wait(30)
+        assert submitted.wait(60)
         write_one(self, *args)
 
     monkeypatch.setattr(RecordingSession, "_write_one", held)
@@ -122,6 +122,10 @@ def test_recorder_writes_and_spills_without_pwrite(windows_like, tmp_path, monke
         assert session.submit_denoised("cam0", FrameHeader(seq, shape, "<f4", t=seq / 10,
                                                            meta={"pixel_size_um": 0.5}),
                                        image, state="live", model_step=seq)
+    # and until the spill thread has spilled some of the backlog (on a loaded machine it runs late)
+    deadline = time.monotonic() + 30
+    while session.status().spilled_total == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
     submitted.set()
     assert session.stop(wait=True, timeout=60)
     status = session.status()

@@ -179,6 +179,29 @@ def test_spill_queue_keeps_order_and_memory_budget(tmp_path):
     assert not spill.exists()
 
 
+def test_spill_queue_keeps_its_budget_when_the_consumer_runs_before_the_spill_thread(tmp_path):
+    """On a loaded machine the whole backlog can be queued, and the consumer reach the tail,
+    before the spill thread first runs. What is left over the budget must still be spilled (it once
+    went, whole, to the head, where the spill thread never looks: memory stayed over budget)."""
+    frame_bytes = np.zeros((32, 32), np.float32).nbytes
+    q = SpillQueue(tmp_path, memory_budget_bytes=5 * frame_bytes, hard_limit_bytes=10**9)
+    n = 60
+    with q._cond:  # the spill thread cannot look at the queue until this block ends: that order, forced
+        for i in range(n):
+            q.put({"i": i}, np.full((32, 32), i, np.float32))
+        first = [q.get(timeout=0) for _ in range(6)]  # the budget's 5 from the head, then the tail's
+    assert [item[0]["i"] for item in first if item is not None] == list(range(6))
+    deadline = time.monotonic() + 30
+    while q.stats().memory_bytes > 5 * frame_bytes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    st = q.stats()
+    assert st.memory_bytes <= 5 * frame_bytes and st.spilled_total >= n - 6 - 5
+    out = [q.get(timeout=5) for _ in range(n - 6)]
+    assert [h["i"] for h, _ in out] == list(range(6, n))
+    assert all((a == h["i"]).all() for h, a in out)
+    q.close()
+
+
 def test_backlog_beyond_memory_budget_spills_and_recording_is_complete(tmp_path):
     shape = (256, 256)
     n = 300

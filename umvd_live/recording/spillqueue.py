@@ -10,7 +10,8 @@ order is kept exactly). The queue is three segments, oldest first::
 
 `put` appends to the head while nothing is spilled or pending and the budget allows, else to the
 tail; the spill thread moves the tail's oldest items to the spill file while memory is over
-budget; `get` takes from the head, then the spilled segment, then promotes the tail. Past a hard
+budget; `get` takes from the head, then the spilled segment, then the tail's oldest item. So the
+head never holds more than the budget, and whatever memory holds beyond it stays spillable. Past a hard
 limit (the spill thread cannot keep up either) `put` raises `QueueOverflow`: the caller stops the
 recording with a clear error rather than exhaust memory.
 """
@@ -127,8 +128,12 @@ class SpillQueue:
                     continue
                 self._write_pos = 0  # nothing unread on disk: the spill file is reused from 0
                 if self._tail:
-                    self._head, self._tail = self._tail, self._head  # the tail is next in line
-                    continue
+                    # the tail's oldest is next in line; the rest stays in the tail, where the
+                    # spill thread can still move it to disk (moved to the head it could not)
+                    header, array = self._tail.popleft()
+                    self._mem -= array.nbytes
+                    self._cond.notify_all()
+                    return header, array
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return None
