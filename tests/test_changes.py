@@ -4,6 +4,8 @@ windows and context never hold a frame from before it, a normaliser fitted again
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -130,6 +132,50 @@ def test_replay_windows_never_straddle_a_segment() -> None:
                 assert bool((segment == 1).all())
     rows = replay._activity_rows(rng, replay.centres())
     assert replay._active_picks(rng, replay._block_means, *rows, 8, (16, 16), (8, 8))  # the active path ran
+
+
+class _AddsBetweenTheLocks:
+    """Stands in for a replay buffer's lock: before the sampling thread's second hold of it (the
+    lock is let go between the two while the active search runs), the pushing thread's `add`s run."""
+
+    def __init__(self, lock, adds) -> None:
+        self.lock, self.adds, self.holds = lock, adds, 0
+
+    def __enter__(self):
+        self.holds += 1
+        if self.holds == 2:
+            self.adds()
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self.lock.__exit__(*exc)
+
+
+@pytest.mark.parametrize("active_share", [0.0, 1.0])
+def test_replay_sample_survives_frames_dropped_while_it_searched(active_share: float) -> None:
+    """A full buffer drops its oldest frames as the stream pushes; a sample whose centres were
+    listed before that takes its windows from the frames still held (it once raised KeyError,
+    which ended the trainer thread: the stream never trained again)."""
+    for dropped in (24, 32):  # most of the listed centres gone; every one of them gone
+        replay = ReplayBuffer(window=5, capacity=32)
+        rng = np.random.default_rng(dropped)
+        for i in range(32):
+            replay.add(i, torch.from_numpy(rng.poisson(2.0, (1, 32, 32)).astype(np.float32)) + i)
+
+        def adds(replay=replay, dropped=dropped) -> None:
+            thread = threading.Thread(target=lambda: [replay.add(32 + j, torch.full((1, 32, 32), 1000.0 + j))
+                                                      for j in range(dropped)])
+            thread.start()
+            thread.join()
+
+        replay._lock = _AddsBetweenTheLocks(replay._lock, adds)  # type: ignore[assignment]
+        batch = replay.sample(rng, 8, 16, active_share=active_share)
+        if dropped == 32:
+            assert batch is None  # no listed centre is left: no sample this step
+        else:
+            assert batch is not None and batch.shape == (8, 5, 1, 16, 16)
+            # every centre one of the frames still held (frame i is i + Poisson(2), some pixel i)
+            assert bool((batch[:, 2].amin((1, 2, 3)) >= 24).all())
 
 
 def test_active_sampling_finds_the_transients_by_the_neighbours_alone() -> None:

@@ -457,6 +457,35 @@ def test_background_training_runs_beside_push():
         assert den.model_step <= steps + 1, "paused training stays paused"
 
 
+def test_a_failing_background_step_does_not_end_training(monkeypatch):
+    """A step that raises is logged and counted; the trainer thread goes on stepping."""
+    import time
+
+    from umvd_live.engine.trainer import OnlineTrainer
+
+    config = EngineConfig(
+        preset="lite", warmup_frames=10, warmup_steps=4, min_train_frames=8, train_mode="background",
+        trainer=TrainerConfig(batch=2, patch=16), sync_every=2,
+    )
+    step, failures = OnlineTrainer.step, []
+
+    def fails_twice(self, *args, **kwargs):
+        if len(failures) < 2:
+            failures.append(self.steps)
+            raise RuntimeError("a step that fails")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(OnlineTrainer, "step", fails_twice)
+    with StreamDenoiser(config) as den:
+        for frame in noisy_movie(12):
+            den.push(frame)
+        deadline = time.monotonic() + 30
+        while den.model_step < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(failures) == 2 and den.model_step >= 6
+        assert den.stats()["failed_steps"] == 2 and den.training._thread.is_alive()
+
+
 def test_context_blocks_are_configurable_and_checked_against_weights(tmp_path):
 
     assert StreamDenoiser(FAST).config.context is None  # the preset's: lite has blocks

@@ -227,6 +227,7 @@ class StreamDenoiser:
             "loss": t.last_loss if t else None,
             "lr": t.lr if t else self.config.trainer.lr,
             "rollbacks": t.rollbacks if t else 0,
+            "failed_steps": self.training.failed_steps,
             "training_paused": self.training.paused,
             "warmup_progress": self.warmup_progress,
             "prior": self.prior.to_dict() if self.prior else None,

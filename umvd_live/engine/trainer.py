@@ -196,6 +196,12 @@ class ReplayBuffer:
         hot = [pick for rows, n in searches if means is not None
                for pick in self._active_picks(rng, means, *rows, n, (h, w), (ph, pw))]
         with self._lock:
+            # `add` may have dropped the oldest frames meanwhile (the lock was let go): a centre
+            # still held keeps its later frames, and a window cut at its start is mirrored
+            centres = [t for t in centres if t in self._frames]
+            favoured = [t for t in favoured if t in self._frames]
+            if not centres:
+                return None
             picks = []
             for i in range(batch):
                 if i < len(hot) and hot[i][0] in self._frames:  # (not dropped from the buffer meanwhile)

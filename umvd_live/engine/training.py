@@ -16,6 +16,7 @@ weights (saving, loading).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -29,8 +30,12 @@ if TYPE_CHECKING:
     from umvd_live.engine.device import CpuSeat
     from umvd_live.engine.trainer import OnlineTrainer, ReplayBuffer
 
+log = logging.getLogger(__name__)
+
 #: Weights as published: (the trainer's step count, a copy of its state dict).
 Published = tuple[int, dict]
+#: A failing background step is logged the first time and then once in this many.
+FAILED_STEPS_LOGGED_EVERY = 100
 
 
 class TrainedStream(Protocol):
@@ -66,6 +71,7 @@ class TrainingLoop:
         self._started: float | None = None  # when the first step began
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.failed_steps = 0  # background steps that raised (logged, then training went on)
 
     def begin(self, trainer: OnlineTrainer, replay: ReplayBuffer) -> None:
         """Train ``trainer`` on ``replay``: from now on inline, or on a thread in background mode."""
@@ -136,6 +142,11 @@ class TrainingLoop:
                 started = time.monotonic()
                 done = self.run(1)
                 busy = time.monotonic() - started
+            except Exception:  # a step that fails must not end the stream's training for good
+                self.failed_steps += 1
+                if self.failed_steps == 1 or self.failed_steps % FAILED_STEPS_LOGGED_EVERY == 0:
+                    log.exception("a training step failed (%d so far); training goes on", self.failed_steps)
+                done = 0
             finally:
                 if shared:
                     self.seat.release()

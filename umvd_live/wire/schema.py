@@ -136,6 +136,7 @@ class EngineStats(TypedDict, total=False):
     loss: float | None
     lr: float
     rollbacks: int
+    failed_steps: int  # background training steps that raised (logged; training went on)
     training_paused: bool
     warmup_progress: float
     prior: PriorStatus | None
