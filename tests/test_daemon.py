@@ -678,3 +678,46 @@ def test_a_streams_end_hands_out_its_last_outputs_and_a_single_plane_comes_back_
     finally:
         d.finish()
         d.close()
+
+
+def test_a_stream_whose_last_flush_fails_still_lets_the_others_and_the_recording_finish(tmp_path, monkeypatch):
+    """At shutdown one stream's final flush raises (an inference pass that fails): the other
+    stream's last outputs still go out, the recording is finished (its files complete), and the
+    daemon stops, as the shutdown command asked, rather than run on without taking frames."""
+    from umvd_live.recording.ometiff import read_recording
+
+    rng = np.random.default_rng(3)
+
+    def message(parts):
+        parts = [bytes(p) for p in parts]
+        return Received(parts, monotonic(), sum(map(len, parts)))
+
+    config = DaemonConfig(engine=engine(warmup_frames=1000), input_bind="tcp://127.0.0.1:*",
+                          output="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*", output_dir=tmp_path)
+    sink = CollectingSink(owed=set())
+    d = Daemon(config, engine_factory(config), [sink])
+    d.start()
+    try:
+        assert d.control.handle({"cmd": "record_start", "path": "rec.ome.tif"}).result()["ok"]
+        d.router.process([message(encode_frame(name, rng.poisson(30.0, (24, 24)).astype(np.uint16), seq))
+                          for seq in range(8) for name in ("cam0", "cam1")], allow_skip=False)
+        flush = StreamDenoiser.flush
+        flushed: list[str] = []
+
+        def first_fails(self):
+            flushed.append("x")
+            if len(flushed) == 1:
+                raise RuntimeError("an inference pass failed in the final flush")
+            return flush(self)
+
+        monkeypatch.setattr(StreamDenoiser, "flush", first_fails)
+        reply = d.control.handle({"cmd": "shutdown"}).result()
+        assert d._stop.requested, f"the shutdown ({reply}) left the daemon running"
+        counts = {name: sum(o.stream == name for o in sink.denoised) for name in ("cam0", "cam1")}
+        assert sorted(counts.values()) == [8 - HALF, 8]  # one stream flushed in full, the other owed its last
+        assert all(live.denoiser is None for live in d.router.streams.values())
+        for name, count in counts.items():
+            _, infos, provenance = read_recording(tmp_path / f"rec_{name}.ome.tif")
+            assert provenance["complete"] and len(infos) == count
+    finally:
+        d.close()

@@ -301,7 +301,11 @@ class Router:
         many outputs the flushes handed out."""
         flushed = 0
         for live in self.streams.values():
-            outputs = live.close()
+            try:  # one stream's failed flush must not keep the others' last outputs from going out
+                outputs = live.close()
+            except Exception:
+                log.exception("stream %s: flushing it at the end failed; its denoiser is closed", live.name)
+                continue
             flushed += len(outputs)
             self._fan_out(outputs=outputs)
         return flushed

@@ -168,16 +168,19 @@ class Daemon:
             return 0
         self._finished = True
         self.transport.stop_input()
-        leftover = self.transport.inbox.drain(0)
-        if leftover:
-            self.router.process(leftover, allow_skip=False)
-        flushed = self.router.close_streams()  # queues each live stream's final checkpoint
-        for sink in self.router.sinks + self._stopped_recordings:
-            try:
-                sink.close()
-            except Exception:
-                log.exception("closing sink %r failed", sink)
-        self.worker.shutdown()  # the final checkpoints are on disk
+        flushed = 0
+        try:
+            leftover = self.transport.inbox.drain(0)
+            if leftover:
+                self.router.process(leftover, allow_skip=False)
+            flushed = self.router.close_streams()  # queues each live stream's final checkpoint
+        finally:  # whatever failed above, the recordings are finished and the checkpoints written
+            for sink in self.router.sinks + self._stopped_recordings:
+                try:
+                    sink.close()
+                except Exception:
+                    log.exception("closing sink %r failed", sink)
+            self.worker.shutdown()  # the final checkpoints are on disk
         return flushed
 
     def close(self) -> None:
@@ -262,6 +265,7 @@ class Daemon:
     def _answer(self, request: dict[str, Any], reply: Future[bytes]) -> None:
         if self._finished and request.get("cmd") != "status":
             if request.get("cmd") == "shutdown":
+                self.request_stop("shutdown command")
                 reply.set_result(self.control.encode(request, {"ok": True, "flushed": 0}))
             else:
                 reply.set_result(self.control.encode_error("the daemon is shutting down"))
@@ -421,8 +425,10 @@ class Daemon:
 
     def shutdown(self) -> Reply:
         """Flush everything owed before replying, so the reply means: all outputs are published."""
-        flushed = self.finish()
-        self.request_stop("shutdown command")
+        try:
+            flushed = self.finish()
+        finally:  # a flush that failed must not leave a daemon that takes no frames running
+            self.request_stop("shutdown command")
         return {"flushed": flushed}
 
 
