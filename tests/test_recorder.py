@@ -33,7 +33,7 @@ from umvd_live.recording.session import (
     RecordingSession,
     stream_path,
 )
-from umvd_live.recording.spillqueue import SpillQueue
+from umvd_live.recording.spillqueue import SpillError, SpillQueue
 from umvd_live.wire.channel_colors import ome_color
 from umvd_live.wire.protocol import FrameHeader
 from umvd_live.wire.security import PathNotAllowed, confine_path
@@ -168,15 +168,14 @@ def test_spill_queue_keeps_order_and_memory_budget(tmp_path):
         time.sleep(0.01)
     st = q.stats()
     assert st.queued == n and st.memory_bytes <= 5 * frame_bytes
-    assert st.spilled == n - 5 and q.spill_path is not None and q.spill_path.exists()
-    assert os.path.getsize(q.spill_path) == (n - 5) * frame_bytes
+    (spill,) = q.spill_paths
+    assert st.spilled == n - 5 and spill.exists() and os.path.getsize(spill) == (n - 5) * frame_bytes
     out = [q.get(timeout=5) for _ in range(n)]
     assert [h["i"] for h, _ in out] == list(range(n))
     assert all((a == h["i"]).all() for h, a in out)
     assert q.get(timeout=0.05) is None
-    spill = q.spill_path
     q.close()
-    assert not spill.exists()
+    assert not spill.exists() and not list(tmp_path.glob("*.spill"))
 
 
 def test_spill_queue_keeps_its_budget_when_the_consumer_runs_before_the_spill_thread(tmp_path):
@@ -199,6 +198,59 @@ def test_spill_queue_keeps_its_budget_when_the_consumer_runs_before_the_spill_th
     out = [q.get(timeout=5) for _ in range(n - 6)]
     assert [h["i"] for h, _ in out] == list(range(6, n))
     assert all((a == h["i"]).all() for h, a in out)
+    q.close()
+
+
+def test_a_standing_backlog_keeps_its_spill_files_to_its_size(tmp_path):
+    """A writer that keeps pace with the camera but stays a burst behind: the spilled segment is
+    never empty. The spill files hold about the backlog, not every frame that passed through."""
+    frame_bytes = np.zeros((32, 32), np.float32).nbytes
+    q = SpillQueue(tmp_path, memory_budget_bytes=4 * frame_bytes, hard_limit_bytes=10**9,
+                   rotate_bytes=8 * frame_bytes)
+
+    def spilled_to_budget() -> None:
+        deadline = time.monotonic() + 20
+        while q.stats().memory_bytes > 4 * frame_bytes and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    for i in range(20):  # a burst: 20 frames behind
+        q.put({"i": i}, np.full((32, 32), i, np.float32))
+    spilled_to_budget()
+    on_disk = []
+    for i in range(20, 420):  # then one written for each one taken
+        header, image = q.get(timeout=5)
+        assert header["i"] == i - 20 and (image == i - 20).all()
+        q.put({"i": i}, np.full((32, 32), i, np.float32))
+        spilled_to_budget()
+        on_disk.append(sum(os.path.getsize(p) for p in q.spill_paths))
+    assert q.stats().spilled_total > 300  # the frames did pass through the spill files
+    # the backlog (16 spilled frames) and at most two files' worth beyond it; it was 400 frames
+    assert max(on_disk) <= (16 + 2 * 8) * frame_bytes, max(on_disk) // frame_bytes
+    out = [q.get(timeout=5) for _ in range(20)]
+    assert [h["i"] for h, _ in out] == list(range(400, 420))
+    q.close()
+    assert not list(tmp_path.glob("*.spill"))
+
+
+def test_a_spill_thread_error_of_any_kind_keeps_every_item(tmp_path, monkeypatch):
+    """Writing the spill file fails with something other than an OSError: the item stays queued,
+    in order, the error is reported, and `get` never hangs on the item that was being written."""
+    from umvd_live.recording import spillqueue
+
+    def fails(*args):
+        raise MemoryError("no buffer for the write")
+
+    monkeypatch.setattr(spillqueue, "pwrite_all", fails)
+    frame_bytes = np.zeros((32, 32), np.float32).nbytes
+    q = SpillQueue(tmp_path, memory_budget_bytes=2 * frame_bytes, hard_limit_bytes=10**9)
+    for i in range(10):
+        q.put({"i": i}, np.full((32, 32), i, np.float32))
+    deadline = time.monotonic() + 20
+    while q.error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert isinstance(q.error, SpillError) and "MemoryError" in str(q.error)
+    out = [q.get(timeout=5) for _ in range(10)]
+    assert [h["i"] for h, _ in out] == list(range(10)) and q.get(timeout=0.05) is None
     q.close()
 
 
@@ -412,6 +464,33 @@ def test_disk_full_stops_recording_with_a_clear_error(tmp_path):
     for i in range(len(infos)):
         np.testing.assert_array_equal(frames[i], pattern(i))
     assert prov["complete"] is False
+    assert not list(tmp_path.glob("*.spill"))
+
+
+def test_a_recording_that_fails_unexpectedly_still_finishes(tmp_path, monkeypatch):
+    """A write fails with an unexpected error and abandoning the file fails too: the recording
+    reports the error and `stop` returns (the daemon's shutdown waits on it without a timeout)."""
+
+    append, calls = RecordingFile.append, []
+
+    def append_fails(self, image, info):
+        calls.append(info.seq)
+        if len(calls) > 1:  # the file is made (with its first frame), then the bug
+            raise ValueError("a bug while appending")
+        return append(self, image, info)
+
+    def abandon_fails(self):
+        raise TypeError("abandoning fails too")
+
+    monkeypatch.setattr(RecordingFile, "append", append_fails)
+    monkeypatch.setattr(RecordingFile, "abandon", abandon_fails)
+    session = RecordingSession(RecordingRequest(path=tmp_path / "bug.ome.tif"))
+    for seq in range(2):
+        assert session.submit_denoised("cam0", FrameHeader(seq, (16, 16), "<f4"), pattern(seq, shape=(16, 16)),
+                                       state="live", model_step=seq)
+    assert session.stop(wait=True, timeout=20)
+    status = session.status()
+    assert status.finished and "a bug while appending" in status.error
     assert not list(tmp_path.glob("*.spill"))
 
 

@@ -317,14 +317,19 @@ class RecordingSession:
             log.exception("recorder writer failed")
             self._fail(f"recording stopped: {type(exc).__name__}: {exc}")
         finally:
-            if self.error is not None:
-                for rec in files.values():
-                    rec.abandon()  # what is linked stays readable; no more writes to a failing disk
-            lost = len(self._queue)
-            self._queue.close()
-            with self._lock:
-                self._lost += lost
-            self._finished.set()
+            try:
+                if self.error is not None:
+                    for rec in files.values():
+                        try:
+                            rec.abandon()  # what is linked stays readable; no more writes to a failing disk
+                        except Exception:  # the others are abandoned all the same
+                            log.exception("recording: abandoning %s failed", rec)
+            finally:  # whatever happened above, `stop(wait=True)` must return
+                lost = len(self._queue)
+                self._queue.close()
+                with self._lock:
+                    self._lost += lost
+                self._finished.set()
 
     def _write_one(self, files: dict[str, Recording], parts: dict[str, int],
                    item: dict[str, Any], image: np.ndarray) -> None:

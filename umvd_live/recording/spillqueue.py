@@ -14,6 +14,11 @@ budget; `get` takes from the head, then the spilled segment, then the tail's old
 head never holds more than the budget, and whatever memory holds beyond it stays spillable. Past a hard
 limit (the spill thread cannot keep up either) `put` raises `QueueOverflow`: the caller stops the
 recording with a clear error rather than exhaust memory.
+
+The spill files rotate: once one holds `rotate_bytes`, the next item goes to a new file, and a
+file is deleted as soon as its last item is read. A writer that stays a few frames behind the
+camera for hours (the spilled segment never empty) then holds on disk about its backlog, not every
+frame that ever passed through.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from typing import Any
 import numpy as np
 
 from umvd_live.recording.fileio import pread_exact, pwrite_all
+
+#: Bytes a spill file takes before the next item goes to a new one (at least the memory budget).
+ROTATE_BYTES = 64 * 2**20
 
 
 class QueueOverflow(RuntimeError):
@@ -53,9 +61,18 @@ class QueueStats:
     spilled_total: int  # items ever spilled
 
 
+@dataclass(eq=False)
+class _SpillFile:
+    fd: int
+    path: Path
+    size: int = 0  # bytes written and reserved: where the next item goes
+    unread: int = 0  # items written or being written to it and not yet read back
+
+
 @dataclass
 class _Spilled:
     header: dict[str, Any]
+    file: _SpillFile
     offset: int
     nbytes: int
     dtype: np.dtype
@@ -66,12 +83,15 @@ class SpillQueue:
     """FIFO of ``(header dict, ndarray)``; one producer thread, one consumer thread."""
 
     def __init__(self, spill_dir: str | os.PathLike, memory_budget_bytes: int,
-                 hard_limit_bytes: int | None = None, *, name: str = "umvd-spill"):
+                 hard_limit_bytes: int | None = None, *, name: str = "umvd-spill",
+                 rotate_bytes: int | None = None):
         if memory_budget_bytes <= 0:
             raise ValueError("memory_budget_bytes must be positive")
         self.spill_dir = Path(spill_dir)
         self.budget = int(memory_budget_bytes)
         self.hard_limit = int(hard_limit_bytes if hard_limit_bytes is not None else 2 * self.budget)
+        #: a spill file takes no new item once it holds this much (module docstring)
+        self.rotate_bytes = int(rotate_bytes if rotate_bytes is not None else max(self.budget, ROTATE_BYTES))
         self._name = name
         self._cond = threading.Condition()
         self._head: deque[tuple[dict, np.ndarray]] = deque()
@@ -81,9 +101,8 @@ class SpillQueue:
         self._mem = 0
         self._spilled_bytes = 0
         self._spilled_total = 0
-        self._write_pos = 0
-        self._fd: int | None = None
-        self.spill_path: Path | None = None
+        self._file: _SpillFile | None = None  # the file the spill thread writes to
+        self._files: list[_SpillFile] = []  # every file not yet deleted, oldest first
         self.error: SpillError | None = None
         self._sealed = False  # no more puts; what is queued can still be taken
         self._closed = False
@@ -123,10 +142,14 @@ class SpillQueue:
                 if self._spilled:
                     rec = self._spilled.popleft()
                     break
+                left = None if deadline is None else deadline - time.monotonic()
                 if self._in_flight:
-                    self._cond.wait()
+                    if left is not None and left <= 0:
+                        return None
+                    self._cond.wait(left)
                     continue
-                self._write_pos = 0  # nothing unread on disk: the spill file is reused from 0
+                if self._file is not None and not self._file.unread:
+                    self._file.size = 0  # nothing unread on disk: the spill file is reused from 0
                 if self._tail:
                     # the tail's oldest is next in line; the rest stays in the tail, where the
                     # spill thread can still move it to disk (moved to the head it could not)
@@ -134,17 +157,23 @@ class SpillQueue:
                     self._mem -= array.nbytes
                     self._cond.notify_all()
                     return header, array
-                left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return None
                 self._cond.wait(left)
         # read outside the lock: the producer must never wait on the disk
         try:
-            data = _pread_all(self._fd, rec.nbytes, rec.offset)
+            data = pread_exact(rec.file.fd, rec.nbytes, rec.offset)
         except OSError as exc:
             raise SpillError(exc.errno, f"reading the spill file failed: {exc.strerror}") from exc
-        with self._cond:
-            self._spilled_bytes -= rec.nbytes
+        finally:
+            with self._cond:
+                self._spilled_bytes -= rec.nbytes
+                rec.file.unread -= 1
+                done = rec.file.unread == 0 and rec.file is not self._file
+                if done:
+                    self._files.remove(rec.file)
+            if done:
+                _delete(rec.file)  # its last item is read and no more go to it
         return rec.header, np.frombuffer(data, rec.dtype).reshape(rec.shape)
 
     def __len__(self) -> int:
@@ -173,14 +202,16 @@ class SpillQueue:
             self._sealed = self._closed = True
             self._cond.notify_all()
         self._thread.join()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self.spill_path is not None:
-            try:
-                self.spill_path.unlink()
-            except FileNotFoundError:
-                pass
+        with self._cond:
+            files, self._files, self._file = self._files, [], None
+        for file in files:
+            _delete(file)
+
+    @property
+    def spill_paths(self) -> list[Path]:
+        """The spill files on disk now, oldest first."""
+        with self._cond:
+            return [file.path for file in self._files]
 
     # -- spill thread -------------------------------------------------------------------------
     def _spill_loop(self) -> None:
@@ -192,34 +223,56 @@ class SpillQueue:
                     return
                 header, array = self._tail.popleft()
                 self._in_flight = 1
-                offset = self._write_pos
-                self._write_pos += array.nbytes
+                file = self._file
+                if file is not None and (file.size == 0 or file.size + array.nbytes <= self.rotate_bytes):
+                    offset, file.size, file.unread = file.size, file.size + array.nbytes, file.unread + 1
+                else:
+                    file = None  # a new file (made outside the lock: the producer never waits on I/O)
             try:
-                self._write(array, offset)
-            except OSError as exc:
+                if file is None:
+                    file, offset = self._new_file(array.nbytes), 0
+                pwrite_all(file.fd, np.ascontiguousarray(array).data.cast("B"), offset)
+            except Exception as exc:  # whatever it is, the item is kept and the writer told
                 with self._cond:
                     # keep the item (and the order): it goes back to the front of the tail
                     self._tail.appendleft((header, array))
                     self._in_flight = 0
-                    self.error = SpillError(exc.errno, f"writing the spill file failed: {exc.strerror}")
+                    if file is not None:
+                        file.unread -= 1
+                    if isinstance(exc, OSError) and exc.errno is not None:
+                        self.error = SpillError(exc.errno, f"writing the spill file failed: {exc.strerror}")
+                    else:
+                        self.error = SpillError(f"writing the spill file failed: {exc!r}")
                     self._cond.notify_all()
                 continue
             with self._cond:
-                self._spilled.append(_Spilled(header, offset, array.nbytes, array.dtype, array.shape))
+                self._spilled.append(_Spilled(header, file, offset, array.nbytes, array.dtype, array.shape))
                 self._in_flight = 0
                 self._mem -= array.nbytes
                 self._spilled_bytes += array.nbytes
                 self._spilled_total += 1
                 self._cond.notify_all()
 
-    def _write(self, array: np.ndarray, offset: int) -> None:
-        if self._fd is None:
-            fd, name = tempfile.mkstemp(prefix=f".{self._name}-", suffix=".spill", dir=self.spill_dir)
-            self._fd, self.spill_path = fd, Path(name)
-        pwrite_all(self._fd, np.ascontiguousarray(array).data.cast("B"), offset)
+    def _new_file(self, first_item_bytes: int) -> _SpillFile:
+        """A new spill file, holding the item about to be written; the one before it is deleted
+        here if everything in it was read already, else by `get` once it is."""
+        fd, name = tempfile.mkstemp(prefix=f".{self._name}-", suffix=".spill", dir=self.spill_dir)
+        file = _SpillFile(fd, Path(name), size=first_item_bytes, unread=1)
+        with self._cond:
+            old, self._file = self._file, file
+            self._files.append(file)
+            if old is not None and old.unread == 0:
+                self._files.remove(old)
+            else:
+                old = None
+        if old is not None:
+            _delete(old)
+        return file
 
 
-def _pread_all(fd: int | None, n: int, offset: int) -> bytes:
-    if fd is None:
-        raise OSError(9, "spill file not open")
-    return pread_exact(fd, n, offset)
+def _delete(file: _SpillFile) -> None:
+    os.close(file.fd)
+    try:
+        file.path.unlink()
+    except FileNotFoundError:
+        pass
