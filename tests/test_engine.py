@@ -457,6 +457,30 @@ def test_background_training_runs_beside_push():
         assert den.model_step <= steps + 1, "paused training stays paused"
 
 
+def test_saved_weights_are_described_by_what_was_written_while_training_goes_on(tmp_path):
+    """`save_weights` returns the step and hash of the file it wrote, not of the trainer's weights
+    a moment later (the daemon's save_model reply says them)."""
+    import time
+
+    from umvd_live.engine.checkpoint import load_checkpoint, weights_hash
+
+    config = EngineConfig(
+        preset="lite", warmup_frames=10, warmup_steps=4, min_train_frames=8, train_mode="background",
+        trainer=TrainerConfig(batch=2, patch=16), sync_every=2,
+    )
+    with StreamDenoiser(config) as den:
+        for frame in noisy_movie(12):
+            den.push(frame)
+        deadline = time.monotonic() + 30
+        while den.model_step < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for i in range(3):  # the trainer steps on meanwhile
+            step, digest = den.save_weights(tmp_path / f"w{i}.pt")
+            state, info = load_checkpoint(tmp_path / f"w{i}.pt")
+            assert (info["step"], weights_hash(state)) == (step, digest)
+            assert isinstance(den.weights_hash(), str)
+
+
 def test_a_failing_background_step_does_not_end_training(monkeypatch):
     """A step that raises is logged and counted; the trainer thread goes on stepping."""
     import time

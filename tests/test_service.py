@@ -131,9 +131,9 @@ class SaveThreads(StreamDenoiser):
 
     threads: list[str] = []
 
-    def save_weights(self, path) -> None:
+    def save_weights(self, path) -> tuple[int, str]:
         SaveThreads.threads.append(threading.current_thread().name)
-        super().save_weights(path)
+        return super().save_weights(path)
 
 
 def test_checkpoints_are_written_on_the_state_worker_not_the_frame_loop(tmp_path):

@@ -54,7 +54,7 @@ from umvd_live.daemon.statestore import StateStore, StateWorker
 from umvd_live.daemon.status import StatusDisplay
 from umvd_live.daemon.streams import StreamEngineFactory, monotonic
 from umvd_live.daemon.transport import PendingReply, Transport
-from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint
+from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint, weights_hash
 from umvd_live.engine.provenance import network_provenance
 from umvd_live.wire.protocol import STREAM_NAME
 from umvd_live.wire.security import PathNotAllowed, confine_path
@@ -330,16 +330,15 @@ class Daemon:
 
         def save() -> Reply:
             path.parent.mkdir(parents=True, exist_ok=True)
-            den.save_weights(str(path))
+            step, digest = den.save_weights(str(path))  # what was written, though training goes on
             log.info("stream %s: weights saved to %s", stream, path)
-            return {"stream": stream, "path": str(path), "weights_hash": den.weights_hash(),
-                    "model_step": int(den.model_step)}
+            return {"stream": stream, "path": str(path), "weights_hash": digest, "model_step": int(step)}
 
         return self.worker.submit(save)
 
     def load_model(self, stream: str, path: Path) -> Reply | Future[Reply]:
         try:
-            load_checkpoint(path)  # refuse a corrupt or foreign file now, not at the first frame
+            state, _ = load_checkpoint(path)  # refuse a corrupt or foreign file now, not at the first frame
         except CheckpointError as exc:
             raise ControlError(str(exc)) from None
         live = self.router.streams.get(stream)
@@ -359,8 +358,9 @@ class Daemon:
             return {"stream": stream, "path": str(path), "applied": "at_first_frame"}
         den.load_weights(str(path))
         log.info("stream %s: weights loaded from %s", stream, path)
+        # the file's weights: the trainer may step on them before the reply is made
         return self.worker.submit(lambda: {"stream": stream, "path": str(path), "applied": "now",
-                                           "weights_hash": den.weights_hash()})
+                                           "weights_hash": weights_hash(state)})
 
     # ---- recording (umvd_live.recording.session) ------------------------------------------------
     def start_recording(self, path: str, streams: list[str] | None, raw: bool) -> Reply:

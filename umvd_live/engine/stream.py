@@ -681,12 +681,14 @@ class StreamDenoiser:
 
     # -- weights ------------------------------------------------------------------------------
     def weights_hash(self) -> str | None:
-        return weights_hash(self.trainer.model.state_dict()) if self.trainer else None
+        """The trainer's weights now, taken between two of its steps (never half updated)."""
+        return weights_hash(self.training.snapshot()[1]) if self.trainer else None
 
-    def save_weights(self, path: str | os.PathLike) -> None:
+    def save_weights(self, path: str | os.PathLike) -> tuple[int, str]:
+        """Write the trainer's weights; returns the step and the weights hash of what was written."""
         if self.trainer is None:
             raise RuntimeError("no model yet: nothing to save before the first frame")
-        self.training.save(path, {"preset": self.preset, "spec": self.spec.to_dict()})
+        return self.training.save(path, {"preset": self.preset, "spec": self.spec.to_dict()})
 
     def load_weights(self, path: str | os.PathLike) -> None:
         """Adopt saved weights mid-stream; they must be for the same network."""
