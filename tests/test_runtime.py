@@ -1,5 +1,6 @@
-"""The command line's process settings: start-up objects frozen, freed memory kept mapped."""
+"""The command line's process settings: start-up objects frozen, freed memory kept mapped, one BLAS thread."""
 
+import json
 import os
 import subprocess
 import sys
@@ -44,3 +45,28 @@ def test_malloc_thresholds_are_raised_on_glibc_unless_the_user_set_them():
     user = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env=env | {"MALLOC_ARENA_MAX": "2"})
     assert user.stdout.strip() == "False", "the user's own malloc settings win"
+
+
+BLAS_THREADS = """
+from umvd_live.daemon.runtime import tune_process
+tune_process("umvd_live.daemon.service")  # imports numpy and scipy, as `serve` does
+from threadpoolctl import threadpool_info
+print(sorted({info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"}))
+"""
+
+
+def test_the_command_line_gives_blas_one_thread_unless_the_user_chose():
+    """numpy's OpenBLAS threads spin between calls and took most of a core from the network's
+    passes (docs/benchmarks.md): the commands' processes give BLAS one thread."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                            "MKL_NUM_THREADS", "BLIS_NUM_THREADS")}
+
+    def blas_threads(extra: dict[str, str]) -> list[int]:
+        out = subprocess.run([sys.executable, "-c", BLAS_THREADS], capture_output=True, text=True, timeout=120,
+                             env=env | extra, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert blas_threads({}) == [1]
+    assert blas_threads({"OPENBLAS_NUM_THREADS": "2"}) == [2], "the user's own count stands"
+    if (os.cpu_count() or 1) > 1:
+        assert blas_threads({"UMVD_LIVE_BLAS_LIMIT": "off"}) != [1], "off leaves the libraries' default"

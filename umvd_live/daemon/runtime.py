@@ -1,4 +1,5 @@
-"""Process-wide settings for the long-running commands: no pauses and no page faults mid-stream.
+"""Process-wide settings for the long-running commands: no pauses, no page faults and no spinning
+threads mid-stream.
 
 `freeze_startup_objects`: after the imports (torch, numpy, scipy: ~300,000 objects), Python's
 full garbage collections scanned all of them a few times a minute, stopping every thread of the
@@ -13,10 +14,18 @@ that memory mapped for reuse, as jemalloc or tcmalloc would, without a preload; 
 then stays near its peak instead of shrinking between frames (bounded: the soak in
 docs/benchmarks.md).
 
-Both change the whole process, so only the command line applies them (`cli.main`), never the
+`limit_blas_threads`: numpy's and scipy's OpenBLAS start a thread per core, and after each call
+(a dot product of two frames in the live gain, `np.vdot` of 512² pixels) those threads spin for
+work for a while before they sleep. With a few such calls per frame they never sleep: on 2 cores
+one of them took ~70 % of a core away from the passes of D (512² at 30 Hz: 16 fps out; with one
+BLAS thread 25). The vectors are too small for threads to pay, and torch's own threads are set
+by the engine (`device.CpuSeat`), so BLAS gets one thread.
+
+All three change the whole process, so only the command line applies them (`cli.main`), never the
 library: an application that embeds `StreamDenoiser` keeps its own settings. Each can be turned
 off from the environment, to measure what it does: `UMVD_LIVE_GC_FREEZE=off`,
-`UMVD_LIVE_KEEP_MEMORY=off`. docs/benchmarks.md has the figures with and without.
+`UMVD_LIVE_KEEP_MEMORY=off`, `UMVD_LIVE_BLAS_LIMIT=off`. docs/benchmarks.md has the figures with
+and without.
 
 `peak_rss_mb` is the process's peak resident memory on every platform (the bench reports it).
 """
@@ -72,11 +81,28 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+#: Thread counts a user may have set for the BLAS libraries: then theirs stands.
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+
+
+def limit_blas_threads() -> bool:
+    """One thread for each BLAS library loaded now (threadpoolctl: OpenBLAS, MKL, BLIS on every
+    platform), unless the user set a thread count in the environment. Returns whether it did."""
+    if any(name in os.environ for name in BLAS_THREAD_VARIABLES):
+        return False
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+    return True
+
+
 def tune_process(command_module: str) -> ModuleType:
-    """Import a command's module with both settings applied around the import; returns it."""
+    """Import a command's module with the settings applied around the import; returns it."""
     if enabled("KEEP_MEMORY"):
         retain_freed_memory()
     module = importlib.import_module(command_module)
+    if enabled("BLAS_LIMIT"):
+        limit_blas_threads()  # after the import: it limits the libraries loaded by then
     if enabled("GC_FREEZE"):
         freeze_startup_objects()
     return module
