@@ -638,6 +638,23 @@ def test_record_stop(daemon):
     assert d.wait() == 0
 
 
+def received(parts) -> Received:
+    """A message as the daemon's input thread hands it over, received now."""
+    parts = [bytes(p) for p in parts]
+    return Received(parts, monotonic(), sum(map(len, parts)))
+
+
+def daemon_in_process(tmp_path) -> tuple[Daemon, CollectingSink]:
+    """A started daemon in this process (messages go to `router.process`), still warming up, with
+    a sink that keeps its outputs."""
+    config = DaemonConfig(engine=engine(warmup_frames=1000), input_bind="tcp://127.0.0.1:*",
+                          output="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*", output_dir=tmp_path)
+    sink = CollectingSink(owed=set())
+    d = Daemon(config, engine_factory(config), [sink])
+    d.start()
+    return d, sink
+
+
 def test_a_streams_end_hands_out_its_last_outputs_and_a_single_plane_comes_back_as_is(tmp_path):
     """The producer's end message (protocol `StreamEnd`) flushes that stream at once, without a
     shutdown: a time series gets its last N//2 outputs, and a stream of one time point (a plane of
@@ -647,18 +664,10 @@ def test_a_streams_end_hands_out_its_last_outputs_and_a_single_plane_comes_back_
     movie = [rng.poisson(30.0, (24, 24)).astype(np.uint16) for _ in range(10)]
     plane = rng.poisson(500.0, (24, 24)).astype(np.uint16)
 
-    def message(parts):
-        parts = [bytes(p) for p in parts]
-        return Received(parts, monotonic(), sum(map(len, parts)))
-
-    items = [message(encode_frame("ts", image, seq)) for seq, image in enumerate(movie)]
-    items += [message(encode_frame("stack.z0", plane, 0)), message(encode_end("stack.z0", 1)),
-              message(encode_end("ts", 10)), message(encode_end("never-seen", 0))]
-    config = DaemonConfig(engine=engine(warmup_frames=1000), input_bind="tcp://127.0.0.1:*",
-                          output="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*", output_dir=tmp_path)
-    sink = CollectingSink(owed=set())
-    d = Daemon(config, engine_factory(config), [sink])
-    d.start()
+    items = [received(encode_frame("ts", image, seq)) for seq, image in enumerate(movie)]
+    items += [received(encode_frame("stack.z0", plane, 0)), received(encode_end("stack.z0", 1)),
+              received(encode_end("ts", 10)), received(encode_end("never-seen", 0))]
+    d, sink = daemon_in_process(tmp_path)
     try:
         d.router.process(items, allow_skip=False)
         out = {name: [o for o in sink.denoised if o.stream == name] for name in ("ts", "stack.z0")}
@@ -669,7 +678,7 @@ def test_a_streams_end_hands_out_its_last_outputs_and_a_single_plane_comes_back_
         assert status["ts"]["ends"] == 1 and status["ts"]["drops"] == 0
         assert "never-seen" not in status and d.status()["rejected_unattributed"] == {}
         # the stream starts again from seq 0: a new window, numbered anew, no restart counted
-        d.router.process([message(encode_frame("ts", movie[0] * 0 + 7, 0)), message(encode_end("ts", 1))],
+        d.router.process([received(encode_frame("ts", movie[0] * 0 + 7, 0)), received(encode_end("ts", 1))],
                          allow_skip=False)
         again = [o for o in sink.denoised if o.stream == "ts"][10:]
         assert len(again) == 1 and np.allclose(again[0].image, 7.0)  # only its own frame
@@ -687,19 +696,10 @@ def test_a_stream_whose_last_flush_fails_still_lets_the_others_and_the_recording
     from umvd_live.recording.ometiff import read_recording
 
     rng = np.random.default_rng(3)
-
-    def message(parts):
-        parts = [bytes(p) for p in parts]
-        return Received(parts, monotonic(), sum(map(len, parts)))
-
-    config = DaemonConfig(engine=engine(warmup_frames=1000), input_bind="tcp://127.0.0.1:*",
-                          output="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*", output_dir=tmp_path)
-    sink = CollectingSink(owed=set())
-    d = Daemon(config, engine_factory(config), [sink])
-    d.start()
+    d, sink = daemon_in_process(tmp_path)
     try:
         assert d.control.handle({"cmd": "record_start", "path": "rec.ome.tif"}).result()["ok"]
-        d.router.process([message(encode_frame(name, rng.poisson(30.0, (24, 24)).astype(np.uint16), seq))
+        d.router.process([received(encode_frame(name, rng.poisson(30.0, (24, 24)).astype(np.uint16), seq))
                           for seq in range(8) for name in ("cam0", "cam1")], allow_skip=False)
         flush = StreamDenoiser.flush
         flushed: list[str] = []

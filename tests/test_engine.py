@@ -2,6 +2,7 @@
 
 import pickle
 import threading
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -9,9 +10,9 @@ import pytest
 import torch
 
 from umvd_live.engine import EngineConfig, StreamDenoiser, cpu_cores
-from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint
+from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint, weights_hash
 from umvd_live.engine.device import cpu_has_native_bf16, default_workers, lists_native_bf16
-from umvd_live.engine.trainer import TrainerConfig
+from umvd_live.engine.trainer import OnlineTrainer, TrainerConfig
 
 # From scratch (no prior): these tests follow a warm start (tests/test_prior.py has the prior's).
 FAST = EngineConfig(
@@ -34,6 +35,22 @@ def run_stream(config, movie):
         outs += den.push(frame)
     outs += den.flush()
     return den, outs
+
+
+#: Training on its own thread, as live streams do; warm after 10 frames and 4 steps.
+BACKGROUND = EngineConfig(
+    preset="lite", warmup_frames=10, warmup_steps=4, min_train_frames=8, train_mode="background",
+    trainer=TrainerConfig(batch=2, patch=16), sync_every=2,
+)
+
+
+def trained_in_background(den, movie, steps):
+    """Push ``movie``, then wait (30 s at most) until the trainer has made ``steps`` steps."""
+    for frame in movie:
+        den.push(frame)
+    deadline = time.monotonic() + 30
+    while den.model_step < steps and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("frames", [1, 2, 3, 7, 30])
@@ -436,19 +453,9 @@ def test_divergence_guard_catches_an_exploding_loss():
 
 
 def test_background_training_runs_beside_push():
-    config = EngineConfig(
-        preset="lite", warmup_frames=10, warmup_steps=4, min_train_frames=8, train_mode="background",
-        trainer=TrainerConfig(batch=2, patch=16), sync_every=2,
-    )
-    import time
-
-    with StreamDenoiser(config) as den:
+    with StreamDenoiser(BACKGROUND) as den:
         movie = noisy_movie(12)
-        for frame in movie:
-            den.push(frame)
-        deadline = time.monotonic() + 30
-        while den.model_step < 6 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        trained_in_background(den, movie, 6)
         den.pause_training()
         outs = den.push(movie[0])
         assert den.model_step >= 6 and outs[0].state == "live"
@@ -460,20 +467,8 @@ def test_background_training_runs_beside_push():
 def test_saved_weights_are_described_by_what_was_written_while_training_goes_on(tmp_path):
     """`save_weights` returns the step and hash of the file it wrote, not of the trainer's weights
     a moment later (the daemon's save_model reply says them)."""
-    import time
-
-    from umvd_live.engine.checkpoint import load_checkpoint, weights_hash
-
-    config = EngineConfig(
-        preset="lite", warmup_frames=10, warmup_steps=4, min_train_frames=8, train_mode="background",
-        trainer=TrainerConfig(batch=2, patch=16), sync_every=2,
-    )
-    with StreamDenoiser(config) as den:
-        for frame in noisy_movie(12):
-            den.push(frame)
-        deadline = time.monotonic() + 30
-        while den.model_step < 4 and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with StreamDenoiser(BACKGROUND) as den:
+        trained_in_background(den, noisy_movie(12), 4)
         for i in range(3):  # the trainer steps on meanwhile
             step, digest = den.save_weights(tmp_path / f"w{i}.pt")
             state, info = load_checkpoint(tmp_path / f"w{i}.pt")
@@ -483,14 +478,6 @@ def test_saved_weights_are_described_by_what_was_written_while_training_goes_on(
 
 def test_a_failing_background_step_does_not_end_training(monkeypatch):
     """A step that raises is logged and counted; the trainer thread goes on stepping."""
-    import time
-
-    from umvd_live.engine.trainer import OnlineTrainer
-
-    config = EngineConfig(
-        preset="lite", warmup_frames=10, warmup_steps=4, min_train_frames=8, train_mode="background",
-        trainer=TrainerConfig(batch=2, patch=16), sync_every=2,
-    )
     step, failures = OnlineTrainer.step, []
 
     def fails_twice(self, *args, **kwargs):
@@ -500,12 +487,8 @@ def test_a_failing_background_step_does_not_end_training(monkeypatch):
         return step(self, *args, **kwargs)
 
     monkeypatch.setattr(OnlineTrainer, "step", fails_twice)
-    with StreamDenoiser(config) as den:
-        for frame in noisy_movie(12):
-            den.push(frame)
-        deadline = time.monotonic() + 30
-        while den.model_step < 6 and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with StreamDenoiser(BACKGROUND) as den:
+        trained_in_background(den, noisy_movie(12), 6)
         assert len(failures) == 2 and den.model_step >= 6
         assert den.stats()["failed_steps"] == 2 and den.training._thread.is_alive()
 
