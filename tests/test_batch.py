@@ -196,6 +196,60 @@ def test_a_file_of_several_streams_is_an_input_per_stream(tmp_path):
         assert abs(float(frames.mean()) - float(movie.mean())) < 0.05 * float(movie.mean()) + 0.1, "levels kept"
 
 
+def test_the_streams_of_one_file_on_a_cluster_each_get_their_own_chunks(tmp_path, monkeypatch):
+    """Two channels of one file, each trained and chunked on the cluster: every task has a key of
+    its own, and each output is its own channel's (a key reused while its first task was pending
+    once gave one channel's output the other's chunks: Dask returns the existing future). Held
+    back so that the second channel's chunks are submitted after the first's first chunk ended
+    and while its others run: where the old keys met."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    from umvd_live.apps import batch
+    from umvd_live.apps.batch import _Manifest, run_batch
+
+    def chunk_held_back(source, model, chunk, options):
+        if model.stream == "GCaMP" and chunk.index > 0:
+            time.sleep(4.0)
+        return denoise_chunk(source, model, chunk, options)
+
+    def start_held_back(source, stream, output, options):
+        if stream == "dark":
+            time.sleep(2.0)
+        return start_movie(source, stream, output, options)
+
+    monkeypatch.setattr(batch, "denoise_chunk", chunk_held_back)
+    monkeypatch.setattr(batch, "start_movie", start_held_back)
+
+    bright, _ = TwoPhotonSimulator(SimConfig(height=32, width=32, photons=2.0, seed=3)).movie(50)
+    dark = np.random.default_rng(1).poisson(0.3, bright.shape).astype(bright.dtype)
+    src = tmp_path / "m.ome.tif"
+    tifffile.imwrite(src, np.stack([bright, dark], axis=1), ome=True, photometric="minisblack",
+                     metadata={"axes": "TCYX", "Channel": {"Name": ["GCaMP", "dark"]}})
+    (tmp_path / "out").mkdir()
+    items = stream_items(src, tmp_path / "out" / "m.ome.tif", [])
+    config = EngineConfig(preset="lite", warmup_frames=20, warmup_steps=20, steps_per_frame=1.0, context=(4, 8),
+                          precision="fp32", cpu_threads=1, seed=7)
+    with LocalCluster(n_workers=1, threads_per_worker=4, processes=False, dashboard_address=None,
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        keys: list[str] = []
+        submit = client.submit
+
+        def recorded(fn, *args, key=None, **kwargs):
+            keys.append(key)
+            return submit(fn, *args, key=key, **kwargs)
+
+        client.submit = recorded  # type: ignore[method-assign]
+        run_batch(client, items, BatchOptions(engine=config, chunk_frames=20), _Manifest(tmp_path / "m.json", {}, {}))
+    assert len(keys) == len(set(keys)) > 4, keys  # two trainings, their chunks, two writes
+    for item, movie in zip(items, (bright, dark), strict=True):
+        assert item.status == "done", item.error
+        frames, _, prov = read_recording(item.output)
+        assert frames.shape == (50, 32, 32) and prov["channel"] == item.stream
+        assert abs(float(frames.mean()) - float(movie.mean())) < 0.05 * float(movie.mean()) + 0.1, "its own channel"
+
+
 def test_local_cluster_three_movies_one_missing_then_resume(movies, tmp_path):
     out = tmp_path / "out"
     done = cli("batch", movies / "[abc].ome.tif", movies / "missing.tif", "--output-dir", out, "--workers", "2",

@@ -490,12 +490,16 @@ def run_batch(client: Any, items: list[Item], options: BatchOptions, manifest: _
     frames_done = 0
     run_id = uuid.uuid4().hex[:8]
     role: dict[str, tuple[Item, str, Any]] = {}  # future key -> (item, role, detail)
+    # A key never comes back: Dask hands out the existing future for a key it still holds (and
+    # never runs the new task), so a key made from the count of pending futures once gave one
+    # stream's output another stream's chunks.
+    numbers = itertools.count()
     futures_of: dict[int, list[Any]] = {}
     pending = [i for i in items if i.status == "pending"]
     ac = as_completed()
 
     def submit(item: Item, what: str, detail: Any, fn: Callable, *args: Any) -> Any:
-        key = f"umvd-{what}-{item.input.stem}-{run_id}-{len(role)}"
+        key = f"umvd-{what}-{item.input.stem}-{run_id}-{next(numbers)}"
         future = client.submit(fn, *args, key=key, pure=False, retries=options.retries)
         role[future.key] = (item, what, detail)
         futures_of.setdefault(id(item), []).append(future)
