@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -43,7 +43,7 @@ from umvd_live.wire.acqmeta import (
     iso_datetime,
     positive,
 )
-from umvd_live.wire.axes import StreamAxes, StreamNumbering, split_index
+from umvd_live.wire.axes import StreamAxes, StreamNumbering, channel_parts, split_index
 
 if TYPE_CHECKING:
     from pymmcore_plus import CMMCorePlus
@@ -57,12 +57,15 @@ def _plain_index(index: Any) -> dict[str, int]:
     return {str(getattr(k, "value", k)): int(v) for k, v in dict(index).items()}
 
 
-def event_axes(group: str, event: MDAEvent) -> StreamAxes:
+def event_axes(group: str, event: MDAEvent, parts: Sequence[str] = ()) -> StreamAxes:
     """The stream of an MDA event (`umvd_live.wire.axes`): its non-time indices, its channel
-    preset's name and its position's name."""
+    preset's name and its position's name. ``parts``: the MDA's `channel_parts`, which tell apart
+    channels of one preset (one preset at two exposures is two channels)."""
     _, index = split_index(_plain_index(event.index))
     channel = event.channel.config if event.channel is not None else None
-    return StreamAxes(group, index, channel=channel, position=event.pos_name or None)
+    c = index.get("c")
+    return StreamAxes(group, index, channel=channel, position=event.pos_name or None,
+                      channel_part=parts[c] if c is not None and c < len(parts) else None)
 
 
 class MMCoreSource:
@@ -83,6 +86,7 @@ class MMCoreSource:
         self._streams_seen: dict[str, None] = {}  # an ordered set
         self._axes: dict[tuple, StreamAxes] = {}
         self._sequence_meta: dict[str, Any] = {}  # of the MDA running now (`_on_sequence_started`)
+        self._channel_parts: list[str] = []  # its channels' parts of the stream names (`channel_parts`)
         self._attached = False
 
     def attach(self) -> MMCoreSource:
@@ -104,12 +108,15 @@ class MMCoreSource:
         if interval is not None and interval.total_seconds() > 0:
             meta[INTERVAL_MS] = interval.total_seconds() * 1e3
         self._sequence_meta = meta
+        channels = getattr(sequence, "channels", None) or ()
+        self._channel_parts = channel_parts([getattr(ch, "config", None) for ch in channels])
+        self._axes.clear()  # this MDA's channels name its streams
 
     def _stream_axes(self, event: MDAEvent) -> StreamAxes:
         key = (tuple((k, v) for k, v in event.index.items() if k != "t"), event.channel, event.pos_name)
         axes = self._axes.get(key)
         if axes is None:  # once per (p, g, c, z): the MDA thread has no time to waste
-            axes = self._axes[key] = event_axes(self.group, event)
+            axes = self._axes[key] = event_axes(self.group, event, self._channel_parts)
             self._streams_seen[axes.name] = None
             if len(self._axes) > 4096:
                 self._axes.clear()

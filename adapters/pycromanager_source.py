@@ -39,7 +39,7 @@ from umvd_live.adapters.handoff import FrameHandoff, HandoffStats
 from umvd_live.adapters.mmcore import ImageNumberTracker, elapsed_seconds, tags_meta
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.wire.acqmeta import ACQUISITION_DATETIME
-from umvd_live.wire.axes import StreamAxes, StreamNumbering, name_part
+from umvd_live.wire.axes import StreamAxes, StreamNumbering, channel_parts, name_part
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,11 @@ class AxesReader:
                 t = int(value)
             else:
                 index[axis] = int(value)
-        return StreamAxes(self.group, index, channel=names.get("c"), position=names.get("p")), t
+        c, part = index.get("c"), None
+        if c is not None and "c" in names:  # named channels, numbered in order: parts of those names
+            parts = channel_parts(list(self._numbers["c"]))
+            part = parts[c] if c < len(parts) else None
+        return StreamAxes(self.group, index, channel=names.get("c"), position=names.get("p"), channel_part=part), t
 
 
 def axes_of_tags(tags: dict[str, Any]) -> dict[str, Any] | None:

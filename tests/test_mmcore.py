@@ -425,3 +425,22 @@ def test_image_number_tracker_skips_the_image_left_in_the_buffer():
     assert [numbers.seq_for(n) for n in (452, 452, 453, 456)] == [0, None, 1, 4]
     assert numbers.skipped == 2
     assert numbers.seq_for(0) == 0  # a new sequence restarts the numbering
+
+
+def test_one_preset_at_two_exposures_is_two_streams(tmp_path, receiver):
+    """useq takes one channel preset twice (at two exposures): two channels, two streams, never one
+    stream whose frames alternate between them."""
+    core = load_core(write_multichannel_config(tmp_path / "MMConfig.cfg"))
+    sequence = MDASequence(channels=[{"config": "Bright", "exposure": 10}, {"config": "Bright", "exposure": 20}],
+                           time_plan={"interval": 0, "loops": 3})
+    pub = connected_publisher(receiver.endpoint)
+    with MMCoreSource(core, pub) as source:
+        run_mda(core, sequence)
+    frames = receiver.wait_for(6)
+    pub.close()
+    assert source.streams_seen == ["cam0.Bright", "cam0.Bright_c1"]
+    for c, name in enumerate(source.streams_seen):
+        got = [f for f in frames if f.stream == name]
+        assert [f.header.seq for f in got] == [0, 1, 2]
+        assert [f.header.meta["index"] for f in got] == [{"t": t, "c": c} for t in range(3)]
+        assert {f.header.meta["channel"] for f in got} == {"Bright"}  # the preset's own name, as given

@@ -183,6 +183,10 @@ def test_tap_reads_the_acquisition_axes_of_tagged_images():
                             "channel": "RFP", "position": "A1"}
     assert reader.read({"time": 8, "channel": "GFP"})[0].name == "cam0.GFP"
     assert reader.read({"channel": "GFP"})[0].index == {"c": 1}  # numbered in order of appearance
+    # names that differ only in characters a stream name cannot hold: two channels, two streams
+    assert reader.read({"channel": "GFP 1"})[0].name == "cam0.GFP_1"
+    assert reader.read({"channel": "GFP/1"})[0].name == "cam0.GFP_1_c3"
+    assert reader.read({"time": 3, "channel": "GFP 1"})[0].name == "cam0.GFP_1"  # and each stays its own
 
 
 def test_flat_java_pixels_are_shaped_by_their_tags():

@@ -325,3 +325,29 @@ def test_ndtiff_channels_from_pycromanagers_writer_replay_as_streams(tmp_path):
         times = m.timestamps()
         m.acquisition_order(times)
         assert [int(m.frame(i)[0, 0]) for i in range(6)] == list(range(6))  # the acquisition's order
+
+
+def test_channels_whose_names_clash_stay_streams_of_their_own(tmp_path):
+    """Two channels named alike (the same name twice, or names that differ only past the 24
+    characters a stream name keeps) are two streams: the later one's name gets its index."""
+    from umvd_live.recording.movie import MovieFrames
+    from umvd_live.wire.axes import channel_parts
+
+    assert channel_parts(["GFP", "GFP"]) == ["GFP", "GFP_c1"]
+    assert channel_parts(["Confocal 488nm laser power 10%", "Confocal 488nm laser power 50%"]) == [
+        "Confocal_488nm_laser_pow", "Confocal_488nm_laser_c1"]
+    assert channel_parts([None, "c0", "GFP", "GFP_c1", "GFP"]) == ["c0", "c0_c1", "GFP", "GFP_c1", "GFP_c4"]
+    for names in (["GFP", "GFP"], ["Confocal 488nm laser power 10%", "Confocal 488nm laser power 50%"]):
+        data = np.stack([np.full((3, 4, 5), 100, np.uint16), np.full((3, 4, 5), 5000, np.uint16)], axis=1)
+        path = tmp_path / f"{len(names[0])}.ome.tif"
+        tifffile.imwrite(path, data, ome=True, photometric="minisblack",
+                         metadata={"axes": "TCYX", "Channel": {"Name": names}})
+        with TiffMovie(path) as m:
+            assert len(m.streams) == 2 and m.n_frames == 6, m.streams
+        for c, stream in enumerate(m.streams):
+            frames = MovieFrames(path, stream=stream.split(".", 1)[1])
+            try:
+                movie = frames.read(0, len(frames))
+            finally:
+                frames.close()
+            assert movie.shape == (3, 4, 5) and (movie == data[:, c]).all()

@@ -28,7 +28,7 @@ import tifffile
 from umvd_live.recording.omezarr import OmeZarrSeries, RecordingFormatError, is_zarr_path, open_ome_zarr
 from umvd_live.recording.session import recording_stem
 from umvd_live.wire.acqmeta import AcquisitionMeta, local_name
-from umvd_live.wire.axes import StreamAxes, name_part
+from umvd_live.wire.axes import StreamAxes, channel_parts, name_part
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,7 @@ class TiffMovie:
         for r in readers:
             names = self._channel_names(r.index)
             n_channels = r.lead_shape[r.lead_axes.index("C")] if "C" in r.lead_axes else 1
+            parts = channel_parts([names[i] if names and i < len(names) else None for i in range(n_channels)])
             if channel is not None and not 0 <= channel < n_channels:
                 raise MovieError(f"{self.path}: channel {channel} does not exist ({n_channels} channels)")
             time_axis = r.time_axis()
@@ -215,7 +216,8 @@ class TiffMovie:
                 c = index.get("c")
                 name = names[c] if c is not None and names and c < len(names) else None
                 position = self._position_name(r.index) if positions else None
-                axes = StreamAxes(group, index, channel=name, position=position)
+                axes = StreamAxes(group, index, channel=name, position=position,
+                                  channel_part=parts[c] if c is not None and c < len(parts) else None)
                 planes.append(Plane(r.index, plane, ax.get(time_axis, 0) if time_axis else 0, axes))
         # acquisition order: time point by time point; within one, position by position, file order
         self.planes = sorted(planes, key=lambda p: (p.time, p.series))
@@ -433,6 +435,8 @@ class ZarrMovie:
             n_channels = lead_shape[lead_axes.index("C")] if "C" in lead_axes else 1
             if channel is not None and not 0 <= channel < n_channels:
                 raise MovieError(f"{self.path}: channel {channel} does not exist ({n_channels} channels)")
+            names = image.channel_names
+            parts = channel_parts([names[k] if names and k < len(names) else None for k in range(n_channels)])
             for flat in range(int(np.prod(lead_shape, dtype=np.int64))):
                 ax = {a: int(k) for a, k in zip(lead_axes, np.unravel_index(flat, lead_shape))}
                 if channel is not None and ax.get("C", 0) != channel:
@@ -440,11 +444,11 @@ class ZarrMovie:
                 index: dict[str, int] = {"p": i} if positions else {}
                 index.update({a.lower(): k for a, k in ax.items() if a != "T"})
                 c = index.get("c")
-                names = image.channel_names
                 name = names[c] if c is not None and names and c < len(names) else None
                 if c is not None and lead_shape[lead_axes.index("C")] == 1:
                     index.pop("c")  # one channel (as umvd-live records a stream): no channel axis
-                axes = StreamAxes(group, index, channel=name, position=image.name if positions else None)
+                axes = StreamAxes(group, index, channel=name, position=image.name if positions else None,
+                                  channel_part=parts[c] if "c" in index and c is not None else None)
                 planes.append(Plane(i, flat, ax.get("T", 0), axes))
         self.planes = sorted(planes, key=lambda p: (p.time, p.series))
         self.n_frames = len(self.planes)

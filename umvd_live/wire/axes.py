@@ -10,7 +10,10 @@ other key the same way), and every source names its streams by one rule, `stream
 
 ``GROUP`` is the source's base name (``--stream``, default ``cam0``). ``CHANNEL`` is the channel's
 preset name with every run of characters outside ``A-Z a-z 0-9 _ -`` made one ``_`` and cut to
-24 characters, or ``c{index}`` when the name is unknown. Only axes the acquisition has appear: a
+24 characters, or ``c{index}`` when the name is unknown; a channel whose part an earlier channel
+of the acquisition already has (one preset at two exposures, or names alike but for characters a
+stream name cannot hold) gets ``_c{index}`` after it (`channel_parts`), so two channels never
+share a stream. Only axes the acquisition has appear: a
 time-lapse of one channel stays ``cam0``. Names are for people and files; programs read
 `StreamAxes.meta` from each frame's ``meta`` (``group``, ``index`` with ``t``, ``channel``,
 ``position``) instead of parsing names.
@@ -19,7 +22,7 @@ time-lapse of one channel stays ``cam0``. Names are for people and files; progra
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,10 +54,11 @@ class StreamAxes:
     index: Mapping[str, int] = field(default_factory=dict)  # non-time axes only
     channel: str | None = None  # the channel's name as the acquisition gives it
     position: str | None = None  # the position's name, if the acquisition names it
+    channel_part: str | None = None  # the channel's part of the name, where `channel_parts` set it
 
     @property
     def name(self) -> str:
-        return stream_name(self.group, self.index, self.channel)
+        return stream_name(self.group, self.index, self.channel, self.channel_part)
 
     @property
     def short_name(self) -> str:
@@ -75,8 +79,10 @@ class StreamAxes:
         return meta
 
 
-def stream_name(group: str, index: Mapping[str, int], channel: str | None = None) -> str:
-    """The stream of one (p, g, c, z) of an acquisition (see the module docstring for the rule).
+def stream_name(group: str, index: Mapping[str, int], channel: str | None = None,
+                channel_part: str | None = None) -> str:
+    """The stream of one (p, g, c, z) of an acquisition (see the module docstring for the rule);
+    ``channel_part``, from `channel_parts`, names the channel where its name alone may not.
 
     Raises ValueError when the name cannot be a stream name (a group with other characters, or
     too long to take the axes)."""
@@ -84,7 +90,7 @@ def stream_name(group: str, index: Mapping[str, int], channel: str | None = None
     for axis in sorted((a for a in index if a != TIME), key=_axis_sort_key):
         i = int(index[axis])
         if axis == "c":
-            parts.append(name_part(channel) if channel and name_part(channel) else f"c{i}")
+            parts.append(channel_part or (name_part(channel) if channel else "") or f"c{i}")
         else:
             parts.append(f"{name_part(axis, 8) or 'x'}{i}")
     name = ".".join(parts)
@@ -92,6 +98,24 @@ def stream_name(group: str, index: Mapping[str, int], channel: str | None = None
         raise ValueError(f"stream name {name!r} (group {group!r} and the acquisition's axes) must match "
                          f"{STREAM_NAME.pattern}; choose a shorter --stream")
     return name
+
+
+def channel_parts(names: Sequence[str | None]) -> list[str]:
+    """Each channel's part of its streams' names, in channel order: its name made fit
+    (`name_part`), or ``c{index}`` without one; a part that an earlier channel already has gets
+    ``_c{index}``, so that no two channels of one acquisition share a stream."""
+    taken: set[str] = set()
+    parts = []
+    for i, name in enumerate(names):
+        part = (name_part(name) if name else "") or f"c{i}"
+        if part in taken:
+            suffix = f"_c{i}"
+            part = part[:MAX_CHANNEL_CHARS - len(suffix)].rstrip("_") + suffix
+        while part in taken:  # another channel is named that: rare
+            part += "_"
+        taken.add(part)
+        parts.append(part)
+    return parts
 
 
 def split_index(index: Mapping[str, Any]) -> tuple[int | None, dict[str, int]]:
