@@ -58,6 +58,20 @@ def test_a_plain_numpy_producer_is_accepted():
     np.testing.assert_array_equal(frame.pixels, image)
 
 
+def _nested(depth: int) -> dict:
+    meta: dict = {"leaf": 1}
+    for _ in range(depth - 1):
+        meta = {"in": meta}
+    return meta
+
+
+def test_meta_of_json_values_within_the_bounds_is_passed_through():
+    meta = {"pixel_size_um": 0.5, "channel": "GFP", "index": {"t": 3, "c": 1}, "ok": True, "none": None,
+            "deep": _nested(7), "list": list(range(4000))}
+    frame = decode_frame(_parts(GOOD | {"meta": meta}))
+    assert frame.header.meta == meta
+
+
 @pytest.mark.parametrize(
     "parts, reason",
     [
@@ -85,11 +99,18 @@ def test_a_plain_numpy_producer_is_accepted():
         (_parts(GOOD | {"t": float("nan")}), "bad_time"),
         (_parts(GOOD | {"t": "now"}), "bad_time"),
         (_parts(GOOD | {"meta": [1]}), "bad_meta"),
+        (_parts(GOOD | {"meta": {b"exposure": 10}}), "bad_meta"),  # a recording writes meta as JSON
+        (_parts(GOOD | {"meta": {"tag": b"\x00\x01"}}), "bad_meta"),
+        (_parts(GOOD | {"meta": {"list": [{"k": b"v"}]}}), "bad_meta"),
+        (_parts(GOOD | {"meta": {"ext": msgpack.ExtType(5, b"x")}}), "bad_meta"),
+        (_parts(GOOD | {"meta": _nested(9)}), "bad_meta"),
+        (_parts(GOOD | {"meta": {"many": [{}] * 5000}}), "bad_meta"),  # ~5 MB decoded from 5 KB
         (_parts(pixels=PIXELS[:-1]), "size_mismatch"),
         (_parts(pixels=PIXELS + b"\x00\x00"), "size_mismatch"),
         (_parts(topic=b"\xff\xfe"), "bad_topic"),
         (_parts(topic=b"a/b"), "bad_topic"),
         (_parts(topic=b""), "bad_topic"),
+        (_parts(topic=b"cam0\n"), "bad_topic"),
     ],
 )
 def test_malformed_messages_are_rejected_with_a_reason(parts, reason):

@@ -30,7 +30,13 @@ SUPPORTED_DTYPES: dict[str, np.dtype] = {
 MAX_SIDE = 16384
 MAX_PIXELS = 64 * 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
-STREAM_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+#: A frame's ``meta``: JSON-like values only (it is written into recordings as JSON), at most this
+#: deep and this many values (64 KiB of empty maps would decode to ~5 MB, held per queued frame).
+MAX_META_DEPTH = 8
+MAX_META_VALUES = 4096
+_META_SCALARS = (str, int, float, bool, type(None))
+#: ``\Z``, not ``$``: "$" matches before a final newline, and "cam0\n" is not a stream name.
+STREAM_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}\Z")
 
 DENOISED_SUFFIX = "/denoised"
 RAW_SUFFIX = "/raw"
@@ -129,7 +135,30 @@ def parse_header(obj: dict[str, Any]) -> FrameHeader:
         meta = {}
     if not isinstance(meta, dict):
         raise ProtocolError("bad_meta", type(meta).__name__)
+    _check_meta(meta)
     return FrameHeader(seq=seq, shape=(h, w), dtype=dtype, t=t, meta=meta)
+
+
+def _check_meta(meta: dict[str, Any]) -> None:
+    """Refuse a ``meta`` that a recording could not write as JSON, or that is absurdly deep or
+    large: one such frame stopped the whole recording (every stream's) before it was checked."""
+    values = 0
+    todo: list[tuple[dict[str, Any] | list[Any], int]] = [(meta, 1)]  # (a map or a list, its depth)
+    while todo:
+        node, depth = todo.pop()
+        if depth > MAX_META_DEPTH:
+            raise ProtocolError("bad_meta", f"nested deeper than {MAX_META_DEPTH}")
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            values += 1
+            if values > MAX_META_VALUES:
+                raise ProtocolError("bad_meta", f"more than {MAX_META_VALUES} values")
+            if isinstance(node, dict) and not isinstance(key, str):
+                raise ProtocolError("bad_meta", f"a key of type {type(key).__name__}")
+            if isinstance(value, (dict, list)):
+                todo.append((value, depth + 1))
+            elif not isinstance(value, _META_SCALARS):
+                raise ProtocolError("bad_meta", f"a value of type {type(value).__name__}")
 
 
 def decode_stream_name(topic: bytes | memoryview) -> str:
