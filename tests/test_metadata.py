@@ -192,6 +192,15 @@ def test_imagej_and_plain_tiff_calibrations_are_read(tmp_path):
     with tifffile.TiffFile(ij) as tif:
         found = AcquisitionMeta.from_tiff(tif)
     assert found.pixel_size_um == pytest.approx(0.3) and found.interval_ms == pytest.approx(200.0)
+    # the interval is in ImageJ's time unit (seconds unless `tunit` says otherwise)
+    for finterval, tunit, interval_ms in ((5, "min", 300_000.0), (50, "ms", 50.0), (2, "sec", 2000.0),
+                                          (3, "frame", None)):
+        timed = tmp_path / f"ij_{tunit}.tif"
+        tifffile.imwrite(timed, np.zeros((4, 8, 8), np.uint16), imagej=True,
+                         metadata={"axes": "TYX", "finterval": finterval, "tunit": tunit})
+        with tifffile.TiffFile(timed) as tif:
+            assert tif.imagej_metadata["tunit"] == tunit  # as ImageJ writes it
+            assert AcquisitionMeta.from_tiff(tif).interval_ms == (pytest.approx(interval_ms) if interval_ms else None)
     plain = tmp_path / "plain.tif"
     tifffile.imwrite(plain, np.zeros((4, 8, 8), np.uint16), resolution=(1e4 / 0.8, 1e4 / 0.8),
                      resolutionunit="CENTIMETER")

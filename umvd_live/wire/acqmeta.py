@@ -32,6 +32,9 @@ CAMERA_DEVICE = "camera_device"
 _UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "\\u00B5m": 1.0, "nm": 1e-3, "mm": 1e3,
        "cm": 1e4, "m": 1e6}
 _S = {"s": 1.0, "ms": 1e-3, "µs": 1e-6, "us": 1e-6, "ns": 1e-9, "min": 60.0, "h": 3600.0}
+#: ImageJ's time units (its ``tunit``, written only when not "sec"): seconds per unit.
+_IMAGEJ_S = _S | {"sec": 1.0, "second": 1.0, "seconds": 1.0, "msec": 1e-3, "\\u00B5s": 1e-6,
+                  "minute": 60.0, "minutes": 60.0, "hr": 3600.0, "hour": 3600.0, "hours": 3600.0}
 #: "2024-01-18 15:36:20.123 +0100" (Micro-Manager's StartTime), "2024/01/18 15:36:20" (pycromanager)
 _DATETIME = re.compile(r"^(\d{4})[-/](\d{2})[-/](\d{2})[T ](\d{2}:\d{2}:\d{2}(?:\.\d+)?)\s*(Z|[+-]\d{2}:?\d{2})?$")
 
@@ -113,8 +116,11 @@ class AcquisitionMeta:
             found = found.filled(cls.from_micromanager(mm.get("Summary")))
         if tif.is_imagej and isinstance(tif.imagej_metadata, dict):
             ij = tif.imagej_metadata
+            # finterval is in ImageJ's time unit, seconds unless it says otherwise; an unknown
+            # unit (a "frame") gives no interval rather than a wrong one
             finterval = positive(ij.get("finterval"))
-            found = found.filled(cls(interval_ms=finterval * 1e3 if finterval else None))
+            per_unit = _IMAGEJ_S.get(str(ij.get("tunit", "sec")).strip())
+            found = found.filled(cls(interval_ms=finterval * per_unit * 1e3 if finterval and per_unit else None))
             scale = _UM.get(str(ij.get("unit", "")).strip())
             found = found.filled(cls(pixel_size_um=_resolution_um(tif, scale)))
         return found.filled(cls(pixel_size_um=_resolution_um(tif, None)))
