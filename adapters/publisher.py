@@ -47,6 +47,9 @@ class FramePublisher:
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.XPUB)
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)
+        # At the high-water mark an XPUB socket drops silently; with NODROP a non-blocking send
+        # says so (EAGAIN), and the frame is counted in `dropped` (it read 0 with frames lost).
+        self._sock.setsockopt(zmq.XPUB_NODROP, 1)
         self._sock.setsockopt(zmq.LINGER, 2000)
         self._subscribed = False
         if (client_key is None) != (server_key is None):

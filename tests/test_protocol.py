@@ -176,3 +176,36 @@ def test_doc_producer_speaks_the_protocol(tmp_path):
     assert all(f.stream == "cam0" and f.pixels.shape == (128, 128) and f.pixels.dtype == np.uint16
                for f in frames)
     assert frames[0].header.meta == {"pixel_size_um": 0.8}
+
+
+def test_the_publisher_counts_the_frames_a_stalled_daemon_could_not_take():
+    """A subscriber that stops reading: the publisher never blocks, and every frame that could not
+    go is counted as dropped (an XPUB socket at its high-water mark drops silently otherwise)."""
+    import time
+
+    from umvd_live.adapters.publisher import FramePublisher
+
+    ctx = zmq.Context()
+    stalled = ctx.socket(zmq.SUB)
+    stalled.setsockopt(zmq.RCVHWM, 10)
+    stalled.setsockopt(zmq.SUBSCRIBE, b"")
+    stalled.bind("tcp://127.0.0.1:*")
+    pub = FramePublisher(stalled.getsockopt_string(zmq.LAST_ENDPOINT), "cam0", sndhwm=10, context=ctx)
+    try:
+        stalled.poll(200)  # lets the socket attach the publisher and send its subscription
+        assert pub.wait_for_subscriber(10)
+        image = np.zeros((256, 256), "<u2")
+        started = time.perf_counter()
+        results = [pub.publish(image) for _ in range(2000)]
+        assert time.perf_counter() - started < 20  # never waits on the subscriber (~0.1 s here)
+        time.sleep(0.5)
+        received = 0
+        while stalled.poll(200):
+            stalled.recv_multipart()
+            received += 1
+        assert pub.sent + pub.dropped == 2000 and pub.dropped == results.count(False) > 1000
+        assert received == pub.sent, "every frame counted as sent arrived; the others were counted as dropped"
+    finally:
+        pub.close()
+        stalled.close(linger=0)
+        ctx.term()
