@@ -347,3 +347,15 @@ def test_external_scheduler_survives_a_killed_worker(movies, tmp_path):
             if proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=30)
+
+
+def test_an_output_that_would_be_an_input_is_refused_even_with_resume(tmp_path):
+    """`--output-dir` the inputs' own folder: `x.ome.tif`'s output would be `x.ome.tif` itself. It
+    is refused (raw data is never replaced), not reported as done by `--resume`."""
+    tifffile.imwrite(tmp_path / "x.ome.tif", np.zeros((4, 8, 8), np.uint16), ome=True, metadata={"axes": "TYX"})
+    for resume in ([], ["--resume"]):
+        done = cli("batch", tmp_path / "x.ome.tif", "--output-dir", tmp_path, *resume, *ENGINE)
+        assert done.returncode == 1, done.stderr
+        assert "its output would be an input" in done.stderr
+        entries = json.loads((tmp_path / "batch-manifest.json").read_text())["inputs"]
+        assert [e["status"] for e in entries] == ["failed"]

@@ -662,8 +662,11 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"{by_output[item.output].input} and {item.input} would both write {item.output}")
         by_output[item.output] = item
     manifest_path = Path(args.manifest) if args.manifest else out_dir / "batch-manifest.json"
+    sources = {p.resolve() for p in inputs}
     for item in items:
-        if item.status == "pending" and item.output.exists():
+        if item.status == "pending" and item.output.resolve() in sources:  # raw data is never replaced
+            item.status, item.error = "failed", "its output would be an input: choose another --output-dir"
+        elif item.status == "pending" and item.output.exists():
             if args.resume:
                 item.status = "skipped"
             else:
