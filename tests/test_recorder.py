@@ -802,3 +802,19 @@ def test_acquisition_killed_with_sigkill_leaves_files_with_their_axes(tmp_path):
         for c, z in np.ndindex(len(CHANNELS), PLANES):
             n = counts[(c, z, kind)]
             assert s.present[:n, c, z].all() and not s.present[n:, c, z].any()
+
+
+def test_a_channel_named_with_a_control_character_keeps_the_file_readable(tmp_path):
+    """A frame's meta may name its channel with any string; XML cannot hold control characters,
+    so the OME-XML drops them (it was not well-formed, and the reader refused the file)."""
+    path = tmp_path / "ctl.ome.tif"
+    image = np.zeros((8, 8), np.float32)
+    rec = RecordingFile.create(path, image, FrameInfo(seq=0, meta={"channel": "GFP\x01 & <b>"}),
+                               Provenance(stream="cam0"))
+    rec.append(image, FrameInfo(seq=1, meta={"channel": "GFP\x01 & <b>"}))
+    rec.close()
+    frames, infos, provenance = read_recording(path)
+    assert frames.shape == (2, 8, 8) and provenance["complete"]
+    with tifffile.TiffFile(path) as tif:
+        channel = tif.ome_metadata.split("<Channel ", 1)[1].split(">", 1)[0]
+    assert 'Name="GFP &amp; &lt;b&gt;"' in channel

@@ -55,6 +55,8 @@ FRAME_TAG = 65111
 FORMAT = "umvd-live-recording/1"
 PROVENANCE_NS = "umvd-live/provenance"
 FRAMES_NS = "umvd-live/frames"
+#: Characters XML 1.0 does not allow anywhere, not even escaped.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _OME_NS = "{http://www.openmicroscopy.org/Schemas/OME/2016-06}"
 
 # TIFF field types
@@ -519,7 +521,9 @@ class RecordingFile(RecordingLedger):
             meta["CommentAnnotation"] = {"Namespace": FRAMES_NS, "Value": self.frame_table_tsv(frames)}
         ox = tifffile.OmeXml(UUID=self._uuid, Creator=f"umvd-live {self.provenance.software_version}")
         ox.addimage(self.dtype, (frames, h, w), (frames, 1, 1, h, w, 1), axes="TYX", **meta)
-        return ox.tostring(declaration=True)
+        # a channel or position named with a control character (valid in a frame's meta) would
+        # make the whole OME-XML unreadable; markup never holds one, so the text loses it alone
+        return _NOT_XML.sub("", ox.tostring(declaration=True))
 
     def frame_table_tsv(self, frames: int) -> str:
         """The per-frame table; ``t_index`` is the acquisition's time point (``meta.index.t``)."""
