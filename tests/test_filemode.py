@@ -214,3 +214,12 @@ def test_a_stack_without_a_time_axis_is_one_movie_but_a_snap_is_refused(tmp_path
     tifffile.imwrite(tmp_path / "snap.ome.tif", frames.reshape(3, 4, 16, 16), ome=True, metadata={"axes": "CZYX"})
     with pytest.raises(MovieError, match="expected a T×H×W movie, got 12 streams of one frame each"):
         MovieFrames(tmp_path / "snap.ome.tif")
+    # a snapshot of named channels is not a movie: their levels and content differ
+    tifffile.imwrite(tmp_path / "named.ome.tif", frames[:3], ome=True, photometric="minisblack",
+                     metadata={"axes": "CYX", "Channel": {"Name": ["DAPI", "GFP", "RFP"]}})
+    with pytest.raises(MovieError, match="got 3 streams of one frame each"):
+        MovieFrames(tmp_path / "named.ome.tif")
+    tifffile.imwrite(tmp_path / "unnamed.ome.tif", frames[:3], ome=True, photometric="minisblack",
+                     metadata={"axes": "CYX"})
+    with MovieFrames(tmp_path / "unnamed.ome.tif") as movie:  # unlabelled: read as a movie, as before
+        assert movie.shape == (3, 16, 16)

@@ -539,12 +539,17 @@ def stream_planes(movie: TiffMovie | ZarrMovie) -> dict[str, list[int]]:
     One exception to the stream rule: a single 3-D stack without a time axis (``ZYX``, ``CYX``)
     is read as one movie along its one axis, as it always was: Fiji saves a time-lapse as slices
     (``Z``) and tifffile calls the planes of an unlabelled OME or ImageJ stack channels, so such
-    a file is far more often a movie than a z-stack. A warning says so."""
+    a file is far more often a movie than a z-stack. A warning says so. Not where the file names
+    its channels, each its own (``CYX`` with DAPI, GFP, RFP): that is a snapshot of channels,
+    whose levels and content differ, never one movie."""
     by_name: dict[str, list[int]] = {}
     for i, plane in enumerate(movie.planes):
         by_name.setdefault(plane.axes.short_name, []).append(i)
     (info, *others) = movie.series_info.values()
-    if len(by_name) > 1 and not others and len(info.axes) == 3 and all(len(p) == 1 for p in by_name.values()):
+    names = [movie.planes[p[0]].axes.channel for p in by_name.values()]
+    named_channels = info.axes[:1] == "C" and all(names) and len(set(names)) == len(names)
+    if (len(by_name) > 1 and not others and len(info.axes) == 3 and all(len(p) == 1 for p in by_name.values())
+            and not named_channels):
         log.warning("%s: no time axis; its %d planes along %s are read as the movie's frames",
                     movie.path, len(movie.planes), info.axes[0])
         return {"": list(range(len(movie.planes)))}
