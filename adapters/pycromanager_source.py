@@ -141,6 +141,7 @@ class AxesReader:
     def __init__(self, group: str):
         self.group = group
         self._numbers: dict[str, dict[str, int]] = {}
+        self._channel_parts: list[str] = []  # of the channel names seen, in their order (`channel_parts`)
 
     def read(self, axes: Any) -> tuple[StreamAxes, int | None]:
         """(the frame's stream, its time index or None)."""
@@ -162,9 +163,10 @@ class AxesReader:
             else:
                 index[axis] = int(value)
         c, part = index.get("c"), None
-        if c is not None and "c" in names:  # named channels, numbered in order: parts of those names
-            parts = channel_parts(list(self._numbers["c"]))
-            part = parts[c] if c < len(parts) else None
+        if c is not None and "c" in names:  # a named channel: numbered in order, so is its part
+            if len(self._channel_parts) != len(self._numbers["c"]):  # a new name: parts of all so far
+                self._channel_parts = channel_parts(list(self._numbers["c"]))
+            part = self._channel_parts[c]
         return StreamAxes(self.group, index, channel=names.get("c"), position=names.get("p"), channel_part=part), t
 
 

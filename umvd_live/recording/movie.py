@@ -197,9 +197,8 @@ class TiffMovie:
         positions = len(readers) > 1
         planes: list[Plane] = []
         for r in readers:
-            names = self._channel_names(r.index)
             n_channels = r.lead_shape[r.lead_axes.index("C")] if "C" in r.lead_axes else 1
-            parts = channel_parts([names[i] if names and i < len(names) else None for i in range(n_channels)])
+            names, parts = _channel_labels(self._channel_names(r.index), n_channels)
             if channel is not None and not 0 <= channel < n_channels:
                 raise MovieError(f"{self.path}: channel {channel} does not exist ({n_channels} channels)")
             time_axis = r.time_axis()
@@ -214,10 +213,9 @@ class TiffMovie:
                     key = _SPLIT_AXES.get(letter, letter.lower())
                     index["g" if key == "p" and positions else key] = i
                 c = index.get("c")
-                name = names[c] if c is not None and names and c < len(names) else None
                 position = self._position_name(r.index) if positions else None
-                axes = StreamAxes(group, index, channel=name, position=position,
-                                  channel_part=parts[c] if c is not None and c < len(parts) else None)
+                axes = StreamAxes(group, index, channel=names[c] if c is not None else None, position=position,
+                                  channel_part=parts[c] if c is not None else None)
                 planes.append(Plane(r.index, plane, ax.get(time_axis, 0) if time_axis else 0, axes))
         # acquisition order: time point by time point; within one, position by position, file order
         self.planes = sorted(planes, key=lambda p: (p.time, p.series))
@@ -435,8 +433,7 @@ class ZarrMovie:
             n_channels = lead_shape[lead_axes.index("C")] if "C" in lead_axes else 1
             if channel is not None and not 0 <= channel < n_channels:
                 raise MovieError(f"{self.path}: channel {channel} does not exist ({n_channels} channels)")
-            names = image.channel_names
-            parts = channel_parts([names[k] if names and k < len(names) else None for k in range(n_channels)])
+            names, parts = _channel_labels(image.channel_names, n_channels)
             for flat in range(int(np.prod(lead_shape, dtype=np.int64))):
                 ax = {a: int(k) for a, k in zip(lead_axes, np.unravel_index(flat, lead_shape))}
                 if channel is not None and ax.get("C", 0) != channel:
@@ -444,11 +441,11 @@ class ZarrMovie:
                 index: dict[str, int] = {"p": i} if positions else {}
                 index.update({a.lower(): k for a, k in ax.items() if a != "T"})
                 c = index.get("c")
-                name = names[c] if c is not None and names and c < len(names) else None
-                if c is not None and lead_shape[lead_axes.index("C")] == 1:
+                name = names[c] if c is not None else None
+                if c is not None and n_channels == 1:
                     index.pop("c")  # one channel (as umvd-live records a stream): no channel axis
                 axes = StreamAxes(group, index, channel=name, position=image.name if positions else None,
-                                  channel_part=parts[c] if "c" in index and c is not None else None)
+                                  channel_part=parts[c] if c is not None and "c" in index else None)
                 planes.append(Plane(i, flat, ax.get("T", 0), axes))
         self.planes = sorted(planes, key=lambda p: (p.time, p.series))
         self.n_frames = len(self.planes)
@@ -530,6 +527,13 @@ def file_group(path: str | Path) -> str:
     """The group of a file's streams when it is denoised: its name (``mouse.ome.tif`` -> ``mouse``)
     made fit for a stream name, so an output's provenance names the stream it came from."""
     return name_part(recording_stem(path)) or "movie"
+
+
+def _channel_labels(names: list[str] | None, n_channels: int) -> tuple[list[str | None], list[str]]:
+    """Each channel's name as the file gives it (None where it gives none) and its part of the
+    stream names (`channel_parts`: two channels named alike still get streams of their own)."""
+    given = [names[i] if names and i < len(names) else None for i in range(n_channels)]
+    return given, channel_parts(given)
 
 
 def stream_planes(movie: TiffMovie | ZarrMovie) -> dict[str, list[int]]:

@@ -169,11 +169,9 @@ class SpillQueue:
             with self._cond:
                 self._spilled_bytes -= rec.nbytes
                 rec.file.unread -= 1
-                done = rec.file.unread == 0 and rec.file is not self._file
-                if done:
-                    self._files.remove(rec.file)
+                done = self._let_go(rec.file)
             if done:
-                _delete(rec.file)  # its last item is read and no more go to it
+                _delete(rec.file)
         return rec.header, np.frombuffer(data, rec.dtype).reshape(rec.shape)
 
     def __len__(self) -> int:
@@ -261,13 +259,19 @@ class SpillQueue:
         with self._cond:
             old, self._file = self._file, file
             self._files.append(file)
-            if old is not None and old.unread == 0:
-                self._files.remove(old)
-            else:
-                old = None
-        if old is not None:
+            done = old is not None and self._let_go(old)
+        if done:
+            assert old is not None
             _delete(old)
         return file
+
+    def _let_go(self, file: _SpillFile) -> bool:
+        """With the lock held: whether ``file`` is done with (every item in it read, and no more
+        going to it); if so it leaves the list, and the caller deletes it outside the lock."""
+        if file.unread or file is self._file:
+            return False
+        self._files.remove(file)
+        return True
 
 
 def _delete(file: _SpillFile) -> None:
