@@ -61,6 +61,21 @@ def movies(tmp_path_factory):
     return root
 
 
+#: `ENGINE` as an engine configuration, for the tests that call the batch's tasks in this process.
+TINY = EngineConfig(preset="lite", warmup_frames=20, warmup_steps=20, steps_per_frame=1.0, context=(4, 8),
+                    precision="fp32", cpu_threads=1, seed=7)
+
+
+def two_channel_movie(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """``m.ome.tif``: 50 frames of 32² in two named channels, a simulated GCaMP and a dark one."""
+    bright, _ = TwoPhotonSimulator(SimConfig(height=32, width=32, photons=2.0, seed=3)).movie(50)
+    dark = np.random.default_rng(1).poisson(0.3, bright.shape).astype(bright.dtype)
+    src = tmp_path / "m.ome.tif"
+    tifffile.imwrite(src, np.stack([bright, dark], axis=1), ome=True, photometric="minisblack",
+                     metadata={"axes": "TCYX", "Channel": {"Name": ["GCaMP", "dark"]}})
+    return src, bright, dark
+
+
 def check_outputs(movies: Path, out: Path) -> None:
     """Every output whole; a equals `denoise`; c, denoised in chunks, equals `denoise` too."""
     for name, frames in LENGTHS.items():
@@ -155,11 +170,9 @@ def test_chunk_task_reads_only_its_chunk(tmp_path):
     whole, damaged = tmp_path / "whole.ome.tif", tmp_path / "damaged.ome.tif"
     for path in (whole, damaged):
         tifffile.imwrite(path, noisy, ome=True, metadata={"axes": "TYX"}, compression="zlib")
-    config = EngineConfig(preset="lite", warmup_frames=20, warmup_steps=20, steps_per_frame=1.0, context=(4, 8),
-                          precision="fp32", cpu_threads=1, seed=7)
-    options = BatchOptions(engine=config, chunk_frames=30)
+    options = BatchOptions(engine=TINY, chunk_frames=30)
     with MovieFrames(whole) as reader:
-        model = train_movie(reader, config, options)
+        model = train_movie(reader, TINY, options)
     chunk = plan_chunks(90, 30, model.k, model.context, model.changes)[1]
     assert (chunk.start, chunk.read_start, chunk.read_stop, chunk.segment_start) == (30, 15, 75, 0)
     _damage_tiff_pages(damaged, [*range(1, chunk.read_start), *range(chunk.read_stop, 90)])
@@ -172,19 +185,13 @@ def test_chunk_task_reads_only_its_chunk(tmp_path):
 
 def test_a_file_of_several_streams_is_an_input_per_stream(tmp_path):
     """Each channel is its own input: its own engine, chunks and output, named as `denoise` names it."""
-    bright, _ = TwoPhotonSimulator(SimConfig(height=32, width=32, photons=2.0, seed=3)).movie(50)
-    dark = np.random.default_rng(1).poisson(0.3, bright.shape).astype(bright.dtype)
-    src = tmp_path / "m.ome.tif"
-    tifffile.imwrite(src, np.stack([bright, dark], axis=1), ome=True, photometric="minisblack",
-                     metadata={"axes": "TCYX", "Channel": {"Name": ["GCaMP", "dark"]}})
+    src, bright, dark = two_channel_movie(tmp_path)
     items = stream_items(src, tmp_path / "out" / "m.ome.tif", [])
     assert [(i.stream, i.output.name) for i in items] == [("GCaMP", "m_GCaMP.ome.tif"), ("dark", "m_dark.ome.tif")]
     (refused,) = stream_items(src, tmp_path / "out" / "m.ome.tif", ["GFP"])
     assert refused.status == "failed" and refused.error.endswith("no stream 'GFP'; its streams: GCaMP, dark")
     (tmp_path / "out").mkdir()
-    config = EngineConfig(preset="lite", warmup_frames=20, warmup_steps=20, steps_per_frame=1.0, context=(4, 8),
-                          precision="fp32", cpu_threads=1, seed=7)
-    options = BatchOptions(engine=config, chunk_frames=30)
+    options = BatchOptions(engine=TINY, chunk_frames=30)
     for item, movie in zip(items, (bright, dark), strict=True):
         model = start_movie(str(src), item.stream, str(item.output), options)
         assert isinstance(model, WarmModel) and model.stream == item.stream  # 50 frames > 30: chunks
@@ -222,15 +229,9 @@ def test_the_streams_of_one_file_on_a_cluster_each_get_their_own_chunks(tmp_path
     monkeypatch.setattr(batch, "denoise_chunk", chunk_held_back)
     monkeypatch.setattr(batch, "start_movie", start_held_back)
 
-    bright, _ = TwoPhotonSimulator(SimConfig(height=32, width=32, photons=2.0, seed=3)).movie(50)
-    dark = np.random.default_rng(1).poisson(0.3, bright.shape).astype(bright.dtype)
-    src = tmp_path / "m.ome.tif"
-    tifffile.imwrite(src, np.stack([bright, dark], axis=1), ome=True, photometric="minisblack",
-                     metadata={"axes": "TCYX", "Channel": {"Name": ["GCaMP", "dark"]}})
+    src, bright, dark = two_channel_movie(tmp_path)
     (tmp_path / "out").mkdir()
     items = stream_items(src, tmp_path / "out" / "m.ome.tif", [])
-    config = EngineConfig(preset="lite", warmup_frames=20, warmup_steps=20, steps_per_frame=1.0, context=(4, 8),
-                          precision="fp32", cpu_threads=1, seed=7)
     with LocalCluster(n_workers=1, threads_per_worker=4, processes=False, dashboard_address=None,
                       silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         keys: list[str] = []
@@ -241,7 +242,7 @@ def test_the_streams_of_one_file_on_a_cluster_each_get_their_own_chunks(tmp_path
             return submit(fn, *args, key=key, **kwargs)
 
         client.submit = recorded  # type: ignore[method-assign]
-        run_batch(client, items, BatchOptions(engine=config, chunk_frames=20), _Manifest(tmp_path / "m.json", {}, {}))
+        run_batch(client, items, BatchOptions(engine=TINY, chunk_frames=20), _Manifest(tmp_path / "m.json", {}, {}))
     assert len(keys) == len(set(keys)) > 4, keys  # two trainings, their chunks, two writes
     for item, movie in zip(items, (bright, dark), strict=True):
         assert item.status == "done", item.error

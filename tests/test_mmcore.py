@@ -320,15 +320,22 @@ def write_multichannel_config(path: Path, shape: tuple[int, int] = SHAPE) -> Pat
     return path
 
 
-def test_mda_channels_and_planes_become_streams_of_their_own(tmp_path, receiver):
+def run_multichannel_mda(tmp_path, receiver, sequence: MDASequence, frames: int):
+    """Run ``sequence`` on the camera of `write_multichannel_config` through an `MMCoreSource`;
+    returns the source and the ``frames`` frames the receiver got."""
     core = load_core(write_multichannel_config(tmp_path / "MMConfig.cfg"))
-    sequence = MDASequence(channels=["Dim", "Bright"], z_plan={"range": 2, "step": 1},
-                           time_plan={"interval": 0, "loops": 4})
     pub = connected_publisher(receiver.endpoint)
     with MMCoreSource(core, pub) as source:
         run_mda(core, sequence)
-    frames = receiver.wait_for(24)
+    received = receiver.wait_for(frames)
     pub.close()
+    return source, received
+
+
+def test_mda_channels_and_planes_become_streams_of_their_own(tmp_path, receiver):
+    sequence = MDASequence(channels=["Dim", "Bright"], z_plan={"range": 2, "step": 1},
+                           time_plan={"interval": 0, "loops": 4})
+    source, frames = run_multichannel_mda(tmp_path, receiver, sequence, 24)
     names = [f"cam0.{c}.z{z}" for c in CHANNEL_PHOTONS for z in range(3)]
     assert source.streams_seen == names
     by_stream = {name: [f for f in frames if f.stream == name] for name in names}
@@ -430,14 +437,9 @@ def test_image_number_tracker_skips_the_image_left_in_the_buffer():
 def test_one_preset_at_two_exposures_is_two_streams(tmp_path, receiver):
     """useq takes one channel preset twice (at two exposures): two channels, two streams, never one
     stream whose frames alternate between them."""
-    core = load_core(write_multichannel_config(tmp_path / "MMConfig.cfg"))
     sequence = MDASequence(channels=[{"config": "Bright", "exposure": 10}, {"config": "Bright", "exposure": 20}],
                            time_plan={"interval": 0, "loops": 3})
-    pub = connected_publisher(receiver.endpoint)
-    with MMCoreSource(core, pub) as source:
-        run_mda(core, sequence)
-    frames = receiver.wait_for(6)
-    pub.close()
+    source, frames = run_multichannel_mda(tmp_path, receiver, sequence, 6)
     assert source.streams_seen == ["cam0.Bright", "cam0.Bright_c1"]
     for c, name in enumerate(source.streams_seen):
         got = [f for f in frames if f.stream == name]

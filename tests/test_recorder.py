@@ -157,15 +157,20 @@ def test_existing_file_is_never_overwritten_and_shape_change_starts_a_part(tmp_p
 
 
 # -- backlog and spilling -----------------------------------------------------------------------
+def spilled_to_budget(q: SpillQueue, timeout_s: float = 30) -> None:
+    """Wait (``timeout_s`` at most) until the spill thread has brought memory within the budget."""
+    deadline = time.monotonic() + timeout_s
+    while q.stats().memory_bytes > q.budget and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 def test_spill_queue_keeps_order_and_memory_budget(tmp_path):
     frame_bytes = np.zeros((32, 32), np.float32).nbytes
     q = SpillQueue(tmp_path, memory_budget_bytes=5 * frame_bytes, hard_limit_bytes=10**9)
     n = 60
     for i in range(n):  # the consumer takes nothing yet: a backlog of 60 frames
         q.put({"i": i}, np.full((32, 32), i, np.float32))
-    deadline = time.monotonic() + 20
-    while q.stats().memory_bytes > 5 * frame_bytes and time.monotonic() < deadline:
-        time.sleep(0.01)
+    spilled_to_budget(q)
     st = q.stats()
     assert st.queued == n and st.memory_bytes <= 5 * frame_bytes
     (spill,) = q.spill_paths
@@ -190,9 +195,7 @@ def test_spill_queue_keeps_its_budget_when_the_consumer_runs_before_the_spill_th
             q.put({"i": i}, np.full((32, 32), i, np.float32))
         first = [q.get(timeout=0) for _ in range(6)]  # the budget's 5 from the head, then the tail's
     assert [item[0]["i"] for item in first if item is not None] == list(range(6))
-    deadline = time.monotonic() + 30
-    while q.stats().memory_bytes > 5 * frame_bytes and time.monotonic() < deadline:
-        time.sleep(0.01)
+    spilled_to_budget(q)
     st = q.stats()
     assert st.memory_bytes <= 5 * frame_bytes and st.spilled_total >= n - 6 - 5
     out = [q.get(timeout=5) for _ in range(n - 6)]
@@ -208,20 +211,15 @@ def test_a_standing_backlog_keeps_its_spill_files_to_its_size(tmp_path):
     q = SpillQueue(tmp_path, memory_budget_bytes=4 * frame_bytes, hard_limit_bytes=10**9,
                    rotate_bytes=8 * frame_bytes)
 
-    def spilled_to_budget() -> None:
-        deadline = time.monotonic() + 20
-        while q.stats().memory_bytes > 4 * frame_bytes and time.monotonic() < deadline:
-            time.sleep(0.001)
-
     for i in range(20):  # a burst: 20 frames behind
         q.put({"i": i}, np.full((32, 32), i, np.float32))
-    spilled_to_budget()
+    spilled_to_budget(q)
     on_disk = []
     for i in range(20, 420):  # then one written for each one taken
         header, image = q.get(timeout=5)
         assert header["i"] == i - 20 and (image == i - 20).all()
         q.put({"i": i}, np.full((32, 32), i, np.float32))
-        spilled_to_budget()
+        spilled_to_budget(q)
         on_disk.append(sum(os.path.getsize(p) for p in q.spill_paths))
     assert q.stats().spilled_total > 300  # the frames did pass through the spill files
     # the backlog (16 spilled frames) and at most two files' worth beyond it; it was 400 frames
