@@ -127,6 +127,27 @@ def test_record_two_streams_with_raw_copy_read_back(tmp_path):
         assert [f.amplitude_gain for f in raw_infos] == [None] * len(seqs)  # a raw copy was restored by nothing
 
 
+def test_a_stream_named_like_another_streams_raw_copy_keeps_its_own_file(tmp_path):
+    """Stream names may hold dots: "cam0.raw" is a stream of its own, not cam0's raw copy."""
+    session = RecordingSession(RecordingRequest(path=tmp_path / "rec.ome.tif", raw=True))
+    for seq in range(3):
+        assert session.submit_raw("cam0", header(seq), pattern(seq, dtype=np.uint16))
+        assert session.submit_denoised("cam0.raw", header(seq), pattern(seq + 500), state="live", model_step=1)
+    assert session.stop(wait=True, timeout=30)
+    st = session.status()
+    assert st.error is None and st.frames_written == 6
+    paths = sorted(p for paths in st.files.values() for p in paths)
+    assert len(paths) == 2  # two files, never one file with both streams' frames
+    by_kind = {read_recording(p)[2]["kind"]: read_recording(p) for p in paths}
+    raw, _, raw_prov = by_kind["raw"]
+    denoised, _, prov = by_kind["denoised"]
+    assert raw_prov["stream"] == "cam0" and prov["stream"] == "cam0.raw"
+    assert raw.dtype == np.uint16 and raw.shape == (3, *SHAPE) and denoised.shape == (3, *SHAPE)
+    for seq in range(3):
+        np.testing.assert_array_equal(raw[seq], pattern(seq, dtype=np.uint16))
+        np.testing.assert_array_equal(denoised[seq], pattern(seq + 500))
+
+
 def test_only_selected_streams_are_recorded(tmp_path):
     session = RecordingSession(RecordingRequest(path=tmp_path / "sel.ome.tif",
                                                 streams=frozenset({"cam1"})))

@@ -195,7 +195,6 @@ class RecordingSession:
             image = np.array(image, dtype=np.float32 if kind == "denoised" else None, order="C")
             now_mono = time.monotonic()
             item = {
-                "key": stream if kind == "denoised" else f"{stream}.raw",
                 "stream": stream,
                 "kind": kind,
                 "seq": header.seq,
@@ -285,8 +284,8 @@ class RecordingSession:
 
     # -- writer thread --------------------------------------------------------------------------
     def _write_loop(self) -> None:
-        files: dict[str, Recording] = {}
-        parts: dict[str, int] = {}
+        files: dict[tuple[str, str], Recording] = {}
+        parts: dict[tuple[str, str], int] = {}
         next_checkpoint = time.monotonic() + self.request.checkpoint_interval_s
         try:
             while self.error is None:
@@ -331,17 +330,18 @@ class RecordingSession:
                     self._lost += lost
                 self._finished.set()
 
-    def _write_one(self, files: dict[str, Recording], parts: dict[str, int],
+    def _write_one(self, files: dict[tuple[str, str], Recording], parts: dict[tuple[str, str], int],
                    item: dict[str, Any], image: np.ndarray) -> None:
-        key = item["key"]
+        # (stream, kind), not a name: a stream may itself be called "cam0.raw"
+        key = (item["stream"], item["kind"])
         info = FrameInfo(seq=item["seq"], t=item["t"], t_received=item["t_received"],
                          state=item["state"], model_step=item["model_step"],
                          amplitude_gain=item["amplitude_gain"], meta=item["meta"])
         rec = files.get(key)
         if rec is not None and (rec.shape != image.shape or rec.dtype != image.dtype.newbyteorder("<")):
             # a new frame shape or dtype (a camera ROI change): close this file, start a new part
-            log.warning("recording %s: frames changed from %s %s to %s %s; starting a new file",
-                        key, rec.shape, rec.dtype, image.shape, image.dtype)
+            log.warning("recording %s (%s): frames changed from %s %s to %s %s; starting a new file",
+                        *key, rec.shape, rec.dtype, image.shape, image.dtype)
             rec.close()
             rec = None
         if rec is None:
@@ -358,8 +358,9 @@ class RecordingSession:
             self._last_written_mono = item["mono"]
 
     def _open(self, item: dict[str, Any], image: np.ndarray, info: FrameInfo,
-              parts: dict[str, int]) -> Recording:
-        key, stream, raw = item["key"], item["stream"], item["kind"] == "raw"
+              parts: dict[tuple[str, str], int]) -> Recording:
+        stream, raw = item["stream"], item["kind"] == "raw"
+        key = (stream, item["kind"])
         base = self._provenances[stream]
         prov = dataclasses.replace(base, recording_id=self.recording_id, kind="raw" if raw else base.kind)
         part = parts.get(key, 0) + 1
@@ -377,5 +378,5 @@ class RecordingSession:
             break
         parts[key] = part
         with self._lock:
-            self._files.setdefault(key, []).append(str(path))
+            self._files.setdefault(f"{stream}.raw" if raw else stream, []).append(str(path))
         return rec
