@@ -276,6 +276,29 @@ def test_a_recording_replays_at_its_own_times_as_one_stream(tmp_path):
         np.testing.assert_array_equal(movie.frame(4), pattern(4, dtype=np.uint16))
 
 
+@pytest.mark.parametrize("meta", [{"pixel_size_um": 1.0, "interval_ms": 1000.0}, {"pixel_size_um": 1.0}, {}])
+def test_a_one_micron_one_second_recording_keeps_its_calibration(tmp_path, meta):
+    """1 µm pixels and 1-s frames are calibrations like any other in the recorder's own stores;
+    a store that knew none reads back as uncalibrated."""
+    path = tmp_path / "one.ome.zarr"
+    rec = ZarrRecording.create(path, pattern(0), FrameInfo(seq=0, t=0.0, meta=meta), Provenance("cam0"))
+    for i in range(1, 4):
+        rec.append(pattern(i), FrameInfo(seq=i, t=float(i), meta=meta))
+    rec.close()
+    with ZarrMovie(path) as movie:
+        got = movie.acquisition_meta(0)
+    assert got.get("pixel_size_um") == meta.get("pixel_size_um")
+    assert got.get("interval_ms") == 1000.0  # given, or measured from the frames' times
+
+
+def test_an_unmeasured_time_axis_is_not_read_as_one_second(tmp_path):
+    path = tmp_path / "single.ome.zarr"
+    ZarrRecording.create(path, pattern(0), FrameInfo(seq=0), Provenance("cam0")).close()
+    with ZarrMovie(path) as movie:
+        got = movie.acquisition_meta(0)
+    assert got.get("interval_ms") is None and got.get("pixel_size_um") is None
+
+
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", "denoise", *map(str, args)],
                           capture_output=True, text=True, timeout=550, check=False)

@@ -193,8 +193,11 @@ class ZarrRecording(RecordingLedger):
         ts, DimSpec, v05 = _deps()
         h, w = self.shape
         unit = {"unit": "micrometer", "scale": self.pixel_size_um} if self.pixel_size_um else {}
-        interval = {"scale": self.acquisition.interval_ms / 1e3} if self.acquisition.interval_ms else {}
-        dims = [DimSpec(name="t", size=0, type="time", unit="second", **interval),
+        # a unit only with a calibration: a scale of 1 without one is a placeholder (`OmeZarrSeries`);
+        # the time axis gets its unit once a checkpoint has measured the frames' step
+        interval = ({"unit": "second", "scale": self.acquisition.interval_ms / 1e3}
+                    if self.acquisition.interval_ms else {})
+        dims = [DimSpec(name="t", size=0, type="time", **interval),
                 DimSpec(name="c", size=1, type="channel"),
                 DimSpec(name="y", size=h, type="space", **unit), DimSpec(name="x", size=w, type="space", **unit)]
         image = v05.Image(multiscales=[v05.Multiscale.from_dims(dims, name=self._name())],
@@ -291,6 +294,7 @@ class ZarrRecording(RecordingLedger):
             step = self._measured_increment(n)
             if step is not None:
                 for ms in attrs["ome"]["multiscales"]:
+                    ms["axes"][0]["unit"] = "second"
                     for ds in ms["datasets"]:
                         ds["coordinateTransformations"][0]["scale"][0] = round(step, 9)
         _replace_json(self.path / "zarr.json", self._group)
@@ -443,13 +447,16 @@ class OmeZarrSeries:
         channels = (ome.get("omero") or {}).get("channels") or []
         self.channel_names = [str(c.get("label")) for c in channels] if channels and all(
             c.get("label") for c in channels) else None
-        # a scale of 1 is what writers put when they know no calibration (ome-writers): not taken
+        self.provenance = attrs.get(ATTRIBUTE) if isinstance(attrs.get(ATTRIBUTE), dict) else None
+        # A scale of 1 with a unit is what other writers put when they know no calibration
+        # (ome-writers): not taken. umvd-live's own stores give a unit only with a calibration,
+        # so theirs is taken as it is (a 1-µm pixel, a 1-s time-lapse).
+        calibrated = (lambda value: value > 0) if self.provenance is not None else (lambda value: 0 < value != 1.0)
         um = {"micrometer": 1.0, "micron": 1.0, "nanometer": 1e-3, "millimeter": 1e3}.get(units[-1])
-        self.pixel_size_um = float(scale[-1]) * um if um and 0 < scale[-1] != 1.0 else None
+        self.pixel_size_um = float(scale[-1]) * um if um and calibrated(scale[-1]) else None
         t = self.axes.find("T")
         t_unit = {"second": 1.0, "millisecond": 1e-3, "minute": 60.0}.get(units[t]) if t >= 0 else None
-        self.interval_s = float(scale[t]) * t_unit if t_unit and 0 < scale[t] != 1.0 else None
-        self.provenance = attrs.get(ATTRIBUTE) if isinstance(attrs.get(ATTRIBUTE), dict) else None
+        self.interval_s = float(scale[t]) * t_unit if t_unit and calibrated(scale[t]) else None
 
     @property
     def shape(self) -> tuple[int, ...]:
