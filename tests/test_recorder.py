@@ -442,6 +442,29 @@ def test_file_killed_mid_write_reads_up_to_last_complete_frame(tmp_path, frames_
         np.testing.assert_array_equal(declared, frames[: declared.shape[0]])
 
 
+def test_replay_and_denoise_read_a_killed_recordings_frames_past_its_last_checkpoint(tmp_path):
+    """The readers of `acquire replay`, `denoise` and `batch` take every frame a killed recorder
+    linked, with its time, not just those its OME-XML declared at the last checkpoint."""
+    from umvd_live.recording.movie import MovieFrames, open_movie
+
+    path = tmp_path / "killed.ome.tif"
+    rec = RecordingFile.create(path, pattern(0), FrameInfo(seq=0, t=10.0), Provenance("cam0"))
+    for seq in range(1, 8):
+        rec.append(pattern(seq), FrameInfo(seq=seq, t=10.0 + 0.5 * seq))
+        if seq == 3:
+            rec.checkpoint()
+    os.close(rec._fd)  # killed: frames 4-7 linked, the OME-XML still declares 4
+    with tifffile.TiffFile(path) as tif:
+        assert tif.series[0].shape[0] == 4
+    with open_movie(path) as movie:
+        assert movie.n_frames == 8 and movie.streams == ["cam0"]
+        for seq in range(8):
+            np.testing.assert_array_equal(movie.frame(seq), pattern(seq))
+        np.testing.assert_allclose(movie.timestamps(), 0.5 * np.arange(8))
+    with MovieFrames(path) as frames:
+        np.testing.assert_array_equal(frames.read(0, 8), np.stack([pattern(seq) for seq in range(8)]))
+
+
 # -- disk full ---------------------------------------------------------------------------------
 _DISK_FULL_CHILD = textwrap.dedent("""
     import json, resource, sys, time

@@ -14,6 +14,7 @@ reads the file.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import xml.etree.ElementTree as ET
@@ -25,6 +26,7 @@ from typing import Any, Self
 import numpy as np
 import tifffile
 
+from umvd_live.recording.ometiff import FRAME_TAG
 from umvd_live.recording.omezarr import OmeZarrSeries, RecordingFormatError, is_zarr_path, open_ome_zarr
 from umvd_live.recording.session import recording_stem
 from umvd_live.wire.acqmeta import AcquisitionMeta, local_name
@@ -96,6 +98,16 @@ def _file_kind(tif: tifffile.TiffFile) -> str:
     return "tiff"
 
 
+def _recorded_frames(tif: tifffile.TiffFile, series: tifffile.TiffPageSeries) -> int:
+    """How many frames a umvd-live recording holds (0 for any other file). Each of its linked
+    pages is one whole frame with its `FRAME_TAG`; a recorder killed after its last checkpoint
+    declares fewer in its OME-XML than it linked, so its frames are counted page by page, as
+    `read_recording` reads them."""
+    if len(tif.series) != 1 or series.axes not in ("TYX", "YX") or FRAME_TAG not in tif.pages.first.tags:
+        return 0
+    return len(tif.pages)
+
+
 class _Series:
     """The planes of one tifffile series, read one at a time (memory use: one frame)."""
 
@@ -108,13 +120,17 @@ class _Series:
             raise MovieError(f"{path}: {shape[axes.index('S')]}-sample (RGB) images; a stream carries grey frames")
         if len(shape) < 2 or axes[-2:] != "YX":
             raise MovieError(f"{path}: the last axes are {axes[-2:]!r}, not image rows and columns")
+        self.tif = tif
+        self.recorded = _recorded_frames(tif, self.series)
+        if self.recorded > int(np.prod(shape[:-2], dtype=np.int64)):  # a killed recording's later frames
+            axes, shape = "TYX", (self.recorded, *shape[-2:])
         self.info = SeriesInfo(axes, tuple(int(n) for n in shape), _pixel_type(path, self.series.dtype))
         self.shape = self.info.frame_shape
         self.dtype = self.info.dtype
         self.lead_axes, self.lead_shape = axes[:-2], tuple(int(n) for n in shape[:-2])
         self.n_planes = int(np.prod(self.lead_shape, dtype=np.int64))
         pages = self.series.pages
-        self.page_per_plane = len(pages) == self.n_planes and all(
+        self.page_per_plane = bool(self.recorded) or len(pages) == self.n_planes and all(
             p is None or tuple(p.shape[-2:]) == self.shape for p in (pages[0], pages[-1])
         )
         self.memmap: np.ndarray | None = None
@@ -140,7 +156,8 @@ class _Series:
         if self.memmap is not None:
             image = np.asarray(self.memmap[plane])
         else:
-            page = self.series.pages[plane]
+            # a recording's own pages: tifffile leaves those past the OME-XML's frames keyframe-less
+            page = self.tif.pages.get(plane) if self.recorded else self.series.pages[plane]
             if page is None:
                 raise MovieError(f"{self.path}: plane {plane} of series {self.index} is missing from the file")
             image = page.asarray()
@@ -286,7 +303,7 @@ class TiffMovie:
 
         None when the file carries no per-plane times, or when they do not increase (e.g. a
         sequenced pycromanager acquisition stamps every frame 0)."""
-        reader = {
+        reader = self._recorded_times if self._series[self.series_index].recorded else {
             "ome": self._ome_times,
             "ndtiff": self._mm_times,
             "mmstack": self._mm_times,
@@ -310,6 +327,14 @@ class TiffMovie:
         """Put the planes in the order of ``times`` (the file's own timestamps, `timestamps`)."""
         order = np.argsort(times, kind="stable")
         self.planes = [self.planes[i] for i in order]
+
+    def _recorded_times(self) -> list[float] | None:
+        """A umvd-live recording's frame times, from each page's `FRAME_TAG` (a killed one's OME-XML
+        has no per-plane times, nor its last frames)."""
+        pages = self._series[self.series_index].tif.pages
+        rows = [json.loads(pages.get(p.plane).tags[FRAME_TAG].value) for p in self.planes]
+        times = [row.get("t") if row.get("t") is not None else row.get("t_received") for row in rows]  # `FrameInfo.time`
+        return None if any(t is None for t in times) else [float(t) for t in times]
 
     def _ome_times(self) -> list[float] | None:
         by_plane: dict[tuple[int, ...], float] = {}  # (series, t, z, c)
