@@ -124,7 +124,7 @@ def _denoise_segment(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
                 if spans:
                     blocks = context_blocks(t, k, spans, lambda j: first <= j <= last, both_sides)
                     context = block_means(blocks, frame)[None]
-                probe = Probe.of(torch.stack([frame(i) for i in idx]), k) if len(set(idx)) > 1 else None
+                probe = Probe.of([frame(i) for i in idx], k) if len(set(idx)) > 1 else None
                 batch.wait(t, [feats[i][None] for i in idx], context, probe)
         out += [replace(o, segment=segment, state="warmup" if o.state == "warmup" else "live")
                 for o in den._finish(batch, normalizer, referee, live=False)]

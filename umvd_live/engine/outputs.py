@@ -8,6 +8,7 @@ network's output or the window's temporal mean is shown, without a clean referen
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -66,19 +67,23 @@ class Probe:
     window: torch.Tensor
 
     @classmethod
-    def of(cls, frames: torch.Tensor, k: int) -> Probe:
-        """From (N, C, H, W) window frames whose centre is at position k."""
-        total = frames.float().sum(0)
+    def of(cls, frames: Sequence[torch.Tensor], k: int) -> Probe:
+        """From the window's N frames, (C, H, W) each, whose centre is at position k: summed one by
+        one, not stacked first (a copy of the whole window for every frame, on the frame loop)."""
+        total = frames[0].float().clone()
+        for frame in frames[1:]:
+            total += frame
         centre = frames[k].float()
         n = len(frames)
-        return cls(centre, (total - centre) / (n - 1), total / n)
+        return cls(centre, (total - centre).div_(n - 1), total / n)
 
 
 def blind_distance(estimate: np.ndarray, noisy: np.ndarray) -> float:
     """Mean squared distance of an estimate of frame t that is blind to it to the noisy frame t: its
     distance to the truth plus the noise variance, the same for every blind estimate, so the
     smaller of two such distances marks the better estimate (`BlindReferee`)."""
-    return float(np.mean(np.square(estimate - noisy)))
+    difference = np.subtract(estimate, noisy, dtype=np.float32)
+    return float(np.vdot(difference, difference)) / max(difference.size, 1)
 
 
 def mean_is_nearer(estimate: np.ndarray, mean: np.ndarray | None, noisy: np.ndarray) -> bool:

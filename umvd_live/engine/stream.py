@@ -526,7 +526,8 @@ class StreamDenoiser:
                 state = "warmup"
                 image = self.normalizer.inverse(self._window.frames(t)[0, 0].float().cpu().numpy())
             elif self._probing():
-                batch.wait(t, self._window.features(t), self._context(t), Probe.of(self._window.frames(t), self.k), tag)
+                probe = Probe.of(self._window.frame_list(t), self.k)
+                batch.wait(t, self._window.features(t), self._context(t), probe, tag)
                 return
             elif self._live:
                 batch.wait(t, self._window.features(t), self._context(t), tag=tag)

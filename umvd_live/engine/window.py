@@ -99,7 +99,8 @@ class ContextHistory:
         # The window, the blocks, and the frames that left the oldest block since the last sums.
         self._frames: deque[tuple[int, torch.Tensor]] = deque(maxlen=2 * k + 1 + sum(self.spans) + self.CATCH_UP)
         self._first_seen: int | None = None
-        self._sums: list[torch.Tensor] = []
+        self._sums = torch.empty(0)  # (M, C, H, W): each block's sum, for `_sums_for`
+        self._spans = torch.empty(0)  # (M, 1, 1, 1): the blocks' lengths, to divide the sums by
         self._sums_for: int | None = None  # the t whose full blocks `_sums` holds
         self.resums = 0  # times the sums were made afresh (each reads every frame of the blocks)
 
@@ -132,13 +133,13 @@ class ContextHistory:
             for back in range(t - last - 1, -1, -1):  # the centres after `last`, in order, up to t
                 for total, lo, span in zip(self._sums, starts, self.spans):
                     total.add_(self._frame(lo - back + span - 1)).sub_(self._frame(lo - back - 1))
-        else:
-            self._sums = [torch.stack([self._frame(j) for j in range(lo, lo + span)]).sum(0)
-                          for lo, span in zip(starts, self.spans)]
+        else:  # (M, C, H, W) in one tensor: the means are then one division, not a stack and a division
+            self._sums = torch.stack([torch.stack([self._frame(j) for j in range(lo, lo + span)]).sum(0)
+                                      for lo, span in zip(starts, self.spans)])
+            self._spans = torch.tensor(self.spans, dtype=self._sums.dtype, device=self._sums.device).view(-1, 1, 1, 1)
             self.resums += 1
         self._sums_for = t
-        means = torch.stack(self._sums)  # one copy, then divided in place
-        return means.div_(torch.tensor(self.spans, dtype=means.dtype, device=means.device).view(-1, 1, 1, 1))[None]
+        return (self._sums / self._spans)[None]
 
     def clear(self) -> None:
         self._frames.clear()
@@ -187,9 +188,13 @@ class SlidingWindow:
         """The N feature maps (1, F, H, W) of the window centred on t, in order; not copied."""
         return [self._entry(i).features[None] for i in self.indices(t)]
 
+    def frame_list(self, t: int) -> list[torch.Tensor]:
+        """The N frames (C, H, W) of the window centred on t, in order; not copied."""
+        return [self._entry(i).frame for i in self.indices(t)]
+
     def frames(self, t: int) -> torch.Tensor:
         """(N, C, H, W) frames of the window centred on t."""
-        return torch.stack([self._entry(i).frame for i in self.indices(t)])
+        return torch.stack(self.frame_list(t))
 
     def refresh(self, compute: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Recompute every cached feature map, after the inference weights changed."""
