@@ -82,3 +82,26 @@ def test_napari_opens_the_plugin_widget_from_its_menu_entry(x_display):  # noqa:
         widget.close_session()
     finally:
         viewer.close()
+
+
+@pytest.mark.gui
+def test_closing_the_plugin_dock_stops_its_session_and_docking_it_again_starts_it(x_display):  # noqa: F811
+    """The dock's close button (napari's remove_dock_widget) only unparents the widget: its worker
+    thread must end and its sockets close there, not at the widget's deletion (maybe never)."""
+    pytest.importorskip("napari", reason="napari is not installed (pip install 'umvd-live[viewer]' napari[all])")
+    import napari
+
+    viewer = napari.Viewer(show=False)
+    try:
+        dock, widget = viewer.window.add_plugin_dock_widget("umvd-live", "Live denoiser")
+        worker = widget.worker
+        assert worker is not None and worker.isRunning()
+        dock.destroyOnClose()  # what the dock's close button does
+        assert widget.parent() is None and widget.worker is None and not worker.isRunning()
+        assert worker.session._sub.closed and worker.session.control._sock is None
+        assert "closed" in widget.connection_label.text()
+        viewer.window.add_dock_widget(widget, name="umvd-live")
+        assert widget.worker is not None and widget.worker.isRunning()
+        widget.close_session()
+    finally:
+        viewer.close()

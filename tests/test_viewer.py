@@ -9,8 +9,10 @@ of its screenshot (docs/img/viewer.png is made that way).
 
 from __future__ import annotations
 
+import gc
 import math
 import os
+import queue
 import re
 import shutil
 import signal
@@ -33,7 +35,15 @@ from umvd_live.viewer.noise import (
     region_mean,
     region_snr,
 )
-from umvd_live.viewer.session import LatestOnly, LiveSession, LiveStats, Selection, SiteFrames, ViewerConfig
+from umvd_live.viewer.session import (
+    LatestOnly,
+    LiveSession,
+    LiveStats,
+    Selection,
+    SiteFrames,
+    ViewerConfig,
+    status_problem,
+)
 from umvd_live.viewer.sites import Site, SiteCatalog, StreamPlace
 from umvd_live.wire.channel_colors import channel_colormaps, preferred_colors
 from umvd_live.wire.control_client import ControlClient, DaemonUnavailable
@@ -405,6 +415,197 @@ def test_session_shows_one_site_with_all_its_channels_and_switches_without_new_f
         rep.close(linger=0)
 
 
+RAMP = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32)  # pixel (r, c) = 32 r + c
+
+
+class StandInDaemon(threading.Thread):
+    """The daemon's two sockets on loopback: a PUB sending ``cam0`` raw frames when told (`publish`)
+    or ``rate_hz`` times a second (`RAMP`, t = seq / rate_hz); and, as the daemon's ROUTER does, a
+    control socket answering each request when it is done (``status`` with ``status_reply`` at
+    once, another command after ``delays_s[cmd]``), so that replies to several clients overlap."""
+
+    def __init__(self, status_reply: dict | None = None, delays_s: dict[str, float] | None = None,
+                 rate_hz: float = 0.0):
+        super().__init__(daemon=True)
+        ctx = zmq.Context.instance()
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.output = f"tcp://127.0.0.1:{self.pub.bind_to_random_port('tcp://127.0.0.1')}"
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.control = f"tcp://127.0.0.1:{self.router.bind_to_random_port('tcp://127.0.0.1')}"
+        self.status_reply = status_reply or {"ok": True, "streams": {}}
+        self.delays_s = delays_s or {}
+        self.rate_hz = rate_hz
+        self.done: list[str] = []  # the commands other than status, as carried out
+        self._publish: queue.SimpleQueue = queue.SimpleQueue()
+        self._halt = threading.Event()
+        self.start()
+
+    def publish(self, frame: np.ndarray, seq: int, t: float) -> None:
+        self._publish.put((frame, seq, t))
+
+    def run(self) -> None:
+        due: list[tuple[float, list[bytes], dict]] = []  # (when, envelope, request)
+        seq, t0 = 0, time.monotonic()
+        while not self._halt.is_set():
+            if self.rate_hz and time.monotonic() >= t0 + seq / self.rate_hz:
+                self.publish(RAMP, seq, seq / self.rate_hz)
+                seq += 1
+            while not self._publish.empty():
+                frame, seq, t = self._publish.get()
+                parts = encode_frame("cam0", frame, seq, t=t)
+                self.pub.send_multipart([b"cam0/raw", *parts[1:]])
+            if self.router.poll(10):
+                *envelope, body = self.router.recv_multipart()
+                request = msgpack.unpackb(body)
+                if request["cmd"] == "status":
+                    self.router.send_multipart([*envelope, msgpack.packb(self.status_reply)])
+                else:
+                    due.append((time.monotonic() + self.delays_s.get(request["cmd"], 0.0), envelope, request))
+            for item in [d for d in due if d[0] <= time.monotonic()]:
+                due.remove(item)
+                self.done.append(item[2]["cmd"])
+                self.router.send_multipart([*item[1], msgpack.packb({"ok": True, "cmd": item[2]["cmd"]})])
+        self.pub.close(linger=0)
+        self.router.close(linger=0)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+
+
+def _open_sockets(ctx: zmq.Context) -> list[zmq.Socket]:
+    return [o for o in gc.get_objects() if isinstance(o, zmq.Socket) and o.context is ctx and not o.closed]
+
+
+def test_a_command_slower_than_the_status_deadline_gets_its_reply_and_the_daemon_stays_reachable():
+    """save_model replies once the model is saved: past the status deadline, not a failure, and
+    the status polls (on a socket of their own) keep saying the daemon is there."""
+    daemon = StandInDaemon(delays_s={"save_model": 1.0})
+    session = LiveSession(ViewerConfig(output=daemon.output, control=daemon.control, stats_period_s=0.1,
+                                       request_timeout_s=0.3))
+    try:
+        session.submit("save_model", stream="cam0", path="m.pt")
+        replies, stats = [], []
+        deadline = time.monotonic() + 5
+        while not replies and time.monotonic() < deadline:
+            for event in session.step(20):
+                (stats if isinstance(event, LiveStats) else replies).append(event)
+        assert [type(r).__name__ for r in replies] == ["ControlReply"] and replies[0].ok
+        assert daemon.done == ["save_model"]
+        assert all(s.error is None for s in stats) and stats[-1].connected
+        assert session.control.timeouts == session.command_client.timeouts == 0
+    finally:
+        session.close()
+        daemon.stop()
+
+
+def test_a_malformed_endpoint_raises_at_once_and_leaves_no_socket_open():
+    """An endpoint typed without its scheme: ZMQError from the constructor (the widget shows it),
+    not a half-made session, nor a socket per status poll."""
+    ctx = zmq.Context()
+    try:
+        for output, control in (("127.0.0.1:5556", "tcp://127.0.0.1:5557"), ("tcp://127.0.0.1:5556", "127.0.0.1:5557")):
+            with pytest.raises(zmq.ZMQError) as raised:  # kept, as an error report keeps it
+                LiveSession(ViewerConfig(output=output, control=control), ctx)
+            assert _open_sockets(ctx) == [], raised
+        client = ControlClient("127.0.0.1:5557", context=ctx)
+        for _ in range(3):
+            with pytest.raises(DaemonUnavailable, match="Invalid argument"):
+                client.send({"cmd": "status"})
+        assert _open_sockets(ctx) == []
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_restarted_acquisition_starts_its_region_trace_again():
+    """t goes back to 0 (an acquisition started again on the stream): the old acquisition's points
+    would be dated in the future; the trace holds the new one's only."""
+    daemon = StandInDaemon()
+    session = LiveSession(ViewerConfig(output=daemon.output, control=daemon.control, stats_period_s=0.0))
+    seq = 0
+
+    def trace_after(times: list[float], level: int) -> np.ndarray:
+        nonlocal seq
+        for t in times:
+            daemon.publish(np.full((16, 16), level, np.uint16), seq, t)
+            seq += 1
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            stats = [e for e in session.step(20) if isinstance(e, LiveStats)]
+            feed = session.feed("cam0")
+            if stats and feed is not None and feed.raw_history.pushed == seq:
+                return stats[-1].trace_raw
+        raise AssertionError("the frames did not arrive")
+
+    try:
+        deadline = time.monotonic() + 5
+        while session.feed("cam0") is None and time.monotonic() < deadline:  # until the SUB is connected
+            daemon.publish(np.full((16, 16), 1000, np.uint16), seq, 100.0)
+            seq += 1
+            session.step(50)
+        first = trace_after([100.1 + 0.1 * i for i in range(20)], 1000)
+        assert len(first) > 20 and first[:, 0].max() == 0.0
+        again = trace_after([0.1 * i for i in range(5)], 100)
+        assert again[:, 0].tolist() == pytest.approx([-0.4, -0.3, -0.2, -0.1, 0.0])
+        assert set(again[:, 1]) == {100.0}
+    finally:
+        session.close()
+        daemon.stop()
+
+
+def test_a_malformed_status_reply_is_reported_not_raised():
+    """Another daemon version or a proxy: 'streams' not a map. step() goes on (frames keep coming),
+    the reply is counted and its problem reported, and nothing of it reaches the panel."""
+    daemon = StandInDaemon(status_reply={"ok": True, "streams": ["cam0"]})
+    session = LiveSession(ViewerConfig(output=daemon.output, control=daemon.control, stats_period_s=0.05))
+    try:
+        stats: list[LiveStats] = []
+        deadline = time.monotonic() + 1.0  # about 20 polls
+        while time.monotonic() < deadline:
+            stats += [e for e in session.step(20) if isinstance(e, LiveStats)]
+        assert session.bad_status_replies >= 3
+        assert stats[-1].status_error == "'streams' is a list, not a map" and stats[-1].connected
+        assert stats[-1].daemon is None and stats[-1].stream_status is None
+        bad_engine = {"ok": True, "streams": {"cam0": {"engine": 3}}}
+        assert status_problem(bad_engine) == "stream 'cam0': 'engine' is not a map"
+        good = {"ok": True, "streams": {"cam0": {}}, "recording": {"files": {"cam0": ["a.tif"]}}}
+        assert status_problem(good) is None
+    finally:
+        session.close()
+        daemon.stop()
+
+
+def test_frames_replaced_unread_in_the_workers_mailbox_count_as_not_shown():
+    """A GUI that never takes the frames: every frame received but the newest, still in the
+    mailbox, is not shown, whether the session or the mailbox replaced it."""
+    pytest.importorskip("qtpy", reason="no Qt binding installed")
+    from umvd_live.viewer.qt.worker import SessionWorker
+
+    daemon = StandInDaemon()
+    worker = SessionWorker(ViewerConfig(output=daemon.output, control=daemon.control, max_fps=1000.0,
+                                        stats_period_s=0.05))
+    worker.start()
+    try:
+        for seq in range(80):
+            daemon.publish(RAMP, seq, seq / 50)
+            time.sleep(0.02)
+        time.sleep(0.3)
+        received = worker.session.feed("cam0").raw_history.pushed
+        stats = None
+        deadline = time.monotonic() + 5
+        while not (stats and stats.superseded_total == received - 1) and time.monotonic() < deadline:
+            stats = worker.stats.take() or stats
+            time.sleep(0.05)
+        assert received > 40 and worker.frames.replaced > 20
+        assert stats is not None and stats.superseded_total == received - 1
+        assert worker.frames.take().pairs[0].raw_header["seq"] == 79
+    finally:
+        worker.stop()
+        daemon.stop()
+
+
 def test_the_viewer_package_imports_no_qt():
     code = ("import sys, umvd_live.viewer, umvd_live.viewer.noise, umvd_live.viewer.session, "
             "umvd_live.viewer.sites, umvd_live.wire.channel_colors, "
@@ -590,7 +791,7 @@ def test_viewer_shows_the_live_stream_and_controls_the_daemon(tmp_path, x_displa
         assert stats.snr_raw > 0 and math.isfinite(stats.snr_denoised)
         assert "region 30×40" in widget.snr_label.text() and widget.trace_plot.point_count() > 20
         # A rectangle drawn on the denoised image replaces the region on both.
-        widget.mirror_layer.add_rectangles(np.array([[5.0, 6.0], [25.0, 30.0]]))
+        widget.mirror_layer.add_rectangles(np.array([[4.5, 5.5], [24.5, 29.5]]))  # along pixel edges
         wait_until(lambda: widget.current_region() == (5, 25, 6, 30) and len(widget.mirror_layer.data) == 1
                    and widget.last_stats.region == (5, 25, 6, 30), "the region redrawn on the denoised image")
 
@@ -868,3 +1069,125 @@ def test_viewer_shows_each_channel_as_a_layer_and_switches_planes(tmp_path, x_di
             viewer.close()
         source.stop()
         daemon.kill()
+
+
+def _wait_until(cond, what: str, timeout_s: float = 20.0):
+    """Run the Qt event loop until ``cond()`` is true; its value."""
+    from qtpy.QtWidgets import QApplication
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        QApplication.processEvents()
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.gui
+@pytest.mark.timeout(60)
+def test_connect_stops_and_releases_the_previous_worker(x_display):
+    """Each Connect replaces the worker: the old one's thread ends, its sockets close, and nothing
+    keeps it (its frame histories) alive. A widget deleted while docked stops its worker too."""
+    pytest.importorskip("napari", reason="napari is not installed (pip install 'umvd-live[viewer]')")
+    import gc
+    import weakref
+
+    from umvd_live.viewer.qt.app import open_viewer
+
+    daemon = StandInDaemon(rate_hz=30)
+    viewer, widget = open_viewer(ViewerConfig(output=daemon.output, control=daemon.control), show=False)
+    try:
+        old_workers = []
+        for _ in range(2):
+            _wait_until(lambda: widget.last_frames is not None and widget.worker.session.feed("cam0"), "frames")
+            old = widget.worker
+            old_workers.append(weakref.ref(old))
+            session = old.session
+            widget.connect_button.click()
+            assert widget.worker is not old and widget.worker.isRunning() and not old.isRunning()
+            assert session._sub.closed and session.feeds == {}
+            del old
+            widget.last_frames = None
+        gc.collect()
+        assert [ref() for ref in old_workers] == [None, None]
+        worker = widget.worker
+    finally:
+        viewer.close()  # deletes the docked widget
+        daemon.stop()
+    _wait_until(lambda: not worker.isRunning(), "the worker of the deleted widget to stop", 5)
+    assert worker.session._sub.closed
+
+
+@pytest.mark.gui
+@pytest.mark.timeout(60)
+def test_a_malformed_endpoint_keeps_the_running_session_and_says_why(x_display):
+    pytest.importorskip("napari", reason="napari is not installed (pip install 'umvd-live[viewer]')")
+    from umvd_live.viewer.qt.app import open_viewer
+
+    daemon = StandInDaemon(rate_hz=30)
+    viewer, widget = open_viewer(ViewerConfig(output=daemon.output, control=daemon.control), show=False)
+    try:
+        _wait_until(lambda: widget.last_stats is not None and widget.last_stats.connected, "connected")
+        running = widget.worker
+        widget.output_edit.setText(daemon.output.removeprefix("tcp://"))  # the scheme forgotten
+        widget._reconnect_clicked()  # what Connect does (an exception in a Qt slot would abort)
+        assert widget.worker is running and running.isRunning()
+        assert "cannot connect" in widget.message_label.text() and "tcp://HOST:PORT" in widget.message_label.text()
+        assert widget.config.output == daemon.output
+        shown = widget.frames_shown
+        _wait_until(lambda: widget.frames_shown > shown + 5, "frames from the running session")
+    finally:
+        widget.close_session()
+        viewer.close()
+        daemon.stop()
+
+
+@pytest.mark.gui
+@pytest.mark.timeout(60)
+def test_the_region_is_the_pixels_whose_centres_the_rectangle_holds(x_display):
+    """napari draws pixel i over [i - 0.5, i + 0.5]: a rectangle along the edges of pixels 10-19
+    measures those pixels, and a region set in pixels is drawn along their edges."""
+    pytest.importorskip("napari", reason="napari is not installed (pip install 'umvd-live[viewer]')")
+    from umvd_live.viewer.qt.app import open_viewer
+    from umvd_live.viewer.qt.widget import rectangle_region
+
+    assert rectangle_region(np.array([[9.5, 4.5], [19.5, 24.5]])) == (10, 20, 5, 25)
+    assert rectangle_region(np.array([[9.8, 4.6], [19.8, 24.9]])) == (10, 20, 5, 25)  # drawn by hand
+    assert rectangle_region(np.array([[10.2, 4.9], [10.4, 5.3]])) == (10, 11, 5, 6)  # a click: its pixel
+    daemon = StandInDaemon(rate_hz=30)
+    viewer, widget = open_viewer(ViewerConfig(output=daemon.output, control=daemon.control), show=False)
+    try:
+        _wait_until(lambda: widget.region_layer is not None, "the region layer")
+        widget.region_layer.add_rectangles(np.array([[9.5, 4.5], [19.5, 24.5]]))
+        stats = _wait_until(lambda: (s := widget.last_stats) and s.region == (10, 20, 5, 25)
+                            and len(s.trace_raw) and s, "the region's figures")
+        assert stats.trace_raw[-1, 1] == RAMP[10:20, 5:25].mean()
+        widget.set_region((2, 6, 3, 9))
+        _wait_until(lambda: len(widget.region_layer.data) == 1 == len(widget.mirror_layer.data), "one region")
+        corners = widget.region_layer.data[-1]
+        assert corners.min(axis=0).tolist() == [1.5, 2.5] and corners.max(axis=0).tolist() == [5.5, 8.5]
+        assert widget.current_region() == (2, 6, 3, 9)
+    finally:
+        widget.close_session()
+        viewer.close()
+        daemon.stop()
+
+
+@pytest.mark.gui
+def test_the_trace_plot_keeps_only_the_points_of_its_window(x_display):
+    """Points later than now (an earlier acquisition's, whose clock ran further) or older than its
+    span are left out, and do not stretch the y range."""
+    pytest.importorskip("napari", reason="napari is not installed (pip install 'umvd-live[viewer]')")
+    from napari.qt import get_qapp
+
+    from umvd_live.viewer.qt.plot import RAW_COLOR, TraceLane, TracePlot, TraceSeries
+
+    get_qapp()
+    plot = TracePlot(10.0)
+    points = np.array([[-12.0, 1e6], [-5.0, 100.0], [0.0, 110.0], [30.0, 1e6]])
+    plot.set_lanes([TraceLane("", RAW_COLOR, (TraceSeries("raw", points, RAW_COLOR),))])
+    assert plot.point_count() == 2 and plot.lanes[0].series[0].points[:, 1].tolist() == [100.0, 110.0]
+    plot.resize(300, 110)
+    assert not plot.grab().isNull()

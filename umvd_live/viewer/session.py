@@ -1,7 +1,7 @@
 """The viewer's connection to the daemon, as a loop one worker thread runs. No Qt.
 
-Why: the GUI thread must never wait on a socket. `LiveSession` owns both sockets (the output SUB
-and the control REQ; ZeroMQ sockets belong to one thread) and turns what arrives into plain
+Why: the GUI thread must never wait on a socket. `LiveSession` owns the sockets (the output SUB
+and two control REQs; ZeroMQ sockets belong to one thread) and turns what arrives into plain
 events: the newest raw/denoised frames of every channel of the shown site (`SiteFrames`, a site
 being one group, position, grid tile and plane: `sites.py`) at most `max_fps` times a second,
 and every `stats_period_s` the daemon's status, each shown channel's region trace, and the noise
@@ -14,6 +14,10 @@ denoised messages are kept undecoded, so a newly chosen site shows its last fram
 GUI talks back only through thread-safe setters (`select`, `select_stream`, `set_region`,
 `set_offset`, `submit`). `LatestOnly` is the hand-off that keeps just the newest frames when the
 GUI is slower.
+
+The status polls and the user's commands go through REQ sockets of their own: a command the
+daemon answers only once done (`save_model` replies after the save) neither holds the status
+back nor passes for the daemon being away; only status requests decide whether it is reachable.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar, cast
 
@@ -56,7 +61,8 @@ class ViewerConfig:
     stats_period_s: float = 0.5  # status poll, noise fit and SNR every this often
     history_frames: int = DEFAULT_HISTORY  # frames the noise fit and SNR use
     trace_seconds: float = 10.0  # span of the region's mean trace
-    request_timeout_s: float = 1.5  # a control request without reply past this: daemon away
+    request_timeout_s: float = 1.5  # a status request without reply past this: daemon away
+    command_timeout_s: float = 60.0  # a user command (save_model replies once saved) without reply: failed
     offline_after_s: float = 3.0  # no reply and no frame for this long: shown as disconnected
     rcvhwm: int = 200  # output messages queued for the viewer before ZeroMQ drops (newest kept)
     region: Region | None = None  # region drawn at the first frame (row0, row1, col0, col1)
@@ -85,6 +91,7 @@ class FramePair:
     superseded: int  # raw frames received since the previous hand-over and never handed over
     channel: str | None = None  # the channel's name; None: the stream has no channel axis
     label: str = ""  # the name of the channel's layers: unique in the site ("": the stream's)
+    new_raw: bool = False  # ``raw`` was in no frames handed over before (the GUI has not seen it)
 
     def __post_init__(self) -> None:
         if not self.label:
@@ -140,6 +147,7 @@ class LiveStats:
     channel: str | None = None  # the analysed channel's label
     channels: tuple[ChannelFigures, ...] = ()  # every channel of the site, in channel order
     places: tuple[StreamPlace, ...] = ()  # where every stream seen belongs
+    status_error: str | None = None  # why the last `status` reply was not used (malformed)
 
     @property
     def stream_status(self) -> StreamStatus | None:
@@ -160,21 +168,26 @@ class LatestOnly(Generic[T]):
     """A one-slot mailbox between threads: a new item replaces an unread one.
 
     `put` returns True when the slot was empty, i.e. when the reader must be notified; while an
-    item waits unread, later puts only replace it, so notifications never pile up.
+    item waits unread, later puts only replace it, so notifications never pile up. ``merge(unread,
+    newer)``, when given, makes the replacement, so that what the unread item alone held (e.g. a
+    count of what it replaced) is not lost with it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, merge: Callable[[T, T], T] | None = None) -> None:
         self._lock = threading.Lock()
         self._item: T | None = None
+        self._merge = merge
         self.replaced = 0
 
     def put(self, item: T) -> bool:
         with self._lock:
-            was_empty = self._item is None
-            if not was_empty:
+            unread = self._item
+            if unread is not None:
                 self.replaced += 1
+                if self._merge is not None:
+                    item = self._merge(unread, item)
             self._item = item
-            return was_empty
+            return unread is None
 
     def take(self) -> T | None:
         with self._lock:
@@ -184,12 +197,14 @@ class LatestOnly(Generic[T]):
 
 @dataclass
 class _Trace:
-    """(time, value) points of the last ``span_s`` seconds."""
+    """(time, value) points of the last ``span_s`` seconds of one acquisition."""
 
     span_s: float
     points: deque = field(default_factory=deque)
 
     def add(self, t: float, value: float) -> None:
+        if self.points and t < self.points[-1][0]:  # a new acquisition: its clock started again
+            self.points.clear()
         self.points.append((t, value))
         while self.points and self.points[0][0] < t - self.span_s:
             self.points.popleft()
@@ -233,8 +248,15 @@ class LiveSession:
         self._sub.setsockopt(zmq.RCVHWM, config.rcvhwm)
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")  # every stream: the stream list comes from it too
-        self._sub.connect(config.output)
-        self.control = ControlClient(config.control, config.request_timeout_s, self._ctx)
+        self.control = ControlClient(config.control, config.request_timeout_s, self._ctx)  # status polls
+        self.command_client = ControlClient(config.control, config.command_timeout_s, self._ctx)  # `submit`
+        try:  # a malformed endpoint (no "tcp://") raises here, leaving no socket behind
+            self._sub.connect(config.output)
+            self.control.connect()
+        except zmq.ZMQError:
+            self._sub.close(linger=0)
+            self.control.close()
+            raise
         self._commands: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         # Set from the GUI thread, read here: single assignments of immutable values.
         self._wanted = Selection(stream=config.stream)
@@ -257,9 +279,11 @@ class LiveSession:
         self._last_status_sent = 0.0
         self._last_frame_at: float | None = None
         self._status: StatusReply | None = None
+        self._status_error: str | None = None
         self._error: str | None = None
-        self._in_flight: dict[str, Any] = {}
+        self._in_flight: dict[str, Any] = {}  # the user's command out on `command_client`
         self.bad_messages = 0
+        self.bad_status_replies = 0
 
     # ---- called from the GUI thread ------------------------------------------------------------
     def select(self, selection: Selection) -> None:
@@ -293,14 +317,16 @@ class LiveSession:
         events: list[SiteFrames | LiveStats | ControlReply | CommandFailed] = []
         poller = zmq.Poller()
         poller.register(self._sub, zmq.POLLIN)
-        ctl = self.control.socket()
-        if ctl is not None:
-            poller.register(ctl, zmq.POLLIN)
+        for client in (self.control, self.command_client):
+            ctl = client.socket()
+            if ctl is not None:
+                poller.register(ctl, zmq.POLLIN)
         poller.poll(timeout_ms)
         now = time.monotonic()
         self._apply_settings()
         self._drain_output(now)
-        self._service_control(now, events)
+        self._service_status(now)
+        self._service_commands(events)
         if self.site is not None and self._new_since_emit and now - self._last_emit >= 1.0 / self.config.max_fps:
             events.append(self._site_frames(self.site))
             self._last_emit = now
@@ -310,8 +336,29 @@ class LiveSession:
         return events
 
     def close(self) -> None:
+        """Close the sockets and drop the frames kept: a closed session may outlive its worker."""
         self._sub.close(linger=0)
         self.control.close()
+        self.command_client.close()
+        self.feeds = {}
+        self._newest.clear()
+
+    def merge_unread(self, unread: SiteFrames, newer: SiteFrames) -> SiteFrames:
+        """``newer`` replaces frames the GUI never took (the worker's `LatestOnly`): the raw frames
+        of ``unread`` it does not carry count as not shown; one it carries stays new, so that a
+        frame is counted once however often the frames holding it are replaced."""
+        unread_pairs = {p.stream: p for p in unread.pairs}
+        pairs = []
+        for pair in newer.pairs:
+            old = unread_pairs.pop(pair.stream, None)
+            if old is not None and old.new_raw:
+                if old.raw is pair.raw:
+                    pair = replace(pair, new_raw=True)
+                else:
+                    self.superseded_total += 1
+            pairs.append(pair)
+        self.superseded_total += sum(p.new_raw for p in unread_pairs.values())  # no longer shown
+        return replace(newer, pairs=tuple(pairs))
 
     def feed(self, stream: str) -> ChannelFeed | None:
         """The shown site's channel of ``stream`` (None when it is not shown)."""
@@ -444,39 +491,59 @@ class LiveSession:
             feed.latest_den = msg
         self._new_since_emit = True
 
-    def _service_control(self, now: float, events: list) -> None:
+    def _service_status(self, now: float) -> None:
+        """Poll ``status`` every `stats_period_s`: its replies and timeouts say whether the daemon
+        is reachable."""
         if self.control.busy:
             try:
                 reply = self.control.poll(0)
             except DaemonUnavailable as exc:
                 self._error = str(exc)
-                if self._in_flight.get("cmd") != "status":
-                    events.append(CommandFailed(self._in_flight, str(exc)))
                 reply = None
             if reply is not None:
                 self._error = None
-                if reply.request.get("cmd") == "status":
-                    if reply.ok:
-                        self._status = cast(StatusReply, reply.reply)
-                        self._note_status_streams(self._status.get("streams") or {})
-                else:
-                    events.append(reply)
-        if self.control.busy:
+                if reply.ok:
+                    self._take_status(reply.reply)
+        if self.control.busy or now - self._last_status_sent < self.config.stats_period_s:
+            return
+        self._last_status_sent = now
+        try:
+            self.control.send({"cmd": "status"})
+        except DaemonUnavailable as exc:
+            self._error = str(exc)
+
+    def _take_status(self, reply: dict[str, Any]) -> None:
+        """Keep a `status` reply whose maps are maps. One that is not (another daemon version, a
+        proxy) is counted and reported, rather than raising at every poll and panel update."""
+        problem = status_problem(reply)
+        if problem is not None:
+            self.bad_status_replies += 1
+            self._status, self._status_error = None, problem
+            return
+        self._status, self._status_error = cast(StatusReply, reply), None
+        self._note_status_streams(self._status.get("streams") or {})
+
+    def _service_commands(self, events: list) -> None:
+        """Send the user's commands one at a time; each gives a `ControlReply` or `CommandFailed`."""
+        if self.command_client.busy:
+            try:
+                reply = self.command_client.poll(0)
+            except DaemonUnavailable as exc:
+                events.append(CommandFailed(self._in_flight, str(exc)))
+                reply = None
+            if reply is not None:
+                events.append(reply)
+        if self.command_client.busy:
             return
         try:
             request = self._commands.get_nowait()
         except queue.Empty:
-            if now - self._last_status_sent < self.config.stats_period_s:
-                return
-            request = {"cmd": "status"}
-            self._last_status_sent = now
+            return
         self._in_flight = request
         try:
-            self.control.send(request)
+            self.command_client.send(request)
         except DaemonUnavailable as exc:
-            self._error = str(exc)
-            if request.get("cmd") != "status":
-                events.append(CommandFailed(request, str(exc)))
+            events.append(CommandFailed(request, str(exc)))
 
     def _note_status_streams(self, streams: dict[str, StreamStatus]) -> None:
         """Streams the daemon serves: listed, and placed by their status ``axes`` until a frame
@@ -491,7 +558,7 @@ class LiveSession:
         pairs = []
         for stream, feed in self.feeds.items():
             raw, den = feed.latest_raw, feed.latest_den
-            superseded, feed.unshown, feed.raw_pending = feed.unshown, 0, False
+            new_raw, superseded, feed.unshown, feed.raw_pending = feed.raw_pending, feed.unshown, 0, False
             self.superseded_total += superseded
             pairs.append(FramePair(
                 stream=stream,
@@ -502,6 +569,7 @@ class LiveSession:
                 superseded=superseded,
                 channel=feed.place.channel,
                 label=feed.label,
+                new_raw=new_raw,
             ))
         self._new_since_emit = False
         return SiteFrames(site=site, pairs=tuple(pairs), analysed=self.stream)
@@ -560,4 +628,26 @@ class LiveSession:
             channel=analysed.label if analysed is not None else None,
             channels=channels,
             places=self.catalog.places(),
+            status_error=self._status_error,
         )
+
+
+def status_problem(reply: dict[str, Any]) -> str | None:
+    """What makes a `status` reply unusable (None: nothing): the maps the viewer reads in it must
+    be maps, whichever daemon version or proxy sent it."""
+    streams = reply.get("streams") or {}
+    if not isinstance(streams, dict):
+        return f"'streams' is a {type(streams).__name__}, not a map"
+    for name, entry in streams.items():
+        if not isinstance(name, str) or not isinstance(entry, dict):
+            return f"stream {name!r} is not a map"
+        for key in ("engine", "latency_ms"):
+            if not isinstance(entry.get(key) or {}, dict):
+                return f"stream {name!r}: {key!r} is not a map"
+    recording = reply.get("recording") or {}
+    if not isinstance(recording, dict):
+        return f"'recording' is a {type(recording).__name__}, not a map"
+    files = recording.get("files") or {}
+    if not isinstance(files, dict) or not all(isinstance(paths, list) for paths in files.values()):
+        return "'recording': 'files' is not a map of lists"
+    return None

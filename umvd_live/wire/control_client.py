@@ -56,9 +56,18 @@ class ControlClient:
         if self._sock is None:
             sock = self._ctx.socket(zmq.REQ)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.endpoint)
+            try:
+                sock.connect(self.endpoint)
+            except zmq.ZMQError:  # a malformed endpoint: no socket left behind per attempt
+                sock.close(linger=0)
+                raise
             self._sock = sock
         return self._sock
+
+    def connect(self) -> None:
+        """Connect now, so that a malformed endpoint raises zmq.ZMQError here rather than as
+        DaemonUnavailable at every request."""
+        self._socket()
 
     def _reset(self) -> None:
         if self._sock is not None:
@@ -73,7 +82,8 @@ class ControlClient:
     def send(self, request: dict[str, Any], timeout_s: float | None = None) -> None:
         """Send ``request`` (a map with ``cmd``) without waiting; `poll` collects the reply.
 
-        ``timeout_s`` overrides the client's deadline for this request (e.g. a long `shutdown`)."""
+        ``timeout_s`` overrides the client's deadline for this request (e.g. a long `shutdown`, or
+        `save_model`, which replies once the model is saved)."""
         if self._pending is not None:
             raise RuntimeError(f"request {self._pending.get('cmd')!r} is still waiting for its reply")
         try:

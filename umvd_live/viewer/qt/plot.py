@@ -39,7 +39,9 @@ class TraceLane:
 
 class TracePlot(QWidget):
     """Plots (t, value) series over the last ``span_s`` seconds, in lanes stacked top to bottom;
-    each lane's y range follows its data."""
+    each lane's y range follows its data. It keeps only the points of that window: none older,
+    and none later than now (another acquisition's, whose clock ran further), which would stretch
+    the y range."""
 
     def __init__(self, span_s: float = 10.0, parent: QWidget | None = None):
         super().__init__(parent)
@@ -54,8 +56,7 @@ class TracePlot(QWidget):
     def set_lanes(self, lanes: list[TraceLane]) -> None:
         resized = len(lanes) != len(self.lanes)
         self.lanes = [TraceLane(lane.label, lane.color, tuple(
-            TraceSeries(s.name, np.asarray(s.points, np.float64).reshape(-1, 2), s.color) for s in lane.series))
-            for lane in lanes]
+            TraceSeries(s.name, self._in_window(s.points), s.color) for s in lane.series)) for lane in lanes]
         if resized:
             self.setMinimumHeight(self.sizeHint().height())
             self.updateGeometry()
@@ -66,6 +67,10 @@ class TracePlot(QWidget):
         lane = self.lanes[0] if len(self.lanes) == 1 and not self.lanes[0].label else TraceLane("", color, ())
         series = [s for s in lane.series if s.name != name] + [TraceSeries(name, points, color)]
         self.set_lanes([TraceLane("", lane.color, tuple(series))])
+
+    def _in_window(self, points: np.ndarray) -> np.ndarray:
+        pts = np.asarray(points, np.float64).reshape(-1, 2)
+        return pts[(pts[:, 0] >= -self.span_s) & (pts[:, 0] <= 0.0)]
 
     def clear(self) -> None:
         self.set_lanes([])
@@ -121,7 +126,7 @@ class TracePlot(QWidget):
         painter.drawText(QPointF(2, rect.top() + fm.ascent()), _tick(hi))
         painter.drawText(QPointF(2, rect.bottom()), _tick(lo))
         for s in lane.series:
-            pts = s.points[np.isfinite(s.points[:, 1]) & (s.points[:, 0] >= -self.span_s)]
+            pts = s.points[np.isfinite(s.points[:, 1])]
             if len(pts) < 2:
                 continue
             xs = rect.left() + (pts[:, 0] + self.span_s) / self.span_s * rect.width()

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import Qt, QTimer
+import zmq
+from qtpy.QtCore import QEvent, Qt, QTimer
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QApplication,
@@ -69,11 +70,16 @@ def _fmt(value: Any, spec: str = ".1f", unit: str = "") -> str:
 
 
 def rectangle_region(vertices: np.ndarray) -> Region:
-    """The pixel box (row0, row1, col0, col1) around a shape's (row, col) vertices."""
+    """The pixels (row0, row1, col0, col1; ends excluded) whose centres lie in the box around a
+    shape's (row, col) vertices: napari draws pixel i over [i - 0.5, i + 0.5]. A box around no
+    pixel centre (a click) takes the pixel under its middle."""
     v = np.asarray(vertices, np.float64)[:, -2:]
-    r0, c0 = np.floor(v.min(axis=0)).astype(int)
-    r1, c1 = np.ceil(v.max(axis=0)).astype(int)
-    return (int(r0), int(r1), int(c0), int(c1))
+    lo, hi = v.min(axis=0), v.max(axis=0)
+    first, end = np.ceil(lo).astype(int), np.floor(hi).astype(int) + 1
+    empty = end <= first
+    first[empty] = np.floor((lo + hi)[empty] / 2 + 0.5).astype(int)
+    end[empty] = first[empty] + 1
+    return (int(first[0]), int(end[0]), int(first[1]), int(end[1]))
 
 
 def display_color(colormap: str) -> QColor:
@@ -126,6 +132,7 @@ class LiveViewerWidget(QWidget):
         self._chosen_channel: str | None = None
         self._site_text = ""
         self._fitted_camera: tuple | None = None  # the camera as fit_view left it
+        self._undocked = False  # napari removed the dock: the session stopped until docked again
         self._build_ui()
         canvas = getattr(self.viewer, "canvas", None)  # napari >= 0.9: canvas.size is evented
         size_event = getattr(getattr(getattr(canvas, "events", None), "size", None), "connect", None)
@@ -311,20 +318,31 @@ class LiveViewerWidget(QWidget):
 
     # ---- connection ----------------------------------------------------------------------------
     def connect_daemon(self, config: ViewerConfig) -> None:
-        """(Re)start the worker on ``config``'s endpoints."""
+        """(Re)start the worker on ``config``'s endpoints. Endpoints ZeroMQ cannot parse (no
+        "tcp://") leave the running worker as it is, and the panel says why."""
+        try:
+            worker = SessionWorker(config)
+        except zmq.ZMQError as exc:
+            self._show_message(f"cannot connect: {exc}; an endpoint reads tcp://HOST:PORT", ok=False)
+            if self.worker is None:
+                self.connection_label.setText("not connected")
+            return
         self.close_session()
         self.config = config
-        self.worker = SessionWorker(config)
-        self.worker.frames_ready.connect(self._on_frames)
-        self.worker.stats_ready.connect(self._on_stats)
-        self.worker.command_done.connect(self._on_command_done)
-        worker = self.worker
-        self.destroyed.connect(lambda *_: worker.stop())  # the dock closed: stop reading the sockets
+        self.worker = worker
+        worker.frames_ready.connect(self._on_frames)
+        worker.stats_ready.connect(self._on_stats)
+        worker.command_done.connect(self._on_command_done)
+        # The widget deleted while docked (the viewer closed): stop reading the sockets. PyQt holds
+        # a worker's method weakly, and the running thread holds its worker: the connection lasts
+        # as long as there is a worker to stop, and never keeps a stopped one alive.
+        self.destroyed.connect(worker.stop)
         self._push_region()
-        self.worker.start()
+        worker.start()
         self.connection_label.setText(f"connecting to {config.output} …")
 
     def close_session(self) -> None:
+        """Stop the worker: its thread ends, its sockets close."""
         if self.worker is not None:
             self.worker.stop()
             self.worker = None
@@ -332,6 +350,20 @@ class LiveViewerWidget(QWidget):
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
         self.close_session()
         super().closeEvent(event)
+
+    def event(self, event: QEvent | None) -> bool:
+        """Closing the dock only unparents the widget (napari's `remove_dock_widget`): no close,
+        no deletion while Python holds it. Stop the session then, and start it again if the
+        widget is docked again."""
+        if event is not None and event.type() == QEvent.Type.ParentChange:
+            if self.parent() is None and self.worker is not None:
+                self.close_session()
+                self._undocked = True
+                self.connection_label.setText("not connected: the panel was closed")
+            elif self.parent() is not None and self._undocked:
+                self._undocked = False
+                self.connect_daemon(self.config)
+        return super().event(event)
 
     def _reconnect_clicked(self) -> None:
         self.connect_daemon(dataclasses.replace(
@@ -691,8 +723,8 @@ class LiveViewerWidget(QWidget):
         if region is None:
             self.region_layer.data = []
         else:
-            r0, r1, c0, c1 = region
-            self.region_layer.add_rectangles(np.array([[r0, c0], [r1, c1]], np.float64))
+            r0, r1, c0, c1 = region  # around the pixels' squares: corners at their edges
+            self.region_layer.add_rectangles(np.array([[r0, c0], [r1, c1]], np.float64) - 0.5)
 
     def _push_region(self) -> None:
         if self.worker is not None:
@@ -709,7 +741,9 @@ class LiveViewerWidget(QWidget):
             return
         self.last_stats = stats
         if stats.connected:
-            self.connection_label.setText(f"<span style='color:#5d5'>● connected</span> to {self.config.output}")
+            self.connection_label.setText(
+                f"<span style='color:#5d5'>● connected</span> to {self.config.output}"
+                + (f" · status not understood: {stats.status_error}" if stats.status_error else ""))
         else:
             why = stats.error or "no reply yet"
             self.connection_label.setText(
@@ -901,6 +935,9 @@ class LiveViewerWidget(QWidget):
                     "pause_training": "training paused",
                     "resume_training": "training resumed",
                 }.get(cmd, "done")
+        self._show_message(f"{cmd}: {detail}", ok)
+
+    def _show_message(self, text: str, ok: bool) -> None:
         color = "#5d5" if ok else "#f55"
-        self.message_label.setText(f"<span style='color:{color}'>{cmd}: {detail}</span>")
+        self.message_label.setText(f"<span style='color:{color}'>{text}</span>")
         self.message_label.setTextFormat(Qt.TextFormat.RichText)

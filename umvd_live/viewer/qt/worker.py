@@ -2,7 +2,8 @@
 
 Frames and stats go through `LatestOnly` mailboxes: a signal is emitted only when the mailbox was
 empty, so a GUI slower than the stream sees the newest frames and never a growing queue of old
-ones. Command replies are rare and each matters, so they travel in the signal itself.
+ones; the frames a newer hand-over replaces unread count as not shown (`LiveSession.merge_unread`).
+Command replies are rare and each matters, so they travel in the signal itself.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from qtpy.QtCore import QThread, Signal
+from qtpy.QtCore import QThread, Signal, Slot
 
 from umvd_live.viewer.session import LatestOnly, LiveSession, LiveStats, SiteFrames, ViewerConfig
 
@@ -26,7 +27,7 @@ class SessionWorker(QThread):
         super().__init__(parent)
         self.config = config
         self.session = LiveSession(config)
-        self.frames: LatestOnly[SiteFrames] = LatestOnly()
+        self.frames: LatestOnly[SiteFrames] = LatestOnly(self.session.merge_unread)
         self.stats: LatestOnly[LiveStats] = LatestOnly()
         self._halt = threading.Event()
 
@@ -51,6 +52,7 @@ class SessionWorker(QThread):
         finally:
             self.session.close()
 
+    @Slot()  # connected to a widget's `destroyed`, whose argument it does not take
     def stop(self, timeout_ms: int = 3000) -> None:
         self._halt.set()
         self.wait(timeout_ms)
