@@ -149,6 +149,14 @@ class _Series:
             return {}
         return {axis: int(i) for axis, i in zip(self.lead_axes, np.unravel_index(plane, self.lead_shape))}
 
+    def recorded_page(self, plane: int) -> tifffile.TiffPage:
+        """A recording's page, read as a page of its own: tifffile leaves those past the OME-XML's
+        frames keyframe-less in the series."""
+        page = self.tif.pages.get(plane)
+        if not isinstance(page, tifffile.TiffPage):
+            raise MovieError(f"{self.path}: page {plane} is not a whole TIFF page")
+        return page
+
     def time_axis(self) -> str | None:
         return next((a for a in _SEQUENCE_AXES if a in self.lead_axes), None)
 
@@ -156,8 +164,7 @@ class _Series:
         if self.memmap is not None:
             image = np.asarray(self.memmap[plane])
         else:
-            # a recording's own pages: tifffile leaves those past the OME-XML's frames keyframe-less
-            page = self.tif.pages.get(plane) if self.recorded else self.series.pages[plane]
+            page = self.recorded_page(plane) if self.recorded else self.series.pages[plane]
             if page is None:
                 raise MovieError(f"{self.path}: plane {plane} of series {self.index} is missing from the file")
             image = page.asarray()
@@ -331,9 +338,10 @@ class TiffMovie:
     def _recorded_times(self) -> list[float] | None:
         """A umvd-live recording's frame times, from each page's `FRAME_TAG` (a killed one's OME-XML
         has no per-plane times, nor its last frames)."""
-        pages = self._series[self.series_index].tif.pages
-        rows = [json.loads(pages.get(p.plane).tags[FRAME_TAG].value) for p in self.planes]
-        times = [row.get("t") if row.get("t") is not None else row.get("t_received") for row in rows]  # `FrameInfo.time`
+        series = self._series[self.series_index]
+        rows = [json.loads(series.recorded_page(p.plane).tags[FRAME_TAG].value) for p in self.planes]
+        # as `FrameInfo.time`: the acquisition's time, else the time received
+        times = [row.get("t") if row.get("t") is not None else row.get("t_received") for row in rows]
         return None if any(t is None for t in times) else [float(t) for t in times]
 
     def _ome_times(self) -> list[float] | None:
