@@ -27,7 +27,7 @@ _STOP = object()
 @dataclass(frozen=True)
 class HandoffStats:
     """Counters of one hand-off: every offered frame ends up sent, dropped (here or by the
-    publisher), rejected, or still pending."""
+    publisher), undelivered, rejected, or still pending."""
 
     offered: int
     handoff_dropped: int  # refused because the queue was full
@@ -35,6 +35,8 @@ class HandoffStats:
     publisher_dropped: int  # refused by the publisher (its send queue full)
     rejected: int  # not encodable (e.g. a dtype protocol v1 does not carry); see the log
     pending: int  # still in the queue
+    undelivered: int  # sent while no daemon was subscribed (down, or restarting): discarded
+    ends_lost: int  # stream ends the publisher could not send (`FramePublisher.end`)
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,8 @@ class FrameHandoff:
         return True
 
     def end(self, stream: str | None = None) -> None:
-        """Queue the end of ``stream`` after its frames already queued (`FramePublisher.end`);
-        never blocks, never refused."""
+        """Queue the end of ``stream`` after its frames already queued (`FramePublisher.end`,
+        which may wait a little for room, here on the sender thread); never blocks, never refused."""
         self._queue.put(_End(stream))
 
     def _send_loop(self) -> None:
@@ -144,6 +146,8 @@ class FrameHandoff:
             publisher_dropped=self.publisher.dropped,
             rejected=rejected,
             pending=self._queued_frames,
+            undelivered=self.publisher.undelivered,
+            ends_lost=self.publisher.ends_lost,
         )
 
     def __enter__(self) -> FrameHandoff:

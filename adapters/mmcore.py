@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -43,7 +43,7 @@ from umvd_live.wire.acqmeta import (
     iso_datetime,
     positive,
 )
-from umvd_live.wire.axes import StreamAxes, StreamNumbering, channel_parts, split_index
+from umvd_live.wire.axes import ChannelParts, StreamAxes, StreamNumbering, split_index
 
 if TYPE_CHECKING:
     from pymmcore_plus import CMMCorePlus
@@ -57,15 +57,17 @@ def _plain_index(index: Any) -> dict[str, int]:
     return {str(getattr(k, "value", k)): int(v) for k, v in dict(index).items()}
 
 
-def event_axes(group: str, event: MDAEvent, parts: Sequence[str] = ()) -> StreamAxes:
+def event_axes(group: str, event: MDAEvent, parts: ChannelParts | None = None) -> StreamAxes:
     """The stream of an MDA event (`umvd_live.wire.axes`): its non-time indices, its channel
-    preset's name and its position's name. ``parts``: the MDA's `channel_parts`, which tell apart
-    channels of one preset (one preset at two exposures is two channels)."""
+    preset's name and its position's name. ``parts``: the MDA's, which tell apart channels of one
+    preset (one preset at two exposures is two channels). The channel is the event's own (preset,
+    ``c``): an MDA run from a list of events has no channel list, and a position's sub-sequence
+    numbers its own channels."""
     _, index = split_index(_plain_index(event.index))
     channel = event.channel.config if event.channel is not None else None
     c = index.get("c")
     return StreamAxes(group, index, channel=channel, position=event.pos_name or None,
-                      channel_part=parts[c] if c is not None and c < len(parts) else None)
+                      channel_part=parts.part(channel, c) if parts is not None and c is not None else None)
 
 
 class MMCoreSource:
@@ -86,7 +88,7 @@ class MMCoreSource:
         self._streams_seen: dict[str, None] = {}  # an ordered set
         self._axes: dict[tuple, StreamAxes] = {}
         self._sequence_meta: dict[str, Any] = {}  # of the MDA running now (`_on_sequence_started`)
-        self._channel_parts: list[str] = []  # its channels' parts of the stream names (`channel_parts`)
+        self._channel_parts = ChannelParts()  # its channels' parts of the stream names
         self._attached = False
 
     def attach(self) -> MMCoreSource:
@@ -108,8 +110,11 @@ class MMCoreSource:
         if interval is not None and interval.total_seconds() > 0:
             meta[INTERVAL_MS] = interval.total_seconds() * 1e3
         self._sequence_meta = meta
-        channels = getattr(sequence, "channels", None) or ()
-        self._channel_parts = channel_parts([getattr(ch, "config", None) for ch in channels])
+        # The sequence's own channels first, so that their names do not depend on which position
+        # comes first; other channels (a list of events, a position's sub-sequence) as they appear.
+        self._channel_parts = ChannelParts()
+        for c, channel in enumerate(getattr(sequence, "channels", None) or ()):
+            self._channel_parts.part(getattr(channel, "config", None), c)
         self._axes.clear()  # this MDA's channels name its streams
 
     def _stream_axes(self, event: MDAEvent) -> StreamAxes:
@@ -177,31 +182,42 @@ class MMCoreSource:
 class ImageNumberTracker:
     """Turns the core's ``ImageNumber`` tags, seen by polling, into new-image decisions and ``seq``.
 
-    The same number seen again is not new; a jump counts the images that went by between polls;
-    a smaller number means the sequence was restarted, and ``seq`` starts again from 0.
+    An image is its (``ImageNumber``, time stamp): the same seen again is not new; a jump counts
+    the images that went by between polls; a number not greater than the last one's starts a new
+    sequence (``restarts``), whose ``seq`` is its ``ImageNumber`` (images missed before the first
+    one seen count as skipped). The first image ever seen, of a sequence running since who knows
+    when, starts ``seq`` at 0.
     """
 
     def __init__(self) -> None:
         self.last: int | None = None
         self.base = 0
         self.skipped = 0
+        self.restarts = 0  # new sequences seen after the first image (live mode stopped and started)
+        self._last_image: tuple[int, Any] | None = None
         self._primed = False
 
-    def prime(self, number: int | None) -> None:
+    def prime(self, number: int | None, stamp: Any = None) -> None:
         """The image already in the buffer when the tap starts (an earlier sequence's last one):
-        not new, and the next image starts ``seq`` from 0."""
+        not new. The next image starts ``seq`` from 0, or from its own number when it starts a new
+        sequence (a number not greater than this one's; the same number with another ``stamp``)."""
         if number is not None:
-            self.last, self._primed = number, True
+            self.last, self._last_image, self._primed = number, (number, stamp), True
 
-    def seq_for(self, number: int) -> int | None:
-        """``seq`` for a newly seen image, or None when ``number`` was seen last time."""
-        if number == self.last:
+    def seq_for(self, number: int, stamp: Any = None) -> int | None:
+        """``seq`` for a newly seen image, or None when it is the image seen last time. ``stamp``
+        (its ``TimeReceivedByCore``) tells a new sequence's image from an old one of that number."""
+        if (number, stamp) == self._last_image:
             return None
-        if self.last is None or number < self.last or self._primed:
+        if self.last is not None and number <= self.last:  # a new sequence, numbered from 0
+            self.base, self._primed = 0, False
+            self.skipped += number
+            self.restarts += 1
+        elif self.last is None or self._primed:
             self.base, self._primed = number, False
         elif number > self.last + 1:
             self.skipped += number - self.last - 1
-        self.last = number
+        self.last, self._last_image = number, (number, stamp)
         return number - self.base
 
 
@@ -241,6 +257,15 @@ def elapsed_seconds(tags: dict[str, Any]) -> float | None:
         return None
 
 
+def log_failure_once(seen: set[str], what: str, exc: Exception) -> None:
+    """Log ``exc`` with its traceback the first time its kind (type and message) is seen: a tap
+    polls every few milliseconds, and one lasting fault must not flood the log."""
+    kind = f"{type(exc).__name__}: {exc}"
+    if kind not in seen:
+        seen.add(kind)
+        log.error("%s (%s); polling on (logged once)", what, kind, exc_info=exc)
+
+
 @dataclass(frozen=True)
 class LiveTapStats:
     published: int  # new images handed to the publisher
@@ -249,7 +274,11 @@ class LiveTapStats:
 
 
 class LiveTap:
-    """Follows live mode by polling the newest image; never pops the core's circular buffer."""
+    """Follows live mode by polling the newest image; never pops the core's circular buffer.
+
+    Live mode stopped and started again (a new sequence of ``ImageNumber``) is a new stream: the
+    old one is ended first. Exposure and pixel size are read from the core at each start and when
+    the core says they changed (``events.exposureChanged``, ``pixelSizeChanged``)."""
 
     def __init__(self, core: CMMCorePlus, publisher: FramePublisher, *, poll_interval_s: float = 0.001):
         self.core = core
@@ -258,17 +287,25 @@ class LiveTap:
         self.published = 0
         self._ended_after = 0  # images published when the stream was last ended
         self.errors = 0
+        self._failures: set[str] = set()  # kinds of failed polls logged
         self.numbers = ImageNumberTracker()
-        self._live_meta: dict[str, Any] = {}  # read from the core at `start`
+        self._live_meta: dict[str, Any] = {}  # read from the core (`_read_live_meta`)
+        self._meta_changed = threading.Event()  # set by the core's signals, on whatever thread
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _read_live_meta(self) -> dict[str, Any]:
-        """Live mode's tags carry no pixel size or exposure: read them from the core once, with
-        the time the tap started following as the acquisition's start."""
+    def _read_live_meta(self, started: bool) -> None:
+        """Live mode's tags carry no pixel size or exposure: read them from the core. ``started``:
+        a sequence starts, and now is its acquisition start."""
+        self._meta_changed.clear()
         meta = frame_meta({PIXEL_SIZE_UM: self.core.getPixelSizeUm(), EXPOSURE_MS: self.core.getExposure()})
-        meta[ACQUISITION_DATETIME] = datetime.now().astimezone().isoformat(timespec="milliseconds")
-        return meta
+        start = datetime.now().astimezone().isoformat(timespec="milliseconds") if started else \
+            self._live_meta.get(ACQUISITION_DATETIME)
+        self._live_meta = meta | {ACQUISITION_DATETIME: start}
+
+    def _on_meta_changed(self, *_: Any) -> None:
+        # Emitted on the thread that changed the setting (the user's, a GUI's): only a flag here.
+        self._meta_changed.set()
 
     def _newest(self) -> tuple[np.ndarray, dict[str, Any], int] | None:
         """The buffer's newest image, its tags and its ``ImageNumber``; None when there is none."""
@@ -292,9 +329,15 @@ class LiveTap:
         if newest is None:
             return False
         image, tags, number = newest
-        seq = self.numbers.seq_for(number)
+        restarts = self.numbers.restarts
+        seq = self.numbers.seq_for(number, tags.get("TimeReceivedByCore"))
         if seq is None:
             return False
+        if self.numbers.restarts != restarts:  # live mode was started again: a new stream
+            self._end_stream()
+            self._read_live_meta(started=True)
+        elif self._meta_changed.is_set():
+            self._read_live_meta(started=False)
         meta = {"source": "pymmcore-plus-live", "image_number": number, **self._live_meta}
         if tags.get("Camera"):
             meta[CAMERA_DEVICE] = str(tags["Camera"])
@@ -306,9 +349,9 @@ class LiveTap:
         while not self._stop.is_set():
             try:
                 published = self.poll_once()
-            except Exception:  # a tap must never die silently while the microscope runs on
-                log.exception("live tap: polling the core failed; polling on")
+            except Exception as exc:  # a tap must never die silently while the microscope runs on
                 self.errors += 1
+                log_failure_once(self._failures, "live tap: polling the core failed", exc)
                 published = False
             if not published:
                 self._stop.wait(self.poll_interval_s)
@@ -316,8 +359,11 @@ class LiveTap:
     def start(self) -> LiveTap:
         if self._thread is None:
             newest = self._newest()
-            self.numbers.prime(newest[2] if newest is not None else None)
-            self._live_meta = self._read_live_meta()
+            if newest is not None:
+                self.numbers.prime(newest[2], newest[1].get("TimeReceivedByCore"))
+            self.core.events.exposureChanged.connect(self._on_meta_changed)
+            self.core.events.pixelSizeChanged.connect(self._on_meta_changed)
+            self._read_live_meta(started=True)
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="umvd-live-tap", daemon=True)
             self._thread.start()
@@ -328,10 +374,15 @@ class LiveTap:
         if self._thread is not None:
             self._thread.join(5.0)
             self._thread = None
-        if self.published > self._ended_after:  # we stop following: the daemon hands out the last outputs now
+            self.core.events.exposureChanged.disconnect(self._on_meta_changed)
+            self.core.events.pixelSizeChanged.disconnect(self._on_meta_changed)
+        self._end_stream()  # we stop following: the daemon hands out the last outputs now
+        return self.stats()
+
+    def _end_stream(self) -> None:
+        if self.published > self._ended_after:
             self.publisher.end()
             self._ended_after = self.published
-        return self.stats()
 
     def stats(self) -> LiveTapStats:
         return LiveTapStats(self.published, self.numbers.skipped, self.publisher.dropped)
@@ -414,10 +465,30 @@ def load_sequence(path: str | Path) -> MDASequence:
         raise ValueError(f"{path}: not a valid useq-schema MDA sequence ({exc})") from None
 
 
-def run_mda(core: CMMCorePlus, sequence: MDASequence) -> None:
-    """Run an MDA on ``core`` and wait for it (Ctrl-C cancels it cleanly)."""
+class MDAFailed(RuntimeError):
+    """An MDA ended with an error (pymmcore-plus ``FinishReason.ERRORED``: a device raised)."""
+
+
+def run_mda(core: CMMCorePlus, sequence: Iterable[MDAEvent]) -> None:
+    """Run an MDA (a sequence, or a list of events) on ``core`` and wait for it (Ctrl-C cancels
+    it cleanly).
+
+    Raises `MDAFailed` when the MDA ended with an error: pymmcore-plus ends the run (its
+    ``sequenceFinished`` too) and re-raises the error on the MDA's own thread, where nobody would
+    see it. The runner runs on a thread of ours, as ``core.run_mda`` does, to catch it there."""
+    failures: list[Exception] = []
+
+    def run() -> None:
+        try:
+            core.mda.run(sequence)
+        except Exception as exc:
+            failures.append(exc)
+
+    if core.mda.is_running():
+        raise ValueError("Cannot start an MDA while the previous MDA is still running.")
     with shutter_workaround(core):
-        thread = core.run_mda(sequence)
+        thread = threading.Thread(target=run, name="umvd-mda")
+        thread.start()
         try:
             while thread.is_alive():
                 thread.join(0.2)
@@ -425,6 +496,8 @@ def run_mda(core: CMMCorePlus, sequence: MDASequence) -> None:
             core.mda.cancel()
             thread.join(10)
             raise
+    if failures:
+        raise MDAFailed(f"the MDA failed: {type(failures[0]).__name__}: {failures[0]}") from failures[0]
 
 
 def run_live(core: CMMCorePlus, tap: LiveTap, frames: int | None, interval_ms: float = 0.0) -> None:

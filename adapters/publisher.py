@@ -1,8 +1,12 @@
 """The one publisher every frame source uses to speak protocol v1 to the daemon's input.
 
-It never blocks the caller: a full send queue (the daemon gone, or far behind) drops the frame and
-counts it, because the acquisition is sacred. It uses an XPUB socket so that `wait_for_subscriber`
-can see the daemon's subscription arrive: plain PUB silently discards frames sent before that.
+It never blocks the caller with a frame: a full send queue (the daemon far behind) drops the frame
+and counts it, because the acquisition is sacred. It uses an XPUB socket so that it sees the
+daemon's subscription come and go: plain PUB silently discards frames sent while nobody is
+subscribed (before the daemon's subscription arrives, or after it went down), and those are counted
+as `undelivered`. A stream's end (`end`) may wait a little for room (`END_WAIT_S`): it is one small
+message per stream, sent when the acquisition is over, and without it the daemon keeps the
+stream's last outputs until its shutdown.
 For a daemon that requires CURVE (a remote GPU workstation, docs/security.md), give the client's
 key pair and the daemon's public key: a refused key never sees the subscription, so
 `wait_for_subscriber` returns False.
@@ -20,6 +24,8 @@ import zmq
 from umvd_live.wire.protocol import encode_end, encode_frame
 
 DEFAULT_INPUT = "tcp://127.0.0.1:5555"
+#: How long `FramePublisher.end` waits for room in a full send queue.
+END_WAIT_S = 1.5
 
 
 class FramePublisher:
@@ -42,8 +48,12 @@ class FramePublisher:
         self.stream = stream
         self.endpoint = endpoint
         self._next_seq: dict[str, int] = {}
-        self.sent = 0
-        self.dropped = 0
+        self.sent = 0  # frames the socket took, with a subscriber to take them
+        self.dropped = 0  # frames refused: the send queue was full
+        self.undelivered = 0  # frames sent while no subscriber wanted their stream: discarded
+        self.ends_lost = 0  # stream ends refused even after waiting `END_WAIT_S`, or with no subscriber
+        self._topics: set[bytes] = set()  # the prefixes subscribed to now
+        self._stalled = False  # an end timed out, and nothing went out since
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.XPUB)
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)
@@ -51,7 +61,11 @@ class FramePublisher:
         # says so (EAGAIN), and the frame is counted in `dropped` (it read 0 with frames lost).
         self._sock.setsockopt(zmq.XPUB_NODROP, 1)
         self._sock.setsockopt(zmq.LINGER, 2000)
-        self._subscribed = False
+        self._sock.setsockopt(zmq.SNDTIMEO, int(END_WAIT_S * 1000))  # only `end` sends blocking
+        # Queue only to a connected daemon: when its connection goes, so does its subscription
+        # (`undelivered` counts from then on) instead of frames piling up for a daemon that may
+        # never come back, lost at `close` without a count.
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)
         if (client_key is None) != (server_key is None):
             self._sock.close(linger=0)
             raise ValueError("CURVE needs both client_key (NAME.key_secret) and server_key (the daemon's .key)")
@@ -70,16 +84,27 @@ class FramePublisher:
 
     def wait_for_subscriber(self, timeout_s: float = 5.0) -> bool:
         """Block until a subscriber (the daemon) has subscribed, or the timeout passes."""
-        if self._subscribed:
-            return True
         deadline = time.monotonic() + timeout_s
-        while (left := deadline - time.monotonic()) > 0:
+        self._read_subscriptions()
+        while not self._topics and (left := deadline - time.monotonic()) > 0:
             if self._sock.poll(int(left * 1000), zmq.POLLIN):
-                msg = self._sock.recv()
-                if msg[:1] == b"\x01":
-                    self._subscribed = True
-                    return True
-        return False
+                self._read_subscriptions()
+        return bool(self._topics)
+
+    def _read_subscriptions(self) -> None:
+        """Take in the (un)subscriptions the XPUB socket has queued, without waiting: one per
+        prefix, when its first subscriber comes (``0x01``) and when its last one goes (``0x00``,
+        also when the daemon's connection closes)."""
+        while self._sock.poll(0, zmq.POLLIN):
+            msg = self._sock.recv(zmq.NOBLOCK)
+            if msg[:1] == b"\x01":
+                self._topics.add(msg[1:])
+            elif msg[:1] == b"\x00":
+                self._topics.discard(msg[1:])
+
+    def _subscribed(self, stream: str) -> bool:
+        topic = stream.encode()
+        return any(topic.startswith(prefix) for prefix in self._topics)
 
     @property
     def seq(self) -> int:
@@ -96,7 +121,8 @@ class FramePublisher:
         stream: str | None = None,
     ) -> bool:
         """Send one frame of ``stream`` (default: this publisher's) without blocking. Returns
-        False (and counts a drop) if it could not go.
+        False if it could not go (counted in `dropped`) or nobody was subscribed to take it
+        (counted in `undelivered`).
 
         ``seq`` lets a source send the frame's own acquisition number, so that frames lost before
         the publisher (e.g. in a source's hand-off queue) show up as gaps at the daemon; numbering
@@ -106,23 +132,41 @@ class FramePublisher:
         number = self._next_seq.get(name, 0) if seq is None else seq
         parts = encode_frame(name, image, number, t=t, meta=meta)
         self._next_seq[name] = number + 1
-        return self._send(parts)
-
-    def end(self, stream: str | None = None) -> bool:
-        """Tell the daemon that ``stream`` (default: this publisher's) is over, so that it hands
-        out the stream's last outputs now (protocol `StreamEnd`); its numbering starts from 0 again."""
-        name = self.stream if stream is None else stream
-        return self._send(encode_end(name, self._next_seq.pop(name, 0)), count=False)
-
-    def _send(self, parts: list, count: bool = True) -> bool:
+        self._read_subscriptions()
         try:
             self._sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            if count:
-                self.dropped += 1
+            self.dropped += 1
             return False
-        if count:
-            self.sent += 1
+        self._stalled = False
+        if not self._subscribed(name):
+            self.undelivered += 1
+            return False
+        self.sent += 1
+        return True
+
+    def end(self, stream: str | None = None) -> bool:
+        """Tell the daemon that ``stream`` (default: this publisher's) is over, so that it hands
+        out the stream's last outputs now (protocol `StreamEnd`); its numbering starts from 0 again.
+
+        Call it from the thread that sends (a hand-off's sender, a tap's, after an acquisition):
+        when the send queue is full it waits up to `END_WAIT_S` for room, then counts the end in
+        `ends_lost`, as one sent while no daemon was subscribed. After one timed out, the next ends
+        are only tried until something goes out again (the daemon is stuck: one wait per stream of
+        a large MDA would add up)."""
+        name = self.stream if stream is None else stream
+        parts = encode_end(name, self._next_seq.pop(name, 0))
+        self._read_subscriptions()
+        try:
+            self._sock.send_multipart(parts, flags=zmq.NOBLOCK if self._stalled else 0, copy=False)
+        except zmq.Again:
+            self.ends_lost += 1
+            self._stalled = True
+            return False
+        self._stalled = False
+        if not self._subscribed(name):
+            self.ends_lost += 1
+            return False
         return True
 
     def restart_sequence(self) -> None:

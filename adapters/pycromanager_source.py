@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from umvd_live.adapters.handoff import FrameHandoff, HandoffStats
-from umvd_live.adapters.mmcore import ImageNumberTracker, elapsed_seconds, tags_meta
+from umvd_live.adapters.mmcore import ImageNumberTracker, elapsed_seconds, log_failure_once, tags_meta
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.wire.acqmeta import ACQUISITION_DATETIME
 from umvd_live.wire.axes import StreamAxes, StreamNumbering, channel_parts, name_part
@@ -299,7 +299,9 @@ def run_owner_acquisition(
     z, positions).
 
     With ``directory`` the raw data is saved there (NDTiff) by pycromanager itself. Returns the
-    dataset pycromanager wrote or holds.
+    dataset pycromanager wrote or holds. Ctrl-C aborts the acquisition (its pending events are
+    dropped) and waits for what is under way to finish, then raises KeyboardInterrupt:
+    ``Acquisition.__exit__`` would acquire every event first.
     """
     from pycromanager import Acquisition, multi_d_acquisition_events
 
@@ -315,8 +317,29 @@ def run_owner_acquisition(
         port=port,
         show_display=False,
     )
-    with acq:
-        acq.acquire(events)
+    acq.acquire(events)
+    acq.mark_finished()
+    # pycromanager waits uninterruptibly (its threads are joined in a `finally`): wait on a thread
+    # of ours, so that Ctrl-C reaches this one and can abort the acquisition.
+    failures: list[Exception] = []
+
+    def await_completion() -> None:
+        try:
+            acq.await_completion()
+        except Exception as exc:  # pycromanager's own (hook, hardware) errors: raised below
+            failures.append(exc)
+
+    waiter = threading.Thread(target=await_completion, name="umvd-acq-wait", daemon=True)
+    waiter.start()
+    try:
+        while waiter.is_alive():
+            waiter.join(0.2)
+    except KeyboardInterrupt:
+        acq.abort()
+        waiter.join()
+        raise
+    if failures:
+        raise failures[0]
     return acq.get_dataset()
 
 
@@ -326,13 +349,17 @@ class TapStats:
     skipped: int  # images that went by between two polls
     errors: int  # failed polls (Micro-Manager busy or gone)
     publisher_dropped: int
+    rejected: int  # new images that could not be published (a pixel type protocol v1 does not carry...); see the log
+    undelivered: int  # published while no daemon was subscribed
 
 
 class TaggedImageTap:
     """Publishes each new image of the GUI's live mode or MDA, seen by polling the last image.
 
     Images whose tags carry acquisition axes (`axes_of_tags`: the GUI's MDA) go to a stream per
-    (position, channel, z); live mode's images, without such tags, to the publisher's stream."""
+    (position, channel, z); live mode's images, without such tags, to the publisher's stream, which
+    is ended when live mode starts again. An image that cannot be published is counted
+    (``rejected``) and logged once per kind: the tap goes on while the microscope does."""
 
     def __init__(self, core: Any, publisher: FramePublisher, *, poll_interval_s: float = 0.01,
                  group: str | None = None):
@@ -345,6 +372,8 @@ class TaggedImageTap:
         self._live_images = 0  # published to the publisher's own stream since it was last ended
         self.published = 0
         self.errors = 0
+        self.rejected = 0
+        self._failures: set[str] = set()  # kinds of rejected images logged
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -368,9 +397,12 @@ class TaggedImageTap:
         if newest is None:
             return False
         tagged, tags, number = newest
-        seq = self.numbers.seq_for(number)
+        restarts = self.numbers.restarts
+        seq = self.numbers.seq_for(number, tags.get("TimeReceivedByCore"))
         if seq is None:
             return False
+        if self.numbers.restarts != restarts:
+            self._end_live_stream()  # live mode started again: a new stream
         image = to_image(tagged.pix, tags)
         meta: dict[str, Any] = {"source": "pycromanager-tap", "image_number": number, **tags_meta(tags)}
         stream = None
@@ -388,13 +420,24 @@ class TaggedImageTap:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            if not self.poll_once():
+            try:
+                published = self.poll_once()
+            except Exception as exc:  # one image we cannot publish must not end the tap
+                self.rejected += 1
+                log_failure_once(self._failures, "tap: an image could not be published", exc)
+                published = False
+            if not published:
                 self._stop.wait(self.poll_interval_s)
+
+    def is_alive(self) -> bool:
+        """Whether the tap is following (started, and its thread running)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> TaggedImageTap:
         if self._thread is None:
             newest = self._newest()
-            self.numbers.prime(newest[2] if newest is not None else None)
+            if newest is not None:
+                self.numbers.prime(newest[2], newest[1].get("TimeReceivedByCore"))
             self.errors = 0  # an empty buffer at the start is no failed poll
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="umvd-mm-tap", daemon=True)
@@ -408,11 +451,17 @@ class TaggedImageTap:
             self._thread = None
         # We stop following: the daemon hands out the last outputs of what we published now.
         streams = self.numbering.streams
-        for stream in streams + ([self.publisher.stream] if self._live_images else []):
+        for stream in streams:
             self.publisher.end(stream)
         self.numbering.forget(streams)
-        self._live_images = 0
-        return TapStats(self.published, self.numbers.skipped, self.errors, self.publisher.dropped)
+        self._end_live_stream()
+        return TapStats(self.published, self.numbers.skipped, self.errors, self.publisher.dropped, self.rejected,
+                        self.publisher.undelivered)
+
+    def _end_live_stream(self) -> None:
+        if self._live_images:
+            self.publisher.end()
+            self._live_images = 0
 
 
 def to_image(pix: Any, tags: dict[str, Any]) -> np.ndarray:

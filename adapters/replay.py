@@ -110,7 +110,7 @@ class ReplayConfig:
 @dataclass(frozen=True)
 class ReplayStats:
     published: int
-    dropped: int  # refused by the publisher (queue full)
+    dropped: int  # refused by the publisher (queue full), or sent while no daemon was subscribed
     loops: int  # passes started over the file
     late_max_s: float  # worst lateness of a frame against its due time
     elapsed_s: float

@@ -963,7 +963,7 @@ class StreamResult:
 
     frames: int = 0  # frames generated and handed to the publisher
     sent: int = 0
-    dropped: int = 0  # refused by the publisher (queue full): the acquisition did not wait
+    dropped: int = 0  # refused by the publisher (queue full), or sent with no subscriber: the acquisition did not wait
     late: int = 0  # frames published after their due time (the generator could not keep up)
     elapsed_s: float = 0.0
     subscribed: bool = False
@@ -988,7 +988,9 @@ def stream_simulation(
     ``t`` (seconds since the start, when it was published) and ``meta`` with its source. The
     ground truth is kept (``keep_clean``) or handed to ``on_frame(seq, noisy, clean)``, for a
     caller's quality summary. Waits up to ``wait_subscriber_s`` for a subscriber first, because a
-    publisher's frames sent before the subscription arrives are lost.
+    publisher's frames sent before the subscription arrives are lost. When it stops (``frames``,
+    ``stop``, or an exception such as Ctrl-C) the stream is ended (protocol `StreamEnd`), so the
+    daemon hands out its last outputs at once instead of at its shutdown.
     """
     rate = float(rate_hz or config.rate_hz)
     if rate <= 0:
@@ -1003,28 +1005,32 @@ def stream_simulation(
     period = 1.0 / rate
     start = time.monotonic()
     i = 0
-    while (frames is None or i < frames) and not (stop is not None and stop.is_set()):
-        noisy, clean = sim.next_frame()
-        due = start + i * period
-        wait = due - time.monotonic()
-        if wait > 0:
-            if stop is not None:
-                if stop.wait(wait):
-                    break
+    try:
+        while (frames is None or i < frames) and not (stop is not None and stop.is_set()):
+            noisy, clean = sim.next_frame()
+            due = start + i * period
+            wait = due - time.monotonic()
+            if wait > 0:
+                if stop is not None:
+                    if stop.wait(wait):
+                        break
+                else:
+                    time.sleep(wait)
+            elif wait < -period:
+                result.late += 1
+            seq = publisher.seq
+            if publisher.publish(noisy, t=time.monotonic() - start, meta=meta):
+                result.sent += 1
             else:
-                time.sleep(wait)
-        elif wait < -period:
-            result.late += 1
-        seq = publisher.seq
-        if publisher.publish(noisy, t=time.monotonic() - start, meta=meta):
-            result.sent += 1
-        else:
-            result.dropped += 1
-        if keep_clean:
-            result.clean[seq] = clean
-        if on_frame is not None:
-            on_frame(seq, noisy, clean)
-        i += 1
+                result.dropped += 1
+            if keep_clean:
+                result.clean[seq] = clean
+            if on_frame is not None:
+                on_frame(seq, noisy, clean)
+            i += 1
+    finally:
+        if publisher.seq > 0:  # frames went out since the stream was last ended
+            publisher.end()
     result.frames = i
     result.elapsed_s = time.monotonic() - start
     return result

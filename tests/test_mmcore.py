@@ -18,19 +18,20 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from useq import MDASequence
+from useq import MDAEvent, MDASequence
 
 from umvd_live.adapters.handoff import FrameHandoff
 from umvd_live.adapters.mmcore import (
     ImageNumberTracker,
     LiveTap,
+    MDAFailed,
     MMCoreSource,
     load_core,
     run_mda,
     time_lapse,
 )
 from umvd_live.adapters.publisher import FramePublisher
-from umvd_live.adapters.pycamera import render
+from umvd_live.adapters.pycamera import FocusStage, render
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -432,6 +433,84 @@ def test_image_number_tracker_skips_the_image_left_in_the_buffer():
     assert [numbers.seq_for(n) for n in (452, 452, 453, 456)] == [0, None, 1, 4]
     assert numbers.skipped == 2
     assert numbers.seq_for(0) == 0  # a new sequence restarts the numbering
+    assert numbers.restarts == 1
+    assert numbers.seq_for(3) == 3 and numbers.skipped == 2 + 2  # 1 and 2 went by
+    assert numbers.seq_for(2) == 2 and numbers.skipped == 4 + 2  # restarted again: 0 and 1 went by
+    assert numbers.restarts == 2
+
+
+def test_image_number_tracker_tells_a_new_image_from_the_leftover_of_that_number():
+    """A 1-image sequence left image 0 in the buffer; live mode's own image 0 (another time stamp)
+    is new, and the first image of a new run seen late counts the ones before it as skipped."""
+    numbers = ImageNumberTracker()
+    numbers.prime(0, "10:00:00.000")
+    assert numbers.seq_for(0, "10:00:00.000") is None
+    assert numbers.seq_for(0, "10:00:05.000") == 0 and numbers.skipped == 0
+    numbers = ImageNumberTracker()
+    numbers.prime(7, "10:00:00.000")
+    assert numbers.seq_for(2, "10:00:05.000") == 2 and numbers.skipped == 2  # images 0, 1 went by
+
+
+def test_live_tap_publishes_image_0_of_a_run_after_a_one_image_sequence(core, receiver):
+    core.startSequenceAcquisition(1, 0, True)  # leaves its image 0 in the buffer
+    deadline = time.monotonic() + 20
+    while core.isSequenceRunning() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    core.setExposure(30.0)  # slow frames: polling sees every one, even on a loaded machine
+    pub = connected_publisher(receiver.endpoint)
+    tap = LiveTap(core, pub).start()
+    core.startContinuousSequenceAcquisition(0)
+    while tap.published < 3 and time.monotonic() < deadline + 20:
+        time.sleep(0.01)
+    core.stopSequenceAcquisition()
+    stats = tap.stop()
+    frames = receiver.wait_for(stats.published)
+    pub.close()
+    numbers = [f.header.meta["image_number"] for f in frames]
+    assert numbers[0] == 0 and frames[0].header.seq == 0
+    assert [f.header.seq for f in frames] == numbers  # seq is the run's own ImageNumber
+    assert stats.skipped == numbers[-1] + 1 - len(numbers)
+
+
+def test_live_tap_reads_exposure_again_and_ends_the_stream_when_live_restarts(core, receiver):
+    """The user changes the exposure (between two live runs, or during one): frames carry the new
+    one; a restarted live run is a new stream, the old one ended first. The change during a run is
+    announced by emitting the core's own ``exposureChanged``, which pymmcore-plus emits for C++
+    cameras only."""
+    pub = connected_publisher(receiver.endpoint)
+    core.setExposure(3.0)
+    tap = LiveTap(core, pub, poll_interval_s=0.0005).start()
+
+    def wait_published(count: int) -> None:
+        deadline = time.monotonic() + 30
+        while tap.published < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    core.startContinuousSequenceAcquisition(0)
+    wait_published(5)
+    core.stopSequenceAcquisition()
+    first_run = tap.published
+    core.setExposure(4.0)
+    core.startContinuousSequenceAcquisition(0)
+    wait_published(first_run + 5)
+    core.setExposure(5.0)  # during the run; then the signal a core emits for a C++ camera (MMCore's
+    core.events.exposureChanged.emit("Cam", 5.0)  # onExposureChanged): UniMMCore 0.18.1 has none for a Python one
+    wait_published(tap.published + 5)
+    core.stopSequenceAcquisition()
+    stats = tap.stop()
+    frames = receiver.wait_for(stats.published)
+    pub.close()
+    numbers = [f.header.meta["image_number"] for f in frames]
+    restarts = [i for i in range(1, len(numbers)) if numbers[i] <= numbers[i - 1]]
+    assert len(restarts) == 1  # two runs (the tap may see a run's last image after we stopped it)
+    first, second = frames[:restarts[0]], frames[restarts[0]:]
+    assert {f.header.meta["exposure_ms"] for f in first} == {3.0}
+    assert {f.header.meta["exposure_ms"] for f in second} == {4.0, 5.0}
+    assert second[-1].header.meta["exposure_ms"] == 5.0
+    assert second[0].header.seq == second[0].header.meta["image_number"]
+    # the first run was ended before the second began, with the seq its next frame would have had
+    assert [(e.stream, e.seq) for e in receiver.ends] == [("cam0", first[-1].header.seq + 1),
+                                                          ("cam0", second[-1].header.seq + 1)]
 
 
 def test_one_preset_at_two_exposures_is_two_streams(tmp_path, receiver):
@@ -446,3 +525,63 @@ def test_one_preset_at_two_exposures_is_two_streams(tmp_path, receiver):
         assert [f.header.seq for f in got] == [0, 1, 2]
         assert [f.header.meta["index"] for f in got] == [{"t": t, "c": c} for t in range(3)]
         assert {f.header.meta["channel"] for f in got} == {"Bright"}  # the preset's own name, as given
+
+
+def test_an_event_list_gives_each_channel_index_its_own_stream(tmp_path, receiver):
+    """A user's script runs a list of MDAEvents (no sequence, so no channel list at the start): one
+    preset at two exposures, c=0 and c=1, is still two streams."""
+    events = [MDAEvent(index={"t": t, "c": c}, channel={"config": "Bright"}, exposure=1 + c)
+              for t in range(3) for c in range(2)]
+    source, frames = run_multichannel_mda(tmp_path, receiver, events, 6)
+    assert source.streams_seen == ["cam0.Bright", "cam0.Bright_c1"]
+    for c, name in enumerate(source.streams_seen):
+        got = [f for f in frames if f.stream == name]
+        assert [f.header.meta["index"] for f in got] == [{"t": t, "c": c} for t in range(3)]
+        assert [f.header.seq for f in got] == [0, 1, 2]
+
+
+def test_a_positions_own_channels_name_its_streams(tmp_path, receiver):
+    """A position with a sub-sequence numbers its own channels: its c=0 is Bright there, and its
+    stream is named after Bright, not after the top-level sequence's c=0 (Dim)."""
+    sequence = MDASequence(channels=["Dim", "Bright"], time_plan={"interval": 0, "loops": 2}, stage_positions=[
+        {"name": "A", "sequence": {"channels": ["Bright"]}}, {"name": "B"}])
+    source, frames = run_multichannel_mda(tmp_path, receiver, sequence, 6)
+    assert sorted(source.streams_seen) == ["cam0.p0.Bright_c0", "cam0.p1.Bright", "cam0.p1.Dim"]
+    for f in frames:
+        assert f.stream.split(".")[2].split("_")[0] == f.header.meta["channel"]
+        assert (f.pixels.mean() > 100) == (f.header.meta["channel"] == "Bright")  # the frame is that channel's
+
+
+class JammingStage(FocusStage):
+    """A focus drive that fails above 1 µm, as a jammed one would mid-z-stack."""
+
+    def set_position_um(self, val: float) -> None:
+        if val > 1:
+            raise RuntimeError("stage jammed")
+        super().set_position_um(val)
+
+
+def test_a_device_error_fails_the_mda_and_the_command(tmp_path, receiver, capsys):
+    """pymmcore-plus ends the MDA and re-raises a device's error on its own thread: `run_mda`
+    raises it, and `acquire` says so after its summary and exits 1."""
+    from umvd_live.apps.acquire import AcquireConfig, PublishConfig, run
+
+    cfg = write_config(tmp_path / "MMConfig.cfg")
+    with open(cfg, "a") as f:
+        f.write(f"#py pyDevice,Z,{__name__},JammingStage\n#py Property,Core,Focus,Z\n")
+    sequence = MDASequence(z_plan={"range": 4, "step": 1}, time_plan={"interval": 0, "loops": 2})
+    core = load_core(cfg)
+    pub = connected_publisher(receiver.endpoint)
+    with MMCoreSource(core, pub) as source, pytest.raises(MDAFailed, match="stage jammed"):
+        run_mda(core, sequence)
+    pub.close()
+    assert source.frames_seen == 4  # z -2..1, then the stage failed
+    assert not core.mda.is_running()
+
+    (tmp_path / "mda.yaml").write_text("z_plan: {range: 4, step: 1}\ntime_plan: {interval: 0, loops: 2}\n")
+    status = run(AcquireConfig(source="pymmcore-plus", mda=str(tmp_path / "mda.yaml"), mm_config=str(cfg),
+                               publish=PublishConfig(to=receiver.endpoint, wait_s=10)))
+    out = capsys.readouterr()
+    assert status == 1
+    assert "4 frames acquired in 4 stream(s), 4 sent" in out.out
+    assert "the MDA failed: RuntimeError: stage jammed" in out.err

@@ -209,3 +209,122 @@ def test_the_publisher_counts_the_frames_a_stalled_daemon_could_not_take():
         pub.close()
         stalled.close(linger=0)
         ctx.term()
+
+
+def _publish_until(pub, done, image, deadline_s: float = 30.0) -> int:
+    """Publish ``image`` every few ms until ``done()`` (or the deadline); returns how many."""
+    import time
+
+    deadline = time.monotonic() + deadline_s
+    n = 0
+    while not done() and time.monotonic() < deadline:
+        pub.publish(image)
+        n += 1
+        time.sleep(0.002)
+    return n
+
+
+def test_frames_sent_while_no_daemon_is_subscribed_are_counted_undelivered():
+    """The daemon goes down mid-acquisition, then comes back: what was sent meanwhile reached
+    nobody, and the publisher says so instead of counting it as sent; the new daemon's
+    subscription is seen, and frames count as sent again."""
+    from umvd_live.adapters.publisher import FramePublisher
+
+    ctx = zmq.Context()
+    daemon = ctx.socket(zmq.SUB)
+    daemon.setsockopt(zmq.SUBSCRIBE, b"")
+    port = daemon.bind_to_random_port("tcp://127.0.0.1")
+    pub = FramePublisher(f"tcp://127.0.0.1:{port}", "cam0", context=ctx)
+    image = np.zeros((16, 16), "<u2")
+    try:
+        for _ in range(500):  # a bound SUB sends its subscription only while its owner polls it
+            daemon.poll(20)
+            if pub.wait_for_subscriber(0.02):
+                break
+        for _ in range(5):
+            assert pub.publish(image)
+        daemon.close(linger=0)  # the daemon crashes
+        _publish_until(pub, lambda: pub.undelivered >= 20, image)
+        assert pub.undelivered >= 20 and pub.dropped == 0
+        sent = pub.sent
+        assert not pub.publish(image) and pub.sent == sent  # nobody subscribed: not sent
+        assert not pub.end() and pub.ends_lost == 1  # nor is an end
+
+        daemon = ctx.socket(zmq.SUB)  # restarted on its port
+        daemon.setsockopt(zmq.SUBSCRIBE, b"")
+        daemon.bind(f"tcp://127.0.0.1:{port}")
+        received = 0
+
+        def arrived() -> bool:
+            nonlocal received
+            while daemon.poll(0):
+                daemon.recv_multipart()
+                received += 1
+            return received >= 5
+
+        _publish_until(pub, arrived, image)
+        assert received >= 5 and pub.sent > sent
+    finally:
+        pub.close()
+        daemon.close(linger=0)
+        ctx.term()
+
+
+def test_a_stream_end_waits_for_room_and_is_counted_when_none_comes():
+    """A daemon behind (the send queue full): a stream's end waits a little for room instead of
+    being refused like a frame; a daemon that reads nothing for that long loses the end, counted."""
+    import threading
+    import time
+
+    from umvd_live.adapters.publisher import END_WAIT_S, FramePublisher
+    from umvd_live.wire.protocol import StreamEnd, decode_message
+
+    ctx = zmq.Context()
+    daemon = ctx.socket(zmq.SUB)
+    daemon.setsockopt(zmq.RCVHWM, 1)
+    daemon.setsockopt(zmq.RCVBUF, 4096)
+    daemon.setsockopt(zmq.SUBSCRIBE, b"")
+    daemon.bind("tcp://127.0.0.1:*")
+    pub = FramePublisher(daemon.getsockopt_string(zmq.LAST_ENDPOINT), "cam0", sndhwm=2, context=ctx)
+    pub._sock.setsockopt(zmq.SNDBUF, 4096)
+    image = np.zeros((256, 256), "<u2")
+    received: list = []
+    try:
+        for _ in range(500):
+            daemon.poll(20)
+            if pub.wait_for_subscriber(0.02):
+                break
+
+        def fill() -> int:  # until the queue stays full (the daemon reads nothing); returns the frames
+            deadline, n, refused = time.monotonic() + 30, 0, 0
+            while refused < 20 and time.monotonic() < deadline:
+                n += 1
+                if pub.publish(image, stream="a"):
+                    refused = 0
+                else:
+                    refused += 1
+                    time.sleep(0.01)
+            return n
+
+        frames_a = fill()
+
+        def drain_later() -> None:  # the daemon catches up a moment later
+            time.sleep(END_WAIT_S / 5)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not any(isinstance(m, StreamEnd) for m in received):
+                if daemon.poll(50):
+                    received.append(decode_message(daemon.recv_multipart()))
+
+        reader = threading.Thread(target=drain_later)
+        reader.start()
+        assert pub.end("a")  # waited for room
+        reader.join(40)
+        assert received[-1] == StreamEnd("a", frames_a)  # after every frame of "a", dropped ones counted
+        assert pub.ends_lost == 0
+
+        fill()  # behind again, and for longer than an end waits
+        assert not pub.end("a") and pub.ends_lost == 1
+    finally:
+        pub.close()
+        daemon.close(linger=0)
+        ctx.term()

@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("PYTEST_RUNNING", "1")  # pymmcore-plus: no log file (read at import)
 
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -196,6 +197,82 @@ def test_flat_java_pixels_are_shaped_by_their_tags():
         pm.to_image(flat, {"Height": 5, "Width": 4})
     with pytest.raises(ValueError, match="Height and Width"):
         pm.to_image(flat, {})
+
+
+class LiveModeCore:
+    """Micro-Manager's live mode as `TaggedImageTap` sees it over Java: a new flat image every few
+    ms. A fake, because pycromanager's Python backend cannot give the faults it plays: image
+    ``bad`` is a 32-bit RGB camera's (a dtype protocol v1 does not carry), image ``flat`` has no
+    Height/Width tags, and from image ``gone`` on the core raises what no poll may swallow."""
+
+    def __init__(self, bad: int = 3, flat: int = 6, gone: int | None = None):
+        self.bad, self.flat, self.gone = bad, flat, gone
+        self.number = -1
+
+    def get_last_tagged_image(self):
+        from types import SimpleNamespace
+
+        self.number += 1
+        if self.gone is not None and self.number >= self.gone:
+            raise SystemExit("the tap's thread ends")
+        n = self.number
+        tags = {"ImageNumber": str(n)} | ({} if n == self.flat else {"Height": "4", "Width": "4"})
+        return SimpleNamespace(tags=tags, pix=np.full(16, n, np.uint32 if n == self.bad else np.uint16))
+
+
+def test_tap_counts_an_image_it_cannot_publish_and_goes_on(receiver, caplog):
+    pub = publisher_for(receiver)
+    tap = pm.TaggedImageTap(LiveModeCore(), pub, poll_interval_s=0.001).start()
+    deadline = time.monotonic() + 30
+    while tap.published < 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert tap.is_alive()
+    stats = tap.stop()
+    frames = receiver.wait_for(stats.published)
+    pub.close()
+    assert stats.rejected == 2 and stats.errors == 0
+    numbers = [f.header.meta["image_number"] for f in frames]
+    assert 3 not in numbers and 6 not in numbers and numbers[:4] == [1, 2, 4, 5]  # 0 primed the tap
+    assert len([r for r in caplog.records if "could not be published" in r.getMessage()]) == 2  # once each
+
+
+def test_acquire_tap_ends_when_the_tap_stops_following(receiver, capsys):
+    """A tap whose thread ended (here a BaseException from the core) must not leave `acquire
+    pycromanager --frames N` waiting forever."""
+    from umvd_live.apps import acquire
+
+    pub = publisher_for(receiver)
+    options = acquire.AcquireConfig(source="pycromanager", frames=1000, poll_ms=1)
+    status = acquire._pycromanager_tap(options, pm, LiveModeCore(gone=10), pub)
+    pub.close()
+    assert status == acquire.EXIT_FAILED
+    assert "stopped following" in capsys.readouterr().err
+
+
+def test_ctrl_c_aborts_an_owner_acquisition(tmp_path, receiver):
+    """Ctrl-C in owner mode stops the acquisition at once (pycromanager's ``Acquisition.__exit__``
+    would acquire every pending event first), with the summary and exit status 130."""
+    cfg = write_config(tmp_path / "MMConfig.cfg")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "umvd_live.apps.cli", "acquire", "pycromanager", "--mode", "owner", "--config",
+         str(cfg), "--frames", "1500", "--interval-ms", "20", "--save-dir", str(tmp_path / "raw"),
+         "--to", receiver.endpoint], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 90
+        while len(receiver.frames) < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(receiver.frames) >= 10, proc.stderr.read() if proc.poll() is not None else "no frames"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)  # 1500 frames at 20 ms take 30 s and more
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    acquired = int(re.search(r"owner: (\d+) frames acquired", out).group(1))
+    assert acquired < 1500
+    frames = receiver.wait_for(acquired)
+    assert [f.header.seq for f in frames] == list(range(acquired))
 
 
 # ------------------------------------------------------------------------------ command line

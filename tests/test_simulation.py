@@ -31,7 +31,7 @@ from umvd_live.adapters.simulation import (
     parse_events,
     stream_simulation,
 )
-from umvd_live.wire.protocol import decode_frame
+from umvd_live.wire.protocol import StreamEnd, decode_frame, decode_message
 
 SMALL = SimConfig(height=64, width=80, seed=3)
 
@@ -417,7 +417,9 @@ def test_stream_delivers_every_frame_in_order_over_zeromq():
     assert result.clean[0].dtype == np.float32
 
 
-def test_stream_stops_on_event():
+def test_stream_stops_on_event_and_ends_the_stream():
+    """Stopped (or done), the simulation ends its stream, so that the daemon hands out the last
+    outputs at once instead of keeping them until it shuts down."""
     sub, endpoint = _subscriber()
     stop = threading.Event()
 
@@ -434,11 +436,12 @@ def test_stream_stops_on_event():
         # A bound SUB sends its subscription only while its owner uses it: keep polling.
         while worker.is_alive() or sub.poll(200):
             if sub.poll(100):
-                received.append(decode_frame(sub.recv_multipart()).header.seq)
+                message = decode_message(sub.recv_multipart())
+                received.append(message if isinstance(message, StreamEnd) else message.header.seq)
         worker.join(10)
     sub.close()
     assert result_box[0].frames == 10
-    assert received == list(range(10))
+    assert received == [*range(10), StreamEnd("sim1", 10)]
 
 
 # ---- scripted sessions (issue 15): laser steps and stage moves ---------------------------------

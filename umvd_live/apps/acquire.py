@@ -5,7 +5,8 @@ pycromanager_source); this module runs one of them as `AcquireConfig` says (the 
 flags, turned into it by `apps.cli`) and prints its summary. Every source publishes through one
 `FramePublisher`. Before acquiring anything the command waits for the daemon's subscription
 (``PublishConfig.wait_s``): frames published before it would be lost silently.
-Exit status: 0 done, 2 bad input, 3 no daemon subscribed, 4 Micro-Manager not reachable,
+Exit status: 0 done, 1 the acquisition failed (an MDA ended with a device's error, a tap stopped;
+after the summary), 2 bad input, 3 no daemon subscribed, 4 Micro-Manager not reachable,
 130 interrupted (after a clean stop and the summary).
 """
 
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:  # imported when a source runs: the command line reads the defaults below
     from umvd_live.adapters.publisher import FramePublisher
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_NO_DAEMON = 3
 EXIT_NO_MICROMANAGER = 4
@@ -87,6 +89,14 @@ def _connect(config: PublishConfig) -> FramePublisher | None:
     return publisher
 
 
+def _undelivered(publisher: FramePublisher) -> str:
+    """The summary's words for frames that reached no daemon and stream ends that did not go."""
+    lost = [f"{publisher.undelivered} sent while no daemon was subscribed"] if publisher.undelivered else []
+    if publisher.ends_lost:
+        lost.append(f"{publisher.ends_lost} stream end(s) not sent")
+    return "".join(f", {words}" for words in lost)
+
+
 def run(config: AcquireConfig) -> int:
     # logging: `umvd_live.apps.logs`, set up by the command line (--log-level)
     runners = {"sim": _run_sim, "replay": _run_replay, "pymmcore-plus": _run_pymmcore,
@@ -122,7 +132,7 @@ def _run_sim(options: AcquireConfig) -> int:
         result = stream_simulation(publisher, config, frames=options.frames, rate_hz=options.rate_hz, stop=stop,
                                    wait_subscriber_s=0)
         print(f"sim: {result.frames} frames, {result.sent} sent, {result.dropped} dropped, "
-              f"{result.late} late, {result.elapsed_s:.1f} s")
+              f"{result.late} late, {result.elapsed_s:.1f} s{_undelivered(publisher)}")
     except KeyboardInterrupt:
         status = EXIT_INTERRUPTED
         print(f"sim: interrupted after {publisher.sent} frames sent, {publisher.dropped} dropped")
@@ -166,7 +176,7 @@ def _run_replay(options: AcquireConfig) -> int:
     finally:
         publisher.close()
     print(f"replay: {stats.published} frames sent, {stats.dropped} dropped, {stats.loops} pass(es), "
-          f"worst lateness {1000 * stats.late_max_s:.1f} ms, {stats.elapsed_s:.1f} s")
+          f"worst lateness {1000 * stats.late_max_s:.1f} ms, {stats.elapsed_s:.1f} s{_undelivered(publisher)}")
     return 0
 
 
@@ -176,6 +186,7 @@ def _run_replay(options: AcquireConfig) -> int:
 def _run_pymmcore(options: AcquireConfig) -> int:
     from umvd_live.adapters.mmcore import (
         LiveTap,
+        MDAFailed,
         MMCoreSource,
         load_core,
         load_sequence,
@@ -223,19 +234,24 @@ def _run_pymmcore(options: AcquireConfig) -> int:
                 status = EXIT_INTERRUPTED
             tapped = tap.stats()
             print(f"pymmcore-plus live: {tapped.published} frames sent, {tapped.skipped} went by between "
-                  f"polls, {tapped.publisher_dropped} dropped by the publisher")
+                  f"polls, {tapped.publisher_dropped} dropped by the publisher{_undelivered(publisher)}")
         elif sequence is not None:  # made above for every MDA
             source = MMCoreSource(core, publisher, queue_size=options.queue).attach()
+            failure = None
             try:
                 run_mda(core, sequence)
             except KeyboardInterrupt:
                 status = EXIT_INTERRUPTED
+            except MDAFailed as exc:
+                status, failure = EXIT_FAILED, exc
             finally:
                 handed = source.detach()
             print(f"pymmcore-plus: {source.frames_seen} frames acquired in {len(source.streams_seen)} "
                   f"stream(s), {handed.sent} sent, "
                   f"{handed.handoff_dropped} dropped in the hand-off, {handed.publisher_dropped} dropped by "
-                  f"the publisher, {handed.rejected} rejected")
+                  f"the publisher, {handed.rejected} rejected{_undelivered(publisher)}")
+            if failure is not None:
+                _say(str(failure))
     finally:
         publisher.close()
     return status
@@ -299,7 +315,7 @@ def _pycromanager_owner(options: AcquireConfig, pm, publisher: FramePublisher) -
     print(f"pycromanager owner: {owner.frames_seen} frames acquired in {len(owner.streams_seen)} stream(s), "
           f"{stats.sent} sent, "
           f"{stats.handoff_dropped} dropped in the hand-off, {stats.publisher_dropped} dropped by the "
-          f"publisher, {stats.rejected} rejected"
+          f"publisher, {stats.rejected} rejected{_undelivered(publisher)}"
           + (f"; raw data saved under {options.save_dir}" if options.save_dir else ""))
     return status
 
@@ -312,10 +328,14 @@ def _pycromanager_tap(options: AcquireConfig, pm, core, publisher: FramePublishe
     status = 0
     try:
         while options.frames is None or tap.published < options.frames:
+            if not tap.is_alive():
+                _say("the tap stopped following Micro-Manager (see the log)")
+                status = EXIT_FAILED
+                break
             time.sleep(0.05)
     except KeyboardInterrupt:
         status = EXIT_INTERRUPTED
     stats = tap.stop()
     print(f"pycromanager tap: {stats.published} frames sent, {stats.skipped} went by between polls, "
-          f"{stats.publisher_dropped} dropped by the publisher")
+          f"{stats.publisher_dropped} dropped by the publisher, {stats.rejected} rejected{_undelivered(publisher)}")
     return status

@@ -104,18 +104,32 @@ def channel_parts(names: Sequence[str | None]) -> list[str]:
     """Each channel's part of its streams' names, in channel order: its name made fit
     (`name_part`), or ``c{index}`` without one; a part that an earlier channel already has gets
     ``_c{index}``, so that no two channels of one acquisition share a stream."""
-    taken: set[str] = set()
-    parts = []
-    for i, name in enumerate(names):
-        part = (name_part(name) if name else "") or f"c{i}"
-        if part in taken:
-            suffix = f"_c{i}"
-            part = part[:MAX_CHANNEL_CHARS - len(suffix)].rstrip("_") + suffix
-        while part in taken:  # another channel is named that: rare
-            part += "_"
-        taken.add(part)
-        parts.append(part)
-    return parts
+    parts = ChannelParts()
+    return [parts.part(name, i) for i, name in enumerate(names)]
+
+
+class ChannelParts:
+    """`channel_parts`, handed out as the channels appear: for a source that learns an
+    acquisition's channels from its frames (an MDA run from a list of events, a position with its
+    own channels). A channel is its (name, index): one name at two indices is two channels."""
+
+    def __init__(self) -> None:
+        self._parts: dict[tuple[str | None, int], str] = {}
+        self._taken: set[str] = set()
+
+    def part(self, name: str | None, index: int) -> str:
+        """The part of channel ``index`` named ``name``: the same each time it is asked for."""
+        part = self._parts.get((name, index))
+        if part is None:
+            part = (name_part(name) if name else "") or f"c{index}"
+            if part in self._taken:
+                suffix = f"_c{index}"
+                part = part[:MAX_CHANNEL_CHARS - len(suffix)].rstrip("_") + suffix
+            while part in self._taken:  # another channel is named that: rare
+                part += "_"
+            self._taken.add(part)
+            self._parts[(name, index)] = part
+        return part
 
 
 def split_index(index: Mapping[str, Any]) -> tuple[int | None, dict[str, int]]:
