@@ -6,7 +6,7 @@ project's simulator that differ in photon level, structure, motion and noise mod
 its own segment with its own normaliser, as a stream after a change would be, so no training
 window mixes two movies. Deterministic for a seed; anyone can run it again:
 
-    python tools/train_prior.py --preset lite --steps 2000
+    python tools/train_prior.py --preset lite --steps 2000 --active-share 0
     python tools/train_prior.py --preset fast --steps 2000
 """
 
@@ -62,10 +62,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: beside other work, OpenMP threads that wait on each other "
                         "cost more than they give)")
-    p.add_argument("--active-share", type=float, default=0.0,
+    p.add_argument("--active-share", type=float, default=TrainerConfig().active_share,
                    help="share of the patches drawn where the activity is (`TrainerConfig.active_share`; "
-                        "default 0: the shipped priors' recipe, uniform patches, from before the engine's "
-                        "default became 1.0)")
+                        "default: the engine's, 1.0, the fast prior's recipe; the lite prior was trained "
+                        "with 0, uniform patches, before the engine drew its patches there)")
     p.add_argument("--output", help="model file (default: the package's shipped prior for the preset)")
     args = p.parse_args()
 
@@ -103,8 +103,8 @@ def main() -> None:
     info = {
         "preset": args.preset, "spec": spec.to_dict(), "step": 0,
         "trained": (f"tools/train_prior.py --preset {args.preset} --window {args.window} --steps {args.steps} "
-                    f"--movies {args.movies} --frames {args.frames} --size {args.size} --seed {args.seed}"
-                    + (f" --active-share {args.active_share:g}" if args.active_share else "")),
+                    f"--movies {args.movies} --frames {args.frames} --size {args.size} --seed {args.seed} "
+                    f"--active-share {args.active_share:g}"),
         "final_loss": float(np.mean(losses[-200:])),
     }
     path = save_checkpoint(args.output or shipped_path(args.preset, args.window), state, info)
