@@ -360,3 +360,141 @@ def test_an_output_that_would_be_an_input_is_refused_even_with_resume(tmp_path):
         assert "its output would be an input" in done.stderr
         entries = json.loads((tmp_path / "batch-manifest.json").read_text())["inputs"]
         assert [e["status"] for e in entries] == ["failed"]
+
+
+def test_save_models_writes_the_model_before_the_output(tmp_path):
+    """A model that cannot be saved (its name is a folder here) leaves no output, for one piece and
+    for chunks alike: `--resume` would otherwise take the input as done, without its model."""
+    src, bright, _ = two_channel_movie(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    for chunk_frames in (2000, 30):
+        (out / "m_GCaMP.pt").mkdir(exist_ok=True)
+        output = out / "m_GCaMP.ome.tif"
+        options = BatchOptions(engine=TINY, chunk_frames=chunk_frames, save_models=True)
+        with pytest.raises(IsADirectoryError):
+            model = start_movie(str(src), "GCaMP", str(output), options)
+            assert isinstance(model, WarmModel)  # 50 frames > 30: chunks
+            parts = [denoise_chunk(str(src), model, c, options)
+                     for c in plan_chunks(model.frames, 30, model.k, model.context, model.changes)]
+            write_chunks(str(src), str(output), model, options, *parts)
+        assert sorted(p.name for p in out.iterdir()) == ["m_GCaMP.pt"], "no output, no temporary"
+
+
+def test_resume_with_save_models_needs_the_model_too(tmp_path):
+    src = tmp_path / "x.ome.tif"
+    tifffile.imwrite(src, np.zeros((4, 8, 8), np.uint16), ome=True, metadata={"axes": "TYX"})
+    out = tmp_path / "out"
+    out.mkdir()
+    tifffile.imwrite(out / "x.ome.tif", np.zeros((4, 8, 8), np.float32))  # an output whose model is missing
+    done = cli("batch", src, "--output-dir", out, "--resume", "--save-models", *ENGINE)
+    assert done.returncode == 1 and "output exists without its model x.pt" in done.stderr, done.stderr
+    (out / "x.pt").write_bytes(b"weights")
+    done = cli("batch", src, "--output-dir", out, "--resume", "--save-models", *ENGINE)
+    assert done.returncode == 0 and "1 skipped" in done.stderr, done.stderr
+
+
+def test_bad_engine_flags_and_a_manifest_that_cannot_be_written_get_one_line_before_any_work(tmp_path):
+    src = tmp_path / "x.ome.tif"
+    tifffile.imwrite(src, np.zeros((4, 8, 8), np.uint16), ome=True, metadata={"axes": "TYX"})
+    (tmp_path / "file").write_text("")
+    for flags, message in ((["--window", "6"], "window must be odd"), (["--threads", "0"], "must be >= 1"),
+                           (["--keep-amplitude", "2"], "keep_amplitude"),
+                           (["--manifest", tmp_path / "file" / "m.json"], "cannot create")):
+        done = cli("batch", src, "--output-dir", tmp_path / "out", *ENGINE, *flags)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        (line,) = [line for line in done.stderr.splitlines() if "error:" in line]
+        assert line.startswith("umvd-live batch: error: ") and message in line, line
+        assert not (tmp_path / "out" / "x.ome.tif").exists()
+
+
+def test_the_manifest_keeps_the_records_and_header_through_resumes(tmp_path):
+    """Each `--resume` that finds everything done keeps what the run that did it recorded, in a
+    manifest folder it creates."""
+    src = tmp_path / "x.ome.tif"
+    tifffile.imwrite(src, np.zeros((4, 8, 8), np.uint16), ome=True, metadata={"axes": "TYX"})
+    out = tmp_path / "out"
+    out.mkdir()
+    output = out / "x.ome.tif"
+    tifffile.imwrite(output, np.zeros((4, 8, 8), np.float32))
+    manifest = tmp_path / "records" / "m.json"
+    manifest.parent.mkdir()
+    record = {"input": str(src), "output": str(output.resolve()), "status": "done", "frames": 4,
+              "provenance": {"preset": "lite"}}
+    header = {"format": "umvd-live-batch/1", "command": ["umvd-live", "batch"], "cluster": {"workers": 2}}
+    manifest.write_text(json.dumps({**header, "summary": {}, "inputs": [record]}))
+    for _ in range(2):
+        done = cli("batch", src, "--output-dir", out, "--resume", "--manifest", manifest, *ENGINE)
+        assert done.returncode == 0, done.stderr
+        data = json.loads(manifest.read_text())
+        assert {k: data[k] for k in header} == header
+        assert data["inputs"][0] == {**record, "status": "skipped"}
+    fresh = tmp_path / "new" / "m.json"  # a folder that does not exist yet
+    done = cli("batch", src, "--output-dir", out, "--resume", "--manifest", fresh, *ENGINE)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(fresh.read_text())["inputs"][0]["status"] == "skipped"
+
+
+def test_chunked_offline_provenance_names_the_segments_changes(tmp_path):
+    """`--offline` trains without pushing frames, so its engine sees no change; the provenance
+    says the ones the chunks were planned by."""
+    movie, _ = TwoPhotonSimulator(SimConfig(height=32, width=32, photons=2.0, seed=4)).movie(90)
+    movie = movie.astype(np.float32)
+    movie[50:] *= 3  # a laser step: a new segment
+    src = tmp_path / "s.ome.tif"
+    tifffile.imwrite(src, np.round(movie).astype(np.uint16), ome=True, metadata={"axes": "TYX"})
+    options = BatchOptions(engine=TINY, chunk_frames=40, offline=True, offline_steps=2)
+    model = start_movie(str(src), None, str(tmp_path / "out.ome.tif"), options)
+    assert isinstance(model, WarmModel) and 50 in model.changes
+    assert model.provenance.extra["changes"] == ",".join(f"{c}:intensity" for c in model.changes)
+
+
+def test_inputs_named_with_brackets_and_outputs_differing_by_case(tmp_path):
+    """An existing ``cell[1].tif`` is that file, not a pattern; two inputs whose outputs differ only
+    by case would be one file on macOS: refused."""
+    from umvd_live.apps.batch import expand_inputs
+
+    for name in ("cell[1].ome.tif", "cell1.ome.tif"):
+        tifffile.imwrite(tmp_path / name, np.zeros((4, 8, 8), np.uint16), ome=True, metadata={"axes": "TYX"})
+    root = tmp_path.resolve()
+    assert expand_inputs([str(tmp_path / "cell[1].ome.tif")]) == ([root / "cell[1].ome.tif"], [])
+    assert expand_inputs([str(tmp_path / "cell[12].ome.tif")]) == ([root / "cell1.ome.tif"], [])  # a pattern
+    (tmp_path / "A").mkdir()
+    upper = tmp_path / "A" / "Cell1.ome.tif"
+    tifffile.imwrite(upper, np.zeros((4, 8, 8), np.uint16), ome=True, metadata={"axes": "TYX"})
+    done = cli("batch", tmp_path / "cell1.ome.tif", upper, "--output-dir", tmp_path / "out", *ENGINE)
+    assert done.returncode == 2 and "would both write" in done.stderr, done.stderr
+
+
+def test_a_finished_output_is_never_replaced(tmp_path):
+    """The last step of an atomic write never replaces a file that appeared meanwhile (another
+    case of its name, on a case-insensitive file system)."""
+    from umvd_live.apps.denoise import write_atomic
+
+    output = tmp_path / "x.ome.tif"
+    output.write_bytes(b"earlier")
+    with pytest.raises(FileExistsError):
+        write_atomic(output, lambda tmp: tmp.write_bytes(b"later"))
+    assert output.read_bytes() == b"earlier" and [p.name for p in tmp_path.iterdir()] == ["x.ome.tif"]
+
+
+def test_an_interrupted_batch_leaves_no_temporaries(tmp_path, monkeypatch):
+    """Ctrl-C while tasks write: their outputs' and models' temporaries are removed on the way out."""
+    from umvd_live.apps import batch
+    from umvd_live.apps.cli import build_parser
+
+    src = tmp_path / "x.ome.tif"
+    tifffile.imwrite(src, np.zeros((4, 8, 8), np.uint16), ome=True, metadata={"axes": "TYX"})
+    out = tmp_path / "out"
+
+    def interrupted(client, items, options, manifest, console=None):
+        (out / ".partial-0123456789ab.x.ome.tif").write_bytes(b"half")
+        (out / ".partial-0123456789ab.x.pt").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "run_batch", interrupted)
+    args = build_parser().parse_args(["batch", str(src), "--output-dir", str(out), "--workers", "1",
+                                      "--save-models", *ENGINE])
+    with pytest.raises(KeyboardInterrupt):
+        batch.run(args)
+    assert list(out.iterdir()) == []

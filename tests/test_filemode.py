@@ -223,3 +223,79 @@ def test_a_stack_without_a_time_axis_is_one_movie_but_a_snap_is_refused(tmp_path
                      metadata={"axes": "CYX"})
     with MovieFrames(tmp_path / "unnamed.ome.tif") as movie:  # unlabelled: read as a movie, as before
         assert movie.shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("interrupt", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_failed_or_interrupted_write_leaves_no_output(tmp_path, bright_and_dark, monkeypatch, interrupt):
+    """A disk full or a Ctrl-C mid-write leaves nothing under the output's name (a rerun would
+    refuse it), nor a temporary."""
+    from umvd_live.apps import denoise
+
+    src, out = tmp_path / "in.ome.tif", tmp_path / "out.ome.tif"
+    tifffile.imwrite(src, bright_and_dark[0], ome=True, metadata={"axes": "TYX"})
+    write_movie = denoise.write_movie
+
+    def failing(path, frames, infos, provenance):
+        def some():
+            for t, frame in enumerate(frames):
+                if t == 5:
+                    raise interrupt
+                yield frame
+        return write_movie(path, some(), infos, provenance)
+
+    monkeypatch.setattr(denoise, "write_movie", failing)
+    if isinstance(interrupt, OSError):
+        assert denoise_file(src, out) == 2
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            denoise_file(src, out)
+    assert [p.name for p in tmp_path.iterdir()] == ["in.ome.tif"]
+
+
+def test_output_and_model_paths_are_checked_before_any_computing(tmp_path, bright_and_dark, monkeypatch, capsys):
+    from umvd_live.apps import denoise
+
+    src = tmp_path / "in.ome.tif"
+    tifffile.imwrite(src, bright_and_dark[0], ome=True, metadata={"axes": "TYX"})
+    (tmp_path / "file").write_text("")
+    computed = denoise.denoise_movie
+    monkeypatch.setattr(denoise, "denoise_movie", lambda *a, **k: pytest.fail("computed before the paths' check"))
+    assert denoise_file(src, tmp_path / "missing" / "out.ome.tif") == 2
+    assert denoise_file(src, tmp_path / "out.ome.tif", save_model=tmp_path / "file" / "m.pt") == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert errors == [f"umvd-live denoise: error: cannot write {tmp_path / 'missing' / 'out.ome.tif'}: "
+                      f"{tmp_path / 'missing'} is not a folder",
+                      f"umvd-live denoise: error: cannot write {tmp_path / 'file' / 'm.pt'}: "
+                      f"{tmp_path / 'file'} is not a folder"]
+    # a model that cannot be saved (its name is a folder) is said in one line, and is saved
+    # before the output: no output without the model asked for
+    monkeypatch.setattr(denoise, "denoise_movie", computed)
+    (tmp_path / "m.pt").mkdir()
+    assert denoise_file(src, tmp_path / "out.ome.tif", save_model=tmp_path / "m.pt") == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the progress bars
+    assert last.startswith(f"umvd-live denoise: error: cannot save the model to {tmp_path / 'm.pt'}: "), last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "in.ome.tif", "m.pt"]
+
+
+def test_every_stream_is_checked_before_any_is_denoised(tmp_path, bright_and_dark, monkeypatch):
+    """A later position of one frame is refused before the first is denoised and written: a rerun
+    would refuse the first's output."""
+    from umvd_live.apps import denoise
+
+    src = tmp_path / "plate.ome.tif"
+    with tifffile.TiffWriter(src, ome=True) as tif:
+        tif.write(bright_and_dark[0], photometric="minisblack", metadata={"axes": "TYX", "Name": "well0"})
+        tif.write(bright_and_dark[0][0], photometric="minisblack", metadata={"axes": "YX", "Name": "well1"})
+    monkeypatch.setattr(denoise, "denoise_movie", lambda *a, **k: pytest.fail("denoised before every stream's check"))
+    assert denoise_file(src, tmp_path / "den.ome.tif") == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["plate.ome.tif"]
+
+
+def test_a_movie_shorter_than_the_window_is_warned_about(tmp_path, bright_and_dark, caplog):
+    """Five frames and a 7-frame window: no training, no network; said, not a silent 0 steps."""
+    src, out = tmp_path / "in.ome.tif", tmp_path / "out.ome.tif"
+    tifffile.imwrite(src, bright_and_dark[0][:5], ome=True, metadata={"axes": "TYX"})
+    with caplog.at_level(logging.WARNING, logger="umvd_live.apps.denoise"):
+        assert denoise_file(src, out) == 0
+    assert "5 frames are fewer than the 7-frame window" in caplog.text
+    assert read_recording(out)[0].shape == (5, 32, 32)

@@ -6,6 +6,7 @@ jar is at hand) Bio-Formats. `denoise` and `serve --record` end to end: tests/te
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -219,3 +220,42 @@ def test_a_recording_read_back_keeps_each_frames_meta(tmp_path):
     rec.close()
     _, infos, provenance = read_recording(path)
     assert infos[0].meta == META and provenance["pixel_size_um"] == 0.65
+
+
+def test_non_square_pixels_keep_their_height_in_an_output(tmp_path):
+    """PhysicalSizeY travels beside PhysicalSizeX from a file to what is written from it (as
+    `denoise` writes: each frame's `MovieFrames.frame_meta`), in OME and in the resolution tags'
+    reading; a square pixel's meta stays as it was."""
+    from umvd_live.recording.movie import MovieFrames
+    from umvd_live.recording.ometiff import write_movie
+
+    src, out = tmp_path / "in.ome.tif", tmp_path / "out.ome.tif"
+    frames = np.zeros((3, 8, 8), np.uint16)
+    tifffile.imwrite(src, frames, ome=True, metadata={"axes": "TYX", "PhysicalSizeX": 0.3, "PhysicalSizeY": 0.6,
+                                                      "PhysicalSizeYUnit": "nm"})
+    with MovieFrames(src) as movie:
+        assert movie.frame_meta(0) == {"pixel_size_um": 0.3, "pixel_size_y_um": pytest.approx(6e-4)}
+        write_movie(out, frames.astype(np.float32), (FrameInfo(seq=t, meta=movie.frame_meta(t)) for t in range(3)),
+                    Provenance(stream="in"))
+    with tifffile.TiffFile(out) as tif:
+        pixels = re.search(r"<Pixels [^>]*>", tif.ome_metadata).group(0)
+    assert 'PhysicalSizeX="0.3"' in pixels and 'PhysicalSizeY="0.0006"' in pixels, pixels
+    with tifffile.TiffFile(out) as tif:  # the resolution tags (pixels per cm) of readers that skip OME
+        (xn, xd), (yn, yd) = tif.pages.first.tags["XResolution"].value, tif.pages.first.tags["YResolution"].value
+    assert (1e4 * xd / xn, 1e4 * yd / yn) == (pytest.approx(0.3, rel=1e-4), pytest.approx(6e-4, rel=1e-4))
+    if importlib.util.find_spec("tensorstore") is not None:  # an OME-Zarr output: the y axis's own scale
+        from umvd_live.recording.movie import ZarrMovie
+        from umvd_live.recording.omezarr import ZarrRecording
+
+        zarr_out = tmp_path / "out.ome.zarr"
+        ZarrRecording.create(zarr_out, frames[0].astype(np.float32), FrameInfo(seq=0, meta=movie.frame_meta(0)),
+                             Provenance(stream="in")).close()
+        with ZarrMovie(zarr_out) as stored:
+            meta = stored.acquisition_meta(0)
+        assert (meta["pixel_size_um"], meta["pixel_size_y_um"]) == (0.3, pytest.approx(6e-4))
+    ij = tmp_path / "ij.tif"
+    tifffile.imwrite(ij, frames, imagej=True, resolution=(1 / 0.3, 1 / 0.5), metadata={"axes": "TYX", "unit": "um"})
+    with tifffile.TiffFile(ij) as tif:
+        found = AcquisitionMeta.from_tiff(tif)
+    assert (found.pixel_size_um, found.pixel_size_y_um) == (pytest.approx(0.3), pytest.approx(0.5))
+    assert AcquisitionMeta(pixel_size_um=0.3, pixel_size_y_um=0.3).to_meta() == {"pixel_size_um": 0.3}

@@ -22,7 +22,8 @@ Failure. A lost worker's tasks are rerun by the scheduler, and a task that raise
 (``retries``). An output is written under a temporary name and renamed, so the final name only
 ever holds a whole file. A failed input gets one line and the others go on; the exit status is 1
 when any failed. A manifest (JSON) lists inputs → outputs with provenance and timings, written
-after every input; ``--resume`` skips the inputs whose output exists.
+after every input; ``--resume`` skips the inputs whose output exists (with ``--save-models``:
+and its model, which is put in place before the output).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -61,7 +61,7 @@ from umvd_live.engine import DenoisedFrame, EngineConfig, StreamDenoiser
 from umvd_live.engine.amplitude import AmplitudeGain
 from umvd_live.engine.budget import cpu_cores
 from umvd_live.engine.cellblend import CellBlend
-from umvd_live.engine.changes import ChangeDetector
+from umvd_live.engine.changes import Change, ChangeDetector
 from umvd_live.engine.checkpoint import CheckpointError
 from umvd_live.engine.normalization import sanitize
 from umvd_live.recording.movie import MovieError, MovieFrames
@@ -137,11 +137,12 @@ def output_name(source: Path, fmt: str = "ome-tiff") -> str:
 
 def expand_inputs(patterns: list[str]) -> tuple[list[Path], list[str]]:
     """(inputs in order without repeats, patterns that matched nothing). A path without glob
-    characters is kept as it is, so a missing file fails with `read_movie`'s own message."""
+    characters is kept as it is, so a missing file fails with `read_movie`'s own message; so is
+    an existing path, its ``[`` and ``]`` taken literally (``cell[1].tif``)."""
     found: list[Path] = []
     empty: list[str] = []
     for pattern in patterns:
-        if glob.has_magic(pattern):
+        if glob.has_magic(pattern) and not os.path.lexists(pattern):
             matches = sorted(glob.glob(pattern, recursive=True))
             if not matches:
                 empty.append(pattern)
@@ -220,30 +221,6 @@ def _task_config(config: EngineConfig) -> EngineConfig:
     return replace(config, cpu_threads=max(1, cpu_cores() // _worker()[1]))
 
 
-def _partial_name(output: Path) -> Path:
-    """A temporary name beside ``output`` with the same ending (it picks the format)."""
-    return output.with_name(f".partial-{uuid.uuid4().hex[:12]}.{output.name}")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def write_atomic(output: Path, write: Callable[[Path], object]) -> None:
-    """``write(tmp)`` then rename to ``output`` (os.replace: atomic on POSIX and Windows), so no
-    reader ever sees a partial file under the final name; the temporary is removed on failure."""
-    tmp = _partial_name(output)
-    try:
-        write(tmp)
-        os.replace(tmp, output)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
 def _model_path(output: Path) -> Path:
     """Where ``--save-models`` puts a movie's weights: NAME.pt beside NAME.ome.tif."""
     return output.with_name(output_name(output).removesuffix(_OUTPUT_SUFFIX["ome-tiff"]) + ".pt")
@@ -264,10 +241,10 @@ def start_movie(source: str, stream: str | None, output: str, options: BatchOpti
             try:
                 provenance = denoise.denoise_provenance(result.engine, reader, offline=options.offline)
                 written = time.monotonic()
-                write_atomic(Path(output), lambda tmp: denoise.write_denoised(tmp, reader, result.frames,
-                                                                               result.outputs, provenance))
-                if options.save_models:
-                    write_atomic(_model_path(Path(output)), result.engine.save_weights)
+                if options.save_models:  # first: an output is never left without its model
+                    denoise.write_atomic(_model_path(Path(output)), result.engine.save_weights, overwrite=True)
+                denoise.write_atomic(Path(output), lambda tmp: denoise.write_denoised(
+                    tmp, reader, result.frames, result.outputs, provenance))
             finally:
                 result.engine.close()
     except _INPUT_ERRORS as exc:
@@ -292,9 +269,13 @@ def train_movie(reader: MovieFrames, config: EngineConfig, options: BatchOptions
             for first in range(0, frames, options.chunk_frames):
                 for frame in reader.read(first, min(frames, first + options.chunk_frames)):
                     engine.push(frame, infer=False)
-        changes = find_changes(reader, config, options.chunk_frames)
+        found = find_changes(reader, config, options.chunk_frames)
+        changes = tuple(change.index for change in found)
         chunks = len(plan_chunks(frames, options.chunk_frames, engine.k, engine.spec.context, changes))
-        provenance = denoise.denoise_provenance(engine, reader, offline=options.offline, chunks=chunks)
+        # the changes the chunks are planned by (`--offline`'s pre-training pushes no frames: its
+        # engine sees none)
+        provenance = denoise.denoise_provenance(engine, reader, offline=options.offline, changes=found,
+                                                chunks=chunks)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "weights.pt"
             engine.save_weights(path)
@@ -305,17 +286,19 @@ def train_movie(reader: MovieFrames, config: EngineConfig, options: BatchOptions
         engine.close()
 
 
-def find_changes(reader: MovieFrames, config: EngineConfig, block: int) -> tuple[int, ...]:
-    """The frames where the engine would start new segments when the whole movie is pushed: its
-    change detector sees every frame in order, and only the frames (`umvd_live.engine.changes`), read
-    ``block`` frames at a time."""
+def find_changes(reader: MovieFrames, config: EngineConfig, block: int) -> tuple[Change, ...]:
+    """The changes that would start new segments when the whole movie is pushed, each at its
+    frame: the engine's change detector sees every frame in order, and only the frames
+    (`umvd_live.engine.changes`), read ``block`` frames at a time."""
     detector = ChangeDetector(config.changes)
     found = []
     for first in range(0, len(reader), block):
         for i, frame in enumerate(reader.read(first, first + block), first):
             clean, clean_ok = sanitize(frame)
-            if clean_ok and detector.observe(clean) is not None:  # as the engine: NaN/Inf frames are not tested
-                found.append(i)
+            # as the engine: NaN/Inf frames are not tested
+            change = detector.observe(clean) if clean_ok else None
+            if change is not None:
+                found.append(replace(change, index=i))
     return tuple(found)
 
 
@@ -369,10 +352,11 @@ def write_chunks(source: str, output: str, model: WarmModel, options: BatchOptio
     gains = denoise.describe_gains([gain for p in parts for gain in p.gains])
     provenance = replace(model.provenance,
                          extra={**model.provenance.extra, "cell_blend": blends, "amplitude_gain": gains})
+    if options.save_models:  # first: an output is never left without its model
+        denoise.write_atomic(_model_path(Path(output)), lambda tmp: tmp.write_bytes(model.weights), overwrite=True)
     with MovieFrames(source, model.stream) as reader:  # the stream's metadata, for every frame
-        write_atomic(Path(output), lambda tmp: denoise.write_denoised(tmp, reader, frames, outputs, provenance))
-    if options.save_models:
-        write_atomic(_model_path(Path(output)), lambda tmp: tmp.write_bytes(model.weights))
+        denoise.write_atomic(Path(output), lambda tmp: denoise.write_denoised(tmp, reader, frames, outputs,
+                                                                              provenance))
     return Written(output, len(outputs), model.shape, outputs[-1].model_step, _provenance_dict(provenance),
                    {"train": model.seconds, "denoise": sum(p.seconds for p in parts),
                     "write": time.monotonic() - started},
@@ -452,12 +436,15 @@ class _Manifest:
         self.earlier = earlier  # a resumed batch keeps what the earlier run said about skipped inputs
 
     @staticmethod
-    def load_entries(path: Path) -> dict[str, dict[str, Any]]:
+    def load(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """An earlier manifest's header and its entries of the inputs done (skipped by a resumed
+        run: done by an earlier one) by output; empty where there is none to read."""
         try:
             data = json.loads(path.read_text())
-            return {e["output"]: e for e in data.get("inputs", []) if e.get("status") == "done"}
+            entries = {e["output"]: e for e in data.get("inputs", []) if e.get("status") in ("done", "skipped")}
+            return {k: v for k, v in data.items() if k not in ("summary", "inputs")}, entries
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return {}
+            return {}, {}
 
     def write(self, items: list[Item], summary: dict[str, Any]) -> None:
         entries = []
@@ -568,9 +555,6 @@ def run_batch(client: Any, items: list[Item], options: BatchOptions, manifest: _
             progress.update(bar, info=f"{frames_done} frames, {frames_done / max(elapsed, 1e-9):.1f} frames/s")
     report = BatchReport(items, time.monotonic() - started, frames_done, manifest.path)
     manifest.write(items, summary())
-    for item in items:  # temporaries of tasks whose worker died mid-write
-        for stale in item.output.parent.glob(f".partial-*.{item.output.name}"):
-            _remove(stale)
     return report
 
 
@@ -642,41 +626,55 @@ def run(args: argparse.Namespace) -> int:
     threads = args.threads
     if threads is None and not args.scheduler:
         threads = max(1, cpu_cores() // workers)  # the local cores, divided among the workers
-    options = BatchOptions(
-        engine=engine_config_from_args(args, workers=None, cpu_threads=threads),
-        offline=args.offline, chunk_frames=args.chunk_frames, save_models=args.save_models, retries=args.retries,
-    )
-    out_dir = Path(args.output_dir)
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return _fail(f"cannot create {out_dir}: {exc}")
+        engine = engine_config_from_args(args, workers=None, cpu_threads=threads)
+    except ValueError as exc:  # bad engine flags (an even --window): one line, as `denoise` says it
+        return _fail(str(exc))
+    options = BatchOptions(engine=engine, offline=args.offline, chunk_frames=args.chunk_frames,
+                           save_models=args.save_models, retries=args.retries)
+    out_dir = Path(args.output_dir)
+    manifest_path = Path(args.manifest) if args.manifest else out_dir / "batch-manifest.json"
+    for folder in dict.fromkeys((out_dir, manifest_path.parent)):  # before any work, which it records
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return _fail(f"cannot create {folder}: {exc}")
     inputs, empty = expand_inputs(args.inputs)
     items = [item for p in inputs for item in stream_items(p, (out_dir / output_name(p, args.format)).resolve(),
                                                            args.streams)]
     for pattern in empty:
         items.append(Item(Path(pattern), out_dir, status="failed", error="matches no file"))
-    by_output: dict[Path, Item] = {}
+    # names compared without case: on a case-insensitive file system (macOS, Windows) outputs
+    # differing only by case are one file
+    by_output: dict[str, Item] = {}
     for item in items:
-        if item.status == "pending" and item.output in by_output:
-            return _fail(f"{by_output[item.output].input} and {item.input} would both write {item.output}")
-        by_output[item.output] = item
-    manifest_path = Path(args.manifest) if args.manifest else out_dir / "batch-manifest.json"
+        name = os.path.normcase(item.output).casefold()
+        if item.status == "pending" and name in by_output:
+            first = by_output[name]
+            return _fail(f"{first.input} and {item.input} would both write {first.output}"
+                         + (f" (as {item.output})" if item.output != first.output else ""))
+        by_output[name] = item
     sources = {p.resolve() for p in inputs}
     for item in items:
         if item.status == "pending" and item.output.resolve() in sources:  # raw data is never replaced
             item.status, item.error = "failed", "its output would be an input: choose another --output-dir"
         elif item.status == "pending" and item.output.exists():
-            if args.resume:
+            model = _model_path(item.output)
+            if args.resume and args.save_models and not model.exists():  # done means both
+                item.status, item.error = "failed", (f"output exists without its model {model.name} "
+                                                     "(--save-models): remove the output to denoise it again")
+            elif args.resume:
                 item.status = "skipped"
             else:
                 item.status, item.error = "failed", "output exists: outputs are never overwritten (--resume skips it)"
     for item in items:
         if item.status == "failed" and item.error is not None:  # failed items always say why
             print(f"umvd-live batch: error: {_about(item, item.error)}", file=sys.stderr)
-    if not any(item.status == "pending" for item in items):  # nothing to do: no cluster either
-        _Manifest(manifest_path, {"format": MANIFEST_FORMAT, "command": ["umvd-live", *sys.argv[1:]]},
-                  _Manifest.load_entries(manifest_path)).write(items, {})
+    earlier_header, earlier = _Manifest.load(manifest_path)
+    pending = [item for item in items if item.status == "pending"]
+    if not pending:  # nothing to do: no cluster either; the earlier run's header stays, saying how
+        _Manifest(manifest_path, earlier_header or {"format": MANIFEST_FORMAT, "command": ["umvd-live", *sys.argv[1:]]},
+                  earlier).write(items, {})
         err.print(f"nothing to denoise ({sum(i.status == 'skipped' for i in items)} skipped) → {manifest_path}",
                   soft_wrap=True, highlight=False)
         return 1 if any(item.status == "failed" for item in items) else 0
@@ -698,12 +696,15 @@ def run(args: argparse.Namespace) -> int:
             "options": {"offline": options.offline, "chunk_frames": options.chunk_frames,
                         "retries": options.retries, "engine": asdict(options.engine)},
         }
-        earlier = _Manifest.load_entries(manifest_path) if args.resume else {}
-        report = run_batch(client, items, options, _Manifest(manifest_path, header, earlier), err)
+        report = run_batch(client, items, options, _Manifest(manifest_path, header, earlier if args.resume else {}),
+                           err)
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+        for item in pending:  # temporaries of tasks whose worker died mid-write, or of an interrupted batch
+            denoise.remove_partials(item.output)
+            denoise.remove_partials(_model_path(item.output))
     fps = report.frames / report.seconds if report.seconds > 0 else 0.0
     err.print(f"{report.count('done')} done, {report.count('skipped')} skipped, {len(report.failed)} failed: "
               f"{report.frames} frames in {report.seconds:.1f} s ({fps:.1f} frames/s) → {report.manifest}",

@@ -14,9 +14,12 @@ named as the recorder names a stream's file (`stream_outputs`).
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 import time
-from collections.abc import Iterable, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from umvd_live.engine import DenoisedFrame, EngineConfig, StreamDenoiser
 from umvd_live.engine.amplitude import AmplitudeGain
 from umvd_live.engine.cellblend import CellBlend
+from umvd_live.engine.changes import Change
 from umvd_live.engine.checkpoint import CheckpointError
 from umvd_live.engine.provenance import network_provenance
 from umvd_live.recording.movie import MovieError, MovieFrames, describe_streams, movie_streams
@@ -90,6 +94,9 @@ def denoise_movie(
     console = console or Console(stderr=True, quiet=True)
     t_frames = len(movie)
     engine = StreamDenoiser(file_config(config, t_frames))
+    if t_frames < engine.config.window:  # no window fits: 0 training steps, and no network output
+        log.warning("%d frames are fewer than the %d-frame window: the network is neither trained nor applied; "
+                    "every frame gets the window's mean", t_frames, engine.config.window)
     start = time.monotonic()
     with _progress(console) as progress:
         if offline:
@@ -157,9 +164,11 @@ def _beside(path: Path, stream: str) -> Path:
 
 
 def denoise_provenance(engine: StreamDenoiser, movie: MovieFrames, *, offline: bool,
-                       **extra: object) -> Provenance:
+                       changes: Sequence[Change] | None = None, **extra: object) -> Provenance:
     """What an output of `denoise` (or of `batch`, with its ``extra``) says about how it was made:
-    its source file and stream (a file of one stream: the file's name, as always)."""
+    its source file and stream (a file of one stream: the file's name, as always). ``changes``: the
+    segments' changes where the engine did not see them all (`batch.find_changes`), else the
+    engine's."""
     return Provenance(
         stream=movie.axes.name if movie.several else movie.path.stem, preset=engine.preset,
         window=engine.config.window, weights_sha256=engine.start_hash, device=str(engine.device),
@@ -167,7 +176,8 @@ def denoise_provenance(engine: StreamDenoiser, movie: MovieFrames, *, offline: b
         extra={"mode": "offline" if offline else "streamed", "final_model_step": engine.model_step,
                **network_provenance(engine),
                "context_sides": engine.config.context_sides,
-               "changes": ",".join(f"{c.index}:{c.reason}" for c in engine.changes) or "none",
+               "changes": ",".join(f"{c.index}:{c.reason}" for c in
+                                   (engine.changes if changes is None else changes)) or "none",
                "cell_blend": describe_blends(engine.cell_blends),
                "amplitude_gain": describe_gains(engine.amplitude_gains),
                **extra},
@@ -214,6 +224,60 @@ def write_denoised(output: str | Path, movie: MovieFrames, frames: Iterable[np.n
     (write_zarr_movie if is_zarr_path(output) else write_movie)(output, frames, infos, provenance)
 
 
+def _partial_name(output: Path) -> Path:
+    """A temporary name beside ``output`` with the same ending (it picks the format)."""
+    return output.with_name(f".partial-{uuid.uuid4().hex[:12]}.{output.name}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_partials(path: Path) -> None:
+    """Remove the temporaries `write_atomic` left beside ``path`` (a process killed mid-write)."""
+    for stale in path.parent.glob(f".partial-*.{path.name}"):
+        _remove(stale)
+
+
+def _place_new(tmp: Path, output: Path) -> None:
+    """Rename ``tmp`` to ``output`` unless that name is taken (FileExistsError), another case of it
+    on a case-insensitive file system included: a file by a hard link, which fails atomically when
+    the name exists (a rename would replace it); a store (folder), or a file system without hard
+    links, by a check and a rename."""
+    if not tmp.is_dir():
+        try:
+            os.link(tmp, output)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here (some network and FAT file systems)
+            pass
+        else:
+            tmp.unlink()
+            return
+    if os.path.lexists(output):
+        raise FileExistsError(f"{output} exists: outputs are never overwritten")
+    os.rename(tmp, output)
+
+
+def write_atomic(output: Path, write: Callable[[Path], object], *, overwrite: bool = False) -> None:
+    """``write(tmp)`` then rename it to ``output``, so no reader ever sees a partial file under the
+    final name and an error or an interrupt leaves none (the temporary is removed). An existing
+    ``output`` is replaced only with ``overwrite`` (a model file; never a recording: `_place_new`)."""
+    tmp = _partial_name(output)
+    try:
+        write(tmp)
+        if overwrite:
+            os.replace(tmp, output)  # atomic on POSIX and Windows
+        else:
+            _place_new(tmp, output)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
 def _fail(message: str) -> int:
     print(f"umvd-live denoise: error: {message}", file=sys.stderr)  # one line, never wrapped
     return 2
@@ -223,20 +287,34 @@ def run(config: DenoiseConfig) -> int:
     err = Console(stderr=True)
     try:
         jobs = stream_outputs(config.input, config.output, config.streams)
+        # every stream opened (and so checked) before any is denoised: a bad later stream found
+        # after the earlier ones were written would leave outputs that a rerun refuses
+        several = False
+        for stream, _ in jobs:
+            with MovieFrames(config.input, stream) as movie:
+                several = movie.several
     except MovieError as exc:
         return _fail(str(exc))
-    for _, output in jobs:
-        if output.exists():
+    models: list[Path | None] = [None] * len(jobs)
+    if config.save_model is not None:
+        models = [_beside(config.save_model, stream) if several else config.save_model for stream, _ in jobs]
+    # the paths checked before any computing, which can take hours
+    for (_, output), model in zip(jobs, models, strict=True):
+        if os.path.lexists(output):
             return _fail(f"{output} exists: recordings are never overwritten; remove it or pick another name")
-    for stream, output in jobs:
-        status = _denoise_stream(config, stream, output, err)
+        for path in (output, model):
+            if path is not None and not path.parent.is_dir():
+                return _fail(f"cannot write {path}: {path.parent} is not a folder")
+    for (stream, output), model in zip(jobs, models, strict=True):
+        status = _denoise_stream(config, stream, output, model, err)
         if status:
             return status
     return 0
 
 
-def _denoise_stream(config: DenoiseConfig, stream: str, output: Path, err: Console) -> int:
-    """One stream of the input through its own engine, into ``output``."""
+def _denoise_stream(config: DenoiseConfig, stream: str, output: Path, model: Path | None, err: Console) -> int:
+    """One stream of the input through its own engine, into ``output``, and its weights into
+    ``model`` first: an output is never left without the model asked for."""
     try:
         with MovieFrames(config.input, stream) as movie:
             frames = movie.read(0, len(movie))
@@ -246,16 +324,22 @@ def _denoise_stream(config: DenoiseConfig, stream: str, output: Path, err: Conso
                 return _fail(str(exc))
             engine = result.engine
             try:
-                write_denoised(output, movie, result.frames, result.outputs,
-                               denoise_provenance(engine, movie, offline=config.offline))
-            except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: the zarr extra is missing
-                return _fail(f"cannot write {output}: {exc}")
+                try:
+                    if model is not None:
+                        write_atomic(model, engine.save_weights, overwrite=True)
+                except (OSError, RuntimeError) as exc:
+                    return _fail(f"cannot save the model to {model}: {exc}")
+                try:
+                    write_atomic(output, lambda tmp: write_denoised(tmp, movie, result.frames, result.outputs,
+                                                                    denoise_provenance(engine, movie,
+                                                                                       offline=config.offline)))
+                except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: the zarr extra is missing
+                    return _fail(f"cannot write {output}: {exc}")
+            finally:
+                engine.close()
             several = movie.several
     except MovieError as exc:
         return _fail(str(exc))
-    if config.save_model is not None:
-        engine.save_weights(str(_beside(config.save_model, stream) if several else config.save_model))
-    engine.close()
     fallbacks = sum(o.state == "warmup" for o in result.outputs)
     err.print(
         f"denoised {len(frames)} frames of {frames.shape[1]}×{frames.shape[2]}"
@@ -265,7 +349,7 @@ def _denoise_stream(config: DenoiseConfig, stream: str, output: Path, err: Conso
         + f"; cell-scale blend {describe_blends(engine.cell_blends)}"
         + f"; amplitude gain {describe_gains(engine.amplitude_gains)}"
         + (f"; {fallbacks} frames where the network lost to the neighbours' mean got the window's mean"
-           if fallbacks else "")
+           if fallbacks and len(frames) >= engine.config.window else "")  # shorter: warned by `denoise_movie`
     )
     return 0
 

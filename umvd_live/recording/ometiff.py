@@ -485,9 +485,9 @@ class RecordingFile(RecordingLedger):
         ]
         if self.pixel_size_um:
             # pixels per centimetre, for readers that ignore OME (ImageJ's plain TIFF reader)
-            num, den = _rational(1e4 / self.pixel_size_um)
-            res = struct.pack("<II", num, den)
-            e += [_entry(282, _RATIONAL, 1, res), _entry(283, _RATIONAL, 1, res),
+            x_res = struct.pack("<II", *_rational(1e4 / self.pixel_size_um))
+            y_res = struct.pack("<II", *_rational(1e4 / (self.acquisition.pixel_size_y_um or self.pixel_size_um)))
+            e += [_entry(282, _RATIONAL, 1, x_res), _entry(283, _RATIONAL, 1, y_res),
                   _entry(296, _SHORT, 1, struct.pack("<H", 3))]
         if first:
             sw = _ascii(f"umvd-live {self.provenance.software_version}")

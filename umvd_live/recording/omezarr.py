@@ -192,14 +192,16 @@ class ZarrRecording(RecordingLedger):
     def _create_store(self, first: np.ndarray) -> None:
         ts, DimSpec, v05 = _deps()
         h, w = self.shape
-        unit = {"unit": "micrometer", "scale": self.pixel_size_um} if self.pixel_size_um else {}
+        width = {"unit": "micrometer", "scale": self.pixel_size_um} if self.pixel_size_um else {}
+        height = {**width, "scale": self.acquisition.pixel_size_y_um} if width and self.acquisition.pixel_size_y_um \
+            else width  # non-square pixels keep their height
         # a unit only with a calibration: a scale of 1 without one is a placeholder (`OmeZarrSeries`);
         # the time axis gets its unit once a checkpoint has measured the frames' step
         interval = ({"unit": "second", "scale": self.acquisition.interval_ms / 1e3}
                     if self.acquisition.interval_ms else {})
         dims = [DimSpec(name="t", size=0, type="time", **interval),
                 DimSpec(name="c", size=1, type="channel"),
-                DimSpec(name="y", size=h, type="space", **unit), DimSpec(name="x", size=w, type="space", **unit)]
+                DimSpec(name="y", size=h, type="space", **height), DimSpec(name="x", size=w, type="space", **width)]
         image = v05.Image(multiscales=[v05.Multiscale.from_dims(dims, name=self._name())],
                           omero=self._omero(v05, first))
         self._group: dict[str, Any] = {"zarr_format": 3, "node_type": "group",
@@ -427,6 +429,10 @@ def _ome_keys(group: Any) -> dict[str, Any]:
     return attrs.get("ome", attrs)
 
 
+#: OME-Zarr space units -> micrometres.
+_UNITS_UM = {"micrometer": 1.0, "micron": 1.0, "nanometer": 1e-3, "millimeter": 1e3}
+
+
 class OmeZarrSeries:
     """One image (multiscales) of an OME-Zarr store: its full-resolution array, read lazily."""
 
@@ -452,8 +458,12 @@ class OmeZarrSeries:
         # (ome-writers): not taken. umvd-live's own stores give a unit only with a calibration,
         # so theirs is taken as it is (a 1-µm pixel, a 1-s time-lapse).
         calibrated = (lambda value: value > 0) if self.provenance is not None else (lambda value: 0 < value != 1.0)
-        um = {"micrometer": 1.0, "micron": 1.0, "nanometer": 1e-3, "millimeter": 1e3}.get(units[-1])
+        um = _UNITS_UM.get(units[-1])
         self.pixel_size_um = float(scale[-1]) * um if um and calibrated(scale[-1]) else None
+        um_y = _UNITS_UM.get(units[-2])
+        width = self.pixel_size_um
+        height = float(scale[-2]) * um_y if width and um_y and scale[-2] > 0 else None
+        self.pixel_size_y_um = height if height is not None and width and not np.isclose(height, width) else None
         t = self.axes.find("T")
         t_unit = {"second": 1.0, "millisecond": 1e-3, "minute": 60.0}.get(units[t]) if t >= 0 else None
         self.interval_s = float(scale[t]) * t_unit if t_unit and calibrated(scale[t]) else None
@@ -479,7 +489,7 @@ class OmeZarrSeries:
         name = names[channel] if channel is not None and channel < len(names) else (
             names[0] if len(names) == 1 else None)
         started = (self.provenance or {}).get("acquisition_datetime")
-        return AcquisitionMeta(pixel_size_um=self.pixel_size_um,
+        return AcquisitionMeta(pixel_size_um=self.pixel_size_um, pixel_size_y_um=self.pixel_size_y_um,
                                interval_ms=self.interval_s * 1e3 if self.interval_s else None, channel=name,
                                acquisition_datetime=iso_datetime(started)).to_meta()
 

@@ -7,6 +7,9 @@ interval; Micro-Manager's ``Interval_ms``), ``channel``, ``acquisition_datetime`
 ``TimeIncrement``, the ``Channel`` name, ``AcquisitionDate``. This module is the one place that
 knows the other spellings (Micro-Manager's tags, OME, ImageJ, TIFF resolution tags) and checks the
 values, so a bad value from a producer is dropped here, never written into a file.
+
+A file's non-square pixels keep their height too: ``pixel_size_y_um`` (``PhysicalSizeY``), in
+``meta`` only where it differs from ``pixel_size_um`` (the width, and the live protocol's one size).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import tifffile
 
 #: The ``meta`` keys, as pymmcore-plus names them (``interval_ms`` after its ``*_ms`` style).
 PIXEL_SIZE_UM = "pixel_size_um"
+PIXEL_SIZE_Y_UM = "pixel_size_y_um"
 INTERVAL_MS = "interval_ms"
 CHANNEL = "channel"
 ACQUISITION_DATETIME = "acquisition_datetime"
@@ -74,7 +78,8 @@ def iso_datetime(value: Any) -> str | None:
 class AcquisitionMeta:
     """What an OME writer needs to know about an acquisition, checked; None: unknown."""
 
-    pixel_size_um: float | None = None
+    pixel_size_um: float | None = None  # a pixel's width (X), and its height unless pixel_size_y_um says
+    pixel_size_y_um: float | None = None  # a pixel's height (Y) where it differs; None: square
     interval_ms: float | None = None  # nominal time between time points; 0 or None: unknown
     channel: str | None = None
     acquisition_datetime: str | None = None  # ISO 8601
@@ -86,6 +91,7 @@ class AcquisitionMeta:
             return cls()
         channel = meta.get(CHANNEL)
         return cls(pixel_size_um=positive(meta.get(PIXEL_SIZE_UM, meta.get("PixelSizeUm"))),
+                   pixel_size_y_um=positive(meta.get(PIXEL_SIZE_Y_UM)),
                    interval_ms=positive(meta.get(INTERVAL_MS)),
                    channel=channel if isinstance(channel, str) and channel else None,
                    acquisition_datetime=iso_datetime(meta.get(ACQUISITION_DATETIME)))
@@ -122,18 +128,23 @@ class AcquisitionMeta:
             per_unit = _IMAGEJ_S.get(str(ij.get("tunit", "sec")).strip())
             found = found.filled(cls(interval_ms=finterval * per_unit * 1e3 if finterval and per_unit else None))
             scale = _UM.get(str(ij.get("unit", "")).strip())
-            found = found.filled(cls(pixel_size_um=_resolution_um(tif, scale)))
-        return found.filled(cls(pixel_size_um=_resolution_um(tif, None)))
+            found = found.filled(_resolution(tif, scale))
+        return found.filled(_resolution(tif, None))
 
     def filled(self, other: AcquisitionMeta) -> AcquisitionMeta:
-        """These values, with ``other``'s where these are unknown."""
-        return AcquisitionMeta(**{f.name: getattr(self, f.name) if getattr(self, f.name) is not None
-                                  else getattr(other, f.name) for f in fields(self)})
+        """These values, with ``other``'s where these are unknown; a pixel's height always from
+        the source of its width (one source's square pixel is never given another's height)."""
+        values = {f.name: getattr(self, f.name) if getattr(self, f.name) is not None else getattr(other, f.name)
+                  for f in fields(self)}
+        values["pixel_size_y_um"] = (self if self.pixel_size_um is not None else other).pixel_size_y_um
+        return AcquisitionMeta(**values)
 
     def to_meta(self) -> dict[str, Any]:
-        """The protocol ``meta`` keys of the values known."""
-        return {k: v for k, v in ((PIXEL_SIZE_UM, self.pixel_size_um), (INTERVAL_MS, self.interval_ms),
-                                  (CHANNEL, self.channel), (ACQUISITION_DATETIME, self.acquisition_datetime))
+        """The protocol ``meta`` keys of the values known (the height only where not the width)."""
+        height = self.pixel_size_y_um if self.pixel_size_y_um != self.pixel_size_um else None
+        return {k: v for k, v in ((PIXEL_SIZE_UM, self.pixel_size_um), (PIXEL_SIZE_Y_UM, height),
+                                  (INTERVAL_MS, self.interval_ms), (CHANNEL, self.channel),
+                                  (ACQUISITION_DATETIME, self.acquisition_datetime))
                 if v is not None}
 
     def ome(self, *, time_increment_s: float | None = None) -> dict[str, Any]:
@@ -142,7 +153,7 @@ class AcquisitionMeta:
         out: dict[str, Any] = {}
         if self.pixel_size_um:
             out.update(PhysicalSizeX=self.pixel_size_um, PhysicalSizeXUnit="µm",
-                       PhysicalSizeY=self.pixel_size_um, PhysicalSizeYUnit="µm")
+                       PhysicalSizeY=self.pixel_size_y_um or self.pixel_size_um, PhysicalSizeYUnit="µm")
         increment = self.interval_ms / 1e3 if self.interval_ms else time_increment_s
         if increment:
             out.update(TimeIncrement=round(increment, 9), TimeIncrementUnit="s")
@@ -170,32 +181,37 @@ def _from_ome(xml: str, series: int) -> AcquisitionMeta:
     if pixels is None:
         return AcquisitionMeta(acquisition_datetime=iso_datetime(date))
     a = pixels.attrib
-    size = positive(a.get("PhysicalSizeX"))
-    unit = _UM.get(a.get("PhysicalSizeXUnit", "µm"))
+
+    def physical_size(axis: str) -> float | None:
+        size, unit = positive(a.get(f"PhysicalSize{axis}")), _UM.get(a.get(f"PhysicalSize{axis}Unit", "µm"))
+        return size * unit if size and unit else None
+
+    width = physical_size("X")
     increment = positive(a.get("TimeIncrement"))
     t_unit = _S.get(a.get("TimeIncrementUnit", "s"))
     channels = [el.attrib.get("Name") for el in pixels if local_name(el) == "Channel"]
     return AcquisitionMeta(
-        pixel_size_um=size * unit if size and unit else None,
+        pixel_size_um=width, pixel_size_y_um=physical_size("Y") if width else None,
         interval_ms=increment * t_unit * 1e3 if increment and t_unit else None,
         channel=channels[0] if len(channels) == 1 and channels[0] else None,
         acquisition_datetime=iso_datetime(date))
 
 
-def _resolution_um(tif: tifffile.TiffFile, unit_um: float | None) -> float | None:
-    """µm per pixel from the first page's XResolution: in ``unit_um`` (ImageJ's unit) when given,
-    else by the ResolutionUnit tag when it is centimetres (TIFF's only metric unit)."""
-    page = tif.pages.first
-    tags = page.tags
-    if "XResolution" not in tags:
-        return None
-    num, den = tags["XResolution"].value
-    per_unit = num / den if den else 0.0
-    if not per_unit > 0:
-        return None
+def _resolution(tif: tifffile.TiffFile, unit_um: float | None) -> AcquisitionMeta:
+    """The pixel size from the first page's X and YResolution: in ``unit_um`` (ImageJ's unit) when
+    given, else by the ResolutionUnit tag when it is centimetres (TIFF's only metric unit)."""
+    tags = tif.pages.first.tags
     if unit_um is None:
         unit = tags["ResolutionUnit"].value if "ResolutionUnit" in tags else 2
         if int(unit) != 3:  # 3: centimetre; 2 (inch) and 1 (none) say nothing of the sample
-            return None
+            return AcquisitionMeta()
         unit_um = 1e4
-    return positive(unit_um / per_unit)
+
+    def size(tag: str) -> float | None:
+        if tag not in tags:
+            return None
+        num, den = tags[tag].value
+        return positive(unit_um * den / num) if num and den else None
+
+    width = size("XResolution")
+    return AcquisitionMeta(pixel_size_um=width, pixel_size_y_um=size("YResolution") if width else None)
