@@ -28,11 +28,14 @@ from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.daemon.config import DaemonConfig
 from umvd_live.daemon.engines import engine_factory, inference_layout
 from umvd_live.daemon.service import Daemon
+from umvd_live.daemon.statestore import checkpoint_stem
 from umvd_live.daemon.status import render_lines, render_table
 from umvd_live.daemon.streams import RateMeter, monotonic
 from umvd_live.daemon.transport import Received
 from umvd_live.engine import EngineConfig, StreamDenoiser, cpu_cores
+from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_hash
 from umvd_live.engine.model import DenoiserUNet
+from umvd_live.engine.outputs import DenoisedFrame
 from umvd_live.wire.protocol import decode_output, encode_end, encode_frame
 from umvd_live.wire.security import PathNotAllowed, check_bind, confine_path
 
@@ -719,5 +722,230 @@ def test_a_stream_whose_last_flush_fails_still_lets_the_others_and_the_recording
         for name, count in counts.items():
             _, infos, provenance = read_recording(tmp_path / f"rec_{name}.ome.tif")
             assert provenance["complete"] and len(infos) == count
+    finally:
+        d.close()
+
+
+# ---- streams, their slots and their checkpoints ----------------------------------------------------
+class StepCounter:
+    """A stand-in for `StreamDenoiser`, warm at once: every frame is a training step, its outputs
+    are its inputs, and its weights (the step count) go to and come from real checkpoint files,
+    so the daemon's stream and state-directory logic runs in milliseconds. Weights saved with
+    ``foreign`` in their info are refused, as the engine refuses another network's (starting
+    weights: at the first push, which builds its network)."""
+
+    state, last_loss, warmup_progress, changes, warm, training_paused = "live", None, 1.0, [], True, False
+
+    def __init__(self, init: str | None):
+        self.model_step = self.frames_in = 0
+        self.init = init
+
+    def push_many(self, frames, infer=None, tags=None, wait=True):
+        if self.frames_in == 0 and self.init is not None:
+            self.load_weights(self.init)
+        outputs = []
+        for frame, tag in zip(frames, tags or [None] * len(frames)):
+            self.model_step += 1
+            self.frames_in += 1
+            image = frame.astype(np.float32)
+            outputs.append(DenoisedFrame(self.frames_in - 1, image, "live", self.model_step, tag=tag))
+        return outputs
+
+    def flush(self):
+        return []
+
+    def save_weights(self, path, info=None):
+        weights = {"step": torch.tensor(float(self.model_step))}
+        save_checkpoint(path, weights, {**(info or {}), "step": self.model_step})
+        return self.model_step, weights_hash(weights)
+
+    def load_weights(self, path):
+        _, info = load_checkpoint(path)
+        if info.get("foreign"):
+            raise CheckpointError(f"{path}: weights are for another network")
+        self.model_step = int(info["step"])
+
+    def pause_training(self):
+        pass
+
+    resume_training = pause_training
+    close = pause_training
+
+    def weights_hash(self):
+        return None
+
+    def stats(self):
+        return {}
+
+
+def step_counter_daemon(tmp_path, **fields) -> Daemon:
+    """A started daemon of `StepCounter` streams in this process (messages go to `router.process`)."""
+    config = DaemonConfig(input_bind=None, output="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                          output_dir=tmp_path, **fields)
+    d = Daemon(config, StepCounter)
+    d.start()
+    return d
+
+
+def frames(stream: str, count: int, shape=(16, 16), first: int = 0) -> list[Received]:
+    return [received(encode_frame(stream, np.full(shape, 7, np.uint16), seq)) for seq in range(first, first + count)]
+
+
+def command(d: Daemon, **request) -> dict:
+    return d.control.handle(request).result(timeout=60)
+
+
+def checkpoint_file(state: Path, stream: str, shape: str = "16x16") -> Path:
+    return state / "checkpoints" / f"{checkpoint_stem(stream)}.{shape}.u2.pt"
+
+
+def test_reset_forgets_every_checkpoint_of_the_stream_also_after_its_end(tmp_path, monkeypatch):
+    """`reset` drops the model: the checkpoints of every frame format the stream had (and one an
+    earlier version left) go, also when the stream already ended, whose end wrote one, and also
+    when the flush of a live stream fails; other streams keep theirs. Its next frames start fresh."""
+    state = tmp_path / "state"
+    d = step_counter_daemon(tmp_path, state_dir=state)
+    try:
+        d.router.process(frames("cam0", 5, (24, 24)) + frames("cam1", 3))
+        d.router.process(frames("cam0", 4, first=5) + [received(encode_end("cam0", 9))])  # a shape change, an end
+        save_checkpoint(state / "cam0.32x32.u2.pt", {"w": torch.zeros(1)}, {"step": 7})  # an earlier version's
+        d.router.streams["cam1"].checkpoint()
+        d.worker.submit(lambda: None).result()
+        assert checkpoint_file(state, "cam0", "24x24").is_file() and checkpoint_file(state, "cam0").is_file()
+        assert command(d, cmd="reset", stream="cam0")["ok"]
+        d.worker.submit(lambda: None).result()
+        assert sorted(p.name for p in state.rglob("*.pt")) == [checkpoint_file(state, "cam1").name]
+        for shape in ((16, 16), (24, 24), (32, 32)):  # binning changed back and forth: fresh each time
+            d.router.process(frames("cam0", 1, shape))
+            s = d.status()["streams"]["cam0"]
+            assert (s["resumed"], s["started_from"], s["model_step"]) == (0, None, 1), (shape, s)
+        assert d.status()["streams"]["cam0"]["resets"] == 1
+
+        d.router.streams["cam0"].checkpoint()  # a live stream whose flush fails at the reset
+        d.worker.submit(lambda: None).result()
+        monkeypatch.setattr(StepCounter, "flush", lambda self: 1 / 0)
+        assert not command(d, cmd="reset", stream="cam0")["ok"]
+        d.worker.submit(lambda: None).result()
+        assert not list((state / "checkpoints").glob(f"{checkpoint_stem('cam0')}.*"))
+    finally:
+        d.close()
+
+
+def test_a_stream_that_ended_gives_its_slot_to_a_new_one(tmp_path):
+    """A producer that names a stream per position ends each: past --max-streams the stream idle
+    longest of those that ended gives its slot (and its place in the status) to the new one. A
+    live stream never does, nor one with a message waiting in the same batch."""
+    d = step_counter_daemon(tmp_path, max_streams=2)
+    try:
+        for name in ("pos01", "pos02", "pos03"):
+            d.router.process(frames(name, 3) + [received(encode_end(name, 3))])
+        status = d.status()
+        assert sorted(status["streams"]) == ["pos02", "pos03"] and status["rejected_unattributed"] == {}
+        assert status["streams"]["pos03"]["ends"] == 1
+        # pos02 has been idle longer, but a frame of it waits in the batch: pos03 makes room
+        d.router.process(frames("pos02", 1, first=3) + frames("pos04", 2))
+        assert sorted(d.stream_names()) == ["pos02", "pos04"]
+        d.router.process(frames("pos05", 1))  # both live: refused
+        assert sorted(d.stream_names()) == ["pos02", "pos04"]
+        assert d.status()["rejected_unattributed"] == {"too_many_streams": 1}
+    finally:
+        d.close()
+
+
+def test_a_refused_load_model_leaves_the_stream_its_checkpoint(tmp_path):
+    """`load_model` of weights the stream's engine refuses (another network) changes nothing: the
+    stream's next start still resumes its own checkpoint, not the refused file or from scratch.
+    Weights it refuses only when it starts from them (named while the stream had ended) are
+    dropped then, and its starts after that resume its checkpoints again: the final checkpoint of
+    the model it started from scratch instead is written, even while that of the model before is
+    still queued (a slow disk)."""
+    state = tmp_path / "state"
+    save_checkpoint(state / "other-net.pt", {"w": torch.ones(1)}, {"step": 5, "foreign": True})
+    d = step_counter_daemon(tmp_path, state_dir=state)
+    try:
+        d.router.process(frames("cam0", 20))
+        reply = command(d, cmd="load_model", stream="cam0", path="other-net.pt")
+        assert not reply["ok"] and "another network" in reply["error"]
+        d.router.process([received(encode_end("cam0", 20))] + frames("cam0", 1))  # the next acquisition
+        s = d.status()["streams"]["cam0"]
+        assert (s["resumed"], s["started_from"], s["model_step"]) == (1, str(checkpoint_file(state, "cam0")), 21)
+
+        slow_disk = threading.Event()
+        d.worker.submit(slow_disk.wait)
+        d.router.process([received(encode_end("cam0", 1))])
+        assert command(d, cmd="load_model", stream="cam0", path="other-net.pt")["applied"] == "at_first_frame"
+        d.router.process(frames("cam0", 2))  # refused as it starts: from scratch, said so
+        assert d.status()["streams"]["cam0"]["model_step"] == 2
+        d.router.process([received(encode_end("cam0", 2))])
+        slow_disk.set()
+        d.router.process(frames("cam0", 1))
+        s = d.status()["streams"]["cam0"]
+        assert (s["resumed"], s["started_from"], s["model_step"]) == (2, str(checkpoint_file(state, "cam0")), 3)
+    finally:
+        d.close()
+
+
+def test_load_model_for_a_stream_not_seen_yet_takes_no_slot(tmp_path):
+    """Weights named for a stream before its first frame wait apart from the streams: a misspelt
+    name takes no --max-streams slot and no place among the streams, and the stream it names
+    starts from them when it comes."""
+    save_checkpoint(tmp_path / "start.pt", {"w": torch.zeros(1)}, {"step": 40})
+    d = step_counter_daemon(tmp_path, max_streams=1)
+    try:
+        reply = command(d, cmd="load_model", stream="camO", path="start.pt")  # a typo of cam0
+        assert reply["ok"] and reply["applied"] == "at_first_frame" and d.stream_names() == []
+        d.router.process(frames("cam0", 3))
+        assert d.stream_names() == ["cam0"] and d.status()["rejected_unattributed"] == {}
+        assert command(d, cmd="save_model")["stream"] == "cam0"  # the one stream, without naming it
+        assert not command(d, cmd="reset", stream="camO")["ok"]
+        d.router.process([received(encode_end("cam0", 3))])
+        d.router.process(frames("camO", 1))  # in cam0's slot, now free
+        s = d.status()["streams"]["camO"]
+        assert (s["started_from"], s["model_step"]) == (str(tmp_path / "start.pt"), 41)
+    finally:
+        d.close()
+
+
+def test_checkpoint_file_names_stay_apart_on_any_file_system(tmp_path):
+    """Each stream's checkpoint is its own file, in a folder `save_model`/`load_model` cannot name:
+    on a file system that ignores case too (``Cam0``/``cam0``), for Windows device names (``NUL``),
+    and for a stream named like another's checkpoint, whose saved model once overwrote it. A file
+    names its stream, and another stream's is not resumed. An earlier version's file still is."""
+    from pathlib import PureWindowsPath
+
+    state = tmp_path / "state"
+    names = {"cam0": 5, "Cam0": 6, "NUL": 7, "cam0.16x16.u2": 8, "com1.x": 9}
+    d = step_counter_daemon(tmp_path, state_dir=state)
+    try:
+        d.router.process([item for name, count in names.items() for item in frames(name, count)])
+        assert command(d, cmd="save_model", stream="cam0.16x16.u2")["path"] == str(state / "cam0.16x16.u2.pt")
+        for path in ("checkpoints/x.pt", "Checkpoints/x.pt", f"checkpoints/{checkpoint_file(state, 'cam0').name}"):
+            assert "checkpoints" in command(d, cmd="save_model", stream="cam0", path=path)["error"]
+    finally:
+        d.close()  # the final checkpoints
+    files = sorted(p.name for p in (state / "checkpoints").iterdir())
+    assert len({name.casefold() for name in files}) == len(names) == len(files)
+    assert not any(PureWindowsPath(name).is_reserved() for name in files), files
+    assert load_checkpoint(checkpoint_file(state, "NUL"))[1]["stream"] == "NUL"
+    # An earlier version's checkpoint of cam1, beside the saved models: still resumed. Cam0's file
+    # replaced by cam0's: not Cam0's, so Cam0 starts fresh.
+    save_checkpoint(state / "cam1.16x16.u2.pt", {"w": torch.zeros(1)}, {"step": 30})
+    checkpoint_file(state, "Cam0").write_bytes(checkpoint_file(state, "cam0").read_bytes())
+    d = step_counter_daemon(tmp_path, state_dir=state)
+    try:
+        d.router.process([item for name in [*names, "cam1"] for item in frames(name, 1)])
+        steps = {name: s["model_step"] for name, s in d.status()["streams"].items()}
+        assert steps == {name: count + 1 for name, count in names.items()} | {"Cam0": 1, "cam1": 31}
+    finally:
+        d.close()
+
+
+def test_record_start_refuses_an_empty_list_of_streams(tmp_path):
+    """``streams: []`` would record every stream while the reply said none: refused."""
+    d = step_counter_daemon(tmp_path)
+    try:
+        reply = command(d, cmd="record_start", path="none.ome.tif", streams=[])
+        assert not reply["ok"] and "at least one stream" in reply["error"]
+        assert d.recording is None
     finally:
         d.close()

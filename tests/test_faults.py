@@ -1,17 +1,20 @@
 """Faults around a real daemon subprocess: a producer that crashes and restarts, the daemon killed
-and restarted with --state-dir (and a corrupt checkpoint), a long pause in the stream, a disk that
-fills up during a recording (RLIMIT_FSIZE on the daemon process)."""
+and restarted with --state-dir (and a corrupt checkpoint, and a checkpoint write killed midway), a
+long pause in the stream, a disk that fills up during a recording (RLIMIT_FSIZE on the daemon
+process)."""
 
 from __future__ import annotations
 
 import resource
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_daemon import HALF, DaemonProcess, Subscriber, run_producer
+from test_daemon import HALF, DaemonProcess, Subscriber, checkpoint_file, run_producer, step_counter_daemon
 
 from umvd_live.adapters.publisher import FramePublisher
 
@@ -61,7 +64,7 @@ def test_producer_crash_and_restart_with_seq_from_zero(daemons):
 
 def test_kill_and_restart_resumes_from_the_state_dir(daemons, tmp_path):
     state = tmp_path / "state"
-    ckpt = state / "cam0.32x32.u2.pt"
+    ckpt = checkpoint_file(state, "cam0", "32x32")
     # --idle-s: a slow machine must not idle the stream before its warm start is trained;
     # --prior none: a warm start from scratch tells a resumed model from a fresh one by its state
     args = ("--state-dir", str(state), "--checkpoint-interval", "0.5", "--catchup-ms", "60000",
@@ -85,7 +88,7 @@ def test_kill_and_restart_resumes_from_the_state_dir(daemons, tmp_path):
         time.sleep(0.1)
     first.proc.send_signal(signal.SIGKILL)  # no clean shutdown
     first.wait()
-    assert not list(state.glob(".*"))  # no temporary file left behind: written, then renamed
+    assert not list(state.rglob(".*"))  # no temporary file left behind: written, then renamed
 
     second = daemons(*args)
     sub = Subscriber(second.output)
@@ -114,10 +117,31 @@ def test_kill_and_restart_resumes_from_the_state_dir(daemons, tmp_path):
     s = wait_status(third, lambda s: s["frames_in"] == 10)
     assert s["resumed"] == 0 and s["state"] == "warmup" and s["started_from"] is None
     assert "refusing checkpoint" in third.log() and "the stream starts fresh" in third.log()
-    assert (state / "cam0.32x32.u2.pt.corrupt").is_file()
+    assert ckpt.with_name(ckpt.name + ".corrupt").is_file()
     status = third.request({"cmd": "status"})
     assert status["state_dir"]["refused"] == 1
     assert third.request({"cmd": "shutdown"})["ok"] and third.wait() == 0
+
+
+def test_a_checkpoint_write_killed_midway_leaves_no_temporary_after_a_restart(tmp_path):
+    """A process killed inside a checkpoint write (here: it dies in the fsync) leaves a full-size
+    temporary beside the file, as one of an earlier version (a `tempfile.mkstemp` name) may be:
+    the daemon's start removes them, and nothing else."""
+    state = tmp_path / "state"
+    target = checkpoint_file(state, "cam0")
+    killed = ("import os, sys, torch\n"
+              "from umvd_live.engine.checkpoint import save_checkpoint\n"
+              "os.fsync = lambda fd: os._exit(9)\n"
+              "save_checkpoint(sys.argv[1], {'w': torch.zeros(10000)}, {'step': 1})\n")
+    assert subprocess.run([sys.executable, "-c", killed, str(target)]).returncode == 9
+    (left,) = target.parent.glob(f".{target.name}.*")
+    assert left.stat().st_size > 40000 and not target.exists()
+    earlier = state / ".cam0.32x32.u2.pt.k2_9x0qa"
+    kept = [state / "cam0.32x32.u2.pt.corrupt", state / ".notes.txt.k2_9x0qa", state / ".hidden", state / "m.pt"]
+    for path in [earlier, *kept]:
+        path.write_bytes(b"x")
+    step_counter_daemon(tmp_path, state_dir=state).close()
+    assert sorted(p for p in state.rglob("*") if p.is_file()) == sorted(kept)
 
 
 def test_a_long_pause_idles_the_stream_then_it_resumes(daemons):

@@ -19,7 +19,8 @@ import zmq
 from test_daemon import HALF, DaemonProcess
 
 from umvd_live.adapters.publisher import FramePublisher
-from umvd_live.engine.checkpoint import FORMAT
+from umvd_live.daemon.service import write_ready_file
+from umvd_live.engine.checkpoint import FORMAT, save_checkpoint
 from umvd_live.wire.protocol import decode_output
 from umvd_live.wire.security import SecurityError, apply_client, check_bind, create_keypair
 
@@ -240,3 +241,19 @@ def test_control_paths_stay_inside_the_directories_and_nothing_runs(tmp_path):
         d.kill()
     refused = cli("serve", "--init", str(state / "evil.pt"), "--input", "tcp://127.0.0.1:*")
     assert refused.returncode == 2 and "--init" in refused.stderr and not marker.exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes (Windows keeps only a read-only bit)")
+def test_model_and_ready_files_get_the_mode_the_umask_gives_not_owner_only(tmp_path):
+    """Written through a temporary file and renamed, model files and the ready file still get
+    the mode any file gets under the umask (other users' tools read them), not 0600."""
+    umask = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "m.pt", {"w": torch.zeros(1)}, {})
+        write_ready_file(tmp_path / "ready.json", {"input": "a", "output": "b", "control": "c"})
+        os.umask(0o077)
+        save_checkpoint(tmp_path / "private.pt", {"w": torch.zeros(1)}, {})
+    finally:
+        os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"m.pt": 0o644, "ready.json": 0o644, "private.pt": 0o600}

@@ -12,7 +12,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from test_daemon import DaemonProcess, engine
+from test_daemon import DaemonProcess, checkpoint_file, engine
 
 from umvd_live.daemon.config import DaemonConfig
 from umvd_live.daemon.service import Daemon
@@ -131,9 +131,9 @@ class SaveThreads(StreamDenoiser):
 
     threads: list[str] = []
 
-    def save_weights(self, path) -> tuple[int, str]:
+    def save_weights(self, path, info=None) -> tuple[int, str]:
         SaveThreads.threads.append(threading.current_thread().name)
-        return super().save_weights(path)
+        return super().save_weights(path, info)
 
 
 def test_checkpoints_are_written_on_the_state_worker_not_the_frame_loop(tmp_path):
@@ -169,7 +169,7 @@ def test_checkpoints_are_written_on_the_state_worker_not_the_frame_loop(tmp_path
         assert d.status()["worker"]["thread"] == StateWorker.THREAD_NAME
     finally:
         d.close()  # the final checkpoint: queued by the flush, written before close returns
-    assert (tmp_path / "state" / "cam0.32x32.u2.pt").is_file()
+    assert checkpoint_file(tmp_path / "state", "cam0", "32x32").is_file()
     assert len(SaveThreads.threads) >= 1
     loop = threading.current_thread().name
     assert all(name.startswith(StateWorker.THREAD_NAME) and name != loop for name in SaveThreads.threads), \

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from umvd_live.daemon.statestore import checkpoint_stem
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from soak import request, start_daemon, start_producer, stop_producer  # noqa: E402
 
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="umvd-kill-") as tmp:
         work = Path(tmp)
         state = work / "state"
-        ckpt = state / f"cam0.{args.size[0]}x{args.size[1]}.u2.pt"
+        ckpt = state / "checkpoints" / f"{checkpoint_stem('cam0')}.{args.size[0]}x{args.size[1]}.u2.pt"
         daemon, ep = start_daemon(work, args)
         producer = start_producer(ep["input"], args, seed=0, log=work / "producer.log")
         s, took = first_live(ep["control"], 900)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Protocol
 
 from umvd_live.wire.protocol import ProtocolError, pack, unpack_map
@@ -62,11 +62,14 @@ class ControlTarget(Protocol):
 
 
 class ControlHandler:
-    """Dispatches control requests to the daemon; ``model_dir`` confines save/load paths."""
+    """Dispatches control requests to the daemon; ``model_dir`` confines save/load paths, and
+    ``checkpoints`` (the state directory's) is out of their reach: a saved model must not
+    overwrite a stream's checkpoint, nor take the place of one."""
 
-    def __init__(self, target: ControlTarget, model_dir: Path):
+    def __init__(self, target: ControlTarget, model_dir: Path, checkpoints: Path | None = None):
         self.target = target
         self.model_dir = model_dir
+        self.checkpoints = checkpoints
         self._commands: dict[str, Command] = {
             "status": lambda req: dict(target.status()),
             "pause_training": lambda req: self._training(req, paused=True),
@@ -157,9 +160,14 @@ class ControlHandler:
     def _model_path(self, requested: Any) -> Path:
         """A save/load path from the client, confined to the model directory."""
         try:
-            return confine_path(requested, self.model_dir)
+            path = confine_path(requested, self.model_dir)
         except PathNotAllowed as exc:
             raise ControlError(f"model path: {exc}") from None
+        # without case: NTFS and APFS open ``Checkpoints/`` as ``checkpoints/``
+        if self.checkpoints is not None and PurePath(str(path).casefold()).is_relative_to(
+                str(self.checkpoints.resolve()).casefold()):
+            raise ControlError(f"model path: {requested!r} is in {self.checkpoints.name}/, the daemon's checkpoints")
+        return path
 
     def _record_start(self, req: dict[str, Any]) -> Reply:
         """``{path, streams?, raw?}``: path relative to the output directory (the recorder
@@ -170,6 +178,8 @@ class ControlHandler:
         streams = req.get("streams")
         if streams is not None and (not isinstance(streams, list) or not all(isinstance(s, str) for s in streams)):
             raise ControlError("streams must be a list of stream names")
+        if streams == []:  # would read as "none", but an empty selection records every stream
+            raise ControlError("streams must name at least one stream (leave it out to record every stream)")
         raw = req.get("raw", False)
         if not isinstance(raw, bool):
             raise ControlError("raw must be true or false")

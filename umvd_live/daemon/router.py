@@ -93,6 +93,9 @@ class Router:
         #: Every output, in the order they get each event; the service adds and removes recordings.
         self.sinks: list[FrameSink] = []
         self.streams: dict[str, LiveStream] = {}
+        #: Weights `load_model` named for streams not seen yet, taken by their first frame: kept
+        #: apart, so a misspelt name takes no stream slot (and replaced by a later `load_model`).
+        self.starting_weights: dict[str, str] = {}
         self.capacity = CapacityMonitor(clock=monotonic)
         self.rejected_unattributed: Counter[str] = Counter()
         self.training_paused = False  # new streams start paused (the control socket's pause)
@@ -114,16 +117,18 @@ class Router:
         if items:
             self.capacity.begin_batch(began)  # a status answered mid-batch counts it as busy
         messages: list[tuple[Frame | StreamEnd, Received]] = []
+        named: set[str] = set()  # the streams of `messages`: their slots are not given away
         for n, item in enumerate(items, 1):
             message = self._decode(item)
             if isinstance(message, StreamEnd):
                 if message.stream in self.streams:  # the end of a stream never seen ends nothing
                     messages.append((message, item))
+                    named.add(message.stream)
             # A stream exists from its first valid frame on, so a malformed message after that
             # frame counts on the stream, as it would in a batch of its own.
-            elif message is not None and (message.stream in self.streams
-                                          or self.new_stream(message.stream, self.config.engine.init)):
+            elif message is not None and (message.stream in self.streams or self.new_stream(message.stream, named)):
                 messages.append((message, item))
+                named.add(message.stream)
             if n % DECODE_SLICE == 0:
                 self.between()
         plan = self._plan([m.stream for m, _ in messages if isinstance(m, Frame)], allow_skip)
@@ -275,15 +280,26 @@ class Router:
                         "meanwhile: %s", change.duration_s, change.load, change.lag_s, skipped)
 
     # ---- streams ------------------------------------------------------------------------------
-    def new_stream(self, name: str, init: str | None) -> LiveStream | None:
-        """A stream by that name (not seen yet), or None past ``max_streams`` (counted, logged)."""
+    def new_stream(self, name: str, keep: set[str]) -> LiveStream | None:
+        """A stream by that name (not seen yet), or None past ``max_streams`` (counted, logged).
+        A stream that ended (its outputs all handed out) holds its slot, and stays in the status,
+        only until a new stream needs it: the one idle longest gives it up, unless ``keep`` names
+        it (messages of it wait in this batch). A recording of it goes on, in its own files, if
+        frames of that name come again: the name then starts as a new stream."""
         if len(self.streams) >= self.config.max_streams:
-            self.rejected_unattributed["too_many_streams"] += 1
-            self._log_rejection(name, ProtocolError(
-                "too_many_streams", f"{name!r}: already {len(self.streams)} streams (--max-streams)"))
-            return None
-        live = LiveStream(name, self.make_denoiser, init=init, store=self.store,
+            ended = [live for live in self.streams.values() if live.ended and live.name not in keep]
+            if not ended:
+                self.rejected_unattributed["too_many_streams"] += 1
+                self._log_rejection(name, ProtocolError(
+                    "too_many_streams", f"{name!r}: already {len(self.streams)} streams (--max-streams)"))
+                return None
+            gone = min(ended, key=lambda live: live.last_received or 0.0).name
+            del self.streams[gone]
+            log.info("stream %s: ended; its slot goes to the new stream %s (--max-streams)", gone, name)
+        init = self.starting_weights.pop(name, None)
+        live = LiveStream(name, self.make_denoiser, init=init or self.config.engine.init, store=self.store,
                           idle_after_s=self.config.idle_after_s, run_length=self.run_length)
+        live.init_explicit = init is not None
         live.training_paused = self.training_paused
         self.streams[name] = live
         log.info("stream %s: first message", name)

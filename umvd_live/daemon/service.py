@@ -33,7 +33,6 @@ import os
 import queue
 import signal
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -54,7 +53,7 @@ from umvd_live.daemon.statestore import StateStore, StateWorker
 from umvd_live.daemon.status import StatusDisplay
 from umvd_live.daemon.streams import StreamEngineFactory, monotonic
 from umvd_live.daemon.transport import PendingReply, Transport
-from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint, weights_hash
+from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint, weights_hash, write_atomically
 from umvd_live.engine.provenance import network_provenance
 from umvd_live.wire.protocol import STREAM_NAME
 from umvd_live.wire.security import PathNotAllowed, confine_path
@@ -98,7 +97,8 @@ class Daemon:
                              store=self.store, budget=getattr(make_denoiser, "budget", None),
                              between=self._answer_status)
         self.router.sinks.extend(sinks)
-        self.control = ControlHandler(self, config.model_dir)
+        self.control = ControlHandler(self, config.model_dir,
+                                      checkpoints=self.store.checkpoints if self.store is not None else None)
         self.endpoints: EndpointsStatus = {"input": "", "output": "", "control": ""}  # bound by `start`
         self.recording: RecordingSink | None = None
         self._stopped_recordings: list[RecordingSink] = []  # still writing their backlog
@@ -330,7 +330,8 @@ class Daemon:
 
         def save() -> Reply:
             path.parent.mkdir(parents=True, exist_ok=True)
-            step, digest = den.save_weights(str(path))  # what was written, though training goes on
+            # what was written, though training goes on; the file names its stream, as a checkpoint does
+            step, digest = den.save_weights(str(path), {"stream": stream})
             log.info("stream %s: weights saved to %s", stream, path)
             return {"stream": stream, "path": str(path), "weights_hash": digest, "model_step": int(step)}
 
@@ -345,19 +346,17 @@ class Daemon:
         if live is None:
             if not STREAM_NAME.match(stream):
                 raise ControlError(f"stream name {stream!r} must match {STREAM_NAME.pattern}")
-            live = self.router.new_stream(stream, str(path))
-            if live is None:
-                raise ControlError(f"already {len(self.router.streams)} streams (--max-streams)")
-            live.init_explicit = True
-            log.info("stream %s: will start from %s", stream, path)
+            self.router.starting_weights[stream] = str(path)
+            log.info("stream %s: will start from %s at its first frame", stream, path)
             return {"stream": stream, "path": str(path), "applied": "at_first_frame"}
-        live.init = str(path)  # a later shape change starts from these weights as well
-        live.init_explicit = True
         den = live.denoiser
+        if den is not None:
+            den.load_weights(str(path))  # weights for another network raise: the stream keeps its own
+            log.info("stream %s: weights loaded from %s", stream, path)
+        live.init = str(path)  # a later start (shape change, end) starts from these weights as well
+        live.init_explicit = True
         if den is None:
             return {"stream": stream, "path": str(path), "applied": "at_first_frame"}
-        den.load_weights(str(path))
-        log.info("stream %s: weights loaded from %s", stream, path)
         # the file's weights: the trainer may step on them before the reply is made
         return self.worker.submit(lambda: {"stream": stream, "path": str(path), "applied": "now",
                                            "weights_hash": weights_hash(state)})
@@ -433,20 +432,12 @@ class Daemon:
 
 
 def write_ready_file(path: Path, endpoints: EndpointsStatus) -> None:
-    """``--ready-file``: the bound endpoints as JSON, written whole or not at all (a temporary
-    file in the same directory, then `os.replace`), so a reader never sees half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """``--ready-file``: the bound endpoints as JSON, written whole or not at all
+    (`checkpoint.write_atomically`), so a reader never sees half of it."""
     payload = {"version": READY_FILE_VERSION, "pid": os.getpid(), "umvd_live": __version__,
                "endpoints": dict(endpoints)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with write_atomically(path) as fh:
+        fh.write(json.dumps(payload).encode())
 
 
 # ---- the process --------------------------------------------------------------------------------

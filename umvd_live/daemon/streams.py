@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -62,7 +62,7 @@ class StreamEngine(Protocol):
     def flush(self) -> list[DenoisedFrame]: ...
     def pause_training(self) -> None: ...
     def resume_training(self) -> None: ...
-    def save_weights(self, path: str) -> tuple[int, str]: ...  # (step, weights hash) written
+    def save_weights(self, path: str, info: Mapping[str, Any] | None = None) -> tuple[int, str]: ...  # (step, hash)
     def load_weights(self, path: str) -> None: ...
     def weights_hash(self) -> str | None: ...
     def stats(self) -> dict[str, Any]: ...  # `wire.schema.EngineStats`, with numpy/torch scalars
@@ -246,15 +246,17 @@ class LiveStream:
         return outputs, started
 
     def reset(self, init: str | None) -> tuple[list[DenoisedOutput], StreamStarted | None]:
-        """Forget the model (new field of view): flush what is owed, start a fresh denoiser."""
+        """Forget the model (new field of view): its checkpoints of every frame format go, what
+        is owed is flushed, a fresh denoiser starts (that of a stream that ended: at its next
+        frame). The checkpoints go first, so a flush that fails cannot leave them to resume."""
         self.init = init
         self.init_explicit = False
+        self.counters.resets += 1
+        if self.store is not None:
+            self.store.forget_later(self.name)
         if self.denoiser is None:
             return [], None
         outputs = self._close_denoiser(checkpoint=False)
-        if self.store is not None:
-            self.store.forget_later(self.name, self.shape, self.dtype)
-        self.counters.resets += 1
         assert self.shape is not None and self.dtype is not None
         return outputs, self._start_denoiser(self.shape, self.dtype, "reset")
 
@@ -268,6 +270,11 @@ class LiveStream:
         self.counters.ends += 1
         log.info("stream %s: ended by its producer after seq %s", self.name, seq - 1)
         return self._close_denoiser() if self.denoiser is not None else []
+
+    @property
+    def ended(self) -> bool:
+        """The producer ended the stream and no frame came since: no denoiser, nothing owed."""
+        return self._numbering_ended and self.denoiser is None and self.pending == 0
 
     def close(self) -> list[DenoisedOutput]:
         """Flush and stop the denoiser (its trainer thread)."""
@@ -394,8 +401,8 @@ class LiveStream:
                 # fit this stream must not wedge it. Start from scratch instead, and say so.
                 log.exception("stream %s: cannot start from weights %s; starting from scratch",
                               self.name, self.started_from)
-                if self.started_from == self.init:
-                    self.init = None
+                if self.started_from == self.init:  # nor do they win over a checkpoint any more
+                    self.init, self.init_explicit = None, False
                 den.close()
                 header = run[0].frame.header
                 self._start_denoiser(header.shape, header.dtype, "init_refused", use_state=False)

@@ -2,21 +2,27 @@
 
 A checkpoint is a `torch.save` of plain tensors, numbers and strings, read back with
 `weights_only=True`: loading never unpickles arbitrary objects, so a model file from the network
-cannot execute code. It is written to a temporary file and renamed, so a crash mid-write never
-leaves a half checkpoint under the real name.
+cannot execute code. It is written to a temporary file and renamed (`write_atomically`), so a
+crash mid-write never leaves a half checkpoint under the real name.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import re
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 FORMAT = "umvd-live-weights/1"
+#: The temporary file a write goes through, ``.<target>.<random>`` next to its target (also the
+#: names `tempfile.mkstemp` gave them before): what a write killed midway leaves behind.
+TEMPORARY = re.compile(r"\A\.(?P<target>.+)\.[0-9a-z_]{8,16}\Z")
 
 
 class CheckpointError(ValueError):
@@ -33,24 +39,38 @@ def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
+@contextmanager
+def write_atomically(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """A binary file to write ``path`` through: a temporary next to it, fsynced and renamed over
+    ``path`` when the block ends, removed if it raises, so ``path`` is whole or as it was.
+
+    The temporary is created with mode 0o666 less the umask, as `open` creates files (a
+    `tempfile.mkstemp` file stays 0600, so a model or ready file would be the owner's only); on
+    Windows that mode only leaves the file writable."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
+    path = Path(path)
     payload = {
         "format": FORMAT,
         "info": info,
         "state_dict": {k: v.detach().to("cpu").clone() for k, v in state_dict.items()},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with write_atomically(path) as fh:
+        torch.save(payload, fh)
     return path
 
 

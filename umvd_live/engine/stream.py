@@ -25,11 +25,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -685,11 +685,12 @@ class StreamDenoiser:
         """The trainer's weights now, taken between two of its steps (never half updated)."""
         return weights_hash(self.training.snapshot()[1]) if self.trainer else None
 
-    def save_weights(self, path: str | os.PathLike) -> tuple[int, str]:
-        """Write the trainer's weights; returns the step and the weights hash of what was written."""
+    def save_weights(self, path: str | os.PathLike, info: Mapping[str, Any] | None = None) -> tuple[int, str]:
+        """Write the trainer's weights, with ``info`` beside the network's own (the daemon names the
+        stream a file belongs to); returns the step and the weights hash of what was written."""
         if self.trainer is None:
             raise RuntimeError("no model yet: nothing to save before the first frame")
-        return self.training.save(path, {"preset": self.preset, "spec": self.spec.to_dict()})
+        return self.training.save(path, {**(info or {}), "preset": self.preset, "spec": self.spec.to_dict()})
 
     def load_weights(self, path: str | os.PathLike) -> None:
         """Adopt saved weights mid-stream; they must be for the same network."""
