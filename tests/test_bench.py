@@ -139,6 +139,12 @@ def test_max_rate_inference_only_from_saved_weights(tmp_path):
     (["--events", "default", "--streams", "2"], "one paced stream"),
     (["--init", "/nonexistent/weights.pt"], "weights.pt"),
     (["--size", "4", "4"], "8x8"),
+    (["--ring-mb", "inf"], "--ring-mb must be a finite number > 0"),
+    (["--rate", "inf"], "--rate must be a finite number > 0"),
+    (["--rate", "inf", "--duration", "5"], "--rate must be a finite number > 0"),
+    (["--duration", "inf"], "--duration needs"),
+    (["--rss-every", "0"], "--rss-every must be a finite number > 0"),
+    (["--rss-every", "nan"], "--rss-every must be a finite number > 0"),
 ])
 def test_bad_arguments_are_refused_with_a_clear_error(tmp_path, capsys, args, message):
     assert cli.main(["bench", *TINY, *args, "--json", str(tmp_path / "b.json")]) == 2
@@ -203,3 +209,57 @@ def test_scripted_session_bins_psnr_after_each_change(tmp_path):
     assert [a["segment"] for a in result["activity"]] == [row["change"] for row in events["rows"]]
     assert result["first_output_s"] and result["first_live_output_s"] == result["first_output_s"].get("live")
     assert "changes" in result  # the daemon's count where it reports one, else None
+
+
+def test_adapting_outputs_count_in_the_steady_state(monkeypatch):
+    """The outputs within 90 frames after a detected change ("adapting") are the network's own: the
+    rate, latency and PSNR take them, else fps_out, over a span that still covers them, reads low."""
+    from types import SimpleNamespace
+
+    from umvd_live.apps import bench as b
+
+    frames, rate = 600, 30.0
+    clean = np.arange(frames * 16, dtype=np.float32).reshape(frames, 4, 4) % 7
+    ring = b.FrameRing(np.zeros((frames, 4, 4), np.uint16), clean, 0.0, None)
+    monitor = b.OutputMonitor("tcp://127.0.0.1:9", [("bench", ring)], frames)
+    states = ["warmup"] * 100 + ["live"] * 200 + ["adapting"] * 90 + ["live"] * 210
+    header = {}
+    monkeypatch.setattr(monitor._subscriber, "decode",
+                        lambda parts: SimpleNamespace(header=header, stream="bench", image=np.ones((4, 4))))
+    for seq, state in enumerate(states):
+        header.update(seq=seq, latency_ms=10.0, state=state)
+        monitor._take([b"bench"])
+    monitor._subscriber.close()
+    monkeypatch.setattr(b, "_activity", lambda *a: [])
+    monkeypatch.setattr(b, "ring_photons", lambda *a: 1.0)
+    producer = SimpleNamespace(handed=(np.arange(frames) / rate)[None, :])
+    cfg = SimpleNamespace(frames=frames, height=4, width=4)
+    daemon_cfg = SimpleNamespace(engine=SimpleNamespace(window=7, seed=0))
+    fig = b._stream_figures(cfg, daemon_cfg, 0, ring, producer, monitor, {}, {"frames_out": frames},
+                            b._Progress(live_at=1.0), 30.0)
+    assert fig["fps_out"] == pytest.approx(rate)
+    assert fig["frames_evaluated"] == frames - 100
+    assert fig["first_live_seq"] == 100
+    assert fig["states"] == {"warmup": 100, "live": 410, "adapting": 90}
+
+
+def test_json_is_strict_non_finite_figures_are_null(tmp_path, monkeypatch):
+    """A NaN trace mean (no cell qualifies) or an infinite PSNR is written as null: bare NaN or
+    Infinity is not JSON, and strict parsers (jq, JSON.parse) refuse the file."""
+    from umvd_live.apps import bench as b
+
+    result = {"frames_published": 1, "psnr_denoised_db": math.inf,
+              "activity": [{"rows": {"denoised": {"trace_corr": math.nan, "lag_frames": np.float32("nan")}}}],
+              "load_average": (1.0, -math.inf)}
+    monkeypatch.setattr(b, "measure", lambda config: result)
+    monkeypatch.setattr(b, "print_table", lambda result: None)
+    out = tmp_path / "b.json"
+    config = cli.bench_config(cli.build_parser().parse_args(["bench", *TINY, "--json", str(out)]))
+    assert b.run(config) == 0
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    written = json.loads(out.read_text(), parse_constant=refuse)
+    assert written["psnr_denoised_db"] is None and written["load_average"] == [1.0, None]
+    assert written["activity"][0]["rows"]["denoised"] == {"trace_corr": None, "lag_frames": None}

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from umvd_live.apps import logs
-from umvd_live.apps.cli import build_parser
+from umvd_live.apps.cli import build_parser, main
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|DEBUG) ([\w.-]+): (.*)$")
 
@@ -93,3 +93,10 @@ def test_one_format_our_level_and_libraries_warnings_only(restore_logging, capsy
     logging.getLogger("umvd_live.recording.session").debug("ours too")
     assert [LINE.match(x).group(3) for x in capsys.readouterr().err.splitlines()] == [
         "everything at debug", "ours too"]
+
+
+def test_serve_refuses_an_infinite_inbox_in_one_line(capsys):
+    """inf would overflow in int() into a traceback."""
+    assert main(["serve", "--inbox-mb", "inf"]) == 2
+    err = capsys.readouterr().err
+    assert "--inbox-mb must be a finite number > 0" in err and "Traceback" not in err

@@ -176,3 +176,73 @@ def test_ctrl_c_landing_in_a_finaliser_still_ends_the_stream(monkeypatch) -> Non
             time.sleep(1)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_quality_tracker_scores_adapting_outputs_as_past_the_warm_start() -> None:
+    """An "adapting" output (after a detected change) is the network's own, not warm-up: scored."""
+    noisy, clean = _movie(frames=10)
+    tracker = QualityTracker()
+    for seq in range(len(noisy)):
+        tracker.add_truth(seq, noisy[seq], clean[seq])
+    for seq in range(len(noisy)):
+        tracker.add_output(seq, clean[seq] + 1.0, "warmup" if seq < 3 else "adapting" if seq < 6 else "live")
+    assert tracker.warmup_outputs == 3
+    assert tracker.live_means()["frames"] == 7
+
+
+def test_json_folder_is_made_or_refused_before_the_session(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--json into a missing folder: made up front; one that cannot be made: a one-line refusal, not
+    a traceback after the whole session."""
+    from umvd_live.apps.cli import build_parser, demo_config
+
+    config = demo_config(build_parser().parse_args(["demo", "--json", str(tmp_path / "new" / "d.json")]))
+    assert config.json_path is not None and config.json_path.parent.is_dir()
+    (tmp_path / "file").write_text("")
+    assert main(["demo", "--json", str(tmp_path / "file" / "d.json")]) == 2
+    assert "--json: cannot create the folder" in capsys.readouterr().err
+
+
+def test_outputs_after_the_stream_ended_do_not_count_as_while_streaming(monkeypatch) -> None:
+    """fps_out and the latency figures are over the outputs received while streaming: those taken
+    once the acquisition has stopped (the catch-up wait, the final flush) are left out."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from umvd_live.apps import demo
+
+    waiting: list[list[bytes]] = []
+    collector = demo.OutputCollector("tcp://127.0.0.1:9", QualityTracker())
+    collector.subscriber.close()
+
+    def receive(timeout_s: float):
+        yield from list(waiting)
+        waiting.clear()
+
+    def output(seq: int) -> None:
+        waiting.append([str(seq).encode()])
+
+    collector.subscriber = SimpleNamespace(receive=receive, decode=lambda parts: SimpleNamespace(
+        header={"seq": int(parts[0]), "state": "live", "latency_ms": 5.0}, image=np.zeros((4, 4))))
+
+    class Sim:
+        started_at, error, sent, result = time.monotonic() - 1.0, None, 2, None
+
+        def is_alive(self) -> bool:
+            return True
+
+        def stop(self) -> None:
+            output(1)  # published before the stream ended, taken after
+
+    monkeypatch.setattr(demo, "DemoDisplay", lambda console: contextlib.nullcontext(
+        SimpleNamespace(due=lambda: False)))
+    daemon = SimpleNamespace(proc=SimpleNamespace(poll=lambda: None))
+    config = demo.DemoConfig(duration_s=0.5, height=64, width=64)
+    output(0)
+    demo._stream(config, Console(file=io.StringIO()), daemon, collector, collector.tracker, Sim())
+    output(2)  # after the stream ended: what the catch-up wait and the flush take
+    collector.pump(0.0)
+    assert collector.figures.received == 3
+    assert collector.figures.received_streaming == 2 and len(collector.figures.latencies_ms) == 2

@@ -265,7 +265,8 @@ def test_activity_report_scores_only_the_frames_that_have_an_estimate(simulated)
     broken[~scored] = 0.0
     report = activity_report(noisy, clean, broken, footprints, offset=config.offset_adu, scored=scored,
                              oracle="none")
-    scorer = MovieScorer(clean[scored], footprints, offset=config.offset_adu)
+    # Scored on the frames that have one, the trace lag and peak window in real frames (across the gap).
+    scorer = MovieScorer(clean[scored], footprints, offset=config.offset_adu, frames=np.flatnonzero(scored))
     assert report["frames"] == scored.sum()
     assert report["rows"][DENOISED] == scorer.score(estimate[scored])
     # The baselines filter the whole span (as an offline filter would) and are scored on the same frames.
@@ -352,3 +353,73 @@ def test_bench_denoise_tables_each_kind_of_source_over_the_seeds():
     assert "| noisy input | 0.85 / 0.500 | 0.60 / 0.500 |" in text
     assert "| Gaussian oracle for whole-movie PSNR (σt 8, σxy 0.5) | 0.85 / 0.500 | 0.60 / 0.500 |" in text
     assert "trace correlation" not in text
+
+
+def _trace_movie(trace, size=4):
+    """A field of 100 ADU whose every pixel follows ``trace`` above it: one cell, all the frame."""
+    return 100.0 + np.asarray(trace, float)[:, None, None] * np.ones((1, size, size))
+
+
+def test_non_finite_figures_become_null_for_strict_json():
+    import json
+
+    from umvd_live.metrics import finite_json
+
+    figures = {"corr": np.nan, "psnr": np.float32("inf"), "rows": [{"lag": -np.inf, "n": 3}], "load": (1.5, np.nan)}
+    assert finite_json(figures) == {"corr": None, "psnr": None, "rows": [{"lag": None, "n": 3}], "load": [1.5, None]}
+    json.dumps(finite_json(figures), allow_nan=False)  # raises on any NaN or Infinity left
+
+
+def test_a_truth_without_activity_is_refused_not_all_active():
+    from umvd_live.metrics import MovieScorer, active_psnr, active_set
+
+    truth = np.full((30, 8, 8), 100.0)
+    assert not active_set(truth).any()
+    with pytest.raises(ValueError, match="no activity"):
+        active_psnr(truth + 1, truth)
+    with pytest.raises(ValueError, match="no activity"):
+        MovieScorer(truth)
+
+
+def test_peak_window_at_the_movie_edge_counts_each_frame_once():
+    from umvd_live.metrics import trace_scores
+
+    g, e = np.zeros(40), np.zeros(40)
+    g[:3], e[:3] = (10.0, 6.0, 3.0), (5.0, 6.0, 3.0)  # the largest transient at frame 0
+    scores = trace_scores(_trace_movie(e), _trace_movie(g), np.ones((1, 4, 4)))
+    assert scores.peak_ratio[0] == pytest.approx(14.0 / 19.0)
+
+
+def test_a_flat_or_nan_estimate_has_no_correlation_or_lag_and_the_means_skip_it():
+    from umvd_live.metrics import TraceScores, trace_scores
+
+    t = np.arange(40)
+    truth = _trace_movie(40 * np.exp(-np.clip(t - 10, 0, None) / 4.0) * (t >= 10))
+    for estimate in (np.full_like(truth, 100.0), np.where(t[:, None, None] == 5, np.nan, truth)):
+        scores = trace_scores(estimate, truth, np.ones((1, 4, 4)))
+        assert np.isnan(scores.correlation[0]) and np.isnan(scores.lag_frames[0])
+    two = TraceScores(np.array([0, 1]), np.array([0.5, np.nan]), np.array([1.0, 0.0]), np.array([1.0, 0.0]),
+                      np.array([2.0, np.nan])).summary()
+    assert two["trace_corr"] == 0.5 and two["lag_frames"] == 2.0 and two["cells"] == 2
+
+
+def test_lag_and_peak_ratio_count_real_frames_when_some_are_unscored():
+    """Every other frame unscored: a 2-frame lag is still 2 frames, not 1 (the gaps are not closed up)."""
+    from umvd_live.metrics import DENOISED, activity_report
+
+    t = np.arange(80)
+    truth = _trace_movie(sum(40 * np.exp(-np.clip(t - t0, 0, None) / 4.0) * (t >= t0) for t0 in (10, 35, 60)), 6)
+    late = np.roll(truth, 2, axis=0)
+    late[:2] = 100.0
+    fp = np.ones((1, 6, 6))
+    every, halves = np.ones(80, bool), t % 2 == 0
+    full = activity_report(truth, truth, late, fp, scored=every, oracle="none")["rows"][DENOISED]
+    half = activity_report(truth, truth, late, fp, scored=halves, oracle="none")["rows"][DENOISED]
+    assert full["lag_frames"] == pytest.approx(2.0, abs=0.01) and half["lag_frames"] == pytest.approx(2.0, abs=0.01)
+    # The peak window: the scored frames within 2 frames of the truth's peak, not 5 scored ones.
+    g, e = truth[halves, 0, 0], late[halves, 0, 0]
+    g, e = g - np.median(g), e - np.median(e)
+    frames = t[halves]
+    window = np.abs(frames - frames[np.argmax(g)]) <= 2
+    assert window.sum() == 3
+    assert half["peak_ratio"] == pytest.approx(e[window].sum() / g[window].sum())

@@ -7,14 +7,18 @@ there. The figures here therefore also score the activity (issue 14):
 * ``psnr``: whole-movie PSNR, with the ground truth's own range (max - min, in ADU) as the peak, so
   figures do not depend on the camera offset or the integer type;
 * ``active_psnr``: the same, over the *active set* only: the pixels and frames where the truth is
-  at least ``threshold`` (10 %) of its range above that pixel's temporal median (the transients);
+  more than ``threshold`` (10 %) of its range above that pixel's temporal median (the transients;
+  a truth without activity is refused, not scored as all active);
 * ``trace_scores``: per cell, the footprint-weighted trace of the estimate against that of the
   truth, both taken about their temporal median: Pearson correlation, amplitude slope (the
   least-squares slope of the estimate's trace on the truth's, through 0: 1 keeps transient
   amplitudes, 0.66 cuts them to two thirds), the peak ratio (the estimate's trace over the truth's,
-  summed over the 5 frames around the truth's largest transient: unbiased by noise, unlike a
+  summed over the frames within 2 of the truth's largest transient: unbiased by noise, unlike a
   maximum), and the lag (frames by which the estimate's trace trails the truth's, from the peak of
-  their cross-correlation); ``TraceScores.by_kind`` gives the same means per kind of source
+  their cross-correlation); both in real frames when some are unscored (a live stream skips
+  some): the window and the frame pairs correlated leave those out, not close the gaps up. A
+  flat or NaN estimate trace has no correlation or lag (NaN), and the means over cells skip NaN;
+  ``TraceScores.by_kind`` gives the same means per kind of source
   (somata, puncta, processes), which the means over every source hide;
 * ``score_movie``/``MovieScorer``: all of them for one movie;
 * ``oracle_gaussians``: the 3-D Gaussian filters whose sigma the ground truth picks, *separately
@@ -65,11 +69,12 @@ def psnr(estimate: np.ndarray, truth: np.ndarray) -> float:
 
 
 def active_set(truth: np.ndarray, threshold: float = ACTIVE_THRESHOLD) -> np.ndarray:
-    """Boolean (T, H, W): where the truth is at least ``threshold`` x its range above that pixel's
-    temporal median: the calcium transients (and, in a moving field, the edges that move)."""
+    """Boolean (T, H, W): where the truth is more than ``threshold`` x its range above that pixel's
+    temporal median: the calcium transients (and, in a moving field, the edges that move). Strictly
+    more, so that a truth without activity (range 0) has none, rather than every pixel."""
     truth = np.asarray(truth, dtype=np.float32)
     peak = float(truth.max()) - float(truth.min())
-    return (truth - np.median(truth, axis=0)) >= threshold * peak
+    return (truth - np.median(truth, axis=0)) > threshold * peak
 
 
 def active_psnr(estimate: np.ndarray, truth: np.ndarray, threshold: float = ACTIVE_THRESHOLD) -> float:
@@ -152,12 +157,15 @@ class TraceScores:
     lag_frames: np.ndarray
 
     def summary(self) -> dict[str, float]:
-        """Means over the scored cells (NaN when none qualifies)."""
-        if len(self.cells) == 0:
-            return {"trace_corr": float("nan"), "trace_slope": float("nan"), "peak_ratio": float("nan"),
-                    "lag_frames": float("nan"), "cells": 0}
-        return {"trace_corr": float(np.mean(self.correlation)), "trace_slope": float(np.mean(self.slope)),
-                "peak_ratio": float(np.mean(self.peak_ratio)), "lag_frames": float(np.mean(self.lag_frames)),
+        """Means over the scored cells, skipping a cell's NaN (a flat estimate trace has no
+        correlation or lag); NaN when no cell has a value."""
+
+        def mean(values: np.ndarray) -> float:
+            known = values[~np.isnan(values)]
+            return float(np.mean(known)) if known.size else float("nan")
+
+        return {"trace_corr": mean(self.correlation), "trace_slope": mean(self.slope),
+                "peak_ratio": mean(self.peak_ratio), "lag_frames": mean(self.lag_frames),
                 "cells": int(len(self.cells))}
 
     def by_kind(self, kinds: Any) -> dict[str, dict[str, float]]:
@@ -178,10 +186,14 @@ class TraceScores:
 
 
 class _TruthTraces:
-    """What the trace scores need from the truth, computed once."""
+    """What the trace scores need from the truth, computed once. ``frames``: the frame number of
+    each row (increasing; default 0, 1, ...), so that the peak window and the lag are in real frames
+    when some frames are missing."""
 
-    def __init__(self, truth: np.ndarray, weights: sparse.csr_matrix, offset: float, min_dff: float):
+    def __init__(self, truth: np.ndarray, weights: sparse.csr_matrix, offset: float, min_dff: float,
+                 frames: np.ndarray | None = None):
         self.weights = weights
+        self.frames = np.arange(len(truth)) if frames is None else np.asarray(frames)
         traces = _traces(truth, weights)
         median = np.median(traces, axis=0)
         centred = traces - median
@@ -196,7 +208,6 @@ class _TruthTraces:
 
     def score(self, estimate: np.ndarray) -> TraceScores:
         g = self.centred
-        n_frames = g.shape[0]
         if len(self.cells) == 0:
             empty = np.zeros(0)
             return TraceScores(self.cells, empty, empty, empty, empty)
@@ -206,12 +217,24 @@ class _TruthTraces:
         ec = e - e.mean(axis=0)
         gc = g - g.mean(axis=0)
         denom = np.sqrt((ec**2).sum(axis=0) * (gc**2).sum(axis=0))
-        corr = np.divide((ec * gc).sum(axis=0), denom, out=np.zeros(len(self.cells)), where=denom > 0)
-        cols = np.arange(len(self.cells))
-        at = np.clip(self.peak_at[None, :] + np.arange(-PEAK_WINDOW, PEAK_WINDOW + 1)[:, None], 0, n_frames - 1)
-        peak_ratio = e[at, cols].sum(axis=0) / g[at, cols].sum(axis=0)
-        lag = self._lag(g, e)
+        # A flat (or NaN) estimate trace correlates with nothing and has no lag: NaN, not 0 and -MAX_LAG.
+        flat = ~(denom > 0)
+        corr = np.where(flat, np.nan, (ec * gc).sum(axis=0) / np.where(flat, 1.0, denom))
+        # Each frame within PEAK_WINDOW of the peak once, in real frames: none twice at the movie's
+        # edges, none from beyond a gap of unscored frames.
+        near = np.abs(self.frames[:, None] - self.frames[self.peak_at][None, :]) <= PEAK_WINDOW
+        peak_ratio = (e * near).sum(axis=0) / (g * near).sum(axis=0)
+        lag = np.where(flat, np.nan, self._lag(self._in_frames(g), self._in_frames(e)))
         return TraceScores(self.cells, corr, slope, peak_ratio, lag)
+
+    def _in_frames(self, traces: np.ndarray) -> np.ndarray:
+        """``traces`` (rows, cells) on every frame of their span, 0 (the centred traces' median) on
+        the missing ones: a product with one is 0, so only pairs of present frames correlate."""
+        if self.frames[-1] - self.frames[0] + 1 == len(self.frames):
+            return traces
+        full = np.zeros((int(self.frames[-1] - self.frames[0]) + 1, traces.shape[1]))
+        full[self.frames - self.frames[0]] = traces
+        return full
 
     @staticmethod
     def _lag(g: np.ndarray, e: np.ndarray) -> np.ndarray:
@@ -264,13 +287,16 @@ class MovieScorer:
     ``score(estimate)`` returns ``{"psnr", "active_psnr", "active_fraction"}`` and, with
     footprints, ``{"trace_corr", "trace_slope", "peak_ratio", "lag_frames", "cells"}``; with
     ``kinds`` as well (one label per footprint), ``"by_kind"``: those trace means per kind of
-    source (`TraceScores.by_kind`).
+    source (`TraceScores.by_kind`). ``frames``: the frame number of each of the truth's frames, when
+    it holds only some of a span's (`activity_report`'s scored ones): the trace lag and peak window
+    are then counted in real frames.
     """
 
     CHUNK = 64  # frames per chunk of the float64 error sums
 
     def __init__(self, truth: np.ndarray, footprints: Any = None, *, offset: float = 0.0,
-                 threshold: float = ACTIVE_THRESHOLD, min_dff: float = MIN_CELL_DFF, kinds: Any = None):
+                 threshold: float = ACTIVE_THRESHOLD, min_dff: float = MIN_CELL_DFF, kinds: Any = None,
+                 frames: np.ndarray | None = None):
         self.truth = np.asarray(truth)
         if not np.issubdtype(self.truth.dtype, np.floating):
             self.truth = self.truth.astype(np.float32)
@@ -289,7 +315,7 @@ class MovieScorer:
             raise ValueError("kinds label footprints: pass the footprints too")
         if footprints is not None:
             weights = _footprint_weights(footprints, self.truth.shape[1:])
-            self.traces = _TruthTraces(self.truth, weights, offset, min_dff)
+            self.traces = _TruthTraces(self.truth, weights, offset, min_dff, frames)
             if kinds is not None:
                 self.kinds = np.asarray(kinds)
                 if self.kinds.shape != (weights.shape[0],):
@@ -447,8 +473,9 @@ def activity_report(
     ``noisy``, ``truth`` and ``estimate`` are (T, H, W) over a contiguous span of frames;
     ``scored`` (T,) selects the frames that have an estimate (a live stream skips some): the
     baselines filter the whole span, as an offline filter would, and every row is scored on the
-    same selected frames. ``kinds``: one label per footprint (the simulator's ``scene.kinds``),
-    to score each row per kind of source as well (``"by_kind"``). Returns ``{"frames", "cells",
+    same selected frames, the trace lag and peak window in real frames. ``kinds``: one label per
+    footprint (the simulator's ``scene.kinds``), to score each row per kind of source as well
+    (``"by_kind"``). Returns ``{"frames", "cells",
     "active_fraction", "rows": {RAW, TMEAN, DENOISED: scores}, "oracle": {"grid", "sigmas_t",
     "sigmas_xy", "best": {metric: {"sigma_t", "sigma_xy", **scores}}} or None, "seconds"}``;
     raises ValueError when the scored truth has no activity or too few frames.
@@ -472,7 +499,7 @@ def activity_report(
     def pick(movie: np.ndarray) -> np.ndarray:
         return movie if every else movie[scored]
 
-    scorer = MovieScorer(pick(truth), footprints, offset=offset, kinds=kinds)
+    scorer = MovieScorer(pick(truth), footprints, offset=offset, kinds=kinds, frames=np.flatnonzero(scored))
     rows = {RAW: scorer.score(pick(noisy)), TMEAN: scorer.score(pick(temporal_mean(noisy, 5))),
             DENOISED: scorer.score(pick(np.asarray(estimate)))}
     found = None
@@ -584,6 +611,20 @@ def format_kind(scores: dict[str, Any] | None) -> str:
     scores = scores or {}
     slope, corr = scores.get("trace_slope"), scores.get("trace_corr")
     return f"{format_score('trace_slope', slope)} / {format_score('trace_corr', corr)}"
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float (a NaN mean over no cell, an infinite PSNR of an exact
+    estimate) replaced by None, in dicts, lists and tuples too: what `json.dumps(...,
+    allow_nan=False)` writes as strict JSON (bare NaN/Infinity are not JSON: jq, JSON.parse refuse
+    them). The --json writers of `umvd-live bench` and `umvd-live demo` use it."""
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return value
 
 
 def format_score(metric: str, value: float | None) -> str:

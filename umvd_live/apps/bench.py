@@ -19,20 +19,23 @@ are the daemon's, not a re-implementation's. The parts around it:
   `InputReceiver` stamps it when it takes a message off its socket.
 - `OutputMonitor`: a viewer on the daemon's output socket. Latency is the daemon's own figure
   (receipt to publication, carried in each denoised message); quality is PSNR against the
-  ground truth (`PsnrAccumulator`, bounded in memory) over the outputs marked ``live``, i.e. after
-  the warm start.
+  ground truth (`PsnrAccumulator`, bounded in memory) over the steady state: every output after
+  the warm start (state ``live`` or ``adapting``, not ``warmup``), the network's own outputs
+  after a detected change included.
 
-The main figures (all in the JSON; `run` also prints a table):
+The main figures (all in the JSON, strict: a figure that is not finite is null; `run` also prints a table):
 - ``fps_in``: frames handed over per second; ``fps_out``: publications per second over the
-  steady state, i.e. the outputs after the warm start less the last N//2 that only the final flush
-  produces (over every output when the stream never went live).
+  steady state, i.e. the outputs after the warm start (``live`` and ``adapting``: every one the
+  span covers) less the last N//2 that only the final flush produces (over every output when the
+  stream never went live).
 - ``latency_ms_p50/p99/max``: the daemon's receipt-to-publication latency over that steady state;
   ``latency_ms_all`` over every published output, warm start included; ``latency_ms_worst``: the
   [seq, ms] of the ten slowest steady-state outputs (with ``first_live_seq``: where the tail is).
 - ``skipped``: preview outputs the daemon skipped (compute behind); ``skipped_after_warmup``.
 - ``warmup_s``: from the first frame's receipt to the engine's ``state`` turning ``live``.
-- ``psnr_raw_db``/``psnr_denoised_db``: over the live outputs, PSNR of the stacked frames
-  against the ground truth (as `metrics.psnr`).
+- ``psnr_raw_db``/``psnr_denoised_db``: over the steady state's outputs (``live`` and
+  ``adapting``), PSNR of the stacked frames against the ground truth (as `metrics.psnr`);
+  ``frames_evaluated``: how many.
 - ``gc``: the garbage collector's collections during the run, the full ones, and the longest
   pause (every thread stops for it: `runtime.freeze_startup_objects`).
 - ``peak_rss_mb``: the process's peak resident memory, the pre-generated frames (``ring.mb``)
@@ -108,7 +111,7 @@ from umvd_live.daemon.transport import Inbox, Received
 from umvd_live.engine import EngineConfig
 from umvd_live.engine.budget import cpu_cores
 from umvd_live.engine.checkpoint import load_checkpoint
-from umvd_live.metrics import activity_report
+from umvd_live.metrics import activity_report, finite_json
 from umvd_live.wire.protocol import encode_frame
 from umvd_live.wire.schema import DaemonStatus, StreamStatus, latency_summary
 
@@ -315,7 +318,8 @@ class OutputMonitor(threading.Thread):
         self.rings = [ring for _, ring in sources]
         self._index = {name: i for i, (name, _) in enumerate(sources)}
         self.latency_ms = np.full((len(sources), frames), np.nan)
-        self.live = np.zeros((len(sources), frames), bool)
+        self.live = np.zeros((len(sources), frames), bool)  # state "live": where the activity is scored from
+        self.steady = np.zeros((len(sources), frames), bool)  # past the warm start: "live" or "adapting"
         self.received_by = np.zeros(len(sources), int)
         self.errors = 0
         self.raw = [PsnrAccumulator() for _ in sources]
@@ -371,8 +375,9 @@ class OutputMonitor(threading.Thread):
         self.sse[s, seq] = sse
         if seq < len(ring):
             self.images[s][seq] = msg.image
-        if state == "live":
-            self.live[s, seq] = True
+        self.live[s, seq] = state == "live"
+        if state != "warmup":  # the network's own output: a change's "adapting" ones count too
+            self.steady[s, seq] = True
             self.denoised[s].add_sse(sse, diff.size, truth)
             self.raw[s].add(ring.noisy_of(seq), truth)
 
@@ -566,10 +571,11 @@ def _stream_figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, s: int, ring: Fr
     k = daemon_cfg.engine.window // 2
     handed = producer.handed[s]
     latency_ms = monitor.latency_ms[s]
-    # Steady state: outputs after the warm start, without the last N//2 that only the final flush
-    # produces (they wait for no later frame, so they would flatter both latency and rate).
+    # Steady state: outputs after the warm start ("live" or "adapting": leaving the adapting ones out
+    # would leave holes in the span fps_out is taken over), without the last N//2 that only the final
+    # flush produces (they wait for no later frame, so they would flatter both latency and rate).
     streamed = np.arange(cfg.frames) < cfg.frames - k
-    steady = monitor.live[s] & streamed
+    steady = monitor.steady[s] & streamed
     published_at = handed + latency_ms / 1000.0
     latency_live = latency_summary(latency_ms[steady])
     engine = snapshot.get("engine", {}) if isinstance(snapshot.get("engine"), dict) else {}
@@ -606,7 +612,7 @@ def _stream_figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, s: int, ring: Fr
         "psnr_raw_db": psnr_raw,
         "psnr_denoised_db": psnr_den,
         "psnr_gain_db": psnr_den - psnr_raw if psnr_raw is not None and psnr_den is not None else None,
-        "frames_evaluated": int(monitor.live[s].sum()),
+        "frames_evaluated": int(monitor.steady[s].sum()),
         "first_output_s": first_outputs,
         "first_live_output_s": first_outputs.get("live"),
         "states": {name: int((monitor.state[s] == code).sum()) for code, name in enumerate(monitor.state_names)
@@ -742,7 +748,7 @@ def _totals(cfg: BenchConfig, daemon_cfg: DaemonConfig, producer: FrameProducer,
     rows = list(per_stream.values())
     names = list(per_stream)
     streamed = np.arange(cfg.frames) < cfg.frames - k
-    steady = monitor.live & streamed[None, :]
+    steady = monitor.steady & streamed[None, :]
     latency = latency_summary(monitor.latency_ms[steady])
     worst = [(names[s], seq, ms) for s in range(len(names))
              for seq, ms in _worst(monitor.latency_ms[s], steady[s])]
@@ -1007,7 +1013,7 @@ def run(config: BenchConfig) -> int:
         path = config.json_path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+            path.write_text(json.dumps(finite_json(result), indent=2, default=str, allow_nan=False) + "\n")
         except OSError as exc:
             print(f"umvd-live bench: cannot write {path}: {exc}", file=sys.stderr)
             return 2

@@ -13,6 +13,7 @@ and the core commands never import Qt or the Micro-Manager libraries.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -382,6 +383,14 @@ def _version() -> str:
 
 
 # ---- flags -> configurations ----------------------------------------------------------------------
+def _finite_positive(flag: str, value: float) -> float:
+    """``value``, refused unless a finite number > 0: inf would overflow in int()/round() into a
+    traceback, or (``--rate inf``) run unpaced while reported as paced."""
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{flag} must be a finite number > 0, got {value:g}")
+    return value
+
+
 def _given(args: argparse.Namespace, names: dict[str, str]) -> dict[str, Any]:
     """``{field: args.flag}`` for the flags given (not None): the others keep their field default."""
     return {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag, None) is not None}
@@ -415,11 +424,19 @@ def denoise_config(args: argparse.Namespace) -> DenoiseConfig:
 
 
 def demo_config(args: argparse.Namespace) -> DemoConfig:
+    """`demo`'s flags as a `DemoConfig`; ``--json``'s folder is made now, so that a bad path is
+    refused before the session, not after it."""
     from umvd_live.apps.demo import DemoConfig
 
+    json_path = Path(args.json) if args.json else None
+    if json_path is not None:
+        try:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"--json: cannot create the folder {json_path.parent}: {exc}") from exc
     return DemoConfig(duration_s=args.duration, height=args.size[0], width=args.size[1], rate_hz=args.rate,
                       photons=args.photons, preset=args.preset, device=args.device, seed=args.seed,
-                      json_path=Path(args.json) if args.json else None, oracle=args.oracle,
+                      json_path=json_path, oracle=args.oracle,
                       **_given(args, {"window": "window", "warmup_frames": "warmup_frames",
                                       "warmup_steps": "warmup_steps"}))
 
@@ -449,7 +466,7 @@ def daemon_config_from_args(args: argparse.Namespace) -> DaemonConfig:
         recording=recording, output_dir=Path(args.output_dir),
         state_dir=Path(args.state_dir) if args.state_dir else None,
         ready_file=Path(args.ready_file) if args.ready_file else None,
-        max_streams=args.max_streams, inbox_bytes=int(args.inbox_mb * 2**20),
+        max_streams=args.max_streams, inbox_bytes=int(_finite_positive("--inbox-mb", args.inbox_mb) * 2**20),
         status_interval_s=args.status_interval, catchup_s=args.catchup_ms / 1000.0, cpu_budget=args.cpu_budget,
         checkpoint_interval_s=args.checkpoint_interval, idle_after_s=args.idle_s, allow_remote=args.allow_remote,
         curve=CurveServerConfig(Path(key), Path(clients)) if key is not None and clients is not None else None,
@@ -462,14 +479,15 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     from umvd_live.daemon.config import DaemonConfig
 
     height, width = args.size
-    if not args.max and not args.rate > 0:
-        raise ValueError(f"--rate must be > 0, got {args.rate}")
+    if not args.max:
+        _finite_positive("--rate", args.rate)
+    _finite_positive("--rss-every", args.rss_every)
     frames, duration, spec = args.frames, args.duration, args.events
     if frames is not None and duration is not None:
         raise ValueError("give --frames or --duration, not both")
     if duration is not None:
-        if args.max or not duration > 0:
-            raise ValueError(f"--duration needs a paced stream (--rate) and > 0 s, got {duration}")
+        if args.max or not (math.isfinite(duration) and duration > 0):
+            raise ValueError(f"--duration needs a paced stream (--rate) and a finite number > 0 s, got {duration:g}")
         frames = max(1, round(duration * args.rate))
     if frames is None:
         frames = round(SESSION_S * args.rate) if spec and not args.max else DEFAULT_FRAMES
@@ -485,7 +503,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     )
     return BenchConfig(height=height, width=width, frames=frames, rate_hz=None if args.max else float(args.rate),
                        photons=args.photons, inference_only=args.inference_only,
-                       ring_bytes=int(args.ring_mb * 2**20), rss_every_s=args.rss_every,
+                       ring_bytes=int(_finite_positive("--ring-mb", args.ring_mb) * 2**20), rss_every_s=args.rss_every,
                        save_model=args.save_model, daemon=daemon, streams=args.streams,
                        events=events, events_spec=spec, oracle=args.oracle,
                        json_path=Path(args.json) if args.json else None)

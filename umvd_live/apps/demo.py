@@ -54,7 +54,7 @@ from umvd_live.apps.harness import (
 )
 from umvd_live.daemon.status import render_lines, render_table
 from umvd_live.engine.budget import cpu_cores
-from umvd_live.metrics import SessionFrames, psnr
+from umvd_live.metrics import SessionFrames, finite_json, psnr
 from umvd_live.wire.schema import StatusReply, StreamStatus, latency_summary
 
 STREAM = "sim0"
@@ -123,7 +123,8 @@ class DemoConfig:
 
 # ---- quality ------------------------------------------------------------------------------------
 class LiveQuality(TypedDict):
-    """Mean per-frame PSNR (dB) of the frames output live, and how many (`QualityTracker.live_means`)."""
+    """Mean per-frame PSNR (dB) of the frames output past the warm start, and how many
+    (`QualityTracker.live_means`)."""
 
     frames: int
     raw_db: float | None
@@ -148,7 +149,7 @@ class QualityTracker:
         self.truth: dict[int, np.ndarray] = {}
         self.raw: dict[int, float] = {}
         self.tmean: dict[int, float] = {}
-        self.denoised: dict[int, float] = {}  # live outputs only
+        self.denoised: dict[int, float] = {}  # past the warm start only ("live" or "adapting")
         self.warmup_outputs = 0
         self.unscored = 0  # outputs whose truth was not there (should stay 0)
 
@@ -188,7 +189,7 @@ class QualityTracker:
         for old in [s for s in self.truth if s <= seq]:
             del self.truth[old]
         self.frames.add_output(seq, image, state)
-        if state != "live":
+        if state == "warmup":  # "adapting" outputs (after a detected change) are the network's own: scored
             self.warmup_outputs += 1
             return
         if clean is None:
@@ -197,7 +198,8 @@ class QualityTracker:
         self.denoised[seq] = psnr(image, clean)
 
     def live_means(self) -> LiveQuality:
-        """Mean per-frame PSNR (dB) over the frames output live, all three on the same frames."""
+        """Mean per-frame PSNR (dB) over the frames output past the warm start ("live" or "adapting"),
+        all three on the same frames."""
         seqs = list(self.denoised)
 
         def mean(values: dict[int, float]) -> float | None:
@@ -449,13 +451,14 @@ def render_summary(s: DemoSummary) -> Table:
                       f"{s.warmup_steps} steps ({setting})")
     table.add_row("training steps", str(s.training_steps), format_figure(s.training_steps_per_s, ".1f", " steps/s"))
     if s.live_frames_scored:
-        over = f"mean per-frame PSNR against the truth, over the {s.live_frames_scored} frames output live"
+        over = (f"mean per-frame PSNR against the truth, over the {s.live_frames_scored} frames output "
+                "past the warm start")
         table.add_row("PSNR raw", format_figure(s.psnr_raw_db, ".2f", " dB"), over)
         table.add_row("PSNR 5-frame mean", format_figure(s.psnr_tmean_db, ".2f", " dB"), "temporal mean, for context")
         table.add_row("PSNR denoised", format_figure(s.psnr_denoised_db, ".2f", " dB"),
                       f"{format_figure(s.psnr_gain_db, '+.2f', ' dB')} over raw")
     else:
-        table.add_row("PSNR", "-", "no frame was output live")
+        table.add_row("PSNR", "-", "no frame was output past the warm start")
     table.add_row("machine load", f"{s.load_average[0]:.2f}",
                   f"load average (1 min; 5 and 15 min: {s.load_average[1]:.2f}, {s.load_average[2]:.2f}) "
                   f"on {s.cpu_count} cores")
@@ -548,7 +551,11 @@ def _session(config: DemoConfig, console: Console, log_dir: Path) -> int:
         if activity is not None:
             console.print(render_activity(activity, config.oracle))
         if config.json_path:
-            config.json_path.write_text(json.dumps(summary.to_dict(), indent=2))
+            try:
+                config.json_path.write_text(json.dumps(finite_json(summary.to_dict()), indent=2, allow_nan=False))
+            except OSError as exc:
+                console.print(f"umvd-live demo: cannot write {config.json_path}: {exc}", highlight=False)
+                return 2
         return 0 if summary.frames_received else 1
     except (DemoError, DaemonError) as exc:
         keep_log = True
@@ -596,6 +603,10 @@ def _stream(config: DemoConfig, console: Console, daemon: ServeProcess, collecto
         if stop.received is not None:
             ended_by = "Ctrl-C" if stop.received == signal.SIGINT else "SIGTERM"
     sim.stop()
+    # The stream has ended: take what was published by now, then stop counting "while streaming" (as
+    # bench leaves out the final flush): the catch-up wait and the flush would inflate fps_out.
+    collector.pump(0.0)
+    collector.streaming = False
     started = sim.started_at
     streamed = (sim.result.elapsed_s if sim.result is not None else
                 (time.monotonic() - started if started is not None else 0.0))
@@ -615,7 +626,6 @@ def _finish(daemon: ServeProcess, collector: OutputCollector, tracker: QualityTr
         collector.pump(0.1)
         status = daemon.status()
     collector.pump(0.05)
-    collector.streaming = False
     daemon.request("shutdown", timeout_s=60.0)
     collector.drain_until_exit(daemon.proc, limit_s=30.0)
     tracker.finish()
