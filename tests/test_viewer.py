@@ -720,7 +720,6 @@ def _start_simulator(endpoint: str, stream: str = "cam0", rate: float = 20) -> s
 @pytest.mark.timeout(150)
 def test_viewer_shows_the_live_stream_and_controls_the_daemon(tmp_path, x_display):
     pytest.importorskip("napari", reason="napari is not installed (pip install 'umvd-live[viewer]')")
-    from qtpy.QtWidgets import QApplication
 
     from umvd_live.viewer.qt.app import open_viewer
     from umvd_live.viewer.session import ViewerConfig
@@ -730,14 +729,7 @@ def test_viewer_shows_the_live_stream_and_controls_the_daemon(tmp_path, x_displa
     viewer = widget = None
 
     def wait_until(cond, what: str, timeout_s: float = 30.0):
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            QApplication.processEvents()
-            value = cond()
-            if value:
-                return value
-            time.sleep(0.02)
-        raise AssertionError(f"timed out waiting for {what}; daemon log:\n{daemon.err_path.read_text()[-3000:]}")
+        return _wait_until(cond, what, timeout_s, lambda: f"daemon log:\n{daemon.err_path.read_text()[-3000:]}")
 
     def stream_status(d: Daemon = daemon) -> dict:
         return d.status()["streams"].get("cam0") or {}
@@ -1071,8 +1063,9 @@ def test_viewer_shows_each_channel_as_a_layer_and_switches_planes(tmp_path, x_di
         daemon.kill()
 
 
-def _wait_until(cond, what: str, timeout_s: float = 20.0):
-    """Run the Qt event loop until ``cond()`` is true; its value."""
+def _wait_until(cond, what: str, timeout_s: float = 20.0, detail=None):
+    """Run the Qt event loop until ``cond()`` is true; its value. ``detail()``, if given, is said
+    with a timeout (a daemon's log)."""
     from qtpy.QtWidgets import QApplication
 
     deadline = time.monotonic() + timeout_s
@@ -1082,7 +1075,7 @@ def _wait_until(cond, what: str, timeout_s: float = 20.0):
         if value:
             return value
         time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + (f"; {detail()}" if detail is not None else ""))
 
 
 @pytest.mark.gui
