@@ -147,6 +147,19 @@ def test_a_segment_too_short_for_a_blind_baseline_is_left_alone():
     assert gain.gain == 1.0 and gain.slope is None and "too few frames" in gain.reason
 
 
+def test_a_block_with_few_frames_beyond_reach_gets_no_baseline():
+    """A median of a few outputs is those outputs: a transient among them would be subtracted from
+    the whole block, so a segment where a block has fewer than 2 chunks beyond reach is left alone."""
+    rng = np.random.default_rng(6)
+    noisy, estimate = _shrunk(_truth(rng), 0.7, rng)
+    start, _, base = blind_baselines(estimate, 170)[3]
+    assert start == 150 and base is None  # frames 150-199 have 30 frames beyond reach 170 (370-399)
+    restored = estimate.copy()
+    gain = restore_amplitude(noisy, restored, reach=170, keep=1.0)
+    assert gain.gain == 1.0 and gain.slope is not None and "too short" in gain.reason
+    np.testing.assert_array_equal(restored, estimate)
+
+
 def test_the_baseline_of_a_frame_never_uses_outputs_within_reach():
     rng = np.random.default_rng(7)
     outputs = rng.normal(0, 1, (FRAMES, 8, 8)).astype(np.float32)

@@ -134,6 +134,19 @@ def test_replay_windows_never_straddle_a_segment() -> None:
     assert replay._active_picks(rng, replay._block_means, *rows, 8, (16, 16), (8, 8))  # the active path ran
 
 
+def test_past_context_blocks_never_hold_frames_after_the_window() -> None:
+    """Live inference has no frame after t + k (`ContextHistory`): a training window whose past
+    block is empty (after a change) falls back to the neighbours too, never to later frames."""
+    k, spans = 3, (8, 24)
+    replay = ReplayBuffer(window=7, capacity=200, context=spans, both_sides=False)
+    for i in range(120):  # each frame holds its index: a block's mean says which frames it took
+        replay.add(i, torch.full((1, 8, 8), float(i)), segment=i // 60)
+    rng = np.random.default_rng(0)
+    batch = replay.sample(rng, 256, 8, fresh_start=0.0)
+    centres = batch[:, k, 0, 0, 0]
+    assert bool((batch[:, 2 * k + 1:, 0, 0, 0] <= centres[:, None] + k).all())
+
+
 class _AddsBetweenTheLocks:
     """Stands in for a replay buffer's lock: before the sampling thread's second hold of it (the
     lock is let go between the two while the active search runs), the pushing thread's `add`s run."""

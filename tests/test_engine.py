@@ -12,6 +12,7 @@ import torch
 from umvd_live.engine import EngineConfig, StreamDenoiser, cpu_cores
 from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint, weights_hash
 from umvd_live.engine.device import cpu_has_native_bf16, default_workers, lists_native_bf16
+from umvd_live.engine.normalization import Normalizer
 from umvd_live.engine.trainer import OnlineTrainer, TrainerConfig
 
 # From scratch (no prior): these tests follow a warm start (tests/test_prior.py has the prior's).
@@ -362,6 +363,35 @@ def test_nan_frames_are_denoised_but_never_trained_on():
     assert len(outs) == 20 and all(np.isfinite(o.image).all() for o in outs)
     assert all(torch.isfinite(p).all() for p in den.trainer.model.parameters())
     assert 5 not in den.training.replay._frames and 6 not in den.training.replay._frames
+
+
+def test_a_dropped_first_frame_leaves_the_normaliser_to_the_first_frame_with_pixels():
+    """Fitted on an all-NaN frame the normaliser would be (0, 1): the segment in raw units."""
+    movie = noisy_movie(12).astype(np.float32)
+    movie[0] = np.nan
+    fitted = Normalizer.fit(movie[1])
+    den, outs = run_stream(FAST, movie)
+    assert den._normalizers[0] == fitted and all(np.isfinite(o.image).all() for o in outs)
+    den = StreamDenoiser(FAST)
+    den.pretrain(movie, 2)
+    assert den._normalizers[0] == fitted
+
+
+def test_a_constant_frame_at_the_int16_minimum_gets_a_positive_scale():
+    """A constant frame has no range: its scale is its magnitude, which int16 -32768 must not wrap."""
+    assert Normalizer.fit(np.full((4, 4), -32768, np.int16)) == Normalizer(-32768.0, 32768.0)
+
+
+def test_pretraining_keeps_the_replay_byte_limit(monkeypatch):
+    """`pretrain` holds the whole movie only where the bytes allow, and leaves the stream's bound."""
+    movie = noisy_movie(150)
+    config = replace(FAST, trainer=replace(FAST.trainer, replay_bytes=120 * movie[0].size * 4))
+    den = StreamDenoiser(config)
+    held = []
+    run = den.training.run
+    monkeypatch.setattr(den.training, "run", lambda steps: (held.append(len(den.training.replay)), run(steps)))
+    den.pretrain(movie, 1)
+    assert held == [120] and den.training.replay.capacity == 120
 
 
 def test_checkpoint_round_trip(tmp_path):

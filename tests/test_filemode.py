@@ -85,6 +85,14 @@ def test_quality_floor_on_the_simulator(sim_movie):
     assert ours > mean5 + 2.0
 
 
+def test_a_lone_frame_is_passed_through_not_run_on_copies_of_itself(sim_movie):
+    """A one-frame segment has no neighbours: a window of 7 copies of it would not be blind."""
+    noisy = sim_movie[0][:1]
+    result = denoise_movie(noisy, EngineConfig(preset="lite", prior="none", cpu_threads=1))
+    assert [o.state for o in result.outputs] == ["warmup"]
+    np.testing.assert_allclose(result.frames[0], noisy[0], atol=1e-3)  # (up to the normaliser's rounding)
+
+
 def test_no_frame_is_worse_than_its_neighbours_mean(sim_movie):
     """The final pass judges every frame blind: an untrained network (random weights, no training)
     loses to the neighbours' mean on every frame, and each frame then gets the window's mean,
@@ -292,7 +300,8 @@ def test_every_stream_is_checked_before_any_is_denoised(tmp_path, bright_and_dar
 
 
 def test_a_movie_shorter_than_the_window_is_warned_about(tmp_path, bright_and_dark, caplog):
-    """Five frames and a 7-frame window: no training, no network; said, not a silent 0 steps."""
+    """Five frames and a 7-frame window: no training, only the starting weights (the prior's);
+    said, not a silent 0 steps."""
     src, out = tmp_path / "in.ome.tif", tmp_path / "out.ome.tif"
     tifffile.imwrite(src, bright_and_dark[0][:5], ome=True, metadata={"axes": "TYX"})
     with caplog.at_level(logging.WARNING, logger="umvd_live.apps.denoise"):

@@ -94,9 +94,10 @@ def denoise_movie(
     console = console or Console(stderr=True, quiet=True)
     t_frames = len(movie)
     engine = StreamDenoiser(file_config(config, t_frames))
-    if t_frames < engine.config.window:  # no window fits: 0 training steps, and no network output
-        log.warning("%d frames are fewer than the %d-frame window: the network is neither trained nor applied; "
-                    "every frame gets the window's mean", t_frames, engine.config.window)
+    if t_frames < engine.config.window:  # no window fits: 0 training steps, the starting weights' outputs
+        log.warning("%d frames are fewer than the %d-frame window: the network is not trained; each frame gets "
+                    "its starting weights' output (the prior's, if any) or, where the referee finds that worse, "
+                    "the window's mean (a lone frame is passed through)", t_frames, engine.config.window)
     start = time.monotonic()
     with _progress(console) as progress:
         if offline:

@@ -71,6 +71,10 @@ LOCAL_PX = 4.0
 LOCAL_PRIOR = 2.0
 #: Frames per chunk of the sums; the chunks' spread gives the measurement's standard error.
 CHUNK = 32
+#: Fewer far frames than this give a block no baseline (its segment is left as it is): the median
+#: of a handful of outputs is those outputs, and a transient among them would be subtracted,
+#: times the gain, from every frame of the block.
+BASELINE_MIN_FRAMES = 2 * CHUNK
 #: Standard errors above 0 that the truth's variance and the outputs' covariance with it must
 #: lie for a slope to be measured (noise alone passes one such test about once in 650 movies of
 #: 10 chunks, Student's t, and once in 31,000 of many chunks; a slope needs both).
@@ -164,19 +168,21 @@ def _significant(values: list[float]) -> bool:
 def blind_baselines(denoised: Sequence[np.ndarray], reach: int) -> list[tuple[int, int, np.ndarray | None]]:
     """(start, stop, baseline) per block of frames: the per-pixel median of the outputs beyond
     ``reach`` frames of every frame of the block and within ``reach + BASELINE_SPAN`` of it (None
-    where no frame is that far)."""
+    where fewer than `BASELINE_MIN_FRAMES` are that far)."""
     n = len(denoised)
     block = max(BLOCK_FRAMES, -(-n // MAX_BLOCKS))
-    out = []
+    out: list[tuple[int, int, np.ndarray | None]] = []
     for start in range(0, n, block):
         stop = min(n, start + block)
         before, after = max(0, start - reach), min(n, stop + reach)
         far = np.r_[max(0, before - BASELINE_SPAN):before, after:min(n, after + BASELINE_SPAN)]
+        if len(far) < BASELINE_MIN_FRAMES:
+            out.append((start, stop, None))
+            continue
         most = max(1, min(MEDIAN_FRAMES, MEDIAN_BYTES // (4 * np.asarray(denoised[0]).size)))
         if len(far) > most:
             far = far[np.linspace(0, len(far) - 1, most).round().astype(int)]
-        base = np.median(np.stack([denoised[i] for i in far]), axis=0).astype(np.float32) if len(far) else None
-        out.append((start, stop, base))
+        out.append((start, stop, np.median(np.stack([denoised[i] for i in far]), axis=0).astype(np.float32)))
     return out
 
 

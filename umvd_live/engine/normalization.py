@@ -25,7 +25,7 @@ class Normalizer:
         lo, hi = np.percentile(finite, [low, high])
         scale = float(hi - lo)
         if not np.isfinite(scale) or scale <= 0:
-            scale = float(np.abs(finite).max()) or 1.0
+            scale = float(np.abs(finite.astype(np.float64)).max()) or 1.0  # (int16 -32768 wraps)
         return cls(float(lo), scale)
 
     def forward(self, frame: np.ndarray) -> np.ndarray:

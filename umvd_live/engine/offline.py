@@ -39,11 +39,14 @@ def pretrain(den: StreamDenoiser, movie: np.ndarray, steps: int,
         raise RuntimeError("pretrain must be called before the first push")
     movie = np.asarray(movie)
     den._start(movie[0])
+    den._fit_normalizer(movie)  # on the first frame with finite pixels, as pushing will
     training = den.training
     replay = training.replay
     if replay is None:
         raise RuntimeError("the first frame began no training")
-    replay.capacity = len(movie)
+    # the whole movie where the byte limit allows (a stream's `replay_frames` bound does not apply)
+    streamed, tc = replay.capacity, den.config.trainer
+    replay.capacity = max(streamed, min(len(movie), tc.replay_bytes // (4 * movie[0].size)))
     detector, segment, normalizer = ChangeDetector(den.config.changes), 0, den.normalizer
     for i, frame in enumerate(movie):
         clean, trainable = sanitize(frame)
@@ -56,6 +59,7 @@ def pretrain(den: StreamDenoiser, movie: np.ndarray, steps: int,
         if progress:
             progress(den.model_step, den.last_loss)
     replay.clear()
+    replay.capacity = streamed
     training.publish()
     den._adopt_published_weights()
     den._live = True
@@ -108,7 +112,7 @@ def _denoise_segment(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
     # Each frame is judged alone, blind, as the referee judges a live stream's: where the
     # network's output is farther from the noisy frame than its neighbours' mean is (a frame
     # unlike what the network learned, e.g. a sudden jolt of the sample), the window's mean
-    # is output instead (state `warmup`), so no frame comes out worse than that blind mean.
+    # (all N frames, t included: not blind) is output instead (state `warmup`).
     referee = BlindReferee(memory=0.0)
     out: list[DenoisedFrame] = []
     for start in range(0, len(indices), den.max_batch):
@@ -116,6 +120,10 @@ def _denoise_segment(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
         chunk = indices[start:start + den.max_batch]
         with torch.inference_mode():
             for t in chunk:
+                if first == last:  # one frame cannot be denoised blind: passed through, as `_produce` does
+                    batch.outputs.append(DenoisedFrame(index=t, image=normalizer.inverse(frame(t)[0].cpu().numpy()),
+                                                       state="warmup", model_step=den._net_step, segment=segment))
+                    continue
                 idx = window_indices(t, first, last, k)
                 for i in idx:
                     if i not in feats:

@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, replace
@@ -61,6 +61,11 @@ def _built(part: T | None) -> T:
     if part is None:
         raise RuntimeError("the stream has had no frame yet: its first frame builds the network")
     return part
+
+
+def _has_pixels(frame: np.ndarray) -> bool:
+    """Whether ``frame`` has a finite pixel to fit a normaliser on (a dropped frame is all NaN)."""
+    return frame.dtype.kind != "f" or bool(np.isfinite(frame).any())
 
 
 def _batched(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -110,6 +115,7 @@ class StreamDenoiser:
         self.shape: tuple[int, int] | None = None
         self.dtype: np.dtype | None = None
         self._normalizer: Normalizer | None = None  # the current segment's (`normalizer`)
+        self._unfitted = False  # no frame with finite pixels yet: the normaliser waits for one
         self.preset: str | None = None
         self._spec: ModelSpec | None = None  # the network's (`spec`)
         self._window = SlidingWindow(self.config.window)
@@ -306,6 +312,7 @@ class StreamDenoiser:
         self.start_hash = weights_hash(train_net.state_dict())
         self._normalizer = Normalizer.fit(frame)
         self._normalizers = [self._normalizer]  # each segment's, by segment
+        self._unfitted = not _has_pixels(frame)
         if self.workers > 1:
             self._pool = ThreadPoolExecutor(self.workers, "umvd-infer", initializer=self.seat.set_threads)
         self._prepare_kernels()
@@ -359,6 +366,7 @@ class StreamDenoiser:
                       wait: bool) -> list[DenoisedFrame]:
         self._adopt_published_weights()
         self._update_state()
+        self._fit_normalizer(frames)
         cleaned = [sanitize(frame) for frame in frames]
         # Tested before normalising; a frame that had NaN/Inf pixels is no evidence of a change
         # (a frame of none, sanitised to a constant, would look like the laser turned off).
@@ -393,6 +401,18 @@ class StreamDenoiser:
                     self._adopt_published_weights()
         self._update_state()
         return outputs
+
+    def _fit_normalizer(self, frames: Iterable[np.ndarray]) -> None:
+        """Fit the first segment's normaliser on the first of ``frames`` with finite pixels, if
+        the stream has had none: fitted on a dropped (all-NaN) first frame, it would be (0, 1) and
+        the whole segment would run in raw units. Frames before it are constants (`sanitize`)."""
+        if not self._unfitted:
+            return
+        for frame in frames:
+            if _has_pixels(frame):
+                self._normalizer = self._normalizers[0] = Normalizer.fit(frame)
+                self._unfitted = False
+                return
 
     def _append(self, cleaned: list[tuple[np.ndarray, bool]], flags: list[bool], tags: list[object],
                 batch: OutputBatch) -> None:

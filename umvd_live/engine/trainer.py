@@ -227,11 +227,10 @@ class ReplayBuffer:
             indices = window_indices(t, max(first, min(near)), t + self.k, self.k)
             window = torch.stack([crop(i) for i in indices])
             if self.context:
-                # A cut segment has no frames after the window yet, as live: the context's
-                # empty blocks fall back to the neighbours, never to later frames. A recorded
-                # movie's segment start (both sides) has its later frames.
-                cut = first > t - self.reach and not self.both_sides
-                present = {j for j in near if j <= t + self.k} if cut else near
+                # Past blocks only (live): no frame after the window, as live inference has none
+                # (`ContextHistory`), so an empty block falls back to the neighbours, never to
+                # later frames. Both sides (a recorded movie): every frame of the segment is there.
+                present = near if self.both_sides else {j for j in near if j <= t + self.k}
                 blocks = context_blocks(t, self.k, self.context, present.__contains__, self.both_sides)
                 window = torch.cat([window, block_means(blocks, crop)])
             out.append(window)
