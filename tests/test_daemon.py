@@ -544,7 +544,11 @@ def test_an_engine_failure_in_a_run_left_running_loses_only_its_round(tmp_path):
     passes = [0]
 
     def fail_once(module, args):
-        if isinstance(module, DenoiserUNet):
+        # this daemon's inference passes only: the hook is global, and a trainer or compiler
+        # thread that an earlier test left running also runs D (4 passes too many, once in CI)
+        ours = threading.current_thread() is threading.main_thread() or \
+            threading.current_thread().name.startswith("umvd-infer")
+        if isinstance(module, DenoiserUNet) and ours and torch.is_inference_mode_enabled():
             passes[0] += 1
             if passes[0] == 14:  # the blank passes that prepare the kernels (3), then t = 0 ... 10
                 raise RuntimeError("a pass failed")
