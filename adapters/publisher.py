@@ -15,6 +15,7 @@ key pair and the daemon's public key: a refused key never sees the subscription,
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
@@ -26,6 +27,15 @@ from umvd_live.wire.protocol import encode_end, encode_frame
 DEFAULT_INPUT = "tcp://127.0.0.1:5555"
 #: How long `FramePublisher.end` waits for room in a full send queue.
 END_WAIT_S = 1.5
+
+
+def sleep_unless_stopped(seconds: float, stop: threading.Event | None) -> bool:
+    """A paced source's wait for its next frame's due time: ``seconds`` of sleep, cut short when
+    ``stop`` is set. Returns whether it was (the source then stops)."""
+    if stop is not None:
+        return stop.wait(seconds)
+    time.sleep(seconds)
+    return False
 
 
 class FramePublisher:

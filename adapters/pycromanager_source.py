@@ -39,7 +39,7 @@ from umvd_live.adapters.handoff import FrameHandoff, HandoffStats
 from umvd_live.adapters.mmcore import ImageNumberTracker, elapsed_seconds, log_failure_once, tags_meta
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.wire.acqmeta import ACQUISITION_DATETIME
-from umvd_live.wire.axes import StreamAxes, StreamNumbering, channel_parts, name_part
+from umvd_live.wire.axes import ChannelParts, StreamAxes, StreamNumbering, name_part
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class AxesReader:
     def __init__(self, group: str):
         self.group = group
         self._numbers: dict[str, dict[str, int]] = {}
-        self._channel_parts: list[str] = []  # of the channel names seen, in their order (`channel_parts`)
+        self._channel_parts = ChannelParts()  # of the channel names seen, in their order
 
     def read(self, axes: Any) -> tuple[StreamAxes, int | None]:
         """(the frame's stream, its time index or None)."""
@@ -164,9 +164,7 @@ class AxesReader:
                 index[axis] = int(value)
         c, part = index.get("c"), None
         if c is not None and "c" in names:  # a named channel: numbered in order, so is its part
-            if len(self._channel_parts) != len(self._numbers["c"]):  # a new name: parts of all so far
-                self._channel_parts = channel_parts(list(self._numbers["c"]))
-            part = self._channel_parts[c]
+            part = self._channel_parts.part(names["c"], c)
         return StreamAxes(self.group, index, channel=names.get("c"), position=names.get("p"), channel_part=part), t
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from umvd_live.adapters.publisher import FramePublisher
+from umvd_live.adapters.publisher import FramePublisher, sleep_unless_stopped
 from umvd_live.recording.movie import MovieError, TiffMovie, ZarrMovie, open_movie
 from umvd_live.wire.axes import StreamNumbering
 from umvd_live.wire.protocol import SUPPORTED_DTYPES
@@ -171,11 +171,8 @@ def replay(
                 image = movie.frame(item.index)  # read before waiting: the wait absorbs the read
                 wait = start + item.due_s - time.monotonic()
                 if wait > 0:
-                    if stop is not None:
-                        if stop.wait(wait):
-                            break
-                    else:
-                        time.sleep(wait)
+                    if sleep_unless_stopped(wait, stop):
+                        break
                 elif stop is not None and stop.is_set():
                     break
                 late_max = max(late_max, -wait)

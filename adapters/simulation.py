@@ -64,7 +64,7 @@ from typing import Any, Final, Literal
 import numpy as np
 from scipy import ndimage, sparse
 
-from umvd_live.adapters.publisher import FramePublisher
+from umvd_live.adapters.publisher import FramePublisher, sleep_unless_stopped
 
 #: Somata per pixel of area, times radius squared: 0.055 / r**2 gives the ~35-45 somata (plus a third
 #: as many small puncta) seen in the real 128x128 OptiNiSt movie at r = 5 px.
@@ -1011,11 +1011,8 @@ def stream_simulation(
             due = start + i * period
             wait = due - time.monotonic()
             if wait > 0:
-                if stop is not None:
-                    if stop.wait(wait):
-                        break
-                else:
-                    time.sleep(wait)
+                if sleep_unless_stopped(wait, stop):
+                    break
             elif wait < -period:
                 result.late += 1
             seq = publisher.seq
