@@ -326,8 +326,8 @@ def _denoise_stream(config: DenoiseConfig, stream: str, output: Path, model: Pat
             engine = result.engine
             try:
                 try:
-                    if model is not None:
-                        write_atomic(model, engine.save_weights, overwrite=True)
+                    if model is not None:  # atomic already (`checkpoint.save_checkpoint`)
+                        engine.save_weights(model)
                 except (OSError, RuntimeError) as exc:
                     return _fail(f"cannot save the model to {model}: {exc}")
                 try:
