@@ -85,6 +85,7 @@ class MMCoreSource:
         self.handoff = FrameHandoff(publisher, maxsize=queue_size)
         self.numbering = StreamNumbering()
         self.frames_seen = 0
+        self.errors = 0  # frames we could not publish (the first is logged)
         self._streams_seen: dict[str, None] = {}  # an ordered set
         self._axes: dict[tuple, StreamAxes] = {}
         self._sequence_meta: dict[str, Any] = {}  # of the MDA running now (`_on_sequence_started`)
@@ -133,22 +134,29 @@ class MMCoreSource:
         return list(self._streams_seen)
 
     def _on_frame_ready(self, image: np.ndarray, event: MDAEvent, meta: dict[str, Any]) -> None:
-        # Runs on the MDA thread: no I/O here, only a non-blocking queue put.
+        # Runs on the MDA thread: no I/O here, only a non-blocking queue put. Never raises: the
+        # runner would log psygnal's error with a traceback for every such frame and the summary
+        # could not count it; a frame we cannot publish is counted in `errors`, the first logged.
         self.frames_seen += 1
-        axes = self._stream_axes(event)
-        stream = axes.name
-        runner_ms = meta.get("runner_time_ms") if isinstance(meta, dict) else None
-        t_index = event.index.get("t")
-        info = {"source": "pymmcore-plus", **self._sequence_meta, **axes.meta(t_index)}
-        if isinstance(meta, dict):
-            info |= frame_meta(meta)
-        self.handoff.offer(
-            image,
-            t=float(runner_ms) / 1000 if runner_ms is not None else None,
-            meta=info,
-            seq=self.numbering.next(stream),
-            stream=stream,
-        )
+        try:
+            axes = self._stream_axes(event)
+            stream = axes.name
+            runner_ms = meta.get("runner_time_ms") if isinstance(meta, dict) else None
+            t_index = event.index.get("t")
+            info = {"source": "pymmcore-plus", **self._sequence_meta, **axes.meta(t_index)}
+            if isinstance(meta, dict):
+                info |= frame_meta(meta)
+            self.handoff.offer(
+                image,
+                t=float(runner_ms) / 1000 if runner_ms is not None else None,
+                meta=info,
+                seq=self.numbering.next(stream),
+                stream=stream,
+            )
+        except Exception:
+            self.errors += 1
+            if self.errors == 1:
+                log.exception("could not publish a frame; the acquisition goes on")
 
     def _on_sequence_finished(self, *_: Any) -> None:
         self._end_streams()

@@ -206,8 +206,8 @@ class PycroManagerOwner:
         self.handoff = FrameHandoff(publisher, maxsize=queue_size)
         self.axes = AxesReader(group or publisher.stream)
         self.numbering = StreamNumbering()
-        self.frames_seen = 0
-        self.errors = 0
+        self.frames_seen = 0  # every image Micro-Manager stored and told us of
+        self.errors = 0  # of those, the ones we could not read or publish (the first is logged)
         self._t0: float | None = None
         self._started: dict[str, str] = {}
 
@@ -220,6 +220,7 @@ class PycroManagerOwner:
         try:
             image, metadata = read_saved_image(dataset, axes)
         except Exception:  # never let our side abort the user's acquisition
+            self.frames_seen += 1  # acquired, though not by us: counted in `errors`
             self._failed()
             return
         metadata.setdefault("Axes", axes)
@@ -245,7 +246,7 @@ class PycroManagerOwner:
     def _failed(self) -> None:
         self.errors += 1
         if self.errors == 1:
-            log.exception("could not publish an image; the acquisition goes on")
+            log.exception("could not read or publish an image; the acquisition goes on")
 
     @property
     def streams_seen(self) -> list[str]:

@@ -127,6 +127,31 @@ def test_each_mda_ends_its_streams_and_the_next_numbers_from_0(core, receiver):
     assert [(e.stream, e.seq) for e in receiver.ends] == [("cam0", 4), ("cam0", 3)]
 
 
+def test_a_frame_the_source_cannot_publish_is_counted_and_the_mda_goes_on(core, receiver, monkeypatch, caplog):
+    """A fault on our side of frameReady (here: a frame's metadata that cannot be read) is counted
+    for the summary and logged once; the MDA acquires every frame."""
+    import umvd_live.adapters.mmcore as mmcore_module
+
+    real_frame_meta, calls = mmcore_module.frame_meta, []
+
+    def failing_once(meta):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyError("a metadata field we did not expect")
+        return real_frame_meta(meta)
+
+    monkeypatch.setattr(mmcore_module, "frame_meta", failing_once)
+    pub = connected_publisher(receiver.endpoint)
+    with MMCoreSource(core, pub) as source:
+        run_time_lapse(core, 5)
+    frames = receiver.wait_for(4)
+    pub.close()
+    assert (source.frames_seen, source.errors, len(frames)) == (5, 1, 4)
+    assert [f.header.meta["index"]["t"] for f in frames] == [0, 2, 3, 4]
+    assert [r.getMessage() for r in caplog.records if "could not publish" in r.getMessage()] == [
+        "could not publish a frame; the acquisition goes on"]
+
+
 def test_full_handoff_drops_and_counts_instead_of_blocking(receiver):
     pub = connected_publisher(receiver.endpoint)
     handoff = FrameHandoff(pub, maxsize=3)  # sender not started yet: nothing leaves the queue

@@ -106,7 +106,7 @@ def test_owner_reads_saved_images_from_the_dataset_and_never_raises(receiver):
     stats = owner.close()
     frames = receiver.wait_for(1)
     pub.close()
-    assert owner.errors == 1 and owner.frames_seen == 2
+    assert owner.errors == 1 and owner.frames_seen == 3  # the unreadable one was acquired too
     assert stats.rejected == 1 and stats.sent == 1
     assert [f.header.seq for f in frames] == [1] and frames[0].header.meta["index"] == {"t": 1}
     np.testing.assert_array_equal(frames[0].pixels, np.ones((3, 4), np.uint16))
@@ -269,10 +269,17 @@ def test_ctrl_c_aborts_an_owner_acquisition(tmp_path, receiver):
             proc.kill()
             proc.communicate()
     assert proc.returncode == 130, err
-    acquired = int(re.search(r"owner: (\d+) frames acquired", out).group(1))
+    acquired, sent, *lost = map(int, re.search(
+        r"owner: (\d+) frames acquired in 1 stream\(s\), (\d+) sent, (\d+) dropped in the hand-off, "
+        r"(\d+) dropped by the publisher, (\d+) rejected(?:, (\d+) not read or not published)?"
+        r"(?:, (\d+) still queued)?", out).groups(default="0"))
     assert acquired < 1500
-    frames = receiver.wait_for(acquired)
-    assert [f.header.seq for f in frames] == list(range(acquired))
+    assert acquired == sent + sum(lost), (out, err)  # every frame accounted for (a loaded machine may drop)
+    frames = receiver.wait_for(sent)
+    seqs = [f.header.seq for f in frames]
+    assert len(seqs) == sent and seqs == sorted(set(seqs)), (out, err)
+    if not any(lost):
+        assert seqs == list(range(acquired))
 
 
 # ------------------------------------------------------------------------------ command line

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # imported when a source runs: the command line reads the defaults below
+    from umvd_live.adapters.handoff import HandoffStats
     from umvd_live.adapters.publisher import FramePublisher
 
 EXIT_FAILED = 1
@@ -87,6 +88,18 @@ def _connect(config: PublishConfig) -> FramePublisher | None:
              "first (or point --to at its input)")
         return None
     return publisher
+
+
+def _handed_over(stats: HandoffStats, errors: int) -> str:
+    """The summary's account of every frame a source saw: sent, dropped, rejected, not read or
+    published (``errors``, the source's own), or still queued when the sender stopped."""
+    words = (f"{stats.sent} sent, {stats.handoff_dropped} dropped in the hand-off, {stats.publisher_dropped} "
+             f"dropped by the publisher, {stats.rejected} rejected")
+    if errors:
+        words += f", {errors} not read or not published (see the log)"
+    if stats.pending:
+        words += f", {stats.pending} still queued when the sender stopped"
+    return words
 
 
 def _undelivered(publisher: FramePublisher) -> str:
@@ -247,9 +260,7 @@ def _run_pymmcore(options: AcquireConfig) -> int:
             finally:
                 handed = source.detach()
             print(f"pymmcore-plus: {source.frames_seen} frames acquired in {len(source.streams_seen)} "
-                  f"stream(s), {handed.sent} sent, "
-                  f"{handed.handoff_dropped} dropped in the hand-off, {handed.publisher_dropped} dropped by "
-                  f"the publisher, {handed.rejected} rejected{_undelivered(publisher)}")
+                  f"stream(s), {_handed_over(handed, source.errors)}{_undelivered(publisher)}")
             if failure is not None:
                 _say(str(failure))
     finally:
@@ -313,9 +324,7 @@ def _pycromanager_owner(options: AcquireConfig, pm, publisher: FramePublisher) -
     finally:
         stats = owner.close()
     print(f"pycromanager owner: {owner.frames_seen} frames acquired in {len(owner.streams_seen)} stream(s), "
-          f"{stats.sent} sent, "
-          f"{stats.handoff_dropped} dropped in the hand-off, {stats.publisher_dropped} dropped by the "
-          f"publisher, {stats.rejected} rejected{_undelivered(publisher)}"
+          f"{_handed_over(stats, owner.errors)}{_undelivered(publisher)}"
           + (f"; raw data saved under {options.save_dir}" if options.save_dir else ""))
     return status
 
