@@ -958,3 +958,139 @@ def test_record_start_refuses_an_empty_list_of_streams(tmp_path):
         assert d.recording is None
     finally:
         d.close()
+
+
+# ---- an engine that fails, a stream's end ----------------------------------------------------------
+class Lagging(StepCounter):
+    """A `StepCounter` whose outputs come HALF frames late, as the engine's centred window's do:
+    its flush owes HALF outputs (and raises with ``fail_flush``, as a failed pass would)."""
+
+    fail_flush = False
+
+    def __init__(self, init: str | None):
+        super().__init__(init)
+        self.held: list[DenoisedFrame] = []
+
+    def push_many(self, frames, infer=None, tags=None, wait=True):
+        self.held += super().push_many(frames, infer, tags, wait)
+        ready, self.held = self.held[:-HALF], self.held[-HALF:]
+        return ready
+
+    def flush(self):
+        if self.fail_flush:
+            raise RuntimeError("an inference pass failed in the flush")
+        owed, self.held = self.held, []
+        return owed
+
+
+def test_a_failed_flush_at_a_streams_end_loses_only_that_streams_outputs_owed(tmp_path):
+    """The flush at a stream's end raises: its outputs owed are counted as `engine_error`, the
+    stream has ended all the same (its slot goes to a new stream), and the batch goes on for the
+    other streams instead of the exception ending the frame loop."""
+    config = DaemonConfig(input_bind=None, output="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                          output_dir=tmp_path, max_streams=2)
+    sink = CollectingSink(owed=set())
+    d = Daemon(config, Lagging, [sink])
+    d.start()
+    try:
+        d.router.process(frames("a", 5) + frames("b", 5))
+        d.router.streams["a"].denoiser.fail_flush = True
+        d.router.process([received(encode_end("a", 5))] + frames("b", 3, first=5) + [received(encode_end("b", 8))])
+        assert [o.header.seq for o in sink.denoised if o.stream == "b"] == list(range(8))
+        assert [o.header.seq for o in sink.denoised if o.stream == "a"] == list(range(5 - HALF))
+        a = d.status()["streams"]["a"]
+        assert (a["ends"], a["rejected"], a["pending"], a["state"]) == (1, {"engine_error": HALF}, 0, "idle")
+        d.router.process(frames("c", 1))  # a ended: its slot is free
+        assert sorted(d.stream_names()) == ["b", "c"] and d.status()["rejected_unattributed"] == {}
+    finally:
+        d.close()
+
+
+def test_a_streams_end_frees_its_slot_for_a_new_stream_in_the_same_batch(tmp_path):
+    """Past --max-streams, a z-stack sent as one stream per plane, each ended after its frame, all
+    waiting in one batch: each end frees a slot for the next plane, as it would in batches of
+    their own, and every plane is denoised."""
+    d = step_counter_daemon(tmp_path, max_streams=2)
+    sink = CollectingSink(owed=set())
+    d.router.sinks.append(sink)
+    try:
+        planes = [f"stack.z{z}" for z in range(5)]
+        d.router.process([item for name in planes for item in frames(name, 2) + [received(encode_end(name, 2))]])
+        assert [(o.stream, o.header.seq) for o in sink.denoised] == [(name, seq) for name in planes for seq in (0, 1)]
+        assert d.status()["rejected_unattributed"] == {}
+        assert sorted(d.stream_names()) == planes[-2:]
+    finally:
+        d.close()
+
+
+def test_raw_frames_go_out_when_the_engine_fails_to_take_them(tmp_path, monkeypatch):
+    """The raw output (the viewers' raw topic, a ``raw`` recording) gets every valid frame, also
+    when its stream's engine fails before it takes them: the old model's flush at a shape change,
+    a network that cannot be built."""
+    d = step_counter_daemon(tmp_path)
+    sink = CollectingSink(owed=set())
+    d.router.sinks.append(sink)
+    try:
+        d.router.process(frames("cam0", 3))
+        monkeypatch.setattr(d.router.streams["cam0"].denoiser, "flush", lambda: 1 / 0)
+        d.router.process(frames("cam0", 2, (24, 24), first=3))  # a new ROI: the old model's flush fails
+
+        def no_memory(init):
+            raise MemoryError("cannot build the network")
+
+        monkeypatch.setattr(d.router, "make_denoiser", no_memory)
+        d.router.process(frames("cam1", 2))
+        assert sink.raw == [("cam0", seq) for seq in range(5)] + [("cam1", 0), ("cam1", 1)]
+        status = d.status()["streams"]
+        assert status["cam0"]["rejected"]["engine_error"] >= 1 and status["cam1"]["rejected"] == {"engine_error": 2}
+    finally:
+        d.close()
+
+
+def test_load_model_for_a_stream_that_ended_outlives_its_slot(tmp_path):
+    """`load_model` for a stream that ended answers ``at_first_frame``: when its slot goes to a
+    new stream meanwhile (--max-streams), the stream still starts from those weights when it
+    comes back."""
+    save_checkpoint(tmp_path / "w.pt", {"step": torch.tensor(500.0)}, {"step": 500})
+    d = step_counter_daemon(tmp_path, max_streams=2)
+    try:
+        for name in ("pos01", "pos02"):
+            d.router.process(frames(name, 3) + [received(encode_end(name, 3))])
+        assert command(d, cmd="load_model", stream="pos01", path="w.pt")["applied"] == "at_first_frame"
+        d.router.process(frames("pos03", 2) + [received(encode_end("pos03", 2))])  # in pos01's slot
+        assert sorted(d.stream_names()) == ["pos02", "pos03"]
+        d.router.process(frames("pos01", 1))  # its next time point, in pos02's slot
+        s = d.status()["streams"]["pos01"]
+        assert (s["started_from"], s["model_step"]) == (str(tmp_path / "w.pt"), 501)
+    finally:
+        d.close()
+
+
+def test_a_reset_of_every_stream_resets_them_all_when_one_flush_fails(tmp_path, monkeypatch):
+    """`reset` of every stream: the first stream's flush fails, yet every stream gets a new model,
+    and the reply is an error that names the stream that failed (and only it)."""
+    d = step_counter_daemon(tmp_path)
+    try:
+        d.router.process(frames("cam0", 3) + frames("cam1", 3) + frames("cam2", 3))
+        monkeypatch.setattr(d.router.streams["cam0"].denoiser, "flush", lambda: 1 / 0)
+        reply = command(d, cmd="reset")
+        assert not reply["ok"] and "cam0" in reply["error"] and "cam1" not in reply["error"], reply
+        status = d.status()["streams"]
+        assert {name: (s["resets"], s["model_step"]) for name, s in status.items()} == \
+            {name: (1, 0) for name in ("cam0", "cam1", "cam2")}
+    finally:
+        d.close()
+
+
+def test_an_end_after_a_renumbering_counts_a_seq_jump_not_drops(tmp_path):
+    """An end whose ``seq`` jumps past MAX_SEQ_GAP counts as a frame with that seq would: one
+    `seq_jumps`, no drops; a small gap before an end counts its drops."""
+    d = step_counter_daemon(tmp_path)
+    try:
+        d.router.process(frames("a", 3) + [received(encode_end("a", 5_000_000))])
+        d.router.process(frames("b", 3) + [received(encode_end("b", 5))])
+        status = d.status()["streams"]
+        assert (status["a"]["drops"], status["a"]["seq_jumps"]) == (0, 1)
+        assert (status["b"]["drops"], status["b"]["seq_jumps"]) == (2, 0)
+    finally:
+        d.close()

@@ -12,7 +12,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from test_daemon import DaemonProcess, checkpoint_file, engine
+from test_daemon import DaemonProcess, StepCounter, checkpoint_file, engine
 
 from umvd_live.daemon.config import DaemonConfig
 from umvd_live.daemon.service import Daemon
@@ -174,3 +174,52 @@ def test_checkpoints_are_written_on_the_state_worker_not_the_frame_loop(tmp_path
     loop = threading.current_thread().name
     assert all(name.startswith(StateWorker.THREAD_NAME) and name != loop for name in SaveThreads.threads), \
         SaveThreads.threads
+
+
+def test_a_status_asked_while_the_daemon_starts_is_answered(tmp_path, monkeypatch):
+    """The control socket answers from its binding on: a ``status`` that comes before `start`
+    made the first snapshot (a slow ``--record`` start) gets an error saying so once its wait is
+    over, instead of ending the control thread, which then answered nothing ever again."""
+    config = DaemonConfig(input_bind=None, output="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                          output_dir=tmp_path)
+    d = Daemon(config, StepCounter)
+    first_snapshot = d.status
+    early: list[dict | None] = []
+
+    def asked_first():  # the first snapshot, made only once a client's request had its answer
+        if not early:
+            early.append(ask(d.endpoints["control"], {"cmd": "status"}))
+        return first_snapshot()
+
+    monkeypatch.setattr(d, "status", asked_first)
+    d.start()
+    try:
+        assert early == [{"ok": False, "error": "the daemon is starting; ask again"}]
+        answered = threading.Event()
+
+        def serve():
+            while not answered.is_set():
+                d.run_once()
+
+        loop = threading.Thread(target=serve)
+        loop.start()
+        try:
+            later = ask(d.endpoints["control"], {"cmd": "status"})
+        finally:
+            answered.set()
+            loop.join()
+        assert later is not None and later["ok"] and "streams" in later, later
+    finally:
+        d.close()
+
+
+def ask(endpoint: str, request: dict, timeout_s: float = 10) -> dict | None:
+    """One request over a REQ socket; None when no reply came within ``timeout_s``."""
+    req = zmq.Context.instance().socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.connect(endpoint)
+    try:
+        req.send(msgpack.packb(request))
+        return msgpack.unpackb(req.recv()) if req.poll(int(timeout_s * 1000)) else None
+    finally:
+        req.close()

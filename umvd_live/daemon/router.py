@@ -112,25 +112,49 @@ class Router:
         `run_length` windows to denoise, so they are denoised in batched passes side by side;
         frames of several streams (channels, planes) arrive interleaved, so each stream's frames
         of the batch are taken together, in their order. Which frames the preview infers when it
-        is behind: `_plan`."""
+        is behind: `_plan`. Past ``--max-streams``, an end frees its stream's slot for a new
+        stream later in the batch: the messages before the new stream's are routed first."""
         began, starts = monotonic(), self._stream_starts
         if items:
             self.capacity.begin_batch(began)  # a status answered mid-batch counts it as busy
+        plans: list[Plan] = []
         messages: list[tuple[Frame | StreamEnd, Received]] = []
         named: set[str] = set()  # the streams of `messages`: their slots are not given away
+        ends = False  # an end among `messages`: once applied, its stream's slot may go to a new one
         for n, item in enumerate(items, 1):
             message = self._decode(item)
             if isinstance(message, StreamEnd):
                 if message.stream in self.streams:  # the end of a stream never seen ends nothing
                     messages.append((message, item))
                     named.add(message.stream)
-            # A stream exists from its first valid frame on, so a malformed message after that
-            # frame counts on the stream, as it would in a batch of its own.
-            elif message is not None and (message.stream in self.streams or self.new_stream(message.stream, named)):
-                messages.append((message, item))
-                named.add(message.stream)
+                    ends = True
+            elif message is not None:
+                if ends and message.stream not in self.streams and len(self.streams) >= self.config.max_streams \
+                        and not self._ended_streams(named):
+                    # No slot, but an end earlier in the batch frees one once applied (one plane
+                    # or position after the other): route what came so far first.
+                    plans.append(self._route(messages, allow_skip))
+                    messages, named, ends = [], set(), False
+                # A stream exists from its first valid frame on, so a malformed message after that
+                # frame counts on the stream, as it would in a batch of its own.
+                if message.stream in self.streams or self.new_stream(message.stream, named):
+                    messages.append((message, item))
+                    named.add(message.stream)
             if n % DECODE_SLICE == 0:
                 self.between()
+        plans.append(self._route(messages, allow_skip))
+        if items:
+            skipped: Counter[str] = Counter()
+            for plan in plans:
+                skipped.update(plan.skipped)
+            # Building a stream's network is a one-off, not load.
+            self.capacity.note_batch(began, monotonic(), sum(plan.skipped_cost_s for plan in plans),
+                                     began - items[0].received, skipped, count_busy=self._stream_starts == starts)
+            self.check_capacity(monotonic(), every_s=CAPACITY_CHECK_S)
+
+    def _route(self, messages: list[tuple[Frame | StreamEnd, Received]], allow_skip: bool) -> Plan:
+        """Plan which frames the preview infers, then hand each stream its runs and apply its end,
+        one stream after the other; returns the plan."""
         plan = self._plan([m.stream for m, _ in messages if isinstance(m, Frame)], allow_skip)
         flags = iter(plan.infer)
         tagged = [(m, item, next(flags) if isinstance(m, Frame) else True) for m, item in messages]
@@ -145,7 +169,7 @@ class Router:
                 if run and run[0].frame.stream == message.stream:
                     self._accept(run)
                     run = []
-                self._fan_out(outputs=self.streams[message.stream].finish(message.seq))
+                self._end(self.streams[message.stream], message.seq)
                 continue
             if run and not _same_run(run[0].frame, message):
                 self._accept(run)
@@ -160,11 +184,7 @@ class Router:
                 run = []
         if run:
             self._accept(run)
-        if items:
-            # Building a stream's network is a one-off, not load.
-            self.capacity.note_batch(began, monotonic(), plan.skipped_cost_s, began - items[0].received,
-                                     plan.skipped, count_busy=self._stream_starts == starts)
-            self.check_capacity(monotonic(), every_s=CAPACITY_CHECK_S)
+        return plan
 
     def _accept(self, run: list[Arrival], wait: bool = True) -> None:
         """Hand a run of one stream's frames to its `LiveStream`, and every sink what comes of it:
@@ -175,7 +195,8 @@ class Router:
         try:
             flushed, started = live.admit(run)
         except Exception as exc:  # an engine failure must not end the session
-            self._engine_failed(live, run, exc)
+            self._engine_failed(live, len(run), exc)
+            self._fan_out(raw=run)  # the raw input never depends on the denoiser
             return
         if started is not None:
             self._stream_starts += 1
@@ -184,14 +205,27 @@ class Router:
         try:
             outputs = live.push(run, wait)
         except Exception as exc:
-            self._engine_failed(live, run, exc)
+            self._engine_failed(live, len(run), exc)
             self._fan_out(outputs=live.settle())
             return
         self._fan_out(outputs=outputs)
         self.between()
 
-    def _engine_failed(self, live: LiveStream, run: list[Arrival], exc: Exception) -> None:
-        live.note_rejected("engine_error", len(run))
+    def _end(self, live: LiveStream, seq: int) -> None:
+        """The producer's end of a stream: its last outputs go out. A flush that fails loses
+        the outputs still owed (counted as `engine_error`), not the other streams' batch."""
+        owed = live.pending
+        try:
+            outputs = live.finish(seq)
+        except Exception as exc:
+            self._engine_failed(live, owed, exc)
+            return
+        self._fan_out(outputs=outputs)
+
+    def _engine_failed(self, live: LiveStream, frames: int, exc: Exception) -> None:
+        """``frames`` valid frames lost to an engine failure: counted on their stream, logged."""
+        if frames:
+            live.note_rejected("engine_error", frames)
         self._log_rejection(live.name, ProtocolError("engine_error", repr(exc)))
 
     def _fan_out(self, *, outputs: Sequence[DenoisedOutput] = (), raw: Sequence[Arrival] = (),
@@ -287,15 +321,17 @@ class Router:
         it (messages of it wait in this batch). A recording of it goes on, in its own files, if
         frames of that name come again: the name then starts as a new stream."""
         if len(self.streams) >= self.config.max_streams:
-            ended = [live for live in self.streams.values() if live.ended and live.name not in keep]
+            ended = self._ended_streams(keep)
             if not ended:
                 self.rejected_unattributed["too_many_streams"] += 1
                 self._log_rejection(name, ProtocolError(
                     "too_many_streams", f"{name!r}: already {len(self.streams)} streams (--max-streams)"))
                 return None
-            gone = min(ended, key=lambda live: live.last_received or 0.0).name
-            del self.streams[gone]
-            log.info("stream %s: ended; its slot goes to the new stream %s (--max-streams)", gone, name)
+            gone = min(ended, key=lambda live: live.last_received or 0.0)
+            if gone.init_explicit and gone.init is not None:  # `load_model` named them: kept for its return
+                self.starting_weights[gone.name] = gone.init
+            del self.streams[gone.name]
+            log.info("stream %s: ended; its slot goes to the new stream %s (--max-streams)", gone.name, name)
         init = self.starting_weights.pop(name, None)
         live = LiveStream(name, self.make_denoiser, init=init or self.config.engine.init, store=self.store,
                           idle_after_s=self.config.idle_after_s, run_length=self.run_length)
@@ -304,6 +340,10 @@ class Router:
         self.streams[name] = live
         log.info("stream %s: first message", name)
         return live
+
+    def _ended_streams(self, keep: set[str]) -> list[LiveStream]:
+        """The streams that ended and may give up their slot: those ``keep`` does not name."""
+        return [live for live in self.streams.values() if live.ended and live.name not in keep]
 
     def reset(self, name: str) -> None:
         """A fresh model for a stream (new field of view): what the old one owed goes out first."""

@@ -227,9 +227,12 @@ class Daemon:
         return PendingReply(reply)
 
     def _late_status(self) -> bytes:
-        """On the control thread: the last status the loop made, with its age."""
-        assert self._last_status is not None  # `start` made the first
-        made, status = self._last_status
+        """On the control thread: the last status the loop made, with its age (none before
+        `start` made the first: the control socket answers from its binding on)."""
+        last = self._last_status
+        if last is None:
+            return self.control.encode_error("the daemon is starting; ask again")
+        made, status = last
         return self.control.encode({"cmd": "status"},
                                    {"ok": True} | dict(status) | {"status_age_s": round(monotonic() - made, 3)})
 
@@ -317,9 +320,18 @@ class Daemon:
 
     def reset_streams(self, stream: str | None) -> list[str]:
         names = [stream] if stream is not None else list(self.router.streams)
+        failed = []
         for name in names:
-            self.router.reset(name)
+            try:  # one stream's failed flush must not leave the streams after it their old models
+                self.router.reset(name)
+            except Exception as exc:  # its model is dropped all the same: a new one starts at its next frame
+                log.exception("stream %s: model reset, but its engine failed (its outputs owed are lost)", name)
+                failed.append(f"{name} ({type(exc).__name__}: {exc})")
+                continue
             log.info("stream %s: model reset", name)
+        if failed:
+            raise ControlError(f"reset failed for {', '.join(failed)}: the outputs owed are lost, a new model "
+                               f"starts at the next frame; every other stream was reset")
         return names
 
     def save_model(self, stream: str, path: Path) -> Future[Reply]:

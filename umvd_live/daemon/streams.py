@@ -264,8 +264,8 @@ class LiveStream:
         """The producer ended the stream (`protocol.StreamEnd`; ``seq``: its next frame's number):
         hand out the outputs still owed, keep what the model learned (``--state-dir``), and let
         the next frame start a new window and warm start with ``seq`` from 0."""
-        if self.last_seq is not None and seq > self.last_seq + 1:
-            self.counters.drops += min(seq - self.last_seq - 1, MAX_SEQ_GAP)
+        if self.last_seq is not None:  # ``seq`` as its next frame's would count
+            self._count_gap(self.last_seq, seq)
         self._numbering_ended = True
         self.counters.ends += 1
         log.info("stream %s: ended by its producer after seq %s", self.name, seq - 1)
@@ -463,16 +463,22 @@ class LiveStream:
         last = None if self._numbering_ended else self.last_seq
         self._numbering_ended = False
         if last is not None:
-            if seq > last + MAX_SEQ_GAP:
-                self.counters.seq_jumps += 1
-                log.warning("stream %s: seq jumped from %d to %d; not counted as drops", self.name, last, seq)
-            elif seq > last + 1:
-                self.counters.drops += seq - last - 1
-            elif seq <= last:
+            if seq <= last:
                 self.counters.seq_restarts += 1
                 log.warning("stream %s: seq went back from %d to %d (producer restart?); going on",
                             self.name, last, seq)
+            else:
+                self._count_gap(last, seq)
         self.last_seq = seq
+
+    def _count_gap(self, last: int, seq: int) -> None:
+        """``seq`` after ``last``: a gap counts the frames lost upstream as drops, a jump past
+        `MAX_SEQ_GAP` counts one renumbering (`seq_jumps`)."""
+        if seq > last + MAX_SEQ_GAP:
+            self.counters.seq_jumps += 1
+            log.warning("stream %s: seq jumped from %d to %d; not counted as drops", self.name, last, seq)
+        elif seq > last + 1:
+            self.counters.drops += seq - last - 1
 
     def _start_denoiser(self, shape: tuple[int, int], dtype: str, reason: str,
                         use_state: bool = True) -> StreamStarted:
@@ -503,12 +509,12 @@ class LiveStream:
             outputs = self._outputs(den.flush())
             if checkpoint:  # shutdown, shape change: keep what this model learned (on the worker)
                 self.checkpoint()
-        finally:
+        finally:  # also after a failed flush: nothing is owed by a closed denoiser (`ended`)
             den.close()
             self.denoiser = None
-        if self.pending:  # the engine owes one output per input: say so if it did not
-            log.error("stream %s: %d frames got no output before the denoiser closed", self.name, self.pending)
-            self.pending = 0
+            if self.pending:  # the engine owes one output per input: say so if it did not
+                log.error("stream %s: %d frames got no output before the denoiser closed", self.name, self.pending)
+                self.pending = 0
         return outputs
 
     def _outputs(self, frames: Sequence[DenoisedFrame]) -> list[DenoisedOutput]:
