@@ -23,6 +23,7 @@ import numpy as np
 import zmq
 
 from umvd_live.wire.protocol import encode_end, encode_frame
+from umvd_live.wire.security import enable_ipv6
 
 DEFAULT_INPUT = "tcp://127.0.0.1:5555"
 #: How long `FramePublisher.end` waits for room in a full send queue.
@@ -76,6 +77,7 @@ class FramePublisher:
         # (`undelivered` counts from then on) instead of frames piling up for a daemon that may
         # never come back, lost at `close` without a count.
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
+        enable_ipv6(self._sock, [endpoint])  # a daemon on tcp://[::1]
         if (client_key is None) != (server_key is None):
             self._sock.close(linger=0)
             raise ValueError("CURVE needs both client_key (NAME.key_secret) and server_key (the daemon's .key)")

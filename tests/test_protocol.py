@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
+import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import msgpack
@@ -12,13 +15,19 @@ import numpy as np
 import pytest
 import zmq
 
+from umvd_live.adapters.publisher import FramePublisher
+from umvd_live.daemon.config import DaemonConfig
+from umvd_live.daemon.transport import ControlServer, Inbox, InputReceiver, PendingReply, Transport
+from umvd_live.wire.control_client import ControlClient
 from umvd_live.wire.protocol import (
     MAX_HEADER_BYTES,
     ProtocolError,
     decode_frame,
+    decode_message,
     decode_output,
     encode_denoised,
     encode_frame,
+    pack,
 )
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
@@ -181,8 +190,6 @@ def test_doc_producer_speaks_the_protocol(tmp_path):
 def test_the_publisher_counts_the_frames_a_stalled_daemon_could_not_take():
     """A subscriber that stops reading: the publisher never blocks, and every frame that could not
     go is counted as dropped (an XPUB socket at its high-water mark drops silently otherwise)."""
-    import time
-
     from umvd_live.adapters.publisher import FramePublisher
 
     ctx = zmq.Context()
@@ -213,8 +220,6 @@ def test_the_publisher_counts_the_frames_a_stalled_daemon_could_not_take():
 
 def _publish_until(pub, done, image, deadline_s: float = 30.0) -> int:
     """Publish ``image`` every few ms until ``done()`` (or the deadline); returns how many."""
-    import time
-
     deadline = time.monotonic() + deadline_s
     n = 0
     while not done() and time.monotonic() < deadline:
@@ -274,7 +279,6 @@ def test_a_stream_end_waits_for_room_and_is_counted_when_none_comes():
     """A daemon behind (the send queue full): a stream's end waits a little for room instead of
     being refused like a frame; a daemon that reads nothing for that long loses the end, counted."""
     import threading
-    import time
 
     from umvd_live.adapters.publisher import END_WAIT_S, FramePublisher
     from umvd_live.wire.protocol import StreamEnd, decode_message
@@ -327,4 +331,153 @@ def test_a_stream_end_waits_for_room_and_is_counted_when_none_comes():
     finally:
         pub.close()
         daemon.close(linger=0)
+        ctx.term()
+
+
+# ---- the daemon's sockets (daemon/transport.py) ---------------------------------------------------
+def _subscribed_xpub(ctx: zmq.Context, endpoint: str, *, bind: bool = False) -> zmq.Socket:
+    """A producer's XPUB connected to (or bound at) ``endpoint`` (`_wait_subscribed` before sending)."""
+    pub = ctx.socket(zmq.XPUB)
+    pub.setsockopt(zmq.SNDHWM, 0)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.setsockopt(zmq.IPV6, "[" in endpoint)
+    if bind:
+        pub.bind(endpoint)
+    else:
+        pub.connect(endpoint)
+    return pub
+
+
+def _wait_subscribed(pub: zmq.Socket) -> None:
+    assert pub.poll(10000), "the daemon's SUB subscribed"
+    pub.recv()
+
+
+def _wait(done, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_the_inbox_bound_counts_what_each_message_holds_not_only_its_bytes():
+    """A flood of empty messages (or one of very many empty parts) is bounded by --inbox-mb as
+    frames are: each message is charged for its Python objects, and the parts beyond a message's
+    three are dropped as it is received; it is still rejected as `part_count`."""
+    ctx = zmq.Context()
+    inbox = Inbox(max_bytes=64 * 1024)
+    receiver = InputReceiver(ctx, DaemonConfig(input_bind="tcp://127.0.0.1:*"), inbox)
+    receiver.start()
+    pub = _subscribed_xpub(ctx, receiver.endpoints[0])
+    try:
+        _wait_subscribed(pub)
+        pub.send_multipart([b"cam0", *[b""] * 10_000])
+        for _ in range(2000):
+            pub.send_multipart([b"", b"", b""])
+        _wait(lambda: len(inbox) + inbox.overflow == 2001)
+        assert len(inbox) + inbox.overflow == 2001
+        assert inbox.overflow > 1000, "an empty message is not free"
+        assert inbox.nbytes <= inbox.max_bytes
+        first = inbox.drain(0)[0]
+        assert len(first.parts) == 4
+        with pytest.raises(ProtocolError) as rejected:
+            decode_message(first.parts)
+        assert rejected.value.reason == "part_count"
+    finally:
+        receiver.stop()
+        pub.close()
+        ctx.term()
+
+
+def test_a_control_reply_that_cannot_be_made_is_an_error_and_the_next_request_is_answered():
+    def handle(data: bytes) -> PendingReply:
+        cmd, reply = msgpack.unpackb(data)["cmd"], Future()
+        if cmd == "broken":  # making the reply raised
+            reply.set_exception(RuntimeError("no snapshot"))
+        elif cmd == "late":  # past its deadline, its fallback raises
+            return PendingReply(reply, deadline=0.0, fallback=lambda: pack({"ok": True, "x": 1 // 0}))
+        else:
+            reply.set_result(pack({"ok": True, "cmd": cmd}))
+        return PendingReply(reply)
+
+    ctx = zmq.Context()
+    server = ControlServer(ctx, "tcp://127.0.0.1:*", handle)
+    server.start()
+    client = ControlClient(server.endpoint, timeout_s=10, context=ctx)
+    try:
+        assert client.request("broken") == {"ok": False, "error": "reply could not be made: RuntimeError: no snapshot"}
+        late = client.request("late")
+        assert not late["ok"] and "ZeroDivisionError" in late["error"]
+        assert client.request("status") == {"ok": True, "cmd": "status"}
+        assert server.is_alive()
+    finally:
+        client.close()
+        server.stop()
+        ctx.term()
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1) to bind")
+def test_ipv6_loopback_endpoints_are_bound_and_carry_frames_and_control():
+    ctx = zmq.Context()
+    producer = _subscribed_xpub(ctx, "tcp://[::1]:*", bind=True)  # one the daemon connects to
+    transport = Transport(DaemonConfig(
+        input_bind="tcp://[::1]:*", input_connect=(producer.getsockopt_string(zmq.LAST_ENDPOINT),),
+        output="tcp://[::1]:*", control="tcp://[::1]:*"))
+
+    def handle(data: bytes) -> PendingReply:
+        reply: Future[bytes] = Future()
+        reply.set_result(pack({"ok": True}))
+        return PendingReply(reply)
+
+    viewer = ctx.socket(zmq.SUB)
+    viewer.setsockopt(zmq.LINGER, 0)
+    viewer.setsockopt(zmq.SUBSCRIBE, b"")
+    viewer.setsockopt(zmq.IPV6, 1)
+    client = None
+    try:
+        endpoints = transport.start(handle)
+        assert endpoints["output"].startswith("tcp://[::1]:") and endpoints["control"].startswith("tcp://[::1]:")
+        assert transport.receiver is not None and transport.output is not None
+        client = ControlClient(endpoints["control"], timeout_s=10, context=ctx)
+        assert client.request("status") == {"ok": True}
+        # Frames in: from a producer connecting to the daemon, and from the one it connects to.
+        connecting = _subscribed_xpub(ctx, transport.receiver.endpoints[0])
+        try:
+            _wait_subscribed(connecting)
+            _wait_subscribed(producer)
+            connecting.send_multipart(_parts(topic=b"a"))
+            producer.send_multipart(_parts(topic=b"b"))
+            _wait(lambda: len(transport.inbox) == 2)
+            assert sorted(item.parts[0] for item in transport.inbox.drain(0)) == [b"a", b"b"]
+        finally:
+            connecting.close()
+        # The project's own publisher (`umvd-live acquire`) reaches it too.
+        publisher = FramePublisher(transport.receiver.endpoints[0], "c", context=ctx)
+        try:
+            assert publisher.wait_for_subscriber(10)
+            assert publisher.publish(np.zeros((4, 4), np.uint16))
+            _wait(lambda: len(transport.inbox) == 1)
+            assert [item.parts[0] for item in transport.inbox.drain(0)] == [b"c"]
+        finally:
+            publisher.close()
+        # Frames out: published until the viewer's subscription has reached the daemon.
+        viewer.connect(endpoints["output"])
+        deadline = time.monotonic() + 10
+        while not viewer.poll(50) and time.monotonic() < deadline:
+            transport.output.send_multipart(_parts(topic=b"a/raw"))
+        assert viewer.recv_multipart()[0] == b"a/raw"
+    finally:
+        if client is not None:
+            client.close()
+        viewer.close()
+        producer.close()
+        transport.close()
         ctx.term()

@@ -6,6 +6,7 @@ scheduled, and streamed into a SUB receiver."""
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -95,6 +96,41 @@ def test_ndtiff_from_pycromanagers_writer_has_elapsed_time(tmp_path):
         assert m.kind == "ndtiff" and m.n_frames == 5
         assert all(np.array_equal(m.frame(i), data[i]) for i in range(5))
         np.testing.assert_allclose(m.timestamps(), 0.033 * np.arange(5))
+
+
+@pytest.mark.parametrize("entry", [
+    struct.pack("<HHIHH", 282, 3, 1, 5, 0),  # XResolution: one SHORT, not a RATIONAL
+    struct.pack("<HHIHH", 296, 3, 2, 3, 3),  # ResolutionUnit: two SHORTs
+], ids=["short_resolution", "two_units"])
+def test_a_malformed_resolution_tag_is_ignored_and_the_file_still_reads(tmp_path, entry):
+    data = movie(3)
+    path = tmp_path / "odd.tif"
+    tifffile.imwrite(path, data, photometric="minisblack", resolution=(2.0, 2.0), resolutionunit="CENTIMETER")
+    code = struct.unpack_from("<H", entry)[0]
+    with tifffile.TiffFile(path) as tif:
+        offset = next(tag.offset for tag in tif.pages.first.tags if tag.code == code)
+    with open(path, "r+b") as f:  # rewrite the first page's tag entry in place
+        f.seek(offset)
+        f.write(entry)
+    with TiffMovie(path) as m:
+        assert m.file_meta(0) == {}, "no pixel size from a tag that is not one"
+        assert all(np.array_equal(m.frame(i), data[i]) for i in range(3))
+
+
+def test_a_micromanager_summary_number_beyond_any_float_is_ignored(tmp_path):
+    from ndstorage.ndtiff_dataset import NDTiffDataset
+
+    data = movie(2, (16, 24))
+    dataset = NDTiffDataset(str(tmp_path), name="run", writable=True)
+    dataset.initialize({"Width": 24, "Height": 16, "PixelSizeUm": 0.5, "Interval_ms": 10**400})
+    for t in range(2):
+        dataset.put_image({"time": t}, data[t], {"ElapsedTime-ms": 33.0 * t, "Width": 24, "Height": 16,
+                                                  "PixelType": "GRAY16", "BitDepth": 16})
+    dataset.finish()
+    (stack,) = tmp_path.glob("run*/*.tif")
+    with TiffMovie(stack) as m:  # JSON's integers have no bound; float() of this one overflows
+        assert m.file_meta(0) == {"pixel_size_um": 0.5}
+        assert np.array_equal(m.frame(1), data[1])
 
 
 def test_scanimage_frame_timestamps(tmp_path):

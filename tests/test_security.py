@@ -22,7 +22,14 @@ from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.daemon.service import write_ready_file
 from umvd_live.engine.checkpoint import FORMAT, save_checkpoint
 from umvd_live.wire.protocol import decode_output
-from umvd_live.wire.security import SecurityError, apply_client, check_bind, create_keypair
+from umvd_live.wire.security import (
+    CurveServer,
+    CurveServerConfig,
+    SecurityError,
+    apply_client,
+    check_bind,
+    create_keypair,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -82,6 +89,44 @@ def test_binding_beyond_loopback_needs_allow_remote_and_curve(tmp_path):
     # And through the command line: a clear message, exit status 2.
     refused = cli("serve", "--input", "tcp://0.0.0.0:*", *local, "--preset", "lite", "--device", "cpu")
     assert refused.returncode == 2 and "loopback" in refused.stderr
+
+
+def test_a_tilde_left_by_the_shell_is_the_home_directory(tmp_path, monkeypatch):
+    """docs/security.md's set-up typed where "~" reaches the program as is (cmd.exe, PowerShell,
+    a quoted path): keys go to the home directory, and the daemon lets their client in."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("USERPROFILE", str(home))  # Windows' home
+    monkeypatch.chdir(tmp_path)
+    create_keypair("~/.umvd/keys", "daemon")
+    create_keypair("~/.umvd/keys", "acq-pc")
+    keys = home / ".umvd" / "keys"
+    assert sorted(p.name for p in keys.iterdir()) == ["acq-pc.key", "acq-pc.key_secret", "daemon.key",
+                                                      "daemon.key_secret"]
+    assert not (tmp_path / "~").exists(), "no secret keys in a stray ./~ folder"
+    (home / ".umvd" / "clients").mkdir()
+    (home / ".umvd" / "clients" / "acq-pc.key").write_bytes((keys / "acq-pc.key").read_bytes())
+
+    ctx = zmq.Context()
+    curve = CurveServer(CurveServerConfig(Path("~/.umvd/keys/daemon.key_secret"), Path("~/.umvd/clients")))
+    curve.start(ctx)
+    server, client = ctx.socket(zmq.REP), ctx.socket(zmq.REQ)
+    try:
+        curve.apply(server)
+        server.bind("tcp://127.0.0.1:*")
+        apply_client(client, "~/.umvd/keys/acq-pc.key_secret", "~/.umvd/keys/daemon.key")
+        client.connect(server.getsockopt_string(zmq.LAST_ENDPOINT))
+        client.send(b"ping")
+        assert server.poll(10000), "the allowed client got through the handshake"
+        server.recv()
+        server.send(b"pong")
+        assert client.poll(10000) and client.recv() == b"pong"
+    finally:
+        server.close(linger=0)
+        client.close(linger=0)
+        curve.stop()
+        ctx.term()
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ from umvd_live.metrics import REPORT_HEADERS, REPORT_METRICS, format_kind, forma
 from umvd_live.wire.control_client import ControlClient, DaemonUnavailable
 from umvd_live.wire.protocol import DENOISED_SUFFIX, OutputMessage, ProtocolError, decode_output
 from umvd_live.wire.schema import StatusReply
+from umvd_live.wire.security import enable_ipv6
 
 # ---- the simulation -----------------------------------------------------------------------------
 #: Brightness of the simulated channels of several streams, relative to ``photons``, in turn.
@@ -244,6 +245,7 @@ class OutputSubscriber:
             self.socket.setsockopt(zmq.SUBSCRIBE, (name + DENOISED_SUFFIX).encode())
         for topic in extra_topics:
             self.socket.setsockopt(zmq.SUBSCRIBE, topic)
+        enable_ipv6(self.socket, [endpoint])  # a daemon on tcp://[::1]
         self.socket.connect(endpoint)
 
     def receive(self, timeout_s: float) -> Iterator[list[bytes]]:

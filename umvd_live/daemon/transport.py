@@ -30,8 +30,8 @@ import zmq
 
 from umvd_live.daemon.config import DaemonConfig
 from umvd_live.daemon.streams import monotonic
-from umvd_live.wire.protocol import MAX_PIXELS
-from umvd_live.wire.security import CurveServer, SecurityError, check_bind, is_loopback
+from umvd_live.wire.protocol import MAX_PIXELS, MESSAGE_PARTS, pack
+from umvd_live.wire.security import CurveServer, SecurityError, check_bind, enable_ipv6, is_loopback
 
 if TYPE_CHECKING:
     from umvd_live.wire.schema import EndpointsStatus
@@ -48,6 +48,11 @@ OUTPUT_LINGER_MS = 2000
 CONTROL_LINGER_MS = 500
 #: Largest message part accepted off the wire; ZeroMQ drops a peer that sends more.
 MAX_PART_BYTES = MAX_PIXELS * 4 + 64 * 1024
+#: What holding a message costs besides its bytes (CPython's objects: the message, its list, its
+#: receipt time; each part's bytes object and list slot), so that a flood of empty or tiny
+#: messages cannot hold many times the inbox's budget.
+MESSAGE_OVERHEAD = 256
+PART_OVERHEAD = 48
 #: How often the control thread looks for finished replies while some are outstanding (ms).
 REPLY_POLL_MS = 2
 #: How long a stopping control thread still waits for outstanding replies (``shutdown``'s own).
@@ -59,26 +64,33 @@ CONTROL_DRAIN_S = 5.0
 class Received:
     parts: list[bytes]
     received: float  # monotonic() when taken from the socket
-    nbytes: int
+    nbytes: int  # the parts' bytes
+
+    @property
+    def cost(self) -> int:
+        """The memory it holds, as the inbox counts it."""
+        return self.nbytes + MESSAGE_OVERHEAD + PART_OVERHEAD * len(self.parts)
 
 
 class Inbox:
-    """A FIFO between the receiver thread and the frame loop, bounded in bytes, never blocking."""
+    """A FIFO between the receiver thread and the frame loop, bounded in bytes (each message's
+    `Received.cost`), never blocking."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self.nbytes = 0
+        self.nbytes = 0  # the messages' costs
         self.overflow = 0  # messages refused because the budget was spent
         self._items: deque[Received] = deque()
         self._cond = threading.Condition()
 
     def put(self, item: Received) -> bool:
         with self._cond:
-            if self.nbytes + item.nbytes > self.max_bytes:
+            cost = item.cost
+            if self.nbytes + cost > self.max_bytes:
                 self.overflow += 1
                 return False
             self._items.append(item)
-            self.nbytes += item.nbytes
+            self.nbytes += cost
             self._cond.notify()
             return True
 
@@ -114,6 +126,7 @@ class InputReceiver(threading.Thread):
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_PART_BYTES)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        enable_ipv6(self.socket, [config.input_bind, *config.input_connect])
         self.endpoints: list[str] = []
         try:
             if config.input_bind is not None:
@@ -138,6 +151,9 @@ class InputReceiver(threading.Thread):
                         parts = sock.recv_multipart(flags=zmq.NOBLOCK)
                     except zmq.Again:
                         break
+                    # One part more than a message has is enough for the frame loop to reject it
+                    # as `part_count`; the rest would only hold memory until then.
+                    del parts[MESSAGE_PARTS + 1:]
                     self.inbox.put(Received(parts, monotonic(), sum(len(p) for p in parts)))
         finally:
             sock.close()
@@ -176,6 +192,7 @@ class ControlServer(threading.Thread):
         self._receive_lock = threading.Lock()
         self.socket = ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, CONTROL_LINGER_MS)
+        enable_ipv6(self.socket, [endpoint])
         try:
             secure(self.socket)
             self.socket.bind(endpoint)
@@ -228,15 +245,19 @@ class ControlServer(threading.Thread):
         now = time.monotonic()
         waiting = []
         for envelope, reply in pending:
-            if reply.reply.done() and not reply.reply.cancelled():
-                body = reply.reply.result()
-            elif reply.fallback is not None and reply.deadline is not None and now >= reply.deadline:
-                reply.reply.cancel()
-                body = reply.fallback()
-                self.late += 1
-            else:
-                waiting.append((envelope, reply))
-                continue
+            try:
+                if reply.reply.done() and not reply.reply.cancelled():
+                    body = reply.reply.result()
+                elif reply.fallback is not None and reply.deadline is not None and now >= reply.deadline:
+                    reply.reply.cancel()
+                    body = reply.fallback()
+                    self.late += 1
+                else:
+                    waiting.append((envelope, reply))
+                    continue
+            except Exception as exc:  # a bug: the client still gets an answer, and this thread goes on
+                log.exception("control: a reply could not be made")
+                body = pack({"ok": False, "error": f"reply could not be made: {type(exc).__name__}: {exc}"})
             try:
                 sock.send_multipart([*envelope, body], flags=zmq.NOBLOCK)
             except zmq.ZMQError:  # the client is gone: ROUTER drops; anything else, log and go on
@@ -285,6 +306,7 @@ class Transport:
         self.output = self._ctx.socket(zmq.PUB)
         self.output.setsockopt(zmq.SNDHWM, OUTPUT_SNDHWM)
         self.output.setsockopt(zmq.LINGER, OUTPUT_LINGER_MS)
+        enable_ipv6(self.output, [cfg.output])
         self._secure(self.output)
         self.output.bind(cfg.output)
         self.control = ControlServer(self._ctx, cfg.control, handle, self._secure)

@@ -48,6 +48,7 @@ from umvd_live.viewer.sites import Site, SiteCatalog, StreamPlace
 from umvd_live.wire.control_client import ControlClient, ControlReply, DaemonUnavailable
 from umvd_live.wire.protocol import OutputMessage, ProtocolError, decode_output
 from umvd_live.wire.schema import StatusReply, StreamStatus
+from umvd_live.wire.security import enable_ipv6
 
 T = TypeVar("T")
 
@@ -251,6 +252,7 @@ class LiveSession:
         self.control = ControlClient(config.control, config.request_timeout_s, self._ctx)  # status polls
         self.command_client = ControlClient(config.control, config.command_timeout_s, self._ctx)  # `submit`
         try:  # a malformed endpoint (no "tcp://") raises here, leaving no socket behind
+            enable_ipv6(self._sub, [config.output])  # a daemon on tcp://[::1]
             self._sub.connect(config.output)
             self.control.connect()
         except zmq.ZMQError:

@@ -49,7 +49,7 @@ def positive(value: Any) -> float | None:
         return None
     try:
         x = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond any float
         return None
     return x if math.isfinite(x) and x > 0 else None
 
@@ -203,14 +203,15 @@ def _resolution(tif: tifffile.TiffFile, unit_um: float | None) -> AcquisitionMet
     tags = tif.pages.first.tags
     if unit_um is None:
         unit = tags["ResolutionUnit"].value if "ResolutionUnit" in tags else 2
-        if int(unit) != 3:  # 3: centimetre; 2 (inch) and 1 (none) say nothing of the sample
+        if unit != 3:  # 3: centimetre; 2 (inch) and 1 (none) say nothing of the sample; nor does junk
             return AcquisitionMeta()
         unit_um = 1e4
 
     def size(tag: str) -> float | None:
-        if tag not in tags:
-            return None
-        num, den = tags[tag].value
+        value = tags[tag].value if tag in tags else None
+        if not isinstance(value, tuple) or len(value) != 2:
+            return None  # not one RATIONAL (a SHORT, several values): a malformed tag is ignored
+        num, den = (positive(v) for v in value)
         return positive(unit_um * den / num) if num and den else None
 
     width = size("XResolution")

@@ -16,6 +16,8 @@ from typing import Any
 import msgpack
 import zmq
 
+from umvd_live.wire.security import enable_ipv6
+
 
 class DaemonUnavailable(Exception):
     """No reply within the deadline: the daemon is away, restarting or stuck."""
@@ -56,6 +58,7 @@ class ControlClient:
         if self._sock is None:
             sock = self._ctx.socket(zmq.REQ)
             sock.setsockopt(zmq.LINGER, 0)
+            enable_ipv6(sock, [self.endpoint])
             try:
                 sock.connect(self.endpoint)
             except zmq.ZMQError:  # a malformed endpoint: no socket left behind per attempt

@@ -17,6 +17,8 @@ import msgpack
 import numpy as np
 
 PROTOCOL_VERSION = 1
+#: Every message, input or output: [topic, header, pixels].
+MESSAGE_PARTS = 3
 
 #: dtype strings a producer may send, as numpy writes them (``np.dtype(x).str``).
 SUPPORTED_DTYPES: dict[str, np.dtype] = {
@@ -187,8 +189,8 @@ class StreamEnd:
 def decode_message(parts: Sequence[bytes | memoryview]) -> Frame | StreamEnd:
     """Validate and decode one input message: a frame, or a stream's end (``"end": true``, an
     empty third part). Raises ProtocolError with a counter reason."""
-    if len(parts) != 3:
-        raise ProtocolError("part_count", f"{len(parts)} parts, expected 3")
+    if len(parts) != MESSAGE_PARTS:
+        raise ProtocolError("part_count", f"{len(parts)} parts, expected {MESSAGE_PARTS}")
     stream = decode_stream_name(parts[0])
     obj = unpack_map(parts[1])
     if obj.get("end") is True:
@@ -280,8 +282,8 @@ class OutputMessage:
 
 
 def decode_output(parts: Sequence[bytes | memoryview]) -> OutputMessage:
-    if len(parts) != 3:
-        raise ProtocolError("part_count", f"{len(parts)} parts, expected 3")
+    if len(parts) != MESSAGE_PARTS:
+        raise ProtocolError("part_count", f"{len(parts)} parts, expected {MESSAGE_PARTS}")
     topic = bytes(parts[0]).decode("utf-8", errors="replace")
     stream, _, kind = topic.rpartition("/")
     if kind not in ("denoised", "raw"):

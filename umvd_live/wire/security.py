@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
@@ -33,17 +34,42 @@ class SecurityError(ValueError):
     """A refused set-up: remote bind without authentication, missing or unreadable keys."""
 
 
+def _tcp_host(endpoint: str) -> str | None:
+    """The host of a ``tcp://`` endpoint, without an IPv6 address's brackets; None for another transport."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    return endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+
+
 def is_loopback(endpoint: str) -> bool:
     """Whether binding ``endpoint`` keeps the socket on this machine."""
-    if not endpoint.startswith("tcp://"):
+    host = _tcp_host(endpoint)
+    if host is None:
         return endpoint.startswith(("ipc://", "inproc://"))
-    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # "*", an interface name, a host name: not provably local
+
+
+def is_ipv6(endpoint: str) -> bool:
+    """Whether ``endpoint`` names an IPv6 address (``tcp://[::1]:5555``)."""
+    host = _tcp_host(endpoint)
+    try:
+        return host is not None and ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
+
+
+def enable_ipv6(sock: zmq.Socket, endpoints: Iterable[str | None]) -> None:
+    """Give ``sock`` ZeroMQ's IPV6 option (before it binds or connects) if one of its
+    ``endpoints`` is an IPv6 address: without it, ``[::1]`` cannot be bound or reached. Only then:
+    with it, ``127.0.0.1`` binds as ``[::ffff:127.0.0.1]`` and ``localhost`` may resolve to ``::1``,
+    which IPv4-only clients cannot reach."""
+    if any(is_ipv6(endpoint) for endpoint in endpoints if endpoint):
+        sock.setsockopt(zmq.IPV6, 1)
 
 
 def check_bind(endpoint: str, *, allow_remote: bool, curve: bool) -> None:
@@ -127,7 +153,7 @@ class CurveServer:
     def __init__(self, config: CurveServerConfig):
         self.config = config
         self.public, self._secret = read_keypair(config.server_secret_file)
-        clients = Path(config.clients_dir)
+        clients = Path(config.clients_dir).expanduser()  # "~" unexpanded by cmd.exe, PowerShell, quotes
         if not clients.is_dir():
             raise SecurityError(f"{clients}: no such directory of allowed client keys")
         try:
@@ -136,14 +162,15 @@ class CurveServer:
             raise SecurityError(f"{clients}: unreadable client key ({exc})") from None
         if not self.allowed:
             raise SecurityError(f"{clients}: no client public key (*.key) in it: nobody could connect")
+        self._clients = clients
         self._auth: ThreadAuthenticator | None = None
 
     def start(self, ctx: zmq.Context) -> None:
         """Start the authenticator; must happen before the sockets bind."""
         self._auth = ThreadAuthenticator(ctx, log=logging.getLogger("umvd_live.auth"))
         self._auth.start()
-        self._auth.configure_curve(domain="*", location=str(self.config.clients_dir))
-        log.info("CURVE on: %d allowed client key(s) from %s", len(self.allowed), self.config.clients_dir)
+        self._auth.configure_curve(domain="*", location=str(self._clients))
+        log.info("CURVE on: %d allowed client key(s) from %s", len(self.allowed), self._clients)
 
     def apply(self, sock: zmq.Socket) -> None:
         """Make ``sock`` a CURVE server (before it binds)."""
@@ -169,7 +196,7 @@ def apply_client(sock: zmq.Socket, client_secret_file: str | os.PathLike,
 
 def create_keypair(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
     """Write ``NAME.key`` and ``NAME.key_secret`` (mode 0600) in ``directory``; never overwrites."""
-    directory = Path(directory)
+    directory = Path(directory).expanduser()  # else a "~" the shell left is a folder of that name
     if not name or "/" in name or "\\" in name or name.startswith("."):
         raise SecurityError(f"{name!r}: a key name is a plain file name")
     directory.mkdir(parents=True, exist_ok=True)
