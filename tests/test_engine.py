@@ -1,5 +1,6 @@
 """StreamDenoiser: ordering, states, weights files, divergence guard, input hygiene."""
 
+import importlib
 import pickle
 import threading
 import time
@@ -10,10 +11,10 @@ import pytest
 import torch
 
 from umvd_live.engine import EngineConfig, StreamDenoiser, cpu_cores
-from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint, weights_hash
+from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_hash
 from umvd_live.engine.device import cpu_has_native_bf16, default_workers, lists_native_bf16
 from umvd_live.engine.normalization import Normalizer
-from umvd_live.engine.trainer import OnlineTrainer, TrainerConfig
+from umvd_live.engine.trainer import OnlineTrainer, ReplayBuffer, TrainerConfig
 
 # From scratch (no prior): these tests follow a warm start (tests/test_prior.py has the prior's).
 FAST = EngineConfig(
@@ -480,6 +481,89 @@ def test_divergence_guard_catches_an_exploding_loss():
     rollbacks = trainer.rollbacks
     assert trainer.step(den.training.replay) is None
     assert trainer.rollbacks == rollbacks + 1
+
+
+def test_a_model_file_that_does_not_fit_leaves_the_stream_its_own_weights(tmp_path):
+    """`load_state_dict` copies the tensors that fit before refusing the rest: a file with one
+    tensor missing, one too many or one of another shape is refused before any is copied."""
+    den = _trained(4)
+    den.save_weights(tmp_path / "w.pt")
+    state, info = load_checkpoint(tmp_path / "w.pt")
+    own = den.weights_hash()
+    first = sorted(state)[0]
+    other = {k: v + 0.01 for k, v in state.items()}
+    for name, broken in [("missing", {k: v for k, v in other.items() if k != first}),
+                         ("unexpected", {**other, "extra": torch.zeros(3)}),
+                         ("other shapes", {**other, first: other[first][..., :1]})]:
+        save_checkpoint(tmp_path / "b.pt", broken, info)
+        with pytest.raises(CheckpointError, match=name):
+            den.load_weights(tmp_path / "b.pt")
+        assert den.weights_hash() == own and den.training.take_published() is None
+
+
+def test_a_rollback_after_loading_weights_returns_to_the_loaded_ones(tmp_path):
+    """The guard's last good weights, Adam's moments and the running means start afresh with
+    weights loaded mid-stream: a rollback must not bring back the weights they replaced."""
+    den = _trained(4)
+    den.save_weights(tmp_path / "w.pt")
+    state, info = load_checkpoint(tmp_path / "w.pt")
+    loaded = {k: v + 0.05 for k, v in state.items()}
+    save_checkpoint(tmp_path / "other.pt", loaded, {**info, "step": 1234})
+    den.load_weights(tmp_path / "other.pt")
+    trainer = den.trainer
+    assert trainer.steps == 1234 and not trainer.optimizer.state
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("nan"))
+    assert trainer.step(den.training.replay) is None and trainer.rollbacks == 1
+    assert weights_hash(trainer.model.state_dict()) == weights_hash(loaded)
+
+
+def test_an_idle_trainer_does_not_publish_the_same_weights_again():
+    """With nothing to train on the step count stays put: publishing (and adopting) the same
+    weights again would only take time from the frame loop. A rollback's weights are published."""
+    movie = noisy_movie(12).astype(np.float32)
+    movie[:, 0, 0] = np.nan  # never trained on
+    den = StreamDenoiser(FAST)
+    den.push(movie[0])
+    den.training.run(1)
+    assert den.training.take_published() is not None  # the first weights
+    den.training.run(3)
+    assert den.trainer.steps == 0 and den.training.take_published() is None
+    den = _trained(4)
+    steps = den.trainer.steps
+    assert steps % FAST.sync_every == 0 and den.training.take_published() is None  # (adopted)
+    with torch.no_grad():
+        next(den.trainer.model.parameters()).fill_(float("nan"))
+    den.training.run(1)  # a rollback: the same step count, other weights
+    published = den.training.take_published()
+    assert (den.trainer.steps, den.trainer.rollbacks) == (steps, 1) and published is not None
+    assert all(torch.isfinite(t).all() for t in published[1].values())
+
+
+@pytest.mark.parametrize("huge", ["pixel", "block"])
+def test_a_huge_finite_pixel_leaves_the_search_for_activity_drawing(huge):
+    """A pixel of 1e30 (a flat-field division by a dead pixel) squares to inf in float32, and a
+    block of float32's largest values has an infinite mean: no NaN draw, still a full batch."""
+    replay = ReplayBuffer(3, 20)
+    frames = torch.from_numpy(np.random.default_rng(0).random((10, 1, 24, 24), np.float32))
+    if huge == "pixel":
+        frames[4, 0, 5, 5] = 1e30
+    else:
+        frames[4, 0, :8, :8] = 3e38
+    for i, frame in enumerate(frames):
+        replay.add(i, frame)
+    batch = replay.sample(np.random.default_rng(0), 8, 16, active_share=1.0)
+    assert batch is not None and batch.shape == (8, 3, 1, 16, 16)
+
+
+def test_adam_is_fused_only_where_torch_has_the_kernel(monkeypatch):
+    """torch fuses Adam on a CPU from 2.4 on (this one: fused); before, on CUDA only, and
+    asking for it on a CPU fails: the trainer then takes the default Adam."""
+    assert _trained(2).trainer.optimizer.param_groups[0]["fused"]
+    for where in ("torch.utils._foreach_utils", "torch.optim.optimizer"):  # as torch 2.2 answers
+        monkeypatch.setattr(importlib.import_module(where), "_get_fused_kernels_supported_devices", lambda: ["cuda"])
+    trainer = _trained(2).trainer
+    assert trainer.steps >= 2 and not trainer.optimizer.param_groups[0]["fused"]
 
 
 def test_background_training_runs_beside_push():

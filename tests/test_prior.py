@@ -3,6 +3,8 @@ while they beat the temporal mean on the stream's own frames."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -98,3 +100,41 @@ def test_a_live_stream_given_a_prior_for_another_network_starts_from_scratch(tmp
     with StreamDenoiser(config) as den:
         den.push_many(list(noisy))
         assert den.prior is None and den.frames_in == 8
+
+
+@pytest.mark.parametrize("spec", ["none", "even window", "not a dict"])
+def test_a_model_file_without_a_readable_spec_is_refused_clearly(tmp_path, spec) -> None:
+    """No spec, one that is no network (an even window) or not a dict: a CheckpointError that says
+    so, for `--init` and `load_weights`; a live stream given it as its prior starts from scratch."""
+    lite = PRESETS["lite"](3)
+    info = {"none": {}, "even window": {"spec": {**lite.to_dict(), "window": 4}}, "not a dict": {"spec": "lite"}}[spec]
+    path = save_checkpoint(tmp_path / "w.pt", UMVDNet(lite).state_dict(), {"preset": "lite", **info})
+    frame = _stream(frames=1, size=32)[0][0]
+    config = EngineConfig(preset="lite", device="cpu", window=3, prior="none")
+    with StreamDenoiser(replace(config, init=str(path))) as den, pytest.raises(CheckpointError, match="spec"):
+        den.push(frame)
+    with StreamDenoiser(config) as den:
+        den.push(frame)
+        with pytest.raises(CheckpointError, match="spec"):
+            den.load_weights(path)
+    with StreamDenoiser(replace(config, prior=str(path), train_mode="background")) as den:
+        den.push(frame)
+        assert den.prior is None and den.frames_in == 1
+
+
+def test_a_model_file_of_the_right_network_but_other_tensors_is_refused_before_any_is_copied(tmp_path) -> None:
+    """Its spec fits, its tensors do not (one missing): `--init` says so with the file's name; a
+    live stream given it as its prior logs it and starts from scratch instead of failing at
+    every first frame."""
+    lite = PRESETS["lite"](3)
+    state = UMVDNet(lite).state_dict()
+    state.pop(next(iter(state)))
+    path = save_checkpoint(tmp_path / "w.pt", state, {"preset": "lite", "spec": lite.to_dict()})
+    frame = _stream(frames=1, size=32)[0][0]
+    config = EngineConfig(preset="lite", device="cpu", window=3, prior="none")
+    with StreamDenoiser(replace(config, init=str(path))) as den, \
+            pytest.raises(CheckpointError, match=r"w\.pt: weights for another network \(missing"):
+        den.push(frame)
+    with StreamDenoiser(replace(config, prior=str(path), train_mode="background")) as den:
+        den.push(frame)
+        assert den.prior is None and den.frames_in == 1

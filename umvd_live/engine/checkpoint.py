@@ -19,6 +19,8 @@ from typing import IO, Any
 
 import torch
 
+from umvd_live.engine.model import ModelSpec
+
 FORMAT = "umvd-live-weights/1"
 #: The temporary file a write goes through, ``.<target>.<random>`` next to its target (also the
 #: names `tempfile.mkstemp` gave them before): what a write killed midway leaves behind.
@@ -91,3 +93,23 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         if not isinstance(t, torch.Tensor) or not torch.isfinite(t).all():
             raise CheckpointError(f"{path}: corrupt model file (tensor {name!r} is not finite)")
     return state, info
+
+
+def read_spec(info: dict[str, Any], path: str | os.PathLike) -> ModelSpec:
+    """The network a model file's weights are for (its info's ``spec``), or CheckpointError."""
+    try:
+        return ModelSpec.from_dict(info["spec"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: a model file without a readable network spec "
+                              f"({type(exc).__name__}: {exc})") from None
+
+
+def check_fits(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:
+    """Raise CheckpointError unless ``state`` holds exactly the tensors of ``own`` (a model's state
+    dict), of the same shapes: `load_state_dict` would copy those that fit before refusing."""
+    missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    reshaped = sorted(k for k in own.keys() & state.keys() if state[k].shape != own[k].shape)
+    wrong = [f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+             for what, names in (("missing", missing), ("unexpected", extra), ("other shapes", reshaped)) if names]
+    if wrong:
+        raise CheckpointError(f"weights for another network ({'; '.join(wrong)})")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint, weights_hash
+from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint, read_spec, weights_hash
 from umvd_live.engine.model import ModelSpec
 
 PRIOR_DIR = Path(__file__).parent / "prior_weights"
@@ -50,11 +50,7 @@ def find_prior(choice: str, preset: str, spec: ModelSpec) -> Prior | None:
     if not explicit and not path.is_file():
         return None
     state, info = load_checkpoint(path)
-    try:
-        fits = ModelSpec.from_dict(info["spec"]) == spec
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: a prior without a readable network spec ({exc})") from None
-    if not fits:
+    if read_spec(info, path) != spec:
         if explicit:
             raise CheckpointError(f"{path}: this prior is for another network than the stream's ({preset}, "
                                   f"N={spec.window}, context {spec.context})")

@@ -39,7 +39,7 @@ from umvd_live.engine.amplitude import AmplitudeGain, LiveAmplitude
 from umvd_live.engine.budget import CpuBudget
 from umvd_live.engine.cellblend import CellBlend
 from umvd_live.engine.changes import Change, ChangeDetector
-from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint, weights_hash
+from umvd_live.engine.checkpoint import CheckpointError, check_fits, load_checkpoint, read_spec, weights_hash
 from umvd_live.engine.compiled import CompiledPass
 from umvd_live.engine.config import EngineConfig
 from umvd_live.engine.device import CpuSeat, inference_layout, pick_device, uses_bf16
@@ -257,7 +257,7 @@ class StreamDenoiser:
         preset = resolve_preset(self.config.preset, self.device, height, width,
                                 live=self.config.train_mode == "background")
         if info is not None:
-            spec = ModelSpec.from_dict(info["spec"])
+            spec = read_spec(info, str(self.config.init))
             if self.config.preset != "auto" and info.get("preset") != self.config.preset:
                 raise CheckpointError(
                     f"{self.config.init}: weights are for preset {info.get('preset')!r}, not {self.config.preset!r}"
@@ -287,6 +287,15 @@ class StreamDenoiser:
             torch.backends.cudnn.benchmark = True  # a stream's shapes are fixed: pick the fastest kernels once
         torch.manual_seed(self.config.seed)
         train_net = UMVDNet(spec).to(self.device)
+        if state_dict is not None:
+            try:  # a file whose spec fits may still hold other tensors: refused before any is copied
+                check_fits(state_dict, train_net.state_dict())
+            except CheckpointError as exc:
+                source = self.config.init or (self.prior.name if self.prior is not None else "the prior")
+                if self.config.init or self.config.train_mode != "background":
+                    raise CheckpointError(f"{source}: {exc}") from None
+                log.error("%s: %s; this stream starts from scratch", source, exc)  # as for a prior of another network
+                self.prior, state_dict = None, None
         if state_dict is not None:
             train_net.load_state_dict(state_dict)
         # (torch's stubs leave out Module.to's memory_format, which it takes: hence the ignores)
@@ -718,9 +727,12 @@ class StreamDenoiser:
         if self.trainer is None:
             self.config = replace(self.config, init=str(path))
             return
-        if ModelSpec.from_dict(info["spec"]) != self.spec:
+        if read_spec(info, path) != self.spec:
             raise CheckpointError(f"{path}: weights are for another network ({info.get('preset')})")
-        self.training.load(state, int(info.get("step", self.trainer.steps)))
+        try:
+            self.training.load(state, int(info.get("step", self.trainer.steps)))
+        except CheckpointError as exc:  # (the stream keeps its own weights)
+            raise CheckpointError(f"{path}: {exc}") from None
         self._adopt_published_weights()
         self._live = True
 

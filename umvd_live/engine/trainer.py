@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from umvd_live.engine.checkpoint import check_fits
 from umvd_live.engine.model import UMVDNet
 from umvd_live.engine.window import block_means, context_blocks, window_indices
 
@@ -155,13 +156,17 @@ class ReplayBuffer:
             if rows not in medians:
                 medians[rows] = means[list(rows)].median(0).values
         base = torch.stack([medians[tuple(rows)] for rows in segment_rows])
-        excess = (near - base).clamp_min(0.0).square().flatten(1).double().numpy()  # (candidates, blocks)
+        # squared in float64: one huge pixel (say 1e30 after a flat-field division) overflows
+        # float32, and inf / inf would make the draw's probabilities NaN
+        excess = (near - base).clamp_min(0.0).flatten(1).double().numpy() ** 2  # (candidates, blocks)
+        excess[~np.isfinite(excess)] = 0.0
         totals = excess.sum(1)
-        if not totals.sum() > 0:
-            return []
+        total = totals.sum()
+        if not (np.isfinite(total) and total > 0):
+            return []  # the batch is drawn uniformly
         (h, w), (ph, pw), nbx, b = size, patch, near.shape[2], ACTIVITY_BLOCK
         picks = []
-        for c in rng.choice(len(candidates), size=n, p=totals / totals.sum()):  # a centre, then a block in it
+        for c in rng.choice(len(candidates), size=n, p=totals / total):  # a centre, then a block in it
             by, bx = divmod(int(rng.choice(excess.shape[1], p=excess[c] / totals[c])), nbx)
             # a patch corner that puts the block inside the patch, as far as the frame allows
             ylo, yhi = max(0, min(by * b + b, h) - ph), max(0, min(h - ph, by * b))
@@ -237,6 +242,16 @@ class ReplayBuffer:
         return torch.stack(out)
 
 
+def fused_adam(device: torch.device) -> bool:
+    """Whether this torch has a fused Adam for ``device`` (on a CPU only from torch 2.4; Adam
+    itself asks the same function)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # a private helper: a torch without it gets the default implementation
+        return False
+    return device.type in _get_fused_kernels_supported_devices()
+
+
 class OnlineTrainer:
     """Adam on random replay windows, with a rollback guard against divergence."""
 
@@ -248,7 +263,7 @@ class OnlineTrainer:
         self.bf16 = bf16  # forward under bfloat16 autocast (weights, gradients and Adam stay float32)
         self.rng = np.random.default_rng(seed)
         # fused: one kernel, not a Python loop over the parameters: the trainer shares the GIL with the frame loop
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=fused_adam(device))
         self.steps = 0
         self.rollbacks = 0
         self.last_loss: float | None = None
@@ -260,6 +275,17 @@ class OnlineTrainer:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def load(self, state: dict, step: int) -> None:
+        """Replace the weights (CheckpointError, and nothing changed, unless ``state`` fits the
+        network) and start the guard and Adam afresh on them: the last good snapshot, the moments
+        and the running means were the old weights', and a rollback would bring those back."""
+        check_fits(state, self.model.state_dict())
+        self.model.load_state_dict(state)
+        self.steps = step
+        self.optimizer.state.clear()
+        self._loss_ema = self._out_std_ema = None
+        self._snapshot()
 
     def _snapshot(self) -> None:
         self._good = (

@@ -66,6 +66,7 @@ class TrainingLoop:
         self.paused = False
         self.lock = threading.Lock()
         self._published: Published | None = None
+        self._published_at: tuple[int, int] | None = None  # (steps, rollbacks) last published
         self._publish_lock = threading.Lock()
         self._step_credit = 0.0  # inline: steps owed, as steps_per_frame need not be whole
         self._started: float | None = None  # when the first step began
@@ -106,7 +107,9 @@ class TrainingLoop:
             for _ in range(n):
                 if trainer.step(replay, self.stream.segment if self.stream.adapting else None) is not None:
                     done += 1
-                if trainer.steps % self.config.sync_every == 0:
+                # never the same weights again (nothing to train on): each adoption costs the frame loop
+                changed = (trainer.steps, trainer.rollbacks) != self._published_at
+                if changed and trainer.steps % self.config.sync_every == 0:
                     self.publish()
         return done
 
@@ -176,6 +179,7 @@ class TrainingLoop:
     def publish(self) -> None:
         """Put a copy of the trainer's weights in the slot (replacing any not yet adopted)."""
         published = self._copy()
+        self._published_at = (published[0], self._begun()[0].rollbacks)
         with self._publish_lock:
             self._published = published
 
@@ -197,11 +201,10 @@ class TrainingLoop:
         return trainer.steps, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
     def load(self, state: dict, step: int) -> None:
-        """Replace the trainer's weights between steps, and publish them."""
+        """Replace the trainer's weights between steps (`OnlineTrainer.load`), and publish them."""
         trainer, _ = self._begun()
         with self.lock:
-            trainer.model.load_state_dict(state)
-            trainer.steps = step
+            trainer.load(state, step)
             self.publish()
 
     def save(self, path: str | os.PathLike, info: dict) -> tuple[int, str]:
