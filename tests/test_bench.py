@@ -145,11 +145,25 @@ def test_max_rate_inference_only_from_saved_weights(tmp_path):
     (["--duration", "inf"], "--duration needs"),
     (["--rss-every", "0"], "--rss-every must be a finite number > 0"),
     (["--rss-every", "nan"], "--rss-every must be a finite number > 0"),
+    (["--events", "laser=3@99s", "--duration", "1"], "--events: an event at 99 s is at or after the session's end"),
+    (["--events", "laser=3@1", "--frames", "30"], "at or after the session's end"),
+    (["--photons", "inf"], "--photons must be a finite number > 0"),
+    (["--catchup-ms", "-5"], "--catchup-ms must be >= 0 ms, got -5"),
+    (["--seed", "-1"], "seed must be in 0..2**63-1, got -1"),
+    (["--prior", "/nonexistent/prior.pt"], "--prior: /nonexistent/prior.pt"),
 ])
 def test_bad_arguments_are_refused_with_a_clear_error(tmp_path, capsys, args, message):
     assert cli.main(["bench", *TINY, *args, "--json", str(tmp_path / "b.json")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_an_existing_folder_for_a_file_is_refused_before_the_session(tmp_path, capsys):
+    for flag in ("--save-model", "--json"):
+        args = ["--json", str(tmp_path / "b.json"), flag, str(tmp_path)]
+        assert cli.main(["bench", *TINY, "--frames", "5", *args]) == 2
+        assert f"{flag}: {tmp_path} is a folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_several_streams_interleaved_have_a_row_each_and_totals(tmp_path):

@@ -5,12 +5,25 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from umvd_live.apps import logs
-from umvd_live.apps.cli import build_parser, main
+from umvd_live.apps.cli import (
+    acquire_config,
+    bench_config,
+    build_parser,
+    daemon_config_from_args,
+    denoise_config,
+    main,
+    viewer_config,
+)
+from umvd_live.engine.device import DeviceUnavailable, pick_device, uses_bf16
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|DEBUG) ([\w.-]+): (.*)$")
 
@@ -100,3 +113,176 @@ def test_serve_refuses_an_infinite_inbox_in_one_line(capsys):
     assert main(["serve", "--inbox-mb", "inf"]) == 2
     err = capsys.readouterr().err
     assert "--inbox-mb must be a finite number > 0" in err and "Traceback" not in err
+
+
+#: Free loopback ports for every socket of `serve`.
+EPHEMERAL = ["--input", "tcp://127.0.0.1:*", "--output", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*"]
+
+
+def _umvd(*argv: str) -> subprocess.CompletedProcess[str]:
+    """The real command in its own process: the exit status and what a user reads on stderr."""
+    code = "import sys; from umvd_live.apps.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60,
+                          env=os.environ | {"QT_QPA_PLATFORM": "offscreen", "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["view", "--quit-after", "inf"], "umvd-live view: --quit-after must be a finite number > 0, got inf"),
+    (["view", "--quit-after", "3000000"], "umvd-live view: --quit-after must be at most 2147483 s"),
+    (["view", "--screenshot", "shot.png"], "umvd-live view: --screenshot needs --quit-after"),
+    (["acquire", "sim", "--to", "127.0.0.1:5555"], "umvd-live acquire: --to must be an endpoint such as tcp://"),
+    (["serve", *EPHEMERAL, "--seed", "-1"], "umvd-live serve: seed must be in 0..2**63-1, got -1"),
+])
+def test_a_mistake_gets_one_line_and_exit_status_2_before_anything_starts(argv, message):
+    """The real command: one line naming the flag, no traceback, nothing started (no window, no
+    socket, no daemon that says ready and then rejects every frame)."""
+    proc = _umvd(*argv)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_serve_without_a_gpu_refuses_device_cuda_in_one_line():
+    proc = _umvd("serve", *EPHEMERAL, "--device", "cuda")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "umvd-live serve: --device cuda was asked for, but torch sees no CUDA device"
+
+
+def test_a_missing_gpu_is_bad_input_for_serve_and_bench(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv in (["serve", *EPHEMERAL, "--device", "cuda"], ["bench", "--device", "cuda", "--size", "32", "32"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == "umvd-live " + argv[0] + ": --device cuda was asked for, but torch sees no CUDA device\n"
+    with pytest.raises(DeviceUnavailable):  # bad input (a ValueError) wherever the engine is made
+        pick_device("cuda:1")
+
+
+def test_bf16_by_default_only_on_the_engine_s_own_gpu_from_ampere_on(monkeypatch):
+    """`torch.cuda.is_bf16_supported` says yes to emulated bf16 (pre-Ampere) and asks the current
+    device: the compute capability of the engine's own device decides."""
+    capabilities = {0: (8, 6), 1: (7, 5)}  # cuda:0 an Ampere, cuda:1 a Turing GPU
+    asked: list[torch.device] = []
+
+    def capability(device: torch.device) -> tuple[int, int]:
+        asked.append(device)
+        return capabilities[device.index]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation counts there
+    assert uses_bf16("auto", torch.device("cuda:0"))
+    assert not uses_bf16("auto", torch.device("cuda:1"))
+    assert asked == [torch.device("cuda:0"), torch.device("cuda:1")]
+    assert uses_bf16("bf16", torch.device("cuda:1")) and not uses_bf16("fp32", torch.device("cuda:0"))
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(list(argv))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "-1"], "seed must be in 0..2**63-1, got -1"),
+    (["--seed", str(2**63)], "seed must be in 0..2**63-1"),
+    (["--window", "1000001"], "window must be odd, from 3 to 101, got 1000001"),
+    (["--catchup-ms", "-5"], "--catchup-ms must be >= 0 ms, got -5"),
+    (["--status-interval", "0"], "--status-interval must be > 0 s"),
+    (["--idle-s", "-1"], "--idle-s must be > 0 s"),
+])
+def test_serve_flags_are_checked_when_the_config_is_made(flags, message):
+    with pytest.raises(ValueError) as refused:
+        daemon_config_from_args(_parse("serve", *EPHEMERAL, *flags))
+    assert message in str(refused.value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps-per-frame", "inf"], "steps_per_frame must be a finite number >= 0, got inf"),
+    (["--steps-per-frame", "nan"], "steps_per_frame must be a finite number >= 0"),
+    (["--blend-px", "inf"], "blend_px is a scale in pixels, finite and >= 0, got inf"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--seed", str(2**64)], "seed must be in 0..2**63-1"),
+])
+def test_denoise_flags_are_checked_before_the_movie_is_read(flags, message):
+    with pytest.raises(ValueError) as refused:
+        denoise_config(_parse("denoise", "in.tif", "out.ome.tif", *flags))
+    assert message in str(refused.value)
+
+
+def test_seeds_and_windows_are_taken_up_to_their_bounds_and_not_beyond():
+    config = daemon_config_from_args(_parse("serve", *EPHEMERAL, "--seed", str(2**63 - 1), "--window", "101"))
+    assert config.engine.seed == 2**63 - 1 and config.engine.window == 101
+    for flags in (["--seed", str(2**63)], ["--window", "103"]):
+        with pytest.raises(ValueError, match=flags[0][2:]):
+            daemon_config_from_args(_parse("serve", *EPHEMERAL, *flags))
+
+
+def test_a_model_path_that_is_a_folder_is_refused_before_denoising(tmp_path):
+    with pytest.raises(ValueError, match="--save-model: .* is a folder"):
+        denoise_config(_parse("denoise", "in.tif", "out.ome.tif", "--save-model", str(tmp_path)))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--to", "127.0.0.1:5555"], "--to must be an endpoint such as tcp://127.0.0.1:5555"),
+    (["--to", "tcp://127.0.0.1"], "--to must be an endpoint"),
+    (["--wait-s", "nan"], "--wait-s must be a finite number of seconds >= 0, got nan"),
+    (["--wait-s", "inf"], "--wait-s must be a finite number"),
+    (["--wait-s", "-1"], "--wait-s must be a finite number"),
+])
+def test_acquire_refuses_a_malformed_endpoint_or_wait(flags, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        acquire_config(_parse("acquire", "sim", *flags))
+
+
+def test_acquire_takes_the_endpoints_zeromq_connects_to_and_only_those():
+    for to in ("tcp://127.0.0.1:5555", "tcp://[::1]:5555", "tcp://scope-pc.local:5555", "ipc:///tmp/umvd"):
+        assert acquire_config(_parse("acquire", "sim", "--to", to, "--wait-s", "0")).publish.to == to
+    for to in ("localhost:5555", "tcp://127.0.0.1:", "tcp://127.0.0.1:5555 "):
+        with pytest.raises(ValueError, match="--to must be an endpoint"):
+            acquire_config(_parse("acquire", "sim", "--to", to))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--quit-after", "inf"], "--quit-after must be a finite number > 0, got inf"),
+    (["--quit-after", "nan"], "--quit-after must be a finite number > 0"),
+    (["--quit-after", "0"], "--quit-after must be a finite number > 0"),
+    (["--quit-after", "3000000"], "--quit-after must be at most 2147483 s"),
+    (["--screenshot", "shot.png"], "--screenshot needs --quit-after"),
+])
+def test_view_refuses_a_quit_time_qt_cannot_hold_or_a_screenshot_never_taken(flags, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        viewer_config(_parse("view", *flags))
+    assert viewer_config(_parse("view", "--quit-after", "2147483", "--screenshot", "s.png")).output
+
+
+#: Every flag (or argument) that names a file or folder, by command.
+PATH_FLAGS = {
+    "serve": ["--record", "--output-dir", "--state-dir", "--ready-file", "--init", "--prior",
+              "--curve-server-key", "--curve-clients"],
+    "denoise": ["input", "output", "--save-model", "--init", "--prior"],
+    "batch": ["inputs", "--output-dir", "--manifest", "--scheduler", "--init", "--prior"],
+    "bench": ["--json", "--save-model", "--init", "--prior"],
+    "demo": ["--json"],
+    "acquire": ["--file", "--config", "--mm-path", "--mda", "--save-dir"],
+    "view": ["--screenshot"],
+    "keys": ["directory"],
+}
+
+
+def test_a_leading_tilde_in_a_path_flag_is_the_home_folder(monkeypatch, tmp_path):
+    """Windows shells and quoted paths leave ``~`` to the program: `serve --state-dir '~/umvd-state'`
+    made ./~/umvd-state, `bench --json '~/sub/b.json'` wrote ./~/sub/b.json."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("USERPROFILE", str(tmp_path))  # Windows
+    home = os.path.expanduser("~")
+    commands = _subcommands()
+    for name, flags in PATH_FLAGS.items():
+        actions = {a.option_strings[0] if a.option_strings else a.dest: a for a in commands[name]._actions}
+        for flag in flags:
+            convert = actions[flag].type
+            assert callable(convert), f"{name} {flag}: ~ not expanded"
+            assert convert(os.path.join("~", "sub", "f")) == os.path.join(home, "sub", "f"), f"{name} {flag}"
+            assert convert("auto") == "auto"  # --prior auto|none stays a word
+    config = daemon_config_from_args(_parse("serve", *EPHEMERAL, "--state-dir", "~/umvd-state"))
+    assert config.state_dir is not None and str(config.state_dir) == os.path.join(home, "umvd-state")
+    bench = bench_config(_parse("bench", "--json", "~/sub/b.json"))
+    assert bench.json_path is not None and str(bench.json_path) == os.path.join(home, "sub", "b.json")

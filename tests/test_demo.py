@@ -68,12 +68,30 @@ def test_quality_tracker_scores_live_outputs_against_the_truth_of_their_seq() ->
     assert sorted(bounded.frames.inputs) == list(range(14, 20))
 
 
-def test_bad_arguments_are_refused_before_anything_starts(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv, message in ((["demo", "--size", "4", "4"], "at least 8x8"),
-                          (["demo", "--rate", "0"], "rate_hz must be > 0"),
-                          (["demo", "--duration", "0"], "--duration must be > 0")):
-        assert main(argv) == 2
-        assert message in capsys.readouterr().err
+@pytest.mark.parametrize("flags, message", [
+    (["--size", "4", "4"], "at least 8x8"),
+    (["--rate", "0"], "--rate must be a finite number > 0, got 0"),
+    (["--rate", "inf"], "--rate must be a finite number > 0, got inf"),
+    (["--photons", "inf"], "--photons must be a finite number > 0, got inf"),
+    (["--photons", "nan"], "--photons must be a finite number > 0"),
+    (["--duration", "0"], "--duration must be a finite number > 0"),
+    (["--duration", "inf"], "--duration must be a finite number > 0"),
+    (["--seed", "-1"], "--seed must be in 0..2**63-1, got -1"),
+    (["--seed", str(2**63)], "--seed must be in 0..2**63-1"),
+    (["--window", "103"], "--window must be odd, from 3 to 101, got 103"),
+])
+def test_bad_arguments_are_refused_before_anything_starts(capsys: pytest.CaptureFixture[str], flags: list[str],
+                                                          message: str) -> None:
+    assert main(["demo", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_demo_checks_the_engine_s_own_bounds() -> None:
+    """The demo checks --window and --seed without importing the engine (torch): the same bounds."""
+    from umvd_live.apps import demo
+    from umvd_live.engine import config
+
+    assert (demo.MAX_WINDOW, demo.MAX_SEED) == (config.MAX_WINDOW, config.MAX_SEED)
 
 
 def test_demo_summary_shows_denoising_beats_raw(tmp_path: Path) -> None:
@@ -200,6 +218,8 @@ def test_json_folder_is_made_or_refused_before_the_session(tmp_path: Path, capsy
     (tmp_path / "file").write_text("")
     assert main(["demo", "--json", str(tmp_path / "file" / "d.json")]) == 2
     assert "--json: cannot create the folder" in capsys.readouterr().err
+    assert main(["demo", "--json", str(tmp_path / "new")]) == 2  # a folder, not a file: refused too
+    assert f"--json: {tmp_path / 'new'} is a folder" in capsys.readouterr().err
 
 
 def test_outputs_after_the_stream_ended_do_not_count_as_while_streaming(monkeypatch) -> None:

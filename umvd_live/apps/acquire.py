@@ -13,6 +13,8 @@ after the summary), 2 bad input, 3 no daemon subscribed, 4 Micro-Manager not rea
 from __future__ import annotations
 
 import gc
+import math
+import re
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -31,6 +33,8 @@ EXIT_INTERRUPTED = 130
 
 
 Source = Literal["sim", "replay", "pymmcore-plus", "pycromanager"]
+#: What ZeroMQ connects to: tcp://HOST:PORT, ipc://PATH or inproc://NAME.
+_ENDPOINT = re.compile(r"tcp://\S+:\d+|(ipc|inproc)://\S+")
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,12 @@ class PublishConfig:
     stream: str = "cam0"  # with channels, planes or positions: the base name (docs/adapters.md)
     wait_s: float = 10.0  # for the daemon's subscription before giving up (0: do not wait)
     sndhwm: int = 2000
+
+    def __post_init__(self) -> None:
+        if not _ENDPOINT.fullmatch(self.to):
+            raise ValueError(f"--to must be an endpoint such as tcp://127.0.0.1:5555, got {self.to!r}")
+        if not (math.isfinite(self.wait_s) and self.wait_s >= 0):
+            raise ValueError(f"--wait-s must be a finite number of seconds >= 0, got {self.wait_s:g}")
 
 
 @dataclass(frozen=True)

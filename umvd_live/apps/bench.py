@@ -110,7 +110,8 @@ from umvd_live.daemon.streams import monotonic
 from umvd_live.daemon.transport import Inbox, Received
 from umvd_live.engine import EngineConfig
 from umvd_live.engine.budget import cpu_cores
-from umvd_live.engine.checkpoint import load_checkpoint
+from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint
+from umvd_live.engine.device import pick_device
 from umvd_live.metrics import activity_report, finite_json
 from umvd_live.wire.protocol import encode_frame
 from umvd_live.wire.schema import DaemonStatus, StreamStatus, latency_summary
@@ -401,7 +402,7 @@ class BenchConfig:
     inference_only: bool
     ring_bytes: int
     rss_every_s: float
-    save_model: str | None
+    save_model: Path | None
     daemon: DaemonConfig
     streams: int = 1
     events: tuple[SimEvent, ...] = ()  # --events: the scripted session's changes
@@ -509,7 +510,7 @@ def _measure(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str
         rss_end = psutil.Process().memory_info().rss / 2**20  # still streaming: before the flush
         status = daemon.status()
         engine_config = dict(status["engine"])  # what the engines were built from
-        saved = daemon.save_model(names[0], Path(cfg.save_model)).result() \
+        saved = daemon.save_model(names[0], cfg.save_model).result() \
             if cfg.save_model and names[0] in router.streams else None
         daemon.finish()  # flush the last N//2 outputs and stop the trainers
         counters = {name: dataclasses.asdict(router.streams[name].counters) if name in router.streams else {}
@@ -1001,11 +1002,20 @@ def stream_table(result: dict[str, Any]) -> Any:
 
 
 def run(config: BenchConfig) -> int:
+    engine = config.daemon.engine
     try:
-        if config.daemon.engine.init is not None:
-            load_checkpoint(config.daemon.engine.init)  # a bad file is refused now, not silently at the first frame
+        pick_device(engine.device)  # DeviceUnavailable is a ValueError
+        # a bad model file is refused now, as `serve` does, not at the first frame (a bad --prior:
+        # not silently replaced by training from scratch)
+        prior = None if engine.prior in ("auto", "none") else engine.prior
+        for flag, model in (("--init", engine.init), ("--prior", prior)):
+            if model is not None:
+                try:
+                    load_checkpoint(model)
+                except CheckpointError as exc:
+                    raise ValueError(f"{flag}: {exc}") from None
         result = measure(config)
-    except ValueError as exc:  # CheckpointError included
+    except ValueError as exc:
         print(f"umvd-live bench: {exc}", file=sys.stderr)
         return 2
     print_table(result)

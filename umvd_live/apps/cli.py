@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +38,12 @@ PRESETS = ("auto", "lite", "fast", "paper")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def user_path(text: str) -> str:
+    """A path flag's value with a leading ``~`` expanded to the home folder: Windows shells and
+    quoted paths leave it to the program (``--state-dir '~/umvd-state'`` made ./~/umvd-state)."""
+    return os.path.expanduser(text)
+
+
 def parse_context(text: str) -> tuple[int, ...]:
     """`--context`: comma-separated block lengths in frames, or `none`."""
     if text.strip().lower() in ("none", ""):
@@ -55,14 +63,14 @@ def _engine_args(p: argparse.ArgumentParser, *, inference_workers: bool = True) 
                    help="network size (default auto: paper on a GPU; on a CPU lite, and fast for live "
                         "streams of 512² and more)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="compute device (default: auto)")
-    p.add_argument("--window", type=int, metavar="N", help="frames per window, odd (default: the engine's)")
+    p.add_argument("--window", type=int, metavar="N", help="frames per window, odd, 3 to 101 (default: the engine's)")
     p.add_argument("--context", type=parse_context, metavar="A,B,..",
                    help="lengths of the blocks of earlier frames the network also sees, or 'none' "
                         "(default: the preset's; lite and fast 8,24,64, paper none)")
     p.add_argument("--warmup-frames", type=int, metavar="F",
                    help="frames of the initial burst the warm start trains on (default: the engine's)")
-    p.add_argument("--init", metavar="PATH", help="start from weights saved by an earlier session")
-    p.add_argument("--prior", default="auto", metavar="auto|none|PATH",
+    p.add_argument("--init", type=user_path, metavar="PATH", help="start from weights saved by an earlier session")
+    p.add_argument("--prior", type=user_path, default="auto", metavar="auto|none|PATH",
                    help="weights a new stream starts on, shown while they beat a temporal mean (default "
                         "auto: the prior shipped for the network; none: from scratch; --init wins)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
@@ -125,13 +133,15 @@ def _denoise(sub: argparse._SubParsersAction) -> None:
                                    "with the input's pixel size, interval, channel and date (docs/engine.md). "
                                    "A file of several channels, planes or positions is denoised stream by "
                                    "stream, each on its own engine: OUTPUT_<stream>.ome.tif each.")
-    p.add_argument("input", help="movie: TIFF, OME-TIFF, ImageJ, ScanImage, NDTiff/MMStack or OME-Zarr (.ome.zarr); "
-                                 "what `acquire replay` reads")
-    p.add_argument("output", help="denoised movie, OME-TIFF or OME-Zarr by its extension (float32, same frame count, "
-                                  "input units); a file of several streams: one per stream, OUTPUT's name + _STREAM")
+    p.add_argument("input", type=user_path,
+                   help="movie: TIFF, OME-TIFF, ImageJ, ScanImage, NDTiff/MMStack or OME-Zarr (.ome.zarr); "
+                        "what `acquire replay` reads")
+    p.add_argument("output", type=user_path,
+                   help="denoised movie, OME-TIFF or OME-Zarr by its extension (float32, same frame count, "
+                        "input units); a file of several streams: one per stream, OUTPUT's name + _STREAM")
     _engine_args(p)
     _file_args(p)
-    p.add_argument("--save-model", metavar="PATH", help="save the final weights here")
+    p.add_argument("--save-model", type=user_path, metavar="PATH", help="save the final weights here")
     p.set_defaults(module="umvd_live.apps.denoise", run=_run_denoise)
 
 
@@ -140,15 +150,15 @@ def _batch(sub: argparse._SubParsersAction) -> None:
                        description="Denoise movies (files and glob patterns) with `denoise`'s engine on "
                                    "dask.distributed: a local cluster (--workers) or an existing scheduler "
                                    "(--scheduler); long movies are split in time chunks (docs/batch.md).")
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
+    p.add_argument("inputs", nargs="+", type=user_path, metavar="INPUT",
                    help="movies or quoted glob patterns ('raw/**/*.ome.tif'), in any format denoise reads")
-    p.add_argument("--output-dir", required=True, metavar="DIR",
+    p.add_argument("--output-dir", type=user_path, required=True, metavar="DIR",
                    help="where each INPUT's output goes, under its name (workers must see it)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, metavar="N",
                        help="a local cluster of N worker processes, the cores divided among them (default: "
                             "one per core up to 4 cores, then about √cores, as Dask's LocalCluster)")
-    where.add_argument("--scheduler", metavar="ADDRESS",
+    where.add_argument("--scheduler", type=user_path, metavar="ADDRESS",
                        help="an existing Dask scheduler: tcp://HOST:PORT, or its scheduler file")
     _engine_args(p, inference_workers=False)
     _file_args(p)
@@ -157,7 +167,8 @@ def _batch(sub: argparse._SubParsersAction) -> None:
                         "one trained model (default 2000)")
     p.add_argument("--format", choices=("ome-tiff", "ome-zarr"), default="ome-tiff", help="output format")
     p.add_argument("--resume", action="store_true", help="skip the inputs whose output already exists")
-    p.add_argument("--manifest", metavar="PATH", help="the batch's record (default DIR/batch-manifest.json)")
+    p.add_argument("--manifest", type=user_path, metavar="PATH",
+                   help="the batch's record (default DIR/batch-manifest.json)")
     p.add_argument("--retries", type=int, default=1, metavar="R",
                    help="reruns of a task that raised (a lost worker's tasks are rerun anyway; default 1)")
     p.add_argument("--save-models", action="store_true", help="save each movie's weights beside its output (NAME.pt)")
@@ -176,12 +187,13 @@ def _serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="tcp://127.0.0.1:5556", help="PUB endpoint for viewers")
     p.add_argument("--control", default="tcp://127.0.0.1:5557", help="REP endpoint for control")
     _engine_args(p)
-    p.add_argument("--record", metavar="PATH", help="record every denoised frame to this OME-TIFF")
-    p.add_argument("--output-dir", default=".",
+    p.add_argument("--record", type=user_path, metavar="PATH", help="record every denoised frame to this OME-TIFF")
+    p.add_argument("--output-dir", type=user_path, default=".",
                    help="directory for paths given on the control socket (recordings; models "
                         "when there is no --state-dir)")
-    p.add_argument("--state-dir", help="checkpoint each stream's weights here and reload at start; "
-                                       "save_model/load_model paths are confined to it")
+    p.add_argument("--state-dir", type=user_path,
+                   help="checkpoint each stream's weights here and reload at start; "
+                        "save_model/load_model paths are confined to it")
     p.add_argument("--warmup-steps", type=int, default=None, metavar="S",
                    help="training steps of the warm start before the output goes live "
                         "(default: the engine's)")
@@ -190,7 +202,7 @@ def _serve(sub: argparse._SubParsersAction) -> None:
                         "it skips to the newest window (default 100); more shows more frames of a "
                         "stream that falls behind, later (docs/engine.md)")
     p.add_argument("--max-streams", type=int, default=16, help="streams served at once (default 16)")
-    p.add_argument("--ready-file", metavar="PATH",
+    p.add_argument("--ready-file", type=user_path, metavar="PATH",
                    help="once every socket is bound, write the endpoints here as JSON (for scripts and the "
                         "demo; docs/protocol.md)")
     _budget_arg(p)
@@ -208,10 +220,10 @@ def _serve(sub: argparse._SubParsersAction) -> None:
     sec = p.add_argument_group("remote access (docs/security.md)")
     sec.add_argument("--allow-remote", action="store_true",
                      help="allow binding beyond loopback; needs --curve-server-key and --curve-clients")
-    sec.add_argument("--curve-server-key", metavar="FILE",
+    sec.add_argument("--curve-server-key", type=user_path, metavar="FILE",
                      help="the daemon's CURVE key pair (NAME.key_secret from `umvd-live keys`): "
                           "every socket then requires an allowed client key")
-    sec.add_argument("--curve-clients", metavar="DIR",
+    sec.add_argument("--curve-clients", type=user_path, metavar="DIR",
                      help="directory of the client public keys (*.key) allowed to connect")
     p.set_defaults(module="umvd_live.daemon.service", run=_run_serve)
 
@@ -220,7 +232,7 @@ def _keys(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("keys", help="create a CURVE key pair for remote, authenticated connections",
                        description="Create NAME.key (public) and NAME.key_secret (private) in DIR "
                                    "(docs/security.md).")
-    p.add_argument("directory", help="where to write the two files (created if missing)")
+    p.add_argument("directory", type=user_path, help="where to write the two files (created if missing)")
     p.add_argument("name", help="key name, e.g. daemon, or the client's host name")
     p.set_defaults(module="umvd_live.wire.security", run=_run_keys)
 
@@ -251,18 +263,21 @@ def _acquire(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--photons", type=float, default=acq.photons, help="sim: photons/pixel/frame")
     p.add_argument("--seed", type=int, default=acq.seed,
                    help="sim: random seed of the simulated session (default %(default)d)")
-    p.add_argument("--file", help="replay: the movie to replay (TIFF, OME-TIFF, ScanImage, NDTiff, MMStack)")
+    p.add_argument("--file", type=user_path,
+                   help="replay: the movie to replay (TIFF, OME-TIFF, ScanImage, NDTiff, MMStack)")
     p.add_argument("--loop", action="store_true", help="replay: loop the file")
     p.add_argument("--file-timing", action="store_true", help="replay: pace at the file's timestamps")
     p.add_argument("--series", type=int, help="replay: only this series (position) of the file (default: all)")
     p.add_argument("--channel", type=int, help="replay: only this channel (default: all, a stream each)")
-    p.add_argument("--config", help="pymmcore-plus, pycromanager owner: Micro-Manager configuration file")
-    p.add_argument("--mm-path", help="Micro-Manager folder with the C++ device adapters the config uses")
+    p.add_argument("--config", type=user_path,
+                   help="pymmcore-plus, pycromanager owner: Micro-Manager configuration file")
+    p.add_argument("--mm-path", type=user_path,
+                   help="Micro-Manager folder with the C++ device adapters the config uses")
     p.add_argument("--exposure-ms", type=float, help="pymmcore-plus, pycromanager --config: exposure")
     p.add_argument("--interval-ms", type=float, default=acq.interval_ms,
                    help="pymmcore-plus, pycromanager owner: time-lapse interval (default %(default)g)")
     p.add_argument("--live", action="store_true", help="pymmcore-plus: tap live mode instead of an MDA")
-    p.add_argument("--mda", metavar="SEQUENCE.yaml",
+    p.add_argument("--mda", type=user_path, metavar="SEQUENCE.yaml",
                    help="pymmcore-plus: run this useq-schema MDA (channels, z, positions, time) instead "
                         "of a --frames time-lapse; a stream per (position, channel, plane)")
     p.add_argument("--mode", choices=("owner", "tap"), default=acq.mode,
@@ -273,7 +288,7 @@ def _acquire(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retry-s", type=float, default=acq.retry_s,
                    help="pycromanager: first back-off delay, doubled per try (default %(default)g)")
     p.add_argument("--poll-ms", type=float, default=acq.poll_ms, help="pycromanager tap: polling period")
-    p.add_argument("--save-dir", help="pycromanager owner: where pycromanager saves the raw data")
+    p.add_argument("--save-dir", type=user_path, help="pycromanager owner: where pycromanager saves the raw data")
 
 
 def _demo(sub: argparse._SubParsersAction) -> None:
@@ -292,12 +307,12 @@ def _demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=PRESETS, default="auto",
                    help="network size (default auto: paper on a GPU; on a CPU lite, fast from 512²)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="compute device (default: auto)")
-    p.add_argument("--window", type=int, metavar="N", help="frames per window, odd (default: the engine's)")
+    p.add_argument("--window", type=int, metavar="N", help="frames per window, odd, 3 to 101 (default: the engine's)")
     p.add_argument("--warmup-frames", type=int, metavar="F",
                    help="frames of the warm start (default: the demo's, shorter than serve's for a short demo)")
     p.add_argument("--warmup-steps", type=int, metavar="S",
                    help="training steps of the warm start (default: the demo's, fewer than serve's)")
-    p.add_argument("--json", metavar="PATH", help="also write the summary's figures as JSON")
+    p.add_argument("--json", type=user_path, metavar="PATH", help="also write the summary's figures as JSON")
     p.add_argument("--seed", type=int, default=0, help="random seed of the simulation and the network (default 0)")
     p.add_argument("--oracle", choices=("reduced", "full", "none"), default="reduced",
                    help="the Gaussian filters the truth picks per metric, beside which the summary scores the "
@@ -317,7 +332,8 @@ def _view(sub: argparse._SubParsersAction) -> None:
                    help="draw this region (pixels, end excluded) at the first frame")
     p.add_argument("--quit-after", type=float, metavar="S",
                    help="close the window after S seconds (with --screenshot: for docs and smoke tests)")
-    p.add_argument("--screenshot", metavar="PNG", help="with --quit-after: save the whole window first")
+    p.add_argument("--screenshot", type=user_path, metavar="PNG",
+                   help="with --quit-after (needed): save the whole window first")
     p.set_defaults(module="umvd_live.viewer.qt.app", run=_run_view)
 
 
@@ -356,12 +372,13 @@ def _bench(sub: argparse._SubParsersAction) -> None:
                    help="no pacing: each frame as soon as the daemon took the previous one (throughput)")
     p.add_argument("--inference-only", action="store_true",
                    help="no online training: --init weights, or an untrained network (speed only)")
-    p.add_argument("--save-model", metavar="PATH", help="save the weights at the end (for a later --init)")
+    p.add_argument("--save-model", type=user_path, metavar="PATH",
+                   help="save the weights at the end (for a later --init)")
     p.add_argument("--ring-mb", type=float, default=512.0, metavar="MB",
                    help="memory for the pre-generated frames; longer runs replay them (default 512)")
     p.add_argument("--rss-every", type=float, default=10.0, metavar="S",
                    help="seconds between the resident-memory samples in the JSON (default 10)")
-    p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    p.add_argument("--json", type=user_path, metavar="PATH", help="write the figures as JSON")
     p.set_defaults(module="umvd_live.apps.bench", run=_run_bench)
 
 
@@ -383,12 +400,44 @@ def _version() -> str:
 
 
 # ---- flags -> configurations ----------------------------------------------------------------------
+Config = TypeVar("Config")
+
+
 def _finite_positive(flag: str, value: float) -> float:
     """``value``, refused unless a finite number > 0: inf would overflow in int()/round() into a
     traceback, or (``--rate inf``) run unpaced while reported as paced."""
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{flag} must be a finite number > 0, got {value:g}")
     return value
+
+
+def _file_path(flag: str, text: str | None) -> Path | None:
+    """A file flag's path; one that names an existing folder is refused now, not after the session."""
+    if text is None:
+        return None
+    path = Path(text)
+    if path.is_dir():
+        raise ValueError(f"{flag}: {path} is a folder; give a file name (in it, for example)")
+    return path
+
+
+def _catchup_s(args: argparse.Namespace) -> float:
+    """``--catchup-ms`` in seconds, refused below 0 in the flag's own unit."""
+    if not args.catchup_ms >= 0:
+        raise ValueError(f"--catchup-ms must be >= 0 ms, got {args.catchup_ms:g}")
+    return float(args.catchup_ms) / 1000.0
+
+
+def _naming_flags(make: Callable[[], Config], flags: dict[str, str]) -> Config:
+    """``make()``; a refusal's message names the flags (``flags``: field -> flag), not the fields
+    (``cpu_threads must be >= 1`` was all `--threads 0` said)."""
+    try:
+        return make()
+    except ValueError as exc:
+        message = str(exc)
+        for name, flag in flags.items():
+            message = re.sub(rf"\b{name}\b", flag, message)
+        raise ValueError(message) from exc
 
 
 def _given(args: argparse.Namespace, names: dict[str, str]) -> dict[str, Any]:
@@ -403,6 +452,10 @@ ENGINE_FLAGS = {"preset": "preset", "device": "device", "window": "window", "con
                 "precision": "precision", "compile": "compile", "steps_per_frame": "steps_per_frame",
                 "threads": "cpu_threads", "keep_amplitude": "keep_amplitude",
                 "blend_px": "blend_px"}
+#: The fields named otherwise than their flag -> the flag, for the messages of `EngineConfig` and
+#: `DaemonConfig` (same units; ``--catchup-ms`` is checked in its own, `_catchup_s`).
+FIELD_FLAGS = {"cpu_threads": "--threads", "max_batch": "--batch", "status_interval_s": "--status-interval",
+               "checkpoint_interval_s": "--checkpoint-interval", "idle_after_s": "--idle-s"}
 
 
 def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> EngineConfig:
@@ -412,14 +465,14 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> Engin
 
     from umvd_live.engine import EngineConfig
 
-    return replace(EngineConfig(**_given(args, ENGINE_FLAGS)), **overrides)
+    return _naming_flags(lambda: replace(EngineConfig(**_given(args, ENGINE_FLAGS)), **overrides), FIELD_FLAGS)
 
 
 def denoise_config(args: argparse.Namespace) -> DenoiseConfig:
     from umvd_live.apps.denoise import DenoiseConfig
 
     return DenoiseConfig(input=Path(args.input), output=Path(args.output), engine=engine_config_from_args(args),
-                         offline=args.offline, save_model=Path(args.save_model) if args.save_model else None,
+                         offline=args.offline, save_model=_file_path("--save-model", args.save_model),
                          streams=tuple(args.streams))
 
 
@@ -428,7 +481,9 @@ def demo_config(args: argparse.Namespace) -> DemoConfig:
     refused before the session, not after it."""
     from umvd_live.apps.demo import DemoConfig
 
-    json_path = Path(args.json) if args.json else None
+    for flag in ("--duration", "--rate", "--photons"):
+        _finite_positive(flag, getattr(args, flag[2:]))
+    json_path = _file_path("--json", args.json)
     if json_path is not None:
         try:
             json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -460,17 +515,17 @@ def daemon_config_from_args(args: argparse.Namespace) -> DaemonConfig:
         from umvd_live.recording.session import RecordingRequest
 
         recording = RecordingRequest(path=Path(args.record))
-    return DaemonConfig(
-        engine=engine_config_from_args(args, train_mode="background"),
-        input_bind=input_bind, input_connect=connect, output=args.output, control=args.control,
+    engine = engine_config_from_args(args, train_mode="background")
+    return _naming_flags(lambda: DaemonConfig(
+        engine=engine, input_bind=input_bind, input_connect=connect, output=args.output, control=args.control,
         recording=recording, output_dir=Path(args.output_dir),
         state_dir=Path(args.state_dir) if args.state_dir else None,
         ready_file=Path(args.ready_file) if args.ready_file else None,
         max_streams=args.max_streams, inbox_bytes=int(_finite_positive("--inbox-mb", args.inbox_mb) * 2**20),
-        status_interval_s=args.status_interval, catchup_s=args.catchup_ms / 1000.0, cpu_budget=args.cpu_budget,
+        status_interval_s=args.status_interval, catchup_s=_catchup_s(args), cpu_budget=args.cpu_budget,
         checkpoint_interval_s=args.checkpoint_interval, idle_after_s=args.idle_s, allow_remote=args.allow_remote,
         curve=CurveServerConfig(Path(key), Path(clients)) if key is not None and clients is not None else None,
-    )
+    ), FIELD_FLAGS)
 
 
 def bench_config(args: argparse.Namespace) -> BenchConfig:
@@ -482,6 +537,8 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     if not args.max:
         _finite_positive("--rate", args.rate)
     _finite_positive("--rss-every", args.rss_every)
+    _finite_positive("--photons", args.photons)
+    save_model, json_path = _file_path("--save-model", args.save_model), _file_path("--json", args.json)
     frames, duration, spec = args.frames, args.duration, args.events
     if frames is not None and duration is not None:
         raise ValueError("give --frames or --duration, not both")
@@ -498,15 +555,14 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         events = session_events(spec, frames / args.rate)
     daemon = DaemonConfig(
         engine=engine_config_from_args(args, train_mode="background"), input_bind=None, input_connect=(),
-        output="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*", catchup_s=args.catchup_ms / 1000.0,
+        output="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*", catchup_s=_catchup_s(args),
         cpu_budget=args.cpu_budget,
     )
     return BenchConfig(height=height, width=width, frames=frames, rate_hz=None if args.max else float(args.rate),
                        photons=args.photons, inference_only=args.inference_only,
                        ring_bytes=int(_finite_positive("--ring-mb", args.ring_mb) * 2**20), rss_every_s=args.rss_every,
-                       save_model=args.save_model, daemon=daemon, streams=args.streams,
-                       events=events, events_spec=spec, oracle=args.oracle,
-                       json_path=Path(args.json) if args.json else None)
+                       save_model=save_model, daemon=daemon, streams=args.streams,
+                       events=events, events_spec=spec, oracle=args.oracle, json_path=json_path)
 
 
 def acquire_config(args: argparse.Namespace) -> AcquireConfig:
@@ -525,16 +581,21 @@ def acquire_config(args: argparse.Namespace) -> AcquireConfig:
 
 
 def viewer_config(args: argparse.Namespace) -> ViewerConfig:
+    """`view`'s flags as a `ViewerConfig`; ``--quit-after`` and ``--screenshot`` checked before the
+    window opens."""
+    from umvd_live.viewer.qt.app import MAX_QUIT_AFTER_S
     from umvd_live.viewer.session import ViewerConfig
 
+    if args.quit_after is not None and _finite_positive("--quit-after", args.quit_after) > MAX_QUIT_AFTER_S:
+        raise ValueError(f"--quit-after must be at most {int(MAX_QUIT_AFTER_S)} s (about 24 days; Qt's timer), "
+                         f"got {args.quit_after:.0f}")
+    if args.screenshot is not None and args.quit_after is None:
+        raise ValueError("--screenshot needs --quit-after S: the window is saved after S seconds, then closed")
     region = tuple(args.region) if args.region else None
     return ViewerConfig(output=args.connect, control=args.control, stream=args.stream, region=region)
 
 
 # ---- the commands ---------------------------------------------------------------------------------
-Config = TypeVar("Config")
-
-
 def _configured(args: argparse.Namespace, make: Callable[[argparse.Namespace], Config]) -> Config | None:
     """The command's configuration, or None after saying on stderr why the flags make none."""
     try:
@@ -587,8 +648,10 @@ def _run_acquire(args: argparse.Namespace) -> int:
 def _run_view(args: argparse.Namespace) -> int:
     from umvd_live.viewer.qt import app
 
-    return app.run(viewer_config(args), quit_after_s=args.quit_after,
-                   screenshot=Path(args.screenshot) if args.screenshot else None)
+    config = _configured(args, viewer_config)
+    if config is None:
+        return 2
+    return app.run(config, quit_after_s=args.quit_after, screenshot=Path(args.screenshot) if args.screenshot else None)
 
 
 def _run_keys(args: argparse.Namespace) -> int:

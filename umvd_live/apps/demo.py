@@ -67,6 +67,10 @@ QUIET_S = 0.3  # after the daemon's exit: the output is done when it has been si
 #: Memory for the frames the activity metrics score (noisy, truth and denoised of the latest
 #: frames): 600 frames (20 s at 30 Hz) of 256², all of a 64² demo.
 SCORED_MB = 384
+#: `engine.config`'s MAX_WINDOW and MAX_SEED, checked here before the daemon starts (importing the
+#: engine would import torch in the demo's own process).
+MAX_WINDOW = 101
+MAX_SEED = 2**63 - 1
 
 
 class DemoError(Exception):
@@ -102,8 +106,10 @@ class DemoConfig:
             raise ValueError(f"--duration must be > 0, got {self.duration_s}")
         if self.warmup_frames < 1 or self.warmup_steps < 0:
             raise ValueError("--warmup-frames must be >= 1 and --warmup-steps >= 0")
-        if self.window is not None and (self.window < 3 or self.window % 2 == 0):
-            raise ValueError(f"--window must be odd and >= 3, got {self.window}")
+        if self.window is not None and (not 3 <= self.window <= MAX_WINDOW or self.window % 2 == 0):
+            raise ValueError(f"--window must be odd, from 3 to {MAX_WINDOW}, got {self.window}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"--seed must be in 0..2**63-1, got {self.seed}")
         self.sim_config()  # refuses a bad size, rate or photon count before anything starts
 
     def scored_frames(self) -> int:

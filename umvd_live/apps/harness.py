@@ -51,8 +51,14 @@ GAIN_PHOTONS = 2.0
 
 
 def session_events(spec: str, duration_s: float) -> tuple[SimEvent, ...]:
-    """The events of ``--events SPEC``: a name in `SESSIONS` or a list (`simulation.parse_events`)."""
-    return parse_events(SESSIONS.get(spec, spec), duration_s)
+    """The events of ``--events SPEC``: a name in `SESSIONS` or a list (`simulation.parse_events`),
+    each before the session's end (one at or after it would never happen)."""
+    events = parse_events(SESSIONS.get(spec, spec), duration_s)
+    late = [event.at_s for event in events if event.at_s >= duration_s]
+    if late:
+        raise ValueError(f"--events: an event at {late[0]:g} s is at or after the session's end ({duration_s:g} s): "
+                         "give it an earlier time, or more --frames or --duration")
+    return events
 
 
 def max_intensity(events: tuple[SimEvent, ...]) -> float:

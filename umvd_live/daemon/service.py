@@ -54,6 +54,7 @@ from umvd_live.daemon.status import StatusDisplay
 from umvd_live.daemon.streams import StreamEngineFactory, monotonic
 from umvd_live.daemon.transport import PendingReply, Transport
 from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint, weights_hash, write_atomically
+from umvd_live.engine.device import DeviceUnavailable, pick_device
 from umvd_live.engine.provenance import network_provenance
 from umvd_live.wire.protocol import STREAM_NAME
 from umvd_live.wire.security import PathNotAllowed, confine_path
@@ -472,6 +473,11 @@ def _log_through(display: StatusDisplay) -> None:
 
 def run(config: DaemonConfig) -> int:
     """`umvd-live serve` (apps/cli.py makes ``config`` of the flags): until a signal or `shutdown`."""
+    try:
+        pick_device(config.engine.device)  # a GPU that is not there: one line, not a traceback
+    except DeviceUnavailable as exc:
+        print(f"umvd-live serve: {exc}", file=sys.stderr)
+        return 2
     # A bad model file is refused now, not at each stream's first frame.
     prior = config.engine.prior
     for flag, path in (("--init", config.engine.init), ("--prior", None if prior in ("auto", "none") else prior)):

@@ -8,6 +8,7 @@ with the field's name, rather than at the stream's first frame.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -18,6 +19,11 @@ from umvd_live.engine.trainer import TrainerConfig
 
 #: `EngineConfig.device`: a torch device name (`device.pick_device`); auto: a GPU if torch sees one.
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+#: The widest window: the models and priors use 7; each frame more costs G features and D input for
+#: every window, and a stream holds N frames before its first output.
+MAX_WINDOW = 101
+#: The largest seed: a signed 64-bit integer (a larger one overflowed in torch long after start-up).
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,8 @@ class EngineConfig:
         _choose("preset", self.preset, ("auto", *PRESETS))
         if not _DEVICE.fullmatch(self.device):
             raise ValueError(f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
-        if self.window < 3 or self.window % 2 == 0:
-            raise ValueError(f"window must be odd and >= 3, got {self.window}")
+        if not 3 <= self.window <= MAX_WINDOW or self.window % 2 == 0:
+            raise ValueError(f"window must be odd, from 3 to {MAX_WINDOW}, got {self.window}")
         if self.context is not None:
             object.__setattr__(self, "context", tuple(self.context))  # a list from a caller: hashable, comparable
             if any(n < 1 for n in self.context):
@@ -73,14 +79,14 @@ class EngineConfig:
         for name in ("warmup_frames", "warmup_steps", "min_train_frames", "adapt_frames", "probe_from_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.steps_per_frame >= 0:
-            raise ValueError(f"steps_per_frame must be >= 0, got {self.steps_per_frame}")
+        if not (math.isfinite(self.steps_per_frame) and self.steps_per_frame >= 0):
+            raise ValueError(f"steps_per_frame must be a finite number >= 0, got {self.steps_per_frame}")
         for name in ("sync_every", "cpu_threads", "max_batch", "workers"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if not self.blend_px >= 0:
-            raise ValueError(f"blend_px is a scale in pixels >= 0, got {self.blend_px}")
+        if not (math.isfinite(self.blend_px) and self.blend_px >= 0):
+            raise ValueError(f"blend_px is a scale in pixels, finite and >= 0, got {self.blend_px}")
         if not 0.0 <= self.keep_amplitude <= 1.0:
             raise ValueError(f"keep_amplitude is an amplitude slope in [0, 1], got {self.keep_amplitude}")
         for name in ("live_train_duty", "adapt_train_duty"):
@@ -92,6 +98,8 @@ class EngineConfig:
             raise TypeError(f"compile is True or False, got {self.compile!r}")
         if not self.prior:
             raise ValueError("prior must be auto, none or a model file")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in 0..2**63-1, got {self.seed}")
 
 
 def _choose(name: str, value: str, names: tuple[str, ...]) -> None:

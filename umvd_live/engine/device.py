@@ -23,11 +23,15 @@ from umvd_live.engine.config import EngineConfig
 GPU_BATCH = 16
 
 
+class DeviceUnavailable(ValueError):
+    """The device asked for is not there (`pick_device`): bad input, refused before anything starts."""
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+        raise DeviceUnavailable(f"--device {name} was asked for, but torch sees no CUDA device")
     return torch.device(name)
 
 
@@ -85,10 +89,12 @@ def lists_native_bf16(cpuinfo: str) -> bool:
 def uses_bf16(precision: str, device: torch.device) -> bool:
     """Whether the networks run under bfloat16 autocast: on request, or by default where the
     hardware has bf16 arithmetic: a GPU from Ampere on, or a CPU with AVX512-BF16 or AMX
-    (`cpu_has_native_bf16`). Float32 elsewhere, where bf16 is no faster."""
+    (`cpu_has_native_bf16`). Float32 elsewhere, where bf16 is no faster. A GPU's own compute
+    capability decides, not `torch.cuda.is_bf16_supported`, which counts emulation (pre-Ampere GPUs)
+    and asks the current device instead of ``device``."""
     if precision == "auto":
         if device.type == "cuda":
-            return torch.cuda.is_bf16_supported()
+            return torch.cuda.get_device_capability(device)[0] >= 8  # 8.0: Ampere
         return device.type == "cpu" and cpu_has_native_bf16()
     return precision == "bf16"
 

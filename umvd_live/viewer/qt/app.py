@@ -2,7 +2,8 @@
 
 ``quit_after_s`` with ``screenshot`` take a screenshot of the whole window after that many seconds
 and quit: for documentation and smoke tests without a person at the screen. The command line turns
-its flags into the `ViewerConfig` (`apps.cli`).
+its flags into the `ViewerConfig` (`apps.cli`), and refuses a ``quit_after_s`` that is not finite,
+positive and at most `MAX_QUIT_AFTER_S`, or a ``screenshot`` without it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 from umvd_live.viewer.session import ViewerConfig
 
 log = logging.getLogger("umvd_live.viewer")
+#: The longest ``quit_after_s``: Qt's timers count milliseconds in a signed 32-bit integer.
+MAX_QUIT_AFTER_S = (2**31 - 1) / 1000
 
 
 def open_viewer(config: ViewerConfig, show: bool = True):
