@@ -133,6 +133,21 @@ def test_a_micromanager_summary_number_beyond_any_float_is_ignored(tmp_path):
         assert np.array_equal(m.frame(1), data[1])
 
 
+def test_a_size_or_interval_that_overflows_in_its_unit_is_ignored(tmp_path):
+    """OME's values are finite floats, but a huge one times its unit (hours to seconds, mm to µm)
+    is inf: ignored, as any value that fails its check, not written into an output's metadata."""
+    data = movie(3, (8, 8))
+    tifffile.imwrite(tmp_path / "huge.ome.tif", data, ome=True, metadata={
+        "axes": "TYX", "PhysicalSizeX": 1e308, "PhysicalSizeXUnit": "mm", "PhysicalSizeY": 1e308,
+        "PhysicalSizeYUnit": "mm", "TimeIncrement": 1e308, "TimeIncrementUnit": "h"})
+    tifffile.imwrite(tmp_path / "huge_ij.tif", data, imagej=True, metadata={"axes": "TYX", "finterval": 1e308,
+                                                                         "tunit": "min"})
+    for name in ("huge.ome.tif", "huge_ij.tif"):
+        with TiffMovie(tmp_path / name) as m:
+            assert m.file_meta(0) == {}, name
+            assert np.array_equal(m.frame(2), data[2])
+
+
 def test_scanimage_frame_timestamps(tmp_path):
     data = movie(4).astype(np.int16)
     stamps = [5.0, 5.033, 5.070, 5.1]

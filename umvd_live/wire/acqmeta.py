@@ -126,7 +126,8 @@ class AcquisitionMeta:
             # unit (a "frame") gives no interval rather than a wrong one
             finterval = positive(ij.get("finterval"))
             per_unit = _IMAGEJ_S.get(str(ij.get("tunit", "sec")).strip())
-            found = found.filled(cls(interval_ms=finterval * per_unit * 1e3 if finterval and per_unit else None))
+            interval_ms = positive(finterval * per_unit * 1e3) if finterval and per_unit else None
+            found = found.filled(cls(interval_ms=interval_ms))
             scale = _UM.get(str(ij.get("unit", "")).strip())
             found = found.filled(_resolution(tif, scale))
         return found.filled(_resolution(tif, None))
@@ -184,7 +185,7 @@ def _from_ome(xml: str, series: int) -> AcquisitionMeta:
 
     def physical_size(axis: str) -> float | None:
         size, unit = positive(a.get(f"PhysicalSize{axis}")), _UM.get(a.get(f"PhysicalSize{axis}Unit", "µm"))
-        return size * unit if size and unit else None
+        return positive(size * unit) if size and unit else None  # huge × its unit: inf, ignored
 
     width = physical_size("X")
     increment = positive(a.get("TimeIncrement"))
@@ -192,7 +193,7 @@ def _from_ome(xml: str, series: int) -> AcquisitionMeta:
     channels = [el.attrib.get("Name") for el in pixels if local_name(el) == "Channel"]
     return AcquisitionMeta(
         pixel_size_um=width, pixel_size_y_um=physical_size("Y") if width else None,
-        interval_ms=increment * t_unit * 1e3 if increment and t_unit else None,
+        interval_ms=positive(increment * t_unit * 1e3) if increment and t_unit else None,
         channel=channels[0] if len(channels) == 1 and channels[0] else None,
         acquisition_datetime=iso_datetime(date))
 
