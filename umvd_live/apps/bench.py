@@ -110,7 +110,7 @@ from umvd_live.daemon.streams import monotonic
 from umvd_live.daemon.transport import Inbox, Received
 from umvd_live.engine import EngineConfig
 from umvd_live.engine.budget import cpu_cores
-from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint
+from umvd_live.engine.checkpoint import check_model_flags
 from umvd_live.engine.device import pick_device
 from umvd_live.metrics import activity_report, finite_json
 from umvd_live.wire.protocol import encode_frame
@@ -1004,18 +1004,11 @@ def stream_table(result: dict[str, Any]) -> Any:
 def run(config: BenchConfig) -> int:
     engine = config.daemon.engine
     try:
-        pick_device(engine.device)  # DeviceUnavailable is a ValueError
-        # a bad model file is refused now, as `serve` does, not at the first frame (a bad --prior:
-        # not silently replaced by training from scratch)
-        prior = None if engine.prior in ("auto", "none") else engine.prior
-        for flag, model in (("--init", engine.init), ("--prior", prior)):
-            if model is not None:
-                try:
-                    load_checkpoint(model)
-                except CheckpointError as exc:
-                    raise ValueError(f"{flag}: {exc}") from None
+        # as `serve` does: a bad --prior is not silently replaced by training from scratch
+        pick_device(engine.device)
+        check_model_flags(engine.init, engine.prior)
         result = measure(config)
-    except ValueError as exc:
+    except ValueError as exc:  # DeviceUnavailable and CheckpointError included
         print(f"umvd-live bench: {exc}", file=sys.stderr)
         return 2
     print_table(result)

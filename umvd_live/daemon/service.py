@@ -53,7 +53,13 @@ from umvd_live.daemon.statestore import StateStore, StateWorker
 from umvd_live.daemon.status import StatusDisplay
 from umvd_live.daemon.streams import StreamEngineFactory, monotonic
 from umvd_live.daemon.transport import PendingReply, Transport
-from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint, weights_hash, write_atomically
+from umvd_live.engine.checkpoint import (
+    CheckpointError,
+    check_model_flags,
+    load_checkpoint,
+    weights_hash,
+    write_atomically,
+)
 from umvd_live.engine.device import DeviceUnavailable, pick_device
 from umvd_live.engine.provenance import network_provenance
 from umvd_live.wire.protocol import STREAM_NAME
@@ -473,21 +479,12 @@ def _log_through(display: StatusDisplay) -> None:
 
 def run(config: DaemonConfig) -> int:
     """`umvd-live serve` (apps/cli.py makes ``config`` of the flags): until a signal or `shutdown`."""
-    try:
-        pick_device(config.engine.device)  # a GPU that is not there: one line, not a traceback
-    except DeviceUnavailable as exc:
+    try:  # a GPU that is not there, a bad model file: one line now, not a traceback or a failed first frame
+        pick_device(config.engine.device)
+        check_model_flags(config.engine.init, config.engine.prior)
+    except (DeviceUnavailable, CheckpointError) as exc:
         print(f"umvd-live serve: {exc}", file=sys.stderr)
         return 2
-    # A bad model file is refused now, not at each stream's first frame.
-    prior = config.engine.prior
-    for flag, path in (("--init", config.engine.init), ("--prior", None if prior in ("auto", "none") else prior)):
-        if path is None:
-            continue
-        try:
-            load_checkpoint(path)
-        except CheckpointError as exc:
-            print(f"umvd-live serve: {flag}: {exc}", file=sys.stderr)
-            return 2
     display = StatusDisplay(interval_s=config.status_interval_s)
     _log_through(display)
     try:

@@ -104,6 +104,18 @@ def read_spec(info: dict[str, Any], path: str | os.PathLike) -> ModelSpec:
                               f"({type(exc).__name__}: {exc})") from None
 
 
+def check_model_flags(init: str | None, prior: str) -> None:
+    """Read the ``--init`` and ``--prior`` files once, so that a command refuses a bad one when it
+    starts, not at each stream's first frame; CheckpointError names the flag. ``prior``'s ``auto``
+    and ``none`` name no file."""
+    for flag, path in (("--init", init), ("--prior", None if prior in ("auto", "none") else prior)):
+        if path is not None:
+            try:
+                load_checkpoint(path)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{flag}: {exc}") from None
+
+
 def check_fits(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:
     """Raise CheckpointError unless ``state`` holds exactly the tensors of ``own`` (a model's state
     dict), of the same shapes: `load_state_dict` would copy those that fit before refusing."""
