@@ -193,8 +193,9 @@ class ImageNumberTracker:
     An image is its (``ImageNumber``, time stamp): the same seen again is not new; a jump counts
     the images that went by between polls; a number not greater than the last one's starts a new
     sequence (``restarts``), whose ``seq`` is its ``ImageNumber`` (images missed before the first
-    one seen count as skipped). The first image ever seen, of a sequence running since who knows
-    when, starts ``seq`` at 0.
+    one seen count as skipped). The first image of a sequence already running when the tap started
+    (`prime` with the image then in the buffer) starts ``seq`` at 0; one that started after the tap
+    found the buffer empty (`prime` with None) is numbered from its first image, seen or not.
     """
 
     def __init__(self) -> None:
@@ -206,10 +207,14 @@ class ImageNumberTracker:
         self._primed = False
 
     def prime(self, number: int | None, stamp: Any = None) -> None:
-        """The image already in the buffer when the tap starts (an earlier sequence's last one):
-        not new. The next image starts ``seq`` from 0, or from its own number when it starts a new
-        sequence (a number not greater than this one's; the same number with another ``stamp``)."""
-        if number is not None:
+        """The image in the buffer when the tap starts (an earlier sequence's last one, or a running
+        one's): not new. The next image starts ``seq`` from 0, or from its own number when it
+        starts a new sequence (a number not greater than this one's; the same number with another
+        ``stamp``). None, an empty buffer: the next sequence starts after the tap, and image n is
+        ``seq`` n even when the tap's first poll comes late (its first images count as skipped)."""
+        if number is None:
+            self.last, self._last_image, self._primed = -1, None, False  # as if image -1 were seen
+        else:
             self.last, self._last_image, self._primed = number, (number, stamp), True
 
     def seq_for(self, number: int, stamp: Any = None) -> int | None:
@@ -367,7 +372,9 @@ class LiveTap:
     def start(self) -> LiveTap:
         if self._thread is None:
             newest = self._newest()
-            if newest is not None:
+            if newest is None:
+                self.numbers.prime(None)  # empty: the next sequence starts after us
+            else:
                 self.numbers.prime(newest[2], newest[1].get("TimeReceivedByCore"))
             self.core.events.exposureChanged.connect(self._on_meta_changed)
             self.core.events.pixelSizeChanged.connect(self._on_meta_changed)

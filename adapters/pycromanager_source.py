@@ -435,7 +435,9 @@ class TaggedImageTap:
     def start(self) -> TaggedImageTap:
         if self._thread is None:
             newest = self._newest()
-            if newest is not None:
+            if newest is None:
+                self.numbers.prime(None)  # empty: the next sequence starts after us
+            else:
                 self.numbers.prime(newest[2], newest[1].get("TimeReceivedByCore"))
             self.errors = 0  # an empty buffer at the start is no failed poll
             self._stop.clear()

@@ -182,10 +182,11 @@ def test_unencodable_frame_is_rejected_and_the_sender_goes_on(receiver):
     assert [f.header.seq for f in frames] == [1]
 
 
-def test_live_tap_publishes_each_image_once_without_popping(core, receiver):
+@pytest.mark.parametrize("poll_interval_s", [0.0005, 0.05])  # 0.05: the first images go by unseen
+def test_live_tap_publishes_each_image_once_without_popping(core, receiver, poll_interval_s):
     pub = connected_publisher(receiver.endpoint)
     core.setExposure(3.0)
-    tap = LiveTap(core, pub, poll_interval_s=0.0005)
+    tap = LiveTap(core, pub, poll_interval_s=poll_interval_s)
     tap.start()
     core.startContinuousSequenceAcquisition(0)
     deadline = time.monotonic() + 20
@@ -474,6 +475,10 @@ def test_image_number_tracker_tells_a_new_image_from_the_leftover_of_that_number
     numbers = ImageNumberTracker()
     numbers.prime(7, "10:00:00.000")
     assert numbers.seq_for(2, "10:00:05.000") == 2 and numbers.skipped == 2  # images 0, 1 went by
+    numbers = ImageNumberTracker()
+    numbers.prime(None)  # an empty buffer: live mode starts after the tap, whose first poll is late
+    assert numbers.seq_for(3, "10:00:05.000") == 3 and numbers.skipped == 3  # images 0-2 went by
+    assert numbers.seq_for(4, "10:00:05.010") == 4 and numbers.restarts == 0
 
 
 def test_live_tap_publishes_image_0_of_a_run_after_a_one_image_sequence(core, receiver):
