@@ -182,7 +182,8 @@ class Daemon:
                 self.router.process(leftover, allow_skip=False)
             flushed = self.router.close_streams()  # queues each live stream's final checkpoint
         finally:  # whatever failed above, the recordings are finished and the checkpoints written
-            for sink in self.router.sinks + self._stopped_recordings:
+            stopped = [sink for sink in self._stopped_recordings if sink not in self.router.sinks]
+            for sink in self.router.sinks + stopped:
                 try:
                     sink.close()
                 except Exception:
@@ -207,6 +208,7 @@ class Daemon:
         clock = monotonic()
         for live in self.router.streams.values():
             live.check_idle(clock)
+        self._finish_stopped_recordings()
         self.router.check_capacity(clock)
         if self.store is not None and now >= self._next_checkpoint:
             self._next_checkpoint = now + self.store.interval_s
@@ -411,15 +413,28 @@ class Daemon:
                  ", with raw" if request.raw else "")
 
     def stop_recording(self) -> Reply:
-        """Stop taking frames; the recorder finishes writing its backlog in the background."""
+        """Stop taking frames; the outputs still owed for the frames taken (window // 2 a
+        stream) are recorded as they come, then the recorder finishes its backlog in the
+        background (`_finish_stopped_recordings`)."""
         if self.recording is None:
             raise ControlError("no recording is running")
         sink, self.recording = self.recording, None
-        self.router.sinks.remove(sink)
-        sink.session.stop(wait=False)
+        sink.stop()
         self._stopped_recordings.append(sink)
-        log.info("recording stopped")
-        return {"recording": sink.session.status().to_dict()}
+        log.info("recording stopped%s", f"; outputs owed: {sink.finishing}" if sink.finishing else "")
+        return {"recording": sink.session.status().to_dict() | {"recording": False}, "finishing": sink.finishing}
+
+    def _finish_stopped_recordings(self) -> None:
+        """A stopped recording leaves the sinks once its owed outputs are in; a stream that went
+        idle (or away) owes nothing more: its last frames would come only with frames to come."""
+        for sink in self._stopped_recordings:
+            if sink not in self.router.sinks:
+                continue
+            gone = [s for s in sink.finishing if s not in self.router.streams or self.router.streams[s].idle]
+            if gone:
+                sink.give_up(gone, f"no frame for {self.config.idle_after_s:g} s after the stop")
+            if not sink.finishing:
+                self.router.sinks.remove(sink)
 
     def _provenance(self, stream: str) -> Provenance:
         """What a recording says of the stream's network; called once per stream and recording,

@@ -14,7 +14,10 @@ quickly: a sink that writes to disk queues internally, so the live output never 
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import deque
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import zmq
@@ -24,6 +27,12 @@ from umvd_live.wire.protocol import RAW_SUFFIX, encode_denoised
 
 if TYPE_CHECKING:  # recording.session imports the file writers: only when a recording starts
     from umvd_live.recording.session import RecordingSession
+
+log = logging.getLogger(__name__)
+
+#: Frames of a recorded stream awaiting their outputs, at most (an engine that failed for good
+#: leaves its frames awaited; the oldest are then forgotten).
+MAX_AWAITED = 10_000
 
 
 @runtime_checkable
@@ -84,14 +93,29 @@ class PublisherSink:
 class RecordingSink:
     """Plugs a `recording.session.RecordingSession` into the daemon as a FrameSink.
 
-    The session does its own queuing, spilling and writing; this adapter only translates calls.
-    Receipt times are monotonic in the daemon and wall-clock (Unix seconds) in the recording.
+    A recording holds the frames received between its start and its stop, raw and denoised
+    alike: an output whose input frame came before the start is not recorded, and a stop waits
+    for the outputs still owed for the frames received before it, which come window // 2 frames
+    later (`stop`, `give_up`). The session does its own queuing, spilling and writing; this
+    adapter only chooses and translates calls. Receipt times are monotonic in the daemon and
+    wall-clock (Unix seconds) in the recording.
     """
 
     def __init__(self, session: RecordingSession):
         self.session = session
+        #: Per stream, the ``seq`` of the frames received while recording whose outputs have not
+        #: come yet, in order: a stream's outputs come in the order of its input frames.
+        self._awaited: dict[str, deque[int]] = {}
+        self._stopping = False
+
+    @property
+    def finishing(self) -> dict[str, int]:
+        """After `stop`: the streams whose outputs are still owed, with how many."""
+        return {s: len(q) for s, q in self._awaited.items() if q} if self._stopping else {}
 
     def owes(self, stream: str) -> bool:
+        if self._stopping:
+            return bool(self._awaited.get(stream))
         return self.session.records(stream)
 
     def on_stream_started(self, event: StreamStarted) -> None:
@@ -99,14 +123,47 @@ class RecordingSink:
 
     def on_raw(self, arrival: Arrival) -> None:
         frame = arrival.frame
+        if self._stopping or not self.session.records(frame.stream):
+            return  # stopped: the frames after the stop are not recorded
+        awaited = self._awaited.setdefault(frame.stream, deque(maxlen=MAX_AWAITED))
+        awaited.append(frame.header.seq)
         self.session.submit_raw(frame.stream, frame.header, frame.pixels, t_received=_wall(arrival.received))
 
     def on_denoised(self, output: DenoisedOutput) -> None:
+        awaited = self._awaited.get(output.stream)
+        if not awaited or output.header.seq not in awaited:
+            return  # its input frame came before the start (or was not taken: stopped, not recorded)
+        # Those before it in the queue will never come (an engine failure lost them: counted on
+        # the stream's engine_error).
+        for _ in range(awaited.index(output.header.seq) + 1):
+            awaited.popleft()
         if output.image is None and not self.owes(output.stream):
             return  # a preview skip on a stream this recording does not take
         self.session.submit_denoised(output.stream, output.header, output.image, state=output.state,
                                      model_step=output.model_step, t_received=_wall(output.received),
                                      amplitude_gain=output.amplitude_gain)
+        self._finish_if_done()
+
+    def stop(self) -> None:
+        """``record_stop``: take no more input frames; the session stops once the outputs of the
+        frames already taken are recorded (or `give_up` says they will not come)."""
+        self._stopping = True
+        self._finish_if_done()
+
+    def give_up(self, streams: Iterable[str], why: str) -> None:
+        """The outputs still owed for ``streams`` will not come (the stream went idle, or is gone):
+        stop waiting for them, and say which frames the denoised files lack."""
+        for stream in streams:
+            awaited = self._awaited.get(stream)
+            if self._stopping and awaited:
+                log.warning("recording %s: %d frames (seq %d-%d) were recorded raw only (%s)", stream,
+                            len(awaited), awaited[0], awaited[-1], why)
+                awaited.clear()
+        self._finish_if_done()
+
+    def _finish_if_done(self) -> None:
+        if self._stopping and not any(self._awaited.values()) and not self.session.finished:
+            self.session.stop(wait=False)
 
     def close(self) -> None:
         """Stop accepting frames and wait until everything queued is on disk."""
