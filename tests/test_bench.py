@@ -147,6 +147,7 @@ def test_max_rate_inference_only_from_saved_weights(tmp_path):
     (["--rss-every", "nan"], "--rss-every must be a finite number > 0"),
     (["--events", "laser=3@99s", "--duration", "1"], "--events: an event at 99 s is at or after the session's end"),
     (["--events", "laser=3@1", "--frames", "30"], "at or after the session's end"),
+    (["--events", "laser=3@1.99s", "--frames", "60"], "after the session's last frame (frame 59)"),
     (["--photons", "inf"], "--photons must be a finite number > 0"),
     (["--catchup-ms", "-5"], "--catchup-ms must be >= 0 ms, got -5"),
     (["--seed", "-1"], "seed must be in 0..2**63-1, got -1"),
@@ -277,3 +278,44 @@ def test_json_is_strict_non_finite_figures_are_null(tmp_path, monkeypatch):
     written = json.loads(out.read_text(), parse_constant=refuse)
     assert written["psnr_denoised_db"] is None and written["load_average"] == [1.0, None]
     assert written["activity"][0]["rows"]["denoised"] == {"trace_corr": None, "lag_frames": None}
+
+
+def test_the_pmt_gain_is_lowered_for_any_bright_stream_not_only_a_scripted_session():
+    """Above 2 photons/pixel/frame at the brightest (--photons, a stream's BRIGHTNESS, a laser
+    step) `bench` and `demo` lower the PMT gain in proportion, with or without --events: at the
+    full gain --photons 8 (or stream 2, brightness 2) clips at 65535, and the truth is no longer
+    the noisy frames' expected value. At the defaults the simulator is the one it always was."""
+    from umvd_live.adapters.simulation import SimConfig, SimEvent, TwoPhotonSimulator
+    from umvd_live.apps import harness
+    from umvd_live.apps.harness import GAIN_PHOTONS, sim_config
+
+    full = SimConfig().gain_adu
+    assert sim_config(64, 64, 30.0, 2.0, 0) == SimConfig(height=64, width=64, rate_hz=30.0, photons=2.0, seed=0)
+    assert sim_config(64, 64, 30.0, 2.0, 1, stream=1).gain_adu == full  # 1 photon
+    assert sim_config(64, 64, 30.0, 2.0, 3, stream=3).gain_adu == full  # 1.5 photons
+    assert sim_config(64, 64, 30.0, 8.0, 0).gain_adu == full * GAIN_PHOTONS / 8.0
+    assert sim_config(64, 64, 30.0, 2.0, 2, stream=2).gain_adu == full * GAIN_PHOTONS / 4.0
+    session = (SimEvent.laser(1.0, 3.0), SimEvent.laser(2.0, 1 / 3))
+    assert sim_config(64, 64, 30.0, 2.0, 0, events=session).gain_adu == pytest.approx(723.33, abs=0.01)
+    assert harness.fit_gain(SimConfig(photons=0.5, events=(SimEvent.laser(1.0, 4.0),))).gain_adu == full
+    config = sim_config(64, 64, 30.0, 8.0, 0)
+    noisy, clean = TwoPhotonSimulator(config).movie(150)
+    assert clean.max() < 40000 and not (noisy == 65535).any()  # 0.46 % clipped at the full gain
+
+
+def test_an_event_after_the_last_frame_is_refused_naming_the_last_time_allowed():
+    """60 frames at 30 Hz end at 2 s, but the last frame is taken at 1.967 s: an event at 1.99 s
+    takes effect from frame 60 (`SimEvent.first_frame`), which is never taken, yet would still lower
+    the PMT gain for the session. Refused, naming the last time that is allowed (a frame's)."""
+    from umvd_live.apps.harness import session_events
+
+    with pytest.raises(ValueError, match=r"1\.99 s is after the session's last frame \(frame 59\).*"
+                                         r"the last time allowed is 1\.966 s"):
+        session_events("laser=3@1.99s", 60 / 30.0, rate_hz=30.0)
+    with pytest.raises(ValueError, match="last frame"):
+        session_events("laser=3@1.967s", 2.0, rate_hz=30.0)
+    (event,) = session_events("laser=3@1.966s", 2.0, rate_hz=30.0)
+    assert event.first_frame(30.0) == 59
+    assert session_events("laser=3@1/2", 2.0, rate_hz=30.0)[0].first_frame(30.0) == 30
+    with pytest.raises(ValueError, match=r"at or after the session's end \(2 s\).*last time allowed is 1\.966 s"):
+        session_events("laser=3@2s", 2.0, rate_hz=30.0)

@@ -423,3 +423,55 @@ def test_lag_and_peak_ratio_count_real_frames_when_some_are_unscored():
     window = np.abs(frames - frames[np.argmax(g)]) <= 2
     assert window.sum() == 3
     assert half["peak_ratio"] == pytest.approx(e[window].sum() / g[window].sum())
+
+
+def test_lag_is_right_whatever_the_pattern_of_unscored_frames():
+    """Each lag's cross-correlation is normalised over its own pairs of scored frames: with every
+    3rd frame unscored the lags with most pairs (multiples of 3) drew the peak (a 1-frame lag read
+    0.02, a 2-frame one 2.98); with every other frame unscored the odd lags have no pair and the
+    parabola through the even ones still finds a 1-frame lag. Without gaps nothing changes."""
+    from umvd_live.metrics import DENOISED, activity_report
+
+    t = np.arange(120, dtype=float)
+    fp = np.zeros((1, 4, 4))
+    fp[0, 1:3, 1:3] = 1.0
+
+    def movie(shift: float) -> np.ndarray:  # one Gaussian transient at frame 60 + shift
+        return 200.0 + (50.0 * np.exp(-0.5 * ((t - 60 - shift) / 4) ** 2))[:, None, None] * fp[0]
+
+    truth = movie(0.0)
+    for keep in (np.ones(120, bool), t % 3 != 0, t % 2 == 0, (t % 5 != 1) & (t % 7 != 3)):
+        for lag in (0.0, 1.0, 2.0, 1.5, -1.0):
+            row = activity_report(truth, truth, movie(lag), fp, scored=keep, oracle="none")["rows"][DENOISED]
+            assert row["lag_frames"] == pytest.approx(lag, abs=0.05), (keep.sum(), lag)
+
+
+def test_the_active_set_is_at_least_ten_percent_of_the_range():
+    """Issue 14: active where the truth is *at least* 10 % of its range above the pixel's median:
+    a transient of exactly 10 % is in it, and a truth whose only activity is 10 % is scored,
+    not refused; a truth of range 0 still has none."""
+    from umvd_live.metrics import MovieScorer, active_psnr, active_set
+
+    truth = np.zeros((20, 4, 4), np.uint16)
+    truth[5:8, 2, 2] = 10  # exactly 10 % of the range above that pixel's median (0)
+    truth[:, 3, 3] = 100  # range 100, a static bright pixel
+    assert np.flatnonzero(active_set(truth).reshape(20, -1).any(axis=1)).tolist() == [5, 6, 7]
+    assert active_set(truth).sum() == 3
+    assert MovieScorer(truth).score(truth + 1.0)["active_fraction"] == pytest.approx(3 / truth.size)
+    assert active_psnr(truth + 1.0, truth) == pytest.approx(20 * np.log10(100))
+    assert activity_fidelity(truth.astype(float) + 1.0, truth)[1] == pytest.approx(1.0)
+    assert not active_set(np.full((5, 2, 2), 7.0)).any()
+
+
+def test_bench_denoise_lowers_the_gain_by_the_rule_of_bench_and_demo():
+    """tools/bench_denoise.py and `umvd-live bench`/`demo` share one rule (`harness.fit_gain`): the
+    same gain at every brightness, where `bench`/`demo` kept the full gain (and clipped) above 2
+    photons without --events."""
+    import argparse
+
+    from umvd_live.apps.harness import sim_config
+
+    tool = _bench_denoise_tool()
+    args = argparse.Namespace(size=(32, 32), sim=[])
+    for photons in (0.5, 2.0, 3.0, 8.0):
+        assert tool.sim_config(args, photons, 0).gain_adu == sim_config(32, 32, 30.0, photons, 0).gain_adu

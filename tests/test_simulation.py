@@ -118,6 +118,34 @@ def test_spatially_correlated_noise_option():
     assert abs(lag1) < 0.01
 
 
+@pytest.mark.parametrize("config", [SimConfig(photons=2.0), SimConfig.like_real_movie()], ids=["defaults", "x_and_y"])
+def test_correlated_noise_is_the_same_at_the_edges_and_its_variance_is_modelled_there(config):
+    """The correlated noise is drawn a pixel beyond each correlated edge and cropped: an edge
+    pixel is a full kernel's sum of independent draws like any other, so its variance and
+    neighbour correlation are the interior's (a reflected edge summed one draw twice: +18 % of
+    variance in the first and last columns at 0.18), and `expected_variance` models every pixel."""
+    rng = np.random.default_rng(5)
+    rate = np.full((12, 16), 3.0, np.float32)
+    rate[:, -1] = 12.0  # a bright last column: the noise drawn beyond it is at its rate
+    draws = np.stack([noisy_from_clean(rate * config.gain_adu + config.offset_adu, config, rng).astype(np.float64)
+                      for _ in range(4000)])
+    noise = draws - draws.mean(axis=0)
+    var = noise.var(axis=0)
+    ratio = var / expected_variance(rate * config.gain_adu + config.offset_adu, config)
+    for edge in (ratio[:, 0], ratio[:, -1], ratio[0, :], ratio[-1, :]):  # SE of each mean ~0.007
+        assert edge.mean() == pytest.approx(1.0, abs=0.035)
+    assert ratio.mean() == pytest.approx(1.0, abs=0.02)
+
+    def corr(a: np.ndarray, b: np.ndarray) -> float:
+        return float((a * b).mean() / np.sqrt((a * a).mean() * (b * b).mean()))
+
+    for column in (0, 7, 13):  # the first column's correlation with the second is the interior's
+        assert corr(noise[:, 1:-1, column], noise[:, 1:-1, column + 1]) == pytest.approx(config.noise_corr_x, abs=0.02)
+    if config.noise_corr_y > 0:
+        for row in (0, 5, 10):
+            assert corr(noise[:, row, 1:-2], noise[:, row + 1, 1:-2]) == pytest.approx(config.noise_corr_y, abs=0.02)
+
+
 def test_truth_is_the_mean_of_the_noisy_frames_the_simulator_draws():
     """Many copies of one simulator state, each drawing its own noise: their mean -> the truth.
 

@@ -18,7 +18,8 @@ kind of source (somata, puncta, thin processes), which those means hide.
 
 Above 2 photons/pixel/frame the PMT gain (ADU per photon) is lowered in proportion, as an
 experimenter would, so that the brightest transients stay below 65535 (else 1-2 % of the pixels
-clip at 8 photons and the truth is no longer the noisy frames' expected value).
+clip at 8 photons and the truth is no longer the noisy frames' expected value): the rule of
+`umvd-live bench` and `umvd-live demo` (`umvd_live.apps.harness.fit_gain`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import psutil
 import tifffile
 
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
+from umvd_live.apps.harness import fit_gain
 from umvd_live.metrics import ORACLE_LABELS, ORACLE_METRICS, MovieScorer, format_kind, oracle_gaussians, temporal_mean
 from umvd_live.metrics import REPORT_HEADERS as HEADER
 from umvd_live.metrics import REPORT_METRICS as METRICS
@@ -77,8 +79,9 @@ def sim_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def sim_config(args: argparse.Namespace, photons: float, seed: int) -> SimConfig:
-    gain = SimConfig().gain_adu * min(1.0, 2.0 / photons)
-    config = SimConfig(height=args.size[0], width=args.size[1], photons=photons, seed=seed, gain_adu=gain)
+    """The movie's simulator: the PMT gain lowered above 2 photons by the rule `umvd-live bench`
+    and `demo` use (`harness.fit_gain`), then ``--sim``'s fields (a ``gain_adu`` there wins)."""
+    config = fit_gain(SimConfig(height=args.size[0], width=args.size[1], photons=photons, seed=seed))
     return replace(config, **sim_overrides(args.sim))
 
 

@@ -7,7 +7,7 @@ there. The figures here therefore also score the activity (issue 14):
 * ``psnr``: whole-movie PSNR, with the ground truth's own range (max - min, in ADU) as the peak, so
   figures do not depend on the camera offset or the integer type;
 * ``active_psnr``: the same, over the *active set* only: the pixels and frames where the truth is
-  more than ``threshold`` (10 %) of its range above that pixel's temporal median (the transients;
+  at least ``threshold`` (10 %) of its range above that pixel's temporal median (the transients;
   a truth without activity is refused, not scored as all active);
 * ``trace_scores``: per cell, the footprint-weighted trace of the estimate against that of the
   truth, both taken about their temporal median: Pearson correlation, amplitude slope (the
@@ -15,8 +15,9 @@ there. The figures here therefore also score the activity (issue 14):
   amplitudes, 0.66 cuts them to two thirds), the peak ratio (the estimate's trace over the truth's,
   summed over the frames within 2 of the truth's largest transient: unbiased by noise, unlike a
   maximum), and the lag (frames by which the estimate's trace trails the truth's, from the peak of
-  their cross-correlation); both in real frames when some are unscored (a live stream skips
-  some): the window and the frame pairs correlated leave those out, not close the gaps up. A
+  their normalised cross-correlation); both in real frames when some are unscored (a live stream
+  skips some): the window and the frame pairs correlated leave those out, not close the gaps up,
+  and each lag is normalised over its own pairs. A
   flat or NaN estimate trace has no correlation or lag (NaN), and the means over cells skip NaN;
   ``TraceScores.by_kind`` gives the same means per kind of source
   (somata, puncta, processes), which the means over every source hide;
@@ -69,12 +70,15 @@ def psnr(estimate: np.ndarray, truth: np.ndarray) -> float:
 
 
 def active_set(truth: np.ndarray, threshold: float = ACTIVE_THRESHOLD) -> np.ndarray:
-    """Boolean (T, H, W): where the truth is more than ``threshold`` x its range above that pixel's
-    temporal median: the calcium transients (and, in a moving field, the edges that move). Strictly
-    more, so that a truth without activity (range 0) has none, rather than every pixel."""
+    """Boolean (T, H, W): where the truth is at least ``threshold`` x its range above that pixel's
+    temporal median (issue 14): the calcium transients (and, in a moving field, the edges that
+    move). A truth without activity (range 0) has none, rather than every pixel (each is 0 above
+    its median, which is at least 0 x 0)."""
     truth = np.asarray(truth, dtype=np.float32)
     peak = float(truth.max()) - float(truth.min())
-    return (truth - np.median(truth, axis=0)) > threshold * peak
+    if not peak > 0:
+        return np.zeros(truth.shape, bool)
+    return (truth - np.median(truth, axis=0)) >= threshold * peak
 
 
 def active_psnr(estimate: np.ndarray, truth: np.ndarray, threshold: float = ACTIVE_THRESHOLD) -> float:
@@ -92,15 +96,16 @@ def activity_fidelity(estimate: np.ndarray, truth: np.ndarray, threshold: float 
     """(PSNR over the active set, slope of the estimate's activity on the truth's there).
 
     Activity is each pixel's departure from its temporal median; the active set is where the
-    truth's activity exceeds `threshold` x the truth's range. The slope regresses the estimate's
-    activity on the truth's over the active set (1 keeps transient amplitudes, < 1 flattens them,
+    truth's activity is at least `threshold` x the truth's range (as `active_set`, in float64; none
+    for a truth of range 0). The slope regresses the estimate's activity on the truth's over the
+    active set (1 keeps transient amplitudes, < 1 flattens them,
     as heavy temporal smoothing does). The per-cell ``trace_scores`` are the sharper measure.
     """
     truth = np.asarray(truth, dtype=np.float64)
     estimate = np.asarray(estimate, dtype=np.float64)
     activity = truth - np.median(truth, axis=0)
     peak = float(truth.max() - truth.min())
-    active = activity > threshold * peak
+    active = activity >= threshold * peak if peak > 0 else np.zeros(truth.shape, bool)
     if not active.any():
         raise ValueError("the truth has no activity above the threshold")
     error = (estimate - truth)[active]
@@ -224,12 +229,18 @@ class _TruthTraces:
         # edges, none from beyond a gap of unscored frames.
         near = np.abs(self.frames[:, None] - self.frames[self.peak_at][None, :]) <= PEAK_WINDOW
         peak_ratio = (e * near).sum(axis=0) / (g * near).sum(axis=0)
-        lag = np.where(flat, np.nan, self._lag(self._in_frames(g), self._in_frames(e)))
+        lag = np.where(flat, np.nan, self._lag(self._in_frames(g), self._in_frames(e), self._present()))
         return TraceScores(self.cells, corr, slope, peak_ratio, lag)
 
+    def _present(self) -> np.ndarray:
+        """Boolean over every frame of the span: whether it is one of the rows (scored)."""
+        present = np.zeros(int(self.frames[-1] - self.frames[0]) + 1, bool)
+        present[self.frames - self.frames[0]] = True
+        return present
+
     def _in_frames(self, traces: np.ndarray) -> np.ndarray:
-        """``traces`` (rows, cells) on every frame of their span, 0 (the centred traces' median) on
-        the missing ones: a product with one is 0, so only pairs of present frames correlate."""
+        """``traces`` (rows, cells) on every frame of their span, 0 on the missing ones (which
+        `_lag` leaves out of every pair)."""
         if self.frames[-1] - self.frames[0] + 1 == len(self.frames):
             return traces
         full = np.zeros((int(self.frames[-1] - self.frames[0]) + 1, traces.shape[1]))
@@ -237,23 +248,49 @@ class _TruthTraces:
         return full
 
     @staticmethod
-    def _lag(g: np.ndarray, e: np.ndarray) -> np.ndarray:
-        """Frames by which ``e`` trails ``g`` (cross-correlation peak, parabolic sub-frame estimate)."""
-        n = g.shape[0]
+    def _lag(g: np.ndarray, e: np.ndarray, present: np.ndarray) -> np.ndarray:
+        """Frames by which ``e`` trails ``g`` (rows: every frame of the span; both about their
+        medians): the peak over lags k of the normalised cross-correlation over the pairs
+        (g[t], e[t + k]) whose frames are both ``present``, sum(g e) / sqrt(sum(g^2) sum(e^2)) (the
+        correlation coefficient about the medians), with a parabolic sub-frame estimate through the
+        nearest lags that have pairs.
+
+        Why normalised per lag, not a sum of products: with frames missing (a live stream skips
+        some) each lag has its own number of pairs, periodic in the skip pattern, and a sum is
+        largest where the most pairs are, not where the traces line up. About the medians rather
+        than each lag's own means, as the other trace scores: those means move with the pairs and
+        bias the sub-frame estimate. A lag without two pairs (every other frame missing: the odd
+        lags) is not measured, and the parabola spans it."""
+        n, cells = g.shape
         lags = np.arange(-MAX_LAG, MAX_LAG + 1)
-        xc = np.empty((len(lags), g.shape[1]))
-        for i, k in enumerate(lags):  # sum_t g[t] e[t + k], over the overlap
-            if k >= 0:
-                xc[i] = (g[: n - k] * e[k:]).sum(axis=0)
-            else:
-                xc[i] = (g[-k:] * e[: n + k]).sum(axis=0)
-        best = xc.argmax(axis=0)
-        inner = np.clip(best, 1, len(lags) - 2)
-        cols = np.arange(g.shape[1])
-        y0, y1, y2 = xc[inner - 1, cols], xc[inner, cols], xc[inner + 1, cols]
-        curvature = y0 - 2 * y1 + y2
-        frac = np.divide(0.5 * (y0 - y2), curvature, out=np.zeros_like(y1), where=curvature < 0)
-        frac = np.where(best == inner, np.clip(frac, -0.5, 0.5), 0.0)
+        xc = np.full((len(lags), cells), -np.inf)
+        for i, k in enumerate(lags):  # over the pairs (g[t], e[t + k]) of present frames in the overlap
+            a, b = (slice(0, n - k), slice(k, n)) if k >= 0 else (slice(-k, n), slice(0, n + k))
+            pairs = present[a] & present[b]
+            if pairs.sum() < 2:
+                continue
+            x, y = g[a][pairs], e[b][pairs]
+            norm = np.sqrt((x * x).sum(axis=0) * (y * y).sum(axis=0))
+            xc[i] = np.divide((x * y).sum(axis=0), norm, out=np.zeros(cells), where=norm > 0)
+        measured = np.flatnonzero(np.isfinite(xc[:, 0]))  # the same lags for every cell
+        if len(measured) == 0:
+            return np.full(cells, np.nan)
+        best = measured[xc[measured].argmax(axis=0)]
+        # The nearest measured lag on each side of the best (itself where there is none).
+        where = np.searchsorted(measured, best)
+        below = measured[np.maximum(where - 1, 0)]
+        above = measured[np.minimum(where + 1, len(measured) - 1)]
+        inner = (below < best) & (above > best)
+        cols = np.arange(cells)
+        x0, x2 = (lags[below] - lags[best]).astype(float), (lags[above] - lags[best]).astype(float)
+        d0, d2 = xc[below, cols] - xc[best, cols], xc[above, cols] - xc[best, cols]
+        x0, x2 = np.where(inner, x0, -1.0), np.where(inner, x2, 1.0)
+        d0, d2 = np.where(inner, d0, 0.0), np.where(inner, d2, 0.0)
+        # The parabola through (x0, d0), (0, 0), (x2, d2): d = q x^2 + r x, its vertex at -r / 2q.
+        q = (d0 / x0 - d2 / x2) / (x0 - x2)
+        r = d0 / x0 - q * x0
+        frac = np.divide(-r, 2 * q, out=np.zeros(cells), where=q < 0)
+        frac = np.where(inner, np.clip(frac, x0 / 2, x2 / 2), 0.0)
         return lags[best] + frac
 
 

@@ -61,8 +61,9 @@ at set times (`SimEvent`). ``events`` in the JSON has, from the stream's start a
 bins of 0-0.25, 0.25-0.5, 0.5-1, 1-2, 2-4 and 4-8 s (cut at the next change): the PSNR of the raw
 frames of each bin and of the denoised frames output in it (stacked, as above, whatever their
 state; a skipped preview has none) and the outputs per state. The ring then holds the whole
-session, and the PMT gain is set for its brightest part (lowered in proportion above 2
-photons/pixel/frame, as tools/bench_denoise.py does) so that nothing clips.
+session. In every run the PMT gain is set for the stream's brightest part (lowered in proportion
+above 2 photons/pixel/frame, `harness.fit_gain`, as tools/bench_denoise.py does) so that nothing
+clips.
 
 With ``--streams N`` (N > 1) it streams N simulated channels at once, as the channels of a
 Micro-Manager acquisition arrive: streams ``sim.c0`` … ``sim.c{N-1}``, each its own field of view

@@ -552,7 +552,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     if spec:
         if args.max or args.streams != 1:
             raise ValueError("--events scripts one paced stream: no --max, no --streams")
-        events = session_events(spec, frames / args.rate)
+        events = session_events(spec, frames / args.rate, args.rate)
     daemon = DaemonConfig(
         engine=engine_config_from_args(args, train_mode="background"), input_bind=None, input_connect=(),
         output="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*", catchup_s=_catchup_s(args),

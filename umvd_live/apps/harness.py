@@ -7,9 +7,9 @@ output, the scoring and the printed figures must not drift apart between them. W
 in each command: the demo runs `umvd-live serve` as a subprocess (`ServeProcess`, started with
 ``--ready-file``) and streams live, the bench drives the daemon in-process on pre-generated frames.
 
-- simulation: `sim_config` (a session's simulator, the PMT gain lowered for a bright scripted
-  session), `session_events` (``--events``: a named session or a list), `BRIGHTNESS` of the
-  channels of several streams;
+- simulation: `sim_config` (a session's simulator), `fit_gain` (the PMT gain lowered for a bright
+  one: the rule tools/bench_denoise.py uses too), `session_events` (``--events``: a named session
+  or a list), `BRIGHTNESS` of the channels of several streams;
 - the daemon: `ServeProcess` and its `ReadySignal` (the JSON ``serve --ready-file`` writes);
 - the output: `OutputSubscriber`, a SUB socket on the daemon's denoised frames;
 - report formatting: `format_figure` (one figure, or a dash) and `activity_table` (the rows of
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -46,18 +47,30 @@ BRIGHTNESS = (1.0, 0.5, 2.0, 0.75)
 #: move 40 px at 40 s, laser x1/3 at 50 s), its times fractions so that it scales with the duration.
 SESSIONS = {"default": "laser=3@1/2,move=40@2/3,laser=1/3@5/6"}
 SESSION_S = 60.0  # a scripted session's default length
-#: Above this many photons/pixel/frame at the brightest, a scripted session lowers the PMT gain.
+#: Above this many photons/pixel/frame at the brightest, the PMT gain is lowered (`fit_gain`).
 GAIN_PHOTONS = 2.0
 
 
-def session_events(spec: str, duration_s: float) -> tuple[SimEvent, ...]:
+def session_events(spec: str, duration_s: float, rate_hz: float) -> tuple[SimEvent, ...]:
     """The events of ``--events SPEC``: a name in `SESSIONS` or a list (`simulation.parse_events`),
-    each before the session's end (one at or after it would never happen)."""
+    each on one of the session's ``round(duration_s * rate_hz)`` frames. An event takes effect from
+    its first frame (`SimEvent.first_frame`, the first at or after its time): one after the last
+    frame's time would never happen, yet would still count for the session's brightest part
+    (`fit_gain`)."""
     events = parse_events(SESSIONS.get(spec, spec), duration_s)
-    late = [event.at_s for event in events if event.at_s >= duration_s]
-    if late:
-        raise ValueError(f"--events: an event at {late[0]:g} s is at or after the session's end ({duration_s:g} s): "
-                         "give it an earlier time, or more --frames or --duration")
+    frames = round(duration_s * rate_hz)
+    for event in events:
+        if event.at_s >= duration_s:
+            where = f"at or after the session's end ({duration_s:g} s)"
+        elif event.first_frame(rate_hz) >= frames:
+            where = f"after the session's last frame (frame {frames - 1}), so it would never happen"
+        else:
+            continue
+        # The last frame's time, rounded down to the millisecond so that the time named is allowed.
+        latest = f" (the last time allowed is {math.floor((frames - 1) / rate_hz * 1000 + 1e-6) / 1000:g} s)" \
+            if frames > 0 else ""
+        raise ValueError(f"--events: an event at {event.at_s:g} s is {where}: give it an earlier time{latest}, "
+                         "or more --frames or --duration")
     return events
 
 
@@ -71,17 +84,29 @@ def max_intensity(events: tuple[SimEvent, ...]) -> float:
     return peak
 
 
+def fit_gain(config: SimConfig) -> SimConfig:
+    """``config`` with the PMT gain (ADU per photon) lowered in proportion when its brightest part,
+    ``photons`` times the largest laser factor its events reach (`max_intensity`), is above
+    `GAIN_PHOTONS`, as an experimenter would set it; else ``config`` itself.
+
+    Why: at the default gain the brightest transients clip at 65535 above ~3 photons/pixel/frame,
+    and a clipped frame's expected value is no longer the truth the scores compare with. One rule
+    for `umvd-live bench`, `umvd-live demo` and tools/bench_denoise.py, with or without events and
+    for every stream's brightness; at or below `GAIN_PHOTONS` (the defaults) nothing changes."""
+    brightest = config.photons * max_intensity(config.events)
+    if brightest > GAIN_PHOTONS:
+        return dataclasses.replace(config, gain_adu=config.gain_adu * GAIN_PHOTONS / brightest)
+    return config
+
+
 def sim_config(height: int, width: int, rate_hz: float, photons: float, seed: int, *, stream: int = 0,
                events: tuple[SimEvent, ...] = ()) -> SimConfig:
     """The simulator of one stream (``stream``: its index among several, with its own brightness,
-    `BRIGHTNESS`; the caller gives it its own seed); with ``events``, the PMT gain set for the
-    session's brightest part (`GAIN_PHOTONS`) so that nothing clips, as tools/bench_denoise.py does."""
+    `BRIGHTNESS`; the caller gives it its own seed), the PMT gain set for its brightest part so
+    that nothing clips (`fit_gain`)."""
     photons = photons * BRIGHTNESS[stream % len(BRIGHTNESS)]
-    config = SimConfig(height=height, width=width, rate_hz=rate_hz, photons=photons, seed=seed, events=events)
-    brightest = photons * max_intensity(events)
-    if events and brightest > GAIN_PHOTONS:
-        config = dataclasses.replace(config, gain_adu=config.gain_adu * GAIN_PHOTONS / brightest)
-    return config
+    return fit_gain(SimConfig(height=height, width=width, rate_hz=rate_hz, photons=photons, seed=seed,
+                              events=events))
 
 
 # ---- the daemon as a subprocess -----------------------------------------------------------------
