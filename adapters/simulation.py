@@ -915,7 +915,14 @@ class TwoPhotonSimulator:
     def footprints(self, stage: tuple[int, int] = (0, 0)) -> np.ndarray:
         """(sources, H, W) float32: each source's expected photons per frame at rest, in the frame at
         zero motion and before bleaching and laser steps (its spatial footprint: for
-        footprint-weighted traces), with the stage at ``stage`` (see ``SimEvent``)."""
+        footprint-weighted traces), with the stage at ``stage`` (see ``SimEvent``). Dense: 1 GB at
+        512² for its thousand sources; the scores take `footprint_matrix`."""
+        h, w = self.scene.frame_shape
+        return self.footprint_matrix(stage).toarray().reshape(self.scene.n_cells, h, w)
+
+    def footprint_matrix(self, stage: tuple[int, int] = (0, 0)) -> sparse.csr_matrix:
+        """`footprints` as a sparse (sources, H*W) float32 matrix: what `umvd_live.metrics` takes,
+        a few MB where the dense array is a GB at 512²."""
         m = self.scene.margin
         h, w = self.scene.frame_shape
         ch, cw = self.scene.canvas_shape
@@ -923,8 +930,7 @@ class TwoPhotonSimulator:
         if max(abs(dy), abs(dx)) > max(m - 2, 0) and (dy, dx) != (0, 0):
             raise ValueError(f"stage {stage} is off the simulated tissue (margin {m} px)")
         rows = ((np.arange(h)[:, None] + m + dy) * cw + (np.arange(w)[None, :] + m + dx)).ravel()
-        dense = self.scene.footprints[rows].T.toarray().reshape(self.scene.n_cells, h, w)
-        return (dense * self.photon_scale).astype(np.float32)
+        return sparse.csr_matrix(self.scene.footprints[rows].T * self.photon_scale, dtype=np.float32)
 
     def _crop(self, canvas: np.ndarray, dy: float, dx: float) -> np.ndarray:
         m = self.scene.margin

@@ -37,7 +37,7 @@ SLOPE_FLOOR = 0.8
 def movie():
     sim = TwoPhotonSimulator(SimConfig(height=64, width=64, photons=2.0, seed=SEED))
     noisy, clean = sim.movie(FRAMES)
-    return noisy, MovieScorer(clean, sim.footprints(), offset=sim.config.offset_adu)
+    return noisy, MovieScorer(clean, sim.footprint_matrix(), offset=sim.config.offset_adu)
 
 
 def test_the_denoised_traces_keep_the_transients(movie):

@@ -517,6 +517,10 @@ def test_a_stage_move_shifts_the_field_and_its_footprints():
     np.testing.assert_array_equal(at_move[:, :, :-12], at_start[:, :, 12:])
     with pytest.raises(ValueError, match="off the simulated tissue"):
         sim.footprints(stage=(0, 40))
+    # The scores take them sparse (a GB dense at 512²): the same weights.
+    matrix = sim.footprint_matrix(stage=(0, 12))
+    assert matrix.dtype == np.float32 and matrix.shape == (at_move.shape[0], 32 * 48)
+    np.testing.assert_array_equal(matrix.toarray().reshape(at_move.shape), at_move)
 
 
 def test_without_events_the_scene_is_unchanged():

@@ -70,7 +70,7 @@ def scores(estimate: np.ndarray, clean: np.ndarray, whole: MovieScorer, near: np
 def run(args: argparse.Namespace) -> None:
     sim = TwoPhotonSimulator(SimConfig(height=args.size, width=args.size, photons=args.photons, seed=args.seed))
     noisy, clean = sim.movie(args.frames)
-    whole = MovieScorer(clean, sim.footprints(), offset=sim.config.offset_adu)
+    whole = MovieScorer(clean, sim.footprint_matrix(), offset=sim.config.offset_adu)
     # `umvd-live batch`'s own options, parsed as the command parses them: its defaults
     parsed = build_parser().parse_args(["batch", "in.tif", "--output-dir", "out", "--seed", str(args.seed),
                                         "--chunk-frames", str(args.chunk_frames), *args.engine])

@@ -90,7 +90,7 @@ def bench_one(args: argparse.Namespace, photons: float, seed: int, tmp: Path) ->
     config = sim_config(args, photons, seed)
     sim = TwoPhotonSimulator(config)
     noisy, clean = sim.movie(args.frames)
-    scorer = MovieScorer(clean, sim.footprints(), offset=config.offset_adu, kinds=sim.scene.kinds)
+    scorer = MovieScorer(clean, sim.footprint_matrix(), offset=config.offset_adu, kinds=sim.scene.kinds)
     rows: dict[str, dict] = {}
 
     def add(name: str, estimate: np.ndarray, seconds: float | None = None, **extra) -> None:

@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     report(movies, info["footprints"], offset)
     rise_report(movies, info["footprints"], info["zooms"])
     if args.movie == "sim":  # the whole movie, every cell of the simulator, as tools/bench_denoise.py scores it
-        scorer = MovieScorer(movies["truth"], sim.footprints(), offset=offset)
+        scorer = MovieScorer(movies["truth"], sim.footprint_matrix(), offset=offset)
         print("\nthe whole movie, with the simulator's own footprints (umvd_live.metrics):")
         for m in ("raw", "neighbour mean", "denoised"):
             print(f"  {m:15s}", {k: round(v, 3) for k, v in scorer.score(movies[m]).items()})

@@ -26,7 +26,7 @@ def main() -> None:
     for seed in args.seeds:
         sim = TwoPhotonSimulator(SimConfig(height=64, width=64, photons=2.0, seed=seed))
         noisy, clean = sim.movie(300)
-        scorer = MovieScorer(clean, sim.footprints(), offset=sim.config.offset_adu)
+        scorer = MovieScorer(clean, sim.footprint_matrix(), offset=sim.config.offset_adu)
         torch.manual_seed(0)
         config = EngineConfig(preset="lite", device="cpu", warmup_frames=100, warmup_steps=100, steps_per_frame=1.0,
                               seed=0)  # the test's

@@ -40,7 +40,8 @@ The main figures (all in the JSON, strict: a figure that is not finite is null; 
   pause (every thread stops for it: `runtime.freeze_startup_objects`).
 - ``peak_rss_mb``: the process's peak resident memory, the pre-generated frames (``ring.mb``)
   and the denoised outputs kept for the activity metrics (``kept_outputs_mb``, as much again as
-  the ring's truth at most) included.
+  the ring's truth at most) included, and the scoring at the end; ``peak_rss_streaming_mb``: the
+  peak until the stream's end, before the scoring (the daemon's own memory, plus the ring).
 - ``activity``: what users look at (issue 14), by `metrics.activity_report`, the one report that
   `umvd-live demo` and tools/bench_denoise.py give too: whole-movie and active-set PSNR, per-cell
   trace correlation, amplitude slope, peak ratio and lag of the denoised stream beside the raw
@@ -509,6 +510,7 @@ def _measure(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str
                 break
         ended = monotonic()
         rss_end = psutil.Process().memory_info().rss / 2**20  # still streaming: before the flush
+        peak_streaming = peak_rss_mb()  # before the scoring's own arrays
         status = daemon.status()
         engine_config = dict(status["engine"])  # what the engines were built from
         saved = daemon.save_model(names[0], cfg.save_model).result() \
@@ -536,6 +538,7 @@ def _measure(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str
     }
     return _figures(cfg, daemon_cfg, sources, init_label, producer, monitor, per_stream, status, engine_config,
                     capacity_timeline=over_timeline, ended=ended, rss=(rss_start, rss_live, rss_end),
+                    peak_streaming_mb=peak_streaming,
                     load=(load_start, psutil.getloadavg()[0]), published=published, saved=saved,
                     torch_threads=torch.get_num_threads(), torch_version=torch.__version__,
                     gc_pauses=gc_pauses.summary(), batch=daemon.batch, workers=daemon.workers)
@@ -685,7 +688,7 @@ def _activity(cfg: BenchConfig, s: int, ring: FrameRing, monitor: OutputMonitor)
                 scored[i] = True
         try:
             report = activity_report(ring.noisy[start:stop], ring.clean[start:stop], estimate,
-                                     ring.sim.footprints(stage), offset=ring.sim.config.offset_adu,
+                                     ring.sim.footprint_matrix(stage), offset=ring.sim.config.offset_adu,
                                      scored=scored, oracle=cfg.oracle, kinds=ring.sim.scene.kinds)
         except ValueError as exc:
             out.append(row | {"skipped": str(exc)})
@@ -795,6 +798,7 @@ def _figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str
              init_label: str | None, producer: FrameProducer, monitor: OutputMonitor,
              per_stream: dict[str, dict[str, Any]], status: DaemonStatus, engine_config: dict[str, Any] | None,
              *, capacity_timeline: list[list[Any]], ended: float, rss: tuple[float, float | None, float],
+             peak_streaming_mb: float,
              load: tuple[float, float],
              published: int, saved: dict[str, Any] | None, torch_threads: int, torch_version: str,
              gc_pauses: dict[str, Any], batch: int, workers: int) -> dict[str, Any]:
@@ -832,6 +836,7 @@ def _figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str
         "batch": batch,
         "workers": workers,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_streaming_mb": peak_streaming_mb,
         "rss_mb": {"start": rss[0], "live": rss[1], "end": rss[2]},
         "rss_mb_timeline": [[round(t, 2), round(m, 1)] for t, m in producer.rss_timeline],
         "gpu": gpu,
@@ -901,7 +906,8 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
         ("changes detected by the daemon", format_figure(r.get("changes"))),
         ("garbage-collector pauses (full; longest)",
          f"{r['gc']['collections']} ({r['gc']['full_collections']}; {r['gc']['pause_ms_max']:.0f} ms)"),
-        ("peak RSS (of which pre-generated frames)", f"{r['peak_rss_mb']:.0f} MB ({r['ring']['mb']:.0f} MB)"),
+        ("peak RSS streaming, with scoring (of which pre-generated frames)",
+         f"{r['peak_rss_streaming_mb']:.0f} MB, {r['peak_rss_mb']:.0f} MB ({r['ring']['mb']:.0f} MB)"),
         ("frames handed / published / seen", f"{r['frames_handed']} / {r['frames_published']} / "
                                              f"{r['frames_received_by_viewer']}"),
         ("inference per frame (daemon's estimate; batch × workers)",

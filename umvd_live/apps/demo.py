@@ -486,7 +486,7 @@ def score_activity(config: DemoConfig, tracker: QualityTracker) -> tuple[dict[st
     sim = config.sim_config()
     simulator = TwoPhotonSimulator(sim)  # the same scene: the same seed
     try:
-        return tracker.frames.report(simulator.footprints(), offset=sim.offset_adu, oracle=config.oracle,
+        return tracker.frames.report(simulator.footprint_matrix(), offset=sim.offset_adu, oracle=config.oracle,
                                      kinds=simulator.scene.kinds), None
     except ValueError as exc:
         return None, str(exc)
