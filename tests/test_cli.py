@@ -154,8 +154,18 @@ def test_a_missing_gpu_is_bad_input_for_serve_and_bench(monkeypatch, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err == "umvd-live " + argv[0] + ": --device cuda was asked for, but torch sees no CUDA device\n"
+    # denoise says so before reading its input (which can take minutes): here, before finding none
+    assert main(["denoise", "missing.tif", "out.ome.tif", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == ("umvd-live denoise: error: --device cuda was asked for, "
+                                       "but torch sees no CUDA device\n")
     with pytest.raises(DeviceUnavailable):  # bad input (a ValueError) wherever the engine is made
         pick_device("cuda:1")
+    # A GPU index beyond those there is refused up front too (here: a machine with two GPUs).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(DeviceUnavailable, match=r"--device cuda:2 .* sees 2 CUDA device\(s\): cuda:0 to cuda:1"):
+        pick_device("cuda:2")
 
 
 def test_bf16_by_default_only_on_the_engine_s_own_gpu_from_ampere_on(monkeypatch):

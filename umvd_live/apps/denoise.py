@@ -32,6 +32,7 @@ from umvd_live.engine.amplitude import AmplitudeGain
 from umvd_live.engine.cellblend import CellBlend
 from umvd_live.engine.changes import Change
 from umvd_live.engine.checkpoint import CheckpointError
+from umvd_live.engine.device import DeviceUnavailable, pick_device
 from umvd_live.engine.provenance import network_provenance
 from umvd_live.recording.movie import MovieError, MovieFrames, describe_streams, movie_streams
 from umvd_live.recording.ometiff import FrameInfo, Provenance, write_movie
@@ -286,6 +287,10 @@ def _fail(message: str) -> int:
 
 def run(config: DenoiseConfig) -> int:
     err = Console(stderr=True)
+    try:
+        pick_device(config.engine.device)  # before reading a movie that may take minutes to read
+    except DeviceUnavailable as exc:
+        return _fail(str(exc))
     try:
         jobs = stream_outputs(config.input, config.output, config.streams)
         # every stream opened (and so checked) before any is denoised: a bad later stream found

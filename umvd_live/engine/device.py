@@ -28,11 +28,18 @@ class DeviceUnavailable(ValueError):
 
 
 def pick_device(name: str) -> torch.device:
+    """The device ``--device`` names, checked now: a GPU index beyond those torch sees would
+    otherwise fail only at the first frame, deep in the engine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceUnavailable(f"--device {name} was asked for, but torch sees no CUDA device")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise DeviceUnavailable(f"--device {name} was asked for, but torch sees {count} CUDA device(s): "
+                                f"cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def default_batch(device: torch.device) -> int:
