@@ -20,6 +20,7 @@ from umvd_live import __version__
 from umvd_live.recording.acquisition import read_acquisition
 from umvd_live.recording.ometiff import (
     FRAME_TAG,
+    FRAMES_NS,
     PROVENANCE_NS,
     FrameInfo,
     Provenance,
@@ -297,6 +298,76 @@ def test_backlog_beyond_memory_budget_spills_and_recording_is_complete(tmp_path)
     assert not list(tmp_path.glob("*.spill"))
 
 
+def test_a_stop_while_a_frame_is_being_spilled_writes_every_frame(tmp_path, monkeypatch):
+    """The recording stops while the spill thread writes a frame to a slow disk: `get` times out
+    for that frame's sake, yet the queue is not empty. Every accepted frame is written before the
+    file says complete (the writer once took the timeout for the end: 12 of 40 written, the rest
+    dropped, complete=true and no error)."""
+    from umvd_live.recording import spillqueue
+
+    write, append = spillqueue.pwrite_all, RecordingFile.append
+
+    def slow_spill(fd, data, offset):  # longer per frame than the writer waits for one (0.2 s)
+        time.sleep(0.3)
+        write(fd, data, offset)
+
+    def slow_append(self, image, info):  # a disk slower than the camera: a backlog builds up
+        time.sleep(0.02)
+        append(self, image, info)
+
+    monkeypatch.setattr(spillqueue, "pwrite_all", slow_spill)
+    monkeypatch.setattr(RecordingFile, "append", slow_append)
+    shape, n = (32, 32), 40
+    session = RecordingSession(RecordingRequest(path=tmp_path / "slow.ome.tif", hard_limit_bytes=10**9,
+                                                memory_budget_bytes=10 * pattern(0, shape=shape).nbytes))
+    for seq in range(n):
+        assert session.submit_denoised("cam0", FrameHeader(seq, shape, "<f4"), pattern(seq, shape=shape),
+                                       state="live", model_step=seq)
+    deadline = time.monotonic() + 20
+    while session.status().spilled_frames == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)  # until a frame is on its way to the spill file
+    assert session.stop(wait=True, timeout=60)
+    st = session.status()
+    assert st.error is None and st.frames_written == n and st.frames_lost == 0 and st.spilled_total > 0
+    frames, infos, prov = read_recording(tmp_path / "slow_cam0.ome.tif")
+    assert prov["complete"] and [f.seq for f in infos] == list(range(n))
+    for seq in range(n):
+        np.testing.assert_array_equal(frames[seq], pattern(seq, shape=shape))
+    assert not list(tmp_path.glob("*.spill"))
+
+
+def test_a_base_name_near_the_name_limit_still_spills(tmp_path, monkeypatch):
+    """The spill files have a short name of their own, with the recording's id: one made from the
+    base name (fine for the recording's files) was too long, and the first spill ended the
+    recording with ENAMETOOLONG."""
+    append = RecordingFile.append
+
+    def slow_append(self, image, info):  # a disk slower than the camera: the backlog spills
+        time.sleep(0.02)
+        append(self, image, info)
+
+    monkeypatch.setattr(RecordingFile, "append", slow_append)
+    base = tmp_path / ("m" * 228 + ".ome.tif")
+    assert len(stream_path(base, "cam0").name) == 241  # within the usual 255-byte limit
+    shape, n = (32, 32), 30
+    session = RecordingSession(RecordingRequest(path=base, memory_budget_bytes=1, hard_limit_bytes=10**9))
+    for seq in range(n):  # a budget below one frame: what the writer has not taken yet spills
+        assert session.submit_denoised("cam0", FrameHeader(seq, shape, "<f4"), pattern(seq, shape=shape),
+                                       state="live", model_step=seq)
+    deadline = time.monotonic() + 20
+    while (st := session.status()).spilled_total == 0 and st.error is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    spills = [p.name for p in tmp_path.glob(".umvd-recorder-*.spill")]
+    assert session.stop(wait=True, timeout=60)
+    st = session.status()
+    assert st.error is None and st.frames_written == n and st.spilled_total > 0
+    assert spills and all(name.startswith(f".umvd-recorder-{session.recording_id[:8]}-") for name in spills)
+    frames, infos, _ = read_recording(stream_path(base, "cam0"))
+    assert [f.seq for f in infos] == list(range(n))
+    np.testing.assert_array_equal(frames, np.stack([pattern(seq, shape=shape) for seq in range(n)]))
+    assert not list(tmp_path.glob("*.spill"))
+
+
 # -- path confinement -----------------------------------------------------------------------------
 def test_confine_path(tmp_path):
     out = tmp_path / "out"
@@ -486,6 +557,7 @@ _DISK_FULL_CHILD = textwrap.dedent("""
     s.stop(wait=True, timeout=30)
     st = s.status()
     print(json.dumps({"errors": errors, "error": st.error, "written": st.frames_written,
+                      "lost": st.frames_lost, "submitted": st.frames_submitted,
                       "accepted": accepted, "refused": refused, "finished": st.finished,
                       "still_serving": True}))
 """)
@@ -500,6 +572,9 @@ def test_disk_full_stops_recording_with_a_clear_error(tmp_path):
     assert result["errors"] == [result["error"]]  # the callback fired once
     assert "EFBIG" in result["error"] and "File too large" in result["error"]
     assert result["refused"] > 0 and 0 < result["written"] < 200
+    # every accepted frame is written or counted lost: the one whose write failed too (it was not)
+    assert result["submitted"] == result["accepted"] == result["written"] + result["lost"]
+    assert result["lost"] >= 1
     frames, infos, prov = read_recording(tmp_path / "full_cam0.ome.tif")
     assert len(infos) == result["written"] or len(infos) == result["written"] - 1
     assert [f.seq for f in infos] == list(range(len(infos)))
@@ -589,6 +664,38 @@ def test_many_gaps_grow_the_ome_xml_beyond_its_slot(tmp_path):
     assert prov["seq_restarts"] == [3000] and prov["seq_restarts_at_frame"] == "3000"
     assert prov["complete"] and prov["frames_declared_in_ome"] == len(seqs)
     validate_ome(path)
+
+
+def test_a_recording_holds_no_frame_meta_in_memory(tmp_path):
+    """The producer's meta goes on each frame's page; a recording keeps in memory, for every frame
+    until it closes, only the columns of the final frame table. It once held each frame's whole
+    meta: ~2 KB a frame with a pymmcore-plus-like meta, GiBs over a day."""
+    import tracemalloc
+
+    def meta(t: int) -> dict:
+        return {"group": "cam0", "index": {"t": t, "c": 0}, "channel": "GFP",
+                "property_values": {f"Dev{k}-Prop": f"value {k} of {t}" for k in range(20)}}
+
+    img = np.zeros((4, 4), np.uint16)
+    path = tmp_path / "meta.ome.tif"
+    rec = RecordingFile.create(path, img, FrameInfo(seq=0, t=0.0, meta=meta(0)), Provenance(stream="cam0"))
+    n = 2000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(1, n):
+            rec.append(img, FrameInfo(seq=i, t=0.5 * i, t_received=1000.0 + i, state="live", model_step=i,
+                                      amplitude_gain=1.5, meta=meta(i)))
+        per_frame = (tracemalloc.get_traced_memory()[0] - before) / (n - 1)
+    finally:
+        tracemalloc.stop()
+    rec.close()
+    assert per_frame < 500, f"{per_frame:.0f} bytes held per frame"
+    _, infos, _ = read_recording(path)
+    assert [i.meta for i in infos] == [meta(t) for t in range(n)]  # every page keeps its meta
+    with tifffile.TiffFile(path) as tif:
+        ome = tif.pages.first.description
+    assert FRAMES_NS in ome and "\n7\t7\t3.5\t1007.0\tlive\t7\t1.5\t7\n" in ome  # the frame table
 
 
 def test_a_failing_provenance_callback_does_not_stop_the_recording(tmp_path):
@@ -748,6 +855,35 @@ def test_read_acquisition_keeps_recordings_that_share_a_base_path_apart(tmp_path
     np.testing.assert_array_equal(old.data[:, 0, 0], np.stack([pattern(100 + s) for s in range(4)]))
     with pytest.raises(FileNotFoundError):
         read_acquisition(base, kind="raw")
+
+
+def test_read_acquisition_takes_no_file_of_a_recording_whose_name_starts_with_its_own(tmp_path):
+    """``exp.ome.tif`` and ``exp_ctrl.ome.tif`` in one folder: ``exp_*`` matches the control's
+    files too. Only the names the recorder gives a file of ``exp`` count (the control's raw copies
+    were once read as exp's, which has none, and exp's own files refused as "2 recordings")."""
+    from umvd_live.recording.acquisition import recording_files
+
+    def record(base: str, offset: int, raw: bool) -> None:
+        session = RecordingSession(RecordingRequest(path=tmp_path / base, raw=raw))
+        for seq in range(3):
+            px = pattern(seq + offset, dtype=np.uint16)
+            session.submit_raw("cam0", header(seq), px)
+            session.submit_denoised("cam0", header(seq), px.astype(np.float32), state="live", model_step=seq)
+        assert session.stop(wait=True, timeout=30)
+
+    record("exp.ome.tif", 0, raw=False)
+    record("exp_ctrl.ome.tif", 100, raw=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "exp_cam0.ome.tif", "exp_ctrl_cam0.ome.tif", "exp_ctrl_cam0.raw.ome.tif"]
+    exp, ctrl = tmp_path / "exp.ome.tif", tmp_path / "exp_ctrl.ome.tif"
+    assert recording_files(exp) == [tmp_path / "exp_cam0.ome.tif"]
+    (stack,) = read_acquisition(exp).values()
+    np.testing.assert_array_equal(stack.data[:, 0, 0],
+                                  np.stack([pattern(s, dtype=np.uint16).astype(np.float32) for s in range(3)]))
+    with pytest.raises(FileNotFoundError):
+        read_acquisition(exp, kind="raw")
+    (raw,) = read_acquisition(ctrl, kind="raw").values()
+    np.testing.assert_array_equal(raw.data[:, 0, 0], np.stack([pattern(100 + s, dtype=np.uint16) for s in range(3)]))
 
 
 def test_further_axes_make_positions_and_unnamed_channels_their_index(tmp_path):

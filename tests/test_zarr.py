@@ -22,7 +22,7 @@ from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.adapters.replay import ReplayConfig, replay
 from umvd_live.recording.movie import ZarrMovie, open_movie
 from umvd_live.recording.ometiff import FrameInfo, Provenance
-from umvd_live.recording.omezarr import FRAMES_FILE, ZarrRecording, read_zarr_recording
+from umvd_live.recording.omezarr import FRAMES_FILE, ZarrRecording, read_zarr_recording, write_zarr_movie
 from umvd_live.recording.session import RecordingRequest, RecordingSession, stream_path
 from umvd_live.wire.protocol import FrameHeader
 
@@ -403,10 +403,64 @@ def test_a_failed_chunk_write_ends_the_recording_with_a_clear_error(tmp_path):
     assert errors == [status.error]
     assert "recording stopped: writing" in status.error and str(store) in status.error
     assert "[ENOTDIR]" in status.error and "ValueError" not in status.error
+    # the frames whose chunk writes had started are not counted written: every accepted frame is
+    # written or lost (frame 5 and those in flight behind it once counted written)
+    assert status.frames_written == 5 and status.frames_written + status.frames_lost == status.frames_submitted
     frames, infos, prov = read_zarr_recording(store)
     assert [i.seq for i in infos] == list(range(5)) and prov["complete"] is False
     assert prov["frames_declared"] == 5  # abandon declared what was on disk
     np.testing.assert_array_equal(frames, np.stack([pattern(s) for s in range(5)]))
+    yaozarrs.validate_zarr_store(str(store))
+
+
+def test_append_copies_the_frame_so_the_caller_may_reuse_its_buffer(tmp_path):
+    """A camera reader hands over the same buffer for every frame: `append` returns once
+    tensorstore has copied it, as `RecordingFile.append` once it has written it (tensorstore once
+    read the buffer later, and later frames overwrote earlier ones in the store)."""
+    n = 40
+
+    def frames():
+        buf = np.zeros((256, 256), np.uint16)
+        for i in range(n):
+            buf[:] = i + 1
+            yield buf
+
+    store = tmp_path / "ring.ome.zarr"
+    write_zarr_movie(store, frames(), (FrameInfo(seq=i, t=0.1 * i) for i in range(n)), Provenance(stream="cam0"))
+    stored, infos, prov = read_zarr_recording(store)
+    assert [i.seq for i in infos] == list(range(n)) and prov["complete"]
+    np.testing.assert_array_equal(stored, np.broadcast_to(np.arange(1, n + 1, dtype=np.uint16)[:, None, None],
+                                                          (n, 256, 256)))
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "all-nan"])
+def test_a_first_frame_with_nan_or_inf_pixels_keeps_the_metadata_json(tmp_path, bad):
+    """The omero display window comes from the first frame's finite pixels (none finite: 0..1):
+    a NaN from np.percentile once went into zarr.json, which strict JSON readers (JavaScript
+    viewers, Java) refuse whole. The pixels themselves are stored as they are."""
+    first = pattern(0)
+    if bad == "all-nan":
+        first[:] = np.nan
+    else:
+        first[3, 3] = np.nan if bad == "nan" else np.inf
+    store = tmp_path / f"{bad}.ome.zarr"
+    write_zarr_movie(store, [first, pattern(1)], [FrameInfo(seq=i, meta={"channel": "GFP"}) for i in range(2)],
+                     Provenance(stream="cam0"))
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    doc = json.loads((store / "zarr.json").read_text(encoding="utf-8"), parse_constant=refuse)
+    window = doc["attributes"]["ome"]["omero"]["channels"][0]["window"]
+    finite = first[np.isfinite(first)].astype(np.float64)
+    if finite.size:
+        assert window["start"] == pytest.approx(np.percentile(finite, 0.1))
+        assert window["end"] == pytest.approx(np.percentile(finite, 99.9))
+        assert (window["min"], window["max"]) == (finite.min(), finite.max())
+    else:
+        assert window == {"start": 0.0, "end": 1.0, "min": 0.0, "max": 1.0}
+    stored, _, _ = read_zarr_recording(store)
+    np.testing.assert_array_equal(stored, np.stack([first, pattern(1)]))  # NaN where it was NaN
     yaozarrs.validate_zarr_store(str(store))
 
 

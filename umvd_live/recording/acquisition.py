@@ -26,6 +26,7 @@ import glob
 import itertools
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ from umvd_live.recording.ometiff import (
     read_recording,
 )
 from umvd_live.recording.omezarr import is_zarr_path, read_zarr_provenance, read_zarr_recording
-from umvd_live.recording.session import recording_stem
+from umvd_live.recording.session import RecordingError, recording_stem, stream_path
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +94,40 @@ def _format(base: Path) -> tuple[str, Callable[..., dict[str, Any]], Callable[..
     return stem + "_*.ome.tif", read_provenance, read_recording
 
 
+def _named_for(base: Path, path: Path, prov: dict[str, Any]) -> bool:
+    """Whether ``path`` bears a name given to a file of its provenance's stream and kind with base
+    path ``base`` (`stream_path`, any part): the recorder names it by the stream, `umvd-live
+    denoise` by the stream's name without its group (``den_GCaMP.ome.tif`` for ``mouse.GCaMP``,
+    `wire.axes.StreamAxes.short_name`). The glob alone also matches other recordings: ``exp_*``
+    takes in ``exp_ctrl_cam0.ome.tif``, a file of ``exp_ctrl.ome.tif``."""
+    stream, group = prov.get("stream"), prov.get("group")
+    if not isinstance(stream, str):
+        return False
+    names = [stream]
+    if isinstance(group, str) and stream.startswith(group + "."):
+        names.append(stream[len(group) + 1:])
+    name = os.path.normcase(path.name)  # as the glob matched it: without case on Windows
+    parts = [1, *(int(k) for k in re.findall(r"-part(\d+)", path.name))]
+    raw = prov.get("kind") == "raw"
+    for short in names:
+        try:
+            if any(os.path.normcase(stream_path(base, short, raw=raw, part=k).name) == name for k in parts):
+                return True
+        except RecordingError:  # a name the recorder never gives a stream
+            continue
+    return False
+
+
 def recording_files(base: str | os.PathLike, *, kind: str = "denoised",
                     recording_id: str | None = None) -> list[Path]:
     """The files of one recording made with base path ``base`` (``rec.ome.tif``, or
     ``rec.ome.zarr`` for its OME-Zarr stores), of ``kind``
     ``"denoised"`` or ``"raw"``, in name order.
 
-    The files are recognised by their OME provenance, not by their names, and grouped by the
+    The files are recognised by their OME provenance, and by their names as far as the name of a
+    file of that stream and kind is fixed (`stream_path`, `umvd-live denoise`'s outputs
+    included): a recording whose base name starts with this one's (``rec_ctrl.ome.tif`` for
+    ``rec.ome.tif``) is never taken in. They are grouped by the
     recording session's ``recording_id``: a second recording into the same base path gets part
     numbers (``rec_cam0-part2.ome.tif``) and is never mixed with the first. When the files of
     more than one recording match, ``recording_id`` must say which one (the error lists them).
@@ -117,6 +145,8 @@ def recording_files(base: str | os.PathLike, *, kind: str = "denoised",
             continue
         if prov.get("format") != FORMAT or prov.get("kind") != kind:
             continue  # another kind, or a file of no recording (killed before its first frame)
+        if not _named_for(base, path, prov):
+            continue  # a file of another recording whose base name starts with this one's
         rid = prov.get("recording_id")
         by_recording.setdefault(rid, []).append(path)
         started[rid] = min(started.get(rid, "~"), str(prov.get("started_utc")))

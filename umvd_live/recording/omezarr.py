@@ -165,7 +165,7 @@ class ZarrRecording(RecordingLedger):
         self._frames_fh: Any = None
         self._declared_frames = 0
         self._submitted = 0
-        self._pending: deque[tuple[Any, str, FrameInfo, np.ndarray]] = deque()
+        self._pending: deque[tuple[Any, str, FrameInfo]] = deque()
 
     # -- creation -----------------------------------------------------------------------------
     @classmethod
@@ -233,28 +233,42 @@ class ZarrRecording(RecordingLedger):
         rgba = ome_color(channel)
         color = ("FFFFFF" if rgba is None
                  else f"{(rgba >> 24) & 0xFF:02X}{(rgba >> 16) & 0xFF:02X}{(rgba >> 8) & 0xFF:02X}")
-        # display range: the first frame's (what a viewer's contrast starts at); the type's range
-        start, end = (float(v) for v in np.percentile(first, (0.1, 99.9)))
-        lo, hi = ((float(np.iinfo(self.dtype).min), float(np.iinfo(self.dtype).max)) if self.dtype.kind in "ui"
-                  else (min(start, float(first.min())), max(end, float(first.max()))))
+        # display range: the first frame's (what a viewer's contrast starts at); the type's range.
+        # Finite pixels only, in float64: a NaN or inf pixel would put NaN into zarr.json, which
+        # strict JSON readers (JavaScript viewers, Java) refuse whole; none finite: 0..1
+        finite = first[np.isfinite(first)].astype(np.float64)
+        start, end = (float(v) for v in np.percentile(finite, (0.1, 99.9))) if finite.size else (0.0, 1.0)
+        end = max(end, start + 1e-6)
+        if self.dtype.kind in "ui":
+            lo, hi = float(np.iinfo(self.dtype).min), float(np.iinfo(self.dtype).max)
+        else:
+            lo, hi = (min(start, float(finite.min())), max(end, float(finite.max()))) if finite.size else (start, end)
         return v05.Omero(channels=[v05.OmeroChannel(label=channel, color=color, window=v05.OmeroWindow(
-            min=lo, max=hi, start=start, end=max(end, start + 1e-6)))])
+            min=lo, max=hi, start=start, end=end))])
 
     # -- writing --------------------------------------------------------------------------------
     def append(self, image: np.ndarray, info: FrameInfo) -> None:
         """Queue one frame's chunk write; its metadata line follows once the chunk is on disk.
 
         Up to `IN_FLIGHT` chunk writes run at once (each fsyncs its file: one by one that would
-        cost ~9 ms a frame here), so a kill loses at most those frames."""
+        cost ~9 ms a frame here), so a kill loses at most those frames. Returns once tensorstore
+        has copied ``image`` (as `RecordingFile.append` once it is written): a caller may reuse
+        its buffer, as a camera's ring buffer does. Raises (an earlier frame's failed write too)
+        before this frame's write starts: a frame whose `append` raised is not taken, as for
+        `RecordingFile`, and `frames_written` counts it not."""
         if self._writer is None:
             raise ValueError("recording is closed")
         image = conform_frame(image, self.shape, self.dtype)
+        self._retire(IN_FLIGHT - 1)  # room for this one
         index = self._submitted
         row = {"index": index, **asdict(info)}
         line = json.dumps(row, default=_json_default, ensure_ascii=True, separators=(",", ":"))
-        self._pending.append((self._writer[index, 0].write(image), line, info, image))
+        write = self._writer[index, 0].write(image)
+        # the write reads ``image`` later, on tensorstore's threads: wait for that copy (a memcpy;
+        # the chunk's write and fsync still run in the background)
+        _done(write.copy, self.path)
+        self._pending.append((write, line, info))
         self._submitted += 1
-        self._retire(IN_FLIGHT)
 
     def _retire(self, keep: int) -> None:
         """Wait for the oldest writes until at most ``keep`` are in flight; in frame order, each
@@ -264,7 +278,7 @@ class ZarrRecording(RecordingLedger):
         it again: no frame after a failed one gets a line or is declared (`abandon` included),
         even where its own chunk reached the disk."""
         while len(self._pending) > keep or (self._pending and self._pending[0][0].done()):
-            future, line, info, _ = self._pending[0]
+            future, line, info = self._pending[0]
             _done(future, self.path)  # a failed chunk write surfaces here
             self._pending.popleft()
             self._frames_fh.write(line.encode("ascii") + b"\n")

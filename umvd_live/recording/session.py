@@ -136,8 +136,11 @@ class RecordingSession:
         self.recording_id = uuid.uuid4().hex
         self._provenance_for = provenance or (lambda stream: Provenance(stream=stream))
         self._on_error = on_error
+        # a short fixed name (``.umvd-recorder-<id>-*.spill``), not the base name: a base name
+        # near the file system's 255-byte limit would make the spill file's too long (ENAMETOOLONG
+        # the first time the disk falls behind)
         self._queue = SpillQueue(base.parent, request.memory_budget_bytes, request.hard_limit_bytes,
-                                 name=f"{base.name}.recorder")
+                                 name=f"umvd-recorder-{self.recording_id[:8]}")
         self._lock = threading.Lock()
         self._accepting = True
         self._stop_requested = threading.Event()
@@ -287,17 +290,26 @@ class RecordingSession:
         files: dict[tuple[str, str], Recording] = {}
         parts: dict[tuple[str, str], int] = {}
         next_checkpoint = time.monotonic() + self.request.checkpoint_interval_s
+        sealed = False
+        in_hand = False  # a frame taken from the queue and not yet written: lost if this fails
         try:
             while self.error is None:
-                if self._queue.error is not None:
+                if self._queue.error is not None and not sealed:
+                    # memory is no longer bounded; once sealed it only shrinks, and the frame
+                    # whose spill failed is back in memory, so the drain writes it all the same
                     raise self._queue.error
+                if not sealed and self._stop_requested.is_set():
+                    self._queue.seal()  # a submit racing with stop() is refused, not lost
+                    sealed = True
                 item = self._queue.get(timeout=min(0.2, self.request.checkpoint_interval_s / 2))
                 if item is not None:
+                    in_hand = True
                     self._write_one(files, parts, *item)
-                elif self._stop_requested.is_set():
-                    self._queue.seal()  # a submit racing with stop() is refused, not lost
-                    while self.error is None and (item := self._queue.get(timeout=0)) is not None:
-                        self._write_one(files, parts, *item)
+                    in_hand = False
+                elif sealed and not len(self._queue):
+                    # `get` also times out while the spill thread holds a frame, so only an empty
+                    # sealed queue ends the recording: every accepted frame is written, however
+                    # long the disk takes (checkpointed as before, a kill meanwhile loses little)
                     break
                 if time.monotonic() >= next_checkpoint:
                     for rec in files.values():
@@ -309,13 +321,16 @@ class RecordingSession:
         except OSError as exc:
             path = getattr(exc, "filename", None) or getattr(exc, "recording_path", None)
             name = errno.errorcode.get(exc.errno or 0, "error")
-            written = ", ".join(f"{k}: {r.frames_written} frames" for k, r in files.items())
+            # the frames in each file (an OME-Zarr store's writes in flight behind a failed one
+            # are not: `frames_written` counts them)
+            written = ", ".join(f"{k}: {len(r.infos)} frames" for k, r in files.items())
             self._fail(f"recording stopped: writing {path or 'the recording'} failed: "
                        f"{exc.strerror or exc} [{name}]; files keep what was written ({written})")
         except Exception as exc:  # pragma: no cover - a bug; still never kill the caller
             log.exception("recorder writer failed")
             self._fail(f"recording stopped: {type(exc).__name__}: {exc}")
         finally:
+            unkept = 0
             try:
                 if self.error is not None:
                     for rec in files.values():
@@ -323,10 +338,14 @@ class RecordingSession:
                             rec.abandon()  # what is linked stays readable; no more writes to a failing disk
                         except Exception:  # the others are abandoned all the same
                             log.exception("recording: abandoning %s failed", rec)
+                        # an OME-Zarr store has taken a frame once its chunk write started; one
+                        # that had not finished by the error is not in the store
+                        unkept += rec.frames_written - len(rec.infos)
             finally:  # whatever happened above, `stop(wait=True)` must return
-                lost = len(self._queue)
+                lost = len(self._queue) + int(in_hand) + unkept
                 self._queue.close()
                 with self._lock:
+                    self._written -= unkept
                     self._lost += lost
                 self._finished.set()
 

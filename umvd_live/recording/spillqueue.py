@@ -189,7 +189,9 @@ class SpillQueue:
             )
 
     def seal(self) -> None:
-        """Refuse further `put`s, so that a consumer can drain the queue knowing it is final."""
+        """Refuse further `put`s, so that a consumer can drain the queue knowing it is final (and
+        spill no more). `get` may still time out while an item is being spilled: the queue is
+        drained when ``len()`` is 0."""
         with self._cond:
             self._sealed = True
             self._cond.notify_all()
@@ -215,7 +217,10 @@ class SpillQueue:
     def _spill_loop(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not (self._mem > self.budget and self._tail and self.error is None):
+                # sealed: memory only shrinks from now on, and the consumer would read whatever
+                # went to disk straight back; it takes the tail from memory instead
+                while not self._closed and not (self._mem > self.budget and self._tail and self.error is None
+                                                and not self._sealed):
                     self._cond.wait()
                 if self._closed:
                     return
