@@ -160,7 +160,7 @@ def test_bad_arguments_are_refused_with_a_clear_error(tmp_path, capsys, args, me
 
 
 def test_an_existing_folder_for_a_file_is_refused_before_the_session(tmp_path, capsys):
-    for flag in ("--save-model", "--json"):
+    for flag in ("--save-model", "--json", "--save-outputs"):
         args = ["--json", str(tmp_path / "b.json"), flag, str(tmp_path)]
         assert cli.main(["bench", *TINY, "--frames", "5", *args]) == 2
         assert f"{flag}: {tmp_path} is a folder" in capsys.readouterr().err
@@ -319,3 +319,33 @@ def test_an_event_after_the_last_frame_is_refused_naming_the_last_time_allowed()
     assert session_events("laser=3@1/2", 2.0, rate_hz=30.0)[0].first_frame(30.0) == 30
     with pytest.raises(ValueError, match=r"at or after the session's end \(2 s\).*last time allowed is 1\.966 s"):
         session_events("laser=3@2s", 2.0, rate_hz=30.0)
+
+
+def test_saved_outputs_are_the_frames_the_figures_were_measured_on(tmp_path):
+    """--save-outputs keeps the live run's frames for pictures: the raw and truth of the ring, and
+    each output where it came (NaN where the preview skipped), its state beside it. The bench's
+    own PSNR comes back from them."""
+    path = tmp_path / "live.npz"
+    result = bench(tmp_path, "--frames", "60", "--rate", "60", "--warmup-frames", "16", "--warmup-steps", "8",
+                   "--save-outputs", str(path))
+    with np.load(path) as saved:
+        raw, truth, den, state = (saved[f"bench.{k}"] for k in ("raw", "truth", "denoised", "state"))
+        states = list(saved["states"])
+        assert float(saved["bench.offset_adu"]) > 0
+    assert raw.shape == truth.shape == den.shape == (60, 64, 64) and raw.dtype == np.uint16
+    assert state.shape == (60,) and (state >= 0).sum() == result["frames_published"]
+    assert np.isnan(den[state < 0]).all() and np.isfinite(den[state >= 0]).all()
+    with np.load(path) as saved:  # what each output was made with
+        steps, gains = saved["bench.model_step"], saved["bench.amplitude_gain"]
+    assert (steps[state >= 0] >= 0).all() and (steps[state < 0] == -1).all()
+    assert (gains[state >= 0] > 0).all() and np.isnan(gains[state < 0]).all()
+    warmup = states.index("warmup") if "warmup" in states else -1  # (a prior may skip the warm-up outputs)
+    steady = (state >= 0) & (state != warmup)
+    assert steady.sum() == result["frames_evaluated"] > 0
+    assert psnr(den[steady], truth[steady]) == pytest.approx(result["psnr_denoised_db"], abs=0.01)
+    assert psnr(raw[steady].astype(np.float32), truth[steady]) == pytest.approx(result["psnr_raw_db"], abs=0.01)
+
+
+def test_save_outputs_must_be_an_npz(tmp_path, capsys):
+    assert cli.main(["bench", *TINY, "--save-outputs", str(tmp_path / "x.tif")]) == 2
+    assert "--save-outputs" in capsys.readouterr().err and list(tmp_path.iterdir()) == []

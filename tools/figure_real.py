@@ -10,6 +10,12 @@ any network.
     python tools/figure_real.py real                     # the OptiNiSt movie -> docs/img/real_optinist.png
     python tools/figure_real.py sim                      # a simulated movie  -> docs/img/sim_2photons.png
     python tools/figure_real.py real --denoised OUT.tif  # reuse an output of `umvd-live denoise`
+    python tools/figure_real.py live --size 512 512      # a live stream -> docs/img/live_512.png
+
+`live` streams a simulated movie through the daemon at 30 Hz with `umvd-live bench` (training in
+the background, as in a session) and draws what the preview showed: each frame's live output,
+the last one shown where the preview skipped a frame, warm-up outputs included; frames larger
+than 256² are cropped to their central 256² so that the figure stays readable.
 
 `denoise` runs at its defaults, through the command line. Cells are picked from the movie itself,
 never from a truth, and reproducibly: the local maxima of the temporal standard deviation of the
@@ -26,6 +32,7 @@ Pillow.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -374,6 +381,40 @@ def denoised_movie(source: Path, given: Path | None, work: Path) -> tuple[np.nda
     return tifffile.imread(output).astype(np.float32), "denoised: umvd-live denoise at its defaults"
 
 
+LIVE_CROP = 256  # live: larger frames are drawn cropped to their central LIVE_CROP x LIVE_CROP
+
+
+def run_live_bench(size: tuple[int, int], seed: int, work: Path) -> tuple[Path, dict]:
+    """`umvd-live bench` at 30 Hz on a simulated movie of ``size``, its frames saved
+    (``--save-outputs``); returns the saved frames' path and the bench's JSON figures."""
+    saved, figures = work / "live.npz", work / "live.json"
+    subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", "bench", "--size", str(size[0]), str(size[1]),
+                    "--seed", str(seed), "--oracle", "none", "--save-outputs", str(saved), "--json", str(figures)],
+                   check=True)
+    return saved, json.loads(figures.read_text())
+
+
+def live_movies(saved: Path) -> tuple[dict[str, np.ndarray], float, int]:
+    """The saved live run's movies (the first stream's), cropped to `LIVE_CROP`: raw, truth and
+    what the preview showed (a skipped frame's place holds the last output shown; before the
+    first, the neighbour mean), with the digitiser offset and how many frames were held."""
+    with np.load(saved) as arrays:
+        name = next(key[: -len(".raw")] for key in arrays.files if key.endswith(".raw"))
+        raw, truth = arrays[f"{name}.raw"], arrays[f"{name}.truth"]
+        shown, offset = arrays[f"{name}.denoised"].copy(), float(arrays[f"{name}.offset_adu"])
+    h, w = raw.shape[1:]
+    top, left = max(0, (h - LIVE_CROP) // 2), max(0, (w - LIVE_CROP) // 2)
+    crop = (slice(None), slice(top, top + LIVE_CROP), slice(left, left + LIVE_CROP))
+    raw, truth, shown = raw[crop].astype(np.float32), truth[crop].astype(np.float32), shown[crop]
+    mean = neighbour_mean(raw)
+    held = 0
+    for t in range(len(shown)):
+        if np.isnan(shown[t, 0, 0]):
+            shown[t] = shown[t - 1] if t else mean[0]
+            held += 1
+    return {"raw": raw, "neighbour mean": mean, "denoised": shown, "truth": truth}, offset, held
+
+
 def content_args(argv: list[str] | None) -> list[str]:
     """The command's arguments less those that do not change the picture (where files go, reuse)."""
     args, out, skip = list(sys.argv[1:] if argv is None else argv), [], False
@@ -389,10 +430,12 @@ def content_args(argv: list[str] | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("movie", choices=("real", "sim"), help="the real OptiNiSt movie, or a simulated one")
+    p.add_argument("movie", choices=("real", "sim", "live"),
+                   help="the real OptiNiSt movie, a simulated one (denoise), or a simulated live stream (bench)")
     p.add_argument("--input", type=Path, default=REAL_MOVIE, help="real: the movie (default: the OptiNiSt movie)")
     p.add_argument("--offset", type=float, default=REAL_OFFSET, help="real: the digitiser offset, for dF/F")
-    p.add_argument("--denoised", type=Path, help="an output of `umvd-live denoise` of the same movie to reuse")
+    p.add_argument("--denoised", type=Path, help="an output of `umvd-live denoise` of the same movie to reuse "
+                                                  "(live: the --save-outputs .npz of an earlier run)")
     p.add_argument("--frames", type=int, default=600, help="sim: frames (default 600)")
     p.add_argument("--size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"), help="sim: frame size")
     p.add_argument("--photons", type=float, default=2.0, help="sim: photons/pixel/frame (default 2)")
@@ -411,6 +454,20 @@ def main(argv: list[str] | None = None) -> int:
             offset = args.offset
             title = f"Real two-photon movie: {args.input.name} ({raw.shape[0]} frames of {raw.shape[1]}x{raw.shape[2]})"
             out = args.out or ROOT / "docs" / "img" / "real_optinist.png"
+        elif args.movie == "live":
+            saved, figures = (args.denoised, None) if args.denoised else run_live_bench(args.size, args.seed, work)
+            movies, offset, held = live_movies(saved)
+            den = movies["denoised"]
+            shape = movies["raw"].shape
+            title = (f"Live stream: {shape[0]} frames of {args.size[0]}x{args.size[1]} at 30 Hz"
+                     f"{f' (central {shape[1]}x{shape[2]} shown)' if shape[1:] != tuple(args.size) else ''}, "
+                     f"2 photons/pixel/frame, seed {args.seed}")
+            how = (f"denoised: what the live preview showed (umvd-live bench, training in the background; "
+                   f"{held} skipped frames hold the last output)")
+            if figures is not None:
+                print(f"bench: {figures['fps_out']:.1f} fps out, {figures['skipped']} skipped, "
+                      f"p99 {figures['latency_ms_p99']:.0f} ms")
+            out = args.out or ROOT / "docs" / "img" / f"live_{args.size[0]}.png"
         else:
             config = SimConfig(height=args.size[0], width=args.size[1], photons=args.photons, seed=args.seed)
             sim = TwoPhotonSimulator(config)

@@ -332,6 +332,8 @@ class OutputMonitor(threading.Thread):
         self.sse = np.full((len(sources), frames), np.nan)
         self.state = np.full((len(sources), frames), -1, np.int16)  # index in self.state_names
         self.state_names: list[str] = []
+        self.model_step = np.full((len(sources), frames), -1, np.int64)  # the weights' step, per output
+        self.amplitude_gain = np.full((len(sources), frames), np.nan, np.float32)
         self.images: list[dict[int, np.ndarray]] = [{} for _ in sources]
         self.subscribed = threading.Event()
         self._stop_event = threading.Event()
@@ -371,6 +373,8 @@ class OutputMonitor(threading.Thread):
         if state not in self.state_names:
             self.state_names.append(state)
         self.state[s, seq] = self.state_names.index(state)
+        self.model_step[s, seq] = int(msg.header.get("model_step", -1))
+        self.amplitude_gain[s, seq] = float(msg.header.get("amplitude_gain", np.nan))
         ring = self.rings[s]
         truth = ring.clean_of(seq)
         diff = (np.asarray(msg.image, np.float64) - truth).ravel()
@@ -411,6 +415,7 @@ class BenchConfig:
     events_spec: str | None = None
     oracle: str = "reduced"  # --oracle: the activity report's oracle grid
     json_path: Path | None = None  # --json: where the figures go
+    save_outputs: Path | None = None  # --save-outputs: the frames, for pictures (`save_outputs`)
 
     def __post_init__(self) -> None:
         if self.frames < 1:
@@ -531,6 +536,8 @@ def _measure(cfg: BenchConfig, daemon_cfg: DaemonConfig, sources: list[tuple[str
         daemon.close()
         gc_pauses.stop()
     assert producer is not None and monitor is not None
+    if cfg.save_outputs is not None:
+        save_outputs(cfg.save_outputs, sources, monitor, cfg.frames)
     per_stream = {
         name: _stream_figures(cfg, daemon_cfg, s, ring, producer, monitor, status["streams"].get(name, {}),
                               counters[name], progress[name], ended)
@@ -666,6 +673,28 @@ def _segments(cfg: BenchConfig, first_live: int | None, end: int) -> list[Scored
         begin = first if first_live is None else max(first, first_live)
         out.append((label, at_s, stop if first_live is None else min(begin, stop), stop, stage))
     return out
+
+
+def save_outputs(path: Path, sources: list[tuple[str, FrameRing]], monitor: OutputMonitor, frames: int) -> None:
+    """``--save-outputs``: per stream, over the ring's first pass (the frames the activity is
+    scored on), ``<stream>.raw`` (uint16), ``<stream>.truth`` and ``<stream>.denoised`` (float32,
+    NaN where no output came: a preview skip), ``<stream>.state`` (index into ``states``, -1
+    without output), ``<stream>.model_step`` and ``<stream>.amplitude_gain`` of each output;
+    ``offset_adu`` per stream. What a live run looked like, to be drawn (tools/figure_real.py
+    live), not only scored."""
+    arrays: dict[str, np.ndarray] = {"states": np.array(monitor.state_names)}
+    for s, (name, ring) in enumerate(sources):
+        end = min(frames, len(ring))
+        denoised = np.full((end, *ring.noisy.shape[1:]), np.nan, np.float32)
+        for seq, image in monitor.images[s].items():
+            if seq < end:
+                denoised[seq] = image
+        arrays |= {f"{name}.raw": ring.noisy[:end], f"{name}.truth": ring.clean[:end],
+                   f"{name}.denoised": denoised, f"{name}.state": monitor.state[s, :end],
+                   f"{name}.model_step": monitor.model_step[s, :end],
+                   f"{name}.amplitude_gain": monitor.amplitude_gain[s, :end],
+                   f"{name}.offset_adu": np.array(ring.sim.config.offset_adu)}
+    np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy stubs: the first **kwarg taken as allow_pickle
 
 
 def _activity(cfg: BenchConfig, s: int, ring: FrameRing, monitor: OutputMonitor) -> list[dict[str, Any]]:

@@ -374,6 +374,9 @@ def _bench(sub: argparse._SubParsersAction) -> None:
                    help="no online training: --init weights, or an untrained network (speed only)")
     p.add_argument("--save-model", type=user_path, metavar="PATH",
                    help="save the weights at the end (for a later --init)")
+    p.add_argument("--save-outputs", type=user_path, metavar="PATH.npz",
+                   help="save each stream's raw, truth and live output frames of the ring's first pass "
+                        "(for pictures: tools/figure_real.py live)")
     p.add_argument("--ring-mb", type=float, default=512.0, metavar="MB",
                    help="memory for the pre-generated frames; longer runs replay them (default 512)")
     p.add_argument("--rss-every", type=float, default=10.0, metavar="S",
@@ -539,6 +542,9 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     _finite_positive("--rss-every", args.rss_every)
     _finite_positive("--photons", args.photons)
     save_model, json_path = _file_path("--save-model", args.save_model), _file_path("--json", args.json)
+    save_outputs = _file_path("--save-outputs", args.save_outputs)
+    if save_outputs is not None and save_outputs.suffix != ".npz":
+        raise ValueError(f"--save-outputs: {save_outputs} must end in .npz (numpy's np.load reads it)")
     frames, duration, spec = args.frames, args.duration, args.events
     if frames is not None and duration is not None:
         raise ValueError("give --frames or --duration, not both")
@@ -562,7 +568,8 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
                        photons=args.photons, inference_only=args.inference_only,
                        ring_bytes=int(_finite_positive("--ring-mb", args.ring_mb) * 2**20), rss_every_s=args.rss_every,
                        save_model=save_model, daemon=daemon, streams=args.streams,
-                       events=events, events_spec=spec, oracle=args.oracle, json_path=json_path)
+                       events=events, events_spec=spec, oracle=args.oracle, json_path=json_path,
+                       save_outputs=save_outputs)
 
 
 def acquire_config(args: argparse.Namespace) -> AcquireConfig:
