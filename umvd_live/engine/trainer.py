@@ -39,6 +39,11 @@ class TrainerConfig:
     collapse_std: float = 1e-4  # output std (normalised units) under which it has collapsed
     snapshot_every: int = 50
     min_lr: float = 1e-6
+    # Steps over which the learning rate ramps up from lr / lr_warmup_steps whenever Adam starts
+    # afresh (a new network, a prior, loaded weights): Adam's first steps move every weight by
+    # about lr whatever its gradient, which shifted a prior's output level by ~10 % within 8 steps
+    # (docs/benchmarks.md, "The first steps from a prior"). 0: no ramp.
+    lr_warmup_steps: int = 50
     # Share of training windows cut as if their segment began just before them (mirrored window
     # edge, short or no context): what the network sees at a stream's start and after a change
     # (`changes`), so it is trained for those moments too, not only for full windows.
@@ -265,6 +270,8 @@ class OnlineTrainer:
         # fused: one kernel, not a Python loop over the parameters: the trainer shares the GIL with the frame loop
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=fused_adam(device))
         self.steps = 0
+        self._lr = config.lr  # the rate once ramped up (halved by each rollback)
+        self._fresh_steps = 0  # steps since Adam started afresh: where the ramp is
         self.rollbacks = 0
         self.last_loss: float | None = None
         self._loss_ema: float | None = None
@@ -274,7 +281,14 @@ class OnlineTrainer:
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        """The learning rate once ramped up (`TrainerConfig.lr_warmup_steps`)."""
+        return self._lr
+
+    def _ramp_lr(self) -> None:
+        ramp = self.config.lr_warmup_steps
+        lr = self._lr * min(1.0, (self._fresh_steps + 1) / ramp) if ramp else self._lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def load(self, state: dict, step: int) -> None:
         """Replace the weights (CheckpointError, and nothing changed, unless ``state`` fits the
@@ -284,6 +298,7 @@ class OnlineTrainer:
         self.model.load_state_dict(state)
         self.steps = step
         self.optimizer.state.clear()
+        self._fresh_steps = 0
         self._loss_ema = self._out_std_ema = None
         self._snapshot()
 
@@ -298,9 +313,7 @@ class OnlineTrainer:
         weights, opt_state = self._good
         self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(opt_state)
-        lr = max(self.lr * 0.5, self.config.min_lr)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self._lr = lr = max(self._lr * 0.5, self.config.min_lr)
         self.rollbacks += 1
         self._loss_ema = None
         self._out_std_ema = None
@@ -339,8 +352,10 @@ class OnlineTrainer:
             self._snapshot()  # these weights just produced a healthy output
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._ramp_lr()
         self.optimizer.step()
         self.steps += 1
+        self._fresh_steps += 1
         self.last_loss = loss_value
         self._loss_ema = loss_value if self._loss_ema is None else 0.95 * self._loss_ema + 0.05 * loss_value
         return loss_value
