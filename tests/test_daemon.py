@@ -33,7 +33,7 @@ from umvd_live.daemon.status import render_lines, render_table
 from umvd_live.daemon.streams import RateMeter, monotonic
 from umvd_live.daemon.transport import Received
 from umvd_live.engine import EngineConfig, StreamDenoiser, cpu_cores
-from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_hash
+from umvd_live.engine.checkpoint import CheckpointError, SavedWeights, load_checkpoint, save_checkpoint, weights_hash
 from umvd_live.engine.model import DenoiserUNet
 from umvd_live.engine.outputs import DenoisedFrame
 from umvd_live.wire.protocol import decode_output, encode_end, encode_frame
@@ -768,6 +768,9 @@ class StepCounter:
         save_checkpoint(path, weights, {**(info or {}), "step": self.model_step})
         return self.model_step, weights_hash(weights)
 
+    def weights_copy(self):
+        return SavedWeights({"step": torch.tensor(float(self.model_step))}, {"step": self.model_step})
+
     def load_weights(self, path):
         _, info = load_checkpoint(path)
         if info.get("foreign"):
@@ -1133,3 +1136,26 @@ def test_a_recording_holds_the_same_frames_raw_and_denoised_from_its_start_to_it
         raw_frames, raw, _ = read_recording(tmp_path / f"rec_{name}.raw.ome.tif")
         assert [f.seq for f in den] == list(taken), name
         assert [f.seq for f in raw] == list(range(5, 12) if name == "ts" else range(0, 6)), name
+
+
+def test_a_stream_that_ended_still_has_its_model_to_save(tmp_path):
+    """Every acquisition source ends its streams, and the end closes the engine: the model it
+    trained must still be there for save_model, with its step, until the stream starts again."""
+    rng = np.random.default_rng(3)
+    movie = [rng.poisson(30.0, (24, 24)).astype(np.uint16) for _ in range(12)]
+    d, _ = daemon_in_process(tmp_path)
+    try:
+        d.router.process([received(encode_frame("ts", image, seq)) for seq, image in enumerate(movie)],
+                         allow_skip=False)
+        live = d.router.streams["ts"]
+        before = live.denoiser.weights_hash()
+        d.router.process([received(encode_end("ts", len(movie)))], allow_skip=False)
+        assert live.denoiser is None and live.final_weights is not None
+        reply = d.save_model("ts", tmp_path / "ended.pt").result(timeout=30)
+        state, info = load_checkpoint(tmp_path / "ended.pt")
+        assert reply["weights_hash"] == weights_hash(state) == before and info["stream"] == "ts"
+        assert reply["model_step"] == info["step"] == d.status()["streams"]["ts"]["model_step"]
+        d.router.process([received(encode_frame("ts", movie[0], 0))], allow_skip=False)  # starts again
+        assert live.final_weights is None and live.denoiser is not None
+    finally:
+        d.finish()

@@ -57,6 +57,7 @@ from umvd_live.engine.checkpoint import (
     CheckpointError,
     check_model_flags,
     load_checkpoint,
+    save_checkpoint,
     weights_hash,
     write_atomically,
 )
@@ -344,15 +345,22 @@ class Daemon:
         return names
 
     def save_model(self, stream: str, path: Path) -> Future[Reply]:
-        """Write the stream's weights (on the state worker); the reply says what was written."""
-        den = self.router.streams[stream].denoiser
-        if den is None:
+        """Write the stream's weights (on the state worker), those of its last denoiser once it
+        ended; the reply says what was written."""
+        live = self.router.streams[stream]
+        den, final = live.denoiser, live.final_weights
+        if den is None and final is None:
             raise ControlError(f"stream {stream!r} has no model yet (no valid frame so far)")
 
         def save() -> Reply:
             path.parent.mkdir(parents=True, exist_ok=True)
             # what was written, though training goes on; the file names its stream, as a checkpoint does
-            step, digest = den.save_weights(str(path), {"stream": stream})
+            if den is not None:
+                step, digest = den.save_weights(str(path), {"stream": stream})
+            else:
+                assert final is not None
+                save_checkpoint(path, final.state_dict, {**final.info, "stream": stream})
+                step, digest = final.step, weights_hash(final.state_dict)
             log.info("stream %s: weights saved to %s", stream, path)
             return {"stream": stream, "path": str(path), "weights_hash": digest, "model_step": int(step)}
 

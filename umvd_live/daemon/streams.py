@@ -23,6 +23,7 @@ from umvd_live.wire.schema import ChangeStatus, EngineStats, LatencyStatus, Stre
 if TYPE_CHECKING:
     from umvd_live.daemon.statestore import StateStore
     from umvd_live.engine import Change, DenoisedFrame
+    from umvd_live.engine.checkpoint import SavedWeights
 
 log = logging.getLogger("umvd_live.daemon")
 
@@ -63,6 +64,7 @@ class StreamEngine(Protocol):
     def pause_training(self) -> None: ...
     def resume_training(self) -> None: ...
     def save_weights(self, path: str, info: Mapping[str, Any] | None = None) -> tuple[int, str]: ...  # (step, hash)
+    def weights_copy(self) -> SavedWeights | None: ...  # kept when the engine closes (`LiveStream.final_weights`)
     def load_weights(self, path: str) -> None: ...
     def weights_hash(self) -> str | None: ...
     def stats(self) -> dict[str, Any]: ...  # `wire.schema.EngineStats`, with numpy/torch scalars
@@ -199,6 +201,8 @@ class LiveStream:
         self.fps_in = RateMeter()
         self.fps_out = RateMeter()
         self.denoiser: StreamEngine | None = None
+        #: The weights of the last denoiser, kept when it closed (the stream's end): `save_model`'s.
+        self.final_weights: SavedWeights | None = None
         self.shape: tuple[int, int] | None = None
         self.dtype: str | None = None
         self.training_paused = False
@@ -356,7 +360,8 @@ class LiveStream:
             "infer_ms": None if self.infer_cost_s is None else round(1000 * self.infer_cost_s, 2),
             "training_paused": self.training_paused,
             "state": den.state if den is not None else "idle",
-            "model_step": int(den.model_step) if den is not None else 0,
+            "model_step": int(den.model_step) if den is not None else
+            self.final_weights.step if self.final_weights is not None else 0,
             "loss": _plain(den.last_loss) if den is not None else None,
             "warmup_progress": _plain(den.warmup_progress) if den is not None else 0.0,
             # abrupt changes of the acquisition this stream's engine saw (`changes`), the last one
@@ -492,6 +497,7 @@ class LiveStream:
                 start = resumed
                 self.counters.resumed += 1
         self.denoiser = self._make_denoiser(start)
+        self.final_weights = None  # the new denoiser's are the model now
         self.started_from = start
         self.shape, self.dtype = shape, dtype
         self.pending = 0
@@ -510,6 +516,10 @@ class LiveStream:
             if checkpoint:  # shutdown, shape change: keep what this model learned (on the worker)
                 self.checkpoint()
         finally:  # also after a failed flush: nothing is owed by a closed denoiser (`ended`)
+            try:  # a stream that ended keeps its model for `save_model` (a few hundred kB)
+                self.final_weights = den.weights_copy()
+            except Exception:
+                log.exception("stream %s: its weights could not be kept at its end", self.name)
             den.close()
             self.denoiser = None
             if self.pending:  # the engine owes one output per input: say so if it did not

@@ -14,6 +14,7 @@ import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -62,6 +63,19 @@ def write_atomically(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@dataclass(frozen=True)
+class SavedWeights:
+    """A network's weights and the info a checkpoint file of them carries (its ``step`` included),
+    kept in memory: `save_checkpoint` writes them."""
+
+    state_dict: dict[str, torch.Tensor]
+    info: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.info.get("step", 0))
 
 
 def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:

@@ -39,7 +39,14 @@ from umvd_live.engine.amplitude import AmplitudeGain, LiveAmplitude
 from umvd_live.engine.budget import CpuBudget
 from umvd_live.engine.cellblend import CellBlend
 from umvd_live.engine.changes import Change, ChangeDetector
-from umvd_live.engine.checkpoint import CheckpointError, check_fits, load_checkpoint, read_spec, weights_hash
+from umvd_live.engine.checkpoint import (
+    CheckpointError,
+    SavedWeights,
+    check_fits,
+    load_checkpoint,
+    read_spec,
+    weights_hash,
+)
 from umvd_live.engine.compiled import CompiledPass
 from umvd_live.engine.config import EngineConfig
 from umvd_live.engine.device import CpuSeat, inference_layout, pick_device, uses_bf16
@@ -720,6 +727,16 @@ class StreamDenoiser:
         if self.trainer is None:
             raise RuntimeError("no model yet: nothing to save before the first frame")
         return self.training.save(path, {**(info or {}), "preset": self.preset, "spec": self.spec.to_dict()})
+
+    def weights_copy(self) -> SavedWeights | None:
+        """A copy of the trainer's weights and the info a file of them carries (None before the
+        first frame): what the daemon keeps of a stream whose engine closes at its end, so that
+        ``save_model`` still has the model to save (`checkpoint.save_checkpoint` writes it)."""
+        if self.trainer is None:
+            return None
+        step, state = self.training.snapshot()
+        return SavedWeights({k: v.to("cpu") for k, v in state.items()},
+                            {"preset": self.preset, "spec": self.spec.to_dict(), "step": step})
 
     def load_weights(self, path: str | os.PathLike) -> None:
         """Adopt saved weights mid-stream; they must be for the same network."""
