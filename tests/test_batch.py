@@ -23,6 +23,7 @@ from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
 from umvd_live.apps.batch import (
     BatchOptions,
     Chunk,
+    Failed,
     WarmModel,
     default_workers,
     denoise_chunk,
@@ -34,7 +35,7 @@ from umvd_live.apps.batch import (
 )
 from umvd_live.engine import EngineConfig
 from umvd_live.recording.movie import MovieError, MovieFrames, read_movie
-from umvd_live.recording.ometiff import FrameInfo, Provenance, read_recording
+from umvd_live.recording.ometiff import FrameInfo, Provenance, read_provenance, read_recording, write_movie
 
 pytest.importorskip("distributed")  # the cluster extra
 
@@ -242,7 +243,7 @@ def test_the_streams_of_one_file_on_a_cluster_each_get_their_own_chunks(tmp_path
             return submit(fn, *args, key=key, **kwargs)
 
         client.submit = recorded  # type: ignore[method-assign]
-        run_batch(client, items, BatchOptions(engine=TINY, chunk_frames=20), _Manifest(tmp_path / "m.json", {}, {}))
+        run_batch(client, items, BatchOptions(engine=TINY, chunk_frames=20), _Manifest(tmp_path / "m.json", {}, []))
     assert len(keys) == len(set(keys)) > 4, keys  # two trainings, their chunks, two writes
     for item, movie in zip(items, (bright, dark), strict=True):
         assert item.status == "done", item.error
@@ -277,9 +278,11 @@ def test_local_cluster_three_movies_one_missing_then_resume(movies, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.ome.tif")}
     again = cli("batch", movies / "[abc].ome.tif", "--output-dir", out, "--resume", *ENGINE)
     assert again.returncode == 0, again.stderr
-    resumed = json.loads((out / "batch-manifest.json").read_text())
-    assert {e["status"] for e in resumed["inputs"]} == {"skipped"}
-    assert resumed["inputs"][0]["frames"] == 40, "a skipped input keeps what the earlier run recorded"
+    resumed = {Path(e["input"]).name: e for e in json.loads((out / "batch-manifest.json").read_text())["inputs"]}
+    assert {n: e["status"] for n, e in resumed.items()} == {"a.ome.tif": "skipped", "b.ome.tif": "skipped",
+                                                            "c.ome.tif": "skipped", "missing.tif": "failed"}
+    assert resumed["a.ome.tif"]["frames"] == 40, "a skipped input keeps what the earlier run recorded"
+    assert resumed["missing.tif"] == entries["missing.tif"], "so does an input of the earlier run alone"
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.ome.tif")} == before
     refused = cli("batch", movies / "a.ome.tif", "--output-dir", out, *ENGINE)
     assert refused.returncode == 1 and "output exists" in refused.stderr
@@ -386,7 +389,9 @@ def test_resume_with_save_models_needs_the_model_too(tmp_path):
     tifffile.imwrite(src, np.zeros((4, 8, 8), np.uint16), ome=True, metadata={"axes": "TYX"})
     out = tmp_path / "out"
     out.mkdir()
-    tifffile.imwrite(out / "x.ome.tif", np.zeros((4, 8, 8), np.float32))  # an output whose model is missing
+    # an output of this input (its provenance says so) whose model is missing
+    write_movie(out / "x.ome.tif", np.zeros((4, 8, 8), np.float32), (FrameInfo(seq=t) for t in range(4)),
+                Provenance("x", source=str(src.resolve())))
     done = cli("batch", src, "--output-dir", out, "--resume", "--save-models", *ENGINE)
     assert done.returncode == 1 and "output exists without its model x.pt" in done.stderr, done.stderr
     (out / "x.pt").write_bytes(b"weights")
@@ -415,8 +420,9 @@ def test_the_manifest_keeps_the_records_and_header_through_resumes(tmp_path):
     tifffile.imwrite(src, np.zeros((4, 8, 8), np.uint16), ome=True, metadata={"axes": "TYX"})
     out = tmp_path / "out"
     out.mkdir()
-    output = out / "x.ome.tif"
-    tifffile.imwrite(output, np.zeros((4, 8, 8), np.float32))
+    output = out / "x.ome.tif"  # made from x.ome.tif, its provenance says
+    write_movie(output, np.zeros((4, 8, 8), np.float32), (FrameInfo(seq=t) for t in range(4)),
+                Provenance("x", source=str(src.resolve())))
     manifest = tmp_path / "records" / "m.json"
     manifest.parent.mkdir()
     record = {"input": str(src), "output": str(output.resolve()), "status": "done", "frames": 4,
@@ -498,3 +504,160 @@ def test_an_interrupted_batch_leaves_no_temporaries(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         batch.run(args)
     assert list(out.iterdir()) == []
+
+
+def _tiny_movie(path: Path, frames: int = 20, seed: int = 0) -> Path:
+    """A small OME-TIFF movie (frames × 32 × 32, uint16), its folders made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    movie = np.random.default_rng(seed).poisson(50, (frames, 32, 32)).astype(np.uint16)
+    tifffile.imwrite(path, movie, ome=True, metadata={"axes": "TYX"}, compression="zlib")
+    return path
+
+
+#: Fewer frames to train on than `ENGINE`: these tests are about the batch, not the outputs.
+QUICK = ["--preset", "lite", "--warmup-frames", "10", "--warmup-steps", "5", "--steps-per-frame", "0.2",
+         "--context", "4", "--threads", "1", "--seed", "7"]
+
+
+def test_damaged_inputs_fail_one_line_each_and_the_others_go_on(tmp_path):
+    """One damaged input used to crash the whole batch with a traceback before any work (tifffile's
+    TiffFileError from a file cut short escaped the reader, and `stream_items` caught MovieError
+    only; malformed OME-Zarr metadata raised IndexError). Now each bad input gets its line: one
+    cut short (its header reads, its series do not), one whose later frames are garbage (it
+    fails in its task, on the worker), a store whose metadata is malformed; the good one is
+    denoised and the exit status is 1."""
+    good = _tiny_movie(tmp_path / "in" / "good.ome.tif")
+    full = tmp_path / "full.ome.tif"  # two channels, uncompressed: the cut falls in its later IFDs
+    tifffile.imwrite(full, np.zeros((20, 2, 32, 32), np.uint16), ome=True, metadata={"axes": "TCYX"})
+    raw = full.read_bytes()
+    cut = tmp_path / "in" / "cut.ome.tif"
+    cut.write_bytes(raw[: int(len(raw) * 0.95)])
+    late = _tiny_movie(tmp_path / "in" / "late.ome.tif")
+    _damage_tiff_pages(late, range(10, 20))
+    bad = [cut]  # found by the client, before any work; `late` by its task, on a worker
+    if importlib.util.find_spec("zarr") is not None:
+        import zarr
+
+        store = tmp_path / "in" / "bad.ome.zarr"
+        group = zarr.open_group(str(store), mode="w", zarr_format=2)
+        group.create_array("0", shape=(20, 32, 32), dtype="uint16", chunks=(1, 32, 32))
+        group.attrs.update({"multiscales": [{"version": "0.4", "axes": ["t", "y", "x"], "datasets": []}]})
+        bad.append(store)
+    bad.append(late)
+    out = tmp_path / "out"
+    done = cli("batch", good, *bad, "--output-dir", out, "--workers", "1", *QUICK)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("umvd-live batch: error:")]
+    assert len(errors) == len(bad), done.stderr
+    for path, line in zip(bad, errors, strict=True):  # the client's lines first, then the task's
+        assert line.startswith(f"umvd-live batch: error: {path.resolve()}: "), line
+    assert "not readable as a TIFF movie (TiffFileError" in errors[0] and "frames 0-20 not readable" in errors[-1]
+    if len(bad) == 3:
+        assert "not readable as an OME-Zarr movie (IndexError" in errors[1]
+    assert read_recording(out / "good.ome.tif")[0].shape == (20, 32, 32)
+    statuses = {Path(e["input"]).name: e["status"]
+                for e in json.loads((out / "batch-manifest.json").read_text())["inputs"]}
+    assert statuses == {"good.ome.tif": "done", **{p.name: "failed" for p in bad}}
+
+
+def test_resume_never_takes_another_movies_output_for_its_own(tmp_path):
+    """`--resume` skipped an input whenever an output of its name existed: night 2's
+    ``day2/cell1.tif`` was never denoised because night 1's ``day1/cell1.tif`` had written
+    ``cell1.ome.tif`` (exit 0, and the manifest named only the old input). An output counts as
+    an input's only when its provenance says it was made from that input (a batch task's output
+    here); else the input fails with a line naming the other."""
+    day1 = _tiny_movie(tmp_path / "raw" / "day1" / "cell1.tif")
+    day2 = _tiny_movie(tmp_path / "raw" / "day2" / "cell1.tif", seed=1)
+    out = tmp_path / "denoised"
+    out.mkdir()
+    written = start_movie(str(day1.resolve()), None, str(out / "cell1.ome.tif"), BatchOptions(engine=TINY))
+    assert not isinstance(written, (Failed, WarmModel)), written  # one piece, written whole
+    for resume in (["--resume"], []):
+        done = cli("batch", day2, "--output-dir", out, *resume, *QUICK)
+        assert done.returncode == 1, done.stderr
+        (line,) = [line for line in done.stderr.splitlines() if "error:" in line]
+        assert line == (f"umvd-live batch: error: {day2.resolve()}: {out.resolve() / 'cell1.ome.tif'} exists, "
+                        f"made from {day1.resolve()}: outputs are never overwritten; remove it or choose another "
+                        "--output-dir")
+        entries = json.loads((out / "batch-manifest.json").read_text())["inputs"]
+        assert [(Path(e["input"]).parent.name, e["status"]) for e in entries] == [("day2", "failed")]
+    assert read_provenance(out / "cell1.ome.tif")["source"] == str(day1.resolve())
+    done = cli("batch", day1, "--output-dir", out, "--resume", *QUICK)  # its own output: skipped
+    assert done.returncode == 0 and "1 skipped" in done.stderr, done.stderr
+    # an output that says nothing of its input (no provenance, no manifest record) is not taken as done;
+    # one whose manifest record names the input is
+    other = _tiny_movie(tmp_path / "raw" / "other.tif")
+    tifffile.imwrite(out / "other.ome.tif", np.zeros((4, 8, 8), np.float32))
+    done = cli("batch", other, "--output-dir", out, "--resume", *QUICK)
+    assert done.returncode == 1 and "says nothing of the input it was made from" in done.stderr, done.stderr
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps({"format": "umvd-live-batch/1", "inputs": [
+        {"input": str(other.resolve()), "output": str((out / "other.ome.tif").resolve()), "status": "done"}]}))
+    done = cli("batch", other, "--output-dir", out, "--resume", "--manifest", records, *QUICK)
+    assert done.returncode == 0 and "1 skipped" in done.stderr, done.stderr
+
+
+def test_a_later_batch_keeps_the_earlier_batchs_records(tmp_path):
+    """Two nightly batches into one --output-dir: the second's manifest replaced the first's, so
+    the first night's provenance and timings were lost. The earlier entries of outputs the later
+    batch has no input for are carried forward; a later failure to replace an output keeps the
+    record of the output that is there."""
+    a = _tiny_movie(tmp_path / "raw" / "day1" / "a.tif")
+    b = _tiny_movie(tmp_path / "raw" / "day2" / "b.tif", seed=1)
+    other_a = _tiny_movie(tmp_path / "raw" / "day2" / "a.tif", seed=2)
+    out = tmp_path / "denoised"
+    manifest = out / "batch-manifest.json"
+    assert cli("batch", a, "--output-dir", out, "--workers", "1", *QUICK).returncode == 0
+    (night1,) = json.loads(manifest.read_text())["inputs"]
+    assert night1["status"] == "done" and night1["provenance"]["source"] == str(a.resolve())
+    done = cli("batch", b, "--output-dir", out, "--workers", "1", *QUICK)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(manifest.read_text())
+    assert [(Path(e["input"]).name, e["status"]) for e in data["inputs"]] == [("a.tif", "done"), ("b.tif", "done")]
+    assert data["inputs"][0] == night1, "the first night's record, as it was"
+    assert data["summary"]["done"] == 1  # the summary is this batch's
+    night2 = data["inputs"][1]
+    done = cli("batch", other_a, "--output-dir", out, "--resume", *QUICK)  # a.ome.tif is day1/a.tif's
+    assert done.returncode == 1 and "made from" in done.stderr, done.stderr
+    entries = json.loads(manifest.read_text())["inputs"]
+    assert entries[:2] == [night1, night2] and len(entries) == 3, "the record of the a.ome.tif that is there"
+    assert (Path(entries[2]["input"]), entries[2]["status"]) == (other_a.resolve(), "failed")
+
+
+def test_a_file_that_is_no_scheduler_file_gets_one_line_and_status_2(tmp_path):
+    """`--scheduler FILE` where FILE is not a scheduler file (empty, ``{}``, YAML, a number for
+    the address) ended in Dask's AssertionError or TypeError traceback and exit status 1 (which
+    says an input failed); it gets one line and status 2, as an unreachable scheduler does."""
+    src = _tiny_movie(tmp_path / "x.ome.tif")
+    files = {"empty.json": ("", "it is empty"), "nokey.json": ("{}", 'it has no "address"'),
+             "dask.yaml": ("scheduler: {}\n", "it is not JSON"),
+             "int.json": ('{"address": 8786}', 'its "address" is not a scheduler address')}
+    for name, (text, why) in files.items():
+        (tmp_path / name).write_text(text)
+        done = cli("batch", src, "--output-dir", tmp_path / "out", "--scheduler", tmp_path / name, *QUICK)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        (line,) = [line for line in done.stderr.splitlines() if "error:" in line]
+        assert line == (f"umvd-live batch: error: --scheduler {tmp_path / name} is not a Dask scheduler "
+                        f"file ({why}; dask scheduler --scheduler-file writes one)"), done.stderr
+    assert not (tmp_path / "out" / "x.ome.tif").exists()
+
+
+def test_remove_partials_takes_the_outputs_name_literally(tmp_path):
+    """The end of a batch removes its outputs' temporaries. A glob made of the output's name missed
+    ``cell[1].ome.tif``'s (``[1]`` a character class) and removed ``cell1.ome.tif``'s, another
+    writer's, and ``x.cell[1].ome.tif``'s (``*`` spans the dot): only exactly `_partial_name`'s
+    names of this output go."""
+    from umvd_live.apps.denoise import _partial_name, remove_partials
+
+    output = tmp_path / "cell[1].ome.tif"
+    ours = [_partial_name(output), tmp_path / ".partial-0123456789ab.cell[1].ome.tif"]
+    others = [tmp_path / ".partial-ba5eba11ba5e.cell1.ome.tif", tmp_path / ".partial-0123456789ab.x.cell[1].ome.tif",
+              tmp_path / ".partial-nothex000000.cell[1].ome.tif", tmp_path / "cell[1].ome.tif"]
+    for path in ours + others:
+        path.write_bytes(b"x")
+    store = tmp_path / "m.ome.zarr"
+    (_partial_name(store) / "0").mkdir(parents=True)  # a store's temporary: a folder
+    remove_partials(output)
+    remove_partials(store)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in others)
+    remove_partials(tmp_path / "missing" / "x.ome.tif")  # no folder: nothing to do

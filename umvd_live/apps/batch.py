@@ -22,8 +22,9 @@ Failure. A lost worker's tasks are rerun by the scheduler, and a task that raise
 (``retries``). An output is written under a temporary name and renamed, so the final name only
 ever holds a whole file. A failed input gets one line and the others go on; the exit status is 1
 when any failed. A manifest (JSON) lists inputs → outputs with provenance and timings, written
-after every input; ``--resume`` skips the inputs whose output exists (with ``--save-models``:
-and its model, which is put in place before the output).
+after every input, and keeps an earlier batch's entries for the outputs this one does not touch;
+``--resume`` skips the inputs whose output exists and was made from that input (its provenance's
+``source``; with ``--save-models``: and its model, which is put in place before the output).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -65,7 +66,8 @@ from umvd_live.engine.changes import Change, ChangeDetector
 from umvd_live.engine.checkpoint import CheckpointError
 from umvd_live.engine.normalization import sanitize
 from umvd_live.recording.movie import MovieError, MovieFrames
-from umvd_live.recording.ometiff import Provenance
+from umvd_live.recording.ometiff import Provenance, read_provenance
+from umvd_live.recording.omezarr import is_zarr_path, read_zarr_provenance
 
 log = logging.getLogger(__name__)
 
@@ -417,6 +419,54 @@ class BatchReport:
         return sum(i.status == status for i in self.items)
 
 
+#: An entry's status for an output that was written (skipped: by an earlier run).
+_MADE = ("done", "skipped")
+
+
+def _same_file(recorded: object, source: Path) -> bool:
+    """Whether a path an output or a manifest records (``recorded``) names the input ``source``."""
+    if not isinstance(recorded, str) or not recorded:
+        return False
+    path = Path(recorded).expanduser()
+    try:
+        return path.resolve() == source.resolve() or (path.exists() and os.path.samefile(path, source))
+    except OSError:
+        return False
+
+
+def output_source(output: Path) -> str | None:
+    """The input file an output says it was made from (its provenance's ``source``: the OME-TIFF's
+    MapAnnotation, the OME-Zarr store's attributes); None where it says none or cannot be read."""
+    try:
+        prov = read_zarr_provenance(output) if is_zarr_path(output) else read_provenance(output)
+    except Exception:  # noqa: BLE001 - anything but a readable umvd-live output says nothing
+        return None
+    source = prov.get("source")
+    return source if isinstance(source, str) and source else None
+
+
+def _existing_output_error(item: Item, manifest: _Manifest, resume: bool, save_models: bool) -> str | None:
+    """Why ``item``, whose output exists, fails (None: ``--resume`` skips it, as done).
+
+    Only an output made from this very input is taken as its: a different movie's output under
+    the same name (``day1/cell1.tif`` and ``day2/cell1.tif`` into one folder) never is, with or
+    without ``--resume``. The output's provenance (``source``) says which input made it; one
+    without any, the earlier manifest's record; one that says nothing is not taken as done."""
+    source = output_source(item.output) or manifest.made_from(item.output)
+    if source is not None and not _same_file(source, item.input):
+        return (f"{item.output} exists, made from {source}: outputs are never overwritten; "
+                "remove it or choose another --output-dir")
+    if not resume:
+        return "output exists: outputs are never overwritten (--resume skips it)"
+    if source is None:
+        return (f"{item.output} exists and says nothing of the input it was made from (no umvd-live provenance): "
+                "remove it to denoise this input, or choose another --output-dir")
+    model = _model_path(item.output)
+    if save_models and not model.exists():  # done means both
+        return f"output exists without its model {model.name} (--save-models): remove the output to denoise it again"
+    return None
+
+
 def _about(item: Item, error: str) -> str:
     """An input's error, naming the input once (`read_movie`'s messages begin with it)."""
     return error if error.startswith(str(item.input)) else f"{item.input}: {error}"
@@ -428,30 +478,57 @@ def _one_line(exc: BaseException) -> str:
 
 
 class _Manifest:
-    """The batch's record, rewritten atomically after every input (a killed batch leaves one)."""
+    """The batch's record, rewritten atomically after every input (a killed batch leaves one).
 
-    def __init__(self, path: Path, header: dict[str, Any], earlier: dict[str, dict[str, Any]]):
+    Several batches into one folder share one manifest: the earlier one's entries for outputs
+    this batch has no input for are carried forward, before this batch's, so no run's records
+    are lost (a later batch's entry replaces an earlier one of the same output; one that failed
+    because the output exists keeps the record of the output that is there). A skipped input
+    keeps the entry of the run that made its output."""
+
+    def __init__(self, path: Path, header: dict[str, Any], earlier: Iterable[dict[str, Any]]):
         self.path = path
         self.header = header
-        self.earlier = earlier  # a resumed batch keeps what the earlier run said about skipped inputs
+        self.earlier = list(earlier)  # the earlier manifest's entries, in its order
+        #: the earlier entries of outputs that were made (done, or skipped: made before), by output
+        self.made = {e["output"]: e for e in self.earlier if e.get("status") in _MADE}
 
     @staticmethod
-    def load(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-        """An earlier manifest's header and its entries of the inputs done (skipped by a resumed
-        run: done by an earlier one) by output; empty where there is none to read."""
+    def load(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """An earlier manifest's header and its entries (those with an output, and no "pending"
+        one: a killed batch's unfinished work is no record); empty where there is none to read."""
         try:
             data = json.loads(path.read_text())
-            entries = {e["output"]: e for e in data.get("inputs", []) if e.get("status") in ("done", "skipped")}
+            entries = [e for e in data.get("inputs", [])
+                       if isinstance(e, dict) and isinstance(e.get("output"), str) and e.get("status") != "pending"]
             return {k: v for k, v in data.items() if k not in ("summary", "inputs")}, entries
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return {}, {}
+            return {}, []
+
+    def made_from(self, output: Path) -> str | None:
+        """The input an earlier manifest says ``output`` was made from, if it says so."""
+        entry = self.made.get(str(output))
+        return entry.get("input") if entry is not None and isinstance(entry.get("input"), str) else None
+
+    def carried(self, items: list[Item]) -> list[dict[str, Any]]:
+        """The earlier entries this batch's do not replace: those of outputs it has no input for,
+        and the record of an output still there that an input of this batch failed to replace."""
+        ours = {str(i.output): i for i in items}
+
+        def kept(entry: dict[str, Any]) -> bool:
+            item = ours.get(entry["output"])
+            return item is None or (item.status == "failed" and entry.get("status") in _MADE
+                                    and os.path.lexists(entry["output"]))
+
+        return [e for e in self.earlier if kept(e)]
 
     def write(self, items: list[Item], summary: dict[str, Any]) -> None:
-        entries = []
+        entries = self.carried(items)
         for item in items:
             entry = item.entry()
-            if item.status == "skipped" and str(item.output) in self.earlier:
-                entry = {**self.earlier[str(item.output)], "status": "skipped"}
+            earlier = self.made.get(str(item.output))
+            if item.status == "skipped" and earlier is not None and _same_file(earlier.get("input"), item.input):
+                entry = {**earlier, "status": "skipped"}
             entries.append(entry)
         data = {**self.header, "summary": summary, "inputs": entries}
         tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -566,6 +643,8 @@ def stream_items(source: Path, output: Path, wanted: list[str]) -> list[Item]:
         return [Item(source, out, stream) for stream, out in denoise.stream_outputs(source, output, wanted)]
     except MovieError as exc:
         return [Item(source, output, status="failed", error=str(exc))]
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged input raises: its line, and the others go on
+        return [Item(source, output, status="failed", error=f"{source}: not readable as a movie ({_one_line(exc)})")]
 
 
 def _fail(message: str) -> int:
@@ -599,14 +678,47 @@ def default_workers(cores: int | None = None) -> int:
     return nprocesses_nthreads(cores or cpu_cores())[0]
 
 
+class SchedulerFileError(ValueError):
+    """A ``--scheduler`` file that is no Dask scheduler file; the message is one line."""
+
+
+def scheduler_file_address(path: Path, tries: int = 10, pause_s: float = 0.1) -> str:
+    """The ``address`` of a scheduler file (``dask scheduler --scheduler-file``), checked here:
+    Dask's own reading of an empty file, of ``{}`` or of a YAML file ends in an AssertionError,
+    of ``{"address": 8786}`` in a TypeError. A file being written (empty, or JSON cut short) is
+    read again ``tries`` times, ``pause_s`` apart, as Dask does; then SchedulerFileError."""
+    problem = ""
+    for attempt in range(tries):
+        if attempt:
+            time.sleep(pause_s)
+        try:
+            text = path.read_bytes()
+        except OSError as exc:
+            raise SchedulerFileError(f"{path} cannot be read ({exc})") from None
+        try:
+            data = json.loads(text)
+        except ValueError:  # UnicodeDecodeError included
+            problem = "it is empty" if not text.strip() else "it is not JSON"
+            continue
+        address = data.get("address") if isinstance(data, dict) else None
+        if isinstance(address, str) and address.strip():
+            return address.strip()
+        problem = ('its "address" is not a scheduler address' if isinstance(data, dict) and "address" in data
+                   else 'it has no "address"')
+        break  # whole JSON: reading it again will not help
+    raise SchedulerFileError(f"{path} is not a Dask scheduler file ({problem}; dask scheduler --scheduler-file "
+                             "writes one)")
+
+
 def open_client(workers: int | None, scheduler: str | None) -> tuple[Any, Any]:
-    """(client, local cluster or None): an existing scheduler, or ``workers`` local worker
-    processes of one task each."""
+    """(client, local cluster or None): an existing scheduler (its address, or its scheduler
+    file: SchedulerFileError if it is none), or ``workers`` local worker processes of one task
+    each."""
     from distributed import Client, LocalCluster
 
     if scheduler:
         if Path(scheduler).is_file():  # a scheduler file (dask scheduler --scheduler-file)
-            return Client(scheduler_file=scheduler, timeout="30s"), None
+            return Client(scheduler_file_address(Path(scheduler)), timeout="30s"), None
         return Client(scheduler, timeout="30s"), None
     # any free port: None would mean Dask's fixed 8787, taken by a second batch or another cluster
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
@@ -654,23 +766,18 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"{first.input} and {item.input} would both write {first.output}"
                          + (f" (as {item.output})" if item.output != first.output else ""))
         by_output[name] = item
+    earlier_header, earlier = _Manifest.load(manifest_path)
+    records = _Manifest(manifest_path, earlier_header, earlier)
     sources = {p.resolve() for p in inputs}
     for item in items:
         if item.status == "pending" and item.output.resolve() in sources:  # raw data is never replaced
             item.status, item.error = "failed", "its output would be an input: choose another --output-dir"
         elif item.status == "pending" and item.output.exists():
-            model = _model_path(item.output)
-            if args.resume and args.save_models and not model.exists():  # done means both
-                item.status, item.error = "failed", (f"output exists without its model {model.name} "
-                                                     "(--save-models): remove the output to denoise it again")
-            elif args.resume:
-                item.status = "skipped"
-            else:
-                item.status, item.error = "failed", "output exists: outputs are never overwritten (--resume skips it)"
+            error = _existing_output_error(item, records, args.resume, args.save_models)
+            item.status, item.error = ("failed", error) if error is not None else ("skipped", None)
     for item in items:
         if item.status == "failed" and item.error is not None:  # failed items always say why
             print(f"umvd-live batch: error: {_about(item, item.error)}", file=sys.stderr)
-    earlier_header, earlier = _Manifest.load(manifest_path)
     pending = [item for item in items if item.status == "pending"]
     if not pending:  # nothing to do: no cluster either; the earlier run's header stays, saying how
         _Manifest(manifest_path, earlier_header or {"format": MANIFEST_FORMAT, "command": ["umvd-live", *sys.argv[1:]]},
@@ -680,6 +787,8 @@ def run(args: argparse.Namespace) -> int:
         return 1 if any(item.status == "failed" for item in items) else 0
     try:
         client, cluster = open_client(workers, args.scheduler)
+    except SchedulerFileError as exc:
+        return _fail(f"--scheduler {exc}")
     except (OSError, TimeoutError, ValueError) as exc:
         return _fail(f"cannot reach the Dask scheduler {args.scheduler}: {_one_line(exc)}")
     try:
@@ -696,8 +805,7 @@ def run(args: argparse.Namespace) -> int:
             "options": {"offline": options.offline, "chunk_frames": options.chunk_frames,
                         "retries": options.retries, "engine": asdict(options.engine)},
         }
-        report = run_batch(client, items, options, _Manifest(manifest_path, header, earlier if args.resume else {}),
-                           err)
+        report = run_batch(client, items, options, _Manifest(manifest_path, header, earlier), err)
     finally:
         client.close()
         if cluster is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -226,9 +227,21 @@ def write_denoised(output: str | Path, movie: MovieFrames, frames: Iterable[np.n
     (write_zarr_movie if is_zarr_path(output) else write_movie)(output, frames, infos, provenance)
 
 
+#: `_partial_name`'s form: this, 12 hex digits, ``.`` and the output's name.
+_PARTIAL_PREFIX = ".partial-"
+_PARTIAL_ID = 12
+
+
 def _partial_name(output: Path) -> Path:
     """A temporary name beside ``output`` with the same ending (it picks the format)."""
-    return output.with_name(f".partial-{uuid.uuid4().hex[:12]}.{output.name}")
+    return output.with_name(f"{_PARTIAL_PREFIX}{uuid.uuid4().hex[:_PARTIAL_ID]}.{output.name}")
+
+
+def _partial_pattern(output: Path) -> re.Pattern[str]:
+    """What exactly the names `_partial_name` gives ``output``'s temporaries match: the output's
+    name taken literally (``cell[1].ome.tif``'s brackets are no glob class), and nothing else
+    (``.partial-….x.cell1.ome.tif`` is another output's, ``x.cell1.ome.tif``)."""
+    return re.compile(f"{re.escape(_PARTIAL_PREFIX)}[0-9a-f]{{{_PARTIAL_ID}}}{re.escape('.' + output.name)}")
 
 
 def _remove(path: Path) -> None:
@@ -239,9 +252,16 @@ def _remove(path: Path) -> None:
 
 
 def remove_partials(path: Path) -> None:
-    """Remove the temporaries `write_atomic` left beside ``path`` (a process killed mid-write)."""
-    for stale in path.parent.glob(f".partial-*.{path.name}"):
-        _remove(stale)
+    """Remove the temporaries `write_atomic` left beside ``path`` (a process killed mid-write):
+    the folder's names that `_partial_pattern` matches whole, and no other."""
+    pattern = _partial_pattern(path)
+    try:
+        names = os.listdir(path.parent)
+    except OSError:  # no folder: no temporaries
+        return
+    for name in names:
+        if pattern.fullmatch(name):
+            _remove(path.parent / name)
 
 
 def _place_new(tmp: Path, output: Path) -> None:

@@ -19,7 +19,7 @@ import logging
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Self
 
@@ -50,6 +50,13 @@ class MovieError(ValueError):
     """A movie file that cannot be read as asked; the message is one line meant for the user."""
 
 
+def _unreadable(path: Path, what: str, exc: BaseException) -> MovieError:
+    """The one line for an unexpected error while a file is opened (a damaged file raises many
+    kinds, from tifffile, zarr or the metadata's parsing)."""
+    lines = str(exc).strip().splitlines()
+    return MovieError(f"{path}: not readable as {what} ({type(exc).__name__}: {lines[0] if lines else ''})")
+
+
 @dataclass(frozen=True)
 class Plane:
     """One 2-D plane of the file and where it sits in the acquisition."""
@@ -63,11 +70,14 @@ class Plane:
 @dataclass(frozen=True)
 class SeriesInfo:
     """What one series (image) of a file holds: its axes (tifffile's letters), shape and the
-    dtype its planes are read in."""
+    dtype its planes are read in. ``one_time_point``: the file says the series is a single time
+    point of several planes (a z-stack, a snapshot of channels), so it is no movie even when it
+    is a 3-D stack (`stream_planes`)."""
 
     axes: str
     shape: tuple[int, ...]
     dtype: np.dtype
+    one_time_point: bool = False
 
     @property
     def frame_shape(self) -> tuple[int, int]:
@@ -195,8 +205,12 @@ class TiffMovie:
             raise MovieError(f"{self.path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
         try:
             self._setup(series, channel, group)
-        except Exception:
+        except BaseException as exc:
             self._tif.close()
+            if isinstance(exc, Exception) and not isinstance(exc, MovieError):
+                # a file damaged past its first page (a copy cut short) fails in tifffile's series,
+                # pages or metadata parsing: one line, as for a header that does not parse
+                raise _unreadable(self.path, "a TIFF movie", exc) from None
             raise
 
     def _setup(self, series: int | None, channel: int | None, group: str) -> None:
@@ -216,6 +230,8 @@ class TiffMovie:
                 # another kind of series (a thumbnail, an RGB overview) beside the movie: skip it
         if not readers:
             raise MovieError(f"{self.path}: no series with grey 2-D frames")
+        for r in readers:
+            r.info = replace(r.info, one_time_point=self._ome_one_time_point(r))
         self._series = {r.index: r for r in readers}
         self.series_info = {r.index: r.info for r in readers}
         positions = len(readers) > 1
@@ -265,6 +281,35 @@ class TiffMovie:
         summary = (tif.micromanager_metadata or {}).get("Summary") if hasattr(tif, "micromanager_metadata") else None
         mm_names = summary.get("ChNames") if isinstance(summary, dict) else None
         return [str(n) for n in mm_names] if isinstance(mm_names, list) and mm_names else None
+
+    def _ome_one_time_point(self, r: _Series) -> bool:
+        """Whether the OME-XML says that series ``r``, which has no time axis, is one time point
+        of several planes: ``SizeT="1"`` with ``SizeZ`` > 1 (a z-stack), or with ``SizeC`` > 1 and
+        channels it labels (a channel name, or a ``DimensionOrder`` other than ``XYCZT``). Not
+        where it says only what tifffile writes for a 3-D stack it was told nothing about
+        (``SizeC`` = planes, ``SizeT="1"``, ``XYCZT``, unnamed channels): such a file says
+        nothing, and stays a movie (`stream_planes`)."""
+        if not self._tif.is_ome or "T" in r.lead_axes:
+            return False
+        image = self._ome_image(r.index)
+        pixels = next((el for el in image.iter() if local_name(el) == "Pixels"), None) if image is not None else None
+        if pixels is None:
+            return False
+
+        def size(axis: str) -> int:
+            try:
+                return int(pixels.get(f"Size{axis}", "1"))
+            except ValueError:
+                return 1
+
+        if size("T") != 1:
+            return False
+        if size("Z") > 1:
+            return True
+        if size("C") > 1:
+            named = any(el.get("Name") for el in pixels.iter() if local_name(el) == "Channel")
+            return named or pixels.get("DimensionOrder") != "XYCZT"
+        return False
 
     def _position_name(self, series: int) -> str | None:
         image = self._ome_image(series) if self._tif.is_ome else None
@@ -449,14 +494,22 @@ class ZarrMovie:
         if not self.path.is_dir():
             raise MovieError(f"{self.path}: no such OME-Zarr store")
         try:
-            images = open_ome_zarr(self.path)
-        except (RecordingFormatError, RuntimeError) as exc:
+            self._setup(series, channel, group)
+        except (RecordingFormatError, RuntimeError) as exc:  # RuntimeError: the zarr extra is missing
             raise MovieError(str(exc)) from None
+        except MovieError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - malformed metadata raises many kinds; the user gets one line
+            raise _unreadable(self.path, "an OME-Zarr movie", exc) from None
+
+    def _setup(self, series: int | None, channel: int | None, group: str) -> None:
+        images = open_ome_zarr(self.path)
         if series is not None and not 0 <= series < len(images):
             raise MovieError(f"{self.path}: series {series} does not exist ({len(images)} series)")
         chosen = [series] if series is not None else list(range(len(images)))
         self._series: dict[int, OmeZarrSeries] = {i: images[i] for i in chosen}
-        self.series_info = {i: SeriesInfo(images[i].axes, images[i].shape, _pixel_type(self.path, images[i].dtype))
+        self.series_info = {i: SeriesInfo(images[i].axes, images[i].shape, _pixel_type(self.path, images[i].dtype),
+                                          _zarr_one_time_point(images[i].axes, images[i].shape))
                             for i in chosen}
         positions = len(images) > 1
         planes: list[Plane] = []
@@ -546,6 +599,13 @@ class ZarrMovie:
         self.close()
 
 
+def _zarr_one_time_point(axes: str, shape: tuple[int, ...]) -> bool:
+    """Whether an OME-Zarr image is one time point of several planes: a ``t`` axis of length 1
+    (OME-Zarr names every axis; a store without ``t`` says nothing about time, as an unlabelled
+    TIFF stack, and a 3-D one stays a movie: `stream_planes`)."""
+    return "T" in axes and shape[axes.index("T")] == 1 and int(np.prod(shape[:-2], dtype=np.int64)) > 1
+
+
 def open_movie(path: str | Path, *, series: int | None = None, channel: int | None = None,
                group: str = "cam0") -> TiffMovie | ZarrMovie:
     """The reader for ``path``: `ZarrMovie` for an OME-Zarr store (``.zarr``), else `TiffMovie`."""
@@ -578,7 +638,9 @@ def stream_planes(movie: TiffMovie | ZarrMovie) -> dict[str, list[int]]:
     (``Z``) and tifffile calls the planes of an unlabelled OME or ImageJ stack channels, so such
     a file is far more often a movie than a z-stack. A warning says so. Not where the file names
     its channels, each its own (``CYX`` with DAPI, GFP, RFP): that is a snapshot of channels,
-    whose levels and content differ, never one movie."""
+    whose levels and content differ, never one movie; nor where it says it holds one time point
+    (`SeriesInfo.one_time_point`: an OME ``SizeT="1"`` z-stack or labelled snapshot, an
+    OME-Zarr ``t`` axis of length 1)."""
     by_name: dict[str, list[int]] = {}
     for i, plane in enumerate(movie.planes):
         by_name.setdefault(plane.axes.short_name, []).append(i)
@@ -586,7 +648,7 @@ def stream_planes(movie: TiffMovie | ZarrMovie) -> dict[str, list[int]]:
     names = [movie.planes[p[0]].axes.channel for p in by_name.values()]
     named_channels = info.axes[:1] == "C" and all(names) and len(set(names)) == len(names)
     if (len(by_name) > 1 and not others and len(info.axes) == 3 and all(len(p) == 1 for p in by_name.values())
-            and not named_channels):
+            and not named_channels and not info.one_time_point):
         log.warning("%s: no time axis; its %d planes along %s are read as the movie's frames",
                     movie.path, len(movie.planes), info.axes[0])
         return {"": list(range(len(movie.planes)))}
@@ -594,9 +656,28 @@ def stream_planes(movie: TiffMovie | ZarrMovie) -> dict[str, list[int]]:
 
 
 def movie_streams(path: str | Path) -> list[str]:
-    """The short names of a movie file's streams (`stream_planes`), in acquisition order."""
+    """The short names of a movie file's streams (`stream_planes`), in acquisition order; a file
+    whose every stream is one frame (no movie: `MovieFrames`' error) raises MovieError."""
     with open_movie(path, group=file_group(path)) as movie:
-        return list(stream_planes(movie))
+        by_name = stream_planes(movie)
+        _check_movie(Path(path), movie, by_name)
+        return list(by_name)
+
+
+def _check_movie(path: Path, movie: TiffMovie | ZarrMovie, by_name: dict[str, list[int]]) -> None:
+    """MovieError when no stream of the file has more than one frame: an image, or planes of one
+    time point (a z-stack, a snapshot of channels), with nothing to denoise over time."""
+    if not all(len(planes) == 1 for planes in by_name.values()):
+        return
+    info = next(iter(movie.series_info.values()))
+    if len(by_name) == 1:
+        got = f"one {info.frame_shape[0]}×{info.frame_shape[1]} image"
+    elif any(i.one_time_point for i in movie.series_info.values()):
+        got = (f"{len(by_name)} streams of one frame each: the file says it has one time point (axes {info.axes}), "
+               "a z-stack or a snapshot of channels, so there is nothing to denoise over time")
+    else:
+        got = f"{len(by_name)} streams of one frame each (axes {info.axes}: no time axis)"
+    raise MovieError(f"{path}: expected a T×H×W movie, got {got}")
 
 
 class MovieFrames:
@@ -622,11 +703,7 @@ class MovieFrames:
         movie = self._movie
         by_name = stream_planes(movie)
         self.streams = list(by_name)
-        if all(len(planes) == 1 for planes in by_name.values()):
-            info = next(iter(movie.series_info.values()))
-            raise MovieError(f"{self.path}: expected a T×H×W movie, got "
-                             + (f"one {info.frame_shape[0]}×{info.frame_shape[1]} image" if len(by_name) == 1 else
-                                f"{len(by_name)} streams of one frame each (axes {info.axes}: no time axis)"))
+        _check_movie(self.path, movie, by_name)
         if stream is None:
             if len(by_name) > 1:
                 raise MovieError(f"{self.path}: {len(by_name)} streams ({describe_streams(self.streams)}): "
