@@ -516,8 +516,8 @@ class LiveStream:
             if checkpoint:  # shutdown, shape change: keep what this model learned (on the worker)
                 self.checkpoint()
         finally:  # also after a failed flush: nothing is owed by a closed denoiser (`ended`)
-            try:  # a stream that ended keeps its model for `save_model` (a few hundred kB)
-                self.final_weights = den.weights_copy()
+            try:  # a stream that ended keeps its model for `save_model` (a few hundred kB); a reset forgets it
+                self.final_weights = den.weights_copy() if checkpoint else None
             except Exception:
                 log.exception("stream %s: its weights could not be kept at its end", self.name)
             den.close()
