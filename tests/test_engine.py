@@ -681,3 +681,42 @@ def test_the_learning_rate_ramps_up_whenever_adam_starts_afresh(tmp_path):
     den.load_weights(tmp_path / "w.pt")  # Adam's moments start afresh: so does the ramp
     den.train_for(1)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr / 4)
+
+
+def test_inference_gets_the_running_average_whose_level_holds_between_steps():
+    """From one training step to the next the output level moves by a few percent (the batch's
+    noise), and the preview shows each published step's level; inference gets the running average
+    of the weights, whose level moves far less (live 256²: rms 2.8 % -> 0.6 %)."""
+    import copy
+
+    from umvd_live.adapters.simulation import TwoPhotonSimulator
+    from umvd_live.apps.harness import sim_config
+
+    config = sim_config(128, 128, 30.0, 2.0, 0)
+    noisy, _ = TwoPhotonSimulator(config).movie(40)
+    den = StreamDenoiser(EngineConfig(preset="lite", device="cpu", train_mode="inline", steps_per_frame=0, seed=0))
+    for frame in noisy:
+        den.push(frame)
+    trainer = den.trainer
+    n = trainer.model.spec.window
+    windows = torch.stack([torch.from_numpy(den.normalizer.forward(noisy[i - n // 2:i + n // 2 + 1]))
+                           for i in range(10, 30, 4)])[:, :, None]
+    averaged = copy.deepcopy(trainer.model).eval()
+
+    def level(model) -> float:
+        with torch.no_grad():
+            return float(model.eval()(windows).mean())
+
+    own, average = [], []
+    for _ in range(10):
+        den.train_for(8)
+        own.append(level(trainer.model))
+        averaged.load_state_dict(trainer.inference_weights())
+        average.append(level(averaged))
+    assert np.std(np.diff(average)) < 0.5 * np.std(np.diff(own)), (own, average)
+    den.training.publish()
+    published = den.training.take_published()  # what the stream adopts is the average
+    assert published is not None and all(torch.equal(published[1][k], v)
+                                         for k, v in trainer.inference_weights().items())
+    trainer.restart_average()  # (a change: the stream adapts) the trainer's own weights then
+    assert all(torch.equal(trainer.inference_weights()[k], v) for k, v in trainer.model.state_dict().items())

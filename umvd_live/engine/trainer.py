@@ -44,6 +44,11 @@ class TrainerConfig:
     # about lr whatever its gradient, which shifted a prior's output level by ~10 % within 8 steps
     # (docs/benchmarks.md, "The first steps from a prior"). 0: no ramp.
     lr_warmup_steps: int = 50
+    # Per-step decay of the running average of the weights that inference is given (`average`):
+    # from one step to the next the output level moves by a few percent (the batch's noise), and
+    # the preview shows each published step's level; the average carries about the last
+    # 1 / (1 - decay) steps. 0: inference gets the trainer's own weights.
+    average_decay: float = 0.95
     # Share of training windows cut as if their segment began just before them (mirrored window
     # edge, short or no context): what the network sees at a stream's start and after a change
     # (`changes`), so it is trained for those moments too, not only for full windows.
@@ -272,6 +277,8 @@ class OnlineTrainer:
         self.steps = 0
         self._lr = config.lr  # the rate once ramped up (halved by each rollback)
         self._fresh_steps = 0  # steps since Adam started afresh: where the ramp is
+        #: The running average of the weights since the last `restart_average` (None: none yet).
+        self.average: dict[str, torch.Tensor] | None = None
         self.rollbacks = 0
         self.last_loss: float | None = None
         self._loss_ema: float | None = None
@@ -299,8 +306,32 @@ class OnlineTrainer:
         self.steps = step
         self.optimizer.state.clear()
         self._fresh_steps = 0
+        self.restart_average()
         self._loss_ema = self._out_std_ema = None
         self._snapshot()
+
+    def restart_average(self) -> None:
+        """Start the running average afresh at the next step: after new weights (loaded, rolled
+        back), and while the stream adapts to a change, whose weights must not lag."""
+        self.average = None
+
+    @torch.no_grad()
+    def _update_average(self) -> None:
+        decay = self.config.average_decay
+        if decay <= 0:
+            return
+        state = self.model.state_dict()
+        if self.average is None:
+            self.average = {k: v.detach().clone() for k, v in state.items()}
+            return
+        floats = [k for k, v in state.items() if v.is_floating_point()]
+        torch._foreach_lerp_([self.average[k] for k in floats], [state[k] for k in floats], 1.0 - decay)
+
+    def inference_weights(self) -> dict[str, torch.Tensor]:
+        """A copy of what inference should use: the running average of the weights, or the
+        trainer's own before there is one (or with `TrainerConfig.average_decay` 0)."""
+        source = self.average if self.average is not None else self.model.state_dict()
+        return {k: v.detach().clone() for k, v in source.items()}
 
     def _snapshot(self) -> None:
         self._good = (
@@ -314,6 +345,7 @@ class OnlineTrainer:
         self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(opt_state)
         self._lr = lr = max(self._lr * 0.5, self.config.min_lr)
+        self.restart_average()  # (it may hold the weights that diverged)
         self.rollbacks += 1
         self._loss_ema = None
         self._out_std_ema = None
@@ -356,6 +388,7 @@ class OnlineTrainer:
         self.optimizer.step()
         self.steps += 1
         self._fresh_steps += 1
+        self._update_average()
         self.last_loss = loss_value
         self._loss_ema = loss_value if self._loss_ema is None else 0.95 * self._loss_ema + 0.05 * loss_value
         return loss_value

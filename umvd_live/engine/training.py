@@ -8,10 +8,10 @@ the time (more while adapting to a change), in turns with the other engines' tra
 `push` then only does inference and keeps the acquisition's pace.
 
 Inference runs on its own copy of the network (`stream.StreamDenoiser`). Every `sync_every`
-steps the loop *publishes* a copy of the trainer's weights into a one-slot double buffer, and the
-pushing thread *adopts* the newest between frames, so inference never sees a half-updated model
-and never waits for a step. `lock` is held by every step and every read or write of the trainer's
-weights (saving, loading).
+steps the loop *publishes* a copy of the trainer's running average of its weights
+(`OnlineTrainer.average`) into a one-slot double buffer, and the pushing thread *adopts* the
+newest between frames, so inference never sees a half-updated model and never waits for a step.
+`lock` is held by every step and every read or write of the trainer's weights (saving, loading).
 """
 
 from __future__ import annotations
@@ -177,8 +177,13 @@ class TrainingLoop:
 
     # -- the weight double-buffer ---------------------------------------------------------------
     def publish(self) -> None:
-        """Put a copy of the trainer's weights in the slot (replacing any not yet adopted)."""
-        published = self._copy()
+        """Put a copy of the weights inference should use in the slot (replacing any not yet
+        adopted): the trainer's running average (`OnlineTrainer.inference_weights`), restarted
+        while the stream adapts to a change, so that the new weights are not held back."""
+        trainer, _ = self._begun()
+        if self.stream.adapting:
+            trainer.restart_average()
+        published = (trainer.steps, trainer.inference_weights())
         self._published_at = (published[0], self._begun()[0].rollbacks)
         with self._publish_lock:
             self._published = published
@@ -191,14 +196,12 @@ class TrainingLoop:
 
     # -- the trainer's weights ------------------------------------------------------------------
     def snapshot(self) -> Published:
-        """(step, a copy of the trainer's weights), taken between steps: a file is then written
-        from the copy without holding up training."""
+        """(step, a copy of the weights inference uses: the running average), taken between
+        steps: a file is then written from the copy without holding up training. What is saved,
+        hashed and kept is the model the outputs come from, and the better start for later."""
         with self.lock:
-            return self._copy()
-
-    def _copy(self) -> Published:
-        trainer, _ = self._begun()
-        return trainer.steps, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+            trainer, _ = self._begun()
+            return trainer.steps, trainer.inference_weights()
 
     def load(self, state: dict, step: int) -> None:
         """Replace the trainer's weights between steps (`OnlineTrainer.load`), and publish them."""
