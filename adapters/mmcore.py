@@ -293,10 +293,12 @@ class LiveTap:
     old one is ended first. Exposure and pixel size are read from the core at each start and when
     the core says they changed (``events.exposureChanged``, ``pixelSizeChanged``)."""
 
-    def __init__(self, core: CMMCorePlus, publisher: FramePublisher, *, poll_interval_s: float = 0.001):
+    def __init__(self, core: CMMCorePlus, publisher: FramePublisher, *, poll_interval_s: float = 0.001,
+                 limit: int | None = None):
         self.core = core
         self.publisher = publisher
         self.poll_interval_s = poll_interval_s
+        self.limit = limit  # images to publish at most (None: until stopped)
         self.published = 0
         self._ended_after = 0  # images published when the stream was last ended
         self.errors = 0
@@ -338,6 +340,8 @@ class LiveTap:
         Not gated on ``isSequenceRunning``: a UniMMCore (pymmcore-plus 0.18.1) can report False
         for a whole live run under CPU load. An image left from an earlier sequence is never new
         (`ImageNumberTracker.prime` at `start`, and the same number is not published twice)."""
+        if self.limit is not None and self.published >= self.limit:
+            return False
         newest = self._newest()
         if newest is None:
             return False
@@ -516,7 +520,10 @@ def run_mda(core: CMMCorePlus, sequence: Iterable[MDAEvent]) -> None:
 
 
 def run_live(core: CMMCorePlus, tap: LiveTap, frames: int | None, interval_ms: float = 0.0) -> None:
-    """Start live mode, tap it until ``frames`` images were published (or Ctrl-C), stop it."""
+    """Start live mode, tap it until ``frames`` images were published (or Ctrl-C), stop it.
+    Exactly ``frames``: the tap itself stops publishing there (`LiveTap.limit`), as this loop,
+    which only looks every 10 ms, would let a fast camera outrun it."""
+    tap.limit = frames
     tap.start()
     core.startContinuousSequenceAcquisition(interval_ms)
     try:

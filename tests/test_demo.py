@@ -258,7 +258,7 @@ def test_outputs_after_the_stream_ended_do_not_count_as_while_streaming(monkeypa
 
     monkeypatch.setattr(demo, "DemoDisplay", lambda console: contextlib.nullcontext(
         SimpleNamespace(due=lambda: False)))
-    daemon = SimpleNamespace(proc=SimpleNamespace(poll=lambda: None))
+    daemon = SimpleNamespace(proc=SimpleNamespace(poll=lambda: None), status=lambda: {"streams": {}})
     config = demo.DemoConfig(duration_s=0.5, height=64, width=64)
     output(0)
     demo._stream(config, Console(file=io.StringIO()), daemon, collector, collector.tracker, Sim())
@@ -266,3 +266,25 @@ def test_outputs_after_the_stream_ended_do_not_count_as_while_streaming(monkeypa
     collector.pump(0.0)
     assert collector.figures.received == 3
     assert collector.figures.received_streaming == 2 and len(collector.figures.latencies_ms) == 2
+
+
+def test_a_normal_run_s_summary_has_the_engine_s_preset_device_and_training_rate(tmp_path: Path) -> None:
+    """The stream's end message closes its engine, so a status taken after it has no engine figures:
+    the summary printed "preset - on -" and "—" steps/s (JSON nulls) whenever the simulation ended
+    normally. They are the figures of the last status taken while the stream ran. With ``--oracle
+    none`` the activity table says nothing about oracle Gaussians."""
+    out = tmp_path / "summary.json"
+    proc = subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", "demo", "--duration", "6", *SMALL,
+                           "--oracle", "none", "--json", str(out)], capture_output=True, text=True, timeout=120,
+                          env=ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = json.loads(out.read_text())
+    figures = json.dumps(s)
+    assert s["ended_by"] == "--duration 6 s", figures
+    assert (s["preset"], s["device"]) == ("lite", "cpu"), figures
+    assert s["training_steps_per_s"] is not None and s["training_steps_per_s"] > 0, figures
+    assert "preset lite on cpu" in proc.stdout, proc.stdout
+    assert re.search(rf"training steps\s+│\s+{s['training_steps']}\s+│\s+{s['training_steps_per_s']:.1f} steps/s",
+                     proc.stdout), proc.stdout
+    assert "oracle" not in proc.stdout.lower(), proc.stdout
+    assert not psutil.pid_exists(s["daemon_pid"])

@@ -27,6 +27,7 @@ from umvd_live.adapters.mmcore import (
     MDAFailed,
     MMCoreSource,
     load_core,
+    run_live,
     run_mda,
     time_lapse,
 )
@@ -615,3 +616,22 @@ def test_a_device_error_fails_the_mda_and_the_command(tmp_path, receiver, capsys
     assert status == 1
     assert "4 frames acquired in 4 stream(s), 4 sent" in out.out
     assert "the MDA failed: RuntimeError: stage jammed" in out.err
+
+
+@pytest.mark.parametrize("frames", [1, 40])
+def test_run_live_sends_exactly_the_frames_asked_for(core, receiver, frames):
+    """`acquire pymmcore-plus --live --frames N` sends N frames, not N+1 or more: the count is
+    enforced on the tap's own thread before it polls, not by a loop that looks every 10 ms while a
+    fast camera (no exposure: a new image as fast as the core snaps) keeps the tap publishing."""
+    pub = connected_publisher(receiver.endpoint)
+    core.setExposure(0.0)
+    tap = LiveTap(core, pub, poll_interval_s=0.0005)
+    run_live(core, tap, frames)
+    stats = tap.stats()
+    received = receiver.wait_for(frames + 1, timeout_s=3)  # waits out anything past N too
+    pub.close()
+    assert stats.published == frames and len(received) == frames, (stats, len(received))
+    seqs = [f.header.seq for f in received]
+    assert seqs == sorted(set(seqs))
+    assert [(e.stream, e.seq) for e in receiver.ends] == [("cam0", seqs[-1] + 1)]  # the stream was ended once
+    assert type(tap).poll_once is LiveTap.poll_once and "poll_once" not in vars(tap)  # the limit was this run's

@@ -481,3 +481,74 @@ def test_ipv6_loopback_endpoints_are_bound_and_carry_frames_and_control():
         producer.close()
         transport.close()
         ctx.term()
+
+
+class _StatedDaemon:
+    """A daemon stand-in for examples/protocol_producer.py: it binds the three sockets, answers each
+    valid frame with a denoised one whose `state` ``state_of(seq)`` chooses, and answers `status`
+    and `shutdown` on the control socket."""
+
+    def __init__(self, state_of):
+        import threading
+
+        ctx = zmq.Context.instance()
+        self.state_of = state_of
+        self.input, self.output, self.control = ctx.socket(zmq.SUB), ctx.socket(zmq.PUB), ctx.socket(zmq.REP)
+        self.input.setsockopt(zmq.SUBSCRIBE, b"")
+        for sock in (self.input, self.output, self.control):
+            sock.bind("tcp://127.0.0.1:*")
+        self.endpoints = [s.getsockopt_string(zmq.LAST_ENDPOINT) for s in (self.input, self.output, self.control)]
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.input, zmq.POLLIN)
+        poller.register(self.control, zmq.POLLIN)
+        while not self._halt.is_set():
+            ready = dict(poller.poll(20))
+            if self.input in ready:
+                frame = decode_frame(self.input.recv_multipart())
+                header = {"v": 1, "seq": frame.header.seq, "shape": list(frame.pixels.shape), "dtype": "<f4",
+                          "t": frame.header.t, "meta": frame.header.meta, "state": self.state_of(frame.header.seq),
+                          "latency_ms": 100.0, "model_step": frame.header.seq}
+                self.output.send_multipart([f"{frame.stream}/denoised".encode(), msgpack.packb(header),
+                                            frame.pixels.astype("<f4").tobytes()])
+            if self.control in ready:
+                cmd = msgpack.unpackb(self.control.recv())["cmd"]
+                self.control.send(msgpack.packb({"ok": True, "streams": {}} if cmd == "status"
+                                                else {"ok": True, "flushed": 0}))
+        for sock in (self.input, self.output, self.control):
+            sock.close(linger=0)
+
+    def close(self) -> None:
+        self._halt.set()
+        self._thread.join(5)
+
+
+@pytest.mark.parametrize("state_of, verdict", [
+    # the shipped prior: live from frame 0, the referee's temporal means ("warmup") among the live
+    # frames during the warm start, and "adapting" after an abrupt change: all as documented
+    (lambda seq: "warmup" if seq in (3, 4, 9) else "adapting" if 20 <= seq < 25 else "live", "PASS"),
+    (lambda seq: "live" if seq < 20 else "finished", "FAIL"),  # a state the protocol does not name
+    (lambda seq: "warmup", "FAIL"),  # never the network's own output
+])
+def test_the_example_producer_passes_what_the_protocol_documents(state_of, verdict, tmp_path):
+    """examples/protocol_producer.py judges the daemon by docs/protocol.md: a "warmup" frame after a
+    "live" one is the documented referee at work, not a failure (it once required none, which a
+    daemon with the shipped prior, live from frame 0, did not meet); a state the protocol does not
+    name, or no network output at all, fails."""
+    daemon = _StatedDaemon(state_of)
+    try:
+        input_ep, output_ep, control_ep = daemon.endpoints
+        proc = subprocess.run(
+            [sys.executable, str(DOC.parents[1] / "examples" / "protocol_producer.py"), "--input", input_ep,
+             "--output", output_ep, "--control", control_ep, "--frames", "40", "--size", "16", "16",
+             "--rate", "200", "--malformed-every", "0", "--shutdown"],
+            capture_output=True, text=True, timeout=60)
+    finally:
+        daemon.close()
+    assert proc.stdout.strip().splitlines()[-1] == verdict, proc.stdout + proc.stderr
+    assert proc.returncode == (0 if verdict == "PASS" else 1)
+    assert '"denoised_received": 40' in proc.stdout, proc.stdout

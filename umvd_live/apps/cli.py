@@ -185,12 +185,14 @@ def _serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-connect", metavar="ENDPOINT", action="append", default=[],
                    help="connect the input to a producer that binds (repeatable)")
     p.add_argument("--output", default="tcp://127.0.0.1:5556", help="PUB endpoint for viewers")
-    p.add_argument("--control", default="tcp://127.0.0.1:5557", help="REP endpoint for control")
+    p.add_argument("--control", default="tcp://127.0.0.1:5557",
+                   help="ROUTER endpoint the daemon binds for control requests (a REQ client connects; "
+                        "each request is answered as a REP would; default %(default)s)")
     _engine_args(p)
     p.add_argument("--record", type=user_path, metavar="PATH", help="record every denoised frame to this OME-TIFF")
-    p.add_argument("--output-dir", type=user_path, default=".",
-                   help="directory for paths given on the control socket (recordings; models "
-                        "when there is no --state-dir)")
+    p.add_argument("--output-dir", type=user_path, default=".", metavar="DIR",
+                   help="directory for paths given on the control socket (recordings; "
+                        "models when there is no --state-dir; default: the working directory)")
     p.add_argument("--state-dir", type=user_path,
                    help="checkpoint each stream's weights here and reload at start; "
                         "save_model/load_model paths are confined to it")
@@ -259,16 +261,19 @@ def _acquire(sub: argparse._SubParsersAction) -> None:
                    help="pymmcore-plus, pycromanager owner: hand-off queue length (default %(default)d)")
     p.add_argument("--rate", type=float, default=acq.rate_hz, help="frames per second (sim, replay)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=acq.size,
-                   help="sim: frame height and width in pixels (default %(default)s)")
+                   help=f"sim: frame height and width in pixels (default {' '.join(map(str, acq.size))})")
     p.add_argument("--photons", type=float, default=acq.photons, help="sim: photons/pixel/frame")
     p.add_argument("--seed", type=int, default=acq.seed,
                    help="sim: random seed of the simulated session (default %(default)d)")
     p.add_argument("--file", type=user_path,
-                   help="replay: the movie to replay (TIFF, OME-TIFF, ScanImage, NDTiff, MMStack)")
+                   help="replay: the movie to replay: TIFF, ImageJ, OME-TIFF (multi-file too), ScanImage, "
+                        "Micro-Manager NDTiff and MMStack, or an OME-Zarr store (docs/adapters.md)")
     p.add_argument("--loop", action="store_true", help="replay: loop the file")
     p.add_argument("--file-timing", action="store_true", help="replay: pace at the file's timestamps")
-    p.add_argument("--series", type=int, help="replay: only this series (position) of the file (default: all)")
-    p.add_argument("--channel", type=int, help="replay: only this channel (default: all, a stream each)")
+    p.add_argument("--series", type=int, metavar="INDEX",
+                   help="replay: only the series (position) of this 0-based index in the file (default: all)")
+    p.add_argument("--channel", type=int, metavar="INDEX",
+                   help="replay: only the channel of this 0-based index, not a name (default: all, a stream each)")
     p.add_argument("--config", type=user_path,
                    help="pymmcore-plus, pycromanager owner: Micro-Manager configuration file")
     p.add_argument("--mm-path", type=user_path,
@@ -387,7 +392,8 @@ def _bench(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="umvd-live", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print umvd-live's version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_demo, _denoise, _batch, _serve, _acquire, _view, _bench, _keys):
         add(sub)

@@ -55,11 +55,12 @@ from umvd_live.apps.harness import (
 from umvd_live.daemon.status import render_lines, render_table
 from umvd_live.engine.budget import cpu_cores
 from umvd_live.metrics import SessionFrames, finite_json, psnr
-from umvd_live.wire.schema import StatusReply, StreamStatus, latency_summary
+from umvd_live.wire.schema import EngineStats, StatusReply, StreamStatus, latency_summary
 
 STREAM = "sim0"
-#: The demo's warm start: shorter than serve's (`EngineConfig`'s defaults) so that a 60 s demo on a
-#: 2-core CPU goes live well before its end (docs/demo.md has the measurements).
+#: The demo's warm start: shorter than serve's (`EngineConfig`'s defaults). A stream starts live on
+#: the shipped prior; the warm start is the training that adapts it to the sample, while the referee
+#: judges every frame (docs/demo.md has the measurements).
 DEMO_WARMUP_FRAMES = 150
 DEMO_WARMUP_STEPS = 100
 TMEAN_FRAMES = 5
@@ -457,14 +458,14 @@ def render_summary(s: DemoSummary) -> Table:
                       f"{s.warmup_steps} steps ({setting})")
     table.add_row("training steps", str(s.training_steps), format_figure(s.training_steps_per_s, ".1f", " steps/s"))
     if s.live_frames_scored:
-        over = (f"mean per-frame PSNR against the truth, over the {s.live_frames_scored} frames output "
-                "past the warm start")
+        over = (f"mean per-frame PSNR against the truth, over the {s.live_frames_scored} frames the network "
+                "output (state live or adapting)")
         table.add_row("PSNR raw", format_figure(s.psnr_raw_db, ".2f", " dB"), over)
         table.add_row("PSNR 5-frame mean", format_figure(s.psnr_tmean_db, ".2f", " dB"), "temporal mean, for context")
         table.add_row("PSNR denoised", format_figure(s.psnr_denoised_db, ".2f", " dB"),
                       f"{format_figure(s.psnr_gain_db, '+.2f', ' dB')} over raw")
     else:
-        table.add_row("PSNR", "-", "no frame was output past the warm start")
+        table.add_row("PSNR", "-", "no frame was the network's output (all temporal means, state warmup)")
     table.add_row("machine load", f"{s.load_average[0]:.2f}",
                   f"load average (1 min; 5 and 15 min: {s.load_average[1]:.2f}, {s.load_average[2]:.2f}) "
                   f"on {s.cpu_count} cores")
@@ -476,9 +477,9 @@ def render_summary(s: DemoSummary) -> Table:
 def render_activity(activity: dict[str, Any], oracle: str) -> Table | Group:
     """What users look at (issue 14), as `umvd-live bench` prints it: the calcium transients."""
     first, last = activity["span"]
+    searched = "" if oracle == "none" else f"; oracle Gaussians on the {oracle} grid, searched after the stream"
     return activity_table(activity, f"activity against the truth: frames {first}-{last} ({activity['frames']} "
-                                    f"scored, {activity['cells']} cells); oracle Gaussians on the {oracle} grid, "
-                                    "searched after the stream")
+                                    f"scored, {activity['cells']} cells){searched}")
 
 
 def score_activity(config: DemoConfig, tracker: QualityTracker) -> tuple[dict[str, Any] | None, str | None]:
@@ -547,11 +548,11 @@ def _session(config: DemoConfig, console: Console, log_dir: Path) -> int:
                       f"--control {ready.control}", highlight=False, soft_wrap=True)
         sim = SimulatedAcquisition(ready.input, config, tracker)
         sim.start()
-        ended_by, streamed_s = _stream(config, console, daemon, collector, tracker, sim)
+        ended_by, streamed_s, engine = _stream(config, console, daemon, collector, tracker, sim)
         final_status = _finish(daemon, collector, tracker, sim)
         console.print("umvd-live demo: scoring the activity against the truth ...", highlight=False)
         activity, skipped = score_activity(config, tracker)
-        summary = _summarise(config, ended_by, streamed_s, daemon, collector, tracker, sim, final_status)
+        summary = _summarise(config, ended_by, streamed_s, daemon, collector, tracker, sim, final_status, engine)
         summary.activity, summary.activity_skipped = activity, skipped
         console.print(render_summary(summary))
         if activity is not None:
@@ -584,11 +585,22 @@ def _session(config: DemoConfig, console: Console, log_dir: Path) -> int:
                 pass
 
 
+def _engine_figures(status: StatusReply | None) -> EngineStats | None:
+    """The demo stream's engine figures (preset, device, training rate) in ``status``, or None: there
+    are none before the stream's first frame, nor once its end message has closed its engine."""
+    stream = status["streams"].get(STREAM) if status is not None else None
+    engine = stream.get("engine") if stream is not None else None
+    return engine if engine and "error" not in engine else None
+
+
 def _stream(config: DemoConfig, console: Console, daemon: ServeProcess, collector: OutputCollector,
-            tracker: QualityTracker, sim: SimulatedAcquisition) -> tuple[str, float]:
-    """Receive and show until the duration has passed since the first frame, or Ctrl-C."""
+            tracker: QualityTracker, sim: SimulatedAcquisition) -> tuple[str, float, EngineStats | None]:
+    """Receive and show until the duration has passed since the first frame, or Ctrl-C. Returns
+    how it ended, the seconds streamed and the engine's figures while the stream still ran (the
+    last status that had them, taken before the stream's end closes its engine)."""
     ended_by = f"--duration {config.duration_s:g} s"
     status: StatusReply | None = None
+    engine: EngineStats | None = None
     with DemoDisplay(console) as display, StopSignals() as stop:
         while stop.received is None:
             collector.pump(0.05)
@@ -601,6 +613,7 @@ def _stream(config: DemoConfig, console: Console, daemon: ServeProcess, collecto
             elapsed = time.monotonic() - started if started is not None else 0.0
             if display.due():
                 status = daemon.status()
+                engine = _engine_figures(status) or engine
                 display.show(headline(config, elapsed, sim.sent, collector.figures, tracker), status)
             if started is not None and elapsed >= config.duration_s:
                 break
@@ -608,6 +621,8 @@ def _stream(config: DemoConfig, console: Console, daemon: ServeProcess, collecto
                 raise DemoError("the simulated acquisition stopped on its own")
         if stop.received is not None:
             ended_by = "Ctrl-C" if stop.received == signal.SIGINT else "SIGTERM"
+        if started is not None:  # the engine's figures as the stream ends, before its end message
+            engine = _engine_figures(daemon.status()) or engine
     sim.stop()
     # The stream has ended: take what was published by now, then stop counting "while streaming" (as
     # bench leaves out the final flush): the catch-up wait and the flush would inflate fps_out.
@@ -616,7 +631,7 @@ def _stream(config: DemoConfig, console: Console, daemon: ServeProcess, collecto
     started = sim.started_at
     streamed = (sim.result.elapsed_s if sim.result is not None else
                 (time.monotonic() - started if started is not None else 0.0))
-    return ended_by, streamed
+    return ended_by, streamed, engine
 
 
 def _finish(daemon: ServeProcess, collector: OutputCollector, tracker: QualityTracker,
@@ -641,10 +656,14 @@ def _finish(daemon: ServeProcess, collector: OutputCollector, tracker: QualityTr
 
 def _summarise(config: DemoConfig, ended_by: str, streamed_s: float, daemon: ServeProcess,
                collector: OutputCollector, tracker: QualityTracker, sim: SimulatedAcquisition,
-               status: StatusReply) -> DemoSummary:
+               status: StatusReply, running_engine: EngineStats | None = None) -> DemoSummary:
+    """The summary's figures. ``status`` is the daemon's final one (its counters include every frame
+    sent); the engine's figures (preset, device, training steps/s) come from ``running_engine``, the
+    last ones taken while the stream ran: the stream's end message closes its engine, so a status
+    taken after it has none."""
     f = collector.figures
     stream: StreamStatus | dict[str, Any] = status["streams"].get(STREAM) or {}
-    engine = stream.get("engine") or {}
+    engine: EngineStats | dict[str, Any] = _engine_figures(status) or running_engine or {}
     result = sim.result or StreamResult()
     quality = tracker.live_means()
     live_after = (f.first_live_at - sim.started_at if f.first_live_at is not None and sim.started_at is not None
