@@ -57,7 +57,6 @@ from umvd_live.engine.checkpoint import (
     CheckpointError,
     check_model_flags,
     load_checkpoint,
-    save_checkpoint,
     weights_hash,
     write_atomically,
 )
@@ -359,8 +358,7 @@ class Daemon:
                 step, digest = den.save_weights(str(path), {"stream": stream})
             else:
                 assert final is not None
-                save_checkpoint(path, final.state_dict, {**final.info, "stream": stream})
-                step, digest = final.step, weights_hash(final.state_dict)
+                step, digest = final.write(path, {"stream": stream})
             log.info("stream %s: weights saved to %s", stream, path)
             return {"stream": stream, "path": str(path), "weights_hash": digest, "model_step": int(step)}
 

@@ -77,6 +77,12 @@ class SavedWeights:
     def step(self) -> int:
         return int(self.info.get("step", 0))
 
+    def write(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> tuple[int, str]:
+        """Save them to ``path`` with ``extra`` beside their info (the daemon names the stream);
+        returns the step and the weights hash of what was written."""
+        save_checkpoint(path, self.state_dict, {**(extra or {}), **self.info})
+        return self.step, weights_hash(self.state_dict)
+
 
 def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
     path = Path(path)

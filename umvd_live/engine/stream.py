@@ -724,14 +724,15 @@ class StreamDenoiser:
     def save_weights(self, path: str | os.PathLike, info: Mapping[str, Any] | None = None) -> tuple[int, str]:
         """Write the trainer's weights, with ``info`` beside the network's own (the daemon names the
         stream a file belongs to); returns the step and the weights hash of what was written."""
-        if self.trainer is None:
+        weights = self.weights_copy()
+        if weights is None:
             raise RuntimeError("no model yet: nothing to save before the first frame")
-        return self.training.save(path, {**(info or {}), "preset": self.preset, "spec": self.spec.to_dict()})
+        return weights.write(path, dict(info or {}))
 
     def weights_copy(self) -> SavedWeights | None:
         """A copy of the trainer's weights and the info a file of them carries (None before the
-        first frame): what the daemon keeps of a stream whose engine closes at its end, so that
-        ``save_model`` still has the model to save (`checkpoint.save_checkpoint` writes it)."""
+        first frame): what `save_weights` writes, and what the daemon keeps of a stream whose
+        engine closes at its end, so that ``save_model`` still has the model to save."""
         if self.trainer is None:
             return None
         step, state = self.training.snapshot()

@@ -17,13 +17,11 @@ newest between frames, so inference never sees a half-updated model and never wa
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import TYPE_CHECKING, Protocol
 
 from umvd_live.engine.budget import train_duty_cap
-from umvd_live.engine.checkpoint import save_checkpoint, weights_hash
 
 if TYPE_CHECKING:
     from umvd_live.engine.config import EngineConfig
@@ -209,13 +207,6 @@ class TrainingLoop:
         with self.lock:
             trainer.load(state, step)
             self.publish()
-
-    def save(self, path: str | os.PathLike, info: dict) -> tuple[int, str]:
-        """Save the trainer's weights with ``info`` (`checkpoint.save_checkpoint`); returns the
-        step and the weights hash of what was written (training may have gone on since)."""
-        step, state = self.snapshot()
-        save_checkpoint(path, state, {**info, "step": step})
-        return step, weights_hash(state)
 
     def close(self) -> None:
         """Stop the background thread (it finishes its step)."""
