@@ -249,6 +249,12 @@ def test_acquire_tap_ends_when_the_tap_stops_following(receiver, capsys):
     assert "stopped following" in capsys.readouterr().err
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """A shell gives a job it starts in the background (`pytest &`) SIGINT ignored, its children
+    inherit that, and Python then leaves it ignored: the child would never see the Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_aborts_an_owner_acquisition(tmp_path, receiver):
     """Ctrl-C in owner mode stops the acquisition at once (pycromanager's ``Acquisition.__exit__``
     would acquire every pending event first), with the summary and exit status 130."""
@@ -256,7 +262,8 @@ def test_ctrl_c_aborts_an_owner_acquisition(tmp_path, receiver):
     proc = subprocess.Popen(
         [sys.executable, "-m", "umvd_live.apps.cli", "acquire", "pycromanager", "--mode", "owner", "--config",
          str(cfg), "--frames", "1500", "--interval-ms", "20", "--save-dir", str(tmp_path / "raw"),
-         "--to", receiver.endpoint], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+         "--to", receiver.endpoint], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        preexec_fn=_ctrl_c_as_in_a_terminal if os.name == "posix" else None)
     try:
         deadline = time.monotonic() + 90
         while len(receiver.frames) < 10 and time.monotonic() < deadline:
