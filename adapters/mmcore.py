@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -485,7 +485,185 @@ def load_sequence(path: str | Path) -> MDASequence:
 
 
 class MDAFailed(RuntimeError):
-    """An MDA ended with an error (pymmcore-plus ``FinishReason.ERRORED``: a device raised)."""
+    """An MDA ended with an error (pymmcore-plus ``FinishReason.ERRORED``: a device raised), or
+    without frames its camera owed (`FrameAudit`)."""
+
+
+def _index_words(index: Any) -> str:
+    return " ".join(f"{k}={v}" for k, v in _plain_index(index).items()) or "the first event"
+
+
+class FrameAudit:
+    """Counts, event by event, the frames an MDA's camera owed and the frames it delivered.
+
+    pymmcore-plus (0.18.1) does not fail an MDA whose camera fails: ``MDAEngine.exec_single_event``
+    catches a failed ``snapImage``, logs ``Failed to snap image.`` and yields no frame; a camera
+    sequence that ends early (a pure-Python camera's ``AcquisitionThread`` dies of the camera's
+    error) is logged as ``Unexpected number of images returned from sequence`` and its missing
+    frames are yielded as None, which reach no ``frameReady``. The runner goes on and ends with
+    ``FinishReason.COMPLETED``. This follows the runner's signals, on its own thread (a counter
+    each: the acquisition is not slowed): ``sequenceStarted`` (SummaryMetaV1 ``image_infos``:
+    ``camera_label``, ``num_camera_adapter_channels``), ``eventStarted`` (an event that acquires
+    images owes one frame per camera channel, a `SequencedEvent` one per sub-event), ``frameReady``
+    (FrameMetaV1 ``camera_device``), ``sequenceCanceled`` (the event cut short is not missing
+    frames) and ``sequenceFinished``. The reason is the camera's error: the exception of a
+    pymmcore-plus thread that died (taken from ``threading.excepthook``; its traceback is logged
+    at debug level only), else the pymmcore-plus warning logged on the MDA thread during the event.
+    An event a custom engine skips (``SkipEvent``) counts as missing too.
+    """
+
+    _MAX_REASONS = 16  # warnings kept per event, until the first failure is known
+
+    def __init__(self, core: CMMCorePlus):
+        from pymmcore_plus.core import SequencedEvent
+        from useq import AcquireImage
+
+        self.core = core
+        self._sequenced = SequencedEvent
+        self._image_actions = (AcquireImage, type(None))  # the actions MDAEngine.exec_event images
+        self.expected = 0  # frames owed by the events settled so far
+        self.missing = 0
+        self.camera = ""
+        self.first_missing: str | None = None  # where: the index of the first frame not acquired
+        self.reason: str | None = None  # why: the camera's error, if one was seen
+        self.cause: BaseException | None = None
+        self._n_cameras = 1
+        self._owed = 0  # by the event running now
+        self._got = 0
+        self._event: Any = None
+        self._mda_thread: int | None = None
+        self._warnings: list[logging.LogRecord] = []  # pymmcore-plus's, of the event running now
+        self._thread_errors: list[BaseException] = []  # of pymmcore-plus threads, this event
+        self._handler = _RecordTo(self._on_record)
+        self._previous_hook: Any = None
+
+    # -- the runner's signals, on the MDA thread
+
+    def _on_sequence_started(self, sequence: Any, summary: Any) -> None:
+        self._mda_thread = threading.get_ident()
+        self._settle()
+        infos = summary.get("image_infos") if isinstance(summary, dict) else None
+        info = infos[0] if infos and isinstance(infos[0], dict) else {}
+        self._n_cameras = int(info.get("num_camera_adapter_channels", 1) or 1)
+        self.camera = str(info.get("camera_label") or self.camera)
+
+    def _on_event_started(self, event: Any) -> None:
+        self._settle()
+        action = getattr(event, "action", None)
+        frames = 0 if not isinstance(action, self._image_actions) else \
+            len(event.events) if isinstance(event, self._sequenced) else 1
+        self._event, self._owed, self._got = event, frames * self._n_cameras, 0
+        if self._warnings:
+            self._warnings = []
+        if self._thread_errors:
+            self._thread_errors = []
+
+    def _on_frame_ready(self, image: Any, event: Any, meta: Any) -> None:
+        self._got += 1
+        if not self.camera and isinstance(meta, dict) and meta.get(CAMERA_DEVICE):
+            self.camera = str(meta[CAMERA_DEVICE])
+
+    def _on_sequence_canceled(self, *_: Any) -> None:
+        self._owed = self._got = 0  # cut short on purpose
+
+    def _on_sequence_finished(self, *_: Any) -> None:
+        self._settle()
+
+    def _settle(self) -> None:
+        """Close the account of the event that ran last."""
+        owed, got, event = self._owed, self._got, self._event
+        self._owed = self._got = 0
+        self.expected += owed
+        if got >= owed:
+            return
+        self.missing += owed - got
+        if self.first_missing is None:
+            events = getattr(event, "events", None)
+            first = events[got // self._n_cameras] if events else event
+            self.first_missing = _index_words(getattr(first, "index", {}))
+            self.reason, self.cause = self._why()
+
+    def _why(self) -> tuple[str | None, BaseException | None]:
+        """The camera's error: a pymmcore-plus thread's exception (its cause: the device's own),
+        else the last warning carrying an exception, else the first warning."""
+        if self._thread_errors:
+            error = self._thread_errors[0]
+            own = error.__cause__ or error
+            return f"{type(own).__name__}: {own}", error
+        for record in reversed(self._warnings):
+            logged = next((a for a in record.args if isinstance(a, BaseException)), None) \
+                if isinstance(record.args, tuple) else None
+            if logged is not None:
+                return f"{type(logged).__name__}: {logged}", logged
+        if self._warnings:
+            return self._warnings[0].getMessage(), None
+        return None, None
+
+    # -- pymmcore-plus's warnings and its threads' errors, while attached
+
+    def _on_record(self, record: logging.LogRecord) -> None:
+        if (self.first_missing is None and record.thread == self._mda_thread
+                and len(self._warnings) < self._MAX_REASONS):
+            self._warnings.append(record)
+
+    def _excepthook(self, args: Any) -> None:
+        thread = args.thread
+        if thread is not None and type(thread).__module__.startswith("pymmcore_plus") and \
+                isinstance(args.exc_value, Exception):
+            if self.first_missing is None and len(self._thread_errors) < self._MAX_REASONS:
+                self._thread_errors.append(args.exc_value)
+            log.debug("pymmcore-plus thread %s ended with an error", thread.name,
+                      exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+            return
+        self._previous_hook(args)
+
+    def attach(self) -> FrameAudit:
+        events = self.core.mda.events
+        events.sequenceStarted.connect(self._on_sequence_started)
+        events.eventStarted.connect(self._on_event_started)
+        events.frameReady.connect(self._on_frame_ready)
+        events.sequenceCanceled.connect(self._on_sequence_canceled)
+        events.sequenceFinished.connect(self._on_sequence_finished)
+        logging.getLogger("pymmcore-plus").addHandler(self._handler)
+        self._previous_hook, threading.excepthook = threading.excepthook, self._excepthook
+        return self
+
+    def detach(self) -> None:
+        events = self.core.mda.events
+        events.sequenceStarted.disconnect(self._on_sequence_started)
+        events.eventStarted.disconnect(self._on_event_started)
+        events.frameReady.disconnect(self._on_frame_ready)
+        events.sequenceCanceled.disconnect(self._on_sequence_canceled)
+        events.sequenceFinished.disconnect(self._on_sequence_finished)
+        logging.getLogger("pymmcore-plus").removeHandler(self._handler)
+        if threading.excepthook == self._excepthook:  # unless someone replaced it since
+            threading.excepthook = self._previous_hook
+
+    def __enter__(self) -> FrameAudit:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def failure(self) -> MDAFailed | None:
+        """`MDAFailed` saying which camera failed, why, and how many frames it did not acquire;
+        None when every frame owed arrived."""
+        if not self.missing:
+            return None
+        why = self.reason or "no image (see pymmcore-plus's log)"
+        return MDAFailed(f"the MDA failed: camera {self.camera or '(unknown)'}: {why} ({self.missing} of "
+                         f"{self.expected} frames not acquired, the first at {self.first_missing})")
+
+
+class _RecordTo(logging.Handler):
+    """Hands warnings to a callback as they are (a `FrameAudit` keeps a few; no formatting here)."""
+
+    def __init__(self, callback: Callable[[logging.LogRecord], None]):
+        super().__init__(logging.WARNING)
+        self.callback = callback
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.callback(record)
 
 
 def run_mda(core: CMMCorePlus, sequence: Iterable[MDAEvent]) -> None:
@@ -494,7 +672,9 @@ def run_mda(core: CMMCorePlus, sequence: Iterable[MDAEvent]) -> None:
 
     Raises `MDAFailed` when the MDA ended with an error: pymmcore-plus ends the run (its
     ``sequenceFinished`` too) and re-raises the error on the MDA's own thread, where nobody would
-    see it. The runner runs on a thread of ours, as ``core.run_mda`` does, to catch it there."""
+    see it. The runner runs on a thread of ours, as ``core.run_mda`` does, to catch it there.
+    Raises it too, once the MDA has run to its end, when its camera did not deliver every frame
+    (a failed snap: pymmcore-plus logs it and goes on; `FrameAudit`)."""
     failures: list[Exception] = []
 
     def run() -> None:
@@ -505,7 +685,7 @@ def run_mda(core: CMMCorePlus, sequence: Iterable[MDAEvent]) -> None:
 
     if core.mda.is_running():
         raise ValueError("Cannot start an MDA while the previous MDA is still running.")
-    with shutter_workaround(core):
+    with shutter_workaround(core), FrameAudit(core) as audit:
         thread = threading.Thread(target=run, name="umvd-mda")
         thread.start()
         try:
@@ -517,6 +697,9 @@ def run_mda(core: CMMCorePlus, sequence: Iterable[MDAEvent]) -> None:
             raise
     if failures:
         raise MDAFailed(f"the MDA failed: {type(failures[0]).__name__}: {failures[0]}") from failures[0]
+    failure = audit.failure()
+    if failure is not None:
+        raise failure from audit.cause
 
 
 def run_live(core: CMMCorePlus, tap: LiveTap, frames: int | None, interval_ms: float = 0.0) -> None:

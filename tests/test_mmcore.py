@@ -32,7 +32,7 @@ from umvd_live.adapters.mmcore import (
     time_lapse,
 )
 from umvd_live.adapters.publisher import FramePublisher
-from umvd_live.adapters.pycamera import FocusStage, render
+from umvd_live.adapters.pycamera import FocusStage, NoisyPatternCamera, render
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -635,3 +635,60 @@ def test_run_live_sends_exactly_the_frames_asked_for(core, receiver, frames):
     assert seqs == sorted(set(seqs))
     assert [(e.stream, e.seq) for e in receiver.ends] == [("cam0", seqs[-1] + 1)]  # the stream was ended once
     assert type(tap).poll_once is LiveTap.poll_once and "poll_once" not in vars(tap)  # the limit was this run's
+
+
+class OverheatingCamera(NoisyPatternCamera):
+    """A camera whose snap fails from its fourth frame on, as an overheated sensor would."""
+
+    def snap(self, buffer: np.ndarray):
+        if self.frames_snapped >= 3:
+            raise RuntimeError("sensor overheated")
+        return super().snap(buffer)
+
+
+def write_overheating_config(path: Path) -> Path:
+    text = write_config(path).read_text().replace("umvd_live.adapters.pycamera,NoisyPatternCamera",
+                                                  f"{__name__},OverheatingCamera")
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("interval_ms", [0, 1], ids=["camera-sequence", "snap-per-frame"])
+def test_a_camera_whose_snap_fails_fails_the_mda_and_the_command(tmp_path, receiver, capsys, interval_ms):
+    """pymmcore-plus swallows a failed snap: one snap per frame logs "Failed to snap image" and the
+    MDA goes on; a camera sequence ends early (its thread's error) and the missing frames are only
+    logged. Either way the MDA "completes": `run_mda` counts the frames each event owed, raises
+    `MDAFailed` naming the camera and its error, and `acquire` exits 1 after its summary."""
+    from umvd_live.apps.acquire import AcquireConfig, PublishConfig, run
+
+    cfg = write_overheating_config(tmp_path / "MMConfig.cfg")
+    core = load_core(cfg)
+    pub = connected_publisher(receiver.endpoint)
+    with MMCoreSource(core, pub) as source, pytest.raises(MDAFailed) as failed:
+        run_time_lapse(core, 6, interval_ms)
+    pub.close()
+    assert source.frames_seen == 3
+    assert str(failed.value) == ("the MDA failed: camera Cam: RuntimeError: sensor overheated "
+                                 "(3 of 6 frames not acquired, the first at t=3)")
+    capsys.readouterr()
+
+    status = run(AcquireConfig(source="pymmcore-plus", frames=6, interval_ms=interval_ms, mm_config=str(cfg),
+                               publish=PublishConfig(to=receiver.endpoint, wait_s=10)))
+    out = capsys.readouterr()
+    assert status == 1, out
+    assert ("pymmcore-plus: 3 frames acquired in 1 stream(s), 3 sent, 0 dropped in the hand-off, "
+            "0 dropped by the publisher, 0 rejected\n") in out.out
+    assert out.err.strip().splitlines()[-1] == (
+        "umvd-live acquire: the MDA failed: camera Cam: RuntimeError: sensor overheated "
+        "(3 of 6 frames not acquired, the first at t=3)")
+    assert "Traceback" not in out.err
+
+
+def test_a_cancelled_mda_is_not_a_failure(core, receiver):
+    """Frames an MDA did not take because it was cancelled (here mid camera sequence) are not missing."""
+    pub = connected_publisher(receiver.endpoint)
+    with MMCoreSource(core, pub) as source:
+        core.mda.events.frameReady.connect(lambda *_: source.frames_seen == 2 and core.mda.cancel())
+        run_time_lapse(core, 50)
+    pub.close()
+    assert 2 <= source.frames_seen < 50
