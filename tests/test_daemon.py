@@ -532,10 +532,14 @@ def test_waiting_frames_of_a_stream_are_denoised_in_batches(tmp_path, monkeypatc
         np.testing.assert_allclose(pair.image, want.image, rtol=1e-4, atol=1e-2)
 
 
-def test_an_engine_failure_in_a_run_left_running_loses_only_its_round(tmp_path):
-    """A pass that fails while its round runs beside the batch's last run: that run is counted as
-    `engine_error`, the round it started comes out before the batch ends (not with the stream's
-    next frame), and every other frame gets its output, in order."""
+@pytest.mark.parametrize("failing", [10, 12])
+def test_an_engine_failure_in_a_run_left_running_loses_only_its_round(tmp_path, monkeypatch, failing):
+    """A pass that fails loses its round only, counted as `engine_error`, and every other frame
+    gets its output, in order, the last run's before the batch ends (not with the stream's next
+    frame). Runs of 2 frames: t = 0 (frames 0-3), 1-2 (frames 4-5), ..., 9-10 (frames 12-13), 11-12
+    (frames 14-15, the batch's last run, waited for). t = 10: the round left running fails
+    beside the last run, whose round is kept. t = 12: the last run's own round fails after its
+    push completed the round before (t = 9, 10), whose outputs are kept."""
     with StreamDenoiser(EngineConfig(preset="lite", device="cpu", train_mode="inline")) as den:
         den.push(np.zeros((32, 32), np.uint16), infer=False)
         den.save_weights(tmp_path / "w.pt")
@@ -550,30 +554,29 @@ def test_an_engine_failure_in_a_run_left_running_loses_only_its_round(tmp_path):
     sink = CollectingSink(owed={"a"})
     d = Daemon(config, engine_factory(config), [sink])
     d.set_training_paused(None, True)
-    passes = [0]
+    real, failed = StreamDenoiser._denoise_chunk, []
 
-    def fail_once(module, args):
-        if isinstance(module, DenoiserUNet) and _this_daemons_pass():
-            passes[0] += 1
-            if passes[0] == 14:  # the blank passes that prepare the kernels (3), then t = 0 ... 10
-                raise RuntimeError("a pass failed")
+    def denoise_chunk(den, chunk):  # fails the pass of t = `failing`'s window, once (not by
+        if any(t == failing for _, t, _, _ in chunk) and not failed:  # counting passes: their
+            failed.append(failing)  # order on two workers is the scheduler's)
+            raise RuntimeError("a pass failed")
+        return real(den, chunk)
 
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(fail_once)
+    monkeypatch.setattr(StreamDenoiser, "_denoise_chunk", denoise_chunk)
     d.start()
     try:
         d.router.process(items, allow_skip=False)
         live = d.router.streams["a"]
         assert live.denoiser._running is None  # nothing left running past the batch
+        assert live.pending == live.denoiser.k  # owed: the last N//2, not the lost round's
         before_end = [o.header.seq for o in sink.denoised]
         d.finish()
     finally:
-        handle.remove()
         d.close()
-    # runs of 2 frames: t = 0 (frames 0-3), 1-2 (frames 4-5), ..., 9-10 (frames 12-13), 11-12
-    # (frames 14-15, the last run); the pass of t = 10 fails, so its round (t = 9, 10) is lost
-    assert live.counters.rejected["engine_error"] == 2
-    assert before_end == list(range(9)) + [11, 12]
-    assert [o.header.seq for o in sink.denoised] == list(range(9)) + list(range(11, 16))
+    lost = {failing - 1, failing}  # its round
+    assert failed == [failing] and live.counters.rejected["engine_error"] == 2
+    assert before_end == [t for t in range(13) if t not in lost]
+    assert [o.header.seq for o in sink.denoised] == [t for t in range(16) if t not in lost]
 
 
 def test_inference_layout_defaults_and_config_checks():

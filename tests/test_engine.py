@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from umvd_live.engine import EngineConfig, StreamDenoiser, cpu_cores
+from umvd_live.engine import EngineConfig, RoundFailed, StreamDenoiser, cpu_cores
 from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_hash
 from umvd_live.engine.device import cpu_has_native_bf16, default_workers, lists_native_bf16
 from umvd_live.engine.normalization import Normalizer
@@ -230,9 +230,28 @@ def test_passes_left_running_give_the_outputs_of_waiting_pushes():
             np.testing.assert_array_equal(got.image, want.image)
 
 
-def test_a_failed_pass_loses_only_its_own_round(tmp_path):
-    """A pass that raises on a worker surfaces from the push that completes its round; the round
-    started by that push is kept, and every other output still comes, in order."""
+def fail_the_pass_of(den: StreamDenoiser, t: int) -> None:
+    """Make the pass that denoises frame t's window raise, once: by the window, not by counting
+    passes, whose order on two workers is the scheduler's."""
+    real = den._denoise_chunk
+
+    def denoise_chunk(chunk):
+        if any(index == t for _, index, _, _ in chunk) and not failed:
+            failed.append(t)
+            raise RuntimeError("a pass failed")
+        return real(chunk)
+
+    failed: list[int] = []
+    den._denoise_chunk = denoise_chunk
+
+
+@pytest.mark.parametrize("waited", [False, True], ids=["left-running", "waited"])
+def test_a_failed_pass_loses_only_its_own_round(tmp_path, waited):
+    """A pass that raises on a worker surfaces from the push that completes its round and loses
+    that round only (a round per push of 3 frames: t = 0, 1-3, 4-6, ...). Left running, it
+    surfaces from the next push, whose own round is kept. Waited for, it surfaces from its own
+    push, which had first completed the round left running before it: those outputs come from
+    the next call. Every other output still comes, in order."""
     den, _ = run_stream(FAST, noisy_movie(20))
     den.save_weights(tmp_path / "w.pt")
     config = EngineConfig(preset="lite", init=str(tmp_path / "w.pt"), steps_per_frame=0, workers=2, max_batch=1,
@@ -241,25 +260,16 @@ def test_a_failed_pass_loses_only_its_own_round(tmp_path):
     outs, failures = [], 0
     with StreamDenoiser(config) as den:
         outs += den.push_many(movie[:1])  # builds the network: its blank passes come first
-        passes = [0]
-
-        def fail_once(module, args):
-            passes[0] += 1
-            if passes[0] == 5:
-                raise RuntimeError("a pass failed")
-
-        hook = den._net.D.register_forward_pre_hook(fail_once)
+        fail_the_pass_of(den, 5)
         for start in range(1, 40, 3):
             try:
-                outs += den.push_many(movie[start:start + 3], wait=False)
-            except RuntimeError as exc:
-                assert "a pass failed" in str(exc)
+                outs += den.push_many(movie[start:start + 3], wait=waited and start == 7)
+            except RoundFailed as exc:
+                assert exc.lost == 3 and "a pass failed" in str(exc)
                 failures += 1
-        hook.remove()
         outs += den.flush()
-    lost = {4, 5, 6}  # the fifth pass (t = 4: t = 0, then 1-3, had theirs) and the rest of its round
     assert failures == 1
-    assert [o.index for o in outs] == [t for t in range(40) if t not in lost]
+    assert [o.index for o in outs] == [t for t in range(40) if t not in {4, 5, 6}]
 
 
 def test_auto_preset_of_a_live_512_stream_on_a_cpu_is_fast_and_of_a_file_lite():

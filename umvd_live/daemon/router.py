@@ -39,7 +39,7 @@ from umvd_live.daemon.streams import (
     monotonic,
 )
 from umvd_live.daemon.transport import Inbox, Received
-from umvd_live.engine import CpuBudget
+from umvd_live.engine import CpuBudget, RoundFailed
 from umvd_live.wire.protocol import Frame, ProtocolError, StreamEnd, decode_message, decode_stream_name
 
 log = logging.getLogger("umvd_live.daemon")
@@ -205,7 +205,7 @@ class Router:
         try:
             outputs = live.push(run, wait)
         except Exception as exc:
-            self._engine_failed(live, len(run), exc)
+            self._engine_failed(live, exc.lost if isinstance(exc, RoundFailed) else len(run), exc)
             self._fan_out(outputs=live.settle())
             return
         self._fan_out(outputs=outputs)

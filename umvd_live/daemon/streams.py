@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 
+from umvd_live.engine.outputs import RoundFailed
 from umvd_live.wire.protocol import Frame, FrameHeader
 from umvd_live.wire.schema import ChangeStatus, EngineStats, LatencyStatus, StreamAxes, StreamStatus, latency_summary
 
@@ -398,8 +399,10 @@ class LiveStream:
                 self.infer_cost_s = _smoothed(self.infer_cost_s, took / inferred)
                 self.round_cost_s = _smoothed(self.round_cost_s, took / -(-inferred // self.run_length))
             return outputs
-        except Exception:
-            if den.frames_in == first:  # the engine did not take the frames
+        except Exception as exc:
+            if isinstance(exc, RoundFailed):  # the engine took the frames; these outputs will never come
+                self.pending -= exc.lost
+            elif den.frames_in == first:  # the engine did not take the frames
                 self.pending -= len(run)
             if first == 0 and self.started_from is not None:
                 # The first push builds the network from the weights file: weights that do not

@@ -7,7 +7,7 @@ from umvd_live.engine.config import EngineConfig
 from umvd_live.engine.device import CpuSeat, inference_layout, pick_device, uses_bf16
 from umvd_live.engine.model import PRESETS, DenoiserUNet, ModelSpec, UMVDNet, build_model, resolve_preset
 from umvd_live.engine.normalization import Normalizer, sanitize
-from umvd_live.engine.outputs import BlindReferee, DenoisedFrame, State
+from umvd_live.engine.outputs import BlindReferee, DenoisedFrame, RoundFailed, State
 from umvd_live.engine.priors import Prior, find_prior
 from umvd_live.engine.stream import StreamDenoiser
 from umvd_live.engine.trainer import OnlineTrainer, ReplayBuffer, TrainerConfig
@@ -32,6 +32,7 @@ __all__ = [
     "OnlineTrainer",
     "Prior",
     "ReplayBuffer",
+    "RoundFailed",
     "SlidingWindow",
     "State",
     "StreamDenoiser",

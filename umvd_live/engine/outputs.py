@@ -31,6 +31,15 @@ class DenoisedFrame:
     amplitude_gain: float = 1.0  # its deviation from the blind baseline was multiplied by it (`amplitude`); 1: as made
 
 
+class RoundFailed(RuntimeError):
+    """A pass of a round failed: the round's ``lost`` outputs will never come (the cause is
+    chained). The outputs of other rounds are not lost (`StreamDenoiser.push_many`)."""
+
+    def __init__(self, lost: int, cause: BaseException):
+        super().__init__(f"{lost} outputs lost: a pass of their round failed ({cause!r})")
+        self.lost = lost
+
+
 #: A live output waiting for its pass: its slot in the batch, t, the window's N feature maps
 #: (1, F, H, W) and its context block means (1, M, C, H, W) or None.
 Window = tuple[int, int, list[torch.Tensor], torch.Tensor | None]

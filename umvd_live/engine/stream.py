@@ -52,7 +52,16 @@ from umvd_live.engine.config import EngineConfig
 from umvd_live.engine.device import CpuSeat, inference_layout, pick_device, uses_bf16
 from umvd_live.engine.model import PRESETS, ModelSpec, UMVDNet, resolve_preset
 from umvd_live.engine.normalization import Normalizer, sanitize
-from umvd_live.engine.outputs import BlindReferee, DenoisedFrame, OutputBatch, Probe, State, Window, blind_distance
+from umvd_live.engine.outputs import (
+    BlindReferee,
+    DenoisedFrame,
+    OutputBatch,
+    Probe,
+    RoundFailed,
+    State,
+    Window,
+    blind_distance,
+)
 from umvd_live.engine.priors import Prior, find_prior
 from umvd_live.engine.trainer import OnlineTrainer, ReplayBuffer
 from umvd_live.engine.training import TrainingLoop
@@ -80,10 +89,14 @@ def _batched(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
-def _done(images: np.ndarray) -> Future[np.ndarray]:
-    """A pass run on the caller's thread, as a finished future like the workers' passes."""
+def _run_here(denoise: Callable[[list[Window]], np.ndarray], chunk: list[Window]) -> Future[np.ndarray]:
+    """A pass run on the caller's thread, as a finished future like the workers' passes: its
+    failure too surfaces when its round is completed."""
     future: Future[np.ndarray] = Future()
-    future.set_result(images)
+    try:
+        future.set_result(denoise(chunk))
+    except Exception as exc:
+        future.set_exception(exc)
     return future
 
 
@@ -147,6 +160,10 @@ class StreamDenoiser:
         self._segment_start = 0  # index of its first frame
         self._tags: dict[int, object] = {}  # by frame index: the tags of frames whose output is not out yet
         self._running: _Round | None = None  # a round left running by `push_many(wait=False)`
+        # Outputs made by a call that then failed (a later pass of it raised): the next call
+        # returns them first. Each call gathers its outputs here, so a failure loses only the
+        # outputs of the round whose pass failed, never those already made.
+        self._undelivered: list[DenoisedFrame] = []
         self._unobserved: list[tuple[int, np.ndarray]] = []  # frames pushed while it ran, for `_amplitude`
 
     # -- public state -------------------------------------------------------------------------
@@ -371,7 +388,10 @@ class StreamDenoiser:
             raise ValueError(f"{len(frames)} frames but {len(labels)} tags")
         frames = [self._check(frame) for frame in frames]
         if not frames:
-            return self._complete_running() if wait else []
+            outputs = self._undelivered
+            if wait:
+                outputs += self._complete_running()
+            return self._delivered(outputs)
         started = time.monotonic()
         try:
             return self._push_checked(frames, flags, labels, wait)
@@ -388,7 +408,7 @@ class StreamDenoiser:
         # (a frame of none, sanitised to a constant, would look like the laser turned off).
         starts = [self._detector.observe(clean) if clean_ok else None for clean, clean_ok in cleaned]
         bounds = [i for i, change in enumerate(starts) if change is not None and i > 0] + [len(frames)]
-        outputs: list[DenoisedFrame] = []
+        outputs = self._undelivered  # grows in place: what a failure below leaves made is kept
         if any(change is not None for change in starts):
             outputs += self._complete_running()  # completed in its own segment's state
         batch = OutputBatch()
@@ -416,6 +436,11 @@ class StreamDenoiser:
                 if self.training.after_push():
                     self._adopt_published_weights()
         self._update_state()
+        return self._delivered(outputs)
+
+    def _delivered(self, outputs: list[DenoisedFrame]) -> list[DenoisedFrame]:
+        """``outputs`` (gathered in `_undelivered`), handed out: the next call gathers afresh."""
+        self._undelivered = []
         return outputs
 
     def _fit_normalizer(self, frames: Iterable[np.ndarray]) -> None:
@@ -500,13 +525,15 @@ class StreamDenoiser:
         if self._ended or self._net is None:
             self._ended = True
             return []
-        outputs = self._complete_running()
+        outputs = self._undelivered
+        outputs += self._complete_running()
         self._adopt_published_weights()
         batch = OutputBatch()
         for t in range(self.frames_out, self.frames_in):
             self._produce(t, True, batch)
         self._ended = True
-        return outputs + self._finish(batch)
+        outputs += self._finish(batch)
+        return self._delivered(outputs)
 
     def _features(self, frames: torch.Tensor) -> torch.Tensor:
         """G's features of (B, C, H, W) frames, channels-last. Under bf16 they stay bf16: D's
@@ -597,7 +624,7 @@ class StreamDenoiser:
         if self._pool is not None and (on_workers or len(chunks) > 1):
             passes = [self._pool.submit(self._denoise_chunk, chunk) for chunk in chunks]
         else:
-            passes = [_done(self._denoise_chunk(chunk)) for chunk in chunks]
+            passes = [_run_here(self._denoise_chunk, chunk) for chunk in chunks]
         return _Round(batch, chunks, passes, normalizer or self.normalizer, self._net_step)
 
     def _complete_running(self) -> list[DenoisedFrame]:
@@ -620,7 +647,11 @@ class StreamDenoiser:
         batch, normalizer = run.batch, run.normalizer
         outputs = batch.outputs
         networks: set[int] = set()  # the slots of the network's own outputs
-        for chunk, images in zip(run.chunks, (p.result() for p in run.passes)):
+        try:
+            results = [p.result() for p in run.passes]
+        except Exception as exc:
+            raise RoundFailed(len(outputs), exc) from exc
+        for chunk, images in zip(run.chunks, results):
             for (slot, t, _, _), image in zip(chunk, images):
                 state: State = "adapting" if self._adapting_at(t) else "live"
                 probe = batch.probes.get(slot)
