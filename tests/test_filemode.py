@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import tifffile
+import torch
 
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
 from umvd_live.apps.denoise import DenoiseConfig, denoise_movie, run
@@ -83,6 +84,14 @@ def test_quality_floor_on_the_simulator(sim_movie):
     print(f"PSNR raw {raw:.2f} dB, 5-frame mean {mean5:.2f} dB, umvd {ours:.2f} dB")
     assert ours > raw + 8.0
     assert ours > mean5 + 2.0
+    # the final pass used the trainer's own weights, which are what a saved model holds: a file
+    # keeps no running average (it cost the transients' slope; `file_config`)
+    trainer = result.engine.trainer
+    assert trainer.average is None
+    saved = result.engine.weights_copy()
+    assert saved is not None
+    for name, weights in saved.state_dict.items():
+        assert torch.equal(weights, trainer.model.state_dict()[name].cpu()), name
 
 
 def test_a_lone_frame_is_passed_through_not_run_on_copies_of_itself(sim_movie):

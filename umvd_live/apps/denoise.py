@@ -77,11 +77,16 @@ def _progress(console: Console) -> Progress:
 def file_config(config: EngineConfig, t_frames: int) -> EngineConfig:
     """The engine's settings for a recorded movie of ``t_frames`` frames (`denoise`, `batch`):
     inline training; a movie shorter than the burst warm-starts on all of it; its later frames
-    exist, so the context comes from both sides of the window; and training draws from every
-    frame pushed so far (within the replay's byte bound), since the final weights denoise all."""
+    exist, so the context comes from both sides of the window; training draws from every
+    frame pushed so far (within the replay's byte bound), since the final weights denoise all;
+    and those are the trainer's own weights, not their running average: the average steadies a
+    live preview whose weights change from one output to the next, while a file's final pass has
+    one set of weights for every frame, and on files the average cut the transients' amplitude
+    slope by 0.01-0.03 (docs/benchmarks.md, "The running average in a file's final pass")."""
     return replace(config, train_mode="inline", warmup_frames=min(config.warmup_frames, t_frames),
                    context_sides="both",
-                   trainer=replace(config.trainer, replay_frames=max(config.trainer.replay_frames, t_frames)))
+                   trainer=replace(config.trainer, replay_frames=max(config.trainer.replay_frames, t_frames),
+                                   average_decay=0.0))
 
 
 def denoise_movie(
