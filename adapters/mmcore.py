@@ -502,13 +502,15 @@ class FrameAudit:
     error) is logged as ``Unexpected number of images returned from sequence`` and its missing
     frames are yielded as None, which reach no ``frameReady``. The runner goes on and ends with
     ``FinishReason.COMPLETED``. This follows the runner's signals, on its own thread (a counter
-    each: the acquisition is not slowed): ``sequenceStarted`` (SummaryMetaV1 ``image_infos``:
-    ``camera_label``, ``num_camera_adapter_channels``), ``eventStarted`` (an event that acquires
-    images owes one frame per camera channel, a `SequencedEvent` one per sub-event), ``frameReady``
-    (FrameMetaV1 ``camera_device``), ``sequenceCanceled`` (the event cut short is not missing
-    frames) and ``sequenceFinished``. The reason is the camera's error: the exception of a
-    pymmcore-plus thread that died (taken from ``threading.excepthook``; its traceback is logged
-    at debug level only), else the pymmcore-plus warning logged on the MDA thread during the event.
+    each: the acquisition is not slowed; connected first, since psygnal calls no slot after one
+    that raises): ``sequenceStarted`` (SummaryMetaV1 ``image_infos``: ``camera_label``),
+    ``eventStarted`` (an event that acquires images owes one frame per camera channel, counted
+    when it is settled, with the camera its channel preset chose; a `SequencedEvent` one per
+    sub-event), ``frameReady`` (FrameMetaV1 ``camera_device``), ``sequenceCanceled`` (the event
+    cut short is not missing frames) and ``sequenceFinished``. The reason is the camera's error:
+    the exception of a pymmcore-plus thread that died (taken from ``threading.excepthook``; the
+    one it reports is logged at debug level only, any other goes to the hook before), else the
+    pymmcore-plus warning logged on the MDA thread during the event.
     An event a custom engine skips (``SkipEvent``) counts as missing too.
     """
 
@@ -528,7 +530,7 @@ class FrameAudit:
         self.reason: str | None = None  # why: the camera's error, if one was seen
         self.cause: BaseException | None = None
         self._n_cameras = 1
-        self._owed = 0  # by the event running now
+        self._owed = 0  # images owed by the event running now, per camera channel
         self._got = 0
         self._event: Any = None
         self._mda_thread: int | None = None
@@ -544,7 +546,6 @@ class FrameAudit:
         self._settle()
         infos = summary.get("image_infos") if isinstance(summary, dict) else None
         info = infos[0] if infos and isinstance(infos[0], dict) else {}
-        self._n_cameras = int(info.get("num_camera_adapter_channels", 1) or 1)
         self.camera = str(info.get("camera_label") or self.camera)
 
     def _on_event_started(self, event: Any) -> None:
@@ -552,7 +553,7 @@ class FrameAudit:
         action = getattr(event, "action", None)
         frames = 0 if not isinstance(action, self._image_actions) else \
             len(event.events) if isinstance(event, self._sequenced) else 1
-        self._event, self._owed, self._got = event, frames * self._n_cameras, 0
+        self._event, self._owed, self._got = event, frames, 0
         if self._warnings:
             self._warnings = []
         if self._thread_errors:
@@ -571,13 +572,16 @@ class FrameAudit:
 
     def _settle(self) -> None:
         """Close the account of the event that ran last."""
-        owed, got, event = self._owed, self._got, self._event
+        if self._owed:  # the event's own camera setting (a channel preset may switch the camera)
+            self._n_cameras = max(1, int(self.core.getNumberOfCameraChannels()))
+        owed, got, event = self._owed * self._n_cameras, self._got, self._event
         self._owed = self._got = 0
         self.expected += owed
         if got >= owed:
             return
         self.missing += owed - got
         if self.first_missing is None:
+            self.camera = str(self.core.getCameraDevice() or self.camera)  # the event's camera
             events = getattr(event, "events", None)
             first = events[got // self._n_cameras] if events else event
             self.first_missing = _index_words(getattr(first, "index", {}))
@@ -611,30 +615,31 @@ class FrameAudit:
         if thread is not None and type(thread).__module__.startswith("pymmcore_plus") and \
                 isinstance(args.exc_value, Exception):
             if self.first_missing is None and len(self._thread_errors) < self._MAX_REASONS:
-                self._thread_errors.append(args.exc_value)
-            log.debug("pymmcore-plus thread %s ended with an error", thread.name,
-                      exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
-            return
+                self._thread_errors.append(args.exc_value)  # said once, as the failure's reason
+                log.debug("pymmcore-plus thread %s ended with an error", thread.name,
+                          exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+                return
         self._previous_hook(args)
 
-    def attach(self) -> FrameAudit:
+    def _slots(self) -> list[tuple[Any, Callable[..., None]]]:
         events = self.core.mda.events
-        events.sequenceStarted.connect(self._on_sequence_started)
-        events.eventStarted.connect(self._on_event_started)
-        events.frameReady.connect(self._on_frame_ready)
-        events.sequenceCanceled.connect(self._on_sequence_canceled)
-        events.sequenceFinished.connect(self._on_sequence_finished)
+        return [(events.sequenceStarted, self._on_sequence_started), (events.eventStarted, self._on_event_started),
+                (events.frameReady, self._on_frame_ready), (events.sequenceCanceled, self._on_sequence_canceled),
+                (events.sequenceFinished, self._on_sequence_finished)]
+
+    def attach(self) -> FrameAudit:
+        for signal, slot in self._slots():
+            try:  # first: psygnal calls no slot after one that raises (Qt signals take no priority)
+                signal.connect(slot, priority=1000)
+            except TypeError:
+                signal.connect(slot)
         logging.getLogger("pymmcore-plus").addHandler(self._handler)
         self._previous_hook, threading.excepthook = threading.excepthook, self._excepthook
         return self
 
     def detach(self) -> None:
-        events = self.core.mda.events
-        events.sequenceStarted.disconnect(self._on_sequence_started)
-        events.eventStarted.disconnect(self._on_event_started)
-        events.frameReady.disconnect(self._on_frame_ready)
-        events.sequenceCanceled.disconnect(self._on_sequence_canceled)
-        events.sequenceFinished.disconnect(self._on_sequence_finished)
+        for signal, slot in self._slots():
+            signal.disconnect(slot)
         logging.getLogger("pymmcore-plus").removeHandler(self._handler)
         if threading.excepthook == self._excepthook:  # unless someone replaced it since
             threading.excepthook = self._previous_hook

@@ -272,6 +272,37 @@ def test_a_failed_pass_loses_only_its_own_round(tmp_path, waited):
     assert [o.index for o in outs] == [t for t in range(40) if t not in {4, 5, 6}]
 
 
+def test_a_failed_round_at_a_change_or_in_the_flush_loses_only_itself():
+    """A pass that fails in the old segment's last round, as a change begins a new segment, loses
+    that round only: the push still takes all its frames and begins the new segment, and the
+    outputs it made come from the next call. A flush whose last round fails, likewise: the
+    outputs it made come from the next `flush`."""
+    from umvd_live.adapters.simulation import SimConfig, SimEvent, TwoPhotonSimulator
+
+    sim = SimConfig(height=48, width=48, photons=2.0, seed=4, events=(SimEvent.laser(30 / 30.0, 3.0),))
+    movie = list(TwoPhotonSimulator(sim).movie(60)[0])
+    # on the shipped prior: the referee judges every output, so every output has a pass
+    config = EngineConfig(preset="lite", steps_per_frame=0, workers=2, max_batch=1, cpu_threads=1)
+    outs, lost = [], []
+    with StreamDenoiser(config) as den:
+        outs += den.push_many(movie[:1], tags=[0])
+        fail_the_pass_of(den, 28)  # the old segment's last round: t = 27-29, made as frame 30 begins the new one
+        for start in range(1, 60, 4):
+            try:
+                outs += den.push_many(movie[start:start + 4], tags=list(range(start, min(start + 4, 60))), wait=False)
+            except RoundFailed as exc:
+                lost.append(exc.lost)
+                assert den.frames_in == min(start + 4, 60) and den.segment == 1  # every frame taken, the segment begun
+        fail_the_pass_of(den, 58)  # the flush's round: t = 57-59
+        with pytest.raises(RoundFailed) as failed:
+            den.flush()
+        outs += den.flush()  # what the failed flush had made
+        assert [c.index for c in den.changes] == [30]
+    assert lost == [3] and failed.value.lost == 3
+    assert [o.index for o in outs] == [t for t in range(60) if t not in {27, 28, 29, 57, 58, 59}]
+    assert all(o.tag == o.index for o in outs) and {o.segment for o in outs if o.index >= 30} == {1}
+
+
 def test_auto_preset_of_a_live_512_stream_on_a_cpu_is_fast_and_of_a_file_lite():
     frame = np.zeros((512, 512), np.uint16)
     with StreamDenoiser(EngineConfig(device="cpu", train_mode="background")) as live:

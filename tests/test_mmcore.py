@@ -692,3 +692,16 @@ def test_a_cancelled_mda_is_not_a_failure(core, receiver):
         run_time_lapse(core, 50)
     pub.close()
     assert 2 <= source.frames_seen < 50
+
+
+def test_a_frame_listener_that_raises_does_not_make_frames_missing(core):
+    """psygnal calls no slot after one that raises (pymmcore-plus logs it and goes on): the
+    audit's own slots come first, so another listener's error is not a camera's failure."""
+    def broken(*_):
+        raise ZeroDivisionError("a listener's bug")
+
+    core.mda.events.frameReady.connect(broken)
+    try:
+        run_time_lapse(core, 3)  # no MDAFailed
+    finally:
+        core.mda.events.frameReady.disconnect(broken)

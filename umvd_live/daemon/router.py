@@ -205,7 +205,8 @@ class Router:
         try:
             outputs = live.push(run, wait)
         except Exception as exc:
-            self._engine_failed(live, exc.lost if isinstance(exc, RoundFailed) else len(run), exc)
+            # (a lost round of outputs is counted by its stream: `LiveStream.push`)
+            self._engine_failed(live, 0 if isinstance(exc, RoundFailed) else len(run), exc)
             self._fan_out(outputs=live.settle())
             return
         self._fan_out(outputs=outputs)

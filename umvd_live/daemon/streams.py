@@ -400,9 +400,10 @@ class LiveStream:
                 self.round_cost_s = _smoothed(self.round_cost_s, took / -(-inferred // self.run_length))
             return outputs
         except Exception as exc:
-            if isinstance(exc, RoundFailed):  # the engine took the frames; these outputs will never come
-                self.pending -= exc.lost
-            elif den.frames_in == first:  # the engine did not take the frames
+            if isinstance(exc, RoundFailed):  # the engine took the frames; a round of outputs is lost
+                self._lose(exc)
+                raise
+            if den.frames_in == first:  # the engine did not take the frames
                 self.pending -= len(run)
             if first == 0 and self.started_from is not None:
                 # The first push builds the network from the weights file: weights that do not
@@ -425,9 +426,18 @@ class LiveStream:
             return []
         try:
             return self._outputs(den.push_many([]))
+        except RoundFailed as exc:
+            self._lose(exc)
+            log.warning("stream %s: the round left running failed as well: %s", self.name, exc)
+            return self._outputs(den.push_many([]))  # what the engine had made before it
         except Exception:
             log.exception("stream %s: the round left running failed as well", self.name)
             return []
+
+    def _lose(self, exc: RoundFailed) -> None:
+        """A round of outputs the engine will never make: counted as `engine_error`, owed no more."""
+        self.pending -= exc.lost
+        self.note_rejected("engine_error", exc.lost)
 
     # ---- internals ----------------------------------------------------------------------------
     def _track_axes(self, meta: dict[str, Any]) -> None:
@@ -515,7 +525,12 @@ class LiveStream:
         den = self.denoiser
         assert den is not None
         try:
-            outputs = self._outputs(den.flush())
+            try:
+                outputs = self._outputs(den.flush())
+            except RoundFailed as exc:  # a round of its last outputs is lost, not the others
+                self._lose(exc)
+                log.warning("stream %s: %s", self.name, exc)
+                outputs = self._outputs(den.flush())  # (an ended engine hands over what its flush made)
             if checkpoint:  # shutdown, shape change: keep what this model learned (on the worker)
                 self.checkpoint()
         finally:  # also after a failed flush: nothing is owed by a closed denoiser (`ended`)

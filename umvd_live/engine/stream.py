@@ -100,6 +100,29 @@ def _run_here(denoise: Callable[[list[Window]], np.ndarray], chunk: list[Window]
     return future
 
 
+class _LostRounds:
+    """The rounds a call lost (`RoundFailed`), gathered so that the call still does all of its
+    work: takes every frame, starts the segments its changes start, completes its other rounds.
+    Stopped half-way, a stream would skip frames or leave a segment half begun."""
+
+    def __init__(self) -> None:
+        self.failures: list[RoundFailed] = []
+
+    def guard(self, complete: Callable[..., list[DenoisedFrame]], *args: Any) -> list[DenoisedFrame]:
+        """``complete(*args)``'s outputs; none if its round failed (remembered)."""
+        try:
+            return complete(*args)
+        except RoundFailed as exc:
+            self.failures.append(exc)
+            return []
+
+    def raise_any(self) -> None:
+        """Raise one `RoundFailed` for all the outputs lost, if any were."""
+        if self.failures:
+            cause = self.failures[0].__cause__ or self.failures[0]
+            raise RoundFailed(sum(f.lost for f in self.failures), cause) from cause
+
+
 @dataclass
 class _Round:
     """A batch whose forward passes were started (`StreamDenoiser._submit`): what its outputs
@@ -409,16 +432,17 @@ class StreamDenoiser:
         starts = [self._detector.observe(clean) if clean_ok else None for clean, clean_ok in cleaned]
         bounds = [i for i, change in enumerate(starts) if change is not None and i > 0] + [len(frames)]
         outputs = self._undelivered  # grows in place: what a failure below leaves made is kept
+        lost = _LostRounds()
         if any(change is not None for change in starts):
-            outputs += self._complete_running()  # completed in its own segment's state
+            outputs += lost.guard(self._complete_running)  # completed in its own segment's state
         batch = OutputBatch()
         begin = 0
         for end in bounds:
             change = starts[begin]
             if change is not None:
-                outputs += self._finish(batch)  # the old segment's, under its own normaliser
+                outputs += lost.guard(self._finish, batch)  # the old segment's, under its own normaliser
                 batch = OutputBatch()
-                outputs += self._begin_segment(change, cleaned[begin][0])
+                outputs += lost.guard(self._begin_segment, change, cleaned[begin][0])
             self._append(cleaned[begin:end], flags[begin:end], labels[begin:end], batch)
             begin = end
         # Left running if asked and there is a pass to run (outputs that need none wait for none).
@@ -427,15 +451,16 @@ class StreamDenoiser:
         # not lose this one's outputs, nor leave its passes running untracked.
         before, self._running = self._running, self._submit(batch, on_workers=defer)
         if before is not None:
-            outputs += self._complete(before)  # done while G ran on these frames
+            outputs += lost.guard(self._complete, before)  # done while G ran on these frames
         self._observe_deferred()
         if not defer:
-            outputs += self._complete_running()
+            outputs += lost.guard(self._complete_running)
         if self.config.train_mode == "inline":
             for _ in frames:
                 if self.training.after_push():
                     self._adopt_published_weights()
         self._update_state()
+        lost.raise_any()  # what was made waits in `_undelivered` for the next call
         return self._delivered(outputs)
 
     def _delivered(self, outputs: list[DenoisedFrame]) -> list[DenoisedFrame]:
@@ -489,7 +514,8 @@ class StreamDenoiser:
         batch = OutputBatch()
         for t in range(self.frames_out, self.frames_in):
             self._produce(t, True, batch)
-        outputs = self._finish(batch)
+        lost = _LostRounds()
+        outputs = lost.guard(self._finish, batch)  # lost or not, the new segment begins
         if self._amplitude is not None:
             self._amplitude.reset()
         self._window.clear()
@@ -502,6 +528,7 @@ class StreamDenoiser:
         self._segment_start = change.index
         log.info("frame %d: %s change (level x%.2f, correlation %.2f): a new segment", change.index,
                  change.reason, change.level_ratio, change.correlation)
+        lost.raise_any()
         return outputs
 
     def _check(self, frame: np.ndarray) -> np.ndarray:
@@ -522,17 +549,19 @@ class StreamDenoiser:
 
     def flush(self) -> list[DenoisedFrame]:
         """End the stream: the outputs of the last N//2 frames, from mirrored windows."""
-        if self._ended or self._net is None:
+        if self._ended or self._net is None:  # (after a failed flush: the outputs it had made)
             self._ended = True
-            return []
+            return self._delivered(self._undelivered)
         outputs = self._undelivered
-        outputs += self._complete_running()
+        lost = _LostRounds()
+        outputs += lost.guard(self._complete_running)
         self._adopt_published_weights()
         batch = OutputBatch()
         for t in range(self.frames_out, self.frames_in):
             self._produce(t, True, batch)
         self._ended = True
-        outputs += self._finish(batch)
+        outputs += lost.guard(self._finish, batch)
+        lost.raise_any()
         return self._delivered(outputs)
 
     def _features(self, frames: torch.Tensor) -> torch.Tensor:
@@ -630,9 +659,10 @@ class StreamDenoiser:
     def _complete_running(self) -> list[DenoisedFrame]:
         """The outputs of the round `push_many(wait=False)` left running, once its passes end."""
         running, self._running = self._running, None
-        outputs = self._complete(running) if running is not None else []
-        self._observe_deferred()
-        return outputs
+        try:
+            return self._complete(running) if running is not None else []
+        finally:
+            self._observe_deferred()
 
     def _observe_deferred(self) -> None:
         """The live gain sees the frames pushed while a round ran only after that round's outputs
@@ -650,6 +680,7 @@ class StreamDenoiser:
         try:
             results = [p.result() for p in run.passes]
         except Exception as exc:
+            wait_for(run.passes)  # none of its passes left running beside the next round
             raise RoundFailed(len(outputs), exc) from exc
         for chunk, images in zip(run.chunks, results):
             for (slot, t, _, _), image in zip(chunk, images):
