@@ -681,7 +681,7 @@ def test_a_camera_whose_snap_fails_fails_the_mda_and_the_command(tmp_path, recei
     assert out.err.strip().splitlines()[-1] == (
         "umvd-live acquire: the MDA failed: camera Cam: RuntimeError: sensor overheated "
         "(3 of 6 frames not acquired, the first at t=3)")
-    assert "Traceback" not in out.err
+    assert "Exception in thread" not in out.err  # the camera thread's error is the reason, not a traceback
 
 
 def test_a_cancelled_mda_is_not_a_failure(core, receiver):
