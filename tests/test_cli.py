@@ -296,3 +296,128 @@ def test_a_leading_tilde_in_a_path_flag_is_the_home_folder(monkeypatch, tmp_path
     assert config.state_dir is not None and str(config.state_dir) == os.path.join(home, "umvd-state")
     bench = bench_config(_parse("bench", "--json", "~/sub/b.json"))
     assert bench.json_path is not None and str(bench.json_path) == os.path.join(home, "sub", "b.json")
+
+
+#: `acquire` flags a source would fail on only after the daemon was waited for, or ignore.
+ACQUIRE_MISTAKES = [
+    (["sim", "--stream", "a b"], "--stream must be 1 to 64 letters, digits, '_', '.' or '-', got 'a b'"),
+    (["sim", "--stream", "x" * 65], "--stream must be 1 to 64 letters"),
+    (["replay", "--file", "movie.tif", "--stream", "a/b"], "--stream must be 1 to 64 letters"),
+    (["sim", "--frames", "-3"], "--frames must be an integer >= 0, got -3"),
+    (["sim", "--rate", "inf"], "--rate must be a finite number > 0, got inf"),
+    (["replay", "--rate", "0"], "--rate must be a finite number > 0, got 0"),
+    (["replay", "--rate", "nan"], "--rate must be a finite number > 0, got nan"),
+    (["replay", "--frames", "-1"], "--frames must be an integer >= 0, got -1"),
+    (["sim", "--photons", "inf"], "--photons must be a finite number > 0"),
+    (["sim", "--seed", "-1"], "--seed must be an integer >= 0"),
+    (["sim", "--size", "0", "64"], "--size must be positive"),
+    (["replay", "--series", "-1"], "--series must be an integer >= 0"),
+    (["replay", "--channel", "-2"], "--channel must be an integer >= 0"),
+    (["pycromanager", "--retry-s", "-1"], "--retry-s must be a finite number >= 0, got -1"),
+    (["pycromanager", "--retry-s", "nan"], "--retry-s must be a finite number >= 0, got nan"),
+    (["pycromanager", "--poll-ms", "inf"], "--poll-ms must be a finite number >= 0"),
+    (["pycromanager", "--connect-attempts", "0"], "--connect-attempts must be an integer >= 1"),
+    (["pycromanager", "--mm-port", "70000"], "--mm-port must be a TCP port"),
+    (["pymmcore-plus", "--queue", "0"], "--queue must be an integer >= 1, got 0"),
+    (["pymmcore-plus", "--frames", "3", "--interval-ms", "-5"], "--interval-ms must be a finite number >= 0"),
+    (["pymmcore-plus", "--frames", "3", "--exposure-ms", "nan"], "--exposure-ms must be a finite number >= 0"),
+    # an option of another source (or mode), which it would ignore
+    (["pymmcore-plus", "--config", "MM.cfg", "--frames", "3", "--save-dir", "raw"],
+     "--save-dir is where pycromanager's owner mode saves the raw data"),
+    (["pycromanager", "--save-dir", "raw"], "--save-dir is where pycromanager's owner mode saves"),
+    (["pymmcore-plus", "--config", "MM.cfg", "--mda", "seq.yaml", "--frames", "3"],
+     "--mda runs the sequence's own time points"),
+    (["pymmcore-plus", "--config", "MM.cfg", "--mda", "seq.yaml", "--interval-ms", "100"],
+     "--mda runs the sequence's own time plan"),
+    (["pycromanager", "--exposure-ms", "10"], "--exposure-ms is set on pycromanager's own engine"),
+    (["pycromanager", "--mode", "owner", "--frames", "3", "--exposure-ms", "10"],
+     "--exposure-ms is set on pycromanager's own engine"),
+]
+
+
+@pytest.mark.parametrize("flags, message", ACQUIRE_MISTAKES)
+def test_acquire_refuses_a_bad_stream_number_or_stray_option_naming_the_flag(flags, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        acquire_config(_parse("acquire", *flags))
+
+
+@pytest.mark.parametrize("flags", [
+    ["sim", "--stream", "cam0.GCaMP-z_2", "--frames", "0", "--rate", "1e-3", "--retry-s", "0"],
+    ["pycromanager", "--mode", "owner", "--frames", "3", "--save-dir", "raw", "--config", "MM.cfg",
+     "--exposure-ms", "0"],
+    ["pymmcore-plus", "--config", "MM.cfg", "--mda", "seq.yaml", "--queue", "1"],
+    ["pymmcore-plus", "--config", "MM.cfg", "--live", "--frames", "5", "--interval-ms", "10"],
+])
+def test_acquire_takes_its_options_at_their_bounds(flags):
+    acquire_config(_parse("acquire", *flags, "--stream", "x" * 64))
+
+
+@pytest.mark.parametrize("flags", [
+    ["sim", "--stream", "a b"], ["sim", "--rate", "inf"], ["replay", "--rate", "0"],
+    ["pycromanager", "--retry-s", "nan"], ["pymmcore-plus", "--queue", "0"],
+    ["pymmcore-plus", "--config", "MM.cfg", "--frames", "3", "--save-dir", "raw"],
+])
+def test_acquire_says_a_mistake_in_one_line_before_waiting_for_the_daemon(flags):
+    """The real command, with a daemon that would be waited for (--wait-s 30): one line, exit 2, at once."""
+    proc = _umvd("acquire", *flags, "--to", "tcp://127.0.0.1:9", "--wait-s", "30")
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("umvd-live acquire: --"), proc.stderr
+
+
+def test_an_mda_whose_streams_cannot_be_named_is_refused_before_the_core_loads(tmp_path):
+    """A --stream of 62 characters takes no z plane (``.z0``): refused before any device moves,
+    not one error per frame during the whole MDA."""
+    (tmp_path / "mda.yaml").write_text("z_plan: {range: 2, step: 1}\n")
+    proc = _umvd("acquire", "pymmcore-plus", "--config", str(tmp_path / "missing.cfg"), "--mda",
+                 str(tmp_path / "mda.yaml"), "--stream", "s" * 62, "--wait-s", "0")
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "choose a shorter --stream" in lines[0] and "cannot load" not in lines[0]
+
+
+def test_an_mda_none_of_whose_frames_could_be_published_fails(tmp_path, monkeypatch, capsys):
+    """Every frame rejected (here: stream names past the check) is a failed acquisition, exit 1."""
+    pytest.importorskip("pymmcore_plus")
+    from test_mmcore import write_config
+
+    from umvd_live.apps import acquire
+
+    monkeypatch.setattr(acquire, "_check_stream_names", lambda *_: None, raising=False)
+    (tmp_path / "mda.yaml").write_text("z_plan: {range: 2, step: 1}\n")
+    config = acquire.AcquireConfig(source="pymmcore-plus", mda=str(tmp_path / "mda.yaml"),
+                                   mm_config=str(write_config(tmp_path / "MMConfig.cfg")),
+                                   publish=acquire.PublishConfig(to="tcp://127.0.0.1:9", stream="s" * 62, wait_s=0))
+    assert acquire.run(config) == acquire.EXIT_FAILED
+    out = capsys.readouterr()
+    assert "3 frames acquired in 0 stream(s), 0 sent" in out.out
+    assert "none of the MDA's 3 frames could be published" in out.err
+
+
+def test_a_summary_prints_on_a_stdout_that_lacks_its_characters(tmp_path):
+    """A redirected stdout on Windows is cp1252: an arrow or a sigma must not raise at the end."""
+    code = ("import sys; from umvd_live.apps import bench, cli\n"
+            "bench.run = lambda config: print('PSNR 20.0 \u2192 30.0 dB, \u03c3 2') or 0\n"
+            "sys.exit(cli.main(['bench', '--json', sys.argv[1]]))")
+    with open(tmp_path / "out.txt", "w") as out:
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b.json")], stdout=out,
+                              stderr=subprocess.PIPE, text=True, timeout=60,
+                              env=os.environ | {"PYTHONIOENCODING": "cp1252", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out.txt").read_text(encoding="cp1252").strip() == "PSNR 20.0 \\u2192 30.0 dB, \\u03c3 2"
+
+
+def test_bench_writes_its_json_before_printing_the_table(tmp_path, monkeypatch):
+    """A table the terminal cannot print must not lose the figures of the whole run."""
+    from umvd_live.apps import bench
+
+    def unprintable(result, console=None):
+        raise UnicodeEncodeError("cp1252", "\u2192", 0, 1, "character maps to <undefined>")
+
+    monkeypatch.setattr(bench, "measure", lambda config: {"frames_published": 7})
+    monkeypatch.setattr(bench, "pick_device", lambda device: None)
+    monkeypatch.setattr(bench, "check_model_flags", lambda *_: None)
+    monkeypatch.setattr(bench, "print_table", unprintable)
+    config = bench_config(_parse("bench", "--json", str(tmp_path / "b.json")))
+    with pytest.raises(UnicodeEncodeError):
+        bench.run(config)
+    assert '"frames_published": 7' in (tmp_path / "b.json").read_text()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -140,6 +141,132 @@ def test_recorder_writes_and_spills_without_pwrite(windows_like, tmp_path, monke
 def test_peak_memory_without_resource(windows_like):
     peak = peak_rss_mb()  # psutil's figure, as on Windows
     assert 10 < peak < 1e6
+
+
+
+#: SIGBREAK's number on Windows (Ctrl-Break, CTRL_BREAK_EVENT); Linux has no SIGBREAK.
+SIGBREAK = 21
+
+
+@pytest.fixture
+def with_sigbreak(monkeypatch):
+    """``signal.SIGBREAK`` as on Windows, and a ``signal.signal`` that notes the handlers it is
+    given instead of installing them (21 is another signal here): {signal number: handler}."""
+    monkeypatch.setattr(signal, "SIGBREAK", SIGBREAK, raising=False)
+    installed: dict[int, object] = {}
+
+    def note(signum, handler):
+        previous = installed.get(signum, signal.getsignal(signum))
+        installed[signum] = handler
+        return previous
+
+    monkeypatch.setattr(signal, "signal", note)
+    return installed
+
+
+def test_serve_stops_cleanly_on_ctrl_break(with_sigbreak, tmp_path, monkeypatch):
+    """Windows never delivers SIGTERM, and Ctrl-Break (CTRL_BREAK_EVENT, the only console event a
+    daemon started with CREATE_NEW_PROCESS_GROUP receives, as `apps.harness` starts it) is
+    SIGBREAK, which by default ends the process at once: nothing flushed, no final checkpoint, no
+    recording finished. `serve` handles it as SIGINT and SIGTERM: the loop stops, the streams are
+    flushed, the final checkpoints written, the ready file removed, exit status 0."""
+    from test_daemon import StepCounter
+
+    from umvd_live.daemon import service
+    from umvd_live.daemon.config import DaemonConfig
+    from umvd_live.daemon.streams import monotonic
+    from umvd_live.daemon.transport import Received
+    from umvd_live.engine.checkpoint import load_checkpoint
+    from umvd_live.wire.protocol import encode_frame
+
+    def received(seq: int) -> Received:
+        parts = [bytes(p) for p in encode_frame("cam0", np.full((16, 16), seq, "<u2"), seq)]
+        return Received(parts, monotonic(), sum(map(len, parts)))
+
+    monkeypatch.setattr(service, "engine_factory", lambda config: StepCounter)
+    serve, stopped = service.Daemon.serve, []
+
+    def ctrl_break_while_serving(self, display=None):
+        self.router.process([received(seq) for seq in range(3)])
+        handler = with_sigbreak.get(SIGBREAK)
+        assert callable(handler), f"no handler for SIGBREAK: {with_sigbreak}"
+        handler(SIGBREAK, None)  # Ctrl-Break
+        stopped.append(self._stop.requested)
+        serve(self, display)
+
+    monkeypatch.setattr(service.Daemon, "serve", ctrl_break_while_serving)
+    ready = tmp_path / "ready.json"
+    config = DaemonConfig(input_bind="tcp://127.0.0.1:*", output="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                          output_dir=tmp_path, state_dir=tmp_path / "state", checkpoint_interval_s=3600,
+                          ready_file=ready, status_interval_s=3600)
+    assert service.run(config) == 0
+    assert stopped == [True]
+    assert {signal.SIGINT, signal.SIGTERM, SIGBREAK} <= with_sigbreak.keys()
+    state, info = load_checkpoint(next((tmp_path / "state" / "checkpoints").glob("*.pt")))
+    assert info["stream"] == "cam0" and info["step"] == 3  # the final checkpoint, at the clean stop
+    assert not ready.exists()
+
+
+def test_the_demo_ends_on_ctrl_break_as_on_ctrl_c(with_sigbreak, monkeypatch):
+    """The demo's streaming loop notes Ctrl-Break as it notes Ctrl-C (`StopSignals`), and outside it
+    Ctrl-Break ends the demo through its clean path (KeyboardInterrupt), as SIGTERM does."""
+    from umvd_live.apps import demo
+
+    with demo.StopSignals() as stop:
+        with_sigbreak[SIGBREAK](SIGBREAK, None)
+    assert stop.received == SIGBREAK
+    during: dict[int, object] = {}
+
+    def session(config, console, log_dir):
+        during.update(with_sigbreak)
+        log_dir.rmdir()
+        return 0
+
+    monkeypatch.setattr(demo, "_session", session)
+    assert demo.run(demo.DemoConfig()) == 0
+    assert during[signal.SIGTERM] is demo._raise_interrupt and during[SIGBREAK] is demo._raise_interrupt
+    assert with_sigbreak[SIGBREAK] is not demo._raise_interrupt  # put back after the demo
+
+
+def test_a_refused_rename_of_a_model_file_is_retried_then_reported(tmp_path, monkeypatch):
+    """Windows refuses ``os.replace`` over a file another process holds open without delete sharing
+    (a virus scanner scanning the last checkpoint, a viewer): PermissionError until it lets go.
+    A checkpoint, a saved model and the ready file (`write_atomically`) retry, briefly, as an
+    OME-Zarr store's metadata does (test_zarr.py); refused for good, the error is raised, the
+    previous file is intact and no temporary is left."""
+    import torch
+
+    from umvd_live.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    path = tmp_path / "cam0.pt"
+    save_checkpoint(path, {"w": torch.ones(2)}, {"step": 1})
+    real, calls = os.replace, []
+
+    def refused_thrice(src, dst):
+        calls.append(dst)
+        if len(calls) <= 3:
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process",
+                                  str(dst))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", refused_thrice)
+    save_checkpoint(path, {"w": torch.full((2,), 2.0)}, {"step": 2})
+    assert len(calls) == 4 and load_checkpoint(path)[1]["step"] == 2
+
+    def refused(src, dst):
+        raise PermissionError(13, "in use", str(dst))
+
+    from umvd_live import portable
+
+    monkeypatch.setattr(os, "replace", refused)
+    monkeypatch.setattr(portable, "REPLACE_RETRY_S", 0.2)
+    started = time.monotonic()
+    with pytest.raises(PermissionError):
+        save_checkpoint(path, {"w": torch.full((2,), 3.0)}, {"step": 3})
+    assert 0.15 < time.monotonic() - started < 2
+    monkeypatch.setattr(os, "replace", real)
+    assert load_checkpoint(path)[1]["step"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["cam0.pt"]  # no temporary left
 
 
 # -- the sources ----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -302,3 +303,239 @@ def test_model_and_ready_files_get_the_mode_the_umask_gives_not_owner_only(tmp_p
         os.umask(umask)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     assert modes == {"m.pt": 0o644, "ready.json": 0o644, "private.pt": 0o600}
+
+
+# ---- the control socket and the inbox under a flood: bounded memory, every client answered ------
+def _serving_daemon(tmp_path: Path, seen: list[int] | None = None):
+    """A daemon in this process, its frame loop on a thread (no frames: no engine is built);
+    ``seen`` collects the size of every request the control thread hands to the service."""
+    from test_daemon import StepCounter
+
+    from umvd_live.daemon.config import DaemonConfig
+    from umvd_live.daemon.service import Daemon
+
+    d = Daemon(DaemonConfig(input_bind=None, output="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                            output_dir=tmp_path), StepCounter)
+    if seen is not None:
+        on_request = d._on_request
+
+        def noting(data: bytes):
+            seen.append(len(data))
+            return on_request(data)
+
+        d._on_request = noting  # type: ignore[method-assign]
+    d.start()
+    loop = threading.Thread(target=d.serve, name="frame-loop", daemon=True)
+    loop.start()
+    return d, loop
+
+
+def _stop_daemon(d, loop: threading.Thread) -> None:
+    d.request_stop("test over")
+    loop.join(30)
+    d.close()
+
+
+def _ask(endpoint: str, body: bytes, timeout_s: float) -> dict | None:
+    """One request on a fresh REQ socket; None when no reply came within ``timeout_s``."""
+    req = zmq.Context.instance().socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.connect(endpoint)
+    try:
+        req.send(body)
+        return msgpack.unpackb(req.recv()) if req.poll(int(timeout_s * 1000)) else None
+    finally:
+        req.close()
+
+
+FLOODER = """
+import sys, time, msgpack, zmq
+sock = zmq.Context().socket(zmq.DEALER)
+sock.setsockopt(zmq.LINGER, 0)
+sock.connect(sys.argv[1])
+request = [b"", msgpack.packb({"cmd": "status"})]
+print("flooding", flush=True)
+began = time.monotonic()
+while time.monotonic() - began < 60:  # never reads a reply; ends with the test (or after 60 s)
+    for _ in range(1000):
+        sock.send_multipart(request)
+"""
+
+
+def test_a_client_flooding_control_requests_does_not_starve_the_others(tmp_path):
+    """A DEALER that sends ``status`` requests without pause and reads no reply: before, the
+    control thread read until the socket was empty, which it never was, so no other client got a
+    reply, and it held every request it took (263k, 587 MB in the review). Now it reads a bounded
+    number per turn, holds a bounded number, and answers the flooder's others ``busy``."""
+    seen: list[int] = []
+    d, loop = _serving_daemon(tmp_path, seen)
+    endpoint = d.endpoints["control"]
+    flooder = subprocess.Popen([sys.executable, "-c", FLOODER, endpoint], stdout=subprocess.PIPE, text=True)
+    try:
+        assert flooder.stdout is not None and flooder.stdout.readline().strip() == "flooding"
+        control = d.transport.control
+        assert control is not None
+        deadline = time.monotonic() + 30
+        while len(seen) < 1000:  # the flood is on
+            assert time.monotonic() < deadline and flooder.poll() is None, "the flood never reached the daemon"
+            time.sleep(0.05)
+        for _ in range(3):
+            reply = _ask(endpoint, msgpack.packb({"cmd": "status"}), timeout_s=10)
+            assert reply is not None, "a status request got no reply within 10 s while another client flooded"
+            assert reply["ok"] and "streams" in reply, reply
+        assert flooder.poll() is None, "the flood ended before the status requests were answered"
+        from umvd_live.daemon.transport import MAX_WAITING_REQUESTS
+
+        assert control.waiting <= MAX_WAITING_REQUESTS and control.busy > 0
+    finally:
+        flooder.kill()
+        flooder.wait()
+        _stop_daemon(d, loop)
+
+
+def test_past_the_limits_a_control_request_is_answered_busy_at_once():
+    """At most ``max_per_client`` requests wait for their reply per connection and
+    ``max_waiting`` in all; past that the request never reaches the service: its reply is at once
+    an error in the format of every other, and the requests within the limits are answered."""
+    from concurrent.futures import Future
+
+    from umvd_live.daemon.transport import ControlServer, PendingReply
+    from umvd_live.wire.protocol import pack
+
+    hanging: list[Future] = []
+    handled: list[str] = []
+
+    def handle(data: bytes) -> PendingReply:
+        cmd, reply = msgpack.unpackb(data)["cmd"], Future()
+        handled.append(cmd)
+        if cmd == "slow":
+            hanging.append(reply)  # answered when the test says so
+        else:
+            reply.set_result(pack({"ok": True, "cmd": cmd}))
+        return PendingReply(reply)
+
+    ctx = zmq.Context()
+    server = ControlServer(ctx, "tcp://127.0.0.1:*", handle, max_waiting=6, max_per_client=4)
+    server.start()
+    socks: list[zmq.Socket] = []
+
+    def dealer() -> zmq.Socket:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(server.endpoint)
+        socks.append(sock)
+        return sock
+
+    def replies(sock: zmq.Socket, n: int) -> list[dict]:
+        got = []
+        while len(got) < n and sock.poll(10_000):
+            empty, body = sock.recv_multipart()
+            got.append(msgpack.unpackb(body))
+        return got
+
+    try:
+        a, b = dealer(), dealer()
+        for _ in range(10):
+            a.send_multipart([b"", msgpack.packb({"cmd": "slow"})])
+        busy_a = replies(a, 6)
+        assert len(busy_a) == 6 and all(r["ok"] is False and r["error"].startswith("busy: too many requests waiting")
+                                        and "this connection" in r["error"] for r in busy_a), busy_a
+        for _ in range(4):
+            b.send_multipart([b"", msgpack.packb({"cmd": "slow"})])
+        busy_b = replies(b, 2)  # 4 + 2 waiting: the total is spent
+        assert len(busy_b) == 2 and all(r["error"].startswith("busy: too many requests waiting (6)")
+                                        for r in busy_b), busy_b
+        assert handled == ["slow"] * 6 and server.waiting == 6 and server.busy == 8
+        assert _ask(server.endpoint, msgpack.packb({"cmd": "status"}), 10)["error"].startswith("busy")
+
+        for future in hanging:  # answered: the limits are free again
+            future.set_result(pack({"ok": True, "cmd": "slow"}))
+        assert [r["ok"] for r in replies(a, 4) + replies(b, 2)] == [True] * 6
+        assert _ask(server.endpoint, msgpack.packb({"cmd": "status"}), 10) == {"ok": True, "cmd": "status"}
+        assert server.waiting == 0 and server.is_alive()
+    finally:
+        for sock in socks:
+            sock.close()
+        server.stop()
+        ctx.term()
+
+
+def test_an_oversized_control_request_is_refused_before_it_is_held_whole(tmp_path):
+    """The control socket takes no message part much over the 64 KiB a request may have: a larger
+    one ends its connection as it arrives (no reply) instead of being received whole (300 MB in
+    the review) before its refusal; one just over 64 KiB still gets the clear error reply."""
+    from umvd_live.daemon.control import MAX_REQUEST_BYTES
+
+    seen: list[int] = []
+    d, loop = _serving_daemon(tmp_path, seen)
+    endpoint = d.endpoints["control"]
+    try:
+        just_over = msgpack.packb({"cmd": "status", "pad": "x" * MAX_REQUEST_BYTES})
+        assert MAX_REQUEST_BYTES < len(just_over) < MAX_REQUEST_BYTES + 4096
+        reply = _ask(endpoint, just_over, timeout_s=10)
+        assert reply is not None and reply["ok"] is False and "header_too_large" in reply["error"], reply
+
+        assert _ask(endpoint, b"\x00" * (8 << 20), timeout_s=3) is None  # dropped: no reply
+        assert seen and max(seen) == len(just_over), "the 8 MB request reached the service"
+        status = _ask(endpoint, msgpack.packb({"cmd": "status"}), timeout_s=10)
+        assert status is not None and status["ok"], status
+        from umvd_live.daemon.transport import CONTROL_MAX_MSG_BYTES
+
+        assert len(just_over) < CONTROL_MAX_MSG_BYTES < 8 << 20
+    finally:
+        _stop_daemon(d, loop)
+
+
+def test_an_error_in_the_input_thread_does_not_end_it():
+    """A MemoryError (or a bug) while a message is taken is logged and counted; the thread goes
+    on taking frames (before, it ended silently and the daemon took no more input)."""
+    from umvd_live.daemon.config import DaemonConfig
+    from umvd_live.daemon.transport import Inbox, InputReceiver
+
+    inbox = Inbox(max_bytes=1 << 20)
+    put = inbox.put
+    failures = [MemoryError()]
+
+    def failing_put(item):
+        if failures:
+            raise failures.pop()
+        return put(item)
+
+    inbox.put = failing_put  # type: ignore[method-assign]
+    ctx = zmq.Context()
+    receiver = InputReceiver(ctx, DaemonConfig(input_bind="tcp://127.0.0.1:*"), inbox)
+    receiver.start()
+    pub = ctx.socket(zmq.XPUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    try:
+        pub.connect(receiver.endpoints[0])
+        assert pub.poll(10_000), "the receiver never subscribed"
+        pub.recv()
+        pub.send_multipart([b"first", b"", b""])  # its put raises
+        pub.send_multipart([b"second", b"", b""])
+        deadline = time.monotonic() + 10
+        while len(inbox) == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert receiver.is_alive() and receiver.errors == 1
+        assert [item.parts[0] for item in inbox.drain(0)] == [b"second"]
+    finally:
+        receiver.stop()
+        pub.close()
+        ctx.term()
+
+
+def test_the_inbox_budget_counts_the_batch_the_frame_loop_still_holds():
+    """--inbox-mb bounds what the daemon holds of its input: the batch the frame loop took is
+    counted until it asks for the next, so the queue cannot fill up again meanwhile (2x)."""
+    from umvd_live.daemon.transport import Inbox, Received
+
+    def item() -> Received:
+        return Received([b"t", b"h", bytes(1000)], 0.0, 1002)
+
+    inbox = Inbox(max_bytes=2 * item().cost)
+    assert inbox.put(item()) and inbox.put(item()) and not inbox.put(item())
+    batch = inbox.drain(0)  # the loop works on these two
+    assert len(batch) == 2 and inbox.nbytes == 0
+    assert not inbox.put(item()) and inbox.overflow == 2
+    assert inbox.drain(0) == []  # done with them
+    assert inbox.put(item()) and inbox.put(item())

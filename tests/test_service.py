@@ -4,6 +4,8 @@ item 7). Real sockets on loopback, the real engine."""
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 from dataclasses import replace
@@ -14,12 +16,14 @@ import pytest
 import zmq
 from test_daemon import DaemonProcess, StepCounter, checkpoint_file, engine
 
+from umvd_live.daemon import service
 from umvd_live.daemon.config import DaemonConfig
 from umvd_live.daemon.service import Daemon
 from umvd_live.daemon.statestore import StateWorker
 from umvd_live.daemon.streams import monotonic
 from umvd_live.daemon.transport import Received
 from umvd_live.engine import StreamDenoiser
+from umvd_live.engine.checkpoint import load_checkpoint
 from umvd_live.wire.protocol import encode_frame
 
 pytestmark = pytest.mark.timeout(300)
@@ -223,3 +227,90 @@ def ask(endpoint: str, request: dict, timeout_s: float = 10) -> dict | None:
         return msgpack.unpackb(req.recv()) if req.poll(int(timeout_s * 1000)) else None
     finally:
         req.close()
+
+
+def received(stream: str, seq: int, shape: tuple[int, int] = (16, 16)) -> Received:
+    """A frame as the input thread hands it to the loop."""
+    parts = [bytes(p) for p in encode_frame(stream, np.full(shape, seq, "<u2"), seq)]
+    return Received(parts, monotonic(), sum(map(len, parts)))
+
+
+def loopback_config(tmp_path, **fields) -> DaemonConfig:
+    return DaemonConfig(**({"input_bind": "tcp://127.0.0.1:*", "output": "tcp://127.0.0.1:*",
+                            "control": "tcp://127.0.0.1:*", "output_dir": tmp_path} | fields))
+
+
+def test_the_ready_file_is_there_only_while_the_daemon_serves(tmp_path):
+    """A previous run's ready file (its endpoints dead) is gone before this run binds, so a launcher
+    waiting for the file never reads it; this run's goes at close. Before, both stayed."""
+    ready = tmp_path / "ready.json"
+    stale = {"version": 1, "pid": 1, "umvd_live": "0.0.0", "endpoints": {
+        "input": "tcp://127.0.0.1:1", "output": "tcp://127.0.0.1:2", "control": "tcp://127.0.0.1:3"}}
+    ready.write_text(json.dumps(stale))
+    d = Daemon(loopback_config(tmp_path, ready_file=ready), StepCounter)
+    seen_at_bind: list[bool] = []
+    bind = d.transport.start
+
+    def start(on_request):
+        seen_at_bind.append(ready.exists())
+        return bind(on_request)
+
+    d.transport.start = start  # type: ignore[method-assign]
+    try:
+        d.start()
+        assert seen_at_bind == [False]
+        written = json.loads(ready.read_text())
+        assert written["pid"] == os.getpid() and written["endpoints"] == dict(d.endpoints)
+    finally:
+        d.close()
+    assert not ready.exists()
+
+
+def test_a_ready_file_another_daemon_wrote_since_is_left_at_close(tmp_path):
+    """At close only the daemon's own file goes: one that names another pid (a daemon started on
+    the same path since) stays; so does a file that is not a ready file at all."""
+    ready = tmp_path / "ready.json"
+    d = Daemon(loopback_config(tmp_path, ready_file=ready), StepCounter)
+    try:
+        d.start()
+        assert json.loads(ready.read_text())["pid"] == os.getpid()
+        other = json.loads(ready.read_text()) | {"pid": os.getpid() + 1}
+        ready.write_text(json.dumps(other))
+    finally:
+        d.close()
+    assert json.loads(ready.read_text()) == other
+    ready.write_text("not json")
+    service.remove_ready_file(ready, pid=os.getpid())
+    assert ready.read_text() == "not json"
+    service.remove_ready_file(ready)  # at a start: whatever is there
+    assert not ready.exists()
+    service.remove_ready_file(ready)  # nothing there: nothing to do
+
+
+def test_a_last_batch_that_fails_at_shutdown_still_flushes_every_stream(tmp_path, monkeypatch):
+    """The frames still in the inbox at the end go through the router; should that raise, every
+    stream is still flushed and its final checkpoint written (before, `close_streams` was skipped:
+    no flush, no final checkpoint, and the finish does not run twice)."""
+    config = loopback_config(tmp_path, state_dir=tmp_path / "state", checkpoint_interval_s=3600)
+    d = Daemon(config, StepCounter)
+    d.start()
+    try:
+        d.router.process([received("cam0", seq) for seq in range(4)])
+        assert d.router.streams["cam0"].denoiser is not None
+        monkeypatch.setattr(d.transport.inbox, "drain", lambda timeout: [received("cam0", 4)])
+
+        def fails(items, allow_skip=True):
+            raise RuntimeError("a bug in the last batch")
+
+        monkeypatch.setattr(d.router, "process", fails)
+        closed: list[int] = []
+        close_streams = d.router.close_streams
+        monkeypatch.setattr(d.router, "close_streams", lambda: closed.append(close_streams()) or closed[-1])
+        with pytest.raises(RuntimeError, match="a bug in the last batch"):
+            d.finish()
+        assert len(closed) == 1
+        assert d.router.streams["cam0"].denoiser is None  # flushed and closed
+    finally:
+        d.close()
+    saved = load_checkpoint(checkpoint_file(tmp_path / "state", "cam0"))[1]
+    assert saved["step"] == 4 and saved["stream"] == "cam0"

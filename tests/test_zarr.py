@@ -469,7 +469,7 @@ def test_a_refused_replace_is_retried_then_reported(tmp_path, monkeypatch):
     lets go: the checkpoint retries, briefly; a replace refused for good is an OSError."""
     import os
 
-    from umvd_live.recording import omezarr
+    from umvd_live import portable
 
     rec = ZarrRecording.create(tmp_path / "r.ome.zarr", pattern(0), FrameInfo(seq=0, t=0.0), Provenance("cam0"))
     real, calls = os.replace, []
@@ -496,7 +496,7 @@ def test_a_refused_replace_is_retried_then_reported(tmp_path, monkeypatch):
         raise PermissionError(13, "in use", str(dst))
 
     monkeypatch.setattr(os, "replace", refused)
-    monkeypatch.setattr(omezarr, "REPLACE_RETRY_S", 0.2)
+    monkeypatch.setattr(portable, "REPLACE_RETRY_S", 0.2)
     rec.append(pattern(4), FrameInfo(seq=4, t=0.4))
     started = time.monotonic()
     with pytest.raises(PermissionError):

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # imported when a source runs: the command line reads the defaults below
+    from useq import MDASequence
+
     from umvd_live.adapters.handoff import HandoffStats
     from umvd_live.adapters.publisher import FramePublisher
 
@@ -47,10 +49,18 @@ class PublishConfig:
     sndhwm: int = 2000
 
     def __post_init__(self) -> None:
+        from umvd_live.wire.protocol import STREAM_NAME
+
         if not _ENDPOINT.fullmatch(self.to):
             raise ValueError(f"--to must be an endpoint such as tcp://127.0.0.1:5555, got {self.to!r}")
         if not (math.isfinite(self.wait_s) and self.wait_s >= 0):
             raise ValueError(f"--wait-s must be a finite number of seconds >= 0, got {self.wait_s:g}")
+        # before waiting for the daemon: the publisher would refuse the name only then (a replayed
+        # file's or an MDA's streams are this name and their axes, checked where they are known)
+        if not STREAM_NAME.match(self.stream):
+            raise ValueError(f"--stream must be 1 to 64 letters, digits, '_', '.' or '-', got {self.stream!r}")
+        if self.sndhwm < 0:
+            raise ValueError(f"--sndhwm must be >= 0 (0: no limit), got {self.sndhwm}")
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,49 @@ class AcquireConfig:
     retry_s: float = 1.0  # pycromanager: first back-off delay, doubled per try
     poll_ms: float = 10.0  # pycromanager tap: polling period
     save_dir: str | None = None  # pycromanager owner: where pycromanager saves the raw data
+
+    def __post_init__(self) -> None:
+        # Checked here, before the daemon is waited for: each message names the flag typed.
+        def at_least(flag: str, value: float | None, low: float, what: str = "a number") -> None:
+            if value is not None and not (math.isfinite(value) and value >= low):
+                raise ValueError(f"{flag} must be {what} >= {low:g}, got {value:g}")
+
+        counts: tuple[tuple[str, int | None], ...] = (
+            ("--frames", self.frames), ("--seed", self.seed), ("--series", self.series), ("--channel", self.channel))
+        for flag, count in counts:
+            at_least(flag, count, 0, "an integer")
+        at_least("--queue", self.queue, 1, "an integer")
+        at_least("--connect-attempts", self.connect_attempts, 1, "an integer")
+        times: tuple[tuple[str, float | None], ...] = (
+            ("--exposure-ms", self.exposure_ms), ("--interval-ms", self.interval_ms), ("--retry-s", self.retry_s),
+            ("--poll-ms", self.poll_ms))
+        for flag, time in times:
+            at_least(flag, time, 0, "a finite number")
+        for flag, rate in (("--rate", self.rate_hz), ("--photons", self.photons)):
+            if not (math.isfinite(rate) and rate > 0):
+                raise ValueError(f"{flag} must be a finite number > 0, got {rate:g}")
+        if min(self.size) < 1:
+            raise ValueError(f"--size must be positive, got {self.size[0]} {self.size[1]}")
+        if not 1 <= self.mm_port <= 65535:
+            raise ValueError(f"--mm-port must be a TCP port, 1 to 65535, got {self.mm_port}")
+        unused = self._ignored()
+        if unused:
+            raise ValueError(unused)
+
+    def _ignored(self) -> str | None:
+        """Why a flag given would be ignored by this source (or this mode), if one would be."""
+        pycro_owner = self.source == "pycromanager" and self.mode == "owner"
+        if self.save_dir is not None and not pycro_owner:
+            return "--save-dir is where pycromanager's owner mode saves the raw data (--mode owner); " \
+                   f"{self.source} does not save any"
+        if self.mda is not None and self.frames is not None:
+            return "--mda runs the sequence's own time points: give the frames in SEQUENCE.yaml, not --frames"
+        if self.mda is not None and self.interval_ms:
+            return "--mda runs the sequence's own time plan: give the interval in SEQUENCE.yaml, not --interval-ms"
+        if self.source == "pycromanager" and self.exposure_ms is not None and not self.mm_config:
+            return "--exposure-ms is set on pycromanager's own engine (--mode owner --config); " \
+                   "connected to Micro-Manager, set the exposure there"
+        return None
 
 
 def _say(message: str) -> None:
@@ -234,6 +287,8 @@ def _run_pymmcore(options: AcquireConfig) -> int:
                 sequence = load_sequence(options.mda)
             elif options.frames:  # one of the two, checked above
                 sequence = time_lapse(options.frames, options.interval_ms)
+            if sequence is not None:  # its streams' names, before any device moves
+                _check_stream_names(sequence, options.publish.stream)
         except (OSError, ValueError) as exc:
             _say(str(exc))
             return EXIT_BAD_INPUT
@@ -273,9 +328,35 @@ def _run_pymmcore(options: AcquireConfig) -> int:
                   f"stream(s), {_handed_over(handed, source.errors)}{_undelivered(publisher)}")
             if failure is not None:
                 _say(str(failure))
+            elif status == 0 and source.frames_seen and handed.sent == 0 \
+                    and source.errors + handed.rejected >= source.frames_seen:
+                _say(f"none of the MDA's {source.frames_seen} frames could be published (see the log)")
+                status = EXIT_FAILED
     finally:
         publisher.close()
     return status
+
+
+#: Events of an MDA, without its time points, whose stream names are checked before it runs
+#: (about 40 us each): more than (position, grid, channel, plane)s an MDA has.
+_NAMES_CHECKED = 100_000
+
+
+def _check_stream_names(sequence: MDASequence, group: str) -> None:
+    """Raise ValueError if a stream of ``sequence`` (``group`` and the MDA's axes, as
+    `MMCoreSource` names them) cannot be a stream name: too long for the protocol."""
+    from itertools import islice
+
+    from umvd_live.adapters.mmcore import event_axes
+    from umvd_live.wire.axes import ChannelParts
+
+    parts = ChannelParts()  # as MMCoreSource._on_sequence_started: the sequence's channels first
+    for c, channel in enumerate(getattr(sequence, "channels", None) or ()):
+        parts.part(getattr(channel, "config", None), c)
+    untimed = getattr(sequence, "replace", None)
+    events = untimed(time_plan=None) if untimed is not None else sequence  # names do not depend on t
+    for event in islice(events, _NAMES_CHECKED):
+        event_axes(group, event, parts).name  # noqa: B018 (raises ValueError for a bad name)
 
 
 # ------------------------------------------------------------------------------- pycromanager

@@ -1047,13 +1047,16 @@ def run(config: BenchConfig) -> int:
     except ValueError as exc:  # DeviceUnavailable and CheckpointError included
         print(f"umvd-live bench: {exc}", file=sys.stderr)
         return 2
-    print_table(result)
+    unwritten = None  # the JSON first: a table the terminal cannot print must not lose the run's figures
     if config.json_path is not None:
         path = config.json_path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(finite_json(result), indent=2, default=str, allow_nan=False) + "\n")
         except OSError as exc:
-            print(f"umvd-live bench: cannot write {path}: {exc}", file=sys.stderr)
-            return 2
+            unwritten = f"umvd-live bench: cannot write {path}: {exc}"
+    print_table(result)
+    if unwritten is not None:
+        print(unwritten, file=sys.stderr)
+        return 2
     return 0 if result["frames_published"] > 0 else 1

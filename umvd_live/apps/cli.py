@@ -681,7 +681,18 @@ def _run_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def tolerant_output() -> None:
+    """Let stdout write what its encoding lacks as Python's stderr always does (``\\u2192`` for
+    '→'): a redirected stdout on Windows is cp1252, and a summary's arrow or sigma raised
+    UnicodeEncodeError at the very end of a run."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and getattr(stream, "errors", None) == "strict":
+            reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
+    tolerant_output()
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level)
     tune_process(args.module)  # the command's module, imported with the process settings applied

@@ -55,6 +55,7 @@ from umvd_live.apps.harness import (
 from umvd_live.daemon.status import render_lines, render_table
 from umvd_live.engine.budget import cpu_cores
 from umvd_live.metrics import SessionFrames, finite_json, psnr
+from umvd_live.portable import handle_stop_signals, restore_signals, signal_name
 from umvd_live.wire.schema import EngineStats, StatusReply, StreamStatus, latency_summary
 
 STREAM = "sim0"
@@ -499,13 +500,12 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 class StopSignals:
-    """While the stream runs, Ctrl-C (SIGINT) and SIGTERM only note that they came; the streaming
-    loop ends at its next turn. A KeyboardInterrupt raised there could be lost: a signal handler
-    that raises while the main thread is in a ``__del__`` or a garbage-collector callback has its
-    exception printed and dropped, and the demo streamed on after a Ctrl-C. Outside this block
-    both signals interrupt as usual (a second Ctrl-C while finishing still ends the demo)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    """While the stream runs, Ctrl-C (SIGINT), SIGTERM and, on Windows, Ctrl-Break (SIGBREAK) only
+    note that they came (`portable.stop_signals`); the streaming loop ends at its next turn. A
+    KeyboardInterrupt raised there could be lost: a signal handler that raises while the main
+    thread is in a ``__del__`` or a garbage-collector callback has its exception printed and
+    dropped, and the demo streamed on after a Ctrl-C. Outside this block they interrupt as usual
+    (a second Ctrl-C while finishing still ends the demo)."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -515,22 +515,22 @@ class StopSignals:
         self.received = signum
 
     def __enter__(self) -> StopSignals:
-        self._previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
+        self._previous = handle_stop_signals(self._note)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        restore_signals(self._previous)
 
 
 def run(config: DemoConfig) -> int:
     console = Console()
-    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)  # end cleanly on SIGTERM as on Ctrl-C
+    # end cleanly on SIGTERM and (Windows) Ctrl-Break as on Ctrl-C, which raises KeyboardInterrupt itself
+    previous = handle_stop_signals(_raise_interrupt, keep_sigint=True)
     log_dir = Path(tempfile.mkdtemp(prefix="umvd-demo-"))
     try:
         return _session(config, console, log_dir)
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
+        restore_signals(previous)
 
 
 def _session(config: DemoConfig, console: Console, log_dir: Path) -> int:
@@ -554,15 +554,18 @@ def _session(config: DemoConfig, console: Console, log_dir: Path) -> int:
         activity, skipped = score_activity(config, tracker)
         summary = _summarise(config, ended_by, streamed_s, daemon, collector, tracker, sim, final_status, engine)
         summary.activity, summary.activity_skipped = activity, skipped
-        console.print(render_summary(summary))
-        if activity is not None:
-            console.print(render_activity(activity, config.oracle))
+        unwritten = None  # the JSON first: a summary the terminal cannot print must not lose the run
         if config.json_path:
             try:
                 config.json_path.write_text(json.dumps(finite_json(summary.to_dict()), indent=2, allow_nan=False))
             except OSError as exc:
-                console.print(f"umvd-live demo: cannot write {config.json_path}: {exc}", highlight=False)
-                return 2
+                unwritten = f"umvd-live demo: cannot write {config.json_path}: {exc}"
+        console.print(render_summary(summary))
+        if activity is not None:
+            console.print(render_activity(activity, config.oracle))
+        if unwritten is not None:
+            console.print(unwritten, highlight=False)
+            return 2
         return 0 if summary.frames_received else 1
     except (DemoError, DaemonError) as exc:
         keep_log = True
@@ -620,7 +623,7 @@ def _stream(config: DemoConfig, console: Console, daemon: ServeProcess, collecto
             if not sim.is_alive():
                 raise DemoError("the simulated acquisition stopped on its own")
         if stop.received is not None:
-            ended_by = "Ctrl-C" if stop.received == signal.SIGINT else "SIGTERM"
+            ended_by = "Ctrl-C" if stop.received == signal.SIGINT else signal_name(stop.received)
         if started is not None:  # the engine's figures as the stream ends, before its end message
             engine = _engine_figures(daemon.status()) or engine
     sim.stop()

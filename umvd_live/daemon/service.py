@@ -20,7 +20,11 @@ The rooms of the daemon, and who does what:
   the final checkpoints.
 - Housekeeping, between batches: streams without frames for ``--idle-s`` go idle (training
   paused), the capacity is re-evaluated, periodic checkpoints are queued.
-- ``--ready-file``: once every socket is bound, the endpoints as JSON (`write_ready_file`).
+- ``--ready-file``: once every socket is bound, the endpoints and the pid as JSON
+  (`write_ready_file`); there only while the daemon serves: a previous run's is removed before
+  binding, this run's at `close` (`remove_ready_file`).
+- Signals: SIGINT, SIGTERM and, on Windows, SIGBREAK (Ctrl-Break, ``CTRL_BREAK_EVENT``) stop the
+  loop as ``shutdown`` does (`portable.stop_signals`).
 The terminal status is `status.py`. Wire format: `wire/protocol.py` and docs/protocol.md;
 failure behaviour: docs/reliability.md; remote set-up: docs/security.md.
 """
@@ -31,7 +35,6 @@ import json
 import logging
 import os
 import queue
-import signal
 import sys
 import time
 from collections import deque
@@ -62,6 +65,7 @@ from umvd_live.engine.checkpoint import (
 )
 from umvd_live.engine.device import DeviceUnavailable, pick_device
 from umvd_live.engine.provenance import network_provenance
+from umvd_live.portable import handle_stop_signals, signal_name
 from umvd_live.wire.protocol import STREAM_NAME
 from umvd_live.wire.security import PathNotAllowed, confine_path
 
@@ -130,6 +134,8 @@ class Daemon:
     def start(self) -> None:
         """Bind the sockets and start receiving; start ``--record``'s recording; say ``ready``.
         Raises on a bad or busy endpoint."""
+        if self.config.ready_file is not None:  # a previous run's endpoints: never read as this run's
+            remove_ready_file(self.config.ready_file)
         self.endpoints = self.transport.start(self._on_request)
         assert self.transport.output is not None
         self.router.sinks.insert(0, PublisherSink(self.transport.output))  # the viewers first
@@ -177,10 +183,12 @@ class Daemon:
         self.transport.stop_input()
         flushed = 0
         try:
-            leftover = self.transport.inbox.drain(0)
-            if leftover:
-                self.router.process(leftover, allow_skip=False)
-            flushed = self.router.close_streams()  # queues each live stream's final checkpoint
+            try:
+                leftover = self.transport.inbox.drain(0)
+                if leftover:
+                    self.router.process(leftover, allow_skip=False)
+            finally:  # a last batch that failed must not keep every stream from its flush
+                flushed = self.router.close_streams()  # queues each live stream's final checkpoint
         finally:  # whatever failed above, the recordings are finished and the checkpoints written
             stopped = [sink for sink in self._stopped_recordings if sink not in self.router.sinks]
             for sink in self.router.sinks + stopped:
@@ -192,11 +200,15 @@ class Daemon:
         return flushed
 
     def close(self) -> None:
-        self.finish()
-        if self.transport.control is not None:
-            self.transport.control.stop_receiving()
-        self._answer_requests(only_reads=False)  # what came meanwhile (a second shutdown: "flushed": 0)
-        self.transport.close()  # the control thread sends the last replies first
+        try:
+            self.finish()
+            if self.transport.control is not None:
+                self.transport.control.stop_receiving()
+            self._answer_requests(only_reads=False)  # what came meanwhile (a second shutdown: "flushed": 0)
+            self.transport.close()  # the control thread sends the last replies first
+        finally:  # its endpoints are gone: a launcher waiting for the file must not read them
+            if self.config.ready_file is not None:
+                remove_ready_file(self.config.ready_file, pid=os.getpid())
 
     def _housekeeping(self) -> None:
         """Idle streams stop training; the capacity is re-evaluated; live streams are
@@ -480,6 +492,26 @@ def write_ready_file(path: Path, endpoints: EndpointsStatus) -> None:
         fh.write(json.dumps(payload).encode())
 
 
+def remove_ready_file(path: Path, pid: int | None = None) -> None:
+    """Remove the ``--ready-file`` ``path`` if it is there; with ``pid``, only if it is that
+    process's (a file another daemon wrote since, or one that cannot be read, is left alone).
+    A file that cannot be removed (Windows: a launcher holds it open) is logged, not raised:
+    neither a start nor a close fails for it."""
+    try:
+        if pid is not None:
+            try:
+                data = json.loads(path.read_bytes())
+            except ValueError:  # not a ready file: not ours
+                return
+            if not isinstance(data, dict) or data.get("pid") != pid:
+                return
+        path.unlink(missing_ok=True)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning("cannot remove the ready file %s: %s", path, exc)
+
+
 # ---- the process --------------------------------------------------------------------------------
 def _log_through(display: StatusDisplay) -> None:
     """On a terminal the log lines go through the live status display's console, so they do not
@@ -519,8 +551,8 @@ def run(config: DaemonConfig) -> int:
         log.error("cannot start: %s", exc)
         daemon.close()
         return 2
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, _frame: daemon.request_stop(signal.Signals(signum).name))
+    # Ctrl-C, SIGTERM and (Windows) Ctrl-Break: the same clean stop as `shutdown`
+    handle_stop_signals(lambda signum, _frame: daemon.request_stop(signal_name(signum)))
     try:
         with display:
             daemon.serve(display)

@@ -7,7 +7,11 @@
   clients' REQ sockets exactly as a REP would. It hands each request to the service and sends each
   reply once it is ready, in whatever order they become ready, so one slow command (or a frame
   loop deep in a backlog) never keeps another client's ``status`` waiting; a reply that is late
-  past its deadline is replaced by its fallback (the service's last status snapshot).
+  past its deadline is replaced by its fallback (the service's last status snapshot). It reads at
+  most `CONTROL_READ_BATCH` requests between two rounds of sending, and holds at most
+  `MAX_WAITING_REQUESTS` unanswered (`MAX_WAITING_PER_CLIENT` from one connection): past that a
+  request is answered at once with a ``busy`` error, so a client that floods requests neither
+  starves the others nor grows the daemon's memory.
 - The output PUB socket is bound here and written only by the frame loop (`sinks.PublisherSink`).
 
 `Transport` binds them all, loopback only unless ``--allow-remote`` with CURVE keys
@@ -17,6 +21,8 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
 import time
@@ -29,6 +35,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from umvd_live.daemon.config import DaemonConfig
+from umvd_live.daemon.control import MAX_REQUEST_BYTES
 from umvd_live.daemon.streams import monotonic
 from umvd_live.wire.protocol import MAX_PIXELS, MESSAGE_PARTS, pack
 from umvd_live.wire.security import CurveServer, SecurityError, check_bind, enable_ipv6, is_loopback
@@ -57,6 +64,28 @@ PART_OVERHEAD = 48
 REPLY_POLL_MS = 2
 #: How long a stopping control thread still waits for outstanding replies (``shutdown``'s own).
 CONTROL_DRAIN_S = 5.0
+#: Most requests the control thread reads before it sends the replies that are ready: a client
+#: sending requests without pause cannot keep it reading while the others' replies wait.
+CONTROL_READ_BATCH = 64
+#: Most requests taken and not answered yet, in all and from one connection (a REQ client has one
+#: at a time). Past either a request is not taken: it is answered at once with a ``busy`` error.
+MAX_WAITING_REQUESTS = 1024
+MAX_WAITING_PER_CLIENT = 16
+#: Largest message part the control socket accepts. A request over `control.MAX_REQUEST_BYTES`
+#: but within this still gets its error reply; ZeroMQ drops the connection of a peer that sends
+#: more as the part arrives, before it is held whole (no reply: the client times out).
+CONTROL_MAX_MSG_BYTES = MAX_REQUEST_BYTES + 64 * 1024
+#: At most one log line about busy replies this often (seconds).
+BUSY_LOG_S = 10.0
+#: How long a socket thread pauses after an unexpected error in its loop before it goes on.
+ERROR_PAUSE_S = 0.1
+
+
+def _loop_error(thread: str, count: int) -> None:
+    """Log an unexpected error of a socket thread's loop (the thread goes on): with its traceback
+    the first 5 times, then every 100th, so that one that keeps coming does not fill the log."""
+    if count <= 5 or count % 100 == 0:
+        log.exception("%s: unexpected error (%d so far); the thread goes on", thread, count)
 
 
 # ---- input --------------------------------------------------------------------------------------
@@ -74,11 +103,14 @@ class Received:
 
 class Inbox:
     """A FIFO between the receiver thread and the frame loop, bounded in bytes (each message's
-    `Received.cost`), never blocking."""
+    `Received.cost`), never blocking. The bound counts the batch the loop took last as well: it
+    holds those messages until it drains again (one consumer, done with a batch when it asks for
+    the next)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self.nbytes = 0  # the messages' costs
+        self.nbytes = 0  # the queued messages' costs
+        self.held = 0  # the costs of the batch last drained, which the frame loop still works on
         self.overflow = 0  # messages refused because the budget was spent
         self._items: deque[Received] = deque()
         self._cond = threading.Condition()
@@ -86,7 +118,7 @@ class Inbox:
     def put(self, item: Received) -> bool:
         with self._cond:
             cost = item.cost
-            if self.nbytes + cost > self.max_bytes:
+            if self.nbytes + self.held + cost > self.max_bytes:
                 self.overflow += 1
                 return False
             self._items.append(item)
@@ -95,13 +127,15 @@ class Inbox:
             return True
 
     def drain(self, timeout: float) -> list[Received]:
-        """Everything waiting, after waiting up to ``timeout`` s for something to arrive (or a `wake`)."""
+        """Everything waiting, after waiting up to ``timeout`` s for something to arrive (or a `wake`).
+        The batch drained before is done with: its bytes no longer count."""
         with self._cond:
+            self.held = 0
             if not self._items:
                 self._cond.wait(timeout)
             items = list(self._items)
             self._items.clear()
-            self.nbytes = 0
+            self.held, self.nbytes = self.nbytes, 0
             return items
 
     def wake(self) -> None:
@@ -128,6 +162,7 @@ class InputReceiver(threading.Thread):
         self.socket.setsockopt(zmq.SUBSCRIBE, b"")
         enable_ipv6(self.socket, [config.input_bind, *config.input_connect])
         self.endpoints: list[str] = []
+        self.errors = 0  # unexpected errors of the loop (logged; the thread went on)
         try:
             if config.input_bind is not None:
                 secure(self.socket)  # a CURVE server for the producers that connect
@@ -144,19 +179,29 @@ class InputReceiver(threading.Thread):
         sock = self.socket
         try:
             while not self._stop_event.is_set():
-                if not sock.poll(50, zmq.POLLIN):
-                    continue
-                while True:  # drain everything that is there before polling again
-                    try:
-                        parts = sock.recv_multipart(flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    # One part more than a message has is enough for the frame loop to reject it
-                    # as `part_count`; the rest would only hold memory until then.
-                    del parts[MESSAGE_PARTS + 1:]
-                    self.inbox.put(Received(parts, monotonic(), sum(len(p) for p in parts)))
+                try:
+                    self._take(sock)
+                except zmq.ContextTerminated:
+                    break
+                except Exception:  # MemoryError, a bug: the daemon must not stop taking frames
+                    self.errors += 1
+                    _loop_error(self.name, self.errors)
+                    self._stop_event.wait(ERROR_PAUSE_S)
         finally:
             sock.close()
+
+    def _take(self, sock: zmq.Socket) -> None:
+        if not sock.poll(50, zmq.POLLIN):
+            return
+        while True:  # drain everything that is there before polling again
+            try:
+                parts = sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            # One part more than a message has is enough for the frame loop to reject it
+            # as `part_count`; the rest would only hold memory until then.
+            del parts[MESSAGE_PARTS + 1:]
+            self.inbox.put(Received(parts, monotonic(), sum(len(p) for p in parts)))
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -180,18 +225,45 @@ class PendingReply:
 RequestHandler = Callable[[bytes], PendingReply]
 
 
+class _Waiting:
+    """A request taken whose reply is not sent yet. Only the control thread reads or changes it;
+    its future's callback (on whatever thread resolves it) only queues it in ``_ready``."""
+
+    __slots__ = ("envelope", "client", "pending", "sent")
+
+    def __init__(self, envelope: list[bytes], client: bytes, pending: PendingReply):
+        self.envelope = envelope
+        self.client = client  # the connection it came on (its ROUTER identity)
+        self.pending: PendingReply | None = pending  # dropped once sent: the reply's bytes go with it
+        self.sent = False
+
+
 class ControlServer(threading.Thread):
-    """Owns the control socket: receives requests, sends each reply when it is ready."""
+    """Owns the control socket: receives requests, sends each reply when it is ready.
+
+    A turn reads at most `CONTROL_READ_BATCH` requests, then sends the replies that are ready
+    (those whose future resolved, in that order, then those past their deadline: their fallback).
+    At most ``max_waiting`` requests wait for their reply, ``max_per_client`` from one
+    connection; a request past either is answered at once with a ``busy`` error, and never
+    reaches the handler."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, handle: RequestHandler,
-                 secure: Callable[[zmq.Socket], None] = lambda sock: None):
+                 secure: Callable[[zmq.Socket], None] = lambda sock: None, *,
+                 max_waiting: int = MAX_WAITING_REQUESTS, max_per_client: int = MAX_WAITING_PER_CLIENT):
         super().__init__(name="umvd-control", daemon=True)
         self._handle = handle
+        self._max_waiting, self._max_per_client = max_waiting, max_per_client
         self._stop_event = threading.Event()
         self._receiving = True  # False once the service stopped answering (`stop_receiving`)
         self._receive_lock = threading.Lock()
+        self._ready: deque[_Waiting] = deque()  # resolved, appended by the futures' callbacks
+        self._deadlines: list[tuple[float, int, _Waiting]] = []  # a heap: those with a fallback
+        self._order = itertools.count()  # ties in the heap
+        self._per_client: dict[bytes, int] = {}  # requests waiting, by connection
+        self._busy_logged = 0.0  # when the next busy reply may be logged
         self.socket = ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, CONTROL_LINGER_MS)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, CONTROL_MAX_MSG_BYTES)
         enable_ipv6(self.socket, [endpoint])
         try:
             secure(self.socket)
@@ -200,31 +272,43 @@ class ControlServer(threading.Thread):
             self.socket.close()
             raise
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.waiting = 0  # requests taken whose reply is not sent yet
         self.late = 0  # replies that missed their deadline and went out as their fallback
+        self.busy = 0  # requests answered with the busy error (too many waiting)
+        self.errors = 0  # unexpected errors of the loop (logged; the thread went on)
 
     def run(self) -> None:
         sock = self.socket
-        pending: list[tuple[list[bytes], PendingReply]] = []
         drain_until: float | None = None
         try:
             while True:
                 if self._stop_event.is_set():
                     drain_until = drain_until or time.monotonic() + CONTROL_DRAIN_S
-                    if not pending or time.monotonic() > drain_until:
+                    if not self.waiting or time.monotonic() > drain_until:
                         break
-                if sock.poll(REPLY_POLL_MS if pending else 50, zmq.POLLIN):
-                    with self._receive_lock:
-                        if self._receiving:
-                            self._receive(sock, pending)
-                        else:
-                            time.sleep(REPLY_POLL_MS / 1000)  # leave them queued: no one will answer
-                if pending:
-                    pending = self._send_ready(sock, pending)
+                try:
+                    self._turn(sock)
+                except zmq.ContextTerminated:
+                    break
+                except Exception:  # MemoryError, a bug: the control socket must stay answered
+                    self.errors += 1
+                    _loop_error(self.name, self.errors)
+                    time.sleep(ERROR_PAUSE_S)
         finally:
             sock.close()
 
-    def _receive(self, sock: zmq.Socket, pending: list[tuple[list[bytes], PendingReply]]) -> None:
-        while True:
+    def _turn(self, sock: zmq.Socket) -> None:
+        if sock.poll(REPLY_POLL_MS if self.waiting else 50, zmq.POLLIN):
+            with self._receive_lock:
+                if self._receiving:
+                    self._receive(sock)
+                else:
+                    time.sleep(REPLY_POLL_MS / 1000)  # leave them queued: no one will answer
+        if self.waiting:
+            self._send_ready(sock)
+
+    def _receive(self, sock: zmq.Socket) -> None:
+        for _ in range(CONTROL_READ_BATCH):
             try:
                 frames = sock.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
@@ -233,36 +317,94 @@ class ControlServer(threading.Thread):
             # REP socket would have taken either: dropped.
             if len(frames) < 3 or frames[-2] != b"":
                 continue
+            envelope, client = frames[:-1], frames[0]
+            mine = self._per_client.get(client, 0)
+            if self.waiting >= self._max_waiting or mine >= self._max_per_client:
+                self._refuse(sock, envelope, mine)
+                continue
             try:
-                reply = self._handle(frames[-1])
+                pending = self._handle(frames[-1])
             except Exception:  # the handler answers every request itself; a bug must not end this thread
                 log.exception("control: a request could not be handled")
                 continue
-            pending.append((frames[:-1], reply))
+            self._wait_for(envelope, client, pending)
 
-    def _send_ready(self, sock: zmq.Socket, pending: list[tuple[list[bytes], PendingReply]]
-                    ) -> list[tuple[list[bytes], PendingReply]]:
+    def _refuse(self, sock: zmq.Socket, envelope: list[bytes], mine: int) -> None:
+        self.busy += 1
+        if mine >= self._max_per_client:
+            error = f"busy: too many requests waiting from this connection ({mine}); ask again once they are answered"
+        else:
+            error = f"busy: too many requests waiting ({self.waiting}); ask again shortly"
         now = time.monotonic()
-        waiting = []
-        for envelope, reply in pending:
+        if now >= self._busy_logged:  # at most one line every `BUSY_LOG_S`: a flood must not fill the log
+            self._busy_logged = now + BUSY_LOG_S
+            log.warning("control: %s (%d busy replies so far)", error, self.busy)
+        self._send(sock, envelope, pack({"ok": False, "error": error}))
+
+    def _wait_for(self, envelope: list[bytes], client: bytes, pending: PendingReply) -> None:
+        entry = _Waiting(envelope, client, pending)
+        # Called at once if it is done already (then on this thread): it is sent this turn.
+        pending.reply.add_done_callback(lambda _done: self._ready.append(entry))
+        self.waiting += 1
+        self._per_client[client] = self._per_client.get(client, 0) + 1
+        if pending.fallback is not None and pending.deadline is not None:
+            heapq.heappush(self._deadlines, (pending.deadline, next(self._order), entry))
+            if len(self._deadlines) > 2 * self.waiting + CONTROL_READ_BATCH:  # mostly sent already
+                self._deadlines = [item for item in self._deadlines if not item[2].sent]
+                heapq.heapify(self._deadlines)
+
+    def _send_ready(self, sock: zmq.Socket) -> None:
+        while self._ready:
+            entry = self._ready.popleft()
+            if not entry.sent:  # else: its fallback went out, and it was answered after all
+                self._finish(sock, entry, self._result(entry))
+        now = time.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            entry = heapq.heappop(self._deadlines)[2]
+            if entry.sent or entry.pending is None:
+                continue
+            pending = entry.pending
+            if pending.reply.done():  # answered meanwhile (its callback queued it)
+                self._finish(sock, entry, self._result(entry))
+                continue
+            pending.reply.cancel()  # the service skips it if it had not begun
             try:
-                if reply.reply.done() and not reply.reply.cancelled():
-                    body = reply.reply.result()
-                elif reply.fallback is not None and reply.deadline is not None and now >= reply.deadline:
-                    reply.reply.cancel()
-                    body = reply.fallback()
-                    self.late += 1
-                else:
-                    waiting.append((envelope, reply))
-                    continue
+                assert pending.fallback is not None  # only those with one are in the heap
+                body = pending.fallback()
+                self.late += 1
             except Exception as exc:  # a bug: the client still gets an answer, and this thread goes on
-                log.exception("control: a reply could not be made")
-                body = pack({"ok": False, "error": f"reply could not be made: {type(exc).__name__}: {exc}"})
-            try:
-                sock.send_multipart([*envelope, body], flags=zmq.NOBLOCK)
-            except zmq.ZMQError:  # the client is gone: ROUTER drops; anything else, log and go on
-                log.debug("control: a reply could not be sent", exc_info=True)
-        return waiting
+                body = self._unmade(exc)
+            self._finish(sock, entry, body)
+
+    def _result(self, entry: _Waiting) -> bytes:
+        assert entry.pending is not None
+        reply = entry.pending.reply
+        if reply.cancelled():  # by someone else: this thread marks what it cancels as sent
+            return pack({"ok": False, "error": "the request was cancelled"})
+        try:
+            return reply.result()
+        except Exception as exc:
+            return self._unmade(exc)
+
+    @staticmethod
+    def _unmade(exc: Exception) -> bytes:
+        log.error("control: a reply could not be made", exc_info=exc)
+        return pack({"ok": False, "error": f"reply could not be made: {type(exc).__name__}: {exc}"})
+
+    def _finish(self, sock: zmq.Socket, entry: _Waiting, body: bytes) -> None:
+        entry.sent, entry.pending = True, None
+        self.waiting -= 1
+        left = self._per_client.pop(entry.client) - 1
+        if left:
+            self._per_client[entry.client] = left
+        self._send(sock, entry.envelope, body)
+
+    @staticmethod
+    def _send(sock: zmq.Socket, envelope: list[bytes], body: bytes) -> None:
+        try:
+            sock.send_multipart([*envelope, body], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:  # the client is gone: ROUTER drops; anything else, log and go on
+            log.debug("control: a reply could not be sent", exc_info=True)
 
     def stop_receiving(self) -> None:
         """Take no more requests (the service is about to stop answering); when this returns,

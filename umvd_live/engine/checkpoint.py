@@ -3,7 +3,8 @@
 A checkpoint is a `torch.save` of plain tensors, numbers and strings, read back with
 `weights_only=True`: loading never unpickles arbitrary objects, so a model file from the network
 cannot execute code. It is written to a temporary file and renamed (`write_atomically`), so a
-crash mid-write never leaves a half checkpoint under the real name.
+crash mid-write never leaves a half checkpoint under the real name; the rename is retried while
+Windows refuses it (`umvd_live.portable.replace_file`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import IO, Any
 import torch
 
 from umvd_live.engine.model import ModelSpec
+from umvd_live.portable import replace_file
 
 FORMAT = "umvd-live-weights/1"
 #: The temporary file a write goes through, ``.<target>.<random>`` next to its target (also the
@@ -45,7 +47,9 @@ def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
 @contextmanager
 def write_atomically(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     """A binary file to write ``path`` through: a temporary next to it, fsynced and renamed over
-    ``path`` when the block ends, removed if it raises, so ``path`` is whole or as it was.
+    ``path`` when the block ends, removed if it raises, so ``path`` is whole or as it was. The
+    rename is retried for up to `portable.REPLACE_RETRY_S` while Windows refuses it (a virus
+    scanner or a reader holds ``path`` open); still refused, PermissionError.
 
     The temporary is created with mode 0o666 less the umask, as `open` creates files (a
     `tempfile.mkstemp` file stays 0600, so a model or ready file would be the owner's only); on
@@ -59,7 +63,7 @@ def write_atomically(path: str | os.PathLike) -> Iterator[IO[bytes]]:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

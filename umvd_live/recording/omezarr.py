@@ -21,9 +21,10 @@ the array metadata at every frame. Here:
   rewritten per frame.
 * `checkpoint` (every second from the recorder) declares what is on disk: it grows the array's
   ``shape`` to the frames written (metadata only) and rewrites the provenance, each JSON document
-  replaced atomically (``os.replace``). The metadata therefore never declares a frame whose chunk
-  is missing; after a kill, OME readers see the frames up to the last checkpoint and
-  `read_zarr_recording` every frame whose line reached the JSON-lines file.
+  replaced atomically (``os.replace``, retried while Windows refuses it: `portable.replace_file`).
+  The metadata therefore never declares a frame whose chunk is missing; after a kill, OME readers
+  see the frames up to the last checkpoint and `read_zarr_recording` every frame whose line
+  reached the JSON-lines file.
 * tensorstore reports a failed write as ValueError; it is raised here as `ZarrWriteError`, an
   OSError with the store's path and the errno, so that the recorder ends the recording with a
   clear message as for a TIFF file (disk full and the like).
@@ -36,7 +37,6 @@ import json
 import os
 import re
 import shutil
-import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from umvd_live.portable import replace_file
 from umvd_live.recording.fileio import O_BINARY
 from umvd_live.recording.ometiff import (
     RECORDABLE_DTYPES,
@@ -68,8 +69,6 @@ ZARR_SUFFIXES = (".ome.zarr", ".zarr")
 IN_FLIGHT = 16
 #: a shape no recording reaches: what the write handle assumes, so writes never resize
 _UNBOUNDED_T = 2**40
-#: how long a metadata replace is retried while Windows refuses it (a reader holds the file open)
-REPLACE_RETRY_S = 1.0
 
 
 class ZarrWriteError(OSError):
@@ -128,25 +127,7 @@ def _replace_json(path: Path, doc: dict[str, Any]) -> None:
         json.dump(doc, fh, default=_json_default, ensure_ascii=False)
         fh.flush()
         os.fsync(fh.fileno())
-    _replace(tmp, path)
-
-
-def _replace(src: Path, dst: Path) -> None:
-    """``os.replace``, retried for up to `REPLACE_RETRY_S` while it is refused: on Windows a file
-    another process holds open without delete sharing (a viewer reading ``zarr.json``, a virus
-    scanner) cannot be replaced until it lets go (PermissionError). POSIX replaces open files; a
-    PermissionError there is for good and is raised after the same short wait."""
-    deadline = time.monotonic() + REPLACE_RETRY_S
-    delay = 0.005
-    while True:
-        try:
-            os.replace(src, dst)
-            return
-        except PermissionError:
-            if time.monotonic() + delay > deadline:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)
+    replace_file(tmp, path)  # retried while Windows refuses it (a reader holds the file open)
 
 
 class ZarrRecording(RecordingLedger):
