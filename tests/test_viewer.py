@@ -299,6 +299,14 @@ def test_the_catalog_orders_sites_and_channels_and_finds_the_nearest_site():
     # Choosing plane 2 at position 1 keeps the plane instead.
     assert catalog.nearest_site("cam0", {"p": 1, "z": 2}, keep="z") == Site.of("cam0", {"p": 0, "z": 2})
     assert catalog.nearest_site("red", {}) == Site("red") and catalog.nearest_site("none", {}) is None
+    # Sites receiving frames come first after the axis chosen: re-picking the group, a position.
+    live = [Site.of("cam0", {"p": 0, "z": 2})]
+    assert catalog.nearest_site("cam0", {"p": 0, "z": 0}, live=live) == live[0]
+    assert catalog.nearest_site("cam0", {"p": 1, "z": 2}, keep="z", live=live) == live[0]
+    assert catalog.nearest_site("cam0", {"p": 1, "z": 0}, keep="p", live=live) == p1z0
+    # An ended stream is forgotten, and its site with it.
+    assert catalog.forget("cam0.p1.tdTomato.z0") and catalog.forget("cam0.p1.GCaMP.z0")
+    assert catalog.axis_values("cam0", "p") == [0] and not catalog.forget("cam0.p1.GCaMP.z0")
 
 
 def test_channel_colormaps_follow_the_names_and_never_collide():
@@ -415,6 +423,90 @@ def test_session_shows_one_site_with_all_its_channels_and_switches_without_new_f
         rep.close(linger=0)
 
 
+def test_the_session_moves_on_to_a_new_acquisition_and_forgets_the_ended_one():
+    """An MDA with positions (cam0.p0, cam0.p1), then a plain time-lapse (cam0), then another
+    group (exp2), each once the previous one ended (the daemon lists its streams idle, or not at
+    all): the session shows each new acquisition's frames, even over a site the user chose in
+    the first one, and forgets the ended ones' sites."""
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.XPUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    rep = ctx.socket(zmq.REP)
+    rep.setsockopt(zmq.LINGER, 0)
+    rep_port = rep.bind_to_random_port("tcp://127.0.0.1")
+    halt = threading.Event()
+    listed: dict[str, dict] = {}  # what the stand-in daemon's status says
+
+    def answer_status() -> None:
+        while not halt.is_set():
+            if rep.poll(20):
+                rep.recv()
+                rep.send(msgpack.packb({"ok": True, "streams": dict(listed)}))
+
+    responder = threading.Thread(target=answer_status, daemon=True)
+    responder.start()
+    session = LiveSession(ViewerConfig(output=f"tcp://127.0.0.1:{port}", control=f"tcp://127.0.0.1:{rep_port}",
+                                       stats_period_s=0.05, max_fps=1000.0, follow_after_s=0.3,
+                                       forget_after_s=0.5), ctx)
+    seq = 0
+
+    def publish(streams: dict[str, tuple[dict, int]]) -> None:
+        nonlocal seq
+        for stream, (meta, value) in streams.items():
+            parts = encode_frame(stream, np.full((16, 16), value, np.uint16), seq, t=seq / 10, meta=meta)
+            pub.send_multipart([f"{stream}/raw".encode(), *parts[1:]])
+        seq += 1
+
+    def shown_while(streams: dict[str, tuple[dict, int]], cond, what: str) -> SiteFrames:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            publish(streams)
+            for event in session.step(20):
+                if isinstance(event, SiteFrames) and cond(event):
+                    return event
+        raise AssertionError(f"timed out waiting for {what}; shown: {session.site}")
+
+    mda = {f"cam0.p{p}": (_site_meta("cam0", {"t": 0, "p": p}), 100 + p) for p in (0, 1)}
+    lapse = {"cam0": (_site_meta("cam0", {"t": 0}), 200)}
+    exp2 = {"exp2": (_site_meta("exp2", {"t": 0}), 300)}
+    try:
+        assert pub.poll(5000) and pub.recv()[:1] == b"\x01"
+        listed.update({name: {"idle": False} for name in mda})
+        shown_while(mda, lambda f: f.site == Site.of("cam0", {"p": 0}), "the MDA")
+        session.select(Selection(site=Site.of("cam0", {"p": 1})))  # the user's choice
+        shown_while(mda, lambda f: f.site == Site.of("cam0", {"p": 1}) and f.pairs[0].raw[0, 0] == 101, "p1")
+        # The MDA ends (its streams idle); a time-lapse of the same group starts.
+        listed.update({name: {"idle": True} for name in mda} | {"cam0": {"idle": False}})
+        frames = shown_while(lapse, lambda f: f.site == Site("cam0") and f.pairs[0].raw is not None
+                             and f.pairs[0].raw[0, 0] == 200, "the time-lapse")
+        assert frames.pairs[0].stream == "cam0"
+        deadline = time.monotonic() + 5
+        while session.catalog.sites("cam0") != [Site("cam0")]:
+            publish(lapse)
+            session.step(20)
+            assert time.monotonic() < deadline, f"the MDA's sites stay: {session.catalog.sites('cam0')}"
+        # The time-lapse ends and the daemon drops it; another group starts.
+        listed.clear()
+        listed.update({"exp2": {"idle": False}})
+        shown_while(exp2, lambda f: f.site == Site("exp2") and f.pairs[0].raw[0, 0] == 300, "exp2")
+        deadline = time.monotonic() + 5
+        while session.catalog.groups() != ["exp2"]:
+            publish(exp2)
+            session.step(20)
+            assert time.monotonic() < deadline, f"the old groups stay: {session.catalog.groups()}"
+        stats = None
+        while stats is None:
+            stats = next((e for e in session.step(20) if isinstance(e, LiveStats)), None)
+        assert stats.site == Site("exp2") and stats.streams == ("exp2",) and stats.missing is None
+    finally:
+        halt.set()
+        responder.join(5)
+        session.close()
+        pub.close(linger=0)
+        rep.close(linger=0)
+
+
 RAMP = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32)  # pixel (r, c) = 32 r + c
 
 
@@ -473,6 +565,57 @@ class StandInDaemon(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join(5)
+
+
+def test_the_live_noise_figures_of_a_megapixel_stream_use_a_sample_of_its_pixels(monkeypatch):
+    """1024x1024 frames: the fit and the SNRs see at most 256x256 pixels (a regular stride), so
+    that the worker keeps up, and find the detector's gain as from every pixel."""
+    from umvd_live.viewer import noise
+
+    seen: list[int] = []
+    variance = noise.temporal_noise_variance
+    monkeypatch.setattr(noise, "temporal_noise_variance",
+                        lambda frames: seen.append(frames.shape[1] * frames.shape[2]) or variance(frames))
+    session = LiveSession(ViewerConfig(output="tcp://127.0.0.1:9", control="tcp://127.0.0.1:9"))
+    try:
+        rng = np.random.default_rng(3)
+        light = rng.uniform(20, 400, (1024, 1024))
+        feed = session._new_feed(StreamPlace.alone("big"))
+        for _ in range(12):
+            frame = (1000 + 3.0 * rng.poisson(light)).astype(np.uint16)  # gain 3 ADU per photon
+            feed.raw_history.push(frame)
+            feed.den_history.push(frame)
+        session.feeds, session.stream, session.region = {"big": feed}, "big", (0, 1024, 0, 1000)
+        stats = session._stats(time.monotonic())
+        assert stats.noise is not None and stats.noise.gain == pytest.approx(3.0, rel=0.05)
+        assert math.isfinite(stats.snr_raw) and math.isfinite(stats.snr_denoised)
+        assert seen and max(seen) <= 256 * 256, seen  # two halves for the fit, the two SNRs
+        assert min(seen) > 200 * 200
+        full = fit_poisson_gaussian(feed.raw_history.frames(), max_pixels=None)
+        assert stats.noise.photons == pytest.approx(full.photons, rel=0.02)
+    finally:
+        session.close()
+
+
+def test_a_stream_asked_for_that_no_stream_matches_is_said():
+    """`view --stream TYPO`: nothing is shown, and the stats say which name matched nothing."""
+    daemon = StandInDaemon(rate_hz=30)
+    session = LiveSession(ViewerConfig(output=daemon.output, control=daemon.control, stream="TYPO",
+                                       stats_period_s=0.0))
+    try:
+        deadline = time.monotonic() + 10
+        while "cam0" not in session.catalog:
+            assert time.monotonic() < deadline, "no frames"
+            session.step(20)
+        stats = [e for e in session.step(20) if isinstance(e, LiveStats)][-1]
+        assert stats.missing == "TYPO" and stats.site is None and stats.stream is None
+        session.select_stream("cam0")
+        session.step(20)
+        stats = [e for e in session.step(20) if isinstance(e, LiveStats)][-1]
+        assert stats.missing is None and stats.site == Site("cam0")
+    finally:
+        session.close()
+        daemon.stop()
 
 
 def _open_sockets(ctx: zmq.Context) -> list[zmq.Socket]:
@@ -1184,3 +1327,178 @@ def test_the_trace_plot_keeps_only_the_points_of_its_window(x_display):
     assert plot.point_count() == 2 and plot.lanes[0].series[0].points[:, 1].tolist() == [100.0, 110.0]
     plot.resize(300, 110)
     assert not plot.grab().isNull()
+
+
+@pytest.mark.gui
+@pytest.mark.timeout(90)
+def test_view_refuses_a_screenshot_folder_that_is_missing_and_closes_when_saving_fails(tmp_path, x_display):
+    """`umvd-live view --quit-after S --screenshot PNG`: a folder that does not exist is said at
+    once (exit status 2, no window); a screenshot that cannot be written still closes the window
+    (exit status 1) rather than leaving it open with a traceback."""
+    pytest.importorskip("napari", reason="napari is not installed (pip install 'umvd-live[viewer]')")
+    from napari.qt import get_qapp
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
+
+    from umvd_live.viewer.qt import app
+
+    get_qapp()  # before the watchdog's timer: a QTimer needs the application
+    config = ViewerConfig(output="tcp://127.0.0.1:9", control="tcp://127.0.0.1:9")
+
+    def run(screenshot: Path) -> tuple[int, float]:
+        """The exit status and how long it took; fails if the window stays open (the Qt loop is
+        then quit by a watchdog)."""
+        hung: list[bool] = []
+        watchdog = QTimer()
+        watchdog.setSingleShot(True)
+        watchdog.timeout.connect(lambda: (hung.append(True), QApplication.instance().quit()))
+        watchdog.start(20_000)
+        started = time.monotonic()
+        try:
+            status = app.run(config, quit_after_s=0.5, screenshot=screenshot)
+        finally:
+            watchdog.stop()
+        assert not hung, f"the window stayed open ({screenshot})"
+        return status, time.monotonic() - started
+
+    status, took_s = run(tmp_path / "missing" / "x.png")
+    assert status == 2 and took_s < 1.0
+    unwritable = tmp_path / "a-folder.png"
+    unwritable.mkdir()  # a PNG path that is a folder: the screenshot fails
+    assert run(unwritable)[0] == 1
+
+
+class AcquisitionStandIn(threading.Thread):
+    """The daemon as the viewer sees it, scripted: ``streams`` (name: (meta, value)) published
+    ``rate_hz`` times a second on a PUB socket, frames filled with their value; ``listed`` (name:
+    status entry) answered to every ``status`` request."""
+
+    def __init__(self, rate_hz: float = 20.0):
+        super().__init__(daemon=True)
+        ctx = zmq.Context.instance()
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.output = f"tcp://127.0.0.1:{self.pub.bind_to_random_port('tcp://127.0.0.1')}"
+        self.rep = ctx.socket(zmq.REP)
+        self.rep.setsockopt(zmq.LINGER, 0)
+        self.control = f"tcp://127.0.0.1:{self.rep.bind_to_random_port('tcp://127.0.0.1')}"
+        self.rate_hz = rate_hz
+        self.streams: dict[str, tuple[dict, int]] = {}
+        self.listed: dict[str, dict] = {}
+        self._halt = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        seq, next_at = 0, time.monotonic()
+        while not self._halt.is_set():
+            if time.monotonic() >= next_at:
+                for stream, (meta, value) in dict(self.streams).items():
+                    parts = encode_frame(stream, np.full((16, 16), value, np.uint16), seq, t=seq / self.rate_hz,
+                                         meta=meta)
+                    self.pub.send_multipart([f"{stream}/raw".encode(), *parts[1:]])
+                seq, next_at = seq + 1, next_at + 1 / self.rate_hz
+            if self.rep.poll(5):
+                self.rep.recv()
+                self.rep.send(msgpack.packb({"ok": True, "streams": dict(self.listed)}))
+        self.pub.close(linger=0)
+        self.rep.close(linger=0)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+
+
+@pytest.mark.gui
+@pytest.mark.timeout(90)
+def test_the_viewer_moves_on_to_each_new_acquisition(x_display):
+    """An MDA with positions, a time-lapse of the same group once it ended, then another group:
+    the viewer shows each new acquisition's frames (over the position the user picked in the
+    first), and its stream and position lists hold only what is being acquired."""
+    pytest.importorskip("napari", reason="napari is not installed (pip install 'umvd-live[viewer]')")
+    from umvd_live.viewer.qt.app import open_viewer
+
+    daemon = AcquisitionStandIn()
+    mda = {f"cam0.p{p}": (_site_meta("cam0", {"t": 0, "p": p}), 100 + p) for p in (0, 1)}
+    daemon.streams, daemon.listed = dict(mda), {name: {"idle": False} for name in mda}
+    viewer, widget = open_viewer(ViewerConfig(output=daemon.output, control=daemon.control, stats_period_s=0.1,
+                                              follow_after_s=0.3, forget_after_s=0.5), show=False)
+
+    def showing(site: Site, value: int) -> bool:
+        frames = widget.last_frames
+        return (frames is not None and frames.site == site and frames.pairs[0].raw is not None
+                and int(frames.pairs[0].raw[0, 0]) == value
+                and int(widget.channel_layers[frames.pairs[0].label].raw.data[0, 0]) == value)
+
+    try:
+        _wait_until(lambda: showing(Site.of("cam0", {"p": 0}), 100), "the MDA's first position")
+        _wait_until(lambda: widget.position_combo.count() == 2, "the positions")
+        widget.position_combo.setCurrentIndex(widget.position_combo.findData(1))  # the user's pick
+        _wait_until(lambda: showing(Site.of("cam0", {"p": 1}), 101), "position 1")
+        # The MDA ends; a time-lapse of the same camera starts.
+        daemon.streams = {"cam0": (_site_meta("cam0", {"t": 0}), 200)}
+        daemon.listed = {name: {"idle": True} for name in mda} | {"cam0": {"idle": False}}
+        _wait_until(lambda: showing(Site("cam0"), 200), "the time-lapse", detail=lambda: widget.last_frames)
+        _wait_until(lambda: not widget.position_combo.isVisibleTo(widget), "no positions offered")
+        # It ends and the daemon drops it; another group starts.
+        daemon.streams = {"exp2": (_site_meta("exp2", {"t": 0}), 300)}
+        daemon.listed = {"exp2": {"idle": False}}
+        _wait_until(lambda: showing(Site("exp2"), 300), "exp2", detail=lambda: widget.last_frames)
+        _wait_until(lambda: [widget.stream_combo.itemText(i) for i in range(widget.stream_combo.count())]
+                    == ["exp2"], "exp2 alone in the stream list")
+        assert [layer.name for layer in viewer.layers] == ["raw · exp2", "region", "denoised · exp2",
+                                                           "region (on denoised)"]
+    finally:
+        widget.close_session()
+        viewer.close()
+        daemon.stop()
+
+
+@pytest.mark.gui
+@pytest.mark.timeout(90)
+def test_closing_the_panel_takes_its_layers_and_a_new_panel_builds_its_own(x_display):
+    """The panel's X (napari unparents the widget): its layers leave the viewer; a panel docked
+    afterwards (napari builds a new widget) shows the stream under the same layer names."""
+    pytest.importorskip("napari", reason="napari is not installed (pip install 'umvd-live[viewer]')")
+    from umvd_live.viewer.qt.app import open_viewer
+    from umvd_live.viewer.qt.widget import LiveViewerWidget
+
+    daemon = StandInDaemon(rate_hz=30)
+    config = ViewerConfig(output=daemon.output, control=daemon.control)
+    viewer, widget = open_viewer(config, show=False)
+    names = ["raw · cam0", "region", "denoised · cam0", "region (on denoised)"]
+    new = None
+    try:
+        _wait_until(lambda: widget.last_frames is not None and len(viewer.layers) == 4, "the layers")
+        assert [layer.name for layer in viewer.layers] == names
+        viewer.window.remove_dock_widget(widget)
+        _wait_until(lambda: widget.worker is None, "the session to stop")
+        assert len(viewer.layers) == 0
+        new = LiveViewerWidget(viewer, config)
+        viewer.window.add_dock_widget(new, name="umvd-live", area="right")
+        _wait_until(lambda: new.last_frames is not None and len(viewer.layers) == 4, "the new panel's layers")
+        assert [layer.name for layer in viewer.layers] == names
+    finally:
+        widget.close_session()
+        if new is not None:
+            new.close_session()
+        viewer.close()
+        daemon.stop()
+
+
+@pytest.mark.gui
+@pytest.mark.timeout(60)
+def test_a_stream_name_that_matches_nothing_is_said_in_the_panel(x_display):
+    pytest.importorskip("napari", reason="napari is not installed (pip install 'umvd-live[viewer]')")
+    from umvd_live.viewer.qt.app import open_viewer
+
+    daemon = StandInDaemon(rate_hz=30)
+    viewer, widget = open_viewer(ViewerConfig(output=daemon.output, control=daemon.control, stream="TYPO"),
+                                 show=False)
+    try:
+        _wait_until(lambda: "TYPO" in widget.analysed_label.text() and "cam0" in widget.analysed_label.text(),
+                    "the panel to say so", detail=lambda: widget.analysed_label.text())
+        assert "no stream or group named" in widget.analysed_label.text() and widget.last_frames is None
+    finally:
+        widget.close_session()
+        viewer.close()
+        daemon.stop()

@@ -37,6 +37,7 @@ import zmq
 from umvd_live.viewer.noise import (
     DEFAULT_HISTORY,
     MIN_FRAMES,
+    STATS_PIXELS,
     NoiseFit,
     RecentFrames,
     Region,
@@ -67,6 +68,8 @@ class ViewerConfig:
     offline_after_s: float = 3.0  # no reply and no frame for this long: shown as disconnected
     rcvhwm: int = 200  # output messages queued for the viewer before ZeroMQ drops (newest kept)
     region: Region | None = None  # region drawn at the first frame (row0, row1, col0, col1)
+    follow_after_s: float = 2.0  # the site shown, unchosen, without frames this long: show the one receiving
+    forget_after_s: float = 5.0  # a stream the daemon no longer lists (or lists idle), without frames: forgotten
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,8 @@ class LiveStats:
     channels: tuple[ChannelFigures, ...] = ()  # every channel of the site, in channel order
     places: tuple[StreamPlace, ...] = ()  # where every stream seen belongs
     status_error: str | None = None  # why the last `status` reply was not used (malformed)
+    live_sites: tuple[Site, ...] = ()  # the sites whose frames arrived in the last `follow_after_s`
+    missing: str | None = None  # the stream (or group) asked for that no stream seen matches
 
     @property
     def stream_status(self) -> StreamStatus | None:
@@ -267,6 +272,11 @@ class LiveSession:
 
         self.catalog = SiteCatalog()
         self._placed_by_frames: set[str] = set()  # streams whose place came from a frame's meta
+        self._arrived: dict[str, float] = {}  # stream: when its newest frame arrived (monotonic)
+        self._forgotten: set[str] = set()  # streams and groups forgotten (ended), for a pinned choice
+        self._forgotten_sites: set[Site] = set()
+        self._now = time.monotonic()
+        self.missing: str | None = None  # the stream (or group) asked for that no stream seen matches
         self._newest: dict[tuple[str, str], list[bytes]] = {}  # (stream, kind): undecoded parts
         self.site: Site | None = None
         self.stream: str | None = None  # the analysed channel's stream
@@ -324,7 +334,7 @@ class LiveSession:
             if ctl is not None:
                 poller.register(ctl, zmq.POLLIN)
         poller.poll(timeout_ms)
-        now = time.monotonic()
+        now = self._now = time.monotonic()
         self._apply_settings()
         self._drain_output(now)
         self._service_status(now)
@@ -367,17 +377,40 @@ class LiveSession:
         return self.feeds.get(stream)
 
     # ---- internals -----------------------------------------------------------------------------
+    def live_sites(self) -> list[Site]:
+        """The sites whose frames arrived in the last `follow_after_s`, newest first."""
+        recent = sorted(((t, s) for s, t in self._arrived.items() if self._now - t < self.config.follow_after_s),
+                        reverse=True)
+        places = (self.catalog.get(s) for _, s in recent)
+        return list(dict.fromkeys(p.site for p in places if p is not None))
+
     def _resolve_site(self, wanted: Selection) -> Site | None:
+        """The site asked for: a stream's, a group's (one receiving frames, else its first), a
+        site; when none is asked for, or what was asked for ended and was forgotten, the site
+        shown while it receives frames, else the one receiving them (a new acquisition)."""
+        self.missing = None
+        live = self.live_sites()
         if wanted.stream is not None:
             place = self.catalog.get(wanted.stream)
             if place is not None:
                 return place.site
             sites = self.catalog.sites(wanted.stream)  # a group's name
-            return sites[0] if sites else None
-        if wanted.site is not None:
+            if sites:
+                return next((s for s in sites if s in live), sites[0])
+            if wanted.stream not in self._forgotten:
+                self.missing = wanted.stream  # not (yet) served: said in the panel
+                return None
+        elif wanted.site is not None and (wanted.site in self.catalog.sites() or (
+                wanted.site not in self._forgotten_sites and wanted.site.group not in self._forgotten)):
             return wanted.site
+        current = self.site if self.site is not None and self.site in self.catalog.sites() else None
+        if current is not None and (current in live or not live):
+            return current
+        if live:
+            group = live[0].group  # the acquisition whose frame came last; its first site receiving
+            return next(s for s in self.catalog.sites(group) if s in live)
         places = self.catalog.places()
-        return places[0].site if places else None
+        return places[0].site if places else self.site
 
     def _resolve_analysed(self, wanted: Selection) -> str | None:
         if wanted.channel is not None:
@@ -446,10 +479,24 @@ class LiveSession:
     def _note_stream(self, name: str) -> None:
         if name not in self.streams:
             self.streams.append(name)
+        self._forgotten.discard(name)
 
     def _place(self, place: StreamPlace) -> None:
         if self.catalog.note(place):
+            self._forgotten.discard(place.site.group)
+            self._forgotten_sites.discard(place.site)
             self._apply_settings()
+
+    def _ended(self, stream: str, entry: Any) -> bool:
+        """Whether ``stream`` is over: no frame of it for `forget_after_s`, and the daemon no
+        longer lists it (``entry`` None), or lists it idle while other streams receive frames (a
+        new acquisition; an idle stream alone is a paused one, and stays)."""
+        if self._now - self._arrived.get(stream, -math.inf) < self.config.forget_after_s:
+            return False
+        if entry is None:
+            return True
+        return isinstance(entry, dict) and bool(entry.get("idle")) and any(
+            self._now - t < self.config.follow_after_s for t in self._arrived.values())
 
     def _drain_output(self, now: float, max_messages: int = 1000) -> None:
         for _ in range(max_messages):
@@ -459,6 +506,7 @@ class LiveSession:
                 return
             self._last_frame_at = now
             stream, _, kind = bytes(parts[0]).decode("utf-8", errors="replace").rpartition("/")
+            self._arrived[stream] = now
             if len(parts) == 3 and stream in self._placed_by_frames and stream not in self.feeds:
                 self._newest[(stream, kind)] = parts  # not shown: no decoding, no copy
                 self.undecoded += 1
@@ -524,6 +572,30 @@ class LiveSession:
             return
         self._status, self._status_error = cast(StatusReply, reply), None
         self._note_status_streams(self._status.get("streams") or {})
+        self._forget_ended(self._status.get("streams") or {})
+
+    def _forget_ended(self, streams: dict[str, StreamStatus]) -> None:
+        """Forget the streams the daemon no longer lists, or lists as idle (an acquisition that
+        ended), that sent no frame for `forget_after_s`: their sites leave the panel, and a site
+        not chosen by the user gives way to the one receiving frames."""
+        gone = [p.stream for p in self.catalog.places() if self._ended(p.stream, streams.get(p.stream))]
+        if not gone:
+            return
+        for stream in gone:
+            place = self.catalog.get(stream)
+            self.catalog.forget(stream)
+            self._forgotten.add(stream)
+            if place is not None and place.site not in self.catalog.sites():
+                self._forgotten_sites.add(place.site)
+            if place is not None and place.site.group not in self.catalog.groups():
+                self._forgotten.add(place.site.group)
+            self._placed_by_frames.discard(stream)
+            self._arrived.pop(stream, None)
+            for kind in ("raw", "denoised"):
+                self._newest.pop((stream, kind), None)
+            if stream in self.streams:
+                self.streams.remove(stream)
+        self._apply_settings()
 
     def _service_commands(self, events: list) -> None:
         """Send the user's commands one at a time; each gives a `ControlReply` or `CommandFailed`."""
@@ -551,6 +623,8 @@ class LiveSession:
         """Streams the daemon serves: listed, and placed by their status ``axes`` until a frame
         of theirs says where they belong."""
         for name, entry in streams.items():
+            if name in self._forgotten and self._ended(name, entry):
+                continue  # forgotten: not shown again until frames of it come
             self._note_stream(name)
             if name not in self._placed_by_frames:
                 axes = entry.get("axes") if isinstance(entry, dict) else None
@@ -586,15 +660,17 @@ class LiveSession:
         offset = self._wanted_offset
         analysed = self.feeds.get(self.stream) if self.stream is not None else None
         if analysed is not None and len(analysed.raw_history) >= MIN_FRAMES:
-            frames = analysed.raw_history.frames()
+            # A regular sample of at most STATS_PIXELS pixels (of the frame, of the region): the
+            # figures are per-pixel averages, and a megapixel stream must not slow the worker.
+            frames = analysed.raw_history.frames(max_pixels=STATS_PIXELS)
             try:
                 noise = fit_poisson_gaussian(frames, offset=offset, clip_range=analysed.raw_history.clip_range)
             except ValueError:
                 noise = None
             ref = offset if offset is not None else (noise.offset if noise is not None else float("nan"))
-            snr_raw = region_snr(frames, ref, self.region)
+            snr_raw = region_snr(analysed.raw_history.frames(self.region, STATS_PIXELS), ref)
             if len(analysed.den_history) >= 3:
-                snr_den = region_snr(analysed.den_history.frames(), ref, self.region)
+                snr_den = region_snr(analysed.den_history.frames(self.region, STATS_PIXELS), ref)
         # One time axis for every channel of the site: their traces line up.
         newest = max((tr.points[-1][0] for f in self.feeds.values() for tr in (f.trace_raw, f.trace_den)
                       if tr.points), default=0.0)
@@ -631,6 +707,8 @@ class LiveSession:
             channels=channels,
             places=self.catalog.places(),
             status_error=self._status_error,
+            live_sites=tuple(self.live_sites()),
+            missing=self.missing,
         )
 
 

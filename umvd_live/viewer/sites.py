@@ -143,6 +143,10 @@ class SiteCatalog:
         self._places[place.stream] = place
         return True
 
+    def forget(self, stream: str) -> bool:
+        """Drop a stream (it ended, or the daemon no longer serves it); True when it was known."""
+        return self._places.pop(stream, None) is not None
+
     def __contains__(self, stream: str) -> bool:
         return stream in self._places
 
@@ -189,19 +193,22 @@ class SiteCatalog:
                 return p.position_name
         return None
 
-    def nearest_site(self, group: str, wanted: Mapping[str, int], keep: str | None = None) -> Site | None:
+    def nearest_site(self, group: str, wanted: Mapping[str, int], keep: str | None = None,
+                     live: Iterable[Site] = ()) -> Site | None:
         """The site of ``group`` at ``wanted``'s indices, or, if the acquisition has none there
         (positions with different z ranges), the one that matches ``keep`` (the axis just
-        chosen) and then as many other axes as possible, nearest first."""
+        chosen), then one of ``live`` (sites receiving frames: not one of an acquisition that
+        ended), then as many other axes as possible, nearest first."""
         sites = self.sites(group)
         if not sites:
             return None
+        receiving = set(live)
 
         def cost(site: Site) -> tuple:
             c = dict(site.coords)
             kept = keep is not None and c.get(keep) == wanted.get(keep)
             mismatched = sum(1 for a, i in wanted.items() if c.get(a) != i)
             distance = sum(abs(c.get(a, 0) - i) for a, i in wanted.items())
-            return (not kept, mismatched, distance)
+            return (not kept, site not in receiving, mismatched, distance)
 
         return min(sites, key=cost)

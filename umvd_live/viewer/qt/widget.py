@@ -20,6 +20,7 @@ plane and cannot hold positions of different sizes.
 from __future__ import annotations
 
 import dataclasses
+import html
 import math
 import time
 from collections import deque
@@ -176,6 +177,8 @@ class LiveViewerWidget(QWidget):
         self.stream_combo.setToolTip("the acquisition (its base stream name); a stream without "
                                      "positions, planes or channels is one of its own")
         self.stream_combo.currentTextChanged.connect(self._stream_chosen)
+        # `activated`: the user picked an item, even the one shown (its newest site, say).
+        self.stream_combo.activated.connect(lambda i: self._stream_chosen(self.stream_combo.itemText(i)))
         form.addRow("stream", self.stream_combo)
         self.site_row = QWidget()
         row = QHBoxLayout(self.site_row)
@@ -187,6 +190,7 @@ class LiveViewerWidget(QWidget):
             combo = QComboBox()
             combo.setToolTip(f"the {AXIS_NAMES[axis]} shown, with all its channels")
             combo.currentIndexChanged.connect(lambda _i, a=axis: self._axis_chosen(a))
+            combo.activated.connect(lambda _i, a=axis: self._axis_chosen(a))
             row.addWidget(label)
             row.addWidget(combo, 1)
             label.hide()
@@ -351,6 +355,17 @@ class LiveViewerWidget(QWidget):
         self.close_session()
         super().closeEvent(event)
 
+    def remove_layers(self) -> None:
+        """Take this widget's layers out of the viewer (the panel was closed: a panel docked
+        later builds its own, under the same names)."""
+        for layer in self._my_layers():
+            if layer is not None and layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
+        self.channel_layers = {}
+        self.region_layer = self.mirror_layer = None
+        self.layer_site = None
+        self.last_frames = None
+
     def event(self, event: QEvent | None) -> bool:
         """Closing the dock only unparents the widget (napari's `remove_dock_widget`): no close,
         no deletion while Python holds it. Stop the session then, and start it again if the
@@ -358,6 +373,7 @@ class LiveViewerWidget(QWidget):
         if event is not None and event.type() == QEvent.Type.ParentChange:
             if self.parent() is None and self.worker is not None:
                 self.close_session()
+                self.remove_layers()
                 self._undocked = True
                 self.connection_label.setText("not connected: the panel was closed")
             elif self.parent() is not None and self._undocked:
@@ -366,9 +382,12 @@ class LiveViewerWidget(QWidget):
         return super().event(event)
 
     def _reconnect_clicked(self) -> None:
+        # The stream shown stays shown if the user chose it (or its name was given); otherwise
+        # the new session follows the acquisition receiving frames.
+        pinned = self._chosen_site is not None or self.config.stream is not None
         self.connect_daemon(dataclasses.replace(
             self.config, output=self.output_edit.text().strip(), control=self.control_edit.text().strip(),
-            stream=self.selected_stream))
+            stream=self.selected_stream if pinned else None))
 
     @property
     def selected_stream(self) -> str | None:
@@ -392,7 +411,8 @@ class LiveViewerWidget(QWidget):
             return None
         wanted = dict(current.coords) if current is not None and current.group == group else {}
         wanted.update(coords or {})
-        site = self.catalog.nearest_site(group, wanted, keep) or Site(group)
+        live = self.last_stats.live_sites if self.last_stats is not None else ()
+        site = self.catalog.nearest_site(group, wanted, keep, live) or Site(group)
         self._chosen_site = site
         if self.worker is not None:
             self.worker.session.select(Selection(site=site, channel=self._chosen_channel))
@@ -758,6 +778,8 @@ class LiveViewerWidget(QWidget):
     def _update_streams(self, stats: LiveStats) -> None:
         """The group, site and channel combos, from every stream's place; the layers' colours."""
         self.catalog = SiteCatalog(stats.places)
+        if self._chosen_site is not None and self._chosen_site not in self.catalog.sites():
+            self._chosen_site = None  # its acquisition ended: the session follows the next one
         self._show_selection(stats)
         if self.channel_layers and self.layer_site is not None:
             self._apply_colormaps(self._colormaps(self.layer_site.group, list(self.channel_layers)))
@@ -802,7 +824,13 @@ class LiveViewerWidget(QWidget):
                 stats.channel if stats is not None else None)
             if target and self.channel_combo.currentText() != target:
                 self.channel_combo.setCurrentText(target)
-            self.analysed_label.setText(f"stream {stats.stream}" if stats is not None and stats.stream else "")
+            if stats is not None and stats.missing is not None:
+                known = ", ".join(self.catalog.groups()) or "none yet"
+                missing = html.escape(repr(stats.missing))
+                self.analysed_label.setText(f"<span style='color:#f55'>no stream or group named {missing}</span> "
+                                            f"(streams: {html.escape(known)})")
+            else:
+                self.analysed_label.setText(f"stream {stats.stream}" if stats is not None and stats.stream else "")
         finally:
             for combo in combos:
                 combo.blockSignals(False)
