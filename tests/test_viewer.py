@@ -9,6 +9,7 @@ of its screenshot (docs/img/viewer.png is made that way).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgpack
@@ -324,9 +326,10 @@ def test_channel_colormaps_follow_the_names_and_never_collide():
     assert channel_colormaps(["GCaMP"]) == {"GCaMP": "gray"} and channel_colormaps([]) == {}
 
 
-def test_session_shows_one_site_with_all_its_channels_and_switches_without_new_frames():
-    """LiveSession on a real SUB socket: 2 channels x 2 planes of one acquisition and an old stream
-    without meta; a stand-in daemon's REP socket reports one more plane by its status axes only."""
+@contextlib.contextmanager
+def stand_in_daemon(streams: Callable[[], dict]) -> Iterator[tuple[zmq.Socket, int, int]]:
+    """An XPUB to publish frames on and a REP socket that answers every status request with
+    ``streams()`` (the daemon's "streams" entry): yields (the XPUB, its port, the REP's port)."""
     ctx = zmq.Context.instance()
     pub = ctx.socket(zmq.XPUB)
     pub.setsockopt(zmq.LINGER, 0)
@@ -335,92 +338,103 @@ def test_session_shows_one_site_with_all_its_channels_and_switches_without_new_f
     rep.setsockopt(zmq.LINGER, 0)
     rep_port = rep.bind_to_random_port("tcp://127.0.0.1")
     halt = threading.Event()
-    status_axes = {"group": "cam0", "channel": "GCaMP", "index": {"c": 0, "z": 5}}
 
     def answer_status() -> None:
         while not halt.is_set():
             if rep.poll(20):
                 rep.recv()
-                rep.send(msgpack.packb({"ok": True, "streams": {"cam0.GCaMP.z5": {"axes": status_axes},
-                                                                "legacy": {"axes": None}}}))
+                rep.send(msgpack.packb({"ok": True, "streams": streams()}))
 
     responder = threading.Thread(target=answer_status, daemon=True)
     responder.start()
-    session = LiveSession(ViewerConfig(output=f"tcp://127.0.0.1:{port}", control=f"tcp://127.0.0.1:{rep_port}",
-                                       stats_period_s=0.0, max_fps=1000.0), ctx)
-    channels = [(1, "tdTomato"), (0, "GCaMP")]  # sent in this order; shown in channel-index order
-    seq = 0
-
-    def value(c: int, z: int) -> int:
-        return 1000 + 100 * z + 10 * c
-
-    def publish_round() -> None:
-        nonlocal seq
-        for z in (0, 1):
-            for c, name in channels:
-                stream = f"cam0.{name}.z{z}"
-                parts = encode_frame(stream, np.full((16, 16), value(c, z), np.uint16), seq, t=seq / 10,
-                                     meta=_site_meta("cam0", {"t": seq, "c": c, "z": z}, name))
-                pub.send_multipart([f"{stream}/raw".encode(), *parts[1:]])
-        parts = encode_frame("legacy", np.full((16, 16), 7, np.uint16), seq, t=seq / 10)
-        pub.send_multipart([b"legacy/raw", *parts[1:]])
-        seq += 1
-
-    def frames_until(cond, what: str) -> SiteFrames:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            for event in session.step(20):
-                if isinstance(event, SiteFrames) and cond(event):
-                    return event
-        raise AssertionError(f"timed out waiting for {what}")
-
-    def values(frames: SiteFrames) -> list[int]:
-        return [int(p.raw[0, 0]) for p in frames.pairs if p.raw is not None]
-
     try:
-        assert pub.poll(5000) and pub.recv()[:1] == b"\x01"
-        for _ in range(3):
-            publish_round()
-        # The first stream seen was tdTomato at z 0: its site is shown, channels in index order.
-        first = frames_until(lambda f: len(f.pairs) == 2 and all(p.raw is not None for p in f.pairs), "a site")
-        assert first.site == Site.of("cam0", {"z": 0})
-        assert [p.label for p in first.pairs] == ["GCaMP", "tdTomato"] and values(first) == [value(0, 0), value(1, 0)]
-        assert first.analysed == "cam0.GCaMP.z0"  # the first channel, by default
-        assert session.undecoded > 0  # the other plane and the old stream: kept, not decoded
-        # Another plane, analysing tdTomato: shown at once from the newest frames kept.
-        session.select(Selection(site=Site.of("cam0", {"z": 1}), channel="tdTomato"))
-        plane1 = frames_until(lambda f: f.site.get("z") == 1, "plane 1 without new frames")
-        assert values(plane1) == [value(0, 1), value(1, 1)] and plane1.analysed == "cam0.tdTomato.z1"
-        assert plane1.analysed_pair.label == "tdTomato"
-        # New frames keep coming for the plane shown; the stats describe every channel.
-        publish_round()
-        frames_until(lambda f: f.site.get("z") == 1 and f.pairs[0].raw_header["seq"] == seq - 1, "new frames")
-        deadline = time.monotonic() + 10
-        while True:
-            stats = [e for e in session.step(20) if isinstance(e, LiveStats)]
-            if stats and stats[-1].daemon is not None and "cam0.GCaMP.z5" in session.catalog:
-                break
-            assert time.monotonic() < deadline, "no status"
-        stats = stats[-1]
-        assert stats.site == Site.of("cam0", {"z": 1}) and stats.channel == "tdTomato"
-        assert stats.stream == "cam0.tdTomato.z1" and [c.label for c in stats.channels] == ["GCaMP", "tdTomato"]
-        assert len(stats.channels[0].trace_raw) >= 1
-        # The plane the status alone reports is a site before any frame of it arrives.
-        assert Site.of("cam0", {"z": 5}) in session.catalog.sites("cam0")
-        assert {p.stream for p in stats.places} >= {"cam0.GCaMP.z0", "cam0.tdTomato.z1", "legacy", "cam0.GCaMP.z5"}
-        # The old stream, by name: a site of its own, one channel labelled with the stream.
-        session.select_stream("legacy")
-        old = frames_until(lambda f: f.site == Site("legacy"), "the old stream")
-        assert [p.label for p in old.pairs] == ["legacy"] and values(old) == [7] and old.analysed == "legacy"
-        # A group's name picks its first site.
-        session.select_stream("cam0")
-        assert frames_until(lambda f: f.site.group == "cam0", "the group").site == Site.of("cam0", {"z": 0})
+        yield pub, port, rep_port
     finally:
         halt.set()
         responder.join(5)
-        session.close()
         pub.close(linger=0)
         rep.close(linger=0)
+
+
+def test_session_shows_one_site_with_all_its_channels_and_switches_without_new_frames():
+    """LiveSession on a real SUB socket: 2 channels x 2 planes of one acquisition and an old stream
+    without meta; a stand-in daemon's REP socket reports one more plane by its status axes only."""
+    status_axes = {"group": "cam0", "channel": "GCaMP", "index": {"c": 0, "z": 5}}
+    streams = {"cam0.GCaMP.z5": {"axes": status_axes}, "legacy": {"axes": None}}
+    ctx = zmq.Context.instance()
+    with stand_in_daemon(lambda: streams) as (pub, port, rep_port):
+        session = LiveSession(ViewerConfig(output=f"tcp://127.0.0.1:{port}", control=f"tcp://127.0.0.1:{rep_port}",
+                                           stats_period_s=0.0, max_fps=1000.0), ctx)
+        channels = [(1, "tdTomato"), (0, "GCaMP")]  # sent in this order; shown in channel-index order
+        seq = 0
+
+        def value(c: int, z: int) -> int:
+            return 1000 + 100 * z + 10 * c
+
+        def publish_round() -> None:
+            nonlocal seq
+            for z in (0, 1):
+                for c, name in channels:
+                    stream = f"cam0.{name}.z{z}"
+                    parts = encode_frame(stream, np.full((16, 16), value(c, z), np.uint16), seq, t=seq / 10,
+                                         meta=_site_meta("cam0", {"t": seq, "c": c, "z": z}, name))
+                    pub.send_multipart([f"{stream}/raw".encode(), *parts[1:]])
+            parts = encode_frame("legacy", np.full((16, 16), 7, np.uint16), seq, t=seq / 10)
+            pub.send_multipart([b"legacy/raw", *parts[1:]])
+            seq += 1
+
+        def frames_until(cond, what: str) -> SiteFrames:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                for event in session.step(20):
+                    if isinstance(event, SiteFrames) and cond(event):
+                        return event
+            raise AssertionError(f"timed out waiting for {what}")
+
+        def values(frames: SiteFrames) -> list[int]:
+            return [int(p.raw[0, 0]) for p in frames.pairs if p.raw is not None]
+
+        try:
+            assert pub.poll(5000) and pub.recv()[:1] == b"\x01"
+            for _ in range(3):
+                publish_round()
+            # The first stream seen was tdTomato at z 0: its site is shown, channels in index order.
+            first = frames_until(lambda f: len(f.pairs) == 2 and all(p.raw is not None for p in f.pairs), "a site")
+            assert first.site == Site.of("cam0", {"z": 0})
+            assert [p.label for p in first.pairs] == ["GCaMP", "tdTomato"]
+            assert values(first) == [value(0, 0), value(1, 0)]
+            assert first.analysed == "cam0.GCaMP.z0"  # the first channel, by default
+            assert session.undecoded > 0  # the other plane and the old stream: kept, not decoded
+            # Another plane, analysing tdTomato: shown at once from the newest frames kept.
+            session.select(Selection(site=Site.of("cam0", {"z": 1}), channel="tdTomato"))
+            plane1 = frames_until(lambda f: f.site.get("z") == 1, "plane 1 without new frames")
+            assert values(plane1) == [value(0, 1), value(1, 1)] and plane1.analysed == "cam0.tdTomato.z1"
+            assert plane1.analysed_pair.label == "tdTomato"
+            # New frames keep coming for the plane shown; the stats describe every channel.
+            publish_round()
+            frames_until(lambda f: f.site.get("z") == 1 and f.pairs[0].raw_header["seq"] == seq - 1, "new frames")
+            deadline = time.monotonic() + 10
+            while True:
+                stats = [e for e in session.step(20) if isinstance(e, LiveStats)]
+                if stats and stats[-1].daemon is not None and "cam0.GCaMP.z5" in session.catalog:
+                    break
+                assert time.monotonic() < deadline, "no status"
+            stats = stats[-1]
+            assert stats.site == Site.of("cam0", {"z": 1}) and stats.channel == "tdTomato"
+            assert stats.stream == "cam0.tdTomato.z1" and [c.label for c in stats.channels] == ["GCaMP", "tdTomato"]
+            assert len(stats.channels[0].trace_raw) >= 1
+            # The plane the status alone reports is a site before any frame of it arrives.
+            assert Site.of("cam0", {"z": 5}) in session.catalog.sites("cam0")
+            assert {p.stream for p in stats.places} >= {"cam0.GCaMP.z0", "cam0.tdTomato.z1", "legacy", "cam0.GCaMP.z5"}
+            # The old stream, by name: a site of its own, one channel labelled with the stream.
+            session.select_stream("legacy")
+            old = frames_until(lambda f: f.site == Site("legacy"), "the old stream")
+            assert [p.label for p in old.pairs] == ["legacy"] and values(old) == [7] and old.analysed == "legacy"
+            # A group's name picks its first site.
+            session.select_stream("cam0")
+            assert frames_until(lambda f: f.site.group == "cam0", "the group").site == Site.of("cam0", {"z": 0})
+        finally:
+            session.close()
 
 
 def test_the_session_moves_on_to_a_new_acquisition_and_forgets_the_ended_one():
@@ -428,83 +442,64 @@ def test_the_session_moves_on_to_a_new_acquisition_and_forgets_the_ended_one():
     group (exp2), each once the previous one ended (the daemon lists its streams idle, or not at
     all): the session shows each new acquisition's frames, even over a site the user chose in
     the first one, and forgets the ended ones' sites."""
-    ctx = zmq.Context.instance()
-    pub = ctx.socket(zmq.XPUB)
-    pub.setsockopt(zmq.LINGER, 0)
-    port = pub.bind_to_random_port("tcp://127.0.0.1")
-    rep = ctx.socket(zmq.REP)
-    rep.setsockopt(zmq.LINGER, 0)
-    rep_port = rep.bind_to_random_port("tcp://127.0.0.1")
-    halt = threading.Event()
     listed: dict[str, dict] = {}  # what the stand-in daemon's status says
+    ctx = zmq.Context.instance()
+    with stand_in_daemon(lambda: dict(listed)) as (pub, port, rep_port):
+        session = LiveSession(ViewerConfig(output=f"tcp://127.0.0.1:{port}", control=f"tcp://127.0.0.1:{rep_port}",
+                                           stats_period_s=0.05, max_fps=1000.0, follow_after_s=0.3,
+                                           forget_after_s=0.5), ctx)
+        seq = 0
 
-    def answer_status() -> None:
-        while not halt.is_set():
-            if rep.poll(20):
-                rep.recv()
-                rep.send(msgpack.packb({"ok": True, "streams": dict(listed)}))
+        def publish(streams: dict[str, tuple[dict, int]]) -> None:
+            nonlocal seq
+            for stream, (meta, value) in streams.items():
+                parts = encode_frame(stream, np.full((16, 16), value, np.uint16), seq, t=seq / 10, meta=meta)
+                pub.send_multipart([f"{stream}/raw".encode(), *parts[1:]])
+            seq += 1
 
-    responder = threading.Thread(target=answer_status, daemon=True)
-    responder.start()
-    session = LiveSession(ViewerConfig(output=f"tcp://127.0.0.1:{port}", control=f"tcp://127.0.0.1:{rep_port}",
-                                       stats_period_s=0.05, max_fps=1000.0, follow_after_s=0.3,
-                                       forget_after_s=0.5), ctx)
-    seq = 0
+        def shown_while(streams: dict[str, tuple[dict, int]], cond, what: str) -> SiteFrames:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                publish(streams)
+                for event in session.step(20):
+                    if isinstance(event, SiteFrames) and cond(event):
+                        return event
+            raise AssertionError(f"timed out waiting for {what}; shown: {session.site}")
 
-    def publish(streams: dict[str, tuple[dict, int]]) -> None:
-        nonlocal seq
-        for stream, (meta, value) in streams.items():
-            parts = encode_frame(stream, np.full((16, 16), value, np.uint16), seq, t=seq / 10, meta=meta)
-            pub.send_multipart([f"{stream}/raw".encode(), *parts[1:]])
-        seq += 1
-
-    def shown_while(streams: dict[str, tuple[dict, int]], cond, what: str) -> SiteFrames:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            publish(streams)
-            for event in session.step(20):
-                if isinstance(event, SiteFrames) and cond(event):
-                    return event
-        raise AssertionError(f"timed out waiting for {what}; shown: {session.site}")
-
-    mda = {f"cam0.p{p}": (_site_meta("cam0", {"t": 0, "p": p}), 100 + p) for p in (0, 1)}
-    lapse = {"cam0": (_site_meta("cam0", {"t": 0}), 200)}
-    exp2 = {"exp2": (_site_meta("exp2", {"t": 0}), 300)}
-    try:
-        assert pub.poll(5000) and pub.recv()[:1] == b"\x01"
-        listed.update({name: {"idle": False} for name in mda})
-        shown_while(mda, lambda f: f.site == Site.of("cam0", {"p": 0}), "the MDA")
-        session.select(Selection(site=Site.of("cam0", {"p": 1})))  # the user's choice
-        shown_while(mda, lambda f: f.site == Site.of("cam0", {"p": 1}) and f.pairs[0].raw[0, 0] == 101, "p1")
-        # The MDA ends (its streams idle); a time-lapse of the same group starts.
-        listed.update({name: {"idle": True} for name in mda} | {"cam0": {"idle": False}})
-        frames = shown_while(lapse, lambda f: f.site == Site("cam0") and f.pairs[0].raw is not None
-                             and f.pairs[0].raw[0, 0] == 200, "the time-lapse")
-        assert frames.pairs[0].stream == "cam0"
-        deadline = time.monotonic() + 5
-        while session.catalog.sites("cam0") != [Site("cam0")]:
-            publish(lapse)
-            session.step(20)
-            assert time.monotonic() < deadline, f"the MDA's sites stay: {session.catalog.sites('cam0')}"
-        # The time-lapse ends and the daemon drops it; another group starts.
-        listed.clear()
-        listed.update({"exp2": {"idle": False}})
-        shown_while(exp2, lambda f: f.site == Site("exp2") and f.pairs[0].raw[0, 0] == 300, "exp2")
-        deadline = time.monotonic() + 5
-        while session.catalog.groups() != ["exp2"]:
-            publish(exp2)
-            session.step(20)
-            assert time.monotonic() < deadline, f"the old groups stay: {session.catalog.groups()}"
-        stats = None
-        while stats is None:
-            stats = next((e for e in session.step(20) if isinstance(e, LiveStats)), None)
-        assert stats.site == Site("exp2") and stats.streams == ("exp2",) and stats.missing is None
-    finally:
-        halt.set()
-        responder.join(5)
-        session.close()
-        pub.close(linger=0)
-        rep.close(linger=0)
+        mda = {f"cam0.p{p}": (_site_meta("cam0", {"t": 0, "p": p}), 100 + p) for p in (0, 1)}
+        lapse = {"cam0": (_site_meta("cam0", {"t": 0}), 200)}
+        exp2 = {"exp2": (_site_meta("exp2", {"t": 0}), 300)}
+        try:
+            assert pub.poll(5000) and pub.recv()[:1] == b"\x01"
+            listed.update({name: {"idle": False} for name in mda})
+            shown_while(mda, lambda f: f.site == Site.of("cam0", {"p": 0}), "the MDA")
+            session.select(Selection(site=Site.of("cam0", {"p": 1})))  # the user's choice
+            shown_while(mda, lambda f: f.site == Site.of("cam0", {"p": 1}) and f.pairs[0].raw[0, 0] == 101, "p1")
+            # The MDA ends (its streams idle); a time-lapse of the same group starts.
+            listed.update({name: {"idle": True} for name in mda} | {"cam0": {"idle": False}})
+            frames = shown_while(lapse, lambda f: f.site == Site("cam0") and f.pairs[0].raw is not None
+                                 and f.pairs[0].raw[0, 0] == 200, "the time-lapse")
+            assert frames.pairs[0].stream == "cam0"
+            deadline = time.monotonic() + 5
+            while session.catalog.sites("cam0") != [Site("cam0")]:
+                publish(lapse)
+                session.step(20)
+                assert time.monotonic() < deadline, f"the MDA's sites stay: {session.catalog.sites('cam0')}"
+            # The time-lapse ends and the daemon drops it; another group starts.
+            listed.clear()
+            listed.update({"exp2": {"idle": False}})
+            shown_while(exp2, lambda f: f.site == Site("exp2") and f.pairs[0].raw[0, 0] == 300, "exp2")
+            deadline = time.monotonic() + 5
+            while session.catalog.groups() != ["exp2"]:
+                publish(exp2)
+                session.step(20)
+                assert time.monotonic() < deadline, f"the old groups stay: {session.catalog.groups()}"
+            stats = None
+            while stats is None:
+                stats = next((e for e in session.step(20) if isinstance(e, LiveStats)), None)
+            assert stats.site == Site("exp2") and stats.streams == ("exp2",) and stats.missing is None
+        finally:
+            session.close()
 
 
 RAMP = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32)  # pixel (r, c) = 32 r + c
