@@ -108,8 +108,8 @@ class AcquireConfig:
         times: tuple[tuple[str, float | None], ...] = (
             ("--exposure-ms", self.exposure_ms), ("--interval-ms", self.interval_ms), ("--retry-s", self.retry_s),
             ("--poll-ms", self.poll_ms))
-        for flag, time in times:
-            at_least(flag, time, 0, "a finite number")
+        for flag, duration in times:
+            at_least(flag, duration, 0, "a finite number")
         for flag, rate in (("--rate", self.rate_hz), ("--photons", self.photons)):
             if not (math.isfinite(rate) and rate > 0):
                 raise ValueError(f"{flag} must be a finite number > 0, got {rate:g}")
