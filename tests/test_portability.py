@@ -374,3 +374,19 @@ def test_serve_record_without_posix_apis_killed_keeps_frames_and_metadata(tmp_pa
     assert len(frames) == len(movie) and not provenance["complete"]  # killed: no clean close
     assert provenance["frames_declared_in_ome"] == len(movie)
     assert_input_metadata(rec)
+
+
+def test_a_ready_file_windows_will_not_open_yet_is_not_ready(tmp_path, monkeypatch):
+    """Windows refuses to open a file while it is renamed over (PermissionError): a launcher
+    polling the ready file reads that as not there yet, as it reads a missing file."""
+    from umvd_live.apps.harness import ReadySignal
+
+    ready = tmp_path / "ready.json"
+    assert ReadySignal.read(ready) is None
+    ready.write_text("{}")
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    assert ReadySignal.read(ready) is None

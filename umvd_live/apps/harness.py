@@ -133,10 +133,12 @@ class ReadySignal:
 
     @classmethod
     def read(cls, path: Path) -> ReadySignal | None:
-        """The signal, or None while the file is not there (it is written whole, by a rename)."""
+        """The signal, or None while the file is not there (it is written whole, by a rename;
+        Windows refuses to open a file while it is being renamed over: PermissionError, for a
+        moment, also read as not there yet)."""
         try:
             data = json.loads(path.read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):
             return None
         if data.get("version") != READY_VERSION:
             raise DaemonError(f"{path}: ready file version {data.get('version')!r}, expected {READY_VERSION}")
