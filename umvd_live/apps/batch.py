@@ -65,6 +65,7 @@ from umvd_live.engine.cellblend import CellBlend
 from umvd_live.engine.changes import Change, ChangeDetector
 from umvd_live.engine.checkpoint import CheckpointError
 from umvd_live.engine.normalization import sanitize
+from umvd_live.portable import replace_file
 from umvd_live.recording.movie import MovieError, MovieFrames
 from umvd_live.recording.ometiff import Provenance, read_provenance
 from umvd_live.recording.omezarr import is_zarr_path, read_zarr_provenance
@@ -533,7 +534,7 @@ class _Manifest:
         data = {**self.header, "summary": summary, "inputs": entries}
         tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
         tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.path)
+        replace_file(tmp, self.path)
 
 
 def _progress(console: Console) -> Progress:

@@ -35,6 +35,7 @@ from umvd_live.engine.changes import Change
 from umvd_live.engine.checkpoint import CheckpointError
 from umvd_live.engine.device import DeviceUnavailable, pick_device
 from umvd_live.engine.provenance import network_provenance
+from umvd_live.portable import replace_file
 from umvd_live.recording.movie import MovieError, MovieFrames, describe_streams, movie_streams
 from umvd_live.recording.ometiff import FrameInfo, Provenance, write_movie
 from umvd_live.recording.omezarr import is_zarr_path, write_zarr_movie
@@ -297,7 +298,7 @@ def write_atomic(output: Path, write: Callable[[Path], object], *, overwrite: bo
     try:
         write(tmp)
         if overwrite:
-            os.replace(tmp, output)  # atomic on POSIX and Windows
+            replace_file(tmp, output)  # atomic on POSIX and Windows (retried while Windows refuses)
         else:
             _place_new(tmp, output)
     except BaseException:

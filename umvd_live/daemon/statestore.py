@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from umvd_live.engine.checkpoint import TEMPORARY, CheckpointError, load_checkpoint
+from umvd_live.portable import replace_file
 
 if TYPE_CHECKING:
     from umvd_live.daemon.streams import StreamEngine
@@ -169,7 +170,7 @@ class StateStore:
         except CheckpointError as exc:
             aside = path.with_name(path.name + ".corrupt")
             try:
-                os.replace(path, aside)
+                replace_file(path, aside)
             except OSError:
                 aside = path
             with self._lock:
