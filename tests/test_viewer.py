@@ -1365,42 +1365,32 @@ def test_view_refuses_a_screenshot_folder_that_is_missing_and_closes_when_saving
 
 class AcquisitionStandIn(threading.Thread):
     """The daemon as the viewer sees it, scripted: ``streams`` (name: (meta, value)) published
-    ``rate_hz`` times a second on a PUB socket, frames filled with their value; ``listed`` (name:
-    status entry) answered to every ``status`` request."""
+    ``rate_hz`` times a second, frames filled with their value; ``listed`` (name: status entry)
+    answered to every ``status`` request (`stand_in_daemon`)."""
 
     def __init__(self, rate_hz: float = 20.0):
         super().__init__(daemon=True)
-        ctx = zmq.Context.instance()
-        self.pub = ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.LINGER, 0)
-        self.output = f"tcp://127.0.0.1:{self.pub.bind_to_random_port('tcp://127.0.0.1')}"
-        self.rep = ctx.socket(zmq.REP)
-        self.rep.setsockopt(zmq.LINGER, 0)
-        self.control = f"tcp://127.0.0.1:{self.rep.bind_to_random_port('tcp://127.0.0.1')}"
-        self.rate_hz = rate_hz
         self.streams: dict[str, tuple[dict, int]] = {}
         self.listed: dict[str, dict] = {}
+        self._sockets = contextlib.ExitStack()
+        self.pub, port, rep_port = self._sockets.enter_context(stand_in_daemon(lambda: dict(self.listed)))
+        self.output, self.control = f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{rep_port}"
+        self.rate_hz = rate_hz
         self._halt = threading.Event()
         self.start()
 
     def run(self) -> None:
-        seq, next_at = 0, time.monotonic()
-        while not self._halt.is_set():
-            if time.monotonic() >= next_at:
-                for stream, (meta, value) in dict(self.streams).items():
-                    parts = encode_frame(stream, np.full((16, 16), value, np.uint16), seq, t=seq / self.rate_hz,
-                                         meta=meta)
-                    self.pub.send_multipart([f"{stream}/raw".encode(), *parts[1:]])
-                seq, next_at = seq + 1, next_at + 1 / self.rate_hz
-            if self.rep.poll(5):
-                self.rep.recv()
-                self.rep.send(msgpack.packb({"ok": True, "streams": dict(self.listed)}))
-        self.pub.close(linger=0)
-        self.rep.close(linger=0)
+        seq = 0
+        while not self._halt.wait(1 / self.rate_hz):
+            for stream, (meta, value) in dict(self.streams).items():
+                parts = encode_frame(stream, np.full((16, 16), value, np.uint16), seq, t=seq / self.rate_hz, meta=meta)
+                self.pub.send_multipart([f"{stream}/raw".encode(), *parts[1:]])
+            seq += 1
 
     def stop(self) -> None:
         self._halt.set()
         self.join(5)
+        self._sockets.close()
 
 
 @pytest.mark.gui
