@@ -19,6 +19,7 @@ from umvd_live.apps.cli import (
     bench_config,
     build_parser,
     daemon_config_from_args,
+    demo_config,
     denoise_config,
     main,
     viewer_config,
@@ -339,6 +340,31 @@ ACQUIRE_MISTAKES = [
 def test_acquire_refuses_a_bad_stream_number_or_stray_option_naming_the_flag(flags, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         acquire_config(_parse("acquire", *flags))
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "-2"])
+def test_rate_and_photons_are_refused_by_one_checker_in_the_same_words_everywhere(value):
+    """`--rate` and `--photons` of `acquire` (checked by `AcquireConfig` itself, which cannot import
+    the command line) and of `demo` and `bench` (checked by the command line) are refused by one
+    checker, `apps.checks.finite_positive`: the same words, and no twin to drift apart."""
+    from umvd_live.apps import acquire, checks
+    from umvd_live.apps import cli as cli_module
+
+    assert acquire.finite_positive is checks.finite_positive and cli_module.finite_positive is checks.finite_positive
+    assert not hasattr(cli_module, "_finite_positive")
+    for flag in ("--rate", "--photons"):
+        with pytest.raises(ValueError) as expected:
+            checks.finite_positive(flag, float(value))
+        said = [str(expected.value)]
+        for make, argv in ((acquire_config, ["acquire", "sim"]), (demo_config, ["demo"]),
+                           (bench_config, ["bench"])):
+            with pytest.raises(ValueError) as refused:
+                make(_parse(*argv, flag, value))
+            said.append(str(refused.value))
+        with pytest.raises(ValueError) as direct:  # the config made by a script, not the command line
+            acquire.AcquireConfig(source="sim", **{flag[2:].replace("rate", "rate_hz"): float(value)})
+        said.append(str(direct.value))
+        assert said == [f"{flag} must be a finite number > 0, got {float(value):g}"] * 5
 
 
 @pytest.mark.parametrize("flags", [

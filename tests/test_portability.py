@@ -23,6 +23,7 @@ import numpy as np
 import posix_absent
 import pytest
 import tifffile
+from test_viewer import x_display  # noqa: F401 (the fixture: a DISPLAY for `view`)
 
 from umvd_live.daemon.runtime import peak_rss_mb
 from umvd_live.recording.ometiff import read_recording
@@ -207,25 +208,77 @@ def test_serve_stops_cleanly_on_ctrl_break(with_sigbreak, tmp_path, monkeypatch)
     assert not ready.exists()
 
 
-def test_the_demo_ends_on_ctrl_break_as_on_ctrl_c(with_sigbreak, monkeypatch):
-    """The demo's streaming loop notes Ctrl-Break as it notes Ctrl-C (`StopSignals`), and outside it
-    Ctrl-Break ends the demo through its clean path (KeyboardInterrupt), as SIGTERM does."""
+def test_the_demos_streaming_loop_notes_ctrl_break_as_ctrl_c(with_sigbreak):
+    """The demo's streaming loop notes Ctrl-Break as it notes Ctrl-C (`StopSignals`); outside it
+    Ctrl-Break ends the demo as every command (`test_every_command_ends_on_ctrl_break_as_on_ctrl_c`)."""
     from umvd_live.apps import demo
 
     with demo.StopSignals() as stop:
         with_sigbreak[SIGBREAK](SIGBREAK, None)
     assert stop.received == SIGBREAK
-    during: dict[int, object] = {}
 
-    def session(config, console, log_dir):
-        during.update(with_sigbreak)
-        log_dir.rmdir()
-        return 0
 
-    monkeypatch.setattr(demo, "_session", session)
-    assert demo.run(demo.DemoConfig()) == 0
-    assert during[signal.SIGTERM] is demo._raise_interrupt and during[SIGBREAK] is demo._raise_interrupt
-    assert with_sigbreak[SIGBREAK] is not demo._raise_interrupt  # put back after the demo
+#: Each command as `umvd-live` runs it (before its files or daemon are looked at): (argv, the
+#: module whose ``run`` it calls).
+COMMANDS = {
+    "acquire": (["acquire", "sim"], "umvd_live.apps.acquire"),
+    "denoise": (["denoise", "in.tif", "out.tif"], "umvd_live.apps.denoise"),
+    "batch": (["batch", "in.tif", "--output-dir", "out"], "umvd_live.apps.batch"),
+    "bench": (["bench"], "umvd_live.apps.bench"),
+    "view": (["view"], "umvd_live.viewer.qt.app"),
+    "demo": (["demo"], "umvd_live.apps.demo"),
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_ends_on_ctrl_break_as_on_ctrl_c(command, with_sigbreak, monkeypatch):
+    """Ctrl-Break (SIGBREAK), left to its default, ends a Windows process at once: a recording
+    neither flushed nor closed, the daemon never told. Every command takes it, and SIGTERM, as
+    Ctrl-C, from before its module is imported (torch, on a loaded machine, takes seconds) to its
+    end: its KeyboardInterrupt clean-up runs and `umvd-live` exits with 130. SIGINT is left to
+    Python; the handlers are put back after."""
+    import importlib
+
+    from umvd_live.apps import cli
+    from umvd_live.portable import ctrl_c
+
+    argv, module_name = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    at_import: dict[int, object] = {}
+
+    def tune_process(name):
+        at_import.update(with_sigbreak)
+        return importlib.import_module(name)
+
+    def interrupted(*args, **kwargs):
+        handler = with_sigbreak.get(SIGBREAK)
+        assert handler is ctrl_c and with_sigbreak.get(signal.SIGTERM) is ctrl_c, f"running {command}: {with_sigbreak}"
+        handler(SIGBREAK, None)  # Ctrl-Break, as the signal would call it
+        raise AssertionError("Ctrl-Break did not interrupt the command")
+
+    monkeypatch.setattr(cli, "tune_process", tune_process)
+    monkeypatch.setattr(cli.logs, "configure", lambda level: None)  # this process's logging left alone
+    monkeypatch.setattr(module, "run", interrupted)
+    assert cli.main(argv) == 130
+    assert at_import.get(SIGBREAK) is ctrl_c and at_import.get(signal.SIGTERM) is ctrl_c
+    assert signal.SIGINT not in at_import
+    assert with_sigbreak[SIGBREAK] is not ctrl_c and with_sigbreak[signal.SIGTERM] is not ctrl_c  # put back
+
+
+def test_ctrl_break_calls_what_ctrl_c_calls_now(monkeypatch):
+    """`portable.ctrl_c` calls SIGINT's handler of the moment (napari's during `view`'s event loop,
+    which quits the loop; a KeyboardInterrupt raised in a Qt slot would be lost), and raises
+    KeyboardInterrupt where SIGINT has none of Python's (a shell's background job ignores it)."""
+    from umvd_live.portable import ctrl_c
+
+    called = []
+    monkeypatch.setattr(signal, "getsignal", lambda signum: lambda *args: called.append((signum, *args)))
+    ctrl_c(SIGBREAK, "frame")
+    assert called == [(signal.SIGINT, signal.SIGINT, "frame")]
+    for unhandled in (signal.SIG_IGN, signal.SIG_DFL, None, ctrl_c):
+        monkeypatch.setattr(signal, "getsignal", lambda signum, handler=unhandled: handler)
+        with pytest.raises(KeyboardInterrupt):
+            ctrl_c(SIGBREAK, None)
 
 
 def test_a_refused_rename_of_a_model_file_is_retried_then_reported(tmp_path, monkeypatch):
@@ -390,3 +443,126 @@ def test_a_ready_file_windows_will_not_open_yet_is_not_ready(tmp_path, monkeypat
 
     monkeypatch.setattr(Path, "read_text", refused)
     assert ReadySignal.read(ready) is None
+
+
+# -- Ctrl-Break, really sent ----------------------------------------------------------------------
+def _ctrl_c_as_in_a_terminal() -> None:
+    """SIGINT's default in the child, as a terminal gives it (`test_pycromanager`'s helper: a
+    background job's children have it ignored)."""
+    from test_pycromanager import _ctrl_c_as_in_a_terminal as default_sigint
+
+    default_sigint()
+
+
+KEYS = {"Ctrl-C": signal.SIGINT, "Ctrl-Break": posix_absent.SIGBREAK}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("key", KEYS)
+def test_acquire_stops_on_ctrl_break_as_on_ctrl_c(key, receiver):
+    """`acquire` in a Windows-like process, stopped by Ctrl-C or Ctrl-Break: the same clean stop,
+    its summary, the stream's end sent to the daemon (which then hands out the stream's last
+    outputs at once), exit status 130. Ctrl-Break left to its default ended it at once: no summary,
+    no end message."""
+    proc = subprocess.Popen([sys.executable, str(HELPER), "acquire", "sim", "--to", receiver.endpoint,
+                             "--size", "32", "32", "--rate", "50", "--wait-s", "120"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=_ctrl_c_as_in_a_terminal)
+    try:
+        deadline = time.monotonic() + 240
+        while len(receiver.frames) < 10:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1] if proc.poll() else ""
+            time.sleep(0.05)
+        proc.send_signal(KEYS[key])
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, (key, proc.returncode, err)
+    assert re.search(r"^sim: interrupted after \d+ frames sent", out, re.MULTILINE), out
+    deadline = time.monotonic() + 10
+    while not receiver.ends and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [end.stream for end in receiver.ends] == ["cam0"]
+
+
+@pytest.mark.gui
+@pytest.mark.timeout(300)
+@pytest.mark.usefixtures("x_display")
+def test_view_closes_on_ctrl_break_as_on_ctrl_c(tmp_path):
+    """`view` in a Windows-like process: Ctrl-Break while napari's event loop runs closes the
+    window and stops the session (its sockets closed), exit status 130, as Ctrl-C does (napari
+    quits its loop on SIGINT; a KeyboardInterrupt raised in a Qt slot instead would be lost and
+    leave the window open until --quit-after)."""
+    pytest.importorskip("napari", reason="napari is not installed (pip install 'umvd-live[viewer]')")
+    import msgpack
+    import zmq
+
+    ctx = zmq.Context.instance()
+    rep = ctx.socket(zmq.REP)
+    rep.setsockopt(zmq.LINGER, 0)
+    control = rep.bind_to_random_port("tcp://127.0.0.1")
+    requests = 0
+
+    def answer(wait_ms: int) -> None:
+        nonlocal requests
+        if rep.poll(wait_ms):
+            rep.recv()
+            rep.send(msgpack.packb({"ok": True, "streams": {}}))
+            requests += 1
+
+    err_path = tmp_path / "view.err"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, str(HELPER), "view", "--connect", "tcp://127.0.0.1:9",
+                                 "--control", f"tcp://127.0.0.1:{control}", "--quit-after", "200"],
+                                stdout=subprocess.DEVNULL, stderr=err, env=ENV | {"DISPLAY": os.environ["DISPLAY"]},
+                                preexec_fn=_ctrl_c_as_in_a_terminal)
+    try:
+        deadline = time.monotonic() + 180
+        while requests < 1:  # the widget's session is running
+            assert proc.poll() is None and time.monotonic() < deadline, err_path.read_text()
+            answer(50)
+        settle = time.monotonic() + 3  # and the event loop, right after it
+        while time.monotonic() < settle:
+            answer(50)
+        proc.send_signal(posix_absent.SIGBREAK)
+        sent = time.monotonic()
+        while proc.poll() is None and time.monotonic() < sent + 60:
+            answer(50)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+        rep.close()
+    assert proc.returncode == 130, (proc.returncode, err_path.read_text())
+    assert time.monotonic() - sent < 60
+
+
+@pytest.mark.timeout(420)
+def test_the_harness_ends_a_daemon_on_windows_with_ctrl_break_before_terminating_it(tmp_path, monkeypatch):
+    """`ServeProcess.kill` on Windows sends Ctrl-Break (``CTRL_BREAK_EVENT``: the daemon runs in its
+    own process group) and waits for the clean exit (streams flushed, final checkpoints, the ready
+    file removed) before terminating it: a demo ended by a mistake or a second Ctrl-C leaves no
+    daemon killed mid-write. Here the daemon is a Windows-like process and the harness believes
+    it runs on Windows."""
+    from umvd_live.apps.harness import ServeProcess
+
+    daemon = ServeProcess(tmp_path, FAST_ENGINE, umvd_live=[sys.executable, str(HELPER)])
+    try:
+        daemon.wait_ready(240)
+        daemon.status()  # the frame loop runs: its own stop handlers are in place
+        time.sleep(0.5)
+        with monkeypatch.context() as windows:
+            windows.setattr(sys, "platform", "win32")
+            windows.setattr(signal, "CTRL_BREAK_EVENT", posix_absent.SIGBREAK, raising=False)
+            started = time.monotonic()
+            daemon.kill(clean_exit_s=60)
+        took = time.monotonic() - started
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+        daemon.stop(30)
+    assert daemon.proc.returncode == 0, daemon.log()
+    assert "exited cleanly" in daemon.log() and not daemon.ready_path.exists()
+    assert took < 60

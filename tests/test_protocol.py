@@ -415,6 +415,33 @@ def test_a_control_reply_that_cannot_be_made_is_an_error_and_the_next_request_is
         ctx.term()
 
 
+def test_a_control_request_the_service_fails_to_take_gets_an_error_reply_and_is_counted():
+    """The service's request handler raises (a bug, a MemoryError): the client gets an error reply
+    at once, in the format of every other, the error is logged and counted (``errors``: status
+    ``control.errors``), and the next request is answered. Before, the request was dropped
+    without a word: the client waited for its timeout."""
+    def handle(data: bytes) -> PendingReply:
+        cmd, reply = msgpack.unpackb(data)["cmd"], Future()
+        if cmd == "raises":
+            raise MemoryError("no memory for the request")
+        reply.set_result(pack({"ok": True, "cmd": cmd}))
+        return PendingReply(reply)
+
+    ctx = zmq.Context()
+    server = ControlServer(ctx, "tcp://127.0.0.1:*", handle)
+    server.start()
+    client = ControlClient(server.endpoint, timeout_s=5, context=ctx)
+    try:
+        assert client.request("raises") == {
+            "ok": False, "error": "the request could not be handled: MemoryError: no memory for the request"}
+        assert client.request("status") == {"ok": True, "cmd": "status"}
+        assert (server.errors, server.waiting) == (1, 0) and server.is_alive()
+    finally:
+        client.close()
+        server.stop()
+        ctx.term()
+
+
 def _has_ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as probe:

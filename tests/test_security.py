@@ -22,6 +22,7 @@ from test_daemon import HALF, DaemonProcess
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.daemon.service import write_ready_file
 from umvd_live.engine.checkpoint import FORMAT, save_checkpoint
+from umvd_live.wire.control_client import ControlClient
 from umvd_live.wire.protocol import decode_output
 from umvd_live.wire.security import (
     CurveServer,
@@ -306,16 +307,17 @@ def test_model_and_ready_files_get_the_mode_the_umask_gives_not_owner_only(tmp_p
 
 
 # ---- the control socket and the inbox under a flood: bounded memory, every client answered ------
-def _serving_daemon(tmp_path: Path, seen: list[int] | None = None):
-    """A daemon in this process, its frame loop on a thread (no frames: no engine is built);
-    ``seen`` collects the size of every request the control thread hands to the service."""
+def _serving_daemon(tmp_path: Path, seen: list[int] | None = None, **fields):
+    """A daemon in this process, its frame loop on a thread (its streams' engines `StepCounter`s;
+    no input socket unless ``fields``, more of its `DaemonConfig`, bind one); ``seen`` collects
+    the size of every request the control thread hands to the service."""
     from test_daemon import StepCounter
 
     from umvd_live.daemon.config import DaemonConfig
     from umvd_live.daemon.service import Daemon
 
-    d = Daemon(DaemonConfig(input_bind=None, output="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
-                            output_dir=tmp_path), StepCounter)
+    d = Daemon(DaemonConfig(**({"input_bind": None, "output": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*",
+                                "output_dir": tmp_path} | fields)), StepCounter)
     if seen is not None:
         on_request = d._on_request
 
@@ -522,6 +524,103 @@ def test_an_error_in_the_input_thread_does_not_end_it():
         receiver.stop()
         pub.close()
         ctx.term()
+
+
+def _publish_and_wait(pub: FramePublisher, client: ControlClient, count: int, frames_in: int) -> None:
+    """Publish ``count`` frames, then wait until the daemon's status counts ``frames_in`` on the stream."""
+    for _ in range(count):
+        assert pub.publish(np.full((16, 16), 7, np.uint16))
+    deadline = time.monotonic() + 30
+    while client.request("status")["streams"].get(pub.stream, {}).get("frames_in") != frames_in:
+        assert time.monotonic() < deadline, f"the daemon never counted {frames_in} frames"
+        time.sleep(0.05)
+
+
+def test_a_command_that_raises_is_answered_with_its_error_and_the_daemon_serves_on(tmp_path, monkeypatch, caplog):
+    """A command whose handling raises gets a reply in the format of every refusal that names the
+    command and the exception, is logged with its traceback and counted (``control.failed``), and
+    the daemon goes on taking frames and answering. Before, a failure outside the command's own
+    call (its reply not a map) ended the frame loop: no reply (the client waited for its timeout),
+    no more frames; and the reply to a command that raised named neither it nor a count. Reachable
+    from outside: ``save_model`` into a folder that is a file raises on the state worker. A
+    refusal (a request the daemon declines, weights for another network) is no failure."""
+    save_checkpoint(tmp_path / "other-net.pt", {"w": torch.ones(1)}, {"step": 5, "foreign": True})
+    (tmp_path / "blocker").write_bytes(b"")  # a file where save_model needs a folder
+    d, loop = _serving_daemon(tmp_path, input_bind="tcp://127.0.0.1:*")
+    client = ControlClient(d.endpoints["control"], timeout_s=10)
+    pub = FramePublisher(d.endpoints["input"], "cam0")
+    try:
+        assert pub.wait_for_subscriber(10)
+        _publish_and_wait(pub, client, 3, frames_in=3)
+        monkeypatch.setattr(d, "stop_recording", lambda: None)  # a reply that is not a map (a bug)
+        reply = client.request("record_stop")
+        assert reply["ok"] is False and reply["error"].startswith("record_stop failed: TypeError: "), reply
+        monkeypatch.setattr(d, "stop_recording", lambda: 1 / 0)  # a command that raises on the frame loop
+        assert client.request("record_stop") == {
+            "ok": False, "error": "record_stop failed: ZeroDivisionError: division by zero"}
+        reply = client.request("save_model", path="blocker/cam0.pt")  # raises on the state worker
+        assert reply["ok"] is False and reply["error"].startswith("save_model failed: FileExistsError: "), reply
+        refused = client.request("load_model", path="other-net.pt")
+        assert refused["ok"] is False and "another network" in refused["error"] and "failed" not in refused["error"]
+        assert client.request("pause_training", stream="nope")["ok"] is False
+
+        _publish_and_wait(pub, client, 3, frames_in=6)  # frames and commands go on
+        assert client.request("save_model", path="cam0.pt")["ok"] and (tmp_path / "cam0.pt").is_file()
+        control = client.request("status")["control"]
+        assert (control["failed"], control["errors"]) == (3, 0), control
+        failures = [r for r in caplog.records if r.getMessage().startswith("control command")]
+        assert [r.getMessage() for r in failures] == ["control command record_stop failed"] * 2 + [
+            "control command save_model failed"] and all(r.exc_info for r in failures)
+        assert loop.is_alive()
+    finally:
+        client.close()
+        pub.close()
+        _stop_daemon(d, loop)
+
+
+def test_the_socket_threads_errors_are_in_the_status(tmp_path, monkeypatch):
+    """An unexpected error in the input or the control thread's loop is logged and the thread goes
+    on (`test_an_error_in_the_input_thread_does_not_end_it`); ``status`` counts them
+    (``inbox.errors``, ``control.errors``, with the control socket's other counters), as the
+    terminal status does: before, they were in the log only."""
+    from umvd_live.daemon.status import render_lines
+
+    d, loop = _serving_daemon(tmp_path, input_bind="tcp://127.0.0.1:*")
+    control = d.transport.control
+    assert control is not None
+    put, send_ready = d.transport.inbox.put, control._send_ready
+    failures = {"put": [MemoryError()], "send": [RuntimeError("a bug")]}
+
+    def failing_put(item):
+        if failures["put"]:
+            raise failures["put"].pop()
+        return put(item)
+
+    def failing_send_ready(sock):
+        if failures["send"]:
+            raise failures["send"].pop()
+        return send_ready(sock)
+
+    monkeypatch.setattr(d.transport.inbox, "put", failing_put)
+    monkeypatch.setattr(control, "_send_ready", failing_send_ready)
+    client = ControlClient(d.endpoints["control"], timeout_s=10)
+    pub = FramePublisher(d.endpoints["input"], "cam0")
+    try:
+        assert client.request("status")["ok"]  # its reply's turn fails; the next sends it
+        assert pub.wait_for_subscriber(10)
+        _publish_and_wait(pub, client, 3, frames_in=2)  # the first is lost to the MemoryError
+        status = client.request("status")
+        assert status["inbox"]["errors"] == 1 and status["inbox"]["overflow"] == 0
+        assert set(status["control"]) == {"waiting", "busy", "late", "failed", "errors"}
+        assert (status["control"]["errors"], status["control"]["busy"], status["control"]["failed"]) == (1, 0, 0)
+        assert status["control"]["waiting"] >= 1  # this request's own reply, not sent yet
+        assert "daemon: errors (see the log): input thread 1, control thread 1, commands failed 0" in \
+            render_lines(status)
+        assert control.is_alive() and d.transport.receiver is not None and d.transport.receiver.is_alive()
+    finally:
+        client.close()
+        pub.close()
+        _stop_daemon(d, loop)
 
 
 def test_the_inbox_budget_counts_the_batch_the_frame_loop_still_holds():

@@ -10,9 +10,11 @@ so the engine, the daemon, the recorders and the commands import it without impo
 * `stop_signals`: the signals that ask a process to stop cleanly. Windows never delivers SIGTERM
   and has SIGBREAK: Ctrl-Break, and ``CTRL_BREAK_EVENT``, the only console event that reaches a
   child started with ``CREATE_NEW_PROCESS_GROUP`` (`apps.harness` starts `serve` so); left to
-  its default it ends the process at once, with nothing flushed.
+  its default it ends the process at once, with nothing flushed. `stop_signals_as_ctrl_c` makes
+  every command (`apps.cli.main`) end on them as on Ctrl-C; `serve` and the demo's streaming loop
+  then put their own handler in place (`handle_stop_signals`).
 
-Positioned reads and writes (no ``os.pwrite`` on Windows) are `recording.fileio`'s. Both helpers
+Positioned reads and writes (no ``os.pwrite`` on Windows) are `recording.fileio`'s. The helpers
 look their ``os`` and ``signal`` names up at each call, so a test can imitate Windows
 (tests/test_portability.py).
 """
@@ -22,7 +24,8 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 #: How long a refused `replace_file` is retried (from 5 ms, doubling, to 100 ms between tries).
@@ -69,6 +72,32 @@ def restore_signals(previous: dict[int, Any]) -> None:
     """Put back the handlers `handle_stop_signals` replaced."""
     for sig, handler in previous.items():
         signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: a handler not set from Python
+
+
+def ctrl_c(signum: int, frame: Any) -> None:
+    """A stop signal taken as Ctrl-C: the handler SIGINT has now is called, as SIGINT would call
+    it (Python's own raises KeyboardInterrupt; napari's, while `view`'s event loop runs, quits the
+    loop and raises it afterwards, where a KeyboardInterrupt raised in a Qt slot would be lost).
+    Where SIGINT has no Python handler (ignored, as in a shell's background job), KeyboardInterrupt
+    is raised here: the signal was sent to stop this process."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not ctrl_c:
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def stop_signals_as_ctrl_c() -> Iterator[None]:
+    """For the block: SIGTERM and (Windows) SIGBREAK, Ctrl-Break, handled as Ctrl-C (`ctrl_c`),
+    so a command's KeyboardInterrupt clean-up runs (a recording flushed and closed, the daemon
+    told) instead of the process ending at once; SIGINT is left as it is. The previous handlers
+    are put back after. On the main thread only."""
+    previous = handle_stop_signals(ctrl_c, keep_sigint=True)
+    try:
+        yield
+    finally:
+        restore_signals(previous)
 
 
 def signal_name(signum: int) -> str:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from umvd_live.apps.checks import finite_positive
+
 if TYPE_CHECKING:  # imported when a source runs: the command line reads the defaults below
     from useq import MDASequence
 
@@ -110,9 +112,8 @@ class AcquireConfig:
             ("--poll-ms", self.poll_ms))
         for flag, duration in times:
             at_least(flag, duration, 0, "a finite number")
-        for flag, rate in (("--rate", self.rate_hz), ("--photons", self.photons)):
-            if not (math.isfinite(rate) and rate > 0):
-                raise ValueError(f"{flag} must be a finite number > 0, got {rate:g}")
+        finite_positive("--rate", self.rate_hz)
+        finite_positive("--photons", self.photons)
         if min(self.size) < 1:
             raise ValueError(f"--size must be positive, got {self.size[0]} {self.size[1]}")
         if not 1 <= self.mm_port <= 65535:

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from umvd_live.apps import logs
+from umvd_live.apps.checks import finite_positive
 from umvd_live.daemon.runtime import tune_process
+from umvd_live.portable import stop_signals_as_ctrl_c
 
 if TYPE_CHECKING:
     from umvd_live.adapters.simulation import SimEvent
@@ -412,14 +414,6 @@ def _version() -> str:
 Config = TypeVar("Config")
 
 
-def _finite_positive(flag: str, value: float) -> float:
-    """``value``, refused unless a finite number > 0: inf would overflow in int()/round() into a
-    traceback, or (``--rate inf``) run unpaced while reported as paced."""
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{flag} must be a finite number > 0, got {value:g}")
-    return value
-
-
 def _file_path(flag: str, text: str | None) -> Path | None:
     """A file flag's path; one that names an existing folder is refused now, not after the session."""
     if text is None:
@@ -491,7 +485,7 @@ def demo_config(args: argparse.Namespace) -> DemoConfig:
     from umvd_live.apps.demo import DemoConfig
 
     for flag in ("--duration", "--rate", "--photons"):
-        _finite_positive(flag, getattr(args, flag[2:]))
+        finite_positive(flag, getattr(args, flag[2:]))
     json_path = _file_path("--json", args.json)
     if json_path is not None:
         try:
@@ -530,7 +524,7 @@ def daemon_config_from_args(args: argparse.Namespace) -> DaemonConfig:
         recording=recording, output_dir=Path(args.output_dir),
         state_dir=Path(args.state_dir) if args.state_dir else None,
         ready_file=Path(args.ready_file) if args.ready_file else None,
-        max_streams=args.max_streams, inbox_bytes=int(_finite_positive("--inbox-mb", args.inbox_mb) * 2**20),
+        max_streams=args.max_streams, inbox_bytes=int(finite_positive("--inbox-mb", args.inbox_mb) * 2**20),
         status_interval_s=args.status_interval, catchup_s=_catchup_s(args), cpu_budget=args.cpu_budget,
         checkpoint_interval_s=args.checkpoint_interval, idle_after_s=args.idle_s, allow_remote=args.allow_remote,
         curve=CurveServerConfig(Path(key), Path(clients)) if key is not None and clients is not None else None,
@@ -544,9 +538,9 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
 
     height, width = args.size
     if not args.max:
-        _finite_positive("--rate", args.rate)
-    _finite_positive("--rss-every", args.rss_every)
-    _finite_positive("--photons", args.photons)
+        finite_positive("--rate", args.rate)
+    finite_positive("--rss-every", args.rss_every)
+    finite_positive("--photons", args.photons)
     save_model, json_path = _file_path("--save-model", args.save_model), _file_path("--json", args.json)
     save_outputs = _file_path("--save-outputs", args.save_outputs)
     if save_outputs is not None and save_outputs.suffix != ".npz":
@@ -572,7 +566,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     )
     return BenchConfig(height=height, width=width, frames=frames, rate_hz=None if args.max else float(args.rate),
                        photons=args.photons, inference_only=args.inference_only,
-                       ring_bytes=int(_finite_positive("--ring-mb", args.ring_mb) * 2**20), rss_every_s=args.rss_every,
+                       ring_bytes=int(finite_positive("--ring-mb", args.ring_mb) * 2**20), rss_every_s=args.rss_every,
                        save_model=save_model, daemon=daemon, streams=args.streams,
                        events=events, events_spec=spec, oracle=args.oracle, json_path=json_path,
                        save_outputs=save_outputs)
@@ -599,7 +593,7 @@ def viewer_config(args: argparse.Namespace) -> ViewerConfig:
     from umvd_live.viewer.qt.app import MAX_QUIT_AFTER_S
     from umvd_live.viewer.session import ViewerConfig
 
-    if args.quit_after is not None and _finite_positive("--quit-after", args.quit_after) > MAX_QUIT_AFTER_S:
+    if args.quit_after is not None and finite_positive("--quit-after", args.quit_after) > MAX_QUIT_AFTER_S:
         raise ValueError(f"--quit-after must be at most {int(MAX_QUIT_AFTER_S)} s (about 24 days; Qt's timer), "
                          f"got {args.quit_after:.0f}")
     if args.screenshot is not None and args.quit_after is None:
@@ -695,9 +689,12 @@ def main(argv: list[str] | None = None) -> int:
     tolerant_output()
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level)
-    tune_process(args.module)  # the command's module, imported with the process settings applied
     try:
-        return int(args.run(args) or 0)
+        # SIGTERM and (Windows) Ctrl-Break end every command as Ctrl-C does, through its
+        # KeyboardInterrupt clean-up, from the start (docs/architecture.md, "Stop signals")
+        with stop_signals_as_ctrl_c():
+            tune_process(args.module)  # the command's module, imported with the process settings applied
+            return int(args.run(args) or 0)
     except KeyboardInterrupt:
         return 130
 

@@ -495,10 +495,6 @@ def score_activity(config: DemoConfig, tracker: QualityTracker) -> tuple[dict[st
 
 
 # ---- the session --------------------------------------------------------------------------------
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 class StopSignals:
     """While the stream runs, Ctrl-C (SIGINT), SIGTERM and, on Windows, Ctrl-Break (SIGBREAK) only
     note that they came (`portable.stop_signals`); the streaming loop ends at its next turn. A
@@ -523,14 +519,10 @@ class StopSignals:
 
 
 def run(config: DemoConfig) -> int:
-    console = Console()
-    # end cleanly on SIGTERM and (Windows) Ctrl-Break as on Ctrl-C, which raises KeyboardInterrupt itself
-    previous = handle_stop_signals(_raise_interrupt, keep_sigint=True)
-    log_dir = Path(tempfile.mkdtemp(prefix="umvd-demo-"))
-    try:
-        return _session(config, console, log_dir)
-    finally:
-        restore_signals(previous)
+    """The demo's session. Outside `StopSignals` SIGTERM and (Windows) Ctrl-Break end it as Ctrl-C
+    does, through its clean path (KeyboardInterrupt): `apps.cli.main` handles them so for every
+    command (`portable.stop_signals_as_ctrl_c`)."""
+    return _session(config, Console(), Path(tempfile.mkdtemp(prefix="umvd-demo-")))
 
 
 def _session(config: DemoConfig, console: Console, log_dir: Path) -> int:

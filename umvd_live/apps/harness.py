@@ -157,17 +157,23 @@ def _end_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+#: How long `ServeProcess.kill` waits, on Windows, for the daemon's clean exit after Ctrl-Break.
+CLEAN_EXIT_S = 5.0
+
+
 class ServeProcess:
     """`umvd-live serve` as a subprocess on ephemeral loopback ports, its log and ready file in
-    ``log_dir``; ``serve_args``: its engine options.
+    ``log_dir``; ``serve_args``: its engine options; ``umvd_live``: the command that runs
+    umvd-live (default: this Python's ``-m umvd_live.apps.cli``).
 
     It runs in its own session so that the terminal's Ctrl-C reaches only the parent, which ends
     the daemon with the `shutdown` command (everything received is denoised and published first)."""
 
-    def __init__(self, log_dir: Path, serve_args: list[str]):
+    def __init__(self, log_dir: Path, serve_args: list[str], umvd_live: list[str] | None = None):
         self.log_path = log_dir / "daemon.log"
         self.ready_path = log_dir / "ready.json"
-        cmd = [sys.executable, "-m", "umvd_live.apps.cli", "serve",
+        launcher = umvd_live if umvd_live is not None else [sys.executable, "-m", "umvd_live.apps.cli"]
+        cmd = [*launcher, "serve",
                "--input", "tcp://127.0.0.1:*", "--output", "tcp://127.0.0.1:*",
                "--control", "tcp://127.0.0.1:*", "--output-dir", str(log_dir),
                "--ready-file", str(self.ready_path), "--status-interval", "3600", *serve_args]
@@ -251,10 +257,23 @@ class ServeProcess:
             self.proc.wait()
         self._ctx.term()
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+    def kill(self, clean_exit_s: float = CLEAN_EXIT_S) -> None:
+        """End the daemon now. On Windows it is first sent Ctrl-Break (``CTRL_BREAK_EVENT``, which
+        reaches it as it runs in its own process group) and given ``clean_exit_s`` to stop cleanly
+        (streams flushed, recordings finished, final checkpoints written, the ready file
+        removed), as `serve` does on Ctrl-C; only then is it terminated (TerminateProcess, with
+        nothing flushed). Elsewhere it is killed at once."""
+        if self.proc.poll() is not None:
+            return
+        if sys.platform == "win32":
+            try:
+                self.proc.send_signal(signal.CTRL_BREAK_EVENT)
+                self.proc.wait(timeout=clean_exit_s)
+                return
+            except (OSError, subprocess.TimeoutExpired):  # no console to send it on, or no clean exit
+                pass
+        self.proc.kill()
+        self.proc.wait()
 
     def remove_files(self) -> None:
         """The log and the ready file (kept when something went wrong: the log says what)."""

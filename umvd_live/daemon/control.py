@@ -1,17 +1,21 @@
 """The control socket's commands: msgpack map requests with a ``cmd`` key, map replies with ``ok``.
 
 The handler turns one request into one reply and never raises: every request must be answered,
-and a bad request must not take the daemon down. `decode` runs on the control thread (a request
-that is not even a map is answered there); `handle` runs on the frame loop, which owns everything
-the commands act on: ``status`` (the one `READ_ONLY` command) at the loop's next safe point, the
-others between batches. A command whose slow part runs on the state worker (``save_model``)
-returns a `Future` of its reply. The daemon-side actions are behind the small `ControlTarget`
-interface.
+and a bad request must not take the daemon down. A command that raises `ControlError` is refused
+(its message is the reply's ``error``); any other exception, also one of making its reply (not a
+map, a state worker's job that failed or was cancelled), is a failure: logged with its traceback,
+counted (``failed``: status ``control.failed``), its reply naming the command and the exception.
+`decode` runs on the control thread (a request that is not even a map is answered there);
+`handle` runs on the frame loop, which owns everything the commands act on: ``status`` (the one
+`READ_ONLY` command) at the loop's next safe point, the others between batches. A command whose
+slow part runs on the state worker (``save_model``) returns a `Future` of its reply. The
+daemon-side actions are behind the small `ControlTarget` interface.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path, PurePath
@@ -70,6 +74,8 @@ class ControlHandler:
         self.target = target
         self.model_dir = model_dir
         self.checkpoints = checkpoints
+        self.failed = 0  # commands that raised other than `ControlError` (logged, answered)
+        self._lock = threading.Lock()  # `failed` is counted on the frame loop and the state worker
         self._commands: dict[str, Command] = {
             "status": lambda req: dict(target.status()),
             "pause_training": lambda req: self._training(req, paused=True),
@@ -109,7 +115,8 @@ class ControlHandler:
 
     def handle(self, request: dict[str, Any]) -> Future[Reply]:
         """One request's reply, done now, or later for a command whose slow part runs elsewhere.
-        The future never holds an exception: a failure is a reply with ``ok`` false."""
+        The future never holds an exception: a refusal or a failure is a reply with ``ok`` false
+        (`failure`)."""
         cmd = request.get("cmd")
         command = self._commands.get(cmd) if isinstance(cmd, str) else None
         if command is None:
@@ -119,18 +126,32 @@ class ControlHandler:
             return _done({"ok": False, "error": "stream must be a string"})
         try:
             reply = command(request)
+            if not isinstance(reply, Future):
+                return _done({"ok": True} | reply)  # in the try: a reply that is not a map is a failure too
         except Exception as exc:
-            return _done(_failed(cmd, exc))
-        if not isinstance(reply, Future):
-            return _done({"ok": True} | reply)
+            return _done(self.failure(cmd, exc))
         settled: Future[Reply] = Future()
 
         def settle(done: Future[Reply]) -> None:
-            exc = done.exception()
-            settled.set_result(_failed(cmd, exc) if exc is not None else {"ok": True} | done.result())
+            try:  # raises for a job that failed or was cancelled: a reply all the same
+                answer = {"ok": True} | done.result()
+            except Exception as exc:
+                answer = self.failure(cmd, exc)
+            settled.set_result(answer)
 
         reply.add_done_callback(settle)
         return settled
+
+    def failure(self, cmd: object, exc: BaseException) -> Reply:
+        """The reply to a command that raised: a `ControlError`'s message (a refusal); anything
+        else is a failure (a bug, a file system error), logged and counted, its reply naming the
+        command and the exception, so that the client need not read the daemon's log to know."""
+        if isinstance(exc, ControlError):
+            return {"ok": False, "error": str(exc)}
+        with self._lock:
+            self.failed += 1
+        log.error("control command %s failed", cmd, exc_info=exc)
+        return {"ok": False, "error": f"{cmd} failed: {type(exc).__name__}: {exc}"}
 
     # ---- commands -----------------------------------------------------------------------------
     def _training(self, req: dict[str, Any], paused: bool) -> Reply:
@@ -203,10 +224,3 @@ def _done(reply: Reply) -> Future[Reply]:
     future: Future[Reply] = Future()
     future.set_result(reply)
     return future
-
-
-def _failed(cmd: object, exc: BaseException) -> Reply:
-    if isinstance(exc, ControlError):
-        return {"ok": False, "error": str(exc)}
-    log.error("control command %s failed", cmd, exc_info=exc)
-    return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}

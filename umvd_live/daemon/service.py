@@ -14,6 +14,8 @@ The rooms of the daemon, and who does what:
   it comes within a run's time even while the input is flooded; should the loop still be late
   (a network being built), the control thread sends the last snapshot, with its age
   (``status_age_s``). Every other command changes what the loop owns and runs between batches.
+  A command that fails is answered all the same, with its error (`control.ControlHandler.failure`),
+  and the loop goes on; ``status`` counts those failures and the socket threads' own errors.
 - Nothing slow runs on the loop: weight checkpoints (``--state-dir``: every
   ``--checkpoint-interval`` s, at a shape change and at shutdown), `save_model` and weights hashes
   run on the one state worker (``umvd-state``, `statestore.StateWorker`), joined at shutdown after
@@ -73,7 +75,14 @@ if TYPE_CHECKING:
     from umvd_live.engine import StreamDenoiser
     from umvd_live.recording.ometiff import Provenance
     from umvd_live.recording.session import RecordingRequest
-    from umvd_live.wire.schema import CapacityStatus, DaemonStatus, EndpointsStatus, EngineSettings, RecordingStatus
+    from umvd_live.wire.schema import (
+        CapacityStatus,
+        ControlStatus,
+        DaemonStatus,
+        EndpointsStatus,
+        EngineSettings,
+        RecordingStatus,
+    )
 
 log = logging.getLogger("umvd_live.daemon")
 
@@ -294,7 +303,11 @@ class Daemon:
             else:
                 reply.set_result(self.control.encode_error("the daemon is shutting down"))
             return
-        answer = self.control.handle(request)
+        try:
+            answer = self.control.handle(request)
+        except Exception as exc:  # `handle` answers every failure itself; a bug in it must not end the loop
+            reply.set_result(self.control.encode(request, self.control.failure(request.get("cmd"), exc)))
+            return
         answer.add_done_callback(lambda done: reply.set_result(self.control.encode(request, done.result())))
 
     def status(self) -> DaemonStatus:
@@ -320,12 +333,21 @@ class Daemon:
             }),
             "rejected_unattributed": dict(router.rejected_unattributed),
             "inbox": {"depth": len(self.transport.inbox), "bytes": self.transport.inbox.nbytes,
-                      "overflow": self.transport.inbox.overflow},
+                      "overflow": self.transport.inbox.overflow,
+                      "errors": self.transport.receiver.errors if self.transport.receiver is not None else 0},
+            "control": self._control_status(),
             "recording": cast("RecordingStatus", self.recording.session.status().to_dict()) if self.recording else None,
             "commands": self.control.commands,
         }
         self._last_status = (now, status)
         return status
+
+    def _control_status(self) -> ControlStatus:
+        """The control thread's figures (zeros before `start` binds its socket), and the commands'."""
+        server = self.transport.control
+        waiting, busy, late, errors = (server.waiting, server.busy, server.late, server.errors) \
+            if server is not None else (0, 0, 0, 0)
+        return {"waiting": waiting, "busy": busy, "late": late, "failed": self.control.failed, "errors": errors}
 
     def stream_names(self) -> list[str]:
         return list(self.router.streams)
@@ -390,7 +412,10 @@ class Daemon:
             return {"stream": stream, "path": str(path), "applied": "at_first_frame"}
         den = live.denoiser
         if den is not None:
-            den.load_weights(str(path))  # weights for another network raise: the stream keeps its own
+            try:
+                den.load_weights(str(path))
+            except CheckpointError as exc:  # weights for another network: refused, the stream keeps its own
+                raise ControlError(str(exc)) from None
             log.info("stream %s: weights loaded from %s", stream, path)
         live.init = str(path)  # a later start (shape change, end) starts from these weights as well
         live.init_explicit = True

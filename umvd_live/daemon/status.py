@@ -42,6 +42,17 @@ def capacity_line(status: DaemonStatus) -> str | None:
             + ", ".join(f"{name} {n}" for name, n in cap.get("skipped", {}).items()) + ")")
 
 
+def errors_line(status: DaemonStatus) -> str | None:
+    """One line once a socket thread's loop or a command failed (each logged with its traceback:
+    the daemon went on, but the operator should look), else None."""
+    inbox, control = status.get("inbox") or {}, status.get("control") or {}
+    counts = {"input thread": inbox.get("errors", 0), "control thread": control.get("errors", 0),
+              "commands failed": control.get("failed", 0)}
+    if not any(counts.values()):
+        return None
+    return "errors (see the log): " + ", ".join(f"{what} {n}" for what, n in counts.items())
+
+
 def render_table(status: DaemonStatus) -> Table:
     table = Table(title=f"umvd-live serve  ·  input {status['endpoints']['input']}  ·  "
                         f"output {status['endpoints']['output']}  ·  up {status['uptime_s']:.0f} s",
@@ -63,9 +74,9 @@ def render_table(status: DaemonStatus) -> Table:
                          f"inbox overflow: {status['inbox']['overflow']}")
     elif not status["streams"]:
         table.caption = "waiting for frames"
-    over = capacity_line(status)
-    if over is not None:
-        table.caption = over + (f"  ·  {table.caption}" if table.caption else "")
+    for line in (errors_line(status), capacity_line(status)):
+        if line is not None:
+            table.caption = line + (f"  ·  {table.caption}" if table.caption else "")
     return table
 
 
@@ -82,9 +93,9 @@ def render_lines(status: DaemonStatus) -> list[str]:
             + (f" nan/inf frames {s['nonfinite_frames']}" if s.get("nonfinite_frames") else "")
             + (f" seq restarts {s['seq_restarts']}" if s.get("seq_restarts") else "")
         )
-    over = capacity_line(status)
-    if over is not None:
-        lines.append(f"daemon: {over}")
+    for line in (capacity_line(status), errors_line(status)):
+        if line is not None:
+            lines.append(f"daemon: {line}")
     glob = status["rejected_unattributed"]
     if glob or status["inbox"]["overflow"] or not lines:
         lines.append(f"daemon: streams {len(status['streams'])} rejected without a stream "

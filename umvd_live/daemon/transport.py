@@ -7,11 +7,13 @@
   clients' REQ sockets exactly as a REP would. It hands each request to the service and sends each
   reply once it is ready, in whatever order they become ready, so one slow command (or a frame
   loop deep in a backlog) never keeps another client's ``status`` waiting; a reply that is late
-  past its deadline is replaced by its fallback (the service's last status snapshot). It reads at
-  most `CONTROL_READ_BATCH` requests between two rounds of sending, and holds at most
-  `MAX_WAITING_REQUESTS` unanswered (`MAX_WAITING_PER_CLIENT` from one connection): past that a
-  request is answered at once with a ``busy`` error, so a client that floods requests neither
-  starves the others nor grows the daemon's memory.
+  past its deadline is replaced by its fallback (the service's last status snapshot). A request
+  the service fails to take, or whose reply it fails to make, still gets an error reply (counted:
+  ``errors``, status ``control.errors``). It reads at most `CONTROL_READ_BATCH` requests between
+  two rounds of sending, and holds at most `MAX_WAITING_REQUESTS` unanswered
+  (`MAX_WAITING_PER_CLIENT` from one connection): past that a request is answered at once with a
+  ``busy`` error, so a client that floods requests neither starves the others nor grows the
+  daemon's memory.
 - The output PUB socket is bound here and written only by the frame loop (`sinks.PublisherSink`).
 
 `Transport` binds them all, loopback only unless ``--allow-remote`` with CURVE keys
@@ -275,7 +277,9 @@ class ControlServer(threading.Thread):
         self.waiting = 0  # requests taken whose reply is not sent yet
         self.late = 0  # replies that missed their deadline and went out as their fallback
         self.busy = 0  # requests answered with the busy error (too many waiting)
-        self.errors = 0  # unexpected errors of the loop (logged; the thread went on)
+        #: Unexpected errors on this thread, of its loop or of the service taking a request or making
+        #: its reply (logged; the thread went on, and such a request got an error reply).
+        self.errors = 0
 
     def run(self) -> None:
         sock = self.socket
@@ -324,8 +328,11 @@ class ControlServer(threading.Thread):
                 continue
             try:
                 pending = self._handle(frames[-1])
-            except Exception:  # the handler answers every request itself; a bug must not end this thread
-                log.exception("control: a request could not be handled")
+            except Exception as exc:  # the handler answers every request itself; a bug still gets an
+                self.errors += 1  # answer (not a client left to its timeout), and this thread goes on
+                _loop_error(self.name, self.errors)
+                self._send(sock, envelope, pack({"ok": False, "error": f"the request could not be handled: "
+                                                                       f"{type(exc).__name__}: {exc}"}))
                 continue
             self._wait_for(envelope, client, pending)
 
@@ -386,8 +393,8 @@ class ControlServer(threading.Thread):
         except Exception as exc:
             return self._unmade(exc)
 
-    @staticmethod
-    def _unmade(exc: Exception) -> bytes:
+    def _unmade(self, exc: Exception) -> bytes:
+        self.errors += 1
         log.error("control: a reply could not be made", exc_info=exc)
         return pack({"ok": False, "error": f"reply could not be made: {type(exc).__name__}: {exc}"})
 

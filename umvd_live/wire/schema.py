@@ -24,6 +24,7 @@ __all__ = [
     "BudgetStatus",
     "CapacityStatus",
     "ChangeStatus",
+    "ControlStatus",
     "CpuShareStatus",
     "DaemonStatus",
     "EndpointsStatus",
@@ -287,11 +288,24 @@ class CapacityStatus(TypedDict):
 
 
 class InboxStatus(TypedDict):
-    """The byte-bounded queue between the input socket and the main loop."""
+    """The byte-bounded queue between the input socket and the main loop, and the thread that
+    fills it (``umvd-input``, `daemon.transport.InputReceiver`)."""
 
     depth: int
     bytes: int
     overflow: int  # messages refused because it was full
+    errors: int  # unexpected errors of the input thread's loop (logged; it went on)
+
+
+class ControlStatus(TypedDict):
+    """The control socket: its thread (``umvd-control``, `daemon.transport.ControlServer`) and the
+    commands it handed to the frame loop (`daemon.control.ControlHandler`)."""
+
+    waiting: int  # requests taken whose reply is not sent yet
+    busy: int  # requests answered ``busy`` at once (too many waiting)
+    late: int  # ``status`` replies sent from the last snapshot (the frame loop was late)
+    failed: int  # commands that failed, not refusals (answered naming the command and the exception; logged)
+    errors: int  # unexpected errors on the control thread (logged; it went on, the client got an error reply)
 
 
 class RecordingStatus(TypedDict):
@@ -331,6 +345,7 @@ class DaemonStatus(TypedDict):
     capacity: CapacityStatus
     rejected_unattributed: dict[str, int]
     inbox: InboxStatus
+    control: ControlStatus
     recording: RecordingStatus | None
     commands: list[str]
 
