@@ -777,8 +777,8 @@ class StepCounter:
     def weights_copy(self):
         return SavedWeights({"step": torch.tensor(float(self.model_step))}, {"step": self.model_step})
 
-    def load_weights(self, path):
-        _, info = load_checkpoint(path)
+    def load_weights(self, path, weights=None):
+        info = weights.info if weights is not None else load_checkpoint(path)[1]
         if info.get("foreign"):
             raise CheckpointError(f"{path}: weights are for another network")
         self.model_step = int(info["step"])
@@ -1142,6 +1142,42 @@ def test_a_recording_holds_the_same_frames_raw_and_denoised_from_its_start_to_it
         raw_frames, raw, _ = read_recording(tmp_path / f"rec_{name}.raw.ome.tif")
         assert [f.seq for f in den] == list(taken), name
         assert [f.seq for f in raw] == list(range(5, 12) if name == "ts" else range(0, 6)), name
+
+
+def test_load_model_reads_the_file_once_and_reports_the_weights_it_loaded(tmp_path, monkeypatch):
+    """`load_model` into a live stream reads the model file once, on the frame loop, and the engine
+    adopts what was read: the reply's weights hash names the weights loaded, also when the file is
+    replaced meanwhile. Before, the engine read the file again: twice the loop's time, and a file
+    replaced between the reads was loaded under the hash of the one before."""
+    rng = np.random.default_rng(5)
+    d, _ = daemon_in_process(tmp_path)
+    try:  # 12 frames: fewer than min_train_frames, so no training step changes the weights below
+        d.router.process([received(encode_frame("ts", rng.poisson(30.0, (24, 24)).astype(np.uint16), seq))
+                          for seq in range(12)], allow_skip=False)
+        saved = command(d, cmd="save_model", stream="ts", path="w.pt")
+        assert saved["ok"], saved
+        path = Path(saved["path"])
+        state, info = load_checkpoint(path)
+        reads: list[Path] = []
+        torch_load = torch.load
+
+        def counting_load(f, *args, **kwargs):
+            if Path(f) == path:
+                reads.append(path)
+                try:
+                    return torch_load(f, *args, **kwargs)
+                finally:  # another model comes in right after the read (a copy replacing it)
+                    save_checkpoint(path, {k: v * 2 for k, v in state.items()}, info)
+            return torch_load(f, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "load", counting_load)
+        reply = command(d, cmd="load_model", stream="ts", path="w.pt")
+        assert reply["ok"] and reply["applied"] == "now", reply
+        assert reads == [path]
+        den = d.router.streams["ts"].denoiser
+        assert reply["weights_hash"] == saved["weights_hash"] == weights_hash(state) == den.weights_hash()
+    finally:
+        d.close()  # (finishes it first)
 
 
 def test_a_stream_that_ended_still_has_its_model_to_save(tmp_path):

@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from umvd_live.engine import EngineConfig, RoundFailed, StreamDenoiser, cpu_cores
-from umvd_live.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_hash
+from umvd_live.engine.checkpoint import (
+    CheckpointError,
+    SavedWeights,
+    load_checkpoint,
+    save_checkpoint,
+    weights_hash,
+)
 from umvd_live.engine.device import cpu_has_native_bf16, default_workers, lists_native_bf16
 from umvd_live.engine.normalization import Normalizer
 from umvd_live.engine.trainer import OnlineTrainer, ReplayBuffer, TrainerConfig
@@ -559,6 +565,23 @@ def test_a_rollback_after_loading_weights_returns_to_the_loaded_ones(tmp_path):
         next(trainer.model.parameters()).fill_(float("nan"))
     assert trainer.step(den.training.replay) is None and trainer.rollbacks == 1
     assert weights_hash(trainer.model.state_dict()) == weights_hash(loaded)
+
+
+def test_load_weights_adopts_weights_already_read_without_reading_the_file_again(tmp_path):
+    """Given the file's weights already read (the daemon's `load_model` reads, checks and hashes
+    them first), `load_weights` adopts those and never reads the file: mid-stream, and before the
+    first frame, which then builds the network from them."""
+    den = _trained(4)
+    den.save_weights(tmp_path / "w.pt")
+    state, info = load_checkpoint(tmp_path / "w.pt")
+    given = SavedWeights({k: v + 0.05 for k, v in state.items()}, {**info, "step": 77})
+    (tmp_path / "w.pt").unlink()  # nothing left to read
+    den.load_weights(tmp_path / "w.pt", given)
+    assert den.trainer.steps == 77 and den.weights_hash() == weights_hash(given.state_dict)
+    fresh = StreamDenoiser(FAST)
+    fresh.load_weights(tmp_path / "w.pt", given)
+    fresh.push(noisy_movie(1)[0])
+    assert fresh.trainer.steps == 77 and fresh.start_hash == weights_hash(given.state_dict)
 
 
 def test_an_idle_trainer_does_not_publish_the_same_weights_again():

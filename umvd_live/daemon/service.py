@@ -60,6 +60,7 @@ from umvd_live.daemon.streams import StreamEngineFactory, monotonic
 from umvd_live.daemon.transport import PendingReply, Transport
 from umvd_live.engine.checkpoint import (
     CheckpointError,
+    SavedWeights,
     check_model_flags,
     load_checkpoint,
     weights_hash,
@@ -399,8 +400,8 @@ class Daemon:
         return self.worker.submit(save)
 
     def load_model(self, stream: str, path: Path) -> Reply | Future[Reply]:
-        try:
-            state, _ = load_checkpoint(path)  # refuse a corrupt or foreign file now, not at the first frame
+        try:  # refuse a corrupt or foreign file now, not at the first frame; read once, on the frame loop
+            weights = SavedWeights(*load_checkpoint(path))
         except CheckpointError as exc:
             raise ControlError(str(exc)) from None
         live = self.router.streams.get(stream)
@@ -413,7 +414,7 @@ class Daemon:
         den = live.denoiser
         if den is not None:
             try:
-                den.load_weights(str(path))
+                den.load_weights(str(path), weights)  # these, not the file again: it may have changed since
             except CheckpointError as exc:  # weights for another network: refused, the stream keeps its own
                 raise ControlError(str(exc)) from None
             log.info("stream %s: weights loaded from %s", stream, path)
@@ -421,9 +422,9 @@ class Daemon:
         live.init_explicit = True
         if den is None:
             return {"stream": stream, "path": str(path), "applied": "at_first_frame"}
-        # the file's weights: the trainer may step on them before the reply is made
+        # the weights loaded, as read: the trainer may step on them before the reply is made
         return self.worker.submit(lambda: {"stream": stream, "path": str(path), "applied": "now",
-                                           "weights_hash": weights_hash(state)})
+                                           "weights_hash": weights_hash(weights.state_dict)})
 
     # ---- recording (umvd_live.recording.session) ------------------------------------------------
     def start_recording(self, path: str, streams: list[str] | None, raw: bool) -> Reply:

@@ -170,6 +170,7 @@ class StreamDenoiser:
         self._net_step = 0  # the step of the inference copy's weights
         self._ended = False
         self.start_hash: str | None = None
+        self._init_weights: SavedWeights | None = None  # `config.init`'s, if `load_weights` had them already
         self.prior: Prior | None = None  # the shipped or given weights the stream started on
         self.referee = BlindReferee()  # network or temporal mean, while the network is unproven
         self._detector = ChangeDetector(self.config.changes)
@@ -298,7 +299,10 @@ class StreamDenoiser:
         self.shape = frame.shape
         self.dtype = frame.dtype
         state_dict, info = (None, None)
-        if self.config.init:
+        if self._init_weights is not None:  # given to `load_weights` before this frame: not read again
+            state_dict, info = self._init_weights.state_dict, self._init_weights.info
+            self._init_weights = None
+        elif self.config.init:
             state_dict, info = load_checkpoint(self.config.init)
         height, width = frame.shape
         preset = resolve_preset(self.config.preset, self.device, height, width,
@@ -801,11 +805,16 @@ class StreamDenoiser:
         return SavedWeights({k: v.to("cpu") for k, v in state.items()},
                             {"preset": self.preset, "spec": self.spec.to_dict(), "step": step})
 
-    def load_weights(self, path: str | os.PathLike) -> None:
-        """Adopt saved weights mid-stream; they must be for the same network."""
-        state, info = load_checkpoint(path)
-        if self.trainer is None:
+    def load_weights(self, path: str | os.PathLike, weights: SavedWeights | None = None) -> None:
+        """Adopt saved weights mid-stream; they must be for the same network. ``weights``: the
+        file's, already read by the caller (`checkpoint.load_checkpoint`), so that it is read once
+        and the weights adopted are those the caller checked and hashed; ``path`` then only names them."""
+        if weights is None:
+            weights = SavedWeights(*load_checkpoint(path))
+        state, info = weights.state_dict, weights.info
+        if self.trainer is None:  # the first frame builds the network from them (`_start`)
             self.config = replace(self.config, init=str(path))
+            self._init_weights = weights
             return
         if read_spec(info, path) != self.spec:
             raise CheckpointError(f"{path}: weights are for another network ({info.get('preset')})")
