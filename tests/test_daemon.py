@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -107,19 +108,20 @@ print(json.dumps({name: p.sent for name, p in pubs.items()}))
 class DaemonProcess:
     """`python -m umvd_live.apps.cli serve` on ephemeral loopback ports, its logs in files."""
 
-    def __init__(self, tmp_path: Path, *extra: str):
+    def __init__(self, tmp_path: Path, *extra: str, launcher: Sequence[str] = ("-m", "umvd_live.apps.cli"),
+                 preexec_fn: Callable[[], None] | None = None):
         self.model_dir = tmp_path / "models"
         self.out_path = tmp_path / "daemon.out"
         self.err_path = tmp_path / "daemon.err"
         self.ready_path = tmp_path / "ready.json"
         self.ready_path.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "umvd_live.apps.cli", "serve",
+        cmd = [sys.executable, *launcher, "serve",
                "--input", "tcp://127.0.0.1:*", "--output", "tcp://127.0.0.1:*",
                "--control", "tcp://127.0.0.1:*", "--output-dir", str(self.model_dir),
                "--ready-file", str(self.ready_path), *ENGINE_ARGS, *extra]
         env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, preexec_fn=preexec_fn)
         deadline = time.monotonic() + 60
         while True:
             if self.ready_path.is_file():  # written whole once every socket is bound
@@ -209,8 +211,8 @@ def run_producer(endpoint: str, frames: list, rate: float = 30.0, malformed: dic
 def daemon(tmp_path):
     started: list[DaemonProcess] = []
 
-    def start(*extra: str) -> DaemonProcess:
-        started.append(DaemonProcess(tmp_path, *extra))
+    def start(*extra: str, **options) -> DaemonProcess:
+        started.append(DaemonProcess(tmp_path, *extra, **options))
         return started[-1]
 
     yield start
@@ -322,6 +324,40 @@ def test_control_commands_and_sigterm(daemon, tmp_path):
     sub.stop()
     assert [m.header["seq"] for m in sub.denoised("cam0")] == list(range(30))
     assert "stopping (SIGTERM)" in d.log() and "exited cleanly" in d.log()
+
+
+#: `umvd-live serve` whose start-up ends in a wait, after the ready file is written, for a stop
+#: signal (60 s at most): a signal sent once the ready file is there lands inside `Daemon.start`.
+SIGNALLED_WHILE_STARTING = r"""
+import sys, time
+from umvd_live.apps.cli import main
+from umvd_live.daemon.service import Daemon
+
+start = Daemon.start
+
+def start_then_wait(self):
+    start(self)
+    deadline = time.monotonic() + 60
+    while not self._stop.requested and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+Daemon.start = start_then_wait
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_while_starting_closes_the_daemon_cleanly(daemon, signame):
+    """Ctrl-C or SIGTERM while `serve` starts (sockets bound, the ready file just written): the
+    daemon's own clean stop, not the start-up's KeyboardInterrupt (exit status 130, no `close`, the
+    ready file left behind): closed without serving, the ready file removed, exit status 0."""
+    from test_pycromanager import _ctrl_c_as_in_a_terminal  # SIGINT's default, as a terminal gives it
+
+    d = daemon(launcher=["-c", SIGNALLED_WHILE_STARTING], preexec_fn=_ctrl_c_as_in_a_terminal)
+    d.proc.send_signal(getattr(signal, signame))
+    assert d.wait() == 0, d.log()
+    assert not d.ready_path.exists()
+    assert f"stopping ({signame}) before serving" in d.log() and "exited cleanly" in d.log()
 
 
 def test_shape_change_and_two_streams(daemon):

@@ -192,7 +192,7 @@ def test_serve_stops_cleanly_on_ctrl_break(with_sigbreak, tmp_path, monkeypatch)
         handler = with_sigbreak.get(SIGBREAK)
         assert callable(handler), f"no handler for SIGBREAK: {with_sigbreak}"
         handler(SIGBREAK, None)  # Ctrl-Break
-        stopped.append(self._stop.requested)
+        stopped.append((self._stop.requested, handler))
         serve(self, display)
 
     monkeypatch.setattr(service.Daemon, "serve", ctrl_break_while_serving)
@@ -201,11 +201,73 @@ def test_serve_stops_cleanly_on_ctrl_break(with_sigbreak, tmp_path, monkeypatch)
                           output_dir=tmp_path, state_dir=tmp_path / "state", checkpoint_interval_s=3600,
                           ready_file=ready, status_interval_s=3600)
     assert service.run(config) == 0
-    assert stopped == [True]
+    [(requested, handler)] = stopped
+    assert requested
     assert {signal.SIGINT, signal.SIGTERM, SIGBREAK} <= with_sigbreak.keys()
+    assert handler not in {with_sigbreak[sig] for sig in (signal.SIGINT, signal.SIGTERM, SIGBREAK)}  # put back
     state, info = load_checkpoint(next((tmp_path / "state" / "checkpoints").glob("*.pt")))
     assert info["stream"] == "cam0" and info["step"] == 3  # the final checkpoint, at the clean stop
     assert not ready.exists()
+
+
+@pytest.mark.parametrize("while_starting", ["Ctrl-Break", "a failure", "KeyboardInterrupt"])
+def test_serve_interrupted_while_starting_closes_once_and_puts_the_handlers_back(
+        while_starting, with_sigbreak, tmp_path, monkeypatch, caplog):
+    """`serve`'s stop handlers are in place before its sockets are bound: Ctrl-Break (as SIGINT
+    and SIGTERM) while it starts closes it without serving, exit status 0; before, it was taken as
+    Ctrl-C (KeyboardInterrupt, 130) and the daemon's `close` skipped, a ready file just written
+    left behind. Every way out of a start that got halfway (that, a failure, a KeyboardInterrupt)
+    closes the daemon once and puts back the handlers `apps.cli.main` had put in place."""
+    import zmq
+    from test_daemon import StepCounter
+
+    from umvd_live.daemon import service
+    from umvd_live.daemon.config import DaemonConfig
+    from umvd_live.portable import ctrl_c, stop_signals_as_ctrl_c
+
+    monkeypatch.setattr(service, "engine_factory", lambda config: StepCounter)
+    start, close, serve = service.Daemon.start, service.Daemon.close, service.Daemon.serve
+    calls: list[str] = []
+
+    def start_then_interrupted(self):
+        start(self)  # the sockets bound, the ready file written
+        assert ready.is_file()
+        if while_starting == "Ctrl-Break":
+            with_sigbreak[SIGBREAK](SIGBREAK, None)  # the handler in place, as the signal calls it
+        elif while_starting == "a failure":
+            raise zmq.ZMQError(zmq.EADDRINUSE)
+        else:
+            raise KeyboardInterrupt
+
+    def counted_close(self):
+        calls.append("close")
+        close(self)
+
+    def counted_serve(self, display=None):
+        calls.append("serve")
+        serve(self, display)
+
+    monkeypatch.setattr(service.Daemon, "start", start_then_interrupted)
+    monkeypatch.setattr(service.Daemon, "close", counted_close)
+    monkeypatch.setattr(service.Daemon, "serve", counted_serve)
+    ready = tmp_path / "ready.json"
+    config = DaemonConfig(input_bind="tcp://127.0.0.1:*", output="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                          output_dir=tmp_path, ready_file=ready, status_interval_s=3600)
+    sigint = signal.getsignal(signal.SIGINT)
+    caplog.set_level("INFO", logger="umvd_live")
+    with stop_signals_as_ctrl_c():  # as `apps.cli.main` runs every command
+        try:
+            status = service.run(config)
+        except KeyboardInterrupt:
+            status = 130
+        after = dict(with_sigbreak)
+    assert status == {"Ctrl-Break": 0, "a failure": 2, "KeyboardInterrupt": 130}[while_starting]
+    assert calls == ["close"]  # once, and no serving
+    assert not ready.exists()
+    assert after.get(signal.SIGINT, sigint) is sigint  # Python's, untouched by `apps.cli.main`
+    assert after[signal.SIGTERM] is ctrl_c and after[SIGBREAK] is ctrl_c
+    if while_starting == "Ctrl-Break":
+        assert "before serving" in caplog.text and "exited cleanly" in caplog.text
 
 
 def test_the_demos_streaming_loop_notes_ctrl_break_as_ctrl_c(with_sigbreak):

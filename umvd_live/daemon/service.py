@@ -26,7 +26,8 @@ The rooms of the daemon, and who does what:
   (`write_ready_file`); there only while the daemon serves: a previous run's is removed before
   binding, this run's at `close` (`remove_ready_file`).
 - Signals: SIGINT, SIGTERM and, on Windows, SIGBREAK (Ctrl-Break, ``CTRL_BREAK_EVENT``) stop the
-  loop as ``shutdown`` does (`portable.stop_signals`).
+  loop as ``shutdown`` does (`portable.stop_signals`); from before the sockets are bound, so one
+  that comes while the daemon starts closes it without serving (`run`).
 The terminal status is `status.py`. Wire format: `wire/protocol.py` and docs/protocol.md;
 failure behaviour: docs/reliability.md; remote set-up: docs/security.md.
 """
@@ -68,7 +69,7 @@ from umvd_live.engine.checkpoint import (
 )
 from umvd_live.engine.device import DeviceUnavailable, pick_device
 from umvd_live.engine.provenance import network_provenance
-from umvd_live.portable import handle_stop_signals, signal_name
+from umvd_live.portable import handle_stop_signals, restore_signals, signal_name
 from umvd_live.wire.protocol import STREAM_NAME
 from umvd_live.wire.security import PathNotAllowed, confine_path
 
@@ -162,6 +163,11 @@ class Daemon:
     def request_stop(self, reason: str) -> None:
         """Safe from a signal handler: the loop notices within IDLE_WAIT_S."""
         self._stop.requested, self._stop.reason = True, reason
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why a stop was requested (a signal's name, ``shutdown command``); None while none was."""
+        return self._stop.reason if self._stop.requested else None
 
     def serve(self, display: StatusDisplay | None = None) -> None:
         """The frame loop, until `shutdown` or a signal; then everything owed is flushed."""
@@ -571,18 +577,25 @@ def run(config: DaemonConfig) -> int:
     except (OSError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 2
+    # Ctrl-C, SIGTERM and (Windows) Ctrl-Break: the same clean stop as `shutdown`, already while
+    # starting. Left to `apps.cli.main`'s handler (KeyboardInterrupt, exit 130) until the sockets
+    # are bound, they skipped `close`: a ready file just written stayed behind.
+    previous = handle_stop_signals(lambda signum, _frame: daemon.request_stop(signal_name(signum)))
     try:
-        daemon.start()
-    except (zmq.ZMQError, ValueError, ControlError, OSError) as exc:  # SecurityError is a ValueError
-        log.error("cannot start: %s", exc)
-        daemon.close()
-        return 2
-    # Ctrl-C, SIGTERM and (Windows) Ctrl-Break: the same clean stop as `shutdown`
-    handle_stop_signals(lambda signum, _frame: daemon.request_stop(signal_name(signum)))
-    try:
-        with display:
-            daemon.serve(display)
-    finally:
-        daemon.close()
+        try:
+            daemon.start()
+        except (zmq.ZMQError, ValueError, ControlError, OSError) as exc:  # SecurityError is a ValueError
+            log.error("cannot start: %s", exc)
+            return 2
+        if (reason := daemon.stop_reason) is not None:  # a signal while starting: no serving
+            log.info("stopping (%s) before serving", reason)
+        else:
+            with display:
+                daemon.serve(display)
+    finally:  # every way out, a failed or interrupted start too: closed once, then the handlers put back
+        try:
+            daemon.close()
+        finally:
+            restore_signals(previous)
     log.info("exited cleanly")
     return 0
