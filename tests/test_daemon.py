@@ -660,6 +660,8 @@ def test_rate_meter_decays_after_the_stream_stops():
 def test_record_start_and_stop_write_every_frame(daemon, tmp_path):
     import tifffile
 
+    from umvd_live.recording.ometiff import read_provenance
+
     d = daemon()
     refused = d.request({"cmd": "record_start", "path": "../escape.ome.tif"})
     assert refused["ok"] is False and not list(tmp_path.glob("escape*"))
@@ -679,6 +681,10 @@ def test_record_start_and_stop_write_every_frame(daemon, tmp_path):
     assert raw.shape == (40, 32, 32) and raw.dtype == np.uint16
     assert denoised.shape == (40, 32, 32) and denoised.dtype == np.float32
     assert np.isfinite(denoised).all()
+    # the weights hash, made on the state worker, is in the finished files (never "pending")
+    hashes = {read_provenance(d.model_dir / "rec" / f"session_cam0{kind}.ome.tif")["weights_sha256_at_start"]
+              for kind in ("", ".raw")}
+    assert len(hashes) == 1 and re.fullmatch(r"[0-9a-f]{64}", hashes.pop())
 
 
 def test_record_stop(daemon):
@@ -1178,6 +1184,103 @@ def test_a_recording_holds_the_same_frames_raw_and_denoised_from_its_start_to_it
         raw_frames, raw, _ = read_recording(tmp_path / f"rec_{name}.raw.ome.tif")
         assert [f.seq for f in den] == list(taken), name
         assert [f.seq for f in raw] == list(range(5, 12) if name == "ts" else range(0, 6)), name
+
+
+def test_a_recordings_weights_hash_is_made_off_the_frame_loop_of_the_weights_it_began_with(tmp_path, monkeypatch):
+    """Hashing every weight tensor stalls the frame loop at 512² or with a large preset: the loop
+    only copies the weights when a stream's recording begins, the state worker hashes the copy.
+    The file names those weights, although the worker is held up until they changed, and says
+    ``pending`` until the hash is known (what a kill then leaves: a readable recording)."""
+    import umvd_live.daemon.service as service
+    import umvd_live.engine.checkpoint as checkpoint
+    import umvd_live.engine.stream as stream_module
+    from umvd_live.recording.ometiff import read_recording
+
+    hashed_on: list[str] = []
+    for module in (checkpoint, service, stream_module):  # every name the weights hash goes by
+        def tracing(state_dict, real=module.weights_hash):
+            hashed_on.append(threading.current_thread().name)
+            return real(state_dict)
+
+        monkeypatch.setattr(module, "weights_hash", tracing)
+    rng = np.random.default_rng(6)
+    movie = [rng.poisson(30.0, (24, 24)).astype(np.uint16) for _ in range(14)]
+
+    def send(seqs: range) -> None:
+        d.router.process([received(encode_frame("ts", movie[s], s)) for s in seqs], allow_skip=False)
+
+    path = tmp_path / "rec_ts.ome.tif"
+    release = threading.Event()
+    d, _ = daemon_in_process(tmp_path)
+    try:  # 14 frames: fewer than min_train_frames, so no training step changes the weights below
+        send(range(0, 4))
+        den = d.router.streams["ts"].denoiser
+        began = den.weights_copy()
+        expected = weights_hash(began.state_dict)  # (the test module's own name: not traced)
+        hashed_on.clear()  # (the engine hashes its starting weights as its stream starts: not ours)
+        held = d.worker.submit(release.wait, 60)  # the state worker is busy (a checkpoint on a slow disk)
+        d.start_recording("rec.ome.tif", None, raw=False)
+        send(range(4, 10))  # the recording's first outputs: the weights are copied, the loop goes on
+        assert threading.current_thread().name not in hashed_on, hashed_on  # the frame loop (this thread) did not hash
+        deadline = time.monotonic() + 30
+        while not path.is_file() or not read_recording(path)[1]:
+            assert time.monotonic() < deadline, "the recording's file never got its first frame"
+            time.sleep(0.05)
+        assert read_recording(path)[2]["weights_sha256_at_start"] == "pending"
+        # new weights before the worker gets to the hash: the file must still name the first ones
+        den.load_weights("doubled.pt", SavedWeights({k: v * 2 for k, v in began.state_dict.items()}, began.info))
+        assert weights_hash(den.weights_copy().state_dict) != expected
+        send(range(10, 14))
+        release.set()
+        held.result(timeout=60)
+        d.stop_recording()
+    finally:
+        release.set()
+        d.finish()
+    _, infos, provenance = read_recording(path)
+    assert [f.seq for f in infos] == list(range(4, 14))
+    assert provenance["complete"] and provenance["weights_sha256_at_start"] == expected
+    # hashed once, on the state worker, never on the frame loop (this thread)
+    assert len(hashed_on) == 1 and hashed_on[0].startswith(d.worker.THREAD_NAME), hashed_on
+    d.close()
+
+
+def test_a_raw_recording_begun_before_a_streams_first_frame_names_the_weights_of_its_first_outputs(tmp_path):
+    """A recording with ``raw`` takes a stream's first frame before the frame is pushed, which
+    builds the stream's network: its files still name the weights of its first denoised frames
+    (no provenance error), raw and denoised alike. A stream that never gets a denoised frame
+    recorded names none, and its file is finished without waiting for a hash that cannot come."""
+    from umvd_live.recording.ometiff import read_recording
+
+    rng = np.random.default_rng(7)
+
+    def send(stream: str, seqs: range) -> None:
+        d.router.process([received(encode_frame(stream, rng.poisson(30.0, (24, 24)).astype(np.uint16), s))
+                          for s in seqs], allow_skip=False)
+
+    d, _ = daemon_in_process(tmp_path)
+    try:
+        d.start_recording("rec.ome.tif", None, raw=True)
+        send("ts", range(0, 8))  # fewer than min_train_frames: the weights stay those of the first outputs
+        expected = weights_hash(d.router.streams["ts"].denoiser.weights_copy().state_dict)
+        send("short", range(0, 2))  # no output before the stop
+        d.stop_recording()
+        d.router.streams["short"].idle = True  # what check_idle would set: its outputs will not come
+        d._next_housekeeping = 0.0
+        d.run_once(wait_s=0)
+        began = time.monotonic()
+    finally:
+        d.finish()
+    assert time.monotonic() - began < 30  # (not HASH_WAIT_S)
+    for name in ("rec_ts.ome.tif", "rec_ts.raw.ome.tif"):
+        _, infos, provenance = read_recording(tmp_path / name)
+        assert provenance["complete"] and provenance["weights_sha256_at_start"] == expected, name
+        assert "extra.provenance_error" not in provenance, provenance
+    assert not (tmp_path / "rec_short.ome.tif").exists()
+    _, infos, provenance = read_recording(tmp_path / "rec_short.raw.ome.tif")
+    assert [f.seq for f in infos] == [0, 1] and provenance["complete"]
+    assert provenance["weights_sha256_at_start"] is None and "weights_sha256_error" not in provenance
+    d.close()
 
 
 def test_load_model_reads_the_file_once_and_reports_the_weights_it_loaded(tmp_path, monkeypatch):

@@ -87,11 +87,12 @@ def test_bad_arguments_are_refused_before_anything_starts(capsys: pytest.Capture
 
 
 def test_the_demo_checks_the_engine_s_own_bounds() -> None:
-    """The demo checks --window and --seed without importing the engine (torch): the same bounds."""
+    """The demo checks --window and --seed before the daemon starts, with the engine's own bounds
+    (one definition, `engine.config`'s: a copy drifted unnoticed)."""
     from umvd_live.apps import demo
     from umvd_live.engine import config
 
-    assert (demo.MAX_WINDOW, demo.MAX_SEED) == (config.MAX_WINDOW, config.MAX_SEED)
+    assert demo.MAX_WINDOW is config.MAX_WINDOW and demo.MAX_SEED is config.MAX_SEED
 
 
 def test_demo_summary_shows_denoising_beats_raw(tmp_path: Path) -> None:

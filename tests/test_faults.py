@@ -177,19 +177,10 @@ def _small_file_limit(limit: int):
     return apply
 
 
-def test_disk_full_during_recording_stops_it_but_not_the_live_output(tmp_path, monkeypatch):
-    import subprocess
-
+def test_disk_full_during_recording_stops_it_but_not_the_live_output(tmp_path):
     import tifffile
 
-    real_popen = subprocess.Popen
-
-    def popen_with_limit(*args, **kwargs):  # DaemonProcess starts the daemon with Popen
-        return real_popen(*args, preexec_fn=_small_file_limit(600_000), **kwargs)
-
-    monkeypatch.setattr(subprocess, "Popen", popen_with_limit)
-    d = DaemonProcess(tmp_path, "--catchup-ms", "60000")
-    monkeypatch.setattr(subprocess, "Popen", real_popen)
+    d = DaemonProcess(tmp_path, "--catchup-ms", "60000", preexec_fn=_small_file_limit(600_000))
     try:
         sub = Subscriber(d.output)
         assert d.request({"cmd": "record_start", "path": "rec.ome.tif", "raw": True})["ok"]

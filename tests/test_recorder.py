@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -708,6 +709,59 @@ def test_a_failing_provenance_callback_does_not_stop_the_recording(tmp_path):
     assert session.status().error is None
     _, infos, prov = read_recording(tmp_path / "p_cam0.ome.tif")
     assert len(infos) == 1 and prov["extra.provenance_error"] == "RuntimeError: no denoiser yet"
+
+
+@pytest.mark.parametrize("fmt", ["tif", "zarr"])
+def test_a_weights_hash_computed_after_the_first_frame_is_written_once_known(tmp_path, fmt):
+    """The daemon hashes a recording's weights on its state worker (`Provenance.weights_sha256_future`),
+    so the file exists before the hash does: until then it says ``pending`` (a recording killed
+    then stays readable, and says so); the next checkpoint names the hash, new frames or not; a
+    close waits for a hash still being computed; a hash that failed is ``None``, with the error."""
+    from concurrent.futures import Future
+
+    if fmt == "zarr":
+        pytest.importorskip("tensorstore")
+        pytest.importorskip("yaozarrs")
+        from umvd_live.recording.omezarr import ZarrRecording, read_zarr_recording
+
+        create, read, suffix = ZarrRecording.create, read_zarr_recording, ".ome.zarr"
+    else:
+        create, read, suffix = RecordingFile.create, read_recording, ".ome.tif"
+
+    def start(name: str, future: Future) -> RecordingFile:
+        rec = create(tmp_path / f"{name}{suffix}", pattern(0), FrameInfo(seq=0),
+                     Provenance(stream=name, weights_sha256_future=future))
+        rec.checkpoint()
+        return rec
+
+    known: Future[str] = Future()
+    rec = start("known", known)
+    frames, infos, prov = read(tmp_path / f"known{suffix}")  # as a kill now would leave it
+    assert len(infos) == 1 and prov["weights_sha256_at_start"] == "pending" and not prov["complete"]
+    known.set_result("cd" * 32)
+    rec.checkpoint()  # no new frame: the hash alone is news
+    assert read(tmp_path / f"known{suffix}")[2]["weights_sha256_at_start"] == "cd" * 32
+    rec.append(pattern(1), FrameInfo(seq=1))
+    rec.close()
+    _, infos, prov = read(tmp_path / f"known{suffix}")
+    assert len(infos) == 2 and prov["complete"] and prov["weights_sha256_at_start"] == "cd" * 32
+
+    late: Future[str] = Future()
+    rec = start("late", late)
+    timer = threading.Timer(0.3, late.set_result, ("ef" * 32,))
+    timer.start()
+    rec.close()  # waits for it: the final metadata names the hash
+    timer.join()
+    _, _, prov = read(tmp_path / f"late{suffix}")
+    assert prov["complete"] and prov["weights_sha256_at_start"] == "ef" * 32
+
+    failed: Future[str] = Future()
+    rec = start("failed", failed)
+    failed.set_exception(RuntimeError("out of memory"))
+    rec.close()
+    _, _, prov = read(tmp_path / f"failed{suffix}")
+    assert prov["complete"] and prov["weights_sha256_at_start"] is None
+    assert prov["weights_sha256_error"] == "RuntimeError: out of memory"
 
 
 # -- multi-dimensional acquisitions (issue 16): one file per position, channel and plane -----------

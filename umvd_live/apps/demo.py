@@ -54,6 +54,7 @@ from umvd_live.apps.harness import (
 )
 from umvd_live.daemon.status import render_lines, render_table
 from umvd_live.engine.budget import cpu_cores
+from umvd_live.engine.config import MAX_SEED, MAX_WINDOW  # the engine's bounds, checked before serve starts
 from umvd_live.metrics import SessionFrames, finite_json, psnr
 from umvd_live.portable import handle_stop_signals, restore_signals, signal_name
 from umvd_live.wire.schema import EngineStats, StatusReply, StreamStatus, latency_summary
@@ -69,10 +70,6 @@ QUIET_S = 0.3  # after the daemon's exit: the output is done when it has been si
 #: Memory for the frames the activity metrics score (noisy, truth and denoised of the latest
 #: frames): 600 frames (20 s at 30 Hz) of 256², all of a 64² demo.
 SCORED_MB = 384
-#: `engine.config`'s MAX_WINDOW and MAX_SEED, checked here before the daemon starts (importing the
-#: engine would import torch in the demo's own process).
-MAX_WINDOW = 101
-MAX_SEED = 2**63 - 1
 
 
 class DemoError(Exception):
@@ -80,8 +77,8 @@ class DemoError(Exception):
 
 
 def _engine_default(name: str) -> Any:
-    """`EngineConfig`'s default for ``name`` (serve's, unless the demo is told otherwise). For the
-    summary only: the engine (torch) is imported once the stream is over, not while it runs."""
+    """`EngineConfig`'s default for ``name`` (serve's, unless the demo is told otherwise), for the
+    summary."""
     from umvd_live.engine import EngineConfig
 
     return next(f.default for f in fields(EngineConfig) if f.name == name)

@@ -18,8 +18,8 @@ The rooms of the daemon, and who does what:
   and the loop goes on; ``status`` counts those failures and the socket threads' own errors.
 - Nothing slow runs on the loop: weight checkpoints (``--state-dir``: every
   ``--checkpoint-interval`` s, at a shape change and at shutdown), `save_model` and weights hashes
-  run on the one state worker (``umvd-state``, `statestore.StateWorker`), joined at shutdown after
-  the final checkpoints.
+  (a recording's too: the loop only copies the weights) run on the one state worker
+  (``umvd-state``, `statestore.StateWorker`), joined at shutdown after the final checkpoints.
 - Housekeeping, between batches: streams without frames for ``--idle-s`` go idle (training
   paused), the capacity is re-evaluated, periodic checkpoints are queued.
 - ``--ready-file``: once every socket is bound, the endpoints and the pid as JSON
@@ -54,7 +54,7 @@ from umvd_live.daemon.config import DaemonConfig
 from umvd_live.daemon.control import ControlError, ControlHandler, Reply, read_only
 from umvd_live.daemon.engines import engine_factory, inference_layout
 from umvd_live.daemon.router import Router
-from umvd_live.daemon.sinks import FrameSink, PublisherSink, RecordingSink
+from umvd_live.daemon.sinks import FrameSink, PublisherSink, RecordingSink, WeightsHashes
 from umvd_live.daemon.statestore import StateStore, StateWorker
 from umvd_live.daemon.status import StatusDisplay
 from umvd_live.daemon.streams import StreamEngineFactory, monotonic
@@ -452,11 +452,14 @@ class Daemon:
 
         if self.recording is not None:
             raise ControlError("a recording is running; record_stop first")
+        hashes = WeightsHashes(self._weights_copy,
+                               lambda weights: self.worker.submit(weights_hash, weights.state_dict))
         try:
-            session = RecordingSession(request, provenance=self._provenance, on_error=self._recording_failed)
+            session = RecordingSession(request, provenance=lambda stream: self._provenance(stream, hashes),
+                                       on_error=self._recording_failed)
         except RecordingError as exc:
             raise ControlError(str(exc)) from None
-        self.recording = RecordingSink(session)
+        self.recording = RecordingSink(session, hashes)
         self.router.sinks.append(self.recording)
         log.info("recording to %s (%s%s)", request.path,
                  ", ".join(sorted(request.streams)) if request.streams else "every stream",
@@ -486,10 +489,12 @@ class Daemon:
             if not sink.finishing:
                 self.router.sinks.remove(sink)
 
-    def _provenance(self, stream: str) -> Provenance:
+    def _provenance(self, stream: str, hashes: WeightsHashes) -> Provenance:
         """What a recording says of the stream's network; called once per stream and recording,
-        at its first frame (the weights hash: the only hash left on the frame loop, by design:
-        the recording names the weights as they are when it begins)."""
+        at its first frame, on the frame loop. The weights hash: of the weights the recording's
+        first denoised frames came from, copied by the loop at the first of them and hashed on
+        the state worker (`sinks.WeightsHashes`); the files say ``pending`` until it is known, and
+        a clean stop waits for it (`recording.ometiff.Provenance.weights_sha256_future`)."""
         from umvd_live.recording.ometiff import Provenance
 
         live = self.router.streams.get(stream)
@@ -497,11 +502,16 @@ class Daemon:
         engine = self.config.engine
         return Provenance(
             stream=stream, preset=getattr(den, "preset", None) or engine.preset,
-            window=engine.window, weights_sha256=den.weights_hash() if den is not None else None,
+            window=engine.window, weights_sha256_future=hashes.begin(stream),
             device=str(getattr(den, "device", engine.device)), source=self.endpoints.get("input"),
-            extra=network_provenance(cast("StreamDenoiser", den))
-            if den is not None and getattr(den, "spec", None) is not None else {},
+            extra=network_provenance(cast("StreamDenoiser", den)) if _network_built(den) else {},
         )
+
+    def _weights_copy(self, stream: str) -> SavedWeights | None:
+        """A CPU copy of the stream's weights now (None while it has no network)."""
+        live = self.router.streams.get(stream)
+        den = live.denoiser if live is not None else None
+        return den.weights_copy() if den is not None else None
 
     def _recording_failed(self, message: str) -> None:
         log.error("recording failed, live output goes on: %s", message)
@@ -513,6 +523,15 @@ class Daemon:
         finally:  # a flush that failed must not leave a daemon that takes no frames running
             self.request_stop("shutdown command")
         return {"flushed": flushed}
+
+
+def _network_built(den: object) -> bool:
+    """Whether ``den`` has a network to describe: not a stand-in without one, and not an engine whose
+    first frame is recorded (raw) before it is pushed, which builds the network (`spec` raises)."""
+    try:
+        return den is not None and getattr(den, "spec", None) is not None
+    except RuntimeError:
+        return False
 
 
 def write_ready_file(path: Path, endpoints: EndpointsStatus) -> None:

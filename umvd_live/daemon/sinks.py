@@ -9,7 +9,9 @@ quickly: a sink that writes to disk queues internally, so the live output never 
 - `PublisherSink`: the output PUB socket (`transport.py` binds it): the raw input as it came
   under ``<stream>/raw``, each denoised frame with its latency (docs/protocol.md). It owes no
   stream: a viewer wants the present, not every frame.
-- `RecordingSink`: a `recording.session.RecordingSession` (``record_start``, ``serve --record``).
+- `RecordingSink`: a `recording.session.RecordingSession` (``record_start``, ``serve --record``),
+  with its streams' weights hashes (`WeightsHashes`: the loop copies the weights, the daemon's
+  state worker hashes the copy).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import zmq
@@ -26,6 +29,7 @@ from umvd_live.daemon.streams import Arrival, DenoisedOutput, StreamStarted, mon
 from umvd_live.wire.protocol import RAW_SUFFIX, encode_denoised
 
 if TYPE_CHECKING:  # recording.session imports the file writers: only when a recording starts
+    from umvd_live.engine.checkpoint import SavedWeights
     from umvd_live.recording.session import RecordingSession
 
 log = logging.getLogger(__name__)
@@ -90,6 +94,63 @@ class PublisherSink:
         pass  # the transport closes the socket, after its linger
 
 
+class WeightsHashes:
+    """The weights hash each stream's files of one recording name (`recording.ometiff.Provenance`'s
+    ``weights_sha256_future``), made off the frame loop: hashing every tensor of a large network
+    would stall it. The loop copies the stream's weights (``copy``: between two training steps, to
+    the CPU) at the stream's first recorded denoised frame, so the hash names the weights the
+    recording's first denoised frames came from, also when its first frame, recorded raw, comes
+    before the stream's network exists; ``hash_later`` hashes the copy elsewhere (the daemon's state
+    worker). A stream that never gets a denoised frame recorded is settled as None at the stop.
+    Frame loop only, but for the futures, which the hashing thread completes."""
+
+    def __init__(self, copy: Callable[[str], SavedWeights | None],
+                 hash_later: Callable[[SavedWeights], Future[str]]):
+        self._copy = copy
+        self._hash_later = hash_later
+        self._owed: dict[str, Future[str | None]] = {}  # by stream: not copied yet
+
+    def begin(self, stream: str) -> Future[str | None]:
+        """The hash of ``stream``'s weights for its files (at its first frame in the recording)."""
+        future: Future[str | None] = Future()
+        self._owed[stream] = future
+        return future
+
+    def take(self, stream: str) -> None:
+        """A denoised frame of ``stream`` was recorded: copy its weights if its hash is still owed."""
+        future = self._owed.get(stream)
+        if future is None:
+            return
+        try:
+            weights = self._copy(stream)
+            if weights is None:  # (no network: none made this frame)
+                return
+            job = self._hash_later(weights)
+        except Exception as exc:  # the files say why they name no hash; the recording goes on
+            log.exception("recording %s: cannot hash the weights", stream)
+            del self._owed[stream]
+            future.set_exception(exc)
+            return
+        del self._owed[stream]
+        job.add_done_callback(lambda done: _relay(done, future))
+
+    def settle(self) -> None:
+        """No more denoised frames will be recorded: the hashes still owed are None."""
+        for future in self._owed.values():
+            future.set_result(None)
+        self._owed.clear()
+
+
+def _relay(done: Future[str], future: Future[str | None]) -> None:
+    """``done``'s outcome into ``future`` (on the thread that completed ``done``)."""
+    if done.cancelled():
+        future.cancel()
+    elif (exc := done.exception()) is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(done.result())
+
+
 class RecordingSink:
     """Plugs a `recording.session.RecordingSession` into the daemon as a FrameSink.
 
@@ -101,8 +162,10 @@ class RecordingSink:
     wall-clock (Unix seconds) in the recording.
     """
 
-    def __init__(self, session: RecordingSession):
+    def __init__(self, session: RecordingSession, hashes: WeightsHashes | None = None):
         self.session = session
+        #: The weights hashes the session's provenance names (the daemon's `_provenance` begins them).
+        self.hashes = hashes
         #: Per stream, the ``seq`` of the frames received while recording whose outputs have not
         #: come yet, in order: a stream's outputs come in the order of its input frames.
         self._awaited: dict[str, deque[int]] = {}
@@ -139,9 +202,11 @@ class RecordingSink:
             awaited.popleft()
         if output.image is None and not self.owes(output.stream):
             return  # a preview skip on a stream this recording does not take
-        self.session.submit_denoised(output.stream, output.header, output.image, state=output.state,
-                                     model_step=output.model_step, t_received=_wall(output.received),
-                                     amplitude_gain=output.amplitude_gain)
+        taken = self.session.submit_denoised(output.stream, output.header, output.image, state=output.state,
+                                             model_step=output.model_step, t_received=_wall(output.received),
+                                             amplitude_gain=output.amplitude_gain)
+        if taken and self.hashes is not None:
+            self.hashes.take(output.stream)  # the stream's first recorded output: its weights now
         self._finish_if_done()
 
     def stop(self) -> None:
@@ -163,11 +228,18 @@ class RecordingSink:
 
     def _finish_if_done(self) -> None:
         if self._stopping and not any(self._awaited.values()) and not self.session.finished:
+            self._settle()
             self.session.stop(wait=False)
 
     def close(self) -> None:
         """Stop accepting frames and wait until everything queued is on disk."""
+        self._settle()
         self.session.stop(wait=True)
+
+    def _settle(self) -> None:
+        """No more denoised frames: a file still waiting for a hash (raw frames only) waits no longer."""
+        if self.hashes is not None:
+            self.hashes.settle()
 
 
 def _wall(received: float) -> float:

@@ -26,11 +26,15 @@ On-disk layout (little-endian BigTIFF, one uncompressed strip per page, one page
   XML declaring exactly the committed pages into the idle slot, fsyncs, then points the tag at
   that slot with one small write. The XML therefore never declares a page that is not on disk.
   A clean `close` writes the final XML (per-plane DeltaT, the per-frame table) the same way.
+* The weights hash may come after the file's first frame (`Provenance.weights_sha256_future`: the
+  daemon hashes on its state worker, off the frame loop): the map says ``pending`` until it is
+  known, the next checkpoint writes it, and `close` waits for it (`HASH_WAIT_S`) before the final XML.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import struct
@@ -38,6 +42,8 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,11 +56,19 @@ from umvd_live.recording.fileio import O_BINARY, pwrite_all
 from umvd_live.wire.acqmeta import AcquisitionMeta, positive
 from umvd_live.wire.channel_colors import ome_color
 
+log = logging.getLogger(__name__)
+
 #: Private TIFF tag (ASCII, JSON) holding one frame's metadata on every page.
 FRAME_TAG = 65111
 FORMAT = "umvd-live-recording/1"
 PROVENANCE_NS = "umvd-live/provenance"
 FRAMES_NS = "umvd-live/frames"
+#: ``weights_sha256_at_start`` while the hash is still being computed (`Provenance.weights_sha256_future`):
+#: what a recording killed before it was known keeps.
+HASH_PENDING = "pending"
+#: How long closing a recording waits for a weights hash still being computed (the daemon's state
+#: worker may be writing checkpoints first); then the final metadata says ``pending``.
+HASH_WAIT_S = 120.0
 #: Characters XML 1.0 does not allow anywhere, not even escaped.
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _OME_NS = "{http://www.openmicroscopy.org/Schemas/OME/2016-06}"
@@ -148,7 +162,8 @@ class AcquisitionCoordinates:
 
 @dataclass(frozen=True)
 class Provenance:
-    """Where a recording's frames came from: fixed for the whole file, written at its start."""
+    """Where a recording's frames came from: fixed for the whole file, written at its start (the
+    weights hash may come later: ``weights_sha256_future``)."""
 
     stream: str
     kind: str = "denoised"  # "denoised" (float32, the input's units) or "raw" (as received)
@@ -161,12 +176,46 @@ class Provenance:
     pixel_size_um: float | None = None  # None: taken from the first frame's meta["pixel_size_um"]
     recording_id: str | None = None  # the RecordingSession's id: which files belong together
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The hash of the weights when the recording started, still being computed (the daemon hashes
+    #: a copy of them on its state worker, not on the frame loop); used while ``weights_sha256``
+    #: is None. The files say ``pending`` until it is done, then its result (`weights_sha256_entries`).
+    weights_sha256_future: Future[str | None] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.software_version:
             from umvd_live import __version__
 
             object.__setattr__(self, "software_version", __version__)
+
+    def weights_sha256_entries(self) -> dict[str, str]:
+        """The provenance map's ``weights_sha256_at_start``: the hash, ``None`` (no model), or
+        `HASH_PENDING` while ``weights_sha256_future`` runs; with ``weights_sha256_error`` when
+        that failed (then ``None``)."""
+        future = self.weights_sha256_future
+        if self.weights_sha256 is not None or future is None:
+            return {"weights_sha256_at_start": str(self.weights_sha256)}
+        if not future.done():
+            return {"weights_sha256_at_start": HASH_PENDING}
+        try:
+            return {"weights_sha256_at_start": str(future.result())}
+        except CancelledError:
+            return {"weights_sha256_at_start": "None", "weights_sha256_error": "cancelled"}
+        except Exception as exc:
+            return {"weights_sha256_at_start": "None", "weights_sha256_error": f"{type(exc).__name__}: {exc}"}
+
+    def wait_for_weights_sha256(self, timeout: float | None = HASH_WAIT_S) -> bool:
+        """Wait up to ``timeout`` s for ``weights_sha256_future`` (a recording's final metadata
+        names the hash); whether the hash is settled (known, failed, or never pending)."""
+        future = self.weights_sha256_future
+        if self.weights_sha256 is not None or future is None or future.done():
+            return True
+        try:
+            future.exception(timeout)
+        except FutureTimeout:
+            return False
+        except CancelledError:
+            pass
+        return True
 
 
 @dataclass(frozen=True)
@@ -363,7 +412,7 @@ class RecordingLedger:
             "kind": p.kind,
             "preset": str(p.preset),
             "window": str(p.window),
-            "weights_sha256_at_start": str(p.weights_sha256),
+            **p.weights_sha256_entries(),
             "device": str(p.device),
             "source": str(p.source),
             "pixel_size_um": str(self.pixel_size_um),
@@ -387,6 +436,12 @@ class RecordingLedger:
         for k, v in p.extra.items():
             out[f"extra.{k}"] = str(v)
         return out
+
+    def _await_weights_sha256(self) -> None:
+        """Before the final metadata: the weights hash, if still being computed (`HASH_WAIT_S`)."""
+        if not self.provenance.wait_for_weights_sha256():
+            log.warning("recording %s: the weights hash was not ready after %.0f s; the file says %r",
+                        self.path, HASH_WAIT_S, HASH_PENDING)
 
     def _measured_increment(self, frames: int) -> float | None:
         """TimeIncrement when the producer sent no ``interval_ms``: the median step between the
@@ -415,6 +470,7 @@ class RecordingFile(RecordingLedger):
         self._eof = 16
         self._link_pos = 8  # the header's first-IFD field
         self._committed_xml_frames = 0
+        self._committed_hash: dict[str, str] | None = None  # the weights hash of the XML in place
         self._closed = False
         self._slots: list[int] = []
         self._slot_size = 0
@@ -584,15 +640,18 @@ class RecordingFile(RecordingLedger):
             return
         os.fsync(self._fd)
         n = len(self.infos)
-        if n != self._committed_xml_frames:
+        sha = self.provenance.weights_sha256_entries()  # (taken first: one that comes meanwhile is
+        if n != self._committed_xml_frames or sha != self._committed_hash:  # written next time)
             self._publish_xml(self._xml(frames=n, final=False))
-            self._committed_xml_frames = n
+            self._committed_xml_frames, self._committed_hash = n, sha
 
     def close(self) -> None:
-        """Write the final OME-XML (per-plane DeltaT, frame table, complete=true) and close."""
+        """Write the final OME-XML (per-plane DeltaT, frame table, complete=true; the weights hash
+        waited for if still being computed) and close."""
         if self._closed:
             return
         try:
+            self._await_weights_sha256()
             os.fsync(self._fd)
             n = len(self.infos)
             self._publish_xml(self._xml(frames=n, final=True))
@@ -613,10 +672,12 @@ class RecordingFile(RecordingLedger):
             return
         try:
             n = len(self.infos)
+            sha = self.provenance.weights_sha256_entries()
             xml = self._xml(frames=n, final=False)
-            if n != self._committed_xml_frames and len(xml.encode("utf-8")) + 1 <= self._slot_size:
+            if (n != self._committed_xml_frames or sha != self._committed_hash) \
+                    and len(xml.encode("utf-8")) + 1 <= self._slot_size:
                 self._publish_xml(xml)
-                self._committed_xml_frames = n
+                self._committed_xml_frames, self._committed_hash = n, sha
         except OSError:
             pass  # the frames stay readable page by page (read_recording)
         finally:

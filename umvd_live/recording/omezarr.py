@@ -305,10 +305,12 @@ class ZarrRecording(RecordingLedger):
         return out
 
     def close(self) -> None:
-        """Declare everything and write the final provenance (``complete`` true)."""
+        """Declare everything and write the final provenance (``complete`` true; the weights
+        hash waited for if still being computed, as `RecordingFile.close`)."""
         if self._writer is None:
             return
         try:
+            self._await_weights_sha256()
             self.checkpoint(final=True)
         finally:
             self._release()

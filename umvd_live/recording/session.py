@@ -226,8 +226,9 @@ class RecordingSession:
         return True
 
     def _provenance(self, stream: str) -> Provenance:
-        # called once per stream and session, on the producer thread: the daemon can hash the
-        # weights *now*, at the start of this stream's recording
+        # called once per stream and session, on the producer thread: the daemon copies the
+        # weights *now*, at the start of this stream's recording, and hashes the copy on its state
+        # worker (`Provenance.weights_sha256_future`: the files name it once known)
         try:
             return self._provenance_for(stream)
         except Exception as exc:  # record anyway, and say why the provenance is thin
