@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
 from umvd_live.engine import EngineConfig, RoundFailed, StreamDenoiser, cpu_cores
 from umvd_live.engine.checkpoint import (
     CheckpointError,
@@ -21,7 +22,7 @@ from umvd_live.engine.checkpoint import (
     weights_hash,
 )
 from umvd_live.engine.device import cpu_has_native_bf16, default_workers, lists_native_bf16
-from umvd_live.engine.normalization import Normalizer
+from umvd_live.engine.normalization import MAX_RANGES, Normalizer, bad_pixels, sanitize
 from umvd_live.engine.trainer import OnlineTrainer, ReplayBuffer, TrainerConfig
 
 # From scratch (no prior): these tests follow a warm start (tests/test_prior.py has the prior's).
@@ -413,6 +414,86 @@ def test_nan_frames_are_denoised_but_never_trained_on():
     assert len(outs) == 20 and all(np.isfinite(o.image).all() for o in outs)
     assert all(torch.isfinite(p).all() for p in den.trainer.model.parameters())
     assert 5 not in den.training.replay._frames and 6 not in den.training.replay._frames
+
+
+@pytest.fixture(scope="module")
+def two_photon():
+    """(noisy, clean) 64x64 simulated two-photon movie of 150 frames, the noisy one as float32."""
+    noisy, clean = TwoPhotonSimulator(SimConfig(height=64, width=64, seed=0)).movie(150)
+    return noisy.astype(np.float32), clean
+
+
+@pytest.mark.parametrize("bad", ["pixel 1e30", "pixel 3e38", "frame 1e30"])
+def test_a_huge_finite_pixel_is_a_bad_pixel_and_training_goes_on(two_photon, bad):
+    """A finite pixel of 1e30 (a flat-field division by a dead pixel) or float32's largest, or a
+    whole frame of them, is no measurement: replaced like NaN, never trained on nor taken for a
+    change. Taken as data it was drawn into most batches (its block's activity is huge), each
+    loss was inf, and every rollback halved the rate: 1e-6 for good, with outputs of 1e29."""
+    noisy, clean = two_photon
+    movie, at = noisy.copy(), 60
+    where, value = bad.split()
+    if where == "pixel":
+        movie[at, 20, 30] = float(value)
+    else:
+        movie[at] = float(value)
+    config = EngineConfig(preset="lite", device="cpu", warmup_frames=40, warmup_steps=40, min_train_frames=16,
+                          sync_every=4, trainer=TrainerConfig(batch=4, patch=32), cpu_threads=1, workers=1)
+    den, outs = run_stream(config, movie)
+    images = np.stack([o.image for o in outs])
+    assert len(outs) == len(movie) and np.isfinite(images).all()
+    trainer = den.trainer
+    assert trainer.rollbacks == 0 and trainer.skipped_batches == 0 and trainer.lr == config.trainer.lr
+    assert trainer.steps >= len(movie) - 20  # a step a frame from the 16th frame on
+    assert den.changes == [] and at not in den.training.replay._frames
+    # nothing of the value in the outputs around it: all in the range of the movie's own
+    top = float(np.abs(clean).max())
+    assert np.abs(images[at - 4:at + 5]).max() < 3 * top
+    # and the model goes on learning: the last frames' outputs far closer to the truth than the input
+    late = slice(len(movie) - 40, len(movie) - 4)
+    error = np.sqrt(np.mean((images[late] - clean[late]) ** 2))
+    assert error < 0.4 * np.sqrt(np.mean((noisy[late] - clean[late]) ** 2))
+
+
+def test_bad_pixels_are_what_no_measurement_gives():
+    rng = np.random.default_rng(0)
+    dark = (100 + 2 * rng.standard_normal((64, 64))).astype(np.float32)  # a range of ~10 ADU
+    assert bad_pixels(dark) is None and sanitize(dark)[0] is dark
+    hot = dark.copy()
+    hot[5, 5] = 65535  # a saturated pixel: thousands of ranges up, still a measurement
+    assert bad_pixels(hot) is None
+    for value in (np.nan, np.inf, -np.inf, 1e30, -3e38, 1e12):  # 1e12: 1e11 ranges away
+        frame = dark.copy()
+        frame[5, 5] = value
+        clean, ok = sanitize(frame)
+        assert not ok and bad_pixels(frame).sum() == 1
+        assert clean[5, 5] == np.median(np.delete(frame.ravel(), 5 * 64 + 5))
+    # A frame all of one huge value has no range to be far from: the stream's range tells, or
+    # float32's (a square that overflows is no value the engine can work with).
+    assert bad_pixels(np.full((8, 8), 1e30, np.float32)).all()
+    stream = Normalizer.fit(dark)
+    assert bad_pixels(np.full((8, 8), 1e12, np.float32)) is None
+    assert bad_pixels(np.full((8, 8), 1e12, np.float32), stream).all()
+    assert bad_pixels(dark * 1000, stream) is None  # a change of the acquisition is far within
+    half = np.float16(100) + np.zeros((8, 8), np.float16)
+    half[0, 0] = np.inf
+    assert bad_pixels(half).sum() == 1
+    assert Normalizer.fit(np.where(rng.random((64, 64)) < 0.1, np.float32(3e38), dark)).scale < 20
+
+
+def test_a_batch_beyond_the_networks_range_is_skipped_not_a_divergence():
+    """Frames the stream sanitised never hold such values, but anything added to a replay buffer
+    is drawn: a batch that does says nothing of the weights, so no rollback, no lower rate."""
+    den = _trained()
+    trainer, replay = den.trainer, den.training.replay
+    lr, steps, rollbacks = trainer.lr, trainer.steps, trainer.rollbacks
+    good = dict(replay._frames)
+    for index, (frame, segment) in good.items():
+        replay.add(index, torch.full_like(frame, 2 * MAX_RANGES), segment)  # (whatever patch is drawn)
+    assert trainer.step(replay) is None
+    assert (trainer.skipped_batches, trainer.rollbacks, trainer.lr, trainer.steps) == (1, rollbacks, lr, steps)
+    for index, (frame, segment) in good.items():
+        replay.add(index, frame, segment)
+    assert trainer.step(replay) is not None and trainer.lr == lr
 
 
 def test_a_dropped_first_frame_leaves_the_normaliser_to_the_first_frame_with_pixels():

@@ -1,7 +1,8 @@
 """Protocol fuzz through a real daemon: 5000 malformed messages mixed into two valid streams
 (tools/fuzz_daemon.py does the sending; the expectations below come from the protocol, not from
 the daemon): nothing crashes or stalls, every rejection is counted under its reason and stream,
-every valid frame is denoised, NaN/Inf pixels are counted and never reach outputs or weights."""
+every valid frame is denoised, NaN/Inf pixels and finite ones that are no measurement (1e30) are
+counted and never reach outputs or weights."""
 
 from __future__ import annotations
 

@@ -169,17 +169,19 @@ def build_plan(n_malformed: int, *, seed: int = 0, size: int = 64, valid_every: 
         else:
             image = (rng.poisson(clean) / 7.0).astype("<f4")
             if i % 10 == 9:  # rare enough to leave clean 7-frame windows to train on
-                kind = (i // 10) % 4
+                kind = (i // 10) % 5
                 if kind == 0:
                     image[5:9, 3:20] = np.nan
                 elif kind == 1:
                     image[:, 10] = np.inf
                 elif kind == 2:
                     image[rng.random(image.shape) < 0.05] = -np.inf
-                else:
+                elif kind == 3:
                     image[:] = np.nan  # a frame with no finite pixel at all
+                else:
+                    image[2:4, 7] = 1e30  # finite, but no measurement (a flat field's dead pixel)
                 plan.nonfinite_frames += 1
-                plan.nonfinite_pixels += int((~np.isfinite(image)).sum())
+                plan.nonfinite_pixels += int((~np.isfinite(image) | (np.abs(image) > 1e20)).sum())
         out.append([bytes(p) for p in encode_frame(stream, image, seq, t=i / 30.0, meta={"i": i})])
         plan.valid[stream].append(i)
         seqs[stream] = seq + 1

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 
+from umvd_live.engine.normalization import bad_pixels
 from umvd_live.engine.outputs import RoundFailed
 from umvd_live.wire.protocol import Frame, FrameHeader
 from umvd_live.wire.schema import ChangeStatus, EngineStats, LatencyStatus, StreamAxes, StreamStatus, latency_summary
@@ -464,17 +465,19 @@ class LiveStream:
         log.info("stream %s: frames again after %.1f s without; training resumed", self.name, received - last)
 
     def _track_nonfinite(self, frame: Frame) -> None:
-        """Count NaN/Inf pixels; the engine replaces them and never trains on such a frame."""
-        px = frame.pixels
-        if px.dtype.kind != "f" or np.isfinite(px).all():
+        """Count the pixels that are no measurement (NaN, ±Inf, a finite value such as 1e30:
+        `normalization.bad_pixels` by the frame's own range, the rule the engine applies before
+        it replaces them); the engine never trains on such a frame."""
+        mask = bad_pixels(frame.pixels)
+        if mask is None:
             return
-        bad = int(px.size - np.count_nonzero(np.isfinite(px)))
+        bad = int(np.count_nonzero(mask))
         c = self.counters
         c.nonfinite_frames += 1
         c.nonfinite_pixels += bad
         if c.nonfinite_frames <= NONFINITE_LOG_FIRST or c.nonfinite_frames % NONFINITE_LOG_EVERY == 0:
-            log.warning("stream %s: frame seq %d has %d NaN/Inf pixels: denoised with them replaced, "
-                        "not trained on [%d such frames so far]", self.name, frame.header.seq, bad,
+            log.warning("stream %s: frame seq %d has %d NaN, Inf or out-of-range pixels: denoised with them "
+                        "replaced, not trained on [%d such frames so far]", self.name, frame.header.seq, bad,
                         c.nonfinite_frames)
 
     def _track_seq(self, seq: int) -> None:

@@ -3,13 +3,47 @@
 The network sees roughly [0, 1] whatever the camera's units, so one learning rate fits every
 detector; outputs are mapped back so users get their own units (ADU). The scale is fixed after
 the first frame: a moving scale would shift what the online model has learned under it.
+
+A float pixel can be no measurement at all: NaN, ±inf, or a finite value no detector gives (a
+flat-field division by a dead pixel gives 1e30, a garbled buffer float32's largest values).
+`bad_pixels` tells them by one rule, and `sanitize` replaces them before anything else sees the
+frame; `Normalizer.fit` fits on the other pixels only.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+#: The largest magnitude a pixel may have: the square of a larger value overflows float32, and
+#: the engine squares pixel values (the loss, the change detector's correlations, the search for
+#: activity), so such a value is treated as NaN and ±inf are.
+MAX_MAGNITUDE = math.sqrt(float(np.finfo(np.float32).max))  # 1.8e19
+#: How far a float pixel may lie from a robust range (`Normalizer`: 0.5-99.5 %), in widths of that
+#: range, i.e. in the normalised units the network works in: 2**24, where float32's spacing exceeds
+#: the range itself, so the value and the frame's other pixels can no longer share a float32
+#: computation (a convolution over both keeps only the value). No detector comes near it: a 16-bit
+#: camera's whole scale is 2**16 levels, and a frame's range spans several (its noise alone). The
+#: trainer skips a batch beyond it (`trainer.OnlineTrainer.skipped_batches`).
+MAX_RANGES = float(2**24)
+#: About this many pixels, evenly spread, give a frame's robust range in `bad_pixels` (~0.1 ms).
+RANGE_SAMPLE = 4096
+
+
+def _cap(dtype: np.dtype) -> float:
+    """`MAX_MAGNITUDE`, or the largest finite value of a float dtype that holds less (float16)."""
+    return min(MAX_MAGNITUDE, float(np.finfo(dtype).max))
+
+
+def measurable(values: np.ndarray) -> np.ndarray:
+    """Which pixels can be measurements at all: finite and within `MAX_MAGNITUDE` (every integer)."""
+    values = np.asarray(values)
+    if values.dtype.kind != "f":
+        return np.ones(values.shape, bool)
+    with np.errstate(invalid="ignore"):
+        return np.abs(values) <= _cap(values.dtype)  # (NaN compares false)
 
 
 @dataclass(frozen=True)
@@ -19,7 +53,8 @@ class Normalizer:
 
     @classmethod
     def fit(cls, frame: np.ndarray, low: float = 0.5, high: float = 99.5) -> Normalizer:
-        finite = frame[np.isfinite(frame)] if frame.dtype.kind == "f" else frame
+        """The 0.5-99.5 % range of the frame's measurable pixels (`measurable`): (0, 1) if none."""
+        finite = frame[measurable(frame)] if frame.dtype.kind == "f" else frame
         if finite.size == 0:
             return cls(0.0, 1.0)
         lo, hi = np.percentile(finite, [low, high])
@@ -34,17 +69,57 @@ class Normalizer:
     def inverse(self, values: np.ndarray) -> np.ndarray:
         return (values * np.float32(self.scale) + np.float32(self.offset)).astype(np.float32, copy=False)
 
+    def bounds(self) -> tuple[float, float]:
+        """The values within `MAX_RANGES` widths of this range: ±MAX_RANGES in normalised units."""
+        return self.offset - MAX_RANGES * self.scale, self.offset + MAX_RANGES * self.scale
 
-def sanitize(frame: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Replace NaN/Inf pixels by the frame's finite median. Returns (frame, was_clean).
+
+def _bounds(frame: np.ndarray, normalizer: Normalizer | None) -> tuple[float, float]:
+    """The values a pixel of the float ``frame`` may take: within `MAX_RANGES` widths of the
+    frame's own robust range (`Normalizer.fit` on `RANGE_SAMPLE` of its pixels) and, if given, of
+    the stream's (``normalizer``), and within `MAX_MAGNITUDE` and what the dtype holds (±inf out)."""
+    cap = _cap(frame.dtype)
+    lo, hi = normalizer.bounds() if normalizer is not None else (-cap, cap)
+    lo, hi = max(lo, -cap), min(hi, cap)
+    step = max(1, math.ceil((frame.size / RANGE_SAMPLE) ** (1 / max(frame.ndim, 1))))
+    sample = frame[(slice(None, None, step),) * frame.ndim]
+    sample = sample[measurable(sample)]
+    if sample.size == 0 and step > 1:  # (the sample fell on bad pixels only: the whole frame)
+        sample = frame[measurable(frame)]
+    if sample.size == 0:
+        return lo, hi  # nothing measurable: every pixel is out anyway
+    own_lo, own_hi = Normalizer.fit(sample).bounds()
+    return max(lo, own_lo), min(hi, own_hi)
+
+
+def bad_pixels(frame: np.ndarray, normalizer: Normalizer | None = None) -> np.ndarray | None:
+    """The pixels of ``frame`` that are no measurement, as a mask, or None if it has none: in a
+    float frame NaN, ±inf, a magnitude over `MAX_MAGNITUDE`, or a value more than `MAX_RANGES`
+    widths of a robust range away from it: the frame's own (one pixel of 1e30 among hundreds of
+    ADU) and, if given, the stream's ``normalizer``'s (a frame that is all 1e12 in such a stream;
+    one from a real change of the acquisition, brighter by a factor of thousands at most, is in)."""
+    frame = np.asarray(frame)
+    if frame.dtype.kind != "f" or frame.size == 0:
+        return None
+    lo, hi = _bounds(frame, normalizer)
+    if lo <= frame.min() and frame.max() <= hi:  # (a NaN makes both NaN: the comparison false)
+        return None
+    with np.errstate(invalid="ignore"):
+        return ~((frame >= lo) & (frame <= hi))
+
+
+def sanitize(frame: np.ndarray, normalizer: Normalizer | None = None) -> tuple[np.ndarray, bool]:
+    """Replace the pixels that are no measurement (`bad_pixels`: NaN, ±inf, absurdly far from the
+    frame's range or from the stream's ``normalizer``'s) by the median of the others. Returns
+    (frame, was_clean).
 
     A frame that needed this is still denoised (so every input has its output) but is never
-    trained on: one poisoned frame must not poison the model.
+    trained on, nor tested for a change of the acquisition: one poisoned frame must not poison
+    the model, and a value such as 1e30 must not reach the network's windows and context either,
+    where it would spill into the outputs of the frames around it.
     """
-    if frame.dtype.kind != "f":
-        return frame, True
-    bad = ~np.isfinite(frame)
-    if not bad.any():
+    bad = bad_pixels(frame, normalizer)
+    if bad is None:
         return frame, True
     clean = frame.copy()
     good = frame[~bad]

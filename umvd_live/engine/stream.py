@@ -51,7 +51,7 @@ from umvd_live.engine.compiled import CompiledPass
 from umvd_live.engine.config import EngineConfig
 from umvd_live.engine.device import CpuSeat, inference_layout, pick_device, uses_bf16
 from umvd_live.engine.model import PRESETS, ModelSpec, UMVDNet, resolve_preset
-from umvd_live.engine.normalization import Normalizer, sanitize
+from umvd_live.engine.normalization import Normalizer, measurable, sanitize
 from umvd_live.engine.outputs import (
     BlindReferee,
     DenoisedFrame,
@@ -80,8 +80,9 @@ def _built(part: T | None) -> T:
 
 
 def _has_pixels(frame: np.ndarray) -> bool:
-    """Whether ``frame`` has a finite pixel to fit a normaliser on (a dropped frame is all NaN)."""
-    return frame.dtype.kind != "f" or bool(np.isfinite(frame).any())
+    """Whether ``frame`` has a pixel to fit a normaliser on (`normalization.measurable`): a dropped
+    frame is all NaN, a garbled one may be all 1e30."""
+    return frame.dtype.kind != "f" or bool(measurable(frame).any())
 
 
 def _batched(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -430,9 +431,13 @@ class StreamDenoiser:
         self._adopt_published_weights()
         self._update_state()
         self._fit_normalizer(frames)
-        cleaned = [sanitize(frame) for frame in frames]
-        # Tested before normalising; a frame that had NaN/Inf pixels is no evidence of a change
-        # (a frame of none, sanitised to a constant, would look like the laser turned off).
+        # Bad pixels are judged against the current segment's range too, for all of these frames:
+        # one that starts a new segment among them is far within it (`normalization.MAX_RANGES`).
+        normalizer = None if self._unfitted else self.normalizer
+        cleaned = [sanitize(frame, normalizer) for frame in frames]
+        # Tested before normalising; a frame that had bad pixels (NaN, Inf, 1e30) is no evidence
+        # of a change (a frame of none, sanitised to a constant, would look like the laser turned
+        # off; one pixel of 1e30 overflowed the detector's correlation: a false "content" change).
         starts = [self._detector.observe(clean) if clean_ok else None for clean, clean_ok in cleaned]
         bounds = [i for i, change in enumerate(starts) if change is not None and i > 0] + [len(frames)]
         outputs = self._undelivered  # grows in place: what a failure below leaves made is kept
@@ -473,9 +478,9 @@ class StreamDenoiser:
         return outputs
 
     def _fit_normalizer(self, frames: Iterable[np.ndarray]) -> None:
-        """Fit the first segment's normaliser on the first of ``frames`` with finite pixels, if
-        the stream has had none: fitted on a dropped (all-NaN) first frame, it would be (0, 1) and
-        the whole segment would run in raw units. Frames before it are constants (`sanitize`)."""
+        """Fit the first segment's normaliser on the first of ``frames`` with measurable pixels,
+        if the stream has had none: fitted on a dropped (all-NaN) first frame, it would be (0, 1)
+        and the whole segment would run in raw units. Frames before it are constants (`sanitize`)."""
         if not self._unfitted:
             return
         for frame in frames:

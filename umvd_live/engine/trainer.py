@@ -4,7 +4,8 @@ Training windows are drawn from a replay buffer of recent frames: random windows
 random flips. The target is the noisy centre frame, which the blind network never sees. A
 divergence guard keeps the last good weights and rolls back to them, at a lower learning rate,
 when the loss turns NaN or explodes or the output collapses to a constant (the reference's
-all-ReLU network sometimes falls into an all-black state).
+all-ReLU network sometimes falls into an all-black state). A batch that holds values no
+measurement has (`normalization.MAX_RANGES`) is skipped instead: it says nothing of the weights.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from umvd_live.engine.checkpoint import check_fits
 from umvd_live.engine.model import UMVDNet
+from umvd_live.engine.normalization import MAX_RANGES
 from umvd_live.engine.window import block_means, context_blocks, window_indices
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,8 @@ ACTIVITY_BLOCK = 8
 #: Centres looked at per batch to find activity, and frames of a segment its median is taken over.
 ACTIVITY_CANDIDATES = 64
 ACTIVITY_MEDIAN_FRAMES = 16
+#: A batch out of range (`OnlineTrainer.skipped_batches`) is logged the first time, then once in this many.
+SKIPPED_LOGGED_EVERY = 100
 
 
 class ReplayBuffer:
@@ -280,6 +284,10 @@ class OnlineTrainer:
         #: The running average of the weights since the last `restart_average` (None: none yet).
         self.average: dict[str, torch.Tensor] | None = None
         self.rollbacks = 0
+        #: Batches not trained on because they held NaN, inf or values beyond `MAX_RANGES` in the
+        #: network's units: frames the stream sanitised never do (`normalization.sanitize`), but
+        #: anything added to a replay buffer is drawn.
+        self.skipped_batches = 0
         self.last_loss: float | None = None
         self._loss_ema: float | None = None
         self._out_std_ema: float | None = None
@@ -368,6 +376,7 @@ class OnlineTrainer:
         if batch is None:
             return None
         batch = self._augment(batch).to(self.device, non_blocking=True)
+        in_range = batch.abs().amax() <= MAX_RANGES  # (read with the loss: one wait for the device)
         n = self.model.spec.window
         windows, context = batch[:, :n], (batch[:, n:] if self.model.spec.context else None)
         target = windows[:, n // 2]
@@ -376,6 +385,12 @@ class OnlineTrainer:
             out = self.model(windows, context)
         loss = F.mse_loss(out.float(), target)
         loss_value = float(loss.detach())
+        if not bool(in_range):  # (NaN too) the data's fault, not the weights': no rollback, no lower rate
+            self.skipped_batches += 1
+            if self.skipped_batches == 1 or self.skipped_batches % SKIPPED_LOGGED_EVERY == 0:
+                log.warning("a training batch held NaN, inf or values beyond %.3g in normalised units: "
+                            "skipped (%d so far)", MAX_RANGES, self.skipped_batches)
+            return None
         problem = self._diagnose(loss_value, out, target)
         if problem:
             self._rollback(problem)
