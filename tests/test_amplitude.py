@@ -42,6 +42,25 @@ def test_the_slope_is_measured_without_the_truth(slope):
     assert measured is not None and measured.slope == pytest.approx(slope, abs=0.04)
 
 
+def test_the_truths_variance_is_not_biased_by_the_frames_own_mean():
+    """Few frames and much noise: each lag product about the frames' own mean comes out low by
+    the noise variance / frames (here 0.3 of the truth's variance), which the measurement adds back."""
+    from scipy import ndimage
+
+    ratios = []
+    for seed in range(3):
+        rng = np.random.default_rng(10 + seed)
+        frames, size = 100, 96
+        slow = ndimage.gaussian_filter1d(rng.normal(0, 1, (frames, size, size)), 8, axis=0)
+        truth = 100 + slow * (10 / slow.std())  # a slow truth of variance 100 per pixel
+        noise_sd = np.sqrt(0.3 * frames * 100)  # noise variance / frames = 0.3 x the truth's variance
+        noisy = (truth + rng.normal(0, noise_sd, truth.shape)).astype(np.float32)
+        measured = measure_shrinkage(noisy, truth.astype(np.float32))  # the truth as the estimate: slope 1
+        assert measured is not None
+        ratios.append(measured.signal.mean() / (truth - truth.mean(axis=0)).var(axis=0).mean())
+    assert np.mean(ratios) == pytest.approx(1.0, abs=0.12), ratios  # not 0.7
+
+
 def test_nothing_is_measured_where_only_noise_varies():
     rng = np.random.default_rng(2)
     noisy = rng.normal(100, 10, (FRAMES, SIZE, SIZE)).astype(np.float32)
