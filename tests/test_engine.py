@@ -467,17 +467,37 @@ def test_bad_pixels_are_what_no_measurement_gives():
         clean, ok = sanitize(frame)
         assert not ok and bad_pixels(frame).sum() == 1
         assert clean[5, 5] == np.median(np.delete(frame.ravel(), 5 * 64 + 5))
-    # A frame all of one huge value has no range to be far from: the stream's range tells, or
-    # float32's (a square that overflows is no value the engine can work with).
+    # A frame all of one huge value has no range to be far from: float32's tells (a square that
+    # overflows is no value the engine can work with); below it, a whole frame is a change of the
+    # acquisition for the change detector, whatever the stream's range was.
     assert bad_pixels(np.full((8, 8), 1e30, np.float32)).all()
-    stream = Normalizer.fit(dark)
     assert bad_pixels(np.full((8, 8), 1e12, np.float32)) is None
-    assert bad_pixels(np.full((8, 8), 1e12, np.float32), stream).all()
-    assert bad_pixels(dark * 1000, stream) is None  # a change of the acquisition is far within
+    # a sparse frame: real spots far above a near-constant background are measurements
+    sparse = np.zeros((512, 512), np.float32)
+    sparse[::13, ::11] = 1e-6
+    sparse[100, 100] = 100.0
+    assert bad_pixels(sparse) is None
     half = np.float16(100) + np.zeros((8, 8), np.float16)
     half[0, 0] = np.inf
     assert bad_pixels(half).sum() == 1
     assert Normalizer.fit(np.where(rng.random((64, 64)) < 0.1, np.float32(3e38), dark)).scale < 20
+
+
+def test_a_stream_whose_first_frame_is_constant_fits_its_range_on_the_frames_after_it(two_photon):
+    """A camera's first frame before the shutter opens is all one value: fitted on it, the range
+    was the fallback of 1 unit, the segment ran in raw units (every batch beyond the network's
+    range: never trained on), and judged against that range every later frame was replaced by a
+    constant, for good. The normaliser waits for a frame with a range, and pixels are judged by
+    their own frame's."""
+    noisy, _ = two_photon
+    movie = np.concatenate([np.zeros((1, 64, 64), np.float32), 2e7 + 100 * noisy[:30]])
+    config = EngineConfig(preset="lite", device="cpu", warmup_frames=40, warmup_steps=4, min_train_frames=16,
+                          trainer=TrainerConfig(batch=2, patch=32), cpu_threads=1, workers=1)
+    den, outs = run_stream(config, movie)
+    assert Normalizer.fit(movie[1]) == den.normalizer
+    assert den.trainer.steps > 0 and den.trainer.skipped_batches == 0
+    late = np.stack([o.image for o in outs[8:]])
+    assert late.std(axis=(1, 2)).min() > 10 and np.abs(late.mean() - movie[8:].mean()) < 0.01 * movie[8:].mean()
 
 
 def test_a_batch_beyond_the_networks_range_is_skipped_not_a_divergence():

@@ -327,6 +327,27 @@ def test_every_command_ends_on_ctrl_break_as_on_ctrl_c(command, with_sigbreak, m
     assert with_sigbreak[SIGBREAK] is not ctrl_c and with_sigbreak[signal.SIGTERM] is not ctrl_c  # put back
 
 
+def test_a_command_run_from_another_thread_leaves_the_signals_alone():
+    """Python sets signal handlers from the main thread only: a command that an embedding
+    application runs on a thread of its own runs with the handlers as they are."""
+    from umvd_live.portable import stop_signals_as_ctrl_c
+
+    before = signal.getsignal(signal.SIGTERM)
+    errors: list[BaseException] = []
+
+    def command() -> None:
+        try:
+            with stop_signals_as_ctrl_c():
+                assert signal.getsignal(signal.SIGTERM) is before
+        except BaseException as exc:  # noqa: BLE001 (reported to the test's thread)
+            errors.append(exc)
+
+    thread = threading.Thread(target=command)
+    thread.start()
+    thread.join()
+    assert errors == [] and signal.getsignal(signal.SIGTERM) is before
+
+
 def test_ctrl_break_calls_what_ctrl_c_calls_now(monkeypatch):
     """`portable.ctrl_c` calls SIGINT's handler of the moment (napari's during `view`'s event loop,
     which quits the loop; a KeyboardInterrupt raised in a Qt slot would be lost), and raises

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -92,7 +93,11 @@ def stop_signals_as_ctrl_c() -> Iterator[None]:
     """For the block: SIGTERM and (Windows) SIGBREAK, Ctrl-Break, handled as Ctrl-C (`ctrl_c`),
     so a command's KeyboardInterrupt clean-up runs (a recording flushed and closed, the daemon
     told) instead of the process ending at once; SIGINT is left as it is. The previous handlers
-    are put back after. On the main thread only."""
+    are put back after. Python sets handlers from the main thread only: elsewhere (a command run
+    from an embedding application's thread) the block runs with the handlers as they are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = handle_stop_signals(ctrl_c, keep_sigint=True)
     try:
         yield

@@ -74,51 +74,53 @@ class Normalizer:
         return self.offset - MAX_RANGES * self.scale, self.offset + MAX_RANGES * self.scale
 
 
-def _bounds(frame: np.ndarray, normalizer: Normalizer | None) -> tuple[float, float]:
+def _bounds(frame: np.ndarray) -> tuple[float, float]:
     """The values a pixel of the float ``frame`` may take: within `MAX_RANGES` widths of the
-    frame's own robust range (`Normalizer.fit` on `RANGE_SAMPLE` of its pixels) and, if given, of
-    the stream's (``normalizer``), and within `MAX_MAGNITUDE` and what the dtype holds (±inf out)."""
+    frame's own robust range (`Normalizer.fit` on `RANGE_SAMPLE` of its pixels), or within
+    ±`MAX_RANGES` itself, and within `MAX_MAGNITUDE` and what the dtype holds (±inf out).
+
+    The frame's own range only: a whole frame far from the stream's range is a change of the
+    acquisition for the change detector to judge (judged bad against the stream's range, a stream
+    whose first frame was constant replaced every later frame, for good). And never inside
+    ±`MAX_RANGES` (1.7e7): no 16-bit count or flat-fielded value comes near it, while a sparse
+    frame's real spot can lie 2**24 widths above a near-constant background."""
     cap = _cap(frame.dtype)
-    lo, hi = normalizer.bounds() if normalizer is not None else (-cap, cap)
-    lo, hi = max(lo, -cap), min(hi, cap)
     step = max(1, math.ceil((frame.size / RANGE_SAMPLE) ** (1 / max(frame.ndim, 1))))
     sample = frame[(slice(None, None, step),) * frame.ndim]
     sample = sample[measurable(sample)]
     if sample.size == 0 and step > 1:  # (the sample fell on bad pixels only: the whole frame)
         sample = frame[measurable(frame)]
     if sample.size == 0:
-        return lo, hi  # nothing measurable: every pixel is out anyway
+        return -cap, cap  # nothing measurable: every pixel is out anyway
     own_lo, own_hi = Normalizer.fit(sample).bounds()
-    return max(lo, own_lo), min(hi, own_hi)
+    return max(-cap, min(own_lo, -MAX_RANGES)), min(cap, max(own_hi, MAX_RANGES))
 
 
-def bad_pixels(frame: np.ndarray, normalizer: Normalizer | None = None) -> np.ndarray | None:
+def bad_pixels(frame: np.ndarray) -> np.ndarray | None:
     """The pixels of ``frame`` that are no measurement, as a mask, or None if it has none: in a
-    float frame NaN, ±inf, a magnitude over `MAX_MAGNITUDE`, or a value more than `MAX_RANGES`
-    widths of a robust range away from it: the frame's own (one pixel of 1e30 among hundreds of
-    ADU) and, if given, the stream's ``normalizer``'s (a frame that is all 1e12 in such a stream;
-    one from a real change of the acquisition, brighter by a factor of thousands at most, is in)."""
+    float frame NaN, ±inf, a magnitude over `MAX_MAGNITUDE`, or one over `MAX_RANGES` that lies
+    more than `MAX_RANGES` widths of the frame's own robust range away (one pixel of 1e12 among
+    hundreds of ADU; a saturated 65535 or a brighter acquisition is in)."""
     frame = np.asarray(frame)
     if frame.dtype.kind != "f" or frame.size == 0:
         return None
-    lo, hi = _bounds(frame, normalizer)
+    lo, hi = _bounds(frame)
     if lo <= frame.min() and frame.max() <= hi:  # (a NaN makes both NaN: the comparison false)
         return None
     with np.errstate(invalid="ignore"):
         return ~((frame >= lo) & (frame <= hi))
 
 
-def sanitize(frame: np.ndarray, normalizer: Normalizer | None = None) -> tuple[np.ndarray, bool]:
-    """Replace the pixels that are no measurement (`bad_pixels`: NaN, ±inf, absurdly far from the
-    frame's range or from the stream's ``normalizer``'s) by the median of the others. Returns
-    (frame, was_clean).
+def sanitize(frame: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Replace the pixels that are no measurement (`bad_pixels`: NaN, ±inf, absurdly large or far
+    from the frame's range) by the median of the others. Returns (frame, was_clean).
 
     A frame that needed this is still denoised (so every input has its output) but is never
     trained on, nor tested for a change of the acquisition: one poisoned frame must not poison
     the model, and a value such as 1e30 must not reach the network's windows and context either,
     where it would spill into the outputs of the frames around it.
     """
-    bad = bad_pixels(frame, normalizer)
+    bad = bad_pixels(frame)
     if bad is None:
         return frame, True
     clean = frame.copy()

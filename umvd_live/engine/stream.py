@@ -79,10 +79,13 @@ def _built(part: T | None) -> T:
     return part
 
 
-def _has_pixels(frame: np.ndarray) -> bool:
-    """Whether ``frame`` has a pixel to fit a normaliser on (`normalization.measurable`): a dropped
-    frame is all NaN, a garbled one may be all 1e30."""
-    return frame.dtype.kind != "f" or bool(measurable(frame).any())
+def _has_range(frame: np.ndarray) -> bool:
+    """Whether ``frame`` has measurable pixels (`normalization.measurable`) of more than one value
+    to fit a normaliser on: a dropped frame is all NaN, a garbled one may be all 1e30, and a
+    camera's frame before the shutter opens all one value (fitted on that, the range would be the
+    fallback of 1 unit and the whole segment would run in raw units)."""
+    values = frame[measurable(frame)] if frame.dtype.kind == "f" else frame
+    return values.size > 0 and bool(values.max() > values.min())
 
 
 def _batched(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -159,7 +162,7 @@ class StreamDenoiser:
         self.shape: tuple[int, int] | None = None
         self.dtype: np.dtype | None = None
         self._normalizer: Normalizer | None = None  # the current segment's (`normalizer`)
-        self._unfitted = False  # no frame with finite pixels yet: the normaliser waits for one
+        self._unfitted = False  # no frame with a range of pixels yet: the normaliser waits for one
         self.preset: str | None = None
         self._spec: ModelSpec | None = None  # the network's (`spec`)
         self._window = SlidingWindow(self.config.window)
@@ -373,7 +376,7 @@ class StreamDenoiser:
         self.start_hash = weights_hash(train_net.state_dict())
         self._normalizer = Normalizer.fit(frame)
         self._normalizers = [self._normalizer]  # each segment's, by segment
-        self._unfitted = not _has_pixels(frame)
+        self._unfitted = not _has_range(frame)
         if self.workers > 1:
             self._pool = ThreadPoolExecutor(self.workers, "umvd-infer", initializer=self.seat.set_threads)
         self._prepare_kernels()
@@ -431,10 +434,7 @@ class StreamDenoiser:
         self._adopt_published_weights()
         self._update_state()
         self._fit_normalizer(frames)
-        # Bad pixels are judged against the current segment's range too, for all of these frames:
-        # one that starts a new segment among them is far within it (`normalization.MAX_RANGES`).
-        normalizer = None if self._unfitted else self.normalizer
-        cleaned = [sanitize(frame, normalizer) for frame in frames]
+        cleaned = [sanitize(frame) for frame in frames]
         # Tested before normalising; a frame that had bad pixels (NaN, Inf, 1e30) is no evidence
         # of a change (a frame of none, sanitised to a constant, would look like the laser turned
         # off; one pixel of 1e30 overflowed the detector's correlation: a false "content" change).
@@ -478,13 +478,13 @@ class StreamDenoiser:
         return outputs
 
     def _fit_normalizer(self, frames: Iterable[np.ndarray]) -> None:
-        """Fit the first segment's normaliser on the first of ``frames`` with measurable pixels,
-        if the stream has had none: fitted on a dropped (all-NaN) first frame, it would be (0, 1)
-        and the whole segment would run in raw units. Frames before it are constants (`sanitize`)."""
+        """Fit the first segment's normaliser on the first of ``frames`` with a range of measurable
+        pixels (`_has_range`), if the stream has had none: fitted on a dropped (all-NaN) or
+        constant first frame, it would be (0, 1) and the whole segment would run in raw units."""
         if not self._unfitted:
             return
         for frame in frames:
-            if _has_pixels(frame):
+            if _has_range(frame):
                 self._normalizer = self._normalizers[0] = Normalizer.fit(frame)
                 self._unfitted = False
                 return
