@@ -7,7 +7,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 
 import msgpack
@@ -388,6 +390,21 @@ def test_the_inbox_bound_counts_what_each_message_holds_not_only_its_bytes():
         ctx.term()
 
 
+@contextmanager
+def _control_server(handle: Callable[[bytes], PendingReply]) -> Iterator[tuple[ControlServer, ControlClient]]:
+    """A control thread on loopback answering through ``handle``, and a client of it."""
+    ctx = zmq.Context()
+    server = ControlServer(ctx, "tcp://127.0.0.1:*", handle)
+    server.start()
+    client = ControlClient(server.endpoint, timeout_s=10, context=ctx)
+    try:
+        yield server, client
+    finally:
+        client.close()
+        server.stop()
+        ctx.term()
+
+
 def test_a_control_reply_that_cannot_be_made_is_an_error_and_the_next_request_is_answered():
     def handle(data: bytes) -> PendingReply:
         cmd, reply = msgpack.unpackb(data)["cmd"], Future()
@@ -399,20 +416,12 @@ def test_a_control_reply_that_cannot_be_made_is_an_error_and_the_next_request_is
             reply.set_result(pack({"ok": True, "cmd": cmd}))
         return PendingReply(reply)
 
-    ctx = zmq.Context()
-    server = ControlServer(ctx, "tcp://127.0.0.1:*", handle)
-    server.start()
-    client = ControlClient(server.endpoint, timeout_s=10, context=ctx)
-    try:
+    with _control_server(handle) as (server, client):
         assert client.request("broken") == {"ok": False, "error": "reply could not be made: RuntimeError: no snapshot"}
         late = client.request("late")
         assert not late["ok"] and "ZeroDivisionError" in late["error"]
         assert client.request("status") == {"ok": True, "cmd": "status"}
         assert server.is_alive()
-    finally:
-        client.close()
-        server.stop()
-        ctx.term()
 
 
 def test_a_control_request_the_service_fails_to_take_gets_an_error_reply_and_is_counted():
@@ -427,19 +436,11 @@ def test_a_control_request_the_service_fails_to_take_gets_an_error_reply_and_is_
         reply.set_result(pack({"ok": True, "cmd": cmd}))
         return PendingReply(reply)
 
-    ctx = zmq.Context()
-    server = ControlServer(ctx, "tcp://127.0.0.1:*", handle)
-    server.start()
-    client = ControlClient(server.endpoint, timeout_s=5, context=ctx)
-    try:
+    with _control_server(handle) as (server, client):
         assert client.request("raises") == {
             "ok": False, "error": "the request could not be handled: MemoryError: no memory for the request"}
         assert client.request("status") == {"ok": True, "cmd": "status"}
         assert (server.errors, server.waiting) == (1, 0) and server.is_alive()
-    finally:
-        client.close()
-        server.stop()
-        ctx.term()
 
 
 def _has_ipv6_loopback() -> bool:
