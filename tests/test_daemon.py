@@ -1283,6 +1283,95 @@ def test_a_raw_recording_begun_before_a_streams_first_frame_names_the_weights_of
     d.close()
 
 
+def test_a_recording_across_shape_changes_names_the_weights_of_each_engine_and_never_waits_on_a_hash(tmp_path):
+    """At a shape change the old engine's last outputs, flushed as it closes, reach the recording
+    after the new engine has started: the old-shape files still name the weights that made them
+    (not the new network's, nor None), the new-shape files the new network's. A part left at a
+    shape change never holds up the recorder's one writer while its hash is owed (the frames of
+    the new shape are written before any output of it comes), and the stop does not wait for a
+    hash (`HASH_WAIT_S`), also with a last shape that never got a denoised frame (None)."""
+    from umvd_live.recording.ometiff import read_recording
+
+    rng = np.random.default_rng(8)
+
+    def send(shape: tuple[int, int], seqs: range) -> None:
+        d.router.process([received(encode_frame("ts", rng.poisson(30.0, shape).astype(np.uint16), s))
+                          for s in seqs], allow_skip=False)
+
+    def all_written(session, timeout_s: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while (status := session.status()).frames_written < status.frames_submitted:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    d, _ = daemon_in_process(tmp_path)
+    try:
+        d.start_recording("rec.ome.tif", None, raw=True)
+        session = d.recording.session
+        send((24, 24), range(0, 2))  # fewer than window // 2: its outputs come only from the flush at the change
+        den = d.router.streams["ts"].denoiser
+        began = den.weights_copy()  # weights of their own, which a new network (same seed) has not
+        doubled = SavedWeights({k: v * 2 for k, v in began.state_dict.items()}, began.info)
+        den.load_weights("doubled.pt", doubled)
+        first = weights_hash(doubled.state_dict)
+        send((32, 32), range(2, 4))  # a new engine, no output of it yet: the first shape's hash is owed no more
+        assert all_written(session), session.status()  # the writer was not held up by the part it left
+        send((32, 32), range(4, 12))  # (fewer than min_train_frames: no training step changes the weights)
+        second = weights_hash(d.router.streams["ts"].denoiser.weights_copy().state_dict)
+        assert second != first
+        send((16, 16), range(12, 14))  # a third engine, whose outputs will not come before the stop
+        assert all_written(session), session.status()
+        d.stop_recording()
+        d.router.streams["ts"].idle = True  # what check_idle would set: its outputs will not come
+        d._next_housekeeping = 0.0
+        stopped = time.monotonic()
+        d.run_once(wait_s=0)
+        assert session.stop(wait=True, timeout=60)
+        assert time.monotonic() - stopped < 20  # (not HASH_WAIT_S)
+    finally:
+        d.finish()
+    parts = {"rec_ts": (first, [0, 1]), "rec_ts-part2": (second, list(range(2, 12))),
+             "rec_ts-part3": (None, [12, 13])}
+    for stem, (expected, seqs) in parts.items():
+        for kind in ("", ".raw"):
+            path = tmp_path / f"{stem}{kind}.ome.tif"
+            if stem == "rec_ts-part3" and not kind:
+                assert not path.exists()  # no denoised frame of the third shape
+                continue
+            _, infos, provenance = read_recording(path)
+            assert [f.seq for f in infos] == seqs, path
+            assert provenance["complete"] and provenance["weights_sha256_at_start"] == expected, path
+            assert "weights_sha256_error" not in provenance, provenance
+    d.close()
+
+
+def test_a_streams_outputs_flushed_at_its_end_name_the_weights_that_made_them(tmp_path):
+    """A stream shorter than the window's latency (a replay of a few frames, one z plane) gets all
+    its outputs from the flush at its end, after its engine is gone: its files name the weights
+    of that engine, not None (which says that no denoised frame was recorded)."""
+    from umvd_live.recording.ometiff import read_recording
+
+    rng = np.random.default_rng(9)
+    d, _ = daemon_in_process(tmp_path)
+    try:
+        d.start_recording("rec.ome.tif", None, raw=True)
+        d.router.process([received(encode_frame("short", rng.poisson(30.0, (24, 24)).astype(np.uint16), s))
+                          for s in range(3)] + [received(encode_end("short", 3))], allow_skip=False)
+        live = d.router.streams["short"]
+        assert live.denoiser is None and live.final_weights is not None  # ended: its weights kept
+        expected = weights_hash(live.final_weights.state_dict)
+        d.stop_recording()
+    finally:
+        d.finish()
+    for name in ("rec_short.ome.tif", "rec_short.raw.ome.tif"):
+        _, infos, provenance = read_recording(tmp_path / name)
+        assert [f.seq for f in infos] == [0, 1, 2], name
+        assert provenance["complete"] and provenance["weights_sha256_at_start"] == expected, name
+    d.close()
+
+
 def test_load_model_reads_the_file_once_and_reports_the_weights_it_loaded(tmp_path, monkeypatch):
     """`load_model` into a live stream reads the model file once, on the frame loop, and the engine
     adopts what was read: the reply's weights hash names the weights loaded, also when the file is

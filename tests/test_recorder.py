@@ -764,6 +764,49 @@ def test_a_weights_hash_computed_after_the_first_frame_is_written_once_known(tmp
     assert prov["weights_sha256_error"] == "RuntimeError: out of memory"
 
 
+def test_a_part_left_at_a_shape_change_is_closed_once_its_hash_is_known_without_holding_up_the_writer(tmp_path):
+    """After a shape change a stream goes on in a new part, which names the provenance its stream
+    was given after `renew_provenance` (the daemon's new engine); the part left behind names the
+    one it began with. The writer writes every stream: a part whose weights hash is still being
+    computed must not hold it up, so it stays open (checkpointed) until the hash is known, and is
+    closed then, with the hash in its final metadata."""
+    from concurrent.futures import Future
+
+    hashes: list[Future[str | None]] = []
+
+    def provenance(stream: str) -> Provenance:
+        hashes.append(Future())
+        return Provenance(stream=stream, weights_sha256_future=hashes[-1])
+
+    def until(done, what: str, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.02)
+
+    session = RecordingSession(RecordingRequest(path=tmp_path / "x.ome.tif", checkpoint_interval_s=0.1),
+                               provenance=provenance)
+    small = (16, 16)
+    for seq in range(2):
+        assert session.submit_denoised("cam0", header(seq), pattern(seq), state="live", model_step=1)
+    session.renew_provenance("cam0")  # a new network: the next frame takes a new provenance
+    for seq in range(2, 4):
+        assert session.submit_denoised("cam0", FrameHeader(seq, small, "<f4"), pattern(seq, shape=small),
+                                       state="live", model_step=1)
+    until(lambda: session.status().frames_written == 4, "the new part's frames were held up by the old one's hash")
+    assert len(hashes) == 2
+    old, new = (tmp_path / f"x_cam0{part}.ome.tif" for part in ("", "-part2"))
+    _, infos, prov = read_recording(old)  # (as a kill now would leave it: readable, every frame)
+    assert [f.seq for f in infos] == [0, 1] and not prov["complete"] and prov["weights_sha256_at_start"] == "pending"
+    hashes[0].set_result("ab" * 32)
+    until(lambda: read_recording(old)[2]["complete"], "the old part was not closed once its hash was known")
+    assert read_recording(old)[2]["weights_sha256_at_start"] == "ab" * 32
+    hashes[1].set_result("cd" * 32)
+    assert session.stop(wait=True, timeout=60)
+    _, infos, prov = read_recording(new)
+    assert [f.seq for f in infos] == [2, 3] and prov["complete"] and prov["weights_sha256_at_start"] == "cd" * 32
+
+
 # -- multi-dimensional acquisitions (issue 16): one file per position, channel and plane -----------
 CHANNELS = ("GCaMP", "mCherry λ561")  # display names; the second is not ASCII
 PLANES = 3

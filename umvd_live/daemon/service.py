@@ -452,8 +452,7 @@ class Daemon:
 
         if self.recording is not None:
             raise ControlError("a recording is running; record_stop first")
-        hashes = WeightsHashes(self._weights_copy,
-                               lambda weights: self.worker.submit(weights_hash, weights.state_dict))
+        hashes = WeightsHashes(lambda weights: self.worker.submit(weights_hash, weights.state_dict))
         try:
             session = RecordingSession(request, provenance=lambda stream: self._provenance(stream, hashes),
                                        on_error=self._recording_failed)
@@ -490,11 +489,12 @@ class Daemon:
                 self.router.sinks.remove(sink)
 
     def _provenance(self, stream: str, hashes: WeightsHashes) -> Provenance:
-        """What a recording says of the stream's network; called once per stream and recording,
-        at its first frame, on the frame loop. The weights hash: of the weights the recording's
-        first denoised frames came from, copied by the loop at the first of them and hashed on
-        the state worker (`sinks.WeightsHashes`); the files say ``pending`` until it is known, and
-        a clean stop waits for it (`recording.ometiff.Provenance.weights_sha256_future`)."""
+        """What a recording says of the stream's network; called on the frame loop at the first
+        frame the recording takes of the stream, and again after each new engine of it (the files
+        opened from then on name it: `RecordingSession.renew_provenance`). The weights hash: of the
+        weights that engine's first recorded denoised frames came from, copied by the loop at the
+        first of them and hashed on the state worker (`sinks.WeightsHashes`); the files say
+        ``pending`` until it is known (`recording.ometiff.Provenance.weights_sha256_future`)."""
         from umvd_live.recording.ometiff import Provenance
 
         live = self.router.streams.get(stream)
@@ -506,12 +506,6 @@ class Daemon:
             device=str(getattr(den, "device", engine.device)), source=self.endpoints.get("input"),
             extra=network_provenance(cast("StreamDenoiser", den)) if _network_built(den) else {},
         )
-
-    def _weights_copy(self, stream: str) -> SavedWeights | None:
-        """A CPU copy of the stream's weights now (None while it has no network)."""
-        live = self.router.streams.get(stream)
-        den = live.denoiser if live is not None else None
-        return den.weights_copy() if den is not None else None
 
     def _recording_failed(self, message: str) -> None:
         log.error("recording failed, live output goes on: %s", message)

@@ -10,8 +10,8 @@ quickly: a sink that writes to disk queues internally, so the live output never 
   under ``<stream>/raw``, each denoised frame with its latency (docs/protocol.md). It owes no
   stream: a viewer wants the present, not every frame.
 - `RecordingSink`: a `recording.session.RecordingSession` (``record_start``, ``serve --record``),
-  with its streams' weights hashes (`WeightsHashes`: the loop copies the weights, the daemon's
-  state worker hashes the copy).
+  with its streams' weights hashes (`WeightsHashes`: the loop copies the weights of the engine that
+  made a stream's first recorded output, the daemon's state worker hashes the copy).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import zmq
 
-from umvd_live.daemon.streams import Arrival, DenoisedOutput, StreamStarted, monotonic
+from umvd_live.daemon.streams import Arrival, DenoisedOutput, EngineWeights, StreamStarted, monotonic
 from umvd_live.wire.protocol import RAW_SUFFIX, encode_denoised
 
 if TYPE_CHECKING:  # recording.session imports the file writers: only when a recording starts
@@ -97,35 +97,41 @@ class PublisherSink:
 class WeightsHashes:
     """The weights hash each stream's files of one recording name (`recording.ometiff.Provenance`'s
     ``weights_sha256_future``), made off the frame loop: hashing every tensor of a large network
-    would stall it. The loop copies the stream's weights (``copy``: between two training steps, to
-    the CPU) at the stream's first recorded denoised frame, so the hash names the weights the
-    recording's first denoised frames came from, also when its first frame, recorded raw, comes
-    before the stream's network exists; ``hash_later`` hashes the copy elsewhere (the daemon's state
-    worker). A stream that never gets a denoised frame recorded is settled as None at the stop.
+    would stall it. A hash is begun for each of a stream's engines (`begin`: at the first frame the
+    recording takes of it, again after `RecordingSink.on_stream_started`) and owed until a denoised
+    frame of that engine is recorded (`take`): then the loop copies the weights of the engine that
+    made the frame (`streams.EngineWeights`: also once that engine has closed, for the outputs it
+    flushed at a shape change or at the stream's end) and ``hash_later`` hashes the copy elsewhere
+    (the daemon's state worker). So a file names the weights its first denoised frames came from,
+    also when its first frame, recorded raw, came before the network existed. One still owed when
+    the next engine's is begun, or at the stop, is None: no denoised frame of it was recorded.
     Frame loop only, but for the futures, which the hashing thread completes."""
 
-    def __init__(self, copy: Callable[[str], SavedWeights | None],
-                 hash_later: Callable[[SavedWeights], Future[str]]):
-        self._copy = copy
+    def __init__(self, hash_later: Callable[[SavedWeights], Future[str]]):
         self._hash_later = hash_later
         self._owed: dict[str, Future[str | None]] = {}  # by stream: not copied yet
 
     def begin(self, stream: str) -> Future[str | None]:
-        """The hash of ``stream``'s weights for its files (at its first frame in the recording)."""
+        """The hash of the weights of ``stream``'s current engine, for the files opened from now
+        on (at the first frame the recording takes of it, and of each new engine)."""
+        before = self._owed.pop(stream, None)
+        if before is not None:  # the last engine is gone without a recorded denoised frame
+            before.set_result(None)
         future: Future[str | None] = Future()
         self._owed[stream] = future
         return future
 
-    def take(self, stream: str) -> None:
-        """A denoised frame of ``stream`` was recorded: copy its weights if its hash is still owed."""
+    def take(self, stream: str, weights: EngineWeights | None) -> None:
+        """A denoised frame of ``stream`` was recorded, made with ``weights``: copy them if the
+        hash is still owed."""
         future = self._owed.get(stream)
-        if future is None:
+        if future is None or weights is None:
             return
         try:
-            weights = self._copy(stream)
-            if weights is None:  # (no network: none made this frame)
+            copy = weights.copy()
+            if copy is None:  # (no network: none made this frame)
                 return
-            job = self._hash_later(weights)
+            job = self._hash_later(copy)
         except Exception as exc:  # the files say why they name no hash; the recording goes on
             log.exception("recording %s: cannot hash the weights", stream)
             del self._owed[stream]
@@ -182,7 +188,9 @@ class RecordingSink:
         return self.session.records(stream)
 
     def on_stream_started(self, event: StreamStarted) -> None:
-        pass  # the session starts a new file part itself when a stream's shape changes
+        """A new engine, after the outputs the old one flushed: the stream's next files (the
+        session starts a new part when the frame shape changes) name its weights, not the old."""
+        self.session.renew_provenance(event.stream)
 
     def on_raw(self, arrival: Arrival) -> None:
         frame = arrival.frame
@@ -206,7 +214,7 @@ class RecordingSink:
                                              model_step=output.model_step, t_received=_wall(output.received),
                                              amplitude_gain=output.amplitude_gain)
         if taken and self.hashes is not None:
-            self.hashes.take(output.stream)  # the stream's first recorded output: its weights now
+            self.hashes.take(output.stream, output.weights)  # the engine's first recorded output: its weights
         self._finish_if_done()
 
     def stop(self) -> None:

@@ -91,6 +91,28 @@ class DenoisedOutput:
     received: float  # monotonic() when the input frame was taken from the socket
     latency_ms: float = 0.0  # receipt -> hand-over to the sinks (set by the router as it hands over)
     amplitude_gain: float = 1.0  # the factor its amplitude was restored by (`engine.outputs.DenoisedFrame`)
+    #: The weights of the engine that made it (a recording's weights hash, `sinks.WeightsHashes`).
+    weights: EngineWeights | None = field(default=None, compare=False, repr=False)
+
+
+class EngineWeights:
+    """The weights of one engine of a stream, for whoever must name those its outputs came from
+    (a recording's weights hash): the engine's own, copied when asked, while it runs; the copy
+    `LiveStream` keeps as it closes the engine afterwards. The outputs an engine flushes as it
+    closes reach the sinks only after that: with no engine left (the stream's end), or with the
+    next one started and holding other weights (a shape change, a reset)."""
+
+    def __init__(self, engine: StreamEngine):
+        self._engine: StreamEngine | None = engine
+        self._kept: SavedWeights | None = None
+
+    def copy(self) -> SavedWeights | None:
+        """The weights on the CPU, to read, not to change (None: no network built yet, or none kept)."""
+        return self._engine.weights_copy() if self._engine is not None else self._kept
+
+    def closed(self, kept: SavedWeights | None) -> None:
+        """The engine closed; ``kept``: the copy of its weights taken just before."""
+        self._engine, self._kept = None, kept
 
 
 @dataclass(frozen=True)
@@ -203,6 +225,7 @@ class LiveStream:
         self.fps_in = RateMeter()
         self.fps_out = RateMeter()
         self.denoiser: StreamEngine | None = None
+        self._engine_weights: EngineWeights | None = None  # the denoiser's, for its outputs
         #: The weights of the last denoiser, kept when it closed (the stream's end): `save_model`'s.
         self.final_weights: SavedWeights | None = None
         self.shape: tuple[int, int] | None = None
@@ -513,7 +536,8 @@ class LiveStream:
                 start = resumed
                 self.counters.resumed += 1
         self.denoiser = self._make_denoiser(start)
-        self.final_weights = None  # the new denoiser's are the model now
+        self._engine_weights = EngineWeights(self.denoiser)
+        self.final_weights = None  # the new denoiser's are the model now (the old one's outputs keep theirs)
         self.started_from = start
         self.shape, self.dtype = shape, dtype
         self.pending = 0
@@ -527,6 +551,7 @@ class LiveStream:
     def _close_denoiser(self, checkpoint: bool = True) -> list[DenoisedOutput]:
         den = self.denoiser
         assert den is not None
+        outputs: list[DenoisedOutput] = []
         try:
             try:
                 outputs = self._outputs(den.flush())
@@ -537,10 +562,17 @@ class LiveStream:
             if checkpoint:  # shutdown, shape change: keep what this model learned (on the worker)
                 self.checkpoint()
         finally:  # also after a failed flush: nothing is owed by a closed denoiser (`ended`)
-            try:  # a stream that ended keeps its model for `save_model` (a few hundred kB); a reset forgets it
-                self.final_weights = den.weights_copy() if checkpoint else None
+            # Its weights, copied before it closes (a few hundred kB): a stream that ended keeps its
+            # model for `save_model` (a reset forgets it), and the outputs just flushed, which reach
+            # the sinks after this, name the weights that made them (`EngineWeights`).
+            kept = None
+            try:
+                kept = den.weights_copy() if checkpoint or outputs else None
             except Exception:
                 log.exception("stream %s: its weights could not be kept at its end", self.name)
+            self.final_weights = kept if checkpoint else None
+            if self._engine_weights is not None:
+                self._engine_weights.closed(kept)
             den.close()
             self.denoiser = None
             if self.pending:  # the engine owes one output per input: say so if it did not
@@ -549,13 +581,14 @@ class LiveStream:
         return outputs
 
     def _outputs(self, frames: Sequence[DenoisedFrame]) -> list[DenoisedOutput]:
-        """The engine's outputs, each with the header and receipt time it was tagged with."""
+        """The current engine's outputs, each with the header and receipt time it was tagged with,
+        and that engine's weights."""
         self.pending -= len(frames)
         outputs = []
         for out in frames:
             header, received = cast(_Tag, out.tag)
             outputs.append(DenoisedOutput(self.name, header, out.image, out.state, int(out.model_step), received,
-                                          amplitude_gain=float(out.amplitude_gain)))
+                                          amplitude_gain=float(out.amplitude_gain), weights=self._engine_weights))
         return outputs
 
 

@@ -28,7 +28,9 @@ On-disk layout (little-endian BigTIFF, one uncompressed strip per page, one page
   A clean `close` writes the final XML (per-plane DeltaT, the per-frame table) the same way.
 * The weights hash may come after the file's first frame (`Provenance.weights_sha256_future`: the
   daemon hashes on its state worker, off the frame loop): the map says ``pending`` until it is
-  known, the next checkpoint writes it, and `close` waits for it (`HASH_WAIT_S`) before the final XML.
+  known, the next checkpoint writes it, and `close` waits for it (`HASH_WAIT_S`) before the final
+  XML. A `recording.session.RecordingSession` closes a file mid-recording (a shape change) only once
+  its hash is settled, so only the recording's end can wait.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ FRAMES_NS = "umvd-live/frames"
 #: what a recording killed before it was known keeps.
 HASH_PENDING = "pending"
 #: How long closing a recording waits for a weights hash still being computed (the daemon's state
-#: worker may be writing checkpoints first); then the final metadata says ``pending``.
+#: worker may be writing checkpoints first); then the final metadata says ``pending``. Only the
+#: recording's end waits so: a part left mid-recording is closed once its hash is settled.
 HASH_WAIT_S = 120.0
 #: Characters XML 1.0 does not allow anywhere, not even escaped.
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
@@ -176,9 +179,10 @@ class Provenance:
     pixel_size_um: float | None = None  # None: taken from the first frame's meta["pixel_size_um"]
     recording_id: str | None = None  # the RecordingSession's id: which files belong together
     extra: dict[str, Any] = field(default_factory=dict)
-    #: The hash of the weights when the recording started, still being computed (the daemon hashes
-    #: a copy of them on its state worker, not on the frame loop); used while ``weights_sha256``
-    #: is None. The files say ``pending`` until it is done, then its result (`weights_sha256_entries`).
+    #: The weights hash, still being computed (the daemon hashes a copy of the weights the file's
+    #: first denoised frames came from on its state worker, not on the frame loop); used while
+    #: ``weights_sha256`` is None. The files say ``pending`` until it is done, then its result
+    #: (`weights_sha256_entries`).
     weights_sha256_future: Future[str | None] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -15,6 +15,12 @@ file stays append-only and crash-safe, and a stream's frames are written at thei
 files name their place in the acquisition and the session's ``recording_id`` in their OME-XML;
 `umvd_live.recording.acquisition.read_acquisition` assembles them.
 
+A stream whose frame shape changes goes on in a new file (a part). Each file names the provenance
+its stream had at the file's first frame (`renew_provenance`: the daemon's new engine after a
+shape change). A weights hash still being computed (`Provenance.weights_sha256_future`) never
+holds the writer up, which writes every stream: a part left at a shape change is closed once its
+hash is known (checkpointed meanwhile), only the session's end waits for one (`HASH_WAIT_S`).
+
 A base path ending in ``.ome.zarr`` records OME-Zarr stores instead (`umvd_live.recording.omezarr`).
 
 Paths that arrive over the control socket go through `wire.security.confine_path` first.
@@ -155,6 +161,9 @@ class RecordingSession:
         self._last_submit_mono: float | None = None
         self._last_written_mono: float | None = None
         self._warned_no_image = False
+        #: Writer thread: parts left at a shape change whose weights hash is still being computed,
+        #: closed once it is known (`_close_if_hashed`, at each checkpoint) or at the end.
+        self._closing: list[Recording] = []
         self._writer = threading.Thread(target=self._write_loop, name="umvd-recorder", daemon=True)
         self._writer.start()
 
@@ -191,8 +200,9 @@ class RecordingSession:
         if not self.records(stream):
             return False
         try:
-            if stream not in self._provenances:
-                self._provenances[stream] = self._provenance(stream)
+            provenance = self._provenances.get(stream)
+            if provenance is None:
+                provenance = self._provenances[stream] = self._provenance(stream)
             # always a copy: the caller's buffer (a ZeroMQ message, an engine output) may be
             # reused after this call returns; ~50 µs per MiB
             image = np.array(image, dtype=np.float32 if kind == "denoised" else None, order="C")
@@ -208,6 +218,7 @@ class RecordingSession:
                 "amplitude_gain": None if amplitude_gain is None else float(amplitude_gain),
                 "meta": header.meta,
                 "mono": now_mono,
+                "provenance": provenance,  # a new file opened for this frame names it
             }
             self._queue.put(item, image)
         except QueueClosed:
@@ -225,10 +236,16 @@ class RecordingSession:
             self._last_submit_mono = now_mono
         return True
 
+    def renew_provenance(self, stream: str) -> None:
+        """``stream``'s frames come from another network from now on (the daemon's new engine after
+        a shape change, a reset, an end): its next frame takes a new provenance, which the files
+        opened from then on name (a new part); the files already open keep theirs. Producer thread."""
+        self._provenances.pop(stream, None)
+
     def _provenance(self, stream: str) -> Provenance:
-        # called once per stream and session, on the producer thread: the daemon copies the
-        # weights *now*, at the start of this stream's recording, and hashes the copy on its state
-        # worker (`Provenance.weights_sha256_future`: the files name it once known)
+        # called on the producer thread at the stream's first frame, and at its first after
+        # `renew_provenance`: the daemon begins the hash of its engine's weights then
+        # (`Provenance.weights_sha256_future`: the files name it once known)
         try:
             return self._provenance_for(stream)
         except Exception as exc:  # record anyway, and say why the provenance is thin
@@ -289,6 +306,7 @@ class RecordingSession:
     # -- writer thread --------------------------------------------------------------------------
     def _write_loop(self) -> None:
         files: dict[tuple[str, str], Recording] = {}
+        closing = self._closing
         parts: dict[tuple[str, str], int] = {}
         next_checkpoint = time.monotonic() + self.request.checkpoint_interval_s
         sealed = False
@@ -315,10 +333,12 @@ class RecordingSession:
                 if time.monotonic() >= next_checkpoint:
                     for rec in files.values():
                         rec.checkpoint()
+                    for rec in list(closing):
+                        _close_if_hashed(rec, closing)
                     next_checkpoint = time.monotonic() + self.request.checkpoint_interval_s
-            for rec in list(files.values()):
+            for rec in [*closing, *files.values()]:
                 if self.error is None:
-                    rec.close()
+                    rec.close()  # the recording's end: may wait for a hash (`HASH_WAIT_S`)
         except OSError as exc:
             path = getattr(exc, "filename", None) or getattr(exc, "recording_path", None)
             name = errno.errorcode.get(exc.errno or 0, "error")
@@ -334,7 +354,7 @@ class RecordingSession:
             unkept = 0
             try:
                 if self.error is not None:
-                    for rec in files.values():
+                    for rec in [*closing, *files.values()]:
                         try:
                             rec.abandon()  # what is linked stays readable; no more writes to a failing disk
                         except Exception:  # the others are abandoned all the same
@@ -359,10 +379,13 @@ class RecordingSession:
                          amplitude_gain=item["amplitude_gain"], meta=item["meta"])
         rec = files.get(key)
         if rec is not None and (rec.shape != image.shape or rec.dtype != image.dtype.newbyteorder("<")):
-            # a new frame shape or dtype (a camera ROI change): close this file, start a new part
+            # a new frame shape or dtype (a camera ROI change): start a new part; this one closes
+            # once its weights hash is known (`_close_if_hashed`: at once, as a rule)
             log.warning("recording %s (%s): frames changed from %s %s to %s %s; starting a new file",
                         *key, rec.shape, rec.dtype, image.shape, image.dtype)
-            rec.close()
+            del files[key]
+            self._closing.append(rec)
+            _close_if_hashed(rec, self._closing)
             rec = None
         if rec is None:
             rec = self._open(item, image, info, parts)
@@ -381,7 +404,7 @@ class RecordingSession:
               parts: dict[tuple[str, str], int]) -> Recording:
         stream, raw = item["stream"], item["kind"] == "raw"
         key = (stream, item["kind"])
-        base = self._provenances[stream]
+        base = item["provenance"]  # the stream's as this frame was taken: its network's
         prov = dataclasses.replace(base, recording_id=self.recording_id, kind="raw" if raw else base.kind)
         part = parts.get(key, 0) + 1
         while True:
@@ -400,3 +423,14 @@ class RecordingSession:
         with self._lock:
             self._files.setdefault(f"{stream}.raw" if raw else stream, []).append(str(path))
         return rec
+
+
+def _close_if_hashed(rec: Recording, closing: list[Recording]) -> None:
+    """Close a part left at a shape change (no frame comes to it any more) if its weights hash is
+    settled: its final metadata names the hash. Until then it is checkpointed (a hash that comes
+    is written) and left open, rather than holding up the writer of every stream."""
+    if rec.provenance.wait_for_weights_sha256(timeout=0):
+        rec.close()
+        closing.remove(rec)  # (after the close: one that fails is abandoned with the others)
+    else:
+        rec.checkpoint()
