@@ -721,9 +721,12 @@ def open_client(workers: int | None, scheduler: str | None) -> tuple[Any, Any]:
         if Path(scheduler).is_file():  # a scheduler file (dask scheduler --scheduler-file)
             return Client(scheduler_file_address(Path(scheduler)), timeout="30s"), None
         return Client(scheduler, timeout="30s"), None
-    # any free port: None would mean Dask's fixed 8787, taken by a second batch or another cluster
+    # any free port: None would mean Dask's fixed 8787, taken by a second batch or another cluster.
+    # Dask's own logs only from CRITICAL up: the batch reports every task's failure itself, and
+    # what Dask logs as an error here is a race of its shutdown under load (a worker's heartbeat
+    # meeting the closing scheduler: a traceback on the user's terminal after a clean run).
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                           silence_logs=logging.ERROR)
+                           silence_logs=logging.CRITICAL)
     return Client(cluster), cluster
 
 
