@@ -88,9 +88,10 @@ def variance_only(args: argparse.Namespace, photons: float, seeds: list[int]) ->
         variance = float((truth * truth).mean())
         noise = float(noisy.astype(np.float64).var(0).mean()) - variance
         blind = float(measured.signal.mean()) / variance if measured is not None else float("nan")
-        differences.append(blind - lag_extrapolation(clean.astype(np.float64)))
+        extrapolated = lag_extrapolation(clean.astype(np.float64))
+        differences.append(blind - extrapolated)
         print(f"photons {photons:g}, seed {seed}: blind variance / truth's {blind:.3f}, the truth's lag extrapolation "
-              f"{lag_extrapolation(clean.astype(np.float64)):.3f}, difference {differences[-1]:+.3f}; "
+              f"{extrapolated:.3f}, difference {differences[-1]:+.3f}; "
               f"noise variance / (frames x truth's) {noise / variance / args.frames:.4f}", flush=True)
     spread = np.std(differences, ddof=1) if len(differences) > 1 else float("nan")
     print(f"photons {photons:g}: difference mean {np.mean(differences):+.4f}, sd {spread:.4f} over {len(seeds)} movies")
