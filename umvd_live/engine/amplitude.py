@@ -14,7 +14,7 @@ The shrinkage can be measured on the movie itself, without a truth:
   covariance at lags 1 and 2, and a slowly varying truth's variance is that autocovariance
   extrapolated to lag 0, 2 C(1) - C(2). Taken about the frames' own mean, which holds 1/n of
   each frame's noise, every lag product comes out low by the noise variance / n, which is added
-  back (without it the truth's variance came out 2.7 % low at 2 photons/pixel and 14 % at 0.5,
+  back (without it the truth's variance came out 2 % low at 2 photons/pixel and 14 % at 0.5,
   over 10 simulated movies each, and the restored slopes as much short: docs/benchmarks.md).
 
 Their ratio, pooled over pixels, is the slope of the output on the truth (1 keeps amplitudes).
