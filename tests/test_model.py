@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from umvd_live.engine import model as model_module
 from umvd_live.engine.model import (
     UMVDNet,
     build_model,
@@ -11,6 +13,7 @@ from umvd_live.engine.model import (
     fast_spec,
     gamma_weights,
     lite_spec,
+    max_pool2,
     paper_spec,
     resolve_preset,
 )
@@ -129,7 +132,8 @@ def test_context_blocks_from_both_sides_are_centred_on_the_window():
 
 def test_history_block_sums_stay_exact_over_a_long_stream_with_skips_and_a_jump():
     """A preview that falls behind asks for every few centres: the sums step over the skipped
-    ones (no re-summing of all 96 frames), and a longer jump sums afresh; all stay exact."""
+    ones (no re-summing of all 96 frames), and a longer jump sums afresh; so do the blocks while
+    they fill at the stream's start. All stay exact."""
     torch.manual_seed(1)
     k, spans = 3, (8, 24, 64)
     history = ContextHistory(k, spans)
@@ -145,6 +149,67 @@ def test_history_block_sums_stay_exact_over_a_long_stream_with_skips_and_a_jump(
         exact = torch.stack([torch.stack([frames[j] for j in b]).mean(0) for b in blocks])[None]
         worst = max(worst, float((history.block_means(t) - exact).abs().max()))
     assert worst < 1e-5
-    # Summed afresh once the blocks were first full (t = 99), after the 20-centre jump, and at
-    # t = 256 and 512 (RESUM_EVERY); the skips of 1, 3 and 7 centres were stepped over.
-    assert history.resums == 4
+    # Each of the 3 blocks summed afresh once as its first past frame came (then kept as the
+    # blocks filled), after the 20-centre jump, and at t = 256 and 512 (RESUM_EVERY); the skips
+    # of 1, 3 and 7 centres were stepped over.
+    assert history.resums == 3 * 4
+
+
+def _random_net(preset: str) -> UMVDNet:
+    torch.manual_seed(3)
+    net = build_model(preset).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.2)
+    return net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+
+def _plain(net: UMVDNet, windows: torch.Tensor, context: torch.Tensor | None, monkeypatch) -> torch.Tensor:
+    """The output with every convolution and ReLU run apart and torch's own pooling."""
+    with monkeypatch.context() as m:
+        m.setattr(model_module, "_FUSED_WORKS", False)
+        m.setattr(model_module, "max_pool2", lambda x: F.max_pool2d(x, 2))
+        return net(windows, context)
+
+
+@pytest.mark.parametrize("preset", ["fast", "lite", "paper"])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_inference_runs_fused_and_gives_the_plain_modules_numbers(preset, bf16, monkeypatch):
+    """On the CPU outside autograd each convolution + ReLU is one oneDNN call and the pooling
+    takes the maximum of four quarters: the same numbers as the modules run apart, in float32
+    and under bf16 autocast (the live engine's arithmetic on CPUs that have it)."""
+    net = _random_net(preset)
+    torch.manual_seed(4)
+    windows = torch.rand(2, 7, 1, 36, 44)
+    context = torch.rand(2, len(net.spec.context), 1, 36, 44) if net.spec.context else None
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        fused = net(windows, context)
+        plain = _plain(net, windows, context, monkeypatch)
+    assert torch.equal(fused, plain)
+    if torch.backends.mkldnn.is_available():
+        assert model_module._FUSED_WORKS is True  # the fused kernel really ran
+
+
+def test_training_and_a_torch_without_the_fused_kernel_run_the_modules_apart(monkeypatch):
+    net = _random_net("lite")
+    windows, context = torch.rand(1, 7, 1, 32, 32), torch.rand(1, 3, 1, 32, 32)
+
+    def missing(*args, **kwargs):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(model_module, "_FUSED_WORKS", None)  # not tried yet; restored after the test
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", missing)
+    with torch.enable_grad():  # training: autograd needs the modules; the kernel is never asked
+        net(windows, context).sum().backward()
+    assert model_module._FUSED_WORKS is not False
+    with torch.inference_mode():
+        out = net(windows, context)
+        assert model_module._FUSED_WORKS is False  # tried once, then the modules apart
+        assert torch.equal(out, _plain(net, windows, context, monkeypatch))
+
+
+def test_max_pool2_is_torchs_pooling_on_even_and_odd_sides():
+    x = torch.randn(2, 3, 10, 14).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert torch.equal(max_pool2(x), F.max_pool2d(x, 2))
+        assert torch.equal(max_pool2(x[..., :9, :13]), F.max_pool2d(x[..., :9, :13], 2))

@@ -15,6 +15,7 @@ the centre frame (`window.context_blocks`), so blindness holds.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
@@ -22,6 +23,8 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 SkipSource = Literal["features", "enc1"]
 Padding = Literal["zeros", "reflect", "replicate", "circular"]  # torch's Conv2d padding_mode
@@ -101,7 +104,8 @@ def fast_spec(window: int = 7) -> ModelSpec:
     channels): a pass of D costs 30 instead of 56-68 ms per 512² frame on one CPU thread (bf16;
     tools/bench_stages.py). For live
     streams too large for lite to keep up with on a small CPU: at 512² and 30 Hz on 2 cores it
-    gives 27.5 fps out at +14.3 dB, where lite gives 21.4 fps at +15.9 dB (docs/benchmarks.md). The
+    gives 30.0 fps out at +14.0 dB (27.5 before the fused convolutions), where lite gave 21.4 fps at
+    +15.9 dB (docs/benchmarks.md). The
     full-resolution stages stay as in lite: thinning those made training collapse."""
     return replace(lite_spec(window), enc2=(1, 16), mid=(2, 24), dec2=(1, 16))
 
@@ -136,10 +140,89 @@ def gamma_weights(window: int, power: float = 64.0, floor: float = 0.0) -> torch
     return gamma.float()
 
 
-def _conv(cin: int, cout: int, spec: ModelSpec) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, padding_mode=spec.padding, bias=spec.bias), nn.ReLU(inplace=True)
-    )
+class ConvReLU(nn.Sequential):
+    """A 3x3 convolution and its ReLU (the modules ``0`` and ``1``, as a plain Sequential holds them).
+
+    Why not a plain Sequential: on the CPU, outside autograd, both run as one oneDNN call, the
+    fused kernel torch's own compiler emits for this pair, so the ReLU is no second pass over the
+    output. At 512² that pass was 15 % of a pass of `fast`'s D and the fused call gives the same
+    numbers (docs/benchmarks.md, "512² at 30 fps"). Training, a GPU, a padding other than zeros,
+    or a torch without the kernel run the two modules as usual."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _fused_sequence(self, x)
+
+
+#: Whether torch's fused oneDNN convolution + ReLU works here (None: not tried yet).
+_FUSED_WORKS: bool | None = None
+
+
+def _fused_sequence(modules: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``modules`` in turn, each convolution followed by a ReLU fused with it where it can be."""
+    layers = list(modules)
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        if (i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU) and isinstance(layer, nn.Conv2d)
+                and _fusable(x, layer) and (fused := _fused_conv_relu(x, layer)) is not None):
+            x, i = fused, i + 2
+            continue
+        x, i = layer(x), i + 1
+    return x
+
+
+def _fusable(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """On the CPU, outside autograd and outside `torch.compile` (which fuses the pair itself)."""
+    return (_FUSED_WORKS is not False and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and not _compiling() and conv.padding_mode == "zeros" and conv.groups == 1)
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return bool(compiler.is_compiling())
+    return bool(torch._dynamo.is_compiling())  # torch < 2.3
+
+
+def _cpu_autocast_dtype() -> torch.dtype | None:
+    """The dtype CPU autocast casts a convolution to, or None where it is off."""
+    try:
+        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    except TypeError:  # torch < 2.4: the CPU's own functions
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+
+
+def _fused_conv_relu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor | None:
+    """relu(conv(x)) in one oneDNN call, cast as autocast would cast it; None where torch lacks it."""
+    global _FUSED_WORKS
+    dtype = _cpu_autocast_dtype() or x.dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        return None
+    try:
+        out = torch.ops.mkldnn._convolution_pointwise(
+            x.to(dtype), conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype),
+            list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, "relu", [None], "")
+    except (AttributeError, RuntimeError, NotImplementedError) as exc:
+        _FUSED_WORKS = False
+        log.debug("no fused convolution + ReLU in this torch (%s): the two run apart", exc)
+        return None
+    _FUSED_WORKS = True
+    return out
+
+
+def max_pool2(x: torch.Tensor) -> torch.Tensor:
+    """2x2 max-pooling, stride 2. On the CPU outside autograd, the maximum of the four strided
+    quarters: the same numbers in a third of torch's pooling time at 512² (which also computes
+    the indices a backward pass would need)."""
+    if x.device.type != "cpu" or torch.is_grad_enabled() or x.shape[-1] % 2 or x.shape[-2] % 2 or _compiling():
+        return F.max_pool2d(x, 2)
+    top = torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2])
+    return torch.maximum(top, torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]), out=top)
+
+
+def _conv(cin: int, cout: int, spec: ModelSpec) -> ConvReLU:
+    return ConvReLU(nn.Conv2d(cin, cout, 3, padding=1, padding_mode=spec.padding, bias=spec.bias),
+                    nn.ReLU(inplace=True))
 
 
 def _stack(cin: int, convs: int, cout: int, spec: ModelSpec) -> nn.Sequential:
@@ -185,13 +268,13 @@ class DenoiserUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e1_full = self.enc1(x)
-        e1 = F.max_pool2d(e1_full, 2)
-        e2 = F.max_pool2d(self.enc2(e1), 2)
+        e1 = max_pool2(e1_full)
+        e2 = max_pool2(self.enc2(e1))
         m = self.mid(e2)
         d2 = self.dec2(torch.cat([F.interpolate(m, scale_factor=2.0, mode="nearest"), e1], 1))
         skip = x if self.skip == "features" else e1_full
         d1 = self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0, mode="nearest"), skip], 1))
-        return self.head(d1)
+        return _fused_sequence(self.head, d1)
 
 
 class UMVDNet(nn.Module):

@@ -83,11 +83,14 @@ class ContextHistory:
     """The recent normalised frames of a stream, by index: the source of the context blocks.
 
     A live stream asks for the blocks of t, t+1, t+2, ... in turn, and each block then gains one
-    frame and loses one: the block sums are kept and updated by those two frames instead of being
-    summed afresh (up to 96 frames with `lite`). A preview that skips a few outputs asks for t,
-    t+3, ...: the sums step over the skipped centres the same way (up to `CATCH_UP` of them).
-    They are summed afresh at the stream's start, after a longer jump, and every `RESUM_EVERY`
-    frames so float32 rounding cannot accumulate.
+    frame and loses one: the block sums are kept and updated by those frames instead of being
+    summed afresh (up to 96 frames with `lite`), from the stream's first frames on, while the
+    blocks still fill (a block holds the past frames of its span that the stream has: at 512² a
+    fresh sum per output then cost 15 ms a frame for the first 3 s, and skipped previews). A
+    preview that skips a few outputs asks for t, t+3, ...: the sums step over the skipped centres
+    the same way (up to `CATCH_UP` of them). A block is summed afresh after a longer jump, and
+    every block every `RESUM_EVERY` frames so float32 rounding cannot accumulate. A block with no
+    past frame yet (the first frames) is `context_blocks`' stand-in, its mean taken afresh.
     """
 
     RESUM_EVERY = 256
@@ -99,10 +102,12 @@ class ContextHistory:
         # The window, the blocks, and the frames that left the oldest block since the last sums.
         self._frames: deque[tuple[int, torch.Tensor]] = deque(maxlen=2 * k + 1 + sum(self.spans) + self.CATCH_UP)
         self._first_seen: int | None = None
-        self._sums = torch.empty(0)  # (M, C, H, W): each block's sum, for `_sums_for`
-        self._spans = torch.empty(0)  # (M, 1, 1, 1): the blocks' lengths, to divide the sums by
-        self._sums_for: int | None = None  # the t whose full blocks `_sums` holds
-        self.resums = 0  # times the sums were made afresh (each reads every frame of the blocks)
+        self._sums = torch.empty(0)  # (M, C, H, W): each block's sum of the frames `_held` names
+        self._held: list[tuple[int, int] | None] = [None] * len(self.spans)  # per block: frames [lo, hi) in its sum
+        self._counts = torch.empty(0)  # (M, 1, 1, 1): the frames in each block's sum, to divide by
+        self._counts_of: list[int] = []  # the same as numbers
+        self._sums_for: int | None = None  # the t the sums were last made for
+        self.resums = 0  # blocks summed afresh (each reads every frame of its block)
 
     def append(self, index: int, frame: torch.Tensor) -> None:
         if self._frames and index != self._frames[-1][0] + 1:
@@ -119,32 +124,53 @@ class ContextHistory:
 
     def block_means(self, t: int) -> torch.Tensor:
         """(1, M, C, H, W) means of the context blocks of the window centred on t."""
-        starts, reach = [], self.k
-        for span in self.spans:
-            starts.append(t - reach - span)
-            reach += span
         if self._first_seen is None:
             raise ValueError("no frame appended yet")
-        if t - reach < self._first_seen:  # blocks not yet full: the stream has just begun
-            self._sums_for = None
-            return block_means(context_blocks(t, self.k, self.spans, self.has), self._frame)[None]
         last = self._sums_for
-        if last is not None and 0 < t - last <= self.CATCH_UP and last // self.RESUM_EVERY == t // self.RESUM_EVERY:
-            for back in range(t - last - 1, -1, -1):  # the centres after `last`, in order, up to t
-                for total, lo, span in zip(self._sums, starts, self.spans):
-                    total.add_(self._frame(lo - back + span - 1)).sub_(self._frame(lo - back - 1))
-        else:  # (M, C, H, W) in one tensor: the means are then one division, not a stack and a division
-            self._sums = torch.stack([torch.stack([self._frame(j) for j in range(lo, lo + span)]).sum(0)
-                                      for lo, span in zip(starts, self.spans)])
-            self._spans = torch.tensor(self.spans, dtype=self._sums.dtype, device=self._sums.device).view(-1, 1, 1, 1)
-            self.resums += 1
+        resum = last is None or not 0 < t - last <= self.CATCH_UP or last // self.RESUM_EVERY != t // self.RESUM_EVERY
+        newest = self._frames[-1][1]
+        if self._sums.shape[1:] != newest.shape or self._sums.dtype != newest.dtype:
+            self._sums = newest.new_zeros((len(self.spans), *newest.shape))
+            resum = True
+        counts, stand_ins, reach = [], {}, self.k
+        for i, span in enumerate(self.spans):
+            lo, hi = max(t - reach - span, self._first_seen), t - reach  # the past frames the stream has
+            reach += span
+            if lo >= hi:  # none yet: the stand-in of `context_blocks`, its mean taken afresh
+                self._held[i] = None
+                stand_in = context_blocks(t, self.k, self.spans[: i + 1], self.has)[i]
+                stand_ins[i] = torch.stack([self._frame(j) for j in stand_in]).mean(0)
+                counts.append(1)
+                continue
+            self._update(i, lo, hi, resum)
+            counts.append(hi - lo)
+        if counts != self._counts_of:  # (M, 1, 1, 1): the means are then one division, not M and a stack
+            self._counts = torch.tensor(counts, dtype=self._sums.dtype, device=self._sums.device).view(-1, 1, 1, 1)
+            self._counts_of = counts
+        means = self._sums / self._counts
+        for i, mean in stand_ins.items():
+            means[i] = mean
         self._sums_for = t
-        return (self._sums / self._spans)[None]
+        return means[None]
+
+    def _update(self, block: int, lo: int, hi: int, afresh: bool) -> None:
+        """Make block ``block``'s sum that of frames [lo, hi), from the frames it holds where it can."""
+        total, held = self._sums[block], self._held[block]
+        if afresh or held is None or lo < held[0] or hi < held[1] or lo - held[0] > self.CATCH_UP:
+            torch.sum(torch.stack([self._frame(j) for j in range(lo, hi)]), 0, out=total)
+            self.resums += 1
+        else:
+            for j in range(held[1], hi):
+                total.add_(self._frame(j))
+            for j in range(held[0], lo):
+                total.sub_(self._frame(j))
+        self._held[block] = (lo, hi)
 
     def clear(self) -> None:
         self._frames.clear()
         self._first_seen = None
         self._sums_for = None
+        self._held = [None] * len(self.spans)
 
 
 @dataclass
