@@ -86,7 +86,7 @@ class ContextHistory:
     frame and loses one: the block sums are kept and updated by those frames instead of being
     summed afresh (up to 96 frames with `lite`), from the stream's first frames on, while the
     blocks still fill (a block holds the past frames of its span that the stream has: at 512² a
-    fresh sum per output then cost 15 ms a frame for the first 3 s, and skipped previews). A
+    fresh sum then cost 13-14 ms an output for the first 3 s, and skipped previews). A
     preview that skips a few outputs asks for t, t+3, ...: the sums step over the skipped centres
     the same way (up to `CATCH_UP` of them). A block is summed afresh after a longer jump, and
     every block every `RESUM_EVERY` frames so float32 rounding cannot accumulate. A block with no
