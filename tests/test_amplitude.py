@@ -3,11 +3,14 @@ as asked, and the restored output stays blind to its own frame's noise."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 from calcium import calcium_movie
+from scipy import ndimage
 
-from umvd_live.engine.amplitude import LiveAmplitude, blind_baselines, measure_shrinkage, restore_amplitude
+from umvd_live.engine.amplitude import LiveAmplitude, blind_baselines, measure_shrinkage, restore_amplitude, smooth
 
 FRAMES, SIZE, REACH = 400, 24, 20
 
@@ -388,3 +391,14 @@ def test_a_files_frames_carry_their_segments_gain_and_the_referees_means_none(tm
         write_denoised(out, movie, result.frames, result.outputs, Provenance("in"))
     _, infos, _ = read_recording(out)
     assert [i.amplitude_gain for i in infos] == [o.amplitude_gain for o in result.outputs]
+
+
+def test_the_smoothing_in_halves_gives_the_whole_frames_numbers():
+    """The live restoration smooths half of each correction on an idle worker: the same numbers as
+    one filter over the frame, at the frame's edges and by the cut (odd, short and tall frames)."""
+    rng = np.random.default_rng(6)
+    with ThreadPoolExecutor(1) as pool:
+        for shape in ((512, 512), (17, 40), (33, 9), (511, 30)):
+            image = rng.random(shape, dtype=np.float32)
+            whole = ndimage.gaussian_filter(image, 1.0, mode="nearest")
+            assert np.array_equal(smooth(image, pool), whole) and np.array_equal(smooth(image), whole)

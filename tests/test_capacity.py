@@ -162,6 +162,11 @@ def test_push_load_is_the_busy_share_of_the_last_second():
     assert load.utilisation(now=11.0) == 0.0
     load.record(10.9, 10.95, behind=True)  # a push that brought a backlog: the loop is behind
     assert load.utilisation(now=10.95) == 1.0
+    overlapping = PushLoad(span_s=1.0)  # a push, and the passes it left running on two workers
+    overlapping.record(20.0, 20.1)
+    overlapping.record(20.05, 20.3)
+    overlapping.record(20.05, 20.25)
+    assert overlapping.utilisation(now=20.5) == pytest.approx(0.3)  # each instant counted once
 
 
 def test_the_trainer_duty_falls_as_the_frame_loop_fills():
@@ -458,6 +463,7 @@ def test_a_chain_of_runs_left_running_is_measured_whole(monkeypatch):
 
     class Engine:  # each push takes 1 s; a round left running comes out with the next push
         frames_in = 0
+        round_ended, on_pass_end = False, None
 
         def __init__(self):
             self.running: list = []

@@ -552,8 +552,9 @@ def test_waiting_frames_of_a_stream_are_denoised_in_batches(tmp_path, monkeypatc
     batched, passes, _ = serve(4, 1)
     single, single_passes, _ = serve(1, 1)
     side_by_side, pair_passes, threads = serve(1, 2)
-    # runs of 2 ready windows; each run but a stream's last in the batch leaves its passes running
-    assert waits == [(2, False)] * 5 + [(2, True), (2, False), (1, True)]
+    # runs of 2 ready windows; every run leaves its passes running (its outputs come with the
+    # stream's next run, or from `Router.collect` once they end)
+    assert waits == [(2, False)] * 7 + [(1, False)]
     # a's 12 frames first (its 10, then the 2 that came after b's): kernel preparation (a blank
     # window) at its start, then runs of 4, 4, 4 frames -> 1, 4, 4 ready windows; b: preparation,
     # 3 frames -> none ready yet; the flushes: 3 each.
@@ -571,13 +572,13 @@ def test_waiting_frames_of_a_stream_are_denoised_in_batches(tmp_path, monkeypatc
 @pytest.mark.parametrize("failing", [(10,), (12,), (10, 12), (8, 10)])
 def test_an_engine_failure_in_a_run_left_running_loses_only_its_round(tmp_path, monkeypatch, failing):
     """A pass that fails loses its round only, counted as `engine_error`, and every other frame
-    gets its output, in order, the last run's before the batch ends (not with the stream's next
-    frame). Runs of 2 frames: t = 0 (frames 0-3), 1-2 (frames 4-5), ..., 9-10 (frames 12-13), 11-12
-    (frames 14-15, the batch's last run, waited for). t = 10: the round left running fails
-    beside the last run, whose round is kept. t = 12: the last run's own round fails after its
-    push completed the round before (t = 9, 10), whose outputs are kept. Both: two rounds lost in
-    one push. t = 8 and 10: the round the failed push left running fails too, when the stream
-    settles after the failure."""
+    gets its output, in order, the last run's once its passes end (`Router.collect`, not with the
+    stream's next frame). Runs of 2 frames: t = 0 (frames 0-3), 1-2 (frames 4-5), ..., 9-10
+    (frames 12-13), 11-12 (frames 14-15, the batch's last run). t = 10: the round left running
+    fails beside the last run, whose round is kept. t = 12: the last run's own round fails, found
+    when it is collected, after its push completed the round before (t = 9, 10), whose outputs
+    are kept. Both: two rounds lost. t = 8 and 10: the round the failed push left running fails
+    too, when the stream settles after the failure."""
     with StreamDenoiser(EngineConfig(preset="lite", device="cpu", train_mode="inline")) as den:
         den.push(np.zeros((32, 32), np.uint16), infer=False)
         den.save_weights(tmp_path / "w.pt")
@@ -594,19 +595,19 @@ def test_an_engine_failure_in_a_run_left_running_loses_only_its_round(tmp_path, 
     d.set_training_paused(None, True)
     real, failed = StreamDenoiser._denoise_chunk, []
 
-    def denoise_chunk(den, chunk):  # fails the pass of each window in `failing`, once (not by
+    def denoise_chunk(den, chunk, band=None):  # fails the pass of each window in `failing`, once (not by
         for _, t, _, _ in chunk:  # counting passes: their order on two workers is the scheduler's)
             if t in failing and t not in failed:
                 failed.append(t)
                 raise RuntimeError("a pass failed")
-        return real(den, chunk)
+        return real(den, chunk, band)
 
     monkeypatch.setattr(StreamDenoiser, "_denoise_chunk", denoise_chunk)
     d.start()
     try:
         d.router.process(items, allow_skip=False)
         live = d.router.streams["a"]
-        assert live.denoiser._running is None  # nothing left running past the batch
+        run_out(d)  # the frame loop, without frames: the last round's outputs once it ends
         assert live.pending == live.denoiser.k  # owed: the last N//2, not the lost round's
         before_end = [o.header.seq for o in sink.denoised]
         d.finish()
@@ -704,6 +705,15 @@ def received(parts) -> Received:
     return Received(parts, monotonic(), sum(map(len, parts)))
 
 
+def run_out(d: Daemon, timeout_s: float = 60.0) -> None:
+    """Run the frame loop, without frames, until the rounds its engines left running have ended
+    and their outputs gone out (`Router.collect`), as between a live stream's frames."""
+    deadline = time.monotonic() + timeout_s
+    while any(live.denoiser is not None and live.denoiser._running is not None for live in d.router.streams.values()):
+        assert time.monotonic() < deadline, "a round left running never ended"
+        d.run_once(0.05)
+
+
 def daemon_in_process(tmp_path) -> tuple[Daemon, CollectingSink]:
     """A started daemon in this process (messages go to `router.process`), still warming up, with
     a sink that keeps its outputs."""
@@ -761,6 +771,7 @@ def test_a_stream_whose_last_flush_fails_still_lets_the_others_and_the_recording
         assert d.control.handle({"cmd": "record_start", "path": "rec.ome.tif"}).result()["ok"]
         d.router.process([received(encode_frame(name, rng.poisson(30.0, (24, 24)).astype(np.uint16), seq))
                           for seq in range(8) for name in ("cam0", "cam1")], allow_skip=False)
+        run_out(d)
         flush = StreamDenoiser.flush
         flushed: list[str] = []
 
@@ -792,6 +803,7 @@ class StepCounter:
     weights: at the first push, which builds its network)."""
 
     state, last_loss, warmup_progress, changes, warm, training_paused = "live", None, 1.0, [], True, False
+    round_ended, on_pass_end = False, None  # its pushes run nothing on workers
 
     def __init__(self, init: str | None):
         self.model_step = self.frames_in = 0
@@ -1165,6 +1177,7 @@ def test_a_recording_holds_the_same_frames_raw_and_denoised_from_its_start_to_it
         d.start_recording("rec.ome.tif", None, raw=True)
         send("ts", range(5, 12))
         send("quiet", range(0, 6))
+        run_out(d)
         stopped = d.stop_recording()
         half = d.config.engine.window // 2
         assert stopped["recording"]["recording"] is False

@@ -237,16 +237,47 @@ def test_passes_left_running_give_the_outputs_of_waiting_pushes():
             np.testing.assert_array_equal(got.image, want.image)
 
 
+@pytest.mark.parametrize("wait", [True, False])
+def test_a_lone_windows_pass_cut_in_row_bands_gives_the_same_outputs(wait, tmp_path):
+    """Frames tall enough (here `fast`'s 320 rows) have a lone window's pass of D, and G, cut in
+    row bands that run side by side on the workers: the outputs are those of one pass on one
+    thread, to the last bit, pushed one frame at a time, waited for or left running."""
+    sim = SimConfig(height=320, width=24, photons=2.0, seed=7)
+    movie = list(TwoPhotonSimulator(sim).movie(14)[0])
+    config = EngineConfig(preset="fast", device="cpu", train_mode="inline", steps_per_frame=0, max_batch=1,
+                          cpu_threads=1)
+    with StreamDenoiser(config) as den:  # the shipped prior, loaded: live from the first output
+        den.push(movie[0], infer=False)
+        den.save_weights(tmp_path / "w.pt")
+    config = replace(config, init=str(tmp_path / "w.pt"))
+
+    def stream(workers: int) -> list:
+        outs = []
+        with StreamDenoiser(replace(config, workers=workers)) as den:
+            for frame in movie:
+                outs += den.push_many([frame], wait=wait)
+            outs += den.flush()
+            assert len(den._bands) == (2 if workers == 2 else 0)
+        return outs
+
+    banded, whole = stream(2), stream(1)
+    assert [o.index for o in banded] == list(range(len(movie)))
+    assert sum(o.state == "live" for o in banded) >= len(movie) - 1  # the network's own outputs
+    for got, want in zip(banded, whole):
+        assert (got.index, got.state) == (want.index, want.state)
+        np.testing.assert_array_equal(got.image, want.image)
+
+
 def fail_the_pass_of(den: StreamDenoiser, t: int) -> None:
     """Make the pass that denoises frame t's window raise, once: by the window, not by counting
     passes, whose order on two workers is the scheduler's."""
     real = den._denoise_chunk
 
-    def denoise_chunk(chunk):
+    def denoise_chunk(chunk, band=None):
         if any(index == t for _, index, _, _ in chunk) and not failed:
             failed.append(t)
             raise RuntimeError("a pass failed")
-        return real(chunk)
+        return real(chunk, band)
 
     failed: list[int] = []
     den._denoise_chunk = denoise_chunk

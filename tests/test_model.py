@@ -15,7 +15,9 @@ from umvd_live.engine.model import (
     lite_spec,
     max_pool2,
     paper_spec,
+    reach_rows,
     resolve_preset,
+    row_bands,
 )
 from umvd_live.engine.window import ContextHistory, context_blocks, window_indices
 
@@ -150,9 +152,11 @@ def test_history_block_sums_stay_exact_over_a_long_stream_with_skips_and_a_jump(
         worst = max(worst, float((history.block_means(t) - exact).abs().max()))
     assert worst < 1e-5
     # Each of the 3 blocks summed afresh once as its first past frame came (then kept as the
-    # blocks filled), after the 20-centre jump, and at t = 256 and 512 (RESUM_EVERY); the skips
-    # of 1, 3 and 7 centres were stepped over.
-    assert history.resums == 3 * 4
+    # blocks filled) and after the 20-centre jump; then every RESUM_EVERY (256) frames, one block
+    # at a time, at its own phase: the 8-frame block at t = 256 and 512, the 24-frame one at 171,
+    # 427 and 683, the 64-frame one at 86, 342 and 598. The skips of 1, 3 and 7 centres were
+    # stepped over.
+    assert history.resums == 3 + 3 + 2 + 3 + 3
 
 
 def _random_net(preset: str) -> UMVDNet:
@@ -213,3 +217,44 @@ def test_max_pool2_is_torchs_pooling_on_even_and_odd_sides():
     with torch.inference_mode():
         assert torch.equal(max_pool2(x), F.max_pool2d(x, 2))
         assert torch.equal(max_pool2(x[..., :9, :13]), F.max_pool2d(x[..., :9, :13], 2))
+
+
+@pytest.mark.parametrize("preset", ["fast", "lite", "paper"])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_row_bands_give_the_whole_pass_numbers(preset, bf16):
+    """A pass of D cut into row bands, each from its own rows and `reach_rows` around them, gives
+    the whole pass's numbers to the last bit (the live engine runs a lone window's bands side by
+    side); with a reach of 4 rows the rows by the cuts differ."""
+    net = _random_net(preset)
+    spec = net.spec
+    reach = reach_rows(spec)
+    height, width = 16 * reach + 6, 24  # the smallest frame cut in two, plus rows the pass pads
+    torch.manual_seed(5)
+    feats = [torch.rand(1, spec.g_channels, height, width).contiguous(memory_format=torch.channels_last)
+             for _ in range(spec.window)]
+    context = torch.rand(1, len(spec.context), 1, height, width) if spec.context else None
+
+    def band_pass(start: int, stop: int) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return net.denoise_features([f[..., start:stop, :] for f in feats],
+                                        None if context is None else context[..., start:stop, :])
+
+    whole = band_pass(0, height)
+    bands = row_bands(spec, height, 2)
+    assert len(bands) == 2 and [(b.lo, b.hi) for b in bands] == [(0, bands[1].lo), (bands[0].hi, height)]
+    assert all(b.start % 4 == 0 for b in bands)  # on the pooling's grid
+    cut = torch.cat([b.crop(band_pass(b.start, b.stop)) for b in bands], -2)
+    assert torch.equal(cut, whole)
+    short = [type(b).around(b.lo, b.hi, 4, height) for b in bands]
+    assert not torch.equal(torch.cat([b.crop(band_pass(b.start, b.stop)) for b in short], -2), whole)
+
+
+def test_row_bands_only_where_the_overlap_costs_little():
+    spec = fast_spec()
+    reach = reach_rows(spec)
+    assert (reach, reach_rows(lite_spec()), reach_rows(paper_spec())) == (20, 28, 60)
+    assert len(row_bands(spec, 512, 2)) == 2 and len(row_bands(spec, 512, 1)) == 1
+    assert len(row_bands(spec, 16 * reach - 4, 2)) == 1  # the overlap would add more than 1/8
+    assert len(row_bands(paper_spec(), 512, 2)) == 1
+    three = row_bands(spec, 1024, 3)
+    assert [b.lo for b in three] == [0, 340, 684] and three[-1].hi == 1024

@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -388,6 +389,20 @@ def test_the_inbox_bound_counts_what_each_message_holds_not_only_its_bytes():
         receiver.stop()
         pub.close()
         ctx.term()
+
+
+def test_a_wake_before_the_inbox_is_drained_is_not_lost():
+    """An engine's pass that ends (or a control request that comes) while the frame loop is busy
+    wakes its next wait at once; one wake cuts one wait short, not every one after it."""
+    inbox = Inbox(max_bytes=1 << 20)
+    inbox.wake()
+    started = time.monotonic()
+    assert inbox.drain(5.0) == [] and time.monotonic() - started < 1.0
+    started = time.monotonic()
+    assert inbox.drain(0.2) == [] and time.monotonic() - started >= 0.15
+    threading.Timer(0.1, inbox.wake).start()
+    started = time.monotonic()
+    assert inbox.drain(5.0) == [] and time.monotonic() - started < 1.0
 
 
 @contextmanager

@@ -164,7 +164,7 @@ class Router:
         first_seen: dict[str, int] = {}
         tagged.sort(key=lambda t: first_seen.setdefault(t[0].stream, len(first_seen)))
         run: list[Arrival] = []
-        for i, (message, item, infer) in enumerate(tagged):
+        for message, item, infer in tagged:
             if isinstance(message, StreamEnd):
                 if run and run[0].frame.stream == message.stream:
                     self._accept(run)
@@ -178,19 +178,30 @@ class Router:
             # Skipped frames ride along (G only): a run ends when it holds a round of windows to
             # denoise, or when it grows long.
             if sum(a.infer for a in run) >= self.run_length or len(run) >= RUN_CAP * self.run_length:
-                # More of this run's frames waiting: its passes run on while the next run's G does.
-                following = tagged[i + 1][0] if i + 1 < len(tagged) else None
-                self._accept(run, wait=not (isinstance(following, Frame) and _same_run(run[0].frame, following)))
+                self._accept(run)
                 run = []
         if run:
             self._accept(run)
         return plan
 
-    def _accept(self, run: list[Arrival], wait: bool = True) -> None:
+    def collect(self) -> None:
+        """Hand out the outputs of every round an engine left running whose passes have ended
+        (the service calls it after each batch, and when a pass's end wakes it)."""
+        for live in list(self.streams.values()):
+            try:
+                outputs = live.collect()
+            except Exception as exc:
+                self._engine_failed(live, 0, exc)
+                continue
+            self._fan_out(outputs=outputs)
+
+    def _accept(self, run: list[Arrival]) -> None:
         """Hand a run of one stream's frames to its `LiveStream`, and every sink what comes of it:
         the outputs a shape change flushed, the new denoiser, the input frames, their outputs.
-        ``wait=False``: the next run of the same stream follows at once, so the run's passes may
-        be left running (`StreamDenoiser.push_many`); its outputs then come with the next run's."""
+        The run's passes are left running on the engine's workers (`StreamDenoiser.push_many`
+        with ``wait=False``): the frame loop takes the next frames, of this stream or another,
+        meanwhile, and the outputs go out when the passes end (`collect`) or with the stream's
+        next run, whichever comes first (docs/engine.md, "Passes left running")."""
         live = self.streams[run[0].frame.stream]
         try:
             flushed, started = live.admit(run)
@@ -203,7 +214,7 @@ class Router:
         self._fan_out(outputs=flushed, started=started)
         self._fan_out(raw=run)  # after the denoiser exists, so a recording's provenance names it
         try:
-            outputs = live.push(run, wait)
+            outputs = live.push(run, wait=False)
         except Exception as exc:
             # (a lost round of outputs is counted by its stream: `LiveStream.push`)
             self._engine_failed(live, 0 if isinstance(exc, RoundFailed) else len(run), exc)
@@ -335,7 +346,7 @@ class Router:
             log.info("stream %s: ended; its slot goes to the new stream %s (--max-streams)", gone.name, name)
         init = self.starting_weights.pop(name, None)
         live = LiveStream(name, self.make_denoiser, init=init or self.config.engine.init, store=self.store,
-                          idle_after_s=self.config.idle_after_s, run_length=self.run_length)
+                          idle_after_s=self.config.idle_after_s, run_length=self.run_length, wake=self.inbox.wake)
         live.init_explicit = init is not None
         live.training_paused = self.training_paused
         self.streams[name] = live

@@ -185,6 +185,7 @@ class Daemon:
         items = self.transport.inbox.drain(wait_s)
         if items:
             self.router.process(items)
+        self.router.collect()
         self._answer_requests(only_reads=False)
         self._housekeeping()
         if self._display is not None and self._display.due():

@@ -54,6 +54,9 @@ class StreamEngine(Protocol):
     @property
     def training_paused(self) -> bool: ...
     @property
+    def round_ended(self) -> bool: ...  # a round left running by `push_many(wait=False)` is done
+    on_pass_end: Callable[[], None] | None  # called as a pass of such a round ends (any thread)
+    @property
     def changes(self) -> list[Change]: ...  # seen, each starting a segment
     @property
     def warm(self) -> bool: ...  # the warm start is done (or weights were loaded)
@@ -208,8 +211,12 @@ class LiveStream:
     """A stream's denoiser plus the headers of the frames it still owes an output for."""
 
     def __init__(self, name: str, make_denoiser: StreamEngineFactory, *, idle_after_s: float,
-                 init: str | None = None, store: StateStore | None = None, run_length: int = 1):
+                 init: str | None = None, store: StateStore | None = None, run_length: int = 1,
+                 wake: Callable[[], None] | None = None):
         self.name = name
+        #: Called (any thread) as a pass its denoiser left running ends: the frame loop's cue to
+        #: `collect` that round's outputs (the daemon's `Inbox.wake`).
+        self._wake = wake
         self.run_length = run_length  # windows the engine denoises in one round (batch × workers)
         self._make_denoiser = make_denoiser
         self.init = init  # weights every new denoiser of this stream starts from
@@ -413,15 +420,8 @@ class LiveStream:
             outputs = self._outputs(den.push_many([a.frame.pixels for a in run], [a.infer for a in run], tags, wait))
             # Only the network's outputs measure its cost: the warm start's temporal means are
             # nearly free, and an estimate made of them let a backlog build up when it went live.
-            inferred = sum(out.image is not None and out.state != "warmup" for out in outputs)
-            took = monotonic() - started
-            carried, self._unbilled_s = self._unbilled_s, 0.0
-            if not outputs and not wait and first > 0:
-                self._unbilled_s = took  # its outputs, and its cost, come with the next push
-            elif inferred and first > 0:  # the first push also builds the network
-                took += carried  # (a warm start's means carry nothing: dropped with them)
-                self.infer_cost_s = _smoothed(self.infer_cost_s, took / inferred)
-                self.round_cost_s = _smoothed(self.round_cost_s, took / -(-inferred // self.run_length))
+            if first > 0:  # the first push also builds the network
+                self._bill(monotonic() - started, outputs, deferred=not wait)
             return outputs
         except Exception as exc:
             if isinstance(exc, RoundFailed):  # the engine took the frames; a round of outputs is lost
@@ -441,6 +441,38 @@ class LiveStream:
                 self._start_denoiser(header.shape, header.dtype, "init_refused", use_state=False)
                 return self.push(run, wait)
             raise
+
+    def collect(self) -> list[DenoisedOutput]:
+        """The outputs of the round the denoiser left running, once its passes have ended (none
+        before: nothing here waits). The daemon calls it whenever a pass ends, so an output goes
+        out as soon as it is made rather than with the stream's next frame."""
+        den = self.denoiser
+        if den is None or not den.round_ended:
+            return []
+        started = monotonic()
+        try:
+            outputs = self._outputs(den.push_many([]))
+        except RoundFailed as exc:
+            self._lose(exc)
+            log.warning("stream %s: a round of outputs failed: %s", self.name, exc)
+            return self._outputs(den.push_many([]))  # what the engine had made before it
+        self._bill(monotonic() - started, outputs, deferred=False)
+        return outputs
+
+    def _bill(self, took: float, outputs: Sequence[DenoisedOutput], deferred: bool) -> None:
+        """The running estimates of what an output and a round cost the frame loop: ``took`` s of
+        a push or `collect` that gave ``outputs``. Only the network's outputs measure its cost: the
+        warm start's temporal means are nearly free, and an estimate made of them let a backlog
+        build up when it went live. A push that left its round running and got no output back is
+        billed with the call that brings its outputs, so that such a chain is measured whole."""
+        inferred = sum(out.image is not None and out.state != "warmup" for out in outputs)
+        carried, self._unbilled_s = self._unbilled_s, 0.0
+        if not outputs and deferred:
+            self._unbilled_s = carried + took
+        elif inferred:  # (a warm start's means carry nothing: dropped with them)
+            took += carried
+            self.infer_cost_s = _smoothed(self.infer_cost_s, took / inferred)
+            self.round_cost_s = _smoothed(self.round_cost_s, took / -(-inferred // self.run_length))
 
     def settle(self) -> list[DenoisedOutput]:
         """After a failed push: the outputs of a round the engine still has running, now rather
@@ -536,6 +568,7 @@ class LiveStream:
                 start = resumed
                 self.counters.resumed += 1
         self.denoiser = self._make_denoiser(start)
+        self.denoiser.on_pass_end = self._wake
         self._engine_weights = EngineWeights(self.denoiser)
         self.final_weights = None  # the new denoiser's are the model now (the old one's outputs keep theirs)
         self.started_from = start

@@ -116,6 +116,7 @@ class Inbox:
         self.overflow = 0  # messages refused because the budget was spent
         self._items: deque[Received] = deque()
         self._cond = threading.Condition()
+        self._woken = False  # a `wake` came since the last `drain`: its next wait is cut short
 
     def put(self, item: Received) -> bool:
         with self._cond:
@@ -133,16 +134,19 @@ class Inbox:
         The batch drained before is done with: its bytes no longer count."""
         with self._cond:
             self.held = 0
-            if not self._items:
+            if not self._items and not self._woken:
                 self._cond.wait(timeout)
+            self._woken = False
             items = list(self._items)
             self._items.clear()
             self.held, self.nbytes = self.nbytes, 0
             return items
 
     def wake(self) -> None:
-        """End a `drain`'s wait now (a control request came)."""
+        """End a `drain`'s wait now, or the next one's if none waits (a control request came, an
+        engine's pass ended)."""
         with self._cond:
+            self._woken = True
             self._cond.notify()
 
     def __len__(self) -> int:

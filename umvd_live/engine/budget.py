@@ -50,9 +50,10 @@ LOADED_TRAIN_DUTY = 0.1
 
 
 class PushLoad:
-    """The share of the last `span_s` seconds that the pushing thread spent in pushes: how near the
-    frame loop is to falling behind. One per budget, since a daemon pushes every stream from one
-    thread; every engine of the budget records its pushes here. A trainer that runs beside
+    """The share of the last `span_s` seconds that the pushing thread spent in pushes, or their
+    passes ran on the workers after the push returned (`StreamDenoiser.push_many` with
+    ``wait=False``): how near the frame loop is to falling behind. One per budget, since a daemon
+    pushes every stream from one thread; every engine of the budget records its pushes here. A trainer that runs beside
     inference on a small CPU slows every push; past `LOAD_EASY` the trainers give the frame loop
     the time it needs (`train_duty_cap`): a preview that falls behind is worse than a model that
     adapts a little later. A push that brings a backlog (several frames, or previews to skip)
@@ -73,10 +74,16 @@ class PushLoad:
                 self._busy.popleft()
 
     def utilisation(self, now: float | None = None) -> float:
+        """The share of the last `span_s` covered by pushes and their passes (overlaps once)."""
         now = time.monotonic() if now is None else now
         since = now - self.span_s
         with self._lock:
-            busy = sum(max(0.0, end - max(start, since)) for start, end in self._busy if end > since)
+            spans = sorted((max(start, since), end) for start, end in self._busy if end > since)
+        busy, covered = 0.0, since
+        for start, end in spans:
+            if end > covered:
+                busy += end - max(start, covered)
+                covered = end
         return min(1.0, busy / self.span_s)
 
 

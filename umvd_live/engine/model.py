@@ -333,6 +333,56 @@ class UMVDNet(nn.Module):
         return self.denoise_features([feats[:, i] for i in range(n)], context)
 
 
+def reach_rows(spec: ModelSpec) -> int:
+    """How many rows of D's input, on each side, can reach one row of its output: an upper bound,
+    rounded up to a multiple of 4 so that a band starting there pools on the same grid as the
+    whole frame. Walked back from the output: dec1's convolutions at full resolution, the nearest
+    upsampling of dec2 (x2, +1), dec2's convolutions at ½, the bottleneck at ¼ (x2, +1 for its
+    upsampling, +1 for the pooling into it), enc2's convolutions, then the pooling (+1) and
+    enc1's convolutions at full resolution. `fast`: 20 rows, `lite`: 28, `paper`: 60."""
+    (n1, _), (n2, _), (nm, _), (nd2, _), (nd1, _) = spec.enc1, spec.enc2, spec.mid, spec.dec2, spec.dec1
+    half = nd2 + 2 * nm + 2 + n2
+    full = nd1 + 2 * half + 2 + n1
+    return -(-full // 4) * 4
+
+
+@dataclass(frozen=True)
+class RowBand:
+    """Output rows ``[lo, hi)`` of D, computed from input rows ``[start, stop)`` alone."""
+
+    start: int
+    stop: int
+    lo: int
+    hi: int
+
+    @classmethod
+    def around(cls, lo: int, hi: int, reach: int, height: int) -> RowBand:
+        """Output rows ``[lo, hi)`` of a network whose output row sees ``reach`` input rows each side."""
+        return cls(max(0, lo - reach), min(height, hi + reach), lo, hi)
+
+    def crop(self, image: torch.Tensor) -> torch.Tensor:
+        """The band's own rows of a pass over its input rows (..., stop - start, W)."""
+        return image[..., self.lo - self.start:self.hi - self.start, :]
+
+
+#: The most extra work splitting a pass into bands may add (the rows their overlaps repeat).
+BAND_OVERHEAD = 0.125
+
+
+def row_bands(spec: ModelSpec, height: int, parts: int) -> list[RowBand]:
+    """One pass of D over ``height`` rows as ``parts`` bands that give the same numbers (each
+    with `reach_rows` of its neighbours' rows around it, cut on the 4-row grid of the pooling):
+    passes of one window that run side by side. One band, the whole frame, where the repeated
+    rows would add more than `BAND_OVERHEAD` to the work, or the frame is too short to cut."""
+    reach = reach_rows(spec)
+    cuts = [0] + [round(height * i / parts / 4) * 4 for i in range(1, parts)] + [height]
+    whole = [RowBand(0, height, 0, height)]
+    if parts < 2 or any(b - a < 4 for a, b in zip(cuts, cuts[1:])) or \
+            2 * reach * (parts - 1) > BAND_OVERHEAD * height:
+        return whole
+    return [RowBand.around(lo, hi, reach, height) for lo, hi in zip(cuts, cuts[1:])]
+
+
 def build_model(preset: str, window: int = 7) -> UMVDNet:
     return UMVDNet(PRESETS[preset](window))
 

@@ -21,6 +21,7 @@ whole recorded movie at once (`offline`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -50,7 +51,7 @@ from umvd_live.engine.checkpoint import (
 from umvd_live.engine.compiled import CompiledPass
 from umvd_live.engine.config import EngineConfig
 from umvd_live.engine.device import CpuSeat, inference_layout, pick_device, uses_bf16
-from umvd_live.engine.model import PRESETS, ModelSpec, UMVDNet, resolve_preset
+from umvd_live.engine.model import PRESETS, ModelSpec, RowBand, UMVDNet, resolve_preset, row_bands
 from umvd_live.engine.normalization import Normalizer, measurable, sanitize
 from umvd_live.engine.outputs import (
     BlindReferee,
@@ -134,9 +135,14 @@ class _Round:
 
     batch: OutputBatch
     chunks: list[list[Window]]  # `max_batch` windows per pass
-    passes: list[Future[np.ndarray]]  # each chunk's (B, H, W) normalised images
+    passes: list[list[Future[np.ndarray]]]  # each chunk's (B, H, W) normalised images, by row band
     normalizer: Normalizer
     model_step: int
+
+    @property
+    def futures(self) -> list[Future[np.ndarray]]:
+        """Every pass of the round, band by band."""
+        return [p for parts in self.passes for p in parts]
 
 
 class StreamDenoiser:
@@ -156,6 +162,7 @@ class StreamDenoiser:
         self.seat = CpuSeat(self.budget, self.device, self.config)
         self.seat.set_threads()
         self._pool: ThreadPoolExecutor | None = None  # made with the network, if workers > 1
+        self._bands: list[RowBand] = []  # a lone window's pass as row bands side by side (`_submit`)
         self.k = self.config.window // 2
         self.frames_in = 0
         self.frames_out = 0
@@ -193,6 +200,10 @@ class StreamDenoiser:
         # outputs of the round whose pass failed, never those already made.
         self._undelivered: list[DenoisedFrame] = []
         self._unobserved: list[tuple[int, np.ndarray]] = []  # frames pushed while it ran, for `_amplitude`
+        #: Called, on a worker thread, as each pass of a round left running ends: a caller that
+        #: waits for its next frames meanwhile can take that round's outputs once it ended
+        #: (`round_ended`), not only with its next push (the daemon: its inbox's `wake`).
+        self.on_pass_end: Callable[[], None] | None = None
 
     # -- public state -------------------------------------------------------------------------
     @property
@@ -255,6 +266,13 @@ class StreamDenoiser:
     def adapting(self) -> bool:
         """Within `adapt_frames` of the last change: the model is catching up, trained harder."""
         return self._adapting_at(self.frames_in)
+
+    @property
+    def round_ended(self) -> bool:
+        """A round left running (`push_many` with ``wait=False``) has ended its passes:
+        `push_many([])` hands out its outputs without waiting."""
+        running = self._running
+        return running is not None and all(f.done() for f in running.futures)
 
     @property
     def training_paused(self) -> bool:
@@ -379,6 +397,13 @@ class StreamDenoiser:
         self._unfitted = not _has_range(frame)
         if self.workers > 1:
             self._pool = ThreadPoolExecutor(self.workers, "umvd-infer", initializer=self.seat.set_threads)
+        # A lone window (a live stream that keeps up) takes one pass of D: cut in as many row
+        # bands as workers, it takes both cores of a small CPU where one would do it all
+        # (docs/engine.md, "Batches, workers and arithmetic").
+        # A compiled pass (``--compile``) runs whole: it is built for the whole frame's shape.
+        if self._pool is not None and self._pass.state == "off":
+            bands = row_bands(spec, height, self.workers)
+            self._bands = bands if len(bands) > 1 else []
         self._prepare_kernels()
         self.training.begin(trainer, replay)
 
@@ -459,6 +484,9 @@ class StreamDenoiser:
         # This round is kept before the round before is completed: a failure of that one must
         # not lose this one's outputs, nor leave its passes running untracked.
         before, self._running = self._running, self._submit(batch, on_workers=defer)
+        if defer:
+            for future in self._running.futures:
+                future.add_done_callback(functools.partial(self._pass_ended, time.monotonic()))
         if before is not None:
             outputs += lost.guard(self._complete, before)  # done while G ran on these frames
         self._observe_deferred()
@@ -576,9 +604,31 @@ class StreamDenoiser:
     def _features(self, frames: torch.Tensor) -> torch.Tensor:
         """G's features of (B, C, H, W) frames, channels-last. Under bf16 they stay bf16: D's
         autocast would round them to bf16 again anyway, and the window holds and moves half the
-        bytes."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return _built(self._net).features(frames.contiguous(memory_format=torch.channels_last))
+        bytes. Where D's pass is cut in bands, G's is too, side by side."""
+        frames = frames.contiguous(memory_format=torch.channels_last)
+        pool = self._idle_pool()
+        if pool is None or not self._bands:
+            return self._band_features(frames)
+        reach, height = self.spec.g_layers, frames.shape[-2]
+        bands = [RowBand.around(b.lo, b.hi, reach, height) for b in self._bands]
+        parts = [pool.submit(self._band_features, frames, band) for band in bands[1:]]
+        first = self._band_features(frames, bands[0])
+        return torch.cat([first, *(part.result() for part in parts)], 2)
+
+    def _idle_pool(self) -> ThreadPoolExecutor | None:
+        """The inference workers, where none has a pass to run (else None): the frame loop's side
+        work (G's bands, half of a restoration) would wait behind a round left running."""
+        if self._pool is None or (self._running is not None and not self.round_ended):
+            return None
+        return self._pool
+
+    def _band_features(self, frames: torch.Tensor, band: RowBand | None = None) -> torch.Tensor:
+        """G's features of ``band``'s rows of the frames (all of them by default). Runs on a
+        worker thread too: inference mode and autocast are per thread, so both are set here."""
+        with torch.inference_mode(), self._autocast():
+            if band is None:
+                return _built(self._net).features(frames)
+            return band.crop(_built(self._net).features(frames[..., band.start:band.stop, :]))
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -610,9 +660,13 @@ class StreamDenoiser:
 
             def first_pass(chunk: list[Window]) -> np.ndarray:
                 everyone.wait()
+                for band in self._bands:  # a band's shape is a shape of its own
+                    self._denoise_chunk(chunk, band)
                 return self._denoise_chunk(chunk)
 
             list(self._pool.map(first_pass, [[blank]] * self.workers))
+            for band in self._bands:
+                self._denoise_chunk([blank], band)
 
     def _produce(self, t: int, infer: bool, batch: OutputBatch) -> None:
         """Add frame t's output to `batch`: a live window's feature maps are taken now, while the
@@ -656,14 +710,32 @@ class StreamDenoiser:
     def _submit(self, batch: OutputBatch, normalizer: Normalizer | None = None,
                 on_workers: bool = False) -> _Round:
         """Start the batch's passes, `max_batch` windows each: on the workers where there are
-        several passes (side by side) or ``on_workers`` (beside the caller), else here, now."""
+        several passes (side by side) or ``on_workers`` (beside the caller), else here, now. A
+        lone window's pass runs as row bands side by side where the frame has them (`_bands`)."""
         step = self.max_batch
         chunks = [batch.windows[start:start + step] for start in range(0, len(batch.windows), step)]
-        if self._pool is not None and (on_workers or len(chunks) > 1):
-            passes = [self._pool.submit(self._denoise_chunk, chunk) for chunk in chunks]
+        passes: list[list[Future[np.ndarray]]]
+        if self._pool is not None and len(chunks) == 1 and len(chunks[0]) == 1 and self._bands:
+            # A lone window: its bands side by side, the first here unless it is left running.
+            chunk = chunks[0]
+            parts = [self._pool.submit(self._denoise_chunk, chunk, band) for band in self._bands[1:]]
+            first = self._bands[0]
+            here = self._pool.submit(self._denoise_chunk, chunk, first) if on_workers \
+                else _run_here(lambda c: self._denoise_chunk(c, first), chunk)
+            passes = [[here, *parts]]
+        elif self._pool is not None and (on_workers or len(chunks) > 1):
+            passes = [[self._pool.submit(self._denoise_chunk, chunk)] for chunk in chunks]
         else:
-            passes = [_run_here(self._denoise_chunk, chunk) for chunk in chunks]
+            passes = [[_run_here(self._denoise_chunk, chunk)] for chunk in chunks]
         return _Round(batch, chunks, passes, normalizer or self.normalizer, self._net_step)
+
+    def _pass_ended(self, started: float, _: Future[np.ndarray]) -> None:
+        """(On a worker.) A pass left running ended: its time counts as the frame loop's in the
+        budget's load, which the trainer yields to (a push that returns at once would hide it),
+        and `on_pass_end` hears of it."""
+        self.budget.push_load.record(started, time.monotonic())
+        if self.on_pass_end is not None:
+            self.on_pass_end()
 
     def _complete_running(self) -> list[DenoisedFrame]:
         """The outputs of the round `push_many(wait=False)` left running, once its passes end."""
@@ -687,9 +759,10 @@ class StreamDenoiser:
         outputs = batch.outputs
         networks: set[int] = set()  # the slots of the network's own outputs
         try:
-            results = [p.result() for p in run.passes]
+            results = [np.concatenate([p.result() for p in parts], 1) if len(parts) > 1 else parts[0].result()
+                       for parts in run.passes]
         except Exception as exc:
-            wait_for(run.passes)  # none of its passes left running beside the next round
+            wait_for(run.futures)  # none of its passes left running beside the next round
             raise RoundFailed(len(outputs), exc) from exc
         for chunk, images in zip(run.chunks, results):
             for (slot, t, _, _), image in zip(chunk, images):
@@ -707,7 +780,7 @@ class StreamDenoiser:
             raise RuntimeError(f"{len(outputs) - len(done)} outputs of the batch were never made")
         if live and self._amplitude is not None:
             for slot, o in enumerate(done):
-                gain = self._amplitude.restore(o.index, o.image, network=slot in networks)
+                gain = self._amplitude.restore(o.index, o.image, network=slot in networks, pool=self._idle_pool())
                 if gain != 1.0:
                     done[slot] = replace(o, amplitude_gain=gain)
         return done
@@ -719,8 +792,9 @@ class StreamDenoiser:
         centre = probe.centre[0].cpu().numpy()
         return referee.judge(blind_distance(image, centre), blind_distance(probe.neighbours[0].cpu().numpy(), centre))
 
-    def _denoise_chunk(self, chunk: list[Window]) -> np.ndarray:
-        """One forward pass of D over windows -> (B, H, W) normalised images.
+    def _denoise_chunk(self, chunk: list[Window], band: RowBand | None = None) -> np.ndarray:
+        """One forward pass of D over windows -> (B, H, W) normalised images; of ``band``'s rows
+        only, from its input rows (`model.row_bands`), where given.
         Runs on a worker thread too: inference mode and autocast are per thread, so both are set here."""
         context = None
         if self.spec.context:
@@ -729,8 +803,13 @@ class StreamDenoiser:
                 raise ValueError("a network with context blocks needs them with every window")
             context = _batched(contexts)
         feats = [_batched([w[i] for _, _, w, _ in chunk]) for i in range(self.spec.window)]
+        if band is not None:
+            feats = [f[..., band.start:band.stop, :] for f in feats]
+            context = None if context is None else context[..., band.start:band.stop, :]
         with torch.inference_mode():
             y = self._denoise(feats, context)
+            if band is not None:
+                y = band.crop(y)
         return y[:, 0].float().cpu().numpy()
 
     def _context(self, t: int) -> torch.Tensor | None:
@@ -761,7 +840,7 @@ class StreamDenoiser:
         if published is None:
             return
         if self._running is not None:
-            wait_for(self._running.passes)  # a pass still running must not see its weights change
+            wait_for(self._running.futures)  # a pass still running must not see its weights change
         step, state = published
         _built(self._net).load_state_dict(state)
         self._net_step = step

@@ -89,8 +89,10 @@ class ContextHistory:
     fresh sum then cost 13-14 ms an output for the first 3 s, and skipped previews). A
     preview that skips a few outputs asks for t, t+3, ...: the sums step over the skipped centres
     the same way (up to `CATCH_UP` of them). A block is summed afresh after a longer jump, and
-    every block every `RESUM_EVERY` frames so float32 rounding cannot accumulate. A block with no
-    past frame yet (the first frames) is `context_blocks`' stand-in, its mean taken afresh.
+    every `RESUM_EVERY` frames so float32 rounding cannot accumulate: one block at a time, each at
+    its own phase, frame by frame (all three at once, stacked first, stalled the frame loop for
+    55-65 ms at 512², a burst of late previews every 8.5 s). A block with no past frame yet (the
+    first frames) is `context_blocks`' stand-in, its mean taken afresh.
     """
 
     RESUM_EVERY = 256
@@ -127,7 +129,7 @@ class ContextHistory:
         if self._first_seen is None:
             raise ValueError("no frame appended yet")
         last = self._sums_for
-        resum = last is None or not 0 < t - last <= self.CATCH_UP or last // self.RESUM_EVERY != t // self.RESUM_EVERY
+        resum = last is None or not 0 < t - last <= self.CATCH_UP
         newest = self._frames[-1][1]
         if self._sums.shape[1:] != newest.shape or self._sums.dtype != newest.dtype:
             self._sums = newest.new_zeros((len(self.spans), *newest.shape))
@@ -142,7 +144,9 @@ class ContextHistory:
                 stand_ins[i] = torch.stack([self._frame(j) for j in stand_in]).mean(0)
                 counts.append(1)
                 continue
-            self._update(i, lo, hi, resum)
+            phase = i * self.RESUM_EVERY // len(self.spans)  # the blocks' turns, spread
+            due = last is not None and (last + phase) // self.RESUM_EVERY != (t + phase) // self.RESUM_EVERY
+            self._update(i, lo, hi, resum or due)
             counts.append(hi - lo)
         if counts != self._counts_of:  # (M, 1, 1, 1): the means are then one division, not M and a stack
             self._counts = torch.tensor(counts, dtype=self._sums.dtype, device=self._sums.device).view(-1, 1, 1, 1)
@@ -157,7 +161,9 @@ class ContextHistory:
         """Make block ``block``'s sum that of frames [lo, hi), from the frames it holds where it can."""
         total, held = self._sums[block], self._held[block]
         if afresh or held is None or lo < held[0] or hi < held[1] or lo - held[0] > self.CATCH_UP:
-            torch.sum(torch.stack([self._frame(j) for j in range(lo, hi)]), 0, out=total)
+            total.copy_(self._frame(lo))  # frame by frame: stacking them first copied them all
+            for j in range(lo + 1, hi):
+                total.add_(self._frame(j))
             self.resums += 1
         else:
             for j in range(held[1], hi):
