@@ -450,12 +450,7 @@ class LiveStream:
         if den is None or not den.round_ended:
             return []
         started = monotonic()
-        try:
-            outputs = self._outputs(den.push_many([]))
-        except RoundFailed as exc:
-            self._lose(exc)
-            log.warning("stream %s: a round of outputs failed: %s", self.name, exc)
-            return self._outputs(den.push_many([]))  # what the engine had made before it
+        outputs = self._take_running(den, "failed")
         self._bill(monotonic() - started, outputs, deferred=False)
         return outputs
 
@@ -481,14 +476,20 @@ class LiveStream:
         if den is None:
             return []
         try:
-            return self._outputs(den.push_many([]))
-        except RoundFailed as exc:
-            self._lose(exc)
-            log.warning("stream %s: the round left running failed as well: %s", self.name, exc)
-            return self._outputs(den.push_many([]))  # what the engine had made before it
+            return self._take_running(den, "failed as well")
         except Exception:
             log.exception("stream %s: the round left running failed as well", self.name)
             return []
+
+    def _take_running(self, den: StreamEngine, failed: str) -> list[DenoisedOutput]:
+        """The outputs of the round ``den`` left running (`collect`, `settle`): a round that
+        failed is counted lost (`_lose`), and what the engine had made before it still comes."""
+        try:
+            return self._outputs(den.push_many([]))
+        except RoundFailed as exc:
+            self._lose(exc)
+            log.warning("stream %s: the round left running %s: %s", self.name, failed, exc)
+            return self._outputs(den.push_many([]))  # what the engine had made before it
 
     def _lose(self, exc: RoundFailed) -> None:
         """A round of outputs the engine will never make: counted as `engine_error`, owed no more."""
