@@ -11,7 +11,7 @@ import pytest
 from calcium import calcium_movie
 from scipy import ndimage
 
-from umvd_live.engine.cellblend import CellBlend, blend_blind_mean, blind_temporal_mean
+from umvd_live.engine.cellblend import CellBlend, _fit, blend_blind_mean, blind_temporal_mean
 
 FRAMES, SIZE = 300, 32
 
@@ -132,9 +132,15 @@ def test_outputs_of_a_longer_segment_blend_with_its_frames_around_them():
     scored[50:250] = True
     assert blend_blind_mean(noisy, whole, scale_px=3.0, scored=scored) == replace(blend, first=0, frames=FRAMES)
     np.testing.assert_allclose(chunk, whole[50:250], rtol=1e-6, atol=1e-3)
+    # output by output, as the whole movie's formula: each pixel its region's weight and sigma
+    fit = _fit(noisy, estimate[50:250], 3.0, np.ones(200, bool), 50)
+    assert fit is not None and fit.sigmas == blend.sigmas and max(fit.sigmas) == blend.sigma_t
+    assert len(fit.sigmas) > 1  # the regions differ
     smooth = ndimage.gaussian_filter(noisy, (0, 3, 3), mode="nearest")
     own = ndimage.gaussian_filter(estimate[50:250], (0, 3, 3), mode="nearest")
-    expected = estimate[50:250] + blend.weight * (blind_temporal_mean(smooth, blend.sigma_t)[50:250] - own)
+    means = np.stack([blind_temporal_mean(smooth, sigma)[50:250] for sigma in fit.sigmas])
+    towards = np.take_along_axis(means, np.broadcast_to(fit.pick, means.shape[1:])[None], 0)[0]
+    expected = estimate[50:250] + fit.weight * (towards - own)
     np.testing.assert_allclose(chunk, expected, rtol=1e-5, atol=1e-3)
     with pytest.raises(ValueError, match="outside"):
         blend_blind_mean(noisy[:100], chunk, scale_px=3.0, offset=50)

@@ -195,10 +195,12 @@ def denoise_provenance(engine: StreamDenoiser, movie: MovieFrames, *, offline: b
 
 def describe_blends(blends: Sequence[CellBlend]) -> str:
     """The cell-scale blend of each segment (`engine.cellblend`), for the provenance and the summary
-    line: ``first-frame:weight`` (``(the blind mean's temporal sigma, frames the referee left
-    unblended)``, or why none was applied)."""
+    line: ``first-frame:mean weight`` (``(the blind means' temporal sigmas the regions took,
+    frames the referee left unblended)``, or why none was applied)."""
     def one(b: CellBlend) -> str:
-        why = f"sigma {b.sigma_t:g} frames" if b.sigma_t is not None else b.reason
+        sigmas = b.sigmas or ((b.sigma_t,) if b.sigma_t is not None else ())
+        span = f"{min(sigmas):g}-{max(sigmas):g}" if len(sigmas) > 1 else "".join(f"{s:g}" for s in sigmas)
+        why = f"sigma {span} frames" if b.sigma_t is not None else b.reason
         if b.unblended:
             why += f", {len(b.unblended)} frames left unblended by the referee"
         return f"{b.first}:{b.weight:.3f} ({why})"
