@@ -19,7 +19,7 @@ is that distance's least-squares minimum, clipped to [0, 1], and the sigma the o
 whose minimum is lowest: longer for faint sources and at low photon counts, shorter for bright
 ones, fast transients or slow frame rates, where a long mean would blur the activity. One weight
 and sigma for the whole field fitted its average source: fitted per region, the trace correlation
-rose by 0.002-0.004 and the PSNR by 0.10-0.14 dB on the same network outputs (docs/benchmarks.md,
+rose by 0.002-0.004 and the PSNR by 0.10-0.15 dB on the same network outputs (docs/benchmarks.md,
 "Cell-scale blend, fitted per region"). Blindness is kept as in `amplitude`: the blend of frame t reads frame t only
 through sums over every frame of the segment and the pixels of a region (a weight of about
 1 / (frames x region's pixels)).
@@ -42,12 +42,16 @@ from scipy import ndimage
 
 from umvd_live.engine.outputs import mean_is_nearer
 
-#: Temporal sigmas tried (frames).
-SIGMAS = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+#: Temporal sigmas tried (frames). Up to 12: a blend then reads no further than 48 frames either
+#: side, within a file's network and context (51), so the restoration's baselines need no more
+#: frames for it (`blend.reach`); fitted per region, some region of nearly every movie took the
+#: longest, and 16 made every segment of fewer than 242 frames too short to restore, for nothing
+#: (the scores with 12 the same within 0.0005 of trace correlation and 0.02 dB).
+SIGMAS = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
 #: The region each pixel's weight and sigma are fitted over (Gaussian sigma, pixels of the frame):
 #: about a soma's radius, so neighbouring sources of other brightness or kinetics fit their own;
 #: the segment's frames make the sums steady. On the simulated movies 1, 2, 3 and 4 px gave the
-#: same scores within 0.001 of trace correlation, 16 px little more than one fit for the field;
+#: same scores within 0.0015 of trace correlation, 16 px little more than one fit for the field;
 #: below 3 px an output's dependence on its own frame through the sums passed 2e-3 (tested).
 FIT_PX = 3.0
 #: A kernel reaches this many sigmas on either side of its frame.
