@@ -19,7 +19,7 @@ is that distance's least-squares minimum, clipped to [0, 1], and the sigma the o
 whose minimum is lowest: longer for faint sources and at low photon counts, shorter for bright
 ones, fast transients or slow frame rates, where a long mean would blur the activity. One weight
 and sigma for the whole field fitted its average source: fitted per region, the trace correlation
-rose by 0.002-0.004 and the PSNR by 0.10-0.15 dB on the same network outputs (docs/benchmarks.md,
+rose by 0.002-0.005 and the PSNR by 0.12-0.17 dB on the same network outputs (docs/benchmarks.md,
 "Cell-scale blend, fitted per region"). Blindness is kept as in `amplitude`: the blend of frame t reads frame t only
 through sums over every frame of the segment and the pixels of a region (a weight of about
 1 / (frames x region's pixels)).
