@@ -11,7 +11,14 @@ import pytest
 from calcium import calcium_movie
 from scipy import ndimage
 
-from umvd_live.engine.cellblend import CellBlend, _fit, blend_blind_mean, blind_temporal_mean
+from umvd_live.engine.cellblend import (
+    CellBlend,
+    GuidedSmoothing,
+    _fit,
+    _mean_output,
+    blend_blind_mean,
+    blind_temporal_mean,
+)
 
 FRAMES, SIZE = 300, 32
 
@@ -51,6 +58,24 @@ def test_the_blind_temporal_mean_never_holds_its_own_frame():
     np.testing.assert_allclose(blind_temporal_mean(np.full((5, 4, 4), 7.0, np.float32), 16.0), 7.0, rtol=1e-6)
 
 
+def test_the_smoothing_stays_within_the_sources_of_its_guide():
+    """A cell's value is not spread onto its surroundings where the guide draws the cell (a plain
+    Gaussian spreads it); a constant stays as it is, and a flat guide gives a plain smoothing."""
+    yy, xx = np.mgrid[:48, :48]
+    cell = ((yy - 24) ** 2 + (xx - 20) ** 2 <= 16).astype(np.float32)  # a soma of radius 4
+    guide = 100 + 50 * cell
+    frame = 10 * cell  # the cell's activity on a dark field
+    smooth = GuidedSmoothing(guide, 2.0)
+    within, gaussian = smooth(frame), ndimage.gaussian_filter(frame, 2.0 * np.sqrt(2), mode="nearest")
+    ring = ((yy - 24) ** 2 + (xx - 20) ** 2 > 25) & ((yy - 24) ** 2 + (xx - 20) ** 2 <= 49)  # just outside it
+    assert within[ring].mean() < 0.1 * gaussian[ring].mean()
+    assert within[cell > 0].mean() > 0.95 * 10 > gaussian[cell > 0].mean()
+    np.testing.assert_allclose(smooth(np.full((48, 48), 7.0, np.float32)), 7.0, rtol=1e-5)
+    flat = GuidedSmoothing(np.full((48, 48), 3.0, np.float32), 2.0)
+    np.testing.assert_allclose(flat(frame), ndimage.gaussian_filter(ndimage.gaussian_filter(frame, 2.0, mode="nearest"),
+                                                                     2.0, mode="nearest"), atol=1e-5)
+
+
 def test_the_blend_brings_shrunk_outputs_closer_to_the_truth_at_the_scale_of_cells():
     rng = np.random.default_rng(1)
     truth = _truth(rng)
@@ -62,10 +87,10 @@ def test_the_blend_brings_shrunk_outputs_closer_to_the_truth_at_the_scale_of_cel
     assert blend.reach == int(4 * blend.sigma_t + 0.5)
     assert _coarse_error(blended, truth) < 0.8 * _coarse_error(estimate, truth)
     assert np.mean((blended - truth) ** 2) < np.mean((estimate - truth) ** 2)
-    # the detail finer than the scale stays the estimate's
-    fine = blended - ndimage.gaussian_filter(blended, (0, 3, 3), mode="nearest")
-    fine_before = estimate - ndimage.gaussian_filter(estimate, (0, 3, 3), mode="nearest")
-    assert np.abs(fine - fine_before).max() < 0.35 * np.abs(blended - estimate).max()
+    # the change is coarse: finer than the scale it holds only the sources' edges (0.11 of its energy)
+    change = blended - estimate
+    fine = change - ndimage.gaussian_filter(change, (0, 3, 3), mode="nearest")
+    assert np.sum(fine ** 2) < 0.25 * np.sum(change ** 2)
 
 
 def test_outputs_the_blind_mean_cannot_improve_are_left_nearly_as_they_are():
@@ -76,8 +101,8 @@ def test_outputs_the_blind_mean_cannot_improve_are_left_nearly_as_they_are():
     noisy = _noisy(truth, rng)
     blended = truth.copy()
     blend = blend_blind_mean(noisy, blended, scale_px=3.0)
-    assert 0.0 <= blend.weight < 0.05
-    assert np.mean((blended - truth) ** 2) < 0.01 * np.mean((noisy - truth) ** 2)
+    assert 0.0 <= blend.weight < 0.1  # chance alone: 0.02-0.05 of the field on average over three seeds
+    assert np.mean((blended - truth) ** 2) < 0.001 * np.mean((noisy - truth) ** 2)  # 4e-5
 
 
 def test_off_too_short_or_not_the_networks_frames_are_left_alone():
@@ -97,7 +122,8 @@ def test_off_too_short_or_not_the_networks_frames_are_left_alone():
     assert not np.array_equal(blended[:100], estimate[:100])
 
 
-def test_a_blended_output_is_blind_to_its_own_frame():
+@pytest.mark.parametrize("scale_px", [2.0, 3.0])
+def test_a_blended_output_is_blind_to_its_own_frame(scale_px):
     """A jolt of frame t's noise (7x its standard deviation) moves the blended output of frame t by
     a negligible share of it (through the two sums over every frame), while a filter that saw the
     frame would move by its own weight of it."""
@@ -108,11 +134,11 @@ def test_a_blended_output_is_blind_to_its_own_frame():
     jolted = noisy.copy()
     jolted[t] += rng.normal(0, 250, noisy[t].shape).astype(np.float32)
     a, b = estimate.copy(), estimate.copy()
-    blend_a = blend_blind_mean(noisy, a, scale_px=3.0)
-    blend_b = blend_blind_mean(jolted, b, scale_px=3.0)
+    blend_a = blend_blind_mean(noisy, a, scale_px=scale_px)
+    blend_b = blend_blind_mean(jolted, b, scale_px=scale_px)
     assert blend_a.sigma_t == blend_b.sigma_t and blend_a.weight > 0.1
     moved = np.abs(b[t] - a[t]).max() / np.abs(jolted[t] - noisy[t]).max()
-    assert moved < 2e-3
+    assert moved < 2e-3  # 1.4e-3 at 2 px, 0.8e-3 at 3
     # its neighbours do see frame t (through the blind mean), as their own reach says
     assert np.abs(b[t + 1] - a[t + 1]).max() > 10 * np.abs(b[t] - a[t]).max()
 
@@ -133,11 +159,13 @@ def test_outputs_of_a_longer_segment_blend_with_its_frames_around_them():
     assert blend_blind_mean(noisy, whole, scale_px=3.0, scored=scored) == replace(blend, first=0, frames=FRAMES)
     np.testing.assert_allclose(chunk, whole[50:250], rtol=1e-6, atol=1e-3)
     # output by output, as the whole movie's formula: each pixel its region's weight and sigma
-    fit = _fit(noisy, estimate[50:250], 3.0, np.ones(200, bool), 50)
+    fit = _fit(noisy, estimate[50:250], GuidedSmoothing(_mean_output(estimate[50:250], np.ones(200, bool)), 3.0),
+               np.ones(200, bool), 50)
     assert fit is not None and fit.sigmas == blend.sigmas and max(fit.sigmas) == blend.sigma_t
     assert len(fit.sigmas) > 1  # the regions differ
-    smooth = ndimage.gaussian_filter(noisy, (0, 3, 3), mode="nearest")
-    own = ndimage.gaussian_filter(estimate[50:250], (0, 3, 3), mode="nearest")
+    smoothing = GuidedSmoothing(_mean_output(estimate[50:250], np.ones(200, bool)), 3.0)  # the outputs' mean guides it
+    smooth = np.stack([smoothing(frame) for frame in noisy])
+    own = np.stack([smoothing(frame) for frame in estimate[50:250]])
     means = np.stack([blind_temporal_mean(smooth, sigma)[50:250] for sigma in fit.sigmas])
     towards = np.take_along_axis(means, np.broadcast_to(fit.pick, means.shape[1:])[None], 0)[0]
     expected = estimate[50:250] + fit.weight * (towards - own)
@@ -191,7 +219,7 @@ def test_a_files_final_pass_blends_each_segment_and_says_so(tmp_path):
     noisy, _ = TwoPhotonSimulator(SimConfig(height=48, width=48, photons=2.0, seed=1)).movie(240)
     noisy[160:] = np.clip(noisy[160:].astype(np.float32) * 3, 0, 65535).astype(noisy.dtype)  # laser x3
     config = EngineConfig(device="cpu", preset="lite", steps_per_frame=0.0, warmup_frames=8, warmup_steps=0, seed=0)
-    assert config.blend_px == 3.0
+    assert config.blend_px == 2.0
     results = {px: denoise_movie(noisy, replace(config, blend_px=px)) for px in (3.0, 0.0)}
     for px, result in results.items():
         blends = result.engine.cell_blends
@@ -214,4 +242,4 @@ def test_a_files_final_pass_blends_each_segment_and_says_so(tmp_path):
     args = build_parser().parse_args(["denoise", "in.tif", "out.ome.tif", "--blend-px", "0"])
     assert engine_config_from_args(args).blend_px == 0.0
     args = build_parser().parse_args(["denoise", "in.tif", "out.ome.tif"])
-    assert engine_config_from_args(args).blend_px == 3.0
+    assert engine_config_from_args(args).blend_px == 2.0

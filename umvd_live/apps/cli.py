@@ -115,9 +115,9 @@ def _file_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, default=None, metavar="S",
                    help="training steps of the warm start before the output goes live (default: the engine's)")
     p.add_argument("--blend-px", type=float, metavar="PX",
-                   help="the scale (Gaussian sigma, pixels; about a soma's radius) at and above which the "
-                        "outputs are blended with a blind temporal mean of the noisy frames, as far as that "
-                        "measurably brings them closer to the truth (default 3; 0: off; docs/engine.md, "
+                   help="the scale (Gaussian sigma of a smoothing within the sources, pixels) at and above "
+                        "which the outputs are blended with a blind temporal mean of the noisy frames, as far "
+                        "as that measurably brings them closer to the truth (default 2; 0: off; docs/engine.md, "
                         "\"Cell-scale blend\")")
     p.add_argument("--threads", type=int, metavar="T",
                    help="torch threads on a CPU (default: every core this process may use; batch: "

@@ -27,10 +27,11 @@ running gain for the field (`LiveAmplitude`). `keep` is
 it is. Undoing a shrinkage costs whole-movie PSNR (an unbiased estimate has more variance than
 the MMSE one); docs/engine.md has the measured trade.
 
-Blindness is kept: the baseline of a frame is the per-pixel median of the segment's outputs that
-lie beyond the network's reach of that frame (window and context blocks) and not far beyond it
-(`BASELINE_SPAN`), so neither D nor B of a frame depends on its noisy pixels, and B follows drifts
-slower than the activity (bleaching), which the network keeps and the gain must not stretch.
+Blindness is kept: the baseline of a frame is a per-pixel mean of the segment's outputs that lie
+beyond the network's reach of that frame (window and context blocks), weighted by a Gaussian of
+their distance (`BASELINE_SIGMA`), so neither D nor B of a frame depends on its noisy pixels, and
+B follows drifts slower than the activity (bleaching), which the network keeps and the gain must
+not stretch.
 Only the gains depend on a frame's noise, through sums over all the segment's frames and a few
 hundred pixels (a weight of about 1 / (frames x pixels) each).
 """
@@ -47,18 +48,22 @@ from scipy import ndimage
 
 from umvd_live.engine.outputs import mean_is_nearer
 
-#: Frames per block that shares one baseline; longer segments get longer blocks (`MAX_BLOCKS`).
-BLOCK_FRAMES = 50
-MAX_BLOCKS = 32
-#: A block's baseline comes from the outputs within this many frames beyond the reach on either
-#: side, so that it follows what is slower than the activity (bleaching, a slow drift of the
-#: focus or the light) instead of leaving it to the gain: with a median over the whole segment the
-#: restored movies bleached 1.3-1.7x as fast as their truth (docs/benchmarks.md, "Slow drifts").
-BASELINE_SPAN = 200
-#: Frames a baseline's median is taken over, at most (evenly spaced over its far frames),
-#: and the bytes they may take (fewer frames for large ones: 64 of 1024², 16 of 2048²).
-MEDIAN_FRAMES = 200
-MEDIAN_BYTES = 256 * 2**20
+#: A frame's baseline is the Gaussian-weighted mean of the outputs beyond the reach of its block,
+#: with this temporal sigma (frames): it follows what is slower than the activity (bleaching, a slow
+#: drift of the focus or the light) instead of leaving it to the gain. A median over the whole
+#: segment made the restored movies bleach 1.3-1.7x as fast as their truth (docs/benchmarks.md,
+#: "Slow drifts"); a median per block of 50 frames, of the outputs within 200 frames beyond the
+#: reach, changed from block to block with the activity it happened to leave out, and the smooth
+#: weights gained 0.0003-0.0035 of trace correlation and 0.02-0.15 dB (docs/benchmarks.md,
+#: "A smooth baseline").
+BASELINE_SIGMA = 200.0
+#: The weights reach this many sigmas.
+BASELINE_TRUNCATE = 3.0
+#: Frames per block, summed once and sharing one baseline; fewer, longer blocks where the block
+#: means would take more than `BLOCK_BYTES`.
+BLOCK_FRAMES = 10
+BLOCK_BYTES = 256 * 2**20
+
 #: The largest gain applied: a slope measured below 1 / MAX_GAIN means outputs too uncertain to
 #: stretch further without stretching mostly their errors.
 MAX_GAIN = 2.0
@@ -77,9 +82,9 @@ LOCAL_PX = 4.0
 LOCAL_PRIOR = 2.0
 #: Frames per chunk of the sums; the chunks' spread gives the measurement's standard error.
 CHUNK = 32
-#: Fewer far frames than this give a block no baseline (its segment is left as it is): the median
-#: of a handful of outputs is those outputs, and a transient among them would be subtracted,
-#: times the gain, from every frame of the block.
+#: Fewer far frames than this give a block no baseline (its segment is left as it is): the mean
+#: of a handful of outputs is mostly those outputs, and a transient among them would be
+#: subtracted, times the gain, from every frame of the block.
 BASELINE_MIN_FRAMES = 2 * CHUNK
 #: Standard errors above 0 that the truth's variance and the outputs' covariance with it must
 #: lie for a slope to be measured (noise alone passes one such test about once in 650 movies of
@@ -177,23 +182,31 @@ def _significant(values: list[float]) -> bool:
 
 
 def blind_baselines(denoised: Sequence[np.ndarray], reach: int) -> list[tuple[int, int, np.ndarray | None]]:
-    """(start, stop, baseline) per block of frames: the per-pixel median of the outputs beyond
-    ``reach`` frames of every frame of the block and within ``reach + BASELINE_SPAN`` of it (None
-    where fewer than `BASELINE_MIN_FRAMES` are that far)."""
+    """(start, stop, baseline) per block of frames: the mean of the outputs of the blocks that lie
+    beyond ``reach`` frames of every frame of the block, each weighted by its frames and a Gaussian
+    of its distance (`BASELINE_SIGMA`); None where fewer than `BASELINE_MIN_FRAMES` are that far
+    within the weights' reach."""
     n = len(denoised)
-    block = max(BLOCK_FRAMES, -(-n // MAX_BLOCKS))
+    frame_bytes = 4 * np.asarray(denoised[0]).size
+    block = max(BLOCK_FRAMES, -(-n * frame_bytes // BLOCK_BYTES))
+    starts = np.arange(0, n, block)
+    stops = np.minimum(starts + block, n)
+    counts, centres = stops - starts, (starts + stops - 1) / 2
+    means = [_mean(denoised[start:stop]).astype(np.float32) for start, stop in zip(starts.tolist(), stops.tolist())]
     out: list[tuple[int, int, np.ndarray | None]] = []
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        before, after = max(0, start - reach), min(n, stop + reach)
-        far = np.r_[max(0, before - BASELINE_SPAN):before, after:min(n, after + BASELINE_SPAN)]
-        if len(far) < BASELINE_MIN_FRAMES:
+    for k, (start, stop) in enumerate(zip(starts.tolist(), stops.tolist())):
+        far = (stops <= start - reach) | (starts >= stop + reach)
+        near = np.abs(centres - centres[k]) <= BASELINE_TRUNCATE * BASELINE_SIGMA
+        taken = np.flatnonzero(far & near)
+        if counts[taken].sum() < BASELINE_MIN_FRAMES:
             out.append((start, stop, None))
             continue
-        most = max(1, min(MEDIAN_FRAMES, MEDIAN_BYTES // (4 * np.asarray(denoised[0]).size)))
-        if len(far) > most:
-            far = far[np.linspace(0, len(far) - 1, most).round().astype(int)]
-        out.append((start, stop, np.median(np.stack([denoised[i] for i in far]), axis=0).astype(np.float32)))
+        weights = counts[taken] * np.exp(-0.5 * ((centres[taken] - centres[k]) / BASELINE_SIGMA) ** 2)
+        weights /= weights.sum()
+        baseline = np.zeros(np.shape(means[0]), np.float32)
+        for j, weight in zip(taken.tolist(), weights.tolist()):
+            baseline += np.float32(weight) * means[j]
+        out.append((start, stop, baseline))
     return out
 
 
@@ -206,7 +219,7 @@ def restore_amplitude(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray
     outputs float arrays that are changed in place; ``reach`` the frames on either side of a frame
     that its output depends on; ``scored`` the frames whose outputs are the network's (the others,
     e.g. the referee's window means, are neither measured nor changed, though they enter the
-    baselines' medians); ``first`` the segment's first frame in the movie, for the record.
+    baselines' means); ``first`` the segment's first frame in the movie, for the record.
     ``neighbours(t)``: the blind mean of frame t's window without t (the referee's, `outputs`);
     where given, a restored output farther from its noisy frame than that mean is (as the referee
     judges the network's) is left as the network made it."""

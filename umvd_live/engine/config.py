@@ -49,10 +49,11 @@ class EngineConfig:
     # The amplitude slope restored where the network's outputs measurably shrink the activity (`amplitude`:
     # gain keep / measured slope, never below 1), by a file's final pass and along a live stream; 0: off.
     keep_amplitude: float = 1.0
-    # A file's final pass: the outputs' structure at and above this scale (Gaussian sigma, pixels;
-    # about a soma's radius) is blended with a blind temporal mean of the noisy frames where that
-    # brings it measurably closer to the truth (`cellblend`); 0: off.
-    blend_px: float = 3.0
+    # A file's final pass: the outputs' structure at and above this scale (the Gaussian sigma of a
+    # smoothing within the sources, pixels; with the filter's two passes about a soma's radius) is
+    # blended with a blind temporal mean of the noisy frames where that brings it measurably closer
+    # to the truth (`cellblend`); 0: off.
+    blend_px: float = 2.0
     init: str | None = None  # weights from an earlier session: skips the warm start
     prior: str = "auto"  # auto: the shipped prior for the network (`priors`), none, or a model file; init wins
     probe_from_steps: int = 50  # from scratch: the network's output is judged against the mean from this step on
