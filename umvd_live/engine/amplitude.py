@@ -53,9 +53,9 @@ from umvd_live.engine.outputs import mean_is_nearer
 #: drift of the focus or the light) instead of leaving it to the gain. A median over the whole
 #: segment made the restored movies bleach 1.3-1.7x as fast as their truth (docs/benchmarks.md,
 #: "Slow drifts"); a median per block of 50 frames, of the outputs within 200 frames beyond the
-#: reach, changed from block to block with the activity it happened to leave out, and the smooth
-#: weights gained 0.0003-0.0035 of trace correlation and 0.02-0.15 dB (docs/benchmarks.md,
-#: "A smooth baseline").
+#: reach, changed from block to block with the activity it happened to leave out: the smooth
+#: weights gained 0.0001-0.0032 of trace correlation and 0.01-0.20 dB on nine simulated movies
+#: (docs/benchmarks.md, "Cell-scale blend within the sources, and a smooth baseline").
 BASELINE_SIGMA = 200.0
 #: The weights reach this many sigmas.
 BASELINE_TRUNCATE = 3.0

@@ -57,8 +57,8 @@ SIGMAS = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
 FIT_PX = 3.0
 #: The guided smoothing's regulariser (`GuidedSmoothing`), a share of its guide's variance over
 #: the field: local contrast of the guide below it counts as flat and is smoothed across, above it
-#: as a source's edge. On the simulated movies 0.001 and 0.01 gave the same scores, 0.1 a trace
-#: correlation 0.0003 lower, 1 (nearly a plain Gaussian) 0.0016 lower.
+#: as a source's edge. On a simulated movie 0.001 and 0.01 gave the same scores, 0.1 a trace
+#: correlation 0.0002 lower, 1 (nearly a plain Gaussian) 0.0018 lower.
 GUIDE_EPS = 0.01
 #: A kernel reaches this many sigmas on either side of its frame.
 TRUNCATE = 4.0
@@ -162,7 +162,7 @@ def _fit(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray], smooth: Gu
     height, width = np.shape(noisy[0])
     # a grid of the coarse maps, which hold nothing finer than the scale; coarser for long or large movies
     points = len(noisy) * height * width
-    step = max(1, int(smooth.scale_px // 1.5), math.ceil(math.sqrt(FIT_BYTES_PER_POINT * points / FIT_BYTES)))
+    step = max(1, int(smooth.scale_px), math.ceil(math.sqrt(FIT_BYTES_PER_POINT * points / FIT_BYTES)))
     fit_noisy = np.stack([smooth(f)[::step, ::step] for f in noisy])
     fit_out = np.stack([smooth(denoised[j])[::step, ::step] for j in np.flatnonzero(mask).tolist()])
     target = (fit_noisy[offset:offset + len(denoised)][mask] - fit_out).astype(np.float64)
@@ -250,9 +250,9 @@ class GuidedSmoothing:
 
     Why: a plain Gaussian mixed each cell's blind mean with its neighbours' and the neuropil's,
     so a cell's trace took part of theirs. Within the sources (and 2 px instead of a Gaussian's
-    3), on the same network outputs of seven simulated movies, the trace correlation changed by
-    -0.0002 to +0.0032 and the whole-movie PSNR by +0.02 to +0.11 dB (docs/benchmarks.md,
-    "Cell-scale blend within the sources"). A constant stays as it is; where the guide is flat
+    3), on the same network outputs of nine simulated movies, the trace correlation changed by
+    -0.0002 to +0.0036 and the whole-movie PSNR by +0.02 to +0.11 dB (docs/benchmarks.md,
+    "Cell-scale blend within the sources, and a smooth baseline"). A constant stays as it is; where the guide is flat
     (its local variance under `GUIDE_EPS` of its variance over the field) the filter is a plain
     Gaussian of about ``scale_px * sqrt(2)``. Hand-written (five scipy Gaussian filters): no
     library of the stack has one (OpenCV's is in the opencv-contrib build)."""
