@@ -183,14 +183,15 @@ def test_a_block_with_few_frames_beyond_reach_gets_no_baseline():
     np.testing.assert_array_equal(restored, estimate)
 
 
-def test_the_baseline_of_a_frame_never_uses_outputs_within_reach():
+@pytest.mark.parametrize("reach", [REACH, REACH + 1, REACH + 9])  # on and off the blocks' edges
+def test_the_baseline_of_a_frame_never_uses_outputs_within_reach(reach):
     rng = np.random.default_rng(7)
     outputs = rng.normal(0, 1, (FRAMES, 8, 8)).astype(np.float32)
-    before = blind_baselines(outputs, REACH)
+    before = blind_baselines(outputs, reach)
     for start, stop, base in before:
         changed = outputs.copy()
-        changed[max(0, start - REACH):stop + REACH] += 1000.0  # everything a block's outputs may depend on
-        after = {s: b for s, _, b in blind_baselines(changed, REACH)}
+        changed[max(0, start - reach):stop + reach] += 1000.0  # everything a block's outputs may depend on
+        after = {s: b for s, _, b in blind_baselines(changed, reach)}
         np.testing.assert_array_equal(after[start], base)
 
 

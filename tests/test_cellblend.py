@@ -15,7 +15,7 @@ from umvd_live.engine.cellblend import (
     CellBlend,
     GuidedSmoothing,
     _fit,
-    _mean_output,
+    _parts,
     blend_blind_mean,
     blind_temporal_mean,
 )
@@ -143,6 +143,41 @@ def test_a_blended_output_is_blind_to_its_own_frame(scale_px):
     assert np.abs(b[t + 1] - a[t + 1]).max() > 10 * np.abs(b[t] - a[t]).max()
 
 
+def test_a_blended_output_is_blind_to_its_own_frame_when_the_outputs_see_their_neighbours():
+    """Outputs that read the frames around theirs (as the network's do, within ``reach``): a jolt of
+    frame t still moves output t only through the fit's sums, since no output that saw frame t
+    guides output t's smoothing; t lies by the middle, where the two halves' guides meet."""
+    rng = np.random.default_rng(4)
+    truth = _truth(rng)
+    noisy, own = _noisy(truth, rng), _blind_estimate(truth, rng)
+
+    def estimate(frames: np.ndarray) -> np.ndarray:  # output t reads frames t-8..t+8, never t
+        return (0.5 * own + 0.5 * blind_temporal_mean(frames, 2.0)).astype(np.float32)
+
+    t = FRAMES // 2 - 2
+    jolted = noisy.copy()
+    jolted[t] += rng.normal(0, 250, noisy[t].shape).astype(np.float32)
+    a, b = estimate(noisy), estimate(jolted)
+    assert blend_blind_mean(noisy, a, scale_px=2.0, reach=8).weight > 0.1
+    blend_blind_mean(jolted, b, scale_px=2.0, reach=8)
+    assert np.abs(b[t] - a[t]).max() < 2e-3 * np.abs(jolted[t] - noisy[t]).max()  # 1.0e-3
+
+
+def test_the_guide_of_each_half_never_holds_outputs_within_reach():
+    rng = np.random.default_rng(8)
+    outputs = rng.normal(100, 10, (FRAMES, 16, 16)).astype(np.float32)
+    scored = np.ones(FRAMES, bool)
+    probe = rng.normal(0, 1, (16, 16)).astype(np.float32)
+    before = [part.smooth(probe) for part in _parts(outputs, scored, 2.0, 20)]
+    for k, part in enumerate(_parts(outputs, scored, 2.0, 20)):
+        changed = outputs.copy()
+        changed[max(0, part.start - 20):part.stop + 20] += rng.normal(0, 100, (16, 16)).astype(np.float32)
+        np.testing.assert_array_equal(_parts(changed, scored, 2.0, 20)[k].smooth(probe), before[k])
+        changed[part.stop + 20:] += 1000 * probe  # beyond the reach: the guide's
+        changed[:max(0, part.start - 20)] += 1000 * probe
+        assert not np.allclose(_parts(changed, scored, 2.0, 20)[k].smooth(probe), before[k])
+
+
 def test_outputs_of_a_longer_segment_blend_with_its_frames_around_them():
     """A chunk of a segment (``offset``): the fit is the one the whole segment gives for those
     outputs, and each blind mean reads the frames beyond the chunk too, as the whole movie's would."""
@@ -159,16 +194,17 @@ def test_outputs_of_a_longer_segment_blend_with_its_frames_around_them():
     assert blend_blind_mean(noisy, whole, scale_px=3.0, scored=scored) == replace(blend, first=0, frames=FRAMES)
     np.testing.assert_allclose(chunk, whole[50:250], rtol=1e-6, atol=1e-3)
     # output by output, as the whole movie's formula: each pixel its region's weight and sigma
-    fit = _fit(noisy, estimate[50:250], GuidedSmoothing(_mean_output(estimate[50:250], np.ones(200, bool)), 3.0),
-               np.ones(200, bool), 50)
+    parts = _parts(estimate[50:250], np.ones(200, bool), 3.0, 0)
+    fit = _fit(noisy, estimate[50:250], parts, np.ones(200, bool), 50)
     assert fit is not None and fit.sigmas == blend.sigmas and max(fit.sigmas) == blend.sigma_t
     assert len(fit.sigmas) > 1  # the regions differ
-    smoothing = GuidedSmoothing(_mean_output(estimate[50:250], np.ones(200, bool)), 3.0)  # the outputs' mean guides it
-    smooth = np.stack([smoothing(frame) for frame in noisy])
-    own = np.stack([smoothing(frame) for frame in estimate[50:250]])
-    means = np.stack([blind_temporal_mean(smooth, sigma)[50:250] for sigma in fit.sigmas])
-    towards = np.take_along_axis(means, np.broadcast_to(fit.pick, means.shape[1:])[None], 0)[0]
-    expected = estimate[50:250] + fit.weight * (towards - own)
+    expected = estimate[50:250].copy()
+    for part in parts:  # each half smoothed within the sources the other half's mean output draws
+        smooth = np.stack([part.smooth(frame) for frame in noisy])
+        own = np.stack([part.smooth(frame) for frame in estimate[50 + part.start:50 + part.stop]])
+        means = np.stack([blind_temporal_mean(smooth, sigma)[50 + part.start:50 + part.stop] for sigma in fit.sigmas])
+        towards = np.take_along_axis(means, np.broadcast_to(fit.pick, means.shape[1:])[None], 0)[0]
+        expected[part.start:part.stop] += fit.weight * (towards - own)
     np.testing.assert_allclose(chunk, expected, rtol=1e-5, atol=1e-3)
     with pytest.raises(ValueError, match="outside"):
         blend_blind_mean(noisy[:100], chunk, scale_px=3.0, offset=50)

@@ -60,9 +60,9 @@ BASELINE_SIGMA = 200.0
 #: The weights reach this many sigmas.
 BASELINE_TRUNCATE = 3.0
 #: Frames per block, summed once and sharing one baseline; fewer, longer blocks where the block
-#: means would take more than `BLOCK_BYTES`.
+#: means would take more than `BLOCK_BYTES` (and the baselines as much again).
 BLOCK_FRAMES = 10
-BLOCK_BYTES = 256 * 2**20
+BLOCK_BYTES = 128 * 2**20
 
 #: The largest gain applied: a slope measured below 1 / MAX_GAIN means outputs too uncertain to
 #: stretch further without stretching mostly their errors.

@@ -23,7 +23,8 @@ and sigma for the whole field fitted its average source: fitted per region, the 
 rose by 0.002-0.005 and the PSNR by 0.12-0.17 dB on the same network outputs (docs/benchmarks.md,
 "Cell-scale blend, fitted per region"). Blindness is kept as in `amplitude`: the blend of frame t reads frame t only
 through sums over every frame of the segment and the pixels of a region (a weight of about
-1 / (frames x region's pixels)).
+1 / (frames x region's pixels)), and the guide of its smoothing holds no output within the
+network's reach of it (`_parts`).
 Each blended output then faces the referee's rule, as a restored one does: where it lies farther
 from its noisy frame than the window's blind mean, the output is left as it was.
 
@@ -115,14 +116,16 @@ def blind_temporal_mean(frames: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def blend_blind_mean(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray], *, scale_px: float,
-                     scored: np.ndarray | None = None, first: int = 0, offset: int = 0,
+                     reach: int = 0, scored: np.ndarray | None = None, first: int = 0, offset: int = 0,
                      neighbours: Callable[[int], np.ndarray] | None = None) -> CellBlend:
     """Blend one segment's outputs with the blind temporal mean of its noisy frames at scale
     ``scale_px`` (module docstring), in place, and say what was done.
 
     ``noisy`` holds the segment's (H, W) frames in order and ``denoised`` the outputs of
     ``noisy[offset:offset + len(denoised)]`` (a chunk of a longer segment reads the frames around
-    it too), float arrays in the same units that are changed in place; ``scored`` the outputs that
+    it too), float arrays in the same units that are changed in place; ``reach`` the frames on
+    either side of a frame that its output depends on (the smoothing's guides stay beyond it,
+    `_parts`); ``scored`` the outputs that
     are the network's (the others, e.g. the referee's window means, are neither measured nor
     changed); ``first`` the first output's frame in the movie, for the record. ``neighbours(j)``:
     the blind mean of output j's window without its frame (the referee's, `outputs`); where given,
@@ -137,11 +140,11 @@ def blend_blind_mean(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray]
         raise ValueError(f"scored must hold one flag per output, got shape {mask.shape} for {n}")
     if mask.sum() < MIN_FRAMES:
         return CellBlend(first, n, None, reason=f"too few frames to measure ({int(mask.sum())} < {MIN_FRAMES})")
-    smooth = GuidedSmoothing(_mean_output(denoised, mask), scale_px)
-    fit = _fit(noisy, denoised, smooth, mask, offset)
+    parts = _parts(denoised, mask, scale_px, reach)
+    fit = _fit(noisy, denoised, parts, mask, offset)
     if fit is None:
         return CellBlend(first, n, None, reason="the blind mean brought the outputs no closer")
-    unblended = _apply(noisy, denoised, smooth, mask, offset, fit, neighbours)
+    unblended = _apply(noisy, denoised, parts, mask, offset, fit, neighbours)
     return CellBlend(first, n, max(fit.sigmas), float(fit.weight.mean()), unblended=tuple(first + j for j in unblended),
                      sigmas=fit.sigmas)
 
@@ -155,29 +158,40 @@ class _Fit:
     weight: np.ndarray  # (H, W) float32, 0 where no blind mean brought the outputs closer
 
 
-def _fit(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray], smooth: GuidedSmoothing, mask: np.ndarray,
+def _fit(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray], parts: list[_Part], mask: np.ndarray,
          offset: int) -> _Fit | None:
     """Each region's (sigma, weight) whose blend lies nearest the smoothed noisy frames there, or
     None if none nears them anywhere."""
     height, width = np.shape(noisy[0])
-    # a grid of the coarse maps, which hold nothing finer than the scale; coarser for long or large movies
-    points = len(noisy) * height * width
-    step = max(1, int(smooth.scale_px), math.ceil(math.sqrt(FIT_BYTES_PER_POINT * points / FIT_BYTES)))
-    fit_noisy = np.stack([smooth(f)[::step, ::step] for f in noisy])
-    fit_out = np.stack([smooth(denoised[j])[::step, ::step] for j in np.flatnonzero(mask).tolist()])
-    target = (fit_noisy[offset:offset + len(denoised)][mask] - fit_out).astype(np.float64)
-    if not np.isfinite(target).all():  # an output not a number: no sum says anything
-        return None
+    # a grid of the coarse maps (their sums over regions need no finer one); coarser for long or
+    # large movies
+    radius = kernel_radius(max(SIGMAS))
+    points = max(min(len(noisy), part.stop - part.start + 2 * radius) for part in parts) * height * width
+    step = max(1, int(parts[0].smooth.scale_px), math.ceil(math.sqrt(FIT_BYTES_PER_POINT * points / FIT_BYTES)))
+    along = np.zeros((len(SIGMAS), -(-height // step), -(-width // step)))
+    size = np.zeros_like(along)
+    for part in parts:  # each with its own smoothing, over the noisy frames its outputs' blind means read
+        low, high = max(0, offset + part.start - radius), min(len(noisy), offset + part.stop + radius)
+        outputs = [j for j in range(part.start, part.stop) if mask[j]]
+        if not outputs:
+            continue
+        fit_noisy = np.stack([part.smooth(noisy[i])[::step, ::step] for i in range(low, high)])
+        fit_out = np.stack([part.smooth(denoised[j])[::step, ::step] for j in outputs])
+        rows = np.asarray(outputs) + offset - low
+        target = (fit_noisy[rows] - fit_out).astype(np.float64)
+        if not np.isfinite(target).all():  # an output not a number: no sum says anything
+            return None
+        for k, sigma in enumerate(SIGMAS):
+            towards = (blind_temporal_mean(fit_noisy, sigma)[rows] - fit_out).astype(np.float64)
+            along[k] += np.einsum("tij,tij->ij", towards, target)  # the sums over the frames
+            size[k] += np.einsum("tij,tij->ij", towards, towards)
     gains, weights = [], []
-    for sigma in SIGMAS:
-        towards = (blind_temporal_mean(fit_noisy, sigma)[offset:offset + len(denoised)][mask] - fit_out)
-        towards = towards.astype(np.float64)
-        # the sums over the frames, then over each point's region
-        along = ndimage.gaussian_filter(np.einsum("tij,tij->ij", towards, target), FIT_PX / step, mode="nearest")
-        size = ndimage.gaussian_filter(np.einsum("tij,tij->ij", towards, towards), FIT_PX / step, mode="nearest")
-        usable = (size > 0) & (along > 0)
-        weight = np.where(usable, np.minimum(along / np.where(usable, size, 1.0), 1.0), 0.0)
-        gains.append(weight * (2 * along - weight * size))  # how much nearer: the constant |target|² less
+    for k in range(len(SIGMAS)):  # then over each point's region
+        region_along = ndimage.gaussian_filter(along[k], FIT_PX / step, mode="nearest")
+        region_size = ndimage.gaussian_filter(size[k], FIT_PX / step, mode="nearest")
+        usable = (region_size > 0) & (region_along > 0)
+        weight = np.where(usable, np.minimum(region_along / np.where(usable, region_size, 1.0), 1.0), 0.0)
+        gains.append(weight * (2 * region_along - weight * region_size))  # how much nearer: the constant |target|² less
         weights.append(weight)
     pick = np.argmax(np.stack(gains), 0)
     weight = np.take_along_axis(np.stack(weights), pick[None], 0)[0]
@@ -192,51 +206,77 @@ def _fit(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray], smooth: Gu
     return _Fit(tuple(SIGMAS[i] for i in taken), index[pick], weight)
 
 
-def _apply(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray], smooth: GuidedSmoothing, mask: np.ndarray,
+def _apply(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray], parts: list[_Part], mask: np.ndarray,
            offset: int, fit: _Fit, neighbours: Callable[[int], np.ndarray] | None) -> list[int]:
     """Blend the scored outputs in order, each pixel from its sigma's blind mean of the smoothed
-    noisy frames within that kernel's reach (each frame smoothed once, kept while in reach);
-    returns the outputs the referee left as they were."""
+    noisy frames within that kernel's reach (each frame smoothed once per part, kept while in
+    reach); returns the outputs the referee left as they were."""
     kernels = [blind_kernel(sigma) for sigma in fit.sigmas]
     regions = [fit.pick == i for i in range(len(fit.sigmas))]
     reach = max(kernel_radius(sigma) for sigma in fit.sigmas)
-    smoothed: dict[int, np.ndarray] = {}
     left = []
-    for j in np.flatnonzero(mask).tolist():
-        centre = offset + j
-        for i in [i for i in smoothed if i < centre - reach]:
-            del smoothed[i]
-        towards = np.empty(np.shape(denoised[j]), np.float32)
-        for kernel, region in zip(kernels, regions):
-            radius = len(kernel) // 2
-            total, norm = None, 0.0
-            for i in range(max(0, centre - radius), min(len(noisy), centre + radius + 1)):
-                share = float(kernel[i - centre + radius])
-                if share == 0.0:
+    for part in parts:
+        smoothed: dict[int, np.ndarray] = {}
+        for j in [j for j in range(part.start, part.stop) if mask[j]]:
+            centre = offset + j
+            for i in [i for i in smoothed if i < centre - reach]:
+                del smoothed[i]
+            towards = np.empty(np.shape(denoised[j]), np.float32)
+            for kernel, region in zip(kernels, regions):
+                radius = len(kernel) // 2
+                total, norm = None, 0.0
+                for i in range(max(0, centre - radius), min(len(noisy), centre + radius + 1)):
+                    share = float(kernel[i - centre + radius])
+                    if share == 0.0:
+                        continue
+                    if i not in smoothed:
+                        smoothed[i] = part.smooth(noisy[i])
+                    if total is None:
+                        total = share * smoothed[i]
+                    else:
+                        total += share * smoothed[i]
+                    norm += share
+                if total is None:  # a segment of one frame
+                    break
+                np.copyto(towards, total / norm, where=region)
+            else:
+                frame = denoised[j]
+                blended = frame + fit.weight * (towards - part.smooth(frame))
+                # the referee's rule: left as it was where the window's blind mean is nearer the noisy frame
+                if mean_is_nearer(blended, neighbours(j) if neighbours is not None else None, noisy[centre]):
+                    left.append(j)
                     continue
-                if i not in smoothed:
-                    smoothed[i] = smooth(noisy[i])
-                if total is None:
-                    total = share * smoothed[i]
-                else:
-                    total += share * smoothed[i]
-                norm += share
-            if total is None:  # a segment of one frame
-                break
-            np.copyto(towards, total / norm, where=region)
-        else:
-            frame = denoised[j]
-            blended = frame + fit.weight * (towards - smooth(frame))
-            # the referee's rule: left as it was where the window's blind mean is nearer the noisy frame
-            if mean_is_nearer(blended, neighbours(j) if neighbours is not None else None, noisy[centre]):
-                left.append(j)
-                continue
-            frame[...] = blended
+                frame[...] = blended
     return left
 
 
+@dataclass(frozen=True)
+class _Part:
+    """Outputs ``start`` to ``stop`` (excluded) and the smoothing they are blended with."""
+
+    start: int
+    stop: int
+    smooth: GuidedSmoothing
+
+
+def _parts(denoised: Sequence[np.ndarray], mask: np.ndarray, scale_px: float, reach: int) -> list[_Part]:
+    """The segment's first and second half, each smoothed within the sources its guide draws: the
+    mean of the other half's scored outputs beyond ``reach`` frames of every output of its own
+    (none: a plain smoothing), so that no output's guide holds an output that saw its frame."""
+    n = len(denoised)
+    middle = n // 2
+    parts = []
+    for start, stop, others in ((0, middle, range(middle + reach, n)), (middle, n, range(0, max(0, middle - reach)))):
+        guiding = np.zeros(n, bool)
+        guiding[others] = True
+        guiding &= mask
+        guide = _mean_output(denoised, guiding) if guiding.any() else np.zeros(np.shape(denoised[0]), np.float32)
+        parts.append(_Part(start, stop, GuidedSmoothing(guide, scale_px)))
+    return parts
+
+
 def _mean_output(denoised: Sequence[np.ndarray], mask: np.ndarray) -> np.ndarray:
-    """The mean of the scored outputs (summed one by one: a long movie's outputs are not stacked)."""
+    """The mean of the outputs ``mask`` selects (summed one by one: a long movie's outputs are not stacked)."""
     total = np.zeros(np.shape(denoised[0]), np.float64)
     for j in np.flatnonzero(mask).tolist():
         total += denoised[j]
@@ -251,10 +291,10 @@ class GuidedSmoothing:
     Why: a plain Gaussian mixed each cell's blind mean with its neighbours' and the neuropil's,
     so a cell's trace took part of theirs. Within the sources (and 2 px instead of a Gaussian's
     3), on the same network outputs of nine simulated movies, the trace correlation changed by
-    -0.0002 to +0.0036 and the whole-movie PSNR by +0.02 to +0.11 dB (docs/benchmarks.md,
+    -0.0007 to +0.0035 and the whole-movie PSNR by 0 to +0.08 dB (docs/benchmarks.md,
     "Cell-scale blend within the sources, and a smooth baseline"). A constant stays as it is; where the guide is flat
     (its local variance under `GUIDE_EPS` of its variance over the field) the filter is a plain
-    Gaussian of about ``scale_px * sqrt(2)``. Hand-written (five scipy Gaussian filters): no
+    Gaussian of about ``scale_px * sqrt(2)``. Hand-written (four scipy Gaussian filters a frame): no
     library of the stack has one (OpenCV's is in the opencv-contrib build)."""
 
     def __init__(self, guide: np.ndarray, scale_px: float):

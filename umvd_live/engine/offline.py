@@ -168,10 +168,11 @@ def _blend_and_restore(den: StreamDenoiser, movie: np.ndarray, outputs: list[Den
         return np.mean([noisy[i - first] for i in window_indices(start + t, first, last, den.k) if i != start + t],
                        axis=0)
 
-    blend = blend_blind_mean(noisy, outs, scale_px=den.config.blend_px, scored=scored, first=start,
-                             offset=start - first, neighbours=neighbours)
+    network_reach = context_reach(den.k, den.spec.context, den.config.context_sides == "both")
+    blend = blend_blind_mean(noisy, outs, scale_px=den.config.blend_px, reach=network_reach, scored=scored,
+                             first=start, offset=start - first, neighbours=neighbours)
     # a blended output depends on the frames within the blind mean's reach as well
-    reach = max(context_reach(den.k, den.spec.context, den.config.context_sides == "both"), blend.reach)
+    reach = max(network_reach, blend.reach)
     restored = restore_amplitude(ours, outs, reach=reach, keep=den.config.keep_amplitude, scored=scored,
                                  first=start, neighbours=neighbours)
     return blend, restored
