@@ -5,8 +5,8 @@ averages it away), and it keeps less of the activity's fast part (rises, single 
 a plain temporal Gaussian of the noisy frames does, whose noise a footprint averages away. So the
 least squared error at that scale lies between the two: each output D_t becomes
 ``D_t + weight * S(G_t - D_t)``, with S a smoothing over `blend_px` that stays within the sources
-the segment's mean output draws (`GuidedSmoothing`; about a soma's radius: the pixels' own detail
-stays the network's) and G_t the Gaussian-weighted mean of the segment's
+a mean output draws (`GuidedSmoothing`; about a soma's radius: the pixels' own detail stays the
+network's) and G_t the Gaussian-weighted mean of the segment's
 *other* noisy frames (temporal sigma in frames). On simulated two-photon movies this raised the
 trace correlation by 0.001-0.015 and the amplitude slope by 0.003-0.046 at the same whole-movie
 PSNR (docs/benchmarks.md, "Cell-scale blend").
@@ -21,10 +21,10 @@ whose minimum is lowest: longer for faint sources and at low photon counts, shor
 ones, fast transients or slow frame rates, where a long mean would blur the activity. One weight
 and sigma for the whole field fitted its average source: fitted per region, the trace correlation
 rose by 0.002-0.005 and the PSNR by 0.12-0.17 dB on the same network outputs (docs/benchmarks.md,
-"Cell-scale blend, fitted per region"). Blindness is kept as in `amplitude`: the blend of frame t reads frame t only
-through sums over every frame of the segment and the pixels of a region (a weight of about
-1 / (frames x region's pixels)), and the guide of its smoothing holds no output within the
-network's reach of it (`_parts`).
+"Cell-scale blend, fitted per region"). Blindness is kept as in `amplitude`: the blend of frame
+t reads frame t only through sums over every frame of the segment and the pixels of a region (a
+weight of about 1 / (frames x region's pixels)), and the guide of its smoothing holds no output
+within the network's reach of it (`_parts`).
 Each blended output then faces the referee's rule, as a restored one does: where it lies farther
 from its noisy frame than the window's blind mean, the output is left as it was.
 
@@ -125,11 +125,11 @@ def blend_blind_mean(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray]
     ``noisy[offset:offset + len(denoised)]`` (a chunk of a longer segment reads the frames around
     it too), float arrays in the same units that are changed in place; ``reach`` the frames on
     either side of a frame that its output depends on (the smoothing's guides stay beyond it,
-    `_parts`); ``scored`` the outputs that
-    are the network's (the others, e.g. the referee's window means, are neither measured nor
-    changed); ``first`` the first output's frame in the movie, for the record. ``neighbours(j)``:
-    the blind mean of output j's window without its frame (the referee's, `outputs`); where given,
-    a blended output farther from its noisy frame than that mean is left as it was."""
+    `_parts`); ``scored`` the outputs that are the network's (the others, e.g. the referee's
+    window means, are neither measured nor changed); ``first`` the first output's frame in the
+    movie, for the record. ``neighbours(j)``: the blind mean of output j's window without its
+    frame (the referee's, `outputs`); where given, a blended output farther from its noisy frame
+    than that mean is left as it was."""
     n = len(denoised)
     if scale_px <= 0:
         return CellBlend(first, n, None, reason="off")
@@ -286,16 +286,18 @@ def _mean_output(denoised: Sequence[np.ndarray], mask: np.ndarray) -> np.ndarray
 class GuidedSmoothing:
     """Frames smoothed over ``scale_px`` within the sources a guide image draws, not across their
     edges: the guided filter of He, Sun & Tang (2013, IEEE TPAMI 35:1397) with Gaussian windows,
-    the guide the segment's mean output (blind: a mean over every frame).
+    the guide a mean of outputs (`_parts`: of the other half of the segment, beyond the network's
+    reach, so that it holds no output that saw the frames it smooths for).
 
     Why: a plain Gaussian mixed each cell's blind mean with its neighbours' and the neuropil's,
     so a cell's trace took part of theirs. Within the sources (and 2 px instead of a Gaussian's
     3), on the same network outputs of nine simulated movies, the trace correlation changed by
     -0.0007 to +0.0035 and the whole-movie PSNR by 0 to +0.08 dB (docs/benchmarks.md,
-    "Cell-scale blend within the sources, and a smooth baseline"). A constant stays as it is; where the guide is flat
-    (its local variance under `GUIDE_EPS` of its variance over the field) the filter is a plain
-    Gaussian of about ``scale_px * sqrt(2)``. Hand-written (four scipy Gaussian filters a frame): no
-    library of the stack has one (OpenCV's is in the opencv-contrib build)."""
+    "Cell-scale blend within the sources, and a smooth baseline"). A constant stays as it is;
+    where the guide is flat (its local variance under `GUIDE_EPS` of its variance over the field)
+    the filter is a plain Gaussian of about ``scale_px * sqrt(2)``. Hand-written (four scipy
+    Gaussian filters a frame): no library of the stack has one (OpenCV's is in the opencv-contrib
+    build)."""
 
     def __init__(self, guide: np.ndarray, scale_px: float):
         guide = np.asarray(guide, np.float32)
