@@ -198,8 +198,7 @@ def describe_blends(blends: Sequence[CellBlend]) -> str:
     line: ``first-frame:mean weight`` (``(the blind means' temporal sigmas the regions took,
     frames the referee left unblended)``, or why none was applied)."""
     def one(b: CellBlend) -> str:
-        sigmas = b.sigmas or ((b.sigma_t,) if b.sigma_t is not None else ())
-        span = f"{min(sigmas):g}-{max(sigmas):g}" if len(sigmas) > 1 else "".join(f"{s:g}" for s in sigmas)
+        span = f"{min(b.sigmas):g}-{max(b.sigmas):g}" if len(b.sigmas) > 1 else "".join(f"{s:g}" for s in b.sigmas)
         why = f"sigma {span} frames" if b.sigma_t is not None else b.reason
         if b.unblended:
             why += f", {len(b.unblended)} frames left unblended by the referee"

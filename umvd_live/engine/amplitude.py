@@ -142,8 +142,8 @@ def measure_shrinkage(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray
     mask = np.ones(n, bool) if scored is None else np.asarray(scored, bool)
     if n < 3 * CHUNK or mask.sum() < 2 * CHUNK:
         return None
-    mean_y, mean_d = _mean(noisy), _mean(denoised, mask)
-    mean_ys = mean_y if mask.all() else _mean(noisy, mask)  # of the scored frames' noisy ones
+    mean_y, mean_d = mean_frames(noisy), mean_frames(denoised, mask)
+    mean_ys = mean_y if mask.all() else mean_frames(noisy, mask)  # of the scored frames' noisy ones
     covs, signals = [], []  # per chunk, means per pixel and frame (pooled)
     cov_map, signal_map = np.zeros(mean_y.shape), np.zeros(mean_y.shape)  # sums over the chunks' (H, W) means
     for start in range(0, n - CHUNK // 2, CHUNK):  # a last short piece joins the chunk before it
@@ -192,9 +192,10 @@ def blind_baselines(denoised: Sequence[np.ndarray], reach: int) -> list[tuple[in
     starts = np.arange(0, n, block)
     stops = np.minimum(starts + block, n)
     counts, centres = stops - starts, (starts + stops - 1) / 2
-    means = [_mean(denoised[start:stop]).astype(np.float32) for start, stop in zip(starts.tolist(), stops.tolist())]
+    blocks = list(zip(starts.tolist(), stops.tolist()))
+    means = [mean_frames(denoised[start:stop]).astype(np.float32) for start, stop in blocks]
     out: list[tuple[int, int, np.ndarray | None]] = []
-    for k, (start, stop) in enumerate(zip(starts.tolist(), stops.tolist())):
+    for k, (start, stop) in enumerate(blocks):
         far = (stops <= start - reach) | (starts >= stop + reach)
         near = np.abs(centres - centres[k]) <= BASELINE_TRUNCATE * BASELINE_SIGMA
         taken = np.flatnonzero(far & near)
@@ -274,8 +275,9 @@ def _stack(frames: Sequence[np.ndarray], start: int, stop: int) -> np.ndarray:
     return np.stack([np.asarray(frames[i], np.float64) for i in range(start, stop)])
 
 
-def _mean(frames: Sequence[np.ndarray], mask: np.ndarray | None = None) -> np.ndarray:
-    """The per-pixel mean of the frames (of those ``mask`` selects), in float64."""
+def mean_frames(frames: Sequence[np.ndarray], mask: np.ndarray | None = None) -> np.ndarray:
+    """The per-pixel mean of the frames (of those ``mask`` selects), in float64, summed one by one: a
+    long movie's frames are never stacked."""
     picked = range(len(frames)) if mask is None else np.flatnonzero(mask).tolist()
     total = np.zeros(np.asarray(frames[0]).shape, np.float64)
     for i in picked:

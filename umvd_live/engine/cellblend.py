@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from umvd_live.engine.amplitude import mean_frames
 from umvd_live.engine.outputs import mean_is_nearer
 
 #: Temporal sigmas tried (frames). Up to 12: a blend then reads no further than 48 frames either
@@ -270,17 +271,9 @@ def _parts(denoised: Sequence[np.ndarray], mask: np.ndarray, scale_px: float, re
         guiding = np.zeros(n, bool)
         guiding[others] = True
         guiding &= mask
-        guide = _mean_output(denoised, guiding) if guiding.any() else np.zeros(np.shape(denoised[0]), np.float32)
+        guide = mean_frames(denoised, guiding) if guiding.any() else np.zeros(np.shape(denoised[0]))
         parts.append(_Part(start, stop, GuidedSmoothing(guide, scale_px)))
     return parts
-
-
-def _mean_output(denoised: Sequence[np.ndarray], mask: np.ndarray) -> np.ndarray:
-    """The mean of the outputs ``mask`` selects (summed one by one: a long movie's outputs are not stacked)."""
-    total = np.zeros(np.shape(denoised[0]), np.float64)
-    for j in np.flatnonzero(mask).tolist():
-        total += denoised[j]
-    return (total / max(1, int(mask.sum()))).astype(np.float32)
 
 
 class GuidedSmoothing:
