@@ -110,7 +110,7 @@ def test_off_too_short_or_not_the_networks_frames_are_left_alone():
     truth = _truth(rng)
     noisy, estimate = _noisy(truth, rng), _blind_estimate(truth, rng)
     kept = estimate.copy()
-    assert blend_blind_mean(noisy, kept, scale_px=0.0) == CellBlend(0, FRAMES, None, reason="off")
+    assert blend_blind_mean(noisy, kept, scale_px=0.0) == CellBlend(0, FRAMES, reason="off")
     short = blend_blind_mean(noisy[:40], kept[:40], scale_px=3.0)
     assert short.sigma_t is None and short.reach == 0 and "too few frames" in short.reason
     np.testing.assert_array_equal(kept, estimate)

@@ -1,5 +1,7 @@
 """The network itself: gamma, size, and blindness to the centre frame."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -7,10 +9,12 @@ import torch.nn.functional as F
 
 from umvd_live.engine import model as model_module
 from umvd_live.engine.model import (
+    PRESETS,
     UMVDNet,
     build_model,
     count_parameters,
     fast_spec,
+    first_conv,
     gamma_weights,
     lite_spec,
     max_pool2,
@@ -192,6 +196,48 @@ def test_inference_runs_fused_and_gives_the_plain_modules_numbers(preset, bf16, 
     assert torch.equal(fused, plain)
     if torch.backends.mkldnn.is_available():
         assert model_module._FUSED_WORKS is True  # the fused kernel really ran
+
+
+def _zero_weighted_input(net: UMVDNet, windows: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    """D's output on its whole input, every frame's features times its gamma (the centre's times
+    0) beside the context, as the reference builds it."""
+    b, n, c, h, w = windows.shape
+    feats = net.features(windows.reshape(b * n, c, h, w)).reshape(b, n, -1, h, w)
+    parts = [feats[:, i] * g for i, g in enumerate(net.gamma.tolist())]
+    if context is not None:
+        parts += [context[:, j].to(parts[0].dtype) for j in range(context.shape[1])]
+    return net.D(torch.cat(parts, 1).contiguous(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("preset", ["fast", "lite", "paper"])
+@pytest.mark.parametrize("floor", [0.0, 0.1])
+def test_a_centre_weighted_zero_is_left_out_with_the_same_numbers(preset, floor, monkeypatch):
+    """At gamma_floor 0 the centre's features are left out of D's input (not multiplied by 0
+    and convolved): the same outputs, fused or apart, in float32 and bf16, and the same gradients;
+    a floor above 0 keeps them in."""
+    torch.manual_seed(3)
+    net = UMVDNet(replace(PRESETS[preset](), gamma_floor=floor))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.2)
+    net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    g, m = net.spec.g_channels, len(net.spec.context)
+    inputs = first_conv(net.D.enc1).in_channels
+    assert (len(net._held) if net._held is not None else inputs) == inputs - (g if floor == 0.0 else 0)
+    windows = torch.rand(2, 7, 1, 20, 28)
+    context = torch.rand(2, m, 1, 20, 28) if m else None
+    for bf16, tolerance in ((False, 1e-5), (True, 0.03)):  # bf16: paper's 20 layers round apart
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            want = _zero_weighted_input(net, windows, context).float()
+            for got in (net(windows, context), _plain(net, windows, context, monkeypatch)):
+                assert float((got.float() - want).abs().max()) <= tolerance * float(want.abs().max())
+    grads = []
+    for forward in (lambda: net(windows, context), lambda: _zero_weighted_input(net, windows, context)):
+        net.zero_grad()
+        forward().square().mean().backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    for got, want in zip(*grads):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
 
 
 def test_training_and_a_torch_without_the_fused_kernel_run_the_modules_apart(monkeypatch):

@@ -48,7 +48,7 @@ def stacked_input(net: UMVDNet, feats: list[torch.Tensor], context: torch.Tensor
 def direct_input(net: UMVDNet, feats: list[torch.Tensor], context: torch.Tensor) -> torch.Tensor:
     """D's input as `UMVDNet.denoise_features` builds it now: one concatenation of the maps."""
     parts = [f.permute(0, 2, 3, 1) if g == 1.0 else f.permute(0, 2, 3, 1) * g
-             for f, g in zip(feats, net.gamma.tolist())]
+             for f, g in zip(feats, net.gamma.tolist()) if g != 0.0]
     parts += [context[:, j].permute(0, 2, 3, 1) for j in range(context.shape[1])]
     return torch.cat(parts, 3)
 

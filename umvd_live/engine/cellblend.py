@@ -80,13 +80,17 @@ class CellBlend:
 
     first: int  # the segment's first output frame (of the movie)
     frames: int
-    sigma_t: float | None  # the longest temporal sigma (frames) a region's blind mean took; None: no blend
+    sigmas: tuple[float, ...] = ()  # the temporal sigmas (frames) the regions' blind means took; (): no blend
     weight: float = 0.0  # the share of the coarse part taken from the blind means, mean over the field (0: as made)
     reason: str = ""  # why none was applied, where none was
-    sigmas: tuple[float, ...] = ()  # the temporal sigmas the regions took
     # frames (of the movie) whose blended output the blind referee found worse than their window's
     # mean: they keep the output as it was
     unblended: tuple[int, ...] = ()
+
+    @property
+    def sigma_t(self) -> float | None:
+        """The longest temporal sigma a region's blind mean took (None: no blend)."""
+        return max(self.sigmas) if self.sigmas else None
 
     @property
     def reach(self) -> int:
@@ -133,21 +137,20 @@ def blend_blind_mean(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray]
     than that mean is left as it was."""
     n = len(denoised)
     if scale_px <= 0:
-        return CellBlend(first, n, None, reason="off")
+        return CellBlend(first, n, reason="off")
     if offset < 0 or offset + n > len(noisy):
         raise ValueError(f"outputs {offset}..{offset + n} lie outside the {len(noisy)} noisy frames")
     mask = np.ones(n, bool) if scored is None else np.asarray(scored, bool)
     if mask.shape != (n,):
         raise ValueError(f"scored must hold one flag per output, got shape {mask.shape} for {n}")
     if mask.sum() < MIN_FRAMES:
-        return CellBlend(first, n, None, reason=f"too few frames to measure ({int(mask.sum())} < {MIN_FRAMES})")
+        return CellBlend(first, n, reason=f"too few frames to measure ({int(mask.sum())} < {MIN_FRAMES})")
     parts = _parts(denoised, mask, scale_px, reach)
     fit = _fit(noisy, denoised, parts, mask, offset)
     if fit is None:
-        return CellBlend(first, n, None, reason="the blind mean brought the outputs no closer")
+        return CellBlend(first, n, reason="the blind mean brought the outputs no closer")
     unblended = _apply(noisy, denoised, parts, mask, offset, fit, neighbours)
-    return CellBlend(first, n, max(fit.sigmas), float(fit.weight.mean()), unblended=tuple(first + j for j in unblended),
-                     sigmas=fit.sigmas)
+    return CellBlend(first, n, fit.sigmas, float(fit.weight.mean()), unblended=tuple(first + j for j in unblended))
 
 
 @dataclass(frozen=True)

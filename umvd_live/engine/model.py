@@ -192,15 +192,17 @@ def _cpu_autocast_dtype() -> torch.dtype | None:
         return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
 
 
-def _fused_conv_relu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor | None:
-    """relu(conv(x)) in one oneDNN call, cast as autocast would cast it; None where torch lacks it."""
+def _fused_conv_relu(x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor | None = None) -> torch.Tensor | None:
+    """relu(conv(x)) in one oneDNN call (with ``weight`` in place of the convolution's own, where
+    given), cast as autocast would cast it; None where torch lacks it."""
     global _FUSED_WORKS
     dtype = _cpu_autocast_dtype() or x.dtype
     if dtype not in (torch.float32, torch.bfloat16):
         return None
+    weight = conv.weight if weight is None else weight
     try:
         out = torch.ops.mkldnn._convolution_pointwise(
-            x.to(dtype), conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype),
+            x.to(dtype), weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype),
             list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, "relu", [None], "")
     except (AttributeError, RuntimeError, NotImplementedError) as exc:
         _FUSED_WORKS = False
@@ -227,6 +229,27 @@ def _conv(cin: int, cout: int, spec: ModelSpec) -> ConvReLU:
 
 def _stack(cin: int, convs: int, cout: int, spec: ModelSpec) -> nn.Sequential:
     return nn.Sequential(*[_conv(cin if i == 0 else cout, cout, spec) for i in range(convs)])
+
+
+def _stack_on(stack: nn.Sequential, x: torch.Tensor, channels: list[int] | None) -> torch.Tensor:
+    """``stack`` on an input that holds only ``channels`` of the input channels it was built for
+    (all of them where None): its first convolution reads just those columns of its weight, which
+    gives the same numbers where the channels left out are zero."""
+    if channels is None:
+        return stack(x)
+    conv = first_conv(stack)
+    weight = conv.weight[:, channels]
+    out = _fused_conv_relu(x, conv, weight) if _fusable(x, conv) else None
+    if out is None:
+        out = F.relu(conv._conv_forward(x, weight, conv.bias))
+    for block in list(stack)[1:]:
+        out = block(out)
+    return out
+
+
+def first_conv(stack: nn.Sequential) -> nn.Conv2d:
+    """The convolution of a stack's first block (the one that reads the stack's input)."""
+    return next(m for m in stack.modules() if isinstance(m, nn.Conv2d))
 
 
 class FeatureGenerator(nn.Module):
@@ -266,14 +289,20 @@ class DenoiserUNet(nn.Module):
         head.append(nn.Conv2d(widths[-1], out_channels, 1, bias=spec.bias))
         self.head = nn.Sequential(*head)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e1_full = self.enc1(x)
+    def forward(self, x: torch.Tensor, channels: list[int] | None = None) -> torch.Tensor:
+        """``channels``: the input channels ``x`` holds, where it leaves out channels that are zero
+        (all of them where None)."""
+        e1_full = _stack_on(self.enc1, x, channels)
         e1 = max_pool2(e1_full)
         e2 = max_pool2(self.enc2(e1))
         m = self.mid(e2)
         d2 = self.dec2(torch.cat([F.interpolate(m, scale_factor=2.0, mode="nearest"), e1], 1))
-        skip = x if self.skip == "features" else e1_full
-        d1 = self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0, mode="nearest"), skip], 1))
+        up = F.interpolate(d2, scale_factor=2.0, mode="nearest")
+        if self.skip == "features":
+            kept = None if channels is None else list(range(up.shape[1])) + [up.shape[1] + c for c in channels]
+            d1 = _stack_on(self.dec1, torch.cat([up, x], 1), kept)
+        else:
+            d1 = self.dec1(torch.cat([up, e1_full], 1))
         return _fused_sequence(self.head, d1)
 
 
@@ -289,6 +318,13 @@ class UMVDNet(nn.Module):
         gamma = gamma_weights(spec.window, spec.gamma_power, spec.gamma_floor)
         self.register_buffer("gamma", gamma)
         self._gammas = gamma.tolist()  # the same weights as numbers (fixed), read on the host
+        # D's input channels that are not always zero: a frame weighted by gamma 0 (the centre,
+        # at gamma_floor 0) is left out of D's input rather than multiplied by 0 and convolved,
+        # an eighth of the input's bytes (docs/benchmarks.md, "The centre left out of D's input").
+        g = spec.g_channels
+        held = [i * g + c for i, weight in enumerate(self._gammas) if weight != 0.0 for c in range(g)]
+        held += range(spec.window * g, spec.window * g + len(spec.context) * channels)
+        self._held: list[int] | None = held if len(held) < first_conv(self.D.enc1).in_channels else None
 
     def features(self, frames: torch.Tensor) -> torch.Tensor:
         """G for a batch of single frames (B, C, H, W) -> (B, F, H, W); cacheable per frame."""
@@ -303,7 +339,8 @@ class UMVDNet(nn.Module):
         h, w = feats[0].shape[-2:]
         # Multiplying by a weight of exactly 1 (every gamma but the centre's, in float32) would
         # be a pass over the features for nothing.
-        parts = [x.permute(0, 2, 3, 1) if g == 1.0 else x.permute(0, 2, 3, 1) * g for x, g in zip(feats, self._gammas)]
+        parts = [x.permute(0, 2, 3, 1) if g == 1.0 else x.permute(0, 2, 3, 1) * g
+                 for x, g in zip(feats, self._gammas) if g != 0.0]
         if self.spec.context:
             m = len(self.spec.context)
             if context is None or context.shape[1] != m:
@@ -316,7 +353,7 @@ class UMVDNet(nn.Module):
         ph, pw = (-h) % 4, (-w) % 4
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="replicate").contiguous(memory_format=torch.channels_last)
-        return self.D(x)[..., :h, :w]
+        return self.D(x, self._held)[..., :h, :w]
 
     def forward(self, windows: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """`context`: the (B, M, C, H, W) block means, for a spec with context blocks; without

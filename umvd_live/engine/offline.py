@@ -158,7 +158,7 @@ def _blend_and_restore(den: StreamDenoiser, movie: np.ndarray, outputs: list[Den
     images = [o.image for o in ordered]
     if ordered[-1].index - start + 1 != frames or any(image is None for image in images):
         why = "frames not consecutive"
-        return CellBlend(start, frames, None, reason=why), AmplitudeGain(start, frames, None, 1.0, why)
+        return CellBlend(start, frames, reason=why), AmplitudeGain(start, frames, None, 1.0, why)
     outs = [image for image in images if image is not None]  # all of them (checked above)
     noisy = [sanitize(movie[i])[0] for i in range(first, last + 1)]  # the segment's, around the outputs too
     ours = noisy[start - first:start - first + frames]
