@@ -38,9 +38,10 @@ def ms_per_call(fn: Callable[[], object], repeats: int) -> float:
 
 
 def stacked_input(net: UMVDNet, feats: list[torch.Tensor], context: torch.Tensor) -> torch.Tensor:
-    """D's input as the engine built it before: the window stacked, then weighted and concatenated."""
+    """D's input as the engine built it before: the window stacked, then weighted and concatenated
+    (without the centre, as now: the comparison is of the stacking alone)."""
     window = torch.stack([f[0] for f in feats])[None]
-    parts = [window[:, i].permute(0, 2, 3, 1) * net.gamma[i] for i in range(window.shape[1])]
+    parts = [window[:, i].permute(0, 2, 3, 1) * net.gamma[i] for i in range(window.shape[1]) if net.gamma[i] != 0]
     parts += [context[:, j].permute(0, 2, 3, 1) for j in range(context.shape[1])]
     return torch.cat(parts, 3)
 

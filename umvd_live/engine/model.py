@@ -320,7 +320,7 @@ class UMVDNet(nn.Module):
         self._gammas = gamma.tolist()  # the same weights as numbers (fixed), read on the host
         # D's input channels that are not always zero: a frame weighted by gamma 0 (the centre,
         # at gamma_floor 0) is left out of D's input rather than multiplied by 0 and convolved,
-        # an eighth of the input's bytes (docs/benchmarks.md, "The centre left out of D's input").
+        # 4 of lite's and fast's 31 channels (docs/benchmarks.md, "The centre left out of D's input").
         g = spec.g_channels
         held = [i * g + c for i, weight in enumerate(self._gammas) if weight != 0.0 for c in range(g)]
         held += range(spec.window * g, spec.window * g + len(spec.context) * channels)
