@@ -10,7 +10,17 @@ import pytest
 from calcium import calcium_movie
 from scipy import ndimage
 
-from umvd_live.engine.amplitude import LiveAmplitude, blind_baselines, measure_shrinkage, restore_amplitude, smooth
+from umvd_live.engine.amplitude import (
+    LOCAL_PX,
+    NOISE_TO_SIGNAL,
+    SMOOTH_PX,
+    LiveAmplitude,
+    blind_baselines,
+    measure_shrinkage,
+    restore_amplitude,
+    smooth,
+    smoothing_px,
+)
 
 FRAMES, SIZE, REACH = 400, 24, 20
 
@@ -62,6 +72,28 @@ def test_the_truths_variance_is_not_biased_by_the_frames_own_mean():
         assert measured is not None
         ratios.append(measured.signal.mean() / (truth - truth.mean(axis=0)).var(axis=0).mean())
     assert np.mean(ratios) == pytest.approx(1.0, abs=0.12), ratios  # not 0.7
+
+
+@pytest.mark.parametrize("noise_sd", [60.0, 130.0])
+def test_a_noisier_movie_has_its_correction_smoothed_wider(noise_sd):
+    """The noise-to-signal ratio is measured without the truth (within 20 %), and the correction is
+    smoothed over `SMOOTH_PX` up to `NOISE_TO_SIGNAL`, wider above it (its area in proportion),
+    never wider than `LOCAL_PX`."""
+    rng = np.random.default_rng(3)
+    truth = _truth(rng)
+    noisy = (truth + rng.normal(0, noise_sd, truth.shape)).astype(np.float32)
+    mean = truth.mean(axis=0)
+    estimate = (mean + 0.7 * (truth - mean) + rng.normal(0, 3, truth.shape)).astype(np.float32)
+    measured = measure_shrinkage(noisy, estimate)
+    true_ratio = noise_sd ** 2 / (truth - mean).var(axis=0).mean()
+    assert measured is not None and measured.noise_to_signal == pytest.approx(true_ratio, rel=0.2)
+    restored = estimate.copy()
+    gain = restore_amplitude(noisy, restored, reach=REACH, keep=1.0)
+    assert gain.smooth_px == smoothing_px(measured.noise_to_signal)
+    assert (gain.smooth_px > SMOOTH_PX) == (measured.noise_to_signal > NOISE_TO_SIGNAL)
+    assert smoothing_px(NOISE_TO_SIGNAL) == SMOOTH_PX == smoothing_px(0.1) == smoothing_px(-1.0)
+    assert smoothing_px(4 * NOISE_TO_SIGNAL) == pytest.approx(2 * SMOOTH_PX)
+    assert smoothing_px(1e6) == LOCAL_PX
 
 
 def test_nothing_is_measured_where_only_noise_varies():

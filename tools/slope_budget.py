@@ -129,7 +129,7 @@ def budget(args: argparse.Namespace, photons: float, seed: int) -> None:
           f"blind variance / truth's {measured.signal.mean() / true_variance.mean():.3f}, "
           f"the truth's own lag extrapolation / its variance {lag_extrapolation(clean):.3f}", flush=True)
     ceiling = amplitude.Shrinkage(float(measured.covariance.mean() / true_variance.mean()), measured.covariance,
-                                  true_variance)
+                                  true_variance, measured.noise_to_signal)
     runs: list[tuple[str, amplitude.Shrinkage | None, tuple[float, float] | None]] = [
         ("default restoration", None, None), ("with the truth's variance", ceiling, None)]
     runs += [(f"local gain px {px:g}, prior {prior:g}", None, (px, prior)) for px, prior in args.local]

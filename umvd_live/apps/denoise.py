@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from umvd_live.engine import DenoisedFrame, EngineConfig, StreamDenoiser
-from umvd_live.engine.amplitude import AmplitudeGain
+from umvd_live.engine.amplitude import SMOOTH_PX, AmplitudeGain
 from umvd_live.engine.cellblend import CellBlend
 from umvd_live.engine.changes import Change
 from umvd_live.engine.checkpoint import CheckpointError
@@ -216,6 +216,8 @@ def describe_gains(gains: Sequence[AmplitudeGain]) -> str:
             why += f", {g.reason}"
         if g.gain != 1.0:
             why += f", {g.gain_range[0]:.2f}-{g.gain_range[1]:.2f} across the field"
+            if g.smooth_px != SMOOTH_PX:
+                why += f", smoothed over {g.smooth_px:.1f} px"
         if g.unrestored:
             why += f", {len(g.unrestored)} frames left unrestored by the referee"
         return f"{g.first}:{g.gain:.3f} ({why})"

@@ -21,7 +21,8 @@ Their ratio, pooled over pixels, is the slope of the output on the truth (1 keep
 In a file each output D is then moved away from a slow baseline B by a gain map, ``keep`` over
 the local slope (the same ratio of sums smoothed over about a soma's radius and pulled towards the
 pooled slope where a region has little activity of its own; never below 1), at the scale of
-cells and processes: ``D + (gain - 1) * smooth(D - B)`` (`SMOOTH_PX`). A live stream keeps one
+cells and processes: ``D + (gain - 1) * smooth(D - B)`` (`SMOOTH_PX`, wider in a file whose noise
+is larger against its signal: `smoothing_px`). A live stream keeps one
 running gain for the field (`LiveAmplitude`). `keep` is
 `EngineConfig.keep_amplitude`: 1 restores the amplitude in full, 0 leaves the network's output as
 it is. Undoing a shrinkage costs whole-movie PSNR (an unbiased estimate has more variance than
@@ -67,13 +68,15 @@ BLOCK_BYTES = 128 * 2**20
 #: The largest gain applied: a slope measured below 1 / MAX_GAIN means outputs too uncertain to
 #: stretch further without stretching mostly their errors.
 MAX_GAIN = 2.0
-#: The correction is smoothed over this many pixels (Gaussian sigma): it restores the amplitude of
-#: what a cell's or a process's trace averages, not the residual noise of single pixels, which
-#: the gain would amplify as well (whole-movie PSNR +0.1 to +1.1 dB for a slope 0.01-0.06 lower
-#: than unsmoothed, on the simulated movies of docs/benchmarks.md).
+#: The correction is smoothed over at least this many pixels (Gaussian sigma): it restores the
+#: amplitude of what a cell's or a process's trace averages, not the residual noise of single
+#: pixels, which the gain would amplify as well (whole-movie PSNR +0.1 to +1.1 dB for a slope
+#: 0.01-0.06 lower than unsmoothed, on the simulated movies of docs/benchmarks.md).
 SMOOTH_PX = 1.0
-#: Rows on each side that one row of that smoothing reads (scipy's filters reach 4 sigma).
-SMOOTH_REACH = int(4.0 * SMOOTH_PX + 0.5)
+#: A file's correction is smoothed over a wider area where the noise is larger against the signal
+#: (`smoothing_px`): the area in proportion to the noise-to-signal ratio above this one, the ratio
+#: of the 2-photon simulated movies where 1 px was chosen (13-23), up to `LOCAL_PX`.
+NOISE_TO_SIGNAL = 20.0
 #: The local gain: both maps of `Shrinkage` are smoothed over this many pixels (Gaussian sigma,
 #: about a soma's radius), each pulled towards the pooled slope by `LOCAL_PRIOR` times the field's
 #: mean signal. One gain for the field fits its average cell, stretching the bright cells that the
@@ -105,6 +108,7 @@ class AmplitudeGain:
     # frames (of the movie) whose restored output the blind referee found worse than their window's
     # mean: they keep the network's output
     unrestored: tuple[int, ...] = ()
+    smooth_px: float = SMOOTH_PX  # the sigma the correction was smoothed over (`smoothing_px`)
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,7 @@ class Shrinkage:
     slope: float  # pooled over pixels: covariance.mean() / signal.mean()
     covariance: np.ndarray  # (H, W) float64
     signal: np.ndarray  # (H, W) float64
+    noise_to_signal: float  # the noisy frames' variance less the truth's, over the truth's (pooled)
 
     def gains(self, keep: float) -> np.ndarray:
         """The (H, W) gain map that restores slope ``keep``: ``keep`` over the local slope, in
@@ -144,7 +149,7 @@ def measure_shrinkage(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray
         return None
     mean_y, mean_d = mean_frames(noisy), mean_frames(denoised, mask)
     mean_ys = mean_y if mask.all() else mean_frames(noisy, mask)  # of the scored frames' noisy ones
-    covs, signals = [], []  # per chunk, means per pixel and frame (pooled)
+    covs, signals, noises = [], [], []  # per chunk, means per pixel and frame (pooled)
     cov_map, signal_map = np.zeros(mean_y.shape), np.zeros(mean_y.shape)  # sums over the chunks' (H, W) means
     for start in range(0, n - CHUNK // 2, CHUNK):  # a last short piece joins the chunk before it
         stop = n if n - (start + CHUNK) <= CHUNK // 2 else start + CHUNK
@@ -159,6 +164,7 @@ def measure_shrinkage(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray
         # being that variance
         signal += (lag0 - signal) / n
         signals.append(float(signal.mean()))
+        noises.append(float((lag0 - signal).mean()))
         signal_map += signal
         keep = mask[start:stop]
         if keep.any():
@@ -169,7 +175,18 @@ def measure_shrinkage(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray
             cov_map += cov
     if not (_significant(signals) and _significant(covs)):
         return None
-    return Shrinkage(float(np.mean(covs) / np.mean(signals)), cov_map / len(covs), signal_map / len(signals))
+    return Shrinkage(float(np.mean(covs) / np.mean(signals)), cov_map / len(covs), signal_map / len(signals),
+                     float(np.mean(noises) / np.mean(signals)))
+
+
+def smoothing_px(noise_to_signal: float) -> float:
+    """The Gaussian sigma a file's correction is smoothed over: `SMOOTH_PX`, widened where the noise
+    is larger against the signal than `NOISE_TO_SIGNAL` so that the area it averages grows with
+    the ratio, and the amplified residual noise with it does not (1.6-2.1 px at 0.5 photons/pixel:
+    +0.33 to +0.99 dB of whole-movie PSNR on three simulated movies, their slopes 0.91-1.01;
+    docs/benchmarks.md, "The restoration's smoothing widens with the noise"); at most `LOCAL_PX`,
+    the scale of the gain map itself."""
+    return float(min(LOCAL_PX, SMOOTH_PX * max(1.0, np.sqrt(max(noise_to_signal, 0.0) / NOISE_TO_SIGNAL))))
 
 
 def _significant(values: list[float]) -> bool:
@@ -240,34 +257,35 @@ def restore_amplitude(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray
         return AmplitudeGain(first, n, shrinkage.slope, 1.0,
                              f"too short for a blind baseline ({n} frames, reach {reach})")
     mask = np.ones(n, bool) if scored is None else np.asarray(scored, bool)
+    px = smoothing_px(shrinkage.noise_to_signal)
     unrestored = []
     for start, stop, base in baselines:
         for t in range(start, stop):
             if mask[t]:
                 frame = denoised[t]
-                restored = frame + (gains - 1.0) * smooth(frame - base)
+                restored = frame + (gains - 1.0) * smooth(frame - base, px=px)
                 # the referee's rule: left as made where the window's blind mean is nearer the noisy frame
                 if mean_is_nearer(restored, neighbours(t) if neighbours is not None else None, noisy[t]):
                     unrestored.append(first + t)
                     continue
                 frame[...] = restored
     return AmplitudeGain(first, n, shrinkage.slope, float(gains.mean()), "",
-                         (float(gains.min()), float(gains.max())), tuple(unrestored))
+                         (float(gains.min()), float(gains.max())), tuple(unrestored), px)
 
 
-def smooth(image: np.ndarray, pool: Executor | None = None) -> np.ndarray:
-    """``image`` smoothed over `SMOOTH_PX` (the restoration's correction); with ``pool``, its lower
-    half on the pool beside the upper half here, each from its own rows and the `SMOOTH_REACH`
-    around them (the same numbers: scipy's filter reads no further), as D's passes are cut in
-    bands: at 512² the filter took 3.4 ms of the frame loop's time a frame."""
-    height = image.shape[0]
-    if pool is None or height < 4 * SMOOTH_REACH:
-        return ndimage.gaussian_filter(image, SMOOTH_PX, mode="nearest")
+def smooth(image: np.ndarray, pool: Executor | None = None, px: float = SMOOTH_PX) -> np.ndarray:
+    """``image`` smoothed over ``px`` (the restoration's correction); with ``pool``, its lower
+    half on the pool beside the upper half here, each from its own rows and the rows around them
+    that the filter reads (the same numbers: scipy's filter reaches 4 sigma and no further), as
+    D's passes are cut in bands: at 512² the filter took 3.4 ms of the frame loop's time a frame."""
+    height, reach = image.shape[0], int(4.0 * px + 0.5)
+    if pool is None or height < 4 * reach:
+        return ndimage.gaussian_filter(image, px, mode="nearest")
     cut = height // 2
-    lower = pool.submit(ndimage.gaussian_filter, image[cut - SMOOTH_REACH:], SMOOTH_PX, mode="nearest")
+    lower = pool.submit(ndimage.gaussian_filter, image[cut - reach:], px, mode="nearest")
     out = np.empty_like(image)
-    out[:cut] = ndimage.gaussian_filter(image[:cut + SMOOTH_REACH], SMOOTH_PX, mode="nearest")[:cut]
-    out[cut:] = lower.result()[SMOOTH_REACH:]
+    out[:cut] = ndimage.gaussian_filter(image[:cut + reach], px, mode="nearest")[:cut]
+    out[cut:] = lower.result()[reach:]
     return out
 
 
