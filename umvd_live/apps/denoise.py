@@ -208,8 +208,9 @@ def describe_blends(blends: Sequence[CellBlend]) -> str:
 
 def describe_gains(gains: Sequence[AmplitudeGain]) -> str:
     """The amplitude restoration of each segment (`engine.amplitude`), for the provenance and the
-    summary line: ``first-frame:mean gain`` (``(slope measured, the gain map's range, frames the
-    referee left unrestored)``, or why none was applied)."""
+    summary line: ``first-frame:mean gain`` (``(slope measured, the gain map's range, the
+    correction's smoothing where wider than 1 px, frames the referee left unrestored)``, or why
+    none was applied)."""
     def one(g: AmplitudeGain) -> str:
         why = f"slope {g.slope:.3f}" if g.slope is not None else g.reason
         if g.reason and g.slope is not None:
@@ -217,7 +218,7 @@ def describe_gains(gains: Sequence[AmplitudeGain]) -> str:
         if g.gain != 1.0:
             why += f", {g.gain_range[0]:.2f}-{g.gain_range[1]:.2f} across the field"
             if g.smooth_px != SMOOTH_PX:
-                why += f", smoothed over {g.smooth_px:.1f} px"
+                why += f", smoothed over {g.smooth_px:.2f} px"
         if g.unrestored:
             why += f", {len(g.unrestored)} frames left unrestored by the referee"
         return f"{g.first}:{g.gain:.3f} ({why})"

@@ -33,8 +33,9 @@ beyond the network's reach of that frame (window and context blocks), weighted b
 their distance (`BASELINE_SIGMA`), so neither D nor B of a frame depends on its noisy pixels, and
 B follows drifts slower than the activity (bleaching), which the network keeps and the gain must
 not stretch.
-Only the gains depend on a frame's noise, through sums over all the segment's frames and a few
-hundred pixels (a weight of about 1 / (frames x pixels) each).
+Only the gains and the correction's smoothing width depend on a frame's noise, through sums over
+all the segment's frames and a few hundred pixels (the width: all of them), a weight of about
+1 / (frames x pixels) each.
 """
 
 from __future__ import annotations
@@ -75,8 +76,10 @@ MAX_GAIN = 2.0
 SMOOTH_PX = 1.0
 #: A file's correction is smoothed over a wider area where the noise is larger against the signal
 #: (`smoothing_px`): the area in proportion to the noise-to-signal ratio above this one, the ratio
-#: of the 2-photon simulated movies where 1 px was chosen (13-23), up to `LOCAL_PX`.
+#: of the 2-photon simulated movies where 1 px was chosen (13-23), up to `MAX_SMOOTH_PX`.
 NOISE_TO_SIGNAL = 20.0
+#: The widest smoothing: the scale of the gain map itself (`LOCAL_PX`, about a soma's radius).
+MAX_SMOOTH_PX = 4.0
 #: The local gain: both maps of `Shrinkage` are smoothed over this many pixels (Gaussian sigma,
 #: about a soma's radius), each pulled towards the pooled slope by `LOCAL_PRIOR` times the field's
 #: mean signal. One gain for the field fits its average cell, stretching the bright cells that the
@@ -184,9 +187,9 @@ def smoothing_px(noise_to_signal: float) -> float:
     is larger against the signal than `NOISE_TO_SIGNAL` so that the area it averages grows with
     the ratio, and the amplified residual noise with it does not (1.6-2.1 px at 0.5 photons/pixel:
     +0.33 to +0.99 dB of whole-movie PSNR on three simulated movies, their slopes 0.91-1.01;
-    docs/benchmarks.md, "The restoration's smoothing widens with the noise"); at most `LOCAL_PX`,
-    the scale of the gain map itself."""
-    return float(min(LOCAL_PX, SMOOTH_PX * max(1.0, np.sqrt(max(noise_to_signal, 0.0) / NOISE_TO_SIGNAL))))
+    docs/benchmarks.md, "The restoration's smoothing widens with the noise"); at most
+    `MAX_SMOOTH_PX`."""
+    return float(min(MAX_SMOOTH_PX, SMOOTH_PX * max(1.0, np.sqrt(max(noise_to_signal, 0.0) / NOISE_TO_SIGNAL))))
 
 
 def _significant(values: list[float]) -> bool:
