@@ -16,9 +16,9 @@ from umvd_live.engine.amplitude import (
     NOISE_TO_SIGNAL,
     SMOOTH_PX,
     LiveAmplitude,
-    blind_baselines,
     measure_shrinkage,
     restore_amplitude,
+    slow_baselines,
     smooth,
     smoothing_px,
 )
@@ -42,6 +42,13 @@ def _shrunk(truth: np.ndarray, slope: float, rng: np.random.Generator) -> tuple[
     return noisy.astype(np.float32), estimate.astype(np.float32)
 
 
+def _measure(noisy: np.ndarray, estimate: np.ndarray, reach: int = REACH):
+    """`measure_shrinkage` about the segment's blind baselines, as `restore_amplitude` measures."""
+    baselines = slow_baselines(noisy, estimate, reach)
+    assert baselines is not None
+    return measure_shrinkage(noisy, estimate, baselines)
+
+
 def _slope_on(truth: np.ndarray, estimate: np.ndarray) -> float:
     g = truth - truth.mean(axis=0)
     return float((g * (estimate - estimate.mean(axis=0))).sum() / (g * g).sum())
@@ -52,13 +59,14 @@ def test_the_slope_is_measured_without_the_truth(slope):
     rng = np.random.default_rng(1)
     truth = _truth(rng)
     noisy, estimate = _shrunk(truth, slope, rng)
-    measured = measure_shrinkage(noisy, estimate)
+    measured = _measure(noisy, estimate)
     assert measured is not None and measured.slope == pytest.approx(slope, abs=0.04)
 
 
-def test_the_truths_variance_is_not_biased_by_the_frames_own_mean():
-    """Few frames and much noise: each lag product about the frames' own mean comes out low by
-    the noise variance / frames (here 0.3 of the truth's variance), which the measurement adds back."""
+def test_the_truths_variance_is_not_biased_by_the_baselines_own_noise():
+    """Few frames and much noise: each lag product about the baselines (each the mean of the other
+    frames) comes out low by about the noise variance / frames (here 0.3 of the truth's variance),
+    which the measurement takes back out."""
     from scipy import ndimage
 
     ratios = []
@@ -69,7 +77,7 @@ def test_the_truths_variance_is_not_biased_by_the_frames_own_mean():
         truth = 100 + slow * (10 / slow.std())  # a slow truth of variance 100 per pixel
         noise_sd = np.sqrt(0.3 * frames * 100)  # noise variance / frames = 0.3 x the truth's variance
         noisy = (truth + rng.normal(0, noise_sd, truth.shape)).astype(np.float32)
-        measured = measure_shrinkage(noisy, truth.astype(np.float32))  # the truth as the estimate: slope 1
+        measured = _measure(noisy, truth.astype(np.float32), reach=0)  # the truth as the estimate: slope 1
         assert measured is not None
         ratios.append(measured.signal.mean() / (truth - truth.mean(axis=0)).var(axis=0).mean())
     assert np.mean(ratios) == pytest.approx(1.0, abs=0.12), ratios  # not 0.7
@@ -85,7 +93,7 @@ def test_a_noisier_movie_has_its_correction_smoothed_wider(noise_sd, monkeypatch
     noisy = (truth + rng.normal(0, noise_sd, truth.shape)).astype(np.float32)
     mean = truth.mean(axis=0)
     estimate = (mean + 0.7 * (truth - mean) + rng.normal(0, 3, truth.shape)).astype(np.float32)
-    measured = measure_shrinkage(noisy, estimate)
+    measured = _measure(noisy, estimate)
     true_ratio = noise_sd ** 2 / (truth - mean).var(axis=0).mean()
     assert measured is not None and measured.noise_to_signal == pytest.approx(true_ratio, rel=0.2)
     restored = estimate.copy()
@@ -105,7 +113,7 @@ def test_nothing_is_measured_where_only_noise_varies():
     rng = np.random.default_rng(2)
     noisy = rng.normal(100, 10, (FRAMES, SIZE, SIZE)).astype(np.float32)
     still = np.full_like(noisy, 100.0)
-    assert measure_shrinkage(noisy, still + rng.normal(0, 1, noisy.shape).astype(np.float32)) is None
+    assert _measure(noisy, still + rng.normal(0, 1, noisy.shape).astype(np.float32)) is None
     gain = restore_amplitude(noisy, still.copy(), reach=REACH, keep=1.0)
     assert gain.gain == 1.0 and gain.slope is None
 
@@ -135,7 +143,7 @@ def test_each_region_gets_the_gain_of_its_own_shrinkage():
     mean = truth.mean(axis=0)
     slope = np.where(np.arange(2 * SIZE) < SIZE, 0.6, 0.9)  # the left field shrunk more
     estimate = (mean + slope * (truth - mean) + rng.normal(0, 3, truth.shape)).astype(np.float32)
-    shrinkage = measure_shrinkage(noisy, estimate)
+    shrinkage = _measure(noisy, estimate)
     assert shrinkage is not None
     gains = shrinkage.gains(1.0)
     left, right = np.s_[:, :, :SIZE // 2], np.s_[:, :, -SIZE // 2:]  # away from the seam, where the maps blend
@@ -200,36 +208,93 @@ def test_a_segment_too_short_for_a_blind_baseline_is_left_alone():
     noisy, estimate = _shrunk(truth, 0.7, rng)
     restored = estimate.copy()
     gain = restore_amplitude(noisy, restored, reach=FRAMES - 40, keep=1.0)  # no frame that far from the first block
-    assert gain.gain == 1.0 and gain.slope is not None and "too short" in gain.reason
+    assert gain.gain == 1.0 and gain.slope is None and "no blind baseline" in gain.reason
     np.testing.assert_array_equal(restored, estimate)
     gain = restore_amplitude(noisy[:60], restored[:60], reach=10, keep=1.0)
     assert gain.gain == 1.0 and gain.slope is None and "too few frames" in gain.reason
 
 
-def test_a_block_with_few_frames_beyond_reach_gets_no_baseline():
-    """A mean of a few outputs is mostly those outputs: a transient among them would be subtracted
-    from the whole block, so a segment where a block has fewer than 2 chunks beyond reach is left alone."""
+def test_a_block_with_few_frames_beyond_reach_gives_no_baselines():
+    """The outputs' offset from their noisy frames is measured on the blocks beyond reach: where a
+    block has fewer than 2 chunks of them, a few outputs' offset would be mostly their own noise
+    and activity, so the segment is left alone."""
     rng = np.random.default_rng(6)
-    noisy, estimate = _shrunk(_truth(rng), 0.7, rng)
-    start, _, base = blind_baselines(estimate, 170)[19]
-    assert start == 190 and base is None  # frames 190-199 have 50 frames beyond reach 170 (0-19, 370-399)
-    assert blind_baselines(estimate, 170)[15][2] is not None  # 150-159: 70 (330-399)
+    noisy, estimate = _shrunk(_truth(rng, 420), 0.7, rng)
+    # a middle block has all but 350 frames beyond reach 170: 70 of 420, 50 of 400 (e.g. 190-199: 0-19, 370-399)
+    assert slow_baselines(noisy, estimate, 170) is not None
+    noisy, estimate = noisy[:400], estimate[:400]
+    assert slow_baselines(noisy, estimate, 170) is None
     restored = estimate.copy()
     gain = restore_amplitude(noisy, restored, reach=170, keep=1.0)
-    assert gain.gain == 1.0 and gain.slope is not None and "too short" in gain.reason
+    assert gain.gain == 1.0 and "no blind baseline" in gain.reason
     np.testing.assert_array_equal(restored, estimate)
 
 
-@pytest.mark.parametrize("reach", [REACH, REACH + 1, REACH + 9])  # on and off the blocks' edges
-def test_the_baseline_of_a_frame_never_uses_outputs_within_reach(reach):
+@pytest.mark.parametrize(("frames", "reach"), [(FRAMES, REACH), (FRAMES, REACH + 1), (FRAMES, REACH + 9),
+                                               (FRAMES + 5, REACH)])  # on and off the blocks' edges; a short last block
+def test_a_frames_baselines_never_use_its_noise_nor_outputs_within_reach(frames, reach):
+    """Output t's baseline reads the other noisy frames and the outputs beyond reach: jolting
+    frame t and every output within reach of t's block leaves it as it was (to float32 rounding),
+    jolting a neighbouring frame moves it."""
     rng = np.random.default_rng(7)
-    outputs = rng.normal(0, 1, (FRAMES, 8, 8)).astype(np.float32)
-    before = blind_baselines(outputs, reach)
-    for start, stop, base in before:
-        changed = outputs.copy()
-        changed[max(0, start - reach):stop + reach] += 1000.0  # everything a block's outputs may depend on
-        after = {s: b for s, _, b in blind_baselines(changed, reach)}
-        np.testing.assert_array_equal(after[start], base)
+    noisy = rng.normal(100, 10, (frames, 8, 8)).astype(np.float32)
+    outputs = rng.normal(100, 1, (frames, 8, 8)).astype(np.float32)
+    before = slow_baselines(noisy, outputs, reach)
+    still = slow_baselines(np.full_like(noisy, 100.0), np.full_like(outputs, 103.0), reach)
+    assert before is not None and still is not None
+    jolt = 1000.0
+    for t in (0, 57, frames // 2, frames - 1):
+        # weights that sum to 1: a still field is its own baseline, and an offset is kept whole
+        np.testing.assert_allclose(still.noisy(t, np.full((8, 8), 100.0)), 100.0, rtol=1e-6)
+        np.testing.assert_allclose(still.output(t, np.full((8, 8), 100.0)), 103.0, rtol=1e-6)
+        k = int(np.searchsorted(before.starts, t, side="right")) - 1
+        start, stop = int(before.starts[k]), int(before.stops[k])
+        changed_noisy, changed_outputs = noisy.copy(), outputs.copy()
+        changed_noisy[t] += jolt
+        changed_outputs[max(0, start - reach):stop + reach] += jolt  # all that the block's outputs may depend on
+        after = slow_baselines(changed_noisy, changed_outputs, reach)
+        assert after is not None
+        np.testing.assert_allclose(after.output(t, changed_noisy[t]), before.output(t, noisy[t]), atol=1e-6 * jolt)
+        np.testing.assert_allclose(after.noisy(t, changed_noisy[t]), before.noisy(t, noisy[t]), atol=1e-6 * jolt)
+        other = t + 1 if t + 1 < frames else t - 1  # a neighbour: in the baseline with a weight of about 1 / 300
+        changed_noisy = noisy.copy()
+        changed_noisy[other] += jolt
+        moved = slow_baselines(changed_noisy, outputs, reach)
+        assert moved is not None
+        assert np.abs(moved.noisy(t, noisy[t]) - before.noisy(t, noisy[t])).min() > 1e-3 * jolt
+
+
+def test_a_restored_output_reads_its_frame_only_through_the_gains(monkeypatch):
+    """With the gains held, a jolt of frame t leaves its restored output as it was (to float32
+    rounding), though the outputs around it read frame t (a blind mean of their neighbours, as a
+    network's do): neither its output nor its baseline holds frame t's noise."""
+    rng = np.random.default_rng(8)
+    truth = _truth(rng)
+    noisy, _ = _shrunk(truth, 0.7, rng)
+
+    still = truth.mean(axis=0)
+
+    def blind_means(frames: np.ndarray) -> np.ndarray:  # frames t - 1 and t + 1's mean, shrunk towards the still field
+        padded = np.concatenate([frames[1:2], frames, frames[-2:-1]])
+        return (still + 0.6 * (0.5 * (padded[:-2] + padded[2:]) - still)).astype(np.float32)
+
+    estimate = blind_means(noisy)
+    baselines = slow_baselines(noisy, estimate, REACH)
+    assert baselines is not None
+    held = measure_shrinkage(noisy, estimate, baselines)
+    assert held is not None
+    monkeypatch.setattr(amplitude_module, "measure_shrinkage", lambda *args, **kwargs: held)
+    first = estimate.copy()
+    gain = restore_amplitude(noisy, first, reach=REACH, keep=1.0)
+    assert gain.gain > 1.3
+    jolt = 2000.0
+    for t in (5, FRAMES // 2):
+        jolted = noisy.copy()
+        jolted[t] += jolt
+        second = blind_means(jolted)
+        assert np.abs(second[t + 1] - estimate[t + 1]).min() == pytest.approx(0.3 * jolt)  # its neighbours read it
+        restore_amplitude(jolted, second, reach=REACH, keep=1.0)
+        np.testing.assert_allclose(second[t], first[t], atol=1e-6 * jolt)
 
 
 def test_a_slow_drift_the_network_kept_is_not_stretched():

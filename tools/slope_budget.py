@@ -60,7 +60,7 @@ def restore(noisy: np.ndarray, net: np.ndarray, scored: np.ndarray,
 
     measure = amplitude.measure_shrinkage
     if shrinkage is not None:
-        amplitude.measure_shrinkage = lambda *a, **k: shrinkage  # type: ignore[assignment]
+        amplitude.measure_shrinkage = lambda *a, **k: shrinkage
     try:
         amplitude.restore_amplitude(list(noisy), out, reach=REACH, keep=1.0, scored=scored, neighbours=neighbours)
     finally:
@@ -68,10 +68,18 @@ def restore(noisy: np.ndarray, net: np.ndarray, scored: np.ndarray,
     return np.stack(out)
 
 
-def lag_extrapolation(movie: np.ndarray) -> float:
-    """2 C(1) - C(2) of a movie about each pixel's mean, pooled, over its variance."""
-    c = movie - movie.mean(0)
-    lag = [float((c[j:] * c[:len(c) - j]).mean()) for j in range(3)]
+def about_baselines(movie: np.ndarray) -> np.ndarray:
+    """The truth's deviations from its own baselines (the weights of `amplitude.slow_baselines`,
+    frame t left out), float64: what the restoration's measurement estimates the variance of."""
+    frames = list(movie.astype(np.float32))
+    baselines = amplitude.slow_baselines(frames, frames, 0)
+    assert baselines is not None
+    return np.stack([movie[t] - baselines.noisy(t, frames[t]) for t in range(len(frames))]).astype(np.float64)
+
+
+def lag_extrapolation(deviations: np.ndarray) -> float:
+    """2 C(1) - C(2) of the truth's deviations (`about_baselines`), pooled, over their variance."""
+    lag = [float((deviations[j:] * deviations[:len(deviations) - j]).mean()) for j in range(3)]
     return (2 * lag[1] - lag[2]) / lag[0]
 
 
@@ -81,18 +89,19 @@ def variance_only(args: argparse.Namespace, photons: float, seeds: list[int]) ->
     for seed in seeds:
         config = sim_config(args, photons, seed)
         noisy, clean = TwoPhotonSimulator(config).movie(args.frames)
-        clean = clean.astype(np.float32)
+        frames, truth_frames = list(noisy.astype(np.float32)), list(clean.astype(np.float32))
         # the truth as the estimate: its covariance always stands out, only the variance is looked at
-        measured = amplitude.measure_shrinkage(list(noisy.astype(np.float32)), list(clean))
-        truth = clean.astype(np.float64) - clean.mean(0)
+        baselines = amplitude.slow_baselines(frames, truth_frames, 0)
+        measured = amplitude.measure_shrinkage(frames, truth_frames, baselines) if baselines is not None else None
+        truth = about_baselines(clean)
         variance = float((truth * truth).mean())
-        noise = float(noisy.astype(np.float64).var(0).mean()) - variance
+        noise = float(noisy.astype(np.float64).var(0).mean()) - float(clean.astype(np.float64).var(0).mean())
         blind = float(measured.signal.mean()) / variance if measured is not None else float("nan")
-        extrapolated = lag_extrapolation(clean.astype(np.float64))
+        extrapolated = lag_extrapolation(truth)
         differences.append(blind - extrapolated)
         print(f"photons {photons:g}, seed {seed}: blind variance / truth's {blind:.3f}, the truth's lag extrapolation "
               f"{extrapolated:.3f}, difference {differences[-1]:+.3f}; "
-              f"noise variance / (frames x truth's) {noise / variance / args.frames:.4f}", flush=True)
+              f"noise variance / truth's {noise / variance:.1f}", flush=True)
     spread = np.std(differences, ddof=1) if len(differences) > 1 else float("nan")
     print(f"photons {photons:g}: difference mean {np.mean(differences):+.4f}, sd {spread:.4f} over {len(seeds)} movies")
 
@@ -113,21 +122,21 @@ def budget(args: argparse.Namespace, photons: float, seed: int) -> None:
     scored = np.array([info.state == "live" for info in infos])
     scorer = MovieScorer(clean, sim.footprint_matrix(), offset=config.offset_adu, kinds=sim.scene.kinds)
 
-    measured = amplitude.measure_shrinkage(list(noisy), list(net), scored)
-    if measured is None:
+    baselines = amplitude.slow_baselines(list(noisy), list(net), REACH)
+    measured = amplitude.measure_shrinkage(list(noisy), list(net), baselines, scored) if baselines is not None else None
+    if baselines is None or measured is None:
         print(f"photons {photons:g}, seed {seed}: no activity measured")
         return
-    truth = clean - clean.mean(0)
-    d = net[scored] - net[scored].mean(0)
-    t = clean[scored] - clean[scored].mean(0)
-    true_slope = float((d * t).sum() / (t * t).sum())
+    truth = about_baselines(clean)
+    d = np.stack([net[t] - baselines.output(t, noisy[t]) for t in np.flatnonzero(scored).tolist()]).astype(np.float64)
+    true_slope = float((d * truth[scored]).sum() / (truth[scored] ** 2).sum())
     true_variance = (truth * truth).mean(0)
     unrestored = scorer.score(net)
     print(f"photons {photons:g}, seed {seed} {' '.join(args.sim)}: unrestored slope "
           f"{unrestored['trace_slope']:.3f} ({by_kind(unrestored)}); "
           f"pooled slope measured {measured.slope:.3f}, true {true_slope:.3f}; "
           f"blind variance / truth's {measured.signal.mean() / true_variance.mean():.3f}, "
-          f"the truth's own lag extrapolation / its variance {lag_extrapolation(clean):.3f}", flush=True)
+          f"the truth's own lag extrapolation / its variance {lag_extrapolation(truth):.3f}", flush=True)
     ceiling = amplitude.Shrinkage(float(measured.covariance.mean() / true_variance.mean()), measured.covariance,
                                   true_variance, measured.noise_to_signal)
     runs: list[tuple[str, amplitude.Shrinkage | None, tuple[float, float] | None]] = [

@@ -12,13 +12,21 @@ The shrinkage can be measured on the movie itself, without a truth:
 * noise that is independent from frame to frame (shot, PMT and read noise, whatever their
   distribution or spatial correlation) adds to the noisy frames' variance but not to their
   covariance at lags 1 and 2, and a slowly varying truth's variance is that autocovariance
-  extrapolated to lag 0, 2 C(1) - C(2). Taken about the frames' own mean, which holds 1/n of
-  each frame's noise, every lag product comes out low by the noise variance / n, which is added
-  back (without it the truth's variance came out 2 % low at 2 photons/pixel and 14 % at 0.5,
-  over 10 simulated movies each, and the restored slopes as much short: docs/benchmarks.md).
+  extrapolated to lag 0, 2 C(1) - C(2).
+
+Both are taken about each frame's blind baseline (`slow_baselines`), the slow level the gain
+stretches the activity away from: a Gaussian-weighted mean of the segment's *other* noisy frames
+(`BASELINE_SIGMA`), and for the outputs that plus the outputs' mean offset from their noisy frames
+over the blocks beyond the network's reach. Each baseline holds its neighbours' noise with a weight
+w (about 1/430 to 1/250 in a 600-frame movie), so every lag product comes out off by the noise
+variance times w and the squared weights, which is taken back out (without it the truth's variance
+came out 6 % low at 2 photons/pixel and 27 % at 0.5, three simulated movies each; with it within
+3 % and 8 %). The outputs' covariance is not corrected: there the baseline's noise enters both
+factors and mostly cancels, leaving about 0.0004 of the noise variance either way (a slope 1-5 %
+off at a noise-to-signal ratio of 30-100).
 
 Their ratio, pooled over pixels, is the slope of the output on the truth (1 keeps amplitudes).
-In a file each output D is then moved away from a slow baseline B by a gain map, ``keep`` over
+In a file each output D is then moved away from its baseline B by a gain map, ``keep`` over
 the local slope (the same ratio of sums smoothed over about a soma's radius and pulled towards the
 pooled slope where a region has little activity of its own; never below 1), at the scale of
 cells and processes: ``D + (gain - 1) * smooth(D - B)`` (`SMOOTH_PX`, wider in a file whose noise
@@ -28,11 +36,14 @@ running gain for the field (`LiveAmplitude`). `keep` is
 it is. Undoing a shrinkage costs whole-movie PSNR (an unbiased estimate has more variance than
 the MMSE one); docs/engine.md has the measured trade.
 
-Blindness is kept: the baseline of a frame is a per-pixel mean of the segment's outputs that lie
-beyond the network's reach of that frame (window and context blocks), weighted by a Gaussian of
-their distance (`BASELINE_SIGMA`), so neither D nor B of a frame depends on its noisy pixels, and
-B follows drifts slower than the activity (bleaching), which the network keeps and the gain must
-not stretch.
+Blindness is kept: B of frame t holds no noisy frame t and no output within the network's reach of
+it (the outputs' offset is measured on the blocks beyond), so neither D nor B depends on frame t's
+noise, and B follows drifts slower than the activity (bleaching), which the network keeps and the
+gain must not stretch. A baseline of the outputs alone (the outputs beyond reach) was blind too,
+but it left out the activity within reach of each frame, so it sank under every burst, and the
+gain added a slow copy of the burst to the traces: trace correlation 0.0003-0.0020 lower on
+eleven simulated movies, whole-movie PSNR 0.19 dB lower to 0.10 dB higher (docs/benchmarks.md,
+"A baseline that does not sink under the bursts").
 Only the gains and the correction's smoothing width depend on a frame's noise, through sums over
 all the segment's frames and a few hundred pixels (the width: all of them), a weight of about
 1 / (frames x pixels) each.
@@ -50,19 +61,19 @@ from scipy import ndimage
 
 from umvd_live.engine.outputs import mean_is_nearer
 
-#: A frame's baseline is the Gaussian-weighted mean of the outputs beyond the reach of its block,
-#: with this temporal sigma (frames): it follows what is slower than the activity (bleaching, a slow
-#: drift of the focus or the light) instead of leaving it to the gain. A median over the whole
-#: segment made the restored movies bleach 1.3-1.7x as fast as their truth (docs/benchmarks.md,
-#: "Slow drifts"); a median per block of 50 frames, of the outputs within 200 frames beyond the
-#: reach, changed from block to block with the activity it happened to leave out: the smooth
-#: weights gained 0.0001-0.0032 of trace correlation and 0.01-0.20 dB on nine simulated movies
-#: (docs/benchmarks.md, "Cell-scale blend within the sources, and a smooth baseline").
+#: A frame's baselines weigh the other frames by a Gaussian of their distance with this sigma
+#: (frames): they follow what is slower than the activity (bleaching, a slow drift of the focus or
+#: the light) instead of leaving it to the gain. A median over the whole segment made the restored
+#: movies bleach 1.3-1.7x as fast as their truth (docs/benchmarks.md, "Slow drifts"); 400 frames
+#: or more changed the trace correlation by less than 0.001 on four 600-frame movies and lowered
+#: their slopes by up to 0.04.
 BASELINE_SIGMA = 200.0
 #: The weights reach this many sigmas.
 BASELINE_TRUNCATE = 3.0
-#: Frames per block, summed once and sharing one baseline; fewer, longer blocks where the block
-#: means would take more than `BLOCK_BYTES` (and the baselines as much again).
+#: Frames per block, summed once and sharing the weights of their baselines; fewer, longer blocks
+#: where the block means of the noisy frames would take more than `BLOCK_BYTES` (and the
+#: outputs' offsets as much again): at 512², blocks of 10 up to 1,280 frames, and a segment
+#: restores up to about 38,000 frames (longer blocks leave none beyond reach within 3 sigma).
 BLOCK_FRAMES = 10
 BLOCK_BYTES = 128 * 2**20
 
@@ -75,9 +86,10 @@ MAX_GAIN = 2.0
 #: 0.01-0.06 lower than unsmoothed, on the simulated movies of docs/benchmarks.md).
 SMOOTH_PX = 1.0
 #: A file's correction is smoothed over a wider area where the noise is larger against the signal
-#: (`smoothing_px`): the area in proportion to the noise-to-signal ratio above this one, the ratio
-#: of the 2-photon simulated movies where 1 px was chosen (13-23), up to `MAX_SMOOTH_PX`.
-NOISE_TO_SIGNAL = 20.0
+#: (`smoothing_px`): the area in proportion to the noise-to-signal ratio above this one (of the
+#: noise to the activity about the baselines), the highest of the 2-photon simulated movies, where
+#: 1 px was chosen (13-30), up to `MAX_SMOOTH_PX`.
+NOISE_TO_SIGNAL = 30.0
 #: The widest smoothing: the scale of the gain map itself (`LOCAL_PX`, about a soma's radius).
 MAX_SMOOTH_PX = 4.0
 #: The local gain: both maps of `Shrinkage` are smoothed over this many pixels (Gaussian sigma,
@@ -88,9 +100,9 @@ LOCAL_PX = 4.0
 LOCAL_PRIOR = 2.0
 #: Frames per chunk of the sums; the chunks' spread gives the measurement's standard error.
 CHUNK = 32
-#: Fewer far frames than this give a block no baseline (its segment is left as it is): the mean
-#: of a handful of outputs is mostly those outputs, and a transient among them would be
-#: subtracted, times the gain, from every frame of the block.
+#: Fewer frames beyond reach than this give a block no baseline (its segment is left as it is): the
+#: outputs' offset from their noisy frames, measured on a handful of outputs, is mostly their own
+#: errors and activity, and would be subtracted, times the gain, from every frame of the block.
 BASELINE_MIN_FRAMES = 2 * CHUNK
 #: Standard errors above 0 that the truth's variance and the outputs' covariance with it must
 #: lie for a slope to be measured (noise alone passes one such test about once in 650 movies of
@@ -117,12 +129,13 @@ class AmplitudeGain:
 @dataclass(frozen=True)
 class Shrinkage:
     """A segment's measured shrinkage: per pixel, the outputs' covariance with the noisy frames
-    (= with the truth) and the truth's variance, each a mean over the chunks of its frames."""
+    (= with the truth) and the truth's variance, about their baselines, each a mean over the
+    chunks of its frames."""
 
     slope: float  # pooled over pixels: covariance.mean() / signal.mean()
     covariance: np.ndarray  # (H, W) float64
     signal: np.ndarray  # (H, W) float64
-    noise_to_signal: float  # the noisy frames' variance less the truth's, over the truth's (pooled)
+    noise_to_signal: float  # the noise variance over the truth's variance, both about the baselines (pooled)
 
     def gains(self, keep: float) -> np.ndarray:
         """The (H, W) gain map that restores slope ``keep``: ``keep`` over the local slope, in
@@ -136,11 +149,12 @@ class Shrinkage:
         return np.clip(keep / np.maximum(local, 1e-6), 1.0, MAX_GAIN).astype(np.float32)
 
 
-def measure_shrinkage(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray],
+def measure_shrinkage(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray], baselines: SlowBaselines,
                       scored: np.ndarray | None = None) -> Shrinkage | None:
-    """The shrinkage of ``denoised`` on the (unknown) truth of ``noisy`` (module docstring); both
-    are sequences of (H, W) frames in the same units. ``scored``: the frames whose outputs count
-    (default: all).
+    """The shrinkage of ``denoised`` on the (unknown) truth of ``noisy`` (module docstring), both
+    taken about their blind baselines (``baselines``, `slow_baselines`): the part of the activity
+    the gain is applied to; both are sequences of (H, W) frames in the same units. ``scored``: the
+    frames whose outputs count (default: all).
 
     None unless both the truth's variance and the outputs' covariance with it, pooled over
     pixels, stand out from their chance values: each is summed per chunk of frames, and their
@@ -150,30 +164,35 @@ def measure_shrinkage(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray
     mask = np.ones(n, bool) if scored is None else np.asarray(scored, bool)
     if n < 3 * CHUNK or mask.sum() < 2 * CHUNK:
         return None
-    mean_y, mean_d = mean_frames(noisy), mean_frames(denoised, mask)
-    mean_ys = mean_y if mask.all() else mean_frames(noisy, mask)  # of the scored frames' noisy ones
+    shape = np.shape(noisy[0])
     covs, signals, noises = [], [], []  # per chunk, means per pixel and frame (pooled)
-    cov_map, signal_map = np.zeros(mean_y.shape), np.zeros(mean_y.shape)  # sums over the chunks' (H, W) means
+    cov_map, signal_map = np.zeros(shape), np.zeros(shape)  # sums over the chunks' (H, W) means
     for start in range(0, n - CHUNK // 2, CHUNK):  # a last short piece joins the chunk before it
         stop = n if n - (start + CHUNK) <= CHUNK // 2 else start + CHUNK
-        y = _stack(noisy, max(0, start - 2), stop) - mean_y  # with the two frames before: the lags' partners
-        head = start - max(0, start - 2)
+        lo = max(0, start - 2)  # with the two frames before: the lags' partners
+        about, outputs = [], []  # in frame order: `baselines` makes each block's maps once
+        for t in range(lo, stop):
+            about.append(noisy[t] - baselines.noisy(t, noisy[t]))
+            if t >= start and mask[t]:
+                outputs.append(denoised[t] - baselines.output(t, noisy[t]))
+        y = np.stack(about).astype(np.float64)
+        head = start - lo
         lag0 = np.einsum("tij,tij->ij", y[head:], y[head:]) / (len(y) - head)
         lag1 = np.einsum("tij,tij->ij", y[max(head, 1):], y[max(head, 1) - 1:-1]) / (len(y) - max(head, 1))
         lag2 = np.einsum("tij,tij->ij", y[max(head, 2):], y[max(head, 2) - 2:-2]) / (len(y) - max(head, 2))
         signal = 2 * lag1 - lag2
-        # about the frames' own mean, which holds 1/n of each frame's noise, every lag product
-        # comes out low by the noise variance / n (module docstring): added back, lag0 - signal
-        # being that variance
-        signal += (lag0 - signal) / n
+        # each baseline holds its neighbours' noise (weight `own`, the squares summing to `spread`),
+        # which biases the lag products (module docstring): taken back out
+        own, spread = baselines.weights(start, stop)
+        noise = (lag0 - signal) / (1 + 2 * own)
+        signal += (2 * own - spread) * noise
         signals.append(float(signal.mean()))
-        noises.append(float((lag0 - signal).mean()))
+        noises.append(float(noise.mean()))
         signal_map += signal
         keep = mask[start:stop]
         if keep.any():
-            d = _stack(denoised, start, stop)[keep] - mean_d
-            ys = y[head:][keep] + (mean_y - mean_ys)
-            cov = np.einsum("tij,tij->ij", d, ys) / keep.sum()
+            d = np.stack(outputs).astype(np.float64)
+            cov = np.einsum("tij,tij->ij", d, y[head:][keep]) / keep.sum()
             covs.append(float(cov.mean()))
             cov_map += cov
     if not (_significant(signals) and _significant(covs)):
@@ -185,9 +204,9 @@ def measure_shrinkage(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray
 def smoothing_px(noise_to_signal: float) -> float:
     """The Gaussian sigma a file's correction is smoothed over: `SMOOTH_PX`, widened where the noise
     is larger against the signal than `NOISE_TO_SIGNAL` so that the area it averages grows with
-    the ratio, and the amplified residual noise with it does not (1.6-2.1 px at 0.5 photons/pixel:
-    +0.33 to +0.99 dB of whole-movie PSNR on three simulated movies, their slopes 0.91-1.01;
-    docs/benchmarks.md, "The restoration's smoothing widens with the noise"); at most
+    the ratio, and the amplified residual noise with it does not (1.4-1.9 px at 0.5 photons/pixel
+    on three simulated movies, 1 px at 2 and 8: docs/benchmarks.md, "The restoration's smoothing
+    widens with the noise" and "A baseline that does not sink under the bursts"); at most
     `MAX_SMOOTH_PX`."""
     return float(min(MAX_SMOOTH_PX, SMOOTH_PX * max(1.0, np.sqrt(max(noise_to_signal, 0.0) / NOISE_TO_SIGNAL))))
 
@@ -201,33 +220,99 @@ def _significant(values: list[float]) -> bool:
     return bool(v.mean() > SIGNIFICANCE * error)
 
 
-def blind_baselines(denoised: Sequence[np.ndarray], reach: int) -> list[tuple[int, int, np.ndarray | None]]:
-    """(start, stop, baseline) per block of frames: the mean of the outputs of the blocks that lie
-    beyond ``reach`` frames of every frame of the block, each weighted by its frames and a Gaussian
-    of its distance (`BASELINE_SIGMA`); None where fewer than `BASELINE_MIN_FRAMES` are that far
-    within the weights' reach."""
+class SlowBaselines:
+    """A segment's blind baselines, per block of frames: frame t's noisy baseline is the
+    Gaussian-weighted mean of the segment's other noisy frames (`BASELINE_SIGMA`), its output's
+    that plus the outputs' mean offset from their noisy frames over the blocks beyond the
+    network's reach of every frame of t's block (module docstring). Built by `slow_baselines`
+    from the block means; a block's two maps are made when a frame of it is first asked for and
+    kept until another block's are (frames are asked for in order), so a long movie holds its
+    block means and no more."""
+
+    def __init__(self, starts: np.ndarray, stops: np.ndarray, reach: int, noisy_means: list[np.ndarray],
+                 offsets: list[np.ndarray]):
+        self.starts, self.stops, self.reach = starts, stops, reach
+        self._counts, self._centres = stops - starts, (starts + stops - 1) / 2
+        self._noisy_means, self._offsets = noisy_means, offsets  # per block, (H, W) float32
+        own, spread = [], []  # per block: a neighbouring frame's weight, the sum of the squared weights
+        for k in range(len(starts)):
+            closeness = self._closeness(k)
+            total = self._total(k, closeness)
+            own.append(closeness[k] / total)
+            spread.append(float((self._counts * closeness ** 2).sum() - closeness[k] ** 2) / total ** 2)
+        self.own, self.spread = np.array(own), np.array(spread)
+        self._block: tuple[int, np.ndarray, np.ndarray] | None = None  # (k, level, offset) of the last block asked for
+
+    def far(self, k: int) -> np.ndarray:
+        """The blocks beyond the reach of every frame of block k, within the weights' reach."""
+        start, stop = self.starts[k], self.stops[k]
+        near = np.abs(self._centres - self._centres[k]) <= BASELINE_TRUNCATE * BASELINE_SIGMA
+        return near & ((self.stops <= start - self.reach) | (self.starts >= stop + self.reach))
+
+    def far_frames(self, k: int) -> int:
+        return int(self._counts[self.far(k)].sum())
+
+    def noisy(self, t: int, frame: np.ndarray) -> np.ndarray:
+        """Frame t's baseline, of the noisy frames (``frame``: frame t, which it leaves out)."""
+        k, level, _ = self._maps(t)
+        return level - np.float32(self.own[k]) * np.asarray(frame, np.float32)
+
+    def output(self, t: int, frame: np.ndarray) -> np.ndarray:
+        """Output t's baseline (``frame``: noisy frame t)."""
+        _, _, offset = self._maps(t)
+        return self.noisy(t, frame) + offset
+
+    def weights(self, start: int, stop: int) -> tuple[float, float]:
+        """`own` and `spread`, averaged over frames ``start`` to ``stop``."""
+        blocks = np.searchsorted(self.starts, np.arange(start, stop), side="right") - 1
+        return float(self.own[blocks].mean()), float(self.spread[blocks].mean())
+
+    def _closeness(self, k: int) -> np.ndarray:
+        distance = np.abs(self._centres - self._centres[k])
+        near = distance <= BASELINE_TRUNCATE * BASELINE_SIGMA
+        return np.where(near, np.exp(-0.5 * (distance / BASELINE_SIGMA) ** 2), 0.0)
+
+    def _total(self, k: int, closeness: np.ndarray) -> float:
+        """The weights of a frame's baseline summed, its own frame left out."""
+        return float((self._counts * closeness).sum() - closeness[k])
+
+    def _maps(self, t: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """Frame t's block, its level (the weighted mean of all the noisy frames, the block's own in;
+        `noisy` takes frame t back out) and the outputs' offset beyond reach."""
+        k = int(np.searchsorted(self.starts, t, side="right")) - 1
+        if self._block is None or self._block[0] != k:
+            closeness = self._closeness(k)
+            level = _weighted(self._noisy_means, self._counts * closeness / self._total(k, closeness))
+            far = np.where(self.far(k), self._counts * closeness, 0.0)
+            self._block = (k, level, _weighted(self._offsets, far / far.sum()))
+        return self._block
+
+
+def slow_baselines(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray], reach: int) -> SlowBaselines | None:
+    """The blind baselines of a segment's frames and outputs (`SlowBaselines`), in blocks of
+    `BLOCK_FRAMES` (longer where the block means would pass `BLOCK_BYTES`); ``reach``: the frames
+    on either side of a frame that its output depends on. None where some block has fewer than
+    `BASELINE_MIN_FRAMES` outputs beyond reach within the weights' reach to measure their offset on."""
     n = len(denoised)
     frame_bytes = 4 * np.asarray(denoised[0]).size
     block = max(BLOCK_FRAMES, -(-n * frame_bytes // BLOCK_BYTES))
     starts = np.arange(0, n, block)
     stops = np.minimum(starts + block, n)
-    counts, centres = stops - starts, (starts + stops - 1) / 2
     blocks = list(zip(starts.tolist(), stops.tolist()))
-    means = [mean_frames(denoised[start:stop]).astype(np.float32) for start, stop in blocks]
-    out: list[tuple[int, int, np.ndarray | None]] = []
-    for k, (start, stop) in enumerate(blocks):
-        far = (stops <= start - reach) | (starts >= stop + reach)
-        near = np.abs(centres - centres[k]) <= BASELINE_TRUNCATE * BASELINE_SIGMA
-        taken = np.flatnonzero(far & near)
-        if counts[taken].sum() < BASELINE_MIN_FRAMES:
-            out.append((start, stop, None))
-            continue
-        weights = counts[taken] * np.exp(-0.5 * ((centres[taken] - centres[k]) / BASELINE_SIGMA) ** 2)
-        weights /= weights.sum()
-        baseline = np.zeros(np.shape(means[0]), np.float32)
-        for j, weight in zip(taken.tolist(), weights.tolist()):
-            baseline += np.float32(weight) * means[j]
-        out.append((start, stop, baseline))
+    noisy_means = [mean_frames(noisy[start:stop]).astype(np.float32) for start, stop in blocks]
+    offsets = [(mean_frames(denoised[start:stop]) - mean).astype(np.float32)
+               for (start, stop), mean in zip(blocks, noisy_means)]
+    baselines = SlowBaselines(starts, stops, reach, noisy_means, offsets)
+    if min(baselines.far_frames(k) for k in range(len(blocks))) < BASELINE_MIN_FRAMES:
+        return None
+    return baselines
+
+
+def _weighted(maps: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
+    """The sum of ``maps`` times ``weights`` (those not 0), float32."""
+    out = np.zeros(np.shape(maps[0]), np.float32)
+    for j in np.flatnonzero(weights).tolist():
+        out += np.float32(weights[j]) * maps[j]
     return out
 
 
@@ -249,29 +334,27 @@ def restore_amplitude(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray
         return AmplitudeGain(first, n, None, 1.0, "off")
     if n < 3 * CHUNK:
         return AmplitudeGain(first, n, None, 1.0, f"too few frames to measure ({n} < {3 * CHUNK})")
-    shrinkage = measure_shrinkage(noisy, denoised, scored)
+    baselines = slow_baselines(noisy, denoised, reach)  # before any output changes
+    if baselines is None:
+        return AmplitudeGain(first, n, None, 1.0, f"no blind baseline: a block has fewer than {BASELINE_MIN_FRAMES} "
+                             f"frames beyond reach {reach} within {BASELINE_TRUNCATE * BASELINE_SIGMA:g} ({n} frames)")
+    shrinkage = measure_shrinkage(noisy, denoised, baselines, scored)
     if shrinkage is None:
         return AmplitudeGain(first, n, None, 1.0, "no activity measured")
     gains = shrinkage.gains(keep)
     if float(gains.max()) == 1.0:
         return AmplitudeGain(first, n, shrinkage.slope, 1.0)
-    baselines = blind_baselines(denoised, reach)  # all of them before any output changes
-    if any(base is None for _, _, base in baselines):
-        return AmplitudeGain(first, n, shrinkage.slope, 1.0,
-                             f"too short for a blind baseline ({n} frames, reach {reach})")
     mask = np.ones(n, bool) if scored is None else np.asarray(scored, bool)
     px = smoothing_px(shrinkage.noise_to_signal)
     unrestored = []
-    for start, stop, base in baselines:
-        for t in range(start, stop):
-            if mask[t]:
-                frame = denoised[t]
-                restored = frame + (gains - 1.0) * smooth(frame - base, px=px)
-                # the referee's rule: left as made where the window's blind mean is nearer the noisy frame
-                if mean_is_nearer(restored, neighbours(t) if neighbours is not None else None, noisy[t]):
-                    unrestored.append(first + t)
-                    continue
-                frame[...] = restored
+    for t in np.flatnonzero(mask).tolist():
+        frame = denoised[t]
+        restored = frame + (gains - 1.0) * smooth(frame - baselines.output(t, noisy[t]), px=px)
+        # the referee's rule: left as made where the window's blind mean is nearer the noisy frame
+        if mean_is_nearer(restored, neighbours(t) if neighbours is not None else None, noisy[t]):
+            unrestored.append(first + t)
+            continue
+        frame[...] = restored
     return AmplitudeGain(first, n, shrinkage.slope, float(gains.mean()), "",
                          (float(gains.min()), float(gains.max())), tuple(unrestored), px)
 
@@ -290,10 +373,6 @@ def smooth(image: np.ndarray, pool: Executor | None = None, px: float = SMOOTH_P
     out[:cut] = ndimage.gaussian_filter(image[:cut + reach], px, mode="nearest")[:cut]
     out[cut:] = lower.result()[reach:]
     return out
-
-
-def _stack(frames: Sequence[np.ndarray], start: int, stop: int) -> np.ndarray:
-    return np.stack([np.asarray(frames[i], np.float64) for i in range(start, stop)])
 
 
 def mean_frames(frames: Sequence[np.ndarray], mask: np.ndarray | None = None) -> np.ndarray:
@@ -330,7 +409,7 @@ class LiveAmplitude:
     to the lag products. It does add a little to the outputs' product: an output depends on the
     recent frames that the means also hold, which biases the covariance up by about the noise
     variance / `LIVE_MEAN_FRAMES` (a slope a few percent high at 2 photons, so the live gain errs
-    low; a file's sums, about whole-segment means, take that bias out, `measure_shrinkage`).
+    low).
     They are summed per chunk of `CHUNK` frames and the last `LIVE_CHUNKS` chunks
     give the slope, with the same significance rule as a file's; until then, and after each
     change of the acquisition, the gain is 1. The baseline is a running median of the outputs at

@@ -212,21 +212,22 @@ def _fit(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray], parts: lis
 
 def _apply(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray], parts: list[_Part], mask: np.ndarray,
            offset: int, fit: _Fit, neighbours: Callable[[int], np.ndarray] | None) -> list[int]:
-    """Blend the scored outputs in order, each pixel from its sigma's blind mean of the smoothed
-    noisy frames within that kernel's reach (each frame smoothed once per part, kept while in
-    reach); returns the outputs the referee left as they were."""
+    """Blend the scored outputs in order, each region from its sigma's blind mean of the smoothed
+    noisy frames within that kernel's reach (each frame smoothed once per part and kept, while in
+    reach, as the pixels of each region: a region's mean sums its own pixels, not the frame's);
+    returns the outputs the referee left as they were."""
     kernels = [blind_kernel(sigma) for sigma in fit.sigmas]
     regions = [fit.pick == i for i in range(len(fit.sigmas))]
     reach = max(kernel_radius(sigma) for sigma in fit.sigmas)
     left = []
     for part in parts:
-        smoothed: dict[int, np.ndarray] = {}
+        smoothed: dict[int, list[np.ndarray]] = {}  # frame -> its smoothed pixels, region by region
         for j in [j for j in range(part.start, part.stop) if mask[j]]:
             centre = offset + j
             for i in [i for i in smoothed if i < centre - reach]:
                 del smoothed[i]
             towards = np.empty(np.shape(denoised[j]), np.float32)
-            for kernel, region in zip(kernels, regions):
+            for k, (kernel, region) in enumerate(zip(kernels, regions)):
                 radius = len(kernel) // 2
                 total, norm = None, 0.0
                 for i in range(max(0, centre - radius), min(len(noisy), centre + radius + 1)):
@@ -234,15 +235,16 @@ def _apply(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray], parts: l
                     if share == 0.0:
                         continue
                     if i not in smoothed:
-                        smoothed[i] = part.smooth(noisy[i])
+                        frame = part.smooth(noisy[i])
+                        smoothed[i] = [frame[pixels] for pixels in regions]
                     if total is None:
-                        total = share * smoothed[i]
+                        total = share * smoothed[i][k]
                     else:
-                        total += share * smoothed[i]
+                        total += share * smoothed[i][k]
                     norm += share
                 if total is None:  # a segment of one frame
                     break
-                np.copyto(towards, total / norm, where=region)
+                towards[region] = total / norm
             else:
                 frame = denoised[j]
                 blended = frame + fit.weight * (towards - part.smooth(frame))
