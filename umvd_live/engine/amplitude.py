@@ -172,9 +172,10 @@ def measure_shrinkage(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray
         lo = max(0, start - 2)  # with the two frames before: the lags' partners
         about, outputs = [], []  # in frame order: `baselines` makes each block's maps once
         for t in range(lo, stop):
-            about.append(noisy[t] - baselines.noisy(t, noisy[t]))
+            base = baselines.noisy(t, noisy[t])
+            about.append(noisy[t] - base)
             if t >= start and mask[t]:
-                outputs.append(denoised[t] - baselines.output(t, noisy[t]))
+                outputs.append(denoised[t] - (base + baselines.offset(t)))  # `output`, without a second `noisy`
         y = np.stack(about).astype(np.float64)
         head = start - lo
         lag0 = np.einsum("tij,tij->ij", y[head:], y[head:]) / (len(y) - head)
@@ -246,8 +247,7 @@ class SlowBaselines:
     def far(self, k: int) -> np.ndarray:
         """The blocks beyond the reach of every frame of block k, within the weights' reach."""
         start, stop = self.starts[k], self.stops[k]
-        near = np.abs(self._centres - self._centres[k]) <= BASELINE_TRUNCATE * BASELINE_SIGMA
-        return near & ((self.stops <= start - self.reach) | (self.starts >= stop + self.reach))
+        return (self._closeness(k) > 0) & ((self.stops <= start - self.reach) | (self.starts >= stop + self.reach))
 
     def far_frames(self, k: int) -> int:
         return int(self._counts[self.far(k)].sum())
@@ -259,8 +259,11 @@ class SlowBaselines:
 
     def output(self, t: int, frame: np.ndarray) -> np.ndarray:
         """Output t's baseline (``frame``: noisy frame t)."""
-        _, _, offset = self._maps(t)
-        return self.noisy(t, frame) + offset
+        return self.noisy(t, frame) + self.offset(t)
+
+    def offset(self, t: int) -> np.ndarray:
+        """The outputs' offset from their noisy frames that output t's baseline adds to frame t's."""
+        return self._maps(t)[2]
 
     def weights(self, start: int, stop: int) -> tuple[float, float]:
         """`own` and `spread`, averaged over frames ``start`` to ``stop``."""

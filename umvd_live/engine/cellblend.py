@@ -235,8 +235,8 @@ def _apply(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray], parts: l
                     if share == 0.0:
                         continue
                     if i not in smoothed:
-                        frame = part.smooth(noisy[i])
-                        smoothed[i] = [frame[pixels] for pixels in regions]
+                        smoothed_frame = part.smooth(noisy[i])
+                        smoothed[i] = [smoothed_frame[pixels] for pixels in regions]
                     if total is None:
                         total = share * smoothed[i][k]
                     else:
