@@ -317,3 +317,38 @@ def test_a_movie_shorter_than_the_window_is_warned_about(tmp_path, bright_and_da
         assert denoise_file(src, out) == 0
     assert "5 frames are fewer than the 7-frame window" in caplog.text
     assert read_recording(out)[0].shape == (5, 32, 32)
+
+
+def test_pixels_that_are_no_measurement_are_said_and_a_movie_of_none_is_refused(tmp_path, bright_and_dark, caplog,
+                                                                                 capsys):
+    """NaN and ±Inf pixels are replaced by their frame's median and counted in a warning, as the
+    daemon counts a stream's; a movie without one measured pixel is refused in one line, not
+    written as a movie of zeros."""
+    frames = bright_and_dark[0][:10].astype(np.float32)
+    frames[2, 3, 4], frames[5, 0, 0], frames[5, 1, 0] = np.nan, np.inf, -np.inf
+    src, out = tmp_path / "holes.tif", tmp_path / "holes.ome.tif"
+    tifffile.imwrite(src, frames)
+    with caplog.at_level(logging.WARNING, logger="umvd_live.apps.denoise"):
+        assert denoise_file(src, out) == 0
+    assert "2 of 10 frames hold 3 NaN, ±Inf or out-of-range pixels" in caplog.text
+    assert np.isfinite(read_recording(out)[0]).all()
+    tifffile.imwrite(src := tmp_path / "none.tif", np.full((10, 32, 32), np.nan, np.float32))
+    assert denoise_file(src, tmp_path / "none.ome.tif") == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "umvd-live denoise: error: no pixel of the movie is a measurement: all are NaN, ±Inf or out of range")
+    assert not (tmp_path / "none.ome.tif").exists()
+
+
+@pytest.mark.parametrize("name", ["out.png", "out", "out.ome"])
+def test_an_output_named_as_no_movie_file_is_refused(tmp_path, name):
+    """The output's name says its format; an ending that names none is refused before any work
+    (it was written as an OME-TIFF under a name no reader takes for one)."""
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, np.zeros((10, 16, 16), np.uint16))
+    done = cli(src, tmp_path / name)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    said = f"cannot write {tmp_path / name}: an output's name ends as an OME-TIFF's or an OME-Zarr's does"
+    assert said in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
+    for good in ("a.ome.tif", "b.TIF", "c.ome.tiff", "d.ome.zarr", "e.zarr"):
+        assert DenoiseConfig(src, tmp_path / good).output.name == good

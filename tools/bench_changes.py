@@ -3,7 +3,9 @@
 For each photon level: a steady simulated stream (activity with bursts, motion, bleaching: the
 simulator's defaults) and the largest value each test statistic reached on it, as a share of its
 threshold (under 1: no false change); then laser steps and stage moves, and the frame each was
-detected at (the event is at frame 60). Real movies given as arguments are scanned too.
+detected at (the event is at frame 60), and one hot pixel (none may be found). Then a sparse
+field of a few bright spots, with a hot pixel and with a stage move. Real movies given as
+arguments are scanned too, as they are and with a hot pixel in their middle frame.
 
     python tools/bench_changes.py --size 128 --frames 3000
     python tools/bench_changes.py ../shared/data/*.tif
@@ -51,6 +53,38 @@ class Margins(ChangeDetector):
             drop = max(c.min_decorrelation, (c.decorrelation - 1) * (1 - typical), c.spread_factor * _robust_sd(corrs))
             self.worst["content"] = max(self.worst["content"], (typical - corr) / drop)
         return super()._test(index, level, spread, corr)
+
+
+SPARSE_SPOTS = 3  # bright spots of 1.2-px sigma, 3000 counts above a background of 100
+
+
+def changes(movie: np.ndarray, detail: bool = False) -> str:
+    """The changes a new detector finds in ``movie``, in words."""
+    det = ChangeDetector()
+    for frame in movie:
+        det.observe(frame)
+    if detail:
+        return ", ".join(f"{c.index} {c.reason} (level ×{c.level_ratio:.2f}, r {c.correlation:.2f})"
+                         for c in det.changes) or "none"
+    return ", ".join(f"{c.index} {c.reason}" for c in det.changes) or "none"
+
+
+def with_hot_pixel(movie: np.ndarray, at: int) -> np.ndarray:
+    """A copy of ``movie`` with one pixel of frame ``at`` at the dtype's largest value (a PMT spike,
+    a saturated pixel): never a change."""
+    hot = movie.copy()
+    hot[at, 11, 13] = np.iinfo(hot.dtype).max if hot.dtype.kind in "ui" else 100 * float(hot.max())
+    return hot
+
+
+def sparse_field(size: int, frames: int, seed: int) -> np.ndarray:
+    """Poisson frames of `SPARSE_SPOTS` bright spots on a flat background: a field whose 99th
+    percentile of block means is the background's, where one hot block stands out most."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    spots = sum(3000 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * 1.2**2))
+                for y, x in rng.uniform(0, size, (SPARSE_SPOTS, 2)))
+    return rng.poisson(100 + spots, (frames, size, size)).astype(np.uint16)
 
 
 SESSION = (SimEvent.laser(10.0, 3.0), SimEvent.move(15.0, 0, 40), SimEvent.laser(20.0, 1 / 3))
@@ -106,8 +140,8 @@ def main() -> None:
             print(f"| {photons:g} | {seed} | {len(det.changes)} | {w['level']:.2f} | {w['spread']:.2f} | "
                   f"{w['content']:.2f} | {1000 * spent / args.frames:.2f} |")
     print("\nevents at frame 60: the frame each was detected at, and why")
-    print("| photons | " + " | ".join(EVENTS) + " |")
-    print("|---|" + "---|" * len(EVENTS))
+    print("| photons | " + " | ".join(EVENTS) + " | hot pixel |")
+    print("|---|" + "---|" * (len(EVENTS) + 1))
     for photons in args.photons:
         cells = []
         for event in EVENTS.values():
@@ -116,16 +150,21 @@ def main() -> None:
             for frame in TwoPhotonSimulator(config).movie(120)[0]:
                 det.observe(frame)
             cells.append(", ".join(f"{c.index} {c.reason}" for c in det.changes) or "none")
+        config = SimConfig(height=args.size, width=args.size, photons=photons, seed=7)
+        cells.append(changes(with_hot_pixel(TwoPhotonSimulator(config).movie(120)[0], 60)))
         print(f"| {photons:g} | " + " | ".join(cells) + " |")
+    print(f"\na sparse field ({SPARSE_SPOTS} spots on a flat background, {args.size}²): a hot pixel at frame 40 and "
+          f"a stage move at frame 60, each alone")
+    for seed in args.seeds:
+        field = sparse_field(args.size, 90, seed)
+        moved = field.copy()
+        moved[60:] = np.roll(field[60:], (args.size // 5, args.size // 7), (1, 2))
+        print(f"seed {seed}: hot pixel: {changes(with_hot_pixel(field, 40))}; move: {changes(moved)}")
     for path in args.movies:
         movie = tifffile.imread(path)
         movie = movie[:, 0] if movie.ndim == 4 else movie
-        det = ChangeDetector()
-        for frame in movie:
-            det.observe(frame)
-        found = ", ".join(f"{c.index} {c.reason} (level ×{c.level_ratio:.2f}, r {c.correlation:.2f})"
-                          for c in det.changes)
-        print(f"{path.rsplit('/', 1)[-1]}: {len(movie)} frames, changes: {found or 'none'}")
+        print(f"{path.rsplit('/', 1)[-1]}: {len(movie)} frames, changes: {changes(movie, detail=True)}; with a hot "
+              f"pixel at frame {len(movie) // 2}: {changes(with_hot_pixel(movie, len(movie) // 2), detail=True)}")
     if args.session:
         for detect, prior in ((True, "auto"), (False, "auto"), (True, "none")):
             session(args.size, detect, prior)

@@ -69,14 +69,14 @@ from umvd_live.portable import replace_file
 from umvd_live.recording.movie import MovieError, MovieFrames
 from umvd_live.recording.ometiff import Provenance, read_provenance
 from umvd_live.recording.omezarr import is_zarr_path, read_zarr_provenance
+from umvd_live.recording.session import recording_stem
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "umvd-live-batch/1"
 #: Movies up to this many frames are one task; longer ones are split (`plan_chunks`).
 DEFAULT_CHUNK_FRAMES = 2000
-#: Input name endings replaced by the output's (``movie.ome.tif`` -> ``DIR/movie.ome.tif``).
-_MOVIE_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".ome.zarr", ".zarr")
+#: The output's name ending, which replaces the input's (``movie.tif`` -> ``DIR/movie.ome.tif``).
 _OUTPUT_SUFFIX = {"ome-tiff": ".ome.tif", "ome-zarr": ".ome.zarr"}
 #: Input errors are returned as `Failed`, not raised: rerunning them (Dask's retries) cannot help.
 _INPUT_ERRORS = (MovieError, CheckpointError, ValueError, RuntimeError)
@@ -130,12 +130,7 @@ def plan_chunks(frames: int, chunk_frames: int, k: int, context: tuple[int, ...]
 
 
 def output_name(source: Path, fmt: str = "ome-tiff") -> str:
-    name = source.name
-    for suffix in _MOVIE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return name + _OUTPUT_SUFFIX[fmt]
+    return recording_stem(source) + _OUTPUT_SUFFIX[fmt]
 
 
 def expand_inputs(patterns: list[str]) -> tuple[list[Path], list[str]]:

@@ -34,12 +34,13 @@ from umvd_live.engine.cellblend import CellBlend
 from umvd_live.engine.changes import Change
 from umvd_live.engine.checkpoint import CheckpointError
 from umvd_live.engine.device import DeviceUnavailable, pick_device
+from umvd_live.engine.normalization import bad_pixels
 from umvd_live.engine.provenance import network_provenance
 from umvd_live.portable import replace_file
 from umvd_live.recording.movie import MovieError, MovieFrames, describe_streams, movie_streams
 from umvd_live.recording.ometiff import FrameInfo, Provenance, write_movie
 from umvd_live.recording.omezarr import is_zarr_path, write_zarr_movie
-from umvd_live.recording.session import stream_path
+from umvd_live.recording.session import MOVIE_SUFFIXES, is_movie_path, stream_path
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,13 @@ def denoise_movie(
     offline_steps: int | None = None,
     console: Console | None = None,
 ) -> DenoiseResult:
-    """Denoise a whole T×H×W movie; every frame gets exactly one output, in the input's units."""
+    """Denoise a whole T×H×W movie; every frame gets exactly one output, in the input's units.
+    ``config`` is adapted to a file (`file_config`) but its training steps per frame are taken as
+    given: the command line's default for files is 4 (``--steps-per-frame``), the engine's own 1
+    (a live stream's), which on a simulated 600-frame movie gave 0.6 dB less."""
     console = console or Console(stderr=True, quiet=True)
     t_frames = len(movie)
+    warn_bad_pixels(movie)
     engine = StreamDenoiser(file_config(config, t_frames))
     if t_frames < engine.config.window:  # no window fits: 0 training steps, the starting weights' outputs
         log.warning("%d frames are fewer than the %d-frame window: the network is not trained; each frame gets "
@@ -130,6 +135,23 @@ def denoise_movie(
                          engine=engine)
 
 
+def warn_bad_pixels(movie: np.ndarray) -> None:
+    """Say which frames hold pixels that are no measurement (NaN, ±Inf, out of range:
+    `normalization.bad_pixels`), as the daemon says of a stream's: the engine replaces them by
+    their frame's median and never trains on such a frame. A movie without one measured pixel is
+    a ValueError: its output would be a made-up movie of zeros."""
+    frames = pixels = 0
+    for frame in movie:
+        bad = bad_pixels(frame)
+        if bad is not None:
+            frames, pixels = frames + 1, pixels + int(np.count_nonzero(bad))
+    if pixels and pixels == movie.size:
+        raise ValueError("no pixel of the movie is a measurement: all are NaN, ±Inf or out of range")
+    if frames:
+        log.warning("%d of %d frames hold %d NaN, ±Inf or out-of-range pixels: denoised with those replaced by "
+                    "their frame's median, and not trained on", frames, len(movie), pixels)
+
+
 def stack_images(outputs: Sequence[DenoisedFrame]) -> np.ndarray:
     """The outputs' images as one float32 (T, H, W) movie; an output without one is an error."""
     images = [o.image for o in outputs if o.image is not None]
@@ -149,6 +171,11 @@ class DenoiseConfig:
     offline: bool = False  # train on the whole movie at once (the paper's recipe) instead of along it
     save_model: Path | None = None  # where the final weights go (several streams: one file each, named the same way)
     streams: tuple[str, ...] = ()  # only these streams of the file (short names); empty: every one
+
+    def __post_init__(self) -> None:
+        if not is_movie_path(self.output):  # written as the format its name says, never a guess
+            raise ValueError(f"cannot write {self.output}: an output's name ends as an OME-TIFF's or an OME-Zarr's "
+                             f"does ({', '.join(MOVIE_SUFFIXES)})")
 
 
 def stream_outputs(source: str | Path, output: str | Path, wanted: Sequence[str] = ()) -> list[tuple[str, Path]]:

@@ -60,12 +60,24 @@ class Change:
 
 def coarse(frame: np.ndarray, block: int) -> np.ndarray:
     """Block means of a frame (cropped to whole blocks); a small frame gets smaller blocks, so the
-    grid keeps 16 a side where it can (percentiles of fewer blocks scatter too much)."""
+    grid keeps 16 a side where it can (percentiles of fewer blocks scatter too much).
+
+    A block above the grid's 99th percentile by more than its 1-99 % range is the mean of its
+    pixels but the brightest: one hot pixel (a PMT spike: 65535 among counts of 20) lifted its
+    block far above every other and alone made a dim field decorrelate from the reference as a
+    stage move does, while a source (a cell, a bead: a spot of several pixels) keeps its block
+    bright. Other blocks are as they were (docs/engine.md: the same changes on every movie)."""
     h, w = frame.shape
     block = max(1, min(block, h // 16, w // 16))
     h, w = h - h % block, w - w % block
-    f = np.asarray(frame[:h, :w], dtype=np.float32)
-    return f.reshape(h // block, block, w // block, block).mean(axis=(1, 3))
+    blocks = np.asarray(frame[:h, :w], dtype=np.float32).reshape(h // block, block, w // block, block)
+    grid = blocks.mean(axis=(1, 3))
+    floor, top = np.percentile(grid, [1, 99])
+    rows, cols = np.nonzero(grid > top + (top - floor))
+    if rows.size and block > 1:
+        pixels = blocks[rows, :, cols, :].reshape(rows.size, -1)
+        grid[rows, cols] = (pixels.sum(axis=1) - pixels.max(axis=1)) / (pixels.shape[1] - 1)
+    return grid
 
 
 def _robust_sd(values: np.ndarray) -> float:

@@ -14,6 +14,7 @@ reads the file.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -649,10 +650,16 @@ def stream_planes(movie: TiffMovie | ZarrMovie) -> dict[str, list[int]]:
     named_channels = info.axes[:1] == "C" and all(names) and len(set(names)) == len(names)
     if (len(by_name) > 1 and not others and len(info.axes) == 3 and all(len(p) == 1 for p in by_name.values())
             and not named_channels and not info.one_time_point):
-        log.warning("%s: no time axis; its %d planes along %s are read as the movie's frames",
-                    movie.path, len(movie.planes), info.axes[0])
+        _say_planes_are_frames(str(movie.path), len(movie.planes), info.axes[0])
         return {"": list(range(len(movie.planes)))}
     return by_name
+
+
+@functools.cache
+def _say_planes_are_frames(path: str, planes: int, axis: str) -> None:
+    """The warning of `stream_planes`, once per file: a file is opened to list its streams, to
+    check each and to read it."""
+    log.warning("%s: no time axis; its %d planes along %s are read as the movie's frames", path, planes, axis)
 
 
 def movie_streams(path: str | Path) -> list[str]:

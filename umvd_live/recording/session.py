@@ -60,10 +60,19 @@ class RecordingError(ValueError):
     """A recording request that cannot be honoured (bad path, missing directory, ...)."""
 
 
+#: The name endings of the movie files we read and write: OME-TIFF (or plain TIFF) and OME-Zarr.
+MOVIE_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", *ZARR_SUFFIXES)
+
+
+def is_movie_path(path: str | os.PathLike) -> bool:
+    """Whether ``path``'s name ends as a movie file's does (`MOVIE_SUFFIXES`, any case)."""
+    return Path(path).name.lower().endswith(MOVIE_SUFFIXES)
+
+
 def recording_stem(base: str | os.PathLike) -> str:
     """``dir/rec.ome.tif`` -> ``rec``: the start of every file name of a recording."""
     name = Path(base).name
-    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif", *ZARR_SUFFIXES):
+    for suffix in MOVIE_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
