@@ -46,7 +46,10 @@ eleven simulated movies, whole-movie PSNR 0.19 dB lower to 0.10 dB higher (docs/
 "A baseline that does not sink under the bursts").
 Only the gains and the correction's smoothing width depend on a frame's noise, through sums over
 all the segment's frames and a few hundred pixels (the width: all of them), a weight of about
-1 / (frames x pixels) each.
+1 / (frames x pixels) each; and, after the cell-scale blend, the outputs' offsets, through the
+blend's guides: the outputs of the other half of a segment are smoothed within the sources that
+a mean of this half's outputs draws (`cellblend._parts`), some of which read frame t (a weight of
+about 2 / frames in that mean, then the guided filter's).
 """
 
 from __future__ import annotations
