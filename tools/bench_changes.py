@@ -146,10 +146,7 @@ def main() -> None:
         cells = []
         for event in EVENTS.values():
             config = SimConfig(height=args.size, width=args.size, photons=photons, seed=7, events=(event,))
-            det = ChangeDetector()
-            for frame in TwoPhotonSimulator(config).movie(120)[0]:
-                det.observe(frame)
-            cells.append(", ".join(f"{c.index} {c.reason}" for c in det.changes) or "none")
+            cells.append(changes(TwoPhotonSimulator(config).movie(120)[0]))
         config = SimConfig(height=args.size, width=args.size, photons=photons, seed=7)
         cells.append(changes(with_hot_pixel(TwoPhotonSimulator(config).movie(120)[0], 60)))
         print(f"| {photons:g} | " + " | ".join(cells) + " |")
