@@ -639,11 +639,14 @@ class StreamDenoiser:
             return self._pass(feats, context)
 
     def _prepare_kernels(self) -> None:
-        """Run the inference network on a blank window of the stream's size, on this thread and on
-        every worker at once: the first call of each convolution shape prepares its kernels (tens
-        of ms on a CPU), and a worker thread's first pass also starts its OpenMP team and fills
-        its allocator's pool (the first pair of 512² passes took 0.7 s). That belongs to the start
-        of the stream, not to its first live outputs."""
+        """Run the inference network on a blank window of the stream's size, each thread the passes
+        it will run (`_submit`): the first call of each convolution shape prepares its kernels (tens
+        of ms on a CPU), and a thread's first pass also fills its allocator's pool (the first pair
+        of 512² passes took 0.7 s). That belongs to the start of the stream, not to its first live
+        outputs. The workers and this thread warm up side by side, each once per shape: frames
+        arriving meanwhile wait, so the start is the first outputs' latency (at 512² on 2 cores,
+        a start of 126-143 ms instead of 194-249 when this thread also ran whole windows' passes
+        and every band, before the workers; docs/benchmarks.md)."""
         h, w = _built(self.shape)
         spec = self.spec
         with torch.inference_mode():
@@ -651,22 +654,26 @@ class StreamDenoiser:
         n = len(spec.context)
         context = torch.zeros(1, n, 1, h, w, device=self.device) if n else None
         blank: Window = (0, 0, [feats] * spec.window, context)
-        self._denoise_chunk([blank])
+        if not self._bands or self.max_batch > 1:  # passes of whole windows run on this thread too
+            self._denoise_chunk([blank])
         # distinct tensors, as a live window has: inputs that alias each other would compile a
         # graph whose guards every real window fails (a second compilation, on the frame loop)
         _built(self._pass).start(lambda: ([feats.clone() for _ in range(spec.window)], context), self._autocast)
         if self._pool is not None:
             everyone = threading.Barrier(self.workers, timeout=60)  # no worker takes two of them
+            band_shapes = list({band.stop - band.start: band for band in self._bands}.values())
 
             def first_pass(chunk: list[Window]) -> np.ndarray:
                 everyone.wait()
-                for band in self._bands:  # a band's shape is a shape of its own
+                for band in band_shapes:  # a band's shape is a shape of its own
                     self._denoise_chunk(chunk, band)
                 return self._denoise_chunk(chunk)
 
-            list(self._pool.map(first_pass, [[blank]] * self.workers))
-            for band in self._bands:
-                self._denoise_chunk([blank], band)
+            warming = [self._pool.submit(first_pass, [blank]) for _ in range(self.workers)]
+            if self._bands:  # beside them, the one pass of a lone window this thread runs (`_submit`)
+                self._denoise_chunk([blank], self._bands[0])
+            for future in warming:
+                future.result()
 
     def _produce(self, t: int, infer: bool, batch: OutputBatch) -> None:
         """Add frame t's output to `batch`: a live window's feature maps are taken now, while the
