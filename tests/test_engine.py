@@ -268,6 +268,37 @@ def test_a_lone_windows_pass_cut_in_row_bands_gives_the_same_outputs(wait, tmp_p
         np.testing.assert_array_equal(got.image, want.image)
 
 
+def test_each_thread_warms_up_the_passes_it_runs(monkeypatch):
+    """The stream's start runs on a blank window what each thread will run (`_submit`), side by
+    side and nothing twice, since frames arriving meanwhile wait: the pushing thread the first band
+    of a lone window; each worker one band of each band shape (both bands of 320 rows have one)
+    and a whole window (rounds of several windows)."""
+    frame = TwoPhotonSimulator(SimConfig(height=320, width=24, photons=2.0, seed=7)).movie(1)[0][0]
+    ran: list[tuple[str, tuple[int, int] | None]] = []
+    real = StreamDenoiser._denoise_chunk
+
+    def recorded(self, chunk, band=None):
+        ran.append((threading.current_thread().name, None if band is None else (band.start, band.stop)))
+        return real(self, chunk, band)
+
+    monkeypatch.setattr(StreamDenoiser, "_denoise_chunk", recorded)
+    config = EngineConfig(preset="fast", device="cpu", train_mode="inline", steps_per_frame=0, max_batch=1,
+                          cpu_threads=1, workers=2)
+    with StreamDenoiser(config) as den:
+        assert den.push(frame, infer=False) == []  # the start alone: no window is ready yet
+        bands = [(band.start, band.stop) for band in den._bands]
+    me = threading.current_thread().name
+    assert len(bands) == 2 and bands[0][1] - bands[0][0] == bands[1][1] - bands[1][0]
+    assert [band for name, band in ran if name == me] == [bands[0]]
+    by_worker: dict[str, list] = {}
+    for name, band in ran:
+        if name != me:
+            by_worker.setdefault(name, []).append(band)
+    assert len(by_worker) == 2
+    for passes in by_worker.values():
+        assert len(passes) == 2 and None in passes and any(band in bands for band in passes)
+
+
 def fail_the_pass_of(den: StreamDenoiser, t: int) -> None:
     """Make the pass that denoises frame t's window raise, once: by the window, not by counting
     passes, whose order on two workers is the scheduler's."""
