@@ -111,7 +111,7 @@ def _file_args(p: argparse.ArgumentParser) -> None:
                    help="train on the whole movie at once (the paper's recipe) instead of along it")
     p.add_argument("--steps-per-frame", type=float, default=10.0, metavar="S",
                    help="training steps after each frame as the movie is trained along (default 10: a file "
-                        "need not keep pace; about 3 minutes for 600 frames on 2 CPU cores)")
+                        "need not keep pace; about 3 minutes for 600 frames of 128² on 2 CPU cores)")
     p.add_argument("--warmup-steps", type=int, default=None, metavar="S",
                    help="training steps of the warm start before the output goes live (default: the engine's)")
     p.add_argument("--blend-px", type=float, metavar="PX",
