@@ -22,7 +22,7 @@ from umvd_live.engine.checkpoint import (
     weights_hash,
 )
 from umvd_live.engine.device import cpu_has_native_bf16, default_workers, lists_native_bf16
-from umvd_live.engine.normalization import MAX_RANGES, Normalizer, bad_pixels, sanitize
+from umvd_live.engine.normalization import IMPULSE_RANGES, MAX_RANGES, Normalizer, bad_pixels, remove_impulses, sanitize
 from umvd_live.engine.trainer import OnlineTrainer, ReplayBuffer, TrainerConfig
 
 # From scratch (no prior): these tests follow a warm start (tests/test_prior.py has the prior's).
@@ -545,6 +545,73 @@ def test_bad_pixels_are_what_no_measurement_gives():
     assert Normalizer.fit(np.where(rng.random((64, 64)) < 0.1, np.float32(3e38), dark)).scale < 20
 
 
+def test_an_isolated_impulse_is_replaced_and_real_sources_are_not():
+    """One pixel of one frame far above all 26 of its neighbours in space and time is no image
+    of the sample; a source has a neighbour near its value in space or time, however bright."""
+    rng = np.random.default_rng(0)
+    before, frame, after = rng.poisson(20, (3, 32, 32)).astype(np.uint16)
+    spiked = frame.copy()
+    spiked[5, 7] = spiked[0, 31] = 65535  # one inside, one at the frame's corner
+    cleaned, count = remove_impulses(spiked, before, after, threshold=IMPULSE_RANGES * 20)
+    assert count == 2 and cleaned.dtype == np.uint16 and spiked[5, 7] == 65535  # (a copy)
+    ring = np.delete(spiked[4:7, 6:9].ravel(), 4)
+    assert cleaned[5, 7] == np.rint(np.median(ring)) and cleaned[0, 31] < 100
+    assert np.array_equal(np.delete(cleaned.ravel(), [5 * 32 + 7, 31]), np.delete(frame.ravel(), [5 * 32 + 7, 31]))
+    assert remove_impulses(spiked, None, after, 120)[1] == 2  # one side is enough (a movie's ends)
+    assert remove_impulses(spiked, None, None, 120) == (spiked, 0)  # none: nothing to tell it by
+    assert remove_impulses(frame, before, after, 120) == (frame, 0)  # Poisson noise: nothing
+    # sources far brighter than the threshold, each with a neighbour near it:
+    yy, xx = np.mgrid[0:32, 0:32]
+
+    def spot(y: float, x: float, sigma: float = 1.0) -> np.ndarray:
+        return 20 + 3000 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * sigma**2))
+
+    for name, (b, f, a) in {
+        "a spot that persists": (spot(10, 10), spot(10, 10), spot(10, 10)),
+        "a spot moving a pixel a frame": (spot(10, 9), spot(10, 10), spot(10, 11)),
+        "a transient that rises in a frame and decays": (0 * spot(10, 10) + 20, spot(10, 10), 0.7 * spot(10, 10) + 6),
+        "a spike two pixels long (fast axis)": (before, np.where((yy == 5) & (abs(xx - 7.5) < 1), 65535, 20), after),
+    }.items():
+        assert remove_impulses(f.astype(np.float32), b, a, 120)[1] == 0, name
+
+
+def test_an_impulse_is_never_trained_on_nor_spread_in_a_file(two_photon):
+    """A dim movie without offset and one pixel of 65535 in one frame: drawn into most batches by
+    the search for activity, its loss looked like divergence, and 23 rollbacks took the rate to
+    its floor; the outputs of the frames around it showed it (docs/benchmarks.md, "One pixel of
+    one frame"). The replay buffer and a file's final pass replace it."""
+    noisy, clean = two_photon
+    movie = np.clip(noisy[:60] / 200.0, 0, None).astype(np.uint16)  # counts of tens, range ~40
+    at, y, x = 30, 20, 30
+    movie[at, y, x] = 65535
+    config = EngineConfig(preset="lite", device="cpu", warmup_frames=20, warmup_steps=60, min_train_frames=16,
+                          trainer=TrainerConfig(batch=4, patch=32), cpu_threads=1, workers=1, context=())
+    den = StreamDenoiser(config)
+    den.pretrain(movie, 60)
+    assert den.training.replay.impulses == 1
+    assert den.trainer.rollbacks == 0 and den.trainer.lr == config.trainer.lr
+    images = np.stack([o.image for o in den.denoise_frames(movie, list(range(len(movie))))])
+    assert images[at - 4:at + 5, y, x].max() < 2 * np.percentile(movie, 99.9)  # the window's mean: 65535 / 7
+
+
+def test_the_replay_buffer_replaces_a_frames_impulse_once_the_next_frame_has_come():
+    rng = np.random.default_rng(1)
+    replay = ReplayBuffer(window=3, capacity=50)
+    frames = [torch.from_numpy(rng.poisson(5, (1, 16, 16)).astype(np.float32)) for _ in range(12)]
+    frames[6][0, 3, 4] = 1e4  # 1e4 of the frames' units: the threshold is IMPULSE_RANGES of them
+    for i, frame in enumerate(frames[:7]):
+        replay.add(i, frame)
+    replay.settle(newest_too=False)  # as `sample` does first, on the trainer's thread
+    assert replay.impulses == 0 and 4 in replay.centres() and 5 not in replay.centres()  # frame 6 untested
+    replay.add(7, frames[7])
+    assert replay.sample(rng, 2, 8) is not None  # tests frame 6 first
+    held = replay._frames[6][0]
+    assert replay.impulses == 1 and held[0, 3, 4] < 50 and frames[6][0, 3, 4] == 1e4  # the caller's frame as it was
+    assert 5 in replay.centres() and 6 not in replay.centres()
+    replay.settle()
+    assert 6 in replay.centres()
+
+
 def test_a_stream_whose_first_frame_is_constant_fits_its_range_on_the_frames_after_it(two_photon):
     """A camera's first frame before the shutter opens is all one value: fitted on it, the range
     was the fallback of 1 unit, the segment ran in raw units (every batch beyond the network's
@@ -869,12 +936,13 @@ def test_the_first_training_steps_from_a_prior_keep_its_output_level(seed):
     """Adam's first steps move every weight by about lr whatever its gradient: without a ramp of
     the learning rate, 8 steps from the shipped prior moved the output level of a simulated movie
     by 7-12 % of its signal (the preview darkened by that much at the first new weights). With the
-    default ramp, by a few tenths of a percent to 1.3 % (seeds 0-3; tools/first_steps_level.py)."""
+    default ramp, by -1.4 to +3.2 % (seeds 0 and 2, eight draws of the trainer's batches each;
+    tools/first_steps_level.py): the draws' spread, which a bound of 3 % met only by chance."""
     tool_path = Path(__file__).resolve().parent.parent / "tools" / "first_steps_level.py"
     spec = importlib.util.spec_from_file_location("first_steps_level", tool_path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    assert abs(tool.level_change(128, seed, 8, "lite", None)) < 0.03
+    assert abs(tool.level_change(128, seed, 8, "lite", None)) < 0.04
 
 
 def test_the_learning_rate_ramps_up_whenever_adam_starts_afresh(tmp_path):

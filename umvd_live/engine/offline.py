@@ -21,7 +21,7 @@ import torch
 from umvd_live.engine.amplitude import AmplitudeGain, restore_amplitude
 from umvd_live.engine.cellblend import CellBlend, blend_blind_mean
 from umvd_live.engine.changes import ChangeDetector
-from umvd_live.engine.normalization import Normalizer, sanitize
+from umvd_live.engine.normalization import IMPULSE_RANGES, Normalizer, remove_impulses, sanitize
 from umvd_live.engine.outputs import BlindReferee, DenoisedFrame, OutputBatch, Probe
 from umvd_live.engine.window import block_means, context_blocks, context_reach, window_indices
 
@@ -54,6 +54,7 @@ def pretrain(den: StreamDenoiser, movie: np.ndarray, steps: int,
             segment, normalizer = segment + 1, Normalizer.fit(clean)
         if trainable:
             replay.add(i, torch.from_numpy(normalizer.forward(clean))[None], segment)
+    replay.settle()
     for done in range(0, steps, PROGRESS_EVERY):
         training.run(min(PROGRESS_EVERY, steps - done))
         if progress:
@@ -63,6 +64,14 @@ def pretrain(den: StreamDenoiser, movie: np.ndarray, steps: int,
     training.publish()
     den._adopt_published_weights()
     den._live = True
+
+
+def _measured(movie: np.ndarray, i: int, first: int, last: int, normalizer: Normalizer) -> np.ndarray:
+    """Frame ``i`` of the segment ``first``..``last`` as a file's final pass takes it: sanitised,
+    its isolated impulses replaced (`normalization.remove_impulses`, against the frames beside it
+    in the segment), as the replay buffer replaced them for training."""
+    before, after = (sanitize(movie[j])[0] if first <= j <= last else None for j in (i - 1, i + 1))
+    return remove_impulses(sanitize(movie[i])[0], before, after, IMPULSE_RANGES * normalizer.scale)[0]
 
 
 def denoise_frames(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
@@ -82,7 +91,7 @@ def denoise_frames(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
         chunk = [t for t in indices if first <= t < end]
         if chunk:
             done = _denoise_segment(den, movie, chunk, first, end - 1, segment, progress)
-            blend, restored = _blend_and_restore(den, movie, done, first, end - 1)
+            blend, restored = _blend_and_restore(den, movie, done, first, end - 1, den._normalizers[segment])
             den.cell_blends.append(blend)
             den.amplitude_gains.append(restored)
             if restored.gain != 1.0:  # the network's outputs were restored; the referee's means were not
@@ -106,7 +115,8 @@ def _denoise_segment(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
 
     def frame(i: int) -> torch.Tensor:
         if i not in frames:
-            frames[i] = torch.from_numpy(normalizer.forward(sanitize(movie[i])[0])).to(den.device)[None]
+            measured = _measured(movie, i, first, last, normalizer)
+            frames[i] = torch.from_numpy(normalizer.forward(measured)).to(den.device)[None]
         return frames[i]
 
     # Each frame is judged alone, blind, as the referee judges a live stream's: where the
@@ -148,7 +158,7 @@ def _denoise_segment(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
 
 
 def _blend_and_restore(den: StreamDenoiser, movie: np.ndarray, outputs: list[DenoisedFrame],
-                       first: int, last: int) -> tuple[CellBlend, AmplitudeGain]:
+                       first: int, last: int, normalizer: Normalizer) -> tuple[CellBlend, AmplitudeGain]:
     """Blend one segment's outputs (frames ``first`` to ``last``) at the scale of cells with the
     blind mean of its noisy frames (`cellblend`), then undo their shrinkage (`amplitude`), in
     place: over a run of consecutive frames, the network's outputs only (not the referee's
@@ -160,7 +170,7 @@ def _blend_and_restore(den: StreamDenoiser, movie: np.ndarray, outputs: list[Den
         why = "frames not consecutive"
         return CellBlend(start, frames, reason=why), AmplitudeGain(start, frames, None, 1.0, why)
     outs = [image for image in images if image is not None]  # all of them (checked above)
-    noisy = [sanitize(movie[i])[0] for i in range(first, last + 1)]  # the segment's, around the outputs too
+    noisy = [_measured(movie, i, first, last, normalizer) for i in range(first, last + 1)]  # around the outputs too
     ours = noisy[start - first:start - first + frames]
     scored = np.array([o.state == "live" for o in ordered])
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from umvd_live.engine.checkpoint import check_fits
 from umvd_live.engine.model import UMVDNet
-from umvd_live.engine.normalization import MAX_RANGES
+from umvd_live.engine.normalization import IMPULSE_RANGES, MAX_RANGES, remove_impulses
 from umvd_live.engine.window import block_means, context_blocks, window_indices
 
 log = logging.getLogger(__name__)
@@ -69,15 +69,26 @@ ACTIVITY_BLOCK = 8
 #: Centres looked at per batch to find activity, and frames of a segment its median is taken over.
 ACTIVITY_CANDIDATES = 64
 ACTIVITY_MEDIAN_FRAMES = 16
-#: A batch out of range (`OnlineTrainer.skipped_batches`) is logged the first time, then once in this many.
+#: A batch out of range (`OnlineTrainer.skipped_batches`) is logged the first time, then once in this
+#: many; impulses replaced (`ReplayBuffer.impulses`) the same way.
 SKIPPED_LOGGED_EVERY = 100
+
+
+def _blocks(frame: torch.Tensor) -> torch.Tensor:
+    """A (1, H, W) frame's means over `ACTIVITY_BLOCK`² blocks."""
+    return F.avg_pool2d(frame[None].float(), ACTIVITY_BLOCK, ceil_mode=True)[0, 0]
 
 
 class ReplayBuffer:
     """The most recent trainable frames, by index, each with its segment; bounded in count and bytes.
 
     A segment is a run of frames between abrupt changes of the acquisition (`changes`): a training
-    window and its context never take frames from two segments, as inference never does."""
+    window and its context never take frames from two segments, as inference never does.
+
+    Each frame's isolated impulses (`normalization.remove_impulses`) are replaced once the frame
+    after it has come, by the sampling thread (the pushing thread only lists the frame), and no
+    window holds a frame before then (`settle` tests the newest against the frame before it
+    alone, once no more will come)."""
 
     def __init__(self, window: int, capacity: int, context: tuple[int, ...] = (), both_sides: bool = False):
         self.k = window // 2
@@ -92,12 +103,16 @@ class ReplayBuffer:
         self._row: dict[int, int] = {}  # frame index -> its row
         self._free_rows: list[int] = []
         self._lock = threading.Lock()
+        self._unchecked: list[int] = []  # frames added and not yet tested for impulses, oldest first
+        self.impulses = 0  # pixels replaced as isolated impulses, over every frame added
 
     def __len__(self) -> int:
         return len(self._frames)
 
     def add(self, index: int, frame: torch.Tensor, segment: int = 0) -> None:
-        blocks = F.avg_pool2d(frame[None].float(), ACTIVITY_BLOCK, ceil_mode=True)[0, 0]
+        """Hold ``frame`` (normalised, on the host: it is never written to; a frame with an
+        impulse is held as a cleaned copy), to be tested for impulses by the next `sample`."""
+        blocks = _blocks(frame)
         with self._lock:
             self._frames[index] = (frame, segment)
             while len(self._frames) > self.capacity:
@@ -109,6 +124,41 @@ class ReplayBuffer:
             if row is None:
                 row = self._row[index] = self._free_rows.pop()
             self._block_means[row] = blocks
+            self._unchecked.append(index)
+
+    def settle(self, newest_too: bool = True) -> None:
+        """Test the frames added since for impulses: all but the newest, whose next frame may
+        still come, unless ``newest_too`` (a movie whose frames have all been added)."""
+        if not self._unchecked:  # (the usual case, read without the lock: a step need not wait for it)
+            return
+        with self._lock:
+            keep = self._unchecked[-1:] if self._unchecked and not newest_too else []
+            due, self._unchecked = self._unchecked[:len(self._unchecked) - len(keep)], keep
+        for index in due:
+            self._remove_impulses(index)
+
+    def _remove_impulses(self, index: int) -> None:
+        with self._lock:
+            held = self._frames.get(index)
+            if held is None:
+                return
+            frame, segment = held
+            beside = [self._frames.get(j) for j in (index - 1, index + 1)]
+            near = [f[0][0].numpy() if f is not None and f[1] == segment else None for f in beside]  # its segment's
+        cleaned, count = remove_impulses(frame[0].numpy(), near[0], near[1], IMPULSE_RANGES)
+        if not count:
+            return
+        replaced = torch.from_numpy(cleaned)[None]
+        blocks = _blocks(replaced)
+        every = SKIPPED_LOGGED_EVERY
+        if self.impulses == 0 or (self.impulses + count) // every > self.impulses // every:
+            log.warning("frame %d: %d isolated impulses (pixels far above all their neighbours in space and time) "
+                        "replaced for training (%d so far)", index, count, self.impulses + count)
+        with self._lock:
+            self.impulses += count
+            if self._frames.get(index, (None,))[0] is frame and self._block_means is not None:  # (still held)
+                self._frames[index] = (replaced, segment)
+                self._block_means[self._row[index]] = blocks
 
     def _forget(self, index: int) -> None:
         del self._frames[index]
@@ -120,15 +170,17 @@ class ReplayBuffer:
         with self._lock:
             self._frames.clear()
             self._block_means, self._row, self._free_rows = None, {}, []
+            self._unchecked = []
 
     def _centres(self, segment: int | None = None) -> list[int]:
         have = self._frames
-        return [t for t, (_, seg) in have.items() if (segment is None or seg == segment) and all(
-            (t + d) in have and have[t + d][1] == seg for d in range(-self.k, self.k + 1) if d)]
+        untested = min(self._unchecked, default=math.inf)  # (no window holds an untested frame)
+        return [t for t, (_, seg) in have.items() if (segment is None or seg == segment) and t + self.k < untested
+                and all((t + d) in have and have[t + d][1] == seg for d in range(-self.k, self.k + 1) if d)]
 
     def centres(self, segment: int | None = None) -> list[int]:
-        """Indices whose whole window (t-k .. t+k) is in the buffer and in one segment (that
-        `segment`, if given)."""
+        """Indices whose whole window (t-k .. t+k) is in the buffer, in one segment (that
+        `segment`, if given), and tested for impulses."""
         with self._lock:
             return self._centres(segment)
 
@@ -198,6 +250,7 @@ class ReplayBuffer:
         centre, with the live edge rule (`window.window_indices`, mirrored context). ``favour``: a
         segment from which ``favour_share`` of the batch is drawn (the newest, after a change).
         ``active_share``: the share of samples drawn where activity is (`_active_picks`)."""
+        self.settle(newest_too=False)
         with self._lock:  # only references are taken here: `add` on the pushing thread must not wait
             centres = self._centres()
             if not centres:
