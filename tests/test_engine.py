@@ -588,7 +588,7 @@ def test_an_impulse_is_never_trained_on_nor_spread_in_a_file(two_photon):
                           trainer=TrainerConfig(batch=4, patch=32), cpu_threads=1, workers=1, context=())
     den = StreamDenoiser(config)
     den.pretrain(movie, 60)
-    assert den.training.replay.impulses == 1
+    assert den.training.replay.impulses == 1 and den.stats()["impulses"] == 1
     assert den.trainer.rollbacks == 0 and den.trainer.lr == config.trainer.lr
     images = np.stack([o.image for o in den.denoise_frames(movie, list(range(len(movie))))])
     assert images[at - 4:at + 5, y, x].max() < 2 * np.percentile(movie, 99.9)  # the window's mean: 65535 / 7

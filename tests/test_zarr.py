@@ -322,7 +322,10 @@ def test_denoise_reads_and_writes_ome_zarr(tmp_path):
     assert [i.seq for i in infos] == list(range(20)) and prov["complete"] is True
     assert prov["source"] == str(src) and prov["pixel_size_um"] == 0.65
     yaozarrs.validate_zarr_store(str(out))
-    assert abs(float(frames.mean()) - float(noisy.mean())) < 0.05 * float(noisy.mean()), "input units"
+    # input units: normalised ones would be off by orders of magnitude; the level of 20 frames after a
+    # warm start on 10 moves by a few percent with the training's draws (-3.6 to +5.6 % over seeds 1-3
+    # and the default, before and after session 30's change of the draws)
+    assert abs(float(frames.mean()) - float(noisy.mean())) < 0.1 * float(noisy.mean()), "input units"
     again = cli(src, out)
     assert again.returncode == 2 and "exists" in again.stderr
     (tmp_path / "empty.ome.zarr").mkdir()

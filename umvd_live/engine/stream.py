@@ -303,6 +303,7 @@ class StreamDenoiser:
             "loss": t.last_loss if t else None,
             "lr": t.lr if t else self.config.trainer.lr,
             "rollbacks": t.rollbacks if t else 0,
+            "impulses": self.training.replay.impulses if self.training.replay is not None else 0,
             "failed_steps": self.training.failed_steps,
             "training_paused": self.training.paused,
             "warmup_progress": self.warmup_progress,
