@@ -576,7 +576,7 @@ def test_an_isolated_impulse_is_replaced_and_real_sources_are_not():
 
 
 def test_an_impulse_is_never_trained_on_nor_spread_in_a_file(two_photon):
-    """A dim movie without offset and one pixel of 65535 in one frame: drawn into most batches by
+    """A dim movie without offset and one pixel of 65535 in one frame: drawn again and again by
     the search for activity, its loss looked like divergence, and 23 rollbacks took the rate to
     its floor; the outputs of the frames around it showed it (docs/benchmarks.md, "One pixel of
     one frame"). The replay buffer and a file's final pass replace it."""
