@@ -66,12 +66,14 @@ def pretrain(den: StreamDenoiser, movie: np.ndarray, steps: int,
     den._live = True
 
 
-def _measured(movie: np.ndarray, i: int, first: int, last: int, normalizer: Normalizer) -> np.ndarray:
-    """Frame ``i`` of the segment ``first``..``last`` as a file's final pass takes it: sanitised,
-    its isolated impulses replaced (`normalization.remove_impulses`, against the frames beside it
-    in the segment), as the replay buffer replaced them for training."""
-    before, after = (sanitize(movie[j])[0] if first <= j <= last else None for j in (i - 1, i + 1))
-    return remove_impulses(sanitize(movie[i])[0], before, after, IMPULSE_RANGES * normalizer.scale)[0]
+def _measured(sanitised: Callable[[int], np.ndarray], i: int, first: int, last: int,
+              normalizer: Normalizer) -> np.ndarray:
+    """Frame ``i`` of the segment ``first``..``last`` as a file's final pass takes it: sanitised
+    (``sanitised(j)``: frame j, `sanitize`d), its isolated impulses replaced
+    (`normalization.remove_impulses`, against the frames beside it in the segment), as the replay
+    buffer replaced them for training."""
+    before, after = (sanitised(j) if first <= j <= last else None for j in (i - 1, i + 1))
+    return remove_impulses(sanitised(i), before, after, IMPULSE_RANGES * normalizer.scale)[0]
 
 
 def denoise_frames(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
@@ -115,7 +117,7 @@ def _denoise_segment(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
 
     def frame(i: int) -> torch.Tensor:
         if i not in frames:
-            measured = _measured(movie, i, first, last, normalizer)
+            measured = _measured(lambda j: sanitize(movie[j])[0], i, first, last, normalizer)
             frames[i] = torch.from_numpy(normalizer.forward(measured)).to(den.device)[None]
         return frames[i]
 
@@ -170,7 +172,8 @@ def _blend_and_restore(den: StreamDenoiser, movie: np.ndarray, outputs: list[Den
         why = "frames not consecutive"
         return CellBlend(start, frames, reason=why), AmplitudeGain(start, frames, None, 1.0, why)
     outs = [image for image in images if image is not None]  # all of them (checked above)
-    noisy = [_measured(movie, i, first, last, normalizer) for i in range(first, last + 1)]  # around the outputs too
+    sanitised = [sanitize(movie[i])[0] for i in range(first, last + 1)]  # the segment's, around the outputs too
+    noisy = [_measured(lambda j: sanitised[j - first], i, first, last, normalizer) for i in range(first, last + 1)]
     ours = noisy[start - first:start - first + frames]
     scored = np.array([o.state == "live" for o in ordered])
 

@@ -132,7 +132,7 @@ class ReplayBuffer:
         if not self._unchecked:  # (the usual case, read without the lock: a step need not wait for it)
             return
         with self._lock:
-            keep = self._unchecked[-1:] if self._unchecked and not newest_too else []
+            keep = [] if newest_too else self._unchecked[-1:]
             due, self._unchecked = self._unchecked[:len(self._unchecked) - len(keep)], keep
         for index in due:
             self._remove_impulses(index)
