@@ -514,6 +514,27 @@ def test_file_killed_mid_write_reads_up_to_last_complete_frame(tmp_path, frames_
         np.testing.assert_array_equal(declared, frames[: declared.shape[0]])
 
 
+def test_a_file_killed_before_its_header_was_written_reads_as_an_empty_recording(tmp_path):
+    """`create` opens the file before it writes the header: a kill (or a reader polling a
+    recording as it starts) finds it empty or holding part of the header. That is a recording
+    with no frames, not a corrupt file; anything else short of a BigTIFF header still raises."""
+    from umvd_live.recording.ometiff import RecordingFormatError, read_provenance
+
+    path = tmp_path / "early.ome.tif"
+    rec = RecordingFile.create(path, pattern(0), FrameInfo(seq=0, t=0.0), Provenance("cam0"))
+    rec.close()
+    unlinked = path.read_bytes()[:8] + b"\0" * 8  # its header before page 0 was linked
+    for cut in (0, 1, 7, 15, 16):  # 16: the header whole, no page linked yet
+        path.write_bytes(unlinked[:cut])
+        frames, infos, prov = read_recording(path)
+        assert frames.shape[0] == 0 and infos == [] and not prov["complete"], cut
+        assert read_provenance(path) == {"frames": 0, "complete": False}, cut
+    for junk in (b"MM", b"II*\0", b"\x89PNG\r\n\x1a\n" + b"\0" * 8):  # big-endian, classic TIFF, PNG
+        path.write_bytes(junk)
+        with pytest.raises(RecordingFormatError, match="not a little-endian BigTIFF"):
+            read_recording(path)
+
+
 def test_replay_and_denoise_read_a_killed_recordings_frames_past_its_last_checkpoint(tmp_path):
     """The readers of `acquire replay`, `denoise` and `batch` take every frame a killed recorder
     linked, with its time, not just those its OME-XML declared at the last checkpoint."""

@@ -78,6 +78,7 @@ _OME_NS = "{http://www.openmicroscopy.org/Schemas/OME/2016-06}"
 
 # TIFF field types
 _SHORT, _LONG, _ASCII, _RATIONAL, _LONG8 = 3, 4, 2, 5, 16
+_EMPTY_HEADER = b"II" + struct.pack("<HHHQ", 43, 8, 0, 0)  # what `create` writes first: no page linked
 _SAMPLE_FORMAT = {"u": 1, "i": 2, "f": 3}
 #: dtypes a recording may hold: the float32 denoised output and the protocol's raw dtypes.
 RECORDABLE_DTYPES = ("uint8", "uint16", "int16", "float32")
@@ -506,7 +507,7 @@ class RecordingFile(RecordingLedger):
 
     def _write_header_and_slots(self) -> None:
         # first-IFD = 0 until page 0 is complete
-        pwrite_all(self._fd, b"II" + struct.pack("<HHHQ", 43, 8, 0, 0), 0)
+        pwrite_all(self._fd, _EMPTY_HEADER, 0)
         xml = self._xml(frames=1, final=False)
         self._slot_size = self._slot_size_for(len(xml.encode("utf-8")))
         self._slots = [self._eof, self._eof + self._slot_size]
@@ -788,10 +789,14 @@ def _typed(prov: dict[str, Any]) -> dict[str, Any]:
 
 
 def _has_frames(path: Path) -> bool:
-    """False for a recording killed before its first frame was complete; raises for a file that
-    is no little-endian BigTIFF."""
+    """False for a recording killed before its first frame was complete, its header included (the
+    file exists, empty or holding part of `_EMPTY_HEADER`, from `create`'s open to its first
+    write: a reader polling a recording as it starts sees that too); raises for a file that is no
+    little-endian BigTIFF."""
     with open(path, "rb") as fh:
         head = fh.read(16)
+    if len(head) < 16 and _EMPTY_HEADER.startswith(head):
+        return False
     if len(head) < 16 or head[:2] != b"II" or struct.unpack("<H", head[2:4])[0] != 43:
         raise RecordingFormatError(f"{path} is not a little-endian BigTIFF")
     return struct.unpack("<Q", head[8:16])[0] != 0
