@@ -594,6 +594,54 @@ def test_an_impulse_is_never_trained_on_nor_spread_in_a_file(two_photon):
     assert images[at - 4:at + 5, y, x].max() < 2 * np.percentile(movie, 99.9)  # the window's mean: 65535 / 7
 
 
+def test_a_live_streams_impulse_reaches_only_the_output_whose_window_ends_on_it(two_photon, tmp_path):
+    """The frame loop tests each frame once the next has come (`ImpulseScreen`) and holds the
+    cleaned copy in the window and the context history: before, the outputs of every window that
+    held the impulse showed it, and so did the outputs whose context blocks held it (a block's
+    mean: 65535 over its span). Now only the output made while it was the newest frame, and the
+    replay buffer gets the cleaned frame, tested."""
+    noisy, _ = two_photon
+    movie = np.clip(noisy[:70] / 200.0, 0, None).astype(np.uint16)  # counts of tens, range ~40
+    at, y, x = 30, 20, 30
+    movie[at, y, x] = 65535
+    config = EngineConfig(preset="lite", device="cpu", train_mode="inline", steps_per_frame=0, cpu_threads=1,
+                          workers=1, max_batch=1)
+    with StreamDenoiser(config) as den:  # the shipped prior: live from the first output
+        den.push(movie[0], infer=False)
+        den.save_weights(tmp_path / "w.pt")
+    den, outs = run_stream(replace(config, init=str(tmp_path / "w.pt")), movie)
+    assert den.stats()["impulses"] == 1 and den.training.replay.impulses == 0  # tested once, by the frame loop
+    assert den.training.replay._frames[at][0][0, y, x] < 100  # the trainer draws the cleaned copy
+    assert max(den.spec.context) > 1  # (the context blocks are exercised)
+    images = np.stack([o.image for o in outs])
+    bound = 2 * np.percentile(movie, 99.9)
+    assert images[at - den.k, y, x] > bound  # the one output made while the impulse was the newest frame
+    others = [t for t in range(len(movie)) if t != at - den.k]
+    assert images[others, y, x].max() < bound, images[others, y, x].max()
+
+
+def test_a_live_streams_impulses_leave_its_amplitude_gain_as_it_was(tmp_path):
+    """The live amplitude sums each frame's lag products: one pixel of 65535 swamped a chunk's,
+    and three of them left this stream without its gain (1.000 against 1.309; docs/benchmarks.md,
+    "The frame loop tests each frame for an impulse"). It now sums the tested frames."""
+    noisy, _ = TwoPhotonSimulator(SimConfig(height=64, width=64, seed=0)).movie(300)
+    movie = np.clip(noisy.astype(np.float32) / 200.0, 0, None).astype(np.uint16)
+    config = EngineConfig(preset="lite", device="cpu", train_mode="inline", steps_per_frame=0, cpu_threads=1,
+                          workers=1, max_batch=1)
+    with StreamDenoiser(config) as den:
+        den.push(movie[0], infer=False)
+        den.save_weights(tmp_path / "w.pt")
+    config = replace(config, init=str(tmp_path / "w.pt"))
+    spiked = movie.copy()
+    spiked[[60, 150, 240], 20, 30] = 65535
+    gains = []
+    for m in (movie, spiked):
+        den, _ = run_stream(config, m)
+        gains.append(den.stats()["amplitude"]["gain"])
+    assert gains[0] > 1.1  # (a gain to keep)
+    assert gains[1] == pytest.approx(gains[0], abs=0.03), gains
+
+
 def test_the_replay_buffer_replaces_a_frames_impulse_once_the_next_frame_has_come():
     rng = np.random.default_rng(1)
     replay = ReplayBuffer(window=3, capacity=50)

@@ -15,10 +15,15 @@ engine trains and in a file's final pass.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+H = TypeVar("H")
 
 #: The largest magnitude a pixel may have: the square of a larger value overflows float32, and
 #: the engine squares pixel values (the loss, the change detector's correlations, the search for
@@ -41,6 +46,8 @@ RANGE_SAMPLE = 4096
 #: 300 frames of 64² at 0.05 photons; docs/benchmarks.md, "One pixel of one frame"). A 65535 among
 #: counts of a hundred lies hundreds of ranges above.
 IMPULSE_RANGES = 6.0
+#: The logs say a stream's first replaced impulse and then every this many.
+IMPULSES_LOGGED_EVERY = 100
 _SQUARE = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
 _RING = [offset for offset in _SQUARE if offset != (0, 0)]
 
@@ -178,3 +185,61 @@ def remove_impulses(frame: np.ndarray, before: np.ndarray | None, after: np.ndar
     median = np.nanmedian(own[:, isolated], axis=0)
     cleaned[rows, cols] = (np.rint(median) if cleaned.dtype.kind in "iu" else median).astype(cleaned.dtype)
     return cleaned, int(rows.size)
+
+
+def report_impulses(index: int, count: int, total_before: int, where: str) -> None:
+    """Log that frame ``index`` had ``count`` isolated impulses replaced: the first of a stream, and
+    every `IMPULSES_LOGGED_EVERY` after (``total_before``: how many the stream had had)."""
+    every = IMPULSES_LOGGED_EVERY
+    if count and (total_before == 0 or (total_before + count) // every > total_before // every):
+        log.warning("frame %d: %d isolated impulses (pixels far above all their neighbours in space and time) "
+                    "replaced %s (%d so far)", index, count, where, total_before + count)
+
+
+@dataclass(frozen=True)
+class Screened(Generic[H]):
+    """A frame tested by `ImpulseScreen`: itself or its cleaned copy, and what came with it."""
+
+    index: int
+    frame: np.ndarray
+    replaced: int  # pixels replaced
+    held: H
+
+
+class ImpulseScreen(Generic[H]):
+    """A live stream's frames, each tested for isolated impulses (`remove_impulses`, against the
+    frames before and after it) as soon as the frame after it has come: the frame loop then holds
+    the tested copy in the window and the context history, and hands it to the replay buffer and
+    the live amplitude, so an impulse reaches no more than the one output made while its frame was
+    the newest (the output whose window ends on it). The last frame of a segment is tested
+    against the frame before it alone, by `end`."""
+
+    def __init__(self, threshold: float = IMPULSE_RANGES):
+        self.threshold = threshold
+        self.impulses = 0  # pixels replaced, over every frame tested
+        self._before: np.ndarray | None = None  # the frame before the untested one, as tested
+        self._untested: tuple[int, np.ndarray, H] | None = None
+
+    def add(self, index: int, frame: np.ndarray, held: H) -> Screened[H] | None:
+        """Take frame ``index`` (normalised; never written to) and what the caller wants back with
+        it; return the frame before it, tested (None for a segment's first frame)."""
+        tested = self._test(frame)
+        self._untested = (index, frame, held)
+        return tested
+
+    def end(self) -> Screened[H] | None:
+        """The untested frame, tested against the frame before it alone (no frame will follow it in
+        its segment); the next frame starts afresh."""
+        tested = self._test(None)
+        self._before = self._untested = None
+        return tested
+
+    def _test(self, after: np.ndarray | None) -> Screened[H] | None:
+        if self._untested is None:
+            return None
+        index, frame, held = self._untested
+        cleaned, count = remove_impulses(frame, self._before, after, self.threshold)
+        report_impulses(index, count, self.impulses, "in the live window")
+        self.impulses += count
+        self._before = cleaned
+        return Screened(index, cleaned, count, held)

@@ -2,7 +2,8 @@
 
 Data flow: a pushed frame is sanitised and normalised, its G features are computed once and
 cached in the sliding window, it joins the frame history whose block means are the network's
-long-range context (`window.ContextHistory`), and it joins the trainer's replay buffer. The output for frame t is
+long-range context (`window.ContextHistory`). Once the next frame has come, its isolated impulses
+are replaced there (`normalization.ImpulseScreen`) and it joins the trainer's replay buffer. The output for frame t is
 ready when frame t + N//2 has arrived; `flush` ends the stream and emits the rest. A stream
 starts on a shipped prior (`priors`); until the warm start is done, `BlindReferee` shows the
 network's output only while it beats the window's temporal mean (else that mean, marked `warmup`).
@@ -52,7 +53,7 @@ from umvd_live.engine.compiled import CompiledPass
 from umvd_live.engine.config import EngineConfig
 from umvd_live.engine.device import CpuSeat, inference_layout, pick_device, uses_bf16
 from umvd_live.engine.model import PRESETS, ModelSpec, RowBand, UMVDNet, resolve_preset, row_bands
-from umvd_live.engine.normalization import Normalizer, measurable, sanitize
+from umvd_live.engine.normalization import ImpulseScreen, Normalizer, Screened, measurable, sanitize
 from umvd_live.engine.outputs import (
     BlindReferee,
     DenoisedFrame,
@@ -173,6 +174,9 @@ class StreamDenoiser:
         self.preset: str | None = None
         self._spec: ModelSpec | None = None  # the network's (`spec`)
         self._window = SlidingWindow(self.config.window)
+        # each frame's impulses, once the next frame has come; with its own units' copy (for the
+        # live amplitude) and whether it joins the replay buffer
+        self._screen: ImpulseScreen[tuple[np.ndarray | None, bool]] = ImpulseScreen()
         self._history: ContextHistory | None = None  # made with the network: its context decides its size
         self._net: UMVDNet | None = None  # inference copy
         self._pass: CompiledPass | None = None  # D's pass over it, compiled once that is ready
@@ -285,7 +289,7 @@ class StreamDenoiser:
         self.training.paused = False
 
     def stats(self) -> dict:
-        t = self.trainer
+        t, replay = self.trainer, self.training.replay
         return {
             "state": self.state,
             "preset": self.preset,
@@ -303,7 +307,7 @@ class StreamDenoiser:
             "loss": t.last_loss if t else None,
             "lr": t.lr if t else self.config.trainer.lr,
             "rollbacks": t.rollbacks if t else 0,
-            "impulses": self.training.replay.impulses if self.training.replay is not None else 0,
+            "impulses": self._screen.impulses + (replay.impulses if replay is not None else 0),
             "failed_steps": self.training.failed_steps,
             "training_paused": self.training.paused,
             "warmup_progress": self.warmup_progress,
@@ -528,26 +532,45 @@ class StreamDenoiser:
             feats = [f for chunk in xs.split(self.max_batch) for f in self._features(chunk)]
         for x, x_host, f, (clean, trainable), wanted, tag in zip(xs, host, feats, cleaned, flags, tags):
             index = self.frames_in
-            if self._amplitude is not None:
-                if self._running is None:
-                    self._amplitude.observe(index, clean)
-                else:  # observed once the running round is restored: the order of waiting pushes
-                    self._unobserved.append((index, clean.copy()))  # (the caller may reuse its frame)
             if tag is not None:
                 self._tags[index] = tag
             self._window.append(index, x, f)
             _built(self._history).append(index, x)
-            if trainable:
-                _built(self.training.replay).add(index, x_host, self.segment)
+            own_units = clean.copy() if self._amplitude is not None else None  # (the caller may reuse its frame)
+            self._screened(self._screen.add(index, x_host[0].numpy(), (own_units, trainable)))
             self.frames_in += 1
             if index >= self._segment_start + self.k:
                 self._produce(index - self.k, wanted, batch)
+
+    def _screened(self, tested: Screened[tuple[np.ndarray | None, bool]] | None) -> None:
+        """A frame tested for impulses (`ImpulseScreen`): a cleaned copy replaces it in the window,
+        with its features, and in the context history, before any output's context holds it; then
+        it joins the replay buffer (tested) and the live amplitude's sums."""
+        if tested is None:
+            return
+        index = tested.index
+        own_units, trainable = tested.held
+        host = torch.from_numpy(tested.frame)[None]
+        if tested.replaced:
+            x = host.to(self.device)
+            with torch.inference_mode():
+                self._window.replace(index, x, self._features(x[None])[0])
+            _built(self._history).replace(index, x)
+            own_units = self.normalizer.inverse(tested.frame) if own_units is not None else None
+        if trainable:
+            _built(self.training.replay).add(index, host, self.segment, tested=True)
+        if self._amplitude is not None and own_units is not None:
+            if self._running is None:
+                self._amplitude.observe(index, own_units)
+            else:  # observed once the running round is restored: the order of waiting pushes
+                self._unobserved.append((index, own_units))
 
     def _begin_segment(self, change: Change, frame: np.ndarray) -> list[DenoisedFrame]:
         """Frame `frames_in` starts a new segment (`changes`): the old segment's last outputs are
         made from its own frames, mirrored at its end as at a stream's end; then the window and
         the context history start again, as at a stream's start, and the normaliser is fitted
         again to the new frame, so the network sees the new scene in the range it knows."""
+        self._screened(self._screen.end())  # the old segment's last frame, tested against its own
         change = replace(change, index=self.frames_in)
         batch = OutputBatch()
         for t in range(self.frames_out, self.frames_in):
@@ -594,6 +617,7 @@ class StreamDenoiser:
         lost = _LostRounds()
         outputs += lost.guard(self._complete_running)
         self._adopt_published_weights()
+        self._screened(self._screen.end())
         batch = OutputBatch()
         for t in range(self.frames_out, self.frames_in):
             self._produce(t, True, batch)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from umvd_live.engine.checkpoint import check_fits
 from umvd_live.engine.model import UMVDNet
-from umvd_live.engine.normalization import IMPULSE_RANGES, MAX_RANGES, remove_impulses
+from umvd_live.engine.normalization import IMPULSE_RANGES, MAX_RANGES, remove_impulses, report_impulses
 from umvd_live.engine.window import block_means, context_blocks, window_indices
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,9 @@ class ReplayBuffer:
     A segment is a run of frames between abrupt changes of the acquisition (`changes`): a training
     window and its context never take frames from two segments, as inference never does.
 
-    Each frame's isolated impulses (`normalization.remove_impulses`) are replaced once the frame
-    after it has come, by the sampling thread (the pushing thread only lists the frame), and no
+    A live stream's frames come tested for isolated impulses (`normalization.ImpulseScreen`, on
+    the frame loop). Those of a recorded movie (`offline.pretrain`) are tested here once the frame
+    after each has come, by the sampling thread (the adding thread only lists the frame), and no
     window holds a frame before then (`settle` tests the newest against the frame before it
     alone, once no more will come)."""
 
@@ -104,14 +105,15 @@ class ReplayBuffer:
         self._free_rows: list[int] = []
         self._lock = threading.Lock()
         self._unchecked: list[int] = []  # frames added and not yet tested for impulses, oldest first
-        self.impulses = 0  # pixels replaced as isolated impulses, over every frame added
+        self.impulses = 0  # pixels replaced as isolated impulses, over every frame tested here
 
     def __len__(self) -> int:
         return len(self._frames)
 
-    def add(self, index: int, frame: torch.Tensor, segment: int = 0) -> None:
+    def add(self, index: int, frame: torch.Tensor, segment: int = 0, tested: bool = False) -> None:
         """Hold ``frame`` (normalised, on the host: it is never written to; a frame with an
-        impulse is held as a cleaned copy), to be tested for impulses by the next `sample`."""
+        impulse is held as a cleaned copy), to be tested for impulses by the next `sample` unless
+        it was (``tested``)."""
         blocks = _blocks(frame)
         with self._lock:
             self._frames[index] = (frame, segment)
@@ -124,7 +126,8 @@ class ReplayBuffer:
             if row is None:
                 row = self._row[index] = self._free_rows.pop()
             self._block_means[row] = blocks
-            self._unchecked.append(index)
+            if not tested:
+                self._unchecked.append(index)
 
     def settle(self, newest_too: bool = True) -> None:
         """Test the frames added since for impulses: all but the newest, whose next frame may
@@ -150,10 +153,7 @@ class ReplayBuffer:
             return
         replaced = torch.from_numpy(cleaned)[None]
         blocks = _blocks(replaced)
-        every = SKIPPED_LOGGED_EVERY
-        if self.impulses == 0 or (self.impulses + count) // every > self.impulses // every:
-            log.warning("frame %d: %d isolated impulses (pixels far above all their neighbours in space and time) "
-                        "replaced for training (%d so far)", index, count, self.impulses + count)
+        report_impulses(index, count, self.impulses, "for training")
         with self._lock:
             self.impulses += count
             if self._frames.get(index, (None,))[0] is frame and self._block_means is not None:  # (still held)

@@ -121,6 +121,14 @@ class ContextHistory:
     def has(self, index: int) -> bool:
         return bool(self._frames) and self._frames[0][0] <= index <= self._frames[-1][0]
 
+    def replace(self, index: int, frame: torch.Tensor) -> None:
+        """Hold ``frame`` as frame ``index`` from now on (its impulses removed), in the sums too."""
+        old = self._frame(index)
+        self._frames[index - self._frames[0][0]] = (index, frame)
+        for block, held in enumerate(self._held):
+            if held is not None and held[0] <= index < held[1]:
+                self._sums[block].add_(frame - old)
+
     def _frame(self, index: int) -> torch.Tensor:
         return self._frames[index - self._frames[0][0]][1]
 
@@ -212,6 +220,11 @@ class SlidingWindow:
 
     def _entry(self, index: int) -> WindowEntry:
         return self._entries[index - self.first]
+
+    def replace(self, index: int, frame: torch.Tensor, features: torch.Tensor) -> None:
+        """Hold ``frame`` and its features as frame ``index`` from now on (its impulses removed)."""
+        entry = self._entry(index)
+        entry.frame, entry.features = frame, features
 
     def indices(self, t: int) -> list[int]:
         return window_indices(t, self.first, self.last, self.k)

@@ -137,7 +137,7 @@ class EngineStats(TypedDict, total=False):
     loss: float | None
     lr: float
     rollbacks: int
-    impulses: int  # pixels replaced as isolated impulses in what the trainer draws (`normalization.remove_impulses`)
+    impulses: int  # pixels replaced as isolated impulses (`normalization.remove_impulses`) in the stream's frames
     failed_steps: int  # background training steps that raised (logged; training went on)
     training_paused: bool
     warmup_progress: float
