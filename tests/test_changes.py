@@ -55,16 +55,18 @@ def test_a_steady_stream_raises_no_change(photons: float, seed: int) -> None:
 
 
 @pytest.mark.parametrize("size, sources, level, background", [(32, 4, 80.0, 20.0), (128, 3, 3000.0, 100.0)])
+@pytest.mark.parametrize("length", [1, 3])
 def test_a_hot_pixel_is_no_change_and_a_move_still_is(size: int, sources: int, level: float,
-                                                      background: float) -> None:
+                                                      background: float, length: int) -> None:
     """One pixel at 65535 (a PMT spike) in a dim field, or in a sparse one (three beads on a flat
-    background): its block alone once made the frame decorrelate from the reference as a stage
-    move does. The sources themselves still move the grid."""
+    background), or a readout spike of 3 along a row: its block alone once made the frame
+    decorrelate from the reference as a stage move does. The sources themselves still move the
+    grid."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:size, :size]
     spots = sum(level * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / 2.88) for y, x in rng.uniform(0, size, (sources, 2)))
     movie = rng.poisson(background + spots, (90, size, size)).astype(np.uint16)
-    movie[40, 11, 13] = 65535
+    movie[40, 11, 13:13 + length] = 65535
     assert _changes(movie) == []
     movie[60:] = np.roll(movie[60:], (size // 5, size // 7), (1, 2))
     assert [(c.index, c.reason) for c in _changes(movie)] == [(60, "content")]

@@ -547,7 +547,8 @@ def test_bad_pixels_are_what_no_measurement_gives():
 
 def test_an_isolated_impulse_is_replaced_and_real_sources_are_not():
     """One pixel of one frame far above all 26 of its neighbours in space and time is no image
-    of the sample; a source has a neighbour near its value in space or time, however bright."""
+    of the sample, nor is a run of up to 3 along a row (a readout spike along the fast axis); a
+    source has a neighbour near its value in space or time, however bright."""
     rng = np.random.default_rng(0)
     before, frame, after = rng.poisson(20, (3, 32, 32)).astype(np.uint16)
     spiked = frame.copy()
@@ -570,9 +571,23 @@ def test_an_isolated_impulse_is_replaced_and_real_sources_are_not():
         "a spot that persists": (spot(10, 10), spot(10, 10), spot(10, 10)),
         "a spot moving a pixel a frame": (spot(10, 9), spot(10, 10), spot(10, 11)),
         "a transient that rises in a frame and decays": (0 * spot(10, 10) + 20, spot(10, 10), 0.7 * spot(10, 10) + 6),
-        "a spike two pixels long (fast axis)": (before, np.where((yy == 5) & (abs(xx - 7.5) < 1), 65535, 20), after),
+        "a spot in one frame, sampled at its width (FWHM 2.4 px)": (before, spot(10, 10), after),
+        "the same spot between two pixels of a row": (before, spot(10, 10.5), after),
+        "a spike two pixels tall (across the fast axis)":
+            (before, np.where((abs(yy - 5.5) < 1) & (xx == 7), 65535, 20), after),
+        "a 2x2 spike": (before, np.where((abs(yy - 5.5) < 1) & (abs(xx - 7.5) < 1), 65535, 20), after),
+        "a spike four pixels long": (before, np.where((yy == 5) & (abs(xx - 8.5) < 2), 65535, 20), after),
     }.items():
         assert remove_impulses(f.astype(np.float32), b, a, 120)[1] == 0, name
+    # a readout spike along the fast axis, 2 and 3 pixels long, one at the frame's edge:
+    runs = frame.copy()
+    runs[5, 7:9] = 65535
+    runs[20, 29:32] = [40000, 65535, 50000]
+    cleaned, count = remove_impulses(runs, before, after, 120)
+    assert count == 5 and cleaned[5, 7:9].max() < 100 and cleaned[20, 29:32].max() < 100
+    ring = np.r_[runs[4, 6:10], runs[6, 6:10], runs[5, 6], runs[5, 9]]
+    assert (cleaned[5, 7:9] == np.rint(np.median(ring))).all()
+    assert np.array_equal(np.delete(cleaned, [5, 20], 0), np.delete(frame, [5, 20], 0))
 
 
 def test_an_impulse_is_never_trained_on_nor_spread_in_a_file(two_photon):

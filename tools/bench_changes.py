@@ -3,9 +3,10 @@
 For each photon level: a steady simulated stream (activity with bursts, motion, bleaching: the
 simulator's defaults) and the largest value each test statistic reached on it, as a share of its
 threshold (under 1: no false change); then laser steps and stage moves, and the frame each was
-detected at (the event is at frame 60), and one hot pixel (none may be found). Then a sparse
-field of a few bright spots, with a hot pixel and with a stage move. Real movies given as
-arguments are scanned too, as they are and with a hot pixel in their middle frame.
+detected at (the event is at frame 60), and one hot pixel or a spike of 2 or 3 along a row (none
+may be found). Then a sparse field of a few bright spots, with a hot pixel, a spike and a stage
+move. Real movies given as arguments are scanned too, as they are and with a hot pixel or a spike
+in their middle frame.
 
     python tools/bench_changes.py --size 128 --frames 3000
     python tools/bench_changes.py ../shared/data/*.tif
@@ -69,11 +70,11 @@ def changes(movie: np.ndarray, detail: bool = False) -> str:
     return ", ".join(f"{c.index} {c.reason}" for c in det.changes) or "none"
 
 
-def with_hot_pixel(movie: np.ndarray, at: int) -> np.ndarray:
+def with_hot_pixel(movie: np.ndarray, at: int, length: int = 1) -> np.ndarray:
     """A copy of ``movie`` with one pixel of frame ``at`` at the dtype's largest value (a PMT spike,
-    a saturated pixel): never a change."""
+    a saturated pixel), or ``length`` along a row (a readout spike): never a change."""
     hot = movie.copy()
-    hot[at, 11, 13] = np.iinfo(hot.dtype).max if hot.dtype.kind in "ui" else 100 * float(hot.max())
+    hot[at, 11, 13:13 + length] = np.iinfo(hot.dtype).max if hot.dtype.kind in "ui" else 100 * float(hot.max())
     return hot
 
 
@@ -140,15 +141,16 @@ def main() -> None:
             print(f"| {photons:g} | {seed} | {len(det.changes)} | {w['level']:.2f} | {w['spread']:.2f} | "
                   f"{w['content']:.2f} | {1000 * spent / args.frames:.2f} |")
     print("\nevents at frame 60: the frame each was detected at, and why")
-    print("| photons | " + " | ".join(EVENTS) + " | hot pixel |")
-    print("|---|" + "---|" * (len(EVENTS) + 1))
+    print("| photons | " + " | ".join(EVENTS) + " | hot pixel | spike 2 px | spike 3 px |")
+    print("|---|" + "---|" * (len(EVENTS) + 3))
     for photons in args.photons:
         cells = []
         for event in EVENTS.values():
             config = SimConfig(height=args.size, width=args.size, photons=photons, seed=7, events=(event,))
             cells.append(changes(TwoPhotonSimulator(config).movie(120)[0]))
         config = SimConfig(height=args.size, width=args.size, photons=photons, seed=7)
-        cells.append(changes(with_hot_pixel(TwoPhotonSimulator(config).movie(120)[0], 60)))
+        steady = TwoPhotonSimulator(config).movie(120)[0]
+        cells += [changes(with_hot_pixel(steady, 60, length)) for length in (1, 2, 3)]
         print(f"| {photons:g} | " + " | ".join(cells) + " |")
     print(f"\na sparse field ({SPARSE_SPOTS} spots on a flat background, {args.size}²): a hot pixel at frame 40 and "
           f"a stage move at frame 60, each alone")
@@ -156,12 +158,15 @@ def main() -> None:
         field = sparse_field(args.size, 90, seed)
         moved = field.copy()
         moved[60:] = np.roll(field[60:], (args.size // 5, args.size // 7), (1, 2))
-        print(f"seed {seed}: hot pixel: {changes(with_hot_pixel(field, 40))}; move: {changes(moved)}")
+        print(f"seed {seed}: hot pixel: {changes(with_hot_pixel(field, 40))}; spike of 3 px: "
+              f"{changes(with_hot_pixel(field, 40, 3))}; move: {changes(moved)}")
     for path in args.movies:
         movie = tifffile.imread(path)
         movie = movie[:, 0] if movie.ndim == 4 else movie
+        middle = len(movie) // 2
         print(f"{path.rsplit('/', 1)[-1]}: {len(movie)} frames, changes: {changes(movie, detail=True)}; with a hot "
-              f"pixel at frame {len(movie) // 2}: {changes(with_hot_pixel(movie, len(movie) // 2), detail=True)}")
+              f"pixel at frame {middle}: {changes(with_hot_pixel(movie, middle), detail=True)}; with a spike of 3 px "
+              f"there: {changes(with_hot_pixel(movie, middle, 3), detail=True)}")
     if args.session:
         for detect, prior in ((True, "auto"), (False, "auto"), (True, "none")):
             session(args.size, detect, prior)

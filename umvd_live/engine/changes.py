@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from umvd_live.engine.normalization import IMPULSE_RUN
+
 Reason = str  # "intensity" | "content"
 
 
@@ -63,10 +65,12 @@ def coarse(frame: np.ndarray, block: int) -> np.ndarray:
     grid keeps 16 a side where it can (percentiles of fewer blocks scatter too much).
 
     A block above the grid's 99th percentile by more than its 1-99 % range is the mean of its
-    pixels but the brightest: one hot pixel (a PMT spike: 65535 among counts of 20) lifted its
-    block far above every other and alone made a dim field decorrelate from the reference as a
-    stage move does, while a source (a cell, a bead: a spot of several pixels) keeps its block
-    bright. Other blocks are as they were (docs/engine.md: the same changes on every movie)."""
+    pixels but the brightest `IMPULSE_RUN` (the longest spike `normalization.remove_impulses`
+    takes): one hot pixel (a PMT spike: 65535 among counts of 20), or a readout spike of two or
+    three along a row, lifted its block far above every other and alone made a dim field
+    decorrelate from the reference as a stage move does, while a source (a cell, a bead: a spot of
+    several pixels) keeps its block bright. Other blocks are as they were (docs/engine.md: the
+    same changes on every movie)."""
     h, w = frame.shape
     block = max(1, min(block, h // 16, w // 16))
     h, w = h - h % block, w - w % block
@@ -76,7 +80,9 @@ def coarse(frame: np.ndarray, block: int) -> np.ndarray:
     rows, cols = np.nonzero(grid > top + (top - floor))
     if rows.size and block > 1:
         pixels = blocks[rows, :, cols, :].reshape(rows.size, -1)
-        grid[rows, cols] = (pixels.sum(axis=1) - pixels.max(axis=1)) / (pixels.shape[1] - 1)
+        drop = min(IMPULSE_RUN, pixels.shape[1] - 1)
+        brightest = np.partition(pixels, -drop, axis=1)[:, -drop:]
+        grid[rows, cols] = (pixels.sum(axis=1) - brightest.sum(axis=1)) / (pixels.shape[1] - drop)
     return grid
 
 

@@ -38,18 +38,23 @@ MAX_MAGNITUDE = math.sqrt(float(np.finfo(np.float32).max))  # 1.8e19
 MAX_RANGES = float(2**24)
 #: About this many pixels, evenly spread, give a frame's robust range in `bad_pixels` (~0.1 ms).
 RANGE_SAMPLE = 4096
-#: How far above each of its 26 neighbours in space and time (the 3×3 pixels of its own frame and
-#: of the frames before and after it) a pixel lies, in widths of the normaliser's range, to be an
-#: isolated impulse (`remove_impulses`). Twice the threshold at which no pixel of the movies at
+#: How far above each of its neighbours in space and time (for one pixel, the 3×3 pixels of its own
+#: frame and of the frames before and after it) a pixel, or a short run along a row, lies, in widths
+#: of the normaliser's range, to be an isolated impulse (`remove_impulses`). Twice the threshold at
+#: which no pixel of the movies at
 #: hand is one: the real two-photon and Cell Tracking Challenge movies, the simulator's at 0.5-8
 #: photons/pixel, Poisson fields of 0.05-3 photons (at 1.5 ranges the dimmest give a few: 442 in
 #: 300 frames of 64² at 0.05 photons; docs/benchmarks.md, "One pixel of one frame"). A 65535 among
 #: counts of a hundred lies hundreds of ranges above.
 IMPULSE_RANGES = 6.0
+#: The longest run of pixels along a row (the fast axis) that `remove_impulses` takes for one
+#: impulse: a readout spike that outlasts a pixel's dwell time. A source's point-spread function is
+#: as tall as it is wide, so a run one row tall that its rows above and below do not hold is none
+#: (the smallest spot kept is the one pixel rule's: 0.85 px σ; docs/benchmarks.md, "Spikes along
+#: the fast axis").
+IMPULSE_RUN = 3
 #: The logs say a stream's first replaced impulse and then every this many.
 IMPULSES_LOGGED_EVERY = 100
-_SQUARE = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-_RING = [offset for offset in _SQUARE if offset != (0, 0)]
 
 
 def _cap(dtype: np.dtype) -> float:
@@ -151,19 +156,23 @@ def sanitize(frame: np.ndarray) -> tuple[np.ndarray, bool]:
 
 def remove_impulses(frame: np.ndarray, before: np.ndarray | None, after: np.ndarray | None,
                     threshold: float) -> tuple[np.ndarray, int]:
-    """``frame`` with its isolated impulses replaced by the median of the 8 pixels around each, and
-    how many: pixels more than ``threshold`` above each of their 26 neighbours in space and time
-    (``before`` and ``after``: the frames beside it, either None where there is none; with
-    neither, nothing is tested), whose brightest neighbour holds under half their height above
-    the neighbours' median. ``frame`` itself is returned where there are none.
+    """``frame`` with its isolated impulses replaced by the median of the pixels around each, and
+    how many pixels: a pixel, or a run of up to `IMPULSE_RUN` pixels along a row (the fast axis),
+    more than ``threshold`` above each of its neighbours in space and time (the pixels around it in
+    its frame, and the 3-row box over it in ``before`` and ``after``, the frames beside it, either
+    None where there is none; with neither, nothing is tested), whose brightest neighbour holds
+    under half its height above the neighbours' median. ``frame`` itself is returned where there
+    are none.
 
     Why: a pixel hundreds of ranges above its field is drawn again and again by the trainer's
     search for activity, its loss looks like divergence (rolled back, the learning rate halved,
     each time), and it swamps the final pass's sums. A real source, however bright, has a
-    neighbour holding more than half its height, in space (its PSF sampled by the pixels) or in
-    time (it persists, decays over several frames, or moves by under a pixel a frame), so it is
-    left alone; the replacement comes from the frame itself, so an output that reads this frame
-    learns nothing of the frames beside it."""
+    neighbour holding more than half its height, in space (its point-spread function, about as
+    tall as it is wide, sampled by the pixels) or in time (it persists, decays over several
+    frames, or moves by under a pixel a frame), so it is left alone. A readout or detector spike
+    can outlast a pixel's dwell time and light a few pixels along the scan line, one row tall:
+    no point-spread function. The replacement comes from the frame itself, so an output that
+    reads this frame learns nothing of the frames beside it."""
     near = [np.asarray(f, np.float32) for f in (before, after) if f is not None]
     values = np.asarray(frame, np.float32)
     if not near or values.size < 2:  # (a lone pixel has no ring to be replaced from)
@@ -172,19 +181,45 @@ def remove_impulses(frame: np.ndarray, before: np.ndarray | None, after: np.ndar
     if rows.size == 0:  # (the usual case: two array operations)
         return frame, 0
     padded = [np.pad(f, 1, constant_values=np.nan) for f in (values, *near)]  # (NaN: beyond the edge)
-    own = np.stack([padded[0][rows + 1 + dy, cols + 1 + dx] for dy, dx in _RING])
-    beside = np.stack([f[rows + 1 + dy, cols + 1 + dx] for f in padded[1:] for dy, dx in _SQUARE])
+    # the candidates' runs along their rows (np.nonzero gives them row by row, left to right),
+    # longest first: each candidate is also tested alone, last, as the pixel it is
+    starts = np.flatnonzero(np.r_[True, (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1] + 1)])
+    lengths = np.diff(np.r_[starts, rows.size])
+    tests = [(rows[starts[lengths == n]], cols[starts[lengths == n]], n) for n in range(IMPULSE_RUN, 1, -1)]
+    cleaned: np.ndarray | None = None
+    for run_rows, run_cols, length in [*tests, (rows, cols, 1)]:
+        if run_rows.size == 0:
+            continue
+        replacement = _isolated_runs(padded, run_rows + 1, run_cols + 1, length, threshold)
+        if replacement is None:
+            continue
+        if cleaned is None:
+            cleaned, replaced = np.array(frame, copy=True), np.zeros(values.shape, bool)
+        isolated, median = replacement
+        median = (np.rint(median) if cleaned.dtype.kind in "iu" else median).astype(cleaned.dtype)
+        for dx in range(length):
+            cleaned[run_rows[isolated], run_cols[isolated] + dx] = median
+            replaced[run_rows[isolated], run_cols[isolated] + dx] = True
+    return (frame, 0) if cleaned is None else (cleaned, int(replaced.sum()))
+
+
+def _isolated_runs(padded: list[np.ndarray], rows: np.ndarray, cols: np.ndarray, length: int,
+                   threshold: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """Of the runs of ``length`` pixels starting at (rows, cols) of ``padded[0]`` (padded frames:
+    the frame, then those beside it), which are isolated impulses (`remove_impulses`), and the
+    median of the pixels around each in its frame, its replacement; None where none is."""
+    box = [(dy, dx) for dy in (-1, 0, 1) for dx in range(-1, length + 1)]
+    ring = [(dy, dx) for dy, dx in box if dy or not 0 <= dx < length]
+    own = np.stack([padded[0][rows + dy, cols + dx] for dy, dx in ring])
+    beside = np.stack([f[rows + dy, cols + dx] for f in padded[1:] for dy, dx in box])
     around = np.concatenate([own, beside])
+    lowest = np.min([padded[0][rows, cols + dx] for dx in range(length)], axis=0)
     highest = np.fmax.reduce(around, axis=0)  # (fmax: NaN, beyond the edge, left out)
-    height = values[rows, cols] - np.nanmedian(around, axis=0)
-    isolated = values[rows, cols] - highest > np.maximum(threshold, height / 2)
+    height = lowest - np.nanmedian(around, axis=0)
+    isolated = lowest - highest > np.maximum(threshold, height / 2)
     if not isolated.any():
-        return frame, 0
-    rows, cols = rows[isolated], cols[isolated]
-    cleaned = np.array(frame, copy=True)
-    median = np.nanmedian(own[:, isolated], axis=0)
-    cleaned[rows, cols] = (np.rint(median) if cleaned.dtype.kind in "iu" else median).astype(cleaned.dtype)
-    return cleaned, int(rows.size)
+        return None
+    return isolated, np.nanmedian(own[:, isolated], axis=0)
 
 
 def report_impulses(index: int, count: int, total_before: int, where: str) -> None:
