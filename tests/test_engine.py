@@ -22,7 +22,15 @@ from umvd_live.engine.checkpoint import (
     weights_hash,
 )
 from umvd_live.engine.device import cpu_has_native_bf16, default_workers, lists_native_bf16
-from umvd_live.engine.normalization import IMPULSE_RANGES, MAX_RANGES, Normalizer, bad_pixels, remove_impulses, sanitize
+from umvd_live.engine.normalization import (
+    IMPULSE_RANGES,
+    MAX_RANGES,
+    ImpulseScreen,
+    Normalizer,
+    bad_pixels,
+    remove_impulses,
+    sanitize,
+)
 from umvd_live.engine.trainer import OnlineTrainer, ReplayBuffer, TrainerConfig
 
 # From scratch (no prior): these tests follow a warm start (tests/test_prior.py has the prior's).
@@ -609,30 +617,66 @@ def test_an_impulse_is_never_trained_on_nor_spread_in_a_file(two_photon):
     assert images[at - 4:at + 5, y, x].max() < 2 * np.percentile(movie, 99.9)  # the window's mean: 65535 / 7
 
 
-def test_a_live_streams_impulse_reaches_only_the_output_whose_window_ends_on_it(two_photon, tmp_path):
-    """The frame loop tests each frame once the next has come (`ImpulseScreen`) and holds the
-    cleaned copy in the window and the context history: before, the outputs of every window that
-    held the impulse showed it, and so did the outputs whose context blocks held it (a block's
-    mean: 65535 over its span). Now only the output made while it was the newest frame, and the
-    replay buffer gets the cleaned frame, tested."""
+def test_no_live_output_shows_an_impulse_and_a_source_that_stays_is_kept(two_photon, tmp_path):
+    """The frame loop tests each frame as it comes, against the frame before it, and for good once
+    the next has come (`ImpulseScreen`), holding each test's copy in the window and the context
+    history: before, the outputs of every window that held the impulse showed it, and so did the
+    outputs whose context blocks held it (a block's mean: 65535 over its span). The replay buffer
+    gets the frame tested for good. A one-pixel source that switches on and stays, which the first
+    test alone takes for an impulse, is back in the window with the next frame and trained on."""
     noisy, _ = two_photon
     movie = np.clip(noisy[:70] / 200.0, 0, None).astype(np.uint16)  # counts of tens, range ~40
     at, y, x = 30, 20, 30
-    movie[at, y, x] = 65535
     config = EngineConfig(preset="lite", device="cpu", train_mode="inline", steps_per_frame=0, cpu_threads=1,
                           workers=1, max_batch=1)
     with StreamDenoiser(config) as den:  # the shipped prior: live from the first output
         den.push(movie[0], infer=False)
         den.save_weights(tmp_path / "w.pt")
-    den, outs = run_stream(replace(config, init=str(tmp_path / "w.pt")), movie)
+    config = replace(config, init=str(tmp_path / "w.pt"))
+    spiked = movie.copy()
+    spiked[at, y, x] = 65535
+    den, outs = run_stream(config, spiked)
     assert den.stats()["impulses"] == 1 and den.training.replay.impulses == 0  # tested once, by the frame loop
     assert den.training.replay._frames[at][0][0, y, x] < 100  # the trainer draws the cleaned copy
     assert max(den.spec.context) > 1  # (the context blocks are exercised)
     images = np.stack([o.image for o in outs])
-    bound = 2 * np.percentile(movie, 99.9)
-    assert images[at - den.k, y, x] > bound  # the one output made while the impulse was the newest frame
-    others = [t for t in range(len(movie)) if t != at - den.k]
-    assert images[others, y, x].max() < bound, images[others, y, x].max()
+    assert images[:, y, x].max() < 2 * np.percentile(movie, 99.9), images[:, y, x].max()
+
+    staying = movie.copy()
+    staying[at:, y, x] += 3000  # a source of one pixel, on from frame 30
+    den, outs = run_stream(config, staying)
+    assert den.stats()["impulses"] == 0
+    held = den.training.replay._frames[at][0][0, y, x]
+    assert held == pytest.approx(den.normalizer.forward(staying[at, y, x]), rel=1e-5)  # trained on as it is
+    unscreened = StreamDenoiser(config)
+    unscreened._screen.threshold = np.inf  # (what the frame loop showed before it tested frames)
+    images, before = (np.stack([o.image for o in run]) for run in
+                      (outs, [o for f in staying for o in unscreened.push(f)] + unscreened.flush()))
+    k = den.k
+    assert np.array_equal(images[at - k + 1:], before[at - k + 1:])  # every output after the first test's one
+    assert images[at - k, y, x] < before[at - k, y, x]  # (which took the source's first frame for an impulse)
+
+
+def test_the_impulse_screen_shows_a_frame_as_each_test_gives_it():
+    """`ImpulseScreen` returns each frame twice: as it comes (against the frame before it), then
+    for good once the next has come; ``reshow`` says the window must take the second copy."""
+    rng = np.random.default_rng(2)
+    frames = rng.poisson(20, (6, 16, 16)).astype(np.float32)
+    frames[2, 5, 5] = 1e4  # an impulse: gone in frame 3
+    frames[4:, 9, 9] = 1e4  # a source that switches on at frame 4 and stays
+    screen: ImpulseScreen[str] = ImpulseScreen(threshold=120)
+    results = [screen.add(i, f, f"frame {i}") for i, f in enumerate(frames)]
+    assert results[0][0] is None and all(not newest.reshow for _, newest in results[:2])
+    impulse_now, impulse_for_good = results[2][1], results[3][0]
+    assert impulse_now.reshow and impulse_now.frame[5, 5] < 100  # taken out as it comes
+    assert impulse_for_good is not None and impulse_for_good.replaced == 1 and not impulse_for_good.reshow
+    assert impulse_for_good.held == "frame 2"
+    source_now, source_for_good = results[4][1], results[5][0]
+    assert source_now.reshow and source_now.frame[9, 9] < 100  # taken for one as it comes...
+    assert source_for_good is not None and source_for_good.reshow  # ...and given back with the next frame
+    assert source_for_good.replaced == 0 and source_for_good.frame[9, 9] == 1e4
+    last = screen.end()
+    assert last is not None and last.index == 5 and not last.reshow and screen.impulses == 1
 
 
 def test_a_live_streams_impulses_leave_its_amplitude_gain_as_it_was(tmp_path):

@@ -2,11 +2,12 @@
 
 Data flow: a pushed frame is sanitised and normalised, its G features are computed once and
 cached in the sliding window, it joins the frame history whose block means are the network's
-long-range context (`window.ContextHistory`). Once the next frame has come, its isolated impulses
-are replaced there (`normalization.ImpulseScreen`) and it joins the trainer's replay buffer. The output for frame t is
-ready when frame t + N//2 has arrived; `flush` ends the stream and emits the rest. A stream
-starts on a shipped prior (`priors`); until the warm start is done, `BlindReferee` shows the
-network's output only while it beats the window's temporal mean (else that mean, marked `warmup`).
+long-range context (`window.ContextHistory`); its isolated impulses are replaced there
+(`normalization.ImpulseScreen`), and once the next frame has come it joins the trainer's replay
+buffer. The output for frame t is ready when frame t + N//2 has arrived; `flush` ends the stream
+and emits the rest. A stream starts on a shipped prior (`priors`); until the warm start is done,
+`BlindReferee` shows the network's output only while it beats the window's temporal mean (else
+that mean, marked `warmup`).
 Each frame is first tested for an abrupt change of the acquisition (`changes`): a frame that
 starts a new segment is treated like a stream's first frame (`_begin_segment`). `push_many` takes several waiting
 frames at once and denoises their windows in batched forward passes (`max_batch`), for a GPU,
@@ -537,28 +538,35 @@ class StreamDenoiser:
             self._window.append(index, x, f)
             _built(self._history).append(index, x)
             own_units = clean.copy() if self._amplitude is not None else None  # (the caller may reuse its frame)
-            self._screened(self._screen.add(index, x_host[0].numpy(), (own_units, trainable)))
+            tested, newest = self._screen.add(index, x_host[0].numpy(), (own_units, trainable))
+            self._screened(tested)
+            self._show(newest)
             self.frames_in += 1
             if index >= self._segment_start + self.k:
                 self._produce(index - self.k, wanted, batch)
 
+    def _show(self, tested: Screened[tuple[np.ndarray | None, bool]]) -> None:
+        """Hold a frame as the impulse screen (`ImpulseScreen`) tested it, where the window and the
+        context history hold another copy: with its features, before any output's context holds it."""
+        if tested.reshow:
+            x = torch.from_numpy(tested.frame)[None].to(self.device)
+            with torch.inference_mode():
+                self._window.replace(tested.index, x, self._features(x[None])[0])
+            _built(self._history).replace(tested.index, x)
+
     def _screened(self, tested: Screened[tuple[np.ndarray | None, bool]] | None) -> None:
-        """A frame tested for impulses (`ImpulseScreen`): a cleaned copy replaces it in the window,
-        with its features, and in the context history, before any output's context holds it; then
-        it joins the replay buffer (tested) and the live amplitude's sums."""
+        """A frame tested for impulses for good (`ImpulseScreen`): held so in the window and the
+        context history (`_show`); then it joins the replay buffer (tested) and the live
+        amplitude's sums."""
         if tested is None:
             return
+        self._show(tested)
         index = tested.index
         own_units, trainable = tested.held
-        host = torch.from_numpy(tested.frame)[None]
-        if tested.replaced:
-            x = host.to(self.device)
-            with torch.inference_mode():
-                self._window.replace(index, x, self._features(x[None])[0])
-            _built(self._history).replace(index, x)
-            own_units = self.normalizer.inverse(tested.frame) if own_units is not None else None
+        if tested.replaced and own_units is not None:
+            own_units = self.normalizer.inverse(tested.frame)
         if trainable:
-            _built(self.training.replay).add(index, host, self.segment, tested=True)
+            _built(self.training.replay).add(index, torch.from_numpy(tested.frame)[None], self.segment, tested=True)
         if self._amplitude is not None and own_units is not None:
             if self._running is None:
                 self._amplitude.observe(index, own_units)
