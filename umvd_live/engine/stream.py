@@ -175,8 +175,8 @@ class StreamDenoiser:
         self.preset: str | None = None
         self._spec: ModelSpec | None = None  # the network's (`spec`)
         self._window = SlidingWindow(self.config.window)
-        # each frame's impulses, once the next frame has come; with its own units' copy (for the
-        # live amplitude) and whether it joins the replay buffer
+        # each frame's impulses, as it comes and once the next has come; with its own units' copy
+        # (for the live amplitude) and whether it joins the replay buffer
         self._screen: ImpulseScreen[tuple[np.ndarray | None, bool]] = ImpulseScreen()
         self._history: ContextHistory | None = None  # made with the network: its context decides its size
         self._net: UMVDNet | None = None  # inference copy

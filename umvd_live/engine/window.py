@@ -122,7 +122,8 @@ class ContextHistory:
         return bool(self._frames) and self._frames[0][0] <= index <= self._frames[-1][0]
 
     def replace(self, index: int, frame: torch.Tensor) -> None:
-        """Hold ``frame`` as frame ``index`` from now on (its impulses removed), in the sums too."""
+        """Hold ``frame`` as frame ``index`` from now on (the copy `normalization.ImpulseScreen`
+        gave), in the sums too."""
         old = self._frame(index)
         self._frames[index - self._frames[0][0]] = (index, frame)
         for block, held in enumerate(self._held):
@@ -222,7 +223,8 @@ class SlidingWindow:
         return self._entries[index - self.first]
 
     def replace(self, index: int, frame: torch.Tensor, features: torch.Tensor) -> None:
-        """Hold ``frame`` and its features as frame ``index`` from now on (its impulses removed)."""
+        """Hold ``frame`` and its features as frame ``index`` from now on (the copy
+        `normalization.ImpulseScreen` gave)."""
         entry = self._entry(index)
         entry.frame, entry.features = frame, features
 
