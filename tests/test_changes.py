@@ -147,10 +147,6 @@ def test_replay_windows_never_straddle_a_segment() -> None:
     for i in range(20):
         # 1000 x the segment, plus a flicker that the active sampling sees as activity
         replay.add(i, torch.full((1, 16, 16), 1000.0 * (i // 10) + (i % 3)), segment=i // 10)
-    assert replay.centres() == []  # no frame tested for impulses yet (`sample` tests them first)
-    replay.settle(newest_too=False)
-    assert replay.centres() == [*range(1, 9), *range(11, 18)]  # the newest waits for the frame after it
-    replay.settle()
     assert replay.centres() == [*range(1, 9), *range(11, 19)]
     rng = np.random.default_rng(0)
     for favour in (None, 1):
@@ -205,7 +201,6 @@ def test_replay_sample_survives_frames_dropped_while_it_searched(active_share: f
         rng = np.random.default_rng(dropped)
         for i in range(32):
             replay.add(i, torch.from_numpy(rng.poisson(2.0, (1, 32, 32)).astype(np.float32)) + i)
-        replay.settle()  # (tested for impulses: the sample takes the lock only for itself)
 
         def adds(replay=replay, dropped=dropped) -> None:
             thread = threading.Thread(target=lambda: [replay.add(32 + j, torch.full((1, 32, 32), 1000.0 + j))
@@ -236,7 +231,6 @@ def test_active_sampling_finds_the_transients_by_the_neighbours_alone() -> None:
         if i == 150:
             frame[0, 8:16, 8:16] += 30.0  # one bright frame: seen only as a centre's neighbour
         replay.add(i, frame)
-    replay.settle()
     centres = replay.centres()
     picks = [p for _ in range(200)
              for p in replay._active_picks(rng, replay._block_means, *replay._activity_rows(rng, centres), 8, (64, 64),

@@ -244,7 +244,7 @@ class Screened(Generic[H]):
 
 
 class ImpulseScreen(Generic[H]):
-    """A live stream's frames, each tested for isolated impulses (`remove_impulses`) as it comes,
+    """A stream's frames, each tested for isolated impulses (`remove_impulses`) as it comes,
     against the frame before it alone, then again, for good, against the frames before and after
     it once the next has come. The frame loop holds the copy each test gives in the window and
     the context history: the first for the one output made while the frame is the newest (the
@@ -252,10 +252,13 @@ class ImpulseScreen(Generic[H]):
     to the replay buffer and the live amplitude. So no output shows an impulse, and a source that
     rises in one frame and stays (which the first test alone could take for one, where it is
     undersampled) is back in the window with the next frame. The last frame of a segment is
-    tested for good against the frame before it alone, by `end`."""
+    tested for good against the frame before it alone, by `end`. (`offline.pretrain` takes the
+    frames tested for good into the replay buffer: a recorded movie's.) ``where`` names, in the
+    logs, what the frames are replaced in."""
 
-    def __init__(self, threshold: float = IMPULSE_RANGES):
+    def __init__(self, threshold: float = IMPULSE_RANGES, where: str = "in the live window"):
         self.threshold = threshold
+        self.where = where
         self.impulses = 0  # pixels replaced for good, over every frame tested
         self._before: np.ndarray | None = None  # the frame before the untested one, as tested
         self._untested: tuple[int, np.ndarray, H, np.ndarray] | None = None  # ..., and the copy shown
@@ -281,7 +284,7 @@ class ImpulseScreen(Generic[H]):
             return None
         index, frame, held, shown = self._untested
         cleaned, count = remove_impulses(frame, self._before, after, self.threshold)
-        report_impulses(index, count, self.impulses, "in the live window")
+        report_impulses(index, count, self.impulses, self.where)
         self.impulses += count
         self._before = cleaned
         if cleaned is shown:

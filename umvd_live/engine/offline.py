@@ -21,12 +21,20 @@ import torch
 from umvd_live.engine.amplitude import AmplitudeGain, restore_amplitude
 from umvd_live.engine.cellblend import CellBlend, blend_blind_mean
 from umvd_live.engine.changes import ChangeDetector
-from umvd_live.engine.normalization import IMPULSE_RANGES, Normalizer, remove_impulses, sanitize
+from umvd_live.engine.normalization import (
+    IMPULSE_RANGES,
+    ImpulseScreen,
+    Normalizer,
+    Screened,
+    remove_impulses,
+    sanitize,
+)
 from umvd_live.engine.outputs import BlindReferee, DenoisedFrame, OutputBatch, Probe
 from umvd_live.engine.window import block_means, context_blocks, context_reach, window_indices
 
 if TYPE_CHECKING:
     from umvd_live.engine.stream import StreamDenoiser
+    from umvd_live.engine.trainer import ReplayBuffer
 
 #: Training steps between two calls of `pretrain`'s progress callback.
 PROGRESS_EVERY = 50
@@ -48,13 +56,18 @@ def pretrain(den: StreamDenoiser, movie: np.ndarray, steps: int,
     streamed, tc = replay.capacity, den.config.trainer
     replay.capacity = max(streamed, min(len(movie), tc.replay_bytes // (4 * movie[0].size)))
     detector, segment, normalizer = ChangeDetector(den.config.changes), 0, den.normalizer
+    screen: ImpulseScreen[int] = ImpulseScreen(where="for training")  # against the frames beside each in its run
     for i, frame in enumerate(movie):
         clean, trainable = sanitize(frame)
-        if trainable and detector.observe(clean) is not None:  # as `push_many` will see it
+        change = trainable and detector.observe(clean) is not None  # as `push_many` will see it
+        if change or not trainable:  # a run of frames ends: its last tested against its own
+            _hold(replay, screen.end())
+        if change:
             segment, normalizer = segment + 1, Normalizer.fit(clean)
         if trainable:
-            replay.add(i, torch.from_numpy(normalizer.forward(clean))[None], segment)
-    replay.settle()
+            _hold(replay, screen.add(i, normalizer.forward(clean), segment)[0])
+    _hold(replay, screen.end())
+    den.pretrain_impulses += screen.impulses
     for done in range(0, steps, PROGRESS_EVERY):
         training.run(min(PROGRESS_EVERY, steps - done))
         if progress:
@@ -66,12 +79,18 @@ def pretrain(den: StreamDenoiser, movie: np.ndarray, steps: int,
     den._live = True
 
 
+def _hold(replay: ReplayBuffer, tested: Screened[int] | None) -> None:
+    """A frame tested for impulses (`normalization.ImpulseScreen`, with its segment), into the replay buffer."""
+    if tested is not None:
+        replay.add(tested.index, torch.from_numpy(tested.frame)[None], tested.held)
+
+
 def _measured(sanitised: Callable[[int], np.ndarray], i: int, first: int, last: int,
               normalizer: Normalizer) -> np.ndarray:
     """Frame ``i`` of the segment ``first``..``last`` as a file's final pass takes it: sanitised
     (``sanitised(j)``: frame j, `sanitize`d), its isolated impulses replaced
-    (`normalization.remove_impulses`, against the frames beside it in the segment), as the replay
-    buffer replaced them for training."""
+    (`normalization.remove_impulses`, against the frames beside it in the segment), as they were
+    for training."""
     before, after = (sanitised(j) if first <= j <= last else None for j in (i - 1, i + 1))
     return remove_impulses(sanitised(i), before, after, IMPULSE_RANGES * normalizer.scale)[0]
 

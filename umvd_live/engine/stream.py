@@ -178,6 +178,7 @@ class StreamDenoiser:
         # each frame's impulses, as it comes and once the next has come; with its own units' copy
         # (for the live amplitude) and whether it joins the replay buffer
         self._screen: ImpulseScreen[tuple[np.ndarray | None, bool]] = ImpulseScreen()
+        self.pretrain_impulses = 0  # pixels `pretrain` replaced as isolated impulses
         self._history: ContextHistory | None = None  # made with the network: its context decides its size
         self._net: UMVDNet | None = None  # inference copy
         self._pass: CompiledPass | None = None  # D's pass over it, compiled once that is ready
@@ -290,7 +291,7 @@ class StreamDenoiser:
         self.training.paused = False
 
     def stats(self) -> dict:
-        t, replay = self.trainer, self.training.replay
+        t = self.trainer
         return {
             "state": self.state,
             "preset": self.preset,
@@ -308,7 +309,7 @@ class StreamDenoiser:
             "loss": t.last_loss if t else None,
             "lr": t.lr if t else self.config.trainer.lr,
             "rollbacks": t.rollbacks if t else 0,
-            "impulses": self._screen.impulses + (replay.impulses if replay is not None else 0),
+            "impulses": self._screen.impulses + self.pretrain_impulses,
             "failed_steps": self.training.failed_steps,
             "training_paused": self.training.paused,
             "warmup_progress": self.warmup_progress,
@@ -556,8 +557,7 @@ class StreamDenoiser:
 
     def _screened(self, tested: Screened[tuple[np.ndarray | None, bool]] | None) -> None:
         """A frame tested for impulses for good (`ImpulseScreen`): held so in the window and the
-        context history (`_show`); then it joins the replay buffer (tested) and the live
-        amplitude's sums."""
+        context history (`_show`); then it joins the replay buffer and the live amplitude's sums."""
         if tested is None:
             return
         self._show(tested)
@@ -566,7 +566,7 @@ class StreamDenoiser:
         if tested.replaced and own_units is not None:
             own_units = self.normalizer.inverse(tested.frame)
         if trainable:
-            _built(self.training.replay).add(index, torch.from_numpy(tested.frame)[None], self.segment, tested=True)
+            _built(self.training.replay).add(index, torch.from_numpy(tested.frame)[None], self.segment)
         if self._amplitude is not None and own_units is not None:
             if self._running is None:
                 self._amplitude.observe(index, own_units)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from umvd_live.engine.checkpoint import check_fits
 from umvd_live.engine.model import UMVDNet
-from umvd_live.engine.normalization import IMPULSE_RANGES, MAX_RANGES, remove_impulses, report_impulses
+from umvd_live.engine.normalization import MAX_RANGES
 from umvd_live.engine.window import block_means, context_blocks, window_indices
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,7 @@ ACTIVITY_BLOCK = 8
 #: Centres looked at per batch to find activity, and frames of a segment its median is taken over.
 ACTIVITY_CANDIDATES = 64
 ACTIVITY_MEDIAN_FRAMES = 16
-#: A batch out of range (`OnlineTrainer.skipped_batches`) is logged the first time, then once in this
-#: many; impulses replaced (`ReplayBuffer.impulses`) the same way.
+#: A batch out of range (`OnlineTrainer.skipped_batches`) is logged the first time, then once in this many.
 SKIPPED_LOGGED_EVERY = 100
 
 
@@ -83,13 +82,9 @@ class ReplayBuffer:
     """The most recent trainable frames, by index, each with its segment; bounded in count and bytes.
 
     A segment is a run of frames between abrupt changes of the acquisition (`changes`): a training
-    window and its context never take frames from two segments, as inference never does.
-
-    A live stream's frames come tested for isolated impulses (`normalization.ImpulseScreen`, on
-    the frame loop). Those of a recorded movie (`offline.pretrain`) are tested here once the frame
-    after each has come, by the sampling thread (the adding thread only lists the frame), and no
-    window holds a frame before then (`settle` tests the newest against the frame before it
-    alone, once no more will come)."""
+    window and its context never take frames from two segments, as inference never does. Frames
+    come tested for isolated impulses (`normalization.ImpulseScreen`: a live stream's on the frame
+    loop, a recorded movie's in `offline.pretrain`)."""
 
     def __init__(self, window: int, capacity: int, context: tuple[int, ...] = (), both_sides: bool = False):
         self.k = window // 2
@@ -104,16 +99,12 @@ class ReplayBuffer:
         self._row: dict[int, int] = {}  # frame index -> its row
         self._free_rows: list[int] = []
         self._lock = threading.Lock()
-        self._unchecked: list[int] = []  # frames added and not yet tested for impulses, oldest first
-        self.impulses = 0  # pixels replaced as isolated impulses, over every frame tested here
 
     def __len__(self) -> int:
         return len(self._frames)
 
-    def add(self, index: int, frame: torch.Tensor, segment: int = 0, tested: bool = False) -> None:
-        """Hold ``frame`` (normalised, on the host: it is never written to; a frame with an
-        impulse is held as a cleaned copy), to be tested for impulses by the next `sample` unless
-        it was (``tested``)."""
+    def add(self, index: int, frame: torch.Tensor, segment: int = 0) -> None:
+        """Hold ``frame`` (normalised, on the host: it is never written to)."""
         blocks = _blocks(frame)
         with self._lock:
             self._frames[index] = (frame, segment)
@@ -126,39 +117,6 @@ class ReplayBuffer:
             if row is None:
                 row = self._row[index] = self._free_rows.pop()
             self._block_means[row] = blocks
-            if not tested:
-                self._unchecked.append(index)
-
-    def settle(self, newest_too: bool = True) -> None:
-        """Test the frames added since for impulses: all but the newest, whose next frame may
-        still come, unless ``newest_too`` (a movie whose frames have all been added)."""
-        if not self._unchecked:  # (the usual case, read without the lock: a step need not wait for it)
-            return
-        with self._lock:
-            keep = [] if newest_too else self._unchecked[-1:]
-            due, self._unchecked = self._unchecked[:len(self._unchecked) - len(keep)], keep
-        for index in due:
-            self._remove_impulses(index)
-
-    def _remove_impulses(self, index: int) -> None:
-        with self._lock:
-            held = self._frames.get(index)
-            if held is None:
-                return
-            frame, segment = held
-            beside = [self._frames.get(j) for j in (index - 1, index + 1)]
-            near = [f[0][0].numpy() if f is not None and f[1] == segment else None for f in beside]  # its segment's
-        cleaned, count = remove_impulses(frame[0].numpy(), near[0], near[1], IMPULSE_RANGES)
-        if not count:
-            return
-        replaced = torch.from_numpy(cleaned)[None]
-        blocks = _blocks(replaced)
-        report_impulses(index, count, self.impulses, "for training")
-        with self._lock:
-            self.impulses += count
-            if self._frames.get(index, (None,))[0] is frame and self._block_means is not None:  # (still held)
-                self._frames[index] = (replaced, segment)
-                self._block_means[self._row[index]] = blocks
 
     def _forget(self, index: int) -> None:
         del self._frames[index]
@@ -170,17 +128,15 @@ class ReplayBuffer:
         with self._lock:
             self._frames.clear()
             self._block_means, self._row, self._free_rows = None, {}, []
-            self._unchecked = []
 
     def _centres(self, segment: int | None = None) -> list[int]:
         have = self._frames
-        untested = min(self._unchecked, default=math.inf)  # (no window holds an untested frame)
-        return [t for t, (_, seg) in have.items() if (segment is None or seg == segment) and t + self.k < untested
+        return [t for t, (_, seg) in have.items() if (segment is None or seg == segment)
                 and all((t + d) in have and have[t + d][1] == seg for d in range(-self.k, self.k + 1) if d)]
 
     def centres(self, segment: int | None = None) -> list[int]:
         """Indices whose whole window (t-k .. t+k) is in the buffer, in one segment (that
-        `segment`, if given), and tested for impulses."""
+        `segment`, if given)."""
         with self._lock:
             return self._centres(segment)
 
@@ -250,7 +206,6 @@ class ReplayBuffer:
         centre, with the live edge rule (`window.window_indices`, mirrored context). ``favour``: a
         segment from which ``favour_share`` of the batch is drawn (the newest, after a change).
         ``active_share``: the share of samples drawn where activity is (`_active_picks`)."""
-        self.settle(newest_too=False)
         with self._lock:  # only references are taken here: `add` on the pushing thread must not wait
             centres = self._centres()
             if not centres:
