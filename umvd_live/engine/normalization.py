@@ -9,8 +9,8 @@ flat-field division by a dead pixel gives 1e30, a garbled buffer float32's large
 `bad_pixels` tells them by one rule, and `sanitize` replaces them before anything else sees the
 frame; `Normalizer.fit` fits on the other pixels only. A measurement can be no image of the sample
 either: one pixel of one frame far above everything around it in space and time (a cosmic ray, a
-detector or readout spike, a glitched 65535), which `remove_impulses` replaces wherever the
-engine trains and in a file's final pass.
+detector or readout spike, a glitched 65535), which `remove_impulses` replaces in a live stream's
+window (`ImpulseScreen`), wherever the engine trains, and in a file's final pass.
 """
 
 from __future__ import annotations
@@ -41,11 +41,10 @@ RANGE_SAMPLE = 4096
 #: How far above each of its neighbours in space and time (for one pixel, the 3×3 pixels of its own
 #: frame and of the frames before and after it) a pixel, or a short run along a row, lies, in widths
 #: of the normaliser's range, to be an isolated impulse (`remove_impulses`). Twice the threshold at
-#: which no pixel of the movies at
-#: hand is one: the real two-photon and Cell Tracking Challenge movies, the simulator's at 0.5-8
-#: photons/pixel, Poisson fields of 0.05-3 photons (at 1.5 ranges the dimmest give a few: 442 in
-#: 300 frames of 64² at 0.05 photons; docs/benchmarks.md, "One pixel of one frame"). A 65535 among
-#: counts of a hundred lies hundreds of ranges above.
+#: which no pixel of the movies at hand is one: the real two-photon and Cell Tracking Challenge
+#: movies, the simulator's at 0.5-8 photons/pixel, Poisson fields of 0.05-3 photons (at 1.5 ranges
+#: the dimmest give a few: 442 in 300 frames of 64² at 0.05 photons; docs/benchmarks.md, "One pixel
+#: of one frame"). A 65535 among counts of a hundred lies hundreds of ranges above.
 IMPULSE_RANGES = 6.0
 #: The longest run of pixels along a row (the fast axis) that `remove_impulses` takes for one
 #: impulse: a readout spike that outlasts a pixel's dwell time. A source's point-spread function is
@@ -53,7 +52,7 @@ IMPULSE_RANGES = 6.0
 #: (the smallest spot kept is the one pixel rule's: 0.85 px σ; docs/benchmarks.md, "Spikes along
 #: the fast axis").
 IMPULSE_RUN = 3
-#: The logs say a stream's first replaced impulse and then every this many.
+#: The logs say a screen's first replaced impulse and then every this many (`ImpulseScreen`).
 IMPULSES_LOGGED_EVERY = 100
 
 
@@ -223,15 +222,6 @@ def _isolated_runs(padded: list[np.ndarray], rows: np.ndarray, cols: np.ndarray,
     return isolated, np.nanmedian(own[:, isolated], axis=0)
 
 
-def report_impulses(index: int, count: int, total_before: int, where: str) -> None:
-    """Log that frame ``index`` had ``count`` isolated impulses replaced: the first of a stream, and
-    every `IMPULSES_LOGGED_EVERY` after (``total_before``: how many the stream had had)."""
-    every = IMPULSES_LOGGED_EVERY
-    if count and (total_before == 0 or (total_before + count) // every > total_before // every):
-        log.warning("frame %d: %d isolated impulses (pixels far above all their neighbours in space and time) "
-                    "replaced %s (%d so far)", index, count, where, total_before + count)
-
-
 @dataclass(frozen=True)
 class Screened(Generic[H]):
     """A frame tested by `ImpulseScreen`: itself or its cleaned copy, and what came with it."""
@@ -284,7 +274,10 @@ class ImpulseScreen(Generic[H]):
             return None
         index, frame, held, shown = self._untested
         cleaned, count = remove_impulses(frame, self._before, after, self.threshold)
-        report_impulses(index, count, self.impulses, self.where)
+        every, before = IMPULSES_LOGGED_EVERY, self.impulses
+        if count and (before == 0 or (before + count) // every > before // every):
+            log.warning("frame %d: %d isolated impulses (pixels far above all their neighbours in space and time) "
+                        "replaced %s (%d so far)", index, count, self.where, before + count)
         self.impulses += count
         self._before = cleaned
         if cleaned is shown:

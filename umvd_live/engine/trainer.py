@@ -73,11 +73,6 @@ ACTIVITY_MEDIAN_FRAMES = 16
 SKIPPED_LOGGED_EVERY = 100
 
 
-def _blocks(frame: torch.Tensor) -> torch.Tensor:
-    """A (1, H, W) frame's means over `ACTIVITY_BLOCK`² blocks."""
-    return F.avg_pool2d(frame[None].float(), ACTIVITY_BLOCK, ceil_mode=True)[0, 0]
-
-
 class ReplayBuffer:
     """The most recent trainable frames, by index, each with its segment; bounded in count and bytes.
 
@@ -104,8 +99,7 @@ class ReplayBuffer:
         return len(self._frames)
 
     def add(self, index: int, frame: torch.Tensor, segment: int = 0) -> None:
-        """Hold ``frame`` (normalised, on the host: it is never written to)."""
-        blocks = _blocks(frame)
+        blocks = F.avg_pool2d(frame[None].float(), ACTIVITY_BLOCK, ceil_mode=True)[0, 0]
         with self._lock:
             self._frames[index] = (frame, segment)
             while len(self._frames) > self.capacity:
@@ -131,11 +125,11 @@ class ReplayBuffer:
 
     def _centres(self, segment: int | None = None) -> list[int]:
         have = self._frames
-        return [t for t, (_, seg) in have.items() if (segment is None or seg == segment)
-                and all((t + d) in have and have[t + d][1] == seg for d in range(-self.k, self.k + 1) if d)]
+        return [t for t, (_, seg) in have.items() if (segment is None or seg == segment) and all(
+            (t + d) in have and have[t + d][1] == seg for d in range(-self.k, self.k + 1) if d)]
 
     def centres(self, segment: int | None = None) -> list[int]:
-        """Indices whose whole window (t-k .. t+k) is in the buffer, in one segment (that
+        """Indices whose whole window (t-k .. t+k) is in the buffer and in one segment (that
         `segment`, if given)."""
         with self._lock:
             return self._centres(segment)
