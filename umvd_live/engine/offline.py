@@ -85,14 +85,22 @@ def _hold(replay: ReplayBuffer, tested: Screened[int] | None) -> None:
         replay.add(tested.index, torch.from_numpy(tested.frame)[None], tested.held)
 
 
-def _measured(sanitised: Callable[[int], np.ndarray], i: int, first: int, last: int,
-              normalizer: Normalizer) -> np.ndarray:
-    """Frame ``i`` of the segment ``first``..``last`` as a file's final pass takes it: sanitised
-    (``sanitised(j)``: frame j, `sanitize`d), its isolated impulses replaced
-    (`normalization.remove_impulses`, against the frames beside it in the segment), as they were
-    for training."""
-    before, after = (sanitised(j) if first <= j <= last else None for j in (i - 1, i + 1))
-    return remove_impulses(sanitised(i), before, after, IMPULSE_RANGES * normalizer.scale)[0]
+def _measured_frames(movie: np.ndarray, first: int, last: int, normalizer: Normalizer) -> list[np.ndarray]:
+    """Frames ``first``..``last`` (a segment) as a file's final pass takes them, in the movie's
+    units: sanitised, their isolated impulses replaced (`normalization.remove_impulses`, against
+    the frames beside each in the segment), as they were for training. Made once per segment: the
+    network's pass reads them, and the blend and the restoration read them all again."""
+    def sanitised(i: int) -> np.ndarray | None:
+        return sanitize(movie[i])[0] if first <= i <= last else None
+
+    threshold = IMPULSE_RANGES * normalizer.scale
+    out = []
+    before, frame, after = None, sanitised(first), sanitised(first + 1)
+    for i in range(first, last + 1):
+        assert frame is not None
+        out.append(remove_impulses(frame, before, after, threshold)[0])
+        before, frame, after = frame, after, sanitised(i + 2)
+    return out
 
 
 def denoise_frames(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
@@ -111,8 +119,9 @@ def denoise_frames(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
     for segment, (first, end) in enumerate(zip(starts, ends)):
         chunk = [t for t in indices if first <= t < end]
         if chunk:
-            done = _denoise_segment(den, movie, chunk, first, end - 1, segment, progress)
-            blend, restored = _blend_and_restore(den, movie, done, first, end - 1, den._normalizers[segment])
+            noisy = _measured_frames(movie, first, end - 1, den._normalizers[segment])
+            done = _denoise_segment(den, noisy, chunk, first, segment, progress)
+            blend, restored = _blend_and_restore(den, noisy, done, first)
             den.cell_blends.append(blend)
             den.amplitude_gains.append(restored)
             if restored.gain != 1.0:  # the network's outputs were restored; the referee's means were not
@@ -124,9 +133,12 @@ def denoise_frames(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
     return sorted(out, key=lambda o: order[o.index])
 
 
-def _denoise_segment(den: StreamDenoiser, movie: np.ndarray, indices: list[int], first: int, last: int,
+def _denoise_segment(den: StreamDenoiser, noisy: list[np.ndarray], indices: list[int], first: int,
                      segment: int, progress: Callable[[], None] | None) -> list[DenoisedFrame]:
+    """Frames ``indices`` of the segment whose frames from ``first`` on are ``noisy``
+    (`_measured_frames`), through the network, each judged by the referee."""
     normalizer = den._normalizers[segment]
+    last = first + len(noisy) - 1
     spans = den.spec.context
     both_sides = den.config.context_sides == "both"
     k = den.k
@@ -136,8 +148,7 @@ def _denoise_segment(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
 
     def frame(i: int) -> torch.Tensor:
         if i not in frames:
-            measured = _measured(lambda j: sanitize(movie[j])[0], i, first, last, normalizer)
-            frames[i] = torch.from_numpy(normalizer.forward(measured)).to(den.device)[None]
+            frames[i] = torch.from_numpy(normalizer.forward(noisy[i - first])).to(den.device)[None]
         return frames[i]
 
     # Each frame is judged alone, blind, as the referee judges a live stream's: where the
@@ -178,12 +189,14 @@ def _denoise_segment(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
     return out
 
 
-def _blend_and_restore(den: StreamDenoiser, movie: np.ndarray, outputs: list[DenoisedFrame],
-                       first: int, last: int, normalizer: Normalizer) -> tuple[CellBlend, AmplitudeGain]:
-    """Blend one segment's outputs (frames ``first`` to ``last``) at the scale of cells with the
-    blind mean of its noisy frames (`cellblend`), then undo their shrinkage (`amplitude`), in
-    place: over a run of consecutive frames, the network's outputs only (not the referee's
-    neighbour means), each judged again by the referee's rule after each step."""
+def _blend_and_restore(den: StreamDenoiser, noisy: list[np.ndarray], outputs: list[DenoisedFrame],
+                       first: int) -> tuple[CellBlend, AmplitudeGain]:
+    """Blend one segment's outputs at the scale of cells with the blind mean of its noisy frames
+    (``noisy``, from frame ``first`` on: `_measured_frames`; the whole segment, around the outputs
+    too) (`cellblend`), then undo their shrinkage (`amplitude`), in place: over a run of
+    consecutive frames, the network's outputs only (not the referee's neighbour means), each
+    judged again by the referee's rule after each step."""
+    last = first + len(noisy) - 1
     ordered = sorted(outputs, key=lambda o: o.index)
     start, frames = ordered[0].index, len(ordered)
     images = [o.image for o in ordered]
@@ -191,8 +204,6 @@ def _blend_and_restore(den: StreamDenoiser, movie: np.ndarray, outputs: list[Den
         why = "frames not consecutive"
         return CellBlend(start, frames, reason=why), AmplitudeGain(start, frames, None, 1.0, why)
     outs = [image for image in images if image is not None]  # all of them (checked above)
-    sanitised = [sanitize(movie[i])[0] for i in range(first, last + 1)]  # the segment's, around the outputs too
-    noisy = [_measured(lambda j: sanitised[j - first], i, first, last, normalizer) for i in range(first, last + 1)]
     ours = noisy[start - first:start - first + frames]
     scored = np.array([o.state == "live" for o in ordered])
 
