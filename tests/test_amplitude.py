@@ -13,6 +13,7 @@ from scipy import ndimage
 from umvd_live.engine import amplitude as amplitude_module
 from umvd_live.engine.amplitude import (
     MAX_SMOOTH_PX,
+    MIN_SMOOTH_PX,
     NOISE_TO_SIGNAL,
     SMOOTH_PX,
     LiveAmplitude,
@@ -86,8 +87,8 @@ def test_the_truths_variance_is_not_biased_by_the_baselines_own_noise():
 @pytest.mark.parametrize("noise_sd", [60.0, 130.0])
 def test_a_noisier_movie_has_its_correction_smoothed_wider(noise_sd, monkeypatch):
     """The noise-to-signal ratio is measured without the truth (within 20 %), and the correction is
-    smoothed over `SMOOTH_PX` up to `NOISE_TO_SIGNAL`, wider above it (its area in proportion),
-    never wider than `MAX_SMOOTH_PX`."""
+    smoothed over an area in proportion to it: `SMOOTH_PX` at `NOISE_TO_SIGNAL`, wider above it,
+    narrower below, from `MIN_SMOOTH_PX` to `MAX_SMOOTH_PX`."""
     rng = np.random.default_rng(3)
     truth = _truth(rng)
     noisy = (truth + rng.normal(0, noise_sd, truth.shape)).astype(np.float32)
@@ -100,10 +101,13 @@ def test_a_noisier_movie_has_its_correction_smoothed_wider(noise_sd, monkeypatch
     gain = restore_amplitude(noisy, restored, reach=REACH, keep=1.0)
     assert gain.smooth_px == smoothing_px(measured.noise_to_signal)
     assert (gain.smooth_px > SMOOTH_PX) == (measured.noise_to_signal > NOISE_TO_SIGNAL)
-    assert smoothing_px(NOISE_TO_SIGNAL) == SMOOTH_PX == smoothing_px(0.1) == smoothing_px(-1.0)
+    assert smoothing_px(NOISE_TO_SIGNAL) == SMOOTH_PX
     assert smoothing_px(4 * NOISE_TO_SIGNAL) == pytest.approx(2 * SMOOTH_PX)
+    assert smoothing_px(NOISE_TO_SIGNAL / 2) == pytest.approx(SMOOTH_PX / np.sqrt(2))
+    assert smoothing_px(0.1) == MIN_SMOOTH_PX == smoothing_px(-1.0)
     assert smoothing_px(1e6) == MAX_SMOOTH_PX
-    monkeypatch.setattr(amplitude_module, "NOISE_TO_SIGNAL", float("inf"))  # always 1 px
+    monkeypatch.setattr(amplitude_module, "MIN_SMOOTH_PX", SMOOTH_PX)  # always 1 px:
+    monkeypatch.setattr(amplitude_module, "NOISE_TO_SIGNAL", float("inf"))
     one_px = estimate.copy()
     restore_amplitude(noisy, one_px, reach=REACH, keep=1.0)
     assert np.array_equal(one_px, restored) == (gain.smooth_px == SMOOTH_PX)  # the width is used

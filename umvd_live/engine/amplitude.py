@@ -29,8 +29,8 @@ Their ratio, pooled over pixels, is the slope of the output on the truth (1 keep
 In a file each output D is then moved away from its baseline B by a gain map, ``keep`` over
 the local slope (the same ratio of sums smoothed over about a soma's radius and pulled towards the
 pooled slope where a region has little activity of its own; never below 1), at the scale of
-cells and processes: ``D + (gain - 1) * smooth(D - B)`` (`SMOOTH_PX`, wider in a file whose noise
-is larger against its signal: `smoothing_px`). A live stream keeps one
+cells and processes: ``D + (gain - 1) * smooth(D - B)`` (`SMOOTH_PX`; in a file, wider or narrower
+as its noise is larger or smaller against its signal: `smoothing_px`). A live stream keeps one
 running gain for the field (`LiveAmplitude`). `keep` is
 `EngineConfig.keep_amplitude`: 1 restores the amplitude in full, 0 leaves the network's output as
 it is. Undoing a shrinkage costs whole-movie PSNR (an unbiased estimate has more variance than
@@ -83,16 +83,19 @@ BLOCK_BYTES = 128 * 2**20
 #: The largest gain applied: a slope measured below 1 / MAX_GAIN means outputs too uncertain to
 #: stretch further without stretching mostly their errors.
 MAX_GAIN = 2.0
-#: The correction is smoothed over at least this many pixels (Gaussian sigma): it restores the
-#: amplitude of what a cell's or a process's trace averages, not the residual noise of single
-#: pixels, which the gain would amplify as well (whole-movie PSNR +0.1 to +1.1 dB for a slope
-#: 0.01-0.06 lower than unsmoothed, on the simulated movies of docs/benchmarks.md).
+#: The correction is smoothed over this many pixels (Gaussian sigma) in a live stream, and in a
+#: file whose noise-to-signal ratio is `NOISE_TO_SIGNAL`: it restores the amplitude of what a
+#: cell's or a process's trace averages, not the residual noise of single pixels, which the gain
+#: would amplify as well (whole-movie PSNR +0.1 to +1.1 dB for a slope 0.01-0.06 lower than
+#: unsmoothed, on the simulated movies of docs/benchmarks.md).
 SMOOTH_PX = 1.0
-#: A file's correction is smoothed over a wider area where the noise is larger against the signal
-#: (`smoothing_px`): the area in proportion to the noise-to-signal ratio above this one (of the
-#: noise to the activity about the baselines), the highest of the 2-photon simulated movies, where
-#: 1 px was chosen (13-30), up to `MAX_SMOOTH_PX`.
+#: A file's correction is smoothed over an area in proportion to its noise-to-signal ratio (of the
+#: noise to the activity about the baselines; `smoothing_px`): `SMOOTH_PX` at this ratio, the
+#: highest of the 2-photon simulated movies (13-30), where 1 px was chosen.
 NOISE_TO_SIGNAL = 30.0
+#: The narrowest smoothing: half a pixel, under which a Gaussian hardly mixes a pixel with the
+#: pixels beside it.
+MIN_SMOOTH_PX = 0.5
 #: The widest smoothing: the scale of the gain map itself (`LOCAL_PX`, about a soma's radius).
 MAX_SMOOTH_PX = 4.0
 #: The local gain: both maps of `Shrinkage` are smoothed over this many pixels (Gaussian sigma,
@@ -206,13 +209,15 @@ def measure_shrinkage(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray
 
 
 def smoothing_px(noise_to_signal: float) -> float:
-    """The Gaussian sigma a file's correction is smoothed over: `SMOOTH_PX`, widened where the noise
-    is larger against the signal than `NOISE_TO_SIGNAL` so that the area it averages grows with
-    the ratio, and the amplified residual noise with it does not (1.4-1.9 px at 0.5 photons/pixel
-    on three simulated movies, 1 px at 2 and 8: docs/benchmarks.md, "The restoration's smoothing
-    widens with the noise" and "A baseline that does not sink under the bursts"); at most
-    `MAX_SMOOTH_PX`."""
-    return float(min(MAX_SMOOTH_PX, SMOOTH_PX * max(1.0, np.sqrt(max(noise_to_signal, 0.0) / NOISE_TO_SIGNAL))))
+    """The Gaussian sigma a file's correction is smoothed over: an area in proportion to the noise-
+    to-signal ratio (`SMOOTH_PX` at `NOISE_TO_SIGNAL`), so that the residual noise the gain
+    amplifies stays as it is there, from `MIN_SMOOTH_PX` to `MAX_SMOOTH_PX`. Wider where the noise
+    is larger (1.4-1.9 px at 0.5 photons/pixel on three simulated movies); narrower where it is
+    smaller (0.5-1 px at 2 and 8 photons), where a wider smoothing spreads a small source's
+    correction beyond it and restores less of its amplitude (docs/benchmarks.md, "The
+    restoration's smoothing widens with the noise" and "... narrows where the noise is smaller")."""
+    ratio = max(noise_to_signal, 0.0) / NOISE_TO_SIGNAL
+    return float(min(MAX_SMOOTH_PX, max(MIN_SMOOTH_PX, SMOOTH_PX * np.sqrt(ratio))))
 
 
 def _significant(values: list[float]) -> bool:
