@@ -192,10 +192,10 @@ def _denoise_segment(den: StreamDenoiser, noisy: list[np.ndarray], indices: list
 def _blend_and_restore(den: StreamDenoiser, noisy: list[np.ndarray], outputs: list[DenoisedFrame],
                        first: int) -> tuple[CellBlend, AmplitudeGain]:
     """Blend one segment's outputs at the scale of cells with the blind mean of its noisy frames
-    (``noisy``, from frame ``first`` on: `_measured_frames`; the whole segment, around the outputs
-    too) (`cellblend`), then undo their shrinkage (`amplitude`), in place: over a run of
-    consecutive frames, the network's outputs only (not the referee's neighbour means), each
-    judged again by the referee's rule after each step."""
+    (`cellblend`), then undo their shrinkage (`amplitude`), in place: over a run of consecutive
+    frames, the network's outputs only (not the referee's neighbour means), each judged again by
+    the referee's rule after each step. ``noisy``: the whole segment's frames, around the outputs
+    too, from frame ``first`` on (`_measured_frames`)."""
     last = first + len(noisy) - 1
     ordered = sorted(outputs, key=lambda o: o.index)
     start, frames = ordered[0].index, len(ordered)
