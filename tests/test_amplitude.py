@@ -162,6 +162,25 @@ def test_each_region_gets_the_gain_of_its_own_shrinkage():
         assert abs(local - 1.0) < abs(single - 1.0)
 
 
+def test_a_faint_region_is_pulled_towards_the_faint_regions_slope_not_the_bright_ones():
+    """The prior a region with little activity of its own is pulled towards: the slope pooled where
+    the prior weighs. The field's pooled slope is its brightest regions' (a few bright cells the
+    network shrinks little), and pulled towards it the faint field kept most of its shrinkage."""
+    signal = np.ones((64, 64))  # a faint field the network keeps 0.7 of...
+    covariance = 0.7 * signal
+    for y, x in ((8, 8), (40, 40)):  # ...and two bright cells it keeps 0.95 of, most of the variance
+        signal[y:y + 8, x:x + 8] = 40.0
+        covariance[y:y + 8, x:x + 8] = 0.95 * 40.0
+    pooled = float(covariance.mean() / signal.mean())
+    assert pooled > 0.83  # the bright cells' slope, nearly
+    gains = amplitude_module.Shrinkage(pooled, covariance, signal, 1.0).gains(1.0)
+    faint, bright = gains[56:, :24], gains[10:14, 10:14]  # away from the cells / inside one
+    # 1 / 0.7 = 1.43 on its own; pulled towards the faint field and the cells' smoothed rims 1.29,
+    # towards the field's pooled slope 1.23
+    assert faint.mean() > 1.26
+    assert bright.mean() < 1.15  # 1 / 0.95 = 1.05, plus the pull (1.09)
+
+
 def test_a_restored_output_worse_than_its_window_mean_is_left_as_made():
     """The referee's rule holds after the restoration too: an output whose restored copy is
     farther from its noisy frame than the window's blind mean keeps the network's output."""
