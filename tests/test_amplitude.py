@@ -369,7 +369,7 @@ def _live(noisy: np.ndarray, estimate: np.ndarray, keep: float = 1.0, k: int = 3
         if t == reset_at:
             live.reset()
         if t < len(noisy):
-            live.observe(t, noisy[t])
+            live.observe(t, noisy[t].copy())  # handed over, as the stream hands over its own copy
         if t >= k:
             live.restore(t - k, out[t - k], network=True)
     return out, live

@@ -538,7 +538,8 @@ class StreamDenoiser:
                 self._tags[index] = tag
             self._window.append(index, x, f)
             _built(self._history).append(index, x)
-            own_units = clean.copy() if self._amplitude is not None else None  # (the caller may reuse its frame)
+            # the live amplitude's own float32 copy (the caller may reuse its frame), made once
+            own_units = np.array(clean, np.float32) if self._amplitude is not None else None
             tested, newest = self._screen.add(index, x_host[0].numpy(), (own_units, trainable))
             self._screened(tested)
             self._show(newest)
