@@ -461,9 +461,9 @@ class LiveAmplitude:
         self._seen_base = 0
 
     def observe(self, index: int, frame: np.ndarray) -> None:
-        """A noisy frame as it arrives, in the units of its outputs, handed over: kept as it is
-        where it is float32 (the stream passes its own copy; a second one cost the frame loop a
-        frame-sized copy a frame), which the caller must not change afterwards."""
+        """A noisy frame as it arrives, in the units of its outputs, handed over: where it is
+        float32 it is kept and later changed in place, so the caller passes a copy of its own
+        (the stream does; a second copy here cost its frame loop a frame-sized copy a frame)."""
         y = np.asarray(frame, np.float32)
         own, other = self._means[index % 2], self._means[1 - index % 2]
         if own is not None and other is not None:
