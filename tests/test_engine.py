@@ -659,7 +659,8 @@ def test_no_live_output_shows_an_impulse_and_a_source_that_stays_is_kept(two_pho
 
 def test_the_impulse_screen_shows_a_frame_as_each_test_gives_it():
     """`ImpulseScreen` returns each frame twice: as it comes (against the frame before it), then
-    for good once the next has come; ``reshow`` says the window must take the second copy."""
+    for good once the next has come; ``reshow`` says the window must take the second copy. A
+    recorded movie's frames (`add_recorded`) are tested for good alone, to the same copies."""
     rng = np.random.default_rng(2)
     frames = rng.poisson(20, (6, 16, 16)).astype(np.float32)
     frames[2, 5, 5] = 1e4  # an impulse: gone in frame 3
@@ -677,6 +678,13 @@ def test_the_impulse_screen_shows_a_frame_as_each_test_gives_it():
     assert source_for_good.replaced == 0 and source_for_good.frame[9, 9] == 1e4
     last = screen.end()
     assert last is not None and last.index == 5 and not last.reshow and screen.impulses == 1
+
+    recorded: ImpulseScreen[str] = ImpulseScreen(threshold=120, where=None)  # a file's frames: tested for good alone
+    for_good = [recorded.add_recorded(i, f, f"frame {i}") for i, f in enumerate(frames)] + [recorded.end()]
+    assert for_good[0] is None and recorded.impulses == 1
+    expected = [tested for tested, _ in results[1:]] + [last]
+    assert all(a is not None and b is not None and a.index == b.index and a.replaced == b.replaced
+               and np.array_equal(a.frame, b.frame) for a, b in zip(for_good[1:], expected, strict=True))
 
 
 def test_a_live_streams_impulses_leave_its_amplitude_gain_as_it_was(tmp_path):

@@ -242,11 +242,12 @@ class ImpulseScreen(Generic[H]):
     to the replay buffer and the live amplitude. So no output shows an impulse, and a source that
     rises in one frame and stays (which the first test alone could take for one, where it is
     undersampled) is back in the window with the next frame. The last frame of a segment is
-    tested for good against the frame before it alone, by `end`. (`offline.pretrain` takes the
-    frames tested for good into the replay buffer: a recorded movie's.) ``where`` names, in the
-    logs, what the frames are replaced in."""
+    tested for good against the frame before it alone, by `end`. A recorded movie's frames are
+    tested for good alone (`add_recorded`: `offline.pretrain` for its replay buffer, and a file's
+    final pass the same way, in the movie's units). ``where`` names, in the logs, what the frames
+    are replaced in; None logs nothing (frames screened, and logged, once before)."""
 
-    def __init__(self, threshold: float = IMPULSE_RANGES, where: str = "in the live window"):
+    def __init__(self, threshold: float = IMPULSE_RANGES, where: str | None = "in the live window"):
         self.threshold = threshold
         self.where = where
         self.impulses = 0  # pixels replaced for good, over every frame tested
@@ -262,6 +263,13 @@ class ImpulseScreen(Generic[H]):
         self._untested = (index, frame, held, shown)
         return tested, Screened(index, shown, replaced, held, reshow=replaced > 0)
 
+    def add_recorded(self, index: int, frame: np.ndarray, held: H) -> Screened[H] | None:
+        """Take frame ``index`` of a recorded movie as `add` does, without the test as it comes (no
+        output is made before the next frame is read); return the frame before it, tested for good."""
+        tested = self._test(frame)
+        self._untested = (index, frame, held, frame)
+        return tested
+
     def end(self) -> Screened[H] | None:
         """The untested frame, tested for good against the frame before it alone (no frame will
         follow it in its segment); the next frame starts afresh."""
@@ -275,7 +283,7 @@ class ImpulseScreen(Generic[H]):
         index, frame, held, shown = self._untested
         cleaned, count = remove_impulses(frame, self._before, after, self.threshold)
         every, before = IMPULSES_LOGGED_EVERY, self.impulses
-        if count and (before == 0 or (before + count) // every > before // every):
+        if count and self.where is not None and (before == 0 or (before + count) // every > before // every):
             log.warning("frame %d: %d isolated impulses (pixels far above all their neighbours in space and time) "
                         "replaced %s (%d so far)", index, count, self.where, before + count)
         self.impulses += count

@@ -26,7 +26,6 @@ from umvd_live.engine.normalization import (
     ImpulseScreen,
     Normalizer,
     Screened,
-    remove_impulses,
     sanitize,
 )
 from umvd_live.engine.outputs import BlindReferee, DenoisedFrame, OutputBatch, Probe
@@ -65,7 +64,7 @@ def pretrain(den: StreamDenoiser, movie: np.ndarray, steps: int,
         if change:
             segment, normalizer = segment + 1, Normalizer.fit(clean)
         if trainable:
-            _hold(replay, screen.add(i, normalizer.forward(clean), segment)[0])
+            _hold(replay, screen.add_recorded(i, normalizer.forward(clean), segment))
     _hold(replay, screen.end())
     den.pretrain_impulses += screen.impulses
     for done in range(0, steps, PROGRESS_EVERY):
@@ -87,20 +86,13 @@ def _hold(replay: ReplayBuffer, tested: Screened[int] | None) -> None:
 
 def _measured_frames(movie: np.ndarray, first: int, last: int, normalizer: Normalizer) -> list[np.ndarray]:
     """Frames ``first``..``last`` (a segment) as a file's final pass takes them, in the movie's
-    units: sanitised, their isolated impulses replaced (`normalization.remove_impulses`, against
-    the frames beside each in the segment), as they were for training. Made once per segment: the
-    network's pass reads them, and the blend and the restoration read them all again."""
-    def sanitised(i: int) -> np.ndarray | None:
-        return sanitize(movie[i])[0] if first <= i <= last else None
-
-    threshold = IMPULSE_RANGES * normalizer.scale
-    out = []
-    before, frame, after = None, sanitised(first), sanitised(first + 1)
-    for i in range(first, last + 1):
-        assert frame is not None
-        out.append(remove_impulses(frame, before, after, threshold)[0])
-        before, frame, after = frame, after, sanitised(i + 2)
-    return out
+    units: sanitised, their isolated impulses replaced against the frames beside each in the
+    segment, as `pretrain` replaced them for training (its screen, in the movie's units; logged
+    there). Made once per segment: the network's pass reads them, and the blend and the
+    restoration read them all again."""
+    screen: ImpulseScreen[None] = ImpulseScreen(IMPULSE_RANGES * normalizer.scale, where=None)
+    tested = [screen.add_recorded(i, sanitize(movie[i])[0], None) for i in range(first, last + 1)]
+    return [t.frame for t in [*tested, screen.end()] if t is not None]
 
 
 def denoise_frames(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
