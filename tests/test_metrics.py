@@ -312,6 +312,8 @@ def test_bench_denoise_sets_the_simulator_physics_it_is_asked_for():
     """tools/bench_denoise.py --sim: the movies unlike those the engine was tuned on (docs/benchmarks.md)."""
     import argparse
 
+    from umvd_live.apps.harness import movie_config, sim_overrides
+
     tool = _bench_denoise_tool()
     args = argparse.Namespace(size=(64, 96), sim=["rate_hz=10", "n_cells=40", "drift_px=3"])
     config = tool.sim_config(args, 8.0, 5)
@@ -321,8 +323,12 @@ def test_bench_denoise_sets_the_simulator_physics_it_is_asked_for():
     assert (config.height, config.width, config.photons, config.seed) == (64, 96, 8.0, 5)
     assert config.gain_adu == pytest.approx(tool.SimConfig().gain_adu / 4)
     for bad in (["seed=3"], ["rate_hz"], ["rate_hz=fast"], ["colour=1"]):
+        with pytest.raises(ValueError, match="--sim"):
+            sim_overrides(bad)
         with pytest.raises(SystemExit, match="--sim"):
-            tool.sim_overrides(bad)
+            tool.sim_config(argparse.Namespace(size=(64, 96), sim=bad), 2.0, 0)
+    # tools/figure_real.py draws the same movie (`harness.movie_config`)
+    assert movie_config(64, 96, 8.0, 5, ["rate_hz=10", "n_cells=40", "drift_px=3"]) == config
 
 
 def _bench_denoise_tool():

@@ -34,16 +34,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import psutil
 import tifffile
 
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
-from umvd_live.apps.harness import fit_gain
+from umvd_live.apps.harness import movie_config
 from umvd_live.metrics import ORACLE_LABELS, ORACLE_METRICS, MovieScorer, format_kind, oracle_gaussians, temporal_mean
 from umvd_live.metrics import REPORT_HEADERS as HEADER
 from umvd_live.metrics import REPORT_METRICS as METRICS
@@ -58,31 +56,13 @@ def run_cli(args: list[str]) -> float:
     return time.monotonic() - start
 
 
-#: The `SimConfig` fields `--sim` may set (the movie's size, brightness and seed have their own options).
-SIM_FIELDS = {f.name for f in fields(SimConfig)} - {"height", "width", "photons", "seed", "events"}
-
-
-def sim_overrides(items: list[str]) -> dict[str, Any]:
-    """``["rate_hz=10", "n_cells=40"]`` -> ``{"rate_hz": 10.0, "n_cells": 40}``: numbers only,
-    the counts (n_cells, n_processes) as int, the rest as float."""
-    out: dict[str, Any] = {}
-    for item in items:
-        name, sep, text = item.partition("=")
-        if not sep or name not in SIM_FIELDS:
-            raise SystemExit(f"--sim {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(SIM_FIELDS))}")
-        try:
-            value = float(text)
-        except ValueError:
-            raise SystemExit(f"--sim {item!r}: {text!r} is not a number") from None
-        out[name] = int(value) if name in ("n_cells", "n_processes") else value
-    return out
-
-
 def sim_config(args: argparse.Namespace, photons: float, seed: int) -> SimConfig:
-    """The movie's simulator: the PMT gain lowered above 2 photons by the rule `umvd-live bench`
-    and `demo` use (`harness.fit_gain`), then ``--sim``'s fields (a ``gain_adu`` there wins)."""
-    config = fit_gain(SimConfig(height=args.size[0], width=args.size[1], photons=photons, seed=seed))
-    return replace(config, **sim_overrides(args.sim))
+    """The movie's simulator (`harness.movie_config`: the PMT gain lowered above 2 photons by the
+    rule `umvd-live bench` and `demo` use, then ``--sim``'s fields; a ``gain_adu`` there wins)."""
+    try:
+        return movie_config(args.size[0], args.size[1], photons, seed, args.sim)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def bench_one(args: argparse.Namespace, photons: float, seed: int, tmp: Path) -> dict:
@@ -219,7 +199,7 @@ def main() -> int:
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `denoise` options (last)")
     p.add_argument("--json", help="write every figure here")
     args = p.parse_args()
-    sim_overrides(args.sim)  # a bad --sim stops here, before any movie is simulated
+    sim_config(args, args.photons[0], args.seeds[0])  # a bad --sim stops here, before any movie is simulated
 
     command = "python tools/bench_denoise.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load_start = psutil.getloadavg()[0]

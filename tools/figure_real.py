@@ -9,6 +9,7 @@ any network.
 
     python tools/figure_real.py real                     # the OptiNiSt movie -> docs/img/real_optinist.png
     python tools/figure_real.py sim                      # a simulated movie  -> docs/img/sim_2photons.png
+    python tools/figure_real.py sim --sim cell_radius_px=3 --out r3.png   # other physics, as bench_denoise --sim
     python tools/figure_real.py real --denoised OUT.tif  # reuse an output of `umvd-live denoise`
     python tools/figure_real.py live --size 512 512      # a live stream -> docs/img/live_512.png
 
@@ -46,7 +47,8 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy.ndimage import gaussian_filter
 from skimage.feature import peak_local_max
 
-from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
+from umvd_live.adapters.simulation import TwoPhotonSimulator
+from umvd_live.apps.harness import movie_config
 from umvd_live.metrics import MovieScorer, trace_scores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -440,10 +442,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"), help="sim: frame size")
     p.add_argument("--photons", type=float, default=2.0, help="sim: photons/pixel/frame (default 2)")
     p.add_argument("--seed", type=int, default=0, help="sim: seed (default 0)")
+    p.add_argument("--sim", action="append", default=[], metavar="FIELD=VALUE",
+                   help="sim: a simulator setting other than its default (a SimConfig field), repeatable, "
+                        "as tools/bench_denoise.py takes it: cell_radius_px=3, rate_hz=10, ...")
     p.add_argument("--cells", type=int, default=5, help="cells whose traces are drawn (default 5)")
     p.add_argument("--work", type=Path, help="where the movies and denoised outputs go (default: a temporary folder)")
     p.add_argument("--out", type=Path, help="the PNG (default docs/img/real_optinist.png or docs/img/sim_2photons.png)")
     args = p.parse_args(argv)
+    try:  # the PMT gain and --sim as tools/bench_denoise.py sets them, so both see the same movie
+        config = movie_config(args.size[0], args.size[1], args.photons, args.seed, args.sim)
+    except ValueError as e:
+        p.error(str(e))
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -469,17 +478,17 @@ def main(argv: list[str] | None = None) -> int:
                       f"p99 {figures['latency_ms_p99']:.0f} ms")
             out = args.out or ROOT / "docs" / "img" / f"live_{args.size[0]}.png"
         else:
-            config = SimConfig(height=args.size[0], width=args.size[1], photons=args.photons, seed=args.seed)
             sim = TwoPhotonSimulator(config)
             noisy, clean = sim.movie(args.frames)
-            source = work / f"sim_p{args.photons:g}_s{args.seed}.tif"
+            physics = " ".join(args.sim)
+            source = work / f"sim_p{args.photons:g}_s{args.seed}{''.join('_' + item for item in args.sim)}.tif"
             tifffile.imwrite(source, noisy)
             den, how = denoised_movie(source, args.denoised, work)
             movies = {"raw": noisy.astype(np.float32), "neighbour mean": neighbour_mean(noisy), "denoised": den,
                       "truth": clean}
             offset = config.offset_adu
             title = (f"Simulated two-photon movie: {args.frames} frames of {args.size[0]}x{args.size[1]}, "
-                     f"{args.photons:g} photons/pixel/frame, simulator defaults, seed {args.seed}")
+                     f"{args.photons:g} photons/pixel/frame, simulator {physics or 'defaults'}, seed {args.seed}")
             out = args.out or ROOT / "docs" / "img" / f"sim_{args.photons:g}photons.png"
         if den.shape != movies["raw"].shape:
             raise SystemExit(f"the denoised movie is {den.shape}, the input {movies['raw'].shape}")

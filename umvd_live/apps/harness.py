@@ -9,7 +9,9 @@ in each command: the demo runs `umvd-live serve` as a subprocess (`ServeProcess`
 
 - simulation: `sim_config` (a session's simulator), `fit_gain` (the PMT gain lowered for a bright
   one: the rule tools/bench_denoise.py uses too), `session_events` (``--events``: a named session
-  or a list), `BRIGHTNESS` of the channels of several streams;
+  or a list), `BRIGHTNESS` of the channels of several streams; `movie_config` and `sim_overrides`
+  (a file benchmark's movie, with ``--sim FIELD=VALUE``: tools/bench_denoise.py and
+  tools/figure_real.py);
 - the daemon: `ServeProcess` and its `ReadySignal` (the JSON ``serve --ready-file`` writes);
 - the output: `OutputSubscriber`, a SUB socket on the daemon's denoised frames;
 - report formatting: `format_figure` (one figure, or a dash) and `activity_table` (the rows of
@@ -26,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -107,6 +109,35 @@ def sim_config(height: int, width: int, rate_hz: float, photons: float, seed: in
     photons = photons * BRIGHTNESS[stream % len(BRIGHTNESS)]
     return fit_gain(SimConfig(height=height, width=width, rate_hz=rate_hz, photons=photons, seed=seed,
                               events=events))
+
+
+#: The `SimConfig` fields a file benchmark's ``--sim FIELD=VALUE`` may set (its movie's size,
+#: brightness and seed have their own options).
+SIM_FIELDS = frozenset(f.name for f in dataclasses.fields(SimConfig)) - {"height", "width", "photons", "seed", "events"}
+
+
+def sim_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["rate_hz=10", "n_cells=40"]`` -> ``{"rate_hz": 10.0, "n_cells": 40}``: numbers only,
+    the counts (n_cells, n_processes) as int, the rest as float; ValueError names a bad item."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in SIM_FIELDS:
+            raise ValueError(f"--sim {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(SIM_FIELDS))}")
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"--sim {item!r}: {text!r} is not a number") from None
+        out[name] = int(value) if name in ("n_cells", "n_processes") else value
+    return out
+
+
+def movie_config(height: int, width: int, photons: float, seed: int, sim: Sequence[str] = ()) -> SimConfig:
+    """The simulator of a file benchmark's movie (tools/bench_denoise.py, tools/figure_real.py): the
+    PMT gain fitted to its brightness (`fit_gain`), then ``sim``'s fields (`sim_overrides`; a
+    ``gain_adu`` there wins), so that a figure and a score of the same movie see the same frames."""
+    config = fit_gain(SimConfig(height=height, width=width, photons=photons, seed=seed))
+    return dataclasses.replace(config, **sim_overrides(sim))
 
 
 # ---- the daemon as a subprocess -----------------------------------------------------------------
