@@ -46,7 +46,7 @@ LENGTHS = {"a": 40, "b": 40, "c": 90}  # c is split: --chunk-frames 40
 
 
 def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", *map(str, args)], check=False,
+    return subprocess.run([sys.executable, "-m", "umvd_live", *map(str, args)], check=False,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -328,7 +328,7 @@ def test_external_scheduler_survives_a_killed_worker(movies, tmp_path):
             watcher.wait_for_workers(2, timeout=60)
             out = tmp_path / "out"
             batch = subprocess.Popen(
-                [sys.executable, "-m", "umvd_live.apps.cli", "batch", str(movies / "[abc].ome.tif"),
+                [sys.executable, "-m", "umvd_live", "batch", str(movies / "[abc].ome.tif"),
                  "--output-dir", str(out), "--scheduler", address, "--chunk-frames", "40", "--save-models", *ENGINE],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             procs.append(batch)

@@ -106,9 +106,9 @@ print(json.dumps({name: p.sent for name, p in pubs.items()}))
 
 
 class DaemonProcess:
-    """`python -m umvd_live.apps.cli serve` on ephemeral loopback ports, its logs in files."""
+    """`python -m umvd_live serve` on ephemeral loopback ports, its logs in files."""
 
-    def __init__(self, tmp_path: Path, *extra: str, launcher: Sequence[str] = ("-m", "umvd_live.apps.cli"),
+    def __init__(self, tmp_path: Path, *extra: str, launcher: Sequence[str] = ("-m", "umvd_live"),
                  preexec_fn: Callable[[], None] | None = None):
         self.model_dir = tmp_path / "models"
         self.out_path = tmp_path / "daemon.out"

@@ -97,7 +97,7 @@ def test_the_demo_checks_the_engine_s_own_bounds() -> None:
 
 def test_demo_summary_shows_denoising_beats_raw(tmp_path: Path) -> None:
     out = tmp_path / "summary.json"
-    proc = subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", "demo", "--duration", str(DURATION_S), *SMALL,
+    proc = subprocess.run([sys.executable, "-m", "umvd_live", "demo", "--duration", str(DURATION_S), *SMALL,
                            "--json", str(out)], capture_output=True, text=True, timeout=120, env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = json.loads(out.read_text())
@@ -131,7 +131,7 @@ def test_ctrl_c_ends_the_demo_cleanly_with_its_summary(tmp_path: Path) -> None:
     """A terminal's Ctrl-C signals the whole foreground process group: the demo shuts the daemon
     down in order and still prints its summary."""
     out = tmp_path / "summary.json"
-    proc = subprocess.Popen([sys.executable, "-m", "umvd_live.apps.cli", "demo", "--duration", "120", *SMALL,
+    proc = subprocess.Popen([sys.executable, "-m", "umvd_live", "demo", "--duration", "120", *SMALL,
                              "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=ENV, start_new_session=True)
     try:
@@ -275,7 +275,7 @@ def test_a_normal_run_s_summary_has_the_engine_s_preset_device_and_training_rate
     normally. They are the figures of the last status taken while the stream ran. With ``--oracle
     none`` the activity table says nothing about oracle Gaussians."""
     out = tmp_path / "summary.json"
-    proc = subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", "demo", "--duration", "6", *SMALL,
+    proc = subprocess.run([sys.executable, "-m", "umvd_live", "demo", "--duration", "6", *SMALL,
                            "--oracle", "none", "--json", str(out)], capture_output=True, text=True, timeout=120,
                           env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr

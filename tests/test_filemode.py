@@ -21,7 +21,7 @@ from umvd_live.recording.ometiff import read_recording
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", "denoise", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "umvd_live", "denoise", *map(str, args)],
                           capture_output=True, text=True)
 
 

@@ -213,7 +213,7 @@ def test_live_tap_publishes_each_image_once_without_popping(core, receiver, poll
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", "acquire", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "umvd_live", "acquire", *args], capture_output=True,
                           text=True, timeout=timeout, env=ENV)
 
 
@@ -273,7 +273,7 @@ def start_serve(tmp_path: Path, *engine_args: str) -> tuple[subprocess.Popen, st
     err_path = tmp_path / "serve.err"
     with open(tmp_path / "serve.out", "w") as out, open(err_path, "w") as err:
         serve = subprocess.Popen(
-            [sys.executable, "-m", "umvd_live.apps.cli", "serve", "--input", "tcp://127.0.0.1:*",
+            [sys.executable, "-m", "umvd_live", "serve", "--input", "tcp://127.0.0.1:*",
              "--output", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*",
              "--output-dir", str(tmp_path / "out"), "--preset", "lite", "--device", "cpu",
              "--status-interval", "1", *engine_args],

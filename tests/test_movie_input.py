@@ -15,7 +15,7 @@ from umvd_live.recording.movie import MovieError, MovieFrames, movie_streams, op
 
 
 def cli(*args: object, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", *map(str, args)], check=False,
+    return subprocess.run([sys.executable, "-m", "umvd_live", *map(str, args)], check=False,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -485,7 +485,7 @@ def test_serve_record_without_posix_apis_killed_keeps_frames_and_metadata(tmp_pa
             assert daemon.poll() is None and time.monotonic() < deadline, err_path.read_text()
             time.sleep(0.1)
         endpoint, _, control = match.groups()
-        replay = subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", "acquire", "replay", "--file", str(src),
+        replay = subprocess.run([sys.executable, "-m", "umvd_live", "acquire", "replay", "--file", str(src),
                                  "--to", endpoint, "--rate", "20", "--wait-s", "60"],
                                 capture_output=True, text=True, env=ENV, timeout=200, check=False)
         assert replay.returncode == 0, replay.stderr

@@ -260,7 +260,7 @@ def test_ctrl_c_aborts_an_owner_acquisition(tmp_path, receiver):
     would acquire every pending event first), with the summary and exit status 130."""
     cfg = write_config(tmp_path / "MMConfig.cfg")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "umvd_live.apps.cli", "acquire", "pycromanager", "--mode", "owner", "--config",
+        [sys.executable, "-m", "umvd_live", "acquire", "pycromanager", "--mode", "owner", "--config",
          str(cfg), "--frames", "1500", "--interval-ms", "20", "--save-dir", str(tmp_path / "raw"),
          "--to", receiver.endpoint], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
         preexec_fn=_ctrl_c_as_in_a_terminal if os.name == "posix" else None)
@@ -293,7 +293,7 @@ def test_ctrl_c_aborts_an_owner_acquisition(tmp_path, receiver):
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", "acquire", "pycromanager", *args],
+    return subprocess.run([sys.executable, "-m", "umvd_live", "acquire", "pycromanager", *args],
                           capture_output=True, text=True, timeout=timeout, env=ENV)
 
 

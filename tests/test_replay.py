@@ -279,7 +279,7 @@ def test_cli_replay(tmp_path, receiver):
     tifffile.imwrite(tmp_path / "m.ome.tif", data, ome=True,
                      metadata={"axes": "TYX", "Plane": {"DeltaT": [0, 0.01, 0.02, 0.03]}})
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "umvd_live.apps.cli", "acquire", "replay"]
+    cmd = [sys.executable, "-m", "umvd_live", "acquire", "replay"]
     out = subprocess.run([*cmd, "--file", str(tmp_path / "m.ome.tif"), "--file-timing", "--loop", "--frames", "8",
                           "--to", receiver.endpoint], capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr

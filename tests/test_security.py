@@ -37,7 +37,7 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "umvd_live", *args], capture_output=True,
                           text=True, timeout=60)
 
 

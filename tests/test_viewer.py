@@ -820,7 +820,7 @@ class Daemon:
         self.output_dir = tmp_path / "out"
         self.err_path = tmp_path / f"daemon-{time.monotonic_ns()}.err"
         inp, out, ctl = endpoints or ("tcp://127.0.0.1:*",) * 3
-        cmd = [sys.executable, "-m", "umvd_live.apps.cli", "serve", "--input", inp, "--output", out,
+        cmd = [sys.executable, "-m", "umvd_live", "serve", "--input", inp, "--output", out,
                "--control", ctl, "--output-dir", str(self.output_dir), *ENGINE_ARGS]
         env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         with open(self.err_path, "w") as err:
@@ -847,7 +847,7 @@ class Daemon:
 
 
 def _start_simulator(endpoint: str, stream: str = "cam0", rate: float = 20) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "umvd_live.apps.cli", "acquire", "sim", "--to", endpoint, "--stream", stream,
+    cmd = [sys.executable, "-m", "umvd_live", "acquire", "sim", "--to", endpoint, "--stream", stream,
            "--rate", str(rate),
            "--size", str(SIZE), str(SIZE), "--photons", "2", "--frames", "100000", "--wait-s", "30"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}

@@ -300,7 +300,7 @@ def test_an_unmeasured_time_axis_is_not_read_as_one_second(tmp_path):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", "denoise", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "umvd_live", "denoise", *map(str, args)],
                           capture_output=True, text=True, timeout=550, check=False)
 
 

@@ -57,7 +57,7 @@ def throughput(workers: list[int], movies: int, frames: int, size: int, engine: 
         for n in workers:
             out = root / f"out{n}"
             started = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", "batch", str(root / "m*.ome.tif"),
+            done = subprocess.run([sys.executable, "-m", "umvd_live", "batch", str(root / "m*.ome.tif"),
                                    "--output-dir", str(out), "--workers", str(n), *engine],
                                   capture_output=True, text=True, check=False)
             wall = time.perf_counter() - started

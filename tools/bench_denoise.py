@@ -52,7 +52,7 @@ BEST_COLUMNS = ORACLE_METRICS
 
 def run_cli(args: list[str]) -> float:
     start = time.monotonic()
-    subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", *args], check=True)
+    subprocess.run([sys.executable, "-m", "umvd_live", *args], check=True)
     return time.monotonic() - start
 
 

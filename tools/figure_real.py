@@ -85,7 +85,7 @@ def neighbour_mean(movie: np.ndarray, window: int = 7) -> np.ndarray:
 def run_denoise(source: Path, output: Path) -> float:
     """`umvd-live denoise SOURCE OUTPUT` at its defaults; returns the wall time in seconds."""
     start = time.monotonic()
-    subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", "denoise", str(source), str(output)], check=True)
+    subprocess.run([sys.executable, "-m", "umvd_live", "denoise", str(source), str(output)], check=True)
     return time.monotonic() - start
 
 
@@ -390,7 +390,7 @@ def run_live_bench(size: tuple[int, int], seed: int, work: Path) -> tuple[Path, 
     """`umvd-live bench` at 30 Hz on a simulated movie of ``size``, its frames saved
     (``--save-outputs``); returns the saved frames' path and the bench's JSON figures."""
     saved, figures = work / "live.npz", work / "live.json"
-    subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", "bench", "--size", str(size[0]), str(size[1]),
+    subprocess.run([sys.executable, "-m", "umvd_live", "bench", "--size", str(size[0]), str(size[1]),
                     "--seed", str(seed), "--oracle", "none", "--save-outputs", str(saved), "--json", str(figures)],
                    check=True)
     return saved, json.loads(figures.read_text())

@@ -238,14 +238,14 @@ def private_input_endpoint() -> str:
 
 
 class Daemon:
-    """`python -m umvd_live.apps.cli serve` on loopback ports, logs to files."""
+    """`python -m umvd_live serve` on loopback ports, logs to files."""
 
     def __init__(self, workdir: Path, extra: list[str] = ()):
         self.err_path = workdir / "daemon.err"
         self.model_dir = workdir / "models"
         ready = workdir / "ready.json"
         ready.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "umvd_live.apps.cli", "serve", "--input", private_input_endpoint(),
+        cmd = [sys.executable, "-m", "umvd_live", "serve", "--input", private_input_endpoint(),
                "--output", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*",
                "--output-dir", str(self.model_dir), "--ready-file", str(ready), *ENGINE_ARGS, *extra]
         env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

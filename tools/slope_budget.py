@@ -115,7 +115,7 @@ def budget(args: argparse.Namespace, photons: float, seed: int) -> None:
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "net.ome.tif").exists():
         tifffile.imwrite(work / "noisy.tif", noisy_u16)
-        subprocess.run([sys.executable, "-m", "umvd_live.apps.cli", "denoise", str(work / "noisy.tif"),
+        subprocess.run([sys.executable, "-m", "umvd_live", "denoise", str(work / "noisy.tif"),
                         str(work / "net.ome.tif"), "--keep-amplitude", "0", "--threads", str(args.threads)], check=True)
     net_frames, infos, _ = read_recording(work / "net.ome.tif")
     net = np.asarray(net_frames, np.float32)

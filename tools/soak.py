@@ -39,7 +39,7 @@ def start_daemon(workdir: Path, args: argparse.Namespace) -> tuple[subprocess.Po
     import re
 
     err = workdir / "daemon.err"
-    cmd = [sys.executable, "-m", "umvd_live.apps.cli", "serve", "--input", "tcp://127.0.0.1:*",
+    cmd = [sys.executable, "-m", "umvd_live", "serve", "--input", "tcp://127.0.0.1:*",
            "--output", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*",
            "--output-dir", str(workdir / "out"), "--state-dir", str(workdir / "state"),
            "--checkpoint-interval", str(args.checkpoint_interval), "--preset", args.preset,
@@ -57,7 +57,7 @@ def start_daemon(workdir: Path, args: argparse.Namespace) -> tuple[subprocess.Po
 
 
 def start_producer(endpoint: str, args: argparse.Namespace, seed: int, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "umvd_live.apps.cli", "acquire", "sim", "--to", endpoint, "--rate",
+    cmd = [sys.executable, "-m", "umvd_live", "acquire", "sim", "--to", endpoint, "--rate",
            str(args.rate), "--size", str(args.size[0]), str(args.size[1]), "--frames", "100000000",
            "--seed", str(seed)]
     with open(log, "a") as fh:

@@ -195,7 +195,7 @@ CLEAN_EXIT_S = 5.0
 class ServeProcess:
     """`umvd-live serve` as a subprocess on ephemeral loopback ports, its log and ready file in
     ``log_dir``; ``serve_args``: its engine options; ``umvd_live``: the command that runs
-    umvd-live (default: this Python's ``-m umvd_live.apps.cli``).
+    umvd-live (default: this Python's ``-m umvd_live``).
 
     It runs in its own session so that the terminal's Ctrl-C reaches only the parent, which ends
     the daemon with the `shutdown` command (everything received is denoised and published first)."""
@@ -203,7 +203,7 @@ class ServeProcess:
     def __init__(self, log_dir: Path, serve_args: list[str], umvd_live: list[str] | None = None):
         self.log_path = log_dir / "daemon.log"
         self.ready_path = log_dir / "ready.json"
-        launcher = umvd_live if umvd_live is not None else [sys.executable, "-m", "umvd_live.apps.cli"]
+        launcher = umvd_live if umvd_live is not None else [sys.executable, "-m", "umvd_live"]
         cmd = [*launcher, "serve",
                "--input", "tcp://127.0.0.1:*", "--output", "tcp://127.0.0.1:*",
                "--control", "tcp://127.0.0.1:*", "--output-dir", str(log_dir),
