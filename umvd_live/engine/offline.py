@@ -87,9 +87,9 @@ def _hold(replay: ReplayBuffer, tested: Screened[int] | None) -> None:
 def _measured_frames(movie: np.ndarray, first: int, last: int, normalizer: Normalizer) -> list[np.ndarray]:
     """Frames ``first``..``last`` (a segment) as a file's final pass takes them, in the movie's
     units: sanitised, their isolated impulses replaced against the frames beside each in the
-    segment, as `pretrain` replaced them for training (its screen, in the movie's units; logged
-    there). Made once per segment: the network's pass reads them, and the blend and the
-    restoration read them all again."""
+    segment, as they were for training (the same screen's tests for good as `pretrain`'s and the
+    stream's, in the movie's units; those logged them). Made once per segment: the network's pass
+    reads them, and the blend and the restoration read them all again."""
     screen: ImpulseScreen[None] = ImpulseScreen(IMPULSE_RANGES * normalizer.scale, where=None)
     tested = [screen.add_recorded(i, sanitize(movie[i])[0], None) for i in range(first, last + 1)]
     return [t.frame for t in [*tested, screen.end()] if t is not None]
