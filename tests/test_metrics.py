@@ -308,13 +308,13 @@ def test_session_frames_score_from_the_first_live_output_and_stay_bounded(simula
         SessionFrames().report(footprints)
 
 
-def test_bench_denoise_sets_the_simulator_physics_it_is_asked_for():
+def test_bench_denoise_sets_the_simulator_physics_it_is_asked_for(capsys):
     """tools/bench_denoise.py --sim: the movies unlike those the engine was tuned on (docs/benchmarks.md)."""
     import argparse
 
     from umvd_live.apps.harness import movie_config, sim_overrides
 
-    tool = _bench_denoise_tool()
+    tool = _tool("bench_denoise")
     args = argparse.Namespace(size=(64, 96), sim=["rate_hz=10", "n_cells=40", "drift_px=3"])
     config = tool.sim_config(args, 8.0, 5)
     assert (config.rate_hz, config.n_cells, config.drift_px) == (10.0, 40, 3.0)
@@ -327,18 +327,30 @@ def test_bench_denoise_sets_the_simulator_physics_it_is_asked_for():
             sim_overrides(bad)
         with pytest.raises(SystemExit, match="--sim"):
             tool.sim_config(argparse.Namespace(size=(64, 96), sim=bad), 2.0, 0)
-    # tools/figure_real.py draws the same movie (`harness.movie_config`)
+    # tools/figure_real.py draws the same movie (`harness.movie_config`), and says so where it
+    # would draw none: the real movie and the live bench take no --sim
     assert movie_config(64, 96, 8.0, 5, ["rate_hz=10", "n_cells=40", "drift_px=3"]) == config
+    figure = _tool("figure_real")
+    for movie in ("real", "live"):  # (inputs that are not there: no movie is read or made)
+        with pytest.raises(SystemExit):
+            figure.main([movie, "--sim", "rate_hz=10", "--input", "absent.tif", "--denoised", "absent.npz"])
+        assert "takes none" in capsys.readouterr().err
 
 
-def _bench_denoise_tool():
+def _tool(name: str):
+    """tools/NAME.py as a module (registered, as its dataclasses need, under a name of its own)."""
     import importlib.util
+    import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "tools" / "bench_denoise.py"
-    spec = importlib.util.spec_from_file_location("bench_denoise", path)
+    module = f"umvd_live_tools_{name}"
+    if module in sys.modules:
+        return sys.modules[module]
+    path = Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(module, path)
     assert spec is not None and spec.loader is not None
     tool = importlib.util.module_from_spec(spec)
+    sys.modules[module] = tool
     spec.loader.exec_module(tool)
     return tool
 
@@ -346,7 +358,7 @@ def _bench_denoise_tool():
 def test_bench_denoise_tables_each_kind_of_source_over_the_seeds():
     """Means over the seeds per kind; a kind one seed lacks is left out of that mean, and a row
     one seed lacks (an oracle with no cell to score) is left out of the table."""
-    tool = _bench_denoise_tool()
+    tool = _tool("bench_denoise")
 
     def run(seed, slopes, oracle_corr=True):
         kinds = {k: {"trace_slope": v, "trace_corr": 0.5, "cells": 2} for k, v in slopes.items()}
@@ -477,7 +489,7 @@ def test_bench_denoise_lowers_the_gain_by_the_rule_of_bench_and_demo():
 
     from umvd_live.apps.harness import sim_config
 
-    tool = _bench_denoise_tool()
+    tool = _tool("bench_denoise")
     args = argparse.Namespace(size=(32, 32), sim=[])
     for photons in (0.5, 2.0, 3.0, 8.0):
         assert tool.sim_config(args, photons, 0).gain_adu == sim_config(32, 32, 30.0, photons, 0).gain_adu

@@ -449,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="where the movies and denoised outputs go (default: a temporary folder)")
     p.add_argument("--out", type=Path, help="the PNG (default docs/img/real_optinist.png or docs/img/sim_2photons.png)")
     args = p.parse_args(argv)
+    if args.sim and args.movie != "sim":
+        p.error(f"--sim sets the simulated movie of `sim`; `{args.movie}` takes none")
     try:  # the PMT gain and --sim as tools/bench_denoise.py sets them, so both see the same movie
         config = movie_config(args.size[0], args.size[1], args.photons, args.seed, args.sim)
     except ValueError as e:
