@@ -1,16 +1,15 @@
 """StreamDenoiser: ordering, states, weights files, divergence guard, input hygiene."""
 
 import importlib
-import importlib.util
 import pickle
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tool_modules import load_tool
 
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
 from umvd_live.engine import EngineConfig, RoundFailed, StreamDenoiser, cpu_cores
@@ -1035,10 +1034,7 @@ def test_the_first_training_steps_from_a_prior_keep_its_output_level(seed):
     by 7-12 % of its signal (the preview darkened by that much at the first new weights). With the
     default ramp, by -1.4 to +3.2 % (seeds 0 and 2, eight draws of the trainer's batches each;
     tools/first_steps_level.py): the draws' spread, which a bound of 3 % met only by chance."""
-    tool_path = Path(__file__).resolve().parent.parent / "tools" / "first_steps_level.py"
-    spec = importlib.util.spec_from_file_location("first_steps_level", tool_path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("first_steps_level")
     assert abs(tool.level_change(128, seed, 8, "lite", None)) < 0.04
 
 

@@ -6,18 +6,12 @@ counted and never reach outputs or weights."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
+from tool_modules import load_tool
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "fuzz_daemon.py"
-spec = importlib.util.spec_from_file_location("fuzz_daemon", TOOL)
-fuzz_daemon = importlib.util.module_from_spec(spec)
-sys.modules["fuzz_daemon"] = fuzz_daemon  # dataclasses look their module up there
-spec.loader.exec_module(fuzz_daemon)
+fuzz_daemon = load_tool("fuzz_daemon")
 
 
 def test_the_plan_labels_every_malformed_message_as_the_protocol_says():

@@ -33,6 +33,7 @@ def test_activity_fidelity_needs_activity():
 # ---- issue 14: the activity metrics, one function each, and the per-metric oracle --------------
 
 from scipy import sparse  # noqa: E402
+from tool_modules import load_tool  # noqa: E402
 
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator  # noqa: E402
 from umvd_live.metrics import (  # noqa: E402
@@ -314,7 +315,7 @@ def test_bench_denoise_sets_the_simulator_physics_it_is_asked_for(capsys):
 
     from umvd_live.apps.harness import movie_config, sim_overrides
 
-    tool = _tool("bench_denoise")
+    tool = load_tool("bench_denoise")
     args = argparse.Namespace(size=(64, 96), sim=["rate_hz=10", "n_cells=40", "drift_px=3"])
     config = tool.sim_config(args, 8.0, 5)
     assert (config.rate_hz, config.n_cells, config.drift_px) == (10.0, 40, 3.0)
@@ -330,35 +331,17 @@ def test_bench_denoise_sets_the_simulator_physics_it_is_asked_for(capsys):
     # tools/figure_real.py draws the same movie (`harness.movie_config`), and says so where it
     # would draw none: the real movie and the live bench take no --sim
     assert movie_config(64, 96, 8.0, 5, ["rate_hz=10", "n_cells=40", "drift_px=3"]) == config
-    figure = _tool("figure_real")
+    figure = load_tool("figure_real")
     for movie in ("real", "live"):  # (inputs that are not there: no movie is read or made)
         with pytest.raises(SystemExit):
             figure.main([movie, "--sim", "rate_hz=10", "--input", "absent.tif", "--denoised", "absent.npz"])
         assert "takes none" in capsys.readouterr().err
 
 
-def _tool(name: str):
-    """tools/NAME.py as a module (registered, as its dataclasses need, under a name of its own)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    module = f"umvd_live_tools_{name}"
-    if module in sys.modules:
-        return sys.modules[module]
-    path = Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(module, path)
-    assert spec is not None and spec.loader is not None
-    tool = importlib.util.module_from_spec(spec)
-    sys.modules[module] = tool
-    spec.loader.exec_module(tool)
-    return tool
-
-
 def test_bench_denoise_tables_each_kind_of_source_over_the_seeds():
     """Means over the seeds per kind; a kind one seed lacks is left out of that mean, and a row
     one seed lacks (an oracle with no cell to score) is left out of the table."""
-    tool = _tool("bench_denoise")
+    tool = load_tool("bench_denoise")
 
     def run(seed, slopes, oracle_corr=True):
         kinds = {k: {"trace_slope": v, "trace_corr": 0.5, "cells": 2} for k, v in slopes.items()}
@@ -489,7 +472,7 @@ def test_bench_denoise_lowers_the_gain_by_the_rule_of_bench_and_demo():
 
     from umvd_live.apps.harness import sim_config
 
-    tool = _tool("bench_denoise")
+    tool = load_tool("bench_denoise")
     args = argparse.Namespace(size=(32, 32), sim=[])
     for photons in (0.5, 2.0, 3.0, 8.0):
         assert tool.sim_config(args, photons, 0).gain_adu == sim_config(32, 32, 30.0, photons, 0).gain_adu

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
 import threading
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import zmq
 from skimage.registration import phase_cross_correlation
+from tool_modules import load_tool
 
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.adapters.simulation import (
@@ -34,15 +32,6 @@ from umvd_live.adapters.simulation import (
 from umvd_live.wire.protocol import StreamEnd, decode_frame, decode_message
 
 SMALL = SimConfig(height=64, width=80, seed=3)
-
-
-def _load_noise_stats():
-    path = Path(__file__).resolve().parents[1] / "tools" / "noise_stats.py"
-    spec = importlib.util.spec_from_file_location("noise_stats", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["noise_stats"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +193,7 @@ def test_clean_is_the_expected_value_and_variance_follows_the_model(config):
 
 
 def test_noise_stats_tool_recovers_the_simulated_detector():
-    noise_stats = _load_noise_stats()
+    noise_stats = load_tool("noise_stats")
     config = SimConfig(height=96, width=96, photons=3.0, noise_corr_x=0.2, seed=2)  # moving, bleaching
     noisy, clean = TwoPhotonSimulator(config).movie(300)
     stats = noise_stats.noise_statistics(noisy, offset=config.offset_adu)
