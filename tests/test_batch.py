@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from command_line import run_umvd_live
 
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
 from umvd_live.apps.batch import (
@@ -45,11 +46,6 @@ ENGINE = ["--preset", "lite", "--warmup-frames", "20", "--warmup-steps", "20", "
 LENGTHS = {"a": 40, "b": 40, "c": 90}  # c is split: --chunk-frames 40
 
 
-def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "umvd_live", *map(str, args)], check=False,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def movies(tmp_path_factory):
     root = tmp_path_factory.mktemp("movies")
@@ -57,7 +53,7 @@ def movies(tmp_path_factory):
         noisy, _ = TwoPhotonSimulator(SimConfig(height=32, width=32, photons=2.0, seed=seed)).movie(frames)
         tifffile.imwrite(root / f"{name}.ome.tif", noisy, ome=True, metadata={"axes": "TYX"})
     ref = root / "ref_a.ome.tif"
-    done = cli("denoise", root / "a.ome.tif", ref, *ENGINE)
+    done = run_umvd_live("denoise", root / "a.ome.tif", ref, *ENGINE)
     assert done.returncode == 0, done.stderr
     return root
 
@@ -87,7 +83,7 @@ def check_outputs(movies: Path, out: Path) -> None:
     np.testing.assert_array_equal(ours, ref)
     assert [(i.state, i.model_step) for i in ours_infos] == [(i.state, i.model_step) for i in ref_infos]
     one_piece = out / "ref_c.ome.tif"
-    done = cli("denoise", movies / "c.ome.tif", one_piece, *ENGINE)
+    done = run_umvd_live("denoise", movies / "c.ome.tif", one_piece, *ENGINE)
     assert done.returncode == 0, done.stderr
     chunked, _, prov = read_recording(out / "c.ome.tif")
     whole, _, _ = read_recording(one_piece)
@@ -254,8 +250,8 @@ def test_the_streams_of_one_file_on_a_cluster_each_get_their_own_chunks(tmp_path
 
 def test_local_cluster_three_movies_one_missing_then_resume(movies, tmp_path):
     out = tmp_path / "out"
-    done = cli("batch", movies / "[abc].ome.tif", movies / "missing.tif", "--output-dir", out, "--workers", "2",
-               "--chunk-frames", "40", "--save-models", *ENGINE)
+    done = run_umvd_live("batch", movies / "[abc].ome.tif", movies / "missing.tif", "--output-dir", out,
+                         "--workers", "2", "--chunk-frames", "40", "--save-models", *ENGINE)
     assert done.returncode == 1, done.stderr  # one input failed, the others were denoised
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
     assert errors == [f"umvd-live batch: error: {(movies / 'missing.tif').resolve()}: no such file"], done.stderr
@@ -276,7 +272,7 @@ def test_local_cluster_three_movies_one_missing_then_resume(movies, tmp_path):
     assert manifest["summary"]["frames"] == sum(LENGTHS.values()) and manifest["cluster"]["workers"] == 2
 
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.ome.tif")}
-    again = cli("batch", movies / "[abc].ome.tif", "--output-dir", out, "--resume", *ENGINE)
+    again = run_umvd_live("batch", movies / "[abc].ome.tif", "--output-dir", out, "--resume", *ENGINE)
     assert again.returncode == 0, again.stderr
     resumed = {Path(e["input"]).name: e for e in json.loads((out / "batch-manifest.json").read_text())["inputs"]}
     assert {n: e["status"] for n, e in resumed.items()} == {"a.ome.tif": "skipped", "b.ome.tif": "skipped",
@@ -284,7 +280,7 @@ def test_local_cluster_three_movies_one_missing_then_resume(movies, tmp_path):
     assert resumed["a.ome.tif"]["frames"] == 40, "a skipped input keeps what the earlier run recorded"
     assert resumed["missing.tif"] == entries["missing.tif"], "so does an input of the earlier run alone"
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.ome.tif")} == before
-    refused = cli("batch", movies / "a.ome.tif", "--output-dir", out, *ENGINE)
+    refused = run_umvd_live("batch", movies / "a.ome.tif", "--output-dir", out, *ENGINE)
     assert refused.returncode == 1 and "output exists" in refused.stderr
 
 
@@ -297,7 +293,8 @@ def test_ome_zarr_in_and_out(movies, tmp_path):
     frames = read_movie(movies / "a.ome.tif")
     write_zarr_movie(source, frames, (FrameInfo(seq=t) for t in range(len(frames))), Provenance("a"))
     out = tmp_path / "out"
-    done = cli("batch", tmp_path / "*.ome.zarr", "--output-dir", out, "--workers", "1", "--format", "ome-zarr", *ENGINE)
+    done = run_umvd_live("batch", tmp_path / "*.ome.zarr", "--output-dir", out, "--workers", "1",
+                         "--format", "ome-zarr", *ENGINE)
     assert done.returncode == 0, done.stderr
     ours, infos, _ = read_zarr_recording(out / "a.ome.zarr")
     np.testing.assert_array_equal(ours, read_recording(movies / "ref_a.ome.tif")[0])
@@ -358,7 +355,7 @@ def test_an_output_that_would_be_an_input_is_refused_even_with_resume(tmp_path):
     is refused (raw data is never replaced), not reported as done by `--resume`."""
     tifffile.imwrite(tmp_path / "x.ome.tif", np.zeros((4, 8, 8), np.uint16), ome=True, metadata={"axes": "TYX"})
     for resume in ([], ["--resume"]):
-        done = cli("batch", tmp_path / "x.ome.tif", "--output-dir", tmp_path, *resume, *ENGINE)
+        done = run_umvd_live("batch", tmp_path / "x.ome.tif", "--output-dir", tmp_path, *resume, *ENGINE)
         assert done.returncode == 1, done.stderr
         assert "its output would be an input" in done.stderr
         entries = json.loads((tmp_path / "batch-manifest.json").read_text())["inputs"]
@@ -392,10 +389,10 @@ def test_resume_with_save_models_needs_the_model_too(tmp_path):
     # an output of this input (its provenance says so) whose model is missing
     write_movie(out / "x.ome.tif", np.zeros((4, 8, 8), np.float32), (FrameInfo(seq=t) for t in range(4)),
                 Provenance("x", source=str(src.resolve())))
-    done = cli("batch", src, "--output-dir", out, "--resume", "--save-models", *ENGINE)
+    done = run_umvd_live("batch", src, "--output-dir", out, "--resume", "--save-models", *ENGINE)
     assert done.returncode == 1 and "output exists without its model x.pt" in done.stderr, done.stderr
     (out / "x.pt").write_bytes(b"weights")
-    done = cli("batch", src, "--output-dir", out, "--resume", "--save-models", *ENGINE)
+    done = run_umvd_live("batch", src, "--output-dir", out, "--resume", "--save-models", *ENGINE)
     assert done.returncode == 0 and "1 skipped" in done.stderr, done.stderr
 
 
@@ -406,7 +403,7 @@ def test_bad_engine_flags_and_a_manifest_that_cannot_be_written_get_one_line_bef
     for flags, message in ((["--window", "6"], "window must be odd"), (["--threads", "0"], "must be >= 1"),
                            (["--keep-amplitude", "2"], "keep_amplitude"),
                            (["--manifest", tmp_path / "file" / "m.json"], "cannot create")):
-        done = cli("batch", src, "--output-dir", tmp_path / "out", *ENGINE, *flags)
+        done = run_umvd_live("batch", src, "--output-dir", tmp_path / "out", *ENGINE, *flags)
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         (line,) = [line for line in done.stderr.splitlines() if "error:" in line]
         assert line.startswith("umvd-live batch: error: ") and message in line, line
@@ -430,13 +427,13 @@ def test_the_manifest_keeps_the_records_and_header_through_resumes(tmp_path):
     header = {"format": "umvd-live-batch/1", "command": ["umvd-live", "batch"], "cluster": {"workers": 2}}
     manifest.write_text(json.dumps({**header, "summary": {}, "inputs": [record]}))
     for _ in range(2):
-        done = cli("batch", src, "--output-dir", out, "--resume", "--manifest", manifest, *ENGINE)
+        done = run_umvd_live("batch", src, "--output-dir", out, "--resume", "--manifest", manifest, *ENGINE)
         assert done.returncode == 0, done.stderr
         data = json.loads(manifest.read_text())
         assert {k: data[k] for k in header} == header
         assert data["inputs"][0] == {**record, "status": "skipped"}
     fresh = tmp_path / "new" / "m.json"  # a folder that does not exist yet
-    done = cli("batch", src, "--output-dir", out, "--resume", "--manifest", fresh, *ENGINE)
+    done = run_umvd_live("batch", src, "--output-dir", out, "--resume", "--manifest", fresh, *ENGINE)
     assert done.returncode == 0, done.stderr
     assert json.loads(fresh.read_text())["inputs"][0]["status"] == "skipped"
 
@@ -468,7 +465,7 @@ def test_inputs_named_with_brackets_and_outputs_differing_by_case(tmp_path):
     (tmp_path / "A").mkdir()
     upper = tmp_path / "A" / "Cell1.ome.tif"
     tifffile.imwrite(upper, np.zeros((4, 8, 8), np.uint16), ome=True, metadata={"axes": "TYX"})
-    done = cli("batch", tmp_path / "cell1.ome.tif", upper, "--output-dir", tmp_path / "out", *ENGINE)
+    done = run_umvd_live("batch", tmp_path / "cell1.ome.tif", upper, "--output-dir", tmp_path / "out", *ENGINE)
     assert done.returncode == 2 and "would both write" in done.stderr, done.stderr
 
 
@@ -545,7 +542,7 @@ def test_damaged_inputs_fail_one_line_each_and_the_others_go_on(tmp_path):
         bad.append(store)
     bad.append(late)
     out = tmp_path / "out"
-    done = cli("batch", good, *bad, "--output-dir", out, "--workers", "1", *QUICK)
+    done = run_umvd_live("batch", good, *bad, "--output-dir", out, "--workers", "1", *QUICK)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("umvd-live batch: error:")]
     assert len(errors) == len(bad), done.stderr
@@ -573,7 +570,7 @@ def test_resume_never_takes_another_movies_output_for_its_own(tmp_path):
     written = start_movie(str(day1.resolve()), None, str(out / "cell1.ome.tif"), BatchOptions(engine=TINY))
     assert not isinstance(written, (Failed, WarmModel)), written  # one piece, written whole
     for resume in (["--resume"], []):
-        done = cli("batch", day2, "--output-dir", out, *resume, *QUICK)
+        done = run_umvd_live("batch", day2, "--output-dir", out, *resume, *QUICK)
         assert done.returncode == 1, done.stderr
         (line,) = [line for line in done.stderr.splitlines() if "error:" in line]
         assert line == (f"umvd-live batch: error: {day2.resolve()}: {out.resolve() / 'cell1.ome.tif'} exists, "
@@ -582,18 +579,18 @@ def test_resume_never_takes_another_movies_output_for_its_own(tmp_path):
         entries = json.loads((out / "batch-manifest.json").read_text())["inputs"]
         assert [(Path(e["input"]).parent.name, e["status"]) for e in entries] == [("day2", "failed")]
     assert read_provenance(out / "cell1.ome.tif")["source"] == str(day1.resolve())
-    done = cli("batch", day1, "--output-dir", out, "--resume", *QUICK)  # its own output: skipped
+    done = run_umvd_live("batch", day1, "--output-dir", out, "--resume", *QUICK)  # its own output: skipped
     assert done.returncode == 0 and "1 skipped" in done.stderr, done.stderr
     # an output that says nothing of its input (no provenance, no manifest record) is not taken as done;
     # one whose manifest record names the input is
     other = _tiny_movie(tmp_path / "raw" / "other.tif")
     tifffile.imwrite(out / "other.ome.tif", np.zeros((4, 8, 8), np.float32))
-    done = cli("batch", other, "--output-dir", out, "--resume", *QUICK)
+    done = run_umvd_live("batch", other, "--output-dir", out, "--resume", *QUICK)
     assert done.returncode == 1 and "says nothing of the input it was made from" in done.stderr, done.stderr
     records = tmp_path / "records.json"
     records.write_text(json.dumps({"format": "umvd-live-batch/1", "inputs": [
         {"input": str(other.resolve()), "output": str((out / "other.ome.tif").resolve()), "status": "done"}]}))
-    done = cli("batch", other, "--output-dir", out, "--resume", "--manifest", records, *QUICK)
+    done = run_umvd_live("batch", other, "--output-dir", out, "--resume", "--manifest", records, *QUICK)
     assert done.returncode == 0 and "1 skipped" in done.stderr, done.stderr
 
 
@@ -607,17 +604,17 @@ def test_a_later_batch_keeps_the_earlier_batchs_records(tmp_path):
     other_a = _tiny_movie(tmp_path / "raw" / "day2" / "a.tif", seed=2)
     out = tmp_path / "denoised"
     manifest = out / "batch-manifest.json"
-    assert cli("batch", a, "--output-dir", out, "--workers", "1", *QUICK).returncode == 0
+    assert run_umvd_live("batch", a, "--output-dir", out, "--workers", "1", *QUICK).returncode == 0
     (night1,) = json.loads(manifest.read_text())["inputs"]
     assert night1["status"] == "done" and night1["provenance"]["source"] == str(a.resolve())
-    done = cli("batch", b, "--output-dir", out, "--workers", "1", *QUICK)
+    done = run_umvd_live("batch", b, "--output-dir", out, "--workers", "1", *QUICK)
     assert done.returncode == 0, done.stderr
     data = json.loads(manifest.read_text())
     assert [(Path(e["input"]).name, e["status"]) for e in data["inputs"]] == [("a.tif", "done"), ("b.tif", "done")]
     assert data["inputs"][0] == night1, "the first night's record, as it was"
     assert data["summary"]["done"] == 1  # the summary is this batch's
     night2 = data["inputs"][1]
-    done = cli("batch", other_a, "--output-dir", out, "--resume", *QUICK)  # a.ome.tif is day1/a.tif's
+    done = run_umvd_live("batch", other_a, "--output-dir", out, "--resume", *QUICK)  # a.ome.tif is day1/a.tif's
     assert done.returncode == 1 and "made from" in done.stderr, done.stderr
     entries = json.loads(manifest.read_text())["inputs"]
     assert entries[:2] == [night1, night2] and len(entries) == 3, "the record of the a.ome.tif that is there"
@@ -634,7 +631,7 @@ def test_a_file_that_is_no_scheduler_file_gets_one_line_and_status_2(tmp_path):
              "int.json": ('{"address": 8786}', 'its "address" is not a scheduler address')}
     for name, (text, why) in files.items():
         (tmp_path / name).write_text(text)
-        done = cli("batch", src, "--output-dir", tmp_path / "out", "--scheduler", tmp_path / name, *QUICK)
+        done = run_umvd_live("batch", src, "--output-dir", tmp_path / "out", "--scheduler", tmp_path / name, *QUICK)
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         (line,) = [line for line in done.stderr.splitlines() if "error:" in line]
         assert line == (f"umvd-live batch: error: --scheduler {tmp_path / name} is not a Dask scheduler "

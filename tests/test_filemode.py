@@ -3,13 +3,12 @@ several streams (channels, planes, positions: every format `acquire replay` read
 denoised on its own engine into its own output."""
 
 import logging
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tifffile
 import torch
+from command_line import run_umvd_live
 
 from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
 from umvd_live.apps.denoise import DenoiseConfig, denoise_movie, run
@@ -18,11 +17,6 @@ from umvd_live.metrics import psnr, temporal_mean
 from umvd_live.recording.acquisition import read_acquisition
 from umvd_live.recording.movie import MovieError, MovieFrames, movie_streams
 from umvd_live.recording.ometiff import read_recording
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "umvd_live", "denoise", *map(str, args)],
-                          capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +28,8 @@ def test_denoise_writes_one_float32_frame_per_input_with_provenance(tmp_path, si
     noisy, _ = sim_movie
     src, out = tmp_path / "in.ome.tif", tmp_path / "out.ome.tif"
     tifffile.imwrite(src, noisy[:40], ome=True, metadata={"axes": "TYX"})
-    done = cli(src, out, "--preset", "lite", "--warmup-frames", "20", "--save-model", tmp_path / "m.pt")
+    done = run_umvd_live("denoise", src, out, "--preset", "lite", "--warmup-frames", "20",
+                         "--save-model", tmp_path / "m.pt")
     assert done.returncode == 0, done.stderr
     frames = tifffile.imread(out)
     assert frames.shape == (40, 64, 64) and frames.dtype == np.float32
@@ -68,7 +63,7 @@ def test_bad_inputs_get_one_clear_line(tmp_path, content, message):
         src.write_bytes(content)
     elif content is not None:
         tifffile.imwrite(src, content)
-    done = cli(src, tmp_path / "out.tif")
+    done = run_umvd_live("denoise", src, tmp_path / "out.tif")
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out.tif").exists()
@@ -345,7 +340,7 @@ def test_an_output_named_as_no_movie_file_is_refused(tmp_path, name):
     (it was written as an OME-TIFF under a name no reader takes for one)."""
     src = tmp_path / "in.tif"
     tifffile.imwrite(src, np.zeros((10, 16, 16), np.uint16))
-    done = cli(src, tmp_path / name)
+    done = run_umvd_live("denoise", src, tmp_path / name)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     said = f"cannot write {tmp_path / name}: an output's name ends as an OME-TIFF's or an OME-Zarr's does"
     assert said in done.stderr

@@ -18,6 +18,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+from command_line import run_umvd_live
 from useq import MDAEvent, MDASequence
 
 from umvd_live.adapters.handoff import FrameHandoff
@@ -39,6 +40,7 @@ pytestmark = pytest.mark.timeout(120)
 SHAPE = (32, 48)  # H, W
 SEED = 5
 ENV = os.environ | {"PYTEST_RUNNING": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ACQUIRE = ("acquire", "pymmcore-plus")  # the command under test, before its options
 
 
 def write_config(path: Path, shape: tuple[int, int] = SHAPE, seed: int = SEED) -> Path:
@@ -212,15 +214,10 @@ def test_live_tap_publishes_each_image_once_without_popping(core, receiver, poll
 # ------------------------------------------------------------------------------ command line
 
 
-def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "umvd_live", "acquire", *args], capture_output=True,
-                          text=True, timeout=timeout, env=ENV)
-
-
 def test_cli_live_tap_into_a_receiver(tmp_path, receiver):
     cfg = write_config(tmp_path / "MMConfig.cfg")
-    out = run_cli("pymmcore-plus", "--config", str(cfg), "--live", "--frames", "30", "--exposure-ms", "3",
-                  "--to", receiver.endpoint)
+    out = run_umvd_live(*ACQUIRE, "--config", str(cfg), "--live", "--frames", "30", "--exposure-ms", "3",
+                        "--to", receiver.endpoint)
     assert out.returncode == 0, out.stderr
     published = int(re.search(r"live: (\d+) frames sent", out.stdout).group(1))
     frames = receiver.wait_for(published)
@@ -231,20 +228,20 @@ def test_cli_live_tap_into_a_receiver(tmp_path, receiver):
 
 
 def test_cli_refuses_bad_input_clearly(tmp_path):
-    out = run_cli("pymmcore-plus", "--config", str(tmp_path / "missing.cfg"), "--frames", "3", "--wait-s", "0.2")
+    out = run_umvd_live(*ACQUIRE, "--config", str(tmp_path / "missing.cfg"), "--frames", "3", "--wait-s", "0.2")
     assert out.returncode == 2 and "not found" in out.stderr and "Traceback" not in out.stderr
     bad = tmp_path / "bad.cfg"
     bad.write_text("#py pyDevice,Cam,umvd_live.adapters.no_such_module,Camera\n")
-    out = run_cli("pymmcore-plus", "--config", str(bad), "--frames", "3", "--wait-s", "0.2")
+    out = run_umvd_live(*ACQUIRE, "--config", str(bad), "--frames", "3", "--wait-s", "0.2")
     assert out.returncode == 2 and "cannot load" in out.stderr and "Traceback" not in out.stderr
-    out = run_cli("pymmcore-plus", "--config", str(write_config(tmp_path / "ok.cfg")), "--wait-s", "0.2")
+    out = run_umvd_live(*ACQUIRE, "--config", str(write_config(tmp_path / "ok.cfg")), "--wait-s", "0.2")
     assert out.returncode == 2 and "--frames" in out.stderr
 
 
 def test_cli_without_a_daemon_says_so(tmp_path):
     with socket_port() as port:  # a port nobody subscribes on
-        out = run_cli("pymmcore-plus", "--config", str(write_config(tmp_path / "MMConfig.cfg")),
-                      "--frames", "3", "--to", f"tcp://127.0.0.1:{port}", "--wait-s", "0.5")
+        out = run_umvd_live(*ACQUIRE, "--config", str(write_config(tmp_path / "MMConfig.cfg")),
+                            "--frames", "3", "--to", f"tcp://127.0.0.1:{port}", "--wait-s", "0.5")
     assert out.returncode == 3 and "no daemon subscribed" in out.stderr
 
 
@@ -298,7 +295,7 @@ def test_300_frames_through_acquire_into_serve_with_none_missing(tmp_path):
                                               "--catchup-ms", "60000")
     try:
         cfg = write_config(tmp_path / "MMConfig.cfg", shape=(64, 64))
-        acq = run_cli("pymmcore-plus", "--config", str(cfg), "--frames", "300", "--to", input_ep)
+        acq = run_umvd_live(*ACQUIRE, "--config", str(cfg), "--frames", "300", "--to", input_ep)
         assert acq.returncode == 0, acq.stderr
         assert "300 frames acquired in 1 stream(s), 300 sent, 0 dropped in the hand-off, 0 dropped by " \
             "the publisher" in acq.stdout
@@ -409,8 +406,8 @@ def test_cli_runs_a_useq_file_through_serve_one_stream_per_channel_and_plane(tmp
         req.connect(control_ep)
         assert ask(cmd="record_start", path="rec.ome.tif", raw=True)["ok"]
 
-        acq = run_cli("pymmcore-plus", "--config", str(cfg), "--mda", str(tmp_path / "mda.yaml"),
-                      "--to", input_ep, timeout=120)
+        acq = run_umvd_live(*ACQUIRE, "--config", str(cfg), "--mda", str(tmp_path / "mda.yaml"),
+                            "--to", input_ep, timeout=120)
         assert acq.returncode == 0, acq.stderr
         assert f"{6 * T} frames acquired in 6 stream(s), {6 * T} sent, 0 dropped" in acq.stdout
 

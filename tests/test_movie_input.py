@@ -2,22 +2,15 @@
 files damaged in ways tifffile or zarr report with their own exceptions, and files whose metadata
 says they hold one time point (a z-stack, a snapshot of channels), which are no movie."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+from command_line import run_umvd_live
 
 from umvd_live.apps import denoise
 from umvd_live.recording.movie import MovieError, MovieFrames, movie_streams, open_movie
-
-
-def cli(*args: object, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "umvd_live", *map(str, args)], check=False,
-                          capture_output=True, text=True, timeout=timeout)
-
 
 #: Tiny and fast (the refusals come before any training).
 ENGINE = ["--preset", "lite", "--warmup-frames", "10", "--warmup-steps", "5", "--steps-per-frame", "0.2",
@@ -59,7 +52,7 @@ def test_a_damaged_tiff_is_one_movie_error_never_a_traceback(tmp_path):
                     movie.read(0, len(movie))
         except MovieError:
             pass
-    done = cli("denoise", cut, tmp_path / "out.ome.tif", *ENGINE)
+    done = run_umvd_live("denoise", cut, tmp_path / "out.ome.tif", *ENGINE)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("umvd-live denoise: error:")]
     assert len(errors) == 1 and "not readable as a TIFF movie" in errors[0], done.stderr
@@ -152,7 +145,7 @@ def test_an_ome_tiff_of_one_time_point_is_no_movie(tmp_path):
             MovieFrames(path)
         with pytest.raises(MovieError, match=message):
             movie_streams(path)
-        done = cli("denoise", path, tmp_path / f"{path.stem}_dn.ome.tif", *ENGINE)
+        done = run_umvd_live("denoise", path, tmp_path / f"{path.stem}_dn.ome.tif", *ENGINE)
         assert done.returncode == 2 and "one time point" in done.stderr and "Traceback" not in done.stderr, done.stderr
         assert not (tmp_path / f"{path.stem}_dn.ome.tif").exists()
     unlabelled = tmp_path / "unlabelled.ome.tif"

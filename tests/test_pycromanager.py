@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import tifffile
 import zmq
+from command_line import run_umvd_live
 
 from umvd_live.adapters import pycromanager_source as pm
 from umvd_live.adapters.publisher import FramePublisher
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.timeout(120)
 SHAPE = (32, 40)
 SEED = 11
 ENV = os.environ | {"PYTEST_RUNNING": "1", "PYTHONUNBUFFERED": "1"}
+ACQUIRE = ("acquire", "pycromanager")  # the command under test, before its options
 
 
 def write_config(path: Path) -> Path:
@@ -292,11 +294,6 @@ def test_ctrl_c_aborts_an_owner_acquisition(tmp_path, receiver):
 # ------------------------------------------------------------------------------ command line
 
 
-def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "umvd_live", "acquire", "pycromanager", *args],
-                          capture_output=True, text=True, timeout=timeout, env=ENV)
-
-
 def free_port() -> int:
     import socket
 
@@ -306,7 +303,8 @@ def free_port() -> int:
 
 
 def test_missing_micromanager_gives_a_message_and_retries_with_backoff():
-    out = run_cli("--mode", "tap", "--mm-port", str(free_port()), "--connect-attempts", "3", "--retry-s", "0.05")
+    out = run_umvd_live(*ACQUIRE, "--mode", "tap", "--mm-port", str(free_port()), "--connect-attempts", "3",
+                        "--retry-s", "0.05")
     assert out.returncode == 4
     assert "Traceback" not in out.stderr
     retries = re.findall(r"attempt (\d)/3\); retrying in ([\d.]+) s", out.stderr)
@@ -320,7 +318,7 @@ def test_a_silent_server_on_the_port_is_reported_without_traceback():
     silent = ctx.socket(zmq.ROUTER)
     port = silent.bind_to_random_port("tcp://127.0.0.1")
     try:
-        out = run_cli("--mm-port", str(port), "--connect-attempts", "2", "--retry-s", "0.05")
+        out = run_umvd_live(*ACQUIRE, "--mm-port", str(port), "--connect-attempts", "2", "--retry-s", "0.05")
     finally:
         silent.close(linger=0)
     assert out.returncode == 4
@@ -330,8 +328,8 @@ def test_a_silent_server_on_the_port_is_reported_without_traceback():
 
 def test_cli_owner_mode_on_the_python_backend(tmp_path, receiver):
     cfg = write_config(tmp_path / "MMConfig.cfg")
-    out = run_cli("--mode", "owner", "--config", str(cfg), "--frames", "20", "--save-dir", str(tmp_path / "raw"),
-                  "--to", receiver.endpoint)
+    out = run_umvd_live(*ACQUIRE, "--mode", "owner", "--config", str(cfg), "--frames", "20",
+                        "--save-dir", str(tmp_path / "raw"), "--to", receiver.endpoint)
     assert out.returncode == 0, out.stderr
     assert "20 frames acquired in 1 stream(s), 20 sent, 0 dropped in the hand-off" in out.stdout
     frames = receiver.wait_for(20)
@@ -341,7 +339,7 @@ def test_cli_owner_mode_on_the_python_backend(tmp_path, receiver):
 
 
 def test_cli_owner_mode_needs_frames():
-    out = run_cli("--mode", "owner", "--mm-port", str(free_port()), "--connect-attempts", "1")
+    out = run_umvd_live(*ACQUIRE, "--mode", "owner", "--mm-port", str(free_port()), "--connect-attempts", "1")
     assert out.returncode == 2 and "--frames" in out.stderr
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import zmq
+from command_line import run_umvd_live
 from test_daemon import HALF, DaemonProcess
 
 from umvd_live.adapters.publisher import FramePublisher
@@ -36,20 +37,15 @@ from umvd_live.wire.security import (
 pytestmark = pytest.mark.timeout(180)
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "umvd_live", *args], capture_output=True,
-                          text=True, timeout=60)
-
-
 def test_keys_subcommand_writes_a_private_pair_and_never_overwrites(tmp_path):
-    out = cli("keys", str(tmp_path / "keys"), "daemon")
+    out = run_umvd_live("keys", str(tmp_path / "keys"), "daemon")
     assert out.returncode == 0, out.stderr
     public, secret = tmp_path / "keys" / "daemon.key", tmp_path / "keys" / "daemon.key_secret"
     assert public.is_file() and secret.is_file()
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     assert "secret-key" in secret.read_text() and "secret-key" not in public.read_text()
     before = secret.read_bytes()
-    again = cli("keys", str(tmp_path / "keys"), "daemon")
+    again = run_umvd_live("keys", str(tmp_path / "keys"), "daemon")
     assert again.returncode == 2 and "not overwriting" in again.stderr
     assert secret.read_bytes() == before
 
@@ -89,7 +85,7 @@ def test_binding_beyond_loopback_needs_allow_remote_and_curve(tmp_path):
     with pytest.raises(SecurityError, match="--curve-clients"):
         daemon_config_from_args(build_parser().parse_args(["serve", "--curve-server-key", "x.key_secret"]))
     # And through the command line: a clear message, exit status 2.
-    refused = cli("serve", "--input", "tcp://0.0.0.0:*", *local, "--preset", "lite", "--device", "cpu")
+    refused = run_umvd_live("serve", "--input", "tcp://0.0.0.0:*", *local, "--preset", "lite", "--device", "cpu")
     assert refused.returncode == 2 and "loopback" in refused.stderr
 
 
@@ -286,7 +282,7 @@ def test_control_paths_stay_inside_the_directories_and_nothing_runs(tmp_path):
         assert d.request({"cmd": "shutdown"})["ok"] and d.wait() == 0
     finally:
         d.kill()
-    refused = cli("serve", "--init", str(state / "evil.pt"), "--input", "tcp://127.0.0.1:*")
+    refused = run_umvd_live("serve", "--init", str(state / "evil.pt"), "--input", "tcp://127.0.0.1:*")
     assert refused.returncode == 2 and "--init" in refused.stderr and not marker.exists()
 
 

@@ -18,6 +18,8 @@ pytest.importorskip("tensorstore")
 zarr = pytest.importorskip("zarr")
 yaozarrs = pytest.importorskip("yaozarrs")
 
+from command_line import run_umvd_live
+
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.adapters.replay import ReplayConfig, replay
 from umvd_live.recording.movie import ZarrMovie, open_movie
@@ -299,11 +301,6 @@ def test_an_unmeasured_time_axis_is_not_read_as_one_second(tmp_path):
     assert got.get("interval_ms") is None and got.get("pixel_size_um") is None
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "umvd_live", "denoise", *map(str, args)],
-                          capture_output=True, text=True, timeout=550, check=False)
-
-
 @pytest.mark.timeout(600)  # the denoising itself: seconds on an idle machine
 def test_denoise_reads_and_writes_ome_zarr(tmp_path):
     from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
@@ -315,7 +312,7 @@ def test_denoise_reads_and_writes_ome_zarr(tmp_path):
     for i in range(1, 20):
         rec.append(noisy[i].astype(np.float32), FrameInfo(seq=i, meta=META))
     rec.close()
-    done = cli(src, out, "--preset", "lite", "--warmup-frames", "10")
+    done = run_umvd_live("denoise", src, out, "--preset", "lite", "--warmup-frames", "10")
     assert done.returncode == 0, done.stderr
     frames, infos, prov = read_zarr_recording(out)
     assert frames.shape == (20, 32, 32) and frames.dtype == np.float32
@@ -326,10 +323,10 @@ def test_denoise_reads_and_writes_ome_zarr(tmp_path):
     # warm start on 10 moves by a few percent with the training's draws (-3.6 to +5.6 % over seeds 1-3
     # and the default, before and after session 30's change of the draws)
     assert abs(float(frames.mean()) - float(noisy.mean())) < 0.1 * float(noisy.mean()), "input units"
-    again = cli(src, out)
+    again = run_umvd_live("denoise", src, out)
     assert again.returncode == 2 and "exists" in again.stderr
     (tmp_path / "empty.ome.zarr").mkdir()
-    bad = cli(tmp_path / "empty.ome.zarr", tmp_path / "o2.ome.zarr")
+    bad = run_umvd_live("denoise", tmp_path / "empty.ome.zarr", tmp_path / "o2.ome.zarr")
     assert bad.returncode == 2 and "not a readable Zarr group" in bad.stderr and "Traceback" not in bad.stderr
 
 

@@ -1,0 +1,11 @@
+"""`python -m umvd_live ...` in a child process, as a user types it: for the tests of the commands."""
+
+import subprocess
+import sys
+
+
+def run_umvd_live(*args: object, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the command with ARGS (each made a string) and capture its output as text; its exit
+    status is the test's to check. The timeout only keeps a hung command from hanging the suite."""
+    return subprocess.run([sys.executable, "-m", "umvd_live", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, check=False)
