@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from command_line import run_umvd_live
 
 from umvd_live.apps.cli import main
 from umvd_live.apps.demo import QualityTracker, StopSignals
@@ -97,8 +98,7 @@ def test_the_demo_checks_the_engine_s_own_bounds() -> None:
 
 def test_demo_summary_shows_denoising_beats_raw(tmp_path: Path) -> None:
     out = tmp_path / "summary.json"
-    proc = subprocess.run([sys.executable, "-m", "umvd_live", "demo", "--duration", str(DURATION_S), *SMALL,
-                           "--json", str(out)], capture_output=True, text=True, timeout=120, env=ENV)
+    proc = run_umvd_live("demo", "--duration", DURATION_S, *SMALL, "--json", out, timeout=120, env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = json.loads(out.read_text())
     figures = json.dumps(s)  # shown with any failure below
@@ -275,9 +275,8 @@ def test_a_normal_run_s_summary_has_the_engine_s_preset_device_and_training_rate
     normally. They are the figures of the last status taken while the stream ran. With ``--oracle
     none`` the activity table says nothing about oracle Gaussians."""
     out = tmp_path / "summary.json"
-    proc = subprocess.run([sys.executable, "-m", "umvd_live", "demo", "--duration", "6", *SMALL,
-                           "--oracle", "none", "--json", str(out)], capture_output=True, text=True, timeout=120,
-                          env=ENV)
+    proc = run_umvd_live("demo", "--duration", "6", *SMALL, "--oracle", "none", "--json", out, timeout=120,
+                         env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = json.loads(out.read_text())
     figures = json.dumps(s)

@@ -23,6 +23,7 @@ import numpy as np
 import posix_absent
 import pytest
 import tifffile
+from command_line import run_umvd_live
 from test_viewer import x_display  # noqa: F401 (the fixture: a DISPLAY for `view`)
 
 from umvd_live.daemon.runtime import peak_rss_mb
@@ -485,9 +486,8 @@ def test_serve_record_without_posix_apis_killed_keeps_frames_and_metadata(tmp_pa
             assert daemon.poll() is None and time.monotonic() < deadline, err_path.read_text()
             time.sleep(0.1)
         endpoint, _, control = match.groups()
-        replay = subprocess.run([sys.executable, "-m", "umvd_live", "acquire", "replay", "--file", str(src),
-                                 "--to", endpoint, "--rate", "20", "--wait-s", "60"],
-                                capture_output=True, text=True, env=ENV, timeout=200, check=False)
+        replay = run_umvd_live("acquire", "replay", "--file", src, "--to", endpoint, "--rate", "20", "--wait-s", "60",
+                               timeout=200, env=ENV)
         assert replay.returncode == 0, replay.stderr
         client = ControlClient(control, timeout_s=30)
         try:

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
-import sys
 import threading
 
 import numpy as np
 import pytest
 import tifffile
+from command_line import run_umvd_live
 
 from umvd_live.adapters.publisher import FramePublisher
 from umvd_live.adapters.replay import ReplayConfig, ReplayError, open_replay, replay, replay_schedule
@@ -279,21 +278,20 @@ def test_cli_replay(tmp_path, receiver):
     tifffile.imwrite(tmp_path / "m.ome.tif", data, ome=True,
                      metadata={"axes": "TYX", "Plane": {"DeltaT": [0, 0.01, 0.02, 0.03]}})
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "umvd_live", "acquire", "replay"]
-    out = subprocess.run([*cmd, "--file", str(tmp_path / "m.ome.tif"), "--file-timing", "--loop", "--frames", "8",
-                          "--to", receiver.endpoint], capture_output=True, text=True, timeout=60, env=env)
+    cmd = ("acquire", "replay")
+    out = run_umvd_live(*cmd, "--file", tmp_path / "m.ome.tif", "--file-timing", "--loop", "--frames", "8",
+                        "--to", receiver.endpoint, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     assert "replay: 8 frames sent, 0 dropped, 2 pass(es)" in out.stdout
     frames = receiver.wait_for(8)
     assert [f.header.seq for f in frames] == list(range(8))
     assert all(np.array_equal(f.pixels, data[i % 4]) for i, f in enumerate(frames))
 
-    out = subprocess.run([*cmd, "--file", str(tmp_path / "missing.tif"), "--wait-s", "0.2"],
-                         capture_output=True, text=True, timeout=60, env=env)
+    out = run_umvd_live(*cmd, "--file", tmp_path / "missing.tif", "--wait-s", "0.2", timeout=60, env=env)
     assert out.returncode == 2 and "no such file" in out.stderr and "Traceback" not in out.stderr
     tifffile.imwrite(tmp_path / "plain.tif", data, photometric="minisblack")
-    out = subprocess.run([*cmd, "--file", str(tmp_path / "plain.tif"), "--file-timing", "--wait-s", "0.2"],
-                         capture_output=True, text=True, timeout=60, env=env)
+    out = run_umvd_live(*cmd, "--file", tmp_path / "plain.tif", "--file-timing", "--wait-s", "0.2", timeout=60,
+                        env=env)
     assert out.returncode == 2 and "no increasing per-frame timestamps" in out.stderr
 
 
