@@ -29,7 +29,7 @@ def test_denoise_writes_one_float32_frame_per_input_with_provenance(tmp_path, si
     src, out = tmp_path / "in.ome.tif", tmp_path / "out.ome.tif"
     tifffile.imwrite(src, noisy[:40], ome=True, metadata={"axes": "TYX"})
     done = run_umvd_live("denoise", src, out, "--preset", "lite", "--warmup-frames", "20",
-                         "--save-model", tmp_path / "m.pt")
+                         "--save-model", tmp_path / "m.pt", timeout=None)  # a loaded machine: minutes
     assert done.returncode == 0, done.stderr
     frames = tifffile.imread(out)
     assert frames.shape == (40, 64, 64) and frames.dtype == np.float32
@@ -63,7 +63,7 @@ def test_bad_inputs_get_one_clear_line(tmp_path, content, message):
         src.write_bytes(content)
     elif content is not None:
         tifffile.imwrite(src, content)
-    done = run_umvd_live("denoise", src, tmp_path / "out.tif")
+    done = run_umvd_live("denoise", src, tmp_path / "out.tif", timeout=None)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out.tif").exists()
@@ -340,7 +340,7 @@ def test_an_output_named_as_no_movie_file_is_refused(tmp_path, name):
     (it was written as an OME-TIFF under a name no reader takes for one)."""
     src = tmp_path / "in.tif"
     tifffile.imwrite(src, np.zeros((10, 16, 16), np.uint16))
-    done = run_umvd_live("denoise", src, tmp_path / name)
+    done = run_umvd_live("denoise", src, tmp_path / name, timeout=None)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     said = f"cannot write {tmp_path / name}: an output's name ends as an OME-TIFF's or an OME-Zarr's does"
     assert said in done.stderr

@@ -312,7 +312,7 @@ def test_denoise_reads_and_writes_ome_zarr(tmp_path):
     for i in range(1, 20):
         rec.append(noisy[i].astype(np.float32), FrameInfo(seq=i, meta=META))
     rec.close()
-    done = run_umvd_live("denoise", src, out, "--preset", "lite", "--warmup-frames", "10")
+    done = run_umvd_live("denoise", src, out, "--preset", "lite", "--warmup-frames", "10", timeout=550)
     assert done.returncode == 0, done.stderr
     frames, infos, prov = read_zarr_recording(out)
     assert frames.shape == (20, 32, 32) and frames.dtype == np.float32
@@ -323,10 +323,10 @@ def test_denoise_reads_and_writes_ome_zarr(tmp_path):
     # warm start on 10 moves by a few percent with the training's draws (-3.6 to +5.6 % over seeds 1-3
     # and the default, before and after session 30's change of the draws)
     assert abs(float(frames.mean()) - float(noisy.mean())) < 0.1 * float(noisy.mean()), "input units"
-    again = run_umvd_live("denoise", src, out)
+    again = run_umvd_live("denoise", src, out, timeout=550)
     assert again.returncode == 2 and "exists" in again.stderr
     (tmp_path / "empty.ome.zarr").mkdir()
-    bad = run_umvd_live("denoise", tmp_path / "empty.ome.zarr", tmp_path / "o2.ome.zarr")
+    bad = run_umvd_live("denoise", tmp_path / "empty.ome.zarr", tmp_path / "o2.ome.zarr", timeout=550)
     assert bad.returncode == 2 and "not a readable Zarr group" in bad.stderr and "Traceback" not in bad.stderr
 
 
