@@ -333,9 +333,10 @@ def test_bench_denoise_sets_the_simulator_physics_it_is_asked_for(capsys):
     assert movie_config(64, 96, 8.0, 5, ["rate_hz=10", "n_cells=40", "drift_px=3"]) == config
     figure = load_tool("figure_real")
     for movie in ("real", "live"):  # (inputs that are not there: no movie is read or made)
-        with pytest.raises(SystemExit):
-            figure.main([movie, "--sim", "rate_hz=10", "--input", "absent.tif", "--denoised", "absent.npz"])
-        assert "takes none" in capsys.readouterr().err
+        for option in (["--sim", "rate_hz=10"], ["--simulator", "independent"]):
+            with pytest.raises(SystemExit):
+                figure.main([movie, *option, "--input", "absent.tif", "--denoised", "absent.npz"])
+            assert "takes none" in capsys.readouterr().err
 
 
 def test_bench_denoise_tables_each_kind_of_source_over_the_seeds():

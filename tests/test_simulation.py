@@ -29,6 +29,7 @@ from umvd_live.adapters.simulation import (
     parse_events,
     stream_simulation,
 )
+from umvd_live.metrics import MovieScorer
 from umvd_live.wire.protocol import StreamEnd, decode_frame, decode_message
 
 SMALL = SimConfig(height=64, width=80, seed=3)
@@ -517,3 +518,58 @@ def test_without_events_the_scene_is_unchanged():
     with_event = replace(config, events=(SimEvent.laser(100.0, 2.0),))  # never reached
     np.testing.assert_array_equal(TwoPhotonSimulator(config).movie(20)[0], TwoPhotonSimulator(with_event).movie(20)[0])
     assert TwoPhotonSimulator(config).scene.margin == motion_margin(config)
+
+
+# ---- tools/independent_sim.py: a second model, for movies the engine was not tuned on ------------------------------
+
+
+def test_independent_simulator_draws_the_detector_and_activity_it_describes():
+    """Its truth is the noisy frames' expected value, its noise the model's (Poisson photons, gamma
+    PMT charge, a low-pass along x, read noise), its sources active, and a seed gives one movie."""
+    sim = load_tool("independent_sim")
+    config = sim.configure(48, 64, 2.0, 3)
+    movie = sim.simulate(config, 120)
+    assert movie.noisy.dtype == np.uint16 and movie.truth.dtype == np.float32
+    assert movie.noisy.shape == movie.truth.shape == (120, 48, 64)
+    photons = (movie.truth - config.offset_adu) / movie.gain_adu
+    assert photons.mean() == pytest.approx(2.0, rel=0.01)
+    residual = movie.noisy - movie.truth.astype(np.float64)
+    pole = config.fast_axis_pole
+    # variance: shot noise times the excess factor, through the low-pass's white-noise gain, plus read noise
+    model = movie.gain_adu**2 * photons.mean() * (1 + 1 / config.excess_shape) * (1 - pole) / (1 + pole) \
+        + config.read_noise_adu**2
+    assert residual.var() == pytest.approx(model, rel=0.05)
+    assert abs(residual.mean()) < 0.01 * residual.std()
+    lag_x = np.mean(residual[:, :, 1:] * residual[:, :, :-1]) / residual.var()
+    lag_y = np.mean(residual[:, 1:] * residual[:, :-1]) / residual.var()
+    lag_t = np.mean(residual[1:] * residual[:-1]) / residual.var()
+    # the photons' part of the noise correlates at the pole along x; the read noise is white
+    shot_share = 1 - config.read_noise_adu**2 / model
+    assert lag_x == pytest.approx(pole * shot_share, abs=0.03)
+    assert abs(lag_y) < 0.02 and abs(lag_t) < 0.02
+    assert set(movie.kinds) == {SOMA, PROCESS, PUNCTUM}  # the labels of the per-kind tables
+    assert movie.footprints.shape == (len(movie.kinds), 48 * 64)
+    traces = MovieScorer(movie.truth, movie.footprints, offset=config.offset_adu, kinds=movie.kinds).traces
+    assert traces is not None and traces.cells.size >= 10  # sources whose truth rises 10 % above its median
+    again = sim.simulate(config, 120)
+    assert np.array_equal(again.noisy, movie.noisy)
+    assert not np.array_equal(sim.simulate(sim.configure(48, 64, 2.0, 4), 120).noisy, movie.noisy)
+    # brighter movies: the gain is lowered so that the brightest bursts stay below 65535
+    bright = sim.simulate(sim.configure(48, 64, 8.0, 3), 120)
+    assert bright.gain_adu == pytest.approx(config.gain_adu * 2.0 / 8.0)
+    assert np.mean(bright.noisy == 65535) == 0.0
+
+
+def test_bench_denoise_draws_from_the_independent_simulator_when_asked():
+    import argparse
+
+    tool = load_tool("bench_denoise")
+    args = argparse.Namespace(size=(32, 48), sim=["rate_hz=10", "motion=0"], simulator="independent", frames=40)
+    movie = tool.simulate(args, 2.0, 1)
+    assert movie.noisy.shape == (40, 32, 48) and movie.offset_adu == 1000.0
+    assert tool.independent_config(args, 2.0, 1).rate_hz == 10.0
+    for bad in (["drift_px=3"], ["motion"], ["motion=much"]):
+        with pytest.raises(SystemExit, match="--sim"):
+            tool.independent_config(argparse.Namespace(size=(32, 48), sim=bad), 2.0, 0)
+    project = tool.simulate(argparse.Namespace(size=(32, 48), sim=[], simulator="project", frames=40), 2.0, 1)
+    assert project.noisy.shape == (40, 32, 48) and set(project.kinds) == {SOMA, PROCESS, PUNCTUM}

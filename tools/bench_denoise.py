@@ -14,7 +14,9 @@ kind of source (somata, puncta, thin processes), which those means hide.
     python tools/bench_denoise.py --frames 600 --size 128 128 --photons 0.5 2 8 --seeds 0 1 2 --json out.json
 
 ``--sim FIELD=VALUE`` changes the simulator's physics (any `SimConfig` field, e.g. ``rate_hz=10``,
-``drift_px=3``), to check that the engine holds on movies unlike those it was tuned on.
+``drift_px=3``), to check that the engine holds on movies unlike those it was tuned on;
+``--simulator independent`` draws the movies from a second model written apart from the project's
+(tools/independent_sim.py; its ``--sim`` fields are its `TUNABLE`).
 
 Above 2 photons/pixel/frame the PMT gain (ADU per photon) is lowered in proportion, as an
 experimenter would, so that the brightest transients stay below 65535 (else 1-2 % of the pixels
@@ -34,7 +36,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -46,6 +50,10 @@ from umvd_live.metrics import ORACLE_LABELS, ORACLE_METRICS, MovieScorer, format
 from umvd_live.metrics import REPORT_HEADERS as HEADER
 from umvd_live.metrics import REPORT_METRICS as METRICS
 from umvd_live.metrics import format_score as fmt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import independent_sim  # noqa: E402  (a second simulator, tools/independent_sim.py)
+from independent_sim import IndependentConfig  # noqa: E402
 
 BEST_COLUMNS = ORACLE_METRICS
 
@@ -65,12 +73,47 @@ def sim_config(args: argparse.Namespace, photons: float, seed: int) -> SimConfig
         raise SystemExit(str(e)) from None
 
 
-def bench_one(args: argparse.Namespace, photons: float, seed: int, tmp: Path) -> dict:
-    """Every method's scores on one simulated movie."""
-    config = sim_config(args, photons, seed)
+def independent_config(args: argparse.Namespace, photons: float, seed: int) -> IndependentConfig:
+    """The same for ``--simulator independent`` (tools/independent_sim.py)."""
+    try:
+        return independent_sim.configure(args.size[0], args.size[1], photons, seed, args.sim)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
+@dataclass(frozen=True)
+class Movie:
+    """A simulated movie and what scoring it needs, from either simulator."""
+
+    noisy: np.ndarray
+    truth: np.ndarray
+    footprints: Any
+    kinds: tuple[str, ...]
+    offset_adu: float
+    gain_adu: float
+
+
+def config_of(args: argparse.Namespace, photons: float, seed: int) -> SimConfig | IndependentConfig:
+    """The movie's config from ``args.simulator``'s simulator; SystemExit names a bad ``--sim``."""
+    return (independent_config if args.simulator == "independent" else sim_config)(args, photons, seed)
+
+
+def simulate(args: argparse.Namespace, photons: float, seed: int) -> Movie:
+    """One movie of ``args.simulator``."""
+    config = config_of(args, photons, seed)
+    if isinstance(config, IndependentConfig):
+        movie = independent_sim.simulate(config, args.frames)
+        return Movie(movie.noisy, movie.truth, movie.footprints, movie.kinds, config.offset_adu, movie.gain_adu)
     sim = TwoPhotonSimulator(config)
     noisy, clean = sim.movie(args.frames)
-    scorer = MovieScorer(clean, sim.footprint_matrix(), offset=config.offset_adu, kinds=sim.scene.kinds)
+    return Movie(noisy, clean, sim.footprint_matrix(), tuple(sim.scene.kinds), config.offset_adu, config.gain_adu)
+
+
+def bench_one(args: argparse.Namespace, photons: float, seed: int, tmp: Path) -> dict:
+    """Every method's scores on one simulated movie."""
+    movie = simulate(args, photons, seed)
+    noisy, clean = movie.noisy, movie.truth
+    scorer = MovieScorer(clean, movie.footprints, offset=movie.offset_adu, kinds=movie.kinds)
     rows: dict[str, dict] = {}
 
     def add(name: str, estimate: np.ndarray, seconds: float | None = None, **extra) -> None:
@@ -79,7 +122,7 @@ def bench_one(args: argparse.Namespace, photons: float, seed: int, tmp: Path) ->
         print(f"  {name}: PSNR {r['psnr']:.2f}, active {r['active_psnr']:.2f}, corr {r['trace_corr']:.3f}, "
               f"slope {r['trace_slope']:.2f}, peak {r['peak_ratio']:.2f}, lag {r['lag_frames']:+.2f}", flush=True)
 
-    print(f"photons {photons}, seed {seed}: {sim.scene.n_cells} sources, {scorer.traces.cells.size} active cells, "
+    print(f"photons {photons}, seed {seed}: {len(movie.kinds)} sources, {scorer.traces.cells.size} active cells, "
           f"clipped {100 * np.mean(noisy == 65535):.4f} %", flush=True)
     add("noisy input", noisy)
     add("temporal mean, 5 frames", temporal_mean(noisy, 5))
@@ -108,8 +151,8 @@ def bench_one(args: argparse.Namespace, photons: float, seed: int, tmp: Path) ->
             add(name, result, seconds)
             out.unlink()
         src.unlink()
-    return {"config": {"photons": photons, "seed": seed, "gain_adu": config.gain_adu, "frames": args.frames,
-                       "size": list(args.size), "sources": int(sim.scene.n_cells),
+    return {"config": {"photons": photons, "seed": seed, "gain_adu": movie.gain_adu, "frames": args.frames,
+                       "size": list(args.size), "sources": len(movie.kinds),
                        "active_cells": int(scorer.traces.cells.size), "active_fraction": scorer.active_fraction},
             "rows": rows}
 
@@ -193,13 +236,15 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--offline", action="store_true", help="also run `denoise --offline`")
     p.add_argument("--sim", action="append", default=[], metavar="FIELD=VALUE",
-                   help="a simulator setting other than its default (a SimConfig field), repeatable: "
-                        "rate_hz=10, drift_px=3, n_cells=60, ...")
+                   help="a simulator setting other than its default (a SimConfig field, or with --simulator "
+                        "independent one of its TUNABLE), repeatable: rate_hz=10, drift_px=3, n_cells=60, ...")
+    p.add_argument("--simulator", choices=("project", "independent"), default="project",
+                   help="the project's simulator, or tools/independent_sim.py's (a second model, written apart)")
     p.add_argument("--skip-denoise", action="store_true", help="only the baselines and oracles")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `denoise` options (last)")
     p.add_argument("--json", help="write every figure here")
     args = p.parse_args()
-    sim_config(args, args.photons[0], args.seeds[0])  # a bad --sim stops here, before any movie is simulated
+    config_of(args, args.photons[0], args.seeds[0])  # a bad --sim stops here, before any movie is simulated
 
     command = "python tools/bench_denoise.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load_start = psutil.getloadavg()[0]
@@ -209,7 +254,7 @@ def main() -> int:
             results[photons] = [bench_one(args, photons, seed, Path(tmp)) for seed in args.seeds]
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, load {load_start:.1f} → {psutil.getloadavg()[0]:.1f}")
     print(f"\n{command}\n{datetime.date.today().isoformat()}; {args.frames}×{args.size[0]}×{args.size[1]} simulated "
-          f"movies (simulator {' '.join(args.sim) or 'defaults'}); {machine}\n")
+          f"movies ({args.simulator} simulator, {' '.join(args.sim) or 'defaults'}); {machine}\n")
     if args.json:  # first: the figures of a long run outlive a failure to tabulate them
         Path(args.json).write_text(json.dumps({"command": command, "date": datetime.date.today().isoformat(),
                                                "machine": machine,

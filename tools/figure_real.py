@@ -10,6 +10,7 @@ any network.
     python tools/figure_real.py real                     # the OptiNiSt movie -> docs/img/real_optinist.png
     python tools/figure_real.py sim                      # a simulated movie  -> docs/img/sim_2photons.png
     python tools/figure_real.py sim --sim cell_radius_px=3 --out r3.png   # other physics, as bench_denoise --sim
+    python tools/figure_real.py sim --simulator independent --out ind.png  # tools/independent_sim.py's movie
     python tools/figure_real.py real --denoised OUT.tif  # reuse an output of `umvd-live denoise`
     python tools/figure_real.py live --size 512 512      # a live stream -> docs/img/live_512.png
 
@@ -47,9 +48,10 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy.ndimage import gaussian_filter
 from skimage.feature import peak_local_max
 
-from umvd_live.adapters.simulation import TwoPhotonSimulator
-from umvd_live.apps.harness import movie_config
 from umvd_live.metrics import MovieScorer, trace_scores
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_denoise import config_of, simulate  # noqa: E402  (the benchmark's movies, --sim included)
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_MOVIE = ROOT.parent / "shared" / "data" / "2p_optinist_mouse_1000x128x128_u16.tif"
@@ -445,16 +447,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sim", action="append", default=[], metavar="FIELD=VALUE",
                    help="sim: a simulator setting other than its default (a SimConfig field), repeatable, "
                         "as tools/bench_denoise.py takes it: cell_radius_px=3, rate_hz=10, ...")
+    p.add_argument("--simulator", choices=("project", "independent"), default="project",
+                   help="sim: the project's simulator or tools/independent_sim.py's, as tools/bench_denoise.py")
     p.add_argument("--cells", type=int, default=5, help="cells whose traces are drawn (default 5)")
     p.add_argument("--work", type=Path, help="where the movies and denoised outputs go (default: a temporary folder)")
     p.add_argument("--out", type=Path, help="the PNG (default docs/img/real_optinist.png or docs/img/sim_2photons.png)")
     args = p.parse_args(argv)
-    if args.sim and args.movie != "sim":
-        p.error(f"--sim sets the simulated movie of `sim`; `{args.movie}` takes none")
-    try:  # the PMT gain and --sim as tools/bench_denoise.py sets them, so both see the same movie
-        config = movie_config(args.size[0], args.size[1], args.photons, args.seed, args.sim)
-    except ValueError as e:
-        p.error(str(e))
+    if (args.sim or args.simulator != "project") and args.movie != "sim":
+        p.error(f"--sim and --simulator set the simulated movie of `sim`; `{args.movie}` takes none")
+    config_of(args, args.photons, args.seed)  # a bad --sim stops here, before the movie is read or made
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -480,17 +481,18 @@ def main(argv: list[str] | None = None) -> int:
                       f"p99 {figures['latency_ms_p99']:.0f} ms")
             out = args.out or ROOT / "docs" / "img" / f"live_{args.size[0]}.png"
         else:
-            sim = TwoPhotonSimulator(config)
-            noisy, clean = sim.movie(args.frames)
+            movie = simulate(args, args.photons, args.seed)  # as tools/bench_denoise.py draws it: the same frames
             physics = " ".join(args.sim)
-            source = work / f"sim_p{args.photons:g}_s{args.seed}{''.join('_' + item for item in args.sim)}.tif"
-            tifffile.imwrite(source, noisy)
+            tag = "" if args.simulator == "project" else f"_{args.simulator}"
+            source = work / f"sim{tag}_p{args.photons:g}_s{args.seed}{''.join('_' + item for item in args.sim)}.tif"
+            tifffile.imwrite(source, movie.noisy)
             den, how = denoised_movie(source, args.denoised, work)
-            movies = {"raw": noisy.astype(np.float32), "neighbour mean": neighbour_mean(noisy), "denoised": den,
-                      "truth": clean}
-            offset = config.offset_adu
+            movies = {"raw": movie.noisy.astype(np.float32), "neighbour mean": neighbour_mean(movie.noisy),
+                      "denoised": den, "truth": movie.truth}
+            offset = movie.offset_adu
             title = (f"Simulated two-photon movie: {args.frames} frames of {args.size[0]}x{args.size[1]}, "
-                     f"{args.photons:g} photons/pixel/frame, simulator {physics or 'defaults'}, seed {args.seed}")
+                     f"{args.photons:g} photons/pixel/frame, {args.simulator} simulator {physics or 'defaults'}, "
+                     f"seed {args.seed}")
             out = args.out or ROOT / "docs" / "img" / f"sim_{args.photons:g}photons.png"
         if den.shape != movies["raw"].shape:
             raise SystemExit(f"the denoised movie is {den.shape}, the input {movies['raw'].shape}")
@@ -503,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     report(movies, info["footprints"], offset)
     rise_report(movies, info["footprints"], info["zooms"])
     if args.movie == "sim":  # the whole movie, every cell of the simulator, as tools/bench_denoise.py scores it
-        scorer = MovieScorer(movies["truth"], sim.footprint_matrix(), offset=offset)
+        scorer = MovieScorer(movies["truth"], movie.footprints, offset=offset)
         print("\nthe whole movie, with the simulator's own footprints (umvd_live.metrics):")
         for m in ("raw", "neighbour mean", "denoised"):
             print(f"  {m:15s}", {k: round(v, 3) for k, v in scorer.score(movies[m]).items()})
