@@ -11,7 +11,7 @@ What it does differently:
 
 * **spikes, then calcium**: each source fires as a Poisson process (rates log-normal, median
   0.25 Hz: the sparse firing of cortical layer 2/3, Barth & Poulet 2012, Trends Neurosci 35:345),
-  three in ten firing events a burst of 2-6 spikes; calcium is the spikes convolved with
+  with bursts of 2-6 more spikes at 0.3 times that rate; calcium is the spikes convolved with
   (1 - exp(-t/rise)) exp(-t/decay) (rise 30-80 ms, decay 0.4-1.2 s), and the indicator saturates:
   dF/F = F_max c / (c + K) (K = 6 spikes' calcium, F_max 2.5-5, so one spike gives 0.36-0.71);
 * **somata** as super-Gaussian disks (radius 4-7 px) with a dim nucleus (GCaMP is cytosolic),
@@ -113,6 +113,7 @@ def _sources(rng: np.random.Generator, shape: tuple[int, int]) -> tuple[list[np.
 
     def count(low: int, high: int) -> int:
         return max(1, int(round(int(rng.integers(low, high)) * area)))
+
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     templates: list[np.ndarray] = []
     kinds: list[str] = []
