@@ -56,6 +56,8 @@ import independent_sim  # noqa: E402  (a second simulator, tools/independent_sim
 from independent_sim import IndependentConfig  # noqa: E402
 
 BEST_COLUMNS = ORACLE_METRICS
+#: ``--simulator``: the project's, or tools/independent_sim.py's (a second model, written apart).
+SIMULATORS = ("project", "independent")
 
 
 def run_cli(args: list[str]) -> float:
@@ -238,7 +240,7 @@ def main() -> int:
     p.add_argument("--sim", action="append", default=[], metavar="FIELD=VALUE",
                    help="a simulator setting other than its default (a SimConfig field, or with --simulator "
                         "independent one of its TUNABLE), repeatable: rate_hz=10, drift_px=3, n_cells=60, ...")
-    p.add_argument("--simulator", choices=("project", "independent"), default="project",
+    p.add_argument("--simulator", choices=SIMULATORS, default="project",
                    help="the project's simulator, or tools/independent_sim.py's (a second model, written apart)")
     p.add_argument("--skip-denoise", action="store_true", help="only the baselines and oracles")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `denoise` options (last)")

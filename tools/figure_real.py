@@ -51,7 +51,7 @@ from skimage.feature import peak_local_max
 from umvd_live.metrics import MovieScorer, trace_scores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_denoise import config_of, simulate  # noqa: E402  (the benchmark's movies, --sim included)
+from bench_denoise import SIMULATORS, config_of, simulate  # noqa: E402  (the benchmark's movies, --sim included)
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_MOVIE = ROOT.parent / "shared" / "data" / "2p_optinist_mouse_1000x128x128_u16.tif"
@@ -445,9 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--photons", type=float, default=2.0, help="sim: photons/pixel/frame (default 2)")
     p.add_argument("--seed", type=int, default=0, help="sim: seed (default 0)")
     p.add_argument("--sim", action="append", default=[], metavar="FIELD=VALUE",
-                   help="sim: a simulator setting other than its default (a SimConfig field), repeatable, "
-                        "as tools/bench_denoise.py takes it: cell_radius_px=3, rate_hz=10, ...")
-    p.add_argument("--simulator", choices=("project", "independent"), default="project",
+                   help="sim: a simulator setting other than its default (a SimConfig field, or with "
+                        "--simulator independent one of its TUNABLE), repeatable, as tools/bench_denoise.py "
+                        "takes it: cell_radius_px=3, rate_hz=10, ...")
+    p.add_argument("--simulator", choices=SIMULATORS, default="project",
                    help="sim: the project's simulator or tools/independent_sim.py's, as tools/bench_denoise.py")
     p.add_argument("--cells", type=int, default=5, help="cells whose traces are drawn (default 5)")
     p.add_argument("--work", type=Path, help="where the movies and denoised outputs go (default: a temporary folder)")

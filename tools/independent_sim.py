@@ -4,8 +4,9 @@ Why: the engine's defaults were measured and tuned on the project's own simulato
 acceptance runs on simulators this project never sees. A model that makes *other* choices for the
 same physics tells whether the defaults hold beyond the movies they were tuned on (tools/
 bench_denoise.py ``--simulator independent``; docs/benchmarks.md, "An independent simulator").
-Nothing here is shared with adapters/simulation.py but numpy and scipy; where the two agree on a
-number it is the issue's (rise about 50 ms, decay 0.4-1.2 s, photons per pixel).
+It shares no modelling with adapters/simulation.py (only the parsing of ``--sim``, with the
+project's `harness.sim_overrides`); where the two agree on a number it is the issue's (rise about
+50 ms, decay 0.4-1.2 s, photons per pixel).
 
 What it does differently:
 
@@ -42,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from scipy import ndimage, signal, sparse
+
+from umvd_live.apps.harness import sim_overrides
 
 #: Brightest mean photons/pixel/frame at the full PMT gain; above it the gain is lowered in
 #: proportion, as an experimenter would, so that the brightest bursts do not clip at 65535.
@@ -83,18 +86,9 @@ class IndependentMovie:
 
 
 def configure(height: int, width: int, photons: float, seed: int, sim: Sequence[str] = ()) -> IndependentConfig:
-    """The config of one benchmark movie; ``sim``: ``FIELD=VALUE`` items of `TUNABLE` (ValueError
-    names a bad one)."""
-    changes: dict[str, float] = {}
-    for item in sim:
-        name, sep, text = item.partition("=")
-        if not sep or name not in TUNABLE:
-            raise ValueError(f"--sim {item!r}: the independent simulator takes FIELD=VALUE with FIELD one of "
-                             f"{', '.join(TUNABLE)}")
-        try:
-            changes[name] = float(text)
-        except ValueError:
-            raise ValueError(f"--sim {item!r}: {text!r} is not a number") from None
+    """The config of one benchmark movie; ``sim``: ``FIELD=VALUE`` items of `TUNABLE`, read as the
+    project simulator's are (`harness.sim_overrides`; ValueError names a bad one)."""
+    changes = sim_overrides(sim, fields=TUNABLE)
     return dataclasses.replace(IndependentConfig(height=height, width=width, photons=photons, seed=seed), **changes)
 
 

@@ -28,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -116,14 +116,15 @@ def sim_config(height: int, width: int, rate_hz: float, photons: float, seed: in
 SIM_FIELDS = frozenset(f.name for f in dataclasses.fields(SimConfig)) - {"height", "width", "photons", "seed", "events"}
 
 
-def sim_overrides(items: Sequence[str]) -> dict[str, Any]:
+def sim_overrides(items: Sequence[str], fields: Collection[str] = SIM_FIELDS) -> dict[str, Any]:
     """``["rate_hz=10", "n_cells=40"]`` -> ``{"rate_hz": 10.0, "n_cells": 40}``: numbers only,
-    the counts (n_cells, n_processes) as int, the rest as float; ValueError names a bad item."""
+    the counts (n_cells, n_processes) as int, the rest as float; ValueError names a bad item.
+    ``fields``: the names allowed (another simulator's, tools/independent_sim.py)."""
     out: dict[str, Any] = {}
     for item in items:
         name, sep, text = item.partition("=")
-        if not sep or name not in SIM_FIELDS:
-            raise ValueError(f"--sim {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(SIM_FIELDS))}")
+        if not sep or name not in fields:
+            raise ValueError(f"--sim {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(fields))}")
         try:
             value = float(text)
         except ValueError:
