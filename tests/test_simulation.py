@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import threading
 from dataclasses import replace
 
@@ -573,3 +574,34 @@ def test_bench_denoise_draws_from_the_independent_simulator_when_asked():
             tool.independent_config(argparse.Namespace(size=(32, 48), sim=bad), 2.0, 0)
     project = tool.simulate(argparse.Namespace(size=(32, 48), sim=[], simulator="project", frames=40), 2.0, 1)
     assert project.noisy.shape == (40, 32, 48) and set(project.kinds) == {SOMA, PROCESS, PUNCTUM}
+
+
+def test_blind_ceiling_scores_the_independent_truth_without_its_own_jitter(tmp_path):
+    """``jitter_px=0`` keeps every other draw (sources, activity, drift), so the tool's jitter-free
+    truth is the same movie less each frame's own jitter: scored against the moving truth it keeps
+    less than all of the amplitude, and exactly all of it where there is no jitter to lose."""
+    sim, tool = load_tool("independent_sim"), load_tool("blind_ceiling")
+    config = sim.configure(48, 64, 2.0, 3)
+    moving, still = sim.simulate(config, 150), sim.simulate(replace(config, jitter_px=0.0), 150)
+    assert moving.kinds == still.kinds and (moving.footprints != still.footprints).nnz == 0
+    signal = moving.truth.mean() - config.offset_adu
+    assert 0 < np.abs(moving.truth - still.truth).mean() < 0.1 * signal
+    # the jitter was white: without it, consecutive frames differ less
+    assert np.abs(np.diff(still.truth, axis=0)).mean() < 0.8 * np.abs(np.diff(moving.truth, axis=0)).mean()
+    scores = tool.ceilings(config, 150)
+    known, averaged = (scores[name] for name in tool.ESTIMATES)
+    assert 0.6 < averaged["trace_slope"] <= known["trace_slope"] < 0.99
+    assert 0.8 < known["trace_corr"] < 0.999
+    exact = tool.ceilings(replace(config, jitter_px=0.0), 150)[tool.ESTIMATES[1]]
+    assert exact["trace_slope"] == pytest.approx(1.0, abs=1e-6) and exact["trace_corr"] == pytest.approx(1.0, abs=1e-6)
+    # the average over the shifts: a blur with the shift's variance, the frame's sum kept
+    point = np.zeros((1, 9, 9))
+    point[0, 4, 4] = 1.0
+    blurred = tool.jitter_average(point, 0.5)[0]
+    assert blurred.sum() == pytest.approx(1.0)
+    assert (blurred.sum(axis=1) * (np.arange(9) - 4) ** 2).sum() == pytest.approx(0.25)
+    out = tmp_path / "ceiling.json"
+    argv = ["--size", "48", "64", "--frames", "150", "--photons", "2", "--seeds", "3", "--json", str(out)]
+    assert tool.main(argv) == 0
+    written = json.loads(out.read_text())["movies"][0]
+    assert written["seed"] == 3 and written[tool.ESTIMATES[1]]["trace_slope"] == pytest.approx(averaged["trace_slope"])

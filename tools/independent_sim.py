@@ -20,8 +20,8 @@ What it does differently:
   calcium (back-propagating action potentials) plus their own, and **boutons** 0.7-1.1 px;
 * **neuropil** as a smooth 3-D Gaussian random field (about 8 px by 12 frames, 5 % sd) plus the
   population's mean activity;
-* **motion** as a smoothed random walk (up to 1.5 px) plus white jitter (0.25 px RMS), each frame
-  shifted by cubic splines (the truth moves too);
+* **motion** as a smoothed random walk (up to 1.5 px) plus white jitter (``jitter_px``, 0.25 px RMS
+  per axis), each frame shifted by cubic splines (the truth moves too);
 * **detection**: Poisson photons, each photon's PMT charge gamma-distributed (shape 3.3: excess
   noise factor 1.3), the amplifier's bandwidth as a first-order low-pass along the fast axis x
   (pole 0.35: neighbouring pixels' noise correlates about 0.35), Gaussian read noise, rounded to
@@ -65,6 +65,7 @@ class IndependentConfig:
     rise_s: tuple[float, float] = (0.03, 0.08)
     decay_s: tuple[float, float] = (0.4, 1.2)
     motion: float = 1.0  # scale of the drift and the jitter
+    jitter_px: float = 0.25  # RMS of the white jitter per axis (before ``motion``); 0 keeps every other draw
     fast_axis_pole: float = 0.35  # the low-pass along x: neighbouring pixels' noise correlation
     excess_shape: float = 3.3  # gamma shape of one photon's charge: excess noise factor 1 + 1/shape
     gain_adu: float = 1500.0  # ADU per photon at the full gain (`FULL_GAIN_PHOTONS`)
@@ -73,7 +74,8 @@ class IndependentConfig:
 
 
 #: The fields ``--sim FIELD=VALUE`` may set (`tools/bench_denoise.py`): the scalar ones.
-TUNABLE = ("rate_hz", "motion", "fast_axis_pole", "excess_shape", "gain_adu", "offset_adu", "read_noise_adu")
+TUNABLE = ("rate_hz", "motion", "jitter_px", "fast_axis_pole", "excess_shape", "gain_adu", "offset_adu",
+           "read_noise_adu")
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,8 @@ def simulate(config: IndependentConfig, frames: int) -> IndependentMovie:
     neuropil = 0.05 * coarse / coarse.std() + 0.2 * dff.mean(axis=1)[:, None, None]
     neuropil = ndimage.zoom(neuropil, (1, h / neuropil.shape[1], w / neuropil.shape[2]), order=1)
     walk = ndimage.gaussian_filter1d(np.cumsum(rng.normal(0, 1, (frames, 2)), axis=0), 30, axis=0)
-    shifts = config.motion * (1.5 * walk / (np.abs(walk).max() + 1e-9) + rng.normal(0, 0.25, (frames, 2)))
+    jitter = config.jitter_px * rng.normal(0, 1, (frames, 2))
+    shifts = config.motion * (1.5 * walk / (np.abs(walk).max() + 1e-9) + jitter)
     bleach = np.exp(-np.arange(frames) / config.rate_hz / 1800.0)
     stack = np.stack(templates)
     expected = np.empty((frames, config.height, config.width), np.float32)
