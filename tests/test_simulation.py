@@ -595,11 +595,12 @@ def test_blind_ceiling_scores_the_independent_truth_without_its_own_jitter(tmp_p
     exact = tool.ceilings(replace(config, jitter_px=0.0), 150)[tool.ESTIMATES[1]]
     assert exact["trace_slope"] == pytest.approx(1.0, abs=1e-6) and exact["trace_corr"] == pytest.approx(1.0, abs=1e-6)
     # the average over the shifts: a blur with the shift's variance, the frame's sum kept
-    point = np.zeros((1, 9, 9))
-    point[0, 4, 4] = 1.0
-    blurred = tool.jitter_average(point, 0.5)[0]
-    assert blurred.sum() == pytest.approx(1.0)
-    assert (blurred.sum(axis=1) * (np.arange(9) - 4) ** 2).sum() == pytest.approx(0.25)
+    point = np.zeros((1, 21, 21))
+    point[0, 10, 10] = 1.0
+    for rms in (0.5, 1.5):  # the 3-tap kernel, then a sampled Gaussian, never a negative weight
+        blurred = tool.jitter_average(point, rms)[0]
+        assert blurred.sum() == pytest.approx(1.0) and blurred.min() >= 0
+        assert (blurred.sum(axis=1) * (np.arange(21) - 10) ** 2).sum() == pytest.approx(rms**2, rel=0.02)
     out = tmp_path / "ceiling.json"
     argv = ["--size", "48", "64", "--frames", "150", "--photons", "2", "--seeds", "3", "--json", str(out)]
     assert tool.main(argv) == 0

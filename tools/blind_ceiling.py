@@ -59,8 +59,11 @@ def jitter_average(movie: np.ndarray, rms_px: float) -> np.ndarray:
     """Each frame averaged over white shifts of ``rms_px`` RMS per axis: to second order in the shift,
     the frame plus rms² / 2 times its second derivative along each axis, the 3-tap kernel
     [a, 1 - 2a, a] with a = rms² / 2 (a Gaussian sampled at σ 0.25 px is a delta to 1e-3, not a blur
-    of variance 0.0625 px²)."""
+    of variance 0.0625 px²). From rms 0.8 px (a = 1/3: three equal taps) a sampled Gaussian has the
+    shift's variance (0.64 px² at σ 0.8) and the 3-tap kernel would turn negative."""
     a = rms_px**2 / 2
+    if a > 1 / 3:
+        return ndimage.gaussian_filter(movie, (0, rms_px, rms_px), mode="nearest")
     kernel = np.array([a, 1 - 2 * a, a])
     along_y = ndimage.correlate1d(movie, kernel, axis=1, mode="nearest")
     return ndimage.correlate1d(along_y, kernel, axis=2, mode="nearest")
