@@ -33,6 +33,7 @@ from umvd_live.metrics import finite_json, trace_scores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import independent_sim  # noqa: E402  (tools/independent_sim.py)
+from bench_denoise import independent_config  # noqa: E402  (its --sim read as the benchmark reads it)
 from independent_sim import IndependentConfig  # noqa: E402
 
 ESTIMATES = ("without the jitter", "the jitter averaged out")
@@ -88,16 +89,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="the independent simulator's fields: " + ", ".join(independent_sim.TUNABLE))
     p.add_argument("--json", type=Path, help="write every figure here")
     args = p.parse_args(argv)
+    independent_config(args, args.photons[0], args.seeds[0])  # a bad --sim stops here, before the table
     print("| movie (scored cells) | without the jitter: slope / corr | the jitter averaged out: slope / corr "
           "| per kind (averaged): slope / corr |")
     print("|---|---|---|---|")
     results = []
     for photons in args.photons:
         for seed in args.seeds:
-            try:
-                config = independent_sim.configure(*args.size, photons, seed, args.sim)
-            except ValueError as e:
-                raise SystemExit(str(e)) from None
+            config = independent_config(args, photons, seed)
             scores = ceilings(config, args.frames)
             print(table_row(f"{photons:g} photons, seed {seed}", scores), flush=True)
             results.append({"photons": photons, "seed": seed, "config": dataclasses.asdict(config), **scores})
