@@ -90,6 +90,7 @@ def check_outputs(movies: Path, out: Path) -> None:
     assert int(prov["extra.chunks"]) >= 3  # more if the change detector starts segments
     assert prov["extra.amplitude_gain"].count("too few frames") >= 3  # each chunk's own, recorded (too short here)
     assert prov["extra.cell_blend"].count("too few frames") >= 3  # likewise
+    assert prov["extra.jitter"].count("too few frames") >= 3  # likewise
     assert np.abs(chunked - whole).max() <= 1e-4 * float(whole.max() - whole.min())
     assert not list(out.glob(".partial-*")), "temporaries are renamed or removed"
 

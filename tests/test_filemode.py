@@ -43,6 +43,7 @@ def test_denoise_writes_one_float32_frame_per_input_with_provenance(tmp_path, si
     assert {i.amplitude_gain for i in infos} == {1.0}  # recorded; 40 frames are too few to measure a gain
     assert provenance["preset"] == "lite" and str(provenance["window"]) == "7"
     assert provenance["extra.context_blocks"] == "8,24,64" and provenance["extra.context_sides"] == "both"
+    assert "too few frames" in provenance["extra.jitter"]  # recorded; 40 frames are too few to measure it
     assert (tmp_path / "m.pt").is_file()
     assert abs(float(frames.mean()) - float(noisy[:40].mean())) < 0.05 * float(noisy[:40].mean()), "input units"
 

@@ -64,6 +64,7 @@ from umvd_live.engine.budget import cpu_cores
 from umvd_live.engine.cellblend import CellBlend
 from umvd_live.engine.changes import Change, ChangeDetector
 from umvd_live.engine.checkpoint import CheckpointError
+from umvd_live.engine.jitter import JitterFollowed
 from umvd_live.engine.normalization import sanitize
 from umvd_live.portable import replace_file
 from umvd_live.recording.movie import MovieError, MovieFrames
@@ -197,6 +198,7 @@ class ChunkResult:
     worker: str
     gains: tuple[AmplitudeGain, ...] = ()  # the chunk's amplitude restoration (`engine.amplitude`), movie frames
     blends: tuple[CellBlend, ...] = ()  # the chunk's cell-scale blend (`engine.cellblend`), movie frames
+    follows: tuple[JitterFollowed, ...] = ()  # the chunk's jitter followed (`engine.jitter`), movie frames
 
 
 def _worker() -> tuple[str, int]:
@@ -336,7 +338,9 @@ def denoise_chunk(source: str, model: WarmModel, chunk: Chunk, options: BatchOpt
                   for gain in engine.amplitude_gains)
     blends = tuple(replace(blend, first=blend.first + shift, unblended=tuple(t + shift for t in blend.unblended))
                    for blend in engine.cell_blends)
-    return ChunkResult(chunk, images, outputs, time.monotonic() - started, _worker()[0], gains, blends)
+    follows = tuple(replace(f, first=f.first + shift, unmoved=tuple(t + shift for t in f.unmoved))
+                    for f in engine.jitter_follows)
+    return ChunkResult(chunk, images, outputs, time.monotonic() - started, _worker()[0], gains, blends, follows)
 
 
 def write_chunks(source: str, output: str, model: WarmModel, options: BatchOptions, *parts: ChunkResult) -> Written:
@@ -348,8 +352,9 @@ def write_chunks(source: str, output: str, model: WarmModel, options: BatchOptio
     # each chunk measured its own
     blends = denoise.describe_blends([blend for p in parts for blend in p.blends])
     gains = denoise.describe_gains([gain for p in parts for gain in p.gains])
-    provenance = replace(model.provenance,
-                         extra={**model.provenance.extra, "cell_blend": blends, "amplitude_gain": gains})
+    follows = denoise.describe_jitter([f for p in parts for f in p.follows])
+    provenance = replace(model.provenance, extra={**model.provenance.extra, "cell_blend": blends,
+                                                  "amplitude_gain": gains, "jitter": follows})
     if options.save_models:  # first: an output is never left without its model
         denoise.write_atomic(_model_path(Path(output)), lambda tmp: tmp.write_bytes(model.weights), overwrite=True)
     with MovieFrames(source, model.stream) as reader:  # the stream's metadata, for every frame

@@ -119,6 +119,9 @@ def _file_args(p: argparse.ArgumentParser) -> None:
                         "which the outputs are blended with a blind temporal mean of the noisy frames, as far "
                         "as that measurably brings them closer to the truth (default 2; 0: off; docs/engine.md, "
                         "\"Cell-scale blend\")")
+    p.add_argument("--follow-jitter", action=argparse.BooleanOptionalAction, default=None,
+                   help="move each output with its own frame's rigid jitter, measured on the frame and scaled by "
+                        "how surely the whole field moves as one (default: on; docs/engine.md, \"Jitter followed\")")
     p.add_argument("--threads", type=int, metavar="T",
                    help="torch threads on a CPU (default: every core this process may use; batch: "
                         "the cores divided among the tasks that run at once)")
@@ -454,7 +457,7 @@ ENGINE_FLAGS = {"preset": "preset", "device": "device", "window": "window", "con
                 "prior": "prior", "seed": "seed", "batch": "max_batch", "workers": "workers",
                 "precision": "precision", "compile": "compile", "steps_per_frame": "steps_per_frame",
                 "threads": "cpu_threads", "keep_amplitude": "keep_amplitude",
-                "blend_px": "blend_px"}
+                "blend_px": "blend_px", "follow_jitter": "follow_jitter"}
 #: The fields named otherwise than their flag -> the flag, for the messages of `EngineConfig` and
 #: `DaemonConfig` (same units; ``--catchup-ms`` is checked in its own, `_catchup_s`).
 FIELD_FLAGS = {"cpu_threads": "--threads", "max_batch": "--batch", "status_interval_s": "--status-interval",

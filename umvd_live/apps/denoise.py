@@ -34,6 +34,7 @@ from umvd_live.engine.cellblend import CellBlend
 from umvd_live.engine.changes import Change
 from umvd_live.engine.checkpoint import CheckpointError
 from umvd_live.engine.device import DeviceUnavailable, pick_device
+from umvd_live.engine.jitter import JitterFollowed
 from umvd_live.engine.normalization import bad_pixels
 from umvd_live.engine.provenance import network_provenance
 from umvd_live.portable import replace_file
@@ -216,6 +217,7 @@ def denoise_provenance(engine: StreamDenoiser, movie: MovieFrames, *, offline: b
                                    (engine.changes if changes is None else changes)) or "none",
                "cell_blend": describe_blends(engine.cell_blends),
                "amplitude_gain": describe_gains(engine.amplitude_gains),
+               "jitter": describe_jitter(engine.jitter_follows),
                **extra},
     )
 
@@ -250,6 +252,22 @@ def describe_gains(gains: Sequence[AmplitudeGain]) -> str:
             why += f", {len(g.unrestored)} frames left unrestored by the referee"
         return f"{g.first}:{g.gain:.3f} ({why})"
     return ", ".join(one(g) for g in gains) or "none"
+
+
+def describe_jitter(follows: Sequence[JitterFollowed]) -> str:
+    """Following the jitter in each segment (`engine.jitter`), for the provenance and the summary
+    line: ``first-frame:mean shift px`` (``(the Wiener weight, the shared motion's and the
+    estimate's noise RMS per axis y/x, frames the referee left where they were)``, or why none
+    was moved)."""
+    def one(f: JitterFollowed) -> str:
+        if not any(f.weight):
+            return f"{f.first}:0 ({f.reason})"
+        why = (f"weight {f.weight[0]:.2f}/{f.weight[1]:.2f}, motion {f.jitter_px[0]:.2f}/{f.jitter_px[1]:.2f} px, "
+               f"noise {f.noise_px[0]:.2f}/{f.noise_px[1]:.2f} px")
+        if f.unmoved:
+            why += f", {len(f.unmoved)} frames left unmoved by the referee"
+        return f"{f.first}:{f.moved_px:.2f} px ({why})"
+    return ", ".join(one(f) for f in follows) or "none"
 
 
 def write_denoised(output: str | Path, movie: MovieFrames, frames: Iterable[np.ndarray],
@@ -411,6 +429,7 @@ def _denoise_stream(config: DenoiseConfig, stream: str, output: Path, model: Pat
         + f" → {output}"
         + f"; cell-scale blend {describe_blends(engine.cell_blends)}"
         + f"; amplitude gain {describe_gains(engine.amplitude_gains)}"
+        + f"; jitter followed {describe_jitter(engine.jitter_follows)}"
         + (f"; {fallbacks} frames where the network lost to the neighbours' mean got the window's mean"
            if fallbacks and len(frames) >= engine.config.window else "")  # shorter: warned by `denoise_movie`
     )

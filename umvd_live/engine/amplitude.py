@@ -211,7 +211,7 @@ def measure_shrinkage(noisy: Sequence[np.ndarray], denoised: Sequence[np.ndarray
             cov = np.einsum("tij,tij->ij", d, y[head:][keep]) / keep.sum()
             covs.append(float(cov.mean()))
             cov_map += cov
-    if not (_significant(signals) and _significant(covs)):
+    if not (significant(signals) and significant(covs)):
         return None
     return Shrinkage(float(np.mean(covs) / np.mean(signals)), cov_map / len(covs), signal_map / len(signals),
                      float(np.mean(noises) / np.mean(signals)))
@@ -229,7 +229,7 @@ def smoothing_px(noise_to_signal: float) -> float:
     return float(min(MAX_SMOOTH_PX, max(MIN_SMOOTH_PX, SMOOTH_PX * np.sqrt(ratio))))
 
 
-def _significant(values: list[float]) -> bool:
+def significant(values: list[float]) -> bool:
     """Whether the mean of ``values`` is `SIGNIFICANCE` standard errors above 0."""
     v = np.asarray(values, np.float64)
     if len(v) < 3:
@@ -554,6 +554,6 @@ class LiveAmplitude:
             self._base += away
 
     def _update_gain(self) -> None:
-        if _significant(list(self._signals)) and _significant(list(self._covs)):
+        if significant(list(self._signals)) and significant(list(self._covs)):
             self.slope = float(np.mean(self._covs) / np.mean(self._signals))
             self.gain = float(min(MAX_GAIN, max(1.0, self.keep / self.slope)))

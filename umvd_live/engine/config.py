@@ -54,6 +54,9 @@ class EngineConfig:
     # blended with a blind temporal mean of the noisy frames where that brings it measurably closer
     # to the truth (`cellblend`); 0: off.
     blend_px: float = 2.0
+    # A file's final pass: each output moved with its frame's own rigid jitter, measured on the frame
+    # and scaled by how surely the field moves as one (`jitter`).
+    follow_jitter: bool = True
     init: str | None = None  # weights from an earlier session: skips the warm start
     prior: str = "auto"  # auto: the shipped prior for the network (`priors`), none, or a model file; init wins
     probe_from_steps: int = 50  # from scratch: the network's output is judged against the mean from this step on
@@ -95,8 +98,9 @@ class EngineConfig:
                 raise ValueError(f"{name} is a share of the time in (0, 1], got {getattr(self, name)}")
         if not isinstance(self.trainer, TrainerConfig) or not isinstance(self.changes, ChangeConfig):
             raise TypeError("trainer and changes must be a TrainerConfig and a ChangeConfig")
-        if not isinstance(self.compile, bool):
-            raise TypeError(f"compile is True or False, got {self.compile!r}")
+        for name in ("compile", "follow_jitter"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} is True or False, got {getattr(self, name)!r}")
         if not self.prior:
             raise ValueError("prior must be auto, none or a model file")
         if not 0 <= self.seed <= MAX_SEED:

@@ -4,7 +4,8 @@ A file need not arrive frame by frame. `pretrain` trains on every window of the 
 frame is pushed (the paper's recipe), and `denoise_frames` denoises any frames of it with the
 newest weights, with context from both sides where the config asks for it (the final pass of
 `denoise`), blends their coarse part with a blind temporal mean (`cellblend`) and undoes the
-network's measured shrinkage of the activity there (`amplitude`).
+network's measured shrinkage of the activity there (`amplitude`), then moves each output with its
+frame's own measured jitter (`jitter`).
 Both use the stream's own network, windows, segments and referee (`stream.StreamDenoiser`, whose
 `pretrain` and `denoise_frames` call these), so a file gets the engine a live stream gets.
 """
@@ -21,6 +22,7 @@ import torch
 from umvd_live.engine.amplitude import AmplitudeGain, restore_amplitude
 from umvd_live.engine.cellblend import CellBlend, blend_blind_mean
 from umvd_live.engine.changes import ChangeDetector
+from umvd_live.engine.jitter import JitterFollowed, follow_jitter
 from umvd_live.engine.normalization import (
     IMPULSE_RANGES,
     ImpulseScreen,
@@ -107,15 +109,16 @@ def denoise_frames(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
     starts = [0] + [change.index for change in den.changes]
     ends = starts[1:] + [len(movie)]
     out: list[DenoisedFrame] = []
-    den.amplitude_gains, den.cell_blends = [], []
+    den.amplitude_gains, den.cell_blends, den.jitter_follows = [], [], []
     for segment, (first, end) in enumerate(zip(starts, ends)):
         chunk = [t for t in indices if first <= t < end]
         if chunk:
             noisy = _measured_frames(movie, first, end - 1, den._normalizers[segment])
             done = _denoise_segment(den, noisy, chunk, first, segment, progress)
-            blend, restored = _blend_and_restore(den, noisy, done, first)
+            blend, restored, followed = _final_steps(den, noisy, done, first)
             den.cell_blends.append(blend)
             den.amplitude_gains.append(restored)
+            den.jitter_follows.append(followed)
             if restored.gain != 1.0:  # the network's outputs were restored; the referee's means were not
                 left = set(restored.unrestored)
                 done = [replace(o, amplitude_gain=restored.gain) if o.state == "live" and o.index not in left else o
@@ -181,20 +184,22 @@ def _denoise_segment(den: StreamDenoiser, noisy: list[np.ndarray], indices: list
     return out
 
 
-def _blend_and_restore(den: StreamDenoiser, noisy: list[np.ndarray], outputs: list[DenoisedFrame],
-                       first: int) -> tuple[CellBlend, AmplitudeGain]:
+def _final_steps(den: StreamDenoiser, noisy: list[np.ndarray], outputs: list[DenoisedFrame],
+                 first: int) -> tuple[CellBlend, AmplitudeGain, JitterFollowed]:
     """Blend one segment's outputs at the scale of cells with the blind mean of its noisy frames
-    (`cellblend`), then undo their shrinkage (`amplitude`), in place: over a run of consecutive
-    frames, the network's outputs only (not the referee's neighbour means), each judged again by
-    the referee's rule after each step. ``noisy``: the whole segment's frames, around the outputs
-    too, from frame ``first`` on (`_measured_frames`)."""
+    (`cellblend`), undo their shrinkage (`amplitude`), then move each with its frame's jitter
+    (`jitter`), in place: over a run of consecutive frames, the network's outputs only (not the
+    referee's neighbour means), each judged again by the referee's rule after each step.
+    ``noisy``: the whole segment's frames, around the outputs too, from frame ``first`` on
+    (`_measured_frames`)."""
     last = first + len(noisy) - 1
     ordered = sorted(outputs, key=lambda o: o.index)
     start, frames = ordered[0].index, len(ordered)
     images = [o.image for o in ordered]
     if ordered[-1].index - start + 1 != frames or any(image is None for image in images):
         why = "frames not consecutive"
-        return CellBlend(start, frames, reason=why), AmplitudeGain(start, frames, None, 1.0, why)
+        return (CellBlend(start, frames, reason=why), AmplitudeGain(start, frames, None, 1.0, why),
+                JitterFollowed(start, frames, reason=why))
     outs = [image for image in images if image is not None]  # all of them (checked above)
     ours = noisy[start - first:start - first + frames]
     scored = np.array([o.state == "live" for o in ordered])
@@ -210,4 +215,6 @@ def _blend_and_restore(den: StreamDenoiser, noisy: list[np.ndarray], outputs: li
     reach = max(network_reach, blend.reach)
     restored = restore_amplitude(ours, outs, reach=reach, keep=den.config.keep_amplitude, scored=scored,
                                  first=start, neighbours=neighbours)
-    return blend, restored
+    followed = (follow_jitter(ours, outs, scored=scored, first=start, neighbours=neighbours)
+                if den.config.follow_jitter else JitterFollowed(start, frames, reason="off"))
+    return blend, restored, followed

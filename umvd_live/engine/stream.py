@@ -53,6 +53,7 @@ from umvd_live.engine.checkpoint import (
 from umvd_live.engine.compiled import CompiledPass
 from umvd_live.engine.config import EngineConfig
 from umvd_live.engine.device import CpuSeat, inference_layout, pick_device, uses_bf16
+from umvd_live.engine.jitter import JitterFollowed
 from umvd_live.engine.model import PRESETS, ModelSpec, RowBand, UMVDNet, resolve_preset, row_bands
 from umvd_live.engine.normalization import ImpulseScreen, Normalizer, Screened, measurable, sanitize
 from umvd_live.engine.outputs import (
@@ -194,6 +195,7 @@ class StreamDenoiser:
         self.changes: list[Change] = []  # the abrupt changes seen, each starting a segment
         self.amplitude_gains: list[AmplitudeGain] = []  # per segment, by the last `denoise_frames`
         self.cell_blends: list[CellBlend] = []  # likewise
+        self.jitter_follows: list[JitterFollowed] = []  # likewise
         # live outputs: the activity's amplitude restored as in a file's final pass, running (`amplitude`)
         self._amplitude = LiveAmplitude(self.config.keep_amplitude, self.k) \
             if self.config.keep_amplitude > 0 else None

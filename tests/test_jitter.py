@@ -1,0 +1,172 @@
+"""`engine.jitter`: each output moved with its own frame's rigid jitter, where the field measurably
+moves as one, and left as it is where it does not (a still field, cells that move on their own)."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from umvd_live.engine.jitter import MAX_SHIFT_PX, follow_jitter, measure_shifts
+
+FRAMES, SIZE, NOISE = 128, 64, 4.0
+
+
+def field(rng: np.random.Generator) -> np.ndarray:
+    """Blobs of a cell's size and a few thin lines, on a level of 100: something to register."""
+    yy, xx = np.mgrid[:SIZE, :SIZE].astype(np.float64)
+    image = np.full((SIZE, SIZE), 100.0)
+    for _ in range(14):
+        y, x, r = rng.uniform(6, SIZE - 6, 2).tolist() + [rng.uniform(1.5, 3.0)]
+        image += rng.uniform(40, 120) * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * r * r))
+    for _ in range(3):
+        angle, offset = rng.uniform(0, np.pi), rng.uniform(-20, 20)
+        distance = (yy - SIZE / 2) * np.cos(angle) - (xx - SIZE / 2) * np.sin(angle) - offset
+        image += 60.0 * np.exp(-distance**2 / (2 * 0.7**2))
+    return image
+
+
+def moved(image: np.ndarray, shift) -> np.ndarray:
+    return ndimage.shift(image, shift, order=3, mode="nearest")
+
+
+def movie(jitter_px: float, seed: int = 0, halves_apart: bool = False):
+    """(noisy, truth, blind outputs): the truth moves by a white jitter (drift left out: the outputs
+    follow it); a blind output knows the field but not the frame's jitter. ``halves_apart``: the
+    upper and lower halves jitter independently (no motion shared by the field)."""
+    rng = np.random.default_rng(seed)
+    base = field(rng)
+    shifts = rng.normal(0, jitter_px, (FRAMES, 2))
+    other = rng.normal(0, jitter_px, (FRAMES, 2))
+    truth = np.stack([moved(base, s) for s in shifts])
+    if halves_apart:
+        truth[:, SIZE // 2:] = np.stack([moved(base, s) for s in other])[:, SIZE // 2:]
+    noisy = (truth + rng.normal(0, NOISE, truth.shape)).astype(np.float32)
+    outputs = [base.astype(np.float32).copy() for _ in range(FRAMES)]
+    return noisy, truth, outputs
+
+
+def error(outputs, truth) -> float:
+    return float(np.mean((np.stack(outputs) - truth) ** 2))
+
+
+def test_outputs_follow_a_jitter_the_whole_field_shares():
+    noisy, truth, outputs = movie(0.3)
+    before = error(outputs, truth)
+    done = follow_jitter(noisy, outputs, scored=np.ones(FRAMES, bool), first=10)
+    assert done.first == 10 and done.frames == FRAMES and done.reason == ""
+    assert min(done.weight) > 0.9, done
+    assert done.jitter_px == pytest.approx((0.3, 0.3), abs=0.06)
+    assert max(done.noise_px) < 0.05
+    assert error(outputs, truth) < 0.1 * before  # the jitter was most of each output's error
+
+
+@pytest.mark.parametrize("halves_apart", [False, True], ids=["still", "halves-apart"])
+def test_a_field_that_does_not_move_as_one_is_left_as_it_is(halves_apart):
+    noisy, truth, outputs = movie(0.0 if not halves_apart else 0.3, seed=1, halves_apart=halves_apart)
+    as_made = [o.copy() for o in outputs]
+    done = follow_jitter(noisy, outputs, scored=np.ones(FRAMES, bool))
+    assert done.weight == (0.0, 0.0) and done.reason == "no motion shared by the field", done
+    for o, m in zip(outputs, as_made):
+        np.testing.assert_array_equal(o, m)
+
+
+def test_the_referees_rule_and_the_scored_frames():
+    """Where the window's blind mean lies nearer the noisy frame, an output stays as it was; the
+    referee's own means (not scored) are never moved; too few frames are not measured."""
+    noisy, truth, outputs = movie(0.3, seed=2)
+    scored = np.ones(FRAMES, bool)
+    scored[5] = False
+    as_made = [o.copy() for o in outputs]
+    done = follow_jitter(noisy, outputs, scored=scored, first=100,
+                         neighbours=lambda t: noisy[t] if t % 2 else truth[t] + 100.0)
+    assert done.unmoved == tuple(100 + t for t in range(1, FRAMES, 2) if t != 5)
+    for t in range(FRAMES):
+        if t % 2 or t == 5:
+            np.testing.assert_array_equal(outputs[t], as_made[t])
+        else:
+            assert not np.array_equal(outputs[t], as_made[t]), t
+    few = follow_jitter(noisy[:40], [o.copy() for o in as_made[:40]], scored=np.ones(40, bool))
+    assert few.weight == (0.0, 0.0) and "too few frames" in few.reason
+
+
+def test_shifts_are_measured_in_pixels_and_capped():
+    rng = np.random.default_rng(3)
+    base = field(rng)
+    shifts = measure_shifts(moved(base, (0.25, -0.4)), base)
+    assert shifts is not None
+    np.testing.assert_allclose(shifts[0], [0.25, -0.4], atol=0.005)  # the whole frame, two steps
+    np.testing.assert_allclose(shifts[1:], [[0.25, -0.4]] * 2, atol=0.04)  # each half, one step
+    assert measure_shifts(base, np.full_like(base, 7.0)) is None  # a flat output tells nothing
+    spoilt = base.copy()
+    spoilt[3, 3] = np.nan
+    assert measure_shifts(base, spoilt) is None  # nor one that is not a number
+    empty_half = base.copy()
+    empty_half[SIZE // 2:] = 100.0
+    assert measure_shifts(empty_half, empty_half) is None  # nothing to test the motion against
+    noisy, truth, outputs = movie(0.3, seed=4)
+    noisy[7] = moved(truth[7], (3.0, 0.0)).astype(np.float32)  # a jump, not a jitter
+    before = outputs[7].copy()
+    follow_jitter(noisy, outputs, scored=np.ones(FRAMES, bool))
+    # moved by at most MAX_SHIFT_PX: the output's new centre of mass
+    shift = ndimage.center_of_mass(outputs[7] - 100.0)[0] - ndimage.center_of_mass(before - 100.0)[0]
+    assert 0.5 < shift <= MAX_SHIFT_PX + 0.05
+
+
+def test_one_pixel_of_a_frame_hardly_moves_its_output():
+    """The output reads its frame through two numbers measured on all its pixels: a jolt of 7x the
+    noise in one pixel (where the output's gradient is steepest) moves it by well under 1 % of the
+    jolt anywhere, as the restoration's gains move it (a filter reading the pixel would move it by
+    its weight, tens of percent)."""
+    noisy, truth, outputs = movie(0.3, seed=5)
+    t = 60
+    first = [o.copy() for o in outputs]
+    follow_jitter(noisy, first, scored=np.ones(FRAMES, bool))
+    gy, gx = np.gradient(outputs[t])
+    steepest = np.unravel_index(np.argmax(np.hypot(gy, gx)), gy.shape)
+    jolt = 7.0 * NOISE
+    jolted = noisy.copy()
+    jolted[t][steepest] += jolt
+    second = [o.copy() for o in outputs]
+    follow_jitter(jolted, second, scored=np.ones(FRAMES, bool))
+    change = np.abs(second[t] - first[t])
+    assert change.max() < 0.01 * jolt, change.max() / jolt
+    assert change.max() > 0  # it does read the frame: through its shift
+
+
+def test_a_files_final_pass_follows_the_jitter_of_each_segment_and_says_so(tmp_path):
+    """Through `denoise`: each segment's record (engine, summary, provenance); a segment too short
+    to measure is left as it is; `--no-follow-jitter` turns it off, and only the moved frames differ."""
+    from dataclasses import replace
+
+    import tifffile
+
+    from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
+    from umvd_live.apps.cli import build_parser, engine_config_from_args
+    from umvd_live.apps.denoise import denoise_movie, denoise_provenance, describe_jitter
+    from umvd_live.engine import EngineConfig
+    from umvd_live.recording.movie import MovieFrames
+
+    noisy, _ = TwoPhotonSimulator(SimConfig(height=48, width=48, photons=2.0, seed=1, jitter_px=0.4)).movie(240)
+    noisy[160:] = np.clip(noisy[160:].astype(np.float32) * 3, 0, 65535).astype(noisy.dtype)  # laser x3
+    config = EngineConfig(device="cpu", preset="lite", steps_per_frame=0.0, warmup_frames=8, warmup_steps=0, seed=0)
+    assert config.follow_jitter is True
+    results = {on: denoise_movie(noisy, replace(config, follow_jitter=on)) for on in (True, False)}
+    follows = results[True].engine.jitter_follows
+    assert [f.first for f in follows] == [0, 160] == [g.first for g in results[True].engine.amplitude_gains]
+    assert min(follows[0].weight) > 0.5 and follows[0].moved_px > 0.1, follows[0]
+    assert "too few frames" in follows[1].reason and follows[1].weight == (0.0, 0.0)  # 80 frames
+    assert all(f.reason == "off" for f in results[False].engine.jitter_follows)
+    changed = [not np.array_equal(o.image, p.image) for o, p in zip(results[True].outputs, results[False].outputs)]
+    moved = [o.state == "live" and o.index + follows[0].first not in follows[0].unmoved
+             for o in results[True].outputs[:160]]
+    assert changed[:160] == moved and sum(moved) > 100 and not any(changed[160:])
+    described = describe_jitter(follows)
+    assert described.startswith("0:") and "weight" in described and ", 160:0 (too few frames" in described
+    src = tmp_path / "in.ome.tif"
+    tifffile.imwrite(src, noisy, ome=True, metadata={"axes": "TYX"})
+    with MovieFrames(src) as movie:
+        assert denoise_provenance(results[True].engine, movie, offline=False).extra["jitter"] == described
+    with pytest.raises(TypeError, match="follow_jitter"):
+        EngineConfig(follow_jitter="yes")  # type: ignore[arg-type]
+    for flags, expected in (([], True), (["--no-follow-jitter"], False), (["--follow-jitter"], True)):
+        args = build_parser().parse_args(["denoise", "in.tif", "out.ome.tif", *flags])
+        assert engine_config_from_args(args).follow_jitter is expected
