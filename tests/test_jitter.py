@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from umvd_live.engine.jitter import MAX_SHIFT_PX, follow_jitter, measure_shifts
+from umvd_live.engine.jitter import MAX_LEVERAGE, MAX_SHIFT_PX, _gradient, follow_jitter, measure_shifts
 
 FRAMES, SIZE, NOISE = 128, 64, 4.0
 
@@ -75,12 +75,16 @@ def test_the_referees_rule_and_the_scored_frames():
     noisy, truth, outputs = movie(0.3, seed=2)
     scored = np.ones(FRAMES, bool)
     scored[5] = False
+    outputs[10][3, 3] = np.nan  # an output that cannot be measured: counted, left as it is
     as_made = [o.copy() for o in outputs]
     done = follow_jitter(noisy, outputs, scored=scored, first=100,
                          neighbours=lambda t: noisy[t] if t % 2 else truth[t] + 100.0)
     assert done.unmoved == tuple(100 + t for t in range(1, FRAMES, 2) if t != 5)
+    assert done.unmeasured == 1
+    from umvd_live.apps.denoise import describe_jitter
+    assert describe_jitter([done]).endswith("frames left unmoved by the referee, 1 frames not measured)")
     for t in range(FRAMES):
-        if t % 2 or t == 5:
+        if t % 2 or t in (5, 10):
             np.testing.assert_array_equal(outputs[t], as_made[t])
         else:
             assert not np.array_equal(outputs[t], as_made[t]), t
@@ -93,8 +97,8 @@ def test_shifts_are_measured_in_pixels_and_capped():
     base = field(rng)
     shifts = measure_shifts(moved(base, (0.25, -0.4)), base)
     assert shifts is not None
-    np.testing.assert_allclose(shifts[0], [0.25, -0.4], atol=0.005)  # the whole frame, two steps
-    np.testing.assert_allclose(shifts[1:], [[0.25, -0.4]] * 2, atol=0.04)  # each half, one step
+    np.testing.assert_allclose(shifts.whole, [0.25, -0.4], atol=0.005)  # the whole frame, two steps
+    np.testing.assert_allclose([shifts.upper, shifts.lower], [[0.25, -0.4]] * 2, atol=0.04)  # each half, one step
     assert measure_shifts(base, np.full_like(base, 7.0)) is None  # a flat output tells nothing
     spoilt = base.copy()
     spoilt[3, 3] = np.nan
@@ -109,6 +113,80 @@ def test_shifts_are_measured_in_pixels_and_capped():
     # moved by at most MAX_SHIFT_PX: the output's new centre of mass
     shift = ndimage.center_of_mass(outputs[7] - 100.0)[0] - ndimage.center_of_mass(before - 100.0)[0]
     assert 0.5 < shift <= MAX_SHIFT_PX + 0.05
+
+
+def test_a_level_ramp_and_small_frames():
+    """The frame's level is fitted alongside the shift, so a ramp of brightness across the field
+    (vignetting: its gradient is a level, not an edge) does not shorten the shift; frames too small
+    to halve are not measured, and raise nothing."""
+    rng = np.random.default_rng(6)
+    base = field(rng) + 5.0 * np.mgrid[:SIZE, :SIZE][0]  # 5 grey levels per row
+    shifts = measure_shifts(moved(base, (0.3, 0.0)), base)
+    np.testing.assert_allclose(shifts.whole, [0.3, 0.0], atol=0.005)
+    np.testing.assert_allclose([shifts.upper, shifts.lower], [[0.3, 0.0]] * 2, atol=0.02)
+    for shape in ((1, SIZE), (SIZE, 1), (3, SIZE), (2, 2)):
+        assert measure_shifts(np.ones(shape), np.arange(np.prod(shape), dtype=float).reshape(shape)) is None
+
+
+def test_the_noise_of_halves_that_hold_unequal_structure():
+    """Where one half holds far less to register on, the whole frame's estimate rests on the other:
+    its noise is the halves' difference's scaled by their shares of the gradient energy (not a
+    quarter of it, which would read it several times too large and weigh the shifts down)."""
+    rng = np.random.default_rng(7)
+    base = field(rng)
+    base[SIZE // 2:] = 100.0 + 0.35 * (base[SIZE // 2:] - 100.0)  # an eighth of the energy
+    shifts = rng.normal(0, 0.3, (FRAMES, 2))
+    noisy = np.stack([moved(base, s) for s in shifts]) + rng.normal(0, 3 * NOISE, (FRAMES, SIZE, SIZE))
+    outputs = [base.astype(np.float32) for _ in range(FRAMES)]
+    errors = np.array([measure_shifts(n, o).whole for n, o in zip(noisy, outputs)]) - shifts
+    done = follow_jitter(noisy.astype(np.float32), outputs, scored=np.ones(FRAMES, bool))
+    truth = np.sqrt(((errors - errors.mean(0)) ** 2).mean(0))
+    np.testing.assert_allclose(done.noise_px, truth, rtol=0.3)
+
+
+def test_a_constant_offset_is_placed_and_the_jitter_about_it_weighed():
+    """The weights are measured about the segment's mean placement of its outputs, and applied
+    about it: a constant offset of the outputs from their frames (measured over all of them) is
+    taken out whole, the jitter about it by its weight."""
+    noisy, truth, outputs = movie(0.3, seed=8)
+    outputs = [moved(o, (-0.4, 0.0)).astype(np.float32) for o in outputs]
+    before = np.array([measure_shifts(n, o).whole for n, o in zip(noisy, outputs)])
+    done = follow_jitter(noisy, outputs, scored=np.ones(FRAMES, bool))
+    after = np.array([measure_shifts(n, o).whole for n, o in zip(noisy, outputs)])
+    assert min(done.weight) > 0.9
+    np.testing.assert_allclose(before.mean(0), [0.4, 0.0], atol=0.05)
+    np.testing.assert_allclose(after.mean(0), [0.0, 0.0], atol=0.02)
+    assert (after.std(0) < 0.2 * before.std(0)).all()
+
+
+def test_no_pixel_moves_its_own_output_by_more_than_its_leverage():
+    """A pixel's noise reaches its own output through the frame's shift by its leverage; on a
+    field of a few sharp cells the steepest pixels are weighed down to `MAX_LEVERAGE`, and a field
+    too sparse for any weighing (two small cells) is not measured at all."""
+    rng = np.random.default_rng(9)
+    yy, xx = np.mgrid[:SIZE, :SIZE].astype(np.float64)
+
+    def cells(n: int) -> np.ndarray:
+        centres = rng.uniform(8, SIZE - 8, (n, 2))
+        return 100.0 + sum(200.0 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * 0.8**2)) for y, x in centres)
+
+    sparse = cells(16)
+    noisy = moved(sparse, (0.2, 0.1)) + rng.normal(0, NOISE, sparse.shape)
+    gy, gx = _gradient(sparse)
+    g = np.stack([gy.ravel(), gx.ravel()])
+    g -= g.mean(axis=1, keepdims=True)
+    unweighed = np.einsum("in,in->n", g, np.linalg.solve(g @ g.T, g))
+    assert unweighed.max() > 3 * MAX_LEVERAGE  # without the weighing, a pixel would move its own output more
+    steepest = np.unravel_index(np.argmax(np.hypot(gy, gx)), gy.shape)
+    jolt = 7.0 * NOISE
+    jolted = noisy.copy()
+    jolted[steepest] += jolt
+    first, second = measure_shifts(noisy, sparse), measure_shifts(jolted, sparse)
+    # the output moved by s draws sparse(p - s): its change at the pixel, per unit of the jolt
+    own = [moved(sparse, s.whole)[steepest] for s in (first, second)]
+    assert abs(own[1] - own[0]) <= 1.05 * MAX_LEVERAGE * jolt, abs(own[1] - own[0]) / jolt
+    two = cells(2)
+    assert measure_shifts(moved(two, (0.2, 0.1)) + rng.normal(0, NOISE, two.shape), two) is None
 
 
 def test_one_pixel_of_a_frame_hardly_moves_its_output():

@@ -257,8 +257,8 @@ def describe_gains(gains: Sequence[AmplitudeGain]) -> str:
 def describe_jitter(follows: Sequence[JitterFollowed]) -> str:
     """Following the jitter in each segment (`engine.jitter`), for the provenance and the summary
     line: ``first-frame:mean shift px`` (``(the Wiener weight, the shared motion's and the
-    estimate's noise RMS per axis y/x, frames the referee left where they were)``, or why none
-    was moved)."""
+    estimate's noise RMS per axis y/x, frames the referee left where they were, frames whose shift
+    could not be measured)``, or why none was moved)."""
     def one(f: JitterFollowed) -> str:
         if not any(f.weight):
             return f"{f.first}:0 ({f.reason})"
@@ -266,6 +266,8 @@ def describe_jitter(follows: Sequence[JitterFollowed]) -> str:
                f"noise {f.noise_px[0]:.2f}/{f.noise_px[1]:.2f} px")
         if f.unmoved:
             why += f", {len(f.unmoved)} frames left unmoved by the referee"
+        if f.unmeasured:
+            why += f", {f.unmeasured} frames not measured"
         return f"{f.first}:{f.moved_px:.2f} px ({why})"
     return ", ".join(one(f) for f in follows) or "none"
 

@@ -197,7 +197,7 @@ def _final_steps(den: StreamDenoiser, noisy: list[np.ndarray], outputs: list[Den
     start, frames = ordered[0].index, len(ordered)
     images = [o.image for o in ordered]
     if ordered[-1].index - start + 1 != frames or any(image is None for image in images):
-        why = "frames not consecutive"
+        why = "frames not consecutive" if ordered[-1].index - start + 1 != frames else "an output without its image"
         return (CellBlend(start, frames, reason=why), AmplitudeGain(start, frames, None, 1.0, why),
                 JitterFollowed(start, frames, reason=why))
     outs = [image for image in images if image is not None]  # all of them (checked above)
