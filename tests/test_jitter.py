@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from umvd_live.apps.denoise import describe_jitter
 from umvd_live.engine.jitter import MAX_LEVERAGE, MAX_SHIFT_PX, _gradient, follow_jitter, measure_shifts
 
 FRAMES, SIZE, NOISE = 128, 64, 4.0
@@ -81,7 +82,6 @@ def test_the_referees_rule_and_the_scored_frames():
                          neighbours=lambda t: noisy[t] if t % 2 else truth[t] + 100.0)
     assert done.unmoved == tuple(100 + t for t in range(1, FRAMES, 2) if t != 5)
     assert done.unmeasured == 1
-    from umvd_live.apps.denoise import describe_jitter
     assert describe_jitter([done]).endswith("frames left unmoved by the referee, 1 frames not measured)")
     for t in range(FRAMES):
         if t % 2 or t in (5, 10):
@@ -98,7 +98,7 @@ def test_shifts_are_measured_in_pixels_and_capped():
     shifts = measure_shifts(moved(base, (0.25, -0.4)), base)
     assert shifts is not None
     np.testing.assert_allclose(shifts.whole, [0.25, -0.4], atol=0.005)  # the whole frame, two steps
-    np.testing.assert_allclose([shifts.upper, shifts.lower], [[0.25, -0.4]] * 2, atol=0.04)  # each half, one step
+    np.testing.assert_allclose([shifts.upper, shifts.lower], [[0.25, -0.4]] * 2, atol=0.04)  # each half, a step
     assert measure_shifts(base, np.full_like(base, 7.0)) is None  # a flat output tells nothing
     spoilt = base.copy()
     spoilt[3, 3] = np.nan
@@ -219,7 +219,7 @@ def test_a_files_final_pass_follows_the_jitter_of_each_segment_and_says_so(tmp_p
 
     from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
     from umvd_live.apps.cli import build_parser, engine_config_from_args
-    from umvd_live.apps.denoise import denoise_movie, denoise_provenance, describe_jitter
+    from umvd_live.apps.denoise import denoise_movie, denoise_provenance
     from umvd_live.engine import EngineConfig
     from umvd_live.recording.movie import MovieFrames
 

@@ -25,11 +25,11 @@ halves' shares of the gradient energy (a quarter where the halves hold as much),
 whole frame's estimate. Each axis's shifts about the segment's mean placement of its outputs are
 scaled by variance / (variance + noise), the Wiener weight, and the mean placement, measured over
 all the segment's frames, is kept whole (on the simulated movies it is within 0.03 px of 0; on the
-real one the outputs sat 0.1 px from their frames along y, and the blind check below preferred
-moving them). A field that does not move as one (cells that move on their own, a still field) gets
-a weight near 0 and is left as it is; a frame's shift is at most `MAX_SHIFT_PX` along each axis.
-Each moved output faces the referee's rule, as the blend's and the restoration's do: where it lies
-farther from its noisy frame than its window's blind mean, it stays as it was.
+real one the outputs sat 0.1 px from their frames along y). A field that does not move as one
+(cells that move on their own, a still field) gets a weight near 0 and is left as it is; a frame's
+shift is at most `MAX_SHIFT_PX` along each axis. Each moved output faces the referee's rule, as
+the blend's and the restoration's do: where it lies farther from its noisy frame than its window's
+blind mean, it stays as it was.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ MAX_SHIFT_PX = 1.0
 #: The largest share of its own noise a pixel may move its own output by, through the frame's shift
 #: (its leverage on the least squares). Unweighed, the steepest pixel of a frame has 0.004-0.012
 #: (median; at most 0.02) on the outputs of the simulated movies and the real one (docs/benchmarks.md,
-#: "Jitter followed"), 0.05 in a field of 16 small cells in 64², 0.12 in one of two.
+#: "Jitter followed, reviewed"), 0.05 in a field of 16 small cells in 64², 0.12 in one of two.
 MAX_LEVERAGE = 0.01
 #: Rounds of weighing a frame's steepest pixels down before it is left unmeasured: the outputs of
 #: the simulated and real movies settle in one to three; a field of a dozen small cells in 64² in
@@ -176,11 +176,10 @@ def follow_jitter(noisy: Sequence[np.ndarray], outputs: list[np.ndarray], *, sco
                   neighbours: Callable[[int], np.ndarray] | None = None) -> JitterFollowed:
     """Move each scored output (in place) by its frame's measured shift, each axis's jitter about
     the segment's mean placement scaled by its Wiener weight (module docstring), and say what was
-    done. ``noisy``: the
-    outputs' own frames, in order and in the same units; ``scored``: the outputs that are the
-    network's (the referee's window means are not moved); ``first``: the segment's first frame in
-    the movie, for the record; ``neighbours(t)``: the blind mean of frame t's window without t, for
-    the referee's rule."""
+    done. ``noisy``: the outputs' own frames, in order and in the same units; ``scored``: the
+    outputs that are the network's (the referee's window means are not moved); ``first``: the
+    segment's first frame in the movie, for the record; ``neighbours(t)``: the blind mean of frame
+    t's window without t, for the referee's rule."""
     n = len(outputs)
     scored_frames = np.flatnonzero(np.asarray(scored, bool)).tolist()
     if len(scored_frames) < MIN_FRAMES:
