@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -90,6 +91,14 @@ class FrameShifts:
     energy: np.ndarray  # (2, 2): each half's (upper, lower) gradient energy along each axis
 
 
+class _Fit(NamedTuple):
+    """One Gauss-Newton step of `_fit`."""
+
+    step: np.ndarray  # (y, x) pixels
+    normal: np.ndarray  # (2, 2): the weighted normal matrix, its diagonal the gradient energy per axis
+    weights: np.ndarray  # each pixel's weight after the leverage's weighing
+
+
 def measure_shifts(noisy: np.ndarray, output: np.ndarray) -> FrameShifts | None:
     """The shift that brings ``output`` closest to ``noisy`` (``output(p - s)``), in the least
     squares with the frame's level fitted alongside, on the whole frame (two Gauss-Newton steps:
@@ -104,12 +113,12 @@ def measure_shifts(noisy: np.ndarray, output: np.ndarray) -> FrameShifts | None:
     first = _fit(*_gradient(out), frame - out, max_leverage=MAX_LEVERAGE)
     if first is None:
         return None
-    moved = ndimage.shift(out, first[0], order=3, mode="nearest")
+    moved = ndimage.shift(out, first.step, order=3, mode="nearest")
     gy, gx = _gradient(moved)
     residual = frame - moved
     # the second step's weights decide how much each pixel moves the result (the first step's
     # dependence on the frame cancels in it): they start from the first's, which mostly hold
-    second = _fit(gy, gx, residual, max_leverage=MAX_LEVERAGE, weights=first[2])
+    second = _fit(gy, gx, residual, max_leverage=MAX_LEVERAGE, weights=first.weights)
     if second is None:
         return None
     # each half's step from there: each lands near its own least squares, and the one step's
@@ -120,11 +129,11 @@ def measure_shifts(noisy: np.ndarray, output: np.ndarray) -> FrameShifts | None:
         fitted = _fit(gy[part], gx[part], residual[part])
         if fitted is None:
             return None
-        steps.append(first[0] + fitted[0])
-        energy.append(np.diag(fitted[1]))
+        steps.append(first.step + fitted.step)
+        energy.append(np.diag(fitted.normal))
     if min(energy[0].sum(), energy[1].sum()) < MIN_HALF_SHARE * max(energy[0].sum(), energy[1].sum()):
         return None
-    return FrameShifts(first[0] + second[0], steps[0], steps[1], np.stack(energy))
+    return FrameShifts(first.step + second.step, steps[0], steps[1], np.stack(energy))
 
 
 def _gradient(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +146,7 @@ def _gradient(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fit(gy: np.ndarray, gx: np.ndarray, residual: np.ndarray, max_leverage: float | None = None,
-         weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+         weights: np.ndarray | None = None) -> _Fit | None:
     """One Gauss-Newton step, its normal matrix and the pixels' weights: the shift s with
     ``output(p - s) - output(p) ~ -s . gradient`` nearest ``residual``, a level fitted alongside (the
     frame's level is the restoration's business); with ``max_leverage``, the pixels that would move
@@ -169,7 +178,7 @@ def _fit(gy: np.ndarray, gx: np.ndarray, residual: np.ndarray, max_leverage: flo
         return None
     level = float(np.einsum("n,n->", weights, r)) / total
     step = -np.linalg.solve(normal, np.einsum("in,n->i", centred, weights * (r - level)))
-    return step, normal, weights
+    return _Fit(step, normal, weights)
 
 
 def follow_jitter(noisy: Sequence[np.ndarray], outputs: list[np.ndarray], *, scored: np.ndarray, first: int = 0,
