@@ -485,13 +485,11 @@ def test_a_files_frames_carry_their_segments_gain_and_the_referees_means_none(tm
     the file `denoise` writes records each frame's gain."""
     from dataclasses import replace
 
-    import tifffile
+    from file_output import written_infos
 
     from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
-    from umvd_live.apps.denoise import denoise_movie, write_denoised
+    from umvd_live.apps.denoise import denoise_movie
     from umvd_live.engine import EngineConfig
-    from umvd_live.recording.movie import MovieFrames
-    from umvd_live.recording.ometiff import Provenance, read_recording
 
     noisy, clean = TwoPhotonSimulator(SimConfig(height=48, width=48, photons=2.0, seed=1)).movie(240)
     noisy[150:160] = np.round(clean[150:160]).astype(noisy.dtype)
@@ -512,11 +510,7 @@ def test_a_files_frames_carry_their_segments_gain_and_the_referees_means_none(tm
         else:
             assert o.amplitude_gain == segment.gain
             assert not np.array_equal(o.image, plain.image)
-    src, out = tmp_path / "in.ome.tif", tmp_path / "out.ome.tif"
-    tifffile.imwrite(src, noisy, ome=True, metadata={"axes": "TYX"})
-    with MovieFrames(src) as movie:
-        write_denoised(out, movie, result.frames, result.outputs, Provenance("in"))
-    _, infos, _ = read_recording(out)
+    infos = written_infos(tmp_path, noisy, result)
     assert [i.amplitude_gain for i in infos] == [o.amplitude_gain for o in result.outputs]
 
 

@@ -6,7 +6,17 @@ import pytest
 from scipy import ndimage
 
 from umvd_live.apps.denoise import describe_jitter
-from umvd_live.engine.jitter import MAX_LEVERAGE, MAX_SHIFT_PX, _gradient, follow_jitter, measure_shifts
+from umvd_live.engine.jitter import (
+    LIVE_MAX_PIXELS,
+    MAX_LEVERAGE,
+    MAX_SHIFT_PX,
+    MIN_FRAMES,
+    FrameSpline,
+    LiveJitter,
+    follow_jitter,
+    measure_shifts,
+    shift_image,
+)
 
 FRAMES, SIZE, NOISE = 128, 64, 4.0
 
@@ -82,6 +92,7 @@ def test_the_referees_rule_and_the_scored_frames():
                          neighbours=lambda t: noisy[t] if t % 2 else truth[t] + 100.0)
     assert done.unmoved == tuple(100 + t for t in range(1, FRAMES, 2) if t != 5)
     assert done.unmeasured == 1
+    assert set(done.shifts) == {100 + t for t in range(0, FRAMES, 2) if t != 10}  # each moved frame's shift
     assert describe_jitter([done]).endswith("frames left unmoved by the referee, 1 frames not measured)")
     for t in range(FRAMES):
         if t % 2 or t in (5, 10):
@@ -172,7 +183,7 @@ def test_no_pixel_moves_its_own_output_by_more_than_its_leverage():
 
     sparse = cells(16)
     noisy = moved(sparse, (0.2, 0.1)) + rng.normal(0, NOISE, sparse.shape)
-    gy, gx = _gradient(sparse)
+    gy, gx = FrameSpline(sparse).gradient()
     g = np.stack([gy.ravel(), gx.ravel()])
     g -= g.mean(axis=1, keepdims=True)
     unweighed = np.einsum("in,in->n", g, np.linalg.solve(g @ g.T, g))
@@ -248,3 +259,165 @@ def test_a_files_final_pass_follows_the_jitter_of_each_segment_and_says_so(tmp_p
     for flags, expected in (([], True), (["--no-follow-jitter"], False), (["--follow-jitter"], True)):
         args = build_parser().parse_args(["denoise", "in.tif", "out.ome.tif", *flags])
         assert engine_config_from_args(args).follow_jitter is expected
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_shift_image_is_ndimages_cubic_shift(dtype):
+    """The separable shift gives what `ndimage.shift` (order 3, "nearest") gives, borders included:
+    bit for bit in float32, to float64's rounding in float64; a shift beyond its padding is refused."""
+    image = np.random.default_rng(8).normal(100, 20, (37, 52)).astype(dtype)
+    for shift in [(0.3, -0.2), (-1.0, 1.0), (0.0, 0.7), (-0.999, 0.5), (2.5, -3.2), (0.0, 0.0)]:
+        got = shift_image(image, shift)
+        assert got.dtype == dtype and got.shape == image.shape
+        expected = ndimage.shift(image, shift, order=3, mode="nearest")
+        if dtype == np.float32:
+            np.testing.assert_array_equal(got, expected)
+        else:
+            np.testing.assert_allclose(got, expected, rtol=1e-12)
+    with pytest.raises(ValueError, match="at most 10 px"):
+        shift_image(image, (0.0, 10.5))
+
+
+def test_the_splines_slopes_are_the_derivative_of_its_shift():
+    """`FrameSpline.gradient` is the slope along which `shifted` moves the image, borders included:
+    the measured shift and the applied one are of the same spline."""
+    spline = FrameSpline(field(np.random.default_rng(13)))
+    eps = 1e-4
+    for axis, slope in enumerate(spline.gradient()):
+        step = np.zeros(2)
+        step[axis] = eps
+        numeric = (spline.shifted(-step) - spline.shifted(step)) / (2 * eps)  # image(p + s) - image(p - s)
+        np.testing.assert_allclose(slope, numeric, atol=1e-5 * np.abs(slope).max())
+
+
+def _live(jitter: LiveJitter, noisy, outputs, network=lambda t: True):
+    """Each frame observed as it arrives and its output followed 3 frames later, as a stream does."""
+    applied = {}
+    for t in range(len(noisy) + 3):
+        if t < len(noisy):
+            jitter.observe(t, noisy[t].copy())
+        if t >= 3:
+            applied[t - 3] = jitter.follow(t - 3, outputs[t - 3], network=network(t - 3))
+    return applied
+
+
+def test_a_live_stream_follows_the_jitter_once_it_is_measured():
+    """Live: nothing moves until `MIN_FRAMES` frames are measured; then each network output is moved
+    by its frame's shift with weights measured on earlier frames only, and the outputs come nearer
+    the truth; a reset (a change of the acquisition) starts the measuring again."""
+    frames = 3 * FRAMES
+    rng = np.random.default_rng(11)
+    base = field(rng)
+    shifts = rng.normal(0, 0.3, (frames, 2))
+    truth = np.stack([moved(base, s) for s in shifts])
+    noisy = (truth + rng.normal(0, NOISE, truth.shape)).astype(np.float32)
+    outputs = [base.astype(np.float32).copy() for _ in range(frames)]
+    before = [o.copy() for o in outputs]
+    jitter = LiveJitter()
+    applied = _live(jitter, noisy, outputs, network=lambda t: t % 50 != 7)
+    network = [t for t in range(frames) if t % 50 != 7]
+    first = network[MIN_FRAMES]  # the first output after MIN_FRAMES measured ones
+    assert all(applied[t] is None for t in range(first)), "moved before the motion was measured"
+    later = range(first, frames)
+    for t in later:
+        if t % 50 == 7:  # the referee's mean, not the network's: never moved
+            assert applied[t] is None
+            np.testing.assert_array_equal(outputs[t], before[t])
+        else:
+            assert applied[t] is not None
+            np.testing.assert_array_equal(outputs[t], shift_image(before[t], applied[t]))
+    status = jitter.to_dict()
+    assert min(status["weight"]) > 0.9 and status["motion_px"] == pytest.approx([0.3, 0.3], abs=0.06), status
+    assert status["moved"] == sum(a is not None for a in applied.values()) and status["unmeasured"] == 0
+    scored = [t for t in later if t % 50 != 7]
+    assert error([outputs[t] for t in scored], truth[scored]) < 0.1 * error([before[t] for t in scored], truth[scored])
+    jitter.reset()
+    again = _live(jitter, noisy[:MIN_FRAMES], [b.copy() for b in before[:MIN_FRAMES]])
+    assert all(a is None for a in again.values()) and jitter.to_dict()["weight"] is None
+
+
+def test_a_live_stream_leaves_a_field_that_does_not_move_as_one():
+    """Live, halves that jitter apart (no motion shared by the field): measured, never moved; an
+    output whose frame never came is not measured."""
+    noisy, truth, outputs = movie(0.3, seed=12, halves_apart=True)
+    as_made = [o.copy() for o in outputs]
+    jitter = LiveJitter()
+    applied = _live(jitter, noisy, outputs)
+    assert all(a is None for a in applied.values())
+    for o, m in zip(outputs, as_made):
+        np.testing.assert_array_equal(o, m)
+    assert jitter.to_dict()["weight"] == [0.0, 0.0]
+    assert jitter.follow(10_000, outputs[0], network=True) is None
+
+
+def test_a_stream_moves_its_live_outputs_and_starts_again_at_a_change():
+    """Through the engine: with the jitter followed, each live output is the one made without it,
+    moved by the shift it carries (`jitter_shift_px`), or the same where it carries none: none
+    before 96 frames are measured, none in the 60 frames after a change (a laser step) starts the
+    measuring again; the stream's status says what was done."""
+    from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
+    from umvd_live.engine import EngineConfig, StreamDenoiser
+
+    noisy, _ = TwoPhotonSimulator(SimConfig(height=48, width=48, photons=2.0, jitter_px=0.4, seed=1)).movie(420)
+    noisy[360:] = np.clip(noisy[360:].astype(np.float32) * 3, 0, 65535).astype(noisy.dtype)  # laser x3
+    base = dict(device="cpu", preset="lite", steps_per_frame=0.0, warmup_frames=8, warmup_steps=0, seed=0)
+    runs = {}
+    for follow in (False, True):
+        with StreamDenoiser(EngineConfig(follow_jitter=follow, **base)) as den:
+            runs[follow] = {o.index: o for f in noisy for o in den.push(f)} | {o.index: o for o in den.flush()}
+            status = den.stats()["jitter"]
+            assert [c.index for c in den.changes] == [360]
+        if not follow:
+            assert status is None
+    assert sorted(runs[True]) == list(range(420))
+    moved = [t for t, o in runs[True].items() if o.jitter_shift_px is not None]
+    for t, o in runs[True].items():
+        made = runs[False][t]
+        assert made.jitter_shift_px is None
+        if o.jitter_shift_px is None:
+            np.testing.assert_array_equal(o.image, made.image)
+        else:
+            assert o.state != "warmup" and max(abs(v) for v in o.jitter_shift_px) <= MAX_SHIFT_PX
+            np.testing.assert_array_equal(o.image, shift_image(made.image, o.jitter_shift_px))
+    assert min(moved) >= MIN_FRAMES and max(moved) < 360, (min(moved), max(moved))
+    assert len(moved) > 200  # followed from frame 96 or so to the change
+    assert status["moved"] == 0 and status["weight"] is None  # measuring again after the change
+
+
+def test_a_live_stream_of_large_frames_is_not_followed():
+    """Live, frames over `LIVE_MAX_PIXELS` are not followed (the frame loop has no margin for it)
+    and the status says why."""
+    jitter = LiveJitter()
+    frame = np.zeros((LIVE_MAX_PIXELS // 256 + 1, 256), np.float32)
+    jitter.observe(0, frame)
+    assert jitter.follow(0, frame.copy(), network=True) is None
+    assert "over 65536 px live" in jitter.to_dict()["off"]
+
+
+def test_a_files_frames_carry_the_shift_they_were_moved_by(tmp_path):
+    """A file's final pass (`denoise_movie`): each output the jitter moved carries its shift, and is
+    the output made without following, moved by it; the others carry None and are unchanged; the
+    file `denoise` writes records each frame's shift."""
+    from dataclasses import replace
+
+    from file_output import written_infos
+
+    from umvd_live.adapters.simulation import SimConfig, TwoPhotonSimulator
+    from umvd_live.apps.denoise import denoise_movie
+    from umvd_live.engine import EngineConfig
+
+    noisy, _ = TwoPhotonSimulator(SimConfig(height=48, width=48, photons=2.0, jitter_px=0.4, seed=2)).movie(200)
+    config = EngineConfig(device="cpu", preset="lite", steps_per_frame=0.0, warmup_frames=8, warmup_steps=0, seed=0)
+    config = replace(config, changes=replace(config.changes, enabled=False))  # one segment
+    plain, followed = (denoise_movie(noisy, replace(config, follow_jitter=follow)) for follow in (False, True))
+    (segment,) = followed.engine.jitter_follows
+    assert segment.reason == "" and len(segment.shifts) > 150, segment
+    for o, made in zip(followed.outputs, plain.outputs):
+        assert o.index == made.index and made.jitter_shift_px is None
+        assert o.jitter_shift_px == segment.shifts.get(o.index)
+        if o.jitter_shift_px is None:
+            np.testing.assert_array_equal(o.image, made.image)
+        else:
+            np.testing.assert_array_equal(o.image, shift_image(made.image, o.jitter_shift_px))
+    infos = written_infos(tmp_path, noisy, followed)
+    assert [i.jitter_shift_px for i in infos] == [o.jitter_shift_px for o in followed.outputs]

@@ -136,16 +136,19 @@ def test_denoised_output_keeps_the_input_header():
     frame = decode_frame([bytes(p) for p in encode_frame("cam0", image, seq=11, t=2.5, meta={"ch": "g"})])
     out = np.full((4, 5), 1.5, dtype=np.float32)
     msg = decode_output([bytes(p) for p in encode_denoised(
-        "cam0", frame.header, out, state="live", latency_ms=12.5, model_step=40, amplitude_gain=1.25)])
+        "cam0", frame.header, out, state="live", latency_ms=12.5, model_step=40, amplitude_gain=1.25,
+        jitter_shift_px=(0.25, -0.125))])
     assert (msg.stream, msg.kind) == ("cam0", "denoised")
     assert msg.header["seq"] == 11 and msg.header["t"] == 2.5 and msg.header["meta"] == {"ch": "g"}
     assert msg.header["dtype"] == "<f4" and msg.header["state"] == "live"
     assert msg.header["latency_ms"] == 12.5 and msg.header["model_step"] == 40
     assert msg.header["amplitude_gain"] == 1.25  # the factor the engine restored the frame's amplitude by
+    assert msg.header["jitter_shift_px"] == [0.25, -0.125]  # the (y, x) pixels it moved the frame by
     np.testing.assert_array_equal(msg.image, out)
     plain = decode_output([bytes(p) for p in encode_denoised(
         "cam0", frame.header, out, state="warmup", latency_ms=1.0, model_step=0)])
     assert plain.header["amplitude_gain"] == 1.0 and isinstance(plain.header["amplitude_gain"], float)
+    assert plain.header["jitter_shift_px"] is None
 
 
 def _doc_block(title: str) -> str:

@@ -74,6 +74,7 @@ def test_record_two_streams_with_raw_copy_read_back(tmp_path):
                                provenance=provenance, on_error=errors.append)
     seqs = [0, 1, 2, 3, 4, 8, 9, 10, 15, 16]  # upstream lost 5-7 and 11-14
     gains = [1.0] * 4 + [1.0 + 0.125 * i for i in range(4, len(seqs))]  # the engine's amplitude gain per frame
+    shifts = [None] * 6 + [(0.25 * i - 2.0, -0.125) for i in range(6, len(seqs))]  # its jitter shift, where it moved
     for i, seq in enumerate(seqs):
         for stream, offset in (("cam0", 0), ("cam1", 1000)):
             h = header(seq + offset, t=100.0 + 0.05 * seq, pixel_size_um=0.65, z=i)
@@ -81,7 +82,8 @@ def test_record_two_streams_with_raw_copy_read_back(tmp_path):
             assert session.submit_raw(stream, h, raw, t_received=5000.0 + i)
             state = "warmup" if i < 4 else "live"
             assert session.submit_denoised(stream, h, pattern(seq + offset), state=state,
-                                           model_step=10 * i, t_received=5000.0 + i, amplitude_gain=gains[i])
+                                           model_step=10 * i, t_received=5000.0 + i, amplitude_gain=gains[i],
+                                           jitter_shift_px=shifts[i])
     assert session.stop(wait=True, timeout=30)
     st = session.status()
     assert st.error is None and errors == []
@@ -101,6 +103,7 @@ def test_record_two_streams_with_raw_copy_read_back(tmp_path):
         assert [f.state for f in infos] == ["warmup"] * 4 + ["live"] * 6
         assert [f.model_step for f in infos] == [10 * i for i in range(len(seqs))]
         assert [f.amplitude_gain for f in infos] == gains
+        assert [f.jitter_shift_px for f in infos] == shifts
         assert infos[3].t == pytest.approx(100.15) and infos[3].t_received == 5003.0
         assert infos[2].meta == {"pixel_size_um": 0.65, "z": 2}
         assert prov["seq_gaps"] == [(5 + offset, 7 + offset), (11 + offset, 14 + offset)]
@@ -118,7 +121,8 @@ def test_record_two_streams_with_raw_copy_read_back(tmp_path):
             ome = tif.ome_metadata
         assert 'PhysicalSizeX="0.65"' in ome and 'DeltaT="0.4"' in ome  # seq 8: 100.4 - 100.0
         assert f'<M K="seq_gaps">{5 + offset}-{7 + offset},{11 + offset}-{14 + offset}</M>' in ome
-        assert "state\tmodel_step\tamplitude_gain\tt_index" in ome and "\tlive\t90\t2.125\t" in ome  # the frame table
+        assert "state\tmodel_step\tamplitude_gain\tt_index\tshift_y_px\tshift_x_px" in ome  # the frame table
+        assert "\tlive\t90\t2.125\tNone\t0.25\t-0.125" in ome and "\tlive\t50\t1.625\tNone\tNone\tNone" in ome
         validate_ome(path)
 
         raw, raw_infos, raw_prov = read_recording(tmp_path / f"rec_{stream}.raw.ome.tif")
@@ -127,6 +131,7 @@ def test_record_two_streams_with_raw_copy_read_back(tmp_path):
             np.testing.assert_array_equal(raw[i], pattern(seq + offset, dtype=np.uint16))
         assert [f.state for f in raw_infos] == [None] * len(seqs)
         assert [f.amplitude_gain for f in raw_infos] == [None] * len(seqs)  # a raw copy was restored by nothing
+        assert [f.jitter_shift_px for f in raw_infos] == [None] * len(seqs)  # nor moved
 
 
 def test_a_stream_named_like_another_streams_raw_copy_keeps_its_own_file(tmp_path):
@@ -717,7 +722,7 @@ def test_a_recording_holds_no_frame_meta_in_memory(tmp_path):
     assert [i.meta for i in infos] == [meta(t) for t in range(n)]  # every page keeps its meta
     with tifffile.TiffFile(path) as tif:
         ome = tif.pages.first.description
-    assert FRAMES_NS in ome and "\n7\t7\t3.5\t1007.0\tlive\t7\t1.5\t7\n" in ome  # the frame table
+    assert FRAMES_NS in ome and "\n7\t7\t3.5\t1007.0\tlive\t7\t1.5\t7\tNone\tNone\n" in ome  # the frame table
 
 
 def test_a_failing_provenance_callback_does_not_stop_the_recording(tmp_path):

@@ -60,7 +60,8 @@ def test_session_records_a_store_per_stream_raw_beside_denoised(tmp_path):
                             meta={**META, "index": {"t": seq, "c": 0, "z": z}})
             assert session.submit_raw(stream, h, pattern(seq + 100 * z, dtype=np.uint16))
             assert session.submit_denoised(stream, h, pattern(seq + 100 * z), state="warmup" if i < 3 else "live",
-                                           model_step=i, amplitude_gain=1.0 if i < 3 else 1.5 + 0.25 * i)
+                                           model_step=i, amplitude_gain=1.0 if i < 3 else 1.5 + 0.25 * i,
+                                           jitter_shift_px=None if i < 5 else (0.5, -0.25 * i))
     assert session.stop(wait=True, timeout=30)
     st = session.status()
     assert st.error is None and st.frames_written == 4 * len(seqs)
@@ -74,6 +75,7 @@ def test_session_records_a_store_per_stream_raw_beside_denoised(tmp_path):
         assert all(np.array_equal(frames[i], pattern(s + 100 * z)) for i, s in enumerate(seqs))
         assert [f.seq for f in infos] == seqs and infos[4].meta["index"] == {"t": 7, "c": 0, "z": z}
         assert [f.amplitude_gain for f in infos] == [1.0] * 3 + [1.5 + 0.25 * i for i in range(3, len(seqs))]
+        assert [f.jitter_shift_px for f in infos] == [None] * 5 + [(0.5, -0.25 * i) for i in range(5, len(seqs))]
         assert prov["seq_gaps"] == [(4, 6)] and prov["first_live_frame"] == 3
         assert prov["complete"] is True and prov["frames_declared"] == len(seqs)
         assert prov["kind"] == "denoised" and prov["preset"] == "lite" and prov["axis.z"] == z

@@ -95,6 +95,10 @@ def _engine_args(p: argparse.ArgumentParser, *, inference_workers: bool = True) 
                         "1): 1 (default) undoes the measured shrinkage, 0 leaves the outputs as the network "
                         "makes them (the least squared error, smaller transients; docs/engine.md, "
                         "\"Amplitudes restored\")")
+    p.add_argument("--follow-jitter", action=argparse.BooleanOptionalAction, default=None,
+                   help="move each output with its own frame's rigid jitter, measured on the frame and scaled by "
+                        "how surely the whole field moves as one (default: on; live streams once 96 frames "
+                        "are measured; docs/engine.md, \"Jitter followed\")")
     p.add_argument("--seed", type=int, default=0, help="random seed of the network's start and training (default 0)")
 
 
@@ -119,9 +123,6 @@ def _file_args(p: argparse.ArgumentParser) -> None:
                         "which the outputs are blended with a blind temporal mean of the noisy frames, as far "
                         "as that measurably brings them closer to the truth (default 2; 0: off; docs/engine.md, "
                         "\"Cell-scale blend\")")
-    p.add_argument("--follow-jitter", action=argparse.BooleanOptionalAction, default=None,
-                   help="move each output with its own frame's rigid jitter, measured on the frame and scaled by "
-                        "how surely the whole field moves as one (default: on; docs/engine.md, \"Jitter followed\")")
     p.add_argument("--threads", type=int, metavar="T",
                    help="torch threads on a CPU (default: every core this process may use; batch: "
                         "the cores divided among the tasks that run at once)")

@@ -278,7 +278,7 @@ def write_denoised(output: str | Path, movie: MovieFrames, frames: Iterable[np.n
     RuntimeError (the zarr extra is missing)."""
     # the stream's pixel size, interval, channel, start (and place), as a replay of it would send them
     infos = (FrameInfo(seq=o.index, state=o.state, model_step=o.model_step, amplitude_gain=o.amplitude_gain,
-                       meta=movie.frame_meta(o.index))
+                       jitter_shift_px=o.jitter_shift_px, meta=movie.frame_meta(o.index))
              for o in outputs)
     # the output's extension picks the format: an OME-Zarr store or (default) an OME-TIFF
     (write_zarr_movie if is_zarr_path(output) else write_movie)(output, frames, infos, provenance)

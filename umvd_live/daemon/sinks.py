@@ -87,7 +87,7 @@ class PublisherSink:
             return  # skipped by the preview: nothing to show
         parts = encode_denoised(output.stream, output.header, output.image, state=output.state,
                                 latency_ms=output.latency_ms, model_step=output.model_step,
-                                amplitude_gain=output.amplitude_gain)
+                                amplitude_gain=output.amplitude_gain, jitter_shift_px=output.jitter_shift_px)
         self.socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
 
     def close(self) -> None:
@@ -212,7 +212,8 @@ class RecordingSink:
             return  # a preview skip on a stream this recording does not take
         taken = self.session.submit_denoised(output.stream, output.header, output.image, state=output.state,
                                              model_step=output.model_step, t_received=_wall(output.received),
-                                             amplitude_gain=output.amplitude_gain)
+                                             amplitude_gain=output.amplitude_gain,
+                                             jitter_shift_px=output.jitter_shift_px)
         if taken and self.hashes is not None:
             self.hashes.take(output.stream, output.weights)  # the engine's first recorded output: its weights
         self._finish_if_done()

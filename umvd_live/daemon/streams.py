@@ -94,6 +94,7 @@ class DenoisedOutput:
     received: float  # monotonic() when the input frame was taken from the socket
     latency_ms: float = 0.0  # receipt -> hand-over to the sinks (set by the router as it hands over)
     amplitude_gain: float = 1.0  # the factor its amplitude was restored by (`engine.outputs.DenoisedFrame`)
+    jitter_shift_px: tuple[float, float] | None = None  # (y, x) it was moved by with its jitter; None: not
     #: The weights of the engine that made it (a recording's weights hash, `sinks.WeightsHashes`).
     weights: EngineWeights | None = field(default=None, compare=False, repr=False)
 
@@ -622,7 +623,8 @@ class LiveStream:
         for out in frames:
             header, received = cast(_Tag, out.tag)
             outputs.append(DenoisedOutput(self.name, header, out.image, out.state, int(out.model_step), received,
-                                          amplitude_gain=float(out.amplitude_gain), weights=self._engine_weights))
+                                          amplitude_gain=float(out.amplitude_gain),
+                                          jitter_shift_px=out.jitter_shift_px, weights=self._engine_weights))
         return outputs
 
 

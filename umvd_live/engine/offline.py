@@ -123,6 +123,8 @@ def denoise_frames(den: StreamDenoiser, movie: np.ndarray, indices: list[int],
                 left = set(restored.unrestored)
                 done = [replace(o, amplitude_gain=restored.gain) if o.state == "live" and o.index not in left else o
                         for o in done]
+            if followed.shifts:
+                done = [replace(o, jitter_shift_px=followed.shifts.get(o.index)) for o in done]
             out += done
     order = {t: i for i, t in enumerate(indices)}
     return sorted(out, key=lambda o: order[o.index])

@@ -29,6 +29,7 @@ class DenoisedFrame:
     segment: int = 0  # abrupt changes (`changes`) before this frame in the stream
     tag: object = None  # what the caller gave with input frame `index` (`push`), returned untouched
     amplitude_gain: float = 1.0  # its deviation from the blind baseline was multiplied by it (`amplitude`); 1: as made
+    jitter_shift_px: tuple[float, float] | None = None  # (y, x): moved with its frame's jitter (`jitter`); None: not
 
 
 class RoundFailed(RuntimeError):

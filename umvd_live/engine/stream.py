@@ -53,7 +53,7 @@ from umvd_live.engine.checkpoint import (
 from umvd_live.engine.compiled import CompiledPass
 from umvd_live.engine.config import EngineConfig
 from umvd_live.engine.device import CpuSeat, inference_layout, pick_device, uses_bf16
-from umvd_live.engine.jitter import JitterFollowed
+from umvd_live.engine.jitter import JitterFollowed, LiveJitter
 from umvd_live.engine.model import PRESETS, ModelSpec, RowBand, UMVDNet, resolve_preset, row_bands
 from umvd_live.engine.normalization import ImpulseScreen, Normalizer, Screened, measurable, sanitize
 from umvd_live.engine.outputs import (
@@ -199,6 +199,8 @@ class StreamDenoiser:
         # live outputs: the activity's amplitude restored as in a file's final pass, running (`amplitude`)
         self._amplitude = LiveAmplitude(self.config.keep_amplitude, self.k) \
             if self.config.keep_amplitude > 0 else None
+        # and then moved with their frames' jitter, as a file's (`jitter`)
+        self._jitter = LiveJitter() if self.config.follow_jitter else None
         self.segment = 0  # the current segment: len(changes)
         self._segment_start = 0  # index of its first frame
         self._tags: dict[int, object] = {}  # by frame index: the tags of frames whose output is not out yet
@@ -321,6 +323,7 @@ class StreamDenoiser:
             "adapting": self.adapting,
             "changes": [change.to_dict() for change in self.changes[-8:]],
             "amplitude": self._amplitude.to_dict() if self._amplitude is not None else None,
+            "jitter": self._jitter.to_dict() if self._jitter is not None else None,
             "cpu_share": self.seat.share().to_dict() if self.device.type == "cpu" else None,
         }
 
@@ -540,8 +543,9 @@ class StreamDenoiser:
                 self._tags[index] = tag
             self._window.append(index, x, f)
             _built(self._history).append(index, x)
-            # the live amplitude's own float32 copy (the caller may reuse its frame), made once
-            own_units = np.array(clean, np.float32) if self._amplitude is not None else None
+            # the live amplitude's and jitter's own float32 copy (the caller may reuse its frame), made once
+            own_units = np.array(clean, np.float32) \
+                if self._amplitude is not None or self._jitter is not None else None
             tested, newest = self._screen.add(index, x_host[0].numpy(), (own_units, trainable))
             self._screened(tested)
             self._show(newest)
@@ -570,6 +574,8 @@ class StreamDenoiser:
             own_units = self.normalizer.inverse(tested.frame)
         if trainable:
             _built(self.training.replay).add(index, torch.from_numpy(tested.frame)[None], self.segment)
+        if self._jitter is not None and own_units is not None:  # a copy where the amplitude's sums change theirs
+            self._jitter.observe(index, own_units, copy=self._amplitude is not None)
         if self._amplitude is not None and own_units is not None:
             if self._running is None:
                 self._amplitude.observe(index, own_units)
@@ -590,6 +596,8 @@ class StreamDenoiser:
         outputs = lost.guard(self._finish, batch)  # lost or not, the new segment begins
         if self._amplitude is not None:
             self._amplitude.reset()
+        if self._jitter is not None:
+            self._jitter.reset()
         self._window.clear()
         _built(self._history).clear()
         self.referee.reset()
@@ -826,6 +834,11 @@ class StreamDenoiser:
                 gain = self._amplitude.restore(o.index, o.image, network=slot in networks, pool=self._idle_pool())
                 if gain != 1.0:
                     done[slot] = replace(o, amplitude_gain=gain)
+        if live and self._jitter is not None:  # last, as in a file's final pass
+            for slot, o in enumerate(done):
+                shift = self._jitter.follow(o.index, o.image, network=slot in networks)
+                if shift is not None:
+                    done[slot] = replace(o, jitter_shift_px=shift)
         return done
 
     @staticmethod

@@ -236,7 +236,14 @@ class FrameInfo:
     # what its deviation from the blind baseline was multiplied by (engine.amplitude; 1.0: as the
     # network/mean made it); None for raw copies and recordings made before it was recorded
     amplitude_gain: float | None = None
+    # the (y, x) pixels the engine moved it by with its frame's jitter (engine.jitter); None: not
+    # moved, a raw copy, or a recording made before it was recorded
+    jitter_shift_px: tuple[float, float] | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # the producer's per-frame meta
+
+    def __post_init__(self) -> None:
+        if self.jitter_shift_px is not None:  # read back from JSON as a list
+            object.__setattr__(self, "jitter_shift_px", tuple(float(v) for v in self.jitter_shift_px))
 
     @property
     def time(self) -> float | None:
@@ -263,11 +270,13 @@ class FrameRow:
     model_step: int | None
     amplitude_gain: float | None
     t_index: int | None
+    jitter_shift_px: tuple[float, float] | None
 
     @classmethod
     def of(cls, info: FrameInfo) -> FrameRow:
         return cls(seq=info.seq, t=info.t, t_received=info.t_received, state=info.state,
-                   model_step=info.model_step, amplitude_gain=info.amplitude_gain, t_index=info.t_index)
+                   model_step=info.model_step, amplitude_gain=info.amplitude_gain, t_index=info.t_index,
+                   jitter_shift_px=info.jitter_shift_px)
 
     @property
     def time(self) -> float | None:
@@ -613,10 +622,11 @@ class RecordingFile(RecordingLedger):
 
     def frame_table_tsv(self, frames: int) -> str:
         """The per-frame table; ``t_index`` is the acquisition's time point (``meta.index.t``)."""
-        rows = ["frame\tseq\tt\tt_received\tstate\tmodel_step\tamplitude_gain\tt_index"]
+        rows = ["frame\tseq\tt\tt_received\tstate\tmodel_step\tamplitude_gain\tt_index\tshift_y_px\tshift_x_px"]
         for i, f in enumerate(self.infos[:frames]):
+            shift_y, shift_x = f.jitter_shift_px if f.jitter_shift_px is not None else (None, None)
             rows.append(f"{i}\t{f.seq}\t{f.t}\t{f.t_received}\t{f.state}\t{f.model_step}\t{f.amplitude_gain}"
-                        f"\t{f.t_index}")
+                        f"\t{f.t_index}\t{shift_y}\t{shift_x}")
         return "\n".join(rows)
 
     def _publish_xml(self, xml: str) -> None:

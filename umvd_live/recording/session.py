@@ -183,9 +183,10 @@ class RecordingSession:
 
     def submit_denoised(self, stream: str, header: FrameHeader, image: np.ndarray | None, *,
                         state: str, model_step: int, t_received: float | None = None,
-                        amplitude_gain: float = 1.0) -> bool:
+                        amplitude_gain: float = 1.0, jitter_shift_px: tuple[float, float] | None = None) -> bool:
         """Queue one denoised frame (``header`` is the input frame's; ``amplitude_gain`` the
-        factor the engine restored its amplitude by, `engine.outputs.DenoisedFrame`). Never blocks
+        factor the engine restored its amplitude by, ``jitter_shift_px`` the shift it moved it by,
+        `engine.outputs.DenoisedFrame`). Never blocks
         or raises; returns False when the frame is not recorded (stream not selected, stopped, error)."""
         if image is None:
             # a skipped inference cannot be recorded; its seq shows up as a gap
@@ -194,18 +195,19 @@ class RecordingSession:
                 log.warning("recording %s: frame seq %d had no denoised image (infer=False)",
                             stream, header.seq)
             return False
-        return self._submit(stream, "denoised", header, image, state, model_step, t_received, amplitude_gain)
+        return self._submit(stream, "denoised", header, image, state, model_step, t_received, amplitude_gain,
+                            jitter_shift_px)
 
     def submit_raw(self, stream: str, header: FrameHeader, pixels: np.ndarray, *,
                    t_received: float | None = None) -> bool:
         """Queue one input frame as received (only if the request asked for ``raw``)."""
         if not self.request.raw:
             return False
-        return self._submit(stream, "raw", header, pixels, None, None, t_received, None)
+        return self._submit(stream, "raw", header, pixels, None, None, t_received, None, None)
 
     def _submit(self, stream: str, kind: str, header: FrameHeader, image: np.ndarray,
                 state: str | None, model_step: int | None, t_received: float | None,
-                amplitude_gain: float | None) -> bool:
+                amplitude_gain: float | None, jitter_shift_px: tuple[float, float] | None) -> bool:
         if not self.records(stream):
             return False
         try:
@@ -225,6 +227,8 @@ class RecordingSession:
                 "state": state,
                 "model_step": model_step,
                 "amplitude_gain": None if amplitude_gain is None else float(amplitude_gain),
+                "jitter_shift_px": None if jitter_shift_px is None else (float(jitter_shift_px[0]),
+                                                                         float(jitter_shift_px[1])),
                 "meta": header.meta,
                 "mono": now_mono,
                 "provenance": provenance,  # a new file opened for this frame names it
@@ -385,7 +389,8 @@ class RecordingSession:
         key = (item["stream"], item["kind"])
         info = FrameInfo(seq=item["seq"], t=item["t"], t_received=item["t_received"],
                          state=item["state"], model_step=item["model_step"],
-                         amplitude_gain=item["amplitude_gain"], meta=item["meta"])
+                         amplitude_gain=item["amplitude_gain"], jitter_shift_px=item["jitter_shift_px"],
+                         meta=item["meta"])
         rec = files.get(key)
         if rec is not None and (rec.shape != image.shape or rec.dtype != image.dtype.newbyteorder("<")):
             # a new frame shape or dtype (a camera ROI change): start a new part; this one closes

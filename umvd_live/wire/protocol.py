@@ -261,13 +261,16 @@ def encode_denoised(
     latency_ms: float,
     model_step: int,
     amplitude_gain: float = 1.0,
+    jitter_shift_px: tuple[float, float] | None = None,
 ) -> list[bytes | memoryview]:
     """The ``<stream>/denoised`` message: float32 pixels, the input's seq/t/meta plus engine state
-    (``amplitude_gain``: the factor the engine restored the frame's amplitude by, 1.0 for none)."""
+    (``amplitude_gain``: the factor the engine restored the frame's amplitude by, 1.0 for none;
+    ``jitter_shift_px``: the (y, x) pixels it moved the frame by with its jitter, None for none)."""
     image = np.ascontiguousarray(image, dtype="<f4")
     out = FrameHeader(seq=header.seq, shape=image.shape, dtype="<f4", t=header.t, meta=header.meta)
     head = out.to_map() | {"state": state, "latency_ms": float(latency_ms), "model_step": int(model_step),
-                           "amplitude_gain": float(amplitude_gain)}
+                           "amplitude_gain": float(amplitude_gain),
+                           "jitter_shift_px": None if jitter_shift_px is None else [float(v) for v in jitter_shift_px]}
     return [(stream + DENOISED_SUFFIX).encode(), pack(head), image.data.cast("B")]
 
 
