@@ -7,7 +7,6 @@ from scipy import ndimage
 
 from umvd_live.apps.denoise import describe_jitter
 from umvd_live.engine.jitter import (
-    LIVE_MAX_PIXELS,
     MAX_LEVERAGE,
     MAX_SHIFT_PX,
     MIN_FRAMES,
@@ -384,14 +383,62 @@ def test_a_stream_moves_its_live_outputs_and_starts_again_at_a_change():
     assert status["moved"] == 0 and status["weight"] is None  # measuring again after the change
 
 
-def test_a_live_stream_of_large_frames_is_not_followed():
-    """Live, frames over `LIVE_MAX_PIXELS` are not followed (the frame loop has no margin for it)
-    and the status says why."""
-    jitter = LiveJitter()
-    frame = np.zeros((LIVE_MAX_PIXELS // 256 + 1, 256), np.float32)
-    jitter.observe(0, frame)
-    assert jitter.follow(0, frame.copy(), network=True) is None
-    assert "over 65536 px live" in jitter.to_dict()["off"]
+def test_a_live_stream_of_frames_over_the_limit_is_not_followed(monkeypatch):
+    """Live, frames over `LIVE_MAX_PIXELS` are not followed (the frame loop has no margin for it):
+    the frames of a jittering field that is followed at its size are not, once over the limit, and
+    the status says why."""
+    from umvd_live.engine import jitter
+
+    noisy, _, outputs = movie(0.3, seed=14)
+    monkeypatch.setattr(jitter, "LIVE_MAX_PIXELS", SIZE * SIZE - 1)
+    live = LiveJitter()
+    as_made = [o.copy() for o in outputs]
+    assert all(a is None for a in _live(live, noisy, outputs).values())
+    for o, m in zip(outputs, as_made):
+        np.testing.assert_array_equal(o, m)
+    status = live.to_dict()
+    assert status["off"] == f"frames of {SIZE}x{SIZE} px: over {SIZE * SIZE - 1} px live", status
+    assert status["moved"] == status["unmatched"] == 0
+    monkeypatch.setattr(jitter, "LIVE_MAX_PIXELS", SIZE * SIZE)  # at the limit: followed
+    live = LiveJitter()
+    assert sum(a is not None for a in _live(live, noisy, outputs).values()) == FRAMES - MIN_FRAMES
+    assert live.to_dict()["off"] is None
+
+
+def _fit_every_pixel(gy, gx, residual, max_leverage):
+    """Session 40's weighing, each pixel's leverage computed every round: the reference of `_fit`."""
+    g = np.stack([gy.ravel(), gx.ravel()])
+    weights = np.ones(g.shape[1])
+    for _ in range(12):
+        centred = g - (g @ weights / weights.sum())[:, None]
+        normal = (centred * weights) @ centred.T
+        leverage = weights * np.einsum("in,ij,jn->n", centred, np.linalg.inv(normal), centred)
+        if leverage.max() <= max_leverage:
+            return weights, leverage
+        weights *= np.minimum(1.0, 0.8 * max_leverage / np.maximum(leverage, 1e-300))
+    return None, None
+
+
+@pytest.mark.parametrize("cells", [6, 16, 40])
+def test_the_weighing_checks_every_pixel_though_it_computes_few(cells):
+    """`_fit` computes the leverage only of the pixels a bound does not clear: the same weights as
+    computing every pixel's each round, and no pixel's leverage above `MAX_LEVERAGE` after it."""
+    from umvd_live.engine.jitter import _fit
+
+    rng = np.random.default_rng(cells)
+    yy, xx = np.mgrid[:SIZE, :SIZE].astype(np.float64)
+    image = 100.0 + sum(rng.uniform(50, 250) * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * rng.uniform(0.6, 2) ** 2))
+                        for y, x in rng.uniform(4, SIZE - 4, (cells, 2)))
+    gy, gx = FrameSpline(image).gradient()
+    residual = rng.normal(0, NOISE, image.shape)
+    expected, leverage = _fit_every_pixel(gy, gx, residual, MAX_LEVERAGE)
+    fitted = _fit(gy, gx, residual, max_leverage=MAX_LEVERAGE)
+    if expected is None:
+        assert fitted is None
+        return
+    assert fitted is not None and (expected < 1).any()  # the weighing had work to do
+    np.testing.assert_allclose(fitted.weights, expected, rtol=1e-9)
+    assert leverage.max() <= MAX_LEVERAGE
 
 
 def test_a_files_frames_carry_the_shift_they_were_moved_by(tmp_path):

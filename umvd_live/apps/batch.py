@@ -338,7 +338,8 @@ def denoise_chunk(source: str, model: WarmModel, chunk: Chunk, options: BatchOpt
                   for gain in engine.amplitude_gains)
     blends = tuple(replace(blend, first=blend.first + shift, unblended=tuple(t + shift for t in blend.unblended))
                    for blend in engine.cell_blends)
-    follows = tuple(replace(f, first=f.first + shift, unmoved=tuple(t + shift for t in f.unmoved))
+    follows = tuple(replace(f, first=f.first + shift, unmoved=tuple(t + shift for t in f.unmoved),
+                            shifts={t + shift: s for t, s in f.shifts.items()})
                     for f in engine.jitter_follows)
     return ChunkResult(chunk, images, outputs, time.monotonic() - started, _worker()[0], gains, blends, follows)
 

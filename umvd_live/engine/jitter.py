@@ -127,7 +127,7 @@ def measure_shifts(noisy: np.ndarray, output: np.ndarray, spline: FrameSpline | 
     spline = spline if spline is not None else FrameSpline(output)
     gy, gx = spline.gradient()
     first = _fit(gy, gx, frame - np.asarray(output, np.float64), max_leverage=MAX_LEVERAGE)
-    if first is None or np.abs(first.step).max() > SHIFT_PAD_PX - 2:  # gradients of rounding errors alone
+    if first is None or not np.abs(first.step).max() <= SHIFT_PAD_PX - 2:  # slopes of rounding errors alone
         return None
     moved = spline.shifted(first.step)
     gy, gx = FrameSpline(moved).gradient()
@@ -208,9 +208,9 @@ class FrameSpline:
 
 
 def shift_image(image: np.ndarray, shift: Sequence[float] | np.ndarray) -> np.ndarray:
-    """``image`` moved by ``shift`` (y, x) pixels, at most ``SHIFT_PAD_PX - 2`` each, in its own
-    dtype: ``ndimage.shift(image, shift, order=3, mode="nearest")`` (float32 bit for bit, tested),
-    in a third of its time (`FrameSpline`)."""
+    """A float ``image`` moved by ``shift`` (y, x) pixels, at most ``SHIFT_PAD_PX - 2`` each, in its
+    own dtype: ``ndimage.shift(image, shift, order=3, mode="nearest")`` (float32 bit for bit,
+    tested), in a third of its time (`FrameSpline`)."""
     return FrameSpline(image).shifted(shift).astype(image.dtype, copy=False)
 
 
@@ -347,7 +347,9 @@ class LiveJitter:
     on earlier frames only. Until `MIN_FRAMES` are measured, and after each change of the
     acquisition, nothing is moved. The referee's rule of a file is not applied: a live output has
     no window mean beside it once the referee trusts the network (as the live restoration). Frames
-    over `LIVE_MAX_PIXELS` are not followed (`off` says so)."""
+    over `LIVE_MAX_PIXELS` are not followed (`off` says so), nor, as in the live restoration, an
+    output made more than `4 * CHUNK` frames after its own (`push_many` of more frames at once:
+    the daemon infers only the newest of a run); these are counted (`unmatched`)."""
 
     def __init__(self) -> None:
         self.reset()
@@ -360,15 +362,21 @@ class LiveJitter:
         self.motion: FieldMotion | None = None
         self.moved = 0  # outputs moved
         self.unmeasured = 0  # network outputs whose shift could not be measured
+        self.unmatched = 0  # network outputs whose frame was no longer kept
         self.off: str | None = None  # why this stream's outputs are not followed, where they are not
+
+    def follows(self, frame: np.ndarray) -> bool:
+        """Whether outputs of frames like ``frame`` are followed (its size: `LIVE_MAX_PIXELS`)."""
+        if frame.size <= LIVE_MAX_PIXELS:
+            return True
+        self.off = f"frames of {frame.shape[0]}x{frame.shape[1]} px: over {LIVE_MAX_PIXELS} px live"
+        return False
 
     def observe(self, index: int, frame: np.ndarray, *, copy: bool = False) -> None:
         """A noisy frame as it arrives, in its outputs' units, kept until its output: handed over,
         or copied where ``copy`` (the caller changes its own later)."""
-        if frame.size > LIVE_MAX_PIXELS:
-            self.off = f"frames of {frame.shape[0]}x{frame.shape[1]} px: over {LIVE_MAX_PIXELS} px live"
-            return
-        self._noisy.append((index, frame.copy() if copy else frame))
+        if self.follows(frame):
+            self._noisy.append((index, frame.copy() if copy else frame))
         while self._noisy and self._noisy[0][0] < index - 4 * CHUNK:  # outputs that never came
             self._noisy.popleft()
 
@@ -379,7 +387,10 @@ class LiveJitter:
         while self._noisy and self._noisy[0][0] <= index:
             i, f = self._noisy.popleft()
             frame = f if i == index else None
-        if frame is None or image is None or not network:
+        if image is None or not network:
+            return None
+        if frame is None:
+            self.unmatched += self.off is None
             return None
         spline = FrameSpline(image)  # measured on and moved by
         shifts = measure_shifts(frame, image, spline)
@@ -403,7 +414,7 @@ class LiveJitter:
         return {"weight": None if m is None else [round(w, 3) for w in _pair(m.weight)],
                 "motion_px": None if m is None else [round(v, 3) for v in _pair(m.shared_px)],
                 "noise_px": None if m is None else [round(v, 3) for v in _pair(m.noise_px)],
-                "moved": self.moved, "unmeasured": self.unmeasured, "off": self.off}
+                "moved": self.moved, "unmeasured": self.unmeasured, "unmatched": self.unmatched, "off": self.off}
 
 
 def _chunks(values: np.ndarray) -> list[np.ndarray]:

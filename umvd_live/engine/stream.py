@@ -544,8 +544,8 @@ class StreamDenoiser:
             self._window.append(index, x, f)
             _built(self._history).append(index, x)
             # the live amplitude's and jitter's own float32 copy (the caller may reuse its frame), made once
-            own_units = np.array(clean, np.float32) \
-                if self._amplitude is not None or self._jitter is not None else None
+            needs_copy = self._amplitude is not None or (self._jitter is not None and self._jitter.follows(clean))
+            own_units = np.array(clean, np.float32) if needs_copy else None
             tested, newest = self._screen.add(index, x_host[0].numpy(), (own_units, trainable))
             self._screened(tested)
             self._show(newest)
