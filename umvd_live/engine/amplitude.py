@@ -407,6 +407,9 @@ def mean_frames(frames: Sequence[np.ndarray], mask: np.ndarray | None = None) ->
 
 #: Live streams: the chunks of the running sums kept (about 68 s at 30 Hz); older ones are forgotten.
 LIVE_CHUNKS = 64
+#: Live streams: a noisy frame kept for its output is dropped once this many newer frames came (its
+#: output never came, or comes from a `push_many` of more frames at once); the jitter's too.
+LIVE_FRAME_HORIZON = 4 * CHUNK
 #: Live streams: frames over which the running means (of the noisy frames, of the outputs, and of
 #: the outputs' deviations from the baseline) average.
 LIVE_MEAN_FRAMES = 300
@@ -480,7 +483,7 @@ class LiveAmplitude:
                     self._signals.append((2 * lag1 - lag2) / n)
                     self._lags = [0.0, 0.0, 0]
                     self._update_gain()
-        for old in [i for i in self._centred if i < index - 4 * CHUNK]:  # outputs that never came
+        for old in [i for i in self._centred if i < index - LIVE_FRAME_HORIZON]:  # outputs that never came
             del self._centred[old]
         self._recent.append((index, y))
         first, oldest = self._recent[0]

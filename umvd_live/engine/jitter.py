@@ -44,7 +44,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from umvd_live.engine.amplitude import CHUNK, LIVE_CHUNKS, significant
+from umvd_live.engine.amplitude import CHUNK, LIVE_CHUNKS, LIVE_FRAME_HORIZON, significant
 from umvd_live.engine.outputs import mean_is_nearer
 
 #: The largest shift applied, pixels per axis: a jitter, not a jump (a jump of the field is a
@@ -348,7 +348,7 @@ class LiveJitter:
     acquisition, nothing is moved. The referee's rule of a file is not applied: a live output has
     no window mean beside it once the referee trusts the network (as the live restoration). Frames
     over `LIVE_MAX_PIXELS` are not followed (`off` says so), nor, as in the live restoration, an
-    output made more than `4 * CHUNK` frames after its own (`push_many` of more frames at once:
+    output made more than `LIVE_FRAME_HORIZON` frames after its own (`push_many` of more frames at once:
     the daemon infers only the newest of a run); these are counted (`unmatched`)."""
 
     def __init__(self) -> None:
@@ -377,7 +377,7 @@ class LiveJitter:
         or copied where ``copy`` (the caller changes its own later)."""
         if self.follows(frame):
             self._noisy.append((index, frame.copy() if copy else frame))
-        while self._noisy and self._noisy[0][0] < index - 4 * CHUNK:  # outputs that never came
+        while self._noisy and self._noisy[0][0] < index - LIVE_FRAME_HORIZON:  # outputs that never came
             self._noisy.popleft()
 
     def follow(self, index: int, image: np.ndarray | None, network: bool) -> tuple[float, float] | None:
