@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from umvd_live.apps import cli
-from umvd_live.apps.bench import PsnrAccumulator
+from umvd_live.apps.bench import PsnrAccumulator, _pieces
 from umvd_live.engine import EngineConfig, StreamDenoiser
 from umvd_live.engine.checkpoint import load_checkpoint
 from umvd_live.metrics import psnr
@@ -152,6 +152,8 @@ def test_max_rate_inference_only_from_saved_weights(tmp_path):
     (["--catchup-ms", "-5"], "--catchup-ms must be >= 0 ms, got -5"),
     (["--seed", "-1"], "seed must be in 0..2**63-1, got -1"),
     (["--prior", "/nonexistent/prior.pt"], "--prior: /nonexistent/prior.pt"),
+    (["--score-every", "0"], "--score-every must be a finite number > 0 s, got 0"),
+    (["--score-every", "nan"], "--score-every must be a finite number > 0 s"),
 ])
 def test_bad_arguments_are_refused_with_a_clear_error(tmp_path, capsys, args, message):
     assert cli.main(["bench", *TINY, *args, "--json", str(tmp_path / "b.json")]) == 2
@@ -202,7 +204,7 @@ def test_scripted_session_bins_psnr_after_each_change(tmp_path):
     """--events: the issue-15 session scaled to 4 s at 60 Hz. What is asserted is the harness, not the
     engine: every bin and state is accounted for, and the raw frames' PSNR follows the laser."""
     result = bench(tmp_path, "--events", "default", "--duration", "4", "--rate", "60", "--warmup-frames", "20",
-                   "--warmup-steps", "8", "--oracle", "none")
+                   "--warmup-steps", "8", "--oracle", "none", "--score-every", "0.6")
     assert result["frames"] == 240 and result["frames_handed"] == 240
     events = result["events"]
     assert [row["change"] for row in events["rows"]] == ["stream start", "laser ×3", "stage move 40 px", "laser ×1/3"]
@@ -222,8 +224,34 @@ def test_scripted_session_bins_psnr_after_each_change(tmp_path):
     assert first[1] > first[0] + 2.0 and first[3] < first[1] - 2.0, first
     # An activity segment per change, each with its own footprints; scored or not, said why.
     assert [a["segment"] for a in result["activity"]] == [row["change"] for row in events["rows"]]
+    # --score-every: each scored segment again in spans of 36 frames (0.6 s at 60 Hz) that cover its
+    # frames exactly, in order (a rest under 18 frames joins the span before it), each scored as
+    # its segment is (30 frames at least) or said why not
+    scored = 0
+    for segment in result["activity"]:
+        spans = [a for a in result["activity_over_time"] if a["segment"] == segment["segment"]]
+        if "span" not in segment:
+            assert spans == [] or [a["skipped"] for a in spans] == [segment["skipped"]]
+            continue
+        first, last = segment["span"]
+        assert [(a["span"][0], a["span"][1] + 1) for a in spans] == _pieces(first, last + 1, 36)
+        for a in spans:
+            assert (a["from_s"], a["to_s"]) == (round(a["span"][0] / 60, 3), round((a["span"][1] + 1) / 60, 3))
+            assert a["at_s"] == segment["at_s"]
+            if "skipped" not in a:
+                assert a["frames"] >= 30 and is_number(a["rows"]["denoised"]["trace_corr"])
+                scored += 1
+    assert scored or result["warmup_s"] is None or result["warmup_s"] > 3.0
     assert result["first_output_s"] and result["first_live_output_s"] == result["first_output_s"].get("live")
     assert "changes" in result  # the daemon's count where it reports one, else None
+
+
+def test_score_every_cuts_a_span_into_pieces_a_short_rest_joining_the_last():
+    assert _pieces(10, 100, 30) == [(10, 40), (40, 70), (70, 100)]
+    assert _pieces(10, 110, 30) == [(10, 40), (40, 70), (70, 110)]  # a rest of 10 < 15 joins
+    assert _pieces(10, 125, 30) == [(10, 40), (40, 70), (70, 100), (100, 125)]  # 25 >= 15 stands
+    assert _pieces(0, 20, 30) == [(0, 20)]
+    assert _pieces(5, 5, 30) == []
 
 
 def test_adapting_outputs_count_in_the_steady_state(monkeypatch):
@@ -246,6 +274,7 @@ def test_adapting_outputs_count_in_the_steady_state(monkeypatch):
         monitor._take([b"bench"])
     monitor._subscriber.close()
     monkeypatch.setattr(b, "_activity", lambda *a: [])
+    monkeypatch.setattr(b, "_activity_over_time", lambda *a: None)
     monkeypatch.setattr(b, "ring_photons", lambda *a: 1.0)
     producer = SimpleNamespace(handed=(np.arange(frames) / rate)[None, :])
     cfg = SimpleNamespace(frames=frames, height=4, width=4)

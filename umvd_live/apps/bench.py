@@ -52,6 +52,11 @@ The main figures (all in the JSON, strict: a figure that is not finite is null; 
   ``--events`` one from the first live output and one from each change to the next (the cells'
   footprints follow the stage). Each row also holds those trace means per kind of source, the
   simulator's somata, puncta and thin processes (``by_kind``).
+- ``activity_over_time`` (``--score-every S``; else null): the same report again over consecutive
+  spans of S seconds of each segment (a last span under S/2 joins the one before it), with
+  ``from_s``/``to_s`` in the stream's time and each span's own oracles: how the live output comes
+  along as the network goes on training on the stream (a long run needs a ``--ring-mb`` that holds
+  it, or only the ring's first pass is scored).
 - ``first_output_s``: seconds from the first frame's hand-over to the publication of the first
   output in each state (``first_live_output_s``: of the first ``live`` one); ``states``: outputs
   per state; ``changes``: the changes the daemon detected (``status.streams[...].changes``, where
@@ -416,12 +421,15 @@ class BenchConfig:
     oracle: str = "reduced"  # --oracle: the activity report's oracle grid
     json_path: Path | None = None  # --json: where the figures go
     save_outputs: Path | None = None  # --save-outputs: the frames, for pictures (`save_outputs`)
+    score_every_s: float | None = None  # --score-every: the activity in spans of this many seconds as well
 
     def __post_init__(self) -> None:
         if self.frames < 1:
             raise ValueError(f"--frames must be >= 1, got {self.frames}")
         if self.ring_bytes <= 0:
             raise ValueError(f"--ring-mb must be > 0, got {self.ring_bytes / 2**20:g}")
+        if self.score_every_s is not None and not (math.isfinite(self.score_every_s) and self.score_every_s > 0):
+            raise ValueError(f"--score-every must be a finite number > 0 s, got {self.score_every_s:g}")
         stream_names(self.streams)  # refuses a count below 1
 
     def sim_config(self, index: int) -> SimConfig:
@@ -631,6 +639,7 @@ def _stream_figures(cfg: BenchConfig, daemon_cfg: DaemonConfig, s: int, ring: Fr
                    if (monitor.state[s] == code).any()},
         "changes": snapshot.get("changes"),  # the daemon's detected changes, where it reports them
         "activity": _activity(cfg, s, ring, monitor),
+        "activity_over_time": _activity_over_time(cfg, s, ring, monitor),
         "counters": counters,
         "engine_stats": engine,
         "ring": {"frames": len(ring), "mb": ring.nbytes / 2**20, "generate_s": ring.generate_s,
@@ -699,31 +708,68 @@ def save_outputs(path: Path, sources: list[tuple[str, FrameRing]], monitor: Outp
 
 def _activity(cfg: BenchConfig, s: int, ring: FrameRing, monitor: OutputMonitor) -> list[dict[str, Any]]:
     """`metrics.activity_report` of each segment (`_segments`) of stream ``s``."""
-    live = np.flatnonzero(monitor.live[s])
-    end = min(cfg.frames, len(ring))
+    spans = _segments(cfg, _first_live(monitor, s), _scored_end(cfg, ring))
+    return [_score_span(cfg, s, ring, monitor, span) for span in spans]
+
+
+def _activity_over_time(cfg: BenchConfig, s: int, ring: FrameRing,
+                        monitor: OutputMonitor) -> list[dict[str, Any]] | None:
+    """``--score-every``: each segment's activity again in consecutive spans of that many seconds
+    of the stream (`_pieces`), each beside its own oracles: how the live output comes along as the
+    network goes on training on the stream, which one score over a whole run averages away."""
+    if cfg.score_every_s is None:
+        return None
+    rate = cfg.rate_hz or 30.0
+    step = max(1, round(cfg.score_every_s * rate))
     out = []
-    for label, at_s, start, stop, stage in _segments(cfg, int(live[0]) if live.size else None, end):
-        row: dict[str, Any] = {"segment": label, "at_s": at_s}
-        if stop <= start:
-            out.append(row | {"skipped": "no live output in it"})
-            continue
-        row["span"] = [start, stop - 1]
-        images = monitor.images[s]
-        estimate = np.zeros((stop - start, cfg.height, cfg.width), np.float32)
-        scored = np.zeros(stop - start, bool)
-        for i, seq in enumerate(range(start, stop)):
-            if seq in images:
-                estimate[i] = images[seq]
-                scored[i] = True
-        try:
-            report = activity_report(ring.noisy[start:stop], ring.clean[start:stop], estimate,
-                                     ring.sim.footprint_matrix(stage), offset=ring.sim.config.offset_adu,
-                                     scored=scored, oracle=cfg.oracle, kinds=ring.sim.scene.kinds)
-        except ValueError as exc:
-            out.append(row | {"skipped": str(exc)})
-            continue
-        out.append(row | report)
+    for label, at_s, start, stop, stage in _segments(cfg, _first_live(monitor, s), _scored_end(cfg, ring)):
+        for first, end in _pieces(start, stop, step):
+            row = _score_span(cfg, s, ring, monitor, (label, at_s, first, end, stage))
+            out.append(row | {"from_s": round(first / rate, 3), "to_s": round(end / rate, 3)})
     return out
+
+
+def _pieces(start: int, stop: int, step: int) -> list[tuple[int, int]]:
+    """[start, stop) in consecutive pieces of ``step`` frames; a last piece under half a step joins
+    the one before it (too few frames to score on their own)."""
+    cuts = list(range(start, stop, step))[1:]
+    if cuts and stop - cuts[-1] < step / 2:
+        cuts.pop()
+    bounds = [start, *cuts, stop]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _first_live(monitor: OutputMonitor, s: int) -> int | None:
+    live = np.flatnonzero(monitor.live[s])
+    return int(live[0]) if live.size else None
+
+
+def _scored_end(cfg: BenchConfig, ring: FrameRing) -> int:
+    """The activity is scored on the ring's first pass: later frames repeat it, noise included."""
+    return min(cfg.frames, len(ring))
+
+
+def _score_span(cfg: BenchConfig, s: int, ring: FrameRing, monitor: OutputMonitor, span: ScoredSpan) -> dict[str, Any]:
+    """`metrics.activity_report` of stream ``s``'s outputs over one `ScoredSpan`, or why it has none."""
+    label, at_s, start, stop, stage = span
+    row: dict[str, Any] = {"segment": label, "at_s": at_s}
+    if stop <= start:
+        return row | {"skipped": "no live output in it"}
+    row["span"] = [start, stop - 1]
+    images = monitor.images[s]
+    estimate = np.zeros((stop - start, cfg.height, cfg.width), np.float32)
+    scored = np.zeros(stop - start, bool)
+    for i, seq in enumerate(range(start, stop)):
+        if seq in images:
+            estimate[i] = images[seq]
+            scored[i] = True
+    try:
+        report = activity_report(ring.noisy[start:stop], ring.clean[start:stop], estimate,
+                                 ring.sim.footprint_matrix(stage), offset=ring.sim.config.offset_adu,
+                                 scored=scored, oracle=cfg.oracle, kinds=ring.sim.scene.kinds)
+    except ValueError as exc:
+        return row | {"skipped": str(exc)}
+    return row | report
 
 
 def _event_bins(cfg: BenchConfig, ring: FrameRing, monitor: OutputMonitor, s: int = 0) -> dict[str, Any]:
@@ -820,6 +866,7 @@ def _totals(cfg: BenchConfig, daemon_cfg: DaemonConfig, producer: FrameProducer,
         else max(r["first_live_output_s"] for r in rows),
         "changes": _sum([r["changes"] for r in rows]),
         "activity": None,  # per stream, in "streams"
+        "activity_over_time": None,
     }
 
 
@@ -967,6 +1014,8 @@ def print_table(result: dict[str, Any], console: Any = None) -> None:
     else:
         for segment in r.get("activity") or []:
             console.print(activity_table(segment, r.get("oracle")))
+        if r.get("activity_over_time"):
+            console.print(over_time_table(r["activity_over_time"]))
     if r.get("events"):
         console.print(events_table(r["events"]))
     if r["warmup_s"] is None:
@@ -991,6 +1040,34 @@ def activity_table(segment: dict[str, Any], oracle: str | None) -> Any:
     return report_table(segment, title + f": frames {segment['span'][0]}–{segment['span'][1]}, {segment['frames']} "
                                          f"scored, {segment['cells']} cells; oracle grid {oracle} (searched after "
                                          f"the stream), {segment['seconds']:.0f} s")
+
+
+def over_time_table(spans: list[dict[str, Any]]) -> Any:
+    """``--score-every``: the output's activity scores span by span, beside each span's best
+    Gaussian for each metric where the oracles were searched."""
+    from rich.table import Table
+
+    table = Table(title="activity over time (denoised; oracle: the best Gaussian of the span for that metric)",
+                  title_justify="left", show_header=True, header_style="bold")
+    for col in ("segment", "span (s)", "frames", "PSNR dB (oracle)", "active-set PSNR dB (oracle)",
+                "trace corr (oracle)", "amplitude slope"):
+        table.add_column(col, justify="left" if col == "segment" else "right")
+    for span in spans:
+        when = f"{span['from_s']:g}–{span['to_s']:g}"
+        if "skipped" in span:
+            table.add_row(span["segment"], when, "—", f"not scored: {span['skipped']}", "", "", "")
+            continue
+        table.add_row(span["segment"], when, str(span["frames"]), _beside_oracle(span, "psnr", ".2f"),
+                      _beside_oracle(span, "active_psnr", ".2f"), _beside_oracle(span, "trace_corr", ".3f"),
+                      format_figure(span["rows"]["denoised"].get("trace_slope"), ".2f"))
+    return table
+
+
+def _beside_oracle(span: dict[str, Any], metric: str, digits: str) -> str:
+    """A scored span's ``metric``, and the best Gaussian's for it in brackets where searched."""
+    value = format_figure(span["rows"]["denoised"].get(metric), digits)
+    best = (span.get("oracle") or {}).get("best") or {}
+    return f"{value} ({format_figure(best[metric][metric], digits)})" if metric in best else value
 
 
 def events_table(events: dict[str, Any]) -> Any:

@@ -368,6 +368,10 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--oracle", choices=("reduced", "full", "none"), default="reduced",
                    help="the Gaussian filters the truth picks per metric, beside which the activity is "
                         "scored, searched after the stream (default reduced: a coarser sigma grid)")
+    p.add_argument("--score-every", type=float, default=None, metavar="S",
+                   help="score the activity again in spans of S seconds of the stream, each beside its own "
+                        "oracles: how the live output comes along as the network trains (a run longer than "
+                        "--ring-mb holds is scored on the ring's first pass only)")
     _engine_args(p)
     p.add_argument("--warmup-steps", type=int, default=None, metavar="S",
                    help="training steps of the warm start before the output goes live "
@@ -573,7 +577,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
                        ring_bytes=int(finite_positive("--ring-mb", args.ring_mb) * 2**20), rss_every_s=args.rss_every,
                        save_model=save_model, daemon=daemon, streams=args.streams,
                        events=events, events_spec=spec, oracle=args.oracle, json_path=json_path,
-                       save_outputs=save_outputs)
+                       save_outputs=save_outputs, score_every_s=args.score_every)
 
 
 def acquire_config(args: argparse.Namespace) -> AcquireConfig:
