@@ -152,8 +152,8 @@ def test_max_rate_inference_only_from_saved_weights(tmp_path):
     (["--catchup-ms", "-5"], "--catchup-ms must be >= 0 ms, got -5"),
     (["--seed", "-1"], "seed must be in 0..2**63-1, got -1"),
     (["--prior", "/nonexistent/prior.pt"], "--prior: /nonexistent/prior.pt"),
-    (["--score-every", "0"], "--score-every must be a finite number > 0 s, got 0"),
-    (["--score-every", "nan"], "--score-every must be a finite number > 0 s"),
+    (["--score-every", "0"], "--score-every must be a finite number > 0, got 0"),
+    (["--score-every", "nan"], "--score-every must be a finite number > 0, got nan"),
 ])
 def test_bad_arguments_are_refused_with_a_clear_error(tmp_path, capsys, args, message):
     assert cli.main(["bench", *TINY, *args, "--json", str(tmp_path / "b.json")]) == 2

@@ -107,6 +107,7 @@ import psutil
 import zmq
 
 from umvd_live.adapters.simulation import MOVE, SimConfig, SimEvent, TwoPhotonSimulator
+from umvd_live.apps.checks import finite_positive
 from umvd_live.apps.harness import OutputSubscriber, format_figure, sim_config
 from umvd_live.apps.harness import activity_table as report_table
 from umvd_live.daemon.config import DaemonConfig
@@ -428,8 +429,8 @@ class BenchConfig:
             raise ValueError(f"--frames must be >= 1, got {self.frames}")
         if self.ring_bytes <= 0:
             raise ValueError(f"--ring-mb must be > 0, got {self.ring_bytes / 2**20:g}")
-        if self.score_every_s is not None and not (math.isfinite(self.score_every_s) and self.score_every_s > 0):
-            raise ValueError(f"--score-every must be a finite number > 0 s, got {self.score_every_s:g}")
+        if self.score_every_s is not None:
+            finite_positive("--score-every", self.score_every_s)
         stream_names(self.streams)  # refuses a count below 1
 
     def sim_config(self, index: int) -> SimConfig:
